@@ -1,0 +1,142 @@
+//! `out = x W^T (+ b)` for weights stored in f32, f16 or bf16, widened to f32 in registers.
+//!
+//! Shapes: `x: [T, K]` f32, `W: [N, K]` (HF layout, one output per row), `out: [T, N]`.
+//! Work is split over the output dimension `N` (rayon); several weights that read the same `x`
+//! are split together so q/k/v or gate/up share one parallel region.
+//!
+//! Two kernels, each with a scalar twin that is the reference:
+//! - `T == 1` (decode of one row): a GEMV that streams each weight row once and widens it in
+//!   registers, four rows at a time: memory bound, so the weight bytes are all that matter.
+//! - `T > 1` (prefill, beam decode): four weight rows are widened once into an f32 panel that
+//!   stays in L1, then a 4×3 register tile (4 weight rows × 3 token rows, 12 accumulators)
+//!   sweeps the tokens: compute bound, so the conversion cost is paid once per panel.
+
+use rayon::prelude::*;
+
+use super::simd::{self, Isa};
+use crate::tensor::View;
+
+/// One weight applied to the shared input.
+pub struct MatJob<'a> {
+    pub w: View<'a>,
+    pub bias: Option<View<'a>>,
+    /// Output features (rows of `w`).
+    pub n: usize,
+    /// `[T, n]`.
+    pub out: &'a mut [f32],
+}
+
+/// Weight rows per tile.
+const NR: usize = 4;
+/// Token rows per tile.
+const TR: usize = 3;
+
+/// A raw pointer to an output buffer that tasks write in disjoint column ranges.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes only columns `n0..n1` of its own job's output, and the task ranges
+// are disjoint, so no element is written by two threads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Computes every job. `x: [rows, k]`.
+pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
+    assert!(
+        x.len() >= rows * k,
+        "matmul: x holds {} values, needs {rows}×{k}; this is a bug",
+        x.len()
+    );
+    for j in jobs.iter() {
+        assert!(
+            j.w.len() == j.n * k && j.out.len() >= rows * j.n,
+            "matmul: job shape mismatch; this is a bug"
+        );
+    }
+    let total: usize = jobs.iter().map(|j| j.n).sum();
+    let threads = rayon::current_num_threads().max(1);
+    // About four tasks per thread for balance, in whole tiles, never tiny.
+    let chunk = (total.div_ceil(threads * 4)).next_multiple_of(NR).max(16);
+    let mut tasks = Vec::new();
+    for (ji, j) in jobs.iter().enumerate() {
+        let mut n0 = 0;
+        while n0 < j.n {
+            let n1 = (n0 + chunk).min(j.n);
+            tasks.push((ji, n0, n1));
+            n0 = n1;
+        }
+    }
+    let outs: Vec<OutPtr> = jobs
+        .iter_mut()
+        .map(|j| OutPtr(j.out.as_mut_ptr()))
+        .collect();
+    let jobs = &*jobs;
+    let run = |&(ji, n0, n1): &(usize, usize, usize)| {
+        let job = &jobs[ji];
+        let out = outs[ji];
+        range(isa, x, rows, k, job, n0, n1, out);
+    };
+    if tasks.len() == 1 || (total * k * rows) < 32 * 1024 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// Output columns `n0..n1` of one job, for all rows.
+#[allow(clippy::too_many_arguments)]
+fn range(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    job: &MatJob,
+    n0: usize,
+    n1: usize,
+    out: OutPtr,
+) {
+    let n = job.n;
+    let store = |t: usize, col: usize, v: f32| {
+        let b = job.bias.map_or(0.0, |b| b.get(col));
+        // SAFETY: `col` is in this task's range `n0..n1`, `t < rows`, and `out` has `rows * n`
+        // elements (checked in `matmul`), so the write is in bounds and not shared.
+        unsafe { *out.0.add(t * n + col) = v + b };
+    };
+    if rows == 1 {
+        let mut col = n0;
+        while col < n1 {
+            let nr = (n1 - col).min(NR);
+            let mut acc = [0f32; NR];
+            simd::dot_rows(isa, job.w, col, nr, k, &x[..k], &mut acc);
+            for (r, &a) in acc.iter().take(nr).enumerate() {
+                store(0, col + r, a);
+            }
+            col += nr;
+        }
+        return;
+    }
+    let mut panel = vec![0f32; NR * k];
+    let mut col = n0;
+    while col < n1 {
+        let nr = (n1 - col).min(NR);
+        let w: &[f32] = match job.w {
+            View::F32(s) => &s[col * k..(col + nr) * k],
+            other => {
+                other.widen_into(col * k..(col + nr) * k, &mut panel[..nr * k]);
+                &panel[..nr * k]
+            }
+        };
+        let mut t = 0;
+        while t < rows {
+            let tr = (rows - t).min(TR);
+            let mut acc = [[0f32; TR]; NR];
+            simd::tile_f32(isa, w, nr, &x[t * k..(t + tr) * k], tr, k, &mut acc);
+            for (r, row) in acc.iter().take(nr).enumerate() {
+                for (i, &a) in row.iter().take(tr).enumerate() {
+                    store(t + i, col + r, a);
+                }
+            }
+            t += tr;
+        }
+        col += nr;
+    }
+}

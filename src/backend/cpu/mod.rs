@@ -1,0 +1,168 @@
+//! `CpuBackend`: the reference implementation of [`Backend`]. Buffers are `Vec<f32>`, weights
+//! are host tensors (usually borrowed from the mapped checkpoint), work is split with rayon
+//! over the output dimension (matmul) or over (row, head) pairs (attention). Each op is a plain
+//! function a reader can check against the HF code line by line.
+
+pub mod attention;
+pub mod matmul;
+pub mod simd;
+
+use rayon::prelude::*;
+
+use self::matmul::MatJob;
+use self::simd::Isa;
+use super::{AttnShape, Backend, LinearRef, RowPos};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::rope::RopeTable;
+use crate::tensor::HostTensor;
+
+pub use self::attention::CpuKv;
+
+/// The CPU backend. `isa` picks the SIMD kernels (detected, or forced for parity tests).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuBackend {
+    pub isa: Isa,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend { isa: Isa::detect() }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = HostTensor;
+    type Kv = CpuKv;
+
+    fn name(&self) -> &'static str {
+        match self.isa {
+            Isa::Avx2 => "cpu-avx2",
+            Isa::Scalar => "cpu-scalar",
+        }
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
+        Ok(tensor)
+    }
+
+    fn buf(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn new_kv(&self, config: &ModelConfig, slots: usize, capacity: usize) -> Result<CpuKv> {
+        let floats = (config.num_hidden_layers as u128)
+            * slots as u128
+            * capacity as u128
+            * config.kv_dim() as u128
+            * 2;
+        if slots == 0 || capacity == 0 || floats * 4 > (64u128 << 30) {
+            return Err(Error::Input(format!(
+                "KV cache of {slots} slots × {capacity} positions is empty or over 64 GiB"
+            )));
+        }
+        Ok(CpuKv::new(
+            config.num_hidden_layers,
+            slots,
+            capacity,
+            config.kv_dim(),
+        ))
+    }
+
+    fn to_host(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn embed(&self, table: &HostTensor, ids: &[u32], out: &mut Vec<f32>) {
+        let c = table.shape()[1];
+        let view = table.view();
+        for (t, &id) in ids.iter().enumerate() {
+            let start = id as usize * c;
+            view.widen_into(start..start + c, &mut out[t * c..(t + 1) * c]);
+        }
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, weight: &HostTensor, eps: f32, dim: usize, out: &mut Vec<f32>) {
+        let w = weight.view();
+        for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            // HF: x * rsqrt(mean(x^2) + eps) in f32, then weight * that.
+            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+            let inv = 1.0 / ((ms as f32) + eps).sqrt();
+            for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
+                *o = w.get(i) * (v * inv);
+            }
+        }
+    }
+
+    fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) {
+        acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        jobs: &mut [(LinearRef<'_, HostTensor>, &mut Vec<f32>)],
+    ) {
+        let k = jobs.first().map_or(0, |(l, _)| l.weight.shape()[1]);
+        let mut mj: Vec<MatJob> = jobs
+            .iter_mut()
+            .map(|(l, out)| MatJob {
+                w: l.weight.view(),
+                bias: l.bias.map(|b| b.view()),
+                n: l.weight.shape()[0],
+                out: out.as_mut_slice(),
+            })
+            .collect();
+        matmul::matmul(self.isa, x, rows, k, &mut mj);
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, rows: &[RowPos], table: &RopeTable) {
+        let half = table.half;
+        let d = 2 * half;
+        for (row, xr) in rows.iter().zip(x.chunks_exact_mut(heads * d)) {
+            let cos = &table.cos[row.pos * half..(row.pos + 1) * half];
+            let sin = &table.sin[row.pos * half..(row.pos + 1) * half];
+            for head in xr.chunks_exact_mut(d) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
+            }
+        }
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) {
+        let work = |(g, &u): (&mut f32, &f32)| *g = *g / (1.0 + (-*g).exp()) * u;
+        if gate.len() >= 1 << 15 {
+            gate.par_iter_mut().zip(up.par_iter()).for_each(work);
+        } else {
+            gate.iter_mut().zip(up.iter()).for_each(work);
+        }
+    }
+
+    fn kv_store(&self, kv: &mut CpuKv, layer: usize, k: &Vec<f32>, v: &Vec<f32>, rows: &[RowPos]) {
+        kv.store(layer, k, v, rows);
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        kv: &CpuKv,
+        layer: usize,
+        rows: &[RowPos],
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+    ) {
+        attention::attention(self.isa, q, kv, layer, rows, shape, out);
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, dim: usize, rows: &[usize], out: &mut Vec<f32>) {
+        for (i, &r) in rows.iter().enumerate() {
+            out[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The one narrow interface the forward pass runs on. It lists only the ops the decoder uses;
+//! the CPU backend (`cpu/`) is the reference, and a CUDA backend implements the same trait with
+//! device buffers. Shapes use the short names of ARCHITECTURE.md: `T` rows (tokens) in a batch,
+//! `C` hidden size, `H`/`Hkv` query/KV heads, `D` head dim, `V` vocab.
+
+pub mod cpu;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::rope::RopeTable;
+use crate::tensor::HostTensor;
+
+/// A linear layer `y = x W^T + b`, `W: [N, K]` as HF stores it.
+pub struct Linear<W> {
+    pub weight: W,
+    pub bias: Option<W>,
+}
+
+impl<W> Linear<W> {
+    pub fn as_ref(&self) -> LinearRef<'_, W> {
+        LinearRef {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+        }
+    }
+}
+
+/// A borrowed [`Linear`] (the tied LM head borrows the embedding).
+#[derive(Clone, Copy)]
+pub struct LinearRef<'a, W> {
+    pub weight: &'a W,
+    pub bias: Option<&'a W>,
+}
+
+/// Where each row of a batch lives in the KV cache: its sequence slot and position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowPos {
+    pub slot: usize,
+    pub pos: usize,
+}
+
+/// Attention geometry of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The ops of a decoder forward pass. Activation buffers are f32, row-major.
+pub trait Backend: Send + Sync {
+    /// An activation buffer (host `Vec<f32>` on the CPU, device memory on a GPU).
+    type Buf;
+    /// A weight tensor as this backend keeps it.
+    type Weight: Send + Sync;
+    /// The KV cache: `slots` sequences of up to `capacity` positions, every layer.
+    type Kv;
+
+    fn name(&self) -> &'static str;
+    /// Takes a host weight (mapped or owned) into the backend's storage.
+    fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// A buffer of `len` f32 whose contents are unspecified until written.
+    fn buf(&self, len: usize) -> Self::Buf;
+    fn new_kv(&self, config: &ModelConfig, slots: usize, capacity: usize) -> Result<Self::Kv>;
+    /// The buffer's contents on the host.
+    fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+
+    /// `out[t] = table[ids[t]]`; `table: [V, C]`, `out: [T, C]`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf);
+    /// `out[r] = x[r] / rms(x[r]) * weight` over rows of width `dim`.
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        weight: &Self::Weight,
+        eps: f32,
+        dim: usize,
+        out: &mut Self::Buf,
+    );
+    /// `acc += x`.
+    fn add(&self, acc: &mut Self::Buf, x: &Self::Buf);
+    /// For each `(layer, out)`: `out = x W^T + b`, `x: [T, K]`, `out: [T, N]`. Several layers
+    /// that read the same `x` (q/k/v, gate/up) go in one call so they share one parallel region.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        jobs: &mut [(LinearRef<'_, Self::Weight>, &mut Self::Buf)],
+    );
+    /// Rotates each head of `x: [T, heads * D]` by its row's position (HF rotate-half layout).
+    fn rope(&self, x: &mut Self::Buf, heads: usize, rows: &[RowPos], table: &RopeTable);
+    /// `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// Writes this batch's K and V (`[T, Hkv * D]`) into `layer` of the cache at each row's slot
+    /// and position.
+    fn kv_store(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        rows: &[RowPos],
+    );
+    /// Causal GQA attention: row `t` attends to positions `0..=pos` of its slot.
+    /// `q: [T, H * D]` → `out: [T, H * D]`.
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        kv: &Self::Kv,
+        layer: usize,
+        rows: &[RowPos],
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    );
+    /// `out[i] = x[rows[i]]` for rows of width `dim`.
+    fn gather_rows(&self, x: &Self::Buf, dim: usize, rows: &[usize], out: &mut Self::Buf);
+}

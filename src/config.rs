@@ -1,0 +1,318 @@
+//! HF `config.json` → [`ModelConfig`]. The raw file is read permissively (HF keys verbatim, both
+//! the transformers 4 `rope_theta` and the transformers 5 `rope_parameters` spellings), then
+//! converted once into a validated config with derived dimensions. No other file knows HF
+//! config keys.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The decoder families gram runs. Their differences are flags on [`ModelConfig`], not code paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM` (SmolLM2, Llama 2/3 without rope scaling).
+    Llama,
+    /// `Qwen2ForCausalLM`: q/k/v projections carry a bias.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: RMSNorm on q and k per head, explicit `head_dim`.
+    Qwen3,
+}
+
+impl Arch {
+    fn from_hf(name: &str) -> Option<Arch> {
+        match name {
+            "LlamaForCausalLM" | "llama" => Some(Arch::Llama),
+            "Qwen2ForCausalLM" | "qwen2" => Some(Arch::Qwen2),
+            "Qwen3ForCausalLM" | "qwen3" => Some(Arch::Qwen3),
+            _ => None,
+        }
+    }
+}
+
+/// Validated model hyper-parameters (HF names kept where HF defines them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections have a bias (Qwen2 always; Llama/Qwen3 when `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj has a bias (Llama/Qwen3 when `attention_bias`).
+    pub o_bias: bool,
+    /// gate/up/down projections have a bias (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// RMSNorm on q and k per head before RoPE (Qwen3).
+    pub qk_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Width of one token's K (or V) row: `Hkv * D`.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Width of one token's Q row: `H * D`.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Reads and validates `path` (a `config.json`).
+    pub fn from_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        ModelConfig::from_json(&text).map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    /// Parses and validates the text of a `config.json`; the error is a message for the user.
+    pub fn from_json(text: &str) -> std::result::Result<ModelConfig, String> {
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        raw.validate()
+    }
+}
+
+/// `config.json` as HF writes it: every key optional so that a missing one gets a clear message.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    rms_norm_eps: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+fn required(v: Option<usize>, key: &str) -> std::result::Result<usize, String> {
+    match v {
+        None => Err(format!("missing field `{key}`")),
+        Some(0) => Err(format!("`{key}` must be positive")),
+        Some(n) => Ok(n),
+    }
+}
+
+/// A token id field: a number, a list of numbers, or null.
+fn token_ids(v: &Option<Value>, key: &str) -> std::result::Result<Vec<u32>, String> {
+    let bad = || format!("`{key}` must be a token id or a list of token ids");
+    let one = |v: &Value| {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(bad)
+    };
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().map(one).collect(),
+        Some(v) => Ok(vec![one(v)?]),
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> std::result::Result<ModelConfig, String> {
+        let arch_name = self
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| self.model_type.clone())
+            .ok_or("missing field `architectures` (and no `model_type`)")?;
+        let arch = Arch::from_hf(&arch_name).ok_or_else(|| {
+            format!(
+                "unsupported architecture `{arch_name}` (supported: LlamaForCausalLM, \
+                 Qwen2ForCausalLM, Qwen3ForCausalLM)"
+            )
+        })?;
+        let hidden_size = required(self.hidden_size, "hidden_size")?;
+        let intermediate_size = required(self.intermediate_size, "intermediate_size")?;
+        let num_hidden_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
+        let num_attention_heads = required(self.num_attention_heads, "num_attention_heads")?;
+        let vocab_size = required(self.vocab_size, "vocab_size")?;
+        let num_key_value_heads = required(
+            self.num_key_value_heads.or(Some(num_attention_heads)),
+            "num_key_value_heads",
+        )?;
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({num_attention_heads}) is not a multiple of \
+                 num_key_value_heads ({num_key_value_heads})"
+            ));
+        }
+        // HF defaults: Llama/Qwen2 derive head_dim from the width, Qwen3 defaults to 128.
+        let head_dim = match (self.head_dim, arch) {
+            (Some(d), _) => d,
+            (None, Arch::Qwen3) => 128,
+            (None, _) => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(format!(
+                        "hidden_size ({hidden_size}) is not a multiple of num_attention_heads \
+                         ({num_attention_heads}) and no `head_dim` is given"
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim ({head_dim}) must be positive and even for RoPE"
+            ));
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(format!("unsupported hidden_act `{act}` (only `silu`)"));
+            }
+        }
+        if self.use_sliding_window == Some(true) {
+            return Err("use_sliding_window = true is not supported".into());
+        }
+        let rope_theta = self.rope_theta(arch)?;
+        let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps ({rms_norm_eps}) must be positive"));
+        }
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let default_ctx = if arch == Arch::Llama { 2048 } else { 32768 };
+        Ok(ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings: required(
+                self.max_position_embeddings.or(Some(default_ctx)),
+                "max_position_embeddings",
+            )?,
+            rope_theta,
+            rms_norm_eps: rms_norm_eps as f32,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || attention_bias,
+            o_bias: arch != Arch::Qwen2 && attention_bias,
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
+            bos_token_id: token_ids(&self.bos_token_id, "bos_token_id")?
+                .first()
+                .copied(),
+            eos_token_ids: token_ids(&self.eos_token_id, "eos_token_id")?,
+        })
+    }
+
+    /// `rope_theta` from either spelling; any rope scaling other than the default is refused
+    /// rather than silently computed wrong.
+    fn rope_theta(&self, _arch: Arch) -> std::result::Result<f32, String> {
+        let mut theta = self.rope_theta;
+        for (key, v) in [
+            ("rope_scaling", &self.rope_scaling),
+            ("rope_parameters", &self.rope_parameters),
+        ] {
+            let Some(Value::Object(obj)) = v else {
+                continue;
+            };
+            let kind = obj
+                .get("rope_type")
+                .or_else(|| obj.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(format!(
+                    "unsupported {key}.rope_type `{kind}` (only `default`)"
+                ));
+            }
+            if let Some(t) = obj.get("rope_theta").and_then(Value::as_f64) {
+                theta = Some(t);
+            }
+        }
+        let theta = theta.unwrap_or(10000.0);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta ({theta}) must be positive"));
+        }
+        Ok(theta as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,
+        "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+        "num_key_value_heads":3,"vocab_size":49152,"rope_theta":100000.0,
+        "rms_norm_eps":1e-5,"tie_word_embeddings":true,"eos_token_id":2,"bos_token_id":1}"#;
+
+    #[test]
+    fn derives_dimensions() {
+        let c = ModelConfig::from_json(LLAMA).unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.kv_dim(), 192);
+        assert_eq!(c.q_dim(), 576);
+        assert_eq!(c.eos_token_ids, vec![2]);
+        assert_eq!(c.rope_theta, 100000.0);
+        assert!(c.tie_word_embeddings && !c.qkv_bias && !c.qk_norm);
+    }
+
+    #[test]
+    fn transformers5_rope_parameters() {
+        let text = LLAMA.replace(
+            r#""rope_theta":100000.0"#,
+            r#""rope_parameters":{"rope_theta":5e5,"rope_type":"default"}"#,
+        );
+        assert_eq!(ModelConfig::from_json(&text).unwrap().rope_theta, 5e5);
+    }
+
+    #[test]
+    fn clear_errors() {
+        let missing = LLAMA.replace(r#""hidden_size":576,"#, "");
+        assert_eq!(
+            ModelConfig::from_json(&missing).unwrap_err(),
+            "missing field `hidden_size`"
+        );
+        let unknown = LLAMA.replace("LlamaForCausalLM", "GPT2LMHeadModel");
+        assert!(ModelConfig::from_json(&unknown)
+            .unwrap_err()
+            .contains("unsupported architecture `GPT2LMHeadModel`"));
+        let gqa = LLAMA.replace(r#""num_key_value_heads":3"#, r#""num_key_value_heads":4"#);
+        assert!(ModelConfig::from_json(&gqa)
+            .unwrap_err()
+            .contains("not a multiple"));
+        let scaled = LLAMA.replace(
+            r#""rope_theta":100000.0"#,
+            r#""rope_scaling":{"rope_type":"yarn","factor":4}"#,
+        );
+        assert!(ModelConfig::from_json(&scaled)
+            .unwrap_err()
+            .contains("yarn"));
+        assert!(ModelConfig::from_json("{")
+            .unwrap_err()
+            .contains("not valid JSON"));
+    }
+}

@@ -1,0 +1,26 @@
+//! gram: a native engine for GRAM generative retrieval (JD.com, arXiv 2504.01403).
+//!
+//! The retrieval path is text → tokens → codes → postings → scores → results. This crate holds
+//! its engine core so far: a decoder (HF Llama / Qwen2 / Qwen3) that computes what transformers
+//! computes, on a narrow backend interface whose CPU implementation is the reference.
+//!
+//! Modules, in the order data flows through them:
+//! - [`config`]: HF `config.json` → validated [`config::ModelConfig`].
+//! - [`tokenizer`]: `tokenizer.json` → ids, as transformers' `tokenizer(text)`.
+//! - [`tensor`]: host tensors (f32/f16/bf16), memory-mapped or owned.
+//! - [`model`]: checkpoint loading (safetensors, sharded, GGUF), weights, KV cache, forward.
+//! - [`backend`]: the `Backend` trait and the CPU backend (SIMD kernels with scalar twins).
+//! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
+//! - [`error`]: `gram::Error`, one variant per boundary.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod lm;
+pub mod model;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use model::{LoadOptions, Model};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,149 @@
+//! Finds and opens a model directory's weight files and yields every tensor under its HF name,
+//! memory-mapped where the stored dtype allows. Formats: one `model.safetensors`, a sharded set
+//! named by `model.safetensors.index.json`, or one `*.gguf` (see `gguf.rs`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use super::gguf;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostTensor};
+
+/// Every tensor of a checkpoint, by HF name.
+pub type TensorMap = HashMap<String, HostTensor>;
+
+/// Which weight files a directory holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Safetensors(Vec<PathBuf>),
+    Gguf(PathBuf),
+}
+
+impl Source {
+    /// Looks in `dir` for, in order: `model.safetensors.index.json`, `model.safetensors`,
+    /// a single `*.safetensors`, a single `*.gguf`.
+    pub fn find(dir: &Path) -> Result<Source> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            return Ok(Source::Safetensors(shards_from_index(&index)?));
+        }
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Ok(Source::Safetensors(vec![single]));
+        }
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut st = Vec::new();
+        let mut gg = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("safetensors") => st.push(path),
+                Some("gguf") => gg.push(path),
+                _ => {}
+            }
+        }
+        st.sort();
+        gg.sort();
+        match (st.len(), gg.len()) {
+            (1, _) => Ok(Source::Safetensors(st)),
+            (0, 1) => Ok(Source::Gguf(gg.remove(0))),
+            (0, 0) => Err(Error::checkpoint(dir, "no model.safetensors, model.safetensors.index.json or *.gguf")),
+            _ => Err(Error::checkpoint(
+                dir,
+                "several weight files and no model.safetensors.index.json to say how they fit together",
+            )),
+        }
+    }
+
+    /// Opens the files and returns every tensor under its HF name.
+    pub fn load(&self, config: &ModelConfig) -> Result<TensorMap> {
+        match self {
+            Source::Safetensors(paths) => {
+                let mut map = TensorMap::new();
+                for path in paths {
+                    load_safetensors(path, &mut map)?;
+                }
+                Ok(map)
+            }
+            Source::Gguf(path) => gguf::load(path, config),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let parsed: ShardIndex = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(index, format!("not a safetensors index: {e}")))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: BTreeSet<&String> = parsed.weight_map.values().collect();
+    if files.is_empty() {
+        return Err(Error::checkpoint(index, "weight_map is empty"));
+    }
+    let mut out = Vec::new();
+    for f in files {
+        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+            return Err(Error::checkpoint(
+                index,
+                format!("shard name `{f}` is not a plain file name"),
+            ));
+        }
+        out.push(dir.join(f));
+    }
+    Ok(out)
+}
+
+/// Maps `path` read-only.
+pub(crate) fn map_file(path: &Path) -> Result<Arc<Mmap>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and private to this process. If another process truncates or
+    // rewrites the file while it is mapped, reads may fault or see new bytes; like every mmap
+    // user we accept that model files are not modified while a model is loaded.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Arc::new(map))
+}
+
+fn load_safetensors(path: &Path, out: &mut TensorMap) -> Result<()> {
+    let map = map_file(path)?;
+    let st = SafeTensors::deserialize(&map)
+        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+    let base = map.as_ptr() as usize;
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "dtype {other:?} in {} is not supported (f32, f16, bf16)",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        let start = view.data().as_ptr() as usize - base;
+        let range = start..start + view.data().len();
+        if out.contains_key(&name) {
+            return Err(Error::tensor(
+                name,
+                format!("appears twice (again in {})", path.display()),
+            ));
+        }
+        let tensor = HostTensor::mapped(&map, range, dtype, view.shape().to_vec());
+        out.insert(name, tensor);
+    }
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! GGUF (llama.cpp's format, versions 2 and 3) read directly: header, metadata, tensor table,
+//! and tensor data dequantized at load. Supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q8_0.
+//!
+//! Layout (little-endian): magic `GGUF`, u32 version, u64 tensor count, u64 metadata count, the
+//! metadata (key string, u32 value type, value), the tensor infos (name string, u32 n_dims, u64
+//! dims innermost first, u32 ggml type, u64 offset into the data section), padding to
+//! `general.alignment` (default 32), then the data section. A string is a u64 length + bytes.
+//!
+//! Tensors come back under HF names in HF shape order (`[rows, cols]`). llama.cpp's converter
+//! permutes the rows of `attn_q`/`attn_k` for its interleaved rotary layout; they are permuted
+//! back here, so the result equals the HF checkpoint the GGUF was made from. F32/F16/BF16
+//! tensors that need no permutation are borrowed from the map without a copy.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use half::f16;
+use memmap2::Mmap;
+
+use super::checkpoint::{map_file, TensorMap};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostTensor};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// ggml tensor types gram can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    BF16,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<GgmlType> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block).
+    fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+        }
+    }
+}
+
+/// A bounds-checked little-endian reader over the file bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "truncated: needs {n} bytes at offset {} but the file has {}",
+                    self.pos,
+                    self.bytes.len()
+                )
+            })?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    /// A length that must fit in what is left of the file (so a corrupt count cannot make us
+    /// allocate without bound).
+    fn len(&mut self, what: &str, min_item_bytes: usize) -> std::result::Result<usize, String> {
+        let n = self.u64()?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_item_bytes as u64) > left {
+            return Err(format!(
+                "{what} count {n} at offset {} exceeds the file",
+                self.pos - 8
+            ));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> std::result::Result<String, String> {
+        let n = self.len("string byte", 1)?;
+        let at = self.pos;
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| format!("string at offset {at} is not UTF-8"))
+    }
+}
+
+/// The metadata values gram reads; the rest are skipped.
+#[derive(Debug, Clone)]
+enum Value {
+    Int(i128),
+    Other,
+}
+
+fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Value, String> {
+    Ok(match ty {
+        0 | 1 | 7 => Value::Int(c.take(1)?[0] as i128),
+        2 | 3 => Value::Int(u16::from_le_bytes(c.take(2)?.try_into().expect("2")) as i128),
+        4 => Value::Int(c.u32()? as i128),
+        5 => Value::Int(c.u32()? as i32 as i128),
+        6 => {
+            c.take(4)?;
+            Value::Other
+        }
+        8 => {
+            c.string()?;
+            Value::Other
+        }
+        9 => {
+            if depth > 2 {
+                return Err("metadata arrays nested too deep".into());
+            }
+            let item_ty = c.u32()?;
+            let n = c.len("array item", 1)?;
+            for _ in 0..n {
+                read_value(c, item_ty, depth + 1)?;
+            }
+            Value::Other
+        }
+        10 => Value::Int(c.u64()? as i128),
+        11 => Value::Int(c.u64()? as i64 as i128),
+        12 => {
+            c.take(8)?;
+            Value::Other
+        }
+        t => return Err(format!("unknown metadata value type {t}")),
+    })
+}
+
+struct TensorInfo {
+    name: String,
+    dims: Vec<usize>,
+    ty: GgmlType,
+    offset: usize,
+}
+
+/// Parses the header; returns the tensor infos and the data section's start.
+fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<TensorInfo>, usize), String> {
+    let mut c = Cursor { bytes, pos: 0 };
+    if c.take(4)? != MAGIC {
+        return Err("not a GGUF file (bad magic)".into());
+    }
+    let version = c.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(format!("GGUF version {version} is not supported (2 or 3)"));
+    }
+    let n_tensors = c.len("tensor", 24)?;
+    let n_kv = c.len("metadata", 12)?;
+    let mut alignment = DEFAULT_ALIGNMENT;
+    for _ in 0..n_kv {
+        let key = c.string()?;
+        let ty = c.u32()?;
+        let v = read_value(&mut c, ty, 0)?;
+        if key == "general.alignment" {
+            match v {
+                Value::Int(a) if a > 0 && (a as u64).is_power_of_two() => alignment = a as u64,
+                _ => return Err("general.alignment must be a power of two".into()),
+            }
+        }
+    }
+    let mut infos = Vec::with_capacity(n_tensors);
+    for _ in 0..n_tensors {
+        let name = c.string()?;
+        let n_dims = c.u32()? as usize;
+        if !(1..=4).contains(&n_dims) {
+            return Err(format!("tensor `{name}` has {n_dims} dimensions"));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            dims.push(
+                usize::try_from(c.u64()?)
+                    .map_err(|_| format!("tensor `{name}`: dimension too large"))?,
+            );
+        }
+        let ty_id = c.u32()?;
+        let ty = GgmlType::from_id(ty_id)
+            .ok_or_else(|| format!("tensor `{name}`: ggml type {ty_id} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0)"))?;
+        let offset =
+            usize::try_from(c.u64()?).map_err(|_| format!("tensor `{name}`: offset too large"))?;
+        infos.push(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+        });
+    }
+    let start = (c.pos as u64).div_ceil(alignment) * alignment;
+    Ok((infos, start as usize))
+}
+
+/// llama.cpp name → HF name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Dequantizes `n` elements of type `ty` from `src` into f32.
+fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match ty {
+        GgmlType::F32 => out.iter_mut().zip(src.chunks_exact(4)).for_each(|(o, b)| {
+            *o = f32::from_le_bytes(b.try_into().expect("4"));
+        }),
+        GgmlType::F16 => out
+            .iter_mut()
+            .zip(src.chunks_exact(2))
+            .for_each(|(o, b)| *o = h(b)),
+        GgmlType::BF16 => out.iter_mut().zip(src.chunks_exact(2)).for_each(|(o, b)| {
+            *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+        }),
+        // Block of 32: f16 scale d, 16 bytes of nibbles; element j = low nibble of byte j,
+        // element j + 16 = high nibble; x = (q - 8) * d.
+        GgmlType::Q4_0 => out
+            .chunks_exact_mut(32)
+            .zip(src.chunks_exact(18))
+            .for_each(|(o, b)| {
+                let d = h(&b[0..2]);
+                for j in 0..16 {
+                    o[j] = ((b[2 + j] & 0x0f) as i32 - 8) as f32 * d;
+                    o[j + 16] = ((b[2 + j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }),
+        // Block of 32: f16 scale d, f16 minimum m, 16 bytes of nibbles; x = q * d + m.
+        GgmlType::Q4_1 => out
+            .chunks_exact_mut(32)
+            .zip(src.chunks_exact(20))
+            .for_each(|(o, b)| {
+                let (d, m) = (h(&b[0..2]), h(&b[2..4]));
+                for j in 0..16 {
+                    o[j] = (b[4 + j] & 0x0f) as f32 * d + m;
+                    o[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
+                }
+            }),
+        // Block of 32: f16 scale d, 32 signed bytes; x = q * d.
+        GgmlType::Q8_0 => out
+            .chunks_exact_mut(32)
+            .zip(src.chunks_exact(34))
+            .for_each(|(o, b)| {
+                let d = h(&b[0..2]);
+                for j in 0..32 {
+                    o[j] = b[2 + j] as i8 as f32 * d;
+                }
+            }),
+    }
+}
+
+/// Undoes llama.cpp's rotary permutation of a Q or K weight `[n_head * D, cols]`:
+/// GGUF row `h*D + 2i + j` holds HF row `h*D + j*D/2 + i`.
+fn unpermute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let d = rows / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let src = h * d + 2 * i + j;
+                let dst = h * d + j * (d / 2) + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Loads every tensor of the GGUF at `path` under HF names.
+pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
+    let map: Arc<Mmap> = map_file(path)?;
+    let (infos, data_start) = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
+    let mut out = TensorMap::new();
+    for info in infos {
+        let name = hf_name(&info.name).ok_or_else(|| {
+            Error::tensor(
+                &info.name,
+                format!("unknown GGUF tensor name in {}", path.display()),
+            )
+        })?;
+        let numel = info.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let (block_elems, block_bytes) = info.ty.block();
+        let numel = numel
+            .filter(|n| n % block_elems == 0 && info.dims[0] % block_elems == 0)
+            .ok_or_else(|| {
+                Error::tensor(
+                    &name,
+                    format!("shape {:?} does not fit {:?} blocks", info.dims, info.ty),
+                )
+            })?;
+        let n_bytes = numel / block_elems * block_bytes;
+        let start = data_start.checked_add(info.offset);
+        let range = start
+            .and_then(|s| s.checked_add(n_bytes).map(|e| s..e))
+            .filter(|r| r.end <= map.len())
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    path,
+                    format!(
+                        "truncated: tensor `{}` lies past the end of the file",
+                        info.name
+                    ),
+                )
+            })?;
+        // GGUF dims are innermost first; HF shapes are outermost first.
+        let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
+        let permute_heads = if info.name.ends_with("attn_q.weight") {
+            Some(config.num_attention_heads)
+        } else if info.name.ends_with("attn_k.weight") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        let direct = match info.ty {
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
+            GgmlType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        let tensor = match (direct, permute_heads) {
+            (Some(dtype), None) => HostTensor::mapped(&map, range, dtype, shape),
+            _ => {
+                let mut values = vec![0f32; numel];
+                dequantize(info.ty, &map[range], &mut values);
+                if let Some(n_head) = permute_heads {
+                    let cols = info.dims[0];
+                    if shape.len() != 2 || (shape[0] / n_head) % 2 != 0 || shape[0] % n_head != 0 {
+                        return Err(Error::tensor(
+                            &name,
+                            format!("shape {shape:?} cannot hold {n_head} rotary heads"),
+                        ));
+                    }
+                    values = unpermute_rows(&values, n_head, cols);
+                }
+                HostTensor::from_f32(values, shape)
+            }
+        };
+        if out.insert(name.clone(), tensor).is_some() {
+            return Err(Error::tensor(name, "appears twice"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hf() {
+        assert_eq!(
+            hf_name("blk.7.attn_q.weight").unwrap(),
+            "model.layers.7.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert!(hf_name("blk.x.attn_q.weight").is_none());
+        assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: reshape(n_head, 2, D/2, cols).swapaxes(1, 2) — i.e. HF row h*D + j*D/2 + i
+        // goes to row h*D + 2i + j. Build that permutation and check we invert it.
+        let (n_head, d, cols) = (3, 8, 5);
+        let hf: Vec<f32> = (0..n_head * d * cols)
+            .map(|x| x as f32 * 0.37 - 3.0)
+            .collect();
+        let mut permuted = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    let (src, dst) = (h * d + j * d / 2 + i, h * d + 2 * i + j);
+                    permuted[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&permuted, n_head, cols), hf);
+    }
+
+    #[test]
+    fn q4_1_and_q8_0_blocks() {
+        let d = f16::from_f32(0.5).to_le_bytes();
+        let m = f16::from_f32(-1.25).to_le_bytes();
+        let mut q41 = vec![d[0], d[1], m[0], m[1]];
+        q41.extend((0..16u8).map(|j| (j & 0x0f) | ((15 - j) << 4)));
+        let mut out = [0f32; 32];
+        dequantize(GgmlType::Q4_1, &q41, &mut out);
+        for j in 0..16 {
+            assert_eq!(out[j], j as f32 * 0.5 - 1.25);
+            assert_eq!(out[j + 16], (15 - j) as f32 * 0.5 - 1.25);
+        }
+        let mut q80 = vec![d[0], d[1]];
+        q80.extend((0..32i8).map(|j| (j * 7 - 100) as u8));
+        dequantize(GgmlType::Q8_0, &q80, &mut out);
+        for (j, o) in out.iter().enumerate() {
+            assert_eq!(*o, (j as i8 * 7 - 100) as f32 * 0.5);
+        }
+    }
+
+    #[test]
+    fn corrupt_headers_are_errors() {
+        assert!(parse_header(b"GGU").unwrap_err().contains("truncated"));
+        assert!(parse_header(b"NOPE\x03\0\0\0")
+            .unwrap_err()
+            .contains("bad magic"));
+        let mut v9 = b"GGUF".to_vec();
+        v9.extend(9u32.to_le_bytes());
+        assert!(parse_header(&v9).unwrap_err().contains("version 9"));
+        let mut huge = b"GGUF".to_vec();
+        huge.extend(3u32.to_le_bytes());
+        huge.extend(u64::MAX.to_le_bytes());
+        huge.extend(0u64.to_le_bytes());
+        assert!(parse_header(&huge)
+            .unwrap_err()
+            .contains("exceeds the file"));
+    }
+}

@@ -1,0 +1,182 @@
+//! Checkpoint tensors → typed per-layer weights. The only file that knows HF tensor names.
+//! Every expected tensor is checked for presence and shape against the config; an unexpected
+//! tensor is an error too, so a checkpoint that does not fit its config never loads silently.
+
+use crate::backend::{Backend, Linear, LinearRef};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::checkpoint::TensorMap;
+use crate::tensor::{DType, HostTensor};
+
+/// One decoder layer.
+pub struct Layer<W> {
+    pub input_layernorm: W,
+    pub q_proj: Linear<W>,
+    pub k_proj: Linear<W>,
+    pub v_proj: Linear<W>,
+    pub o_proj: Linear<W>,
+    /// Qwen3: RMSNorm over each head of q and k, `[D]`.
+    pub q_norm: Option<W>,
+    pub k_norm: Option<W>,
+    pub post_attention_layernorm: W,
+    pub gate_proj: Linear<W>,
+    pub up_proj: Linear<W>,
+    pub down_proj: Linear<W>,
+}
+
+/// All weights of a decoder.
+pub struct Weights<W> {
+    pub embed_tokens: W,
+    pub layers: Vec<Layer<W>>,
+    pub norm: W,
+    /// The output projection; `None` when tied to `embed_tokens` (see `lm_head()`).
+    lm_head: Option<Linear<W>>,
+}
+
+impl<W> Weights<W> {
+    /// The LM head `[V, C]`: its own matrix, or the embedding when tied.
+    pub fn lm_head(&self) -> LinearRef<'_, W> {
+        match &self.lm_head {
+            Some(l) => l.as_ref(),
+            None => LinearRef {
+                weight: &self.embed_tokens,
+                bias: None,
+            },
+        }
+    }
+}
+
+/// Takes tensors out of a [`TensorMap`] with shape checks, converting to `dtype` if asked.
+struct Take<'a, B: Backend> {
+    map: TensorMap,
+    backend: &'a B,
+    dtype: Option<DType>,
+}
+
+impl<B: Backend> Take<'_, B> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))?;
+        if t.shape() != shape {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "shape {:?} does not fit the config (expected {shape:?})",
+                    t.shape()
+                ),
+            ));
+        }
+        Ok(match self.dtype {
+            Some(d) => t.into_dtype(d),
+            None => t,
+        })
+    }
+
+    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight> {
+        let t = self.tensor(name, shape)?;
+        self.backend.upload(t)
+    }
+
+    /// Norm weights are tiny and read per element: always f32.
+    fn norm(&mut self, name: &str, dim: usize) -> Result<B::Weight> {
+        let t = self.tensor(name, &[dim])?.into_dtype(DType::F32);
+        self.backend.upload(t)
+    }
+
+    fn linear(
+        &mut self,
+        prefix: &str,
+        n: usize,
+        k: usize,
+        bias: bool,
+    ) -> Result<Linear<B::Weight>> {
+        let weight = self.weight(&format!("{prefix}.weight"), &[n, k])?;
+        let bias = if bias {
+            let t = self
+                .tensor(&format!("{prefix}.bias"), &[n])?
+                .into_dtype(DType::F32);
+            Some(self.backend.upload(t)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+/// Builds the weights of `config` from `map`. `dtype` converts every matrix at load (None keeps
+/// the stored dtype, borrowed from the mapped file).
+pub fn load<B: Backend>(
+    backend: &B,
+    config: &ModelConfig,
+    map: TensorMap,
+    dtype: Option<DType>,
+) -> Result<Weights<B::Weight>> {
+    let c = config;
+    let mut take = Take {
+        map,
+        backend,
+        dtype,
+    };
+    let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let embed = take.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let qk_norm = |take: &mut Take<B>, which: &str| -> Result<Option<B::Weight>> {
+            if c.qk_norm {
+                Ok(Some(take.norm(
+                    &format!("{p}.self_attn.{which}.weight"),
+                    c.head_dim,
+                )?))
+            } else {
+                Ok(None)
+            }
+        };
+        layers.push(Layer {
+            input_layernorm: take.norm(&format!("{p}.input_layernorm.weight"), h)?,
+            q_proj: take.linear(&format!("{p}.self_attn.q_proj"), q, h, c.qkv_bias)?,
+            k_proj: take.linear(&format!("{p}.self_attn.k_proj"), kv, h, c.qkv_bias)?,
+            v_proj: take.linear(&format!("{p}.self_attn.v_proj"), kv, h, c.qkv_bias)?,
+            o_proj: take.linear(&format!("{p}.self_attn.o_proj"), h, q, c.o_bias)?,
+            q_norm: qk_norm(&mut take, "q_norm")?,
+            k_norm: qk_norm(&mut take, "k_norm")?,
+            post_attention_layernorm: take
+                .norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            gate_proj: take.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
+            up_proj: take.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
+            down_proj: take.linear(&format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
+        });
+    }
+    let norm = take.norm("model.norm.weight", h)?;
+    let lm_head = if c.tie_word_embeddings {
+        // HF ties lm_head to the embedding and ignores a stored copy.
+        take.map.remove("lm_head.weight");
+        None
+    } else {
+        Some(take.linear("lm_head", c.vocab_size, h, false)?)
+    };
+    let embed_tokens = backend.upload(match dtype {
+        Some(d) => embed.into_dtype(d),
+        None => embed,
+    })?;
+    // Old Llama checkpoints store rotary tables; they are recomputed, so they are ignored.
+    take.map
+        .retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+    if let Some(name) = take.map.keys().min() {
+        return Err(Error::tensor(
+            name.clone(),
+            format!(
+                "not expected for {:?} with {} layers",
+                c.arch, c.num_hidden_layers
+            ),
+        ));
+    }
+    Ok(Weights {
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+    })
+}
