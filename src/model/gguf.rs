@@ -157,6 +157,7 @@ fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Valu
     })
 }
 
+#[derive(Debug)]
 struct TensorInfo {
     name: String,
     dims: Vec<usize>,

@@ -1,0 +1,80 @@
+//! Shared test helpers: fixture paths, golden files, tolerance checks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    repo().join("models").join(name)
+}
+
+pub fn golden(name: &str) -> Value {
+    let path = repo().join("tests/golden").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Largest `|got - want| / max(|want|, 1)` over all elements; panics on a length mismatch.
+pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| ((g as f64 - w as f64).abs()) / (w.abs() as f64).max(1.0))
+        .fold(0.0, f64::max)
+}
+
+/// The SmolLM2-135M directory, fetched through the documented command when missing
+/// (`tools/get_smollm2.sh`). Panics (never skips) when it cannot be had.
+pub fn smollm2_dir() -> PathBuf {
+    static FETCH: Once = Once::new();
+    let dir = model_dir("smollm2-135m-instruct");
+    FETCH.call_once(|| {
+        let status = std::process::Command::new("bash")
+            .arg(repo().join("tools/get_smollm2.sh"))
+            .arg(&dir)
+            .status()
+            .expect("run tools/get_smollm2.sh");
+        assert!(
+            status.success(),
+            "tools/get_smollm2.sh failed: SmolLM2 weights are needed for this test"
+        );
+    });
+    assert!(dir.join("model.gguf").exists());
+    dir
+}
+
+/// Copies a model directory (files only) into a fresh temp dir for corruption tests.
+pub fn copy_model(src: &Path, name: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("gram-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    dst
+}

@@ -1,0 +1,194 @@
+//! Bad model directories are refused with a clear error that names what is wrong — never a
+//! panic: truncated or garbage safetensors, config problems, tensors of the wrong shape, dtype
+//! or name, missing shards, bad batches.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use gram::{LoadOptions, Model};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+fn load_err(dir: &Path) -> String {
+    match Model::load(dir, &LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites `dir/model.safetensors` after `edit` changes the (name, dtype, shape, bytes) list.
+fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut items: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut items);
+    let views: Vec<(String, TensorView)> = items
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn truncated_and_garbage_safetensors() {
+    let dir = copy_model(&model_dir("tiny-llama"), "trunc");
+    let path = dir.join("model.safetensors");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    assert!(load_err(&dir).contains("not a valid safetensors"));
+    std::fs::write(&path, b"").unwrap();
+    assert!(load_err(&dir).contains("not a valid safetensors"));
+}
+
+#[test]
+fn config_problems() {
+    let dir = copy_model(&model_dir("tiny-llama"), "config");
+    let cfg_path = dir.join("config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
+    cfg.as_object_mut().unwrap().remove("num_hidden_layers");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("missing field `num_hidden_layers`"),
+        "{e}"
+    );
+
+    let mut cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert!(load_err(&dir).contains("unsupported architecture `MistralForCausalLM`"));
+
+    let mut cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
+    cfg["hidden_size"] = serde_json::json!("sixty-four");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert!(load_err(&dir).contains("not valid JSON"));
+
+    std::fs::remove_file(&cfg_path).unwrap();
+    assert!(load_err(&dir).contains("config.json"));
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_is_named() {
+    let dir = copy_model(&model_dir("tiny-llama"), "shape");
+    rewrite(&dir, |items| {
+        let t = items
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.1.self_attn.k_proj.weight")
+            .unwrap();
+        let row = t.3.len() / t.2[0];
+        t.2[0] -= 1;
+        t.3.truncate(t.3.len() - row);
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("`model.layers.1.self_attn.k_proj.weight`")
+            && e.contains("does not fit the config"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_unexpected_and_wrongly_typed_tensors_are_named() {
+    let dir = copy_model(&model_dir("tiny-llama"), "names");
+    rewrite(&dir, |items| {
+        items.retain(|t| t.0 != "model.layers.0.mlp.up_proj.weight")
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("`model.layers.0.mlp.up_proj.weight`") && e.contains("missing"),
+        "{e}"
+    );
+
+    let dir = copy_model(&model_dir("tiny-llama"), "extra");
+    rewrite(&dir, |items| {
+        let mut t = items
+            .iter()
+            .find(|t| t.0 == "model.layers.1.input_layernorm.weight")
+            .unwrap()
+            .clone();
+        t.0 = "model.layers.2.input_layernorm.weight".into();
+        items.push(t);
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("`model.layers.2.input_layernorm.weight`") && e.contains("not expected"),
+        "{e}"
+    );
+
+    let dir = copy_model(&model_dir("tiny-llama"), "dtype");
+    rewrite(&dir, |items| {
+        let t = items
+            .iter_mut()
+            .find(|t| t.0 == "model.norm.weight")
+            .unwrap();
+        t.1 = Dtype::I32;
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("`model.norm.weight`") && e.contains("I32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_shard_and_empty_dir() {
+    let dir = copy_model(&model_dir("tiny-qwen2"), "shard");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+
+    let empty = copy_model(&model_dir("tiny-qwen2"), "noweights");
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::remove_file(empty.join(f)).unwrap();
+    }
+    assert!(load_err(&empty).contains("no model.safetensors"));
+}
+
+#[test]
+fn bad_batches_are_input_errors() {
+    let model = Model::load(&model_dir("tiny-qwen2"), &LoadOptions::default()).unwrap();
+    let mut cache = model.new_cache(2, 4).unwrap();
+    let e = |r: gram::Result<Vec<f32>>| r.expect_err("must fail").to_string();
+    assert!(e(model.forward(&mut cache, &[], &[], &[])).contains("at least one token"));
+    assert!(e(model.forward(&mut cache, &[5, 6], &[0], &[0])).contains("one slot per token"));
+    assert!(e(model.forward(&mut cache, &[100_000], &[0], &[0])).contains("outside the vocabulary"));
+    assert!(e(model.forward(&mut cache, &[5], &[7], &[0])).contains("slot 7 does not exist"));
+    assert!(e(model.forward(&mut cache, &[5; 5], &[1; 5], &[4])).contains("is full"));
+    assert!(e(model.forward(&mut cache, &[5], &[1], &[3])).contains("outside the batch"));
+    // A refused batch leaves the cache as it was.
+    assert_eq!(cache.len(1), 0);
+    assert!(model
+        .new_cache(1, 1 << 20)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("exceeds"));
+    assert!(gram::lm::run(&model, &[], 3)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("no tokens"));
+}

