@@ -7,13 +7,13 @@
 //! Two kernels, each with a scalar twin that is the reference:
 //! - `T == 1` (decode of one row): a GEMV that streams each weight row once and widens it in
 //!   registers, four rows at a time: memory bound, so the weight bytes are all that matter.
-//! - `T > 1` (prefill, beam decode): four weight rows are widened once into an f32 panel that
-//!   stays in L1, then a 4×3 register tile (4 weight rows × 3 token rows, 12 accumulators)
-//!   sweeps the tokens: compute bound, so the conversion cost is paid once per panel.
+//! - `T > 1` (prefill, beam decode): a 2×6 register tile (2 weight rows widened in registers ×
+//!   up to 6 token rows, 12 accumulators, no spills on AVX2) sweeps the token rows while the two
+//!   weight rows stay in L1: compute bound.
 
 use rayon::prelude::*;
 
-use super::simd::{self, Isa};
+use super::simd::{self, Isa, TILE_NR, TILE_TR};
 use crate::tensor::View;
 
 /// One weight applied to the shared input.
@@ -26,10 +26,8 @@ pub struct MatJob<'a> {
     pub out: &'a mut [f32],
 }
 
-/// Weight rows per tile.
+/// Weight rows per GEMV step (T = 1).
 const NR: usize = 4;
-/// Token rows per tile.
-const TR: usize = 3;
 
 /// A raw pointer to an output buffer that tasks write in disjoint column ranges.
 #[derive(Clone, Copy)]
@@ -114,22 +112,25 @@ fn range(
         }
         return;
     }
-    let mut panel = vec![0f32; NR * k];
+    // Token rows in near-equal groups of at most TILE_TR (10 rows → 5 + 5, not 6 + 4).
+    let groups = rows.div_ceil(TILE_TR);
     let mut col = n0;
     while col < n1 {
-        let nr = (n1 - col).min(NR);
-        let w: &[f32] = match job.w {
-            View::F32(s) => &s[col * k..(col + nr) * k],
-            other => {
-                other.widen_into(col * k..(col + nr) * k, &mut panel[..nr * k]);
-                &panel[..nr * k]
-            }
-        };
+        let nr = (n1 - col).min(TILE_NR);
         let mut t = 0;
-        while t < rows {
-            let tr = (rows - t).min(TR);
-            let mut acc = [[0f32; TR]; NR];
-            simd::tile_f32(isa, w, nr, &x[t * k..(t + tr) * k], tr, k, &mut acc);
+        for g in 0..groups {
+            let tr = (rows - t) / (groups - g);
+            let mut acc = [[0f32; TILE_TR]; TILE_NR];
+            simd::tile(
+                isa,
+                job.w,
+                col,
+                nr,
+                &x[t * k..(t + tr) * k],
+                tr,
+                k,
+                &mut acc,
+            );
             for (r, row) in acc.iter().take(nr).enumerate() {
                 for (i, &a) in row.iter().take(tr).enumerate() {
                     store(t + i, col + r, a);

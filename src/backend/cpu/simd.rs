@@ -2,7 +2,7 @@
 //! and a portable scalar twin that is the reference. `GRAM_SIMD=scalar` forces the twin.
 //!
 //! - `dot_rows`: up to 4 weight rows (f32/f16/bf16, widened in registers) · one f32 vector.
-//! - `tile_f32`: up to 4 f32 weight rows × up to 3 f32 token rows, 12 accumulators.
+//! - `tile`: up to 2 weight rows (any dtype) × up to 6 f32 token rows, 12 accumulators.
 //! - `dot`, `axpy`: f32 vectors (attention).
 
 use std::sync::OnceLock;
@@ -72,28 +72,37 @@ pub fn dot_rows(
     scalar::dot_rows(w, row0, nr, k, x, acc)
 }
 
-/// `acc[r][t] = w[r] · x[t]` for `r < nr <= 4`, `t < tr <= 3`; `w: [nr, k]`, `x: [tr, k]`.
-pub fn tile_f32(
+/// Weight rows per tile of [`tile`].
+pub const TILE_NR: usize = 2;
+/// Token rows per tile of [`tile`].
+pub const TILE_TR: usize = 6;
+
+/// `acc[r][t] = W[row0 + r] · x[t]` for `r < nr <= 2`, `t < tr <= 6`; `W: [*, k]` in any
+/// dtype (widened in registers), `x: [tr, k]` f32. 2×6 = 12 accumulators + 2 weight vectors + 1
+/// input vector fit the 16 AVX2 registers without spilling.
+#[allow(clippy::too_many_arguments)]
+pub fn tile(
     isa: Isa,
-    w: &[f32],
+    w: View,
+    row0: usize,
     nr: usize,
     x: &[f32],
     tr: usize,
     k: usize,
-    acc: &mut [[f32; 3]; 4],
+    acc: &mut [[f32; TILE_TR]; TILE_NR],
 ) {
     assert!(
-        nr <= 4 && tr <= 3 && w.len() >= nr * k && x.len() >= tr * k,
-        "tile_f32 bounds; this is a bug"
+        nr <= TILE_NR && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.len() >= tr * k,
+        "tile bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: CPU features as in `dot_rows`; bounds asserted above.
-        unsafe { avx2::tile_f32(w, nr, x, tr, k, acc) };
+        unsafe { avx2::tile(w, row0, nr, x, tr, k, acc) };
         return;
     }
     let _ = isa;
-    scalar::tile_f32(w, nr, x, tr, k, acc)
+    scalar::tile(w, row0, nr, x, tr, k, acc)
 }
 
 /// `a · b`.
@@ -156,10 +165,21 @@ mod scalar {
         }
     }
 
-    pub fn tile_f32(w: &[f32], nr: usize, x: &[f32], tr: usize, k: usize, acc: &mut [[f32; 3]; 4]) {
+    pub fn tile(
+        w: View,
+        row0: usize,
+        nr: usize,
+        x: &[f32],
+        tr: usize,
+        k: usize,
+        acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+    ) {
+        let mut row = vec![0f32; k];
         for r in 0..nr {
+            let start = (row0 + r) * k;
+            w.widen_into(start..start + k, &mut row);
             for t in 0..tr {
-                acc[r][t] = dot(&w[r * k..(r + 1) * k], &x[t * k..(t + 1) * k]);
+                acc[r][t] = dot(&row, &x[t * k..(t + 1) * k]);
             }
         }
     }
@@ -272,23 +292,24 @@ mod avx2 {
         }
     }
 
-    /// NR weight rows × TR token rows, all f32.
+    /// NR weight rows of dtype D (from `row0`) × TR f32 token rows.
     #[inline]
-    #[allow(clippy::needless_range_loop)] // index loops keep the 12 accumulators in registers
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_n<const NR: usize, const TR: usize>(
-        w: *const f32,
+    #[allow(clippy::needless_range_loop)] // index loops keep the 12 accumulators in registers
+    unsafe fn tile_n<const D: u8, const NR: usize, const TR: usize>(
+        w: *const u8,
+        row0: usize,
         x: *const f32,
         k: usize,
-        acc: &mut [[f32; 3]; 4],
+        acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
     ) {
         let mut a = [[_mm256_setzero_ps(); TR]; NR];
         let k8 = k - k % 8;
         let mut i = 0;
         while i < k8 {
             let mut wv = [_mm256_setzero_ps(); NR];
-            for (r, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(w.add(r * k + i));
+            for r in 0..NR {
+                wv[r] = load8::<D>(w, (row0 + r) * k + i);
             }
             for t in 0..TR {
                 let xv = _mm256_loadu_ps(x.add(t * k + i));
@@ -302,7 +323,7 @@ mod avx2 {
             for t in 0..TR {
                 let mut s = hsum(a[r][t]);
                 for j in k8..k {
-                    s += *w.add(r * k + j) * *x.add(t * k + j);
+                    s += load1::<D>(w, (row0 + r) * k + j) * *x.add(t * k + j);
                 }
                 acc[r][t] = s;
             }
@@ -310,29 +331,47 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile_f32(
-        w: &[f32],
+    unsafe fn tile_d<const D: u8>(
+        w: *const u8,
+        row0: usize,
+        nr: usize,
+        x: *const f32,
+        tr: usize,
+        k: usize,
+        acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+    ) {
+        match (nr, tr) {
+            (2, 6) => tile_n::<D, 2, 6>(w, row0, x, k, acc),
+            (2, 5) => tile_n::<D, 2, 5>(w, row0, x, k, acc),
+            (2, 4) => tile_n::<D, 2, 4>(w, row0, x, k, acc),
+            (2, 3) => tile_n::<D, 2, 3>(w, row0, x, k, acc),
+            (2, 2) => tile_n::<D, 2, 2>(w, row0, x, k, acc),
+            (2, 1) => tile_n::<D, 2, 1>(w, row0, x, k, acc),
+            (1, 6) => tile_n::<D, 1, 6>(w, row0, x, k, acc),
+            (1, 5) => tile_n::<D, 1, 5>(w, row0, x, k, acc),
+            (1, 4) => tile_n::<D, 1, 4>(w, row0, x, k, acc),
+            (1, 3) => tile_n::<D, 1, 3>(w, row0, x, k, acc),
+            (1, 2) => tile_n::<D, 1, 2>(w, row0, x, k, acc),
+            (1, 1) => tile_n::<D, 1, 1>(w, row0, x, k, acc),
+            _ => {}
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile(
+        w: View,
+        row0: usize,
         nr: usize,
         x: &[f32],
         tr: usize,
         k: usize,
-        acc: &mut [[f32; 3]; 4],
+        acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
     ) {
-        let (w, x) = (w.as_ptr(), x.as_ptr());
-        match (nr, tr) {
-            (4, 3) => tile_n::<4, 3>(w, x, k, acc),
-            (4, 2) => tile_n::<4, 2>(w, x, k, acc),
-            (4, 1) => tile_n::<4, 1>(w, x, k, acc),
-            (3, 3) => tile_n::<3, 3>(w, x, k, acc),
-            (3, 2) => tile_n::<3, 2>(w, x, k, acc),
-            (3, 1) => tile_n::<3, 1>(w, x, k, acc),
-            (2, 3) => tile_n::<2, 3>(w, x, k, acc),
-            (2, 2) => tile_n::<2, 2>(w, x, k, acc),
-            (2, 1) => tile_n::<2, 1>(w, x, k, acc),
-            (1, 3) => tile_n::<1, 3>(w, x, k, acc),
-            (1, 2) => tile_n::<1, 2>(w, x, k, acc),
-            (1, 1) => tile_n::<1, 1>(w, x, k, acc),
-            _ => {}
+        let x = x.as_ptr();
+        match w {
+            View::F32(s) => tile_d::<F32>(s.as_ptr() as *const u8, row0, nr, x, tr, k, acc),
+            View::F16(s) => tile_d::<F16>(s.as_ptr() as *const u8, row0, nr, x, tr, k, acc),
+            View::BF16(s) => tile_d::<BF16>(s.as_ptr() as *const u8, row0, nr, x, tr, k, acc),
         }
     }
 
@@ -438,23 +477,31 @@ mod tests {
     }
 
     #[test]
-    fn tile_matches_f64_for_every_shape() {
+    fn tile_matches_f64_for_every_shape_and_dtype() {
         for isa in Isa::available() {
             for k in [3, 8, 17, 64, 1536] {
-                let w = rand(4 * k, 7 + k as u64);
-                let x = rand(3 * k, 11 + k as u64);
-                for nr in 1..=4 {
-                    for tr in 1..=3 {
-                        let mut acc = [[f32::NAN; 3]; 4];
-                        tile_f32(isa, &w, nr, &x, tr, k, &mut acc);
-                        for r in 0..nr {
-                            for t in 0..tr {
-                                let want = dot64(&w[r * k..(r + 1) * k], &x[t * k..(t + 1) * k]);
-                                assert!(
-                                    (acc[r][t] as f64 - want).abs()
-                                        <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                                    "{isa:?} k={k} {nr}x{tr}"
-                                );
+                let wf = rand(5 * k, 7 + k as u64);
+                let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+                let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+                let x = rand(TILE_TR * k, 11 + k as u64);
+                for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+                    for nr in 1..=TILE_NR {
+                        for tr in 1..=TILE_TR {
+                            let row0 = 3;
+                            let mut acc = [[f32::NAN; TILE_TR]; TILE_NR];
+                            tile(isa, view, row0, nr, &x, tr, k, &mut acc);
+                            for r in 0..nr {
+                                let row: Vec<f32> =
+                                    (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
+                                for t in 0..tr {
+                                    let want = dot64(&row, &x[t * k..(t + 1) * k]);
+                                    let got = acc[r][t] as f64;
+                                    assert!(
+                                        (got - want).abs()
+                                            <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                        "{isa:?} k={k} {nr}x{tr}"
+                                    );
+                                }
                             }
                         }
                     }

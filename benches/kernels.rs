@@ -1,0 +1,79 @@
+//! Criterion benchmarks of the CPU kernels at SmolLM2-135M shapes (C = 576, I = 1536,
+//! V = 49152): the matmul for decode (T = 1), beam decode (T = 10) and prefill (T = 32) in each
+//! weight dtype, on every ISA this machine has. Throughput is reported in weight bytes (T = 1,
+//! memory bound) or FLOPs as elements (T > 1, compute bound: 2·T·N·K per call).
+//!
+//! cargo bench --bench kernels -- 'matmul'
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gram::backend::cpu::matmul::{matmul, MatJob};
+use gram::backend::cpu::simd::Isa;
+use gram::tensor::View;
+use half::{bf16, f16};
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matmul");
+    g.sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    // (name, N, K): MLP gate+up width, the LM head.
+    for (name, n, k) in [
+        ("gate_1536x576", 1536, 576),
+        ("down_576x1536", 576, 1536),
+        ("lm_head_49152x576", 49152, 576),
+    ] {
+        let wf = rand(n * k, 1);
+        let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        for t in [1usize, 10, 32] {
+            if name.starts_with("lm_head") && t == 32 {
+                continue;
+            }
+            let x = rand(t * k, 2);
+            let mut out = vec![0f32; t * n];
+            for isa in Isa::available() {
+                for (dt, view) in [
+                    ("f32", View::F32(&wf)),
+                    ("f16", View::F16(&wh)),
+                    ("bf16", View::BF16(&wb)),
+                ] {
+                    if t == 1 {
+                        g.throughput(Throughput::Bytes(
+                            (view.len() * if dt == "f32" { 4 } else { 2 }) as u64,
+                        ));
+                    } else {
+                        g.throughput(Throughput::Elements((2 * t * n * k) as u64));
+                    }
+                    let id = BenchmarkId::new(format!("{name}/{dt}/{isa:?}"), format!("T{t}"));
+                    g.bench_function(id, |bch| {
+                        bch.iter(|| {
+                            let mut jobs = [MatJob {
+                                w: view,
+                                bias: None,
+                                n,
+                                out: &mut out,
+                            }];
+                            matmul(isa, &x, t, k, &mut jobs);
+                        })
+                    });
+                }
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_matmul);
+criterion_main!(benches);
