@@ -175,11 +175,11 @@ mod scalar {
         acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
     ) {
         let mut row = vec![0f32; k];
-        for r in 0..nr {
+        for (r, acc_r) in acc.iter_mut().enumerate().take(nr) {
             let start = (row0 + r) * k;
             w.widen_into(start..start + k, &mut row);
-            for t in 0..tr {
-                acc[r][t] = dot(&row, &x[t * k..(t + 1) * k]);
+            for (t, a) in acc_r.iter_mut().enumerate().take(tr) {
+                *a = dot(&row, &x[t * k..(t + 1) * k]);
             }
         }
     }
