@@ -111,7 +111,11 @@ fn main() {
     );
     for &dtype in &args.dtypes {
         let t0 = Instant::now();
-        let model = Model::load(&args.model, &LoadOptions { dtype: Some(dtype) }).unwrap();
+        let options = LoadOptions {
+            dtype: Some(dtype),
+            threads: Some(args.threads),
+        };
+        let model = Model::load(&args.model, &options).unwrap();
         eprintln!(
             "[gram] {} loaded in {:.2}s",
             dtype.name(),

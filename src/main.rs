@@ -59,28 +59,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn set_threads(threads: Option<usize>) -> Result<(), String> {
-    if let Some(t) = threads {
-        if t == 0 || t > 1024 {
-            return Err(format!("--threads {t} is out of range (1..=1024)"));
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .map_err(|e| format!("thread pool: {e}"))?;
-    }
-    Ok(())
-}
-
 fn parse_dtype(s: Option<&str>) -> Result<Option<DType>, String> {
     s.map(|s| DType::parse(s).ok_or_else(|| format!("--dtype `{s}`: expected f32, f16 or bf16")))
         .transpose()
 }
 
 fn run_lm(args: LmArgs) -> Result<(), String> {
-    set_threads(args.threads)?;
+    if args.threads == Some(0) {
+        return Err("--threads must be at least 1".into());
+    }
     let options = LoadOptions {
         dtype: parse_dtype(args.dtype.as_deref())?,
+        threads: args.threads,
     };
     let tokenizer =
         Tokenizer::from_file(&args.model.join("tokenizer.json")).map_err(|e| e.to_string())?;

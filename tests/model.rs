@@ -114,7 +114,10 @@ fn converted_dtypes_stay_close() {
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         let model = Model::load(
             &model_dir("tiny-llama"),
-            &LoadOptions { dtype: Some(dtype) },
+            &LoadOptions {
+                dtype: Some(dtype),
+                ..Default::default()
+            },
         )
         .unwrap();
         let mut cache = model.new_cache(1, ids.len()).unwrap();

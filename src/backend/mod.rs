@@ -50,11 +50,11 @@ pub struct AttnShape {
 /// The ops of a decoder forward pass. Activation buffers are f32, row-major.
 pub trait Backend: Send + Sync {
     /// An activation buffer (host `Vec<f32>` on the CPU, device memory on a GPU).
-    type Buf;
+    type Buf: Send;
     /// A weight tensor as this backend keeps it.
     type Weight: Send + Sync;
     /// The KV cache: `slots` sequences of up to `capacity` positions, every layer.
-    type Kv;
+    type Kv: Send;
 
     fn name(&self) -> &'static str;
     /// Takes a host weight (mapped or owned) into the backend's storage.

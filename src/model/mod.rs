@@ -30,6 +30,8 @@ pub struct LoadOptions {
     /// Convert every weight matrix to this dtype at load. `None` keeps the stored dtype (read
     /// in place from the mapped file); a quantized GGUF is dequantized to f32.
     pub dtype: Option<DType>,
+    /// Worker threads of the model's pool (default: one per core).
+    pub threads: Option<usize>,
 }
 
 /// A loaded decoder.
@@ -40,6 +42,10 @@ pub struct Model<B: Backend = CpuBackend> {
     pub source: Source,
     weights: Weights<B::Weight>,
     rope: RopeTable,
+    /// The model's own workers. A forward pass runs inside it, so its ~100 parallel regions fork
+    /// from a worker thread (cheap) instead of each waking the pool from outside (two cross-thread
+    /// wake-ups per region).
+    pool: rayon::ThreadPool,
 }
 
 impl Model<CpuBackend> {
@@ -52,6 +58,17 @@ impl Model<CpuBackend> {
 impl<B: Backend> Model<B> {
     /// Loads `dir` (config.json + weights) onto `backend`.
     pub fn load_on(backend: B, dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let threads = options.threads.unwrap_or(0);
+        if threads > 1024 {
+            return Err(Error::Input(format!(
+                "{threads} threads is out of range (1..=1024)"
+            )));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("gram-{i}"))
+            .build()
+            .map_err(|e| Error::Input(format!("cannot start {threads} worker threads: {e}")))?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let source = Source::find(dir)?;
         let tensors = source.load(&config)?;
@@ -68,7 +85,13 @@ impl<B: Backend> Model<B> {
             source,
             weights,
             rope,
+            pool,
         })
+    }
+
+    /// Worker threads a forward pass uses.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
     }
 
     /// The longest sequence this model accepts.
@@ -109,7 +132,9 @@ impl<B: Backend> Model<B> {
                 tokens.len()
             )));
         }
-        let logits = forward::forward(self, &mut cache.kv, tokens, &rows, logits_rows);
+        let logits = self
+            .pool
+            .install(|| forward::forward(self, &mut cache.kv, tokens, &rows, logits_rows));
         cache.commit(&rows);
         Ok(logits)
     }
