@@ -33,6 +33,8 @@ struct Args {
     batch: usize,
     warmup: usize,
     reps: usize,
+    /// Run only this measurement (prefill, b1, bn): for profiling.
+    only: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +47,7 @@ fn parse_args() -> Args {
         batch: 10,
         warmup: 1,
         reps: 3,
+        only: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -61,6 +64,7 @@ fn parse_args() -> Args {
             "--batch" => a.batch = val().parse().expect("--batch N"),
             "--warmup" => a.warmup = val().parse().expect("--warmup N"),
             "--reps" => a.reps = val().parse().expect("--reps N"),
+            "--only" => a.only = Some(val()),
             // cargo bench passes --bench; ignore flags that are not ours.
             _ => {
                 i += 1;
@@ -124,15 +128,20 @@ fn main() {
         let v = model.config.vocab_size;
         let all = |n: usize| vec![0usize; n];
 
-        let prefill = measure(args.warmup, args.reps, || {
-            let mut cache = model.new_cache(1, p).unwrap();
-            let t = Instant::now();
-            model
-                .forward(&mut cache, &prompt, &all(p), &[p - 1])
-                .unwrap();
-            t.elapsed().as_secs_f64()
-        });
-        let decode_b1 = measure(args.warmup, args.reps, || {
+        let skip = |name: &str| args.only.as_deref().is_some_and(|o| o != name);
+        let prefill = measure(
+            args.warmup,
+            if skip("prefill") { 1 } else { args.reps },
+            || {
+                let mut cache = model.new_cache(1, p).unwrap();
+                let t = Instant::now();
+                model
+                    .forward(&mut cache, &prompt, &all(p), &[p - 1])
+                    .unwrap();
+                t.elapsed().as_secs_f64()
+            },
+        );
+        let decode_b1 = measure(args.warmup, if skip("b1") { 1 } else { args.reps }, || {
             let mut cache = model.new_cache(1, p + s).unwrap();
             let logits = model
                 .forward(&mut cache, &prompt, &all(p), &[p - 1])
@@ -144,7 +153,7 @@ fn main() {
             }
             t.elapsed().as_secs_f64()
         });
-        let decode_bn = measure(args.warmup, args.reps, || {
+        let decode_bn = measure(args.warmup, if skip("bn") { 1 } else { args.reps }, || {
             let mut cache = model.new_cache(b, p + s).unwrap();
             let mut first = Vec::new();
             for slot in 0..b {

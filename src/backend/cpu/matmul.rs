@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{self, Isa, TILE_NR, TILE_TR};
+use super::simd::{self, Isa, Rows, TILE_NR, TILE_TR};
 use crate::tensor::View;
 
 /// One weight applied to the shared input.
@@ -67,6 +67,15 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
         .iter_mut()
         .map(|j| OutPtr(j.out.as_mut_ptr()))
         .collect();
+    let pairs = if jobs.iter().any(|j| simd::wants_pairs(isa, j.w)) {
+        simd::bf16_pairs(&x[..rows * k], k)
+    } else {
+        Vec::new()
+    };
+    let x = Rows {
+        x: &x[..rows * k],
+        pairs: &pairs,
+    };
     let jobs = &*jobs;
     let run = |&(ji, n0, n1): &(usize, usize, usize)| {
         let job = &jobs[ji];
@@ -84,7 +93,7 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
 #[allow(clippy::too_many_arguments)]
 fn range(
     isa: Isa,
-    x: &[f32],
+    x: Rows,
     rows: usize,
     k: usize,
     job: &MatJob,
@@ -104,7 +113,7 @@ fn range(
         while col < n1 {
             let nr = (n1 - col).min(NR);
             let mut acc = [0f32; NR];
-            simd::dot_rows(isa, job.w, col, nr, k, &x[..k], &mut acc);
+            simd::dot_rows(isa, job.w, col, nr, k, x, &mut acc);
             for (r, &a) in acc.iter().take(nr).enumerate() {
                 store(0, col + r, a);
             }
@@ -121,16 +130,7 @@ fn range(
         for g in 0..groups {
             let tr = (rows - t) / (groups - g);
             let mut acc = [[0f32; TILE_TR]; TILE_NR];
-            simd::tile(
-                isa,
-                job.w,
-                col,
-                nr,
-                &x[t * k..(t + tr) * k],
-                tr,
-                k,
-                &mut acc,
-            );
+            simd::tile(isa, job.w, col, nr, x.slice(t, t + tr, k), tr, k, &mut acc);
             for (r, row) in acc.iter().take(nr).enumerate() {
                 for (i, &a) in row.iter().take(tr).enumerate() {
                     store(t + i, col + r, a);

@@ -50,17 +50,61 @@ impl Isa {
     }
 }
 
+/// Input rows of a matmul kernel: `x: [T, k]` f32 and, for bf16 weights on AVX2, `pairs`: the
+/// same rows with every whole 16-element block stored as its 8 even elements then its 8 odd
+/// ones (see [`bf16_pairs`]). bf16 weights are then widened without a shuffle: 16 of them read
+/// as 8 u32 lanes give the even elements as `lane << 16` and the odd ones as
+/// `lane & 0xffff0000`. `pairs` is empty when no bf16 kernel runs.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub x: &'a [f32],
+    pub pairs: &'a [f32],
+}
+
+impl<'a> Rows<'a> {
+    /// Rows `t0..t1` of width `k`.
+    pub fn slice(&self, t0: usize, t1: usize, k: usize) -> Rows<'a> {
+        Rows {
+            x: &self.x[t0 * k..t1 * k],
+            pairs: if self.pairs.is_empty() {
+                &[]
+            } else {
+                &self.pairs[t0 * k..t1 * k]
+            },
+        }
+    }
+}
+
+/// `x: [T, k]` with each whole 16-element block of a row reordered as
+/// `x0 x2 .. x14 x1 x3 .. x15`; the tail past the last whole block is left as it is.
+pub fn bf16_pairs(x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for (s, d) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+            for j in 0..8 {
+                d[j] = s[2 * j];
+                d[8 + j] = s[2 * j + 1];
+            }
+        }
+    }
+    out
+}
+
+/// Whether a kernel for `w` wants [`Rows::pairs`].
+pub fn wants_pairs(isa: Isa, w: View) -> bool {
+    isa == Isa::Avx2 && matches!(w, View::BF16(_))
+}
+
 /// `acc[r] = W[row0 + r] · x` for `r < nr` (`nr <= 4`), `W: [*, k]`.
-pub fn dot_rows(
-    isa: Isa,
-    w: View,
-    row0: usize,
-    nr: usize,
-    k: usize,
-    x: &[f32],
-    acc: &mut [f32; 4],
-) {
-    debug_assert!(nr <= 4 && x.len() >= k && w.len() >= (row0 + nr) * k);
+pub fn dot_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: &mut [f32; 4]) {
+    assert!(
+        nr <= 4 && x.x.len() >= k && w.len() >= (row0 + nr) * k,
+        "dot_rows bounds; this is a bug"
+    );
+    assert!(
+        !wants_pairs(isa, w) || x.pairs.len() >= k,
+        "dot_rows: bf16 needs pairs; this is a bug"
+    );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: Avx2 is only chosen when the CPU has avx2, fma and f16c; bounds are checked
@@ -69,7 +113,7 @@ pub fn dot_rows(
         return;
     }
     let _ = isa;
-    scalar::dot_rows(w, row0, nr, k, x, acc)
+    scalar::dot_rows(w, row0, nr, k, x.x, acc)
 }
 
 /// Weight rows per tile of [`tile`].
@@ -86,14 +130,18 @@ pub fn tile(
     w: View,
     row0: usize,
     nr: usize,
-    x: &[f32],
+    x: Rows,
     tr: usize,
     k: usize,
     acc: &mut [[f32; TILE_TR]; TILE_NR],
 ) {
     assert!(
-        nr <= TILE_NR && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.len() >= tr * k,
+        nr <= TILE_NR && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.x.len() >= tr * k,
         "tile bounds; this is a bug"
+    );
+    assert!(
+        !wants_pairs(isa, w) || x.pairs.len() >= tr * k,
+        "tile: bf16 needs pairs; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
@@ -102,7 +150,7 @@ pub fn tile(
         return;
     }
     let _ = isa;
-    scalar::tile(w, row0, nr, x, tr, k, acc)
+    scalar::tile(w, row0, nr, x.x, tr, k, acc)
 }
 
 /// `a · b`.
@@ -193,7 +241,17 @@ mod avx2 {
 
     const F32: u8 = 0;
     const F16: u8 = 1;
-    const BF16: u8 = 2;
+
+    /// How far ahead (in weight rows) the GEMV prefetches: about DRAM latency's worth of work.
+    const PREFETCH_ROWS: usize = 16;
+
+    const fn elem_bytes<const D: u8>() -> usize {
+        if D == F32 {
+            4
+        } else {
+            2
+        }
+    }
 
     /// 8 elements of dtype `D` at element index `i` of `p`, widened to f32.
     #[inline]
@@ -202,6 +260,7 @@ mod avx2 {
         match D {
             F32 => _mm256_loadu_ps((p as *const f32).add(i)),
             F16 => _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(i) as *const __m128i)),
+            // bf16 (used for tails and the generic path; the bf16 kernels use load16_bf16).
             _ => {
                 let h = _mm_loadu_si128((p as *const u16).add(i) as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
@@ -244,7 +303,11 @@ mod avx2 {
         while i < k8 {
             let xv = _mm256_loadu_ps(x.add(i));
             for (r, ar) in a.iter_mut().enumerate() {
-                *ar = _mm256_fmadd_ps(load8::<D>(w, (row0 + r) * k + i), xv, *ar);
+                let e = (row0 + r) * k + i;
+                _mm_prefetch::<_MM_HINT_T0>(
+                    w.add((e + PREFETCH_ROWS * k) * elem_bytes::<D>()) as *const i8
+                );
+                *ar = _mm256_fmadd_ps(load8::<D>(w, e), xv, *ar);
             }
             i += 8;
         }
@@ -281,14 +344,132 @@ mod avx2 {
         row0: usize,
         nr: usize,
         k: usize,
-        x: &[f32],
+        x: super::Rows,
         acc: &mut [f32; 4],
     ) {
-        let x = x.as_ptr();
+        let xp = x.x.as_ptr();
         match w {
-            View::F32(s) => dot_rows_d::<F32>(s.as_ptr() as *const u8, row0, nr, k, x, acc),
-            View::F16(s) => dot_rows_d::<F16>(s.as_ptr() as *const u8, row0, nr, k, x, acc),
-            View::BF16(s) => dot_rows_d::<BF16>(s.as_ptr() as *const u8, row0, nr, k, x, acc),
+            View::F32(s) => dot_rows_d::<F32>(s.as_ptr() as *const u8, row0, nr, k, xp, acc),
+            View::F16(s) => dot_rows_d::<F16>(s.as_ptr() as *const u8, row0, nr, k, xp, acc),
+            View::BF16(s) => {
+                let (w, pp) = (s.as_ptr() as *const u16, x.pairs.as_ptr());
+                match nr {
+                    4 => dot_rows_bf16::<4>(w, row0, k, xp, pp, acc),
+                    3 => dot_rows_bf16::<3>(w, row0, k, xp, pp, acc),
+                    2 => dot_rows_bf16::<2>(w, row0, k, xp, pp, acc),
+                    1 => dot_rows_bf16::<1>(w, row0, k, xp, pp, acc),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// 16 bf16 at `p` as (even elements, odd elements) in f32 — no shuffle.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load16_bf16(p: *const u16) -> (__m256, __m256) {
+        let v = _mm256_loadu_si256(p as *const __m256i);
+        let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        let odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xffff0000u32 as i32)));
+        (even, odd)
+    }
+
+    /// bf16 GEMV rows against the even/odd split input `pp` (tail past the last whole 16-block
+    /// from `x`). Two accumulators per row hide the FMA latency; the next block of rows is
+    /// prefetched while this one streams.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_rows_bf16<const NR: usize>(
+        w: *const u16,
+        row0: usize,
+        k: usize,
+        x: *const f32,
+        pp: *const f32,
+        acc: &mut [f32; 4],
+    ) {
+        let mut ae = [_mm256_setzero_ps(); NR];
+        let mut ao = [_mm256_setzero_ps(); NR];
+        let k16 = k - k % 16;
+        let mut i = 0;
+        while i < k16 {
+            let xe = _mm256_loadu_ps(pp.add(i));
+            let xo = _mm256_loadu_ps(pp.add(i + 8));
+            for r in 0..NR {
+                let row = w.add((row0 + r) * k + i);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+                let (e, o) = load16_bf16(row);
+                ae[r] = _mm256_fmadd_ps(e, xe, ae[r]);
+                ao[r] = _mm256_fmadd_ps(o, xo, ao[r]);
+            }
+            i += 16;
+        }
+        for r in 0..NR {
+            let mut s = hsum(_mm256_add_ps(ae[r], ao[r]));
+            for j in k16..k {
+                s += half::bf16::from_bits(*w.add((row0 + r) * k + j)).to_f32() * *x.add(j);
+            }
+            acc[r] = s;
+        }
+    }
+
+    /// bf16 tile: NR weight rows × TR token rows against even/odd split inputs.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // index loops keep the 12 accumulators in registers
+    unsafe fn tile_bf16<const NR: usize, const TR: usize>(
+        w: *const u16,
+        row0: usize,
+        x: *const f32,
+        pp: *const f32,
+        k: usize,
+        acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+    ) {
+        let mut a = [[_mm256_setzero_ps(); TR]; NR];
+        let k16 = k - k % 16;
+        let mask = _mm256_set1_epi32(0xffff0000u32 as i32);
+        let mut i = 0;
+        while i < k16 {
+            // Even elements of the NR rows against every token, then the odd ones: 12
+            // accumulators + NR weight vectors + 1 input vector stay within 16 registers.
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for r in 0..NR {
+                let row = w.add((row0 + r) * k + i);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+                wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_loadu_si256(row as *const __m256i),
+                    16,
+                ));
+            }
+            for t in 0..TR {
+                let xv = _mm256_loadu_ps(pp.add(t * k + i));
+                for r in 0..NR {
+                    a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+                }
+            }
+            for r in 0..NR {
+                let row = w.add((row0 + r) * k + i);
+                wv[r] = _mm256_castsi256_ps(_mm256_and_si256(
+                    _mm256_loadu_si256(row as *const __m256i),
+                    mask,
+                ));
+            }
+            for t in 0..TR {
+                let xv = _mm256_loadu_ps(pp.add(t * k + i + 8));
+                for r in 0..NR {
+                    a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+                }
+            }
+            i += 16;
+        }
+        for r in 0..NR {
+            for t in 0..TR {
+                let mut s = hsum(a[r][t]);
+                for j in k16..k {
+                    s += half::bf16::from_bits(*w.add((row0 + r) * k + j)).to_f32()
+                        * *x.add(t * k + j);
+                }
+                acc[r][t] = s;
+            }
         }
     }
 
@@ -309,7 +490,9 @@ mod avx2 {
         while i < k8 {
             let mut wv = [_mm256_setzero_ps(); NR];
             for r in 0..NR {
-                wv[r] = load8::<D>(w, (row0 + r) * k + i);
+                let e = (row0 + r) * k + i;
+                _mm_prefetch::<_MM_HINT_T0>(w.add((e + NR * k) * elem_bytes::<D>()) as *const i8);
+                wv[r] = load8::<D>(w, e);
             }
             for t in 0..TR {
                 let xv = _mm256_loadu_ps(x.add(t * k + i));
@@ -362,16 +545,33 @@ mod avx2 {
         w: View,
         row0: usize,
         nr: usize,
-        x: &[f32],
+        x: super::Rows,
         tr: usize,
         k: usize,
         acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
     ) {
-        let x = x.as_ptr();
+        let xp = x.x.as_ptr();
         match w {
-            View::F32(s) => tile_d::<F32>(s.as_ptr() as *const u8, row0, nr, x, tr, k, acc),
-            View::F16(s) => tile_d::<F16>(s.as_ptr() as *const u8, row0, nr, x, tr, k, acc),
-            View::BF16(s) => tile_d::<BF16>(s.as_ptr() as *const u8, row0, nr, x, tr, k, acc),
+            View::F32(s) => tile_d::<F32>(s.as_ptr() as *const u8, row0, nr, xp, tr, k, acc),
+            View::F16(s) => tile_d::<F16>(s.as_ptr() as *const u8, row0, nr, xp, tr, k, acc),
+            View::BF16(s) => {
+                let (w, pp) = (s.as_ptr() as *const u16, x.pairs.as_ptr());
+                match (nr, tr) {
+                    (2, 6) => tile_bf16::<2, 6>(w, row0, xp, pp, k, acc),
+                    (2, 5) => tile_bf16::<2, 5>(w, row0, xp, pp, k, acc),
+                    (2, 4) => tile_bf16::<2, 4>(w, row0, xp, pp, k, acc),
+                    (2, 3) => tile_bf16::<2, 3>(w, row0, xp, pp, k, acc),
+                    (2, 2) => tile_bf16::<2, 2>(w, row0, xp, pp, k, acc),
+                    (2, 1) => tile_bf16::<2, 1>(w, row0, xp, pp, k, acc),
+                    (1, 6) => tile_bf16::<1, 6>(w, row0, xp, pp, k, acc),
+                    (1, 5) => tile_bf16::<1, 5>(w, row0, xp, pp, k, acc),
+                    (1, 4) => tile_bf16::<1, 4>(w, row0, xp, pp, k, acc),
+                    (1, 3) => tile_bf16::<1, 3>(w, row0, xp, pp, k, acc),
+                    (1, 2) => tile_bf16::<1, 2>(w, row0, xp, pp, k, acc),
+                    (1, 1) => tile_bf16::<1, 1>(w, row0, xp, pp, k, acc),
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -449,7 +649,7 @@ mod tests {
     #[test]
     fn dot_rows_matches_f64_for_every_dtype_isa_and_tail() {
         for isa in Isa::available() {
-            for k in [1, 7, 8, 9, 31, 64, 100, 576] {
+            for k in [1, 7, 8, 9, 16, 31, 33, 64, 100, 576] {
                 let wf = rand(4 * k + 3 * k, k as u64);
                 let x = rand(k, 99 + k as u64);
                 let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
@@ -458,7 +658,19 @@ mod tests {
                     for nr in 1..=4 {
                         let row0 = 2;
                         let mut acc = [f32::NAN; 4];
-                        dot_rows(isa, view, row0, nr, k, &x, &mut acc);
+                        let pairs = bf16_pairs(&x, k);
+                        dot_rows(
+                            isa,
+                            view,
+                            row0,
+                            nr,
+                            k,
+                            Rows {
+                                x: &x,
+                                pairs: &pairs,
+                            },
+                            &mut acc,
+                        );
                         for r in 0..nr {
                             let row: Vec<f32> =
                                 (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
@@ -479,7 +691,7 @@ mod tests {
     #[test]
     fn tile_matches_f64_for_every_shape_and_dtype() {
         for isa in Isa::available() {
-            for k in [3, 8, 17, 64, 1536] {
+            for k in [3, 8, 16, 17, 47, 64, 1536] {
                 let wf = rand(5 * k, 7 + k as u64);
                 let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
                 let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -489,7 +701,13 @@ mod tests {
                         for tr in 1..=TILE_TR {
                             let row0 = 3;
                             let mut acc = [[f32::NAN; TILE_TR]; TILE_NR];
-                            tile(isa, view, row0, nr, &x, tr, k, &mut acc);
+                            let pairs = bf16_pairs(&x, k);
+                            let rows = Rows {
+                                x: &x,
+                                pairs: &pairs,
+                            }
+                            .slice(0, tr, k);
+                            tile(isa, view, row0, nr, rows, tr, k, &mut acc);
                             for r in 0..nr {
                                 let row: Vec<f32> =
                                     (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
