@@ -67,14 +67,20 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
         .iter_mut()
         .map(|j| OutPtr(j.out.as_mut_ptr()))
         .collect();
-    let pairs = if jobs.iter().any(|j| simd::wants_pairs(isa, j.w)) {
-        simd::bf16_pairs(&x[..rows * k], k)
+    // bf16 kernels read the input split into even/odd halves: made once, shared by all jobs.
+    let block = jobs
+        .iter()
+        .find_map(|j| simd::pairs_block(isa, j.w, rows))
+        .unwrap_or(0);
+    let pairs = if block > 0 {
+        simd::bf16_pairs(&x[..rows * k], k, block)
     } else {
         Vec::new()
     };
     let x = Rows {
         x: &x[..rows * k],
         pairs: &pairs,
+        block,
     };
     let jobs = &*jobs;
     let run = |&(ji, n0, n1): &(usize, usize, usize)| {

@@ -39,6 +39,7 @@ impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         match self.isa {
             Isa::Avx2 => "cpu-avx2",
+            Isa::Avx512 => "cpu-avx512",
             Isa::Scalar => "cpu-scalar",
         }
     }

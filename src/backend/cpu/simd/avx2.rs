@@ -1,0 +1,388 @@
+//! AVX2 + FMA + F16C kernels. Every function is `unsafe` and requires those CPU features;
+//! `simd::Isa::detect` guarantees them before any is called.
+
+use std::arch::x86_64::*;
+
+use crate::tensor::View;
+
+const F32: u8 = 0;
+const F16: u8 = 1;
+
+/// How far ahead (in weight rows) the GEMV prefetches: about DRAM latency's worth of work.
+const PREFETCH_ROWS: usize = 16;
+
+const fn elem_bytes<const D: u8>() -> usize {
+    if D == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// 8 elements of dtype `D` at element index `i` of `p`, widened to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const D: u8>(p: *const u8, i: usize) -> __m256 {
+    match D {
+        F32 => _mm256_loadu_ps((p as *const f32).add(i)),
+        F16 => _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(i) as *const __m128i)),
+        // bf16 (used for tails and the generic path; the bf16 kernels use load16_bf16).
+        _ => {
+            let h = _mm_loadu_si128((p as *const u16).add(i) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load1<const D: u8>(p: *const u8, i: usize) -> f32 {
+    match D {
+        F32 => *(p as *const f32).add(i),
+        F16 => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
+        _ => half::bf16::from_bits(*(p as *const u16).add(i)).to_f32(),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// NR rows of dtype D at `w + row0 * k` · x.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_n<const D: u8, const NR: usize>(
+    w: *const u8,
+    row0: usize,
+    k: usize,
+    x: *const f32,
+    acc: &mut [f32; 4],
+) {
+    let mut a = [_mm256_setzero_ps(); NR];
+    let k8 = k - k % 8;
+    let mut i = 0;
+    while i < k8 {
+        let xv = _mm256_loadu_ps(x.add(i));
+        for (r, ar) in a.iter_mut().enumerate() {
+            let e = (row0 + r) * k + i;
+            _mm_prefetch::<_MM_HINT_T0>(
+                w.add((e + PREFETCH_ROWS * k) * elem_bytes::<D>()) as *const i8
+            );
+            *ar = _mm256_fmadd_ps(load8::<D>(w, e), xv, *ar);
+        }
+        i += 8;
+    }
+    for (r, ar) in a.iter().enumerate() {
+        let mut s = hsum(*ar);
+        for j in k8..k {
+            s += load1::<D>(w, (row0 + r) * k + j) * *x.add(j);
+        }
+        acc[r] = s;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_d<const D: u8>(
+    w: *const u8,
+    row0: usize,
+    nr: usize,
+    k: usize,
+    x: *const f32,
+    acc: &mut [f32; 4],
+) {
+    match nr {
+        4 => dot_rows_n::<D, 4>(w, row0, k, x, acc),
+        3 => dot_rows_n::<D, 3>(w, row0, k, x, acc),
+        2 => dot_rows_n::<D, 2>(w, row0, k, x, acc),
+        1 => dot_rows_n::<D, 1>(w, row0, k, x, acc),
+        _ => {}
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_rows(
+    w: View,
+    row0: usize,
+    nr: usize,
+    k: usize,
+    x: super::Rows,
+    acc: &mut [f32; 4],
+) {
+    let xp = x.x.as_ptr();
+    match w {
+        View::F32(s) => dot_rows_d::<F32>(s.as_ptr() as *const u8, row0, nr, k, xp, acc),
+        View::F16(s) => dot_rows_d::<F16>(s.as_ptr() as *const u8, row0, nr, k, xp, acc),
+        View::BF16(s) => {
+            let (w, pp) = (s.as_ptr() as *const u16, x.pairs.as_ptr());
+            match nr {
+                4 => dot_rows_bf16::<4>(w, row0, k, xp, pp, acc),
+                3 => dot_rows_bf16::<3>(w, row0, k, xp, pp, acc),
+                2 => dot_rows_bf16::<2>(w, row0, k, xp, pp, acc),
+                1 => dot_rows_bf16::<1>(w, row0, k, xp, pp, acc),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// 16 bf16 at `p` as (even elements, odd elements) in f32 — no shuffle.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16_bf16(p: *const u16) -> (__m256, __m256) {
+    let v = _mm256_loadu_si256(p as *const __m256i);
+    let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    let odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xffff0000u32 as i32)));
+    (even, odd)
+}
+
+/// bf16 GEMV rows against the even/odd split input `pp` (tail past the last whole 16-block
+/// from `x`). Two accumulators per row hide the FMA latency; the next block of rows is
+/// prefetched while this one streams.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_bf16<const NR: usize>(
+    w: *const u16,
+    row0: usize,
+    k: usize,
+    x: *const f32,
+    pp: *const f32,
+    acc: &mut [f32; 4],
+) {
+    let mut ae = [_mm256_setzero_ps(); NR];
+    let mut ao = [_mm256_setzero_ps(); NR];
+    let k16 = k - k % 16;
+    let mut i = 0;
+    while i < k16 {
+        let xe = _mm256_loadu_ps(pp.add(i));
+        let xo = _mm256_loadu_ps(pp.add(i + 8));
+        for r in 0..NR {
+            let row = w.add((row0 + r) * k + i);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            let (e, o) = load16_bf16(row);
+            ae[r] = _mm256_fmadd_ps(e, xe, ae[r]);
+            ao[r] = _mm256_fmadd_ps(o, xo, ao[r]);
+        }
+        i += 16;
+    }
+    for r in 0..NR {
+        let mut s = hsum(_mm256_add_ps(ae[r], ao[r]));
+        for j in k16..k {
+            s += half::bf16::from_bits(*w.add((row0 + r) * k + j)).to_f32() * *x.add(j);
+        }
+        acc[r] = s;
+    }
+}
+
+/// bf16 tile: NR weight rows × TR token rows against even/odd split inputs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the 12 accumulators in registers
+unsafe fn tile_bf16<const NR: usize, const TR: usize>(
+    w: *const u16,
+    row0: usize,
+    x: *const f32,
+    pp: *const f32,
+    k: usize,
+    acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+) {
+    let mut a = [[_mm256_setzero_ps(); TR]; NR];
+    let k16 = k - k % 16;
+    let mask = _mm256_set1_epi32(0xffff0000u32 as i32);
+    let mut i = 0;
+    while i < k16 {
+        // Even elements of the NR rows against every token, then the odd ones: 12
+        // accumulators + NR weight vectors + 1 input vector stay within 16 registers.
+        let mut wv = [_mm256_setzero_ps(); NR];
+        for r in 0..NR {
+            let row = w.add((row0 + r) * k + i);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+            wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_loadu_si256(row as *const __m256i),
+                16,
+            ));
+        }
+        for t in 0..TR {
+            let xv = _mm256_loadu_ps(pp.add(t * k + i));
+            for r in 0..NR {
+                a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+            }
+        }
+        for r in 0..NR {
+            let row = w.add((row0 + r) * k + i);
+            wv[r] = _mm256_castsi256_ps(_mm256_and_si256(
+                _mm256_loadu_si256(row as *const __m256i),
+                mask,
+            ));
+        }
+        for t in 0..TR {
+            let xv = _mm256_loadu_ps(pp.add(t * k + i + 8));
+            for r in 0..NR {
+                a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+            }
+        }
+        i += 16;
+    }
+    for r in 0..NR {
+        for t in 0..TR {
+            let mut s = hsum(a[r][t]);
+            for j in k16..k {
+                s += half::bf16::from_bits(*w.add((row0 + r) * k + j)).to_f32() * *x.add(t * k + j);
+            }
+            acc[r][t] = s;
+        }
+    }
+}
+
+/// NR weight rows of dtype D (from `row0`) × TR f32 token rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the 12 accumulators in registers
+unsafe fn tile_n<const D: u8, const NR: usize, const TR: usize>(
+    w: *const u8,
+    row0: usize,
+    x: *const f32,
+    k: usize,
+    acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+) {
+    let mut a = [[_mm256_setzero_ps(); TR]; NR];
+    let k8 = k - k % 8;
+    let mut i = 0;
+    while i < k8 {
+        let mut wv = [_mm256_setzero_ps(); NR];
+        for r in 0..NR {
+            let e = (row0 + r) * k + i;
+            _mm_prefetch::<_MM_HINT_T0>(w.add((e + NR * k) * elem_bytes::<D>()) as *const i8);
+            wv[r] = load8::<D>(w, e);
+        }
+        for t in 0..TR {
+            let xv = _mm256_loadu_ps(x.add(t * k + i));
+            for r in 0..NR {
+                a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+            }
+        }
+        i += 8;
+    }
+    for r in 0..NR {
+        for t in 0..TR {
+            let mut s = hsum(a[r][t]);
+            for j in k8..k {
+                s += load1::<D>(w, (row0 + r) * k + j) * *x.add(t * k + j);
+            }
+            acc[r][t] = s;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_d<const D: u8>(
+    w: *const u8,
+    row0: usize,
+    nr: usize,
+    x: *const f32,
+    tr: usize,
+    k: usize,
+    acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+) {
+    match (nr, tr) {
+        (2, 6) => tile_n::<D, 2, 6>(w, row0, x, k, acc),
+        (2, 5) => tile_n::<D, 2, 5>(w, row0, x, k, acc),
+        (2, 4) => tile_n::<D, 2, 4>(w, row0, x, k, acc),
+        (2, 3) => tile_n::<D, 2, 3>(w, row0, x, k, acc),
+        (2, 2) => tile_n::<D, 2, 2>(w, row0, x, k, acc),
+        (2, 1) => tile_n::<D, 2, 1>(w, row0, x, k, acc),
+        (1, 6) => tile_n::<D, 1, 6>(w, row0, x, k, acc),
+        (1, 5) => tile_n::<D, 1, 5>(w, row0, x, k, acc),
+        (1, 4) => tile_n::<D, 1, 4>(w, row0, x, k, acc),
+        (1, 3) => tile_n::<D, 1, 3>(w, row0, x, k, acc),
+        (1, 2) => tile_n::<D, 1, 2>(w, row0, x, k, acc),
+        (1, 1) => tile_n::<D, 1, 1>(w, row0, x, k, acc),
+        _ => {}
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile(
+    w: View,
+    row0: usize,
+    nr: usize,
+    x: super::Rows,
+    tr: usize,
+    k: usize,
+    acc: &mut [[f32; super::TILE_TR]; super::TILE_NR],
+) {
+    let xp = x.x.as_ptr();
+    match w {
+        View::F32(s) => tile_d::<F32>(s.as_ptr() as *const u8, row0, nr, xp, tr, k, acc),
+        View::F16(s) => tile_d::<F16>(s.as_ptr() as *const u8, row0, nr, xp, tr, k, acc),
+        View::BF16(s) => {
+            let (w, pp) = (s.as_ptr() as *const u16, x.pairs.as_ptr());
+            match (nr, tr) {
+                (2, 6) => tile_bf16::<2, 6>(w, row0, xp, pp, k, acc),
+                (2, 5) => tile_bf16::<2, 5>(w, row0, xp, pp, k, acc),
+                (2, 4) => tile_bf16::<2, 4>(w, row0, xp, pp, k, acc),
+                (2, 3) => tile_bf16::<2, 3>(w, row0, xp, pp, k, acc),
+                (2, 2) => tile_bf16::<2, 2>(w, row0, xp, pp, k, acc),
+                (2, 1) => tile_bf16::<2, 1>(w, row0, xp, pp, k, acc),
+                (1, 6) => tile_bf16::<1, 6>(w, row0, xp, pp, k, acc),
+                (1, 5) => tile_bf16::<1, 5>(w, row0, xp, pp, k, acc),
+                (1, 4) => tile_bf16::<1, 4>(w, row0, xp, pp, k, acc),
+                (1, 3) => tile_bf16::<1, 3>(w, row0, xp, pp, k, acc),
+                (1, 2) => tile_bf16::<1, 2>(w, row0, xp, pp, k, acc),
+                (1, 1) => tile_bf16::<1, 1>(w, row0, xp, pp, k, acc),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut s0 = _mm256_setzero_ps();
+    let mut s1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        s1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i + 8)),
+            _mm256_loadu_ps(pb.add(i + 8)),
+            s1,
+        );
+        i += 16;
+    }
+    while i + 8 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(s0, s1));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len();
+    let av = _mm256_set1_ps(a);
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(
+            py.add(i),
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+        );
+        i += 8;
+    }
+    while i < n {
+        y[i] += a * x[i];
+        i += 1;
+    }
+}

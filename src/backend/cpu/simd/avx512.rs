@@ -1,0 +1,137 @@
+//! AVX-512 (F + BW) GEMV kernels: the decode of one row streams every weight byte once, and at
+//! that rate the work is bound by instructions per byte, not by DRAM: 64-byte loads halve the
+//! instruction count of the AVX2 GEMV. Every function is `unsafe` and requires avx512f,
+//! avx512bw, avx2, fma and f16c; `simd::Isa::detect` guarantees them before any is called.
+//! Tiles (T > 1) stay on the AVX2 kernels.
+
+use std::arch::x86_64::*;
+
+use super::Rows;
+use crate::tensor::View;
+
+/// How far ahead (in weight rows) the GEMV prefetches.
+const PREFETCH_ROWS: usize = 16;
+
+/// Block of the bf16 even/odd input split these kernels read (see `simd::Rows`).
+pub const PAIRS_BLOCK: usize = 32;
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn dot_rows(w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: &mut [f32; 4]) {
+    macro_rules! by_nr {
+        ($f:ident, $w:expr) => {
+            match nr {
+                4 => $f::<4>($w, row0, k, x, acc),
+                3 => $f::<3>($w, row0, k, x, acc),
+                2 => $f::<2>($w, row0, k, x, acc),
+                1 => $f::<1>($w, row0, k, x, acc),
+                _ => {}
+            }
+        };
+    }
+    match w {
+        View::F32(s) => by_nr!(rows_f32, s.as_ptr()),
+        View::F16(s) => by_nr!(rows_f16, s.as_ptr() as *const u16),
+        View::BF16(s) => by_nr!(rows_bf16, s.as_ptr() as *const u16),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn rows_f32<const NR: usize>(
+    w: *const f32,
+    row0: usize,
+    k: usize,
+    x: Rows,
+    acc: &mut [f32; 4],
+) {
+    let xp = x.x.as_ptr();
+    let mut a = [_mm512_setzero_ps(); NR];
+    let k16 = k - k % 16;
+    let mut i = 0;
+    while i < k16 {
+        let xv = _mm512_loadu_ps(xp.add(i));
+        for (r, ar) in a.iter_mut().enumerate() {
+            let row = w.add((row0 + r) * k + i);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            *ar = _mm512_fmadd_ps(_mm512_loadu_ps(row), xv, *ar);
+        }
+        i += 16;
+    }
+    for (r, ar) in a.iter().enumerate() {
+        let mut s = _mm512_reduce_add_ps(*ar);
+        for j in k16..k {
+            s += *w.add((row0 + r) * k + j) * *xp.add(j);
+        }
+        acc[r] = s;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn rows_f16<const NR: usize>(
+    w: *const u16,
+    row0: usize,
+    k: usize,
+    x: Rows,
+    acc: &mut [f32; 4],
+) {
+    let xp = x.x.as_ptr();
+    let mut a = [_mm512_setzero_ps(); NR];
+    let k16 = k - k % 16;
+    let mut i = 0;
+    while i < k16 {
+        let xv = _mm512_loadu_ps(xp.add(i));
+        for (r, ar) in a.iter_mut().enumerate() {
+            let row = w.add((row0 + r) * k + i);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            let wv = _mm512_cvtph_ps(_mm256_loadu_si256(row as *const __m256i));
+            *ar = _mm512_fmadd_ps(wv, xv, *ar);
+        }
+        i += 16;
+    }
+    for (r, ar) in a.iter().enumerate() {
+        let mut s = _mm512_reduce_add_ps(*ar);
+        for j in k16..k {
+            s += half::f16::from_bits(*w.add((row0 + r) * k + j)).to_f32() * *xp.add(j);
+        }
+        acc[r] = s;
+    }
+}
+
+/// 32 bf16 per load: even elements `lane << 16`, odd `lane & 0xffff0000`, against the input
+/// split in blocks of 32 (16 even then 16 odd).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn rows_bf16<const NR: usize>(
+    w: *const u16,
+    row0: usize,
+    k: usize,
+    x: Rows,
+    acc: &mut [f32; 4],
+) {
+    let (xp, pp) = (x.x.as_ptr(), x.pairs.as_ptr());
+    let mask = _mm512_set1_epi32(0xffff0000u32 as i32);
+    let mut ae = [_mm512_setzero_ps(); NR];
+    let mut ao = [_mm512_setzero_ps(); NR];
+    let k32 = k - k % 32;
+    let mut i = 0;
+    while i < k32 {
+        let xe = _mm512_loadu_ps(pp.add(i));
+        let xo = _mm512_loadu_ps(pp.add(i + 16));
+        for r in 0..NR {
+            let row = w.add((row0 + r) * k + i);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            let v = _mm512_loadu_si512(row as *const __m512i);
+            ae[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, ae[r]);
+            ao[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, mask)), xo, ao[r]);
+        }
+        i += 32;
+    }
+    for r in 0..NR {
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(ae[r], ao[r]));
+        for j in k32..k {
+            s += half::bf16::from_bits(*w.add((row0 + r) * k + j)).to_f32() * *xp.add(j);
+        }
+        acc[r] = s;
+    }
+}

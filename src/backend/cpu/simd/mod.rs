@@ -1,0 +1,346 @@
+//! The inner loops of the CPU backend: AVX2+FMA+F16C kernels (`avx2.rs`), AVX-512 GEMV kernels
+//! (`avx512.rs`), chosen at run time, and a portable scalar twin of each (`scalar.rs`) that is
+//! the reference. `GRAM_SIMD=scalar|avx2|avx512` forces one.
+//!
+//! - `dot_rows`: up to 4 weight rows (f32/f16/bf16, widened in registers) · one f32 vector.
+//! - `tile`: up to 2 weight rows (any dtype) × up to 6 f32 token rows, 12 accumulators.
+//! - `dot`, `axpy`: f32 vectors (attention).
+
+use std::sync::OnceLock;
+
+use crate::tensor::View;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+/// Instruction set the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 + AVX-512 F/BW: the GEMV uses 512-bit kernels, everything else the AVX2 ones.
+    Avx512,
+}
+
+impl Isa {
+    /// Every ISA this machine can run, weakest first (for parity tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            v.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// The best the CPU supports, or the one `GRAM_SIMD` names (`scalar`, `avx2`, `avx512`)
+    /// when the CPU has it. Detected once.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let available = Isa::available();
+            let wanted = match std::env::var("GRAM_SIMD").as_deref() {
+                Ok("scalar") => Some(Isa::Scalar),
+                Ok("avx2") => Some(Isa::Avx2),
+                Ok("avx512") => Some(Isa::Avx512),
+                _ => None,
+            };
+            match wanted {
+                Some(isa) if available.contains(&isa) => isa,
+                _ => *available.last().expect("scalar is always available"),
+            }
+        })
+    }
+
+    /// AVX2 kernels may run (the AVX-512 ISA includes them).
+    fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512)
+    }
+}
+
+/// Input rows of a matmul kernel: `x: [T, k]` f32 and, for bf16 weights, `pairs`: the same rows
+/// with every whole `block`-element block stored as its even elements then its odd ones (see
+/// [`bf16_pairs`]). bf16 weights are then widened without a shuffle: read as u32 lanes, the
+/// even elements are `lane << 16` and the odd ones `lane & 0xffff0000`. `pairs` is empty (and
+/// `block` 0) when no bf16 kernel runs; [`pairs_block`] says which block a kernel reads.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub x: &'a [f32],
+    pub pairs: &'a [f32],
+    pub block: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Plain f32 rows (no bf16 split).
+    pub fn plain(x: &'a [f32]) -> Rows<'a> {
+        Rows {
+            x,
+            pairs: &[],
+            block: 0,
+        }
+    }
+
+    /// Rows `t0..t1` of width `k`.
+    pub fn slice(&self, t0: usize, t1: usize, k: usize) -> Rows<'a> {
+        Rows {
+            x: &self.x[t0 * k..t1 * k],
+            pairs: if self.pairs.is_empty() {
+                &[]
+            } else {
+                &self.pairs[t0 * k..t1 * k]
+            },
+            block: self.block,
+        }
+    }
+}
+
+/// `x: [T, k]` with each whole `block`-element block of a row reordered as its even elements
+/// then its odd ones (`x0 x2 .. x1 x3 ..`); the tail past the last whole block is left as it is.
+pub fn bf16_pairs(x: &[f32], k: usize, block: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    let half = block / 2;
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for (s, d) in src.chunks_exact(block).zip(dst.chunks_exact_mut(block)) {
+            for j in 0..half {
+                d[j] = s[2 * j];
+                d[half + j] = s[2 * j + 1];
+            }
+        }
+    }
+    out
+}
+
+/// The even/odd block (see [`Rows`]) that the kernel for `rows` input rows (1: [`dot_rows`],
+/// more: [`tile`]) on `isa` reads for weights `w`; `None` when it reads plain rows.
+pub fn pairs_block(isa: Isa, w: View, rows: usize) -> Option<usize> {
+    if !matches!(w, View::BF16(_)) {
+        return None;
+    }
+    match isa {
+        Isa::Scalar => None,
+        Isa::Avx2 => Some(16),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if rows == 1 => Some(avx512::PAIRS_BLOCK),
+        Isa::Avx512 => Some(16),
+    }
+}
+
+fn check_pairs(isa: Isa, w: View, rows: usize, x: &Rows, len: usize) {
+    if let Some(block) = pairs_block(isa, w, rows) {
+        assert!(
+            x.block == block && x.pairs.len() >= len,
+            "bf16 kernel needs pairs in blocks of {block}; this is a bug"
+        );
+    }
+}
+
+/// `acc[r] = W[row0 + r] · x` for `r < nr` (`nr <= 4`), `W: [*, k]`.
+pub fn dot_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: &mut [f32; 4]) {
+    assert!(
+        nr <= 4 && x.x.len() >= k && w.len() >= (row0 + nr) * k,
+        "dot_rows bounds; this is a bug"
+    );
+    check_pairs(isa, w, 1, &x, k);
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: Avx512 is only chosen when the CPU has avx512f/bw, avx2, fma and f16c; bounds
+        // and the pairs layout are checked above.
+        Isa::Avx512 => return unsafe { avx512::dot_rows(w, row0, nr, k, x, acc) },
+        // SAFETY: Avx2 is only chosen when the CPU has avx2, fma and f16c; as above.
+        Isa::Avx2 => return unsafe { avx2::dot_rows(w, row0, nr, k, x, acc) },
+        Isa::Scalar => {}
+    }
+    scalar::dot_rows(w, row0, nr, k, x.x, acc)
+}
+
+/// Weight rows per tile of [`tile`].
+pub const TILE_NR: usize = 2;
+/// Token rows per tile of [`tile`].
+pub const TILE_TR: usize = 6;
+
+/// `acc[r][t] = W[row0 + r] · x[t]` for `r < nr <= 2`, `t < tr <= 6`; `W: [*, k]` in any
+/// dtype (widened in registers), `x: [tr, k]` f32. 2×6 = 12 accumulators + 2 weight vectors + 1
+/// input vector fit the 16 AVX2 registers without spilling.
+#[allow(clippy::too_many_arguments)]
+pub fn tile(
+    isa: Isa,
+    w: View,
+    row0: usize,
+    nr: usize,
+    x: Rows,
+    tr: usize,
+    k: usize,
+    acc: &mut [[f32; TILE_TR]; TILE_NR],
+) {
+    assert!(
+        nr <= TILE_NR && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.x.len() >= tr * k,
+        "tile bounds; this is a bug"
+    );
+    check_pairs(isa, w, 2, &x, tr * k);
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; bounds and pairs layout checked above.
+        unsafe { avx2::tile(w, row0, nr, x, tr, k, acc) };
+        return;
+    }
+    scalar::tile(w, row0, nr, x.x, tr, k, acc)
+}
+
+/// `a · b`.
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot lengths; this is a bug");
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; equal lengths asserted above.
+        return unsafe { avx2::dot(a, b) };
+    }
+    scalar::dot(a, b)
+}
+
+/// `y += a * x`.
+pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy lengths; this is a bug");
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; equal lengths asserted above.
+        unsafe { avx2::axpy(a, x, y) };
+        return;
+    }
+    scalar::axpy(a, x, y)
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    /// Deterministic pseudo-random values in [-1, 1) (xorshift), never all zeros.
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The bf16 even/odd split the kernel for `rows` rows wants, if any.
+    fn split(isa: Isa, view: View, rows: usize, x: &[f32], k: usize) -> (Vec<f32>, usize) {
+        match pairs_block(isa, view, rows) {
+            Some(block) => (bf16_pairs(x, k, block), block),
+            None => (Vec::new(), 0),
+        }
+    }
+
+    fn dot64(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    #[test]
+    fn dot_rows_matches_f64_for_every_dtype_isa_and_tail() {
+        for isa in Isa::available() {
+            for k in [1, 7, 8, 9, 16, 31, 32, 33, 64, 100, 576] {
+                let wf = rand(4 * k + 3 * k, k as u64);
+                let x = rand(k, 99 + k as u64);
+                let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+                let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+                for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+                    for nr in 1..=4 {
+                        let row0 = 2;
+                        let mut acc = [f32::NAN; 4];
+                        let (pairs, block) = split(isa, view, 1, &x, k);
+                        let rows = Rows {
+                            x: &x,
+                            pairs: &pairs,
+                            block,
+                        };
+                        dot_rows(isa, view, row0, nr, k, rows, &mut acc);
+                        for r in 0..nr {
+                            let row: Vec<f32> =
+                                (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
+                            let want = dot64(&row, &x);
+                            assert!(
+                                (acc[r] as f64 - want).abs()
+                                    <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                "{isa:?} k={k} nr={nr} r={r}: {} vs {want}",
+                                acc[r]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile_matches_f64_for_every_shape_and_dtype() {
+        for isa in Isa::available() {
+            for k in [3, 8, 16, 17, 47, 64, 1536] {
+                let wf = rand(5 * k, 7 + k as u64);
+                let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+                let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+                let x = rand(TILE_TR * k, 11 + k as u64);
+                for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+                    for nr in 1..=TILE_NR {
+                        for tr in 1..=TILE_TR {
+                            let row0 = 3;
+                            let mut acc = [[f32::NAN; TILE_TR]; TILE_NR];
+                            let (pairs, block) = split(isa, view, 2, &x, k);
+                            let rows = Rows {
+                                x: &x,
+                                pairs: &pairs,
+                                block,
+                            }
+                            .slice(0, tr, k);
+                            tile(isa, view, row0, nr, rows, tr, k, &mut acc);
+                            for r in 0..nr {
+                                let row: Vec<f32> =
+                                    (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
+                                for t in 0..tr {
+                                    let want = dot64(&row, &x[t * k..(t + 1) * k]);
+                                    let got = acc[r][t] as f64;
+                                    assert!(
+                                        (got - want).abs()
+                                            <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                        "{isa:?} k={k} {nr}x{tr}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_and_axpy_match_reference() {
+        for isa in Isa::available() {
+            for n in [0, 1, 5, 8, 15, 16, 33, 64, 200] {
+                let a = rand(n, 3 + n as u64);
+                let b = rand(n, 5 + n as u64);
+                let want = dot64(&a, &b);
+                assert!((dot(isa, &a, &b) as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
+                let mut y = b.clone();
+                axpy(isa, 0.37, &a, &mut y);
+                for i in 0..n {
+                    assert!((y[i] - (b[i] + 0.37 * a[i])).abs() <= 1e-6);
+                }
+            }
+        }
+    }
+}
