@@ -128,7 +128,7 @@ impl HostTensor {
         shape: Vec<usize>,
     ) -> HostTensor {
         let bytes = &map[range.clone()];
-        let aligned = (bytes.as_ptr() as usize) % dtype.size_bytes() == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size_bytes());
         if aligned {
             return HostTensor {
                 dtype,

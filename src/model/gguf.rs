@@ -377,7 +377,10 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
                 dequantize(info.ty, &map[range], &mut values);
                 if let Some(n_head) = permute_heads {
                     let cols = info.dims[0];
-                    if shape.len() != 2 || (shape[0] / n_head) % 2 != 0 || shape[0] % n_head != 0 {
+                    if shape.len() != 2
+                        || !(shape[0] / n_head).is_multiple_of(2)
+                        || !shape[0].is_multiple_of(n_head)
+                    {
                         return Err(Error::tensor(
                             &name,
                             format!("shape {shape:?} cannot hold {n_head} rotary heads"),
