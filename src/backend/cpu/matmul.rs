@@ -52,7 +52,8 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
     }
     let total: usize = jobs.iter().map(|j| j.n).sum();
     let threads = rayon::current_num_threads().max(1);
-    // About four tasks per thread for balance, in whole tiles, never tiny.
+    // About four tasks per thread for balance, in whole tiles (NR divides every tile height),
+    // never tiny.
     let chunk = (total.div_ceil(threads * 4)).next_multiple_of(NR).max(16);
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
@@ -70,7 +71,7 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
     // bf16 kernels read the input split into even/odd halves: made once, shared by all jobs.
     let block = jobs
         .iter()
-        .find_map(|j| simd::pairs_block(isa, j.w, rows))
+        .find_map(|j| simd::pairs_block(isa, j.w))
         .unwrap_or(0);
     let pairs = if block > 0 {
         simd::bf16_pairs(&x[..rows * k], k, block)
@@ -131,7 +132,7 @@ fn range(
     let groups = rows.div_ceil(TILE_TR);
     let mut col = n0;
     while col < n1 {
-        let nr = (n1 - col).min(TILE_NR);
+        let nr = (n1 - col).min(simd::tile_nr(isa));
         let mut t = 0;
         for g in 0..groups {
             let tr = (rows - t) / (groups - g);

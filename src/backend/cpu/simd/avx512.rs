@@ -135,3 +135,187 @@ unsafe fn rows_bf16<const NR: usize>(
         acc[r] = s;
     }
 }
+
+/// Weight rows per AVX-512 tile: 4 rows × 6 tokens = 24 accumulators + 4 weight vectors + 1
+/// input vector fit the 32 zmm registers.
+pub const TILE_NR: usize = 4;
+
+type TileAcc = [[f32; super::TILE_TR]; super::TILE_NR];
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn tile(
+    w: View,
+    row0: usize,
+    nr: usize,
+    x: Rows,
+    tr: usize,
+    k: usize,
+    acc: &mut TileAcc,
+) {
+    macro_rules! by_shape {
+        ($f:ident, $w:expr) => {
+            match (nr, tr) {
+                (4, 6) => $f::<4, 6>($w, row0, x, k, acc),
+                (4, 5) => $f::<4, 5>($w, row0, x, k, acc),
+                (4, 4) => $f::<4, 4>($w, row0, x, k, acc),
+                (4, 3) => $f::<4, 3>($w, row0, x, k, acc),
+                (4, 2) => $f::<4, 2>($w, row0, x, k, acc),
+                (4, 1) => $f::<4, 1>($w, row0, x, k, acc),
+                (3, 6) => $f::<3, 6>($w, row0, x, k, acc),
+                (3, 5) => $f::<3, 5>($w, row0, x, k, acc),
+                (3, 4) => $f::<3, 4>($w, row0, x, k, acc),
+                (3, 3) => $f::<3, 3>($w, row0, x, k, acc),
+                (3, 2) => $f::<3, 2>($w, row0, x, k, acc),
+                (3, 1) => $f::<3, 1>($w, row0, x, k, acc),
+                (2, 6) => $f::<2, 6>($w, row0, x, k, acc),
+                (2, 5) => $f::<2, 5>($w, row0, x, k, acc),
+                (2, 4) => $f::<2, 4>($w, row0, x, k, acc),
+                (2, 3) => $f::<2, 3>($w, row0, x, k, acc),
+                (2, 2) => $f::<2, 2>($w, row0, x, k, acc),
+                (2, 1) => $f::<2, 1>($w, row0, x, k, acc),
+                (1, 6) => $f::<1, 6>($w, row0, x, k, acc),
+                (1, 5) => $f::<1, 5>($w, row0, x, k, acc),
+                (1, 4) => $f::<1, 4>($w, row0, x, k, acc),
+                (1, 3) => $f::<1, 3>($w, row0, x, k, acc),
+                (1, 2) => $f::<1, 2>($w, row0, x, k, acc),
+                (1, 1) => $f::<1, 1>($w, row0, x, k, acc),
+                _ => {}
+            }
+        };
+    }
+    match w {
+        View::F32(s) => by_shape!(tile_f32, s.as_ptr()),
+        View::F16(s) => by_shape!(tile_f16, s.as_ptr() as *const u16),
+        View::BF16(s) => by_shape!(tile_bf16, s.as_ptr() as *const u16),
+    }
+}
+
+/// Sums the accumulators and adds the scalar tail `k0..k` (weights widened by `get`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn finish<const NR: usize, const TR: usize>(
+    a: &[[__m512; TR]; NR],
+    k0: usize,
+    k: usize,
+    x: *const f32,
+    get: impl Fn(usize, usize) -> f32,
+    acc: &mut TileAcc,
+) {
+    for r in 0..NR {
+        for t in 0..TR {
+            let mut s = _mm512_reduce_add_ps(a[r][t]);
+            for j in k0..k {
+                s += get(r, j) * *x.add(t * k + j);
+            }
+            acc[r][t] = s;
+        }
+    }
+}
+
+/// Generates the f32 and f16 tiles: 16 elements per step, weights widened by `$load`.
+macro_rules! tile16 {
+    ($name:ident, $elem:ty, $load:expr, $get:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+        unsafe fn $name<const NR: usize, const TR: usize>(
+            w: *const $elem,
+            row0: usize,
+            x: Rows,
+            k: usize,
+            acc: &mut TileAcc,
+        ) {
+            let xp = x.x.as_ptr();
+            let mut a = [[_mm512_setzero_ps(); TR]; NR];
+            let k16 = k - k % 16;
+            let mut i = 0;
+            while i < k16 {
+                let mut wv = [_mm512_setzero_ps(); NR];
+                for r in 0..NR {
+                    let row = w.add((row0 + r) * k + i);
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+                    wv[r] = $load(row);
+                }
+                for t in 0..TR {
+                    let xv = _mm512_loadu_ps(xp.add(t * k + i));
+                    for r in 0..NR {
+                        a[r][t] = _mm512_fmadd_ps(wv[r], xv, a[r][t]);
+                    }
+                }
+                i += 16;
+            }
+            finish(&a, k16, k, xp, |r, j| $get(*w.add((row0 + r) * k + j)), acc);
+        }
+    };
+}
+
+tile16!(
+    tile_f32,
+    f32,
+    |p: *const f32| _mm512_loadu_ps(p),
+    |v: f32| v
+);
+tile16!(
+    tile_f16,
+    u16,
+    |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+    |v: u16| half::f16::from_bits(v).to_f32()
+);
+
+/// bf16 tile: 32 weights per load, even elements (`<< 16`) against the even half of each input
+/// block, then odd ones (`& 0xffff0000`) against the odd half.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn tile_bf16<const NR: usize, const TR: usize>(
+    w: *const u16,
+    row0: usize,
+    x: Rows,
+    k: usize,
+    acc: &mut TileAcc,
+) {
+    let (xp, pp) = (x.x.as_ptr(), x.pairs.as_ptr());
+    let mask = _mm512_set1_epi32(0xffff0000u32 as i32);
+    let mut a = [[_mm512_setzero_ps(); TR]; NR];
+    let k32 = k - k % 32;
+    let mut i = 0;
+    while i < k32 {
+        let mut wv = [_mm512_setzero_ps(); NR];
+        for r in 0..NR {
+            let row = w.add((row0 + r) * k + i);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+            wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_loadu_si512(row as *const __m512i),
+                16,
+            ));
+        }
+        for t in 0..TR {
+            let xv = _mm512_loadu_ps(pp.add(t * k + i));
+            for r in 0..NR {
+                a[r][t] = _mm512_fmadd_ps(wv[r], xv, a[r][t]);
+            }
+        }
+        for r in 0..NR {
+            let row = w.add((row0 + r) * k + i);
+            wv[r] = _mm512_castsi512_ps(_mm512_and_si512(
+                _mm512_loadu_si512(row as *const __m512i),
+                mask,
+            ));
+        }
+        for t in 0..TR {
+            let xv = _mm512_loadu_ps(pp.add(t * k + i + 16));
+            for r in 0..NR {
+                a[r][t] = _mm512_fmadd_ps(wv[r], xv, a[r][t]);
+            }
+        }
+        i += 32;
+    }
+    finish(
+        &a,
+        k32,
+        k,
+        xp,
+        |r, j| half::bf16::from_bits(*w.add((row0 + r) * k + j)).to_f32(),
+        acc,
+    );
+}

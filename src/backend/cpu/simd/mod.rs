@@ -120,9 +120,9 @@ pub fn bf16_pairs(x: &[f32], k: usize, block: usize) -> Vec<f32> {
     out
 }
 
-/// The even/odd block (see [`Rows`]) that the kernel for `rows` input rows (1: [`dot_rows`],
-/// more: [`tile`]) on `isa` reads for weights `w`; `None` when it reads plain rows.
-pub fn pairs_block(isa: Isa, w: View, rows: usize) -> Option<usize> {
+/// The even/odd block (see [`Rows`]) that the kernels of `isa` read for weights `w`; `None`
+/// when they read plain rows.
+pub fn pairs_block(isa: Isa, w: View) -> Option<usize> {
     if !matches!(w, View::BF16(_)) {
         return None;
     }
@@ -130,13 +130,14 @@ pub fn pairs_block(isa: Isa, w: View, rows: usize) -> Option<usize> {
         Isa::Scalar => None,
         Isa::Avx2 => Some(16),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if rows == 1 => Some(avx512::PAIRS_BLOCK),
-        Isa::Avx512 => Some(16),
+        Isa::Avx512 => Some(avx512::PAIRS_BLOCK),
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx512 => None,
     }
 }
 
-fn check_pairs(isa: Isa, w: View, rows: usize, x: &Rows, len: usize) {
-    if let Some(block) = pairs_block(isa, w, rows) {
+fn check_pairs(isa: Isa, w: View, x: &Rows, len: usize) {
+    if let Some(block) = pairs_block(isa, w) {
         assert!(
             x.block == block && x.pairs.len() >= len,
             "bf16 kernel needs pairs in blocks of {block}; this is a bug"
@@ -150,7 +151,7 @@ pub fn dot_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, x: Rows, ac
         nr <= 4 && x.x.len() >= k && w.len() >= (row0 + nr) * k,
         "dot_rows bounds; this is a bug"
     );
-    check_pairs(isa, w, 1, &x, k);
+    check_pairs(isa, w, &x, k);
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: Avx512 is only chosen when the CPU has avx512f/bw, avx2, fma and f16c; bounds
@@ -163,14 +164,23 @@ pub fn dot_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, x: Rows, ac
     scalar::dot_rows(w, row0, nr, k, x.x, acc)
 }
 
-/// Weight rows per tile of [`tile`].
-pub const TILE_NR: usize = 2;
+/// Most weight rows a [`tile`] takes on any ISA (see [`tile_nr`]).
+pub const TILE_NR: usize = 4;
 /// Token rows per tile of [`tile`].
 pub const TILE_TR: usize = 6;
 
-/// `acc[r][t] = W[row0 + r] · x[t]` for `r < nr <= 2`, `t < tr <= 6`; `W: [*, k]` in any
-/// dtype (widened in registers), `x: [tr, k]` f32. 2×6 = 12 accumulators + 2 weight vectors + 1
-/// input vector fit the 16 AVX2 registers without spilling.
+/// Weight rows per [`tile`] on `isa`: 2 on AVX2 (2×6 = 12 accumulators + 2 weight vectors + 1
+/// input vector fit its 16 registers without spilling), 4 on AVX-512 (24 + 4 + 1 of 32).
+pub fn tile_nr(isa: Isa) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::TILE_NR,
+        _ => 2,
+    }
+}
+
+/// `acc[r][t] = W[row0 + r] · x[t]` for `r < nr <= tile_nr(isa)`, `t < tr <= 6`; `W: [*, k]`
+/// in any dtype (widened in registers), `x: [tr, k]` f32.
 #[allow(clippy::too_many_arguments)]
 pub fn tile(
     isa: Isa,
@@ -183,10 +193,16 @@ pub fn tile(
     acc: &mut [[f32; TILE_TR]; TILE_NR],
 ) {
     assert!(
-        nr <= TILE_NR && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.x.len() >= tr * k,
+        nr <= tile_nr(isa) && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.x.len() >= tr * k,
         "tile bounds; this is a bug"
     );
-    check_pairs(isa, w, 2, &x, tr * k);
+    check_pairs(isa, w, &x, tr * k);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: CPU features as in `dot_rows`; bounds and pairs layout checked above.
+        unsafe { avx512::tile(w, row0, nr, x, tr, k, acc) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         // SAFETY: CPU features as in `dot_rows`; bounds and pairs layout checked above.
@@ -238,9 +254,9 @@ mod tests {
             .collect()
     }
 
-    /// The bf16 even/odd split the kernel for `rows` rows wants, if any.
-    fn split(isa: Isa, view: View, rows: usize, x: &[f32], k: usize) -> (Vec<f32>, usize) {
-        match pairs_block(isa, view, rows) {
+    /// The bf16 even/odd split the kernels of `isa` want, if any.
+    fn split(isa: Isa, view: View, x: &[f32], k: usize) -> (Vec<f32>, usize) {
+        match pairs_block(isa, view) {
             Some(block) => (bf16_pairs(x, k, block), block),
             None => (Vec::new(), 0),
         }
@@ -262,7 +278,7 @@ mod tests {
                     for nr in 1..=4 {
                         let row0 = 2;
                         let mut acc = [f32::NAN; 4];
-                        let (pairs, block) = split(isa, view, 1, &x, k);
+                        let (pairs, block) = split(isa, view, &x, k);
                         let rows = Rows {
                             x: &x,
                             pairs: &pairs,
@@ -290,16 +306,16 @@ mod tests {
     fn tile_matches_f64_for_every_shape_and_dtype() {
         for isa in Isa::available() {
             for k in [3, 8, 16, 17, 47, 64, 1536] {
-                let wf = rand(5 * k, 7 + k as u64);
+                let wf = rand((3 + TILE_NR) * k, 7 + k as u64);
                 let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
                 let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
                 let x = rand(TILE_TR * k, 11 + k as u64);
                 for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
-                    for nr in 1..=TILE_NR {
+                    for nr in 1..=tile_nr(isa) {
                         for tr in 1..=TILE_TR {
                             let row0 = 3;
                             let mut acc = [[f32::NAN; TILE_TR]; TILE_NR];
-                            let (pairs, block) = split(isa, view, 2, &x, k);
+                            let (pairs, block) = split(isa, view, &x, k);
                             let rows = Rows {
                                 x: &x,
                                 pairs: &pairs,
