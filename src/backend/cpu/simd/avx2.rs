@@ -11,6 +11,16 @@ const F16: u8 = 1;
 /// How far ahead (in weight rows) the GEMV prefetches: about DRAM latency's worth of work.
 const PREFETCH_ROWS: usize = 16;
 
+/// Hints the cache line at `p` into L1. The address may lie past the end of the weights (the
+/// rows after the last): a prefetch never faults, and callers form `p` with `wrapping_add` so
+/// that computing it is defined too.
+#[inline(always)]
+pub(super) fn prefetch<T>(p: *const T) {
+    // SAFETY: `_mm_prefetch` is a hint; it reads nothing architecturally and cannot fault,
+    // whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+}
+
 const fn elem_bytes<const D: u8>() -> usize {
     if D == F32 {
         4
@@ -70,9 +80,7 @@ unsafe fn dot_rows_n<const D: u8, const NR: usize>(
         let xv = _mm256_loadu_ps(x.add(i));
         for (r, ar) in a.iter_mut().enumerate() {
             let e = (row0 + r) * k + i;
-            _mm_prefetch::<_MM_HINT_T0>(
-                w.add((e + PREFETCH_ROWS * k) * elem_bytes::<D>()) as *const i8
-            );
+            prefetch(w.wrapping_add((e + PREFETCH_ROWS * k) * elem_bytes::<D>()));
             *ar = _mm256_fmadd_ps(load8::<D>(w, e), xv, *ar);
         }
         i += 8;
@@ -162,7 +170,7 @@ unsafe fn dot_rows_bf16<const NR: usize>(
         let xo = _mm256_loadu_ps(pp.add(i + 8));
         for r in 0..NR {
             let row = w.add((row0 + r) * k + i);
-            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            prefetch(row.wrapping_add(PREFETCH_ROWS * k));
             let (e, o) = load16_bf16(row);
             ae[r] = _mm256_fmadd_ps(e, xe, ae[r]);
             ao[r] = _mm256_fmadd_ps(o, xo, ao[r]);
@@ -200,7 +208,7 @@ unsafe fn tile_bf16<const NR: usize, const TR: usize>(
         let mut wv = [_mm256_setzero_ps(); NR];
         for r in 0..NR {
             let row = w.add((row0 + r) * k + i);
-            _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+            prefetch(row.wrapping_add(NR * k));
             wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(
                 _mm256_loadu_si256(row as *const __m256i),
                 16,
@@ -256,7 +264,7 @@ unsafe fn tile_n<const D: u8, const NR: usize, const TR: usize>(
         let mut wv = [_mm256_setzero_ps(); NR];
         for r in 0..NR {
             let e = (row0 + r) * k + i;
-            _mm_prefetch::<_MM_HINT_T0>(w.add((e + NR * k) * elem_bytes::<D>()) as *const i8);
+            prefetch(w.wrapping_add((e + NR * k) * elem_bytes::<D>()));
             wv[r] = load8::<D>(w, e);
         }
         for t in 0..TR {

@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::prefetch;
 use super::Rows;
 use crate::tensor::View;
 
@@ -52,7 +53,7 @@ unsafe fn rows_f32<const NR: usize>(
         let xv = _mm512_loadu_ps(xp.add(i));
         for (r, ar) in a.iter_mut().enumerate() {
             let row = w.add((row0 + r) * k + i);
-            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            prefetch(row.wrapping_add(PREFETCH_ROWS * k));
             *ar = _mm512_fmadd_ps(_mm512_loadu_ps(row), xv, *ar);
         }
         i += 16;
@@ -83,7 +84,7 @@ unsafe fn rows_f16<const NR: usize>(
         let xv = _mm512_loadu_ps(xp.add(i));
         for (r, ar) in a.iter_mut().enumerate() {
             let row = w.add((row0 + r) * k + i);
-            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            prefetch(row.wrapping_add(PREFETCH_ROWS * k));
             let wv = _mm512_cvtph_ps(_mm256_loadu_si256(row as *const __m256i));
             *ar = _mm512_fmadd_ps(wv, xv, *ar);
         }
@@ -120,7 +121,7 @@ unsafe fn rows_bf16<const NR: usize>(
         let xo = _mm512_loadu_ps(pp.add(i + 16));
         for r in 0..NR {
             let row = w.add((row0 + r) * k + i);
-            _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH_ROWS * k) as *const i8);
+            prefetch(row.wrapping_add(PREFETCH_ROWS * k));
             let v = _mm512_loadu_si512(row as *const __m512i);
             ae[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, ae[r]);
             ao[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, mask)), xo, ao[r]);
@@ -233,7 +234,7 @@ macro_rules! tile16 {
                 let mut wv = [_mm512_setzero_ps(); NR];
                 for r in 0..NR {
                     let row = w.add((row0 + r) * k + i);
-                    _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+                    prefetch(row.wrapping_add(NR * k));
                     wv[r] = $load(row);
                 }
                 for t in 0..TR {
@@ -283,7 +284,7 @@ unsafe fn tile_bf16<const NR: usize, const TR: usize>(
         let mut wv = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
             let row = w.add((row0 + r) * k + i);
-            _mm_prefetch::<_MM_HINT_T0>(row.add(NR * k) as *const i8);
+            prefetch(row.wrapping_add(NR * k));
             wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_loadu_si512(row as *const __m512i),
                 16,
