@@ -36,68 +36,55 @@ pub unsafe fn dot_rows(w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: 
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn rows_f32<const NR: usize>(
-    w: *const f32,
-    row0: usize,
-    k: usize,
-    x: Rows,
-    acc: &mut [f32; 4],
-) {
-    let xp = x.x.as_ptr();
-    let mut a = [_mm512_setzero_ps(); NR];
-    let k16 = k - k % 16;
-    let mut i = 0;
-    while i < k16 {
-        let xv = _mm512_loadu_ps(xp.add(i));
-        for (r, ar) in a.iter_mut().enumerate() {
-            let row = w.add((row0 + r) * k + i);
-            prefetch(row.wrapping_add(PREFETCH_ROWS * k));
-            *ar = _mm512_fmadd_ps(_mm512_loadu_ps(row), xv, *ar);
+/// Generates the f32 and f16 GEMV rows: 16 elements per step, weights widened by `$load`,
+/// the scalar tail widened by `$get`.
+macro_rules! rows16 {
+    ($name:ident, $elem:ty, $load:expr, $get:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        unsafe fn $name<const NR: usize>(
+            w: *const $elem,
+            row0: usize,
+            k: usize,
+            x: Rows,
+            acc: &mut [f32; 4],
+        ) {
+            let xp = x.x.as_ptr();
+            let mut a = [_mm512_setzero_ps(); NR];
+            let k16 = k - k % 16;
+            let mut i = 0;
+            while i < k16 {
+                let xv = _mm512_loadu_ps(xp.add(i));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let row = w.add((row0 + r) * k + i);
+                    prefetch(row.wrapping_add(PREFETCH_ROWS * k));
+                    *ar = _mm512_fmadd_ps($load(row), xv, *ar);
+                }
+                i += 16;
+            }
+            for (r, ar) in a.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*ar);
+                for j in k16..k {
+                    s += $get(*w.add((row0 + r) * k + j)) * *xp.add(j);
+                }
+                acc[r] = s;
+            }
         }
-        i += 16;
-    }
-    for (r, ar) in a.iter().enumerate() {
-        let mut s = _mm512_reduce_add_ps(*ar);
-        for j in k16..k {
-            s += *w.add((row0 + r) * k + j) * *xp.add(j);
-        }
-        acc[r] = s;
-    }
+    };
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn rows_f16<const NR: usize>(
-    w: *const u16,
-    row0: usize,
-    k: usize,
-    x: Rows,
-    acc: &mut [f32; 4],
-) {
-    let xp = x.x.as_ptr();
-    let mut a = [_mm512_setzero_ps(); NR];
-    let k16 = k - k % 16;
-    let mut i = 0;
-    while i < k16 {
-        let xv = _mm512_loadu_ps(xp.add(i));
-        for (r, ar) in a.iter_mut().enumerate() {
-            let row = w.add((row0 + r) * k + i);
-            prefetch(row.wrapping_add(PREFETCH_ROWS * k));
-            let wv = _mm512_cvtph_ps(_mm256_loadu_si256(row as *const __m256i));
-            *ar = _mm512_fmadd_ps(wv, xv, *ar);
-        }
-        i += 16;
-    }
-    for (r, ar) in a.iter().enumerate() {
-        let mut s = _mm512_reduce_add_ps(*ar);
-        for j in k16..k {
-            s += half::f16::from_bits(*w.add((row0 + r) * k + j)).to_f32() * *xp.add(j);
-        }
-        acc[r] = s;
-    }
-}
+rows16!(
+    rows_f32,
+    f32,
+    |p: *const f32| _mm512_loadu_ps(p),
+    |v: f32| v
+);
+rows16!(
+    rows_f16,
+    u16,
+    |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+    |v: u16| half::f16::from_bits(v).to_f32()
+);
 
 /// 32 bf16 per load: even elements `lane << 16`, odd `lane & 0xffff0000`, against the input
 /// split in blocks of 32 (16 even then 16 odd).
