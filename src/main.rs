@@ -65,6 +65,9 @@ fn parse_dtype(s: Option<&str>) -> Result<Option<DType>, String> {
 }
 
 fn run_lm(args: LmArgs) -> Result<(), String> {
+    if !args.model.is_dir() {
+        return Err(format!("--model {}: not a directory", args.model.display()));
+    }
     if args.threads == Some(0) {
         return Err("--threads must be at least 1".into());
     }
