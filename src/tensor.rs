@@ -91,8 +91,12 @@ enum Data {
         map: Arc<Mmap>,
         range: Range<usize>,
     },
-    /// An anonymous, page-aligned, read-only map (huge pages where the OS gives them).
-    Anon(Arc<Mmap>),
+    /// Bytes `range` of an anonymous read-only arena made by [`pack`] (64-byte aligned, huge
+    /// pages where the OS gives them).
+    Anon {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+    },
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
@@ -149,45 +153,20 @@ impl HostTensor {
 
     pub fn from_f32(values: Vec<f32>, shape: Vec<usize>) -> HostTensor {
         debug_assert_eq!(values.len(), shape.iter().product::<usize>());
-        match HostTensor::owned(DType::F32, shape.clone(), |out: &mut [f32]| {
-            out.copy_from_slice(&values)
-        }) {
-            Some(t) => t,
-            None => HostTensor {
-                dtype: DType::F32,
-                shape,
-                data: Data::F32(values),
-            },
+        HostTensor {
+            dtype: DType::F32,
+            shape,
+            data: Data::F32(values),
         }
     }
 
-    /// A tensor whose elements `fill` writes, in an anonymous map advised to use transparent huge
-    /// pages: decode streams every weight byte each step, and 2 MiB pages spare the hardware
-    /// prefetchers a restart (and the TLB a miss) every 4 KiB. Read-only once filled. `None`
-    /// if the map cannot be made (the caller then keeps a plain `Vec`).
-    fn owned<T: bytemuck::Pod>(
-        dtype: DType,
-        shape: Vec<usize>,
-        fill: impl FnOnce(&mut [T]),
-    ) -> Option<HostTensor> {
-        let n: usize = shape.iter().product();
-        let bytes = n * std::mem::size_of::<T>();
-        if bytes == 0 {
-            return None;
+    /// The elements' bytes (little-endian, as stored).
+    fn bytes(&self) -> &[u8] {
+        match self.view() {
+            View::F32(s) => bytemuck::cast_slice(s),
+            View::F16(s) => bytemuck::cast_slice(s),
+            View::BF16(s) => bytemuck::cast_slice(s),
         }
-        let mut map = memmap2::MmapOptions::new().len(bytes).map_anon().ok()?;
-        #[cfg(target_os = "linux")]
-        if bytes >= 2 << 20 {
-            // Advisory only: without THP the map simply keeps 4 KiB pages.
-            let _ = map.advise(memmap2::Advice::HugePage);
-        }
-        fill(bytemuck::cast_slice_mut(&mut map[..]));
-        let map = Arc::new(map.make_read_only().ok()?);
-        Some(HostTensor {
-            dtype,
-            shape,
-            data: Data::Anon(map),
-        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -209,13 +188,9 @@ impl HostTensor {
 
     pub fn view(&self) -> View<'_> {
         match &self.data {
-            Data::Mapped { .. } | Data::Anon(_) => {
-                let bytes = match &self.data {
-                    Data::Mapped { map, range } => &map[range.clone()],
-                    Data::Anon(map) => &map[..],
-                    _ => unreachable!("matched above"),
-                };
-                // File maps: alignment was checked in `mapped`; anonymous maps are page aligned.
+            Data::Mapped { map, range } | Data::Anon { map, range } => {
+                let bytes = &map[range.clone()];
+                // File maps: alignment was checked in `mapped`; arena ranges are 64-byte aligned.
                 // So these casts cannot fail.
                 match self.dtype {
                     DType::F32 => View::F32(bytemuck::cast_slice(bytes)),
@@ -242,33 +217,61 @@ impl HostTensor {
             return self;
         }
         let src = self.view();
-        let shape = self.shape.clone();
-        let made = match dtype {
-            DType::F32 => HostTensor::owned(dtype, shape.clone(), |o: &mut [f32]| {
-                src.widen_into(0..o.len(), o)
-            }),
-            DType::F16 => HostTensor::owned(dtype, shape.clone(), |o: &mut [f16]| {
-                o.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, v)| *v = f16::from_f32(src.get(i)))
-            }),
-            DType::BF16 => HostTensor::owned(dtype, shape.clone(), |o: &mut [bf16]| {
-                o.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, v)| *v = bf16::from_f32(src.get(i)))
-            }),
+        let data = match dtype {
+            DType::F32 => Data::F32(self.to_f32_vec()),
+            DType::F16 => Data::F16((0..src.len()).map(|i| f16::from_f32(src.get(i))).collect()),
+            DType::BF16 => Data::BF16((0..src.len()).map(|i| bf16::from_f32(src.get(i))).collect()),
         };
-        made.unwrap_or_else(|| {
-            let data = match dtype {
-                DType::F32 => Data::F32(self.to_f32_vec()),
-                DType::F16 => {
-                    Data::F16((0..src.len()).map(|i| f16::from_f32(src.get(i))).collect())
-                }
-                DType::BF16 => {
-                    Data::BF16((0..src.len()).map(|i| bf16::from_f32(src.get(i))).collect())
-                }
-            };
-            HostTensor { dtype, shape, data }
-        })
+        HostTensor {
+            dtype,
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+}
+
+/// Moves every tensor that is not read from a file (dequantized, converted, re-aligned) into one
+/// read-only anonymous arena advised to use transparent huge pages, 64-byte aligned per tensor.
+/// Decode streams every weight byte each step; 2 MiB pages spare the hardware prefetchers a
+/// restart (and the TLB a miss) every 4 KiB — measured +7 to +12 % on a DRAM-bound GEMV
+/// (docs/PERF.md). One arena rather than one map per tensor, because a tensor smaller than
+/// 2 MiB cannot get a huge page of its own. Tensors are left as they are if the map cannot be
+/// made.
+pub fn pack<'a>(tensors: impl IntoIterator<Item = &'a mut HostTensor>) {
+    const ALIGN: usize = 64;
+    let mut owned: Vec<&mut HostTensor> = tensors
+        .into_iter()
+        .filter(|t| !t.is_mapped() && t.numel() > 0)
+        .collect();
+    let mut total = 0usize;
+    let mut ranges = Vec::with_capacity(owned.len());
+    for t in &owned {
+        let start = total.next_multiple_of(ALIGN);
+        total = start + t.bytes().len();
+        ranges.push(start..total);
+    }
+    if total == 0 {
+        return;
+    }
+    let Ok(mut map) = memmap2::MmapOptions::new().len(total).map_anon() else {
+        return;
+    };
+    #[cfg(target_os = "linux")]
+    {
+        // Advisory only: without THP the arena simply keeps 4 KiB pages.
+        let _ = map.advise(memmap2::Advice::HugePage);
+    }
+    for (t, r) in owned.iter().zip(&ranges) {
+        map[r.clone()].copy_from_slice(t.bytes());
+    }
+    let Ok(map) = map.make_read_only() else {
+        return;
+    };
+    let map = Arc::new(map);
+    for (t, range) in owned.iter_mut().zip(ranges) {
+        t.data = Data::Anon {
+            map: Arc::clone(&map),
+            range,
+        };
     }
 }

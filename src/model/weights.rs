@@ -6,7 +6,7 @@ use crate::backend::{Backend, Linear, LinearRef};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::TensorMap;
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{self, DType, HostTensor};
 
 /// One decoder layer.
 pub struct Layer<W> {
@@ -46,11 +46,10 @@ impl<W> Weights<W> {
     }
 }
 
-/// Takes tensors out of a [`TensorMap`] with shape checks, converting to `dtype` if asked.
+/// Takes tensors out of a [`TensorMap`] with shape checks.
 struct Take<'a, B: Backend> {
     map: TensorMap,
     backend: &'a B,
-    dtype: Option<DType>,
 }
 
 impl<B: Backend> Take<'_, B> {
@@ -68,10 +67,7 @@ impl<B: Backend> Take<'_, B> {
                 ),
             ));
         }
-        Ok(match self.dtype {
-            Some(d) => t.into_dtype(d),
-            None => t,
-        })
+        Ok(t)
     }
 
     fn weight(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight> {
@@ -79,10 +75,9 @@ impl<B: Backend> Take<'_, B> {
         self.backend.upload(t)
     }
 
-    /// Norm weights are tiny and read per element: always f32.
+    /// Norm weights (f32, like every vector: see `load`).
     fn norm(&mut self, name: &str, dim: usize) -> Result<B::Weight> {
-        let t = self.tensor(name, &[dim])?.into_dtype(DType::F32);
-        self.backend.upload(t)
+        self.weight(name, &[dim])
     }
 
     fn linear(
@@ -94,10 +89,7 @@ impl<B: Backend> Take<'_, B> {
     ) -> Result<Linear<B::Weight>> {
         let weight = self.weight(&format!("{prefix}.weight"), &[n, k])?;
         let bias = if bias {
-            let t = self
-                .tensor(&format!("{prefix}.bias"), &[n])?
-                .into_dtype(DType::F32);
-            Some(self.backend.upload(t)?)
+            Some(self.weight(&format!("{prefix}.bias"), &[n])?)
         } else {
             None
         };
@@ -114,11 +106,27 @@ pub fn load<B: Backend>(
     dtype: Option<DType>,
 ) -> Result<Weights<B::Weight>> {
     let c = config;
-    let mut take = Take {
-        map,
-        backend,
-        dtype,
-    };
+    // Matrices in the dtype asked for, vectors (norms, biases) in f32; then everything that is
+    // not read from the file goes into one huge-page arena.
+    let mut map: TensorMap = map
+        .into_iter()
+        .map(|(name, t)| {
+            let want = if t.shape().len() == 1 {
+                Some(DType::F32)
+            } else {
+                dtype
+            };
+            (
+                name,
+                match want {
+                    Some(d) => t.into_dtype(d),
+                    None => t,
+                },
+            )
+        })
+        .collect();
+    tensor::pack(map.values_mut());
+    let mut take = Take { map, backend };
     let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let embed = take.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -157,10 +165,7 @@ pub fn load<B: Backend>(
     } else {
         Some(take.linear("lm_head", c.vocab_size, h, false)?)
     };
-    let embed_tokens = backend.upload(match dtype {
-        Some(d) => embed.into_dtype(d),
-        None => embed,
-    })?;
+    let embed_tokens = backend.upload(embed)?;
     // Old Llama checkpoints store rotary tables; they are recomputed, so they are ignored.
     take.map
         .retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
