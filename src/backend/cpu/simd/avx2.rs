@@ -12,9 +12,9 @@ const F16: u8 = 1;
 const PREFETCH_ROWS: usize = 16;
 
 /// Hints the cache line at `p` into L2 (`_MM_HINT_T1`: measured well ahead of an L1 hint on
-/// the DRAM-streaming GEMV, 23 → 29 GiB/s f32 and 20 → 34 GiB/s bf16 — docs/PERF.md). The address may lie past the end of the weights (the
-/// rows after the last): a prefetch never faults, and callers form `p` with `wrapping_add` so
-/// that computing it is defined too.
+/// the DRAM-streaming GEMV, 23 → 29 GiB/s f32 and 20 → 34 GiB/s bf16, see docs/PERF.md).
+/// The address may lie past the end of the weights (the rows after the last): a prefetch never
+/// faults, and callers form `p` with `wrapping_add` so that computing it is defined too.
 #[inline(always)]
 pub(super) fn prefetch<T>(p: *const T) {
     // SAFETY: `_mm_prefetch` is a hint; it reads nothing architecturally and cannot fault,
