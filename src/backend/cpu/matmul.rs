@@ -7,9 +7,12 @@
 //! Two kernels, each with a scalar twin that is the reference:
 //! - `T == 1` (decode of one row): a GEMV that streams each weight row once and widens it in
 //!   registers, four rows at a time: memory bound, so the weight bytes are all that matter.
-//! - `T > 1` (prefill, beam decode): a 2×6 register tile (2 weight rows widened in registers ×
-//!   up to 6 token rows, 12 accumulators, no spills on AVX2) sweeps the token rows while the two
-//!   weight rows stay in L1: compute bound.
+//! - `T > 1` (prefill, beam decode): a register tile of `simd::tile_nr(isa)` weight rows (2 on
+//!   AVX2, 4 on AVX-512; widened in registers) × up to 6 token rows sweeps the token rows while
+//!   those weight rows stay in L1: compute bound. Token rows go in near-equal groups.
+//!
+//! bf16 weights are widened without shuffles against an even/odd split of `x` made once per
+//! call (`simd::Rows`).
 
 use rayon::prelude::*;
 

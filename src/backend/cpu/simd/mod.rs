@@ -1,9 +1,10 @@
-//! The inner loops of the CPU backend: AVX2+FMA+F16C kernels (`avx2.rs`), AVX-512 GEMV kernels
-//! (`avx512.rs`), chosen at run time, and a portable scalar twin of each (`scalar.rs`) that is
-//! the reference. `GRAM_SIMD=scalar|avx2|avx512` forces one.
+//! The inner loops of the CPU backend: AVX2+FMA+F16C kernels (`avx2.rs`), AVX-512 GEMV and tile
+//! kernels (`avx512.rs`), chosen at run time, and a portable scalar twin of each (`scalar.rs`)
+//! that is the reference. `GRAM_SIMD=scalar|avx2|avx512` forces one.
 //!
 //! - `dot_rows`: up to 4 weight rows (f32/f16/bf16, widened in registers) · one f32 vector.
-//! - `tile`: up to 2 weight rows (any dtype) × up to 6 f32 token rows, 12 accumulators.
+//! - `tile`: up to `tile_nr(isa)` weight rows (2 on AVX2, 4 on AVX-512; any dtype) × up to 6
+//!   f32 token rows.
 //! - `dot`, `axpy`: f32 vectors (attention).
 
 use std::sync::OnceLock;
