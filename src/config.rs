@@ -192,7 +192,7 @@ impl RawConfig {
         if self.use_sliding_window == Some(true) {
             return Err("use_sliding_window = true is not supported".into());
         }
-        let rope_theta = self.rope_theta(arch)?;
+        let rope_theta = self.rope_theta()?;
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps ({rms_norm_eps}) must be positive"));
@@ -228,7 +228,7 @@ impl RawConfig {
 
     /// `rope_theta` from either spelling; any rope scaling other than the default is refused
     /// rather than silently computed wrong.
-    fn rope_theta(&self, _arch: Arch) -> std::result::Result<f32, String> {
+    fn rope_theta(&self) -> std::result::Result<f32, String> {
         let mut theta = self.rope_theta;
         for (key, v) in [
             ("rope_scaling", &self.rope_scaling),

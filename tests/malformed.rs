@@ -192,3 +192,18 @@ fn bad_batches_are_input_errors() {
         .to_string()
         .contains("no tokens"));
 }
+
+#[test]
+fn thread_counts_out_of_range_are_refused() {
+    for threads in [0, 5000] {
+        let options = LoadOptions {
+            threads: Some(threads),
+            ..Default::default()
+        };
+        let e = Model::load(&model_dir("tiny-qwen2"), &options)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(e.contains("out of range"), "{threads}: {e}");
+    }
+}

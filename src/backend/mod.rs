@@ -62,8 +62,8 @@ pub trait Backend: Send + Sync {
     /// A buffer of `len` f32 whose contents are unspecified until written.
     fn buf(&self, len: usize) -> Self::Buf;
     fn new_kv(&self, config: &ModelConfig, slots: usize, capacity: usize) -> Result<Self::Kv>;
-    /// The buffer's contents on the host.
-    fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+    /// The buffer's contents on the host (consumes it: no copy where it already is there).
+    fn to_host(&self, x: Self::Buf) -> Vec<f32>;
 
     /// `out[t] = table[ids[t]]`; `table: [V, C]`, `out: [T, C]`.
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf);

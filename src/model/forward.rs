@@ -95,5 +95,5 @@ pub(super) fn forward<B: Backend>(
     b.rmsnorm(&picked, &w.norm, c.rms_norm_eps, hidden, &mut normed);
     let mut logits = b.buf(r * c.vocab_size); // [R, V]
     b.linear(&normed, r, &mut [(w.lm_head(), &mut logits)]);
-    b.to_host(&logits)
+    b.to_host(logits)
 }

@@ -58,8 +58,9 @@ impl Model<CpuBackend> {
 impl<B: Backend> Model<B> {
     /// Loads `dir` (config.json + weights) onto `backend`.
     pub fn load_on(backend: B, dir: &Path, options: &LoadOptions) -> Result<Self> {
+        // 0 asks rayon for one thread per core, so it is only reachable as `None`.
         let threads = options.threads.unwrap_or(0);
-        if threads > 1024 {
+        if options.threads == Some(0) || threads > 1024 {
             return Err(Error::Input(format!(
                 "{threads} threads is out of range (1..=1024)"
             )));

@@ -71,8 +71,8 @@ impl Backend for CpuBackend {
         ))
     }
 
-    fn to_host(&self, x: &Vec<f32>) -> Vec<f32> {
-        x.clone()
+    fn to_host(&self, x: Vec<f32>) -> Vec<f32> {
+        x
     }
 
     fn embed(&self, table: &HostTensor, ids: &[u32], out: &mut Vec<f32>) {
