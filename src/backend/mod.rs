@@ -32,11 +32,53 @@ pub struct LinearRef<'a, W> {
     pub bias: Option<&'a W>,
 }
 
-/// Where each row of a batch lives in the KV cache: its sequence slot and position.
+/// One row of a batch as the KV cache sees it. The cache is an arena of entries (one token's K
+/// and V, every layer); a row writes its K/V to `entry` and attends to the entries
+/// `span.0..span.1` (contiguous: a prompt, or a whole sequence) followed by
+/// `links[link.0..link.1]` of its [`KvRows`] (scattered: a beam's own code tokens, oldest first).
+/// Its own entry is the last one of that context. `pos` is the token's rotary position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowPos {
-    pub slot: usize,
-    pub pos: usize,
+pub struct RowKv {
+    pub pos: u32,
+    pub entry: u32,
+    pub span: (u32, u32),
+    pub link: (u32, u32),
+}
+
+impl RowKv {
+    /// A row of a plain sequence stored contiguously from entry `base`: position `pos`
+    /// attends to `base..=base + pos`.
+    pub fn contiguous(base: u32, pos: u32) -> RowKv {
+        RowKv {
+            pos,
+            entry: base + pos,
+            span: (base, base + pos + 1),
+            link: (0, 0),
+        }
+    }
+
+    /// Number of entries the row attends to.
+    pub fn context_len(&self) -> usize {
+        (self.span.1 - self.span.0 + self.link.1 - self.link.0) as usize
+    }
+}
+
+/// The rows of a batch and the link table their scattered contexts index into.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRows<'a> {
+    pub rows: &'a [RowKv],
+    pub links: &'a [u32],
+}
+
+impl<'a> KvRows<'a> {
+    /// The `i`-th entry `row` attends to.
+    #[inline]
+    pub fn context(&self, row: &RowKv) -> impl Iterator<Item = usize> + 'a {
+        let links = &self.links[row.link.0 as usize..row.link.1 as usize];
+        (row.span.0..row.span.1)
+            .map(|e| e as usize)
+            .chain(links.iter().map(|&e| e as usize))
+    }
 }
 
 /// Attention geometry of one layer.
@@ -53,7 +95,7 @@ pub trait Backend: Send + Sync {
     type Buf: Send;
     /// A weight tensor as this backend keeps it.
     type Weight: Send + Sync;
-    /// The KV cache: `slots` sequences of up to `capacity` positions, every layer.
+    /// The KV cache: an arena of entries, every layer (see [`RowKv`]).
     type Kv: Send;
 
     fn name(&self) -> &'static str;
@@ -61,7 +103,8 @@ pub trait Backend: Send + Sync {
     fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
     /// A buffer of `len` f32 whose contents are unspecified until written.
     fn buf(&self, len: usize) -> Self::Buf;
-    fn new_kv(&self, config: &ModelConfig, slots: usize, capacity: usize) -> Result<Self::Kv>;
+    /// A KV arena of `entries` tokens.
+    fn new_kv(&self, config: &ModelConfig, entries: usize) -> Result<Self::Kv>;
     /// The buffer's contents on the host (consumes it: no copy where it already is there).
     fn to_host(&self, x: Self::Buf) -> Vec<f32>;
 
@@ -87,30 +130,33 @@ pub trait Backend: Send + Sync {
         jobs: &mut [(LinearRef<'_, Self::Weight>, &mut Self::Buf)],
     );
     /// Rotates each head of `x: [T, heads * D]` by its row's position (HF rotate-half layout).
-    fn rope(&self, x: &mut Self::Buf, heads: usize, rows: &[RowPos], table: &RopeTable);
+    fn rope(&self, x: &mut Self::Buf, heads: usize, rows: &[RowKv], table: &RopeTable);
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
-    /// Writes this batch's K and V (`[T, Hkv * D]`) into `layer` of the cache at each row's slot
-    /// and position.
+    /// Writes this batch's K and V (`[T, Hkv * D]`) into `layer` of the cache at each row's
+    /// entry.
     fn kv_store(
         &self,
         kv: &mut Self::Kv,
         layer: usize,
         k: &Self::Buf,
         v: &Self::Buf,
-        rows: &[RowPos],
+        rows: &[RowKv],
     );
-    /// Causal GQA attention: row `t` attends to positions `0..=pos` of its slot.
+    /// GQA attention: row `t` attends to the entries of its context ([`KvRows::context`]).
     /// `q: [T, H * D]` → `out: [T, H * D]`.
     fn attention(
         &self,
         q: &Self::Buf,
         kv: &Self::Kv,
         layer: usize,
-        rows: &[RowPos],
+        rows: KvRows<'_>,
         shape: AttnShape,
         out: &mut Self::Buf,
     );
     /// `out[i] = x[rows[i]]` for rows of width `dim`.
     fn gather_rows(&self, x: &Self::Buf, dim: usize, rows: &[usize], out: &mut Self::Buf);
+    /// The sparse LM head: `out[i] = x[r_i] · W[v_i]` for each pick `(r_i, v_i)`; `x: [R, C]`,
+    /// `W: [V, C]`. Evaluates only the vocabulary rows a trie allows.
+    fn linear_picks(&self, x: &Self::Buf, w: &Self::Weight, picks: &[(u32, u32)]) -> Vec<f32>;
 }

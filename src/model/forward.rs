@@ -1,16 +1,18 @@
 //! The decoder forward pass for Llama, Qwen2 and Qwen3, top to bottom. Shapes: `T` rows in the
 //! batch, `C` hidden, `H`/`Hkv` heads, `D` head dim, `I` MLP width, `V` vocab, `R` logits rows.
 
+use super::Head;
 use super::Model;
-use crate::backend::{AttnShape, Backend, RowPos};
+use crate::backend::{AttnShape, Backend, KvRows};
 
 pub(super) fn forward<B: Backend>(
     m: &Model<B>,
     kv: &mut B::Kv,
     tokens: &[u32],
-    rows: &[RowPos],
-    logits_rows: &[usize],
+    kv_rows: KvRows,
+    head: Head,
 ) -> Vec<f32> {
+    let rows = kv_rows.rows;
     let (b, c, w) = (&m.backend, &m.config, &m.weights);
     let t = tokens.len();
     let (hidden, q_dim, kv_dim, inter) =
@@ -58,7 +60,7 @@ pub(super) fn forward<B: Backend>(
         b.rope(&mut k, shape.kv_heads, rows, &m.rope);
         // Append k, v to the cache; attend over each row's own sequence.
         b.kv_store(kv, l, &k, &v, rows);
-        b.attention(&q, kv, l, rows, shape, &mut att);
+        b.attention(&q, kv, l, kv_rows, shape, &mut att);
         // x += att W_o^T.
         b.linear(&att, t, &mut [(layer.o_proj.as_ref(), &mut h)]);
         b.add(&mut x, &h);
@@ -85,6 +87,10 @@ pub(super) fn forward<B: Backend>(
     }
 
     // Final norm and LM head, only for the rows whose logits are wanted.
+    let logits_rows = match head {
+        Head::Full(r) => r,
+        Head::Picks(r, _) => r,
+    };
     let r = logits_rows.len();
     if r == 0 {
         return Vec::new();
@@ -93,7 +99,12 @@ pub(super) fn forward<B: Backend>(
     b.gather_rows(&x, hidden, logits_rows, &mut picked);
     let mut normed = b.buf(r * hidden);
     b.rmsnorm(&picked, &w.norm, c.rms_norm_eps, hidden, &mut normed);
-    let mut logits = b.buf(r * c.vocab_size); // [R, V]
-    b.linear(&normed, r, &mut [(w.lm_head(), &mut logits)]);
-    b.to_host(logits)
+    match head {
+        Head::Full(_) => {
+            let mut logits = b.buf(r * c.vocab_size); // [R, V]
+            b.linear(&normed, r, &mut [(w.lm_head(), &mut logits)]);
+            b.to_host(logits)
+        }
+        Head::Picks(_, picks) => b.linear_picks(&normed, w.lm_head().weight, picks),
+    }
 }

@@ -16,7 +16,7 @@ use self::checkpoint::Source;
 use self::rope::RopeTable;
 use self::weights::Weights;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, RowPos};
+use crate::backend::{Backend, KvRows, RowKv};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -100,6 +100,15 @@ impl<B: Backend> Model<B> {
         self.rope.max_pos()
     }
 
+    /// A KV arena of `entries` token entries (see [`RowKv`]); beam search lays out its prompts
+    /// and beams in one.
+    pub fn new_arena(&self, entries: usize) -> Result<KvArena<B>> {
+        Ok(KvArena {
+            kv: self.backend.new_kv(&self.config, entries)?,
+            entries,
+        })
+    }
+
     /// A KV cache for `slots` sequences of up to `capacity` tokens each.
     pub fn new_cache(&self, slots: usize, capacity: usize) -> Result<Cache<B>> {
         if capacity > self.max_positions() {
@@ -108,8 +117,14 @@ impl<B: Backend> Model<B> {
                 self.max_positions()
             )));
         }
+        let entries = slots
+            .checked_mul(capacity)
+            .filter(|&e| e > 0)
+            .ok_or_else(|| {
+                Error::Input(format!("a cache of {slots} slots × {capacity} positions"))
+            })?;
         Ok(Cache {
-            kv: self.backend.new_kv(&self.config, slots, capacity)?,
+            arena: self.new_arena(entries)?,
             lens: vec![0; slots],
             capacity,
         })
@@ -126,24 +141,117 @@ impl<B: Backend> Model<B> {
         slots: &[usize],
         logits_rows: &[usize],
     ) -> Result<Vec<f32>> {
-        let rows = cache.place(tokens, slots, self.config.vocab_size)?;
-        if let Some(&r) = logits_rows.iter().find(|&&r| r >= tokens.len()) {
+        let rows = cache.place(tokens, slots)?;
+        let batch = KvRows {
+            rows: &rows,
+            links: &[],
+        };
+        let logits = self.forward_rows(&mut cache.arena, tokens, batch, Head::Full(logits_rows))?;
+        cache.commit(slots);
+        Ok(logits)
+    }
+
+    /// Runs `tokens` through the decoder, row `t` placed in the arena as `batch.rows[t]` says
+    /// (its K/V entry, position and context). The lower-level twin of [`Model::forward`]: beam
+    /// search uses it to share one prompt's KV among all its beams. Returns what `head` asks for.
+    pub fn forward_rows(
+        &self,
+        arena: &mut KvArena<B>,
+        tokens: &[u32],
+        batch: KvRows,
+        head: Head,
+    ) -> Result<Vec<f32>> {
+        self.check_batch(arena, tokens, batch, head)?;
+        Ok(self
+            .pool
+            .install(|| forward::forward(self, &mut arena.kv, tokens, batch, head)))
+    }
+
+    fn check_batch(
+        &self,
+        arena: &KvArena<B>,
+        tokens: &[u32],
+        batch: KvRows,
+        head: Head,
+    ) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if tokens.is_empty() || tokens.len() != batch.rows.len() {
+            return Err(Error::Input(format!(
+                "a batch needs one row per token and at least one token ({} tokens, {} rows)",
+                tokens.len(),
+                batch.rows.len()
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let entries = arena.entries as u32;
+        for row in batch.rows {
+            let links = batch.links.get(row.link.0 as usize..row.link.1 as usize);
+            let ok = (row.pos as usize) < self.max_positions()
+                && row.entry < entries
+                && row.span.0 <= row.span.1
+                && row.span.1 <= entries
+                && row.context_len() > 0
+                && links.is_some_and(|l| l.iter().all(|&e| e < entries));
+            if !ok {
+                return Err(Error::Input(format!(
+                    "batch row {row:?} is outside the KV arena of {entries} entries or the model's {} positions",
+                    self.max_positions()
+                )));
+            }
+        }
+        let (picked, picks) = match head {
+            Head::Full(r) => (r, &[][..]),
+            Head::Picks(r, p) => (r, p),
+        };
+        if let Some(&r) = picked.iter().find(|&&r| r >= tokens.len()) {
             return Err(Error::Input(format!(
                 "logits row {r} is outside the batch of {}",
                 tokens.len()
             )));
         }
-        let logits = self
-            .pool
-            .install(|| forward::forward(self, &mut cache.kv, tokens, &rows, logits_rows));
-        cache.commit(&rows);
-        Ok(logits)
+        if let Some(&(r, v)) = picks
+            .iter()
+            .find(|&&(r, v)| r as usize >= picked.len() || v as usize >= vocab)
+        {
+            return Err(Error::Input(format!(
+                "head pick (row {r}, token {v}) is outside {} rows × {vocab} tokens",
+                picked.len()
+            )));
+        }
+        Ok(())
     }
 }
 
-/// The KV cache of a model and how many positions each slot holds.
-pub struct Cache<B: Backend> {
+/// Which LM-head outputs a forward pass returns.
+#[derive(Debug, Clone, Copy)]
+pub enum Head<'a> {
+    /// Full-vocabulary logits of these batch rows: `[R, V]` row-major.
+    Full(&'a [usize]),
+    /// Only the logits `(i, v)` — token `v` at the `i`-th of these batch rows — in pick order
+    /// (the sparse head: a trie's allowed children).
+    Picks(&'a [usize], &'a [(u32, u32)]),
+}
+
+/// A KV arena: `entries` token entries, every layer.
+pub struct KvArena<B: Backend> {
     kv: B::Kv,
+    entries: usize,
+}
+
+impl<B: Backend> KvArena<B> {
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+}
+
+/// A KV cache of `slots` sequences (slot `s` is entries `s * capacity..`) and how many
+/// positions each holds.
+pub struct Cache<B: Backend> {
+    arena: KvArena<B>,
     lens: Vec<usize>,
     capacity: usize,
 }
@@ -167,18 +275,13 @@ impl<B: Backend> Cache<B> {
         self.lens[slot] = 0;
     }
 
-    /// Checks a batch and gives each row its position.
-    fn place(&self, tokens: &[u32], slots: &[usize], vocab: usize) -> Result<Vec<RowPos>> {
-        if tokens.is_empty() || tokens.len() != slots.len() {
+    /// Checks a batch and places each row after what its slot holds.
+    fn place(&self, tokens: &[u32], slots: &[usize]) -> Result<Vec<RowKv>> {
+        if tokens.len() != slots.len() {
             return Err(Error::Input(format!(
-                "a batch needs one slot per token and at least one token ({} tokens, {} slots)",
+                "a batch needs one slot per token ({} tokens, {} slots)",
                 tokens.len(),
                 slots.len()
-            )));
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {t} is outside the vocabulary of {vocab}"
             )));
         }
         let mut next = self.lens.clone();
@@ -197,14 +300,14 @@ impl<B: Backend> Cache<B> {
                 )));
             }
             next[slot] = pos + 1;
-            rows.push(RowPos { slot, pos });
+            rows.push(RowKv::contiguous((slot * self.capacity) as u32, pos as u32));
         }
         Ok(rows)
     }
 
-    fn commit(&mut self, rows: &[RowPos]) {
-        for r in rows {
-            self.lens[r.slot] = self.lens[r.slot].max(r.pos + 1);
+    fn commit(&mut self, slots: &[usize]) {
+        for &s in slots {
+            self.lens[s] += 1;
         }
     }
 }

@@ -1,69 +1,63 @@
-//! The CPU KV cache and causal GQA attention over it.
+//! The CPU KV cache and GQA attention over it.
 //!
-//! Cache layout: `k`, `v: [layers, slots, capacity, Hkv * D]` f32. A slot is one sequence; a
-//! batch row `(slot, pos)` writes its K/V at `pos` and attends to positions `0..=pos` of that
-//! slot. Query head `h` reads KV head `h / (H / Hkv)`. Scores are scaled by `1/sqrt(D)`, the
-//! softmax is in f32 as HF's eager attention computes it.
+//! Cache layout: `k`, `v: [layers, entries, Hkv * D]` f32 — an arena of token entries. A batch
+//! row writes its K/V at its entry and attends to the entries of its context (a contiguous span,
+//! then scattered links: see [`RowKv`]). Query head `h` reads KV head `h / (H / Hkv)`. Scores are
+//! scaled by `1/sqrt(D)`, the softmax is in f32 as HF's eager attention computes it.
 
 use rayon::prelude::*;
 
 use super::simd::{self, Isa};
-use crate::backend::{AttnShape, RowPos};
+use crate::backend::{AttnShape, KvRows, RowKv};
 
 pub struct CpuKv {
     layers: usize,
-    slots: usize,
-    capacity: usize,
+    entries: usize,
     kv_dim: usize,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl CpuKv {
-    pub fn new(layers: usize, slots: usize, capacity: usize, kv_dim: usize) -> CpuKv {
-        let n = layers * slots * capacity * kv_dim;
+    pub fn new(layers: usize, entries: usize, kv_dim: usize) -> CpuKv {
+        let n = layers * entries * kv_dim;
         CpuKv {
             layers,
-            slots,
-            capacity,
+            entries,
             kv_dim,
             k: vec![0.0; n],
             v: vec![0.0; n],
         }
     }
 
-    pub fn slots(&self) -> usize {
-        self.slots
+    pub fn entries(&self) -> usize {
+        self.entries
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Offset of `(layer, slot, pos)`.
+    /// Offset of `(layer, entry)`.
     #[inline]
-    fn at(&self, layer: usize, slot: usize, pos: usize) -> usize {
-        debug_assert!(layer < self.layers && slot < self.slots && pos < self.capacity);
-        ((layer * self.slots + slot) * self.capacity + pos) * self.kv_dim
+    fn at(&self, layer: usize, entry: usize) -> usize {
+        debug_assert!(layer < self.layers && entry < self.entries);
+        (layer * self.entries + entry) * self.kv_dim
     }
 
-    pub(super) fn store(&mut self, layer: usize, k: &[f32], v: &[f32], rows: &[RowPos]) {
+    pub(super) fn store(&mut self, layer: usize, k: &[f32], v: &[f32], rows: &[RowKv]) {
         let d = self.kv_dim;
         for (t, row) in rows.iter().enumerate() {
-            let o = self.at(layer, row.slot, row.pos);
+            let o = self.at(layer, row.entry as usize);
             self.k[o..o + d].copy_from_slice(&k[t * d..(t + 1) * d]);
             self.v[o..o + d].copy_from_slice(&v[t * d..(t + 1) * d]);
         }
     }
 }
 
-/// `out[t, h] = softmax(q[t, h] · K[slot, 0..=pos, g] / sqrt(D)) V[slot, 0..=pos, g]`.
+/// `out[t, h] = softmax(q[t, h] · K[ctx(t), g] / sqrt(D)) V[ctx(t), g]`.
 pub fn attention(
     isa: Isa,
     q: &[f32],
     kv: &CpuKv,
     layer: usize,
-    rows: &[RowPos],
+    rows: KvRows,
     shape: AttnShape,
     out: &mut [f32],
 ) {
@@ -76,12 +70,13 @@ pub fn attention(
     let scale = 1.0 / (d as f32).sqrt();
     let work = |(i, o): (usize, &mut [f32])| {
         let (t, h) = (i / heads, i % heads);
-        let row = rows[t];
+        let row = &rows.rows[t];
         let g = h / group;
         let qh = &q[i * d..(i + 1) * d];
-        let mut scores: Vec<f32> = (0..=row.pos)
-            .map(|j| {
-                let o = kv.at(layer, row.slot, j) + g * d;
+        let mut scores: Vec<f32> = rows
+            .context(row)
+            .map(|e| {
+                let o = kv.at(layer, e) + g * d;
                 simd::dot(isa, qh, &kv.k[o..o + d]) * scale
             })
             .collect();
@@ -92,13 +87,13 @@ pub fn attention(
             sum += *s;
         }
         o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let off = kv.at(layer, row.slot, j) + g * d;
+        for (e, &p) in rows.context(row).zip(&scores) {
+            let off = kv.at(layer, e) + g * d;
             simd::axpy(isa, p / sum, &kv.v[off..off + d], o);
         }
     };
-    let work_units: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * heads * d;
-    let out = &mut out[..rows.len() * heads * d];
+    let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
+    let out = &mut out[..rows.rows.len() * heads * d];
     if work_units >= 1 << 16 {
         out.par_chunks_mut(d).enumerate().for_each(work);
     } else {

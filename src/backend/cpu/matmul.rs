@@ -151,3 +151,43 @@ fn range(
         col += nr;
     }
 }
+
+/// The sparse head: `out[i] = x[r_i] · w[v_i]` for each pick `(r_i, v_i)`; `x: [R, k]`,
+/// `w: [V, k]`. One weight row per pick, read whole: a GEMV over gathered rows.
+pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Vec<f32> {
+    let rows_in = x.len() / k.max(1);
+    let vocab = w.len() / k.max(1);
+    assert!(
+        picks
+            .iter()
+            .all(|&(r, v)| (r as usize) < rows_in && (v as usize) < vocab),
+        "picks outside x or w; this is a bug"
+    );
+    let block = simd::pairs_block(isa, w).unwrap_or(0);
+    let pairs = if block > 0 {
+        simd::bf16_pairs(x, k, block)
+    } else {
+        Vec::new()
+    };
+    let xr = Rows {
+        x,
+        pairs: &pairs,
+        block,
+    };
+    let one = |&(r, v): &(u32, u32)| {
+        let r = r as usize;
+        let mut acc = [0f32; 4];
+        simd::dot_rows(isa, w, v as usize, 1, k, xr.slice(r, r + 1, k), &mut acc);
+        acc[0]
+    };
+    let mut out = vec![0f32; picks.len()];
+    // One pick reads k weights (a few KiB): worth both cores from a few dozen.
+    if picks.len() >= 64 {
+        out.par_chunks_mut(32)
+            .zip(picks.par_chunks(32))
+            .for_each(|(o, p)| o.iter_mut().zip(p).for_each(|(o, p)| *o = one(p)));
+    } else {
+        out.iter_mut().zip(picks).for_each(|(o, p)| *o = one(p));
+    }
+    out
+}

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use self::matmul::MatJob;
 use self::simd::Isa;
-use super::{AttnShape, Backend, LinearRef, RowPos};
+use super::{AttnShape, Backend, KvRows, LinearRef, RowKv};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::rope::RopeTable;
@@ -52,21 +52,17 @@ impl Backend for CpuBackend {
         vec![0.0; len]
     }
 
-    fn new_kv(&self, config: &ModelConfig, slots: usize, capacity: usize) -> Result<CpuKv> {
-        let floats = (config.num_hidden_layers as u128)
-            * slots as u128
-            * capacity as u128
-            * config.kv_dim() as u128
-            * 2;
-        if slots == 0 || capacity == 0 || floats * 4 > (64u128 << 30) {
+    fn new_kv(&self, config: &ModelConfig, entries: usize) -> Result<CpuKv> {
+        let bytes =
+            (config.num_hidden_layers as u128) * entries as u128 * config.kv_dim() as u128 * 2 * 4;
+        if entries == 0 || entries > u32::MAX as usize || bytes > (64u128 << 30) {
             return Err(Error::Input(format!(
-                "KV cache of {slots} slots × {capacity} positions is empty or over 64 GiB"
+                "a KV cache of {entries} entries is empty or over 64 GiB"
             )));
         }
         Ok(CpuKv::new(
             config.num_hidden_layers,
-            slots,
-            capacity,
+            entries,
             config.kv_dim(),
         ))
     }
@@ -119,12 +115,13 @@ impl Backend for CpuBackend {
         matmul::matmul(self.isa, x, rows, k, &mut mj);
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, rows: &[RowPos], table: &RopeTable) {
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, rows: &[RowKv], table: &RopeTable) {
         let half = table.half;
         let d = 2 * half;
         for (row, xr) in rows.iter().zip(x.chunks_exact_mut(heads * d)) {
-            let cos = &table.cos[row.pos * half..(row.pos + 1) * half];
-            let sin = &table.sin[row.pos * half..(row.pos + 1) * half];
+            let pos = row.pos as usize;
+            let cos = &table.cos[pos * half..(pos + 1) * half];
+            let sin = &table.sin[pos * half..(pos + 1) * half];
             for head in xr.chunks_exact_mut(d) {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
@@ -149,7 +146,7 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn kv_store(&self, kv: &mut CpuKv, layer: usize, k: &Vec<f32>, v: &Vec<f32>, rows: &[RowPos]) {
+    fn kv_store(&self, kv: &mut CpuKv, layer: usize, k: &Vec<f32>, v: &Vec<f32>, rows: &[RowKv]) {
         kv.store(layer, k, v, rows);
     }
 
@@ -158,7 +155,7 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         kv: &CpuKv,
         layer: usize,
-        rows: &[RowPos],
+        rows: KvRows<'_>,
         shape: AttnShape,
         out: &mut Vec<f32>,
     ) {
@@ -169,5 +166,9 @@ impl Backend for CpuBackend {
         for (i, &r) in rows.iter().enumerate() {
             out[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
         }
+    }
+
+    fn linear_picks(&self, x: &Vec<f32>, w: &HostTensor, picks: &[(u32, u32)]) -> Vec<f32> {
+        matmul::picks(self.isa, x, w.view(), w.shape()[1], picks)
     }
 }
