@@ -23,6 +23,9 @@ pub enum Error {
     /// A tensor is missing, unexpected, or has the wrong shape or dtype for the config.
     #[error("tensor `{name}`: {msg}")]
     Tensor { name: String, msg: String },
+    /// An index or trie file is truncated, corrupt, or of another format version.
+    #[error("index {path}: {msg}")]
+    Index { path: PathBuf, msg: String },
     /// `tokenizer.json` could not be loaded, or text could not be encoded/decoded.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -40,6 +43,7 @@ impl Error {
             Error::Config { .. } => "config",
             Error::Checkpoint { .. } => "checkpoint",
             Error::Tensor { .. } => "tensor",
+            Error::Index { .. } => "index",
             Error::Tokenizer(_) => "tokenizer",
             Error::Input(_) => "input",
         }

@@ -10,6 +10,7 @@
 //! - [`tensor`]: host tensors (f32/f16/bf16), memory-mapped or owned.
 //! - [`model`]: checkpoint loading (safetensors, sharded, GGUF), weights, KV cache, forward.
 //! - [`backend`]: the `Backend` trait and the CPU backend (SIMD kernels with scalar twins).
+//! - [`trie`]: a code list → the compact, mappable trie of valid codes.
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
@@ -20,6 +21,7 @@ pub mod lm;
 pub mod model;
 pub mod tensor;
 pub mod tokenizer;
+pub mod trie;
 
 pub use error::{Error, Result};
 pub use model::{LoadOptions, Model};

@@ -1,0 +1,633 @@
+//! Code set → trie: the set of valid codes, tokenized the way the model emits them, compiled into
+//! the compact structure beam search walks.
+//!
+//! A code is tokenized on its own without special tokens; the model ends it with its EOS token.
+//! The trie holds the code tokens (not the EOS): node 0 is the root, every node's children are
+//! stored CSR-style (`child_start[n]..child_start[n + 1]` into `child_token`, sorted, and
+//! `child_node`), and a node where a code ends carries that code's id (`code[n]`); it may also
+//! have children (`sofa` and `sofa | velvet`). So the tokens allowed after a beam's prefix are
+//! its node's children, plus EOS where the node ends a code. The root also has a dense table
+//! `root[token] → node` for O(1) lookup of the first token.
+//!
+//! The serialized form is one little-endian `u32` array, memory-mappable as it is (the index
+//! embeds it; see docs/FORMAT.md):
+//!
+//! ```text
+//! header  [MAGIC0, MAGIC1, VERSION, vocab, eos, nodes, edges, codes, max_len, checksum_lo, checksum_hi, 0]
+//! root        [vocab]      node of each first token, or NONE
+//! child_start [nodes + 1]
+//! child_token [edges]      sorted within each node
+//! child_node  [edges]
+//! code        [nodes]      code id ending at the node, or NONE
+//! ```
+//! Loading checks the checksum and every structural invariant, so a corrupt file is an error,
+//! never a panic or a wrong walk.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// "No node" / "no code".
+pub const NONE: u32 = u32::MAX;
+const MAGIC: [u32; 2] = [u32::from_le_bytes(*b"GRAM"), u32::from_le_bytes(*b"TRIE")];
+const VERSION: u32 = 1;
+const HEADER_WORDS: usize = 12;
+
+/// Most codes a trie holds (ids are `u32`, `NONE` reserved).
+pub const MAX_CODES: usize = (u32::MAX - 1) as usize;
+
+/// A code list, tokenized: code `i` is `texts[i]` and its tokens (without EOS)
+/// `tokens[offsets[i]..offsets[i + 1]]`.
+pub struct CodeSet {
+    pub texts: Vec<String>,
+    pub tokens: Vec<u32>,
+    pub offsets: Vec<usize>,
+}
+
+impl CodeSet {
+    /// Reads a code file (one code per line, UTF-8) and tokenizes each code. Blank lines, codes
+    /// that tokenize to nothing or contain `eos`, and an empty file are errors naming the line.
+    pub fn from_file(path: &Path, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        CodeSet::from_texts(lines, tokenizer, eos).map_err(|e| match e {
+            Error::Input(msg) => Error::Input(format!("{}: {msg}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Tokenizes `texts` (code id = index; line numbers in errors are `index + 1`).
+    pub fn from_texts(texts: Vec<String>, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
+        if texts.is_empty() {
+            return Err(Error::Input("the code set is empty".into()));
+        }
+        if texts.len() > MAX_CODES {
+            return Err(Error::Input(format!(
+                "{} codes; at most {MAX_CODES} fit",
+                texts.len()
+            )));
+        }
+        let encoded: Vec<Vec<u32>> = texts
+            .par_iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let line = i + 1;
+                if text.trim().is_empty() {
+                    return Err(Error::Input(format!("line {line} is an empty code")));
+                }
+                let ids = tokenizer.encode_plain(text)?;
+                if ids.is_empty() {
+                    return Err(Error::Input(format!(
+                        "line {line}: code {text:?} tokenizes to nothing"
+                    )));
+                }
+                if ids.contains(&eos) {
+                    return Err(Error::Input(format!(
+                        "line {line}: code {text:?} contains the EOS token {eos}"
+                    )));
+                }
+                Ok(ids)
+            })
+            .collect::<Result<_>>()?;
+        let mut offsets = Vec::with_capacity(texts.len() + 1);
+        let mut tokens = Vec::with_capacity(encoded.iter().map(Vec::len).sum());
+        offsets.push(0);
+        for ids in &encoded {
+            tokens.extend_from_slice(ids);
+            offsets.push(tokens.len());
+        }
+        Ok(CodeSet {
+            texts,
+            tokens,
+            offsets,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.texts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+
+    /// Tokens of code `i` (without EOS).
+    pub fn code_tokens(&self, i: usize) -> &[u32] {
+        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
+    }
+}
+
+/// Where a trie's words live: built in memory, or mapped from a file (possibly inside an
+/// index, at a 4-byte aligned offset).
+enum Words {
+    Owned(Vec<u32>),
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+/// A compiled code trie (see the module docs for the layout).
+pub struct Trie {
+    words: Words,
+    vocab: usize,
+    eos: u32,
+    nodes: usize,
+    edges: usize,
+    codes: usize,
+    max_len: usize,
+}
+
+/// Word offsets of the sections, from the counts.
+struct Sections {
+    root: usize,
+    child_start: usize,
+    child_token: usize,
+    child_node: usize,
+    code: usize,
+    end: usize,
+}
+
+impl Sections {
+    fn new(vocab: usize, nodes: usize, edges: usize) -> Sections {
+        let root = HEADER_WORDS;
+        let child_start = root + vocab;
+        let child_token = child_start + nodes + 1;
+        let child_node = child_token + edges;
+        let code = child_node + edges;
+        Sections {
+            root,
+            child_start,
+            child_token,
+            child_node,
+            code,
+            end: code + nodes,
+        }
+    }
+}
+
+/// A 64-bit checksum (FNV-1a over 32-bit words) of the header's counts and the payload:
+/// catches truncation and corruption.
+fn checksum(words: &[u32]) -> u64 {
+    words[2..9]
+        .iter()
+        .chain(&words[HEADER_WORDS..])
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
+            (h ^ w as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
+impl Trie {
+    /// Compiles a code set for a model with `vocab` tokens ending codes with `eos`. Two codes
+    /// with the same tokens are an error naming both lines.
+    pub fn build(set: &CodeSet, vocab: usize, eos: u32) -> Result<Trie> {
+        if let Some(&t) = set.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "code token {t} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        if eos as usize >= vocab {
+            return Err(Error::Input(format!(
+                "EOS {eos} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let n = set.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.par_sort_unstable_by(|&a, &b| {
+            set.code_tokens(a as usize)
+                .cmp(set.code_tokens(b as usize))
+                .then(a.cmp(&b))
+        });
+        if let Some(w) = order
+            .windows(2)
+            .find(|w| set.code_tokens(w[0] as usize) == set.code_tokens(w[1] as usize))
+        {
+            return Err(Error::Input(format!(
+                "lines {} and {} are the same code ({:?}, {:?} tokenize alike)",
+                w[0] + 1,
+                w[1] + 1,
+                set.texts[w[0] as usize],
+                set.texts[w[1] as usize]
+            )));
+        }
+        let tok = |i: u32, depth: usize| set.code_tokens(order[i as usize] as usize).get(depth);
+
+        // Breadth first: node ids are handed out in the order nodes are queued, and nodes are
+        // expanded in id order, so each node's children get consecutive ids and `child_start`
+        // grows monotonically. A node is the range of sorted codes sharing its prefix.
+        let mut child_start = vec![0u32];
+        let mut child_token = Vec::new();
+        let mut child_node = Vec::new();
+        let mut code = Vec::new();
+        let mut queue = std::collections::VecDeque::from([(0u32, n as u32, 0usize)]);
+        let mut max_len = 0;
+        while let Some((mut lo, hi, depth)) = queue.pop_front() {
+            // Codes ending here sort first in the range (at most one: duplicates are refused).
+            if tok(lo, depth).is_none() {
+                code.push(order[lo as usize]);
+                max_len = max_len.max(depth);
+                lo += 1;
+            } else {
+                code.push(NONE);
+            }
+            while lo < hi {
+                let t = *tok(lo, depth).expect("codes ending here were taken above");
+                let mut end = lo + 1;
+                while end < hi && tok(end, depth) == Some(&t) {
+                    end += 1;
+                }
+                let id = code.len() + queue.len();
+                child_token.push(t);
+                child_node.push(id as u32);
+                queue.push_back((lo, end, depth + 1));
+                lo = end;
+            }
+            child_start.push(child_token.len() as u32);
+        }
+        let nodes = code.len();
+        if nodes >= NONE as usize || child_token.len() >= NONE as usize {
+            return Err(Error::Input(format!(
+                "the code set makes a trie of {nodes} nodes: more than a u32 index holds"
+            )));
+        }
+        let edges = child_token.len();
+        let s = Sections::new(vocab, nodes, edges);
+        let mut words = vec![0u32; s.end];
+        words[s.root..s.child_start].fill(NONE);
+        for e in child_start[0] as usize..child_start[1] as usize {
+            words[s.root + child_token[e] as usize] = child_node[e];
+        }
+        words[s.child_start..s.child_token].copy_from_slice(&child_start);
+        words[s.child_token..s.child_node].copy_from_slice(&child_token);
+        words[s.child_node..s.code].copy_from_slice(&child_node);
+        words[s.code..s.end].copy_from_slice(&code);
+        words[..HEADER_WORDS].copy_from_slice(&[
+            MAGIC[0],
+            MAGIC[1],
+            VERSION,
+            vocab as u32,
+            eos,
+            nodes as u32,
+            edges as u32,
+            n as u32,
+            max_len as u32,
+            0,
+            0,
+            0,
+        ]);
+        let sum = checksum(&words);
+        words[9] = sum as u32;
+        words[10] = (sum >> 32) as u32;
+        Ok(Trie {
+            words: Words::Owned(words),
+            vocab,
+            eos,
+            nodes,
+            edges,
+            codes: n,
+            max_len,
+        })
+    }
+
+    /// The serialized trie (see the module docs).
+    pub fn as_words(&self) -> &[u32] {
+        match &self.words {
+            Words::Owned(w) => w,
+            Words::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + *len * 4])
+            }
+        }
+    }
+
+    /// Writes the trie to `path` atomically (temp file, fsync, rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomic(path, bytemuck::cast_slice(self.as_words()))
+    }
+
+    /// Maps a trie file written by [`Trie::write`] and checks it.
+    pub fn open(path: &Path) -> Result<Trie> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a trie file is written atomically and never modified
+        // in place, so no other writer changes it under the map.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let len = map.len();
+        Trie::from_map(Arc::new(map), 0, len).map_err(|msg| Error::Index {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    /// A trie stored at `offset..offset + bytes` of a mapped file (an index embeds one there).
+    pub fn from_map(
+        map: Arc<Mmap>,
+        offset: usize,
+        bytes: usize,
+    ) -> std::result::Result<Trie, String> {
+        let region = map
+            .get(offset..offset.saturating_add(bytes))
+            .ok_or_else(|| format!("trie at {offset}+{bytes} is past the end of the file"))?;
+        if !offset.is_multiple_of(4) || !bytes.is_multiple_of(4) {
+            return Err(format!("trie at {offset}+{bytes} is not 4-byte aligned"));
+        }
+        let words: &[u32] = bytemuck::try_cast_slice(region)
+            .map_err(|e| format!("trie words cannot be read in place: {e}"))?;
+        let (vocab, eos, nodes, edges, codes, max_len) = Trie::check(words)?;
+        let len = words.len();
+        Ok(Trie {
+            words: Words::Mapped { map, offset, len },
+            vocab,
+            eos,
+            nodes,
+            edges,
+            codes,
+            max_len,
+        })
+    }
+
+    /// Validates a serialized trie; returns its counts.
+    #[allow(clippy::type_complexity)]
+    fn check(
+        words: &[u32],
+    ) -> std::result::Result<(usize, u32, usize, usize, usize, usize), String> {
+        let h = words
+            .get(..HEADER_WORDS)
+            .ok_or("file is shorter than a trie header")?;
+        if h[..2] != MAGIC {
+            return Err("not a gram trie (bad magic)".into());
+        }
+        if h[2] != VERSION {
+            return Err(format!(
+                "trie format version {} (this build reads {VERSION})",
+                h[2]
+            ));
+        }
+        let (vocab, eos, nodes, edges, codes, max_len) = (
+            h[3] as usize,
+            h[4],
+            h[5] as usize,
+            h[6] as usize,
+            h[7] as usize,
+            h[8] as usize,
+        );
+        let want = (vocab as u128) + 2 * (nodes as u128) + 2 * (edges as u128) + 1;
+        if words.len() as u128 != HEADER_WORDS as u128 + want {
+            return Err(format!(
+                "trie is {} words, its header says {} (truncated or corrupt)",
+                words.len(),
+                HEADER_WORDS as u128 + want
+            ));
+        }
+        let sum = checksum(words);
+        if (sum as u32, (sum >> 32) as u32, 0) != (h[9], h[10], h[11]) {
+            return Err("trie checksum mismatch (corrupt file)".into());
+        }
+        if nodes == 0 || eos as usize >= vocab {
+            return Err("trie header is inconsistent".into());
+        }
+        let s = Sections::new(vocab, nodes, edges);
+        let start = &words[s.child_start..s.child_token];
+        let token = &words[s.child_token..s.child_node];
+        let node = &words[s.child_node..s.code];
+        let code = &words[s.code..s.end];
+        if start[0] != 0 || start[nodes] as usize != edges || start.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err("trie child_start is not monotone over the edges".into());
+        }
+        for n in 0..nodes {
+            let (a, b) = (start[n] as usize, start[n + 1] as usize);
+            if token[a..b].windows(2).any(|w| w[0] >= w[1])
+                || token[a..b].iter().any(|&t| t as usize >= vocab || t == eos)
+                || node[a..b]
+                    .iter()
+                    .any(|&c| c as usize >= nodes || c as usize <= n)
+            {
+                return Err(format!("trie node {n} has malformed children"));
+            }
+        }
+        if code.iter().any(|&c| c != NONE && c as usize >= codes) {
+            return Err("trie names a code id past its code count".into());
+        }
+        let root = &words[s.root..s.child_start];
+        let mut dense = vec![NONE; vocab];
+        for e in start[0] as usize..start[1] as usize {
+            dense[token[e] as usize] = node[e];
+        }
+        if root != dense.as_slice() {
+            return Err("trie root table disagrees with the root's children".into());
+        }
+        Ok((vocab, eos, nodes, edges, codes, max_len))
+    }
+
+    fn sections(&self) -> Sections {
+        Sections::new(self.vocab, self.nodes, self.edges)
+    }
+
+    /// The root node.
+    pub const ROOT: u32 = 0;
+
+    /// Children of `node`: `(tokens, nodes)`, tokens ascending.
+    #[inline]
+    pub fn children(&self, node: u32) -> (&[u32], &[u32]) {
+        let s = self.sections();
+        let w = self.as_words();
+        let n = node as usize;
+        let (a, b) = (
+            w[s.child_start + n] as usize,
+            w[s.child_start + n + 1] as usize,
+        );
+        (
+            &w[s.child_token + a..s.child_token + b],
+            &w[s.child_node + a..s.child_node + b],
+        )
+    }
+
+    /// The code ending at `node`, if one does.
+    #[inline]
+    pub fn code(&self, node: u32) -> Option<u32> {
+        let c = self.as_words()[self.sections().code + node as usize];
+        (c != NONE).then_some(c)
+    }
+
+    /// The child of `node` along `token`.
+    pub fn child(&self, node: u32, token: u32) -> Option<u32> {
+        if node == Trie::ROOT {
+            let c = *self.as_words().get(self.sections().root + token as usize)?;
+            return (c != NONE && (token as usize) < self.vocab).then_some(c);
+        }
+        let (tokens, nodes) = self.children(node);
+        tokens.binary_search(&token).ok().map(|i| nodes[i])
+    }
+
+    /// The node `tokens` lead to from the root.
+    pub fn walk(&self, tokens: &[u32]) -> Option<u32> {
+        tokens
+            .iter()
+            .try_fold(Trie::ROOT, |node, &t| self.child(node, t))
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn num_codes(&self) -> usize {
+        self.codes
+    }
+
+    pub fn num_nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// Longest code, in tokens (without EOS).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Size of the serialized trie.
+    pub fn size_bytes(&self) -> usize {
+        self.as_words().len() * 4
+    }
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old file or the whole new one: a temp file
+/// beside it, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A code set straight from token lists (no tokenizer).
+    fn set(codes: &[&[u32]]) -> CodeSet {
+        let mut tokens = Vec::new();
+        let mut offsets = vec![0];
+        for c in codes {
+            tokens.extend_from_slice(c);
+            offsets.push(tokens.len());
+        }
+        CodeSet {
+            texts: (0..codes.len()).map(|i| format!("c{i}")).collect(),
+            tokens,
+            offsets,
+        }
+    }
+
+    /// Every code walks to a node carrying its id; every node's children are exactly the next
+    /// tokens of the codes through it.
+    fn check_against_codes(trie: &Trie, s: &CodeSet) {
+        use std::collections::{BTreeMap, BTreeSet};
+        let mut next: BTreeMap<Vec<u32>, BTreeSet<u32>> = BTreeMap::new();
+        for i in 0..s.len() {
+            let t = s.code_tokens(i);
+            let node = trie.walk(t).expect("code walks");
+            assert_eq!(trie.code(node), Some(i as u32));
+            for d in 0..t.len() {
+                next.entry(t[..d].to_vec()).or_default().insert(t[d]);
+            }
+        }
+        for (prefix, toks) in next {
+            let node = trie.walk(&prefix).unwrap();
+            let (ct, _) = trie.children(node);
+            assert_eq!(ct, toks.into_iter().collect::<Vec<_>>().as_slice());
+        }
+    }
+
+    #[test]
+    fn builds_and_walks() {
+        let s = set(&[&[5, 6], &[5], &[5, 6, 7], &[9, 1], &[5, 8], &[3]]);
+        let trie = Trie::build(&s, 16, 2).unwrap();
+        check_against_codes(&trie, &s);
+        assert_eq!(trie.max_len(), 3);
+        assert_eq!(trie.children(Trie::ROOT).0, &[3, 5, 9]);
+        assert_eq!(trie.walk(&[5, 7]), None);
+        assert_eq!(trie.code(Trie::ROOT), None);
+        assert_eq!(trie.child(Trie::ROOT, 15), None);
+    }
+
+    #[test]
+    fn random_sets_match_their_codes() {
+        let mut rng = 0x1234_5678u64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        for _ in 0..20 {
+            let mut codes = std::collections::BTreeSet::new();
+            for _ in 0..next(300) + 1 {
+                let len = next(6) + 1;
+                codes.insert((0..len).map(|_| next(12) as u32 + 3).collect::<Vec<_>>());
+            }
+            let codes: Vec<Vec<u32>> = codes.into_iter().collect();
+            let refs: Vec<&[u32]> = codes.iter().map(|c| c.as_slice()).collect();
+            let s = set(&refs);
+            let trie = Trie::build(&s, 20, 2).unwrap();
+            check_against_codes(&trie, &s);
+            Trie::check(trie.as_words()).unwrap();
+        }
+    }
+
+    #[test]
+    fn duplicates_and_bad_tokens_are_errors() {
+        let e = Trie::build(&set(&[&[5, 6], &[7], &[5, 6]]), 16, 2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("lines 1 and 3"), "{e}");
+        let e = Trie::build(&set(&[&[5, 60]]), 16, 2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("outside the model's vocabulary"), "{e}");
+    }
+
+    #[test]
+    fn corrupt_words_are_refused() {
+        let s = set(&[&[5, 6], &[5], &[9, 1]]);
+        let trie = Trie::build(&s, 16, 2).unwrap();
+        let good = trie.as_words().to_vec();
+        for i in 0..good.len() {
+            let mut w = good.clone();
+            w[i] ^= 0x10;
+            assert!(Trie::check(&w).is_err(), "flipped word {i} passed");
+        }
+        assert!(Trie::check(&good[..good.len() - 1]).is_err());
+        assert!(Trie::check(&good[..5]).is_err());
+    }
+}
