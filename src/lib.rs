@@ -11,10 +11,12 @@
 //! - [`model`]: checkpoint loading (safetensors, sharded, GGUF), weights, KV cache, forward.
 //! - [`backend`]: the `Backend` trait and the CPU backend (SIMD kernels with scalar twins).
 //! - [`trie`]: a code list → the compact, mappable trie of valid codes.
+//! - [`beam`]: trie-constrained batched beam search: prompts → codes with log-probabilities.
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
 pub mod backend;
+pub mod beam;
 pub mod config;
 pub mod error;
 pub mod lm;

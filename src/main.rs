@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gram::beam::{self, BeamOptions, Normalize, Query};
 use gram::lm;
 use gram::tensor::DType;
+use gram::trie::{CodeSet, Trie};
 use gram::{LoadOptions, Model, Tokenizer};
 use serde_json::json;
 
@@ -21,6 +23,43 @@ struct Cli {
 enum Command {
     /// Next-token log-probabilities (and an optional greedy continuation) for one prompt.
     Lm(LmArgs),
+    /// The most likely codes of a code set for each prompt (trie-constrained beam search).
+    Codes(CodesArgs),
+}
+
+#[derive(clap::Args)]
+struct CodesArgs {
+    /// Model directory: config.json, tokenizer.json, *.safetensors or one *.gguf.
+    #[arg(long)]
+    model: PathBuf,
+    /// Code set: one code per line (UTF-8); each is tokenized alone and ended with the EOS.
+    #[arg(long)]
+    codes: PathBuf,
+    /// Beam width (1..=512): codes returned per prompt at most.
+    #[arg(long, default_value_t = 10)]
+    beam: usize,
+    /// Most tokens a code may take, its EOS included.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// HF length penalty: a finished code scores sum(logprobs) / length ^ penalty.
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f32,
+    /// `full`: full-vocabulary log-softmax, then the trie mask (transformers' semantics);
+    /// `children`: normalize over the allowed tokens only (sparse LM head).
+    #[arg(long, default_value = "full")]
+    normalize: String,
+    /// Unconstrained beam search (for comparison): reports how many returned codes are invalid.
+    #[arg(long)]
+    no_trie: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Prompts, used as given (tokenized as `tokenizer(text)`); all share decoder steps.
+    #[arg(required = true)]
+    prompts: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -49,6 +88,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lm(args) => run_lm(args),
+        Command::Codes(args) => run_codes(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,20 +104,82 @@ fn parse_dtype(s: Option<&str>) -> Result<Option<DType>, String> {
         .transpose()
 }
 
-fn run_lm(args: LmArgs) -> Result<(), String> {
-    if !args.model.is_dir() {
-        return Err(format!("--model {}: not a directory", args.model.display()));
+/// Loads the model directory's tokenizer and weights.
+fn load(
+    dir: &std::path::Path,
+    threads: Option<usize>,
+    dtype: Option<&str>,
+) -> Result<(Tokenizer, Model), String> {
+    if !dir.is_dir() {
+        return Err(format!("--model {}: not a directory", dir.display()));
     }
-    if args.threads == Some(0) {
+    if threads == Some(0) {
         return Err("--threads must be at least 1".into());
     }
     let options = LoadOptions {
-        dtype: parse_dtype(args.dtype.as_deref())?,
-        threads: args.threads,
+        dtype: parse_dtype(dtype)?,
+        threads,
     };
-    let tokenizer =
-        Tokenizer::from_file(&args.model.join("tokenizer.json")).map_err(|e| e.to_string())?;
-    let model = Model::load(&args.model, &options).map_err(|e| e.to_string())?;
+    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
+    let model = Model::load(dir, &options).map_err(|e| e.to_string())?;
+    Ok((tokenizer, model))
+}
+
+fn run_codes(args: CodesArgs) -> Result<(), String> {
+    let normalize = match args.normalize.as_str() {
+        "full" => Normalize::Full,
+        "children" => Normalize::Children,
+        other => return Err(format!("--normalize `{other}`: expected full or children")),
+    };
+    let options = BeamOptions {
+        beam: args.beam,
+        max_new_tokens: args.max_new_tokens,
+        length_penalty: args.length_penalty,
+        normalize,
+        constrained: !args.no_trie,
+    };
+    let (tokenizer, model) = load(&args.model, args.threads, args.dtype.as_deref())?;
+    let eos = *model
+        .config
+        .eos_token_ids
+        .first()
+        .ok_or("the model's config names no eos_token_id: codes cannot end")?;
+    let set = CodeSet::from_file(&args.codes, &tokenizer, eos).map_err(|e| e.to_string())?;
+    let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
+    let queries = args
+        .prompts
+        .iter()
+        .map(|p| {
+            Ok(Query {
+                prompt: tokenizer.encode(p).map_err(|e| e.to_string())?,
+                options,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let outputs = beam::search(&model, &trie, &queries).map_err(|e| e.to_string())?;
+    for (prompt, out) in args.prompts.iter().zip(outputs) {
+        let codes = out
+            .codes
+            .iter()
+            .map(|c| {
+                let text = match c.code {
+                    Some(id) => set.texts[id as usize].clone(),
+                    None => tokenizer.decode(&c.tokens).map_err(|e| e.to_string())?,
+                };
+                Ok(json!({"code": text, "score": c.score, "token_logprobs": c.token_logprobs}))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut obj = json!({"prompt": prompt, "codes": codes});
+        if args.no_trie {
+            obj["invalid"] = json!(out.invalid);
+        }
+        println!("{obj}");
+    }
+    Ok(())
+}
+
+fn run_lm(args: LmArgs) -> Result<(), String> {
+    let (tokenizer, model) = load(&args.model, args.threads, args.dtype.as_deref())?;
     let tokens = tokenizer.encode(&args.prompt).map_err(|e| e.to_string())?;
     let out = lm::run(&model, &tokens, args.greedy.unwrap_or(0)).map_err(|e| e.to_string())?;
     let mut obj = json!({

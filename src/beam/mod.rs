@@ -1,0 +1,534 @@
+//! Trie-constrained batched beam search: queries → their most likely valid codes, each with its
+//! total score and per-token log-probabilities.
+//!
+//! Many queries share each decoder step, each with its own beam width. A query's prompt is
+//! prefilled once into the KV arena and shared by all its beams; a beam's own code tokens get one
+//! KV entry each, and the beam keeps the list of those entries (its ancestry), so reordering
+//! beams copies no KV at all — a new beam inherits its parent's entry list and appends one.
+//!
+//! Selection follows `transformers`' `generate(num_beams=B, do_sample=False,
+//! prefix_allowed_tokens_fn=trie, early_stopping=False)` exactly (see [`select`]): full-vocabulary
+//! log-softmax, then the trie mask; the top `2B` candidates of the query; the best `B` of them
+//! that do not end the code keep running; those among the top `B` that end it (EOS, or the
+//! length limit) compete for the `B` finished slots with score `sum(logprobs) / len ^ penalty`;
+//! the query stops when no running beam can beat its worst finished one (HF's heuristic) or at
+//! `max_new_tokens`. [`Normalize::Children`] instead normalizes over a node's allowed tokens only,
+//! so the LM head is evaluated for those rows alone (the sparse head).
+
+pub mod select;
+
+use crate::backend::{Backend, KvRows, RowKv};
+use crate::error::{Error, Result};
+use crate::model::{Head, KvArena, Model};
+use crate::trie::Trie;
+
+use self::select::{Candidate, Finished};
+use crate::trie::NONE;
+
+/// Widest beam a query may ask for.
+pub const MAX_BEAM: usize = 512;
+/// Most new tokens a query may ask for.
+pub const MAX_NEW_TOKENS: usize = 256;
+
+/// How a step's log-probabilities are normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Normalize {
+    /// Over the whole vocabulary, then masked (HF semantics).
+    Full,
+    /// Over the tokens the trie allows at the beam's node only (sparse head).
+    Children,
+}
+
+/// Options of one query.
+#[derive(Debug, Clone, Copy)]
+pub struct BeamOptions {
+    pub beam: usize,
+    pub max_new_tokens: usize,
+    pub length_penalty: f32,
+    pub normalize: Normalize,
+    /// Restrict beams to the trie (on by default; off only to measure what it prevents).
+    pub constrained: bool,
+}
+
+impl Default for BeamOptions {
+    fn default() -> Self {
+        BeamOptions {
+            beam: 10,
+            max_new_tokens: 16,
+            length_penalty: 1.0,
+            normalize: Normalize::Full,
+            constrained: true,
+        }
+    }
+}
+
+impl BeamOptions {
+    fn check(&self) -> Result<()> {
+        if self.beam == 0 || self.beam > MAX_BEAM {
+            return Err(Error::Input(format!(
+                "beam width {} is out of range (1..={MAX_BEAM})",
+                self.beam
+            )));
+        }
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
+            return Err(Error::Input(format!(
+                "max_new_tokens {} is out of range (1..={MAX_NEW_TOKENS})",
+                self.max_new_tokens
+            )));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::Input("length_penalty must be finite".into()));
+        }
+        if !self.constrained && self.normalize == Normalize::Children {
+            return Err(Error::Input(
+                "normalizing over the allowed children needs the trie".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One query: its prompt tokens and options.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub prompt: Vec<u32>,
+    pub options: BeamOptions,
+}
+
+/// One returned code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Code {
+    /// The code's id in the trie; `None` only in unconstrained mode, for a sequence that is not
+    /// a code (counted in [`Output::invalid`]).
+    pub code: Option<u32>,
+    /// Its tokens, without the EOS.
+    pub tokens: Vec<u32>,
+    /// `sum(token_logprobs) / token_logprobs.len() ^ length_penalty`.
+    pub score: f32,
+    /// Log-probability of each generated token, the EOS included.
+    pub token_logprobs: Vec<f32>,
+}
+
+/// What a query returned.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// Up to `beam` codes, best first.
+    pub codes: Vec<Code>,
+    /// Unconstrained mode: how many of `codes` are not codes of the set.
+    pub invalid: usize,
+    /// Finished slots held by sequences cut at `max_new_tokens` without an EOS (HF returns
+    /// them; a constrained search leaves them out of `codes`, being no codes).
+    pub truncated: usize,
+    /// Decoder steps the query took part in (the prefill counts as one).
+    pub steps: usize,
+}
+
+/// A running beam.
+#[derive(Debug, Clone)]
+struct Beam {
+    node: u32,
+    score: f32,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    /// KV entries of this beam's code tokens fed so far, oldest first.
+    entries: Vec<u32>,
+}
+
+/// One query in flight.
+struct State {
+    options: BeamOptions,
+    /// First arena entry of the query; its prompt fills `base..base + prompt_len`, then one
+    /// entry per (step, beam) slot.
+    base: u32,
+    prompt_len: usize,
+    beams: Vec<Beam>,
+    finished: Vec<Finished>,
+    /// HF's `is_early_stop_heuristic_unsatisfied`: some running beam may still beat the worst
+    /// finished one.
+    open: bool,
+    steps: usize,
+}
+
+impl State {
+    fn active(&self) -> bool {
+        self.open && !self.beams.is_empty()
+    }
+
+    /// Arena entries the query needs: its prompt and one per beam for every fed code token
+    /// (the last generated token is never fed).
+    fn entries(q: &Query) -> usize {
+        q.prompt.len() + q.options.beam * (q.options.max_new_tokens - 1)
+    }
+}
+
+/// Runs beam search; reuses its KV arena across calls (grown as needed).
+#[derive(Default)]
+pub struct BeamSearch<B: Backend> {
+    arena: Option<KvArena<B>>,
+}
+
+impl<B: Backend> BeamSearch<B> {
+    pub fn new() -> Self {
+        BeamSearch { arena: None }
+    }
+
+    /// Runs all `queries` together (their steps batched into shared forward passes) and
+    /// returns one [`Output`] per query, in order.
+    pub fn run(&mut self, model: &Model<B>, trie: &Trie, queries: &[Query]) -> Result<Vec<Output>> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_trie(model, trie)?;
+        for (i, q) in queries.iter().enumerate() {
+            q.options.check()?;
+            if q.prompt.is_empty() {
+                return Err(Error::Input(format!("query {i}: the prompt has no tokens")));
+            }
+            let need = q.prompt.len() + q.options.max_new_tokens;
+            if need > model.max_positions() {
+                return Err(Error::Input(format!(
+                    "query {i}: a prompt of {} tokens plus {} new ones exceeds the model's {} positions",
+                    q.prompt.len(),
+                    q.options.max_new_tokens,
+                    model.max_positions()
+                )));
+            }
+        }
+        let total: usize = queries.iter().map(State::entries).sum();
+        if total > u32::MAX as usize {
+            return Err(Error::Input(format!(
+                "{total} KV entries for one batch is too many"
+            )));
+        }
+        if self.arena.as_ref().is_none_or(|a| a.entries() < total) {
+            self.arena = None; // free the old one first
+            self.arena = Some(model.new_arena(total)?);
+        }
+        let arena = self.arena.as_mut().expect("just made");
+
+        let mut base = 0u32;
+        let mut states: Vec<State> = queries
+            .iter()
+            .map(|q| {
+                let s = State {
+                    options: q.options,
+                    base,
+                    prompt_len: q.prompt.len(),
+                    beams: Vec::new(),
+                    finished: Vec::new(),
+                    open: true,
+                    steps: 0,
+                };
+                base += State::entries(q) as u32;
+                s
+            })
+            .collect();
+
+        // Step 0: every prompt, prefilled in one batch; the last row of each gives the first
+        // code token.
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        let mut last = Vec::new();
+        let roots: Vec<Beam> = states
+            .iter()
+            .map(|_| Beam {
+                node: Trie::ROOT,
+                score: 0.0,
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                entries: Vec::new(),
+            })
+            .collect();
+        for (q, s) in queries.iter().zip(&states) {
+            for (p, &t) in q.prompt.iter().enumerate() {
+                tokens.push(t);
+                rows.push(RowKv::contiguous(s.base, p as u32));
+            }
+            last.push(rows.len() - 1);
+        }
+        let parents: Vec<(usize, &Beam)> = roots.iter().enumerate().collect();
+        let lps = logprob_rows(
+            model,
+            arena,
+            trie,
+            &states,
+            &tokens,
+            &rows,
+            &[],
+            &last,
+            &parents,
+        )?;
+        for (qi, s) in states.iter_mut().enumerate() {
+            let cands = select::candidates(&[0.0], &lps[qi..qi + 1]);
+            advance(trie, s, &roots[qi..qi + 1], cands);
+        }
+
+        // Steps 1..: every running beam of every open query feeds its last token.
+        while states.iter().any(State::active) {
+            let mut tokens = Vec::new();
+            let mut rows = Vec::new();
+            let mut links = Vec::new();
+            let mut parents = Vec::new();
+            for (qi, s) in states.iter_mut().enumerate() {
+                if !s.active() {
+                    continue;
+                }
+                let b = s.options.beam as u32;
+                let fed = s.beams[0].tokens.len(); // all running beams have the same length
+                let slot0 = s.base + s.prompt_len as u32 + (fed as u32 - 1) * b;
+                for (j, beam) in s.beams.iter_mut().enumerate() {
+                    let entry = slot0 + j as u32;
+                    beam.entries.push(entry);
+                    let start = links.len() as u32;
+                    links.extend_from_slice(&beam.entries);
+                    tokens.push(*beam.tokens.last().expect("a running beam has a token"));
+                    rows.push(RowKv {
+                        pos: (s.prompt_len + fed - 1) as u32,
+                        entry,
+                        span: (s.base, s.base + s.prompt_len as u32),
+                        link: (start, links.len() as u32),
+                    });
+                }
+                parents.extend((0..s.beams.len()).map(|j| (qi, j)));
+            }
+            let all: Vec<usize> = (0..rows.len()).collect();
+            let parent_beams: Vec<(usize, &Beam)> = parents
+                .iter()
+                .map(|&(qi, j)| (qi, &states[qi].beams[j]))
+                .collect();
+            let lps = logprob_rows(
+                model,
+                arena,
+                trie,
+                &states,
+                &tokens,
+                &rows,
+                &links,
+                &all,
+                &parent_beams,
+            )?;
+            let mut at = 0;
+            for s in states.iter_mut() {
+                if !s.active() {
+                    continue;
+                }
+                let n = s.beams.len();
+                let beams = std::mem::take(&mut s.beams);
+                let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
+                let cands = select::candidates(&scores, &lps[at..at + n]);
+                advance(trie, s, &beams, cands);
+                at += n;
+            }
+        }
+        Ok(states.into_iter().map(|s| finish(trie, s)).collect())
+    }
+}
+
+/// Beam search for `queries` with a fresh arena.
+pub fn search<B: Backend>(model: &Model<B>, trie: &Trie, queries: &[Query]) -> Result<Vec<Output>> {
+    BeamSearch::new().run(model, trie, queries)
+}
+
+/// The trie must have been built for this model's vocabulary and EOS.
+fn check_trie<B: Backend>(model: &Model<B>, trie: &Trie) -> Result<()> {
+    if trie.vocab() > model.config.vocab_size {
+        return Err(Error::Input(format!(
+            "the trie was built for a vocabulary of {}, the model has {}",
+            trie.vocab(),
+            model.config.vocab_size
+        )));
+    }
+    if !model.config.eos_token_ids.contains(&trie.eos()) {
+        return Err(Error::Input(format!(
+            "the trie ends codes with token {}, which is not an EOS of the model ({:?})",
+            trie.eos(),
+            model.config.eos_token_ids
+        )));
+    }
+    Ok(())
+}
+
+/// The tokens a beam at `node` may take next: its children, then EOS where a code ends there.
+fn allowed(trie: &Trie, node: u32) -> impl Iterator<Item = u32> + '_ {
+    let (tokens, _) = trie.children(node);
+    tokens
+        .iter()
+        .copied()
+        .chain(trie.code(node).map(|_| trie.eos()))
+}
+
+/// Runs the batch and returns, for each parent beam (one per row of `logits_rows`), the
+/// `(token, logprob)` of every token it may take, normalized as its query asks. When every query
+/// of the batch normalizes over children, only those logits are computed (the sparse head).
+#[allow(clippy::too_many_arguments)]
+fn logprob_rows<B: Backend>(
+    model: &Model<B>,
+    arena: &mut KvArena<B>,
+    trie: &Trie,
+    states: &[State],
+    tokens: &[u32],
+    rows: &[RowKv],
+    links: &[u32],
+    logits_rows: &[usize],
+    parents: &[(usize, &Beam)],
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    let batch = KvRows { rows, links };
+    let opts = |qi: usize| states[qi].options;
+    let children_only = |pairs: &mut dyn Iterator<Item = (u32, f32)>| {
+        let list: Vec<(u32, f32)> = pairs.collect();
+        let lse = select::logsumexp(&list.iter().map(|p| p.1).collect::<Vec<_>>());
+        list.into_iter().map(|(t, l)| (t, l - lse)).collect()
+    };
+    if parents
+        .iter()
+        .all(|&(qi, _)| opts(qi).normalize == Normalize::Children)
+    {
+        let mut picks: Vec<(u32, u32)> = Vec::new();
+        for (i, &(_, beam)) in parents.iter().enumerate() {
+            picks.extend(allowed(trie, beam.node).map(|t| (i as u32, t)));
+        }
+        let logits = model.forward_rows(arena, tokens, batch, Head::Picks(logits_rows, &picks))?;
+        let mut at = 0;
+        return Ok(parents
+            .iter()
+            .map(|&(_, beam)| {
+                let mut it = allowed(trie, beam.node).map(|t| {
+                    at += 1;
+                    (t, logits[at - 1])
+                });
+                children_only(&mut it)
+            })
+            .collect());
+    }
+    let vocab = model.config.vocab_size;
+    let logits = model.forward_rows(arena, tokens, batch, Head::Full(logits_rows))?;
+    Ok(parents
+        .iter()
+        .zip(logits.chunks_exact(vocab))
+        .map(|(&(qi, beam), row)| {
+            let o = opts(qi);
+            match (o.constrained, o.normalize) {
+                (true, Normalize::Children) => {
+                    children_only(&mut allowed(trie, beam.node).map(|t| (t, row[t as usize])))
+                }
+                (true, Normalize::Full) => {
+                    let lse = select::logsumexp(row);
+                    allowed(trie, beam.node)
+                        .map(|t| (t, row[t as usize] - lse))
+                        .collect()
+                }
+                // Only a row's 2B best tokens can be among its query's 2B best candidates.
+                (false, _) => {
+                    let lse = select::logsumexp(row);
+                    select::top_tokens(row, 2 * o.beam)
+                        .into_iter()
+                        .map(|(t, l)| (t, l - lse))
+                        .collect()
+                }
+            }
+        })
+        .collect())
+}
+
+/// HF's update of one query after a step: running beams, finished slots, stopping heuristic.
+fn advance(trie: &Trie, s: &mut State, parents: &[Beam], cands: Vec<Candidate>) {
+    s.steps += 1;
+    let b = s.options.beam;
+    let gen_len = parents[0].tokens.len() + 1;
+    let at_limit = gen_len >= s.options.max_new_tokens;
+    let top = select::top_k(cands, 2 * b);
+    let eos = trie.eos();
+    let child = |parent: &Beam, token: u32| {
+        if s.options.constrained {
+            trie.child(parent.node, token).unwrap_or(NONE)
+        } else {
+            Trie::ROOT
+        }
+    };
+    let penalty = (gen_len as f32).powf(s.options.length_penalty);
+    let mut running = Vec::with_capacity(b);
+    for (rank, c) in top.iter().enumerate() {
+        let parent = &parents[c.beam as usize];
+        let hits = c.token == eos || at_limit;
+        if hits {
+            // Only the top B candidates may finish (HF's `top_num_beam_mask`).
+            if rank < b {
+                let mut tokens = parent.tokens.clone();
+                tokens.push(c.token);
+                let mut logprobs = parent.logprobs.clone();
+                logprobs.push(c.logprob);
+                select::offer(
+                    &mut s.finished,
+                    b,
+                    Finished {
+                        score: c.score / penalty,
+                        node: parent.node,
+                        tokens,
+                        logprobs,
+                    },
+                );
+            }
+        } else if running.len() < b {
+            let mut tokens = parent.tokens.clone();
+            tokens.push(c.token);
+            let mut logprobs = parent.logprobs.clone();
+            logprobs.push(c.logprob);
+            running.push(Beam {
+                node: child(parent, c.token),
+                score: c.score,
+                tokens,
+                logprobs,
+                entries: parent.entries.clone(),
+            });
+        }
+    }
+    s.beams = if at_limit { Vec::new() } else { running };
+    // HF's heuristic: once every finished slot is taken, stop when the best running beam, at
+    // its current length, cannot beat the worst finished score.
+    if let Some(best) = s.beams.first() {
+        if s.finished.len() == b {
+            let worst = s.finished.last().expect("full").score;
+            s.open &= best.score / penalty > worst;
+        }
+    }
+}
+
+/// The query's result, best first. Constrained: the finished slots that end in EOS (all codes
+/// by construction). Unconstrained: every finished slot, `invalid` counting those that are not
+/// codes of the set (cut at the length limit, or off the trie).
+fn finish(trie: &Trie, s: State) -> Output {
+    let eos = trie.eos();
+    let mut out = Output {
+        steps: s.steps,
+        ..Output::default()
+    };
+    for f in s.finished {
+        let ended = f.tokens.last() == Some(&eos);
+        let body = if ended {
+            &f.tokens[..f.tokens.len() - 1]
+        } else {
+            &f.tokens[..]
+        };
+        let code = match (ended, s.options.constrained) {
+            (false, _) => None,
+            (true, true) => trie.code(f.node),
+            (true, false) => trie.walk(body).and_then(|n| trie.code(n)),
+        };
+        if !ended {
+            out.truncated += 1;
+        }
+        if code.is_none() {
+            if s.options.constrained {
+                continue;
+            }
+            out.invalid += 1;
+        }
+        out.codes.push(Code {
+            code,
+            tokens: body.to_vec(),
+            score: f.score,
+            token_logprobs: f.logprobs,
+        });
+    }
+    out
+}
