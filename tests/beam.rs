@@ -1,0 +1,327 @@
+//! Trie-constrained beam search: exactness against teacher forcing, batching invariance, invalid
+//! rate 0, and bad input. (Parity with transformers' `prefix_allowed_tokens_fn` is in
+//! `tests/beam_hf.rs`.)
+
+mod common;
+
+use common::*;
+use gram::beam::{self, BeamOptions, BeamSearch, Normalize, Query};
+use gram::lm::log_softmax;
+use gram::trie::{CodeSet, Trie};
+use gram::{Model, Tokenizer};
+
+const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
+
+/// A code set of attribute codes: 1 to 3 parts joined by " | ".
+fn code_texts() -> Vec<String> {
+    let kinds = ["sofa", "chair", "lamp", "rug", "table", "bed", "desk"];
+    let materials = ["", "velvet", "oak", "wool", "brass"];
+    let colours = ["", "green", "blue", "red"];
+    let mut out = Vec::new();
+    for k in kinds {
+        for m in materials {
+            for c in colours {
+                let parts: Vec<&str> = [k, m, c].into_iter().filter(|p| !p.is_empty()).collect();
+                out.push(parts.join(" | "));
+            }
+        }
+    }
+    out
+}
+
+struct Fixture {
+    tok: Tokenizer,
+    model: Model,
+    set: CodeSet,
+    trie: Trie,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = model_dir(name);
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = Model::load(&dir, &Default::default()).unwrap();
+    let eos = model.config.eos_token_ids[0];
+    let set = CodeSet::from_texts(code_texts(), &tok, eos).unwrap();
+    let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
+    Fixture {
+        tok,
+        model,
+        set,
+        trie,
+    }
+}
+
+/// Every code scored by teacher forcing: the prompt and the code's tokens in one forward pass
+/// (one cache slot per code), the log-prob of each code token and of the EOS read off the
+/// logits, normalized as `normalize` says. Returns `(code id, score, token logprobs)`, best
+/// first.
+fn teacher_forced(
+    f: &Fixture,
+    prompt: &[u32],
+    normalize: Normalize,
+    length_penalty: f32,
+) -> Vec<(u32, f32, Vec<f32>)> {
+    let (model, trie, set) = (&f.model, &f.trie, &f.set);
+    let eos = trie.eos();
+    let n = set.len();
+    let cap = prompt.len() + trie.max_len();
+    let mut cache = model.new_cache(n, cap).unwrap();
+    let (mut tokens, mut slots, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let code = set.code_tokens(i);
+        for &t in prompt.iter().chain(code) {
+            tokens.push(t);
+            slots.push(i);
+        }
+        // Rows predicting code token 0.., then EOS.
+        let last = tokens.len() - 1;
+        rows.extend(last - code.len()..=last);
+    }
+    let logits = model.forward(&mut cache, &tokens, &slots, &rows).unwrap();
+    let vocab = model.config.vocab_size;
+    let mut rows = logits.chunks_exact(vocab);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let code = set.code_tokens(i);
+        let mut lps = Vec::new();
+        for d in 0..=code.len() {
+            let row = rows.next().unwrap();
+            let target = if d < code.len() { code[d] } else { eos };
+            let lp = match normalize {
+                Normalize::Full => log_softmax(row)[target as usize],
+                Normalize::Children => {
+                    let node = trie.walk(&code[..d]).unwrap();
+                    let mut allowed: Vec<u32> = trie.children(node).0.to_vec();
+                    if trie.code(node).is_some() {
+                        allowed.push(eos);
+                    }
+                    let sub: Vec<f32> = allowed.iter().map(|&t| row[t as usize]).collect();
+                    let at = allowed.iter().position(|&t| t == target).unwrap();
+                    log_softmax(&sub)[at]
+                }
+            };
+            lps.push(lp);
+        }
+        let sum: f32 = lps.iter().sum();
+        let score = sum / (lps.len() as f32).powf(length_penalty);
+        out.push((i as u32, score, lps));
+    }
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+#[test]
+fn wide_beam_returns_every_code_in_teacher_forced_order() {
+    for name in MODELS {
+        let f = fixture(name);
+        let n = f.set.len();
+        for (prompt, normalize, lp) in [
+            (
+                "green velvet sofa for the living room",
+                Normalize::Full,
+                1.0,
+            ),
+            ("oak desk", Normalize::Children, 1.0),
+            ("blue wool rug", Normalize::Full, 2.0),
+            ("a lamp", Normalize::Full, 0.5),
+        ] {
+            let ids = f.tok.encode(prompt).unwrap();
+            let want = teacher_forced(&f, &ids, normalize, lp);
+            let options = BeamOptions {
+                beam: n + 1,
+                max_new_tokens: f.trie.max_len() + 1,
+                length_penalty: lp,
+                normalize,
+                constrained: true,
+            };
+            let out = beam::search(
+                &f.model,
+                &f.trie,
+                &[Query {
+                    prompt: ids,
+                    options,
+                }],
+            )
+            .unwrap();
+            let got = &out[0].codes;
+            assert_eq!(got.len(), n, "{name} {prompt:?}: every code comes back");
+            for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
+                let ctx = format!("{name} {prompt:?} {normalize:?} lp {lp} rank {rank}");
+                assert_eq!(g.code, Some(w.0), "{ctx}: code");
+                assert_eq!(g.tokens, f.set.code_tokens(w.0 as usize), "{ctx}: tokens");
+                assert!(
+                    (g.score - w.1).abs() < 1e-4,
+                    "{ctx}: {} vs {}",
+                    g.score,
+                    w.1
+                );
+                assert_eq!(g.token_logprobs.len(), w.2.len(), "{ctx}");
+                let err = max_rel_err(&g.token_logprobs, &w.2);
+                assert!(err < 1e-4, "{ctx}: token logprobs off by {err:.2e}");
+            }
+        }
+    }
+}
+
+fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut s = seed;
+    move |m| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s % m
+    }
+}
+
+#[test]
+fn batched_queries_match_single_ones_and_return_only_codes() {
+    let words = [
+        "sofa", "green", "for", "kids", "oak", "table", "modern", "lamp", "cheap", "rug",
+    ];
+    for name in MODELS {
+        let f = fixture(name);
+        let mut next = rng(17 + name.len() as u64);
+        let mut search = BeamSearch::new();
+        for round in 0..3 {
+            let queries: Vec<Query> = (0..1 + next(6))
+                .map(|_| {
+                    let prompt: Vec<&str> = (0..1 + next(12))
+                        .map(|_| words[next(words.len() as u64) as usize])
+                        .collect();
+                    Query {
+                        prompt: f.tok.encode(&prompt.join(" ")).unwrap(),
+                        options: BeamOptions {
+                            beam: 1 + next(24) as usize,
+                            max_new_tokens: 4 + next(14) as usize,
+                            length_penalty: [1.0, 0.5, 2.0][next(3) as usize],
+                            normalize: [Normalize::Full, Normalize::Children][next(2) as usize],
+                            constrained: true,
+                        },
+                    }
+                })
+                .collect();
+            let together = search.run(&f.model, &f.trie, &queries).unwrap();
+            for (qi, (q, got)) in queries.iter().zip(&together).enumerate() {
+                let ctx = format!("{name} round {round} query {qi} {:?}", q.options);
+                let alone = beam::search(&f.model, &f.trie, std::slice::from_ref(q)).unwrap();
+                let alone = &alone[0];
+                assert!(got.codes.len() <= q.options.beam, "{ctx}");
+                assert_eq!(got.codes.len(), alone.codes.len(), "{ctx}");
+                for (g, a) in got.codes.iter().zip(&alone.codes) {
+                    assert_eq!(g.code, a.code, "{ctx}");
+                    assert!((g.score - a.score).abs() < 1e-4, "{ctx}");
+                }
+                // Invalid rate 0: each returned code is the set's code with those tokens.
+                for c in &got.codes {
+                    let id = c.code.expect("constrained results are codes") as usize;
+                    assert_eq!(c.tokens, f.set.code_tokens(id), "{ctx}");
+                    assert_eq!(c.token_logprobs.len(), c.tokens.len() + 1, "{ctx}");
+                    let sum: f32 = c.token_logprobs.iter().sum();
+                    let len = c.token_logprobs.len() as f32;
+                    let want = sum / len.powf(q.options.length_penalty);
+                    assert!((c.score - want).abs() < 1e-4, "{ctx}: score {}", c.score);
+                    assert!(c.tokens.len() < q.options.max_new_tokens, "{ctx}");
+                }
+                let scores: Vec<f32> = got.codes.iter().map(|c| c.score).collect();
+                assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{ctx}: best first");
+            }
+        }
+    }
+}
+
+#[test]
+fn unconstrained_search_counts_invalid_codes() {
+    let f = fixture("tiny-llama");
+    let options = BeamOptions {
+        beam: 6,
+        max_new_tokens: 5,
+        constrained: false,
+        ..Default::default()
+    };
+    let q = Query {
+        prompt: f.tok.encode("green sofa").unwrap(),
+        options,
+    };
+    let out = beam::search(&f.model, &f.trie, &[q]).unwrap();
+    let o = &out[0];
+    assert_eq!(
+        o.codes.len(),
+        6,
+        "unconstrained beams always fill their slots"
+    );
+    // A random tiny model does not spell codes: everything it returns is counted invalid.
+    let not_codes = o.codes.iter().filter(|c| c.code.is_none()).count();
+    assert_eq!(o.invalid, not_codes);
+    assert!(o.invalid > 0);
+}
+
+#[test]
+fn bad_queries_are_clear_errors() {
+    let f = fixture("tiny-llama");
+    let prompt = f.tok.encode("sofa").unwrap();
+    let run = |prompt: Vec<u32>, options: BeamOptions| {
+        beam::search(&f.model, &f.trie, &[Query { prompt, options }])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let with = |beam, max_new_tokens| BeamOptions {
+        beam,
+        max_new_tokens,
+        ..Default::default()
+    };
+    assert!(run(prompt.clone(), with(0, 8)).contains("beam width 0"));
+    assert!(run(prompt.clone(), with(513, 8)).contains("beam width 513"));
+    assert!(run(prompt.clone(), with(4, 0)).contains("max_new_tokens 0"));
+    assert!(run(vec![], with(4, 8)).contains("no tokens"));
+    let long = vec![5u32; f.model.max_positions()];
+    assert!(run(long, with(4, 8)).contains("exceeds the model's"));
+    let sparse_free = BeamOptions {
+        constrained: false,
+        normalize: Normalize::Children,
+        ..Default::default()
+    };
+    assert!(run(prompt.clone(), sparse_free).contains("needs the trie"));
+
+    // Code sets: empty, blank line, a code of only whitespace, duplicates.
+    let eos = f.trie.eos();
+    let set = |texts: &[&str]| {
+        CodeSet::from_texts(texts.iter().map(|s| s.to_string()).collect(), &f.tok, eos)
+            .and_then(|s| Trie::build(&s, 512, eos))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(set(&[]).contains("empty"));
+    assert!(set(&["sofa", ""]).contains("line 2 is an empty code"));
+    assert!(set(&["sofa", "lamp", "sofa"]).contains("lines 1 and 3"));
+    assert_eq!(f.tok.token_id("<|im_end|>"), Some(eos));
+    assert!(set(&["sofa<|im_end|>"]).contains("contains the EOS"));
+}
+
+#[test]
+fn trie_round_trips_through_a_mapped_file() {
+    let f = fixture("tiny-qwen2");
+    let path = std::env::temp_dir().join(format!("gram-trie-{}.bin", std::process::id()));
+    f.trie.write(&path).unwrap();
+    let mapped = Trie::open(&path).unwrap();
+    assert_eq!(mapped.as_words(), f.trie.as_words());
+    for i in 0..f.set.len() {
+        let node = mapped.walk(f.set.code_tokens(i)).unwrap();
+        assert_eq!(mapped.code(node), Some(i as u32));
+    }
+    // Truncated and corrupted files are errors naming the file.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+    let e = Trie::open(&path).err().unwrap().to_string();
+    assert!(e.contains("truncated"), "{e}");
+    let mut bad = bytes.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    let e = Trie::open(&path).err().unwrap().to_string();
+    assert!(e.contains("checksum"), "{e}");
+    std::fs::write(&path, b"not a trie").unwrap();
+    assert!(Trie::open(&path).is_err());
+    std::fs::remove_file(&path).unwrap();
+}
