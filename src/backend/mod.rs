@@ -105,6 +105,10 @@ pub trait Backend: Send + Sync {
     fn buf(&self, len: usize) -> Self::Buf;
     /// A KV arena of `entries` tokens.
     fn new_kv(&self, config: &ModelConfig, entries: usize) -> Result<Self::Kv>;
+    /// Hands a buffer back for a later [`Backend::buf`] to reuse (default: drops it).
+    fn recycle(&self, buf: Self::Buf) {
+        drop(buf);
+    }
     /// The buffer's contents on the host (consumes it: no copy where it already is there).
     fn to_host(&self, x: Self::Buf) -> Vec<f32>;
 

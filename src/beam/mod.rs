@@ -121,6 +121,11 @@ pub struct Output {
     pub truncated: usize,
     /// Decoder steps the query took part in (the prefill counts as one).
     pub steps: usize,
+    /// Rows the query put through the decoder (its prompt, then one per running beam a step).
+    pub rows: usize,
+    /// LM-head outputs computed for it: `V` per head row, or one per allowed token with the
+    /// sparse head.
+    pub head_logits: usize,
 }
 
 /// A running beam.
@@ -147,6 +152,8 @@ struct State {
     /// finished one.
     open: bool,
     steps: usize,
+    rows: usize,
+    head_logits: usize,
 }
 
 impl State {
@@ -205,6 +212,7 @@ impl<B: Backend> BeamSearch<B> {
             self.arena = Some(model.new_arena(total)?);
         }
         let arena = self.arena.as_mut().expect("just made");
+        let vocab = model.config.vocab_size;
 
         let mut base = 0u32;
         let mut states: Vec<State> = queries
@@ -218,6 +226,8 @@ impl<B: Backend> BeamSearch<B> {
                     finished: Vec::new(),
                     open: true,
                     steps: 0,
+                    rows: q.prompt.len(),
+                    head_logits: 0,
                 };
                 base += State::entries(q) as u32;
                 s
@@ -247,7 +257,7 @@ impl<B: Backend> BeamSearch<B> {
             last.push(rows.len() - 1);
         }
         let parents: Vec<(usize, &Beam)> = roots.iter().enumerate().collect();
-        let lps = logprob_rows(
+        let (lps, sparse) = logprob_rows(
             model,
             arena,
             trie,
@@ -259,6 +269,7 @@ impl<B: Backend> BeamSearch<B> {
             &parents,
         )?;
         for (qi, s) in states.iter_mut().enumerate() {
+            s.head_logits += if sparse { lps[qi].len() } else { vocab };
             let cands = select::candidates(&[0.0], &lps[qi..qi + 1]);
             advance(trie, s, &roots[qi..qi + 1], cands);
         }
@@ -290,13 +301,14 @@ impl<B: Backend> BeamSearch<B> {
                     });
                 }
                 parents.extend((0..s.beams.len()).map(|j| (qi, j)));
+                s.rows += s.beams.len();
             }
             let all: Vec<usize> = (0..rows.len()).collect();
             let parent_beams: Vec<(usize, &Beam)> = parents
                 .iter()
                 .map(|&(qi, j)| (qi, &states[qi].beams[j]))
                 .collect();
-            let lps = logprob_rows(
+            let (lps, sparse) = logprob_rows(
                 model,
                 arena,
                 trie,
@@ -315,6 +327,10 @@ impl<B: Backend> BeamSearch<B> {
                 let n = s.beams.len();
                 let beams = std::mem::take(&mut s.beams);
                 let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
+                s.head_logits += lps[at..at + n]
+                    .iter()
+                    .map(|l| if sparse { l.len() } else { vocab })
+                    .sum::<usize>();
                 let cands = select::candidates(&scores, &lps[at..at + n]);
                 advance(trie, s, &beams, cands);
                 at += n;
@@ -348,6 +364,9 @@ fn check_trie<B: Backend>(model: &Model<B>, trie: &Trie) -> Result<()> {
     Ok(())
 }
 
+/// `(token, logprob)` of every token one beam may take next.
+type Allowed = Vec<(u32, f32)>;
+
 /// The tokens a beam at `node` may take next: its children, then EOS where a code ends there.
 fn allowed(trie: &Trie, node: u32) -> impl Iterator<Item = u32> + '_ {
     let (tokens, _) = trie.children(node);
@@ -359,7 +378,8 @@ fn allowed(trie: &Trie, node: u32) -> impl Iterator<Item = u32> + '_ {
 
 /// Runs the batch and returns, for each parent beam (one per row of `logits_rows`), the
 /// `(token, logprob)` of every token it may take, normalized as its query asks. When every query
-/// of the batch normalizes over children, only those logits are computed (the sparse head).
+/// of the batch normalizes over children, only those logits are computed (the sparse head), and
+/// the flag returned is set.
 #[allow(clippy::too_many_arguments)]
 fn logprob_rows<B: Backend>(
     model: &Model<B>,
@@ -371,7 +391,7 @@ fn logprob_rows<B: Backend>(
     links: &[u32],
     logits_rows: &[usize],
     parents: &[(usize, &Beam)],
-) -> Result<Vec<Vec<(u32, f32)>>> {
+) -> Result<(Vec<Allowed>, bool)> {
     let batch = KvRows { rows, links };
     let opts = |qi: usize| states[qi].options;
     let children_only = |pairs: &mut dyn Iterator<Item = (u32, f32)>| {
@@ -389,7 +409,7 @@ fn logprob_rows<B: Backend>(
         }
         let logits = model.forward_rows(arena, tokens, batch, Head::Picks(logits_rows, &picks))?;
         let mut at = 0;
-        return Ok(parents
+        let lps = parents
             .iter()
             .map(|&(_, beam)| {
                 let mut it = allowed(trie, beam.node).map(|t| {
@@ -398,11 +418,12 @@ fn logprob_rows<B: Backend>(
                 });
                 children_only(&mut it)
             })
-            .collect());
+            .collect();
+        return Ok((lps, true));
     }
     let vocab = model.config.vocab_size;
     let logits = model.forward_rows(arena, tokens, batch, Head::Full(logits_rows))?;
-    Ok(parents
+    let lps = parents
         .iter()
         .zip(logits.chunks_exact(vocab))
         .map(|(&(qi, beam), row)| {
@@ -427,7 +448,8 @@ fn logprob_rows<B: Backend>(
                 }
             }
         })
-        .collect())
+        .collect();
+    Ok((lps, false))
 }
 
 /// HF's update of one query after a step: running beams, finished slots, stopping heuristic.
@@ -500,6 +522,8 @@ fn finish(trie: &Trie, s: State) -> Output {
     let eos = trie.eos();
     let mut out = Output {
         steps: s.steps,
+        rows: s.rows,
+        head_logits: s.head_logits,
         ..Output::default()
     };
     for f in s.finished {

@@ -93,18 +93,25 @@ pub(super) fn forward<B: Backend>(
     };
     let r = logits_rows.len();
     if r == 0 {
+        for buf in [x, h, q, k, v, att, gate, up, qn, kn] {
+            b.recycle(buf);
+        }
         return Vec::new();
     }
     let mut picked = b.buf(r * hidden); // [R, C]
     b.gather_rows(&x, hidden, logits_rows, &mut picked);
     let mut normed = b.buf(r * hidden);
     b.rmsnorm(&picked, &w.norm, c.rms_norm_eps, hidden, &mut normed);
-    match head {
+    let out = match head {
         Head::Full(_) => {
             let mut logits = b.buf(r * c.vocab_size); // [R, V]
             b.linear(&normed, r, &mut [(w.lm_head(), &mut logits)]);
             b.to_host(logits)
         }
         Head::Picks(_, picks) => b.linear_picks(&normed, w.lm_head().weight, picks),
+    };
+    for buf in [x, h, q, k, v, att, gate, up, qn, kn, picked, normed] {
+        b.recycle(buf);
     }
+    out
 }

@@ -1,0 +1,213 @@
+//! Whole-path beam search on a real model and code set: trie build time, per-query latency
+//! (median, p99) at one query per batch, the sparse head's saving, and throughput when 8 and 32
+//! queries share decoder steps. Prints JSON records (one per line) that
+//! `tools/bench_beam.sh` puts beside transformers + `prefix_allowed_tokens_fn` and the machine's
+//! floor.
+//!
+//! Prompts: real WANDS queries (shared/data/wands-queries) in a fixed template of ~20 tokens;
+//! `--print-prompts` prints them (the peer script reads the same list).
+//!
+//! cargo bench --bench beam_search -- --model models/smollm2-135m-instruct \
+//!     --codes bench-out/codes-100k.txt --threads 2 --beam 10 --max-new-tokens 16
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use gram::beam::{BeamOptions, BeamSearch, Normalize, Output, Query};
+use gram::trie::{CodeSet, Trie};
+use gram::{LoadOptions, Model, Tokenizer};
+use serde_json::json;
+
+const TEMPLATE: &str =
+    "You are a shopping assistant. Give the product code for this search query.\nQuery: {q}\nCode:";
+
+struct Args {
+    model: PathBuf,
+    codes: PathBuf,
+    threads: usize,
+    beam: usize,
+    max_new_tokens: usize,
+    queries: usize,
+    batches: Vec<usize>,
+    print_prompts: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        model: PathBuf::from("models/smollm2-135m-instruct"),
+        codes: PathBuf::from("bench-out/codes-100k.txt"),
+        threads: 2,
+        beam: 10,
+        max_new_tokens: 16,
+        queries: 20,
+        batches: vec![8, 32],
+        print_prompts: false,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = || argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--model" => a.model = PathBuf::from(val()),
+            "--codes" => a.codes = PathBuf::from(val()),
+            "--threads" => a.threads = val().parse().expect("--threads N"),
+            "--beam" => a.beam = val().parse().expect("--beam N"),
+            "--max-new-tokens" => a.max_new_tokens = val().parse().expect("--max-new-tokens N"),
+            "--queries" => a.queries = val().parse().expect("--queries N"),
+            "--batches" => {
+                a.batches = val()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().expect("--batches 8,32"))
+                    .collect()
+            }
+            "--print-prompts" => {
+                a.print_prompts = true;
+                i += 1;
+                continue;
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+/// The first `n` WANDS queries (every 7th, for variety) in the template.
+fn prompts(n: usize) -> Vec<String> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wands-queries/query.csv");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').nth(1))
+        .step_by(7)
+        .take(n)
+        .map(|q| TEMPLATE.replace("{q}", q))
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// FLOPs of one decoder row without the LM head (matmuls + attention over `ctx` entries).
+fn row_flops(m: &Model, ctx: f64) -> f64 {
+    let c = &m.config;
+    let (h, q, kv, i) = (
+        c.hidden_size as f64,
+        c.q_dim() as f64,
+        c.kv_dim() as f64,
+        c.intermediate_size as f64,
+    );
+    let per_layer = 2.0 * (h * (q + 2.0 * kv) + q * h + 3.0 * h * i) + 4.0 * ctx * q;
+    per_layer * c.num_hidden_layers as f64
+}
+
+fn main() {
+    let args = parse_args();
+    let texts = prompts(args.queries.max(*args.batches.iter().max().unwrap_or(&1)));
+    if args.print_prompts {
+        for p in texts.iter().take(args.queries) {
+            println!("{}", p.replace('\n', "\\n"));
+        }
+        return;
+    }
+    let tok = Tokenizer::from_file(&args.model.join("tokenizer.json")).unwrap();
+    let model = Model::load(
+        &args.model,
+        &LoadOptions {
+            dtype: None,
+            threads: Some(args.threads),
+        },
+    )
+    .unwrap();
+    let eos = model.config.eos_token_ids[0];
+
+    let t0 = Instant::now();
+    let set = CodeSet::from_file(&args.codes, &tok, eos).unwrap();
+    let t_tok = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
+    let t_build = t1.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"kind": "trie", "codes": set.len(), "tokens": set.tokens.len(),
+               "tokenize_s": t_tok, "build_s": t_build, "nodes": trie.num_nodes(),
+               "bytes": trie.size_bytes(), "max_len": trie.max_len(),
+               "root_children": trie.children(Trie::ROOT).0.len(),
+               "threads": rayon::current_num_threads()})
+    );
+
+    let queries: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let mean_prompt = queries.iter().map(Vec::len).sum::<usize>() as f64 / queries.len() as f64;
+    let options = |normalize| BeamOptions {
+        beam: args.beam,
+        max_new_tokens: args.max_new_tokens,
+        length_penalty: 1.0,
+        normalize,
+        constrained: true,
+    };
+    let mut search = BeamSearch::new();
+    let head_flops = 2.0 * model.config.hidden_size as f64;
+    for normalize in [Normalize::Full, Normalize::Children] {
+        let name = if normalize == Normalize::Full {
+            "full"
+        } else {
+            "children"
+        };
+        // Warm-up (arena, page faults, caches).
+        let q = |i: usize| Query {
+            prompt: queries[i % queries.len()].clone(),
+            options: options(normalize),
+        };
+        search.run(&model, &trie, &[q(0)]).unwrap();
+        let mut times = Vec::new();
+        let mut outs: Vec<Output> = Vec::new();
+        for i in 0..args.queries {
+            let t = Instant::now();
+            let out = search.run(&model, &trie, &[q(i)]).unwrap();
+            times.push(t.elapsed().as_secs_f64());
+            outs.extend(out);
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = outs.len() as f64;
+        let rows = outs.iter().map(|o| o.rows).sum::<usize>() as f64 / n;
+        let head = outs.iter().map(|o| o.head_logits).sum::<usize>() as f64 / n;
+        let steps = outs.iter().map(|o| o.steps).sum::<usize>() as f64 / n;
+        let codes = outs.iter().map(|o| o.codes.len()).sum::<usize>() as f64 / n;
+        // Attention context ~ prompt + half the code: small next to the matmuls.
+        let flops = rows * row_flops(&model, mean_prompt + 4.0) + head * head_flops;
+        println!(
+            "{}",
+            json!({"kind": "beam", "peer": "gram", "normalize": name, "batch": 1,
+                   "beam": args.beam, "max_new_tokens": args.max_new_tokens,
+                   "threads": args.threads, "queries": args.queries,
+                   "prompt_tokens_mean": mean_prompt,
+                   "ms_median": percentile(&sorted, 0.5) * 1e3,
+                   "ms_p99": percentile(&sorted, 0.99) * 1e3,
+                   "ms_mean": times.iter().sum::<f64>() / n * 1e3,
+                   "rows_mean": rows, "head_logits_mean": head, "steps_mean": steps,
+                   "codes_mean": codes, "gflop_mean": flops / 1e9})
+        );
+        for &b in &args.batches {
+            let batch: Vec<Query> = (0..b).map(q).collect();
+            search.run(&model, &trie, &batch).unwrap();
+            let t = Instant::now();
+            let outs = search.run(&model, &trie, &batch).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            let rows: usize = outs.iter().map(|o| o.rows).sum();
+            println!(
+                "{}",
+                json!({"kind": "beam_batch", "peer": "gram", "normalize": name, "batch": b,
+                       "beam": args.beam, "threads": args.threads, "s": s, "qps": b as f64 / s,
+                       "rows": rows})
+            );
+        }
+    }
+}
