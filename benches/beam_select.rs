@@ -76,9 +76,18 @@ fn sparse(s: &Step, k: usize) -> Vec<Candidate> {
 }
 
 /// Total order on f32 for the heap.
-#[derive(PartialEq, PartialOrd)]
 struct Key(f32, u32);
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
 impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 impl Ord for Key {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
