@@ -30,6 +30,8 @@ struct Args {
     queries: usize,
     batches: Vec<usize>,
     print_prompts: bool,
+    /// Build the trie, print its record, stop (for the 2.5M-code build timing).
+    trie_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +44,7 @@ fn parse_args() -> Args {
         queries: 20,
         batches: vec![8, 32],
         print_prompts: false,
+        trie_only: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -63,6 +66,11 @@ fn parse_args() -> Args {
             }
             "--print-prompts" => {
                 a.print_prompts = true;
+                i += 1;
+                continue;
+            }
+            "--trie-only" => {
+                a.trie_only = true;
                 i += 1;
                 continue;
             }
@@ -117,6 +125,10 @@ fn main() {
         }
         return;
     }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .unwrap();
     let tok = Tokenizer::from_file(&args.model.join("tokenizer.json")).unwrap();
     let model = Model::load(
         &args.model,
@@ -142,6 +154,9 @@ fn main() {
                "root_children": trie.children(Trie::ROOT).0.len(),
                "threads": rayon::current_num_threads()})
     );
+    if args.trie_only {
+        return;
+    }
 
     let queries: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
     let mean_prompt = queries.iter().map(Vec::len).sum::<usize>() as f64 / queries.len() as f64;
