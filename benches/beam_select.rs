@@ -149,5 +149,19 @@ fn bench_select(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_select);
+/// The full-vocabulary normalizer every beam row pays under HF semantics.
+fn bench_logsumexp(c: &mut Criterion) {
+    let mut g = c.benchmark_group("logsumexp");
+    g.sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1));
+    let s = step(1, 5);
+    g.throughput(criterion::Throughput::Elements(VOCAB as u64));
+    g.bench_function("row_49152", |b| {
+        b.iter(|| gram::beam::select::logsumexp(&s.lp))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_select, bench_logsumexp);
 criterion_main!(benches);

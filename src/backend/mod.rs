@@ -109,6 +109,11 @@ pub trait Backend: Send + Sync {
     fn recycle(&self, buf: Self::Buf) {
         drop(buf);
     }
+    /// Hands back a host vector that [`Backend::to_host`] returned, once read (default: drops
+    /// it; the CPU backend reuses it as a buffer).
+    fn recycle_host(&self, v: Vec<f32>) {
+        drop(v);
+    }
     /// The buffer's contents on the host (consumes it: no copy where it already is there).
     fn to_host(&self, x: Self::Buf) -> Vec<f32>;
 

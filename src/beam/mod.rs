@@ -449,6 +449,7 @@ fn logprob_rows<B: Backend>(
             }
         })
         .collect();
+    model.recycle(logits);
     Ok((lps, false))
 }
 

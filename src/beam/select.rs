@@ -6,6 +6,8 @@
 
 use std::cmp::Ordering;
 
+use crate::backend::cpu::simd::{self, Isa};
+
 /// A possible next step of a query: `beam` extended by `token`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
@@ -99,14 +101,15 @@ pub fn dense_top_k(
         .collect()
 }
 
-/// `log(sum(exp(x)))`, with an f64 sum (`-inf` for an empty row).
+/// `log(sum(exp(x)))` (`-inf` for an empty row): the SIMD max and polynomial-exp sum of
+/// `simd` (relative error ~1e-7 per term, f32 lanes).
 pub fn logsumexp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let isa = Isa::detect();
+    let max = simd::max(isa, x);
     if !max.is_finite() {
         return max;
     }
-    let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    (max as f64 + sum.ln()) as f32
+    max + simd::sum_exp(isa, x, max).ln()
 }
 
 /// The `k` largest entries of `row` as `(index, value)`, largest first (ties: lower index).

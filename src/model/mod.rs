@@ -167,6 +167,12 @@ impl<B: Backend> Model<B> {
             .install(|| forward::forward(self, &mut arena.kv, tokens, batch, head)))
     }
 
+    /// Hands back logits that [`Model::forward_rows`] returned, once read, for a later pass to
+    /// reuse (saves page faults on megabyte-sized rows).
+    pub fn recycle(&self, logits: Vec<f32>) {
+        self.backend.recycle_host(logits);
+    }
+
     fn check_batch(
         &self,
         arena: &KvArena<B>,

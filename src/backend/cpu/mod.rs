@@ -74,6 +74,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn recycle_host(&self, v: Vec<f32>) {
+        self.recycle(v);
+    }
+
     fn recycle(&self, buf: Vec<f32>) {
         let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < MAX_SPARE {

@@ -395,3 +395,67 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         i += 1;
     }
 }
+
+/// `exp(x)` of 8 lanes with `x <= 0`: the polynomial of `scalar::exp_neg`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_neg8(x: __m256) -> __m256 {
+    use super::scalar::{EXP_C, EXP_LN2_HI, EXP_LN2_LO};
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_setzero_ps());
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_C[0]);
+    for &c in &EXP_C[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_add_ps(
+        _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
+        _mm256_set1_ps(1.0),
+    );
+    let scale = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_mul_ps(e, _mm256_castsi256_ps(scale))
+}
+
+/// `sum(exp(x - shift))`, 4 × 8 lanes at a time; the tail through the scalar twin.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn sum_exp(x: &[f32], shift: f32) -> f32 {
+    let s = _mm256_set1_ps(shift);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut chunks = x.chunks_exact(32);
+    for c in &mut chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let v = _mm256_loadu_ps(c.as_ptr().add(8 * j));
+            *a = _mm256_add_ps(*a, exp_neg8(_mm256_sub_ps(v, s)));
+        }
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    lanes.iter().sum::<f32>() + super::scalar::sum_exp(chunks.remainder(), shift)
+}
+
+/// The largest element, 32 at a time (`-inf` for none).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn max(x: &[f32]) -> f32 {
+    let mut acc = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+    let mut chunks = x.chunks_exact(32);
+    for c in &mut chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_max_ps(*a, _mm256_loadu_ps(c.as_ptr().add(8 * j)));
+        }
+    }
+    let m = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    lanes
+        .iter()
+        .copied()
+        .fold(super::scalar::max(chunks.remainder()), f32::max)
+}

@@ -6,6 +6,7 @@
 //! - `tile`: up to `tile_nr(isa)` weight rows (2 on AVX2, 4 on AVX-512; any dtype) × up to 6
 //!   f32 token rows.
 //! - `dot`, `axpy`: f32 vectors (attention).
+//! - `max`, `sum_exp`: a log-softmax's normalizer over a vocabulary row (beam search).
 
 use std::sync::OnceLock;
 
@@ -236,6 +237,27 @@ pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
     scalar::axpy(a, x, y)
 }
 
+/// The largest element of `x` (`-inf` when empty).
+pub fn max(isa: Isa, x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; only in-bounds loads of `x`.
+        return unsafe { avx2::max(x) };
+    }
+    scalar::max(x)
+}
+
+/// `sum(exp(x - shift))` for `shift >= max(x)`, with a polynomial `exp` (relative error ~1e-7
+/// per term; terms below `exp(-87.3)` count as ~1e-38).
+pub fn sum_exp(isa: Isa, x: &[f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; only in-bounds loads of `x`.
+        return unsafe { avx2::sum_exp(x, shift) };
+    }
+    scalar::sum_exp(x, shift)
+}
+
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)]
 mod tests {
@@ -265,6 +287,41 @@ mod tests {
 
     fn dot64(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    #[test]
+    fn max_and_sum_exp_match_f64_on_every_isa() {
+        for isa in Isa::available() {
+            for n in [0, 1, 7, 31, 32, 33, 100, 49152] {
+                let x: Vec<f32> = rand(n, n as u64 + 3).iter().map(|v| v * 30.0).collect();
+                let m = max(isa, &x);
+                assert_eq!(
+                    m,
+                    x.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    "{isa:?} {n}"
+                );
+                if n == 0 {
+                    assert_eq!(sum_exp(isa, &x, 0.0), 0.0);
+                    continue;
+                }
+                let want: f64 = x.iter().map(|&v| (v as f64 - m as f64).exp()).sum();
+                let got = sum_exp(isa, &x, m) as f64;
+                assert!(
+                    ((got - want) / want).abs() < 2e-6,
+                    "{isa:?} n={n}: {got} vs {want}"
+                );
+            }
+            // Every term on its own, across the whole range the polynomial covers.
+            for i in 0..=2000 {
+                let v = -87.0 * i as f32 / 2000.0;
+                let got = sum_exp(isa, &[v], 0.0) as f64;
+                let want = (v as f64).exp();
+                assert!(
+                    ((got - want) / want).abs() < 1e-6,
+                    "{isa:?} exp({v}): {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

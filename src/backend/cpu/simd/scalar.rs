@@ -52,3 +52,39 @@ pub fn tile(
         }
     }
 }
+
+/// `exp(x)` for `x <= 0` as the SIMD kernels compute it (Cephes' `expf` polynomial after
+/// `x = n ln2 + r`, |r| <= ln2/2; relative error ~1e-7). Below -87.3 it returns ~1e-38, not 0.
+#[inline]
+pub fn exp_neg(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 0.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * EXP_LN2_HI - n * EXP_LN2_LO;
+    let p =
+        ((((EXP_C[0] * r + EXP_C[1]) * r + EXP_C[2]) * r + EXP_C[3]) * r + EXP_C[4]) * r + EXP_C[5];
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// ln 2 split in two so that `n * EXP_LN2_HI` is exact.
+pub const EXP_LN2_HI: f32 = 0.693_359_4;
+pub const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes `expf` coefficients, highest degree first.
+pub const EXP_C: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// `sum(exp(x - shift))` for `shift >= max(x)` (summed in f64).
+pub fn sum_exp(x: &[f32], shift: f32) -> f32 {
+    x.iter().map(|&v| exp_neg(v - shift) as f64).sum::<f64>() as f32
+}
+
+/// The largest element (`-inf` for none).
+pub fn max(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
