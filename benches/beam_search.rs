@@ -19,7 +19,7 @@ use gram::{LoadOptions, Model, Tokenizer};
 use serde_json::json;
 
 const TEMPLATE: &str =
-    "You are a shopping assistant. Give the product code for this search query.\nQuery: {q}\nCode:";
+    "You are a shopping assistant. Give the product code for this search query. Query: {q} Code:";
 
 struct Args {
     model: PathBuf,
@@ -121,7 +121,7 @@ fn main() {
     let texts = prompts(args.queries.max(*args.batches.iter().max().unwrap_or(&1)));
     if args.print_prompts {
         for p in texts.iter().take(args.queries) {
-            println!("{}", p.replace('\n', "\\n"));
+            println!("{p}");
         }
         return;
     }
