@@ -163,6 +163,73 @@ fn wide_beam_returns_every_code_in_teacher_forced_order() {
     }
 }
 
+/// Beam 1 is transformers' greedy search under the trie: the best allowed token at each step
+/// (full-vocabulary log-probs, ties to the lower id), ending at the first EOS.
+#[test]
+fn beam_one_is_constrained_greedy() {
+    for name in MODELS {
+        let f = fixture(name);
+        let eos = f.trie.eos();
+        for prompt in [
+            "salon chair",
+            "green sofa",
+            "oak",
+            "a red rug for the hall",
+            "lamp",
+        ] {
+            let ids = f.tok.encode(prompt).unwrap();
+            let m = f.trie.max_len() + 1;
+            let mut cache = f.model.new_cache(1, ids.len() + m).unwrap();
+            let mut logits = f
+                .model
+                .forward(&mut cache, &ids, &vec![0; ids.len()], &[ids.len() - 1])
+                .unwrap();
+            let (mut node, mut toks, mut lps) = (Trie::ROOT, Vec::new(), Vec::new());
+            let greedy = loop {
+                let lp = log_softmax(&logits);
+                let mut allowed: Vec<u32> = f.trie.children(node).0.to_vec();
+                if f.trie.code(node).is_some() {
+                    allowed.push(eos);
+                }
+                let best = *allowed
+                    .iter()
+                    .max_by(|&&a, &&b| lp[a as usize].total_cmp(&lp[b as usize]).then(b.cmp(&a)))
+                    .unwrap();
+                lps.push(lp[best as usize]);
+                if best == eos {
+                    break Some(f.trie.code(node).unwrap());
+                }
+                toks.push(best);
+                node = f.trie.child(node, best).unwrap();
+                if toks.len() == m {
+                    break None;
+                }
+                logits = f.model.forward(&mut cache, &[best], &[0], &[0]).unwrap();
+            };
+            let options = BeamOptions {
+                beam: 1,
+                max_new_tokens: m,
+                ..Default::default()
+            };
+            let out = beam::search(
+                &f.model,
+                &f.trie,
+                &[Query {
+                    prompt: ids,
+                    options,
+                }],
+            )
+            .unwrap();
+            let ctx = format!("{name} {prompt:?}");
+            assert_eq!(out[0].codes.first().and_then(|c| c.code), greedy, "{ctx}");
+            if let Some(c) = out[0].codes.first() {
+                assert_eq!(c.tokens, toks, "{ctx}");
+                assert!(max_rel_err(&c.token_logprobs, &lps) < 1e-4, "{ctx}");
+            }
+        }
+    }
+}
+
 fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
     let mut s = seed;
     move |m| {

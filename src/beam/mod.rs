@@ -12,7 +12,8 @@
 //! that do not end the code keep running; those among the top `B` that end it (EOS, or the
 //! length limit) compete for the `B` finished slots with score `sum(logprobs) / len ^ penalty`;
 //! the query stops when no running beam can beat its worst finished one (HF's heuristic) or at
-//! `max_new_tokens`. [`Normalize::Children`] instead normalizes over a node's allowed tokens only,
+//! `max_new_tokens`. Beam 1 (transformers runs greedy search then) comes out the same: when the
+//! best candidate ends a code, the heuristic stops, as the running one scores lower at that length. [`Normalize::Children`] instead normalizes over a node's allowed tokens only,
 //! so the LM head is evaluated for those rows alone (the sparse head).
 
 pub mod select;
