@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use gram::beam::{BeamOptions, BeamSearch, Normalize, Output, Query};
+use gram::tensor::DType;
 use gram::trie::{CodeSet, Trie};
 use gram::{LoadOptions, Model, Tokenizer};
 use serde_json::json;
@@ -32,6 +33,8 @@ struct Args {
     print_prompts: bool,
     /// Build the trie, print its record, stop (for the 2.5M-code build timing).
     trie_only: bool,
+    /// Convert weights at load (default: as stored; the GGUF dequantizes to f32).
+    dtype: Option<DType>,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +48,7 @@ fn parse_args() -> Args {
         batches: vec![8, 32],
         print_prompts: false,
         trie_only: false,
+        dtype: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -56,6 +60,7 @@ fn parse_args() -> Args {
             "--threads" => a.threads = val().parse().expect("--threads N"),
             "--beam" => a.beam = val().parse().expect("--beam N"),
             "--max-new-tokens" => a.max_new_tokens = val().parse().expect("--max-new-tokens N"),
+            "--dtype" => a.dtype = Some(DType::parse(&val()).expect("--dtype f32|f16|bf16")),
             "--queries" => a.queries = val().parse().expect("--queries N"),
             "--batches" => {
                 a.batches = val()
@@ -133,7 +138,7 @@ fn main() {
     let model = Model::load(
         &args.model,
         &LoadOptions {
-            dtype: None,
+            dtype: args.dtype,
             threads: Some(args.threads),
         },
     )
@@ -210,6 +215,23 @@ fn main() {
                    "rows_mean": rows, "head_logits_mean": head, "steps_mean": steps,
                    "codes_mean": codes, "gflop_mean": flops / 1e9})
         );
+        if normalize == Normalize::Full {
+            // What the trie prevents: the same queries with beams free to go anywhere.
+            let (mut returned, mut invalid) = (0, 0);
+            for i in 0..args.queries {
+                let mut q = q(i);
+                q.options.constrained = false;
+                let out = search.run(&model, &trie, &[q]).unwrap();
+                returned += out[0].codes.len();
+                invalid += out[0].invalid;
+            }
+            println!(
+                "{}",
+                json!({"kind": "unconstrained", "peer": "gram", "beam": args.beam,
+                       "queries": args.queries, "returned": returned, "invalid": invalid,
+                       "invalid_rate": invalid as f64 / returned.max(1) as f64})
+            );
+        }
         for &b in &args.batches {
             let batch: Vec<Query> = (0..b).map(q).collect();
             search.run(&model, &trie, &batch).unwrap();

@@ -70,6 +70,11 @@ for name, rs in (("first", first), ("last", last)):
     for r in rs:
         if r["kind"] == "beam_batch":
             print(f"| {name} | {r['normalize']} | {r['batch']} | {r['qps']:.1f} | {r['rows']} |")
+for r in first:
+    if r["kind"] == "unconstrained":
+        print(f"\nUnconstrained (no trie), beam {r['beam']}, {r['queries']} queries: "
+              f"{r['invalid']} of {r['returned']} returned sequences are not codes "
+              f"({100 * r['invalid_rate']:.0f} %); constrained: 0 by construction (tested).")
 print(f"\nTrie: {trie['codes']:,} codes, {trie['tokens']:,} tokens → {trie['nodes']:,} nodes, "
       f"{trie['bytes']/2**20:.0f} MiB; tokenizing {trie['tokenize_s']:.1f} s, compiling "
       f"{trie['build_s']:.2f} s ({trie['threads']} threads).")
