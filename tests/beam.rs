@@ -51,6 +51,12 @@ fn fixture(name: &str) -> Fixture {
     }
 }
 
+/// Beam search for one prompt.
+fn search_one(f: &Fixture, prompt: Vec<u32>, options: BeamOptions) -> beam::Output {
+    let mut out = beam::search(&f.model, &f.trie, &[Query { prompt, options }]).unwrap();
+    out.remove(0)
+}
+
 /// Every code scored by teacher forcing: the prompt and the code's tokens in one forward pass
 /// (one cache slot per code), the log-prob of each code token and of the EOS read off the
 /// logits, normalized as `normalize` says. Returns `(code id, score, token logprobs)`, best
@@ -134,16 +140,8 @@ fn wide_beam_returns_every_code_in_teacher_forced_order() {
                 normalize,
                 constrained: true,
             };
-            let out = beam::search(
-                &f.model,
-                &f.trie,
-                &[Query {
-                    prompt: ids,
-                    options,
-                }],
-            )
-            .unwrap();
-            let got = &out[0].codes;
+            let out = search_one(&f, ids, options);
+            let got = &out.codes;
             assert_eq!(got.len(), n, "{name} {prompt:?}: every code comes back");
             for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
                 let ctx = format!("{name} {prompt:?} {normalize:?} lp {lp} rank {rank}");
@@ -211,18 +209,10 @@ fn beam_one_is_constrained_greedy() {
                 max_new_tokens: m,
                 ..Default::default()
             };
-            let out = beam::search(
-                &f.model,
-                &f.trie,
-                &[Query {
-                    prompt: ids,
-                    options,
-                }],
-            )
-            .unwrap();
+            let out = search_one(&f, ids, options);
             let ctx = format!("{name} {prompt:?}");
-            assert_eq!(out[0].codes.first().and_then(|c| c.code), greedy, "{ctx}");
-            if let Some(c) = out[0].codes.first() {
+            assert_eq!(out.codes.first().and_then(|c| c.code), greedy, "{ctx}");
+            if let Some(c) = out.codes.first() {
                 assert_eq!(c.tokens, toks, "{ctx}");
                 assert!(max_rel_err(&c.token_logprobs, &lps) < 1e-4, "{ctx}");
             }

@@ -143,10 +143,12 @@ struct Beam {
 /// One query in flight.
 struct State {
     options: BeamOptions,
-    /// First arena entry of the query; its prompt fills `base..base + prompt_len`, then one
+    /// First arena entry of the query; its prompt fills `base..base + prompt.len()`, then one
     /// entry per (step, beam) slot.
     base: u32,
-    prompt_len: usize,
+    prompt: Vec<u32>,
+    /// The prompt's KV is in the arena (the first step ran).
+    prefilled: bool,
     beams: Vec<Beam>,
     finished: Vec<Finished>,
     /// HF's `is_early_stop_heuristic_unsatisfied`: some running beam may still beat the worst
@@ -213,7 +215,6 @@ impl<B: Backend> BeamSearch<B> {
             self.arena = Some(model.new_arena(total)?);
         }
         let arena = self.arena.as_mut().expect("just made");
-        let vocab = model.config.vocab_size;
 
         let mut base = 0u32;
         let mut states: Vec<State> = queries
@@ -222,123 +223,113 @@ impl<B: Backend> BeamSearch<B> {
                 let s = State {
                     options: q.options,
                     base,
-                    prompt_len: q.prompt.len(),
-                    beams: Vec::new(),
+                    prompt: q.prompt.clone(),
+                    prefilled: false,
+                    beams: vec![Beam {
+                        node: Trie::ROOT,
+                        score: 0.0,
+                        tokens: Vec::new(),
+                        logprobs: Vec::new(),
+                        entries: Vec::new(),
+                    }],
                     finished: Vec::new(),
                     open: true,
                     steps: 0,
-                    rows: q.prompt.len(),
+                    rows: 0,
                     head_logits: 0,
                 };
                 base += State::entries(q) as u32;
                 s
             })
             .collect();
-
-        // Step 0: every prompt, prefilled in one batch; the last row of each gives the first
-        // code token.
-        let mut tokens = Vec::new();
-        let mut rows = Vec::new();
-        let mut last = Vec::new();
-        let roots: Vec<Beam> = states
-            .iter()
-            .map(|_| Beam {
-                node: Trie::ROOT,
-                score: 0.0,
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                entries: Vec::new(),
-            })
-            .collect();
-        for (q, s) in queries.iter().zip(&states) {
-            for (p, &t) in q.prompt.iter().enumerate() {
-                tokens.push(t);
-                rows.push(RowKv::contiguous(s.base, p as u32));
-            }
-            last.push(rows.len() - 1);
-        }
-        let parents: Vec<(usize, &Beam)> = roots.iter().enumerate().collect();
-        let (lps, sparse) = logprob_rows(
-            model,
-            arena,
-            trie,
-            &states,
-            &tokens,
-            &rows,
-            &[],
-            &last,
-            &parents,
-        )?;
-        for (qi, s) in states.iter_mut().enumerate() {
-            s.head_logits += if sparse { lps[qi].len() } else { vocab };
-            let cands = select::candidates(&[0.0], &lps[qi..qi + 1]);
-            advance(trie, s, &roots[qi..qi + 1], cands);
-        }
-
-        // Steps 1..: every running beam of every open query feeds its last token.
         while states.iter().any(State::active) {
-            let mut tokens = Vec::new();
-            let mut rows = Vec::new();
-            let mut links = Vec::new();
-            let mut parents = Vec::new();
-            for (qi, s) in states.iter_mut().enumerate() {
-                if !s.active() {
-                    continue;
-                }
-                let b = s.options.beam as u32;
-                let fed = s.beams[0].tokens.len(); // all running beams have the same length
-                let slot0 = s.base + s.prompt_len as u32 + (fed as u32 - 1) * b;
-                for (j, beam) in s.beams.iter_mut().enumerate() {
-                    let entry = slot0 + j as u32;
-                    beam.entries.push(entry);
-                    let start = links.len() as u32;
-                    links.extend_from_slice(&beam.entries);
-                    tokens.push(*beam.tokens.last().expect("a running beam has a token"));
-                    rows.push(RowKv {
-                        pos: (s.prompt_len + fed - 1) as u32,
-                        entry,
-                        span: (s.base, s.base + s.prompt_len as u32),
-                        link: (start, links.len() as u32),
-                    });
-                }
-                parents.extend((0..s.beams.len()).map(|j| (qi, j)));
-                s.rows += s.beams.len();
-            }
-            let all: Vec<usize> = (0..rows.len()).collect();
-            let parent_beams: Vec<(usize, &Beam)> = parents
-                .iter()
-                .map(|&(qi, j)| (qi, &states[qi].beams[j]))
-                .collect();
-            let (lps, sparse) = logprob_rows(
-                model,
-                arena,
-                trie,
-                &states,
-                &tokens,
-                &rows,
-                &links,
-                &all,
-                &parent_beams,
-            )?;
-            let mut at = 0;
-            for s in states.iter_mut() {
-                if !s.active() {
-                    continue;
-                }
-                let n = s.beams.len();
-                let beams = std::mem::take(&mut s.beams);
-                let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
-                s.head_logits += lps[at..at + n]
-                    .iter()
-                    .map(|l| if sparse { l.len() } else { vocab })
-                    .sum::<usize>();
-                let cands = select::candidates(&scores, &lps[at..at + n]);
-                advance(trie, s, &beams, cands);
-                at += n;
-            }
+            step(model, arena, trie, &mut states)?;
         }
         Ok(states.into_iter().map(|s| finish(trie, s)).collect())
     }
+}
+
+/// One decoder pass for every active query: a query not yet started prefills its prompt (its
+/// last row gives the first code token), a started one feeds each running beam's last token.
+/// Then each query selects its next beams from its rows' log-probabilities.
+fn step<B: Backend>(
+    model: &Model<B>,
+    arena: &mut KvArena<B>,
+    trie: &Trie,
+    states: &mut [State],
+) -> Result<()> {
+    let (mut tokens, mut rows, mut links) = (Vec::new(), Vec::new(), Vec::new());
+    // One head row per parent beam: `(query, beam)`, and the batch row it reads.
+    let (mut parents, mut head_rows) = (Vec::new(), Vec::new());
+    for (qi, s) in states.iter_mut().enumerate() {
+        if !s.active() {
+            continue;
+        }
+        let prompt = (s.base, s.base + s.prompt.len() as u32);
+        if !s.prefilled {
+            for (p, &t) in s.prompt.iter().enumerate() {
+                tokens.push(t);
+                rows.push(RowKv::contiguous(s.base, p as u32));
+            }
+            s.prefilled = true;
+            s.rows += s.prompt.len();
+            parents.push((qi, 0));
+            head_rows.push(rows.len() - 1);
+            continue;
+        }
+        // Beam j's token of step `fed` goes to entry `prompt end + (fed - 1) * B + j`.
+        let fed = s.beams[0].tokens.len(); // all running beams have the same length
+        let slot0 = prompt.1 + (fed as u32 - 1) * s.options.beam as u32;
+        for (j, beam) in s.beams.iter_mut().enumerate() {
+            let entry = slot0 + j as u32;
+            beam.entries.push(entry);
+            let start = links.len() as u32;
+            links.extend_from_slice(&beam.entries);
+            tokens.push(*beam.tokens.last().expect("a running beam has a token"));
+            rows.push(RowKv {
+                pos: (s.prompt.len() + fed - 1) as u32,
+                entry,
+                span: prompt,
+                link: (start, links.len() as u32),
+            });
+            parents.push((qi, j));
+            head_rows.push(rows.len() - 1);
+        }
+        s.rows += s.beams.len();
+    }
+    let parent_beams: Vec<(usize, &Beam)> = parents
+        .iter()
+        .map(|&(qi, j)| (qi, &states[qi].beams[j]))
+        .collect();
+    let (lps, sparse) = logprob_rows(
+        model,
+        arena,
+        trie,
+        states,
+        &tokens,
+        &rows,
+        &links,
+        &head_rows,
+        &parent_beams,
+    )?;
+    let vocab = model.config.vocab_size;
+    let mut at = 0;
+    for s in states.iter_mut() {
+        if !s.active() {
+            continue;
+        }
+        let n = s.beams.len();
+        let lps = &lps[at..at + n];
+        at += n;
+        s.head_logits += lps
+            .iter()
+            .map(|l| if sparse { l.len() } else { vocab })
+            .sum::<usize>();
+        let beams = std::mem::take(&mut s.beams);
+        let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
+        advance(trie, s, &beams, select::candidates(&scores, lps));
+    }
+    Ok(())
 }
 
 /// Beam search for `queries` with a fresh arena.
