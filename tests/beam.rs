@@ -286,6 +286,64 @@ fn batched_queries_match_single_ones_and_return_only_codes() {
     }
 }
 
+/// A shared prompt prefix (the template's head, prefilled once) changes no result: same codes,
+/// same scores, fewer rows. Covers queries that do not start with it, a prompt equal to it,
+/// reuse across runs and the arena growing under it.
+#[test]
+fn shared_prefix_gives_the_same_codes() {
+    for name in MODELS {
+        let f = fixture(name);
+        let head = f.tok.encode("Give the code for the query:").unwrap();
+        let prompts = [
+            "Give the code for the query: green sofa",
+            "Give the code for the query: oak desk for kids",
+            "a lamp",
+            "Give the code for the query:",
+        ];
+        let queries = |beam: usize| -> Vec<Query> {
+            prompts
+                .iter()
+                .map(|p| Query {
+                    prompt: f.tok.encode(p).unwrap(),
+                    options: BeamOptions {
+                        beam,
+                        max_new_tokens: f.trie.max_len() + 1,
+                        ..Default::default()
+                    },
+                })
+                .collect()
+        };
+        let starts = queries(1)
+            .iter()
+            .filter(|q| q.prompt.starts_with(&head) && q.prompt.len() > head.len())
+            .count();
+        assert_eq!(
+            starts, 2,
+            "{name}: the prefix must be a token prefix of two prompts"
+        );
+        let mut with = BeamSearch::new();
+        with.set_prefix(head.clone());
+        for beam in [4, 12] {
+            let qs = queries(beam);
+            let plain = beam::search(&f.model, &f.trie, &qs).unwrap();
+            let shared = with.run(&f.model, &f.trie, &qs).unwrap();
+            for (i, (a, b)) in plain.iter().zip(&shared).enumerate() {
+                let ctx = format!("{name} beam {beam} prompt {i}");
+                assert_eq!(
+                    a.codes.iter().map(|c| c.code).collect::<Vec<_>>(),
+                    b.codes.iter().map(|c| c.code).collect::<Vec<_>>(),
+                    "{ctx}"
+                );
+                for (x, y) in a.codes.iter().zip(&b.codes) {
+                    assert!((x.score - y.score).abs() < 1e-5, "{ctx}");
+                }
+                let saved = if i < 2 { head.len() } else { 0 };
+                assert_eq!(a.rows, b.rows + saved, "{ctx}: rows");
+            }
+        }
+    }
+}
+
 #[test]
 fn unconstrained_search_counts_invalid_codes() {
     let f = fixture("tiny-llama");

@@ -147,6 +147,9 @@ struct State {
     /// entry per (step, beam) slot.
     base: u32,
     prompt: Vec<u32>,
+    /// Leading prompt tokens whose KV is the searcher's shared prefix (arena entries
+    /// `0..shared`); the query's own entries hold the rest of its prompt.
+    shared: usize,
     /// The prompt's KV is in the arena (the first step ran).
     prefilled: bool,
     beams: Vec<Beam>,
@@ -164,22 +167,55 @@ impl State {
         self.open && !self.beams.is_empty()
     }
 
-    /// Arena entries the query needs: its prompt and one per beam for every fed code token
-    /// (the last generated token is never fed).
-    fn entries(q: &Query) -> usize {
-        q.prompt.len() + q.options.beam * (q.options.max_new_tokens - 1)
+    /// Arena entries the query needs: its prompt past the shared prefix and one per beam for
+    /// every fed code token (the last generated token is never fed).
+    fn entries(q: &Query, shared: usize) -> usize {
+        q.prompt.len() - shared + q.options.beam * (q.options.max_new_tokens - 1)
     }
 }
 
 /// Runs beam search; reuses its KV arena across calls (grown as needed).
-#[derive(Default)]
 pub struct BeamSearch<B: Backend> {
     arena: Option<KvArena<B>>,
+    /// A prompt prefix most queries share (a template), prefilled once into arena entries
+    /// `0..prefix.len()`.
+    prefix: Vec<u32>,
+    /// The model whose KV of `prefix` the arena holds (none until computed).
+    prefix_model: Option<usize>,
+}
+
+impl<B: Backend> Default for BeamSearch<B> {
+    fn default() -> Self {
+        BeamSearch::new()
+    }
 }
 
 impl<B: Backend> BeamSearch<B> {
     pub fn new() -> Self {
-        BeamSearch { arena: None }
+        BeamSearch {
+            arena: None,
+            prefix: Vec::new(),
+            prefix_model: None,
+        }
+    }
+
+    /// Declares a prompt prefix shared by most queries (the prompt template's head). Its KV is
+    /// computed once and every query whose prompt tokens start with it (and go on past it)
+    /// attends to that copy instead of prefilling its own: exact, since a causal prefix's KV does
+    /// not depend on what follows.
+    pub fn set_prefix(&mut self, tokens: Vec<u32>) {
+        self.prefix = tokens;
+        self.prefix_model = None;
+    }
+
+    /// Tokens of `prompt` covered by the shared prefix.
+    fn shared(&self, prompt: &[u32]) -> usize {
+        let p = &self.prefix;
+        if !p.is_empty() && prompt.len() > p.len() && prompt.starts_with(p) {
+            p.len()
+        } else {
+            0
+        }
     }
 
     /// Runs all `queries` together (their steps batched into shared forward passes) and
@@ -204,7 +240,13 @@ impl<B: Backend> BeamSearch<B> {
                 )));
             }
         }
-        let total: usize = queries.iter().map(State::entries).sum();
+        let shared: Vec<usize> = queries.iter().map(|q| self.shared(&q.prompt)).collect();
+        let total: usize = self.prefix.len()
+            + queries
+                .iter()
+                .zip(&shared)
+                .map(|(q, &n)| State::entries(q, n))
+                .sum::<usize>();
         if total > u32::MAX as usize {
             return Err(Error::Input(format!(
                 "{total} KV entries for one batch is too many"
@@ -213,17 +255,32 @@ impl<B: Backend> BeamSearch<B> {
         if self.arena.as_ref().is_none_or(|a| a.entries() < total) {
             self.arena = None; // free the old one first
             self.arena = Some(model.new_arena(total)?);
+            self.prefix_model = None;
         }
         let arena = self.arena.as_mut().expect("just made");
+        let model_id = model as *const Model<B> as usize;
+        if !self.prefix.is_empty() && self.prefix_model != Some(model_id) {
+            let rows: Vec<RowKv> = (0..self.prefix.len() as u32)
+                .map(|p| RowKv::contiguous(0, p))
+                .collect();
+            let batch = KvRows {
+                rows: &rows,
+                links: &[],
+            };
+            model.forward_rows(arena, &self.prefix, batch, Head::Full(&[]))?;
+            self.prefix_model = Some(model_id);
+        }
 
-        let mut base = 0u32;
+        let mut base = self.prefix.len() as u32;
         let mut states: Vec<State> = queries
             .iter()
-            .map(|q| {
+            .zip(&shared)
+            .map(|(q, &shared)| {
                 let s = State {
                     options: q.options,
                     base,
                     prompt: q.prompt.clone(),
+                    shared,
                     prefilled: false,
                     beams: vec![Beam {
                         node: Trie::ROOT,
@@ -238,7 +295,7 @@ impl<B: Backend> BeamSearch<B> {
                     rows: 0,
                     head_logits: 0,
                 };
-                base += State::entries(q) as u32;
+                base += State::entries(q, shared) as u32;
                 s
             })
             .collect();
@@ -265,31 +322,53 @@ fn step<B: Backend>(
         if !s.active() {
             continue;
         }
-        let prompt = (s.base, s.base + s.prompt.len() as u32);
+        // The prompt's KV: its own entries from `base`, after the shared prefix's `0..shared`
+        // when it has one (then its own entries are links, the prefix the span).
+        let (shared, own) = (s.shared as u32, (s.prompt.len() - s.shared) as u32);
+        let own_entries = s.base..s.base + own;
+        let span = if shared > 0 {
+            (0, shared)
+        } else {
+            (s.base, s.base + own)
+        };
         if !s.prefilled {
-            for (p, &t) in s.prompt.iter().enumerate() {
+            for (i, &t) in s.prompt[s.shared..].iter().enumerate() {
                 tokens.push(t);
-                rows.push(RowKv::contiguous(s.base, p as u32));
+                if shared == 0 {
+                    rows.push(RowKv::contiguous(s.base, i as u32));
+                    continue;
+                }
+                let start = links.len() as u32;
+                links.extend(s.base..=s.base + i as u32);
+                rows.push(RowKv {
+                    pos: shared + i as u32,
+                    entry: s.base + i as u32,
+                    span,
+                    link: (start, links.len() as u32),
+                });
             }
             s.prefilled = true;
-            s.rows += s.prompt.len();
+            s.rows += own as usize;
             parents.push((qi, 0));
             head_rows.push(rows.len() - 1);
             continue;
         }
-        // Beam j's token of step `fed` goes to entry `prompt end + (fed - 1) * B + j`.
+        // Beam j's token of step `fed` goes to entry `base + own + (fed - 1) * B + j`.
         let fed = s.beams[0].tokens.len(); // all running beams have the same length
-        let slot0 = prompt.1 + (fed as u32 - 1) * s.options.beam as u32;
+        let slot0 = own_entries.end + (fed as u32 - 1) * s.options.beam as u32;
         for (j, beam) in s.beams.iter_mut().enumerate() {
             let entry = slot0 + j as u32;
             beam.entries.push(entry);
             let start = links.len() as u32;
+            if shared > 0 {
+                links.extend(own_entries.clone());
+            }
             links.extend_from_slice(&beam.entries);
             tokens.push(*beam.tokens.last().expect("a running beam has a token"));
             rows.push(RowKv {
                 pos: (s.prompt.len() + fed - 1) as u32,
                 entry,
-                span: prompt,
+                span,
                 link: (start, links.len() as u32),
             });
             parents.push((qi, j));
