@@ -27,7 +27,8 @@ const CHECK_PROMPT: &str = "The capital of France is";
 struct Args {
     model: PathBuf,
     threads: usize,
-    dtypes: Vec<DType>,
+    /// `None`: as stored (a GGUF's Q4_1/Q8_0 read in place).
+    dtypes: Vec<Option<DType>>,
     prompt_len: usize,
     steps: usize,
     batch: usize,
@@ -56,9 +57,10 @@ fn parse_args() -> Args {
         match argv[i].as_str() {
             "--model" => a.model = PathBuf::from(val()),
             "--threads" => a.threads = val().parse().expect("--threads N"),
-            "--dtype" => a
-                .dtypes
-                .push(DType::parse(&val()).expect("--dtype f32|f16|bf16")),
+            "--dtype" if val() == "stored" => a.dtypes.push(None),
+            "--dtype" => a.dtypes.push(Some(
+                DType::parse(&val()).expect("--dtype f32|f16|bf16|stored"),
+            )),
             "--prompt-len" => a.prompt_len = val().parse().expect("--prompt-len N"),
             "--steps" => a.steps = val().parse().expect("--steps N"),
             "--batch" => a.batch = val().parse().expect("--batch N"),
@@ -74,7 +76,7 @@ fn parse_args() -> Args {
         i += 2;
     }
     if a.dtypes.is_empty() {
-        a.dtypes = vec![DType::F32, DType::BF16];
+        a.dtypes = vec![Some(DType::F32), Some(DType::BF16)];
     }
     a
 }
@@ -114,15 +116,16 @@ fn main() {
         json!({"kind": "machine", "peer": "gram", "isa": format!("{:?}", gram::backend::cpu::simd::Isa::detect()), "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)})
     );
     for &dtype in &args.dtypes {
+        let dtype_name = dtype.map_or("stored", DType::name);
         let t0 = Instant::now();
         let options = LoadOptions {
-            dtype: Some(dtype),
+            dtype,
             threads: Some(args.threads),
         };
         let model = Model::load(&args.model, &options).unwrap();
         eprintln!(
             "[gram] {} loaded in {:.2}s",
-            dtype.name(),
+            dtype_name,
             t0.elapsed().as_secs_f64()
         );
         let v = model.config.vocab_size;
@@ -178,7 +181,7 @@ fn main() {
         let check_ids = tok.encode(CHECK_PROMPT).unwrap();
         let check = lm::run(&model, &check_ids, 16).unwrap();
         let mut res = json!({
-            "kind": "result", "peer": "gram", "dtype": dtype.name(), "model": args.model,
+            "kind": "result", "peer": "gram", "dtype": dtype_name, "model": args.model,
             "threads": args.threads, "prompt_len": p, "steps": s, "batch": b,
             "warmup": args.warmup, "reps": args.reps,
             "greedy_check": {"prompt": CHECK_PROMPT, "tokens": check.greedy, "text": tok.decode(&check.greedy).unwrap()},

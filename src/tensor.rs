@@ -1,6 +1,8 @@
 //! Host tensors: a dtype, a shape and bytes that are either borrowed from a memory-mapped
 //! checkpoint (no copy) or owned (dequantized, converted, or re-aligned at load). Kernels read
-//! the stored dtype through [`View`] and widen in registers.
+//! the stored dtype through [`View`] and widen in registers; the GGUF block types Q4_1 and Q8_0
+//! are kept as stored too and dequantized a few rows at a time by the matmul (`d·q (+ m)` is
+//! exact in f32, so the values are those a load-time dequantization gives).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,14 +17,41 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// ggml Q4_1: blocks of 32 elements, f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles
+    /// (element `j` = low nibble of byte `j`, element `j + 16` = high nibble); `x = q·d + m`.
+    Q4_1,
+    /// ggml Q8_0: blocks of 32 elements, f16 scale `d`, 32 signed bytes; `x = q·d`.
+    Q8_0,
 }
 
 impl DType {
-    pub fn size_bytes(self) -> usize {
+    /// `(elements, bytes)` of one storage block: one element for plain types, 32 for ggml's.
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            DType::Q4_1 => (32, 20),
+            DType::Q8_0 => (32, 34),
         }
+    }
+
+    /// Bytes that `numel` elements take (`numel` a whole number of blocks).
+    pub fn bytes_for(self, numel: usize) -> usize {
+        let (e, b) = self.block();
+        numel / e * b
+    }
+
+    /// Alignment the kernels need to read the elements in place.
+    fn align(self) -> usize {
+        match self {
+            DType::Q4_1 | DType::Q8_0 => 1,
+            d => d.block().1,
+        }
+    }
+
+    /// A ggml block type (dequantized by the matmul, never by a user's `--dtype`).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q4_1 | DType::Q8_0)
     }
 
     /// Parses `f32`, `f16` or `bf16` (CLI spelling).
@@ -40,8 +69,30 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q4_1 => "q4_1",
+            DType::Q8_0 => "q8_0",
         }
     }
+}
+
+/// Element `j` of a Q4_1 block.
+#[inline]
+fn q4_1(b: &[u8], j: usize) -> f32 {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let q = if j < 16 {
+        b[4 + j] & 0x0f
+    } else {
+        b[4 + j - 16] >> 4
+    };
+    q as f32 * d + m
+}
+
+/// Element `j` of a Q8_0 block.
+#[inline]
+fn q8_0(b: &[u8], j: usize) -> f32 {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    b[2 + j] as i8 as f32 * d
 }
 
 /// A typed, borrowed view of a tensor's elements.
@@ -50,15 +101,27 @@ pub enum View<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Q4_1 blocks (see [`DType::Q4_1`]).
+    Q4_1(&'a [u8]),
+    /// Q8_0 blocks (see [`DType::Q8_0`]).
+    Q8_0(&'a [u8]),
 }
 
 impl View<'_> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             View::F32(s) => s.len(),
             View::F16(s) => s.len(),
             View::BF16(s) => s.len(),
+            View::Q4_1(b) => b.len() / 20 * 32,
+            View::Q8_0(b) => b.len() / 34 * 32,
         }
+    }
+
+    /// A ggml block view (the matmul dequantizes it a panel of rows at a time).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, View::Q4_1(_) | View::Q8_0(_))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -72,6 +135,8 @@ impl View<'_> {
             View::F32(s) => s[i],
             View::F16(s) => s[i].to_f32(),
             View::BF16(s) => s[i].to_f32(),
+            View::Q4_1(b) => q4_1(&b[i / 32 * 20..i / 32 * 20 + 20], i % 32),
+            View::Q8_0(b) => q8_0(&b[i / 32 * 34..i / 32 * 34 + 34], i % 32),
         }
     }
 
@@ -81,6 +146,21 @@ impl View<'_> {
             View::F32(s) => out.copy_from_slice(&s[range]),
             View::F16(s) => s[range].convert_to_f32_slice(out),
             View::BF16(s) => s[range].convert_to_f32_slice(out),
+            View::Q4_1(b) | View::Q8_0(b) => {
+                let bytes = if matches!(self, View::Q4_1(_)) {
+                    20
+                } else {
+                    34
+                };
+                let elem = |blk: &[u8], j| match self {
+                    View::Q4_1(_) => q4_1(blk, j),
+                    _ => q8_0(blk, j),
+                };
+                for (o, i) in out.iter_mut().zip(range) {
+                    let at = i / 32 * bytes;
+                    *o = elem(&b[at..at + bytes], i % 32);
+                }
+            }
         }
     }
 }
@@ -100,6 +180,8 @@ enum Data {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// Owned ggml blocks.
+    Blocks(Vec<u8>),
 }
 
 /// A tensor in host memory (row-major, HF shape order: `[out, in]` for linear weights).
@@ -107,6 +189,10 @@ pub struct HostTensor {
     dtype: DType,
     shape: Vec<usize>,
     data: Data,
+    /// For a block-typed matrix: the same values in f32, for the compute-bound kernels
+    /// (several rows per call), which would otherwise dequantize every panel again. The
+    /// memory-bound GEMV (one row) reads the blocks: a seventh of the bytes.
+    dense: Option<Box<HostTensor>>,
 }
 
 impl std::fmt::Debug for HostTensor {
@@ -124,7 +210,7 @@ impl std::fmt::Debug for HostTensor {
 impl HostTensor {
     /// Borrows `range` of `map` as a tensor. Falls back to an owned copy when the bytes are not
     /// aligned for `dtype` (safetensors does not promise alignment). The caller has checked that
-    /// `range.len() == numel * dtype.size_bytes()`.
+    /// `range.len() == dtype.bytes_for(numel)`.
     pub fn mapped(
         map: &Arc<Mmap>,
         range: Range<usize>,
@@ -132,7 +218,7 @@ impl HostTensor {
         shape: Vec<usize>,
     ) -> HostTensor {
         let bytes = &map[range.clone()];
-        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size_bytes());
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.align());
         if aligned {
             return HostTensor {
                 dtype,
@@ -141,14 +227,33 @@ impl HostTensor {
                     map: Arc::clone(map),
                     range,
                 },
+                dense: None,
             };
         }
         let data = match dtype {
             DType::F32 => Data::F32(bytemuck::pod_collect_to_vec(bytes)),
             DType::F16 => Data::F16(bytemuck::pod_collect_to_vec(bytes)),
             DType::BF16 => Data::BF16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::Q4_1 | DType::Q8_0 => Data::Blocks(bytes.to_vec()),
         };
-        HostTensor { dtype, shape, data }
+        HostTensor {
+            dtype,
+            shape,
+            data,
+            dense: None,
+        }
+    }
+
+    /// Owned ggml blocks of `dtype` (the caller has checked the length against the shape).
+    pub fn from_blocks(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> HostTensor {
+        debug_assert!(dtype.is_quantized());
+        debug_assert_eq!(bytes.len(), dtype.bytes_for(shape.iter().product()));
+        HostTensor {
+            dtype,
+            shape,
+            data: Data::Blocks(bytes),
+            dense: None,
+        }
     }
 
     pub fn from_f32(values: Vec<f32>, shape: Vec<usize>) -> HostTensor {
@@ -157,6 +262,7 @@ impl HostTensor {
             dtype: DType::F32,
             shape,
             data: Data::F32(values),
+            dense: None,
         }
     }
 
@@ -166,6 +272,7 @@ impl HostTensor {
             View::F32(s) => bytemuck::cast_slice(s),
             View::F16(s) => bytemuck::cast_slice(s),
             View::BF16(s) => bytemuck::cast_slice(s),
+            View::Q4_1(b) | View::Q8_0(b) => b,
         }
     }
 
@@ -196,11 +303,17 @@ impl HostTensor {
                     DType::F32 => View::F32(bytemuck::cast_slice(bytes)),
                     DType::F16 => View::F16(bytemuck::cast_slice(bytes)),
                     DType::BF16 => View::BF16(bytemuck::cast_slice(bytes)),
+                    DType::Q4_1 => View::Q4_1(bytes),
+                    DType::Q8_0 => View::Q8_0(bytes),
                 }
             }
             Data::F32(v) => View::F32(v),
             Data::F16(v) => View::F16(v),
             Data::BF16(v) => View::BF16(v),
+            Data::Blocks(b) => match self.dtype {
+                DType::Q8_0 => View::Q8_0(b),
+                _ => View::Q4_1(b),
+            },
         }
     }
 
@@ -212,13 +325,19 @@ impl HostTensor {
     }
 
     /// This tensor in `dtype` (round to nearest even when narrowing); `self` when it already is.
+    /// Nothing quantizes: asked for a block type it does not have, it comes back in f32.
     pub fn into_dtype(self, dtype: DType) -> HostTensor {
         if dtype == self.dtype {
             return self;
         }
+        let dtype = if dtype.is_quantized() {
+            DType::F32
+        } else {
+            dtype
+        };
         let src = self.view();
         let data = match dtype {
-            DType::F32 => Data::F32(self.to_f32_vec()),
+            DType::F32 | DType::Q4_1 | DType::Q8_0 => Data::F32(self.to_f32_vec()),
             DType::F16 => Data::F16((0..src.len()).map(|i| f16::from_f32(src.get(i))).collect()),
             DType::BF16 => Data::BF16((0..src.len()).map(|i| bf16::from_f32(src.get(i))).collect()),
         };
@@ -226,7 +345,33 @@ impl HostTensor {
             dtype,
             shape: self.shape.clone(),
             data,
+            dense: None,
         }
+    }
+
+    /// Gives a block-typed matrix its f32 twin for the compute-bound kernels (see `dense`);
+    /// other tensors are left as they are.
+    pub fn with_dense(mut self) -> HostTensor {
+        if self.dtype.is_quantized() && self.shape.len() == 2 && self.dense.is_none() {
+            self.dense = Some(Box::new(HostTensor::from_f32(
+                self.to_f32_vec(),
+                self.shape.clone(),
+            )));
+        }
+        self
+    }
+
+    /// The f32 twin, if any (for [`pack`]).
+    pub fn dense_mut(&mut self) -> Option<&mut HostTensor> {
+        self.dense.as_deref_mut()
+    }
+
+    /// What the compute-bound kernels read: the f32 twin of a block-typed matrix when it has
+    /// one, else the tensor itself.
+    pub fn dense_view(&self) -> View<'_> {
+        self.dense
+            .as_ref()
+            .map_or_else(|| self.view(), |d| d.view())
     }
 }
 

@@ -74,3 +74,53 @@ fn truncated_gguf_is_refused() {
     assert!(err.to_string().contains("truncated"), "{err}");
     std::fs::remove_dir_all(&bad).unwrap();
 }
+
+/// The GGUF's Q4_1 / Q8_0 weights read in place (dequantized a panel at a time by the matmul)
+/// give bit for bit the logits of the same weights dequantized to f32 at load, for the GEMV
+/// (one row), the tile (several rows) and the sparse head.
+#[test]
+fn quantized_weights_in_place_equal_dequantized_f32() {
+    use gram::backend::{KvRows, RowKv};
+    use gram::model::Head;
+    use gram::tensor::DType;
+    let dir = smollm2_dir();
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let quant = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let f32s = Model::load(
+        &dir,
+        &LoadOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids = tok.encode("The capital of France is").unwrap();
+    let run = |m: &Model, head: Head| {
+        let mut arena = m.new_arena(64).unwrap();
+        let rows: Vec<RowKv> = (0..ids.len() as u32)
+            .map(|p| RowKv::contiguous(0, p))
+            .collect();
+        let batch = KvRows {
+            rows: &rows,
+            links: &[],
+        };
+        let prefill = m.forward_rows(&mut arena, &ids, batch, head).unwrap();
+        let one = [RowKv::contiguous(0, ids.len() as u32)];
+        let batch = KvRows {
+            rows: &one,
+            links: &[],
+        };
+        let step = m
+            .forward_rows(&mut arena, &[ids[0]], batch, Head::Full(&[0]))
+            .unwrap();
+        (prefill, step)
+    };
+    let all: Vec<usize> = (0..ids.len()).collect();
+    let picks: Vec<(u32, u32)> = (0..ids.len() as u32).map(|r| (r, 100 + 7 * r)).collect();
+    for head in [Head::Full(&all), Head::Picks(&all, &picks)] {
+        let (a, b) = (run(&quant, head), run(&f32s, head));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.0), bits(&b.0), "prefill logits ({head:?})");
+        assert_eq!(bits(&a.1), bits(&b.1), "decode logits");
+    }
+}

@@ -1,5 +1,7 @@
 //! GGUF (llama.cpp's format, versions 2 and 3) read directly: header, metadata, tensor table,
-//! and tensor data dequantized at load. Supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q8_0.
+//! and tensor data read in place where the kernels read the type (F32, F16, BF16, and the block
+//! types Q4_1 and Q8_0, which the matmul dequantizes a panel at a time) or dequantized at load
+//! (Q4_0). Supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q8_0.
 //!
 //! Layout (little-endian): magic `GGUF`, u32 version, u64 tensor count, u64 metadata count, the
 //! metadata (key string, u32 value type, value), the tensor infos (name string, u32 n_dims, u64
@@ -303,10 +305,11 @@ fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
 
 /// Undoes llama.cpp's rotary permutation of a Q or K weight `[n_head * D, cols]`:
 /// GGUF row `h*D + 2i + j` holds HF row `h*D + j*D/2 + i`.
-fn unpermute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+/// `cols` counts the items of a row: f32 values, or bytes of a row of ggml blocks.
+fn unpermute_rows<T: Copy + Default>(w: &[T], n_head: usize, cols: usize) -> Vec<T> {
     let rows = w.len() / cols;
     let d = rows / n_head;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..n_head {
         for i in 0..d / 2 {
             for j in 0..2 {
@@ -364,29 +367,39 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
         } else {
             None
         };
+        // Read in place: the plain types, and the block types the matmul dequantizes itself
+        // (2-D only; a block-typed vector is dequantized here).
         let direct = match info.ty {
             GgmlType::F32 => Some(DType::F32),
             GgmlType::F16 => Some(DType::F16),
             GgmlType::BF16 => Some(DType::BF16),
+            GgmlType::Q4_1 if shape.len() == 2 => Some(DType::Q4_1),
+            GgmlType::Q8_0 if shape.len() == 2 => Some(DType::Q8_0),
             _ => None,
         };
+        if let Some(n_head) = permute_heads {
+            if shape.len() != 2
+                || !(shape[0] / n_head).is_multiple_of(2)
+                || !shape[0].is_multiple_of(n_head)
+            {
+                return Err(Error::tensor(
+                    &name,
+                    format!("shape {shape:?} cannot hold {n_head} rotary heads"),
+                ));
+            }
+        }
         let tensor = match (direct, permute_heads) {
             (Some(dtype), None) => HostTensor::mapped(&map, range, dtype, shape),
+            (Some(dtype), Some(n_head)) if dtype.is_quantized() => {
+                let row_bytes = dtype.bytes_for(info.dims[0]);
+                let bytes = unpermute_rows(&map[range], n_head, row_bytes);
+                HostTensor::from_blocks(bytes, dtype, shape)
+            }
             _ => {
                 let mut values = vec![0f32; numel];
                 dequantize(info.ty, &map[range], &mut values);
                 if let Some(n_head) = permute_heads {
-                    let cols = info.dims[0];
-                    if shape.len() != 2
-                        || !(shape[0] / n_head).is_multiple_of(2)
-                        || !shape[0].is_multiple_of(n_head)
-                    {
-                        return Err(Error::tensor(
-                            &name,
-                            format!("shape {shape:?} cannot hold {n_head} rotary heads"),
-                        ));
-                    }
-                    values = unpermute_rows(&values, n_head, cols);
+                    values = unpermute_rows(&values, n_head, info.dims[0]);
                 }
                 HostTensor::from_f32(values, shape)
             }

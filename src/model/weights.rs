@@ -120,12 +120,15 @@ pub fn load<B: Backend>(
                 name,
                 match want {
                     Some(d) => t.into_dtype(d),
-                    None => t,
+                    // Block-typed matrices stay as stored for the GEMV, with an f32 twin for
+                    // the tiles.
+                    None => t.with_dense(),
                 },
             )
         })
         .collect();
     tensor::pack(map.values_mut());
+    tensor::pack(map.values_mut().filter_map(HostTensor::dense_mut));
     let mut take = Take { map, backend };
     let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let embed = take.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;

@@ -1,4 +1,5 @@
-//! `out = x W^T (+ b)` for weights stored in f32, f16 or bf16, widened to f32 in registers.
+//! `out = x W^T (+ b)` for weights stored in f32, f16 or bf16, widened to f32 in registers, or in
+//! ggml blocks (Q4_1, Q8_0), dequantized a panel of rows at a time into L1.
 //!
 //! Shapes: `x: [T, K]` f32, `W: [N, K]` (HF layout, one output per row), `out: [T, N]`.
 //! Work is split over the output dimension `N` (rayon); several weights that read the same `x`
@@ -118,12 +119,17 @@ fn range(
         // elements (checked in `matmul`), so the write is in bounds and not shared.
         unsafe { *out.0.add(t * n + col) = v + b };
     };
+    // ggml block weights: each panel of rows is dequantized into L1 once and read from there
+    // by the f32 kernels, for every token group (the values are those of a load-time
+    // dequantization, at a seventh of the bytes streamed).
+    let mut panel = Vec::new();
     if rows == 1 {
         let mut col = n0;
         while col < n1 {
             let nr = (n1 - col).min(NR);
             let mut acc = [0f32; NR];
-            simd::dot_rows(isa, job.w, col, nr, k, x, &mut acc);
+            let (w, row0) = rows_of(isa, job.w, col, nr, k, &mut panel);
+            simd::dot_rows(isa, w, row0, nr, k, x, &mut acc);
             for (r, &a) in acc.iter().take(nr).enumerate() {
                 store(0, col + r, a);
             }
@@ -136,11 +142,12 @@ fn range(
     let mut col = n0;
     while col < n1 {
         let nr = (n1 - col).min(simd::tile_nr(isa));
+        let (w, row0) = rows_of(isa, job.w, col, nr, k, &mut panel);
         let mut t = 0;
         for g in 0..groups {
             let tr = (rows - t) / (groups - g);
             let mut acc = [[0f32; TILE_TR]; TILE_NR];
-            simd::tile(isa, job.w, col, nr, x.slice(t, t + tr, k), tr, k, &mut acc);
+            simd::tile(isa, w, row0, nr, x.slice(t, t + tr, k), tr, k, &mut acc);
             for (r, row) in acc.iter().take(nr).enumerate() {
                 for (i, &a) in row.iter().take(tr).enumerate() {
                     store(t + i, col + r, a);
@@ -150,6 +157,24 @@ fn range(
         }
         col += nr;
     }
+}
+
+/// Where the f32 kernels read weight rows `col..col + nr`: in place (`w` from row `col`), or,
+/// for ggml blocks, from `panel` (from row 0) after dequantizing them there.
+fn rows_of<'a>(
+    isa: Isa,
+    w: View<'a>,
+    col: usize,
+    nr: usize,
+    k: usize,
+    panel: &'a mut Vec<f32>,
+) -> (View<'a>, usize) {
+    if !w.is_quantized() {
+        return (w, col);
+    }
+    panel.resize(nr * k, 0.0);
+    simd::dequant_rows(isa, w, col, nr, k, panel);
+    (View::F32(panel), 0)
 }
 
 /// The sparse head: `out[i] = x[r_i] · w[v_i]` for each pick `(r_i, v_i)`; `x: [R, k]`,
@@ -177,7 +202,9 @@ pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Ve
     let one = |&(r, v): &(u32, u32)| {
         let r = r as usize;
         let mut acc = [0f32; 4];
-        simd::dot_rows(isa, w, v as usize, 1, k, xr.slice(r, r + 1, k), &mut acc);
+        let mut panel = Vec::new();
+        let (w, row0) = rows_of(isa, w, v as usize, 1, k, &mut panel);
+        simd::dot_rows(isa, w, row0, 1, k, xr.slice(r, r + 1, k), &mut acc);
         acc[0]
     };
     let mut out = vec![0f32; picks.len()];
@@ -190,4 +217,63 @@ pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Ve
         out.iter_mut().zip(picks).for_each(|(o, p)| *o = one(p));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    /// Q4_1 weights read in place (dequantized a panel at a time) give bit for bit the matmul of
+    /// the same weights dequantized up front, for the GEMV, the tiles and the sparse head.
+    #[test]
+    fn block_weights_equal_their_f32_values_bit_for_bit() {
+        let (n, k) = (37, 96);
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut blocks = vec![0u8; n * k / 32 * 20];
+        for b in blocks.chunks_exact_mut(20) {
+            let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
+            let m = f16::from_f32((next() % 2000) as f32 * 1e-4 - 0.1);
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            b[2..4].copy_from_slice(&m.to_le_bytes());
+            b[4..].iter_mut().for_each(|q| *q = next() as u8);
+        }
+        let quant = View::Q4_1(&blocks);
+        let mut dense = vec![0f32; n * k];
+        quant.widen_into(0..n * k, &mut dense);
+        for isa in Isa::available() {
+            for rows in [1, 3, 10] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let mut a = vec![0f32; rows * n];
+                let mut b = vec![0f32; rows * n];
+                for (w, out) in [(quant, &mut a), (View::F32(&dense), &mut b)] {
+                    let mut jobs = [MatJob {
+                        w,
+                        bias: None,
+                        n,
+                        out: out.as_mut_slice(),
+                    }];
+                    matmul(isa, &x, rows, k, &mut jobs);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{isa:?} rows {rows}");
+                let sel: Vec<(u32, u32)> = (0..rows as u32)
+                    .map(|r| (r, (5 * r + 3) % n as u32))
+                    .collect();
+                let (pa, pb) = (
+                    picks(isa, &x, quant, k, &sel),
+                    picks(isa, &x, View::F32(&dense), k, &sel),
+                );
+                assert_eq!(bits(&pa), bits(&pb), "{isa:?} picks");
+            }
+        }
+    }
 }

@@ -139,7 +139,11 @@ impl Backend for CpuBackend {
         let mut mj: Vec<MatJob> = jobs
             .iter_mut()
             .map(|(l, out)| MatJob {
-                w: l.weight.view(),
+                w: if rows == 1 {
+                    l.weight.view()
+                } else {
+                    l.weight.dense_view()
+                },
                 bias: l.bias.map(|b| b.view()),
                 n: l.weight.shape()[0],
                 out: out.as_mut_slice(),

@@ -124,6 +124,8 @@ pub unsafe fn dot_rows(
 ) {
     let xp = x.x.as_ptr();
     match w {
+        // Block types are dequantized into f32 panels before they get here (`matmul`).
+        View::Q4_1(_) | View::Q8_0(_) => super::scalar::dot_rows(w, row0, nr, k, x.x, acc),
         View::F32(s) => dot_rows_d::<F32>(s.as_ptr() as *const u8, row0, nr, k, xp, acc),
         View::F16(s) => dot_rows_d::<F16>(s.as_ptr() as *const u8, row0, nr, k, xp, acc),
         View::BF16(s) => {
@@ -326,6 +328,8 @@ pub unsafe fn tile(
 ) {
     let xp = x.x.as_ptr();
     match w {
+        // Block types are dequantized into f32 panels before they get here (`matmul`).
+        View::Q4_1(_) | View::Q8_0(_) => super::scalar::tile(w, row0, nr, x.x, tr, k, acc),
         View::F32(s) => tile_d::<F32>(s.as_ptr() as *const u8, row0, nr, xp, tr, k, acc),
         View::F16(s) => tile_d::<F16>(s.as_ptr() as *const u8, row0, nr, xp, tr, k, acc),
         View::BF16(s) => {
@@ -458,4 +462,38 @@ pub unsafe fn max(x: &[f32]) -> f32 {
         .iter()
         .copied()
         .fold(super::scalar::max(chunks.remainder()), f32::max)
+}
+
+/// Dequantizes whole Q4_1 blocks (20 bytes → 32 f32 each): `x = q·d + m`, one rounding as in
+/// the scalar twin (`q·d` is exact in f32).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q4_1(blocks: &[u8], out: &mut [f32]) {
+    let low = _mm_set1_epi8(0x0f);
+    for (b, o) in blocks.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+        let d = _mm256_set1_ps(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+        let m = _mm256_set1_ps(half::f16::from_le_bytes([b[2], b[3]]).to_f32());
+        let q = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+        let lo = _mm_and_si128(q, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        for (i, v) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), _mm256_fmadd_ps(f, d, m));
+        }
+    }
+}
+
+/// Dequantizes whole Q8_0 blocks (34 bytes → 32 f32 each): `x = q·d` (exact in f32).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q8_0(blocks: &[u8], out: &mut [f32]) {
+    for (b, o) in blocks.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+        let d = _mm256_set1_ps(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+        for i in 0..4 {
+            let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * i) as *const __m128i);
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), _mm256_mul_ps(f, d));
+        }
+    }
 }

@@ -30,6 +30,8 @@ pub unsafe fn dot_rows(w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: 
         };
     }
     match w {
+        // Block types are dequantized into f32 panels before they get here (`matmul`).
+        View::Q4_1(_) | View::Q8_0(_) => super::scalar::dot_rows(w, row0, nr, k, x.x, acc),
         View::F32(s) => by_nr!(rows_f32, s.as_ptr()),
         View::F16(s) => by_nr!(rows_f16, s.as_ptr() as *const u16),
         View::BF16(s) => by_nr!(rows_bf16, s.as_ptr() as *const u16),
@@ -172,6 +174,8 @@ pub unsafe fn tile(
         };
     }
     match w {
+        // Block types are dequantized into f32 panels before they get here (`matmul`).
+        View::Q4_1(_) | View::Q8_0(_) => super::scalar::tile(w, row0, nr, x.x, tr, k, acc),
         View::F32(s) => by_shape!(tile_f32, s.as_ptr()),
         View::F16(s) => by_shape!(tile_f16, s.as_ptr() as *const u16),
         View::BF16(s) => by_shape!(tile_bf16, s.as_ptr() as *const u16),

@@ -237,6 +237,34 @@ pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
     scalar::axpy(a, x, y)
 }
 
+/// Rows `row0..row0 + nr` of `w: [*, k]` widened to f32 into `out: [nr, k]`: the panel the
+/// matmul hands its f32 kernels for ggml block weights (and a plain widening for the others).
+/// Bit-identical to [`View::widen_into`], its scalar twin.
+pub fn dequant_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, out: &mut [f32]) {
+    let (start, end) = (row0 * k, (row0 + nr) * k);
+    assert!(
+        end <= w.len() && out.len() >= nr * k,
+        "dequant_rows bounds; this is a bug"
+    );
+    let out = &mut out[..nr * k];
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() && k.is_multiple_of(32) {
+        match w {
+            // SAFETY: CPU features as in `dot_rows`; whole blocks, bounds checked above (a row
+            // of k elements is k / 32 blocks).
+            View::Q4_1(b) => {
+                return unsafe { avx2::dequant_q4_1(&b[start / 32 * 20..end / 32 * 20], out) }
+            }
+            // SAFETY: as above.
+            View::Q8_0(b) => {
+                return unsafe { avx2::dequant_q8_0(&b[start / 32 * 34..end / 32 * 34], out) }
+            }
+            _ => {}
+        }
+    }
+    w.widen_into(start..end, out)
+}
+
 /// The largest element of `x` (`-inf` when empty).
 pub fn max(isa: Isa, x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -287,6 +315,57 @@ mod tests {
 
     fn dot64(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    /// Random Q4_1 / Q8_0 blocks with finite f16 scales.
+    fn blocks(n: usize, bytes: usize, seed: u64) -> Vec<u8> {
+        let r = rand(n * bytes, seed);
+        let mut out: Vec<u8> = r.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for (i, b) in out.chunks_exact_mut(bytes).enumerate() {
+            let d = f16::from_f32(0.01 + 0.05 * r[i].abs()).to_le_bytes();
+            let m = f16::from_f32(-0.3 * r[i + 1]).to_le_bytes();
+            b[..2].copy_from_slice(&d);
+            if bytes == 20 {
+                b[2..4].copy_from_slice(&m);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dequant_rows_is_bit_identical_to_the_scalar_twin() {
+        let k = 576;
+        let (q41, q80) = (blocks(10 * k / 32, 20, 5), blocks(10 * k / 32, 34, 6));
+        for isa in Isa::available() {
+            for view in [View::Q4_1(&q41), View::Q8_0(&q80)] {
+                for (row0, nr) in [(0, 1), (3, 4), (9, 1), (0, 10)] {
+                    let mut got = vec![f32::NAN; nr * k];
+                    dequant_rows(isa, view, row0, nr, k, &mut got);
+                    let mut want = vec![0f32; nr * k];
+                    view.widen_into(row0 * k..(row0 + nr) * k, &mut want);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} rows {row0}+{nr}");
+                }
+            }
+        }
+        // The scalar twin against the GGUF formula, element by element.
+        let b = &q41[..20];
+        let (d, m) = (
+            f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            f16::from_le_bytes([b[2], b[3]]).to_f32(),
+        );
+        for j in 0..16 {
+            assert_eq!(View::Q4_1(b).get(j), (b[4 + j] & 15) as f32 * d + m);
+            assert_eq!(View::Q4_1(b).get(j + 16), (b[4 + j] >> 4) as f32 * d + m);
+        }
+        let b = &q80[..34];
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        for j in 0..32 {
+            assert_eq!(View::Q8_0(b).get(j), b[2 + j] as i8 as f32 * d);
+        }
     }
 
     #[test]
