@@ -25,7 +25,7 @@ done
 cargo build --release --benches -q
 echo "floor..." >&2
 tools/floor/run.sh > "$out/floor.json"
-gram() { cargo bench -q --bench lm_throughput -- --model "$model" --threads "$threads" --dtype f32 --dtype bf16 --dtype f16 --reps 5; }
+gram() { cargo bench -q --bench lm_throughput -- --model "$model" --threads "$threads" --dtype f32 --dtype bf16 --dtype f16 --dtype stored --reps 5; }
 echo "gram (first)..." >&2
 gram > "$out/gram.jsonl"
 echo "llama.cpp..." >&2
