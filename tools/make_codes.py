@@ -154,6 +154,18 @@ def fk_category_and_brand(name, tree):
 _SPEC = re.compile(r'"key"=>"([^"]*)",\s*"value"=>"([^"]*)"')
 
 
+def add_variants(P, domain, cat, brand, materials, colours, brand_with_both):
+    """cat | brand, then with the first material, the first colour, and both (with the brand
+    too when `brand_with_both`)."""
+    P.add(domain, cat, brand)
+    for m in materials[:1]:
+        P.add(domain, cat, brand, m, None)
+    for col in colours[:1]:
+        P.add(domain, cat, brand, None, col)
+        for m in materials[:1]:
+            P.add(domain, cat, brand if brand_with_both else None, m, col)
+
+
 def load(data: Path) -> Pools:
     P = Pools()
 
@@ -178,13 +190,7 @@ def load(data: Path) -> Pools:
         for c in [cat if norm(cat) else specs.get("type")]:  # spec Type only as a fallback
             if not norm(c):
                 continue
-            P.add("retail", c, brand)
-            for m in materials[:1]:
-                P.add("retail", c, brand, m, None)
-            for col in colours[:1]:
-                P.add("retail", c, brand, None, col)
-                for m in materials[:1]:
-                    P.add("retail", c, brand, m, col)
+            add_variants(P, "retail", c, brand, materials, colours, brand_with_both=True)
 
     # Best Buy taxonomy: leaves (minus service/merch trees); "Name Brands > X > X Things".
     cats = json.load(gzip.open(data / "bestbuy-categories" / "categories.json.gz"))
@@ -246,13 +252,7 @@ def load(data: Path) -> Pools:
         brand = p.get("supplier")
         colours = split_multi(p.get("attr_t_product_colour"))
         materials = split_multi(p.get("attr_t_material"))
-        P.add("electronics", cat, brand)
-        for m in materials[:1]:
-            P.add("electronics", cat, brand, m, None)
-        for col in colours[:1]:
-            P.add("electronics", cat, brand, None, col)
-            for m in materials[:1]:
-                P.add("electronics", cat, None, m, col)
+        add_variants(P, "electronics", cat, brand, materials, colours, brand_with_both=False)
 
     # WANDS (Wayfair, furniture/home): query classes and the LLM-derived attribute hints.
     with open(data / "wands-queries" / "query.csv", encoding="utf-8", newline="") as f:
