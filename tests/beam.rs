@@ -344,6 +344,34 @@ fn shared_prefix_gives_the_same_codes() {
     }
 }
 
+/// One searcher serving models of different shapes in turn makes a new arena (and prefix KV)
+/// for each: results equal fresh searches.
+#[test]
+fn a_searcher_moves_between_models() {
+    let mut search = BeamSearch::new();
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-llama", "tiny-qwen2"] {
+        let f = fixture(name);
+        search.set_prefix(f.tok.encode("Give the code for the query:").unwrap());
+        let q = Query {
+            prompt: f
+                .tok
+                .encode("Give the code for the query: blue rug")
+                .unwrap(),
+            options: BeamOptions {
+                beam: 5,
+                max_new_tokens: f.trie.max_len() + 1,
+                ..Default::default()
+            },
+        };
+        let got = search
+            .run(&f.model, &f.trie, std::slice::from_ref(&q))
+            .unwrap();
+        let want = beam::search(&f.model, &f.trie, &[q]).unwrap();
+        let codes = |o: &beam::Output| o.codes.iter().map(|c| c.code).collect::<Vec<_>>();
+        assert_eq!(codes(&got[0]), codes(&want[0]), "{name}");
+    }
+}
+
 #[test]
 fn unconstrained_search_counts_invalid_codes() {
     let f = fixture("tiny-llama");

@@ -174,14 +174,17 @@ impl State {
     }
 }
 
-/// Runs beam search; reuses its KV arena across calls (grown as needed).
+/// Runs beam search; reuses its KV arena across calls (grown as needed, and made anew when a
+/// call brings another model).
 pub struct BeamSearch<B: Backend> {
     arena: Option<KvArena<B>>,
     /// A prompt prefix most queries share (a template), prefilled once into arena entries
     /// `0..prefix.len()`.
     prefix: Vec<u32>,
-    /// The model whose KV of `prefix` the arena holds (none until computed).
-    prefix_model: Option<usize>,
+    /// The model (`Model::id`) the arena was made for: another model gets a new arena.
+    arena_model: u64,
+    /// The arena holds the KV of `prefix`.
+    prefix_ready: bool,
 }
 
 impl<B: Backend> Default for BeamSearch<B> {
@@ -195,7 +198,8 @@ impl<B: Backend> BeamSearch<B> {
         BeamSearch {
             arena: None,
             prefix: Vec::new(),
-            prefix_model: None,
+            arena_model: 0,
+            prefix_ready: false,
         }
     }
 
@@ -205,7 +209,7 @@ impl<B: Backend> BeamSearch<B> {
     /// not depend on what follows.
     pub fn set_prefix(&mut self, tokens: Vec<u32>) {
         self.prefix = tokens;
-        self.prefix_model = None;
+        self.prefix_ready = false;
     }
 
     /// Tokens of `prompt` covered by the shared prefix.
@@ -252,14 +256,15 @@ impl<B: Backend> BeamSearch<B> {
                 "{total} KV entries for one batch is too many"
             )));
         }
-        if self.arena.as_ref().is_none_or(|a| a.entries() < total) {
+        let other_model = self.arena_model != model.id();
+        if other_model || self.arena.as_ref().is_none_or(|a| a.entries() < total) {
             self.arena = None; // free the old one first
             self.arena = Some(model.new_arena(total)?);
-            self.prefix_model = None;
+            self.arena_model = model.id();
+            self.prefix_ready = false;
         }
         let arena = self.arena.as_mut().expect("just made");
-        let model_id = model as *const Model<B> as usize;
-        if !self.prefix.is_empty() && self.prefix_model != Some(model_id) {
+        if !self.prefix.is_empty() && !self.prefix_ready {
             let rows: Vec<RowKv> = (0..self.prefix.len() as u32)
                 .map(|p| RowKv::contiguous(0, p))
                 .collect();
@@ -268,7 +273,7 @@ impl<B: Backend> BeamSearch<B> {
                 links: &[],
             };
             model.forward_rows(arena, &self.prefix, batch, Head::Full(&[]))?;
-            self.prefix_model = Some(model_id);
+            self.prefix_ready = true;
         }
 
         let mut base = self.prefix.len() as u32;

@@ -24,6 +24,8 @@ use crate::tensor::DType;
 /// Longest context a rotary table is built for (positions past it are refused).
 const MAX_ROPE_POSITIONS: usize = 1 << 15;
 
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -46,6 +48,8 @@ pub struct Model<B: Backend = CpuBackend> {
     /// from a worker thread (cheap) instead of each waking the pool from outside (two cross-thread
     /// wake-ups per region).
     pool: rayon::ThreadPool,
+    /// Unique in the process: tells caches built for one model from another's.
+    id: u64,
 }
 
 impl Model<CpuBackend> {
@@ -87,7 +91,14 @@ impl<B: Backend> Model<B> {
             weights,
             rope,
             pool,
+            id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// A number no other model loaded in this process has (KV computed for one model must not
+    /// be reused with another, even one loaded at the same address).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Worker threads a forward pass uses.
