@@ -190,7 +190,7 @@ fn main() {
         };
         let mut search = BeamSearch::new();
         if prefix {
-            search.set_prefix(head.clone());
+            search.set_prefix(&model, head.clone()).unwrap();
             eprintln!(
                 "[beam] shared prefix of {} tokens; {sharing} of {} prompts start with it",
                 head.len(),

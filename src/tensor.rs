@@ -1,8 +1,9 @@
 //! Host tensors: a dtype, a shape and bytes that are either borrowed from a memory-mapped
 //! checkpoint (no copy) or owned (dequantized, converted, or re-aligned at load). Kernels read
 //! the stored dtype through [`View`] and widen in registers; the GGUF block types Q4_1 and Q8_0
-//! are kept as stored too and dequantized a few rows at a time by the matmul (`d·q (+ m)` is
-//! exact in f32, so the values are those a load-time dequantization gives).
+//! are kept as stored too and dequantized a few rows at a time by the matmul (`d·q` is exact in
+//! f32, so `d·q + m` rounds once whether fused or not: the values are those a load-time
+//! dequantization gives).
 
 use std::ops::Range;
 use std::sync::Arc;

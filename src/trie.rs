@@ -189,6 +189,28 @@ impl Trie {
     /// Compiles a code set for a model with `vocab` tokens ending codes with `eos`. Two codes
     /// with the same tokens are an error naming both lines.
     pub fn build(set: &CodeSet, vocab: usize, eos: u32) -> Result<Trie> {
+        let n = set.len();
+        if n == 0 || n > MAX_CODES {
+            return Err(Error::Input(format!(
+                "a code set of {n} codes (1..={MAX_CODES})"
+            )));
+        }
+        let offsets_ok = set.offsets.len() == n + 1
+            && set.offsets[0] == 0
+            && set.offsets[n] == set.tokens.len()
+            && set.offsets.windows(2).all(|w| w[0] < w[1]);
+        if !offsets_ok {
+            return Err(Error::Input(
+                "code set offsets do not cut its tokens into non-empty codes".into(),
+            ));
+        }
+        if let Some(i) = (0..n).find(|&i| set.code_tokens(i).contains(&eos)) {
+            return Err(Error::Input(format!(
+                "line {}: code {:?} contains the EOS token {eos}",
+                i + 1,
+                set.texts.get(i).map_or("", String::as_str)
+            )));
+        }
         if let Some(&t) = set.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Input(format!(
                 "code token {t} is outside the model's vocabulary of {vocab}"
@@ -199,7 +221,6 @@ impl Trie {
                 "EOS {eos} is outside the vocabulary of {vocab}"
             )));
         }
-        let n = set.len();
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.par_sort_unstable_by(|&a, &b| {
             set.code_tokens(a as usize)
@@ -214,8 +235,8 @@ impl Trie {
                 "lines {} and {} are the same code ({:?}, {:?} tokenize alike)",
                 w[0] + 1,
                 w[1] + 1,
-                set.texts[w[0] as usize],
-                set.texts[w[1] as usize]
+                set.texts.get(w[0] as usize).map_or("", String::as_str),
+                set.texts.get(w[1] as usize).map_or("", String::as_str)
             )));
         }
         let tok = |i: u32, depth: usize| set.code_tokens(order[i as usize] as usize).get(depth);
@@ -412,8 +433,39 @@ impl Trie {
                 return Err(format!("trie node {n} has malformed children"));
             }
         }
-        if code.iter().any(|&c| c != NONE && c as usize >= codes) {
-            return Err("trie names a code id past its code count".into());
+        if codes == 0 || codes > MAX_CODES {
+            return Err(format!("trie holds {codes} codes (1..={MAX_CODES})"));
+        }
+        // A tree: every node but the root is the child of exactly one node (children have
+        // larger ids, so depths follow in id order); each code ends at exactly one node; the
+        // deepest code is `max_len` tokens.
+        let mut depth = vec![u32::MAX; nodes];
+        depth[0] = 0;
+        for n in 0..nodes {
+            if depth[n] == u32::MAX {
+                return Err(format!("trie node {n} has no parent"));
+            }
+            for &c in &node[start[n] as usize..start[n + 1] as usize] {
+                if depth[c as usize] != u32::MAX {
+                    return Err(format!("trie node {c} has two parents"));
+                }
+                depth[c as usize] = depth[n] + 1;
+            }
+        }
+        let mut seen = vec![false; codes];
+        let mut deepest = 0;
+        for (n, &c) in code.iter().enumerate() {
+            if c == NONE {
+                continue;
+            }
+            match seen.get_mut(c as usize) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(format!("trie code id {c} is out of range or appears twice")),
+            }
+            deepest = deepest.max(depth[n] as usize);
+        }
+        if seen.iter().any(|s| !s) || deepest != max_len {
+            return Err("trie codes or their longest length disagree with the header".into());
         }
         let root = &words[s.root..s.child_start];
         let mut dense = vec![NONE; vocab];
@@ -510,10 +562,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::Input(format!("{} is not a file path", path.display())))?;
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let result = (|| {
         let mut f = File::create(&tmp)?;
@@ -615,6 +669,64 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("outside the model's vocabulary"), "{e}");
+    }
+
+    #[test]
+    fn malformed_code_sets_are_errors() {
+        let empty = CodeSet {
+            texts: vec![],
+            tokens: vec![],
+            offsets: vec![0],
+        };
+        assert!(Trie::build(&empty, 16, 2).is_err());
+        let e = Trie::build(&set(&[&[5, 2], &[5]]), 16, 2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("contains the EOS"), "{e}");
+        let bad = CodeSet {
+            texts: vec!["a".into()],
+            tokens: vec![5, 6],
+            offsets: vec![0, 3],
+        };
+        assert!(Trie::build(&bad, 16, 2).is_err());
+    }
+
+    /// Structural corruption that keeps a valid checksum is still refused.
+    #[test]
+    fn structurally_bad_tries_are_refused() {
+        let s = set(&[&[5, 6], &[5, 7], &[9]]);
+        let trie = Trie::build(&s, 16, 2).unwrap();
+        let good = trie.as_words().to_vec();
+        let sec = Sections::new(16, trie.num_nodes(), trie.edges);
+        let resum = |mut w: Vec<u32>| {
+            let sum = checksum(&w);
+            w[9] = sum as u32;
+            w[10] = (sum >> 32) as u32;
+            w
+        };
+        // Node 1 (`5`) has children `6`, `7`: point both edges at one node.
+        let mut w = good.clone();
+        let (a, b) = (
+            w[sec.child_start + 1] as usize,
+            w[sec.child_start + 2] as usize,
+        );
+        assert_eq!(b - a, 2);
+        w[sec.child_node + a + 1] = w[sec.child_node + a];
+        let e = Trie::check(&resum(w)).err().unwrap();
+        assert!(e.contains("two parents"), "{e}");
+        // A code id at two nodes.
+        let mut w = good.clone();
+        let terminals: Vec<usize> = (0..trie.num_nodes())
+            .filter(|&n| good[sec.code + n] != NONE)
+            .collect();
+        w[sec.code + terminals[1]] = w[sec.code + terminals[0]];
+        assert!(Trie::check(&resum(w)).is_err());
+        // A wrong longest length.
+        let mut w = good.clone();
+        w[8] += 1;
+        assert!(Trie::check(&resum(w)).is_err());
+        Trie::check(&resum(good)).unwrap();
     }
 
     #[test]

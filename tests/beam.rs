@@ -322,7 +322,7 @@ fn shared_prefix_gives_the_same_codes() {
             "{name}: the prefix must be a token prefix of two prompts"
         );
         let mut with = BeamSearch::new();
-        with.set_prefix(head.clone());
+        with.set_prefix(&f.model, head.clone()).unwrap();
         for beam in [4, 12] {
             let qs = queries(beam);
             let plain = beam::search(&f.model, &f.trie, &qs).unwrap();
@@ -351,7 +351,12 @@ fn a_searcher_moves_between_models() {
     let mut search = BeamSearch::new();
     for name in ["tiny-llama", "tiny-qwen3", "tiny-llama", "tiny-qwen2"] {
         let f = fixture(name);
-        search.set_prefix(f.tok.encode("Give the code for the query:").unwrap());
+        search
+            .set_prefix(
+                &f.model,
+                f.tok.encode("Give the code for the query:").unwrap(),
+            )
+            .unwrap();
         let q = Query {
             prompt: f
                 .tok
@@ -425,6 +430,17 @@ fn bad_queries_are_clear_errors() {
         ..Default::default()
     };
     assert!(run(prompt.clone(), sparse_free).contains("needs the trie"));
+    assert!(run(vec![5, 100_000], with(4, 8)).contains("query 0: prompt token 100000"));
+    let mut search = BeamSearch::new();
+    let long = vec![5u32; f.model.max_positions()];
+    let e = search.set_prefix(&f.model, long).err().unwrap().to_string();
+    assert!(e.contains("shared prefix of"), "{e}");
+    let e = search
+        .set_prefix(&f.model, vec![100_000])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("shared prefix token"), "{e}");
 
     // Code sets: empty, blank line, a code of only whitespace, duplicates.
     let eos = f.trie.eos();

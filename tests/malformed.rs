@@ -207,3 +207,35 @@ fn thread_counts_out_of_range_are_refused() {
         assert!(e.contains("out of range"), "{threads}: {e}");
     }
 }
+
+/// `forward_rows` refuses rows whose KV placement is malformed, and arenas of another model.
+#[test]
+fn bad_kv_rows_are_input_errors() {
+    use gram::backend::{KvRows, RowKv};
+    use gram::model::Head;
+    let model = Model::load(&model_dir("tiny-qwen2"), &LoadOptions::default()).unwrap();
+    let other = Model::load(&model_dir("tiny-qwen3"), &LoadOptions::default()).unwrap();
+    let mut arena = model.new_arena(8).unwrap();
+    let run = |arena: &mut gram::model::KvArena<_>, row: RowKv, links: &[u32]| {
+        let rows = [row];
+        let batch = KvRows { rows: &rows, links };
+        model
+            .forward_rows(arena, &[5], batch, Head::Full(&[0]))
+            .expect_err("must fail")
+            .to_string()
+    };
+    let ok = RowKv::contiguous(0, 0);
+    for (row, links) in [
+        (RowKv { link: (5, 0), ..ok }, &[1u32, 2][..]), // reversed link range
+        (RowKv { link: (0, 3), ..ok }, &[1, 2][..]),    // past the link table
+        (RowKv { link: (0, 1), ..ok }, &[99][..]),      // link past the arena
+        (RowKv { entry: 8, ..ok }, &[][..]),            // entry past the arena
+        (RowKv { span: (3, 2), ..ok }, &[][..]),        // reversed span
+        (RowKv { span: (0, 0), ..ok }, &[][..]),        // empty context
+        (RowKv { pos: 1 << 20, ..ok }, &[][..]),        // position past the model's
+    ] {
+        assert!(run(&mut arena, row, links).contains("outside"), "{row:?}");
+    }
+    let mut foreign = other.new_arena(8).unwrap();
+    assert!(run(&mut foreign, ok, &[]).contains("another model"));
+}

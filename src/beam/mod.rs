@@ -48,6 +48,8 @@ pub struct BeamOptions {
     pub length_penalty: f32,
     pub normalize: Normalize,
     /// Restrict beams to the trie (on by default; off only to measure what it prevents).
+    /// Unconstrained beams end only at the trie's EOS (HF would also stop at a model's other
+    /// EOS ids, and keep `(1 + n_eos)·B` candidates).
     pub constrained: bool,
 }
 
@@ -207,9 +209,25 @@ impl<B: Backend> BeamSearch<B> {
     /// computed once and every query whose prompt tokens start with it (and go on past it)
     /// attends to that copy instead of prefilling its own: exact, since a causal prefix's KV does
     /// not depend on what follows.
-    pub fn set_prefix(&mut self, tokens: Vec<u32>) {
+    /// Refused when it leaves no room for a query after it in the model's context, or holds a
+    /// token outside the vocabulary.
+    pub fn set_prefix(&mut self, model: &Model<B>, tokens: Vec<u32>) -> Result<()> {
+        let vocab = model.config.vocab_size;
+        if tokens.len() >= model.max_positions() {
+            return Err(Error::Input(format!(
+                "a shared prefix of {} tokens leaves no room in the model's {} positions",
+                tokens.len(),
+                model.max_positions()
+            )));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "shared prefix token {t} is outside the vocabulary of {vocab}"
+            )));
+        }
         self.prefix = tokens;
         self.prefix_ready = false;
+        Ok(())
     }
 
     /// Tokens of `prompt` covered by the shared prefix.
@@ -234,6 +252,12 @@ impl<B: Backend> BeamSearch<B> {
             if q.prompt.is_empty() {
                 return Err(Error::Input(format!("query {i}: the prompt has no tokens")));
             }
+            let vocab = model.config.vocab_size;
+            if let Some(t) = q.prompt.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::Input(format!(
+                    "query {i}: prompt token {t} is outside the vocabulary of {vocab}"
+                )));
+            }
             let need = q.prompt.len() + q.options.max_new_tokens;
             if need > model.max_positions() {
                 return Err(Error::Input(format!(
@@ -245,7 +269,13 @@ impl<B: Backend> BeamSearch<B> {
             }
         }
         let shared: Vec<usize> = queries.iter().map(|q| self.shared(&q.prompt)).collect();
-        let total: usize = self.prefix.len()
+        // The prefix's KV is made (and its entries reserved) only when some query shares it.
+        let prefix_len = if shared.iter().any(|&n| n > 0) {
+            self.prefix.len()
+        } else {
+            0
+        };
+        let total: usize = prefix_len
             + queries
                 .iter()
                 .zip(&shared)
@@ -264,7 +294,7 @@ impl<B: Backend> BeamSearch<B> {
             self.prefix_ready = false;
         }
         let arena = self.arena.as_mut().expect("just made");
-        if !self.prefix.is_empty() && !self.prefix_ready {
+        if prefix_len > 0 && !self.prefix_ready {
             let rows: Vec<RowKv> = (0..self.prefix.len() as u32)
                 .map(|p| RowKv::contiguous(0, p))
                 .collect();
@@ -276,7 +306,12 @@ impl<B: Backend> BeamSearch<B> {
             self.prefix_ready = true;
         }
 
-        let mut base = self.prefix.len() as u32;
+        // With no query sharing the prefix, its entries are not reserved: they are reused, and
+        // the prefix KV must be made again next time.
+        if prefix_len == 0 {
+            self.prefix_ready = false;
+        }
+        let mut base = prefix_len as u32;
         let mut states: Vec<State> = queries
             .iter()
             .zip(&shared)
@@ -337,19 +372,23 @@ fn step<B: Backend>(
             (s.base, s.base + own)
         };
         if !s.prefilled {
+            // Row i of the own prompt links to own entries 0..=i: one copy of them serves all.
+            let start = links.len() as u32;
+            if shared > 0 {
+                links.extend(own_entries.clone());
+            }
             for (i, &t) in s.prompt[s.shared..].iter().enumerate() {
                 tokens.push(t);
-                if shared == 0 {
-                    rows.push(RowKv::contiguous(s.base, i as u32));
-                    continue;
-                }
-                let start = links.len() as u32;
-                links.extend(s.base..=s.base + i as u32);
-                rows.push(RowKv {
-                    pos: shared + i as u32,
-                    entry: s.base + i as u32,
-                    span,
-                    link: (start, links.len() as u32),
+                let i = i as u32;
+                rows.push(if shared == 0 {
+                    RowKv::contiguous(s.base, i)
+                } else {
+                    RowKv {
+                        pos: shared + i,
+                        entry: s.base + i,
+                        span,
+                        link: (start, start + i + 1),
+                    }
                 });
             }
             s.prefilled = true;
@@ -544,7 +583,8 @@ fn advance(trie: &Trie, s: &mut State, parents: &[Beam], cands: Vec<Candidate>) 
             Trie::ROOT
         }
     };
-    let penalty = (gen_len as f32).powf(s.options.length_penalty);
+    // As Python's `len ** penalty`: in f64, rounded once.
+    let penalty = (gen_len as f64).powf(s.options.length_penalty as f64) as f32;
     let mut running = Vec::with_capacity(b);
     for (rank, c) in top.iter().enumerate() {
         let parent = &parents[c.beam as usize];

@@ -45,12 +45,16 @@ fn better(a: &Candidate, b: &Candidate) -> Ordering {
 pub fn candidates(scores: &[f32], allowed: &[Vec<(u32, f32)>]) -> Vec<Candidate> {
     let mut out = Vec::with_capacity(allowed.iter().map(Vec::len).sum());
     for (j, (&s, list)) in scores.iter().zip(allowed).enumerate() {
-        out.extend(list.iter().map(|&(token, logprob)| Candidate {
-            score: s + logprob,
-            beam: j as u32,
-            token,
-            logprob,
-        }));
+        // A NaN log-prob (a broken model) would rank above everything under `total_cmp`:
+        // such a token is no candidate.
+        out.extend(list.iter().filter(|(_, logprob)| !logprob.is_nan()).map(
+            |&(token, logprob)| Candidate {
+                score: s + logprob,
+                beam: j as u32,
+                token,
+                logprob,
+            },
+        ));
     }
     out
 }
@@ -184,6 +188,12 @@ mod tests {
             assert_eq!(sparse, dense, "beams {beams} vocab {vocab} k {k}");
             assert!(sparse.len() <= k);
         }
+    }
+
+    #[test]
+    fn nan_logprobs_are_no_candidates() {
+        let c = candidates(&[0.0], &[vec![(3, -1.0), (4, f32::NAN), (5, -2.0)]]);
+        assert_eq!(c.iter().map(|c| c.token).collect::<Vec<_>>(), vec![3, 5]);
     }
 
     #[test]

@@ -202,7 +202,9 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<TensorInfo>, usize), S
         for _ in 0..n_dims {
             dims.push(
                 usize::try_from(c.u64()?)
-                    .map_err(|_| format!("tensor `{name}`: dimension too large"))?,
+                    .ok()
+                    .filter(|&d| d > 0)
+                    .ok_or_else(|| format!("tensor `{name}`: a dimension is 0 or too large"))?,
             );
         }
         let ty_id = c.u32()?;

@@ -117,6 +117,7 @@ impl<B: Backend> Model<B> {
         Ok(KvArena {
             kv: self.backend.new_kv(&self.config, entries)?,
             entries,
+            model: self.id,
         })
     }
 
@@ -205,14 +206,21 @@ impl<B: Backend> Model<B> {
             )));
         }
         let entries = arena.entries as u32;
+        if arena.model != self.id {
+            return Err(Error::Input(
+                "this KV arena was made for another model".into(),
+            ));
+        }
         for row in batch.rows {
-            let links = batch.links.get(row.link.0 as usize..row.link.1 as usize);
+            let links = (row.link.0 <= row.link.1)
+                .then(|| batch.links.get(row.link.0 as usize..row.link.1 as usize))
+                .flatten();
             let ok = (row.pos as usize) < self.max_positions()
                 && row.entry < entries
                 && row.span.0 <= row.span.1
                 && row.span.1 <= entries
-                && row.context_len() > 0
-                && links.is_some_and(|l| l.iter().all(|&e| e < entries));
+                && links.is_some_and(|l| l.iter().all(|&e| e < entries))
+                && row.context_len() > 0;
             if !ok {
                 return Err(Error::Input(format!(
                     "batch row {row:?} is outside the KV arena of {entries} entries or the model's {} positions",
@@ -257,6 +265,8 @@ pub enum Head<'a> {
 pub struct KvArena<B: Backend> {
     kv: B::Kv,
     entries: usize,
+    /// `Model::id` of the model whose shapes it has.
+    model: u64,
 }
 
 impl<B: Backend> KvArena<B> {

@@ -53,11 +53,14 @@ pub fn tile(
     }
 }
 
-/// `exp(x)` for `x <= 0` as the SIMD kernels compute it (Cephes' `expf` polynomial after
-/// `x = n ln2 + r`, |r| <= ln2/2; relative error ~1e-7). Below -87.3 it returns ~1e-38, not 0.
+/// `exp(x)` for `x <= 0` with the SIMD kernels' polynomial (Cephes' `expf` after
+/// `x = n ln2 + r`, |r| <= ln2/2; relative error ~1e-7; not bit-identical to them: rounding of
+/// `n` and FMA use differ). Below -87.3, and for NaN as the SIMD `max` does, it returns ~1e-38.
 #[inline]
 pub fn exp_neg(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 0.0);
+    // Not `clamp`: it keeps NaN, where the SIMD `max` gives the bound.
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(-87.3).min(0.0);
     let n = (x * std::f32::consts::LOG2_E).round();
     let r = x - n * EXP_LN2_HI - n * EXP_LN2_LO;
     let p =
