@@ -75,5 +75,30 @@ fn bench_matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matmul);
+/// S_rele over one posting list: 10,000 products × a 6-token code, u16 product probabilities,
+/// each ISA (elements = product-token terms).
+fn bench_score(c: &mut Criterion) {
+    let mut g = c.benchmark_group("score_postings");
+    g.sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1));
+    let (n, p) = (6usize, 10_000usize);
+    let r = rand(n * p + 2 * n, 7);
+    let pq: Vec<f32> = r[..n].iter().map(|v| v.abs()).collect();
+    let w: Vec<f32> = r[n..2 * n].to_vec();
+    let pt: Vec<u16> = r[2 * n..]
+        .iter()
+        .map(|v| (v.abs() * 65535.0) as u16)
+        .collect();
+    g.throughput(Throughput::Elements((n * p) as u64));
+    for isa in Isa::available() {
+        let mut out = vec![0f32; p];
+        g.bench_function(BenchmarkId::new(format!("{isa:?}"), p), |b| {
+            b.iter(|| gram::score::score_postings(isa, &pq, &w, &pt, &mut out))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_matmul, bench_score);
 criterion_main!(benches);

@@ -12,6 +12,7 @@
 //! - [`backend`]: the `Backend` trait and the CPU backend (SIMD kernels with scalar twins).
 //! - [`trie`]: a code list → the compact, mappable trie of valid codes.
 //! - [`beam`]: trie-constrained batched beam search: prompts → codes with log-probabilities.
+//! - [`score`]: GRAM's S_rele over a posting list (SIMD across products, scalar twin, f64 reference).
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod lm;
 pub mod model;
+pub mod score;
 pub mod tensor;
 pub mod tokenizer;
 pub mod trie;
