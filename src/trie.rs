@@ -729,6 +729,59 @@ mod tests {
         Trie::check(&resum(good)).unwrap();
     }
 
+    /// Random corruption with a recomputed checksum (so the structural checks are what stands
+    /// between it and the walker): `check` never panics, and a trie that passes it can be walked
+    /// everywhere without panicking.
+    #[test]
+    fn randomly_corrupted_tries_never_panic() {
+        let s = set(&[&[5, 6, 7], &[5, 6], &[9, 1], &[9, 3, 4], &[12]]);
+        let trie = Trie::build(&s, 16, 2).unwrap();
+        let good = trie.as_words().to_vec();
+        let mut r = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r
+        };
+        for _ in 0..20_000 {
+            let mut w = good.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = HEADER_WORDS + (next() as usize % (w.len() - HEADER_WORDS));
+                w[i] = match next() % 3 {
+                    0 => w[i] ^ (1 << (next() % 32)),
+                    1 => (next() % 20) as u32,
+                    _ => NONE,
+                };
+            }
+            let sum = checksum(&w);
+            w[9] = sum as u32;
+            w[10] = (sum >> 32) as u32;
+            if let Ok((vocab, eos, nodes, edges, codes, max_len)) = Trie::check(&w) {
+                let t = Trie {
+                    words: Words::Owned(w),
+                    vocab,
+                    eos,
+                    nodes,
+                    edges,
+                    codes,
+                    max_len,
+                };
+                for n in 0..t.num_nodes() as u32 {
+                    let (tokens, _) = t.children(n);
+                    let _ = t.code(n);
+                    for &tok in tokens {
+                        let _ = t.child(n, tok);
+                    }
+                    let _ = t.child(n, 15);
+                }
+                for i in 0..s.len() {
+                    let _ = t.walk(s.code_tokens(i));
+                }
+            }
+        }
+    }
+
     #[test]
     fn corrupt_words_are_refused() {
         let s = set(&[&[5, 6], &[5], &[9, 1]]);
