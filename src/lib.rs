@@ -12,6 +12,7 @@
 //! - [`backend`]: the `Backend` trait and the CPU backend (SIMD kernels with scalar twins).
 //! - [`trie`]: a code list → the compact, mappable trie of valid codes.
 //! - [`beam`]: trie-constrained batched beam search: prompts → codes with log-probabilities.
+//! - [`container`]: the index's on-disk container: typed, aligned, checksummed sections, mapped.
 //! - [`score`]: GRAM's S_rele over a posting list (SIMD across products, scalar twin, f64 reference).
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
@@ -19,6 +20,7 @@
 pub mod backend;
 pub mod beam;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod lm;
 pub mod model;
