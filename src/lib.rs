@@ -13,6 +13,7 @@
 //! - [`trie`]: a code list → the compact, mappable trie of valid codes.
 //! - [`beam`]: trie-constrained batched beam search: prompts → codes with log-probabilities.
 //! - [`container`]: the index's on-disk container: typed, aligned, checksummed sections, mapped.
+//! - [`index`]: the code → posting store (codes, postings, product probabilities, products).
 //! - [`score`]: GRAM's S_rele over a posting list (SIMD across products, scalar twin, f64 reference).
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
@@ -22,6 +23,7 @@ pub mod beam;
 pub mod config;
 pub mod container;
 pub mod error;
+pub mod index;
 pub mod lm;
 pub mod model;
 pub mod score;
