@@ -13,6 +13,8 @@
 //! - [`trie`]: a code list → the compact, mappable trie of valid codes.
 //! - [`beam`]: trie-constrained batched beam search: prompts → codes with log-probabilities.
 //! - [`container`]: the index's on-disk container: typed, aligned, checksummed sections, mapped.
+//! - [`settings`]: GRAM's serving settings (`gram.json`: templates, delimiter, weights).
+//! - [`catalog`]: JSONL catalog → index, with product-side probabilities by teacher forcing.
 //! - [`index`]: the code → posting store (codes, postings, product probabilities, products).
 //! - [`score`]: GRAM's S_rele over a posting list (SIMD across products, scalar twin, f64 reference).
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
@@ -20,6 +22,7 @@
 
 pub mod backend;
 pub mod beam;
+pub mod catalog;
 pub mod config;
 pub mod container;
 pub mod error;
@@ -27,6 +30,7 @@ pub mod index;
 pub mod lm;
 pub mod model;
 pub mod score;
+pub mod settings;
 pub mod tensor;
 pub mod tokenizer;
 pub mod trie;

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gram::beam::{self, BeamOptions, Normalize, Query};
+use gram::catalog::{self, OnError};
+use gram::index::Index;
 use gram::lm;
+use gram::settings::Settings;
 use gram::tensor::DType;
 use gram::trie::{CodeSet, Trie};
 use gram::{LoadOptions, Model, Tokenizer};
@@ -25,6 +28,64 @@ enum Command {
     Lm(LmArgs),
     /// The most likely codes of a code set for each prompt (trie-constrained beam search).
     Codes(CodesArgs),
+    /// Build or inspect a code → posting index.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// Retrieve products for queries: codes by beam search over the index's trie, postings,
+    /// S_rele scores, top K.
+    Search(SearchArgs),
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Index a JSONL catalog (`id`, `title`, optional `attributes`, `codes`) with a model.
+    Build(BuildArgs),
+    /// Print an index's counts, sections and checksum state.
+    Inspect {
+        /// Index directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Model directory (its gram.json, if any, gives templates, delimiter and weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL catalog.
+    #[arg(long)]
+    catalog: PathBuf,
+    /// Index directory to write (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// What a malformed catalog line does: stop the build, or skip it (and count it).
+    #[arg(long, default_value = "stop")]
+    on_error: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct SearchArgs {
+    /// Index directory (`gram index build --out`).
+    #[arg(long)]
+    index: PathBuf,
+    /// Model directory (default: the one that built the index; another one is refused).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Products to return per query.
+    #[arg(long, default_value_t = 300)]
+    k: usize,
+    /// Beam width: codes generated per query at most.
+    #[arg(long, default_value_t = 10)]
+    beam: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Queries (each filled into the query template of gram.json).
+    #[arg(required = true)]
+    queries: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +150,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lm(args) => run_lm(args),
         Command::Codes(args) => run_codes(args),
+        Command::Index(IndexCommand::Build(args)) => run_index_build(args),
+        Command::Index(IndexCommand::Inspect { dir }) => run_index_inspect(&dir),
+        Command::Search(args) => run_search(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,6 +238,165 @@ fn run_codes(args: CodesArgs) -> Result<(), String> {
             obj["invalid"] = json!(out.invalid);
         }
         println!("{obj}");
+    }
+    Ok(())
+}
+
+/// The file of an index directory.
+fn index_file(dir: &std::path::Path) -> PathBuf {
+    dir.join("index.gram")
+}
+
+/// What identifies a model to its indexes: its directory and a checksum of its config and
+/// tokenizer.
+fn model_fingerprint(dir: &std::path::Path) -> Result<serde_json::Value, String> {
+    let mut bytes = Vec::new();
+    for f in ["config.json", "tokenizer.json"] {
+        let p = dir.join(f);
+        bytes.extend(std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?);
+    }
+    let dir = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(json!({"dir": dir, "checksum": format!("{:016x}", gram::container::checksum(&bytes))}))
+}
+
+fn run_index_build(args: BuildArgs) -> Result<(), String> {
+    let on_error = match args.on_error.as_str() {
+        "stop" => OnError::Stop,
+        "skip" => OnError::Skip,
+        other => return Err(format!("--on-error `{other}`: expected stop or skip")),
+    };
+    let (tokenizer, model) = load(&args.model, args.threads, None)?;
+    let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
+    let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let meta = json!({
+        "model": model_fingerprint(&args.model)?,
+        "settings": {
+            "query_template": settings.query_template,
+            "product_template": settings.product_template,
+            "delimiter": settings.delimiter,
+            "weights": [settings.weights.coarse, settings.weights.medium, settings.weights.fine],
+            "aggregation": settings.aggregation,
+        },
+        "catalog": args.catalog,
+        "skipped_lines": skipped,
+    });
+    let report = catalog::build(
+        &model,
+        &tokenizer,
+        &settings,
+        &items,
+        &index_file(&args.out),
+        &meta,
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        json!({"index": args.out, "report": report, "skipped_lines": skipped})
+    );
+    Ok(())
+}
+
+fn run_index_inspect(dir: &std::path::Path) -> Result<(), String> {
+    let index = Index::open(&index_file(dir)).map_err(|e| e.to_string())?;
+    let c = index.container();
+    let verified = c
+        .verify()
+        .map(|_| "ok".to_string())
+        .unwrap_or_else(|e| e.to_string());
+    let sections: Vec<_> = c
+        .sections()
+        .iter()
+        .map(|s| json!({"kind": s.kind, "bytes": s.len}))
+        .collect();
+    println!(
+        "{}",
+        json!({"codes": index.num_codes(), "products": index.num_products(),
+               "trie_nodes": index.trie().num_nodes(), "sections": sections,
+               "checksums": verified, "meta": index.meta()})
+    );
+    Ok(())
+}
+
+fn run_search(args: SearchArgs) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    let index = Index::open(&index_file(&args.index)).map_err(|e| e.to_string())?;
+    let meta = index.meta();
+    let built_by = meta["model"].clone();
+    let model_dir = match &args.model {
+        Some(d) => d.clone(),
+        None => PathBuf::from(built_by["dir"].as_str().ok_or("the index names no model")?),
+    };
+    if model_fingerprint(&model_dir)? != built_by {
+        return Err(format!(
+            "the index was built by model {built_by}, not by {}: rebuild it with this model",
+            model_dir.display()
+        ));
+    }
+    let (tokenizer, model) = load(&model_dir, args.threads, None)?;
+    let settings = Settings::load(&model_dir).map_err(|e| e.to_string())?;
+    let aggregate = settings
+        .aggregate()
+        .ok_or("gram.json: aggregation must be sum or max")?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let trie = index.trie();
+    let isa = gram::backend::cpu::simd::Isa::detect();
+    for q in &args.queries {
+        let t = std::time::Instant::now();
+        let prompt = tokenizer
+            .encode(&settings.query_prompt(q))
+            .map_err(|e| e.to_string())?;
+        let options = BeamOptions {
+            beam: args.beam,
+            max_new_tokens: trie.max_len() + 1,
+            ..Default::default()
+        };
+        let out = beam::search(&model, trie, &[Query { prompt, options }])
+            .map_err(|e| e.to_string())?
+            .remove(0);
+        let beam_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = std::time::Instant::now();
+        // Query side: each code token's probability (the EOS is not a code token).
+        let sides: Vec<(u32, Vec<f32>, Vec<f32>)> = out
+            .codes
+            .iter()
+            .filter_map(|c| {
+                let id = c.code?;
+                let n = c.tokens.len();
+                let pq = c.token_logprobs[..n].iter().map(|l| l.exp()).collect();
+                let g = index.code(id)?.granularity as usize;
+                Some((id, pq, vec![settings.weight(g); n]))
+            })
+            .collect();
+        let (lists, list_codes): (Vec<_>, Vec<u32>) = sides
+            .iter()
+            .filter_map(|(id, pq, w)| Some((index.postings(*id, pq, w)?, *id)))
+            .unzip();
+        let hits = gram::score::rank(isa, &lists, aggregate, args.k);
+        let score_ms = t.elapsed().as_secs_f64() * 1e3;
+        let codes: Vec<_> = out
+            .codes
+            .iter()
+            .filter_map(|c| c.code)
+            .map(|id| index.code_text(id).unwrap_or_default().into_owned())
+            .collect();
+        let products: Vec<_> = hits
+            .iter()
+            .filter_map(|h| {
+                let (id, title) = index.product(h.product)?;
+                let matched: Vec<_> = h
+                    .codes
+                    .iter()
+                    .map(|&c| index.code_text(list_codes[c as usize]).unwrap_or_default())
+                    .collect();
+                Some(json!({"id": id, "title": title, "score": h.score, "codes": matched}))
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"query": q, "codes": codes, "products": products,
+                   "timings_ms": {"open": open_ms, "beam": beam_ms, "score": score_ms}})
+        );
     }
     Ok(())
 }

@@ -1,0 +1,135 @@
+//! GRAM's serving settings, from `gram.json` beside the model (written by the training tools):
+//! the query and product prompt templates, the code delimiter, the S_rele weights per code
+//! granularity and how a product's scores across codes aggregate. A model directory without
+//! `gram.json` gets the defaults below (templates that are the bare text, weight 1, `sum`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::score::Aggregate;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Prompt for a query; `{query}` is replaced by the query text.
+    pub query_template: String,
+    /// Prompt for a product; `{title}` is replaced by the product title.
+    pub product_template: String,
+    pub delimiter: String,
+    /// S_rele weight of every token of a code with 1–2 attributes (coarse), 3 (medium), 4+
+    /// (fine).
+    pub weights: Weights,
+    /// `sum` or `max`.
+    pub aggregation: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub coarse: f32,
+    pub medium: f32,
+    pub fine: f32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            query_template: "{query}".into(),
+            product_template: "{title}".into(),
+            delimiter: " | ".into(),
+            weights: Weights {
+                coarse: 1.0,
+                medium: 1.0,
+                fine: 1.0,
+            },
+            aggregation: "sum".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// `dir/gram.json`, or the defaults when there is none.
+    pub fn load(dir: &Path) -> Result<Settings> {
+        let path = dir.join("gram.json");
+        if !path.exists() {
+            return Ok(Settings::default());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let s: Settings = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let ok = s.query_template.contains("{query}")
+            && s.product_template.contains("{title}")
+            && !s.delimiter.is_empty()
+            && [s.weights.coarse, s.weights.medium, s.weights.fine]
+                .iter()
+                .all(|w| w.is_finite());
+        if !ok || s.aggregate().is_none() {
+            return Err(Error::Config {
+                path,
+                msg: "templates need {query} / {title}, the delimiter text, weights finite, aggregation sum or max".into(),
+            });
+        }
+        Ok(s)
+    }
+
+    pub fn query_prompt(&self, query: &str) -> String {
+        self.query_template.replace("{query}", query)
+    }
+
+    pub fn product_prompt(&self, title: &str) -> String {
+        self.product_template.replace("{title}", title)
+    }
+
+    pub fn aggregate(&self) -> Option<Aggregate> {
+        match self.aggregation.as_str() {
+            "sum" => Some(Aggregate::Sum),
+            "max" => Some(Aggregate::Max),
+            _ => None,
+        }
+    }
+
+    /// The weight of a code with `granularity` attributes.
+    pub fn weight(&self, granularity: usize) -> f32 {
+        match granularity {
+            0..=2 => self.weights.coarse,
+            3 => self.weights.medium,
+            _ => self.weights.fine,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_bad_files() {
+        let dir = std::env::temp_dir().join(format!("gram-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = Settings::load(&dir).unwrap();
+        assert_eq!(s.query_prompt("sofa"), "sofa");
+        assert_eq!((s.weight(1), s.weight(3), s.weight(6)), (1.0, 1.0, 1.0));
+        let write = |text: &str| {
+            std::fs::write(dir.join("gram.json"), text).unwrap();
+            Settings::load(&dir)
+        };
+        let s = write(r#"{"query_template":"Q: {query}","weights":{"coarse":0.5,"medium":1,"fine":2},"aggregation":"max"}"#).unwrap();
+        assert_eq!(s.query_prompt("rug"), "Q: rug");
+        assert_eq!((s.weight(2), s.weight(3), s.weight(4)), (0.5, 1.0, 2.0));
+        assert_eq!(s.aggregate(), Some(Aggregate::Max));
+        for bad in [
+            r#"{"aggregation":"mean"}"#,
+            r#"{"query_template":"no placeholder"}"#,
+            r#"{"unknown_key":1}"#,
+            "not json",
+        ] {
+            let e = write(bad).err().unwrap().to_string();
+            assert!(e.contains("gram.json"), "{bad}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

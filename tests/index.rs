@@ -1,0 +1,190 @@
+//! The catalog indexer and `gram search`: product-side probabilities against plain teacher
+//! forcing, the build → inspect → search path end to end, and bad catalogs / indexes / models.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use gram::catalog::teacher_force;
+use gram::lm::log_softmax;
+use gram::{Model, Tokenizer};
+
+/// `teacher_force` (one pass, codes attending to a shared prompt) equals scoring each
+/// prompt + code sequence on its own.
+#[test]
+fn teacher_forced_probabilities_match_plain_forward() {
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        let dir = model_dir(name);
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        let model = Model::load(&dir, &Default::default()).unwrap();
+        let prompt = tok.encode("Green velvet sofa, three seats").unwrap();
+        let codes: Vec<Vec<u32>> = ["sofa | velvet | green", "sofa", "x", "chair | oak"]
+            .iter()
+            .map(|c| tok.encode_plain(c).unwrap())
+            .collect();
+        let refs: Vec<&[u32]> = codes.iter().map(|c| c.as_slice()).collect();
+        let mut arena = None;
+        let got = teacher_force(&model, &mut arena, &prompt, &refs).unwrap();
+        for (code, g) in codes.iter().zip(&got) {
+            let seq: Vec<u32> = prompt.iter().chain(code).copied().collect();
+            let mut cache = model.new_cache(1, seq.len()).unwrap();
+            let rows: Vec<usize> = (prompt.len() - 1..seq.len() - 1).collect();
+            let logits = model
+                .forward(&mut cache, &seq, &vec![0; seq.len()], &rows)
+                .unwrap();
+            let v = model.config.vocab_size;
+            let want: Vec<f32> = code
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| log_softmax(&logits[i * v..(i + 1) * v])[t as usize].exp())
+                .collect();
+            assert_eq!(g.len(), code.len());
+            let err = max_rel_err(g, &want);
+            assert!(err < 1e-4, "{name} {code:?}: {g:?} vs {want:?}");
+        }
+    }
+}
+
+fn gram(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(args)
+        .output()
+        .expect("run gram")
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn err(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "should fail");
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(e.starts_with("error: ") && !e.contains("panicked"), "{e}");
+    e
+}
+
+#[test]
+fn build_inspect_search_end_to_end() {
+    let tmp = std::env::temp_dir().join(format!("gram-index-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let catalog = tmp.join("catalog.jsonl");
+    let lines = [
+        r#"{"id":"p1","title":"Green velvet sofa","codes":["sofa | velvet | green","sofa"]}"#,
+        r#"{"id":"p2","title":"Oak desk","attributes":{"material":"oak"},"codes":["desk | oak","desk"]}"#,
+        r#"{"id":"p3","title":"Blue wool rug","codes":["rug | wool | blue","rug"]}"#,
+        r#"{"id":"p4","title":"Red velvet chair","codes":["chair | velvet | red","sofa | velvet | green"]}"#,
+    ];
+    std::fs::write(&catalog, lines.join("\n") + "\n").unwrap();
+    let model = model_dir("tiny-llama");
+    let (m, c, ix) = (
+        model.to_str().unwrap(),
+        catalog.to_str().unwrap(),
+        tmp.join("ix"),
+    );
+    let ix = ix.to_str().unwrap();
+    let report: serde_json::Value = serde_json::from_str(&ok(&gram(&[
+        "index",
+        "build",
+        "--model",
+        m,
+        "--catalog",
+        c,
+        "--out",
+        ix,
+    ])))
+    .unwrap();
+    assert_eq!(report["report"]["products"], 4);
+    assert_eq!(report["report"]["codes"], 7);
+    assert_eq!(report["report"]["postings"], 8);
+
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&gram(&["index", "inspect", ix]))).unwrap();
+    assert_eq!(inspect["checksums"], "ok");
+    assert_eq!(inspect["codes"], 7);
+
+    let out = ok(&gram(&[
+        "search",
+        "--index",
+        ix,
+        "--k",
+        "3",
+        "--beam",
+        "7",
+        "green sofa",
+        "oak",
+    ]));
+    let results: Vec<&str> = out.lines().collect();
+    assert_eq!(results.len(), 2);
+    let ids = ["p1", "p2", "p3", "p4"];
+    for line in results {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        // Beam 7 over 7 codes: every code comes back, so every product is reached; top 3.
+        assert_eq!(v["codes"].as_array().unwrap().len(), 7, "{line}");
+        let products = v["products"].as_array().unwrap();
+        assert_eq!(products.len(), 3, "{line}");
+        let scores: Vec<f64> = products
+            .iter()
+            .map(|p| p["score"].as_f64().unwrap())
+            .collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first");
+        for p in products {
+            assert!(ids.contains(&p["id"].as_str().unwrap()));
+            assert!(!p["codes"].as_array().unwrap().is_empty());
+        }
+        assert!(v["timings_ms"]["beam"].as_f64().unwrap() >= 0.0);
+    }
+
+    // Another model is refused; a corrupt index is refused; bad catalogs are reported.
+    let other = model_dir("tiny-qwen2");
+    let e = err(&gram(&[
+        "search",
+        "--index",
+        ix,
+        "--model",
+        other.to_str().unwrap(),
+        "x",
+    ]));
+    assert!(e.contains("rebuild it with this model"), "{e}");
+    let file = tmp.join("ix/index.gram");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&gram(&["search", "--index", ix, "x"]));
+    assert!(e.contains("truncated"), "{e}");
+    std::fs::write(
+        &catalog,
+        format!("{}\n{{not json\n{}\n", lines[0], lines[1]),
+    )
+    .unwrap();
+    let e = err(&gram(&[
+        "index",
+        "build",
+        "--model",
+        m,
+        "--catalog",
+        c,
+        "--out",
+        ix,
+    ]));
+    assert!(e.contains("line 2"), "{e}");
+    let out = ok(&gram(&[
+        "index",
+        "build",
+        "--model",
+        m,
+        "--catalog",
+        c,
+        "--out",
+        ix,
+        "--on-error",
+        "skip",
+    ]));
+    assert!(out.contains(r#""skipped_lines":1"#), "{out}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
