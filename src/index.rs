@@ -201,17 +201,11 @@ impl Index {
             ));
         }
         for (i, c) in codes.iter().enumerate() {
-            let ok = c
-                .text_off
-                .checked_add(c.text_len as u64)
-                .is_some_and(|e| e <= text)
-                && c.post_start
-                    .checked_add(c.post_len as u64)
-                    .is_some_and(|e| e <= posts)
+            let ok = within(c.text_off, c.text_len as u64, text)
+                && within(c.post_start, c.post_len as u64, posts)
                 && (c.n_tokens as u64)
                     .checked_mul(c.post_len as u64)
-                    .and_then(|l| c.pt_start.checked_add(l))
-                    .is_some_and(|e| e <= pts);
+                    .is_some_and(|l| within(c.pt_start, l, pts));
             if !ok {
                 return Err(format!("code record {i} points outside its sections"));
             }
@@ -219,13 +213,8 @@ impl Index {
         let products: &[ProductRecord] = self.records(kind::PRODUCTS)?;
         let ptext = self.records::<u8>(kind::PRODUCT_TEXT)?.len() as u64;
         for (i, p) in products.iter().enumerate() {
-            let ok = p
-                .id_off
-                .checked_add(p.id_len as u64)
-                .is_some_and(|e| e <= ptext)
-                && p.title_off
-                    .checked_add(p.title_len as u64)
-                    .is_some_and(|e| e <= ptext);
+            let ok = within(p.id_off, p.id_len as u64, ptext)
+                && within(p.title_off, p.title_len as u64, ptext);
             if !ok {
                 return Err(format!("product record {i} points outside its section"));
             }
@@ -306,6 +295,11 @@ impl Index {
         };
         Some((s(p.id_off, p.id_len), s(p.title_off, p.title_len)))
     }
+}
+
+/// `off .. off + len` lies inside `0 .. size` (no overflow).
+fn within(off: u64, len: u64, size: u64) -> bool {
+    off.checked_add(len).is_some_and(|end| end <= size)
 }
 
 #[cfg(test)]

@@ -34,6 +34,9 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
+/// A trie's `(vocab, eos, nodes, edges, codes, max_len)`.
+type Counts = (usize, u32, usize, usize, usize, usize);
+
 /// "No node" / "no code".
 pub const NONE: u32 = u32::MAX;
 const MAGIC: [u32; 2] = [u32::from_le_bytes(*b"GRAM"), u32::from_le_bytes(*b"TRIE")];
@@ -360,24 +363,30 @@ impl Trie {
         }
         let words: &[u32] = bytemuck::try_cast_slice(region)
             .map_err(|e| format!("trie words cannot be read in place: {e}"))?;
-        let (vocab, eos, nodes, edges, codes, max_len) = Trie::check(words)?;
+        let counts = Trie::check(words)?;
         let len = words.len();
-        Ok(Trie {
-            words: Words::Mapped { map, offset, len },
+        Ok(Trie::with_counts(
+            Words::Mapped { map, offset, len },
+            counts,
+        ))
+    }
+
+    /// A trie over checked `words` with the counts `check` returned.
+    fn with_counts(words: Words, counts: Counts) -> Trie {
+        let (vocab, eos, nodes, edges, codes, max_len) = counts;
+        Trie {
+            words,
             vocab,
             eos,
             nodes,
             edges,
             codes,
             max_len,
-        })
+        }
     }
 
     /// Validates a serialized trie; returns its counts.
-    #[allow(clippy::type_complexity)]
-    fn check(
-        words: &[u32],
-    ) -> std::result::Result<(usize, u32, usize, usize, usize, usize), String> {
+    fn check(words: &[u32]) -> std::result::Result<Counts, String> {
         let h = words
             .get(..HEADER_WORDS)
             .ok_or("file is shorter than a trie header")?;
@@ -757,16 +766,8 @@ mod tests {
             let sum = checksum(&w);
             w[9] = sum as u32;
             w[10] = (sum >> 32) as u32;
-            if let Ok((vocab, eos, nodes, edges, codes, max_len)) = Trie::check(&w) {
-                let t = Trie {
-                    words: Words::Owned(w),
-                    vocab,
-                    eos,
-                    nodes,
-                    edges,
-                    codes,
-                    max_len,
-                };
+            if let Ok(counts) = Trie::check(&w) {
+                let t = Trie::with_counts(Words::Owned(w), counts);
                 for n in 0..t.num_nodes() as u32 {
                     let (tokens, _) = t.children(n);
                     let _ = t.code(n);

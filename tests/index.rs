@@ -89,17 +89,12 @@ fn build_inspect_search_end_to_end() {
         tmp.join("ix"),
     );
     let ix = ix.to_str().unwrap();
-    let report: serde_json::Value = serde_json::from_str(&ok(&gram(&[
-        "index",
-        "build",
-        "--model",
-        m,
-        "--catalog",
-        c,
-        "--out",
-        ix,
-    ])))
-    .unwrap();
+    let build = |extra: &[&str]| {
+        let mut args = vec!["index", "build", "--model", m, "--catalog", c, "--out", ix];
+        args.extend_from_slice(extra);
+        gram(&args)
+    };
+    let report: serde_json::Value = serde_json::from_str(&ok(&build(&[]))).unwrap();
     assert_eq!(report["report"]["products"], 4);
     assert_eq!(report["report"]["codes"], 7);
     assert_eq!(report["report"]["postings"], 8);
@@ -162,29 +157,9 @@ fn build_inspect_search_end_to_end() {
         format!("{}\n{{not json\n{}\n", lines[0], lines[1]),
     )
     .unwrap();
-    let e = err(&gram(&[
-        "index",
-        "build",
-        "--model",
-        m,
-        "--catalog",
-        c,
-        "--out",
-        ix,
-    ]));
+    let e = err(&build(&[]));
     assert!(e.contains("line 2"), "{e}");
-    let out = ok(&gram(&[
-        "index",
-        "build",
-        "--model",
-        m,
-        "--catalog",
-        c,
-        "--out",
-        ix,
-        "--on-error",
-        "skip",
-    ]));
+    let out = ok(&build(&["--on-error", "skip"]));
     assert!(out.contains(r#""skipped_lines":1"#), "{out}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
