@@ -2,8 +2,9 @@
 //! → the code → posting index, with every (code, product) pair's product-side token
 //! probabilities `Pt` obtained by teacher forcing the code after the product prompt.
 //!
-//! Today the codes come from the catalog (`codes`); generating them with the model from the
-//! product template (beam search, threshold) is the next step of issue 4.
+//! Product codes come from the catalog (`codes`) and, given a code list, from the model: beam
+//! search over the list's trie from the product template, keeping codes above a probability
+//! threshold (the beams' token log-probabilities are the product-side `Pt` then).
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,6 +12,7 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use crate::backend::{Backend, KvRows, RowKv};
+use crate::beam::{BeamOptions, BeamSearch, Query};
 use crate::error::{Error, Result};
 use crate::index::{self, CodePostings, Product};
 use crate::model::{Head, KvArena, Model};
@@ -80,16 +82,37 @@ pub struct Report {
     pub products: usize,
     pub codes: usize,
     pub postings: usize,
+    /// Postings whose code the model generated for the product (the rest came from the
+    /// catalog).
+    pub generated: usize,
     pub seconds: f64,
+    pub products_per_s: f64,
 }
 
-/// Builds the index at `out` from `items`: the distinct catalog codes, their trie, and for every
-/// product and each of its codes the teacher-forced `Pt` of the code's tokens.
+/// How product codes are generated with the model (besides those the catalog gives).
+#[derive(Debug, Clone)]
+pub struct Generate {
+    /// The code list generation is constrained to (its codes join the index's).
+    pub codes: Vec<String>,
+    /// Beam width per product.
+    pub beam: usize,
+    /// Keep a generated code when its sequence probability (EOS included) is at least this.
+    pub threshold: f32,
+    /// Products per batch of shared beam-search steps.
+    pub batch: usize,
+}
+
+/// Builds the index at `out` from `items`. Codes: every catalog code, plus (with `generate`)
+/// the codes of a list that beam search over it finds for each product from the product
+/// template. For every (code, product) pair the stored `Pt` is the probability of each code
+/// token after the product prompt: from the beams for generated codes, by teacher forcing for
+/// the catalog's own.
 pub fn build<B: Backend>(
     model: &Model<B>,
     tokenizer: &Tokenizer,
     settings: &Settings,
     items: &[Item],
+    generate: Option<&Generate>,
     out: &Path,
     meta: &serde_json::Value,
 ) -> Result<Report> {
@@ -100,24 +123,62 @@ pub fn build<B: Backend>(
         .first()
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
     let mut texts: Vec<String> = items.iter().flat_map(|p| p.codes.iter().cloned()).collect();
+    if let Some(g) = generate {
+        texts.extend(g.codes.iter().cloned());
+    }
     texts.sort_unstable();
     texts.dedup();
     if texts.is_empty() {
         return Err(Error::Input(
-            "no product carries a code (the catalog's `codes` lists are empty)".into(),
+            "no codes: the catalog's `codes` lists are empty and no code list was given".into(),
         ));
     }
     let set = CodeSet::from_texts(texts, tokenizer, eos)?;
     let trie = Trie::build(&set, model.config.vocab_size, eos)?;
-    let mut postings: Vec<CodePostings> = (0..set.len())
-        .map(|_| CodePostings {
-            products: Vec::new(),
-            pt: Vec::new(),
-        })
-        .collect();
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .map(|item| tokenizer.encode(&settings.product_prompt(&item.title)))
+        .collect::<Result<_>>()?;
+    // Per product: code id → Pt, generated ones first.
+    let mut found: Vec<Vec<(u32, Vec<f32>)>> = vec![Vec::new(); items.len()];
+    let mut generated = 0;
+    if let Some(g) = generate {
+        let options = BeamOptions {
+            beam: g.beam,
+            max_new_tokens: trie.max_len() + 1,
+            ..Default::default()
+        };
+        let mut search = BeamSearch::new();
+        for (b, chunk) in prompts.chunks(g.batch.max(1)).enumerate() {
+            let queries: Vec<Query> = chunk
+                .iter()
+                .map(|p| Query {
+                    prompt: p.clone(),
+                    options,
+                })
+                .collect();
+            for (i, out) in search.run(model, &trie, &queries)?.into_iter().enumerate() {
+                let pi = b * g.batch.max(1) + i;
+                for c in out.codes {
+                    let p: f32 = c.token_logprobs.iter().sum::<f32>().exp();
+                    if let (Some(id), true) = (c.code, p >= g.threshold) {
+                        let n = c.tokens.len();
+                        found[pi]
+                            .push((id, c.token_logprobs[..n].iter().map(|l| l.exp()).collect()));
+                        generated += 1;
+                    }
+                }
+            }
+            progress(
+                t0,
+                (b + 1) * g.batch.max(1),
+                items.len(),
+                "generated codes for",
+            );
+        }
+    }
     let mut arena = None;
     for (pi, item) in items.iter().enumerate() {
-        let prompt = tokenizer.encode(&settings.product_prompt(&item.title))?;
         let mut ids: Vec<u32> = item
             .codes
             .iter()
@@ -126,26 +187,33 @@ pub fn build<B: Backend>(
                     .binary_search(c)
                     .expect("every catalog code is in the set") as u32
             })
+            .filter(|id| !found[pi].iter().any(|(g, _)| g == id))
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        let codes: Vec<&[u32]> = ids.iter().map(|&c| set.code_tokens(c as usize)).collect();
-        let pts = teacher_force(model, &mut arena, &prompt, &codes).map_err(|e| match e {
-            Error::Input(m) => Error::Input(format!("product {:?}: {m}", item.id)),
-            e => e,
-        })?;
-        for (&c, pt) in ids.iter().zip(pts) {
-            postings[c as usize].products.push(pi as u32);
-            postings[c as usize].pt.push(pt);
+        if !ids.is_empty() {
+            let codes: Vec<&[u32]> = ids.iter().map(|&c| set.code_tokens(c as usize)).collect();
+            let pts =
+                teacher_force(model, &mut arena, &prompts[pi], &codes).map_err(|e| match e {
+                    Error::Input(m) => Error::Input(format!("product {:?}: {m}", item.id)),
+                    e => e,
+                })?;
+            found[pi].extend(ids.into_iter().zip(pts));
         }
         if (pi + 1) % 1000 == 0 {
-            let rate = (pi + 1) as f64 / t0.elapsed().as_secs_f64();
-            eprintln!(
-                "[index] {}/{} products, {rate:.0}/s, ETA {:.0} s",
-                pi + 1,
-                items.len(),
-                (items.len() - pi - 1) as f64 / rate
-            );
+            progress(t0, pi + 1, items.len(), "scored the catalog codes of");
+        }
+    }
+    let mut postings: Vec<CodePostings> = (0..set.len())
+        .map(|_| CodePostings {
+            products: Vec::new(),
+            pt: Vec::new(),
+        })
+        .collect();
+    for (pi, codes) in found.into_iter().enumerate() {
+        for (c, pt) in codes {
+            postings[c as usize].products.push(pi as u32);
+            postings[c as usize].pt.push(pt);
         }
     }
     let products: Vec<Product> = items
@@ -164,12 +232,25 @@ pub fn build<B: Backend>(
         &settings.delimiter,
         meta,
     )?;
+    let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
         products: items.len(),
         codes: set.len(),
         postings: postings.iter().map(|p| p.products.len()).sum(),
-        seconds: t0.elapsed().as_secs_f64(),
+        generated,
+        seconds,
+        products_per_s: items.len() as f64 / seconds,
     })
+}
+
+/// One progress line on stderr: count, rate, ETA.
+fn progress(t0: Instant, done: usize, total: usize, what: &str) {
+    let done = done.min(total);
+    let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "[index] {what} {done}/{total} products, {rate:.1}/s, ETA {:.0} s",
+        (total - done) as f64 / rate.max(1e-9)
+    );
 }
 
 /// The probability of each token of each code after `prompt` (full-vocabulary softmax), in one

@@ -61,6 +61,19 @@ struct BuildArgs {
     /// What a malformed catalog line does: stop the build, or skip it (and count it).
     #[arg(long, default_value = "stop")]
     on_error: String,
+    /// Also generate each product's codes with the model: beam search over this code list
+    /// (one code per line) from the product template.
+    #[arg(long)]
+    codes: Option<PathBuf>,
+    /// Beam width of that generation.
+    #[arg(long, default_value_t = 10)]
+    beam: usize,
+    /// Keep a generated code when its probability (EOS included) is at least this.
+    #[arg(long, default_value_t = 0.0)]
+    threshold: f32,
+    /// Products whose generation shares decoder steps.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -281,11 +294,28 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         "catalog": args.catalog,
         "skipped_lines": skipped,
     });
+    let generate = match &args.codes {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some(catalog::Generate {
+                codes: text.lines().map(str::to_owned).collect(),
+                beam: args.beam,
+                threshold: args.threshold,
+                batch: args.batch,
+            })
+        }
+        None => None,
+    };
+    if !(0.0..=1.0).contains(&args.threshold) {
+        return Err(format!("--threshold {}: expected 0..=1", args.threshold));
+    }
     let report = catalog::build(
         &model,
         &tokenizer,
         &settings,
         &items,
+        generate.as_ref(),
         &index_file(&args.out),
         &meta,
     )

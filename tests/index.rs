@@ -163,3 +163,73 @@ fn build_inspect_search_end_to_end() {
     assert!(out.contains(r#""skipped_lines":1"#), "{out}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// Codes the model generates for a product (beam search over a code list from the product
+/// template) are indexed with the beams' token probabilities, which equal teacher forcing; the
+/// catalog's own codes are kept too.
+#[test]
+fn generated_product_codes_carry_teacher_forced_probabilities() {
+    use gram::catalog::{build, Generate, Item};
+    use gram::index::Index;
+    use gram::settings::Settings;
+    let dir = model_dir("tiny-qwen2");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = Model::load(&dir, &Default::default()).unwrap();
+    let items: Vec<Item> = ["Green velvet sofa", "Oak desk", "Blue wool rug"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Item {
+            id: format!("p{i}"),
+            title: t.to_string(),
+            attributes: Default::default(),
+            codes: if i == 0 { vec!["sofa".into()] } else { vec![] },
+        })
+        .collect();
+    let list = std::fs::read_to_string(repo().join("tests/golden/codes-tiny.txt")).unwrap();
+    let generate = Generate {
+        codes: list.lines().map(str::to_owned).collect(),
+        beam: 4,
+        threshold: 0.0,
+        batch: 2,
+    };
+    let path = std::env::temp_dir().join(format!("gram-gen-{}.gram", std::process::id()));
+    let settings = Settings::default();
+    let report = build(
+        &model,
+        &tok,
+        &settings,
+        &items,
+        Some(&generate),
+        &path,
+        &serde_json::json!({}),
+    )
+    .unwrap();
+    assert_eq!(report.generated, 12, "beam 4 × 3 products");
+    assert_eq!(report.postings, 13, "plus the catalog's own code");
+    let ix = Index::open(&path).unwrap();
+    let mut arena = None;
+    let mut seen = 0;
+    for id in 0..ix.num_codes() as u32 {
+        let n = ix.code(id).unwrap().n_tokens as usize;
+        let (pq, w) = (vec![0.5; n], vec![1.0; n]);
+        let p = ix.postings(id, &pq, &w).unwrap();
+        let text = ix.code_text(id).unwrap().into_owned();
+        let code = tok.encode_plain(&text).unwrap();
+        for (j, &prod) in p.products.iter().enumerate() {
+            let prompt = tok.encode(&items[prod as usize].title).unwrap();
+            let want = teacher_force(&model, &mut arena, &prompt, &[&code])
+                .unwrap()
+                .remove(0);
+            for (t, w) in want.iter().enumerate() {
+                let got = p.pt[t * p.products.len() + j] as f32 * gram::score::PT_SCALE;
+                assert!(
+                    (got - w).abs() < 1e-4,
+                    "{text:?} product {prod} token {t}: {got} vs {w}"
+                );
+            }
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 13);
+    std::fs::remove_file(&path).unwrap();
+}
