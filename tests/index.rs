@@ -233,3 +233,57 @@ fn generated_product_codes_carry_teacher_forced_probabilities() {
     assert_eq!(seen, 13);
     std::fs::remove_file(&path).unwrap();
 }
+
+/// End to end on the ESCI sample (16 real Amazon products, `tools/make_esci_catalog.py`) with
+/// SmolLM2: product codes generated over the 3,000-code list, the sample's query searched; the
+/// path runs and returns catalog products.
+#[test]
+fn esci_sample_end_to_end_with_smollm2() {
+    let model = smollm2_dir();
+    let tmp = std::env::temp_dir().join(format!("gram-esci-{}", std::process::id()));
+    let catalog = repo().join("tests/golden/esci-catalog.jsonl");
+    let codes = repo().join("tests/golden/codes-smollm2.txt");
+    let out = ok(&gram(&[
+        "index",
+        "build",
+        "--model",
+        model.to_str().unwrap(),
+        "--catalog",
+        catalog.to_str().unwrap(),
+        "--out",
+        tmp.to_str().unwrap(),
+        "--codes",
+        codes.to_str().unwrap(),
+        "--beam",
+        "20",
+    ]));
+    assert!(out.contains(r#""products":16"#), "{out}");
+    let query = "06 bmw 325i radio oem not navigation system";
+    let out = ok(&gram(&[
+        "search",
+        "--index",
+        tmp.to_str().unwrap(),
+        "--k",
+        "5",
+        "--beam",
+        "20",
+        query,
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let ids: Vec<String> = std::fs::read_to_string(&catalog)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let products = v["products"].as_array().unwrap();
+    assert!(!products.is_empty(), "{out}");
+    for p in products {
+        assert!(ids.contains(&p["id"].as_str().unwrap().to_string()), "{p}");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
