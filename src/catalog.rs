@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use crate::backend::{Backend, KvRows, RowKv};
-use crate::beam::{BeamOptions, BeamSearch, Query};
+use crate::beam::{BeamOptions, BeamSearch, Query, MAX_NEW_TOKENS};
 use crate::error::{Error, Result};
 use crate::index::{self, CodePostings, Product};
 use crate::model::{Head, KvArena, Model};
@@ -134,6 +134,15 @@ pub fn build<B: Backend>(
         ));
     }
     let set = CodeSet::from_texts(texts, tokenizer, eos)?;
+    // Search generates up to `max_len + 1` tokens: a longer code could never come back.
+    if let Some(i) = (0..set.len()).find(|&i| set.code_tokens(i).len() >= MAX_NEW_TOKENS) {
+        return Err(Error::Input(format!(
+            "code {:?} is {} tokens; codes may have at most {}",
+            set.texts[i],
+            set.code_tokens(i).len(),
+            MAX_NEW_TOKENS - 1
+        )));
+    }
     let trie = Trie::build(&set, model.config.vocab_size, eos)?;
     let prompts: Vec<Vec<u32>> = items
         .iter()

@@ -260,16 +260,34 @@ fn index_file(dir: &std::path::Path) -> PathBuf {
     dir.join("index.gram")
 }
 
-/// What identifies a model to its indexes: its directory and a checksum of its config and
-/// tokenizer.
-fn model_fingerprint(dir: &std::path::Path) -> Result<serde_json::Value, String> {
+/// What identifies a model to its indexes: a checksum of its config and tokenizer and the
+/// names and sizes of its weight files (not its directory: a copied model still serves).
+fn model_fingerprint(dir: &std::path::Path) -> Result<String, String> {
     let mut bytes = Vec::new();
     for f in ["config.json", "tokenizer.json"] {
         let p = dir.join(f);
         bytes.extend(std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?);
     }
-    let dir = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(json!({"dir": dir, "checksum": format!("{:016x}", gram::container::checksum(&bytes))}))
+    let mut weights: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let weight = name.ends_with(".safetensors") || name.ends_with(".gguf");
+            Some((name, e.metadata().ok()?.len())).filter(|_| weight)
+        })
+        .collect();
+    weights.sort();
+    for (name, len) in weights {
+        bytes.extend(name.as_bytes());
+        bytes.extend(len.to_le_bytes());
+    }
+    Ok(format!("{:016x}", gram::container::checksum(&bytes)))
+}
+
+/// The GRAM settings an index was built with (those that change what it stores).
+fn build_settings(s: &Settings) -> serde_json::Value {
+    json!({"product_template": s.product_template, "delimiter": s.delimiter})
 }
 
 fn run_index_build(args: BuildArgs) -> Result<(), String> {
@@ -283,23 +301,27 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let meta = json!({
-        "model": model_fingerprint(&args.model)?,
-        "settings": {
-            "query_template": settings.query_template,
-            "product_template": settings.product_template,
-            "delimiter": settings.delimiter,
-            "weights": [settings.weights.coarse, settings.weights.medium, settings.weights.fine],
-            "aggregation": settings.aggregation,
+        "model": {
+            "dir": std::fs::canonicalize(&args.model).map_err(|e| e.to_string())?,
+            "fingerprint": model_fingerprint(&args.model)?,
         },
+        "settings": build_settings(&settings),
         "catalog": args.catalog,
         "skipped_lines": skipped,
     });
+    if !(0.0..=1.0).contains(&args.threshold) {
+        return Err(format!("--threshold {}: expected 0..=1", args.threshold));
+    }
     let generate = match &args.codes {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             Some(catalog::Generate {
-                codes: text.lines().map(str::to_owned).collect(),
+                codes: text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned)
+                    .collect(),
                 beam: args.beam,
                 threshold: args.threshold,
                 batch: args.batch,
@@ -307,9 +329,6 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         }
         None => None,
     };
-    if !(0.0..=1.0).contains(&args.threshold) {
-        return Err(format!("--threshold {}: expected 0..=1", args.threshold));
-    }
     let report = catalog::build(
         &model,
         &tokenizer,
@@ -357,14 +376,21 @@ fn run_search(args: SearchArgs) -> Result<(), String> {
         Some(d) => d.clone(),
         None => PathBuf::from(built_by["dir"].as_str().ok_or("the index names no model")?),
     };
-    if model_fingerprint(&model_dir)? != built_by {
+    if built_by["fingerprint"].as_str() != Some(model_fingerprint(&model_dir)?.as_str()) {
         return Err(format!(
             "the index was built by model {built_by}, not by {}: rebuild it with this model",
             model_dir.display()
         ));
     }
-    let (tokenizer, model) = load(&model_dir, args.threads, None)?;
     let settings = Settings::load(&model_dir).map_err(|e| e.to_string())?;
+    if meta["settings"] != build_settings(&settings) {
+        return Err(format!(
+            "the index was built with settings {}, the model's gram.json now says {}: rebuild it",
+            meta["settings"],
+            build_settings(&settings)
+        ));
+    }
+    let (tokenizer, model) = load(&model_dir, args.threads, None)?;
     let aggregate = settings
         .aggregate()
         .ok_or("gram.json: aggregation must be sum or max")?;
@@ -402,7 +428,7 @@ fn run_search(args: SearchArgs) -> Result<(), String> {
             .iter()
             .filter_map(|(id, pq, w)| Some((index.postings(*id, pq, w)?, *id)))
             .unzip();
-        let hits = gram::score::rank(isa, &lists, aggregate, args.k);
+        let hits = gram::score::rank(isa, &lists, aggregate, args.k, index.num_products() as u32);
         let score_ms = t.elapsed().as_secs_f64() * 1e3;
         let codes: Vec<_> = out
             .codes

@@ -50,9 +50,9 @@ pub fn score_postings(isa: Isa, pq: &[f32], w: &[f32], pt: &[u16], out: &mut [f3
         let q = Token::new(pq[i], w[i]);
         let col = &pt[i * p..(i + 1) * p];
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar {
-            // SAFETY: `Isa` other than Scalar is only chosen when the CPU has AVX2 + FMA + F16C;
-            // `col` and `out` have the same length.
+        if isa.runnable() != Isa::Scalar {
+            // SAFETY: `runnable` gives a non-scalar ISA only when the CPU has AVX2 + FMA +
+            // F16C; `col` and `out` have the same length.
             unsafe { avx2::column(q, col, out) };
             continue;
         }
@@ -92,8 +92,19 @@ pub struct Hit {
 }
 
 /// Scores every posting of every query code, aggregates per product, and returns the best `k`
-/// products, best first (ties: lower product id first).
-pub fn rank(isa: Isa, lists: &[Postings], aggregate: Aggregate, k: usize) -> Vec<Hit> {
+/// products, best first (ties: lower product id first). Postings naming a product at or past
+/// `products` (a corrupt list) are ignored.
+///
+/// Higher is better. The bracket of Eq. 7 is a divergence (0 when `Pq = Pt`), so the weights
+/// carry the sign: negative weights make the closest products rank first (the default of
+/// `gram.json`).
+pub fn rank(
+    isa: Isa,
+    lists: &[Postings],
+    aggregate: Aggregate,
+    k: usize,
+    products: u32,
+) -> Vec<Hit> {
     // (product, code, score) for every posting, then grouped by product.
     let mut all: Vec<(u32, u32, f32)> =
         Vec::with_capacity(lists.iter().map(|l| l.products.len()).sum());
@@ -106,6 +117,7 @@ pub fn rank(isa: Isa, lists: &[Postings], aggregate: Aggregate, k: usize) -> Vec
             l.products
                 .iter()
                 .zip(&scores)
+                .filter(|(&p, _)| p < products)
                 .map(|(&p, &s)| (p, c as u32, s)),
         );
     }
@@ -150,7 +162,13 @@ struct Token {
 
 impl Token {
     fn new(pq: f32, w: f32) -> Token {
-        let pq = pq.clamp(0.0, 1.0);
+        // Not a probability (NaN, ±inf): no evidence, 0 — the same on every ISA.
+        let pq = if pq.is_finite() {
+            pq.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let w = if w.is_finite() { w } else { 0.0 };
         Token {
             pq,
             w,
@@ -426,7 +444,7 @@ mod tests {
             full.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product)));
             for isa in Isa::available() {
                 for k in [0, 1, 10, 300, 10_000] {
-                    let got = rank(isa, &lists, aggregate, k);
+                    let got = rank(isa, &lists, aggregate, k, u32::MAX);
                     assert_eq!(
                         got,
                         full[..k.min(full.len())],
@@ -434,6 +452,39 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// With the default (negative) weights, the product whose probabilities equal the query's
+    /// ranks first; postings past the product table are dropped; NaN query sides score 0 on
+    /// every ISA.
+    #[test]
+    fn closest_product_ranks_first_and_bad_inputs_are_contained() {
+        let pq = [0.9f32, 0.5];
+        let w = [-1.0f32, -1.0];
+        let products = [0u32, 1, 2, 7];
+        // Token columns over products 0, 1, 2, 7: product 1 is exactly the query side; 2 is off
+        // a little on both tokens; 0 far on the first; 7 lies past the product table.
+        let pt: Vec<u16> = [0.1f32, 0.9, 0.5, 0.9, 0.5, 0.5, 0.9, 0.5]
+            .iter()
+            .map(|&p| quantize_pt(p))
+            .collect();
+        let list = Postings {
+            products: &products,
+            pt: &pt,
+            pq: &pq,
+            w: &w,
+        };
+        for isa in Isa::available() {
+            let hits = rank(isa, &[list], Aggregate::Max, 10, 3);
+            assert_eq!(
+                hits.iter().map(|h| h.product).collect::<Vec<_>>(),
+                vec![1, 2, 0],
+                "{isa:?}"
+            );
+            let mut out = vec![0f32; 4];
+            score_postings(isa, &[f32::NAN, 0.5], &[1.0, f32::INFINITY], &pt, &mut out);
+            assert!(out.iter().all(|v| v.is_finite()), "{isa:?}: {out:?}");
         }
     }
 

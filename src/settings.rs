@@ -1,7 +1,9 @@
 //! GRAM's serving settings, from `gram.json` beside the model (written by the training tools):
 //! the query and product prompt templates, the code delimiter, the S_rele weights per code
 //! granularity and how a product's scores across codes aggregate. A model directory without
-//! `gram.json` gets the defaults below (templates that are the bare text, weight 1, `sum`).
+//! `gram.json` gets the defaults below: templates that are the bare text, weight -1 (S_rele's
+//! bracket is a divergence, so a negative weight ranks the closest product first) and `max`
+//! (with negative scores, `sum` would penalize a product for matching more codes).
 
 use std::path::Path;
 
@@ -40,11 +42,11 @@ impl Default for Settings {
             product_template: "{title}".into(),
             delimiter: " | ".into(),
             weights: Weights {
-                coarse: 1.0,
-                medium: 1.0,
-                fine: 1.0,
+                coarse: -1.0,
+                medium: -1.0,
+                fine: -1.0,
             },
-            aggregation: "sum".into(),
+            aggregation: "max".into(),
         }
     }
 }
@@ -112,7 +114,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let s = Settings::load(&dir).unwrap();
         assert_eq!(s.query_prompt("sofa"), "sofa");
-        assert_eq!((s.weight(1), s.weight(3), s.weight(6)), (1.0, 1.0, 1.0));
+        assert_eq!((s.weight(1), s.weight(3), s.weight(6)), (-1.0, -1.0, -1.0));
+        assert_eq!(s.aggregate(), Some(Aggregate::Max));
         let write = |text: &str| {
             std::fs::write(dir.join("gram.json"), text).unwrap();
             Settings::load(&dir)

@@ -68,6 +68,22 @@ impl Isa {
     fn has_avx2(self) -> bool {
         matches!(self, Isa::Avx2 | Isa::Avx512)
     }
+
+    /// This ISA if the CPU runs it, else the best one below it that it does. Every kernel
+    /// entry point calls this, so an `Isa` named by a caller can never run an instruction the
+    /// CPU lacks (the variants are public; safe code must not reach undefined behaviour).
+    pub fn runnable(self) -> Isa {
+        static CPU: OnceLock<(bool, bool)> = OnceLock::new();
+        let (avx2, avx512) = *CPU.get_or_init(|| {
+            let a = Isa::available();
+            (a.contains(&Isa::Avx2), a.contains(&Isa::Avx512))
+        });
+        match self {
+            Isa::Avx512 if avx512 => Isa::Avx512,
+            Isa::Avx512 | Isa::Avx2 if avx2 => Isa::Avx2,
+            _ => Isa::Scalar,
+        }
+    }
 }
 
 /// Input rows of a matmul kernel: `x: [T, k]` f32 and, for bf16 weights, `pairs`: the same rows
@@ -125,6 +141,7 @@ pub fn bf16_pairs(x: &[f32], k: usize, block: usize) -> Vec<f32> {
 /// The even/odd block (see [`Rows`]) that the kernels of `isa` read for weights `w`; `None`
 /// when they read plain rows.
 pub fn pairs_block(isa: Isa, w: View) -> Option<usize> {
+    let isa = isa.runnable();
     if !matches!(w, View::BF16(_)) {
         return None;
     }
@@ -149,6 +166,7 @@ fn check_pairs(isa: Isa, w: View, x: &Rows, len: usize) {
 
 /// `acc[r] = W[row0 + r] · x` for `r < nr` (`nr <= 4`), `W: [*, k]`.
 pub fn dot_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: &mut [f32; 4]) {
+    let isa = isa.runnable();
     assert!(
         nr <= 4 && x.x.len() >= k && w.len() >= (row0 + nr) * k,
         "dot_rows bounds; this is a bug"
@@ -174,6 +192,7 @@ pub const TILE_TR: usize = 6;
 /// Weight rows per [`tile`] on `isa`: 2 on AVX2 (2×6 = 12 accumulators + 2 weight vectors + 1
 /// input vector fit its 16 registers without spilling), 4 on AVX-512 (24 + 4 + 1 of 32).
 pub fn tile_nr(isa: Isa) -> usize {
+    let isa = isa.runnable();
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => avx512::TILE_NR,
@@ -194,6 +213,7 @@ pub fn tile(
     k: usize,
     acc: &mut [[f32; TILE_TR]; TILE_NR],
 ) {
+    let isa = isa.runnable();
     assert!(
         nr <= tile_nr(isa) && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.x.len() >= tr * k,
         "tile bounds; this is a bug"
@@ -216,6 +236,7 @@ pub fn tile(
 
 /// `a · b`.
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    let isa = isa.runnable();
     assert_eq!(a.len(), b.len(), "dot lengths; this is a bug");
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
@@ -227,6 +248,7 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 
 /// `y += a * x`.
 pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
+    let isa = isa.runnable();
     assert_eq!(x.len(), y.len(), "axpy lengths; this is a bug");
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
@@ -241,6 +263,7 @@ pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
 /// matmul hands its f32 kernels for ggml block weights (and a plain widening for the others).
 /// Bit-identical to [`View::widen_into`], its scalar twin.
 pub fn dequant_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, out: &mut [f32]) {
+    let isa = isa.runnable();
     let (start, end) = (row0 * k, (row0 + nr) * k);
     assert!(
         end <= w.len() && out.len() >= nr * k,
@@ -267,6 +290,7 @@ pub fn dequant_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, out: &m
 
 /// The largest element of `x` (`-inf` when empty).
 pub fn max(isa: Isa, x: &[f32]) -> f32 {
+    let isa = isa.runnable();
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         // SAFETY: CPU features as in `dot_rows`; only in-bounds loads of `x`.
@@ -278,6 +302,7 @@ pub fn max(isa: Isa, x: &[f32]) -> f32 {
 /// `sum(exp(x - shift))` for `shift >= max(x)`, with a polynomial `exp` (relative error ~1e-7
 /// per term; terms below `exp(-87.3)` count as ~1e-38).
 pub fn sum_exp(isa: Isa, x: &[f32], shift: f32) -> f32 {
+    let isa = isa.runnable();
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         // SAFETY: CPU features as in `dot_rows`; only in-bounds loads of `x`.
