@@ -556,9 +556,9 @@ fn logprob_rows<B: Backend>(
                 // Only a row's 2B best tokens can be among its query's 2B best candidates.
                 (false, _) => {
                     let lse = select::logsumexp(row);
-                    select::top_tokens(row, 2 * o.beam)
+                    crate::lm::top_n(row, 2 * o.beam)
                         .into_iter()
-                        .map(|(t, l)| (t, l - lse))
+                        .map(|t| (t.id, t.logprob - lse))
                         .collect()
                 }
             }

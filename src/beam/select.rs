@@ -116,24 +116,6 @@ pub fn logsumexp(x: &[f32]) -> f32 {
     max + simd::sum_exp(isa, x, max).ln()
 }
 
-/// The `k` largest entries of `row` as `(index, value)`, largest first (ties: lower index).
-pub fn top_tokens(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let cands: Vec<Candidate> = row
-        .iter()
-        .enumerate()
-        .map(|(t, &v)| Candidate {
-            score: v,
-            beam: 0,
-            token: t as u32,
-            logprob: v,
-        })
-        .collect();
-    top_k(cands, k)
-        .into_iter()
-        .map(|c| (c.token, c.score))
-        .collect()
-}
-
 /// Offers a finished sequence to a query's `b` finished slots (kept best first; a newcomer
 /// goes after equal scores, and the worst falls off when full).
 pub fn offer(finished: &mut Vec<Finished>, b: usize, f: Finished) {
