@@ -313,10 +313,12 @@ pub fn teacher_force<B: Backend>(
     };
     let logits = model.forward_rows(arena, &tokens, batch, Head::Full(&heads))?;
     let vocab = model.config.vocab_size;
-    let prob = |h: usize, t: u32| {
-        let row = &logits[h * vocab..(h + 1) * vocab];
-        (row[t as usize] - crate::beam::select::logsumexp(row)).exp()
-    };
+    // Each head row's normalizer once (the first row serves every code's first token).
+    let lse: Vec<f32> = logits
+        .chunks_exact(vocab)
+        .map(crate::beam::select::logsumexp)
+        .collect();
+    let prob = |h: usize, t: u32| (logits[h * vocab + t as usize] - lse[h]).exp();
     let out = codes
         .iter()
         .zip(&first_head)
