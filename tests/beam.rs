@@ -286,6 +286,85 @@ fn batched_queries_match_single_ones_and_return_only_codes() {
     }
 }
 
+/// Continuous batching: queries admitted at random steps into a small arena (so some wait for
+/// others to finish and reuse their entries, fragmented) come out as they do alone.
+#[test]
+fn continuous_batching_matches_single_queries() {
+    let words = [
+        "sofa", "green", "oak", "table", "lamp", "rug", "cheap", "for", "kids",
+    ];
+    for name in MODELS {
+        let f = fixture(name);
+        let mut next = rng(99 + name.len() as u64);
+        let queries: Vec<Query> = (0..14)
+            .map(|_| {
+                let prompt: Vec<&str> = (0..1 + next(8))
+                    .map(|_| words[next(words.len() as u64) as usize])
+                    .collect();
+                Query {
+                    prompt: f.tok.encode(&prompt.join(" ")).unwrap(),
+                    options: BeamOptions {
+                        beam: 1 + next(12) as usize,
+                        max_new_tokens: 3 + next(10) as usize,
+                        normalize: [Normalize::Full, Normalize::Children][next(2) as usize],
+                        ..Default::default()
+                    },
+                }
+            })
+            .collect();
+        let mut search = BeamSearch::new();
+        let biggest = 160;
+        let mut batch = beam::Batcher::new(&mut search, &f.model, &f.trie, 2 * biggest).unwrap();
+        let (mut pending, mut got) = (queries.iter().enumerate().peekable(), Vec::new());
+        let mut tickets = std::collections::HashMap::new();
+        let mut waited = 0;
+        while pending.peek().is_some() || batch.in_flight() > 0 {
+            // Admit a random number of the next queries, as long as they fit.
+            for _ in 0..next(3) {
+                let Some(&(i, q)) = pending.peek() else { break };
+                assert!(batch.entries_for(q) <= biggest, "test sizing");
+                match batch.admit(q.clone()).unwrap() {
+                    Some(t) => {
+                        tickets.insert(t, i);
+                        pending.next();
+                    }
+                    None => {
+                        waited += 1;
+                        break;
+                    }
+                }
+            }
+            got.extend(batch.step().unwrap());
+        }
+        assert_eq!(
+            batch.free_entries(),
+            2 * biggest,
+            "{name}: every entry returns"
+        );
+        assert!(
+            waited > 0,
+            "{name}: the arena never filled; the test proves less"
+        );
+        assert_eq!(got.len(), queries.len());
+        for (t, out) in got {
+            let q = &queries[tickets[&t]];
+            let alone = search_one(&f, q.prompt.clone(), q.options);
+            let ctx = format!("{name} query {} {:?}", tickets[&t], q.options);
+            assert_eq!(out.codes.len(), alone.codes.len(), "{ctx}");
+            for (g, a) in out.codes.iter().zip(&alone.codes) {
+                assert_eq!(g.code, a.code, "{ctx}");
+                assert!((g.score - a.score).abs() < 1e-4, "{ctx}");
+                assert_eq!(g.token_logprobs.len(), a.token_logprobs.len(), "{ctx}");
+            }
+        }
+        // A query that can never fit is an error, not a wait.
+        let mut search = BeamSearch::new();
+        let mut small = beam::Batcher::new(&mut search, &f.model, &f.trie, 8).unwrap();
+        let e = small.admit(queries[0].clone()).err().unwrap().to_string();
+        assert!(e.contains("KV entries"), "{e}");
+    }
+}
+
 /// A shared prompt prefix (the template's head, prefilled once) changes no result: same codes,
 /// same scores, fewer rows. Covers queries that do not start with it, a prompt equal to it,
 /// reuse across runs and the arena growing under it.

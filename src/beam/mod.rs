@@ -129,6 +129,10 @@ pub struct Output {
     /// LM-head outputs computed for it: `V` per head row, or one per allowed token with the
     /// sparse head.
     pub head_logits: usize,
+    /// Wall time of the decoder steps it took part in: the one that prefilled its prompt, and
+    /// the others (shared with the queries batched with it).
+    pub prefill_s: f64,
+    pub decode_s: f64,
 }
 
 /// A running beam.
@@ -148,6 +152,8 @@ struct State {
     /// First arena entry of the query; its prompt fills `base..base + prompt.len()`, then one
     /// entry per (step, beam) slot.
     base: u32,
+    /// Entries it holds from `base`.
+    len: u32,
     prompt: Vec<u32>,
     /// Leading prompt tokens whose KV is the searcher's shared prefix (arena entries
     /// `0..shared`); the query's own entries hold the rest of its prompt.
@@ -162,6 +168,9 @@ struct State {
     steps: usize,
     rows: usize,
     head_logits: usize,
+    /// Wall time of the steps it prefilled in, and of the others.
+    prefill_s: f64,
+    decode_s: f64,
 }
 
 impl State {
@@ -248,101 +257,220 @@ impl<B: Backend> BeamSearch<B> {
         }
         check_trie(model, trie)?;
         for (i, q) in queries.iter().enumerate() {
-            q.options.check()?;
-            if q.prompt.is_empty() {
-                return Err(Error::Input(format!("query {i}: the prompt has no tokens")));
-            }
-            let vocab = model.config.vocab_size;
-            if let Some(t) = q.prompt.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::Input(format!(
-                    "query {i}: prompt token {t} is outside the vocabulary of {vocab}"
-                )));
-            }
-            let need = q.prompt.len() + q.options.max_new_tokens;
-            if need > model.max_positions() {
-                return Err(Error::Input(format!(
-                    "query {i}: a prompt of {} tokens plus {} new ones exceeds the model's {} positions",
-                    q.prompt.len(),
-                    q.options.max_new_tokens,
-                    model.max_positions()
-                )));
-            }
+            check_query(model, q).map_err(|e| match e {
+                Error::Input(msg) => Error::Input(format!("query {i}: {msg}")),
+                e => e,
+            })?;
         }
-        let shared: Vec<usize> = queries.iter().map(|q| self.shared(&q.prompt)).collect();
-        // The prefix's KV is made (and its entries reserved) only when some query shares it.
-        let prefix_len = if shared.iter().any(|&n| n > 0) {
-            self.prefix.len()
-        } else {
-            0
-        };
-        let total: usize = prefix_len
-            + queries
-                .iter()
-                .zip(&shared)
-                .map(|(q, &n)| State::entries(q, n))
-                .sum::<usize>();
+        let entries: usize = queries
+            .iter()
+            .map(|q| State::entries(q, self.shared(&q.prompt)))
+            .sum();
+        let mut batch = Batcher::new(self, model, trie, entries)?;
+        let tickets = queries
+            .iter()
+            .map(|q| {
+                batch
+                    .admit(q.clone())?
+                    .ok_or_else(|| Error::Input("the arena was sized for the batch".into()))
+            })
+            .collect::<Result<Vec<Ticket>>>()?;
+        let mut done = Vec::with_capacity(queries.len());
+        while batch.in_flight() > 0 {
+            done.extend(batch.step()?);
+        }
+        done.sort_by_key(|(t, _)| *t);
+        debug_assert!(done.iter().map(|d| d.0).eq(tickets.iter().copied()));
+        Ok(done.into_iter().map(|(_, out)| out).collect())
+    }
+}
+
+/// A query's handle in a [`Batcher`], in admission order.
+pub type Ticket = u64;
+
+/// A continuous batch: queries are admitted at any time (while their KV fits in the arena),
+/// every [`Batcher::step`] runs one decoder pass over all of them (prefill rows of new ones, one
+/// row per running beam of the others), and finished queries leave with their output, freeing
+/// their arena entries for the next. `BeamSearch::run` is a batch admitted at once.
+pub struct Batcher<'a, B: Backend> {
+    model: &'a Model<B>,
+    trie: &'a Trie,
+    search: &'a mut BeamSearch<B>,
+    /// Queries in flight, in admission order, and their tickets.
+    states: Vec<State>,
+    tickets: Vec<Ticket>,
+    /// Free arena entry ranges, ascending and disjoint, merged when adjacent.
+    free: Vec<std::ops::Range<u32>>,
+    /// Entries queries may use (past the shared prefix).
+    capacity: usize,
+    next: Ticket,
+}
+
+impl<'a, B: Backend> Batcher<'a, B> {
+    /// A batcher over `search`'s arena (grown to the shared prefix plus `entries`, made anew
+    /// for another model) for `trie`'s codes. The shared prefix, if set, is prefilled here.
+    #[allow(clippy::single_range_in_vec_init)] // one free range: all of it
+    pub fn new(
+        search: &'a mut BeamSearch<B>,
+        model: &'a Model<B>,
+        trie: &'a Trie,
+        entries: usize,
+    ) -> Result<Self> {
+        check_trie(model, trie)?;
+        let prefix_len = search.prefix.len();
+        let total = prefix_len + entries;
         if total > u32::MAX as usize {
             return Err(Error::Input(format!(
                 "{total} KV entries for one batch is too many"
             )));
         }
-        let other_model = self.arena_model != model.id();
-        if other_model || self.arena.as_ref().is_none_or(|a| a.entries() < total) {
-            self.arena = None; // free the old one first
-            self.arena = Some(model.new_arena(total)?);
-            self.arena_model = model.id();
-            self.prefix_ready = false;
+        let other_model = search.arena_model != model.id();
+        if other_model || search.arena.as_ref().is_none_or(|a| a.entries() < total) {
+            search.arena = None; // free the old one first
+            search.arena = Some(model.new_arena(total)?);
+            search.arena_model = model.id();
+            search.prefix_ready = false;
         }
-        let arena = self.arena.as_mut().expect("just made");
-        if prefix_len > 0 && !self.prefix_ready {
-            let rows: Vec<RowKv> = (0..self.prefix.len() as u32)
+        let arena = search.arena.as_mut().expect("just made");
+        if prefix_len > 0 && !search.prefix_ready {
+            let rows: Vec<RowKv> = (0..prefix_len as u32)
                 .map(|p| RowKv::contiguous(0, p))
                 .collect();
             let batch = KvRows {
                 rows: &rows,
                 links: &[],
             };
-            model.forward_rows(arena, &self.prefix, batch, Head::Full(&[]))?;
-            self.prefix_ready = true;
+            model.forward_rows(arena, &search.prefix, batch, Head::Full(&[]))?;
+            search.prefix_ready = true;
         }
+        Ok(Batcher {
+            model,
+            trie,
+            search,
+            states: Vec::new(),
+            tickets: Vec::new(),
+            free: vec![prefix_len as u32..total as u32],
+            capacity: entries,
+            next: 0,
+        })
+    }
 
-        // With no query sharing the prefix, its entries are not reserved: they are reused, and
-        // the prefix KV must be made again next time.
-        if prefix_len == 0 {
-            self.prefix_ready = false;
+    /// Arena entries `query` would hold while it runs.
+    pub fn entries_for(&self, query: &Query) -> usize {
+        State::entries(query, self.search.shared(&query.prompt))
+    }
+
+    /// Queries admitted and not yet returned.
+    pub fn in_flight(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Arena entries free now (possibly in several pieces).
+    pub fn free_entries(&self) -> usize {
+        self.free.iter().map(|r| r.len()).sum()
+    }
+
+    /// Admits `query` to the next step. `Ok(None)`: its KV does not fit until some queries in
+    /// flight finish. An error: the query is invalid, or could never fit this batcher.
+    pub fn admit(&mut self, query: Query) -> Result<Option<Ticket>> {
+        check_query(self.model, &query)?;
+        let shared = self.search.shared(&query.prompt);
+        let need = State::entries(&query, shared);
+        if need > self.capacity {
+            return Err(Error::Input(format!(
+                "the query needs {need} KV entries, the batch holds {}",
+                self.capacity
+            )));
         }
-        let mut base = prefix_len as u32;
-        let mut states: Vec<State> = queries
-            .iter()
-            .zip(&shared)
-            .map(|(q, &shared)| {
-                let s = State {
-                    options: q.options,
-                    base,
-                    prompt: q.prompt.clone(),
-                    shared,
-                    prefilled: false,
-                    beams: vec![Beam {
-                        node: Trie::ROOT,
-                        score: 0.0,
-                        tokens: Vec::new(),
-                        logprobs: Vec::new(),
-                        entries: Vec::new(),
-                    }],
-                    finished: Vec::new(),
-                    open: true,
-                    steps: 0,
-                    rows: 0,
-                    head_logits: 0,
-                };
-                base += State::entries(q, shared) as u32;
-                s
-            })
-            .collect();
-        while states.iter().any(State::active) {
-            step(model, arena, trie, &mut states)?;
+        let Some(at) = self.free.iter().position(|r| r.len() >= need) else {
+            return Ok(None);
+        };
+        let base = self.free[at].start;
+        self.free[at].start += need as u32;
+        if self.free[at].is_empty() {
+            self.free.remove(at);
         }
-        Ok(states.into_iter().map(|s| finish(trie, s)).collect())
+        let ticket = self.next;
+        self.next += 1;
+        self.tickets.push(ticket);
+        self.states.push(State {
+            options: query.options,
+            base,
+            len: need as u32,
+            prompt: query.prompt,
+            shared,
+            prefilled: false,
+            beams: vec![Beam {
+                node: Trie::ROOT,
+                score: 0.0,
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                entries: Vec::new(),
+            }],
+            finished: Vec::new(),
+            open: true,
+            steps: 0,
+            rows: 0,
+            head_logits: 0,
+            prefill_s: 0.0,
+            decode_s: 0.0,
+        });
+        Ok(Some(ticket))
+    }
+
+    /// One decoder pass over every query in flight; returns those that finished, with their
+    /// outputs, and frees their entries. On an error every query in flight is dropped (their
+    /// arena entries may hold partial KV) and the batcher is empty.
+    #[allow(clippy::single_range_in_vec_init)] // one free range: all of it
+    pub fn step(&mut self) -> Result<Vec<(Ticket, Output)>> {
+        if self.states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let arena = self.search.arena.as_mut().expect("made by new");
+        let prefill: Vec<bool> = self.states.iter().map(|s| !s.prefilled).collect();
+        let t = std::time::Instant::now();
+        if let Err(e) = step(self.model, arena, self.trie, &mut self.states) {
+            let start = self.search.prefix.len() as u32;
+            self.free = vec![start..start + self.capacity as u32];
+            self.states.clear();
+            self.tickets.clear();
+            return Err(e);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        for (s, prefill) in self.states.iter_mut().zip(prefill) {
+            if prefill {
+                s.prefill_s += secs;
+            } else {
+                s.decode_s += secs;
+            }
+        }
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.states.len() {
+            if self.states[i].active() {
+                i += 1;
+                continue;
+            }
+            let s = self.states.remove(i);
+            let ticket = self.tickets.remove(i);
+            self.release(s.base..s.base + s.len);
+            done.push((ticket, finish(self.trie, s)));
+        }
+        Ok(done)
+    }
+
+    /// Returns `range` to the free list, merging it with its neighbours.
+    fn release(&mut self, range: std::ops::Range<u32>) {
+        let at = self.free.partition_point(|r| r.start < range.start);
+        self.free.insert(at, range);
+        if at + 1 < self.free.len() && self.free[at].end == self.free[at + 1].start {
+            let next = self.free.remove(at + 1);
+            self.free[at].end = next.end;
+        }
+        if at > 0 && self.free[at - 1].end == self.free[at].start {
+            let this = self.free.remove(at);
+            self.free[at - 1].end = this.end;
+        }
     }
 }
 
@@ -458,6 +586,30 @@ fn step<B: Backend>(
 /// Beam search for `queries` with a fresh arena.
 pub fn search<B: Backend>(model: &Model<B>, trie: &Trie, queries: &[Query]) -> Result<Vec<Output>> {
     BeamSearch::new().run(model, trie, queries)
+}
+
+/// A query's options, prompt tokens and length must suit the model.
+fn check_query<B: Backend>(model: &Model<B>, q: &Query) -> Result<()> {
+    q.options.check()?;
+    if q.prompt.is_empty() {
+        return Err(Error::Input("the prompt has no tokens".into()));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(t) = q.prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Input(format!(
+            "prompt token {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let need = q.prompt.len() + q.options.max_new_tokens;
+    if need > model.max_positions() {
+        return Err(Error::Input(format!(
+            "a prompt of {} tokens plus {} new ones exceeds the model's {} positions",
+            q.prompt.len(),
+            q.options.max_new_tokens,
+            model.max_positions()
+        )));
+    }
+    Ok(())
 }
 
 /// The trie must have been built for this model's vocabulary and EOS.
@@ -641,6 +793,8 @@ fn finish(trie: &Trie, s: State) -> Output {
         steps: s.steps,
         rows: s.rows,
         head_logits: s.head_logits,
+        prefill_s: s.prefill_s,
+        decode_s: s.decode_s,
         ..Output::default()
     };
     for f in s.finished {
