@@ -73,8 +73,52 @@ pub struct Product {
     pub title: String,
 }
 
+/// Every code's postings in flat arrays, laid out as the index file stores them (what
+/// [`write_columns`] takes; a catalog of tens of millions of postings fits without a vector per
+/// posting):
+///
+/// - code `i`'s postings are `products[starts[i] .. starts[i + 1]]`, ascending product indices
+///   (`starts` has one entry per code plus one, from 0 to `products.len()`);
+/// - its product-side probabilities are `n_i` columns of `len_i` values (`n_i` = the code's
+///   token count, `len_i` = its posting count), column-major per code, codes one after the
+///   other: token `t` of posting `j` is `pt[pt_start_i + t · len_i + j]`, where
+///   `pt_start_i = Σ_{k<i} n_k · len_k`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PostingColumns {
+    pub starts: Vec<u64>,
+    pub products: Vec<u32>,
+    pub pt: Vec<f32>,
+}
+
+impl PostingColumns {
+    /// Columns from one [`CodePostings`] per code (rows of probabilities transposed; the caller
+    /// has checked every row holds the code's token count).
+    fn from_lists(postings: &[CodePostings]) -> PostingColumns {
+        let total: usize = postings.iter().map(|p| p.products.len()).sum();
+        let values: usize = postings
+            .iter()
+            .map(|p| p.pt.first().map_or(0, Vec::len) * p.products.len())
+            .sum();
+        let mut c = PostingColumns {
+            starts: Vec::with_capacity(postings.len() + 1),
+            products: Vec::with_capacity(total),
+            pt: Vec::with_capacity(values),
+        };
+        c.starts.push(0);
+        for p in postings {
+            c.products.extend_from_slice(&p.products);
+            c.starts.push(c.products.len() as u64);
+            for t in 0..p.pt.first().map_or(0, Vec::len) {
+                c.pt.extend(p.pt.iter().map(|row| row[t]));
+            }
+        }
+        c
+    }
+}
+
 /// Writes an index: `set` (codes, tokenized) and its trie, `postings[i]` for code `i`, the
 /// products, a metadata JSON blob, and each code's granularity (`delimiter` splits it).
+/// The same file as [`write_columns`] over the same postings.
 pub fn write(
     path: &Path,
     set: &CodeSet,
@@ -92,37 +136,95 @@ pub fn write(
             trie.num_codes()
         )));
     }
-    let (mut codes, mut code_text) = (Vec::with_capacity(n), Vec::new());
-    let (mut ids, mut pt) = (Vec::new(), Vec::<u16>::new());
     for (i, p) in postings.iter().enumerate() {
+        let tokens = set.code_tokens(i).len();
+        let shaped = p.pt.len() == p.products.len() && p.pt.iter().all(|r| r.len() == tokens);
+        if !shaped || !list_ok(&p.products, products.len()) || tokens > u16::MAX as usize {
+            return Err(bad_list(set, i, tokens, products.len()));
+        }
+    }
+    let columns = PostingColumns::from_lists(postings);
+    write_columns(path, set, trie, &columns, products, delimiter, meta)
+}
+
+/// Postings ascending, below the product count.
+fn list_ok(list: &[u32], products: usize) -> bool {
+    list.windows(2).all(|w| w[0] < w[1]) && list.iter().all(|&x| (x as usize) < products)
+}
+
+fn bad_list(set: &CodeSet, i: usize, tokens: usize, products: usize) -> Error {
+    Error::Input(format!(
+        "code {i} ({:?}): postings must be ascending product indices below {products} with {tokens} probabilities each",
+        set.texts[i]
+    ))
+}
+
+/// Writes an index from postings in columns (see [`PostingColumns`]); otherwise as [`write`].
+pub fn write_columns(
+    path: &Path,
+    set: &CodeSet,
+    trie: &Trie,
+    postings: &PostingColumns,
+    products: &[Product],
+    delimiter: &str,
+    meta: &serde_json::Value,
+) -> Result<()> {
+    let n = set.len();
+    let starts = &postings.starts;
+    if starts.len() != n + 1 || trie.num_codes() != n {
+        return Err(Error::Input(format!(
+            "{n} codes, {} posting lists, a trie of {} codes",
+            starts.len().saturating_sub(1),
+            trie.num_codes()
+        )));
+    }
+    let cut = starts.first() == Some(&0)
+        && starts.last() == Some(&(postings.products.len() as u64))
+        && starts.windows(2).all(|w| w[0] <= w[1]);
+    if !cut {
+        return Err(Error::Input(format!(
+            "posting starts must grow from 0 to the {} postings",
+            postings.products.len()
+        )));
+    }
+    let mut codes = Vec::with_capacity(n);
+    let mut code_text = Vec::new();
+    let mut pt_len = 0u64;
+    for i in 0..n {
         let text = set.texts[i].as_bytes();
         let tokens = set.code_tokens(i).len();
-        let sorted = p.products.windows(2).all(|w| w[0] < w[1]);
-        let in_range = p.products.iter().all(|&x| (x as usize) < products.len());
-        let shaped = p.pt.len() == p.products.len() && p.pt.iter().all(|r| r.len() == tokens);
-        if !(sorted && in_range && shaped) || tokens > u16::MAX as usize {
-            return Err(Error::Input(format!(
-                "code {i} ({:?}): postings must be ascending product indices below {} with {tokens} probabilities each",
-                set.texts[i],
-                products.len()
-            )));
+        let (p0, p1) = (starts[i] as usize, starts[i + 1] as usize);
+        let list = &postings.products[p0..p1];
+        if !list_ok(list, products.len())
+            || tokens > u16::MAX as usize
+            || list.len() > u32::MAX as usize
+        {
+            return Err(bad_list(set, i, tokens, products.len()));
         }
         codes.push(CodeRecord {
             text_off: code_text.len() as u64,
-            post_start: ids.len() as u64,
-            pt_start: pt.len() as u64,
+            post_start: p0 as u64,
+            pt_start: pt_len,
             text_len: text.len() as u32,
-            post_len: p.products.len() as u32,
+            post_len: list.len() as u32,
             n_tokens: tokens as u16,
             granularity: set.texts[i].split(delimiter).count().min(u16::MAX as usize) as u16,
             reserved: 0,
         });
         code_text.extend_from_slice(text);
-        ids.extend_from_slice(&p.products);
-        for t in 0..tokens {
-            pt.extend(p.pt.iter().map(|row| crate::score::quantize_pt(row[t])));
-        }
+        pt_len += (tokens * list.len()) as u64;
     }
+    if pt_len != postings.pt.len() as u64 {
+        return Err(Error::Input(format!(
+            "{} product probabilities for codes that need {pt_len}",
+            postings.pt.len()
+        )));
+    }
+    let pt: Vec<u16> = postings
+        .pt
+        .iter()
+        .map(|&p| crate::score::quantize_pt(p))
+        .collect();
     let (mut prods, mut prod_text) = (Vec::with_capacity(products.len()), Vec::new());
     for p in products {
         let id_off = prod_text.len() as u64;
@@ -143,7 +245,7 @@ pub fn write(
             (kind::TRIE, bytemuck::cast_slice(trie.as_words())),
             (kind::CODES, bytemuck::cast_slice(&codes)),
             (kind::CODE_TEXT, &code_text),
-            (kind::POSTINGS, bytemuck::cast_slice(&ids)),
+            (kind::POSTINGS, bytemuck::cast_slice(&postings.products)),
             (kind::PT, bytemuck::cast_slice(&pt)),
             (kind::PRODUCTS, bytemuck::cast_slice(&prods)),
             (kind::PRODUCT_TEXT, &prod_text),
@@ -407,5 +509,105 @@ mod tests {
         let mut bad = lists;
         bad[0].products = vec![3, 0, 4];
         assert!(write(&path, &s, &trie, &bad, &products, " | ", &meta).is_err());
+    }
+
+    /// `write` and `write_columns` over the same postings (random shapes, empty lists, one
+    /// product) give byte-identical files; `write_columns` refuses a bad cut or a short `pt`.
+    #[test]
+    fn write_and_write_columns_give_the_same_bytes() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let n_products = 50usize;
+        let mut codes: Vec<(String, Vec<u32>)> = Vec::new();
+        for i in 0..40u32 {
+            let parts = 1 + (next() % 4) as usize;
+            let text = (0..parts)
+                .map(|p| format!("a{i}x{p}"))
+                .collect::<Vec<_>>()
+                .join(" | ");
+            let len = 1 + (next() % 6) as usize;
+            let mut toks = vec![1 + i];
+            toks.extend((1..len).map(|_| 1 + (next() % 60) as u32));
+            codes.push((text, toks));
+        }
+        let refs: Vec<(&str, &[u32])> = codes.iter().map(|(t, k)| (t.as_str(), &k[..])).collect();
+        let s = set(&refs);
+        let trie = Trie::build(&s, 64, 0).unwrap();
+        let lists: Vec<CodePostings> = (0..s.len())
+            .map(|i| {
+                let mut products: Vec<u32> = (0..next() % 30)
+                    .map(|_| (next() % n_products as u64) as u32)
+                    .collect();
+                if i % 7 == 0 {
+                    products.clear();
+                }
+                products.sort_unstable();
+                products.dedup();
+                let n = s.code_tokens(i).len();
+                let pt = products
+                    .iter()
+                    .map(|_| (0..n).map(|_| (next() % 1001) as f32 / 1000.0).collect())
+                    .collect();
+                CodePostings { products, pt }
+            })
+            .collect();
+        let products: Vec<Product> = (0..n_products)
+            .map(|i| Product {
+                id: format!("p{i}"),
+                title: if i % 3 == 0 {
+                    String::new()
+                } else {
+                    format!("title {i}")
+                },
+            })
+            .collect();
+        let meta = serde_json::json!({"model": "synthetic"});
+        let dir = std::env::temp_dir();
+        let pid = std::process::id();
+        let (a, b) = (
+            dir.join(format!("gram-write-rows-{pid}.bin")),
+            dir.join(format!("gram-write-cols-{pid}.bin")),
+        );
+        write(&a, &s, &trie, &lists, &products, " | ", &meta).unwrap();
+        let mut cols = PostingColumns::default();
+        cols.starts.push(0);
+        for l in &lists {
+            cols.products.extend_from_slice(&l.products);
+            cols.starts.push(cols.products.len() as u64);
+            let n = l.pt.first().map_or(0, Vec::len);
+            for t in 0..n {
+                cols.pt.extend(l.pt.iter().map(|r| r[t]));
+            }
+        }
+        assert_eq!(cols, PostingColumns::from_lists(&lists));
+        write_columns(&b, &s, &trie, &cols, &products, " | ", &meta).unwrap();
+        let (ba, bb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!(ba == bb, "write and write_columns differ");
+        Index::open(&b).unwrap().container().verify().unwrap();
+
+        let mut short = cols.clone();
+        short.pt.pop();
+        assert!(write_columns(&b, &s, &trie, &short, &products, " | ", &meta).is_err());
+        let mut uncut = cols.clone();
+        uncut.starts[3] = uncut.products.len() as u64 + 1;
+        assert!(write_columns(&b, &s, &trie, &uncut, &products, " | ", &meta).is_err());
+        let mut unsorted = cols;
+        let c = (0..s.len())
+            .find(|&i| lists[i].products.len() >= 2)
+            .unwrap();
+        let p0 = unsorted.starts[c] as usize;
+        unsorted.products.swap(p0, p0 + 1);
+        let e = write_columns(&b, &s, &trie, &unsorted, &products, " | ", &meta)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&format!("code {c} ")), "{e}");
+        std::fs::remove_file(&a).unwrap();
+        std::fs::remove_file(&b).unwrap();
     }
 }
