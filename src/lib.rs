@@ -17,6 +17,7 @@
 //! - [`catalog`]: JSONL catalog → index, with product-side probabilities by teacher forcing.
 //! - [`index`]: the code → posting store (codes, postings, product probabilities, products).
 //! - [`score`]: GRAM's S_rele over a posting list (SIMD across products, scalar twin, f64 reference).
+//! - [`search`]: the whole path for a query, batched: [`search::Engine`], [`search::Batch`].
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
@@ -30,6 +31,7 @@ pub mod index;
 pub mod lm;
 pub mod model;
 pub mod score;
+pub mod search;
 pub mod settings;
 pub mod tensor;
 pub mod tokenizer;

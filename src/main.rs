@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gram::beam::{self, BeamOptions, Normalize, Query};
+use gram::beam::{self, BeamOptions, BeamSearch, Normalize, Query};
 use gram::catalog::{self, OnError};
 use gram::index::Index;
 use gram::lm;
+use gram::search::{build_settings, model_fingerprint, Engine, Limits, Request};
 use gram::settings::Settings;
 use gram::tensor::DType;
 use gram::trie::{CodeSet, Trie};
@@ -255,41 +256,6 @@ fn run_codes(args: CodesArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The file of an index directory.
-fn index_file(dir: &std::path::Path) -> PathBuf {
-    dir.join("index.gram")
-}
-
-/// What identifies a model to its indexes: a checksum of its config and tokenizer and the
-/// names and sizes of its weight files (not its directory: a copied model still serves).
-fn model_fingerprint(dir: &std::path::Path) -> Result<String, String> {
-    let mut bytes = Vec::new();
-    for f in ["config.json", "tokenizer.json"] {
-        let p = dir.join(f);
-        bytes.extend(std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?);
-    }
-    let mut weights: Vec<(String, u64)> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let weight = name.ends_with(".safetensors") || name.ends_with(".gguf");
-            Some((name, e.metadata().ok()?.len())).filter(|_| weight)
-        })
-        .collect();
-    weights.sort();
-    for (name, len) in weights {
-        bytes.extend(name.as_bytes());
-        bytes.extend(len.to_le_bytes());
-    }
-    Ok(format!("{:016x}", gram::container::checksum(&bytes)))
-}
-
-/// The GRAM settings an index was built with (those that change what it stores).
-fn build_settings(s: &Settings) -> serde_json::Value {
-    json!({"product_template": s.product_template, "delimiter": s.delimiter})
-}
-
 fn run_index_build(args: BuildArgs) -> Result<(), String> {
     let on_error = match args.on_error.as_str() {
         "stop" => OnError::Stop,
@@ -303,7 +269,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     let meta = json!({
         "model": {
             "dir": std::fs::canonicalize(&args.model).map_err(|e| e.to_string())?,
-            "fingerprint": model_fingerprint(&args.model)?,
+            "fingerprint": model_fingerprint(&args.model).map_err(|e| e.to_string())?,
         },
         "settings": build_settings(&settings),
         "catalog": args.catalog,
@@ -335,7 +301,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         &settings,
         &items,
         generate.as_ref(),
-        &index_file(&args.out),
+        &gram::search::index_file(&args.out),
         &meta,
     )
     .map_err(|e| e.to_string())?;
@@ -347,7 +313,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
 }
 
 fn run_index_inspect(dir: &std::path::Path) -> Result<(), String> {
-    let index = Index::open(&index_file(dir)).map_err(|e| e.to_string())?;
+    let index = Index::open(&gram::search::index_file(dir)).map_err(|e| e.to_string())?;
     let c = index.container();
     let verified = c
         .verify()
@@ -369,90 +335,36 @@ fn run_index_inspect(dir: &std::path::Path) -> Result<(), String> {
 
 fn run_search(args: SearchArgs) -> Result<(), String> {
     let t0 = std::time::Instant::now();
-    let index = Index::open(&index_file(&args.index)).map_err(|e| e.to_string())?;
-    let meta = index.meta();
-    let built_by = meta["model"].clone();
-    let model_dir = match &args.model {
-        Some(d) => d.clone(),
-        None => PathBuf::from(built_by["dir"].as_str().ok_or("the index names no model")?),
+    if args.threads == Some(0) {
+        return Err("--threads must be at least 1".into());
+    }
+    let load = LoadOptions {
+        dtype: None,
+        threads: args.threads,
     };
-    if built_by["fingerprint"].as_str() != Some(model_fingerprint(&model_dir)?.as_str()) {
-        return Err(format!(
-            "the index was built by model {built_by}, not by {}: rebuild it with this model",
-            model_dir.display()
-        ));
-    }
-    let settings = Settings::load(&model_dir).map_err(|e| e.to_string())?;
-    if meta["settings"] != build_settings(&settings) {
-        return Err(format!(
-            "the index was built with settings {}, the model's gram.json now says {}: rebuild it",
-            meta["settings"],
-            build_settings(&settings)
-        ));
-    }
-    let (tokenizer, model) = load(&model_dir, args.threads, None)?;
-    let aggregate = settings
-        .aggregate()
-        .ok_or("gram.json: aggregation must be sum or max")?;
+    let engine = Engine::open(&args.index, args.model.as_deref(), &load)
+        .map_err(|e| e.to_string())?
+        .with_limits(Limits {
+            max_k: args.k.max(1),
+            max_beam: beam::MAX_BEAM,
+            ..Limits::default()
+        });
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let trie = index.trie();
-    let isa = gram::backend::cpu::simd::Isa::detect();
+    let mut beams = BeamSearch::new();
     for q in &args.queries {
-        let t = std::time::Instant::now();
-        let prompt = tokenizer
-            .encode(&settings.query_prompt(q))
-            .map_err(|e| e.to_string())?;
-        let options = BeamOptions {
+        let request = Request {
+            k: args.k,
             beam: args.beam,
-            max_new_tokens: trie.max_len() + 1,
-            ..Default::default()
+            ..Request::new(q.as_str())
         };
-        let out = beam::search(&model, trie, &[Query { prompt, options }])
+        let prepared = engine.prepare(request).map_err(|e| e.to_string())?;
+        let response = engine
+            .search(&mut beams, vec![prepared])
             .map_err(|e| e.to_string())?
             .remove(0);
-        let beam_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = std::time::Instant::now();
-        // Query side: each code token's probability (the EOS is not a code token).
-        let sides: Vec<(u32, Vec<f32>, Vec<f32>)> = out
-            .codes
-            .iter()
-            .filter_map(|c| {
-                let id = c.code?;
-                let n = c.tokens.len();
-                let pq = c.token_logprobs[..n].iter().map(|l| l.exp()).collect();
-                let g = index.code(id)?.granularity as usize;
-                Some((id, pq, vec![settings.weight(g); n]))
-            })
-            .collect();
-        let (lists, list_codes): (Vec<_>, Vec<u32>) = sides
-            .iter()
-            .filter_map(|(id, pq, w)| Some((index.postings(*id, pq, w)?, *id)))
-            .unzip();
-        let hits = gram::score::rank(isa, &lists, aggregate, args.k, index.num_products() as u32);
-        let score_ms = t.elapsed().as_secs_f64() * 1e3;
-        let codes: Vec<_> = out
-            .codes
-            .iter()
-            .filter_map(|c| c.code)
-            .map(|id| index.code_text(id).unwrap_or_default().into_owned())
-            .collect();
-        let products: Vec<_> = hits
-            .iter()
-            .filter_map(|h| {
-                let (id, title) = index.product(h.product)?;
-                let matched: Vec<_> = h
-                    .codes
-                    .iter()
-                    .map(|&c| index.code_text(list_codes[c as usize]).unwrap_or_default())
-                    .collect();
-                Some(json!({"id": id, "title": title, "score": h.score, "codes": matched}))
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"query": q, "codes": codes, "products": products,
-                   "timings_ms": {"open": open_ms, "beam": beam_ms, "score": score_ms}})
-        );
+        let mut obj = serde_json::to_value(&response).map_err(|e| e.to_string())?;
+        obj["timings_ms"]["open"] = json!(open_ms);
+        println!("{obj}");
     }
     Ok(())
 }

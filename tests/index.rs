@@ -133,7 +133,11 @@ fn build_inspect_search_end_to_end() {
             assert!(ids.contains(&p["id"].as_str().unwrap()));
             assert!(!p["codes"].as_array().unwrap().is_empty());
         }
-        assert!(v["timings_ms"]["beam"].as_f64().unwrap() >= 0.0);
+        for stage in [
+            "open", "tokenize", "prefill", "decode", "postings", "scoring",
+        ] {
+            assert!(v["timings_ms"][stage].as_f64().unwrap() >= 0.0, "{stage}");
+        }
     }
 
     // Another model is refused; a corrupt index is refused; bad catalogs are reported.

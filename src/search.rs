@@ -1,0 +1,502 @@
+//! The whole GRAM path for a query: text → prompt tokens → codes (trie-constrained beam search
+//! over the index's codes) → postings → S_rele scores → the top K products.
+//!
+//! [`Engine`] holds what a search needs (the index, the model that built it, its tokenizer and
+//! `gram.json`), checked against each other when it opens. A search is two calls:
+//! [`Engine::prepare`] validates a [`Request`] and tokenizes it (cheap, on any thread: bad input
+//! stops here), and a [`Batch`] runs prepared requests through shared decoder steps — all at once
+//! ([`Engine::search`]) or admitted continuously as a server receives them ([`Batch::admit`],
+//! [`Batch::step`]). Results carry per-stage timings.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::cpu::simd::Isa;
+use crate::backend::cpu::CpuBackend;
+use crate::beam::{self, Batcher, BeamOptions, BeamSearch, Ticket};
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::model::{LoadOptions, Model};
+use crate::score::{self, Aggregate};
+use crate::settings::Settings;
+use crate::tokenizer::Tokenizer;
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest query text, in bytes.
+    pub max_query_bytes: usize,
+    /// Most tokens the query text may take (the template's own tokens not counted).
+    pub max_query_tokens: usize,
+    /// Most products a request may ask for.
+    pub max_k: usize,
+    /// Widest beam a request may ask for.
+    pub max_beam: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_query_bytes: 1024,
+            max_query_tokens: 64,
+            max_k: 10_000,
+            max_beam: 64,
+        }
+    }
+}
+
+/// What a caller asks for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub query: String,
+    /// Products to return (1..=`Limits::max_k`).
+    pub k: usize,
+    /// Beam width: codes generated at most (1..=`Limits::max_beam`).
+    pub beam: usize,
+    /// Stop after the codes (no postings, no scores).
+    pub codes_only: bool,
+}
+
+impl Request {
+    pub fn new(query: impl Into<String>) -> Request {
+        Request {
+            query: query.into(),
+            k: 300,
+            beam: 10,
+            codes_only: false,
+        }
+    }
+}
+
+/// A validated, tokenized request, ready for a [`Batch`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    request: Request,
+    query: beam::Query,
+    tokenize_ms: f64,
+}
+
+impl Prepared {
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// Prompt tokens to prefill (the template filled with the query).
+    pub fn prompt_tokens(&self) -> usize {
+        self.query.prompt.len()
+    }
+}
+
+/// A generated code on the query side.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CodeHit {
+    pub code: String,
+    /// `sum(token_logprobs) / len ^ length_penalty`.
+    pub score: f32,
+    /// Log-probability of each code token, then of the EOS that ends it.
+    pub token_logprobs: Vec<f32>,
+}
+
+/// A retrieved product.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProductHit {
+    pub id: String,
+    pub title: String,
+    pub score: f32,
+    /// The query's codes that reached it.
+    pub codes: Vec<String>,
+}
+
+/// Wall time of each stage, in milliseconds. Prefill and decode are the steps the request took
+/// part in, shared with the requests batched with it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Timings {
+    pub tokenize: f64,
+    pub prefill: f64,
+    pub decode: f64,
+    pub postings: f64,
+    pub scoring: f64,
+}
+
+/// What a search returns.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Response {
+    pub query: String,
+    pub codes: Vec<CodeHit>,
+    pub products: Vec<ProductHit>,
+    pub timings_ms: Timings,
+    /// Decoder steps the request took part in.
+    pub steps: usize,
+}
+
+/// An index with the model that built it, ready to search.
+pub struct Engine {
+    index: Index,
+    model: Model,
+    tokenizer: Tokenizer,
+    settings: Settings,
+    aggregate: Aggregate,
+    isa: Isa,
+    limits: Limits,
+    model_dir: PathBuf,
+}
+
+/// The index file of an index directory.
+pub fn index_file(dir: &Path) -> PathBuf {
+    dir.join("index.gram")
+}
+
+/// What identifies a model to its indexes: a checksum of its config and tokenizer and the names
+/// and sizes of its weight files (not its directory: a copied model still serves).
+pub fn model_fingerprint(dir: &Path) -> Result<String> {
+    let mut bytes = Vec::new();
+    for f in ["config.json", "tokenizer.json"] {
+        let p = dir.join(f);
+        bytes.extend(std::fs::read(&p).map_err(|e| Error::io(&p, e))?);
+    }
+    let mut weights: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let weight = name.ends_with(".safetensors") || name.ends_with(".gguf");
+            Some((name, e.metadata().ok()?.len())).filter(|_| weight)
+        })
+        .collect();
+    weights.sort();
+    for (name, len) in weights {
+        bytes.extend(name.as_bytes());
+        bytes.extend(len.to_le_bytes());
+    }
+    Ok(format!("{:016x}", crate::container::checksum(&bytes)))
+}
+
+/// The GRAM settings an index was built with (those that change what it stores).
+pub fn build_settings(s: &Settings) -> serde_json::Value {
+    serde_json::json!({"product_template": s.product_template, "delimiter": s.delimiter})
+}
+
+impl Engine {
+    /// Opens the index in `index_dir` and the model that built it (`model_dir`, or the one the
+    /// index names). A model with another fingerprint, or a `gram.json` whose build settings
+    /// changed since, is refused.
+    pub fn open(index_dir: &Path, model_dir: Option<&Path>, load: &LoadOptions) -> Result<Engine> {
+        let index = Index::open(&index_file(index_dir))?;
+        let meta = index.meta();
+        let built_by = &meta["model"];
+        let bad = |msg: String| Error::Index {
+            path: index_file(index_dir),
+            msg,
+        };
+        let model_dir = match model_dir {
+            Some(d) => d.to_path_buf(),
+            None => PathBuf::from(
+                built_by["dir"]
+                    .as_str()
+                    .ok_or_else(|| bad("the index names no model".into()))?,
+            ),
+        };
+        if built_by["fingerprint"].as_str() != Some(model_fingerprint(&model_dir)?.as_str()) {
+            return Err(bad(format!(
+                "built by model {built_by}, not by {}: rebuild it with this model",
+                model_dir.display()
+            )));
+        }
+        let settings = Settings::load(&model_dir)?;
+        if meta["settings"] != build_settings(&settings) {
+            return Err(bad(format!(
+                "built with settings {}, the model's gram.json now says {}: rebuild it",
+                meta["settings"],
+                build_settings(&settings)
+            )));
+        }
+        let aggregate = settings.aggregate().ok_or_else(|| Error::Config {
+            path: model_dir.join("gram.json"),
+            msg: "aggregation must be sum or max".into(),
+        })?;
+        let tokenizer = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
+        let model = Model::load(&model_dir, load)?;
+        Ok(Engine {
+            index,
+            model,
+            tokenizer,
+            settings,
+            aggregate,
+            isa: Isa::detect(),
+            limits: Limits::default(),
+            model_dir,
+        })
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Engine {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Validates `request` and tokenizes its prompt. Every error is the caller's (an
+    /// [`Error::Input`] naming the field), except a tokenizer failure.
+    pub fn prepare(&self, request: Request) -> Result<Prepared> {
+        let t = Instant::now();
+        let l = &self.limits;
+        let query = request.query.trim();
+        if query.is_empty() {
+            return Err(Error::Input("query: empty".into()));
+        }
+        if request.query.len() > l.max_query_bytes {
+            return Err(Error::Input(format!(
+                "query: {} bytes, at most {} allowed",
+                request.query.len(),
+                l.max_query_bytes
+            )));
+        }
+        if request.k == 0 || request.k > l.max_k {
+            return Err(Error::Input(format!(
+                "k: {} is out of range (1..={})",
+                request.k, l.max_k
+            )));
+        }
+        if request.beam == 0 || request.beam > l.max_beam {
+            return Err(Error::Input(format!(
+                "beam: {} is out of range (1..={})",
+                request.beam, l.max_beam
+            )));
+        }
+        let own = self.tokenizer.encode_plain(query)?.len();
+        if own > l.max_query_tokens {
+            return Err(Error::Input(format!(
+                "query: {own} tokens, at most {} allowed",
+                l.max_query_tokens
+            )));
+        }
+        let prompt = self.tokenizer.encode(&self.settings.query_prompt(query))?;
+        let options = BeamOptions {
+            beam: request.beam,
+            max_new_tokens: self.index.trie().max_len() + 1,
+            ..Default::default()
+        };
+        let query = beam::Query { prompt, options };
+        let need = query.prompt.len() + options.max_new_tokens;
+        if need > self.model.max_positions() {
+            return Err(Error::Input(format!(
+                "query: its prompt of {} tokens and codes of up to {} exceed the model's {} positions",
+                query.prompt.len(),
+                options.max_new_tokens,
+                self.model.max_positions()
+            )));
+        }
+        Ok(Prepared {
+            request,
+            query,
+            tokenize_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// A continuous batch over `search`'s arena with room for `entries` KV entries (see
+    /// [`Engine::entries_for`]).
+    pub fn batch<'a>(
+        &'a self,
+        search: &'a mut BeamSearch<CpuBackend>,
+        entries: usize,
+    ) -> Result<Batch<'a>> {
+        Ok(Batch {
+            engine: self,
+            beams: Batcher::new(search, &self.model, self.index.trie(), entries)?,
+            prepared: Vec::new(),
+        })
+    }
+
+    /// Arena entries a prepared request holds while its codes are generated.
+    pub fn entries_for(&self, p: &Prepared) -> usize {
+        p.query.prompt.len() + p.query.options.beam * (p.query.options.max_new_tokens - 1)
+    }
+
+    /// Searches all `requests` together (shared decoder steps) and returns one response each,
+    /// in order.
+    pub fn search(
+        &self,
+        search: &mut BeamSearch<CpuBackend>,
+        requests: Vec<Prepared>,
+    ) -> Result<Vec<Response>> {
+        let entries = requests.iter().map(|p| self.entries_for(p)).sum();
+        let mut batch = self.batch(search, entries)?;
+        let mut tickets = Vec::with_capacity(requests.len());
+        for p in requests {
+            match batch.admit(p) {
+                Admission::Admitted(t) => tickets.push(t),
+                Admission::Refused(e) => return Err(e),
+                Admission::Wait(_) => {
+                    return Err(Error::Input("the batch was sized for its requests".into()))
+                }
+            }
+        }
+        let mut done = Vec::with_capacity(tickets.len());
+        while batch.in_flight() > 0 {
+            done.extend(batch.step()?);
+        }
+        done.sort_by_key(|(t, _)| *t);
+        Ok(done.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Postings, scores and top K for a request whose codes came out as `out`.
+    fn finish(&self, p: Prepared, out: beam::Output) -> Response {
+        let index = &self.index;
+        let t = Instant::now();
+        let codes: Vec<CodeHit> = out
+            .codes
+            .iter()
+            .filter_map(|c| {
+                Some(CodeHit {
+                    code: index.code_text(c.code?)?.into_owned(),
+                    score: c.score,
+                    token_logprobs: c.token_logprobs.clone(),
+                })
+            })
+            .collect();
+        let mut timings = Timings {
+            tokenize: p.tokenize_ms,
+            prefill: out.prefill_s * 1e3,
+            decode: out.decode_s * 1e3,
+            ..Timings::default()
+        };
+        let mut products = Vec::new();
+        if !p.request.codes_only {
+            // Query side: each code token's probability (the EOS is not a code token).
+            let sides: Vec<(u32, Vec<f32>, Vec<f32>)> = out
+                .codes
+                .iter()
+                .filter_map(|c| {
+                    let id = c.code?;
+                    let n = c.tokens.len();
+                    let pq = c.token_logprobs[..n].iter().map(|l| l.exp()).collect();
+                    let g = index.code(id)?.granularity as usize;
+                    Some((id, pq, vec![self.settings.weight(g); n]))
+                })
+                .collect();
+            let (lists, list_codes): (Vec<_>, Vec<u32>) = sides
+                .iter()
+                .filter_map(|(id, pq, w)| Some((index.postings(*id, pq, w)?, *id)))
+                .unzip();
+            timings.postings = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            let n = index.num_products() as u32;
+            let hits = score::rank(self.isa, &lists, self.aggregate, p.request.k, n);
+            products = hits
+                .iter()
+                .filter_map(|h| {
+                    let (id, title) = index.product(h.product)?;
+                    let matched = h
+                        .codes
+                        .iter()
+                        .map(|&c| {
+                            let code = list_codes[c as usize];
+                            index.code_text(code).unwrap_or_default().into_owned()
+                        })
+                        .collect();
+                    Some(ProductHit {
+                        id: id.into_owned(),
+                        title: title.into_owned(),
+                        score: h.score,
+                        codes: matched,
+                    })
+                })
+                .collect();
+            timings.scoring = t.elapsed().as_secs_f64() * 1e3;
+        }
+        Response {
+            query: p.request.query,
+            codes,
+            products,
+            timings_ms: timings,
+            steps: out.steps,
+        }
+    }
+}
+
+/// Requests in flight through shared decoder steps (see [`beam::Batcher`]).
+pub struct Batch<'a> {
+    engine: &'a Engine,
+    beams: Batcher<'a, CpuBackend>,
+    /// The requests in flight, by ticket.
+    prepared: Vec<(Ticket, Prepared)>,
+}
+
+/// What [`Batch::admit`] did with a request.
+#[derive(Debug)]
+pub enum Admission {
+    /// It runs from the next step on.
+    Admitted(Ticket),
+    /// Its KV does not fit until requests in flight finish: handed back to try again.
+    Wait(Prepared),
+    /// It can never run in this batch.
+    Refused(Error),
+}
+
+impl Batch<'_> {
+    /// Admits a prepared request to the next step.
+    pub fn admit(&mut self, p: Prepared) -> Admission {
+        match self.beams.admit(p.query.clone()) {
+            Ok(Some(t)) => {
+                self.prepared.push((t, p));
+                Admission::Admitted(t)
+            }
+            Ok(None) => Admission::Wait(p),
+            Err(e) => Admission::Refused(e),
+        }
+    }
+
+    /// Requests admitted and not yet returned.
+    pub fn in_flight(&self) -> usize {
+        self.beams.in_flight()
+    }
+
+    /// Arena entries free now.
+    pub fn free_entries(&self) -> usize {
+        self.beams.free_entries()
+    }
+
+    /// One decoder step over every request in flight; the requests whose codes finished come
+    /// back with their products scored. On an error every request in flight is dropped.
+    pub fn step(&mut self) -> Result<Vec<(Ticket, Response)>> {
+        let done = match self.beams.step() {
+            Ok(done) => done,
+            Err(e) => {
+                self.prepared.clear();
+                return Err(e);
+            }
+        };
+        Ok(done
+            .into_iter()
+            .map(|(t, out)| {
+                let at = self
+                    .prepared
+                    .iter()
+                    .position(|(pt, _)| *pt == t)
+                    .expect("every ticket was admitted here");
+                let (_, p) = self.prepared.swap_remove(at);
+                (t, self.engine.finish(p, out))
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,196 @@
+//! The in-process search path (`gram::search`): request validation, and a continuous batch
+//! answering exactly as one request at a time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use gram::beam::BeamSearch;
+use gram::search::{Admission, Engine, Request};
+
+/// Builds a small index over tiny-llama with the CLI (as users do) and returns its directory.
+fn small_index(tag: &str) -> PathBuf {
+    let tmp = std::env::temp_dir().join(format!("gram-search-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let kinds = ["sofa", "chair", "lamp", "rug", "desk", "bed"];
+    let materials = ["velvet", "oak", "wool", "brass"];
+    let colours = ["green", "blue", "red"];
+    let mut lines = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        for (j, m) in materials.iter().enumerate() {
+            let c = colours[(i + j) % colours.len()];
+            let codes = [
+                k.to_string(),
+                format!("{k} | {m}"),
+                format!("{k} | {m} | {c}"),
+            ];
+            lines.push(
+                serde_json::json!({"id": format!("p{i}-{j}"), "title": format!("{c} {m} {k}"),
+                                   "codes": codes})
+                .to_string(),
+            );
+        }
+    }
+    let catalog = tmp.join("catalog.jsonl");
+    std::fs::write(&catalog, lines.join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["index", "build", "--model"])
+        .arg(model_dir("tiny-llama"))
+        .arg("--catalog")
+        .arg(&catalog)
+        .arg("--out")
+        .arg(tmp.join("ix"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tmp.join("ix")
+}
+
+fn open(ix: &Path) -> Engine {
+    Engine::open(ix, None, &Default::default()).unwrap()
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let ix = small_index("bad");
+    let engine = open(&ix);
+    let cases: Vec<(Request, &str)> = vec![
+        (Request::new(""), "empty"),
+        (Request::new("   "), "empty"),
+        (Request::new("sofa ".repeat(400)), "bytes"),
+        (Request::new("sofa ".repeat(100)), "tokens"),
+        (
+            Request {
+                k: 0,
+                ..Request::new("sofa")
+            },
+            "k: 0",
+        ),
+        (
+            Request {
+                k: 1_000_000,
+                ..Request::new("sofa")
+            },
+            "k: 1000000",
+        ),
+        (
+            Request {
+                beam: 0,
+                ..Request::new("sofa")
+            },
+            "beam: 0",
+        ),
+        (
+            Request {
+                beam: 100_000,
+                ..Request::new("sofa")
+            },
+            "beam: 100000",
+        ),
+    ];
+    for (req, want) in cases {
+        let e = engine.prepare(req.clone()).err().unwrap();
+        assert_eq!(e.kind(), "input", "{req:?}");
+        assert!(e.to_string().contains(want), "{req:?}: {e}");
+    }
+    // Another model directory is refused.
+    let e = Engine::open(&ix, Some(&model_dir("tiny-qwen2")), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rebuild it with this model"), "{e}");
+    std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn continuous_batch_answers_as_single_requests() {
+    let ix = small_index("batch");
+    let engine = open(&ix);
+    let queries = [
+        "green velvet sofa",
+        "oak desk",
+        "cheap rug",
+        "red lamp for kids",
+        "bed",
+        "blue wool chair",
+        "brass",
+    ];
+    let requests: Vec<Request> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Request {
+            k: 1 + 3 * i,
+            beam: 1 + (i * 5) % 9,
+            codes_only: i == 4,
+            ..Request::new(*q)
+        })
+        .collect();
+    let mut beams = BeamSearch::new();
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let p = engine.prepare(r.clone()).unwrap();
+            engine.search(&mut beams, vec![p]).unwrap().remove(0)
+        })
+        .collect();
+    for (r, a) in requests.iter().zip(&alone) {
+        assert!(!a.codes.is_empty() && a.codes.len() <= r.beam, "{r:?}");
+        if r.codes_only {
+            assert!(a.products.is_empty());
+        } else {
+            assert!(!a.products.is_empty() && a.products.len() <= r.k, "{r:?}");
+        }
+    }
+    // Admitted two at a time, one step apart, into an arena that holds about two.
+    let mut search = BeamSearch::new();
+    let prepared: Vec<_> = requests
+        .iter()
+        .map(|r| engine.prepare(r.clone()).unwrap())
+        .collect();
+    let room = prepared
+        .iter()
+        .map(|p| engine.entries_for(p))
+        .max()
+        .unwrap()
+        * 2;
+    let mut batch = engine.batch(&mut search, room).unwrap();
+    let mut queue: std::collections::VecDeque<_> = prepared.into_iter().enumerate().collect();
+    let (mut tickets, mut got) = (std::collections::HashMap::new(), Vec::new());
+    while !queue.is_empty() || batch.in_flight() > 0 {
+        if let Some((i, p)) = queue.pop_front() {
+            match batch.admit(p) {
+                Admission::Admitted(t) => {
+                    tickets.insert(t, i);
+                }
+                Admission::Wait(p) => queue.push_front((i, p)),
+                Admission::Refused(e) => panic!("{e}"),
+            }
+        }
+        got.extend(batch.step().unwrap());
+    }
+    assert_eq!(got.len(), requests.len());
+    for (t, r) in got {
+        let a = &alone[tickets[&t]];
+        assert_eq!(r.query, a.query);
+        let codes = |x: &gram::search::Response| -> Vec<String> {
+            x.codes.iter().map(|c| c.code.clone()).collect()
+        };
+        assert_eq!(codes(&r), codes(a), "{}", r.query);
+        let ids = |x: &gram::search::Response| -> Vec<String> {
+            x.products.iter().map(|p| p.id.clone()).collect()
+        };
+        assert_eq!(ids(&r), ids(a), "{}", r.query);
+        for (x, y) in r.products.iter().zip(&a.products) {
+            assert!((x.score - y.score).abs() < 1e-4, "{}", r.query);
+            assert_eq!(x.codes, y.codes);
+        }
+    }
+    std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
+}
