@@ -21,7 +21,7 @@ use crate::tokenizer::Tokenizer;
 use crate::trie::{CodeSet, Trie};
 
 /// One catalog line.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Item {
     pub id: String,
     pub title: String,
@@ -85,6 +85,8 @@ pub struct Report {
     /// Postings whose code the model generated for the product (the rest came from the
     /// catalog).
     pub generated: usize,
+    /// Shards a restarted build took from its earlier run.
+    pub reused_shards: usize,
     pub seconds: f64,
     pub products_per_s: f64,
 }
@@ -92,7 +94,9 @@ pub struct Report {
 /// How product codes are generated with the model (besides those the catalog gives).
 #[derive(Debug, Clone)]
 pub struct Generate {
-    /// The code list generation is constrained to (its codes join the index's).
+    /// The code list generation is constrained to (its codes join the index's). Empty:
+    /// unconstrained generation — any token sequence the model ends with EOS, decoded to text,
+    /// becomes a code.
     pub codes: Vec<String>,
     /// Beam width per product.
     pub beam: usize,
@@ -100,13 +104,35 @@ pub struct Generate {
     pub threshold: f32,
     /// Products per batch of shared beam-search steps.
     pub batch: usize,
+    /// Unconstrained generation: most tokens a code may take, its EOS included.
+    pub max_new_tokens: usize,
 }
 
-/// Builds the index at `out` from `items`. Codes: every catalog code, plus (with `generate`)
-/// the codes of a list that beam search over it finds for each product from the product
-/// template. For every (code, product) pair the stored `Pt` is the probability of each code
-/// token after the product prompt: from the beams for generated codes, by teacher forcing for
-/// the catalog's own.
+/// How a build runs (what it produces is set by the catalog, the model and [`Generate`]).
+#[derive(Debug, Clone)]
+pub struct BuildOptions<'a> {
+    pub generate: Option<&'a Generate>,
+    /// Products per shard: the unit of progress that a restarted build does not redo.
+    pub shard_size: usize,
+    /// Where finished shards are kept until the index is written (default: `<index>.shards/`
+    /// beside the index file). A restarted build reuses every shard whose inputs are unchanged.
+    pub work_dir: Option<std::path::PathBuf>,
+    /// Draw a progress bar (rate, ETA) on a terminal; plain lines otherwise.
+    pub progress: bool,
+}
+
+impl Default for BuildOptions<'_> {
+    fn default() -> Self {
+        BuildOptions {
+            generate: None,
+            shard_size: 1000,
+            work_dir: None,
+            progress: false,
+        }
+    }
+}
+
+/// Builds the index at `out` from `items` (see [`build_with`]).
 pub fn build<B: Backend>(
     model: &Model<B>,
     tokenizer: &Tokenizer,
@@ -116,103 +142,134 @@ pub fn build<B: Backend>(
     out: &Path,
     meta: &serde_json::Value,
 ) -> Result<Report> {
+    let options = BuildOptions {
+        generate,
+        ..Default::default()
+    };
+    build_with(model, tokenizer, settings, items, &options, out, meta)
+}
+
+/// Per product: each code's text and the probability of each of its tokens after the product
+/// prompt.
+type Found = Vec<Vec<(String, Vec<f32>)>>;
+
+/// Builds the index at `out` from `items`. Codes: every catalog code, plus (with `generate`)
+/// the codes beam search finds for each product from the product template, over a code list
+/// or unconstrained. For every (code, product) pair the stored `Pt` is the probability of each
+/// code token after the product prompt: from the beams for generated codes (when the code's
+/// own tokenization is the generated one), by teacher forcing otherwise, batched across
+/// products. The work goes shard by shard; each finished shard is saved, so a build that is
+/// stopped and run again with the same inputs picks up where it was.
+pub fn build_with<B: Backend>(
+    model: &Model<B>,
+    tokenizer: &Tokenizer,
+    settings: &Settings,
+    items: &[Item],
+    options: &BuildOptions,
+    out: &Path,
+    meta: &serde_json::Value,
+) -> Result<Report> {
     let t0 = Instant::now();
     let eos = *model
         .config
         .eos_token_ids
         .first()
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
+    let generate = options.generate;
+    let unconstrained = generate.is_some_and(|g| g.codes.is_empty());
+    // The codes known before generation: the catalog's and the list's, checked up front.
     let mut texts: Vec<String> = items.iter().flat_map(|p| p.codes.iter().cloned()).collect();
+    let list = match generate {
+        Some(g) if !g.codes.is_empty() => {
+            let list = CodeSet::from_texts(g.codes.clone(), tokenizer, eos)?;
+            check_code_lengths(&list)?;
+            texts.extend(g.codes.iter().cloned());
+            Some(Trie::build(&list, model.config.vocab_size, eos).map(|t| (list, t))?)
+        }
+        _ => None,
+    };
     if let Some(g) = generate {
-        texts.extend(g.codes.iter().cloned());
+        if g.beam == 0 || g.batch == 0 || !(0.0..=1.0).contains(&g.threshold) {
+            return Err(Error::Input(
+                "generation needs beam ≥ 1, batch ≥ 1 and a threshold in 0..=1".into(),
+            ));
+        }
     }
     texts.sort_unstable();
     texts.dedup();
-    if texts.is_empty() {
+    if texts.is_empty() && !unconstrained {
         return Err(Error::Input(
             "no codes: the catalog's `codes` lists are empty and no code list was given".into(),
         ));
     }
-    let set = CodeSet::from_texts(texts, tokenizer, eos)?;
-    // Search generates up to `max_len + 1` tokens: a longer code could never come back.
-    if let Some(i) = (0..set.len()).find(|&i| set.code_tokens(i).len() >= MAX_NEW_TOKENS) {
+    let known = if texts.is_empty() {
+        None
+    } else {
+        let set = CodeSet::from_texts(texts, tokenizer, eos)?;
+        check_code_lengths(&set)?;
+        Some(set)
+    };
+    let shard_size = options.shard_size.max(1);
+    let work = options
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| out.with_extension("shards"));
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let ctx = Ctx {
+        model,
+        tokenizer,
+        settings,
+        generate,
+        list: list.as_ref(),
+        known: known.as_ref(),
+        eos,
+    };
+    let key_base = serde_json::json!({
+        "model": meta["model"]["fingerprint"],
+        "settings": meta["settings"],
+        "generate": generate.map(|g| format!("{g:?}")),
+        "version": SHARD_VERSION,
+    });
+    let mut bar = Progress::new(items.len(), options.progress);
+    let (mut found, mut generated, mut reused) = (Found::new(), 0, 0);
+    for (si, shard) in items.chunks(shard_size).enumerate() {
+        let path = work.join(format!("shard-{si:06}.bin"));
+        let key = crate::container::checksum(
+            serde_json::to_string(&(&key_base, shard))
+                .map_err(|e| Error::Input(e.to_string()))?
+                .as_bytes(),
+        );
+        let part = match read_shard(&path, key) {
+            Some(part) => {
+                reused += 1;
+                part
+            }
+            None => {
+                let (part, g) = encode_shard(&ctx, shard)?;
+                generated += g;
+                write_shard(&path, key, &part)?;
+                part
+            }
+        };
+        found.extend(part);
+        bar.advance(shard.len());
+    }
+    bar.finish();
+
+    // The index's codes: the known ones and whatever unconstrained generation found.
+    let mut texts: Vec<String> = known.as_ref().map(|s| s.texts.clone()).unwrap_or_default();
+    texts.extend(found.iter().flatten().map(|(t, _)| t.clone()));
+    texts.sort_unstable();
+    texts.dedup();
+    if texts.is_empty() {
         return Err(Error::Input(format!(
-            "code {:?} is {} tokens; codes may have at most {}",
-            set.texts[i],
-            set.code_tokens(i).len(),
-            MAX_NEW_TOKENS - 1
+            "unconstrained generation found no codes: no beam ended with EOS within {} tokens above the threshold",
+            generate.map_or(0, |g| g.max_new_tokens)
         )));
     }
+    let set = CodeSet::from_texts(texts, tokenizer, eos)?;
+    check_code_lengths(&set)?;
     let trie = Trie::build(&set, model.config.vocab_size, eos)?;
-    let prompts: Vec<Vec<u32>> = items
-        .iter()
-        .map(|item| tokenizer.encode(&settings.product_prompt(&item.title)))
-        .collect::<Result<_>>()?;
-    // Per product: code id → Pt, generated ones first.
-    let mut found: Vec<Vec<(u32, Vec<f32>)>> = vec![Vec::new(); items.len()];
-    let mut generated = 0;
-    if let Some(g) = generate {
-        let options = BeamOptions {
-            beam: g.beam,
-            max_new_tokens: trie.max_len() + 1,
-            ..Default::default()
-        };
-        let mut search = BeamSearch::new();
-        for (b, chunk) in prompts.chunks(g.batch.max(1)).enumerate() {
-            let queries: Vec<Query> = chunk
-                .iter()
-                .map(|p| Query {
-                    prompt: p.clone(),
-                    options,
-                })
-                .collect();
-            for (i, out) in search.run(model, &trie, &queries)?.into_iter().enumerate() {
-                let pi = b * g.batch.max(1) + i;
-                for c in out.codes {
-                    let p: f32 = c.token_logprobs.iter().sum::<f32>().exp();
-                    if let (Some(id), true) = (c.code, p >= g.threshold) {
-                        let n = c.tokens.len();
-                        found[pi]
-                            .push((id, c.token_logprobs[..n].iter().map(|l| l.exp()).collect()));
-                        generated += 1;
-                    }
-                }
-            }
-            progress(
-                t0,
-                (b + 1) * g.batch.max(1),
-                items.len(),
-                "generated codes for",
-            );
-        }
-    }
-    let mut arena = None;
-    for (pi, item) in items.iter().enumerate() {
-        let mut ids: Vec<u32> = item
-            .codes
-            .iter()
-            .map(|c| {
-                set.texts
-                    .binary_search(c)
-                    .expect("every catalog code is in the set") as u32
-            })
-            .filter(|id| !found[pi].iter().any(|(g, _)| g == id))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        if !ids.is_empty() {
-            let codes: Vec<&[u32]> = ids.iter().map(|&c| set.code_tokens(c as usize)).collect();
-            let pts =
-                teacher_force(model, &mut arena, &prompts[pi], &codes).map_err(|e| match e {
-                    Error::Input(m) => Error::Input(format!("product {:?}: {m}", item.id)),
-                    e => e,
-                })?;
-            found[pi].extend(ids.into_iter().zip(pts));
-        }
-        if (pi + 1) % 1000 == 0 {
-            progress(t0, pi + 1, items.len(), "scored the catalog codes of");
-        }
-    }
     let mut postings: Vec<CodePostings> = (0..set.len())
         .map(|_| CodePostings {
             products: Vec::new(),
@@ -220,9 +277,21 @@ pub fn build<B: Backend>(
         })
         .collect();
     for (pi, codes) in found.into_iter().enumerate() {
-        for (c, pt) in codes {
-            postings[c as usize].products.push(pi as u32);
-            postings[c as usize].pt.push(pt);
+        for (text, pt) in codes {
+            let c = set
+                .texts
+                .binary_search(&text)
+                .expect("every code is in the set");
+            if pt.len() != set.code_tokens(c).len() {
+                return Err(Error::Input(format!(
+                    "code {text:?}: {} probabilities for {} tokens (a stale shard in {}?)",
+                    pt.len(),
+                    set.code_tokens(c).len(),
+                    work.display()
+                )));
+            }
+            postings[c].products.push(pi as u32);
+            postings[c].pt.push(pt);
         }
     }
     let products: Vec<Product> = items
@@ -241,25 +310,321 @@ pub fn build<B: Backend>(
         &settings.delimiter,
         meta,
     )?;
+    // The index is safely written: the shards have served.
+    let _ = std::fs::remove_dir_all(&work);
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
         products: items.len(),
         codes: set.len(),
         postings: postings.iter().map(|p| p.products.len()).sum(),
         generated,
+        reused_shards: reused,
         seconds,
         products_per_s: items.len() as f64 / seconds,
     })
 }
 
-/// One progress line on stderr: count, rate, ETA.
-fn progress(t0: Instant, done: usize, total: usize, what: &str) {
-    let done = done.min(total);
-    let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-    eprintln!(
-        "[index] {what} {done}/{total} products, {rate:.1}/s, ETA {:.0} s",
-        (total - done) as f64 / rate.max(1e-9)
-    );
+/// Codes are generated as at most `MAX_NEW_TOKENS` tokens, their EOS included.
+fn check_code_lengths(set: &CodeSet) -> Result<()> {
+    if let Some(i) = (0..set.len()).find(|&i| set.code_tokens(i).len() >= MAX_NEW_TOKENS) {
+        return Err(Error::Input(format!(
+            "code {:?} is {} tokens; codes may have at most {}",
+            set.texts[i],
+            set.code_tokens(i).len(),
+            MAX_NEW_TOKENS - 1
+        )));
+    }
+    Ok(())
+}
+
+/// What every shard's encoding needs.
+struct Ctx<'a, B: Backend> {
+    model: &'a Model<B>,
+    tokenizer: &'a Tokenizer,
+    settings: &'a Settings,
+    generate: Option<&'a Generate>,
+    /// The code list generation is constrained to, and its trie.
+    list: Option<&'a (CodeSet, Trie)>,
+    /// Every code known before generation (catalog and list), sorted.
+    known: Option<&'a CodeSet>,
+    eos: u32,
+}
+
+/// Head rows one teacher-forcing pass computes at most (each is a vocabulary of logits).
+const TF_HEAD_ROWS: usize = 256;
+
+/// One shard: generated codes (with the beams' probabilities) and the catalog's codes (teacher
+/// forced, many products per forward pass). Returns the shard's codes per product and how many
+/// were generated.
+fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usize)> {
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .map(|item| {
+            ctx.tokenizer
+                .encode(&ctx.settings.product_prompt(&item.title))
+        })
+        .collect::<Result<_>>()?;
+    let mut found: Found = vec![Vec::new(); items.len()];
+    // Codes still needing teacher forcing: (product, text, tokens).
+    let mut force: Vec<(usize, String, Vec<u32>)> = Vec::new();
+    let mut generated = 0;
+    if let Some(g) = ctx.generate {
+        // Unconstrained beams need a trie only for its EOS: any one-code trie serves.
+        let placeholder;
+        let trie = match ctx.list {
+            Some((_, trie)) => trie,
+            None => {
+                let one = CodeSet {
+                    texts: vec![String::new()],
+                    tokens: vec![u32::from(ctx.eos == 0)],
+                    offsets: vec![0, 1],
+                };
+                placeholder = Trie::build(&one, ctx.model.config.vocab_size, ctx.eos)?;
+                &placeholder
+            }
+        };
+        let options = BeamOptions {
+            beam: g.beam,
+            max_new_tokens: match ctx.list {
+                Some((_, t)) => t.max_len() + 1,
+                None => g.max_new_tokens,
+            },
+            constrained: ctx.list.is_some(),
+            ..Default::default()
+        };
+        let mut search = BeamSearch::new();
+        for (b, chunk) in prompts.chunks(g.batch).enumerate() {
+            let queries: Vec<Query> = chunk
+                .iter()
+                .map(|p| Query {
+                    prompt: p.clone(),
+                    options,
+                })
+                .collect();
+            for (i, out) in search
+                .run(ctx.model, trie, &queries)?
+                .into_iter()
+                .enumerate()
+            {
+                let pi = b * g.batch + i;
+                for c in out.codes {
+                    let ended = c.token_logprobs.len() == c.tokens.len() + 1;
+                    let p: f32 = c.token_logprobs.iter().sum::<f32>().exp();
+                    if !ended || p < g.threshold {
+                        continue;
+                    }
+                    let n = c.tokens.len();
+                    let pt: Vec<f32> = c.token_logprobs[..n].iter().map(|l| l.exp()).collect();
+                    let text = match (ctx.list, c.code) {
+                        (Some((list, _)), Some(id)) => list.texts[id as usize].clone(),
+                        (Some(_), None) => continue,
+                        (None, _) => ctx.tokenizer.decode(&c.tokens)?.trim().to_string(),
+                    };
+                    if found[pi].iter().any(|(t, _)| *t == text) {
+                        continue;
+                    }
+                    generated += 1;
+                    if ctx.list.is_some() {
+                        found[pi].push((text, pt));
+                        continue;
+                    }
+                    // A decoded code is indexed by its own tokenization: the beams' numbers
+                    // serve only when that is the generated sequence.
+                    let tokens = ctx.tokenizer.encode_plain(&text)?;
+                    let fits = !tokens.is_empty()
+                        && tokens.len() < MAX_NEW_TOKENS
+                        && !tokens.contains(&ctx.eos);
+                    if !fits {
+                        generated -= 1;
+                    } else if tokens == c.tokens {
+                        found[pi].push((text, pt));
+                    } else {
+                        force.push((pi, text, tokens));
+                    }
+                }
+            }
+        }
+    }
+    for (pi, item) in items.iter().enumerate() {
+        for text in &item.codes {
+            let already = found[pi].iter().any(|(t, _)| t == text)
+                || force.iter().any(|(p, t, _)| *p == pi && t == text);
+            if already {
+                continue;
+            }
+            let known = ctx.known.expect("catalog codes are known");
+            let id = known
+                .texts
+                .binary_search(text)
+                .expect("every catalog code is known");
+            force.push((pi, text.clone(), known.code_tokens(id).to_vec()));
+        }
+    }
+    // Teacher forcing, products packed into passes of up to TF_HEAD_ROWS head rows.
+    force.sort_by_key(|f| f.0);
+    let mut arena = None;
+    let mut at = 0;
+    while at < force.len() {
+        let (mut end, mut heads, mut jobs) = (at, 0, Vec::new());
+        while end < force.len() && (end == at || heads < TF_HEAD_ROWS) {
+            let pi = force[end].0;
+            let group = force[end..].iter().take_while(|f| f.0 == pi).count();
+            let codes: Vec<&[u32]> = force[end..end + group]
+                .iter()
+                .map(|f| f.2.as_slice())
+                .collect();
+            heads += 1 + codes.iter().map(|c| c.len() - 1).sum::<usize>();
+            jobs.push((prompts[pi].as_slice(), codes));
+            end += group;
+        }
+        let pts = teacher_force_many(ctx.model, &mut arena, &jobs).map_err(|e| match e {
+            Error::Input(m) => Error::Input(format!("product {:?}: {m}", items[force[at].0].id)),
+            e => e,
+        })?;
+        for (f, pt) in force[at..end].iter().zip(pts.into_iter().flatten()) {
+            found[f.0].push((f.1.clone(), pt));
+        }
+        at = end;
+    }
+    Ok((found, generated))
+}
+
+/// Bumped when what a shard holds changes meaning.
+const SHARD_VERSION: u32 = 1;
+const SHARD_MAGIC: &[u8; 8] = b"GRAMSHRD";
+
+/// A saved shard: magic, key (the inputs' checksum), payload checksum, payload. Payload: per
+/// product `u32` code count, per code `u32` text length, the text, `u32` token count, `f32`s.
+fn write_shard(path: &Path, key: u64, found: &Found) -> Result<()> {
+    let mut payload = Vec::new();
+    let u32 = |v: &mut Vec<u8>, x: usize| v.extend((x as u32).to_le_bytes());
+    u32(&mut payload, found.len());
+    for codes in found {
+        u32(&mut payload, codes.len());
+        for (text, pt) in codes {
+            u32(&mut payload, text.len());
+            payload.extend(text.as_bytes());
+            u32(&mut payload, pt.len());
+            payload.extend(pt.iter().flat_map(|p| p.to_le_bytes()));
+        }
+    }
+    let mut bytes = SHARD_MAGIC.to_vec();
+    bytes.extend(key.to_le_bytes());
+    bytes.extend(crate::container::checksum(&payload).to_le_bytes());
+    bytes.extend(payload);
+    crate::container::write_atomic(path, &bytes)
+}
+
+/// A saved shard with this key, if there is one intact; anything else is recomputed.
+fn read_shard(path: &Path, key: u64) -> Option<Found> {
+    let bytes = std::fs::read(path).ok()?;
+    let word = |b: &[u8], at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+    };
+    if bytes.get(..8)? != SHARD_MAGIC || word(&bytes, 8)? != key {
+        return None;
+    }
+    let payload = &bytes[24..];
+    if word(&bytes, 16)? != crate::container::checksum(payload) {
+        return None;
+    }
+    let mut r = Reader { bytes: payload };
+    let mut found = Vec::with_capacity(r.count()?.min(payload.len()));
+    for _ in 0..found.capacity() {
+        let n = r.count()?;
+        let mut codes = Vec::with_capacity(n.min(payload.len()));
+        for _ in 0..n {
+            let len = r.count()?;
+            let text = String::from_utf8(r.take(len)?.to_vec()).ok()?;
+            let len = r.count()?;
+            let pt = r
+                .take(len.checked_mul(4)?)?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            codes.push((text, pt));
+        }
+        found.push(codes);
+    }
+    r.bytes.is_empty().then_some(found)
+}
+
+/// Reads a shard's payload front to back; `None` past its end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.bytes.len() {
+            return None;
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Some(head)
+    }
+
+    fn count(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
+}
+
+/// Progress of a build on stderr: a bar with rate and ETA on a terminal, a line every few
+/// seconds otherwise (logs), nothing when off.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    done: usize,
+    t0: Instant,
+    last: Instant,
+    on: bool,
+}
+
+impl Progress {
+    fn new(total: usize, on: bool) -> Progress {
+        use std::io::IsTerminal;
+        let bar = (on && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "[index] {bar:40} {pos}/{len} products {per_sec} ETA {eta}",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        let now = Instant::now();
+        Progress {
+            bar,
+            total,
+            done: 0,
+            t0: now,
+            last: now,
+            on,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.done += n;
+        if let Some(bar) = &self.bar {
+            bar.inc(n as u64);
+        } else if self.on && (self.last.elapsed().as_secs_f64() >= 5.0 || self.done == self.total) {
+            self.last = Instant::now();
+            let rate = self.done as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "[index] {}/{} products, {rate:.1}/s, ETA {:.0} s",
+                self.done,
+                self.total,
+                (self.total - self.done) as f64 / rate.max(1e-9)
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
 }
 
 /// The probability of each token of each code after `prompt` (full-vocabulary softmax), in one
@@ -270,42 +635,72 @@ pub fn teacher_force<B: Backend>(
     prompt: &[u32],
     codes: &[&[u32]],
 ) -> Result<Vec<Vec<f32>>> {
-    if prompt.is_empty() {
+    Ok(teacher_force_many(model, arena, &[(prompt, codes.to_vec())])?.remove(0))
+}
+
+/// [`teacher_force`] for many products in one forward pass: each prompt is prefilled into its
+/// own entries and its codes attend to it. Returns, per product, per code, each token's
+/// probability.
+pub fn teacher_force_many<B: Backend>(
+    model: &Model<B>,
+    arena: &mut Option<KvArena<B>>,
+    jobs: &[(&[u32], Vec<&[u32]>)],
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    if jobs.iter().any(|(prompt, _)| prompt.is_empty()) {
         return Err(Error::Input("the product prompt has no tokens".into()));
     }
-    let p = prompt.len() as u32;
-    let fed: usize = codes.iter().map(|c| c.len().saturating_sub(1)).sum();
-    let need = prompt.len() + fed;
+    let need: usize = jobs
+        .iter()
+        .map(|(p, codes)| {
+            p.len()
+                + codes
+                    .iter()
+                    .map(|c| c.len().saturating_sub(1))
+                    .sum::<usize>()
+        })
+        .sum();
+    if need > u32::MAX as usize {
+        return Err(Error::Input(format!("{need} KV entries for one pass")));
+    }
     if arena.as_ref().is_none_or(|a| a.entries() < need) {
         *arena = None;
         *arena = Some(model.new_arena(need.max(256))?);
     }
     let arena = arena.as_mut().expect("just made");
-    let mut tokens = prompt.to_vec();
-    let mut rows: Vec<RowKv> = (0..p).map(|i| RowKv::contiguous(0, i)).collect();
-    let mut links = Vec::new();
-    // Head rows: the last prompt row predicts every code's first token; code row i predicts
-    // its token i + 1.
-    let mut heads = vec![prompt.len() - 1];
-    let mut first_head = Vec::with_capacity(codes.len());
-    let mut next = p;
-    for code in codes {
-        first_head.push(heads.len());
-        let start = links.len() as u32;
-        let own = next;
-        for (i, &t) in code.iter().take(code.len().saturating_sub(1)).enumerate() {
-            let i = i as u32;
-            links.push(own + i);
-            tokens.push(t);
-            rows.push(RowKv {
-                pos: p + i,
-                entry: own + i,
-                span: (0, p),
-                link: (start, start + i + 1),
-            });
-            heads.push(rows.len() - 1);
+    let (mut tokens, mut rows, mut links) = (Vec::new(), Vec::new(), Vec::new());
+    // Head rows: a prompt's last row predicts each of its codes' first token; code row i
+    // predicts its token i + 1. `first[j][c]`: head row of code c's token 1 (if any).
+    let mut heads = Vec::new();
+    let mut prompt_head = Vec::with_capacity(jobs.len());
+    let mut first: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
+    let mut next = 0u32;
+    for (prompt, codes) in jobs {
+        let (base, p) = (next, prompt.len() as u32);
+        tokens.extend_from_slice(prompt);
+        rows.extend((0..p).map(|i| RowKv::contiguous(base, i)));
+        prompt_head.push(heads.len());
+        heads.push(rows.len() - 1);
+        next += p;
+        let mut firsts = Vec::with_capacity(codes.len());
+        for code in codes {
+            firsts.push(heads.len());
+            let start = links.len() as u32;
+            let own = next;
+            for (i, &t) in code.iter().take(code.len().saturating_sub(1)).enumerate() {
+                let i = i as u32;
+                links.push(own + i);
+                tokens.push(t);
+                rows.push(RowKv {
+                    pos: p + i,
+                    entry: own + i,
+                    span: (base, base + p),
+                    link: (start, start + i + 1),
+                });
+                heads.push(rows.len() - 1);
+            }
+            next += code.len().saturating_sub(1) as u32;
         }
-        next += code.len().saturating_sub(1) as u32;
+        first.push(firsts);
     }
     let batch = KvRows {
         rows: &rows,
@@ -313,19 +708,25 @@ pub fn teacher_force<B: Backend>(
     };
     let logits = model.forward_rows(arena, &tokens, batch, Head::Full(&heads))?;
     let vocab = model.config.vocab_size;
-    // Each head row's normalizer once (the first row serves every code's first token).
+    // Each head row's normalizer once (a prompt's last row serves all its codes).
     let lse: Vec<f32> = logits
         .chunks_exact(vocab)
         .map(crate::beam::select::logsumexp)
         .collect();
     let prob = |h: usize, t: u32| (logits[h * vocab + t as usize] - lse[h]).exp();
-    let out = codes
+    let out = jobs
         .iter()
-        .zip(&first_head)
-        .map(|(code, &h)| {
-            code.iter()
-                .enumerate()
-                .map(|(i, &t)| prob(if i == 0 { 0 } else { h + i - 1 }, t))
+        .zip(prompt_head.iter().zip(&first))
+        .map(|((_, codes), (&ph, firsts))| {
+            codes
+                .iter()
+                .zip(firsts)
+                .map(|(code, &h)| {
+                    code.iter()
+                        .enumerate()
+                        .map(|(i, &t)| prob(if i == 0 { ph } else { h + i - 1 }, t))
+                        .collect()
+                })
                 .collect()
         })
         .collect();

@@ -66,6 +66,19 @@ struct BuildArgs {
     /// (one code per line) from the product template.
     #[arg(long)]
     codes: Option<PathBuf>,
+    /// Generate each product's codes with the model, unconstrained when no `--codes` list is
+    /// given (any sequence the model ends with EOS, decoded, becomes a code).
+    #[arg(long)]
+    generate: bool,
+    /// Unconstrained generation: most tokens a code may take, its EOS included.
+    #[arg(long, default_value_t = 16)]
+    max_code_tokens: usize,
+    /// Products per shard: a restarted build reuses the shards it finished.
+    #[arg(long, default_value_t = 1000)]
+    shard_size: usize,
+    /// Where finished shards wait until the index is written (default: beside the index).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
     /// Beam width of that generation.
     #[arg(long, default_value_t = 10)]
     beam: usize,
@@ -278,29 +291,46 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     if !(0.0..=1.0).contains(&args.threshold) {
         return Err(format!("--threshold {}: expected 0..=1", args.threshold));
     }
-    let generate = match &args.codes {
+    let list = match &args.codes {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Some(catalog::Generate {
-                codes: text
-                    .lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-                beam: args.beam,
-                threshold: args.threshold,
-                batch: args.batch,
-            })
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+                .collect()
         }
-        None => None,
+        None => Vec::new(),
     };
-    let report = catalog::build(
+    if args.codes.is_some() && list.is_empty() {
+        return Err("--codes: the code list is empty".into());
+    }
+    if args.max_code_tokens == 0 || args.max_code_tokens > beam::MAX_NEW_TOKENS {
+        return Err(format!(
+            "--max-code-tokens {}: expected 1..={}",
+            args.max_code_tokens,
+            beam::MAX_NEW_TOKENS
+        ));
+    }
+    let generate = (args.generate || args.codes.is_some()).then_some(catalog::Generate {
+        codes: list,
+        beam: args.beam,
+        threshold: args.threshold,
+        batch: args.batch,
+        max_new_tokens: args.max_code_tokens,
+    });
+    let options = catalog::BuildOptions {
+        generate: generate.as_ref(),
+        shard_size: args.shard_size,
+        work_dir: args.work_dir.clone(),
+        progress: true,
+    };
+    let report = catalog::build_with(
         &model,
         &tokenizer,
         &settings,
         &items,
-        generate.as_ref(),
+        &options,
         &gram::search::index_file(&args.out),
         &meta,
     )
