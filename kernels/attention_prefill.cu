@@ -146,7 +146,7 @@ __device__ __forceinline__ void prefill_impl(const AttnParams<T>& p) {
             const u32 r = warp * PF_RPW + rr;
             if (r >= nq) continue;  // uniform in the warp
             const bool poisoned = !ok[r] || lane_any(bad[rr]);
-            const float inv = l[rr] == 0.0f ? 0.0f : 1.0f / l[rr];  // empty context: 0, as the CPU
+            const float inv = softmax_inv(l[rr]);  // empty context: 0, as the CPU
             T* orow = p.out + (u64)(base + r) * q_stride + (u64)h * D;
 #pragma unroll
             for (int c = 0; c < DL; ++c)

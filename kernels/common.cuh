@@ -134,6 +134,12 @@ __device__ __forceinline__ float softmax_step(float& m, float& l, float s, float
     return p;
 }
 
+// 1 / l for the final normalization of an online softmax, 0 for an empty one (no key: the CPU
+// writes zeros). Once a key is seen l >= 1 (the max key adds exp(0)), so the fast reciprocal
+// (<= 2 ulp, exact IEEE division would call a slow path and make ptxas spill around it) is
+// inside its range; a NaN l stays NaN.
+__device__ __forceinline__ float softmax_inv(float l) { return l == 0.0f ? 0.0f : __fdividef(1.0f, l); }
+
 // ---- the KV arena -----------------------------------------------------------------------------
 
 // One batch row as the KV arena sees it: mirror of `backend::RowKv` (the Rust side must pass a
