@@ -18,6 +18,9 @@
 //! - [`index`]: the code → posting store (codes, postings, product probabilities, products).
 //! - [`score`]: GRAM's S_rele over a posting list (SIMD across products, scalar twin, f64 reference).
 //! - [`search`]: the whole path for a query, batched: [`search::Engine`], [`search::Batch`].
+//! - [`server`]: `gram serve`: the search over HTTP (axum), continuous batching on one engine
+//!   thread, bounded queue, deadlines, Prometheus metrics.
+//! - [`loadgen`]: `gram bench`: an open- or closed-loop HTTP load generator with latency reports.
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
@@ -29,9 +32,11 @@ pub mod container;
 pub mod error;
 pub mod index;
 pub mod lm;
+pub mod loadgen;
 pub mod model;
 pub mod score;
 pub mod search;
+pub mod server;
 pub mod settings;
 pub mod tensor;
 pub mod tokenizer;

@@ -35,6 +35,10 @@ enum Command {
     /// Retrieve products for queries: codes by beam search over the index's trie, postings,
     /// S_rele scores, top K.
     Search(SearchArgs),
+    /// Serve searches over HTTP: batched, with a bounded queue, deadlines and metrics.
+    Serve(gram::server::ServeArgs),
+    /// Load-test a `gram serve` server: closed or open loop, latency report and plot.
+    Bench(gram::loadgen::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -180,6 +184,8 @@ fn main() -> ExitCode {
         Command::Index(IndexCommand::Build(args)) => run_index_build(args),
         Command::Index(IndexCommand::Inspect { dir }) => run_index_inspect(&dir),
         Command::Search(args) => run_search(args),
+        Command::Serve(args) => gram::server::run(args).map_err(|e| e.to_string()),
+        Command::Bench(args) => gram::loadgen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,511 @@
+//! `gram bench`: an HTTP load generator for `gram serve` (tokio + hyper's pooled client).
+//!
+//! - **Closed loop** (`--concurrency N`): N clients, each sending its next query as soon as its
+//!   last one is answered. Measures what N users in a loop see; it cannot overload the server.
+//! - **Open loop** (`--rate QPS`): requests go out on a fixed schedule (request i at
+//!   `start + i / QPS`) whatever the answers, each on a connection of its own when the others are
+//!   busy. Latency counts from the *scheduled* send time, so a stalled server or a late
+//!   generator shows up in the numbers instead of being left out (no coordinated omission).
+//!
+//! Either runs for `--duration S` or `--count N` requests, cycling through the query file. The
+//! report (JSON on stdout, and `report.json` under `--out`) gives QPS, latency percentiles of
+//! the answered requests, the server's own timings, and errors by status; `--out` also gets the
+//! raw latencies (`latencies.csv`) and a latency histogram and percentile plot (`latency.svg`).
+
+pub mod plot;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// `gram bench` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// The server: a base URL (`http://127.0.0.1:8080`, then `POST /v1/search`) or an endpoint
+    /// (`.../v1/search` or `.../v1/codes`). Plain HTTP.
+    #[arg(long)]
+    pub url: String,
+    /// Query file: one query per line (blank lines and lines starting with `#` are skipped).
+    #[arg(long)]
+    pub queries: PathBuf,
+    /// Closed loop: this many clients, each sending its next query when its last is answered
+    /// (the default, with 1 client).
+    #[arg(long, conflicts_with = "rate")]
+    pub concurrency: Option<usize>,
+    /// Open loop: send this many requests per second on a fixed schedule; latency counts from
+    /// each request's scheduled time.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Run for this many seconds (the default: 10).
+    #[arg(long, conflicts_with = "count")]
+    pub duration: Option<f64>,
+    /// Send this many requests.
+    #[arg(long)]
+    pub count: Option<usize>,
+    /// `k` of each request (products to return).
+    #[arg(long, default_value_t = 300)]
+    pub k: usize,
+    /// `beam` of each request.
+    #[arg(long, default_value_t = 10)]
+    pub beam: usize,
+    /// Requests sent one at a time before measuring (not counted).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Client-side timeout of one request, in seconds (counted as `timeout`).
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout_s: f64,
+    /// Directory for report.json, latencies.csv and latency.svg.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When it was (scheduled to be) sent, seconds from the start.
+    pub sent_s: f64,
+    /// From the (scheduled) send to the whole answer read, seconds.
+    pub latency_s: f64,
+    /// HTTP status, or the failure (`timeout`, `connect`, `body`).
+    pub status: Status,
+    /// The server's own timings of a 200 (`timings_ms`): in the server, queued, in the engine.
+    pub server_ms: Option<f64>,
+    pub queue_ms: Option<f64>,
+    pub engine_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Http(u16),
+    Timeout,
+    Connect,
+    Body,
+}
+
+impl Status {
+    fn label(self) -> String {
+        match self {
+            Status::Http(s) => s.to_string(),
+            Status::Timeout => "timeout".into(),
+            Status::Connect => "connect".into(),
+            Status::Body => "body".into(),
+        }
+    }
+}
+
+/// Latency summary, milliseconds.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Percentiles {
+    pub n: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `values` (any order).
+    pub fn of(values: &[f64]) -> Percentiles {
+        if values.is_empty() {
+            return Percentiles::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Percentiles {
+            n: v.len(),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: rank(&v, 0.5),
+            p90: rank(&v, 0.9),
+            p99: rank(&v, 0.99),
+            p999: rank(&v, 0.999),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// The nearest-rank `q` quantile of sorted `v`.
+pub fn rank(v: &[f64], q: f64) -> f64 {
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// What `gram bench` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub url: String,
+    /// `closed` or `open`.
+    pub mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// Wall time from the first send to the last answer.
+    pub elapsed_s: f64,
+    pub requests: usize,
+    pub ok: usize,
+    /// Answered with 200 per second.
+    pub qps: f64,
+    /// Sent per second.
+    pub sent_qps: f64,
+    /// Failures by status (`503`, `timeout`, ...).
+    pub errors: BTreeMap<String, usize>,
+    /// End to end in the client, 200s only.
+    pub latency_ms: Percentiles,
+    /// The server's `timings_ms.server` (arrival to answer, in the server), 200s only.
+    pub server_ms: Percentiles,
+    /// `timings_ms.queue`: waiting for the batch.
+    pub queue_ms: Percentiles,
+    /// The engine's stages (tokenize + prefill + decode + postings + scoring).
+    pub engine_ms: Percentiles,
+}
+
+/// What to send.
+struct Target {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    bodies: Vec<Bytes>,
+    timeout: Duration,
+}
+
+impl Target {
+    /// Sends body `i % n` and reads the whole answer; latency from `since`.
+    async fn send(&self, i: usize, since: Instant, start: Instant) -> Sample {
+        let body = self.bodies[i % self.bodies.len()].clone();
+        let request = hyper::Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .expect("a request from a parsed URI and static headers; this is a bug");
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|_| Status::Connect)?;
+            let status = response.status().as_u16();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| Status::Body)?
+                .to_bytes();
+            Ok::<_, Status>((status, bytes))
+        };
+        let outcome = tokio::time::timeout(self.timeout, exchange).await;
+        let latency_s = since.elapsed().as_secs_f64();
+        let mut sample = Sample {
+            sent_s: since.duration_since(start).as_secs_f64(),
+            latency_s,
+            status: Status::Timeout,
+            server_ms: None,
+            queue_ms: None,
+            engine_ms: None,
+        };
+        match outcome {
+            Err(_) => {}
+            Ok(Err(s)) => sample.status = s,
+            Ok(Ok((status, bytes))) => {
+                sample.status = Status::Http(status);
+                if status == 200 {
+                    server_timings(&bytes, &mut sample);
+                }
+            }
+        }
+        sample
+    }
+}
+
+/// Reads `timings_ms` of a search answer into `sample`.
+fn server_timings(body: &[u8], sample: &mut Sample) {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        timings_ms: BTreeMap<String, f64>,
+    }
+    let Ok(a) = serde_json::from_slice::<Answer>(body) else {
+        return;
+    };
+    let t = &a.timings_ms;
+    sample.server_ms = t.get("server").copied();
+    sample.queue_ms = t.get("queue").copied();
+    let stages = ["tokenize", "prefill", "decode", "postings", "scoring"];
+    sample.engine_ms = Some(stages.iter().filter_map(|s| t.get(*s)).sum());
+}
+
+/// The endpoint URI of `url` (a bare base gets `/v1/search`) and whether it takes `k`.
+fn endpoint(url: &str) -> Result<(Uri, bool), String> {
+    let uri: Uri = url.parse().map_err(|e| format!("--url `{url}`: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("--url `{url}`: only http:// is supported"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("--url `{url}`: no host"))?;
+    let path = match uri.path() {
+        "" | "/" => "/v1/search",
+        p => p,
+    };
+    let full: Uri = format!("http://{authority}{path}")
+        .parse()
+        .map_err(|e| format!("--url `{url}`: {e}"))?;
+    Ok((full, !path.ends_with("/v1/codes")))
+}
+
+/// The queries of a query file.
+pub fn read_queries(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let queries: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if queries.is_empty() {
+        return Err(format!("{}: no queries", path.display()));
+    }
+    Ok(queries)
+}
+
+/// `gram bench`: runs the load, prints the report, writes the files.
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    let concurrency = args.concurrency.unwrap_or(1);
+    if concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    if let Some(r) = args.rate {
+        if !(r > 0.0 && r.is_finite()) {
+            return Err(format!("--rate {r}: expected a positive number"));
+        }
+    }
+    let duration = match (args.duration, args.count) {
+        (Some(d), _) if !(d > 0.0 && d.is_finite()) => {
+            return Err(format!("--duration {d}: expected a positive number"))
+        }
+        (Some(d), _) => Some(Duration::from_secs_f64(d)),
+        (None, Some(0)) => return Err("--count must be at least 1".into()),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    };
+    if !(args.timeout_s > 0.0 && args.timeout_s.is_finite()) {
+        return Err(format!(
+            "--timeout-s {}: expected a positive number",
+            args.timeout_s
+        ));
+    }
+    let (uri, takes_k) = endpoint(&args.url)?;
+    let queries = read_queries(&args.queries)?;
+    let bodies = queries
+        .iter()
+        .map(|q| {
+            let body = if takes_k {
+                serde_json::json!({"query": q, "k": args.k, "beam": args.beam})
+            } else {
+                serde_json::json!({"query": q, "beam": args.beam})
+            };
+            Bytes::from(body.to_string())
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let report = runtime.block_on(async {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(usize::MAX)
+            .build(connector);
+        let target = Arc::new(Target {
+            client,
+            uri,
+            bodies,
+            timeout: Duration::from_secs_f64(args.timeout_s),
+        });
+        for i in 0..args.warmup {
+            let now = Instant::now();
+            target.send(i, now, now).await;
+        }
+        let (samples, elapsed) = match args.rate {
+            Some(rate) => open_loop(&target, rate, duration, args.count).await,
+            None => closed_loop(&target, concurrency, duration, args.count).await,
+        };
+        report(&args, concurrency, &samples, elapsed)
+    });
+    let (report, samples) = report;
+    let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
+    println!("{text}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
+        };
+        write("report.json", text.as_bytes())?;
+        write("latencies.csv", csv(&samples).as_bytes())?;
+        write("latency.svg", plot::svg(&report, &samples).as_bytes())?;
+        eprintln!(
+            "wrote {0}/report.json, {0}/latencies.csv, {0}/latency.svg",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `concurrency` clients in a loop until the duration ends or `count` requests are sent.
+async fn closed_loop(
+    target: &Arc<Target>,
+    concurrency: usize,
+    duration: Option<Duration>,
+    count: Option<usize>,
+) -> (Vec<Sample>, f64) {
+    let start = Instant::now();
+    let end = duration.map(|d| start + d);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (target, next) = (target.clone(), next.clone());
+        clients.spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                if count.is_some_and(|n| i >= n) || end.is_some_and(|e| now >= e) {
+                    return samples;
+                }
+                samples.push(target.send(i, now, start).await);
+            }
+        });
+    }
+    let mut samples = Vec::new();
+    while let Some(r) = clients.join_next().await {
+        samples.extend(r.expect("a client task does not panic; this is a bug"));
+    }
+    samples.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
+    (samples, start.elapsed().as_secs_f64())
+}
+
+/// Requests at `rate` per second on a fixed schedule, latency from the scheduled time.
+async fn open_loop(
+    target: &Arc<Target>,
+    rate: f64,
+    duration: Option<Duration>,
+    count: Option<usize>,
+) -> (Vec<Sample>, f64) {
+    let start = Instant::now();
+    let mut sent = tokio::task::JoinSet::new();
+    for i in 0.. {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        if count.is_some_and(|n| i >= n) || duration.is_some_and(|d| at >= start + d) {
+            break;
+        }
+        tokio::time::sleep_until(at).await;
+        let target = target.clone();
+        sent.spawn(async move { target.send(i, at, start).await });
+    }
+    let mut samples = Vec::new();
+    while let Some(r) = sent.join_next().await {
+        samples.push(r.expect("a request task does not panic; this is a bug"));
+    }
+    samples.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
+    (samples, start.elapsed().as_secs_f64())
+}
+
+fn report(
+    args: &BenchArgs,
+    concurrency: usize,
+    samples: &[Sample],
+    elapsed_s: f64,
+) -> (Report, Vec<Sample>) {
+    let ok: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.status == Status::Http(200))
+        .collect();
+    let mut errors = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.status != Status::Http(200)) {
+        *errors.entry(s.status.label()).or_insert(0) += 1;
+    }
+    let ms = |f: &dyn Fn(&Sample) -> Option<f64>| -> Percentiles {
+        Percentiles::of(&ok.iter().filter_map(|s| f(s)).collect::<Vec<_>>())
+    };
+    let report = Report {
+        url: args.url.clone(),
+        mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
+        concurrency: args.rate.is_none().then_some(concurrency),
+        rate: args.rate,
+        elapsed_s,
+        requests: samples.len(),
+        ok: ok.len(),
+        qps: ok.len() as f64 / elapsed_s,
+        sent_qps: samples.len() as f64 / elapsed_s,
+        errors,
+        latency_ms: ms(&|s| Some(s.latency_s * 1e3)),
+        server_ms: ms(&|s| s.server_ms),
+        queue_ms: ms(&|s| s.queue_ms),
+        engine_ms: ms(&|s| s.engine_ms),
+    };
+    (report, samples.to_vec())
+}
+
+/// The raw samples, one line each.
+fn csv(samples: &[Sample]) -> String {
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_default();
+    let mut out = String::from("sent_s,latency_ms,status,server_ms,queue_ms,engine_ms\n");
+    for s in samples {
+        out.push_str(&format!(
+            "{:.6},{:.4},{},{},{},{}\n",
+            s.sent_s,
+            s.latency_s * 1e3,
+            s.status.label(),
+            opt(s.server_ms),
+            opt(s.queue_ms),
+            opt(s.engine_ms)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=1000).map(f64::from).collect();
+        let p = Percentiles::of(&v);
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p999, p.max),
+            (500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
+        assert_eq!(Percentiles::of(&[7.0]).p999, 7.0);
+    }
+
+    #[test]
+    fn endpoints() {
+        let (u, k) = endpoint("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            (u.to_string().as_str(), k),
+            ("http://127.0.0.1:8080/v1/search", true)
+        );
+        let (u, k) = endpoint("http://localhost:1/v1/codes").unwrap();
+        assert_eq!((u.path(), k), ("/v1/codes", false));
+        assert!(endpoint("https://x/").is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! The latency plot of a `gram bench` run, as a self-contained SVG (written by hand): on the
+//! left a histogram of the answered requests' latencies (log-spaced bins), on the right the
+//! latency at each percentile, on a "nines" axis (50%, 90%, 99%, 99.9%, ...) where the tail is
+//! as wide as the body.
+
+use std::fmt::Write;
+
+use super::{Report, Sample, Status};
+
+const W: f64 = 1000.0;
+const H: f64 = 440.0;
+/// Plot areas: (left, top, width, height).
+const HIST: (f64, f64, f64, f64) = (70.0, 70.0, 380.0, 300.0);
+const PCT: (f64, f64, f64, f64) = (580.0, 70.0, 380.0, 300.0);
+
+/// The SVG of `report`'s run.
+pub fn svg(report: &Report, samples: &[Sample]) -> String {
+    let mut lat: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.status == Status::Http(200))
+        .map(|s| s.latency_s * 1e3)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let load = match (report.mode, report.concurrency, report.rate) {
+        ("open", _, Some(r)) => format!("open loop at {r} req/s"),
+        (_, Some(c), _) => format!("closed loop, concurrency {c}"),
+        _ => report.mode.to_string(),
+    };
+    let errors: Vec<String> = report
+        .errors
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let l = &report.latency_ms;
+    text(
+        &mut out,
+        W / 2.0,
+        22.0,
+        "middle",
+        15,
+        &format!(
+            "gram bench — {load} — {} requests in {:.1} s, {:.1} answered/s",
+            report.requests, report.elapsed_s, report.qps
+        ),
+    );
+    text(
+        &mut out,
+        W / 2.0,
+        42.0,
+        "middle",
+        12,
+        &format!(
+            "latency (ms, 200s): p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}   errors: {}",
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            if errors.is_empty() {
+                "none".to_string()
+            } else {
+                errors.join(", ")
+            }
+        ),
+    );
+    if lat.is_empty() {
+        text(
+            &mut out,
+            W / 2.0,
+            H / 2.0,
+            "middle",
+            14,
+            "no answered requests",
+        );
+        out.push_str("</svg>\n");
+        return out;
+    }
+    histogram(&mut out, &lat);
+    percentiles(&mut out, &lat);
+    out.push_str("</svg>\n");
+    out
+}
+
+fn text(out: &mut String, x: f64, y: f64, anchor: &str, size: u32, s: &str) {
+    let s = s
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    let _ = writeln!(
+        out,
+        r#"<text x="{x:.1}" y="{y:.1}" text-anchor="{anchor}" font-size="{size}">{s}</text>"#
+    );
+}
+
+fn line(out: &mut String, (x1, y1): (f64, f64), (x2, y2): (f64, f64), style: &str) {
+    let _ = writeln!(
+        out,
+        r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}" {style}/>"#
+    );
+}
+
+/// A short label for a tick value.
+fn fmt_tick(v: f64) -> String {
+    if v >= 100.0 || v == v.round() {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Histogram of `lat` (sorted, ms) over log-spaced bins.
+fn histogram(out: &mut String, lat: &[f64]) {
+    let (x0, y0, w, h) = HIST;
+    let lo = lat[0].max(1e-3);
+    let hi = lat[lat.len() - 1].max(lo * 1.5);
+    let (llo, lhi) = (lo.log10(), hi.log10());
+    let bins = 40;
+    let mut counts = vec![0usize; bins];
+    for &v in lat {
+        let f = (v.max(lo).log10() - llo) / (lhi - llo);
+        counts[((f * bins as f64) as usize).min(bins - 1)] += 1;
+    }
+    let top = *counts.iter().max().expect("40 bins") as f64;
+    let xs = |v: f64| x0 + (v.log10() - llo) / (lhi - llo) * w;
+    for (i, &c) in counts.iter().enumerate() {
+        let bh = c as f64 / top * h;
+        let _ = writeln!(
+            out,
+            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="#4c78a8"/>"##,
+            x0 + i as f64 * w / bins as f64 + 0.5,
+            y0 + h - bh,
+            w / bins as f64 - 1.0
+        );
+    }
+    axes(out, HIST);
+    // x ticks: 1, 2, 5 × powers of ten within the range.
+    let mut decade = 10f64.powf(llo.floor());
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = decade * m;
+            if v >= lo && v <= hi {
+                let x = xs(v);
+                line(out, (x, y0 + h), (x, y0 + h + 5.0), r#"stroke="black""#);
+                text(out, x, y0 + h + 18.0, "middle", 11, &fmt_tick(v));
+            }
+        }
+        decade *= 10.0;
+    }
+    for f in [0.0, 0.5, 1.0] {
+        let y = y0 + h - f * h;
+        line(out, (x0 - 5.0, y), (x0, y), r#"stroke="black""#);
+        text(
+            out,
+            x0 - 8.0,
+            y + 4.0,
+            "end",
+            11,
+            &format!("{:.0}", f * top),
+        );
+    }
+    text(
+        out,
+        x0 + w / 2.0,
+        y0 + h + 38.0,
+        "middle",
+        12,
+        "latency (ms, log scale)",
+    );
+    text(
+        out,
+        x0 + w / 2.0,
+        y0 - 8.0,
+        "middle",
+        13,
+        "latency histogram",
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12" transform="rotate(-90 {:.1} {:.1})">requests</text>"#,
+        x0 - 45.0,
+        y0 + h / 2.0,
+        x0 - 45.0,
+        y0 + h / 2.0
+    );
+}
+
+/// Latency (ms, linear) against percentile on a nines axis: x = -log10(1 - p).
+fn percentiles(out: &mut String, lat: &[f64]) {
+    let (x0, y0, w, h) = PCT;
+    let n = lat.len();
+    let nines = ((n as f64).log10().ceil()).clamp(1.0, 5.0);
+    let ymax = lat[n - 1] * 1.05;
+    let xs = |x: f64| x0 + x.min(nines) / nines * w;
+    let ys = |v: f64| y0 + h - v / ymax * h;
+    // One point per sample, thinned to about 2,000 along the axis.
+    let mut pts = String::new();
+    let mut last = f64::NEG_INFINITY;
+    for (i, &v) in lat.iter().enumerate() {
+        let p = i as f64 / n as f64;
+        let x = xs(-(1.0 - p).log10());
+        if x - last >= w / 2000.0 || i + 1 == n {
+            let _ = write!(pts, "{x:.1},{:.1} ", ys(v));
+            last = x;
+        }
+    }
+    let _ = writeln!(
+        out,
+        r##"<polyline points="{pts}" fill="none" stroke="#e45756" stroke-width="2"/>"##
+    );
+    axes(out, PCT);
+    for k in 0..=nines as usize {
+        let x = xs(k as f64);
+        let label = match k {
+            0 => "0%".to_string(),
+            1 => "90%".to_string(),
+            k => format!("99.{}%", "9".repeat(k - 2)).replace(".%", "%"),
+        };
+        line(out, (x, y0 + h), (x, y0 + h + 5.0), r#"stroke="black""#);
+        text(out, x, y0 + h + 18.0, "middle", 11, &label);
+    }
+    for (q, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")] {
+        let x = -(1.0f64 - q).log10();
+        if x > nines {
+            continue;
+        }
+        let v = super::rank(lat, q);
+        line(
+            out,
+            (xs(x), y0),
+            (xs(x), y0 + h),
+            r##"stroke="#999" stroke-dasharray="3,3""##,
+        );
+        text(
+            out,
+            xs(x) + 3.0,
+            ys(v) - 6.0,
+            "start",
+            10,
+            &format!("{name} {}", fmt_tick(v)),
+        );
+    }
+    for f in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let v = f * ymax;
+        line(out, (x0 - 5.0, ys(v)), (x0, ys(v)), r#"stroke="black""#);
+        text(out, x0 - 8.0, ys(v) + 4.0, "end", 11, &fmt_tick(v));
+    }
+    text(out, x0 + w / 2.0, y0 + h + 38.0, "middle", 12, "percentile");
+    text(
+        out,
+        x0 + w / 2.0,
+        y0 - 8.0,
+        "middle",
+        13,
+        "latency by percentile",
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12" transform="rotate(-90 {:.1} {:.1})">latency (ms)</text>"#,
+        x0 - 50.0,
+        y0 + h / 2.0,
+        x0 - 50.0,
+        y0 + h / 2.0
+    );
+}
+
+fn axes(out: &mut String, (x0, y0, w, h): (f64, f64, f64, f64)) {
+    line(out, (x0, y0 + h), (x0 + w, y0 + h), r#"stroke="black""#);
+    line(out, (x0, y0), (x0, y0 + h), r#"stroke="black""#);
+}

@@ -1,0 +1,451 @@
+//! The HTTP handlers and their request and response types. A handler parses and validates its
+//! input, prepares the request with the engine (tokenization: bad input stops here, as a 4xx,
+//! before the batcher sees it), queues it and awaits its answer until the deadline.
+//!
+//! Every error is a JSON body `{"error": {"kind": K, "message": M}}` with a stable `kind`:
+//!
+//! | status | kind | when |
+//! |---|---|---|
+//! | 400 | `invalid_json` | the body is not JSON |
+//! | 400 | `invalid_utf8` | the body or a query-string value is not UTF-8 |
+//! | 400 | `invalid_request` | a field is missing, unknown, or of the wrong type |
+//! | 400 | `invalid_body` | the body could not be read |
+//! | 404 | `not_found` | no such endpoint |
+//! | 405 | `method_not_allowed` | wrong method for the endpoint |
+//! | 413 | `payload_too_large` | the body is over `--max-body-bytes` |
+//! | 415 | `unsupported_media_type` | a body that is not `application/json` |
+//! | 422 | `input` | the engine refuses a value: empty or oversize query (bytes, tokens), `k` or `beam` out of range |
+//! | 503 | `overloaded` | the queue is full (`Retry-After` set) |
+//! | 503 | `not_ready` | the engine is still loading (`Retry-After` set) |
+//! | 503 | `shutting_down` | the server is stopping |
+//! | 504 | `timeout` | the deadline (`--timeout-ms`) passed |
+//! | 500 | the engine's `Error::kind` (`tokenizer`, `io`, ...) or `internal` | the engine failed |
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, RawQuery, Request as HttpRequest, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::search::{CodeHit, ProductHit, Request, Timings};
+
+use super::batcher::{Failed, Job, Refusal};
+use super::metrics::Endpoint;
+use super::AppState;
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+/// The error kind of a response, left in its extensions for the metrics middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn retry(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    fn bad(kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, kind, message)
+    }
+
+    /// An engine error: the caller's input (422), or the engine's failure (500).
+    fn engine(kind: &'static str, message: String) -> ApiError {
+        let status = if kind == "input" {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            tracing::error!(kind, %message, "engine error");
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError::new(status, kind, message)
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> ApiError {
+        ApiError::engine(e.kind(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> HttpResponse {
+        let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r.extensions_mut().insert(ErrorKind(self.kind));
+        r
+    }
+}
+
+/// `POST /v1/search`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchBody {
+    query: String,
+    k: Option<usize>,
+    beam: Option<usize>,
+}
+
+/// `POST /v1/codes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodesBody {
+    query: String,
+    beam: Option<usize>,
+}
+
+impl AppState {
+    /// A request for `query` with the default `k` (300) and `beam` (10), lowered to the
+    /// server's limits.
+    fn request(&self, query: String) -> Request {
+        let l = &self.config.limits;
+        let d = Request::new(query);
+        Request {
+            k: d.k.min(l.max_k),
+            beam: d.beam.min(l.max_beam),
+            ..d
+        }
+    }
+}
+
+/// What a search answers: the engine's response, with the server's own timings added.
+#[derive(Serialize)]
+struct Reply<'a> {
+    query: &'a str,
+    codes: &'a [CodeHit],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    products: Option<&'a [ProductHit]>,
+    timings_ms: ReplyTimings<'a>,
+    /// Decoder steps the request took part in.
+    steps: usize,
+}
+
+#[derive(Serialize)]
+struct ReplyTimings<'a> {
+    #[serde(flatten)]
+    engine: &'a Timings,
+    /// Waiting in the queue for the batch.
+    queue: f64,
+    /// In the server, from the request's arrival to its answer (serialization excluded).
+    server: f64,
+}
+
+pub async fn search_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<HttpResponse, ApiError> {
+    let t0 = Instant::now();
+    let b: SearchBody = json_body(&headers, body)?;
+    let mut request = state.request(b.query);
+    request.k = b.k.unwrap_or(request.k);
+    request.beam = b.beam.unwrap_or(request.beam);
+    run(&state, request, t0).await
+}
+
+pub async fn codes_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<HttpResponse, ApiError> {
+    let t0 = Instant::now();
+    let b: CodesBody = json_body(&headers, body)?;
+    let mut request = state.request(b.query);
+    request.beam = b.beam.unwrap_or(request.beam);
+    request.codes_only = true;
+    run(&state, request, t0).await
+}
+
+/// `GET /search?q=TEXT[&k=K][&beam=B]`.
+pub async fn search_get(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<HttpResponse, ApiError> {
+    let t0 = Instant::now();
+    let mut request = state.request(String::new());
+    let mut q = None;
+    let mut seen: Vec<String> = Vec::new();
+    for pair in query.as_deref().unwrap_or("").split('&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name)?;
+        let value = percent_decode(value)?;
+        if seen.contains(&name) {
+            return Err(ApiError::bad(
+                "invalid_request",
+                format!("parameter `{name}` given twice"),
+            ));
+        }
+        let number = |v: &str| {
+            v.parse::<usize>().map_err(|_| {
+                ApiError::bad(
+                    "invalid_request",
+                    format!("{name}: `{v}` is not a non-negative integer"),
+                )
+            })
+        };
+        match name.as_str() {
+            "q" => q = Some(value),
+            "k" => request.k = number(&value)?,
+            "beam" => request.beam = number(&value)?,
+            other => {
+                return Err(ApiError::bad(
+                    "invalid_request",
+                    format!("unknown parameter `{other}`, expected one of `q`, `k`, `beam`"),
+                ))
+            }
+        }
+        seen.push(name);
+    }
+    request.query = q.ok_or_else(|| ApiError::bad("invalid_request", "missing parameter `q`"))?;
+    run(&state, request, t0).await
+}
+
+pub async fn health() -> HttpResponse {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+pub async fn ready(State(state): State<Arc<AppState>>) -> Result<HttpResponse, ApiError> {
+    if state.shutting_down.load(Ordering::Relaxed) || state.queue.is_closed() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is stopping",
+        ));
+    }
+    state.engine()?;
+    Ok(axum::Json(serde_json::json!({"status": "ready"})).into_response())
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> HttpResponse {
+    let ct = "text/plain; version=0.0.4; charset=utf-8";
+    ([(header::CONTENT_TYPE, ct)], state.metrics.render()).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// Counts and times every request by endpoint and status, and error responses by kind.
+pub async fn track(
+    State(state): State<Arc<AppState>>,
+    request: HttpRequest,
+    next: Next,
+) -> HttpResponse {
+    let t = Instant::now();
+    let route = request.extensions().get::<MatchedPath>();
+    let endpoint = Endpoint::of_route(route.map(|m| m.as_str()));
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .record_request(endpoint, status, t.elapsed().as_secs_f64());
+    if let Some(ErrorKind(kind)) = response.extensions().get::<ErrorKind>() {
+        state.metrics.record_failure(kind);
+        tracing::debug!(endpoint = endpoint.label(), status, kind, "request failed");
+    }
+    response
+}
+
+/// Prepares `request`, queues it, and awaits its answer until the deadline.
+async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResponse, ApiError> {
+    let engine = state.engine()?;
+    let codes_only = request.codes_only;
+    let prepared = engine.prepare(request)?;
+    let deadline = t0 + state.config.timeout;
+    let (reply, answer) = oneshot::channel();
+    let job = Job {
+        prepared,
+        reply,
+        enqueued: Instant::now(),
+        deadline,
+    };
+    match state.queue.push(job) {
+        Ok(_) => {}
+        Err(Refusal::Full) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "the queue is full ({} requests waiting): retry later",
+                    state.config.max_queue
+                ),
+            )
+            .retry(state.config.retry_after_s))
+        }
+        Err(Refusal::Closed) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is stopping",
+            ))
+        }
+    }
+    let timeout = || {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("no answer within {} ms", state.config.timeout.as_millis()),
+        )
+    };
+    let done = match tokio::time::timeout_at(deadline.into(), answer).await {
+        Err(_) => return Err(timeout()),
+        Ok(Err(_)) => {
+            return Err(ApiError::engine(
+                "internal",
+                "the batcher dropped the request".into(),
+            ))
+        }
+        Ok(Ok(Err(Failed::Timeout))) => return Err(timeout()),
+        Ok(Ok(Err(Failed::Engine { kind, message }))) => {
+            return Err(ApiError::engine(kind, message))
+        }
+        Ok(Ok(Ok(done))) => done,
+    };
+    let r = &done.response;
+    let reply = Reply {
+        query: &r.query,
+        codes: &r.codes,
+        products: (!codes_only).then_some(&r.products[..]),
+        timings_ms: ReplyTimings {
+            engine: &r.timings_ms,
+            queue: done.queue_s * 1e3,
+            server: t0.elapsed().as_secs_f64() * 1e3,
+        },
+        steps: r.steps,
+    };
+    let body = serde_json::to_vec(&reply)
+        .map_err(|e| ApiError::engine("internal", format!("serializing the answer: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// A JSON body of type `T`: content type, size, UTF-8, syntax and fields checked, each with its
+/// own error.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json"))
+    {
+        let got = if ct.is_empty() { "none" } else { ct };
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("expected Content-Type: application/json, got {got}"),
+        ));
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is too large: {}", e.body_text()),
+            )
+        } else {
+            ApiError::bad("invalid_body", e.body_text())
+        }
+    })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::bad("invalid_utf8", format!("the body is not UTF-8: {e}")))?;
+    serde_json::from_str(text).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::bad("invalid_request", e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad("invalid_json", format!("the body is not valid JSON: {e}"))
+            }
+        }
+    })
+}
+
+/// Decodes a query-string component: `+` is a space, `%XX` a byte; the result must be UTF-8.
+fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad("invalid_request", format!("bad percent-escape in `{s}`"))
+                    })?;
+                out.push(hex);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::bad("invalid_utf8", format!("`{s}` does not decode to UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("green+velvet%20sofa").unwrap(),
+            "green velvet sofa"
+        );
+        assert_eq!(percent_decode("caf%C3%A9").unwrap(), "café");
+        assert_eq!(percent_decode("%FF").unwrap_err().kind, "invalid_utf8");
+        assert_eq!(percent_decode("%G1").unwrap_err().kind, "invalid_request");
+        assert_eq!(percent_decode("%4").unwrap_err().kind, "invalid_request");
+        assert_eq!(percent_decode("%").unwrap_err().kind, "invalid_request");
+    }
+}

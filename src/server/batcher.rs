@@ -1,0 +1,379 @@
+//! The batcher: a bounded queue that handlers push prepared requests into, and one dedicated
+//! thread that owns the engine's continuous [`Batch`] and drains the queue into it.
+//!
+//! The thread loop: wait for work; when the batch is idle, hold the first request for the
+//! gathering window (or until `max_batch` are queued) so that a burst starts together; admit
+//! queued requests in arrival order while fewer than `max_batch` are in flight and their KV fits
+//! the arena; run one decoder step over everything in flight; send each finished request's
+//! [`Response`] back through its oneshot channel. Requests that arrive while a step runs join
+//! the next one (continuous batching), so a long request never holds the others back: each
+//! request leaves as soon as its own codes are done.
+//!
+//! A request whose handler has gone (deadline passed, client disconnected) is dropped from the
+//! queue before it is admitted; one already admitted runs to the end of its codes (the batch
+//! cannot evict it) and its answer is discarded.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::beam::{BeamSearch, Ticket};
+use crate::error::{Error, Result};
+use crate::search::{Admission, Engine, Prepared, Request, Response};
+
+use super::metrics::{Metrics, Stage};
+
+/// A prepared request waiting for the batch.
+pub struct Job {
+    pub prepared: Prepared,
+    pub reply: oneshot::Sender<Reply>,
+    /// When it entered the queue.
+    pub enqueued: Instant,
+    /// Past this it is no longer admitted (its handler answers 504).
+    pub deadline: Instant,
+}
+
+/// What the batcher sends back for a job.
+pub type Reply = std::result::Result<Done, Failed>;
+
+/// A finished search.
+pub struct Done {
+    pub response: Response,
+    /// Seconds it waited in the queue before its first step.
+    pub queue_s: f64,
+}
+
+/// Why a job got no response.
+#[derive(Debug)]
+pub enum Failed {
+    /// Its deadline passed before it was admitted.
+    Timeout,
+    /// The engine refused or failed it: the error's kind (`Error::kind`) and message.
+    Engine { kind: &'static str, message: String },
+}
+
+impl Failed {
+    fn engine(e: &Error) -> Failed {
+        Failed::Engine {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Why the queue refused a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It holds `max_queue` jobs already.
+    Full,
+    /// The server is shutting down (or the batcher stopped).
+    Closed,
+}
+
+/// The bounded queue between the handlers and the batcher thread.
+pub struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled on every push, drain and close.
+    changed: Condvar,
+    capacity: usize,
+    /// Its depth gauge, set under the lock.
+    metrics: Arc<Metrics>,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Shutting down: no gathering window (jobs are still taken).
+    draining: bool,
+    /// No more jobs are taken.
+    closed: bool,
+}
+
+impl Queue {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                draining: false,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+            capacity,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // The state is a plain list: a panic elsewhere while holding the lock leaves it usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job`, or refuses it at once (the job is dropped). Returns the new depth.
+    pub fn push(&self, job: Job) -> std::result::Result<usize, Refusal> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(Refusal::Closed);
+        }
+        if st.jobs.len() >= self.capacity {
+            return Err(Refusal::Full);
+        }
+        st.jobs.push_back(job);
+        let depth = st.jobs.len();
+        self.metrics.set_queue_depth(depth);
+        drop(st);
+        self.changed.notify_one();
+        Ok(depth)
+    }
+
+    /// Ends the gathering window for good (shutdown has begun); jobs are still taken.
+    pub fn drain(&self) {
+        self.lock().draining = true;
+        self.changed.notify_all();
+    }
+
+    /// Refuses new jobs; the batcher finishes those queued and in flight, then stops.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+/// How the batcher runs.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Most requests in flight at once.
+    pub max_batch: usize,
+    /// Gathering window of an idle batch.
+    pub batch_wait: Duration,
+    /// KV entries of the batch's arena.
+    pub arena_entries: usize,
+}
+
+/// KV entries for `max_batch` requests of the default beam width with the longest query allowed,
+/// and at least one request of the widest beam allowed (so any valid request fits alone). A
+/// template that leaves no room for the longest query in the model's context is refused here,
+/// at startup.
+pub fn arena_entries(engine: &Engine, max_batch: usize, default_beam: usize) -> Result<usize> {
+    let limits = *engine.limits();
+    let probe = |beam: usize| -> Result<usize> {
+        let p = engine.prepare(Request {
+            beam,
+            k: 1,
+            ..Request::new("x")
+        })?;
+        // The probe's one query token stands for up to `max_query_tokens`.
+        let longest = p.prompt_tokens() - 1 + limits.max_query_tokens;
+        let positions = engine.model().max_positions();
+        let new_tokens = engine.index().trie().max_len() + 1;
+        if longest + new_tokens > positions {
+            return Err(Error::Input(format!(
+                "a query of {} tokens fills the template to {longest} tokens, and codes of up to \
+                 {new_tokens} exceed the model's {positions} positions: lower --max-query-tokens",
+                limits.max_query_tokens
+            )));
+        }
+        Ok(engine.entries_for(&p) - 1 + limits.max_query_tokens)
+    };
+    let typical = probe(default_beam.min(limits.max_beam))?;
+    let widest = probe(limits.max_beam)?;
+    Ok(typical.saturating_mul(max_batch).max(widest))
+}
+
+/// A request admitted to the batch.
+struct InFlight {
+    ticket: Ticket,
+    reply: oneshot::Sender<Reply>,
+    /// Decoder rows it adds to its first step (its prompt) and to each later one (at most).
+    prompt_tokens: usize,
+    beam: usize,
+    started: bool,
+    /// Seconds it waited in the queue.
+    queue_s: f64,
+}
+
+/// Runs the batcher over `engine` until the queue is closed, empty and nothing is in flight.
+/// Errors only when the batch cannot be made (its arena).
+pub fn run(
+    engine: &Engine,
+    queue: &Queue,
+    config: BatcherConfig,
+    metrics: &Metrics,
+    started: impl FnOnce(),
+) -> Result<()> {
+    let mut search = BeamSearch::new();
+    let mut batch = engine.batch(&mut search, config.arena_entries)?;
+    metrics.set_arena_entries(config.arena_entries);
+    started();
+    let mut flying: Vec<InFlight> = Vec::new();
+    loop {
+        {
+            let mut st = queue.lock();
+            if flying.is_empty() {
+                while st.jobs.is_empty() && !st.closed {
+                    st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.jobs.is_empty() {
+                    return Ok(()); // closed, drained, idle
+                }
+                st = gather(queue, st, &config);
+            }
+            admit(&mut st, &mut batch, &mut flying, &config, metrics);
+            metrics.set_queue_depth(st.jobs.len());
+        }
+        metrics.set_in_flight(flying.len());
+        if flying.is_empty() {
+            continue;
+        }
+        let rows: usize = flying
+            .iter()
+            .map(|f| if f.started { f.beam } else { f.prompt_tokens })
+            .sum();
+        let t = Instant::now();
+        let result = batch.step();
+        metrics.record_step(t.elapsed().as_secs_f64(), flying.len(), rows);
+        for f in &mut flying {
+            f.started = true;
+        }
+        match result {
+            Ok(done) => {
+                for (ticket, response) in done {
+                    let at = flying
+                        .iter()
+                        .position(|f| f.ticket == ticket)
+                        .expect("every finished ticket is in flight; this is a bug");
+                    let f = flying.swap_remove(at);
+                    record_stages(metrics, &response);
+                    // The handler may be gone (deadline, client left): nothing to do then.
+                    let _ = f.reply.send(Ok(Done {
+                        response,
+                        queue_s: f.queue_s,
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = flying.len(), "decoder step failed");
+                for f in flying.drain(..) {
+                    let _ = f.reply.send(Err(Failed::engine(&e)));
+                }
+            }
+        }
+        metrics.set_in_flight(flying.len());
+    }
+}
+
+/// The gathering window of an idle batch: waits until `max_batch` jobs are queued, shutdown
+/// begins, or the window ends.
+fn gather<'q>(
+    queue: &'q Queue,
+    mut st: MutexGuard<'q, QueueState>,
+    config: &BatcherConfig,
+) -> MutexGuard<'q, QueueState> {
+    if config.batch_wait.is_zero() {
+        return st;
+    }
+    let until = Instant::now() + config.batch_wait;
+    while st.jobs.len() < config.max_batch && !st.closed && !st.draining {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        st = queue
+            .changed
+            .wait_timeout(st, until - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    st
+}
+
+/// Drops queued jobs whose handler is gone, answers those past their deadline, then admits the
+/// rest in arrival order while the batch has room.
+fn admit(
+    st: &mut QueueState,
+    batch: &mut crate::search::Batch<'_>,
+    flying: &mut Vec<InFlight>,
+    config: &BatcherConfig,
+    metrics: &Metrics,
+) {
+    let now = Instant::now();
+    let jobs = std::mem::take(&mut st.jobs);
+    for job in jobs {
+        if job.reply.is_closed() {
+            continue; // the handler answered already (deadline) or the client left
+        }
+        if now >= job.deadline {
+            let _ = job.reply.send(Err(Failed::Timeout));
+            continue;
+        }
+        st.jobs.push_back(job);
+    }
+    while flying.len() < config.max_batch {
+        let Some(job) = st.jobs.pop_front() else {
+            break;
+        };
+        let Job {
+            prepared,
+            reply,
+            enqueued,
+            deadline,
+        } = job;
+        let (prompt_tokens, beam) = (prepared.prompt_tokens(), prepared.request().beam);
+        match batch.admit(prepared) {
+            Admission::Admitted(ticket) => {
+                let queue_s = now.duration_since(enqueued).as_secs_f64();
+                metrics.record_stage(Stage::Queue, queue_s);
+                flying.push(InFlight {
+                    ticket,
+                    reply,
+                    prompt_tokens,
+                    beam,
+                    started: false,
+                    queue_s,
+                });
+            }
+            Admission::Wait(prepared) => {
+                st.jobs.push_front(Job {
+                    prepared,
+                    reply,
+                    enqueued,
+                    deadline,
+                });
+                break;
+            }
+            Admission::Refused(e) => {
+                let _ = reply.send(Err(Failed::engine(&e)));
+            }
+        }
+    }
+}
+
+/// Each stage of a finished search into its histogram.
+fn record_stages(metrics: &Metrics, r: &Response) {
+    let t = &r.timings_ms;
+    for (stage, ms) in [
+        (Stage::Tokenize, t.tokenize),
+        (Stage::Prefill, t.prefill),
+        (Stage::Decode, t.decode),
+        (Stage::Postings, t.postings),
+        (Stage::Scoring, t.scoring),
+    ] {
+        metrics.record_stage(stage, ms / 1e3);
+    }
+}
+
+/// Every queued job's handler gets `failed`, and the queue closes (the batcher is gone).
+pub fn fail_all(queue: &Queue) {
+    let mut st = queue.lock();
+    st.closed = true;
+    for job in st.jobs.drain(..) {
+        let _ = job.reply.send(Err(Failed::Engine {
+            kind: "internal",
+            message: "the batcher stopped".into(),
+        }));
+    }
+}

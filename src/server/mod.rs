@@ -1,0 +1,456 @@
+//! `gram serve`: the whole GRAM path over HTTP (axum on tokio), batched, observable, and safe
+//! under load. Three actors and one metrics file:
+//!
+//! - [`api`]: the handlers. They parse and validate, prepare the request with the engine
+//!   (tokenization; bad input ends here as a 4xx) and queue it; a full queue answers 503 with
+//!   `Retry-After` at once; each awaits its answer until its deadline (504 past it).
+//! - [`batcher`]: the bounded queue, and one dedicated thread that owns the engine's continuous
+//!   batch, admits queued requests between decoder steps and sends each answer back.
+//! - The tokio runtime: accepts connections and, on SIGINT/SIGTERM, stops accepting, lets every
+//!   request in flight finish, then stops the batcher.
+//! - [`metrics`]: every metric name, label and bucket, rendered for `GET /metrics`.
+//!
+//! Endpoints: `POST /v1/search`, `GET /search?q=`, `POST /v1/codes`, `GET /health`,
+//! `GET /ready`, `GET /metrics` (see `docs/SERVER.md`).
+
+pub mod api;
+pub mod batcher;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::oneshot;
+
+use crate::model::LoadOptions;
+use crate::search::{Engine, Limits, Request};
+
+use self::api::ApiError;
+use self::batcher::{BatcherConfig, Queue};
+use self::metrics::Metrics;
+
+/// `gram serve` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Index directory (`gram index build --out`).
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Model directory (default: the one that built the index; another one is refused).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on (port 0: any free port, printed at startup).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Most requests in flight in one continuous batch (sharing decoder steps); the KV arena is
+    /// sized for this many requests of the default beam.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most requests waiting for the batch; past it, 503 with Retry-After at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
+    /// admitted is dropped from the queue).
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// Gathering window in microseconds: an idle batch waits this long (or until --max-batch
+    /// requests are queued) before its first step. Requests that come while steps run join the
+    /// next step anyway.
+    #[arg(long, default_value_t = 0)]
+    pub batch_wait_us: u64,
+    /// Compute threads of the model (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Threads of the HTTP runtime.
+    #[arg(long, default_value_t = 2)]
+    pub http_threads: usize,
+    /// Longest query, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_query_bytes)]
+    pub max_query_bytes: usize,
+    /// Most tokens a query may take.
+    #[arg(long, default_value_t = Limits::default().max_query_tokens)]
+    pub max_query_tokens: usize,
+    /// Most products a request may ask for.
+    #[arg(long, default_value_t = Limits::default().max_k)]
+    pub max_k: usize,
+    /// Widest beam a request may ask for.
+    #[arg(long, default_value_t = Limits::default().max_beam)]
+    pub max_beam: usize,
+    /// Largest request body, in bytes (413 past it).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// The Retry-After of a 503, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_s: u64,
+}
+
+/// Validated serving options.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub index: PathBuf,
+    pub model: Option<PathBuf>,
+    pub addr: SocketAddr,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub timeout: Duration,
+    pub batch_wait: Duration,
+    pub threads: Option<usize>,
+    pub http_threads: usize,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+    pub retry_after_s: u64,
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] crate::Error),
+    #[error("the batcher thread panicked")]
+    Panicked,
+}
+
+impl ServeArgs {
+    /// Checks every flag; the index and model are checked when the engine opens.
+    pub fn config(&self) -> Result<ServeConfig, ServeError> {
+        let bad = |m: String| Err(ServeError::Config(m));
+        let addr: SocketAddr = match self.addr.parse() {
+            Ok(a) => a,
+            Err(e) => return bad(format!("--addr `{}`: {e} (expected IP:PORT)", self.addr)),
+        };
+        for (flag, v) in [
+            ("--max-batch", self.max_batch),
+            ("--max-queue", self.max_queue),
+            ("--http-threads", self.http_threads),
+            ("--max-query-bytes", self.max_query_bytes),
+            ("--max-query-tokens", self.max_query_tokens),
+            ("--max-k", self.max_k),
+            ("--max-beam", self.max_beam),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--threads", self.threads.unwrap_or(1)),
+        ] {
+            if v == 0 {
+                return bad(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.timeout_ms == 0 {
+            return bad("--timeout-ms must be at least 1".into());
+        }
+        if self.max_beam > crate::beam::MAX_BEAM {
+            return bad(format!(
+                "--max-beam {} is over the engine's {}",
+                self.max_beam,
+                crate::beam::MAX_BEAM
+            ));
+        }
+        Ok(ServeConfig {
+            index: self.index.clone(),
+            model: self.model.clone(),
+            addr,
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+            timeout: Duration::from_millis(self.timeout_ms),
+            batch_wait: Duration::from_micros(self.batch_wait_us),
+            threads: self.threads,
+            http_threads: self.http_threads,
+            limits: Limits {
+                max_query_bytes: self.max_query_bytes,
+                max_query_tokens: self.max_query_tokens,
+                max_k: self.max_k,
+                max_beam: self.max_beam,
+            },
+            max_body_bytes: self.max_body_bytes,
+            retry_after_s: self.retry_after_s,
+        })
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    /// Set once the engine is loaded (`/ready`).
+    engine: OnceLock<Arc<Engine>>,
+    queue: Arc<Queue>,
+    metrics: Arc<Metrics>,
+    config: ServeConfig,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        self.engine.get().map(|e| &**e).ok_or_else(|| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "not_ready",
+            message: "the model and index are still loading".into(),
+            retry_after: Some(self.config.retry_after_s),
+        })
+    }
+}
+
+/// The routes, with the body limit and the metrics middleware.
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/v1/search",
+            post(api::search_post).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/v1/codes",
+            post(api::codes_post).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/search",
+            get(api::search_get).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/health",
+            get(api::health).fallback(api::method_not_allowed),
+        )
+        .route("/ready", get(api::ready).fallback(api::method_not_allowed))
+        .route(
+            "/metrics",
+            get(api::metrics).fallback(api::method_not_allowed),
+        )
+        .fallback(api::not_found)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::track,
+        ))
+        .with_state(state)
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    batcher: std::thread::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Server {
+    /// Binds `config.addr`, starts answering (`/health` at once, searches once the engine is
+    /// loaded), opens the engine and its batch on the batcher thread, and returns when it is
+    /// ready. An index or model that does not open is an error here.
+    pub async fn start(config: ServeConfig) -> Result<Server, ServeError> {
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.addr,
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        let metrics = Arc::new(Metrics::default());
+        let state = Arc::new(AppState {
+            engine: OnceLock::new(),
+            queue: Arc::new(Queue::new(config.max_queue, metrics.clone())),
+            metrics,
+            config: config.clone(),
+            shutting_down: AtomicBool::new(false),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = router(state.clone());
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let (ready, loaded) = oneshot::channel();
+        let batcher = {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("gram-batcher".into())
+                .spawn(move || batcher_thread(state, ready))?
+        };
+        let server = Server {
+            addr,
+            state,
+            stop: Some(stop),
+            http,
+            batcher,
+        };
+        match loaded.await {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(e)) => {
+                let _ = server.shutdown().await;
+                Err(e)
+            }
+            Err(_) => {
+                let e = server.shutdown().await.err();
+                Err(e.unwrap_or(ServeError::Panicked))
+            }
+        }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
+        signal.await;
+        self.shutdown().await
+    }
+
+    /// Graceful shutdown: `/ready` turns 503, the gathering window ends, the listener closes,
+    /// every request in flight is answered, then the batcher (its queue drained) stops.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        self.state.shutting_down.store(true, Ordering::Relaxed);
+        self.state.queue.drain();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let served = match self.http.await {
+            Ok(r) => r.map_err(ServeError::from),
+            Err(_) => Err(ServeError::Panicked),
+        };
+        self.state.queue.close();
+        let batcher = self.batcher;
+        let joined = tokio::task::spawn_blocking(move || batcher.join())
+            .await
+            .map_err(|_| ServeError::Panicked)?;
+        let batched = joined.map_err(|_| ServeError::Panicked)?;
+        served.and(batched)
+    }
+}
+
+/// The batcher thread: opens the engine, sizes and makes the batch, reports readiness, then
+/// runs the batch loop until the queue closes.
+fn batcher_thread(
+    state: Arc<AppState>,
+    ready: oneshot::Sender<Result<(), ServeError>>,
+) -> Result<(), ServeError> {
+    let c = &state.config;
+    let load = LoadOptions {
+        dtype: None,
+        threads: c.threads,
+    };
+    let opened = Engine::open(&c.index, c.model.as_deref(), &load).and_then(|e| {
+        let engine = e.with_limits(c.limits);
+        let entries = batcher::arena_entries(&engine, c.max_batch, Request::new("").beam)?;
+        Ok((engine, entries))
+    });
+    let (engine, arena_entries) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return Ok(());
+        }
+    };
+    let engine = Arc::new(engine);
+    let cfg = &engine.model().config;
+    // f32 keys and values: layers × (K, V) × KV heads × head dim.
+    let entry_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
+    tracing::info!(
+        model = %engine.model_dir().display(),
+        products = engine.index().num_products(),
+        codes = engine.index().num_codes(),
+        arena_entries,
+        arena_mib = (arena_entries * entry_bytes) as f64 / (1 << 20) as f64,
+        max_batch = c.max_batch,
+        "engine loaded"
+    );
+    let config = BatcherConfig {
+        max_batch: c.max_batch,
+        batch_wait: c.batch_wait,
+        arena_entries,
+    };
+    let mut ready = Some(ready);
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        batcher::run(&engine, &state.queue, config, &state.metrics, || {
+            let _ = state.engine.set(engine.clone());
+            if let Some(r) = ready.take() {
+                let _ = r.send(Ok(()));
+            }
+        })
+    }));
+    match run {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the batch could not be made");
+            batcher::fail_all(&state.queue);
+            if let Some(r) = ready.take() {
+                let _ = r.send(Err(e.into()));
+            }
+            Ok(())
+        }
+        Err(_) => {
+            tracing::error!("the batcher panicked: this is a bug");
+            batcher::fail_all(&state.queue);
+            Err(ServeError::Panicked)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// `gram serve`: logs to stderr (`RUST_LOG`, default `info`), serves until SIGINT/SIGTERM.
+pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let config = args.config()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.http_threads)
+        .thread_name("gram-http")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tracing::info!(addr = %config.addr, index = %config.index.display(), "starting");
+        let server = Server::start(config).await?;
+        tracing::info!(addr = %server.addr(), "listening");
+        let served = server
+            .run_until(async {
+                signal().await;
+                tracing::info!("shutting down: finishing requests in flight");
+            })
+            .await;
+        tracing::info!("stopped");
+        served
+    })
+}

@@ -1,0 +1,950 @@
+//! `gram serve` end to end: the real server on a loopback port (port 0) over a tiny-llama index,
+//! driven over HTTP: every endpoint, the error matrix, batching (concurrent answers equal the
+//! in-process engine's), the full queue (503 + Retry-After), the deadline (504), graceful
+//! shutdown, and the metrics as Prometheus text exposition. No timing thresholds: where a test
+//! needs requests to meet in the queue it holds them there with a long gathering window, which
+//! ends as soon as the batch is full.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use clap::Parser;
+use common::*;
+use gram::beam::BeamSearch;
+use gram::search::{Engine, Request};
+use gram::server::{ServeArgs, Server};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::HeaderMap;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+/// A small index over tiny-llama (catalog codes), built once with the CLI.
+fn index() -> &'static PathBuf {
+    static INDEX: OnceLock<PathBuf> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("gram-server-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut lines = Vec::new();
+        let kinds = ["sofa", "chair", "lamp", "rug", "desk"];
+        let materials = ["velvet", "oak", "wool"];
+        for (i, k) in kinds.iter().enumerate() {
+            for (j, m) in materials.iter().enumerate() {
+                let codes = [k.to_string(), format!("{k} | {m}")];
+                lines.push(
+                    json!({"id": format!("p{i}-{j}"), "title": format!("{m} {k}"), "codes": codes})
+                        .to_string(),
+                );
+            }
+        }
+        let catalog = tmp.join("catalog.jsonl");
+        std::fs::write(&catalog, lines.join("\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+            .args(["index", "build", "--threads", "1", "--model"])
+            .arg(model_dir("tiny-llama"))
+            .arg("--catalog")
+            .arg(&catalog)
+            .arg("--out")
+            .arg(tmp.join("ix"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tmp.join("ix")
+    })
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Starts a server on a free loopback port with `flags` added to the defaults.
+async fn start(flags: &[&str]) -> Server {
+    let ix = index().to_str().unwrap().to_string();
+    let mut argv = vec![
+        "serve",
+        "--index",
+        &ix,
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ];
+    argv.extend_from_slice(flags);
+    let config = Cli::parse_from(argv).serve.config().unwrap();
+    Server::start(config).await.unwrap()
+}
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a connection of its own.
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Bytes>,
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let resp = send
+        .send_request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> Answer {
+    call(
+        addr,
+        "POST",
+        path,
+        Some("application/json"),
+        body.to_string(),
+    )
+    .await
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Answer {
+    call(addr, "GET", path, None, Bytes::new()).await
+}
+
+/// Asserts `a` is an error of `status` and `kind` in the documented JSON shape, and returns its
+/// message.
+fn error_of(a: &Answer, status: u16, kind: &str, case: &str) -> String {
+    assert_eq!(a.status, status, "{case}: {}", a.text());
+    let v = a.json();
+    assert_eq!(v["error"]["kind"], kind, "{case}: {v}");
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{case}: {v}"));
+    assert!(!msg.is_empty(), "{case}");
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        1,
+        "{case}: only `error` in {v}"
+    );
+    msg.to_string()
+}
+
+fn codes(v: &Value) -> Vec<String> {
+    v["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Checks `text` is Prometheus text exposition (0.0.4): every sample line `name{labels} value`
+/// of a metric declared by a `# TYPE` line, every histogram's buckets cumulative up to a
+/// `+Inf` bucket equal to its `_count`, with a `_sum`. Returns each series' value by its full
+/// name with labels.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut series = HashMap::new();
+    // histogram name + labels without `le` → its buckets, in order.
+    let mut buckets: HashMap<(String, String), Vec<(f64, f64)>> = HashMap::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let parts: Vec<&str> = rest.splitn(3, ' ').collect();
+            assert!(parts.len() == 3, "comment line: {line}");
+            assert!(parts[0] == "HELP" || parts[0] == "TYPE", "{line}");
+            assert!(valid_name(parts[1]), "{line}");
+            if parts[0] == "TYPE" {
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&parts[2]),
+                    "{line}"
+                );
+                types.insert(parts[1].to_string(), parts[2].to_string());
+            }
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value of {line}")),
+        };
+        let (name, labels) = match key.split_once('{') {
+            Some((n, l)) => (n, l.strip_suffix('}').unwrap_or_else(|| panic!("{line}"))),
+            None => (key, ""),
+        };
+        assert!(valid_name(name), "{line}");
+        let mut pairs = Vec::new();
+        if !labels.is_empty() {
+            for pair in labels.split(',') {
+                let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("{line}"));
+                assert!(valid_name(k), "{line}");
+                assert!(
+                    v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
+                    "{line}"
+                );
+                pairs.push((k.to_string(), v[1..v.len() - 1].to_string()));
+            }
+        }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|b| types.get(*b).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(base), "no # TYPE for {line}");
+        if name.ends_with("_bucket") && base != name {
+            let le = pairs
+                .iter()
+                .find(|(k, _)| k == "le")
+                .unwrap_or_else(|| panic!("bucket without le: {line}"));
+            let le: f64 = if le.1 == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.1.parse().unwrap()
+            };
+            let rest: Vec<String> = pairs
+                .iter()
+                .filter(|(k, _)| k != "le")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            buckets
+                .entry((base.to_string(), rest.join(",")))
+                .or_default()
+                .push((le, value));
+        }
+        assert!(
+            series.insert(key.to_string(), value).is_none(),
+            "duplicate {line}"
+        );
+    }
+    for ((base, labels), list) in &buckets {
+        for w in list.windows(2) {
+            assert!(w[0].0 < w[1].0, "{base}{{{labels}}}: le out of order");
+            assert!(
+                w[0].1 <= w[1].1,
+                "{base}{{{labels}}}: buckets not cumulative"
+            );
+        }
+        let last = list.last().unwrap();
+        assert!(last.0.is_infinite(), "{base}{{{labels}}}: no +Inf bucket");
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                let quoted: Vec<String> = s
+                    .split(',')
+                    .map(|p| {
+                        let (k, v) = p.split_once('=').unwrap();
+                        format!("{k}=\"{v}\"")
+                    })
+                    .collect();
+                format!("{{{}}}", quoted.join(","))
+            }
+        };
+        let count = series[&format!("{base}_count{}", braces(labels))];
+        assert_eq!(count, last.1, "{base}{{{labels}}}: +Inf bucket != _count");
+        assert!(series.contains_key(&format!("{base}_sum{}", braces(labels))));
+    }
+    series
+}
+
+async fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
+    let a = get(addr, "/metrics").await;
+    assert_eq!(a.status, 200);
+    let ct = a.headers["content-type"].to_str().unwrap();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    parse_prometheus(&a.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_answers() {
+    let server = start(&[]).await;
+    let addr = server.addr();
+    assert_eq!(get(addr, "/health").await.json(), json!({"status": "ok"}));
+    assert_eq!(get(addr, "/ready").await.json(), json!({"status": "ready"}));
+
+    let a = post(
+        addr,
+        "/v1/search",
+        json!({"query": "velvet sofa", "k": 3, "beam": 4}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.headers["content-type"], "application/json");
+    let s = a.json();
+    assert_eq!(s["query"], "velvet sofa");
+    let n_codes = s["codes"].as_array().unwrap().len();
+    assert!((1..=4).contains(&n_codes), "{s}");
+    for c in s["codes"].as_array().unwrap() {
+        assert!(c["score"].as_f64().unwrap() <= 0.0);
+        assert!(!c["token_logprobs"].as_array().unwrap().is_empty());
+    }
+    let products = s["products"].as_array().unwrap();
+    assert!(!products.is_empty() && products.len() <= 3, "{s}");
+    for p in products {
+        assert!(p["id"].is_string() && p["title"].is_string() && p["score"].is_number());
+        assert!(!p["codes"].as_array().unwrap().is_empty());
+    }
+    for t in [
+        "tokenize", "prefill", "decode", "postings", "scoring", "queue", "server",
+    ] {
+        assert!(s["timings_ms"][t].as_f64().unwrap() >= 0.0, "{t}: {s}");
+    }
+    assert!(s["steps"].as_u64().unwrap() >= 1);
+
+    // GET /search: the same search from a query string.
+    let g = get(addr, "/search?q=velvet+sofa&k=3&beam=4").await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    let g = g.json();
+    assert_eq!((codes(&g), ids(&g)), (codes(&s), ids(&s)));
+    // Defaults: k 300, beam 10.
+    let d = get(addr, "/search?q=oak%20desk").await.json();
+    assert!(d["codes"].as_array().unwrap().len() <= 10 && !ids(&d).is_empty());
+
+    // POST /v1/codes: the same codes, no products.
+    let c = post(
+        addr,
+        "/v1/codes",
+        json!({"query": "velvet sofa", "beam": 4}),
+    )
+    .await;
+    assert_eq!(c.status, 200, "{}", c.text());
+    let c = c.json();
+    assert_eq!(codes(&c), codes(&s));
+    assert!(c.get("products").is_none(), "{c}");
+
+    let m = metrics(addr).await;
+    let count = |k: &str| m.get(k).copied().unwrap_or(0.0);
+    assert_eq!(
+        count(r#"gram_requests_total{endpoint="/v1/search",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"gram_requests_total{endpoint="/search",status="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"gram_requests_total{endpoint="/v1/codes",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"gram_requests_total{endpoint="/ready",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"gram_request_duration_seconds_count{endpoint="/v1/search"}"#),
+        1.0
+    );
+    for stage in [
+        "queue", "tokenize", "prefill", "decode", "postings", "scoring",
+    ] {
+        assert_eq!(
+            count(&format!("gram_stage_seconds_count{{stage=\"{stage}\"}}")),
+            4.0,
+            "{stage}"
+        );
+    }
+    assert!(count("gram_step_seconds_count") >= 4.0);
+    assert!(count("gram_step_rows_sum") > 0.0);
+    assert_eq!(count("gram_queue_depth"), 0.0);
+    assert!(count("gram_kv_arena_entries") > 0.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_clear_4xx() {
+    let server = start(&[
+        "--max-query-bytes",
+        "200",
+        "--max-query-tokens",
+        "16",
+        "--max-k",
+        "50",
+        "--max-beam",
+        "8",
+        "--max-body-bytes",
+        "4096",
+    ])
+    .await;
+    let addr = server.addr();
+    let json_ct = Some("application/json");
+    let cases: Vec<(&str, Answer, u16, &str, &str)> = vec![
+        (
+            "invalid JSON",
+            call(addr, "POST", "/v1/search", json_ct, r#"{"query": "sofa""#).await,
+            400,
+            "invalid_json",
+            "JSON",
+        ),
+        (
+            "not JSON at all",
+            call(addr, "POST", "/v1/search", json_ct, "query=sofa").await,
+            400,
+            "invalid_json",
+            "JSON",
+        ),
+        (
+            "query of the wrong type",
+            post(addr, "/v1/search", json!({"query": 5})).await,
+            400,
+            "invalid_request",
+            "invalid type",
+        ),
+        (
+            "k of the wrong type",
+            post(addr, "/v1/search", json!({"query": "sofa", "k": "ten"})).await,
+            400,
+            "invalid_request",
+            "invalid type",
+        ),
+        (
+            "negative k",
+            post(addr, "/v1/search", json!({"query": "sofa", "k": -1})).await,
+            400,
+            "invalid_request",
+            "-1",
+        ),
+        (
+            "fractional beam",
+            post(addr, "/v1/search", json!({"query": "sofa", "beam": 2.5})).await,
+            400,
+            "invalid_request",
+            "2.5",
+        ),
+        (
+            "null query",
+            post(addr, "/v1/search", json!({"query": null})).await,
+            400,
+            "invalid_request",
+            "null",
+        ),
+        (
+            "a JSON array",
+            post(addr, "/v1/search", json!(["sofa"])).await,
+            400,
+            "invalid_request",
+            "",
+        ),
+        (
+            "missing query",
+            post(addr, "/v1/search", json!({"k": 3})).await,
+            400,
+            "invalid_request",
+            "missing field `query`",
+        ),
+        (
+            "unknown field",
+            post(
+                addr,
+                "/v1/search",
+                json!({"query": "sofa", "colour": "red"}),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "unknown field `colour`",
+        ),
+        (
+            "k on the codes endpoint",
+            post(addr, "/v1/codes", json!({"query": "sofa", "k": 3})).await,
+            400,
+            "invalid_request",
+            "unknown field `k`",
+        ),
+        (
+            "empty query",
+            post(addr, "/v1/search", json!({"query": ""})).await,
+            422,
+            "input",
+            "empty",
+        ),
+        (
+            "blank query",
+            post(addr, "/v1/codes", json!({"query": " \t "})).await,
+            422,
+            "input",
+            "empty",
+        ),
+        (
+            "query over the byte limit",
+            post(addr, "/v1/search", json!({"query": "sofa ".repeat(50)})).await,
+            422,
+            "input",
+            "bytes",
+        ),
+        (
+            "query over the token limit",
+            post(addr, "/v1/search", json!({"query": "sofa ".repeat(30)})).await,
+            422,
+            "input",
+            "tokens",
+        ),
+        (
+            "k of 0",
+            post(addr, "/v1/search", json!({"query": "sofa", "k": 0})).await,
+            422,
+            "input",
+            "k: 0",
+        ),
+        (
+            "k over the limit",
+            post(addr, "/v1/search", json!({"query": "sofa", "k": 51})).await,
+            422,
+            "input",
+            "k: 51",
+        ),
+        (
+            "k beyond u64",
+            post(addr, "/v1/search", json!({"query": "sofa", "k": 1e30})).await,
+            400,
+            "invalid_request",
+            "",
+        ),
+        (
+            "beam of 0",
+            post(addr, "/v1/codes", json!({"query": "sofa", "beam": 0})).await,
+            422,
+            "input",
+            "beam: 0",
+        ),
+        (
+            "beam over the limit",
+            post(addr, "/v1/search", json!({"query": "sofa", "beam": 9})).await,
+            422,
+            "input",
+            "beam: 9",
+        ),
+        (
+            "invalid UTF-8 body",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                json_ct,
+                &b"{\"query\": \"sof\xff\"}"[..],
+            )
+            .await,
+            400,
+            "invalid_utf8",
+            "UTF-8",
+        ),
+        (
+            "lone surrogate escape",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                json_ct,
+                r#"{"query": "\ud800"}"#,
+            )
+            .await,
+            400,
+            "invalid_json",
+            "escape",
+        ),
+        (
+            "text/plain body",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                Some("text/plain"),
+                r#"{"query":"sofa"}"#,
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+            "text/plain",
+        ),
+        (
+            "no content type",
+            call(addr, "POST", "/v1/codes", None, r#"{"query":"sofa"}"#).await,
+            415,
+            "unsupported_media_type",
+            "none",
+        ),
+        (
+            "body over the size limit",
+            post(addr, "/v1/search", json!({"query": "x".repeat(5000)})).await,
+            413,
+            "payload_too_large",
+            "too large",
+        ),
+        (
+            "GET without q",
+            get(addr, "/search?k=3").await,
+            400,
+            "invalid_request",
+            "missing parameter `q`",
+        ),
+        (
+            "GET with invalid UTF-8",
+            get(addr, "/search?q=sof%FF").await,
+            400,
+            "invalid_utf8",
+            "UTF-8",
+        ),
+        (
+            "GET with a bad escape",
+            get(addr, "/search?q=sof%G0").await,
+            400,
+            "invalid_request",
+            "percent-escape",
+        ),
+        (
+            "GET with a non-numeric k",
+            get(addr, "/search?q=sofa&k=ten").await,
+            400,
+            "invalid_request",
+            "k: `ten`",
+        ),
+        (
+            "GET with an unknown parameter",
+            get(addr, "/search?q=sofa&colour=red").await,
+            400,
+            "invalid_request",
+            "unknown parameter `colour`",
+        ),
+        (
+            "GET with q twice",
+            get(addr, "/search?q=sofa&q=rug").await,
+            400,
+            "invalid_request",
+            "twice",
+        ),
+        (
+            "GET with an empty q",
+            get(addr, "/search?q=").await,
+            422,
+            "input",
+            "empty",
+        ),
+        (
+            "GET with k over the limit",
+            get(addr, "/search?q=sofa&k=1000").await,
+            422,
+            "input",
+            "k: 1000",
+        ),
+        (
+            "unknown endpoint",
+            get(addr, "/v2/search").await,
+            404,
+            "not_found",
+            "",
+        ),
+        (
+            "GET on a POST endpoint",
+            get(addr, "/v1/search").await,
+            405,
+            "method_not_allowed",
+            "",
+        ),
+        (
+            "POST on a GET endpoint",
+            post(addr, "/health", json!({})).await,
+            405,
+            "method_not_allowed",
+            "",
+        ),
+    ];
+    let n = cases.len();
+    for (case, answer, status, kind, needle) in &cases {
+        let msg = error_of(answer, *status, kind, case);
+        assert!(msg.contains(needle), "{case}: `{msg}` lacks `{needle}`");
+    }
+    // The server is still well, and counted every failure by kind.
+    let ok = post(
+        addr,
+        "/v1/search",
+        json!({"query": "sofa", "k": 50, "beam": 8}),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let m = metrics(addr).await;
+    let failures: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("gram_request_failures_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(failures as usize, n);
+    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 10.0);
+    assert_eq!(
+        m[r#"gram_requests_total{endpoint="other",status="404"}"#],
+        1.0
+    );
+    // No request but the good one reached the batch.
+    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 1.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
+    let queries = [
+        "green velvet sofa",
+        "oak desk",
+        "cheap rug",
+        "lamp for kids",
+        "chair",
+        "wool",
+        "velvet oak lamp",
+        "desk sofa",
+    ];
+    let requests: Vec<Request> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Request {
+            k: 1 + 2 * i,
+            beam: 1 + (i * 3) % 7,
+            codes_only: i % 4 == 3,
+            ..Request::new(*q)
+        })
+        .collect();
+    // The in-process engine, one request at a time.
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let mut beams = BeamSearch::new();
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let p = engine.prepare(r.clone()).unwrap();
+            engine.search(&mut beams, vec![p]).unwrap().remove(0)
+        })
+        .collect();
+    // The server holds them in its gathering window until all 8 are queued.
+    let server = start(&["--max-batch", "8", "--batch-wait-us", "30000000"]).await;
+    let addr = server.addr();
+    let sent = requests.iter().map(|r| {
+        let (path, body) = if r.codes_only {
+            ("/v1/codes", json!({"query": r.query, "beam": r.beam}))
+        } else {
+            (
+                "/v1/search",
+                json!({"query": r.query, "k": r.k, "beam": r.beam}),
+            )
+        };
+        tokio::spawn(post(addr, path, body))
+    });
+    let answers: Vec<Answer> = futures_join(sent.collect()).await;
+    for ((r, a), want) in requests.iter().zip(&answers).zip(&alone) {
+        assert_eq!(a.status, 200, "{}", a.text());
+        let got = a.json();
+        assert_eq!(got["query"], want.query);
+        let want_codes: Vec<String> = want.codes.iter().map(|c| c.code.clone()).collect();
+        assert_eq!(codes(&got), want_codes, "{}", r.query);
+        if r.codes_only {
+            assert!(got.get("products").is_none());
+            continue;
+        }
+        let want_ids: Vec<String> = want.products.iter().map(|p| p.id.clone()).collect();
+        assert_eq!(ids(&got), want_ids, "{}", r.query);
+        for (g, w) in got["products"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(&want.products)
+        {
+            assert!((g["score"].as_f64().unwrap() - w.score as f64).abs() < 1e-4);
+        }
+    }
+    // They shared decoder steps: the first one ran all 8.
+    let m = metrics(addr).await;
+    let steps_over_4 =
+        m["gram_step_requests_bucket{le=\"8\"}"] - m["gram_step_requests_bucket{le=\"4\"}"];
+    assert!(steps_over_4 >= 1.0, "{m:?}");
+    assert_eq!(m["gram_stage_seconds_count{stage=\"queue\"}"], 8.0);
+    server.shutdown().await.unwrap();
+}
+
+/// Awaits spawned tasks in order.
+async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_at_once_with_retry_after() {
+    // Queue of 1; the batch (of up to 2) waits 2 s for a second request that the queue can
+    // never hold, so every request that comes meanwhile is refused.
+    let server = start(&[
+        "--max-queue",
+        "1",
+        "--max-batch",
+        "2",
+        "--batch-wait-us",
+        "2000000",
+        "--retry-after-s",
+        "3",
+    ])
+    .await;
+    let addr = server.addr();
+    let sent: Vec<_> = (0..12)
+        .map(|i| {
+            tokio::spawn(post(
+                addr,
+                "/v1/search",
+                json!({"query": format!("sofa {i}")}),
+            ))
+        })
+        .collect();
+    let answers = futures_join(sent).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == 503).collect();
+    assert_eq!(ok + refused.len(), answers.len());
+    assert!(
+        ok >= 1 && !refused.is_empty(),
+        "{ok} answered, {} refused",
+        refused.len()
+    );
+    for a in refused {
+        error_of(a, 503, "overloaded", "full queue");
+        assert_eq!(a.headers["retry-after"], "3");
+    }
+    let m = metrics(addr).await;
+    assert_eq!(
+        m[r#"gram_requests_total{endpoint="/v1/search",status="503"}"#] as usize,
+        answers.len() - ok
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_504_and_leaves_the_queue() {
+    // The gathering window (1 s) outlasts the deadline (100 ms).
+    let server = start(&[
+        "--timeout-ms",
+        "100",
+        "--max-batch",
+        "4",
+        "--batch-wait-us",
+        "1000000",
+    ])
+    .await;
+    let addr = server.addr();
+    let a = post(addr, "/v1/search", json!({"query": "oak desk"})).await;
+    let msg = error_of(&a, 504, "timeout", "deadline");
+    assert!(msg.contains("100 ms"), "{msg}");
+    // Once the window has passed, the batcher has dropped it unadmitted: no step ran.
+    let mut m = metrics(addr).await;
+    for _ in 0..200 {
+        if m["gram_queue_depth"] == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        m = metrics(addr).await;
+    }
+    assert_eq!(m["gram_queue_depth"], 0.0);
+    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 0.0);
+    assert_eq!(m["gram_step_seconds_count"], 0.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_every_request_in_flight() {
+    // The 4 requests wait in a long gathering window (the batch holds 8) until shutdown ends it.
+    let server = start(&["--max-batch", "8", "--batch-wait-us", "30000000"]).await;
+    let addr = server.addr();
+    let sent: Vec<_> = ["sofa", "rug", "lamp", "desk"]
+        .iter()
+        .map(|q| tokio::spawn(post(addr, "/v1/search", json!({"query": q, "k": 2}))))
+        .collect();
+    let mut queued = 0.0;
+    for _ in 0..500 {
+        queued = metrics(addr).await["gram_queue_depth"];
+        if queued == 4.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(queued, 4.0);
+    server.shutdown().await.unwrap();
+    for a in futures_join(sent).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert!(!ids(&a.json()).is_empty());
+    }
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
+    let parse = |flags: &[&str]| {
+        let mut argv = vec!["serve", "--index", "/nonexistent"];
+        argv.extend_from_slice(flags);
+        Cli::parse_from(argv).serve.config()
+    };
+    for (flags, want) in [
+        (&["--max-batch", "0"][..], "--max-batch"),
+        (&["--max-queue", "0"][..], "--max-queue"),
+        (&["--timeout-ms", "0"][..], "--timeout-ms"),
+        (&["--addr", "localhost"][..], "--addr"),
+        (&["--max-beam", "100000"][..], "--max-beam"),
+    ] {
+        let e = parse(flags).err().unwrap().to_string();
+        assert!(e.contains(want), "{flags:?}: {e}");
+    }
+    let config = parse(&["--addr", "127.0.0.1:0"]).unwrap();
+    let e = Server::start(config).await.err().unwrap().to_string();
+    assert!(e.contains("/nonexistent"), "{e}");
+}
