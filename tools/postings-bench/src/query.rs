@@ -15,7 +15,11 @@
 //! with `score::s_rele_f64` in f64, max-aggregated and fully sorted (the sets must agree except
 //! for products whose f64 scores tie with the k-th within 1e-4; every score within 1e-4);
 //! tantivy's full hit set (`DocSetCollector`) against the union of the posting lists, and its
-//! top `k` against the union sorted by the stored score.
+//! top `k` against the union sorted by the stored score; and the prototype aggregation
+//! (`Dense`, timed as `prototype_dense_aggregate`) against `rank`, hit for hit.
+//!
+//! Also timed: `gram_score_only` (the S_rele kernel over the same lists, no aggregation), to
+//! show where `rank`'s time goes.
 
 use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
@@ -243,6 +247,79 @@ fn gram_score_only(ix: &Index, q: &Query, isa: Isa, buf: &mut Vec<f32>) -> f32 {
     acc
 }
 
+/// A prototype of another aggregation, not gram's code path (what `rank` could do instead of
+/// sorting a tuple per posting and allocating a code list per product): every list scored as
+/// `rank` scores it, max-aggregated into per-product slots with an epoch stamp (8 bytes per
+/// product, allocated once per searcher), the top k of the touched products selected, and the
+/// codes of only those k found by binary search. Same hits as `rank` (checked).
+struct Dense {
+    stamp: Vec<u32>,
+    score: Vec<f32>,
+    epoch: u32,
+    touched: Vec<u32>,
+    buf: Vec<f32>,
+}
+
+impl Dense {
+    fn new(products: usize) -> Dense {
+        Dense {
+            stamp: vec![0; products],
+            score: vec![0.0; products],
+            epoch: 0,
+            touched: Vec::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    fn rank(&mut self, ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
+        self.epoch += 1;
+        self.touched.clear();
+        let e = self.epoch;
+        let l = lists(ix, q);
+        for list in &l {
+            self.buf.clear();
+            self.buf.resize(list.products.len(), 0.0);
+            score::score_postings(isa, list.pq, list.w, list.pt, &mut self.buf);
+            for (&p, &v) in list.products.iter().zip(&self.buf) {
+                let p = p as usize;
+                if p >= self.stamp.len() {
+                    continue;
+                }
+                if self.stamp[p] != e {
+                    self.stamp[p] = e;
+                    self.score[p] = v;
+                    self.touched.push(p as u32);
+                } else {
+                    self.score[p] = self.score[p].max(v);
+                }
+            }
+        }
+        let better = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut top: Vec<(u32, f32)> = self
+            .touched
+            .iter()
+            .map(|&p| (p, self.score[p as usize]))
+            .collect();
+        if k == 0 {
+            return Vec::new();
+        }
+        if top.len() > k {
+            top.select_nth_unstable_by(k - 1, better);
+            top.truncate(k);
+        }
+        top.sort_unstable_by(better);
+        top.into_iter()
+            .map(|(product, score)| score::Hit {
+                product,
+                score,
+                codes: (0..l.len() as u32)
+                    .filter(|&c| l[c as usize].products.binary_search(&product).is_ok())
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
 fn tantivy_query(field: Field, q: &Query) -> BooleanQuery {
     let subs: Vec<(Occur, Box<dyn TQuery>)> = q
         .codes
@@ -283,7 +360,9 @@ fn pid(cols: &[Column<u64>], a: DocAddress) -> Result<u32> {
 }
 
 /// The checks of the module docs, for one query; returns (boundary ties, gram max |Δscore|).
+#[allow(clippy::too_many_arguments)]
 fn check(
+    dense: &mut Dense,
     ix: &Index,
     ids: &[u32],
     searcher: &Searcher,
@@ -339,6 +418,9 @@ fn check(
             }
             ties += 1;
         }
+    }
+    if dense.rank(ix, q, isa, k) != hits {
+        return Err("the dense prototype disagrees with rank".into());
     }
     if max_err > 1e-4 {
         return Err(format!("gram scores differ from f64 by {max_err}").into());
@@ -440,10 +522,11 @@ pub fn run(p: &Params) -> Result<String> {
         })
         .collect();
 
+    let mut dense = Dense::new(ix.num_products());
     // Checks first (they also warm both engines' pages for the checked queries).
     let (mut ties, mut max_err) = (0, 0f64);
     for q in queries.iter().take(p.check) {
-        let (t, e) = check(&ix, ids, &searcher, field, q, isa, p.k)?;
+        let (t, e) = check(&mut dense, &ix, ids, &searcher, field, q, isa, p.k)?;
         ties += t;
         max_err = max_err.max(e);
     }
@@ -452,10 +535,11 @@ pub fn run(p: &Params) -> Result<String> {
     let mut buf = Vec::new();
     for q in &queries {
         black_box(gram_query(&ix, q, isa, p.k));
+        black_box(dense.rank(&ix, q, isa, p.k));
         black_box(tantivy_top(&searcher, field, q, p.k)?);
     }
     let mem_warm = memory();
-    let (mut g, mut s, mut tv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut g, mut s, mut tv, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut rounds = Vec::new();
     for _ in 0..p.rounds.max(1) {
         let (g0, tv0) = (g.len(), tv.len());
@@ -471,6 +555,11 @@ pub fn run(p: &Params) -> Result<String> {
         }
         for q in &queries {
             let t = Instant::now();
+            black_box(dense.rank(&ix, q, isa, p.k));
+            d.push(t.elapsed());
+        }
+        for q in &queries {
+            let t = Instant::now();
             black_box(tantivy_top(&searcher, field, q, p.k)?);
             tv.push(t.elapsed());
         }
@@ -483,6 +572,7 @@ pub fn run(p: &Params) -> Result<String> {
     let total_postings: u64 = postings.iter().sum::<u64>() * p.rounds.max(1) as u64;
     let gp = percentiles(&mut g);
     let sp = percentiles(&mut s);
+    let dp = percentiles(&mut d);
     let tp = percentiles(&mut tv);
     let ratio = |key: &str| {
         let (a, b) = (
@@ -525,6 +615,7 @@ pub fn run(p: &Params) -> Result<String> {
         },
         "gram": gp,
         "gram_score_only": sp,
+        "prototype_dense_aggregate": dp,
         "tantivy": tp,
         "ratio_gram_over_tantivy": {"p50": ratio("p50_ms"), "p90": ratio("p90_ms"), "p99": ratio("p99_ms"), "mean": ratio("mean_ms")},
         "per_round": rounds,
