@@ -397,6 +397,65 @@ impl Index {
         };
         Some((s(p.id_off, p.id_len), s(p.title_off, p.title_len)))
     }
+
+    /// Reads every record the way a search does — each code's text, trie path and postings
+    /// (scored), each product — and counts what it finds. A deep check beyond the checksums
+    /// (`gram index inspect --deep`), and what the fuzz target drives: on any file `open`
+    /// accepted, it must not panic.
+    pub fn scan(&self) -> Scan {
+        let mut scan = Scan::default();
+        let isa = crate::backend::cpu::simd::Isa::detect();
+        let products = self.num_products() as u32;
+        let mut scores = Vec::new();
+        for id in 0..self.num_codes() as u32 {
+            let c = *self.code(id).expect("id < num_codes");
+            scan.codes += 1;
+            scan.code_bytes += self.code_text(id).map_or(0, |t| t.len());
+            let n = c.n_tokens as usize;
+            let (pq, w) = (vec![0.5; n], vec![-1.0; n]);
+            let Some(p) = self.postings(id, &pq, &w) else {
+                continue;
+            };
+            scan.postings += p.products.len();
+            scan.longest_list = scan.longest_list.max(p.products.len());
+            scan.stray_postings += p.products.iter().filter(|&&x| x >= products).count();
+            scan.unsorted_lists += usize::from(!p.products.windows(2).all(|w| w[0] < w[1]));
+            scores.clear();
+            scores.resize(p.products.len(), 0.0);
+            crate::score::score_postings(isa, p.pq, p.w, p.pt, &mut scores);
+            scan.non_finite_scores += scores.iter().filter(|s| !s.is_finite()).count();
+        }
+        for node in 0..self.trie.num_nodes() as u32 {
+            if let Some(code) = self.trie.code(node) {
+                scan.trie_codes += usize::from((code as usize) < self.num_codes());
+            }
+        }
+        for i in 0..products {
+            if let Some((id, title)) = self.product(i) {
+                scan.products += 1;
+                scan.product_bytes += id.len() + title.len();
+            }
+        }
+        scan
+    }
+}
+
+/// What [`Index::scan`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Scan {
+    pub codes: usize,
+    pub code_bytes: usize,
+    pub postings: usize,
+    pub longest_list: usize,
+    /// Postings naming a product past the product table (ignored by search).
+    pub stray_postings: usize,
+    /// Posting lists not strictly ascending.
+    pub unsorted_lists: usize,
+    pub non_finite_scores: usize,
+    /// Trie nodes ending a code of the code table.
+    pub trie_codes: usize,
+    pub products: usize,
+    pub product_bytes: usize,
 }
 
 /// `off .. off + len` lies inside `0 .. size` (no overflow).

@@ -49,6 +49,9 @@ enum IndexCommand {
     Inspect {
         /// Index directory.
         dir: PathBuf,
+        /// Also read every record as a search would (codes, trie, postings, products).
+        #[arg(long)]
+        deep: bool,
     },
 }
 
@@ -182,7 +185,7 @@ fn main() -> ExitCode {
         Command::Lm(args) => run_lm(args),
         Command::Codes(args) => run_codes(args),
         Command::Index(IndexCommand::Build(args)) => run_index_build(args),
-        Command::Index(IndexCommand::Inspect { dir }) => run_index_inspect(&dir),
+        Command::Index(IndexCommand::Inspect { dir, deep }) => run_index_inspect(&dir, deep),
         Command::Search(args) => run_search(args),
         Command::Serve(args) => gram::server::run(args).map_err(|e| e.to_string()),
         Command::Bench(args) => gram::loadgen::run(args),
@@ -348,7 +351,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_index_inspect(dir: &std::path::Path) -> Result<(), String> {
+fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     let index = Index::open(&gram::search::index_file(dir)).map_err(|e| e.to_string())?;
     let c = index.container();
     let verified = c
@@ -360,12 +363,13 @@ fn run_index_inspect(dir: &std::path::Path) -> Result<(), String> {
         .iter()
         .map(|s| json!({"kind": s.kind, "bytes": s.len}))
         .collect();
-    println!(
-        "{}",
-        json!({"codes": index.num_codes(), "products": index.num_products(),
-               "trie_nodes": index.trie().num_nodes(), "sections": sections,
-               "checksums": verified, "meta": index.meta()})
-    );
+    let mut out = json!({"codes": index.num_codes(), "products": index.num_products(),
+           "trie_nodes": index.trie().num_nodes(), "sections": sections,
+           "checksums": verified, "meta": index.meta()});
+    if deep {
+        out["scan"] = json!(index.scan());
+    }
+    println!("{out}");
     Ok(())
 }
 
