@@ -28,7 +28,7 @@
 //     chunk writes (m, l, o) partials to part_ml [n_chunks, T, H, 2] / part_o
 //     [n_chunks, T, H, D] and attention_decode_merge writes out.
 //   scale = 1/sqrt(D).
-// Launch: attention_decode: grid (n_groups, Hkv * row_slices, n_chunks), block 256 (8 warps;
+// Launch: attention_decode: grid (n_groups, Hkv * row_slices, n_chunks), block exactly 256 (8 warps;
 //   a warp takes one (row, query head) pair at a time, the pairs of a block being its rows x the
 //   G query heads of its KV head). attention_decode_merge: grid (ceil(T * H / 8)), block 256,
 //   a warp per (row, head).
@@ -139,7 +139,8 @@ __device__ __forceinline__ void decode_impl(const AttnParams<T>& p) {
     __shared__ float qw[DC_WARPS][D];
     __shared__ u32 pair_s[DC_WARPS];
 
-    if (p.kv_heads == 0 || p.row_slices == 0 || p.n_chunks == 0) return;
+    // Uniform in the block. qw has one row per warp of DC_THREADS.
+    if (blockDim.x != DC_THREADS || p.kv_heads == 0 || p.row_slices == 0 || p.n_chunks == 0) return;
     const u32 group = blockIdx.x, slice = blockIdx.y % p.row_slices, kvh = blockIdx.y / p.row_slices;
     const u32 chunk = blockIdx.z;
     if (group >= p.n_groups || kvh >= p.kv_heads || chunk >= p.n_chunks) return;  // uniform

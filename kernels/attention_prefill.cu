@@ -18,7 +18,8 @@
 //     context of the tile's longest row (same span_begin; links, if any, from the same
 //     link_begin after a span of the same length); a row that does not gets NaN output.
 //   scale = 1/sqrt(D); part_o / part_ml / rows_per_block / row_slices / n_chunks unused.
-// Launch: grid (n_groups, H), block 128 (4 warps x 4 rows; one key per lane of a 32-key tile).
+// Launch: grid (n_groups, H), block exactly 128 (4 warps x 4 rows; one key per lane of a 32-key
+// tile; another block size writes nothing).
 // Shared memory: 16 x D (q) + 32 x (D + 1) (K) + 32 x D (V) f32 = 41 KB at D = 128 (static).
 // An entry >= entries (or a link index >= n_links) in a row's context gives that row NaN.
 //
@@ -57,7 +58,8 @@ __device__ __forceinline__ void prefill_impl(const AttnParams<T>& p) {
     __shared__ u32 kv_len_s;
 
     const u32 tile = blockIdx.x, h = blockIdx.y;
-    if (tile >= p.n_groups || h >= p.heads || p.kv_heads == 0) return;  // uniform in the block
+    // Uniform in the block. The row-to-warp mapping needs exactly PF_THREADS threads.
+    if (blockDim.x != PF_THREADS || tile >= p.n_groups || h >= p.heads || p.kv_heads == 0) return;
     const u32 g = kv_head_of(h, p.heads, p.kv_heads);
     const u32 r0 = p.groups[tile];
     const u32 r1 = min(p.groups[tile + 1], p.n_rows);

@@ -236,7 +236,8 @@ def main() -> None:
     print(f"NVRTC options: {' '.join(options)}  (+ headers {', '.join(headers) or 'none'})")
 
     errors: list[str] = []
-    ptx_dir = args.keep_ptx or tempfile.mkdtemp(prefix="gram-ptx-")
+    tmp = None if args.keep_ptx else tempfile.TemporaryDirectory(prefix="gram-ptx-")
+    ptx_dir = args.keep_ptx or tmp.name
     os.makedirs(ptx_dir, exist_ok=True)
     ptx_files: list[tuple[str, str, list[str]]] = []
     for path in sources:
@@ -319,7 +320,10 @@ def main() -> None:
             else:
                 errors.append(msg)
 
-    print(f"\n{len(sources)} files checked in {time.monotonic() - t0:.1f} s; PTX in {ptx_dir}")
+    kept = f"; PTX in {ptx_dir}" if args.keep_ptx else ""
+    print(f"\n{len(sources)} files checked in {time.monotonic() - t0:.1f} s{kept}")
+    if tmp:
+        tmp.cleanup()
     if errors:
         print("\nCUDA kernel check FAILED:", file=sys.stderr)
         for e in errors:
