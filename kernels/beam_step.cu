@@ -60,7 +60,7 @@
 
 struct BeamQuery {
     u32 beam;            // B, 1..=BEAM_MAX
-    u32 slot0;           // the query's slots are slot0..slot0 + B
+    u32 slot0;           // the query's slots are slot0..slot0 + B (disjoint between queries)
     u32 max_new_tokens;  // 1..=max_steps
     u32 normalize;       // 0: full vocabulary (HF), 1: over the allowed tokens
     // Used by beam_feed only:
@@ -70,7 +70,8 @@ struct BeamQuery {
     u32 entry0;          // arena entry of beam j's token fed after step s: entry0 + s * B + j
     u32 pre_len;         // links at the head of every beam's list (own prompt entries, or 0);
                          //   the host writes them once into both link buffers
-    u32 feed_row0;       // decoder batch row (and logits row) of slot j in decode steps
+    u32 feed_row0;       // decoder batch row (and logits row) of slot j in decode steps:
+                         //   feed_row0 + j (disjoint between queries)
 };
 
 struct BeamState {
