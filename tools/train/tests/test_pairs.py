@@ -1,0 +1,121 @@
+"""Training pairs: query synthesis, targets, and no held-out leakage (split by query, cold
+products, judged queries). Standard library only."""
+import json
+import random
+import unittest
+from pathlib import Path
+
+from tools.train import codes as C
+from tools.train import pairs as P
+
+
+def catalog(n=400):
+    rng = random.Random(1)
+    brands, cats = ["hp", "canon", "lenovo", "brother"], ["notebook", "toner cartridge", "mouse"]
+    items = []
+    for i in range(n):
+        a = {"category": rng.choice(cats), "brand": rng.choice(brands),
+             "colour": rng.choice(["black", "grey", None]), "model": f"m{i}x"}
+        a = {k: v for k, v in a.items() if v}
+        items.append({"id": str(1000 + i), "title": f"{a['brand'].upper()} M{i}X {a['category']}",
+                      "attributes": a, "codes": C.product_codes(a)})
+    return items
+
+
+class Synthesis(unittest.TestCase):
+    def test_targets_are_named_subsets(self):
+        it = catalog(1)[0]
+        a = it["attributes"]
+        t = P.targets(it, ("brand", "category"))
+        self.assertIn(a["brand"], t)
+        self.assertIn(a["category"] + " | " + a["brand"], t)
+        self.assertTrue(all(a["model"] not in c for c in t))
+        # a model number implies brand and category
+        t = P.targets(it, ("model",))
+        self.assertIn(f"{a['category']} | {a['brand']} | {a['model']}", t)
+
+    def test_typo_one_word(self):
+        rng = random.Random(3)
+        for _ in range(200):
+            q = P.typo("wireless keyboard black", rng)
+            diff = [a != b for a, b in zip(q.split(), "wireless keyboard black".split())]
+            self.assertLessEqual(sum(diff), 1)
+            self.assertEqual(len(q.split()), 3)
+
+    def test_queries_distinct_and_normalized(self):
+        rng = random.Random(0)
+        for it in catalog(50):
+            qs = P.synth_queries(it, 6, rng)
+            self.assertEqual(len({q for q, _ in qs}), len(qs))
+            for q, named in qs:
+                self.assertEqual(q, P.qnorm(q))
+                self.assertTrue(P.targets(it, named))
+
+
+class Leakage(unittest.TestCase):
+    def setUp(self):
+        self.items = catalog()
+        # judged queries that the synthesizer certainly produces
+        self.judged = {"HP Notebook": {"1000": 3}, "canon": {"1001": 2}, "laptop": {"1002": 0}}
+        self.out = P.build(self.items, self.judged, per_product=6, seed=0, cold_percent=10,
+                           valid_percent=10)
+
+    def test_judged_queries_never_trained_or_validated(self):
+        judged = {P.qnorm(q) for q in self.judged}
+        texts = {p["text"] for p in self.out["pairs-train"] + self.out["pairs-valid"]
+                 if p["kind"] == "query"}
+        self.assertFalse(judged & texts)
+        self.assertFalse(judged & {q["query"] for q in self.out["queries-train"]})
+        self.assertFalse(judged & {q["query"] for q in self.out["cold"]["queries"]})
+        self.assertGreater(self.out["stats"]["synthetic_queries_equal_to_judged_dropped"], 0)
+        self.assertEqual(len(self.out["judged"]), 3)
+
+    def test_split_by_query(self):
+        tr = {p["text"] for p in self.out["pairs-train"] if p["kind"] == "query"}
+        va = {p["text"] for p in self.out["pairs-valid"]}
+        self.assertTrue(tr and va)
+        self.assertFalse(tr & va)
+        self.assertEqual(tr, {q["query"] for q in self.out["queries-train"]})
+        self.assertEqual(va, {q["query"] for q in self.out["queries-valid"]})
+        for q in va:
+            self.assertTrue(P.is_valid_query(q, 10))
+
+    def test_cold_products_unseen(self):
+        cold = self.out["cold"]["products"]
+        self.assertTrue(cold)
+        ids = {p["id"] for p in cold}
+        titles = {p["title"] for p in cold}
+        self.assertFalse(titles & {p["text"] for p in self.out["pairs-train"]
+                                   if p["kind"] == "product"})
+        for q in self.out["queries-train"] + self.out["queries-valid"]:
+            self.assertFalse(ids & set(q["pids"]))
+        train_q = {q["query"] for q in self.out["queries-train"]}
+        self.assertFalse(train_q & {q["query"] for q in self.out["cold"]["queries"]})
+
+    def test_deterministic(self):
+        again = P.build(self.items, self.judged, per_product=6, seed=0, cold_percent=10,
+                        valid_percent=10)
+        self.assertEqual(json.dumps(again, sort_keys=True), json.dumps(self.out, sort_keys=True))
+
+
+class WorkFiles(unittest.TestCase):
+    """The same checks on the files of a real run, when there is one (tools/train/work)."""
+
+    def test_written_pairs(self):
+        w = C.WORK
+        if not (w / "pairs-train.jsonl").exists() or not (w / "judged.jsonl").exists():
+            self.skipTest("no stage-2 output in tools/train/work")
+        judged = {P.qnorm(r["query"]) for r in P.read_jsonl(w / "judged.jsonl")}
+        train = P.read_jsonl(w / "pairs-train.jsonl")
+        valid = P.read_jsonl(w / "pairs-valid.jsonl")
+        cold = P.read_jsonl(w / "cold.jsonl")
+        tq = {p["text"] for p in train if p["kind"] == "query"}
+        self.assertFalse(tq & judged)
+        self.assertFalse({p["text"] for p in valid} & judged)
+        self.assertFalse(tq & {p["text"] for p in valid})
+        cold_titles = {p["title"] for p in cold if p["kind"] == "product"}
+        self.assertFalse(cold_titles & {p["text"] for p in train if p["kind"] == "product"})
+
+
+if __name__ == "__main__":
+    unittest.main()
