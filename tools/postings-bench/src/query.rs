@@ -153,6 +153,14 @@ fn open_breakdown(path: &Path) -> Result<serde_json::Value> {
     }))
 }
 
+/// `/proc/loadavg`: other work on the machine while this ran.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn percentiles(v: &mut [Duration]) -> serde_json::Value {
     v.sort_unstable();
     let at = |q: f64| ms(v[((v.len() as f64 * q) as usize).min(v.len() - 1)]);
@@ -464,6 +472,7 @@ fn check(
 }
 
 pub fn run(p: &Params) -> Result<String> {
+    let load_start = loadavg();
     let path = index_file(&p.index);
     let size = std::fs::metadata(&path)?.len();
     // Open: first in the process with the file evicted from the page cache, then warm.
@@ -594,6 +603,7 @@ pub fn run(p: &Params) -> Result<String> {
             "index": path, "tantivy": p.tantivy, "queries": p.queries, "codes_per_query": p.codes,
             "k": p.k, "rounds": p.rounds, "seed": p.seed, "isa": format!("{isa:?}"),
             "threads": 1,
+            "loadavg_start": load_start, "loadavg_end": loadavg(),
         },
         "index": {
             "products": ix.num_products(), "codes": ix.num_codes(),
