@@ -141,6 +141,8 @@ pub struct Engine {
     isa: Isa,
     limits: Limits,
     model_dir: PathBuf,
+    /// Score accumulators (8 bytes per product each), one taken per request being scored.
+    rankers: std::sync::Mutex<Vec<score::Ranker>>,
 }
 
 /// The index file of an index directory.
@@ -227,6 +229,7 @@ impl Engine {
             isa: Isa::detect(),
             limits: Limits::default(),
             model_dir,
+            rankers: Default::default(),
         })
     }
 
@@ -401,7 +404,10 @@ impl Engine {
             timings.postings = t.elapsed().as_secs_f64() * 1e3;
             let t = Instant::now();
             let n = index.num_products() as u32;
-            let hits = score::rank(self.isa, &lists, self.aggregate, p.request.k, n);
+            let pool = || self.rankers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ranker = pool().pop().unwrap_or_default();
+            let hits = ranker.rank(self.isa, &lists, self.aggregate, p.request.k, n);
+            pool().push(ranker);
             products = hits
                 .iter()
                 .filter_map(|h| {
