@@ -27,8 +27,18 @@ use serde_json::{json, Value};
 fn index() -> &'static PathBuf {
     static INDEX: OnceLock<PathBuf> = OnceLock::new();
     INDEX.get_or_init(|| {
-        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gram-server-{}", std::process::id()));
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // Indexes left by earlier runs whose process is gone.
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("gram-server-") {
+                let proc = std::path::Path::new("/proc");
+                if proc.join("self").exists() && !proc.join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let tmp = root.join(format!("gram-server-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
         let mut lines = Vec::new();

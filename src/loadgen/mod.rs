@@ -26,7 +26,7 @@ use hyper::{Method, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// `gram bench` flags.
@@ -34,11 +34,11 @@ use tokio::time::Instant;
 pub struct BenchArgs {
     /// The server: a base URL (`http://127.0.0.1:8080`, then `POST /v1/search`) or an endpoint
     /// (`.../v1/search` or `.../v1/codes`). Plain HTTP.
-    #[arg(long)]
-    pub url: String,
+    #[arg(long, required_unless_present = "replot")]
+    pub url: Option<String>,
     /// Query file: one query per line (blank lines and lines starting with `#` are skipped).
-    #[arg(long)]
-    pub queries: PathBuf,
+    #[arg(long, required_unless_present = "replot")]
+    pub queries: Option<PathBuf>,
     /// Closed loop: this many clients, each sending its next query when its last is answered
     /// (the default, with 1 client).
     #[arg(long, conflicts_with = "rate")]
@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// Directory for report.json, latencies.csv and latency.svg.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Send nothing: redraw DIR/latency.svg from the DIR/report.json and DIR/latencies.csv of
+    /// an earlier run.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["url", "queries", "out"])]
+    pub replot: Option<PathBuf>,
 }
 
 /// One request's outcome.
@@ -105,7 +109,7 @@ impl Status {
 }
 
 /// Latency summary, milliseconds.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Percentiles {
     pub n: usize,
     pub mean: f64,
@@ -143,11 +147,11 @@ pub fn rank(v: &[f64], q: f64) -> f64 {
 }
 
 /// What `gram bench` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub url: String,
     /// `closed` or `open`.
-    pub mode: &'static str,
+    pub mode: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +174,9 @@ pub struct Report {
     pub queue_ms: Percentiles,
     /// The engine's stages (tokenize + prefill + decode + postings + scoring).
     pub engine_ms: Percentiles,
+    /// What serving adds to the engine, per request: client latency minus the engine's stages
+    /// (HTTP, JSON, queue handoff, validation).
+    pub overhead_ms: Percentiles,
 }
 
 /// What to send.
@@ -305,8 +312,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             args.timeout_s
         ));
     }
-    let (uri, takes_k) = endpoint(&args.url)?;
-    let queries = read_queries(&args.queries)?;
+    if let Some(dir) = &args.replot {
+        return replot(dir);
+    }
+    let (Some(url), Some(queries)) = (&args.url, &args.queries) else {
+        return Err("--url and --queries are needed".into());
+    };
+    let (uri, takes_k) = endpoint(url)?;
+    let queries = read_queries(queries)?;
     let bodies = queries
         .iter()
         .map(|q| {
@@ -442,12 +455,13 @@ fn report(
         Percentiles::of(&ok.iter().filter_map(|s| f(s)).collect::<Vec<_>>())
     };
     let report = Report {
-        url: args.url.clone(),
+        url: args.url.clone().unwrap_or_default(),
         mode: if args.rate.is_some() {
             "open"
         } else {
             "closed"
-        },
+        }
+        .into(),
         concurrency: args.rate.is_none().then_some(concurrency),
         rate: args.rate,
         elapsed_s,
@@ -460,8 +474,56 @@ fn report(
         server_ms: ms(&|s| s.server_ms),
         queue_ms: ms(&|s| s.queue_ms),
         engine_ms: ms(&|s| s.engine_ms),
+        overhead_ms: ms(&|s| s.engine_ms.map(|e| s.latency_s * 1e3 - e)),
     };
     (report, samples.to_vec())
+}
+
+/// Redraws `dir/latency.svg` from the run's report and raw latencies.
+fn replot(dir: &Path) -> Result<(), String> {
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let report: Report = serde_json::from_str(&read("report.json")?)
+        .map_err(|e| format!("{}/report.json: {e}", dir.display()))?;
+    let samples = read("latencies.csv")?
+        .lines()
+        .skip(1)
+        .map(parse_csv_line)
+        .collect::<Option<Vec<Sample>>>()
+        .ok_or_else(|| format!("{}/latencies.csv: malformed", dir.display()))?;
+    let p = dir.join("latency.svg");
+    std::fs::write(&p, plot::svg(&report, &samples))
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    eprintln!("wrote {}", p.display());
+    Ok(())
+}
+
+/// One line of `latencies.csv` (see [`csv`]).
+fn parse_csv_line(line: &str) -> Option<Sample> {
+    let f: Vec<&str> = line.split(',').collect();
+    let opt = |s: &str| {
+        if s.is_empty() {
+            Some(None)
+        } else {
+            s.parse().ok().map(Some)
+        }
+    };
+    let status = match *f.get(2)? {
+        "timeout" => Status::Timeout,
+        "connect" => Status::Connect,
+        "body" => Status::Body,
+        s => Status::Http(s.parse().ok()?),
+    };
+    Some(Sample {
+        sent_s: f.first()?.parse().ok()?,
+        latency_s: f.get(1)?.parse::<f64>().ok()? / 1e3,
+        status,
+        server_ms: opt(f.get(3)?)?,
+        queue_ms: opt(f.get(4)?)?,
+        engine_ms: opt(f.get(5)?)?,
+    })
 }
 
 /// The raw samples, one line each.

@@ -27,7 +27,7 @@ pub fn svg(report: &Report, samples: &[Sample]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let load = match (report.mode, report.concurrency, report.rate) {
+    let load = match (report.mode.as_str(), report.concurrency, report.rate) {
         ("open", _, Some(r)) => format!("open loop at {r} req/s"),
         (_, Some(c), _) => format!("closed loop, concurrency {c}"),
         _ => report.mode.to_string(),
@@ -141,30 +141,34 @@ fn histogram(out: &mut String, lat: &[f64]) {
         );
     }
     axes(out, HIST);
-    // x ticks: 1, 2, 5 × powers of ten within the range.
-    let mut decade = 10f64.powf(llo.floor());
-    while decade <= hi {
-        for m in [1.0, 2.0, 5.0] {
-            let v = decade * m;
-            if v >= lo && v <= hi {
-                let x = xs(v);
-                line(out, (x, y0 + h), (x, y0 + h + 5.0), r#"stroke="black""#);
-                text(out, x, y0 + h + 18.0, "middle", 11, &fmt_tick(v));
-            }
+    // x ticks: 1, 2, 5 × powers of ten over a wide range; evenly spaced ones over a narrow one.
+    let mut ticks = Vec::new();
+    if hi / lo < 4.0 {
+        let step = nice_step((hi - lo) / 8.0);
+        let mut v = (lo / step).ceil() * step;
+        while v <= hi {
+            ticks.push(v);
+            v += step;
         }
-        decade *= 10.0;
+    } else {
+        let mut decade = 10f64.powf(llo.floor());
+        while decade <= hi {
+            ticks.extend([1.0, 2.0, 5.0].map(|m| m * decade));
+            decade *= 10.0;
+        }
     }
-    for f in [0.0, 0.5, 1.0] {
-        let y = y0 + h - f * h;
+    for v in ticks.into_iter().filter(|&v| v >= lo && v <= hi) {
+        let x = xs(v);
+        line(out, (x, y0 + h), (x, y0 + h + 5.0), r#"stroke="black""#);
+        text(out, x, y0 + h + 18.0, "middle", 11, &fmt_tick(v));
+    }
+    let step = nice_step(top / 4.0).max(1.0);
+    let mut c = 0.0;
+    while c <= top {
+        let y = y0 + h - c / top * h;
         line(out, (x0 - 5.0, y), (x0, y), r#"stroke="black""#);
-        text(
-            out,
-            x0 - 8.0,
-            y + 4.0,
-            "end",
-            11,
-            &format!("{:.0}", f * top),
-        );
+        text(out, x0 - 8.0, y + 4.0, "end", 11, &format!("{c:.0}"));
+        c += step;
     }
     text(
         out,
@@ -196,8 +200,10 @@ fn histogram(out: &mut String, lat: &[f64]) {
 fn percentiles(out: &mut String, lat: &[f64]) {
     let (x0, y0, w, h) = PCT;
     let n = lat.len();
-    let nines = ((n as f64).log10().ceil()).clamp(1.0, 5.0);
-    let ymax = lat[n - 1] * 1.05;
+    // The axis ends at the last sample, p = (n - 1) / n: 99.9% needs 1,000 of them.
+    let nines = (n as f64).log10().clamp(1.0, 5.0);
+    let step = nice_step(lat[n - 1] / 4.0);
+    let ymax = (lat[n - 1] / step).ceil().max(1.0) * step;
     let xs = |x: f64| x0 + x.min(nines) / nines * w;
     let ys = |v: f64| y0 + h - v / ymax * h;
     // One point per sample, thinned to about 2,000 along the axis.
@@ -216,7 +222,7 @@ fn percentiles(out: &mut String, lat: &[f64]) {
         r##"<polyline points="{pts}" fill="none" stroke="#e45756" stroke-width="2"/>"##
     );
     axes(out, PCT);
-    for k in 0..=nines as usize {
+    for k in 0..=nines.floor() as usize {
         let x = xs(k as f64);
         let label = match k {
             0 => "0%".to_string(),
@@ -238,19 +244,26 @@ fn percentiles(out: &mut String, lat: &[f64]) {
             (xs(x), y0 + h),
             r##"stroke="#999" stroke-dasharray="3,3""##,
         );
+        // Labels left of the line at the right edge, right of it elsewhere.
+        let (dx, anchor) = if x + 0.3 > nines {
+            (-3.0, "end")
+        } else {
+            (3.0, "start")
+        };
         text(
             out,
-            xs(x) + 3.0,
+            xs(x) + dx,
             ys(v) - 6.0,
-            "start",
+            anchor,
             10,
             &format!("{name} {}", fmt_tick(v)),
         );
     }
-    for f in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let v = f * ymax;
+    let mut v = 0.0;
+    while v <= ymax * 1.0001 {
         line(out, (x0 - 5.0, ys(v)), (x0, ys(v)), r#"stroke="black""#);
         text(out, x0 - 8.0, ys(v) + 4.0, "end", 11, &fmt_tick(v));
+        v += step;
     }
     text(out, x0 + w / 2.0, y0 + h + 38.0, "middle", 12, "percentile");
     text(
@@ -269,6 +282,19 @@ fn percentiles(out: &mut String, lat: &[f64]) {
         x0 - 50.0,
         y0 + h / 2.0
     );
+}
+
+/// 1, 2 or 5 × a power of ten, at least `x`.
+fn nice_step(x: f64) -> f64 {
+    if !(x > 0.0 && x.is_finite()) {
+        return 1.0;
+    }
+    let p = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&s| s >= x)
+        .unwrap_or(10.0 * p)
 }
 
 fn axes(out: &mut String, (x0, y0, w, h): (f64, f64, f64, f64)) {

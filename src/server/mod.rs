@@ -443,7 +443,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     runtime.block_on(async {
         tracing::info!(addr = %config.addr, index = %config.index.display(), "starting");
         let server = Server::start(config).await?;
-        tracing::info!(addr = %server.addr(), "listening");
+        tracing::info!(addr = %server.addr(), "ready");
         let served = server
             .run_until(async {
                 signal().await;
