@@ -957,4 +957,19 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
     let config = parse(&["--addr", "127.0.0.1:0"]).unwrap();
     let e = Server::start(config).await.err().unwrap().to_string();
     assert!(e.contains("/nonexistent"), "{e}");
+    // An arena over --max-kv-mib is refused before it is allocated.
+    let ix = index().to_str().unwrap().to_string();
+    let argv = [
+        "serve",
+        "--index",
+        &ix,
+        "--addr",
+        "127.0.0.1:0",
+        "--max-batch",
+        "1000",
+    ];
+    let mut config = Cli::parse_from(argv).serve.config().unwrap();
+    config.max_kv_mib = 1;
+    let e = Server::start(config).await.err().unwrap().to_string();
+    assert!(e.contains("--max-kv-mib"), "{e}");
 }

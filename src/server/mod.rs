@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// The Retry-After of a 503, in seconds.
     #[arg(long, default_value_t = 1)]
     pub retry_after_s: u64,
+    /// Largest KV arena (MiB) the batch may allocate; a larger one (too many requests of too
+    /// wide a beam) is refused at startup.
+    #[arg(long, default_value_t = 8192)]
+    pub max_kv_mib: usize,
 }
 
 /// Validated serving options.
@@ -106,6 +110,7 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub retry_after_s: u64,
+    pub max_kv_mib: usize,
 }
 
 /// Why the server could not start or stopped.
@@ -143,6 +148,7 @@ impl ServeArgs {
             ("--max-k", self.max_k),
             ("--max-beam", self.max_beam),
             ("--max-body-bytes", self.max_body_bytes),
+            ("--max-kv-mib", self.max_kv_mib),
             ("--threads", self.threads.unwrap_or(1)),
         ] {
             if v == 0 {
@@ -177,6 +183,7 @@ impl ServeArgs {
             },
             max_body_bytes: self.max_body_bytes,
             retry_after_s: self.retry_after_s,
+            max_kv_mib: self.max_kv_mib,
         })
     }
 }
@@ -360,12 +367,21 @@ fn batcher_thread(
     let cfg = &engine.model().config;
     // f32 keys and values: layers × (K, V) × KV heads × head dim.
     let entry_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
+    let arena_mib = arena_entries.saturating_mul(entry_bytes) as f64 / (1 << 20) as f64;
+    if arena_mib > c.max_kv_mib as f64 {
+        let _ = ready.send(Err(ServeError::Config(format!(
+            "the KV arena for --max-batch {} would take {arena_mib:.0} MiB, over --max-kv-mib {}: \
+             lower --max-batch, --max-beam or --max-query-tokens, or raise --max-kv-mib",
+            c.max_batch, c.max_kv_mib
+        ))));
+        return Ok(());
+    }
     tracing::info!(
         model = %engine.model_dir().display(),
         products = engine.index().num_products(),
         codes = engine.index().num_codes(),
         arena_entries,
-        arena_mib = (arena_entries * entry_bytes) as f64 / (1 << 20) as f64,
+        arena_mib,
         max_batch = c.max_batch,
         "engine loaded"
     );
