@@ -154,6 +154,9 @@ pub struct BatcherConfig {
     pub arena_entries: usize,
 }
 
+/// Prompt tokens allowed for the template's seams around the query (see [`arena_entries`]).
+const SEAM_TOKENS: usize = 4;
+
 /// KV entries for `max_batch` requests of the default beam width with the longest query allowed,
 /// and at least one request of the widest beam allowed (so any valid request fits alone). A
 /// template that leaves no room for the longest query in the model's context is refused here,
@@ -177,7 +180,9 @@ pub fn arena_entries(engine: &Engine, max_batch: usize, default_beam: usize) -> 
                 limits.max_query_tokens
             )));
         }
-        Ok(engine.entries_for(&p) - 1 + limits.max_query_tokens)
+        // A few more: the query's tokens inside the template may not be its tokens alone (merges
+        // at the seams).
+        Ok(engine.entries_for(&p) - 1 + limits.max_query_tokens + SEAM_TOKENS)
     };
     let typical = probe(default_beam.min(limits.max_beam))?;
     let widest = probe(limits.max_beam)?;
