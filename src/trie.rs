@@ -188,6 +188,16 @@ fn checksum(words: &[u32]) -> u64 {
         })
 }
 
+/// What opening a mapped trie proves beyond its structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Its checksum too (a standalone trie file).
+    Checksum,
+    /// Structure only: the file around it is checksummed by section and verified on demand
+    /// (`Container::verify`, `gram index inspect`), which keeps opening a large index fast.
+    StructureOnly,
+}
+
 impl Trie {
     /// Compiles a code set for a model with `vocab` tokens ending codes with `eos`. Two codes
     /// with the same tokens are an error naming both lines.
@@ -343,17 +353,20 @@ impl Trie {
         // in place, so no other writer changes it under the map.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let len = map.len();
-        Trie::from_map(Arc::new(map), 0, len).map_err(|msg| Error::Index {
+        Trie::from_map(Arc::new(map), 0, len, Verify::Checksum).map_err(|msg| Error::Index {
             path: path.to_path_buf(),
             msg,
         })
     }
 
     /// A trie stored at `offset..offset + bytes` of a mapped file (an index embeds one there).
+    /// Its structure is always checked (every access is then in bounds); its checksum as
+    /// `verify` says.
     pub fn from_map(
         map: Arc<Mmap>,
         offset: usize,
         bytes: usize,
+        verify: Verify,
     ) -> std::result::Result<Trie, String> {
         let region = map
             .get(offset..offset.saturating_add(bytes))
@@ -363,7 +376,7 @@ impl Trie {
         }
         let words: &[u32] = bytemuck::try_cast_slice(region)
             .map_err(|e| format!("trie words cannot be read in place: {e}"))?;
-        let counts = Trie::check(words)?;
+        let counts = Trie::check(words, verify)?;
         let len = words.len();
         Ok(Trie::with_counts(
             Words::Mapped { map, offset, len },
@@ -386,7 +399,7 @@ impl Trie {
     }
 
     /// Validates a serialized trie; returns its counts.
-    fn check(words: &[u32]) -> std::result::Result<Counts, String> {
+    fn check(words: &[u32], verify: Verify) -> std::result::Result<Counts, String> {
         let h = words
             .get(..HEADER_WORDS)
             .ok_or("file is shorter than a trie header")?;
@@ -415,9 +428,11 @@ impl Trie {
                 HEADER_WORDS as u128 + want
             ));
         }
-        let sum = checksum(words);
-        if (sum as u32, (sum >> 32) as u32, 0) != (h[9], h[10], h[11]) {
-            return Err("trie checksum mismatch (corrupt file)".into());
+        if verify == Verify::Checksum {
+            let sum = checksum(words);
+            if (sum as u32, (sum >> 32) as u32, 0) != (h[9], h[10], h[11]) {
+                return Err("trie checksum mismatch (corrupt file)".into());
+            }
         }
         if nodes == 0 || eos as usize >= vocab {
             return Err("trie header is inconsistent".into());
@@ -427,39 +442,40 @@ impl Trie {
         let token = &words[s.child_token..s.child_node];
         let node = &words[s.child_node..s.code];
         let code = &words[s.code..s.end];
-        if start[0] != 0 || start[nodes] as usize != edges || start.windows(2).any(|w| w[0] > w[1])
+        // The layout `build` writes: breadth first, so edge `e` leads to node `e + 1` — every
+        // node but the root has exactly one parent, of a smaller id (a tree, no cycles).
+        if edges + 1 != nodes
+            || start[0] != 0
+            || start[nodes] as usize != edges
+            || node.iter().enumerate().any(|(e, &c)| c as usize != e + 1)
         {
-            return Err("trie child_start is not monotone over the edges".into());
+            return Err("trie edges are not in breadth-first layout".into());
         }
+        // One pass over nodes and their edges: `start` monotone, children's tokens strictly
+        // ascending and valid, children after their parent, and depths (parents come first).
+        let mut depth = vec![0u16; nodes];
+        let mut e = 0usize;
         for n in 0..nodes {
-            let (a, b) = (start[n] as usize, start[n + 1] as usize);
-            if token[a..b].windows(2).any(|w| w[0] >= w[1])
-                || token[a..b].iter().any(|&t| t as usize >= vocab || t == eos)
-                || node[a..b]
-                    .iter()
-                    .any(|&c| c as usize >= nodes || c as usize <= n)
-            {
+            let b = start[n + 1] as usize;
+            if b < e || b > edges || (e < b && e < n) {
                 return Err(format!("trie node {n} has malformed children"));
             }
+            if e < b {
+                let d = depth[n].saturating_add(1);
+                let mut prev = None;
+                for j in e..b {
+                    let t = token[j];
+                    if t as usize >= vocab || t == eos || prev.is_some_and(|p| t <= p) {
+                        return Err(format!("trie node {n} has malformed children"));
+                    }
+                    prev = Some(t);
+                    depth[j + 1] = d;
+                }
+            }
+            e = b;
         }
         if codes == 0 || codes > MAX_CODES {
             return Err(format!("trie holds {codes} codes (1..={MAX_CODES})"));
-        }
-        // A tree: every node but the root is the child of exactly one node (children have
-        // larger ids, so depths follow in id order); each code ends at exactly one node; the
-        // deepest code is `max_len` tokens.
-        let mut depth = vec![u32::MAX; nodes];
-        depth[0] = 0;
-        for n in 0..nodes {
-            if depth[n] == u32::MAX {
-                return Err(format!("trie node {n} has no parent"));
-            }
-            for &c in &node[start[n] as usize..start[n + 1] as usize] {
-                if depth[c as usize] != u32::MAX {
-                    return Err(format!("trie node {c} has two parents"));
-                }
-                depth[c as usize] = depth[n] + 1;
-            }
         }
         let mut seen = vec![false; codes];
         let mut deepest = 0;
@@ -632,7 +648,7 @@ mod tests {
             let s = set(&refs);
             let trie = Trie::build(&s, 20, 2).unwrap();
             check_against_codes(&trie, &s);
-            Trie::check(trie.as_words()).unwrap();
+            Trie::check(trie.as_words(), Verify::Checksum).unwrap();
         }
     }
 
@@ -692,20 +708,20 @@ mod tests {
         );
         assert_eq!(b - a, 2);
         w[sec.child_node + a + 1] = w[sec.child_node + a];
-        let e = Trie::check(&resum(w)).err().unwrap();
-        assert!(e.contains("two parents"), "{e}");
+        let e = Trie::check(&resum(w), Verify::Checksum).err().unwrap();
+        assert!(e.contains("breadth-first"), "{e}");
         // A code id at two nodes.
         let mut w = good.clone();
         let terminals: Vec<usize> = (0..trie.num_nodes())
             .filter(|&n| good[sec.code + n] != NONE)
             .collect();
         w[sec.code + terminals[1]] = w[sec.code + terminals[0]];
-        assert!(Trie::check(&resum(w)).is_err());
+        assert!(Trie::check(&resum(w), Verify::Checksum).is_err());
         // A wrong longest length.
         let mut w = good.clone();
         w[8] += 1;
-        assert!(Trie::check(&resum(w)).is_err());
-        Trie::check(&resum(good)).unwrap();
+        assert!(Trie::check(&resum(w), Verify::Checksum).is_err());
+        Trie::check(&resum(good), Verify::Checksum).unwrap();
     }
 
     /// Random corruption with a recomputed checksum (so the structural checks are what stands
@@ -736,7 +752,7 @@ mod tests {
             let sum = checksum(&w);
             w[9] = sum as u32;
             w[10] = (sum >> 32) as u32;
-            if let Ok(counts) = Trie::check(&w) {
+            if let Ok(counts) = Trie::check(&w, Verify::Checksum) {
                 let t = Trie::with_counts(Words::Owned(w), counts);
                 for n in 0..t.num_nodes() as u32 {
                     let (tokens, _) = t.children(n);
@@ -761,9 +777,18 @@ mod tests {
         for i in 0..good.len() {
             let mut w = good.clone();
             w[i] ^= 0x10;
-            assert!(Trie::check(&w).is_err(), "flipped word {i} passed");
+            assert!(
+                Trie::check(&w, Verify::Checksum).is_err(),
+                "flipped word {i} passed"
+            );
         }
-        assert!(Trie::check(&good[..good.len() - 1]).is_err());
-        assert!(Trie::check(&good[..5]).is_err());
+        assert!(Trie::check(&good[..good.len() - 1], Verify::Checksum).is_err());
+        // A wrong checksum alone passes a structure-only check (the container's section
+        // checksums cover an embedded trie), and nothing else does.
+        let mut w = good.clone();
+        w[9] ^= 1;
+        assert!(Trie::check(&w, Verify::StructureOnly).is_ok());
+        assert!(Trie::check(&w, Verify::Checksum).is_err());
+        assert!(Trie::check(&good[..5], Verify::Checksum).is_err());
     }
 }

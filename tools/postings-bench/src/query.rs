@@ -6,7 +6,8 @@
 //! postings), the rest uniform over all codes (mostly short lists). Query-side probabilities
 //! are uniform in (0, 1), weights −1 (closest product first, gram's default).
 //!
-//! **gram**: `Index::postings` for each code, then `score::rank(.., Aggregate::Max, k, ..)`.
+//! **gram**: `Index::postings` for each code, then `score::Ranker::rank(.., Aggregate::Max, k,
+//! ..)` — the engine's serving path.
 //! **tantivy**: a `BooleanQuery` of `Should` `TermQuery`s (doc ids only), `TopDocs` of `k` by
 //! the `score` fast field (no BM25: the collector asks for no scoring), one searcher, the
 //! default single-thread executor. Both time everything from the code ids to the top `k`.
@@ -15,11 +16,11 @@
 //! with `score::s_rele_f64` in f64, max-aggregated and fully sorted (the sets must agree except
 //! for products whose f64 scores tie with the k-th within 1e-4; every score within 1e-4);
 //! tantivy's full hit set (`DocSetCollector`) against the union of the posting lists, and its
-//! top `k` against the union sorted by the stored score; and the prototype aggregation
-//! (`Dense`, timed as `prototype_dense_aggregate`) against `rank`, hit for hit.
+//! top `k` against the union sorted by the stored score; and gram's `Ranker` against its slow
+//! twin `rank` (timed as `gram_rank_slow_twin`), hit for hit.
 //!
 //! Also timed: `gram_score_only` (the S_rele kernel over the same lists, no aggregation), to
-//! show where `rank`'s time goes.
+//! show where the time goes.
 
 use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
@@ -28,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use gram::backend::cpu::simd::Isa;
 use gram::container::Container;
-use gram::index::{kind, CodeRecord, Index, ProductRecord};
-use gram::score::{self, Aggregate, Postings, PT_SCALE};
-use gram::trie::Trie;
+use gram::index::{kind, Index};
+use gram::score::{self, Aggregate, Postings, Ranker, PT_SCALE};
+use gram::trie::{Trie, Verify};
 use serde_json::json;
 use tantivy::collector::{DocSetCollector, TopDocs};
 use tantivy::columnar::Column;
@@ -76,22 +77,22 @@ fn evict(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `off .. off + len` inside `0 .. size`.
-fn within(off: u64, len: u64, size: u64) -> bool {
-    off.checked_add(len).is_some_and(|end| end <= size)
-}
-
-/// `Index::open`'s steps, timed one by one (the same checks, replicated here).
+/// `Index::open`'s steps, timed one by one (the same calls, replicated here).
 fn open_breakdown(path: &Path) -> Result<serde_json::Value> {
     let t = Instant::now();
     let file = Container::open(path)?;
     let container = t.elapsed();
     let t = Instant::now();
     let (sec, _) = file.section(kind::TRIE).ok_or("no trie")?;
-    let trie = Trie::from_map(file.map().clone(), sec.offset, sec.len)?;
+    let trie = Trie::from_map(
+        file.map().clone(),
+        sec.offset,
+        sec.len,
+        Verify::StructureOnly,
+    )?;
     let trie_t = t.elapsed();
-    // The trie's checksum alone (FNV-1a over header words 2..9 and the payload, as
-    // `Trie::check` computes it first).
+    // The trie's checksum alone (not computed at open any more: the container's section
+    // checksums cover it, verified on demand).
     let words: &[u32] = bytemuck::cast_slice(trie.as_words());
     let t = Instant::now();
     let sum = words[2..9]
@@ -105,51 +106,14 @@ fn open_breakdown(path: &Path) -> Result<serde_json::Value> {
     let t = Instant::now();
     let _meta: serde_json::Value = serde_json::from_slice(file.require(kind::META, "metadata")?)?;
     let meta_t = t.elapsed();
-    let sec = |k: u32| file.section(k).map(|(_, b)| b).unwrap_or_default();
-    let t = Instant::now();
-    let codes: &[CodeRecord] =
-        bytemuck::try_cast_slice(sec(kind::CODES)).map_err(|e| e.to_string())?;
-    let (text, posts, pts) = (
-        sec(kind::CODE_TEXT).len() as u64,
-        (sec(kind::POSTINGS).len() / 4) as u64,
-        (sec(kind::PT).len() / 2) as u64,
-    );
-    let bad = codes.iter().filter(|c| {
-        !(within(c.text_off, c.text_len as u64, text)
-            && within(c.post_start, c.post_len as u64, posts)
-            && (c.n_tokens as u64)
-                .checked_mul(c.post_len as u64)
-                .is_some_and(|l| within(c.pt_start, l, pts)))
-    });
-    let bad_codes = black_box(bad.count());
-    let codes_t = t.elapsed();
-    let t = Instant::now();
-    let products: &[ProductRecord] =
-        bytemuck::try_cast_slice(sec(kind::PRODUCTS)).map_err(|e| e.to_string())?;
-    let ptext = sec(kind::PRODUCT_TEXT).len() as u64;
-    let bad_products = black_box(
-        products
-            .iter()
-            .filter(|p| {
-                !(within(p.id_off, p.id_len as u64, ptext)
-                    && within(p.title_off, p.title_len as u64, ptext))
-            })
-            .count(),
-    );
-    let products_t = t.elapsed();
     Ok(json!({
         "container_ms": ms(container),
-        "trie_ms": ms(trie_t),
-        "trie_checksum_alone_ms": ms(trie_sum),
+        "trie_structure_ms": ms(trie_t),
+        "trie_checksum_alone_ms_not_at_open": ms(trie_sum),
         "trie_checksum_ok": sum_ok,
         "trie_bytes": trie.size_bytes(),
         "trie_nodes": trie.num_nodes(),
         "meta_ms": ms(meta_t),
-        "code_records_ms": ms(codes_t),
-        "code_record_bytes": std::mem::size_of_val(codes),
-        "product_records_ms": ms(products_t),
-        "product_record_bytes": std::mem::size_of_val(products),
-        "bad": bad_codes + bad_products,
     }))
 }
 
@@ -238,7 +202,14 @@ fn lists<'a>(ix: &'a Index, q: &'a Query) -> Vec<Postings<'a>> {
         .collect()
 }
 
-fn gram_query(ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
+/// gram's serving path: `score::Ranker` (what `Engine` ranks with).
+fn gram_query(r: &mut Ranker, ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
+    let l = lists(ix, q);
+    r.rank(isa, &l, Aggregate::Max, k, ix.num_products() as u32)
+}
+
+/// `score::rank`, the slow twin (a tuple per posting, sorted).
+fn gram_rank_twin(ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
     let l = lists(ix, q);
     score::rank(isa, &l, Aggregate::Max, k, ix.num_products() as u32)
 }
@@ -253,79 +224,6 @@ fn gram_score_only(ix: &Index, q: &Query, isa: Isa, buf: &mut Vec<f32>) -> f32 {
         acc += buf.first().copied().unwrap_or(0.0);
     }
     acc
-}
-
-/// A prototype of another aggregation, not gram's code path (what `rank` could do instead of
-/// sorting a tuple per posting and allocating a code list per product): every list scored as
-/// `rank` scores it, max-aggregated into per-product slots with an epoch stamp (8 bytes per
-/// product, allocated once per searcher), the top k of the touched products selected, and the
-/// codes of only those k found by binary search. Same hits as `rank` (checked).
-struct Dense {
-    stamp: Vec<u32>,
-    score: Vec<f32>,
-    epoch: u32,
-    touched: Vec<u32>,
-    buf: Vec<f32>,
-}
-
-impl Dense {
-    fn new(products: usize) -> Dense {
-        Dense {
-            stamp: vec![0; products],
-            score: vec![0.0; products],
-            epoch: 0,
-            touched: Vec::new(),
-            buf: Vec::new(),
-        }
-    }
-
-    fn rank(&mut self, ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
-        self.epoch += 1;
-        self.touched.clear();
-        let e = self.epoch;
-        let l = lists(ix, q);
-        for list in &l {
-            self.buf.clear();
-            self.buf.resize(list.products.len(), 0.0);
-            score::score_postings(isa, list.pq, list.w, list.pt, &mut self.buf);
-            for (&p, &v) in list.products.iter().zip(&self.buf) {
-                let p = p as usize;
-                if p >= self.stamp.len() {
-                    continue;
-                }
-                if self.stamp[p] != e {
-                    self.stamp[p] = e;
-                    self.score[p] = v;
-                    self.touched.push(p as u32);
-                } else {
-                    self.score[p] = self.score[p].max(v);
-                }
-            }
-        }
-        let better = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let mut top: Vec<(u32, f32)> = self
-            .touched
-            .iter()
-            .map(|&p| (p, self.score[p as usize]))
-            .collect();
-        if k == 0 {
-            return Vec::new();
-        }
-        if top.len() > k {
-            top.select_nth_unstable_by(k - 1, better);
-            top.truncate(k);
-        }
-        top.sort_unstable_by(better);
-        top.into_iter()
-            .map(|(product, score)| score::Hit {
-                product,
-                score,
-                codes: (0..l.len() as u32)
-                    .filter(|&c| l[c as usize].products.binary_search(&product).is_ok())
-                    .collect(),
-            })
-            .collect()
-    }
 }
 
 fn tantivy_query(field: Field, q: &Query) -> BooleanQuery {
@@ -370,7 +268,7 @@ fn pid(cols: &[Column<u64>], a: DocAddress) -> Result<u32> {
 /// The checks of the module docs, for one query; returns (boundary ties, gram max |Δscore|).
 #[allow(clippy::too_many_arguments)]
 fn check(
-    dense: &mut Dense,
+    ranker: &mut Ranker,
     ix: &Index,
     ids: &[u32],
     searcher: &Searcher,
@@ -398,7 +296,7 @@ fn check(
     let mut full: Vec<(u32, f64)> = best.iter().map(|(&p, &s)| (p, s)).collect();
     full.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let want: HashSet<u32> = full.iter().take(k).map(|x| x.0).collect();
-    let hits = gram_query(ix, q, isa, k);
+    let hits = gram_query(ranker, ix, q, isa, k);
     if hits.len() != want.len() {
         return Err(format!(
             "gram returned {} products, the reference {}",
@@ -427,8 +325,8 @@ fn check(
             ties += 1;
         }
     }
-    if dense.rank(ix, q, isa, k) != hits {
-        return Err("the dense prototype disagrees with rank".into());
+    if gram_rank_twin(ix, q, isa, k) != hits {
+        return Err("Ranker disagrees with its slow twin rank".into());
     }
     if max_err > 1e-4 {
         return Err(format!("gram scores differ from f64 by {max_err}").into());
@@ -531,11 +429,11 @@ pub fn run(p: &Params) -> Result<String> {
         })
         .collect();
 
-    let mut dense = Dense::new(ix.num_products());
+    let mut ranker = Ranker::new();
     // Checks first (they also warm both engines' pages for the checked queries).
     let (mut ties, mut max_err) = (0, 0f64);
     for q in queries.iter().take(p.check) {
-        let (t, e) = check(&mut dense, &ix, ids, &searcher, field, q, isa, p.k)?;
+        let (t, e) = check(&mut ranker, &ix, ids, &searcher, field, q, isa, p.k)?;
         ties += t;
         max_err = max_err.max(e);
     }
@@ -543,8 +441,8 @@ pub fn run(p: &Params) -> Result<String> {
     // Warm-up pass, then alternating timed rounds.
     let mut buf = Vec::new();
     for q in &queries {
-        black_box(gram_query(&ix, q, isa, p.k));
-        black_box(dense.rank(&ix, q, isa, p.k));
+        black_box(gram_query(&mut ranker, &ix, q, isa, p.k));
+        black_box(gram_rank_twin(&ix, q, isa, p.k));
         black_box(tantivy_top(&searcher, field, q, p.k)?);
     }
     let mem_warm = memory();
@@ -554,7 +452,7 @@ pub fn run(p: &Params) -> Result<String> {
         let (g0, tv0) = (g.len(), tv.len());
         for q in &queries {
             let t = Instant::now();
-            black_box(gram_query(&ix, q, isa, p.k));
+            black_box(gram_query(&mut ranker, &ix, q, isa, p.k));
             g.push(t.elapsed());
         }
         for q in &queries {
@@ -564,7 +462,7 @@ pub fn run(p: &Params) -> Result<String> {
         }
         for q in &queries {
             let t = Instant::now();
-            black_box(dense.rank(&ix, q, isa, p.k));
+            black_box(gram_rank_twin(&ix, q, isa, p.k));
             d.push(t.elapsed());
         }
         for q in &queries {
@@ -625,7 +523,7 @@ pub fn run(p: &Params) -> Result<String> {
         },
         "gram": gp,
         "gram_score_only": sp,
-        "prototype_dense_aggregate": dp,
+        "gram_rank_slow_twin": dp,
         "tantivy": tp,
         "ratio_gram_over_tantivy": {"p50": ratio("p50_ms"), "p90": ratio("p90_ms"), "p99": ratio("p99_ms"), "mean": ratio("mean_ms")},
         "per_round": rounds,
