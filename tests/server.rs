@@ -938,6 +938,18 @@ async fn shutdown_answers_every_request_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_does_not_hold_the_shutdown() {
+    use std::io::Write;
+    let server = start(&["--timeout-ms", "300"]).await;
+    // A request whose body never comes.
+    let mut stalled = std::net::TcpStream::connect(server.addr()).unwrap();
+    stalled
+        .write_all(b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"qu")
+        .unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
     let parse = |flags: &[&str]| {
         let mut argv = vec!["serve", "--index", "/nonexistent"];

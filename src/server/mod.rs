@@ -326,9 +326,17 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let served = match self.http.await {
-            Ok(r) => r.map_err(ServeError::from),
-            Err(_) => Err(ServeError::Panicked),
+        // Every request taken is answered by its deadline; a connection still open past that (a
+        // client stalled mid-request) does not hold the shutdown.
+        let grace = self.state.config.timeout + Duration::from_secs(1);
+        let served = match tokio::time::timeout(grace, &mut self.http).await {
+            Ok(Ok(r)) => r.map_err(ServeError::from),
+            Ok(Err(_)) => Err(ServeError::Panicked),
+            Err(_) => {
+                tracing::warn!("connections still open after the deadline: closing them");
+                self.http.abort();
+                Ok(())
+            }
         };
         self.state.queue.close();
         let batcher = self.batcher;
