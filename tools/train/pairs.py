@@ -261,7 +261,7 @@ def read_judged(data):
     return dict(grades)
 
 
-def build(items, judged, per_product=6, seed=0, cold_percent=5.0, valid_percent=5.0):
+def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=5.0):
     """Everything stage 2 writes, as Python objects (see the module doc)."""
     rng = random.Random(seed)
     judged_norm = {qnorm(q) for q in judged}
@@ -343,7 +343,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--data", default=str(C.DATA))
-    ap.add_argument("--per-product", type=int, default=6, help="synthetic queries per product")
+    ap.add_argument("--per-product", type=int, default=4, help="synthetic queries per product")
     ap.add_argument("--cold-percent", type=float, default=5.0)
     ap.add_argument("--valid-percent", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)

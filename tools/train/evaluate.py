@@ -1,0 +1,167 @@
+"""Evaluation on the visible judged chorus-icecat queries: GRAM through the engine
+(`gram index build` + `gram search`), BM25 (bm25s) over the same catalog, and their union.
+
+    python -m tools.train.evaluate --model DIR [--work WORK] [--gram PATH] [--k 300]
+                                   [--name NAME] [--rebuild]
+
+The catalog is DIR/catalog.jsonl (what the model was trained on, every product indexed under its
+catalog codes). Queries: the 90 visible judged queries (WORK/judged.jsonl, stage 2); the 45
+held-out ones are not in the data. Metrics (metrics.py): nDCG@10, Recall@10/100/300 (relevant =
+grade >= 2, unjudged = not relevant), relevance rate of the top 300 among its judged products,
+judged@10; for GRAM also the codes per query, the invalid-code rate (codes not in the index:
+0 by construction of the trie), the candidates scored per query where the engine reports them,
+and latency (the engine's per-stage timings). BM25: bm25s 0.3.16, Lucene variant, k1 1.5, b 0.75,
+English stopwords, over title + short description + brand (the fields Chorus's own Solr engine
+searched, less ids and EANs). Union: the two rankings interleaved, GRAM first.
+
+A cold-start check rides along: for the held-out products of stage 2 and as many training
+products, the share of each product's catalog codes that the model's product-side beam (10)
+generates from its title.
+
+Writes WORK/eval-NAME.json (summary + per query) and prints the summary table.
+"""
+import argparse
+import json
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tools.train import codes as C
+from tools.train import metrics as M
+from tools.train.pairs import read_jsonl
+
+
+def gram_run(gram, model, catalog, idx, queries, k, rebuild):
+    if rebuild or not (idx / "index.gram").exists():
+        if idx.exists():
+            shutil.rmtree(idx)
+        t = time.time()
+        r = subprocess.run([gram, "index", "build", "--model", model, "--catalog", catalog,
+                            "--out", idx, "--threads", "2"], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        build_s = time.time() - t
+    else:
+        build_s = None
+    t = time.time()
+    r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--threads", "2", *queries],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    wall = time.time() - t
+    out = {}
+    for line in r.stdout.splitlines():
+        if line.strip():
+            x = json.loads(line)
+            out[x["query"]] = x
+    return out, build_s, wall
+
+
+def bm25_run(products, queries, k):
+    import bm25s
+    ids = [str(p["id"]) for p in products]
+    docs = [" ".join(str(p.get(f, "")) for f in ("title", "short_description", "supplier"))
+            for p in products]
+    retriever = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
+    retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
+    res, _ = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
+                                k=k, show_progress=False)
+    out = {}
+    for q, row in zip(queries, res):
+        out[q] = [ids[i] for i in row.tolist()]
+    return out
+
+
+def cold_start(model_dir, work, n=150, seed=0):
+    import torch
+    from tools.train import common as K
+    from tools.train import gen as G
+    torch.set_num_threads(2)
+    tok = K.Tok(Path(model_dir) / "tokenizer.json")
+    model = K.load_model(model_dir)
+    items = C.read_catalog(Path(model_dir) / "catalog.jsonl")
+    trie = G.CodeTrie(sorted({c for it in items for c in it["codes"]}), tok)
+    cold = [r for r in read_jsonl(Path(work) / "cold.jsonl") if r["kind"] == "product"]
+    cold_titles = {r["title"] for r in cold}
+    rng = random.Random(seed)
+    warm = rng.sample([it for it in items if it["title"] not in cold_titles], n)
+    cold = rng.sample(cold, min(n, len(cold)))
+    out = {}
+    for name, rows in (("cold", cold), ("train", warm)):
+        beams = G.generate(model, tok, [K.product_prompt(r["title"]) for r in rows], trie, beam=10)
+        cov = [len({c for c, _ in b} & set(r["codes"])) / len(r["codes"]) for r, b in zip(rows, beams)
+               if r["codes"]]
+        out[name] = {"products": len(cov), "catalog_code_recall@10": round(statistics.mean(cov), 4)}
+    return out
+
+
+def table(rows):
+    keys = ["ndcg@10", "recall@10", "recall@100", "recall@300", "relevance_rate@300", "judged@10"]
+    lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, s in rows:
+        lines.append(f"| {name} | " + " | ".join("—" if s[k] is None else f"{100 * s[k]:.2f}"
+                                                 for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--work", default=str(C.WORK))
+    ap.add_argument("--gram", default=str(C.REPO / "target" / "release" / "gram"))
+    ap.add_argument("--k", type=int, default=300)
+    ap.add_argument("--name", default=None, help="default: the model dir's name")
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--no-cold", action="store_true")
+    args = ap.parse_args(argv)
+    work, model = Path(args.work), Path(args.model)
+    name = args.name or model.name
+    judged = {r["query"]: r["grades"] for r in read_jsonl(work / "judged.jsonl")}
+    queries = sorted(judged)
+    items = C.read_catalog(model / "catalog.jsonl")
+    catalog_ids = {it["id"] for it in items}
+    judged = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
+    g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", work / f"eval-index-{name}",
+                                queries, args.k, args.rebuild)
+    gram_runs = {q: [p["id"] for p in g[q]["products"]] for q in queries}
+    raw = [p for p in C.load_products() if str(p["id"]) in catalog_ids]
+    bm = bm25_run(raw, queries, args.k)
+    union = {q: M.interleave(gram_runs[q], bm[q], args.k) for q in queries}
+    summary = {"gram": M.summarize(gram_runs, judged), "bm25": M.summarize(bm, judged),
+               "gram+bm25": M.summarize(union, judged)}
+    codes_per_q = [len(g[q]["codes"]) for q in queries]
+    index_codes = set((model / "codes.txt").read_text().splitlines()) if (model / "codes.txt").exists() else None
+    invalid = (sum(c["code"] not in index_codes for q in queries for c in g[q]["codes"])
+               / max(1, sum(codes_per_q))) if index_codes else None
+    timings = {k: statistics.median(g[q]["timings_ms"][k] for q in queries)
+               for k in g[queries[0]]["timings_ms"]}
+    summary["gram"].update({"codes_per_query": statistics.mean(codes_per_q), "invalid_code_rate": invalid,
+                            "median_timings_ms": timings, "search_wall_seconds": round(wall, 2),
+                            "index_build_seconds": None if build_s is None else round(build_s, 1)})
+    if "candidates" in g[queries[0]]:
+        summary["gram"]["mean_candidates"] = statistics.mean(g[q]["candidates"] for q in queries)
+    if not args.no_cold:
+        summary["cold_start"] = cold_start(model, work)
+    per_query = {q: {"relevant": sum(v >= M.REL for v in judged[q].values()),
+                     "gram_codes": [c["code"] for c in g[q]["codes"]],
+                     "gram_recall@300": M.recall(gram_runs[q], judged[q], 300),
+                     "bm25_recall@300": M.recall(bm[q], judged[q], 300),
+                     "gram_ndcg@10": M.ndcg(gram_runs[q], judged[q], 10),
+                     "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10)} for q in queries}
+    res = {"model": str(model), "queries": len(queries), "k": args.k, "summary": summary,
+           "per_query": per_query}
+    (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(table([("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),
+                 ("GRAM ∪ BM25", summary["gram+bm25"])]))
+    print(json.dumps({k: v for k, v in summary["gram"].items() if not k.startswith("n_")}, indent=1))
+    if "cold_start" in summary:
+        print(json.dumps(summary["cold_start"]))
+
+
+if __name__ == "__main__":
+    main()

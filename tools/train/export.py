@@ -1,0 +1,155 @@
+"""Stage 6: export a trained model as a directory the engine loads, and check it through the
+engine.
+
+    python -m tools.train.export [--work WORK] [--model DIR] --out models/NAME
+                                 [--gram PATH] [--no-verify] [--no-catalog]
+
+Writes OUT/config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json,
+gram.json (from stage 5), catalog.jsonl and codes.txt (the catalog the model was trained on,
+with its codes: what `gram index build` indexes), NOTICE (data attribution). Then, unless
+`--no-verify`, runs the engine on it and compares with transformers:
+
+1. `gram lm --model OUT --prompt P --top 5` against transformers' next-token log-probs;
+2. `gram codes --model OUT --codes OUT/codes.txt PROMPT...` against gen.generate (the same
+   codes in the same order, scores within 1e-3);
+3. `gram index build --model OUT --catalog OUT/catalog.jsonl --out IDX` and
+   `gram search --index IDX QUERY`;
+
+and writes the results to WORK/export-check.json. The engine binary is `--gram` (default
+target/release/gram; build it with `cargo build --release`).
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tools.train import codes as C
+from tools.train import common as K
+from tools.train import gen as G
+
+NOTICE = """Model weights, tokenizer and catalog in this directory are derived from product data
+(c) Icecat N.V. (Open Icecat), provided "AS IS" under the Icecat Open Content License, via the
+Chorus project (querqy/chorus, Apache-2.0). The data is provided "AS IS", without warranty of
+any kind. Judgement data used for validation: Chorus (Apache-2.0).
+"""
+
+CHECK_PROMPTS = ["laptop", "hdmi cable", "hp toner", "wireless mouse", "usb c charger"]
+
+
+def run(cmd, **kw):
+    t = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-2000:]}")
+    return r.stdout, time.time() - t
+
+
+def export(src, out, catalog, with_catalog=True):
+    out.mkdir(parents=True, exist_ok=True)
+    model = K.load_model(src)
+    # RoPE has no learned positions: room for the engine's longest prompt + code (the catalog's
+    # longest title is 98 tokens, a query at most 64, a code 16)
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, 256)
+    model.save_pretrained(str(out), safe_serialization=True)
+    gc = out / "generation_config.json"
+    if gc.exists():
+        gc.unlink()
+    for f in ("tokenizer.json", "tokenizer_config.json", "gram.json"):
+        shutil.copyfile(src / f, out / f)
+    if with_catalog:
+        items = C.read_catalog(catalog)
+        with open(out / "catalog.jsonl", "w", encoding="utf-8") as f:
+            for it in items:
+                f.write(json.dumps(it, ensure_ascii=False) + "\n")
+        codes = sorted({c for it in items for c in it["codes"]})
+        (out / "codes.txt").write_text("\n".join(codes) + "\n", encoding="utf-8")
+    (out / "NOTICE").write_text(NOTICE)
+
+
+def verify(out, gram, work):
+    res = {}
+    tok = K.Tok(out / "tokenizer.json")
+    model = K.load_model(out).eval()
+    settings = json.loads((out / "gram.json").read_text())
+    # 1. next-token log-probs
+    lm = []
+    for q in CHECK_PROMPTS:
+        p = settings["query_template"].replace("{query}", q)
+        o, _ = run([gram, "lm", "--model", out, "--prompt", p, "--top", "5", "--threads", "2"])
+        e = json.loads(o)
+        ids = tok.prompt(p)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+        err = max(abs(ref[t["id"]].item() - t["logprob"]) for t in e["top"])
+        top_ref = torch.topk(ref, 5).indices.tolist()
+        lm.append({"prompt": p, "tokens_equal": e["tokens"] == ids,
+                   "top_ids_equal": [t["id"] for t in e["top"]] == top_ref, "max_abs_err": err})
+    res["lm"] = lm
+    # 2. codes
+    codes = (out / "codes.txt").read_text().splitlines()
+    trie = G.CodeTrie(codes, tok)
+    prompts = [settings["query_template"].replace("{query}", q) for q in CHECK_PROMPTS]
+    o, secs = run([gram, "codes", "--model", out, "--codes", out / "codes.txt", "--threads", "2",
+                   *prompts])
+    eng = [json.loads(line) for line in o.splitlines() if line.strip()]
+    hf = G.generate(model, tok, prompts, trie, beam=10)
+    cmp = []
+    for e, h in zip(eng, hf):
+        ec = [(c["code"], c["score"]) for c in e["codes"]]
+        same = [c for c, _ in ec] == [c for c, _ in h]
+        err = max((abs(a[1] - b[1]) for a, b in zip(ec, h)), default=0.0)
+        cmp.append({"prompt": e["prompt"], "codes_equal": same, "max_score_err": err,
+                    "engine": [c for c, _ in ec][:5], "transformers": [c for c, _ in h][:5]})
+    res["codes"] = cmp
+    res["codes_seconds"] = round(secs, 2)
+    # 3. index + search
+    idx = work / "export-index"
+    if idx.exists():
+        shutil.rmtree(idx)
+    o, secs = run([gram, "index", "build", "--model", out, "--catalog", out / "catalog.jsonl",
+                   "--out", idx, "--threads", "2"])
+    res["index_build_seconds"] = round(secs, 1)
+    o, secs = run([gram, "search", "--index", idx, "--k", "5", "--threads", "2", *CHECK_PROMPTS])
+    res["search"] = [{"query": r["query"], "codes": [c["code"] for c in r["codes"]][:5],
+                      "top": [p["title"] for p in r["products"]][:5]}
+                     for r in map(json.loads, o.splitlines())]
+    res["search_seconds"] = round(secs, 2)
+    res["ok"] = all(x["tokens_equal"] and x["top_ids_equal"] and x["max_abs_err"] < 1e-3 for x in lm) \
+        and all(x["codes_equal"] and x["max_score_err"] < 1e-3 for x in cmp)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(C.WORK))
+    ap.add_argument("--model", default=None, help="default WORK/align, else WORK/sft")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--gram", default=str(C.REPO / "target" / "release" / "gram"))
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--no-catalog", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    src = Path(args.model) if args.model else (work / "align" if (work / "align").exists() else work / "sft")
+    out = Path(args.out)
+    export(src, out, work / "catalog.jsonl", not args.no_catalog)
+    log = K.Log(work / "train-log.jsonl")
+    log(stage="export", src=str(src), out=str(out),
+        files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()})
+    if not args.no_verify:
+        res = verify(out, args.gram, work)
+        (work / "export-check.json").write_text(json.dumps(res, indent=1) + "\n")
+        log(stage="export", verify_ok=res["ok"], index_build_seconds=res["index_build_seconds"],
+            search_seconds=res["search_seconds"])
+        if not res["ok"]:
+            print(json.dumps(res, indent=1), file=sys.stderr)
+            raise SystemExit("engine and transformers disagree on the exported model")
+
+
+if __name__ == "__main__":
+    main()

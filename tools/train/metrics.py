@@ -1,0 +1,76 @@
+"""Retrieval metrics over graded judgements (standard library only).
+
+`grades` is {docid: grade 0..3} for one query; `ranked` the retrieved ids, best first.
+Relevant = grade >= REL (2). Unjudged products are *unknown*: they count as not relevant for
+nDCG and recall (gain 0, never in the relevant set: the standard, pessimistic reading of a
+shallow pool), and are left out of the relevance rate, which is measured among the judged
+products of the top k only. `judged_at` says how much of a ranking the pool covers.
+"""
+import math
+
+REL = 2
+
+
+def dcg(gains):
+    return sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(gains))
+
+
+def ndcg(ranked, grades, k=10):
+    """nDCG@k with gain 2^grade - 1; the ideal ranking orders every judged product by grade.
+    None when the query has no product with grade > 0."""
+    ideal = dcg(sorted(grades.values(), reverse=True)[:k])
+    if ideal <= 0:
+        return None
+    return dcg([grades.get(d, 0) for d in ranked[:k]]) / ideal
+
+
+def recall(ranked, grades, k):
+    """|top k ∩ relevant| / |relevant|; None when nothing is relevant."""
+    rel = {d for d, g in grades.items() if g >= REL}
+    if not rel:
+        return None
+    return len(rel & set(ranked[:k])) / len(rel)
+
+
+def relevance_rate(ranked, grades, k=300):
+    """Among the judged products of the top k, the fraction relevant; None when none is
+    judged."""
+    judged = [d for d in ranked[:k] if d in grades]
+    if not judged:
+        return None
+    return sum(grades[d] >= REL for d in judged) / len(judged)
+
+
+def judged_at(ranked, grades, k=10):
+    top = ranked[:k]
+    return sum(d in grades for d in top) / len(top) if top else None
+
+
+def interleave(a, b, k):
+    """A ∪ B as one ranking: alternate picks (A first), duplicates skipped, at most k."""
+    out, seen = [], set()
+    for x, y in zip(a + [None] * max(0, len(b) - len(a)), b + [None] * max(0, len(a) - len(b))):
+        for d in (x, y):
+            if d is not None and d not in seen:
+                seen.add(d)
+                out.append(d)
+    return out[:k]
+
+
+def summarize(runs, judged):
+    """{metric: mean over the queries where it is defined, n_<metric>: how many} for one
+    system; `runs` {query: ranked ids}."""
+    fns = {"ndcg@10": lambda r, g: ndcg(r, g, 10),
+           "recall@10": lambda r, g: recall(r, g, 10),
+           "recall@100": lambda r, g: recall(r, g, 100),
+           "recall@300": lambda r, g: recall(r, g, 300),
+           "relevance_rate@300": lambda r, g: relevance_rate(r, g, 300),
+           "judged@10": lambda r, g: judged_at(r, g, 10)}
+    out = {}
+    for name, f in fns.items():
+        vals = [f(runs.get(q, []), g) for q, g in judged.items()]
+        vals = [v for v in vals if v is not None]
+        out[name] = sum(vals) / len(vals) if vals else None
+        out["n_" + name] = len(vals)
+    out["mean_returned"] = sum(len(runs.get(q, [])) for q in judged) / max(len(judged), 1)
+    return out

@@ -1,0 +1,71 @@
+"""Checks that need torch + transformers (skipped without them): packed rows score every code
+exactly as a plain forward of prompt + code does; the co-alignment loss; S_rele's bracket
+against the engine's reference formula."""
+import math
+import unittest
+
+try:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError:  # the stdlib-only CI job
+    torch = None
+
+
+@unittest.skipIf(torch is None, "torch/transformers not installed")
+class Packing(unittest.TestCase):
+    def setUp(self):
+        from tools.train import common as K
+        self.K = K
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=True)
+        self.m = LlamaForCausalLM(cfg).eval()
+        self.m.config._attn_implementation = "sdpa"
+
+    def plain(self, prompt, code):
+        with torch.no_grad():
+            lp = torch.log_softmax(self.m(input_ids=torch.tensor([prompt + code])).logits[0], -1)
+        P = len(prompt)
+        return [lp[P - 1 + i, code[i]].item() for i in range(len(code))]
+
+    def test_packed_equals_plain(self):
+        rows = [([5, 6, 7], [[10, 11, 2], [20, 2], [30, 31, 32, 2]]), ([8, 9], [[12, 2]])]
+        b = self.K.collate(rows, 0)
+        with torch.no_grad():
+            s, n, lp = self.K.code_logprobs(self.m, b)
+        want = [self.plain(p, c) for p, cs in rows for c in cs]
+        flat = [x for w in want for x in w]
+        self.assertEqual(len(flat), lp.numel())
+        for a, e in zip(lp.tolist(), flat):
+            self.assertAlmostEqual(a, e, places=4)
+        self.assertEqual(n.tolist(), [3, 2, 4, 2])
+        for k, w in enumerate(want):
+            self.assertAlmostEqual(s[k].item(), sum(w), places=4)
+
+    def test_dpo_loss(self):
+        from tools.train import align as A
+        pol = torch.tensor([[-1.0, -2.0]])
+        ref = torch.tensor([[-1.5, -1.5]])
+        loss, rw, rl = A.dpo_loss(pol, ref, torch.tensor([1.0]), torch.tensor([1.0]), 0.5, 0.25)
+        self.assertAlmostEqual(rw.item(), 0.5)
+        self.assertAlmostEqual(rl.item(), -0.5)
+        self.assertAlmostEqual(loss.item(), -math.log(1 / (1 + math.exp(-(0.25 + 0.125)))), places=6)
+        f = A.length_factor(["a | b | c | d", "a | b"], [12, 12], 6.0, 1.0)
+        self.assertEqual(f.tolist(), [0.5, 1.0])
+
+
+@unittest.skipIf(torch is None, "torch not installed")
+class Bracket(unittest.TestCase):
+    def test_matches_engine_reference(self):
+        from tools.train.weights import bracket
+        # src/score.rs s_rele_f64 with w = 1: 0 when equal, symmetric, zero-probability terms 0
+        self.assertEqual(bracket([0.3, 0.7], [0.3, 0.7]), 0.0)
+        self.assertAlmostEqual(bracket([0.2], [0.6]), bracket([0.6], [0.2]))
+        a, b = 0.2, 0.6
+        self.assertAlmostEqual(bracket([a], [b]), a * math.log(2 * a / (a + b)) + b * math.log(2 * b / (a + b)))
+        self.assertAlmostEqual(bracket([0.0], [0.5]), 0.5 * math.log(2))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,216 @@
+"""Stage 5: the S_rele weights per code granularity, learned with the pairwise hinge loss, and
+the aggregation; written into gram.json.
+
+    python -m tools.train.weights [--work WORK] [--model DIR] [--queries N] [--per-code K]
+                                  [--margin MU] [--seed S]
+
+For synthetic training queries (never the judged ones) the model generates the query's codes as
+the engine does (beam 10 over the catalog's codes from the query template; Pq = the probability
+of each code token), every product carrying one of those codes in the catalog is a candidate
+(at most K per code: all the relevant ones, then a random sample), and its Pt comes from teacher
+forcing the code after the product template — exactly what `gram index build` stores. A product is
+relevant to a synthetic query when it has every attribute value the query names (the values of
+the product the query was made from). For each candidate and code the divergence bracket of
+S_rele (paper Eq. 7, src/score.rs)
+
+    D(q, t, c) = sum_i [ Pq_i ln(2 Pq_i / (Pq_i + Pt_i)) + Pt_i ln(2 Pt_i / (Pq_i + Pt_i)) ]
+
+is computed once; then S(q, t) = agg_c w_g(c) D(q, t, c) with agg = max or sum over the codes
+that reach t, and w = (coarse, medium, fine) minimizes the pairwise hinge loss
+
+    mean over (q, t+, t-) of max(0, S(q, t-) - S(q, t+) + mu)  +  lambda |w + 1|^2
+
+(the paper writes it per shared code c; we compare the aggregated scores, which is what ranks,
+and equals the paper's form when one code reaches both products). The small L2 term pulls
+towards the engine's default -1, so a granularity the sample never shows keeps it. The engine
+ranks higher
+scores first and D is a divergence, so the weights come out negative. The aggregation with the
+better pairwise accuracy on the validation queries (queries-valid.jsonl) wins. Writes
+MODEL/gram.json and WORK/weights.json (both fits, accuracies).
+"""
+import argparse
+import collections
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from tools.train import codes as C
+from tools.train import common as K
+from tools.train import gen as G
+from tools.train.pairs import read_jsonl
+
+GRAN = {"coarse": 0, "medium": 1, "fine": 2}
+
+
+def bracket(pq, pt):
+    """Sum over tokens of the S_rele bracket (f64; a zero probability contributes 0)."""
+    s = 0.0
+    for a, b in zip(pq, pt):
+        m = a + b
+        if a > 0:
+            s += a * math.log(2 * a / m)
+        if b > 0:
+            s += b * math.log(2 * b / m)
+    return s
+
+
+def relevant(item, named, src):
+    return all(item["attributes"].get(a) == src["attributes"].get(a) for a in named)
+
+
+def features(model, tok, items, queries, per_code, rng, log, beam=10):
+    """Per query: (D matrix products x codes, granularity per code, relevance per product)."""
+    by_id = {it["id"]: it for it in items}
+    posting = collections.defaultdict(list)
+    for it in items:
+        for c in it["codes"]:
+            posting[c].append(it["id"])
+    trie = G.CodeTrie(sorted(posting), tok)
+    t0 = time.time()
+    beams = G.generate(model, tok, [K.query_prompt(r["query"]) for r in queries], trie, beam=beam)
+    qcodes = [[c for c, _ in b] for b in beams]
+    pq = G.code_token_probs(model, tok, [(K.query_prompt(r["query"]), cs)
+                                         for r, cs in zip(queries, qcodes)])
+    cand = []
+    jobs = collections.defaultdict(set)
+    for r, cs in zip(queries, qcodes):
+        src = by_id[r["pids"][0]]
+        per = {}
+        for c in cs:
+            ids = posting[c]
+            rel = [i for i in ids if relevant(by_id[i], r["attrs"], src)]
+            rest = [i for i in ids if i not in set(rel)]
+            pick = rel[:per_code] + rng.sample(rest, min(len(rest), max(0, per_code - len(rel[:per_code]))))
+            per[c] = pick
+            for i in pick:
+                jobs[i].add(c)
+        cand.append(per)
+    order = sorted(jobs)
+    pt_list = G.code_token_probs(model, tok, [(K.product_prompt(by_id[i]["title"]), sorted(jobs[i]))
+                                              for i in order])
+    pt = {(i, c): p for i, cs, ps in zip(order, [sorted(jobs[i]) for i in order], pt_list)
+          for c, p in zip(cs, ps)}
+    out = []
+    for r, cs, pqs, per in zip(queries, qcodes, pq, cand):
+        src = by_id[r["pids"][0]]
+        prods = sorted({i for c in cs for i in per[c]})
+        if not prods:
+            continue
+        D = torch.full((len(prods), len(cs)), float("nan"))
+        for k, (c, p) in enumerate(zip(cs, pqs)):
+            for i in per[c]:
+                D[prods.index(i), k] = bracket(p, pt[(i, c)])
+        g = torch.tensor([GRAN[C.gran(c)] for c in cs])
+        rel = torch.tensor([relevant(by_id[i], r["attrs"], src) for i in prods])
+        if rel.any() and (~rel).any():
+            out.append((D, g, rel))
+    log(stage="weights", event="features", queries=len(queries), usable=len(out),
+        candidates=sum(len(x[2]) for x in out), product_code_pairs=len(pt),
+        seconds=round(time.time() - t0, 1))
+    return out
+
+
+def scores(w, D, g, agg):
+    """S for every candidate of one query: aggregate over the codes that reach it."""
+    S = w[g][None, :] * torch.nan_to_num(D, nan=0.0)
+    reach = ~torch.isnan(D)
+    if agg == "sum":
+        return (S * reach).sum(1)
+    return torch.where(reach, S, torch.tensor(-1e9)).max(1).values
+
+
+def pairs_of(data, rng, cap=200):
+    out = []
+    for qi, (D, g, rel) in enumerate(data):
+        pos = rel.nonzero()[:, 0].tolist()
+        neg = (~rel).nonzero()[:, 0].tolist()
+        pr = [(p, n) for p in pos for n in neg]
+        rng.shuffle(pr)
+        out += [(qi, p, n) for p, n in pr[:cap]]
+    return out
+
+
+def accuracy(w, data, agg):
+    """Fraction of (relevant, non-relevant) candidate pairs ordered right (ties count half)."""
+    ok = tot = 0.0
+    for D, g, rel in data:
+        s = scores(w, D, g, agg)
+        sp, sn = s[rel], s[~rel]
+        diff = sp[:, None] - sn[None, :]
+        ok += (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item()
+        tot += diff.numel()
+    return ok / max(tot, 1)
+
+
+def fit(data, agg, margin, l2, rng, steps=400, lr=0.05):
+    pairs = pairs_of(data, rng)
+    w = torch.tensor([-1.0, -1.0, -1.0], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    byq = collections.defaultdict(list)
+    for qi, p, n in pairs:
+        byq[qi].append((p, n))
+    for step in range(steps):
+        loss = 0.0
+        for qi, pn in byq.items():
+            D, g, rel = data[qi]
+            s = scores(w, D, g, agg)
+            p = torch.tensor([x for x, _ in pn])
+            n = torch.tensor([y for _, y in pn])
+            loss = loss + torch.clamp(s[n] - s[p] + margin, min=0).sum()
+        loss = loss / max(len(pairs), 1) + l2 * ((w + 1.0) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach(), loss.item()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(C.WORK))
+    ap.add_argument("--model", default=None, help="model dir (default WORK/align, else WORK/sft)")
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--valid-queries", type=int, default=150)
+    ap.add_argument("--per-code", type=int, default=24)
+    ap.add_argument("--margin", type=float, default=0.1)
+    ap.add_argument("--l2", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    K.seed_all(args.seed)
+    work = Path(args.work)
+    mdir = Path(args.model) if args.model else (work / "align" if (work / "align").exists() else work / "sft")
+    log = K.Log(work / "train-log.jsonl")
+    tok = K.Tok(mdir / "tokenizer.json")
+    model = K.load_model(mdir)
+    items = C.read_catalog(work / "catalog.jsonl")
+    rng = random.Random(args.seed)
+    tq = read_jsonl(work / "queries-train.jsonl")
+    vq = read_jsonl(work / "queries-valid.jsonl")
+    train = features(model, tok, items, rng.sample(tq, min(args.queries, len(tq))), args.per_code, rng, log)
+    valid = features(model, tok, items, rng.sample(vq, min(args.valid_queries, len(vq))), args.per_code, rng, log)
+    res = {}
+    for agg in ("max", "sum"):
+        w, loss = fit(train, agg, args.margin, args.l2, random.Random(args.seed))
+        res[agg] = {"weights": [round(x, 4) for x in w.tolist()], "train_hinge": round(loss, 5),
+                    "train_pair_acc": round(accuracy(w, train, agg), 4),
+                    "valid_pair_acc": round(accuracy(w, valid, agg), 4),
+                    "valid_pair_acc_default_-1": round(accuracy(torch.tensor([-1.0] * 3), valid, agg), 4)}
+        log(stage="weights", aggregation=agg, **res[agg])
+    best = max(res, key=lambda a: res[a]["valid_pair_acc"])
+    w = res[best]["weights"]
+    settings = {"query_template": K.QUERY_TEMPLATE, "product_template": K.PRODUCT_TEMPLATE,
+                "delimiter": C.DELIM, "weights": {"coarse": w[0], "medium": w[1], "fine": w[2]},
+                "aggregation": best}
+    (mdir / "gram.json").write_text(json.dumps(settings, indent=1) + "\n")
+    (work / "weights.json").write_text(json.dumps({"model": str(mdir), "chosen": best, "fits": res,
+                                                   "args": vars(args)}, indent=1) + "\n")
+    log(stage="weights", event="done", chosen=best, gram_json=settings)
+
+
+if __name__ == "__main__":
+    main()
