@@ -482,6 +482,18 @@ impl Batch<'_> {
         self.beams.free_entries()
     }
 
+    /// Decoder rows the last step ran.
+    pub fn last_step_rows(&self) -> usize {
+        self.beams.last_step_rows()
+    }
+
+    /// Drops an admitted request whose caller has gone: no further steps, its KV entries free
+    /// at once. `false` when it is not in flight.
+    pub fn cancel(&mut self, ticket: Ticket) -> bool {
+        self.prepared.retain(|(t, _)| *t != ticket);
+        self.beams.cancel(ticket)
+    }
+
     /// One decoder step over every request in flight; the requests whose codes finished come
     /// back with their products scored. On an error every request in flight is dropped.
     pub fn step(&mut self) -> Result<Vec<(Ticket, Response)>> {

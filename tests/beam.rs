@@ -365,6 +365,57 @@ fn continuous_batching_matches_single_queries() {
     }
 }
 
+/// A query cancelled mid-flight leaves at once (its entries free), the others answer as alone;
+/// each step reports the rows it ran.
+#[test]
+fn a_cancelled_query_leaves_the_batch() {
+    let f = fixture("tiny-llama");
+    let queries: Vec<Query> = ["green sofa", "oak table for kids", "lamp"]
+        .iter()
+        .map(|p| Query {
+            prompt: f.tok.encode(p).unwrap(),
+            options: BeamOptions {
+                beam: 4,
+                max_new_tokens: 8,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let mut search = BeamSearch::new();
+    let cap = 200;
+    let mut batch = beam::Batcher::new(&mut search, &f.model, &f.trie, cap).unwrap();
+    let t: Vec<_> = queries
+        .iter()
+        .map(|q| batch.admit(q.clone()).unwrap().unwrap())
+        .collect();
+    let mut got = batch.step().unwrap();
+    let prompts: usize = queries.iter().map(|q| q.prompt.len()).sum();
+    assert_eq!(
+        batch.last_step_rows(),
+        prompts,
+        "the first step prefills every prompt"
+    );
+    assert!(batch.cancel(t[1]));
+    assert!(!batch.cancel(t[1]), "already gone");
+    while batch.in_flight() > 0 {
+        got.extend(batch.step().unwrap());
+        assert!(
+            batch.last_step_rows() <= 2 * 4,
+            "one row per running beam of two queries"
+        );
+    }
+    assert_eq!(batch.free_entries(), cap);
+    let tickets: Vec<_> = got.iter().map(|g| g.0).collect();
+    assert_eq!(tickets.len(), 2);
+    assert!(tickets.contains(&t[0]) && tickets.contains(&t[2]));
+    for (ticket, out) in got {
+        let q = &queries[if ticket == t[0] { 0 } else { 2 }];
+        let alone = search_one(&f, q.prompt.clone(), q.options);
+        let codes = |o: &beam::Output| o.codes.iter().map(|c| c.code).collect::<Vec<_>>();
+        assert_eq!(codes(&out), codes(&alone));
+    }
+}
+
 /// A shared prompt prefix (the template's head, prefilled once) changes no result: same codes,
 /// same scores, fewer rows. Covers queries that do not start with it, a prompt equal to it,
 /// reuse across runs and the arena growing under it.

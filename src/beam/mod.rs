@@ -304,6 +304,8 @@ pub struct Batcher<'a, B: Backend> {
     /// Entries queries may use (past the shared prefix).
     capacity: usize,
     next: Ticket,
+    /// Decoder rows of the last step.
+    last_rows: usize,
 }
 
 impl<'a, B: Backend> Batcher<'a, B> {
@@ -352,6 +354,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
             free: vec![prefix_len as u32..total as u32],
             capacity: entries,
             next: 0,
+            last_rows: 0,
         })
     }
 
@@ -429,12 +432,16 @@ impl<'a, B: Backend> Batcher<'a, B> {
         let arena = self.search.arena.as_mut().expect("made by new");
         let prefill: Vec<bool> = self.states.iter().map(|s| !s.prefilled).collect();
         let t = std::time::Instant::now();
-        if let Err(e) = step(self.model, arena, self.trie, &mut self.states) {
-            let start = self.search.prefix.len() as u32;
-            self.free = vec![start..start + self.capacity as u32];
-            self.states.clear();
-            self.tickets.clear();
-            return Err(e);
+        match step(self.model, arena, self.trie, &mut self.states) {
+            Ok(rows) => self.last_rows = rows,
+            Err(e) => {
+                let start = self.search.prefix.len() as u32;
+                self.free = vec![start..start + self.capacity as u32];
+                self.states.clear();
+                self.tickets.clear();
+                self.last_rows = 0;
+                return Err(e);
+            }
         }
         let secs = t.elapsed().as_secs_f64();
         for (s, prefill) in self.states.iter_mut().zip(prefill) {
@@ -457,6 +464,24 @@ impl<'a, B: Backend> Batcher<'a, B> {
             done.push((ticket, finish(self.trie, s)));
         }
         Ok(done)
+    }
+
+    /// Decoder rows the last step ran (prompt rows of new queries, one per running beam of the
+    /// others).
+    pub fn last_step_rows(&self) -> usize {
+        self.last_rows
+    }
+
+    /// Drops the query `ticket` (its caller has gone): it takes no further step and its arena
+    /// entries are free at once. `false` when it is not in flight (finished or unknown).
+    pub fn cancel(&mut self, ticket: Ticket) -> bool {
+        let Some(i) = self.tickets.iter().position(|&t| t == ticket) else {
+            return false;
+        };
+        self.tickets.remove(i);
+        let s = self.states.remove(i);
+        self.release(s.base..s.base + s.len);
+        true
     }
 
     /// Returns `range` to the free list, merging it with its neighbours.
@@ -482,7 +507,7 @@ fn step<B: Backend>(
     arena: &mut KvArena<B>,
     trie: &Trie,
     states: &mut [State],
-) -> Result<()> {
+) -> Result<usize> {
     let (mut tokens, mut rows, mut links) = (Vec::new(), Vec::new(), Vec::new());
     // One head row per parent beam: `(query, beam)`, and the batch row it reads.
     let (mut parents, mut head_rows) = (Vec::new(), Vec::new());
@@ -580,7 +605,7 @@ fn step<B: Backend>(
         let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
         advance(trie, s, &beams, select::candidates(&scores, lps));
     }
-    Ok(())
+    Ok(rows.len())
 }
 
 /// Beam search for `queries` with a fresh arena.

@@ -10,8 +10,8 @@
 //! request leaves as soon as its own codes are done.
 //!
 //! A request whose handler has gone (deadline passed, client disconnected) is dropped from the
-//! queue before it is admitted; one already admitted runs to the end of its codes (the batch
-//! cannot evict it) and its answer is discarded.
+//! queue before it is admitted; one already admitted is cancelled before the next step (its KV
+//! entries free at once for the queue).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -193,10 +193,6 @@ pub fn arena_entries(engine: &Engine, max_batch: usize, default_beam: usize) -> 
 struct InFlight {
     ticket: Ticket,
     reply: oneshot::Sender<Reply>,
-    /// Decoder rows it adds to its first step (its prompt) and to each later one (at most).
-    prompt_tokens: usize,
-    beam: usize,
-    started: bool,
     /// Seconds it waited in the queue.
     queue_s: f64,
 }
@@ -234,16 +230,22 @@ pub fn run(
         if flying.is_empty() {
             continue;
         }
-        let rows: usize = flying
-            .iter()
-            .map(|f| if f.started { f.beam } else { f.prompt_tokens })
-            .sum();
+        // A request whose handler has gone (deadline, client left) takes no further step.
+        flying.retain(|f| {
+            let gone = f.reply.is_closed();
+            if gone {
+                batch.cancel(f.ticket);
+            }
+            !gone
+        });
+        metrics.set_in_flight(flying.len());
+        if flying.is_empty() {
+            continue;
+        }
         let t = Instant::now();
         let result = batch.step();
-        metrics.record_step(t.elapsed().as_secs_f64(), flying.len(), rows);
-        for f in &mut flying {
-            f.started = true;
-        }
+        let requests = flying.len();
+        metrics.record_step(t.elapsed().as_secs_f64(), requests, batch.last_step_rows());
         match result {
             Ok(done) => {
                 for (ticket, response) in done {
@@ -327,7 +329,6 @@ fn admit(
             enqueued,
             deadline,
         } = job;
-        let (prompt_tokens, beam) = (prepared.prompt_tokens(), prepared.request().beam);
         match batch.admit(prepared) {
             Admission::Admitted(ticket) => {
                 let queue_s = now.duration_since(enqueued).as_secs_f64();
@@ -335,9 +336,6 @@ fn admit(
                 flying.push(InFlight {
                     ticket,
                     reply,
-                    prompt_tokens,
-                    beam,
-                    started: false,
                     queue_s,
                 });
             }

@@ -173,8 +173,8 @@ pub struct Metrics {
     step_seconds: Histogram,
     /// `gram_step_requests`: requests in flight in a step.
     step_requests: Histogram,
-    /// `gram_step_rows`: decoder rows (tokens) in a step, prefill tokens plus one per beam
-    /// (an upper bound: a request may run fewer beams than its width).
+    /// `gram_step_rows`: decoder rows (tokens) in a step, prefill tokens plus one per running
+    /// beam.
     step_rows: Histogram,
     /// `gram_queue_depth`: requests waiting to be admitted.
     queue_depth: AtomicU64,
@@ -312,8 +312,8 @@ impl Metrics {
             ),
             (
                 "gram_step_rows",
-                "Decoder rows (tokens) in one step: prompt tokens of new requests plus one per beam \
-                 of running ones (an upper bound).",
+                "Decoder rows (tokens) in one step: prompt tokens of new requests plus one per \
+                 running beam of the others.",
                 &self.step_rows,
             ),
         ];
