@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use gram::beam::BeamSearch;
@@ -13,8 +12,6 @@ use gram::search::{Admission, Engine, Request};
 /// Builds a small index over tiny-llama with the CLI (as users do) and returns its directory.
 fn small_index(tag: &str) -> PathBuf {
     let tmp = std::env::temp_dir().join(format!("gram-search-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
     let kinds = ["sofa", "chair", "lamp", "rug", "desk", "bed"];
     let materials = ["velvet", "oak", "wool", "brass"];
     let colours = ["green", "blue", "red"];
@@ -34,23 +31,7 @@ fn small_index(tag: &str) -> PathBuf {
             );
         }
     }
-    let catalog = tmp.join("catalog.jsonl");
-    std::fs::write(&catalog, lines.join("\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(["index", "build", "--model"])
-        .arg(model_dir("tiny-llama"))
-        .arg("--catalog")
-        .arg(&catalog)
-        .arg("--out")
-        .arg(tmp.join("ix"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    tmp.join("ix")
+    build_index(&tmp, "tiny-llama", &lines)
 }
 
 fn open(ix: &Path) -> Engine {

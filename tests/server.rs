@@ -39,8 +39,6 @@ fn index() -> &'static PathBuf {
             }
         }
         let tmp = root.join(format!("gram-server-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).unwrap();
         let mut lines = Vec::new();
         let kinds = ["sofa", "chair", "lamp", "rug", "desk"];
         let materials = ["velvet", "oak", "wool"];
@@ -53,23 +51,7 @@ fn index() -> &'static PathBuf {
                 );
             }
         }
-        let catalog = tmp.join("catalog.jsonl");
-        std::fs::write(&catalog, lines.join("\n")).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
-            .args(["index", "build", "--threads", "1", "--model"])
-            .arg(model_dir("tiny-llama"))
-            .arg("--catalog")
-            .arg(&catalog)
-            .arg("--out")
-            .arg(tmp.join("ix"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tmp.join("ix")
+        build_index(&tmp, "tiny-llama", &lines)
     })
 }
 

@@ -78,3 +78,27 @@ pub fn copy_model(src: &Path, name: &str) -> PathBuf {
     }
     dst
 }
+
+/// Builds an index with `gram index build` (as users do) over `model` from catalog `lines`
+/// (JSONL) in `dir` (made anew); returns the index directory.
+pub fn build_index(dir: &Path, model: &str, lines: &[String]) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let catalog = dir.join("catalog.jsonl");
+    std::fs::write(&catalog, lines.join("\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["index", "build", "--threads", "1", "--model"])
+        .arg(model_dir(model))
+        .arg("--catalog")
+        .arg(&catalog)
+        .arg("--out")
+        .arg(dir.join("ix"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("ix")
+}
