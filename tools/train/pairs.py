@@ -102,7 +102,14 @@ PATTERNS = [
     (3, "brand"), (3, "brand series"), (2, "series"), (2, "brand series category"),
     (4, "model"), (4, "brand model"), (3, "brand model category"), (2, "series model"),
     (1, "brand type category"), (1, "brand connectivity category"), (3, "title"),
+    (4, "spec category"), (2, "spec"),
 ]
+# "spec": one or two neighbouring title words that are no attribute value, stopword or
+# measurement ("android tablet", "rtx 2060", "gps watch"); the query names the category.
+STOPWORDS = {"with", "for", "and", "the", "to", "of", "in", "on", "x", "pc(s)", "pcs", "pc", "w/",
+             "-", "–", "/", "+", "&", "cm", "mm", "m", "ft", "in.", "inch", "gb", "tb", "mb", "kg",
+             "g", "w", "v", "mah", "pixels", "dpi", "ppm", "hz", "ghz", "mhz", "original", "black",
+             "white", "grey", "silver", "blue", "red"}
 IMPLIES = {"model": ("brand", "series", "category"), "series": ("brand",)}
 
 _WS = re.compile(r"\s+")
@@ -194,6 +201,24 @@ def title_query(item, rng):
     return q, named
 
 
+def spec_query(item, rng):
+    """(spec words, spec words + a category surface form) from the title, or None."""
+    a = item["attributes"]
+    skip = set(STOPWORDS)
+    for k in ("brand", "category", "series"):
+        skip.update((a.get(k) or "").split())
+    words = [w.strip("(),;:\"'") for w in C.norm(item["title"]).split()]
+    ok = [i for i, w in enumerate(words) if w and w not in skip and C._LETTER.search(w)
+          and not C._MEASURE.match(w) and len(w) >= 2]
+    if not ok:
+        return None
+    i = rng.choice(ok)
+    spec = words[i]
+    if i + 1 < len(words) and words[i + 1] not in skip and rng.random() < 0.5:
+        spec += " " + words[i + 1]
+    return spec
+
+
 def code_attrs(code, attrs):
     """The attribute names of a code's parts, given the product's attributes."""
     inv = {}
@@ -218,11 +243,11 @@ def targets(item, named):
     return out
 
 
-def synth_queries(item, n, rng, typo_rate=0.12):
+def synth_queries(item, n, rng, typo_rate=0.06):
     """Up to n (query, named attributes) for one product, distinct queries."""
     attrs = item["attributes"]
     usable = [(w, p) for w, p in PATTERNS
-              if p == "title" or all(attrs.get(a) for a in p.split())]
+              if p == "title" or all(attrs.get(a) for a in p.replace("spec", "category").split())]
     out, seen = [], set()
     for _ in range(n * 4):
         if len(out) >= n or not usable:
@@ -230,6 +255,12 @@ def synth_queries(item, n, rng, typo_rate=0.12):
         pat = rng.choices([p for _, p in usable], weights=[w for w, _ in usable])[0]
         if pat == "title":
             q, named = title_query(item, rng)
+        elif pat.startswith("spec"):
+            spec = spec_query(item, rng)
+            if not spec:
+                continue
+            q = spec if pat == "spec" else f"{spec} {surface('category', attrs['category'], rng)}"
+            named = ("category",)
         else:
             names = pat.split()
             q = " ".join(surface(a, attrs[a], rng) for a in names)
