@@ -256,19 +256,26 @@ pub fn build_with<B: Backend>(
     }
     bar.finish();
 
-    // The index's codes: the known ones and whatever unconstrained generation found.
-    let mut texts: Vec<String> = known.as_ref().map(|s| s.texts.clone()).unwrap_or_default();
-    texts.extend(found.iter().flatten().map(|(t, _)| t.clone()));
-    texts.sort_unstable();
-    texts.dedup();
-    if texts.is_empty() {
-        return Err(Error::Input(format!(
-            "unconstrained generation found no codes: no beam ended with EOS within {} tokens above the threshold",
-            generate.map_or(0, |g| g.max_new_tokens)
-        )));
-    }
-    let set = CodeSet::from_texts(texts, tokenizer, eos)?;
-    check_code_lengths(&set)?;
+    // The index's codes: the known ones (already tokenized), plus whatever unconstrained
+    // generation found.
+    let set = match known {
+        Some(set) if !unconstrained => set,
+        known => {
+            let mut texts: Vec<String> = known.map(|s| s.texts).unwrap_or_default();
+            texts.extend(found.iter().flatten().map(|(t, _)| t.clone()));
+            texts.sort_unstable();
+            texts.dedup();
+            if texts.is_empty() {
+                return Err(Error::Input(format!(
+                    "unconstrained generation found no codes: no beam ended with EOS within {} tokens above the threshold",
+                    generate.map_or(0, |g| g.max_new_tokens)
+                )));
+            }
+            let set = CodeSet::from_texts(texts, tokenizer, eos)?;
+            check_code_lengths(&set)?;
+            set
+        }
+    };
     let trie = Trie::build(&set, model.config.vocab_size, eos)?;
     let mut postings: Vec<CodePostings> = (0..set.len())
         .map(|_| CodePostings {
@@ -529,8 +536,9 @@ fn read_shard(path: &Path, key: u64) -> Option<Found> {
         return None;
     }
     let mut r = Reader { bytes: payload };
-    let mut found = Vec::with_capacity(r.count()?.min(payload.len()));
-    for _ in 0..found.capacity() {
+    let products = r.count()?;
+    let mut found = Vec::with_capacity(products.min(payload.len()));
+    for _ in 0..products {
         let n = r.count()?;
         let mut codes = Vec::with_capacity(n.min(payload.len()));
         for _ in 0..n {
