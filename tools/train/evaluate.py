@@ -36,7 +36,7 @@ from tools.train import metrics as M
 from tools.train.pairs import read_jsonl
 
 
-def gram_run(gram, model, catalog, idx, queries, k, rebuild):
+def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10):
     if rebuild or not (idx / "index.gram").exists():
         if idx.exists():
             shutil.rmtree(idx)
@@ -49,7 +49,8 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild):
     else:
         build_s = None
     t = time.time()
-    r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--threads", "2", *queries],
+    r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--beam", str(beam),
+                        "--threads", "2", *queries],
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
@@ -117,17 +118,18 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--name", default=None, help="default: the model dir's name")
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--beam", type=int, default=10, help="query-side beam (codes per query)")
     ap.add_argument("--no-cold", action="store_true")
     args = ap.parse_args(argv)
     work, model = Path(args.work), Path(args.model)
-    name = args.name or model.name
+    name = args.name or model.name + ("" if args.beam == 10 else f"-beam{args.beam}")
     judged = {r["query"]: r["grades"] for r in read_jsonl(work / "judged.jsonl")}
     queries = sorted(judged)
     items = C.read_catalog(model / "catalog.jsonl")
     catalog_ids = {it["id"] for it in items}
     judged = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
-    g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", work / f"eval-index-{name}",
-                                queries, args.k, args.rebuild)
+    g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", work / f"eval-index-{model.name}",
+                                queries, args.k, args.rebuild, args.beam)
     gram_runs = {q: [p["id"] for p in g[q]["products"]] for q in queries}
     raw = [p for p in C.load_products() if str(p["id"]) in catalog_ids]
     bm = bm25_run(raw, queries, args.k)
@@ -153,7 +155,8 @@ def main(argv=None):
                      "bm25_recall@300": M.recall(bm[q], judged[q], 300),
                      "gram_ndcg@10": M.ndcg(gram_runs[q], judged[q], 10),
                      "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10)} for q in queries}
-    res = {"model": str(model), "queries": len(queries), "k": args.k, "summary": summary,
+    res = {"model": str(model), "queries": len(queries), "k": args.k, "beam": args.beam,
+           "summary": summary,
            "per_query": per_query}
     (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(table([("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),

@@ -132,15 +132,17 @@ def main(argv=None):
     ap.add_argument("--gram", default=str(C.REPO / "target" / "release" / "gram"))
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--no-catalog", action="store_true")
+    ap.add_argument("--verify-only", action="store_true", help="check an exported DIR (--out) again")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(args.work)
     src = Path(args.model) if args.model else (work / "align" if (work / "align").exists() else work / "sft")
     out = Path(args.out)
-    export(src, out, work / "catalog.jsonl", not args.no_catalog)
     log = K.Log(work / "train-log.jsonl")
-    log(stage="export", src=str(src), out=str(out),
-        files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()})
+    if not args.verify_only:
+        export(src, out, work / "catalog.jsonl", not args.no_catalog)
+        log(stage="export", src=str(src), out=str(out),
+            files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()})
     if not args.no_verify:
         res = verify(out, args.gram, work)
         (work / "export-check.json").write_text(json.dumps(res, indent=1) + "\n")
