@@ -33,6 +33,10 @@ pub enum Error {
     /// tokens for the cache, unknown slot...).
     #[error("invalid input: {0}")]
     Input(String),
+    /// The GPU backend could not start or run: no driver or device, a library missing, a kernel
+    /// that failed to compile or launch, device memory exhausted.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl Error {
@@ -46,6 +50,7 @@ impl Error {
             Error::Index { .. } => "index",
             Error::Tokenizer(_) => "tokenizer",
             Error::Input(_) => "input",
+            Error::Device(_) => "device",
         }
     }
 

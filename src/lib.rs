@@ -27,6 +27,7 @@
 pub mod backend;
 pub mod beam;
 pub mod catalog;
+pub mod codes_bench;
 pub mod config;
 pub mod container;
 pub mod error;

@@ -39,6 +39,8 @@ enum Command {
     Serve(gram::server::ServeArgs),
     /// Load-test a `gram serve` server: closed or open loop, latency report and plot.
     Bench(gram::loadgen::BenchArgs),
+    /// Time the query → codes stage (beam search) on fixed token prompts, CPU or GPU.
+    BenchCodes(gram::codes_bench::BenchCodesArgs),
 }
 
 #[derive(Subcommand)]
@@ -189,6 +191,7 @@ fn main() -> ExitCode {
         Command::Search(args) => run_search(args),
         Command::Serve(args) => gram::server::run(args).map_err(|e| e.to_string()),
         Command::Bench(args) => gram::loadgen::run(args),
+        Command::BenchCodes(args) => gram::codes_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

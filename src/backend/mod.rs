@@ -4,11 +4,50 @@
 //! `C` hidden size, `H`/`Hkv` query/KV heads, `D` head dim, `V` vocab.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::rope::RopeTable;
 use crate::tensor::HostTensor;
+
+/// Which backend a command runs on (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Device {
+    /// The CPU backend (the reference).
+    Cpu,
+    /// The CUDA backend on GPU 0; an error where there is none.
+    Cuda,
+    /// CUDA when a usable GPU is present, else the CPU (the log says which).
+    #[default]
+    Auto,
+}
+
+/// Opens the backend `device` asks for: `Some(cuda)`, or `None` for the CPU. `auto` falls back
+/// to the CPU (logging why) when no GPU can be used; `cuda` returns that as an error.
+pub fn open(device: Device, profile: bool) -> Result<Option<cuda::CudaBackend>> {
+    match device {
+        Device::Cpu => {
+            tracing::info!("backend: cpu (--device cpu)");
+            Ok(None)
+        }
+        Device::Cuda => {
+            let b = cuda::CudaBackend::new(0, profile)?;
+            tracing::info!("backend: cuda on {}", b.device_name());
+            Ok(Some(b))
+        }
+        Device::Auto => match cuda::CudaBackend::new(0, profile) {
+            Ok(b) => {
+                tracing::info!("backend: cuda on {} (--device auto)", b.device_name());
+                Ok(Some(b))
+            }
+            Err(e) => {
+                tracing::info!("backend: cpu (--device auto: {e})");
+                Ok(None)
+            }
+        },
+    }
+}
 
 /// A linear layer `y = x W^T + b`, `W: [N, K]` as HF stores it.
 pub struct Linear<W> {
@@ -103,6 +142,8 @@ pub trait Backend: Send + Sync {
     fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
     /// A buffer of `len` f32 whose contents are unspecified until written.
     fn buf(&self, len: usize) -> Self::Buf;
+    /// A buffer holding `data` (tests and tools; the forward pass makes its own).
+    fn buf_from_host(&self, data: &[f32]) -> Self::Buf;
     /// A KV arena of `entries` tokens.
     fn new_kv(&self, config: &ModelConfig, entries: usize) -> Result<Self::Kv>;
     /// Hands a buffer back for a later [`Backend::buf`] to reuse (default: drops it).
@@ -168,4 +209,37 @@ pub trait Backend: Send + Sync {
     /// The sparse LM head: `out[i] = x[r_i] · W[v_i]` for each pick `(r_i, v_i)`; `x: [R, C]`,
     /// `W: [V, C]`. Evaluates only the vocabulary rows a trie allows.
     fn linear_picks(&self, x: &Self::Buf, w: &Self::Weight, picks: &[(u32, u32)]) -> Vec<f32>;
+
+    /// The full-vocabulary head without the logits leaving the backend: for `x: [R, C]`, the
+    /// logits of each pick `(r, v)` and the log-sum-exp of each of the `R` rows (full
+    /// normalization of a trie-constrained step). The default computes the logits, copies
+    /// them to the host and reduces there (what the CPU does anyway).
+    fn head_picks_lse(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        head: LinearRef<'_, Self::Weight>,
+        vocab: usize,
+        picks: &[(u32, u32)],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut logits = self.buf(rows * vocab);
+        self.linear(x, rows, &mut [(head, &mut logits)]);
+        let logits = self.to_host(logits);
+        let lse = logits
+            .chunks_exact(vocab)
+            .map(crate::beam::select::logsumexp)
+            .collect();
+        let picked = picks
+            .iter()
+            .map(|&(r, v)| logits[r as usize * vocab + v as usize])
+            .collect();
+        self.recycle_host(logits);
+        (picked, lse)
+    }
+
+    /// The first error an op met since the last call (device backends record launch failures
+    /// here, since ops return nothing); the model calls it after every forward pass.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }

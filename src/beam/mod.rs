@@ -713,6 +713,32 @@ fn logprob_rows<B: Backend>(
             .collect();
         return Ok((lps, true));
     }
+    if parents.iter().all(|&(qi, _)| opts(qi).constrained) {
+        // Full normalization (some rows): the allowed tokens' logits and each row's
+        // log-sum-exp, so that the `[R, V]` logits stay in the backend.
+        let mut picks: Vec<(u32, u32)> = Vec::new();
+        for (i, &(_, beam)) in parents.iter().enumerate() {
+            picks.extend(allowed(trie, beam.node).map(|t| (i as u32, t)));
+        }
+        let out = model.forward_rows(arena, tokens, batch, Head::PicksLse(logits_rows, &picks))?;
+        let (logits, lse) = out.split_at(picks.len());
+        let mut at = 0;
+        let lps = parents
+            .iter()
+            .enumerate()
+            .map(|(i, &(qi, beam))| {
+                let mut it = allowed(trie, beam.node).map(|t| {
+                    at += 1;
+                    (t, logits[at - 1])
+                });
+                match opts(qi).normalize {
+                    Normalize::Children => children_only(&mut it),
+                    Normalize::Full => it.map(|(t, l)| (t, l - lse[i])).collect(),
+                }
+            })
+            .collect();
+        return Ok((lps, false));
+    }
     let vocab = model.config.vocab_size;
     let logits = model.forward_rows(arena, tokens, batch, Head::Full(logits_rows))?;
     let lps = parents

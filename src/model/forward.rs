@@ -88,8 +88,7 @@ pub(super) fn forward<B: Backend>(
 
     // Final norm and LM head, only for the rows whose logits are wanted.
     let logits_rows = match head {
-        Head::Full(r) => r,
-        Head::Picks(r, _) => r,
+        Head::Full(r) | Head::Picks(r, _) | Head::PicksLse(r, _) => r,
     };
     let r = logits_rows.len();
     if r == 0 {
@@ -109,6 +108,11 @@ pub(super) fn forward<B: Backend>(
             b.to_host(logits)
         }
         Head::Picks(_, picks) => b.linear_picks(&normed, w.lm_head().weight, picks),
+        Head::PicksLse(_, picks) => {
+            let (mut out, lse) = b.head_picks_lse(&normed, r, w.lm_head(), c.vocab_size, picks);
+            out.extend(lse);
+            out
+        }
     };
     for buf in [x, h, q, k, v, att, gate, up, qn, kn, picked, normed] {
         b.recycle(buf);

@@ -174,9 +174,11 @@ impl<B: Backend> Model<B> {
         head: Head,
     ) -> Result<Vec<f32>> {
         self.check_batch(arena, tokens, batch, head)?;
-        Ok(self
+        let out = self
             .pool
-            .install(|| forward::forward(self, &mut arena.kv, tokens, batch, head)))
+            .install(|| forward::forward(self, &mut arena.kv, tokens, batch, head));
+        self.backend.check()?;
+        Ok(out)
     }
 
     /// Hands back logits that [`Model::forward_rows`] returned, once read, for a later pass to
@@ -230,7 +232,7 @@ impl<B: Backend> Model<B> {
         }
         let (picked, picks) = match head {
             Head::Full(r) => (r, &[][..]),
-            Head::Picks(r, p) => (r, p),
+            Head::Picks(r, p) | Head::PicksLse(r, p) => (r, p),
         };
         if let Some(&r) = picked.iter().find(|&&r| r >= tokens.len()) {
             return Err(Error::Input(format!(
@@ -259,6 +261,10 @@ pub enum Head<'a> {
     /// Only the logits `(i, v)` — token `v` at the `i`-th of these batch rows — in pick order
     /// (the sparse head: a trie's allowed children).
     Picks(&'a [usize], &'a [(u32, u32)]),
+    /// The picks as in `Picks`, then the full-vocabulary log-sum-exp of each of these rows
+    /// (`picks.len() + rows.len()` values): full normalization without the `[R, V]` logits
+    /// leaving the backend.
+    PicksLse(&'a [usize], &'a [(u32, u32)]),
 }
 
 /// A KV arena: `entries` token entries, every layer.

@@ -3,6 +3,8 @@
 
 /// `cos`/`sin` of every (position, frequency) pair: `[max_pos, D/2]` each.
 pub struct RopeTable {
+    /// Unique in the process: a device backend keeps its upload of the table by this id.
+    pub id: u64,
     pub half: usize,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
@@ -24,7 +26,9 @@ impl RopeTable {
                 sin.push(angle.sin() as f32);
             }
         }
-        RopeTable { half, cos, sin }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RopeTable { id, half, cos, sin }
     }
 
     pub fn max_pos(&self) -> usize {

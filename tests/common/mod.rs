@@ -6,8 +6,12 @@ use std::sync::Once;
 
 use serde_json::Value;
 
+/// The repository root: `$GRAM_REPO` when set (a test binary run on another machine, e.g.
+/// the GPU box), else the crate's own directory.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("GRAM_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn model_dir(name: &str) -> PathBuf {

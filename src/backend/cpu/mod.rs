@@ -74,6 +74,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn buf_from_host(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
     fn recycle_host(&self, v: Vec<f32>) {
         self.recycle(v);
     }

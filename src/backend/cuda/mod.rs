@@ -1,0 +1,1265 @@
+//! `CudaBackend`: the [`Backend`] ops on an NVIDIA GPU, through `cudarc` (the driver, NVRTC and
+//! cuBLAS are loaded at run time, so gram builds and runs where no CUDA is installed).
+//!
+//! Storage: weights are bf16 on the device (any stored dtype is converted once at upload); the
+//! activation buffers and the KV arena are f32, as on the CPU, so the only rounding the GPU adds
+//! is the bf16 activation operand of each cuBLAS GEMM (bf16 × bf16, f32 accumulation and
+//! output) and the order of f32 sums. Every op is one or two kernel launches on one stream; the
+//! host reads back only what the trait returns (the LM-head picks, log-sum-exps, `to_host`).
+//!
+//! Kernels (`kernels/*.cu`) are compiled by NVRTC for the device's architecture at
+//! [`CudaBackend::new`] and cached on disk ([`nvrtc`]). Ops cannot return errors (the trait is
+//! infallible, as the CPU's ops are); a failed launch or copy is recorded, later ops are skipped,
+//! and [`Backend::check`] (called after every forward pass) returns it. Nothing here panics on
+//! a missing driver: [`probe`] checks for the libraries before cudarc touches them.
+
+pub mod nvrtc;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::{sys as blas, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+
+use super::{AttnShape, Backend, KvRows, LinearRef, RowKv};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::rope::RopeTable;
+use crate::tensor::{HostTensor, View};
+
+/// Head dims the attention kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Why no GPU can be used, or `Ok(device count)`. Looks for the driver library before cudarc
+/// does (cudarc panics when it cannot load `libcuda`).
+pub fn probe() -> Result<usize> {
+    // SAFETY: only dlopen()s the library by its usual names; no CUDA call yet.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Device(
+            "no CUDA driver (libcuda.so) found: no NVIDIA GPU here, or the driver is not installed"
+                .into(),
+        ));
+    }
+    let n = CudaContext::device_count()
+        .map_err(|e| Error::Device(format!("the CUDA driver failed to start: {e:?}")))?;
+    if n <= 0 {
+        return Err(Error::Device("the CUDA driver sees no GPU".into()));
+    }
+    Ok(n as usize)
+}
+
+fn dev<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::Device(format!("{what}: {e:?}"))
+}
+
+/// `#[repr(C)]` twin of the kernels' `RowKv` (kernels/common.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DevRowKv {
+    pub pos: u32,
+    pub entry: u32,
+    pub span_begin: u32,
+    pub span_end: u32,
+    pub link_begin: u32,
+    pub link_end: u32,
+}
+
+impl From<&RowKv> for DevRowKv {
+    fn from(r: &RowKv) -> Self {
+        DevRowKv {
+            pos: r.pos,
+            entry: r.entry,
+            span_begin: r.span.0,
+            span_end: r.span.1,
+            link_begin: r.link.0,
+            link_end: r.link.1,
+        }
+    }
+}
+
+/// `#[repr(C)]` twin of `AttnParams<T>` (kernels/attention.cuh); pointers as device addresses.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct AttnParams {
+    q: u64,
+    out: u64,
+    k_cache: u64,
+    v_cache: u64,
+    rows: u64,
+    links: u64,
+    groups: u64,
+    part_o: u64,
+    part_ml: u64,
+    n_rows: u32,
+    n_links: u32,
+    n_groups: u32,
+    entries: u32,
+    heads: u32,
+    kv_heads: u32,
+    rows_per_block: u32,
+    row_slices: u32,
+    n_chunks: u32,
+    scale: f32,
+}
+// SAFETY: plain old data with the C layout the kernel reads.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// `#[repr(C)]` twin of `RopeParams<T>` (kernels/rope.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RopeParams {
+    q: u64,
+    k: u64,
+    rows: u64,
+    cos: u64,
+    sin: u64,
+    q_norm: u64,
+    k_norm: u64,
+    v: u64,
+    k_cache: u64,
+    v_cache: u64,
+    n_rows: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    max_pos: u32,
+    entries: u32,
+    eps: f32,
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for RopeParams {}
+
+/// An f32 activation buffer: `len` values at the front of a pooled allocation.
+pub struct CudaBuf {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+impl CudaBuf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A weight on the device, bf16, with its HF shape (`[N, K]`, or `[N]`).
+pub struct CudaWeight {
+    data: CudaSlice<u16>,
+    shape: Vec<usize>,
+}
+
+impl CudaWeight {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// The KV arena: per layer, K and V blocks of `[entries, Hkv * D]` f32.
+pub struct CudaKv {
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    entries: usize,
+    kv_dim: usize,
+}
+
+/// The small per-op inputs uploaded from the host, one growing device buffer each; an upload
+/// equal to the last one of its slot is skipped (a forward pass uses the same rows in every
+/// layer).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Slot {
+    Ids,
+    Rows,
+    Links,
+    Groups,
+    Gather,
+    Picks,
+}
+
+struct Upload {
+    dev: CudaSlice<u32>,
+    last: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    uploads: HashMap<Slot, Upload>,
+    /// The bf16 copy of a GEMM's activation operand.
+    xb: Option<CudaSlice<u16>>,
+    /// The rotary table of the model being run: `(RopeTable::id, cos, sin, max_pos)`.
+    rope: Option<(u64, CudaSlice<f32>, CudaSlice<f32>, usize)>,
+    /// Device logits of the last full head, and the row log-sum-exps.
+    lse: Option<CudaSlice<f32>>,
+    picks_out: Option<CudaSlice<f32>>,
+}
+
+/// Per-op GPU time, from CUDA events around each op (only when profiling is on).
+#[derive(Default)]
+struct Profile {
+    spans: Vec<(&'static str, CudaEvent, CudaEvent)>,
+}
+
+/// The CUDA backend. One context, one stream; ops from several threads serialize on it.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+    scratch: Mutex<Scratch>,
+    pool: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    error: Mutex<Option<String>>,
+    profile: Mutex<Profile>,
+    profiling: AtomicBool,
+    weight_bytes: AtomicUsize,
+    device_name: String,
+    sms: u32,
+    /// Kernel compile report: `(file, cached, seconds)`.
+    pub compiled: Vec<(&'static str, bool, f64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn arch_of(cc: (i32, i32)) -> Result<&'static str> {
+    Ok(match cc {
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (m, _) if m >= 8 => "compute_80",
+        (m, n) => {
+            return Err(Error::Device(format!(
+                "compute capability {m}.{n}: the kernels need bf16 (8.0 or newer)"
+            )))
+        }
+    })
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads cached) kernels, starts cuBLAS. `profile` turns
+    /// on per-op event timing ([`CudaBackend::profile_report`]).
+    pub fn new(ordinal: usize, profile: bool) -> Result<CudaBackend> {
+        let n = probe()?;
+        if ordinal >= n {
+            return Err(Error::Device(format!(
+                "GPU {ordinal} asked for, {n} present"
+            )));
+        }
+        // SAFETY: dlopen() probes, as in `probe`.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "NVRTC (libnvrtc.so) not found: install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and add its lib directory to LD_LIBRARY_PATH".into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "cuBLAS (libcublas.so) not found: add the CUDA toolkit's lib directory to LD_LIBRARY_PATH".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(dev("creating a CUDA context"))?;
+        // One stream: in-stream order is all the synchronization the ops need.
+        // SAFETY: every buffer is used on this one stream only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(dev("starting cuBLAS"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(dev("reading the compute capability"))?;
+        let arch = arch_of(cc)?;
+        let device_name = ctx.name().map_err(dev("reading the device name"))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(dev("reading the SM count"))? as u32;
+        let include = nvrtc::cuda_include_dir()?;
+        let mut kernels = HashMap::new();
+        let mut compiled = Vec::new();
+        for &(file, source) in nvrtc::SOURCES {
+            let c = nvrtc::compile(file, source, arch, &include)?;
+            compiled.push((file, c.cached, c.seconds));
+            let module = ctx
+                .load_module(nvrtc::ptx(&c))
+                .map_err(dev(&format!("loading kernels/{file}")))?;
+            for name in entry_points(&c.ptx) {
+                let f = module
+                    .load_function(name)
+                    .map_err(dev(&format!("kernel {name} of kernels/{file}")))?;
+                let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+                kernels.insert(name, f);
+            }
+        }
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            scratch: Mutex::new(Scratch::default()),
+            pool: Mutex::new(HashMap::new()),
+            error: Mutex::new(None),
+            profile: Mutex::new(Profile::default()),
+            profiling: AtomicBool::new(profile),
+            weight_bytes: AtomicUsize::new(0),
+            device_name,
+            sms,
+            compiled,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for every queued op.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev("synchronizing"))
+    }
+
+    /// Turns per-op event timing on or off.
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling.store(on, Ordering::Relaxed);
+    }
+
+    /// Bytes of weights uploaded so far (bf16).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Device-to-device copy bandwidth, bytes read + written per second: the best of 10 copies
+    /// of 1 GiB (256 MiB where memory is short), timed with events.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))?;
+        let (free, _) = self
+            .ctx
+            .mem_get_info()
+            .map_err(dev("reading free memory"))?;
+        let bytes: usize = if free > 8 << 30 { 1 << 30 } else { 256 << 20 };
+        let n = bytes / 4;
+        let src = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(dev("allocating"))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(dev("allocating"))?;
+        let mut best = f64::INFINITY;
+        for i in 0..12 {
+            let a = self.ctx.new_event(None).map_err(dev("event"))?;
+            let b = self.ctx.new_event(None).map_err(dev("event"))?;
+            a.record(&self.stream).map_err(dev("event"))?;
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(dev("copying"))?;
+            b.record(&self.stream).map_err(dev("event"))?;
+            b.synchronize().map_err(dev("event"))?;
+            let ms = a.elapsed_ms(&b).map_err(dev("event"))? as f64;
+            if i >= 2 {
+                best = best.min(ms);
+            }
+        }
+        Ok(2.0 * bytes as f64 / (best / 1e3))
+    }
+
+    /// Per-op GPU milliseconds since the last report, `(op, calls, ms)` by time spent; empty
+    /// unless profiling was on.
+    pub fn profile_report(&self) -> Result<Vec<(&'static str, usize, f64)>> {
+        self.synchronize()?;
+        let spans = std::mem::take(&mut lock(&self.profile).spans);
+        let mut by: HashMap<&'static str, (usize, f64)> = HashMap::new();
+        for (name, a, b) in spans {
+            let ms = a.elapsed_ms(&b).map_err(dev("reading an event"))? as f64;
+            let e = by.entry(name).or_default();
+            e.0 += 1;
+            e.1 += ms;
+        }
+        let mut out: Vec<_> = by.into_iter().map(|(n, (c, ms))| (n, c, ms)).collect();
+        out.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Ok(out)
+    }
+
+    /// Runs `f` unless an earlier op failed; records its error. With profiling, brackets it
+    /// with events.
+    fn run(&self, name: &'static str, f: impl FnOnce() -> Result<()>) {
+        if lock(&self.error).is_some() {
+            return;
+        }
+        let profiling = self.profiling.load(Ordering::Relaxed);
+        let events = if profiling {
+            let _ = self.ctx.bind_to_thread();
+            let a = self.ctx.new_event(None).ok();
+            if let Some(a) = &a {
+                let _ = a.record(&self.stream);
+            }
+            a
+        } else {
+            None
+        };
+        let r = self
+            .ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))
+            .and_then(|()| f());
+        if let Some(a) = events {
+            if let Ok(b) = self.ctx.new_event(None) {
+                if b.record(&self.stream).is_ok() {
+                    lock(&self.profile).spans.push((name, a, b));
+                }
+            }
+        }
+        if let Err(e) = r {
+            let mut err = lock(&self.error);
+            if err.is_none() {
+                *err = Some(format!("{name}: {e}"));
+            }
+        }
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.kernels
+            .get(name)
+            .ok_or_else(|| Error::Device(format!("kernel {name} not loaded")))
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// Grid-stride launch shape for `n` elements.
+    fn stride_cfg(&self, n: u64) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 8 * self.sms as u64) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Uploads `data` into `slot`'s device buffer (skipped when equal to the last upload) and
+    /// returns its address.
+    fn upload(&self, s: &mut Scratch, slot: Slot, data: &[u32]) -> Result<u64> {
+        let need = data.len().max(1);
+        let fresh = match s.uploads.get(&slot) {
+            Some(u) => u.dev.len() < need,
+            None => true,
+        };
+        if fresh {
+            let dev_buf = self
+                .stream
+                .alloc_zeros::<u32>(need.next_power_of_two().max(256))
+                .map_err(dev("allocating device scratch"))?;
+            s.uploads.insert(
+                slot,
+                Upload {
+                    dev: dev_buf,
+                    last: Vec::new(),
+                },
+            );
+        }
+        let u = s.uploads.get_mut(&slot).expect("inserted above");
+        if fresh || u.last != data {
+            if !data.is_empty() {
+                let mut view = u.dev.slice_mut(..data.len());
+                self.stream
+                    .memcpy_htod(data, &mut view)
+                    .map_err(dev("copying to the device"))?;
+            }
+            u.last.clear();
+            u.last.extend_from_slice(data);
+        }
+        Ok(self.ptr(&u.dev))
+    }
+
+    fn upload_rows(&self, s: &mut Scratch, rows: &[RowKv]) -> Result<u64> {
+        let flat: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| [r.pos, r.entry, r.span.0, r.span.1, r.link.0, r.link.1])
+            .collect();
+        self.upload(s, Slot::Rows, &flat)
+    }
+
+    fn rope_table(&self, s: &mut Scratch, table: &RopeTable) -> Result<(u64, u64, usize)> {
+        if s.rope.as_ref().map(|r| r.0) != Some(table.id) {
+            let cos = self
+                .stream
+                .clone_htod(&table.cos)
+                .map_err(dev("uploading the rotary table"))?;
+            let sin = self
+                .stream
+                .clone_htod(&table.sin)
+                .map_err(dev("uploading the rotary table"))?;
+            s.rope = Some((table.id, cos, sin, table.max_pos()));
+        }
+        let (_, cos, sin, max_pos) = s.rope.as_ref().expect("set above");
+        Ok((self.ptr(cos), self.ptr(sin), *max_pos))
+    }
+
+    /// The bf16 copy of `x` (first `n` values) for a GEMM.
+    fn cast_bf16(&self, s: &mut Scratch, x: &CudaBuf, n: usize) -> Result<u64> {
+        if s.xb.as_ref().is_none_or(|b| b.len() < n) {
+            s.xb = Some(
+                self.stream
+                    .alloc_zeros::<u16>(n.next_power_of_two())
+                    .map_err(dev("allocating the GEMM operand"))?,
+            );
+        }
+        let xb = self.ptr(s.xb.as_ref().expect("set above"));
+        let (xp, n64) = (self.ptr(&x.data), n as u64);
+        let mut b = self.stream.launch_builder(self.func("cast_f32_bf16")?);
+        b.arg(&xp).arg(&xb).arg(&n64);
+        // SAFETY: x holds n f32, xb n bf16.
+        unsafe { b.launch(self.stride_cfg(n64)) }.map_err(dev("cast_f32_bf16"))?;
+        Ok(xb)
+    }
+
+    /// `out[rows, n] = xb[rows, k] · w[n, k]^T` (+ bias), f32 out.
+    fn gemm(
+        &self,
+        xb: u64,
+        rows: usize,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        out: u64,
+    ) -> Result<()> {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let wp = self.ptr(&w.data);
+        // Column-major view: out^T [n, rows] = W [k, n]^T · x^T [k, rows].
+        // SAFETY: pointers and leading dimensions describe the buffers above.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas::cublasOperation_t::CUBLAS_OP_T,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                wp as *const _,
+                blas::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                xb as *const _,
+                blas::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                blas::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev("cuBLAS GemmEx"))?;
+        if let Some(bias) = bias {
+            let (bp, r32, n32) = (self.ptr(&bias.data), rows as u32, n as u32);
+            let mut b = self.stream.launch_builder(self.func("bias_add_f32")?);
+            b.arg(&out).arg(&bp).arg(&r32).arg(&n32);
+            // SAFETY: out [rows, n] f32, bias [n] bf16.
+            unsafe { b.launch(self.stride_cfg(rows as u64 * n as u64)) }
+                .map_err(dev("bias_add_f32"))?;
+        }
+        Ok(())
+    }
+
+    fn attention_impl(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        batch: KvRows<'_>,
+        shape: AttnShape,
+        out: &CudaBuf,
+    ) -> Result<()> {
+        let d = shape.head_dim;
+        if !HEAD_DIMS.contains(&d) {
+            return Err(Error::Device(format!(
+                "head dim {d}: the attention kernels have 64 and 128"
+            )));
+        }
+        let plan = plan_attention(batch.rows);
+        let mut s = lock(&self.scratch);
+        let rows_p = self.upload_rows(&mut s, batch.rows)?;
+        let links_p = self.upload(&mut s, Slot::Links, batch.links)?;
+        let groups_p = self.upload(&mut s, Slot::Groups, &plan.groups)?;
+        drop(s);
+        let layer_off = (layer * kv.entries * kv.kv_dim * 4) as u64;
+        let q_stride = (shape.heads * d * 4) as u64;
+        let g = shape.heads / shape.kv_heads.max(1);
+        for run in &plan.runs {
+            let n_groups = run.groups.1 - run.groups.0;
+            let max_group = (run.groups.0..run.groups.1)
+                .map(|i| plan.groups[i + 1] - plan.groups[i])
+                .max()
+                .unwrap_or(0);
+            let rows_per_block = 8usize.div_ceil(g).max(1) as u32;
+            let row_slices = max_group.div_ceil(rows_per_block).max(1);
+            let p = AttnParams {
+                q: self.ptr(&q.data) + run.rows.0 as u64 * q_stride,
+                out: self.ptr(&out.data) + run.rows.0 as u64 * q_stride,
+                k_cache: self.ptr(&kv.k) + layer_off,
+                v_cache: self.ptr(&kv.v) + layer_off,
+                rows: rows_p + run.rows.0 as u64 * 24,
+                links: links_p,
+                groups: groups_p + run.groups.0 as u64 * 4,
+                part_o: 0,
+                part_ml: 0,
+                n_rows: (run.rows.1 - run.rows.0) as u32,
+                n_links: batch.links.len() as u32,
+                n_groups: n_groups as u32,
+                entries: kv.entries as u32,
+                heads: shape.heads as u32,
+                kv_heads: shape.kv_heads as u32,
+                rows_per_block,
+                row_slices,
+                n_chunks: 1,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let (name, cfg) = if run.prefill {
+                (
+                    if d == 64 {
+                        "attention_prefill_d64_f32"
+                    } else {
+                        "attention_prefill_d128_f32"
+                    },
+                    Self::cfg((n_groups as u32, shape.heads as u32, 1), 128),
+                )
+            } else {
+                (
+                    if d == 64 {
+                        "attention_decode_d64_f32"
+                    } else {
+                        "attention_decode_d128_f32"
+                    },
+                    Self::cfg(
+                        (n_groups as u32, shape.kv_heads as u32 * row_slices, 1),
+                        256,
+                    ),
+                )
+            };
+            let mut b = self.stream.launch_builder(self.func(name)?);
+            b.arg(&p);
+            // SAFETY: the host checked every row against the arena (Model::check_batch).
+            unsafe { b.launch(cfg) }.map_err(dev(name))?;
+        }
+        Ok(())
+    }
+}
+
+/// How one attention call is launched: runs of consecutive rows, each a prefill run (tiles of
+/// one sequence's consecutive positions, the prefill kernel) or a decode run (groups of rows
+/// sharing a span: a query's beams, the decode kernel). `groups` holds every run's CSR offsets,
+/// relative to the run's first row, back to back (run r uses `groups[r.groups.0..=r.groups.1]`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AttnPlan {
+    pub groups: Vec<u32>,
+    pub runs: Vec<AttnRun>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct AttnRun {
+    pub prefill: bool,
+    /// Batch rows `rows.0..rows.1`.
+    pub rows: (usize, usize),
+    /// Its groups: `groups[g]..groups[g + 1]` for `g` in `groups.0..groups.1`.
+    pub groups: (usize, usize),
+}
+
+/// Rows of a prefill tile, at most (the kernel walks 16 rows at a time).
+const TILE: usize = 16;
+
+/// `b` is the position after `a` in the same sequence: same span start and link start, one
+/// more entry of context, and what `a` reads is a prefix of what `b` reads.
+fn follows(a: &RowKv, b: &RowKv) -> bool {
+    let a_links = a.link.1.saturating_sub(a.link.0);
+    let b_links = b.link.1.saturating_sub(b.link.0);
+    if b.span.0 != a.span.0 || b.context_len() != a.context_len() + 1 {
+        return false;
+    }
+    if a_links == 0 && b_links == 0 {
+        return b.span.1 == a.span.1 + 1;
+    }
+    b.span == a.span && b.link.0 == a.link.0 && b.link.1 == a.link.1 + 1
+}
+
+/// Splits a batch into prefill tiles and decode groups (see [`AttnPlan`]). Rows of a prompt
+/// (each following the previous one) go to the prefill kernel in tiles of up to 16; other rows
+/// (beams) go to the decode kernel, grouped while they share one span.
+pub fn plan_attention(rows: &[RowKv]) -> AttnPlan {
+    // Tiles of following rows.
+    let mut tiles: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && j - i < TILE && follows(&rows[j - 1], &rows[j]) {
+            j += 1;
+        }
+        tiles.push((i, j));
+        i = j;
+    }
+    let mut plan = AttnPlan {
+        groups: Vec::new(),
+        runs: Vec::new(),
+    };
+    let mut t = 0;
+    while t < tiles.len() {
+        let prefill = tiles[t].1 - tiles[t].0 > 1;
+        let start_row = tiles[t].0;
+        let g0 = plan.groups.len();
+        plan.groups.push(0);
+        if prefill {
+            while t < tiles.len() && tiles[t].1 - tiles[t].0 > 1 {
+                plan.groups.push((tiles[t].1 - start_row) as u32);
+                t += 1;
+            }
+        } else {
+            // Single rows, grouped while their spans are equal.
+            let mut end = start_row;
+            while t < tiles.len() && tiles[t].1 - tiles[t].0 == 1 {
+                let r = tiles[t].0;
+                if r > start_row && rows[r].span != rows[end - 1].span {
+                    plan.groups.push((r - start_row) as u32);
+                }
+                end = r + 1;
+                t += 1;
+            }
+            plan.groups.push((end - start_row) as u32);
+        }
+        let end_row = start_row + *plan.groups.last().expect("pushed") as usize;
+        plan.runs.push(AttnRun {
+            prefill,
+            rows: (start_row, end_row),
+            groups: (g0, plan.groups.len() - 1),
+        });
+    }
+    plan
+}
+
+/// The `.entry` names of a PTX module.
+fn entry_points(ptx: &str) -> Vec<&str> {
+    ptx.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let rest = l
+                .strip_prefix(".visible .entry ")
+                .or_else(|| l.strip_prefix(".entry "))?;
+            Some(rest.split(['(', ' ']).next().unwrap_or(rest))
+        })
+        .collect()
+}
+
+/// A host tensor's values as bf16 bits (round to nearest even from f32; exact from bf16).
+fn to_bf16_bits(t: &HostTensor) -> Vec<u16> {
+    match t.view() {
+        View::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
+        _ => t
+            .to_f32_vec()
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_bits())
+            .collect(),
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Weight = CudaWeight;
+    type Kv = CudaKv;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<CudaWeight> {
+        let bits = to_bf16_bits(&tensor);
+        self.ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))?;
+        let data = self
+            .stream
+            .clone_htod(&bits)
+            .map_err(dev(&format!("uploading a {:?} weight", tensor.shape())))?;
+        self.weight_bytes
+            .fetch_add(bits.len() * 2, Ordering::Relaxed);
+        Ok(CudaWeight {
+            data,
+            shape: tensor.shape().to_vec(),
+        })
+    }
+
+    fn buf(&self, len: usize) -> CudaBuf {
+        let cap = len.max(256).next_power_of_two();
+        if let Some(data) = lock(&self.pool).get_mut(&cap).and_then(|v| v.pop()) {
+            return CudaBuf { data, len };
+        }
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the contents are unspecified until written, as the trait says.
+        match unsafe { self.stream.alloc::<f32>(cap) } {
+            Ok(data) => CudaBuf { data, len },
+            Err(e) => {
+                // Out of memory: record it; hand back a 1-element stand-in the ops skip.
+                self.run("alloc", || {
+                    Err(Error::Device(format!("allocating {cap} floats: {e:?}")))
+                });
+                let data = unsafe { self.stream.alloc::<f32>(1) }.expect("a 4-byte allocation");
+                CudaBuf { data, len: 0 }
+            }
+        }
+    }
+
+    fn buf_from_host(&self, data: &[f32]) -> CudaBuf {
+        let mut b = self.buf(data.len());
+        if b.len == data.len() && !data.is_empty() {
+            self.run("buf_from_host", || {
+                let mut view = b.data.slice_mut(..data.len());
+                self.stream
+                    .memcpy_htod(data, &mut view)
+                    .map_err(dev("copying to the device"))
+            });
+        }
+        b
+    }
+
+    fn recycle(&self, buf: CudaBuf) {
+        let cap = buf.data.len();
+        let mut pool = lock(&self.pool);
+        let v = pool.entry(cap).or_default();
+        if v.len() < 16 {
+            v.push(buf.data);
+        }
+    }
+
+    fn new_kv(&self, config: &ModelConfig, entries: usize) -> Result<CudaKv> {
+        if !HEAD_DIMS.contains(&config.head_dim) {
+            return Err(Error::Device(format!(
+                "head dim {}: the CUDA attention kernels are built for {HEAD_DIMS:?}",
+                config.head_dim
+            )));
+        }
+        let n = config.num_hidden_layers as u128 * entries as u128 * config.kv_dim() as u128;
+        if entries == 0 || entries > u32::MAX as usize || n * 8 > (64u128 << 30) {
+            return Err(Error::Input(format!(
+                "a KV cache of {entries} entries is empty or over 64 GiB"
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))?;
+        let k = self
+            .stream
+            .alloc_zeros::<f32>(n as usize)
+            .map_err(dev("allocating the KV arena"))?;
+        let v = self
+            .stream
+            .alloc_zeros::<f32>(n as usize)
+            .map_err(dev("allocating the KV arena"))?;
+        Ok(CudaKv {
+            k,
+            v,
+            entries,
+            kv_dim: config.kv_dim(),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        match lock(&self.error).take() {
+            Some(e) => Err(Error::Device(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn to_host(&self, x: CudaBuf) -> Vec<f32> {
+        let mut out = vec![0.0f32; x.len];
+        self.run("to_host", || {
+            self.stream
+                .memcpy_dtoh(&x.data.slice(..x.len), &mut out)
+                .map_err(dev("copying to the host"))
+        });
+        self.recycle(x);
+        out
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaBuf) {
+        self.run("embed", || {
+            let (vocab, dim) = (table.shape[0] as u32, table.shape[1] as u32);
+            let idp = self.upload(&mut lock(&self.scratch), Slot::Ids, ids)?;
+            let (tp, op, n) = (self.ptr(&table.data), self.ptr(&out.data), ids.len() as u32);
+            let mut b = self.stream.launch_builder(self.func("embed_f32")?);
+            b.arg(&tp).arg(&idp).arg(&op).arg(&n).arg(&vocab).arg(&dim);
+            // SAFETY: out holds n rows of dim; ids were checked against the vocabulary.
+            unsafe { b.launch(Self::cfg((n, 1, 1), 128)) }.map_err(dev("embed_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn rmsnorm(&self, x: &CudaBuf, weight: &CudaWeight, eps: f32, dim: usize, out: &mut CudaBuf) {
+        self.run("rmsnorm", || {
+            let rows = (x.len / dim) as u32;
+            let (xp, wp, op, null, d) = (
+                self.ptr(&x.data),
+                self.ptr(&weight.data),
+                self.ptr(&out.data),
+                0u64,
+                dim as u32,
+            );
+            let mut b = self.stream.launch_builder(self.func("rmsnorm_f32")?);
+            b.arg(&xp)
+                .arg(&null)
+                .arg(&wp)
+                .arg(&op)
+                .arg(&null)
+                .arg(&rows)
+                .arg(&d)
+                .arg(&eps);
+            // SAFETY: x and out hold rows × dim; no delta, no row index (x is only read).
+            unsafe { b.launch(Self::cfg((rows, 1, 1), 256)) }.map_err(dev("rmsnorm_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn add(&self, acc: &mut CudaBuf, x: &CudaBuf) {
+        self.run("add", || {
+            let (ap, xp, n) = (self.ptr(&acc.data), self.ptr(&x.data), acc.len as u64);
+            let mut b = self.stream.launch_builder(self.func("add_f32")?);
+            b.arg(&ap).arg(&xp).arg(&n);
+            // SAFETY: both hold n values.
+            unsafe { b.launch(self.stride_cfg(n)) }.map_err(dev("add_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn linear(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        jobs: &mut [(LinearRef<'_, CudaWeight>, &mut CudaBuf)],
+    ) {
+        self.run("linear", || {
+            let Some(k) = jobs.first().map(|(l, _)| l.weight.shape[1]) else {
+                return Ok(());
+            };
+            let xb = self.cast_bf16(&mut lock(&self.scratch), x, rows * k)?;
+            for (l, out) in jobs.iter_mut() {
+                self.gemm(xb, rows, l.weight, l.bias, self.ptr(&out.data))?;
+            }
+            Ok(())
+        });
+    }
+
+    fn rope(&self, x: &mut CudaBuf, heads: usize, rows: &[RowKv], table: &RopeTable) {
+        self.run("rope", || {
+            let mut s = lock(&self.scratch);
+            let rows_p = self.upload_rows(&mut s, rows)?;
+            let (cos, sin, max_pos) = self.rope_table(&mut s, table)?;
+            drop(s);
+            let p = RopeParams {
+                q: self.ptr(&x.data),
+                rows: rows_p,
+                cos,
+                sin,
+                n_rows: rows.len() as u32,
+                heads: heads as u32,
+                head_dim: (2 * table.half) as u32,
+                max_pos: max_pos as u32,
+                ..Default::default()
+            };
+            let warps = rows.len() as u32 * heads as u32;
+            let mut b = self.stream.launch_builder(self.func("rope_f32")?);
+            b.arg(&p);
+            // SAFETY: x holds rows × heads × D; positions were checked against the table.
+            unsafe { b.launch(Self::cfg((warps.div_ceil(4), 1, 1), 128)) }
+                .map_err(dev("rope_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) {
+        self.run("silu_mul", || {
+            let (gp, up_, n) = (self.ptr(&gate.data), self.ptr(&up.data), gate.len as u64);
+            let mut b = self.stream.launch_builder(self.func("silu_mul_f32")?);
+            b.arg(&gp).arg(&up_).arg(&n);
+            // SAFETY: both hold n values.
+            unsafe { b.launch(self.stride_cfg(n)) }.map_err(dev("silu_mul_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn kv_store(&self, kv: &mut CudaKv, layer: usize, k: &CudaBuf, v: &CudaBuf, rows: &[RowKv]) {
+        self.run("kv_store", || {
+            let rows_p = self.upload_rows(&mut lock(&self.scratch), rows)?;
+            let off = (layer * kv.entries * kv.kv_dim * 4) as u64;
+            let (kc, vc) = (self.ptr(&kv.k) + off, self.ptr(&kv.v) + off);
+            let (kp, vp) = (self.ptr(&k.data), self.ptr(&v.data));
+            let (n, dim, entries) = (rows.len() as u32, kv.kv_dim as u32, kv.entries as u32);
+            let mut b = self.stream.launch_builder(self.func("kv_store_f32")?);
+            b.arg(&kc)
+                .arg(&vc)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&rows_p)
+                .arg(&n)
+                .arg(&dim)
+                .arg(&entries);
+            // SAFETY: entries were checked against the arena.
+            unsafe { b.launch(Self::cfg((n, 1, 1), 128)) }.map_err(dev("kv_store_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        rows: KvRows<'_>,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) {
+        self.run("attention", || {
+            self.attention_impl(q, kv, layer, rows, shape, out)
+        });
+    }
+
+    fn gather_rows(&self, x: &CudaBuf, dim: usize, rows: &[usize], out: &mut CudaBuf) {
+        self.run("gather_rows", || {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let ip = self.upload(&mut lock(&self.scratch), Slot::Gather, &idx)?;
+            let (xp, op) = (self.ptr(&x.data), self.ptr(&out.data));
+            let (n, x_rows, d) = (idx.len() as u32, (x.len / dim) as u32, dim as u32);
+            let mut b = self.stream.launch_builder(self.func("gather_rows_f32")?);
+            b.arg(&xp).arg(&ip).arg(&op).arg(&n).arg(&x_rows).arg(&d);
+            // SAFETY: out holds n rows of dim.
+            unsafe { b.launch(Self::cfg((n.max(1), 1, 1), 128)) }
+                .map_err(dev("gather_rows_f32"))?;
+            Ok(())
+        });
+    }
+
+    fn linear_picks(&self, x: &CudaBuf, w: &CudaWeight, picks: &[(u32, u32)]) -> Vec<f32> {
+        let mut out = vec![0.0f32; picks.len()];
+        if picks.is_empty() {
+            return out;
+        }
+        self.run("linear_picks", || {
+            let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
+            let mut s = lock(&self.scratch);
+            let pp = self.upload(&mut s, Slot::Picks, &flat)?;
+            let dst = scratch_f32(self, &mut s.picks_out, picks.len())?;
+            let dp = self.ptr(dst);
+            let (dim, vocab) = (w.shape[1] as u32, w.shape[0] as u32);
+            let (xp, wp, n, rows) = (
+                self.ptr(&x.data),
+                self.ptr(&w.data),
+                picks.len() as u32,
+                (x.len as u32) / dim,
+            );
+            let mut b = self.stream.launch_builder(self.func("linear_picks_f32")?);
+            b.arg(&xp)
+                .arg(&wp)
+                .arg(&pp)
+                .arg(&dp)
+                .arg(&n)
+                .arg(&rows)
+                .arg(&vocab)
+                .arg(&dim);
+            // SAFETY: picks were checked against the rows and the vocabulary.
+            unsafe { b.launch(Self::cfg(((n as u64 * 32).div_ceil(256) as u32, 1, 1), 256)) }
+                .map_err(dev("linear_picks_f32"))?;
+            self.stream
+                .memcpy_dtoh(&dst.slice(..picks.len()), &mut out)
+                .map_err(dev("copying picks to the host"))
+        });
+        out
+    }
+
+    fn head_picks_lse(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        head: LinearRef<'_, CudaWeight>,
+        vocab: usize,
+        picks: &[(u32, u32)],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut logits = self.buf(rows * vocab);
+        self.linear(x, rows, &mut [(head, &mut logits)]);
+        let mut out = vec![0.0f32; picks.len()];
+        let mut lse = vec![0.0f32; rows];
+        self.run("head_lse", || {
+            let mut s = lock(&self.scratch);
+            let lp = self.ptr(&logits.data);
+            let (r32, v32) = (rows as u32, vocab as u32);
+            let lse_dev = scratch_f32(self, &mut s.lse, rows)?;
+            let lsep = self.ptr(lse_dev);
+            let mut b = self.stream.launch_builder(self.func("row_logsumexp_f32")?);
+            b.arg(&lp).arg(&lsep).arg(&r32).arg(&v32);
+            // SAFETY: logits [rows, vocab], lse [rows].
+            unsafe { b.launch(Self::cfg((r32, 1, 1), 256)) }.map_err(dev("row_logsumexp_f32"))?;
+            self.stream
+                .memcpy_dtoh(&lse_dev.slice(..rows), &mut lse)
+                .map_err(dev("copying log-sum-exps"))?;
+            if picks.is_empty() {
+                return Ok(());
+            }
+            let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
+            let pp = self.upload(&mut s, Slot::Picks, &flat)?;
+            let dst = scratch_f32(self, &mut s.picks_out, picks.len())?;
+            let dp = self.ptr(dst);
+            let n = picks.len() as u32;
+            let mut b = self.stream.launch_builder(self.func("gather_picks_f32")?);
+            b.arg(&lp).arg(&pp).arg(&dp).arg(&n).arg(&r32).arg(&v32);
+            // SAFETY: picks were checked against the rows and the vocabulary.
+            unsafe { b.launch(self.stride_cfg(n as u64)) }.map_err(dev("gather_picks_f32"))?;
+            self.stream
+                .memcpy_dtoh(&dst.slice(..picks.len()), &mut out)
+                .map_err(dev("copying picks to the host"))
+        });
+        self.recycle(logits);
+        (out, lse)
+    }
+}
+
+/// A growing f32 scratch buffer of at least `n` values.
+fn scratch_f32<'a>(
+    b: &CudaBackend,
+    slot: &'a mut Option<CudaSlice<f32>>,
+    n: usize,
+) -> Result<&'a CudaSlice<f32>> {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = Some(
+            b.stream
+                .alloc_zeros::<f32>(n.max(256).next_power_of_two())
+                .map_err(dev("allocating device scratch"))?,
+        );
+    }
+    Ok(slot.as_ref().expect("set above"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contiguous(base: u32, n: u32) -> Vec<RowKv> {
+        (0..n).map(|p| RowKv::contiguous(base, p)).collect()
+    }
+
+    #[test]
+    fn plan_prefill_tiles_and_decode_groups() {
+        // Two prompts of 20 and 3 rows, then 4 beams of each (span = the prompt, one link each).
+        let mut rows = contiguous(0, 20);
+        rows.extend(contiguous(20, 3));
+        for q in 0..2u32 {
+            let span = if q == 0 { (0, 20) } else { (20, 23) };
+            for j in 0..4u32 {
+                rows.push(RowKv {
+                    pos: span.1 - span.0,
+                    entry: 100 + q * 4 + j,
+                    span,
+                    link: (q * 4 + j, q * 4 + j + 1),
+                });
+            }
+        }
+        let plan = plan_attention(&rows);
+        assert_eq!(plan.runs.len(), 2);
+        assert!(plan.runs[0].prefill);
+        assert_eq!(plan.runs[0].rows, (0, 23));
+        let g = &plan.groups[plan.runs[0].groups.0..=plan.runs[0].groups.1];
+        assert_eq!(g, &[0, 16, 20, 23]);
+        assert!(!plan.runs[1].prefill);
+        assert_eq!(plan.runs[1].rows, (23, 31));
+        let g = &plan.groups[plan.runs[1].groups.0..=plan.runs[1].groups.1];
+        assert_eq!(g, &[0, 4, 8]);
+    }
+
+    #[test]
+    fn plan_single_rows_and_shared_prefix_prompts() {
+        // One decode row alone; then a shared-prefix prompt (span (0, 5) + its own links).
+        let mut rows = vec![RowKv {
+            pos: 9,
+            entry: 50,
+            span: (0, 9),
+            link: (0, 1),
+        }];
+        for i in 0..3u32 {
+            rows.push(RowKv {
+                pos: 5 + i,
+                entry: 60 + i,
+                span: (0, 5),
+                link: (10, 11 + i),
+            });
+        }
+        let plan = plan_attention(&rows);
+        assert_eq!(plan.runs.len(), 2);
+        assert!(!plan.runs[0].prefill);
+        assert_eq!(plan.runs[0].rows, (0, 1));
+        assert!(plan.runs[1].prefill);
+        assert_eq!(plan.runs[1].rows, (1, 4));
+        // Every row is in exactly one run, in order.
+        let covered: usize = plan.runs.iter().map(|r| r.rows.1 - r.rows.0).sum();
+        assert_eq!(covered, rows.len());
+    }
+
+    #[test]
+    fn entry_points_of_ptx() {
+        let ptx = ".visible .entry add_f32(\n.param .u64 a\n)\n.entry other (\n";
+        assert_eq!(entry_points(ptx), vec!["add_f32", "other"]);
+    }
+
+    #[test]
+    fn includes_expand_once() {
+        let src = "#include \"attention.cuh\"\n#include \"common.cuh\"\nint x;\n";
+        let out = nvrtc::expand(src).unwrap();
+        assert_eq!(out.matches("struct RowKv {").count(), 1);
+        assert!(out.contains("struct AttnParams"));
+        assert!(!out.contains("#include \"common.cuh\""));
+        assert!(nvrtc::expand("#include \"nope.cuh\"\n").is_err());
+    }
+}
+
+/// Compiles every kernel through the same path the backend takes (include expansion, NVRTC,
+/// the cache), where NVRTC and the CUDA headers are present: no GPU is needed. CI's
+/// `tools/check_kernels.py` covers machines without them.
+#[cfg(test)]
+mod nvrtc_tests {
+    #[test]
+    fn every_kernel_compiles_through_the_backend_path() {
+        // SAFETY: dlopen() probe only.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipping: no libnvrtc on the library path");
+            return;
+        }
+        let Ok(include) = super::nvrtc::cuda_include_dir() else {
+            eprintln!("skipping: no CUDA headers (set GRAM_CUDA_INCLUDE)");
+            return;
+        };
+        for &(file, source) in super::nvrtc::SOURCES {
+            let c = super::nvrtc::compile(file, source, "compute_90", &include)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let entries = super::entry_points(&c.ptx);
+            let declared = source.matches("extern \"C\" __global__").count();
+            assert_eq!(entries.len(), declared, "{file}: entry points {entries:?}");
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! `gram bench-codes`: the query → codes stage (prefill + trie-constrained beam search) timed
+//! on fixed token prompts, per (beam, batch), on the CPU or the GPU. It prints one JSON line
+//! per configuration: per-batch latencies, p50/p99, queries/s, decoder steps, and on the GPU the
+//! per-op GPU time (CUDA events, one extra profiled batch), the weight bytes and the bandwidth
+//! floor (steps × weight bytes / measured copy bandwidth). The prompts come from a JSON file of
+//! token ids (`tools/gpu/make_inputs.py` writes one) so that peers see the very same ids.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{self, Backend, Device};
+use crate::beam::{BeamOptions, BeamSearch, Normalize, Query};
+use crate::tensor::DType;
+use crate::trie::{CodeSet, Trie};
+use crate::{LoadOptions, Model, Tokenizer};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchCodesArgs {
+    /// Model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Code set, one code per line (the trie).
+    #[arg(long)]
+    pub codes: PathBuf,
+    /// Prompts as token ids (JSON `{"prompts": [[ids...], ...]}`), or text, one per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Beam widths to run (repeat the flag).
+    #[arg(long, default_values_t = [10usize])]
+    pub beam: Vec<usize>,
+    /// Queries per batch (repeat the flag).
+    #[arg(long, default_values_t = [1usize])]
+    pub batch: Vec<usize>,
+    /// Most tokens a code may take, its EOS included.
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// `full` (HF's) or `children`.
+    #[arg(long, default_value = "full")]
+    pub normalize: String,
+    /// Untimed batches first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed batches per configuration (fewer when `--config-s` runs out).
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Seconds a configuration may take before it stops repeating.
+    #[arg(long, default_value_t = 20.0)]
+    pub config_s: f64,
+    /// Seconds the whole run may take: later configurations are skipped (and listed).
+    #[arg(long, default_value_t = 600.0)]
+    pub budget_s: f64,
+    /// GPU: one extra batch per configuration with CUDA events around every op.
+    #[arg(long)]
+    pub profile: bool,
+    /// Weights dtype on the CPU (the GPU keeps bf16).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// CPU worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Also append the JSON lines here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the codes of beam 10, batch 1 for the first 4 prompts here (to compare with HF).
+    #[arg(long)]
+    pub dump_codes: Option<PathBuf>,
+}
+
+pub fn run(args: BenchCodesArgs) -> Result<(), String> {
+    let dtype = DType::parse(&args.dtype).ok_or_else(|| format!("--dtype `{}`", args.dtype))?;
+    match backend::open(args.device, false).map_err(|e| e.to_string())? {
+        Some(gpu) => {
+            eprintln!("bench-codes: backend cuda on {}", gpu.device_name());
+            let model = Model::load_on(
+                gpu,
+                &args.model,
+                &LoadOptions {
+                    dtype: Some(DType::BF16),
+                    threads: Some(1),
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            bench(&args, &model, Some(&model.backend))
+        }
+        None => {
+            eprintln!("bench-codes: backend cpu");
+            let model = Model::load(
+                &args.model,
+                &LoadOptions {
+                    dtype: Some(dtype),
+                    threads: args.threads,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            bench(&args, &model, None)
+        }
+    }
+}
+
+/// Token-id prompts from JSON (`{"prompts": [[ids]]}`), or a text file of one prompt per line
+/// (tokenized with the model's tokenizer).
+fn read_prompts(
+    path: &std::path::Path,
+    vocab: usize,
+    tok: &Tokenizer,
+) -> Result<Vec<Vec<u32>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !text.trim_start().starts_with('{') {
+        let out: Vec<Vec<u32>> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| tok.encode(l).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        if out.is_empty() {
+            return Err(format!("{}: no prompts", path.display()));
+        }
+        return Ok(out);
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let prompts = v["prompts"]
+        .as_array()
+        .ok_or_else(|| format!("{}: no `prompts` array", path.display()))?;
+    let out: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            p.as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|x| x.as_u64())
+                        .filter(|&x| (x as usize) < vocab)
+                        .map(|x| x as u32)
+                        .collect::<Vec<u32>>()
+                })
+                .filter(|ids| !ids.is_empty() && ids.len() == p.as_array().map_or(0, Vec::len))
+                .ok_or_else(|| {
+                    format!(
+                        "{}: a prompt is not a list of token ids < {vocab}",
+                        path.display()
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    if out.is_empty() {
+        return Err(format!("{}: no prompts", path.display()));
+    }
+    Ok(out)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+fn bench<B: Backend>(
+    args: &BenchCodesArgs,
+    model: &Model<B>,
+    gpu: Option<&CudaBackend>,
+) -> Result<(), String> {
+    let normalize = match args.normalize.as_str() {
+        "full" => Normalize::Full,
+        "children" => Normalize::Children,
+        o => return Err(format!("--normalize `{o}`: expected full or children")),
+    };
+    let tokenizer =
+        Tokenizer::from_file(&args.model.join("tokenizer.json")).map_err(|e| e.to_string())?;
+    let eos = *model
+        .config
+        .eos_token_ids
+        .first()
+        .ok_or("the model's config names no eos_token_id")?;
+    let set = CodeSet::from_file(&args.codes, &tokenizer, eos).map_err(|e| e.to_string())?;
+    let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
+    let prompts = read_prompts(&args.prompts, model.config.vocab_size, &tokenizer)?;
+    let mut out_file = match &args.out {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let (bandwidth, weight_bytes) = match gpu {
+        Some(g) => (
+            Some(g.copy_bandwidth().map_err(|e| e.to_string())?),
+            Some(g.weight_bytes()),
+        ),
+        None => (None, None),
+    };
+    let machine = json!({
+        "device": gpu.map_or_else(|| format!("cpu ({} threads)", model.threads()), |g| g.device_name().to_string()),
+        "backend": model.backend.name(),
+        "copy_bandwidth_gbs": bandwidth.map(|b| b / 1e9),
+        "weight_bytes": weight_bytes,
+        "model": args.model.display().to_string(),
+        "codes": set.len(),
+        "prompt_tokens": prompts[0].len(),
+    });
+    let started = Instant::now();
+    let mut skipped = Vec::new();
+    let mut cursor = 0usize;
+    for &beam in &args.beam {
+        for &batch in &args.batch {
+            if started.elapsed().as_secs_f64() > args.budget_s {
+                skipped.push(json!({"beam": beam, "batch": batch}));
+                continue;
+            }
+            let options = BeamOptions {
+                beam,
+                max_new_tokens: args.max_new_tokens,
+                normalize,
+                ..Default::default()
+            };
+            let mut next_batch = || -> Vec<Query> {
+                (0..batch)
+                    .map(|_| {
+                        let p = prompts[cursor % prompts.len()].clone();
+                        cursor += 1;
+                        Query { prompt: p, options }
+                    })
+                    .collect()
+            };
+            let mut search = BeamSearch::new();
+            for _ in 0..args.warmup {
+                search
+                    .run(model, &trie, &next_batch())
+                    .map_err(|e| e.to_string())?;
+            }
+            let (mut lat, mut steps, mut rows, mut codes) =
+                (Vec::new(), Vec::new(), 0usize, 0usize);
+            let t_config = Instant::now();
+            while lat.len() < args.reps.max(1)
+                && (lat.is_empty() || t_config.elapsed().as_secs_f64() < args.config_s)
+            {
+                let qs = next_batch();
+                let t0 = Instant::now();
+                let outs = search.run(model, &trie, &qs).map_err(|e| e.to_string())?;
+                lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                steps.push(outs.iter().map(|o| o.steps).max().unwrap_or(0));
+                rows += outs.iter().map(|o| o.rows).sum::<usize>();
+                codes += outs.iter().map(|o| o.codes.len()).sum::<usize>();
+            }
+            let mut profile = Vec::new();
+            let mut profiled_wall = None;
+            if let (true, Some(g)) = (args.profile, gpu) {
+                g.synchronize().map_err(|e| e.to_string())?;
+                g.set_profiling(true);
+                let t0 = Instant::now();
+                let outs = search.run(model, &trie, &next_batch());
+                profiled_wall = Some(t0.elapsed().as_secs_f64() * 1e3);
+                g.set_profiling(false);
+                outs.map_err(|e| e.to_string())?;
+                profile = g
+                    .profile_report()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|(op, calls, ms)| json!({"op": op, "calls": calls, "ms": ms}))
+                    .collect();
+            }
+            let mut sorted = lat.clone();
+            sorted.sort_by(f64::total_cmp);
+            let p50 = percentile(&sorted, 0.5);
+            let mean_steps = steps.iter().sum::<usize>() as f64 / steps.len().max(1) as f64;
+            let floor_ms = match (bandwidth, weight_bytes) {
+                (Some(bw), Some(wb)) => Some(mean_steps * wb as f64 / bw * 1e3),
+                _ => None,
+            };
+            let rec = json!({
+                "kind": "bench-codes",
+                "machine": machine,
+                "beam": beam,
+                "batch": batch,
+                "max_new_tokens": args.max_new_tokens,
+                "normalize": args.normalize,
+                "reps": lat.len(),
+                "latency_ms": lat,
+                "p50_ms": p50,
+                "p99_ms": percentile(&sorted, 0.99),
+                "qps": batch as f64 / (p50 / 1e3),
+                "steps_mean": mean_steps,
+                "rows_per_batch": rows as f64 / lat.len() as f64,
+                "codes_per_query": codes as f64 / (lat.len() * batch) as f64,
+                "floor_ms": floor_ms,
+                "over_floor": floor_ms.map(|f| p50 / f),
+                "profiled_wall_ms": profiled_wall,
+                "profile": profile,
+            });
+            println!("{rec}");
+            if let Some(f) = out_file.as_mut() {
+                writeln!(f, "{rec}").map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    if !skipped.is_empty() {
+        let rec =
+            json!({"kind": "bench-codes-skipped", "budget_s": args.budget_s, "skipped": skipped});
+        println!("{rec}");
+        if let Some(f) = out_file.as_mut() {
+            writeln!(f, "{rec}").map_err(|e| e.to_string())?;
+        }
+    }
+    if let Some(path) = &args.dump_codes {
+        let options = BeamOptions {
+            beam: 10,
+            max_new_tokens: args.max_new_tokens,
+            normalize,
+            ..Default::default()
+        };
+        let mut search = BeamSearch::new();
+        let mut dump = Vec::new();
+        for (i, p) in prompts.iter().take(4).enumerate() {
+            let outs = search
+                .run(
+                    model,
+                    &trie,
+                    &[Query {
+                        prompt: p.clone(),
+                        options,
+                    }],
+                )
+                .map_err(|e| e.to_string())?;
+            let codes: Vec<Value> = outs[0]
+                .codes
+                .iter()
+                .map(|c| {
+                    json!({
+                        "code": c.code.map(|id| set.texts[id as usize].clone()),
+                        "score": c.score,
+                        "token_logprobs": c.token_logprobs,
+                    })
+                })
+                .collect();
+            dump.push(json!({"prompt_index": i, "codes": codes}));
+        }
+        let text =
+            serde_json::to_string_pretty(&json!({"backend": model.backend.name(), "cases": dump}))
+                .map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}

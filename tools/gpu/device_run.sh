@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One GPU session for gram's CUDA backend (issue 7), end to end, sized to fit one device call:
+#   0. where the CUDA libraries are (LD_LIBRARY_PATH for cudarc's dlopen), nvidia-smi
+#   1. tests/gpu on the bundled default model (every op and whole searches against the CPU)
+#   2. random real-shaped checkpoints + prompts (make_inputs.py)
+#   3. gram bench-codes --device cuda on both shaped models and the default model (+ profile)
+#   4. tests/gpu again with the shaped models (logits + beam parity against the CPU)
+#   5. the HF transformers peer on the same prompts, same GPU
+#   6. torch's copy bandwidth and bf16 matmul (the roofline)
+# Everything lands in $W; $OUT gets at most 8 files (the device tool's limit): the logs
+# concatenated, the JSONL results, and a tarball of everything.
+#
+# Needs two binaries built on the CPU machine and carried in .devbin/ (git-ignored):
+#   cargo build --release && cargo test --release --test gpu --no-run
+#   strip -o .devbin/gram target/release/gram; strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
+# Env knobs: STEPS (default "0 1 2 3 4 5 6"), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
+# model, 40), HF_CAP_S (per config, 10).
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gram-device-out}
+W=/tmp/gw
+INPUTS=/tmp/gram-gpu
+STEPS=${STEPS:-0 1 2 3 4 5 6}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-60}
+HF_BUDGET_S=${HF_BUDGET_S:-40}
+HF_CAP_S=${HF_CAP_S:-10}
+mkdir -p "$W" "$OUT" "$INPUTS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export GRAM_REQUIRE_GPU=1 GRAM_REPO="$PWD" GRAM_KERNEL_CACHE="$W/kernel-cache" RUST_BACKTRACE=1
+ts() { date +%H:%M:%S; }
+log() { echo "[$(ts)] $*" | tee -a "$W/run.log"; }
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+GRAM=.devbin/gram
+TESTS=.devbin/gpu-tests
+chmod +x "$GRAM" "$TESTS" 2>/dev/null
+
+# 0. Libraries: libcuda from the driver; NVRTC and cuBLAS from the toolkit or the pip wheels.
+libdirs=$(find /usr/local/cuda/ /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt /usr/local/lib \
+  \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcublasLt.so*' -o -name 'libcuda.so*' \) \
+  -printf '%h\n' 2>/dev/null | grep -v -E 'stubs|compat' | sort -u | tr '\n' ':')
+# Only gram's processes get these (torch brings its own).
+GLD="${libdirs}${LD_LIBRARY_PATH:-}"
+inc=$(find /usr/local/cuda/include /usr/local/cuda*/include /opt -name cuda_bf16.h -printf '%h\n' 2>/dev/null | head -1)
+[ -n "$inc" ] && export GRAM_CUDA_INCLUDE="$inc"
+if has 0; then
+  {
+    log "step 0: environment"
+    nvidia-smi
+    echo "gram LD_LIBRARY_PATH=$GLD"
+    echo "GRAM_CUDA_INCLUDE=${GRAM_CUDA_INCLUDE:-}"
+    find ${libdirs//:/ } -maxdepth 1 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcuda.so*' \) 2>/dev/null
+    nproc; free -g | head -2
+  } > "$W/env.txt" 2>&1
+fi
+
+# 1. GPU tests on the default model.
+if has 1; then
+  log "step 1: tests/gpu (default model)"
+  LD_LIBRARY_PATH="$GLD" timeout -k 5 150 "$TESTS" --test-threads=1 --nocapture > "$W/gpu-tests.log" 2>&1
+  log "step 1 exit $?: $(grep -E '^test result' "$W/gpu-tests.log")"
+fi
+
+# 2. Shaped checkpoints and prompts.
+if has 2; then
+  log "step 2: make_inputs"
+  timeout -k 5 150 python3 tools/gpu/make_inputs.py --out "$INPUTS" > "$W/make_inputs.log" 2>&1
+  log "step 2 exit $?"
+  cp "$INPUTS/prompts.json" "$INPUTS/inputs-meta.json" "$W/" 2>/dev/null
+fi
+
+# 3. gram on the GPU.
+if has 3; then
+  head -64 tools/queries/wands.txt | sed 's/^/Q: /' > "$W/default-prompts.txt"
+  for m in smollm2 qwen05b; do
+    [ -f "$INPUTS/$m-shaped/model.safetensors" ] || { log "no $m model"; continue; }
+    log "step 3: bench-codes $m"
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 $((BENCH_BUDGET_S + 40)) "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --batch 16 --batch 64 --reps 5 --config-s 4 \
+      --budget-s "$BENCH_BUDGET_S" --profile --out "$W/gram-bench.jsonl" \
+      --dump-codes "$W/gram-codes-$m.json" > "$W/bench-$m.log" 2>&1
+    log "step 3 $m exit $?"
+  done
+  log "step 3: bench-codes default model"
+  LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model models/gram-icecat-2m \
+    --codes models/gram-icecat-2m/codes.txt --prompts "$W/default-prompts.txt" \
+    --beam 10 --beam 64 --batch 1 --batch 16 --batch 64 --reps 5 --config-s 3 --budget-s 30 \
+    --profile --out "$W/gram-bench.jsonl" > "$W/bench-default.log" 2>&1
+  log "step 3 default exit $?"
+fi
+
+# 4. GPU tests with the shaped models too (whole-model parity).
+if has 4; then
+  log "step 4: tests/gpu with shaped models"
+  LD_LIBRARY_PATH="$GLD" GRAM_GPU_MODELS="$INPUTS/smollm2-shaped:$INPUTS/qwen05b-shaped" timeout -k 5 200 "$TESTS" \
+    --test-threads=1 --nocapture model_ beam_search > "$W/gpu-tests-shaped.log" 2>&1
+  log "step 4 exit $?: $(grep -E '^test result' "$W/gpu-tests-shaped.log")"
+fi
+
+# 5. The HF peer.
+if has 5; then
+  for m in smollm2 qwen05b; do
+    [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    log "step 5: hf_peer $m"
+    timeout -k 5 $((HF_BUDGET_S + 60)) python3 tools/gpu/hf_peer.py --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --batch 16 --batch 64 --max-new-tokens 16 --dtype bf16 \
+      --budget-s "$HF_BUDGET_S" --config-cap-s "$HF_CAP_S" --out "$W/hf_peer.jsonl" \
+      --dump-codes "$W/hf-codes-$m.json" > "$W/hf-$m.log" 2>&1
+    log "step 5 $m exit $?"
+  done
+fi
+
+# 6. Roofline numbers from torch.
+if has 6; then
+  log "step 6: bandwidth"
+  timeout -k 5 60 python3 tools/gpu/bandwidth.py --out "$W/bandwidth.json" > "$W/bandwidth.log" 2>&1
+  log "step 6 exit $?"
+fi
+
+log "done"
+# Pack: at most 8 files back.
+for f in "$W"/*.log "$W"/env.txt; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done > "$OUT/logs.txt"
+cat "$W"/gram-bench.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
+cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
+tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
+ls -la "$OUT"
+grep -E "^test |panicked|FAILED|error" "$W/gpu-tests.log" 2>/dev/null | head -40
+tail -5 "$W/run.log"
