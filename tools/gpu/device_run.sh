@@ -28,7 +28,15 @@ mkdir -p "$W" "$OUT" "$INPUTS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export GRAM_REQUIRE_GPU=1 GRAM_REPO="$PWD" GRAM_KERNEL_CACHE="$W/kernel-cache" RUST_BACKTRACE=1
 ts() { date +%H:%M:%S; }
-log() { echo "[$(ts)] $*" | tee -a "$W/run.log"; }
+log() { echo "[$(ts)] $*" | tee -a "$W/run.log"; pack; }
+pack() {
+  # At most 8 files back: the logs concatenated, the JSONL results, a tarball of everything.
+  # Called after every step, so a run cut short still returns what it did.
+  for f in "$W"/*.log "$W"/env.txt; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done > "$OUT/logs.txt"
+  cat "$W"/gram-bench.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
+  cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
+  tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
+}
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 GRAM=.devbin/gram
 TESTS=.devbin/gpu-tests
@@ -119,11 +127,6 @@ if has 6; then
 fi
 
 log "done"
-# Pack: at most 8 files back.
-for f in "$W"/*.log "$W"/env.txt; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done > "$OUT/logs.txt"
-cat "$W"/gram-bench.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
-cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
-tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
 ls -la "$OUT"
 grep -E "^test |panicked|FAILED|error" "$W/gpu-tests.log" 2>/dev/null | head -40
 tail -5 "$W/run.log"
