@@ -8,10 +8,13 @@
 //! Tolerances. f32 ops (norm, rotary, SwiGLU, attention, gathers): |gpu - cpu| <= 1e-5 +
 //! 1e-4 |cpu| (f32 sums in another order, `expf`). GEMMs: the GPU rounds the activation
 //! operand to bf16 (relative error <= 2^-9), so |gpu - cpu| <= 2^-8 Σ|x||w| + 1e-6 per output
-//! element, a bound, not a fit. Whole models (bf16 weights on both sides): logits within 3e-2
-//! relative (max |Δ| / max(|cpu|, 1)); beam search: the same number of codes, scores position
-//! by position within 3e-2, and the same code wherever the CPU's score is more than 0.1 away
-//! from its neighbours' (a near-tie may swap).
+//! element, a bound, not a fit. Whole models (bf16 weights on both sides) against the CPU with
+//! the GPU's GEMM rounding (`CpuBackend::gpu_numerics`: the activation operand rounded to bf16):
+//! logits within 1e-2 relative (max |Δ| / max(|cpu|, 1); a rounding boundary crossed in one
+//! layer moves a value by 2^-8), and within 8e-2 of the plain f32-activation CPU (what bf16
+//! operands cost: 3.7e-2 seen on the default model, H200); beam search: the same number of
+//! codes, scores position by position within 1e-2, and the same code wherever the CPU's score
+//! is more than 0.05 away from its neighbours' (a near-tie may swap).
 
 mod common;
 
@@ -416,12 +419,17 @@ fn models() -> Vec<std::path::PathBuf> {
     v
 }
 
-fn load_pair(dir: &std::path::Path, g: CudaBackend) -> (Model, Model<CudaBackend>) {
+/// The model on the CPU (bf16 weights, `cpu` numerics) and on the GPU.
+fn load_pair(
+    dir: &std::path::Path,
+    cpu: CpuBackend,
+    g: CudaBackend,
+) -> (Model, Model<CudaBackend>) {
     let opts = LoadOptions {
         dtype: Some(DType::BF16),
         ..Default::default()
     };
-    let cpu = Model::load(dir, &opts).unwrap();
+    let cpu = Model::load_on(cpu, dir, &opts).unwrap();
     let gpu = Model::load_on(
         g,
         dir,
@@ -436,9 +444,21 @@ fn load_pair(dir: &std::path::Path, g: CudaBackend) -> (Model, Model<CudaBackend
 
 #[test]
 fn model_logits_match_cpu() {
-    for dir in models() {
+    // Against the CPU with the GPU's GEMM rounding (tight), and against the plain f32-activation
+    // CPU (what bf16 operands cost).
+    for (dir, (numerics, tol)) in models().into_iter().flat_map(|d| {
+        [
+            (d.clone(), ("gpu-numerics", 1e-2)),
+            (d, ("f32-activations", 8e-2)),
+        ]
+    }) {
         let Some(g) = gpu() else { return };
-        let (cpu, gpu) = load_pair(&dir, g);
+        let cpu_backend = if numerics == "gpu-numerics" {
+            CpuBackend::gpu_numerics()
+        } else {
+            CpuBackend::default()
+        };
+        let (cpu, gpu) = load_pair(&dir, cpu_backend, g);
         let vocab = cpu.config.vocab_size;
         let mut rng = Rng(5);
         // Two sequences: a 32-token prefill each, then 3 decode steps of both.
@@ -451,20 +471,27 @@ fn model_logits_match_cpu() {
         let want = cpu.forward(&mut cc, &prompt, &slots, &[31, 63]).unwrap();
         let got = gpu.forward(&mut cg, &prompt, &slots, &[31, 63]).unwrap();
         let err = max_rel_err(&got, &want);
-        eprintln!("{}: prefill logits max rel err {err:.3e}", dir.display());
-        assert!(err < 3e-2, "{}: prefill logits {err:.3e}", dir.display());
+        eprintln!(
+            "{} vs cpu {numerics}: prefill logits max rel err {err:.3e}",
+            dir.display()
+        );
+        assert!(
+            err < tol,
+            "{} vs cpu {numerics}: prefill logits {err:.3e}",
+            dir.display()
+        );
         for step in 0..3 {
             let toks = [5 + step as u32, 9 + step as u32];
             let want = cpu.forward(&mut cc, &toks, &[0, 1], &[0, 1]).unwrap();
             let got = gpu.forward(&mut cg, &toks, &[0, 1], &[0, 1]).unwrap();
             let err = max_rel_err(&got, &want);
             eprintln!(
-                "{}: decode step {step} max rel err {err:.3e}",
+                "{} vs cpu {numerics}: decode step {step} max rel err {err:.3e}",
                 dir.display()
             );
             assert!(
-                err < 3e-2,
-                "{} decode step {step}: {err:.3e}",
+                err < tol,
+                "{} vs cpu {numerics}: decode step {step}: {err:.3e}",
                 dir.display()
             );
         }
@@ -494,7 +521,7 @@ fn compare_codes(
                 continue;
             }
             assert!(
-                (cc.score - gc.score).abs() <= 3e-2,
+                (cc.score - gc.score).abs() <= 1e-2,
                 "{what} query {qi} code {i}: scores cpu {} gpu {}",
                 cc.score,
                 gc.score
@@ -508,7 +535,7 @@ fn compare_codes(
                 .codes
                 .get(i + 1)
                 .map_or(f32::INFINITY, |n| cc.score - n.score);
-            if gap_before.min(gap_after) > 0.1 {
+            if gap_before.min(gap_after) > 0.05 {
                 assert_eq!(
                     cc.code, gc.code,
                     "{what} query {qi} code {i} (clear of ties)"
@@ -538,7 +565,7 @@ fn beam_search_matches_cpu() {
     for (mi, dir) in models().into_iter().enumerate() {
         let Some(g) = gpu() else { return };
         let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-        let (cpu, gpu) = load_pair(&dir, g);
+        let (cpu, gpu) = load_pair(&dir, CpuBackend::gpu_numerics(), g);
         let eos = cpu.config.eos_token_ids[0];
         let set = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
         let trie = Trie::build(&set, cpu.config.vocab_size, eos).unwrap();

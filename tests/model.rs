@@ -20,7 +20,15 @@ fn logits_and_greedy_match_transformers() {
         let dir = model_dir(name);
         let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
         for isa in Isa::available() {
-            let model = Model::load_on(CpuBackend { isa }, &dir, &LoadOptions::default()).unwrap();
+            let model = Model::load_on(
+                CpuBackend {
+                    isa,
+                    ..CpuBackend::default()
+                },
+                &dir,
+                &LoadOptions::default(),
+            )
+            .unwrap();
             for case in g["cases"].as_array().unwrap() {
                 let prompt = case["prompt"].as_str().unwrap();
                 let ids = tok.encode(prompt).unwrap();

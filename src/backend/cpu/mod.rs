@@ -29,14 +29,30 @@ static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 const MAX_SPARE: usize = 48;
 
 /// The CPU backend. `isa` picks the SIMD kernels (detected, or forced for parity tests).
+/// `bf16_operands` rounds the activation operand of every GEMM to bf16 first, as the CUDA
+/// backend's cuBLAS GEMMs do: the GPU's numerics on the CPU, for parity tests.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuBackend {
     pub isa: Isa,
+    pub bf16_operands: bool,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { isa: Isa::detect() }
+        CpuBackend {
+            isa: Isa::detect(),
+            bf16_operands: false,
+        }
+    }
+}
+
+impl CpuBackend {
+    /// The CPU with the CUDA backend's GEMM rounding (see `bf16_operands`).
+    pub fn gpu_numerics() -> Self {
+        CpuBackend {
+            bf16_operands: true,
+            ..CpuBackend::default()
+        }
     }
 }
 
@@ -140,6 +156,16 @@ impl Backend for CpuBackend {
         jobs: &mut [(LinearRef<'_, HostTensor>, &mut Vec<f32>)],
     ) {
         let k = jobs.first().map_or(0, |(l, _)| l.weight.shape()[1]);
+        let rounded: Vec<f32>;
+        let x = if self.bf16_operands {
+            rounded = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            &rounded
+        } else {
+            x
+        };
         let mut mj: Vec<MatJob> = jobs
             .iter_mut()
             .map(|(l, out)| MatJob {

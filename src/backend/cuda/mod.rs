@@ -31,6 +31,10 @@ use crate::error::{Error, Result};
 use crate::model::rope::RopeTable;
 use crate::tensor::{HostTensor, View};
 
+/// Events that record time (cudarc's default disables timing).
+const TIMED: cudarc::driver::sys::CUevent_flags =
+    cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+
 /// Head dims the attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -361,8 +365,8 @@ impl CudaBackend {
             .map_err(dev("allocating"))?;
         let mut best = f64::INFINITY;
         for i in 0..12 {
-            let a = self.ctx.new_event(None).map_err(dev("event"))?;
-            let b = self.ctx.new_event(None).map_err(dev("event"))?;
+            let a = self.ctx.new_event(Some(TIMED)).map_err(dev("event"))?;
+            let b = self.ctx.new_event(Some(TIMED)).map_err(dev("event"))?;
             a.record(&self.stream).map_err(dev("event"))?;
             self.stream
                 .memcpy_dtod(&src, &mut dst)
@@ -403,7 +407,7 @@ impl CudaBackend {
         let profiling = self.profiling.load(Ordering::Relaxed);
         let events = if profiling {
             let _ = self.ctx.bind_to_thread();
-            let a = self.ctx.new_event(None).ok();
+            let a = self.ctx.new_event(Some(TIMED)).ok();
             if let Some(a) = &a {
                 let _ = a.record(&self.stream);
             }
@@ -417,7 +421,7 @@ impl CudaBackend {
             .map_err(dev("binding the context"))
             .and_then(|()| f());
         if let Some(a) = events {
-            if let Ok(b) = self.ctx.new_event(None) {
+            if let Ok(b) = self.ctx.new_event(Some(TIMED)) {
                 if b.record(&self.stream).is_ok() {
                     lock(&self.profile).spans.push((name, a, b));
                 }
