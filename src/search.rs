@@ -7,6 +7,11 @@
 //! stops here), and a [`Batch`] runs prepared requests through shared decoder steps — all at once
 //! ([`Engine::search`]) or admitted continuously as a server receives them ([`Batch::admit`],
 //! [`Batch::step`]). Results carry per-stage timings.
+//!
+//! [`Engine`] is generic over the [`Backend`] its model runs on (the CPU by default; the
+//! tokenizer, postings and scores stay on the CPU whatever it is). [`AnyEngine`] is the engine
+//! of a backend chosen at run time (`--device cpu|cuda|auto`): it opens with a [`Device`] and
+//! hands out the typed engine to run batches on.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,12 +20,16 @@ use serde::Serialize;
 
 use crate::backend::cpu::simd::Isa;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend};
+use crate::backend::{self as backends, Backend, Device};
 use crate::beam::{self, Batcher, BeamOptions, BeamSearch, Ticket};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::model::{LoadOptions, Model};
 use crate::score::{self, Aggregate};
 use crate::settings::Settings;
+use crate::tensor::DType;
 use crate::tokenizer::Tokenizer;
 
 /// Bounds on what one request may ask for.
@@ -131,10 +140,10 @@ pub struct Response {
     pub steps: usize,
 }
 
-/// An index with the model that built it, ready to search.
-pub struct Engine {
+/// An index with the model that built it, ready to search, the model on backend `B`.
+pub struct Engine<B: Backend = CpuBackend> {
     index: Index,
-    model: Model,
+    model: Model<B>,
     tokenizer: Tokenizer,
     settings: Settings,
     aggregate: Aggregate,
@@ -180,11 +189,20 @@ pub fn build_settings(s: &Settings) -> serde_json::Value {
     serde_json::json!({"product_template": s.product_template, "delimiter": s.delimiter})
 }
 
-impl Engine {
-    /// Opens the index in `index_dir` and the model that built it (`model_dir`, or the one the
-    /// index names). A model with another fingerprint, or a `gram.json` whose build settings
-    /// changed since, is refused.
-    pub fn open(index_dir: &Path, model_dir: Option<&Path>, load: &LoadOptions) -> Result<Engine> {
+/// What an engine holds besides its model, checked against each other: the index, the model
+/// directory that built it, its settings and tokenizer.
+struct Parts {
+    index: Index,
+    model_dir: PathBuf,
+    settings: Settings,
+    aggregate: Aggregate,
+    tokenizer: Tokenizer,
+}
+
+impl Parts {
+    /// Opens the index in `index_dir` and checks the model (`model_dir`, or the one the index
+    /// names) and its `gram.json` against it; the weights are not loaded yet.
+    fn open(index_dir: &Path, model_dir: Option<&Path>) -> Result<Parts> {
         let index = Index::open(&index_file(index_dir))?;
         let meta = index.meta();
         let built_by = &meta["model"];
@@ -219,21 +237,54 @@ impl Engine {
             msg: "aggregation must be sum or max".into(),
         })?;
         let tokenizer = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
-        let model = Model::load(&model_dir, load)?;
-        Ok(Engine {
+        Ok(Parts {
             index,
-            model,
-            tokenizer,
+            model_dir,
             settings,
             aggregate,
-            isa: Isa::detect(),
-            limits: Limits::default(),
-            model_dir,
-            rankers: Default::default(),
+            tokenizer,
         })
     }
 
-    pub fn with_limits(mut self, limits: Limits) -> Engine {
+    fn with_model<B: Backend>(self, model: Model<B>) -> Engine<B> {
+        Engine {
+            index: self.index,
+            model,
+            tokenizer: self.tokenizer,
+            settings: self.settings,
+            aggregate: self.aggregate,
+            isa: Isa::detect(),
+            limits: Limits::default(),
+            model_dir: self.model_dir,
+            rankers: Default::default(),
+        }
+    }
+}
+
+impl Engine<CpuBackend> {
+    /// Opens the index in `index_dir` and the model that built it (`model_dir`, or the one the
+    /// index names) on the CPU. A model with another fingerprint, or a `gram.json` whose build
+    /// settings changed since, is refused.
+    pub fn open(index_dir: &Path, model_dir: Option<&Path>, load: &LoadOptions) -> Result<Engine> {
+        Engine::open_on(CpuBackend::default(), index_dir, model_dir, load)
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// [`Engine::open`] with the model loaded onto `backend` (the CUDA backend keeps bf16
+    /// weights: load it with `dtype: Some(DType::BF16), threads: Some(1)`).
+    pub fn open_on(
+        backend: B,
+        index_dir: &Path,
+        model_dir: Option<&Path>,
+        load: &LoadOptions,
+    ) -> Result<Engine<B>> {
+        let parts = Parts::open(index_dir, model_dir)?;
+        let model = Model::load_on(backend, &parts.model_dir, load)?;
+        Ok(parts.with_model(model))
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Engine<B> {
         self.limits = limits;
         self
     }
@@ -246,7 +297,7 @@ impl Engine {
         &self.index
     }
 
-    pub fn model(&self) -> &Model {
+    pub fn model(&self) -> &Model<B> {
         &self.model
     }
 
@@ -320,9 +371,9 @@ impl Engine {
     /// [`Engine::entries_for`]).
     pub fn batch<'a>(
         &'a self,
-        search: &'a mut BeamSearch<CpuBackend>,
+        search: &'a mut BeamSearch<B>,
         entries: usize,
-    ) -> Result<Batch<'a>> {
+    ) -> Result<Batch<'a, B>> {
         Ok(Batch {
             engine: self,
             beams: Batcher::new(search, &self.model, self.index.trie(), entries)?,
@@ -339,7 +390,7 @@ impl Engine {
     /// in order.
     pub fn search(
         &self,
-        search: &mut BeamSearch<CpuBackend>,
+        search: &mut BeamSearch<B>,
         requests: Vec<Prepared>,
     ) -> Result<Vec<Response>> {
         let entries = requests.iter().map(|p| self.entries_for(p)).sum();
@@ -441,9 +492,9 @@ impl Engine {
 }
 
 /// Requests in flight through shared decoder steps (see [`beam::Batcher`]).
-pub struct Batch<'a> {
-    engine: &'a Engine,
-    beams: Batcher<'a, CpuBackend>,
+pub struct Batch<'a, B: Backend = CpuBackend> {
+    engine: &'a Engine<B>,
+    beams: Batcher<'a, B>,
     /// The requests in flight, by ticket.
     prepared: Vec<(Ticket, Prepared)>,
 }
@@ -459,7 +510,7 @@ pub enum Admission {
     Refused(Error),
 }
 
-impl Batch<'_> {
+impl<B: Backend> Batch<'_, B> {
     /// Admits a prepared request to the next step.
     pub fn admit(&mut self, p: Prepared) -> Admission {
         match self.beams.admit(p.query.clone()) {
@@ -516,5 +567,183 @@ impl Batch<'_> {
                 (t, self.engine.finish(p, out))
             })
             .collect())
+    }
+}
+
+/// The backend a command or server runs on, as it reports it (CLI stderr, `/health`,
+/// `gram_backend_info`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// `cpu` or `cuda`.
+    pub backend: &'static str,
+    /// The GPU's name (CUDA only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Why `--device auto` chose the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+impl std::fmt::Display for BackendInfo {
+    /// `cpu`, `cpu (auto: <why>)` or `cuda on <GPU name>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.backend)?;
+        if let Some(d) = &self.device {
+            write!(f, " on {d}")?;
+        }
+        if let Some(why) = &self.fallback {
+            write!(f, " (auto: {why})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The backend `device` asks for, for the model in `model_dir`: `Some(gpu)` for CUDA, `None`
+/// for the CPU, with what to report. `cuda` is an [`Error::Device`] where no GPU can run the
+/// model (no driver or GPU, a library missing, a head dim the kernels are not built for);
+/// `auto` takes the CPU then, and says why.
+pub fn open_backend(
+    device: Device,
+    model_dir: &Path,
+) -> Result<(Option<CudaBackend>, BackendInfo)> {
+    let cpu = |fallback: Option<String>| BackendInfo {
+        backend: "cpu",
+        device: None,
+        fallback,
+    };
+    if device == Device::Cpu {
+        tracing::info!("backend: cpu (--device cpu)");
+        return Ok((None, cpu(None)));
+    }
+    let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
+    let opened = if cuda::HEAD_DIMS.contains(&config.head_dim) {
+        backends::open(Device::Cuda, false)
+    } else {
+        Err(Error::Device(format!(
+            "the model's head dim {} is not one the CUDA kernels are built for ({:?})",
+            config.head_dim,
+            cuda::HEAD_DIMS
+        )))
+    };
+    match opened {
+        Ok(Some(gpu)) => {
+            let info = BackendInfo {
+                backend: "cuda",
+                device: Some(gpu.device_name().to_string()),
+                fallback: None,
+            };
+            Ok((Some(gpu), info))
+        }
+        Ok(None) => Ok((None, cpu(None))),
+        Err(e) if device == Device::Auto => {
+            tracing::info!("backend: cpu (--device auto: {e})");
+            Ok((None, cpu(Some(e.to_string()))))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// How a model loads on the backend [`open_backend`] chose: the CPU as `cpu` says, the GPU
+/// with bf16 weights and one host thread (the GPU does the work).
+pub fn load_options(gpu: bool, cpu: &LoadOptions) -> LoadOptions {
+    if gpu {
+        LoadOptions {
+            dtype: Some(DType::BF16),
+            threads: Some(1),
+        }
+    } else {
+        cpu.clone()
+    }
+}
+
+/// An [`Engine`] on the backend chosen at run time. Requests are prepared on it directly;
+/// batches run on the typed engine (match on it: the search code is generic).
+pub enum AnyEngine {
+    Cpu(Engine<CpuBackend>),
+    Cuda(Engine<CudaBackend>),
+}
+
+impl AnyEngine {
+    /// [`Engine::open`] on the backend `device` picks (see [`open_backend`]). `load` is the
+    /// CPU's; on the GPU the model loads as [`load_options`] says. The index and model are
+    /// checked before the device is opened.
+    pub fn open(
+        device: Device,
+        index_dir: &Path,
+        model_dir: Option<&Path>,
+        load: &LoadOptions,
+    ) -> Result<(AnyEngine, BackendInfo)> {
+        let parts = Parts::open(index_dir, model_dir)?;
+        let (gpu, info) = open_backend(device, &parts.model_dir)?;
+        let options = load_options(gpu.is_some(), load);
+        let dir = parts.model_dir.clone();
+        let engine = match gpu {
+            Some(gpu) => AnyEngine::Cuda(parts.with_model(Model::load_on(gpu, &dir, &options)?)),
+            None => AnyEngine::Cpu(parts.with_model(Model::load(&dir, &options)?)),
+        };
+        Ok((engine, info))
+    }
+
+    pub fn with_limits(self, limits: Limits) -> AnyEngine {
+        match self {
+            AnyEngine::Cpu(e) => AnyEngine::Cpu(e.with_limits(limits)),
+            AnyEngine::Cuda(e) => AnyEngine::Cuda(e.with_limits(limits)),
+        }
+    }
+
+    /// See [`Engine::prepare`].
+    pub fn prepare(&self, request: Request) -> Result<Prepared> {
+        match self {
+            AnyEngine::Cpu(e) => e.prepare(request),
+            AnyEngine::Cuda(e) => e.prepare(request),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        match self {
+            AnyEngine::Cpu(e) => e.limits(),
+            AnyEngine::Cuda(e) => e.limits(),
+        }
+    }
+
+    pub fn index(&self) -> &Index {
+        match self {
+            AnyEngine::Cpu(e) => e.index(),
+            AnyEngine::Cuda(e) => e.index(),
+        }
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        match self {
+            AnyEngine::Cpu(e) => e.model_dir(),
+            AnyEngine::Cuda(e) => e.model_dir(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        match self {
+            AnyEngine::Cpu(e) => e.settings(),
+            AnyEngine::Cuda(e) => e.settings(),
+        }
+    }
+
+    /// The model's config (the same on every backend).
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            AnyEngine::Cpu(e) => &e.model().config,
+            AnyEngine::Cuda(e) => &e.model().config,
+        }
+    }
+}
+
+impl From<Engine<CpuBackend>> for AnyEngine {
+    fn from(e: Engine<CpuBackend>) -> AnyEngine {
+        AnyEngine::Cpu(e)
+    }
+}
+
+impl From<Engine<CudaBackend>> for AnyEngine {
+    fn from(e: Engine<CudaBackend>) -> AnyEngine {
+        AnyEngine::Cuda(e)
     }
 }
