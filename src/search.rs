@@ -616,15 +616,18 @@ pub fn open_backend(
         return Ok((None, cpu(None)));
     }
     let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
-    let opened = if cuda::HEAD_DIMS.contains(&config.head_dim) {
-        backends::open(Device::Cuda, false)
-    } else {
-        Err(Error::Device(format!(
-            "the model's head dim {} is not one the CUDA kernels are built for ({:?})",
-            config.head_dim,
-            cuda::HEAD_DIMS
-        )))
-    };
+    // Cheap checks first (a GPU at all, then the model's shape), before the kernels compile.
+    let opened = cuda::probe().and_then(|_| {
+        if cuda::HEAD_DIMS.contains(&config.head_dim) {
+            backends::open(Device::Cuda, false)
+        } else {
+            Err(Error::Device(format!(
+                "the model's head dim {} is not one the CUDA kernels are built for ({:?})",
+                config.head_dim,
+                cuda::HEAD_DIMS
+            )))
+        }
+    });
     match opened {
         Ok(Some(gpu)) => {
             let info = BackendInfo {
@@ -636,8 +639,12 @@ pub fn open_backend(
         }
         Ok(None) => Ok((None, cpu(None))),
         Err(e) if device == Device::Auto => {
-            tracing::info!("backend: cpu (--device auto: {e})");
-            Ok((None, cpu(Some(e.to_string()))))
+            let why = match e {
+                Error::Device(why) => why,
+                e => e.to_string(),
+            };
+            tracing::info!("backend: cpu (--device auto: {why})");
+            Ok((None, cpu(Some(why))))
         }
         Err(e) => Err(e),
     }
@@ -658,6 +665,8 @@ pub fn load_options(gpu: bool, cpu: &LoadOptions) -> LoadOptions {
 
 /// An [`Engine`] on the backend chosen at run time. Requests are prepared on it directly;
 /// batches run on the typed engine (match on it: the search code is generic).
+// One per process, opened once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyEngine {
     Cpu(Engine<CpuBackend>),
     Cuda(Engine<CudaBackend>),
