@@ -5,11 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gram::backend::cuda::CudaBackend;
+use gram::backend::{Backend, Device};
 use gram::beam::{self, BeamOptions, BeamSearch, Normalize, Query};
 use gram::catalog::{self, OnError};
 use gram::index::Index;
 use gram::lm;
-use gram::search::{build_settings, model_fingerprint, Engine, Limits, Request};
+use gram::search::{
+    build_settings, model_fingerprint, open_backend, AnyEngine, Engine, Limits, Request,
+};
 use gram::settings::Settings;
 use gram::tensor::DType;
 use gram::trie::{CodeSet, Trie};
@@ -97,9 +101,13 @@ struct BuildArgs {
     /// Products whose generation shares decoder steps.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Worker threads (default: all cores).
+    /// CPU worker threads (default: all cores; on the GPU the model uses one).
     #[arg(long)]
     threads: Option<usize>,
+    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
+    /// can run the model, else the CPU). Stderr says which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -116,9 +124,13 @@ struct SearchArgs {
     /// Beam width: codes generated per query at most.
     #[arg(long, default_value_t = 10)]
     beam: usize,
-    /// Worker threads (default: all cores).
+    /// CPU worker threads (default: all cores; on the GPU the model uses one).
     #[arg(long)]
     threads: Option<usize>,
+    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
+    /// can run the model, else the CPU). Stderr says which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     /// Queries (each filled into the query template of gram.json).
     #[arg(required = true)]
     queries: Vec<String>,
@@ -148,10 +160,15 @@ struct CodesArgs {
     /// Unconstrained beam search (for comparison): reports how many returned codes are invalid.
     #[arg(long)]
     no_trie: bool,
-    /// Worker threads (default: all cores).
+    /// CPU worker threads (default: all cores; on the GPU the model uses one).
     #[arg(long)]
     threads: Option<usize>,
+    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
+    /// can run the model, else the CPU). Stderr says which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
+    /// CPU only: the GPU keeps bf16 weights.
     #[arg(long)]
     dtype: Option<String>,
     /// Prompts, used as given (tokenized as `tokenizer(text)`); all share decoder steps.
@@ -173,10 +190,15 @@ struct LmArgs {
     /// Also print the greedy continuation of this many tokens (stops at EOS).
     #[arg(long)]
     greedy: Option<usize>,
-    /// Worker threads (default: all cores).
+    /// CPU worker threads (default: all cores; on the GPU the model uses one).
     #[arg(long)]
     threads: Option<usize>,
+    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
+    /// can run the model, else the CPU). Stderr says which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
+    /// CPU only: the GPU keeps bf16 weights.
     #[arg(long)]
     dtype: Option<String>,
 }
@@ -207,24 +229,51 @@ fn parse_dtype(s: Option<&str>) -> Result<Option<DType>, String> {
         .transpose()
 }
 
-/// Loads the model directory's tokenizer and weights.
+/// A model on the backend `--device` chose (one per command: the variants' sizes do not
+/// matter).
+#[allow(clippy::large_enum_variant)]
+enum Loaded {
+    Cpu(Model),
+    Cuda(Model<CudaBackend>),
+}
+
+/// Runs `$body` with `$m` bound to the loaded model, whatever its backend (the body is
+/// compiled once per backend).
+macro_rules! on_model {
+    ($loaded:expr, $m:ident => $body:expr) => {
+        match $loaded {
+            Loaded::Cpu($m) => $body,
+            Loaded::Cuda($m) => $body,
+        }
+    };
+}
+
+/// Loads the model directory's tokenizer and weights on the backend `device` picks, and says
+/// which on stderr (`backend: cpu`, `backend: cuda on <GPU>`).
 fn load(
     dir: &std::path::Path,
+    device: Device,
     threads: Option<usize>,
     dtype: Option<&str>,
-) -> Result<(Tokenizer, Model), String> {
+) -> Result<(Tokenizer, Loaded), String> {
     if !dir.is_dir() {
         return Err(format!("--model {}: not a directory", dir.display()));
     }
     if threads == Some(0) {
         return Err("--threads must be at least 1".into());
     }
-    let options = LoadOptions {
+    let cpu = LoadOptions {
         dtype: parse_dtype(dtype)?,
         threads,
     };
+    let (gpu, info) = open_backend(device, dir).map_err(|e| e.to_string())?;
+    eprintln!("backend: {info}");
+    let options = gram::search::load_options(gpu.is_some(), &cpu);
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
-    let model = Model::load(dir, &options).map_err(|e| e.to_string())?;
+    let model = match gpu {
+        Some(gpu) => Loaded::Cuda(Model::load_on(gpu, dir, &options).map_err(|e| e.to_string())?),
+        None => Loaded::Cpu(Model::load(dir, &options).map_err(|e| e.to_string())?),
+    };
     Ok((tokenizer, model))
 }
 
@@ -241,13 +290,27 @@ fn run_codes(args: CodesArgs) -> Result<(), String> {
         normalize,
         constrained: !args.no_trie,
     };
-    let (tokenizer, model) = load(&args.model, args.threads, args.dtype.as_deref())?;
+    let (tokenizer, loaded) = load(
+        &args.model,
+        args.device,
+        args.threads,
+        args.dtype.as_deref(),
+    )?;
+    on_model!(loaded, model => codes_on(&args, options, &tokenizer, &model))
+}
+
+fn codes_on<B: Backend>(
+    args: &CodesArgs,
+    options: BeamOptions,
+    tokenizer: &Tokenizer,
+    model: &Model<B>,
+) -> Result<(), String> {
     let eos = *model
         .config
         .eos_token_ids
         .first()
         .ok_or("the model's config names no eos_token_id: codes cannot end")?;
-    let set = CodeSet::from_file(&args.codes, &tokenizer, eos).map_err(|e| e.to_string())?;
+    let set = CodeSet::from_file(&args.codes, tokenizer, eos).map_err(|e| e.to_string())?;
     let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
     let queries = args
         .prompts
@@ -259,7 +322,7 @@ fn run_codes(args: CodesArgs) -> Result<(), String> {
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let outputs = beam::search(&model, &trie, &queries).map_err(|e| e.to_string())?;
+    let outputs = beam::search(model, &trie, &queries).map_err(|e| e.to_string())?;
     for (prompt, out) in args.prompts.iter().zip(outputs) {
         let codes = out
             .codes
@@ -287,7 +350,9 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         "skip" => OnError::Skip,
         other => return Err(format!("--on-error `{other}`: expected stop or skip")),
     };
-    let (tokenizer, model) = load(&args.model, args.threads, None)?;
+    if !args.model.is_dir() {
+        return Err(format!("--model {}: not a directory", args.model.display()));
+    }
     let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
     let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
@@ -337,15 +402,13 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         work_dir: args.work_dir.clone(),
         progress: true,
     };
-    let report = catalog::build_with(
-        &model,
-        &tokenizer,
-        &settings,
-        &items,
-        &options,
-        &gram::search::index_file(&args.out),
-        &meta,
-    )
+    // Every input checked: now the model (the teacher forcing and generation run on its
+    // backend).
+    let (tokenizer, loaded) = load(&args.model, args.device, args.threads, None)?;
+    let out = gram::search::index_file(&args.out);
+    let report = on_model!(loaded, model => catalog::build_with(
+        &model, &tokenizer, &settings, &items, &options, &out, &meta
+    ))
     .map_err(|e| e.to_string())?;
     println!(
         "{}",
@@ -385,14 +448,27 @@ fn run_search(args: SearchArgs) -> Result<(), String> {
         dtype: None,
         threads: args.threads,
     };
-    let engine = Engine::open(&args.index, args.model.as_deref(), &load)
-        .map_err(|e| e.to_string())?
-        .with_limits(Limits {
-            max_k: args.k.max(1),
-            max_beam: beam::MAX_BEAM,
-            ..Limits::default()
-        });
+    let (engine, info) = AnyEngine::open(args.device, &args.index, args.model.as_deref(), &load)
+        .map_err(|e| e.to_string())?;
+    eprintln!("backend: {info}");
+    let engine = engine.with_limits(Limits {
+        max_k: args.k.max(1),
+        max_beam: beam::MAX_BEAM,
+        ..Limits::default()
+    });
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match &engine {
+        AnyEngine::Cpu(e) => search_on(e, &args, open_ms),
+        AnyEngine::Cuda(e) => search_on(e, &args, open_ms),
+    }
+}
+
+/// Searches `args.queries` one at a time, one JSON line each.
+fn search_on<B: Backend>(
+    engine: &Engine<B>,
+    args: &SearchArgs,
+    open_ms: f64,
+) -> Result<(), String> {
     let mut beams = BeamSearch::new();
     for q in &args.queries {
         let request = Request {
@@ -413,9 +489,16 @@ fn run_search(args: SearchArgs) -> Result<(), String> {
 }
 
 fn run_lm(args: LmArgs) -> Result<(), String> {
-    let (tokenizer, model) = load(&args.model, args.threads, args.dtype.as_deref())?;
+    let (tokenizer, loaded) = load(
+        &args.model,
+        args.device,
+        args.threads,
+        args.dtype.as_deref(),
+    )?;
     let tokens = tokenizer.encode(&args.prompt).map_err(|e| e.to_string())?;
-    let out = lm::run(&model, &tokens, args.greedy.unwrap_or(0)).map_err(|e| e.to_string())?;
+    let greedy = args.greedy.unwrap_or(0);
+    let out =
+        on_model!(loaded, model => lm::run(&model, &tokens, greedy)).map_err(|e| e.to_string())?;
     let mut obj = json!({
         "tokens": tokens,
         "top": lm::top_n(&out.logprobs, args.top),

@@ -1,9 +1,11 @@
 //! The `gram lm` command-line contract (users' scripts parse it): one JSON object with the
 //! prompt's ids, the top-N next tokens most likely first, and with `--greedy` the continuation's
-//! text; bad arguments exit non-zero with an `error:` line, never a panic.
+//! text; bad arguments exit non-zero with an `error:` line, never a panic. Commands that run the
+//! model say on stderr which backend `--device` chose (`backend: ...`).
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
@@ -13,6 +15,27 @@ fn gram(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run gram")
+}
+
+/// The error of a failed run: its status is non-zero, nothing panicked, and stderr ends with
+/// one `error: ` line (after the `backend: ` line, when the model's backend was chosen).
+fn error_line(args: &[&str], out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let (last, before) = lines
+        .split_last()
+        .unwrap_or_else(|| panic!("{args:?}: no stderr"));
+    assert!(last.starts_with("error: "), "{args:?}: {err}");
+    if args.first() != Some(&"serve") {
+        // The server logs; the other commands say only which backend.
+        assert!(
+            before.iter().all(|l| l.starts_with("backend: ")),
+            "{args:?}: {err}"
+        );
+    }
+    last.to_string()
 }
 
 #[test]
@@ -100,14 +123,8 @@ fn bad_arguments_are_clear_errors() {
         // tiny-qwen2 adds no BOS: an empty prompt has no tokens at all.
         (vec!["lm", "--model", d, "--prompt", ""], "no tokens"),
     ] {
-        let out = gram(&args);
-        assert!(!out.status.success(), "{args:?} should fail");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.starts_with("error:") && err.contains(says),
-            "{args:?}: {err}"
-        );
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let err = error_line(&args, &gram(&args));
+        assert!(err.contains(says), "{args:?}: {err}");
     }
 }
 
@@ -171,12 +188,7 @@ fn codes_prints_the_contract() {
             code_file,
         ];
         args.extend_from_slice(extra);
-        let out = gram(&args);
-        assert!(!out.status.success(), "{extra:?} should fail");
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(err.starts_with("error: "), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
-        err
+        error_line(&args, &gram(&args))
     };
     let c = codes.to_str().unwrap();
     assert!(bad(&["--beam", "0", "x"], c).contains("beam width 0"));
@@ -190,4 +202,115 @@ fn codes_prints_the_contract() {
     assert!(bad(&[&long], c).contains("exceeds the model's"));
     std::fs::remove_file(&codes).unwrap();
     std::fs::remove_file(&empty).unwrap();
+}
+
+/// Every command that runs the model takes `--device` and says on stderr which backend it
+/// chose; `--device cuda` where no GPU can run the model (no GPU here; on a GPU box, the tiny
+/// models' head dims are not ones the CUDA kernels are built for) is a `device:` error with a
+/// failing status, before anything is written.
+#[test]
+fn device_is_chosen_and_reported_by_every_model_command() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gram-cli-device-{}", std::process::id()));
+    let lines: Vec<String> = ["sofa", "lamp", "rug"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            serde_json::json!({"id": format!("p{i}"), "title": format!("oak {k}"), "codes": [k]})
+                .to_string()
+        })
+        .collect();
+    let ix = build_index(&tmp, "tiny-llama", &lines);
+    let ix = ix.to_str().unwrap();
+    let model = model_dir("tiny-llama");
+    let model = model.to_str().unwrap();
+    let codes = tmp.join("codes.txt");
+    std::fs::write(&codes, "sofa\nlamp | brass\n").unwrap();
+    let codes = codes.to_str().unwrap();
+    let catalog = tmp.join("catalog.jsonl");
+    let catalog = catalog.to_str().unwrap();
+    let out_ix = tmp.join("ix-cuda");
+    let out_ix = out_ix.to_str().unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["lm", "--model", model, "--prompt", "sofa", "--threads", "1"],
+        vec![
+            "codes",
+            "--model",
+            model,
+            "--codes",
+            codes,
+            "--threads",
+            "1",
+            "sofa",
+        ],
+        vec![
+            "index",
+            "build",
+            "--model",
+            model,
+            "--catalog",
+            catalog,
+            "--out",
+            out_ix,
+            "--threads",
+            "1",
+        ],
+        vec![
+            "search",
+            "--index",
+            ix,
+            "--k",
+            "2",
+            "--threads",
+            "1",
+            "oak sofa",
+        ],
+    ];
+    for args in &commands {
+        // --device cpu: the CPU, said on stderr before the JSON on stdout.
+        let mut cpu = args.clone();
+        cpu.extend(["--device", "cpu"]);
+        let out = gram(&cpu);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{cpu:?}: {err}");
+        // (index build then reports its progress.)
+        assert_eq!(err.lines().next(), Some("backend: cpu"), "{cpu:?}: {err}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(stdout.starts_with('{'), "{cpu:?}: {stdout}");
+        // auto (the default): one backend line, the CPU's or the GPU's.
+        let out = gram(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("backend: ")).count(),
+            1,
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.starts_with("backend: cpu") || err.starts_with("backend: cuda on "),
+            "{args:?}: {err}"
+        );
+        // --device cuda: a device error, nothing on stdout.
+        let mut cuda = args.clone();
+        cuda.extend(["--device", "cuda"]);
+        let out = gram(&cuda);
+        let err = error_line(&cuda, &out);
+        assert!(err.starts_with("error: device: "), "{cuda:?}: {err}");
+        assert!(out.stdout.is_empty(), "{cuda:?}");
+    }
+    // The server: the startup fails the same way (its log before the error line).
+    let serve = [
+        "serve",
+        "--index",
+        ix,
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--device",
+        "cuda",
+    ];
+    let err = error_line(&serve, &gram(&serve));
+    assert!(err.starts_with("error: device: "), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
 }
