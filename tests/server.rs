@@ -61,7 +61,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
-/// Starts a server on a free loopback port with `flags` added to the defaults.
+/// Starts a server on a free loopback port with `flags` added to the defaults (on the CPU: the
+/// answers are compared with the in-process CPU engine's).
 async fn start(flags: &[&str]) -> Server {
     let ix = index().to_str().unwrap().to_string();
     let mut argv = vec![
@@ -72,6 +73,8 @@ async fn start(flags: &[&str]) -> Server {
         "127.0.0.1:0",
         "--threads",
         "1",
+        "--device",
+        "cpu",
     ];
     argv.extend_from_slice(flags);
     let config = Cli::parse_from(argv).serve.config().unwrap();
@@ -312,7 +315,10 @@ async fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
 async fn every_endpoint_answers() {
     let server = start(&[]).await;
     let addr = server.addr();
-    assert_eq!(get(addr, "/health").await.json(), json!({"status": "ok"}));
+    assert_eq!(
+        get(addr, "/health").await.json(),
+        json!({"status": "ok", "backend": {"backend": "cpu"}})
+    );
     assert_eq!(get(addr, "/ready").await.json(), json!({"status": "ready"}));
 
     let a = post(
@@ -398,6 +404,7 @@ async fn every_endpoint_answers() {
     }
     assert!(count("gram_step_seconds_count") >= 4.0);
     assert!(count("gram_step_rows_sum") > 0.0);
+    assert_eq!(count(r#"gram_backend_info{backend="cpu",device=""}"#), 1.0);
     assert_eq!(count("gram_queue_depth"), 0.0);
     assert!(count("gram_kv_arena_entries") > 0.0);
     server.shutdown().await.unwrap();
@@ -966,4 +973,44 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
     config.max_kv_mib = 1;
     let e = Server::start(config).await.err().unwrap().to_string();
     assert!(e.contains("--max-kv-mib"), "{e}");
+}
+
+/// `--device cuda` where no GPU can run the model (none here; tiny-llama's head dim on a GPU
+/// box) fails the startup with a device error; `auto` serves on whatever it chose and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_is_chosen_at_startup_and_reported() {
+    let ix = index().to_str().unwrap().to_string();
+    let config = |device: &str| {
+        let argv = [
+            "serve",
+            "--index",
+            &ix,
+            "--addr",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--device",
+            device,
+        ];
+        Cli::parse_from(argv).serve.config().unwrap()
+    };
+    let e = Server::start(config("cuda"))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("device: "), "{e}");
+    let server = Server::start(config("auto")).await.unwrap();
+    let health = get(server.addr(), "/health").await.json();
+    let backend = health["backend"]["backend"].as_str().unwrap().to_string();
+    assert!(["cpu", "cuda"].contains(&backend.as_str()), "{health}");
+    let m = metrics(server.addr()).await;
+    let info: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("gram_backend_info{"))
+        .collect();
+    assert_eq!(info.len(), 1, "{info:?}");
+    assert!(info[0].0.contains(&format!("backend=\"{backend}\"")));
+    assert_eq!(*info[0].1, 1.0);
+    server.shutdown().await.unwrap();
 }

@@ -230,8 +230,14 @@ pub async fn search_get(
     run(&state, request, t0).await
 }
 
-pub async fn health() -> HttpResponse {
-    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+/// `{"status":"ok"}` while the process is up, with the backend (`"backend": {"backend":
+/// "cpu"}` or `{"backend": "cuda", "device": <GPU name>}`) once the engine has opened.
+pub async fn health(State(state): State<Arc<AppState>>) -> HttpResponse {
+    let mut body = serde_json::json!({"status": "ok"});
+    if let Some(info) = state.backend.get() {
+        body["backend"] = serde_json::to_value(info).unwrap_or_default();
+    }
+    axum::Json(body).into_response()
 }
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> Result<HttpResponse, ApiError> {

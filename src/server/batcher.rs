@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::backend::Backend;
 use crate::beam::{BeamSearch, Ticket};
 use crate::error::{Error, Result};
-use crate::search::{Admission, Engine, Prepared, Request, Response};
+use crate::search::{Admission, Batch, Engine, Prepared, Request, Response};
 
 use super::metrics::{Metrics, Stage};
 
@@ -161,7 +162,11 @@ const SEAM_TOKENS: usize = 4;
 /// and at least one request of the widest beam allowed (so any valid request fits alone). A
 /// template that leaves no room for the longest query in the model's context is refused here,
 /// at startup.
-pub fn arena_entries(engine: &Engine, max_batch: usize, default_beam: usize) -> Result<usize> {
+pub fn arena_entries<B: Backend>(
+    engine: &Engine<B>,
+    max_batch: usize,
+    default_beam: usize,
+) -> Result<usize> {
     let limits = *engine.limits();
     let probe = |beam: usize| -> Result<usize> {
         let p = engine.prepare(Request {
@@ -199,8 +204,8 @@ struct InFlight {
 
 /// Runs the batcher over `engine` until the queue is closed, empty and nothing is in flight.
 /// Errors only when the batch cannot be made (its arena).
-pub fn run(
-    engine: &Engine,
+pub fn run<B: Backend>(
+    engine: &Engine<B>,
     queue: &Queue,
     config: BatcherConfig,
     metrics: &Metrics,
@@ -300,9 +305,9 @@ fn gather<'q>(
 
 /// Drops queued jobs whose handler is gone, answers those past their deadline, then admits the
 /// rest in arrival order while the batch has room.
-fn admit(
+fn admit<B: Backend>(
     st: &mut QueueState,
-    batch: &mut crate::search::Batch<'_>,
+    batch: &mut Batch<'_, B>,
     flying: &mut Vec<InFlight>,
     config: &BatcherConfig,
     metrics: &Metrics,

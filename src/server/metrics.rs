@@ -182,6 +182,8 @@ pub struct Metrics {
     in_flight: AtomicU64,
     /// `gram_kv_arena_entries`: the batch arena's size.
     arena_entries: AtomicU64,
+    /// `gram_backend_info{backend,device}`: the backend the model runs on, once chosen.
+    backend: Mutex<Option<(String, String)>>,
 }
 
 impl Default for Metrics {
@@ -200,6 +202,7 @@ impl Default for Metrics {
             queue_depth: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             arena_entries: AtomicU64::new(0),
+            backend: Mutex::default(),
         }
     }
 }
@@ -249,6 +252,12 @@ impl Metrics {
 
     pub fn set_arena_entries(&self, n: usize) {
         self.arena_entries.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// The backend the engine opened on.
+    pub fn set_backend(&self, info: &crate::search::BackendInfo) {
+        let device = info.device.clone().unwrap_or_default();
+        *lock(&self.backend) = Some((info.backend.to_string(), device));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -341,6 +350,19 @@ impl Metrics {
         for (name, help, g) in gauges {
             head(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{name} {}", g.load(Ordering::Relaxed));
+        }
+        head(
+            &mut out,
+            "gram_backend_info",
+            "gauge",
+            "The backend the model runs on (cpu or cuda) and the GPU's name: 1 once chosen.",
+        );
+        if let Some((backend, device)) = &*lock(&self.backend) {
+            let device = device.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "gram_backend_info{{backend=\"{backend}\",device=\"{device}\"}} 1"
+            );
         }
         out
     }

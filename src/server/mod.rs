@@ -12,6 +12,9 @@
 //!
 //! Endpoints: `POST /v1/search`, `GET /search?q=`, `POST /v1/codes`, `GET /health`,
 //! `GET /ready`, `GET /metrics` (see `docs/SERVER.md`).
+//!
+//! The model runs on the backend `--device` picks (the CPU, or CUDA: [`AnyEngine`]); the
+//! batcher thread runs the engine's typed batch, everything else is the same on both.
 
 pub mod api;
 pub mod batcher;
@@ -30,8 +33,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::oneshot;
 
+use crate::backend::{Backend, Device};
 use crate::model::LoadOptions;
-use crate::search::{Engine, Limits, Request};
+use crate::search::{AnyEngine, BackendInfo, Engine, Limits, Request};
 
 use self::api::ApiError;
 use self::batcher::{BatcherConfig, Queue};
@@ -65,7 +69,12 @@ pub struct ServeArgs {
     /// next step anyway.
     #[arg(long, default_value_t = 0)]
     pub batch_wait_us: u64,
-    /// Compute threads of the model (default: all cores).
+    /// Backend of the model: `cpu`, `cuda` (GPU 0; startup fails where there is none) or `auto`
+    /// (CUDA when a GPU can run the model, else the CPU). The log, `/health` and
+    /// `gram_backend_info` say which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Compute threads of the model on the CPU (default: all cores; on the GPU it uses one).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Threads of the HTTP runtime.
@@ -105,6 +114,7 @@ pub struct ServeConfig {
     pub max_queue: usize,
     pub timeout: Duration,
     pub batch_wait: Duration,
+    pub device: Device,
     pub threads: Option<usize>,
     pub http_threads: usize,
     pub limits: Limits,
@@ -173,6 +183,7 @@ impl ServeArgs {
             max_queue: self.max_queue,
             timeout: Duration::from_millis(self.timeout_ms),
             batch_wait: Duration::from_micros(self.batch_wait_us),
+            device: self.device,
             threads: self.threads,
             http_threads: self.http_threads,
             limits: Limits {
@@ -191,7 +202,9 @@ impl ServeArgs {
 /// What the handlers share.
 pub struct AppState {
     /// Set once the engine is loaded (`/ready`).
-    engine: OnceLock<Arc<Engine>>,
+    engine: OnceLock<Arc<AnyEngine>>,
+    /// The backend the engine opened on (`/health`), set before its batch is made.
+    backend: OnceLock<BackendInfo>,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     config: ServeConfig,
@@ -199,7 +212,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn engine(&self) -> Result<&Engine, ApiError> {
+    fn engine(&self) -> Result<&AnyEngine, ApiError> {
         self.engine.get().map(|e| &**e).ok_or_else(|| ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             kind: "not_ready",
@@ -266,6 +279,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let state = Arc::new(AppState {
             engine: OnceLock::new(),
+            backend: OnceLock::new(),
             queue: Arc::new(Queue::new(config.max_queue, metrics.clone())),
             metrics,
             config: config.clone(),
@@ -348,8 +362,8 @@ impl Server {
     }
 }
 
-/// The batcher thread: opens the engine, sizes and makes the batch, reports readiness, then
-/// runs the batch loop until the queue closes.
+/// The batcher thread: opens the engine on the backend `--device` picks, then serves on it
+/// (see [`serve_on`]).
 fn batcher_thread(
     state: Arc<AppState>,
     ready: oneshot::Sender<Result<(), ServeError>>,
@@ -359,21 +373,41 @@ fn batcher_thread(
         dtype: None,
         threads: c.threads,
     };
-    let opened = Engine::open(&c.index, c.model.as_deref(), &load).and_then(|e| {
-        let engine = e.with_limits(c.limits);
-        let entries = batcher::arena_entries(&engine, c.max_batch, Request::new("").beam)?;
-        Ok((engine, entries))
-    });
-    let (engine, arena_entries) = match opened {
+    let (engine, info) = match AnyEngine::open(c.device, &c.index, c.model.as_deref(), &load) {
         Ok(x) => x,
         Err(e) => {
             let _ = ready.send(Err(e.into()));
             return Ok(());
         }
     };
-    let engine = Arc::new(engine);
+    let engine = Arc::new(engine.with_limits(c.limits));
+    tracing::info!(backend = %info, device = ?c.device, "backend chosen");
+    state.metrics.set_backend(&info);
+    let _ = state.backend.set(info);
+    match &*engine {
+        AnyEngine::Cpu(typed) => serve_on(&state, &engine, typed, ready),
+        AnyEngine::Cuda(typed) => serve_on(&state, &engine, typed, ready),
+    }
+}
+
+/// Sizes and makes the batch of `typed` (the engine `shared` holds), reports readiness, then
+/// runs the batch loop until the queue closes.
+fn serve_on<B: Backend>(
+    state: &Arc<AppState>,
+    shared: &Arc<AnyEngine>,
+    engine: &Engine<B>,
+    ready: oneshot::Sender<Result<(), ServeError>>,
+) -> Result<(), ServeError> {
+    let c = &state.config;
+    let arena_entries = match batcher::arena_entries(engine, c.max_batch, Request::new("").beam) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return Ok(());
+        }
+    };
     let cfg = &engine.model().config;
-    // f32 keys and values: layers × (K, V) × KV heads × head dim.
+    // f32 keys and values (on either backend): layers × (K, V) × KV heads × head dim.
     let entry_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
     let arena_mib = arena_entries.saturating_mul(entry_bytes) as f64 / (1 << 20) as f64;
     if arena_mib > c.max_kv_mib as f64 {
@@ -386,6 +420,7 @@ fn batcher_thread(
     }
     tracing::info!(
         model = %engine.model_dir().display(),
+        backend = engine.model().backend.name(),
         products = engine.index().num_products(),
         codes = engine.index().num_codes(),
         arena_entries,
@@ -400,8 +435,8 @@ fn batcher_thread(
     };
     let mut ready = Some(ready);
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        batcher::run(&engine, &state.queue, config, &state.metrics, || {
-            let _ = state.engine.set(engine.clone());
+        batcher::run(engine, &state.queue, config, &state.metrics, || {
+            let _ = state.engine.set(shared.clone());
             if let Some(r) = ready.take() {
                 let _ = r.send(Ok(()));
             }
