@@ -175,3 +175,53 @@ fn continuous_batch_answers_as_single_requests() {
     }
     std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
 }
+
+/// The engine opened for a `--device`: `cpu` is the CPU engine (same answers as
+/// [`Engine::open`]), `cuda` is a device error where no GPU can run the model (none here;
+/// tiny-llama's head dim on a GPU box), and `auto` opens on what it can and says so.
+#[test]
+fn any_engine_opens_on_the_device_asked_for() {
+    use gram::backend::Device;
+    use gram::search::AnyEngine;
+    let ix = small_index("device");
+    let load = gram::LoadOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    let engine = Engine::open(&ix, None, &load).unwrap();
+    let (any, info) = AnyEngine::open(Device::Cpu, &ix, None, &load).unwrap();
+    assert_eq!(info.to_string(), "cpu");
+    assert_eq!(
+        serde_json::to_value(&info).unwrap(),
+        serde_json::json!({"backend": "cpu"})
+    );
+    let AnyEngine::Cpu(cpu) = &any else {
+        panic!("--device cpu opened another backend")
+    };
+    let request = || Request {
+        k: 5,
+        beam: 4,
+        ..Request::new("green velvet sofa")
+    };
+    let mut beams = BeamSearch::new();
+    let want = engine
+        .search(&mut beams, vec![engine.prepare(request()).unwrap()])
+        .unwrap();
+    let got = cpu
+        .search(&mut beams, vec![any.prepare(request()).unwrap()])
+        .unwrap();
+    assert_eq!(got[0].codes, want[0].codes);
+    assert_eq!(got[0].products, want[0].products);
+    assert_eq!(any.index().num_products(), engine.index().num_products());
+
+    match AnyEngine::open(Device::Cuda, &ix, None, &load) {
+        Err(e) => assert_eq!(e.kind(), "device", "{e}"),
+        Ok(_) => panic!("tiny-llama opened on CUDA"),
+    }
+    let (auto, info) = AnyEngine::open(Device::Auto, &ix, None, &load).unwrap();
+    match &auto {
+        AnyEngine::Cpu(_) => assert!(info.to_string().starts_with("cpu"), "{info}"),
+        AnyEngine::Cuda(_) => assert!(info.to_string().starts_with("cuda on "), "{info}"),
+    }
+    std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
+}
