@@ -56,9 +56,13 @@ pub struct BenchCodesArgs {
     /// Seconds the whole run may take: later configurations are skipped (and listed).
     #[arg(long, default_value_t = 600.0)]
     pub budget_s: f64,
-    /// GPU: one extra batch per configuration with CUDA events around every op.
+    /// GPU: one extra batch per configuration with CUDA events around every op (run without
+    /// graphs, so that each op is timed).
     #[arg(long)]
     pub profile: bool,
+    /// GPU: launch every op (no CUDA graphs), to compare.
+    #[arg(long)]
+    pub eager: bool,
     /// Weights dtype on the CPU (the GPU keeps bf16).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
@@ -78,6 +82,7 @@ pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     match backend::open(args.device, false).map_err(|e| e.to_string())? {
         Some(gpu) => {
             eprintln!("bench-codes: backend cuda on {}", gpu.device_name());
+            gpu.set_graphs(!args.eager);
             let model = Model::load_on(
                 gpu,
                 &args.model,
@@ -232,6 +237,7 @@ fn bench<B: Backend>(
                     .collect()
             };
             let mut search = BeamSearch::new();
+            let stats0 = gpu.map(|g| g.graph_stats());
             for _ in 0..args.warmup {
                 search
                     .run(model, &trie, &next_batch())
@@ -251,15 +257,28 @@ fn bench<B: Backend>(
                 rows += outs.iter().map(|o| o.rows).sum::<usize>();
                 codes += outs.iter().map(|o| o.codes.len()).sum::<usize>();
             }
+            let graphs = match (gpu, stats0) {
+                (Some(g), Some(s0)) => {
+                    let s = g.graph_stats();
+                    Some(json!({
+                        "captured": s.captured - s0.captured,
+                        "replayed": s.replayed - s0.replayed,
+                        "direct": s.direct - s0.direct,
+                    }))
+                }
+                _ => None,
+            };
             let mut profile = Vec::new();
             let mut profiled_wall = None;
             if let (true, Some(g)) = (args.profile, gpu) {
                 g.synchronize().map_err(|e| e.to_string())?;
+                g.set_graphs(false);
                 g.set_profiling(true);
                 let t0 = Instant::now();
                 let outs = search.run(model, &trie, &next_batch());
                 profiled_wall = Some(t0.elapsed().as_secs_f64() * 1e3);
                 g.set_profiling(false);
+                g.set_graphs(!args.eager);
                 outs.map_err(|e| e.to_string())?;
                 profile = g
                     .profile_report()
@@ -293,6 +312,8 @@ fn bench<B: Backend>(
                 "codes_per_query": codes as f64 / (lat.len() * batch) as f64,
                 "floor_ms": floor_ms,
                 "over_floor": floor_ms.map(|f| p50 / f),
+                "graphs": graphs,
+                "eager": args.eager,
                 "profiled_wall_ms": profiled_wall,
                 "profile": profile,
             });

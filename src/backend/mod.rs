@@ -171,6 +171,19 @@ pub trait Backend: Send + Sync {
     );
     /// `acc += x`.
     fn add(&self, acc: &mut Self::Buf, x: &Self::Buf);
+    /// `x += delta; out = rmsnorm(x) * weight` (the residual add fused into the next norm).
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::Buf,
+        delta: &Self::Buf,
+        weight: &Self::Weight,
+        eps: f32,
+        dim: usize,
+        out: &mut Self::Buf,
+    ) {
+        self.add(x, delta);
+        self.rmsnorm(x, weight, eps, dim, out);
+    }
     /// For each `(layer, out)`: `out = x W^T + b`, `x: [T, K]`, `out: [T, N]`. Several layers
     /// that read the same `x` (q/k/v, gate/up) go in one call so they share one parallel region.
     fn linear(
@@ -181,6 +194,25 @@ pub trait Backend: Send + Sync {
     );
     /// Rotates each head of `x: [T, heads * D]` by its row's position (HF rotate-half layout).
     fn rope(&self, x: &mut Self::Buf, heads: usize, rows: &[RowKv], table: &RopeTable);
+    /// Rotary positions on q (`shape.heads` heads) and k (`shape.kv_heads`), then k and v
+    /// into `layer` of the cache: [`Backend::rope`] twice and [`Backend::kv_store`], fused
+    /// where the backend can.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        kv: &mut Self::Kv,
+        layer: usize,
+        shape: AttnShape,
+        rows: &[RowKv],
+        table: &RopeTable,
+    ) {
+        self.rope(q, shape.heads, rows, table);
+        self.rope(k, shape.kv_heads, rows, table);
+        self.kv_store(kv, layer, k, v, rows);
+    }
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
     /// Writes this batch's K and V (`[T, Hkv * D]`) into `layer` of the cache at each row's
@@ -241,5 +273,13 @@ pub trait Backend: Send + Sync {
     /// here, since ops return nothing); the model calls it after every forward pass.
     fn check(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Runs `f`, one decoder pass (the model's body, from the embedding to the final norm),
+    /// the backend's best way: the CUDA backend replays it as a CUDA graph when its shape was
+    /// seen before, and may call `f` more than once (a plan walk, a capture); `f` must issue
+    /// the same ops each time. The default calls it once.
+    fn run_pass<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+        f()
     }
 }

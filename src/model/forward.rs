@@ -1,5 +1,9 @@
 //! The decoder forward pass for Llama, Qwen2 and Qwen3, top to bottom. Shapes: `T` rows in the
 //! batch, `C` hidden, `H`/`Hkv` heads, `D` head dim, `I` MLP width, `V` vocab, `R` logits rows.
+//!
+//! Two parts: the body (embedding → layers → final norm of the rows whose logits are wanted),
+//! which the backend runs as one pass ([`Backend::run_pass`]: a CUDA graph on the GPU), and the
+//! LM head, whose shape changes every step (the trie's allowed tokens).
 
 use super::Head;
 use super::Model;
@@ -12,6 +16,42 @@ pub(super) fn forward<B: Backend>(
     kv_rows: KvRows,
     head: Head,
 ) -> Vec<f32> {
+    let b = &m.backend;
+    let logits_rows = match head {
+        Head::Full(r) | Head::Picks(r, _) | Head::PicksLse(r, _) => r,
+    };
+    let normed = b.run_pass(&mut || body(m, kv, tokens, kv_rows, logits_rows));
+    let Some(normed) = normed else {
+        return Vec::new();
+    };
+    let (c, w) = (&m.config, &m.weights);
+    let r = logits_rows.len();
+    let out = match head {
+        Head::Full(_) => {
+            let mut logits = b.buf(r * c.vocab_size); // [R, V]
+            b.linear(&normed, r, &mut [(w.lm_head(), &mut logits)]);
+            b.to_host(logits)
+        }
+        Head::Picks(_, picks) => b.linear_picks(&normed, w.lm_head().weight, picks),
+        Head::PicksLse(_, picks) => {
+            let (mut out, lse) = b.head_picks_lse(&normed, r, w.lm_head(), c.vocab_size, picks);
+            out.extend(lse);
+            out
+        }
+    };
+    b.recycle(normed);
+    out
+}
+
+/// Embedding → layers → the final norm of `logits_rows`: `[R, C]`, or `None` when no logits
+/// are wanted (a prefill that only fills the cache).
+fn body<B: Backend>(
+    m: &Model<B>,
+    kv: &mut B::Kv,
+    tokens: &[u32],
+    kv_rows: KvRows,
+    logits_rows: &[usize],
+) -> Option<B::Buf> {
     let rows = kv_rows.rows;
     let (b, c, w) = (&m.backend, &m.config, &m.weights);
     let t = tokens.len();
@@ -24,7 +64,8 @@ pub(super) fn forward<B: Backend>(
     };
 
     let mut x = b.buf(t * hidden); // [T, C] residual stream
-    let mut h = b.buf(t * hidden); // [T, C] normed input of a block
+    let mut h = b.buf(t * hidden); // [T, C] a block's output, added to x
+    let mut hn = b.buf(t * hidden); // [T, C] normed input of a block
     let mut q = b.buf(t * q_dim); // [T, H*D]
     let mut k = b.buf(t * kv_dim); // [T, Hkv*D]
     let mut v = b.buf(t * kv_dim); // [T, Hkv*D]
@@ -37,10 +78,22 @@ pub(super) fn forward<B: Backend>(
     // Token embeddings.
     b.embed(&w.embed_tokens, tokens, &mut x);
     for (l, layer) in w.layers.iter().enumerate() {
-        // Attention block: h = norm(x); q, k, v = h W^T (+ b).
-        b.rmsnorm(&x, &layer.input_layernorm, c.rms_norm_eps, hidden, &mut h);
+        // Attention block: hn = norm(x) (x += the previous block's output first); q, k, v =
+        // hn W^T (+ b).
+        if l == 0 {
+            b.rmsnorm(&x, &layer.input_layernorm, c.rms_norm_eps, hidden, &mut hn);
+        } else {
+            b.add_rmsnorm(
+                &mut x,
+                &h,
+                &layer.input_layernorm,
+                c.rms_norm_eps,
+                hidden,
+                &mut hn,
+            );
+        }
         b.linear(
-            &h,
+            &hn,
             t,
             &mut [
                 (layer.q_proj.as_ref(), &mut q),
@@ -55,26 +108,22 @@ pub(super) fn forward<B: Backend>(
             b.rmsnorm(&k, kw, c.rms_norm_eps, c.head_dim, &mut kn);
             std::mem::swap(&mut k, &mut kn);
         }
-        // Rotary positions on q and k.
-        b.rope(&mut q, shape.heads, rows, &m.rope);
-        b.rope(&mut k, shape.kv_heads, rows, &m.rope);
-        // Append k, v to the cache; attend over each row's own sequence.
-        b.kv_store(kv, l, &k, &v, rows);
+        // Rotary positions on q and k; k, v into the cache; attend over each row's context.
+        b.rope_store(&mut q, &mut k, &v, kv, l, shape, rows, &m.rope);
         b.attention(&q, kv, l, kv_rows, shape, &mut att);
-        // x += att W_o^T.
+        // h = att W_o^T; x += h, hn = norm(x).
         b.linear(&att, t, &mut [(layer.o_proj.as_ref(), &mut h)]);
-        b.add(&mut x, &h);
-
-        // MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x).
-        b.rmsnorm(
-            &x,
+        b.add_rmsnorm(
+            &mut x,
+            &h,
             &layer.post_attention_layernorm,
             c.rms_norm_eps,
             hidden,
-            &mut h,
+            &mut hn,
         );
+        // MLP block: h = down(silu(gate(hn)) * up(hn)), added to x by the next norm.
         b.linear(
-            &h,
+            &hn,
             t,
             &mut [
                 (layer.gate_proj.as_ref(), &mut gate),
@@ -83,39 +132,21 @@ pub(super) fn forward<B: Backend>(
         );
         b.silu_mul(&mut gate, &up);
         b.linear(&gate, t, &mut [(layer.down_proj.as_ref(), &mut h)]);
-        b.add(&mut x, &h);
     }
+    b.add(&mut x, &h);
 
-    // Final norm and LM head, only for the rows whose logits are wanted.
-    let logits_rows = match head {
-        Head::Full(r) | Head::Picks(r, _) | Head::PicksLse(r, _) => r,
-    };
+    // Final norm, only for the rows whose logits are wanted.
     let r = logits_rows.len();
-    if r == 0 {
-        for buf in [x, h, q, k, v, att, gate, up, qn, kn] {
-            b.recycle(buf);
-        }
-        return Vec::new();
-    }
-    let mut picked = b.buf(r * hidden); // [R, C]
-    b.gather_rows(&x, hidden, logits_rows, &mut picked);
-    let mut normed = b.buf(r * hidden);
-    b.rmsnorm(&picked, &w.norm, c.rms_norm_eps, hidden, &mut normed);
-    let out = match head {
-        Head::Full(_) => {
-            let mut logits = b.buf(r * c.vocab_size); // [R, V]
-            b.linear(&normed, r, &mut [(w.lm_head(), &mut logits)]);
-            b.to_host(logits)
-        }
-        Head::Picks(_, picks) => b.linear_picks(&normed, w.lm_head().weight, picks),
-        Head::PicksLse(_, picks) => {
-            let (mut out, lse) = b.head_picks_lse(&normed, r, w.lm_head(), c.vocab_size, picks);
-            out.extend(lse);
-            out
-        }
-    };
-    for buf in [x, h, q, k, v, att, gate, up, qn, kn, picked, normed] {
+    let normed = (r > 0).then(|| {
+        let mut picked = b.buf(r * hidden); // [R, C]
+        b.gather_rows(&x, hidden, logits_rows, &mut picked);
+        let mut normed = b.buf(r * hidden);
+        b.rmsnorm(&picked, &w.norm, c.rms_norm_eps, hidden, &mut normed);
+        b.recycle(picked);
+        normed
+    });
+    for buf in [x, h, hn, q, k, v, att, gate, up, qn, kn] {
         b.recycle(buf);
     }
-    out
+    normed
 }

@@ -89,6 +89,15 @@ if has 3; then
       --dump-codes "$W/gram-codes-$m.json" > "$W/bench-$m.log" 2>&1
     log "step 3 $m exit $?"
   done
+  for m in smollm2 qwen05b; do
+    [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    log "step 3: bench-codes $m --eager (no graphs, to compare)"
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --eager --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --batch 64 --reps 5 --config-s 3 --budget-s 25 \
+      --out "$W/gram-bench.jsonl" > "$W/bench-$m-eager.log" 2>&1
+    log "step 3 $m eager exit $?"
+  done
   log "step 3: bench-codes default model"
   LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model models/gram-icecat-2m \
     --codes models/gram-icecat-2m/codes.txt --prompts "$W/default-prompts.txt" \
@@ -101,7 +110,7 @@ fi
 if has 4; then
   log "step 4: tests/gpu with shaped models"
   LD_LIBRARY_PATH="$GLD" GRAM_GPU_MODELS="$INPUTS/smollm2-shaped:$INPUTS/qwen05b-shaped" timeout -k 5 200 "$TESTS" \
-    --test-threads=1 --nocapture model_ beam_search > "$W/gpu-tests-shaped.log" 2>&1
+    --test-threads=1 --nocapture model_ beam_search graph_ > "$W/gpu-tests-shaped.log" 2>&1
   log "step 4 exit $?: $(grep -E '^test result' "$W/gpu-tests-shaped.log")"
 fi
 

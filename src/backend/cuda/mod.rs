@@ -13,7 +13,9 @@
 //! and [`Backend::check`] (called after every forward pass) returns it. Nothing here panics on
 //! a missing driver: [`probe`] checks for the libraries before cudarc touches them.
 
+mod graph;
 pub mod nvrtc;
+pub mod plan;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,7 +24,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
 };
 
 use super::{AttnShape, Backend, KvRows, LinearRef, RowKv};
@@ -30,6 +31,10 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::rope::RopeTable;
 use crate::tensor::{HostTensor, View};
+
+pub use self::graph::GraphStats;
+use self::graph::{KArg, Mode, Pass};
+pub use self::plan::{plan_attention, AttnPlan, AttnRun};
 
 /// Events that record time (cudarc's default disables timing).
 const TIMED: cudarc::driver::sys::CUevent_flags =
@@ -137,10 +142,16 @@ struct RopeParams {
 // SAFETY: as above.
 unsafe impl DeviceRepr for RopeParams {}
 
-/// An f32 activation buffer: `len` values at the front of a pooled allocation.
+/// An f32 activation buffer: `len` values at the front of a pooled allocation, or of a pass
+/// slot (see `graph.rs`: the buffers of a decoder pass are the same allocations every pass).
 pub struct CudaBuf {
-    data: CudaSlice<f32>,
+    mem: BufMem,
     len: usize,
+}
+
+enum BufMem {
+    Owned(CudaSlice<f32>),
+    Pass { ptr: u64 },
 }
 
 impl CudaBuf {
@@ -176,7 +187,7 @@ pub struct CudaKv {
 /// equal to the last one of its slot is skipped (a forward pass uses the same rows in every
 /// layer).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum Slot {
+pub(super) enum Slot {
     Ids,
     Rows,
     Links,
@@ -217,6 +228,15 @@ pub struct CudaBackend {
     scratch: Mutex<Scratch>,
     pool: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
     error: Mutex<Option<String>>,
+    pass: Mutex<Pass>,
+    graphs: Mutex<HashMap<u64, graph::Graph>>,
+    pass_lock: Mutex<()>,
+    /// Pass hashes seen once (captured when seen again).
+    seen: Mutex<std::collections::HashSet<u64>>,
+    graphs_on: AtomicBool,
+    graph_stats: Mutex<GraphStats>,
+    /// cuBLAS's workspace, set once so that captured GEMMs allocate nothing.
+    _blas_workspace: CudaSlice<u8>,
     profile: Mutex<Profile>,
     profiling: AtomicBool,
     weight_bytes: AtomicUsize,
@@ -274,8 +294,19 @@ impl CudaBackend {
         // One stream: in-stream order is all the synchronization the ops need.
         // SAFETY: every buffer is used on this one stream only.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(dev("creating a stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(dev("starting cuBLAS"))?;
+        let blas_workspace = stream
+            .alloc_zeros::<u8>(32 << 20)
+            .map_err(dev("allocating cuBLAS's workspace"))?;
+        {
+            let (wp, _sync) = blas_workspace.device_ptr(&stream);
+            // SAFETY: a live 32 MiB device buffer, kept as long as the handle.
+            unsafe { blas::cublasSetWorkspace_v2(*blas.handle(), wp as *mut _, 32 << 20) }
+                .result()
+                .map_err(dev("setting cuBLAS's workspace"))?;
+        }
         let cc = ctx
             .compute_capability()
             .map_err(dev("reading the compute capability"))?;
@@ -311,6 +342,15 @@ impl CudaBackend {
             scratch: Mutex::new(Scratch::default()),
             pool: Mutex::new(HashMap::new()),
             error: Mutex::new(None),
+            pass: Mutex::new(Pass::default()),
+            graphs: Mutex::new(HashMap::new()),
+            pass_lock: Mutex::new(()),
+            seen: Mutex::new(Default::default()),
+            graphs_on: AtomicBool::new(
+                std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            ),
+            graph_stats: Mutex::new(GraphStats::default()),
+            _blas_workspace: blas_workspace,
             profile: Mutex::new(Profile::default()),
             profiling: AtomicBool::new(profile),
             weight_bytes: AtomicUsize::new(0),
@@ -404,7 +444,7 @@ impl CudaBackend {
         if lock(&self.error).is_some() {
             return;
         }
-        let profiling = self.profiling.load(Ordering::Relaxed);
+        let profiling = self.profiling.load(Ordering::Relaxed) && self.mode() == Mode::Eager;
         let events = if profiling {
             let _ = self.ctx.bind_to_thread();
             let a = self.ctx.new_event(Some(TIMED)).ok();
@@ -446,22 +486,29 @@ impl CudaBackend {
         p
     }
 
-    /// Grid-stride launch shape for `n` elements.
-    fn stride_cfg(&self, n: u64) -> LaunchConfig {
-        let blocks = n.div_ceil(256).clamp(1, 8 * self.sms as u64) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+    /// Grid of a grid-stride kernel over `n` elements (block 256).
+    fn stride_grid(&self, n: u64) -> (u32, u32, u32) {
+        (n.div_ceil(256).clamp(1, 8 * self.sms as u64) as u32, 1, 1)
+    }
+
+    /// Device address of a buffer's first value.
+    fn bptr(&self, b: &CudaBuf) -> u64 {
+        match &b.mem {
+            BufMem::Owned(s) => self.ptr(s),
+            BufMem::Pass { ptr, .. } => *ptr,
         }
     }
 
-    fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+    /// Copies the first `out.len()` values of device address `src` to the host (waits).
+    fn read_back(&self, src: u64, out: &mut [f32]) -> Result<()> {
+        if self.mode() != Mode::Eager {
+            self.break_pass(|| "a read-back inside a pass".into());
+            return Ok(());
         }
+        // SAFETY: `src` holds at least out.len() floats (the caller's buffer).
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+            .map_err(dev("copying to the host"))?;
+        self.synchronize()
     }
 
     /// Uploads `data` into `slot`'s device buffer (skipped when equal to the last upload) and
@@ -486,7 +533,23 @@ impl CudaBackend {
             );
         }
         let u = s.uploads.get_mut(&slot).expect("inserted above");
-        if fresh || u.last != data {
+        let changed = fresh || u.last != data;
+        match self.mode() {
+            Mode::Capture if changed => {
+                self.break_pass(|| format!("{slot:?} upload during capture"));
+                return Ok(self.ptr(&u.dev));
+            }
+            Mode::Plan | Mode::Capture => {
+                let mut p = lock(&self.pass);
+                if p.uploaded.contains(&slot) && changed {
+                    p.broken
+                        .get_or_insert_with(|| format!("{slot:?} uploaded twice in one pass"));
+                }
+                p.uploaded.push(slot);
+            }
+            _ => {}
+        }
+        if changed {
             if !data.is_empty() {
                 let mut view = u.dev.slice_mut(..data.len());
                 self.stream
@@ -526,6 +589,9 @@ impl CudaBackend {
     /// The bf16 copy of `x` (first `n` values) for a GEMM.
     fn cast_bf16(&self, s: &mut Scratch, x: &CudaBuf, n: usize) -> Result<u64> {
         if s.xb.as_ref().is_none_or(|b| b.len() < n) {
+            if self.mode() == Mode::Capture {
+                self.break_pass(|| "GEMM operand grown during capture".into());
+            }
             s.xb = Some(
                 self.stream
                     .alloc_zeros::<u16>(n.next_power_of_two())
@@ -533,11 +599,13 @@ impl CudaBackend {
             );
         }
         let xb = self.ptr(s.xb.as_ref().expect("set above"));
-        let (xp, n64) = (self.ptr(&x.data), n as u64);
-        let mut b = self.stream.launch_builder(self.func("cast_f32_bf16")?);
-        b.arg(&xp).arg(&xb).arg(&n64);
-        // SAFETY: x holds n f32, xb n bf16.
-        unsafe { b.launch(self.stride_cfg(n64)) }.map_err(dev("cast_f32_bf16"))?;
+        let n64 = n as u64;
+        self.launch(
+            "cast_f32_bf16",
+            self.stride_grid(n64),
+            256,
+            &[KArg::U64(self.bptr(x)), KArg::U64(xb), KArg::U64(n64)],
+        )?;
         Ok(xb)
     }
 
@@ -551,41 +619,60 @@ impl CudaBackend {
         out: u64,
     ) -> Result<()> {
         let (n, k) = (w.shape[0], w.shape[1]);
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let wp = self.ptr(&w.data);
-        // Column-major view: out^T [n, rows] = W [k, n]^T · x^T [k, rows].
-        // SAFETY: pointers and leading dimensions describe the buffers above.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                blas::cublasOperation_t::CUBLAS_OP_T,
-                blas::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                rows as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                wp as *const _,
-                blas::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                xb as *const _,
-                blas::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                &beta as *const f32 as *const _,
-                out as *mut _,
-                blas::cudaDataType::CUDA_R_32F,
-                n as i32,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        let planned = {
+            let mut p = lock(&self.pass);
+            if p.mode == Mode::Plan {
+                for v in [0x6765_6d6d, n as u64, rows as u64, k as u64, wp, xb, out] {
+                    p.mix_u64(v);
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if !planned {
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // Column-major view: out^T [n, rows] = W [k, n]^T · x^T [k, rows].
+            // SAFETY: pointers and leading dimensions describe the buffers above.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    blas::cublasOperation_t::CUBLAS_OP_T,
+                    blas::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    rows as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    wp as *const _,
+                    blas::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    xb as *const _,
+                    blas::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    out as *mut _,
+                    blas::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(dev("cuBLAS GemmEx"))?;
         }
-        .map_err(dev("cuBLAS GemmEx"))?;
         if let Some(bias) = bias {
-            let (bp, r32, n32) = (self.ptr(&bias.data), rows as u32, n as u32);
-            let mut b = self.stream.launch_builder(self.func("bias_add_f32")?);
-            b.arg(&out).arg(&bp).arg(&r32).arg(&n32);
-            // SAFETY: out [rows, n] f32, bias [n] bf16.
-            unsafe { b.launch(self.stride_cfg(rows as u64 * n as u64)) }
-                .map_err(dev("bias_add_f32"))?;
+            let total = rows as u64 * n as u64;
+            self.launch(
+                "bias_add_f32",
+                self.stride_grid(total),
+                256,
+                &[
+                    KArg::U64(out),
+                    KArg::U64(self.ptr(&bias.data)),
+                    KArg::U32(rows as u32),
+                    KArg::U32(n as u32),
+                ],
+            )?;
         }
         Ok(())
     }
@@ -609,6 +696,10 @@ impl CudaBackend {
         let mut s = lock(&self.scratch);
         let rows_p = self.upload_rows(&mut s, batch.rows)?;
         let links_p = self.upload(&mut s, Slot::Links, batch.links)?;
+        // Bounds checks against the link buffer's capacity (every row's links were checked
+        // against the batch on the host): the same number every step, so a step's launch
+        // parameters do not change as links accumulate.
+        let links_cap = s.uploads.get(&Slot::Links).map_or(0, |u| u.dev.len());
         let groups_p = self.upload(&mut s, Slot::Groups, &plan.groups)?;
         drop(s);
         let layer_off = (layer * kv.entries * kv.kv_dim * 4) as u64;
@@ -623,8 +714,8 @@ impl CudaBackend {
             let rows_per_block = 8usize.div_ceil(g).max(1) as u32;
             let row_slices = max_group.div_ceil(rows_per_block).max(1);
             let p = AttnParams {
-                q: self.ptr(&q.data) + run.rows.0 as u64 * q_stride,
-                out: self.ptr(&out.data) + run.rows.0 as u64 * q_stride,
+                q: self.bptr(q) + run.rows.0 as u64 * q_stride,
+                out: self.bptr(out) + run.rows.0 as u64 * q_stride,
                 k_cache: self.ptr(&kv.k) + layer_off,
                 v_cache: self.ptr(&kv.v) + layer_off,
                 rows: rows_p + run.rows.0 as u64 * 24,
@@ -633,7 +724,7 @@ impl CudaBackend {
                 part_o: 0,
                 part_ml: 0,
                 n_rows: (run.rows.1 - run.rows.0) as u32,
-                n_links: batch.links.len() as u32,
+                n_links: links_cap as u32,
                 n_groups: n_groups as u32,
                 entries: kv.entries as u32,
                 heads: shape.heads as u32,
@@ -643,14 +734,15 @@ impl CudaBackend {
                 n_chunks: 1,
                 scale: 1.0 / (d as f32).sqrt(),
             };
-            let (name, cfg) = if run.prefill {
+            let (name, grid, block) = if run.prefill {
                 (
                     if d == 64 {
                         "attention_prefill_d64_f32"
                     } else {
                         "attention_prefill_d128_f32"
                     },
-                    Self::cfg((n_groups as u32, shape.heads as u32, 1), 128),
+                    (n_groups as u32, shape.heads as u32, 1),
+                    128,
                 )
             } else {
                 (
@@ -659,108 +751,14 @@ impl CudaBackend {
                     } else {
                         "attention_decode_d128_f32"
                     },
-                    Self::cfg(
-                        (n_groups as u32, shape.kv_heads as u32 * row_slices, 1),
-                        256,
-                    ),
+                    (n_groups as u32, shape.kv_heads as u32 * row_slices, 1),
+                    256,
                 )
             };
-            let mut b = self.stream.launch_builder(self.func(name)?);
-            b.arg(&p);
-            // SAFETY: the host checked every row against the arena (Model::check_batch).
-            unsafe { b.launch(cfg) }.map_err(dev(name))?;
+            self.launch(name, grid, block, &[KArg::Attn(&p)])?;
         }
         Ok(())
     }
-}
-
-/// How one attention call is launched: runs of consecutive rows, each a prefill run (tiles of
-/// one sequence's consecutive positions, the prefill kernel) or a decode run (groups of rows
-/// sharing a span: a query's beams, the decode kernel). `groups` holds every run's CSR offsets,
-/// relative to the run's first row, back to back (run r uses `groups[r.groups.0..=r.groups.1]`).
-#[derive(Debug, PartialEq, Eq)]
-pub struct AttnPlan {
-    pub groups: Vec<u32>,
-    pub runs: Vec<AttnRun>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub struct AttnRun {
-    pub prefill: bool,
-    /// Batch rows `rows.0..rows.1`.
-    pub rows: (usize, usize),
-    /// Its groups: `groups[g]..groups[g + 1]` for `g` in `groups.0..groups.1`.
-    pub groups: (usize, usize),
-}
-
-/// Rows of a prefill tile, at most (the kernel walks 16 rows at a time).
-const TILE: usize = 16;
-
-/// `b` is the position after `a` in the same sequence: same span start and link start, one
-/// more entry of context, and what `a` reads is a prefix of what `b` reads.
-fn follows(a: &RowKv, b: &RowKv) -> bool {
-    let a_links = a.link.1.saturating_sub(a.link.0);
-    let b_links = b.link.1.saturating_sub(b.link.0);
-    if b.span.0 != a.span.0 || b.context_len() != a.context_len() + 1 {
-        return false;
-    }
-    if a_links == 0 && b_links == 0 {
-        return b.span.1 == a.span.1 + 1;
-    }
-    b.span == a.span && b.link.0 == a.link.0 && b.link.1 == a.link.1 + 1
-}
-
-/// Splits a batch into prefill tiles and decode groups (see [`AttnPlan`]). Rows of a prompt
-/// (each following the previous one) go to the prefill kernel in tiles of up to 16; other rows
-/// (beams) go to the decode kernel, grouped while they share one span.
-pub fn plan_attention(rows: &[RowKv]) -> AttnPlan {
-    // Tiles of following rows.
-    let mut tiles: Vec<(usize, usize)> = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let mut j = i + 1;
-        while j < rows.len() && j - i < TILE && follows(&rows[j - 1], &rows[j]) {
-            j += 1;
-        }
-        tiles.push((i, j));
-        i = j;
-    }
-    let mut plan = AttnPlan {
-        groups: Vec::new(),
-        runs: Vec::new(),
-    };
-    let mut t = 0;
-    while t < tiles.len() {
-        let prefill = tiles[t].1 - tiles[t].0 > 1;
-        let start_row = tiles[t].0;
-        let g0 = plan.groups.len();
-        plan.groups.push(0);
-        if prefill {
-            while t < tiles.len() && tiles[t].1 - tiles[t].0 > 1 {
-                plan.groups.push((tiles[t].1 - start_row) as u32);
-                t += 1;
-            }
-        } else {
-            // Single rows, grouped while their spans are equal.
-            let mut end = start_row;
-            while t < tiles.len() && tiles[t].1 - tiles[t].0 == 1 {
-                let r = tiles[t].0;
-                if r > start_row && rows[r].span != rows[end - 1].span {
-                    plan.groups.push((r - start_row) as u32);
-                }
-                end = r + 1;
-                t += 1;
-            }
-            plan.groups.push((end - start_row) as u32);
-        }
-        let end_row = start_row + *plan.groups.last().expect("pushed") as usize;
-        plan.runs.push(AttnRun {
-            prefill,
-            rows: (start_row, end_row),
-            groups: (g0, plan.groups.len() - 1),
-        });
-    }
-    plan
 }
 
 /// The `.entry` names of a PTX module.
@@ -815,44 +813,60 @@ impl Backend for CudaBackend {
     }
 
     fn buf(&self, len: usize) -> CudaBuf {
+        if let Some(b) = self.pass_buf(len) {
+            return b;
+        }
         let cap = len.max(256).next_power_of_two();
         if let Some(data) = lock(&self.pool).get_mut(&cap).and_then(|v| v.pop()) {
-            return CudaBuf { data, len };
+            return CudaBuf {
+                mem: BufMem::Owned(data),
+                len,
+            };
         }
         let _ = self.ctx.bind_to_thread();
         // SAFETY: the contents are unspecified until written, as the trait says.
         match unsafe { self.stream.alloc::<f32>(cap) } {
-            Ok(data) => CudaBuf { data, len },
+            Ok(data) => CudaBuf {
+                mem: BufMem::Owned(data),
+                len,
+            },
             Err(e) => {
-                // Out of memory: record it; hand back a 1-element stand-in the ops skip.
+                // Out of memory: record it; later ops are skipped and `check` reports it.
                 self.run("alloc", || {
                     Err(Error::Device(format!("allocating {cap} floats: {e:?}")))
                 });
-                let data = unsafe { self.stream.alloc::<f32>(1) }.expect("a 4-byte allocation");
-                CudaBuf { data, len: 0 }
+                CudaBuf {
+                    mem: BufMem::Pass { ptr: 0 },
+                    len: 0,
+                }
             }
         }
     }
 
     fn buf_from_host(&self, data: &[f32]) -> CudaBuf {
-        let mut b = self.buf(data.len());
+        let b = self.buf(data.len());
         if b.len == data.len() && !data.is_empty() {
+            let dst = self.bptr(&b);
             self.run("buf_from_host", || {
-                let mut view = b.data.slice_mut(..data.len());
-                self.stream
-                    .memcpy_htod(data, &mut view)
-                    .map_err(dev("copying to the device"))
+                // SAFETY: `dst` holds at least data.len() floats.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(dst, data, self.stream.cu_stream())
+                }
+                .map_err(dev("copying to the device"))?;
+                self.synchronize()
             });
         }
         b
     }
 
     fn recycle(&self, buf: CudaBuf) {
-        let cap = buf.data.len();
-        let mut pool = lock(&self.pool);
-        let v = pool.entry(cap).or_default();
-        if v.len() < 16 {
-            v.push(buf.data);
+        if let BufMem::Owned(data) = buf.mem {
+            let cap = data.len();
+            let mut pool = lock(&self.pool);
+            let v = pool.entry(cap).or_default();
+            if v.len() < 16 {
+                v.push(data);
+            }
         }
     }
 
@@ -895,13 +909,14 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn run_pass<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+        self.pass(f)
+    }
+
     fn to_host(&self, x: CudaBuf) -> Vec<f32> {
         let mut out = vec![0.0f32; x.len];
-        self.run("to_host", || {
-            self.stream
-                .memcpy_dtoh(&x.data.slice(..x.len), &mut out)
-                .map_err(dev("copying to the host"))
-        });
+        let src = self.bptr(&x);
+        self.run("to_host", || self.read_back(src, &mut out));
         self.recycle(x);
         out
     }
@@ -910,48 +925,88 @@ impl Backend for CudaBackend {
         self.run("embed", || {
             let (vocab, dim) = (table.shape[0] as u32, table.shape[1] as u32);
             let idp = self.upload(&mut lock(&self.scratch), Slot::Ids, ids)?;
-            let (tp, op, n) = (self.ptr(&table.data), self.ptr(&out.data), ids.len() as u32);
-            let mut b = self.stream.launch_builder(self.func("embed_f32")?);
-            b.arg(&tp).arg(&idp).arg(&op).arg(&n).arg(&vocab).arg(&dim);
-            // SAFETY: out holds n rows of dim; ids were checked against the vocabulary.
-            unsafe { b.launch(Self::cfg((n, 1, 1), 128)) }.map_err(dev("embed_f32"))?;
-            Ok(())
+            let n = ids.len() as u32;
+            self.launch(
+                "embed_f32",
+                (n, 1, 1),
+                128,
+                &[
+                    KArg::U64(self.ptr(&table.data)),
+                    KArg::U64(idp),
+                    KArg::U64(self.bptr(out)),
+                    KArg::U32(n),
+                    KArg::U32(vocab),
+                    KArg::U32(dim),
+                ],
+            )
         });
     }
 
     fn rmsnorm(&self, x: &CudaBuf, weight: &CudaWeight, eps: f32, dim: usize, out: &mut CudaBuf) {
         self.run("rmsnorm", || {
             let rows = (x.len / dim) as u32;
-            let (xp, wp, op, null, d) = (
-                self.ptr(&x.data),
-                self.ptr(&weight.data),
-                self.ptr(&out.data),
-                0u64,
-                dim as u32,
-            );
-            let mut b = self.stream.launch_builder(self.func("rmsnorm_f32")?);
-            b.arg(&xp)
-                .arg(&null)
-                .arg(&wp)
-                .arg(&op)
-                .arg(&null)
-                .arg(&rows)
-                .arg(&d)
-                .arg(&eps);
-            // SAFETY: x and out hold rows × dim; no delta, no row index (x is only read).
-            unsafe { b.launch(Self::cfg((rows, 1, 1), 256)) }.map_err(dev("rmsnorm_f32"))?;
-            Ok(())
+            // No delta, no row index: x is only read.
+            self.launch(
+                "rmsnorm_f32",
+                (rows, 1, 1),
+                256,
+                &[
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(0),
+                    KArg::U64(self.ptr(&weight.data)),
+                    KArg::U64(self.bptr(out)),
+                    KArg::U64(0),
+                    KArg::U32(rows),
+                    KArg::U32(dim as u32),
+                    KArg::F32(eps),
+                ],
+            )
         });
     }
 
     fn add(&self, acc: &mut CudaBuf, x: &CudaBuf) {
         self.run("add", || {
-            let (ap, xp, n) = (self.ptr(&acc.data), self.ptr(&x.data), acc.len as u64);
-            let mut b = self.stream.launch_builder(self.func("add_f32")?);
-            b.arg(&ap).arg(&xp).arg(&n);
-            // SAFETY: both hold n values.
-            unsafe { b.launch(self.stride_cfg(n)) }.map_err(dev("add_f32"))?;
-            Ok(())
+            let n = acc.len as u64;
+            self.launch(
+                "add_f32",
+                self.stride_grid(n),
+                256,
+                &[
+                    KArg::U64(self.bptr(acc)),
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(n),
+                ],
+            )
+        });
+    }
+
+    fn add_rmsnorm(
+        &self,
+        x: &mut CudaBuf,
+        delta: &CudaBuf,
+        weight: &CudaWeight,
+        eps: f32,
+        dim: usize,
+        out: &mut CudaBuf,
+    ) {
+        self.run("add_rmsnorm", || {
+            let rows = (x.len / dim) as u32;
+            // x += delta (written back), out = norm(x): one launch.
+            self.launch(
+                "rmsnorm_f32",
+                (rows, 1, 1),
+                256,
+                &[
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(self.bptr(delta)),
+                    KArg::U64(self.ptr(&weight.data)),
+                    KArg::U64(self.bptr(out)),
+                    KArg::U64(0),
+                    KArg::U32(rows),
+                    KArg::U32(dim as u32),
+                    KArg::F32(eps),
+                ],
+            )
         });
     }
 
@@ -967,7 +1022,7 @@ impl Backend for CudaBackend {
             };
             let xb = self.cast_bf16(&mut lock(&self.scratch), x, rows * k)?;
             for (l, out) in jobs.iter_mut() {
-                self.gemm(xb, rows, l.weight, l.bias, self.ptr(&out.data))?;
+                self.gemm(xb, rows, l.weight, l.bias, self.bptr(out))?;
             }
             Ok(())
         });
@@ -980,7 +1035,7 @@ impl Backend for CudaBackend {
             let (cos, sin, max_pos) = self.rope_table(&mut s, table)?;
             drop(s);
             let p = RopeParams {
-                q: self.ptr(&x.data),
+                q: self.bptr(x),
                 rows: rows_p,
                 cos,
                 sin,
@@ -991,23 +1046,74 @@ impl Backend for CudaBackend {
                 ..Default::default()
             };
             let warps = rows.len() as u32 * heads as u32;
-            let mut b = self.stream.launch_builder(self.func("rope_f32")?);
-            b.arg(&p);
-            // SAFETY: x holds rows × heads × D; positions were checked against the table.
-            unsafe { b.launch(Self::cfg((warps.div_ceil(4), 1, 1), 128)) }
-                .map_err(dev("rope_f32"))?;
-            Ok(())
+            self.launch(
+                "rope_f32",
+                (warps.div_ceil(4), 1, 1),
+                128,
+                &[KArg::Rope(&p)],
+            )
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        kv: &mut CudaKv,
+        layer: usize,
+        shape: AttnShape,
+        rows: &[RowKv],
+        table: &RopeTable,
+    ) {
+        self.run("rope_store", || {
+            let mut s = lock(&self.scratch);
+            let rows_p = self.upload_rows(&mut s, rows)?;
+            let (cos, sin, max_pos) = self.rope_table(&mut s, table)?;
+            drop(s);
+            let off = (layer * kv.entries * kv.kv_dim * 4) as u64;
+            // q and k rotated, k and v stored into the arena: one launch.
+            let p = RopeParams {
+                q: self.bptr(q),
+                k: self.bptr(k),
+                rows: rows_p,
+                cos,
+                sin,
+                v: self.bptr(v),
+                k_cache: self.ptr(&kv.k) + off,
+                v_cache: self.ptr(&kv.v) + off,
+                n_rows: rows.len() as u32,
+                heads: shape.heads as u32,
+                kv_heads: shape.kv_heads as u32,
+                head_dim: (2 * table.half) as u32,
+                max_pos: max_pos as u32,
+                entries: kv.entries as u32,
+                ..Default::default()
+            };
+            let warps = rows.len() as u32 * (shape.heads + shape.kv_heads) as u32;
+            self.launch(
+                "rope_f32",
+                (warps.div_ceil(4), 1, 1),
+                128,
+                &[KArg::Rope(&p)],
+            )
         });
     }
 
     fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) {
         self.run("silu_mul", || {
-            let (gp, up_, n) = (self.ptr(&gate.data), self.ptr(&up.data), gate.len as u64);
-            let mut b = self.stream.launch_builder(self.func("silu_mul_f32")?);
-            b.arg(&gp).arg(&up_).arg(&n);
-            // SAFETY: both hold n values.
-            unsafe { b.launch(self.stride_cfg(n)) }.map_err(dev("silu_mul_f32"))?;
-            Ok(())
+            let n = gate.len as u64;
+            self.launch(
+                "silu_mul_f32",
+                self.stride_grid(n),
+                256,
+                &[
+                    KArg::U64(self.bptr(gate)),
+                    KArg::U64(self.bptr(up)),
+                    KArg::U64(n),
+                ],
+            )
         });
     }
 
@@ -1015,21 +1121,22 @@ impl Backend for CudaBackend {
         self.run("kv_store", || {
             let rows_p = self.upload_rows(&mut lock(&self.scratch), rows)?;
             let off = (layer * kv.entries * kv.kv_dim * 4) as u64;
-            let (kc, vc) = (self.ptr(&kv.k) + off, self.ptr(&kv.v) + off);
-            let (kp, vp) = (self.ptr(&k.data), self.ptr(&v.data));
-            let (n, dim, entries) = (rows.len() as u32, kv.kv_dim as u32, kv.entries as u32);
-            let mut b = self.stream.launch_builder(self.func("kv_store_f32")?);
-            b.arg(&kc)
-                .arg(&vc)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&rows_p)
-                .arg(&n)
-                .arg(&dim)
-                .arg(&entries);
-            // SAFETY: entries were checked against the arena.
-            unsafe { b.launch(Self::cfg((n, 1, 1), 128)) }.map_err(dev("kv_store_f32"))?;
-            Ok(())
+            let n = rows.len() as u32;
+            self.launch(
+                "kv_store_f32",
+                (n, 1, 1),
+                128,
+                &[
+                    KArg::U64(self.ptr(&kv.k) + off),
+                    KArg::U64(self.ptr(&kv.v) + off),
+                    KArg::U64(self.bptr(k)),
+                    KArg::U64(self.bptr(v)),
+                    KArg::U64(rows_p),
+                    KArg::U32(n),
+                    KArg::U32(kv.kv_dim as u32),
+                    KArg::U32(kv.entries as u32),
+                ],
+            )
         });
     }
 
@@ -1051,14 +1158,20 @@ impl Backend for CudaBackend {
         self.run("gather_rows", || {
             let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
             let ip = self.upload(&mut lock(&self.scratch), Slot::Gather, &idx)?;
-            let (xp, op) = (self.ptr(&x.data), self.ptr(&out.data));
-            let (n, x_rows, d) = (idx.len() as u32, (x.len / dim) as u32, dim as u32);
-            let mut b = self.stream.launch_builder(self.func("gather_rows_f32")?);
-            b.arg(&xp).arg(&ip).arg(&op).arg(&n).arg(&x_rows).arg(&d);
-            // SAFETY: out holds n rows of dim.
-            unsafe { b.launch(Self::cfg((n.max(1), 1, 1), 128)) }
-                .map_err(dev("gather_rows_f32"))?;
-            Ok(())
+            let n = idx.len() as u32;
+            self.launch(
+                "gather_rows_f32",
+                (n.max(1), 1, 1),
+                128,
+                &[
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(ip),
+                    KArg::U64(self.bptr(out)),
+                    KArg::U32(n),
+                    KArg::U32((x.len / dim) as u32),
+                    KArg::U32(dim as u32),
+                ],
+            )
         });
     }
 
@@ -1071,30 +1184,26 @@ impl Backend for CudaBackend {
             let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
             let mut s = lock(&self.scratch);
             let pp = self.upload(&mut s, Slot::Picks, &flat)?;
-            let dst = scratch_f32(self, &mut s.picks_out, picks.len())?;
-            let dp = self.ptr(dst);
+            let dp = self.ptr(scratch_f32(self, &mut s.picks_out, picks.len())?);
+            drop(s);
             let (dim, vocab) = (w.shape[1] as u32, w.shape[0] as u32);
-            let (xp, wp, n, rows) = (
-                self.ptr(&x.data),
-                self.ptr(&w.data),
-                picks.len() as u32,
-                (x.len as u32) / dim,
-            );
-            let mut b = self.stream.launch_builder(self.func("linear_picks_f32")?);
-            b.arg(&xp)
-                .arg(&wp)
-                .arg(&pp)
-                .arg(&dp)
-                .arg(&n)
-                .arg(&rows)
-                .arg(&vocab)
-                .arg(&dim);
-            // SAFETY: picks were checked against the rows and the vocabulary.
-            unsafe { b.launch(Self::cfg(((n as u64 * 32).div_ceil(256) as u32, 1, 1), 256)) }
-                .map_err(dev("linear_picks_f32"))?;
-            self.stream
-                .memcpy_dtoh(&dst.slice(..picks.len()), &mut out)
-                .map_err(dev("copying picks to the host"))
+            let n = picks.len() as u32;
+            self.launch(
+                "linear_picks_f32",
+                ((n as u64 * 32).div_ceil(256) as u32, 1, 1),
+                256,
+                &[
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(self.ptr(&w.data)),
+                    KArg::U64(pp),
+                    KArg::U64(dp),
+                    KArg::U32(n),
+                    KArg::U32(x.len as u32 / dim),
+                    KArg::U32(vocab),
+                    KArg::U32(dim),
+                ],
+            )?;
+            self.read_back(dp, &mut out)
         });
         out
     }
@@ -1111,34 +1220,44 @@ impl Backend for CudaBackend {
         self.linear(x, rows, &mut [(head, &mut logits)]);
         let mut out = vec![0.0f32; picks.len()];
         let mut lse = vec![0.0f32; rows];
+        let lp = self.bptr(&logits);
         self.run("head_lse", || {
-            let mut s = lock(&self.scratch);
-            let lp = self.ptr(&logits.data);
             let (r32, v32) = (rows as u32, vocab as u32);
-            let lse_dev = scratch_f32(self, &mut s.lse, rows)?;
-            let lsep = self.ptr(lse_dev);
-            let mut b = self.stream.launch_builder(self.func("row_logsumexp_f32")?);
-            b.arg(&lp).arg(&lsep).arg(&r32).arg(&v32);
-            // SAFETY: logits [rows, vocab], lse [rows].
-            unsafe { b.launch(Self::cfg((r32, 1, 1), 256)) }.map_err(dev("row_logsumexp_f32"))?;
-            self.stream
-                .memcpy_dtoh(&lse_dev.slice(..rows), &mut lse)
-                .map_err(dev("copying log-sum-exps"))?;
-            if picks.is_empty() {
-                return Ok(());
-            }
+            let mut s = lock(&self.scratch);
+            let lse_p = self.ptr(scratch_f32(self, &mut s.lse, rows)?);
             let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
             let pp = self.upload(&mut s, Slot::Picks, &flat)?;
-            let dst = scratch_f32(self, &mut s.picks_out, picks.len())?;
-            let dp = self.ptr(dst);
-            let n = picks.len() as u32;
-            let mut b = self.stream.launch_builder(self.func("gather_picks_f32")?);
-            b.arg(&lp).arg(&pp).arg(&dp).arg(&n).arg(&r32).arg(&v32);
-            // SAFETY: picks were checked against the rows and the vocabulary.
-            unsafe { b.launch(self.stride_cfg(n as u64)) }.map_err(dev("gather_picks_f32"))?;
-            self.stream
-                .memcpy_dtoh(&dst.slice(..picks.len()), &mut out)
-                .map_err(dev("copying picks to the host"))
+            let dp = self.ptr(scratch_f32(self, &mut s.picks_out, picks.len())?);
+            drop(s);
+            self.launch(
+                "row_logsumexp_f32",
+                (r32, 1, 1),
+                256,
+                &[
+                    KArg::U64(lp),
+                    KArg::U64(lse_p),
+                    KArg::U32(r32),
+                    KArg::U32(v32),
+                ],
+            )?;
+            if !picks.is_empty() {
+                let n = picks.len() as u32;
+                self.launch(
+                    "gather_picks_f32",
+                    self.stride_grid(n as u64),
+                    256,
+                    &[
+                        KArg::U64(lp),
+                        KArg::U64(pp),
+                        KArg::U64(dp),
+                        KArg::U32(n),
+                        KArg::U32(r32),
+                        KArg::U32(v32),
+                    ],
+                )?;
+                self.read_back(dp, &mut out)?;
+            }
+            self.read_back(lse_p, &mut lse)
         });
         self.recycle(logits);
         (out, lse)
@@ -1164,66 +1283,6 @@ fn scratch_f32<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn contiguous(base: u32, n: u32) -> Vec<RowKv> {
-        (0..n).map(|p| RowKv::contiguous(base, p)).collect()
-    }
-
-    #[test]
-    fn plan_prefill_tiles_and_decode_groups() {
-        // Two prompts of 20 and 3 rows, then 4 beams of each (span = the prompt, one link each).
-        let mut rows = contiguous(0, 20);
-        rows.extend(contiguous(20, 3));
-        for q in 0..2u32 {
-            let span = if q == 0 { (0, 20) } else { (20, 23) };
-            for j in 0..4u32 {
-                rows.push(RowKv {
-                    pos: span.1 - span.0,
-                    entry: 100 + q * 4 + j,
-                    span,
-                    link: (q * 4 + j, q * 4 + j + 1),
-                });
-            }
-        }
-        let plan = plan_attention(&rows);
-        assert_eq!(plan.runs.len(), 2);
-        assert!(plan.runs[0].prefill);
-        assert_eq!(plan.runs[0].rows, (0, 23));
-        let g = &plan.groups[plan.runs[0].groups.0..=plan.runs[0].groups.1];
-        assert_eq!(g, &[0, 16, 20, 23]);
-        assert!(!plan.runs[1].prefill);
-        assert_eq!(plan.runs[1].rows, (23, 31));
-        let g = &plan.groups[plan.runs[1].groups.0..=plan.runs[1].groups.1];
-        assert_eq!(g, &[0, 4, 8]);
-    }
-
-    #[test]
-    fn plan_single_rows_and_shared_prefix_prompts() {
-        // One decode row alone; then a shared-prefix prompt (span (0, 5) + its own links).
-        let mut rows = vec![RowKv {
-            pos: 9,
-            entry: 50,
-            span: (0, 9),
-            link: (0, 1),
-        }];
-        for i in 0..3u32 {
-            rows.push(RowKv {
-                pos: 5 + i,
-                entry: 60 + i,
-                span: (0, 5),
-                link: (10, 11 + i),
-            });
-        }
-        let plan = plan_attention(&rows);
-        assert_eq!(plan.runs.len(), 2);
-        assert!(!plan.runs[0].prefill);
-        assert_eq!(plan.runs[0].rows, (0, 1));
-        assert!(plan.runs[1].prefill);
-        assert_eq!(plan.runs[1].rows, (1, 4));
-        // Every row is in exactly one run, in order.
-        let covered: usize = plan.runs.iter().map(|r| r.rows.1 - r.rows.0).sum();
-        assert_eq!(covered, rows.len());
-    }
 
     #[test]
     fn entry_points_of_ptx() {

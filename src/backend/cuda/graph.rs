@@ -1,0 +1,338 @@
+//! Kernel launches, and a decoder pass as a CUDA graph.
+//!
+//! Every launch and GEMM of the backend goes through [`CudaBackend::launch`] /
+//! [`CudaBackend::gemm`], so a pass (the decoder body of one forward: embedding → layers → final
+//! norm, see `model::forward`) can be run three ways without the model code knowing:
+//!
+//! 1. **Plan**: the pass runs on the host with every upload and allocation done, but launches
+//!    are only hashed (kernel, grid, every argument byte: pointers, sizes, parameter structs).
+//!    Activation buffers come from per-pass slots (the i-th buffer a pass asks for is always
+//!    the same allocation), so the hash names exactly the work the GPU would do.
+//! 2. If a graph with that hash exists, it is **replayed** (one `cuGraphLaunch`): the uploads
+//!    the plan made are already on the stream, ahead of it.
+//! 3. Else, the second time the hash is seen (the first runs directly), the pass runs again
+//!    under **stream capture** (uploads now find their data already on
+//!    the device and copy nothing), the graph is instantiated, cached by the hash and launched.
+//!
+//! A decode step of a batch keeps its shape from step to step (rows, groups, buffers), so it is
+//! captured once and replayed: the host cost of a step becomes the plan walk plus one launch.
+//! Anything a graph cannot hold (an upload that changes inside the pass, an allocation during
+//! capture, a failed capture) runs the pass **directly** instead, and counts it.
+
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::sys as drv;
+use cudarc::driver::CudaGraph;
+
+use super::*;
+
+/// A kernel argument, as the kernel's parameter list takes it.
+#[derive(Clone, Copy)]
+pub(super) enum KArg<'a> {
+    U64(u64),
+    U32(u32),
+    F32(f32),
+    Attn(&'a AttnParams),
+    Rope(&'a RopeParams),
+}
+
+/// The bytes of `v` (a `#[repr(C)]` plain-data parameter struct).
+fn raw<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is plain old data without padding-dependent meaning; hashing reads initialized
+    // bytes only (the structs are built field by field from `Default`, padding included as 0).
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+/// How launches are treated right now (see the module doc).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(super) enum Mode {
+    /// Outside a pass: launch, pooled buffers.
+    #[default]
+    Eager,
+    /// Hash launches, do uploads; pass slots.
+    Plan,
+    /// Launch under stream capture; uploads must be no-ops; pass slots.
+    Capture,
+    /// Launch; pass slots (a pass that cannot be a graph).
+    Direct,
+}
+
+const FNV: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The state of the pass being run.
+#[derive(Default)]
+pub(super) struct Pass {
+    pub mode: Mode,
+    pub hash: u64,
+    /// Activation buffers of passes, by the order a pass asks for them.
+    pub slots: Vec<CudaSlice<f32>>,
+    pub next: usize,
+    /// Upload slots written in this pass (a second, different upload of one slot cannot be a
+    /// graph: the graph would read only the last).
+    pub uploaded: Vec<Slot>,
+    /// Why this pass cannot be captured.
+    pub broken: Option<String>,
+}
+
+impl Pass {
+    pub(super) fn mix_u64(&mut self, v: u64) {
+        self.mix(&v.to_le_bytes());
+    }
+
+    fn mix(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.hash ^= b as u64;
+            self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// How passes ran: graphs captured, replayed, passes run directly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    pub captured: usize,
+    pub replayed: usize,
+    pub direct: usize,
+}
+
+/// A captured, instantiated graph. Launched only from inside [`CudaBackend::pass`], which holds
+/// the pass lock: never two launches of one graph at once.
+pub(super) struct Graph(pub(super) CudaGraph);
+// SAFETY: the driver handles are usable from any thread; every use is serialized by the pass
+// lock (CUDA's rule for graphs: no concurrent use of one graph object).
+unsafe impl Send for Graph {}
+// SAFETY: as above.
+unsafe impl Sync for Graph {}
+
+/// Graphs kept at most (a new shape past this clears the cache).
+const MAX_GRAPHS: usize = 64;
+
+impl CudaBackend {
+    pub(super) fn mode(&self) -> Mode {
+        lock(&self.pass).mode
+    }
+
+    /// Marks the current pass as not capturable (a no-op outside Plan / Capture).
+    pub(super) fn break_pass(&self, why: impl FnOnce() -> String) {
+        let mut p = lock(&self.pass);
+        if matches!(p.mode, Mode::Plan | Mode::Capture) && p.broken.is_none() {
+            p.broken = Some(why());
+        }
+    }
+
+    /// Launches kernel `name` (or hashes the launch in a plan walk).
+    pub(super) fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[KArg],
+    ) -> Result<()> {
+        let f = self.func(name)?;
+        {
+            let mut p = lock(&self.pass);
+            if p.mode == Mode::Plan {
+                p.mix(name.as_bytes());
+                p.mix(raw(&grid));
+                p.mix(raw(&block));
+                for a in args {
+                    match a {
+                        KArg::U64(v) => p.mix(raw(v)),
+                        KArg::U32(v) => p.mix(raw(v)),
+                        KArg::F32(v) => p.mix(raw(&v.to_bits())),
+                        KArg::Attn(v) => p.mix(raw(*v)),
+                        KArg::Rope(v) => p.mix(raw(*v)),
+                    }
+                }
+                return Ok(());
+            }
+        }
+        // Each parameter as the driver wants it: a pointer to its value.
+        let mut scalars = [0u64; 16];
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::with_capacity(args.len());
+        if args.len() > scalars.len() {
+            return Err(Error::Device(format!("{name}: too many kernel arguments")));
+        }
+        for (i, a) in args.iter().enumerate() {
+            let p = match a {
+                KArg::U64(v) => {
+                    scalars[i] = *v;
+                    &mut scalars[i] as *mut u64 as *mut _
+                }
+                KArg::U32(v) => {
+                    scalars[i] = *v as u64; // little-endian: the low 4 bytes are the u32
+                    &mut scalars[i] as *mut u64 as *mut _
+                }
+                KArg::F32(v) => {
+                    scalars[i] = v.to_bits() as u64;
+                    &mut scalars[i] as *mut u64 as *mut _
+                }
+                KArg::Attn(v) => *v as *const AttnParams as *mut _,
+                KArg::Rope(v) => *v as *const RopeParams as *mut _,
+            };
+            params.push(p);
+        }
+        // SAFETY: `params` points at values that outlive the call, one per kernel parameter,
+        // in the kernel's order and types (each op builds them from the kernel's signature).
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(dev(name))
+    }
+
+    /// The next pass slot of at least `len` floats, or `None` outside a pass.
+    pub(super) fn pass_buf(&self, len: usize) -> Option<CudaBuf> {
+        let mut p = lock(&self.pass);
+        if p.mode == Mode::Eager {
+            return None;
+        }
+        let i = p.next;
+        p.next += 1;
+        let cap = len.max(256).next_power_of_two();
+        let fits = p.slots.get(i).is_some_and(|s| s.len() >= cap);
+        if !fits {
+            if p.mode == Mode::Capture {
+                p.broken
+                    .get_or_insert_with(|| "a buffer was allocated during capture".into());
+            }
+            // SAFETY: contents unspecified until written, as `Backend::buf` says.
+            let fresh = match unsafe { self.stream.alloc::<f32>(cap) } {
+                Ok(s) => s,
+                Err(e) => {
+                    p.broken
+                        .get_or_insert_with(|| format!("allocating {cap} floats: {e:?}"));
+                    return None;
+                }
+            };
+            if i < p.slots.len() {
+                p.slots[i] = fresh;
+            } else {
+                p.slots.push(fresh);
+            }
+        }
+        let ptr = self.ptr(&p.slots[i]);
+        Some(CudaBuf {
+            mem: BufMem::Pass { ptr },
+            len,
+        })
+    }
+
+    /// Turns graph capture of decoder passes on or off (default on; `GRAM_CUDA_GRAPHS=0` starts
+    /// it off).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs_on.store(on, Ordering::Relaxed);
+    }
+
+    pub fn graph_stats(&self) -> GraphStats {
+        *lock(&self.graph_stats)
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        let mut p = lock(&self.pass);
+        p.mode = mode;
+        p.next = 0;
+        p.uploaded.clear();
+        if mode == Mode::Plan {
+            p.hash = FNV;
+            p.broken = None;
+        }
+    }
+
+    /// Runs one decoder pass `f` as described in the module doc.
+    pub(super) fn pass<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+        if !self.graphs_on.load(Ordering::Relaxed) || lock(&self.error).is_some() {
+            return f();
+        }
+        // One pass at a time: the pass state, the slots and the graphs are shared.
+        let _one = lock(&self.pass_lock);
+        self.set_mode(Mode::Plan);
+        let planned = f();
+        let (hash, broken) = {
+            let mut p = lock(&self.pass);
+            (p.hash, p.broken.take())
+        };
+        if broken.is_some() || lock(&self.error).is_some() {
+            return self.direct(f);
+        }
+        let replay = lock(&self.graphs).get(&hash).map(|g| g.0.cu_graph_exec());
+        if let Some(exec) = replay {
+            self.set_mode(Mode::Eager);
+            self.run("graph", || {
+                // SAFETY: the exec is owned by `self.graphs` and alive; same stream.
+                unsafe { cudarc::driver::result::graph::launch(exec, self.stream.cu_stream()) }
+                    .map_err(dev("replaying a CUDA graph"))
+            });
+            lock(&self.graph_stats).replayed += 1;
+            return planned;
+        }
+        // Capture a shape the second time it is seen: a one-off (a prompt of an odd length)
+        // runs directly instead of paying for a capture.
+        let first = {
+            let mut seen = lock(&self.seen);
+            if seen.len() >= 4 * MAX_GRAPHS {
+                seen.clear();
+            }
+            seen.insert(hash)
+        };
+        if first {
+            drop(planned);
+            return self.direct(f);
+        }
+        drop(planned);
+        self.set_mode(Mode::Capture);
+        if let Err(e) = self
+            .stream
+            .begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            tracing::debug!("stream capture refused: {e:?}");
+            return self.direct(f);
+        }
+        let out = f();
+        let broken = lock(&self.pass).broken.take();
+        let graph = self.stream.end_capture(drv::CUgraphInstantiate_flags(0));
+        self.set_mode(Mode::Eager);
+        let failed = lock(&self.error).take();
+        match (broken, failed, graph) {
+            (None, None, Ok(Some(g))) => {
+                let exec = g.cu_graph_exec();
+                self.run("graph", || {
+                    // SAFETY: as above; `g` is kept in the cache below.
+                    unsafe { cudarc::driver::result::graph::launch(exec, self.stream.cu_stream()) }
+                        .map_err(dev("launching a captured CUDA graph"))
+                });
+                let mut graphs = lock(&self.graphs);
+                if graphs.len() >= MAX_GRAPHS {
+                    graphs.clear();
+                }
+                graphs.insert(hash, Graph(g));
+                lock(&self.graph_stats).captured += 1;
+                out
+            }
+            (broken, failed, graph) => {
+                tracing::debug!(
+                    "pass not captured: {:?} {:?} {:?}",
+                    broken,
+                    failed,
+                    graph.err()
+                );
+                drop(out);
+                self.direct(f)
+            }
+        }
+    }
+
+    fn direct<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+        self.set_mode(Mode::Direct);
+        let out = f();
+        self.set_mode(Mode::Eager);
+        lock(&self.graph_stats).direct += 1;
+        out
+    }
+}

@@ -1,0 +1,159 @@
+//! How one attention call is launched: which rows go to the prefill kernel (tiles of one
+//! sequence's consecutive positions) and which to the decode kernel (groups of beams sharing a
+//! span). Host-side only; the kernels are correct for any grouping, the plan decides speed.
+
+use crate::backend::RowKv;
+
+/// How one attention call is launched: runs of consecutive rows, each a prefill run (tiles of
+/// one sequence's consecutive positions, the prefill kernel) or a decode run (groups of rows
+/// sharing a span: a query's beams, the decode kernel). `groups` holds every run's CSR offsets,
+/// relative to the run's first row, back to back (run r uses `groups[r.groups.0..=r.groups.1]`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AttnPlan {
+    pub groups: Vec<u32>,
+    pub runs: Vec<AttnRun>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct AttnRun {
+    pub prefill: bool,
+    /// Batch rows `rows.0..rows.1`.
+    pub rows: (usize, usize),
+    /// Its groups: `groups[g]..groups[g + 1]` for `g` in `groups.0..groups.1`.
+    pub groups: (usize, usize),
+}
+
+/// Rows of a prefill tile, at most (the kernel walks 16 rows at a time).
+const TILE: usize = 16;
+
+/// `b` is the position after `a` in the same sequence: same span start and link start, one
+/// more entry of context, and what `a` reads is a prefix of what `b` reads.
+fn follows(a: &RowKv, b: &RowKv) -> bool {
+    let a_links = a.link.1.saturating_sub(a.link.0);
+    let b_links = b.link.1.saturating_sub(b.link.0);
+    if b.span.0 != a.span.0 || b.context_len() != a.context_len() + 1 {
+        return false;
+    }
+    if a_links == 0 && b_links == 0 {
+        return b.span.1 == a.span.1 + 1;
+    }
+    b.span == a.span && b.link.0 == a.link.0 && b.link.1 == a.link.1 + 1
+}
+
+/// Splits a batch into prefill tiles and decode groups (see [`AttnPlan`]). Rows of a prompt
+/// (each following the previous one) go to the prefill kernel in tiles of up to 16; other rows
+/// (beams) go to the decode kernel, grouped while they share one span.
+pub fn plan_attention(rows: &[RowKv]) -> AttnPlan {
+    // Tiles of following rows.
+    let mut tiles: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && j - i < TILE && follows(&rows[j - 1], &rows[j]) {
+            j += 1;
+        }
+        tiles.push((i, j));
+        i = j;
+    }
+    let mut plan = AttnPlan {
+        groups: Vec::new(),
+        runs: Vec::new(),
+    };
+    let mut t = 0;
+    while t < tiles.len() {
+        let prefill = tiles[t].1 - tiles[t].0 > 1;
+        let start_row = tiles[t].0;
+        let g0 = plan.groups.len();
+        plan.groups.push(0);
+        if prefill {
+            while t < tiles.len() && tiles[t].1 - tiles[t].0 > 1 {
+                plan.groups.push((tiles[t].1 - start_row) as u32);
+                t += 1;
+            }
+        } else {
+            // Single rows, grouped while their spans are equal.
+            let mut end = start_row;
+            while t < tiles.len() && tiles[t].1 - tiles[t].0 == 1 {
+                let r = tiles[t].0;
+                if r > start_row && rows[r].span != rows[end - 1].span {
+                    plan.groups.push((r - start_row) as u32);
+                }
+                end = r + 1;
+                t += 1;
+            }
+            plan.groups.push((end - start_row) as u32);
+        }
+        let end_row = start_row + *plan.groups.last().expect("pushed") as usize;
+        plan.runs.push(AttnRun {
+            prefill,
+            rows: (start_row, end_row),
+            groups: (g0, plan.groups.len() - 1),
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contiguous(base: u32, n: u32) -> Vec<RowKv> {
+        (0..n).map(|p| RowKv::contiguous(base, p)).collect()
+    }
+
+    #[test]
+    fn plan_prefill_tiles_and_decode_groups() {
+        // Two prompts of 20 and 3 rows, then 4 beams of each (span = the prompt, one link each).
+        let mut rows = contiguous(0, 20);
+        rows.extend(contiguous(20, 3));
+        for q in 0..2u32 {
+            let span = if q == 0 { (0, 20) } else { (20, 23) };
+            for j in 0..4u32 {
+                rows.push(RowKv {
+                    pos: span.1 - span.0,
+                    entry: 100 + q * 4 + j,
+                    span,
+                    link: (q * 4 + j, q * 4 + j + 1),
+                });
+            }
+        }
+        let plan = plan_attention(&rows);
+        assert_eq!(plan.runs.len(), 2);
+        assert!(plan.runs[0].prefill);
+        assert_eq!(plan.runs[0].rows, (0, 23));
+        let g = &plan.groups[plan.runs[0].groups.0..=plan.runs[0].groups.1];
+        assert_eq!(g, &[0, 16, 20, 23]);
+        assert!(!plan.runs[1].prefill);
+        assert_eq!(plan.runs[1].rows, (23, 31));
+        let g = &plan.groups[plan.runs[1].groups.0..=plan.runs[1].groups.1];
+        assert_eq!(g, &[0, 4, 8]);
+    }
+
+    #[test]
+    fn plan_single_rows_and_shared_prefix_prompts() {
+        // One decode row alone; then a shared-prefix prompt (span (0, 5) + its own links).
+        let mut rows = vec![RowKv {
+            pos: 9,
+            entry: 50,
+            span: (0, 9),
+            link: (0, 1),
+        }];
+        for i in 0..3u32 {
+            rows.push(RowKv {
+                pos: 5 + i,
+                entry: 60 + i,
+                span: (0, 5),
+                link: (10, 11 + i),
+            });
+        }
+        let plan = plan_attention(&rows);
+        assert_eq!(plan.runs.len(), 2);
+        assert!(!plan.runs[0].prefill);
+        assert_eq!(plan.runs[0].rows, (0, 1));
+        assert!(plan.runs[1].prefill);
+        assert_eq!(plan.runs[1].rows, (1, 4));
+        // Every row is in exactly one run, in order.
+        let covered: usize = plan.runs.iter().map(|r| r.rows.1 - r.rows.0).sum();
+        assert_eq!(covered, rows.len());
+    }
+}
