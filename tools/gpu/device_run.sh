@@ -20,7 +20,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gram-device-out}
 W=/tmp/gw
 INPUTS=/tmp/gram-gpu
-STEPS=${STEPS:-0 1 2 3 4 5 6}
+STEPS=${STEPS:-0 1 2 3 4 5 6 7}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-60}
 HF_BUDGET_S=${HF_BUDGET_S:-40}
 HF_CAP_S=${HF_CAP_S:-10}
@@ -33,7 +33,7 @@ pack() {
   # At most 8 files back: the logs concatenated, the JSONL results, a tarball of everything.
   # Called after every step, so a run cut short still returns what it did.
   for f in "$W"/*.log "$W"/env.txt; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done > "$OUT/logs.txt"
-  cat "$W"/gram-bench.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
+  cat "$W"/gram-bench*.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
   cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
   tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
 }
@@ -91,11 +91,17 @@ if has 3; then
   done
   for m in smollm2 qwen05b; do
     [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    log "step 3: bench-codes $m cuBLAS for every product (no small-row kernel, to compare)"
+    GRAM_CUDA_SMALL_GEMM=0 LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --reps 5 --config-s 3 --budget-s 25 \
+      --out "$W/gram-bench-cublas.jsonl" > "$W/bench-$m-cublas.log" 2>&1
+    log "step 3 $m cublas exit $?"
     log "step 3: bench-codes $m --eager (no graphs, to compare)"
     LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --eager --model "$INPUTS/$m-shaped" \
       --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
       --beam 10 --beam 64 --batch 1 --batch 64 --reps 5 --config-s 3 --budget-s 25 \
-      --out "$W/gram-bench.jsonl" > "$W/bench-$m-eager.log" 2>&1
+      --out "$W/gram-bench-eager.jsonl" > "$W/bench-$m-eager.log" 2>&1
     log "step 3 $m eager exit $?"
   done
   log "step 3: bench-codes default model"
@@ -133,6 +139,40 @@ if has 6; then
   log "step 6: bandwidth"
   timeout -k 5 60 python3 tools/gpu/bandwidth.py --out "$W/bandwidth.json" > "$W/bandwidth.log" 2>&1
   log "step 6 exit $?"
+fi
+
+# 7. The whole path on the GPU: index build (teacher forcing), search and serve.
+if has 7; then
+  log "step 7: index build / search / serve --device cuda"
+  head -3000 models/gram-icecat-2m/catalog.jsonl > "$W/catalog-3k.jsonl"
+  for d in cuda cpu; do
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 120 "$GRAM" index build --device $d --model models/gram-icecat-2m \
+      --catalog "$W/catalog-3k.jsonl" --out "$W/ix-$d" > "$W/index-$d.log" 2>&1
+    log "step 7 index build $d exit $?"
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" search --device $d --index "$W/ix-$d" --k 10 \
+      "wireless mouse" "usb cable 2m" "laptop bag 15 inch" "hp toner black" > "$W/search-$d.jsonl" 2>> "$W/index-$d.log"
+    log "step 7 search $d exit $?"
+  done
+  LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "$W/ix-cuda" --addr 127.0.0.1:8088 > "$W/serve.log" 2>&1 &
+  spid=$!
+  python3 - > "$W/serve-check.log" 2>&1 <<'PY'
+import json, time, urllib.request
+base = "http://127.0.0.1:8088"
+for _ in range(100):
+    try:
+        print(urllib.request.urlopen(base + "/health", timeout=2).read().decode()); break
+    except Exception as e:
+        time.sleep(0.2)
+t = time.time()
+for q in ["wireless+mouse", "usb+cable", "laptop+bag"]:
+    r = json.loads(urllib.request.urlopen(base + "/search?q=" + q + "&k=5", timeout=10).read())
+    print(q, json.dumps(r)[:300])
+print("3 searches in %.1f ms" % ((time.time() - t) * 1e3))
+m = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+print("\n".join(l for l in m.splitlines() if "backend" in l or "gram_search" in l)[:2000])
+PY
+  kill $spid 2>/dev/null; wait $spid 2>/dev/null
+  log "step 7 serve checked"
 fi
 
 log "done"

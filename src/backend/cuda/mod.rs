@@ -40,6 +40,11 @@ pub use self::plan::{plan_attention, AttnPlan, AttnRun};
 const TIMED: cudarc::driver::sys::CUevent_flags =
     cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 
+/// Rows up to which `linear` uses `linear_small_f32` (kernels/linear_small.cu) rather than
+/// cuBLAS: a decode step of one query's beams reads each weight once at memory speed, where a
+/// cuBLAS GEMM of a few rows pays for a general kernel.
+pub const SMALL_ROWS: usize = 16;
+
 /// Head dims the attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -234,6 +239,8 @@ pub struct CudaBackend {
     /// Pass hashes seen once (captured when seen again).
     seen: Mutex<std::collections::HashSet<u64>>,
     graphs_on: AtomicBool,
+    /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
+    small_gemm_on: AtomicBool,
     graph_stats: Mutex<GraphStats>,
     /// cuBLAS's workspace, set once so that captured GEMMs allocate nothing.
     _blas_workspace: CudaSlice<u8>,
@@ -350,6 +357,9 @@ impl CudaBackend {
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
             graph_stats: Mutex::new(GraphStats::default()),
+            small_gemm_on: AtomicBool::new(
+                std::env::var("GRAM_CUDA_SMALL_GEMM").map_or(true, |v| v != "0"),
+            ),
             _blas_workspace: blas_workspace,
             profile: Mutex::new(Profile::default()),
             profiling: AtomicBool::new(profile),
@@ -371,6 +381,12 @@ impl CudaBackend {
     /// Waits for every queued op.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev("synchronizing"))
+    }
+
+    /// Turns the small-row product kernel on or off (default on; `GRAM_CUDA_SMALL_GEMM=0`
+    /// starts it off): off, every product goes through cuBLAS.
+    pub fn set_small_gemm(&self, on: bool) {
+        self.small_gemm_on.store(on, Ordering::Relaxed);
     }
 
     /// Turns per-op event timing on or off.
@@ -1020,6 +1036,26 @@ impl Backend for CudaBackend {
             let Some(k) = jobs.first().map(|(l, _)| l.weight.shape[1]) else {
                 return Ok(());
             };
+            if rows <= SMALL_ROWS && k % 8 == 0 && self.small_gemm_on.load(Ordering::Relaxed) {
+                for (l, out) in jobs.iter_mut() {
+                    let n = l.weight.shape[0];
+                    self.launch(
+                        "linear_small_f32",
+                        (n.div_ceil(8) as u32, 1, 1),
+                        256,
+                        &[
+                            KArg::U64(self.bptr(x)),
+                            KArg::U64(self.ptr(&l.weight.data)),
+                            KArg::U64(l.bias.map_or(0, |b| self.ptr(&b.data))),
+                            KArg::U64(self.bptr(out)),
+                            KArg::U32(rows as u32),
+                            KArg::U32(n as u32),
+                            KArg::U32(k as u32),
+                        ],
+                    )?;
+                }
+                return Ok(());
+            }
             let xb = self.cast_bf16(&mut lock(&self.scratch), x, rows * k)?;
             for (l, out) in jobs.iter_mut() {
                 self.gemm(xb, rows, l.weight, l.bias, self.bptr(out))?;

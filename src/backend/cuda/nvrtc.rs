@@ -36,6 +36,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
     ),
+    (
+        "linear_small.cu",
+        include_str!("../../../kernels/linear_small.cu"),
+    ),
     ("ops.cu", include_str!("../../../kernels/ops.cu")),
     ("rmsnorm.cu", include_str!("../../../kernels/rmsnorm.cu")),
     ("rope.cu", include_str!("../../../kernels/rope.cu")),
