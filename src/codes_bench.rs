@@ -56,8 +56,8 @@ pub struct BenchCodesArgs {
     /// Seconds the whole run may take: later configurations are skipped (and listed).
     #[arg(long, default_value_t = 600.0)]
     pub budget_s: f64,
-    /// GPU: one extra batch per configuration with CUDA events around every op (run without
-    /// graphs, so that each op is timed).
+    /// GPU: extra batches per configuration with CUDA events: one without graphs, the stream
+    /// drained around every op (each op's own time), one with graphs (each replayed pass).
     #[arg(long)]
     pub profile: bool,
     /// GPU: launch every op (no CUDA graphs), to compare.
@@ -268,24 +268,46 @@ fn bench<B: Backend>(
                 }
                 _ => None,
             };
+            // Profiles: (1) graphs off, the stream drained around every op: each op's own
+            // launch + GPU time; (2) graphs on as timed: the GPU time of each replayed pass
+            // ("graph") and of the head's ops, against the batch's wall time.
             let mut profile = Vec::new();
+            let mut profile_graphs = Vec::new();
             let mut profiled_wall = None;
+            let mut profiled_graphs_wall = None;
             if let (true, Some(g)) = (args.profile, gpu) {
+                let report = |g: &CudaBackend| -> Result<Vec<Value>, String> {
+                    Ok(g.profile_report()
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .map(|(op, calls, ms)| json!({"op": op, "calls": calls, "ms": ms}))
+                        .collect())
+                };
                 g.synchronize().map_err(|e| e.to_string())?;
                 g.set_graphs(false);
-                g.set_profiling(true);
+                g.set_profiling(true, true);
                 let t0 = Instant::now();
                 let outs = search.run(model, &trie, &next_batch());
                 profiled_wall = Some(t0.elapsed().as_secs_f64() * 1e3);
-                g.set_profiling(false);
+                g.set_profiling(false, false);
                 g.set_graphs(!args.eager);
                 outs.map_err(|e| e.to_string())?;
-                profile = g
-                    .profile_report()
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(|(op, calls, ms)| json!({"op": op, "calls": calls, "ms": ms}))
-                    .collect();
+                profile = report(g)?;
+                if !args.eager {
+                    // Twice: the first may capture graphs for the new prompts' shapes.
+                    for rep in 0..2 {
+                        let qs = next_batch();
+                        g.synchronize().map_err(|e| e.to_string())?;
+                        g.set_profiling(rep == 1, false);
+                        let t0 = Instant::now();
+                        let outs = search.run(model, &trie, &qs);
+                        g.synchronize().map_err(|e| e.to_string())?;
+                        profiled_graphs_wall = Some(t0.elapsed().as_secs_f64() * 1e3);
+                        g.set_profiling(false, false);
+                        outs.map_err(|e| e.to_string())?;
+                    }
+                    profile_graphs = report(g)?;
+                }
             }
             let mut sorted = lat.clone();
             sorted.sort_by(f64::total_cmp);
@@ -316,6 +338,8 @@ fn bench<B: Backend>(
                 "eager": args.eager,
                 "profiled_wall_ms": profiled_wall,
                 "profile": profile,
+                "profiled_graphs_wall_ms": profiled_graphs_wall,
+                "profile_graphs": profile_graphs,
             });
             println!("{rec}");
             if let Some(f) = out_file.as_mut() {

@@ -13,7 +13,7 @@
 # Needs two binaries built on the CPU machine and carried in .devbin/ (git-ignored):
 #   cargo build --release && cargo test --release --test gpu --no-run
 #   strip -o .devbin/gram target/release/gram; strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
-# Env knobs: STEPS (default "0 1 2 3 4 5 6"), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
+# Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10).
 set -u
 cd "$(dirname "$0")/../.."
@@ -33,7 +33,7 @@ pack() {
   # At most 8 files back: the logs concatenated, the JSONL results, a tarball of everything.
   # Called after every step, so a run cut short still returns what it did.
   for f in "$W"/*.log "$W"/env.txt; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done > "$OUT/logs.txt"
-  cat "$W"/gram-bench*.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
+  cat "$W"/gram-bench*.jsonl "$W"/gram-profile.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
   cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
   tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
 }
@@ -139,6 +139,20 @@ if has 6; then
   log "step 6: bandwidth"
   timeout -k 5 60 python3 tools/gpu/bandwidth.py --out "$W/bandwidth.json" > "$W/bandwidth.log" 2>&1
   log "step 6 exit $?"
+fi
+
+# 8. Where a step's time goes: per-op GPU time (graphs off, stream drained around each op) and
+# the GPU time of each replayed graph against the wall time (graphs on).
+if has 8; then
+  for m in smollm2 qwen05b; do
+    [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    log "step 8: bench-codes $m --profile"
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --batch 64 --reps 3 --config-s 2 --budget-s 30 --profile \
+      --out "$W/gram-profile.jsonl" > "$W/profile-$m.log" 2>&1
+    log "step 8 $m exit $?"
+  done
 fi
 
 # 7. The whole path on the GPU: index build (teacher forcing), search and serve.

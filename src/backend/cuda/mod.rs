@@ -40,9 +40,8 @@ pub use self::plan::{plan_attention, AttnPlan, AttnRun};
 const TIMED: cudarc::driver::sys::CUevent_flags =
     cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 
-/// Rows up to which `linear` uses `linear_small_f32` (kernels/linear_small.cu) rather than
-/// cuBLAS: a decode step of one query's beams reads each weight once at memory speed, where a
-/// cuBLAS GEMM of a few rows pays for a general kernel.
+/// Rows up to which `linear` can use `linear_small_f32` (kernels/linear_small.cu) rather than
+/// cuBLAS, when [`CudaBackend::set_small_gemm`] is on: f32 activations, each weight read once.
 pub const SMALL_ROWS: usize = 16;
 
 /// Head dims the attention kernels are instantiated for.
@@ -246,6 +245,8 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
     profile: Mutex<Profile>,
     profiling: AtomicBool,
+    /// Profiling waits for the stream before and after each op, so a span is that op alone.
+    profile_sync: AtomicBool,
     weight_bytes: AtomicUsize,
     device_name: String,
     sms: u32,
@@ -358,11 +359,12 @@ impl CudaBackend {
             ),
             graph_stats: Mutex::new(GraphStats::default()),
             small_gemm_on: AtomicBool::new(
-                std::env::var("GRAM_CUDA_SMALL_GEMM").map_or(true, |v| v != "0"),
+                std::env::var("GRAM_CUDA_SMALL_GEMM").is_ok_and(|v| v == "1"),
             ),
             _blas_workspace: blas_workspace,
             profile: Mutex::new(Profile::default()),
             profiling: AtomicBool::new(profile),
+            profile_sync: AtomicBool::new(false),
             weight_bytes: AtomicUsize::new(0),
             device_name,
             sms,
@@ -383,15 +385,19 @@ impl CudaBackend {
         self.stream.synchronize().map_err(dev("synchronizing"))
     }
 
-    /// Turns the small-row product kernel on or off (default on; `GRAM_CUDA_SMALL_GEMM=0`
-    /// starts it off): off, every product goes through cuBLAS.
+    /// Turns the small-row product kernel on or off (default off: on the H200 it made decode
+    /// steps slower than cuBLAS, see docs/PERF.md; `GRAM_CUDA_SMALL_GEMM=1` starts it on). It
+    /// keeps f32 activations, so it is also the exact path.
     pub fn set_small_gemm(&self, on: bool) {
         self.small_gemm_on.store(on, Ordering::Relaxed);
     }
 
-    /// Turns per-op event timing on or off.
-    pub fn set_profiling(&self, on: bool) {
+    /// Turns per-op event timing on or off. With `sync`, the stream is drained before and
+    /// after every op, so an op's span is its own launch and GPU time (not the queue in front
+    /// of it); without, spans overlap the host's run-ahead.
+    pub fn set_profiling(&self, on: bool, sync: bool) {
         self.profiling.store(on, Ordering::Relaxed);
+        self.profile_sync.store(sync, Ordering::Relaxed);
     }
 
     /// Bytes of weights uploaded so far (bf16).
@@ -461,6 +467,10 @@ impl CudaBackend {
             return;
         }
         let profiling = self.profiling.load(Ordering::Relaxed) && self.mode() == Mode::Eager;
+        let sync = profiling && self.profile_sync.load(Ordering::Relaxed);
+        if sync {
+            let _ = self.stream.synchronize();
+        }
         let events = if profiling {
             let _ = self.ctx.bind_to_thread();
             let a = self.ctx.new_event(Some(TIMED)).ok();
@@ -480,6 +490,9 @@ impl CudaBackend {
             if let Ok(b) = self.ctx.new_event(Some(TIMED)) {
                 if b.record(&self.stream).is_ok() {
                     lock(&self.profile).spans.push((name, a, b));
+                }
+                if sync {
+                    let _ = self.stream.synchronize();
                 }
             }
         }
