@@ -361,7 +361,7 @@ impl Index {
 
     /// Code `id`'s postings, ready to score with the query side `pq` and weights `w` (one per
     /// code token; `None` when their length is not the code's token count, or the record
-    /// points outside its sections).
+    /// points outside its sections), with no code prior (set [`Postings::prior`] for one).
     pub fn postings<'a>(&'a self, id: u32, pq: &'a [f32], w: &'a [f32]) -> Option<Postings<'a>> {
         let c = self.code(id)?;
         if pq.len() != c.n_tokens as usize || w.len() != pq.len() {
@@ -375,6 +375,7 @@ impl Index {
             pt: pt.get(range(c.pt_start, n_pt)?)?,
             pq,
             w,
+            prior: 0.0,
         })
     }
 

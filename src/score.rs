@@ -16,6 +16,20 @@
 //! `ln`, the same fused multiply-adds), so their results are bit-identical; both are checked
 //! against an f64 reference of the formula. [`rank`] scores every query code's posting list,
 //! aggregates a product's scores across codes (`sum` or `max`) and keeps the top K.
+//!
+//! A query code may carry a **prior** ([`Postings::prior`]): a constant every product of its
+//! posting list starts from before the code's S_rele terms are added,
+//!
+//! ```text
+//! score(q, t, c) = prior(c) + S_rele(q, t, c),   prior(c) = α · log P(c | q) [/ (|c| + 1)]
+//! ```
+//!
+//! ([`code_prior`]; `log P(c | q)` = the sum of the query-side log-probabilities of the code's
+//! tokens and its EOS, divided by their count when length-normalized). S_rele alone is near 0
+//! — its best value — when both sides give a code's tokens a small probability, so it ranks
+//! products reached only through the query's *unlikely* codes first; the prior makes a
+//! product reached through a likely code win. With `α = 0` the prior is `+0.0` and every score
+//! is bit for bit what S_rele alone gives (the accumulators start from `0.0` either way).
 
 use crate::backend::cpu::simd::Isa;
 
@@ -63,6 +77,30 @@ pub fn score_postings(isa: Isa, pq: &[f32], w: &[f32], pt: &[u16], out: &mut [f3
     }
 }
 
+/// The prior of a query code ([`Postings::prior`]): `alpha * Σ logprobs`, divided by
+/// `logprobs.len()` when `per_token` (`logprobs`: the code's tokens and its EOS, from the
+/// query). `0.0` (never `-0.0`) when `alpha` is 0 or the product is not finite (a `-inf`
+/// log-probability, NaN), so that an engine without the term scores exactly as without it and
+/// a bad input contributes no evidence — the same containment as S_rele's query side.
+pub fn code_prior(alpha: f32, logprobs: &[f32], per_token: bool) -> f32 {
+    if alpha == 0.0 || logprobs.is_empty() {
+        return 0.0;
+    }
+    let mut lp = 0f32;
+    for &l in logprobs {
+        lp += l;
+    }
+    if per_token {
+        lp /= logprobs.len() as f32;
+    }
+    let prior = alpha * lp;
+    if prior.is_finite() && prior != 0.0 {
+        prior
+    } else {
+        0.0
+    }
+}
+
 /// How a product's scores from several codes combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregate {
@@ -80,6 +118,9 @@ pub struct Postings<'a> {
     pub pq: &'a [f32],
     /// Granularity weight of each token position.
     pub w: &'a [f32],
+    /// What every product reached through this code starts from before its S_rele terms
+    /// ([`code_prior`]; `0.0` for S_rele alone).
+    pub prior: f32,
 }
 
 /// A ranked product: its id, aggregated score, and the query codes (indices into the lists
@@ -111,7 +152,7 @@ pub fn rank(
     let mut scores = Vec::new();
     for (c, l) in lists.iter().enumerate() {
         scores.clear();
-        scores.resize(l.products.len(), 0.0);
+        scores.resize(l.products.len(), l.prior);
         score_postings(isa, l.pq, l.w, l.pt, &mut scores);
         all.extend(
             l.products
@@ -239,7 +280,7 @@ impl Ranker {
         for l in lists {
             at.push(self.scores.len());
             let from = self.scores.len();
-            self.scores.resize(from + l.products.len(), 0.0);
+            self.scores.resize(from + l.products.len(), l.prior);
             score_postings(isa, l.pq, l.w, l.pt, &mut self.scores[from..]);
         }
         self.top.clear();
@@ -566,66 +607,228 @@ mod tests {
                     .collect();
                 owned.push((products, pt, pq, w));
             }
+            // S_rele alone (prior 0), then with a random prior a code (the code-likelihood
+            // term), some of them 0.
+            for with_prior in [false, true] {
+                let lists: Vec<Postings> = owned
+                    .iter()
+                    .map(|(products, pt, pq, w)| Postings {
+                        products,
+                        pt,
+                        pq,
+                        w,
+                        prior: if with_prior && next() % 4 != 0 {
+                            -((next() % 5000) as f32) / 1000.0
+                        } else {
+                            0.0
+                        },
+                    })
+                    .collect();
+                let mut want: BTreeMap<u32, (f32, Vec<u32>)> = BTreeMap::new();
+                for (c, l) in lists.iter().enumerate() {
+                    let mut s = vec![l.prior; l.products.len()];
+                    score_postings(Isa::Scalar, l.pq, l.w, l.pt, &mut s);
+                    for (&p, &v) in l.products.iter().zip(&s) {
+                        let e = want.entry(p).or_insert((v, vec![]));
+                        if !e.1.is_empty() {
+                            e.0 = if aggregate == Aggregate::Sum {
+                                e.0 + v
+                            } else {
+                                e.0.max(v)
+                            };
+                        }
+                        e.1.push(c as u32);
+                    }
+                }
+                let mut full: Vec<Hit> = want
+                    .into_iter()
+                    .map(|(product, (score, codes))| Hit {
+                        product,
+                        score,
+                        codes,
+                    })
+                    .collect();
+                full.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product)));
+                let mut ranker = Ranker::new();
+                for isa in Isa::available() {
+                    for k in [0, 1, 10, 300, 10_000] {
+                        let got = rank(isa, &lists, aggregate, k, u32::MAX);
+                        let want = &full[..k.min(full.len())];
+                        assert_eq!(got, want, "{isa:?} {aggregate:?} k={k}");
+                        // The fast twin, bit for bit, reused across queries (epochs).
+                        let fast = ranker.rank(isa, &lists, aggregate, k, u32::MAX);
+                        assert_eq!(fast, want, "Ranker {isa:?} {aggregate:?} k={k}");
+                        for (a, b) in fast.iter().zip(want) {
+                            assert_eq!(a.score.to_bits(), b.score.to_bits());
+                        }
+                    }
+                }
+                // Products past the table are dropped by both; a wrapped epoch starts clean.
+                for limit in [0, 1, 250, 499] {
+                    let slow = rank(Isa::Scalar, &lists, aggregate, 50, limit);
+                    assert_eq!(ranker.rank(Isa::Scalar, &lists, aggregate, 50, limit), slow);
+                }
+                ranker.epoch = u32::MAX - 1;
+                for _ in 0..3 {
+                    let slow = rank(Isa::Scalar, &lists, aggregate, 40, u32::MAX);
+                    assert_eq!(
+                        ranker.rank(Isa::Scalar, &lists, aggregate, 40, u32::MAX),
+                        slow
+                    );
+                }
+            }
+        }
+    }
+
+    /// The code prior, every element: random posting lists with random priors, each product's
+    /// score against the f64 formula `agg_c (prior_c + S_rele(q, t, c))` over the codes that
+    /// reach it, from `rank` and `Ranker` on every ISA (bit-identical to each other).
+    #[test]
+    fn priors_add_to_every_posting_before_aggregation() {
+        let mut next = rng(41);
+        for aggregate in [Aggregate::Sum, Aggregate::Max] {
+            let mut owned = Vec::new();
+            for _ in 0..5 {
+                let n = 1 + (next() % 4) as usize;
+                let mut products: Vec<u32> =
+                    (0..next() % 200).map(|_| (next() % 300) as u32).collect();
+                products.sort_unstable();
+                products.dedup();
+                let pt: Vec<u16> = (0..n * products.len()).map(|_| next() as u16).collect();
+                let pq: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+                let w: Vec<f32> = (0..n).map(|_| -((next() % 150) as f32) / 100.0).collect();
+                let logprobs: Vec<f32> = (0..=n)
+                    .map(|_| -((next() % 3000) as f32) / 1000.0)
+                    .collect();
+                let alpha = (next() % 300) as f32 / 100.0;
+                let per_token = next() % 2 == 0;
+                let prior = code_prior(alpha, &logprobs, per_token);
+                let sum: f64 = logprobs.iter().map(|&l| l as f64).sum();
+                let want = alpha as f64
+                    * if per_token {
+                        sum / logprobs.len() as f64
+                    } else {
+                        sum
+                    };
+                assert!(
+                    (prior as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{prior} vs {want}"
+                );
+                owned.push((products, pt, pq, w, prior));
+            }
             let lists: Vec<Postings> = owned
                 .iter()
-                .map(|(products, pt, pq, w)| Postings {
+                .map(|(products, pt, pq, w, prior)| Postings {
                     products,
                     pt,
                     pq,
                     w,
+                    prior: *prior,
                 })
                 .collect();
-            let mut want: BTreeMap<u32, (f32, Vec<u32>)> = BTreeMap::new();
-            for (c, l) in lists.iter().enumerate() {
-                let mut s = vec![0f32; l.products.len()];
-                score_postings(Isa::Scalar, l.pq, l.w, l.pt, &mut s);
-                for (&p, &v) in l.products.iter().zip(&s) {
-                    let e = want.entry(p).or_insert((v, vec![]));
-                    if !e.1.is_empty() {
-                        e.0 = if aggregate == Aggregate::Sum {
-                            e.0 + v
-                        } else {
-                            e.0.max(v)
-                        };
-                    }
-                    e.1.push(c as u32);
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            let mut want: std::collections::BTreeMap<u32, f64> = Default::default();
+            for l in &lists {
+                let p = l.products.len();
+                for (j, &product) in l.products.iter().enumerate() {
+                    let col: Vec<f64> = (0..l.pq.len())
+                        .map(|i| (l.pt[i * p + j] as f32 * PT_SCALE) as f64)
+                        .collect();
+                    let v = l.prior as f64 + s_rele_f64(&f64s(l.pq), &col, &f64s(l.w));
+                    want.entry(product)
+                        .and_modify(|a| {
+                            *a = match aggregate {
+                                Aggregate::Sum => *a + v,
+                                Aggregate::Max => a.max(v),
+                            }
+                        })
+                        .or_insert(v);
                 }
             }
-            let mut full: Vec<Hit> = want
-                .into_iter()
-                .map(|(product, (score, codes))| Hit {
-                    product,
-                    score,
-                    codes,
-                })
-                .collect();
-            full.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product)));
             let mut ranker = Ranker::new();
+            let mut first: Option<Vec<Hit>> = None;
             for isa in Isa::available() {
-                for k in [0, 1, 10, 300, 10_000] {
-                    let got = rank(isa, &lists, aggregate, k, u32::MAX);
-                    let want = &full[..k.min(full.len())];
-                    assert_eq!(got, want, "{isa:?} {aggregate:?} k={k}");
-                    // The fast twin, bit for bit, reused across queries (epochs).
-                    let fast = ranker.rank(isa, &lists, aggregate, k, u32::MAX);
-                    assert_eq!(fast, want, "Ranker {isa:?} {aggregate:?} k={k}");
-                    for (a, b) in fast.iter().zip(want) {
-                        assert_eq!(a.score.to_bits(), b.score.to_bits());
-                    }
+                let slow = rank(isa, &lists, aggregate, usize::MAX, u32::MAX);
+                let fast = ranker.rank(isa, &lists, aggregate, usize::MAX, u32::MAX);
+                assert_eq!(slow.len(), want.len());
+                for (a, b) in slow.iter().zip(&fast) {
+                    assert_eq!(
+                        (a.product, a.score.to_bits(), &a.codes),
+                        (b.product, b.score.to_bits(), &b.codes)
+                    );
                 }
+                for h in &slow {
+                    let w = want[&h.product];
+                    assert!(
+                        (h.score as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{isa:?} {aggregate:?} product {}: {} vs {w}",
+                        h.product,
+                        h.score
+                    );
+                }
+                if let Some(f) = &first {
+                    assert_eq!(f, &slow, "ISAs disagree");
+                }
+                first = Some(slow);
             }
-            // Products past the table are dropped by both; a wrapped epoch starts clean.
-            for limit in [0, 1, 250, 499] {
-                let slow = rank(Isa::Scalar, &lists, aggregate, 50, limit);
-                assert_eq!(ranker.rank(Isa::Scalar, &lists, aggregate, 50, limit), slow);
-            }
-            ranker.epoch = u32::MAX - 1;
-            for _ in 0..3 {
-                let slow = rank(Isa::Scalar, &lists, aggregate, 40, u32::MAX);
-                assert_eq!(
-                    ranker.rank(Isa::Scalar, &lists, aggregate, 40, u32::MAX),
-                    slow
-                );
+        }
+    }
+
+    /// A hand-computed case: one product at S_rele 0 through an unlikely code, one at
+    /// −0.0424750 through a likely one. S_rele alone ranks the unlikely one first; the prior
+    /// turns them round.
+    #[test]
+    fn prior_ranks_the_likely_code_first_by_hand() {
+        // Code 0 (likely): product 1, Pt 0.25 against Pq 0.5, weight −1:
+        // −[0.5 ln(1/0.75) + 0.25 ln(0.5/0.75)] = −(0.1438410 − 0.1013663) = −0.0424747.
+        // Code 1 (unlikely): product 0, Pt = Pq = 0.5: S_rele 0.
+        let (pq, w) = ([0.5f32], [-1.0f32]);
+        let (pt0, pt1) = ([quantize_pt(0.25)], [quantize_pt(0.5)]);
+        let likely = [-0.05f32, -0.05]; // the code token and the EOS: log P = −0.1
+        let unlikely = [-2.0f32, -1.0]; // log P = −3
+                                        // Length-normalized, α = 2: −0.1 and −3.0; summed, α = 1: the same.
+        assert_eq!(code_prior(2.0, &likely, true), -0.1);
+        assert_eq!(code_prior(2.0, &unlikely, true), -3.0);
+        assert_eq!(code_prior(1.0, &likely, false), -0.1);
+        assert_eq!(code_prior(1.0, &unlikely, false), -3.0);
+        // No term, or nothing finite: +0.0 exactly.
+        for p in [
+            code_prior(0.0, &unlikely, false),
+            code_prior(1.0, &[], true),
+            code_prior(1.0, &[f32::NEG_INFINITY], false),
+            code_prior(f32::NAN, &likely, false),
+        ] {
+            assert_eq!(p.to_bits(), 0f32.to_bits());
+        }
+        let lists = |a: f32| {
+            [
+                Postings {
+                    products: &[1],
+                    pt: &pt0,
+                    pq: &pq,
+                    w: &w,
+                    prior: code_prior(a, &likely, false),
+                },
+                Postings {
+                    products: &[0],
+                    pt: &pt1,
+                    pq: &pq,
+                    w: &w,
+                    prior: code_prior(a, &unlikely, false),
+                },
+            ]
+        };
+        for isa in Isa::available() {
+            for aggregate in [Aggregate::Sum, Aggregate::Max] {
+                let plain = rank(isa, &lists(0.0), aggregate, 10, 2);
+                assert_eq!(plain.iter().map(|h| h.product).collect::<Vec<_>>(), [0, 1]);
+                assert!(plain[0].score.abs() < 1e-6, "{plain:?}");
+                assert!((plain[1].score + 0.042_474_7).abs() < 1e-5, "{plain:?}");
+                let hits = rank(isa, &lists(1.0), aggregate, 10, 2);
+                assert_eq!(hits.iter().map(|h| h.product).collect::<Vec<_>>(), [1, 0]);
+                assert!((hits[0].score + 0.142_474_7).abs() < 1e-5, "{hits:?}");
+                assert!((hits[1].score + 3.0).abs() < 1e-5, "{hits:?}");
+                assert_eq!(Ranker::new().rank(isa, &lists(1.0), aggregate, 10, 2), hits);
             }
         }
     }
@@ -649,6 +852,7 @@ mod tests {
             pt: &pt,
             pq: &pq,
             w: &w,
+            prior: 0.0,
         };
         for isa in Isa::available() {
             let hits = rank(isa, &[list], Aggregate::Max, 10, 3);

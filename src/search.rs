@@ -436,8 +436,10 @@ impl<B: Backend> Engine<B> {
         };
         let mut products = Vec::new();
         if !p.request.codes_only {
-            // Query side: each code token's probability (the EOS is not a code token).
-            let sides: Vec<(u32, Vec<f32>, Vec<f32>)> = out
+            // Query side: each code token's probability (the EOS is not a code token), and the
+            // code-likelihood term: the code's query-side log-probability (its tokens and the
+            // EOS), +0.0 without a `code_logprob` weight in gram.json.
+            let sides: Vec<(u32, Vec<f32>, Vec<f32>, f32)> = out
                 .codes
                 .iter()
                 .filter_map(|c| {
@@ -445,12 +447,22 @@ impl<B: Backend> Engine<B> {
                     let n = c.tokens.len();
                     let pq = c.token_logprobs[..n].iter().map(|l| l.exp()).collect();
                     let g = index.code(id)?.granularity as usize;
-                    Some((id, pq, vec![self.settings.weight(g); n]))
+                    let prior = self.settings.code_prior(&c.token_logprobs);
+                    Some((id, pq, vec![self.settings.weight(g); n], prior))
                 })
                 .collect();
             let (lists, list_codes): (Vec<_>, Vec<u32>) = sides
                 .iter()
-                .filter_map(|(id, pq, w)| Some((index.postings(*id, pq, w)?, *id)))
+                .filter_map(|(id, pq, w, prior)| {
+                    let list = index.postings(*id, pq, w)?;
+                    Some((
+                        score::Postings {
+                            prior: *prior,
+                            ..list
+                        },
+                        *id,
+                    ))
+                })
                 .unzip();
             timings.postings = t.elapsed().as_secs_f64() * 1e3;
             let t = Instant::now();

@@ -4,6 +4,11 @@
 //! `gram.json` gets the defaults below: templates that are the bare text, weight -1 (S_rele's
 //! bracket is a divergence, so a negative weight ranks the closest product first) and `max`
 //! (with negative scores, `sum` would penalize a product for matching more codes).
+//!
+//! `code_logprob` (optional) adds the query-side log-likelihood of each matched code to its
+//! S_rele before the aggregation (`score::code_prior`): `{"weight": α, "per_token": bool}`.
+//! Without it (every `gram.json` written before the term) the weight is 0 and products score
+//! exactly as by S_rele alone.
 
 use std::path::Path;
 
@@ -25,6 +30,17 @@ pub struct Settings {
     pub weights: Weights,
     /// `sum` or `max`.
     pub aggregation: String,
+    /// The code-likelihood term; absent = weight 0 (S_rele alone).
+    pub code_logprob: CodeLogprob,
+}
+
+/// `prior(c) = weight · log P(c | q)`, `log P` summed over the code's tokens and its EOS, or
+/// their mean when `per_token` (see `score::code_prior`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodeLogprob {
+    pub weight: f32,
+    pub per_token: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -47,6 +63,7 @@ impl Default for Settings {
                 fine: -1.0,
             },
             aggregation: "max".into(),
+            code_logprob: CodeLogprob::default(),
         }
     }
 }
@@ -66,13 +83,18 @@ impl Settings {
         let ok = s.query_template.contains("{query}")
             && s.product_template.contains("{title}")
             && !s.delimiter.is_empty()
-            && [s.weights.coarse, s.weights.medium, s.weights.fine]
-                .iter()
-                .all(|w| w.is_finite());
+            && [
+                s.weights.coarse,
+                s.weights.medium,
+                s.weights.fine,
+                s.code_logprob.weight,
+            ]
+            .iter()
+            .all(|w| w.is_finite());
         if !ok || s.aggregate().is_none() {
             return Err(Error::Config {
                 path,
-                msg: "templates need {query} / {title}, the delimiter text, weights finite, aggregation sum or max".into(),
+                msg: "templates need {query} / {title}, the delimiter text, weights finite (code_logprob's too), aggregation sum or max".into(),
             });
         }
         Ok(s)
@@ -92,6 +114,15 @@ impl Settings {
             "max" => Some(Aggregate::Max),
             _ => None,
         }
+    }
+
+    /// The prior of a query code whose tokens and EOS came with `logprobs` from the query.
+    pub fn code_prior(&self, logprobs: &[f32]) -> f32 {
+        crate::score::code_prior(
+            self.code_logprob.weight,
+            logprobs,
+            self.code_logprob.per_token,
+        )
     }
 
     /// The weight of a code with `granularity` attributes.
@@ -124,7 +155,17 @@ mod tests {
         assert_eq!(s.query_prompt("rug"), "Q: rug");
         assert_eq!((s.weight(2), s.weight(3), s.weight(4)), (0.5, 1.0, 2.0));
         assert_eq!(s.aggregate(), Some(Aggregate::Max));
+        // No code_logprob (every gram.json before the term): weight 0, prior +0.0.
+        assert_eq!(s.code_logprob, CodeLogprob::default());
+        assert_eq!(s.code_prior(&[-1.0, -2.0]).to_bits(), 0f32.to_bits());
+        let s = write(r#"{"code_logprob":{"weight":0.5}}"#).unwrap();
+        assert_eq!(s.code_prior(&[-1.0, -2.0]), -1.5);
+        let s = write(r#"{"code_logprob":{"weight":0.5,"per_token":true}}"#).unwrap();
+        assert_eq!(s.code_prior(&[-1.0, -2.0]), -0.75);
+        assert_eq!((s.weight(1), s.aggregate()), (-1.0, Some(Aggregate::Max)));
         for bad in [
+            r#"{"code_logprob":{"weight":1e40}}"#,
+            r#"{"code_logprob":{"alpha":1}}"#,
             r#"{"aggregation":"mean"}"#,
             r#"{"query_template":"no placeholder"}"#,
             r#"{"unknown_key":1}"#,
