@@ -264,6 +264,7 @@ fn bench<B: Backend>(
                         "captured": s.captured - s0.captured,
                         "replayed": s.replayed - s0.replayed,
                         "direct": s.direct - s0.direct,
+                        "unplanned": s.unplanned - s0.unplanned,
                     }))
                 }
                 _ => None,

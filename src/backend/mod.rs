@@ -278,8 +278,12 @@ pub trait Backend: Send + Sync {
     /// Runs `f`, one decoder pass (the model's body, from the embedding to the final norm),
     /// the backend's best way: the CUDA backend replays it as a CUDA graph when its shape was
     /// seen before, and may call `f` more than once (a plan walk, a capture); `f` must issue
-    /// the same ops each time. The default calls it once.
-    fn run_pass<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+    /// the same ops each time. `shape` is a hash of what decides the pass's launches apart
+    /// from its data (rows, spans), equal for the steps of a stable batch: a backend may run a
+    /// pass of a shape it has not seen before without preparing a graph. The default calls
+    /// `f` once.
+    fn run_pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
+        let _ = shape;
         f()
     }
 }

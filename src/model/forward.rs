@@ -20,7 +20,9 @@ pub(super) fn forward<B: Backend>(
     let logits_rows = match head {
         Head::Full(r) | Head::Picks(r, _) | Head::PicksLse(r, _) => r,
     };
-    let normed = b.run_pass(&mut || body(m, kv, tokens, kv_rows, logits_rows));
+    let normed = b.run_pass(pass_shape(tokens.len(), kv_rows, logits_rows), &mut || {
+        body(m, kv, tokens, kv_rows, logits_rows)
+    });
     let Some(normed) = normed else {
         return Vec::new();
     };
@@ -41,6 +43,23 @@ pub(super) fn forward<B: Backend>(
     };
     b.recycle(normed);
     out
+}
+
+/// What decides a pass's launches apart from its data (see [`Backend::run_pass`]): the row
+/// count, the logits rows, each row's span length and whether it has links (not how many: a
+/// beam's links grow by one every step while the pass keeps its shape).
+fn pass_shape(t: usize, kv_rows: KvRows, logits_rows: &[usize]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |v: u64| {
+        h ^= v;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    mix(t as u64);
+    mix(logits_rows.len() as u64);
+    for r in kv_rows.rows {
+        mix((r.span.1.wrapping_sub(r.span.0) as u64) << 1 | (r.link.1 > r.link.0) as u64);
+    }
+    h
 }
 
 /// Embedding → layers → the final norm of `logits_rows`: `[R, C]`, or `None` when no logits

@@ -10,12 +10,14 @@
 //!    the same allocation), so the hash names exactly the work the GPU would do.
 //! 2. If a graph with that hash exists, it is **replayed** (one `cuGraphLaunch`): the uploads
 //!    the plan made are already on the stream, ahead of it.
-//! 3. Else, the second time the hash is seen (the first runs directly), the pass runs again
-//!    under **stream capture** (uploads now find their data already on
+//! 3. Else the pass runs again under **stream capture** (uploads now find their data already on
 //!    the device and copy nothing), the graph is instantiated, cached by the hash and launched.
 //!
 //! A decode step of a batch keeps its shape from step to step (rows, groups, buffers), so it is
 //! captured once and replayed: the host cost of a step becomes the plan walk plus one launch.
+//! A pass whose shape (`Backend::run_pass`'s hint: rows, spans) was never seen runs as plain
+//! launches, unplanned: a batch that changes shape every step (queries finishing at different
+//! steps) would otherwise pay a plan walk and a direct walk per step.
 //! Anything a graph cannot hold (an upload that changes inside the pass, an allocation during
 //! capture, a failed capture) runs the pass **directly** instead, and counts it.
 
@@ -87,12 +89,14 @@ impl Pass {
     }
 }
 
-/// How passes ran: graphs captured, replayed, passes run directly.
+/// How passes ran: graphs captured, replayed, passes run directly after a plan, passes of a
+/// shape seen for the first time run without a plan.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GraphStats {
     pub captured: usize,
     pub replayed: usize,
     pub direct: usize,
+    pub unplanned: usize,
 }
 
 /// A captured, instantiated graph. Launched only from inside [`CudaBackend::pass`], which holds
@@ -246,9 +250,22 @@ impl CudaBackend {
     }
 
     /// Runs one decoder pass `f` as described in the module doc.
-    pub(super) fn pass<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+    pub(super) fn pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
         if !self.graphs_on.load(Ordering::Relaxed) || lock(&self.error).is_some() {
             return f();
+        }
+        // A shape seen for the first time (a batch that changes every step, a one-off
+        // prompt) runs as plain launches: planning it would cost a second walk for nothing.
+        {
+            let mut shapes = lock(&self.shapes);
+            if shapes.len() >= 16 * MAX_GRAPHS {
+                shapes.clear();
+            }
+            if shapes.insert(shape) {
+                drop(shapes);
+                lock(&self.graph_stats).unplanned += 1;
+                return f();
+            }
         }
         // One pass at a time: the pass state, the slots and the graphs are shared.
         let _one = lock(&self.pass_lock);
@@ -271,19 +288,6 @@ impl CudaBackend {
             });
             lock(&self.graph_stats).replayed += 1;
             return planned;
-        }
-        // Capture a shape the second time it is seen: a one-off (a prompt of an odd length)
-        // runs directly instead of paying for a capture.
-        let first = {
-            let mut seen = lock(&self.seen);
-            if seen.len() >= 4 * MAX_GRAPHS {
-                seen.clear();
-            }
-            seen.insert(hash)
-        };
-        if first {
-            drop(planned);
-            return self.direct(f);
         }
         drop(planned);
         self.set_mode(Mode::Capture);

@@ -235,8 +235,8 @@ pub struct CudaBackend {
     pass: Mutex<Pass>,
     graphs: Mutex<HashMap<u64, graph::Graph>>,
     pass_lock: Mutex<()>,
-    /// Pass hashes seen once (captured when seen again).
-    seen: Mutex<std::collections::HashSet<u64>>,
+    /// Pass shapes (`Backend::run_pass`) seen: a new one runs without a plan.
+    shapes: Mutex<std::collections::HashSet<u64>>,
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
@@ -353,7 +353,7 @@ impl CudaBackend {
             pass: Mutex::new(Pass::default()),
             graphs: Mutex::new(HashMap::new()),
             pass_lock: Mutex::new(()),
-            seen: Mutex::new(Default::default()),
+            shapes: Mutex::new(Default::default()),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
@@ -938,8 +938,8 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn run_pass<T>(&self, f: &mut dyn FnMut() -> T) -> T {
-        self.pass(f)
+    fn run_pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
+        self.pass(shape, f)
     }
 
     fn to_host(&self, x: CudaBuf) -> Vec<f32> {
