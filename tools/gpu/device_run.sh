@@ -172,11 +172,12 @@ if has 7; then
   python3 - > "$W/serve-check.log" 2>&1 <<'PY'
 import json, time, urllib.request
 base = "http://127.0.0.1:8088"
-for _ in range(100):
+for _ in range(300):  # /ready answers 503 until the engine (CUDA context, kernels) is up
     try:
-        print(urllib.request.urlopen(base + "/health", timeout=2).read().decode()); break
+        print(urllib.request.urlopen(base + "/ready", timeout=2).read().decode()); break
     except Exception as e:
         time.sleep(0.2)
+print(urllib.request.urlopen(base + "/health", timeout=2).read().decode())
 t = time.time()
 for q in ["wireless+mouse", "usb+cable", "laptop+bag"]:
     r = json.loads(urllib.request.urlopen(base + "/search?q=" + q + "&k=5", timeout=10).read())
