@@ -46,6 +46,11 @@ fn gpu() -> Option<CudaBackend> {
     }
 }
 
+/// The GPU, the CPU reference and a seeded generator for an op test (`None`: no GPU).
+fn op_test(seed: u64) -> Option<(CudaBackend, CpuBackend, Rng)> {
+    Some((gpu()?, CpuBackend::default(), Rng(seed)))
+}
+
 struct Rng(u64);
 
 impl Rng {
@@ -103,9 +108,9 @@ where
 
 #[test]
 fn elementwise_ops_match_cpu() {
-    let Some(g) = gpu() else { return };
-    let c = CpuBackend::default();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let Some((g, c, mut rng)) = op_test(0x9e37_79b9_7f4a_7c15) else {
+        return;
+    };
     // embed: exact (a bf16 widened to f32).
     let (vocab, dim) = (1000, 576);
     let table = rng.vec(vocab * dim, 0.5);
@@ -184,9 +189,9 @@ fn elementwise_ops_match_cpu() {
 
 #[test]
 fn rope_matches_cpu() {
-    let Some(g) = gpu() else { return };
-    let c = CpuBackend::default();
-    let mut rng = Rng(77);
+    let Some((g, c, mut rng)) = op_test(77) else {
+        return;
+    };
     for (heads, d, theta) in [(9, 64, 100_000.0f32), (14, 64, 1e6), (8, 128, 10_000.0)] {
         let table = RopeTable::new(d, theta, 4096);
         let t = 41;
@@ -271,9 +276,9 @@ fn rope_matches_cpu() {
 
 #[test]
 fn linear_and_heads_match_cpu_within_the_bf16_operand_bound() {
-    let Some(g) = gpu() else { return };
-    let c = CpuBackend::default();
-    let mut rng = Rng(4242);
+    let Some((g, c, mut rng)) = op_test(4242) else {
+        return;
+    };
     for (rows, k, n, bias) in [
         (1, 576, 1536, false),
         (10, 896, 128, true),
@@ -377,9 +382,9 @@ fn config(heads: usize, kv_heads: usize, d: usize) -> ModelConfig {
 
 #[test]
 fn attention_matches_cpu_on_prompts_beams_and_mixed_batches() {
-    let Some(g) = gpu() else { return };
-    let c = CpuBackend::default();
-    let mut rng = Rng(31337);
+    let Some((g, c, mut rng)) = op_test(31337) else {
+        return;
+    };
     for (heads, kv_heads, d) in [(9, 3, 64), (14, 2, 64), (8, 2, 128), (4, 4, 64)] {
         let cfg = config(heads, kv_heads, d);
         let kv_dim = kv_heads * d;
@@ -645,14 +650,19 @@ fn compare_codes(
     (total, same)
 }
 
-#[test]
-fn beam_search_matches_cpu() {
+/// The default model's code set: the trie of the whole-search tests, on every model.
+fn default_codes() -> Vec<String> {
     let codes_file = model_dir("gram-icecat-2m").join("codes.txt");
-    let texts: Vec<String> = std::fs::read_to_string(&codes_file)
+    std::fs::read_to_string(&codes_file)
         .unwrap()
         .lines()
         .map(str::to_string)
-        .collect();
+        .collect()
+}
+
+#[test]
+fn beam_search_matches_cpu() {
+    let texts = default_codes();
     let queries_text = [
         "laptop",
         "usb cable 2m black",
@@ -708,12 +718,7 @@ fn beam_search_matches_cpu() {
 /// op: the same codes and bit-identical scores, and graphs were captured and replayed.
 #[test]
 fn graph_replay_matches_eager_launches() {
-    let codes_file = model_dir("gram-icecat-2m").join("codes.txt");
-    let texts: Vec<String> = std::fs::read_to_string(&codes_file)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let texts = default_codes();
     for dir in models() {
         let Some(g) = gpu() else { return };
         let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();

@@ -520,6 +520,20 @@ impl CudaBackend {
         (n.div_ceil(256).clamp(1, 8 * self.sms as u64) as u32, 1, 1)
     }
 
+    /// `kernel(a, b, n)`: an element-wise op writing `a` in place from `a` and `b` (`add`,
+    /// `silu_mul`), grid-stride over `a`'s values.
+    fn in_place(&self, op: &'static str, kernel: &'static str, a: &mut CudaBuf, b: &CudaBuf) {
+        self.run(op, || {
+            let n = a.len as u64;
+            let args = [
+                KArg::U64(self.bptr(a)),
+                KArg::U64(self.bptr(b)),
+                KArg::U64(n),
+            ];
+            self.launch(kernel, self.stride_grid(n), 256, &args)
+        });
+    }
+
     /// Device address of a buffer's first value.
     fn bptr(&self, b: &CudaBuf) -> u64 {
         match &b.mem {
@@ -994,19 +1008,7 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, acc: &mut CudaBuf, x: &CudaBuf) {
-        self.run("add", || {
-            let n = acc.len as u64;
-            self.launch(
-                "add_f32",
-                self.stride_grid(n),
-                256,
-                &[
-                    KArg::U64(self.bptr(acc)),
-                    KArg::U64(self.bptr(x)),
-                    KArg::U64(n),
-                ],
-            )
-        });
+        self.in_place("add", "add_f32", acc, x);
     }
 
     fn add_rmsnorm(
@@ -1151,19 +1153,7 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) {
-        self.run("silu_mul", || {
-            let n = gate.len as u64;
-            self.launch(
-                "silu_mul_f32",
-                self.stride_grid(n),
-                256,
-                &[
-                    KArg::U64(self.bptr(gate)),
-                    KArg::U64(self.bptr(up)),
-                    KArg::U64(n),
-                ],
-            )
-        });
+        self.in_place("silu_mul", "silu_mul_f32", gate, up);
     }
 
     fn kv_store(&self, kv: &mut CudaKv, layer: usize, k: &CudaBuf, v: &CudaBuf, rows: &[RowKv]) {
