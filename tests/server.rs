@@ -61,9 +61,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
-/// Starts a server on a free loopback port with `flags` added to the defaults (on the CPU: the
-/// answers are compared with the in-process CPU engine's).
-async fn start(flags: &[&str]) -> Server {
+/// The config of a server on a free loopback port, one thread, on `device`, with `flags` added.
+fn config_on(device: &str, flags: &[&str]) -> gram::server::ServeConfig {
     let ix = index().to_str().unwrap().to_string();
     let mut argv = vec![
         "serve",
@@ -74,11 +73,16 @@ async fn start(flags: &[&str]) -> Server {
         "--threads",
         "1",
         "--device",
-        "cpu",
+        device,
     ];
     argv.extend_from_slice(flags);
-    let config = Cli::parse_from(argv).serve.config().unwrap();
-    Server::start(config).await.unwrap()
+    Cli::parse_from(argv).serve.config().unwrap()
+}
+
+/// Starts a server with `flags` added to the defaults (on the CPU: the answers are compared
+/// with the in-process CPU engine's).
+async fn start(flags: &[&str]) -> Server {
+    Server::start(config_on("cpu", flags)).await.unwrap()
 }
 
 struct Answer {
@@ -979,21 +983,7 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
 /// box) fails the startup with a device error; `auto` serves on whatever it chose and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_is_chosen_at_startup_and_reported() {
-    let ix = index().to_str().unwrap().to_string();
-    let config = |device: &str| {
-        let argv = [
-            "serve",
-            "--index",
-            &ix,
-            "--addr",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--device",
-            device,
-        ];
-        Cli::parse_from(argv).serve.config().unwrap()
-    };
+    let config = |device: &str| config_on(device, &[]);
     let e = Server::start(config("cuda"))
         .await
         .err()

@@ -534,6 +534,31 @@ impl CudaBackend {
         });
     }
 
+    /// `rmsnorm_f32` over the rows of `x` (width `dim`), adding `delta` (a device address, or 0
+    /// for none) into `x` first.
+    fn rmsnorm_launch(
+        &self,
+        x: &CudaBuf,
+        delta: u64,
+        weight: &CudaWeight,
+        eps: f32,
+        dim: usize,
+        out: &CudaBuf,
+    ) -> Result<()> {
+        let rows = (x.len / dim) as u32;
+        let args = [
+            KArg::U64(self.bptr(x)),
+            KArg::U64(delta),
+            KArg::U64(self.ptr(&weight.data)),
+            KArg::U64(self.bptr(out)),
+            KArg::U64(0), // no row index
+            KArg::U32(rows),
+            KArg::U32(dim as u32),
+            KArg::F32(eps),
+        ];
+        self.launch("rmsnorm_f32", (rows, 1, 1), 256, &args)
+    }
+
     /// Device address of a buffer's first value.
     fn bptr(&self, b: &CudaBuf) -> u64 {
         match &b.mem {
@@ -986,24 +1011,9 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm(&self, x: &CudaBuf, weight: &CudaWeight, eps: f32, dim: usize, out: &mut CudaBuf) {
+        // No delta: x is only read.
         self.run("rmsnorm", || {
-            let rows = (x.len / dim) as u32;
-            // No delta, no row index: x is only read.
-            self.launch(
-                "rmsnorm_f32",
-                (rows, 1, 1),
-                256,
-                &[
-                    KArg::U64(self.bptr(x)),
-                    KArg::U64(0),
-                    KArg::U64(self.ptr(&weight.data)),
-                    KArg::U64(self.bptr(out)),
-                    KArg::U64(0),
-                    KArg::U32(rows),
-                    KArg::U32(dim as u32),
-                    KArg::F32(eps),
-                ],
-            )
+            self.rmsnorm_launch(x, 0, weight, eps, dim, out)
         });
     }
 
@@ -1020,24 +1030,10 @@ impl Backend for CudaBackend {
         dim: usize,
         out: &mut CudaBuf,
     ) {
+        // x += delta (written back), out = norm(x): one launch.
+        let dp = self.bptr(delta);
         self.run("add_rmsnorm", || {
-            let rows = (x.len / dim) as u32;
-            // x += delta (written back), out = norm(x): one launch.
-            self.launch(
-                "rmsnorm_f32",
-                (rows, 1, 1),
-                256,
-                &[
-                    KArg::U64(self.bptr(x)),
-                    KArg::U64(self.bptr(delta)),
-                    KArg::U64(self.ptr(&weight.data)),
-                    KArg::U64(self.bptr(out)),
-                    KArg::U64(0),
-                    KArg::U32(rows),
-                    KArg::U32(dim as u32),
-                    KArg::F32(eps),
-                ],
-            )
+            self.rmsnorm_launch(x, dp, weight, eps, dim, out)
         });
     }
 
