@@ -2,7 +2,7 @@
 (`gram index build` + `gram search`), BM25 (bm25s) over the same catalog, and their union.
 
     python -m tools.train.evaluate --model DIR [--work WORK] [--gram PATH] [--k 300]
-                                   [--name NAME] [--rebuild]
+                                   [--name NAME] [--rebuild] [--settings GRAM_JSON]
 
 The catalog is DIR/catalog.jsonl (what the model was trained on, every product indexed under its
 catalog codes). Queries: the 90 visible judged queries (WORK/judged.jsonl, stage 2); the 45
@@ -18,7 +18,12 @@ A cold-start check rides along: for the held-out products of stage 2 and as many
 products, the share of each product's catalog codes that the model's product-side beam (10)
 generates from its title.
 
-Writes WORK/eval-NAME.json (summary + per query) and prints the summary table.
+`--settings FILE` scores the model's index with another gram.json (a hard-linked copy of the
+model dir with that file, passed to `gram search --model`): other S_rele / code-likelihood
+weights without rebuilding anything.
+
+Writes WORK/eval-NAME.json (summary + per query, the gram.json scored with) and prints the
+summary table.
 """
 import argparse
 import json
@@ -36,7 +41,24 @@ from tools.train import metrics as M
 from tools.train.pairs import read_jsonl
 
 
-def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10):
+def settings_model(model, settings, out):
+    """A copy of model dir `model` (hard links) whose gram.json is the file `settings`: the
+    same fingerprint, so `gram search --model` scores the model's index with other weights."""
+    import os
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.is_file() and f.name != "gram.json":
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+    shutil.copy(settings, out / "gram.json")
+    return out
+
+
+def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_model=None):
     if rebuild or not (idx / "index.gram").exists():
         if idx.exists():
             shutil.rmtree(idx)
@@ -49,8 +71,9 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10):
     else:
         build_s = None
     t = time.time()
+    extra = ["--model", search_model] if search_model else []
     r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--beam", str(beam),
-                        "--threads", "2", *queries],
+                        "--threads", "2", *extra, *queries],
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
@@ -120,16 +143,21 @@ def main(argv=None):
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--beam", type=int, default=10, help="query-side beam (codes per query)")
     ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--settings", default=None,
+                    help="score with this gram.json instead of the model's (same index; "
+                         "e.g. other weights); name it with --name")
     args = ap.parse_args(argv)
     work, model = Path(args.work), Path(args.model)
     name = args.name or model.name + ("" if args.beam == 10 else f"-beam{args.beam}")
+    search_model = (settings_model(model, Path(args.settings), work / f"settings-{name}")
+                    if args.settings else None)
     judged = {r["query"]: r["grades"] for r in read_jsonl(work / "judged.jsonl")}
     queries = sorted(judged)
     items = C.read_catalog(model / "catalog.jsonl")
     catalog_ids = {it["id"] for it in items}
     judged = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
     g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", work / f"eval-index-{model.name}",
-                                queries, args.k, args.rebuild, args.beam)
+                                queries, args.k, args.rebuild, args.beam, search_model)
     gram_runs = {q: [p["id"] for p in g[q]["products"]] for q in queries}
     raw = [p for p in C.load_products() if str(p["id"]) in catalog_ids]
     bm = bm25_run(raw, queries, args.k)
@@ -156,6 +184,7 @@ def main(argv=None):
                      "gram_ndcg@10": M.ndcg(gram_runs[q], judged[q], 10),
                      "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10)} for q in queries}
     res = {"model": str(model), "queries": len(queries), "k": args.k, "beam": args.beam,
+           "gram_json": json.loads(((search_model or model) / "gram.json").read_text()),
            "summary": summary,
            "per_query": per_query}
     (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """Checks that need torch + transformers (skipped without them): packed rows score every code
 exactly as a plain forward of prompt + code does; the co-alignment loss; S_rele's bracket
-against the engine's reference formula."""
+against the engine's reference formula; the code-likelihood term of the weights fit."""
 import math
 import unittest
 
@@ -65,6 +65,59 @@ class Bracket(unittest.TestCase):
         a, b = 0.2, 0.6
         self.assertAlmostEqual(bracket([a], [b]), a * math.log(2 * a / (a + b)) + b * math.log(2 * b / (a + b)))
         self.assertAlmostEqual(bracket([0.0], [0.5]), 0.5 * math.log(2))
+
+
+@unittest.skipIf(torch is None, "torch not installed")
+class CodePrior(unittest.TestCase):
+    """The code-likelihood term as weights.py fits it and the engine's `code_prior` adds it
+    (src/score.rs: alpha * the code's token + EOS log-probability, summed or per token, added to
+    each code's S_rele before the aggregation)."""
+
+    def test_loglik_forms(self):
+        from tools.train.weights import code_loglik
+        pq = [0.5, 0.25, 0.8]  # two code tokens and the EOS
+        lp = math.log(0.5) + math.log(0.25) + math.log(0.8)
+        self.assertEqual(code_loglik(pq, "none"), 0.0)
+        self.assertAlmostEqual(code_loglik(pq, "sum"), lp)
+        self.assertAlmostEqual(code_loglik(pq, "mean"), lp / 3)
+
+    def test_scores_by_hand(self):
+        from tools.train.weights import FORMS, form_scores
+        # The hand-computed case of src/score.rs (prior_ranks_the_likely_code_first_by_hand):
+        # product 0 reached through the unlikely code 1 (D = 0, L = -3), product 1 through the
+        # likely code 0 (D = 0.0424747, L = -0.1); w = -1.
+        d = 0.5 * math.log(1 / 0.75) + 0.25 * math.log(0.5 / 0.75)
+        D = torch.tensor([[float("nan"), 0.0], [d, float("nan")]])
+        g = torch.tensor([0, 0])
+        L = torch.tensor([[0.0, -0.1, -0.05], [0.0, -3.0, -1.5]])
+        item = (D, g, torch.tensor([False, True]), L)
+        self.assertEqual(FORMS, ("none", "sum", "mean"))
+        for agg in ("max", "sum"):
+            s = form_scores(torch.tensor([-1.0, -1.0, -1.0, 0.0]), item, agg, "none")
+            self.assertAlmostEqual(s[0].item(), 0.0, places=6)
+            self.assertAlmostEqual(s[1].item(), -0.0424747, places=6)
+            s = form_scores(torch.tensor([-1.0, -1.0, -1.0, 1.0]), item, agg, "sum")
+            self.assertAlmostEqual(s[0].item(), -3.0, places=6)
+            self.assertAlmostEqual(s[1].item(), -0.1424747, places=6)
+            s = form_scores(torch.tensor([-1.0, -1.0, -1.0, 2.0]), item, agg, "mean")
+            self.assertAlmostEqual(s[0].item(), -3.0, places=6)
+            self.assertAlmostEqual(s[1].item(), -0.1424747, places=6)
+        # Two codes reach one product: max takes the better (D, L) pair, sum adds both.
+        D2 = torch.tensor([[0.1, 0.0]])
+        item2 = (D2, g, torch.tensor([True]), L)
+        th = torch.tensor([-1.0, -1.0, -1.0, 1.0])
+        self.assertAlmostEqual(form_scores(th, item2, "max", "sum")[0].item(), -0.2, places=6)
+        self.assertAlmostEqual(form_scores(th, item2, "sum", "sum")[0].item(), -3.2, places=6)
+
+    def test_settings_written_for_the_engine(self):
+        from tools.train.weights import settings_of
+        th = torch.tensor([-0.5, -0.25, -1.0, 0.75])
+        s = settings_of(th, "max", "mean")
+        self.assertEqual(s["weights"], {"coarse": -0.5, "medium": -0.25, "fine": -1.0})
+        self.assertEqual(s["code_logprob"], {"weight": 0.75, "per_token": True})
+        self.assertEqual(settings_of(th, "sum", "sum")["code_logprob"]["per_token"], False)
+        # Without the term: the gram.json of before, no code_logprob key (engine weight 0).
+        self.assertNotIn("code_logprob", settings_of(th, "max", "none"))
 
 
 if __name__ == "__main__":
