@@ -100,6 +100,22 @@ impl RowKv {
     pub fn context_len(&self) -> usize {
         (self.span.1 - self.span.0 + self.link.1 - self.link.0) as usize
     }
+
+    /// This row is the position after `prev` in the same sequence: same span start and link
+    /// start, one more entry of context, and what `prev` reads is a prefix of what it reads
+    /// (a prompt's consecutive rows; a device backend tiles them together).
+    pub fn follows(&self, prev: &RowKv) -> bool {
+        let (a, b) = (prev, self);
+        let a_links = a.link.1.saturating_sub(a.link.0);
+        let b_links = b.link.1.saturating_sub(b.link.0);
+        if b.span.0 != a.span.0 || b.context_len() != a.context_len() + 1 {
+            return false;
+        }
+        if a_links == 0 && b_links == 0 {
+            return b.span.1 == a.span.1 + 1;
+        }
+        b.span == a.span && b.link.0 == a.link.0 && b.link.1 == a.link.1 + 1
+    }
 }
 
 /// The rows of a batch and the link table their scattered contexts index into.
@@ -284,6 +300,13 @@ pub trait Backend: Send + Sync {
     /// `f` once.
     fn run_pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
         let _ = shape;
+        f()
+    }
+
+    /// Runs `f`, a whole forward pass (body and head), alone: the CUDA backend's passes share
+    /// state (slots, graphs) that the head still reads after the body's pass. The default
+    /// calls it.
+    fn run_forward<T>(&self, f: &mut dyn FnMut() -> T) -> T {
         f()
     }
 }

@@ -46,8 +46,9 @@ pub(super) fn forward<B: Backend>(
 }
 
 /// What decides a pass's launches apart from its data (see [`Backend::run_pass`]): the row
-/// count, the logits rows, each row's span length and whether it has links (not how many: a
-/// beam's links grow by one every step while the pass keeps its shape).
+/// count, the logits rows, and per row whether it continues the previous row's sequence,
+/// shares its span, and has links (not lengths: a decoding sequence's span and a beam's links
+/// grow every step while the pass keeps its shape).
 fn pass_shape(t: usize, kv_rows: KvRows, logits_rows: &[usize]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut mix = |v: u64| {
@@ -56,8 +57,12 @@ fn pass_shape(t: usize, kv_rows: KvRows, logits_rows: &[usize]) -> u64 {
     };
     mix(t as u64);
     mix(logits_rows.len() as u64);
+    let mut prev: Option<&crate::backend::RowKv> = None;
     for r in kv_rows.rows {
-        mix((r.span.1.wrapping_sub(r.span.0) as u64) << 1 | (r.link.1 > r.link.0) as u64);
+        let (follows, same_span) =
+            prev.map_or((false, false), |p| (r.follows(p), r.span == p.span));
+        mix((follows as u64) | (same_span as u64) << 1 | ((r.link.1 > r.link.0) as u64) << 2);
+        prev = Some(r);
     }
     h
 }

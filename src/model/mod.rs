@@ -174,9 +174,10 @@ impl<B: Backend> Model<B> {
         head: Head,
     ) -> Result<Vec<f32>> {
         self.check_batch(arena, tokens, batch, head)?;
-        let out = self
-            .pool
-            .install(|| forward::forward(self, &mut arena.kv, tokens, batch, head));
+        let out = self.pool.install(|| {
+            self.backend
+                .run_forward(&mut || forward::forward(self, &mut arena.kv, tokens, batch, head))
+        });
         self.backend.check()?;
         Ok(out)
     }

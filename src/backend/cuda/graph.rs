@@ -40,8 +40,8 @@ pub(super) enum KArg<'a> {
 
 /// The bytes of `v` (a `#[repr(C)]` plain-data parameter struct).
 fn raw<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: T is plain old data without padding-dependent meaning; hashing reads initialized
-    // bytes only (the structs are built field by field from `Default`, padding included as 0).
+    // SAFETY: T is plain old data with no padding (AttnParams: 9 pointers + 10 four-byte fields;
+    // RopeParams names its tail padding `_pad`), so every byte read is initialized.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
 
@@ -64,7 +64,10 @@ const FNV: u64 = 0xcbf2_9ce4_8422_2325;
 /// The state of the pass being run.
 #[derive(Default)]
 pub(super) struct Pass {
+    /// The mode, for `owner` only: every other thread sees `Eager` (a test or a tool calling
+    /// an op while another thread plans a pass must not have its launch merely hashed).
     pub mode: Mode,
+    pub owner: Option<std::thread::ThreadId>,
     pub hash: u64,
     /// Activation buffers of passes, by the order a pass asks for them.
     pub slots: Vec<CudaSlice<f32>>,
@@ -97,6 +100,29 @@ pub struct GraphStats {
     pub replayed: usize,
     pub direct: usize,
     pub unplanned: usize,
+    /// Captures abandoned (the pass then ran directly): a non-zero count is worth a look.
+    pub failed_captures: usize,
+}
+
+/// The mode of `p` as the calling thread sees it.
+pub(super) fn mode_of(p: &Pass) -> Mode {
+    if p.owner == Some(std::thread::current().id()) {
+        p.mode
+    } else {
+        Mode::Eager
+    }
+}
+
+/// Ends a pass however `f` leaves it: Eager mode, and the stream out of capture.
+struct ResetOnDrop<'a>(&'a CudaBackend);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.0.mode() == Mode::Capture {
+            let _ = self.0.stream.end_capture(drv::CUgraphInstantiate_flags(0));
+        }
+        self.0.set_mode(Mode::Eager);
+    }
 }
 
 /// A captured, instantiated graph. Launched only from inside [`CudaBackend::pass`], which holds
@@ -112,14 +138,15 @@ unsafe impl Sync for Graph {}
 const MAX_GRAPHS: usize = 64;
 
 impl CudaBackend {
+    /// The mode as this thread sees it.
     pub(super) fn mode(&self) -> Mode {
-        lock(&self.pass).mode
+        mode_of(&lock(&self.pass))
     }
 
     /// Marks the current pass as not capturable (a no-op outside Plan / Capture).
     pub(super) fn break_pass(&self, why: impl FnOnce() -> String) {
         let mut p = lock(&self.pass);
-        if matches!(p.mode, Mode::Plan | Mode::Capture) && p.broken.is_none() {
+        if matches!(mode_of(&p), Mode::Plan | Mode::Capture) && p.broken.is_none() {
             p.broken = Some(why());
         }
     }
@@ -134,8 +161,11 @@ impl CudaBackend {
     ) -> Result<()> {
         let f = self.func(name)?;
         {
+            // Plan: hash only. Capture: hash too (compared with the plan's afterwards), and
+            // launch into the graph.
             let mut p = lock(&self.pass);
-            if p.mode == Mode::Plan {
+            let mode = mode_of(&p);
+            if matches!(mode, Mode::Plan | Mode::Capture) {
                 p.mix(name.as_bytes());
                 p.mix(raw(&grid));
                 p.mix(raw(&block));
@@ -148,6 +178,8 @@ impl CudaBackend {
                         KArg::Rope(v) => p.mix(raw(*v)),
                     }
                 }
+            }
+            if mode == Mode::Plan {
                 return Ok(());
             }
         }
@@ -194,7 +226,8 @@ impl CudaBackend {
     /// The next pass slot of at least `len` floats, or `None` outside a pass.
     pub(super) fn pass_buf(&self, len: usize) -> Option<CudaBuf> {
         let mut p = lock(&self.pass);
-        if p.mode == Mode::Eager {
+        let mode = mode_of(&p);
+        if mode == Mode::Eager {
             return None;
         }
         let i = p.next;
@@ -202,9 +235,16 @@ impl CudaBackend {
         let cap = len.max(256).next_power_of_two();
         let fits = p.slots.get(i).is_some_and(|s| s.len() >= cap);
         if !fits {
-            if p.mode == Mode::Capture {
+            if mode == Mode::Capture {
+                // Never allocate under capture (it would become a graph allocation, gone with
+                // the discarded graph): the capture is abandoned; its launches never run, so a
+                // null buffer is safe until the direct walk.
                 p.broken
-                    .get_or_insert_with(|| "a buffer was allocated during capture".into());
+                    .get_or_insert_with(|| "a buffer was needed during capture".into());
+                return Some(CudaBuf {
+                    mem: BufMem::Pass { ptr: 0 },
+                    len,
+                });
             }
             // SAFETY: contents unspecified until written, as `Backend::buf` says.
             let fresh = match unsafe { self.stream.alloc::<f32>(cap) } {
@@ -241,10 +281,13 @@ impl CudaBackend {
     fn set_mode(&self, mode: Mode) {
         let mut p = lock(&self.pass);
         p.mode = mode;
+        p.owner = (mode != Mode::Eager).then(|| std::thread::current().id());
         p.next = 0;
         p.uploaded.clear();
-        if mode == Mode::Plan {
+        if matches!(mode, Mode::Plan | Mode::Capture) {
             p.hash = FNV;
+        }
+        if mode == Mode::Plan {
             p.broken = None;
         }
     }
@@ -269,6 +312,9 @@ impl CudaBackend {
         }
         // One pass at a time: the pass state, the slots and the graphs are shared.
         let _one = lock(&self.pass_lock);
+        // Whatever happens in `f` (a panic included), the pass ends in Eager mode and the
+        // stream leaves capture.
+        let _reset = ResetOnDrop(self);
         self.set_mode(Mode::Plan);
         let planned = f();
         let (hash, broken) = {
@@ -299,10 +345,17 @@ impl CudaBackend {
             return self.direct(f);
         }
         let out = f();
-        let broken = lock(&self.pass).broken.take();
+        let (broken, captured_hash) = {
+            let mut p = lock(&self.pass);
+            (p.broken.take(), p.hash)
+        };
         let graph = self.stream.end_capture(drv::CUgraphInstantiate_flags(0));
         self.set_mode(Mode::Eager);
         let failed = lock(&self.error).take();
+        // The capture walk must have issued exactly the planned launches.
+        let broken = broken.or_else(|| {
+            (captured_hash != hash).then(|| "the capture walk differs from the plan".to_string())
+        });
         match (broken, failed, graph) {
             (None, None, Ok(Some(g))) => {
                 let exec = g.cu_graph_exec();
@@ -320,12 +373,16 @@ impl CudaBackend {
                 out
             }
             (broken, failed, graph) => {
-                tracing::debug!(
-                    "pass not captured: {:?} {:?} {:?}",
-                    broken,
-                    failed,
-                    graph.err()
-                );
+                let first = lock(&self.graph_stats).failed_captures == 0;
+                lock(&self.graph_stats).failed_captures += 1;
+                let why = format!("{:?} {:?} {:?}", broken, failed, graph.err());
+                if first {
+                    tracing::warn!(
+                        "a decoder pass could not be captured ({why}); it runs directly"
+                    );
+                } else {
+                    tracing::debug!("pass not captured: {why}");
+                }
                 drop(out);
                 self.direct(f)
             }

@@ -44,6 +44,9 @@ const TIMED: cudarc::driver::sys::CUevent_flags =
 /// cuBLAS, when [`CudaBackend::set_small_gemm`] is on: f32 activations, each weight read once.
 pub const SMALL_ROWS: usize = 16;
 
+/// The oldest driver API version the backend runs on (12.8: `cuEventElapsedTime_v2`).
+const MIN_DRIVER: i32 = 12080;
+
 /// Head dims the attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -56,6 +59,22 @@ pub fn probe() -> Result<usize> {
             "no CUDA driver (libcuda.so) found: no NVIDIA GPU here, or the driver is not installed"
                 .into(),
         ));
+    }
+    let mut version = 0;
+    // SAFETY: one out-parameter; the library is present (checked above).
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| Error::Device(format!("the CUDA driver does not answer: {e:?}")))?;
+    // The bindings are CUDA 13's: a driver older than 12.8 lacks entry points they use (a
+    // missing symbol would panic inside cudarc), so refuse it here.
+    if version < MIN_DRIVER {
+        return Err(Error::Device(format!(
+            "the CUDA driver supports CUDA {}.{}; gram's CUDA backend needs {}.{} or newer",
+            version / 1000,
+            version % 1000 / 10,
+            MIN_DRIVER / 1000,
+            MIN_DRIVER % 1000 / 10
+        )));
     }
     let n = CudaContext::device_count()
         .map_err(|e| Error::Device(format!("the CUDA driver failed to start: {e:?}")))?;
@@ -142,9 +161,17 @@ struct RopeParams {
     max_pos: u32,
     entries: u32,
     eps: f32,
+    /// The C struct's tail padding, made explicit so that every byte the graph hash reads is
+    /// initialized (the kernel ignores it).
+    _pad: u32,
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for RopeParams {}
+
+// The C layouts (kernels/attention.cuh, kernels/rope.cu): 8-byte pointers first, then 4-byte
+// fields, no padding left implicit (the graph hash reads every byte).
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 9 * 8 + 10 * 4);
+const _: () = assert!(std::mem::size_of::<RopeParams>() == 10 * 8 + 8 * 4);
 
 /// An f32 activation buffer: `len` values at the front of a pooled allocation, or of a pass
 /// slot (see `graph.rs`: the buffers of a decoder pass are the same allocations every pass).
@@ -223,7 +250,9 @@ struct Profile {
     spans: Vec<(&'static str, CudaEvent, CudaEvent)>,
 }
 
-/// The CUDA backend. One context, one stream; ops from several threads serialize on it.
+/// The CUDA backend. One context, one stream. A forward pass holds the backend alone
+/// (`run_forward`); the pass mode (plan, capture, direct) belongs to the thread running the
+/// pass, so an op another thread calls meanwhile is launched as usual.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -235,6 +264,8 @@ pub struct CudaBackend {
     pass: Mutex<Pass>,
     graphs: Mutex<HashMap<u64, graph::Graph>>,
     pass_lock: Mutex<()>,
+    /// Held for a whole forward pass (body and head): the head reads the body's pass slots.
+    forward_lock: Mutex<()>,
     /// Pass shapes (`Backend::run_pass`) seen: a new one runs without a plan.
     shapes: Mutex<std::collections::HashSet<u64>>,
     graphs_on: AtomicBool,
@@ -353,6 +384,7 @@ impl CudaBackend {
             pass: Mutex::new(Pass::default()),
             graphs: Mutex::new(HashMap::new()),
             pass_lock: Mutex::new(()),
+            forward_lock: Mutex::new(()),
             shapes: Mutex::new(Default::default()),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
@@ -569,7 +601,8 @@ impl CudaBackend {
 
     /// Copies the first `out.len()` values of device address `src` to the host (waits).
     fn read_back(&self, src: u64, out: &mut [f32]) -> Result<()> {
-        if self.mode() != Mode::Eager {
+        if matches!(self.mode(), Mode::Plan | Mode::Capture) {
+            // Not capturable: the pass will run directly, and read then.
             self.break_pass(|| "a read-back inside a pass".into());
             return Ok(());
         }
@@ -587,6 +620,11 @@ impl CudaBackend {
             Some(u) => u.dev.len() < need,
             None => true,
         };
+        if fresh && self.mode() == Mode::Capture {
+            // No allocation under capture: the capture is abandoned (its launches never run).
+            self.break_pass(|| format!("{slot:?} grown during capture"));
+            return Ok(0);
+        }
         if fresh {
             let dev_buf = self
                 .stream
@@ -640,6 +678,10 @@ impl CudaBackend {
 
     fn rope_table(&self, s: &mut Scratch, table: &RopeTable) -> Result<(u64, u64, usize)> {
         if s.rope.as_ref().map(|r| r.0) != Some(table.id) {
+            if self.mode() == Mode::Capture {
+                self.break_pass(|| "rotary table uploaded during capture".into());
+                return Ok((0, 0, 0));
+            }
             let cos = self
                 .stream
                 .clone_htod(&table.cos)
@@ -659,6 +701,7 @@ impl CudaBackend {
         if s.xb.as_ref().is_none_or(|b| b.len() < n) {
             if self.mode() == Mode::Capture {
                 self.break_pass(|| "GEMM operand grown during capture".into());
+                return Ok(0);
             }
             s.xb = Some(
                 self.stream
@@ -689,15 +732,15 @@ impl CudaBackend {
         let (n, k) = (w.shape[0], w.shape[1]);
         let wp = self.ptr(&w.data);
         let planned = {
+            // As `launch`: hashed in Plan and Capture, run in every mode but Plan.
             let mut p = lock(&self.pass);
-            if p.mode == Mode::Plan {
+            let mode = graph::mode_of(&p);
+            if matches!(mode, Mode::Plan | Mode::Capture) {
                 for v in [0x6765_6d6d, n as u64, rows as u64, k as u64, wp, xb, out] {
                     p.mix_u64(v);
                 }
-                true
-            } else {
-                false
             }
+            mode == Mode::Plan
         };
         if !planned {
             let (alpha, beta) = (1.0f32, 0.0f32);
@@ -979,6 +1022,11 @@ impl Backend for CudaBackend {
 
     fn run_pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
         self.pass(shape, f)
+    }
+
+    fn run_forward<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+        let _one = lock(&self.forward_lock);
+        f()
     }
 
     fn to_host(&self, x: CudaBuf) -> Vec<f32> {

@@ -26,20 +26,6 @@ pub struct AttnRun {
 /// Rows of a prefill tile, at most (the kernel walks 16 rows at a time).
 const TILE: usize = 16;
 
-/// `b` is the position after `a` in the same sequence: same span start and link start, one
-/// more entry of context, and what `a` reads is a prefix of what `b` reads.
-fn follows(a: &RowKv, b: &RowKv) -> bool {
-    let a_links = a.link.1.saturating_sub(a.link.0);
-    let b_links = b.link.1.saturating_sub(b.link.0);
-    if b.span.0 != a.span.0 || b.context_len() != a.context_len() + 1 {
-        return false;
-    }
-    if a_links == 0 && b_links == 0 {
-        return b.span.1 == a.span.1 + 1;
-    }
-    b.span == a.span && b.link.0 == a.link.0 && b.link.1 == a.link.1 + 1
-}
-
 /// Splits a batch into prefill tiles and decode groups (see [`AttnPlan`]). Rows of a prompt
 /// (each following the previous one) go to the prefill kernel in tiles of up to 16; other rows
 /// (beams) go to the decode kernel, grouped while they share one span.
@@ -49,7 +35,7 @@ pub fn plan_attention(rows: &[RowKv]) -> AttnPlan {
     let mut i = 0;
     while i < rows.len() {
         let mut j = i + 1;
-        while j < rows.len() && j - i < TILE && follows(&rows[j - 1], &rows[j]) {
+        while j < rows.len() && j - i < TILE && rows[j].follows(&rows[j - 1]) {
             j += 1;
         }
         tiles.push((i, j));
