@@ -617,7 +617,7 @@ mod tests {
                         pt,
                         pq,
                         w,
-                        prior: if with_prior && next() % 4 != 0 {
+                        prior: if with_prior && !next().is_multiple_of(4) {
                             -((next() % 5000) as f32) / 1000.0
                         } else {
                             0.0
@@ -701,7 +701,7 @@ mod tests {
                     .map(|_| -((next() % 3000) as f32) / 1000.0)
                     .collect();
                 let alpha = (next() % 300) as f32 / 100.0;
-                let per_token = next() % 2 == 0;
+                let per_token = next().is_multiple_of(2);
                 let prior = code_prior(alpha, &logprobs, per_token);
                 let sum: f64 = logprobs.iter().map(|&l| l as f64).sum();
                 let want = alpha as f64
