@@ -260,17 +260,21 @@ fn rope_matches_cpu() {
         links: &[],
     };
     let q1 = q[..heads * d].to_vec();
-    let mut oc = c.buf(heads * d);
-    c.attention(&q1, &kvc, 1, kvr, shape, &mut oc);
-    let mut og = g.buf(heads * d);
-    g.attention(&g.buf_from_host(&q1), &kvg, 1, kvr, shape, &mut og);
-    assert_close(
-        "rope_store kv (via attention)",
-        &g.to_host(og),
-        &oc,
-        1e-5,
-        1e-4,
-    );
+    // Layer 1 holds what was stored; layer 0 must still be the arena's zeros (a wrong layer
+    // offset shared by the store and the attention would pass the first check, not this one).
+    for layer in [1, 0] {
+        let mut oc = c.buf(heads * d);
+        c.attention(&q1, &kvc, layer, kvr, shape, &mut oc);
+        let mut og = g.buf(heads * d);
+        g.attention(&g.buf_from_host(&q1), &kvg, layer, kvr, shape, &mut og);
+        assert_close(
+            &format!("rope_store kv layer {layer} (via attention)"),
+            &g.to_host(og),
+            &oc,
+            1e-5,
+            1e-4,
+        );
+    }
     g.check().unwrap();
 }
 
