@@ -174,3 +174,59 @@ fn body<B: Backend>(
     }
     normed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pass_shape;
+    use crate::backend::{KvRows, RowKv};
+
+    fn shape(rows: &[RowKv], links: &[u32], logits: &[usize]) -> u64 {
+        pass_shape(rows.len(), KvRows { rows, links }, logits)
+    }
+
+    /// 10 beams of one query at generation step `g`: span = the 7-token prompt, g links each.
+    fn beams(g: u32) -> Vec<RowKv> {
+        (0..10u32)
+            .map(|j| RowKv {
+                pos: 7 + g,
+                entry: 100 + g * 10 + j,
+                span: (0, 7),
+                link: (j * g, j * g + g),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stable_batch_keeps_its_shape_and_a_new_one_does_not() {
+        let links = vec![0u32; 400];
+        let all: Vec<usize> = (0..10).collect();
+        // Beam steps: links grow, the shape stays.
+        assert_eq!(
+            shape(&beams(2), &links, &all),
+            shape(&beams(3), &links, &all)
+        );
+        assert_eq!(
+            shape(&beams(3), &links, &all),
+            shape(&beams(15), &links, &all)
+        );
+        // Contiguous decoding of two sequences: spans grow, the shape stays.
+        let step = |p: u32| [RowKv::contiguous(0, p), RowKv::contiguous(64, p)];
+        assert_eq!(shape(&step(5), &[], &[0, 1]), shape(&step(6), &[], &[0, 1]));
+        // Fewer rows (a beam finished), other logits rows, or a prompt: another shape.
+        assert_ne!(
+            shape(&beams(3), &links, &all),
+            shape(&beams(3)[..9], &links, &all[..9])
+        );
+        assert_ne!(
+            shape(&beams(3), &links, &all),
+            shape(&beams(3), &links, &all[..5])
+        );
+        let prompt: Vec<RowKv> = (0..10).map(|p| RowKv::contiguous(0, p)).collect();
+        assert_ne!(shape(&beams(3), &links, &all), shape(&prompt, &[], &all));
+        // A beam with no links yet (the first step) differs from one with links.
+        assert_ne!(
+            shape(&beams(0), &links, &all),
+            shape(&beams(1), &links, &all)
+        );
+    }
+}
