@@ -72,7 +72,7 @@ pub fn score_postings(isa: Isa, pq: &[f32], w: &[f32], pt: &[u16], out: &mut [f3
         }
         let _ = isa;
         for (o, &t) in out.iter_mut().zip(col) {
-            *o += q.term(t as f32 * PT_SCALE);
+            *o += q.term(t);
         }
     }
 }
@@ -375,10 +375,13 @@ impl Token {
         }
     }
 
-    /// `w [Pq ln(2Pq/m) + Pt ln(2Pt/m)]`, `m = Pq + Pt`: the scalar twin of `avx2::column`'s
-    /// lanes, operation for operation.
+    /// `w [Pq ln(2Pq/m) + Pt ln(2Pt/m)]`, `m = Pq + Pt`, for the stored probability `q`
+    /// (`Pt = q · PT_SCALE`): the scalar twin of `avx2::column`'s lanes, operation for
+    /// operation. `ln(2 Pt)` comes from [`ln2pt_table`] (the same `ln`, computed once per
+    /// quantization level).
     #[inline]
-    fn term(&self, pt: f32) -> f32 {
+    fn term(&self, q: u16) -> f32 {
+        let pt = q as f32 * PT_SCALE;
         let m = self.pq + pt;
         if m <= 0.0 {
             return 0.0;
@@ -386,12 +389,27 @@ impl Token {
         let ln_m = ln(m);
         let a = self.pq * (self.ln2pq - ln_m);
         let b = if pt > 0.0 {
-            pt * (ln(pt + pt) - ln_m)
+            pt * (ln2pt_table()[q as usize] - ln_m)
         } else {
             0.0
         };
         self.w * (a + b)
     }
+}
+
+/// `ln(2 · q · PT_SCALE)` for every quantization level `q` (0 for `q = 0`, never read): one of
+/// the two logarithms of a term becomes a lookup (256 KiB, L2-resident), and the value is the
+/// very `ln` the kernel computed before, so scores are unchanged bit for bit.
+fn ln2pt_table() -> &'static [f32; 1 << 16] {
+    static TABLE: std::sync::OnceLock<Box<[f32; 1 << 16]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0f32; 1 << 16]);
+        for (q, v) in t.iter_mut().enumerate().skip(1) {
+            let pt = q as f32 * PT_SCALE;
+            *v = ln(pt + pt);
+        }
+        t
+    })
 }
 
 /// Cephes' `logf` polynomial (relative error ~1e-7) for `x > 0` normal: `x = 2^e · m`,
@@ -441,7 +459,7 @@ const LN_C: [f32; 9] = [
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Token, LN2_HI, LN2_LO, LN_C, PT_SCALE, SQRT_HALF};
+    use super::{ln2pt_table, Token, LN2_HI, LN2_LO, LN_C, PT_SCALE, SQRT_HALF};
 
     /// `ln` of 8 lanes, operation for operation as `super::ln`.
     #[inline]
@@ -474,7 +492,7 @@ mod avx2 {
         _mm256_fmadd_ps(e, _mm256_set1_ps(LN2_HI), r)
     }
 
-    /// `out[j] += q.term(col[j] * PT_SCALE)`, 8 products at a time; the tail as the scalar
+    /// `out[j] += q.term(col[j])`, 8 products at a time; the tail as the scalar
     /// twin.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn column(q: Token, col: &[u16], out: &mut [f32]) {
@@ -484,17 +502,18 @@ mod avx2 {
             _mm256_set1_ps(q.ln2pq),
         );
         let zero = _mm256_setzero_ps();
+        let table = ln2pt_table().as_ptr();
         let mut cols = col.chunks_exact(8);
         let mut outs = out.chunks_exact_mut(8);
         for (c, o) in (&mut cols).zip(&mut outs) {
-            let t = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                c.as_ptr() as *const __m128i
-            )));
-            let pt = _mm256_mul_ps(t, _mm256_set1_ps(PT_SCALE));
+            let qi = _mm256_cvtepu16_epi32(_mm_loadu_si128(c.as_ptr() as *const __m128i));
+            let pt = _mm256_mul_ps(_mm256_cvtepi32_ps(qi), _mm256_set1_ps(PT_SCALE));
             let m = _mm256_add_ps(pq, pt);
             let ln_m = ln8(m);
             let a = _mm256_mul_ps(pq, _mm256_sub_ps(ln2pq, ln_m));
-            let b = _mm256_mul_ps(pt, _mm256_sub_ps(ln8(_mm256_add_ps(pt, pt)), ln_m));
+            // ln(2 Pt) by lookup: every index is a u16, inside the 65,536-entry table.
+            let ln2pt = _mm256_i32gather_ps::<4>(table, qi);
+            let b = _mm256_mul_ps(pt, _mm256_sub_ps(ln2pt, ln_m));
             let b = _mm256_and_ps(b, _mm256_cmp_ps(pt, zero, _CMP_GT_OQ));
             let term = _mm256_mul_ps(w, _mm256_add_ps(a, b));
             let term = _mm256_and_ps(term, _mm256_cmp_ps(m, zero, _CMP_GT_OQ));
@@ -502,7 +521,7 @@ mod avx2 {
             _mm256_storeu_ps(o.as_mut_ptr(), acc);
         }
         for (o, &t) in outs.into_remainder().iter_mut().zip(cols.remainder()) {
-            *o += q.term(t as f32 * PT_SCALE);
+            *o += q.term(t);
         }
     }
 }
