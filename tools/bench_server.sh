@@ -77,5 +77,7 @@ http = json.loads((out / "http-20" / "report.json").read_text())
 print()
 print(f"20 queries one at a time: in-process engine p50 {statistics.median(inproc):.1f} ms; "
       f"over HTTP p50 {http['latency_ms']['p50']:.1f} ms, of which the engine {http['engine_ms']['p50']:.1f} ms; "
-      f"serving overhead per request p50 {http['overhead_ms']['p50']:.3f} ms, max {http['overhead_ms']['max']:.3f} ms")
+      f"serving overhead per request p50 {http['overhead_ms']['p50']:.3f} ms, max {http['overhead_ms']['max']:.3f} ms "
+      f"(inside the server p50 {http['server_overhead_ms']['p50']:.3f} ms; client and loopback p50 "
+      f"{http['client_ms']['p50']:.3f} ms)")
 PY

@@ -177,6 +177,13 @@ pub struct Report {
     /// What serving adds to the engine, per request: client latency minus the engine's stages
     /// (HTTP, JSON, queue handoff, validation).
     pub overhead_ms: Percentiles,
+    /// The server's own part of it: `server_ms` minus the engine's stages (parsing, validation,
+    /// queue handoff, answer building; no client, no loopback). Absent from older reports.
+    #[serde(default)]
+    pub server_overhead_ms: Percentiles,
+    /// The rest: client latency minus `server_ms` (the client, the loopback, connection work).
+    #[serde(default)]
+    pub client_ms: Percentiles,
 }
 
 /// What to send.
@@ -475,6 +482,8 @@ fn report(
         queue_ms: ms(&|s| s.queue_ms),
         engine_ms: ms(&|s| s.engine_ms),
         overhead_ms: ms(&|s| s.engine_ms.map(|e| s.latency_s * 1e3 - e)),
+        server_overhead_ms: ms(&|s| Some(s.server_ms? - s.engine_ms?)),
+        client_ms: ms(&|s| s.server_ms.map(|v| s.latency_s * 1e3 - v)),
     };
     (report, samples.to_vec())
 }
