@@ -82,7 +82,19 @@ fn bench_score(c: &mut Criterion) {
     g.sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    let (n, p) = (6usize, 10_000usize);
+    for p in [10_000usize, 500_000] {
+        bench_score_list(&mut g, p);
+    }
+    g.finish();
+}
+
+/// One list of `p` products (500,000: a paper-scale long list, scored through the per-token
+/// table).
+fn bench_score_list(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    p: usize,
+) {
+    let n = 6usize;
     let r = rand(n * p + 2 * n, 7);
     let pq: Vec<f32> = r[..n].iter().map(|v| v.abs()).collect();
     let w: Vec<f32> = r[n..2 * n].to_vec();
@@ -97,7 +109,6 @@ fn bench_score(c: &mut Criterion) {
             b.iter(|| gram::score::score_postings(isa, &pq, &w, &pt, &mut out))
         });
     }
-    g.finish();
 }
 
 criterion_group!(benches, bench_matmul, bench_score);

@@ -63,6 +63,10 @@ pub fn score_postings(isa: Isa, pq: &[f32], w: &[f32], pt: &[u16], out: &mut [f3
     for i in 0..n {
         let q = Token::new(pq[i], w[i]);
         let col = &pt[i * p..(i + 1) * p];
+        if p >= TERM_TABLE_MIN {
+            term_table_column(isa, q, col, out);
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if isa.runnable() != Isa::Scalar {
             // SAFETY: `runnable` gives a non-scalar ISA only when the CPU has AVX2 + FMA +
@@ -75,6 +79,54 @@ pub fn score_postings(isa: Isa, pq: &[f32], w: &[f32], pt: &[u16], out: &mut [f3
             *o += q.term(t);
         }
     }
+}
+
+/// Posting lists at least this long score a token by lookup: its term for all 65,536
+/// quantization levels first (the same kernel over `0..=65535`, so the same values), then one
+/// table read per posting. The table costs about as much as 65 k postings scored directly, so
+/// it pays from about twice that.
+const TERM_TABLE_MIN: usize = 1 << 17;
+
+/// `out[j] += q.term(col[j])` by way of a table of every level's term (see
+/// [`TERM_TABLE_MIN`]): bit-identical to scoring the column directly.
+fn term_table_column(isa: Isa, q: Token, col: &[u16], out: &mut [f32]) {
+    thread_local! {
+        static TABLE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    static LEVELS: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    let levels = LEVELS.get_or_init(|| (0..=u16::MAX).collect());
+    TABLE.with(|t| {
+        let mut table = t.borrow_mut();
+        table.clear();
+        table.resize(1 << 16, 0.0);
+        // 0.0 + term = term exactly: the table holds each level's term as the column kernel
+        // computes it.
+        #[cfg(target_arch = "x86_64")]
+        if isa.runnable() != Isa::Scalar {
+            // SAFETY: as in `score_postings`; equal lengths.
+            unsafe { avx2::column(q, levels, &mut table) };
+        } else {
+            for (v, &l) in table.iter_mut().zip(levels.iter()) {
+                *v += q.term(l);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = isa;
+            for (v, &l) in table.iter_mut().zip(levels.iter()) {
+                *v += q.term(l);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.runnable() != Isa::Scalar {
+            // SAFETY: as above; every index is a u16, inside the 65,536-entry table.
+            unsafe { avx2::lookup(&table, col, out) };
+            return;
+        }
+        for (o, &c) in out.iter_mut().zip(col) {
+            *o += table[c as usize];
+        }
+    });
 }
 
 /// The prior of a query code ([`Postings::prior`]): `alpha * Σ logprobs`, divided by
@@ -492,6 +544,23 @@ mod avx2 {
         _mm256_fmadd_ps(e, _mm256_set1_ps(LN2_HI), r)
     }
 
+    /// `out[j] += table[col[j]]`, 8 products at a time (a gather); `table` has 65,536 entries.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn lookup(table: &[f32], col: &[u16], out: &mut [f32]) {
+        debug_assert_eq!(table.len(), 1 << 16);
+        let mut cols = col.chunks_exact(8);
+        let mut outs = out.chunks_exact_mut(8);
+        for (c, o) in (&mut cols).zip(&mut outs) {
+            let qi = _mm256_cvtepu16_epi32(_mm_loadu_si128(c.as_ptr() as *const __m128i));
+            let v = _mm256_i32gather_ps::<4>(table.as_ptr(), qi);
+            let acc = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), v);
+            _mm256_storeu_ps(o.as_mut_ptr(), acc);
+        }
+        for (o, &c) in outs.into_remainder().iter_mut().zip(cols.remainder()) {
+            *o += table[c as usize];
+        }
+    }
+
     /// `out[j] += q.term(col[j])`, 8 products at a time; the tail as the scalar
     /// twin.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -537,6 +606,32 @@ mod tests {
             s ^= s >> 7;
             s ^= s << 17;
             s
+        }
+    }
+
+    /// A list long enough to be scored through the per-token table gives bit for bit what
+    /// scoring each posting directly gives, on every ISA.
+    #[test]
+    fn long_lists_by_table_equal_direct_terms() {
+        let mut next = rng(99);
+        let p = TERM_TABLE_MIN + 13;
+        let n = 3;
+        let pq: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+        let w: Vec<f32> = (0..n).map(|i| -0.5 - i as f32 * 0.25).collect();
+        let pt: Vec<u16> = (0..n * p).map(|_| next() as u16).collect();
+        let mut want = vec![0.25f32; p];
+        for i in 0..n {
+            let q = Token::new(pq[i], w[i]);
+            for (o, &c) in want.iter_mut().zip(&pt[i * p..(i + 1) * p]) {
+                *o += q.term(c);
+            }
+        }
+        for isa in Isa::available() {
+            let mut got = vec![0.25f32; p];
+            score_postings(isa, &pq, &w, &pt, &mut got);
+            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), e.to_bits(), "{isa:?} product {j}: {g} vs {e}");
+            }
         }
     }
 
