@@ -21,6 +21,7 @@
 //! - [`server`]: `gram serve`: the search over HTTP (axum), continuous batching on one engine
 //!   thread, bounded queue, deadlines, Prometheus metrics.
 //! - [`loadgen`]: `gram bench`: an open- or closed-loop HTTP load generator with latency reports.
+//! - [`eval`]: `gram eval`: nDCG, recall and relevance rate of an index on graded judgements.
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
@@ -31,6 +32,7 @@ pub mod codes_bench;
 pub mod config;
 pub mod container;
 pub mod error;
+pub mod eval;
 pub mod index;
 pub mod lm;
 pub mod loadgen;

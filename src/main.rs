@@ -45,6 +45,42 @@ enum Command {
     Bench(gram::loadgen::BenchArgs),
     /// Time the query → codes stage (beam search) on fixed token prompts, CPU or GPU.
     BenchCodes(gram::codes_bench::BenchCodesArgs),
+    /// Retrieval quality on graded judgements through the engine: nDCG@10, Recall@10/100/300,
+    /// relevance rate, judged@10, invalid codes, candidates, latency (one JSON object).
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Index directory (`gram index build --out`).
+    #[arg(long)]
+    index: PathBuf,
+    /// Judgements: JSONL `{"query": Q, "grades": {product_id: grade}}` a line, or CSV with
+    /// `query`, `docid` and `rating` columns (Chorus's `Broad_Query_Set_rated.csv`).
+    #[arg(long)]
+    judgements: PathBuf,
+    /// Model directory (default: the one that built the index; another one is refused).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Products retrieved per query.
+    #[arg(long, default_value_t = 300)]
+    k: usize,
+    /// Beam width: codes generated per query at most.
+    #[arg(long, default_value_t = 10)]
+    beam: usize,
+    /// Queries sharing decoder steps (1: one at a time, as `gram search`).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// CPU worker threads (default: all cores; on the GPU the model uses one).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
+    /// can run the model, else the CPU). Stderr says which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Also write each query's codes, candidates, metrics and latency here (JSONL).
+    #[arg(long)]
+    per_query: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -214,6 +250,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => gram::server::run(args).map_err(|e| e.to_string()),
         Command::Bench(args) => gram::loadgen::run(args),
         Command::BenchCodes(args) => gram::codes_bench::run(args),
+        Command::Eval(args) => run_eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -485,6 +522,81 @@ fn search_on<B: Backend>(
         obj["timings_ms"]["open"] = json!(open_ms);
         println!("{obj}");
     }
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<(), String> {
+    if args.threads == Some(0) {
+        return Err("--threads must be at least 1".into());
+    }
+    if args.batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
+    let mut judged = gram::eval::read_judgements(&args.judgements)?;
+    let load = LoadOptions {
+        dtype: None,
+        threads: args.threads,
+    };
+    let (engine, info) = AnyEngine::open(args.device, &args.index, args.model.as_deref(), &load)
+        .map_err(|e| e.to_string())?;
+    eprintln!("backend: {info}");
+    let engine = engine.with_limits(Limits {
+        max_k: args.k.max(1),
+        max_beam: beam::MAX_BEAM,
+        ..Limits::default()
+    });
+    let grades = judged.num_grades();
+    let dropped = judged.retain_products(&gram::eval::index_product_ids(engine.index()));
+    if dropped > 0 {
+        eprintln!(
+            "warning: {dropped} of {grades} judged products are not in the index: dropped (as \
+             evaluate.py drops those missing from the catalog)"
+        );
+    }
+    if judged.duplicate_queries > 0 {
+        eprintln!(
+            "warning: {} judgement lines repeat an earlier query: the later line replaces it",
+            judged.duplicate_queries
+        );
+    }
+    if judged.empty_grades > 0 {
+        eprintln!(
+            "warning: {} rows with an empty grade skipped",
+            judged.empty_grades
+        );
+    }
+    let opts = gram::eval::EvalOptions {
+        k: args.k,
+        beam: args.beam,
+        batch: args.batch,
+    };
+    let (report, results) = match &engine {
+        AnyEngine::Cpu(e) => gram::eval::evaluate(e, &judged.queries, &opts),
+        AnyEngine::Cuda(e) => gram::eval::evaluate(e, &judged.queries, &opts),
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(path) = &args.per_query {
+        let mut text = String::new();
+        for r in &results {
+            text += &serde_json::to_string(r).map_err(|e| e.to_string())?;
+            text.push('\n');
+        }
+        std::fs::write(path, text).map_err(|e| format!("--per-query {}: {e}", path.display()))?;
+    }
+    let mut out = json!({
+        "index": args.index,
+        "judgements": args.judgements,
+        "backend": info.backend,
+        "k": args.k,
+        "beam": args.beam,
+        "batch": args.batch,
+        "judged_products": grades - dropped,
+        "judged_products_not_in_index": dropped,
+    });
+    if let (Some(o), Some(r)) = (out.as_object_mut(), report.as_object()) {
+        o.extend(r.clone());
+    }
+    println!("{out}");
     Ok(())
 }
 

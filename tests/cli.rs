@@ -314,3 +314,132 @@ fn device_is_chosen_and_reported_by_every_model_command() {
     assert!(err.starts_with("error: device: "), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `gram eval` on a tiny index and hand-made grades: one JSON object with the metrics and
+/// counts. Every query's beam (10) reaches all 3 codes, so all 4 products come back and the
+/// ranking-free metrics are hand-checkable: recall, relevance rate, judged@10, what is
+/// skipped. A judged product outside the index is dropped and counted; an empty query is
+/// refused, counted and ranks nothing. JSONL and CSV give the same numbers; bad input is an
+/// `error:` line.
+#[test]
+fn eval_reports_metrics_on_judgements() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gram-cli-eval-{}", std::process::id()));
+    let lines: Vec<String> = [("p0", "oak sofa", "sofa"), ("p1", "oak lamp", "lamp")]
+        .into_iter()
+        .chain([("p2", "oak rug", "rug"), ("p3", "red sofa", "sofa")])
+        .map(|(id, title, code)| {
+            serde_json::json!({"id": id, "title": title, "codes": [code]}).to_string()
+        })
+        .collect();
+    let ix = build_index(&tmp, "tiny-llama", &lines);
+    let ix = ix.to_str().unwrap();
+    let judged = [
+        r#"{"query": "oak sofa", "grades": {"p0": 3, "p3": 2, "p1": 0, "ghost": 3}}"#,
+        r#"{"query": "red lamp", "grades": {"p1": 1, "p2": 0}}"#,
+        r#"{"query": "rug", "grades": {"p2": 0}}"#,
+        r#"{"query": "  ", "grades": {"p2": 3}}"#,
+    ];
+    let jsonl = tmp.join("judged.jsonl");
+    std::fs::write(&jsonl, judged.join("\n")).unwrap();
+    let csv = tmp.join("judged.csv");
+    let mut rows = vec!["query,docid,rating".to_string()];
+    for l in judged {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for (d, g) in v["grades"].as_object().unwrap() {
+            rows.push(format!("\"{}\",{d},{g}", v["query"].as_str().unwrap()));
+        }
+    }
+    std::fs::write(&csv, rows.join("\r\n")).unwrap();
+    let per_query = tmp.join("per-query.jsonl");
+    let eval = |file: &std::path::Path| {
+        let args = [
+            "eval",
+            "--index",
+            ix,
+            "--judgements",
+            file.to_str().unwrap(),
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--per-query",
+            per_query.to_str().unwrap(),
+        ];
+        let out = gram(&args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("1 of 8 judged products are not in the index"),
+            "{err}"
+        );
+        assert!(err.contains("query \"  \" refused"), "{err}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = eval(&jsonl);
+    let m = &r["metrics"];
+    let n = &r["queries_averaged"];
+    let close = |v: &serde_json::Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-12;
+    assert_eq!(r["queries"], 4);
+    assert_eq!(r["queries_with_relevant"], 2);
+    assert_eq!(r["judged_products"], 7);
+    assert_eq!(r["judged_products_not_in_index"], 1);
+    assert_eq!(r["skipped"]["refused_by_engine"], 1);
+    assert_eq!(r["mean_candidates"], 4.0);
+    assert_eq!(r["codes_per_query"], 3.0);
+    assert_eq!(r["invalid_code_rate"], 0.0);
+    // Recall: "oak sofa" 1 (p0, p3 both returned), the refused query 0; the other two have
+    // nothing graded >= 2 and are left out.
+    assert!(
+        close(&m["recall@10"], 0.5) && close(&m["recall@300"], 0.5),
+        "{r}"
+    );
+    assert_eq!(n["recall@10"], 2);
+    // Relevance rate among the judged returned: 2/3 (p0, p3 of p0, p3, p1), 0/2, 0/1; the
+    // refused query returned none and is left out.
+    assert!(close(&m["relevance_rate@300"], 2.0 / 9.0), "{r}");
+    assert_eq!(n["relevance_rate@300"], 3);
+    // judged@10 of 4 returned: 3/4, 2/4, 1/4.
+    assert!(close(&m["judged@10"], 0.5), "{r}");
+    // nDCG: "rug" has no positive grade; the refused query counts 0.
+    assert_eq!(n["ndcg@10"], 3);
+    let ndcg = m["ndcg@10"].as_f64().unwrap();
+    assert!((0.0..=2.0 / 3.0).contains(&ndcg), "{r}");
+    for key in ["p50", "p99", "mean"] {
+        assert!(r["latency_ms"][key].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&per_query)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["returned"], 4);
+    assert_eq!(rows[0]["metrics"]["recall@10"], 1.0);
+    assert_eq!(rows[3]["returned"], 0);
+    assert!(rows[3]["error"].as_str().unwrap().contains("empty"));
+    // The same grades as CSV: the same numbers.
+    let c = eval(&csv);
+    assert_eq!(c["metrics"], r["metrics"]);
+    assert_eq!(c["queries_averaged"], r["queries_averaged"]);
+    // Bad input: clear errors, no panic.
+    let bad = tmp.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"query\": \"x\", \"grades\": {\"p0\": 3}}\nnot json\n",
+    )
+    .unwrap();
+    let missing = tmp.join("missing.jsonl");
+    for (file, want) in [(&bad, "line 2: not JSON"), (&missing, "missing.jsonl")] {
+        let args = [
+            "eval",
+            "--index",
+            ix,
+            "--judgements",
+            file.to_str().unwrap(),
+        ];
+        let e = error_line(&args, &gram(&args));
+        assert!(e.contains(want), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
