@@ -27,6 +27,18 @@ struct Cli {
     command: Command,
 }
 
+/// Where a command runs the model: `--threads`, `--device`.
+#[derive(clap::Args, Clone, Copy)]
+struct RunOn {
+    /// CPU worker threads (default: all cores; on the GPU the model uses one).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
+    /// can run the model, else the CPU). Stderr says which.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Next-token log-probabilities (and an optional greedy continuation) for one prompt.
@@ -71,13 +83,8 @@ struct EvalArgs {
     /// Queries sharing decoder steps (1: one at a time, as `gram search`).
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// CPU worker threads (default: all cores; on the GPU the model uses one).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
-    /// can run the model, else the CPU). Stderr says which.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    run: RunOn,
     /// Also write each query's codes, candidates, metrics and latency here (JSONL).
     #[arg(long)]
     per_query: Option<PathBuf>,
@@ -137,13 +144,8 @@ struct BuildArgs {
     /// Products whose generation shares decoder steps.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// CPU worker threads (default: all cores; on the GPU the model uses one).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
-    /// can run the model, else the CPU). Stderr says which.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    run: RunOn,
 }
 
 #[derive(clap::Args)]
@@ -160,13 +162,8 @@ struct SearchArgs {
     /// Beam width: codes generated per query at most.
     #[arg(long, default_value_t = 10)]
     beam: usize,
-    /// CPU worker threads (default: all cores; on the GPU the model uses one).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
-    /// can run the model, else the CPU). Stderr says which.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    run: RunOn,
     /// Queries (each filled into the query template of gram.json).
     #[arg(required = true)]
     queries: Vec<String>,
@@ -196,13 +193,8 @@ struct CodesArgs {
     /// Unconstrained beam search (for comparison): reports how many returned codes are invalid.
     #[arg(long)]
     no_trie: bool,
-    /// CPU worker threads (default: all cores; on the GPU the model uses one).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
-    /// can run the model, else the CPU). Stderr says which.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    run: RunOn,
     /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
     /// CPU only: the GPU keeps bf16 weights.
     #[arg(long)]
@@ -226,13 +218,8 @@ struct LmArgs {
     /// Also print the greedy continuation of this many tokens (stops at EOS).
     #[arg(long)]
     greedy: Option<usize>,
-    /// CPU worker threads (default: all cores; on the GPU the model uses one).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Backend: `cpu`, `cuda` (GPU 0; an error where there is none) or `auto` (CUDA when a GPU
-    /// can run the model, else the CPU). Stderr says which.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    run: RunOn,
     /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
     /// CPU only: the GPU keeps bf16 weights.
     #[arg(long)]
@@ -329,8 +316,8 @@ fn run_codes(args: CodesArgs) -> Result<(), String> {
     };
     let (tokenizer, loaded) = load(
         &args.model,
-        args.device,
-        args.threads,
+        args.run.device,
+        args.run.threads,
         args.dtype.as_deref(),
     )?;
     on_model!(loaded, model => codes_on(&args, options, &tokenizer, &model))
@@ -441,7 +428,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     };
     // Every input checked: now the model (the teacher forcing and generation run on its
     // backend).
-    let (tokenizer, loaded) = load(&args.model, args.device, args.threads, None)?;
+    let (tokenizer, loaded) = load(&args.model, args.run.device, args.run.threads, None)?;
     let out = gram::search::index_file(&args.out);
     let report = on_model!(loaded, model => catalog::build_with(
         &model, &tokenizer, &settings, &items, &options, &out, &meta
@@ -476,23 +463,35 @@ fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn run_search(args: SearchArgs) -> Result<(), String> {
-    let t0 = std::time::Instant::now();
-    if args.threads == Some(0) {
+/// Opens the index and its model where `run` says (stderr names the backend), with room for
+/// `k` products and any beam width.
+fn open_engine(
+    run: RunOn,
+    index: &std::path::Path,
+    model: Option<&std::path::Path>,
+    k: usize,
+) -> Result<(AnyEngine, gram::search::BackendInfo), String> {
+    if run.threads == Some(0) {
         return Err("--threads must be at least 1".into());
     }
     let load = LoadOptions {
         dtype: None,
-        threads: args.threads,
+        threads: run.threads,
     };
-    let (engine, info) = AnyEngine::open(args.device, &args.index, args.model.as_deref(), &load)
-        .map_err(|e| e.to_string())?;
+    let (engine, info) =
+        AnyEngine::open(run.device, index, model, &load).map_err(|e| e.to_string())?;
     eprintln!("backend: {info}");
     let engine = engine.with_limits(Limits {
-        max_k: args.k.max(1),
+        max_k: k.max(1),
         max_beam: beam::MAX_BEAM,
         ..Limits::default()
     });
+    Ok((engine, info))
+}
+
+fn run_search(args: SearchArgs) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    let (engine, _) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
     match &engine {
         AnyEngine::Cpu(e) => search_on(e, &args, open_ms),
@@ -526,25 +525,14 @@ fn search_on<B: Backend>(
 }
 
 fn run_eval(args: EvalArgs) -> Result<(), String> {
-    if args.threads == Some(0) {
+    if args.run.threads == Some(0) {
         return Err("--threads must be at least 1".into());
     }
     if args.batch == 0 {
         return Err("--batch must be at least 1".into());
     }
     let mut judged = gram::eval::read_judgements(&args.judgements)?;
-    let load = LoadOptions {
-        dtype: None,
-        threads: args.threads,
-    };
-    let (engine, info) = AnyEngine::open(args.device, &args.index, args.model.as_deref(), &load)
-        .map_err(|e| e.to_string())?;
-    eprintln!("backend: {info}");
-    let engine = engine.with_limits(Limits {
-        max_k: args.k.max(1),
-        max_beam: beam::MAX_BEAM,
-        ..Limits::default()
-    });
+    let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();
     let dropped = judged.retain_products(&gram::eval::index_product_ids(engine.index()));
     if dropped > 0 {
@@ -603,8 +591,8 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
 fn run_lm(args: LmArgs) -> Result<(), String> {
     let (tokenizer, loaded) = load(
         &args.model,
-        args.device,
-        args.threads,
+        args.run.device,
+        args.run.threads,
         args.dtype.as_deref(),
     )?;
     let tokens = tokenizer.encode(&args.prompt).map_err(|e| e.to_string())?;
