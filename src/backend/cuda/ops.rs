@@ -1,0 +1,490 @@
+//! The [`Backend`] ops of [`CudaBackend`]: each op is one or two launches (or a cuBLAS GEMM)
+//! through [`CudaBackend::launch`], so a decoder pass can be planned, captured and replayed
+//! (`graph.rs`). The machinery they share (uploads, casts, GEMMs, attention plans, read-backs)
+//! is in `mod.rs`.
+
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::CudaSlice;
+
+use super::graph::KArg;
+use super::*;
+use crate::backend::{AttnShape, Backend, KvRows, LinearRef, RowKv};
+
+/// A host tensor's values as bf16 bits (round to nearest even from f32; exact from bf16).
+fn to_bf16_bits(t: &HostTensor) -> Vec<u16> {
+    match t.view() {
+        View::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
+        _ => t
+            .to_f32_vec()
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_bits())
+            .collect(),
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Weight = CudaWeight;
+    type Kv = CudaKv;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<CudaWeight> {
+        let bits = to_bf16_bits(&tensor);
+        self.ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))?;
+        let data = self
+            .stream
+            .clone_htod(&bits)
+            .map_err(dev(&format!("uploading a {:?} weight", tensor.shape())))?;
+        self.weight_bytes
+            .fetch_add(bits.len() * 2, Ordering::Relaxed);
+        Ok(CudaWeight {
+            data,
+            shape: tensor.shape().to_vec(),
+        })
+    }
+
+    fn buf(&self, len: usize) -> CudaBuf {
+        if let Some(b) = self.pass_buf(len) {
+            return b;
+        }
+        let cap = len.max(256).next_power_of_two();
+        if let Some(data) = lock(&self.pool).get_mut(&cap).and_then(|v| v.pop()) {
+            return CudaBuf {
+                mem: BufMem::Owned(data),
+                len,
+            };
+        }
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the contents are unspecified until written, as the trait says.
+        match unsafe { self.stream.alloc::<f32>(cap) } {
+            Ok(data) => CudaBuf {
+                mem: BufMem::Owned(data),
+                len,
+            },
+            Err(e) => {
+                // Out of memory: record it; later ops are skipped and `check` reports it.
+                self.run("alloc", || {
+                    Err(Error::Device(format!("allocating {cap} floats: {e:?}")))
+                });
+                CudaBuf {
+                    mem: BufMem::Pass { ptr: 0 },
+                    len: 0,
+                }
+            }
+        }
+    }
+
+    fn buf_from_host(&self, data: &[f32]) -> CudaBuf {
+        let b = self.buf(data.len());
+        if b.len == data.len() && !data.is_empty() {
+            let dst = self.bptr(&b);
+            self.run("buf_from_host", || {
+                // SAFETY: `dst` holds at least data.len() floats.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(dst, data, self.stream.cu_stream())
+                }
+                .map_err(dev("copying to the device"))?;
+                self.synchronize()
+            });
+        }
+        b
+    }
+
+    fn recycle(&self, buf: CudaBuf) {
+        if let BufMem::Owned(data) = buf.mem {
+            let cap = data.len();
+            let mut pool = lock(&self.pool);
+            let v = pool.entry(cap).or_default();
+            if v.len() < 16 {
+                v.push(data);
+            }
+        }
+    }
+
+    fn new_kv(&self, config: &ModelConfig, entries: usize) -> Result<CudaKv> {
+        if !HEAD_DIMS.contains(&config.head_dim) {
+            return Err(Error::Device(format!(
+                "head dim {}: the CUDA attention kernels are built for {HEAD_DIMS:?}",
+                config.head_dim
+            )));
+        }
+        let n = config.num_hidden_layers as u128 * entries as u128 * config.kv_dim() as u128;
+        if entries == 0 || entries > u32::MAX as usize || n * 8 > (64u128 << 30) {
+            return Err(Error::Input(format!(
+                "a KV cache of {entries} entries is empty or over 64 GiB"
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))?;
+        let k = self
+            .stream
+            .alloc_zeros::<f32>(n as usize)
+            .map_err(dev("allocating the KV arena"))?;
+        let v = self
+            .stream
+            .alloc_zeros::<f32>(n as usize)
+            .map_err(dev("allocating the KV arena"))?;
+        Ok(CudaKv {
+            k,
+            v,
+            entries,
+            kv_dim: config.kv_dim(),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        match lock(&self.error).take() {
+            Some(e) => Err(Error::Device(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn run_pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
+        self.pass(shape, f)
+    }
+
+    fn run_forward<T>(&self, f: &mut dyn FnMut() -> T) -> T {
+        let _one = lock(&self.forward_lock);
+        f()
+    }
+
+    fn to_host(&self, x: CudaBuf) -> Vec<f32> {
+        let mut out = vec![0.0f32; x.len];
+        let src = self.bptr(&x);
+        self.run("to_host", || self.read_back(src, &mut out));
+        self.recycle(x);
+        out
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaBuf) {
+        self.run("embed", || {
+            let (vocab, dim) = (table.shape[0] as u32, table.shape[1] as u32);
+            let idp = self.upload(&mut lock(&self.scratch), Slot::Ids, ids)?;
+            let n = ids.len() as u32;
+            self.launch(
+                "embed_f32",
+                (n, 1, 1),
+                128,
+                &[
+                    KArg::U64(self.ptr(&table.data)),
+                    KArg::U64(idp),
+                    KArg::U64(self.bptr(out)),
+                    KArg::U32(n),
+                    KArg::U32(vocab),
+                    KArg::U32(dim),
+                ],
+            )
+        });
+    }
+
+    fn rmsnorm(&self, x: &CudaBuf, weight: &CudaWeight, eps: f32, dim: usize, out: &mut CudaBuf) {
+        // No delta: x is only read.
+        self.run("rmsnorm", || {
+            self.rmsnorm_launch(x, 0, weight, eps, dim, out)
+        });
+    }
+
+    fn add(&self, acc: &mut CudaBuf, x: &CudaBuf) {
+        self.in_place("add", "add_f32", acc, x);
+    }
+
+    fn add_rmsnorm(
+        &self,
+        x: &mut CudaBuf,
+        delta: &CudaBuf,
+        weight: &CudaWeight,
+        eps: f32,
+        dim: usize,
+        out: &mut CudaBuf,
+    ) {
+        // x += delta (written back), out = norm(x): one launch.
+        let dp = self.bptr(delta);
+        self.run("add_rmsnorm", || {
+            self.rmsnorm_launch(x, dp, weight, eps, dim, out)
+        });
+    }
+
+    fn linear(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        jobs: &mut [(LinearRef<'_, CudaWeight>, &mut CudaBuf)],
+    ) {
+        self.run("linear", || {
+            let Some(k) = jobs.first().map(|(l, _)| l.weight.shape[1]) else {
+                return Ok(());
+            };
+            if rows <= SMALL_ROWS && k % 8 == 0 && self.small_gemm_on.load(Ordering::Relaxed) {
+                for (l, out) in jobs.iter_mut() {
+                    let n = l.weight.shape[0];
+                    self.launch(
+                        "linear_small_f32",
+                        (n.div_ceil(8) as u32, 1, 1),
+                        256,
+                        &[
+                            KArg::U64(self.bptr(x)),
+                            KArg::U64(self.ptr(&l.weight.data)),
+                            KArg::U64(l.bias.map_or(0, |b| self.ptr(&b.data))),
+                            KArg::U64(self.bptr(out)),
+                            KArg::U32(rows as u32),
+                            KArg::U32(n as u32),
+                            KArg::U32(k as u32),
+                        ],
+                    )?;
+                }
+                return Ok(());
+            }
+            let xb = self.cast_bf16(&mut lock(&self.scratch), x, rows * k)?;
+            for (l, out) in jobs.iter_mut() {
+                self.gemm(xb, rows, l.weight, l.bias, self.bptr(out))?;
+            }
+            Ok(())
+        });
+    }
+
+    fn rope(&self, x: &mut CudaBuf, heads: usize, rows: &[RowKv], table: &RopeTable) {
+        self.run("rope", || {
+            let mut s = lock(&self.scratch);
+            let rows_p = self.upload_rows(&mut s, rows)?;
+            let (cos, sin, max_pos) = self.rope_table(&mut s, table)?;
+            drop(s);
+            let p = RopeParams {
+                q: self.bptr(x),
+                rows: rows_p,
+                cos,
+                sin,
+                n_rows: rows.len() as u32,
+                heads: heads as u32,
+                head_dim: (2 * table.half) as u32,
+                max_pos: max_pos as u32,
+                ..Default::default()
+            };
+            let warps = rows.len() as u32 * heads as u32;
+            self.launch(
+                "rope_f32",
+                (warps.div_ceil(4), 1, 1),
+                128,
+                &[KArg::Rope(&p)],
+            )
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        kv: &mut CudaKv,
+        layer: usize,
+        shape: AttnShape,
+        rows: &[RowKv],
+        table: &RopeTable,
+    ) {
+        self.run("rope_store", || {
+            let mut s = lock(&self.scratch);
+            let rows_p = self.upload_rows(&mut s, rows)?;
+            let (cos, sin, max_pos) = self.rope_table(&mut s, table)?;
+            drop(s);
+            let off = (layer * kv.entries * kv.kv_dim * 4) as u64;
+            // q and k rotated, k and v stored into the arena: one launch.
+            let p = RopeParams {
+                q: self.bptr(q),
+                k: self.bptr(k),
+                rows: rows_p,
+                cos,
+                sin,
+                v: self.bptr(v),
+                k_cache: self.ptr(&kv.k) + off,
+                v_cache: self.ptr(&kv.v) + off,
+                n_rows: rows.len() as u32,
+                heads: shape.heads as u32,
+                kv_heads: shape.kv_heads as u32,
+                head_dim: (2 * table.half) as u32,
+                max_pos: max_pos as u32,
+                entries: kv.entries as u32,
+                ..Default::default()
+            };
+            let warps = rows.len() as u32 * (shape.heads + shape.kv_heads) as u32;
+            self.launch(
+                "rope_f32",
+                (warps.div_ceil(4), 1, 1),
+                128,
+                &[KArg::Rope(&p)],
+            )
+        });
+    }
+
+    fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) {
+        self.in_place("silu_mul", "silu_mul_f32", gate, up);
+    }
+
+    fn kv_store(&self, kv: &mut CudaKv, layer: usize, k: &CudaBuf, v: &CudaBuf, rows: &[RowKv]) {
+        self.run("kv_store", || {
+            let rows_p = self.upload_rows(&mut lock(&self.scratch), rows)?;
+            let off = (layer * kv.entries * kv.kv_dim * 4) as u64;
+            let n = rows.len() as u32;
+            self.launch(
+                "kv_store_f32",
+                (n, 1, 1),
+                128,
+                &[
+                    KArg::U64(self.ptr(&kv.k) + off),
+                    KArg::U64(self.ptr(&kv.v) + off),
+                    KArg::U64(self.bptr(k)),
+                    KArg::U64(self.bptr(v)),
+                    KArg::U64(rows_p),
+                    KArg::U32(n),
+                    KArg::U32(kv.kv_dim as u32),
+                    KArg::U32(kv.entries as u32),
+                ],
+            )
+        });
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        rows: KvRows<'_>,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) {
+        self.run("attention", || {
+            self.attention_impl(q, kv, layer, rows, shape, out)
+        });
+    }
+
+    fn gather_rows(&self, x: &CudaBuf, dim: usize, rows: &[usize], out: &mut CudaBuf) {
+        self.run("gather_rows", || {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let ip = self.upload(&mut lock(&self.scratch), Slot::Gather, &idx)?;
+            let n = idx.len() as u32;
+            self.launch(
+                "gather_rows_f32",
+                (n.max(1), 1, 1),
+                128,
+                &[
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(ip),
+                    KArg::U64(self.bptr(out)),
+                    KArg::U32(n),
+                    KArg::U32((x.len / dim) as u32),
+                    KArg::U32(dim as u32),
+                ],
+            )
+        });
+    }
+
+    fn linear_picks(&self, x: &CudaBuf, w: &CudaWeight, picks: &[(u32, u32)]) -> Vec<f32> {
+        let mut out = vec![0.0f32; picks.len()];
+        if picks.is_empty() {
+            return out;
+        }
+        self.run("linear_picks", || {
+            let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
+            let mut s = lock(&self.scratch);
+            let pp = self.upload(&mut s, Slot::Picks, &flat)?;
+            let dp = self.ptr(scratch_f32(self, &mut s.picks_out, picks.len())?);
+            drop(s);
+            let (dim, vocab) = (w.shape[1] as u32, w.shape[0] as u32);
+            let n = picks.len() as u32;
+            self.launch(
+                "linear_picks_f32",
+                ((n as u64 * 32).div_ceil(256) as u32, 1, 1),
+                256,
+                &[
+                    KArg::U64(self.bptr(x)),
+                    KArg::U64(self.ptr(&w.data)),
+                    KArg::U64(pp),
+                    KArg::U64(dp),
+                    KArg::U32(n),
+                    KArg::U32(x.len as u32 / dim),
+                    KArg::U32(vocab),
+                    KArg::U32(dim),
+                ],
+            )?;
+            self.read_back(dp, &mut out)
+        });
+        out
+    }
+
+    fn head_picks_lse(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        head: LinearRef<'_, CudaWeight>,
+        vocab: usize,
+        picks: &[(u32, u32)],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut logits = self.buf(rows * vocab);
+        self.linear(x, rows, &mut [(head, &mut logits)]);
+        let mut out = vec![0.0f32; picks.len()];
+        let mut lse = vec![0.0f32; rows];
+        let lp = self.bptr(&logits);
+        self.run("head_lse", || {
+            let (r32, v32) = (rows as u32, vocab as u32);
+            let mut s = lock(&self.scratch);
+            let lse_p = self.ptr(scratch_f32(self, &mut s.lse, rows)?);
+            let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
+            let pp = self.upload(&mut s, Slot::Picks, &flat)?;
+            let dp = self.ptr(scratch_f32(self, &mut s.picks_out, picks.len())?);
+            drop(s);
+            self.launch(
+                "row_logsumexp_f32",
+                (r32, 1, 1),
+                256,
+                &[
+                    KArg::U64(lp),
+                    KArg::U64(lse_p),
+                    KArg::U32(r32),
+                    KArg::U32(v32),
+                ],
+            )?;
+            if !picks.is_empty() {
+                let n = picks.len() as u32;
+                self.launch(
+                    "gather_picks_f32",
+                    self.stride_grid(n as u64),
+                    256,
+                    &[
+                        KArg::U64(lp),
+                        KArg::U64(pp),
+                        KArg::U64(dp),
+                        KArg::U32(n),
+                        KArg::U32(r32),
+                        KArg::U32(v32),
+                    ],
+                )?;
+                self.read_back(dp, &mut out)?;
+            }
+            self.read_back(lse_p, &mut lse)
+        });
+        self.recycle(logits);
+        (out, lse)
+    }
+}
+
+/// A growing f32 scratch buffer of at least `n` values.
+fn scratch_f32<'a>(
+    b: &CudaBackend,
+    slot: &'a mut Option<CudaSlice<f32>>,
+    n: usize,
+) -> Result<&'a CudaSlice<f32>> {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = Some(
+            b.stream
+                .alloc_zeros::<f32>(n.max(256).next_power_of_two())
+                .map_err(dev("allocating device scratch"))?,
+        );
+    }
+    Ok(slot.as_ref().expect("set above"))
+}
