@@ -89,31 +89,6 @@ fn dev<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> Error + '_ {
     move |e| Error::Device(format!("{what}: {e:?}"))
 }
 
-/// `#[repr(C)]` twin of the kernels' `RowKv` (kernels/common.cuh).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DevRowKv {
-    pub pos: u32,
-    pub entry: u32,
-    pub span_begin: u32,
-    pub span_end: u32,
-    pub link_begin: u32,
-    pub link_end: u32,
-}
-
-impl From<&RowKv> for DevRowKv {
-    fn from(r: &RowKv) -> Self {
-        DevRowKv {
-            pos: r.pos,
-            entry: r.entry,
-            span_begin: r.span.0,
-            span_end: r.span.1,
-            link_begin: r.link.0,
-            link_end: r.link.1,
-        }
-    }
-}
-
 /// `#[repr(C)]` twin of `AttnParams<T>` (kernels/attention.cuh); pointers as device addresses.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -282,8 +257,6 @@ pub struct CudaBackend {
     weight_bytes: AtomicUsize,
     device_name: String,
     sms: u32,
-    /// Kernel compile report: `(file, cached, seconds)`.
-    pub compiled: Vec<(&'static str, bool, f64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -359,14 +332,12 @@ impl CudaBackend {
             .map_err(dev("reading the SM count"))? as u32;
         let include = nvrtc::cuda_include_dir()?;
         let mut kernels = HashMap::new();
-        let mut compiled = Vec::new();
         for &(file, source) in nvrtc::SOURCES {
-            let c = nvrtc::compile(file, source, arch, &include)?;
-            compiled.push((file, c.cached, c.seconds));
+            let ptx = nvrtc::compile(file, source, arch, &include)?;
             let module = ctx
-                .load_module(nvrtc::ptx(&c))
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
                 .map_err(dev(&format!("loading kernels/{file}")))?;
-            for name in entry_points(&c.ptx) {
+            for name in entry_points(&ptx) {
                 let f = module
                     .load_function(name)
                     .map_err(dev(&format!("kernel {name} of kernels/{file}")))?;
@@ -401,7 +372,6 @@ impl CudaBackend {
             weight_bytes: AtomicUsize::new(0),
             device_name,
             sms,
-            compiled,
         })
     }
 
@@ -924,9 +894,9 @@ mod nvrtc_tests {
             return;
         };
         for &(file, source) in super::nvrtc::SOURCES {
-            let c = super::nvrtc::compile(file, source, "compute_90", &include)
+            let ptx = super::nvrtc::compile(file, source, "compute_90", &include)
                 .unwrap_or_else(|e| panic!("{e}"));
-            let entries = super::entry_points(&c.ptx);
+            let entries = super::entry_points(&ptx);
             let declared = source.matches("extern \"C\" __global__").count();
             assert_eq!(entries.len(), declared, "{file}: entry points {entries:?}");
         }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::CompileOptions;
 
 use crate::error::{Error, Result};
 
@@ -102,20 +102,6 @@ pub fn cuda_include_dir() -> Result<PathBuf> {
     )))
 }
 
-/// FNV-1a, 64 bits: the cache key (not a security boundary: the cache is the user's own).
-fn fnv64(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in *p {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// `$GRAM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/gram/kernels`, else `~/.cache/gram/kernels`.
 fn cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("GRAM_KERNEL_CACHE") {
@@ -127,33 +113,14 @@ fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/gram/kernels"))
 }
 
-/// Writes `bytes` to `path` atomically (temp file, rename); a failure only loses the cache.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// What one compile did.
-#[derive(Debug, Clone)]
-pub struct Compiled {
-    pub file: &'static str,
-    pub ptx: String,
-    pub cached: bool,
-    pub seconds: f64,
-}
-
-/// Compiles `file` for `arch` (`compute_90`: the driver finishes it for the exact device),
-/// from the on-disk cache when it holds this exact input.
+/// Compiles `file` for `arch` (`compute_90`: the driver finishes it for the exact device) to
+/// PTX, from the on-disk cache when it holds this exact input.
 pub fn compile(
     file: &'static str,
     source: &str,
     arch: &'static str,
     include: &Path,
-) -> Result<Compiled> {
+) -> Result<String> {
     let t0 = std::time::Instant::now();
     let text = expand(source)?;
     let options = vec!["-std=c++17".to_string()];
@@ -162,24 +129,25 @@ pub fn compile(
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
         .map_err(|e| Error::Device(format!("NVRTC version: {e:?}")))?;
-    let version = format!("{major}.{minor}");
-    let key = fnv64(&[
-        text.as_bytes(),
-        arch.as_bytes(),
-        options.join(" ").as_bytes(),
-        version.as_bytes(),
-        include.as_os_str().as_encoded_bytes(),
-    ]);
+    // The cache key: everything NVRTC sees but the CUDA headers (their directory stands in).
+    let key_input = [
+        text.as_str(),
+        arch,
+        &options.join(" "),
+        &format!("nvrtc {major}.{minor}"),
+        &include.display().to_string(),
+    ]
+    .join("\0");
+    let key = crate::container::checksum(key_input.as_bytes());
     let cached_path = cache_dir().map(|d| d.join(format!("{file}-{arch}-{key:016x}.ptx")));
     if let Some(p) = &cached_path {
         if let Ok(ptx) = std::fs::read_to_string(p) {
             if ptx.contains(".entry") {
-                return Ok(Compiled {
-                    file,
-                    ptx,
-                    cached: true,
-                    seconds: t0.elapsed().as_secs_f64(),
-                });
+                tracing::debug!(
+                    "kernels/{file}: cached PTX ({:.3} s)",
+                    t0.elapsed().as_secs_f64()
+                );
+                return Ok(ptx);
             }
         }
     }
@@ -191,22 +159,24 @@ pub fn compile(
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(&text, opts)
-        .map_err(|e| Error::Device(format!("NVRTC could not compile kernels/{file}: {e}")))?;
-    let ptx = ptx.to_src();
+        .map_err(|e| Error::Device(format!("NVRTC could not compile kernels/{file}: {e}")))?
+        .to_src();
     if let Some(p) = &cached_path {
-        if let Err(e) = write_atomic(p, ptx.as_bytes()) {
+        // A failed cache write only costs the next start a compile.
+        let written = p
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                crate::container::write_atomic(p, ptx.as_bytes()).map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
             tracing::debug!("kernel cache {}: {e}", p.display());
         }
     }
-    Ok(Compiled {
-        file,
-        ptx,
-        cached: false,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
-}
-
-/// The PTX as the driver loads it.
-pub fn ptx(c: &Compiled) -> Ptx {
-    Ptx::from_src(c.ptx.clone())
+    tracing::debug!(
+        "kernels/{file}: compiled ({:.3} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(ptx)
 }
