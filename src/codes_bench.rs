@@ -158,14 +158,6 @@ fn read_prompts(
     Ok(out)
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i]
-}
-
 fn bench<B: Backend>(
     args: &BenchCodesArgs,
     model: &Model<B>,
@@ -310,9 +302,8 @@ fn bench<B: Backend>(
                     profile_graphs = report(g)?;
                 }
             }
-            let mut sorted = lat.clone();
-            sorted.sort_by(f64::total_cmp);
-            let p50 = percentile(&sorted, 0.5);
+            let pct = crate::loadgen::Percentiles::of(&lat);
+            let p50 = pct.p50;
             let mean_steps = steps.iter().sum::<usize>() as f64 / steps.len().max(1) as f64;
             let floor_ms = match (bandwidth, weight_bytes) {
                 (Some(bw), Some(wb)) => Some(mean_steps * wb as f64 / bw * 1e3),
@@ -328,7 +319,7 @@ fn bench<B: Backend>(
                 "reps": lat.len(),
                 "latency_ms": lat,
                 "p50_ms": p50,
-                "p99_ms": percentile(&sorted, 0.99),
+                "p99_ms": pct.p99,
                 "qps": batch as f64 / (p50 / 1e3),
                 "steps_mean": mean_steps,
                 "rows_per_batch": rows as f64 / lat.len() as f64,

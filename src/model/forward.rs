@@ -50,11 +50,9 @@ pub(super) fn forward<B: Backend>(
 /// shares its span, and has links (not lengths: a decoding sequence's span and a beam's links
 /// grow every step while the pass keeps its shape).
 fn pass_shape(t: usize, kv_rows: KvRows, logits_rows: &[usize]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut mix = |v: u64| {
-        h ^= v;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    let mut mix = |v: u64| h.write_u64(v);
     mix(t as u64);
     mix(logits_rows.len() as u64);
     let mut prev: Option<&crate::backend::RowKv> = None;
@@ -64,7 +62,7 @@ fn pass_shape(t: usize, kv_rows: KvRows, logits_rows: &[usize]) -> u64 {
         mix((follows as u64) | (same_span as u64) << 1 | ((r.link.1 > r.link.0) as u64) << 2);
         prev = Some(r);
     }
-    h
+    h.finish()
 }
 
 /// Embedding → layers → the final norm of `logits_rows`: `[R, C]`, or `None` when no logits

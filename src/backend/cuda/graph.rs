@@ -59,8 +59,6 @@ pub(super) enum Mode {
     Direct,
 }
 
-const FNV: u64 = 0xcbf2_9ce4_8422_2325;
-
 /// The state of the pass being run.
 #[derive(Default)]
 pub(super) struct Pass {
@@ -68,7 +66,8 @@ pub(super) struct Pass {
     /// an op while another thread plans a pass must not have its launch merely hashed).
     pub mode: Mode,
     pub owner: Option<std::thread::ThreadId>,
-    pub hash: u64,
+    /// Every launch of the walk, hashed (Plan and Capture).
+    pub hasher: std::hash::DefaultHasher,
     /// Activation buffers of passes, by the order a pass asks for them.
     pub slots: Vec<CudaSlice<f32>>,
     pub next: usize,
@@ -81,14 +80,15 @@ pub(super) struct Pass {
 
 impl Pass {
     pub(super) fn mix_u64(&mut self, v: u64) {
-        self.mix(&v.to_le_bytes());
+        std::hash::Hasher::write_u64(&mut self.hasher, v);
     }
 
     fn mix(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.hash ^= b as u64;
-            self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
-        }
+        std::hash::Hasher::write(&mut self.hasher, bytes);
+    }
+
+    fn hash(&self) -> u64 {
+        std::hash::Hasher::finish(&self.hasher)
     }
 }
 
@@ -285,7 +285,7 @@ impl CudaBackend {
         p.next = 0;
         p.uploaded.clear();
         if matches!(mode, Mode::Plan | Mode::Capture) {
-            p.hash = FNV;
+            p.hasher = Default::default();
         }
         if mode == Mode::Plan {
             p.broken = None;
@@ -319,7 +319,7 @@ impl CudaBackend {
         let planned = f();
         let (hash, broken) = {
             let mut p = lock(&self.pass);
-            (p.hash, p.broken.take())
+            (p.hash(), p.broken.take())
         };
         if broken.is_some() || lock(&self.error).is_some() {
             return self.direct(f);
@@ -347,7 +347,7 @@ impl CudaBackend {
         let out = f();
         let (broken, captured_hash) = {
             let mut p = lock(&self.pass);
-            (p.broken.take(), p.hash)
+            (p.broken.take(), p.hash())
         };
         let graph = self.stream.end_capture(drv::CUgraphInstantiate_flags(0));
         self.set_mode(Mode::Eager);

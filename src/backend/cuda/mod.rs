@@ -215,9 +215,13 @@ struct Scratch {
     xb: Option<CudaSlice<u16>>,
     /// The rotary table of the model being run: `(RopeTable::id, cos, sin, max_pos)`.
     rope: Option<(u64, CudaSlice<f32>, CudaSlice<f32>, usize)>,
-    /// Device logits of the last full head, and the row log-sum-exps.
-    lse: Option<CudaSlice<f32>>,
+    /// The head's outputs: the picks' logits (then, for the full head, each row's
+    /// log-sum-exp), read back in one copy.
     picks_out: Option<CudaSlice<f32>>,
+    /// The batch rows of the last `upload_rows` and their flat form: every op of a pass uploads
+    /// the same rows, which are then neither flattened nor allocated again.
+    rows_last: Vec<RowKv>,
+    rows_flat: Vec<u32>,
 }
 
 /// Per-op GPU time, from CUDA events around each op (only when profiling is on).
@@ -640,11 +644,19 @@ impl CudaBackend {
     }
 
     fn upload_rows(&self, s: &mut Scratch, rows: &[RowKv]) -> Result<u64> {
-        let flat: Vec<u32> = rows
-            .iter()
-            .flat_map(|r| [r.pos, r.entry, r.span.0, r.span.1, r.link.0, r.link.1])
-            .collect();
-        self.upload(s, Slot::Rows, &flat)
+        let mut flat = std::mem::take(&mut s.rows_flat);
+        if s.rows_last != rows {
+            flat.clear();
+            flat.extend(
+                rows.iter()
+                    .flat_map(|r| [r.pos, r.entry, r.span.0, r.span.1, r.link.0, r.link.1]),
+            );
+            s.rows_last.clear();
+            s.rows_last.extend_from_slice(rows);
+        }
+        let p = self.upload(s, Slot::Rows, &flat);
+        s.rows_flat = flat;
+        p
     }
 
     fn rope_table(&self, s: &mut Scratch, table: &RopeTable) -> Result<(u64, u64, usize)> {

@@ -11,18 +11,6 @@ use super::graph::KArg;
 use super::*;
 use crate::backend::{AttnShape, Backend, KvRows, LinearRef, RowKv};
 
-/// A host tensor's values as bf16 bits (round to nearest even from f32; exact from bf16).
-fn to_bf16_bits(t: &HostTensor) -> Vec<u16> {
-    match t.view() {
-        View::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
-        _ => t
-            .to_f32_vec()
-            .into_iter()
-            .map(|x| half::bf16::from_f32(x).to_bits())
-            .collect(),
-    }
-}
-
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Weight = CudaWeight;
@@ -33,13 +21,21 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, tensor: HostTensor) -> Result<CudaWeight> {
-        let bits = to_bf16_bits(&tensor);
+        // bf16 on the device: a bf16 tensor (mapped) is copied as it is, others converted.
+        let tensor = tensor.into_dtype(crate::tensor::DType::BF16);
+        let View::BF16(values) = tensor.view() else {
+            return Err(Error::Device(format!(
+                "a {:?} weight did not convert to bf16",
+                tensor.shape()
+            )));
+        };
+        let bits: &[u16] = bytemuck::cast_slice(values);
         self.ctx
             .bind_to_thread()
             .map_err(dev("binding the context"))?;
         let data = self
             .stream
-            .clone_htod(&bits)
+            .clone_htod(bits)
             .map_err(dev(&format!("uploading a {:?} weight", tensor.shape())))?;
         self.weight_bytes
             .fetch_add(bits.len() * 2, Ordering::Relaxed);
@@ -427,17 +423,18 @@ impl Backend for CudaBackend {
     ) -> (Vec<f32>, Vec<f32>) {
         let mut logits = self.buf(rows * vocab);
         self.linear(x, rows, &mut [(head, &mut logits)]);
-        let mut out = vec![0.0f32; picks.len()];
-        let mut lse = vec![0.0f32; rows];
+        // One buffer, one read-back: the picks' logits, then the rows' log-sum-exps.
+        let n = picks.len();
+        let mut out = vec![0.0f32; n + rows];
         let lp = self.bptr(&logits);
         self.run("head_lse", || {
             let (r32, v32) = (rows as u32, vocab as u32);
             let mut s = lock(&self.scratch);
-            let lse_p = self.ptr(scratch_f32(self, &mut s.lse, rows)?);
             let flat: Vec<u32> = picks.iter().flat_map(|&(r, v)| [r, v]).collect();
             let pp = self.upload(&mut s, Slot::Picks, &flat)?;
-            let dp = self.ptr(scratch_f32(self, &mut s.picks_out, picks.len())?);
+            let dp = self.ptr(scratch_f32(self, &mut s.picks_out, n + rows)?);
             drop(s);
+            let lse_p = dp + n as u64 * 4;
             self.launch(
                 "row_logsumexp_f32",
                 (r32, 1, 1),
@@ -449,8 +446,7 @@ impl Backend for CudaBackend {
                     KArg::U32(v32),
                 ],
             )?;
-            if !picks.is_empty() {
-                let n = picks.len() as u32;
+            if n > 0 {
                 self.launch(
                     "gather_picks_f32",
                     self.stride_grid(n as u64),
@@ -459,15 +455,15 @@ impl Backend for CudaBackend {
                         KArg::U64(lp),
                         KArg::U64(pp),
                         KArg::U64(dp),
-                        KArg::U32(n),
+                        KArg::U32(n as u32),
                         KArg::U32(r32),
                         KArg::U32(v32),
                     ],
                 )?;
-                self.read_back(dp, &mut out)?;
             }
-            self.read_back(lse_p, &mut lse)
+            self.read_back(dp, &mut out)
         });
+        let lse = out.split_off(n);
         self.recycle(logits);
         (out, lse)
     }
