@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{self, Backend, Device};
+use crate::backend::{Backend, Device};
 use crate::beam::{BeamOptions, BeamSearch, Normalize, Query};
 use crate::tensor::DType;
 use crate::trie::{CodeSet, Trie};
@@ -79,9 +79,11 @@ pub struct BenchCodesArgs {
 
 pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     let dtype = DType::parse(&args.dtype).ok_or_else(|| format!("--dtype `{}`", args.dtype))?;
-    match backend::open(args.device, false).map_err(|e| e.to_string())? {
+    let (gpu, info) =
+        crate::search::open_backend(args.device, &args.model).map_err(|e| e.to_string())?;
+    eprintln!("bench-codes: backend {info}");
+    match gpu {
         Some(gpu) => {
-            eprintln!("bench-codes: backend cuda on {}", gpu.device_name());
             gpu.set_graphs(!args.eager);
             let model = Model::load_on(
                 gpu,
@@ -95,7 +97,6 @@ pub fn run(args: BenchCodesArgs) -> Result<(), String> {
             bench(&args, &model, Some(&model.backend))
         }
         None => {
-            eprintln!("bench-codes: backend cpu");
             let model = Model::load(
                 &args.model,
                 &LoadOptions {

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::backend::cpu::simd::Isa;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend};
-use crate::backend::{self as backends, Backend, Device};
+use crate::backend::{Backend, Device};
 use crate::beam::{self, Batcher, BeamOptions, BeamSearch, Ticket};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -631,7 +631,7 @@ pub fn open_backend(
     // Cheap checks first (a GPU at all, then the model's shape), before the kernels compile.
     let opened = cuda::probe().and_then(|_| {
         if cuda::HEAD_DIMS.contains(&config.head_dim) {
-            backends::open(Device::Cuda, false)
+            CudaBackend::new(0, false).map(Some)
         } else {
             Err(Error::Device(format!(
                 "the model's head dim {} is not one the CUDA kernels are built for ({:?})",

@@ -23,32 +23,6 @@ pub enum Device {
     Auto,
 }
 
-/// Opens the backend `device` asks for: `Some(cuda)`, or `None` for the CPU. `auto` falls back
-/// to the CPU (logging why) when no GPU can be used; `cuda` returns that as an error.
-pub fn open(device: Device, profile: bool) -> Result<Option<cuda::CudaBackend>> {
-    match device {
-        Device::Cpu => {
-            tracing::info!("backend: cpu (--device cpu)");
-            Ok(None)
-        }
-        Device::Cuda => {
-            let b = cuda::CudaBackend::new(0, profile)?;
-            tracing::info!("backend: cuda on {}", b.device_name());
-            Ok(Some(b))
-        }
-        Device::Auto => match cuda::CudaBackend::new(0, profile) {
-            Ok(b) => {
-                tracing::info!("backend: cuda on {} (--device auto)", b.device_name());
-                Ok(Some(b))
-            }
-            Err(e) => {
-                tracing::info!("backend: cpu (--device auto: {e})");
-                Ok(None)
-            }
-        },
-    }
-}
-
 /// A linear layer `y = x W^T + b`, `W: [N, K]` as HF stores it.
 pub struct Linear<W> {
     pub weight: W,
