@@ -22,6 +22,7 @@ struct AttnParams {
     const u32* groups;    // [n_groups + 1]: row ranges, CSR (prefill: tiles; decode: span groups)
     float* part_o;        // decode with n_chunks > 1: [n_chunks, T, H, D] f32, else unused
     float* part_ml;       // decode with n_chunks > 1: [n_chunks, T, H, 2] f32 (m, l), else unused
+    bf16* out_b;          // [T, H * D] or null: out rounded to bf16 as well (the o_proj GEMM's operand)
     u32 n_rows;           // T
     u32 n_links;
     u32 n_groups;

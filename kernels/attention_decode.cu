@@ -217,9 +217,13 @@ __device__ __forceinline__ void decode_impl(const AttnParams<T>& p) {
         const u32 t_out = b0 + pair_again / G, h_out = kvh * G + pair_again % G;
         if (p.n_chunks == 1) {
             const float inv = softmax_inv(st.l);  // empty context: 0, as the CPU
-            T* orow = p.out + (u64)t_out * q_stride + (u64)h_out * D;
+            const u64 o_off = (u64)t_out * q_stride + (u64)h_out * D;
 #pragma unroll
-            for (int c = 0; c < D / 32; ++c) orow[lane + 32 * c] = from_f32<T>(poisoned ? gram_nan() : st.o[c] * inv);
+            for (int c = 0; c < D / 32; ++c) {
+                const float y = poisoned ? gram_nan() : st.o[c] * inv;
+                p.out[o_off + lane + 32 * c] = from_f32<T>(y);
+                if (p.out_b) p.out_b[o_off + lane + 32 * c] = __float2bfloat16_rn(y);
+            }
         } else {
             const u64 pi = ((u64)chunk * p.n_rows + t_out) * p.heads + h_out;
             if (lane == 0) {
@@ -256,9 +260,13 @@ __device__ __forceinline__ void decode_merge_impl(const AttnParams<T>& p) {
         }
     }
     const float inv = softmax_inv(l);
-    T* orow = p.out + pair * D;  // [T, H, D] row-major: (t * H + h) * D
+    const u64 o_off = pair * D;  // [T, H, D] row-major: (t * H + h) * D
 #pragma unroll
-    for (int i = 0; i < D / 32; ++i) orow[lane + 32 * i] = from_f32<T>(o[i] * inv);
+    for (int i = 0; i < D / 32; ++i) {
+        const float y = o[i] * inv;
+        p.out[o_off + lane + 32 * i] = from_f32<T>(y);
+        if (p.out_b) p.out_b[o_off + lane + 32 * i] = __float2bfloat16_rn(y);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_decode_d64_f32(AttnParams<float> p) {

@@ -149,10 +149,13 @@ __device__ __forceinline__ void prefill_impl(const AttnParams<T>& p) {
             if (r >= nq) continue;  // uniform in the warp
             const bool poisoned = !ok[r] || lane_any(bad[rr]);
             const float inv = softmax_inv(l[rr]);  // empty context: 0, as the CPU
-            T* orow = p.out + (u64)(base + r) * q_stride + (u64)h * D;
+            const u64 o_off = (u64)(base + r) * q_stride + (u64)h * D;
 #pragma unroll
-            for (int c = 0; c < DL; ++c)
-                orow[lane + 32 * c] = from_f32<T>(poisoned ? gram_nan() : o[rr][c] * inv);
+            for (int c = 0; c < DL; ++c) {
+                const float y = poisoned ? gram_nan() : o[rr][c] * inv;
+                p.out[o_off + lane + 32 * c] = from_f32<T>(y);
+                if (p.out_b) p.out_b[o_off + lane + 32 * c] = __float2bfloat16_rn(y);
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 // f32 (the bf16 parity tolerance covers it).
 //
 // Symbols (T = activation dtype of `delta` and `out`; the residual stream `x` is always f32):
-//   rmsnorm_f32(float* x, const float* delta, const bf16* weight, float* out, ...)
+//   rmsnorm_f32(float* x, const float* delta, const bf16* weight, float* out, ..., bf16* out_b)
 //   rmsnorm_bf16(float* x, const bf16* delta, const bf16* weight, bf16* out, ...)
 // Parameters:
 //   x          [x_rows, dim] f32  residual stream; read, and written back (x += delta) when
@@ -19,6 +19,8 @@
 //                                  `rmsnorm`); x is then NOT written back (the sum is used, and
 //                                  repeated indices are safe). An index >= x_rows gives a NaN row.
 //   x_rows, dim, eps
+//   out_b      [rows, dim]   bf16 or null (rmsnorm_f32 only): out rounded to bf16 as well, the
+//                                  operand of the GEMM that reads out next (saves its cast)
 // Launch: grid (rows), block 256 (any multiple of 32 up to 1024). The first layer's input norm
 // passes delta = null; later ones fuse the previous block's residual add.
 // Qwen3's per-head q/k norm is fused into rope.cu instead.
@@ -28,13 +30,17 @@
 template <typename T>
 __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf16* __restrict__ weight,
                                              T* __restrict__ out, const u32* __restrict__ row_index,
-                                             u32 x_rows, u32 dim, float eps) {
+                                             u32 x_rows, u32 dim, float eps, bf16* __restrict__ out_b) {
     __shared__ float scratch[32];
     const u32 row = blockIdx.x;
     const u32 src = row_index ? row_index[row] : row;
     T* o = out + (u64)row * dim;
+    bf16* ob = out_b ? out_b + (u64)row * dim : nullptr;
     if (src >= x_rows) {  // uniform across the block: no barrier is skipped by some threads only
-        for (u32 i = threadIdx.x; i < dim; i += blockDim.x) o[i] = from_f32<T>(gram_nan());
+        for (u32 i = threadIdx.x; i < dim; i += blockDim.x) {
+            o[i] = from_f32<T>(gram_nan());
+            if (ob) ob[i] = __float2bfloat16_rn(gram_nan());
+        }
         return;
     }
     float* xr = x + (u64)src * dim;
@@ -53,16 +59,18 @@ __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf1
     for (u32 i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = xr[i];
         if (dr && !write_back) v += to_f32(dr[i]);
-        o[i] = from_f32<T>(to_f32(weight[i]) * (v * inv));
+        const float y = to_f32(weight[i]) * (v * inv);
+        o[i] = from_f32<T>(y);
+        if (ob) ob[i] = __float2bfloat16_rn(y);  // what cast_f32_bf16 would make of o[i]
     }
 }
 
 extern "C" __global__ void rmsnorm_f32(float* x, const float* delta, const bf16* weight, float* out,
-                                       const u32* row_index, u32 x_rows, u32 dim, float eps) {
-    rmsnorm_impl<float>(x, delta, weight, out, row_index, x_rows, dim, eps);
+                                       const u32* row_index, u32 x_rows, u32 dim, float eps, bf16* out_b) {
+    rmsnorm_impl<float>(x, delta, weight, out, row_index, x_rows, dim, eps, out_b);
 }
 
 extern "C" __global__ void rmsnorm_bf16(float* x, const bf16* delta, const bf16* weight, bf16* out,
                                         const u32* row_index, u32 x_rows, u32 dim, float eps) {
-    rmsnorm_impl<bf16>(x, delta, weight, out, row_index, x_rows, dim, eps);
+    rmsnorm_impl<bf16>(x, delta, weight, out, row_index, x_rows, dim, eps, nullptr);
 }

@@ -236,6 +236,7 @@ fn bench<B: Backend>(
                     .run(model, &trie, &next_batch())
                     .map_err(|e| e.to_string())?;
             }
+            let timed0 = gpu.map(|g| g.graph_stats());
             let (mut lat, mut steps, mut rows, mut codes) =
                 (Vec::new(), Vec::new(), 0usize, 0usize);
             let t_config = Instant::now();
@@ -250,14 +251,21 @@ fn bench<B: Backend>(
                 rows += outs.iter().map(|o| o.rows).sum::<usize>();
                 codes += outs.iter().map(|o| o.codes.len()).sum::<usize>();
             }
-            let graphs = match (gpu, stats0) {
-                (Some(g), Some(s0)) => {
-                    let s = g.graph_stats();
+            let graphs = match (gpu, stats0, timed0) {
+                (Some(g), Some(s0), Some(t0)) => {
+                    // Counts over warm-up and timed batches; host times per timed batch.
+                    let now = g.graph_stats();
+                    let s = now.since(&s0);
+                    let t = now.since(&t0);
+                    let per_batch = |ns: u64| ns as f64 / 1e6 / lat.len().max(1) as f64;
                     Some(json!({
-                        "captured": s.captured - s0.captured,
-                        "replayed": s.replayed - s0.replayed,
-                        "direct": s.direct - s0.direct,
-                        "unplanned": s.unplanned - s0.unplanned,
+                        "captured": s.captured,
+                        "replayed": s.replayed,
+                        "direct": s.direct,
+                        "unplanned": s.unplanned,
+                        "host_plan_ms_per_batch": per_batch(t.plan_ns),
+                        "host_walk_ms_per_batch": per_batch(t.walk_ns),
+                        "wait_ms_per_batch": per_batch(t.wait_ns),
                     }))
                 }
                 _ => None,

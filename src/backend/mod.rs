@@ -205,6 +205,22 @@ pub trait Backend: Send + Sync {
     }
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// The SwiGLU MLP's first half: `gate_out = silu(x Wg^T) * (x Wu^T)`, `x: [T, K]`, both
+    /// outputs `[T, N]`; `up_out` is scratch (what it holds afterwards is unspecified). The
+    /// default is [`Backend::linear`] of both, then [`Backend::silu_mul`]; the CUDA backend
+    /// runs both products as one batched GEMM.
+    fn gate_up_silu(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        gate: LinearRef<'_, Self::Weight>,
+        up: LinearRef<'_, Self::Weight>,
+        gate_out: &mut Self::Buf,
+        up_out: &mut Self::Buf,
+    ) {
+        self.linear(x, rows, &mut [(gate, &mut *gate_out), (up, &mut *up_out)]);
+        self.silu_mul(gate_out, up_out);
+    }
     /// Writes this batch's K and V (`[T, Hkv * D]`) into `layer` of the cache at each row's
     /// entry.
     fn kv_store(

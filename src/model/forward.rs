@@ -144,15 +144,14 @@ fn body<B: Backend>(
             &mut hn,
         );
         // MLP block: h = down(silu(gate(hn)) * up(hn)), added to x by the next norm.
-        b.linear(
+        b.gate_up_silu(
             &hn,
             t,
-            &mut [
-                (layer.gate_proj.as_ref(), &mut gate),
-                (layer.up_proj.as_ref(), &mut up),
-            ],
+            layer.gate_proj.as_ref(),
+            layer.up_proj.as_ref(),
+            &mut gate,
+            &mut up,
         );
-        b.silu_mul(&mut gate, &up);
         b.linear(&gate, t, &mut [(layer.down_proj.as_ref(), &mut h)]);
     }
     b.add(&mut x, &h);

@@ -40,7 +40,7 @@ pub(super) enum KArg<'a> {
 
 /// The bytes of `v` (a `#[repr(C)]` plain-data parameter struct).
 fn raw<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: T is plain old data with no padding (AttnParams: 9 pointers + 10 four-byte fields;
+    // SAFETY: T is plain old data with no padding (AttnParams: 10 pointers + 10 four-byte fields;
     // RopeParams names its tail padding `_pad`), so every byte read is initialized.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
@@ -102,6 +102,28 @@ pub struct GraphStats {
     pub unplanned: usize,
     /// Captures abandoned (the pass then ran directly): a non-zero count is worth a look.
     pub failed_captures: usize,
+    /// Host time, nanoseconds: plan walks (hashing a pass's launches before a replay or a
+    /// capture), other walks of a pass (launching it: unplanned, captured, direct, graphs
+    /// off), and waiting for the GPU in read-backs (the head's results).
+    pub plan_ns: u64,
+    pub walk_ns: u64,
+    pub wait_ns: u64,
+}
+
+impl GraphStats {
+    /// The counts and times since `earlier`.
+    pub fn since(&self, earlier: &GraphStats) -> GraphStats {
+        GraphStats {
+            captured: self.captured - earlier.captured,
+            replayed: self.replayed - earlier.replayed,
+            direct: self.direct - earlier.direct,
+            unplanned: self.unplanned - earlier.unplanned,
+            failed_captures: self.failed_captures - earlier.failed_captures,
+            plan_ns: self.plan_ns - earlier.plan_ns,
+            walk_ns: self.walk_ns - earlier.walk_ns,
+            wait_ns: self.wait_ns - earlier.wait_ns,
+        }
+    }
 }
 
 /// The mode of `p` as the calling thread sees it.
@@ -292,10 +314,38 @@ impl CudaBackend {
         }
     }
 
-    /// Runs one decoder pass `f` as described in the module doc.
+    /// Runs `f`, one walk of a pass, adding its host time to `walk_ns` (or `plan_ns`).
+    fn walk<T>(&self, plan: bool, f: &mut dyn FnMut() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let out = f();
+        let ns = t0.elapsed().as_nanos() as u64;
+        let mut st = lock(&self.graph_stats);
+        if plan {
+            st.plan_ns += ns;
+        } else {
+            st.walk_ns += ns;
+        }
+        out
+    }
+
+    /// Runs one decoder pass `f` as described in the module doc. Every walk of the pass sees
+    /// one pass generation: per-pass work (the attention plan and its uploads, the same for
+    /// every layer) is done once and reused while the generation lasts.
     pub(super) fn pass<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
+        struct EndGen<'a>(&'a CudaBackend);
+        impl Drop for EndGen<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.scratch).pass_gen = 0;
+            }
+        }
+        lock(&self.scratch).pass_gen = self.pass_gens.fetch_add(1, Ordering::Relaxed) + 1;
+        let _end = EndGen(self);
+        self.pass_inner(shape, f)
+    }
+
+    fn pass_inner<T>(&self, shape: u64, f: &mut dyn FnMut() -> T) -> T {
         if !self.graphs_on.load(Ordering::Relaxed) || lock(&self.error).is_some() {
-            return f();
+            return self.walk(false, f);
         }
         // A shape seen for the first time (a batch that changes every step, a one-off
         // prompt) runs as plain launches: planning it would cost a second walk for nothing.
@@ -307,7 +357,7 @@ impl CudaBackend {
             if shapes.insert(shape) {
                 drop(shapes);
                 lock(&self.graph_stats).unplanned += 1;
-                return f();
+                return self.walk(false, f);
             }
         }
         // One pass at a time: the pass state, the slots and the graphs are shared.
@@ -316,7 +366,7 @@ impl CudaBackend {
         // stream leaves capture.
         let _reset = ResetOnDrop(self);
         self.set_mode(Mode::Plan);
-        let planned = f();
+        let planned = self.walk(true, f);
         let (hash, broken) = {
             let mut p = lock(&self.pass);
             (p.hash(), p.broken.take())
@@ -344,7 +394,7 @@ impl CudaBackend {
             tracing::debug!("stream capture refused: {e:?}");
             return self.direct(f);
         }
-        let out = f();
+        let out = self.walk(false, f);
         let (broken, captured_hash) = {
             let mut p = lock(&self.pass);
             (p.broken.take(), p.hash())
@@ -391,7 +441,7 @@ impl CudaBackend {
 
     fn direct<T>(&self, f: &mut dyn FnMut() -> T) -> T {
         self.set_mode(Mode::Direct);
-        let out = f();
+        let out = self.walk(false, f);
         self.set_mode(Mode::Eager);
         lock(&self.graph_stats).direct += 1;
         out

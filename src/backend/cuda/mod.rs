@@ -19,7 +19,7 @@ mod ops;
 pub mod plan;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{sys as blas, CudaBlas};
@@ -102,6 +102,7 @@ struct AttnParams {
     groups: u64,
     part_o: u64,
     part_ml: u64,
+    out_b: u64,
     n_rows: u32,
     n_links: u32,
     n_groups: u32,
@@ -146,7 +147,7 @@ unsafe impl DeviceRepr for RopeParams {}
 
 // The C layouts (kernels/attention.cuh, kernels/rope.cu): 8-byte pointers first, then 4-byte
 // fields, no padding left implicit (the graph hash reads every byte).
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 9 * 8 + 10 * 4);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 10 * 8 + 10 * 4);
 const _: () = assert!(std::mem::size_of::<RopeParams>() == 10 * 8 + 8 * 4);
 
 /// An f32 activation buffer: `len` values at the front of a pooled allocation, or of a pass
@@ -213,6 +214,9 @@ struct Scratch {
     uploads: HashMap<Slot, Upload>,
     /// The bf16 copy of a GEMM's activation operand.
     xb: Option<CudaSlice<u16>>,
+    /// `(f32 buffer address, values, op)`: `xb` holds the bf16 rounding of that buffer, written
+    /// by op number `op` (a norm or SwiGLU writing it for the GEMM that reads its output next).
+    shadow: Option<(u64, usize, u64)>,
     /// The rotary table of the model being run: `(RopeTable::id, cos, sin, max_pos)`.
     rope: Option<(u64, CudaSlice<f32>, CudaSlice<f32>, usize)>,
     /// The head's outputs: the picks' logits (then, for the full head, each row's
@@ -222,6 +226,24 @@ struct Scratch {
     /// the same rows, which are then neither flattened nor allocated again.
     rows_last: Vec<RowKv>,
     rows_flat: Vec<u32>,
+    /// The pass being run (`CudaBackend::pass`), 0 outside one. Within a pass the model's
+    /// batch (rows, links) is one borrowed, unchanging value.
+    pass_gen: u64,
+    /// The attention plan and uploads of pass `pass_gen` (every layer attends over the same
+    /// rows): made by the first layer, reused by the others.
+    attn: Option<AttnMemo>,
+}
+
+/// What `attention_impl` prepares once per pass: the plan and the device addresses of its
+/// uploads, for the batch at `key` (the rows' and links' host addresses and lengths).
+struct AttnMemo {
+    gen: u64,
+    key: [usize; 4],
+    plan: std::sync::Arc<AttnPlan>,
+    rows_p: u64,
+    links_p: u64,
+    links_cap: usize,
+    groups_p: u64,
 }
 
 /// Per-op GPU time, from CUDA events around each op (only when profiling is on).
@@ -252,6 +274,10 @@ pub struct CudaBackend {
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
     graph_stats: Mutex<GraphStats>,
+    /// Passes begun (`Scratch::pass_gen`).
+    pass_gens: AtomicU64,
+    /// Ops run ([`CudaBackend::op_seq`]).
+    op_seq: AtomicU64,
     /// cuBLAS's workspace, set once so that captured GEMMs allocate nothing.
     _blas_workspace: CudaSlice<u8>,
     profile: Mutex<Profile>,
@@ -366,6 +392,8 @@ impl CudaBackend {
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
             graph_stats: Mutex::new(GraphStats::default()),
+            pass_gens: AtomicU64::new(0),
+            op_seq: AtomicU64::new(0),
             small_gemm_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_SMALL_GEMM").is_ok_and(|v| v == "1"),
             ),
@@ -473,6 +501,10 @@ impl CudaBackend {
         if lock(&self.error).is_some() {
             return;
         }
+        if name != "graph" {
+            // A graph launch runs ops already counted by the pass's plan walk.
+            self.op_seq.fetch_add(1, Ordering::Relaxed);
+        }
         let profiling = self.profiling.load(Ordering::Relaxed) && self.mode() == Mode::Eager;
         let sync = profiling && self.profile_sync.load(Ordering::Relaxed);
         if sync {
@@ -527,8 +559,8 @@ impl CudaBackend {
         (n.div_ceil(256).clamp(1, 8 * self.sms as u64) as u32, 1, 1)
     }
 
-    /// `kernel(a, b, n)`: an element-wise op writing `a` in place from `a` and `b` (`add`,
-    /// `silu_mul`), grid-stride over `a`'s values.
+    /// `kernel(a, b, n)`: an element-wise op writing `a` in place from `a` and `b` (`add`),
+    /// grid-stride over `a`'s values.
     fn in_place(&self, op: &'static str, kernel: &'static str, a: &mut CudaBuf, b: &CudaBuf) {
         self.run(op, || {
             let n = a.len as u64;
@@ -553,6 +585,7 @@ impl CudaBackend {
         out: &CudaBuf,
     ) -> Result<()> {
         let rows = (x.len / dim) as u32;
+        let out_b = self.shadow_for(&mut lock(&self.scratch), out, rows as usize * dim)?;
         let args = [
             KArg::U64(self.bptr(x)),
             KArg::U64(delta),
@@ -562,6 +595,7 @@ impl CudaBackend {
             KArg::U32(rows),
             KArg::U32(dim as u32),
             KArg::F32(eps),
+            KArg::U64(out_b),
         ];
         self.launch("rmsnorm_f32", (rows, 1, 1), 256, &args)
     }
@@ -584,7 +618,10 @@ impl CudaBackend {
         // SAFETY: `src` holds at least out.len() floats (the caller's buffer).
         unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
             .map_err(dev("copying to the host"))?;
-        self.synchronize()
+        let t0 = std::time::Instant::now();
+        let r = self.synchronize();
+        lock(&self.graph_stats).wait_ns += t0.elapsed().as_nanos() as u64;
+        r
     }
 
     /// Uploads `data` into `slot`'s device buffer (skipped when equal to the last upload) and
@@ -629,6 +666,10 @@ impl CudaBackend {
                 p.uploaded.push(slot);
             }
             _ => {}
+        }
+        if changed && matches!(slot, Slot::Rows | Slot::Links | Slot::Groups) {
+            // What the attention memo points at was overwritten.
+            s.attn = None;
         }
         if changed {
             if !data.is_empty() {
@@ -679,26 +720,55 @@ impl CudaBackend {
         Ok((self.ptr(cos), self.ptr(sin), *max_pos))
     }
 
-    /// The bf16 copy of `x` (first `n` values) for a GEMM.
-    fn cast_bf16(&self, s: &mut Scratch, x: &CudaBuf, n: usize) -> Result<u64> {
+    /// The device address of the bf16 GEMM operand buffer, at least `n` values.
+    fn xb_buf(&self, s: &mut Scratch, n: usize) -> Result<u64> {
         if s.xb.as_ref().is_none_or(|b| b.len() < n) {
             if self.mode() == Mode::Capture {
                 self.break_pass(|| "GEMM operand grown during capture".into());
                 return Ok(0);
             }
+            s.shadow = None;
             s.xb = Some(
                 self.stream
                     .alloc_zeros::<u16>(n.next_power_of_two())
                     .map_err(dev("allocating the GEMM operand"))?,
             );
         }
-        let xb = self.ptr(s.xb.as_ref().expect("set above"));
+        Ok(self.ptr(s.xb.as_ref().expect("set above")))
+    }
+
+    /// The op being run: [`CudaBackend::run`] counts every op but graph launches.
+    pub(super) fn op_seq(&self) -> u64 {
+        self.op_seq.load(Ordering::Relaxed)
+    }
+
+    /// Where an op that writes `out` (`n` values, f32) should write its bf16 rounding too: the
+    /// operand buffer, recorded as a shadow of `out` that the next op's GEMM can read
+    /// instead of casting (see [`CudaBackend::cast_bf16`]).
+    fn shadow_for(&self, s: &mut Scratch, out: &CudaBuf, n: usize) -> Result<u64> {
+        let xb = self.xb_buf(s, n)?;
+        s.shadow = Some((self.bptr(out), n, self.op_seq()));
+        Ok(xb)
+    }
+
+    /// The bf16 copy of `x` (first `n` values) for a GEMM: the shadow the previous op wrote
+    /// alongside `x` when there is one (no op has run since, so nothing has changed `x` or the
+    /// shadow), else a cast.
+    fn cast_bf16(&self, s: &mut Scratch, x: &CudaBuf, n: usize) -> Result<u64> {
+        let xp = self.bptr(x);
+        if let Some((src, len, seq)) = s.shadow {
+            if src == xp && len >= n && seq + 1 == self.op_seq() {
+                return self.xb_buf(s, n);
+            }
+        }
+        let xb = self.xb_buf(s, n)?;
+        s.shadow = None;
         let n64 = n as u64;
         self.launch(
             "cast_f32_bf16",
             self.stride_grid(n64),
             256,
-            &[KArg::U64(self.bptr(x)), KArg::U64(xb), KArg::U64(n64)],
+            &[KArg::U64(xp), KArg::U64(xb), KArg::U64(n64)],
         )?;
         Ok(xb)
     }
@@ -771,6 +841,76 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Two products of one operand in one strided-batched GEMM: for `i` in 0..2,
+    /// `out + i * rows * n` (`[rows, n]` f32) = `xb[rows, k] · W_i[n, k]^T` with
+    /// `W_i = w0 + i * stride` (bf16 elements, stride ≥ 0).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_pair(
+        &self,
+        xb: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+        w0: u64,
+        stride: u64,
+        out: u64,
+    ) -> Result<()> {
+        let planned = {
+            let mut p = lock(&self.pass);
+            let mode = graph::mode_of(&p);
+            if matches!(mode, Mode::Plan | Mode::Capture) {
+                for v in [
+                    0x6765_6d32,
+                    n as u64,
+                    rows as u64,
+                    k as u64,
+                    w0,
+                    stride,
+                    xb,
+                    out,
+                ] {
+                    p.mix_u64(v);
+                }
+            }
+            mode == Mode::Plan
+        };
+        if planned {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major, as `gemm`: out_i^T [n, rows] = W_i [k, n]^T · x^T [k, rows].
+        // SAFETY: both weights (w0, w0 + stride) are [n, k] bf16, xb holds rows * k bf16, out
+        // holds 2 * rows * n f32.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                blas::cublasOperation_t::CUBLAS_OP_T,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w0 as *const _,
+                blas::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                stride as i64,
+                xb as *const _,
+                blas::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                0,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                blas::cudaDataType::CUDA_R_32F,
+                n as i32,
+                (rows * n) as i64,
+                2,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev("cuBLAS GemmStridedBatchedEx"))
+    }
+
     fn attention_impl(
         &self,
         q: &CudaBuf,
@@ -786,15 +926,43 @@ impl CudaBackend {
                 "head dim {d}: the attention kernels have 64 and 128"
             )));
         }
-        let plan = plan_attention(batch.rows);
         let mut s = lock(&self.scratch);
-        let rows_p = self.upload_rows(&mut s, batch.rows)?;
-        let links_p = self.upload(&mut s, Slot::Links, batch.links)?;
-        // Bounds checks against the link buffer's capacity (every row's links were checked
-        // against the batch on the host): the same number every step, so a step's launch
-        // parameters do not change as links accumulate.
-        let links_cap = s.uploads.get(&Slot::Links).map_or(0, |u| u.dev.len());
-        let groups_p = self.upload(&mut s, Slot::Groups, &plan.groups)?;
+        let key = [
+            batch.rows.as_ptr() as usize,
+            batch.rows.len(),
+            batch.links.as_ptr() as usize,
+            batch.links.len(),
+        ];
+        let memo = s
+            .attn
+            .as_ref()
+            .filter(|m| s.pass_gen != 0 && m.gen == s.pass_gen && m.key == key)
+            .map(|m| (m.plan.clone(), m.rows_p, m.links_p, m.links_cap, m.groups_p));
+        let (plan, rows_p, links_p, links_cap, groups_p) = match memo {
+            Some(m) => m,
+            None => {
+                let plan = std::sync::Arc::new(plan_attention(batch.rows));
+                let rows_p = self.upload_rows(&mut s, batch.rows)?;
+                let links_p = self.upload(&mut s, Slot::Links, batch.links)?;
+                // Bounds checks against the link buffer's capacity (every row's links were
+                // checked against the batch on the host): the same number every step, so a
+                // step's launch parameters do not change as links accumulate.
+                let links_cap = s.uploads.get(&Slot::Links).map_or(0, |u| u.dev.len());
+                let groups_p = self.upload(&mut s, Slot::Groups, &plan.groups)?;
+                s.attn = Some(AttnMemo {
+                    gen: s.pass_gen,
+                    key,
+                    plan: plan.clone(),
+                    rows_p,
+                    links_p,
+                    links_cap,
+                    groups_p,
+                });
+                (plan, rows_p, links_p, links_cap, groups_p)
+            }
+        };
+        // Every run writes its rows of `out` and of their bf16 copy (o_proj's operand).
+        let out_b = self.shadow_for(&mut s, out, out.len)?;
         drop(s);
         let layer_off = (layer * kv.entries * kv.kv_dim * 4) as u64;
         let q_stride = (shape.heads * d * 4) as u64;
@@ -817,6 +985,7 @@ impl CudaBackend {
                 groups: groups_p + run.groups.0 as u64 * 4,
                 part_o: 0,
                 part_ml: 0,
+                out_b,
                 n_rows: (run.rows.1 - run.rows.0) as u32,
                 n_links: links_cap as u32,
                 n_groups: n_groups as u32,

@@ -245,6 +245,63 @@ impl Backend for CudaBackend {
         });
     }
 
+    fn gate_up_silu(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        gate: LinearRef<'_, CudaWeight>,
+        up: LinearRef<'_, CudaWeight>,
+        gate_out: &mut CudaBuf,
+        up_out: &mut CudaBuf,
+    ) {
+        let (n, k) = (gate.weight.shape[0], gate.weight.shape[1]);
+        let small = rows <= SMALL_ROWS && self.small_gemm_on.load(Ordering::Relaxed);
+        if small || gate.bias.is_some() || up.bias.is_some() || up.weight.shape != gate.weight.shape
+        {
+            self.linear(x, rows, &mut [(gate, &mut *gate_out), (up, &mut *up_out)]);
+            self.silu_mul(gate_out, up_out);
+            return;
+        }
+        // Both products in one strided-batched GEMM: batch i reads the weight at
+        // `w0 + i * stride` (the two weights' address difference, taken from the lower one so
+        // the stride is positive) and writes `[T, N]` at `pair + i * T * N`.
+        let pair = self.buf(2 * rows * n);
+        self.run("gate_up_silu", || {
+            let mut s = lock(&self.scratch);
+            let xb = self.cast_bf16(&mut s, x, rows * k)?;
+            let (gp, upp) = (self.ptr(&gate.weight.data), self.ptr(&up.weight.data));
+            let (w0, stride_bytes, gate_first) = if gp <= upp {
+                (gp, upp - gp, true)
+            } else {
+                (upp, gp - upp, false)
+            };
+            let pp = self.bptr(&pair);
+            self.gemm_pair(xb, rows, n, k, w0, stride_bytes / 2, pp)?;
+            let half = (rows * n * 4) as u64;
+            let (g_half, u_half) = if gate_first {
+                (pp, pp + half)
+            } else {
+                (pp + half, pp)
+            };
+            let out_b = self.shadow_for(&mut s, gate_out, rows * n)?;
+            drop(s);
+            let total = (rows * n) as u64;
+            self.launch(
+                "silu_mul_pair_f32",
+                self.stride_grid(total),
+                256,
+                &[
+                    KArg::U64(g_half),
+                    KArg::U64(u_half),
+                    KArg::U64(self.bptr(gate_out)),
+                    KArg::U64(out_b),
+                    KArg::U64(total),
+                ],
+            )
+        });
+        self.recycle(pair);
+    }
+
     fn rope(&self, x: &mut CudaBuf, heads: usize, rows: &[RowKv], table: &RopeTable) {
         self.run("rope", || {
             let mut s = lock(&self.scratch);
@@ -319,7 +376,22 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) {
-        self.in_place("silu_mul", "silu_mul_f32", gate, up);
+        self.run("silu_mul", || {
+            let n = gate.len;
+            let out_b = self.shadow_for(&mut lock(&self.scratch), gate, n)?;
+            let n = n as u64;
+            self.launch(
+                "silu_mul_f32",
+                self.stride_grid(n),
+                256,
+                &[
+                    KArg::U64(self.bptr(gate)),
+                    KArg::U64(self.bptr(up)),
+                    KArg::U64(n),
+                    KArg::U64(out_b),
+                ],
+            )
+        });
     }
 
     fn kv_store(&self, kv: &mut CudaKv, layer: usize, k: &CudaBuf, v: &CudaBuf, rows: &[RowKv]) {
