@@ -244,8 +244,31 @@ pub fn rank(
     hits
 }
 
-/// The fast twin of [`rank`], for serving. Every list is scored first (sequentially, SIMD);
-/// then the lists are merged one block of product ids at a time: each posting of the block
+/// The fast twin of [`rank`], for serving: the same hits, bit for bit, on valid posting lists
+/// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). Every list is
+/// scored first (sequentially, SIMD); then, for `k` up to [`THRESHOLD_MAX_K`] and ordinary
+/// scores ([`ordinary`]: finite, never `-0.0`), a **threshold pass** replaces the merge.
+///
+/// - **max**: the lists are scanned in code order against a running top `k` of distinct
+///   products ([`TopK`]); a posting below the `k`-th best score so far cannot enter it (nor
+///   raise a product held, whose score is already above), and a branch-free compare of 16
+///   scores at a time skips nearly all of them. Offered postings update the product's best
+///   score or replace the worst kept. A product's best posting is never skipped while it
+///   could enter the top `k` (the floor only rises), so the `k` kept are the `k` best.
+/// - **sum**: a product's total is at most its score in any one list plus every other list's
+///   best positive score (rounded additions are monotone, so this holds in f32 too). The max
+///   pass gives `k` products; their exact totals give a floor `t` at or below the final `k`-th
+///   total; every posting of every product that reaches `t` then passes a per-list score
+///   floor (the bound inverted by bisection), so the postings that pass name every product of
+///   the answer. Only those few are aggregated.
+///
+/// Either way the final products are then looked up in every list ([`Ranker::gather`], an
+/// exponential search per product, ascending) and their scores recomputed by `rank`'s own
+/// chain — `max` or `+` in code order over all their postings — with the codes that reached
+/// them. The rest (large `k`, non-finite or `-0.0` scores, where `f32::max` and the skipping
+/// would tell `±0` or NaN apart differently) goes to the block merge, [`Ranker::rank_blocks`].
+///
+/// The block merge: the lists are merged one block of product ids at a time: each posting of the block
 /// aggregates into a block-local slot (32 Ki of them, 256 KiB, reused for every block and so
 /// always in cache — a posting list jumps across millions of products, and a slot per product
 /// would make nearly every posting a cache miss), and when the block is done its products are
@@ -253,8 +276,7 @@ pub fn rank(
 /// look up which codes reached them (binary search in the ascending lists). No tuple per
 /// posting, no sort of them, no per-product memory.
 ///
-/// Same hits as [`rank`], bit for bit, on valid posting lists (strictly ascending; tested):
-/// within a block the lists go in code order, so every product's aggregate is summed in the
+/// Within a block the lists go in code order, so every product's aggregate is summed in the
 /// same order as `rank` sums it.
 #[derive(Debug, Default)]
 pub struct Ranker {
@@ -262,8 +284,40 @@ pub struct Ranker {
     /// Stamps `slots` for the current block: nothing is cleared between blocks or queries.
     epoch: u32,
     touched: Vec<u32>,
+    /// Every list's scores, list after list; list `c`'s start at `at[c]`.
     scores: Vec<f32>,
+    at: Vec<usize>,
     top: std::collections::BinaryHeap<Worst>,
+    /// The threshold passes' running top `k`, and the sum pass's candidates.
+    best: TopK,
+    candidates: Vec<u32>,
+}
+
+/// The largest `k` the threshold passes take (a held product is found by a scan of the `k`
+/// kept); past it, [`Ranker::rank_blocks`].
+pub const THRESHOLD_MAX_K: usize = 4096;
+
+/// Whether every score of these lists, and every sum of them, is finite and never `-0.0`:
+/// every prior finite and not `-0.0`, and the priors plus a bound of every S_rele term far
+/// from overflow. A term is `w (a + b)` with `|a + b| < 512` even for denormal `Pq` (each `ln`
+/// here is above −90, times a probability ≤ 1), and a non-finite `w` scores 0
+/// ([`Token::new`]). A sum starts from the prior, and `x + y` is `-0.0` only when both are,
+/// so no score is `-0.0`. On such scores `f32::max` and `>` agree with the real order and
+/// equal scores have equal bits, which the threshold passes rely on.
+fn ordinary(lists: &[Postings]) -> bool {
+    let mut bound = 0f64;
+    for l in lists {
+        if !l.prior.is_finite() || l.prior.to_bits() == (-0f32).to_bits() {
+            return false;
+        }
+        let w: f64 =
+            l.w.iter()
+                .filter(|w| w.is_finite())
+                .map(|&w| w.abs() as f64)
+                .sum();
+        bound += l.prior.abs() as f64 + 512.0 * w;
+    }
+    bound < 1e37
 }
 
 /// Product ids aggregated together by [`Ranker`]: 32 Ki slots, 256 KiB, an L2's share.
@@ -307,6 +361,184 @@ impl Ord for Worst {
     }
 }
 
+/// The best `k` distinct products offered so far ([`Ranker`]'s threshold passes): a binary
+/// heap of [`Worst`] with the worst kept on top, and a count per hash bucket of the products
+/// kept, so that a product not kept — nearly every one offered — is told in one read; a kept
+/// one is found by a scan of the heap.
+#[derive(Debug, Default)]
+struct TopK {
+    k: usize,
+    heap: Vec<Worst>,
+    /// Kept products per bucket of [`TopK::bucket`] (`k ≤ 2 THRESHOLD_MAX_K` fits a `u16`).
+    held: Vec<u16>,
+}
+
+impl TopK {
+    /// 16 Ki buckets (32 KiB): at `k` = 300 a product not kept is sent to the scan 2 % of
+    /// the time.
+    const BUCKETS: u32 = 1 << 14;
+
+    fn bucket(product: u32) -> usize {
+        (product.wrapping_mul(0x9e37_79b1) >> (32 - Self::BUCKETS.trailing_zeros())) as usize
+    }
+
+    fn reset(&mut self, k: usize) {
+        debug_assert!(k <= 2 * THRESHOLD_MAX_K, "counts fit a u16");
+        if self.held.is_empty() {
+            self.held = vec![0; Self::BUCKETS as usize];
+        }
+        self.clear();
+        self.k = k;
+    }
+
+    /// Empties the heap (and only its buckets).
+    fn clear(&mut self) {
+        for w in &self.heap {
+            self.held[Self::bucket(w.0)] = 0;
+        }
+        self.heap.clear();
+    }
+
+    /// The lowest score an offer may enter or change the top with: the worst kept once `k`
+    /// are kept (an equal score enters only with a lower product id), else −∞.
+    fn floor(&self) -> f32 {
+        match self.heap.first() {
+            Some(w) if self.heap.len() >= self.k => w.1,
+            _ => f32::NEG_INFINITY,
+        }
+    }
+
+    /// Offers a posting under `max`: a product kept keeps its better score; a new one enters
+    /// if it beats the worst kept (which leaves).
+    fn offer_max(&mut self, product: u32, score: f32) {
+        let b = Self::bucket(product);
+        if self.held[b] != 0 {
+            if let Some(i) = self.heap.iter().position(|w| w.0 == product) {
+                if score > self.heap[i].1 {
+                    self.heap[i].1 = score; // better, so further from the top
+                    self.sift_down(i);
+                }
+                return;
+            }
+        }
+        let w = Worst(product, score);
+        if self.heap.len() < self.k {
+            self.heap.push(w);
+            self.sift_up(self.heap.len() - 1);
+        } else if w < self.heap[0] {
+            self.held[Self::bucket(self.heap[0].0)] -= 1;
+            self.heap[0] = w;
+            self.sift_down(0);
+        } else {
+            return;
+        }
+        self.held[b] += 1;
+    }
+
+    fn sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.heap[i] <= self.heap[parent] {
+                break;
+            }
+            self.heap.swap(i, parent);
+            i = parent;
+        }
+    }
+
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.heap.len();
+        loop {
+            let l = 2 * i + 1;
+            if l >= n {
+                break;
+            }
+            let c = if l + 1 < n && self.heap[l + 1] > self.heap[l] {
+                l + 1
+            } else {
+                l
+            };
+            if self.heap[c] <= self.heap[i] {
+                break;
+            }
+            self.heap.swap(i, c);
+            i = c;
+        }
+    }
+}
+
+/// Calls `hit(j)` for each `j` with `scores[j] >= floor`, in order; `hit` returns the floor
+/// from there on. Sixteen scores are compared at once, branch-free (the compiler's SIMD), and
+/// only a group with a score at the floor is looked at one by one: past the first few
+/// thousand postings of a query nearly every group is skipped whole.
+#[inline]
+fn scan(scores: &[f32], mut floor: f32, mut hit: impl FnMut(usize) -> f32) {
+    const GROUP: usize = 16;
+    let mut groups = scores.chunks_exact(GROUP);
+    let mut base = 0;
+    for g in &mut groups {
+        let g: &[f32; GROUP] = g.try_into().expect("chunks_exact");
+        if g.iter().fold(false, |any, &s| any | (s >= floor)) {
+            for (i, &s) in g.iter().enumerate() {
+                if s >= floor {
+                    floor = hit(base + i);
+                }
+            }
+        }
+        base += GROUP;
+    }
+    for (i, &s) in groups.remainder().iter().enumerate() {
+        if s >= floor {
+            floor = hit(base + i);
+        }
+    }
+}
+
+/// The first index of the ascending `ids` at or past `p`, by exponential search from the
+/// start: `p` is usually near it when the targets ascend too. (Any index, without a panic, on
+/// an unsorted list.)
+fn lower_bound(ids: &[u32], p: u32) -> usize {
+    let (mut lo, mut step) = (0, 1);
+    while lo + step < ids.len() && ids[lo + step] < p {
+        lo += step;
+        step *= 2;
+    }
+    // The answer lies in `lo..=lo + step`: `ids[lo] < p` or `lo == 0`; `ids[lo + step] >= p`
+    // or past the end.
+    let end = (lo + step + 1).min(ids.len());
+    lo + ids[lo..end].partition_point(|&x| x < p)
+}
+
+/// The lowest score `s` a posting of list `c` may have when its product totals `t` or more
+/// under `sum`: the least `s` with `((prefix + s) + after[0]) + after[1] + … >= t` (`prefix`:
+/// the earlier lists' best positive scores summed in order, `after`: the later ones'; all
+/// `>= +0.0`, so the bound is `prefix + s` rounded, then monotone). Rounded addition is
+/// monotone in both operands, so the bound is monotone in `s` and found by bisection over the
+/// ordered finite floats; +∞ when no finite score reaches `t`.
+fn score_floor(prefix: f32, after: &[f32], t: f32) -> f32 {
+    let bound = |s: f32| after.iter().fold(prefix + s, |v, &u| v + u);
+    // Finite floats in order as integers (IEEE 754 total order, as `f32::total_cmp`).
+    let key = |x: f32| {
+        let b = x.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    };
+    let float = |k: i32| f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32);
+    let (mut lo, mut hi) = (key(-f32::MAX), key(f32::MAX));
+    if bound(f32::MAX) < t {
+        return f32::INFINITY;
+    }
+    // bound(float(hi)) >= t; find the least such key.
+    while lo < hi {
+        let mid = lo + ((hi as i64 - lo as i64) / 2) as i32;
+        if bound(float(mid)) >= t {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    float(lo)
+}
+
 impl Ranker {
     pub fn new() -> Ranker {
         Ranker::default()
@@ -324,17 +556,176 @@ impl Ranker {
         if k == 0 {
             return Vec::new();
         }
-        if self.slots.is_empty() {
-            self.slots = vec![Slot::default(); RANK_BLOCK as usize];
+        if k > THRESHOLD_MAX_K || !ordinary(lists) {
+            return self.rank_blocks(isa, lists, aggregate, k, products);
         }
+        self.score_lists(isa, lists);
+        let mut hits = match aggregate {
+            Aggregate::Max => {
+                self.max_pass(lists, k, products);
+                let mut found = std::mem::take(&mut self.candidates);
+                found.clear();
+                found.extend(self.best.heap.iter().map(|w| w.0));
+                self.best.clear();
+                found.sort_unstable();
+                let hits = self.gather(lists, &found, Aggregate::Max);
+                self.candidates = found;
+                hits
+            }
+            Aggregate::Sum => self.sum_pass(lists, k, products),
+        };
+        let better = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product));
+        if hits.len() > k {
+            hits.select_nth_unstable_by(k - 1, better);
+            hits.truncate(k);
+        }
+        hits.sort_unstable_by(better);
+        hits
+    }
+
+    /// Every list's scores into `scores` (list `c`'s from `at[c]`).
+    fn score_lists(&mut self, isa: Isa, lists: &[Postings]) {
         self.scores.clear();
-        let mut at = Vec::with_capacity(lists.len());
+        self.at.clear();
         for l in lists {
-            at.push(self.scores.len());
             let from = self.scores.len();
+            self.at.push(from);
             self.scores.resize(from + l.products.len(), l.prior);
             score_postings(isa, l.pq, l.w, l.pt, &mut self.scores[from..]);
         }
+    }
+
+    /// The max threshold pass: leaves in `best` the `k` products (fewer when the lists hold
+    /// fewer) of the best single scores, each with its best score, ties to the lower id.
+    fn max_pass(&mut self, lists: &[Postings], k: usize, products: u32) {
+        let best = &mut self.best;
+        best.reset(k);
+        for (c, l) in lists.iter().enumerate() {
+            let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
+            scan(scores, best.floor(), |j| {
+                let p = l.products[j];
+                if p < products {
+                    best.offer_max(p, scores[j]);
+                }
+                best.floor()
+            });
+        }
+    }
+
+    /// The sum threshold pass (see [`Ranker`]): the candidates' hits with their exact totals,
+    /// a superset of the best `k`.
+    fn sum_pass(&mut self, lists: &[Postings], k: usize, products: u32) -> Vec<Hit> {
+        // 1. `2k` products, likely among the best totals: the best single scores. (Twice `k`:
+        // a few of them total far less — another of their postings is poor — and the floor
+        // below is the `k`-th best of these totals.)
+        let kk = 2 * k;
+        self.max_pass(lists, kk, products);
+        let mut found = std::mem::take(&mut self.candidates);
+        found.clear();
+        found.extend(self.best.heap.iter().map(|w| w.0));
+        let full = self.best.heap.len() == kk;
+        self.best.clear();
+        found.sort_unstable();
+        let mut first = self.gather(lists, &found, Aggregate::Sum);
+        if !full {
+            // The lists hold fewer than `2k` products: these are all of them.
+            self.candidates = found;
+            return first;
+        }
+        // 2. The floor: `k` products total at least `t`, so the `k`-th best total does too.
+        let (_, kth, _) = first.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score));
+        let t = kth.score;
+        // 3. Each list's best positive score `u_c` (else +0.0): a product's total is at most
+        // `u_0 + .. + s + .. + u_n` (its score `s` in list `c`, the sum in code order), and
+        // every posting of a product totalling `t` or more scores at least that bound's
+        // inverse at `t`.
+        let ups: Vec<f32> = lists
+            .iter()
+            .enumerate()
+            .map(|(c, l)| {
+                let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
+                let m = scores.iter().fold(0f32, |m, &s| if s > m { s } else { m });
+                if m > 0.0 {
+                    m
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        found.clear();
+        let mut prefix = 0f32;
+        for (c, l) in lists.iter().enumerate() {
+            let floor = score_floor(prefix, &ups[c + 1..], t);
+            prefix += ups[c];
+            let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
+            scan(scores, floor, |j| {
+                let p = l.products[j];
+                if p < products {
+                    found.push(p);
+                }
+                floor
+            });
+        }
+        found.sort_unstable();
+        found.dedup();
+        let hits = self.gather(lists, &found, Aggregate::Sum);
+        self.candidates = found;
+        hits
+    }
+
+    /// The hits of `found` (ascending product ids): each product looked up in every list, its
+    /// score aggregated over all its postings as `rank` aggregates it (in code order: the first
+    /// score, then `+` or `f32::max` of the next), and the codes that reached it.
+    fn gather(&self, lists: &[Postings], found: &[u32], aggregate: Aggregate) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = found
+            .iter()
+            .map(|&product| Hit {
+                product,
+                score: 0.0,
+                codes: Vec::new(),
+            })
+            .collect();
+        for (c, l) in lists.iter().enumerate() {
+            let ids = l.products;
+            let scores = &self.scores[self.at[c]..self.at[c] + ids.len()];
+            let mut from = 0;
+            for h in hits.iter_mut() {
+                // The products ascend, so each search starts where the last one ended.
+                let j = from + lower_bound(&ids[from..], h.product);
+                if j < ids.len() && ids[j] == h.product {
+                    let s = scores[j];
+                    h.score = match (h.codes.is_empty(), aggregate) {
+                        (true, _) => s,
+                        (false, Aggregate::Sum) => h.score + s,
+                        (false, Aggregate::Max) => h.score.max(s),
+                    };
+                    h.codes.push(c as u32);
+                    from = j + 1;
+                } else {
+                    from = j;
+                }
+            }
+        }
+        hits
+    }
+
+    /// The block merge described on [`Ranker`]: as [`rank`].
+    pub fn rank_blocks(
+        &mut self,
+        isa: Isa,
+        lists: &[Postings],
+        aggregate: Aggregate,
+        k: usize,
+        products: u32,
+    ) -> Vec<Hit> {
+        if k == 0 {
+            return Vec::new();
+        }
+        if self.slots.is_empty() {
+            self.slots = vec![Slot::default(); RANK_BLOCK as usize];
+        }
+        self.score_lists(isa, lists);
+        let at = &self.at;
         self.top.clear();
         let mut cursor: Vec<usize> = vec![0; lists.len()];
         loop {
@@ -792,6 +1183,238 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `(product, score bits, codes)` of every hit: `Hit`'s `==` would take −0.0 for +0.0.
+    fn bits(hits: &[Hit]) -> Vec<(u32, u32, Vec<u32>)> {
+        hits.iter()
+            .map(|h| (h.product, h.score.to_bits(), h.codes.clone()))
+            .collect()
+    }
+
+    /// A posting list's columns: products, `Pt`, `Pq`, weights.
+    type Owned = (Vec<u32>, Vec<u16>, Vec<f32>, Vec<f32>);
+
+    /// The threshold passes against the block merge and `rank`, every returned element bit for
+    /// bit: random queries of 0–9 lists (empty ones, long ones, products shared across lists,
+    /// a list repeated under another code, scores tied through a few `Pt` levels and shared
+    /// query sides), priors off and on, weights all negative or mixed (positive scores, which
+    /// loosen the sum bound), `k` from 1 past the union and past [`THRESHOLD_MAX_K`], products
+    /// cut off by the table size; and non-ordinary inputs (−0.0, NaN, ±∞ priors, weights near
+    /// overflow), which go to the block merge.
+    #[test]
+    fn threshold_passes_equal_the_block_merge_and_rank() {
+        let mut next = rng(77);
+        let mut ranker = Ranker::new();
+        let mut checked = [0usize; 2];
+        for case in 0..400 {
+            let range = [16u64, 300, 5_000, 100_000][case % 4];
+            let n_lists = (next() % 10) as usize;
+            let tied = next().is_multiple_of(3); // Pt from 3 levels, one query side for every list
+            let mixed = next().is_multiple_of(3);
+            let shared_pq: Vec<f32> = (0..4).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+            let mut owned: Vec<Owned> = Vec::new();
+            for _ in 0..n_lists {
+                if !owned.is_empty() && next().is_multiple_of(6) {
+                    let again = owned[(next() % owned.len() as u64) as usize].clone();
+                    owned.push(again);
+                    continue;
+                }
+                let len = match next() % 8 {
+                    0 => 0,
+                    1 => 2_000 + next() % 6_000,
+                    _ => next() % 300,
+                };
+                let mut products: Vec<u32> = (0..len).map(|_| (next() % range) as u32).collect();
+                products.sort_unstable();
+                products.dedup();
+                let n = if tied { 3 } else { (next() % 5) as usize };
+                let pt: Vec<u16> = (0..n * products.len())
+                    .map(|_| {
+                        if tied {
+                            [0, 30_000, 65_535][(next() % 3) as usize]
+                        } else {
+                            next() as u16
+                        }
+                    })
+                    .collect();
+                let pq: Vec<f32> = if tied {
+                    shared_pq[..n].to_vec()
+                } else {
+                    (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect()
+                };
+                let w: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let m = (next() % 200) as f32 / 100.0;
+                        if mixed && next().is_multiple_of(2) {
+                            m
+                        } else {
+                            -m
+                        }
+                    })
+                    .collect();
+                owned.push((products, pt, pq, w));
+            }
+            let union: std::collections::BTreeSet<u32> =
+                owned.iter().flat_map(|o| o.0.iter().copied()).collect();
+            for with_prior in [false, true] {
+                let priors: Vec<f32> = (0..owned.len())
+                    .map(|_| match next() % 4 {
+                        _ if !with_prior => 0.0,
+                        0 => 0.0,
+                        1 => -0.5, // a prior several codes share: ties across lists
+                        _ => (next() % 5000) as f32 / 1000.0 - 4.0,
+                    })
+                    .collect();
+                let lists: Vec<Postings> = owned
+                    .iter()
+                    .zip(&priors)
+                    .map(|((products, pt, pq, w), &prior)| Postings {
+                        products,
+                        pt,
+                        pq,
+                        w,
+                        prior,
+                    })
+                    .collect();
+                let limit = if next().is_multiple_of(4) {
+                    (next() % range) as u32
+                } else {
+                    u32::MAX
+                };
+                let u = union.len();
+                for k in [1, 2, 7, 50, 300, u.max(1), u + 5, THRESHOLD_MAX_K + 1] {
+                    for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                        let isa =
+                            Isa::available()[(next() % Isa::available().len() as u64) as usize];
+                        let fast = ranker.rank(isa, &lists, aggregate, k, limit);
+                        let blocks = ranker.rank_blocks(isa, &lists, aggregate, k, limit);
+                        let slow = rank(isa, &lists, aggregate, k, limit);
+                        let what = format!(
+                            "case {case} {aggregate:?} k={k} limit={limit} prior={with_prior}"
+                        );
+                        assert_eq!(bits(&fast), bits(&blocks), "{what}: rank vs rank_blocks");
+                        assert_eq!(bits(&fast), bits(&slow), "{what}: Ranker vs rank");
+                        checked[(aggregate == Aggregate::Sum) as usize] += fast.len();
+                    }
+                }
+            }
+            // Not ordinary: the block merge answers (and so the same as before).
+            if let Some((products, pt, pq, w)) = owned.first() {
+                for prior in [-0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e38] {
+                    let mut lists: Vec<Postings> = owned
+                        .iter()
+                        .map(|(products, pt, pq, w)| Postings {
+                            products,
+                            pt,
+                            pq,
+                            w,
+                            prior: 0.0,
+                        })
+                        .collect();
+                    lists[0].prior = prior;
+                    assert!(!ordinary(&lists));
+                    for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                        let fast = ranker.rank(Isa::Scalar, &lists, aggregate, 20, u32::MAX);
+                        let blocks =
+                            ranker.rank_blocks(Isa::Scalar, &lists, aggregate, 20, u32::MAX);
+                        assert_eq!(bits(&fast), bits(&blocks), "case {case} prior {prior}");
+                    }
+                }
+                let huge = vec![1e36f32; pq.len()];
+                let l = Postings {
+                    products,
+                    pt,
+                    pq,
+                    w: &huge,
+                    prior: 0.0,
+                };
+                assert_eq!(ordinary(&[l]), pq.is_empty());
+                let _ = w;
+            }
+        }
+        // Enough of both paths ran.
+        assert!(checked.iter().all(|&n| n > 100_000), "{checked:?}");
+    }
+
+    /// A list scored through the term table (≥ TERM_TABLE_MIN products) and a short one
+    /// sharing some of its products, through every path.
+    #[test]
+    fn threshold_passes_on_a_term_table_list() {
+        let mut next = rng(5);
+        let long: Vec<u32> = (0..(TERM_TABLE_MIN as u32 + 999)).map(|i| i * 3).collect();
+        let short: Vec<u32> = (0..500).map(|i| i * 7 + 1).collect();
+        let pt_long: Vec<u16> = (0..2 * long.len()).map(|_| next() as u16).collect();
+        let pt_short: Vec<u16> = (0..2 * short.len()).map(|_| next() as u16).collect();
+        let (pq, w) = ([0.3f32, 0.8], [-1.0f32, -0.5]);
+        let lists = [
+            Postings {
+                products: &short,
+                pt: &pt_short,
+                pq: &pq,
+                w: &w,
+                prior: -0.25,
+            },
+            Postings {
+                products: &long,
+                pt: &pt_long,
+                pq: &pq,
+                w: &w,
+                prior: 0.0,
+            },
+        ];
+        let mut ranker = Ranker::new();
+        for isa in Isa::available() {
+            for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                for k in [1, 300, 4096] {
+                    let fast = ranker.rank(isa, &lists, aggregate, k, u32::MAX);
+                    assert_eq!(
+                        bits(&fast),
+                        bits(&rank(isa, &lists, aggregate, k, u32::MAX))
+                    );
+                    assert_eq!(fast.len(), k);
+                }
+            }
+        }
+    }
+
+    /// The helpers: the exponential search is `partition_point`; the score floor is the least
+    /// score whose rounded bound reaches `t`.
+    #[test]
+    fn lower_bound_and_score_floor() {
+        let mut next = rng(8);
+        for _ in 0..2000 {
+            let mut ids: Vec<u32> = (0..next() % 100).map(|_| (next() % 200) as u32).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let p = (next() % 210) as u32;
+            assert_eq!(lower_bound(&ids, p), ids.partition_point(|&x| x < p));
+        }
+        let float = |r: u64| match r % 4 {
+            0 => 0.0,
+            1 => (r % 1000) as f32 * 1e-9,
+            _ => (r % 10_000) as f32 / 1000.0,
+        };
+        for _ in 0..2000 {
+            let prefix = (0..next() % 4).fold(0f32, |a, _| a + float(next()));
+            let after: Vec<f32> = (0..next() % 5).map(|_| float(next())).collect();
+            let t = (next() % 20_000) as f32 / 1000.0 - 10.0 + float(next());
+            let bound = |s: f32| after.iter().fold(prefix + s, |v, &u| v + u);
+            let f = score_floor(prefix, &after, t);
+            assert!(bound(f) >= t, "{prefix} {after:?} {t}: {f}");
+            let below = f32::from_bits(if f > 0.0 {
+                f.to_bits() - 1
+            } else {
+                f.to_bits() + 1
+            });
+            let below = if f == 0.0 { -f32::from_bits(1) } else { below };
+            assert!(
+                bound(below) < t,
+                "{prefix} {after:?} {t}: {f} not the least"
+            );
+        }
+        // No finite score reaches +∞ alone.
+        assert_eq!(score_floor(0.0, &[], f32::INFINITY), f32::INFINITY);
     }
 
     /// The code prior, every element: random posting lists with random priors, each product's
