@@ -362,13 +362,13 @@ impl Ord for Worst {
 }
 
 /// The best `k` distinct products offered so far ([`Ranker`]'s threshold passes): a binary
-/// heap of [`Worst`] with the worst kept on top, and a count per hash bucket of the products
-/// kept, so that a product not kept — nearly every one offered — is told in one read; a kept
-/// one is found by a scan of the heap.
+/// min-heap of [`TopK::key`]s with the worst kept on top, and a count per hash bucket of the
+/// products kept, so that a product not kept — nearly every one offered — is told in one read;
+/// a kept one is found by a scan of the heap.
 #[derive(Debug, Default)]
 struct TopK {
     k: usize,
-    heap: Vec<Worst>,
+    heap: Vec<u64>,
     /// Kept products per bucket of [`TopK::bucket`] (`k ≤ 2 THRESHOLD_MAX_K` fits a `u16`).
     held: Vec<u16>,
 }
@@ -382,6 +382,24 @@ impl TopK {
         (product.wrapping_mul(0x9e37_79b1) >> (32 - Self::BUCKETS.trailing_zeros())) as usize
     }
 
+    /// `(score, product)` as one integer in `rank`'s order, greater = better: the score's bits
+    /// made monotone (the order of `f32::total_cmp`), then the product id inverted (ties to the
+    /// lower id). One integer compare per heap step instead of two branchy ones.
+    fn key(product: u32, score: f32) -> u64 {
+        let b = score.to_bits();
+        let ordered = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+        (ordered as u64) << 32 | !product as u64
+    }
+
+    fn product(key: u64) -> u32 {
+        !(key as u32)
+    }
+
+    fn score(key: u64) -> f32 {
+        let o = (key >> 32) as u32;
+        f32::from_bits(if o >> 31 == 1 { o & !(1 << 31) } else { !o })
+    }
+
     fn reset(&mut self, k: usize) {
         debug_assert!(k <= 2 * THRESHOLD_MAX_K, "counts fit a u16");
         if self.held.is_empty() {
@@ -393,17 +411,22 @@ impl TopK {
 
     /// Empties the heap (and only its buckets).
     fn clear(&mut self) {
-        for w in &self.heap {
-            self.held[Self::bucket(w.0)] = 0;
+        for &key in &self.heap {
+            self.held[Self::bucket(Self::product(key))] = 0;
         }
         self.heap.clear();
+    }
+
+    /// The products kept, in no order.
+    fn products(&self) -> impl Iterator<Item = u32> + '_ {
+        self.heap.iter().map(|&key| Self::product(key))
     }
 
     /// The lowest score an offer may enter or change the top with: the worst kept once `k`
     /// are kept (an equal score enters only with a lower product id), else −∞.
     fn floor(&self) -> f32 {
         match self.heap.first() {
-            Some(w) if self.heap.len() >= self.k => w.1,
+            Some(&key) if self.heap.len() >= self.k => Self::score(key),
             _ => f32::NEG_INFINITY,
         }
     }
@@ -412,22 +435,23 @@ impl TopK {
     /// if it beats the worst kept (which leaves).
     fn offer_max(&mut self, product: u32, score: f32) {
         let b = Self::bucket(product);
+        let key = Self::key(product, score);
         if self.held[b] != 0 {
-            if let Some(i) = self.heap.iter().position(|w| w.0 == product) {
-                if score > self.heap[i].1 {
-                    self.heap[i].1 = score; // better, so further from the top
+            let id = !product;
+            if let Some(i) = self.heap.iter().position(|&h| h as u32 == id) {
+                if key > self.heap[i] {
+                    self.heap[i] = key; // better, so further from the top
                     self.sift_down(i);
                 }
                 return;
             }
         }
-        let w = Worst(product, score);
         if self.heap.len() < self.k {
-            self.heap.push(w);
+            self.heap.push(key);
             self.sift_up(self.heap.len() - 1);
-        } else if w < self.heap[0] {
-            self.held[Self::bucket(self.heap[0].0)] -= 1;
-            self.heap[0] = w;
+        } else if key > self.heap[0] {
+            self.held[Self::bucket(Self::product(self.heap[0]))] -= 1;
+            self.heap[0] = key;
             self.sift_down(0);
         } else {
             return;
@@ -438,7 +462,7 @@ impl TopK {
     fn sift_up(&mut self, mut i: usize) {
         while i > 0 {
             let parent = (i - 1) / 2;
-            if self.heap[i] <= self.heap[parent] {
+            if self.heap[i] >= self.heap[parent] {
                 break;
             }
             self.heap.swap(i, parent);
@@ -453,12 +477,12 @@ impl TopK {
             if l >= n {
                 break;
             }
-            let c = if l + 1 < n && self.heap[l + 1] > self.heap[l] {
+            let c = if l + 1 < n && self.heap[l + 1] < self.heap[l] {
                 l + 1
             } else {
                 l
             };
-            if self.heap[c] <= self.heap[i] {
+            if self.heap[c] >= self.heap[i] {
                 break;
             }
             self.heap.swap(i, c);
@@ -494,19 +518,41 @@ fn scan(scores: &[f32], mut floor: f32, mut hit: impl FnMut(usize) -> f32) {
     }
 }
 
-/// The first index of the ascending `ids` at or past `p`, by exponential search from the
-/// start: `p` is usually near it when the targets ascend too. (Any index, without a panic, on
-/// an unsorted list.)
+/// The first index of the ascending `ids` at or past `p`: exponential search from where `p`
+/// would lie were the ids spread evenly between the first and the last (product ids nearly
+/// are, so the guess is usually a cache line or two off), then a binary search in the last
+/// step. (Any index, without a panic, on an unsorted list.)
 fn lower_bound(ids: &[u32], p: u32) -> usize {
-    let (mut lo, mut step) = (0, 1);
-    while lo + step < ids.len() && ids[lo + step] < p {
-        lo += step;
-        step *= 2;
+    let n = ids.len();
+    let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+        return 0;
+    };
+    let guess = if p <= first {
+        0
+    } else if p > last || last <= first {
+        n
+    } else {
+        ((p - first) as u64 * (n - 1) as u64 / (last - first) as u64) as usize
+    };
+    if guess < n && ids[guess] < p {
+        // Forward: `ids[lo] < p`; the answer lies in `lo + 1..=lo + step`.
+        let (mut lo, mut step) = (guess, 1);
+        while lo + step < n && ids[lo + step] < p {
+            lo += step;
+            step *= 2;
+        }
+        let end = (lo + step + 1).min(n);
+        lo + ids[lo..end].partition_point(|&x| x < p)
+    } else {
+        // Backward: `ids[hi] >= p` or `hi == n`; the answer lies in `hi - step..=hi`.
+        let (mut hi, mut step) = (guess, 1);
+        while hi >= step && ids[hi - step] >= p {
+            hi -= step;
+            step *= 2;
+        }
+        let start = hi.saturating_sub(step);
+        start + ids[start..hi].partition_point(|&x| x < p)
     }
-    // The answer lies in `lo..=lo + step`: `ids[lo] < p` or `lo == 0`; `ids[lo + step] >= p`
-    // or past the end.
-    let end = (lo + step + 1).min(ids.len());
-    lo + ids[lo..end].partition_point(|&x| x < p)
 }
 
 /// The lowest score `s` a posting of list `c` may have when its product totals `t` or more
@@ -565,7 +611,7 @@ impl Ranker {
                 self.max_pass(lists, k, products);
                 let mut found = std::mem::take(&mut self.candidates);
                 found.clear();
-                found.extend(self.best.heap.iter().map(|w| w.0));
+                found.extend(self.best.products());
                 self.best.clear();
                 found.sort_unstable();
                 let hits = self.gather(lists, &found, Aggregate::Max);
@@ -622,7 +668,7 @@ impl Ranker {
         self.max_pass(lists, kk, products);
         let mut found = std::mem::take(&mut self.candidates);
         found.clear();
-        found.extend(self.best.heap.iter().map(|w| w.0));
+        found.extend(self.best.products());
         let full = self.best.heap.len() == kk;
         self.best.clear();
         found.sort_unstable();
@@ -1378,17 +1424,51 @@ mod tests {
         }
     }
 
+    /// `TopK::key` orders as `rank` does (score by `total_cmp`, then the lower product) and
+    /// decodes back, ±0 and infinities included.
+    #[test]
+    fn top_k_keys_order_as_rank() {
+        let mut next = rng(12);
+        let pick = |r: u64| match r % 6 {
+            0 => [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY][(r / 6 % 6) as usize],
+            _ => f32::from_bits(r as u32 >> 1) * if r & 1 << 40 == 0 { 1.0 } else { -1.0 },
+        };
+        for _ in 0..10_000 {
+            let (a, b) = ((next() % 5) as u32, (next() % 5) as u32);
+            let (sa, sb) = (pick(next()), pick(next()));
+            let (ka, kb) = (TopK::key(a, sa), TopK::key(b, sb));
+            assert_eq!(
+                kb.cmp(&ka),
+                sb.total_cmp(&sa).then(a.cmp(&b)),
+                "({a}, {sa}) vs ({b}, {sb})"
+            );
+            assert_eq!(
+                (TopK::product(ka), TopK::score(ka).to_bits()),
+                (a, sa.to_bits())
+            );
+        }
+    }
+
     /// The helpers: the exponential search is `partition_point`; the score floor is the least
     /// score whose rounded bound reaches `t`.
     #[test]
     fn lower_bound_and_score_floor() {
         let mut next = rng(8);
         for _ in 0..2000 {
-            let mut ids: Vec<u32> = (0..next() % 100).map(|_| (next() % 200) as u32).collect();
+            let spread = [3, 200, 1 << 20][(next() % 3) as usize];
+            let mut ids: Vec<u32> = (0..next() % 100)
+                .map(|_| (next() % spread) as u32)
+                .collect();
             ids.sort_unstable();
             ids.dedup();
-            let p = (next() % 210) as u32;
+            let p = (next() % (spread + 10)) as u32;
             assert_eq!(lower_bound(&ids, p), ids.partition_point(|&x| x < p));
+            // Clustered ids: the guess far off.
+            let skewed: Vec<u32> = (0..300u32)
+                .map(|i| if i < 290 { i } else { i << 20 })
+                .collect();
+            let p = (next() % (300 << 20)) as u32;
+            assert_eq!(lower_bound(&skewed, p), skewed.partition_point(|&x| x < p));
         }
         let float = |r: u64| match r % 4 {
             0 => 0.0,

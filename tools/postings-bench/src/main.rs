@@ -57,8 +57,9 @@ enum Cmd {
     Query {
         #[arg(long)]
         index: PathBuf,
+        /// The tantivy index to time against; without it only gram runs.
         #[arg(long)]
-        tantivy: PathBuf,
+        tantivy: Option<PathBuf>,
         #[arg(long, default_value_t = 1000)]
         queries: usize,
         #[arg(long, default_value_t = 7)]
@@ -78,6 +79,15 @@ enum Cmd {
         /// Warm `Index::open` repetitions.
         #[arg(long, default_value_t = 10)]
         opens: usize,
+        /// How a product's scores across codes combine: `max` (gram's default) or `sum`.
+        #[arg(long, default_value = "max")]
+        aggregate: String,
+        /// Give every code a random prior (`score::Postings::prior`, in [-3, 0)).
+        #[arg(long)]
+        priors: bool,
+        /// Skip timing the slow twin `score::rank` (still used by the checks).
+        #[arg(long)]
+        no_slow_twin: bool,
     },
 }
 
@@ -114,6 +124,9 @@ fn main() {
             rounds,
             check,
             opens,
+            aggregate,
+            priors,
+            no_slow_twin,
         } => query::run(&query::Params {
             index,
             tantivy,
@@ -124,6 +137,16 @@ fn main() {
             rounds,
             check,
             opens,
+            aggregate: match aggregate.as_str() {
+                "max" => gram::score::Aggregate::Max,
+                "sum" => gram::score::Aggregate::Sum,
+                other => {
+                    eprintln!("postings-bench: --aggregate {other}: max or sum");
+                    std::process::exit(2);
+                }
+            },
+            priors,
+            slow_twin: !no_slow_twin,
         }),
     };
     match result {

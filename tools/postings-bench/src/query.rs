@@ -6,18 +6,22 @@
 //! postings), the rest uniform over all codes (mostly short lists). Query-side probabilities
 //! are uniform in (0, 1), weights −1 (closest product first, gram's default).
 //!
-//! **gram**: `Index::postings` for each code, then `score::Ranker::rank(.., Aggregate::Max, k,
-//! ..)` — the engine's serving path.
+//! **gram**: `Index::postings` for each code, then `score::Ranker::rank(.., aggregate, k, ..)`
+//! — the engine's serving path (`--aggregate max`, gram's default, or `sum`; `--priors` gives
+//! every code a random prior in [-3, 0), as `gram.json`'s `code_logprob` term would).
+//! **gram_blocks**: the same lists through `Ranker::rank_blocks`, the block merge that served
+//! before the threshold paths, timed in the same rounds.
 //! **tantivy**: a `BooleanQuery` of `Should` `TermQuery`s (doc ids only), `TopDocs` of `k` by
 //! the `score` fast field (no BM25: the collector asks for no scoring), one searcher, the
 //! default single-thread executor. Both time everything from the code ids to the top `k`.
+//! Without `--tantivy` only gram runs.
 //!
 //! **Checks** (first `check` queries): gram's top `k` against a recomputation of every posting
 //! with `score::s_rele_f64` in f64, max-aggregated and fully sorted (the sets must agree except
 //! for products whose f64 scores tie with the k-th within 1e-4; every score within 1e-4);
 //! tantivy's full hit set (`DocSetCollector`) against the union of the posting lists, and its
-//! top `k` against the union sorted by the stored score; and gram's `Ranker` against its slow
-//! twin `rank` (timed as `gram_rank_slow_twin`), hit for hit.
+//! top `k` against the union sorted by the stored score; and gram's `Ranker` against its twins
+//! `Ranker::rank_blocks` and `rank` (timed as `gram_rank_slow_twin`), hit for hit, bit for bit.
 //!
 //! Also timed: `gram_score_only` (the S_rele kernel over the same lists, no aggregation), to
 //! show where the time goes.
@@ -46,7 +50,7 @@ use crate::{
 
 pub struct Params {
     pub index: PathBuf,
-    pub tantivy: PathBuf,
+    pub tantivy: Option<PathBuf>,
     pub queries: usize,
     pub seed: u64,
     pub codes: usize,
@@ -54,12 +58,18 @@ pub struct Params {
     pub rounds: usize,
     pub check: usize,
     pub opens: usize,
+    pub aggregate: Aggregate,
+    pub priors: bool,
+    /// Time `score::rank` too (slow: ~10x the others).
+    pub slow_twin: bool,
 }
 
 struct Query {
     codes: Vec<u32>,
     pq: Vec<Vec<f32>>,
     w: Vec<Vec<f32>>,
+    /// Each code's prior (all `0.0` without `--priors`).
+    prior: Vec<f32>,
 }
 
 /// Evicts `path` from the page cache (its pages only; nothing else on the machine).
@@ -160,6 +170,8 @@ fn make_queries(ix: &Index, p: &Params) -> Result<Vec<Query>> {
     by_len.sort_unstable_by_key(|&c| std::cmp::Reverse(ix.code(c).map_or(0, |r| r.post_len)));
     let pool = (n / 1000).max(20).min(n);
     let mut rng = Rng::new(p.seed);
+    // Priors from their own stream: the codes and probabilities stay those of earlier runs.
+    let mut prior_rng = Rng::new(p.seed ^ 0x9e10_9e10);
     let mut out = Vec::with_capacity(p.queries);
     for _ in 0..p.queries {
         let u = rng.below(10);
@@ -188,7 +200,22 @@ fn make_queries(ix: &Index, p: &Params) -> Result<Vec<Query>> {
             .map(|&c| (0..tokens(c)).map(|_| rng.unit()).collect())
             .collect();
         let w = codes.iter().map(|&c| vec![-1.0; tokens(c)]).collect();
-        out.push(Query { codes, pq, w });
+        let prior = codes
+            .iter()
+            .map(|_| {
+                if p.priors {
+                    -3.0 * prior_rng.unit()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        out.push(Query {
+            codes,
+            pq,
+            w,
+            prior,
+        });
     }
     Ok(out)
 }
@@ -198,20 +225,44 @@ fn lists<'a>(ix: &'a Index, q: &'a Query) -> Vec<Postings<'a>> {
         .iter()
         .zip(&q.pq)
         .zip(&q.w)
-        .map(|((&c, pq), w)| ix.postings(c, pq, w).expect("query shapes match the codes"))
+        .zip(&q.prior)
+        .map(|(((&c, pq), w), &prior)| Postings {
+            prior,
+            ..ix.postings(c, pq, w).expect("query shapes match the codes")
+        })
         .collect()
 }
 
 /// gram's serving path: `score::Ranker` (what `Engine` ranks with).
-fn gram_query(r: &mut Ranker, ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
+fn gram_query(
+    r: &mut Ranker,
+    ix: &Index,
+    q: &Query,
+    isa: Isa,
+    agg: Aggregate,
+    k: usize,
+) -> Vec<score::Hit> {
     let l = lists(ix, q);
-    r.rank(isa, &l, Aggregate::Max, k, ix.num_products() as u32)
+    r.rank(isa, &l, agg, k, ix.num_products() as u32)
+}
+
+/// `Ranker::rank_blocks`, the block merge (gram's path before the threshold paths).
+fn gram_blocks(
+    r: &mut Ranker,
+    ix: &Index,
+    q: &Query,
+    isa: Isa,
+    agg: Aggregate,
+    k: usize,
+) -> Vec<score::Hit> {
+    let l = lists(ix, q);
+    r.rank_blocks(isa, &l, agg, k, ix.num_products() as u32)
 }
 
 /// `score::rank`, the slow twin (a tuple per posting, sorted).
-fn gram_rank_twin(ix: &Index, q: &Query, isa: Isa, k: usize) -> Vec<score::Hit> {
+fn gram_rank_twin(ix: &Index, q: &Query, isa: Isa, agg: Aggregate, k: usize) -> Vec<score::Hit> {
     let l = lists(ix, q);
-    score::rank(isa, &l, Aggregate::Max, k, ix.num_products() as u32)
+    score::rank(isa, &l, agg, k, ix.num_products() as u32)
 }
 
 /// Scoring alone (no aggregation, no top-k): what `rank` spends in `score_postings`.
@@ -219,7 +270,7 @@ fn gram_score_only(ix: &Index, q: &Query, isa: Isa, buf: &mut Vec<f32>) -> f32 {
     let mut acc = 0.0;
     for l in lists(ix, q) {
         buf.clear();
-        buf.resize(l.products.len(), 0.0);
+        buf.resize(l.products.len(), l.prior);
         score::score_postings(isa, l.pq, l.w, l.pt, buf);
         acc += buf.first().copied().unwrap_or(0.0);
     }
@@ -265,22 +316,29 @@ fn pid(cols: &[Column<u64>], a: DocAddress) -> Result<u32> {
     Ok(col.first(a.doc_id).ok_or("document without pid")? as u32)
 }
 
+/// The tantivy side of a run: the searcher and the codes field.
+struct Tantivy {
+    searcher: Searcher,
+    field: Field,
+}
+
 /// The checks of the module docs, for one query; returns (boundary ties, gram max |Δscore|).
 #[allow(clippy::too_many_arguments)]
 fn check(
     ranker: &mut Ranker,
     ix: &Index,
     ids: &[u32],
-    searcher: &Searcher,
-    field: Field,
+    tantivy: Option<&Tantivy>,
     q: &Query,
     isa: Isa,
+    agg: Aggregate,
     k: usize,
 ) -> Result<(usize, f64)> {
     // gram against f64.
     let mut best: HashMap<u32, f64> = HashMap::new();
     for (ci, &c) in q.codes.iter().enumerate() {
         let l = ix.postings(c, &q.pq[ci], &q.w[ci]).ok_or("postings")?;
+        let prior = q.prior[ci] as f64;
         let n = l.pq.len();
         let pq: Vec<f64> = l.pq.iter().map(|&v| v as f64).collect();
         let w: Vec<f64> = l.w.iter().map(|&v| v as f64).collect();
@@ -289,14 +347,21 @@ fn check(
             let pt: Vec<f64> = (0..n)
                 .map(|t| (l.pt[t * len + j] as f32 * PT_SCALE) as f64)
                 .collect();
-            let s = score::s_rele_f64(&pq, &pt, &w);
-            best.entry(p).and_modify(|b| *b = b.max(s)).or_insert(s);
+            let s = prior + score::s_rele_f64(&pq, &pt, &w);
+            best.entry(p)
+                .and_modify(|b| {
+                    *b = match agg {
+                        Aggregate::Max => b.max(s),
+                        Aggregate::Sum => *b + s,
+                    }
+                })
+                .or_insert(s);
         }
     }
     let mut full: Vec<(u32, f64)> = best.iter().map(|(&p, &s)| (p, s)).collect();
     full.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let want: HashSet<u32> = full.iter().take(k).map(|x| x.0).collect();
-    let hits = gram_query(ranker, ix, q, isa, k);
+    let hits = gram_query(ranker, ix, q, isa, agg, k);
     if hits.len() != want.len() {
         return Err(format!(
             "gram returned {} products, the reference {}",
@@ -325,12 +390,25 @@ fn check(
             ties += 1;
         }
     }
-    if gram_rank_twin(ix, q, isa, k) != hits {
+    // The twins, hit for hit and bit for bit (`Hit`'s `==` would take -0.0 for +0.0).
+    let bits = |h: &[score::Hit]| -> Vec<(u32, u32, Vec<u32>)> {
+        h.iter()
+            .map(|h| (h.product, h.score.to_bits(), h.codes.clone()))
+            .collect()
+    };
+    if bits(&gram_blocks(ranker, ix, q, isa, agg, k)) != bits(&hits) {
+        return Err("Ranker::rank disagrees with its twin rank_blocks".into());
+    }
+    if bits(&gram_rank_twin(ix, q, isa, agg, k)) != bits(&hits) {
         return Err("Ranker disagrees with its slow twin rank".into());
     }
     if max_err > 1e-4 {
         return Err(format!("gram scores differ from f64 by {max_err}").into());
     }
+    let Some(Tantivy { searcher, field }) = tantivy else {
+        return Ok((ties, max_err));
+    };
+    let field = *field;
     // tantivy: the hit set is the union; its top k is the union's by stored score.
     let union: HashSet<u32> = q
         .codes
@@ -396,14 +474,23 @@ pub fn run(p: &Params) -> Result<String> {
     let ids = posting_ids(&ix)?;
     let isa = Isa::detect();
 
-    let tix = tantivy::Index::open_in_dir(&p.tantivy)?;
-    let field = tix.schema().get_field(CODES)?;
-    let reader = tix
-        .reader_builder()
-        .reload_policy(ReloadPolicy::Manual)
-        .try_into()?;
-    let searcher = reader.searcher();
-    let segments = searcher.segment_readers().len();
+    let tantivy = match &p.tantivy {
+        Some(dir) => {
+            let tix = tantivy::Index::open_in_dir(dir)?;
+            let field = tix.schema().get_field(CODES)?;
+            let reader: tantivy::IndexReader = tix
+                .reader_builder()
+                .reload_policy(ReloadPolicy::Manual)
+                .try_into()?;
+            Some(Tantivy {
+                searcher: reader.searcher(),
+                field,
+            })
+        }
+        None => None,
+    };
+    let segments = tantivy.as_ref().map(|t| t.searcher.segment_readers().len());
+    let agg = p.aggregate;
 
     let queries = make_queries(&ix, p)?;
     // Postings and bytes each query touches: 4 bytes of product id and 2 per token per posting.
@@ -433,7 +520,7 @@ pub fn run(p: &Params) -> Result<String> {
     // Checks first (they also warm both engines' pages for the checked queries).
     let (mut ties, mut max_err) = (0, 0f64);
     for q in queries.iter().take(p.check) {
-        let (t, e) = check(&mut ranker, &ix, ids, &searcher, field, q, isa, p.k)?;
+        let (t, e) = check(&mut ranker, &ix, ids, tantivy.as_ref(), q, isa, agg, p.k)?;
         ties += t;
         max_err = max_err.max(e);
     }
@@ -441,53 +528,97 @@ pub fn run(p: &Params) -> Result<String> {
     // Warm-up pass, then alternating timed rounds.
     let mut buf = Vec::new();
     for q in &queries {
-        black_box(gram_query(&mut ranker, &ix, q, isa, p.k));
-        black_box(gram_rank_twin(&ix, q, isa, p.k));
-        black_box(tantivy_top(&searcher, field, q, p.k)?);
+        black_box(gram_query(&mut ranker, &ix, q, isa, agg, p.k));
+        black_box(gram_blocks(&mut ranker, &ix, q, isa, agg, p.k));
+        if p.slow_twin {
+            black_box(gram_rank_twin(&ix, q, isa, agg, p.k));
+        }
+        if let Some(t) = &tantivy {
+            black_box(tantivy_top(&t.searcher, t.field, q, p.k)?);
+        }
     }
     let mem_warm = memory();
-    let (mut g, mut s, mut tv, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut g, mut b, mut s, mut tv, mut d) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut rounds = Vec::new();
     for _ in 0..p.rounds.max(1) {
-        let (g0, tv0) = (g.len(), tv.len());
+        let (g0, b0, tv0) = (g.len(), b.len(), tv.len());
         for q in &queries {
             let t = Instant::now();
-            black_box(gram_query(&mut ranker, &ix, q, isa, p.k));
+            black_box(gram_query(&mut ranker, &ix, q, isa, agg, p.k));
             g.push(t.elapsed());
+        }
+        for q in &queries {
+            let t = Instant::now();
+            black_box(gram_blocks(&mut ranker, &ix, q, isa, agg, p.k));
+            b.push(t.elapsed());
         }
         for q in &queries {
             let t = Instant::now();
             black_box(gram_score_only(&ix, q, isa, &mut buf));
             s.push(t.elapsed());
         }
-        for q in &queries {
-            let t = Instant::now();
-            black_box(gram_rank_twin(&ix, q, isa, p.k));
-            d.push(t.elapsed());
+        if p.slow_twin {
+            for q in &queries {
+                let t = Instant::now();
+                black_box(gram_rank_twin(&ix, q, isa, agg, p.k));
+                d.push(t.elapsed());
+            }
         }
-        for q in &queries {
-            let t = Instant::now();
-            black_box(tantivy_top(&searcher, field, q, p.k)?);
-            tv.push(t.elapsed());
+        if let Some(t) = &tantivy {
+            for q in &queries {
+                let start = Instant::now();
+                black_box(tantivy_top(&t.searcher, t.field, q, p.k)?);
+                tv.push(start.elapsed());
+            }
         }
         rounds.push(json!({
             "gram": percentiles(&mut g[g0..].to_vec()),
-            "tantivy": percentiles(&mut tv[tv0..].to_vec()),
+            "gram_blocks": percentiles(&mut b[b0..].to_vec()),
+            "tantivy": if tv.len() > tv0 { percentiles(&mut tv[tv0..].to_vec()) } else { json!(null) },
         }));
     }
     let gram_total: Duration = g.iter().sum();
     let total_postings: u64 = postings.iter().sum::<u64>() * p.rounds.max(1) as u64;
-    let gp = percentiles(&mut g);
-    let sp = percentiles(&mut s);
-    let dp = percentiles(&mut d);
-    let tp = percentiles(&mut tv);
-    let ratio = |key: &str| {
-        let (a, b) = (
-            gp[key].as_f64().unwrap_or(0.0),
-            tp[key].as_f64().unwrap_or(1.0),
-        );
-        ((a / b) * 1000.0).round() / 1000.0
+    let opt = |v: &mut Vec<Duration>| {
+        if v.is_empty() {
+            json!(null)
+        } else {
+            percentiles(v)
+        }
     };
+    // Each query's fastest round, then percentiles over the queries: what the code costs with
+    // the interference of a shared box (other processes' bursts) mostly taken out.
+    let nq = queries.len();
+    let best_of = |v: &[Duration]| -> serde_json::Value {
+        let mut m: Vec<Duration> = (0..nq)
+            .map(|i| {
+                v.iter()
+                    .skip(i)
+                    .step_by(nq)
+                    .min()
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .collect();
+        percentiles(&mut m)
+    };
+    let best_rounds = json!({
+        "gram": best_of(&g), "gram_blocks": best_of(&b), "gram_score_only": best_of(&s),
+    });
+    let gp = percentiles(&mut g);
+    let bp = percentiles(&mut b);
+    let sp = percentiles(&mut s);
+    let dp = opt(&mut d);
+    let tp = opt(&mut tv);
+    let ratio = |other: &serde_json::Value, key: &str| {
+        let (a, b) = (gp[key].as_f64(), other[key].as_f64());
+        match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => json!(((a / b) * 1000.0).round() / 1000.0),
+            _ => json!(null),
+        }
+    };
+    let ratios = |other: &serde_json::Value| json!({"p50": ratio(other, "p50_ms"), "p90": ratio(other, "p90_ms"), "p99": ratio(other, "p99_ms"), "mean": ratio(other, "mean_ms")});
     let mem_end = memory();
     let bw = read_bandwidth();
     let mut sorted_post = postings.clone();
@@ -500,13 +631,14 @@ pub fn run(p: &Params) -> Result<String> {
         "query": {
             "index": path, "tantivy": p.tantivy, "queries": p.queries, "codes_per_query": p.codes,
             "k": p.k, "rounds": p.rounds, "seed": p.seed, "isa": format!("{isa:?}"),
+            "aggregate": format!("{agg:?}").to_lowercase(), "priors": p.priors,
             "threads": 1,
             "loadavg_start": load_start, "loadavg_end": loadavg(),
         },
         "index": {
             "products": ix.num_products(), "codes": ix.num_codes(),
             "postings": ids.len(), "gram_file_bytes": size,
-            "tantivy_bytes": dir_size(&p.tantivy), "tantivy_segments": segments,
+            "tantivy_bytes": p.tantivy.as_deref().map(dir_size), "tantivy_segments": segments,
         },
         "open": {
             "cold_first_ms": ms(cold),
@@ -522,11 +654,14 @@ pub fn run(p: &Params) -> Result<String> {
             "max": sorted_post[sorted_post.len() - 1],
         },
         "gram": gp,
+        "gram_blocks": bp,
         "gram_score_only": sp,
         "gram_rank_slow_twin": dp,
         "tantivy": tp,
-        "ratio_gram_over_tantivy": {"p50": ratio("p50_ms"), "p90": ratio("p90_ms"), "p99": ratio("p99_ms"), "mean": ratio("mean_ms")},
+        "ratio_gram_over_tantivy": ratios(&tp),
+        "ratio_gram_over_blocks": ratios(&bp),
         "per_round": rounds,
+        "best_of_rounds_per_query": best_rounds,
         "gram_postings_per_s": (total_postings as f64 / gram_total.as_secs_f64()).round(),
         "bandwidth": {
             "read_gb_s_1thread": (bw / 1e7).round() / 100.0,
@@ -568,7 +703,7 @@ mod tests {
         crate::tv::build(&dir, &tdir, 64 << 20).unwrap();
         let line = run(&Params {
             index: dir.clone(),
-            tantivy: tdir,
+            tantivy: Some(tdir),
             queries: 40,
             seed: 1,
             codes: 10,
@@ -576,6 +711,9 @@ mod tests {
             rounds: 1,
             check: 40,
             opens: 2,
+            aggregate: Aggregate::Max,
+            priors: false,
+            slow_twin: true,
         })
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
