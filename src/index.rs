@@ -293,7 +293,7 @@ impl Index {
             .file
             .section(kind)
             .map(|(_, b)| b)
-            .ok_or(format!("section {kind} is missing"))?;
+            .ok_or_else(|| format!("section {kind} is missing"))?;
         bytemuck::try_cast_slice(bytes).map_err(|e| format!("section {kind}: {e}"))
     }
 

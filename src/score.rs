@@ -252,8 +252,9 @@ pub fn rank(
 /// - **max**: the lists are scanned in code order against a running top `k` of distinct
 ///   products ([`TopK`]); a posting below the `k`-th best score so far cannot enter it (nor
 ///   raise a product held, whose score is already above), and a branch-free compare of 16
-///   scores at a time skips nearly all of them. Offered postings update the product's best
-///   score or replace the worst kept. A product's best posting is never skipped while it
+///   scores at a time skips nearly all of them. The postings at the floor (a chunk's at a
+///   time, their product ids read together) update the product's best score or replace the
+///   worst kept. A product's best posting is never skipped while it
 ///   could enter the top `k` (the floor only rises), so the `k` kept are the `k` best.
 /// - **sum**: a product's total is at most its score in any one list plus every other list's
 ///   best positive score (rounded additions are monotone, so this holds in f32 too). The max
@@ -291,6 +292,9 @@ pub struct Ranker {
     /// The threshold passes' running top `k`, and the sum pass's candidates.
     best: TopK,
     candidates: Vec<u32>,
+    /// One chunk's postings at the floor (positions in their list) and their products.
+    hits: Vec<u32>,
+    hit_ids: Vec<u32>,
 }
 
 /// The largest `k` the threshold passes take (a held product is found by a scan of the `k`
@@ -491,12 +495,12 @@ impl TopK {
     }
 }
 
-/// Calls `hit(j)` for each `j` with `scores[j] >= floor`, in order; `hit` returns the floor
-/// from there on. Sixteen scores are compared at once, branch-free (the compiler's SIMD), and
-/// only a group with a score at the floor is looked at one by one: past the first few
-/// thousand postings of a query nearly every group is skipped whole.
+/// Calls `hit(j)` for each `j` with `scores[j] >= floor`, in order. Sixteen scores are
+/// compared at once, branch-free (the compiler's SIMD), and only a group with a score at the
+/// floor is looked at one by one: past the first few thousand postings of a query nearly
+/// every group is skipped whole.
 #[inline]
-fn scan(scores: &[f32], mut floor: f32, mut hit: impl FnMut(usize) -> f32) {
+fn scan(scores: &[f32], floor: f32, mut hit: impl FnMut(usize)) {
     const GROUP: usize = 16;
     let mut groups = scores.chunks_exact(GROUP);
     let mut base = 0;
@@ -505,7 +509,7 @@ fn scan(scores: &[f32], mut floor: f32, mut hit: impl FnMut(usize) -> f32) {
         if g.iter().fold(false, |any, &s| any | (s >= floor)) {
             for (i, &s) in g.iter().enumerate() {
                 if s >= floor {
-                    floor = hit(base + i);
+                    hit(base + i);
                 }
             }
         }
@@ -513,7 +517,7 @@ fn scan(scores: &[f32], mut floor: f32, mut hit: impl FnMut(usize) -> f32) {
     }
     for (i, &s) in groups.remainder().iter().enumerate() {
         if s >= floor {
-            floor = hit(base + i);
+            hit(base + i);
         }
     }
 }
@@ -644,17 +648,28 @@ impl Ranker {
     /// The max threshold pass: leaves in `best` the `k` products (fewer when the lists hold
     /// fewer) of the best single scores, each with its best score, ties to the lower id.
     fn max_pass(&mut self, lists: &[Postings], k: usize, products: u32) {
+        /// Postings scanned against one floor: the floor rises between chunks.
+        const CHUNK: usize = 1024;
         let best = &mut self.best;
         best.reset(k);
+        let (hits, ids) = (&mut self.hits, &mut self.hit_ids);
         for (c, l) in lists.iter().enumerate() {
             let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
-            scan(scores, best.floor(), |j| {
-                let p = l.products[j];
-                if p < products {
-                    best.offer_max(p, scores[j]);
+            for (n, chunk) in scores.chunks(CHUNK).enumerate() {
+                let base = n * CHUNK;
+                hits.clear();
+                scan(chunk, best.floor(), |j| hits.push((base + j) as u32));
+                // The products of the postings at the floor, read one after another: the
+                // scoring never read these ids, so each is a cache miss, and misses issued
+                // together overlap.
+                ids.clear();
+                ids.extend(hits.iter().map(|&j| l.products[j as usize]));
+                for (&j, &p) in hits.iter().zip(ids.iter()) {
+                    if p < products {
+                        best.offer_max(p, scores[j as usize]);
+                    }
                 }
-                best.floor()
-            });
+            }
         }
     }
 
@@ -709,7 +724,6 @@ impl Ranker {
                 if p < products {
                     found.push(p);
                 }
-                floor
             });
         }
         found.sort_unstable();
