@@ -19,7 +19,12 @@
 //   q_norm, k_norm [D]    bf16  Qwen3 q_norm / k_norm weights, or null (no norm)
 //   v        [T, Hkv * D] T     values to store, or null (no store)
 //   k_cache, v_cache [entries, Hkv * D] T  this layer's K and V blocks of the arena, or null
+//   q_out    [T, H * D]   T     where rotated q heads go, or null (in place)
 //   n_rows (T), heads (H), kv_heads (Hkv), head_dim (D: even, <= 1024), max_pos, entries, eps
+//   row_stride            u32   0: q, k, v are separate [T, heads * D] buffers; else the values
+//                               between rows of all three: one GEMM's packed [T, (H + 2 Hkv) D]
+//                               output for the concatenated [q_proj; k_proj; v_proj] weight,
+//                               with q, k, v pointing at its three column blocks
 // Launch: one warp per (row, head) over the H + Hkv heads of each row:
 //   grid (ceil(T * (H + Hkv) / 4)), block 128.
 // A position >= max_pos turns that head (and its stored K/V) into NaN; an entry >= entries skips
@@ -39,6 +44,7 @@ struct RopeParams {
     const T* v;
     T* k_cache;
     T* v_cache;
+    T* q_out;
     u32 n_rows;
     u32 heads;
     u32 kv_heads;
@@ -46,6 +52,7 @@ struct RopeParams {
     u32 max_pos;
     u32 entries;
     float eps;
+    u32 row_stride;
 };
 
 template <typename T>
@@ -57,7 +64,11 @@ __device__ __forceinline__ void rope_impl(const RopeParams<T>& p) {
     const u32 t = (u32)(warp / per_row), h = (u32)(warp % per_row);
     const bool is_q = h < p.heads;
     const u32 D = p.head_dim, half = D / 2;
-    T* x = is_q ? p.q + ((u64)t * p.heads + h) * D : p.k + ((u64)t * p.kv_heads + (h - p.heads)) * D;
+    const u64 q_row = p.row_stride ? p.row_stride : (u64)p.heads * D;
+    const u64 kv_row = p.row_stride ? p.row_stride : (u64)p.kv_heads * D;
+    T* x = is_q ? p.q + (u64)t * q_row + (u64)h * D : p.k + (u64)t * kv_row + (u64)(h - p.heads) * D;
+    // Where the rotated head goes: q_out for q heads when given, else in place.
+    T* xo = is_q && p.q_out ? p.q_out + ((u64)t * p.heads + h) * D : x;
     const bf16* norm = is_q ? p.q_norm : p.k_norm;
     const RowKv row = p.rows[t];
 
@@ -70,14 +81,14 @@ __device__ __forceinline__ void rope_impl(const RopeParams<T>& p) {
         const u32 g = h - p.heads;
         kc = p.k_cache + kv_offset(row.entry, p.kv_heads, g, D);
         vc = p.v_cache + kv_offset(row.entry, p.kv_heads, g, D);
-        vs = p.v + ((u64)t * p.kv_heads + g) * D;
+        vs = p.v + (u64)t * kv_row + (u64)g * D;
         for (u32 i = lane; i < D; i += 32) vc[i] = vs[i];
     }
 
     if (row.pos >= p.max_pos) {
         const T bad = from_f32<T>(gram_nan());
         for (u32 i = lane; i < D; i += 32) {
-            x[i] = bad;
+            xo[i] = bad;
             if (store) kc[i] = bad;
         }
         return;
@@ -105,8 +116,8 @@ __device__ __forceinline__ void rope_impl(const RopeParams<T>& p) {
         const T r1 = from_f32<T>(x1 * c[i] - x2 * s[i]);
         const T r2 = from_f32<T>(x2 * c[i] + x1 * s[i]);
         // Each lane reads and writes only its own pairs (i, i + half): no hazard in place.
-        x[i] = r1;
-        x[i + half] = r2;
+        xo[i] = r1;
+        xo[i + half] = r2;
         if (store) {
             kc[i] = r1;
             kc[i + half] = r2;

@@ -309,16 +309,22 @@ fn linear_and_heads_match_cpu_within_the_bf16_operand_bound() {
         // Both paths: cuBLAS (the activation operand rounded to bf16: |Δ| <= 2^-8 Σ|x||w|) and,
         // for rows <= SMALL_ROWS, our small-row kernel (f32 activations: only the summation
         // order differs, |Δ| <= 1e-4 Σ|x||w|).
-        let small_ok = rows <= cuda::SMALL_ROWS;
-        for small in [false, true].into_iter().filter(|&s| !s || small_ok) {
-            g.set_small_gemm(small);
+        // And our few-row bf16 kernel (linear_rows_bf16: the cuBLAS path's operands, bias in
+        // the same launch).
+        let few = rows <= cuda::SMALL_ROWS;
+        for path in ["cuBLAS", "small-row kernel", "rows kernel"] {
+            if path != "cuBLAS" && !few {
+                continue;
+            }
+            g.set_small_gemm(path == "small-row kernel");
+            g.set_rows_gemm(path == "rows kernel");
             let mut og = g.buf(rows * n);
             g.linear(&xg, rows, &mut [(lg.as_ref(), &mut og)]);
             let got = g.to_host(og);
-            let (bound, path) = if small {
-                (1e-4f32, "small-row kernel")
+            let bound = if path == "small-row kernel" {
+                1e-4f32
             } else {
-                (1.0 / 256.0, "cuBLAS")
+                1.0 / 256.0
             };
             let mut worst = 0.0f64;
             for r in 0..rows {
@@ -338,7 +344,8 @@ fn linear_and_heads_match_cpu_within_the_bf16_operand_bound() {
                 "linear {path} {rows}x{k}x{n}: max |Δ| / Σ|x||w| = {worst:.3e} (bound {bound:.1e})"
             );
         }
-        g.set_small_gemm(true);
+        g.set_small_gemm(false);
+        g.set_rows_gemm(false);
 
         // The sparse head and the full head's picks + log-sum-exp.
         let picks: Vec<(u32, u32)> = (0..3 * rows)
@@ -399,7 +406,17 @@ fn fused_mlp_and_bf16_shadows_match_unfused_launches() {
         lin(up_g(&wd, vec![k, n])),
     );
     let ng = up_g(&norm_w, vec![k]);
-    for rows in [1, 10, 37] {
+    for (rows, rows_kernel) in [
+        (1, false),
+        (10, false),
+        (37, false),
+        (1, true),
+        (10, true),
+        (16, true),
+    ] {
+        // Few rows: the batched cuBLAS GEMM + SwiGLU launch, or linear_rows_bf16 (both
+        // products and the SwiGLU in one launch).
+        g.set_rows_gemm(rows_kernel);
         let x = rng.vec(rows * k, 2.0);
         let xg = g.buf_from_host(&x);
         // Fused against unfused, both on the GPU, and against the CPU.
@@ -417,10 +434,10 @@ fn fused_mlp_and_bf16_shadows_match_unfused_launches() {
         let (fused, unfused) = (g.to_host(a), g.to_host(b));
         let scale = cc.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         assert_close(
-            &format!("gate_up_silu fused vs unfused {rows}x{k}x{n}"),
+            &format!("gate_up_silu fused vs unfused {rows}x{k}x{n} rows kernel {rows_kernel}"),
             &fused,
             &unfused,
-            1e-5 * scale,
+            1e-4 * scale,
             1e-5,
         );
         assert_close(
@@ -493,6 +510,132 @@ fn fused_mlp_and_bf16_shadows_match_unfused_launches() {
         );
         eprintln!("shadows, {rows} rows: bit-identical to casts");
     }
+}
+
+/// `qkv_rope_store` on the GPU (one GEMM over the concatenated q/k/v weight, the rotation
+/// reading its packed output) against the same ops unfused on the GPU and against the CPU:
+/// the rotated q, and the stored K/V read back through attention. With and without biases.
+#[test]
+fn fused_qkv_rope_store_matches_unfused_and_cpu() {
+    let Some((g, c, mut rng)) = op_test(31337) else {
+        return;
+    };
+    g.set_small_gemm(false);
+    let (heads, kv_heads, d) = (14, 2, 64);
+    let (q_dim, kv_dim) = (heads * d, kv_heads * d);
+    let kdim = 896;
+    let cfg = config(heads, kv_heads, d);
+    let table = RopeTable::new(d, 1_000_000.0, 4096);
+    let shape = AttnShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    };
+    for (t, bias, rows_kernel) in [
+        (1, false, false),
+        (10, true, false),
+        (23, false, false),
+        (37, true, false),
+        (1, false, true),
+        (10, true, true),
+    ] {
+        // The GEMMs by cuBLAS, or by linear_rows_bf16 (bias in the same launch).
+        g.set_rows_gemm(rows_kernel);
+        let rows: Vec<RowKv> = (0..t as u32).map(|i| RowKv::contiguous(0, i)).collect();
+        let x = rng.vec(t * kdim, 2.0);
+        let ws: Vec<(Vec<f32>, Vec<f32>, usize)> = [q_dim, kv_dim, kv_dim]
+            .iter()
+            .map(|&n| (rng.vec(n * kdim, 0.05), rng.vec(n, 0.5), n))
+            .collect();
+        let lc: Vec<Linear<HostTensor>> = ws
+            .iter()
+            .map(|(w, b, n)| Linear {
+                weight: c.upload(bf16_tensor(w.clone(), vec![*n, kdim])).unwrap(),
+                bias: bias.then(|| c.upload(bf16_tensor(b.clone(), vec![*n])).unwrap()),
+            })
+            .collect();
+        let lg: Vec<Linear<cuda::CudaWeight>> = ws
+            .iter()
+            .map(|(w, b, n)| Linear {
+                weight: g.upload(bf16_tensor(w.clone(), vec![*n, kdim])).unwrap(),
+                bias: bias.then(|| g.upload(bf16_tensor(b.clone(), vec![*n])).unwrap()),
+            })
+            .collect();
+        let refs_g = [lg[0].as_ref(), lg[1].as_ref(), lg[2].as_ref()];
+        // CPU: the trait's default (linear, then rope_store).
+        let (mut qc, mut kc, mut vc) = (c.buf(t * q_dim), c.buf(t * kv_dim), c.buf(t * kv_dim));
+        let mut kvc = c.new_kv(&cfg, 64).unwrap();
+        let refs_c = [lc[0].as_ref(), lc[1].as_ref(), lc[2].as_ref()];
+        c.qkv_rope_store(
+            &x, refs_c, &mut qc, &mut kc, &mut vc, &mut kvc, 1, shape, &rows, &table,
+        );
+        // GPU fused, and GPU unfused (linear + rope_store).
+        let xg = g.buf_from_host(&x);
+        let (mut q1, mut k1, mut v1) = (g.buf(t * q_dim), g.buf(t * kv_dim), g.buf(t * kv_dim));
+        let mut kv1 = g.new_kv(&cfg, 64).unwrap();
+        g.qkv_rope_store(
+            &xg, refs_g, &mut q1, &mut k1, &mut v1, &mut kv1, 1, shape, &rows, &table,
+        );
+        let (mut q2, mut k2, mut v2) = (g.buf(t * q_dim), g.buf(t * kv_dim), g.buf(t * kv_dim));
+        let mut kv2 = g.new_kv(&cfg, 64).unwrap();
+        g.linear(
+            &xg,
+            t,
+            &mut [
+                (refs_g[0], &mut q2),
+                (refs_g[1], &mut k2),
+                (refs_g[2], &mut v2),
+            ],
+        );
+        g.rope_store(&mut q2, &mut k2, &v2, &mut kv2, 1, shape, &rows, &table);
+        let (q1, q2) = (g.to_host(q1), g.to_host(q2));
+        let scale = qc.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert_close(
+            &format!("fused q vs unfused, {t} rows, bias {bias}, rows kernel {rows_kernel}"),
+            &q1,
+            &q2,
+            1e-4 * scale,
+            1e-5,
+        );
+        assert_close(
+            &format!("fused q vs cpu, {t} rows, bias {bias}"),
+            &q1,
+            &qc,
+            scale / 64.0,
+            0.0,
+        );
+        // The stored K/V, through attention of the last row over the whole prompt.
+        let last = [RowKv::contiguous(0, t as u32 - 1)];
+        let kvr = KvRows {
+            rows: &last,
+            links: &[],
+        };
+        let qa = rng.vec(q_dim, 1.0);
+        let mut oc = c.buf(q_dim);
+        c.attention(&qa, &kvc, 1, kvr, shape, &mut oc);
+        let mut outs = Vec::new();
+        for kv in [&kv1, &kv2] {
+            let mut og = g.buf(q_dim);
+            g.attention(&g.buf_from_host(&qa), kv, 1, kvr, shape, &mut og);
+            outs.push(g.to_host(og));
+        }
+        let scale = oc.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert_close(
+            &format!("fused kv vs unfused, {t} rows"),
+            &outs[0],
+            &outs[1],
+            1e-4 * scale,
+            1e-5,
+        );
+        assert_close(
+            &format!("fused kv vs cpu, {t} rows"),
+            &outs[0],
+            &oc,
+            scale / 64.0,
+            0.0,
+        );
+    }
+    g.check().unwrap();
 }
 
 fn config(heads: usize, kv_heads: usize, d: usize) -> ModelConfig {

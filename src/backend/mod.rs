@@ -39,11 +39,18 @@ impl<W> Linear<W> {
 }
 
 /// A borrowed [`Linear`] (the tied LM head borrows the embedding).
-#[derive(Clone, Copy)]
 pub struct LinearRef<'a, W> {
     pub weight: &'a W,
     pub bias: Option<&'a W>,
 }
+
+// Copy for any W (a derive would ask W: Copy): it holds references only.
+impl<W> Clone for LinearRef<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for LinearRef<'_, W> {}
 
 /// One row of a batch as the KV cache sees it. The cache is an arena of entries (one token's K
 /// and V, every layer); a row writes its K/V to `entry` and attends to the entries
@@ -202,6 +209,33 @@ pub trait Backend: Send + Sync {
         self.rope(q, shape.heads, rows, table);
         self.rope(k, shape.kv_heads, rows, table);
         self.kv_store(kv, layer, k, v, rows);
+    }
+    /// The attention block's input half: `q, k, v = x W^T (+ b)` for the three projections
+    /// `qkv`, then [`Backend::rope_store`]: `q: [T, H * D]` gets the rotated queries, k and v
+    /// go into the cache; `k` and `v` are scratch (unspecified afterwards). The default is
+    /// [`Backend::linear`] of the three, then `rope_store`; the CUDA backend runs the three
+    /// products as one GEMM over the concatenated weight, and the rotation reads its output.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_store(
+        &self,
+        x: &Self::Buf,
+        qkv: [LinearRef<'_, Self::Weight>; 3],
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &mut Self::Buf,
+        kv: &mut Self::Kv,
+        layer: usize,
+        shape: AttnShape,
+        rows: &[RowKv],
+        table: &RopeTable,
+    ) {
+        let [qp, kp, vp] = qkv;
+        self.linear(
+            x,
+            rows.len(),
+            &mut [(qp, &mut *q), (kp, &mut *k), (vp, &mut *v)],
+        );
+        self.rope_store(q, k, v, kv, layer, shape, rows, table);
     }
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);

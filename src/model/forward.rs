@@ -114,24 +114,30 @@ fn body<B: Backend>(
                 &mut hn,
             );
         }
-        b.linear(
-            &hn,
-            t,
-            &mut [
-                (layer.q_proj.as_ref(), &mut q),
-                (layer.k_proj.as_ref(), &mut k),
-                (layer.v_proj.as_ref(), &mut v),
-            ],
-        );
-        // Qwen3: RMSNorm over each head of q and k, before RoPE.
+        let qkv = [
+            layer.q_proj.as_ref(),
+            layer.k_proj.as_ref(),
+            layer.v_proj.as_ref(),
+        ];
         if let (Some(qw), Some(kw)) = (&layer.q_norm, &layer.k_norm) {
+            b.linear(
+                &hn,
+                t,
+                &mut [(qkv[0], &mut q), (qkv[1], &mut k), (qkv[2], &mut v)],
+            );
+            // Qwen3: RMSNorm over each head of q and k, before RoPE.
             b.rmsnorm(&q, qw, c.rms_norm_eps, c.head_dim, &mut qn);
             std::mem::swap(&mut q, &mut qn);
             b.rmsnorm(&k, kw, c.rms_norm_eps, c.head_dim, &mut kn);
             std::mem::swap(&mut k, &mut kn);
+            b.rope_store(&mut q, &mut k, &v, kv, l, shape, rows, &m.rope);
+        } else {
+            // q, k, v projections; rotary positions on q and k; k, v into the cache.
+            b.qkv_rope_store(
+                &hn, qkv, &mut q, &mut k, &mut v, kv, l, shape, rows, &m.rope,
+            );
         }
-        // Rotary positions on q and k; k, v into the cache; attend over each row's context.
-        b.rope_store(&mut q, &mut k, &v, kv, l, shape, rows, &m.rope);
+        // Attend over each row's context.
         b.attention(&q, kv, l, kv_rows, shape, &mut att);
         // h = att W_o^T; x += h, hn = norm(x).
         b.linear(&att, t, &mut [(layer.o_proj.as_ref(), &mut h)]);

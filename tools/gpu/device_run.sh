@@ -14,7 +14,9 @@
 #   cargo build --release && cargo test --release --test gpu --no-run
 #   strip -o .devbin/gram target/release/gram; strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
 # Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
-# model, 40), HF_CAP_S (per config, 10).
+# model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
+# ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=1), EXTRAS (0 skips
+# step 3's cuBLAS-only and eager comparison runs).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gram-device-out}
@@ -33,7 +35,9 @@ pack() {
   # At most 8 files back: the logs concatenated, the JSONL results, a tarball of everything.
   # Called after every step, so a run cut short still returns what it did.
   for f in "$W"/*.log "$W"/env.txt; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done > "$OUT/logs.txt"
-  cat "$W"/gram-bench*.jsonl "$W"/gram-profile.jsonl > "$OUT/gram-bench.jsonl" 2>/dev/null
+  cat "$W"/gram-bench.jsonl "$W"/gram-bench-cublas.jsonl "$W"/gram-bench-eager.jsonl "$W"/gram-profile.jsonl \
+    > "$OUT/gram-bench.jsonl" 2>/dev/null
+  for f in gram-bench-base.jsonl gram-bench-alt.jsonl; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
   cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
   tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
 }
@@ -89,8 +93,29 @@ if has 3; then
       --dump-codes "$W/gram-codes-$m.json" > "$W/bench-$m.log" 2>&1
     log "step 3 $m exit $?"
   done
+  # Side by side with an earlier build (BASE=path to its binary): same configs, same call.
   for m in smollm2 qwen05b; do
-    [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    [ -n "${BASE:-}" ] && [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    chmod +x "$BASE"
+    log "step 3: bench-codes $m with the base build $BASE"
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 $((BENCH_BUDGET_S + 40)) "$BASE" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --batch 16 --batch 64 --reps 5 --config-s 4 \
+      --budget-s "$BENCH_BUDGET_S" --out "$W/gram-bench-base.jsonl" > "$W/bench-$m-base.log" 2>&1
+    log "step 3 $m base exit $?"
+  done
+  # The same build with other settings (ALT_ENV="NAME=value ...", e.g. GRAM_CUDA_ROWS_GEMM=1).
+  for m in smollm2 qwen05b; do
+    [ -n "${ALT_ENV:-}" ] && [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    log "step 3: bench-codes $m with $ALT_ENV"
+    env $ALT_ENV LD_LIBRARY_PATH="$GLD" timeout -k 5 $((BENCH_BUDGET_S + 40)) "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+      --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
+      --beam 10 --beam 64 --batch 1 --batch 16 --batch 64 --reps 5 --config-s 4 \
+      --budget-s "$BENCH_BUDGET_S" --profile --out "$W/gram-bench-alt.jsonl" > "$W/bench-$m-alt.log" 2>&1
+    log "step 3 $m alt exit $?"
+  done
+  for m in smollm2 qwen05b; do
+    [ "${EXTRAS:-1}" = 1 ] && [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
     log "step 3: bench-codes $m cuBLAS for every product (no small-row kernel, to compare)"
     GRAM_CUDA_SMALL_GEMM=0 LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
       --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \

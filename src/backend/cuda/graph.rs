@@ -41,7 +41,7 @@ pub(super) enum KArg<'a> {
 /// The bytes of `v` (a `#[repr(C)]` plain-data parameter struct).
 fn raw<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is plain old data with no padding (AttnParams: 10 pointers + 10 four-byte fields;
-    // RopeParams names its tail padding `_pad`), so every byte read is initialized.
+    // RopeParams: 11 pointers + 8 four-byte fields), so every byte read is initialized.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
 

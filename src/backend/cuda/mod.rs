@@ -131,6 +131,7 @@ struct RopeParams {
     v: u64,
     k_cache: u64,
     v_cache: u64,
+    q_out: u64,
     n_rows: u32,
     heads: u32,
     kv_heads: u32,
@@ -138,9 +139,7 @@ struct RopeParams {
     max_pos: u32,
     entries: u32,
     eps: f32,
-    /// The C struct's tail padding, made explicit so that every byte the graph hash reads is
-    /// initialized (the kernel ignores it).
-    _pad: u32,
+    row_stride: u32,
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for RopeParams {}
@@ -148,7 +147,7 @@ unsafe impl DeviceRepr for RopeParams {}
 // The C layouts (kernels/attention.cuh, kernels/rope.cu): 8-byte pointers first, then 4-byte
 // fields, no padding left implicit (the graph hash reads every byte).
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 10 * 8 + 10 * 4);
-const _: () = assert!(std::mem::size_of::<RopeParams>() == 10 * 8 + 8 * 4);
+const _: () = assert!(std::mem::size_of::<RopeParams>() == 11 * 8 + 8 * 4);
 
 /// An f32 activation buffer: `len` values at the front of a pooled allocation, or of a pass
 /// slot (see `graph.rs`: the buffers of a decoder pass are the same allocations every pass).
@@ -175,9 +174,20 @@ impl CudaBuf {
 pub struct CudaWeight {
     data: CudaSlice<u16>,
     shape: Vec<usize>,
+    /// For a q projection: the layer's fused q/k/v weight, once made
+    /// ([`CudaBackend::fused_qkv`]).
+    fused: std::sync::OnceLock<Arc<FusedQkv>>,
 }
 
 impl CudaWeight {
+    pub(super) fn new(data: CudaSlice<u16>, shape: Vec<usize>) -> CudaWeight {
+        CudaWeight {
+            data,
+            shape,
+            fused: Default::default(),
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -214,9 +224,12 @@ struct Scratch {
     uploads: HashMap<Slot, Upload>,
     /// The bf16 copy of a GEMM's activation operand.
     xb: Option<CudaSlice<u16>>,
-    /// `(f32 buffer address, values, op)`: `xb` holds the bf16 rounding of that buffer, written
-    /// by op number `op` (a norm or SwiGLU writing it for the GEMM that reads its output next).
-    shadow: Option<(u64, usize, u64)>,
+    /// A second operand buffer, for the shadow of a launch that reads `xb`.
+    xb2: Option<CudaSlice<u16>>,
+    /// `(f32 buffer address, values, op, bf16 address)`: the bf16 rounding of that buffer (in
+    /// `xb` or `xb2`), written by op number `op` (a norm, SwiGLU or attention writing it for
+    /// the GEMM that reads its output next).
+    shadow: Option<(u64, usize, u64, u64)>,
     /// The rotary table of the model being run: `(RopeTable::id, cos, sin, max_pos)`.
     rope: Option<(u64, CudaSlice<f32>, CudaSlice<f32>, usize)>,
     /// The head's outputs: the picks' logits (then, for the full head, each row's
@@ -246,6 +259,15 @@ struct AttnMemo {
     groups_p: u64,
 }
 
+/// A layer's q, k and v projections as one weight `[q_dim + 2 kv_dim, K]` (and bias).
+pub(super) struct FusedQkv {
+    pub w: CudaWeight,
+    pub bias: Option<CudaWeight>,
+    /// Device addresses of the k and v weights and the three biases (0: none) it was made
+    /// from.
+    sources: [u64; 5],
+}
+
 /// Per-op GPU time, from CUDA events around each op (only when profiling is on).
 #[derive(Default)]
 struct Profile {
@@ -273,6 +295,8 @@ pub struct CudaBackend {
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
+    /// GEMMs of at most [`SMALL_ROWS`] rows by `linear_rows_bf16` instead of cuBLAS.
+    rows_gemm_on: AtomicBool,
     graph_stats: Mutex<GraphStats>,
     /// Passes begun (`Scratch::pass_gen`).
     pass_gens: AtomicU64,
@@ -397,6 +421,9 @@ impl CudaBackend {
             small_gemm_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_SMALL_GEMM").is_ok_and(|v| v == "1"),
             ),
+            rows_gemm_on: AtomicBool::new(
+                std::env::var("GRAM_CUDA_ROWS_GEMM").is_ok_and(|v| v == "1"),
+            ),
             _blas_workspace: blas_workspace,
             profile: Mutex::new(Profile::default()),
             profiling: AtomicBool::new(profile),
@@ -425,6 +452,49 @@ impl CudaBackend {
     /// keeps f32 activations, so it is also the exact path.
     pub fn set_small_gemm(&self, on: bool) {
         self.small_gemm_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns the few-row GEMM kernel on or off (`kernels/linear_rows.cu`: the bf16 operand of
+    /// the cuBLAS path, each weight read once, bias and SwiGLU in the same launch; default
+    /// off, `GRAM_CUDA_ROWS_GEMM=1` starts it on).
+    pub fn set_rows_gemm(&self, on: bool) {
+        self.rows_gemm_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a GEMM of `rows` rows and inner size `k` goes to `linear_rows_bf16`.
+    pub(super) fn rows_gemm(&self, rows: usize, k: usize) -> bool {
+        rows <= SMALL_ROWS && k.is_multiple_of(8) && self.rows_gemm_on.load(Ordering::Relaxed)
+    }
+
+    /// Launches `linear_rows_bf16` (see the kernel's header): `out = xb w0^T + bias`, or with
+    /// `w1`, `out = silu(xb w0^T) * (xb w1^T)`; `out_b` (0: none) gets out's bf16 rounding.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rows_gemm_launch(
+        &self,
+        xb: u64,
+        rows: usize,
+        (w0, w1): (&CudaWeight, Option<&CudaWeight>),
+        bias: Option<&CudaWeight>,
+        out: u64,
+        out_b: u64,
+    ) -> Result<()> {
+        let (n, k) = (w0.shape[0], w0.shape[1]);
+        self.launch(
+            "linear_rows_bf16",
+            (n.div_ceil(4) as u32, 1, 1),
+            128,
+            &[
+                KArg::U64(xb),
+                KArg::U64(self.ptr(&w0.data)),
+                KArg::U64(w1.map_or(0, |w| self.ptr(&w.data))),
+                KArg::U64(bias.map_or(0, |b| self.ptr(&b.data))),
+                KArg::U64(out),
+                KArg::U64(out_b),
+                KArg::U32(rows as u32),
+                KArg::U32(n as u32),
+                KArg::U32(k as u32),
+            ],
+        )
     }
 
     /// Turns per-op event timing on or off. With `sync`, the stream is drained before and
@@ -720,21 +790,24 @@ impl CudaBackend {
         Ok((self.ptr(cos), self.ptr(sin), *max_pos))
     }
 
-    /// The device address of the bf16 GEMM operand buffer, at least `n` values.
-    fn xb_buf(&self, s: &mut Scratch, n: usize) -> Result<u64> {
-        if s.xb.as_ref().is_none_or(|b| b.len() < n) {
+    /// The device address of a bf16 GEMM operand buffer of at least `n` values: `xb`, or with
+    /// `second`, `xb2` (for a shadow written by the launch that reads `xb`).
+    fn xb_buf(&self, s: &mut Scratch, n: usize, second: bool) -> Result<u64> {
+        let slot = if second { &mut s.xb2 } else { &mut s.xb };
+        if slot.as_ref().is_none_or(|b| b.len() < n) {
             if self.mode() == Mode::Capture {
                 self.break_pass(|| "GEMM operand grown during capture".into());
                 return Ok(0);
             }
-            s.shadow = None;
-            s.xb = Some(
+            *slot = Some(
                 self.stream
                     .alloc_zeros::<u16>(n.next_power_of_two())
                     .map_err(dev("allocating the GEMM operand"))?,
             );
+            s.shadow = None;
         }
-        Ok(self.ptr(s.xb.as_ref().expect("set above")))
+        let slot = if second { &s.xb2 } else { &s.xb };
+        Ok(self.ptr(slot.as_ref().expect("set above")))
     }
 
     /// The op being run: [`CudaBackend::run`] counts every op but graph launches.
@@ -746,9 +819,14 @@ impl CudaBackend {
     /// operand buffer, recorded as a shadow of `out` that the next op's GEMM can read
     /// instead of casting (see [`CudaBackend::cast_bf16`]).
     fn shadow_for(&self, s: &mut Scratch, out: &CudaBuf, n: usize) -> Result<u64> {
-        let xb = self.xb_buf(s, n)?;
-        s.shadow = Some((self.bptr(out), n, self.op_seq()));
-        Ok(xb)
+        self.shadow_into(s, out, n, false)
+    }
+
+    /// [`CudaBackend::shadow_for`] into `xb2` (`second`): for a launch that reads `xb`.
+    fn shadow_into(&self, s: &mut Scratch, out: &CudaBuf, n: usize, second: bool) -> Result<u64> {
+        let b = self.xb_buf(s, n, second)?;
+        s.shadow = Some((self.bptr(out), n, self.op_seq(), b));
+        Ok(b)
     }
 
     /// The bf16 copy of `x` (first `n` values) for a GEMM: the shadow the previous op wrote
@@ -756,12 +834,12 @@ impl CudaBackend {
     /// shadow), else a cast.
     fn cast_bf16(&self, s: &mut Scratch, x: &CudaBuf, n: usize) -> Result<u64> {
         let xp = self.bptr(x);
-        if let Some((src, len, seq)) = s.shadow {
+        if let Some((src, len, seq, b)) = s.shadow {
             if src == xp && len >= n && seq + 1 == self.op_seq() {
-                return self.xb_buf(s, n);
+                return Ok(b);
             }
         }
-        let xb = self.xb_buf(s, n)?;
+        let xb = self.xb_buf(s, n, false)?;
         s.shadow = None;
         let n64 = n as u64;
         self.launch(
@@ -783,6 +861,9 @@ impl CudaBackend {
         out: u64,
     ) -> Result<()> {
         let (n, k) = (w.shape[0], w.shape[1]);
+        if self.rows_gemm(rows, k) {
+            return self.rows_gemm_launch(xb, rows, (w, None), bias, out, 0);
+        }
         let wp = self.ptr(&w.data);
         let planned = {
             // As `launch`: hashed in Plan and Capture, run in every mode but Plan.
@@ -839,6 +920,80 @@ impl CudaBackend {
             )?;
         }
         Ok(())
+    }
+
+    /// The concatenated `[q_proj; k_proj; v_proj]` weight (and bias) of a layer, made on first
+    /// use by device copies and kept (keyed by the q weight's address), or `None` where the
+    /// three cannot be one GEMM (different input widths, some with a bias and some without),
+    /// or where it would be made under graph capture (the plan walk before makes it).
+    pub(super) fn fused_qkv(
+        &self,
+        qkv: [crate::backend::LinearRef<'_, CudaWeight>; 3],
+    ) -> Option<Arc<FusedQkv>> {
+        // What the fused weight was made from: k, v and the biases (q is its owner).
+        let addr = |w: Option<&CudaWeight>| w.map_or(0, |w| self.ptr(&w.data));
+        let sources = [
+            addr(Some(qkv[1].weight)),
+            addr(Some(qkv[2].weight)),
+            addr(qkv[0].bias),
+            addr(qkv[1].bias),
+            addr(qkv[2].bias),
+        ];
+        if let Some(f) = qkv[0].weight.fused.get() {
+            // Made with other k/v weights (not a decoder layer's own): the three GEMMs.
+            return (f.sources == sources).then(|| f.clone());
+        }
+        let kdim = qkv[0].weight.shape[1];
+        let biased = qkv.iter().filter(|l| l.bias.is_some()).count();
+        if qkv
+            .iter()
+            .any(|l| l.weight.shape.len() != 2 || l.weight.shape[1] != kdim)
+            || (biased != 0 && biased != 3)
+            || self.mode() == Mode::Capture
+        {
+            return None;
+        }
+        let n: usize = qkv.iter().map(|l| l.weight.shape[0]).sum();
+        let concat = |parts: &[&CudaSlice<u16>], len: usize| -> Result<CudaSlice<u16>> {
+            // SAFETY: every value is written by the copies below.
+            let mut out = unsafe { self.stream.alloc::<u16>(len) }
+                .map_err(dev("allocating the fused q/k/v weight"))?;
+            let mut at = 0;
+            for p in parts {
+                let len = p.len();
+                self.stream
+                    .memcpy_dtod(*p, &mut out.slice_mut(at..at + len))
+                    .map_err(dev("copying the fused q/k/v weight"))?;
+                at += len;
+            }
+            Ok(out)
+        };
+        let weights: Vec<&CudaSlice<u16>> = qkv.iter().map(|l| &l.weight.data).collect();
+        let made = concat(&weights, n * kdim).and_then(|w| {
+            let biases: Option<Vec<&CudaSlice<u16>>> =
+                qkv.iter().map(|l| l.bias.map(|b| &b.data)).collect();
+            let bias = match biases {
+                Some(b) => Some(concat(&b, n)?),
+                None => None,
+            };
+            Ok(FusedQkv {
+                w: CudaWeight::new(w, vec![n, kdim]),
+                bias: bias.map(|data| CudaWeight::new(data, vec![n])),
+                sources,
+            })
+        });
+        match made {
+            Ok(f) => {
+                // Kept by the q weight: it lives as long as the layer, and a weight uploaded
+                // later at the same address starts without one.
+                let f = qkv[0].weight.fused.get_or_init(|| Arc::new(f));
+                (f.sources == sources).then(|| f.clone())
+            }
+            Err(e) => {
+                tracing::debug!("q/k/v stay three GEMMs: {e}");
+                None
+            }
+        }
     }
 
     /// Two products of one operand in one strided-batched GEMM: for `i` in 0..2,

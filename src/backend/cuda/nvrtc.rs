@@ -37,6 +37,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/embedding.cu"),
     ),
     (
+        "linear_rows.cu",
+        include_str!("../../../kernels/linear_rows.cu"),
+    ),
+    (
         "linear_small.cu",
         include_str!("../../../kernels/linear_small.cu"),
     ),

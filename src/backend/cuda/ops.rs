@@ -39,10 +39,7 @@ impl Backend for CudaBackend {
             .map_err(dev(&format!("uploading a {:?} weight", tensor.shape())))?;
         self.weight_bytes
             .fetch_add(bits.len() * 2, Ordering::Relaxed);
-        Ok(CudaWeight {
-            data,
-            shape: tensor.shape().to_vec(),
-        })
+        Ok(CudaWeight::new(data, tensor.shape().to_vec()))
     }
 
     fn buf(&self, len: usize) -> CudaBuf {
@@ -245,6 +242,75 @@ impl Backend for CudaBackend {
         });
     }
 
+    fn qkv_rope_store(
+        &self,
+        x: &CudaBuf,
+        qkv: [LinearRef<'_, CudaWeight>; 3],
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &mut CudaBuf,
+        kv: &mut CudaKv,
+        layer: usize,
+        shape: AttnShape,
+        rows: &[RowKv],
+        table: &RopeTable,
+    ) {
+        let t = rows.len();
+        let small = t <= SMALL_ROWS && self.small_gemm_on.load(Ordering::Relaxed);
+        let fused = if small { None } else { self.fused_qkv(qkv) };
+        let Some(f) = fused else {
+            let [qp, kp, vp] = qkv;
+            self.linear(x, t, &mut [(qp, &mut *q), (kp, &mut *k), (vp, &mut *v)]);
+            self.rope_store(q, k, v, kv, layer, shape, rows, table);
+            return;
+        };
+        let (kdim, ntot) = (f.w.shape[1], f.w.shape[0]);
+        let (q_dim, kv_dim) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
+        // One GEMM into [T, q_dim + 2 kv_dim]; the rotation reads q, k, v out of it, writes
+        // the rotated q into `q` and k, v into the cache.
+        let packed = self.buf(t * ntot);
+        self.run("qkv_rope_store", || {
+            let mut s = lock(&self.scratch);
+            let xb = self.cast_bf16(&mut s, x, t * kdim)?;
+            let pp = self.bptr(&packed);
+            self.gemm(xb, t, &f.w, f.bias.as_ref(), pp)?;
+            let rows_p = self.upload_rows(&mut s, rows)?;
+            let (cos, sin, max_pos) = self.rope_table(&mut s, table)?;
+            drop(s);
+            let off = (layer * kv.entries * kv.kv_dim * 4) as u64;
+            let p = RopeParams {
+                q: pp,
+                k: pp + q_dim as u64 * 4,
+                v: pp + (q_dim + kv_dim) as u64 * 4,
+                q_out: self.bptr(q),
+                row_stride: ntot as u32,
+                rows: rows_p,
+                cos,
+                sin,
+                k_cache: self.ptr(&kv.k) + off,
+                v_cache: self.ptr(&kv.v) + off,
+                n_rows: t as u32,
+                heads: shape.heads as u32,
+                kv_heads: shape.kv_heads as u32,
+                head_dim: (2 * table.half) as u32,
+                max_pos: max_pos as u32,
+                entries: kv.entries as u32,
+                ..Default::default()
+            };
+            let warps = t as u32 * (shape.heads + shape.kv_heads) as u32;
+            self.launch(
+                "rope_f32",
+                (warps.div_ceil(4), 1, 1),
+                128,
+                &[KArg::Rope(&p)],
+            )
+        });
+        self.recycle(packed);
+    }
+
     fn gate_up_silu(
         &self,
         x: &CudaBuf,
@@ -260,6 +326,26 @@ impl Backend for CudaBackend {
         {
             self.linear(x, rows, &mut [(gate, &mut *gate_out), (up, &mut *up_out)]);
             self.silu_mul(gate_out, up_out);
+            return;
+        }
+        if self.rows_gemm(rows, k) {
+            // Few rows: one launch computes both products and the SwiGLU.
+            self.run("gate_up_silu", || {
+                let mut s = lock(&self.scratch);
+                let xb = self.cast_bf16(&mut s, x, rows * k)?;
+                // The launch reads xb (or a shadow in xb2): its own shadow goes to the other.
+                let second = xb == self.xb_buf(&mut s, 0, false)?;
+                let out_b = self.shadow_into(&mut s, gate_out, rows * n, second)?;
+                drop(s);
+                self.rows_gemm_launch(
+                    xb,
+                    rows,
+                    (gate.weight, Some(up.weight)),
+                    None,
+                    self.bptr(gate_out),
+                    out_b,
+                )
+            });
             return;
         }
         // Both products in one strided-batched GEMM: batch i reads the weight at
