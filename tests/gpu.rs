@@ -744,6 +744,34 @@ fn attention_matches_cpu_on_prompts_beams_and_mixed_batches() {
                 1e-4,
             );
         }
+        // The bf16 copy attention leaves for o_proj (every run writes its own rows of it): a
+        // GEMM right after reads it, bit for bit what casting the output gives.
+        let qd = heads * d;
+        let w = Linear {
+            weight: g
+                .upload(bf16_tensor(rng.vec(32 * qd, 0.1), vec![32, qd]))
+                .unwrap(),
+            bias: None,
+        };
+        let gemm_after_attention = |cast: bool| -> Vec<f32> {
+            let mut og = g.buf(rows.len() * qd);
+            g.attention(&g.buf_from_host(&q), &kg, 1, kvr, shape, &mut og);
+            if cast {
+                let mut other = g.buf_from_host(&q);
+                g.add(&mut other, &og);
+            }
+            let mut y = g.buf(rows.len() * 32);
+            g.linear(&og, rows.len(), &mut [(w.as_ref(), &mut y)]);
+            g.to_host(y)
+        };
+        let (shadowed, cast) = (gemm_after_attention(false), gemm_after_attention(true));
+        assert!(
+            shadowed
+                .iter()
+                .zip(&cast)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "attention → GEMM, mixed batch D{d}: the bf16 copy differs from the cast"
+        );
         // Beams alone (a decode step), and one prompt alone (a prefill).
         for (what, sub) in [("decode", 30..36), ("prefill", 0..20)] {
             let q1 = q[sub.start * heads * d..sub.end * heads * d].to_vec();

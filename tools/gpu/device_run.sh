@@ -192,6 +192,17 @@ if has 7; then
       "wireless mouse" "usb cable 2m" "laptop bag 15 inch" "hp toner black" > "$W/search-$d.jsonl" 2>> "$W/index-$d.log"
     log "step 7 search $d exit $?"
   done
+  # The GPU-built index against the CPU-built one: same codes, and how many of each query's top 10
+  # products agree (product-side probabilities differ by bf16 numerics: near-ties may swap).
+  python3 - "$W/search-cuda.jsonl" "$W/search-cpu.jsonl" > "$W/search-compare.log" 2>&1 <<'PY'
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+for x, y in zip(a, b):
+    same_codes = [c["code"] for c in x["codes"]] == [c["code"] for c in y["codes"]]
+    px, py = [p["id"] for p in x["products"]], [p["id"] for p in y["products"]]
+    print(f"{x['query']!r}: codes {'same' if same_codes else 'DIFFER'}; top 10 in common {len(set(px) & set(py))}/10; first {px[:3]} vs {py[:3]}")
+PY
+  log "step 7 compare: $(tr '\n' ' ' < "$W/search-compare.log")"
   LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "$W/ix-cuda" --addr 127.0.0.1:8088 > "$W/serve.log" 2>&1 &
   spid=$!
   python3 - > "$W/serve-check.log" 2>&1 <<'PY'

@@ -1140,7 +1140,12 @@ impl CudaBackend {
                 groups: groups_p + run.groups.0 as u64 * 4,
                 part_o: 0,
                 part_ml: 0,
-                out_b,
+                // The run's rows of the bf16 copy, as `out` above (2 bytes a value).
+                out_b: if out_b == 0 {
+                    0
+                } else {
+                    out_b + run.rows.0 as u64 * q_stride / 2
+                },
                 n_rows: (run.rows.1 - run.rows.0) as u32,
                 n_links: links_cap as u32,
                 n_groups: n_groups as u32,
