@@ -257,7 +257,13 @@ impl Backend for CudaBackend {
     ) {
         let t = rows.len();
         let small = t <= SMALL_ROWS && self.small_gemm_on.load(Ordering::Relaxed);
-        let fused = if small { None } else { self.fused_qkv(qkv) };
+        let (q_dim, kv_dim) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
+        // The rotation finds q, k and v at these column offsets of the packed output.
+        let fused = if small { None } else { self.fused_qkv(qkv) }
+            .filter(|f| f.w.shape[0] == q_dim + 2 * kv_dim && qkv[0].weight.shape[0] == q_dim);
         let Some(f) = fused else {
             let [qp, kp, vp] = qkv;
             self.linear(x, t, &mut [(qp, &mut *q), (kp, &mut *k), (vp, &mut *v)]);
@@ -265,10 +271,6 @@ impl Backend for CudaBackend {
             return;
         };
         let (kdim, ntot) = (f.w.shape[1], f.w.shape[0]);
-        let (q_dim, kv_dim) = (
-            shape.heads * shape.head_dim,
-            shape.kv_heads * shape.head_dim,
-        );
         // One GEMM into [T, q_dim + 2 kv_dim]; the rotation reads q, k, v out of it, writes
         // the rotated q into `q` and k, v into the cache.
         let packed = self.buf(t * ntot);
