@@ -250,13 +250,15 @@ pub fn rank(
 /// scores (`ordinary`: finite, never `-0.0`), a **threshold pass** replaces the merge.
 ///
 /// - **max**: the lists are scanned in code order against a running top `k` of distinct
-///   products (`TopK`); a posting below the `k`-th best score so far cannot enter it (nor
-///   raise a product kept, whose score is already above), and a branch-free compare of 16
-///   scores at a time skips nearly all of them. The postings at the floor (1,024 scanned
-///   against one floor, their product ids prefetched a chunk ahead: the kernel never read
-///   them) update their product's best score or replace the worst kept. A product's best
-///   posting is never skipped while it could enter the top `k` (the floor only rises), so the
-///   `k` kept are the `k` best: ~2,300 offers a query instead of a merge of every posting.
+///   products (`TopK`); a posting below the `k`-th best score kept so far (the floor) cannot
+///   enter it (nor raise a product kept, whose score is already above), and a branch-free
+///   compare of 16 scores at a time skips nearly all of them. The postings at the floor
+///   (1,024 scanned against one floor, their product ids prefetched a chunk ahead: the kernel
+///   never read them) raise their product's best score or enter; every `k` entries the best
+///   `k` are selected and the floor rises. A product's best posting is never skipped while it
+///   could be among the `k` best (the floor is the `k`-th of `k` distinct products' real
+///   scores), so the `k` kept at the end are the `k` best: ~2,300 offers a query at the
+///   median instead of a merge of every posting.
 /// - **sum**: a product's total is at most its score in any one list plus every other list's
 ///   best positive score (rounded additions are monotone, so this holds in f32 too). The max
 ///   pass gives `2k` products; the `k`-th best of their exact totals is a floor `t` at or
@@ -367,15 +369,20 @@ impl Ord for Worst {
     }
 }
 
-/// The best `k` distinct products offered so far ([`Ranker`]'s threshold passes): a binary
-/// min-heap of [`TopK::key`]s with the worst kept on top, and a count per hash bucket of the
-/// products kept, so that a product not kept — nearly every one offered — is told in one read;
-/// a kept one is found by a scan of the heap.
+/// The best `k` distinct products offered so far ([`Ranker`]'s threshold passes), as
+/// [`TopK::key`]s in no order: the best `k` as of the last compaction (all at or above
+/// `floor`) and those that entered since; at `2k` kept, a selection (`select_nth_unstable`)
+/// keeps the best `k` and raises the floor. No heap: an entry costs a push, and the selection
+/// a few nanoseconds an entry (a heap's sift was ~30 ns of mispredicted branches). A count per
+/// hash bucket of the products kept tells a product not kept — nearly every one offered — in
+/// one read; a kept one is found by a scan.
 #[derive(Debug, Default)]
 struct TopK {
     k: usize,
-    heap: Vec<u64>,
-    /// Kept products per bucket of [`TopK::bucket`] (`k ≤ 2 THRESHOLD_MAX_K` fits a `u16`).
+    kept: Vec<u64>,
+    /// The `k`-th best key at the last compaction; 0 (below every finite score's key) before.
+    floor: u64,
+    /// Kept products per bucket of [`TopK::bucket`] (`2k ≤ 4 THRESHOLD_MAX_K` fits a `u16`).
     held: Vec<u16>,
 }
 
@@ -390,7 +397,7 @@ impl TopK {
 
     /// `(score, product)` as one integer in `rank`'s order, greater = better: the score's bits
     /// made monotone (the order of `f32::total_cmp`), then the product id inverted (ties to the
-    /// lower id). One integer compare per heap step instead of two branchy ones.
+    /// lower id). One integer compare instead of two branchy ones.
     fn key(product: u32, score: f32) -> u64 {
         let b = score.to_bits();
         let ordered = if b >> 31 == 1 { !b } else { b | 1 << 31 };
@@ -415,85 +422,64 @@ impl TopK {
         self.k = k;
     }
 
-    /// Empties the heap (and only its buckets).
+    /// Empties the top (and only its buckets).
     fn clear(&mut self) {
-        for &key in &self.heap {
+        for &key in &self.kept {
             self.held[Self::bucket(Self::product(key))] = 0;
         }
-        self.heap.clear();
+        self.kept.clear();
+        self.floor = 0;
     }
 
-    /// The products kept, in no order.
-    fn products(&self) -> impl Iterator<Item = u32> + '_ {
-        self.heap.iter().map(|&key| Self::product(key))
+    /// The best `k` products kept (fewer when fewer were offered), in no order.
+    fn products(&mut self) -> impl Iterator<Item = u32> + '_ {
+        if self.kept.len() > self.k {
+            self.compact();
+        }
+        self.kept.iter().map(|&key| Self::product(key))
     }
 
-    /// The lowest score an offer may enter or change the top with: the worst kept once `k`
-    /// are kept (an equal score enters only with a lower product id), else −∞.
+    /// The lowest score an offer may enter or change the top with (an equal score enters
+    /// only with a lower product id): the `k`-th best at the last compaction, else −∞.
     fn floor(&self) -> f32 {
-        match self.heap.first() {
-            Some(&key) if self.heap.len() >= self.k => Self::score(key),
-            _ => f32::NEG_INFINITY,
+        if self.floor == 0 {
+            f32::NEG_INFINITY
+        } else {
+            Self::score(self.floor)
         }
     }
 
     /// Offers a posting under `max`: a product kept keeps its better score; a new one enters
-    /// if it beats the worst kept (which leaves).
+    /// if it is at or above the floor.
     fn offer_max(&mut self, product: u32, score: f32) {
-        let b = Self::bucket(product);
         let key = Self::key(product, score);
+        if key < self.floor {
+            return; // below the `k` best kept: it neither enters nor betters one of them
+        }
+        let b = Self::bucket(product);
         if self.held[b] != 0 {
             let id = !product;
-            if let Some(i) = self.heap.iter().position(|&h| h as u32 == id) {
-                if key > self.heap[i] {
-                    self.heap[i] = key; // better, so further from the top
-                    self.sift_down(i);
-                }
+            if let Some(kept) = self.kept.iter_mut().find(|h| **h as u32 == id) {
+                *kept = (*kept).max(key);
                 return;
             }
         }
-        if self.heap.len() < self.k {
-            self.heap.push(key);
-            self.sift_up(self.heap.len() - 1);
-        } else if key > self.heap[0] {
-            self.held[Self::bucket(Self::product(self.heap[0]))] -= 1;
-            self.heap[0] = key;
-            self.sift_down(0);
-        } else {
-            return;
-        }
+        self.kept.push(key);
         self.held[b] += 1;
-    }
-
-    fn sift_up(&mut self, mut i: usize) {
-        while i > 0 {
-            let parent = (i - 1) / 2;
-            if self.heap[i] >= self.heap[parent] {
-                break;
-            }
-            self.heap.swap(i, parent);
-            i = parent;
+        if self.kept.len() >= 2 * self.k {
+            self.compact();
         }
     }
 
-    fn sift_down(&mut self, mut i: usize) {
-        let n = self.heap.len();
-        loop {
-            let l = 2 * i + 1;
-            if l >= n {
-                break;
-            }
-            let c = if l + 1 < n && self.heap[l + 1] < self.heap[l] {
-                l + 1
-            } else {
-                l
-            };
-            if self.heap[c] >= self.heap[i] {
-                break;
-            }
-            self.heap.swap(i, c);
-            i = c;
+    /// Keeps the best `k` and makes the `k`-th of them the floor.
+    fn compact(&mut self) {
+        let k = self.k;
+        self.kept.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        for &key in &self.kept[k..] {
+            self.held[Self::bucket(Self::product(key))] -= 1;
         }
+        self.kept.truncate(k);
+        self.floor = self.kept[k - 1];
     }
 }
 
@@ -702,7 +688,7 @@ impl Ranker {
         let mut found = std::mem::take(&mut self.candidates);
         found.clear();
         found.extend(self.best.products());
-        let full = self.best.heap.len() == kk;
+        let full = found.len() == kk;
         self.best.clear();
         found.sort_unstable();
         let mut first = self.gather(lists, &found, Aggregate::Sum);
