@@ -316,6 +316,18 @@ async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResp
             )
             .retry(state.config.retry_after_s))
         }
+        Err(Refusal::TooLong { wait_ms }) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "the queue is too long: a request now would wait about {wait_ms} ms (over \
+                     --max-queue-wait-ms {}): retry later",
+                    state.config.max_queue_wait.as_millis()
+                ),
+            )
+            .retry(state.config.retry_after_s))
+        }
         Err(Refusal::Closed) => {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

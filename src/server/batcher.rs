@@ -69,6 +69,9 @@ impl Failed {
 pub enum Refusal {
     /// It holds `max_queue` jobs already.
     Full,
+    /// At the recent answer rate, a job queued now would wait longer than the wait bound
+    /// before its first step (`wait_ms`: that estimate).
+    TooLong { wait_ms: u64 },
     /// The server is shutting down (or the batcher stopped).
     Closed,
 }
@@ -79,8 +82,64 @@ pub struct Queue {
     /// Signalled on every push, drain and close.
     changed: Condvar,
     capacity: usize,
+    /// The wait bound ([`Queue::with_wait_bound`]): `(longest wait, depth it starts at)`.
+    wait_bound: Option<(Duration, usize)>,
+    /// When recent requests were answered (the batcher reports them).
+    answers: Mutex<AnswerRate>,
     /// Its depth gauge, set under the lock.
     metrics: Arc<Metrics>,
+}
+
+/// The wait bound's decision for a job behind `depth` others at `rate` answers a second
+/// (`None`: too few answers to estimate, so only the depth bound applies).
+fn wait_refusal(depth: usize, rate: Option<f64>, max_wait: Duration) -> Option<Refusal> {
+    let wait = depth as f64 / rate.filter(|r| *r > 0.0)?;
+    (wait > max_wait.as_secs_f64()).then(|| Refusal::TooLong {
+        wait_ms: (wait * 1e3).round() as u64,
+    })
+}
+
+/// The recent answer rate: the times of the last [`AnswerRate::KEEP`] answers, none older than
+/// [`AnswerRate::MAX_AGE`]. Queued jobs leave at about this rate, so a job queued behind `d`
+/// others waits about `d / rate`.
+#[derive(Default)]
+pub struct AnswerRate {
+    times: VecDeque<Instant>,
+}
+
+impl AnswerRate {
+    const KEEP: usize = 64;
+    const MAX_AGE: Duration = Duration::from_secs(30);
+
+    /// `n` requests were answered at `now`.
+    pub fn answered(&mut self, n: usize, now: Instant) {
+        for _ in 0..n.min(Self::KEEP) {
+            if self.times.len() == Self::KEEP {
+                self.times.pop_front();
+            }
+            self.times.push_back(now);
+        }
+    }
+
+    /// Answers per second over the kept times up to `now`, or `None` with fewer than 8 of them
+    /// in the last [`AnswerRate::MAX_AGE`] (too few to say).
+    pub fn per_second(&mut self, now: Instant) -> Option<f64> {
+        while self
+            .times
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) > Self::MAX_AGE)
+        {
+            self.times.pop_front();
+        }
+        let first = *self.times.front()?;
+        if self.times.len() < 8 {
+            return None;
+        }
+        // The span from the oldest kept answer to now (at least 50 ms: a burst of answers in
+        // one step is not an infinite rate).
+        let span = now.saturating_duration_since(first).as_secs_f64().max(0.05);
+        Some(self.times.len() as f64 / span)
+    }
 }
 
 struct QueueState {
@@ -101,7 +160,29 @@ impl Queue {
             }),
             changed: Condvar::new(),
             capacity,
+            wait_bound: None,
+            answers: Mutex::new(AnswerRate::default()),
             metrics,
+        }
+    }
+
+    /// Also refuses a job when the queue holds at least `from_depth` jobs and, at the recent
+    /// answer rate, the job would wait longer than `max_wait` before its first step: under
+    /// overload, admitted requests keep their latency and the rest get 503 at once, whatever
+    /// the model's speed (a fixed depth means 40 ms of waiting for one model and 30 s for
+    /// another). `from_depth` is the batch size: a queue that one step takes whole is no wait.
+    pub fn with_wait_bound(mut self, max_wait: Duration, from_depth: usize) -> Queue {
+        self.wait_bound = Some((max_wait, from_depth));
+        self
+    }
+
+    /// The batcher answered `n` requests (the rate the wait bound estimates from).
+    pub fn answered(&self, n: usize) {
+        if n > 0 {
+            self.answers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answered(n, Instant::now());
         }
     }
 
@@ -118,6 +199,19 @@ impl Queue {
         }
         if st.jobs.len() >= self.capacity {
             return Err(Refusal::Full);
+        }
+        if let Some((max_wait, from_depth)) = self.wait_bound {
+            let depth = st.jobs.len();
+            if depth >= from_depth {
+                let rate = self
+                    .answers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .per_second(Instant::now());
+                if let Some(refusal) = wait_refusal(depth, rate, max_wait) {
+                    return Err(refusal);
+                }
+            }
         }
         st.jobs.push_back(job);
         let depth = st.jobs.len();
@@ -253,6 +347,7 @@ pub fn run<B: Backend>(
         metrics.record_step(t.elapsed().as_secs_f64(), requests, batch.last_step_rows());
         match result {
             Ok(done) => {
+                queue.answered(done.len());
                 for (ticket, response) in done {
                     let at = flying
                         .iter()
@@ -383,5 +478,53 @@ pub fn fail_all(queue: &Queue) {
             kind: "internal",
             message: "the batcher stopped".into(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{wait_refusal, AnswerRate, Refusal};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_job_is_refused_only_past_the_wait_bound_at_a_known_rate() {
+        let bound = Duration::from_millis(100);
+        // 20 ahead at 200/s: 100 ms, not over.
+        assert_eq!(wait_refusal(20, Some(200.0), bound), None);
+        // 21 ahead: 105 ms.
+        assert_eq!(
+            wait_refusal(21, Some(200.0), bound),
+            Some(Refusal::TooLong { wait_ms: 105 })
+        );
+        // A slow model (2/s): 1 ahead is already 500 ms.
+        assert_eq!(
+            wait_refusal(1, Some(2.0), bound),
+            Some(Refusal::TooLong { wait_ms: 500 })
+        );
+        // No estimate (or a zero rate): only the depth bound applies.
+        assert_eq!(wait_refusal(1_000, None, bound), None);
+        assert_eq!(wait_refusal(1_000, Some(0.0), bound), None);
+    }
+
+    #[test]
+    fn the_answer_rate_is_answers_over_their_span_and_forgets_old_ones() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut r = AnswerRate::default();
+        // Too few answers to say.
+        r.answered(7, ms(0));
+        assert_eq!(r.per_second(ms(10)), None);
+        // 16 answers over the 800 ms up to now: 20/s.
+        r.answered(9, ms(400));
+        let rate = r.per_second(ms(800)).unwrap();
+        assert!((rate - 20.0).abs() < 1e-9, "{rate}");
+        // A burst in one step is not an infinite rate (the span is at least 50 ms).
+        let mut b = AnswerRate::default();
+        b.answered(10, ms(0));
+        assert_eq!(b.per_second(ms(0)), Some(200.0));
+        // Only the last 64 count, and none older than 30 s.
+        r.answered(100, ms(1_000));
+        assert_eq!(r.per_second(ms(1_000)), Some(64.0 / 0.05));
+        assert_eq!(r.per_second(ms(31_001)), None);
     }
 }

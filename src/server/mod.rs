@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Most requests waiting for the batch; past it, 503 with Retry-After at once.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Longest wait for the batch a request may be queued for, in milliseconds: with at least
+    /// --max-batch requests waiting, one that would wait longer (queue depth / the recent
+    /// answer rate) gets 503 with Retry-After at once, so that under overload admitted
+    /// requests keep their latency. 0: only --max-queue bounds the queue.
+    #[arg(long, default_value_t = 100)]
+    pub max_queue_wait_ms: u64,
     /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
     /// admitted is dropped from the queue).
     #[arg(long, default_value_t = 10_000)]
@@ -112,6 +118,8 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     pub max_batch: usize,
     pub max_queue: usize,
+    /// Zero: no wait bound.
+    pub max_queue_wait: Duration,
     pub timeout: Duration,
     pub batch_wait: Duration,
     pub device: Device,
@@ -181,6 +189,7 @@ impl ServeArgs {
             addr,
             max_batch: self.max_batch,
             max_queue: self.max_queue,
+            max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
             timeout: Duration::from_millis(self.timeout_ms),
             batch_wait: Duration::from_micros(self.batch_wait_us),
             device: self.device,
@@ -280,7 +289,14 @@ impl Server {
         let state = Arc::new(AppState {
             engine: OnceLock::new(),
             backend: OnceLock::new(),
-            queue: Arc::new(Queue::new(config.max_queue, metrics.clone())),
+            queue: Arc::new({
+                let q = Queue::new(config.max_queue, metrics.clone());
+                if config.max_queue_wait.is_zero() {
+                    q
+                } else {
+                    q.with_wait_bound(config.max_queue_wait, config.max_batch)
+                }
+            }),
             metrics,
             config: config.clone(),
             shutting_down: AtomicBool::new(false),
