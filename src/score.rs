@@ -301,8 +301,8 @@ pub struct Ranker {
     hit_ids: Vec<u32>,
 }
 
-/// The largest `k` the threshold passes take (a held product is found by a scan of the `k`
-/// kept); past it, [`Ranker::rank_blocks`].
+/// The largest `k` the threshold passes take (a product kept is found by a scan of the up to
+/// `2k` kept); past it, [`Ranker::rank_blocks`].
 pub const THRESHOLD_MAX_K: usize = 4096;
 
 /// Whether every score of these lists, and every sum of them, is finite and never `-0.0`:
@@ -387,8 +387,8 @@ struct TopK {
 }
 
 impl TopK {
-    /// 16 Ki buckets (32 KiB): at `k` = 300 a product not kept is sent to the scan 2 % of
-    /// the time.
+    /// 16 Ki buckets (32 KiB): at `k` = 300 (300–600 kept) a product not kept is sent to
+    /// the scan 2–4 % of the time.
     const BUCKETS: u32 = 1 << 14;
 
     fn bucket(product: u32) -> usize {
