@@ -1004,3 +1004,52 @@ async fn the_device_is_chosen_at_startup_and_reported() {
     assert_eq!(*info[0].1, 1.0);
     server.shutdown().await.unwrap();
 }
+
+/// The queue's wait bound (`--max-queue-wait-ms`), deterministically: with no answer rate yet
+/// only the depth bound applies; once requests were answered, a job that would wait longer
+/// than the bound behind the queue (depth / rate) is refused with that estimate, and below
+/// `--max-batch` queued jobs never are.
+#[test]
+fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
+    use gram::server::batcher::{Job, Queue, Refusal};
+    use std::time::{Duration, Instant};
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let job = || {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        Job {
+            prepared: engine.prepare(Request::new("oak desk")).unwrap(),
+            reply,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(10),
+        }
+    };
+    let metrics = std::sync::Arc::new(gram::server::metrics::Metrics::default());
+    let q = Queue::new(64, metrics).with_wait_bound(Duration::from_millis(100), 2);
+    // No rate yet: 10 queued.
+    for i in 0..10 {
+        assert_eq!(q.push(job()), Ok(i + 1));
+    }
+    // 10 answered just now: the rate is at most 10 / 50 ms = 200/s, so a job behind 10 waits at
+    // least 50 ms; the queue takes jobs until one would wait past 100 ms, by 21 at the latest.
+    q.answered(10);
+    let refusal = loop {
+        match q.push(job()) {
+            Ok(depth) => assert!(depth <= 21, "no refusal at depth {depth}"),
+            Err(r) => break r,
+        }
+    };
+    match refusal {
+        Refusal::TooLong { wait_ms } => assert!(wait_ms > 100, "{wait_ms} ms"),
+        other => panic!("{other:?}"),
+    }
+    // Below --max-batch (2) queued jobs, never: a fresh queue at the same rate takes 2.
+    let q = Queue::new(
+        64,
+        std::sync::Arc::new(gram::server::metrics::Metrics::default()),
+    )
+    .with_wait_bound(Duration::from_millis(1), 2);
+    q.answered(10);
+    assert_eq!(q.push(job()), Ok(1));
+    assert_eq!(q.push(job()), Ok(2));
+    assert!(matches!(q.push(job()), Err(Refusal::TooLong { .. })));
+}

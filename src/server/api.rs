@@ -15,7 +15,7 @@
 //! | 413 | `payload_too_large` | the body is over `--max-body-bytes` |
 //! | 415 | `unsupported_media_type` | a body that is not `application/json` |
 //! | 422 | `input` | the engine refuses a value: empty or oversize query (bytes, tokens), `k` or `beam` out of range |
-//! | 503 | `overloaded` | the queue is full (`Retry-After` set) |
+//! | 503 | `overloaded` | the queue is full, or too long to wait in (`Retry-After` set) |
 //! | 503 | `not_ready` | the engine is still loading (`Retry-After` set) |
 //! | 503 | `shutting_down` | the server is stopping |
 //! | 504 | `timeout` | the deadline (`--timeout-ms`) passed |
