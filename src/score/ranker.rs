@@ -1,0 +1,1005 @@
+//! [`Ranker`], the fast twin of [`rank`](super::rank) for serving: the same hits, bit for bit,
+//! from threshold passes over the scored lists (a running top `k` with a rising floor, `TopK`;
+//! a branch-free `scan` against it; for `sum`, a per-list `score_floor`) or, where those do
+//! not apply, the block merge ([`Ranker::rank_blocks`]). [`Ranker`]'s doc tells how and why.
+
+use super::{score_postings, Aggregate, Hit, Postings};
+use crate::backend::cpu::simd::Isa;
+
+/// The fast twin of [`rank`], for serving: the same hits, bit for bit, on valid posting lists
+/// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). Every list is
+/// scored first (sequentially, SIMD); then, for `k` up to [`THRESHOLD_MAX_K`] and ordinary
+/// scores (`ordinary`: finite, never `-0.0`), a **threshold pass** replaces the merge.
+///
+/// - **max**: the lists are scanned in code order against a running top `k` of distinct
+///   products (`TopK`); a posting below the `k`-th best score kept so far (the floor) cannot
+///   enter it (nor raise a product kept, whose score is already above), and a branch-free
+///   compare of 16 scores at a time skips nearly all of them. The postings at the floor
+///   (1,024 scanned against one floor, their product ids prefetched a chunk ahead: the kernel
+///   never read them) raise their product's best score or enter; every `k` entries the best
+///   `k` are selected and the floor rises. A product's best posting is never skipped while it
+///   could be among the `k` best (the floor is the `k`-th of `k` distinct products' real
+///   scores), so the `k` kept at the end are the `k` best: ~2,300 offers a query at the
+///   median instead of a merge of every posting.
+/// - **sum**: a product's total is at most its score in any one list plus every other list's
+///   best positive score (rounded additions are monotone, so this holds in f32 too). The max
+///   pass gives `2k` products; the `k`-th best of their exact totals is a floor `t` at or
+///   below the final `k`-th total; every posting of every product that reaches `t` then
+///   passes a per-list score floor (the bound inverted by bisection, `score_floor`), so the
+///   postings that pass name every product of the answer. Only those few are aggregated.
+///
+/// Either way the final products are then looked up in every list (`Ranker::gather`: both
+/// sides ascend, the shorter is searched for in the longer) and their scores recomputed by
+/// `rank`'s own chain — the first score, then `max` or `+` in code order over all their
+/// postings — with the codes that reached them. The rest (`k` past [`THRESHOLD_MAX_K`],
+/// non-finite or `-0.0` scores, where `f32::max` and the skipping would tell `±0` or NaN apart
+/// differently) goes to the block merge, [`Ranker::rank_blocks`], the path before these.
+///
+/// The block merge: the lists are merged one block of product ids at a time: each posting of
+/// the block aggregates into a block-local slot (32 Ki of them, 256 KiB, reused for every block and so
+/// always in cache — a posting list jumps across millions of products, and a slot per product
+/// would make nearly every posting a cache miss), and when the block is done its products are
+/// offered to a running top-`k` heap, most turned away by one comparison. Only the final `k`
+/// look up which codes reached them (binary search in the ascending lists). No tuple per
+/// posting, no sort of them, no per-product memory.
+///
+/// Within a block the lists go in code order, so every product's aggregate is summed in the
+/// same order as `rank` sums it.
+///
+/// [`rank`]: super::rank
+#[derive(Debug, Default)]
+pub struct Ranker {
+    slots: Vec<Slot>,
+    /// Stamps `slots` for the current block: nothing is cleared between blocks or queries.
+    epoch: u32,
+    touched: Vec<u32>,
+    /// Every list's scores, list after list; list `c`'s start at `at[c]`.
+    scores: Vec<f32>,
+    at: Vec<usize>,
+    top: std::collections::BinaryHeap<Worst>,
+    /// The threshold passes' running top `k`, and the sum pass's candidates.
+    best: TopK,
+    candidates: Vec<u32>,
+    /// One chunk's postings at the floor (positions in their list) and their products.
+    hits: Vec<u32>,
+    hit_ids: Vec<u32>,
+}
+
+/// The largest `k` the threshold passes take (a product kept is found by a scan of the up to
+/// `2k` kept); past it, [`Ranker::rank_blocks`].
+pub const THRESHOLD_MAX_K: usize = 4096;
+
+/// Whether every score of these lists, and every sum of them, is finite and never `-0.0`:
+/// every prior finite and not `-0.0`, and the priors plus a bound of every S_rele term far
+/// from overflow. A term is `w (a + b)` with `|a + b| < 512` even for denormal `Pq` (each `ln`
+/// here is above −90, times a probability ≤ 1), and a non-finite `w` scores 0
+/// (`kernel::Token::new`). A sum starts from the prior, and `x + y` is `-0.0` only when both
+/// are, so no score is `-0.0`. On such scores `f32::max` and `>` agree with the real order and
+/// equal scores have equal bits, which the threshold passes rely on.
+fn ordinary(lists: &[Postings]) -> bool {
+    let mut bound = 0f64;
+    for l in lists {
+        if !l.prior.is_finite() || l.prior.to_bits() == (-0f32).to_bits() {
+            return false;
+        }
+        let w: f64 =
+            l.w.iter()
+                .filter(|w| w.is_finite())
+                .map(|&w| w.abs() as f64)
+                .sum();
+        bound += l.prior.abs() as f64 + 512.0 * w;
+    }
+    bound < 1e37
+}
+
+/// Product ids aggregated together by [`Ranker`]: 32 Ki slots, 256 KiB, an L2's share.
+const RANK_BLOCK: u32 = 1 << 15;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// The block that last wrote `score`.
+    epoch: u32,
+    score: f32,
+}
+
+/// A `(product, score)` ordered so that the heap's top is the worst kept: lowest score, and
+/// among equal scores the highest product id (`rank`'s tie-break).
+#[derive(Debug, Clone, Copy)]
+struct Worst(u32, f32);
+
+impl Worst {
+    fn key(&self, other: &Worst) -> std::cmp::Ordering {
+        other.1.total_cmp(&self.1).then(self.0.cmp(&other.0))
+    }
+}
+
+impl PartialEq for Worst {
+    fn eq(&self, other: &Self) -> bool {
+        self.key(other).is_eq()
+    }
+}
+
+impl Eq for Worst {}
+
+impl PartialOrd for Worst {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Worst {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key(other)
+    }
+}
+
+/// The best `k` distinct products offered so far ([`Ranker`]'s threshold passes), as
+/// [`TopK::key`]s in no order: the best `k` as of the last compaction (all at or above
+/// `floor`) and those that entered since; at `2k` kept, a selection (`select_nth_unstable`)
+/// keeps the best `k` and raises the floor. No heap: an entry costs a push, and the selection
+/// a few nanoseconds an entry (a heap's sift was ~30 ns of mispredicted branches). A count per
+/// hash bucket of the products kept tells a product not kept — nearly every one offered — in
+/// one read; a kept one is found by a scan.
+#[derive(Debug, Default)]
+struct TopK {
+    k: usize,
+    kept: Vec<u64>,
+    /// The `k`-th best key at the last compaction; 0 (below every finite score's key) before.
+    floor: u64,
+    /// Kept products per bucket of [`TopK::bucket`] (`2k ≤ 4 THRESHOLD_MAX_K` fits a `u16`).
+    held: Vec<u16>,
+}
+
+impl TopK {
+    /// 16 Ki buckets (32 KiB): at `k` = 300 (300–600 kept) a product not kept is sent to
+    /// the scan 2–4 % of the time.
+    const BUCKETS: u32 = 1 << 14;
+
+    fn bucket(product: u32) -> usize {
+        (product.wrapping_mul(0x9e37_79b1) >> (32 - Self::BUCKETS.trailing_zeros())) as usize
+    }
+
+    /// `(score, product)` as one integer in `rank`'s order, greater = better: the score's bits
+    /// made monotone (the order of `f32::total_cmp`), then the product id inverted (ties to the
+    /// lower id). One integer compare instead of two branchy ones.
+    fn key(product: u32, score: f32) -> u64 {
+        let b = score.to_bits();
+        let ordered = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+        (ordered as u64) << 32 | !product as u64
+    }
+
+    fn product(key: u64) -> u32 {
+        !(key as u32)
+    }
+
+    fn score(key: u64) -> f32 {
+        let o = (key >> 32) as u32;
+        f32::from_bits(if o >> 31 == 1 { o & !(1 << 31) } else { !o })
+    }
+
+    fn reset(&mut self, k: usize) {
+        debug_assert!(k <= 2 * THRESHOLD_MAX_K, "counts fit a u16");
+        if self.held.is_empty() {
+            self.held = vec![0; Self::BUCKETS as usize];
+        }
+        self.clear();
+        self.k = k;
+    }
+
+    /// Empties the top (and only its buckets).
+    fn clear(&mut self) {
+        for &key in &self.kept {
+            self.held[Self::bucket(Self::product(key))] = 0;
+        }
+        self.kept.clear();
+        self.floor = 0;
+    }
+
+    /// The best `k` products kept (fewer when fewer were offered), in no order.
+    fn products(&mut self) -> impl Iterator<Item = u32> + '_ {
+        if self.kept.len() > self.k {
+            self.compact();
+        }
+        self.kept.iter().map(|&key| Self::product(key))
+    }
+
+    /// The lowest score an offer may enter or change the top with (an equal score enters
+    /// only with a lower product id): the `k`-th best at the last compaction, else −∞.
+    fn floor(&self) -> f32 {
+        if self.floor == 0 {
+            f32::NEG_INFINITY
+        } else {
+            Self::score(self.floor)
+        }
+    }
+
+    /// Offers a posting under `max`: a product kept keeps its better score; a new one enters
+    /// if it is at or above the floor.
+    fn offer_max(&mut self, product: u32, score: f32) {
+        let key = Self::key(product, score);
+        if key < self.floor {
+            return; // below the `k` best kept: it neither enters nor betters one of them
+        }
+        let b = Self::bucket(product);
+        if self.held[b] != 0 {
+            let id = !product;
+            if let Some(kept) = self.kept.iter_mut().find(|h| **h as u32 == id) {
+                *kept = (*kept).max(key);
+                return;
+            }
+        }
+        self.kept.push(key);
+        self.held[b] += 1;
+        if self.kept.len() >= 2 * self.k {
+            self.compact();
+        }
+    }
+
+    /// Keeps the best `k` and makes the `k`-th of them the floor.
+    fn compact(&mut self) {
+        let k = self.k;
+        self.kept.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        for &key in &self.kept[k..] {
+            self.held[Self::bucket(Self::product(key))] -= 1;
+        }
+        self.kept.truncate(k);
+        self.floor = self.kept[k - 1];
+    }
+}
+
+/// Asks the CPU to bring `x`'s cache line in, without waiting for it.
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it cannot fault and changes nothing the program reads.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(x as *const T as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// Calls `hit(j)` for each `j` with `scores[j] >= floor`, in order. Sixteen scores are
+/// compared at once, branch-free (the compiler's SIMD), and only a group with a score at the
+/// floor is looked at one by one: past the first few thousand postings of a query nearly
+/// every group is skipped whole.
+#[inline]
+fn scan(scores: &[f32], floor: f32, mut hit: impl FnMut(usize)) {
+    const GROUP: usize = 16;
+    let mut groups = scores.chunks_exact(GROUP);
+    let mut base = 0;
+    for g in &mut groups {
+        let g: &[f32; GROUP] = g.try_into().expect("chunks_exact");
+        if g.iter().fold(false, |any, &s| any | (s >= floor)) {
+            for (i, &s) in g.iter().enumerate() {
+                if s >= floor {
+                    hit(base + i);
+                }
+            }
+        }
+        base += GROUP;
+    }
+    for (i, &s) in groups.remainder().iter().enumerate() {
+        if s >= floor {
+            hit(base + i);
+        }
+    }
+}
+
+/// The first index of the ascending `ids` at or past `p`: exponential search from where `p`
+/// would lie were the ids spread evenly between the first and the last (product ids nearly
+/// are, so the guess is usually a cache line or two off), then a binary search in the last
+/// step. (Any index, without a panic, on an unsorted list.)
+fn lower_bound(ids: &[u32], p: u32) -> usize {
+    let n = ids.len();
+    let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+        return 0;
+    };
+    let guess = if p <= first {
+        0
+    } else if p > last || last <= first {
+        n
+    } else {
+        ((p - first) as u64 * (n - 1) as u64 / (last - first) as u64) as usize
+    };
+    if guess < n && ids[guess] < p {
+        // Forward: `ids[lo] < p`; the answer lies in `lo + 1..=lo + step`.
+        let (mut lo, mut step) = (guess, 1);
+        while lo + step < n && ids[lo + step] < p {
+            lo += step;
+            step *= 2;
+        }
+        let end = (lo + step + 1).min(n);
+        lo + ids[lo..end].partition_point(|&x| x < p)
+    } else {
+        // Backward: `ids[hi] >= p` or `hi == n`; the answer lies in `hi - step..=hi`.
+        let (mut hi, mut step) = (guess, 1);
+        while hi >= step && ids[hi - step] >= p {
+            hi -= step;
+            step *= 2;
+        }
+        let start = hi.saturating_sub(step);
+        start + ids[start..hi].partition_point(|&x| x < p)
+    }
+}
+
+/// The lowest score `s` a posting of list `c` may have when its product totals `t` or more
+/// under `sum`: the least `s` with `((prefix + s) + after[0]) + after[1] + … >= t` (`prefix`:
+/// the earlier lists' best positive scores summed in order, `after`: the later ones'; all
+/// `>= +0.0`, so the bound is `prefix + s` rounded, then monotone). Rounded addition is
+/// monotone in both operands, so the bound is monotone in `s` and found by bisection over the
+/// ordered finite floats; +∞ when no finite score reaches `t`.
+fn score_floor(prefix: f32, after: &[f32], t: f32) -> f32 {
+    let bound = |s: f32| after.iter().fold(prefix + s, |v, &u| v + u);
+    // Finite floats in order as integers (IEEE 754 total order, as `f32::total_cmp`).
+    let key = |x: f32| {
+        let b = x.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    };
+    let float = |k: i32| f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32);
+    let (mut lo, mut hi) = (key(-f32::MAX), key(f32::MAX));
+    if bound(f32::MAX) < t {
+        return f32::INFINITY;
+    }
+    // bound(float(hi)) >= t; find the least such key.
+    while lo < hi {
+        let mid = lo + ((hi as i64 - lo as i64) / 2) as i32;
+        if bound(float(mid)) >= t {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    float(lo)
+}
+
+impl Ranker {
+    pub fn new() -> Ranker {
+        Ranker::default()
+    }
+
+    /// As [`rank`](super::rank).
+    pub fn rank(
+        &mut self,
+        isa: Isa,
+        lists: &[Postings],
+        aggregate: Aggregate,
+        k: usize,
+        products: u32,
+    ) -> Vec<Hit> {
+        if k == 0 {
+            return Vec::new();
+        }
+        if k > THRESHOLD_MAX_K || !ordinary(lists) {
+            return self.rank_blocks(isa, lists, aggregate, k, products);
+        }
+        self.score_lists(isa, lists);
+        let mut hits = match aggregate {
+            Aggregate::Max => {
+                self.max_pass(lists, k, products);
+                let mut found = std::mem::take(&mut self.candidates);
+                found.clear();
+                found.extend(self.best.products());
+                self.best.clear();
+                found.sort_unstable();
+                let hits = self.gather(lists, &found, Aggregate::Max);
+                self.candidates = found;
+                hits
+            }
+            Aggregate::Sum => self.sum_pass(lists, k, products),
+        };
+        let better = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product));
+        if hits.len() > k {
+            hits.select_nth_unstable_by(k - 1, better);
+            hits.truncate(k);
+        }
+        hits.sort_unstable_by(better);
+        hits
+    }
+
+    /// Every list's scores into `scores` (list `c`'s from `at[c]`).
+    fn score_lists(&mut self, isa: Isa, lists: &[Postings]) {
+        self.scores.clear();
+        self.at.clear();
+        for l in lists {
+            let from = self.scores.len();
+            self.at.push(from);
+            self.scores.resize(from + l.products.len(), l.prior);
+            score_postings(isa, l.pq, l.w, l.pt, &mut self.scores[from..]);
+        }
+    }
+
+    /// The max threshold pass: leaves in `best` the `k` products (fewer when the lists hold
+    /// fewer) of the best single scores, each with its best score, ties to the lower id.
+    fn max_pass(&mut self, lists: &[Postings], k: usize, products: u32) {
+        /// Postings scanned against one floor: the floor rises between chunks.
+        const CHUNK: usize = 1024;
+        let best = &mut self.best;
+        best.reset(k);
+        let (hits, ids) = (&mut self.hits, &mut self.hit_ids);
+        for (c, l) in lists.iter().enumerate() {
+            let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
+            for (n, chunk) in scores.chunks(CHUNK).enumerate() {
+                let base = n * CHUNK;
+                // The scoring never read the product ids, and those of the postings at the
+                // floor are scattered: one cache miss each (~60 ns). Streaming the next
+                // chunk's ids in (64 lines, 4 bytes a posting) makes them hits for far less.
+                for line in l.products.iter().skip(base + CHUNK).take(CHUNK).step_by(16) {
+                    prefetch(line);
+                }
+                hits.clear();
+                scan(chunk, best.floor(), |j| hits.push((base + j) as u32));
+                ids.clear();
+                ids.extend(hits.iter().map(|&j| l.products[j as usize]));
+                for (&j, &p) in hits.iter().zip(ids.iter()) {
+                    if p < products {
+                        best.offer_max(p, scores[j as usize]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sum threshold pass (see [`Ranker`]): the candidates' hits with their exact totals,
+    /// a superset of the best `k`.
+    fn sum_pass(&mut self, lists: &[Postings], k: usize, products: u32) -> Vec<Hit> {
+        // 1. `2k` products, likely among the best totals: the best single scores. (Twice `k`:
+        // a few of them total far less — another of their postings is poor — and the floor
+        // below is the `k`-th best of these totals.)
+        let kk = 2 * k;
+        self.max_pass(lists, kk, products);
+        let mut found = std::mem::take(&mut self.candidates);
+        found.clear();
+        found.extend(self.best.products());
+        let full = found.len() == kk;
+        self.best.clear();
+        found.sort_unstable();
+        let mut first = self.gather(lists, &found, Aggregate::Sum);
+        if !full {
+            // The lists hold fewer than `2k` products: these are all of them.
+            self.candidates = found;
+            return first;
+        }
+        // 2. The floor: `k` products total at least `t`, so the `k`-th best total does too.
+        let (_, kth, _) = first.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score));
+        let t = kth.score;
+        // 3. Each list's best positive score `u_c` (else +0.0): a product's total is at most
+        // `u_0 + .. + s + .. + u_n` (its score `s` in list `c`, the sum in code order), and
+        // every posting of a product totalling `t` or more scores at least that bound's
+        // inverse at `t`.
+        let ups: Vec<f32> = lists
+            .iter()
+            .enumerate()
+            .map(|(c, l)| {
+                let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
+                let m = scores.iter().fold(0f32, |m, &s| if s > m { s } else { m });
+                if m > 0.0 {
+                    m
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        found.clear();
+        let mut prefix = 0f32;
+        for (c, l) in lists.iter().enumerate() {
+            let floor = score_floor(prefix, &ups[c + 1..], t);
+            prefix += ups[c];
+            let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
+            scan(scores, floor, |j| {
+                let p = l.products[j];
+                if p < products {
+                    found.push(p);
+                }
+            });
+        }
+        found.sort_unstable();
+        found.dedup();
+        let hits = self.gather(lists, &found, Aggregate::Sum);
+        self.candidates = found;
+        hits
+    }
+
+    /// The hits of `found` (ascending product ids): each product looked up in every list, its
+    /// score aggregated over all its postings as `rank` aggregates it (in code order: the first
+    /// score, then `+` or `f32::max` of the next), and the codes that reached it.
+    fn gather(&self, lists: &[Postings], found: &[u32], aggregate: Aggregate) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = found
+            .iter()
+            .map(|&product| Hit {
+                product,
+                score: 0.0,
+                codes: Vec::new(),
+            })
+            .collect();
+        let add = |h: &mut Hit, c: usize, s: f32| {
+            h.score = match (h.codes.is_empty(), aggregate) {
+                (true, _) => s,
+                (false, Aggregate::Sum) => h.score + s,
+                (false, Aggregate::Max) => h.score.max(s),
+            };
+            h.codes.push(c as u32);
+        };
+        for (c, l) in lists.iter().enumerate() {
+            let ids = l.products;
+            let scores = &self.scores[self.at[c]..self.at[c] + ids.len()];
+            // Both sides ascend: each search starts where the last one ended, and the shorter
+            // side is searched for in the longer (most of a query's lists are a few postings).
+            let mut from = 0;
+            if ids.len() < found.len() {
+                for (&p, &s) in ids.iter().zip(scores) {
+                    let i = from + lower_bound(&found[from..], p);
+                    if i < found.len() && found[i] == p {
+                        add(&mut hits[i], c, s);
+                        from = i + 1;
+                    } else {
+                        from = i;
+                    }
+                }
+                continue;
+            }
+            for h in hits.iter_mut() {
+                let j = from + lower_bound(&ids[from..], h.product);
+                if j < ids.len() && ids[j] == h.product {
+                    add(h, c, scores[j]);
+                    from = j + 1;
+                } else {
+                    from = j;
+                }
+            }
+        }
+        hits
+    }
+
+    /// The block merge described on [`Ranker`]: as [`rank`](super::rank).
+    pub fn rank_blocks(
+        &mut self,
+        isa: Isa,
+        lists: &[Postings],
+        aggregate: Aggregate,
+        k: usize,
+        products: u32,
+    ) -> Vec<Hit> {
+        if k == 0 {
+            return Vec::new();
+        }
+        if self.slots.is_empty() {
+            self.slots = vec![Slot::default(); RANK_BLOCK as usize];
+        }
+        self.score_lists(isa, lists);
+        let at = &self.at;
+        self.top.clear();
+        let mut cursor: Vec<usize> = vec![0; lists.len()];
+        loop {
+            let next = lists
+                .iter()
+                .zip(&cursor)
+                .filter_map(|(l, &c)| l.products.get(c))
+                .min();
+            let Some(&next) = next.filter(|&&p| p < products) else {
+                break; // every list is done (or only stray postings are left)
+            };
+            let start = next - next % RANK_BLOCK;
+            let end = start.saturating_add(RANK_BLOCK).min(products);
+            if self.epoch == u32::MAX {
+                self.slots.fill(Slot::default());
+                self.epoch = 0;
+            }
+            self.epoch += 1;
+            let epoch = self.epoch;
+            for (i, l) in lists.iter().enumerate() {
+                let c = cursor[i];
+                // A scan, not a binary search: it makes progress on a corrupt (unsorted) list
+                // too, and these postings are read next anyway.
+                let n = l.products[c..].iter().take_while(|&&p| p < end).count();
+                let scores = &self.scores[at[i] + c..at[i] + c + n];
+                for (&p, &v) in l.products[c..c + n].iter().zip(scores) {
+                    // `start <= p` holds on sorted lists; an unsorted one may step back.
+                    let Some(slot) = self.slots.get_mut(p.wrapping_sub(start) as usize) else {
+                        continue;
+                    };
+                    if slot.epoch != epoch {
+                        *slot = Slot { epoch, score: v };
+                        self.touched.push(p);
+                    } else {
+                        slot.score = match aggregate {
+                            Aggregate::Sum => slot.score + v,
+                            Aggregate::Max => slot.score.max(v),
+                        };
+                    }
+                }
+                cursor[i] = c + n;
+            }
+            for &p in &self.touched {
+                let w = Worst(p, self.slots[(p - start) as usize].score);
+                if self.top.len() < k {
+                    self.top.push(w);
+                } else if self.top.peek().is_some_and(|worst| w < *worst) {
+                    self.top.pop();
+                    self.top.push(w);
+                }
+            }
+            self.touched.clear();
+        }
+        // Best first: ascending in `Worst`'s order is best to worst.
+        let best = std::mem::take(&mut self.top).into_sorted_vec();
+        best.iter()
+            .map(|&Worst(product, score)| Hit {
+                product,
+                score,
+                codes: (0..lists.len() as u32)
+                    .filter(|&c| lists[c as usize].products.binary_search(&product).is_ok())
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::score::{kernel::TERM_TABLE_MIN, rank, tests::rng};
+
+    /// `rank` against a naive reference: every posting scored with the scalar twin,
+    /// aggregated in a map, fully sorted; top-K must equal the sorted list's head.
+    #[test]
+    fn rank_equals_a_full_sort_of_the_aggregates() {
+        use std::collections::BTreeMap;
+        let mut next = rng(23);
+        for aggregate in [Aggregate::Sum, Aggregate::Max] {
+            let n_lists = 6;
+            let mut owned = Vec::new();
+            for _ in 0..n_lists {
+                let n = 1 + (next() % 5) as usize;
+                let mut products: Vec<u32> =
+                    (0..next() % 300).map(|_| (next() % 500) as u32).collect();
+                products.sort_unstable();
+                products.dedup();
+                let p = products.len();
+                let pt: Vec<u16> = (0..n * p).map(|_| next() as u16).collect();
+                let pq: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+                let w: Vec<f32> = (0..n)
+                    .map(|_| (next() % 200) as f32 / 100.0 - 0.5)
+                    .collect();
+                owned.push((products, pt, pq, w));
+            }
+            // S_rele alone (prior 0), then with a random prior a code (the code-likelihood
+            // term), some of them 0.
+            for with_prior in [false, true] {
+                let lists: Vec<Postings> = owned
+                    .iter()
+                    .map(|(products, pt, pq, w)| Postings {
+                        products,
+                        pt,
+                        pq,
+                        w,
+                        prior: if with_prior && !next().is_multiple_of(4) {
+                            -((next() % 5000) as f32) / 1000.0
+                        } else {
+                            0.0
+                        },
+                    })
+                    .collect();
+                let mut want: BTreeMap<u32, (f32, Vec<u32>)> = BTreeMap::new();
+                for (c, l) in lists.iter().enumerate() {
+                    let mut s = vec![l.prior; l.products.len()];
+                    score_postings(Isa::Scalar, l.pq, l.w, l.pt, &mut s);
+                    for (&p, &v) in l.products.iter().zip(&s) {
+                        let e = want.entry(p).or_insert((v, vec![]));
+                        if !e.1.is_empty() {
+                            e.0 = if aggregate == Aggregate::Sum {
+                                e.0 + v
+                            } else {
+                                e.0.max(v)
+                            };
+                        }
+                        e.1.push(c as u32);
+                    }
+                }
+                let mut full: Vec<Hit> = want
+                    .into_iter()
+                    .map(|(product, (score, codes))| Hit {
+                        product,
+                        score,
+                        codes,
+                    })
+                    .collect();
+                full.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product)));
+                let mut ranker = Ranker::new();
+                for isa in Isa::available() {
+                    for k in [0, 1, 10, 300, 10_000] {
+                        let got = rank(isa, &lists, aggregate, k, u32::MAX);
+                        let want = &full[..k.min(full.len())];
+                        assert_eq!(got, want, "{isa:?} {aggregate:?} k={k}");
+                        // The fast twin, bit for bit, reused across queries (epochs).
+                        let fast = ranker.rank(isa, &lists, aggregate, k, u32::MAX);
+                        assert_eq!(fast, want, "Ranker {isa:?} {aggregate:?} k={k}");
+                        for (a, b) in fast.iter().zip(want) {
+                            assert_eq!(a.score.to_bits(), b.score.to_bits());
+                        }
+                    }
+                }
+                // Products past the table are dropped by both; a wrapped epoch starts clean.
+                for limit in [0, 1, 250, 499] {
+                    let slow = rank(Isa::Scalar, &lists, aggregate, 50, limit);
+                    assert_eq!(ranker.rank(Isa::Scalar, &lists, aggregate, 50, limit), slow);
+                }
+                ranker.epoch = u32::MAX - 1;
+                for _ in 0..3 {
+                    let slow = rank(Isa::Scalar, &lists, aggregate, 40, u32::MAX);
+                    assert_eq!(
+                        ranker.rank(Isa::Scalar, &lists, aggregate, 40, u32::MAX),
+                        slow
+                    );
+                }
+            }
+        }
+    }
+
+    /// `(product, score bits, codes)` of every hit: `Hit`'s `==` would take −0.0 for +0.0.
+    fn bits(hits: &[Hit]) -> Vec<(u32, u32, Vec<u32>)> {
+        hits.iter()
+            .map(|h| (h.product, h.score.to_bits(), h.codes.clone()))
+            .collect()
+    }
+
+    /// A posting list's columns: products, `Pt`, `Pq`, weights.
+    type Owned = (Vec<u32>, Vec<u16>, Vec<f32>, Vec<f32>);
+
+    /// The threshold passes against the block merge and `rank`, every returned element bit for
+    /// bit: random queries of 0–9 lists (empty ones, long ones, products shared across lists,
+    /// a list repeated under another code, scores tied through a few `Pt` levels and shared
+    /// query sides), priors off and on, weights all negative or mixed (positive scores, which
+    /// loosen the sum bound), `k` from 1 past the union and past [`THRESHOLD_MAX_K`], products
+    /// cut off by the table size; and non-ordinary inputs (−0.0, NaN, ±∞ priors, weights near
+    /// overflow), which go to the block merge.
+    #[test]
+    fn threshold_passes_equal_the_block_merge_and_rank() {
+        let mut next = rng(77);
+        let mut ranker = Ranker::new();
+        let mut checked = [0usize; 2];
+        for case in 0..400 {
+            let range = [16u64, 300, 5_000, 100_000][case % 4];
+            let n_lists = (next() % 10) as usize;
+            let tied = next().is_multiple_of(3); // Pt from 3 levels, one query side for every list
+            let mixed = next().is_multiple_of(3);
+            let shared_pq: Vec<f32> = (0..4).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+            let mut owned: Vec<Owned> = Vec::new();
+            for _ in 0..n_lists {
+                if !owned.is_empty() && next().is_multiple_of(6) {
+                    let again = owned[(next() % owned.len() as u64) as usize].clone();
+                    owned.push(again);
+                    continue;
+                }
+                let len = match next() % 8 {
+                    0 => 0,
+                    1 => 2_000 + next() % 6_000,
+                    _ => next() % 300,
+                };
+                let mut products: Vec<u32> = (0..len).map(|_| (next() % range) as u32).collect();
+                products.sort_unstable();
+                products.dedup();
+                let n = if tied { 3 } else { (next() % 5) as usize };
+                let pt: Vec<u16> = (0..n * products.len())
+                    .map(|_| {
+                        if tied {
+                            [0, 30_000, 65_535][(next() % 3) as usize]
+                        } else {
+                            next() as u16
+                        }
+                    })
+                    .collect();
+                let pq: Vec<f32> = if tied {
+                    shared_pq[..n].to_vec()
+                } else {
+                    (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect()
+                };
+                let w: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let m = (next() % 200) as f32 / 100.0;
+                        if mixed && next().is_multiple_of(2) {
+                            m
+                        } else {
+                            -m
+                        }
+                    })
+                    .collect();
+                owned.push((products, pt, pq, w));
+            }
+            let union: std::collections::BTreeSet<u32> =
+                owned.iter().flat_map(|o| o.0.iter().copied()).collect();
+            for with_prior in [false, true] {
+                let priors: Vec<f32> = (0..owned.len())
+                    .map(|_| match next() % 4 {
+                        _ if !with_prior => 0.0,
+                        0 => 0.0,
+                        1 => -0.5, // a prior several codes share: ties across lists
+                        _ => (next() % 5000) as f32 / 1000.0 - 4.0,
+                    })
+                    .collect();
+                let lists: Vec<Postings> = owned
+                    .iter()
+                    .zip(&priors)
+                    .map(|((products, pt, pq, w), &prior)| Postings {
+                        products,
+                        pt,
+                        pq,
+                        w,
+                        prior,
+                    })
+                    .collect();
+                let limit = if next().is_multiple_of(4) {
+                    (next() % range) as u32
+                } else {
+                    u32::MAX
+                };
+                let u = union.len();
+                for k in [1, 2, 7, 50, 300, u.max(1), u + 5, THRESHOLD_MAX_K + 1] {
+                    for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                        let isa =
+                            Isa::available()[(next() % Isa::available().len() as u64) as usize];
+                        let fast = ranker.rank(isa, &lists, aggregate, k, limit);
+                        let blocks = ranker.rank_blocks(isa, &lists, aggregate, k, limit);
+                        let slow = rank(isa, &lists, aggregate, k, limit);
+                        let what = format!(
+                            "case {case} {aggregate:?} k={k} limit={limit} prior={with_prior}"
+                        );
+                        assert_eq!(bits(&fast), bits(&blocks), "{what}: rank vs rank_blocks");
+                        assert_eq!(bits(&fast), bits(&slow), "{what}: Ranker vs rank");
+                        checked[(aggregate == Aggregate::Sum) as usize] += fast.len();
+                    }
+                }
+            }
+            // Not ordinary: the block merge answers (and so the same as before).
+            if let Some((products, pt, pq, w)) = owned.first() {
+                for prior in [-0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e38] {
+                    let mut lists: Vec<Postings> = owned
+                        .iter()
+                        .map(|(products, pt, pq, w)| Postings {
+                            products,
+                            pt,
+                            pq,
+                            w,
+                            prior: 0.0,
+                        })
+                        .collect();
+                    lists[0].prior = prior;
+                    assert!(!ordinary(&lists));
+                    for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                        let fast = ranker.rank(Isa::Scalar, &lists, aggregate, 20, u32::MAX);
+                        let blocks =
+                            ranker.rank_blocks(Isa::Scalar, &lists, aggregate, 20, u32::MAX);
+                        assert_eq!(bits(&fast), bits(&blocks), "case {case} prior {prior}");
+                    }
+                }
+                let huge = vec![1e36f32; pq.len()];
+                let l = Postings {
+                    products,
+                    pt,
+                    pq,
+                    w: &huge,
+                    prior: 0.0,
+                };
+                assert_eq!(ordinary(&[l]), pq.is_empty());
+                let _ = w;
+            }
+        }
+        // Enough of both paths ran.
+        assert!(checked.iter().all(|&n| n > 100_000), "{checked:?}");
+    }
+
+    /// A list scored through the term table (≥ TERM_TABLE_MIN products) and a short one
+    /// sharing some of its products, through every path.
+    #[test]
+    fn threshold_passes_on_a_term_table_list() {
+        let mut next = rng(5);
+        let long: Vec<u32> = (0..(TERM_TABLE_MIN as u32 + 999)).map(|i| i * 3).collect();
+        let short: Vec<u32> = (0..500).map(|i| i * 7 + 1).collect();
+        let pt_long: Vec<u16> = (0..2 * long.len()).map(|_| next() as u16).collect();
+        let pt_short: Vec<u16> = (0..2 * short.len()).map(|_| next() as u16).collect();
+        let (pq, w) = ([0.3f32, 0.8], [-1.0f32, -0.5]);
+        let lists = [
+            Postings {
+                products: &short,
+                pt: &pt_short,
+                pq: &pq,
+                w: &w,
+                prior: -0.25,
+            },
+            Postings {
+                products: &long,
+                pt: &pt_long,
+                pq: &pq,
+                w: &w,
+                prior: 0.0,
+            },
+        ];
+        let mut ranker = Ranker::new();
+        for isa in Isa::available() {
+            for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                for k in [1, 300, 4096] {
+                    let fast = ranker.rank(isa, &lists, aggregate, k, u32::MAX);
+                    assert_eq!(
+                        bits(&fast),
+                        bits(&rank(isa, &lists, aggregate, k, u32::MAX))
+                    );
+                    assert_eq!(fast.len(), k);
+                }
+            }
+        }
+    }
+
+    /// `TopK::key` orders as `rank` does (score by `total_cmp`, then the lower product) and
+    /// decodes back, ±0 and infinities included.
+    #[test]
+    fn top_k_keys_order_as_rank() {
+        let mut next = rng(12);
+        let pick = |r: u64| match r % 6 {
+            0 => [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY][(r / 6 % 6) as usize],
+            _ => f32::from_bits(r as u32 >> 1) * if r & 1 << 40 == 0 { 1.0 } else { -1.0 },
+        };
+        for _ in 0..10_000 {
+            let (a, b) = ((next() % 5) as u32, (next() % 5) as u32);
+            let (sa, sb) = (pick(next()), pick(next()));
+            let (ka, kb) = (TopK::key(a, sa), TopK::key(b, sb));
+            assert_eq!(
+                kb.cmp(&ka),
+                sb.total_cmp(&sa).then(a.cmp(&b)),
+                "({a}, {sa}) vs ({b}, {sb})"
+            );
+            assert_eq!(
+                (TopK::product(ka), TopK::score(ka).to_bits()),
+                (a, sa.to_bits())
+            );
+        }
+    }
+
+    /// The helpers: the exponential search is `partition_point`; the score floor is the least
+    /// score whose rounded bound reaches `t`.
+    #[test]
+    fn lower_bound_and_score_floor() {
+        let mut next = rng(8);
+        for _ in 0..2000 {
+            let spread = [3, 200, 1 << 20][(next() % 3) as usize];
+            let mut ids: Vec<u32> = (0..next() % 100)
+                .map(|_| (next() % spread) as u32)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let p = (next() % (spread + 10)) as u32;
+            assert_eq!(lower_bound(&ids, p), ids.partition_point(|&x| x < p));
+            // Clustered ids: the guess far off.
+            let skewed: Vec<u32> = (0..300u32)
+                .map(|i| if i < 290 { i } else { i << 20 })
+                .collect();
+            let p = (next() % (300 << 20)) as u32;
+            assert_eq!(lower_bound(&skewed, p), skewed.partition_point(|&x| x < p));
+        }
+        let float = |r: u64| match r % 4 {
+            0 => 0.0,
+            1 => (r % 1000) as f32 * 1e-9,
+            _ => (r % 10_000) as f32 / 1000.0,
+        };
+        for _ in 0..2000 {
+            let prefix = (0..next() % 4).fold(0f32, |a, _| a + float(next()));
+            let after: Vec<f32> = (0..next() % 5).map(|_| float(next())).collect();
+            let t = (next() % 20_000) as f32 / 1000.0 - 10.0 + float(next());
+            let bound = |s: f32| after.iter().fold(prefix + s, |v, &u| v + u);
+            let f = score_floor(prefix, &after, t);
+            assert!(bound(f) >= t, "{prefix} {after:?} {t}: {f}");
+            let below = f32::from_bits(if f > 0.0 {
+                f.to_bits() - 1
+            } else {
+                f.to_bits() + 1
+            });
+            let below = if f == 0.0 { -f32::from_bits(1) } else { below };
+            assert!(
+                bound(below) < t,
+                "{prefix} {after:?} {t}: {f} not the least"
+            );
+        }
+        // No finite score reaches +∞ alone.
+        assert_eq!(score_floor(0.0, &[], f32::INFINITY), f32::INFINITY);
+    }
+}
