@@ -7,8 +7,9 @@ use super::{score_postings, Aggregate, Hit, Postings};
 use crate::backend::cpu::simd::Isa;
 
 /// The fast twin of [`rank`], for serving: the same hits, bit for bit, on valid posting lists
-/// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). Every list is
-/// scored first (sequentially, SIMD); then, for `k` up to [`THRESHOLD_MAX_K`] and ordinary
+/// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). The lists are
+/// scored (sequentially, SIMD; under `max`, only those that can reach the top); then, for `k`
+/// up to [`THRESHOLD_MAX_K`] and ordinary
 /// scores (`ordinary`: finite, never `-0.0`), a **threshold pass** replaces the merge.
 ///
 /// - **max**: the lists are scanned in code order against a running top `k` of distinct
@@ -20,7 +21,10 @@ use crate::backend::cpu::simd::Isa;
 ///   `k` are selected and the floor rises. A product's best posting is never skipped while it
 ///   could be among the `k` best (the floor is the `k`-th of `k` distinct products' real
 ///   scores), so the `k` kept at the end are the `k` best: ~2,300 offers a query at the
-///   median instead of a merge of every posting.
+///   median instead of a merge of every posting. The lists go in order of an upper bound of
+///   their scores (`list_bound`: the prior, when every weight is negative), and one whose
+///   bound is below the floor is not even scored: with the code-likelihood prior, a query's
+///   unlikely codes, long lists included, cost nothing once its likely ones fill the top.
 /// - **sum**: a product's total is at most its score in any one list plus every other list's
 ///   best positive score (rounded additions are monotone, so this holds in f32 too). The max
 ///   pass gives `2k` products; the `k`-th best of their exact totals is a floor `t` at or
@@ -63,6 +67,8 @@ pub struct Ranker {
     /// One chunk's postings at the floor (positions in their list) and their products.
     hits: Vec<u32>,
     hit_ids: Vec<u32>,
+    /// Lists the last max pass skipped whole ([`Ranker::skipped_lists`]).
+    skipped: usize,
 }
 
 /// The largest `k` the threshold passes take (a product kept is found by a scan of the up to
@@ -90,6 +96,26 @@ fn ordinary(lists: &[Postings]) -> bool {
         bound += l.prior.abs() as f64 + 512.0 * w;
     }
     bound < 1e37
+}
+
+/// An upper bound of every score of list `l`, for `ordinary` lists: the prior plus, per token,
+/// the most its term can add. A term is `w (a + b)` with `a + b` the bracket of Eq. 7, between
+/// 0 and `2 ln 2` in exact arithmetic; the kernel's `ln` and roundings move it by far less
+/// than the margin kept here (1e-3 of the magnitudes involved, plus 1e-3), so a negative
+/// weight adds at most its share of the margin and a positive one at most `1.5 w`.
+fn list_bound(l: &Postings) -> f32 {
+    if l.pq.iter().any(|p| !(0.0..=1.0).contains(p)) {
+        return f32::INFINITY; // not probabilities: no bound claimed
+    }
+    let mut up = l.prior as f64;
+    let mut mag = 1.0 + l.prior.abs() as f64;
+    for &w in l.w.iter().filter(|w| w.is_finite()) {
+        if w > 0.0 {
+            up += 1.5 * w as f64;
+        }
+        mag += 1.5 * w.abs() as f64;
+    }
+    (up + 1e-3 * mag) as f32
 }
 
 /// Product ids aggregated together by [`Ranker`]: 32 Ki slots, 256 KiB, an L2's share.
@@ -368,16 +394,16 @@ impl Ranker {
         k: usize,
         products: u32,
     ) -> Vec<Hit> {
+        self.skipped = 0;
         if k == 0 {
             return Vec::new();
         }
         if k > THRESHOLD_MAX_K || !ordinary(lists) {
             return self.rank_blocks(isa, lists, aggregate, k, products);
         }
-        self.score_lists(isa, lists);
         let mut hits = match aggregate {
             Aggregate::Max => {
-                self.max_pass(lists, k, products);
+                self.max_pass_pruned(isa, lists, k, products);
                 let mut found = std::mem::take(&mut self.candidates);
                 found.clear();
                 found.extend(self.best.products());
@@ -387,7 +413,10 @@ impl Ranker {
                 self.candidates = found;
                 hits
             }
-            Aggregate::Sum => self.sum_pass(lists, k, products),
+            Aggregate::Sum => {
+                self.score_lists(isa, lists);
+                self.sum_pass(lists, k, products)
+            }
         };
         let better = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product));
         if hits.len() > k {
@@ -410,15 +439,57 @@ impl Ranker {
         }
     }
 
+    /// The max threshold pass with whole lists skipped: the lists go in order of their score
+    /// bound ([`list_bound`], the prior when every weight is negative: the shipped model's
+    /// case), each scored only when its bound reaches the floor, since a list whose every
+    /// score is below the `k`-th best kept cannot enter the top nor raise a product in it
+    /// (its scores are below theirs). Leaves `best` as [`Ranker::max_pass`] does, and
+    /// `at[c] == usize::MAX` for the lists skipped, which `gather` reads as "below every
+    /// score found" (their codes still count).
+    fn max_pass_pruned(&mut self, isa: Isa, lists: &[Postings], k: usize, products: u32) {
+        let bounds: Vec<f32> = lists.iter().map(list_bound).collect();
+        let mut order: Vec<usize> = (0..lists.len()).collect();
+        order.sort_by(|&a, &b| bounds[b].total_cmp(&bounds[a]).then(a.cmp(&b)));
+        self.scores.clear();
+        self.at.clear();
+        self.at.resize(lists.len(), usize::MAX);
+        self.best.reset(k);
+        for c in order {
+            if bounds[c] < self.best.floor() {
+                self.skipped += 1;
+                continue;
+            }
+            let l = &lists[c];
+            let from = self.scores.len();
+            self.at[c] = from;
+            self.scores.resize(from + l.products.len(), l.prior);
+            score_postings(isa, l.pq, l.w, l.pt, &mut self.scores[from..]);
+            self.scan_list(c, l, products);
+        }
+    }
+
+    /// Lists the last [`Ranker::rank`] did not score (its max pass skipped them whole; 0 for
+    /// `sum` and the block merge).
+    pub fn skipped_lists(&self) -> usize {
+        self.skipped
+    }
+
     /// The max threshold pass: leaves in `best` the `k` products (fewer when the lists hold
     /// fewer) of the best single scores, each with its best score, ties to the lower id.
     fn max_pass(&mut self, lists: &[Postings], k: usize, products: u32) {
+        self.best.reset(k);
+        for (c, l) in lists.iter().enumerate() {
+            self.scan_list(c, l, products);
+        }
+    }
+
+    /// List `c`'s scored postings against the running top: those at the floor are offered.
+    fn scan_list(&mut self, c: usize, l: &Postings, products: u32) {
         /// Postings scanned against one floor: the floor rises between chunks.
         const CHUNK: usize = 1024;
         let best = &mut self.best;
-        best.reset(k);
         let (hits, ids) = (&mut self.hits, &mut self.hit_ids);
-        for (c, l) in lists.iter().enumerate() {
+        {
             let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
             for (n, chunk) in scores.chunks(CHUNK).enumerate() {
                 let base = n * CHUNK;
@@ -523,6 +594,23 @@ impl Ranker {
         };
         for (c, l) in lists.iter().enumerate() {
             let ids = l.products;
+            if self.at[c] == usize::MAX {
+                // Skipped by the max pass: every score of it is below every product found
+                // (below the floor they all reached), so under `max` it never is the
+                // result; only its code counts, and the chain's first score is the next.
+                debug_assert!(aggregate == Aggregate::Max);
+                let mut from = 0;
+                for h in hits.iter_mut() {
+                    let j = from + lower_bound(&ids[from..], h.product);
+                    if j < ids.len() && ids[j] == h.product {
+                        add(h, c, f32::NEG_INFINITY);
+                        from = j + 1;
+                    } else {
+                        from = j;
+                    }
+                }
+                continue;
+            }
             let scores = &self.scores[self.at[c]..self.at[c] + ids.len()];
             // Both sides ascend: each search starts where the last one ended, and the shorter
             // side is searched for in the longer (most of a query's lists are a few postings).
@@ -759,6 +847,7 @@ mod tests {
         let mut next = rng(77);
         let mut ranker = Ranker::new();
         let mut checked = [0usize; 2];
+        let mut skipped = 0;
         for case in 0..400 {
             let range = [16u64, 300, 5_000, 100_000][case % 4];
             let n_lists = (next() % 10) as usize;
@@ -840,6 +929,7 @@ mod tests {
                         let isa =
                             Isa::available()[(next() % Isa::available().len() as u64) as usize];
                         let fast = ranker.rank(isa, &lists, aggregate, k, limit);
+                        skipped += ranker.skipped_lists();
                         let blocks = ranker.rank_blocks(isa, &lists, aggregate, k, limit);
                         let slow = rank(isa, &lists, aggregate, k, limit);
                         let what = format!(
@@ -887,10 +977,57 @@ mod tests {
         }
         // Enough of both paths ran.
         assert!(checked.iter().all(|&n| n > 100_000), "{checked:?}");
+        // The max pass skipped whole lists in some cases (and still matched both twins).
+        assert!(skipped > 100, "{skipped} lists skipped");
     }
 
     /// A list scored through the term table (≥ TERM_TABLE_MIN products) and a short one
     /// sharing some of its products, through every path.
+    /// Under `max`, a list whose every score is below the `k`-th best so far is not scored:
+    /// here a long list with a low prior after short likely ones; the hits are `rank`'s, and
+    /// the skipped list's code still reaches the products it holds.
+    #[test]
+    fn max_skips_a_list_that_cannot_reach_the_floor() {
+        let mut next = rng(5);
+        let likely: Vec<u32> = (0..600).map(|i| 3 * i).collect();
+        let unlikely: Vec<u32> = (0..50_000).collect();
+        let pt = |n: usize, next: &mut dyn FnMut() -> u64| -> Vec<u16> {
+            (0..2 * n).map(|_| next() as u16).collect()
+        };
+        let (pt_a, pt_b) = (pt(likely.len(), &mut next), pt(unlikely.len(), &mut next));
+        let (pq, w) = (vec![0.3f32, 0.8], vec![-1.0f32, -1.0]);
+        let lists = [
+            Postings {
+                products: &unlikely,
+                pt: &pt_b,
+                pq: &pq,
+                w: &w,
+                prior: -9.0,
+            },
+            Postings {
+                products: &likely,
+                pt: &pt_a,
+                pq: &pq,
+                w: &w,
+                prior: -0.1,
+            },
+        ];
+        let mut ranker = Ranker::new();
+        for isa in Isa::available() {
+            let fast = ranker.rank(isa, &lists, Aggregate::Max, 300, u32::MAX);
+            assert_eq!(ranker.skipped_lists(), 1);
+            let slow = rank(isa, &lists, Aggregate::Max, 300, u32::MAX);
+            assert_eq!(bits(&fast), bits(&slow));
+            assert!(
+                fast.iter().any(|h| h.codes == [0, 1]),
+                "codes of both lists"
+            );
+        }
+        // With fewer products than k, nothing is skipped.
+        ranker.rank(Isa::Scalar, &lists[1..], Aggregate::Max, 1000, u32::MAX);
+        assert_eq!(ranker.skipped_lists(), 0);
+    }
+
     #[test]
     fn threshold_passes_on_a_term_table_list() {
         let mut next = rng(5);

@@ -82,9 +82,14 @@ enum Cmd {
         /// How a product's scores across codes combine: `max` (gram's default) or `sum`.
         #[arg(long, default_value = "max")]
         aggregate: String,
-        /// Give every code a random prior (`score::Postings::prior`, in [-3, 0)).
+        /// Give every code a random prior (`score::Postings::prior`, in [-R, 0), R =
+        /// --prior-range).
         #[arg(long)]
         priors: bool,
+        /// The priors' range R (the shipped model's α · log P(c|q) spans about 1.3 over a
+        /// query's likely codes).
+        #[arg(long, default_value_t = 3.0)]
+        prior_range: f32,
         /// Skip timing the slow twin `score::rank` (still used by the checks).
         #[arg(long)]
         no_slow_twin: bool,
@@ -126,6 +131,7 @@ fn main() {
             opens,
             aggregate,
             priors,
+            prior_range,
             no_slow_twin,
         } => query::run(&query::Params {
             index,
@@ -146,6 +152,7 @@ fn main() {
                 }
             },
             priors,
+            prior_range,
             slow_twin: !no_slow_twin,
         }),
     };

@@ -8,7 +8,8 @@
 //!
 //! **gram**: `Index::postings` for each code, then `score::Ranker::rank(.., aggregate, k, ..)`
 //! — the engine's serving path (`--aggregate max`, gram's default, or `sum`; `--priors` gives
-//! every code a random prior in [-3, 0), as `gram.json`'s `code_logprob` term would).
+//! every code a random prior in [-R, 0), R = `--prior-range` (3), as `gram.json`'s `code_logprob`
+//! term would).
 //! **gram_blocks**: the same lists through `Ranker::rank_blocks`, the block merge that served
 //! before the threshold paths, timed in the same rounds.
 //! **tantivy**: a `BooleanQuery` of `Should` `TermQuery`s (doc ids only), `TopDocs` of `k` by
@@ -60,6 +61,8 @@ pub struct Params {
     pub opens: usize,
     pub aggregate: Aggregate,
     pub priors: bool,
+    /// The priors are uniform in `[-prior_range, 0)`.
+    pub prior_range: f32,
     /// Time `score::rank` too (slow: ~10x the others).
     pub slow_twin: bool,
 }
@@ -204,7 +207,7 @@ fn make_queries(ix: &Index, p: &Params) -> Result<Vec<Query>> {
             .iter()
             .map(|_| {
                 if p.priors {
-                    -3.0 * prior_rng.unit()
+                    -p.prior_range * prior_rng.unit()
                 } else {
                     0.0
                 }
@@ -631,7 +634,7 @@ pub fn run(p: &Params) -> Result<String> {
         "query": {
             "index": path, "tantivy": p.tantivy, "queries": p.queries, "codes_per_query": p.codes,
             "k": p.k, "rounds": p.rounds, "seed": p.seed, "isa": format!("{isa:?}"),
-            "aggregate": format!("{agg:?}").to_lowercase(), "priors": p.priors,
+            "aggregate": format!("{agg:?}").to_lowercase(), "priors": p.priors, "prior_range": p.prior_range,
             "threads": 1,
             "loadavg_start": load_start, "loadavg_end": loadavg(),
         },
@@ -713,6 +716,7 @@ mod tests {
             opens: 2,
             aggregate: Aggregate::Max,
             priors: false,
+            prior_range: 3.0,
             slow_twin: true,
         })
         .unwrap();
