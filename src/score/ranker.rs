@@ -12,7 +12,7 @@ use crate::backend::cpu::simd::Isa;
 /// up to [`THRESHOLD_MAX_K`] and ordinary
 /// scores (`ordinary`: finite, never `-0.0`), a **threshold pass** replaces the merge.
 ///
-/// - **max**: the lists are scanned in code order against a running top `k` of distinct
+/// - **max**: the lists are scanned (in the order below) against a running top `k` of distinct
 ///   products (`TopK`); a posting below the `k`-th best score kept so far (the floor) cannot
 ///   enter it (nor raise a product kept, whose score is already above), and a branch-free
 ///   compare of 16 scores at a time skips nearly all of them. The postings at the floor
