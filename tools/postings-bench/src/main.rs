@@ -90,6 +90,10 @@ enum Cmd {
         /// query's likely codes).
         #[arg(long, default_value_t = 3.0)]
         prior_range: f32,
+        /// Draw each prior by the code's granularity instead, as the shipped model's α · log
+        /// P(c|q) falls (measured on real queries: coarse codes, the long lists, likeliest).
+        #[arg(long)]
+        priors_by_granularity: bool,
         /// Skip timing the slow twin `score::rank` (still used by the checks).
         #[arg(long)]
         no_slow_twin: bool,
@@ -132,6 +136,7 @@ fn main() {
             aggregate,
             priors,
             prior_range,
+            priors_by_granularity,
             no_slow_twin,
         } => query::run(&query::Params {
             index,
@@ -153,6 +158,7 @@ fn main() {
             },
             priors,
             prior_range,
+            priors_by_granularity,
             slow_twin: !no_slow_twin,
         }),
     };

@@ -61,8 +61,10 @@ pub struct Params {
     pub opens: usize,
     pub aggregate: Aggregate,
     pub priors: bool,
-    /// The priors are uniform in `[-prior_range, 0)`.
+    /// The priors are uniform in `[-prior_range, 0)`, or with `priors_by_granularity` drawn
+    /// per granularity as the shipped model's are (see `queries`).
     pub prior_range: f32,
+    pub priors_by_granularity: bool,
     /// Time `score::rank` too (slow: ~10x the others).
     pub slow_twin: bool,
 }
@@ -205,11 +207,22 @@ fn make_queries(ix: &Index, p: &Params) -> Result<Vec<Query>> {
         let w = codes.iter().map(|&c| vec![-1.0; tokens(c)]).collect();
         let prior = codes
             .iter()
-            .map(|_| {
-                if p.priors {
-                    -p.prior_range * prior_rng.unit()
-                } else {
+            .map(|&c| {
+                if !p.priors {
                     0.0
+                } else if p.priors_by_granularity {
+                    // α · log P(c|q) of the shipped model by the code's granularity: mean and
+                    // spread over 200 WANDS queries through the default index (coarse codes,
+                    // the long lists, are the likely ones).
+                    let g = ix.code(c).map_or(3, |r| r.granularity.clamp(1, 3));
+                    let (mean, sd) =
+                        [(-0.557, 0.263), (-1.078, 0.387), (-1.510, 0.462)][g as usize - 1];
+                    // Box–Muller from two uniforms in (0, 1).
+                    let (u1, u2) = (prior_rng.unit(), prior_rng.unit());
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                    (mean + sd * z).min(-1e-3)
+                } else {
+                    -p.prior_range * prior_rng.unit()
                 }
             })
             .collect();
@@ -634,7 +647,7 @@ pub fn run(p: &Params) -> Result<String> {
         "query": {
             "index": path, "tantivy": p.tantivy, "queries": p.queries, "codes_per_query": p.codes,
             "k": p.k, "rounds": p.rounds, "seed": p.seed, "isa": format!("{isa:?}"),
-            "aggregate": format!("{agg:?}").to_lowercase(), "priors": p.priors, "prior_range": p.prior_range,
+            "aggregate": format!("{agg:?}").to_lowercase(), "priors": p.priors, "prior_range": p.prior_range, "priors_by_granularity": p.priors_by_granularity,
             "threads": 1,
             "loadavg_start": load_start, "loadavg_end": loadavg(),
         },
@@ -717,6 +730,7 @@ mod tests {
             aggregate: Aggregate::Max,
             priors: false,
             prior_range: 3.0,
+            priors_by_granularity: false,
             slow_twin: true,
         })
         .unwrap();
