@@ -12,7 +12,7 @@ every query code it carries, as the engine's posting lists reach it), and its Pt
 teacher forcing the code after the product template — exactly what `gram index build` stores. A
 product is relevant to a synthetic query when it has every attribute value the query names (the
 values of the product the query was made from). For each candidate and code the divergence
-bracket of S_rele (paper Eq. 7, src/score.rs) over the code's tokens (not its EOS: the engine's
+bracket of S_rele (paper Eq. 7, src/score/) over the code's tokens (not its EOS: the engine's
 Pq and Pt have none)
 
     D(q, t, c) = sum_i [ Pq_i ln(2 Pq_i / (Pq_i + Pt_i)) + Pt_i ln(2 Pt_i / (Pq_i + Pt_i)) ]
@@ -23,7 +23,7 @@ code's tokens and its EOS of ln Pq (form `sum`), or that sum over their count (f
     S(q, t) = agg_c [ w_g(c) D(q, t, c) + alpha L(q, c) ]
 
 with agg = max or sum over the codes that reach t (the engine's `code_logprob` prior,
-src/score.rs `code_prior`: alpha = 0 is S_rele alone), and (coarse, medium, fine, alpha)
+src/score/ `code_prior`: alpha = 0 is S_rele alone), and (coarse, medium, fine, alpha)
 minimize jointly the pairwise hinge loss
 
     mean over (q, t+, t-) of max(0, S(q, t-) - S(q, t+) + mu)  +  lambda (|w + 1|^2 + alpha^2)

@@ -59,7 +59,7 @@ class Packing(unittest.TestCase):
 class Bracket(unittest.TestCase):
     def test_matches_engine_reference(self):
         from tools.train.weights import bracket
-        # src/score.rs s_rele_f64 with w = 1: 0 when equal, symmetric, zero-probability terms 0
+        # src/score/mod.rs s_rele_f64 with w = 1: 0 when equal, symmetric, zero-probability terms 0
         self.assertEqual(bracket([0.3, 0.7], [0.3, 0.7]), 0.0)
         self.assertAlmostEqual(bracket([0.2], [0.6]), bracket([0.6], [0.2]))
         a, b = 0.2, 0.6
@@ -70,7 +70,7 @@ class Bracket(unittest.TestCase):
 @unittest.skipIf(torch is None, "torch not installed")
 class CodePrior(unittest.TestCase):
     """The code-likelihood term as weights.py fits it and the engine's `code_prior` adds it
-    (src/score.rs: alpha * the code's token + EOS log-probability, summed or per token, added to
+    (src/score/: alpha * the code's token + EOS log-probability, summed or per token, added to
     each code's S_rele before the aggregation)."""
 
     def test_loglik_forms(self):
@@ -83,7 +83,7 @@ class CodePrior(unittest.TestCase):
 
     def test_scores_by_hand(self):
         from tools.train.weights import FORMS, form_scores
-        # The hand-computed case of src/score.rs (prior_ranks_the_likely_code_first_by_hand):
+        # The hand-computed case of src/score/ (prior_ranks_the_likely_code_first_by_hand):
         # product 0 reached through the unlikely code 1 (D = 0, L = -3), product 1 through the
         # likely code 0 (D = 0.0424747, L = -0.1); w = -1.
         d = 0.5 * math.log(1 / 0.75) + 0.25 * math.log(0.5 / 0.75)
