@@ -1005,10 +1005,10 @@ async fn the_device_is_chosen_at_startup_and_reported() {
     server.shutdown().await.unwrap();
 }
 
-/// The queue's wait bound (`--max-queue-wait-ms`), deterministically: with no answer rate yet
-/// only the depth bound applies; once requests were answered, a job that would wait longer
-/// than the bound behind the queue (depth / rate) is refused with that estimate, and below
-/// `--max-batch` queued jobs never are.
+/// The queue's wait bound (`--max-queue-wait-ms`), deterministically: with no service rate yet
+/// only the depth bound applies; once the batch has answered requests, a job that would wait
+/// longer than the bound behind the queue (depth / answers per second of stepping) is refused
+/// with that estimate, and below `--max-batch` queued jobs never are.
 #[test]
 fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     use gram::server::batcher::{Job, Queue, Refusal};
@@ -1029,26 +1029,25 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     for i in 0..10 {
         assert_eq!(q.push(job()), Ok(i + 1));
     }
-    // 10 answered just now: the rate is at most 10 / 50 ms = 200/s, so a job behind 10 waits at
-    // least 50 ms; the queue takes jobs until one would wait past 100 ms, by 21 at the latest.
-    q.answered(10);
+    // A step of 50 ms answered 10: 200 answers per second of stepping, so a job behind 20
+    // waits 100 ms (taken) and one behind 21 waits 105 ms (refused).
+    q.stepped(10, 0.05);
+    let mut depth = 10;
     let refusal = loop {
         match q.push(job()) {
-            Ok(depth) => assert!(depth <= 21, "no refusal at depth {depth}"),
+            Ok(d) => depth = d,
             Err(r) => break r,
         }
     };
-    match refusal {
-        Refusal::TooLong { wait_ms } => assert!(wait_ms > 100, "{wait_ms} ms"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(depth, 21);
+    assert_eq!(refusal, Refusal::TooLong { wait_ms: 105 });
     // Below --max-batch (2) queued jobs, never: a fresh queue at the same rate takes 2.
     let q = Queue::new(
         64,
         std::sync::Arc::new(gram::server::metrics::Metrics::default()),
     )
     .with_wait_bound(Duration::from_millis(1), 2);
-    q.answered(10);
+    q.stepped(10, 0.05);
     assert_eq!(q.push(job()), Ok(1));
     assert_eq!(q.push(job()), Ok(2));
     assert!(matches!(q.push(job()), Err(Refusal::TooLong { .. })));

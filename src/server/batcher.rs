@@ -69,7 +69,7 @@ impl Failed {
 pub enum Refusal {
     /// It holds `max_queue` jobs already.
     Full,
-    /// At the recent answer rate, a job queued now would wait longer than the wait bound
+    /// At the batch's service rate, a job queued now would wait longer than the wait bound
     /// before its first step (`wait_ms`: that estimate).
     TooLong { wait_ms: u64 },
     /// The server is shutting down (or the batcher stopped).
@@ -84,8 +84,8 @@ pub struct Queue {
     capacity: usize,
     /// The wait bound ([`Queue::with_wait_bound`]): `(longest wait, depth it starts at)`.
     wait_bound: Option<(Duration, usize)>,
-    /// When recent requests were answered (the batcher reports them).
-    answers: Mutex<AnswerRate>,
+    /// The batch's recent service rate (the batcher reports every step).
+    service: Mutex<ServiceRate>,
     /// Its depth gauge, set under the lock.
     metrics: Arc<Metrics>,
 }
@@ -99,46 +99,61 @@ fn wait_refusal(depth: usize, rate: Option<f64>, max_wait: Duration) -> Option<R
     })
 }
 
-/// The recent answer rate: the times of the last [`AnswerRate::KEEP`] answers, none older than
-/// [`AnswerRate::MAX_AGE`]. Queued jobs leave at about this rate, so a job queued behind `d`
-/// others waits about `d / rate`.
+/// The batch's recent service rate: answers per second of stepping, over the steps that
+/// answered the last [`ServiceRate::KEEP`] requests (none older than
+/// [`ServiceRate::MAX_AGE`]). Idle time does not count, so after a quiet spell the rate is
+/// still what the batch can do, not what the traffic asked of it. Queued jobs leave at about
+/// this rate while the batch is busy, so a job queued behind `d` others waits about
+/// `d / rate`.
 #[derive(Default)]
-pub struct AnswerRate {
-    times: VecDeque<Instant>,
+pub struct ServiceRate {
+    /// `(when, answers, seconds of stepping since the entry before)`, oldest first.
+    steps: VecDeque<(Instant, usize, f64)>,
+    answers: usize,
+    /// Stepping not yet attributed to an answer (steps that finished no request).
+    pending_s: f64,
 }
 
-impl AnswerRate {
+impl ServiceRate {
     const KEEP: usize = 64;
     const MAX_AGE: Duration = Duration::from_secs(30);
 
-    /// `n` requests were answered at `now`.
-    pub fn answered(&mut self, n: usize, now: Instant) {
-        for _ in 0..n.min(Self::KEEP) {
-            if self.times.len() == Self::KEEP {
-                self.times.pop_front();
-            }
-            self.times.push_back(now);
+    /// A step of `seconds` finished at `now` and answered `n` requests.
+    pub fn stepped(&mut self, n: usize, seconds: f64, now: Instant) {
+        self.pending_s += seconds.max(0.0);
+        if n == 0 {
+            return;
+        }
+        self.steps.push_back((now, n, self.pending_s));
+        self.answers += n;
+        self.pending_s = 0.0;
+        // Keep the fewest newest steps that still hold KEEP answers.
+        while self
+            .steps
+            .front()
+            .is_some_and(|&(_, m, _)| self.answers - m >= Self::KEEP)
+        {
+            let (_, m, _) = self.steps.pop_front().expect("checked above");
+            self.answers -= m;
         }
     }
 
-    /// Answers per second over the kept times up to `now`, or `None` with fewer than 8 of them
-    /// in the last [`AnswerRate::MAX_AGE`] (too few to say).
+    /// Answers per second of stepping at `now`, or `None` with fewer than 8 answers in the
+    /// last [`ServiceRate::MAX_AGE`] (too few to say).
     pub fn per_second(&mut self, now: Instant) -> Option<f64> {
-        while self
-            .times
-            .front()
-            .is_some_and(|&t| now.saturating_duration_since(t) > Self::MAX_AGE)
-        {
-            self.times.pop_front();
+        while let Some(&(t, m, _)) = self.steps.front() {
+            if now.saturating_duration_since(t) <= Self::MAX_AGE {
+                break;
+            }
+            self.steps.pop_front();
+            self.answers -= m;
         }
-        let first = *self.times.front()?;
-        if self.times.len() < 8 {
+        if self.answers < 8 {
             return None;
         }
-        // The span from the oldest kept answer to now (at least 50 ms: a burst of answers in
-        // one step is not an infinite rate).
-        let span = now.saturating_duration_since(first).as_secs_f64().max(0.05);
-        Some(self.times.len() as f64 / span)
+        // At least 1 ms of stepping: answers in no measured time are not an infinite rate.
+        let busy: f64 = self.steps.iter().map(|&(_, _, s)| s).sum::<f64>().max(1e-3);
+        Some(self.answers as f64 / busy)
     }
 }
 
@@ -161,13 +176,13 @@ impl Queue {
             changed: Condvar::new(),
             capacity,
             wait_bound: None,
-            answers: Mutex::new(AnswerRate::default()),
+            service: Mutex::new(ServiceRate::default()),
             metrics,
         }
     }
 
-    /// Also refuses a job when the queue holds at least `from_depth` jobs and, at the recent
-    /// answer rate, the job would wait longer than `max_wait` before its first step: under
+    /// Also refuses a job when the queue holds at least `from_depth` jobs and, at the batch's
+    /// recent service rate, the job would wait longer than `max_wait` before its first step: under
     /// overload, admitted requests keep their latency and the rest get 503 at once, whatever
     /// the model's speed (a fixed depth means 40 ms of waiting for one model and 30 s for
     /// another). `from_depth` is the batch size: a queue that one step takes whole is no wait.
@@ -176,14 +191,13 @@ impl Queue {
         self
     }
 
-    /// The batcher answered `n` requests (the rate the wait bound estimates from).
-    pub fn answered(&self, n: usize) {
-        if n > 0 {
-            self.answers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .answered(n, Instant::now());
-        }
+    /// The batcher ran a step of `seconds` that answered `n` requests (the service rate the
+    /// wait bound estimates from).
+    pub fn stepped(&self, n: usize, seconds: f64) {
+        self.service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stepped(n, seconds, Instant::now());
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -204,7 +218,7 @@ impl Queue {
             let depth = st.jobs.len();
             if depth >= from_depth {
                 let rate = self
-                    .answers
+                    .service
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .per_second(Instant::now());
@@ -344,10 +358,11 @@ pub fn run<B: Backend>(
         let t = Instant::now();
         let result = batch.step();
         let requests = flying.len();
-        metrics.record_step(t.elapsed().as_secs_f64(), requests, batch.last_step_rows());
+        let step_s = t.elapsed().as_secs_f64();
+        metrics.record_step(step_s, requests, batch.last_step_rows());
+        queue.stepped(result.as_ref().map_or(0, |done| done.len()), step_s);
         match result {
             Ok(done) => {
-                queue.answered(done.len());
                 for (ticket, response) in done {
                     let at = flying
                         .iter()
@@ -483,7 +498,7 @@ pub fn fail_all(queue: &Queue) {
 
 #[cfg(test)]
 mod tests {
-    use super::{wait_refusal, AnswerRate, Refusal};
+    use super::{wait_refusal, Refusal, ServiceRate};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -507,24 +522,29 @@ mod tests {
     }
 
     #[test]
-    fn the_answer_rate_is_answers_over_their_span_and_forgets_old_ones() {
+    fn the_service_rate_is_answers_per_second_of_stepping() {
         let t0 = Instant::now();
         let ms = |m: u64| t0 + Duration::from_millis(m);
-        let mut r = AnswerRate::default();
+        let mut r = ServiceRate::default();
         // Too few answers to say.
-        r.answered(7, ms(0));
+        r.stepped(7, 0.05, ms(0));
         assert_eq!(r.per_second(ms(10)), None);
-        // 16 answers over the 800 ms up to now: 20/s.
-        r.answered(9, ms(400));
-        let rate = r.per_second(ms(800)).unwrap();
-        assert!((rate - 20.0).abs() < 1e-9, "{rate}");
-        // A burst in one step is not an infinite rate (the span is at least 50 ms).
-        let mut b = AnswerRate::default();
-        b.answered(10, ms(0));
-        assert_eq!(b.per_second(ms(0)), Some(200.0));
-        // Only the last 64 count, and none older than 30 s.
-        r.answered(100, ms(1_000));
-        assert_eq!(r.per_second(ms(1_000)), Some(64.0 / 0.05));
-        assert_eq!(r.per_second(ms(31_001)), None);
+        // Steps that answer nothing count their time toward the next answer: 16 answers over
+        // 0.05 + 0.02 + 0.01 s of stepping = 200/s, however long the batch sat idle between.
+        r.stepped(0, 0.02, ms(5_000));
+        r.stepped(9, 0.01, ms(9_000));
+        let rate = r.per_second(ms(9_000)).unwrap();
+        assert!((rate - 200.0).abs() < 1e-6, "{rate}");
+        // Answers in no measured time: at least 1 ms of stepping.
+        let mut b = ServiceRate::default();
+        b.stepped(10, 0.0, ms(0));
+        assert_eq!(b.per_second(ms(0)), Some(10_000.0));
+        // The newest steps that hold 64 answers count, and none older than 30 s.
+        let mut c = ServiceRate::default();
+        for i in 0..20 {
+            c.stepped(10, 1.0, ms(i));
+        }
+        assert_eq!(c.per_second(ms(20)), Some(70.0 / 7.0));
+        assert_eq!(c.per_second(ms(30_020)), None);
     }
 }

@@ -61,9 +61,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
     /// Longest wait for the batch a request may be queued for, in milliseconds: with at least
-    /// --max-batch requests waiting, one that would wait longer (queue depth / the recent
-    /// answer rate) gets 503 with Retry-After at once, so that under overload admitted
-    /// requests keep their latency. 0: only --max-queue bounds the queue.
+    /// --max-batch requests waiting, one that would wait longer (queue depth / the batch's
+    /// service rate: answers per second of stepping over the last 64 answers) gets 503 with
+    /// Retry-After at once, so that under overload admitted requests keep their latency. 0:
+    /// only --max-queue bounds the queue.
     #[arg(long, default_value_t = 100)]
     pub max_queue_wait_ms: u64,
     /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
