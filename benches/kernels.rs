@@ -7,6 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gram::backend::cpu::matmul::{matmul, MatJob};
+use gram::backend::cpu::panels;
 use gram::backend::cpu::simd::Isa;
 use gram::tensor::View;
 use half::{bf16, f16};
@@ -61,6 +62,7 @@ fn bench_matmul(c: &mut Criterion) {
                         bch.iter(|| {
                             let mut jobs = [MatJob {
                                 w: view,
+                                panels: None,
                                 bias: None,
                                 n,
                                 out: &mut out,
@@ -68,6 +70,26 @@ fn bench_matmul(c: &mut Criterion) {
                             matmul(isa, &x, t, k, &mut jobs);
                         })
                     });
+                    // The same matrix in panels (what the model's many-row matmuls read).
+                    if t > 1 && isa != Isa::Scalar {
+                        let packed = panels::pack(isa, view, n, k);
+                        let id = BenchmarkId::new(
+                            format!("{name}/{dt}/{isa:?}/panels"),
+                            format!("T{t}"),
+                        );
+                        g.bench_function(id, |bch| {
+                            bch.iter(|| {
+                                let mut jobs = [MatJob {
+                                    w: view,
+                                    panels: Some(packed.view()),
+                                    bias: None,
+                                    n,
+                                    out: &mut out,
+                                }];
+                                matmul(isa, &x, t, k, &mut jobs);
+                            })
+                        });
+                    }
                 }
             }
         }

@@ -108,7 +108,25 @@ pub enum View<'a> {
     Q8_0(&'a [u8]),
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
+    /// Elements `range`; for ggml blocks the range must cover whole blocks of 32.
+    pub fn slice(&self, range: Range<usize>) -> View<'a> {
+        let blocks = |b: &'a [u8], bytes: usize| {
+            assert!(
+                range.start.is_multiple_of(32) && range.end.is_multiple_of(32),
+                "a block view sliced inside a block; this is a bug"
+            );
+            &b[range.start / 32 * bytes..range.end / 32 * bytes]
+        };
+        match *self {
+            View::F32(s) => View::F32(&s[range]),
+            View::F16(s) => View::F16(&s[range]),
+            View::BF16(s) => View::BF16(&s[range]),
+            View::Q4_1(b) => View::Q4_1(blocks(b, 20)),
+            View::Q8_0(b) => View::Q8_0(blocks(b, 34)),
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
@@ -190,10 +208,11 @@ pub struct HostTensor {
     dtype: DType,
     shape: Vec<usize>,
     data: Data,
-    /// For a block-typed matrix: the same values in f32, for the compute-bound kernels
-    /// (several rows per call), which would otherwise dequantize every panel again. The
-    /// memory-bound GEMV (one row) reads the blocks: a seventh of the bytes.
-    dense: Option<Box<HostTensor>>,
+    /// The same matrix laid out for the compute-bound kernels (several rows per call): the
+    /// CPU's panels (`backend::cpu::panels`), f32 for ggml blocks, which would otherwise be
+    /// dequantized again in every call. The memory-bound GEMV (one row) reads `data`: for
+    /// blocks a seventh of the bytes.
+    panels: Option<Box<HostTensor>>,
 }
 
 impl std::fmt::Debug for HostTensor {
@@ -228,7 +247,7 @@ impl HostTensor {
                     map: Arc::clone(map),
                     range,
                 },
-                dense: None,
+                panels: None,
             };
         }
         let data = match dtype {
@@ -241,7 +260,7 @@ impl HostTensor {
             dtype,
             shape,
             data,
-            dense: None,
+            panels: None,
         }
     }
 
@@ -253,7 +272,7 @@ impl HostTensor {
             dtype,
             shape,
             data: Data::Blocks(bytes),
-            dense: None,
+            panels: None,
         }
     }
 
@@ -263,7 +282,27 @@ impl HostTensor {
             dtype: DType::F32,
             shape,
             data: Data::F32(values),
-            dense: None,
+            panels: None,
+        }
+    }
+
+    pub fn from_f16(values: Vec<f16>, shape: Vec<usize>) -> HostTensor {
+        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
+        HostTensor {
+            dtype: DType::F16,
+            shape,
+            data: Data::F16(values),
+            panels: None,
+        }
+    }
+
+    pub fn from_bf16(values: Vec<bf16>, shape: Vec<usize>) -> HostTensor {
+        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
+        HostTensor {
+            dtype: DType::BF16,
+            shape,
+            data: Data::BF16(values),
+            panels: None,
         }
     }
 
@@ -346,33 +385,25 @@ impl HostTensor {
             dtype,
             shape: self.shape.clone(),
             data,
-            dense: None,
+            panels: None,
         }
     }
 
-    /// Gives a block-typed matrix its f32 twin for the compute-bound kernels (see `dense`);
-    /// other tensors are left as they are.
-    pub fn with_dense(mut self) -> HostTensor {
-        if self.dtype.is_quantized() && self.shape.len() == 2 && self.dense.is_none() {
-            self.dense = Some(Box::new(HostTensor::from_f32(
-                self.to_f32_vec(),
-                self.shape.clone(),
-            )));
-        }
+    /// Gives the matrix the layout a backend's many-row kernels read (the CPU's panels, see
+    /// `backend::cpu::panels`), or takes it away (`None`).
+    pub fn with_panels(mut self, panels: Option<HostTensor>) -> HostTensor {
+        self.panels = panels.map(Box::new);
         self
     }
 
-    /// The f32 twin, if any (for [`pack`]).
-    pub fn dense_mut(&mut self) -> Option<&mut HostTensor> {
-        self.dense.as_deref_mut()
+    /// The panels, if any (for [`pack`]).
+    pub fn panels_mut(&mut self) -> Option<&mut HostTensor> {
+        self.panels.as_deref_mut()
     }
 
-    /// What the compute-bound kernels read: the f32 twin of a block-typed matrix when it has
-    /// one, else the tensor itself.
-    pub fn dense_view(&self) -> View<'_> {
-        self.dense
-            .as_ref()
-            .map_or_else(|| self.view(), |d| d.view())
+    /// The panels' elements, if the matrix has them.
+    pub fn panels_view(&self) -> Option<View<'_>> {
+        self.panels.as_ref().map(|p| p.view())
     }
 }
 

@@ -137,6 +137,12 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Takes a host weight (mapped or owned) into the backend's storage.
     fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// A host-side re-layout of matrix `tensor` that this backend's kernels read, made at load
+    /// before [`Backend::upload`] (the CPU's panels for its many-row matmul); default none.
+    fn host_panels(&self, tensor: &HostTensor) -> Option<HostTensor> {
+        let _ = tensor;
+        None
+    }
     /// A buffer of `len` f32 whose contents are unspecified until written.
     fn buf(&self, len: usize) -> Self::Buf;
     /// A buffer holding `data` (tests and tools; the forward pass makes its own).

@@ -116,19 +116,18 @@ pub fn load<B: Backend>(
             } else {
                 dtype
             };
-            (
-                name,
-                match want {
-                    Some(d) => t.into_dtype(d),
-                    // Block-typed matrices stay as stored for the GEMV, with an f32 twin for
-                    // the tiles.
-                    None => t.with_dense(),
-                },
-            )
+            let t = match want {
+                Some(d) => t.into_dtype(d),
+                // Block-typed matrices stay as stored for the GEMV; the backend's panels (f32
+                // on the CPU) serve the many-row kernels.
+                None => t,
+            };
+            let panels = backend.host_panels(&t);
+            (name, t.with_panels(panels))
         })
         .collect();
     tensor::pack(map.values_mut());
-    tensor::pack(map.values_mut().filter_map(HostTensor::dense_mut));
+    tensor::pack(map.values_mut().filter_map(HostTensor::panels_mut));
     let mut take = Take { map, backend };
     let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let embed = take.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;

@@ -17,12 +17,14 @@
 
 use rayon::prelude::*;
 
-use super::simd::{self, Isa, Rows, TILE_NR, TILE_TR};
+use super::simd::{self, Isa, Rows, PANEL, PANEL_TR, TILE_NR, TILE_TR};
 use crate::tensor::View;
 
 /// One weight applied to the shared input.
 pub struct MatJob<'a> {
     pub w: View<'a>,
+    /// `w` laid out in panels (`cpu::panels`): the many-row kernel reads these when given.
+    pub panels: Option<View<'a>>,
     pub bias: Option<View<'a>>,
     /// Output features (rows of `w`).
     pub n: usize,
@@ -54,11 +56,24 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
             "matmul: job shape mismatch; this is a bug"
         );
     }
+    for j in jobs.iter_mut() {
+        if rows == 1
+            || j.panels
+                .is_some_and(|p| p.len() < j.n.next_multiple_of(PANEL) * k)
+        {
+            j.panels = None;
+        }
+    }
     let total: usize = jobs.iter().map(|j| j.n).sum();
     let threads = rayon::current_num_threads().max(1);
-    // About four tasks per thread for balance, in whole tiles (NR divides every tile height),
-    // never tiny.
-    let chunk = (total.div_ceil(threads * 4)).next_multiple_of(NR).max(16);
+    // About four tasks per thread for balance, in whole tiles (NR divides every tile height) or
+    // whole panels, never tiny.
+    let unit = if jobs.iter().any(|j| j.panels.is_some()) {
+        PANEL
+    } else {
+        NR
+    };
+    let chunk = (total.div_ceil(threads * 4)).next_multiple_of(unit).max(16);
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
         let mut n0 = 0;
@@ -75,6 +90,7 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
     // bf16 kernels read the input split into even/odd halves: made once, shared by all jobs.
     let block = jobs
         .iter()
+        .filter(|j| j.panels.is_none())
         .find_map(|j| simd::pairs_block(isa, j.w))
         .unwrap_or(0);
     let pairs = if block > 0 {
@@ -134,6 +150,28 @@ fn range(
                 store(0, col + r, a);
             }
             col += nr;
+        }
+        return;
+    }
+    if let Some(p) = job.panels {
+        // Token rows in near-equal groups of at most PANEL_TR, each sweeping a whole panel
+        // (`n0` is a multiple of PANEL: see `matmul`).
+        let groups = rows.div_ceil(PANEL_TR);
+        let mut acc = [[0f32; PANEL]; PANEL_TR];
+        for pi in n0 / PANEL..n1.div_ceil(PANEL) {
+            let panel = p.slice(pi * PANEL * k..(pi + 1) * PANEL * k);
+            let cols = (pi * PANEL..(pi + 1) * PANEL).filter(|&c| c < n1);
+            let mut t = 0;
+            for g in 0..groups {
+                let tr = (rows - t) / (groups - g);
+                simd::panel(isa, panel, k, &x.x[t * k..(t + tr) * k], tr, &mut acc);
+                for (i, acc_t) in acc.iter().take(tr).enumerate() {
+                    for col in cols.clone() {
+                        store(t + i, col, acc_t[col - pi * PANEL]);
+                    }
+                }
+                t += tr;
+            }
         }
         return;
     }
@@ -222,6 +260,7 @@ pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::{DType, HostTensor};
     use half::f16;
 
     /// Q4_1 weights read in place (dequantized a panel at a time) give bit for bit the matmul of
@@ -257,6 +296,7 @@ mod tests {
                 for (w, out) in [(quant, &mut a), (View::F32(&dense), &mut b)] {
                     let mut jobs = [MatJob {
                         w,
+                        panels: None,
                         bias: None,
                         n,
                         out: out.as_mut_slice(),
@@ -273,6 +313,83 @@ mod tests {
                     picks(isa, &x, View::F32(&dense), k, &sel),
                 );
                 assert_eq!(bits(&pa), bits(&pb), "{isa:?} picks");
+            }
+        }
+    }
+
+    /// The panel path (several jobs sharing a region, bias, `n` not a multiple of 32, token
+    /// counts over one group): bit-identical on every ISA, and within f32 rounding of an f64
+    /// reference, for each dtype.
+    #[test]
+    fn panels_match_f64_and_are_the_same_bits_on_every_isa() {
+        let k = 80;
+        let ns = [45usize, 32, 7];
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        let ws: Vec<Vec<f32>> = ns.iter().map(|&n| rnd(n * k)).collect();
+        let biases: Vec<Vec<f32>> = ns.iter().map(|&n| rnd(n)).collect();
+        for rows in [2, 10, 15, 31] {
+            let x = rnd(rows * k);
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let mats: Vec<HostTensor> = ws
+                    .iter()
+                    .zip(ns)
+                    .map(|(w, n)| HostTensor::from_f32(w.clone(), vec![n, k]).into_dtype(dt))
+                    .collect();
+                let mut first: Option<Vec<Vec<u32>>> = None;
+                for isa in Isa::available() {
+                    let packed: Vec<HostTensor> = mats
+                        .iter()
+                        .zip(ns)
+                        .map(|(m, n)| super::super::panels::pack(isa, m.view(), n, k))
+                        .collect();
+                    let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0.0; rows * n]).collect();
+                    let mut jobs: Vec<MatJob> = outs
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, out)| MatJob {
+                            w: mats[i].view(),
+                            panels: Some(packed[i].view()),
+                            bias: Some(View::F32(&biases[i])),
+                            n: ns[i],
+                            out,
+                        })
+                        .collect();
+                    matmul(isa, &x, rows, k, &mut jobs);
+                    for (i, out) in outs.iter().enumerate() {
+                        let w = mats[i].view();
+                        for t in 0..rows {
+                            for c in 0..ns[i] {
+                                let want: f64 = (0..k)
+                                    .map(|j| w.get(c * k + j) as f64 * x[t * k + j] as f64)
+                                    .sum::<f64>()
+                                    + biases[i][c] as f64;
+                                let got = out[t * ns[i] + c] as f64;
+                                assert!(
+                                    (got - want).abs() < 1e-5 * (1.0 + want.abs()) * 9.0,
+                                    "{isa:?} {dt:?} rows {rows} job {i} ({t},{c})"
+                                );
+                            }
+                        }
+                    }
+                    let bits: Vec<Vec<u32>> = outs
+                        .iter()
+                        .map(|o| o.iter().map(|v| v.to_bits()).collect())
+                        .collect();
+                    match &first {
+                        None => first = Some(bits),
+                        Some(f) => assert!(*f == bits, "{isa:?} {dt:?} rows {rows}: bits differ"),
+                    }
+                }
             }
         }
     }

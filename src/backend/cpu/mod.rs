@@ -5,9 +5,10 @@
 
 pub mod attention;
 pub mod matmul;
+pub mod panels;
 pub mod simd;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
@@ -71,6 +72,18 @@ impl Backend for CpuBackend {
 
     fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
         Ok(tensor)
+    }
+
+    fn host_panels(&self, t: &HostTensor) -> Option<HostTensor> {
+        // `GRAM_CPU_PANELS=0`: no panels, the many-row matmul reads the rows (to compare).
+        static OFF: OnceLock<bool> = OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("GRAM_CPU_PANELS").as_deref() == Ok("0")) {
+            return None;
+        }
+        match *t.shape() {
+            [n, k] if n > 0 && k > 0 => Some(panels::pack(self.isa, t.view(), n, k)),
+            _ => None,
+        }
     }
 
     fn buf(&self, len: usize) -> Vec<f32> {
@@ -169,10 +182,11 @@ impl Backend for CpuBackend {
         let mut mj: Vec<MatJob> = jobs
             .iter_mut()
             .map(|(l, out)| MatJob {
-                w: if rows == 1 {
-                    l.weight.view()
+                w: l.weight.view(),
+                panels: if rows > 1 {
+                    l.weight.panels_view()
                 } else {
-                    l.weight.dense_view()
+                    None
                 },
                 bias: l.bias.map(|b| b.view()),
                 n: l.weight.shape()[0],

@@ -497,3 +497,113 @@ pub unsafe fn dequant_q8_0(blocks: &[u8], out: &mut [f32]) {
         }
     }
 }
+
+/// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
+const PANEL_AHEAD: usize = 2048;
+
+type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
+
+/// One weight panel (`p: [k, 32]` in the layout of `cpu::panels`) × `tr <= 14` token rows
+/// `x: [tr, k]`, as two halves of 16 columns × groups of at most 6 token rows: 12
+/// accumulators, 2 weight vectors and the broadcast input fill the 16 ymm registers. Each
+/// output is one FMA chain over `k`, as on AVX-512 and in the scalar twin.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, acc: &mut PanelAcc) {
+    let groups = tr.div_ceil(6);
+    for half in 0..2 {
+        let mut t0 = 0;
+        for g in 0..groups {
+            let n = (tr - t0) / (groups - g);
+            let xg = x.add(t0 * k);
+            macro_rules! by_tr {
+                ($f:ident, $p:expr) => {
+                    match n {
+                        1 => $f::<1>($p, half, k, xg, t0, acc),
+                        2 => $f::<2>($p, half, k, xg, t0, acc),
+                        3 => $f::<3>($p, half, k, xg, t0, acc),
+                        4 => $f::<4>($p, half, k, xg, t0, acc),
+                        5 => $f::<5>($p, half, k, xg, t0, acc),
+                        6 => $f::<6>($p, half, k, xg, t0, acc),
+                        _ => {}
+                    }
+                };
+            }
+            match p {
+                View::F32(s) => by_tr!(panel_f32, s.as_ptr()),
+                View::F16(s) => by_tr!(panel_f16, s.as_ptr() as *const u16),
+                View::BF16(s) => by_tr!(panel_bf16, s.as_ptr() as *const u16),
+                // Panels hold f32, f16 or bf16 only (`cpu::panels`).
+                View::Q4_1(_) | View::Q8_0(_) => {}
+            }
+            t0 += n;
+        }
+    }
+}
+
+/// Generates an AVX2 panel kernel over one half of a panel: `$load(row, half)` gives two
+/// vectors of 8 columns, whose first columns are `$cols(half)`.
+macro_rules! panel16 {
+    ($name:ident, $elem:ty, $load:expr, $cols:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+        unsafe fn $name<const TR: usize>(
+            p: *const $elem,
+            half: usize,
+            k: usize,
+            x: *const f32,
+            t0: usize,
+            acc: &mut PanelAcc,
+        ) {
+            let mut a = [[_mm256_setzero_ps(); 2]; TR];
+            for kk in 0..k {
+                let row = p.add(kk * super::PANEL);
+                prefetch((row as *const u8).wrapping_add(PANEL_AHEAD + 64 * half));
+                let (w0, w1) = $load(row, half);
+                for t in 0..TR {
+                    let xb = _mm256_set1_ps(*x.add(t * k + kk));
+                    a[t][0] = _mm256_fmadd_ps(w0, xb, a[t][0]);
+                    a[t][1] = _mm256_fmadd_ps(w1, xb, a[t][1]);
+                }
+            }
+            let (c0, c1): (usize, usize) = $cols(half);
+            for t in 0..TR {
+                _mm256_storeu_ps(acc[t0 + t].as_mut_ptr().add(c0), a[t][0]);
+                _mm256_storeu_ps(acc[t0 + t].as_mut_ptr().add(c1), a[t][1]);
+            }
+        }
+    };
+}
+
+panel16!(
+    panel_f32,
+    f32,
+    |r: *const f32, h: usize| (
+        _mm256_loadu_ps(r.add(16 * h)),
+        _mm256_loadu_ps(r.add(16 * h + 8))
+    ),
+    |h: usize| (16 * h, 16 * h + 8)
+);
+panel16!(
+    panel_f16,
+    u16,
+    |r: *const u16, h: usize| (
+        _mm256_cvtph_ps(_mm_loadu_si128(r.add(16 * h) as *const __m128i)),
+        _mm256_cvtph_ps(_mm_loadu_si128(r.add(16 * h + 8) as *const __m128i))
+    ),
+    |h: usize| (16 * h, 16 * h + 8)
+);
+// bf16 panel rows hold column j in the low half of u32 lane j and column 16 + j in its high
+// half: half `h` reads lanes 8h..8h + 8, i.e. columns 8h.. (`<< 16`) and 16 + 8h.. (`& mask`).
+panel16!(
+    panel_bf16,
+    u16,
+    |r: *const u16, h: usize| {
+        let v = _mm256_loadu_si256(r.add(16 * h) as *const __m256i);
+        (
+            _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xffff0000u32 as i32))),
+        )
+    },
+    |h: usize| (8 * h, 16 + 8 * h)
+);

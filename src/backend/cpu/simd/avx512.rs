@@ -311,3 +311,95 @@ unsafe fn tile_bf16<const NR: usize, const TR: usize>(
         acc,
     );
 }
+
+/// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
+const PANEL_AHEAD: usize = 2048;
+
+type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
+
+/// One weight panel (`p: [k, 32]` in the layout of `cpu::panels`) × `tr <= 14` token rows
+/// `x: [tr, k]`: 2 × `tr` accumulators (up to 28 of the 32 zmm registers), 2 weight vectors,
+/// the input broadcast from memory. No horizontal sums: each output is one FMA chain over `k`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, acc: &mut PanelAcc) {
+    macro_rules! by_tr {
+        ($f:ident, $p:expr) => {
+            match tr {
+                1 => $f::<1>($p, k, x, acc),
+                2 => $f::<2>($p, k, x, acc),
+                3 => $f::<3>($p, k, x, acc),
+                4 => $f::<4>($p, k, x, acc),
+                5 => $f::<5>($p, k, x, acc),
+                6 => $f::<6>($p, k, x, acc),
+                7 => $f::<7>($p, k, x, acc),
+                8 => $f::<8>($p, k, x, acc),
+                9 => $f::<9>($p, k, x, acc),
+                10 => $f::<10>($p, k, x, acc),
+                11 => $f::<11>($p, k, x, acc),
+                12 => $f::<12>($p, k, x, acc),
+                13 => $f::<13>($p, k, x, acc),
+                14 => $f::<14>($p, k, x, acc),
+                _ => {}
+            }
+        };
+    }
+    match p {
+        View::F32(s) => by_tr!(panel_f32, s.as_ptr()),
+        View::F16(s) => by_tr!(panel_f16, s.as_ptr() as *const u16),
+        View::BF16(s) => by_tr!(panel_bf16, s.as_ptr() as *const u16),
+        // Panels hold f32, f16 or bf16 only (`cpu::panels`).
+        View::Q4_1(_) | View::Q8_0(_) => {}
+    }
+}
+
+/// Generates a panel kernel: `$load(row)` gives the 32 columns of one panel row as two vectors
+/// (columns 0..16 and 16..32).
+macro_rules! panel32 {
+    ($name:ident, $elem:ty, $load:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+        unsafe fn $name<const TR: usize>(
+            p: *const $elem,
+            k: usize,
+            x: *const f32,
+            acc: &mut PanelAcc,
+        ) {
+            let mut a = [[_mm512_setzero_ps(); 2]; TR];
+            for kk in 0..k {
+                let row = p.add(kk * super::PANEL);
+                let ahead = (row as *const u8).wrapping_add(PANEL_AHEAD);
+                prefetch(ahead);
+                prefetch(ahead.wrapping_add(64));
+                let (w0, w1) = $load(row);
+                for t in 0..TR {
+                    let xb = _mm512_set1_ps(*x.add(t * k + kk));
+                    a[t][0] = _mm512_fmadd_ps(w0, xb, a[t][0]);
+                    a[t][1] = _mm512_fmadd_ps(w1, xb, a[t][1]);
+                }
+            }
+            for t in 0..TR {
+                _mm512_storeu_ps(acc[t].as_mut_ptr(), a[t][0]);
+                _mm512_storeu_ps(acc[t].as_mut_ptr().add(16), a[t][1]);
+            }
+        }
+    };
+}
+
+panel32!(panel_f32, f32, |r: *const f32| (
+    _mm512_loadu_ps(r),
+    _mm512_loadu_ps(r.add(16))
+));
+panel32!(panel_f16, u16, |r: *const u16| (
+    _mm512_cvtph_ps(_mm256_loadu_si256(r as *const __m256i)),
+    _mm512_cvtph_ps(_mm256_loadu_si256(r.add(16) as *const __m256i))
+));
+// bf16 panel rows hold column j in the low half of u32 lane j and column 16 + j in its high
+// half: `lane << 16` and `lane & 0xffff0000` are the two vectors, no shuffle.
+panel32!(panel_bf16, u16, |r: *const u16| {
+    let v = _mm512_loadu_si512(r as *const __m512i);
+    (
+        _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+        _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xffff0000u32 as i32))),
+    )
+});

@@ -5,6 +5,8 @@
 //! - `dot_rows`: up to 4 weight rows (f32/f16/bf16, widened in registers) · one f32 vector.
 //! - `tile`: up to `tile_nr(isa)` weight rows (2 on AVX2, 4 on AVX-512; any dtype) × up to 6
 //!   f32 token rows.
+//! - `panel`: one panel of 32 weight columns (`cpu::panels` layout) × up to 14 f32 token rows,
+//!   bit-identical on every ISA.
 //! - `dot`, `axpy`: f32 vectors (attention).
 //! - `max`, `sum_exp`: a log-softmax's normalizer over a vocabulary row (beam search).
 
@@ -232,6 +234,55 @@ pub fn tile(
         return;
     }
     scalar::tile(w, row0, nr, x.x, tr, k, acc)
+}
+
+/// Output features per weight panel (see `cpu::panels`).
+pub const PANEL: usize = 32;
+/// Most token rows one [`panel`] call takes: on AVX-512, 14 rows × 2 accumulators + 2 weight
+/// vectors + the broadcast input use 31 of the 32 registers.
+pub const PANEL_TR: usize = 14;
+
+/// Where column `c` of a panel row sits among its 32 elements: in order, except for bf16, whose
+/// u32 lane `j` holds column `j` (low half) and column `16 + j` (high half), so the kernels widen
+/// both without a shuffle.
+pub fn panel_slot(p: View, c: usize) -> usize {
+    match p {
+        View::BF16(_) if c < PANEL / 2 => 2 * c,
+        View::BF16(_) => 2 * (c - PANEL / 2) + 1,
+        _ => c,
+    }
+}
+
+/// `acc[t][c] = Σ_j x[t][j] · P[j][c]` for `t < tr <= PANEL_TR` and the 32 columns of one
+/// panel `p: [k, 32]` (f32, f16 or bf16, laid out by `cpu::panels`), `x: [tr, k]` f32. Each
+/// sum is one FMA chain over `j` from 0 in order, so every ISA gives the same bits as the
+/// scalar twin.
+pub fn panel(
+    isa: Isa,
+    p: View,
+    k: usize,
+    x: &[f32],
+    tr: usize,
+    acc: &mut [[f32; PANEL]; PANEL_TR],
+) {
+    let isa = isa.runnable();
+    assert!(
+        tr <= PANEL_TR && p.len() >= k * PANEL && x.len() >= tr * k && !p.is_quantized(),
+        "panel bounds; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: CPU features as in `dot_rows`; bounds and the element type checked above.
+        unsafe { avx512::panel(p, k, x.as_ptr(), tr, acc) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; bounds and the element type checked above.
+        unsafe { avx2::panel(p, k, x.as_ptr(), tr, acc) };
+        return;
+    }
+    scalar::panel(p, k, x, tr, acc)
 }
 
 /// `a · b`.
@@ -497,6 +548,50 @@ mod tests {
                                         "{isa:?} k={k} {nr}x{tr}"
                                     );
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The panel kernels: bit for bit the scalar twin on every ISA, and within f32 rounding of
+    /// an f64 reference, for every token count and dtype, on random panels.
+    #[test]
+    fn panel_is_bit_identical_across_isas_and_matches_f64() {
+        for k in [1, 5, 16, 47, 576] {
+            let wf = rand(PANEL * k, 21 + k as u64);
+            let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let x = rand(PANEL_TR * k, 23 + k as u64);
+            for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+                for tr in 1..=PANEL_TR {
+                    let mut want = [[f32::NAN; PANEL]; PANEL_TR];
+                    scalar::panel(view, k, &x, tr, &mut want);
+                    for t in 0..tr {
+                        for c in 0..PANEL {
+                            let col: Vec<f32> = (0..k)
+                                .map(|j| view.get(j * PANEL + panel_slot(view, c)))
+                                .collect();
+                            let r = dot64(&col, &x[t * k..(t + 1) * k]);
+                            assert!(
+                                (want[t][c] as f64 - r).abs()
+                                    <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                                "scalar k={k} tr={tr} ({t},{c})"
+                            );
+                        }
+                    }
+                    for isa in Isa::available() {
+                        let mut got = [[f32::NAN; PANEL]; PANEL_TR];
+                        panel(isa, view, k, &x, tr, &mut got);
+                        for t in 0..tr {
+                            for c in 0..PANEL {
+                                assert_eq!(
+                                    got[t][c].to_bits(),
+                                    want[t][c].to_bits(),
+                                    "{isa:?} k={k} tr={tr} ({t},{c})"
+                                );
                             }
                         }
                     }

@@ -91,3 +91,24 @@ pub fn sum_exp(x: &[f32], shift: f32) -> f32 {
 pub fn max(x: &[f32]) -> f32 {
     x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
+
+/// The panel kernels' twin: each output one `mul_add` chain over `k` from 0, in order, exactly
+/// what the SIMD kernels compute in each lane.
+pub fn panel(
+    p: View,
+    k: usize,
+    x: &[f32],
+    tr: usize,
+    acc: &mut [[f32; super::PANEL]; super::PANEL_TR],
+) {
+    for (t, acc_t) in acc.iter_mut().enumerate().take(tr) {
+        for (c, a) in acc_t.iter_mut().enumerate() {
+            let slot = super::panel_slot(p, c);
+            let mut s = 0f32;
+            for kk in 0..k {
+                s = p.get(kk * super::PANEL + slot).mul_add(x[t * k + kk], s);
+            }
+            *a = s;
+        }
+    }
+}
