@@ -1,12 +1,26 @@
 //! `tokenizer.json` through the `tokenizers` crate: text ↔ token ids exactly as transformers'
 //! `tokenizer(text)` gives them (the post-processor runs, so a model that adds BOS gets it).
+//!
+//! Many short texts at once (a code set: millions of codes made of a few thousand distinct
+//! words) go through a [`PlainMemo`]: it splits printable-ASCII text into pre-tokens itself, the
+//! way the tokenizer's normalizer and pre-tokenizer do, and asks the model for each distinct
+//! pre-token once. It does so only for the normalizer / pre-tokenizer configurations it
+//! reproduces exactly (listed at `PlainSplit`); any other text or tokenizer takes
+//! [`Tokenizer::encode_plain`], its reference twin (tests compare the two).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
+
+use serde_json::{json, Value};
+use tokenizers::Model;
 
 use crate::error::{Error, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// How `encode_plain` cuts printable-ASCII text into pre-tokens, where reproduced exactly.
+    plain: Option<PlainSplit>,
 }
 
 impl Tokenizer {
@@ -16,7 +30,12 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer::new(inner))
+    }
+
+    fn new(inner: tokenizers::Tokenizer) -> Tokenizer {
+        let plain = PlainSplit::of(&inner);
+        Tokenizer { inner, plain }
     }
 
     /// Ids of `text` with special tokens added by the post-processor, as `tokenizer(text)`.
@@ -37,6 +56,24 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// A memo that gives `encode_plain`'s ids for many texts, fast where the texts repeat
+    /// words (see [`PlainMemo`]). One per thread.
+    pub fn plain_memo(&self) -> PlainMemo<'_> {
+        PlainMemo {
+            tok: self,
+            memo: HashMap::default(),
+            ids: Vec::new(),
+            lower: String::new(),
+            mapped: String::new(),
+        }
+    }
+
+    /// Whether [`PlainMemo`] reproduces this tokenizer's pre-tokenization (else it is
+    /// `encode_plain` text by text).
+    pub fn has_plain_split(&self) -> bool {
+        self.plain.is_some()
+    }
+
     /// Text of `ids`, special tokens skipped (as `decode(ids, skip_special_tokens=True)`).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -51,5 +88,734 @@ impl Tokenizer {
     /// The id of a token string (e.g. `<|im_end|>`), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// The pre-tokenizer's regex, for printable ASCII.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    /// GPT-2's, ByteLevel's own: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
+    Gpt2,
+    /// Qwen2's (`digits` 1) and Llama 3's (`digits` 3), a `Split` before a regex-less
+    /// ByteLevel: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,digits}|
+    /// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
+    Cl100k { digits: usize },
+}
+
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// What `encode_plain` does before the model, reproduced for text of printable ASCII
+/// (`0x20..=0x7e`) that holds no added token (as written or normalized). Recognized from the
+/// tokenizer's own configuration, and only these (anything else: `None`, the plain path):
+/// - normalizer: none, or any sequence of NFC / NFD / NFKC / NFKD (each leaves ASCII as it is)
+///   and Lowercase (ASCII lowercasing on ASCII);
+/// - pre-tokenizer: ByteLevel with its regex and no prefix space, optionally after
+///   `Digits` (digits isolated one by one or in runs); or a `Split` on Qwen2's or Llama 3's regex,
+///   isolated, before a regex-less ByteLevel without prefix space;
+/// - model: BPE without dropout (so a pre-token's ids do not depend on anything else);
+/// - post-processor: none, ByteLevel, a template or a sequence of those (none of them changes
+///   the ids when no special tokens are asked for); no truncation or padding.
+#[derive(Debug, Clone)]
+struct PlainSplit {
+    lowercase: bool,
+    /// `Digits` first: `Some(individual)`.
+    digits: Option<bool>,
+    pattern: Pattern,
+    /// Added tokens as written and as normalized: text holding one takes the plain path.
+    added: Vec<String>,
+    /// First bytes of `added`, a quick test before the substring search.
+    added_first: [bool; 256],
+}
+
+impl PlainSplit {
+    fn of(tok: &tokenizers::Tokenizer) -> Option<PlainSplit> {
+        if tok.get_truncation().is_some() || tok.get_padding().is_some() {
+            return None;
+        }
+        match tok.get_model() {
+            tokenizers::ModelWrapper::BPE(bpe) if bpe.dropout.is_none_or(|p| p == 0.0) => {}
+            _ => return None,
+        }
+        if let Some(post) = tok.get_post_processor() {
+            let post = serde_json::to_value(post).ok()?;
+            let list = match post["type"].as_str()? {
+                "Sequence" => post["processors"].as_array()?.clone(),
+                _ => vec![post],
+            };
+            let keeps_ids =
+                |p: &Value| matches!(p["type"].as_str(), Some("ByteLevel" | "TemplateProcessing"));
+            if !list.iter().all(keeps_ids) {
+                return None;
+            }
+        }
+        let lowercase = match tok.get_normalizer().map(serde_json::to_value) {
+            None => false,
+            Some(Ok(n)) => {
+                let list = match n["type"].as_str() {
+                    Some("Sequence") => n["normalizers"].as_array()?.clone(),
+                    _ => vec![n],
+                };
+                let mut lowercase = false;
+                for n in &list {
+                    match n["type"].as_str()? {
+                        "NFC" | "NFD" | "NFKC" | "NFKD" => {}
+                        "Lowercase" => lowercase = true,
+                        _ => return None,
+                    }
+                }
+                lowercase
+            }
+            Some(Err(_)) => return None,
+        };
+        let pre = serde_json::to_value(tok.get_pre_tokenizer()?).ok()?;
+        let list = match pre["type"].as_str()? {
+            "Sequence" => pre["pretokenizers"].as_array()?.clone(),
+            _ => vec![pre],
+        };
+        let byte_level = |v: &Value, regex: bool| {
+            v["type"] == "ByteLevel"
+                && v["add_prefix_space"] == false
+                && v["use_regex"] == json!(regex)
+        };
+        let split = |v: &Value, regex: &str| {
+            v["type"] == "Split"
+                && v["pattern"] == json!({ "Regex": regex })
+                && v["behavior"] == "Isolated"
+                && v["invert"] == false
+        };
+        let (digits, pattern) = match list.as_slice() {
+            [b] if byte_level(b, true) => (None, Pattern::Gpt2),
+            [d, b] if d["type"] == "Digits" && byte_level(b, true) => {
+                (Some(d["individual_digits"].as_bool()?), Pattern::Gpt2)
+            }
+            [s, b] if split(s, QWEN2_REGEX) && byte_level(b, false) => {
+                (None, Pattern::Cl100k { digits: 1 })
+            }
+            [s, b] if split(s, LLAMA3_REGEX) && byte_level(b, false) => {
+                (None, Pattern::Cl100k { digits: 3 })
+            }
+            _ => return None,
+        };
+        let mut added = Vec::new();
+        for token in tok.get_added_tokens_decoder().values() {
+            let mut normalized = tokenizers::NormalizedString::from(token.content.as_str());
+            if let Some(n) = tok.get_normalizer() {
+                tokenizers::Normalizer::normalize(n, &mut normalized).ok()?;
+            }
+            added.push(token.content.clone());
+            added.push(normalized.get().to_owned());
+        }
+        added.retain(|a| !a.is_empty());
+        added.sort();
+        added.dedup();
+        let mut added_first = [false; 256];
+        for a in &added {
+            added_first[a.as_bytes()[0] as usize] = true;
+        }
+        Some(PlainSplit {
+            lowercase,
+            digits,
+            pattern,
+            added,
+            added_first,
+        })
+    }
+
+    /// Whether `text` (printable ASCII, `normalized` its normalized form) may hold an added
+    /// token, as written or normalized.
+    fn may_hold_added(&self, text: &str, normalized: &str) -> bool {
+        let hit = |s: &str| s.bytes().any(|b| self.added_first[b as usize]);
+        (hit(text) || hit(normalized))
+            && self
+                .added
+                .iter()
+                .any(|a| text.contains(a.as_str()) || normalized.contains(a.as_str()))
+    }
+
+    /// Calls `piece` with each pre-token of `s` (normalized printable ASCII), in order.
+    fn pieces(&self, s: &str, mut piece: impl FnMut(&str)) {
+        let b = s.as_bytes();
+        match self.digits {
+            None => self.pattern.pieces(s, 0, b.len(), &mut piece),
+            Some(individual) => {
+                // `Digits` isolates digits (one by one or in runs); the regex then runs on each
+                // part by itself.
+                let mut start = 0;
+                let mut i = 0;
+                while i < b.len() {
+                    if !b[i].is_ascii_digit() {
+                        i += 1;
+                        continue;
+                    }
+                    self.pattern.pieces(s, start, i, &mut piece);
+                    let mut end = i + 1;
+                    if !individual {
+                        while end < b.len() && b[end].is_ascii_digit() {
+                            end += 1;
+                        }
+                    }
+                    piece(&s[i..end]);
+                    start = end;
+                    i = end;
+                }
+                self.pattern.pieces(s, start, b.len(), &mut piece);
+            }
+        }
+    }
+}
+
+/// A printable-ASCII byte's class under `\p{L}`, `\p{N}`, `\s` and the rest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Letter,
+    Digit,
+    Space,
+    Other,
+}
+
+fn class(b: u8) -> Class {
+    match b {
+        b'a'..=b'z' | b'A'..=b'Z' => Class::Letter,
+        b'0'..=b'9' => Class::Digit,
+        b' ' => Class::Space,
+        _ => Class::Other,
+    }
+}
+
+impl Pattern {
+    /// The pattern's matches in `s[start..end]` (printable ASCII; the regex sees that part
+    /// alone), leftmost first with the alternatives' priority, as the regex engine finds them.
+    fn pieces(self, s: &str, start: usize, end: usize, piece: &mut impl FnMut(&str)) {
+        let b = &s.as_bytes()[..end];
+        let run = |mut k: usize, c: Class| {
+            while k < end && class(b[k]) == c {
+                k += 1;
+            }
+            k
+        };
+        let mut i = start;
+        while i < end {
+            let c = class(b[i]);
+            let next = b.get(i + 1).map(|&n| class(n));
+            let j = match self {
+                Pattern::Gpt2 => {
+                    if let Some(n) = contraction(&b[i..], false) {
+                        i + n
+                    } else if c == Class::Space && next.is_some_and(|n| n != Class::Space) {
+                        // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`.
+                        run(i + 2, next.unwrap())
+                    } else if c == Class::Space {
+                        spaces(b, i, end)
+                    } else {
+                        run(i + 1, c)
+                    }
+                }
+                Pattern::Cl100k { digits } => {
+                    if let Some(n) = contraction(&b[i..], true) {
+                        i + n
+                    } else if c == Class::Letter {
+                        run(i + 1, Class::Letter)
+                    } else if c != Class::Digit && next == Some(Class::Letter) {
+                        // `[^\r\n\p{L}\p{N}]?\p{L}+`: a space or a symbol, then letters.
+                        run(i + 2, Class::Letter)
+                    } else if c == Class::Digit {
+                        let mut k = i + 1;
+                        while k < end && k - i < digits && b[k].is_ascii_digit() {
+                            k += 1;
+                        }
+                        k
+                    } else if c == Class::Other {
+                        run(i + 1, Class::Other)
+                    } else if next == Some(Class::Other) {
+                        // ` ?[^\s\p{L}\p{N}]+`
+                        run(i + 2, Class::Other)
+                    } else {
+                        spaces(b, i, end)
+                    }
+                }
+            };
+            piece(&s[i..j]);
+            i = j;
+        }
+    }
+}
+
+/// Length of a contraction (`'s|'t|'re|'ve|'m|'ll|'d`, or any case) at the start of `b`.
+fn contraction(b: &[u8], any_case: bool) -> Option<usize> {
+    if b.first() != Some(&b'\'') {
+        return None;
+    }
+    let lower = |k: usize| {
+        b.get(k)
+            .map(|&c| if any_case { c.to_ascii_lowercase() } else { c })
+    };
+    match (lower(1), lower(2)) {
+        (Some(b's' | b't' | b'm' | b'd'), _) => Some(2),
+        (Some(b'r' | b'v'), Some(b'e')) | (Some(b'l'), Some(b'l')) => Some(3),
+        _ => None,
+    }
+}
+
+/// `\s+(?!\S)|\s+` at `i` (a space): the run of spaces, less its last when a non-space follows
+/// and the run is longer than one (that space goes with the next word).
+fn spaces(b: &[u8], i: usize, end: usize) -> usize {
+    let mut k = i;
+    while k < end && b[k] == b' ' {
+        k += 1;
+    }
+    if k < end && k - i > 1 {
+        k - 1
+    } else {
+        k
+    }
+}
+
+/// FxHash (rustc's): a multiply-rotate over 8-byte words; the memo's keys are short words.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0xf135_7aea_2e62_a9c5;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().unwrap());
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, b: u8) {
+        self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `encode_plain` for many texts, memoized by pre-token: printable-ASCII text without added
+/// tokens is cut into pre-tokens here (as `PlainSplit` reproduces them), and the model's ids
+/// of each distinct pre-token are asked for once; any other text (or tokenizer) is
+/// `encode_plain`'s own. The ids are exactly `encode_plain`'s (tested on random text for every
+/// tokenizer in the fixtures).
+pub struct PlainMemo<'t> {
+    tok: &'t Tokenizer,
+    /// Pre-token → its ids' range in `ids`.
+    memo: HashMap<Box<str>, (u32, u32), BuildHasherDefault<FxHasher>>,
+    ids: Vec<u32>,
+    lower: String,
+    mapped: String,
+}
+
+impl PlainMemo<'_> {
+    /// Appends `encode_plain(text)` to `out`.
+    pub fn encode_into(&mut self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        if !self.try_fast(text, out) {
+            out.extend_from_slice(&self.tok.encode_plain(text)?);
+        }
+        Ok(())
+    }
+
+    /// The memoized path; false (`out` as it was) where it does not apply.
+    fn try_fast(&mut self, text: &str, out: &mut Vec<u32>) -> bool {
+        let Some(split) = &self.tok.plain else {
+            return false;
+        };
+        if !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return false;
+        }
+        let s = if split.lowercase && text.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.lower.clear();
+            self.lower.push_str(text);
+            self.lower.make_ascii_lowercase();
+            self.lower.as_str()
+        } else {
+            text
+        };
+        if split.may_hold_added(text, s) {
+            return false;
+        }
+        let model = self.tok.inner.get_model();
+        let (memo, ids, mapped) = (&mut self.memo, &mut self.ids, &mut self.mapped);
+        let start = out.len();
+        let mut failed = false;
+        split.pieces(s, |p| {
+            if failed {
+                return;
+            }
+            let (a, n) = match memo.get(p) {
+                Some(&r) => r,
+                None => {
+                    // ByteLevel's byte → char map: printable ASCII is itself, but the space.
+                    mapped.clear();
+                    mapped.extend(p.chars().map(|c| if c == ' ' { 'Ġ' } else { c }));
+                    let Ok(tokens) = model.tokenize(mapped) else {
+                        failed = true;
+                        return;
+                    };
+                    let r = (ids.len() as u32, tokens.len() as u32);
+                    ids.extend(tokens.iter().map(|t| t.id));
+                    memo.insert(p.into(), r);
+                    r
+                }
+            };
+            out.extend_from_slice(&ids[a as usize..(a + n) as usize]);
+        });
+        if failed {
+            out.truncate(start);
+        }
+        !failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// Every tokenizer of the fixtures (SmolLM2's where fetched).
+    fn fixtures() -> Vec<(String, Value)> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("tokenizer.json"))
+            .collect();
+        paths.push(root.join("../shared/data/smollm2-135m-instruct/tokenizer.json"));
+        paths.sort();
+        let mut out: Vec<(String, Value)> = Vec::new();
+        for p in paths.into_iter().filter(|p| p.exists()) {
+            let json: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            // Once per distinct tokenizer (tiny-qwen2 and tiny-qwen3 share theirs).
+            if out.iter().all(|(_, j)| *j != json) {
+                out.push((p.display().to_string(), json));
+            }
+        }
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        eprintln!("fixture tokenizers: {names:?}");
+        // gram-icecat-2m, tiny-llama, tiny-qwen2 (= tiny-qwen3) at least.
+        assert!(out.len() >= 3, "fixture tokenizers: {names:?}");
+        out
+    }
+
+    fn tokenizer(json: &Value) -> Tokenizer {
+        let inner: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+        Tokenizer::new(inner)
+    }
+
+    /// The fixture's tokenizer, and variants of it with each other recognized normalizer and
+    /// pre-tokenizer (the vocabulary and merges stay the fixture's).
+    fn variants(json: &Value) -> Vec<(String, Tokenizer)> {
+        let byte_level = |regex: bool| {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                   "use_regex": regex})
+        };
+        let split = |regex: &str| {
+            json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
+                   "invert": false})
+        };
+        let pre = [
+            ("bytelevel", byte_level(true)),
+            (
+                "digits+bytelevel",
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            ),
+            (
+                "digit-runs+bytelevel",
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": false}, byte_level(true)]}),
+            ),
+            (
+                "qwen2",
+                json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
+            ),
+            (
+                "llama3",
+                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
+            ),
+        ];
+        let norm = [
+            ("none", Value::Null),
+            ("nfc", json!({"type": "NFC"})),
+            (
+                "nfkc+lower",
+                json!({"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}),
+            ),
+        ];
+        let mut out = vec![("as is".to_string(), tokenizer(json))];
+        for (pn, p) in &pre {
+            for (nn, n) in &norm {
+                let mut j = json.clone();
+                j["pre_tokenizer"] = p.clone();
+                j["normalizer"] = n.clone();
+                if *pn == "llama3" {
+                    // Llama 3's post-processor: ByteLevel, then its template.
+                    let mut list = vec![json!({"type": "ByteLevel", "add_prefix_space": true,
+                                               "trim_offsets": false, "use_regex": true})];
+                    list.extend(json["post_processor"].as_object().map(|p| json!(p)));
+                    j["post_processor"] = json!({"type": "Sequence", "processors": list});
+                }
+                let t = tokenizer(&j);
+                assert!(t.has_plain_split(), "{pn} {nn}");
+                out.push((format!("{pn}, {nn}"), t));
+            }
+        }
+        out
+    }
+
+    /// Strings that exercise the regexes' corners.
+    const CASES: &[&str] = &[
+        "sofa | velvet | green",
+        "memory cartridge | hp",
+        "ethnic sets | cynthia's fashion",
+        "Sofa | VELVET | Green",
+        "  leading spaces",
+        "trailing spaces   ",
+        "a  b   c    d",
+        " ",
+        "   ",
+        "x",
+        "don't I'LL we've they're it'S you'd I'm 'tis ''s '' ' s",
+        "a'sb 'll'll''re",
+        "usb 3.0 | 128gb | 2 pack",
+        "12345678 a1b22c333 x 4 5",
+        "12 | 1234567 |  99  ",
+        "!!! ??? ... ,,,",
+        "a-b a_b a.b a/b a\\b a|b |a | a",
+        "(x) [y] {z} <w> #1 $2 %3 ^4 &5 *6",
+        "~`@=+;:\"",
+        "<|endoftext|>",
+        "a <|im_start|> b",
+        "<s>x</s><pad>",
+        "< s >",
+        "café | crème brûlée",
+        "naïve  résumé",
+        "日本語 | テスト",
+        "emoji 😀 | 👍🏽",
+        "ﬁne ﬀ ①②③ ½",
+        "tab\there",
+        "new\nline",
+        "nbsp\u{a0}here",
+        "İstanbul ΣΑΣ",
+        "\u{7f}del \u{1}ctl",
+        "x\r\ny",
+    ];
+
+    /// The memo's ids for `text` against `encode_plain`'s. Where the tokenizer's split is
+    /// reproduced, printable ASCII without an added token must take the memo's path.
+    fn check(name: &str, t: &Tokenizer, memo: &mut PlainMemo, text: &str) {
+        let want = t.encode_plain(text).unwrap();
+        let mut got = vec![7];
+        let fast = memo.try_fast(text, &mut got);
+        if !fast {
+            assert_eq!(got, [7], "{name}: {text:?}");
+            memo.encode_into(text, &mut got).unwrap();
+        }
+        assert_eq!(&got[1..], want.as_slice(), "{name}: {text:?}");
+        let lower = match &t.plain {
+            Some(p) if p.lowercase => text.to_ascii_lowercase(),
+            _ => text.to_owned(),
+        };
+        let added = t
+            .inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .any(|a| text.contains(&a.content) || lower.contains(&a.content));
+        let ascii = text.bytes().all(|b| (0x20..0x7f).contains(&b));
+        assert_eq!(
+            fast,
+            t.has_plain_split() && ascii && !added,
+            "{name}: {text:?}"
+        );
+    }
+
+    #[test]
+    fn memo_matches_encode_plain_on_corner_cases() {
+        for (path, json) in fixtures() {
+            for (variant, t) in variants(&json) {
+                let name = format!("{path} ({variant})");
+                let mut memo = t.plain_memo();
+                // Twice: the second pass is served by the memo.
+                for _ in 0..2 {
+                    for text in CASES {
+                        check(&name, &t, &mut memo, text);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Random strings from an alphabet dense in the regexes' corners (spaces, apostrophes and
+    /// contraction letters, digits, symbols, case, a few non-ASCII and control characters and
+    /// added tokens), each compared with `encode_plain`.
+    #[test]
+    fn memo_matches_encode_plain_on_random_text() {
+        const ATOMS: &[&str] = &[
+            " ",
+            " ",
+            " ",
+            "  ",
+            "'",
+            "'",
+            "s",
+            "t",
+            "re",
+            "ve",
+            "m",
+            "ll",
+            "d",
+            "S",
+            "LL",
+            "Re",
+            "a",
+            "e",
+            "x",
+            "Q",
+            "Z",
+            "sofa",
+            "Velvet",
+            "green",
+            "|",
+            " | ",
+            "-",
+            ".",
+            ",",
+            "!",
+            "?",
+            "/",
+            "(",
+            ")",
+            "&",
+            "_",
+            "\"",
+            "0",
+            "1",
+            "7",
+            "42",
+            "2024",
+            "é",
+            "ß",
+            "Ω",
+            "日",
+            "😀",
+            "\t",
+            "\n",
+            "\u{a0}",
+            "ﬁ",
+            "<",
+            ">",
+            "<|im_start|>",
+            "<s>",
+            "</s>",
+            "<|endoftext|>",
+            "<pad>",
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m as u64) as usize
+        };
+        let texts: Vec<String> = (0..3000)
+            .map(|i| {
+                let atoms = 1 + next(12);
+                // Most texts ASCII only, as codes are (the memo's path).
+                let ascii = i % 4 != 0;
+                (0..atoms)
+                    .map(|_| loop {
+                        let a = ATOMS[next(ATOMS.len())];
+                        if !ascii || a.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                            break a;
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for (path, json) in fixtures() {
+            for (variant, t) in variants(&json) {
+                let name = format!("{path} ({variant})");
+                let mut memo = t.plain_memo();
+                for text in &texts {
+                    check(&name, &t, &mut memo, text);
+                }
+            }
+        }
+    }
+
+    /// Random printable ASCII, every byte equally likely.
+    #[test]
+    fn memo_matches_encode_plain_on_random_ascii() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m as u64) as usize
+        };
+        let texts: Vec<String> = (0..2000)
+            .map(|_| {
+                let len = 1 + next(24);
+                (0..len)
+                    .map(|_| (0x20 + next(0x5f) as u8) as char)
+                    .collect()
+            })
+            .collect();
+        for (path, json) in fixtures() {
+            for (variant, t) in variants(&json) {
+                let name = format!("{path} ({variant})");
+                let mut memo = t.plain_memo();
+                for text in &texts {
+                    check(&name, &t, &mut memo, text);
+                }
+            }
+        }
+    }
+
+    /// Configurations it does not reproduce take the plain path (and still give its ids).
+    #[test]
+    fn unknown_configurations_take_the_plain_path() {
+        let (_, json) = fixtures()
+            .into_iter()
+            .find(|(name, _)| name.contains("tiny-llama"))
+            .unwrap();
+        let mut unknown = Vec::new();
+        let mut j = json.clone();
+        j["normalizer"] = json!({"type": "Replace", "pattern": {"String": " "}, "content": "_"});
+        unknown.push(j);
+        let mut j = json.clone();
+        j["pre_tokenizer"] = json!({"type": "ByteLevel", "add_prefix_space": true,
+                                    "trim_offsets": true, "use_regex": true});
+        unknown.push(j);
+        let mut j = json.clone();
+        j["pre_tokenizer"] = json!({"type": "Whitespace"});
+        unknown.push(j);
+        let mut j = json.clone();
+        j["model"]["dropout"] = json!(0.5);
+        unknown.push(j);
+        let mut j = json.clone();
+        j["post_processor"] = json!({"type": "BertProcessing", "sep": ["<|endoftext|>", 0],
+                                     "cls": ["<|endoftext|>", 0]});
+        unknown.push(j);
+        for j in &unknown {
+            let t = tokenizer(j);
+            assert!(!t.has_plain_split(), "{}", j["pre_tokenizer"]);
+            if j["model"]["dropout"].is_null() {
+                let mut memo = t.plain_memo();
+                for text in CASES {
+                    check("unknown", &t, &mut memo, text);
+                }
+            }
+        }
     }
 }
