@@ -25,14 +25,14 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::container::write_atomic;
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{PlainMemo, Tokenizer};
 
 /// A trie's `(vocab, eos, nodes, edges, codes, max_len)`.
 type Counts = (usize, u32, usize, usize, usize, usize);
@@ -66,8 +66,31 @@ impl CodeSet {
         })
     }
 
-    /// Tokenizes `texts` (code id = index; line numbers in errors are `index + 1`).
+    /// Tokenizes `texts` (code id = index; line numbers in errors are `index + 1`). Each worker
+    /// thread keeps a [`PlainMemo`] (the ids of each distinct word, asked of the tokenizer
+    /// once): the ids are exactly `encode_plain`'s, as [`CodeSet::from_texts_plain`], the
+    /// reference twin, gives them. Of several bad codes the first is reported.
     pub fn from_texts(texts: Vec<String>, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
+        CodeSet::tokenize(texts, tokenizer, eos, true)
+    }
+
+    /// [`CodeSet::from_texts`] with `encode_plain` code by code, no memo: the reference.
+    pub fn from_texts_plain(
+        texts: Vec<String>,
+        tokenizer: &Tokenizer,
+        eos: u32,
+    ) -> Result<CodeSet> {
+        CodeSet::tokenize(texts, tokenizer, eos, false)
+    }
+
+    fn tokenize(
+        texts: Vec<String>,
+        tokenizer: &Tokenizer,
+        eos: u32,
+        use_memo: bool,
+    ) -> Result<CodeSet> {
+        /// Codes per parallel job.
+        const CHUNK: usize = 4096;
         if texts.is_empty() {
             return Err(Error::Input("the code set is empty".into()));
         }
@@ -77,34 +100,62 @@ impl CodeSet {
                 texts.len()
             )));
         }
-        let encoded: Vec<Vec<u32>> = texts
-            .par_iter()
+        // One memo per worker thread, so that each word is tokenized about once per thread. A
+        // job takes its thread's; were it ever taken (nothing in a job runs other jobs), a
+        // fresh one.
+        let memos: Vec<Mutex<PlainMemo>> = (0..rayon::current_num_threads())
+            .map(|_| Mutex::new(tokenizer.plain_memo()))
+            .collect();
+        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = texts
+            .par_chunks(CHUNK)
             .enumerate()
-            .map(|(i, text)| {
-                let line = i + 1;
-                if text.trim().is_empty() {
-                    return Err(Error::Input(format!("line {line} is an empty code")));
+            .map(|(c, chunk)| {
+                let mut guard: Option<MutexGuard<PlainMemo>> = None;
+                let mut own = None;
+                let mine = rayon::current_thread_index().and_then(|i| memos.get(i));
+                let memo: &mut PlainMemo = match mine.and_then(|m| m.try_lock().ok()) {
+                    Some(m) => guard.insert(m),
+                    None => own.insert(tokenizer.plain_memo()),
+                };
+                let mut tokens = Vec::with_capacity(chunk.len() * 12);
+                let mut lens = Vec::with_capacity(chunk.len());
+                for (k, text) in chunk.iter().enumerate() {
+                    let line = c * CHUNK + k + 1;
+                    if text.trim().is_empty() {
+                        return Err(Error::Input(format!("line {line} is an empty code")));
+                    }
+                    let start = tokens.len();
+                    if use_memo {
+                        memo.encode_into(text, &mut tokens)?;
+                    } else {
+                        tokens.extend_from_slice(&tokenizer.encode_plain(text)?);
+                    }
+                    let ids = &tokens[start..];
+                    if ids.is_empty() {
+                        return Err(Error::Input(format!(
+                            "line {line}: code {text:?} tokenizes to nothing"
+                        )));
+                    }
+                    if ids.contains(&eos) {
+                        return Err(Error::Input(format!(
+                            "line {line}: code {text:?} contains the EOS token {eos}"
+                        )));
+                    }
+                    lens.push(ids.len());
                 }
-                let ids = tokenizer.encode_plain(text)?;
-                if ids.is_empty() {
-                    return Err(Error::Input(format!(
-                        "line {line}: code {text:?} tokenizes to nothing"
-                    )));
-                }
-                if ids.contains(&eos) {
-                    return Err(Error::Input(format!(
-                        "line {line}: code {text:?} contains the EOS token {eos}"
-                    )));
-                }
-                Ok(ids)
+                Ok((tokens, lens))
             })
-            .collect::<Result<_>>()?;
+            .collect();
         let mut offsets = Vec::with_capacity(texts.len() + 1);
-        let mut tokens = Vec::with_capacity(encoded.iter().map(Vec::len).sum());
         offsets.push(0);
-        for ids in &encoded {
-            tokens.extend_from_slice(ids);
-            offsets.push(tokens.len());
+        // In order: the first bad code's error.
+        let parts: Vec<(Vec<u32>, Vec<usize>)> = parts.into_iter().collect::<Result<_>>()?;
+        let mut tokens = Vec::with_capacity(parts.iter().map(|(t, _)| t.len()).sum());
+        for (part, lens) in &parts {
+            tokens.extend_from_slice(part);
+            for &n in lens {
+                offsets.push(offsets.last().unwrap() + n);
+            }
         }
         Ok(CodeSet {
             texts,
@@ -613,6 +664,116 @@ mod tests {
             let node = trie.walk(&prefix).unwrap();
             let (ct, _) = trie.children(node);
             assert_eq!(ct, toks.into_iter().collect::<Vec<_>>().as_slice());
+        }
+    }
+
+    /// The fixtures' tokenizers (the repository's models; SmolLM2's where fetched).
+    fn fixture_tokenizers() -> Vec<(String, Tokenizer)> {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut out = Vec::new();
+        for name in [
+            "gram-icecat-2m",
+            "tiny-llama",
+            "tiny-qwen2",
+            "tiny-qwen3",
+            "smollm2-135m-instruct",
+        ] {
+            let path = root.join("models").join(name).join("tokenizer.json");
+            if path.exists() {
+                out.push((name.to_string(), Tokenizer::from_file(&path).unwrap()));
+            }
+        }
+        assert!(out.len() >= 4);
+        out
+    }
+
+    /// Code sets through the per-thread memos are exactly the reference twin's (`encode_plain`
+    /// code by code): the golden code sets, the bundled catalog's codes, and random codes
+    /// (many chunks, mixed case, digits, punctuation, spaces, non-ASCII).
+    #[test]
+    fn memo_code_sets_match_the_plain_twin() {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut sets: Vec<Vec<String>> = Vec::new();
+        for f in ["codes-tiny.txt", "codes-smollm2.txt"] {
+            let text = std::fs::read_to_string(root.join("tests/golden").join(f)).unwrap();
+            sets.push(text.lines().map(str::to_owned).collect());
+        }
+        let catalog =
+            std::fs::read_to_string(root.join("models/gram-icecat-2m/catalog.jsonl")).unwrap();
+        let mut codes = std::collections::BTreeSet::new();
+        for line in catalog.lines().take(3000) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for c in v["codes"].as_array().unwrap() {
+                codes.insert(c.as_str().unwrap().to_owned());
+            }
+        }
+        sets.push(codes.into_iter().collect());
+        const WORDS: &[&str] = &[
+            "sofa", "Velvet", "GREEN", "hp", "usb", "3.0", "128gb", "it's", "don't", "x-ray",
+            "a/b", "café", "naïve", "日本", "😀", "(2)", "#1", "'ll", "<s>", "ﬁ",
+        ];
+        const SEPS: &[&str] = &[" | ", " ", "  ", "|", ", ", " - ", "'", " / "];
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut next = |m: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m as u64) as usize
+        };
+        let mut random = Vec::new();
+        for i in 0..10_000 {
+            let mut code = String::new();
+            if i % 13 == 0 {
+                code.push(' ');
+            }
+            for w in 0..1 + next(4) {
+                if w > 0 {
+                    code.push_str(SEPS[next(SEPS.len())]);
+                }
+                code.push_str(WORDS[next(WORDS.len())]);
+                code.push_str(&next(50).to_string()[..next(2)]);
+            }
+            if i % 17 == 0 {
+                code.push_str("  ");
+            }
+            random.push(code);
+        }
+        sets.push(random);
+        for (name, tok) in fixture_tokenizers() {
+            // An EOS no code holds, so every set tokenizes.
+            let eos = tok.vocab_size() as u32;
+            for texts in &sets {
+                let fast = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
+                let plain = CodeSet::from_texts_plain(texts.clone(), &tok, eos).unwrap();
+                assert_eq!(fast.offsets, plain.offsets, "{name}");
+                assert_eq!(fast.tokens, plain.tokens, "{name}");
+                assert_eq!(fast.texts, *texts);
+            }
+        }
+    }
+
+    /// Of several bad codes, the first (by line) is the error, across parallel chunks.
+    #[test]
+    fn the_first_bad_code_is_reported() {
+        let (_, tok) = fixture_tokenizers().remove(1);
+        let eos = tok.token_id("<|endoftext|>").unwrap();
+        let texts = |bad: &[(usize, &str)]| {
+            let mut t: Vec<String> = (0..20_000).map(|i| format!("code {i}")).collect();
+            for &(line, text) in bad {
+                t[line - 1] = text.to_owned();
+            }
+            t
+        };
+        for bad in [
+            vec![(15_000, "  "), (19_000, "a <|endoftext|>")],
+            vec![(9_000, "a <|endoftext|>"), (15_000, "")],
+            vec![(3, " "), (5_000, "x")],
+        ] {
+            let want = format!("line {}", bad[0].0);
+            for twin in [CodeSet::from_texts, CodeSet::from_texts_plain] {
+                let e = twin(texts(&bad), &tok, eos).err().unwrap().to_string();
+                assert!(e.contains(&want), "{e}");
+            }
         }
     }
 
