@@ -499,7 +499,7 @@ pub unsafe fn dequant_q8_0(blocks: &[u8], out: &mut [f32]) {
 }
 
 /// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
-const PANEL_AHEAD: usize = 2048;
+const PANEL_AHEAD: usize = 8192;
 
 type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
 

@@ -313,7 +313,7 @@ unsafe fn tile_bf16<const NR: usize, const TR: usize>(
 }
 
 /// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
-const PANEL_AHEAD: usize = 2048;
+const PANEL_AHEAD: usize = 8192;
 
 type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
 
