@@ -752,6 +752,40 @@ mod tests {
         }
     }
 
+    /// A large code file (`$GRAM_CODES`, default `bench-out/codes-100k.txt`, made by
+    /// `tools/make_codes.py`) through both twins for every fixture tokenizer, timed. Ignored
+    /// (the file is not committed): `GRAM_CODES=bench-out/codes-2.5m.txt cargo test --release
+    /// --lib trie::tests::large_code_file -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn large_code_file_memo_matches_the_plain_twin() {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let path = std::env::var_os("GRAM_CODES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| root.join("bench-out/codes-100k.txt"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (tools/make_codes.py makes it)", path.display()));
+        let texts: Vec<String> = text.lines().map(str::to_owned).collect();
+        for (name, tok) in fixture_tokenizers() {
+            let eos = tok.vocab_size() as u32;
+            let t = std::time::Instant::now();
+            let fast = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
+            let t_fast = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            let plain = CodeSet::from_texts_plain(texts.clone(), &tok, eos).unwrap();
+            let t_plain = t.elapsed().as_secs_f64();
+            assert!(
+                fast.offsets == plain.offsets && fast.tokens == plain.tokens,
+                "{name}"
+            );
+            eprintln!(
+                "{name}: {} codes, {} tokens, identical; memo {t_fast:.3} s, plain {t_plain:.3} s",
+                fast.len(),
+                fast.tokens.len()
+            );
+        }
+    }
+
     /// Of several bad codes, the first (by line) is the error, across parallel chunks.
     #[test]
     fn the_first_bad_code_is_reported() {
