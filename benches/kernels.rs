@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the CPU kernels at SmolLM2-135M shapes (C = 576, I = 1536,
-//! V = 49152): the matmul for decode (T = 1), beam decode (T = 10) and prefill (T = 32) in each
-//! weight dtype, on every ISA this machine has. Throughput is reported in weight bytes (T = 1,
-//! memory bound) or FLOPs as elements (T > 1, compute bound: 2·T·N·K per call).
+//! V = 49152): the matmul for decode (T = 1), beam decode (T = 10), prefill (T = 32) and a step
+//! of 8 beam queries (T = 80, gate only) in each weight dtype (f32, f16, bf16, Q4_1), on every
+//! ISA this machine has; for T > 1 both from row-major weights and from panels (what the model
+//! reads, `cpu::panels`). Throughput is reported in weight bytes (T = 1, memory bound) or FLOPs
+//! as elements (T > 1, compute bound: 2·T·N·K per call).
 //!
 //! cargo bench --bench kernels -- 'matmul'
 
@@ -38,7 +40,22 @@ fn bench_matmul(c: &mut Criterion) {
         let wf = rand(n * k, 1);
         let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
         let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-        for t in [1usize, 10, 32] {
+        // Q4_1 blocks (SmolLM2's GGUF stores its layer matrices so): scale, minimum, 16 bytes.
+        let r = rand(n * k / 32 * 18, 3);
+        let wq: Vec<u8> = r
+            .chunks_exact(18)
+            .flat_map(|v| {
+                let d = f16::from_f32(0.01 + 0.01 * v[0].abs()).to_le_bytes();
+                let m = f16::from_f32(-0.1 * v[1]).to_le_bytes();
+                d.into_iter()
+                    .chain(m)
+                    .chain(v[2..].iter().map(|q| ((q + 1.0) * 127.9) as u8))
+            })
+            .collect();
+        for t in [1usize, 10, 32, 80] {
+            if t == 80 && !name.starts_with("gate") {
+                continue;
+            }
             if name.starts_with("lm_head") && t == 32 {
                 continue;
             }
@@ -49,11 +66,15 @@ fn bench_matmul(c: &mut Criterion) {
                     ("f32", View::F32(&wf)),
                     ("f16", View::F16(&wh)),
                     ("bf16", View::BF16(&wb)),
+                    ("q4_1", View::Q4_1(&wq)),
                 ] {
                     if t == 1 {
-                        g.throughput(Throughput::Bytes(
-                            (view.len() * if dt == "f32" { 4 } else { 2 }) as u64,
-                        ));
+                        let bytes = match dt {
+                            "f32" => view.len() * 4,
+                            "q4_1" => wq.len(),
+                            _ => view.len() * 2,
+                        };
+                        g.throughput(Throughput::Bytes(bytes as u64));
                     } else {
                         g.throughput(Throughput::Elements((2 * t * n * k) as u64));
                     }

@@ -154,12 +154,24 @@ fn range(
         return;
     }
     if let Some(p) = job.panels {
-        // Token rows in near-equal groups of at most PANEL_TR, each sweeping a whole panel
+        // Token rows in near-equal groups of at most `panel_tr`, each sweeping a whole panel
         // (`n0` is a multiple of PANEL: see `matmul`).
-        let groups = rows.div_ceil(PANEL_TR);
+        // Block panels: dequantized in registers for one pass; for several, once into an f32
+        // copy that every pass reads (the same values, so the same bits).
+        let copy = p.is_quantized() && rows > simd::panel_tr(p);
+        let mut f32_panel = if copy {
+            vec![0f32; PANEL * k]
+        } else {
+            Vec::new()
+        };
+        let groups = rows.div_ceil(if copy { PANEL_TR } else { simd::panel_tr(p) });
         let mut acc = [[0f32; PANEL]; PANEL_TR];
         for pi in n0 / PANEL..n1.div_ceil(PANEL) {
-            let panel = p.slice(pi * PANEL * k..(pi + 1) * PANEL * k);
+            let mut panel = p.slice(pi * PANEL * k..(pi + 1) * PANEL * k);
+            if copy {
+                super::panels::dequantize(isa, panel, k, &mut f32_panel);
+                panel = View::F32(&f32_panel);
+            }
             let cols = (pi * PANEL..(pi + 1) * PANEL).filter(|&c| c < n1);
             let mut t = 0;
             for g in 0..groups {
@@ -268,6 +280,15 @@ mod tests {
     #[test]
     fn block_weights_equal_their_f32_values_bit_for_bit() {
         let (n, k) = (37, 96);
+        let q8 = |next: &mut dyn FnMut() -> u64| {
+            let mut blocks = vec![0u8; n * k / 32 * 34];
+            for b in blocks.chunks_exact_mut(34) {
+                let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
+                b[..2].copy_from_slice(&d.to_le_bytes());
+                b[2..].iter_mut().for_each(|q| *q = next() as u8);
+            }
+            blocks
+        };
         let mut s = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
             s ^= s << 13;
@@ -283,36 +304,62 @@ mod tests {
             b[2..4].copy_from_slice(&m.to_le_bytes());
             b[4..].iter_mut().for_each(|q| *q = next() as u8);
         }
-        let quant = View::Q4_1(&blocks);
-        let mut dense = vec![0f32; n * k];
-        quant.widen_into(0..n * k, &mut dense);
-        for isa in Isa::available() {
-            for rows in [1, 3, 10] {
-                let x: Vec<f32> = (0..rows * k)
-                    .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
-                    .collect();
-                let mut a = vec![0f32; rows * n];
-                let mut b = vec![0f32; rows * n];
-                for (w, out) in [(quant, &mut a), (View::F32(&dense), &mut b)] {
-                    let mut jobs = [MatJob {
-                        w,
-                        panels: None,
-                        bias: None,
-                        n,
-                        out: out.as_mut_slice(),
-                    }];
-                    matmul(isa, &x, rows, k, &mut jobs);
-                }
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{isa:?} rows {rows}");
-                let sel: Vec<(u32, u32)> = (0..rows as u32)
-                    .map(|r| (r, (5 * r + 3) % n as u32))
-                    .collect();
-                let (pa, pb) = (
-                    picks(isa, &x, quant, k, &sel),
-                    picks(isa, &x, View::F32(&dense), k, &sel),
+        let blocks8 = q8(&mut next);
+        for quant in [View::Q4_1(&blocks), View::Q8_0(&blocks8)] {
+            let mut dense = vec![0f32; n * k];
+            quant.widen_into(0..n * k, &mut dense);
+            for isa in Isa::available() {
+                // Block panels against the f32 panels of their values.
+                let (pq, pd) = (
+                    super::super::panels::pack(isa, quant, n, k),
+                    super::super::panels::pack(isa, View::F32(&dense), n, k),
                 );
-                assert_eq!(bits(&pa), bits(&pb), "{isa:?} picks");
+                for rows in [2, 7, 10, 23] {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let mut a = vec![0f32; rows * n];
+                    let mut b = vec![0f32; rows * n];
+                    for (w, p, out) in [(quant, &pq, &mut a), (View::F32(&dense), &pd, &mut b)] {
+                        let mut jobs = [MatJob {
+                            w,
+                            panels: Some(p.view()),
+                            bias: None,
+                            n,
+                            out: out.as_mut_slice(),
+                        }];
+                        matmul(isa, &x, rows, k, &mut jobs);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "{isa:?} panels rows {rows}");
+                }
+                for rows in [1, 3, 10] {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let mut a = vec![0f32; rows * n];
+                    let mut b = vec![0f32; rows * n];
+                    for (w, out) in [(quant, &mut a), (View::F32(&dense), &mut b)] {
+                        let mut jobs = [MatJob {
+                            w,
+                            panels: None,
+                            bias: None,
+                            n,
+                            out: out.as_mut_slice(),
+                        }];
+                        matmul(isa, &x, rows, k, &mut jobs);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "{isa:?} rows {rows}");
+                    let sel: Vec<(u32, u32)> = (0..rows as u32)
+                        .map(|r| (r, (5 * r + 3) % n as u32))
+                        .collect();
+                    let (pa, pb) = (
+                        picks(isa, &x, quant, k, &sel),
+                        picks(isa, &x, View::F32(&dense), k, &sel),
+                    );
+                    assert_eq!(bits(&pa), bits(&pb), "{isa:?} picks");
+                }
             }
         }
     }

@@ -509,7 +509,8 @@ type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
 /// output is one FMA chain over `k`, as on AVX-512 and in the scalar twin.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, acc: &mut PanelAcc) {
-    let groups = tr.div_ceil(6);
+    // Block panels keep their scales (and minima) in 4 registers more: groups of 4.
+    let groups = tr.div_ceil(if p.is_quantized() { 4 } else { 6 });
     for half in 0..2 {
         let mut t0 = 0;
         for g in 0..groups {
@@ -532,8 +533,8 @@ pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, acc: &mut Panel
                 View::F32(s) => by_tr!(panel_f32, s.as_ptr()),
                 View::F16(s) => by_tr!(panel_f16, s.as_ptr() as *const u16),
                 View::BF16(s) => by_tr!(panel_bf16, s.as_ptr() as *const u16),
-                // Panels hold f32, f16 or bf16 only (`cpu::panels`).
-                View::Q4_1(_) | View::Q8_0(_) => {}
+                View::Q4_1(b) => by_tr!(panel_q4_1, b.as_ptr()),
+                View::Q8_0(b) => by_tr!(panel_q8_0, b.as_ptr()),
             }
             t0 += n;
         }
@@ -607,3 +608,109 @@ panel16!(
     },
     |h: usize| (8 * h, 16 + 8 * h)
 );
+
+/// FMAs of one half-panel row `(w0, w1)` at input column `kk` into the accumulators.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn panel_row<const TR: usize>(
+    a: &mut [[__m256; 2]; TR],
+    w0: __m256,
+    w1: __m256,
+    x: *const f32,
+    k: usize,
+    kk: usize,
+) {
+    for t in 0..TR {
+        let xb = _mm256_set1_ps(*x.add(t * k + kk));
+        a[t][0] = _mm256_fmadd_ps(w0, xb, a[t][0]);
+        a[t][1] = _mm256_fmadd_ps(w1, xb, a[t][1]);
+    }
+}
+
+/// Stores the accumulators of columns `16·half..16·half + 16` of token rows `t0..t0 + TR`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn panel_store<const TR: usize>(
+    a: &[[__m256; 2]; TR],
+    half: usize,
+    t0: usize,
+    acc: &mut PanelAcc,
+) {
+    for t in 0..TR {
+        _mm256_storeu_ps(acc[t0 + t].as_mut_ptr().add(16 * half), a[t][0]);
+        _mm256_storeu_ps(acc[t0 + t].as_mut_ptr().add(16 * half + 8), a[t][1]);
+    }
+}
+
+/// Q4_1 half panel (layout in `cpu::panels`, kernel as on AVX-512): columns `16·half..`,
+/// `q·d + m` in registers, rows of each block in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q4_1<const TR: usize>(
+    p: *const u8,
+    half: usize,
+    k: usize,
+    x: *const f32,
+    t0: usize,
+    acc: &mut PanelAcc,
+) {
+    let low = _mm256_set1_epi32(0x0f);
+    let mut a = [[_mm256_setzero_ps(); 2]; TR];
+    for b in 0..k / 32 {
+        let blk = p.add(b * 640);
+        for l in 0..10 {
+            prefetch(blk.wrapping_add(PANEL_AHEAD + 64 * l));
+        }
+        let h = |o: usize| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(o) as *const __m128i));
+        let c = 32 * half;
+        let (d0, d1, m0, m1) = (h(c), h(c + 16), h(64 + c), h(64 + c + 16));
+        let q = blk.add(128 + 16 * half);
+        for high in [false, true] {
+            for j in 0..16 {
+                let row = q.add(32 * j);
+                let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row as *const __m128i));
+                let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8) as *const __m128i));
+                let (n0, n1) = if high {
+                    (_mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4))
+                } else {
+                    (_mm256_and_si256(v0, low), _mm256_and_si256(v1, low))
+                };
+                let w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(n0), d0, m0);
+                let w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(n1), d1, m1);
+                panel_row(&mut a, w0, w1, x, k, 32 * b + 16 * high as usize + j);
+            }
+        }
+    }
+    panel_store(&a, half, t0, acc);
+}
+
+/// Q8_0 half panel (layout in `cpu::panels`): `q·d` in registers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q8_0<const TR: usize>(
+    p: *const u8,
+    half: usize,
+    k: usize,
+    x: *const f32,
+    t0: usize,
+    acc: &mut PanelAcc,
+) {
+    let mut a = [[_mm256_setzero_ps(); 2]; TR];
+    for b in 0..k / 32 {
+        let blk = p.add(b * 1088);
+        let c = 32 * half;
+        let d0 = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(c) as *const __m128i));
+        let d1 = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(c + 16) as *const __m128i));
+        let q = blk.add(64 + 16 * half);
+        for j in 0..32 {
+            let row = q.add(32 * j);
+            prefetch(row.wrapping_add(PANEL_AHEAD));
+            let v0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(row as *const __m128i));
+            let v1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(row.add(8) as *const __m128i));
+            let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(v0), d0);
+            let w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(v1), d1);
+            panel_row(&mut a, w0, w1, x, k, 32 * b + j);
+        }
+    }
+    panel_store(&a, half, t0, acc);
+}

@@ -347,9 +347,98 @@ pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, acc: &mut Panel
         View::F32(s) => by_tr!(panel_f32, s.as_ptr()),
         View::F16(s) => by_tr!(panel_f16, s.as_ptr() as *const u16),
         View::BF16(s) => by_tr!(panel_bf16, s.as_ptr() as *const u16),
-        // Panels hold f32, f16 or bf16 only (`cpu::panels`).
-        View::Q4_1(_) | View::Q8_0(_) => {}
+        View::Q4_1(b) => by_tr!(panel_q4_1, b.as_ptr()),
+        View::Q8_0(b) => by_tr!(panel_q8_0, b.as_ptr()),
     }
+}
+
+/// FMAs of one panel row `(w0, w1)` (columns 0..16, 16..32) at input column `kk` into the
+/// accumulators.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn panel_row<const TR: usize>(
+    a: &mut [[__m512; 2]; TR],
+    w0: __m512,
+    w1: __m512,
+    x: *const f32,
+    k: usize,
+    kk: usize,
+) {
+    for t in 0..TR {
+        let xb = _mm512_set1_ps(*x.add(t * k + kk));
+        a[t][0] = _mm512_fmadd_ps(w0, xb, a[t][0]);
+        a[t][1] = _mm512_fmadd_ps(w1, xb, a[t][1]);
+    }
+}
+
+/// Stores the accumulators (columns 0..16, 16..32 of each token row).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn panel_store<const TR: usize>(a: &[[__m512; 2]; TR], acc: &mut PanelAcc) {
+    for t in 0..TR {
+        _mm512_storeu_ps(acc[t].as_mut_ptr(), a[t][0]);
+        _mm512_storeu_ps(acc[t].as_mut_ptr().add(16), a[t][1]);
+    }
+}
+
+/// Q4_1 panel (layout in `cpu::panels`): per block of 32 input columns, the 32 scales and
+/// minima, then 16 rows of 32 bytes whose low nibbles are rows 0..16 of the block and high
+/// nibbles rows 16..32. Dequantized in registers, `q·d + m` (one rounding: `q·d` is exact),
+/// the values of `View::get`; rows in order, so the FMA chains are those of the f32 panels.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn panel_q4_1<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut PanelAcc) {
+    let low = _mm512_set1_epi32(0x0f);
+    let mut a = [[_mm512_setzero_ps(); 2]; TR];
+    for b in 0..k / 32 {
+        let blk = p.add(b * 640);
+        for l in 0..10 {
+            prefetch(blk.wrapping_add(PANEL_AHEAD + 64 * l));
+        }
+        let h = |o: usize| _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(o) as *const __m256i));
+        let (d0, d1, m0, m1) = (h(0), h(32), h(64), h(96));
+        let q = blk.add(128);
+        for high in [false, true] {
+            for j in 0..16 {
+                let row = q.add(32 * j);
+                let v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row as *const __m128i));
+                let v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
+                let (n0, n1) = if high {
+                    (_mm512_srli_epi32(v0, 4), _mm512_srli_epi32(v1, 4))
+                } else {
+                    (_mm512_and_si512(v0, low), _mm512_and_si512(v1, low))
+                };
+                let w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(n0), d0, m0);
+                let w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(n1), d1, m1);
+                panel_row(&mut a, w0, w1, x, k, 32 * b + 16 * high as usize + j);
+            }
+        }
+    }
+    panel_store(&a, acc);
+}
+
+/// Q8_0 panel (layout in `cpu::panels`): per block of 32 input columns, the 32 scales, then 32
+/// rows of 32 signed bytes. `q·d` (exact), the values of `View::get`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn panel_q8_0<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut PanelAcc) {
+    let mut a = [[_mm512_setzero_ps(); 2]; TR];
+    for b in 0..k / 32 {
+        let blk = p.add(b * 1088);
+        let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+        let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+        let q = blk.add(64);
+        for j in 0..32 {
+            let row = q.add(32 * j);
+            prefetch(row.wrapping_add(PANEL_AHEAD));
+            let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(row as *const __m128i));
+            let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
+            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(v0), d0);
+            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(v1), d1);
+            panel_row(&mut a, w0, w1, x, k, 32 * b + j);
+        }
+    }
+    panel_store(&a, acc);
 }
 
 /// Generates a panel kernel: `$load(row)` gives the 32 columns of one panel row as two vectors

@@ -253,10 +253,40 @@ pub fn panel_slot(p: View, c: usize) -> usize {
     }
 }
 
-/// `acc[t][c] = Σ_j x[t][j] · P[j][c]` for `t < tr <= PANEL_TR` and the 32 columns of one
-/// panel `p: [k, 32]` (f32, f16 or bf16, laid out by `cpu::panels`), `x: [tr, k]` f32. Each
-/// sum is one FMA chain over `j` from 0 in order, so every ISA gives the same bits as the
-/// scalar twin.
+/// Weight `(j, c)` (input column `j`, panel column `c`) of one panel `p` in the layout of
+/// `cpu::panels`, widened to f32: the reference reader of that layout.
+pub fn panel_weight(p: View, j: usize, c: usize) -> f32 {
+    let f16_at = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
+    match p {
+        View::Q4_1(b) => {
+            let (blk, r) = ((j / 32) * 640, j % 32);
+            let q = b[blk + 128 + (r % 16) * 32 + c];
+            let q = if r < 16 { q & 15 } else { q >> 4 };
+            q as f32 * f16_at(b, blk + 2 * c) + f16_at(b, blk + 64 + 2 * c)
+        }
+        View::Q8_0(b) => {
+            let blk = (j / 32) * 1088;
+            b[blk + 64 + (j % 32) * 32 + c] as i8 as f32 * f16_at(b, blk + 2 * c)
+        }
+        _ => p.get(j * PANEL + panel_slot(p, c)),
+    }
+}
+
+/// Most token rows one [`panel`] call takes for panel `p`: block panels keep their scales in
+/// registers too, so fewer rows fit.
+pub fn panel_tr(p: View) -> usize {
+    if p.is_quantized() {
+        10
+    } else {
+        PANEL_TR
+    }
+}
+
+/// `acc[t][c] = Σ_j x[t][j] · P[j][c]` for `t < tr <= panel_tr(p)` and the 32 columns of one
+/// panel `p: [k, 32]` (f32, f16, bf16, Q4_1 or Q8_0 laid out by `cpu::panels`; blocks need
+/// `k % 32 == 0`), `x: [tr, k]` f32. Each sum is one FMA chain over `j` from 0 in order, so
+/// every ISA gives the same bits as the scalar twin, and a block panel the same bits as the
+/// f32 panel of its values.
 pub fn panel(
     isa: Isa,
     p: View,
@@ -267,7 +297,10 @@ pub fn panel(
 ) {
     let isa = isa.runnable();
     assert!(
-        tr <= PANEL_TR && p.len() >= k * PANEL && x.len() >= tr * k && !p.is_quantized(),
+        tr <= panel_tr(p)
+            && p.len() >= k * PANEL
+            && x.len() >= tr * k
+            && (!p.is_quantized() || k.is_multiple_of(32)),
         "panel bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]

@@ -103,10 +103,9 @@ pub fn panel(
 ) {
     for (t, acc_t) in acc.iter_mut().enumerate().take(tr) {
         for (c, a) in acc_t.iter_mut().enumerate() {
-            let slot = super::panel_slot(p, c);
             let mut s = 0f32;
             for kk in 0..k {
-                s = p.get(kk * super::PANEL + slot).mul_add(x[t * k + kk], s);
+                s = super::panel_weight(p, kk, c).mul_add(x[t * k + kk], s);
             }
             *a = s;
         }
