@@ -1,19 +1,22 @@
 //! `out = x W^T (+ b)` for weights stored in f32, f16 or bf16, widened to f32 in registers, or in
-//! ggml blocks (Q4_1, Q8_0), dequantized a panel of rows at a time into L1.
+//! ggml blocks (Q4_1, Q8_0), dequantized in registers.
 //!
 //! Shapes: `x: [T, K]` f32, `W: [N, K]` (HF layout, one output per row), `out: [T, N]`.
 //! Work is split over the output dimension `N` (rayon); several weights that read the same `x`
 //! are split together so q/k/v or gate/up share one parallel region.
 //!
-//! Two kernels, each with a scalar twin that is the reference:
-//! - `T == 1` (decode of one row): a GEMV that streams each weight row once and widens it in
-//!   registers, four rows at a time: memory bound, so the weight bytes are all that matter.
-//! - `T > 1` (prefill, beam decode): a register tile of `simd::tile_nr(isa)` weight rows (2 on
-//!   AVX2, 4 on AVX-512; widened in registers) × up to 6 token rows sweeps the token rows while
-//!   those weight rows stay in L1: compute bound. Token rows go in near-equal groups.
-//!
-//! bf16 weights are widened without shuffles against an even/odd split of `x` made once per
-//! call (`simd::Rows`).
+//! Two layouts of the weights, each kernel with a scalar twin that is the reference:
+//! - **Panels** (`cpu::panels`, what the model's matrices carry on the CPU): 32 output
+//!   features side by side, k-major. One kernel for every T: 2 × T accumulators (T token rows ×
+//!   32 columns), the input broadcast, one FMA chain per output over k. At T = 1 it streams
+//!   the weights once (memory bound: the bytes are what matter, and Q4_1 panels are a seventh
+//!   of f32's); at T = 10 it is compute bound. Token rows go in near-equal groups of at most
+//!   `simd::panel_tr`.
+//! - **Rows** (any `W` without panels: tests, tools, the sparse head's gathered rows): a GEMV
+//!   for T = 1 that streams four weight rows at a time, and for T > 1 a register tile of
+//!   `simd::tile_nr(isa)` weight rows × up to 6 token rows, summed across lanes at the end;
+//!   ggml blocks are dequantized a few rows at a time into L1. bf16 weights are widened
+//!   without shuffles against an even/odd split of `x` made once per call (`simd::Rows`).
 
 use rayon::prelude::*;
 
@@ -57,9 +60,8 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
         );
     }
     for j in jobs.iter_mut() {
-        if rows == 1
-            || j.panels
-                .is_some_and(|p| p.len() < j.n.next_multiple_of(PANEL) * k)
+        if j.panels
+            .is_some_and(|p| p.len() < j.n.next_multiple_of(PANEL) * k)
         {
             j.panels = None;
         }
@@ -135,24 +137,6 @@ fn range(
         // elements (checked in `matmul`), so the write is in bounds and not shared.
         unsafe { *out.0.add(t * n + col) = v + b };
     };
-    // ggml block weights: each panel of rows is dequantized into L1 once and read from there
-    // by the f32 kernels, for every token group (the values are those of a load-time
-    // dequantization, at a seventh of the bytes streamed).
-    let mut panel = Vec::new();
-    if rows == 1 {
-        let mut col = n0;
-        while col < n1 {
-            let nr = (n1 - col).min(NR);
-            let mut acc = [0f32; NR];
-            let (w, row0) = rows_of(isa, job.w, col, nr, k, &mut panel);
-            simd::dot_rows(isa, w, row0, nr, k, x, &mut acc);
-            for (r, &a) in acc.iter().take(nr).enumerate() {
-                store(0, col + r, a);
-            }
-            col += nr;
-        }
-        return;
-    }
     if let Some(p) = job.panels {
         // Token rows in near-equal groups of at most `panel_tr`, each sweeping a whole panel
         // (`n0` is a multiple of PANEL: see `matmul`).
@@ -184,6 +168,24 @@ fn range(
                 }
                 t += tr;
             }
+        }
+        return;
+    }
+    // ggml block weights: each panel of rows is dequantized into L1 once and read from there
+    // by the f32 kernels, for every token group (the values are those of a load-time
+    // dequantization, at a seventh of the bytes streamed).
+    let mut panel = Vec::new();
+    if rows == 1 {
+        let mut col = n0;
+        while col < n1 {
+            let nr = (n1 - col).min(NR);
+            let mut acc = [0f32; NR];
+            let (w, row0) = rows_of(isa, job.w, col, nr, k, &mut panel);
+            simd::dot_rows(isa, w, row0, nr, k, x, &mut acc);
+            for (r, &a) in acc.iter().take(nr).enumerate() {
+                store(0, col + r, a);
+            }
+            col += nr;
         }
         return;
     }

@@ -183,11 +183,7 @@ impl Backend for CpuBackend {
             .iter_mut()
             .map(|(l, out)| MatJob {
                 w: l.weight.view(),
-                panels: if rows > 1 {
-                    l.weight.panels_view()
-                } else {
-                    None
-                },
+                panels: l.weight.panels_view(),
                 bias: l.bias.map(|b| b.view()),
                 n: l.weight.shape()[0],
                 out: out.as_mut_slice(),
