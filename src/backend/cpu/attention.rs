@@ -51,7 +51,9 @@ impl CpuKv {
     }
 }
 
-/// `out[t, h] = softmax(q[t, h] · K[ctx(t), g] / sqrt(D)) V[ctx(t), g]`.
+/// `out[t, h] = softmax(q[t, h] · K[ctx(t), g] / sqrt(D)) V[ctx(t), g]`. One work item per
+/// (row, KV head): its `H / Hkv` query heads read each K and V row of the context once. Each
+/// head's arithmetic is the per-head reference's, in the same order.
 pub fn attention(
     isa: Isa,
     q: &[f32],
@@ -69,34 +71,41 @@ pub fn attention(
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let work = |(i, o): (usize, &mut [f32])| {
-        let (t, h) = (i / heads, i % heads);
+        let (t, g) = (i / kv_heads, i % kv_heads);
         let row = &rows.rows[t];
-        let g = h / group;
-        let qh = &q[i * d..(i + 1) * d];
-        let mut scores: Vec<f32> = rows
-            .context(row)
-            .map(|e| {
-                let o = kv.at(layer, e) + g * d;
-                simd::dot(isa, qh, &kv.k[o..o + d]) * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        let n = row.context_len();
+        // Query heads `g·group..`, consecutive in `q` and in `out`.
+        let qg = &q[(t * heads + g * group) * d..(t * heads + (g + 1) * group) * d];
+        let mut scores = vec![0f32; group * n];
+        for (j, e) in rows.context(row).enumerate() {
+            let off = kv.at(layer, e) + g * d;
+            let kr = &kv.k[off..off + d];
+            for (h, qh) in qg.chunks_exact(d).enumerate() {
+                scores[h * n + j] = simd::dot(isa, qh, kr) * scale;
+            }
+        }
+        let mut sums = vec![0f32; group];
+        for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
+            let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for s in sh.iter_mut() {
+                *s = (*s - max).exp();
+                *sum += *s;
+            }
         }
         o.fill(0.0);
-        for (e, &p) in rows.context(row).zip(&scores) {
+        for (j, e) in rows.context(row).enumerate() {
             let off = kv.at(layer, e) + g * d;
-            simd::axpy(isa, p / sum, &kv.v[off..off + d], o);
+            let vr = &kv.v[off..off + d];
+            for (h, oh) in o.chunks_exact_mut(d).enumerate() {
+                simd::axpy(isa, scores[h * n + j] / sums[h], vr, oh);
+            }
         }
     };
     let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
     let out = &mut out[..rows.rows.len() * heads * d];
     if work_units >= 1 << 16 {
-        out.par_chunks_mut(d).enumerate().for_each(work);
+        out.par_chunks_mut(group * d).enumerate().for_each(work);
     } else {
-        out.chunks_mut(d).enumerate().for_each(work);
+        out.chunks_mut(group * d).enumerate().for_each(work);
     }
 }

@@ -138,6 +138,16 @@ fn range(
         unsafe { *out.0.add(t * n + col) = v + b };
     };
     if let Some(p) = job.panels {
+        // Biases are f32 vectors (`model::weights::load`); a widened copy otherwise.
+        let widened: Vec<f32>;
+        let bias: Option<&[f32]> = match job.bias {
+            None => None,
+            Some(View::F32(b)) => Some(b),
+            Some(b) => {
+                widened = (0..n).map(|i| b.get(i)).collect();
+                Some(&widened)
+            }
+        };
         // Token rows in near-equal groups of at most `panel_tr`, each sweeping a whole panel
         // (`n0` is a multiple of PANEL: see `matmul`).
         // Block panels: dequantized in registers for one pass; for several, once into an f32
@@ -156,14 +166,29 @@ fn range(
                 super::panels::dequantize(isa, panel, k, &mut f32_panel);
                 panel = View::F32(&f32_panel);
             }
-            let cols = (pi * PANEL..(pi + 1) * PANEL).filter(|&c| c < n1);
+            let cols = pi * PANEL..((pi + 1) * PANEL).min(n1);
             let mut t = 0;
             for g in 0..groups {
                 let tr = (rows - t) / (groups - g);
                 simd::panel(isa, panel, k, &x.x[t * k..(t + tr) * k], tr, &mut acc);
                 for (i, acc_t) in acc.iter().take(tr).enumerate() {
-                    for col in cols.clone() {
-                        store(t + i, col, acc_t[col - pi * PANEL]);
+                    let acc_t = &acc_t[..cols.len()];
+                    // SAFETY: columns `cols` lie in this task's range `n0..n1`, `t + i < rows`,
+                    // and `out` has `rows * n` elements (checked in `matmul`): in bounds and
+                    // written by this task only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add((t + i) * n + cols.start),
+                            cols.len(),
+                        )
+                    };
+                    match bias {
+                        Some(b) => {
+                            for ((d, &a), &b) in dst.iter_mut().zip(acc_t).zip(&b[cols.clone()]) {
+                                *d = a + b;
+                            }
+                        }
+                        None => dst.copy_from_slice(acc_t),
                     }
                 }
                 t += tr;
