@@ -52,8 +52,8 @@ impl CpuKv {
 }
 
 /// `out[t, h] = softmax(q[t, h] · K[ctx(t), g] / sqrt(D)) V[ctx(t), g]`. One work item per
-/// (row, KV head): its `H / Hkv` query heads read each K and V row of the context once. Each
-/// head's arithmetic is the per-head reference's, in the same order.
+/// (row, KV head) when there are enough: its `H / Hkv` query heads read each K and V row of the
+/// context once; else one per (row, head). Each head's arithmetic is the same, in the same order.
 pub fn attention(
     isa: Isa,
     q: &[f32],
@@ -70,13 +70,22 @@ pub fn attention(
     } = shape;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    // Query heads per work item: a KV head's whole group, unless that leaves too few items to
+    // keep every thread busy (decode of one row: Hkv items), then one head each.
+    let per = if rows.rows.len() * kv_heads >= 4 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    let items = heads / per;
     let work = |(i, o): (usize, &mut [f32])| {
-        let (t, g) = (i / kv_heads, i % kv_heads);
+        let (t, h0) = (i / items, (i % items) * per);
+        let g = h0 / group;
         let row = &rows.rows[t];
         let n = row.context_len();
-        // Query heads `g·group..`, consecutive in `q` and in `out`.
-        let qg = &q[(t * heads + g * group) * d..(t * heads + (g + 1) * group) * d];
-        let mut scores = vec![0f32; group * n];
+        // Query heads `h0..h0 + per` (all of KV head `g`), consecutive in `q` and in `out`.
+        let qg = &q[(t * heads + h0) * d..(t * heads + h0 + per) * d];
+        let mut scores = vec![0f32; per * n];
         for (j, e) in rows.context(row).enumerate() {
             let off = kv.at(layer, e) + g * d;
             let kr = &kv.k[off..off + d];
@@ -84,7 +93,7 @@ pub fn attention(
                 scores[h * n + j] = simd::dot(isa, qh, kr) * scale;
             }
         }
-        let mut sums = vec![0f32; group];
+        let mut sums = vec![0f32; per];
         for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
             let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             for s in sh.iter_mut() {
@@ -104,8 +113,8 @@ pub fn attention(
     let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
     let out = &mut out[..rows.rows.len() * heads * d];
     if work_units >= 1 << 16 {
-        out.par_chunks_mut(group * d).enumerate().for_each(work);
+        out.par_chunks_mut(per * d).enumerate().for_each(work);
     } else {
-        out.chunks_mut(group * d).enumerate().for_each(work);
+        out.chunks_mut(per * d).enumerate().for_each(work);
     }
 }
