@@ -147,13 +147,21 @@ impl Backend for CpuBackend {
     }
 
     fn rmsnorm(&self, x: &Vec<f32>, weight: &HostTensor, eps: f32, dim: usize, out: &mut Vec<f32>) {
-        let w = weight.view();
+        // Norm weights are f32 (`model::weights::load`); a widened copy otherwise.
+        let widened: Vec<f32>;
+        let w: &[f32] = match weight.view() {
+            crate::tensor::View::F32(w) => w,
+            v => {
+                widened = (0..dim).map(|i| v.get(i)).collect();
+                &widened
+            }
+        };
         for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
             // HF: x * rsqrt(mean(x^2) + eps) in f32, then weight * that.
             let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
             let inv = 1.0 / ((ms as f32) + eps).sqrt();
-            for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
-                *o = w.get(i) * (v * inv);
+            for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
+                *o = wi * (v * inv);
             }
         }
     }
