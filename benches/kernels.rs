@@ -91,8 +91,8 @@ fn bench_matmul(c: &mut Criterion) {
                             matmul(isa, &x, t, k, &mut jobs);
                         })
                     });
-                    // The same matrix in panels (what the model's many-row matmuls read).
-                    if t > 1 && isa != Isa::Scalar {
+                    // The same matrix in panels (what the model's matmuls read, T = 1 too).
+                    if isa != Isa::Scalar {
                         let packed = panels::pack(isa, view, n, k);
                         let id = BenchmarkId::new(
                             format!("{name}/{dt}/{isa:?}/panels"),

@@ -208,10 +208,9 @@ pub struct HostTensor {
     dtype: DType,
     shape: Vec<usize>,
     data: Data,
-    /// The same matrix laid out for the compute-bound kernels (several rows per call): the
-    /// CPU's panels (`backend::cpu::panels`), f32 for ggml blocks, which would otherwise be
-    /// dequantized again in every call. The memory-bound GEMV (one row) reads `data`: for
-    /// blocks a seventh of the bytes.
+    /// The same matrix laid out for a backend's matmul: the CPU's panels
+    /// (`backend::cpu::panels`, same element type; ggml blocks stay blocks), which its matmul
+    /// reads for every row count instead of `data`.
     panels: Option<Box<HostTensor>>,
 }
 

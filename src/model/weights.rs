@@ -118,11 +118,20 @@ pub fn load<B: Backend>(
             };
             let t = match want {
                 Some(d) => t.into_dtype(d),
-                // Block-typed matrices stay as stored for the GEMV; the backend's panels (f32
-                // on the CPU) serve the many-row kernels.
+                // Block-typed matrices stay as stored (the CPU's panels keep them blocks).
                 None => t,
             };
-            let panels = backend.host_panels(&t);
+            // The backend's matmul layout (the CPU's panels), only for matrices a matmul reads:
+            // the layers' linears and the LM head (the embedding when tied). A separate
+            // embedding is only gathered by rows.
+            let matmul = name.starts_with("model.layers.")
+                || name == "lm_head.weight" && !c.tie_word_embeddings
+                || name == "model.embed_tokens.weight" && c.tie_word_embeddings;
+            let panels = if matmul {
+                backend.host_panels(&t)
+            } else {
+                None
+            };
             (name, t.with_panels(panels))
         })
         .collect();

@@ -1,5 +1,5 @@
-//! Weights re-laid for the many-row matmul (prefill, beam decode): panels of 32 output
-//! features, k-major. Panel `p` of an `[n, k]` matrix holds, for each `j < k`, the 32 weights
+//! Weights re-laid for the matmul (decode, prefill, beam steps: every row count): panels of 32
+//! output features, k-major. Panel `p` of an `[n, k]` matrix holds, for each `j < k`, the 32 weights
 //! `W[32p + c][j]` side by side (bf16: column `c` and `16 + c` share a u32 lane, see
 //! `simd::panel_slot`); the last panel is padded with zero columns.
 //!
