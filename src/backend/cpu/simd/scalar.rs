@@ -93,7 +93,8 @@ pub fn max(x: &[f32]) -> f32 {
 }
 
 /// The panel kernels' twin: each output one `mul_add` chain over `k` from 0, in order, exactly
-/// what the SIMD kernels compute in each lane.
+/// what the SIMD kernels compute in each lane. Row `j` of the panel is widened once and applied
+/// to every token row (the loop over columns vectorizes where the target has FMA).
 pub fn panel(
     p: View,
     k: usize,
@@ -101,13 +102,35 @@ pub fn panel(
     tr: usize,
     acc: &mut [[f32; super::PANEL]; super::PANEL_TR],
 ) {
-    for (t, acc_t) in acc.iter_mut().enumerate().take(tr) {
-        for (c, a) in acc_t.iter_mut().enumerate() {
-            let mut s = 0f32;
-            for kk in 0..k {
-                s = super::panel_weight(p, kk, c).mul_add(x[t * k + kk], s);
+    const P: usize = super::PANEL;
+    for a in acc.iter_mut().take(tr) {
+        *a = [0.0; P];
+    }
+    let mut w = [0f32; P];
+    for j in 0..k {
+        match p {
+            View::F32(s) => w.copy_from_slice(&s[j * P..(j + 1) * P]),
+            View::F16(s) => {
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = s[j * P + c].to_f32();
+                }
             }
-            *a = s;
+            View::BF16(s) => {
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = s[j * P + super::panel_slot(p, c)].to_f32();
+                }
+            }
+            View::Q4_1(_) | View::Q8_0(_) => {
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = super::panel_weight(p, j, c);
+                }
+            }
+        }
+        for (t, a) in acc.iter_mut().enumerate().take(tr) {
+            let xv = x[t * k + j];
+            for (a, &w) in a.iter_mut().zip(&w) {
+                *a = w.mul_add(xv, *a);
+            }
         }
     }
 }
