@@ -1,7 +1,7 @@
-//! Weights re-laid for the matmul (decode, prefill, beam steps: every row count): panels of 32
-//! output features, k-major. Panel `p` of an `[n, k]` matrix holds, for each `j < k`, the 32 weights
-//! `W[32p + c][j]` side by side (bf16: column `c` and `16 + c` share a u32 lane, see
-//! `simd::panel_slot`); the last panel is padded with zero columns.
+//! Weights re-laid for the matmul (decode, prefill, beam steps: every row count): panels of
+//! 32 output features, k-major. Panel `p` of an `[n, k]` matrix holds, for each `j < k`, the
+//! 32 weights `W[32p + c][j]` side by side (bf16: column `c` and `16 + c` share a u32 lane,
+//! see `simd::panel_slot`); the last panel is padded with zero columns.
 //!
 //! Read this way, a kernel keeps 2 × T accumulators of 16 columns each and broadcasts one
 //! input value per row and step: no horizontal sums, and every output is one FMA chain over
