@@ -613,6 +613,19 @@ mod tests {
 
     /// The memo's ids for `text` against `encode_plain`'s. Where the tokenizer's split is
     /// reproduced, printable ASCII without an added token must take the memo's path.
+    /// [`check`] on every text, for every fixture tokenizer and each of its variants.
+    fn check_every_variant(texts: &[String]) {
+        for (path, json) in fixtures() {
+            for (variant, t) in variants(&json) {
+                let name = format!("{path} ({variant})");
+                let mut memo = t.plain_memo();
+                for text in texts {
+                    check(&name, &t, &mut memo, text);
+                }
+            }
+        }
+    }
+
     fn check(name: &str, t: &Tokenizer, memo: &mut PlainMemo, text: &str) {
         let want = t.encode_plain(text).unwrap();
         let mut got = vec![7];
@@ -742,15 +755,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        for (path, json) in fixtures() {
-            for (variant, t) in variants(&json) {
-                let name = format!("{path} ({variant})");
-                let mut memo = t.plain_memo();
-                for text in &texts {
-                    check(&name, &t, &mut memo, text);
-                }
-            }
-        }
+        check_every_variant(&texts);
     }
 
     /// Random printable ASCII, every byte equally likely.
@@ -771,15 +776,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        for (path, json) in fixtures() {
-            for (variant, t) in variants(&json) {
-                let name = format!("{path} ({variant})");
-                let mut memo = t.plain_memo();
-                for text in &texts {
-                    check(&name, &t, &mut memo, text);
-                }
-            }
-        }
+        check_every_variant(&texts);
     }
 
     /// Configurations it does not reproduce take the plain path (and still give its ids).
