@@ -26,12 +26,9 @@ pub fn pack(isa: Isa, w: View, n: usize, k: usize) -> HostTensor {
     let shape = vec![panels * PANEL, k];
     match w {
         View::F16(s) => HostTensor::from_f16(lay(s, n, k, f16::ZERO, |c| c), shape),
-        View::BF16(s) => HostTensor::from_bf16(
-            lay(s, n, k, bf16::ZERO, |c| {
-                simd::panel_slot(View::BF16(&[]), c)
-            }),
-            shape,
-        ),
+        View::BF16(s) => {
+            HostTensor::from_bf16(lay(s, n, k, bf16::ZERO, simd::bf16_panel_slot), shape)
+        }
         View::F32(s) => HostTensor::from_f32(lay(s, n, k, 0.0, |c| c), shape),
         View::Q4_1(b) if k.is_multiple_of(32) => {
             HostTensor::from_blocks(blocks(b, n, k, 20), DType::Q4_1, shape)

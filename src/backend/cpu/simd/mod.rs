@@ -247,9 +247,17 @@ pub const PANEL_TR: usize = 14;
 /// both without a shuffle.
 pub fn panel_slot(p: View, c: usize) -> usize {
     match p {
-        View::BF16(_) if c < PANEL / 2 => 2 * c,
-        View::BF16(_) => 2 * (c - PANEL / 2) + 1,
+        View::BF16(_) => bf16_panel_slot(c),
         _ => c,
+    }
+}
+
+/// [`panel_slot`] for bf16 panels.
+pub fn bf16_panel_slot(c: usize) -> usize {
+    if c < PANEL / 2 {
+        2 * c
+    } else {
+        2 * (c - PANEL / 2) + 1
     }
 }
 
