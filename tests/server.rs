@@ -1007,8 +1007,9 @@ async fn the_device_is_chosen_at_startup_and_reported() {
 
 /// The queue's wait bound (`--max-queue-wait-ms`), deterministically: with no service rate yet
 /// only the depth bound applies; once the batch has answered requests, a job that would wait
-/// longer than the bound behind the queue (depth / answers per second of stepping) is refused
-/// with that estimate, and below `--max-batch` queued jobs never are.
+/// longer than the bound for a place in the batch (the jobs that cannot enter at the next step
+/// / answers per second of stepping) is refused with that estimate, and a job that finds a free
+/// place never is.
 #[test]
 fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     use gram::server::batcher::{Job, Queue, Refusal};
@@ -1023,14 +1024,15 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
             deadline: Instant::now() + Duration::from_secs(10),
         }
     };
-    let metrics = std::sync::Arc::new(gram::server::metrics::Metrics::default());
-    let q = Queue::new(64, metrics).with_wait_bound(Duration::from_millis(100), 2);
+    let metrics = || std::sync::Arc::new(gram::server::metrics::Metrics::default());
+    // --max-batch 2, an empty batch: the first 2 queued enter at the next step.
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(100), 2);
     // No rate yet: 10 queued.
     for i in 0..10 {
         assert_eq!(q.push(job()), Ok(i + 1));
     }
-    // A step of 50 ms answered 10: 200 answers per second of stepping, so a job behind 20
-    // waits 100 ms (taken) and one behind 21 waits 105 ms (refused).
+    // A step of 50 ms answered 10: 200 answers per second of stepping. A job behind 21 is the
+    // 20th that must wait for a place: 100 ms (taken); behind 22, 105 ms (refused).
     q.stepped(10, 0.05);
     let mut depth = 10;
     let refusal = loop {
@@ -1039,16 +1041,21 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
             Err(r) => break r,
         }
     };
-    assert_eq!(depth, 21);
+    assert_eq!(depth, 22);
     assert_eq!(refusal, Refusal::TooLong { wait_ms: 105 });
-    // Below --max-batch (2) queued jobs, never: a fresh queue at the same rate takes 2.
-    let q = Queue::new(
-        64,
-        std::sync::Arc::new(gram::server::metrics::Metrics::default()),
-    )
-    .with_wait_bound(Duration::from_millis(1), 2);
+    // A 1 ms bound at the same rate: the free places take a job each, the next waits 5 ms.
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1), 2);
     q.stepped(10, 0.05);
     assert_eq!(q.push(job()), Ok(1));
     assert_eq!(q.push(job()), Ok(2));
+    assert_eq!(q.push(job()), Err(Refusal::TooLong { wait_ms: 5 }));
+    // A full batch has no free place: the first job queued already waits for an answer.
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1), 2);
+    q.stepped(10, 0.05);
+    q.set_in_flight(2);
+    assert_eq!(q.push(job()), Err(Refusal::TooLong { wait_ms: 5 }));
+    // One place free again: one job enters without waiting.
+    q.set_in_flight(1);
+    assert_eq!(q.push(job()), Ok(1));
     assert!(matches!(q.push(job()), Err(Refusal::TooLong { .. })));
 }

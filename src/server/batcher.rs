@@ -82,18 +82,33 @@ pub struct Queue {
     /// Signalled on every push, drain and close.
     changed: Condvar,
     capacity: usize,
-    /// The wait bound ([`Queue::with_wait_bound`]): `(longest wait, depth it starts at)`.
+    /// The wait bound ([`Queue::with_wait_bound`]): `(longest wait, batch size)`.
     wait_bound: Option<(Duration, usize)>,
+    /// Requests in the batch now (the batcher reports it): with the batch size, how many
+    /// queued jobs can enter at its next step without waiting for one to finish.
+    in_flight: std::sync::atomic::AtomicUsize,
     /// The batch's recent service rate (the batcher reports every step).
     service: Mutex<ServiceRate>,
     /// Its depth gauge, set under the lock.
     metrics: Arc<Metrics>,
 }
 
-/// The wait bound's decision for a job behind `depth` others at `rate` answers a second
-/// (`None`: too few answers to estimate, so only the depth bound applies).
-fn wait_refusal(depth: usize, rate: Option<f64>, max_wait: Duration) -> Option<Refusal> {
-    let wait = depth as f64 / rate.filter(|r| *r > 0.0)?;
+/// The wait bound's decision for a job that finds `depth` jobs queued and `free` places in the
+/// batch, at `rate` answers a second: the first `free` queued jobs (it among them) enter at the
+/// next step; each one past them waits for an answer to free a place, so the job waits about
+/// `(depth + 1 - free) / rate`. `None`: no wait, or too few answers to estimate (then only the
+/// depth bound applies).
+fn wait_refusal(
+    depth: usize,
+    free: usize,
+    rate: Option<f64>,
+    max_wait: Duration,
+) -> Option<Refusal> {
+    let waiting = (depth + 1).saturating_sub(free);
+    if waiting == 0 {
+        return None;
+    }
+    let wait = waiting as f64 / rate.filter(|r| *r > 0.0)?;
     (wait > max_wait.as_secs_f64()).then(|| Refusal::TooLong {
         wait_ms: (wait * 1e3).round() as u64,
     })
@@ -176,19 +191,26 @@ impl Queue {
             changed: Condvar::new(),
             capacity,
             wait_bound: None,
+            in_flight: Default::default(),
             service: Mutex::new(ServiceRate::default()),
             metrics,
         }
     }
 
-    /// Also refuses a job when the queue holds at least `from_depth` jobs and, at the batch's
-    /// recent service rate, the job would wait longer than `max_wait` before its first step: under
-    /// overload, admitted requests keep their latency and the rest get 503 at once, whatever
-    /// the model's speed (a fixed depth means 40 ms of waiting for one model and 30 s for
-    /// another). `from_depth` is the batch size: a queue that one step takes whole is no wait.
-    pub fn with_wait_bound(mut self, max_wait: Duration, from_depth: usize) -> Queue {
-        self.wait_bound = Some((max_wait, from_depth));
+    /// Also refuses a job that, at the batch's recent service rate, would wait longer than
+    /// `max_wait` for a place in the batch (`max_batch` places; [`Queue::set_in_flight`] says
+    /// how many are taken): under overload, admitted requests keep their latency and the rest
+    /// get 503 at once, whatever the model's speed (a fixed depth means 40 ms of waiting for
+    /// one model and 30 s for another). A job that finds a free place does not wait.
+    pub fn with_wait_bound(mut self, max_wait: Duration, max_batch: usize) -> Queue {
+        self.wait_bound = Some((max_wait, max_batch));
         self
+    }
+
+    /// The batch now holds `n` requests.
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The batcher ran a step of `seconds` that answered `n` requests (the service rate the
@@ -214,15 +236,17 @@ impl Queue {
         if st.jobs.len() >= self.capacity {
             return Err(Refusal::Full);
         }
-        if let Some((max_wait, from_depth)) = self.wait_bound {
+        if let Some((max_wait, max_batch)) = self.wait_bound {
             let depth = st.jobs.len();
-            if depth >= from_depth {
+            let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            let free = max_batch.saturating_sub(in_flight);
+            if depth + 1 > free {
                 let rate = self
                     .service
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .per_second(Instant::now());
-                if let Some(refusal) = wait_refusal(depth, rate, max_wait) {
+                if let Some(refusal) = wait_refusal(depth, free, rate, max_wait) {
                     return Err(refusal);
                 }
             }
@@ -310,6 +334,12 @@ struct InFlight {
     queue_s: f64,
 }
 
+/// The batch holds `n` requests: for the gauge, and for the queue's wait bound.
+fn in_flight(queue: &Queue, metrics: &Metrics, n: usize) {
+    metrics.set_in_flight(n);
+    queue.set_in_flight(n);
+}
+
 /// Runs the batcher over `engine` until the queue is closed, empty and nothing is in flight.
 /// Errors only when the batch cannot be made (its arena).
 pub fn run<B: Backend>(
@@ -339,7 +369,7 @@ pub fn run<B: Backend>(
             admit(&mut st, &mut batch, &mut flying, &config, metrics);
             metrics.set_queue_depth(st.jobs.len());
         }
-        metrics.set_in_flight(flying.len());
+        in_flight(queue, metrics, flying.len());
         if flying.is_empty() {
             continue;
         }
@@ -351,7 +381,7 @@ pub fn run<B: Backend>(
             }
             !gone
         });
-        metrics.set_in_flight(flying.len());
+        in_flight(queue, metrics, flying.len());
         if flying.is_empty() {
             continue;
         }
@@ -384,7 +414,7 @@ pub fn run<B: Backend>(
                 }
             }
         }
-        metrics.set_in_flight(flying.len());
+        in_flight(queue, metrics, flying.len());
     }
 }
 
@@ -504,21 +534,32 @@ mod tests {
     #[test]
     fn a_job_is_refused_only_past_the_wait_bound_at_a_known_rate() {
         let bound = Duration::from_millis(100);
-        // 20 ahead at 200/s: 100 ms, not over.
-        assert_eq!(wait_refusal(20, Some(200.0), bound), None);
-        // 21 ahead: 105 ms.
+        // A full batch (no free place): 19 queued ahead at 200/s, the job is the 20th to wait
+        // for a place: 100 ms, not over.
+        assert_eq!(wait_refusal(19, 0, Some(200.0), bound), None);
+        // 20 ahead: 105 ms.
         assert_eq!(
-            wait_refusal(21, Some(200.0), bound),
+            wait_refusal(20, 0, Some(200.0), bound),
             Some(Refusal::TooLong { wait_ms: 105 })
         );
-        // A slow model (2/s): 1 ahead is already 500 ms.
+        // 4 free places: the first 4 queued enter at the next step, so 23 ahead is the 20th
+        // to wait.
+        assert_eq!(wait_refusal(23, 4, Some(200.0), bound), None);
         assert_eq!(
-            wait_refusal(1, Some(2.0), bound),
+            wait_refusal(24, 4, Some(200.0), bound),
+            Some(Refusal::TooLong { wait_ms: 105 })
+        );
+        // A slow model (2/s): with a full batch, the first to wait is already 500 ms...
+        assert_eq!(
+            wait_refusal(0, 0, Some(2.0), bound),
             Some(Refusal::TooLong { wait_ms: 500 })
         );
+        // ...and a job that finds a free place waits for no answer, however slow the model.
+        assert_eq!(wait_refusal(0, 1, Some(2.0), bound), None);
+        assert_eq!(wait_refusal(15, 16, Some(0.5), bound), None);
         // No estimate (or a zero rate): only the depth bound applies.
-        assert_eq!(wait_refusal(1_000, None, bound), None);
-        assert_eq!(wait_refusal(1_000, Some(0.0), bound), None);
+        assert_eq!(wait_refusal(1_000, 0, None, bound), None);
+        assert_eq!(wait_refusal(1_000, 0, Some(0.0), bound), None);
     }
 
     #[test]

@@ -60,12 +60,13 @@ pub struct ServeArgs {
     /// Most requests waiting for the batch; past it, 503 with Retry-After at once.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
-    /// Longest wait for the batch a request may be queued for, in milliseconds: with at least
-    /// --max-batch requests waiting, one that would wait longer (queue depth / the batch's
-    /// service rate: answers per second of stepping over the last 64 answers) gets 503 with
-    /// Retry-After at once, so that under overload admitted requests keep their latency. 0:
-    /// only --max-queue bounds the queue.
-    #[arg(long, default_value_t = 100)]
+    /// Longest wait for a place in the batch a request may be queued for, in milliseconds: one
+    /// that would wait longer (the queued requests that cannot enter at the next step / the
+    /// batch's service rate: answers per second of stepping over the last 64 answers) gets 503
+    /// with Retry-After at once, so that under overload admitted requests keep their latency;
+    /// one that finds a free place in the batch is always taken. 0: only --max-queue bounds
+    /// the queue.
+    #[arg(long, default_value_t = 25)]
     pub max_queue_wait_ms: u64,
     /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
     /// admitted is dropped from the queue).
