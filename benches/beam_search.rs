@@ -35,6 +35,8 @@ struct Args {
     trie_only: bool,
     /// Convert weights at load (default: as stored; the GGUF dequantizes to f32).
     dtype: Option<DType>,
+    /// Which of `full`, `children`, `full+prefix` to run (default: all three).
+    modes: Vec<String>,
 }
 
 fn parse_args() -> Args {
@@ -49,6 +51,7 @@ fn parse_args() -> Args {
         print_prompts: false,
         trie_only: false,
         dtype: None,
+        modes: vec!["full".into(), "children".into(), "full+prefix".into()],
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -69,6 +72,7 @@ fn parse_args() -> Args {
                     .map(|s| s.parse().expect("--batches 8,32"))
                     .collect()
             }
+            "--modes" => a.modes = val().split(',').map(str::to_string).collect(),
             "--print-prompts" => {
                 a.print_prompts = true;
                 i += 1;
@@ -188,6 +192,9 @@ fn main() {
             (Normalize::Children, _) => "children",
             (Normalize::Full, true) => "full+prefix",
         };
+        if !args.modes.iter().any(|m| m == name) {
+            continue;
+        }
         let mut search = BeamSearch::new();
         if prefix {
             search.set_prefix(&model, head.clone()).unwrap();
