@@ -266,6 +266,7 @@ fn bench<B: Backend>(
                         "host_plan_ms_per_batch": per_batch(t.plan_ns),
                         "host_walk_ms_per_batch": per_batch(t.walk_ns),
                         "wait_ms_per_batch": per_batch(t.wait_ns),
+                        "host_instantiate_ms_per_batch": per_batch(t.instantiate_ns),
                     }))
                 }
                 _ => None,

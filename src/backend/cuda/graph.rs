@@ -15,8 +15,8 @@
 //!
 //! A decode step of a batch keeps its shape from step to step (rows, groups, buffers), so it is
 //! captured once and replayed: the host cost of a step becomes the plan walk plus one launch.
-//! A pass whose shape (`Backend::run_pass`'s hint: rows, spans) was never seen runs as plain
-//! launches, unplanned: a batch that changes shape every step (queries finishing at different
+//! A pass whose shape (`Backend::run_pass`'s hint: rows, spans) was never seen (or seen fewer
+//! than `GRAM_CUDA_CAPTURE_AFTER` times, default 2) runs as plain launches, unplanned: a batch that changes shape every step (queries finishing at different
 //! steps) would otherwise pay a plan walk and a direct walk per step.
 //! Anything a graph cannot hold (an upload that changes inside the pass, an allocation during
 //! capture, a failed capture) runs the pass **directly** instead, and counts it.
@@ -93,7 +93,8 @@ impl Pass {
 }
 
 /// How passes ran: graphs captured, replayed, passes run directly after a plan, passes of a
-/// shape seen for the first time run without a plan.
+/// shape seen for the first time (fewer than `GRAM_CUDA_CAPTURE_AFTER` times) run without a
+/// plan.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GraphStats {
     pub captured: usize,
@@ -108,6 +109,8 @@ pub struct GraphStats {
     pub plan_ns: u64,
     pub walk_ns: u64,
     pub wait_ns: u64,
+    /// Host time ending captures (the graph's instantiation).
+    pub instantiate_ns: u64,
 }
 
 impl GraphStats {
@@ -122,6 +125,7 @@ impl GraphStats {
             plan_ns: self.plan_ns - earlier.plan_ns,
             walk_ns: self.walk_ns - earlier.walk_ns,
             wait_ns: self.wait_ns - earlier.wait_ns,
+            instantiate_ns: self.instantiate_ns - earlier.instantiate_ns,
         }
     }
 }
@@ -349,12 +353,16 @@ impl CudaBackend {
         }
         // A shape seen for the first time (a batch that changes every step, a one-off
         // prompt) runs as plain launches: planning it would cost a second walk for nothing.
+        // (`capture_after` > 2 also waits out shapes seen twice: a capture and its
+        // instantiation cost more than a plain walk, and pay only when the shape recurs.)
         {
             let mut shapes = lock(&self.shapes);
             if shapes.len() >= 16 * MAX_GRAPHS {
                 shapes.clear();
             }
-            if shapes.insert(shape) {
+            let seen = shapes.entry(shape).or_insert(0);
+            *seen = seen.saturating_add(1);
+            if *seen < self.capture_after {
                 drop(shapes);
                 lock(&self.graph_stats).unplanned += 1;
                 return self.walk(false, f);
@@ -399,7 +407,9 @@ impl CudaBackend {
             let mut p = lock(&self.pass);
             (p.broken.take(), p.hash())
         };
+        let t_end = std::time::Instant::now();
         let graph = self.stream.end_capture(drv::CUgraphInstantiate_flags(0));
+        lock(&self.graph_stats).instantiate_ns += t_end.elapsed().as_nanos() as u64;
         self.set_mode(Mode::Eager);
         let failed = lock(&self.error).take();
         // The capture walk must have issued exactly the planned launches.

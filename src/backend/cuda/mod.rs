@@ -283,8 +283,13 @@ pub struct CudaBackend {
     pass_lock: Mutex<()>,
     /// Held for a whole forward pass (body and head): the head reads the body's pass slots.
     forward_lock: Mutex<()>,
-    /// Pass shapes (`Backend::run_pass`) seen: a new one runs without a plan.
-    shapes: Mutex<std::collections::HashSet<u64>>,
+    /// Pass shapes (`Backend::run_pass`) seen, and how often: one seen fewer than
+    /// `capture_after` times runs without a plan.
+    shapes: Mutex<HashMap<u64, u32>>,
+    /// The sighting of a shape at which its pass is planned (and captured when no graph has its
+    /// launches): 2 by default (`GRAM_CUDA_CAPTURE_AFTER=N` to compare: 1 plans every pass,
+    /// higher waits for shapes that recur).
+    capture_after: u32,
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
@@ -405,6 +410,11 @@ impl CudaBackend {
             pass_lock: Mutex::new(()),
             forward_lock: Mutex::new(()),
             shapes: Mutex::new(Default::default()),
+            capture_after: std::env::var("GRAM_CUDA_CAPTURE_AFTER")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(2)
+                .max(1),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
