@@ -15,9 +15,10 @@
 //!
 //! A decode step of a batch keeps its shape from step to step (rows, groups, buffers), so it is
 //! captured once and replayed: the host cost of a step becomes the plan walk plus one launch.
-//! A pass whose shape (`Backend::run_pass`'s hint: rows, spans) was never seen (or seen fewer
-//! than `GRAM_CUDA_CAPTURE_AFTER` times, default 2) runs as plain launches, unplanned: a batch that changes shape every step (queries finishing at different
-//! steps) would otherwise pay a plan walk and a direct walk per step.
+//! A pass whose shape (`Backend::run_pass`'s hint: rows, spans) was seen fewer than
+//! `GRAM_CUDA_CAPTURE_AFTER` times (default 3) runs as plain launches, unplanned: a batch that
+//! changes shape every few steps (queries finishing at different steps) would otherwise pay a
+//! plan walk, a capture walk with the GPU idle and an instantiation for graphs it never replays.
 //! Anything a graph cannot hold (an upload that changes inside the pass, an allocation during
 //! capture, a failed capture) runs the pass **directly** instead, and counts it.
 
@@ -300,6 +301,12 @@ impl CudaBackend {
         self.graphs_on.store(on, Ordering::Relaxed);
     }
 
+    /// The sighting of a pass shape at which it is planned and captured (see `CudaBackend`'s
+    /// `GRAM_CUDA_CAPTURE_AFTER`).
+    pub fn capture_after(&self) -> u32 {
+        self.capture_after
+    }
+
     pub fn graph_stats(&self) -> GraphStats {
         *lock(&self.graph_stats)
     }
@@ -353,8 +360,8 @@ impl CudaBackend {
         }
         // A shape seen for the first time (a batch that changes every step, a one-off
         // prompt) runs as plain launches: planning it would cost a second walk for nothing.
-        // (`capture_after` > 2 also waits out shapes seen twice: a capture and its
-        // instantiation cost more than a plain walk, and pay only when the shape recurs.)
+        // The default also waits out shapes seen twice: a capture and its instantiation cost
+        // more than a plain walk, and pay only when the shape recurs.
         {
             let mut shapes = lock(&self.shapes);
             if shapes.len() >= 16 * MAX_GRAPHS {

@@ -287,8 +287,12 @@ pub struct CudaBackend {
     /// `capture_after` times runs without a plan.
     shapes: Mutex<HashMap<u64, u32>>,
     /// The sighting of a shape at which its pass is planned (and captured when no graph has its
-    /// launches): 2 by default (`GRAM_CUDA_CAPTURE_AFTER=N` to compare: 1 plans every pass,
-    /// higher waits for shapes that recur).
+    /// launches): 3 by default (`GRAM_CUDA_CAPTURE_AFTER=N`: 1 plans every pass). A capture
+    /// costs a plan walk, a capture walk with the GPU idle and an instantiation; a batch whose
+    /// shape changes every few steps (queries finishing at different steps) paid that for
+    /// graphs it never replayed: on an H100, 3 instead of 2 took batches of 16 queries from
+    /// 69 to 38 ms (SmolLM2-shaped, beam 10) and left batches of 1 and 64 as they were
+    /// (docs/PERF.md).
     capture_after: u32,
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
@@ -413,7 +417,7 @@ impl CudaBackend {
             capture_after: std::env::var("GRAM_CUDA_CAPTURE_AFTER")
                 .ok()
                 .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(2)
+                .unwrap_or(3)
                 .max(1),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
