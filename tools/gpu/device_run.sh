@@ -13,7 +13,8 @@
 # Needs two binaries built on the CPU machine and carried in .devbin/ (git-ignored):
 #   cargo build --release && cargo test --release --test gpu --no-run
 #   strip -o .devbin/gram target/release/gram; strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
-# Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
+# Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7;
+# SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
 # ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=1), EXTRAS (0 skips
 # step 3's cuBLAS-only and eager comparison runs).
@@ -227,18 +228,26 @@ PY
 fi
 
 # 9. Serving on the GPU under load (needs step 7's index): closed loops of 1, 8 and 32 clients
-# against `gram serve --device cuda`, 15 s each (reports in $W/serve-c*/report.json).
+# against `gram serve --device cuda`, 15 s each (reports in $W/serve-v<i>-c*/report.json), once
+# per entry of SERVE_VARIANTS ("|"-separated extra `gram serve` flags; default: one run, none).
 if has 9 && [ -f "$W/ix-cuda/index.gram" ]; then
-  LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "$W/ix-cuda" --addr 127.0.0.1:8089 \
-    --timeout-ms 30000 > "$W/serve-load.log" 2>&1 &
-  spid=$!
-  for _ in $(seq 150); do curl -sf 127.0.0.1:8089/ready > /dev/null 2>&1 && break; sleep 0.2; done
-  for c in 1 8 32; do
-    timeout -k 5 40 "$GRAM" bench --url http://127.0.0.1:8089 --queries tools/queries/wands.txt \
-      --concurrency $c --duration 15 --warmup 10 --out "$W/serve-c$c" > "$W/serve-c$c.log" 2>&1
-    log "step 9 c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$W/serve-c$c/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
+  IFS='|' read -r -a variants <<< "${SERVE_VARIANTS:-}"
+  [ ${#variants[@]} -eq 0 ] && variants=("")
+  for vi in "${!variants[@]}"; do
+    extra=${variants[$vi]}
+    # shellcheck disable=SC2086 # the flags split on purpose
+    LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "$W/ix-cuda" --addr 127.0.0.1:8089 \
+      --timeout-ms 30000 $extra > "$W/serve-load-v$vi.log" 2>&1 &
+    spid=$!
+    for _ in $(seq 150); do curl -sf 127.0.0.1:8089/ready > /dev/null 2>&1 && break; sleep 0.2; done
+    for c in 1 8 32; do
+      d="$W/serve-v$vi-c$c"
+      timeout -k 5 40 "$GRAM" bench --url http://127.0.0.1:8089 --queries tools/queries/wands.txt \
+        --concurrency $c --duration 15 --warmup 10 --out "$d" > "$d.log" 2>&1
+      log "step 9 [$extra] c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$d/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
+    done
+    kill $spid 2>/dev/null; wait $spid 2>/dev/null
   done
-  kill $spid 2>/dev/null; wait $spid 2>/dev/null
 fi
 
 log "done"
