@@ -1026,7 +1026,8 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     };
     let metrics = || std::sync::Arc::new(gram::server::metrics::Metrics::default());
     // --max-batch 2, an empty batch: the first 2 queued enter at the next step.
-    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(100), 2);
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(100));
+    q.set_max_batch(2);
     // No rate yet: 10 queued.
     for i in 0..10 {
         assert_eq!(q.push(job()), Ok(i + 1));
@@ -1044,13 +1045,15 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     assert_eq!(depth, 22);
     assert_eq!(refusal, Refusal::TooLong { wait_ms: 105 });
     // A 1 ms bound at the same rate: the free places take a job each, the next waits 5 ms.
-    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1), 2);
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1));
+    q.set_max_batch(2);
     q.stepped(10, 0.05);
     assert_eq!(q.push(job()), Ok(1));
     assert_eq!(q.push(job()), Ok(2));
     assert_eq!(q.push(job()), Err(Refusal::TooLong { wait_ms: 5 }));
     // A full batch has no free place: the first job queued already waits for an answer.
-    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1), 2);
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1));
+    q.set_max_batch(2);
     q.stepped(10, 0.05);
     q.set_in_flight(2);
     assert_eq!(q.push(job()), Err(Refusal::TooLong { wait_ms: 5 }));

@@ -82,8 +82,10 @@ pub struct Queue {
     /// Signalled on every push, drain and close.
     changed: Condvar,
     capacity: usize,
-    /// The wait bound ([`Queue::with_wait_bound`]): `(longest wait, batch size)`.
-    wait_bound: Option<(Duration, usize)>,
+    /// The wait bound ([`Queue::with_wait_bound`]): the longest wait.
+    wait_bound: Option<Duration>,
+    /// Places in the batch (`--max-batch`; [`Queue::set_max_batch`] once the backend is known).
+    max_batch: std::sync::atomic::AtomicUsize,
     /// Requests in the batch now (the batcher reports it): with the batch size, how many
     /// queued jobs can enter at its next step without waiting for one to finish.
     in_flight: std::sync::atomic::AtomicUsize,
@@ -191,6 +193,7 @@ impl Queue {
             changed: Condvar::new(),
             capacity,
             wait_bound: None,
+            max_batch: 1.into(),
             in_flight: Default::default(),
             service: Mutex::new(ServiceRate::default()),
             metrics,
@@ -198,13 +201,20 @@ impl Queue {
     }
 
     /// Also refuses a job that, at the batch's recent service rate, would wait longer than
-    /// `max_wait` for a place in the batch (`max_batch` places; [`Queue::set_in_flight`] says
-    /// how many are taken): under overload, admitted requests keep their latency and the rest
-    /// get 503 at once, whatever the model's speed (a fixed depth means 40 ms of waiting for
-    /// one model and 30 s for another). A job that finds a free place does not wait.
-    pub fn with_wait_bound(mut self, max_wait: Duration, max_batch: usize) -> Queue {
-        self.wait_bound = Some((max_wait, max_batch));
+    /// `max_wait` for a place in the batch ([`Queue::set_max_batch`] places;
+    /// [`Queue::set_in_flight`] says how many are taken): under overload, admitted requests keep
+    /// their latency and the rest get 503 at once, whatever the model's speed (a fixed depth
+    /// means 40 ms of waiting for one model and 30 s for another). A job that finds a free
+    /// place does not wait.
+    pub fn with_wait_bound(mut self, max_wait: Duration) -> Queue {
+        self.wait_bound = Some(max_wait);
         self
+    }
+
+    /// The batch has `n` places (`--max-batch`).
+    pub fn set_max_batch(&self, n: usize) {
+        self.max_batch
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The batch now holds `n` requests.
@@ -236,8 +246,9 @@ impl Queue {
         if st.jobs.len() >= self.capacity {
             return Err(Refusal::Full);
         }
-        if let Some((max_wait, max_batch)) = self.wait_bound {
+        if let Some(max_wait) = self.wait_bound {
             let depth = st.jobs.len();
+            let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
             let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
             let free = max_batch.saturating_sub(in_flight);
             if depth + 1 > free {

@@ -54,9 +54,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
     /// Most requests in flight in one continuous batch (sharing decoder steps); the KV arena is
-    /// sized for this many requests of the default beam.
-    #[arg(long, default_value_t = 16)]
-    pub max_batch: usize,
+    /// sized for this many requests of the default beam. Default: 16 on the CPU (a step of 16
+    /// queries already fills its cores), 64 on CUDA (a step of 64 costs about what a step of
+    /// 16 does there).
+    #[arg(long)]
+    pub max_batch: Option<usize>,
     /// Most requests waiting for the batch; past it, 503 with Retry-After at once.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -118,7 +120,8 @@ pub struct ServeConfig {
     pub index: PathBuf,
     pub model: Option<PathBuf>,
     pub addr: SocketAddr,
-    pub max_batch: usize,
+    /// `None`: the backend's default ([`default_max_batch`]).
+    pub max_batch: Option<usize>,
     pub max_queue: usize,
     /// Zero: no wait bound.
     pub max_queue_wait: Duration,
@@ -160,7 +163,7 @@ impl ServeArgs {
             Err(e) => return bad(format!("--addr `{}`: {e} (expected IP:PORT)", self.addr)),
         };
         for (flag, v) in [
-            ("--max-batch", self.max_batch),
+            ("--max-batch", self.max_batch.unwrap_or(1)),
             ("--max-queue", self.max_queue),
             ("--http-threads", self.http_threads),
             ("--max-query-bytes", self.max_query_bytes),
@@ -296,7 +299,7 @@ impl Server {
                 if config.max_queue_wait.is_zero() {
                     q
                 } else {
-                    q.with_wait_bound(config.max_queue_wait, config.max_batch)
+                    q.with_wait_bound(config.max_queue_wait)
                 }
             }),
             metrics,
@@ -408,6 +411,17 @@ fn batcher_thread(
     }
 }
 
+/// `--max-batch` when not given: 16 on the CPU, 64 on CUDA. On the CPU a step's time grows with
+/// its rows (16 queries already keep the cores busy); on a GPU a decoder step is latency-bound
+/// and 64 queries cost little more than 16 (docs/PERF.md, serving on the H100).
+pub fn default_max_batch(backend: &str) -> usize {
+    if backend == "cuda" {
+        64
+    } else {
+        16
+    }
+}
+
 /// Sizes and makes the batch of `typed` (the engine `shared` holds), reports readiness, then
 /// runs the batch loop until the queue closes.
 fn serve_on<B: Backend>(
@@ -417,7 +431,11 @@ fn serve_on<B: Backend>(
     ready: oneshot::Sender<Result<(), ServeError>>,
 ) -> Result<(), ServeError> {
     let c = &state.config;
-    let arena_entries = match batcher::arena_entries(engine, c.max_batch, Request::new("").beam) {
+    let max_batch = c
+        .max_batch
+        .unwrap_or_else(|| default_max_batch(engine.model().backend.name()));
+    state.queue.set_max_batch(max_batch);
+    let arena_entries = match batcher::arena_entries(engine, max_batch, Request::new("").beam) {
         Ok(n) => n,
         Err(e) => {
             let _ = ready.send(Err(e.into()));
@@ -432,7 +450,7 @@ fn serve_on<B: Backend>(
         let _ = ready.send(Err(ServeError::Config(format!(
             "the KV arena for --max-batch {} would take {arena_mib:.0} MiB, over --max-kv-mib {}: \
              lower --max-batch, --max-beam or --max-query-tokens, or raise --max-kv-mib",
-            c.max_batch, c.max_kv_mib
+            max_batch, c.max_kv_mib
         ))));
         return Ok(());
     }
@@ -443,11 +461,11 @@ fn serve_on<B: Backend>(
         codes = engine.index().num_codes(),
         arena_entries,
         arena_mib,
-        max_batch = c.max_batch,
+        max_batch,
         "engine loaded"
     );
     let config = BatcherConfig {
-        max_batch: c.max_batch,
+        max_batch,
         batch_wait: c.batch_wait,
         arena_entries,
     };
