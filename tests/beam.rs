@@ -474,6 +474,100 @@ fn shared_prefix_gives_the_same_codes() {
     }
 }
 
+/// Stable rows (every query's decode step runs a row per beam slot, fillers repeating a running
+/// beam where fewer run, as the CUDA backend asks for by default): the same codes, scores and
+/// per-token log-probabilities, bit for bit, as without them, on random batches whose narrow
+/// tries leave fewer running beams than slots; and fillers did run.
+#[test]
+fn stable_rows_give_the_same_results() {
+    let words = [
+        "sofa", "green", "oak", "table", "lamp", "rug", "cheap", "for", "kids",
+    ];
+    let mut fillers = 0;
+    for name in MODELS {
+        let f = fixture(name);
+        let mut next = rng(4242 + name.len() as u64);
+        let head = f.tok.encode("sofa green oak").unwrap();
+        for round in 0..4 {
+            let queries: Vec<Query> = (0..1 + next(5))
+                .map(|_| {
+                    let mut prompt: Vec<&str> = (0..1 + next(8))
+                        .map(|_| words[next(words.len() as u64) as usize])
+                        .collect();
+                    if next(2) == 0 {
+                        prompt.splice(0..0, ["sofa", "green", "oak"]);
+                    }
+                    Query {
+                        prompt: f.tok.encode(&prompt.join(" ")).unwrap(),
+                        options: BeamOptions {
+                            beam: 1 + next(40) as usize,
+                            max_new_tokens: 3 + next(14) as usize,
+                            length_penalty: [1.0, 0.5][next(2) as usize],
+                            normalize: [Normalize::Full, Normalize::Children][next(2) as usize],
+                            constrained: true,
+                        },
+                    }
+                })
+                .collect();
+            // Rows the batch ran and rows its queries own, stepping a batcher by hand.
+            let run = |stable: bool| -> (Vec<beam::Output>, usize) {
+                let mut search = BeamSearch::new();
+                search.set_stable_rows(Some(stable));
+                if round % 2 == 1 {
+                    search.set_prefix(&f.model, head.clone()).unwrap();
+                }
+                let entries = queries
+                    .iter()
+                    .map(|q| q.prompt.len() + q.options.beam * q.options.max_new_tokens)
+                    .sum();
+                let mut batch =
+                    beam::Batcher::new(&mut search, &f.model, &f.trie, entries).unwrap();
+                for q in &queries {
+                    batch
+                        .admit(q.clone())
+                        .unwrap()
+                        .expect("sized for the batch");
+                }
+                let (mut done, mut ran) = (Vec::new(), 0);
+                while batch.in_flight() > 0 {
+                    done.extend(batch.step().unwrap());
+                    ran += batch.last_step_rows();
+                }
+                done.sort_by_key(|d| d.0);
+                (done.into_iter().map(|d| d.1).collect(), ran)
+            };
+            let (plain, plain_rows) = run(false);
+            let (stable, stable_rows) = run(true);
+            let own: usize = plain.iter().map(|o| o.rows).sum();
+            assert_eq!(
+                plain_rows, own,
+                "{name} round {round}: no fillers without stable rows"
+            );
+            assert!(
+                stable_rows >= own,
+                "{name} round {round}: {stable_rows} rows ran, {own} owned"
+            );
+            for (qi, (a, b)) in plain.iter().zip(&stable).enumerate() {
+                let ctx = format!("{name} round {round} query {qi}");
+                assert_eq!(a.rows, b.rows, "{ctx}: rows of its own");
+                assert_eq!(a.codes.len(), b.codes.len(), "{ctx}");
+                for (x, y) in a.codes.iter().zip(&b.codes) {
+                    assert_eq!((x.code, &x.tokens), (y.code, &y.tokens), "{ctx}");
+                    assert_eq!(x.score.to_bits(), y.score.to_bits(), "{ctx}");
+                    let bits = |c: &beam::Code| -> Vec<u32> {
+                        c.token_logprobs.iter().map(|l| l.to_bits()).collect()
+                    };
+                    assert_eq!(bits(x), bits(y), "{ctx}");
+                }
+            }
+            fillers += stable_rows - own;
+        }
+    }
+    // Over the models and rounds, some steps had fewer running beams than slots.
+    eprintln!("{fillers} filler rows ran");
+    assert!(fillers > 0, "no filler row ever ran");
+}
+
 /// One searcher serving models of different shapes in turn makes a new arena (and prefix KV)
 /// for each: results equal fresh searches.
 #[test]

@@ -333,6 +333,14 @@ pub trait Backend: Send + Sync {
         f()
     }
 
+    /// Whether beam search should keep every query's decode rows at its full beam width (rows
+    /// for beams that fell out of the running repeat a running one and are ignored), so that
+    /// a batch keeps one pass shape from step to step. Worth it where a pass of a new shape
+    /// costs more than its extra rows (the CUDA backend's graphs); the default says no.
+    fn stable_beam_rows(&self) -> bool {
+        false
+    }
+
     /// Runs `f`, a whole forward pass (body and head), alone: the CUDA backend's passes share
     /// state (slots, graphs) that the head still reads after the body's pass. The default
     /// calls it.

@@ -196,6 +196,9 @@ pub struct BeamSearch<B: Backend> {
     arena_model: u64,
     /// The arena holds the KV of `prefix`.
     prefix_ready: bool,
+    /// Pad decode rows to the beam width (see [`BeamSearch::set_stable_rows`]); `None`: as the
+    /// backend prefers.
+    stable_rows: Option<bool>,
 }
 
 impl<B: Backend> Default for BeamSearch<B> {
@@ -211,7 +214,19 @@ impl<B: Backend> BeamSearch<B> {
             prefix: Vec::new(),
             arena_model: 0,
             prefix_ready: false,
+            stable_rows: None,
         }
+    }
+
+    /// Whether each query's decode step runs a row for every one of its `beam` slots, even when
+    /// fewer beams are running (a trie that leaves fewer live continuations): the extra rows
+    /// repeat a running beam, write only their own KV slot and are never read, so results are
+    /// the same, and a batch keeps one pass shape while its queries run (the CUDA backend then
+    /// replays one graph instead of planning, capturing or walking a new shape). `None` (the
+    /// default): as the backend prefers ([`Backend::stable_beam_rows`]: CUDA yes, CPU no, where
+    /// a row costs its FLOPs).
+    pub fn set_stable_rows(&mut self, on: Option<bool>) {
+        self.stable_rows = on;
     }
 
     /// Declares a prompt prefix shared by most queries (the prompt template's head). Its KV is
@@ -432,7 +447,11 @@ impl<'a, B: Backend> Batcher<'a, B> {
         let arena = self.search.arena.as_mut().expect("made by new");
         let prefill: Vec<bool> = self.states.iter().map(|s| !s.prefilled).collect();
         let t = std::time::Instant::now();
-        match step(self.model, arena, self.trie, &mut self.states) {
+        let pad = self
+            .search
+            .stable_rows
+            .unwrap_or_else(|| self.model.backend.stable_beam_rows());
+        match step(self.model, arena, self.trie, &mut self.states, pad) {
             Ok(rows) => self.last_rows = rows,
             Err(e) => {
                 let start = self.search.prefix.len() as u32;
@@ -500,17 +519,22 @@ impl<'a, B: Backend> Batcher<'a, B> {
 }
 
 /// One decoder pass for every active query: a query not yet started prefills its prompt (its
-/// last row gives the first code token), a started one feeds each running beam's last token.
-/// Then each query selects its next beams from its rows' log-probabilities.
+/// last row gives the first code token), a started one feeds each running beam's last token
+/// (and with `pad`, a filler row for each beam slot no beam runs in, see
+/// [`BeamSearch::set_stable_rows`]). Then each query selects its next beams from its rows'
+/// log-probabilities.
 fn step<B: Backend>(
     model: &Model<B>,
     arena: &mut KvArena<B>,
     trie: &Trie,
     states: &mut [State],
+    pad: bool,
 ) -> Result<usize> {
     let (mut tokens, mut rows, mut links) = (Vec::new(), Vec::new(), Vec::new());
     // One head row per parent beam: `(query, beam)`, and the batch row it reads.
     let (mut parents, mut head_rows) = (Vec::new(), Vec::new());
+    // Head rows of filler rows: after every parent's, so that parent `i` is head row `i`.
+    let mut filler_heads = Vec::new();
     for (qi, s) in states.iter_mut().enumerate() {
         if !s.active() {
             continue;
@@ -572,7 +596,33 @@ fn step<B: Backend>(
             head_rows.push(rows.len() - 1);
         }
         s.rows += s.beams.len();
+        if pad {
+            // Slot j of this step is reserved for the query's beam j, so a filler writes its
+            // own entry; it repeats beam 0 (its token, position and ancestry), so its row has
+            // the shape of a running beam's, and nothing ever links to its entry.
+            let b0 = &s.beams[0];
+            let ancestry = &b0.entries[..b0.entries.len() - 1];
+            let token = *b0.tokens.last().expect("a running beam has a token");
+            for j in s.beams.len()..s.options.beam {
+                let entry = slot0 + j as u32;
+                let start = links.len() as u32;
+                if shared > 0 {
+                    links.extend(own_entries.clone());
+                }
+                links.extend_from_slice(ancestry);
+                links.push(entry);
+                tokens.push(token);
+                rows.push(RowKv {
+                    pos: (s.prompt.len() + fed - 1) as u32,
+                    entry,
+                    span,
+                    link: (start, links.len() as u32),
+                });
+                filler_heads.push(rows.len() - 1);
+            }
+        }
     }
+    head_rows.extend(filler_heads);
     let parent_beams: Vec<(usize, &Beam)> = parents
         .iter()
         .map(|&(qi, j)| (qi, &states[qi].beams[j]))

@@ -294,6 +294,9 @@ pub struct CudaBackend {
     /// 69 to 38 ms (SmolLM2-shaped, beam 10) and left batches of 1 and 64 as they were
     /// (docs/PERF.md).
     capture_after: u32,
+    /// Beam search pads each query's decode rows to its beam width (`Backend::stable_beam_rows`;
+    /// on by default, `GRAM_CUDA_STABLE_BEAMS=0` turns it off).
+    stable_beam_rows: bool,
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
@@ -419,6 +422,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse::<u32>().ok())
                 .unwrap_or(3)
                 .max(1),
+            stable_beam_rows: std::env::var("GRAM_CUDA_STABLE_BEAMS").map_or(true, |v| v != "0"),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),

@@ -143,6 +143,10 @@ impl Backend for CudaBackend {
         self.pass(shape, f)
     }
 
+    fn stable_beam_rows(&self) -> bool {
+        self.stable_beam_rows
+    }
+
     fn run_forward<T>(&self, f: &mut dyn FnMut() -> T) -> T {
         let _one = lock(&self.forward_lock);
         f()
