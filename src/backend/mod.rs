@@ -333,12 +333,13 @@ pub trait Backend: Send + Sync {
         f()
     }
 
-    /// Whether beam search should keep every query's decode rows at its full beam width (rows
-    /// for beams that fell out of the running repeat a running one and are ignored), so that
-    /// a batch keeps one pass shape from step to step. Worth it where a pass of a new shape
-    /// costs more than its extra rows (the CUDA backend's graphs); the default says no.
-    fn stable_beam_rows(&self) -> bool {
-        false
+    /// Up to how many rows a beam-search step keeps every query's decode rows at its full beam
+    /// width (rows for beams that fell out of the running repeat a running one and are
+    /// ignored), so that a batch keeps one pass shape from step to step: worth it where a pass
+    /// of a new shape costs more than its extra rows (the CUDA backend's graphs, while a pass
+    /// is latency-bound). The default, 0: never.
+    fn stable_beam_rows(&self) -> usize {
+        0
     }
 
     /// Runs `f`, a whole forward pass (body and head), alone: the CUDA backend's passes share

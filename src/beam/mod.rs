@@ -223,8 +223,8 @@ impl<B: Backend> BeamSearch<B> {
     /// repeat a running beam, write only their own KV slot and are never read, so results are
     /// the same, and a batch keeps one pass shape while its queries run (the CUDA backend then
     /// replays one graph instead of planning, capturing or walking a new shape). `None` (the
-    /// default): as the backend prefers ([`Backend::stable_beam_rows`]: CUDA yes, CPU no, where
-    /// a row costs its FLOPs).
+    /// default): as the backend prefers ([`Backend::stable_beam_rows`]: CUDA up to 1,024 rows a
+    /// step, CPU never, where a row costs its FLOPs).
     pub fn set_stable_rows(&mut self, on: Option<bool>) {
         self.stable_rows = on;
     }
@@ -447,10 +447,17 @@ impl<'a, B: Backend> Batcher<'a, B> {
         let arena = self.search.arena.as_mut().expect("made by new");
         let prefill: Vec<bool> = self.states.iter().map(|s| !s.prefilled).collect();
         let t = std::time::Instant::now();
-        let pad = self
-            .search
-            .stable_rows
-            .unwrap_or_else(|| self.model.backend.stable_beam_rows());
+        let pad = self.search.stable_rows.unwrap_or_else(|| {
+            // Every started query's beam slots (the rows a padded step runs, prefills aside).
+            let slots: usize = self
+                .states
+                .iter()
+                .filter(|s| s.active() && s.prefilled)
+                .map(|s| s.options.beam)
+                .sum();
+            let limit = self.model.backend.stable_beam_rows();
+            limit > 0 && slots <= limit
+        });
         match step(self.model, arena, self.trie, &mut self.states, pad) {
             Ok(rows) => self.last_rows = rows,
             Err(e) => {

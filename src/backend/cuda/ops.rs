@@ -143,7 +143,7 @@ impl Backend for CudaBackend {
         self.pass(shape, f)
     }
 
-    fn stable_beam_rows(&self) -> bool {
+    fn stable_beam_rows(&self) -> usize {
         self.stable_beam_rows
     }
 
