@@ -5,7 +5,7 @@
 //! quantization level), so the results are bit-identical. Lists of at least
 //! [`TERM_TABLE_MIN`] postings read each term from a table of all 65,536 levels instead.
 
-use super::PT_SCALE;
+use super::{Postings, PT_SCALE};
 use crate::backend::cpu::simd::Isa;
 
 /// `out[j] += S_rele(q, product j)` for every product of a posting list. `pq`, `w`: one value
@@ -44,46 +44,362 @@ pub fn score_postings(isa: Isa, pq: &[f32], w: &[f32], pt: &[u16], out: &mut [f3
 /// it pays from about twice that.
 pub(super) const TERM_TABLE_MIN: usize = 1 << 17;
 
+/// Lists at least this long get token 0's term table in a [`Scorer`] (every token's from
+/// [`TERM_TABLE_MIN`]): with a floor, its levels tell the postings that need no scoring
+/// without a read of the table, and the table costs about what 40 k postings scored directly
+/// do.
+const LEVELS_MIN: usize = 1 << 16;
+
 /// `out[j] += q.term(col[j])` by way of a table of every level's term (see
 /// [`TERM_TABLE_MIN`]): bit-identical to scoring the column directly.
 fn term_table_column(isa: Isa, q: Token, col: &[u16], out: &mut [f32]) {
     thread_local! {
         static TABLE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    static LEVELS: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
-    let levels = LEVELS.get_or_init(|| (0..=u16::MAX).collect());
     TABLE.with(|t| {
         let mut table = t.borrow_mut();
-        table.clear();
-        table.resize(1 << 16, 0.0);
-        // 0.0 + term = term exactly: the table holds each level's term as the column kernel
-        // computes it.
-        #[cfg(target_arch = "x86_64")]
-        if isa.runnable() != Isa::Scalar {
-            // SAFETY: as in `score_postings`; the table has 65,536 entries.
-            unsafe { avx2::levels(q, &mut table) };
+        fill_table(isa, q, &mut table);
+        lookup(isa, &table, col, out);
+    });
+}
+
+/// `table[l]` = `0.0 + q.term(l)` for every level `l`: each level's term as the column kernel
+/// computes it (`0.0 + x` is `x` but for `x = -0.0`, which no sum of [`Scorer`]'s can tell).
+fn fill_table(isa: Isa, q: Token, table: &mut Vec<f32>) {
+    table.clear();
+    table.resize(1 << 16, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if isa.runnable() != Isa::Scalar {
+        // SAFETY: as in `score_postings`; the table has 65,536 entries.
+        unsafe { avx2::levels(q, table) };
+        return;
+    }
+    let _ = isa;
+    for (l, v) in table.iter_mut().enumerate() {
+        *v += q.term(l as u16);
+    }
+}
+
+/// `out[j] += table[col[j]]` (`table`: 65,536 entries).
+fn lookup(isa: Isa, table: &[f32], col: &[u16], out: &mut [f32]) {
+    assert_eq!(table.len(), 1 << 16, "a term table has a slot per level");
+    #[cfg(target_arch = "x86_64")]
+    if isa.runnable() != Isa::Scalar {
+        // SAFETY: as in `score_postings`; every index is a u16, inside the 65,536-entry table.
+        unsafe { avx2::lookup(table, col, out) };
+        return;
+    }
+    let _ = isa;
+    for (o, &c) in out.iter_mut().zip(col) {
+        *o += table[c as usize];
+    }
+}
+
+/// One posting list's scores, a range of postings at a time: the prior, then each token's
+/// term in token order, as [`score_postings`] adds them over the whole list (the same kernel
+/// per element: bit for bit the same scores, whatever the ranges). A range's scores stay in
+/// the caller's small buffer while every token is added and the buffer is read, instead of
+/// a pass over the whole list's scores per token (a long list's scores do not fit in L2:
+/// each pass was a round trip to L3). Lists of at least [`TERM_TABLE_MIN`] postings read the
+/// terms from per-token tables, built once (`tables`, kept by the caller across lists).
+pub(super) struct Scorer<'a> {
+    isa: Isa,
+    tokens: Vec<Token>,
+    /// Each token's [`term_bound`].
+    margins: Vec<f32>,
+    /// Terms not computed ([`Scorer::score`]'s pruning).
+    skipped: std::cell::Cell<usize>,
+    /// With tables: the levels `lo..=hi` outside which every token-0 term is below `thr`,
+    /// the last threshold asked for (`Scorer::levels_at_or_above`).
+    levels: std::cell::Cell<(usize, usize, f32)>,
+    pt: &'a [u16],
+    len: usize,
+    prior: f32,
+    /// One table per token, token 0's alone, or none (see [`LEVELS_MIN`]).
+    tables: &'a [Vec<f32>],
+}
+
+impl<'a> Scorer<'a> {
+    /// The scorer of list `l`, building its term tables (if it is long enough) in `tables`;
+    /// without, the kernel computes every term (the same bits).
+    pub(super) fn new(
+        isa: Isa,
+        l: &Postings<'a>,
+        tables: Option<&'a mut Vec<Vec<f32>>>,
+    ) -> Scorer<'a> {
+        let (n, len) = (l.pq.len(), l.products.len());
+        assert!(
+            l.w.len() == n && l.pt.len() == n * len,
+            "Scorer shapes; this is a bug"
+        );
+        let (pq, w, pt, prior) = (l.pq, l.w, l.pt, l.prior);
+        let tokens: Vec<Token> = pq.iter().zip(w).map(|(&p, &w)| Token::new(p, w)).collect();
+        // Every token's table from TERM_TABLE_MIN postings; token 0's alone from
+        // LEVELS_MIN, for `score`'s pruning by level (and its lookups).
+        let with = if len >= TERM_TABLE_MIN {
+            n
+        } else if len >= LEVELS_MIN {
+            n.min(1)
         } else {
-            for (v, &l) in table.iter_mut().zip(levels.iter()) {
-                *v += q.term(l);
+            0
+        };
+        let tables: &'a [Vec<f32>] = match tables {
+            Some(tables) if with > 0 => {
+                if tables.len() < with {
+                    tables.resize_with(with, Vec::new);
+                }
+                for (q, table) in tokens.iter().zip(tables.iter_mut()).take(with) {
+                    fill_table(isa, *q, table);
+                }
+                &tables[..with]
             }
+            _ => &[],
+        };
+        Scorer {
+            isa,
+            tokens,
+            margins: w.iter().map(|&w| term_bound(w)).collect(),
+            skipped: std::cell::Cell::new(0),
+            levels: std::cell::Cell::new((0, u16::MAX as usize, f32::NEG_INFINITY)),
+            pt,
+            len,
+            prior,
+            tables,
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = isa;
-            for (v, &l) in table.iter_mut().zip(levels.iter()) {
-                *v += q.term(l);
+    }
+
+    /// Each token's [`term_bound`]: the most its term adds to a score.
+    pub(super) fn margins(&self) -> &[f32] {
+        &self.margins
+    }
+
+    /// Terms not computed so far (a token not added to a posting).
+    pub(super) fn skipped_terms(&self) -> usize {
+        self.skipped.get()
+    }
+
+    /// The scores of postings `start..start + out.len()`, pruned against `floors` (empty, or
+    /// one per token and one more, rising): token `i` is added only to the postings whose
+    /// partial score — the prior and tokens `0..i` — is at or above `floors[i]`, and a posting
+    /// is kept to the end only if its score is at or above `floors[n]`... unless more than
+    /// half are left, when a token is added to every posting. Either every score is in
+    /// `out` (`None`), or the postings kept (their indices in `out`, ascending) and their
+    /// scores are returned (`out` then holds nothing of use): a posting not kept has a score
+    /// below `floors[n]` or a partial score below some `floors[i]`. Every score given is the
+    /// one [`score_postings`] gives, bit for bit. The caller picks `floors` so that a partial
+    /// score below `floors[i]` cannot make a final one that matters (see `Ranker`).
+    ///
+    /// Pruned, a token's terms are those of the postings left, gathered into `scratch` (their
+    /// indices packed branch-free, 8 at a time): a term read from a table is an L2 access
+    /// (~2 cycles), a computed one ~10 cycles, and packing costs a fraction of a cycle a
+    /// posting. With a table, token 0 is not read at all for a posting whose level cannot
+    /// bring it to `floors[1]` (the levels that can, a range: `levels_at_or_above`).
+    pub(super) fn score<'s>(
+        &self,
+        start: usize,
+        out: &mut [f32],
+        floors: &[f32],
+        scratch: &'s mut Scratch,
+    ) -> Option<(&'s [u32], &'s [f32])> {
+        let m = out.len();
+        let n = self.tokens.len();
+        let column = |i: usize| &self.pt[i * self.len + start..i * self.len + start + m];
+        let floor = |i: usize| floors.get(i).copied().unwrap_or(f32::NEG_INFINITY);
+        let Scratch { idx, vals, col } = scratch;
+        let mut packed = false;
+        let mut first = 0;
+        if n > 0 && !self.tables.is_empty() && floor(1) > f32::NEG_INFINITY {
+            // Token 0 from its table: a posting whose level's term cannot bring the prior to
+            // `floors[1]` is told by its level alone, within `lo..=hi` or not, with no read
+            // of the table (an L2 access a posting).
+            let thr = super::ranker::score_floor(self.prior, &[], floor(1));
+            let (lo, hi) = self.levels_at_or_above(thr);
+            let c = column(0);
+            let alive = pack_levels_within(self.isa, c, lo, hi, idx);
+            idx.truncate(alive);
+            let table = &self.tables[0];
+            vals.clear();
+            vals.extend(
+                idx.iter()
+                    .map(|&j| self.prior + table[c[j as usize] as usize]),
+            );
+            self.skipped.set(self.skipped.get() + m - alive);
+            (packed, first) = (true, 1);
+        } else {
+            out.fill(self.prior);
+        }
+        for (i, q) in self.tokens.iter().enumerate().skip(first) {
+            let table = self.tables.get(i).map(|t| &t[..]);
+            let f = floor(i);
+            if !packed {
+                if f == f32::NEG_INFINITY {
+                    self.add(*q, table, column(i), out);
+                    continue;
+                }
+                let alive = pack_at_or_above(self.isa, out, f, idx);
+                if 2 * alive > m {
+                    self.add(*q, table, column(i), out);
+                    continue;
+                }
+                idx.truncate(alive);
+                vals.clear();
+                vals.extend(idx.iter().map(|&j| out[j as usize]));
+                packed = true;
+            } else {
+                keep_at_or_above(idx, vals, f);
             }
+            self.skipped.set(self.skipped.get() + m - idx.len());
+            let c = column(i);
+            col.clear();
+            col.extend(idx.iter().map(|&j| c[j as usize]));
+            self.add(*q, table, col, vals);
         }
-        #[cfg(target_arch = "x86_64")]
-        if isa.runnable() != Isa::Scalar {
-            // SAFETY: as above; every index is a u16, inside the 65,536-entry table.
-            unsafe { avx2::lookup(&table, col, out) };
+        if !packed {
+            return None;
+        }
+        keep_at_or_above(idx, vals, floor(n));
+        Some((&idx[..], &vals[..]))
+    }
+
+    /// The levels `lo..=hi` outside which token 0's table holds no term at or above `thr`
+    /// (`lo > hi`: none). The bounds move inward from the last call's, which the caller's
+    /// rising thresholds allow: a level passed over was below an earlier, lower threshold.
+    fn levels_at_or_above(&self, thr: f32) -> (usize, usize) {
+        let (mut lo, mut hi, last) = self.levels.get();
+        if thr < last {
+            (lo, hi) = (0, u16::MAX as usize);
+        }
+        let t = &self.tables[0];
+        // Eight levels at a time (branch-free within), then one by one.
+        let below = |l: &[f32]| l.iter().fold(true, |all, &v| all & (v < thr));
+        while lo + 8 <= hi + 1 && below(&t[lo..lo + 8]) {
+            lo += 8;
+        }
+        while lo <= hi && t[lo] < thr {
+            lo += 1;
+        }
+        while hi >= lo + 8 && below(&t[hi - 7..=hi]) {
+            hi -= 8;
+        }
+        while hi > lo && t[hi] < thr {
+            hi -= 1;
+        }
+        self.levels.set((lo, hi, thr));
+        (lo, hi)
+    }
+
+    /// `out[x] += term(col[x])`: the table's entry, or the kernel's term.
+    fn add(&self, q: Token, table: Option<&[f32]>, col: &[u16], out: &mut [f32]) {
+        if let Some(table) = table {
+            lookup(self.isa, table, col, out);
             return;
         }
-        for (o, &c) in out.iter_mut().zip(col) {
-            *o += table[c as usize];
+        #[cfg(target_arch = "x86_64")]
+        if self.isa.runnable() != Isa::Scalar {
+            // SAFETY: as in `score_postings`; `col` and `out` have the same length.
+            unsafe { avx2::column(q, col, out) };
+            return;
         }
-    });
+        for (o, &t) in out.iter_mut().zip(col) {
+            *o += q.term(t);
+        }
+    }
+
+    /// The scores of postings `at` (positions in the list, any order), into `out`: gathered,
+    /// then the same kernel as [`Scorer::score`] without pruning or tables, so the same bits
+    /// (a table entry is `0.0 + term`, which differs from the term only when that is −0.0,
+    /// and adding ±0.0 to a sum that is not −0.0 gives the same sum; a sum that starts from a
+    /// prior other than −0.0 never is: `x + y` is −0.0 only when both are).
+    pub(super) fn scores_at(&self, at: &[u32], out: &mut Vec<f32>, col: &mut Vec<u16>) {
+        out.clear();
+        out.resize(at.len(), self.prior);
+        for (i, q) in self.tokens.iter().enumerate() {
+            let c = &self.pt[i * self.len..(i + 1) * self.len];
+            col.clear();
+            col.extend(at.iter().map(|&j| c[j as usize]));
+            self.add(*q, None, col, out);
+        }
+    }
+}
+
+/// [`Scorer::score`]'s buffers, kept by the caller: the postings left and their partial
+/// scores, and one token's quantized probabilities of theirs.
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    idx: Vec<u32>,
+    vals: Vec<f32>,
+    col: Vec<u16>,
+}
+
+/// Into `idx`, the `x` with `out[x] >= floor`, ascending; their count. (`idx` may be left
+/// longer: the count is what holds.)
+fn pack_at_or_above(isa: Isa, out: &[f32], floor: f32, idx: &mut Vec<u32>) -> usize {
+    idx.clear();
+    idx.resize(out.len() + 8, 0);
+    #[cfg(target_arch = "x86_64")]
+    if isa.runnable() != Isa::Scalar {
+        // SAFETY: AVX2 (as in `score_postings`); `idx` has 8 slots past `out.len()`.
+        return unsafe { avx2::pack_at_or_above(out, floor, idx) };
+    }
+    let _ = isa;
+    let mut n = 0;
+    for (x, &v) in out.iter().enumerate() {
+        idx[n] = x as u32;
+        n += (v >= floor) as usize;
+    }
+    n
+}
+
+/// Keeps the `(idx, vals)` pairs with `vals >= floor`, in order (branch-free).
+fn keep_at_or_above(idx: &mut Vec<u32>, vals: &mut Vec<f32>, floor: f32) {
+    let mut n = 0;
+    for x in 0..idx.len() {
+        let (j, v) = (idx[x], vals[x]);
+        idx[n] = j;
+        vals[n] = v;
+        n += (v >= floor) as usize;
+    }
+    idx.truncate(n);
+    vals.truncate(n);
+}
+
+/// Into `idx`, the `x` with `lo <= col[x] <= hi`, ascending; their count (`idx` may be left
+/// longer). Nothing when `lo > hi`.
+fn pack_levels_within(isa: Isa, col: &[u16], lo: usize, hi: usize, idx: &mut Vec<u32>) -> usize {
+    idx.clear();
+    idx.resize(col.len() + 8, 0);
+    if lo > hi {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.runnable() != Isa::Scalar {
+        // SAFETY: AVX2 (as in `score_postings`); `idx` has 8 slots past `col.len()`.
+        return unsafe { avx2::pack_levels_within(col, lo as i32, hi as i32, idx) };
+    }
+    let _ = isa;
+    let mut n = 0;
+    for (x, &c) in col.iter().enumerate() {
+        idx[n] = x as u32;
+        n += (lo <= c as usize && c as usize <= hi) as usize;
+    }
+    n
+}
+
+/// An upper bound of every term the kernel computes for a token of weight `w` (any `Pq`,
+/// any level), rounding included. A term is `w (a + b)` with `a + b` the bracket of Eq. 7,
+/// between 0 and `2 ln 2` in exact arithmetic (`Pq` is clamped to `[0, 1]`, `Pt ≤ 1`); the
+/// kernel's `ln` (~2e-7 relative) and roundings move the bracket by ~1e-6 at most (tested at
+/// every level: `term_bound_holds_at_every_level`), far inside the margin kept here, `1.5e-3
+/// |w|` (the one `list_bound` keeps). So a negative weight's term is at most that margin, a
+/// positive one's at most `1.5 w` plus it; a zero or non-finite weight's (scored 0) nothing.
+pub(super) fn term_bound(w: f32) -> f32 {
+    if !w.is_finite() || w == 0.0 {
+        0.0
+    } else if w < 0.0 {
+        1.5e-3 * -w
+    } else {
+        1.5 * w + 1.5e-3 * w
+    }
 }
 
 /// The query side of one token, with what every product's term reuses.
@@ -308,6 +624,94 @@ mod avx2 {
             *o += q.term(t);
         }
     }
+
+    /// The packing LUT: for each 8-bit mask, the lanes set, first to last, then zeros.
+    const fn pack_lut() -> [[u32; 8]; 256] {
+        let mut lut = [[0u32; 8]; 256];
+        let mut mask = 0;
+        while mask < 256 {
+            let (mut lane, mut n) = (0, 0);
+            while lane < 8 {
+                if mask & (1 << lane) != 0 {
+                    lut[mask][n] = lane as u32;
+                    n += 1;
+                }
+                lane += 1;
+            }
+            mask += 1;
+        }
+        lut
+    }
+    static PACK: [[u32; 8]; 256] = pack_lut();
+
+    /// `super::pack_levels_within`, 8 at a time, as [`pack_at_or_above`] packs.
+    ///
+    /// # Safety
+    /// AVX2; `idx.len() >= col.len() + 8`; `0 <= lo <= hi <= 65535`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn pack_levels_within(col: &[u16], lo: i32, hi: i32, idx: &mut [u32]) -> usize {
+        assert!(
+            idx.len() >= col.len() + 8,
+            "pack_levels_within room; this is a bug"
+        );
+        let (below, above) = (_mm256_set1_epi32(lo - 1), _mm256_set1_epi32(hi + 1));
+        let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let eight = _mm256_set1_epi32(8);
+        let mut n = 0;
+        let mut groups = col.chunks_exact(8);
+        for g in &mut groups {
+            let c = _mm256_cvtepu16_epi32(_mm_loadu_si128(g.as_ptr() as *const __m128i));
+            let within =
+                _mm256_and_si256(_mm256_cmpgt_epi32(c, below), _mm256_cmpgt_epi32(above, c));
+            let mask = _mm256_movemask_ps(_mm256_castsi256_ps(within)) as usize;
+            let perm = _mm256_loadu_si256(PACK[mask].as_ptr() as *const __m256i);
+            let packed = _mm256_permutevar8x32_epi32(lanes, perm);
+            _mm256_storeu_si256(idx.as_mut_ptr().add(n) as *mut __m256i, packed);
+            n += mask.count_ones() as usize;
+            lanes = _mm256_add_epi32(lanes, eight);
+        }
+        let base = col.len() - groups.remainder().len();
+        for (x, &c) in groups.remainder().iter().enumerate() {
+            idx[n] = (base + x) as u32;
+            n += (lo <= c as i32 && c as i32 <= hi) as usize;
+        }
+        n
+    }
+
+    /// `super::pack_at_or_above`, 8 at a time: the lanes at or above `floor` (`>=`, ordered:
+    /// as the scalar `>=` on numbers) packed to the front by a permutation from a table, all
+    /// 8 stored, and the count advanced by their number: no branch per lane.
+    ///
+    /// # Safety
+    /// AVX2; `idx.len() >= out.len() + 8`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn pack_at_or_above(out: &[f32], floor: f32, idx: &mut [u32]) -> usize {
+        assert!(
+            idx.len() >= out.len() + 8,
+            "pack_at_or_above room; this is a bug"
+        );
+        let f = _mm256_set1_ps(floor);
+        let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let eight = _mm256_set1_epi32(8);
+        let mut n = 0;
+        let mut groups = out.chunks_exact(8);
+        for g in &mut groups {
+            let ge = _mm256_cmp_ps(_mm256_loadu_ps(g.as_ptr()), f, _CMP_GE_OQ);
+            let mask = _mm256_movemask_ps(ge) as usize;
+            let perm = _mm256_loadu_si256(PACK[mask].as_ptr() as *const __m256i);
+            let packed = _mm256_permutevar8x32_epi32(lanes, perm);
+            // `n <= x` for the group's first index `x`, so `n + 8 <= out.len() + 8`.
+            _mm256_storeu_si256(idx.as_mut_ptr().add(n) as *mut __m256i, packed);
+            n += mask.count_ones() as usize;
+            lanes = _mm256_add_epi32(lanes, eight);
+        }
+        let base = out.len() - groups.remainder().len();
+        for (x, &v) in groups.remainder().iter().enumerate() {
+            idx[n] = (base + x) as u32;
+            n += (v >= floor) as usize;
+        }
+        n
+    }
 }
 
 #[cfg(test)]
@@ -368,6 +772,40 @@ mod tests {
                 assert_eq!(a[l].to_bits(), b[l].to_bits(), "pq {pq} w {w} level {l}");
             }
         }
+    }
+
+    /// [`term_bound`] holds at every quantization level, with room: query sides at the edges
+    /// (0, denormal, tiny, ½, 1) and random ones, weights of both signs; a negative weight's
+    /// largest term is below 1e-6 |w| (the margin is 1.5e-3 |w|).
+    #[test]
+    fn term_bound_holds_at_every_level() {
+        let mut next = rng(17);
+        let mut pqs = vec![
+            0.0,
+            f32::from_bits(1),
+            1e-30,
+            1e-7,
+            0.5,
+            1.0,
+            1.0 - f32::EPSILON,
+        ];
+        pqs.extend((0..60).map(|_| (next() % 1_000_000) as f32 / 1e6));
+        pqs.extend((0..20).map(|_| (next() % 65536) as f32 * PT_SCALE));
+        let mut worst = 0f32;
+        for &pq in &pqs {
+            for w in [-1.0f32, -0.37, -2.0, 1.0, 0.5] {
+                let q = Token::new(pq, w);
+                let bound = term_bound(w);
+                for l in 0..=u16::MAX {
+                    let t = q.term(l);
+                    assert!(t <= bound, "pq {pq} w {w} level {l}: {t} > {bound}");
+                    if w < 0.0 {
+                        worst = worst.max(t / -w);
+                    }
+                }
+            }
+        }
+        assert!(worst < 1e-6, "a negative weight's term reached {worst} |w|");
     }
 
     #[test]

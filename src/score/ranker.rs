@@ -3,41 +3,55 @@
 //! a branch-free `scan` against it; for `sum`, a per-list `score_floor`) or, where those do
 //! not apply, the block merge ([`Ranker::rank_blocks`]). [`Ranker`]'s doc tells how and why.
 
+use super::kernel::{Scorer, Scratch};
 use super::{score_postings, Aggregate, Hit, Postings};
 use crate::backend::cpu::simd::Isa;
 
 /// The fast twin of [`rank`], for serving: the same hits, bit for bit, on valid posting lists
-/// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). The lists are
-/// scored (sequentially, SIMD; under `max`, only those that can reach the top); then, for `k`
-/// up to [`THRESHOLD_MAX_K`] and ordinary
-/// scores (`ordinary`: finite, never `-0.0`), a **threshold pass** replaces the merge.
+/// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). For `k` up to
+/// [`THRESHOLD_MAX_K`] and ordinary scores (`ordinary`: finite, never `-0.0`), a **threshold
+/// pass** replaces the merge: each list is scored 1,024 postings at a time ([`Scorer`]: SIMD,
+/// the chunk's scores in L1 while every token is added and while they are scanned) and the
+/// chunk scanned against a running top `k`.
 ///
-/// - **max**: the lists are scanned (in the order below) against a running top `k` of distinct
-///   products (`TopK`); a posting below the `k`-th best score kept so far (the floor) cannot
-///   enter it (nor raise a product kept, whose score is already above), and a branch-free
-///   compare of 16 scores at a time skips nearly all of them. The postings at the floor
-///   (1,024 scanned against one floor, their product ids prefetched a chunk ahead: the kernel
-///   never read them) raise their product's best score or enter; every `k` entries the best
-///   `k` are selected and the floor rises. A product's best posting is never skipped while it
-///   could be among the `k` best (the floor is the `k`-th of `k` distinct products' real
-///   scores), so the `k` kept at the end are the `k` best: ~2,300 offers a query at the
-///   median instead of a merge of every posting. The lists go in order of an upper bound of
-///   their scores (`list_bound`: the prior, when every weight is negative), and one whose
-///   bound is below the floor is not even scored: with the code-likelihood prior, a query's
-///   unlikely codes, long lists included, cost nothing once its likely ones fill the top.
+/// - **max**: a running top `k` of distinct products (`TopK`); a posting below the `k`-th
+///   best score kept so far (the floor) cannot enter it (nor raise a product kept, whose
+///   score is already above), and a branch-free compare of 16 scores at a time skips nearly
+///   all of them. The postings at the floor raise their product's best score or enter (their
+///   product ids, which the scoring never read, prefetched while the next chunk is scored);
+///   every `k` entries the best `k` are selected and the floor rises. A product's best
+///   posting is never skipped while it could be among the `k` best (the floor is the `k`-th
+///   of `k` distinct products' real scores), so the `k` kept at the end are the `k` best,
+///   each with its best score: ~2,300–4,000 offers a query instead of a merge of every
+///   posting. The lists go in order of an upper bound of their scores (`list_bound`: the
+///   prior, when every weight is negative), and one whose bound is below the floor is not
+///   even scored: with the code-likelihood prior, a query's unlikely codes, long lists
+///   included, cost nothing once its likely ones fill the top.
+/// - **pruning**: a posting that cannot reach the floor is not scored to the end. Each term is
+///   at most its token's margin (`term_bound`: ~0 for a negative weight), so a partial score
+///   bounds the final one (`prune_floors`); a posting below the bound's inverse at the floor
+///   gets no further token, and is not offered (its score is below the floor). In a list
+///   with a table of token 0's terms (≥ 65,536 postings), the levels whose term can bring the
+///   prior that far are a range, found in the table, and a posting outside it is dropped on
+///   its level alone, no term read; the few left are gathered and scored on. Every posting
+///   that can reach the floor is scored whole, so the offers are those of the whole scores.
 /// - **sum**: a product's total is at most its score in any one list plus every other list's
 ///   best positive score (rounded additions are monotone, so this holds in f32 too). The max
 ///   pass gives `2k` products; the `k`-th best of their exact totals is a floor `t` at or
 ///   below the final `k`-th total; every posting of every product that reaches `t` then
 ///   passes a per-list score floor (the bound inverted by bisection, `score_floor`), so the
-///   postings that pass name every product of the answer. Only those few are aggregated.
+///   postings that pass name every product of the answer: those the max pass offered, unless
+///   a list's floor is below the pass's last one (that list is scanned again). Only those
+///   few are aggregated.
 ///
 /// Either way the final products are then looked up in every list (`Ranker::gather`: both
-/// sides ascend, the shorter is searched for in the longer) and their scores recomputed by
-/// `rank`'s own chain — the first score, then `max` or `+` in code order over all their
-/// postings — with the codes that reached them. The rest (`k` past [`THRESHOLD_MAX_K`],
-/// non-finite or `-0.0` scores, where `f32::max` and the skipping would tell `±0` or NaN apart
-/// differently) goes to the block merge, [`Ranker::rank_blocks`], the path before these.
+/// sides ascend, the shorter is searched for in the longer) for the codes that reached them;
+/// under `sum` their scores are recomputed and added by `rank`'s own chain — the first
+/// score, then `+` in code order — and under `max` each product's best score is the one the
+/// pass kept (`rank`'s chain of `f32::max` gives the greatest). The rest (`k` past
+/// [`THRESHOLD_MAX_K`], non-finite or `-0.0` scores, where `f32::max` and the skipping would
+/// tell `±0` or NaN apart differently) goes to the block merge, [`Ranker::rank_blocks`], the
+/// path before these.
 ///
 /// The block merge: the lists are merged one block of product ids at a time: each posting of
 /// the block aggregates into a block-local slot (32 Ki of them, 256 KiB, reused for every block and so
@@ -64,11 +78,23 @@ pub struct Ranker {
     /// The threshold passes' running top `k`, and the sum pass's candidates.
     best: TopK,
     candidates: Vec<u32>,
-    /// One chunk's postings at the floor (positions in their list) and their products.
+    /// One chunk's postings at the floor (positions in their list) and their scores.
     hits: Vec<u32>,
-    hit_ids: Vec<u32>,
+    hit_scores: Vec<f32>,
     /// Lists the last max pass skipped whole ([`Ranker::skipped_lists`]).
     skipped: usize,
+    /// Per list, a bound of its best score (recorded by the sum pass).
+    tops: Vec<f32>,
+    /// The sum pass's offered postings: list, position, score.
+    offered: Vec<(u32, u32, f32)>,
+    /// One chunk's scores, and the term tables of a long list ([`Scorer`]).
+    chunk: Vec<f32>,
+    tables: Vec<Vec<f32>>,
+    /// Per token, the least partial score worth adding it to (`prune_floors`).
+    floors: Vec<f32>,
+    /// Terms the last query did not compute ([`Ranker::pruned_terms`]).
+    pruned: usize,
+    scratch: Scratch,
 }
 
 /// The largest `k` the threshold passes take (a product kept is found by a scan of the up to
@@ -223,10 +249,17 @@ impl TopK {
 
     /// The best `k` products kept (fewer when fewer were offered), in no order.
     fn products(&mut self) -> impl Iterator<Item = u32> + '_ {
+        self.entries().map(|(product, _)| product)
+    }
+
+    /// The best `k` products kept and their best scores offered, in no order.
+    fn entries(&mut self) -> impl Iterator<Item = (u32, f32)> + '_ {
         if self.kept.len() > self.k {
             self.compact();
         }
-        self.kept.iter().map(|&key| Self::product(key))
+        self.kept
+            .iter()
+            .map(|&key| (Self::product(key), Self::score(key)))
     }
 
     /// The lowest score an offer may enter or change the top with (an equal score enters
@@ -248,10 +281,16 @@ impl TopK {
         }
         let b = Self::bucket(product);
         if self.held[b] != 0 {
+            // Eight keys compared at once, branch-free, and only a group holding the product
+            // looked into: nearly every product sent here is not kept (another shares its
+            // bucket), and a scan key by key of the up to `2k` kept cost ~2 cycles a key.
             let id = !product;
-            if let Some(kept) = self.kept.iter_mut().find(|h| **h as u32 == id) {
-                *kept = (*kept).max(key);
-                return;
+            for group in self.kept.chunks_mut(8) {
+                if group.iter().fold(false, |any, &h| any | (h as u32 == id)) {
+                    let kept = group.iter_mut().find(|h| **h as u32 == id).expect("found");
+                    *kept = (*kept).max(key);
+                    return;
+                }
             }
         }
         self.kept.push(key);
@@ -356,7 +395,7 @@ fn lower_bound(ids: &[u32], p: u32) -> usize {
 /// `>= +0.0`, so the bound is `prefix + s` rounded, then monotone). Rounded addition is
 /// monotone in both operands, so the bound is monotone in `s` and found by bisection over the
 /// ordered finite floats; +∞ when no finite score reaches `t`.
-fn score_floor(prefix: f32, after: &[f32], t: f32) -> f32 {
+pub(super) fn score_floor(prefix: f32, after: &[f32], t: f32) -> f32 {
     let bound = |s: f32| after.iter().fold(prefix + s, |v, &u| v + u);
     // Finite floats in order as integers (IEEE 754 total order, as `f32::total_cmp`).
     let key = |x: f32| {
@@ -380,6 +419,24 @@ fn score_floor(prefix: f32, after: &[f32], t: f32) -> f32 {
     float(lo)
 }
 
+/// Per token `i`, into `out`, the least partial score (the prior and tokens `0..i`) that may
+/// still reach `floor` once tokens `i..` are added, each term at most its `margins` entry
+/// ([`term_bound`](super::kernel::term_bound), `>= +0.0`): rounded additions are monotone, so
+/// the final score is at most `((s + m_i) + m_{i+1}) + …`, and the least `s` whose bound
+/// reaches `floor` is [`score_floor`]`(0, m_{i..}, floor)` (`0 + s` is `s`); `i` runs to
+/// `n` (no token left: `floor` itself). Token 0 is added to every posting (−∞), and every
+/// token when there is no floor yet (all −∞). The entries rise with `i` (fewer margins).
+fn prune_floors(margins: &[f32], floor: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend((0..=margins.len()).map(|i| {
+        if i == 0 || floor == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            score_floor(0.0, &margins[i..], floor)
+        }
+    }));
+}
+
 impl Ranker {
     pub fn new() -> Ranker {
         Ranker::default()
@@ -395,6 +452,7 @@ impl Ranker {
         products: u32,
     ) -> Vec<Hit> {
         self.skipped = 0;
+        self.pruned = 0;
         if k == 0 {
             return Vec::new();
         }
@@ -403,20 +461,19 @@ impl Ranker {
         }
         let mut hits = match aggregate {
             Aggregate::Max => {
-                self.max_pass_pruned(isa, lists, k, products);
+                self.threshold_pass(isa, lists, k, products, false);
+                let mut best: Vec<(u32, f32)> = self.best.entries().collect();
+                self.best.clear();
+                best.sort_unstable_by_key(|&(p, _)| p);
                 let mut found = std::mem::take(&mut self.candidates);
                 found.clear();
-                found.extend(self.best.products());
-                self.best.clear();
-                found.sort_unstable();
-                let hits = self.gather(lists, &found, Aggregate::Max);
+                found.extend(best.iter().map(|&(p, _)| p));
+                let scores: Vec<f32> = best.iter().map(|&(_, s)| s).collect();
+                let hits = self.gather(isa, lists, &found, Some(&scores));
                 self.candidates = found;
                 hits
             }
-            Aggregate::Sum => {
-                self.score_lists(isa, lists);
-                self.sum_pass(lists, k, products)
-            }
+            Aggregate::Sum => self.sum_pass(isa, lists, k, products),
         };
         let better = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.product.cmp(&b.product));
         if hits.len() > k {
@@ -439,32 +496,28 @@ impl Ranker {
         }
     }
 
-    /// The max threshold pass with whole lists skipped: the lists go in order of their score
-    /// bound ([`list_bound`], the prior when every weight is negative: the shipped model's
-    /// case), each scored only when its bound reaches the floor, since a list whose every
-    /// score is below the `k`-th best kept cannot enter the top nor raise a product in it
-    /// (its scores are below theirs). Leaves `best` as [`Ranker::max_pass`] does, and
-    /// `at[c] == usize::MAX` for the lists skipped, which `gather` reads as "below every
-    /// score found" (their codes still count).
-    fn max_pass_pruned(&mut self, isa: Isa, lists: &[Postings], k: usize, products: u32) {
+    /// The threshold pass: leaves in `best` the `k` products (fewer when the lists hold
+    /// fewer) of the best single scores, each with its best score, ties to the lower id. The
+    /// lists go in order of their score bound ([`list_bound`], the prior when every weight is
+    /// negative: the shipped model's case). Under `max` (`!sum`), a list whose bound is below
+    /// the floor is not scored, since a list whose every score is below the `k`-th best kept
+    /// cannot enter the top nor raise a product in it (its scores are below theirs; `gather`
+    /// still finds its code). For `sum`, every list is scored, and the postings offered and a
+    /// bound of each list's best score are recorded (`offered`, `tops`).
+    fn threshold_pass(&mut self, isa: Isa, lists: &[Postings], k: usize, products: u32, sum: bool) {
         let bounds: Vec<f32> = lists.iter().map(list_bound).collect();
         let mut order: Vec<usize> = (0..lists.len()).collect();
         order.sort_by(|&a, &b| bounds[b].total_cmp(&bounds[a]).then(a.cmp(&b)));
-        self.scores.clear();
-        self.at.clear();
-        self.at.resize(lists.len(), usize::MAX);
+        self.tops.clear();
+        self.tops.resize(lists.len(), f32::NEG_INFINITY);
+        self.offered.clear();
         self.best.reset(k);
         for c in order {
-            if bounds[c] < self.best.floor() {
+            if !sum && bounds[c] < self.best.floor() {
                 self.skipped += 1;
                 continue;
             }
-            let l = &lists[c];
-            let from = self.scores.len();
-            self.at[c] = from;
-            self.scores.resize(from + l.products.len(), l.prior);
-            score_postings(isa, l.pq, l.w, l.pt, &mut self.scores[from..]);
-            self.scan_list(c, l, products);
+            self.scan_list(isa, c, &lists[c], products, sum);
         }
     }
 
@@ -474,59 +527,132 @@ impl Ranker {
         self.skipped
     }
 
-    /// The max threshold pass: leaves in `best` the `k` products (fewer when the lists hold
-    /// fewer) of the best single scores, each with its best score, ties to the lower id.
-    fn max_pass(&mut self, lists: &[Postings], k: usize, products: u32) {
-        self.best.reset(k);
-        for (c, l) in lists.iter().enumerate() {
-            self.scan_list(c, l, products);
-        }
+    /// Terms (a token of a posting) that the last [`Ranker::rank`] did not compute: the
+    /// posting could not reach the floor (0 for the block merge).
+    pub fn pruned_terms(&self) -> usize {
+        self.pruned
     }
 
-    /// List `c`'s scored postings against the running top: those at the floor are offered.
-    fn scan_list(&mut self, c: usize, l: &Postings, products: u32) {
-        /// Postings scanned against one floor: the floor rises between chunks.
+    /// List `c` scored a chunk at a time ([`Scorer`]: the chunk's scores stay in L1 while
+    /// every token is added and while they are scanned) and scanned against the running top:
+    /// those at the floor are offered (and with `record`, kept in `offered`, and a bound of
+    /// the list's best score in `tops`). The scoring is pruned against the floor
+    /// (`prune_floors`): a posting whose partial score cannot reach it is not scored further,
+    /// and its partial score, below that floor, is not offered; every posting that can reach
+    /// it is scored whole. A chunk's postings at the floor are offered once the next chunk is
+    /// scored: the scoring never reads the product ids, and theirs, scattered, are one cache
+    /// miss each (~60 ns) unless prefetched meanwhile. (The scan's floor, taken after the
+    /// last offers, is at or above the one the chunk was pruned against.)
+    fn scan_list(&mut self, isa: Isa, c: usize, l: &Postings, products: u32, record: bool) {
+        /// Postings scored and scanned against one floor: the floor rises between chunks.
         const CHUNK: usize = 1024;
+        let scorer = Scorer::new(isa, l, Some(&mut self.tables));
         let best = &mut self.best;
-        let (hits, ids) = (&mut self.hits, &mut self.hit_ids);
-        {
-            let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
-            for (n, chunk) in scores.chunks(CHUNK).enumerate() {
-                let base = n * CHUNK;
-                // The scoring never read the product ids, and those of the postings at the
-                // floor are scattered: one cache miss each (~60 ns). Streaming the next
-                // chunk's ids in (64 lines, 4 bytes a posting) makes them hits for far less.
-                for line in l.products.iter().skip(base + CHUNK).take(CHUNK).step_by(16) {
-                    prefetch(line);
+        let (hits, hit_scores) = (&mut self.hits, &mut self.hit_scores);
+        hits.clear();
+        hit_scores.clear();
+        self.chunk.resize(CHUNK, 0.0);
+        let mut top = f32::NEG_INFINITY;
+        let mut last = None;
+        let len = l.products.len();
+        let mut base = 0;
+        loop {
+            let scores = &mut self.chunk[..CHUNK.min(len - base.min(len))];
+            let mut kept = None;
+            if base < len {
+                let floor = best.floor();
+                if last != Some(floor) {
+                    prune_floors(scorer.margins(), floor, &mut self.floors);
+                    last = Some(floor);
                 }
-                hits.clear();
-                scan(chunk, best.floor(), |j| hits.push((base + j) as u32));
-                ids.clear();
-                ids.extend(hits.iter().map(|&j| l.products[j as usize]));
-                for (&j, &p) in hits.iter().zip(ids.iter()) {
-                    if p < products {
-                        best.offer_max(p, scores[j as usize]);
+                let skipped = scorer.skipped_terms();
+                kept = scorer.score(base, scores, &self.floors, &mut self.scratch);
+                if record {
+                    // A posting pruned or not kept scores below `floor`.
+                    if kept.is_some() || scorer.skipped_terms() > skipped {
+                        top = top.max(floor);
+                    }
+                    let all: &[f32] = kept.map_or(&scores[..], |(_, v)| v);
+                    top = all.iter().fold(top, |t, &s| if s > t { s } else { t });
+                }
+            }
+            for (&j, &s) in hits.iter().zip(hit_scores.iter()) {
+                let p = l.products[j as usize];
+                if p < products {
+                    best.offer_max(p, s);
+                    if record {
+                        self.offered.push((c as u32, j, s));
                     }
                 }
             }
+            hits.clear();
+            hit_scores.clear();
+            if base >= len {
+                break;
+            }
+            let now = best.floor();
+            match kept {
+                None => scan(scores, now, |x| {
+                    prefetch(&l.products[base + x]);
+                    hits.push((base + x) as u32);
+                    hit_scores.push(scores[x]);
+                }),
+                Some((idx, vals)) => scan(vals, now, |x| {
+                    let j = base + idx[x] as usize;
+                    prefetch(&l.products[j]);
+                    hits.push(j as u32);
+                    hit_scores.push(vals[x]);
+                }),
+            }
+            base += CHUNK;
         }
+        self.tops[c] = top;
+        self.pruned += scorer.skipped_terms();
+    }
+
+    /// The products (below `products`) of list `l`'s postings scoring `floor` or more, into
+    /// `candidates`: the list scored again, a chunk at a time, pruned against `floor`.
+    fn scan_floor(&mut self, isa: Isa, l: &Postings, floor: f32, products: u32) {
+        const CHUNK: usize = 1024;
+        let scorer = Scorer::new(isa, l, Some(&mut self.tables));
+        prune_floors(scorer.margins(), floor, &mut self.floors);
+        self.chunk.resize(CHUNK, 0.0);
+        let len = l.products.len();
+        for base in (0..len).step_by(CHUNK) {
+            let scores = &mut self.chunk[..CHUNK.min(len - base)];
+            let candidates = &mut self.candidates;
+            let mut push = |j: usize| {
+                let p = l.products[base + j];
+                if p < products {
+                    candidates.push(p);
+                }
+            };
+            match scorer.score(base, scores, &self.floors, &mut self.scratch) {
+                None => scan(scores, floor, push),
+                Some((idx, vals)) => scan(vals, floor, |x| push(idx[x] as usize)),
+            }
+        }
+        self.pruned += scorer.skipped_terms();
     }
 
     /// The sum threshold pass (see [`Ranker`]): the candidates' hits with their exact totals,
     /// a superset of the best `k`.
-    fn sum_pass(&mut self, lists: &[Postings], k: usize, products: u32) -> Vec<Hit> {
+    fn sum_pass(&mut self, isa: Isa, lists: &[Postings], k: usize, products: u32) -> Vec<Hit> {
         // 1. `2k` products, likely among the best totals: the best single scores. (Twice `k`:
         // a few of them total far less — another of their postings is poor — and the floor
         // below is the `k`-th best of these totals.)
         let kk = 2 * k;
-        self.max_pass(lists, kk, products);
+        self.threshold_pass(isa, lists, kk, products, true);
+        // Every posting scoring at or above the pass's last floor was offered (the floor only
+        // rose), and so is in `offered`.
+        let last = self.best.floor();
         let mut found = std::mem::take(&mut self.candidates);
         found.clear();
         found.extend(self.best.products());
         let full = found.len() == kk;
         self.best.clear();
         found.sort_unstable();
-        let mut first = self.gather(lists, &found, Aggregate::Sum);
+        let mut first = self.gather(isa, lists, &found, None);
         if !full {
             // The lists hold fewer than `2k` products: these are all of them.
             self.candidates = found;
@@ -539,102 +665,104 @@ impl Ranker {
         // `u_0 + .. + s + .. + u_n` (its score `s` in list `c`, the sum in code order), and
         // every posting of a product totalling `t` or more scores at least that bound's
         // inverse at `t`.
-        let ups: Vec<f32> = lists
+        let ups: Vec<f32> = self
+            .tops
             .iter()
-            .enumerate()
-            .map(|(c, l)| {
-                let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
-                let m = scores.iter().fold(0f32, |m, &s| if s > m { s } else { m });
-                if m > 0.0 {
-                    m
-                } else {
-                    0.0
-                }
-            })
+            .map(|&m| if m > 0.0 { m } else { 0.0 })
             .collect();
-        found.clear();
+        let mut floors = Vec::with_capacity(lists.len());
         let mut prefix = 0f32;
-        for (c, l) in lists.iter().enumerate() {
-            let floor = score_floor(prefix, &ups[c + 1..], t);
-            prefix += ups[c];
-            let scores = &self.scores[self.at[c]..self.at[c] + l.products.len()];
-            scan(scores, floor, |j| {
-                let p = l.products[j];
-                if p < products {
-                    found.push(p);
-                }
-            });
+        for (c, &u) in ups.iter().enumerate() {
+            floors.push(score_floor(prefix, &ups[c + 1..], t));
+            prefix += u;
         }
+        // 4. The postings that pass: those offered, where the list's floor is at or above
+        // the last one; the others' lists are scored again.
+        found.clear();
+        for &(c, j, s) in &self.offered {
+            let f = floors[c as usize];
+            if f >= last && s >= f {
+                found.push(lists[c as usize].products[j as usize]);
+            }
+        }
+        self.candidates = found;
+        for (l, &f) in lists.iter().zip(&floors) {
+            if f < last {
+                self.scan_floor(isa, l, f, products);
+            }
+        }
+        let mut found = std::mem::take(&mut self.candidates);
         found.sort_unstable();
         found.dedup();
-        let hits = self.gather(lists, &found, Aggregate::Sum);
+        let hits = self.gather(isa, lists, &found, None);
         self.candidates = found;
         hits
     }
 
-    /// The hits of `found` (ascending product ids): each product looked up in every list, its
-    /// score aggregated over all its postings as `rank` aggregates it (in code order: the first
-    /// score, then `+` or `f32::max` of the next), and the codes that reached it.
-    fn gather(&self, lists: &[Postings], found: &[u32], aggregate: Aggregate) -> Vec<Hit> {
+    /// The hits of `found` (ascending product ids), with the codes that reached each: every
+    /// list searched (both sides ascend: each search starts where the last one ended, and the
+    /// shorter side is searched for in the longer; most of a query's lists are a few
+    /// postings). Under `max`, `best` gives each product's score: its best posting's, which
+    /// the threshold pass offered (at or above every floor, it was neither pruned nor left
+    /// unscanned), and which is `rank`'s chain of `f32::max` over its postings (on ordinary
+    /// scores, the greatest). Under `sum` (`None`), each total is aggregated as `rank`
+    /// aggregates it, in code order — the first score, then `+` the next — the scores
+    /// recomputed, a list's at a time ([`Scorer::scores_at`]).
+    fn gather(
+        &self,
+        isa: Isa,
+        lists: &[Postings],
+        found: &[u32],
+        best: Option<&[f32]>,
+    ) -> Vec<Hit> {
         let mut hits: Vec<Hit> = found
             .iter()
-            .map(|&product| Hit {
+            .enumerate()
+            .map(|(i, &product)| Hit {
                 product,
-                score: 0.0,
+                score: best.map_or(0.0, |b| b[i]),
                 codes: Vec::new(),
             })
             .collect();
-        let add = |h: &mut Hit, c: usize, s: f32| {
-            h.score = match (h.codes.is_empty(), aggregate) {
-                (true, _) => s,
-                (false, Aggregate::Sum) => h.score + s,
-                (false, Aggregate::Max) => h.score.max(s),
-            };
-            h.codes.push(c as u32);
-        };
+        // One list's matches: hit index, posting position.
+        let (mut pairs, mut at, mut scores, mut col) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (c, l) in lists.iter().enumerate() {
             let ids = l.products;
-            if self.at[c] == usize::MAX {
-                // Skipped by the max pass: every score of it is below every product found
-                // (below the floor they all reached), so under `max` it never is the
-                // result; only its code counts, and the chain's first score is the next.
-                debug_assert!(aggregate == Aggregate::Max);
-                let mut from = 0;
-                for h in hits.iter_mut() {
-                    let j = from + lower_bound(&ids[from..], h.product);
-                    if j < ids.len() && ids[j] == h.product {
-                        add(h, c, f32::NEG_INFINITY);
-                        from = j + 1;
-                    } else {
-                        from = j;
-                    }
-                }
-                continue;
-            }
-            let scores = &self.scores[self.at[c]..self.at[c] + ids.len()];
-            // Both sides ascend: each search starts where the last one ended, and the shorter
-            // side is searched for in the longer (most of a query's lists are a few postings).
+            pairs.clear();
             let mut from = 0;
             if ids.len() < found.len() {
-                for (&p, &s) in ids.iter().zip(scores) {
+                for (j, &p) in ids.iter().enumerate() {
                     let i = from + lower_bound(&found[from..], p);
                     if i < found.len() && found[i] == p {
-                        add(&mut hits[i], c, s);
+                        pairs.push((i, j as u32));
                         from = i + 1;
                     } else {
                         from = i;
                     }
                 }
-                continue;
-            }
-            for h in hits.iter_mut() {
-                let j = from + lower_bound(&ids[from..], h.product);
-                if j < ids.len() && ids[j] == h.product {
-                    add(h, c, scores[j]);
-                    from = j + 1;
-                } else {
-                    from = j;
+            } else {
+                for (i, h) in hits.iter().enumerate() {
+                    let j = from + lower_bound(&ids[from..], h.product);
+                    if j < ids.len() && ids[j] == h.product {
+                        pairs.push((i, j as u32));
+                        from = j + 1;
+                    } else {
+                        from = j;
+                    }
                 }
+            }
+            if best.is_none() {
+                at.clear();
+                at.extend(pairs.iter().map(|&(_, j)| j));
+                Scorer::new(isa, l, None).scores_at(&at, &mut scores, &mut col);
+                for (&(i, _), &s) in pairs.iter().zip(&scores) {
+                    let h = &mut hits[i];
+                    h.score = if h.codes.is_empty() { s } else { h.score + s };
+                }
+            }
+            for &(i, _) in &pairs {
+                hits[i].codes.push(c as u32);
             }
         }
         hits
@@ -848,6 +976,7 @@ mod tests {
         let mut ranker = Ranker::new();
         let mut checked = [0usize; 2];
         let mut skipped = 0;
+        let mut pruned = [0usize; 2];
         for case in 0..400 {
             let range = [16u64, 300, 5_000, 100_000][case % 4];
             let n_lists = (next() % 10) as usize;
@@ -930,6 +1059,7 @@ mod tests {
                             Isa::available()[(next() % Isa::available().len() as u64) as usize];
                         let fast = ranker.rank(isa, &lists, aggregate, k, limit);
                         skipped += ranker.skipped_lists();
+                        pruned[(aggregate == Aggregate::Sum) as usize] += ranker.pruned_terms();
                         let blocks = ranker.rank_blocks(isa, &lists, aggregate, k, limit);
                         let slow = rank(isa, &lists, aggregate, k, limit);
                         let what = format!(
@@ -977,8 +1107,103 @@ mod tests {
         }
         // Enough of both paths ran.
         assert!(checked.iter().all(|&n| n > 100_000), "{checked:?}");
-        // The max pass skipped whole lists in some cases (and still matched both twins).
+        // The max pass skipped whole lists in some cases, and both passes left terms
+        // uncomputed (and still matched both twins).
         assert!(skipped > 100, "{skipped} lists skipped");
+        assert!(
+            pruned.iter().all(|&n| n > 100_000),
+            "{pruned:?} terms pruned"
+        );
+    }
+
+    /// The pruned kernel, against the whole scores: for random lists (short, past
+    /// `LEVELS_MIN` — token 0's table, pruned by level — and past `TERM_TABLE_MIN`), priors,
+    /// weights of both signs, rising floors (none, and the 50 %, 5 % and 0.1 % best scores),
+    /// and chunks of any size, `Scorer::score` gives every score bit for bit (`None`), or
+    /// exactly the postings scoring at or above the floor, with their scores bit for bit.
+    /// Some chunks are pruned, by either path.
+    #[test]
+    fn pruned_scoring_keeps_exactly_the_postings_at_the_floor() {
+        let mut next = rng(31);
+        let mut pruned = 0;
+        let mut packed = 0;
+        let mut scratch = Scratch::default();
+        let mut tables = Vec::new();
+        for (case, len) in [300, 5_000, (1 << 16) + 77, TERM_TABLE_MIN + 5]
+            .into_iter()
+            .cycle()
+            .take(12)
+            .enumerate()
+        {
+            let n = 1 + (next() % 4) as usize;
+            let products: Vec<u32> = (0..len as u32).collect();
+            let pt: Vec<u16> = (0..n * len).map(|_| next() as u16).collect();
+            let pq: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+            let w: Vec<f32> = (0..n)
+                .map(|_| {
+                    let m = (next() % 200) as f32 / 100.0;
+                    if case % 3 == 2 && next().is_multiple_of(2) {
+                        m
+                    } else {
+                        -m
+                    }
+                })
+                .collect();
+            let prior = [0.0, -0.5, (next() % 3000) as f32 / 1000.0 - 2.0][case % 3];
+            let l = Postings {
+                products: &products,
+                pt: &pt,
+                pq: &pq,
+                w: &w,
+                prior,
+            };
+            let isa = Isa::available()[case % Isa::available().len()];
+            let mut full = vec![prior; len];
+            score_postings(isa, &pq, &w, &pt, &mut full);
+            let mut sorted = full.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let scorer = Scorer::new(isa, &l, Some(&mut tables));
+            let mut floors = Vec::new();
+            let mut out = vec![0f32; 2048];
+            for q in [None, Some(0.5), Some(0.05), Some(0.001)] {
+                let floor = q.map_or(f32::NEG_INFINITY, |q| {
+                    sorted[((len as f64 * q) as usize).min(len - 1)]
+                });
+                prune_floors(scorer.margins(), floor, &mut floors);
+                let mut start = 0;
+                while start < len {
+                    let m = [1024, 1, 7, 1500][(next() % 4) as usize].min(len - start);
+                    let want: Vec<(u32, u32)> = (0..m)
+                        .filter(|&x| full[start + x] >= floor)
+                        .map(|x| (x as u32, full[start + x].to_bits()))
+                        .collect();
+                    let before = scorer.skipped_terms();
+                    match scorer.score(start, &mut out[..m], &floors, &mut scratch) {
+                        None => {
+                            let got: Vec<u32> = out[..m].iter().map(|v| v.to_bits()).collect();
+                            let all: Vec<u32> =
+                                full[start..start + m].iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(got, all, "case {case} start {start}: every score");
+                        }
+                        Some((idx, vals)) => {
+                            let got: Vec<(u32, u32)> = idx
+                                .iter()
+                                .zip(vals)
+                                .map(|(&x, v)| (x, v.to_bits()))
+                                .collect();
+                            assert_eq!(got, want, "case {case} start {start} floor {floor}");
+                            packed += 1;
+                        }
+                    }
+                    pruned += scorer.skipped_terms() - before;
+                    start += m;
+                }
+            }
+        }
+        assert!(
+            packed > 100 && pruned > 100_000,
+            "{packed} chunks, {pruned} terms pruned"
+        );
     }
 
     /// A list scored through the term table (≥ TERM_TABLE_MIN products) and a short one
@@ -1062,6 +1287,10 @@ mod tests {
                         bits(&rank(isa, &lists, aggregate, k, u32::MAX))
                     );
                     assert_eq!(fast.len(), k);
+                    if k <= 300 {
+                        // The long list was pruned (by level, its token 0 tabled).
+                        assert!(ranker.pruned_terms() > TERM_TABLE_MIN / 2, "{k}");
+                    }
                 }
             }
         }
