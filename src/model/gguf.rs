@@ -469,10 +469,12 @@ mod tests {
             assert_eq!(out[j + 16], (15 - j) as f32 * 0.5 - 1.25);
         }
         let mut q80 = vec![d[0], d[1]];
-        q80.extend((0..32i8).map(|j| (j * 7 - 100) as u8));
+        // -100..=117: every value fits an i8 (computed wider: 31 * 7 alone does not).
+        let q = |j: i32| (j * 7 - 100) as i8;
+        q80.extend((0..32).map(|j| q(j) as u8));
         dequantize(GgmlType::Q8_0, &q80, &mut out);
         for (j, o) in out.iter().enumerate() {
-            assert_eq!(*o, (j as i8 * 7 - 100) as f32 * 0.5);
+            assert_eq!(*o, q(j as i32) as f32 * 0.5);
         }
     }
 
