@@ -2,10 +2,23 @@
 //! from threshold passes over the scored lists (a running top `k` with a rising floor, `TopK`;
 //! a branch-free `scan` against it; for `sum`, a per-list `score_floor`) or, where those do
 //! not apply, the block merge ([`Ranker::rank_blocks`]). [`Ranker`]'s doc tells how and why.
+//!
+//! This file holds [`Ranker`] and its entry points ([`Ranker::rank`], the counters), the check
+//! that routes a query (`ordinary`) and the final look-up both threshold passes share
+//! (`Ranker::gather`, `lower_bound`); `threshold` the threshold passes (max and sum), `top_k`
+//! their running top `k`, `blocks` the block merge.
+
+mod blocks;
+mod threshold;
+mod top_k;
+
+pub(super) use threshold::score_floor;
 
 use super::kernel::{Scorer, Scratch};
-use super::{score_postings, Aggregate, Hit, Postings};
+use super::{Aggregate, Hit, Postings};
 use crate::backend::cpu::simd::Isa;
+use blocks::{Slot, Worst};
+use top_k::TopK;
 
 /// The fast twin of [`rank`], for serving: the same hits, bit for bit, on valid posting lists
 /// (strictly ascending; tested against `rank` and [`Ranker::rank_blocks`]). For `k` up to
@@ -124,234 +137,6 @@ fn ordinary(lists: &[Postings]) -> bool {
     bound < 1e37
 }
 
-/// An upper bound of every score of list `l`, for `ordinary` lists: the prior plus, per token,
-/// the most its term can add. A term is `w (a + b)` with `a + b` the bracket of Eq. 7, between
-/// 0 and `2 ln 2` in exact arithmetic; the kernel's `ln` and roundings move it by far less
-/// than the margin kept here (1e-3 of the magnitudes involved, plus 1e-3), so a negative
-/// weight adds at most its share of the margin and a positive one at most `1.5 w`.
-fn list_bound(l: &Postings) -> f32 {
-    if l.pq.iter().any(|p| !(0.0..=1.0).contains(p)) {
-        return f32::INFINITY; // not probabilities: no bound claimed
-    }
-    let mut up = l.prior as f64;
-    let mut mag = 1.0 + l.prior.abs() as f64;
-    for &w in l.w.iter().filter(|w| w.is_finite()) {
-        if w > 0.0 {
-            up += 1.5 * w as f64;
-        }
-        mag += 1.5 * w.abs() as f64;
-    }
-    (up + 1e-3 * mag) as f32
-}
-
-/// Product ids aggregated together by [`Ranker`]: 32 Ki slots, 256 KiB, an L2's share.
-const RANK_BLOCK: u32 = 1 << 15;
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    /// The block that last wrote `score`.
-    epoch: u32,
-    score: f32,
-}
-
-/// A `(product, score)` ordered so that the heap's top is the worst kept: lowest score, and
-/// among equal scores the highest product id (`rank`'s tie-break).
-#[derive(Debug, Clone, Copy)]
-struct Worst(u32, f32);
-
-impl Worst {
-    fn key(&self, other: &Worst) -> std::cmp::Ordering {
-        other.1.total_cmp(&self.1).then(self.0.cmp(&other.0))
-    }
-}
-
-impl PartialEq for Worst {
-    fn eq(&self, other: &Self) -> bool {
-        self.key(other).is_eq()
-    }
-}
-
-impl Eq for Worst {}
-
-impl PartialOrd for Worst {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Worst {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key(other)
-    }
-}
-
-/// The best `k` distinct products offered so far ([`Ranker`]'s threshold passes), as
-/// [`TopK::key`]s in no order: the best `k` as of the last compaction (all at or above
-/// `floor`) and those that entered since; at `2k` kept, a selection (`select_nth_unstable`)
-/// keeps the best `k` and raises the floor. No heap: an entry costs a push, and the selection
-/// a few nanoseconds an entry (a heap's sift was ~30 ns of mispredicted branches). A count per
-/// hash bucket of the products kept tells a product not kept — nearly every one offered — in
-/// one read; a kept one is found by a scan.
-#[derive(Debug, Default)]
-struct TopK {
-    k: usize,
-    kept: Vec<u64>,
-    /// The `k`-th best key at the last compaction; 0 (below every finite score's key) before.
-    floor: u64,
-    /// Kept products per bucket of [`TopK::bucket`] (`2k ≤ 4 THRESHOLD_MAX_K` fits a `u16`).
-    held: Vec<u16>,
-}
-
-impl TopK {
-    /// 16 Ki buckets (32 KiB): at `k` = 300 (300–600 kept) a product not kept is sent to
-    /// the scan 2–4 % of the time.
-    const BUCKETS: u32 = 1 << 14;
-
-    fn bucket(product: u32) -> usize {
-        (product.wrapping_mul(0x9e37_79b1) >> (32 - Self::BUCKETS.trailing_zeros())) as usize
-    }
-
-    /// `(score, product)` as one integer in `rank`'s order, greater = better: the score's bits
-    /// made monotone (the order of `f32::total_cmp`), then the product id inverted (ties to the
-    /// lower id). One integer compare instead of two branchy ones.
-    fn key(product: u32, score: f32) -> u64 {
-        let b = score.to_bits();
-        let ordered = if b >> 31 == 1 { !b } else { b | 1 << 31 };
-        (ordered as u64) << 32 | !product as u64
-    }
-
-    fn product(key: u64) -> u32 {
-        !(key as u32)
-    }
-
-    fn score(key: u64) -> f32 {
-        let o = (key >> 32) as u32;
-        f32::from_bits(if o >> 31 == 1 { o & !(1 << 31) } else { !o })
-    }
-
-    fn reset(&mut self, k: usize) {
-        debug_assert!(k <= 2 * THRESHOLD_MAX_K, "counts fit a u16");
-        if self.held.is_empty() {
-            self.held = vec![0; Self::BUCKETS as usize];
-        }
-        self.clear();
-        self.k = k;
-    }
-
-    /// Empties the top (and only its buckets).
-    fn clear(&mut self) {
-        for &key in &self.kept {
-            self.held[Self::bucket(Self::product(key))] = 0;
-        }
-        self.kept.clear();
-        self.floor = 0;
-    }
-
-    /// The best `k` products kept (fewer when fewer were offered), in no order.
-    fn products(&mut self) -> impl Iterator<Item = u32> + '_ {
-        self.entries().map(|(product, _)| product)
-    }
-
-    /// The best `k` products kept and their best scores offered, in no order.
-    fn entries(&mut self) -> impl Iterator<Item = (u32, f32)> + '_ {
-        if self.kept.len() > self.k {
-            self.compact();
-        }
-        self.kept
-            .iter()
-            .map(|&key| (Self::product(key), Self::score(key)))
-    }
-
-    /// The lowest score an offer may enter or change the top with (an equal score enters
-    /// only with a lower product id): the `k`-th best at the last compaction, else −∞.
-    fn floor(&self) -> f32 {
-        if self.floor == 0 {
-            f32::NEG_INFINITY
-        } else {
-            Self::score(self.floor)
-        }
-    }
-
-    /// Offers a posting under `max`: a product kept keeps its better score; a new one enters
-    /// if it is at or above the floor.
-    fn offer_max(&mut self, product: u32, score: f32) {
-        let key = Self::key(product, score);
-        if key < self.floor {
-            return; // below the `k` best kept: it neither enters nor betters one of them
-        }
-        let b = Self::bucket(product);
-        if self.held[b] != 0 {
-            // Eight keys compared at once, branch-free, and only a group holding the product
-            // looked into: nearly every product sent here is not kept (another shares its
-            // bucket), and a scan key by key of the up to `2k` kept cost ~2 cycles a key.
-            let id = !product;
-            for group in self.kept.chunks_mut(8) {
-                if group.iter().fold(false, |any, &h| any | (h as u32 == id)) {
-                    let kept = group.iter_mut().find(|h| **h as u32 == id).expect("found");
-                    *kept = (*kept).max(key);
-                    return;
-                }
-            }
-        }
-        self.kept.push(key);
-        self.held[b] += 1;
-        if self.kept.len() >= 2 * self.k {
-            self.compact();
-        }
-    }
-
-    /// Keeps the best `k` and makes the `k`-th of them the floor.
-    fn compact(&mut self) {
-        let k = self.k;
-        self.kept.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        for &key in &self.kept[k..] {
-            self.held[Self::bucket(Self::product(key))] -= 1;
-        }
-        self.kept.truncate(k);
-        self.floor = self.kept[k - 1];
-    }
-}
-
-/// Asks the CPU to bring `x`'s cache line in, without waiting for it.
-#[inline(always)]
-fn prefetch<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it cannot fault and changes nothing the program reads.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(x as *const T as *const i8);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
-}
-
-/// Calls `hit(j)` for each `j` with `scores[j] >= floor`, in order. Sixteen scores are
-/// compared at once, branch-free (the compiler's SIMD), and only a group with a score at the
-/// floor is looked at one by one: past the first few thousand postings of a query nearly
-/// every group is skipped whole.
-#[inline]
-fn scan(scores: &[f32], floor: f32, mut hit: impl FnMut(usize)) {
-    const GROUP: usize = 16;
-    let mut groups = scores.chunks_exact(GROUP);
-    let mut base = 0;
-    for g in &mut groups {
-        let g: &[f32; GROUP] = g.try_into().expect("chunks_exact");
-        if g.iter().fold(false, |any, &s| any | (s >= floor)) {
-            for (i, &s) in g.iter().enumerate() {
-                if s >= floor {
-                    hit(base + i);
-                }
-            }
-        }
-        base += GROUP;
-    }
-    for (i, &s) in groups.remainder().iter().enumerate() {
-        if s >= floor {
-            hit(base + i);
-        }
-    }
-}
-
 /// The first index of the ascending `ids` at or past `p`: exponential search from where `p`
 /// would lie were the ids spread evenly between the first and the last (product ids nearly
 /// are, so the guess is usually a cache line or two off), then a binary search in the last
@@ -387,54 +172,6 @@ fn lower_bound(ids: &[u32], p: u32) -> usize {
         let start = hi.saturating_sub(step);
         start + ids[start..hi].partition_point(|&x| x < p)
     }
-}
-
-/// The lowest score `s` a posting of list `c` may have when its product totals `t` or more
-/// under `sum`: the least `s` with `((prefix + s) + after[0]) + after[1] + … >= t` (`prefix`:
-/// the earlier lists' best positive scores summed in order, `after`: the later ones'; all
-/// `>= +0.0`, so the bound is `prefix + s` rounded, then monotone). Rounded addition is
-/// monotone in both operands, so the bound is monotone in `s` and found by bisection over the
-/// ordered finite floats; +∞ when no finite score reaches `t`.
-pub(super) fn score_floor(prefix: f32, after: &[f32], t: f32) -> f32 {
-    let bound = |s: f32| after.iter().fold(prefix + s, |v, &u| v + u);
-    // Finite floats in order as integers (IEEE 754 total order, as `f32::total_cmp`).
-    let key = |x: f32| {
-        let b = x.to_bits() as i32;
-        b ^ (((b >> 31) as u32) >> 1) as i32
-    };
-    let float = |k: i32| f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32);
-    let (mut lo, mut hi) = (key(-f32::MAX), key(f32::MAX));
-    if bound(f32::MAX) < t {
-        return f32::INFINITY;
-    }
-    // bound(float(hi)) >= t; find the least such key.
-    while lo < hi {
-        let mid = lo + ((hi as i64 - lo as i64) / 2) as i32;
-        if bound(float(mid)) >= t {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    float(lo)
-}
-
-/// Per token `i`, into `out`, the least partial score (the prior and tokens `0..i`) that may
-/// still reach `floor` once tokens `i..` are added, each term at most its `margins` entry
-/// ([`term_bound`](super::kernel::term_bound), `>= +0.0`): rounded additions are monotone, so
-/// the final score is at most `((s + m_i) + m_{i+1}) + …`, and the least `s` whose bound
-/// reaches `floor` is [`score_floor`]`(0, m_{i..}, floor)` (`0 + s` is `s`); `i` runs to
-/// `n` (no token left: `floor` itself). Token 0 is added to every posting (−∞), and every
-/// token when there is no floor yet (all −∞). The entries rise with `i` (fewer margins).
-fn prune_floors(margins: &[f32], floor: f32, out: &mut Vec<f32>) {
-    out.clear();
-    out.extend((0..=margins.len()).map(|i| {
-        if i == 0 || floor == f32::NEG_INFINITY {
-            f32::NEG_INFINITY
-        } else {
-            score_floor(0.0, &margins[i..], floor)
-        }
-    }));
 }
 
 impl Ranker {
@@ -484,43 +221,6 @@ impl Ranker {
         hits
     }
 
-    /// Every list's scores into `scores` (list `c`'s from `at[c]`).
-    fn score_lists(&mut self, isa: Isa, lists: &[Postings]) {
-        self.scores.clear();
-        self.at.clear();
-        for l in lists {
-            let from = self.scores.len();
-            self.at.push(from);
-            self.scores.resize(from + l.products.len(), l.prior);
-            score_postings(isa, l.pq, l.w, l.pt, &mut self.scores[from..]);
-        }
-    }
-
-    /// The threshold pass: leaves in `best` the `k` products (fewer when the lists hold
-    /// fewer) of the best single scores, each with its best score, ties to the lower id. The
-    /// lists go in order of their score bound ([`list_bound`], the prior when every weight is
-    /// negative: the shipped model's case). Under `max` (`!sum`), a list whose bound is below
-    /// the floor is not scored, since a list whose every score is below the `k`-th best kept
-    /// cannot enter the top nor raise a product in it (its scores are below theirs; `gather`
-    /// still finds its code). For `sum`, every list is scored, and the postings offered and a
-    /// bound of each list's best score are recorded (`offered`, `tops`).
-    fn threshold_pass(&mut self, isa: Isa, lists: &[Postings], k: usize, products: u32, sum: bool) {
-        let bounds: Vec<f32> = lists.iter().map(list_bound).collect();
-        let mut order: Vec<usize> = (0..lists.len()).collect();
-        order.sort_by(|&a, &b| bounds[b].total_cmp(&bounds[a]).then(a.cmp(&b)));
-        self.tops.clear();
-        self.tops.resize(lists.len(), f32::NEG_INFINITY);
-        self.offered.clear();
-        self.best.reset(k);
-        for c in order {
-            if !sum && bounds[c] < self.best.floor() {
-                self.skipped += 1;
-                continue;
-            }
-            self.scan_list(isa, c, &lists[c], products, sum);
-        }
-    }
-
     /// Lists the last [`Ranker::rank`] did not score (its max pass skipped them whole; 0 for
     /// `sum` and the block merge).
     pub fn skipped_lists(&self) -> usize {
@@ -531,174 +231,6 @@ impl Ranker {
     /// posting could not reach the floor (0 for the block merge).
     pub fn pruned_terms(&self) -> usize {
         self.pruned
-    }
-
-    /// List `c` scored a chunk at a time ([`Scorer`]: the chunk's scores stay in L1 while
-    /// every token is added and while they are scanned) and scanned against the running top:
-    /// those at the floor are offered (and with `record`, kept in `offered`, and a bound of
-    /// the list's best score in `tops`). The scoring is pruned against the floor
-    /// (`prune_floors`): a posting whose partial score cannot reach it is not scored further,
-    /// and its partial score, below that floor, is not offered; every posting that can reach
-    /// it is scored whole. A chunk's postings at the floor are offered once the next chunk is
-    /// scored: the scoring never reads the product ids, and theirs, scattered, are one cache
-    /// miss each (~60 ns) unless prefetched meanwhile. (The scan's floor, taken after the
-    /// last offers, is at or above the one the chunk was pruned against.)
-    fn scan_list(&mut self, isa: Isa, c: usize, l: &Postings, products: u32, record: bool) {
-        /// Postings scored and scanned against one floor: the floor rises between chunks.
-        const CHUNK: usize = 1024;
-        let scorer = Scorer::new(isa, l, Some(&mut self.tables));
-        let best = &mut self.best;
-        let (hits, hit_scores) = (&mut self.hits, &mut self.hit_scores);
-        hits.clear();
-        hit_scores.clear();
-        self.chunk.resize(CHUNK, 0.0);
-        let mut top = f32::NEG_INFINITY;
-        let mut last = None;
-        let len = l.products.len();
-        let mut base = 0;
-        loop {
-            let scores = &mut self.chunk[..CHUNK.min(len - base.min(len))];
-            let mut kept = None;
-            if base < len {
-                let floor = best.floor();
-                if last != Some(floor) {
-                    prune_floors(scorer.margins(), floor, &mut self.floors);
-                    last = Some(floor);
-                }
-                let skipped = scorer.skipped_terms();
-                kept = scorer.score(base, scores, &self.floors, &mut self.scratch);
-                if record {
-                    // A posting pruned or not kept scores below `floor`.
-                    if kept.is_some() || scorer.skipped_terms() > skipped {
-                        top = top.max(floor);
-                    }
-                    let all: &[f32] = kept.map_or(&scores[..], |(_, v)| v);
-                    top = all.iter().fold(top, |t, &s| if s > t { s } else { t });
-                }
-            }
-            for (&j, &s) in hits.iter().zip(hit_scores.iter()) {
-                let p = l.products[j as usize];
-                if p < products {
-                    best.offer_max(p, s);
-                    if record {
-                        self.offered.push((c as u32, j, s));
-                    }
-                }
-            }
-            hits.clear();
-            hit_scores.clear();
-            if base >= len {
-                break;
-            }
-            let now = best.floor();
-            match kept {
-                None => scan(scores, now, |x| {
-                    prefetch(&l.products[base + x]);
-                    hits.push((base + x) as u32);
-                    hit_scores.push(scores[x]);
-                }),
-                Some((idx, vals)) => scan(vals, now, |x| {
-                    let j = base + idx[x] as usize;
-                    prefetch(&l.products[j]);
-                    hits.push(j as u32);
-                    hit_scores.push(vals[x]);
-                }),
-            }
-            base += CHUNK;
-        }
-        self.tops[c] = top;
-        self.pruned += scorer.skipped_terms();
-    }
-
-    /// The products (below `products`) of list `l`'s postings scoring `floor` or more, into
-    /// `candidates`: the list scored again, a chunk at a time, pruned against `floor`.
-    fn scan_floor(&mut self, isa: Isa, l: &Postings, floor: f32, products: u32) {
-        const CHUNK: usize = 1024;
-        let scorer = Scorer::new(isa, l, Some(&mut self.tables));
-        prune_floors(scorer.margins(), floor, &mut self.floors);
-        self.chunk.resize(CHUNK, 0.0);
-        let len = l.products.len();
-        for base in (0..len).step_by(CHUNK) {
-            let scores = &mut self.chunk[..CHUNK.min(len - base)];
-            let candidates = &mut self.candidates;
-            let mut push = |j: usize| {
-                let p = l.products[base + j];
-                if p < products {
-                    candidates.push(p);
-                }
-            };
-            match scorer.score(base, scores, &self.floors, &mut self.scratch) {
-                None => scan(scores, floor, push),
-                Some((idx, vals)) => scan(vals, floor, |x| push(idx[x] as usize)),
-            }
-        }
-        self.pruned += scorer.skipped_terms();
-    }
-
-    /// The sum threshold pass (see [`Ranker`]): the candidates' hits with their exact totals,
-    /// a superset of the best `k`.
-    fn sum_pass(&mut self, isa: Isa, lists: &[Postings], k: usize, products: u32) -> Vec<Hit> {
-        // 1. `k + k/4` products, likely among the best totals: the best single scores. (More
-        // than `k`: a few of them total far less — another of their postings is poor — and
-        // the floor below is the `k`-th best of these totals; with `k` alone that floor fell
-        // to the poorest, and the lists were scanned again (p99 ~50 ms at paper scale). With
-        // `2k`, the pass's own floor was the `2k`-th best: ~30 % slower at p50, ~15 % at p99.)
-        let kk = k + k.div_ceil(4);
-        self.threshold_pass(isa, lists, kk, products, true);
-        // Every posting scoring at or above the pass's last floor was offered (the floor only
-        // rose), and so is in `offered`.
-        let last = self.best.floor();
-        let mut found = std::mem::take(&mut self.candidates);
-        found.clear();
-        found.extend(self.best.products());
-        let full = found.len() == kk;
-        self.best.clear();
-        found.sort_unstable();
-        let mut first = self.gather(isa, lists, &found, None);
-        if !full {
-            // The lists hold fewer than `kk` products: these are all of them.
-            self.candidates = found;
-            return first;
-        }
-        // 2. The floor: `k` products total at least `t`, so the `k`-th best total does too.
-        let (_, kth, _) = first.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score));
-        let t = kth.score;
-        // 3. Each list's best positive score `u_c` (else +0.0): a product's total is at most
-        // `u_0 + .. + s + .. + u_n` (its score `s` in list `c`, the sum in code order), and
-        // every posting of a product totalling `t` or more scores at least that bound's
-        // inverse at `t`.
-        let ups: Vec<f32> = self
-            .tops
-            .iter()
-            .map(|&m| if m > 0.0 { m } else { 0.0 })
-            .collect();
-        let mut floors = Vec::with_capacity(lists.len());
-        let mut prefix = 0f32;
-        for (c, &u) in ups.iter().enumerate() {
-            floors.push(score_floor(prefix, &ups[c + 1..], t));
-            prefix += u;
-        }
-        // 4. The postings that pass: those offered, where the list's floor is at or above
-        // the last one; the others' lists are scored again.
-        found.clear();
-        for &(c, j, s) in &self.offered {
-            let f = floors[c as usize];
-            if f >= last && s >= f {
-                found.push(lists[c as usize].products[j as usize]);
-            }
-        }
-        self.candidates = found;
-        for (l, &f) in lists.iter().zip(&floors) {
-            if f < last {
-                self.scan_floor(isa, l, f, products);
-            }
-        }
-        let mut found = std::mem::take(&mut self.candidates);
-        found.sort_unstable();
-        found.dedup();
-        let hits = self.gather(isa, lists, &found, None);
-        self.candidates = found;
-        hits
     }
 
     /// The hits of `found` (ascending product ids), with the codes that reached each: every
@@ -769,95 +301,12 @@ impl Ranker {
         }
         hits
     }
-
-    /// The block merge described on [`Ranker`]: as [`rank`](super::rank).
-    pub fn rank_blocks(
-        &mut self,
-        isa: Isa,
-        lists: &[Postings],
-        aggregate: Aggregate,
-        k: usize,
-        products: u32,
-    ) -> Vec<Hit> {
-        if k == 0 {
-            return Vec::new();
-        }
-        if self.slots.is_empty() {
-            self.slots = vec![Slot::default(); RANK_BLOCK as usize];
-        }
-        self.score_lists(isa, lists);
-        let at = &self.at;
-        self.top.clear();
-        let mut cursor: Vec<usize> = vec![0; lists.len()];
-        loop {
-            let next = lists
-                .iter()
-                .zip(&cursor)
-                .filter_map(|(l, &c)| l.products.get(c))
-                .min();
-            let Some(&next) = next.filter(|&&p| p < products) else {
-                break; // every list is done (or only stray postings are left)
-            };
-            let start = next - next % RANK_BLOCK;
-            let end = start.saturating_add(RANK_BLOCK).min(products);
-            if self.epoch == u32::MAX {
-                self.slots.fill(Slot::default());
-                self.epoch = 0;
-            }
-            self.epoch += 1;
-            let epoch = self.epoch;
-            for (i, l) in lists.iter().enumerate() {
-                let c = cursor[i];
-                // A scan, not a binary search: it makes progress on a corrupt (unsorted) list
-                // too, and these postings are read next anyway.
-                let n = l.products[c..].iter().take_while(|&&p| p < end).count();
-                let scores = &self.scores[at[i] + c..at[i] + c + n];
-                for (&p, &v) in l.products[c..c + n].iter().zip(scores) {
-                    // `start <= p` holds on sorted lists; an unsorted one may step back.
-                    let Some(slot) = self.slots.get_mut(p.wrapping_sub(start) as usize) else {
-                        continue;
-                    };
-                    if slot.epoch != epoch {
-                        *slot = Slot { epoch, score: v };
-                        self.touched.push(p);
-                    } else {
-                        slot.score = match aggregate {
-                            Aggregate::Sum => slot.score + v,
-                            Aggregate::Max => slot.score.max(v),
-                        };
-                    }
-                }
-                cursor[i] = c + n;
-            }
-            for &p in &self.touched {
-                let w = Worst(p, self.slots[(p - start) as usize].score);
-                if self.top.len() < k {
-                    self.top.push(w);
-                } else if self.top.peek().is_some_and(|worst| w < *worst) {
-                    self.top.pop();
-                    self.top.push(w);
-                }
-            }
-            self.touched.clear();
-        }
-        // Best first: ascending in `Worst`'s order is best to worst.
-        let best = std::mem::take(&mut self.top).into_sorted_vec();
-        best.iter()
-            .map(|&Worst(product, score)| Hit {
-                product,
-                score,
-                codes: (0..lists.len() as u32)
-                    .filter(|&c| lists[c as usize].products.binary_search(&product).is_ok())
-                    .collect(),
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::score::{kernel::TERM_TABLE_MIN, rank, tests::rng};
+    use crate::score::{kernel::TERM_TABLE_MIN, rank, score_postings, tests::rng};
 
     /// `rank` against a naive reference: every posting scored with the scalar twin,
     /// aggregated in a map, fully sorted; top-K must equal the sorted list's head.
@@ -1118,96 +567,6 @@ mod tests {
         );
     }
 
-    /// The pruned kernel, against the whole scores: for random lists (short, past
-    /// `LEVELS_MIN` — token 0's table, pruned by level — and past `TERM_TABLE_MIN`), priors,
-    /// weights of both signs, rising floors (none, and the 50 %, 5 % and 0.1 % best scores),
-    /// and chunks of any size, `Scorer::score` gives every score bit for bit (`None`), or
-    /// exactly the postings scoring at or above the floor, with their scores bit for bit.
-    /// Some chunks are pruned, by either path.
-    #[test]
-    fn pruned_scoring_keeps_exactly_the_postings_at_the_floor() {
-        let mut next = rng(31);
-        let mut pruned = 0;
-        let mut packed = 0;
-        let mut scratch = Scratch::default();
-        let mut tables = Vec::new();
-        for (case, len) in [300, 5_000, (1 << 16) + 77, TERM_TABLE_MIN + 5]
-            .into_iter()
-            .cycle()
-            .take(12)
-            .enumerate()
-        {
-            let n = 1 + (next() % 4) as usize;
-            let products: Vec<u32> = (0..len as u32).collect();
-            let pt: Vec<u16> = (0..n * len).map(|_| next() as u16).collect();
-            let pq: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect();
-            let w: Vec<f32> = (0..n)
-                .map(|_| {
-                    let m = (next() % 200) as f32 / 100.0;
-                    if case % 3 == 2 && next().is_multiple_of(2) {
-                        m
-                    } else {
-                        -m
-                    }
-                })
-                .collect();
-            let prior = [0.0, -0.5, (next() % 3000) as f32 / 1000.0 - 2.0][case % 3];
-            let l = Postings {
-                products: &products,
-                pt: &pt,
-                pq: &pq,
-                w: &w,
-                prior,
-            };
-            let isa = Isa::available()[case % Isa::available().len()];
-            let mut full = vec![prior; len];
-            score_postings(isa, &pq, &w, &pt, &mut full);
-            let mut sorted = full.clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            let scorer = Scorer::new(isa, &l, Some(&mut tables));
-            let mut floors = Vec::new();
-            let mut out = vec![0f32; 2048];
-            for q in [None, Some(0.5), Some(0.05), Some(0.001)] {
-                let floor = q.map_or(f32::NEG_INFINITY, |q| {
-                    sorted[((len as f64 * q) as usize).min(len - 1)]
-                });
-                prune_floors(scorer.margins(), floor, &mut floors);
-                let mut start = 0;
-                while start < len {
-                    let m = [1024, 1, 7, 1500][(next() % 4) as usize].min(len - start);
-                    let want: Vec<(u32, u32)> = (0..m)
-                        .filter(|&x| full[start + x] >= floor)
-                        .map(|x| (x as u32, full[start + x].to_bits()))
-                        .collect();
-                    let before = scorer.skipped_terms();
-                    match scorer.score(start, &mut out[..m], &floors, &mut scratch) {
-                        None => {
-                            let got: Vec<u32> = out[..m].iter().map(|v| v.to_bits()).collect();
-                            let all: Vec<u32> =
-                                full[start..start + m].iter().map(|v| v.to_bits()).collect();
-                            assert_eq!(got, all, "case {case} start {start}: every score");
-                        }
-                        Some((idx, vals)) => {
-                            let got: Vec<(u32, u32)> = idx
-                                .iter()
-                                .zip(vals)
-                                .map(|(&x, v)| (x, v.to_bits()))
-                                .collect();
-                            assert_eq!(got, want, "case {case} start {start} floor {floor}");
-                            packed += 1;
-                        }
-                    }
-                    pruned += scorer.skipped_terms() - before;
-                    start += m;
-                }
-            }
-        }
-        assert!(
-            packed > 100 && pruned > 100_000,
-            "{packed} chunks, {pruned} terms pruned"
-        );
-    }
-
     /// A list scored through the term table (≥ TERM_TABLE_MIN products) and a short one
     /// sharing some of its products, through every path.
     /// Under `max`, a list whose every score is below the `k`-th best so far is not scored:
@@ -1295,31 +654,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// `TopK::key` orders as `rank` does (score by `total_cmp`, then the lower product) and
-    /// decodes back, ±0 and infinities included.
-    #[test]
-    fn top_k_keys_order_as_rank() {
-        let mut next = rng(12);
-        let pick = |r: u64| match r % 6 {
-            0 => [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY][(r / 6 % 6) as usize],
-            _ => f32::from_bits(r as u32 >> 1) * if r & 1 << 40 == 0 { 1.0 } else { -1.0 },
-        };
-        for _ in 0..10_000 {
-            let (a, b) = ((next() % 5) as u32, (next() % 5) as u32);
-            let (sa, sb) = (pick(next()), pick(next()));
-            let (ka, kb) = (TopK::key(a, sa), TopK::key(b, sb));
-            assert_eq!(
-                kb.cmp(&ka),
-                sb.total_cmp(&sa).then(a.cmp(&b)),
-                "({a}, {sa}) vs ({b}, {sb})"
-            );
-            assert_eq!(
-                (TopK::product(ka), TopK::score(ka).to_bits()),
-                (a, sa.to_bits())
-            );
         }
     }
 
