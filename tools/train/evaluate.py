@@ -12,7 +12,12 @@ judged@10; for GRAM also the codes per query, the invalid-code rate (codes not i
 0 by construction of the trie), the candidates scored per query where the engine reports them,
 and latency (the engine's per-stage timings). BM25: bm25s 0.3.16, Lucene variant, k1 1.5, b 0.75,
 English stopwords, over title + short description + brand (the fields Chorus's own Solr engine
-searched, less ids and EANs). Union: the two rankings interleaved, GRAM first.
+searched, less ids and EANs). Union, two ways: the two rankings interleaved (GRAM first), and
+by score fusion (metrics.fuse: BM25's score over the query's best, plus a weight when GRAM's top
+k holds the product). The fusion weight is fitted here, never on the judged queries: the weight
+of a fixed grid with the best nDCG@10 on the synthetic validation queries (stage 2's
+queries-valid.jsonl; relevant = a product with every attribute value the query names, the rule
+of weights.py), GRAM through the same index, BM25 as below (`--fusion-weight W` skips the fit).
 
 A cold-start check rides along: for the held-out products of stage 2 and as many training
 products, the share of each product's catalog codes that the model's product-side beam (10)
@@ -86,19 +91,57 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_mod
     return out, build_s, wall
 
 
-def bm25_run(products, queries, k):
-    import bm25s
-    ids = [str(p["id"]) for p in products]
-    docs = [" ".join(str(p.get(f, "")) for f in ("title", "short_description", "supplier"))
-            for p in products]
-    retriever = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
-    retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
-    res, _ = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
-                                k=k, show_progress=False)
-    out = {}
-    for q, row in zip(queries, res):
-        out[q] = [ids[i] for i in row.tolist()]
-    return out
+class Bm25:
+    """bm25s over title + short description + brand of `products` (raw catalog records)."""
+
+    def __init__(self, products):
+        import bm25s
+        self.bm25s = bm25s
+        self.ids = [str(p["id"]) for p in products]
+        docs = [" ".join(str(p.get(f, "")) for f in ("title", "short_description", "supplier"))
+                for p in products]
+        self.retriever = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
+        self.retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False),
+                             show_progress=False)
+
+    def run(self, queries, k):
+        """{query: [(id, score)] best first}, at most k (fewer when the catalog is smaller)."""
+        k = min(k, len(self.ids))
+        res, scores = self.retriever.retrieve(
+            self.bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k,
+            show_progress=False)
+        return {q: [(self.ids[i], float(s)) for i, s in zip(row.tolist(), srow.tolist())]
+                for q, row, srow in zip(queries, res, scores)}
+
+
+# The fusion weights tried (metrics.fuse); 0 is BM25 alone, above 1 every GRAM product first.
+FUSION_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+# How deep the BM25 run is read for the fusion, so GRAM's products keep their BM25 score.
+FUSION_DEPTH = 1000
+
+
+def fit_fusion(gram, model, idx, work, items, bm25, k, beam, search_model):
+    """The fusion weight of FUSION_GRID with the best mean nDCG@10 over the synthetic
+    validation queries (ties: the smaller weight); their relevance: weights.py's rule."""
+    from tools.train.weights import relevant
+    by_id = {it["id"]: it for it in items}
+    rows = [r for r in read_jsonl(Path(work) / "queries-valid.jsonl") if r["pids"][0] in by_id]
+    grades = {}
+    for r in rows:
+        src = by_id[r["pids"][0]]
+        grades[r["query"]] = {i: M.REL for i, it in by_id.items() if relevant(it, r["attrs"], src)}
+    queries = sorted(grades)
+    g, _, _ = gram_run(gram, model, model / "catalog.jsonl", idx, queries, k, False, beam,
+                       search_model)
+    gram_runs = {q: [p["id"] for p in g[q]["products"]] for q in queries}
+    lex = bm25.run(queries, FUSION_DEPTH)
+    grid = {}
+    for w in FUSION_GRID:
+        s = M.summarize({q: M.fuse(lex[q], gram_runs[q], w, k) for q in queries}, grades)
+        grid[str(w)] = {m: round(s[m], 4) for m in ("ndcg@10", "recall@10", "recall@300")}
+    best = max(FUSION_GRID, key=lambda w: (grid[str(w)]["ndcg@10"], -w))
+    return {"weight": best, "criterion": "ndcg@10 on the synthetic validation queries",
+            "queries": len(queries), "grid": grid}
 
 
 def cold_start(model_dir, work, n=150, seed=0):
@@ -143,6 +186,9 @@ def main(argv=None):
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--beam", type=int, default=10, help="query-side beam (codes per query)")
     ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--fusion-weight", type=float, default=None,
+                    help="BM25 + GRAM score-fusion weight (default: fitted on the synthetic "
+                         "validation queries)")
     ap.add_argument("--settings", default=None,
                     help="score with this gram.json instead of the model's (same index; "
                          "e.g. other weights); name it with --name")
@@ -156,14 +202,23 @@ def main(argv=None):
     items = C.read_catalog(model / "catalog.jsonl")
     catalog_ids = {it["id"] for it in items}
     judged = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
-    g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", work / f"eval-index-{model.name}",
+    idx = work / f"eval-index-{model.name}"
+    g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", idx,
                                 queries, args.k, args.rebuild, args.beam, search_model)
     gram_runs = {q: [p["id"] for p in g[q]["products"]] for q in queries}
-    raw = [p for p in C.load_products() if str(p["id"]) in catalog_ids]
-    bm = bm25_run(raw, queries, args.k)
+    bm25 = Bm25([p for p in C.load_products() if str(p["id"]) in catalog_ids])
+    lex = bm25.run(queries, max(args.k, FUSION_DEPTH))
+    bm = {q: [d for d, _ in lex[q][:args.k]] for q in queries}
+    if args.fusion_weight is None:
+        fusion = fit_fusion(args.gram, model, idx, work, items, bm25, args.k, args.beam,
+                            search_model)
+    else:
+        fusion = {"weight": args.fusion_weight, "criterion": "--fusion-weight"}
     union = {q: M.interleave(gram_runs[q], bm[q], args.k) for q in queries}
+    fused = {q: M.fuse(lex[q], gram_runs[q], fusion["weight"], args.k) for q in queries}
     summary = {"gram": M.summarize(gram_runs, judged), "bm25": M.summarize(bm, judged),
-               "gram+bm25": M.summarize(union, judged)}
+               "gram+bm25": M.summarize(union, judged), "gram+bm25 fused": M.summarize(fused, judged),
+               "fusion": fusion}
     codes_per_q = [len(g[q]["codes"]) for q in queries]
     index_codes = set((model / "codes.txt").read_text().splitlines()) if (model / "codes.txt").exists() else None
     invalid = (sum(c["code"] not in index_codes for q in queries for c in g[q]["codes"])
@@ -182,14 +237,17 @@ def main(argv=None):
                      "gram_recall@300": M.recall(gram_runs[q], judged[q], 300),
                      "bm25_recall@300": M.recall(bm[q], judged[q], 300),
                      "gram_ndcg@10": M.ndcg(gram_runs[q], judged[q], 10),
-                     "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10)} for q in queries}
+                     "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10),
+                     "fused_recall@300": M.recall(fused[q], judged[q], 300),
+                     "fused_ndcg@10": M.ndcg(fused[q], judged[q], 10)} for q in queries}
     res = {"model": str(model), "queries": len(queries), "k": args.k, "beam": args.beam,
            "gram_json": json.loads(((search_model or model) / "gram.json").read_text()),
            "summary": summary,
            "per_query": per_query}
     (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(table([("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),
-                 ("GRAM ∪ BM25", summary["gram+bm25"])]))
+                 ("GRAM ∪ BM25 interleaved", summary["gram+bm25"]),
+                 (f"GRAM ∪ BM25 fused (weight {fusion['weight']})", summary["gram+bm25 fused"])]))
     print(json.dumps({k: v for k, v in summary["gram"].items() if not k.startswith("n_")}, indent=1))
     if "cold_start" in summary:
         print(json.dumps(summary["cold_start"]))

@@ -57,6 +57,24 @@ def interleave(a, b, k):
     return out[:k]
 
 
+def fuse(lexical, gram, weight, k):
+    """A ∪ B by score fusion: each product scores its lexical score over the query's best
+    lexical score (0 when `lexical` does not hold it) plus `weight` when GRAM's top k holds
+    it; the top k by that score. `lexical` is [(id, score)] best first (deeper than k, so the
+    products GRAM brings keep their lexical score), `gram` the GRAM ranking (ids). Ties keep
+    the lexical order, then GRAM's. weight = 0 is the lexical ranking; a weight above 1 puts
+    every GRAM product first, in lexical order."""
+    best = lexical[0][1] if lexical and lexical[0][1] > 0 else 1.0
+    score = {}
+    for d, s in lexical:
+        if d not in score:
+            score[d] = s / best
+    for d in gram[:k]:
+        score[d] = score.get(d, 0.0) + weight
+    order = sorted(score.items(), key=lambda x: -x[1])  # stable: ties keep insertion order
+    return [d for d, _ in order[:k]]
+
+
 def summarize(runs, judged):
     """{metric: mean over the queries where it is defined, n_<metric>: how many} for one
     system; `runs` {query: ranked ids}."""

@@ -31,6 +31,23 @@ class Metrics(unittest.TestCase):
         self.assertEqual(M.interleave(["a", "b", "c"], ["b", "x"], 10), ["a", "b", "x", "c"])
         self.assertEqual(M.interleave(["a"], ["x", "y", "z"], 3), ["a", "x", "y"])
 
+    def test_fuse(self):
+        lex = [("a", 10.0), ("b", 8.0), ("c", 5.0), ("d", 1.0)]  # normalized 1, .8, .5, .1
+        # weight 0: the lexical ranking, cut at k
+        self.assertEqual(M.fuse(lex, ["d", "x"], 0.0, 3), ["a", "b", "c"])
+        # 0.3: d 0.1 + 0.3 = 0.4 stays below c 0.5; x (GRAM only) 0.3 below d
+        self.assertEqual(M.fuse(lex, ["d", "x"], 0.3, 10), ["a", "b", "c", "d", "x"])
+        # 0.45: d 0.55 passes c 0.5; x (0.45) stays below c
+        self.assertEqual(M.fuse(lex, ["d", "x"], 0.45, 10), ["a", "b", "d", "c", "x"])
+        # 0.25: b 1.05 passes a 1.0
+        self.assertEqual(M.fuse(lex, ["b"], 0.25, 2), ["b", "a"])
+        # above 1: every GRAM product first, lexical order among them, then GRAM-only ones
+        self.assertEqual(M.fuse(lex, ["x", "c", "a"], 2.0, 4), ["a", "c", "x", "b"])
+        # GRAM beyond its top k counts nothing; no lexical scores at all: GRAM's order
+        self.assertEqual(M.fuse(lex, ["x", "d"], 2.0, 1), ["x"])
+        self.assertEqual(M.fuse([], ["y", "x"], 0.3, 5), ["y", "x"])
+        self.assertEqual(M.fuse([("a", 0.0), ("b", 0.0)], ["b"], 0.1, 5), ["b", "a"])
+
     def test_summarize(self):
         s = M.summarize({"q1": ["a", "b"], "q2": ["x"]}, {"q1": G, "q2": {"z": 3}, "q3": {"w": 0}})
         self.assertEqual(s["n_recall@10"], 2)
