@@ -3,10 +3,13 @@
 
     python -m tools.train.evaluate --model DIR [--work WORK] [--gram PATH] [--k 300]
                                    [--name NAME] [--rebuild] [--settings GRAM_JSON]
+                                   [--judgements FILE] [--fusion-weight W] [--no-cold]
 
 The catalog is DIR/catalog.jsonl (what the model was trained on, every product indexed under its
-catalog codes). Queries: the 90 visible judged queries (WORK/judged.jsonl, stage 2); the 45
-held-out ones are not in the data. Metrics (metrics.py): nDCG@10, Recall@10/100/300 (relevant =
+catalog codes). Queries: the 90 visible judged queries (WORK/judged.jsonl, stage 2), or those of
+`--judgements FILE` (a judged.jsonl, or a CSV such as Chorus's `Broad_Query_Set_rated.csv`: the
+held-out 45 when they are given; judged products missing from the catalog are left out, said on
+stderr). Metrics (metrics.py): nDCG@10, Recall@10/100/300 (relevant =
 grade >= 2, unjudged = not relevant), relevance rate of the top 300 among its judged products,
 judged@10; for GRAM also the codes per query, the invalid-code rate (codes not in the index:
 0 by construction of the trie), the candidates scored per query where the engine reports them,
@@ -186,6 +189,10 @@ def main(argv=None):
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--beam", type=int, default=10, help="query-side beam (codes per query)")
     ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--judgements", default=None,
+                    help="judged queries: a judged.jsonl or a CSV with query, docid/product_id/id "
+                         "and rating/grade/final_rating columns (default: WORK/judged.jsonl, the "
+                         "90 visible queries); e.g. the held-out 45 when they are given")
     ap.add_argument("--fusion-weight", type=float, default=None,
                     help="BM25 + GRAM score-fusion weight (default: fitted on the synthetic "
                          "validation queries)")
@@ -197,10 +204,14 @@ def main(argv=None):
     name = args.name or model.name + ("" if args.beam == 10 else f"-beam{args.beam}")
     search_model = (settings_model(model, Path(args.settings), work / f"settings-{name}")
                     if args.settings else None)
-    judged = {r["query"]: r["grades"] for r in read_jsonl(work / "judged.jsonl")}
+    judged = M.read_judgements(args.judgements or work / "judged.jsonl")
     queries = sorted(judged)
     items = C.read_catalog(model / "catalog.jsonl")
     catalog_ids = {it["id"] for it in items}
+    missing = sum(d not in catalog_ids for gr in judged.values() for d in gr)
+    if missing:
+        print(f"evaluate: {missing} judged products are not in the catalog: left out",
+              file=sys.stderr)
     judged = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
     idx = work / f"eval-index-{model.name}"
     g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", idx,
@@ -240,7 +251,8 @@ def main(argv=None):
                      "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10),
                      "fused_recall@300": M.recall(fused[q], judged[q], 300),
                      "fused_ndcg@10": M.ndcg(fused[q], judged[q], 10)} for q in queries}
-    res = {"model": str(model), "queries": len(queries), "k": args.k, "beam": args.beam,
+    res = {"model": str(model), "judgements": str(args.judgements or work / "judged.jsonl"),
+           "queries": len(queries), "k": args.k, "beam": args.beam,
            "gram_json": json.loads(((search_model or model) / "gram.json").read_text()),
            "summary": summary,
            "per_query": per_query}

@@ -6,6 +6,8 @@ nDCG and recall (gain 0, never in the relevant set: the standard, pessimistic re
 shallow pool), and are left out of the relevance rate, which is measured among the judged
 products of the top k only. `judged_at` says how much of a ranking the pool covers.
 """
+import csv
+import json
 import math
 
 REL = 2
@@ -91,4 +93,46 @@ def summarize(runs, judged):
         out[name] = sum(vals) / len(vals) if vals else None
         out["n_" + name] = len(vals)
     out["mean_returned"] = sum(len(runs.get(q, [])) for q in judged) / max(len(judged), 1)
+    return out
+
+
+PRODUCT_COLUMNS = ("docid", "product_id", "id")
+GRADE_COLUMNS = ("rating", "grade", "final_rating")
+
+
+def read_judgements(path):
+    """{query: {product id: grade}} from `judged.jsonl` (`{"query", "grades"}` a line, what
+    pairs.py writes) or from a CSV whose header names `query`, a product column (docid /
+    product_id / id) and a grade column (rating / grade / final_rating), as `gram eval` reads
+    them: grades `int(float(x))`, rows with an empty grade skipped, a later row of the same
+    (query, product) wins. A malformed line or a missing column is a ValueError naming the file
+    and line."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        if str(path).endswith(".jsonl"):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    grades = {str(d): int(g) for d, g in r["grades"].items()}
+                    out.setdefault(str(r["query"]), {}).update(grades)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise ValueError(f"{path}:{n}: not a judgement line ({e})") from None
+            return out
+        rows = csv.DictReader(f)
+        cols = rows.fieldnames or []
+        pcol = next((c for c in PRODUCT_COLUMNS if c in cols), None)
+        gcol = next((c for c in GRADE_COLUMNS if c in cols), None)
+        if "query" not in cols or pcol is None or gcol is None:
+            raise ValueError(f"{path}:1: the header needs query, one of {PRODUCT_COLUMNS} and "
+                             f"one of {GRADE_COLUMNS}; it has {cols}")
+        for n, r in enumerate(rows, 2):
+            g = (r.get(gcol) or "").strip()
+            if not g:
+                continue
+            try:
+                out.setdefault(r["query"], {})[r[pcol]] = int(float(g))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: grade {g!r} ({e})") from None
     return out

@@ -48,6 +48,29 @@ class Metrics(unittest.TestCase):
         self.assertEqual(M.fuse([], ["y", "x"], 0.3, 5), ["y", "x"])
         self.assertEqual(M.fuse([("a", 0.0), ("b", 0.0)], ["b"], 0.1, 5), ["b", "a"])
 
+    def test_read_judgements(self):
+        import tempfile
+        from pathlib import Path
+        with tempfile.TemporaryDirectory() as d:
+            j = Path(d) / "j.jsonl"
+            j.write_text('{"query": "q1", "grades": {"a": 3, "b": 0}}\n\n'
+                         '{"query": "q2", "grades": {"7": 2}}\n')
+            self.assertEqual(M.read_judgements(j), {"q1": {"a": 3, "b": 0}, "q2": {"7": 2}})
+            c = Path(d) / "j.csv"
+            c.write_text("query,docid,rating\nq1,a,3.0\nq1,b,\nq2,7,1\nq1,a,2\n")
+            self.assertEqual(M.read_judgements(c), {"q1": {"a": 2}, "q2": {"7": 1}})
+            c.write_text("query,product_id,final_rating\nq,x,2\n")
+            self.assertEqual(M.read_judgements(c), {"q": {"x": 2}})
+            c.write_text("query,docid\nq,x\n")
+            with self.assertRaisesRegex(ValueError, "j.csv:1: the header"):
+                M.read_judgements(c)
+            c.write_text("query,docid,rating\nq,x,good\n")
+            with self.assertRaisesRegex(ValueError, "j.csv:2: grade 'good'"):
+                M.read_judgements(c)
+            j.write_text('{"query": "q1", "grades": {"a": 3}}\n{"query": "q2"}\n')
+            with self.assertRaisesRegex(ValueError, "j.jsonl:2"):
+                M.read_judgements(j)
+
     def test_summarize(self):
         s = M.summarize({"q1": ["a", "b"], "q2": ["x"]}, {"q1": G, "q2": {"z": 3}, "q3": {"w": 0}})
         self.assertEqual(s["n_recall@10"], 2)
