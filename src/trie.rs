@@ -544,8 +544,8 @@ impl Trie {
             deepest = deepest.max(depth[n] as usize);
         }
         let full = |(i, &w): (usize, &u64)| {
-            let bits = (codes - 64 * i).min(64);
-            w == if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 }
+            let bits = (codes - 64 * i).min(64); // 1..=64
+            w == u64::MAX >> (64 - bits)
         };
         if !seen.iter().enumerate().all(full) || deepest != max_len {
             return Err("trie codes or their longest length disagree with the header".into());
