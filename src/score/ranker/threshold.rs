@@ -283,8 +283,8 @@ impl Ranker {
             return first;
         }
         // 2. The floor: `k` products total at least `t`, so the `k`-th best total does too.
-        let (_, kth, _) = first.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score));
-        let t = kth.score;
+        let mut totals: Vec<f32> = first.iter().map(|h| h.score).collect();
+        let (_, &mut t, _) = totals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         // 3. Each list's best positive score `u_c` (else +0.0): a product's total is at most
         // `u_0 + .. + s + .. + u_n` (its score `s` in list `c`, the sum in code order), and
         // every posting of a product totalling `t` or more scores at least that bound's
@@ -315,12 +315,23 @@ impl Ranker {
                 self.scan_floor(isa, l, f, products);
             }
         }
+        // 5. Their exact totals: the products of step 1 have theirs in `first` (a product's
+        // hit does not depend on the others gathered with it), the rest are gathered. `first`
+        // may hold products below `t` besides: exact totals, so the top `k` is unchanged.
         let mut found = std::mem::take(&mut self.candidates);
         found.sort_unstable();
         found.dedup();
-        let hits = self.gather(isa, lists, &found, None);
+        let mut i = 0;
+        found.retain(|&p| {
+            // `first` ascends by product, as `found` does.
+            while i < first.len() && first[i].product < p {
+                i += 1;
+            }
+            i == first.len() || first[i].product != p
+        });
+        first.extend(self.gather(isa, lists, &found, None));
         self.candidates = found;
-        hits
+        first
     }
 }
 
