@@ -309,9 +309,11 @@ impl Ranker {
                 found.push(lists[c as usize].products[j as usize]);
             }
         }
+        // A list none of whose scores reaches its floor (its best, bounded in step 1, is
+        // below) holds no posting to find.
         self.candidates = found;
-        for (l, &f) in lists.iter().zip(&floors) {
-            if f < last {
+        for (c, (l, &f)) in lists.iter().zip(&floors).enumerate() {
+            if f < last && self.tops[c] >= f {
                 self.scan_floor(isa, l, f, products);
             }
         }
