@@ -232,8 +232,9 @@ pub fn build_with<B: Backend>(
     });
     let mut bar = Progress::new(items.len(), options.progress);
     let (mut found, mut generated, mut reused) = (Found::new(), 0, 0);
+    let shard_path = |si: usize| work.join(format!("shard-{si:06}.bin"));
     for (si, shard) in items.chunks(shard_size).enumerate() {
-        let path = work.join(format!("shard-{si:06}.bin"));
+        let path = shard_path(si);
         let key = crate::container::checksum(
             serde_json::to_string(&(&key_base, shard))
                 .map_err(|e| Error::Input(e.to_string()))?
@@ -317,8 +318,13 @@ pub fn build_with<B: Backend>(
         &settings.delimiter,
         meta,
     )?;
-    // The index is safely written: the shards have served.
-    let _ = std::fs::remove_dir_all(&work);
+    // The index is safely written: the shards have served. Only this build's shard files go
+    // (the directory is the user's: it may hold anything else), then the directory if that
+    // left it empty.
+    for si in 0..items.len().div_ceil(shard_size) {
+        let _ = std::fs::remove_file(shard_path(si));
+    }
+    let _ = std::fs::remove_dir(&work);
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
         products: items.len(),

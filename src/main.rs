@@ -132,7 +132,8 @@ struct BuildArgs {
     /// Products per shard: a restarted build reuses the shards it finished.
     #[arg(long, default_value_t = 1000)]
     shard_size: usize,
-    /// Where finished shards wait until the index is written (default: beside the index).
+    /// Where finished shards wait until the index is written (default: beside the index);
+    /// afterwards only the shard files are removed, and the directory if that empties it.
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Beam width of that generation.

@@ -423,8 +423,20 @@ fn a_stopped_build_resumes_from_its_shards() {
     let resumed = run(&tmp.join("resumed.gram")).unwrap();
     assert_eq!(resumed.reused_shards, 2);
     assert!(!work.exists(), "the shards go once the index is written");
+    // The work directory is the user's: a file of theirs there (or the index itself) stays,
+    // only the build's shards go, and the directory with them.
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("keep.txt"), b"theirs").unwrap();
     let clean = run(&tmp.join("clean.gram")).unwrap();
     assert_eq!(clean.reused_shards, 0);
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["keep.txt"]);
+    assert!(run(&work.join("in-work.gram")).is_ok());
+    assert!(work.join("in-work.gram").exists() && work.join("keep.txt").exists());
+    std::fs::remove_dir_all(&work).unwrap();
     assert_eq!(
         std::fs::read(tmp.join("resumed.gram")).unwrap(),
         std::fs::read(tmp.join("clean.gram")).unwrap()
