@@ -184,6 +184,21 @@ impl RawConfig {
                 "head_dim ({head_dim}) must be positive and even for RoPE"
             ));
         }
+        // Far past any real checkpoint (the largest use a few thousand of each), and small
+        // enough that every derived size (`H * D`, RoPE and KV rows) fits in memory arithmetic:
+        // a corrupt config is refused here instead of overflowing an allocation later.
+        for (key, value, limit) in [
+            ("hidden_size", hidden_size, 1 << 17),
+            ("intermediate_size", intermediate_size, 1 << 20),
+            ("num_hidden_layers", num_hidden_layers, 1 << 12),
+            ("num_attention_heads", num_attention_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 12),
+            ("vocab_size", vocab_size, 1 << 24),
+        ] {
+            if value > limit {
+                return Err(format!("`{key}` ({value}) is above {limit}"));
+            }
+        }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return Err(format!("unsupported hidden_act `{act}` (only `silu`)"));
@@ -300,6 +315,28 @@ mod tests {
         assert!(ModelConfig::from_json(&unknown)
             .unwrap_err()
             .contains("unsupported architecture `GPT2LMHeadModel`"));
+        // Absurd sizes (a corrupt file) are refused before anything is allocated from them.
+        let huge = LLAMA.replace(r#""vocab_size":49152"#, r#""vocab_size":4294967296"#);
+        assert_eq!(
+            ModelConfig::from_json(&huge).unwrap_err(),
+            "`vocab_size` (4294967296) is above 16777216"
+        );
+        let wide = LLAMA
+            .replace(
+                r#""num_attention_heads":9"#,
+                r#""num_attention_heads":4294967296"#,
+            )
+            .replace(
+                r#""num_key_value_heads":3"#,
+                r#""num_key_value_heads":4294967296"#,
+            )
+            .replace(
+                r#""hidden_size":576,"#,
+                r#""hidden_size":576,"head_dim":4294967296,"#,
+            );
+        assert!(ModelConfig::from_json(&wide)
+            .unwrap_err()
+            .contains("is above"));
         let gqa = LLAMA.replace(r#""num_key_value_heads":3"#, r#""num_key_value_heads":4"#);
         assert!(ModelConfig::from_json(&gqa)
             .unwrap_err()

@@ -191,6 +191,12 @@ fn bad_batches_are_input_errors() {
         .unwrap()
         .to_string()
         .contains("no tokens"));
+    // A count of new tokens that would wrap `prompt + new` is refused, not a wrapped size.
+    assert!(gram::lm::run(&model, &[5], usize::MAX)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("exceeds the model's"));
 }
 
 #[test]

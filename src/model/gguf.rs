@@ -346,10 +346,13 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
                     format!("shape {:?} does not fit {:?} blocks", info.dims, info.ty),
                 )
             })?;
-        let n_bytes = numel / block_elems * block_bytes;
+        // Checked: a corrupt header's dims can make the byte count wrap (to a range that
+        // would then pass the bounds check, empty, for a tensor of 2^62 elements).
+        let n_bytes = (numel / block_elems).checked_mul(block_bytes);
         let start = data_start.checked_add(info.offset);
         let range = start
-            .and_then(|s| s.checked_add(n_bytes).map(|e| s..e))
+            .zip(n_bytes)
+            .and_then(|(s, n)| s.checked_add(n).map(|e| s..e))
             .filter(|r| r.end <= map.len())
             .ok_or_else(|| {
                 Error::checkpoint(
@@ -476,6 +479,85 @@ mod tests {
         for (j, o) in out.iter().enumerate() {
             assert_eq!(*o, q(j as i32) as f32 * 0.5);
         }
+    }
+
+    /// A GGUF of one tensor, `dims` (innermost first) of `ty`, with `data` after the header.
+    fn one_tensor_gguf(name: &str, dims: &[u64], ty: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // metadata
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // offset
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        b.extend(data);
+        b
+    }
+
+    /// Dims whose byte count overflows (2^31 × 2^31 f32 values: 2^64 bytes; a Q8_0 tensor
+    /// of 2^64 − 32 values) are refused as past the end of the file, never a wrapped size.
+    #[test]
+    fn tensor_sizes_that_overflow_are_errors() {
+        let config = crate::config::ModelConfig::from_json(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("gram-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.gguf");
+        let cases: [(&[u64], u32); 3] = [
+            (&[1 << 31, 1 << 31], 0),      // F32
+            (&[1 << 32, 1 << 31], 1),      // F16
+            (&[u64::MAX / 32 * 32, 1], 8), // Q8_0: 2^59 blocks of 34 bytes
+        ];
+        for (dims, ty) in cases {
+            std::fs::write(
+                &path,
+                one_tensor_gguf("blk.0.ffn_up.weight", dims, ty, &[0; 64]),
+            )
+            .unwrap();
+            let err = load(&path, &config).err().expect("must fail").to_string();
+            assert!(err.contains("past the end of the file"), "{dims:?}: {err}");
+        }
+        // The same file with a shape that fits is read.
+        std::fs::write(
+            &path,
+            one_tensor_gguf("blk.0.ffn_up.weight", &[4, 4], 0, &[0; 64]),
+        )
+        .unwrap();
+        assert_eq!(load(&path, &config).unwrap().len(), 1);
+        // Random corruption of the header (dims, type, offset, counts, name length): an error
+        // or a load, never a panic.
+        let good = one_tensor_gguf("blk.0.ffn_up.weight", &[32, 2], 8, &[1; 68]);
+        let header = good.len() - 68;
+        let mut r = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r
+        };
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() as usize) % header;
+                b[i] = match next() % 3 {
+                    0 => b[i] ^ (1 << (next() % 8)),
+                    1 => 0xff,
+                    _ => next() as u8,
+                };
+            }
+            std::fs::write(&path, &b).unwrap();
+            let _ = load(&path, &config);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
