@@ -1015,8 +1015,11 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     use gram::server::batcher::{Job, Queue, Refusal};
     use std::time::{Duration, Instant};
     let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    // Every job's handler stays (a job whose handler has gone is dropped from the queue).
+    let handlers = std::cell::RefCell::new(Vec::new());
     let job = || {
-        let (reply, _) = tokio::sync::oneshot::channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        handlers.borrow_mut().push(answer);
         Job {
             prepared: engine.prepare(Request::new("oak desk")).unwrap(),
             reply,
@@ -1061,4 +1064,42 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     q.set_in_flight(1);
     assert_eq!(q.push(job()), Ok(1));
     assert!(matches!(q.push(job()), Err(Refusal::TooLong { .. })));
+}
+
+/// A job whose handler has gone (its deadline passed, its client left) does not count against
+/// `--max-queue`: `push` drops such jobs before it compares the depth with the cap, so that
+/// during a long step abandoned jobs do not turn live requests away.
+#[test]
+fn abandoned_jobs_do_not_count_against_the_queue_cap() {
+    use gram::server::batcher::{Job, Queue, Refusal};
+    use std::time::{Duration, Instant};
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let job = || {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            prepared: engine.prepare(Request::new("oak desk")).unwrap(),
+            reply,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(10),
+        };
+        (job, answer)
+    };
+    let metrics = std::sync::Arc::new(gram::server::metrics::Metrics::default());
+    let q = Queue::new(2, metrics.clone());
+    let (a, a_handler) = job();
+    let (b, b_handler) = job();
+    assert_eq!(q.push(a), Ok(1));
+    assert_eq!(q.push(b), Ok(2));
+    let (c, _c_handler) = job();
+    assert_eq!(q.push(c), Err(Refusal::Full));
+    // The first handler gives up: its place is free for the next job.
+    drop(a_handler);
+    let (d, _d_handler) = job();
+    assert_eq!(q.push(d), Ok(2));
+    // Both of the others give up too: the next job finds the queue empty.
+    drop(b_handler);
+    drop(_d_handler);
+    let (e, _e_handler) = job();
+    assert_eq!(q.push(e), Ok(1));
+    assert!(metrics.render().contains("gram_queue_depth 1\n"));
 }

@@ -238,10 +238,19 @@ impl Queue {
     }
 
     /// Queues `job`, or refuses it at once (the job is dropped). Returns the new depth.
+    ///
+    /// Jobs whose handler has gone (deadline passed, client left) are dropped first: the batcher
+    /// drops them only between steps, and during a long step they would otherwise fill the
+    /// queue and turn live requests away.
     pub fn push(&self, job: Job) -> std::result::Result<usize, Refusal> {
         let mut st = self.lock();
         if st.closed {
             return Err(Refusal::Closed);
+        }
+        let before = st.jobs.len();
+        st.jobs.retain(|j| !j.reply.is_closed());
+        if st.jobs.len() != before {
+            self.metrics.set_queue_depth(st.jobs.len());
         }
         if st.jobs.len() >= self.capacity {
             return Err(Refusal::Full);
