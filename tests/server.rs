@@ -942,6 +942,98 @@ async fn a_stalled_client_does_not_hold_the_shutdown() {
     server.shutdown().await.unwrap();
 }
 
+/// A raw connection to `addr` that has sent `bytes`.
+fn raw(addr: SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(bytes).unwrap();
+    stream
+}
+
+/// Reads `stream` to its end, or panics after 60 s (the server never closed it).
+async fn read_until_closed(mut stream: std::net::TcpStream, what: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let mut got = Vec::new();
+        match stream.read_to_end(&mut got) {
+            Ok(_) => {}
+            // A reset (the server closed with bytes unread) is closed too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!(
+                "{what}: still open after 60 s ({e}; {:?} read)",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// A client that sends part of its headers and stalls is disconnected after
+/// `--header-timeout-ms`; one that sends its headers and part of its body is answered 408 and
+/// disconnected after `--body-timeout-ms`; requests on other connections are answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_in_its_headers_or_body_is_cut_off() {
+    let server = start(&["--header-timeout-ms", "300", "--body-timeout-ms", "300"]).await;
+    let addr = server.addr();
+    let in_headers = raw(addr, b"GET /health HTTP/1.1\r\nhost: x\r\n");
+    let in_body = raw(
+        addr,
+        b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{\"query\": \"oak",
+    );
+    // Both stall; other clients are served.
+    let a = post(addr, "/v1/search", json!({"query": "oak desk", "k": 2})).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(get(addr, "/health").await.status, 200);
+    read_until_closed(in_headers, "stalled in its headers").await;
+    let answer = read_until_closed(in_body, "stalled in its body").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert!(answer.contains("300 ms"), "{answer}");
+    let m = metrics(addr).await;
+    assert_eq!(
+        m[r#"gram_request_failures_total{kind="request_timeout"}"#],
+        1.0
+    );
+    // A kept-alive connection left idle is closed the same way.
+    let idle = raw(addr, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+    let answer = read_until_closed(idle, "idle after its request").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.shutdown().await.unwrap();
+}
+
+/// With `--max-connections 1`, a second connection is not served while the first is open, and
+/// is served as soon as the first closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_one_to_close() {
+    let server = start(&["--max-connections", "1", "--header-timeout-ms", "600000"]).await;
+    let addr = server.addr();
+    let first = raw(addr, b"GET /health HTTP/1.1\r\nhost: x\r\n");
+    let second = tokio::spawn(get(addr, "/health"));
+    // Not answered while the first holds the only connection (without the cap it would be at
+    // once)...
+    let waited = tokio::time::sleep(std::time::Duration::from_millis(500));
+    tokio::pin!(waited);
+    let mut second = second;
+    tokio::select! {
+        a = &mut second => panic!("answered past the cap: {}", a.unwrap().status),
+        _ = &mut waited => {}
+    }
+    // ...and answered once it closes.
+    drop(first);
+    let a = tokio::time::timeout(std::time::Duration::from_secs(60), second)
+        .await
+        .expect("the second connection is served once the first closes")
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
     let parse = |flags: &[&str]| {
@@ -953,6 +1045,9 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         (&["--max-batch", "0"][..], "--max-batch"),
         (&["--max-queue", "0"][..], "--max-queue"),
         (&["--timeout-ms", "0"][..], "--timeout-ms"),
+        (&["--header-timeout-ms", "0"][..], "--header-timeout-ms"),
+        (&["--body-timeout-ms", "0"][..], "--body-timeout-ms"),
+        (&["--max-connections", "0"][..], "--max-connections"),
         (&["--addr", "localhost"][..], "--addr"),
         (&["--max-beam", "100000"][..], "--max-beam"),
     ] {

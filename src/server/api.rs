@@ -12,6 +12,7 @@
 //! | 400 | `invalid_body` | the body could not be read |
 //! | 404 | `not_found` | no such endpoint |
 //! | 405 | `method_not_allowed` | wrong method for the endpoint |
+//! | 408 | `request_timeout` | the body did not arrive within `--body-timeout-ms` (see [`super::conn`]) |
 //! | 413 | `payload_too_large` | the body is over `--max-body-bytes` |
 //! | 415 | `unsupported_media_type` | a body that is not `application/json` |
 //! | 422 | `input` | the engine refuses a value: empty or oversize query (bytes, tokens), `k` or `beam` out of range |

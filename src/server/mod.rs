@@ -6,8 +6,10 @@
 //!   `Retry-After` at once; each awaits its answer until its deadline (504 past it).
 //! - [`batcher`]: the bounded queue, and one dedicated thread that owns the engine's continuous
 //!   batch, admits queued requests between decoder steps and sends each answer back.
-//! - The tokio runtime: accepts connections and, on SIGINT/SIGTERM, stops accepting, lets every
-//!   request in flight finish, then stops the batcher.
+//! - [`conn`]: the tokio side's accept loop: hyper's HTTP/1 connections with a header-read
+//!   (and idle) timeout, a deadline on the request body, and a cap on open connections. On
+//!   SIGINT/SIGTERM it stops accepting and lets every request in flight finish; then the batcher
+//!   stops.
 //! - [`metrics`]: every metric name, label and bucket, rendered for `GET /metrics`.
 //!
 //! Endpoints: `POST /v1/search`, `GET /search?q=`, `POST /v1/codes`, `GET /health`,
@@ -18,6 +20,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod conn;
 pub mod metrics;
 
 use std::future::Future;
@@ -39,6 +42,7 @@ use crate::search::{AnyEngine, BackendInfo, Engine, Limits, Request};
 
 use self::api::ApiError;
 use self::batcher::{BatcherConfig, Queue};
+use self::conn::HttpOptions;
 use self::metrics::Metrics;
 
 /// `gram serve` flags.
@@ -112,6 +116,19 @@ pub struct ServeArgs {
     /// wide a beam) is refused at startup.
     #[arg(long, default_value_t = 8192)]
     pub max_kv_mib: usize,
+    /// Longest wait for a request's line and headers, in milliseconds, and longest a kept-alive
+    /// connection may sit idle between requests; past it the connection is closed.
+    #[arg(long, default_value_t = 5_000)]
+    pub header_timeout_ms: u64,
+    /// Longest time a request's body may take to arrive once its headers are in, in
+    /// milliseconds; past it, 408 and the connection is closed.
+    #[arg(long, default_value_t = 5_000)]
+    pub body_timeout_ms: u64,
+    /// Most connections open at once; at the cap no more are accepted until one closes (the
+    /// others wait in the listen backlog). Keep it under the process's descriptor limit
+    /// (`ulimit -n`).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
 }
 
 /// Validated serving options.
@@ -134,6 +151,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub retry_after_s: u64,
     pub max_kv_mib: usize,
+    /// Header, body and connection bounds of the HTTP side.
+    pub http: HttpOptions,
 }
 
 /// Why the server could not start or stopped.
@@ -173,13 +192,20 @@ impl ServeArgs {
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-kv-mib", self.max_kv_mib),
             ("--threads", self.threads.unwrap_or(1)),
+            ("--max-connections", self.max_connections),
         ] {
             if v == 0 {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
-        if self.timeout_ms == 0 {
-            return bad("--timeout-ms must be at least 1".into());
+        for (flag, v) in [
+            ("--timeout-ms", self.timeout_ms),
+            ("--header-timeout-ms", self.header_timeout_ms),
+            ("--body-timeout-ms", self.body_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("{flag} must be at least 1"));
+            }
         }
         if self.max_beam > crate::beam::MAX_BEAM {
             return bad(format!(
@@ -209,6 +235,11 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             retry_after_s: self.retry_after_s,
             max_kv_mib: self.max_kv_mib,
+            http: HttpOptions {
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+                body_timeout: Duration::from_millis(self.body_timeout_ms),
+                max_connections: self.max_connections,
+            },
         })
     }
 }
@@ -236,7 +267,7 @@ impl AppState {
     }
 }
 
-/// The routes, with the body limit and the metrics middleware.
+/// The routes, with the body limit, the body deadline and the metrics middleware.
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
@@ -262,6 +293,10 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            conn::body_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::track,
@@ -308,13 +343,9 @@ impl Server {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let app = router(state.clone());
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let http = tokio::spawn(conn::serve(listener, app, config.http, async move {
+            let _ = stopped.await;
+        }));
         let (ready, loaded) = oneshot::channel();
         let batcher = {
             let state = state.clone();

@@ -1,0 +1,219 @@
+//! Connections: the accept loop, and the time a client may take to send its request.
+//!
+//! `axum::serve` builds hyper's connection without a timer, so hyper's header-read timeout is
+//! off, and nothing bounds the time a body takes to arrive: a client that opens connections and
+//! dribbles its headers (or a 64 KiB body at a byte a second) would hold a task and a file
+//! descriptor each for ever, and enough of them lock everyone out. Here:
+//!
+//! - **Headers** ([`HttpOptions::header_timeout`]): hyper's HTTP/1 connection with a tokio timer
+//!   and an explicit header-read timeout. The timer runs whenever the connection waits for a
+//!   request head, so it bounds a request line and headers sent slowly, and the time a kept-alive
+//!   connection may sit idle between requests; past it the connection is closed.
+//! - **Bodies** ([`HttpOptions::body_timeout`], [`body_deadline`]): from the moment the head is
+//!   read, the body must arrive within the limit; past it the request is answered 408
+//!   (`request_timeout`) and the connection closed. The request's own deadline (`--timeout-ms`)
+//!   starts once the body is read.
+//! - **Connections** ([`HttpOptions::max_connections`]): at most this many are open at once.
+//!   At the cap the loop stops accepting until one closes: further clients wait in the kernel's
+//!   listen backlog (no descriptor, no task of ours) and are served in turn as connections close,
+//!   rather than being accepted only to be closed. With the timeouts above, a slot held by a
+//!   client that sends nothing frees within the header timeout.
+//!
+//! Shutdown: the listener closes at once, each connection finishes the request it is serving and
+//! closes (an idle one at once), and [`serve`] returns when every connection has closed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper::body::{Frame, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::api::ApiError;
+use super::AppState;
+
+/// How long a client may take to send a request, and how many connections may be open.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpOptions {
+    /// Longest wait for a request's line and headers (and longest idle time of a kept-alive
+    /// connection between requests).
+    pub header_timeout: Duration,
+    /// Longest time from the end of a request's headers to the end of its body.
+    pub body_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `stop` completes (or its sender is dropped), then closes the
+/// listener, lets every connection finish the request it is serving, and returns once all have
+/// closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    options: HttpOptions,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout);
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let (closing, closing_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        // A slot first, then a connection: at the cap, clients wait in the listen backlog.
+        let next = async {
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            (slot, listener.accept().await)
+        };
+        let (slot, accepted) = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            Some(_) = connections.join_next() => continue,
+            next = next => next,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                accept_error(e).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                biased;
+                r = connection.as_mut() => r,
+                _ = async { closing.wait_for(|c| *c).await.is_ok() } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection closed on an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// An error from `accept`: one about that connection (the client gave up) is skipped; any other
+/// (out of descriptors, most likely) is logged, and accepting resumes after a pause rather than
+/// spinning.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// The middleware that bounds the time a request's body takes to arrive: the body is read
+/// through a [`TimedBody`] whose deadline is `--body-timeout-ms` from now (the head has just been
+/// read); a handler whose body read failed on that deadline answers 408 `request_timeout`, with
+/// `Connection: close`.
+pub async fn body_deadline(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = state.config.http.body_timeout;
+    let expired = Arc::new(AtomicBool::new(false));
+    let request = request.map(|body| {
+        Body::new(TimedBody {
+            inner: body,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            limit,
+            expired: expired.clone(),
+        })
+    });
+    let response = next.run(request).await;
+    if !expired.load(Ordering::Relaxed) {
+        return response;
+    }
+    let mut response = ApiError {
+        status: StatusCode::REQUEST_TIMEOUT,
+        kind: "request_timeout",
+        message: format!(
+            "the request body did not arrive within {} ms",
+            limit.as_millis()
+        ),
+        retry_after: None,
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A request body that fails once its deadline passes before its end.
+struct TimedBody {
+    inner: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    /// Set when the deadline failed the body.
+    expired: Arc<AtomicBool>,
+}
+
+/// The error of a [`TimedBody`] past its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {} ms", .0.as_millis())]
+struct BodyTimeout(Duration);
+
+impl hyper::body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.expired.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(this.limit)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
