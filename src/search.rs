@@ -159,8 +159,16 @@ pub fn index_file(dir: &Path) -> PathBuf {
     dir.join("index.gram")
 }
 
-/// What identifies a model to its indexes: a checksum of its config and tokenizer and the names
-/// and sizes of its weight files (not its directory: a copied model still serves).
+/// Bytes of each weight file that the fingerprint reads: its head (the tensor table) and
+/// blocks spread evenly over the rest.
+const FINGERPRINT_HEAD: u64 = 1 << 16;
+const FINGERPRINT_BLOCKS: u64 = 64;
+const FINGERPRINT_BLOCK: u64 = 4096;
+
+/// What identifies a model to its indexes: a checksum of its config and tokenizer, and of each
+/// weight file's name, size, head (its tensor table) and 64 blocks of 4 KiB spread over it —
+/// so a model retrained in the same shape is another model, at the cost of a few reads, not
+/// of hashing gigabytes (not its directory: a copied model still serves).
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut bytes = Vec::new();
     for f in ["config.json", "tokenizer.json"] {
@@ -180,8 +188,40 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
     for (name, len) in weights {
         bytes.extend(name.as_bytes());
         bytes.extend(len.to_le_bytes());
+        let p = dir.join(&name);
+        sample_file(&p, len, &mut bytes).map_err(|e| Error::io(&p, e))?;
     }
     Ok(format!("{:016x}", crate::container::checksum(&bytes)))
+}
+
+/// Appends to `out` the head of the file at `path` (`len` bytes long) and blocks spread evenly
+/// over the rest (all of it when it is small).
+fn sample_file(path: &Path, len: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let mut read_at = |at: u64, n: u64, out: &mut Vec<u8>| -> std::io::Result<()> {
+        f.seek(SeekFrom::Start(at))?;
+        let start = out.len();
+        (&mut f).take(n).read_to_end(out)?;
+        if ((out.len() - start) as u64) < n {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "changed while being read",
+            ));
+        }
+        Ok(())
+    };
+    let head = len.min(FINGERPRINT_HEAD);
+    read_at(0, head, out)?;
+    let rest = len - head;
+    if rest <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK {
+        return read_at(head, rest, out);
+    }
+    let stride = (rest - FINGERPRINT_BLOCK) / (FINGERPRINT_BLOCKS - 1);
+    for i in 0..FINGERPRINT_BLOCKS {
+        read_at(head + i * stride, FINGERPRINT_BLOCK, out)?;
+    }
+    Ok(())
 }
 
 /// The GRAM settings an index was built with (those that change what it stores).
@@ -218,9 +258,11 @@ impl Parts {
                     .ok_or_else(|| bad("the index names no model".into()))?,
             ),
         };
-        if built_by["fingerprint"].as_str() != Some(model_fingerprint(&model_dir)?.as_str()) {
+        let fingerprint = model_fingerprint(&model_dir)?;
+        if built_by["fingerprint"].as_str() != Some(fingerprint.as_str()) {
             return Err(bad(format!(
-                "built by model {built_by}, not by {}: rebuild it with this model",
+                "built by model {built_by}; {} has fingerprint {fingerprint} (another model, \
+                 or its files changed since): rebuild it with this model",
                 model_dir.display()
             )));
         }

@@ -87,6 +87,37 @@ fn bad_requests_are_clear_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("rebuild it with this model"), "{e}");
+    // So is the same model retrained in the same shape (same files, names and sizes, other
+    // weights), while a plain copy serves.
+    let copy = ix.parent().unwrap().join("model-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(model_dir("tiny-llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    Engine::open(&ix, Some(&copy), &Default::default()).unwrap();
+    let fingerprint = gram::search::model_fingerprint(&copy).unwrap();
+    let weights = copy.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    // A byte of the tensor table, and the first byte after the 64 KiB head (the first sampled
+    // block): each changes the fingerprint.
+    for at in [100, 1 << 16] {
+        let mut changed = bytes.clone();
+        changed[at] ^= 0x01;
+        std::fs::write(&weights, &changed).unwrap();
+        assert_ne!(
+            gram::search::model_fingerprint(&copy).unwrap(),
+            fingerprint,
+            "byte {at}"
+        );
+    }
+    let e = Engine::open(&ix, Some(&copy), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rebuild it with this model"), "{e}");
+    std::fs::write(&weights, &bytes).unwrap();
+    assert_eq!(gram::search::model_fingerprint(&copy).unwrap(), fingerprint);
     std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
 }
 

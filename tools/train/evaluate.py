@@ -83,6 +83,9 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_mod
     r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--beam", str(beam),
                         "--threads", "2", *extra, *queries],
                        capture_output=True, text=True)
+    if r.returncode and not rebuild and "rebuild it" in r.stderr:
+        # An index of another model (or of an older fingerprint): built again, once.
+        return gram_run(gram, model, catalog, idx, queries, k, True, beam, search_model)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     wall = time.time() - t
