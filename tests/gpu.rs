@@ -891,6 +891,7 @@ fn compare_codes(
     gpu: &[beam::Output],
     strict: bool,
 ) -> (usize, usize) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: outputs (queries)");
     let (mut total, mut same) = (0, 0);
     for (qi, (c, g)) in cpu.iter().zip(gpu).enumerate() {
         total += c.codes.len();
