@@ -256,3 +256,113 @@ fn any_engine_opens_on_the_device_asked_for() {
     }
     std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
 }
+
+/// The engine's product scores, with a `gram.json` of distinct granularity weights and the
+/// code-likelihood term, against an f64 recomputation from what the response says (each
+/// code's token log-probabilities) and what the index stores (each posting's quantized Pt):
+/// every product of the catalog scored, under `max` and `sum`; the engine's top k is the
+/// reference's, each score within f32 rounding, each product's matched codes exactly those
+/// of the reference.
+#[test]
+fn scores_follow_gram_json_against_an_f64_reference() {
+    use std::collections::BTreeMap;
+    let ix = small_index("reference");
+    let index = gram::index::Index::open(&gram::search::index_file(&ix)).unwrap();
+    let text_to_id: BTreeMap<String, u32> = (0..index.num_codes() as u32)
+        .map(|c| (index.code_text(c).unwrap().into_owned(), c))
+        .collect();
+    let dir = ix.parent().unwrap().join("model-weights");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(model_dir("tiny-llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    // Coarse (1–2 parts) / medium (3) / fine (4+): the small index has 1-, 2- and 3-part codes.
+    let (coarse, medium, fine, alpha) = (-0.3f64, -1.7f64, -0.9f64, 0.25f64);
+    for (aggregation, per_token) in [("max", false), ("sum", true)] {
+        let settings = serde_json::json!({
+            "query_template": "{query}", "product_template": "{title}", "delimiter": " | ",
+            "weights": {"coarse": coarse, "medium": medium, "fine": fine},
+            "aggregation": aggregation,
+            "code_logprob": {"weight": alpha, "per_token": per_token},
+        });
+        std::fs::write(dir.join("gram.json"), settings.to_string()).unwrap();
+        let engine = Engine::open(&ix, Some(&dir), &Default::default()).unwrap();
+        let mut beams = BeamSearch::new();
+        for query in ["green velvet sofa", "oak desk", "lamp"] {
+            let request = Request {
+                k: 5,
+                beam: 12,
+                ..Request::new(query)
+            };
+            let p = engine.prepare(request).unwrap();
+            let r = engine.search(&mut beams, vec![p]).unwrap().remove(0);
+            // The reference: every posting of every returned code, in f64.
+            let mut totals: BTreeMap<u32, (f64, Vec<String>)> = BTreeMap::new();
+            for code in &r.codes {
+                let id = text_to_id[&code.code];
+                let n = code.token_logprobs.len() - 1; // the last is the EOS
+                let parts = code.code.split(" | ").count();
+                let w = match parts {
+                    0..=2 => coarse,
+                    3 => medium,
+                    _ => fine,
+                };
+                let lp: f64 = code.token_logprobs.iter().map(|&l| l as f64).sum();
+                let prior = alpha * if per_token { lp / (n + 1) as f64 } else { lp };
+                let pq32: Vec<f32> = code.token_logprobs[..n].iter().map(|l| l.exp()).collect();
+                let pq: Vec<f64> = pq32.iter().map(|&p| p as f64).collect();
+                let w32 = vec![w as f32; n];
+                let list = index.postings(id, &pq32, &w32).unwrap();
+                for (j, &product) in list.products.iter().enumerate() {
+                    let pt: Vec<f64> = (0..n)
+                        .map(|t| list.pt[t * list.products.len() + j] as f64 / 65535.0)
+                        .collect();
+                    let s = prior + gram::score::s_rele_f64(&pq, &pt, &vec![w; n]);
+                    let e = totals
+                        .entry(product)
+                        .or_insert((f64::NEG_INFINITY, Vec::new()));
+                    e.0 = match (aggregation, e.1.is_empty()) {
+                        (_, true) => s,
+                        ("max", false) => e.0.max(s),
+                        _ => e.0 + s,
+                    };
+                    e.1.push(code.code.clone());
+                }
+            }
+            let mut want: Vec<(u32, f64, Vec<String>)> =
+                totals.into_iter().map(|(p, (s, c))| (p, s, c)).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            assert_eq!(r.products.len(), want.len().min(5), "{aggregation} {query}");
+            for (got, (product, score, codes)) in r.products.iter().zip(&want) {
+                let (pid, _) = index.product(*product).unwrap();
+                let at = format!("{aggregation} {query:?} {pid}");
+                // Near-ties may swap within f32 rounding: compare the score at this rank, and
+                // the product where the reference's next score is clearly apart.
+                assert!(
+                    (got.score as f64 - score).abs() <= 1e-4 * (1.0 + score.abs()),
+                    "{at}: {} vs {score}",
+                    got.score
+                );
+                if got.id == pid {
+                    let mut c = codes.clone();
+                    c.sort();
+                    let mut g = got.codes.clone();
+                    g.sort();
+                    assert_eq!(g, c, "{at}: matched codes");
+                }
+            }
+            let ids: Vec<&str> = r.products.iter().map(|p| p.id.as_str()).collect();
+            let exact = want
+                .iter()
+                .take(5)
+                .filter(|(p, _, _)| ids.contains(&index.product(*p).unwrap().0.as_ref()))
+                .count();
+            assert!(
+                exact >= want.len().min(5) - 1,
+                "{aggregation} {query}: top k {ids:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
+}
