@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{self, Isa, Rows, PANEL, PANEL_TR, TILE_NR, TILE_TR};
+use super::simd::{self, Isa, Rows, GEMV_PANELS, PANEL, PANEL_TR, TILE_NR, TILE_TR};
 use crate::tensor::View;
 
 /// One weight applied to the shared input.
@@ -164,6 +164,40 @@ fn range(
         } else {
             Vec::new()
         };
+        let write = |t: usize, cols: std::ops::Range<usize>, acc_t: &[f32]| {
+            let acc_t = &acc_t[..cols.len()];
+            // SAFETY: columns `cols` lie in this task's range `n0..n1`, `t < rows`, and `out`
+            // has `rows * n` elements (checked in `matmul`): in bounds and written by this
+            // task only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out.0.add(t * n + cols.start), cols.len())
+            };
+            match bias {
+                Some(b) => {
+                    for ((d, &a), &b) in dst.iter_mut().zip(acc_t).zip(&b[cols]) {
+                        *d = a + b;
+                    }
+                }
+                None => dst.copy_from_slice(acc_t),
+            }
+        };
+        if rows == 1 {
+            // One row: several panels side by side, for more FMA chains in flight.
+            let mut acc = [[0f32; PANEL]; GEMV_PANELS];
+            let (p0, p1) = (n0 / PANEL, n1.div_ceil(PANEL));
+            let mut pi = p0;
+            while pi < p1 {
+                let np = (p1 - pi).min(GEMV_PANELS);
+                let ps = p.slice(pi * PANEL * k..(pi + np) * PANEL * k);
+                simd::gemv_panels(isa, ps, np, k, &x.x[..k], &mut acc);
+                for (g, acc_g) in acc.iter().take(np).enumerate() {
+                    let c0 = (pi + g) * PANEL;
+                    write(0, c0..(c0 + PANEL).min(n1), acc_g);
+                }
+                pi += np;
+            }
+            return;
+        }
         let groups = rows.div_ceil(if copy { PANEL_TR } else { simd::panel_tr(p) });
         let mut acc = [[0f32; PANEL]; PANEL_TR];
         for pi in n0 / PANEL..n1.div_ceil(PANEL) {
@@ -178,24 +212,7 @@ fn range(
                 let tr = (rows - t) / (groups - g);
                 simd::panel(isa, panel, k, &x.x[t * k..(t + tr) * k], tr, &mut acc);
                 for (i, acc_t) in acc.iter().take(tr).enumerate() {
-                    let acc_t = &acc_t[..cols.len()];
-                    // SAFETY: columns `cols` lie in this task's range `n0..n1`, `t + i < rows`,
-                    // and `out` has `rows * n` elements (checked in `matmul`): in bounds and
-                    // written by this task only.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out.0.add((t + i) * n + cols.start),
-                            cols.len(),
-                        )
-                    };
-                    match bias {
-                        Some(b) => {
-                            for ((d, &a), &b) in dst.iter_mut().zip(acc_t).zip(&b[cols.clone()]) {
-                                *d = a + b;
-                            }
-                        }
-                        None => dst.copy_from_slice(acc_t),
-                    }
+                    write(t + i, cols.clone(), acc_t);
                 }
                 t += tr;
             }
@@ -392,6 +409,71 @@ mod tests {
                         picks(isa, &x, View::F32(&dense), k, &sel),
                     );
                     assert_eq!(bits(&pa), bits(&pb), "{isa:?} picks");
+                }
+            }
+        }
+    }
+
+    /// One token row through panels (several panels per kernel call, tasks ending in a
+    /// partial group and a partial panel): every output bit for bit the scalar twin's and the
+    /// first row of a two-row call's (the many-row kernel), and within f32 rounding of an f64
+    /// reference, for `n` not a multiple of 32, 64 or 128, odd `k` and every dtype.
+    #[test]
+    fn one_row_panels_equal_the_scalar_twin_and_the_tile_and_match_f64() {
+        let mut s = 0x6a09_e667_f3bc_c909u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        for (n, k) in [
+            (1, 7),
+            (45, 93),
+            (161, 1),
+            (230, 47),
+            (1043, 93),
+            (3001, 35),
+        ] {
+            let wf = rnd(n * k);
+            let bias = rnd(n);
+            let x = rnd(2 * k);
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let m = HostTensor::from_f32(wf.clone(), vec![n, k]).into_dtype(dt);
+                let w = m.view();
+                let run = |isa: Isa, rows: usize| {
+                    let p = super::super::panels::pack(isa, w, n, k);
+                    let mut out = vec![f32::NAN; rows * n];
+                    let mut jobs = [MatJob {
+                        w,
+                        panels: Some(p.view()),
+                        bias: Some(View::F32(&bias)),
+                        n,
+                        out: &mut out,
+                    }];
+                    matmul(isa, &x, rows, k, &mut jobs);
+                    out.truncate(n);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                };
+                let want = run(Isa::Scalar, 1);
+                for (c, &bits) in want.iter().enumerate() {
+                    let r = (0..k)
+                        .map(|j| w.get(c * k + j) as f64 * x[j] as f64)
+                        .sum::<f64>()
+                        + bias[c] as f64;
+                    let got = f32::from_bits(bits) as f64;
+                    assert!(
+                        (got - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                        "{dt:?} n={n} k={k} col {c}: {got} vs {r}"
+                    );
+                }
+                for isa in Isa::available() {
+                    assert!(run(isa, 1) == want, "{isa:?} {dt:?} n={n} k={k}: one row");
+                    assert!(run(isa, 2) == want, "{isa:?} {dt:?} n={n} k={k}: two rows");
                 }
             }
         }

@@ -714,3 +714,111 @@ unsafe fn panel_q8_0<const TR: usize>(
     }
     panel_store(&a, half, t0, acc);
 }
+
+type GemvAcc = [[f32; super::PANEL]; super::GEMV_PANELS];
+
+/// One token row × `np <= GEMV_PANELS` consecutive panels (`p: [np, k, 32]`, f32, f16 or bf16;
+/// block panels go through [`panel`] one at a time), two panels at a time: 4 accumulators per
+/// panel (8 independent FMA chains, 4 weight vectors and the broadcast input in the 16 ymm
+/// registers) in one pass over each panel, where [`panel`] at one row makes two passes of 2
+/// chains. Each output is still one FMA chain over `k` in order: the bits of [`panel`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_panels(p: View, np: usize, k: usize, x: *const f32, acc: &mut GemvAcc) {
+    let stride = super::PANEL * k;
+    let mut g0 = 0;
+    while g0 < np {
+        let two = np - g0 >= 2;
+        let (o, acc) = (g0 * stride, &mut acc[g0..]);
+        match (p, two) {
+            (View::F32(s), true) => gemv_f32::<2>(s.as_ptr().add(o), k, x, acc),
+            (View::F32(s), false) => gemv_f32::<1>(s.as_ptr().add(o), k, x, acc),
+            (View::F16(s), true) => gemv_f16::<2>(s.as_ptr().add(o) as *const u16, k, x, acc),
+            (View::F16(s), false) => gemv_f16::<1>(s.as_ptr().add(o) as *const u16, k, x, acc),
+            (View::BF16(s), true) => gemv_bf16::<2>(s.as_ptr().add(o) as *const u16, k, x, acc),
+            (View::BF16(s), false) => gemv_bf16::<1>(s.as_ptr().add(o) as *const u16, k, x, acc),
+            (View::Q4_1(_) | View::Q8_0(_), _) => {
+                let mut one = [[0f32; super::PANEL]; super::PANEL_TR];
+                for (g, acc) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
+                    let q = p.slice((g0 + g) * stride..(g0 + g + 1) * stride);
+                    panel(q, k, x, 1, &mut one);
+                    *acc = one[0];
+                }
+            }
+        }
+        g0 += if two { 2 } else { 1 };
+    }
+}
+
+/// Generates an AVX2 multi-panel GEMV kernel: `$load(row)` gives the 32 columns of one panel
+/// row as four vectors, whose first columns are `$cols`; `$lines` cache lines per row.
+macro_rules! gemv32 {
+    ($name:ident, $elem:ty, $lines:expr, $cols:expr, $load:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+        unsafe fn $name<const NP: usize>(
+            p: *const $elem,
+            k: usize,
+            x: *const f32,
+            acc: &mut [[f32; super::PANEL]],
+        ) {
+            let stride = super::PANEL * k;
+            let bytes = stride * std::mem::size_of::<$elem>();
+            let mut a = [[_mm256_setzero_ps(); 4]; NP];
+            for kk in 0..k {
+                let xb = _mm256_set1_ps(*x.add(kk));
+                // As on AVX-512: past its panel's end, each stream prefetches the same stream
+                // of the next group.
+                let pos = kk * super::PANEL * std::mem::size_of::<$elem>() + PANEL_AHEAD;
+                let off = if pos >= bytes {
+                    PANEL_AHEAD + (NP - 1) * bytes
+                } else {
+                    PANEL_AHEAD
+                };
+                for g in 0..NP {
+                    let row = p.add(g * stride + kk * super::PANEL);
+                    let ahead = (row as *const u8).wrapping_add(off);
+                    for l in 0..$lines {
+                        prefetch(ahead.wrapping_add(64 * l));
+                    }
+                    let w: [__m256; 4] = $load(row);
+                    for i in 0..4 {
+                        a[g][i] = _mm256_fmadd_ps(w[i], xb, a[g][i]);
+                    }
+                }
+            }
+            let cols: [usize; 4] = $cols;
+            for g in 0..NP {
+                for i in 0..4 {
+                    _mm256_storeu_ps(acc[g].as_mut_ptr().add(cols[i]), a[g][i]);
+                }
+            }
+        }
+    };
+}
+
+gemv32!(gemv_f32, f32, 2, [0, 8, 16, 24], |r: *const f32| [
+    _mm256_loadu_ps(r),
+    _mm256_loadu_ps(r.add(8)),
+    _mm256_loadu_ps(r.add(16)),
+    _mm256_loadu_ps(r.add(24))
+]);
+gemv32!(gemv_f16, u16, 1, [0, 8, 16, 24], |r: *const u16| [
+    _mm256_cvtph_ps(_mm_loadu_si128(r as *const __m128i)),
+    _mm256_cvtph_ps(_mm_loadu_si128(r.add(8) as *const __m128i)),
+    _mm256_cvtph_ps(_mm_loadu_si128(r.add(16) as *const __m128i)),
+    _mm256_cvtph_ps(_mm_loadu_si128(r.add(24) as *const __m128i))
+]);
+// bf16 panel rows: u32 lane j holds column j (low half) and 16 + j (high half); the two
+// 8-lane loads give columns 0..8 and 16..24, then 8..16 and 24..32.
+gemv32!(gemv_bf16, u16, 1, [0, 16, 8, 24], |r: *const u16| {
+    let mask = _mm256_set1_epi32(0xffff0000u32 as i32);
+    let v0 = _mm256_loadu_si256(r as *const __m256i);
+    let v1 = _mm256_loadu_si256(r.add(16) as *const __m256i);
+    [
+        _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+        _mm256_castsi256_ps(_mm256_and_si256(v0, mask)),
+        _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
+        _mm256_castsi256_ps(_mm256_and_si256(v1, mask)),
+    ]
+});

@@ -492,3 +492,103 @@ panel32!(panel_bf16, u16, |r: *const u16| {
         _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xffff0000u32 as i32))),
     )
 });
+
+type GemvAcc = [[f32; super::PANEL]; super::GEMV_PANELS];
+
+/// One token row × `np <= GEMV_PANELS` consecutive panels (`p: [np, k, 32]`, f32 or bf16;
+/// f16 goes to the AVX2 kernel, block panels through [`panel`] one at a time): 2 × `np` accumulators, so up to 8
+/// independent FMA chains where one panel gives 2 (chain latency bounds those), the input
+/// broadcast once per input column for all panels. Each output is still one FMA chain over
+/// `k` in order: the bits of [`panel`] at one row.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn gemv_panels(p: View, np: usize, k: usize, x: *const f32, acc: &mut GemvAcc) {
+    macro_rules! by_np {
+        ($f:ident, $p:expr) => {
+            match np {
+                1 => $f::<1>($p, k, x, acc),
+                2 => $f::<2>($p, k, x, acc),
+                3 => $f::<3>($p, k, x, acc),
+                4 => $f::<4>($p, k, x, acc),
+                _ => {}
+            }
+        };
+    }
+    match p {
+        View::F32(s) => by_np!(gemv_f32, s.as_ptr()),
+        // The AVX2 kernel: with 256-bit `vcvtph2ps` it reads 86 GB/s in L2 on one Zen 4 core,
+        // a 512-bit version of it 58 (docs/PERF.md); the same bits.
+        View::F16(_) => super::avx2::gemv_panels(p, np, k, x, acc),
+        View::BF16(s) => by_np!(gemv_bf16, s.as_ptr() as *const u16),
+        View::Q4_1(_) | View::Q8_0(_) => {
+            let mut one = [[0f32; super::PANEL]; super::PANEL_TR];
+            for (g, acc) in acc.iter_mut().enumerate().take(np) {
+                panel(
+                    p.slice(g * super::PANEL * k..(g + 1) * super::PANEL * k),
+                    k,
+                    x,
+                    1,
+                    &mut one,
+                );
+                *acc = one[0];
+            }
+        }
+    }
+}
+
+/// Generates a multi-panel GEMV kernel: `$load(row)` gives the 32 columns of one panel row as
+/// two vectors (columns 0..16 and 16..32); `$lines` cache lines per panel row are prefetched.
+macro_rules! gemv32 {
+    ($name:ident, $elem:ty, $lines:expr, $load:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+        unsafe fn $name<const NP: usize>(
+            p: *const $elem,
+            k: usize,
+            x: *const f32,
+            acc: &mut GemvAcc,
+        ) {
+            let stride = super::PANEL * k;
+            let bytes = stride * std::mem::size_of::<$elem>();
+            let dist = PANEL_AHEAD;
+            let mut a = [[_mm512_setzero_ps(); 2]; NP];
+            for kk in 0..k {
+                let xb = _mm512_set1_ps(*x.add(kk));
+                // Each panel's stream prefetches `dist` bytes ahead; past its end, into the
+                // same stream of the next group (the panel `NP` further on).
+                let pos = kk * super::PANEL * std::mem::size_of::<$elem>() + dist;
+                let off = if pos >= bytes {
+                    dist + (NP - 1) * bytes
+                } else {
+                    dist
+                };
+                for g in 0..NP {
+                    let row = p.add(g * stride + kk * super::PANEL);
+                    let ahead = (row as *const u8).wrapping_add(off);
+                    for l in 0..$lines {
+                        prefetch(ahead.wrapping_add(64 * l));
+                    }
+                    let (w0, w1) = $load(row);
+                    a[g][0] = _mm512_fmadd_ps(w0, xb, a[g][0]);
+                    a[g][1] = _mm512_fmadd_ps(w1, xb, a[g][1]);
+                }
+            }
+            for g in 0..NP {
+                _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
+                _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
+            }
+        }
+    };
+}
+
+gemv32!(gemv_f32, f32, 2, |r: *const f32| (
+    _mm512_loadu_ps(r),
+    _mm512_loadu_ps(r.add(16))
+));
+gemv32!(gemv_bf16, u16, 1, |r: *const u16| {
+    let v = _mm512_loadu_si512(r as *const __m512i);
+    (
+        _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+        _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xffff0000u32 as i32))),
+    )
+});

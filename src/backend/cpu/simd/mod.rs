@@ -326,6 +326,57 @@ pub fn panel(
     scalar::panel(p, k, x, tr, acc)
 }
 
+/// Panels one [`gemv_panels`] call reads side by side.
+pub const GEMV_PANELS: usize = 4;
+
+/// One token row against `np <= GEMV_PANELS` consecutive panels: `acc[g][c] = Σ_j x[j] ·
+/// P_g[j][c]`, `p: [np, k, 32]` (panel `g` at `g · 32 · k`, as `cpu::panels` lays them out).
+/// The bits of [`panel`] at `tr = 1` on each panel (every output one FMA chain over `j` in
+/// order); the panels' chains run side by side (on AVX-512, 2 per panel where [`panel`] at one
+/// row has only 2 in flight and waits on FMA latency; on AVX2, 4 per panel, two panels at a
+/// time, in one pass where [`panel`] makes two).
+pub fn gemv_panels(
+    isa: Isa,
+    p: View,
+    np: usize,
+    k: usize,
+    x: &[f32],
+    acc: &mut [[f32; PANEL]; GEMV_PANELS],
+) {
+    let isa = isa.runnable();
+    assert!(
+        np <= GEMV_PANELS
+            && p.len() >= np * k * PANEL
+            && x.len() >= k
+            && (!p.is_quantized() || k.is_multiple_of(32)),
+        "gemv_panels bounds; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: CPU features as in `dot_rows`; bounds and the element type checked above.
+        unsafe { avx512::gemv_panels(p, np, k, x.as_ptr(), acc) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; bounds and the element type checked above.
+        unsafe { avx2::gemv_panels(p, np, k, x.as_ptr(), acc) };
+        return;
+    }
+    let mut one = [[0f32; PANEL]; PANEL_TR];
+    for (g, acc) in acc.iter_mut().enumerate().take(np) {
+        panel(
+            isa,
+            p.slice(g * PANEL * k..(g + 1) * PANEL * k),
+            k,
+            x,
+            1,
+            &mut one,
+        );
+        *acc = one[0];
+    }
+}
+
 /// `a · b`.
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let isa = isa.runnable();
@@ -632,6 +683,59 @@ mod tests {
                                     got[t][c].to_bits(),
                                     want[t][c].to_bits(),
                                     "{isa:?} k={k} tr={tr} ({t},{c})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The one-row kernel over several panels side by side: every output bit for bit the
+    /// scalar twin's (`scalar::panel` at one row, panel by panel) on every ISA, and within f32
+    /// rounding of an f64 reference, for 1 to `GEMV_PANELS` panels, odd `k` and every dtype.
+    #[test]
+    fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
+        for k in [1, 3, 47, 93, 576, 1536] {
+            let wf = rand(GEMV_PANELS * PANEL * k, 31 + k as u64);
+            let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let x = rand(k, 37 + k as u64);
+            for (dt, view) in [
+                ("f32", View::F32(&wf)),
+                ("f16", View::F16(&w16)),
+                ("bf16", View::BF16(&wb16)),
+            ] {
+                for np in 1..=GEMV_PANELS {
+                    let panel_of = |g: usize| view.slice(g * PANEL * k..(g + 1) * PANEL * k);
+                    let mut want = [[f32::NAN; PANEL]; GEMV_PANELS];
+                    for (g, want) in want.iter_mut().enumerate().take(np) {
+                        let mut one = [[f32::NAN; PANEL]; PANEL_TR];
+                        scalar::panel(panel_of(g), k, &x, 1, &mut one);
+                        *want = one[0];
+                        for c in 0..PANEL {
+                            let col: Vec<f32> = (0..k)
+                                .map(|j| panel_of(g).get(j * PANEL + panel_slot(view, c)))
+                                .collect();
+                            let r = dot64(&col, &x);
+                            assert!(
+                                (want[c] as f64 - r).abs()
+                                    <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                                "scalar {dt} k={k} panel {g} col {c}"
+                            );
+                        }
+                    }
+                    for isa in Isa::available() {
+                        let mut got = [[f32::NAN; PANEL]; GEMV_PANELS];
+                        // Only the first `np` panels are given: none read past them.
+                        gemv_panels(isa, view.slice(0..np * PANEL * k), np, k, &x, &mut got);
+                        for g in 0..np {
+                            for c in 0..PANEL {
+                                assert_eq!(
+                                    got[g][c].to_bits(),
+                                    want[g][c].to_bits(),
+                                    "{isa:?} {dt} k={k} np={np} ({g},{c})"
                                 );
                             }
                         }
