@@ -31,8 +31,9 @@ fn bench_matmul(c: &mut Criterion) {
     g.sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    // (name, N, K): MLP gate+up width, the LM head.
+    // (name, N, K): attention output (in L2 at 2 threads), MLP gate+up width, the LM head.
     for (name, n, k) in [
+        ("o_576x576", 576, 576),
         ("gate_1536x576", 1536, 576),
         ("down_576x1536", 576, 1536),
         ("lm_head_49152x576", 49152, 576),
@@ -118,6 +119,88 @@ fn bench_matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// A decode step's matmuls alone, at T = 1: SmolLM2-135M's 30 layers (q/k/v in one call, o,
+/// gate/up in one call, down) and the tied LM head, each matrix in its own panels, 269 MB in
+/// bf16 (538 MB f32) streamed from DRAM per iteration as in `decode_b1`, with the same
+/// parallel regions but nothing between them, on huge pages as the model's (`tensor::pack`).
+/// Throughput in weight bytes.
+fn bench_decode_step(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decode_step");
+    g.sample_size(10)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(3));
+    let (d, kv, inter, vocab, layers) = (576usize, 192usize, 1536usize, 49152usize, 30usize);
+    // (N, K) per matrix, grouped by the call that reads them together.
+    let calls: Vec<Vec<(usize, usize)>> = (0..layers)
+        .flat_map(|_| {
+            [
+                vec![(d, d), (kv, d), (kv, d)],
+                vec![(d, d)],
+                vec![(inter, d), (inter, d)],
+                vec![(d, inter)],
+            ]
+        })
+        .chain([vec![(vocab, d)]])
+        .collect();
+    let isa = Isa::detect();
+    let x = rand(inter, 5);
+    for dt in ["bf16", "f16", "f32"] {
+        let packed: Vec<Vec<gram::tensor::HostTensor>> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| {
+                call.iter()
+                    .map(|&(n, k)| {
+                        let wf = rand(n * k, 11 + i as u64);
+                        let (wh, wb): (Vec<f16>, Vec<bf16>) = match dt {
+                            "f16" => (wf.iter().map(|&v| f16::from_f32(v)).collect(), vec![]),
+                            "bf16" => (vec![], wf.iter().map(|&v| bf16::from_f32(v)).collect()),
+                            _ => (vec![], vec![]),
+                        };
+                        let view = match dt {
+                            "f16" => View::F16(&wh),
+                            "bf16" => View::BF16(&wb),
+                            _ => View::F32(&wf),
+                        };
+                        panels::pack(isa, view, n, k)
+                    })
+                    .collect()
+            })
+            .collect();
+        // On 2 MiB pages, as the model's weights (`tensor::pack`).
+        let mut packed = packed;
+        gram::tensor::pack(packed.iter_mut().flatten());
+        let bytes: usize = calls.iter().flatten().map(|&(n, k)| n * k).sum::<usize>()
+            * if dt == "f32" { 4 } else { 2 };
+        let mut outs: Vec<Vec<Vec<f32>>> = calls
+            .iter()
+            .map(|call| call.iter().map(|&(n, _)| vec![0f32; n]).collect())
+            .collect();
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(BenchmarkId::new(format!("{dt}/{isa:?}"), "T1"), |bch| {
+            bch.iter(|| {
+                for ((call, p), out) in calls.iter().zip(&packed).zip(outs.iter_mut()) {
+                    let k = call[0].1;
+                    let mut jobs: Vec<MatJob> = call
+                        .iter()
+                        .zip(p)
+                        .zip(out.iter_mut())
+                        .map(|((&(n, _), p), out)| MatJob {
+                            w: p.view(),
+                            panels: Some(p.view()),
+                            bias: None,
+                            n,
+                            out,
+                        })
+                        .collect();
+                    matmul(isa, &x[..k], 1, k, &mut jobs);
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 /// S_rele over one posting list: 10,000 products × a 6-token code, u16 product probabilities,
 /// each ISA (elements = product-token terms).
 fn bench_score(c: &mut Criterion) {
@@ -154,5 +237,5 @@ fn bench_score_list(
     }
 }
 
-criterion_group!(benches, bench_matmul, bench_score);
+criterion_group!(benches, bench_matmul, bench_decode_step, bench_score);
 criterion_main!(benches);

@@ -11,7 +11,8 @@
 //!   32 columns), the input broadcast, one FMA chain per output over k. At T = 1 it streams
 //!   the weights once (memory bound: the bytes are what matter, and Q4_1 panels are a seventh
 //!   of f32's); at T = 10 it is compute bound. Token rows go in near-equal groups of at most
-//!   `simd::panel_tr`.
+//!   `simd::panel_tr`. One token row reads up to 4 panels side by side (`simd::gemv_panels`),
+//!   for more independent chains; each output's chain, and so its bits, is the same.
 //! - **Rows** (any `W` without panels: tests, tools, the sparse head's gathered rows): a GEMV
 //!   for T = 1 that streams four weight rows at a time, and for T > 1 a register tile of
 //!   `simd::tile_nr(isa)` weight rows × up to 6 token rows, summed across lanes at the end;

@@ -7,6 +7,8 @@
 //!   f32 token rows.
 //! - `panel`: one panel of 32 weight columns (`cpu::panels` layout) × up to 14 f32 token rows,
 //!   bit-identical on every ISA.
+//! - `gemv_panels`: one f32 row × up to 4 consecutive panels side by side (decode at batch 1:
+//!   more FMA chains in flight than one panel gives), the bits of `panel`.
 //! - `dot`, `axpy`: f32 vectors (attention).
 //! - `max`, `sum_exp`: a log-softmax's normalizer over a vocabulary row (beam search).
 
