@@ -444,6 +444,40 @@ impl Index {
     }
 }
 
+impl Index {
+    /// Ranks every code's postings the way a search does — groups of ten consecutive codes,
+    /// under `max` and `sum`, with a small `k` (the threshold passes and the shared gather) and
+    /// one past [`THRESHOLD_MAX_K`](crate::score::THRESHOLD_MAX_K) (the block merge) — and
+    /// returns how many hits came back. What the fuzz target and the corruption tests drive
+    /// past [`Index::scan`]: a list with stray product ids or out of order must be ranked
+    /// without a panic.
+    pub fn rank_all(&self) -> usize {
+        use crate::score::{Aggregate, Ranker, THRESHOLD_MAX_K};
+        let isa = crate::backend::cpu::simd::Isa::detect();
+        let products = self.num_products() as u32;
+        let sides: Vec<(u32, Vec<f32>, Vec<f32>)> = (0..self.num_codes() as u32)
+            .filter_map(|id| {
+                let n = self.code(id)?.n_tokens as usize;
+                Some((id, vec![0.5; n], vec![-1.0; n]))
+            })
+            .collect();
+        let mut ranker = Ranker::new();
+        let mut hits = 0;
+        for group in sides.chunks(10) {
+            let lists: Vec<_> = group
+                .iter()
+                .filter_map(|(id, pq, w)| self.postings(*id, pq, w))
+                .collect();
+            for aggregate in [Aggregate::Max, Aggregate::Sum] {
+                for k in [3, THRESHOLD_MAX_K + 1] {
+                    hits += ranker.rank(isa, &lists, aggregate, k, products).len();
+                }
+            }
+        }
+        hits
+    }
+}
+
 /// What [`Index::scan`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Scan {

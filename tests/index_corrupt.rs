@@ -112,6 +112,7 @@ fn damaged_indexes_are_refused_or_read_safely() {
             Ok(ix) => {
                 let _ = ix.container().verify();
                 let scan = ix.scan();
+                let _ = ix.rank_all();
                 assert!(
                     scan.codes <= 40 && scan.products <= 25 + 64,
                     "round {round}"

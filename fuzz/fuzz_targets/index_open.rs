@@ -1,5 +1,6 @@
 //! Any bytes as an index file: `Index::open` refuses them with an error, or the index opens
-//! and every record reads (`Index::scan`) — never a panic, never an out-of-bounds read.
+//! and every record reads and ranks (`Index::scan`, `Index::rank_all`) — never a panic, never
+//! an out-of-bounds read.
 //! Run: `cargo +nightly fuzz run index_open` (seed it with a real index: see fuzz/README.md).
 #![no_main]
 
@@ -14,5 +15,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(index) = gram::index::Index::open(&path) {
         let _ = index.container().verify();
         let _ = index.scan();
+        let _ = index.rank_all();
     }
 });
