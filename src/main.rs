@@ -570,7 +570,8 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
             text += &serde_json::to_string(r).map_err(|e| e.to_string())?;
             text.push('\n');
         }
-        std::fs::write(path, text).map_err(|e| format!("--per-query {}: {e}", path.display()))?;
+        gram::container::write_atomic(path, text.as_bytes())
+            .map_err(|e| format!("--per-query {}: {e}", path.display()))?;
     }
     let mut out = json!({
         "index": args.index,

@@ -372,7 +372,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let write = |name: &str, bytes: &[u8]| {
             let p = dir.join(name);
-            std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
+            crate::container::write_atomic(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
         };
         write("report.json", text.as_bytes())?;
         write("latencies.csv", csv(&samples).as_bytes())?;
@@ -503,7 +503,7 @@ fn replot(dir: &Path) -> Result<(), String> {
         .collect::<Option<Vec<Sample>>>()
         .ok_or_else(|| format!("{}/latencies.csv: malformed", dir.display()))?;
     let p = dir.join("latency.svg");
-    std::fs::write(&p, plot::svg(&report, &samples))
+    crate::container::write_atomic(&p, plot::svg(&report, &samples).as_bytes())
         .map_err(|e| format!("{}: {e}", p.display()))?;
     eprintln!("wrote {}", p.display());
     Ok(())
