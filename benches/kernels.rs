@@ -6,6 +6,7 @@
 //! as elements (T > 1, compute bound: 2·T·N·K per call).
 //!
 //! cargo bench --bench kernels -- 'matmul'
+//! cargo bench --bench kernels -- 'decode_step|gemv_panels'   (the one-row path)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gram::backend::cpu::matmul::{matmul, MatJob};
@@ -201,6 +202,63 @@ fn bench_decode_step(c: &mut Criterion) {
     g.finish();
 }
 
+/// The one-row kernels on one thread (no parallel region): `simd::panel` at T = 1, panel by
+/// panel, against `simd::gemv_panels` over 4 panels side by side, `k = 576`, in L2 (4 panels)
+/// and from DRAM (~200 MB of huge-page panels), each dtype, every SIMD ISA. Throughput in
+/// weight bytes.
+fn bench_gemv_panels(c: &mut Criterion) {
+    use gram::backend::cpu::simd::{self, GEMV_PANELS, PANEL, PANEL_TR};
+    let mut g = c.benchmark_group("gemv_panels");
+    g.sample_size(10)
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(2));
+    let k = 576;
+    let x = rand(k, 3);
+    for (place, mb) in [("l2", 0usize), ("dram", 200)] {
+        for dt in ["bf16", "f16", "f32"] {
+            let esz = if dt == "f32" { 4 } else { 2 };
+            let np = ((mb << 20) / (PANEL * k * esz)).max(GEMV_PANELS) / GEMV_PANELS * GEMV_PANELS;
+            let n = np * PANEL;
+            let wf = rand(n * k, 1);
+            let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let view = match dt {
+                "f16" => View::F16(&wh),
+                "bf16" => View::BF16(&wb),
+                _ => View::F32(&wf),
+            };
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+                let mut p = [panels::pack(isa, view, n, k)];
+                gram::tensor::pack(p.iter_mut());
+                let pv = p[0].view();
+                let panel = |i: usize, m: usize| pv.slice(i * PANEL * k..(i + m) * PANEL * k);
+                g.throughput(Throughput::Bytes((n * k * esz) as u64));
+                let id = |v: &str| BenchmarkId::new(format!("{place}/{dt}/{isa:?}"), v.to_string());
+                g.bench_function(id("panel"), |b| {
+                    let mut acc = [[0f32; PANEL]; PANEL_TR];
+                    b.iter(|| {
+                        for i in 0..np {
+                            simd::panel(isa, panel(i, 1), k, &x, 1, &mut acc);
+                        }
+                        acc[0][0]
+                    })
+                });
+                g.bench_function(id("gemv_panels"), |b| {
+                    let mut acc = [[0f32; PANEL]; GEMV_PANELS];
+                    b.iter(|| {
+                        for i in (0..np).step_by(GEMV_PANELS) {
+                            let m = GEMV_PANELS;
+                            simd::gemv_panels(isa, panel(i, m), m, k, &x, &mut acc);
+                        }
+                        acc[0][0]
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 /// S_rele over one posting list: 10,000 products × a 6-token code, u16 product probabilities,
 /// each ISA (elements = product-token terms).
 fn bench_score(c: &mut Criterion) {
@@ -237,5 +295,11 @@ fn bench_score_list(
     }
 }
 
-criterion_group!(benches, bench_matmul, bench_decode_step, bench_score);
+criterion_group!(
+    benches,
+    bench_matmul,
+    bench_decode_step,
+    bench_gemv_panels,
+    bench_score
+);
 criterion_main!(benches);
