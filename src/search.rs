@@ -455,6 +455,12 @@ impl<B: Backend> Engine<B> {
         Ok(done.into_iter().map(|(_, r)| r).collect())
     }
 
+    /// Postings, scores and top K of a request whose codes are done ([`Batch::step_codes`]). It
+    /// needs only the index, so it may run on any thread, beside the next decoder steps.
+    pub fn score(&self, done: CodesDone) -> Response {
+        self.finish(done.prepared, done.output)
+    }
+
     /// Postings, scores and top K for a request whose codes came out as `out`.
     fn finish(&self, p: Prepared, out: beam::Output) -> Response {
         let index = &self.index;
@@ -553,6 +559,14 @@ pub struct Batch<'a, B: Backend = CpuBackend> {
     prepared: Vec<(Ticket, Prepared)>,
 }
 
+/// A request whose codes are done and whose products are not scored yet
+/// ([`Batch::step_codes`], then [`Engine::score`]).
+#[derive(Debug)]
+pub struct CodesDone {
+    prepared: Prepared,
+    output: beam::Output,
+}
+
 /// What [`Batch::admit`] did with a request.
 #[derive(Debug)]
 pub enum Admission {
@@ -602,6 +616,18 @@ impl<B: Backend> Batch<'_, B> {
     /// One decoder step over every request in flight; the requests whose codes finished come
     /// back with their products scored. On an error every request in flight is dropped.
     pub fn step(&mut self) -> Result<Vec<(Ticket, Response)>> {
+        let engine = self.engine;
+        Ok(self
+            .step_codes()?
+            .into_iter()
+            .map(|(t, done)| (t, engine.score(done)))
+            .collect())
+    }
+
+    /// [`Batch::step`] without the scoring: the requests whose codes finished come back as
+    /// [`CodesDone`], for [`Engine::score`] to finish (on another thread, say, while the batch
+    /// steps on).
+    pub fn step_codes(&mut self) -> Result<Vec<(Ticket, CodesDone)>> {
         let done = match self.beams.step() {
             Ok(done) => done,
             Err(e) => {
@@ -617,8 +643,14 @@ impl<B: Backend> Batch<'_, B> {
                     .iter()
                     .position(|(pt, _)| *pt == t)
                     .expect("every ticket was admitted here");
-                let (_, p) = self.prepared.swap_remove(at);
-                (t, self.engine.finish(p, out))
+                let (_, prepared) = self.prepared.swap_remove(at);
+                (
+                    t,
+                    CodesDone {
+                        prepared,
+                        output: out,
+                    },
+                )
             })
             .collect())
     }

@@ -1048,6 +1048,7 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         (&["--header-timeout-ms", "0"][..], "--header-timeout-ms"),
         (&["--body-timeout-ms", "0"][..], "--body-timeout-ms"),
         (&["--max-connections", "0"][..], "--max-connections"),
+        (&["--score-threads", "0"][..], "--score-threads"),
         (&["--addr", "localhost"][..], "--addr"),
         (&["--max-beam", "100000"][..], "--max-beam"),
     ] {
@@ -1197,4 +1198,112 @@ fn abandoned_jobs_do_not_count_against_the_queue_cap() {
     let (e, _e_handler) = job();
     assert_eq!(q.push(e), Ok(1));
     assert!(metrics.render().contains("gram_queue_depth 1\n"));
+}
+
+/// Scoring does not hold up the decoder: with the scoring of a first request held (its scoring
+/// thread blocked), a second request admitted after it still gets every decoder step it needs
+/// (its codes are done and handed to the other scoring thread). Scoring inline on the batcher
+/// thread, the second would never step. Both answers are then the engine's own.
+#[test]
+fn the_batcher_steps_on_while_a_request_is_scored() {
+    use gram::server::batcher::{self, BatcherConfig, Job, Queue};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let requests = [
+        Request {
+            k: 3,
+            ..Request::new("oak desk")
+        },
+        Request {
+            k: 5,
+            beam: 4,
+            ..Request::new("green velvet sofa")
+        },
+    ];
+    let mut beams = BeamSearch::new();
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let p = engine.prepare(r.clone()).unwrap();
+            engine.search(&mut beams, vec![p]).unwrap().remove(0)
+        })
+        .collect();
+    let metrics = Arc::new(gram::server::metrics::Metrics::default());
+    let queue = Queue::new(8, metrics.clone());
+    queue.set_max_batch(2);
+    let config = BatcherConfig {
+        max_batch: 2,
+        batch_wait: Duration::ZERO,
+        arena_entries: batcher::arena_entries(&engine, 2, 10).unwrap(),
+        score_threads: 2,
+    };
+    // Each scoring waits for a release of its own.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let entered = AtomicUsize::new(0);
+    let score = |done| {
+        entered.fetch_add(1, Ordering::SeqCst);
+        // Released, or the test failed (its guard hung up).
+        let _ = released.lock().unwrap().recv();
+        engine.score(done)
+    };
+    // Polls `entered` until it reaches `n` (or 60 s pass: the batcher is stuck).
+    let wait_entered = |n: usize| {
+        let t = Instant::now();
+        while entered.load(Ordering::SeqCst) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{} of {n} requests reached scoring",
+                entered.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let push = |r: &Request| {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            prepared: engine.prepare(r.clone()).unwrap(),
+            reply,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(600),
+        };
+        queue.push(job).unwrap();
+        answer
+    };
+    /// Should the test fail, releases every scoring and closes the queue, so that the batcher
+    /// stops and the scope's join does not hang.
+    struct Guard<'a>(Option<std::sync::mpsc::Sender<()>>, &'a Queue);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.take();
+            self.1.close();
+        }
+    }
+    std::thread::scope(|s| {
+        let batcher = s.spawn(|| batcher::run(&engine, &queue, config, &metrics, || {}, &score));
+        let guard = Guard(Some(release), &queue);
+        let release = guard.0.as_ref().unwrap();
+        let first = push(&requests[0]);
+        wait_entered(1);
+        // The first is held in scoring; the second runs all its steps meanwhile.
+        let second = push(&requests[1]);
+        wait_entered(2);
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        for (answer, want) in [first, second].into_iter().zip(&alone) {
+            let done = answer.blocking_recv().unwrap().unwrap();
+            assert_eq!(&done.response.codes, &want.codes);
+            assert_eq!(&done.response.products, &want.products);
+        }
+        drop(guard);
+        batcher.join().unwrap().unwrap();
+    });
+    // Scoring is still timed.
+    let text = metrics.render();
+    assert!(
+        text.contains("gram_stage_seconds_count{stage=\"scoring\"} 2\n"),
+        "{text}"
+    );
 }

@@ -9,6 +9,12 @@
 //! the next one (continuous batching), so a long request never holds the others back: each
 //! request leaves as soon as its own codes are done.
 //!
+//! Scoring (postings, S_rele, top K: up to `--max-k` products a request) does not run on the
+//! batcher thread: each request whose codes are done goes to a small pool of scoring threads
+//! (`--score-threads`), which score it and answer it, while the batcher goes straight on to the
+//! next decoder step. Requests with a large `k` finishing together no longer hold up everyone
+//! else's next step.
+//!
 //! A request whose handler has gone (deadline passed, client disconnected) is dropped from the
 //! queue before it is admitted; one already admitted is cancelled before the next step (its KV
 //! entries free at once for the queue).
@@ -22,7 +28,7 @@ use tokio::sync::oneshot;
 use crate::backend::Backend;
 use crate::beam::{BeamSearch, Ticket};
 use crate::error::{Error, Result};
-use crate::search::{Admission, Batch, Engine, Prepared, Request, Response};
+use crate::search::{Admission, Batch, CodesDone, Engine, Prepared, Request, Response};
 
 use super::metrics::{Metrics, Stage};
 
@@ -305,6 +311,8 @@ pub struct BatcherConfig {
     pub batch_wait: Duration,
     /// KV entries of the batch's arena.
     pub arena_entries: usize,
+    /// Threads that score the requests whose codes are done (at least 1).
+    pub score_threads: usize,
 }
 
 /// Prompt tokens allowed for the template's seams around the query (see [`arena_entries`]).
@@ -360,19 +368,96 @@ fn in_flight(queue: &Queue, metrics: &Metrics, n: usize) {
     queue.set_in_flight(n);
 }
 
-/// Runs the batcher over `engine` until the queue is closed, empty and nothing is in flight.
-/// Errors only when the batch cannot be made (its arena).
+/// A request whose codes are done, on its way to a scoring thread.
+struct ToScore {
+    done: CodesDone,
+    reply: oneshot::Sender<Reply>,
+    queue_s: f64,
+}
+
+/// A scoring thread: scores each request it is handed with `score` and answers it, until the
+/// batcher hangs up. A request whose handler has gone is not scored. A panic while scoring (a
+/// bug) answers that request 500 and the thread goes on.
+fn scorer(
+    jobs: &Mutex<std::sync::mpsc::Receiver<ToScore>>,
+    score: &(dyn Fn(CodesDone) -> Response + Sync),
+    metrics: &Metrics,
+) {
+    loop {
+        let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(ToScore {
+            done,
+            reply,
+            queue_s,
+        }) = job
+        else {
+            return; // the batcher stopped, every request scored
+        };
+        if reply.is_closed() {
+            continue;
+        }
+        let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(done)));
+        let answer = match scored {
+            Ok(response) => {
+                record_stages(metrics, &response);
+                Ok(Done { response, queue_s })
+            }
+            Err(_) => {
+                tracing::error!("scoring panicked: this is a bug");
+                Err(Failed::Engine {
+                    kind: "internal",
+                    message: "scoring failed".into(),
+                })
+            }
+        };
+        // The handler may be gone (deadline, client left): nothing to do then.
+        let _ = reply.send(answer);
+    }
+}
+
+/// Runs the batcher over `engine` until the queue is closed, empty and nothing is in flight or
+/// being scored; requests whose codes are done are scored with `score` (`Engine::score`) on
+/// `config.score_threads` threads of their own. Errors only when the batch cannot be made (its
+/// arena).
 pub fn run<B: Backend>(
     engine: &Engine<B>,
     queue: &Queue,
     config: BatcherConfig,
     metrics: &Metrics,
     started: impl FnOnce(),
+    score: &(dyn Fn(CodesDone) -> Response + Sync),
 ) -> Result<()> {
     let mut search = BeamSearch::new();
     let mut batch = engine.batch(&mut search, config.arena_entries)?;
     metrics.set_arena_entries(config.arena_entries);
-    started();
+    let (to_score, jobs) = std::sync::mpsc::channel::<ToScore>();
+    let jobs = Mutex::new(jobs);
+    std::thread::scope(|scope| {
+        for i in 0..config.score_threads.max(1) {
+            let jobs = &jobs;
+            std::thread::Builder::new()
+                .name(format!("gram-score-{i}"))
+                .spawn_scoped(scope, move || scorer(jobs, score, metrics))
+                .map_err(|e| Error::io("spawning a scoring thread", e))?;
+        }
+        started();
+        step_loop(&mut batch, queue, &config, metrics, &to_score);
+        // Hanging up ends the scoring threads once they have answered every request handed to
+        // them; the scope waits for them.
+        drop(to_score);
+        Ok(())
+    })
+}
+
+/// The batcher's loop (see the module's documentation), until the queue is closed, empty and
+/// nothing is in flight.
+fn step_loop<B: Backend>(
+    batch: &mut Batch<'_, B>,
+    queue: &Queue,
+    config: &BatcherConfig,
+    metrics: &Metrics,
+    to_score: &std::sync::mpsc::Sender<ToScore>,
+) {
     let mut flying: Vec<InFlight> = Vec::new();
     loop {
         {
@@ -382,11 +467,11 @@ pub fn run<B: Backend>(
                     st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.jobs.is_empty() {
-                    return Ok(()); // closed, drained, idle
+                    return; // closed, drained, idle
                 }
-                st = gather(queue, st, &config);
+                st = gather(queue, st, config);
             }
-            admit(&mut st, &mut batch, &mut flying, &config, metrics);
+            admit(&mut st, batch, &mut flying, config, metrics);
             metrics.set_queue_depth(st.jobs.len());
         }
         in_flight(queue, metrics, flying.len());
@@ -406,25 +491,31 @@ pub fn run<B: Backend>(
             continue;
         }
         let t = Instant::now();
-        let result = batch.step();
+        let result = batch.step_codes();
         let requests = flying.len();
         let step_s = t.elapsed().as_secs_f64();
         metrics.record_step(step_s, requests, batch.last_step_rows());
         queue.stepped(result.as_ref().map_or(0, |done| done.len()), step_s);
         match result {
             Ok(done) => {
-                for (ticket, response) in done {
+                for (ticket, done) in done {
                     let at = flying
                         .iter()
                         .position(|f| f.ticket == ticket)
                         .expect("every finished ticket is in flight; this is a bug");
                     let f = flying.swap_remove(at);
-                    record_stages(metrics, &response);
-                    // The handler may be gone (deadline, client left): nothing to do then.
-                    let _ = f.reply.send(Ok(Done {
-                        response,
+                    let job = ToScore {
+                        done,
+                        reply: f.reply,
                         queue_s: f.queue_s,
-                    }));
+                    };
+                    if let Err(std::sync::mpsc::SendError(job)) = to_score.send(job) {
+                        // No scoring thread left (they never exit while the batcher runs).
+                        let _ = job.reply.send(Err(Failed::Engine {
+                            kind: "internal",
+                            message: "no scoring thread".into(),
+                        }));
+                    }
                 }
             }
             Err(e) => {

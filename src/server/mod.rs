@@ -5,7 +5,9 @@
 //!   (tokenization; bad input ends here as a 4xx) and queue it; a full queue answers 503 with
 //!   `Retry-After` at once; each awaits its answer until its deadline (504 past it).
 //! - [`batcher`]: the bounded queue, and one dedicated thread that owns the engine's continuous
-//!   batch, admits queued requests between decoder steps and sends each answer back.
+//!   batch and admits queued requests between decoder steps; the requests whose codes are done
+//!   go to a few scoring threads (postings, S_rele, top K), which send each answer back while
+//!   the batch steps on.
 //! - [`conn`]: the tokio side's accept loop: hyper's HTTP/1 connections with a header-read
 //!   (and idle) timeout, a deadline on the request body, and a cap on open connections. On
 //!   SIGINT/SIGTERM it stops accepting and lets every request in flight finish; then the batcher
@@ -94,6 +96,10 @@ pub struct ServeArgs {
     /// Threads of the HTTP runtime.
     #[arg(long, default_value_t = 2)]
     pub http_threads: usize,
+    /// Threads that score the requests whose codes are done (postings, S_rele, top K), beside
+    /// the decoder steps.
+    #[arg(long, default_value_t = 2)]
+    pub score_threads: usize,
     /// Longest query, in bytes.
     #[arg(long, default_value_t = Limits::default().max_query_bytes)]
     pub max_query_bytes: usize,
@@ -147,6 +153,7 @@ pub struct ServeConfig {
     pub device: Device,
     pub threads: Option<usize>,
     pub http_threads: usize,
+    pub score_threads: usize,
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub retry_after_s: u64,
@@ -185,6 +192,7 @@ impl ServeArgs {
             ("--max-batch", self.max_batch.unwrap_or(1)),
             ("--max-queue", self.max_queue),
             ("--http-threads", self.http_threads),
+            ("--score-threads", self.score_threads),
             ("--max-query-bytes", self.max_query_bytes),
             ("--max-query-tokens", self.max_query_tokens),
             ("--max-k", self.max_k),
@@ -226,6 +234,7 @@ impl ServeArgs {
             device: self.device,
             threads: self.threads,
             http_threads: self.http_threads,
+            score_threads: self.score_threads,
             limits: Limits {
                 max_query_bytes: self.max_query_bytes,
                 max_query_tokens: self.max_query_tokens,
@@ -499,15 +508,23 @@ fn serve_on<B: Backend>(
         max_batch,
         batch_wait: c.batch_wait,
         arena_entries,
+        score_threads: c.score_threads,
     };
     let mut ready = Some(ready);
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        batcher::run(engine, &state.queue, config, &state.metrics, || {
-            let _ = state.engine.set(shared.clone());
-            if let Some(r) = ready.take() {
-                let _ = r.send(Ok(()));
-            }
-        })
+        batcher::run(
+            engine,
+            &state.queue,
+            config,
+            &state.metrics,
+            || {
+                let _ = state.engine.set(shared.clone());
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Ok(()));
+                }
+            },
+            &|done| engine.score(done),
+        )
     }));
     match run {
         Ok(Ok(())) => Ok(()),
