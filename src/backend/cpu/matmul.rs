@@ -326,6 +326,20 @@ mod tests {
     use crate::tensor::{DType, HostTensor};
     use half::f16;
 
+    /// Vectors of `n` values uniform in [-1, 1), from a xorshift seeded with `seed`.
+    fn uniform(mut s: u64) -> impl FnMut(usize) -> Vec<f32> {
+        move |n| {
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        }
+    }
+
     /// Q4_1 weights read in place (dequantized a panel at a time) give bit for bit the matmul of
     /// the same weights dequantized up front, for the GEMV, the tiles and the sparse head.
     #[test]
@@ -421,17 +435,7 @@ mod tests {
     /// reference, for `n` not a multiple of 32, 64 or 128, odd `k` and every dtype.
     #[test]
     fn one_row_panels_equal_the_scalar_twin_and_the_tile_and_match_f64() {
-        let mut s = 0x6a09_e667_f3bc_c909u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
-        };
+        let mut rnd = uniform(0x6a09_e667_f3bc_c909u64);
         for (n, k) in [
             (1, 7),
             (45, 93),
@@ -487,17 +491,7 @@ mod tests {
     fn panels_match_f64_and_are_the_same_bits_on_every_isa() {
         let k = 80;
         let ns = [45usize, 32, 7];
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
-        };
+        let mut rnd = uniform(0x9e37_79b9_7f4a_7c15u64);
         let ws: Vec<Vec<f32>> = ns.iter().map(|&n| rnd(n * k)).collect();
         let biases: Vec<Vec<f32>> = ns.iter().map(|&n| rnd(n)).collect();
         for rows in [1, 2, 10, 15, 31] {
