@@ -144,14 +144,7 @@ fn continuous_batch_answers_as_single_requests() {
             ..Request::new(*q)
         })
         .collect();
-    let mut beams = BeamSearch::new();
-    let alone: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let p = engine.prepare(r.clone()).unwrap();
-            engine.search(&mut beams, vec![p]).unwrap().remove(0)
-        })
-        .collect();
+    let alone = search_alone(&engine, &requests);
     for (r, a) in requests.iter().zip(&alone) {
         assert!(!a.codes.is_empty() && a.codes.len() <= r.beam, "{r:?}");
         if r.codes_only {

@@ -14,7 +14,6 @@ use std::sync::OnceLock;
 
 use clap::Parser;
 use common::*;
-use gram::beam::BeamSearch;
 use gram::search::{Engine, Request};
 use gram::server::{ServeArgs, Server};
 use http_body_util::{BodyExt, Full};
@@ -765,14 +764,7 @@ async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
         .collect();
     // The in-process engine, one request at a time.
     let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
-    let mut beams = BeamSearch::new();
-    let alone: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let p = engine.prepare(r.clone()).unwrap();
-            engine.search(&mut beams, vec![p]).unwrap().remove(0)
-        })
-        .collect();
+    let alone = search_alone(&engine, &requests);
     // The server holds them in its gathering window until all 8 are queued.
     let server = start(&["--max-batch", "8", "--batch-wait-us", "30000000"]).await;
     let addr = server.addr();
@@ -1222,14 +1214,7 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
             ..Request::new("green velvet sofa")
         },
     ];
-    let mut beams = BeamSearch::new();
-    let alone: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let p = engine.prepare(r.clone()).unwrap();
-            engine.search(&mut beams, vec![p]).unwrap().remove(0)
-        })
-        .collect();
+    let alone = search_alone(&engine, &requests);
     let metrics = Arc::new(gram::server::metrics::Metrics::default());
     let queue = Queue::new(8, metrics.clone());
     queue.set_max_batch(2);

@@ -106,3 +106,19 @@ pub fn build_index(dir: &Path, model: &str, lines: &[String]) -> PathBuf {
     );
     dir.join("ix")
 }
+
+/// Each request searched on its own through `engine` (one query per decoder batch): the
+/// answers a batched path must reproduce.
+pub fn search_alone(
+    engine: &gram::search::Engine,
+    requests: &[gram::search::Request],
+) -> Vec<gram::search::Response> {
+    let mut beams = gram::beam::BeamSearch::new();
+    requests
+        .iter()
+        .map(|r| {
+            let p = engine.prepare(r.clone()).unwrap();
+            engine.search(&mut beams, vec![p]).unwrap().remove(0)
+        })
+        .collect()
+}
