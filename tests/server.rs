@@ -410,6 +410,9 @@ async fn every_endpoint_answers() {
     assert_eq!(count(r#"gram_backend_info{backend="cpu",device=""}"#), 1.0);
     assert_eq!(count("gram_queue_depth"), 0.0);
     assert!(count("gram_kv_arena_entries") > 0.0);
+    // The scrape's own connection at least; the cap as configured (the default).
+    assert!(count("gram_connections_open") >= 1.0);
+    assert_eq!(count("gram_connections_max"), 1024.0);
     server.shutdown().await.unwrap();
 }
 

@@ -43,6 +43,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::api::ApiError;
+use super::metrics::Metrics;
 use super::AppState;
 
 /// How long a client may take to send a request, and how many connections may be open.
@@ -64,8 +65,10 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     options: HttpOptions,
+    metrics: Arc<Metrics>,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    metrics.set_connections_max(options.max_connections);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout);
@@ -100,8 +103,9 @@ pub async fn serve(
         let connection =
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let mut closing = closing_rx.clone();
+        let open = metrics.connection_opened();
         connections.spawn(async move {
-            let _slot = slot;
+            let (_slot, _open) = (slot, open);
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
                 biased;

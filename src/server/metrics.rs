@@ -159,6 +159,15 @@ impl Histogram {
     }
 }
 
+/// An open connection, counted in `gram_connections_open` until dropped.
+pub struct OpenConnection(std::sync::Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Every metric of the server.
 pub struct Metrics {
     /// `gram_requests_total{endpoint,status}`.
@@ -182,6 +191,10 @@ pub struct Metrics {
     in_flight: AtomicU64,
     /// `gram_kv_arena_entries`: the batch arena's size.
     arena_entries: AtomicU64,
+    /// `gram_connections_open`: HTTP connections accepted and not closed.
+    connections_open: AtomicU64,
+    /// `gram_connections_max`: `--max-connections`; at it, new clients wait in the backlog.
+    connections_max: AtomicU64,
     /// `gram_backend_info{backend,device}`: the backend the model runs on, once chosen.
     backend: Mutex<Option<(String, String)>>,
 }
@@ -202,6 +215,8 @@ impl Default for Metrics {
             queue_depth: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             arena_entries: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_max: AtomicU64::new(0),
             backend: Mutex::default(),
         }
     }
@@ -240,6 +255,16 @@ impl Metrics {
         self.step_seconds.observe(seconds);
         self.step_requests.observe(requests as f64);
         self.step_rows.observe(rows as f64);
+    }
+
+    /// One more open connection, until the guard is dropped.
+    pub fn connection_opened(self: &std::sync::Arc<Self>) -> OpenConnection {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+
+    pub fn set_connections_max(&self, n: usize) {
+        self.connections_max.store(n as u64, Ordering::Relaxed);
     }
 
     pub fn set_queue_depth(&self, n: usize) {
@@ -345,6 +370,16 @@ impl Metrics {
                 "gram_kv_arena_entries",
                 "KV entries of the batch's arena.",
                 &self.arena_entries,
+            ),
+            (
+                "gram_connections_open",
+                "HTTP connections accepted and not yet closed.",
+                &self.connections_open,
+            ),
+            (
+                "gram_connections_max",
+                "--max-connections: at it, new clients wait in the listen backlog.",
+                &self.connections_max,
             ),
         ];
         for (name, help, g) in gauges {

@@ -352,9 +352,15 @@ impl Server {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let app = router(state.clone());
-        let http = tokio::spawn(conn::serve(listener, app, config.http, async move {
-            let _ = stopped.await;
-        }));
+        let http = tokio::spawn(conn::serve(
+            listener,
+            app,
+            config.http,
+            state.metrics.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let (ready, loaded) = oneshot::channel();
         let batcher = {
             let state = state.clone();
