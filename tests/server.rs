@@ -1042,6 +1042,7 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         (&["--timeout-ms", "0"][..], "--timeout-ms"),
         (&["--header-timeout-ms", "0"][..], "--header-timeout-ms"),
         (&["--body-timeout-ms", "0"][..], "--body-timeout-ms"),
+        (&["--write-timeout-ms", "0"][..], "--write-timeout-ms"),
         (&["--max-connections", "0"][..], "--max-connections"),
         (&["--score-threads", "0"][..], "--score-threads"),
         (&["--addr", "localhost"][..], "--addr"),

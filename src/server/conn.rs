@@ -54,8 +54,105 @@ pub struct HttpOptions {
     pub header_timeout: Duration,
     /// Longest time from the end of a request's headers to the end of its body.
     pub body_timeout: Duration,
+    /// Longest a write to the client may stall (a client that does not read its answer).
+    pub write_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: usize,
+}
+
+/// A connection's byte stream whose writes fail with `TimedOut` once one has made no progress
+/// for `timeout` (the client stopped reading and the socket buffers are full): hyper then
+/// closes the connection. The clock restarts at every write that moves bytes.
+pub struct WriteDeadline<T> {
+    io: T,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    pub fn new(io: T, timeout: Duration) -> Self {
+        WriteDeadline {
+            io,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// `poll`'s answer, with the stall clock: `Pending` arms it (once), `Ready` disarms it,
+    /// and a clock run out turns `Pending` into `TimedOut`.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match poll {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let clock = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match clock.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client has not read its answer for the write timeout",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for WriteDeadline<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for WriteDeadline<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, poll)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, poll)
+    }
 }
 
 /// Serves `app` on `listener` until `stop` completes (or its sender is dropped), then closes the
@@ -100,8 +197,10 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = http.serve_connection(
+            WriteDeadline::new(TokioIo::new(stream), options.write_timeout),
+            TowerToHyperService::new(app.clone()),
+        );
         let mut closing = closing_rx.clone();
         let open = metrics.connection_opened();
         connections.spawn(async move {
@@ -219,5 +318,76 @@ impl hyper::body::Body for TimedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Write;
+
+    /// A socket whose buffers are full: every write and flush waits (and never wakes).
+    struct Full;
+
+    /// A socket that takes every byte at once.
+    struct Open;
+
+    impl hyper::rt::Write for Full {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl hyper::rt::Write for Open {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A write that cannot move fails with `TimedOut` once the timeout has passed (the stall
+    /// clock wakes the task: the socket never does), a flush as well; a socket that takes the
+    /// bytes never arms the clock.
+    #[tokio::test]
+    async fn a_stalled_write_times_out_and_a_moving_one_does_not() {
+        let t = Duration::from_millis(50);
+        let mut stuck = WriteDeadline::new(Full, t);
+        let e = std::future::poll_fn(|cx| Pin::new(&mut stuck).poll_write(cx, b"answer"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let mut stuck = WriteDeadline::new(Full, t);
+        let e = std::future::poll_fn(|cx| Pin::new(&mut stuck).poll_flush(cx))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let mut open = WriteDeadline::new(Open, t);
+        for _ in 0..3 {
+            let n = std::future::poll_fn(|cx| Pin::new(&mut open).poll_write(cx, b"answer"))
+                .await
+                .unwrap();
+            assert_eq!(n, 6);
+            assert!(open.stalled.is_none());
+            tokio::time::sleep(t).await;
+        }
     }
 }

@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// milliseconds; past it, 408 and the connection is closed.
     #[arg(long, default_value_t = 5_000)]
     pub body_timeout_ms: u64,
+    /// Longest an answer's write may stall (the client not reading it), in milliseconds; past
+    /// it the connection is closed, and its slot of --max-connections freed.
+    #[arg(long, default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
     /// Most connections open at once; at the cap no more are accepted until one closes (the
     /// others wait in the listen backlog). Keep it under the process's descriptor limit
     /// (`ulimit -n`).
@@ -210,6 +214,7 @@ impl ServeArgs {
             ("--timeout-ms", self.timeout_ms),
             ("--header-timeout-ms", self.header_timeout_ms),
             ("--body-timeout-ms", self.body_timeout_ms),
+            ("--write-timeout-ms", self.write_timeout_ms),
         ] {
             if v == 0 {
                 return bad(format!("{flag} must be at least 1"));
@@ -247,6 +252,7 @@ impl ServeArgs {
             http: HttpOptions {
                 header_timeout: Duration::from_millis(self.header_timeout_ms),
                 body_timeout: Duration::from_millis(self.body_timeout_ms),
+                write_timeout: Duration::from_millis(self.write_timeout_ms),
                 max_connections: self.max_connections,
             },
         })
