@@ -498,17 +498,24 @@ fn step_loop<B: Backend>(
         queue.stepped(result.as_ref().map_or(0, |done| done.len()), step_s);
         match result {
             Ok(done) => {
+                let mut finished = Vec::with_capacity(done.len());
                 for (ticket, done) in done {
                     let at = flying
                         .iter()
                         .position(|f| f.ticket == ticket)
                         .expect("every finished ticket is in flight; this is a bug");
                     let f = flying.swap_remove(at);
-                    let job = ToScore {
+                    finished.push(ToScore {
                         done,
                         reply: f.reply,
                         queue_s: f.queue_s,
-                    };
+                    });
+                }
+                // Their places are free before any is answered: a client that sends its next
+                // request as soon as it has an answer must find its place free, not be
+                // counted as waiting behind itself (the wait bound would refuse it).
+                in_flight(queue, metrics, flying.len());
+                for job in finished {
                     if let Err(std::sync::mpsc::SendError(job)) = to_score.send(job) {
                         // No scoring thread left (they never exit while the batcher runs).
                         let _ = job.reply.send(Err(Failed::Engine {
