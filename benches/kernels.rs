@@ -295,9 +295,78 @@ fn bench_score_list(
     }
 }
 
+/// The SwiGLU MLP's first half at beam-step shapes (I = 1536, C = 576, Q4_1 panels, 2
+/// threads): gate and up in one `matmul`, then `silu(gate) * up` in a second parallel pass
+/// (`separate`, the backend's default), against `matmul_silu_mul` (`fused`: each task
+/// multiplies its own columns). Throughput in FLOPs of both products.
+fn bench_gate_up(c: &mut Criterion) {
+    use gram::backend::cpu::matmul::matmul_silu_mul;
+    use gram::backend::Backend;
+    let mut g = c.benchmark_group("gate_up_silu");
+    g.sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    let (n, k) = (1536usize, 576usize);
+    let isa = Isa::detect();
+    let cpu = gram::backend::cpu::CpuBackend::default();
+    let q41 = |seed: u64| -> Vec<u8> {
+        rand(n * k / 32 * 18, seed)
+            .chunks_exact(18)
+            .flat_map(|v| {
+                let d = f16::from_f32(0.01 + 0.01 * v[0].abs()).to_le_bytes();
+                let m = f16::from_f32(-0.1 * v[1]).to_le_bytes();
+                d.into_iter()
+                    .chain(m)
+                    .chain(v[2..].iter().map(|q| ((q + 1.0) * 127.9) as u8))
+            })
+            .collect()
+    };
+    let (wg, wu) = (q41(7), q41(8));
+    let (pg, pu) = (
+        panels::pack(isa, View::Q4_1(&wg), n, k),
+        panels::pack(isa, View::Q4_1(&wu), n, k),
+    );
+    for t in [8usize, 10] {
+        let x = rand(t * k, 9);
+        let (mut og, mut ou) = (vec![0f32; t * n], vec![0f32; t * n]);
+        g.throughput(Throughput::Elements((4 * t * n * k) as u64));
+        for fused in [false, true] {
+            let name = if fused { "fused" } else { "separate" };
+            g.bench_function(BenchmarkId::new(format!("q4_1/{isa:?}/{name}"), t), |b| {
+                b.iter(|| {
+                    let mut jobs = [
+                        MatJob {
+                            w: View::Q4_1(&wg),
+                            panels: Some(pg.view()),
+                            bias: None,
+                            n,
+                            out: &mut og,
+                        },
+                        MatJob {
+                            w: View::Q4_1(&wu),
+                            panels: Some(pu.view()),
+                            bias: None,
+                            n,
+                            out: &mut ou,
+                        },
+                    ];
+                    if fused {
+                        matmul_silu_mul(isa, &x, t, k, &mut jobs);
+                    } else {
+                        matmul(isa, &x, t, k, &mut jobs);
+                        cpu.silu_mul(&mut og, &ou);
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_matmul,
+    bench_gate_up,
     bench_decode_step,
     bench_gemv_panels,
     bench_score

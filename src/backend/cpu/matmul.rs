@@ -49,6 +49,30 @@ unsafe impl Sync for OutPtr {}
 
 /// Computes every job. `x: [rows, k]`.
 pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
+    matmul_with(isa, x, rows, k, jobs, false)
+}
+
+/// The SwiGLU MLP's first half: `jobs = [gate, up]` (the same `n`), then `gate.out =
+/// silu(gate.out) * up.out` ([`silu_mul`]); `up.out` is scratch. Each task computes the gate
+/// and up columns of one range and multiplies them while they are in L1: no second parallel
+/// pass over `[rows, n]`. The same values as [`matmul`] then [`silu_mul`], bit for bit.
+pub fn matmul_silu_mul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob; 2]) {
+    assert!(
+        jobs[0].n == jobs[1].n,
+        "matmul_silu_mul: gate and up differ in width; this is a bug"
+    );
+    matmul_with(isa, x, rows, k, jobs, true)
+}
+
+/// `g = silu(g) * u`, elementwise: `g / (1 + exp(-g)) * u` in f32.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (g, &u) in g.iter_mut().zip(u) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// [`matmul`], or with `glu` [`matmul_silu_mul`].
+fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], glu: bool) {
     assert!(
         x.len() >= rows * k,
         "matmul: x holds {} values, needs {rows}×{k}; this is a bug",
@@ -67,7 +91,9 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
             j.panels = None;
         }
     }
-    let total: usize = jobs.iter().map(|j| j.n).sum();
+    // Under `glu`, tasks range over the gate's columns, each computing the up job's too.
+    let split = if glu { &jobs[..1] } else { &jobs[..] };
+    let total: usize = split.iter().map(|j| j.n).sum();
     let threads = rayon::current_num_threads().max(1);
     // About four tasks per thread for balance, in whole tiles (NR divides every tile height) or
     // whole panels, never tiny.
@@ -78,7 +104,7 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
     };
     let chunk = (total.div_ceil(threads * 4)).next_multiple_of(unit).max(16);
     let mut tasks = Vec::new();
-    for (ji, j) in jobs.iter().enumerate() {
+    for (ji, j) in split.iter().enumerate() {
         let mut n0 = 0;
         while n0 < j.n {
             let n1 = (n0 + chunk).min(j.n);
@@ -108,9 +134,23 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
     };
     let jobs = &*jobs;
     let run = |&(ji, n0, n1): &(usize, usize, usize)| {
-        let job = &jobs[ji];
-        let out = outs[ji];
-        range(isa, x, rows, k, job, n0, n1, out);
+        range(isa, x, rows, k, &jobs[ji], n0, n1, outs[ji]);
+        if glu {
+            range(isa, x, rows, k, &jobs[1], n0, n1, outs[1]);
+            let n = jobs[0].n;
+            for t in 0..rows {
+                // SAFETY: columns `n0..n1` of row `t` of both outputs (`rows * n` elements
+                // each, checked above) belong to this task alone, and `gate.out` and `up.out`
+                // are distinct buffers.
+                let (g, u) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(outs[0].0.add(t * n + n0), n1 - n0),
+                        std::slice::from_raw_parts(outs[1].0.add(t * n + n0), n1 - n0),
+                    )
+                };
+                silu_mul(g, u);
+            }
+        }
     };
     if tasks.len() == 1 || (total * k * rows) < 32 * 1024 {
         tasks.iter().for_each(run);
@@ -546,6 +586,68 @@ mod tests {
                     match &first {
                         None => first = Some(bits),
                         Some(f) => assert!(*f == bits, "{isa:?} {dt:?} rows {rows}: bits differ"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fused gate/up (`matmul_silu_mul`) gives bit for bit `matmul` of both, then
+    /// `silu_mul`: panels and rows, with biases, `n` not a multiple of 32, one row and several
+    /// groups, on every ISA.
+    #[test]
+    fn fused_silu_mul_equals_matmul_then_silu_mul() {
+        let mut rnd = uniform(0xbb67_ae85_84ca_a73bu64);
+        for (n, k) in [(45, 16), (1000, 64)] {
+            let (wg, wu, bg, bu) = (rnd(n * k), rnd(n * k), rnd(n), rnd(n));
+            for rows in [1, 3, 10, 23] {
+                let x = rnd(rows * k);
+                for isa in Isa::available() {
+                    for dt in [DType::F32, DType::BF16] {
+                        let g = HostTensor::from_f32(wg.clone(), vec![n, k]).into_dtype(dt);
+                        let u = HostTensor::from_f32(wu.clone(), vec![n, k]).into_dtype(dt);
+                        let (pg, pu) = (
+                            super::super::panels::pack(isa, g.view(), n, k),
+                            super::super::panels::pack(isa, u.view(), n, k),
+                        );
+                        for with_panels in [false, true] {
+                            let mut outs = [
+                                vec![f32::NAN; rows * n],
+                                vec![f32::NAN; rows * n],
+                                vec![f32::NAN; rows * n],
+                                vec![f32::NAN; rows * n],
+                            ];
+                            let [g0, u0, g1, u1] = &mut outs;
+                            macro_rules! jobs {
+                                ($og:expr, $ou:expr) => {
+                                    [
+                                        MatJob {
+                                            w: g.view(),
+                                            panels: with_panels.then(|| pg.view()),
+                                            bias: Some(View::F32(&bg)),
+                                            n,
+                                            out: $og.as_mut_slice(),
+                                        },
+                                        MatJob {
+                                            w: u.view(),
+                                            panels: with_panels.then(|| pu.view()),
+                                            bias: Some(View::F32(&bu)),
+                                            n,
+                                            out: $ou.as_mut_slice(),
+                                        },
+                                    ]
+                                };
+                            }
+                            matmul(isa, &x, rows, k, &mut jobs!(g0, u0));
+                            silu_mul(g0, u0);
+                            matmul_silu_mul(isa, &x, rows, k, &mut jobs!(g1, u1));
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert!(
+                                bits(g0) == bits(g1),
+                                "{isa:?} {dt:?} n={n} rows={rows} panels={with_panels}"
+                            );
+                        }
                     }
                 }
             }

@@ -57,6 +57,32 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// The activation operand of a GEMM: `x`, or under `bf16_operands` its bf16 rounding
+    /// (kept in `rounded`).
+    fn operand<'a>(&self, x: &'a [f32], rounded: &'a mut Vec<f32>) -> &'a [f32] {
+        if !self.bf16_operands {
+            return x;
+        }
+        *rounded = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        rounded
+    }
+}
+
+/// The matmul job of one linear layer writing `out`.
+fn mat_job<'a>(l: LinearRef<'a, HostTensor>, out: &'a mut [f32]) -> MatJob<'a> {
+    MatJob {
+        w: l.weight.view(),
+        panels: l.weight.panels_view(),
+        bias: l.bias.map(|b| b.view()),
+        n: l.weight.shape()[0],
+        out,
+    }
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Weight = HostTensor;
@@ -177,27 +203,26 @@ impl Backend for CpuBackend {
         jobs: &mut [(LinearRef<'_, HostTensor>, &mut Vec<f32>)],
     ) {
         let k = jobs.first().map_or(0, |(l, _)| l.weight.shape()[1]);
-        let rounded: Vec<f32>;
-        let x = if self.bf16_operands {
-            rounded = x
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_f32())
-                .collect();
-            &rounded
-        } else {
-            x
-        };
-        let mut mj: Vec<MatJob> = jobs
-            .iter_mut()
-            .map(|(l, out)| MatJob {
-                w: l.weight.view(),
-                panels: l.weight.panels_view(),
-                bias: l.bias.map(|b| b.view()),
-                n: l.weight.shape()[0],
-                out: out.as_mut_slice(),
-            })
-            .collect();
+        let mut rounded = Vec::new();
+        let x = self.operand(x, &mut rounded);
+        let mut mj: Vec<MatJob> = jobs.iter_mut().map(|(l, out)| mat_job(*l, out)).collect();
         matmul::matmul(self.isa, x, rows, k, &mut mj);
+    }
+
+    fn gate_up_silu(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        gate: LinearRef<'_, HostTensor>,
+        up: LinearRef<'_, HostTensor>,
+        gate_out: &mut Vec<f32>,
+        up_out: &mut Vec<f32>,
+    ) {
+        let k = gate.weight.shape()[1];
+        let mut rounded = Vec::new();
+        let x = self.operand(x, &mut rounded);
+        let mut mj = [mat_job(gate, gate_out), mat_job(up, up_out)];
+        matmul::matmul_silu_mul(self.isa, x, rows, k, &mut mj);
     }
 
     fn rope(&self, x: &mut Vec<f32>, heads: usize, rows: &[RowKv], table: &RopeTable) {
@@ -219,15 +244,14 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) {
-        let work = |(g, &u): (&mut f32, &f32)| *g = *g / (1.0 + (-*g).exp()) * u;
-        // One exp per element: worth both cores from a few thousand elements (a beam step of 10
-        // rows has 10 × I of them per layer).
+        // One exp per element: worth both cores from a few thousand elements. The MLP takes
+        // `gate_up_silu`, which does this inside the matmul's tasks.
         if gate.len() >= 1 << 12 {
             gate.par_chunks_mut(1 << 10)
                 .zip(up.par_chunks(1 << 10))
-                .for_each(|(g, u)| g.iter_mut().zip(u).for_each(work));
+                .for_each(|(g, u)| matmul::silu_mul(g, u));
         } else {
-            gate.iter_mut().zip(up.iter()).for_each(work);
+            matmul::silu_mul(gate, up);
         }
     }
 
