@@ -295,8 +295,8 @@ fn bench_score_list(
     }
 }
 
-/// The SwiGLU MLP's first half at beam-step shapes (I = 1536, C = 576, Q4_1 panels, 2
-/// threads): gate and up in one `matmul`, then `silu(gate) * up` in a second parallel pass
+/// The SwiGLU MLP's first half at beam-step shapes (I = 1536, C = 576, Q4_1 panels, rayon's
+/// default pool: every core, 2 on the project's box): gate and up in one `matmul`, then `silu(gate) * up` in a second parallel pass
 /// (`separate`, the backend's default), against `matmul_silu_mul` (`fused`: each task
 /// multiplies its own columns). Throughput in FLOPs of both products.
 fn bench_gate_up(c: &mut Criterion) {

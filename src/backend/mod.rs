@@ -247,7 +247,8 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
     /// The SwiGLU MLP's first half: `gate_out = silu(x Wg^T) * (x Wu^T)`, `x: [T, K]`, both
     /// outputs `[T, N]`; `up_out` is scratch (what it holds afterwards is unspecified). The
-    /// default is [`Backend::linear`] of both, then [`Backend::silu_mul`]; the CUDA backend
+    /// default is [`Backend::linear`] of both, then [`Backend::silu_mul`]; the CPU backend
+    /// multiplies each task's own columns in the matmul (`matmul_silu_mul`), the CUDA backend
     /// runs both products as one batched GEMM.
     fn gate_up_silu(
         &self,

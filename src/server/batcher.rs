@@ -473,8 +473,10 @@ fn step_loop<B: Backend>(
             }
             admit(&mut st, batch, &mut flying, config, metrics);
             metrics.set_queue_depth(st.jobs.len());
+            // Published under the lock: a push never sees the admitted jobs gone from the
+            // queue and not yet in the batch (it would count their places as free).
+            in_flight(queue, metrics, flying.len());
         }
-        in_flight(queue, metrics, flying.len());
         if flying.is_empty() {
             continue;
         }
@@ -527,12 +529,13 @@ fn step_loop<B: Backend>(
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = flying.len(), "decoder step failed");
-                for f in flying.drain(..) {
+                let failed = std::mem::take(&mut flying);
+                in_flight(queue, metrics, 0);
+                for f in failed {
                     let _ = f.reply.send(Err(Failed::engine(&e)));
                 }
             }
         }
-        in_flight(queue, metrics, flying.len());
     }
 }
 

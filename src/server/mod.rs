@@ -74,7 +74,8 @@ pub struct ServeArgs {
     /// with Retry-After at once, so that under overload admitted requests keep their latency;
     /// one that finds a free place in the batch is always taken. 0: only --max-queue bounds
     /// the queue. The default, 5, admits about one request past the free places on a model
-    /// answering ~300 a second, none on a slower one (docs/SERVER.md, "Sizing the queue").
+    /// answering ~300 a second, none on one answering fewer than 200 (docs/SERVER.md, "Sizing
+    /// the queue").
     #[arg(long, default_value_t = 5)]
     pub max_queue_wait_ms: u64,
     /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
