@@ -27,6 +27,21 @@ fn rand(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Random Q4_1 blocks for `elems` weights (SmolLM2's GGUF stores its layer matrices so): per
+/// 32 weights an f16 scale, an f16 minimum and 16 bytes of nibbles.
+fn q4_1_blocks(elems: usize, seed: u64) -> Vec<u8> {
+    rand(elems / 32 * 18, seed)
+        .chunks_exact(18)
+        .flat_map(|v| {
+            let d = f16::from_f32(0.01 + 0.01 * v[0].abs()).to_le_bytes();
+            let m = f16::from_f32(-0.1 * v[1]).to_le_bytes();
+            d.into_iter()
+                .chain(m)
+                .chain(v[2..].iter().map(|q| ((q + 1.0) * 127.9) as u8))
+        })
+        .collect()
+}
+
 fn bench_matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul");
     g.sample_size(20)
@@ -42,18 +57,7 @@ fn bench_matmul(c: &mut Criterion) {
         let wf = rand(n * k, 1);
         let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
         let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-        // Q4_1 blocks (SmolLM2's GGUF stores its layer matrices so): scale, minimum, 16 bytes.
-        let r = rand(n * k / 32 * 18, 3);
-        let wq: Vec<u8> = r
-            .chunks_exact(18)
-            .flat_map(|v| {
-                let d = f16::from_f32(0.01 + 0.01 * v[0].abs()).to_le_bytes();
-                let m = f16::from_f32(-0.1 * v[1]).to_le_bytes();
-                d.into_iter()
-                    .chain(m)
-                    .chain(v[2..].iter().map(|q| ((q + 1.0) * 127.9) as u8))
-            })
-            .collect();
+        let wq = q4_1_blocks(n * k, 3);
         for t in [1usize, 10, 32, 80] {
             if t == 80 && !name.starts_with("gate") {
                 continue;
@@ -309,19 +313,7 @@ fn bench_gate_up(c: &mut Criterion) {
     let (n, k) = (1536usize, 576usize);
     let isa = Isa::detect();
     let cpu = gram::backend::cpu::CpuBackend::default();
-    let q41 = |seed: u64| -> Vec<u8> {
-        rand(n * k / 32 * 18, seed)
-            .chunks_exact(18)
-            .flat_map(|v| {
-                let d = f16::from_f32(0.01 + 0.01 * v[0].abs()).to_le_bytes();
-                let m = f16::from_f32(-0.1 * v[1]).to_le_bytes();
-                d.into_iter()
-                    .chain(m)
-                    .chain(v[2..].iter().map(|q| ((q + 1.0) * 127.9) as u8))
-            })
-            .collect()
-    };
-    let (wg, wu) = (q41(7), q41(8));
+    let (wg, wu) = (q4_1_blocks(n * k, 7), q4_1_blocks(n * k, 8));
     let (pg, pu) = (
         panels::pack(isa, View::Q4_1(&wg), n, k),
         panels::pack(isa, View::Q4_1(&wu), n, k),
