@@ -3,6 +3,7 @@
 
 use std::arch::x86_64::*;
 
+use super::PANEL_AHEAD;
 use crate::tensor::View;
 
 const F32: u8 = 0;
@@ -498,9 +499,6 @@ pub unsafe fn dequant_q8_0(blocks: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
-const PANEL_AHEAD: usize = 8192;
-
 type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
 
 /// One weight panel (`p: [k, 32]` in the layout of `cpu::panels`) × `tr <= 14` token rows
@@ -767,14 +765,12 @@ macro_rules! gemv32 {
             let mut a = [[_mm256_setzero_ps(); 4]; NP];
             for kk in 0..k {
                 let xb = _mm256_set1_ps(*x.add(kk));
-                // As on AVX-512: past its panel's end, each stream prefetches the same stream
-                // of the next group.
-                let pos = kk * super::PANEL * std::mem::size_of::<$elem>() + PANEL_AHEAD;
-                let off = if pos >= bytes {
-                    PANEL_AHEAD + (NP - 1) * bytes
-                } else {
-                    PANEL_AHEAD
-                };
+                let off = super::gemv_prefetch_offset(
+                    kk,
+                    super::PANEL * std::mem::size_of::<$elem>(),
+                    bytes,
+                    NP,
+                );
                 for g in 0..NP {
                     let row = p.add(g * stride + kk * super::PANEL);
                     let ahead = (row as *const u8).wrapping_add(off);

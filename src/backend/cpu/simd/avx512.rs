@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::prefetch;
-use super::Rows;
+use super::{Rows, PANEL_AHEAD};
 use crate::tensor::View;
 
 /// How far ahead (in weight rows) the GEMV prefetches.
@@ -312,9 +312,6 @@ unsafe fn tile_bf16<const NR: usize, const TR: usize>(
     );
 }
 
-/// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
-const PANEL_AHEAD: usize = 8192;
-
 type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
 
 /// One weight panel (`p: [k, 32]` in the layout of `cpu::panels`) × `tr <= 14` token rows
@@ -571,18 +568,15 @@ macro_rules! gemv32 {
         ) {
             let stride = super::PANEL * k;
             let bytes = stride * std::mem::size_of::<$elem>();
-            let dist = PANEL_AHEAD;
             let mut a = [[_mm512_setzero_ps(); 2]; NP];
             for kk in 0..k {
                 let xb = _mm512_set1_ps(*x.add(kk));
-                // Each panel's stream prefetches `dist` bytes ahead; past its end, into the
-                // same stream of the next group (the panel `NP` further on).
-                let pos = kk * super::PANEL * std::mem::size_of::<$elem>() + dist;
-                let off = if pos >= bytes {
-                    dist + (NP - 1) * bytes
-                } else {
-                    dist
-                };
+                let off = super::gemv_prefetch_offset(
+                    kk,
+                    super::PANEL * std::mem::size_of::<$elem>(),
+                    bytes,
+                    NP,
+                );
                 for g in 0..NP {
                     let row = p.add(g * stride + kk * super::PANEL);
                     let ahead = (row as *const u8).wrapping_add(off);

@@ -240,6 +240,22 @@ pub fn tile(
 
 /// Output features per weight panel (see `cpu::panels`).
 pub const PANEL: usize = 32;
+
+/// Bytes ahead of the current panel row that the panel kernels prefetch (into L2).
+const PANEL_AHEAD: usize = 8192;
+
+/// How far past the current row of its panel a multi-panel GEMV stream prefetches at input
+/// column `kk` (`row_bytes` a panel row, `panel_bytes` a panel, `np` panels side by side):
+/// [`PANEL_AHEAD`], and once that is past the panel's end, the same stream of the next group
+/// (the panel `np` further on). The AVX2 and AVX-512 `gemv_panels` share it.
+#[inline(always)]
+fn gemv_prefetch_offset(kk: usize, row_bytes: usize, panel_bytes: usize, np: usize) -> usize {
+    if kk * row_bytes + PANEL_AHEAD >= panel_bytes {
+        PANEL_AHEAD + (np - 1) * panel_bytes
+    } else {
+        PANEL_AHEAD
+    }
+}
 /// Most token rows one [`panel`] call takes: on AVX-512, 14 rows × 2 accumulators + 2 weight
 /// vectors + the broadcast input use 31 of the 32 registers.
 pub const PANEL_TR: usize = 14;
@@ -665,15 +681,8 @@ mod tests {
                     scalar::panel(view, k, &x, tr, &mut want);
                     for t in 0..tr {
                         for c in 0..PANEL {
-                            let col: Vec<f32> = (0..k)
-                                .map(|j| view.get(j * PANEL + panel_slot(view, c)))
-                                .collect();
-                            let r = dot64(&col, &x[t * k..(t + 1) * k]);
-                            assert!(
-                                (want[t][c] as f64 - r).abs()
-                                    <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
-                                "scalar k={k} tr={tr} ({t},{c})"
-                            );
+                            let x = &x[t * k..(t + 1) * k];
+                            assert_panel_f64(view, k, c, x, want[t][c], "scalar", tr, t);
                         }
                     }
                     for isa in Isa::available() {
@@ -692,6 +701,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `got`, column `c` of panel `p: [k, 32]` against `x: [k]`, within f32 rounding of the
+    /// f64 dot product (`what`, `n`, `i`: which case, for the message).
+    #[allow(clippy::too_many_arguments)]
+    fn assert_panel_f64(
+        p: View,
+        k: usize,
+        c: usize,
+        x: &[f32],
+        got: f32,
+        what: &str,
+        n: usize,
+        i: usize,
+    ) {
+        let col: Vec<f32> = (0..k)
+            .map(|j| p.get(j * PANEL + panel_slot(p, c)))
+            .collect();
+        let r = dot64(&col, x);
+        assert!(
+            (got as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+            "{what} k={k} n={n} i={i} col {c}: {got} against {r}"
+        );
     }
 
     /// The one-row kernel over several panels side by side: every output bit for bit the
@@ -717,15 +749,7 @@ mod tests {
                         scalar::panel(panel_of(g), k, &x, 1, &mut one);
                         *want = one[0];
                         for c in 0..PANEL {
-                            let col: Vec<f32> = (0..k)
-                                .map(|j| panel_of(g).get(j * PANEL + panel_slot(view, c)))
-                                .collect();
-                            let r = dot64(&col, &x);
-                            assert!(
-                                (want[c] as f64 - r).abs()
-                                    <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
-                                "scalar {dt} k={k} panel {g} col {c}"
-                            );
+                            assert_panel_f64(panel_of(g), k, c, &x, want[c], dt, np, g);
                         }
                     }
                     for isa in Isa::available() {
