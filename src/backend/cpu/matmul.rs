@@ -152,7 +152,9 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
             }
         }
     };
-    if tasks.len() == 1 || (total * k * rows) < 32 * 1024 {
+    // Under `glu` each task also computes the up job's columns: twice `total`'s work.
+    let work = total * k * rows * if glu { 2 } else { 1 };
+    if tasks.len() == 1 || work < 32 * 1024 {
         tasks.iter().for_each(run);
     } else {
         tasks.par_iter().for_each(run);
