@@ -270,18 +270,22 @@ __device__ __forceinline__ void decode_merge_impl(const AttnParams<T>& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_decode_d64_f32(AttnParams<float> p) {
+    gram_pdl_entry();
     decode_impl<float, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_decode_d64_bf16(AttnParams<bf16> p) {
+    gram_pdl_entry();
     decode_impl<bf16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_decode_d128_f32(AttnParams<float> p) {
+    gram_pdl_entry();
     decode_impl<float, 128>(p);
 }
 extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_decode_d128_bf16(AttnParams<bf16> p) {
+    gram_pdl_entry();
     decode_impl<bf16, 128>(p);
 }
-extern "C" __global__ void attention_decode_merge_d64_f32(AttnParams<float> p) { decode_merge_impl<float, 64>(p); }
-extern "C" __global__ void attention_decode_merge_d64_bf16(AttnParams<bf16> p) { decode_merge_impl<bf16, 64>(p); }
-extern "C" __global__ void attention_decode_merge_d128_f32(AttnParams<float> p) { decode_merge_impl<float, 128>(p); }
-extern "C" __global__ void attention_decode_merge_d128_bf16(AttnParams<bf16> p) { decode_merge_impl<bf16, 128>(p); }
+extern "C" __global__ void attention_decode_merge_d64_f32(AttnParams<float> p) { gram_pdl_entry(); decode_merge_impl<float, 64>(p); }
+extern "C" __global__ void attention_decode_merge_d64_bf16(AttnParams<bf16> p) { gram_pdl_entry(); decode_merge_impl<bf16, 64>(p); }
+extern "C" __global__ void attention_decode_merge_d128_f32(AttnParams<float> p) { gram_pdl_entry(); decode_merge_impl<float, 128>(p); }
+extern "C" __global__ void attention_decode_merge_d128_bf16(AttnParams<bf16> p) { gram_pdl_entry(); decode_merge_impl<bf16, 128>(p); }

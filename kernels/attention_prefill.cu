@@ -161,14 +161,18 @@ __device__ __forceinline__ void prefill_impl(const AttnParams<T>& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(PF_THREADS) attention_prefill_d64_f32(AttnParams<float> p) {
+    gram_pdl_entry();
     prefill_impl<float, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(PF_THREADS) attention_prefill_d64_bf16(AttnParams<bf16> p) {
+    gram_pdl_entry();
     prefill_impl<bf16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(PF_THREADS) attention_prefill_d128_f32(AttnParams<float> p) {
+    gram_pdl_entry();
     prefill_impl<float, 128>(p);
 }
 extern "C" __global__ void __launch_bounds__(PF_THREADS) attention_prefill_d128_bf16(AttnParams<bf16> p) {
+    gram_pdl_entry();
     prefill_impl<bf16, 128>(p);
 }

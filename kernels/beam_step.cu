@@ -225,9 +225,11 @@ __device__ __forceinline__ void row_logsumexp_impl(const T* __restrict__ logits,
 }
 
 extern "C" __global__ void row_logsumexp_f32(const float* logits, float* lse, u32 rows, u32 vocab) {
+    gram_pdl_entry();
     row_logsumexp_impl<float>(logits, lse, rows, vocab);
 }
 extern "C" __global__ void row_logsumexp_bf16(const bf16* logits, float* lse, u32 rows, u32 vocab) {
+    gram_pdl_entry();
     row_logsumexp_impl<bf16>(logits, lse, rows, vocab);
 }
 
@@ -251,6 +253,7 @@ struct BeamPicksParams {
 };
 
 extern "C" __global__ void __launch_bounds__(1024) beam_picks_count(BeamPicksParams p) {
+    gram_pdl_entry();
     __shared__ u32 scratch[33];
     const u32 S = p.total_slots;
     for (u32 i = threadIdx.x; i < S; i += blockDim.x) {
@@ -349,8 +352,8 @@ __device__ __forceinline__ void head_picks_impl(const BeamHeadParams<T>& p) {
     }
 }
 
-extern "C" __global__ void beam_head_picks_f32(BeamHeadParams<float> p) { head_picks_impl<float>(p); }
-extern "C" __global__ void beam_head_picks_bf16(BeamHeadParams<bf16> p) { head_picks_impl<bf16>(p); }
+extern "C" __global__ void beam_head_picks_f32(BeamHeadParams<float> p) { gram_pdl_entry(); head_picks_impl<float>(p); }
+extern "C" __global__ void beam_head_picks_bf16(BeamHeadParams<bf16> p) { gram_pdl_entry(); head_picks_impl<bf16>(p); }
 
 // ---- beam_select -------------------------------------------------------------------------------
 //
@@ -698,9 +701,11 @@ __device__ __forceinline__ void select_impl(const BeamStepParams<T>& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS) beam_select_f32(BeamStepParams<float> p) {
+    gram_pdl_entry();
     select_impl<float>(p);
 }
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS) beam_select_bf16(BeamStepParams<bf16> p) {
+    gram_pdl_entry();
     select_impl<bf16>(p);
 }
 
@@ -738,6 +743,7 @@ struct BeamFeedParams {
 };
 
 extern "C" __global__ void beam_feed(BeamFeedParams p) {
+    gram_pdl_entry();
     const u32 q = blockIdx.x;
     if (q >= p.n_queries) return;
     const BeamQuery Q = p.queries[q];

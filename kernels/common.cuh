@@ -27,6 +27,32 @@ typedef __nv_bfloat16 bf16;
 __device__ __forceinline__ float gram_neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float gram_nan() { return __int_as_float(0x7fc00000); }
 
+// ---- programmatic dependent launch (Hopper and later) ------------------------------------------
+
+// The host may launch a kernel while the kernel before it on the stream still runs (launch
+// attribute "programmatic stream serialization", `GRAM_CUDA_PDL`): its blocks get scheduled
+// early, and `griddepcontrol.wait` holds them until the previous grid has completed and its
+// writes are visible. So every kernel calls `gram_pdl_wait` before it touches memory another
+// kernel writes (the weights, written once at load, may be read before it), and
+// `gram_pdl_trigger` lets the next kernel's blocks start as soon as every block of this one
+// has passed the wait. Both are no-ops below sm_90 and for a kernel launched without the
+// attribute.
+__device__ __forceinline__ void gram_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void gram_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+// The entry of a kernel that reads nothing before the wait.
+__device__ __forceinline__ void gram_pdl_entry() {
+    gram_pdl_wait();
+    gram_pdl_trigger();
+}
+
 // ---- dtype conversion -------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_f32(float x) { return x; }

@@ -29,17 +29,21 @@ __device__ __forceinline__ void gather_impl(const S* __restrict__ src, const u32
 
 extern "C" __global__ void embed_f32(const bf16* table, const u32* ids, float* out, u32 n, u32 vocab,
                                      u32 dim) {
+    gram_pdl_entry();
     if (blockIdx.x < n) gather_impl<bf16, float>(table, ids, out, vocab, dim);
 }
 extern "C" __global__ void embed_bf16(const bf16* table, const u32* ids, bf16* out, u32 n, u32 vocab,
                                       u32 dim) {
+    gram_pdl_entry();
     if (blockIdx.x < n) gather_impl<bf16, bf16>(table, ids, out, vocab, dim);
 }
 extern "C" __global__ void gather_rows_f32(const float* x, const u32* rows, float* out, u32 n,
                                            u32 x_rows, u32 dim) {
+    gram_pdl_entry();
     if (blockIdx.x < n) gather_impl<float, float>(x, rows, out, x_rows, dim);
 }
 extern "C" __global__ void gather_rows_bf16(const bf16* x, const u32* rows, bf16* out, u32 n,
                                             u32 x_rows, u32 dim) {
+    gram_pdl_entry();
     if (blockIdx.x < n) gather_impl<bf16, bf16>(x, rows, out, x_rows, dim);
 }

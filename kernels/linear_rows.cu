@@ -16,8 +16,10 @@
 //     out   [rows, n] f32
 //     out_b [rows, n] bf16   or null: out rounded to bf16 (the next GEMM's operand)
 //   Launch: grid (ceil(n / 4)), block 128: warp w of block b computes column 4b + w for every
-//   row. Lane l reads the weight row's 16-byte chunks l, l + 32, ... four at a time (the loads
-//   are issued together), keeps one partial sum per row, and the warp reduces them.
+//   row. Lane l reads the weight row's 16-byte chunks l, l + 32, ... eight at a time (the loads
+//   are issued together; the first eight before the programmatic-launch wait, so with
+//   `GRAM_CUDA_PDL` a row of up to 2,048 values streams in while the kernel before still runs),
+//   keeps one partial sum per row, and the warp reduces them.
 //
 // A column past n does nothing (uniform across the warp). rows > ROWS_MAX computes only the
 // first ROWS_MAX rows (the host never launches it so).
@@ -25,7 +27,7 @@
 #include "common.cuh"
 
 #define ROWS_MAX 16
-#define ROWS_UNROLL 4
+#define ROWS_UNROLL 8
 
 __device__ __forceinline__ float dot8(const uint4 a, const uint4 b) {
     float fa[8], fb[8];
@@ -64,14 +66,23 @@ __device__ __forceinline__ void linear_rows_impl(const bf16* __restrict__ x, con
         acc_b[r] = 0.0f;
     }
     const uint4 zero = make_uint4(0, 0, 0, 0);
-    for (u32 c0 = lane; c0 < chunks; c0 += 32 * ROWS_UNROLL) {
-        uint4 wa[ROWS_UNROLL], wb[ROWS_UNROLL];
+    uint4 wa[ROWS_UNROLL], wb[ROWS_UNROLL];
+    // One round of this lane's weight chunks: c0, c0 + 32, ... (zeros past the row).
+    auto load_round = [&](u32 c0) {
 #pragma unroll
         for (int u = 0; u < ROWS_UNROLL; ++u) {
             const u32 c = c0 + 32 * u;
             wa[u] = c < chunks ? a_row[c] : zero;
             wb[u] = PAIR && c < chunks ? b_row[c] : zero;
         }
+    };
+    // The weights were written at load time, not by the kernel before: the first round (the
+    // whole row up to k = 32 * 8 * ROWS_UNROLL) is in flight while that kernel finishes.
+    load_round(lane);
+    gram_pdl_wait();
+    gram_pdl_trigger();
+    for (u32 c0 = lane; c0 < chunks; c0 += 32 * ROWS_UNROLL) {
+        if (c0 != lane) load_round(c0);
 #pragma unroll
         for (int u = 0; u < ROWS_UNROLL; ++u) {
             const u32 c = c0 + 32 * u;

@@ -27,6 +27,7 @@ extern "C" __global__ void __launch_bounds__(256) linear_small_f32(const float* 
                                                                   const bf16* __restrict__ bias,
                                                                   float* __restrict__ out, u32 rows,
                                                                   u32 n, u32 k) {
+    gram_pdl_entry();
     const u32 lane = threadIdx.x & 31;
     const u32 col = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (col >= n) return;  // whole warp

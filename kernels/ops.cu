@@ -29,11 +29,13 @@
 #include "common.cuh"
 
 extern "C" __global__ void add_f32(float* __restrict__ acc, const float* __restrict__ x, u64 n) {
+    gram_pdl_entry();
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) acc[i] += x[i];
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ out, u64 n) {
+    gram_pdl_entry();
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         out[i] = __float2bfloat16_rn(x[i]);
@@ -41,6 +43,7 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __re
 
 extern "C" __global__ void bias_add_f32(float* __restrict__ out, const bf16* __restrict__ bias, u32 rows,
                                         u32 n) {
+    gram_pdl_entry();
     const u64 total = (u64)rows * n;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
@@ -51,6 +54,7 @@ extern "C" __global__ void kv_store_f32(float* __restrict__ k_cache, float* __re
                                         const float* __restrict__ k, const float* __restrict__ v,
                                         const RowKv* __restrict__ rows, u32 n_rows, u32 kv_dim,
                                         u32 entries) {
+    gram_pdl_entry();
     const u32 t = blockIdx.x;
     if (t >= n_rows) return;
     const u32 e = rows[t].entry;
@@ -64,6 +68,7 @@ extern "C" __global__ void kv_store_f32(float* __restrict__ k_cache, float* __re
 
 extern "C" __global__ void gather_picks_f32(const float* __restrict__ logits, const u32* __restrict__ picks,
                                             float* __restrict__ out, u32 n, u32 rows, u32 vocab) {
+    gram_pdl_entry();
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const u32 r = picks[2 * i], v = picks[2 * i + 1];
@@ -74,6 +79,7 @@ extern "C" __global__ void gather_picks_f32(const float* __restrict__ logits, co
 extern "C" __global__ void linear_picks_f32(const float* __restrict__ x, const bf16* __restrict__ w,
                                             const u32* __restrict__ picks, float* __restrict__ out, u32 n,
                                             u32 rows, u32 vocab, u32 dim) {
+    gram_pdl_entry();
     const u32 lane = threadIdx.x & 31;
     const u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (i >= n) return;  // whole warp: lanes share i

@@ -67,10 +67,12 @@ __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf1
 
 extern "C" __global__ void rmsnorm_f32(float* x, const float* delta, const bf16* weight, float* out,
                                        const u32* row_index, u32 x_rows, u32 dim, float eps, bf16* out_b) {
+    gram_pdl_entry();
     rmsnorm_impl<float>(x, delta, weight, out, row_index, x_rows, dim, eps, out_b);
 }
 
 extern "C" __global__ void rmsnorm_bf16(float* x, const bf16* delta, const bf16* weight, bf16* out,
                                         const u32* row_index, u32 x_rows, u32 dim, float eps) {
+    gram_pdl_entry();
     rmsnorm_impl<bf16>(x, delta, weight, out, row_index, x_rows, dim, eps, nullptr);
 }

@@ -125,5 +125,5 @@ __device__ __forceinline__ void rope_impl(const RopeParams<T>& p) {
     }
 }
 
-extern "C" __global__ void rope_f32(RopeParams<float> p) { rope_impl<float>(p); }
-extern "C" __global__ void rope_bf16(RopeParams<bf16> p) { rope_impl<bf16>(p); }
+extern "C" __global__ void rope_f32(RopeParams<float> p) { gram_pdl_entry(); rope_impl<float>(p); }
+extern "C" __global__ void rope_bf16(RopeParams<bf16> p) { gram_pdl_entry(); rope_impl<bf16>(p); }

@@ -51,13 +51,16 @@ __device__ __forceinline__ void silu_mul_packed_impl(const T* __restrict__ gate_
 }
 
 extern "C" __global__ void silu_mul_f32(float* gate, const float* up, u64 n, bf16* out_b) {
+    gram_pdl_entry();
     silu_mul_impl<float>(gate, up, n, out_b);
 }
 extern "C" __global__ void silu_mul_bf16(bf16* gate, const bf16* up, u64 n) {
+    gram_pdl_entry();
     silu_mul_impl<bf16>(gate, up, n, nullptr);
 }
 extern "C" __global__ void silu_mul_pair_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                              float* __restrict__ out, bf16* __restrict__ out_b, u64 n) {
+    gram_pdl_entry();
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float y = silu_mul(gate[i], up[i]);
@@ -66,8 +69,10 @@ extern "C" __global__ void silu_mul_pair_f32(const float* __restrict__ gate, con
     }
 }
 extern "C" __global__ void silu_mul_packed_f32(const float* gate_up, float* out, u32 rows, u32 inter) {
+    gram_pdl_entry();
     silu_mul_packed_impl<float>(gate_up, out, rows, inter);
 }
 extern "C" __global__ void silu_mul_packed_bf16(const bf16* gate_up, bf16* out, u32 rows, u32 inter) {
+    gram_pdl_entry();
     silu_mul_packed_impl<bf16>(gate_up, out, rows, inter);
 }

@@ -1074,6 +1074,87 @@ fn graph_replay_matches_eager_launches() {
     }
 }
 
+/// Programmatic dependent launches (`GRAM_CUDA_PDL`: each kernel may start while the one
+/// before it finishes, and waits for it on the device) change when kernels start, never what
+/// they compute: the same searches with them off and on, eager and replayed from graphs, give
+/// the same codes with bit-identical per-token log-probabilities. The few-row GEMM kernel
+/// (which loads its first weights before the wait) runs in the second half.
+#[test]
+fn programmatic_launches_match_serialized_launches() {
+    let texts = default_codes();
+    for dir in models() {
+        let Some(g) = gpu() else { return };
+        if !g.set_pdl(true) {
+            eprintln!("skipping: programmatic dependent launch needs compute capability 9.0");
+            return;
+        }
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        let model = Model::load_on(
+            g,
+            &dir,
+            &LoadOptions {
+                dtype: Some(DType::BF16),
+                threads: Some(1),
+            },
+        )
+        .unwrap();
+        let eos = model.config.eos_token_ids[0];
+        let set = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
+        let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
+        let queries: Vec<Query> = ["wireless mouse", "hp toner", "laptop bag 15 inch"]
+            .iter()
+            .map(|q| Query {
+                prompt: tok.encode(&format!("Q: {q}\n")).unwrap(),
+                options: BeamOptions::default(),
+            })
+            .collect();
+        let bits = |out: &[beam::Output]| -> Vec<(Vec<u32>, Vec<u32>)> {
+            out.iter()
+                .flat_map(|o| &o.codes)
+                .map(|c| {
+                    let lp = c.token_logprobs.iter().map(|v| v.to_bits()).collect();
+                    (c.tokens.clone(), lp)
+                })
+                .collect()
+        };
+        for rows_kernel in [false, true] {
+            let b = &model.backend;
+            b.set_rows_gemm(rows_kernel);
+            b.set_graphs(false);
+            b.set_pdl(false);
+            let serial = bits(&beam::search(&model, &trie, &queries).unwrap());
+            b.set_pdl(true);
+            let eager = bits(&beam::search(&model, &trie, &queries).unwrap());
+            assert_eq!(
+                serial,
+                eager,
+                "{}: eager, rows kernel {rows_kernel}",
+                dir.display()
+            );
+            b.set_graphs(true);
+            let mut search = beam::BeamSearch::new();
+            for round in 0..b.capture_after().max(2) + 1 {
+                let graphed = bits(&search.run(&model, &trie, &queries).unwrap());
+                assert_eq!(
+                    serial,
+                    graphed,
+                    "{}: graphs round {round}, rows kernel {rows_kernel}",
+                    dir.display()
+                );
+            }
+            eprintln!(
+                "{}: {} codes bit-identical with and without programmatic launches \
+                 (rows kernel {rows_kernel}; graphs {:?})",
+                dir.display(),
+                serial.len(),
+                b.graph_stats()
+            );
+            model.backend.check().unwrap();
+        }
+        model.backend.set_rows_gemm(false);
+    }
+}
+
 #[test]
 fn no_gpu_is_a_clear_error_not_a_panic() {
     // Wherever this runs, asking for a GPU that is not there is an error value.

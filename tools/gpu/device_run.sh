@@ -142,7 +142,7 @@ fi
 if has 4; then
   log "step 4: tests/gpu with shaped models"
   LD_LIBRARY_PATH="$GLD" GRAM_GPU_MODELS="$INPUTS/smollm2-shaped:$INPUTS/qwen05b-shaped" timeout -k 5 200 "$TESTS" \
-    --test-threads=1 --nocapture model_ beam_search graph_ > "$W/gpu-tests-shaped.log" 2>&1
+    --test-threads=1 --nocapture model_ beam_search graph_ programmatic_ > "$W/gpu-tests-shaped.log" 2>&1
   log "step 4 exit $?: $(grep -E '^test result' "$W/gpu-tests-shaped.log")"
 fi
 

@@ -194,6 +194,8 @@ impl CudaBackend {
             let mode = mode_of(&p);
             if matches!(mode, Mode::Plan | Mode::Capture) {
                 p.mix(name.as_bytes());
+                // A graph captured with programmatic launches is not replayed without them.
+                p.mix(&[self.pdl_on.load(Ordering::Relaxed) as u8]);
                 p.mix(raw(&grid));
                 p.mix(raw(&block));
                 for a in args {
@@ -235,18 +237,55 @@ impl CudaBackend {
             };
             params.push(p);
         }
-        // SAFETY: `params` points at values that outlive the call, one per kernel parameter,
-        // in the kernel's order and types (each op builds them from the kernel's signature).
+        // `params` points at values that outlive the launch, one per kernel parameter, in the
+        // kernel's order and types (each op builds them from the kernel's signature).
+        if !self.pdl_on.load(Ordering::Relaxed) {
+            // SAFETY: `params` as said above.
+            return unsafe {
+                cudarc::driver::result::launch_kernel(
+                    f.cu_function(),
+                    grid,
+                    (block, 1, 1),
+                    0,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(dev(name));
+        }
+        // Programmatic dependent launch: the kernel may start while the one before it on the
+        // stream finishes; it waits for it in `gram_pdl_wait` (every kernel of kernels/ does,
+        // before it reads or writes what another kernel touches: kernels/common.cuh).
+        // SAFETY: a plain C union of integers and structs of integers; all zeros is valid.
+        let mut value: drv::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = drv::CUlaunchAttribute {
+            id: drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = drv::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `params` as said above; `config` and `attr` outlive the call.
         unsafe {
-            cudarc::driver::result::launch_kernel(
+            drv::cuLaunchKernelEx(
+                &config,
                 f.cu_function(),
-                grid,
-                (block, 1, 1),
-                0,
-                self.stream.cu_stream(),
-                &mut params,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
             )
         }
+        .result()
         .map_err(dev(name))
     }
 

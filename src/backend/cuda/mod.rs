@@ -305,6 +305,13 @@ pub struct CudaBackend {
     small_gemm_on: AtomicBool,
     /// GEMMs of at most [`SMALL_ROWS`] rows by `linear_rows_bf16` instead of cuBLAS.
     rows_gemm_on: AtomicBool,
+    /// Kernels launched with programmatic stream serialization (compute capability 9.0 and
+    /// later; on by default, `GRAM_CUDA_PDL=0` off): a kernel's blocks start while the kernel
+    /// before it finishes and wait for it on the device (kernels/common.cuh), hiding the launch
+    /// gap between dependent kernels and, in `linear_rows_bf16`, the first weight loads.
+    pdl_on: AtomicBool,
+    /// The device's compute capability supports that.
+    pdl_capable: bool,
     graph_stats: Mutex<GraphStats>,
     /// Passes begun (`Scratch::pass_gen`).
     pass_gens: AtomicU64,
@@ -441,6 +448,10 @@ impl CudaBackend {
             rows_gemm_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_ROWS_GEMM").is_ok_and(|v| v == "1"),
             ),
+            pdl_on: AtomicBool::new(
+                cc.0 >= 9 && std::env::var("GRAM_CUDA_PDL").map_or(true, |v| v != "0"),
+            ),
+            pdl_capable: cc.0 >= 9,
             _blas_workspace: blas_workspace,
             profile: Mutex::new(Profile::default()),
             profiling: AtomicBool::new(profile),
@@ -476,6 +487,14 @@ impl CudaBackend {
     /// off, `GRAM_CUDA_ROWS_GEMM=1` starts it on).
     pub fn set_rows_gemm(&self, on: bool) {
         self.rows_gemm_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns programmatic dependent launches on or off (see `pdl_on`); on a device before
+    /// compute capability 9.0 they stay off. Returns whether they are on.
+    pub fn set_pdl(&self, on: bool) -> bool {
+        let on = on && self.pdl_capable;
+        self.pdl_on.store(on, Ordering::Relaxed);
+        on
     }
 
     /// Turns per-op event timing on or off. With `sync`, the stream is drained before and
@@ -952,6 +971,15 @@ mod nvrtc_tests {
             let entries = super::entry_points(&ptx);
             let declared = source.matches("extern \"C\" __global__").count();
             assert_eq!(entries.len(), declared, "{file}: entry points {entries:?}");
+            // Programmatic launches (kernels/common.cuh) are safe only if every kernel waits
+            // for the one before it.
+            for body in ptx.split(".entry ").skip(1) {
+                let name = body.split(['(', ' ']).next().unwrap_or(body);
+                assert!(
+                    body.contains("griddepcontrol.wait"),
+                    "{file}: kernel {name} never calls gram_pdl_wait"
+                );
+            }
         }
     }
 }
