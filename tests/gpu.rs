@@ -286,6 +286,8 @@ fn linear_and_heads_match_cpu_within_the_bf16_operand_bound() {
     for (rows, k, n, bias) in [
         (1, 576, 1536, false),
         (10, 896, 128, true),
+        // k not a multiple of the rows kernel's 32-value blocks, n not of its 8-column tiles.
+        (5, 200, 75, true),
         (67, 192, 4096, false),
     ] {
         let x = rng.vec(rows * k, 2.0);

@@ -33,10 +33,13 @@ impl CudaBackend {
         out_b: u64,
     ) -> Result<()> {
         let (n, k) = (w0.shape[0], w0.shape[1]);
+        // Eight columns a block; its warps split k in blocks of 32, six blocks a warp per round
+        // of loads (the kernel's PREFETCH), up to 16 warps.
+        let warps = k.div_ceil(32).div_ceil(6).clamp(1, 16) as u32;
         self.launch(
             "linear_rows_bf16",
-            (n.div_ceil(4) as u32, 1, 1),
-            128,
+            (n.div_ceil(8) as u32, 1, 1),
+            32 * warps,
             &[
                 KArg::U64(xb),
                 KArg::U64(self.ptr(&w0.data)),
