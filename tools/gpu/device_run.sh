@@ -16,7 +16,7 @@
 # Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7;
 # SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
-# ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=1), EXTRAS (0 skips
+# ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=0), EXTRAS (0 skips
 # step 3's cuBLAS-only and eager comparison runs).
 set -u
 cd "$(dirname "$0")/../.."
@@ -105,7 +105,7 @@ if has 3; then
       --budget-s "$BENCH_BUDGET_S" --out "$W/gram-bench-base.jsonl" > "$W/bench-$m-base.log" 2>&1
     log "step 3 $m base exit $?"
   done
-  # The same build with other settings (ALT_ENV="NAME=value ...", e.g. GRAM_CUDA_ROWS_GEMM=1).
+  # The same build with other settings (ALT_ENV="NAME=value ...", e.g. GRAM_CUDA_ROWS_GEMM=0).
   for m in smollm2 qwen05b; do
     [ -n "${ALT_ENV:-}" ] && [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
     log "step 3: bench-codes $m with $ALT_ENV"
@@ -117,8 +117,8 @@ if has 3; then
   done
   for m in smollm2 qwen05b; do
     [ "${EXTRAS:-1}" = 1 ] && [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
-    log "step 3: bench-codes $m cuBLAS for every product (no small-row kernel, to compare)"
-    GRAM_CUDA_SMALL_GEMM=0 LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+    log "step 3: bench-codes $m cuBLAS for every product (no few-row kernel, to compare)"
+    GRAM_CUDA_SMALL_GEMM=0 GRAM_CUDA_ROWS_GEMM=0 LD_LIBRARY_PATH="$GLD" timeout -k 5 60 "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
       --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
       --beam 10 --beam 64 --batch 1 --reps 5 --config-s 3 --budget-s 25 \
       --out "$W/gram-bench-cublas.jsonl" > "$W/bench-$m-cublas.log" 2>&1

@@ -303,7 +303,7 @@ pub struct CudaBackend {
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
-    /// GEMMs of at most [`SMALL_ROWS`] rows by `linear_rows_bf16` instead of cuBLAS.
+    /// GEMMs of at most [`SMALL_ROWS`] rows by `linear_rows_bf16` instead of cuBLAS (default).
     rows_gemm_on: AtomicBool,
     /// Kernels launched with programmatic stream serialization (compute capability 9.0 and
     /// later; on by default, `GRAM_CUDA_PDL=0` off): a kernel's blocks start while the kernel
@@ -446,7 +446,7 @@ impl CudaBackend {
                 std::env::var("GRAM_CUDA_SMALL_GEMM").is_ok_and(|v| v == "1"),
             ),
             rows_gemm_on: AtomicBool::new(
-                std::env::var("GRAM_CUDA_ROWS_GEMM").is_ok_and(|v| v == "1"),
+                std::env::var("GRAM_CUDA_ROWS_GEMM").map_or(true, |v| v != "0"),
             ),
             pdl_on: AtomicBool::new(
                 cc.0 >= 9 && std::env::var("GRAM_CUDA_PDL").map_or(true, |v| v != "0"),
@@ -482,9 +482,11 @@ impl CudaBackend {
         self.small_gemm_on.store(on, Ordering::Relaxed);
     }
 
-    /// Turns the few-row GEMM kernel on or off (`kernels/linear_rows.cu`: the bf16 operand of
-    /// the cuBLAS path, each weight read once, bias and SwiGLU in the same launch; default
-    /// off, `GRAM_CUDA_ROWS_GEMM=1` starts it on).
+    /// Turns the few-row GEMM kernel on or off (`kernels/linear_rows.cu`: tensor-core mmas on
+    /// the cuBLAS path's bf16 operand, each weight read once, bias and SwiGLU in the same
+    /// launch, weights loaded before the programmatic-launch wait; default on,
+    /// `GRAM_CUDA_ROWS_GEMM=0` starts it off: cuBLAS for every product). On an H100 a replayed
+    /// 10-row SmolLM2-shaped pass took 1.03 ms with it and 1.12 ms with cuBLAS (docs/PERF.md).
     pub fn set_rows_gemm(&self, on: bool) {
         self.rows_gemm_on.store(on, Ordering::Relaxed);
     }
