@@ -38,13 +38,19 @@
 //
 // Performance notes: the prompt of a GRAM query (~32 tokens) fits one chunk, so n_chunks = 1
 // and no merge pass; rows_per_block trades prompt re-reads (one per block) against blocks to
-// fill the SMs (batch 1, beam 10, Hkv 2: rows_per_block 2 gives 10 blocks). Link keys are read
-// lane-per-key from global memory (16-byte loads), V rows coalesced per key.
+// fill the SMs; the host takes floor(8 / G), so that each warp has one (row, head) pair (batch
+// 1, beam 10, Hkv 2, G 7: 1 row a block, 20 blocks). A block is a chain of latencies (chunk
+// load, q·K, softmax, P·V, then the links from global memory), so every load of a step is
+// issued before its results are used: the chunk as 16-byte loads, the V rows of 8 keys at once
+// (on an H100 this kernel took 12 µs a layer at SmolLM2's shape before, ncu). Link keys are
+// read lane-per-key from global memory (16-byte loads), V rows coalesced per key.
 
 #include "attention.cuh"
 
 #define DC_THREADS 256
 #define DC_WARPS (DC_THREADS / 32)
+// Keys whose V values one lane loads together in the P·V loops.
+#define PV_GROUP 8
 
 // Keys of the shared span per chunk, and the K row stride in shared memory: the stride makes
 // lane j's reads of row j fall in distinct banks (odd number of 32-bit words per row).
@@ -79,11 +85,23 @@ __device__ __forceinline__ void attend_shared(WarpState<D>& st, const float* q, 
 #pragma unroll
         for (int c = 0; c < D / 32; ++c) st.o[c] *= alpha;
         const u32 cnt = min(32u, n - jt);  // uniform
-        for (u32 jj = 0; jj < cnt; ++jj) {
-            const float pj = __shfl_sync(GRAM_FULL_MASK, pr, jj);
-            const T* v = vs + (jt + jj) * D;
+        // PV_GROUP keys at a time: their V values are all loaded before the FMAs (in key order).
+        for (u32 j0 = 0; j0 < cnt; j0 += PV_GROUP) {
+            float pv[PV_GROUP], vv[PV_GROUP][D / 32];
 #pragma unroll
-            for (int c = 0; c < D / 32; ++c) st.o[c] = fmaf(pj, to_f32(v[lane + 32 * c]), st.o[c]);
+            for (int i = 0; i < PV_GROUP; ++i) {
+                const u32 jj = j0 + i;
+                const float pj = __shfl_sync(GRAM_FULL_MASK, pr, jj & 31);
+                pv[i] = jj < cnt ? pj : 0.0f;
+                const T* v = vs + (jt + (jj < cnt ? jj : 0u)) * D;
+#pragma unroll
+                for (int c = 0; c < D / 32; ++c) vv[i][c] = jj < cnt ? to_f32(v[lane + 32 * c]) : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < PV_GROUP; ++i) {
+#pragma unroll
+                for (int c = 0; c < D / 32; ++c) st.o[c] = fmaf(pv[i], vv[i][c], st.o[c]);
+            }
         }
     }
 }
@@ -115,15 +133,26 @@ __device__ __forceinline__ void attend_global(WarpState<D>& st, const float* q, 
 #pragma unroll
         for (int c = 0; c < D / 32; ++c) st.o[c] *= alpha;
         const u32 cnt = min(32u, n - jt);  // uniform
-        for (u32 jj = 0; jj < cnt; ++jj) {
-            const float pj = __shfl_sync(GRAM_FULL_MASK, pr, jj);
-            const u32 ej = __shfl_sync(GRAM_FULL_MASK, e, jj);
-            // A bad key has pj == 0 exactly: its V row (maybe past the arena) is never read.
-            const T* v = p.v_cache + kv_offset(pj != 0.0f ? ej : 0u, p.kv_heads, g, D);
+        // PV_GROUP keys at a time: their V loads are in flight together (one latency, not
+        // PV_GROUP), then the FMAs in key order.
+        for (u32 j0 = 0; j0 < cnt; j0 += PV_GROUP) {
+            float pv[PV_GROUP], vv[PV_GROUP][D / 32];
 #pragma unroll
-            for (int c = 0; c < D / 32; ++c) {
-                const float vv = pj != 0.0f ? to_f32(v[lane + 32 * c]) : 0.0f;
-                st.o[c] = fmaf(pj, vv, st.o[c]);
+            for (int i = 0; i < PV_GROUP; ++i) {
+                const u32 jj = j0 + i;
+                const float pj = __shfl_sync(GRAM_FULL_MASK, pr, jj & 31);
+                const u32 ej = __shfl_sync(GRAM_FULL_MASK, e, jj & 31);
+                // A bad key has pj == 0 exactly: its V row (maybe past the arena) is never read.
+                const bool live = jj < cnt && pj != 0.0f;
+                pv[i] = live ? pj : 0.0f;
+                const T* v = p.v_cache + kv_offset(live ? ej : 0u, p.kv_heads, g, D);
+#pragma unroll
+                for (int c = 0; c < D / 32; ++c) vv[i][c] = live ? to_f32(v[lane + 32 * c]) : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < PV_GROUP; ++i) {
+#pragma unroll
+                for (int c = 0; c < D / 32; ++c) st.o[c] = fmaf(pv[i], vv[i][c], st.o[c]);
             }
         }
     }
@@ -158,16 +187,29 @@ __device__ __forceinline__ void decode_impl(const AttnParams<T>& p) {
     const u64 c0 = (u64)chunk * CH;
     const u32 c_len = c0 < span_len ? (u32)min((u64)CH, span_len - c0) : 0u;
     const bool chunk_bad = (u64)lead.span_begin + c0 + c_len > p.entries;
-    for (u32 i = threadIdx.x; i < CH * D; i += blockDim.x) {
-        const u32 j = i / D, d = i % D;
-        T kv = from_f32<T>(0.0f), vv = from_f32<T>(0.0f);
-        if (j < c_len && !chunk_bad) {
-            const u64 off = kv_offset(lead.span_begin + (u32)c0 + j, p.kv_heads, kvh, D) + d;
-            kv = p.k_cache[off];
-            vv = p.v_cache[off];
+    // 16-byte loads, all of a thread's issued before any is stored (one latency, not eight).
+    constexpr u32 E = 16 / sizeof(T);                  // values per load
+    constexpr u32 PER = CH * D / E / DC_THREADS;       // loads per thread, of K and of V each
+    static_assert(CH * D % (E * DC_THREADS) == 0, "the chunk splits evenly over the block");
+    uint4 kr[PER], vr[PER];
+#pragma unroll
+    for (u32 i = 0; i < PER; ++i) {
+        const u32 u = i * DC_THREADS + threadIdx.x, j = u / (D / E), d = u % (D / E) * E;
+        const bool in = j < c_len && !chunk_bad;
+        const u64 off = kv_offset(lead.span_begin + (u32)c0 + (in ? j : 0u), p.kv_heads, kvh, D) + d;
+        kr[i] = in ? *reinterpret_cast<const uint4*>(p.k_cache + off) : make_uint4(0, 0, 0, 0);
+        vr[i] = in ? *reinterpret_cast<const uint4*>(p.v_cache + off) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (u32 i = 0; i < PER; ++i) {
+        const u32 u = i * DC_THREADS + threadIdx.x, j = u / (D / E), d = u % (D / E) * E;
+        const T* kt = reinterpret_cast<const T*>(&kr[i]);
+        const T* vt = reinterpret_cast<const T*>(&vr[i]);
+#pragma unroll
+        for (u32 e = 0; e < E; ++e) {
+            ks[j * KS + d + e] = kt[e];
+            vs[j * D + d + e] = vt[e];
         }
-        ks[j * KS + d] = kv;
-        vs[j * D + d] = vv;
     }
     __syncthreads();
 

@@ -27,17 +27,33 @@
 
 #include "common.cuh"
 
+#define RN 8
+
 template <typename T>
 __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf16* __restrict__ weight,
                                              T* __restrict__ out, const u32* __restrict__ row_index,
                                              u32 x_rows, u32 dim, float eps, bf16* __restrict__ out_b) {
     __shared__ float scratch[32];
+    const u32 nt = blockDim.x;
+    // Rows of up to RN values a thread (dim <= 2,048 at 256 threads) are held in registers,
+    // every load issued before its value is used, and the norm's weight is loaded before the
+    // programmatic-launch wait (written at load time, not by the kernel before). Same sums in
+    // the same order as the loop below.
+    const bool regs = dim <= RN * nt;  // uniform
+    float w[RN];
+#pragma unroll
+    for (int j = 0; j < RN; ++j) {
+        const u32 i = threadIdx.x + j * nt;
+        w[j] = regs && i < dim ? to_f32(weight[i]) : 0.0f;
+    }
+    gram_pdl_wait();
+    gram_pdl_trigger();
     const u32 row = blockIdx.x;
     const u32 src = row_index ? row_index[row] : row;
     T* o = out + (u64)row * dim;
     bf16* ob = out_b ? out_b + (u64)row * dim : nullptr;
     if (src >= x_rows) {  // uniform across the block: no barrier is skipped by some threads only
-        for (u32 i = threadIdx.x; i < dim; i += blockDim.x) {
+        for (u32 i = threadIdx.x; i < dim; i += nt) {
             o[i] = from_f32<T>(gram_nan());
             if (ob) ob[i] = __float2bfloat16_rn(gram_nan());
         }
@@ -48,7 +64,35 @@ __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf1
     const bool write_back = dr != nullptr && row_index == nullptr;
 
     float ss = 0.0f;
-    for (u32 i = threadIdx.x; i < dim; i += blockDim.x) {
+    if (regs) {
+        float v[RN];
+#pragma unroll
+        for (int j = 0; j < RN; ++j) {
+            const u32 i = threadIdx.x + j * nt;
+            v[j] = i < dim ? xr[i] + (dr ? to_f32(dr[i]) : 0.0f) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < RN; ++j) {
+            const u32 i = threadIdx.x + j * nt;
+            if (i < dim) {
+                if (write_back) xr[i] = v[j];
+                ss += v[j] * v[j];
+            }
+        }
+        ss = block_sum(ss, scratch);
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+#pragma unroll
+        for (int j = 0; j < RN; ++j) {
+            const u32 i = threadIdx.x + j * nt;
+            if (i < dim) {
+                const float y = w[j] * (v[j] * inv);
+                o[i] = from_f32<T>(y);
+                if (ob) ob[i] = __float2bfloat16_rn(y);
+            }
+        }
+        return;
+    }
+    for (u32 i = threadIdx.x; i < dim; i += nt) {
         float v = xr[i];
         if (dr) v += to_f32(dr[i]);
         if (write_back) xr[i] = v;  // the same thread reads it back below
@@ -56,7 +100,7 @@ __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf1
     }
     ss = block_sum(ss, scratch);
     const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-    for (u32 i = threadIdx.x; i < dim; i += blockDim.x) {
+    for (u32 i = threadIdx.x; i < dim; i += nt) {
         float v = xr[i];
         if (dr && !write_back) v += to_f32(dr[i]);
         const float y = to_f32(weight[i]) * (v * inv);
@@ -67,12 +111,10 @@ __device__ __forceinline__ void rmsnorm_impl(float* x, const T* delta, const bf1
 
 extern "C" __global__ void rmsnorm_f32(float* x, const float* delta, const bf16* weight, float* out,
                                        const u32* row_index, u32 x_rows, u32 dim, float eps, bf16* out_b) {
-    gram_pdl_entry();
     rmsnorm_impl<float>(x, delta, weight, out, row_index, x_rows, dim, eps, out_b);
 }
 
 extern "C" __global__ void rmsnorm_bf16(float* x, const bf16* delta, const bf16* weight, bf16* out,
                                         const u32* row_index, u32 x_rows, u32 dim, float eps) {
-    gram_pdl_entry();
     rmsnorm_impl<bf16>(x, delta, weight, out, row_index, x_rows, dim, eps, nullptr);
 }

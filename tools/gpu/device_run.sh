@@ -102,7 +102,7 @@ if has 3; then
     LD_LIBRARY_PATH="$GLD" timeout -k 5 $((BENCH_BUDGET_S + 40)) "$BASE" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
       --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" \
       --beam 10 --beam 64 --batch 1 --batch 16 --batch 64 --reps 5 --config-s 4 \
-      --budget-s "$BENCH_BUDGET_S" --out "$W/gram-bench-base.jsonl" > "$W/bench-$m-base.log" 2>&1
+      --budget-s "$BENCH_BUDGET_S" --profile --out "$W/gram-bench-base.jsonl" > "$W/bench-$m-base.log" 2>&1
     log "step 3 $m base exit $?"
   done
   # The same build with other settings (ALT_ENV="NAME=value ...", e.g. GRAM_CUDA_ROWS_GEMM=0).

@@ -7,10 +7,12 @@
 #      there is no nsys, Nsight Compute on the first kernels (durations only, no gaps)
 # Analyse the CSV with tools/gpu/trace_summary.py. Needs .devbin/gram (as device_run.sh).
 # Env: GRAM_ENV (settings for the traced run, e.g. "GRAM_CUDA_ROWS_GEMM=0"), MODEL (smollm2).
+# Everything lands in $OUT/trace.tgz (one file: the device tool brings back at most 8).
 set -u
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/gram-trace-out}
+FINAL=${OUT:-/tmp/gram-trace-out}
 W=/tmp/gt
+OUT=$W/out
 INPUTS=/tmp/gram-gpu
 MODEL=${MODEL:-smollm2}
 mkdir -p "$W" "$OUT" "$INPUTS"
@@ -56,3 +58,4 @@ chmod +x .devbin/gram
   fi
   cp "$W/bench.jsonl" "$OUT/" 2>/dev/null
 } 2>&1 | tee "$OUT/trace.log"
+mkdir -p "$FINAL" && tar czf "$FINAL/trace.tgz" -C "$OUT" .

@@ -854,7 +854,10 @@ impl CudaBackend {
                 .map(|i| plan.groups[i + 1] - plan.groups[i])
                 .max()
                 .unwrap_or(0);
-            let rows_per_block = 8usize.div_ceil(g).max(1) as u32;
+            // As many rows as give each of the block's 8 warps at most one (row, query head)
+            // pair: a warp's pairs run one after the other (on an H100, ceil(8 / G) rows put
+            // 9 pairs on 8 warps for SmolLM2's G = 3, and 14 for Qwen2.5-0.5B's G = 7).
+            let rows_per_block = (8 / g.max(1)).max(1) as u32;
             let row_slices = max_group.div_ceil(rows_per_block).max(1);
             let p = AttnParams {
                 q: self.bptr(q) + run.rows.0 as u64 * q_stride,
