@@ -1015,6 +1015,37 @@ fn beam_search_matches_cpu() {
     }
 }
 
+/// The model of `dir` on the GPU (bf16 weights), the trie of `codes` under its tokenizer, and
+/// `prompts` as beam-search queries with the default options.
+fn gpu_search_setup(
+    dir: &std::path::Path,
+    g: CudaBackend,
+    codes: &[String],
+    prompts: &[&str],
+) -> (Model<CudaBackend>, Trie, Vec<Query>) {
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = Model::load_on(
+        g,
+        dir,
+        &LoadOptions {
+            dtype: Some(DType::BF16),
+            threads: Some(1),
+        },
+    )
+    .unwrap();
+    let eos = model.config.eos_token_ids[0];
+    let set = CodeSet::from_texts(codes.to_vec(), &tok, eos).unwrap();
+    let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
+    let queries = prompts
+        .iter()
+        .map(|q| Query {
+            prompt: tok.encode(&format!("Q: {q}\n")).unwrap(),
+            options: BeamOptions::default(),
+        })
+        .collect();
+    (model, trie, queries)
+}
+
 /// The decoder pass replayed as a CUDA graph computes exactly what it computes launched op by
 /// op: the same codes and bit-identical scores, and graphs were captured and replayed.
 #[test]
@@ -1022,26 +1053,8 @@ fn graph_replay_matches_eager_launches() {
     let texts = default_codes();
     for dir in models() {
         let Some(g) = gpu() else { return };
-        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-        let model = Model::load_on(
-            g,
-            &dir,
-            &LoadOptions {
-                dtype: Some(DType::BF16),
-                threads: Some(1),
-            },
-        )
-        .unwrap();
-        let eos = model.config.eos_token_ids[0];
-        let set = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
-        let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
-        let queries: Vec<Query> = ["laptop bag", "usb hub", "black ink"]
-            .iter()
-            .map(|q| Query {
-                prompt: tok.encode(&format!("Q: {q}\n")).unwrap(),
-                options: BeamOptions::default(),
-            })
-            .collect();
+        let (model, trie, queries) =
+            gpu_search_setup(&dir, g, &texts, &["laptop bag", "usb hub", "black ink"]);
         model.backend.set_graphs(false);
         let eager = beam::search(&model, &trie, &queries).unwrap();
         model.backend.set_graphs(true);
@@ -1090,26 +1103,12 @@ fn programmatic_launches_match_serialized_launches() {
             eprintln!("skipping: programmatic dependent launch needs compute capability 9.0");
             return;
         }
-        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-        let model = Model::load_on(
-            g,
+        let (model, trie, queries) = gpu_search_setup(
             &dir,
-            &LoadOptions {
-                dtype: Some(DType::BF16),
-                threads: Some(1),
-            },
-        )
-        .unwrap();
-        let eos = model.config.eos_token_ids[0];
-        let set = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
-        let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
-        let queries: Vec<Query> = ["wireless mouse", "hp toner", "laptop bag 15 inch"]
-            .iter()
-            .map(|q| Query {
-                prompt: tok.encode(&format!("Q: {q}\n")).unwrap(),
-                options: BeamOptions::default(),
-            })
-            .collect();
+            g,
+            &texts,
+            &["wireless mouse", "hp toner", "laptop bag 15 inch"],
+        );
         let bits = |out: &[beam::Output]| -> Vec<(Vec<u32>, Vec<u32>)> {
             out.iter()
                 .flat_map(|o| &o.codes)

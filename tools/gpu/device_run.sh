@@ -48,13 +48,7 @@ TESTS=.devbin/gpu-tests
 chmod +x "$GRAM" "$TESTS" 2>/dev/null
 
 # 0. Libraries: libcuda from the driver; NVRTC and cuBLAS from the toolkit or the pip wheels.
-libdirs=$(find /usr/local/cuda/ /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt /usr/local/lib \
-  \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcublasLt.so*' -o -name 'libcuda.so*' \) \
-  -printf '%h\n' 2>/dev/null | grep -v -E 'stubs|compat' | sort -u | tr '\n' ':')
-# Only gram's processes get these (torch brings its own).
-GLD="${libdirs}${LD_LIBRARY_PATH:-}"
-inc=$(find /usr/local/cuda/include /usr/local/cuda*/include /opt -name cuda_bf16.h -printf '%h\n' 2>/dev/null | head -1)
-[ -n "$inc" ] && export GRAM_CUDA_INCLUDE="$inc"
+. tools/gpu/cuda_env.sh
 if has 0; then
   {
     log "step 0: environment"

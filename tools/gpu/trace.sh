@@ -17,12 +17,7 @@ INPUTS=/tmp/gram-gpu
 MODEL=${MODEL:-smollm2}
 mkdir -p "$W" "$OUT" "$INPUTS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRAM_KERNEL_CACHE="$W/kernel-cache"
-libdirs=$(find /usr/local/cuda/ /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt /usr/local/lib \
-  \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcublasLt.so*' -o -name 'libcuda.so*' \) \
-  -printf '%h\n' 2>/dev/null | grep -v -E 'stubs|compat' | sort -u | tr '\n' ':')
-GLD="${libdirs}${LD_LIBRARY_PATH:-}"
-inc=$(find /usr/local/cuda/include /usr/local/cuda*/include /opt -name cuda_bf16.h -printf '%h\n' 2>/dev/null | head -1)
-[ -n "$inc" ] && export GRAM_CUDA_INCLUDE="$inc"
+. tools/gpu/cuda_env.sh
 chmod +x .devbin/gram
 {
   echo "== tools"; ls /usr/local/cuda/bin 2>&1 | tr '\n' ' '; echo
