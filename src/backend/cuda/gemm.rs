@@ -1,7 +1,8 @@
 //! Products: the GEMMs of the CUDA backend and what feeds them. cuBLAS `GemmEx` (and a
-//! strided-batched pair for gate/up) in bf16 × bf16 with f32 accumulation; the few-row kernel
-//! (`kernels/linear_rows.cu`, off by default); the bf16 activation operand, cast or read from
-//! the "shadow" the op before wrote; and the fused q/k/v weight of a layer.
+//! strided-batched pair for gate/up) in bf16 × bf16 with f32 accumulation, for more than 16
+//! rows; the few-row tensor-core kernel (`kernels/linear_rows.cu`, the default for at most 16
+//! rows); the bf16 activation operand, cast or read from the "shadow" the op before wrote; and
+//! the fused q/k/v weight of a layer.
 
 use super::*;
 
