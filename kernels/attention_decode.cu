@@ -38,8 +38,8 @@
 //
 // Performance notes: the prompt of a GRAM query (~32 tokens) fits one chunk, so n_chunks = 1
 // and no merge pass; rows_per_block trades prompt re-reads (one per block) against blocks to
-// fill the SMs; the host takes floor(8 / G), so that each warp has one (row, head) pair (batch
-// 1, beam 10, Hkv 2, G 7: 1 row a block, 20 blocks). A block is a chain of latencies (chunk
+// fill the SMs; the host takes floor(8 / G) by default, so that each warp has one (row, head)
+// pair (batch 1, beam 10, Hkv 2, G 7: 1 row a block, 20 blocks; `GRAM_CUDA_DECODE_ROWS`). A block is a chain of latencies (chunk
 // load, q·K, softmax, P·V, then the links from global memory), so every load of a step is
 // issued before its results are used: the chunk as 16-byte loads, the V rows of 8 keys at once
 // (on an H100 this kernel took 12 µs a layer at SmolLM2's shape before, ncu). Link keys are

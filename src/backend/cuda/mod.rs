@@ -300,6 +300,8 @@ pub struct CudaBackend {
     /// from 49.8 to 41.5 ms (beam 10) and 79 to 65 ms (beam 64), and cost 8–17 % at 64 queries
     /// of beam 64 (4,096 rows: a pass that is compute-bound, where fillers cost their FLOPs).
     stable_beam_rows: usize,
+    /// How decode attention splits a query's beam rows over blocks (`GRAM_CUDA_DECODE_ROWS`).
+    decode_rows: DecodeRows,
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
@@ -436,6 +438,7 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1024),
+            decode_rows: DecodeRows::from_env(),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
@@ -854,10 +857,12 @@ impl CudaBackend {
                 .map(|i| plan.groups[i + 1] - plan.groups[i])
                 .max()
                 .unwrap_or(0);
-            // As many rows as give each of the block's 8 warps at most one (row, query head)
-            // pair: a warp's pairs run one after the other (on an H100, ceil(8 / G) rows put
-            // 9 pairs on 8 warps for SmolLM2's G = 3, and 14 for Qwen2.5-0.5B's G = 7).
-            let rows_per_block = (8 / g.max(1)).max(1) as u32;
+            let rows_per_block = self.decode_rows.rows_per_block(
+                g,
+                max_group as usize,
+                n_groups * shape.kv_heads,
+                self.sms,
+            );
             let row_slices = max_group.div_ceil(rows_per_block).max(1);
             let p = AttnParams {
                 q: self.bptr(q) + run.rows.0 as u64 * q_stride,
@@ -913,6 +918,54 @@ impl CudaBackend {
     }
 }
 
+/// Rows of a query's beams per decode-attention block (`GRAM_CUDA_DECODE_ROWS`): a block has
+/// 8 warps, each taking the block's (row, query head) pairs in turn, and each block reads the
+/// shared prompt chunk once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DecodeRows {
+    /// `floor(8 / G)` (the default): one pair per warp, more blocks. On an H100 (tenth
+    /// session) it took the 10-row SmolLM2- and Qwen-shaped passes 15–17 % lower with the other
+    /// attention changes of that commit, but grids already holding ≥ 1,024 blocks at `ceil`
+    /// (64 queries × beam 16 or 64) were 1–5 % slower: twice the prompt re-reads.
+    Floor,
+    /// `ceil(8 / G)` (the earlier rule): fewer blocks, some warps take two pairs.
+    Ceil,
+    /// `ceil` where its grid has at least 6 blocks an SM, else `floor` (the rule those
+    /// numbers suggest; not measured yet).
+    Auto,
+}
+
+impl DecodeRows {
+    fn from_env() -> Self {
+        match std::env::var("GRAM_CUDA_DECODE_ROWS").as_deref() {
+            Ok("ceil") => DecodeRows::Ceil,
+            Ok("auto") => DecodeRows::Auto,
+            _ => DecodeRows::Floor,
+        }
+    }
+
+    /// Rows per block for query heads per KV head `g`, the largest group of rows sharing a
+    /// span `max_group`, `blocks_per_slice` (groups × KV heads) and the device's SMs.
+    fn rows_per_block(self, g: usize, max_group: usize, blocks_per_slice: usize, sms: u32) -> u32 {
+        let g = g.max(1);
+        let floor = (8 / g).max(1);
+        let ceil = 8usize.div_ceil(g).max(1);
+        let rows = match self {
+            DecodeRows::Floor => floor,
+            DecodeRows::Ceil => ceil,
+            DecodeRows::Auto => {
+                let ceil_grid = blocks_per_slice * max_group.div_ceil(ceil).max(1);
+                if ceil_grid >= 6 * sms as usize {
+                    ceil
+                } else {
+                    floor
+                }
+            }
+        };
+        rows as u32
+    }
+}
+
 /// The `.entry` names of a PTX module.
 fn entry_points(ptx: &str) -> Vec<&str> {
     ptx.lines()
@@ -929,6 +982,25 @@ fn entry_points(ptx: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_rows_per_block() {
+        // SmolLM2 (G = 3), Qwen2.5-0.5B (G = 7), G = 1 and G = 16, on 132 SMs.
+        assert_eq!(DecodeRows::Floor.rows_per_block(3, 10, 3, 132), 2);
+        assert_eq!(DecodeRows::Ceil.rows_per_block(3, 10, 3, 132), 3);
+        assert_eq!(DecodeRows::Floor.rows_per_block(7, 10, 2, 132), 1);
+        assert_eq!(DecodeRows::Ceil.rows_per_block(7, 10, 2, 132), 2);
+        assert_eq!(DecodeRows::Floor.rows_per_block(1, 10, 2, 132), 8);
+        assert_eq!(DecodeRows::Floor.rows_per_block(16, 10, 2, 132), 1);
+        assert_eq!(DecodeRows::Ceil.rows_per_block(16, 10, 2, 132), 1);
+        // Auto: one query of beam 10 (12 blocks at ceil) splits finer; 64 queries of beam 64
+        // (64 × 3 × 22 = 4,224 blocks at ceil) keep the coarser split; 64 queries of beam 10
+        // (768 < 6 × 132) the finer one.
+        assert_eq!(DecodeRows::Auto.rows_per_block(3, 10, 3, 132), 2);
+        assert_eq!(DecodeRows::Auto.rows_per_block(3, 64, 64 * 3, 132), 3);
+        assert_eq!(DecodeRows::Auto.rows_per_block(3, 10, 64 * 3, 132), 2);
+        assert_eq!(DecodeRows::Auto.rows_per_block(0, 10, 1, 132), 8);
+    }
 
     #[test]
     fn entry_points_of_ptx() {
