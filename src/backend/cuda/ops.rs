@@ -1,7 +1,7 @@
 //! The [`Backend`] ops of [`CudaBackend`]: each op is one or two launches (or a cuBLAS GEMM)
 //! through [`CudaBackend::launch`], so a decoder pass can be planned, captured and replayed
 //! (`graph.rs`). The machinery they share (uploads, casts, GEMMs, attention plans, read-backs)
-//! is in `mod.rs`.
+//! is in `mod.rs` (attention launches: `attention.rs`).
 
 use std::sync::atomic::Ordering;
 
