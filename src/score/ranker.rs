@@ -43,10 +43,11 @@ use top_k::TopK;
 /// - **pruning**: a posting that cannot reach the floor is not scored to the end. Each term is
 ///   at most its token's margin (`term_bound`: ~0 for a negative weight), so a partial score
 ///   bounds the final one (`prune_floors`); a posting below the bound's inverse at the floor
-///   gets no further token, and is not offered (its score is below the floor). In a list
-///   with a table of token 0's terms (≥ 65,536 postings), the levels whose term can bring the
-///   prior that far are a range, found in the table, and a posting outside it is dropped on
-///   its level alone, no term read; the few left are gathered and scored on. Every posting
+///   gets no further token, and is not offered (its score is below the floor). In a list of
+///   ≥ 65,536 postings, the levels whose token-0 term can bring the prior that far are a
+///   range (the term peaks where `Pt = Pq`; found from every 16th level's term), and a
+///   posting outside it is dropped on its level alone; the few left are gathered and scored
+///   on (a token's terms from a table of all 65,536 levels once that pays). Every posting
 ///   that can reach the floor is scored whole, so the offers are those of the whole scores.
 /// - **sum**: a product's total is at most its score in any one list plus every other list's
 ///   best positive score (rounded additions are monotone, so this holds in f32 too). The

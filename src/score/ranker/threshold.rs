@@ -162,7 +162,7 @@ impl Ranker {
     fn scan_list(&mut self, isa: Isa, c: usize, l: &Postings, products: u32, record: bool) {
         /// Postings scored and scanned against one floor: the floor rises between chunks.
         const CHUNK: usize = 1024;
-        let scorer = Scorer::new(isa, l, Some(&mut self.tables));
+        let mut scorer = Scorer::new(isa, l, Some(&mut self.tables));
         let best = &mut self.best;
         let (hits, hit_scores) = (&mut self.hits, &mut self.hit_scores);
         hits.clear();
@@ -230,7 +230,7 @@ impl Ranker {
     /// `candidates`: the list scored again, a chunk at a time, pruned against `floor`.
     fn scan_floor(&mut self, isa: Isa, l: &Postings, floor: f32, products: u32) {
         const CHUNK: usize = 1024;
-        let scorer = Scorer::new(isa, l, Some(&mut self.tables));
+        let mut scorer = Scorer::new(isa, l, Some(&mut self.tables));
         prune_floors(scorer.margins(), floor, &mut self.floors);
         self.chunk.resize(CHUNK, 0.0);
         let len = l.products.len();
@@ -343,9 +343,10 @@ mod tests {
     use crate::score::kernel::{Scratch, TERM_TABLE_MIN};
     use crate::score::{score_postings, tests::rng};
 
-    /// The pruned kernel, against the whole scores: for random lists (short, past
-    /// `LEVELS_MIN` — token 0's table, pruned by level — and past `TERM_TABLE_MIN`), priors,
-    /// weights of both signs, rising floors (none, and the 50 %, 5 % and 0.1 % best scores),
+    /// The pruned kernel, against the whole scores: for random lists (short, and past
+    /// `LEVELS_MIN`: token 0 pruned by level, term tables built once the whole chunks
+    /// without a floor have computed `TABLE_AFTER` terms), priors, weights of both signs,
+    /// rising floors (none, and the 50 %, 5 % and 0.1 % best scores),
     /// and chunks of any size, `Scorer::score` gives every score bit for bit (`None`), or
     /// exactly the postings scoring at or above the floor, with their scores bit for bit.
     /// Some chunks are pruned, by either path.
@@ -389,7 +390,7 @@ mod tests {
             score_postings(isa, &pq, &w, &pt, &mut full);
             let mut sorted = full.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
-            let scorer = Scorer::new(isa, &l, Some(&mut tables));
+            let mut scorer = Scorer::new(isa, &l, Some(&mut tables));
             let mut floors = Vec::new();
             let mut out = vec![0f32; 2048];
             for q in [None, Some(0.5), Some(0.05), Some(0.001)] {
