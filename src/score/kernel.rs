@@ -223,7 +223,7 @@ impl<'a> Scorer<'a> {
             vals.resize(alive, self.prior);
             col.clear();
             col.extend(idx.iter().map(|&j| c[j as usize]));
-            self.add(0, col, vals);
+            self.add(0, col, vals, start + m);
             self.skipped += m - alive;
             (packed, first) = (true, 1);
         } else {
@@ -233,12 +233,12 @@ impl<'a> Scorer<'a> {
             let f = floor(i);
             if !packed {
                 if f == f32::NEG_INFINITY {
-                    self.add(i, column(i), out);
+                    self.add(i, column(i), out, start + m);
                     continue;
                 }
                 let alive = pack_at_or_above(self.isa, out, f, idx);
                 if 2 * alive > m {
-                    self.add(i, column(i), out);
+                    self.add(i, column(i), out, start + m);
                     continue;
                 }
                 idx.truncate(alive);
@@ -252,7 +252,7 @@ impl<'a> Scorer<'a> {
             let c = column(i);
             col.clear();
             col.extend(idx.iter().map(|&j| c[j as usize]));
-            self.add(i, col, vals);
+            self.add(i, col, vals, start + m);
         }
         if !packed {
             return None;
@@ -261,13 +261,17 @@ impl<'a> Scorer<'a> {
         Some((&idx[..], &vals[..]))
     }
 
-    /// `out[x] += term_i(col[x])`: from token `i`'s table once it is worth one
-    /// ([`TABLE_AFTER`]), else computed (the same bits: a table entry is `0.0 + term`, see
-    /// `scores_at`).
-    fn add(&mut self, i: usize, col: &[u16], out: &mut [f32]) {
+    /// `out[x] += term_i(col[x])` for a chunk of the postings before `end`: from token `i`'s
+    /// table once it is worth one, else computed (the same bits: a table entry is `0.0 +
+    /// term`, see `scores_at`). Worth one: [`TABLE_AFTER`] terms computed, and as many more
+    /// to come at the rate so far over the rest of the list (the rate only falls as the
+    /// floor rises).
+    fn add(&mut self, i: usize, col: &[u16], out: &mut [f32], end: usize) {
         let q = self.tokens[i];
         if let Some(tables) = self.tables.as_deref_mut() {
-            if !self.built[i] && self.direct[i] + col.len() > TABLE_AFTER {
+            let done = self.direct[i] + col.len();
+            let ahead = done as u64 * (self.len - end.min(self.len)) as u64 / end.max(1) as u64;
+            if !self.built[i] && done > TABLE_AFTER && ahead > TABLE_AFTER as u64 {
                 if tables.len() <= i {
                     tables.resize_with(i + 1, Vec::new);
                 }
