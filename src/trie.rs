@@ -228,6 +228,66 @@ impl Sections {
     }
 }
 
+/// Whether the child table is well formed (given `start[0] == 0`, `start[nodes] == edges`, and
+/// edge `e` leading to node `e + 1`): `start` never falls, a node's children come after it
+/// (its first edge `e >= n`), and each node's child tokens are below `vocab`, not `eos`, and
+/// strictly ascending. Two branch-free scans: the nodes, then the edges, where an edge
+/// continues its parent's run unless a node's children start there (a bit per edge).
+fn nodes_well_formed(start: &[u32], token: &[u32], vocab: usize, eos: u32) -> bool {
+    let edges = token.len();
+    let mut bad = false;
+    let mut first = vec![0u64; edges.div_ceil(64) + 1];
+    for (n, w) in start.windows(2).enumerate() {
+        let (e, b) = (w[0] as usize, w[1] as usize);
+        bad |= (b < e) | (b > edges) | ((e < b) & (e < n));
+        // `e <= edges` here (`start[0] == 0` and no fall so far, or `bad` already).
+        first[e.min(edges) / 64] |= 1 << (e.min(edges) % 64);
+    }
+    if bad {
+        return false;
+    }
+    let mut prev = 0u32;
+    for (j, &t) in token.iter().enumerate() {
+        let starts = first[j / 64] >> (j % 64) & 1 == 1;
+        bad |= (t as usize >= vocab) | (t == eos) | (!starts & (t <= prev));
+        prev = t;
+    }
+    !bad
+}
+
+/// The plain walk of [`nodes_well_formed`]'s rules, node by node: the first node that breaks
+/// one.
+fn first_malformed_node(start: &[u32], token: &[u32], vocab: usize, eos: u32) -> Option<usize> {
+    let edges = token.len();
+    let mut e = 0usize;
+    for n in 0..start.len() - 1 {
+        let b = start[n + 1] as usize;
+        if b < e || b > edges || (e < b && e < n) {
+            return Some(n);
+        }
+        let mut prev = None;
+        for &t in &token[e..b] {
+            if t as usize >= vocab || t == eos || prev.is_some_and(|p| t <= p) {
+                return Some(n);
+            }
+            prev = Some(t);
+        }
+        e = b;
+    }
+    None
+}
+
+/// The depth of node `n` of a well-formed breadth-first trie: the nodes of one depth are a
+/// range `lo..hi`, and their children the next, `start[lo] + 1..start[hi] + 1`.
+fn depth_of(start: &[u32], n: usize) -> usize {
+    let (mut lo, mut hi, mut d) = (0usize, 1usize, 0usize);
+    while n >= hi && lo < hi {
+        (lo, hi) = (start[lo] as usize + 1, start[hi] as usize + 1);
+        d += 1;
+    }
+    d
+}
+
 /// A 64-bit checksum (FNV-1a over 32-bit words) of the header's counts and the payload:
 /// catches truncation and corruption.
 fn checksum(words: &[u32]) -> u64 {
@@ -502,28 +562,12 @@ impl Trie {
         {
             return Err("trie edges are not in breadth-first layout".into());
         }
-        // One pass over nodes and their edges: `start` monotone, children's tokens strictly
-        // ascending and valid, children after their parent, and depths (parents come first).
-        let mut depth = vec![0u16; nodes];
-        let mut e = 0usize;
-        for n in 0..nodes {
-            let b = start[n + 1] as usize;
-            if b < e || b > edges || (e < b && e < n) {
-                return Err(format!("trie node {n} has malformed children"));
-            }
-            if e < b {
-                let d = depth[n].saturating_add(1);
-                let mut prev = None;
-                for j in e..b {
-                    let t = token[j];
-                    if t as usize >= vocab || t == eos || prev.is_some_and(|p| t <= p) {
-                        return Err(format!("trie node {n} has malformed children"));
-                    }
-                    prev = Some(t);
-                    depth[j + 1] = d;
-                }
-            }
-            e = b;
+        // `start` monotone, children's tokens strictly ascending and valid, children after
+        // their parent: branch-free scans (one over nodes, one over edges), then the node at
+        // fault found by the plain walk for the message.
+        if !nodes_well_formed(start, token, vocab, eos) {
+            let n = first_malformed_node(start, token, vocab, eos).unwrap_or(0);
+            return Err(format!("trie node {n} has malformed children"));
         }
         if codes == 0 || codes > MAX_CODES {
             return Err(format!("trie holds {codes} codes (1..={MAX_CODES})"));
@@ -531,7 +575,7 @@ impl Trie {
         // A bit per code id (2.5 M codes: 312 KB, in L2; the ids are in code order, not the
         // nodes' breadth-first one, so these reads are scattered).
         let mut seen = vec![0u64; codes.div_ceil(64)];
-        let mut deepest = 0;
+        let mut last = 0;
         for (n, &c) in code.iter().enumerate() {
             if c == NONE {
                 continue;
@@ -541,8 +585,11 @@ impl Trie {
                 Some(s) if (c as usize) < codes && *s & bit == 0 => *s |= bit,
                 _ => return Err(format!("trie code id {c} is out of range or appears twice")),
             }
-            deepest = deepest.max(depth[n] as usize);
+            last = n;
         }
+        // Breadth first, depths never fall with the node id: the deepest code ends at the
+        // last terminal node.
+        let deepest = depth_of(start, last);
         let full = |(i, &w): (usize, &u64)| {
             let bits = (codes - 64 * i).min(64); // 1..=64
             w == u64::MAX >> (64 - bits)
@@ -935,6 +982,74 @@ mod tests {
         w[8] += 1;
         assert!(Trie::check(&resum(w), Verify::Checksum).is_err());
         Trie::check(&resum(good), Verify::Checksum).unwrap();
+    }
+
+    /// The branch-free scans of the child table accept exactly what the plain node-by-node
+    /// walk accepts, on a random trie and thousands of corruptions of its `start` and token
+    /// words; and `depth_of` gives every node's depth as a breadth-first walk counts it.
+    #[test]
+    fn node_scans_agree_with_the_plain_walk() {
+        let mut r = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r
+        };
+        let mut codes: Vec<Vec<u32>> = (0..400)
+            .map(|_| {
+                (0..1 + next() % 5)
+                    .map(|_| 3 + (next() % 61) as u32)
+                    .collect()
+            })
+            .collect();
+        codes.sort();
+        codes.dedup();
+        let refs: Vec<&[u32]> = codes.iter().map(|c| c.as_slice()).collect();
+        let trie = Trie::build(&set(&refs), 64, 2).unwrap();
+        let sec = trie.sections();
+        let good = trie.as_words().to_vec();
+        let nodes = trie.num_nodes();
+        // Depths by walking down from the root.
+        let mut depth = vec![0usize; nodes];
+        for n in 0..nodes as u32 {
+            for &c in trie.children(n).1 {
+                depth[c as usize] = depth[n as usize] + 1;
+            }
+        }
+        let start = &good[sec.child_start..sec.child_token];
+        for (n, &d) in depth.iter().enumerate() {
+            assert_eq!(depth_of(start, n), d, "node {n}");
+        }
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..5_000 {
+            let mut w = good.clone();
+            for _ in 0..1 + next() % 3 {
+                // An interior `start` entry (the first and last are checked before) or a token.
+                let i = if next() % 2 == 0 {
+                    sec.child_start + 1 + (next() as usize % (nodes - 1))
+                } else {
+                    sec.child_token + (next() as usize % trie.edges)
+                };
+                w[i] = match next() % 4 {
+                    0 => w[i] ^ (1 << (next() % 6)),
+                    1 => w[i].wrapping_add(1),
+                    2 => w[i].wrapping_sub(1),
+                    _ => (next() % 70) as u32,
+                };
+            }
+            let start = &w[sec.child_start..sec.child_token];
+            let token = &w[sec.child_token..sec.child_node];
+            let fast = nodes_well_formed(start, token, 64, 2);
+            let plain = first_malformed_node(start, token, 64, 2);
+            assert_eq!(fast, plain.is_none(), "{plain:?}");
+            if fast {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(accepted > 100 && refused > 1_000, "{accepted} / {refused}");
     }
 
     /// Random corruption with a recomputed checksum (so the structural checks are what stands
