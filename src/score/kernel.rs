@@ -865,12 +865,10 @@ mod tests {
         }
     }
 
-    /// [`term_bound`] holds at every quantization level, with room: query sides at the edges
-    /// (0, denormal, tiny, ½, 1) and random ones, weights of both signs; a negative weight's
-    /// largest term is below 1e-6 |w| (the margin is 1e-5 |w|).
-    #[test]
-    fn term_bound_holds_at_every_level() {
-        let mut next = rng(17);
+    /// Query-side probabilities to test at: the edges (0, denormal, tiny, ½, 1), `random`
+    /// ones, and `on_levels` that are quantization levels exactly.
+    fn query_sides(seed: u64, random: usize, on_levels: usize) -> Vec<f32> {
+        let mut next = rng(seed);
         let mut pqs = vec![
             0.0,
             f32::from_bits(1),
@@ -880,10 +878,18 @@ mod tests {
             1.0,
             1.0 - f32::EPSILON,
         ];
-        pqs.extend((0..60).map(|_| (next() % 1_000_000) as f32 / 1e6));
-        pqs.extend((0..20).map(|_| (next() % 65536) as f32 * PT_SCALE));
+        pqs.extend((0..random).map(|_| (next() % 1_000_000) as f32 / 1e6));
+        pqs.extend((0..on_levels).map(|_| (next() % 65536) as f32 * PT_SCALE));
+        pqs
+    }
+
+    /// [`term_bound`] holds at every quantization level, with room: query sides at the edges
+    /// (0, denormal, tiny, ½, 1) and random ones, weights of both signs; a negative weight's
+    /// largest term is below 1e-6 |w| (the margin is 1e-5 |w|).
+    #[test]
+    fn term_bound_holds_at_every_level() {
         let mut worst = 0f32;
-        for &pq in &pqs {
+        for pq in query_sides(17, 60, 20) {
             for w in [-1.0f32, -0.37, -2.0, 1.0, 0.5] {
                 let q = Token::new(pq, w);
                 let bound = term_bound(w);
@@ -906,20 +912,8 @@ mod tests {
     /// excess stays 10× inside the slack.
     #[test]
     fn levels_are_unimodal_within_slack() {
-        let mut next = rng(23);
-        let mut pqs = vec![
-            0.0,
-            f32::from_bits(1),
-            1e-30,
-            1e-7,
-            0.5,
-            1.0,
-            1.0 - f32::EPSILON,
-        ];
-        pqs.extend((0..120).map(|_| (next() % 1_000_000) as f32 / 1e6));
-        pqs.extend((0..30).map(|_| (next() % 65536) as f32 * PT_SCALE));
         let mut worst = 0f64;
-        for &pq in &pqs {
+        for pq in query_sides(23, 120, 30) {
             for w in [-1.0f32, -0.37, -2.0, -1e-3, -50.0] {
                 let q = Token::new(pq, w);
                 let slack = Levels::new(Isa::Scalar, q).unwrap().slack;
