@@ -1156,6 +1156,24 @@ fn the_queue_refuses_a_job_that_would_wait_past_the_bound() {
     q.set_in_flight(1);
     assert_eq!(q.push(job()), Ok(1));
     assert!(matches!(q.push(job()), Err(Refusal::TooLong { .. })));
+    // Jobs that come slower than the batch answers (one every 6 ms or more, against 200/s) are not
+    // refused by the bound once their rate is known (16 offered), only by the cap; a burst is.
+    let q = Queue::new(64, metrics()).with_wait_bound(Duration::from_millis(1));
+    q.set_max_batch(2);
+    q.stepped(10, 0.05);
+    q.set_in_flight(2);
+    let mut admitted = 0;
+    for i in 0..24 {
+        match q.push(job()) {
+            Ok(_) => admitted += 1,
+            Err(r) => assert!(i < 15, "job {i}: {r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(6));
+    }
+    assert!(admitted >= 9, "{admitted}");
+    // A burst turns the bound back on before the cap (64) is reached.
+    let first = (0..64).find_map(|_| q.push(job()).err());
+    assert!(matches!(first, Some(Refusal::TooLong { .. })), "{first:?}");
 }
 
 /// A job whose handler has gone (its deadline passed, its client left) does not count against

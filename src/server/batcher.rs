@@ -180,8 +180,50 @@ impl ServiceRate {
     }
 }
 
+/// The rate jobs are offered at (admitted or refused): the last [`ArrivalRate::KEEP`]
+/// arrival times, measured up to now (so the rate falls when traffic stops).
+#[derive(Default)]
+pub struct ArrivalRate {
+    times: VecDeque<Instant>,
+}
+
+impl ArrivalRate {
+    const KEEP: usize = 128;
+
+    /// A job was offered at `now`.
+    pub fn arrived(&mut self, now: Instant) {
+        self.times.push_back(now);
+        if self.times.len() > Self::KEEP {
+            self.times.pop_front();
+        }
+    }
+
+    /// Jobs offered per second at `now`, or `None` with fewer than 16 offered (too few to say).
+    pub fn per_second(&self, now: Instant) -> Option<f64> {
+        let first = *self.times.front()?;
+        if self.times.len() < 16 {
+            return None;
+        }
+        let span = now.saturating_duration_since(first).as_secs_f64().max(1e-6);
+        Some((self.times.len() - 1) as f64 / span)
+    }
+}
+
+/// Whether the wait bound applies: traffic comes faster than the batch answers (or either rate
+/// is unknown). Below that, a queue that builds up (a burst, or a run of slow queries filling
+/// the batch) drains by itself, and refusing would turn away requests the server has the
+/// capacity for (0.23 % of them at 82 % of the saturating rate, docs/SERVER.md).
+fn overloaded(arrivals: Option<f64>, service: Option<f64>) -> bool {
+    match (arrivals, service) {
+        (Some(a), Some(s)) => a > s,
+        _ => true,
+    }
+}
+
 struct QueueState {
     jobs: VecDeque<Job>,
+    /// Jobs offered, for [`overloaded`].
+    arrivals: ArrivalRate,
     /// Shutting down: no gathering window (jobs are still taken).
     draining: bool,
     /// No more jobs are taken.
@@ -193,6 +235,7 @@ impl Queue {
         Queue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
+                arrivals: ArrivalRate::default(),
                 draining: false,
                 closed: false,
             }),
@@ -211,7 +254,8 @@ impl Queue {
     /// [`Queue::set_in_flight`] says how many are taken): under overload, admitted requests keep
     /// their latency and the rest get 503 at once, whatever the model's speed (a fixed depth
     /// means 40 ms of waiting for one model and 30 s for another). A job that finds a free
-    /// place does not wait.
+    /// place does not wait, and none is refused this way while jobs come slower than the batch
+    /// answers them ([`overloaded`]): then only `capacity` bounds the queue.
     pub fn with_wait_bound(mut self, max_wait: Duration) -> Queue {
         self.wait_bound = Some(max_wait);
         self
@@ -261,6 +305,8 @@ impl Queue {
         if st.jobs.len() >= self.capacity {
             return Err(Refusal::Full);
         }
+        let now = Instant::now();
+        st.arrivals.arrived(now);
         if let Some(max_wait) = self.wait_bound {
             let depth = st.jobs.len();
             let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
@@ -271,9 +317,11 @@ impl Queue {
                     .service
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .per_second(Instant::now());
-                if let Some(refusal) = wait_refusal(depth, free, rate, max_wait) {
-                    return Err(refusal);
+                    .per_second(now);
+                if overloaded(st.arrivals.per_second(now), rate) {
+                    if let Some(refusal) = wait_refusal(depth, free, rate, max_wait) {
+                        return Err(refusal);
+                    }
                 }
             }
         }
@@ -649,8 +697,38 @@ pub fn fail_all(queue: &Queue) {
 
 #[cfg(test)]
 mod tests {
-    use super::{wait_refusal, Refusal, ServiceRate};
+    use super::{overloaded, wait_refusal, ArrivalRate, Refusal, ServiceRate};
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_wait_bound_applies_only_when_jobs_come_faster_than_answers() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut a = ArrivalRate::default();
+        // Too few to say: the bound applies (as before any estimate).
+        for i in 0..15 {
+            a.arrived(ms(i * 10));
+        }
+        assert_eq!(a.per_second(ms(150)), None);
+        assert!(overloaded(a.per_second(ms(150)), Some(50.0)));
+        // One every 10 ms: 100/s, measured to now.
+        a.arrived(ms(150));
+        let r = a.per_second(ms(150)).unwrap();
+        assert!((r - 100.0).abs() < 1e-6, "{r}");
+        assert!(!overloaded(Some(r), Some(120.0)));
+        assert!(overloaded(Some(r), Some(80.0)));
+        assert!(overloaded(Some(r), None));
+        // Traffic stops: the rate falls with time.
+        let later = a.per_second(ms(1_500)).unwrap();
+        assert!((later - 10.0).abs() < 1e-6, "{later}");
+        // Only the newest 128 count: of a burst of 200 in 20 ms, they came in the last 12 ms.
+        let mut b = ArrivalRate::default();
+        for i in 0..200 {
+            b.arrived(ms(1_000 + i / 10));
+        }
+        let burst = b.per_second(ms(1_019)).unwrap();
+        assert!((burst - 127.0 / 0.012).abs() < 1.0, "{burst}");
+    }
 
     #[test]
     fn a_job_is_refused_only_past_the_wait_bound_at_a_known_rate() {

@@ -72,8 +72,9 @@ pub struct ServeArgs {
     /// that would wait longer (the queued requests that cannot enter at the next step / the
     /// batch's service rate: answers per second of stepping over the last 64 answers) gets 503
     /// with Retry-After at once, so that under overload admitted requests keep their latency;
-    /// one that finds a free place in the batch is always taken. 0: only --max-queue bounds
-    /// the queue. The default, 5, admits about one request past the free places on a model
+    /// one that finds a free place in the batch is always taken, and while requests come
+    /// slower than the batch answers them (the last 128) none is refused this way: a queue
+    /// that builds up then drains by itself. 0: only --max-queue bounds the queue. The default, 5, admits about one request past the free places on a model
     /// answering ~300 a second, none on one answering fewer than 200 (docs/SERVER.md, "Sizing
     /// the queue").
     #[arg(long, default_value_t = 5)]
