@@ -232,27 +232,35 @@ impl Sections {
 /// edge `e` leading to node `e + 1`): `start` never falls, a node's children come after it
 /// (its first edge `e >= n`), and each node's child tokens are below `vocab`, not `eos`, and
 /// strictly ascending. Two branch-free scans: the nodes, then the edges, where an edge
-/// continues its parent's run unless a node's children start there (a bit per edge).
+/// continues its parent's run unless a node's children start there (a byte per edge).
 fn nodes_well_formed(start: &[u32], token: &[u32], vocab: usize, eos: u32) -> bool {
     let edges = token.len();
-    let mut bad = false;
-    let mut first = vec![0u64; edges.div_ceil(64) + 1];
-    for (n, w) in start.windows(2).enumerate() {
-        let (e, b) = (w[0] as usize, w[1] as usize);
-        bad |= (b < e) | (b > edges) | ((e < b) & (e < n));
-        // `e <= edges` here (`start[0] == 0` and no fall so far, or `bad` already).
-        first[e.min(edges) / 64] |= 1 << (e.min(edges) % 64);
-    }
+    // Pure compares over u32 lanes (the compiler's SIMD); `n < 2^32` as the header's counts.
+    let bad = start.windows(2).enumerate().fold(false, |bad, (n, w)| {
+        let (e, b) = (w[0], w[1]);
+        bad | (b < e) | (b as usize > edges) | ((e < b) & ((e as usize) < n))
+    });
     if bad {
         return false;
     }
-    let mut prev = 0u32;
-    for (j, &t) in token.iter().enumerate() {
-        let starts = first[j / 64] >> (j % 64) & 1 == 1;
-        bad |= (t as usize >= vocab) | (t == eos) | (!starts & (t <= prev));
-        prev = t;
+    // A byte per edge: 1 where a node's children start (`start` never falls, so in order).
+    let mut first = vec![0u8; edges + 1];
+    for &e in start {
+        match first.get_mut(e as usize) {
+            Some(f) => *f = 1,
+            None => return false,
+        }
     }
-    !bad
+    let Some(&t0) = token.first() else {
+        return true;
+    };
+    let head = (t0 as usize >= vocab) | (t0 == eos);
+    !token
+        .windows(2)
+        .zip(&first[1..])
+        .fold(head, |bad, (t, &starts)| {
+            bad | (t[1] as usize >= vocab) | (t[1] == eos) | ((starts == 0) & (t[1] <= t[0]))
+        })
 }
 
 /// The plain walk of [`nodes_well_formed`]'s rules, node by node: the first node that breaks
