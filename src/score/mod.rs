@@ -39,6 +39,7 @@
 
 mod kernel;
 mod ranker;
+mod scorer;
 
 pub use kernel::score_postings;
 pub use ranker::{Ranker, THRESHOLD_MAX_K};

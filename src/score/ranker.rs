@@ -14,7 +14,7 @@ mod top_k;
 
 pub(super) use threshold::score_floor;
 
-use super::kernel::{Scorer, Scratch};
+use super::scorer::{Scorer, Scratch};
 use super::{Aggregate, Hit, Postings};
 use crate::backend::cpu::simd::Isa;
 use blocks::{Slot, Worst};

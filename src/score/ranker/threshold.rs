@@ -5,7 +5,7 @@
 
 use super::Ranker;
 use crate::backend::cpu::simd::Isa;
-use crate::score::kernel::Scorer;
+use crate::score::scorer::Scorer;
 use crate::score::{Hit, Postings};
 
 /// An upper bound of every score of list `l`, for `ordinary` lists: the prior plus, per token,
@@ -340,7 +340,8 @@ impl Ranker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::score::kernel::{Scratch, TERM_TABLE_MIN};
+    use crate::score::kernel::TERM_TABLE_MIN;
+    use crate::score::scorer::Scratch;
     use crate::score::{score_postings, tests::rng};
 
     /// The pruned kernel, against the whole scores: for random lists (short, and past
