@@ -302,11 +302,12 @@ impl Queue {
         if st.jobs.len() != before {
             self.metrics.set_queue_depth(st.jobs.len());
         }
+        // Every job offered counts toward the arrival rate, a full queue's refusals too.
+        let now = Instant::now();
+        st.arrivals.arrived(now);
         if st.jobs.len() >= self.capacity {
             return Err(Refusal::Full);
         }
-        let now = Instant::now();
-        st.arrivals.arrived(now);
         if let Some(max_wait) = self.wait_bound {
             let depth = st.jobs.len();
             let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
