@@ -74,10 +74,11 @@ pub struct ServeArgs {
     /// with Retry-After at once, so that under overload admitted requests keep their latency;
     /// one that finds a free place in the batch is always taken, and while requests come
     /// slower than the batch answers them (the last 128) none is refused this way: a queue
-    /// that builds up then drains by itself. 0: only --max-queue bounds the queue. The default, 5, admits about one request past the free places on a model
-    /// answering ~300 a second, none on one answering fewer than 200 (docs/SERVER.md, "Sizing
-    /// the queue").
-    #[arg(long, default_value_t = 5)]
+    /// that builds up then drains by itself. 0: only --max-queue bounds the queue. The default,
+    /// 1, admits no request past the free places on a model answering fewer than 1,000 a
+    /// second, so under overload an admitted request waits only for the step in progress, as
+    /// in a closed loop (docs/SERVER.md, "Sizing the queue").
+    #[arg(long, default_value_t = 1)]
     pub max_queue_wait_ms: u64,
     /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
     /// admitted is dropped from the queue).
