@@ -85,14 +85,10 @@ pub fn attention(
         let n = row.context_len();
         // Query heads `h0..h0 + per` (all of KV head `g`), consecutive in `q` and in `out`.
         let qg = &q[(t * heads + h0) * d..(t * heads + h0 + per) * d];
+        let base = kv.at(layer, 0) + g * d;
+        let offs: Vec<usize> = rows.context(row).map(|e| base + e * kv.kv_dim).collect();
         let mut scores = vec![0f32; per * n];
-        for (j, e) in rows.context(row).enumerate() {
-            let off = kv.at(layer, e) + g * d;
-            let kr = &kv.k[off..off + d];
-            for (h, qh) in qg.chunks_exact(d).enumerate() {
-                scores[h * n + j] = simd::dot(isa, qh, kr) * scale;
-            }
-        }
+        simd::attn_scores(isa, qg, &kv.k, &offs, d, scale, &mut scores);
         let mut sums = vec![0f32; per];
         for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
             let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -101,14 +97,7 @@ pub fn attention(
                 *sum += *s;
             }
         }
-        o.fill(0.0);
-        for (j, e) in rows.context(row).enumerate() {
-            let off = kv.at(layer, e) + g * d;
-            let vr = &kv.v[off..off + d];
-            for (h, oh) in o.chunks_exact_mut(d).enumerate() {
-                simd::axpy(isa, scores[h * n + j] / sums[h], vr, oh);
-            }
-        }
+        simd::attn_pv(isa, &scores, &sums, &kv.v, &offs, d, o);
     };
     let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
     let out = &mut out[..rows.rows.len() * heads * d];

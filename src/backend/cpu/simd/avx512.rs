@@ -607,3 +607,148 @@ gemv32!(gemv_bf16, u16, 1, |r: *const u16| {
         _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xffff0000u32 as i32))),
     )
 });
+
+/// Query heads one pass of [`attn_scores`] / [`attn_pv`] keeps in registers: `heads × d / 16`
+/// accumulators (at most 16 of the 32 zmm).
+const fn attn_heads(v: usize) -> usize {
+    16 / v
+}
+
+/// `simd::attn_scores` for `d = 16 V`, `V <= 8`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn attn_scores(
+    q: &[f32],
+    kv: &[f32],
+    offs: &[usize],
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    match d / 16 {
+        1 => attn_scores_v::<1, { attn_heads(1) }>(q, kv, offs, scale, scores),
+        2 => attn_scores_v::<2, { attn_heads(2) }>(q, kv, offs, scale, scores),
+        3 => attn_scores_v::<3, { attn_heads(3) }>(q, kv, offs, scale, scores),
+        4 => attn_scores_v::<4, { attn_heads(4) }>(q, kv, offs, scale, scores),
+        5 => attn_scores_v::<5, { attn_heads(5) }>(q, kv, offs, scale, scores),
+        6 => attn_scores_v::<6, { attn_heads(6) }>(q, kv, offs, scale, scores),
+        7 => attn_scores_v::<7, { attn_heads(7) }>(q, kv, offs, scale, scores),
+        8 => attn_scores_v::<8, { attn_heads(8) }>(q, kv, offs, scale, scores),
+        _ => unreachable!("attn_scores: d = {d}; the caller checks d"),
+    }
+}
+
+/// The sum of `avx2::dot`'s two 8-lane accumulators, which are the low and high halves of `v`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn dot_sum(v: __m512) -> f32 {
+    // The high half through the f64 view: `vextractf64x4` is AVX-512F (`vextractf32x8` is DQ).
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let s = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn attn_scores_v<const V: usize, const HC: usize>(
+    q: &[f32],
+    kv: &[f32],
+    offs: &[usize],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let d = 16 * V;
+    let (per, n) = (q.len() / d, offs.len());
+    let mut h0 = 0;
+    while h0 < per {
+        let hc = (per - h0).min(HC);
+        let qp = q.as_ptr().add(h0 * d);
+        for (j, &o) in offs.iter().enumerate() {
+            let kp = kv.as_ptr().add(o);
+            let mut kr = [_mm512_setzero_ps(); V];
+            for b in 0..V {
+                kr[b] = _mm512_loadu_ps(kp.add(16 * b));
+            }
+            for h in 0..HC {
+                if h < hc {
+                    // `avx2::dot`'s chains: block b's FMA follows block b - 1's, from zero.
+                    let mut acc = _mm512_setzero_ps();
+                    for b in 0..V {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(h * d + 16 * b)), kr[b], acc);
+                    }
+                    *scores.get_unchecked_mut((h0 + h) * n + j) = dot_sum(acc) * scale;
+                }
+            }
+        }
+        h0 += hc;
+    }
+}
+
+/// `simd::attn_pv` for `d = 16 V`, `V <= 8`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn attn_pv(
+    p: &[f32],
+    sums: &[f32],
+    kv: &[f32],
+    offs: &[usize],
+    d: usize,
+    out: &mut [f32],
+) {
+    match d / 16 {
+        1 => attn_pv_v::<1, { attn_heads(1) }>(p, sums, kv, offs, out),
+        2 => attn_pv_v::<2, { attn_heads(2) }>(p, sums, kv, offs, out),
+        3 => attn_pv_v::<3, { attn_heads(3) }>(p, sums, kv, offs, out),
+        4 => attn_pv_v::<4, { attn_heads(4) }>(p, sums, kv, offs, out),
+        5 => attn_pv_v::<5, { attn_heads(5) }>(p, sums, kv, offs, out),
+        6 => attn_pv_v::<6, { attn_heads(6) }>(p, sums, kv, offs, out),
+        7 => attn_pv_v::<7, { attn_heads(7) }>(p, sums, kv, offs, out),
+        8 => attn_pv_v::<8, { attn_heads(8) }>(p, sums, kv, offs, out),
+        _ => unreachable!("attn_pv: d = {d}; the caller checks d"),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn attn_pv_v<const V: usize, const HC: usize>(
+    p: &[f32],
+    sums: &[f32],
+    kv: &[f32],
+    offs: &[usize],
+    out: &mut [f32],
+) {
+    let d = 16 * V;
+    let (per, n) = (sums.len(), offs.len());
+    let mut h0 = 0;
+    while h0 < per {
+        let hc = (per - h0).min(HC);
+        let mut acc = [[_mm512_setzero_ps(); V]; HC];
+        for (j, &o) in offs.iter().enumerate() {
+            let vp = kv.as_ptr().add(o);
+            let mut vr = [_mm512_setzero_ps(); V];
+            for b in 0..V {
+                vr[b] = _mm512_loadu_ps(vp.add(16 * b));
+            }
+            for h in 0..HC {
+                if h < hc {
+                    // `axpy`'s weight and FMA: `a * v + o`, a = p / sum in f32.
+                    let a = _mm512_set1_ps(
+                        *p.get_unchecked((h0 + h) * n + j) / *sums.get_unchecked(h0 + h),
+                    );
+                    for b in 0..V {
+                        acc[h][b] = _mm512_fmadd_ps(a, vr[b], acc[h][b]);
+                    }
+                }
+            }
+        }
+        for h in 0..hc {
+            for b in 0..V {
+                _mm512_storeu_ps(out.as_mut_ptr().add((h0 + h) * d + 16 * b), acc[h][b]);
+            }
+        }
+        h0 += hc;
+    }
+}

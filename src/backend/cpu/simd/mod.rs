@@ -395,6 +395,81 @@ pub fn gemv_panels(
     }
 }
 
+/// Attention scores of `per` query heads against the keys of one KV head:
+/// `scores[h * n + j] = (q[h] · kv[offs[j]..offs[j] + d]) * scale` for `q: [per, d]` and
+/// `n = offs.len()`. The bits of [`dot`] on every ISA: on AVX-512 (`d` a multiple of 16, at most
+/// 128) each key row is loaded once for all heads and the dot products keep [`dot`]'s AVX2 lanes
+/// (an accumulator of 16 is its two of 8 side by side) and its final sum.
+pub fn attn_scores(
+    isa: Isa,
+    q: &[f32],
+    kv: &[f32],
+    offs: &[usize],
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let isa = isa.runnable();
+    let (per, n) = (q.len() / d.max(1), offs.len());
+    assert!(
+        d > 0
+            && q.len() == per * d
+            && scores.len() >= per * n
+            && offs.iter().all(|&o| o + d <= kv.len()),
+        "attn_scores bounds; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && d.is_multiple_of(16) && d <= 128 {
+        // SAFETY: Avx512 is only chosen when the CPU has it; every key row `offs[j]..+d` is in
+        // `kv`, `q` holds `per` heads of `d` and `scores` `per * n` values (asserted above).
+        unsafe { avx512::attn_scores(q, kv, offs, d, scale, scores) };
+        return;
+    }
+    for (h, qh) in q.chunks_exact(d).enumerate() {
+        for (j, &o) in offs.iter().enumerate() {
+            scores[h * n + j] = dot(isa, qh, &kv[o..o + d]) * scale;
+        }
+    }
+}
+
+/// The attention output of `per` query heads over the values of one KV head:
+/// `out[h] = Σ_j (p[h * n + j] / sums[h]) · kv[offs[j]..offs[j] + d]`, summed in key order from
+/// zero, `out: [per, d]`. The bits of [`axpy`] key after key on every ISA: on AVX-512 (`d` a
+/// multiple of 16, at most 128) the output rows stay in registers across the keys (the same
+/// FMA per element, in the same order) instead of being loaded and stored for each key.
+pub fn attn_pv(
+    isa: Isa,
+    p: &[f32],
+    sums: &[f32],
+    kv: &[f32],
+    offs: &[usize],
+    d: usize,
+    out: &mut [f32],
+) {
+    let isa = isa.runnable();
+    let (per, n) = (sums.len(), offs.len());
+    assert!(
+        d > 0
+            && p.len() >= per * n
+            && out.len() == per * d
+            && offs.iter().all(|&o| o + d <= kv.len()),
+        "attn_pv bounds; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && d.is_multiple_of(16) && d <= 128 {
+        // SAFETY: as in `attn_scores`; `p` holds `per * n` weights and `out` `per * d` values.
+        unsafe { avx512::attn_pv(p, sums, kv, offs, d, out) };
+        return;
+    }
+    out.fill(0.0);
+    for (j, &o) in offs.iter().enumerate() {
+        let vr = &kv[o..o + d];
+        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
+            axpy(isa, p[h * n + j] / sums[h], vr, oh);
+        }
+    }
+}
+
 /// `a · b`.
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let isa = isa.runnable();
@@ -501,6 +576,74 @@ mod tests {
 
     fn dot64(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    /// The attention kernels against their twins (per-key `dot` and `axpy`, the code they
+    /// replace) bit for bit on every ISA, and against f64 sums: head dims with and without an
+    /// AVX-512 kernel, 1 to 9 heads per KV head (more than one register pass holds), 0 to 37
+    /// keys at scattered offsets.
+    #[test]
+    fn attention_kernels_match_per_key_dots_and_axpys() {
+        let slab = rand(64 * 160, 5);
+        for d in [8, 16, 24, 32, 48, 64, 96, 128, 144] {
+            for per in [1, 2, 3, 5, 7, 9] {
+                for n in [0, 1, 5, 37] {
+                    let seed = (d * 100 + per * 10 + n) as u64;
+                    let q = rand(per * d, seed);
+                    // Scattered key rows, some repeated, none aligned to 16 floats.
+                    let offs: Vec<usize> =
+                        (0..n).map(|j| (j * 7919 + 3) % (slab.len() - d)).collect();
+                    let scale = 1.0 / (d as f32).sqrt();
+                    for isa in Isa::available() {
+                        let mut got = vec![0f32; per * n];
+                        attn_scores(isa, &q, &slab, &offs, d, scale, &mut got);
+                        for h in 0..per {
+                            for (j, &o) in offs.iter().enumerate() {
+                                let qh = &q[h * d..(h + 1) * d];
+                                let want = dot(isa, qh, &slab[o..o + d]) * scale;
+                                assert_eq!(
+                                    got[h * n + j].to_bits(),
+                                    want.to_bits(),
+                                    "{isa:?} d {d} per {per} n {n}"
+                                );
+                                let exact = dot64(qh, &slab[o..o + d]) * scale as f64;
+                                assert!((got[h * n + j] as f64 - exact).abs() < 1e-5 * d as f64);
+                            }
+                        }
+                        let p: Vec<f32> = rand(per * n, seed + 1)
+                            .iter()
+                            .map(|v| v.abs() + 0.01)
+                            .collect();
+                        let sums: Vec<f32> = (0..per)
+                            .map(|h| p[h * n..(h + 1) * n].iter().sum::<f32>() + 0.5)
+                            .collect();
+                        let mut out = rand(per * d, seed + 2); // overwritten, not added to
+                        attn_pv(isa, &p, &sums, &slab, &offs, d, &mut out);
+                        let mut want = vec![0f32; per * d];
+                        for (j, &o) in offs.iter().enumerate() {
+                            for h in 0..per {
+                                let wh = &mut want[h * d..(h + 1) * d];
+                                axpy(isa, p[h * n + j] / sums[h], &slab[o..o + d], wh);
+                            }
+                        }
+                        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{isa:?} d {d} per {per} n {n} at {i}"
+                            );
+                            let (h, c) = (i / d, i % d);
+                            let exact: f64 = offs
+                                .iter()
+                                .enumerate()
+                                .map(|(j, &o)| (p[h * n + j] / sums[h]) as f64 * slab[o + c] as f64)
+                                .sum();
+                            assert!((*g as f64 - exact).abs() < 1e-5);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Random Q4_1 / Q8_0 blocks with finite f16 scales.
