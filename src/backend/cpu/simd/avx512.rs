@@ -614,6 +614,23 @@ const fn attn_heads(v: usize) -> usize {
     16 / v
 }
 
+/// Calls `$f::<V, { attn_heads(V) }>$args` for `d = 16 V`, `V` in 1..=8 (the callers check `d`).
+macro_rules! by_v {
+    ($d:expr, $f:ident, ($($a:expr),*)) => {
+        match $d / 16 {
+            1 => $f::<1, { attn_heads(1) }>($($a),*),
+            2 => $f::<2, { attn_heads(2) }>($($a),*),
+            3 => $f::<3, { attn_heads(3) }>($($a),*),
+            4 => $f::<4, { attn_heads(4) }>($($a),*),
+            5 => $f::<5, { attn_heads(5) }>($($a),*),
+            6 => $f::<6, { attn_heads(6) }>($($a),*),
+            7 => $f::<7, { attn_heads(7) }>($($a),*),
+            8 => $f::<8, { attn_heads(8) }>($($a),*),
+            _ => unreachable!("attention kernel for d = {}; the caller checks d", $d),
+        }
+    };
+}
+
 /// `simd::attn_scores` for `d = 16 V`, `V <= 8`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 pub unsafe fn attn_scores(
@@ -624,30 +641,17 @@ pub unsafe fn attn_scores(
     scale: f32,
     scores: &mut [f32],
 ) {
-    match d / 16 {
-        1 => attn_scores_v::<1, { attn_heads(1) }>(q, kv, offs, scale, scores),
-        2 => attn_scores_v::<2, { attn_heads(2) }>(q, kv, offs, scale, scores),
-        3 => attn_scores_v::<3, { attn_heads(3) }>(q, kv, offs, scale, scores),
-        4 => attn_scores_v::<4, { attn_heads(4) }>(q, kv, offs, scale, scores),
-        5 => attn_scores_v::<5, { attn_heads(5) }>(q, kv, offs, scale, scores),
-        6 => attn_scores_v::<6, { attn_heads(6) }>(q, kv, offs, scale, scores),
-        7 => attn_scores_v::<7, { attn_heads(7) }>(q, kv, offs, scale, scores),
-        8 => attn_scores_v::<8, { attn_heads(8) }>(q, kv, offs, scale, scores),
-        _ => unreachable!("attn_scores: d = {d}; the caller checks d"),
-    }
+    by_v!(d, attn_scores_v, (q, kv, offs, scale, scores))
 }
 
-/// The sum of `avx2::dot`'s two 8-lane accumulators, which are the low and high halves of `v`.
+/// The sum of `avx2::dot`'s two 8-lane accumulators, which are the low and high halves of `v`,
+/// by its own final sum.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn dot_sum(v: __m512) -> f32 {
     // The high half through the f64 view: `vextractf64x4` is AVX-512F (`vextractf32x8` is DQ).
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    let s = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
+    super::avx2::hsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
 }
 
 #[inline]
@@ -697,17 +701,7 @@ pub unsafe fn attn_pv(
     d: usize,
     out: &mut [f32],
 ) {
-    match d / 16 {
-        1 => attn_pv_v::<1, { attn_heads(1) }>(p, sums, kv, offs, out),
-        2 => attn_pv_v::<2, { attn_heads(2) }>(p, sums, kv, offs, out),
-        3 => attn_pv_v::<3, { attn_heads(3) }>(p, sums, kv, offs, out),
-        4 => attn_pv_v::<4, { attn_heads(4) }>(p, sums, kv, offs, out),
-        5 => attn_pv_v::<5, { attn_heads(5) }>(p, sums, kv, offs, out),
-        6 => attn_pv_v::<6, { attn_heads(6) }>(p, sums, kv, offs, out),
-        7 => attn_pv_v::<7, { attn_heads(7) }>(p, sums, kv, offs, out),
-        8 => attn_pv_v::<8, { attn_heads(8) }>(p, sums, kv, offs, out),
-        _ => unreachable!("attn_pv: d = {d}; the caller checks d"),
-    }
+    by_v!(d, attn_pv_v, (p, sums, kv, offs, out))
 }
 
 #[inline]
