@@ -51,6 +51,19 @@ impl CpuKv {
     }
 }
 
+/// One work item's buffers, kept per thread: a decode step has rows × KV heads × layers items
+/// (900 for SmolLM2 at beam 10), each of which would otherwise allocate three.
+#[derive(Default)]
+struct Scratch {
+    offs: Vec<usize>,
+    scores: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
 /// `out[t, h] = softmax(q[t, h] · K[ctx(t), g] / sqrt(D)) V[ctx(t), g]`. One work item per
 /// (row, KV head) when there are enough: its `H / Hkv` query heads read each K and V row of the
 /// context once; else one per (row, head). Each head's arithmetic is the same, in the same order.
@@ -85,19 +98,25 @@ pub fn attention(
         let n = row.context_len();
         // Query heads `h0..h0 + per` (all of KV head `g`), consecutive in `q` and in `out`.
         let qg = &q[(t * heads + h0) * d..(t * heads + h0 + per) * d];
-        let base = kv.at(layer, 0) + g * d;
-        let offs: Vec<usize> = rows.context(row).map(|e| base + e * kv.kv_dim).collect();
-        let mut scores = vec![0f32; per * n];
-        simd::attn_scores(isa, qg, &kv.k, &offs, d, scale, &mut scores);
-        let mut sums = vec![0f32; per];
-        for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
-            let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for s in sh.iter_mut() {
-                *s = (*s - max).exp();
-                *sum += *s;
+        SCRATCH.with_borrow_mut(|Scratch { offs, scores, sums }| {
+            // The context's K/V rows of this layer and KV head, read by both kernels.
+            let base = kv.at(layer, 0) + g * d;
+            offs.clear();
+            offs.extend(rows.context(row).map(|e| base + e * kv.kv_dim));
+            scores.clear();
+            scores.resize(per * n, 0.0);
+            simd::attn_scores(isa, qg, &kv.k, offs, d, scale, scores);
+            sums.clear();
+            sums.resize(per, 0.0);
+            for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
+                let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for s in sh.iter_mut() {
+                    *s = (*s - max).exp();
+                    *sum += *s;
+                }
             }
-        }
-        simd::attn_pv(isa, &scores, &sums, &kv.v, &offs, d, o);
+            simd::attn_pv(isa, scores, sums, &kv.v, offs, d, o);
+        });
     };
     let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
     let out = &mut out[..rows.rows.len() * heads * d];
