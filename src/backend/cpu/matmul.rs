@@ -203,10 +203,10 @@ fn range(
         };
         // Token rows in near-equal groups of at most `panel_tr`, each sweeping a whole panel
         // (`n0` is a multiple of PANEL: see `matmul`).
-        // Block panels: dequantized in registers for up to four passes (a prompt of up to 40
-        // rows: SmolLM2's 32-row prefill 1,170-1,229 -> 1,332-1,355 tok/s against the copy);
-        // for more, once into an f32 copy that every pass reads. The same values, so the same
-        // bits either way.
+        // Block panels: dequantized in registers for up to `COPY_AFTER_PASSES` passes (a prompt
+        // of up to 40 rows; faster than the copy, docs/PERF.md "Prompts without the f32
+        // copy"); for more, once into an f32 copy that every pass reads. The same values, so
+        // the same bits either way.
         let copy = p.is_quantized() && rows > COPY_AFTER_PASSES * simd::panel_tr(p);
         let mut f32_panel = if copy {
             vec![0f32; PANEL * k]
