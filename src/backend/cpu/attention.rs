@@ -109,11 +109,7 @@ pub fn attention(
             sums.clear();
             sums.resize(per, 0.0);
             for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
-                let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for s in sh.iter_mut() {
-                    *s = (*s - max).exp();
-                    *sum += *s;
-                }
+                *sum = simd::exp_shift(isa, sh, simd::max(isa, sh));
             }
             simd::attn_pv(isa, scores, sums, &kv.v, offs, d, o);
         });

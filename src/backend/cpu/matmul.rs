@@ -68,11 +68,9 @@ pub fn matmul_silu_mul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [M
     matmul_with(isa, x, rows, k, jobs, true)
 }
 
-/// `g = silu(g) * u`, elementwise: `g / (1 + exp(-g)) * u` in f32.
-pub fn silu_mul(g: &mut [f32], u: &[f32]) {
-    for (g, &u) in g.iter_mut().zip(u) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+/// `g = silu(g) * u`, elementwise: `g · sigmoid(g) · u` in f32 ([`simd::silu_mul`]).
+pub fn silu_mul(isa: Isa, g: &mut [f32], u: &[f32]) {
+    simd::silu_mul(isa, g, u)
 }
 
 /// [`matmul`], or with `glu` [`matmul_silu_mul`].
@@ -152,7 +150,7 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
                         std::slice::from_raw_parts(outs[1].0.add(t * n + n0), n1 - n0),
                     )
                 };
-                silu_mul(g, u);
+                silu_mul(isa, g, u);
             }
         }
     };
@@ -648,7 +646,7 @@ mod tests {
                                 };
                             }
                             matmul(isa, &x, rows, k, &mut jobs!(g0, u0));
-                            silu_mul(g0, u0);
+                            silu_mul(isa, g0, u0);
                             matmul_silu_mul(isa, &x, rows, k, &mut jobs!(g1, u1));
                             let bits =
                                 |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

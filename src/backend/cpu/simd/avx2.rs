@@ -446,6 +446,45 @@ pub unsafe fn sum_exp(x: &[f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + super::scalar::sum_exp(chunks.remainder(), shift)
 }
 
+/// `x[i] = exp(x[i] - shift)` for `shift >= max(x)`, 8 at a time; returns their sum. The tail
+/// through the scalar twin.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn exp_shift(x: &mut [f32], shift: f32) -> f32 {
+    let s = _mm256_set1_ps(shift);
+    let mut acc = _mm256_setzero_ps();
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), s));
+        _mm256_storeu_ps(c.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes.iter().sum::<f32>() + super::scalar::exp_shift(chunks.into_remainder(), shift)
+}
+
+/// `g[i] = silu(g[i]) * u[i]` (the formula of `scalar::silu`), 8 at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
+    let n = g.len().min(u.len());
+    let (g, u) = (&mut g[..n], &u[..n]);
+    let one = _mm256_set1_ps(1.0);
+    let sign = _mm256_set1_ps(-0.0);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(g.as_ptr().add(i));
+        let e = exp_neg8(_mm256_or_ps(x, sign));
+        let r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        // The sign bit of `x` picks `e · r` (x < 0) over `r`; 0 below -87.3.
+        let s = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), x);
+        let s = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.3)), s);
+        let y = _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u.as_ptr().add(i)));
+        _mm256_storeu_ps(g.as_mut_ptr().add(i), y);
+        i += 8;
+    }
+    super::scalar::silu_mul(&mut g[i..], &u[i..]);
+}
+
 /// The largest element, 32 at a time (`-inf` for none).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn max(x: &[f32]) -> f32 {

@@ -547,6 +547,31 @@ pub fn sum_exp(isa: Isa, x: &[f32], shift: f32) -> f32 {
     scalar::sum_exp(x, shift)
 }
 
+/// `x[i] = exp(x[i] - shift)` for `shift >= max(x)` (the polynomial of [`sum_exp`]); returns
+/// their sum: a softmax's numerators and denominator in one pass.
+pub fn exp_shift(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
+    let isa = isa.runnable();
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; only in-bounds loads and stores of `x`.
+        return unsafe { avx2::exp_shift(x, shift) };
+    }
+    scalar::exp_shift(x, shift)
+}
+
+/// `g[i] = silu(g[i]) * u[i]` for `i < min(len)`, `silu(g) = g · sigmoid(g)` through the
+/// polynomial `exp` (relative error ~1e-7 against f64).
+pub fn silu_mul(isa: Isa, g: &mut [f32], u: &[f32]) {
+    let isa = isa.runnable();
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; only in-bounds loads of `g`, `u` and stores
+        // of `g`.
+        return unsafe { avx2::silu_mul(g, u) };
+    }
+    scalar::silu_mul(g, u)
+}
+
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)]
 mod tests {
@@ -728,6 +753,69 @@ mod tests {
                     ((got - want) / want).abs() < 1e-6,
                     "{isa:?} exp({v}): {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_shift_and_silu_mul_match_f64_on_every_isa() {
+        for isa in Isa::available() {
+            for n in [0, 1, 7, 8, 9, 31, 33, 100, 1541] {
+                let x: Vec<f32> = rand(n, n as u64 + 11).iter().map(|v| v * 40.0).collect();
+                let m = x.iter().copied().fold(0f32, f32::max);
+                let mut e = x.clone();
+                let sum = exp_shift(isa, &mut e, m) as f64;
+                let mut want_sum = 0f64;
+                for (i, (&v, &got)) in x.iter().zip(&e).enumerate() {
+                    let want = ((v - m) as f64).exp();
+                    want_sum += want;
+                    // Terms below exp(-87.3) come out as ~1e-38.
+                    let tol = 1e-6 * want + 2e-38;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{isa:?} n={n} [{i}] exp({v} - {m}): {got} vs {want}"
+                    );
+                }
+                assert!(
+                    (sum - want_sum).abs() <= 2e-6 * want_sum + 1e-37,
+                    "{isa:?} n={n}: sum {sum} vs {want_sum}"
+                );
+                let u = rand(n, n as u64 + 12);
+                let mut g = x.clone();
+                silu_mul(isa, &mut g, &u);
+                for i in 0..n {
+                    let (v, w) = (x[i] as f64, u[i] as f64);
+                    let want = v / (1.0 + (-v).exp()) * w;
+                    assert!(
+                        (g[i] as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                        "{isa:?} n={n} [{i}] silu({v}) * {w}: {} vs {want}",
+                        g[i]
+                    );
+                }
+            }
+            // Large magnitudes: no overflow, the limits; the SIMD lanes and the scalar tail agree.
+            let big = [-200.0, -90.0, -0.0, 0.0, 90.0, 200.0, 1e30, -1e30];
+            let mut g: Vec<f32> = big.iter().chain(&big).copied().collect();
+            silu_mul(isa, &mut g, &[1.0; 16][..15]);
+            let want = [-0.0, -0.0, -0.0, 0.0, 90.0, 200.0, 1e30, -0.0];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g[..8]), bits(&want), "{isa:?} {:?}", &g[..8]);
+            assert_eq!(bits(&g[8..15]), bits(&want[..7]), "{isa:?} {:?}", &g[8..]);
+            assert_eq!(g[15], -1e30, "{isa:?}: past u's end");
+            // Lanes and tails give the same bits: random values through both.
+            let x: Vec<f32> = rand(64, 5).iter().map(|v| v * 20.0).collect();
+            let u = rand(64, 6);
+            let mut simd = x.clone();
+            silu_mul(isa, &mut simd, &u);
+            for i in 0..64 {
+                let mut one = [x[i]];
+                silu_mul(isa, &mut one, &u[i..i + 1]);
+                assert_eq!(one[0].to_bits(), simd[i].to_bits(), "{isa:?} [{i}]");
+                let mut e = x.clone();
+                let mut t = [x[i]];
+                exp_shift(isa, &mut e, 20.0);
+                exp_shift(isa, &mut t, 20.0);
+                assert_eq!(t[0].to_bits(), e[i].to_bits(), "{isa:?} exp [{i}]");
             }
         }
     }

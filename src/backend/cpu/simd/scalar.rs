@@ -54,18 +54,22 @@ pub fn tile(
 }
 
 /// `exp(x)` for `x <= 0` with the SIMD kernels' polynomial (Cephes' `expf` after
-/// `x = n ln2 + r`, |r| <= ln2/2; relative error ~1e-7; not bit-identical to them: rounding of
-/// `n` and FMA use differ). Below -87.3, and for NaN as the SIMD `max` does, it returns ~1e-38.
+/// `x = n ln2 + r`, |r| <= ln2/2; relative error ~1e-7), the same operations in the same order
+/// (ties-to-even `n`, fused multiply-adds), so the same bits as `avx2::exp_neg8`. Below -87.3,
+/// and for NaN as the SIMD `max` does, it returns ~1e-38.
 #[inline]
 pub fn exp_neg(x: f32) -> f32 {
     // Not `clamp`: it keeps NaN, where the SIMD `max` gives the bound.
     #[allow(clippy::manual_clamp)]
     let x = x.max(-87.3).min(0.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * EXP_LN2_HI - n * EXP_LN2_LO;
-    let p =
-        ((((EXP_C[0] * r + EXP_C[1]) * r + EXP_C[2]) * r + EXP_C[3]) * r + EXP_C[4]) * r + EXP_C[5];
-    let e = p * r * r + r + 1.0;
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(EXP_LN2_HI, x);
+    let r = (-n).mul_add(EXP_LN2_LO, r);
+    let mut p = EXP_C[0];
+    for &c in &EXP_C[1..] {
+        p = p.mul_add(r, c);
+    }
+    let e = (p * r).mul_add(r, r) + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -85,6 +89,33 @@ pub const EXP_C: [f32; 6] = [
 /// `sum(exp(x - shift))` for `shift >= max(x)` (summed in f64).
 pub fn sum_exp(x: &[f32], shift: f32) -> f32 {
     x.iter().map(|&v| exp_neg(v - shift) as f64).sum::<f64>() as f32
+}
+
+/// `x[i] = exp(x[i] - shift)` for `shift >= max(x)`; returns their sum (in f64, rounded).
+pub fn exp_shift(x: &mut [f32], shift: f32) -> f32 {
+    x.iter_mut()
+        .map(|v| {
+            *v = exp_neg(*v - shift);
+            *v as f64
+        })
+        .sum::<f64>() as f32
+}
+
+/// `silu(g) = g · sigmoid(g)` with `sigmoid(g) = 1 / (1 + e)` for `g >= 0` and `e / (1 + e)`
+/// below, `e = exp(-|g|)` from [`exp_neg`]: no overflow on either side; 0 below -87.3, where
+/// `exp_neg` stops. The operations of `avx2::silu_mul`, so its bits.
+pub fn silu(g: f32) -> f32 {
+    let e = exp_neg(-g.abs());
+    let r = 1.0 / (1.0 + e);
+    let s = if g.is_sign_negative() { e * r } else { r };
+    g * if g < -87.3 { 0.0 } else { s }
+}
+
+/// `g[i] = silu(g[i]) * u[i]`.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (g, &u) in g.iter_mut().zip(u) {
+        *g = silu(*g) * u;
+    }
 }
 
 /// The largest element (`-inf` for none).
