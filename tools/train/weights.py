@@ -195,9 +195,10 @@ def ndcg10(theta, data, agg, form="none"):
     return tot / max(len(data), 1)
 
 
-def fit(data, agg, margin, l2, rng, form="none", steps=400, lr=0.05):
+def fit(data, agg, margin, l2, rng, form="none", steps=400, lr=0.05, nonpositive=False):
     """Adam on theta = (coarse, medium, fine, alpha) from (-1, -1, -1, 0); alpha stays 0 for
-    form `none`."""
+    form `none`. With `nonpositive`, every step projects the three weights onto <= 0: a larger
+    divergence never scores higher."""
     pairs = pairs_of(data, rng)
     theta = torch.tensor([-1.0, -1.0, -1.0, 0.0], requires_grad=True)
     opt = torch.optim.Adam([theta], lr=lr)
@@ -218,6 +219,9 @@ def fit(data, agg, margin, l2, rng, form="none", steps=400, lr=0.05):
         if form == "none":
             theta.grad[3] = 0.0
         opt.step()
+        if nonpositive:
+            with torch.no_grad():
+                theta[:3].clamp_(max=0.0)
     return theta.detach(), loss.item()
 
 
@@ -245,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forms", default=",".join(FORMS),
                     help="code-likelihood forms to fit: none (S_rele alone), sum, mean")
+    ap.add_argument("--nonpositive", action="store_true",
+                    help="constrain the S_rele weights to <= 0 (divergence never rewarded)")
     ap.add_argument("--reuse-features", action="store_true",
                     help="reuse WORK/weights-features.pt (the last run's features; same model and args)")
     args = ap.parse_args(argv)
@@ -273,7 +279,8 @@ def main(argv=None):
     default = torch.tensor([-1.0, -1.0, -1.0, 0.0])
     for agg in ("max", "sum"):
         for form in forms:
-            theta, loss = fit(train, agg, args.margin, args.l2, random.Random(args.seed), form)
+            theta, loss = fit(train, agg, args.margin, args.l2, random.Random(args.seed), form,
+                              nonpositive=args.nonpositive)
             key = f"{agg}/{form}"
             res[key] = {"aggregation": agg, "form": form,
                         "weights": [round(x, 4) for x in theta[:3].tolist()],

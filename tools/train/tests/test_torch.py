@@ -109,6 +109,20 @@ class CodePrior(unittest.TestCase):
         self.assertAlmostEqual(form_scores(th, item2, "max", "sum")[0].item(), -0.2, places=6)
         self.assertAlmostEqual(form_scores(th, item2, "sum", "sum")[0].item(), -3.2, places=6)
 
+    def test_nonpositive_keeps_divergence_from_scoring_higher(self):
+        import random
+        from tools.train.weights import fit
+        # One query, one medium code reaching two products: the relevant one diverges more
+        # (D 0.5 against 0.1), so only a positive medium weight ranks it first.
+        D = torch.tensor([[0.5], [0.1]])
+        item = (D, torch.tensor([1]), torch.tensor([True, False]), torch.zeros(1, 3))
+        free, _ = fit([item], "max", 0.1, 1e-3, random.Random(0), "none", steps=200)
+        self.assertGreater(free[1].item(), 0.0)
+        held, _ = fit([item], "max", 0.1, 1e-3, random.Random(0), "none", steps=200,
+                      nonpositive=True)
+        self.assertTrue((held[:3] <= 0).all(), held)
+        self.assertEqual(held[3].item(), 0.0)
+
     def test_settings_written_for_the_engine(self):
         from tools.train.weights import settings_of
         th = torch.tensor([-0.5, -0.25, -1.0, 0.75])
