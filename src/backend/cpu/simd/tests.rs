@@ -1,0 +1,445 @@
+//! Tests of the SIMD kernels against their scalar twins and f64 references, on every ISA the
+//! machine runs.
+#![allow(clippy::needless_range_loop)]
+
+use super::*;
+use half::{bf16, f16};
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift), never all zeros.
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The bf16 even/odd split the kernels of `isa` want, if any.
+fn split(isa: Isa, view: View, x: &[f32], k: usize) -> (Vec<f32>, usize) {
+    match pairs_block(isa, view) {
+        Some(block) => (bf16_pairs(x, k, block), block),
+        None => (Vec::new(), 0),
+    }
+}
+
+fn dot64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// The attention kernels against their twins (per-key `dot` and `axpy`, the code they
+/// replace) bit for bit on every ISA, and against f64 sums: head dims with and without an
+/// AVX-512 kernel, 1 to 9 heads per KV head (more than one register pass holds), 0 to 37
+/// keys at scattered offsets.
+#[test]
+fn attention_kernels_match_per_key_dots_and_axpys() {
+    let slab = rand(64 * 160, 5);
+    for d in [8, 16, 24, 32, 48, 64, 96, 128, 144] {
+        for per in [1, 2, 3, 5, 7, 9] {
+            for n in [0, 1, 5, 37] {
+                let seed = (d * 100 + per * 10 + n) as u64;
+                let q = rand(per * d, seed);
+                // Scattered key rows, some repeated, none aligned to 16 floats.
+                let offs: Vec<usize> = (0..n).map(|j| (j * 7919 + 3) % (slab.len() - d)).collect();
+                let scale = 1.0 / (d as f32).sqrt();
+                for isa in Isa::available() {
+                    let mut got = vec![0f32; per * n];
+                    attn_scores(isa, &q, &slab, &offs, d, scale, &mut got);
+                    for h in 0..per {
+                        for (j, &o) in offs.iter().enumerate() {
+                            let qh = &q[h * d..(h + 1) * d];
+                            let want = dot(isa, qh, &slab[o..o + d]) * scale;
+                            assert_eq!(
+                                got[h * n + j].to_bits(),
+                                want.to_bits(),
+                                "{isa:?} d {d} per {per} n {n}"
+                            );
+                            let exact = dot64(qh, &slab[o..o + d]) * scale as f64;
+                            assert!((got[h * n + j] as f64 - exact).abs() < 1e-5 * d as f64);
+                        }
+                    }
+                    let p: Vec<f32> = rand(per * n, seed + 1)
+                        .iter()
+                        .map(|v| v.abs() + 0.01)
+                        .collect();
+                    let sums: Vec<f32> = (0..per)
+                        .map(|h| p[h * n..(h + 1) * n].iter().sum::<f32>() + 0.5)
+                        .collect();
+                    let mut out = rand(per * d, seed + 2); // overwritten, not added to
+                    attn_pv(isa, &p, &sums, &slab, &offs, d, &mut out);
+                    let mut want = vec![0f32; per * d];
+                    for (j, &o) in offs.iter().enumerate() {
+                        for h in 0..per {
+                            let wh = &mut want[h * d..(h + 1) * d];
+                            axpy(isa, p[h * n + j] / sums[h], &slab[o..o + d], wh);
+                        }
+                    }
+                    for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{isa:?} d {d} per {per} n {n} at {i}"
+                        );
+                        let (h, c) = (i / d, i % d);
+                        let exact: f64 = offs
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &o)| (p[h * n + j] / sums[h]) as f64 * slab[o + c] as f64)
+                            .sum();
+                        assert!((*g as f64 - exact).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Random Q4_1 / Q8_0 blocks with finite f16 scales.
+fn blocks(n: usize, bytes: usize, seed: u64) -> Vec<u8> {
+    let r = rand(n * bytes, seed);
+    let mut out: Vec<u8> = r.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+    for (i, b) in out.chunks_exact_mut(bytes).enumerate() {
+        let d = f16::from_f32(0.01 + 0.05 * r[i].abs()).to_le_bytes();
+        let m = f16::from_f32(-0.3 * r[i + 1]).to_le_bytes();
+        b[..2].copy_from_slice(&d);
+        if bytes == 20 {
+            b[2..4].copy_from_slice(&m);
+        }
+    }
+    out
+}
+
+#[test]
+fn dequant_rows_is_bit_identical_to_the_scalar_twin() {
+    let k = 576;
+    let (q41, q80) = (blocks(10 * k / 32, 20, 5), blocks(10 * k / 32, 34, 6));
+    for isa in Isa::available() {
+        for view in [View::Q4_1(&q41), View::Q8_0(&q80)] {
+            for (row0, nr) in [(0, 1), (3, 4), (9, 1), (0, 10)] {
+                let mut got = vec![f32::NAN; nr * k];
+                dequant_rows(isa, view, row0, nr, k, &mut got);
+                let mut want = vec![0f32; nr * k];
+                view.widen_into(row0 * k..(row0 + nr) * k, &mut want);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?} rows {row0}+{nr}");
+            }
+        }
+    }
+    // The scalar twin against the GGUF formula, element by element.
+    let b = &q41[..20];
+    let (d, m) = (
+        f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        f16::from_le_bytes([b[2], b[3]]).to_f32(),
+    );
+    for j in 0..16 {
+        assert_eq!(View::Q4_1(b).get(j), (b[4 + j] & 15) as f32 * d + m);
+        assert_eq!(View::Q4_1(b).get(j + 16), (b[4 + j] >> 4) as f32 * d + m);
+    }
+    let b = &q80[..34];
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    for j in 0..32 {
+        assert_eq!(View::Q8_0(b).get(j), b[2 + j] as i8 as f32 * d);
+    }
+}
+
+#[test]
+fn max_and_sum_exp_match_f64_on_every_isa() {
+    for isa in Isa::available() {
+        for n in [0, 1, 7, 31, 32, 33, 100, 49152] {
+            let x: Vec<f32> = rand(n, n as u64 + 3).iter().map(|v| v * 30.0).collect();
+            let m = max(isa, &x);
+            assert_eq!(
+                m,
+                x.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                "{isa:?} {n}"
+            );
+            if n == 0 {
+                assert_eq!(sum_exp(isa, &x, 0.0), 0.0);
+                continue;
+            }
+            let want: f64 = x.iter().map(|&v| (v as f64 - m as f64).exp()).sum();
+            let got = sum_exp(isa, &x, m) as f64;
+            assert!(
+                ((got - want) / want).abs() < 2e-6,
+                "{isa:?} n={n}: {got} vs {want}"
+            );
+        }
+        // Every term on its own, across the whole range the polynomial covers.
+        for i in 0..=2000 {
+            let v = -87.0 * i as f32 / 2000.0;
+            let got = sum_exp(isa, &[v], 0.0) as f64;
+            let want = (v as f64).exp();
+            assert!(
+                ((got - want) / want).abs() < 1e-6,
+                "{isa:?} exp({v}): {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn exp_shift_and_silu_mul_match_f64_on_every_isa() {
+    for isa in Isa::available() {
+        for n in [0, 1, 7, 8, 9, 31, 33, 100, 1541] {
+            let x: Vec<f32> = rand(n, n as u64 + 11).iter().map(|v| v * 40.0).collect();
+            let m = x.iter().copied().fold(0f32, f32::max);
+            let mut e = x.clone();
+            let sum = exp_shift(isa, &mut e, m) as f64;
+            let mut want_sum = 0f64;
+            for (i, (&v, &got)) in x.iter().zip(&e).enumerate() {
+                let want = ((v - m) as f64).exp();
+                want_sum += want;
+                // Terms below exp(-87.3) come out as ~1e-38.
+                let tol = 1e-6 * want + 2e-38;
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "{isa:?} n={n} [{i}] exp({v} - {m}): {got} vs {want}"
+                );
+            }
+            assert!(
+                (sum - want_sum).abs() <= 2e-6 * want_sum + 1e-37,
+                "{isa:?} n={n}: sum {sum} vs {want_sum}"
+            );
+            let u = rand(n, n as u64 + 12);
+            let mut g = x.clone();
+            silu_mul(isa, &mut g, &u);
+            for i in 0..n {
+                let (v, w) = (x[i] as f64, u[i] as f64);
+                let want = v / (1.0 + (-v).exp()) * w;
+                assert!(
+                    (g[i] as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                    "{isa:?} n={n} [{i}] silu({v}) * {w}: {} vs {want}",
+                    g[i]
+                );
+            }
+        }
+        // Large magnitudes: no overflow, the limits; the SIMD lanes and the scalar tail agree.
+        let big = [-200.0, -90.0, -0.0, 0.0, 90.0, 200.0, 1e30, -1e30];
+        let mut g: Vec<f32> = big.iter().chain(&big).copied().collect();
+        silu_mul(isa, &mut g, &[1.0; 16][..15]);
+        let want = [-0.0, -0.0, -0.0, 0.0, 90.0, 200.0, 1e30, -0.0];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&g[..8]), bits(&want), "{isa:?} {:?}", &g[..8]);
+        assert_eq!(bits(&g[8..15]), bits(&want[..7]), "{isa:?} {:?}", &g[8..]);
+        assert_eq!(g[15], -1e30, "{isa:?}: past u's end");
+        // Lanes and tails give the same bits: random values through both.
+        let x: Vec<f32> = rand(64, 5).iter().map(|v| v * 20.0).collect();
+        let u = rand(64, 6);
+        let mut simd = x.clone();
+        silu_mul(isa, &mut simd, &u);
+        for i in 0..64 {
+            let mut one = [x[i]];
+            silu_mul(isa, &mut one, &u[i..i + 1]);
+            assert_eq!(one[0].to_bits(), simd[i].to_bits(), "{isa:?} [{i}]");
+            let mut e = x.clone();
+            let mut t = [x[i]];
+            exp_shift(isa, &mut e, 20.0);
+            exp_shift(isa, &mut t, 20.0);
+            assert_eq!(t[0].to_bits(), e[i].to_bits(), "{isa:?} exp [{i}]");
+        }
+    }
+}
+
+#[test]
+fn dot_rows_matches_f64_for_every_dtype_isa_and_tail() {
+    for isa in Isa::available() {
+        for k in [1, 7, 8, 9, 16, 31, 32, 33, 64, 100, 576] {
+            let wf = rand(4 * k + 3 * k, k as u64);
+            let x = rand(k, 99 + k as u64);
+            let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+                for nr in 1..=4 {
+                    let row0 = 2;
+                    let mut acc = [f32::NAN; 4];
+                    let (pairs, block) = split(isa, view, &x, k);
+                    let rows = Rows {
+                        x: &x,
+                        pairs: &pairs,
+                        block,
+                    };
+                    dot_rows(isa, view, row0, nr, k, rows, &mut acc);
+                    for r in 0..nr {
+                        let row: Vec<f32> = (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
+                        let want = dot64(&row, &x);
+                        assert!(
+                            (acc[r] as f64 - want).abs()
+                                <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                            "{isa:?} k={k} nr={nr} r={r}: {} vs {want}",
+                            acc[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_matches_f64_for_every_shape_and_dtype() {
+    for isa in Isa::available() {
+        for k in [3, 8, 16, 17, 47, 64, 1536] {
+            let wf = rand((3 + TILE_NR) * k, 7 + k as u64);
+            let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let x = rand(TILE_TR * k, 11 + k as u64);
+            for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+                for nr in 1..=tile_nr(isa) {
+                    for tr in 1..=TILE_TR {
+                        let row0 = 3;
+                        let mut acc = [[f32::NAN; TILE_TR]; TILE_NR];
+                        let (pairs, block) = split(isa, view, &x, k);
+                        let rows = Rows {
+                            x: &x,
+                            pairs: &pairs,
+                            block,
+                        }
+                        .slice(0, tr, k);
+                        tile(isa, view, row0, nr, rows, tr, k, &mut acc);
+                        for r in 0..nr {
+                            let row: Vec<f32> =
+                                (0..k).map(|i| view.get((row0 + r) * k + i)).collect();
+                            for t in 0..tr {
+                                let want = dot64(&row, &x[t * k..(t + 1) * k]);
+                                let got = acc[r][t] as f64;
+                                assert!(
+                                    (got - want).abs()
+                                        <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                    "{isa:?} k={k} {nr}x{tr}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The panel kernels: bit for bit the scalar twin on every ISA, and within f32 rounding of
+/// an f64 reference, for every token count and dtype, on random panels.
+#[test]
+fn panel_is_bit_identical_across_isas_and_matches_f64() {
+    for k in [1, 5, 16, 47, 576] {
+        let wf = rand(PANEL * k, 21 + k as u64);
+        let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = rand(PANEL_TR * k, 23 + k as u64);
+        for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
+            for tr in 1..=PANEL_TR {
+                let mut want = [[f32::NAN; PANEL]; PANEL_TR];
+                scalar::panel(view, k, &x, tr, &mut want);
+                for t in 0..tr {
+                    for c in 0..PANEL {
+                        let x = &x[t * k..(t + 1) * k];
+                        assert_panel_f64(view, k, c, x, want[t][c], "scalar", tr, t);
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut got = [[f32::NAN; PANEL]; PANEL_TR];
+                    panel(isa, view, k, &x, tr, &mut got);
+                    for t in 0..tr {
+                        for c in 0..PANEL {
+                            assert_eq!(
+                                got[t][c].to_bits(),
+                                want[t][c].to_bits(),
+                                "{isa:?} k={k} tr={tr} ({t},{c})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `got`, column `c` of panel `p: [k, 32]` against `x: [k]`, within f32 rounding of the
+/// f64 dot product (`what`, `n`, `i`: which case, for the message).
+#[allow(clippy::too_many_arguments)]
+fn assert_panel_f64(
+    p: View,
+    k: usize,
+    c: usize,
+    x: &[f32],
+    got: f32,
+    what: &str,
+    n: usize,
+    i: usize,
+) {
+    let col: Vec<f32> = (0..k)
+        .map(|j| p.get(j * PANEL + panel_slot(p, c)))
+        .collect();
+    let r = dot64(&col, x);
+    assert!(
+        (got as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+        "{what} k={k} n={n} i={i} col {c}: {got} against {r}"
+    );
+}
+
+/// The one-row kernel over several panels side by side: every output bit for bit the
+/// scalar twin's (`scalar::panel` at one row, panel by panel) on every ISA, and within f32
+/// rounding of an f64 reference, for 1 to `GEMV_PANELS` panels, odd `k` and every dtype.
+#[test]
+fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
+    for k in [1, 3, 47, 93, 576, 1536] {
+        let wf = rand(GEMV_PANELS * PANEL * k, 31 + k as u64);
+        let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = rand(k, 37 + k as u64);
+        for (dt, view) in [
+            ("f32", View::F32(&wf)),
+            ("f16", View::F16(&w16)),
+            ("bf16", View::BF16(&wb16)),
+        ] {
+            for np in 1..=GEMV_PANELS {
+                let panel_of = |g: usize| view.slice(g * PANEL * k..(g + 1) * PANEL * k);
+                let mut want = [[f32::NAN; PANEL]; GEMV_PANELS];
+                for (g, want) in want.iter_mut().enumerate().take(np) {
+                    let mut one = [[f32::NAN; PANEL]; PANEL_TR];
+                    scalar::panel(panel_of(g), k, &x, 1, &mut one);
+                    *want = one[0];
+                    for c in 0..PANEL {
+                        assert_panel_f64(panel_of(g), k, c, &x, want[c], dt, np, g);
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut got = [[f32::NAN; PANEL]; GEMV_PANELS];
+                    // Only the first `np` panels are given: none read past them.
+                    gemv_panels(isa, view.slice(0..np * PANEL * k), np, k, &x, &mut got);
+                    for g in 0..np {
+                        for c in 0..PANEL {
+                            assert_eq!(
+                                got[g][c].to_bits(),
+                                want[g][c].to_bits(),
+                                "{isa:?} {dt} k={k} np={np} ({g},{c})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_and_axpy_match_reference() {
+    for isa in Isa::available() {
+        for n in [0, 1, 5, 8, 15, 16, 33, 64, 200] {
+            let a = rand(n, 3 + n as u64);
+            let b = rand(n, 5 + n as u64);
+            let want = dot64(&a, &b);
+            assert!((dot(isa, &a, &b) as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
+            let mut y = b.clone();
+            axpy(isa, 0.37, &a, &mut y);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.37 * a[i])).abs() <= 1e-6);
+            }
+        }
+    }
+}
