@@ -34,7 +34,8 @@ struct Args {
     batch: usize,
     warmup: usize,
     reps: usize,
-    /// Run only this measurement (prefill, b1, bn): for profiling.
+    /// Run only this measurement (prefill, b1, bn; another name is refused): for profiling. The
+    /// others do not run and print as null.
     only: Option<String>,
 }
 
@@ -66,7 +67,14 @@ fn parse_args() -> Args {
             "--batch" => a.batch = val().parse().expect("--batch N"),
             "--warmup" => a.warmup = val().parse().expect("--warmup N"),
             "--reps" => a.reps = val().parse().expect("--reps N"),
-            "--only" => a.only = Some(val()),
+            "--only" => {
+                let v = val();
+                assert!(
+                    ["prefill", "b1", "bn"].contains(&v.as_str()),
+                    "--only prefill|b1|bn, not {v:?}"
+                );
+                a.only = Some(v)
+            }
             // cargo bench passes --bench; ignore flags that are not ours.
             _ => {
                 i += 1;
@@ -82,6 +90,9 @@ fn parse_args() -> Args {
 }
 
 fn summarize(samples: &[f64], n_tokens: usize) -> serde_json::Value {
+    if samples.is_empty() {
+        return serde_json::Value::Null;
+    }
     let mut tps: Vec<f64> = samples.iter().map(|s| n_tokens as f64 / s).collect();
     tps.sort_by(f64::total_cmp);
     let mut sorted = samples.to_vec();
@@ -131,20 +142,26 @@ fn main() {
         let v = model.config.vocab_size;
         let all = |n: usize| vec![0usize; n];
 
+        // `--only`: the other measurements do not run at all (their results are null).
         let skip = |name: &str| args.only.as_deref().is_some_and(|o| o != name);
-        let prefill = measure(
-            args.warmup,
-            if skip("prefill") { 1 } else { args.reps },
-            || {
-                let mut cache = model.new_cache(1, p).unwrap();
-                let t = Instant::now();
-                model
-                    .forward(&mut cache, &prompt, &all(p), &[p - 1])
-                    .unwrap();
-                t.elapsed().as_secs_f64()
-            },
-        );
-        let decode_b1 = measure(args.warmup, if skip("b1") { 1 } else { args.reps }, || {
+        let runs = |name: &str| {
+            if skip(name) {
+                (0, 0)
+            } else {
+                (args.warmup, args.reps)
+            }
+        };
+        let (w, r) = runs("prefill");
+        let prefill = measure(w, r, || {
+            let mut cache = model.new_cache(1, p).unwrap();
+            let t = Instant::now();
+            model
+                .forward(&mut cache, &prompt, &all(p), &[p - 1])
+                .unwrap();
+            t.elapsed().as_secs_f64()
+        });
+        let (w, r) = runs("b1");
+        let decode_b1 = measure(w, r, || {
             let mut cache = model.new_cache(1, p + s).unwrap();
             let logits = model
                 .forward(&mut cache, &prompt, &all(p), &[p - 1])
@@ -156,7 +173,8 @@ fn main() {
             }
             t.elapsed().as_secs_f64()
         });
-        let decode_bn = measure(args.warmup, if skip("bn") { 1 } else { args.reps }, || {
+        let (w, r) = runs("bn");
+        let decode_bn = measure(w, r, || {
             let mut cache = model.new_cache(b, p + s).unwrap();
             let mut first = Vec::new();
             for slot in 0..b {
