@@ -57,20 +57,15 @@ pub fn matmul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob]) {
 }
 
 /// The SwiGLU MLP's first half: `jobs = [gate, up]` (the same `n`), then `gate.out =
-/// silu(gate.out) * up.out` ([`silu_mul`]); `up.out` is scratch. Each task computes the gate
+/// silu(gate.out) * up.out` ([`simd::silu_mul`]); `up.out` is scratch. Each task computes the gate
 /// and up columns of one range and multiplies them while they are in L1: no second parallel
-/// pass over `[rows, n]`. The same values as [`matmul`] then [`silu_mul`], bit for bit.
+/// pass over `[rows, n]`. The same values as [`matmul`] then [`simd::silu_mul`], bit for bit.
 pub fn matmul_silu_mul(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob; 2]) {
     assert!(
         jobs[0].n == jobs[1].n,
         "matmul_silu_mul: gate and up differ in width; this is a bug"
     );
     matmul_with(isa, x, rows, k, jobs, true)
-}
-
-/// `g = silu(g) * u`, elementwise: `g · sigmoid(g) · u` in f32 ([`simd::silu_mul`]).
-pub fn silu_mul(isa: Isa, g: &mut [f32], u: &[f32]) {
-    simd::silu_mul(isa, g, u)
 }
 
 /// [`matmul`], or with `glu` [`matmul_silu_mul`].
@@ -150,7 +145,7 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
                         std::slice::from_raw_parts(outs[1].0.add(t * n + n0), n1 - n0),
                     )
                 };
-                silu_mul(isa, g, u);
+                simd::silu_mul(isa, g, u);
             }
         }
     };
@@ -646,7 +641,7 @@ mod tests {
                                 };
                             }
                             matmul(isa, &x, rows, k, &mut jobs!(g0, u0));
-                            silu_mul(isa, g0, u0);
+                            simd::silu_mul(isa, g0, u0);
                             matmul_silu_mul(isa, &x, rows, k, &mut jobs!(g1, u1));
                             let bits =
                                 |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -249,9 +249,9 @@ impl Backend for CpuBackend {
         if gate.len() >= 1 << 12 {
             gate.par_chunks_mut(1 << 10)
                 .zip(up.par_chunks(1 << 10))
-                .for_each(|(g, u)| matmul::silu_mul(self.isa, g, u));
+                .for_each(|(g, u)| simd::silu_mul(self.isa, g, u));
         } else {
-            matmul::silu_mul(self.isa, gate, up);
+            simd::silu_mul(self.isa, gate, up);
         }
     }
 
