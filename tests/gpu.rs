@@ -16,8 +16,8 @@
 //! (H200): a value near a bf16 rounding boundary rounds either way depending on the f32 sum
 //! order, so no CPU emulation can be tighter than that noise. Beam search against the plain
 //! CPU: the same number of codes; at least 80 % of the codes in both lists; a code in both has
-//! scores within 3e-2; and wherever the CPU's score is more than 0.1 away from its neighbours'
-//! the GPU returns the same code in the same place (near-ties may swap).
+//! scores within 3e-2; and two codes both return, with CPU scores more than 0.1 apart, come in
+//! the same order (a near-tie at an intermediate step may prune a code: `compare_codes`).
 
 mod common;
 
@@ -929,21 +929,48 @@ fn compare_codes(
             "{what} query {qi}: only {common} of {} codes in common",
             c.codes.len()
         );
-        for (i, cc) in c.codes.iter().enumerate() {
-            let gap_before = if i > 0 {
-                c.codes[i - 1].score - cc.score
-            } else {
-                f32::INFINITY
+        if common < c.codes.len() {
+            let show = |o: &beam::Output| {
+                o.codes
+                    .iter()
+                    .map(|x| format!("{:?} {:.3} {:?}", x.code, x.score, x.token_logprobs))
+                    .collect::<Vec<_>>()
+                    .join("\n    ")
             };
-            let gap_after = c
-                .codes
-                .get(i + 1)
-                .map_or(f32::INFINITY, |n| cc.score - n.score);
-            if gap_before.min(gap_after) > 0.1 {
-                assert_eq!(
-                    cc.code, g.codes[i].code,
-                    "{what} query {qi} code {i} (clear of ties)"
-                );
+            eprintln!(
+                "{what} query {qi}: {common} of {} codes in common\n  cpu:\n    {}\n  gpu:\n    {}",
+                c.codes.len(),
+                show(c),
+                show(g)
+            );
+        }
+        // Order: two codes both searches returned, with CPU scores more than 0.1 apart, come
+        // in the same order. A code the CPU returns and the GPU does not is allowed (within
+        // the 80 % above) and printed with both lists: a running beam is pruned on its summed
+        // log-probability at every step, so a near-tie there drops a code however clear its
+        // final score is, and every code after it moves up a place. (The 8-epoch default
+        // model, "wireless mouse", children normalization: the prefix of code 12614 is the
+        // 10th running beam of step 3 on the CPU, 0.033 ahead of the 11th; the GPU keeps the
+        // other one, so 12614 is missing there and code 12860, 0.13 clear of both final
+        // neighbours, is 6th instead of 7th, in every GPU setting tried: H100, fourteenth
+        // session.)
+        let place = |code: Option<u32>| g.codes.iter().position(|gc| gc.code == code);
+        for (i, a) in c.codes.iter().enumerate() {
+            for b in &c.codes[i + 1..] {
+                if a.score - b.score <= 0.1 {
+                    continue;
+                }
+                if let (Some(pa), Some(pb)) = (place(a.code), place(b.code)) {
+                    assert!(
+                        pa < pb,
+                        "{what} query {qi}: codes {:?} ({}) and {:?} ({}) are more than 0.1 \
+                         apart on the CPU but in the other order on the GPU",
+                        a.code,
+                        a.score,
+                        b.code,
+                        b.score
+                    );
+                }
             }
         }
     }
