@@ -303,6 +303,11 @@ pub struct CudaBackend {
     stable_beam_rows: usize,
     /// How decode attention splits a query's beam rows over blocks (`GRAM_CUDA_DECODE_ROWS`).
     decode_rows: attention::DecodeRows,
+    /// Ops that launch nothing (`GRAM_CUDA_SKIP_OPS=attention,linear,...`, op names as in
+    /// `--profile`): a measuring knob only, their outputs are stale, so results are wrong. A
+    /// replayed pass without an op, against one with it, is that op's cost inside the graph,
+    /// where kernels overlap (per-op events drain the stream around each op instead).
+    skip_ops: Vec<String>,
     graphs_on: AtomicBool,
     /// Products of at most [`SMALL_ROWS`] rows by our memory-bound kernel instead of cuBLAS.
     small_gemm_on: AtomicBool,
@@ -329,6 +334,26 @@ pub struct CudaBackend {
     weight_bytes: AtomicUsize,
     device_name: String,
     sms: u32,
+}
+
+/// The ops of `GRAM_CUDA_SKIP_OPS` (comma-separated; blanks ignored), with a warning: results
+/// are wrong while any op is skipped.
+fn skip_ops_from(var: Option<&str>) -> Vec<String> {
+    let ops: Vec<String> = var
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if !ops.is_empty() {
+        tracing::warn!(
+            "GRAM_CUDA_SKIP_OPS={}: these ops launch nothing; results are wrong (timing only)",
+            ops.join(",")
+        );
+        eprintln!("warning: GRAM_CUDA_SKIP_OPS skips {ops:?}: results are wrong (timing only)");
+    }
+    ops
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -440,6 +465,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1024),
             decode_rows: attention::DecodeRows::from_env(),
+            skip_ops: skip_ops_from(std::env::var("GRAM_CUDA_SKIP_OPS").ok().as_deref()),
             graphs_on: AtomicBool::new(
                 std::env::var("GRAM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
@@ -580,6 +606,9 @@ impl CudaBackend {
         if name != "graph" {
             // A graph launch runs ops already counted by the pass's plan walk.
             self.op_seq.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.skip_ops.iter().any(|op| op == name) {
+            return;
         }
         let profiling = self.profiling.load(Ordering::Relaxed) && self.mode() == Mode::Eager;
         let sync = profiling && self.profile_sync.load(Ordering::Relaxed);
@@ -828,6 +857,16 @@ mod tests {
         assert!(out.contains("struct AttnParams"));
         assert!(!out.contains("#include \"common.cuh\""));
         assert!(nvrtc::expand("#include \"nope.cuh\"\n").is_err());
+    }
+
+    #[test]
+    fn skip_ops_parse() {
+        assert!(skip_ops_from(None).is_empty());
+        assert!(skip_ops_from(Some(" , ")).is_empty());
+        assert_eq!(
+            skip_ops_from(Some("attention, linear,,")),
+            vec!["attention".to_string(), "linear".to_string()]
+        );
     }
 }
 
