@@ -119,3 +119,27 @@ class WorkFiles(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SynthJudgements(unittest.TestCase):
+    def test_same_as_weights_relevant(self):
+        # The index lookup gives exactly weights.relevant against the first source product,
+        # a missing value (colour) matching a missing one.
+        from tools.train import synth_judgements as S
+
+        def relevant(item, named, src):  # weights.relevant, without importing torch
+            return all(item["attributes"].get(a) == src["attributes"].get(a) for a in named)
+
+        items = catalog(200)
+        by_id = {it["id"]: it for it in items}
+        no_colour = next(it for it in items if "colour" not in it["attributes"])
+        queries = [{"query": "q1", "attrs": ["brand", "category"], "pids": [items[0]["id"], items[1]["id"]]},
+                   {"query": "q2", "attrs": ["colour", "category"], "pids": [no_colour["id"]]},
+                   {"query": "q3", "attrs": [], "pids": [items[2]["id"]]}]
+        got = S.judgements(items, queries)
+        for q, j in zip(queries, got):
+            src = by_id[q["pids"][0]]
+            want = {it["id"] for it in items if q["attrs"] and relevant(it, q["attrs"], src)}
+            self.assertEqual(set(j["grades"]), want, q["query"])
+            self.assertTrue(all(g == 3 for g in j["grades"].values()))
+        self.assertIn(no_colour["id"], got[1]["grades"])
