@@ -14,6 +14,7 @@
 #   cargo build --release && cargo test --release --test gpu --no-run
 #   strip -o .devbin/gram target/release/gram; strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
 # Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7;
+# 10 = each op's cost inside a replayed pass, by knocking it out with GRAM_CUDA_SKIP_OPS, after 2;
 # SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
 # ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=0), EXTRAS (0 skips
@@ -241,6 +242,22 @@ if has 9 && [ -f "$W/ix-cuda/index.gram" ]; then
       log "step 9 [$extra] c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$d/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
     done
     kill $spid 2>/dev/null; wait $spid 2>/dev/null
+  done
+fi
+
+# 10. Each op's cost inside the graph: the same configs with one op launching nothing
+# (GRAM_CUDA_SKIP_OPS, timing only: the results are wrong), the full pass before and after.
+if has 10; then
+  for m in smollm2 qwen05b; do
+    [ -f "$INPUTS/$m-shaped/model.safetensors" ] || continue
+    for skip in none attention qkv_rope_store gate_up_silu linear add_rmsnorm none; do
+      e=GRAM_X=1; [ "$skip" != none ] && e=GRAM_CUDA_SKIP_OPS=$skip
+      env "$e" LD_LIBRARY_PATH="$GLD" timeout -k 5 90 "$GRAM" bench-codes --device cuda --model "$INPUTS/$m-shaped" \
+        --codes models/gram-icecat-2m/codes.txt --prompts "$INPUTS/prompts.json" --beam 10 --beam 64 \
+        --batch 1 --batch 16 --reps 10 --config-s 4 --budget-s 30 --profile \
+        --out "$W/knockout-$m-$skip.jsonl" > "$W/knockout-$m-$skip.log" 2>&1
+      log "step 10 $m skip $skip exit $?"
+    done
   done
 fi
 
