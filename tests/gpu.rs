@@ -978,6 +978,67 @@ fn compare_codes(
     (total, same)
 }
 
+/// `compare_codes` without a GPU: a code pruned at an intermediate step (the rest move up a
+/// place) passes; two codes more than 0.1 apart in the other order fail.
+#[test]
+fn compare_codes_allows_a_pruned_code_not_a_swap() {
+    let out = |codes: &[(u32, f32)]| beam::Output {
+        codes: codes
+            .iter()
+            .map(|&(code, score)| beam::Code {
+                code: Some(code),
+                tokens: vec![code],
+                score,
+                token_logprobs: vec![score],
+            })
+            .collect(),
+        invalid: 0,
+        truncated: 0,
+        steps: 1,
+        rows: 1,
+        head_logits: 1,
+        prefill_s: 0.0,
+        decode_s: 0.0,
+    };
+    let cpu = out(&[
+        (1, -0.2),
+        (2, -0.3),
+        (3, -0.9),
+        (4, -1.6),
+        (5, -1.9),
+        (6, -2.0),
+    ]);
+    // Code 4 pruned; 7 joins at the end; scores within 3e-2.
+    let gpu = out(&[
+        (1, -0.2),
+        (2, -0.31),
+        (3, -0.9),
+        (5, -1.89),
+        (6, -2.0),
+        (7, -2.1),
+    ]);
+    assert_eq!(
+        compare_codes("pruned", std::slice::from_ref(&cpu), &[gpu], true),
+        (6, 3)
+    );
+    // Every score right, but codes 3 and 4 (0.7 apart) in the other order.
+    let swapped = out(&[
+        (1, -0.2),
+        (2, -0.3),
+        (4, -1.6),
+        (3, -0.9),
+        (5, -1.9),
+        (6, -2.0),
+    ]);
+    let r = std::panic::catch_unwind(|| compare_codes("swapped", &[cpu], &[swapped], true));
+    let msg = r.expect_err("a swap must fail");
+    let msg = msg
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .unwrap_or("");
+    assert!(msg.contains("in the other order"), "{msg}");
+}
+
 /// The default model's code set: the trie of the whole-search tests, on every model.
 fn default_codes() -> Vec<String> {
     let codes_file = model_dir("gram-icecat-2m").join("codes.txt");
