@@ -344,17 +344,25 @@ fn panel_is_bit_identical_across_isas_and_matches_f64() {
                 for isa in Isa::available() {
                     let mut got = [[f32::NAN; PANEL]; PANEL_TR];
                     panel(isa, view, k, &x, tr, &mut got);
-                    for t in 0..tr {
-                        for c in 0..PANEL {
-                            assert_eq!(
-                                got[t][c].to_bits(),
-                                want[t][c].to_bits(),
-                                "{isa:?} k={k} tr={tr} ({t},{c})"
-                            );
-                        }
-                    }
+                    assert_rows_bits(&got[..tr], &want[..tr], |t, c| {
+                        format!("{isa:?} k={k} tr={tr} ({t},{c})")
+                    });
                 }
             }
+        }
+    }
+}
+
+/// Every value of `got` bit for bit `want`'s (rows of one panel's columns); `at(row, col)`
+/// names a mismatch.
+fn assert_rows_bits(
+    got: &[[f32; PANEL]],
+    want: &[[f32; PANEL]],
+    at: impl Fn(usize, usize) -> String,
+) {
+    for (r, (g, w)) in got.iter().zip(want).enumerate() {
+        for c in 0..PANEL {
+            assert_eq!(g[c].to_bits(), w[c].to_bits(), "{}", at(r, c));
         }
     }
 }
@@ -412,15 +420,9 @@ fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
                     let mut got = [[f32::NAN; PANEL]; GEMV_PANELS];
                     // Only the first `np` panels are given: none read past them.
                     gemv_panels(isa, view.slice(0..np * PANEL * k), np, k, &x, &mut got);
-                    for g in 0..np {
-                        for c in 0..PANEL {
-                            assert_eq!(
-                                got[g][c].to_bits(),
-                                want[g][c].to_bits(),
-                                "{isa:?} {dt} k={k} np={np} ({g},{c})"
-                            );
-                        }
-                    }
+                    assert_rows_bits(&got[..np], &want[..np], |g, c| {
+                        format!("{isa:?} {dt} k={k} np={np} ({g},{c})")
+                    });
                 }
             }
         }
