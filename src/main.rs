@@ -475,6 +475,10 @@ fn open_engine(
     if run.threads == Some(0) {
         return Err("--threads must be at least 1".into());
     }
+    // The engine's limit on `k` is `--k` itself here, so 0 would read "out of range (1..=1)".
+    if k == 0 {
+        return Err("--k must be at least 1".into());
+    }
     let load = LoadOptions {
         dtype: None,
         threads: run.threads,

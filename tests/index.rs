@@ -151,6 +151,8 @@ fn build_inspect_search_end_to_end() {
         "x",
     ]));
     assert!(e.contains("rebuild it with this model"), "{e}");
+    let e = err(&gram(&["search", "--index", ix, "--k", "0", "x"]));
+    assert!(e.contains("--k must be at least 1"), "{e}");
     let file = tmp.join("ix/index.gram");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
