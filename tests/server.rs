@@ -352,6 +352,30 @@ async fn every_endpoint_answers() {
         assert!(s["timings_ms"][t].as_f64().unwrap() >= 0.0, "{t}: {s}");
     }
     assert!(s["steps"].as_u64().unwrap() >= 1);
+    // Server-Timing: the same queue and engine times as the body, and `server` at least the
+    // body's (it also covers writing the body).
+    let timing = a.headers["server-timing"].to_str().unwrap().to_string();
+    let dur = |name: &str| -> f64 {
+        let m = timing
+            .split(", ")
+            .find_map(|m| m.strip_prefix(&format!("{name};dur=")))
+            .unwrap_or_else(|| panic!("no {name} in server-timing: {timing}"));
+        m.parse().unwrap()
+    };
+    let t = &s["timings_ms"];
+    let engine: f64 = ["tokenize", "prefill", "decode", "postings", "scoring"]
+        .iter()
+        .map(|k| t[*k].as_f64().unwrap())
+        .sum();
+    assert!((dur("engine") - engine).abs() < 2e-3, "{timing}: {t}");
+    assert!(
+        (dur("queue") - t["queue"].as_f64().unwrap()).abs() < 2e-3,
+        "{timing}: {t}"
+    );
+    assert!(
+        dur("server") >= t["server"].as_f64().unwrap() - 1e-3,
+        "{timing}: {t}"
+    );
 
     // GET /search: the same search from a query string.
     let g = get(addr, "/search?q=velvet+sofa&k=3&beam=4").await;

@@ -83,7 +83,8 @@ pub struct Sample {
     pub latency_s: f64,
     /// HTTP status, or the failure (`timeout`, `connect`, `body`).
     pub status: Status,
-    /// The server's own timings of a 200 (`timings_ms`): in the server, queued, in the engine.
+    /// The server's own timings of a 200: in the server (the `Server-Timing` header's `server`,
+    /// which includes writing the answer, else `timings_ms.server`), queued, in the engine.
     pub server_ms: Option<f64>,
     pub queue_ms: Option<f64>,
     pub engine_ms: Option<f64>,
@@ -168,7 +169,8 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// End to end in the client, 200s only.
     pub latency_ms: Percentiles,
-    /// The server's `timings_ms.server` (arrival to answer, in the server), 200s only.
+    /// In the server, arrival to answer written (the `Server-Timing` header's `server`; from a
+    /// server without it, `timings_ms.server`, which stops before the body is written), 200s only.
     pub server_ms: Percentiles,
     /// `timings_ms.queue`: waiting for the batch.
     pub queue_ms: Percentiles,
@@ -178,7 +180,8 @@ pub struct Report {
     /// (HTTP, JSON, queue handoff, validation).
     pub overhead_ms: Percentiles,
     /// The server's own part of it: `server_ms` minus the engine's stages (parsing, validation,
-    /// queue handoff, answer building; no client, no loopback). Absent from older reports.
+    /// queue handoff, answer building and writing; no client, no loopback). Absent from older
+    /// reports.
     #[serde(default)]
     pub server_overhead_ms: Percentiles,
     /// The rest: client latency minus `server_ms` (the client, the loopback, connection work).
@@ -211,13 +214,18 @@ impl Target {
                 .await
                 .map_err(|_| Status::Connect)?;
             let status = response.status().as_u16();
+            let server_timing = response
+                .headers()
+                .get("server-timing")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| timing_dur(v, "server"));
             let bytes = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|_| Status::Body)?
                 .to_bytes();
-            Ok::<_, Status>((status, bytes))
+            Ok::<_, Status>((status, bytes, server_timing))
         };
         let outcome = tokio::time::timeout(self.timeout, exchange).await;
         let latency_s = since.elapsed().as_secs_f64();
@@ -232,15 +240,29 @@ impl Target {
         match outcome {
             Err(_) => {}
             Ok(Err(s)) => sample.status = s,
-            Ok(Ok((status, bytes))) => {
+            Ok(Ok((status, bytes, server_timing))) => {
                 sample.status = Status::Http(status);
                 if status == 200 {
                     server_timings(&bytes, &mut sample);
+                    // The header's `server` includes writing the body; the body's cannot.
+                    sample.server_ms = server_timing.or(sample.server_ms);
                 }
             }
         }
         sample
     }
+}
+
+/// The `dur` of metric `name` in a W3C `Server-Timing` header value
+/// (`queue;dur=0.1, server;dur=1.9`).
+fn timing_dur(header: &str, name: &str) -> Option<f64> {
+    header.split(',').find_map(|metric| {
+        let mut parts = metric.split(';').map(str::trim);
+        if parts.next()? != name {
+            return None;
+        }
+        parts.find_map(|p| p.strip_prefix("dur=")?.parse().ok())
+    })
 }
 
 /// Reads `timings_ms` of a search answer into `sample`.
@@ -566,6 +588,18 @@ mod tests {
             (500.0, 900.0, 990.0, 999.0, 1000.0)
         );
         assert_eq!(Percentiles::of(&[7.0]).p999, 7.0);
+    }
+
+    #[test]
+    fn server_timing_header() {
+        let h = "queue;dur=0.027, engine;dur=1.503, server;dur=1.621";
+        assert_eq!(timing_dur(h, "server"), Some(1.621));
+        assert_eq!(timing_dur(h, "queue"), Some(0.027));
+        assert_eq!(timing_dur(h, "db"), None);
+        assert_eq!(timing_dur("server;desc=\"x\";dur=2", "server"), Some(2.0));
+        assert_eq!(timing_dur("server", "server"), None);
+        assert_eq!(timing_dur("server;dur=abc", "server"), None);
+        assert_eq!(timing_dur("", "server"), None);
     }
 
     #[test]

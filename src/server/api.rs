@@ -372,7 +372,23 @@ async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResp
     };
     let body = serde_json::to_vec(&reply)
         .map_err(|e| ApiError::engine("internal", format!("serializing the answer: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    // The body's `timings_ms.server` stops before the body is written; the header's `server`
+    // includes writing it (W3C Server-Timing, milliseconds).
+    let t = &r.timings_ms;
+    let engine_ms = t.tokenize + t.prefill + t.decode + t.postings + t.scoring;
+    let timing = format!(
+        "queue;dur={:.3}, engine;dur={engine_ms:.3}, server;dur={:.3}",
+        done.queue_s * 1e3,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::HeaderName::from_static("server-timing"), timing),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// A JSON body of type `T`: content type, size, UTF-8, syntax and fields checked, each with its
