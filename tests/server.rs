@@ -1068,6 +1068,10 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         (&["--body-timeout-ms", "0"][..], "--body-timeout-ms"),
         (&["--write-timeout-ms", "0"][..], "--write-timeout-ms"),
         (&["--max-connections", "0"][..], "--max-connections"),
+        (
+            &["--max-connections", "18446744073709551615"][..],
+            "--max-connections must be at most",
+        ),
         (&["--score-threads", "0"][..], "--score-threads"),
         (&["--addr", "localhost"][..], "--addr"),
         (&["--max-beam", "100000"][..], "--max-beam"),
@@ -1093,6 +1097,12 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
     config.max_kv_mib = 1;
     let e = Server::start(config).await.err().unwrap().to_string();
     assert!(e.contains("--max-kv-mib"), "{e}");
+    // A --max-query-tokens past any model's positions is refused by name (its sums used to wrap
+    // around in release builds and size a tiny arena).
+    let mut config = Cli::parse_from(&argv[..5]).serve.config().unwrap();
+    config.limits.max_query_tokens = usize::MAX;
+    let e = Server::start(config).await.err().unwrap().to_string();
+    assert!(e.contains("--max-query-tokens"), "{e}");
 }
 
 /// `--device cuda` where no GPU can run the model (none here; tiny-llama's head dim on a GPU
@@ -1337,4 +1347,73 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
         text.contains("gram_stage_seconds_count{stage=\"scoring\"} 2\n"),
         "{text}"
     );
+}
+
+/// A request whose headers came before the shutdown and whose body comes after it is still
+/// answered: the grace covers the body timeout, then the deadline, then the write (it used to be
+/// the deadline alone, and the connection was closed unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_a_request_whose_body_is_still_arriving() {
+    use std::io::Write;
+    let server = start(&["--timeout-ms", "300", "--body-timeout-ms", "5000"]).await;
+    let addr = server.addr();
+    let body = br#"{"query": "oak desk", "k": 2}"#;
+    let head = format!(
+        "POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut s = raw(addr, head.as_bytes());
+    s.write_all(&body[..5]).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(server.shutdown());
+    // Past the old grace (timeout + 1 s), within the body timeout.
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    s.write_all(&body[5..]).unwrap();
+    let answer = read_until_closed(s, "the body sent after the shutdown began").await;
+    stopping.await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+/// When the batcher is gone (`fail_all`), the queue-depth and in-flight gauges read zero, not
+/// the load it held.
+#[test]
+fn the_gauges_read_zero_once_the_batcher_is_gone() {
+    use gram::server::batcher::{fail_all, Job, Queue};
+    use std::time::{Duration, Instant};
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let metrics = std::sync::Arc::new(gram::server::metrics::Metrics::default());
+    let q = Queue::new(8, metrics.clone());
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        answers.push(answer);
+        let job = Job {
+            prepared: engine.prepare(Request::new("oak desk")).unwrap(),
+            reply,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(10),
+        };
+        q.push(job).unwrap();
+    }
+    metrics.set_in_flight(2);
+    let gauge = |name: &str| -> f64 {
+        let text = metrics.render();
+        parse_prometheus(&text)[name]
+    };
+    assert_eq!(
+        (gauge("gram_queue_depth"), gauge("gram_in_flight")),
+        (3.0, 2.0)
+    );
+    fail_all(&q);
+    assert_eq!(
+        (gauge("gram_queue_depth"), gauge("gram_in_flight")),
+        (0.0, 0.0)
+    );
+    for mut a in answers {
+        assert!(
+            matches!(a.try_recv(), Ok(Err(_))),
+            "every queued job is answered"
+        );
+    }
 }

@@ -449,8 +449,10 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
+                // Two hex digits: `from_str_radix` alone would also take `+2`.
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or_else(|| {
@@ -482,5 +484,11 @@ mod tests {
         assert_eq!(percent_decode("%G1").unwrap_err().kind, "invalid_request");
         assert_eq!(percent_decode("%4").unwrap_err().kind, "invalid_request");
         assert_eq!(percent_decode("%").unwrap_err().kind, "invalid_request");
+        // `u8::from_str_radix` takes a sign: `%+2` is not an escape.
+        assert_eq!(
+            percent_decode("oak%+20").unwrap_err().kind,
+            "invalid_request"
+        );
+        assert_eq!(percent_decode("%-1").unwrap_err().kind, "invalid_request");
     }
 }

@@ -384,10 +384,10 @@ pub fn arena_entries<B: Backend>(
             ..Request::new("x")
         })?;
         // The probe's one query token stands for up to `max_query_tokens`.
-        let longest = p.prompt_tokens() - 1 + limits.max_query_tokens;
+        let longest = (p.prompt_tokens() - 1).saturating_add(limits.max_query_tokens);
         let positions = engine.model().max_positions();
         let new_tokens = engine.index().trie().max_len() + 1;
-        if longest + new_tokens > positions {
+        if longest.saturating_add(new_tokens) > positions {
             return Err(Error::Input(format!(
                 "a query of {} tokens fills the template to {longest} tokens, and codes of up to \
                  {new_tokens} exceed the model's {positions} positions: lower --max-query-tokens",
@@ -684,7 +684,8 @@ fn record_stages(metrics: &Metrics, r: &Response) {
     }
 }
 
-/// Every queued job's handler gets `failed`, and the queue closes (the batcher is gone).
+/// Every queued job's handler gets `failed`, and the queue closes (the batcher is gone: what
+/// it held in flight went with it, so the gauges read zero).
 pub fn fail_all(queue: &Queue) {
     let mut st = queue.lock();
     st.closed = true;
@@ -694,6 +695,8 @@ pub fn fail_all(queue: &Queue) {
             message: "the batcher stopped".into(),
         }));
     }
+    queue.metrics.set_queue_depth(0);
+    in_flight(queue, &queue.metrics, 0);
 }
 
 #[cfg(test)]

@@ -80,8 +80,8 @@ pub struct ServeArgs {
     /// in a closed loop (docs/SERVER.md, "Sizing the queue").
     #[arg(long, default_value_t = 1)]
     pub max_queue_wait_ms: u64,
-    /// Per-request deadline in milliseconds, from arrival; past it, 504 (a request not yet
-    /// admitted is dropped from the queue).
+    /// Per-request deadline in milliseconds, from the end of its body (the body has its own
+    /// --body-timeout-ms); past it, 504 (a request not yet admitted is dropped from the queue).
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
     /// Gathering window in microseconds: an idle batch waits this long (or until --max-batch
@@ -213,6 +213,10 @@ impl ServeArgs {
             if v == 0 {
                 return bad(format!("{flag} must be at least 1"));
             }
+        }
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.max_connections > most {
+            return bad(format!("--max-connections must be at most {most}"));
         }
         for (flag, v) in [
             ("--timeout-ms", self.timeout_ms),
@@ -417,9 +421,12 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // Every request taken is answered by its deadline; a connection still open past that (a
-        // client stalled mid-request) does not hold the shutdown.
-        let grace = self.state.config.timeout + Duration::from_secs(1);
+        // A request whose headers are in is answered: its body may take up to the body timeout,
+        // then its deadline runs (from the end of the body), then its answer is written (each
+        // stall at most the write timeout). A connection still open past all of that (a client
+        // stalled mid-request) does not hold the shutdown.
+        let c = &self.state.config;
+        let grace = c.http.body_timeout + c.timeout + c.http.write_timeout + Duration::from_secs(1);
         let served = match tokio::time::timeout(grace, &mut self.http).await {
             Ok(Ok(r)) => r.map_err(ServeError::from),
             Ok(Err(_)) => Err(ServeError::Panicked),
