@@ -543,6 +543,14 @@ mod tests {
                         let blocks =
                             ranker.rank_blocks(Isa::Scalar, &lists, aggregate, 20, u32::MAX);
                         assert_eq!(bits(&fast), bits(&blocks), "case {case} prior {prior}");
+                        // `rank` sends these to the block merge: check it against the
+                        // reference too, not only against itself.
+                        let slow = rank(Isa::Scalar, &lists, aggregate, 20, u32::MAX);
+                        assert_eq!(
+                            bits(&fast),
+                            bits(&slow),
+                            "case {case} prior {prior}: vs rank"
+                        );
                     }
                 }
                 let huge = vec![1e36f32; pq.len()];
