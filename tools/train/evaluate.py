@@ -146,8 +146,12 @@ def fit_fusion(gram, model, idx, work, items, bm25, k, beam, search_model):
         s = M.summarize({q: M.fuse(lex[q], gram_runs[q], w, k) for q in queries}, grades)
         grid[str(w)] = {m: round(s[m], 4) for m in ("ndcg@10", "recall@10", "recall@300")}
     best = max(FUSION_GRID, key=lambda w: (grid[str(w)]["ndcg@10"], -w))
+    # Reciprocal rank fusion on the same queries: nothing to fit, reported beside the grid.
+    s = M.summarize({q: M.rrf([[d for d, _ in lex[q]], gram_runs[q]], k) for q in queries},
+                    grades)
+    rrf = {m: round(s[m], 4) for m in ("ndcg@10", "recall@10", "recall@300")}
     return {"weight": best, "criterion": "ndcg@10 on the synthetic validation queries",
-            "queries": len(queries), "grid": grid}
+            "queries": len(queries), "grid": grid, "rrf": rrf}
 
 
 def cold_start(model_dir, work, n=150, seed=0):
@@ -230,9 +234,13 @@ def main(argv=None):
         fusion = {"weight": args.fusion_weight, "criterion": "--fusion-weight"}
     union = {q: M.interleave(gram_runs[q], bm[q], args.k) for q in queries}
     fused = {q: M.fuse(lex[q], gram_runs[q], fusion["weight"], args.k) for q in queries}
+    # Reciprocal rank fusion of BM25's ranking (as deep as the score fusion reads it) and
+    # GRAM's top k.
+    rrf = {q: M.rrf([[d for d, _ in lex[q][:FUSION_DEPTH]], gram_runs[q]], args.k)
+           for q in queries}
     summary = {"gram": M.summarize(gram_runs, judged), "bm25": M.summarize(bm, judged),
                "gram+bm25": M.summarize(union, judged), "gram+bm25 fused": M.summarize(fused, judged),
-               "fusion": fusion}
+               "gram+bm25 rrf": M.summarize(rrf, judged), "fusion": fusion}
     codes_per_q = [len(g[q]["codes"]) for q in queries]
     index_codes = set((model / "codes.txt").read_text().splitlines()) if (model / "codes.txt").exists() else None
     invalid = (sum(c["code"] not in index_codes for q in queries for c in g[q]["codes"])
@@ -253,7 +261,9 @@ def main(argv=None):
                      "gram_ndcg@10": M.ndcg(gram_runs[q], judged[q], 10),
                      "bm25_ndcg@10": M.ndcg(bm[q], judged[q], 10),
                      "fused_recall@300": M.recall(fused[q], judged[q], 300),
-                     "fused_ndcg@10": M.ndcg(fused[q], judged[q], 10)} for q in queries}
+                     "fused_ndcg@10": M.ndcg(fused[q], judged[q], 10),
+                     "rrf_recall@300": M.recall(rrf[q], judged[q], 300),
+                     "rrf_ndcg@10": M.ndcg(rrf[q], judged[q], 10)} for q in queries}
     res = {"model": str(model), "judgements": str(args.judgements or work / "judged.jsonl"),
            "queries": len(queries), "k": args.k, "beam": args.beam,
            "gram_json": json.loads(((search_model or model) / "gram.json").read_text()),
@@ -262,7 +272,8 @@ def main(argv=None):
     (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(table([("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),
                  ("GRAM ∪ BM25 interleaved", summary["gram+bm25"]),
-                 (f"GRAM ∪ BM25 fused (weight {fusion['weight']})", summary["gram+bm25 fused"])]))
+                 (f"GRAM ∪ BM25 fused (weight {fusion['weight']})", summary["gram+bm25 fused"]),
+                 (f"GRAM ∪ BM25 RRF (k {M.RRF_K})", summary["gram+bm25 rrf"])]))
     print(json.dumps({k: v for k, v in summary["gram"].items() if not k.startswith("n_")}, indent=1))
     if "cold_start" in summary:
         print(json.dumps(summary["cold_start"]))

@@ -77,6 +77,23 @@ def fuse(lexical, gram, weight, k):
     return [d for d, _ in order[:k]]
 
 
+# Reciprocal rank fusion's constant (Cormack, Clarke and Büttcher, SIGIR 2009): the value of the
+# paper, which the hybrid-search engines (Elasticsearch, OpenSearch, Vespa) take as their default.
+RRF_K = 60
+
+
+def rrf(runs, k, c=RRF_K):
+    """A ∪ B by reciprocal rank fusion: each product scores the sum over `runs` (rankings of
+    ids, best first) of 1 / (c + its 1-based rank there); the top k by that score. Ties keep
+    the order of first appearance, runs in the order given. Nothing to fit."""
+    score = {}
+    for run in runs:
+        for rank, d in enumerate(run, 1):
+            score[d] = score.get(d, 0.0) + 1.0 / (c + rank)
+    order = sorted(score.items(), key=lambda x: -x[1])  # stable: ties keep first appearance
+    return [d for d, _ in order[:k]]
+
+
 def summarize(runs, judged):
     """{metric: mean over the queries where it is defined, n_<metric>: how many} for one
     system; `runs` {query: ranked ids}."""

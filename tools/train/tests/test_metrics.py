@@ -48,6 +48,17 @@ class Metrics(unittest.TestCase):
         self.assertEqual(M.fuse([], ["y", "x"], 0.3, 5), ["y", "x"])
         self.assertEqual(M.fuse([("a", 0.0), ("b", 0.0)], ["b"], 0.1, 5), ["b", "a"])
 
+    def test_rrf(self):
+        # c = 1: a 1/2 + 1/3, b 1/3 + 1/2 (a first: it appeared first), x 1/4, y 1/4
+        self.assertEqual(M.rrf([["a", "b", "x"], ["b", "a", "y"]], 10, c=1), ["a", "b", "x", "y"])
+        # c = 1: b 1/3 + 1/3 passes a 1/2, which ties z 1/2 and appeared first; x 1/4 last
+        self.assertEqual(M.rrf([["a", "b", "x"], ["z", "b"]], 10, c=1), ["b", "a", "z", "x"])
+        # the default c = 60: second in both (2/62) beats first in one (1/61)
+        self.assertEqual(M.RRF_K, 60)
+        self.assertEqual(M.rrf([["a", "b"], ["c", "b"]], 2), ["b", "a"])
+        self.assertEqual(M.rrf([["a"], []], 5), ["a"])
+        self.assertEqual(M.rrf([["a", "b", "c"]], 2), ["a", "b"])
+
     def test_read_judgements(self):
         import tempfile
         from pathlib import Path
