@@ -20,7 +20,7 @@ use half::f16;
 use memmap2::Mmap;
 
 use super::checkpoint::{map_file, TensorMap};
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor};
 
@@ -121,6 +121,7 @@ impl<'a> Cursor<'a> {
 #[derive(Debug, Clone)]
 enum Value {
     Int(i128),
+    Str(String),
     Other,
 }
 
@@ -134,10 +135,7 @@ fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Valu
             c.take(4)?;
             Value::Other
         }
-        8 => {
-            c.string()?;
-            Value::Other
-        }
+        8 => Value::Str(c.string()?),
         9 => {
             if depth > 2 {
                 return Err("metadata arrays nested too deep".into());
@@ -159,6 +157,14 @@ fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Valu
     })
 }
 
+/// What the header says: the tensors, where their data starts, and `general.architecture`.
+#[derive(Debug)]
+struct Header {
+    tensors: Vec<TensorInfo>,
+    data_start: usize,
+    arch: Option<String>,
+}
+
 #[derive(Debug)]
 struct TensorInfo {
     name: String,
@@ -167,8 +173,8 @@ struct TensorInfo {
     offset: usize,
 }
 
-/// Parses the header; returns the tensor infos and the data section's start.
-fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<TensorInfo>, usize), String> {
+/// Parses the header.
+fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     let mut c = Cursor { bytes, pos: 0 };
     if c.take(4)? != MAGIC {
         return Err("not a GGUF file (bad magic)".into());
@@ -180,15 +186,21 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<TensorInfo>, usize), S
     let n_tensors = c.len("tensor", 24)?;
     let n_kv = c.len("metadata", 12)?;
     let mut alignment = DEFAULT_ALIGNMENT;
+    let mut arch = None;
     for _ in 0..n_kv {
         let key = c.string()?;
         let ty = c.u32()?;
         let v = read_value(&mut c, ty, 0)?;
-        if key == "general.alignment" {
-            match v {
+        match key.as_str() {
+            "general.alignment" => match v {
                 Value::Int(a) if a > 0 && (a as u64).is_power_of_two() => alignment = a as u64,
                 _ => return Err("general.alignment must be a power of two".into()),
-            }
+            },
+            "general.architecture" => match v {
+                Value::Str(a) => arch = Some(a),
+                _ => return Err("general.architecture must be a string".into()),
+            },
+            _ => {}
         }
     }
     let mut infos = Vec::with_capacity(n_tensors);
@@ -220,7 +232,33 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<TensorInfo>, usize), S
         });
     }
     let start = (c.pos as u64).div_ceil(alignment) * alignment;
-    Ok((infos, start as usize))
+    Ok(Header {
+        tensors: infos,
+        data_start: start as usize,
+        arch,
+    })
+}
+
+/// Whether llama.cpp stored this file's Q/K rows permuted for its rotary layout: its converter
+/// permutes the `llama` architecture's (NORM rope; weights and biases), not `qwen2`'s or
+/// `qwen3`'s (NEOX rope, HF row order). The file's `general.architecture` must be the config's
+/// (a file without one is taken to be the config's).
+fn rotary_permuted(path: &Path, gguf_arch: Option<&str>, config: &ModelConfig) -> Result<bool> {
+    let expected = match config.arch {
+        Arch::Llama => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+    };
+    match gguf_arch {
+        Some(a) if a != expected => Err(Error::checkpoint(
+            path,
+            format!(
+                "general.architecture is `{a}` but config.json is {:?} (`{expected}` in GGUF)",
+                config.arch
+            ),
+        )),
+        _ => Ok(config.arch == Arch::Llama),
+    }
 }
 
 /// llama.cpp name → HF name.
@@ -327,7 +365,12 @@ fn unpermute_rows<T: Copy + Default>(w: &[T], n_head: usize, cols: usize) -> Vec
 /// Loads every tensor of the GGUF at `path` under HF names.
 pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
     let map: Arc<Mmap> = map_file(path)?;
-    let (infos, data_start) = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
+    let Header {
+        tensors: infos,
+        data_start,
+        arch,
+    } = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
+    let permuted = rotary_permuted(path, arch.as_deref(), config)?;
     let mut out = TensorMap::new();
     for info in infos {
         let name = hf_name(&info.name).ok_or_else(|| {
@@ -365,12 +408,12 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
             })?;
         // GGUF dims are innermost first; HF shapes are outermost first.
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
-        let permute_heads = if info.name.ends_with("attn_q.weight") {
-            Some(config.num_attention_heads)
-        } else if info.name.ends_with("attn_k.weight") {
-            Some(config.num_key_value_heads)
-        } else {
-            None
+        let (part, _) = info.name.rsplit_once('.').unwrap_or((&info.name, ""));
+        let permute_heads = match part.rsplit_once('.').map(|(_, p)| p) {
+            _ if !permuted => None,
+            Some("attn_q") => Some(config.num_attention_heads),
+            Some("attn_k") => Some(config.num_key_value_heads),
+            _ => None,
         };
         // Read in place: the plain types, and the block types the matmul dequantizes itself
         // (2-D only; a block-typed vector is dequantized here).
@@ -383,7 +426,7 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
             _ => None,
         };
         if let Some(n_head) = permute_heads {
-            if shape.len() != 2
+            if shape.len() > 2
                 || !(shape[0] / n_head).is_multiple_of(2)
                 || !shape[0].is_multiple_of(n_head)
             {
@@ -404,7 +447,9 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
                 let mut values = vec![0f32; numel];
                 dequantize(info.ty, &map[range], &mut values);
                 if let Some(n_head) = permute_heads {
-                    values = unpermute_rows(&values, n_head, info.dims[0]);
+                    // A weight's rows are `dims[0]` values long; a bias's, one value.
+                    let cols = if shape.len() == 2 { info.dims[0] } else { 1 };
+                    values = unpermute_rows(&values, n_head, cols);
                 }
                 HostTensor::from_f32(values, shape)
             }
