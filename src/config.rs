@@ -79,6 +79,30 @@ impl ModelConfig {
         })
     }
 
+    /// Adds the `eos_token_id`s of the `generation_config.json` at `path`, if there is one, after
+    /// config.json's own (which stay first: the first is the EOS that ends codes). HF's
+    /// `generate` stops on that file's list, which for instruct models often names more end
+    /// tokens than config.json (Qwen2.5: `<|im_end|>` and `<|endoftext|>`).
+    pub fn with_generation_config(mut self, path: &Path) -> Result<ModelConfig> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(self),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let bad = |msg: String| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        for id in token_ids(&v.get("eos_token_id").cloned(), "eos_token_id").map_err(bad)? {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(self)
+    }
+
     /// Parses and validates the text of a `config.json`; the error is a message for the user.
     pub fn from_json(text: &str) -> std::result::Result<ModelConfig, String> {
         let raw: RawConfig =
@@ -293,6 +317,44 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![2]);
         assert_eq!(c.rope_theta, 100000.0);
         assert!(c.tie_word_embeddings && !c.qkv_bias && !c.qk_norm);
+    }
+
+    #[test]
+    fn generation_config_adds_its_end_tokens_after_config_json() {
+        let dir = std::env::temp_dir().join(format!("gram-genconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("generation_config.json");
+        let c = || ModelConfig::from_json(LLAMA).unwrap();
+        // No file: config.json's alone.
+        assert_eq!(
+            c().with_generation_config(&path).unwrap().eos_token_ids,
+            vec![2]
+        );
+        std::fs::write(&path, r#"{"eos_token_id": [7, 2], "bos_token_id": 1}"#).unwrap();
+        assert_eq!(
+            c().with_generation_config(&path).unwrap().eos_token_ids,
+            vec![2, 7]
+        );
+        std::fs::write(&path, r#"{"eos_token_id": 9}"#).unwrap();
+        assert_eq!(
+            c().with_generation_config(&path).unwrap().eos_token_ids,
+            vec![2, 9]
+        );
+        std::fs::write(&path, r#"{"do_sample": false}"#).unwrap();
+        assert_eq!(
+            c().with_generation_config(&path).unwrap().eos_token_ids,
+            vec![2]
+        );
+        std::fs::write(&path, r#"{"eos_token_id": "x"}"#).unwrap();
+        let e = c().with_generation_config(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("generation_config.json") && e.contains("eos_token_id"),
+            "{e}"
+        );
+        std::fs::write(&path, "{").unwrap();
+        let e = c().with_generation_config(&path).unwrap_err().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

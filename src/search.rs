@@ -250,6 +250,16 @@ impl Parts {
             path: index_file(index_dir),
             msg,
         };
+        // A query generates a code's tokens and its EOS: a longer code could never be reached
+        // (`gram index build` refuses such codes; a foreign index may hold them).
+        let longest = index.trie().max_len();
+        if longest >= crate::beam::MAX_NEW_TOKENS {
+            return Err(bad(format!(
+                "its longest code has {longest} tokens; beam search generates at most {} (the \
+                 EOS included)",
+                crate::beam::MAX_NEW_TOKENS
+            )));
+        }
         let model_dir = match model_dir {
             Some(d) => d.to_path_buf(),
             None => PathBuf::from(

@@ -520,3 +520,42 @@ fn esci_sample_end_to_end_with_smollm2() {
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// An index holding a code longer than beam search can generate (`gram index build` refuses
+/// such codes; a foreign or hand-made index may hold one) is refused when the engine opens,
+/// not request by request.
+#[test]
+fn an_index_with_a_code_past_the_generation_limit_is_refused_at_open() {
+    use gram::index::{self, CodePostings, Product};
+    use gram::trie::{CodeSet, Trie};
+    let dir = std::env::temp_dir().join(format!("gram-longcode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = gram::beam::MAX_NEW_TOKENS;
+    let mut tokens = vec![5u32];
+    tokens.extend((1..n).map(|i| 10 + (i % 50) as u32));
+    let set = CodeSet {
+        texts: vec!["long".into(), "short".into()],
+        offsets: vec![0, n, n + 1],
+        tokens: [tokens, vec![6]].concat(),
+    };
+    let trie = Trie::build(&set, 128, 2).unwrap();
+    let postings: Vec<CodePostings> = (0..set.len())
+        .map(|c| CodePostings {
+            products: vec![0],
+            pt: vec![vec![0.5; set.code_tokens(c).len()]],
+        })
+        .collect();
+    let products = vec![Product {
+        id: "p0".into(),
+        title: "a product".into(),
+    }];
+    let meta = serde_json::json!({"model": {"fingerprint": "test"}});
+    let file = dir.join("index.gram");
+    index::write(&file, &set, &trie, &postings, &products, " | ", &meta).unwrap();
+    let e = gram::search::Engine::open(&dir, None, &gram::LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&format!("longest code has {n} tokens")), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -181,7 +181,8 @@ impl State {
     /// Arena entries the query needs: its prompt past the shared prefix and one per beam for
     /// every fed code token (the last generated token is never fed).
     fn entries(q: &Query, shared: usize) -> usize {
-        q.prompt.len() - shared + q.options.beam * (q.options.max_new_tokens - 1)
+        // Saturating: callers may ask before the query is checked (`max_new_tokens` 0).
+        q.prompt.len() - shared + q.options.beam * q.options.max_new_tokens.saturating_sub(1)
     }
 }
 

@@ -74,7 +74,8 @@ impl<B: Backend> Model<B> {
             .thread_name(|i| format!("gram-{i}"))
             .build()
             .map_err(|e| Error::Input(format!("cannot start {threads} worker threads: {e}")))?;
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?
+            .with_generation_config(&dir.join("generation_config.json"))?;
         let source = Source::find(dir)?;
         let tensors = source.load(&config)?;
         let weights = weights::load(&backend, &config, tensors, options.dtype)?;
