@@ -77,6 +77,16 @@ fn tiny_models_match_transformers_beam_search() {
     }
 }
 
+/// Ten codes, each a prefix of the next in its family (`caps` … `caps | puma | red | xl |
+/// cotton`): nodes that end a code and go on, beams wider than the reachable codes,
+/// `max_new_tokens` that cut codes off, length penalties from -1 to 3.
+#[test]
+fn prefix_codes_match_transformers_beam_search() {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
+        check(&format!("beam-prefix-{name}.json"), &model_dir(name));
+    }
+}
+
 #[test]
 fn smollm2_matches_transformers_beam_search() {
     check("beam-smollm2.json", &smollm2_dir());
