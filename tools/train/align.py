@@ -167,6 +167,11 @@ def main(argv=None):
         codes=len(trie.codes))
     prefs = preference_data(ref, tok, items, queries, gold, trie, args.pairs, args.beam,
                             args.per_pair, rng, log)
+    if not prefs:
+        raise SystemExit("align: no preference pairs (no query shares a code with its product's "
+                         "beam): nothing to align")
+    # A batch never larger than the data (else no batch forms and the loop never ends).
+    args.batch = min(args.batch, len(prefs))
     total = max(1, int(len(prefs) * args.epochs / args.batch))
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     policy.train()
@@ -179,7 +184,10 @@ def main(argv=None):
                 break
             batch = [prefs[j] for j in order[i:i + args.batch]]
             rows = rows_for(batch, tok)
-            with torch.no_grad():
+            # The reference under the policy's autocast: at the start the two are the same
+            # model computed the same way, so every reward is exactly 0 (an f32 reference
+            # against a bf16 policy left rewards of up to 0.06 before any step).
+            with torch.no_grad(), K.autocast():
                 ref_mix, _, _ = policy_logps(ref, rows, tok.pad)
             with K.autocast():
                 pol_mix, ntok, nll_w = policy_logps(policy, rows, tok.pad)

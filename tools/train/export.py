@@ -62,7 +62,13 @@ def export(src, out, catalog, with_catalog=True):
     for f in ("tokenizer.json", "tokenizer_config.json", "gram.json"):
         shutil.copyfile(src / f, out / f)
     if with_catalog:
+        # Only codes the model was trained to generate (at most MAX_CODE_TOKENS with the EOS;
+        # SFT, alignment and the weights stage drop longer ones): the engine generates from
+        # the index's trie, so a longer code there would be one the model never learned.
+        tok = K.Tok(src / "tokenizer.json")
         items = C.read_catalog(catalog)
+        for it in items:
+            it["codes"] = [c for c in it["codes"] if len(tok.code(c)) <= K.MAX_CODE_TOKENS]
         with open(out / "catalog.jsonl", "w", encoding="utf-8") as f:
             for it in items:
                 f.write(json.dumps(it, ensure_ascii=False) + "\n")

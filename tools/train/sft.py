@@ -16,8 +16,10 @@ The model is a small Llama from scratch (config below). Each product is one pack
 title prompt, then all its codes (common.py), so the title is encoded once for ~6 codes; each
 training query is a row with all its target codes. An epoch is every product row and every query
 row, shuffled; the learning rate warms up then follows a cosine to a tenth over the training's
-progress, the larger of (steps done / planned steps) and (time used / `--minutes`): on this
-shared machine the speed varies several-fold, so the schedule ends when the time budget does. `--no-query` / `--no-product` drop one side
+progress, the larger of (steps done / planned steps) and (time in the training loop / `--minutes`):
+on this shared machine the speed varies several-fold, so the schedule ends when the time budget
+does. A run is deterministic (seeds fixed) only while the steps lead: the log's closing event
+says which ended it (`planned steps done` or `time budget used`). `--no-query` / `--no-product` drop one side
 (the "without co-training" ablation).
 """
 import argparse
@@ -48,12 +50,15 @@ CONFIGS = {
 
 def train_tokenizer(work, vocab):
     """Byte-level BPE (no unknown token: any query tokenizes) on titles, codes and training
-    queries, with the prompt templates' text; special tokens <pad> 0, <s> 1, </s> 2."""
+    queries, with the prompt templates' text; special tokens <pad> 0, <s> 1, </s> 2. The
+    cold-start products' titles are left out (their codes stay: codes are shared vocabulary), so
+    nothing of them shapes the model before the cold-start check."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     work = Path(work)
     items = C.read_catalog(work / "catalog.jsonl")
-    texts = [K.product_prompt(it["title"]) for it in items]
+    cold = {r["id"] for r in read_jsonl(work / "cold.jsonl") if r["kind"] == "product"}
+    texts = [K.product_prompt(it["title"]) for it in items if it["id"] not in cold]
     texts += [c for it in items for c in it["codes"]]
     texts += [K.query_prompt(r["query"]) for r in read_jsonl(work / "queries-train.jsonl")]
     tk = Tokenizer(models.BPE())
@@ -135,7 +140,6 @@ def main(argv=None):
     work = Path(args.work)
     out = Path(args.out) if args.out else work / "sft"
     log = K.Log(work / "train-log.jsonl")
-    t0 = time.time()
 
     tok_path = work / "tokenizer" / "tokenizer.json"
     if not tok_path.exists():
@@ -177,6 +181,8 @@ def main(argv=None):
     model.train()
     step, ema = 0, None
     frac = 0.0
+    # The time budget counts training only (not the tokenizer, the data, the model's set-up).
+    t0 = time.time()
     while frac < 1.0:
         for idx in K.batches(rows, cfg["batch_tokens"], rng):
             # progress: the larger of steps done and time used (with --minutes), so the cosine
