@@ -38,17 +38,34 @@ pub enum OnError {
     Skip,
 }
 
-/// Reads a JSONL catalog. Blank lines are ignored; a malformed line stops the read with its
-/// line number, or is skipped and counted.
+/// Reads a JSONL catalog (a UTF-8 byte-order mark is ignored). Blank lines are ignored; a
+/// malformed line, or a product id seen on an earlier line, stops the read with its line
+/// number, or is skipped and counted.
 pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let (mut items, mut skipped) = (Vec::new(), 0);
+    let mut seen = std::collections::HashMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         match serde_json::from_str::<Item>(line) {
-            Ok(item) if !item.id.is_empty() => items.push(item),
+            Ok(item) if !item.id.is_empty() => match seen.get(&item.id) {
+                None => {
+                    seen.insert(item.id.clone(), i + 1);
+                    items.push(item);
+                }
+                Some(_) if on_error == OnError::Skip => skipped += 1,
+                Some(first) => {
+                    return Err(Error::Input(format!(
+                        "{} line {}: product id {:?} repeats line {first}",
+                        path.display(),
+                        i + 1,
+                        item.id
+                    )))
+                }
+            },
             Ok(_) if on_error == OnError::Skip => skipped += 1,
             Err(_) if on_error == OnError::Skip => skipped += 1,
             Ok(_) => {
@@ -214,7 +231,7 @@ pub fn build_with<B: Backend>(
         .work_dir
         .clone()
         .unwrap_or_else(|| out.with_extension("shards"));
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    crate::container::create_dir_durable(&work)?;
     let ctx = Ctx {
         model,
         tokenizer,
@@ -433,7 +450,12 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
                         (Some(_), None) => continue,
                         (None, _) => ctx.tokenizer.decode(&c.tokens)?.trim().to_string(),
                     };
-                    if found[pi].iter().any(|(t, _)| *t == text) {
+                    // Two beams can decode to one text (e.g. different partial UTF-8 tails that
+                    // both decode to U+FFFD): the first one only, whether kept or queued for
+                    // teacher forcing (a posting list holds a product once).
+                    let seen = found[pi].iter().any(|(t, _)| *t == text)
+                        || force.iter().any(|(p, t, _)| *p == pi && *t == text);
+                    if seen {
                         continue;
                     }
                     generated += 1;
@@ -487,7 +509,20 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
                 .map(|f| f.2.as_slice())
                 .collect();
             heads += 1 + codes.iter().map(|c| c.len() - 1).sum::<usize>();
-            jobs.push((prompts[pi].as_slice(), codes));
+            // Checked per product, so that the error names the product at fault, not the
+            // pass's first.
+            let prompt = prompts[pi].as_slice();
+            let longest = codes.iter().map(|c| c.len()).max().unwrap_or(1);
+            let positions = ctx.model.max_positions();
+            if prompt.is_empty() || prompt.len() + longest - 1 > positions {
+                return Err(Error::Input(format!(
+                    "product {:?}: its prompt has {} tokens and its longest code {longest}, \
+                     the model has {positions} positions",
+                    items[pi].id,
+                    prompt.len()
+                )));
+            }
+            jobs.push((prompt, codes));
             end += group;
         }
         let pts = teacher_force_many(ctx.model, &mut arena, &jobs).map_err(|e| match e {

@@ -79,6 +79,20 @@ pub struct BenchCodesArgs {
 
 pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     let dtype = DType::parse(&args.dtype).ok_or_else(|| format!("--dtype `{}`", args.dtype))?;
+    // A batch of 0 would time nothing and report 0 queries/s.
+    if args.batch.contains(&0) {
+        return Err("--batch must be at least 1".into());
+    }
+    if let Some(b) = args
+        .beam
+        .iter()
+        .find(|&&b| b == 0 || b > crate::beam::MAX_BEAM)
+    {
+        return Err(format!(
+            "--beam {b} is out of range (1..={})",
+            crate::beam::MAX_BEAM
+        ));
+    }
     let (gpu, info) =
         crate::search::open_backend(args.device, &args.model).map_err(|e| e.to_string())?;
     eprintln!("bench-codes: backend {info}");

@@ -227,6 +227,23 @@ impl Container {
     }
 }
 
+/// `create_dir_all`, durably: each directory it makes is fsynced into its parent, so that a
+/// file written atomically into it later survives a power loss with the directory itself.
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for d in missing.iter().rev() {
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(parent, e))?;
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` so that a reader sees the old file or the whole new one: a temp file
 /// beside it, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -228,21 +228,23 @@ pub fn read_judgements(path: &Path) -> Result<Judgements, String> {
     Ok(out)
 }
 
-/// Adds `grades` of `query` to `out`, replacing an earlier entry of the same query (`replace`)
-/// or merging into it.
+/// Adds `grades` of `query` to `out`, merged into an earlier entry of the same query (a later
+/// grade of the same product wins), as `metrics.py`'s `read_judgements` does; with `count`, a
+/// repeated query is counted in `duplicate_queries`.
 fn add_query(
     out: &mut Judgements,
     at: &mut HashMap<String, usize>,
     query: String,
     grades: Grades,
-    replace: bool,
+    count: bool,
 ) {
     match at.get(&query) {
-        Some(&i) if replace => {
-            out.duplicate_queries += 1;
-            out.queries[i].grades = grades;
+        Some(&i) => {
+            if count {
+                out.duplicate_queries += 1;
+            }
+            out.queries[i].grades.extend(grades);
         }
-        Some(&i) => out.queries[i].grades.extend(grades),
         None => {
             at.insert(query.clone(), out.queries.len());
             out.queries.push(Judged { query, grades });
@@ -250,7 +252,8 @@ fn add_query(
     }
 }
 
-/// JSONL: one `{"query": string, "grades": {product_id: number}}` a non-blank line.
+/// JSONL: one `{"query": string, "grades": {product_id: number}}` a non-blank line. Grades are
+/// truncated to integers and a repeated query's lines are merged, as `metrics.py` reads them.
 pub fn parse_jsonl_judgements(text: &str) -> Result<Judgements, String> {
     let mut out = Judgements::default();
     let mut at = HashMap::new();
@@ -283,7 +286,7 @@ pub fn parse_jsonl_judgements(text: &str) -> Result<Judgements, String> {
                 .as_f64()
                 .filter(|g| g.is_finite())
                 .ok_or_else(|| bad(format!("the grade of product {d:?} is not a number: {g}")))?;
-            grades.insert(d.clone(), g);
+            grades.insert(d.clone(), g.trunc());
         }
         add_query(&mut out, &mut at, query.to_string(), grades, true);
     }
@@ -759,8 +762,16 @@ mod tests {
         assert_eq!(j.queries.len(), 2);
         assert_eq!(j.duplicate_queries, 1);
         assert_eq!(j.queries[0].query, "aa battery");
-        assert_eq!(j.queries[0].grades, Grades::from([("3".to_string(), 1.0)]));
-        assert_eq!(j.queries[1].grades["7"], 2.5);
+        // merged as metrics.py merges them; grades truncate as int(g)
+        assert_eq!(
+            j.queries[0].grades,
+            Grades::from([
+                ("1".to_string(), 3.0),
+                ("2".to_string(), 0.0),
+                ("3".to_string(), 1.0)
+            ])
+        );
+        assert_eq!(j.queries[1].grades["7"], 2.0);
         for (bad, want) in [
             ("{\"query\": \"x\"", "line 1: not JSON at column"),
             ("\n{\"grades\": {}}", "line 2: no string \"query\""),

@@ -380,7 +380,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     }
     let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
     let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    gram::container::create_dir_durable(&args.out).map_err(|e| e.to_string())?;
     let meta = json!({
         "model": {
             "dir": std::fs::canonicalize(&args.model).map_err(|e| e.to_string())?,
@@ -536,6 +536,14 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     if args.batch == 0 {
         return Err("--batch must be at least 1".into());
     }
+    // Checked here: the engine would refuse every query, and the report would read as zeros.
+    if args.beam == 0 || args.beam > beam::MAX_BEAM {
+        return Err(format!(
+            "--beam {} is out of range (1..={})",
+            args.beam,
+            beam::MAX_BEAM
+        ));
+    }
     let mut judged = gram::eval::read_judgements(&args.judgements)?;
     let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();
@@ -548,7 +556,8 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     }
     if judged.duplicate_queries > 0 {
         eprintln!(
-            "warning: {} judgement lines repeat an earlier query: the later line replaces it",
+            "warning: {} judgement lines repeat an earlier query: merged with it (a later grade \
+             of the same product wins)",
             judged.duplicate_queries
         );
     }
