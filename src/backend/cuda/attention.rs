@@ -75,6 +75,14 @@ impl CudaBackend {
                 self.sms,
             );
             let row_slices = max_group.div_ceil(rows_per_block).max(1);
+            // `plan::MAX_DECODE_GROUP` keeps this in bounds; an error, not a failed launch, if not.
+            if !run.prefill && shape.kv_heads as u64 * row_slices as u64 > 65_535 {
+                return Err(Error::Device(format!(
+                    "decode attention grid of {} KV heads × {row_slices} row slices exceeds \
+                     65,535; this is a bug",
+                    shape.kv_heads
+                )));
+            }
             let p = AttnParams {
                 q: self.bptr(q) + run.rows.0 as u64 * q_stride,
                 out: self.bptr(out) + run.rows.0 as u64 * q_stride,

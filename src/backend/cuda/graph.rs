@@ -64,7 +64,8 @@ pub(super) enum Mode {
 #[derive(Default)]
 pub(super) struct Pass {
     /// The mode, for `owner` only: every other thread sees `Eager` (a test or a tool calling
-    /// an op while another thread plans a pass must not have its launch merely hashed).
+    /// an op while another thread plans a pass must not have its launch merely hashed; such a
+    /// call is still not safe during a capture: see [`super::CudaBackend`]).
     pub mode: Mode,
     pub owner: Option<std::thread::ThreadId>,
     /// Every launch of the walk, hashed (Plan and Capture).

@@ -270,7 +270,10 @@ struct Profile {
 
 /// The CUDA backend. One context, one stream. A forward pass holds the backend alone
 /// (`run_forward`); the pass mode (plan, capture, direct) belongs to the thread running the
-/// pass, so an op another thread calls meanwhile is launched as usual.
+/// pass, so an op another thread calls meanwhile is not merely hashed. That does not make such
+/// a call safe: both threads share the stream (a capture records whatever is launched on it)
+/// and the scratch buffers (`xb`, the upload slots). Use one backend from one thread at a time,
+/// as the engine and the server do (one batcher thread).
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -360,6 +363,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The virtual architecture the kernels are compiled for. A GPU newer than the table gets
+/// compute_90's PTX (JIT-compiled forward by the driver), not compute_80's: the programmatic
+/// launches' waits (`gram_pdl_wait`) exist only from compute_90 on, and those launches are
+/// switched on for every GPU of capability 9 or more ([`pdl_compiled`]).
 fn arch_of(cc: (i32, i32)) -> Result<&'static str> {
     Ok(match cc {
         (8, 0) => "compute_80",
@@ -369,6 +376,7 @@ fn arch_of(cc: (i32, i32)) -> Result<&'static str> {
         (9, 0) => "compute_90",
         (10, 0) => "compute_100",
         (12, 0) => "compute_120",
+        (m, _) if m >= 9 => "compute_90",
         (m, _) if m >= 8 => "compute_80",
         (m, n) => {
             return Err(Error::Device(format!(
@@ -376,6 +384,15 @@ fn arch_of(cc: (i32, i32)) -> Result<&'static str> {
             )))
         }
     })
+}
+
+/// Whether kernels compiled for `arch` carry the programmatic launches' waits (compute_90 and
+/// newer: `common.cuh`'s `gram_pdl_wait` is empty below): a kernel launched early without its
+/// wait could read what the kernel before it has not written yet.
+fn pdl_compiled(arch: &str) -> bool {
+    arch.strip_prefix("compute_")
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| n >= 90)
 }
 
 impl CudaBackend {
@@ -479,9 +496,11 @@ impl CudaBackend {
                 std::env::var("GRAM_CUDA_ROWS_GEMM").map_or(true, |v| v != "0"),
             ),
             pdl_on: AtomicBool::new(
-                cc.0 >= 9 && std::env::var("GRAM_CUDA_PDL").map_or(true, |v| v != "0"),
+                cc.0 >= 9
+                    && pdl_compiled(arch)
+                    && std::env::var("GRAM_CUDA_PDL").map_or(true, |v| v != "0"),
             ),
-            pdl_capable: cc.0 >= 9,
+            pdl_capable: cc.0 >= 9 && pdl_compiled(arch),
             _blas_workspace: blas_workspace,
             profile: Mutex::new(Profile::default()),
             profiling: AtomicBool::new(profile),
@@ -857,6 +876,23 @@ mod tests {
         assert!(out.contains("struct AttnParams"));
         assert!(!out.contains("#include \"common.cuh\""));
         assert!(nvrtc::expand("#include \"nope.cuh\"\n").is_err());
+    }
+
+    #[test]
+    fn programmatic_launches_only_where_their_waits_are_compiled() {
+        for (cc, arch, pdl) in [
+            ((8, 0), "compute_80", false),
+            ((8, 9), "compute_89", false),
+            ((9, 0), "compute_90", true),
+            ((10, 0), "compute_100", true),
+            ((10, 3), "compute_90", true),
+            ((11, 0), "compute_90", true),
+            ((12, 1), "compute_90", true),
+        ] {
+            let a = arch_of(cc).unwrap();
+            assert_eq!((a, pdl_compiled(a)), (arch, pdl), "{cc:?}");
+        }
+        assert!(arch_of((7, 5)).is_err());
     }
 
     #[test]

@@ -26,9 +26,17 @@ pub struct AttnRun {
 /// Rows of a prefill tile, at most (the kernel walks 16 rows at a time).
 const TILE: usize = 16;
 
+/// Rows of a decode group, at most. Every beam of a batch shares one span once the batch has a
+/// shared prompt prefix (`BeamSearch::set_prefix`), and the decode kernel's grid height is KV
+/// heads × the largest group's row slices: unbounded, 16,384 beams of a 1B model passed CUDA's
+/// 65,535. A longer run of one span is split into groups of this many (up to 64 KV heads × 512
+/// slices of one row stay under the limit).
+pub const MAX_DECODE_GROUP: usize = 512;
+
 /// Splits a batch into prefill tiles and decode groups (see [`AttnPlan`]). Rows of a prompt
 /// (each following the previous one) go to the prefill kernel in tiles of up to 16; other rows
-/// (beams) go to the decode kernel, grouped while they share one span.
+/// (beams) go to the decode kernel, grouped while they share one span, at most
+/// [`MAX_DECODE_GROUP`] rows a group.
 pub fn plan_attention(rows: &[RowKv]) -> AttnPlan {
     // Tiles of following rows.
     let mut tiles: Vec<(usize, usize)> = Vec::new();
@@ -61,7 +69,9 @@ pub fn plan_attention(rows: &[RowKv]) -> AttnPlan {
             let mut end = start_row;
             while t < tiles.len() && tiles[t].1 - tiles[t].0 == 1 {
                 let r = tiles[t].0;
-                if r > start_row && rows[r].span != rows[end - 1].span {
+                let group_start = *plan.groups.last().expect("pushed") as usize + start_row;
+                let full = r - group_start >= MAX_DECODE_GROUP;
+                if r > start_row && (rows[r].span != rows[end - 1].span || full) {
                     plan.groups.push((r - start_row) as u32);
                 }
                 end = r + 1;
@@ -113,6 +123,29 @@ mod tests {
         assert_eq!(plan.runs[1].rows, (23, 31));
         let g = &plan.groups[plan.runs[1].groups.0..=plan.runs[1].groups.1];
         assert_eq!(g, &[0, 4, 8]);
+    }
+
+    #[test]
+    fn a_long_run_of_one_span_is_split_into_bounded_groups() {
+        // 1,300 beams that all share the span of one prefix, then 3 beams of another.
+        let beam = |i: u32, span: (u32, u32)| RowKv {
+            pos: span.1 - span.0,
+            entry: 10_000 + i,
+            span,
+            link: (i, i + 1),
+        };
+        let mut rows: Vec<RowKv> = (0..1300).map(|i| beam(i, (0, 7))).collect();
+        rows.extend((1300..1303).map(|i| beam(i, (7, 9))));
+        let plan = plan_attention(&rows);
+        assert_eq!(plan.runs.len(), 1);
+        let run = &plan.runs[0];
+        assert!(!run.prefill);
+        assert_eq!(run.rows, (0, 1303));
+        let g = &plan.groups[run.groups.0..=run.groups.1];
+        assert_eq!(g, &[0, 512, 1024, 1300, 1303]);
+        assert!(g
+            .windows(2)
+            .all(|w| (w[1] - w[0]) as usize <= MAX_DECODE_GROUP));
     }
 
     #[test]
