@@ -29,6 +29,11 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+/// The longest `--duration` / `--timeout-s` (and `--count / --rate`) taken, seconds: 11 days.
+const MAX_SECONDS: f64 = 1e6;
+/// The highest `--rate` taken, requests per second.
+const MAX_RATE: f64 = 1e6;
+
 /// `gram bench` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -159,11 +164,17 @@ pub struct Report {
     pub rate: Option<f64>,
     /// Wall time from the first send to the last answer.
     pub elapsed_s: f64,
+    /// The sending window the rates divide by: `--duration`, or with `--count` the open loop's
+    /// `count / rate` and the closed loop's whole run (the answers still coming in after the
+    /// window do not dilute the rates). Absent from older reports (they divided by
+    /// `elapsed_s`).
+    #[serde(default)]
+    pub window_s: f64,
     pub requests: usize,
     pub ok: usize,
-    /// Answered with 200 per second.
+    /// Answered with 200 per second of the window (requests sent in it, answered whenever).
     pub qps: f64,
-    /// Sent per second.
+    /// Sent per second of the window (the open loop's `--rate`).
     pub sent_qps: f64,
     /// Failures by status (`503`, `timeout`, ...).
     pub errors: BTreeMap<String, usize>,
@@ -227,7 +238,8 @@ impl Target {
                 .to_bytes();
             Ok::<_, Status>((status, bytes, server_timing))
         };
-        let outcome = tokio::time::timeout(self.timeout, exchange).await;
+        // From the (scheduled) send, the latency's own clock: a late start does not extend it.
+        let outcome = tokio::time::timeout_at(since + self.timeout, exchange).await;
         let latency_s = since.elapsed().as_secs_f64();
         let mut sample = Sample {
             sent_s: since.duration_since(start).as_secs_f64(),
@@ -261,7 +273,12 @@ fn timing_dur(header: &str, name: &str) -> Option<f64> {
         if parts.next()? != name {
             return None;
         }
-        parts.find_map(|p| p.strip_prefix("dur=")?.parse().ok())
+        parts.find_map(|p| {
+            p.strip_prefix("dur=")?
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite())
+        })
     })
 }
 
@@ -321,23 +338,36 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
+    // Bounds that keep the schedule's arithmetic finite (an absurd value is an error, not a
+    // panic or a run that never ends).
     if let Some(r) = args.rate {
-        if !(r > 0.0 && r.is_finite()) {
-            return Err(format!("--rate {r}: expected a positive number"));
+        if !(r > 0.0 && r <= MAX_RATE) {
+            return Err(format!(
+                "--rate {r}: expected a positive number of at most {MAX_RATE}"
+            ));
+        }
+        if let Some(n) = args.count {
+            if n as f64 / r > MAX_SECONDS {
+                return Err(format!(
+                    "--count {n} at --rate {r} takes over {MAX_SECONDS} seconds"
+                ));
+            }
         }
     }
     let duration = match (args.duration, args.count) {
-        (Some(d), _) if !(d > 0.0 && d.is_finite()) => {
-            return Err(format!("--duration {d}: expected a positive number"))
+        (Some(d), _) if !(d > 0.0 && d <= MAX_SECONDS) => {
+            return Err(format!(
+                "--duration {d}: expected a positive number of at most {MAX_SECONDS}"
+            ))
         }
         (Some(d), _) => Some(Duration::from_secs_f64(d)),
         (None, Some(0)) => return Err("--count must be at least 1".into()),
         (None, Some(_)) => None,
         (None, None) => Some(Duration::from_secs(10)),
     };
-    if !(args.timeout_s > 0.0 && args.timeout_s.is_finite()) {
+    if !(args.timeout_s > 0.0 && args.timeout_s <= MAX_SECONDS) {
         return Err(format!(
-            "--timeout-s {}: expected a positive number",
+            "--timeout-s {}: expected a positive number of at most {MAX_SECONDS}",
             args.timeout_s
         ));
     }
@@ -385,7 +415,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(rate) => open_loop(&target, rate, duration, args.count).await,
             None => closed_loop(&target, concurrency, duration, args.count).await,
         };
-        report(&args, concurrency, &samples, elapsed)
+        let window = match (duration, args.rate, args.count) {
+            (Some(d), _, _) => d.as_secs_f64(),
+            (None, Some(rate), Some(n)) => n as f64 / rate,
+            (None, _, _) => elapsed,
+        };
+        report(&args, concurrency, &samples, elapsed, window)
     });
     let (report, samples) = report;
     let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
@@ -471,6 +506,7 @@ fn report(
     concurrency: usize,
     samples: &[Sample],
     elapsed_s: f64,
+    window_s: f64,
 ) -> (Report, Vec<Sample>) {
     let ok: Vec<&Sample> = samples
         .iter()
@@ -494,10 +530,11 @@ fn report(
         concurrency: args.rate.is_none().then_some(concurrency),
         rate: args.rate,
         elapsed_s,
+        window_s,
         requests: samples.len(),
         ok: ok.len(),
-        qps: ok.len() as f64 / elapsed_s,
-        sent_qps: samples.len() as f64 / elapsed_s,
+        qps: ok.len() as f64 / window_s,
+        sent_qps: samples.len() as f64 / window_s,
         errors,
         latency_ms: ms(&|s| Some(s.latency_s * 1e3)),
         server_ms: ms(&|s| s.server_ms),
@@ -599,7 +636,61 @@ mod tests {
         assert_eq!(timing_dur("server;desc=\"x\";dur=2", "server"), Some(2.0));
         assert_eq!(timing_dur("server", "server"), None);
         assert_eq!(timing_dur("server;dur=abc", "server"), None);
+        // Rust's float parser takes these; a report cannot hold them.
+        assert_eq!(timing_dur("server;dur=NaN", "server"), None);
+        assert_eq!(timing_dur("server;dur=inf", "server"), None);
         assert_eq!(timing_dur("", "server"), None);
+    }
+
+    fn args(flags: &[&str]) -> BenchArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let mut argv = vec!["bench", "--url", "http://127.0.0.1:1", "--queries", "q.txt"];
+        argv.extend_from_slice(flags);
+        <Cli as clap::Parser>::parse_from(argv).bench
+    }
+
+    /// The rates divide by the sending window, not by the wait for the last answer: 1,000
+    /// sent in a 10 s run whose last answer came at 70 s (one request timed out) are 100 a
+    /// second.
+    #[test]
+    fn rates_are_per_second_of_the_window() {
+        let samples: Vec<Sample> = (0..1000)
+            .map(|i| Sample {
+                sent_s: i as f64 / 100.0,
+                latency_s: if i == 999 { 60.0 } else { 0.5 },
+                status: if i == 999 {
+                    Status::Timeout
+                } else {
+                    Status::Http(200)
+                },
+                server_ms: None,
+                queue_ms: None,
+                engine_ms: None,
+            })
+            .collect();
+        let (r, _) = report(&args(&["--rate", "100"]), 1, &samples, 70.0, 10.0);
+        assert_eq!((r.elapsed_s, r.window_s), (70.0, 10.0));
+        assert_eq!((r.sent_qps, r.qps), (100.0, 99.9));
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused_not_a_panic() {
+        for (flags, want) in [
+            (&["--duration", "1e20"][..], "--duration"),
+            (&["--timeout-s", "1e20"][..], "--timeout-s"),
+            (&["--rate", "1e300"][..], "--rate"),
+            (
+                &["--rate", "1e-19", "--count", "2"][..],
+                "--count 2 at --rate",
+            ),
+        ] {
+            let e = run(args(flags)).unwrap_err();
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
     }
 
     #[test]

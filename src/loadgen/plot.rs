@@ -210,7 +210,9 @@ fn percentiles(out: &mut String, lat: &[f64]) {
     let mut pts = String::new();
     let mut last = f64::NEG_INFINITY;
     for (i, &v) in lat.iter().enumerate() {
-        let p = i as f64 / n as f64;
+        // Nearest rank: sample i is the latency of every q in (i/n, (i+1)/n], drawn at its
+        // right end (the max at the right edge, the labelled percentiles on their lines).
+        let p = (i + 1) as f64 / n as f64;
         let x = xs(-(1.0 - p).log10());
         if x - last >= w / 2000.0 || i + 1 == n {
             let _ = write!(pts, "{x:.1},{:.1} ", ys(v));
