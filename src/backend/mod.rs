@@ -125,6 +125,15 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+impl AttnShape {
+    /// The score scale: HF's `head_dim ** -0.5`, a Python float (f64) that multiplies f32
+    /// scores, so rounded once to f32. `1 / sqrt(d)` in f32 rounds twice and is 1 ulp off for
+    /// some head sizes (96, 112).
+    pub fn scale(&self) -> f32 {
+        (self.head_dim as f64).powf(-0.5) as f32
+    }
+}
+
 /// The ops of a decoder forward pass. Activation buffers are f32, row-major.
 pub trait Backend: Send + Sync {
     /// An activation buffer (host `Vec<f32>` on the CPU, device memory on a GPU).
@@ -351,5 +360,29 @@ pub trait Backend: Send + Sync {
     /// calls it.
     fn run_forward<T>(&self, f: &mut dyn FnMut() -> T) -> T {
         f()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttnShape;
+
+    /// Bits of `numpy.float32(d ** -0.5)` (Python's `head_dim**-0.5`, rounded once to f32).
+    #[test]
+    fn score_scale_is_hfs_rounded_once() {
+        for (d, bits) in [
+            (64, 0x3e00_0000u32),
+            (80, 0x3de4_f92e),
+            (96, 0x3dd1_05ec),
+            (112, 0x3dc1_848f),
+            (128, 0x3db5_04f3),
+        ] {
+            let s = AttnShape {
+                heads: 1,
+                kv_heads: 1,
+                head_dim: d,
+            };
+            assert_eq!(s.scale().to_bits(), bits, "head_dim {d}");
+        }
     }
 }

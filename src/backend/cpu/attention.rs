@@ -82,7 +82,7 @@ pub fn attention(
         head_dim: d,
     } = shape;
     let group = heads / kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = shape.scale();
     // Query heads per work item: a KV head's whole group, unless that leaves too few items to
     // keep every thread busy (decode of one row: Hkv items), then one head each.
     let per = if rows.rows.len() * kv_heads >= 4 * rayon::current_num_threads() {

@@ -108,7 +108,7 @@ impl CudaBackend {
                 rows_per_block,
                 row_slices,
                 n_chunks: 1,
-                scale: 1.0 / (d as f32).sqrt(),
+                scale: shape.scale(),
             };
             let (name, grid, block) = if run.prefill {
                 (
