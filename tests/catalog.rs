@@ -18,18 +18,11 @@ fn gram(args: &[&str]) -> std::process::Output {
         .expect("run gram")
 }
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("gram-catalog-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Two lines with one id were two products: a search returned the id twice and nDCG@10 came
 /// out at 1.13. Now the read stops at the repeat, or skips and counts it.
 #[test]
 fn a_repeated_product_id_is_refused_or_skipped() {
-    let dir = temp("dup");
+    let dir = fresh_dir("catalog-dup");
     let cat = dir.join("c.jsonl");
     std::fs::write(
         &cat,
@@ -54,7 +47,7 @@ fn a_repeated_product_id_is_refused_or_skipped() {
 /// `--on-error skip` the first product vanished.
 #[test]
 fn a_byte_order_mark_is_not_a_product() {
-    let dir = temp("bom");
+    let dir = fresh_dir("catalog-bom");
     let cat = dir.join("c.jsonl");
     std::fs::write(
         &cat,
@@ -71,7 +64,7 @@ fn a_byte_order_mark_is_not_a_product() {
 /// product of its teacher-forcing pass.
 #[test]
 fn a_product_that_does_not_fit_is_named() {
-    let dir = temp("long");
+    let dir = fresh_dir("catalog-long");
     let cat = dir.join("c.jsonl");
     let long = vec!["sofa"; 3000].join(" ");
     let lines = [
@@ -163,7 +156,7 @@ fn beams_that_decode_to_one_text_are_indexed_once() {
 /// zeros, and the exit status was 0.
 #[test]
 fn eval_refuses_an_out_of_range_beam() {
-    let dir = temp("evalbeam");
+    let dir = fresh_dir("catalog-evalbeam");
     let lines: Vec<String> = [("p0", "oak sofa", "sofa"), ("p1", "oak lamp", "lamp")]
         .into_iter()
         .map(|(id, title, code)| {

@@ -122,15 +122,8 @@ fn write_gguf(src: &Path, dir: &Path, arch: &str, llama_permute: bool) {
     std::fs::write(dir.join("model.gguf"), b).unwrap();
 }
 
-fn fresh(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gram-gguf-layout-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn meta_only(src: &Path, name: &str) -> PathBuf {
-    let d = fresh(name);
+    let d = fresh_dir(&format!("gguf-layout-{name}"));
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(src.join(f), d.join(f)).unwrap();
     }

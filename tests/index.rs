@@ -528,8 +528,7 @@ fn esci_sample_end_to_end_with_smollm2() {
 fn an_index_with_a_code_past_the_generation_limit_is_refused_at_open() {
     use gram::index::{self, CodePostings, Product};
     use gram::trie::{CodeSet, Trie};
-    let dir = std::env::temp_dir().join(format!("gram-longcode-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("longcode");
     let n = gram::beam::MAX_NEW_TOKENS;
     let mut tokens = vec![5u32];
     tokens.extend((1..n).map(|i| 10 + (i % 50) as u32));

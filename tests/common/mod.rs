@@ -69,11 +69,17 @@ pub fn smollm2_dir() -> PathBuf {
     dir
 }
 
+/// An empty temp directory of this test process, `name` telling it from the others (made anew).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gram-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// Copies a model directory (files only) into a fresh temp dir for corruption tests.
 pub fn copy_model(src: &Path, name: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("gram-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
+    let dst = fresh_dir(name);
     for entry in std::fs::read_dir(src).unwrap() {
         let p = entry.unwrap().path();
         if p.is_file() {
