@@ -452,9 +452,14 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
                     };
                     // Two beams can decode to one text (e.g. different partial UTF-8 tails that
                     // both decode to U+FFFD): the first one only, whether kept or queued for
-                    // teacher forcing (a posting list holds a product once).
+                    // teacher forcing (a posting list holds a product once). Products come in
+                    // order, so this one's queued texts are the tail of `force`.
                     let seen = found[pi].iter().any(|(t, _)| *t == text)
-                        || force.iter().any(|(p, t, _)| *p == pi && *t == text);
+                        || force
+                            .iter()
+                            .rev()
+                            .take_while(|f| f.0 == pi)
+                            .any(|f| f.1 == text);
                     if seen {
                         continue;
                     }

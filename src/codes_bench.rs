@@ -83,15 +83,8 @@ pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     if args.batch.contains(&0) {
         return Err("--batch must be at least 1".into());
     }
-    if let Some(b) = args
-        .beam
-        .iter()
-        .find(|&&b| b == 0 || b > crate::beam::MAX_BEAM)
-    {
-        return Err(format!(
-            "--beam {b} is out of range (1..={})",
-            crate::beam::MAX_BEAM
-        ));
+    for &b in &args.beam {
+        crate::beam::check_width(b).map_err(|e| format!("--beam: {e}"))?;
     }
     let (gpu, info) =
         crate::search::open_backend(args.device, &args.model).map_err(|e| e.to_string())?;

@@ -537,13 +537,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         return Err("--batch must be at least 1".into());
     }
     // Checked here: the engine would refuse every query, and the report would read as zeros.
-    if args.beam == 0 || args.beam > beam::MAX_BEAM {
-        return Err(format!(
-            "--beam {} is out of range (1..={})",
-            args.beam,
-            beam::MAX_BEAM
-        ));
-    }
+    beam::check_width(args.beam).map_err(|e| format!("--beam: {e}"))?;
     let mut judged = gram::eval::read_judgements(&args.judgements)?;
     let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();

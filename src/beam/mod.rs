@@ -65,14 +65,20 @@ impl Default for BeamOptions {
     }
 }
 
+/// A beam width beam search takes (1..=[`MAX_BEAM`]), or the error saying why not: for callers
+/// that check a width before any query is made.
+pub fn check_width(beam: usize) -> Result<()> {
+    if beam == 0 || beam > MAX_BEAM {
+        return Err(Error::Input(format!(
+            "beam width {beam} is out of range (1..={MAX_BEAM})"
+        )));
+    }
+    Ok(())
+}
+
 impl BeamOptions {
     fn check(&self) -> Result<()> {
-        if self.beam == 0 || self.beam > MAX_BEAM {
-            return Err(Error::Input(format!(
-                "beam width {} is out of range (1..={MAX_BEAM})",
-                self.beam
-            )));
-        }
+        check_width(self.beam)?;
         if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
             return Err(Error::Input(format!(
                 "max_new_tokens {} is out of range (1..={MAX_NEW_TOKENS})",

@@ -408,12 +408,19 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
             })?;
         // GGUF dims are innermost first; HF shapes are outermost first.
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
-        let (part, _) = info.name.rsplit_once('.').unwrap_or((&info.name, ""));
-        let permute_heads = match part.rsplit_once('.').map(|(_, p)| p) {
-            _ if !permuted => None,
-            Some("attn_q") => Some(config.num_attention_heads),
-            Some("attn_k") => Some(config.num_key_value_heads),
-            _ => None,
+        // `blk.N.attn_q.weight` / `.bias` (the name without its last part).
+        let stem = info
+            .name
+            .rsplit_once('.')
+            .map_or(info.name.as_str(), |(s, _)| s);
+        let permute_heads = if !permuted {
+            None
+        } else if stem.ends_with(".attn_q") {
+            Some(config.num_attention_heads)
+        } else if stem.ends_with(".attn_k") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
         };
         // Read in place: the plain types, and the block types the matmul dequantizes itself
         // (2-D only; a block-typed vector is dequantized here).
