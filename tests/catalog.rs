@@ -5,18 +5,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use gram::catalog::{self, Generate, Item, OnError};
 use gram::{Model, Tokenizer};
-
-fn gram(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(args)
-        .output()
-        .expect("run gram")
-}
 
 /// Two lines with one id were two products: a search returned the id twice and nDCG@10 came
 /// out at 1.13. Now the read stops at the repeat, or skips and counts it.

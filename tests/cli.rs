@@ -6,16 +6,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::*;
-
-fn gram(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(args)
-        .output()
-        .expect("run gram")
-}
 
 /// The error of a failed run: its status is non-zero, nothing panicked, and stderr ends with
 /// one `error: ` line (after the `backend: ` line, when the model's backend was chosen).

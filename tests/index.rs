@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use gram::catalog::teacher_force;
 use gram::lm::log_softmax;
@@ -44,13 +42,6 @@ fn teacher_forced_probabilities_match_plain_forward() {
             assert!(err < 1e-4, "{name} {code:?}: {g:?} vs {want:?}");
         }
     }
-}
-
-fn gram(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(args)
-        .output()
-        .expect("run gram")
 }
 
 fn ok(out: &std::process::Output) -> String {

@@ -89,6 +89,14 @@ pub fn copy_model(src: &Path, name: &str) -> PathBuf {
     dst
 }
 
+/// Runs the `gram` binary with `args` and waits for it.
+pub fn gram(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(args)
+        .output()
+        .expect("run gram")
+}
+
 /// Builds an index with `gram index build` (as users do) over `model` from catalog `lines`
 /// (JSONL) in `dir` (made anew); returns the index directory.
 pub fn build_index(dir: &Path, model: &str, lines: &[String]) -> PathBuf {
