@@ -169,7 +169,9 @@ __device__ __forceinline__ void decode_impl(const AttnParams<T>& p) {
     __shared__ u32 pair_s[DC_WARPS];
 
     // Uniform in the block. qw has one row per warp of DC_THREADS.
-    if (blockDim.x != DC_THREADS || p.kv_heads == 0 || p.row_slices == 0 || p.n_chunks == 0) return;
+    if (blockDim.x != DC_THREADS || p.kv_heads == 0 || p.heads < p.kv_heads || p.row_slices == 0 ||
+        p.rows_per_block == 0 || p.n_chunks == 0)
+        return;
     const u32 group = blockIdx.x, slice = blockIdx.y % p.row_slices, kvh = blockIdx.y / p.row_slices;
     const u32 chunk = blockIdx.z;
     if (group >= p.n_groups || kvh >= p.kv_heads || chunk >= p.n_chunks) return;  // uniform
@@ -186,7 +188,9 @@ __device__ __forceinline__ void decode_impl(const AttnParams<T>& p) {
     const u32 span_len = row_span_len(lead);
     const u64 c0 = (u64)chunk * CH;
     const u32 c_len = c0 < span_len ? (u32)min((u64)CH, span_len - c0) : 0u;
-    const bool chunk_bad = (u64)lead.span_begin + c0 + c_len > p.entries;
+    // A chunk wholly past a shorter span reads nothing and is not bad (its end may pass the
+    // arena's when the span ends near it).
+    const bool chunk_bad = c_len > 0 && (u64)lead.span_begin + c0 + c_len > p.entries;
     // 16-byte loads, all of a thread's issued before any is stored (one latency, not eight).
     constexpr u32 E = 16 / sizeof(T);                  // values per load
     constexpr u32 PER = CH * D / E / DC_THREADS;       // loads per thread, of K and of V each
@@ -285,7 +289,12 @@ __device__ __forceinline__ void decode_merge_impl(const AttnParams<T>& p) {
     const u64 pairs = (u64)p.n_rows * p.heads;
     if (pair >= pairs) return;  // whole warp
     float m = gram_neg_inf();
-    for (u32 c = 0; c < p.n_chunks; ++c) m = max_nan(m, p.part_ml[2 * (c * pairs + pair)]);
+    bool bad = false;  // a chunk read a bad entry: NaN out, even when no chunk has a key
+    for (u32 c = 0; c < p.n_chunks; ++c) {
+        const u64 pi = c * pairs + pair;
+        m = max_nan(m, p.part_ml[2 * pi]);
+        bad |= isnan(p.part_ml[2 * pi + 1]);
+    }
     float l = 0.0f, o[D / 32];
 #pragma unroll
     for (int i = 0; i < D / 32; ++i) o[i] = 0.0f;
@@ -305,7 +314,7 @@ __device__ __forceinline__ void decode_merge_impl(const AttnParams<T>& p) {
     const u64 o_off = pair * D;  // [T, H, D] row-major: (t * H + h) * D
 #pragma unroll
     for (int i = 0; i < D / 32; ++i) {
-        const float y = o[i] * inv;
+        const float y = bad ? gram_nan() : o[i] * inv;
         p.out[o_off + lane + 32 * i] = from_f32<T>(y);
         if (p.out_b) p.out_b[o_off + lane + 32 * i] = __float2bfloat16_rn(y);
     }
