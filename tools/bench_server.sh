@@ -37,8 +37,10 @@ serve() {
 
 batches=${GRAM_BENCH_BATCHES:-16 4 1}
 for mb in $batches; do
-  # A deadline past what 32 clients wait in a closed loop (32 / QPS): measure, do not shed.
-  serve --max-batch "$mb" --max-queue 256 --timeout-ms 120000
+  # A deadline past what 32 clients wait in a closed loop (32 / QPS), and no queue-wait bound
+  # (its 1 ms default answers 503 to every client past --max-batch, and a closed-loop client
+  # resends at once): measure, do not shed.
+  serve --max-batch "$mb" --max-queue 256 --timeout-ms 120000 --max-queue-wait-ms 0
   for c in 1 8 32; do
     echo "max-batch $mb, concurrency $c, $secs s" >&2
     "$gram" bench --url "http://127.0.0.1:$port" --queries "$queries" --concurrency "$c" \

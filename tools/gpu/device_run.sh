@@ -12,7 +12,8 @@
 #
 # Needs two binaries built on the CPU machine and carried in .devbin/ (git-ignored):
 #   cargo build --release && cargo test --release --test gpu --no-run
-#   strip -o .devbin/gram target/release/gram; strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
+#   mkdir -p .devbin && strip -o .devbin/gram target/release/gram &&
+#     strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
 # Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7;
 # 10 = each op's cost inside a replayed pass, by knocking it out with GRAM_CUDA_SKIP_OPS, after 2;
 # SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per

@@ -5,7 +5,9 @@
 #   3. `gram bench-codes` beam 10 × batch 1 under Nsight Systems with graph nodes traced
 #      (--cuda-graph-trace=node), exported as a per-kernel CSV (start, duration, name); or, where
 #      there is no nsys, Nsight Compute on the first kernels (durations only, no gaps)
-# Analyse the CSV with tools/gpu/trace_summary.py. Needs .devbin/gram (as device_run.sh).
+# The CSV has a row per kernel (start, duration, name): sum the durations by name for each
+# kernel's share, and the gaps between one end and the next start for the launch idle.
+# Needs .devbin/gram (as device_run.sh).
 # Env: GRAM_ENV (settings for the traced run, e.g. "GRAM_CUDA_ROWS_GEMM=0"), MODEL (smollm2).
 # Everything lands in $OUT/trace.tgz (one file: the device tool brings back at most 8).
 set -u

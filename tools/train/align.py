@@ -2,7 +2,8 @@
 
     python -m tools.train.align [--work WORK] [--init WORK/sft] [--out WORK/align]
                                 [--pairs N] [--beam B] [--beta-w BW] [--beta-l BL]
-                                [--length-alpha A] [--sft-weight S] [--steps N] [--minutes M]
+                                [--length-alpha A] [--sft-weight S] [--lr LR] [--batch N]
+                                [--epochs E] [--minutes M] [--seed S] [--threads T]
 
 For N (query, relevant product) pairs — synthetic training queries and a product each was made
 from — the SFT model generates codes by trie-constrained beam search (transformers,

@@ -1,6 +1,6 @@
 """Stage 1: GRAM codes from product attributes (chorus-icecat → catalog JSONL + code list).
 
-    python -m tools.train.codes [--data DIR] [--out WORK] [--limit N] [--seed S]
+    python -m tools.train.codes [--data DIR] [--out WORK] [--limit N]
 
 Reads the Icecat products of ../shared/data/chorus-icecat (the zips are read in place with
 zipfile; nothing is unpacked), recovers each product's attributes and writes
