@@ -257,6 +257,12 @@ fn batched_queries_match_single_ones_and_return_only_codes() {
                     }
                 })
                 .collect();
+            let mut queries = queries;
+            // One unconstrained query among constrained ones: the batch's head then serves
+            // both kinds of row (the dense head's constrained branches).
+            if let [_, .., last] = queries.as_mut_slice() {
+                last.options.constrained = false;
+            }
             let together = search.run(&f.model, &f.trie, &queries).unwrap();
             for (qi, (q, got)) in queries.iter().zip(&together).enumerate() {
                 let ctx = format!("{name} round {round} query {qi} {:?}", q.options);
@@ -264,9 +270,18 @@ fn batched_queries_match_single_ones_and_return_only_codes() {
                 let alone = &alone[0];
                 assert!(got.codes.len() <= q.options.beam, "{ctx}");
                 assert_eq!(got.codes.len(), alone.codes.len(), "{ctx}");
+                assert_eq!(got.invalid, alone.invalid, "{ctx}");
                 for (g, a) in got.codes.iter().zip(&alone.codes) {
                     assert_eq!(g.code, a.code, "{ctx}");
+                    assert_eq!(g.tokens, a.tokens, "{ctx}");
                     assert!((g.score - a.score).abs() < 1e-4, "{ctx}");
+                    assert_eq!(g.token_logprobs.len(), a.token_logprobs.len(), "{ctx}");
+                    for (x, y) in g.token_logprobs.iter().zip(&a.token_logprobs) {
+                        assert!((x - y).abs() < 1e-4, "{ctx}: token logprob {x} vs {y}");
+                    }
+                }
+                if !q.options.constrained {
+                    continue;
                 }
                 // Invalid rate 0: each returned code is the set's code with those tokens.
                 for c in &got.codes {
@@ -622,9 +637,127 @@ fn unconstrained_search_counts_invalid_codes() {
         "unconstrained beams always fill their slots"
     );
     // A random tiny model does not spell codes: everything it returns is counted invalid.
-    let not_codes = o.codes.iter().filter(|c| c.code.is_none()).count();
-    assert_eq!(o.invalid, not_codes);
-    assert!(o.invalid > 0);
+    assert_eq!(o.invalid, 6);
+    assert!(o.codes.iter().all(|c| c.code.is_none()));
+}
+
+/// Unconstrained, a sequence that ends in EOS and spells a code of the set is that code (its
+/// id), and every other one (off the set, or cut at the length limit) counts as invalid. A
+/// random tiny model almost never emits its EOS, so the model is a copy whose EOS is a token
+/// it does emit; the set is made of some of the sequences a first search returned.
+#[test]
+fn unconstrained_search_recognizes_the_codes_it_spells() {
+    let f = fixture("tiny-llama");
+    let vocab = f.model.config.vocab_size;
+    let query = |p: &str| Query {
+        prompt: f.tok.encode(p).unwrap(),
+        options: BeamOptions {
+            beam: 16,
+            max_new_tokens: 5,
+            constrained: false,
+            ..Default::default()
+        },
+    };
+    let prompts = [
+        "green sofa",
+        "oak table for kids",
+        "cheap rug",
+        "modern lamp",
+        "velvet chair blue",
+        "wool bed",
+        "brass desk lamp",
+        "red sofa for kids",
+    ];
+    let queries: Vec<Query> = prompts.iter().map(|p| query(p)).collect();
+    // Tokens generated after the first position, most frequent first: the first that ends
+    // at least 4 sequences becomes the EOS.
+    let explore = beam::search(&f.model, &f.trie, &queries).unwrap();
+    let mut counts = vec![0usize; vocab];
+    for c in explore.iter().flat_map(|o| &o.codes) {
+        for &t in c.tokens.iter().skip(1) {
+            counts[t as usize] += 1;
+        }
+    }
+    let mut order: Vec<u32> = (0..vocab as u32).collect();
+    order.sort_by_key(|&t| std::cmp::Reverse(counts[t as usize]));
+    let ended_in = |o: &[beam::Output]| -> Vec<Vec<u32>> {
+        o.iter()
+            .flat_map(|o| &o.codes)
+            .filter(|c| c.token_logprobs.len() == c.tokens.len() + 1 && !c.tokens.is_empty())
+            .map(|c| c.tokens.clone())
+            .collect()
+    };
+    let with_eos = |eos: u32| {
+        let dir = copy_model(&model_dir("tiny-llama"), "beam-unconstrained-eos");
+        let config = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        cfg["eos_token_id"] = eos.into();
+        std::fs::write(&config, cfg.to_string()).unwrap();
+        let _ = std::fs::remove_file(dir.join("generation_config.json"));
+        let model = Model::load(&dir, &Default::default()).unwrap();
+        assert_eq!(model.config.eos_token_ids, vec![eos]);
+        // Any trie with that EOS (its codes do not steer the search).
+        let placeholder = CodeSet {
+            texts: vec!["placeholder".into()],
+            tokens: vec![(eos + 1) % vocab as u32],
+            offsets: vec![0, 1],
+        };
+        let trie = Trie::build(&placeholder, vocab, eos).unwrap();
+        let first = beam::search(&model, &trie, &queries).unwrap();
+        (model, first)
+    };
+    let (eos, model, first) = order[..8]
+        .iter()
+        .map(|&eos| {
+            let (model, first) = with_eos(eos);
+            (eos, model, first)
+        })
+        .inspect(|(eos, _, first)| eprintln!("eos {eos}: {} ended", ended_in(first).len()))
+        .find(|(_, _, first)| ended_in(first).len() >= 4)
+        .expect("no frequent token ends 4 sequences");
+    let ended = ended_in(&first);
+    let mut chosen: Vec<Vec<u32>> = Vec::new();
+    for t in ended.iter().step_by(2) {
+        if !chosen.contains(t) {
+            chosen.push(t.clone());
+        }
+    }
+    let set = CodeSet {
+        texts: (0..chosen.len()).map(|i| format!("code {i}")).collect(),
+        tokens: chosen.concat(),
+        offsets: std::iter::once(0)
+            .chain(chosen.iter().scan(0, |n, c| {
+                *n += c.len();
+                Some(*n)
+            }))
+            .collect(),
+    };
+    let trie = Trie::build(&set, vocab, eos).unwrap();
+    let again = beam::search(&model, &trie, &queries).unwrap();
+    let (mut codes, mut others) = (0, 0);
+    for (a, b) in first.iter().zip(&again) {
+        // The trie does not steer an unconstrained search: the same sequences come back.
+        let seqs = |o: &beam::Output| o.codes.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>();
+        assert_eq!(seqs(a), seqs(b));
+        let mut invalid = 0;
+        for c in &b.codes {
+            let ended = c.token_logprobs.len() == c.tokens.len() + 1;
+            let want = chosen
+                .iter()
+                .position(|t| ended && *t == c.tokens)
+                .map(|i| i as u32);
+            assert_eq!(c.code, want, "{:?}", c.tokens);
+            if want.is_some() {
+                codes += 1;
+            } else {
+                invalid += 1;
+            }
+        }
+        assert_eq!(b.invalid, invalid);
+        others += invalid;
+    }
+    assert!(codes >= 2 && others >= 2, "{codes} codes, {others} others");
 }
 
 #[test]
