@@ -735,12 +735,44 @@ mod tests {
         assert_eq!(get("recall@10").queries, 2);
         assert_eq!(get("recall@10").mean, Some(0.5)); // q1: 1, q2: 0
         assert_eq!(get("ndcg@10").queries, 2);
+        // q1 ranks a, b of a, b, c, d; q2's x is unjudged: 0
+        let q1 = (7.0 + 3.0 / 3f64.log2()) / (7.0 + 3.0 / 3f64.log2() + 0.5);
+        assert!(close(get("ndcg@10").mean.unwrap(), q1 / 2.0));
         assert_eq!(get("relevance_rate@300").queries, 1);
         assert_eq!(get("relevance_rate@300").mean, Some(1.0));
         assert_eq!(get("judged@10").queries, 2); // q3's run is empty
         assert_eq!(get("judged@10").mean, Some(0.5)); // q1: 1, q2: 0
         let none = summarize(&[], &[]);
         assert!(none.iter().all(|a| a.mean.is_none() && a.queries == 0));
+    }
+
+    /// Each cutoff sees its own part of a long ranking: relevant r1..r4 at ranks 5, 50, 200
+    /// and 400 of 500, a grade-0 product at 250.
+    #[test]
+    fn summarize_cuts_each_metric_at_its_own_rank() {
+        let mut ranked: Vec<String> = (0..500).map(|i| format!("x{i}")).collect();
+        for (rank, id) in [(5, "r1"), (50, "r2"), (200, "r3"), (400, "r4"), (250, "n")] {
+            ranked[rank - 1] = id.to_string();
+        }
+        let grades: Grades = [
+            ("r1", 2.0),
+            ("r2", 2.0),
+            ("r3", 2.0),
+            ("r4", 2.0),
+            ("n", 0.0),
+        ]
+        .into_iter()
+        .map(|(d, g)| (d.to_string(), g))
+        .collect();
+        let s = summarize(&[ranked], &[&grades]);
+        let mean = |n: &str| s.iter().find(|a| a.name == n).unwrap().mean.unwrap();
+        assert_eq!(mean("recall@10"), 0.25);
+        assert_eq!(mean("recall@100"), 0.5);
+        assert_eq!(mean("recall@300"), 0.75);
+        assert_eq!(mean("relevance_rate@300"), 0.75); // r1, r2, r3 of r1, r2, r3, n
+        assert_eq!(mean("judged@10"), 0.1);
+        let ideal = 3.0 * (1.0 + 1.0 / 3f64.log2() + 0.5 + 1.0 / 5f64.log2());
+        assert!(close(mean("ndcg@10"), 3.0 / 6f64.log2() / ideal));
     }
 
     #[test]

@@ -87,8 +87,29 @@ class Metrics(unittest.TestCase):
         self.assertEqual(s["n_recall@10"], 2)
         self.assertEqual(s["recall@10"], 0.5)  # q1: 1, q2: 0
         self.assertEqual(s["n_ndcg@10"], 2)
-        self.assertIsNone(s["relevance_rate@300"] if s["n_relevance_rate@300"] == 0 else None)
+        # q1 ranks a, b of a, b, c, d; q2's x is unjudged: 0
+        q1 = (7 + 3 / math.log2(3)) / (7 + 3 / math.log2(3) + 1 / 2)
+        self.assertAlmostEqual(s["ndcg@10"], q1 / 2)
         self.assertEqual(s["n_relevance_rate@300"], 1)
+        self.assertEqual(s["relevance_rate@300"], 1.0)  # q1: a, b of a, b
+        self.assertEqual(s["n_judged@10"], 2)
+        self.assertEqual(s["judged@10"], 0.5)  # q1: 1, q2: 0
+        self.assertEqual(s["mean_returned"], 1.0)  # (2 + 1 + 0) / 3
+
+    def test_summarize_cutoffs(self):
+        # 500 ranked ids; relevant r1..r4 at ranks 5, 50, 200, 400; a grade-0 one at 250
+        ranked = [f"x{i}" for i in range(500)]
+        grades = {"r1": 2, "r2": 2, "r3": 2, "r4": 2, "n": 0}
+        for rank, pid in [(5, "r1"), (50, "r2"), (200, "r3"), (400, "r4"), (250, "n")]:
+            ranked[rank - 1] = pid
+        s = M.summarize({"q": ranked}, {"q": grades})
+        self.assertEqual(s["recall@10"], 0.25)
+        self.assertEqual(s["recall@100"], 0.5)
+        self.assertEqual(s["recall@300"], 0.75)
+        self.assertEqual(s["relevance_rate@300"], 0.75)  # r1, r2, r3 of r1, r2, r3, n
+        self.assertEqual(s["judged@10"], 0.1)
+        ideal = 3 * (1 + 1 / math.log2(3) + 1 / 2 + 1 / math.log2(5))
+        self.assertAlmostEqual(s["ndcg@10"], 3 / math.log2(6) / ideal)
 
 
 if __name__ == "__main__":
