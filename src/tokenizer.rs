@@ -490,7 +490,13 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().join("tokenizer.json"))
             .collect();
-        paths.push(root.join("../shared/data/smollm2-135m-instruct/tokenizer.json"));
+        let smollm2 = root.join("../shared/data/smollm2-135m-instruct/tokenizer.json");
+        assert!(
+            smollm2.exists(),
+            "SmolLM2's tokenizer: {} is missing",
+            smollm2.display()
+        );
+        paths.push(smollm2);
         paths.sort();
         let mut out: Vec<(String, Value)> = Vec::new();
         for p in paths.into_iter().filter(|p| p.exists()) {
@@ -502,8 +508,8 @@ mod tests {
         }
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         eprintln!("fixture tokenizers: {names:?}");
-        // gram-icecat-2m, tiny-llama, tiny-qwen2 (= tiny-qwen3) at least.
-        assert!(out.len() >= 3, "fixture tokenizers: {names:?}");
+        // gram-icecat-2m, tiny-llama, tiny-qwen2 (= tiny-qwen3) and SmolLM2 at least.
+        assert!(out.len() >= 4, "fixture tokenizers: {names:?}");
         out
     }
 

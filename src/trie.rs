@@ -565,24 +565,27 @@ mod tests {
         }
     }
 
-    /// The fixtures' tokenizers (the repository's models; SmolLM2's where fetched).
+    /// The fixtures' tokenizers: the repository's models and SmolLM2's (49,152 tokens, from
+    /// `../shared/data`, as `tests/tokenizer.rs` reads it: never skipped).
     fn fixture_tokenizers() -> Vec<(String, Tokenizer)> {
         let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let mut out = Vec::new();
-        for name in [
-            "gram-icecat-2m",
-            "tiny-llama",
-            "tiny-qwen2",
-            "tiny-qwen3",
+        let mut paths: Vec<(&str, std::path::PathBuf)> =
+            ["gram-icecat-2m", "tiny-llama", "tiny-qwen2", "tiny-qwen3"]
+                .into_iter()
+                .map(|name| (name, root.join("models").join(name).join("tokenizer.json")))
+                .collect();
+        paths.push((
             "smollm2-135m-instruct",
-        ] {
-            let path = root.join("models").join(name).join("tokenizer.json");
-            if path.exists() {
-                out.push((name.to_string(), Tokenizer::from_file(&path).unwrap()));
-            }
-        }
-        assert!(out.len() >= 4);
-        out
+            root.join("../shared/data/smollm2-135m-instruct/tokenizer.json"),
+        ));
+        paths
+            .into_iter()
+            .map(|(name, path)| {
+                let tok = Tokenizer::from_file(&path)
+                    .unwrap_or_else(|e| panic!("{name}'s tokenizer {}: {e}", path.display()));
+                (name.to_string(), tok)
+            })
+            .collect()
     }
 
     /// Code sets through the per-thread memos are exactly the reference twin's (`encode_plain`
