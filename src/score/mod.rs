@@ -264,6 +264,7 @@ mod tests {
                 let slow = rank(isa, &lists, aggregate, usize::MAX, u32::MAX);
                 let fast = ranker.rank(isa, &lists, aggregate, usize::MAX, u32::MAX);
                 assert_eq!(slow.len(), want.len());
+                assert_eq!(fast.len(), slow.len());
                 for (a, b) in slow.iter().zip(&fast) {
                     assert_eq!(
                         (a.product, a.score.to_bits(), &a.codes),

@@ -117,10 +117,6 @@ class WorkFiles(unittest.TestCase):
         self.assertFalse(cold_titles & {p["text"] for p in train if p["kind"] == "product"})
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class SynthJudgements(unittest.TestCase):
     def test_same_as_weights_relevant(self):
         # The index lookup gives exactly weights.relevant against the first source product,
@@ -143,3 +139,7 @@ class SynthJudgements(unittest.TestCase):
             self.assertEqual(set(j["grades"]), want, q["query"])
             self.assertTrue(all(g == 3 for g in j["grades"].values()))
         self.assertIn(no_colour["id"], got[1]["grades"])
+
+
+if __name__ == "__main__":
+    unittest.main()
