@@ -12,8 +12,8 @@
 //! Whole models (bf16 weights on both sides): logits within 8e-2 relative (max |Δ| /
 //! max(|cpu|, 1)) of the plain CPU and of `CpuBackend::gpu_numerics` (the CPU rounding GEMM
 //! operands to bf16 as cuBLAS does). On the default model the operand rounding alone moves
-//! logits by up to 2.9e-2 on the CPU, and the GPU sits 3.7e-2 / 4.2e-2 from the two references
-//! (H200): a value near a bf16 rounding boundary rounds either way depending on the f32 sum
+//! logits by up to 2.9e-2 on the CPU, and the GPU sat 3.7e-2 / 4.2e-2 from the two references
+//! (3-epoch model, H200; the 8-epoch default, sharper, 7.84e-2 from the first): a value near a bf16 rounding boundary rounds either way depending on the f32 sum
 //! order, so no CPU emulation can be tighter than that noise. Beam search against the plain
 //! CPU: the same number of codes; at least 80 % of the codes in both lists; a code in both has
 //! scores within 3e-2; and two codes both return, with CPU scores more than 0.1 apart, come in
@@ -832,8 +832,9 @@ fn load_pair(
 
 #[test]
 fn model_logits_match_cpu() {
-    // Against the CPU with the GPU's GEMM rounding (tight), and against the plain f32-activation
-    // CPU (what bf16 operands cost).
+    // Against the CPU with the GPU's GEMM rounding, and against the plain f32-activation CPU
+    // (what bf16 operands cost). One tolerance for both: rounding noise near bf16 boundaries
+    // makes the emulation no closer than the plain CPU (module docs).
     for (dir, (numerics, tol)) in models().into_iter().flat_map(|d| {
         [
             (d.clone(), ("gpu-numerics", 8e-2)),
