@@ -701,7 +701,7 @@ pub fn fail_all(queue: &Queue) {
 
 #[cfg(test)]
 mod tests {
-    use super::{overloaded, wait_refusal, ArrivalRate, Refusal, ServiceRate};
+    use super::{overloaded, wait_refusal, ArrivalRate, Metrics, Refusal, ServiceRate};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -790,5 +790,151 @@ mod tests {
         }
         assert_eq!(c.per_second(ms(20)), Some(70.0 / 7.0));
         assert_eq!(c.per_second(ms(30_020)), None);
+    }
+
+    /// A panic while scoring (a bug) answers that request `internal` and the scoring thread goes
+    /// on: with one scoring thread, a request after the one that panicked is still scored (on
+    /// that same thread) and answered the engine's own answer, and the batcher stops cleanly
+    /// once its queue closes.
+    #[test]
+    fn a_panic_while_scoring_fails_that_request_and_scoring_goes_on() {
+        use super::{run, BatcherConfig, Failed, Job, Queue};
+        use crate::search::{build_settings, index_file, model_fingerprint, Engine, Request};
+        use std::sync::{Arc, Mutex};
+
+        // A tiny index over the repository's tiny-llama, built in-process.
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let model_dir = root.join("models/tiny-llama");
+        let dir = std::env::temp_dir().join(format!("gram-batcher-panic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let items: Vec<crate::catalog::Item> =
+            [("p0", "oak desk", "desk"), ("p1", "wool rug", "rug")]
+                .into_iter()
+                .map(|(id, title, code)| crate::catalog::Item {
+                    id: id.into(),
+                    title: title.into(),
+                    attributes: Default::default(),
+                    codes: vec![
+                        code.into(),
+                        format!("{code} | {}", &title[..title.find(' ').unwrap()]),
+                    ],
+                })
+                .collect();
+        let settings = crate::settings::Settings::load(&model_dir).unwrap();
+        let meta = serde_json::json!({
+            "model": {
+                "dir": std::fs::canonicalize(&model_dir).unwrap(),
+                "fingerprint": model_fingerprint(&model_dir).unwrap(),
+            },
+            "settings": build_settings(&settings),
+        });
+        {
+            let model = crate::Model::load(&model_dir, &Default::default()).unwrap();
+            let tokenizer = crate::Tokenizer::from_file(&model_dir.join("tokenizer.json")).unwrap();
+            crate::catalog::build(
+                &model,
+                &tokenizer,
+                &settings,
+                &items,
+                None,
+                &index_file(&dir),
+                &meta,
+            )
+            .unwrap();
+        }
+        let engine = Engine::open(&dir, None, &Default::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let metrics = Arc::new(Metrics::default());
+        let queue = Queue::new(8, metrics.clone());
+        let config = BatcherConfig {
+            max_batch: 2,
+            batch_wait: Duration::ZERO,
+            arena_entries: super::arena_entries(&engine, 2, 10).unwrap(),
+            score_threads: 1,
+        };
+        queue.set_max_batch(config.max_batch);
+        // Scores with the engine, then panics for the one query; every call's thread is kept.
+        let threads = Mutex::new(Vec::new());
+        let score = |done| {
+            threads.lock().unwrap().push(std::thread::current().id());
+            let response = engine.score(done);
+            if response.query == "wool rug" {
+                panic!("a scoring bug (this test's own panic)");
+            }
+            response
+        };
+        let push = |query: &str| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let job = Job {
+                prepared: engine.prepare(Request::new(query)).unwrap(),
+                reply,
+                enqueued: Instant::now(),
+                deadline: Instant::now() + Duration::from_secs(600),
+            };
+            queue.push(job).unwrap();
+            answer
+        };
+        // The answer, or `None` if its sender was dropped unanswered; panics after 60 s (no
+        // thread left to answer it).
+        let answer = |mut rx: tokio::sync::oneshot::Receiver<super::Reply>| {
+            use tokio::sync::oneshot::error::TryRecvError;
+            let t = Instant::now();
+            loop {
+                match rx.try_recv() {
+                    Ok(reply) => return Some(reply),
+                    Err(TryRecvError::Closed) => return None,
+                    Err(TryRecvError::Empty) => {
+                        assert!(t.elapsed() < Duration::from_secs(60), "no answer in 60 s");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        };
+        /// Closes the queue however the test ends, so that the batcher stops and the scope's
+        /// join does not hang.
+        struct Close<'a>(&'a Queue);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let alone = {
+            let mut beams = crate::beam::BeamSearch::new();
+            let p = engine.prepare(Request::new("oak desk")).unwrap();
+            engine.search(&mut beams, vec![p]).unwrap().remove(0)
+        };
+        std::thread::scope(|s| {
+            let batcher = s.spawn(|| run(&engine, &queue, config, &metrics, || {}, &score));
+            let close = Close(&queue);
+            // A scoring thread that died with the panic would drop the reply unanswered.
+            match answer(push("wool rug")) {
+                Some(Err(Failed::Engine { kind, .. })) => assert_eq!(kind, "internal"),
+                Some(Err(other)) => panic!("the panicking request got {other:?}"),
+                Some(Ok(done)) => panic!("the panicking request got {:?}", done.response.query),
+                None => panic!("the panicking request got no answer"),
+            }
+            // The next request is scored on the same (only) scoring thread, and answered.
+            let done = answer(push("oak desk"))
+                .expect("a request after the panic is answered")
+                .expect("and scored");
+            assert_eq!(done.response.codes, alone.codes);
+            assert_eq!(done.response.products, alone.products);
+            drop(close);
+            batcher
+                .join()
+                .expect("the batcher does not panic")
+                .expect("and stops cleanly once its queue closes");
+        });
+        let threads = threads.into_inner().unwrap();
+        assert_eq!(threads.len(), 2, "both requests reached scoring");
+        assert_eq!(threads[0], threads[1], "one scoring thread scored both");
+        // Only the answered request is timed.
+        let text = metrics.render();
+        assert!(
+            text.contains("gram_stage_seconds_count{stage=\"scoring\"} 1\n"),
+            "{text}"
+        );
     }
 }
