@@ -93,14 +93,16 @@ fn summarize(samples: &[f64], n_tokens: usize) -> serde_json::Value {
     if samples.is_empty() {
         return serde_json::Value::Null;
     }
-    let mut tps: Vec<f64> = samples.iter().map(|s| n_tokens as f64 / s).collect();
-    tps.sort_by(f64::total_cmp);
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
+    // The median as `statistics.median` (the peers' script) takes it: the mean of the two
+    // middle samples of an even count.
+    let n = sorted.len();
+    let median_s = (sorted[(n - 1) / 2] + sorted[n / 2]) / 2.0;
     json!({
-        "tok_s_best": tps[tps.len() - 1],
-        "tok_s_median": tps[tps.len() / 2],
-        "ms_median": sorted[sorted.len() / 2] * 1e3,
+        "tok_s_best": n_tokens as f64 / sorted[0],
+        "tok_s_median": n_tokens as f64 / median_s,
+        "ms_median": median_s * 1e3,
         "n_tokens": n_tokens,
         "runs_s": samples,
     })

@@ -8,13 +8,13 @@
 #
 # One-time set-up: python3 -m venv .venv && .venv/bin/pip install -r tools/requirements.txt
 # Then: tools/bench_beam.sh          (about 10 minutes; keep the machine otherwise idle)
-# Knobs: THREADS (2), QUERIES (20 for gram), HF_QUERIES (10), OUT (bench-out).
+# Knobs: THREADS (2), QUERIES (10: the same queries for gram and transformers), OUT (bench-out).
+# transformers runs with its default attention (sdpa), as a user would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 threads=${THREADS:-2}
-queries=${QUERIES:-20}
-hf_queries=${HF_QUERIES:-10}
+queries=${QUERIES:-10}
 model=models/smollm2-135m-instruct
 mkdir -p "$out"
 [ -x .venv/bin/python ] || { echo "error: .venv missing; see the set-up line at the top of $0" >&2; exit 1; }
@@ -33,9 +33,9 @@ echo "gram (first)..." >&2
 bench --codes "$codes" --queries "$queries" > "$out/beam-gram.jsonl"
 echo "transformers + prefix_allowed_tokens_fn..." >&2
 prompts=()
-while IFS= read -r p; do prompts+=(--prompt "$p"); done < <(bench --print-prompts --queries "$hf_queries")
+while IFS= read -r p; do prompts+=(--prompt "$p"); done < <(bench --print-prompts --queries "$queries")
 .venv/bin/python tools/beam_oracle.py --model "$model" --codes "$codes" --beam 10 \
-  --max-new-tokens 16 --time 1 --threads "$threads" "${prompts[@]}" > "$out/beam-hf.json"
+  --max-new-tokens 16 --time 1 --threads "$threads" --attn sdpa "${prompts[@]}" > "$out/beam-hf.json"
 echo "gram (last)..." >&2
 bench --codes "$codes" --queries "$queries" > "$out/beam-gram-last.jsonl"
 echo "trie build, 2.5M codes..." >&2

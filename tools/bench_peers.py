@@ -334,6 +334,53 @@ def _fmt_bm(v):
     return f"{v:.1f}"
 
 
+# Bytes per block and weights per block of the GGUF tensor types a checkpoint may store.
+GGUF_TYPES = {0: ("F32", 4, 1), 1: ("F16", 2, 1), 30: ("BF16", 2, 1), 2: ("Q4_0", 18, 32),
+              3: ("Q4_1", 20, 32), 6: ("Q5_0", 22, 32), 7: ("Q5_1", 24, 32), 8: ("Q8_0", 34, 32),
+              12: ("Q4_K", 144, 256), 13: ("Q5_K", 176, 256), 14: ("Q6_K", 210, 256)}
+
+
+def gguf_matrix_bytes(path):
+    """{type name: bytes} of the 2-D tensors of a GGUF file (the matmul weights a decode step
+    streams; the tied token embedding is the LM head), read from its header."""
+    import struct
+    with open(path, "rb") as fh:
+        def take(fmt):
+            return struct.unpack("<" + fmt, fh.read(struct.calcsize("<" + fmt)))[0]
+
+        def string():
+            return fh.read(take("Q")).decode("utf-8", "replace")
+        sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+        def skip_value(t):
+            if t == 8:
+                string()
+            elif t == 9:
+                et, n = take("I"), take("Q")
+                for _ in range(n):
+                    skip_value(et)
+            else:
+                fh.read(sizes[t])
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        take("I")  # version
+        n_tensors, n_kv = take("Q"), take("Q")
+        for _ in range(n_kv):
+            string()
+            skip_value(take("I"))
+        out = {}
+        for _ in range(n_tensors):
+            string()
+            dims = [take("Q") for _ in range(take("I"))]
+            t = take("I")
+            take("Q")  # offset
+            if len(dims) != 2:
+                continue
+            name, block_bytes, block = GGUF_TYPES[t]
+            out[name] = out.get(name, 0) + dims[0] * dims[1] // block * block_bytes
+        return out
+
+
 def smollm2_floors(floor, cfg_path):
     """Per-token weight bytes and matmul FLOPs for the model in config.json, vs measured floors."""
     cfg = json.load(open(cfg_path))
@@ -349,8 +396,12 @@ def smollm2_floors(floor, cfg_path):
     if floor:
         pk = max(_best(v.get("2", 0)) for k, v in floor.items() if k.startswith("fp32_fma_gflops")) * 1e9
     rows = []
-    for name, nbytes in (("f32", 4), ("bf16", 2)):
-        wb = params * nbytes
+    dtypes = [("f32", params * 4), ("bf16", params * 2)]
+    gguf = os.path.join(os.path.dirname(cfg_path), "model.gguf")
+    if os.path.exists(gguf):  # the stored checkpoint, as gram's `--dtype stored` streams it
+        kinds = gguf_matrix_bytes(gguf)
+        dtypes.append(("stored (" + " + ".join(sorted(kinds)) + ")", sum(kinds.values())))
+    for name, wb in dtypes:
         r = {"dtype": name, "weight_bytes": wb, "matmul_params": params, "flops_per_token": 2 * params}
         if bw:
             r["bw_floor_ms_per_step"] = wb / bw * 1e3
@@ -414,7 +465,34 @@ def markdown(paths, model_dir):
                 out.append(f"| {r['dtype']} ({r['matmul_params']/1e6:.1f}M matmul params) | {r['weight_bytes']/1e6:.1f} | "
                            f"{r['bw_floor_ms_per_step']:.2f} | {r['bw_ceiling_steps_s']:.1f} | {r['flops_per_token']/1e9:.3f} | "
                            f"{r['flop_floor_us_per_token']:.0f} | {r['flop_ceiling_tok_s']:.0f} |")
+            out.extend(b1_against_bandwidth(results, floor, smollm2_floors(floor, cfg)))
     print("\n".join(out))
+
+
+def b1_against_bandwidth(results, floor, floors):
+    """Decode b1 of every result against the bandwidth floor of its dtype. A floor must not be
+    beaten: the bandwidth is the larger of the measured one and the best effective read rate
+    (weight bytes × steps/s) any engine reached in this run."""
+    wb = {"f32": floors[0]["weight_bytes"], "bf16": floors[1]["weight_bytes"],
+          "f16": floors[1]["weight_bytes"]}
+    if len(floors) > 2:
+        wb["stored"] = wb["q4_1"] = floors[2]["weight_bytes"]
+    rows = [(r, wb[r["dtype"]]) for r in results if r.get("decode_b1") and r["dtype"] in wb]
+    if not rows:
+        return []
+    measured = _best(floor["read_bw_gbps"]["2"]) * 1e9
+    reached = max(r["decode_b1"]["tok_s_best"] * b for r, b in rows)
+    bw = max(measured, reached)
+    out = ["", f"Decode b1 against the bandwidth floor: measured {measured / 1e9:.1f} GB/s, best "
+               f"effective read rate of any engine here {reached / 1e9:.1f} GB/s; floor at "
+               f"{bw / 1e9:.1f} GB/s.", "",
+           "| peer | dtype | weight MB/step | b1 tok/s (median) | effective GB/s | floor tok/s | median / floor time |",
+           "|---|---|---|---|---|---|---|"]
+    for r, b in rows:
+        med = r["decode_b1"]["tok_s_median"]
+        out.append(f"| {r['peer']} | {r['dtype']} | {b / 1e6:.1f} | {med:.1f} | {med * b / 1e9:.1f} | "
+                   f"{bw / b:.1f} | {bw / b / med:.2f}× |")
+    return out
 
 
 def main():
