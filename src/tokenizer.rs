@@ -23,14 +23,74 @@ pub struct Tokenizer {
     plain: Option<PlainSplit>,
 }
 
+/// A call into the `tokenizers` crate, its error and its panic both an [`Error::Tokenizer`]
+/// saying `what` failed: a malformed `tokenizer.json` that the crate accepts can make it panic
+/// at load (a bad `precompiled_charsmap`, a BPE `continuing_subword_prefix` longer than a
+/// token) or on some input (an empty `Replace` pattern, a `FixedLength` of 0, a template naming
+/// a missing special token, a regex past oniguruma's retry limit).
+/// The panic message of such a call is the error's, not a second report on stderr: the panic
+/// hook (installed once, the previous hook kept for every other panic) stays quiet on a thread
+/// inside `guarded`.
+fn guarded<T>(
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> tokenizers::Result<T>,
+) -> Result<T> {
+    thread_local! {
+        static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.replace(true);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.set(was);
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Tokenizer(format!("{}: {e}", what()))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(Error::Tokenizer(format!(
+                "{}: the tokenizers library failed: {why}",
+                what()
+            )))
+        }
+    }
+}
+
 impl Tokenizer {
+    /// Loads `tokenizer.json`. Its `truncation` and `padding` settings are dropped, as
+    /// transformers' `tokenizer(text)` drops them unless asked (a query is never cut short
+    /// unseen: over-long queries are refused by count), and the tokenizer must encode a probe
+    /// text with and without special tokens, so a configuration that fails on every input
+    /// fails here, not on the first query.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         if !path.exists() {
             return Err(Error::Tokenizer(format!("{} not found", path.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer::new(inner))
+        let name = || path.display().to_string();
+        let mut inner = guarded(name, || tokenizers::Tokenizer::from_file(path))?;
+        inner.with_truncation(None).map_err(|e| {
+            Error::Tokenizer(format!("{}: clearing truncation: {e}", path.display()))
+        })?;
+        inner.with_padding(None);
+        let tok = Tokenizer::new(inner);
+        for special in [true, false] {
+            guarded(
+                || format!("{}: encoding a probe text", path.display()),
+                || tok.inner.encode_fast("a probe, 42 Probes.", special),
+            )?;
+        }
+        Ok(tok)
     }
 
     fn new(inner: tokenizers::Tokenizer) -> Tokenizer {
@@ -40,19 +100,19 @@ impl Tokenizer {
 
     /// Ids of `text` with special tokens added by the post-processor, as `tokenizer(text)`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = guarded(
+            || format!("encoding {:?}", clip(text)),
+            || self.inner.encode_fast(text, true),
+        )?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Ids of `text` alone: no special tokens added (how a code is tokenized).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = guarded(
+            || format!("encoding {:?}", clip(text)),
+            || self.inner.encode_fast(text, false),
+        )?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -76,9 +136,10 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens skipped (as `decode(ids, skip_special_tokens=True)`).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        guarded(
+            || format!("decoding {} ids", ids.len()),
+            || self.inner.decode(ids, true),
+        )
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -88,6 +149,14 @@ impl Tokenizer {
     /// The id of a token string (e.g. `<|im_end|>`), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// The first 40 characters of `text`, for an error message.
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
     }
 }
 
@@ -459,7 +528,11 @@ impl PlainMemo<'_> {
                     // ByteLevel's byte → char map: printable ASCII is itself, but the space.
                     mapped.clear();
                     mapped.extend(p.chars().map(|c| if c == ' ' { 'Ġ' } else { c }));
-                    let Ok(tokens) = model.tokenize(mapped) else {
+                    // A failure or a panic of the model: the plain path (guarded) decides.
+                    let tokenized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        model.tokenize(mapped)
+                    }));
+                    let Ok(Ok(tokens)) = tokenized else {
                         failed = true;
                         return;
                     };

@@ -1498,3 +1498,67 @@ fn the_gauges_read_zero_once_the_batcher_is_gone() {
         );
     }
 }
+
+/// A model whose tokenizer fails on some text (a regex pre-tokenizer past oniguruma's
+/// backtracking limit; found by fuzzing: the connection was dropped with no answer): such a
+/// query is a JSON 500 of kind `tokenizer`, and the server goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_the_tokenizer_fails_on_is_a_json_error() {
+    let model = copy_model(&model_dir("tiny-llama"), "server-backtracking-model");
+    let path = model.join("tokenizer.json");
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tok["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+    ]});
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let dir = fresh_dir("server-backtracking-index");
+    let catalog = dir.join("catalog.jsonl");
+    let lines: Vec<String> = ["sofa", "chair", "lamp"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| json!({"id": format!("p{i}"), "title": k, "codes": [k]}).to_string())
+        .collect();
+    std::fs::write(&catalog, lines.join("\n")).unwrap();
+    let ix = dir.join("ix");
+    let (m, c, i) = (
+        model.to_str().unwrap(),
+        catalog.to_str().unwrap(),
+        ix.to_str().unwrap(),
+    );
+    let out = gram(&[
+        "index",
+        "build",
+        "--threads",
+        "1",
+        "--model",
+        m,
+        "--catalog",
+        c,
+        "--out",
+        i,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let argv = [
+        "serve",
+        "--index",
+        i,
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let server = Server::start(Cli::parse_from(argv).serve.config().unwrap())
+        .await
+        .unwrap();
+    let addr = server.addr();
+    let bad = format!("{}b", "a".repeat(40));
+    let a = post(addr, "/v1/search", json!({"query": bad})).await;
+    assert_eq!(a.status, 500, "{}", a.text());
+    assert_eq!(a.json()["error"]["kind"], "tokenizer", "{}", a.text());
+    let a = post(addr, "/v1/search", json!({"query": "green sofa"})).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    server.shutdown().await.unwrap();
+}

@@ -36,3 +36,114 @@ fn missing_tokenizer_is_a_clear_error() {
         .unwrap();
     assert!(err.to_string().contains("not found"), "{err}");
 }
+
+/// A copy of tiny-llama's `tokenizer.json` changed by `edit`, in a fresh directory.
+fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let dir = fresh_dir(&format!("tokenizer-{name}"));
+    let path = model_dir("tiny-llama").join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut json);
+    let out = dir.join("tokenizer.json");
+    std::fs::write(&out, json.to_string()).unwrap();
+    out
+}
+
+/// Configurations the `tokenizers` crate accepts but panics on, at load or on every input:
+/// each is a load error naming the file, never a panic. (Found by fuzzing.)
+#[test]
+fn a_tokenizer_that_panics_is_an_error() {
+    use serde_json::json;
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "charsmap",
+            Box::new(|j| {
+                j["normalizer"] = json!({"type": "Precompiled", "precompiled_charsmap": ""})
+            }),
+        ),
+        (
+            "subword-prefix",
+            Box::new(|j| j["model"]["continuing_subword_prefix"] = json!("##")),
+        ),
+        (
+            "empty-replace",
+            Box::new(|j| {
+                j["normalizer"] =
+                    json!({"type": "Replace", "pattern": {"String": ""}, "content": "x"})
+            }),
+        ),
+        (
+            "fixed-length-0",
+            Box::new(|j| j["pre_tokenizer"] = json!({"type": "FixedLength", "length": 0})),
+        ),
+        (
+            "missing-special",
+            Box::new(|j| {
+                j["post_processor"]["special_tokens"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("<|im_start|>");
+            }),
+        ),
+    ];
+    for (name, edit) in cases {
+        let path = edited(name, edit);
+        let err = match Tokenizer::from_file(&path) {
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("tokenizer.json"), "{name}: {err}");
+        // And through the CLI: an `error:` line, exit status 1, not a panic's 101.
+        let dir = copy_model(&model_dir("tiny-llama"), &format!("tokenizer-cli-{name}"));
+        std::fs::copy(&path, dir.join("tokenizer.json")).unwrap();
+        let out = gram(&["lm", "--model", dir.to_str().unwrap(), "--prompt", "hello"]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("error:"), "{name}: {stderr}");
+    }
+}
+
+/// A regex pre-tokenizer that backtracks past oniguruma's limit on some inputs only: those
+/// inputs are an error, the others encode.
+#[test]
+fn a_tokenizer_that_panics_on_one_input_is_an_error_for_that_input() {
+    use serde_json::json;
+    let path = edited("backtracking", |j| {
+        j["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]});
+    });
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert!(!tok.encode("hello world").unwrap().is_empty());
+    let bad = format!("{}b", "a".repeat(40));
+    let err = tok.encode(&bad).unwrap_err().to_string();
+    assert!(err.contains("tokenizers library failed"), "{err}");
+}
+
+/// `truncation` and `padding` in tokenizer.json are dropped, as transformers' `tokenizer(text)`
+/// drops them: a prompt is never cut short unseen.
+#[test]
+fn truncation_and_padding_in_the_file_are_ignored() {
+    use serde_json::json;
+    let plain = Tokenizer::from_file(&model_dir("tiny-llama").join("tokenizer.json")).unwrap();
+    let text = "hello world, a longer prompt than two tokens";
+    let want = plain.encode(text).unwrap();
+    assert!(want.len() > 5);
+    for (name, stride) in [("truncation", 0), ("truncation-stride", 5)] {
+        let path = edited(name, |j| {
+            j["truncation"] = json!({"direction": "Right", "max_length": 2,
+                "strategy": "LongestFirst", "stride": stride});
+            j["padding"] = json!({"strategy": {"Fixed": 64}, "direction": "Right",
+                "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+        });
+        let tok = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(tok.encode(text).unwrap(), want, "{name}");
+        assert_eq!(
+            tok.encode_plain(text).unwrap(),
+            plain.encode_plain(text).unwrap(),
+            "{name}"
+        );
+    }
+}

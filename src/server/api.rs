@@ -295,7 +295,18 @@ pub async fn track(
 async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResponse, ApiError> {
     let engine = state.engine()?;
     let codes_only = request.codes_only;
-    let prepared = engine.prepare(request)?;
+    // Tokenization runs here, on the handler's thread: a bug there answers 500 `internal`
+    // (with a body) instead of dropping the connection.
+    let prepared =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.prepare(request)))
+            .map_err(|_| {
+                tracing::error!("preparing a request panicked: this is a bug");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "preparing the request failed",
+                )
+            })??;
     let deadline = t0 + state.config.timeout;
     let (reply, answer) = oneshot::channel();
     let job = Job {
