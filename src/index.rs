@@ -294,7 +294,19 @@ impl Index {
             .section(kind)
             .map(|(_, b)| b)
             .ok_or_else(|| format!("section {kind} is missing"))?;
-        bytemuck::try_cast_slice(bytes).map_err(|e| format!("section {kind}: {e}"))
+        bytemuck::try_cast_slice(bytes).map_err(|e| {
+            let size = std::mem::size_of::<T>();
+            match e {
+                bytemuck::PodCastError::OutputSliceWouldHaveSlop => format!(
+                    "section {kind}: {} bytes is not a whole number of {size}-byte records",
+                    bytes.len()
+                ),
+                bytemuck::PodCastError::TargetAlignmentGreaterAndInputNotAligned => {
+                    format!("section {kind} is not aligned to {size}-byte records")
+                }
+                e => format!("section {kind}: {e}"),
+            }
+        })
     }
 
     /// What opening proves, in O(1) past the trie: every section is there with whole

@@ -128,3 +128,38 @@ fn damaged_indexes_are_refused_or_read_safely() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A record section whose length is not a whole number of records (in a file whose checksums
+/// all hold: written anew by the container) is refused with a message that says so.
+#[test]
+fn a_section_of_partial_records_is_named() {
+    let dir = std::env::temp_dir().join(format!("gram-slop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.gram");
+    valid_index(&good);
+    let c = gram::container::Container::open(&good).unwrap();
+    for kind in [index::kind::CODES, index::kind::PRODUCTS] {
+        let mut sections: Vec<(u32, Vec<u8>)> = c
+            .sections()
+            .iter()
+            .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
+            .collect();
+        let (_, bytes) = sections.iter_mut().find(|(k, _)| *k == kind).unwrap();
+        bytes.extend([0u8; 3]);
+        let len = bytes.len();
+        let bad = dir.join(format!("slop-{kind}.gram"));
+        let refs: Vec<(u32, &[u8])> = sections.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+        gram::container::Container::write(&bad, &refs).unwrap();
+        let err = match Index::open(&bad) {
+            Ok(_) => panic!("section {kind} with 3 bytes over opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!(
+                "section {kind}: {len} bytes is not a whole number of"
+            )),
+            "{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
