@@ -93,16 +93,19 @@ fn summarize(samples: &[f64], n_tokens: usize) -> serde_json::Value {
     if samples.is_empty() {
         return serde_json::Value::Null;
     }
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    // The median as `statistics.median` (the peers' script) takes it: the mean of the two
-    // middle samples of an even count.
-    let n = sorted.len();
-    let median_s = (sorted[(n - 1) / 2] + sorted[n / 2]) / 2.0;
+    // Medians as `statistics.median` takes them (the peers' script, over tok/s): the mean of
+    // the two middle values of an even count.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        (v[(n - 1) / 2] + v[n / 2]) / 2.0
+    };
+    let tps: Vec<f64> = samples.iter().map(|s| n_tokens as f64 / s).collect();
+    let best = tps.iter().copied().fold(f64::MIN, f64::max);
     json!({
-        "tok_s_best": n_tokens as f64 / sorted[0],
-        "tok_s_median": n_tokens as f64 / median_s,
-        "ms_median": median_s * 1e3,
+        "tok_s_best": best,
+        "tok_s_median": median(tps),
+        "ms_median": median(samples.to_vec()) * 1e3,
         "n_tokens": n_tokens,
         "runs_s": samples,
     })

@@ -301,9 +301,10 @@ impl Index {
                     "section {kind}: {} bytes is not a whole number of {size}-byte records",
                     bytes.len()
                 ),
-                bytemuck::PodCastError::TargetAlignmentGreaterAndInputNotAligned => {
-                    format!("section {kind} is not aligned to {size}-byte records")
-                }
+                bytemuck::PodCastError::TargetAlignmentGreaterAndInputNotAligned => format!(
+                    "section {kind} is not {}-byte aligned",
+                    std::mem::align_of::<T>()
+                ),
                 e => format!("section {kind}: {e}"),
             }
         })

@@ -147,3 +147,21 @@ fn truncation_and_padding_in_the_file_are_ignored() {
         );
     }
 }
+
+/// A word-level tokenizer without its unk token in the vocabulary loads (as in transformers):
+/// only the texts with unknown words are errors, each when it is encoded.
+#[test]
+fn a_tokenizer_that_errs_on_unknown_words_still_loads() {
+    let dir = fresh_dir("tokenizer-wordlevel");
+    let path = dir.join("tokenizer.json");
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"green": 0, "sofa": 1}, "unk_token": "<unk>"}
+    });
+    std::fs::write(&path, json.to_string()).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(tok.encode("green sofa").unwrap(), vec![0, 1]);
+    assert!(tok.encode("a red sofa").is_err());
+}
