@@ -216,7 +216,9 @@ impl RawConfig {
             ("intermediate_size", intermediate_size, 1 << 20),
             ("num_hidden_layers", num_hidden_layers, 1 << 12),
             ("num_attention_heads", num_attention_heads, 1 << 12),
-            ("head_dim", head_dim, 1 << 12),
+            // Real checkpoints use 64–256; the RoPE table is max_pos × head_dim (a head dim
+            // of 4,096 at 32k positions built 524 MB for a 160 KB model).
+            ("head_dim", head_dim, 1 << 10),
             ("vocab_size", vocab_size, 1 << 24),
         ] {
             if value > limit {
@@ -399,6 +401,13 @@ mod tests {
         assert!(ModelConfig::from_json(&wide)
             .unwrap_err()
             .contains("is above"));
+        let big_head = LLAMA.replace(
+            r#""hidden_size":576,"#,
+            r#""hidden_size":576,"head_dim":2048,"#,
+        );
+        assert!(ModelConfig::from_json(&big_head)
+            .unwrap_err()
+            .contains("`head_dim` (2048) is above 1024"));
         let gqa = LLAMA.replace(r#""num_key_value_heads":3"#, r#""num_key_value_heads":4"#);
         assert!(ModelConfig::from_json(&gqa)
             .unwrap_err()
