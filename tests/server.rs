@@ -1512,33 +1512,13 @@ async fn a_query_the_tokenizer_fails_on_is_a_json_error() {
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
     ]});
     std::fs::write(&path, tok.to_string()).unwrap();
-    let dir = fresh_dir("server-backtracking-index");
-    let catalog = dir.join("catalog.jsonl");
     let lines: Vec<String> = ["sofa", "chair", "lamp"]
         .iter()
         .enumerate()
         .map(|(i, k)| json!({"id": format!("p{i}"), "title": k, "codes": [k]}).to_string())
         .collect();
-    std::fs::write(&catalog, lines.join("\n")).unwrap();
-    let ix = dir.join("ix");
-    let (m, c, i) = (
-        model.to_str().unwrap(),
-        catalog.to_str().unwrap(),
-        ix.to_str().unwrap(),
-    );
-    let out = gram(&[
-        "index",
-        "build",
-        "--threads",
-        "1",
-        "--model",
-        m,
-        "--catalog",
-        c,
-        "--out",
-        i,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    let ix = build_index_with(&fresh_dir("server-backtracking-index"), &model, &lines);
+    let i = ix.to_str().unwrap();
     let argv = [
         "serve",
         "--index",

@@ -100,13 +100,18 @@ pub fn gram(args: &[&str]) -> std::process::Output {
 /// Builds an index with `gram index build` (as users do) over `model` from catalog `lines`
 /// (JSONL) in `dir` (made anew); returns the index directory.
 pub fn build_index(dir: &Path, model: &str, lines: &[String]) -> PathBuf {
+    build_index_with(dir, &model_dir(model), lines)
+}
+
+/// [`build_index`] over the model directory `model`.
+pub fn build_index_with(dir: &Path, model: &Path, lines: &[String]) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let catalog = dir.join("catalog.jsonl");
     std::fs::write(&catalog, lines.join("\n")).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
         .args(["index", "build", "--threads", "1", "--model"])
-        .arg(model_dir(model))
+        .arg(model)
         .arg("--catalog")
         .arg(&catalog)
         .arg("--out")
