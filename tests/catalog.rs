@@ -64,18 +64,7 @@ fn a_product_that_does_not_fit_is_named() {
     ];
     std::fs::write(&cat, lines.join("\n")).unwrap();
     let model = model_dir("tiny-llama");
-    let out = gram(&[
-        "index",
-        "build",
-        "--threads",
-        "1",
-        "--model",
-        model.to_str().unwrap(),
-        "--catalog",
-        cat.to_str().unwrap(),
-        "--out",
-        dir.join("ix").to_str().unwrap(),
-    ]);
+    let out = index_build(&model, &cat, &dir.join("ix"), &["--threads", "1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

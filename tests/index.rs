@@ -467,20 +467,12 @@ fn esci_sample_end_to_end_with_smollm2() {
     let tmp = std::env::temp_dir().join(format!("gram-esci-{}", std::process::id()));
     let catalog = repo().join("tests/golden/esci-catalog.jsonl");
     let codes = repo().join("tests/golden/codes-smollm2.txt");
-    let out = ok(&gram(&[
-        "index",
-        "build",
-        "--model",
-        model.to_str().unwrap(),
-        "--catalog",
-        catalog.to_str().unwrap(),
-        "--out",
-        tmp.to_str().unwrap(),
-        "--codes",
-        codes.to_str().unwrap(),
-        "--beam",
-        "20",
-    ]));
+    let out = ok(&index_build(
+        &model,
+        &catalog,
+        &tmp,
+        &["--codes", codes.to_str().unwrap(), "--beam", "20"],
+    ));
     assert!(out.contains(r#""products":16"#), "{out}");
     let query = "06 bmw 325i radio oem not navigation system";
     let out = ok(&gram(&[

@@ -97,6 +97,25 @@ pub fn gram(args: &[&str]) -> std::process::Output {
         .expect("run gram")
 }
 
+/// `gram index build --model MODEL --catalog CATALOG --out OUT EXTRA...`, waited for.
+pub fn index_build(
+    model: &Path,
+    catalog: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["index", "build", "--model"])
+        .arg(model)
+        .arg("--catalog")
+        .arg(catalog)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("run gram index build")
+}
+
 /// Builds an index with `gram index build` (as users do) over `model` from catalog `lines`
 /// (JSONL) in `dir` (made anew); returns the index directory.
 pub fn build_index(dir: &Path, model: &str, lines: &[String]) -> PathBuf {
@@ -109,15 +128,7 @@ pub fn build_index_with(dir: &Path, model: &Path, lines: &[String]) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let catalog = dir.join("catalog.jsonl");
     std::fs::write(&catalog, lines.join("\n")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(["index", "build", "--threads", "1", "--model"])
-        .arg(model)
-        .arg("--catalog")
-        .arg(&catalog)
-        .arg("--out")
-        .arg(dir.join("ix"))
-        .output()
-        .unwrap();
+    let out = index_build(model, &catalog, &dir.join("ix"), &["--threads", "1"]);
     assert!(
         out.status.success(),
         "{}",
