@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use gram::catalog::{self, Generate, Item, OnError};
+use gram::catalog::{self, Generate, OnError};
 use gram::{Model, Tokenizer};
 
 /// Two lines with one id were two products: a search returned the id twice and nDCG@10 came
@@ -93,16 +93,7 @@ fn beams_that_decode_to_one_text_are_indexed_once() {
         "the the the",
         "Red chair",
     ];
-    let items: Vec<Item> = titles
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Item {
-            id: format!("p{i}"),
-            title: t.to_string(),
-            attributes: Default::default(),
-            codes: vec![],
-        })
-        .collect();
+    let items = items(&titles);
     for eos in [106u32, 276] {
         let dir = copy_model(&src, &format!("catalog-free-{eos}"));
         let mut config: serde_json::Value =

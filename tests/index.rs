@@ -166,22 +166,14 @@ fn build_inspect_search_end_to_end() {
 /// catalog's own codes are kept too.
 #[test]
 fn generated_product_codes_carry_teacher_forced_probabilities() {
-    use gram::catalog::{build, Generate, Item};
+    use gram::catalog::{build, Generate};
     use gram::index::Index;
     use gram::settings::Settings;
     let dir = model_dir("tiny-qwen2");
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let model = Model::load(&dir, &Default::default()).unwrap();
-    let items: Vec<Item> = ["Green velvet sofa", "Oak desk", "Blue wool rug"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Item {
-            id: format!("p{i}"),
-            title: t.to_string(),
-            attributes: Default::default(),
-            codes: if i == 0 { vec!["sofa".into()] } else { vec![] },
-        })
-        .collect();
+    let mut items = items(&["Green velvet sofa", "Oak desk", "Blue wool rug"]);
+    items[0].codes = vec!["sofa".into()];
     let list = std::fs::read_to_string(repo().join("tests/golden/codes-tiny.txt")).unwrap();
     let generate = Generate {
         codes: list.lines().map(str::to_owned).collect(),
@@ -242,19 +234,6 @@ fn pt_matches_teacher_forcing(
         }
     }
     seen
-}
-
-fn items(titles: &[&str]) -> Vec<gram::catalog::Item> {
-    titles
-        .iter()
-        .enumerate()
-        .map(|(i, t)| gram::catalog::Item {
-            id: format!("p{i}"),
-            title: t.to_string(),
-            attributes: Default::default(),
-            codes: vec![],
-        })
-        .collect()
 }
 
 /// Many products in one teacher-forcing pass give what each gives alone.

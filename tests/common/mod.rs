@@ -89,6 +89,20 @@ pub fn copy_model(src: &Path, name: &str) -> PathBuf {
     dst
 }
 
+/// Catalog items `p0`, `p1`, ... with these titles and no codes.
+pub fn items(titles: &[&str]) -> Vec<gram::catalog::Item> {
+    titles
+        .iter()
+        .enumerate()
+        .map(|(i, t)| gram::catalog::Item {
+            id: format!("p{i}"),
+            title: t.to_string(),
+            attributes: Default::default(),
+            codes: vec![],
+        })
+        .collect()
+}
+
 /// Runs the `gram` binary with `args` and waits for it.
 pub fn gram(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
