@@ -462,11 +462,12 @@ def markdown(paths, model_dir):
             out.append("")
             out.append("| model floor | weight MB/step | ms/step @2T BW | max steps/s (BW) | GFLOP/token | us/token @2T peak | max tok/s (FLOP) |")
             out.append("|---|---|---|---|---|---|---|")
-            for r in smollm2_floors(floor, cfg):
+            floors = smollm2_floors(floor, cfg)  # reads the GGUF header once
+            for r in floors:
                 out.append(f"| {r['dtype']} ({r['matmul_params']/1e6:.1f}M matmul params) | {r['weight_bytes']/1e6:.1f} | "
                            f"{r['bw_floor_ms_per_step']:.2f} | {r['bw_ceiling_steps_s']:.1f} | {r['flops_per_token']/1e9:.3f} | "
                            f"{r['flop_floor_us_per_token']:.0f} | {r['flop_ceiling_tok_s']:.0f} |")
-            out.extend(b1_against_bandwidth(results, floor, smollm2_floors(floor, cfg)))
+            out.extend(b1_against_bandwidth(results, floor, floors))
     print("\n".join(out))
 
 
