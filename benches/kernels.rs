@@ -42,6 +42,19 @@ fn q4_1_blocks(elems: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Random Q8_0 blocks for `elems` weights (SmolLM2's GGUF stores its embedding, the tied LM
+/// head, so): per 32 weights an f16 scale and 32 signed bytes.
+fn q8_0_blocks(elems: usize, seed: u64) -> Vec<u8> {
+    rand(elems / 32 * 33, seed)
+        .chunks_exact(33)
+        .flat_map(|v| {
+            let d = f16::from_f32(0.001 + 0.001 * v[0].abs()).to_le_bytes();
+            d.into_iter()
+                .chain(v[1..].iter().map(|q| ((q * 127.0) as i8) as u8))
+        })
+        .collect()
+}
+
 fn bench_matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul");
     g.sample_size(20)
@@ -208,8 +221,8 @@ fn bench_decode_step(c: &mut Criterion) {
 
 /// The one-row kernels on one thread (no parallel region): `simd::panel` at T = 1, panel by
 /// panel, against `simd::gemv_panels` over 4 panels side by side, `k = 576`, in L2 (4 panels)
-/// and from DRAM (~200 MB of huge-page panels), each dtype, every SIMD ISA. Throughput in
-/// weight bytes.
+/// and from DRAM (~200 MB of huge-page panels), each dtype (the ggml blocks too), every SIMD
+/// ISA. Throughput in weight bytes.
 fn bench_gemv_panels(c: &mut Criterion) {
     use gram::backend::cpu::simd::{self, GEMV_PANELS, PANEL, PANEL_TR};
     let mut g = c.benchmark_group("gemv_panels");
@@ -219,16 +232,30 @@ fn bench_gemv_panels(c: &mut Criterion) {
     let k = 576;
     let x = rand(k, 3);
     for (place, mb) in [("l2", 0usize), ("dram", 200)] {
-        for dt in ["bf16", "f16", "f32"] {
-            let esz = if dt == "f32" { 4 } else { 2 };
-            let np = ((mb << 20) / (PANEL * k * esz)).max(GEMV_PANELS) / GEMV_PANELS * GEMV_PANELS;
+        for dt in ["bf16", "f16", "f32", "q4_1", "q8_0"] {
+            // Bytes per 32 weights.
+            let bytes32 = match dt {
+                "f32" => 128,
+                "q4_1" => 20,
+                "q8_0" => 34,
+                _ => 64,
+            };
+            let np = ((mb << 20) / (PANEL * k / 32 * bytes32)).max(GEMV_PANELS) / GEMV_PANELS
+                * GEMV_PANELS;
             let n = np * PANEL;
             let wf = rand(n * k, 1);
             let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let (w4, w8) = match dt {
+                "q4_1" => (q4_1_blocks(n * k, 1), vec![]),
+                "q8_0" => (vec![], q8_0_blocks(n * k, 1)),
+                _ => (vec![], vec![]),
+            };
             let view = match dt {
                 "f16" => View::F16(&wh),
                 "bf16" => View::BF16(&wb),
+                "q4_1" => View::Q4_1(&w4),
+                "q8_0" => View::Q8_0(&w8),
                 _ => View::F32(&wf),
             };
             for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
@@ -236,7 +263,7 @@ fn bench_gemv_panels(c: &mut Criterion) {
                 gram::tensor::pack(p.iter_mut());
                 let pv = p[0].view();
                 let panel = |i: usize, m: usize| pv.slice(i * PANEL * k..(i + m) * PANEL * k);
-                g.throughput(Throughput::Bytes((n * k * esz) as u64));
+                g.throughput(Throughput::Bytes((n * k / 32 * bytes32) as u64));
                 let id = |v: &str| BenchmarkId::new(format!("{place}/{dt}/{isa:?}"), v.to_string());
                 g.bench_function(id("panel"), |b| {
                     let mut acc = [[0f32; PANEL]; PANEL_TR];

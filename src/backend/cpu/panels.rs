@@ -57,9 +57,13 @@ pub fn pack(isa: Isa, w: View, n: usize, k: usize) -> HostTensor {
 
 /// Re-lays ggml blocks (`bytes` per 32 elements: 20 for Q4_1 = d, m, 16 bytes of nibbles; 34
 /// for Q8_0 = d, 32 signed bytes) of row-major `[n, k]` as block panels: per panel and block of
-/// 32 input columns, the 32 columns' `d` (f16), for Q4_1 their `m`, then the quant bytes in
-/// rows of 32 (byte `c` of row `j` is column `c`'s byte `j`). Same size as the blocks; padding
-/// columns are all zero (value 0).
+/// 32 input columns, the 32 columns' `d` (f16), for Q4_1 their `m`, then the quants in rows of
+/// 32 bytes, byte `c` of a row for output column `c`. Q8_0: row `j` holds input column `j`'s
+/// quants. Q4_1: row `j` holds input columns `2j` (low nibble) and `2j + 1` (high nibble),
+/// where ggml pairs `j` with `j + 16`, so that one widened row gives the weights of two
+/// consecutive input columns (`simd::avx512`'s kernels read the low nibble with a table
+/// lookup that ignores the high one). Same size as the blocks; padding columns are all zero
+/// (value 0).
 fn blocks(w: &[u8], n: usize, k: usize, bytes: usize) -> Vec<u8> {
     let (panels, nb) = (n.div_ceil(PANEL), k / 32);
     let scales = if bytes == 20 { 4 } else { 2 };
@@ -74,8 +78,17 @@ fn blocks(w: &[u8], n: usize, k: usize, bytes: usize) -> Vec<u8> {
                     if scales == 4 {
                         blk[64 + 2 * c..64 + 2 * c + 2].copy_from_slice(&src[2..4]);
                     }
-                    for (j, &q) in src[scales..].iter().enumerate() {
-                        blk[PANEL * scales + j * PANEL + c] = q;
+                    let q = &src[scales..];
+                    if scales == 4 {
+                        // ggml's byte `j` holds quants `j` (low) and `j + 16` (high).
+                        let nib = |r: usize| if r < 16 { q[r] & 15 } else { q[r - 16] >> 4 };
+                        for j in 0..16 {
+                            blk[128 + j * PANEL + c] = nib(2 * j) | nib(2 * j + 1) << 4;
+                        }
+                    } else {
+                        for (j, &q) in q.iter().enumerate() {
+                            blk[64 + j * PANEL + c] = q;
+                        }
                     }
                 }
             }
@@ -124,11 +137,14 @@ fn dequantize_body(p: View, k: usize, out: &mut [f32]) {
         View::Q4_1(b) => {
             for (blk, o) in b.chunks_exact(640).zip(out.chunks_exact_mut(32 * PANEL)) {
                 let (d, m) = (scales(blk, 0), scales(blk, 64));
-                let (lo, hi) = o.split_at_mut(16 * PANEL);
-                for (j, q) in blk[128..].chunks_exact(PANEL).enumerate() {
+                for (q, o) in blk[128..]
+                    .chunks_exact(PANEL)
+                    .zip(o.chunks_exact_mut(2 * PANEL))
+                {
+                    let (lo, hi) = o.split_at_mut(PANEL);
                     for c in 0..PANEL {
-                        lo[j * PANEL + c] = (q[c] & 15) as f32 * d[c] + m[c];
-                        hi[j * PANEL + c] = (q[c] >> 4) as f32 * d[c] + m[c];
+                        lo[c] = (q[c] & 15) as f32 * d[c] + m[c];
+                        hi[c] = (q[c] >> 4) as f32 * d[c] + m[c];
                     }
                 }
             }

@@ -702,11 +702,12 @@ unsafe fn panel_q4_1<const TR: usize>(
         let c = 32 * half;
         let (d0, d1, m0, m1) = (h(c), h(c + 16), h(64 + c), h(64 + c + 16));
         let q = blk.add(128 + 16 * half);
-        for high in [false, true] {
-            for j in 0..16 {
-                let row = q.add(32 * j);
-                let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row as *const __m128i));
-                let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8) as *const __m128i));
+        for j in 0..16 {
+            // Row `j`: input columns 2j (low nibbles) and 2j + 1 (high), widened once.
+            let row = q.add(32 * j);
+            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row as *const __m128i));
+            let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8) as *const __m128i));
+            for high in [false, true] {
                 let (n0, n1) = if high {
                     (_mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4))
                 } else {
@@ -714,7 +715,7 @@ unsafe fn panel_q4_1<const TR: usize>(
                 };
                 let w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(n0), d0, m0);
                 let w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(n1), d1, m1);
-                panel_row(&mut a, w0, w1, x, k, 32 * b + 16 * high as usize + j);
+                panel_row(&mut a, w0, w1, x, k, 32 * b + 2 * j + high as usize);
             }
         }
     }

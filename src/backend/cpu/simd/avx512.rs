@@ -394,45 +394,60 @@ unsafe fn panel_store<const TR: usize>(a: &[[__m512; 2]; TR], acc: &mut PanelAcc
 }
 
 /// Q4_1 panel (layout in `cpu::panels`): per block of 32 input columns, the 32 scales and
-/// minima, then 16 rows of 32 bytes whose low nibbles are rows 0..16 of the block and high
-/// nibbles rows 16..32. Dequantized in registers, `q·d + m` (one rounding: `q·d` is exact),
-/// the values of `View::get`; rows in order, so the FMA chains are those of the f32 panels.
+/// minima, then 16 rows of 32 bytes, row `j` holding input column `2j` in its low nibbles and
+/// `2j + 1` in its high ones. Dequantized in registers, `q·d + m` (one rounding: `q·d` is
+/// exact), the values of `View::get`; rows in order, so the FMA chains are those of the f32
+/// panels. See [`q4_1_pair`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn panel_q4_1<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut PanelAcc) {
-    let low = _mm512_set1_epi32(0x0f);
     let mut a = [[_mm512_setzero_ps(); 2]; TR];
     for b in 0..k / 32 {
         let blk = p.add(b * 640);
         for l in 0..10 {
             prefetch(blk.wrapping_add(PANEL_AHEAD + 64 * l));
         }
-        let h = |o: usize| _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(o) as *const __m256i));
-        let (d0, d1, m0, m1) = (h(0), h(32), h(64), h(96));
-        let q = blk.add(128);
-        for high in [false, true] {
-            // Two panel rows per step: their dequantization overlaps the FMAs of the other.
-            for j in (0..16).step_by(2) {
-                let mut w = [_mm512_setzero_ps(); 4];
-                for u in 0..2 {
-                    let row = q.add(32 * (j + u));
-                    let v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row as *const __m128i));
-                    let v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
-                    let (n0, n1) = if high {
-                        (_mm512_srli_epi32(v0, 4), _mm512_srli_epi32(v1, 4))
-                    } else {
-                        (_mm512_and_si512(v0, low), _mm512_and_si512(v1, low))
-                    };
-                    w[2 * u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(n0), d0, m0);
-                    w[2 * u + 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(n1), d1, m1);
-                }
-                let kk = 32 * b + 16 * high as usize + j;
-                panel_row(&mut a, w[0], w[1], x, k, kk);
-                panel_row(&mut a, w[2], w[3], x, k, kk + 1);
-            }
+        let dm = q4_1_scales(blk);
+        for j in 0..16 {
+            let w = q4_1_pair(blk.add(128 + 32 * j), &dm);
+            let kk = 32 * b + 2 * j;
+            panel_row(&mut a, w[0], w[1], x, k, kk);
+            panel_row(&mut a, w[2], w[3], x, k, kk + 1);
         }
     }
     panel_store(&a, acc);
+}
+
+/// The 32 scales and minima of a Q4_1 panel block, widened: `[d0, d1, m0, m1]` (columns
+/// 0..16, 16..32).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn q4_1_scales(blk: *const u8) -> [__m512; 4] {
+    let h = |o: usize| _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(o) as *const __m256i));
+    [h(0), h(32), h(64), h(96)]
+}
+
+/// The weights of one Q4_1 panel row (32 bytes: input columns `2j` and `2j + 1` of 32 output
+/// columns), `[2j: 0..16, 2j: 16..32, 2j+1: 0..16, 2j+1: 16..32]`, each `q·d + m` rounded once.
+/// A byte widened to a lane holds both quants; `vpermps` reads only an index's low 4 bits, so
+/// a lookup in the table 0.0..15.0 gives the low quant as a float without masking it, and the
+/// high one after a shift: 6 operations per 32 weights before the FMAs, where masking and
+/// converting each nibble takes 8.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn q4_1_pair(row: *const u8, dm: &[__m512; 4]) -> [__m512; 4] {
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row as *const __m128i));
+    let v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
+    let f = |v| _mm512_permutexvar_ps(v, iota);
+    [
+        _mm512_fmadd_ps(f(v0), dm[0], dm[2]),
+        _mm512_fmadd_ps(f(v1), dm[1], dm[3]),
+        _mm512_fmadd_ps(f(_mm512_srli_epi32(v0, 4)), dm[0], dm[2]),
+        _mm512_fmadd_ps(f(_mm512_srli_epi32(v1, 4)), dm[1], dm[3]),
+    ]
 }
 
 /// Q8_0 panel (layout in `cpu::panels`): per block of 32 input columns, the 32 scales, then 32
@@ -513,8 +528,8 @@ panel32!(panel_bf16, u16, |r: *const u16| {
 
 type GemvAcc = [[f32; super::PANEL]; super::GEMV_PANELS];
 
-/// One token row × `np <= GEMV_PANELS` consecutive panels (`p: [np, k, 32]`, f32 or bf16;
-/// f16 goes to the AVX2 kernel, block panels through [`panel`] one at a time): 2 × `np` accumulators, so up to 8
+/// One token row × `np <= GEMV_PANELS` consecutive panels (`p: [np, k, 32]`, f32, bf16 or
+/// ggml blocks; f16 goes to the AVX2 kernel): 2 × `np` accumulators, so up to 8
 /// independent FMA chains where one panel gives 2 (chain latency bounds those), the input
 /// broadcast once per input column for all panels. Each output is still one FMA chain over
 /// `k` in order: the bits of [`panel`] at one row.
@@ -537,19 +552,87 @@ pub unsafe fn gemv_panels(p: View, np: usize, k: usize, x: *const f32, acc: &mut
         // a 512-bit version of it 58 (docs/PERF.md); the same bits.
         View::F16(_) => super::avx2::gemv_panels(p, np, k, x, acc),
         View::BF16(s) => by_np!(gemv_bf16, s.as_ptr() as *const u16),
-        View::Q4_1(_) | View::Q8_0(_) => {
-            let mut one = [[0f32; super::PANEL]; super::PANEL_TR];
-            for (g, acc) in acc.iter_mut().enumerate().take(np) {
-                panel(
-                    p.slice(g * super::PANEL * k..(g + 1) * super::PANEL * k),
-                    k,
-                    x,
-                    1,
-                    &mut one,
-                );
-                *acc = one[0];
+        View::Q4_1(b) => by_np!(gemv_q4_1, b.as_ptr()),
+        View::Q8_0(b) => by_np!(gemv_q8_0, b.as_ptr()),
+    }
+}
+
+/// [`panel_q4_1`] at one token row over `NP` consecutive block panels side by side: the same
+/// dequantization and the same FMA per weight in the same order (so the same bits), with
+/// 2 × `NP` chains in flight where one panel has 2. At one panel the chains' latency was the
+/// bound: 8 weights a cycle, 34 G weights/s on one Zen 5 core from L2.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn gemv_q4_1<const NP: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut GemvAcc) {
+    // Bytes of one panel: k / 32 blocks of 640.
+    let stride = 20 * k;
+    let mut a = [[_mm512_setzero_ps(); 2]; NP];
+    for b in 0..k / 32 {
+        let off = super::gemv_prefetch_offset(b, 640, stride, NP);
+        let mut blk = [p; NP];
+        let mut dm = [[_mm512_setzero_ps(); 4]; NP];
+        for g in 0..NP {
+            blk[g] = p.add(g * stride + b * 640);
+            for l in 0..10 {
+                prefetch(blk[g].wrapping_add(off + 64 * l));
+            }
+            dm[g] = q4_1_scales(blk[g]);
+        }
+        for j in 0..16 {
+            let kk = 32 * b + 2 * j;
+            let (x0, x1) = (_mm512_set1_ps(*x.add(kk)), _mm512_set1_ps(*x.add(kk + 1)));
+            for g in 0..NP {
+                let w = q4_1_pair(blk[g].add(128 + 32 * j), &dm[g]);
+                a[g][0] = _mm512_fmadd_ps(w[0], x0, a[g][0]);
+                a[g][1] = _mm512_fmadd_ps(w[1], x0, a[g][1]);
+                a[g][0] = _mm512_fmadd_ps(w[2], x1, a[g][0]);
+                a[g][1] = _mm512_fmadd_ps(w[3], x1, a[g][1]);
             }
         }
+    }
+    for g in 0..NP {
+        _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
+        _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
+    }
+}
+
+/// [`panel_q8_0`] at one token row over `NP` consecutive block panels side by side (see
+/// [`gemv_q4_1`]): the same values and FMAs in the same order, so the same bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn gemv_q8_0<const NP: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut GemvAcc) {
+    // Bytes of one panel: k / 32 blocks of 1088.
+    let stride = 34 * k;
+    let mut a = [[_mm512_setzero_ps(); 2]; NP];
+    for b in 0..k / 32 {
+        let mut blk = [p; NP];
+        let mut d = [[_mm512_setzero_ps(); 2]; NP];
+        for g in 0..NP {
+            blk[g] = p.add(g * stride + b * 1088);
+            let h = |o: usize| _mm512_cvtph_ps(_mm256_loadu_si256(blk[g].add(o) as *const __m256i));
+            d[g] = [h(0), h(32)];
+        }
+        for j in 0..32 {
+            let kk = 32 * b + j;
+            let xb = _mm512_set1_ps(*x.add(kk));
+            let off = super::gemv_prefetch_offset(kk, 34, stride, NP);
+            for g in 0..NP {
+                let row = blk[g].add(64 + 32 * j);
+                prefetch(row.wrapping_add(off));
+                let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(row as *const __m128i));
+                let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
+                let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(v0), d[g][0]);
+                let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(v1), d[g][1]);
+                a[g][0] = _mm512_fmadd_ps(w0, xb, a[g][0]);
+                a[g][1] = _mm512_fmadd_ps(w1, xb, a[g][1]);
+            }
+        }
+    }
+    for g in 0..NP {
+        _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
+        _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
     }
 }
 

@@ -286,8 +286,8 @@ pub fn panel_weight(p: View, j: usize, c: usize) -> f32 {
     match p {
         View::Q4_1(b) => {
             let (blk, r) = ((j / 32) * 640, j % 32);
-            let q = b[blk + 128 + (r % 16) * 32 + c];
-            let q = if r < 16 { q & 15 } else { q >> 4 };
+            let q = b[blk + 128 + (r / 2) * 32 + c];
+            let q = if r % 2 == 0 { q & 15 } else { q >> 4 };
             q as f32 * f16_at(b, blk + 2 * c) + f16_at(b, blk + 64 + 2 * c)
         }
         View::Q8_0(b) => {

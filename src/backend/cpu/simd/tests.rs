@@ -382,9 +382,7 @@ fn assert_panel_f64(
     n: usize,
     i: usize,
 ) {
-    let col: Vec<f32> = (0..k)
-        .map(|j| p.get(j * PANEL + panel_slot(p, c)))
-        .collect();
+    let col: Vec<f32> = (0..k).map(|j| super::panel_weight(p, j, c)).collect();
     let r = dot64(&col, x);
     assert!(
         (got as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
@@ -394,19 +392,33 @@ fn assert_panel_f64(
 
 /// The one-row kernel over several panels side by side: every output bit for bit the
 /// scalar twin's (`scalar::panel` at one row, panel by panel) on every ISA, and within f32
-/// rounding of an f64 reference, for 1 to `GEMV_PANELS` panels, odd `k` and every dtype.
+/// rounding of an f64 reference, for 1 to `GEMV_PANELS` panels, odd `k` and every dtype (the
+/// ggml block panels where `k` is a multiple of 32).
 #[test]
 fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
     for k in [1, 3, 47, 93, 576, 1536] {
-        let wf = rand(GEMV_PANELS * PANEL * k, 31 + k as u64);
+        let n = GEMV_PANELS * PANEL;
+        let wf = rand(n * k, 31 + k as u64);
         let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
         let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
         let x = rand(k, 37 + k as u64);
-        for (dt, view) in [
+        let mut views = vec![
             ("f32", View::F32(&wf)),
             ("f16", View::F16(&w16)),
             ("bf16", View::BF16(&wb16)),
-        ] {
+        ];
+        let packed: Vec<(&str, crate::tensor::HostTensor)> = if k % 32 == 0 {
+            let (q41, q80) = (blocks(n * k / 32, 20, 41), blocks(n * k / 32, 34, 43));
+            let pack = |v| crate::backend::cpu::panels::pack(Isa::Scalar, v, n, k);
+            vec![
+                ("q4_1", pack(View::Q4_1(&q41))),
+                ("q8_0", pack(View::Q8_0(&q80))),
+            ]
+        } else {
+            Vec::new()
+        };
+        views.extend(packed.iter().map(|(dt, t)| (*dt, t.view())));
+        for (dt, view) in views {
             for np in 1..=GEMV_PANELS {
                 let panel_of = |g: usize| view.slice(g * PANEL * k..(g + 1) * PANEL * k);
                 let mut want = [[f32::NAN; PANEL]; GEMV_PANELS];
