@@ -222,7 +222,7 @@ fn bench_decode_step(c: &mut Criterion) {
 /// The one-row kernels on one thread (no parallel region): `simd::panel` at T = 1, panel by
 /// panel, against `simd::gemv_panels` over 4 panels side by side, `k = 576`, in L2 (4 panels)
 /// and from DRAM (~200 MB of huge-page panels), each dtype (the ggml blocks too), every SIMD
-/// ISA. Throughput in weight bytes.
+/// ISA. Throughput in weight bytes; and `simd::panel` at 10 rows in L2, in FLOPs.
 fn bench_gemv_panels(c: &mut Criterion) {
     use gram::backend::cpu::simd::{self, GEMV_PANELS, PANEL, PANEL_TR};
     let mut g = c.benchmark_group("gemv_panels");
@@ -231,6 +231,7 @@ fn bench_gemv_panels(c: &mut Criterion) {
         .measurement_time(std::time::Duration::from_secs(2));
     let k = 576;
     let x = rand(k, 3);
+    let x10 = rand(10 * k, 4);
     for (place, mb) in [("l2", 0usize), ("dram", 200)] {
         for dt in ["bf16", "f16", "f32", "q4_1", "q8_0"] {
             // Bytes per 32 weights.
@@ -284,6 +285,20 @@ fn bench_gemv_panels(c: &mut Criterion) {
                         acc[0][0]
                     })
                 });
+                // The many-row kernel at a beam step's 10 rows, in L2: compute bound, so
+                // throughput in FLOPs (elements), against one core's FMA peak (`tools/floor`).
+                if place == "l2" {
+                    g.throughput(Throughput::Elements((2 * 10 * n * k) as u64));
+                    g.bench_function(id("panel_t10"), |b| {
+                        let mut acc = [[0f32; PANEL]; PANEL_TR];
+                        b.iter(|| {
+                            for i in 0..np {
+                                simd::panel(isa, panel(i, 1), k, &x10, 10, &mut acc);
+                            }
+                            acc[0][0]
+                        })
+                    });
+                }
             }
         }
     }
