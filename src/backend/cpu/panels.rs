@@ -60,10 +60,8 @@ pub fn pack(isa: Isa, w: View, n: usize, k: usize) -> HostTensor {
 /// 32 input columns, the 32 columns' `d` (f16), for Q4_1 their `m`, then the quants in rows of
 /// 32 bytes, byte `c` of a row for output column `c`. Q8_0: row `j` holds input column `j`'s
 /// quants. Q4_1: row `j` holds input columns `2j` (low nibble) and `2j + 1` (high nibble),
-/// where ggml pairs `j` with `j + 16`, so that one widened row gives the weights of two
-/// consecutive input columns (`simd::avx512`'s kernels read the low nibble with a table
-/// lookup that ignores the high one). Same size as the blocks; padding columns are all zero
-/// (value 0).
+/// where ggml pairs `j` with `j + 16`, so that a row widened once gives the weights of two
+/// consecutive input columns. Same size as the blocks; padding columns are all zero (value 0).
 fn blocks(w: &[u8], n: usize, k: usize, bytes: usize) -> Vec<u8> {
     let (panels, nb) = (n.div_ceil(PANEL), k / 32);
     let scales = if bytes == 20 { 4 } else { 2 };

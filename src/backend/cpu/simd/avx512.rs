@@ -429,24 +429,21 @@ unsafe fn q4_1_scales(blk: *const u8) -> [__m512; 4] {
 
 /// The weights of one Q4_1 panel row (32 bytes: input columns `2j` and `2j + 1` of 32 output
 /// columns), `[2j: 0..16, 2j: 16..32, 2j+1: 0..16, 2j+1: 16..32]`, each `q·d + m` rounded once.
-/// A byte widened to a lane holds both quants; `vpermps` reads only an index's low 4 bits, so
-/// a lookup in the table 0.0..15.0 gives the low quant as a float without masking it, and the
-/// high one after a shift: 6 operations per 32 weights before the FMAs, where masking and
-/// converting each nibble takes 8.
+/// A byte widened once to a lane holds both quants: a mask gives the low one, a shift the high
+/// one. (A `vpermps` lookup of the low nibble in the table 0.0..15.0, which needs no mask,
+/// measured the same; docs/PERF.md "Block panels at one row".)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn q4_1_pair(row: *const u8, dm: &[__m512; 4]) -> [__m512; 4] {
-    let iota = _mm512_setr_ps(
-        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-    );
     let v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row as *const __m128i));
     let v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
-    let f = |v| _mm512_permutexvar_ps(v, iota);
+    let low = |v| _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
+    let high = |v| _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
     [
-        _mm512_fmadd_ps(f(v0), dm[0], dm[2]),
-        _mm512_fmadd_ps(f(v1), dm[1], dm[3]),
-        _mm512_fmadd_ps(f(_mm512_srli_epi32(v0, 4)), dm[0], dm[2]),
-        _mm512_fmadd_ps(f(_mm512_srli_epi32(v1, 4)), dm[1], dm[3]),
+        _mm512_fmadd_ps(low(v0), dm[0], dm[2]),
+        _mm512_fmadd_ps(low(v1), dm[1], dm[3]),
+        _mm512_fmadd_ps(high(v0), dm[0], dm[2]),
+        _mm512_fmadd_ps(high(v1), dm[1], dm[3]),
     ]
 }
 
