@@ -9,7 +9,7 @@
 //! lanes for every (weight row, token) pair: about a fifth of its work at `k = 576`.
 //!
 //! f32, f16 and bf16 weights keep their type. ggml Q4_1 and Q8_0 blocks stay blocks, re-laid
-//! per panel (see `blocks`) and dequantized in registers: the same bytes as the file, and the
+//! per panel (see `blocks`) and dequantized in registers: as many bytes as the file, and the
 //! same values and sums as the f32 panels of their dequantization (tested bit for bit).
 
 use half::slice::HalfFloatSliceExt;

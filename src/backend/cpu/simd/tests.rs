@@ -396,7 +396,9 @@ fn assert_panel_f64(
 /// ggml block panels where `k` is a multiple of 32).
 #[test]
 fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
-    for k in [1, 3, 47, 93, 576, 1536] {
+    // 32 and 64: one or two blocks, where the block kernels' prefetch turns to the next group
+    // at once.
+    for k in [1, 3, 32, 47, 64, 93, 576, 1536] {
         let n = GEMV_PANELS * PANEL;
         let wf = rand(n * k, 31 + k as u64);
         let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
