@@ -445,6 +445,74 @@ fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
     }
 }
 
+/// The one-row kernels read nothing past the panels they are given: the panels end where the
+/// last page of a file mapping, one past the end of its file, begins (any access there is a
+/// SIGBUS, which kills the test process), for every dtype, 1 to `GEMV_PANELS` panels and every
+/// ISA, each result bit for bit the same call's on an ordinary buffer.
+#[cfg(unix)]
+#[test]
+fn gemv_panels_read_nothing_past_their_panels() {
+    use crate::tensor::{DType, HostTensor};
+    use std::sync::Arc;
+    // At least any page size this runs on.
+    const GUARD: usize = 1 << 16;
+    let dir = std::env::temp_dir().join(format!("gram-gemv-guard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for k in [32, 64, 576] {
+        let n = GEMV_PANELS * PANEL;
+        let wf = rand(n * k, 51 + k as u64);
+        let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let (q41, q80) = (blocks(n * k / 32, 20, 53), blocks(n * k / 32, 34, 59));
+        let pack = |v| crate::backend::cpu::panels::pack(Isa::Scalar, v, n, k);
+        let (p41, p80) = (pack(View::Q4_1(&q41)), pack(View::Q8_0(&q80)));
+        let x = rand(k, 61 + k as u64);
+        for (dtype, view) in [
+            (DType::F32, View::F32(&wf)),
+            (DType::F16, View::F16(&w16)),
+            (DType::BF16, View::BF16(&wb16)),
+            (DType::Q4_1, p41.view()),
+            (DType::Q8_0, p80.view()),
+        ] {
+            for np in 1..=GEMV_PANELS {
+                let part = view.slice(0..np * PANEL * k);
+                let bytes: &[u8] = match part {
+                    View::F32(s) => bytemuck::cast_slice(s),
+                    View::F16(s) => bytemuck::cast_slice(s),
+                    View::BF16(s) => bytemuck::cast_slice(s),
+                    View::Q4_1(b) | View::Q8_0(b) => b,
+                };
+                let len = bytes.len().next_multiple_of(GUARD);
+                let mut file = vec![0u8; len];
+                file[len - bytes.len()..].copy_from_slice(bytes);
+                let path = dir.join(format!("{}-{k}-{np}", dtype.name()));
+                std::fs::write(&path, &file).unwrap();
+                let f = std::fs::File::open(&path).unwrap();
+                // SAFETY: the file is this test's own and is not changed while mapped; the map
+                // is one guard's length longer than the file, so that page is past its end.
+                let map = unsafe { memmap2::MmapOptions::new().len(len + GUARD).map(&f) };
+                let map = Arc::new(map.unwrap());
+                let t =
+                    HostTensor::mapped(&map, len - bytes.len()..len, dtype, vec![np * PANEL, k]);
+                assert!(
+                    t.is_mapped(),
+                    "{dtype:?}: the test needs the mapped bytes themselves"
+                );
+                for isa in Isa::available() {
+                    let mut want = [[f32::NAN; PANEL]; GEMV_PANELS];
+                    gemv_panels(isa, part, np, k, &x, &mut want);
+                    let mut got = [[f32::NAN; PANEL]; GEMV_PANELS];
+                    gemv_panels(isa, t.view(), np, k, &x, &mut got);
+                    assert_rows_bits(&got[..np], &want[..np], |g, c| {
+                        format!("{isa:?} {dtype:?} k={k} np={np} ({g},{c})")
+                    });
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn dot_and_axpy_match_reference() {
     for isa in Isa::available() {
