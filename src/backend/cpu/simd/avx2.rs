@@ -756,7 +756,7 @@ unsafe fn panel_q8_0<const TR: usize>(
 type GemvAcc = [[f32; super::PANEL]; super::GEMV_PANELS];
 
 /// One token row × `np <= GEMV_PANELS` consecutive panels (`p: [np, k, 32]`, f32, f16 or bf16;
-/// block panels go through [`panel`] one at a time), two panels at a time: 4 accumulators per
+/// block panels one at a time, [`gemv_q4_1`] and [`gemv_q8_0`]), two panels at a time: 4 accumulators per
 /// panel (8 independent FMA chains, 4 weight vectors and the broadcast input in the 16 ymm
 /// registers) in one pass over each panel, where [`panel`] at one row makes two passes of 2
 /// chains. Each output is still one FMA chain over `k` in order: the bits of [`panel`].
@@ -774,16 +774,82 @@ pub unsafe fn gemv_panels(p: View, np: usize, k: usize, x: *const f32, acc: &mut
             (View::F16(s), false) => gemv_f16::<1>(s.as_ptr().add(o) as *const u16, k, x, acc),
             (View::BF16(s), true) => gemv_bf16::<2>(s.as_ptr().add(o) as *const u16, k, x, acc),
             (View::BF16(s), false) => gemv_bf16::<1>(s.as_ptr().add(o) as *const u16, k, x, acc),
-            (View::Q4_1(_) | View::Q8_0(_), _) => {
-                let mut one = [[0f32; super::PANEL]; super::PANEL_TR];
+            (View::Q4_1(b), _) => {
                 for (g, acc) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
-                    let q = p.slice((g0 + g) * stride..(g0 + g + 1) * stride);
-                    panel(q, k, x, 1, &mut one);
-                    *acc = one[0];
+                    gemv_q4_1(b.as_ptr().add((g0 + g) * 20 * k), k, x, acc);
+                }
+            }
+            (View::Q8_0(b), _) => {
+                for (g, acc) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
+                    gemv_q8_0(b.as_ptr().add((g0 + g) * 34 * k), k, x, acc);
                 }
             }
         }
         g0 += if two { 2 } else { 1 };
+    }
+}
+
+/// One Q4_1 block panel at one token row, its 32 columns in one pass: 4 FMA chains where
+/// [`panel`] at one row makes two passes of 2 (the chains' latency bound it), the same
+/// dequantization (`q·d + m`, rounded once) and FMAs in the same order, so the bits of
+/// [`panel`]. Each row of 16 bytes is widened once for its two input columns (`cpu::panels`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn gemv_q4_1(p: *const u8, k: usize, x: *const f32, acc: &mut [f32; super::PANEL]) {
+    let low = _mm256_set1_epi32(0x0f);
+    let mut a = [_mm256_setzero_ps(); 4];
+    for b in 0..k / 32 {
+        let blk = p.add(b * 640);
+        for l in 0..10 {
+            prefetch(blk.wrapping_add(PANEL_AHEAD + 64 * l));
+        }
+        let h = |o: usize| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(o) as *const __m128i));
+        let d = [h(0), h(16), h(32), h(48)];
+        let m = [h(64), h(80), h(96), h(112)];
+        for j in 0..16 {
+            let row = blk.add(128 + 32 * j);
+            let (x0, x1) = (
+                _mm256_set1_ps(*x.add(32 * b + 2 * j)),
+                _mm256_set1_ps(*x.add(32 * b + 2 * j + 1)),
+            );
+            for i in 0..4 {
+                let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8 * i) as *const __m128i));
+                let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
+                let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                a[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(lo, d[i], m[i]), x0, a[i]);
+                a[i] = _mm256_fmadd_ps(_mm256_fmadd_ps(hi, d[i], m[i]), x1, a[i]);
+            }
+        }
+    }
+    for i in 0..4 {
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8 * i), a[i]);
+    }
+}
+
+/// One Q8_0 block panel at one token row, its 32 columns in one pass (see [`gemv_q4_1`]):
+/// `q·d` (exact) and the FMAs of [`panel`] in the same order, so its bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn gemv_q8_0(p: *const u8, k: usize, x: *const f32, acc: &mut [f32; super::PANEL]) {
+    let mut a = [_mm256_setzero_ps(); 4];
+    for b in 0..k / 32 {
+        let blk = p.add(b * 1088);
+        let h = |o: usize| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(o) as *const __m128i));
+        let d = [h(0), h(16), h(32), h(48)];
+        for j in 0..32 {
+            let row = blk.add(64 + 32 * j);
+            prefetch(row.wrapping_add(PANEL_AHEAD));
+            let xb = _mm256_set1_ps(*x.add(32 * b + j));
+            for i in 0..4 {
+                let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(row.add(8 * i) as *const __m128i));
+                a[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), d[i]), xb, a[i]);
+            }
+        }
+    }
+    for i in 0..4 {
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8 * i), a[i]);
     }
 }
 
