@@ -554,6 +554,16 @@ pub unsafe fn gemv_panels(p: View, np: usize, k: usize, x: *const f32, acc: &mut
     }
 }
 
+/// Stores a multi-panel GEMV's accumulators (columns 0..16, 16..32 of each panel).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn gemv_store<const NP: usize>(a: &[[__m512; 2]; NP], acc: &mut GemvAcc) {
+    for g in 0..NP {
+        _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
+        _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
+    }
+}
+
 /// [`panel_q4_1`] at one token row over `NP` consecutive block panels side by side: the same
 /// dequantization and the same FMA per weight in the same order (so the same bits), with
 /// 2 × `NP` chains in flight where one panel has 2. At one panel the chains' latency was the
@@ -588,10 +598,7 @@ unsafe fn gemv_q4_1<const NP: usize>(p: *const u8, k: usize, x: *const f32, acc:
             }
         }
     }
-    for g in 0..NP {
-        _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
-        _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
-    }
+    gemv_store(&a, acc);
 }
 
 /// [`panel_q8_0`] at one token row over `NP` consecutive block panels side by side (see
@@ -627,10 +634,7 @@ unsafe fn gemv_q8_0<const NP: usize>(p: *const u8, k: usize, x: *const f32, acc:
             }
         }
     }
-    for g in 0..NP {
-        _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
-        _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
-    }
+    gemv_store(&a, acc);
 }
 
 /// Generates a multi-panel GEMV kernel: `$load(row)` gives the 32 columns of one panel row as
@@ -668,10 +672,7 @@ macro_rules! gemv32 {
                     a[g][1] = _mm512_fmadd_ps(w1, xb, a[g][1]);
                 }
             }
-            for g in 0..NP {
-                _mm512_storeu_ps(acc[g].as_mut_ptr(), a[g][0]);
-                _mm512_storeu_ps(acc[g].as_mut_ptr().add(16), a[g][1]);
-            }
+            gemv_store(&a, acc);
         }
     };
 }
