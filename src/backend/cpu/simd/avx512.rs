@@ -638,9 +638,12 @@ unsafe fn gemv_q8_0<const NP: usize>(p: *const u8, k: usize, x: *const f32, acc:
 }
 
 /// Generates a multi-panel GEMV kernel: `$load(row)` gives the 32 columns of one panel row as
-/// two vectors (columns 0..16 and 16..32); `$lines` cache lines per panel row are prefetched.
+/// two vectors (columns 0..16 and 16..32). No software prefetch: on the Zen 5 host the hardware
+/// prefetchers alone stream these 2 MiB-paged panels faster (one-row decode, alternated A/B:
+/// f32 +4–7 %, bf16 +6 % without it; docs/PERF.md "Block panels at one row"), where the block
+/// kernels, slower per byte, lose 17 % without theirs and keep it.
 macro_rules! gemv32 {
-    ($name:ident, $elem:ty, $lines:expr, $load:expr) => {
+    ($name:ident, $elem:ty, $load:expr) => {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
         #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
@@ -651,23 +654,11 @@ macro_rules! gemv32 {
             acc: &mut GemvAcc,
         ) {
             let stride = super::PANEL * k;
-            let bytes = stride * std::mem::size_of::<$elem>();
             let mut a = [[_mm512_setzero_ps(); 2]; NP];
             for kk in 0..k {
                 let xb = _mm512_set1_ps(*x.add(kk));
-                let off = super::gemv_prefetch_offset(
-                    kk,
-                    super::PANEL * std::mem::size_of::<$elem>(),
-                    bytes,
-                    NP,
-                );
                 for g in 0..NP {
-                    let row = p.add(g * stride + kk * super::PANEL);
-                    let ahead = (row as *const u8).wrapping_add(off);
-                    for l in 0..$lines {
-                        prefetch(ahead.wrapping_add(64 * l));
-                    }
-                    let (w0, w1) = $load(row);
+                    let (w0, w1) = $load(p.add(g * stride + kk * super::PANEL));
                     a[g][0] = _mm512_fmadd_ps(w0, xb, a[g][0]);
                     a[g][1] = _mm512_fmadd_ps(w1, xb, a[g][1]);
                 }
@@ -677,11 +668,11 @@ macro_rules! gemv32 {
     };
 }
 
-gemv32!(gemv_f32, f32, 2, |r: *const f32| (
+gemv32!(gemv_f32, f32, |r: *const f32| (
     _mm512_loadu_ps(r),
     _mm512_loadu_ps(r.add(16))
 ));
-gemv32!(gemv_bf16, u16, 1, |r: *const u16| {
+gemv32!(gemv_bf16, u16, |r: *const u16| {
     let v = _mm512_loadu_si512(r as *const __m512i);
     (
         _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
