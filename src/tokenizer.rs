@@ -535,11 +535,8 @@ impl PlainMemo<'_> {
                     // ByteLevel's byte → char map: printable ASCII is itself, but the space.
                     mapped.clear();
                     mapped.extend(p.chars().map(|c| if c == ' ' { 'Ġ' } else { c }));
-                    // A failure or a panic of the model: the plain path (guarded) decides.
-                    let tokenized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        model.tokenize(mapped)
-                    }));
-                    let Ok(Ok(tokens)) = tokenized else {
+                    // A failure or a panic of the model: the plain path decides (and reports).
+                    let Ok(tokens) = guarded(String::new, || model.tokenize(mapped)) else {
                         failed = true;
                         return;
                     };
