@@ -7,6 +7,7 @@
 //!
 //! cargo bench --bench kernels -- 'matmul'
 //! cargo bench --bench kernels -- 'decode_step|gemv_panels'   (the one-row path)
+//! cargo bench --bench kernels -- 'attention'   (one decode work item: 3 heads × n keys)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gram::backend::cpu::matmul::{matmul, MatJob};
@@ -408,9 +409,43 @@ fn bench_gate_up(c: &mut Criterion) {
     g.finish();
 }
 
+/// One attention work item of a decode step at SmolLM2's shape: the 3 query heads of a KV head
+/// (D = 64) against `n` keys at scattered rows of the cache (beams link their own entries):
+/// scores, softmax, weighted values. Throughput in FLOPs of the two products (4·3·n·64).
+fn bench_attention(c: &mut Criterion) {
+    use gram::backend::cpu::simd::{attn_pv, attn_scores, exp_shift, max};
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1));
+    let (d, per) = (64usize, 3usize);
+    let slab = rand(4096 * 3 * d, 11);
+    let q = rand(per * d, 12);
+    for n in [24usize, 64, 256] {
+        // Every 3rd entry of 3 KV heads' rows: what a layer's cache of beams looks like.
+        let offs: Vec<usize> = (0..n).map(|j| (j * 7 % 4096) * 3 * d).collect();
+        g.throughput(Throughput::Elements((4 * per * n * d) as u64));
+        for isa in Isa::available() {
+            let (mut scores, mut out) = (vec![0f32; per * n], vec![0f32; per * d]);
+            g.bench_function(BenchmarkId::new(format!("{isa:?}"), n), |b| {
+                b.iter(|| {
+                    attn_scores(isa, &q, &slab, &offs, d, 0.125, &mut scores);
+                    let mut sums = [0f32; 3];
+                    for (sh, s) in scores.chunks_exact_mut(n).zip(sums.iter_mut()) {
+                        *s = exp_shift(isa, sh, max(isa, sh));
+                    }
+                    attn_pv(isa, &scores, &sums, &slab, &offs, d, &mut out);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_matmul,
+    bench_attention,
     bench_gate_up,
     bench_decode_step,
     bench_gemv_panels,

@@ -183,12 +183,7 @@ impl Backend for CpuBackend {
             }
         };
         for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            // HF: x * rsqrt(mean(x^2) + eps) in f32, then weight * that.
-            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
-            let inv = 1.0 / ((ms as f32) + eps).sqrt();
-            for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
-                *o = wi * (v * inv);
-            }
+            simd::rmsnorm_row(self.isa, xr, &w[..dim], eps, or);
         }
     }
 

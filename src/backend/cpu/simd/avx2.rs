@@ -463,6 +463,45 @@ pub unsafe fn exp_shift(x: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + super::scalar::exp_shift(chunks.into_remainder(), shift)
 }
 
+/// `scalar::rmsnorm_row`, 8 at a time: the scaling is the same two f32 products per element;
+/// the squares (exact in f64) are summed in 4 × 4 f64 lanes, then across them, so the sum can
+/// differ from the in-order one in its last f64 bits only.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rmsnorm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = x.len();
+    let (px, pw, po) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let mut acc = [_mm256_setzero_pd(); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        for h in 0..2 {
+            let v = _mm256_loadu_ps(px.add(i + 8 * h));
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            acc[2 * h] = _mm256_fmadd_pd(lo, lo, acc[2 * h]);
+            acc[2 * h + 1] = _mm256_fmadd_pd(hi, hi, acc[2 * h + 1]);
+        }
+        i += 16;
+    }
+    let sum4 = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+    let mut lanes = [0f64; 4];
+    _mm256_storeu_pd(lanes.as_mut_ptr(), sum4);
+    let mut sum = lanes.iter().sum::<f64>();
+    for &v in &x[i..] {
+        sum += (v as f64) * (v as f64);
+    }
+    let inv = 1.0 / (((sum / n as f64) as f32) + eps).sqrt();
+    let iv = _mm256_set1_ps(inv);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_mul_ps(_mm256_loadu_ps(px.add(i)), iv);
+        _mm256_storeu_ps(po.add(i), _mm256_mul_ps(_mm256_loadu_ps(pw.add(i)), v));
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = w[j] * (x[j] * inv);
+    }
+}
+
 /// `g[i] = silu(g[i]) * u[i]` (the formula of `scalar::silu`), 8 at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {

@@ -559,6 +559,25 @@ pub fn exp_shift(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
     scalar::exp_shift(x, shift)
 }
 
+/// One row of RMSNorm: `out = w * (x * inv)`, `inv = 1 / sqrt(mean(x²) + eps)` in f32 with the
+/// mean summed in f64. Each element's scaling is the scalar twin's two f32 products; the f64
+/// sum's order differs by ISA, which can move `inv` by an ulp (when the f64 mean lies within
+/// its last bits of an f32 rounding boundary).
+pub fn rmsnorm_row(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let isa = isa.runnable();
+    assert!(
+        !x.is_empty() && w.len() == x.len() && out.len() == x.len(),
+        "rmsnorm_row lengths; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: CPU features as in `dot_rows`; `x`, `w` and `out` have equal lengths
+        // (asserted above) and only indices below it are read or written.
+        return unsafe { avx2::rmsnorm_row(x, w, eps, out) };
+    }
+    scalar::rmsnorm_row(x, w, eps, out)
+}
+
 /// `g[i] = silu(g[i]) * u[i]` for `i < min(len)`, `silu(g) = g · sigmoid(g)` through the
 /// polynomial `exp` (relative error ~1e-7 against f64).
 pub fn silu_mul(isa: Isa, g: &mut [f32], u: &[f32]) {

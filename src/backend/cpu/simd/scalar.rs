@@ -118,6 +118,16 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// `out = w * (x * inv)` with `inv = 1 / sqrt(mean(x²) + eps)`, the mean summed in f64 in
+/// order: HF's RMSNorm of one row (`x * rsqrt(mean(x²) + eps)` in f32, then the weight).
+pub fn rmsnorm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / ((ms as f32) + eps).sqrt();
+    for ((o, &v), &wi) in out.iter_mut().zip(x.iter()).zip(w) {
+        *o = wi * (v * inv);
+    }
+}
+
 /// The largest element (`-inf` for none).
 pub fn max(x: &[f32]) -> f32 {
     x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
