@@ -422,7 +422,7 @@ fn bench_attention(c: &mut Criterion) {
     let slab = rand(4096 * 3 * d, 11);
     let q = rand(per * d, 12);
     for n in [24usize, 64, 256] {
-        // Every 3rd entry of 3 KV heads' rows: what a layer's cache of beams looks like.
+        // Every 7th entry of a cache of 3 KV heads: rows apart, as a layer's cache of beams has them.
         let offs: Vec<usize> = (0..n).map(|j| (j * 7 % 4096) * 3 * d).collect();
         g.throughput(Throughput::Elements((4 * per * n * d) as u64));
         for isa in Isa::available() {

@@ -463,12 +463,13 @@ pub unsafe fn exp_shift(x: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + super::scalar::exp_shift(chunks.into_remainder(), shift)
 }
 
-/// `scalar::rmsnorm_row`, 8 at a time: the scaling is the same two f32 products per element;
-/// the squares (exact in f64) are summed in 4 × 4 f64 lanes, then across them, so the sum can
-/// differ from the in-order one in its last f64 bits only.
+/// `scalar::rmsnorm_row`: the squares (exact in f64) summed 16 at a time in 4 × 4 f64 lanes,
+/// then across them, so the sum can differ from the in-order one in its last f64 bits only;
+/// the scaling 8 at a time, the same two f32 products per element.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rmsnorm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = x.len();
+    let (w, out) = (&w[..n], &mut out[..n]);
     let (px, pw, po) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
     let mut acc = [_mm256_setzero_pd(); 4];
     let mut i = 0;

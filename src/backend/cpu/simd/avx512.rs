@@ -686,15 +686,18 @@ gemv32!(gemv_bf16, u16, |r: *const u16| {
 /// of the kernels' samples. 4 ahead: b10 +6 % at one thread; 16 with the first ones: +2 % more.
 const ATTN_AHEAD: usize = 16;
 
-/// Prefetches into L1 the `16 V` floats of row `offs[j]` of `kv`, if there is one.
+/// Prefetches into L1 the `16 V` floats of row `offs[j]` of `kv`, if there is one: the line of
+/// each 16 and that of the last float (a row need not start on a line, so it can touch V + 1).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn prefetch_row<const V: usize>(kv: &[f32], offs: &[usize], j: usize) {
     if let Some(&o) = offs.get(j) {
+        // A hint: it cannot fault; `o + 16 V <= kv.len()` is checked by the callers anyway.
+        let row = kv.as_ptr().wrapping_add(o);
         for b in 0..V {
-            // A hint: it cannot fault; `o + 16 V <= kv.len()` is checked by the callers anyway.
-            _mm_prefetch::<_MM_HINT_T0>(kv.as_ptr().wrapping_add(o + 16 * b) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16 * b) as *const i8);
         }
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16 * V - 1) as *const i8);
     }
 }
 
