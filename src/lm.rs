@@ -91,8 +91,37 @@ pub fn run<B: Backend>(model: &Model<B>, prompt: &[u32], greedy: usize) -> Resul
     })
 }
 
-/// Index of the largest value; the first one on ties.
+/// Index of the largest value; the first one on ties (as `torch.argmax`); NaNs never win, and
+/// a NaN first value is kept ([`argmax_twin`]'s rule). Two passes the compiler vectorizes: the
+/// largest value in 16 independent lanes, then the first chunk of 16 that holds it.
 pub fn argmax(x: &[f32]) -> u32 {
+    const L: usize = 16;
+    if x.first().is_none_or(|v| v.is_nan()) {
+        return 0;
+    }
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = x.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let m = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    // `m` is a value of `x` (or -inf, which x[0] then is): its first occurrence.
+    let at = x
+        .chunks(L)
+        .position(|c| c.iter().fold(false, |a, &v| a | (v == m)))
+        .unwrap_or(0);
+    let i = x[at * L..].iter().position(|&v| v == m).unwrap_or(0);
+    (at * L + i) as u32
+}
+
+/// [`argmax`]'s slow twin: one comparison chain, `v > x[best]`.
+pub fn argmax_twin(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {
@@ -121,5 +150,42 @@ mod tests {
         assert_eq!(ids, vec![1, 3, 2]);
         assert_eq!(top_n(&[0.3, 0.2], 10).len(), 2);
         assert_eq!(argmax(&[0.2, 0.7, 0.7]), 1);
+    }
+
+    /// `argmax` against its twin on random rows (lengths around the lane width and a vocabulary)
+    /// and on the edge cases: ties, ±0, infinities, NaNs first, last and everywhere, empty.
+    #[test]
+    fn argmax_matches_its_twin() {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut rows: Vec<Vec<f32>> = [1, 15, 16, 17, 31, 33, 1000, 49152]
+            .iter()
+            .map(|&n| (0..n).map(|_| next()).collect())
+            .collect();
+        // Coarse values: many ties of the maximum, at any place.
+        rows.extend((0..20).map(|n| (0..40 + n).map(|_| (next() * 3.0).round()).collect()));
+        let nan = f32::NAN;
+        let (inf, ninf) = (f32::INFINITY, f32::NEG_INFINITY);
+        rows.extend([
+            vec![],
+            vec![nan, 1.0, 2.0],
+            vec![1.0, nan, 2.0],
+            vec![3.0, nan, 2.0],
+            vec![nan; 40],
+            [vec![-1.0; 20], vec![nan; 20]].concat(),
+            vec![ninf; 33],
+            [vec![ninf; 17], vec![nan; 5]].concat(),
+            [vec![-0.0, 0.0], vec![-1.0; 30], vec![0.0]].concat(),
+            [vec![0.0, -0.0], vec![-1.0; 30]].concat(),
+            [vec![1.0; 17], vec![inf], vec![1.0; 17], vec![inf]].concat(),
+        ]);
+        for x in &rows {
+            assert_eq!(argmax(x), argmax_twin(x), "{x:?}");
+        }
     }
 }
