@@ -196,8 +196,9 @@ struct CodesArgs {
     no_trie: bool,
     #[command(flatten)]
     run: RunOn,
-    /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
-    /// CPU only: the GPU keeps bf16 weights.
+    /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; a GGUF's
+    /// Q4_1/Q8_0 stay blocks the kernels dequantize, Q4_0 becomes f32). CPU only: the GPU keeps
+    /// bf16 weights.
     #[arg(long)]
     dtype: Option<String>,
     /// Prompts, used as given (tokenized as `tokenizer(text)`); all share decoder steps.
@@ -221,8 +222,9 @@ struct LmArgs {
     greedy: Option<usize>,
     #[command(flatten)]
     run: RunOn,
-    /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; GGUF → f32).
-    /// CPU only: the GPU keeps bf16 weights.
+    /// Convert weights to this dtype at load: f32, f16 or bf16 (default: as stored; a GGUF's
+    /// Q4_1/Q8_0 stay blocks the kernels dequantize, Q4_0 becomes f32). CPU only: the GPU keeps
+    /// bf16 weights.
     #[arg(long)]
     dtype: Option<String>,
 }

