@@ -15,6 +15,10 @@
 //! - [`relevance_rate`]@300: share of grade ≥ 2 among the judged products of the top 300;
 //!   undefined when none of them is judged;
 //! - [`judged_at`]@10: share of the top 10 that is judged at all; undefined for an empty ranking;
+//! - the *condensed* nDCG@10 and recall@10/100 ([`condense`]; Sakai, "Alternatives to Bpref",
+//!   SIGIR 2007) read unjudged as unknown the other standard way: the unjudged products are
+//!   taken out of the ranking first, then the same metrics. Condensing a k-deep ranking drops
+//!   nothing relevant, so its condensed recall@k is its recall@k: only the shallower cut-offs move;
 //! - each metric is the mean over the queries where it is defined ([`summarize`]), with the
 //!   count of those queries beside it.
 //!
@@ -113,17 +117,31 @@ pub fn judged_at<S: AsRef<str>>(ranked: &[S], grades: &Grades, k: usize) -> Opti
     )
 }
 
+/// The ranking with its unjudged products taken out, order kept.
+pub fn condense<'a, S: AsRef<str>>(ranked: &'a [S], grades: &Grades) -> Vec<&'a str> {
+    ranked
+        .iter()
+        .map(|d| d.as_ref())
+        .filter(|d| grades.contains_key(*d))
+        .collect()
+}
+
 /// A metric of one ranking against one query's grades.
 pub type Metric = fn(&[String], &Grades) -> Option<f64>;
 
 /// The metrics reported, by name, in the order `evaluate.py` prints them.
-pub const METRICS: [(&str, Metric); 6] = [
+pub const METRICS: [(&str, Metric); 9] = [
     ("ndcg@10", |r, g| ndcg(r, g, 10)),
     ("recall@10", |r, g| recall(r, g, 10)),
     ("recall@100", |r, g| recall(r, g, 100)),
     ("recall@300", |r, g| recall(r, g, 300)),
     ("relevance_rate@300", |r, g| relevance_rate(r, g, 300)),
     ("judged@10", |r, g| judged_at(r, g, 10)),
+    ("condensed_ndcg@10", |r, g| ndcg(&condense(r, g), g, 10)),
+    ("condensed_recall@10", |r, g| recall(&condense(r, g), g, 10)),
+    ("condensed_recall@100", |r, g| {
+        recall(&condense(r, g), g, 100)
+    }),
 ];
 
 /// One metric over a set of queries: the mean where it is defined, and over how many.
@@ -627,7 +645,8 @@ pub fn report(judged: &[Judged], results: &[QueryResult], wall_s: f64) -> Value 
             "no_judged_product_in_top_300 (left out of relevance_rate)":
                 undefined("relevance_rate@300"),
         },
-        "unjudged": "not relevant (gain 0) for ndcg and recall; left out of relevance_rate",
+        "unjudged": "not relevant (gain 0) for ndcg and recall; left out of relevance_rate \
+                     and of the ranking for the condensed_ metrics",
         "metrics": metrics,
         "queries_averaged": counted,
         "mean_returned": mean(results.iter().map(|r| r.returned as f64)),
@@ -743,6 +762,7 @@ mod tests {
         assert_eq!(get("judged@10").queries, 2); // q3's run is empty
         assert_eq!(get("judged@10").mean, Some(0.5)); // q1: 1, q2: 0
         let none = summarize(&[], &[]);
+        assert_eq!(none.len(), METRICS.len());
         assert!(none.iter().all(|a| a.mean.is_none() && a.queries == 0));
     }
 
@@ -773,6 +793,33 @@ mod tests {
         assert_eq!(mean("judged@10"), 0.1);
         let ideal = 3.0 * (1.0 + 1.0 / 3f64.log2() + 0.5 + 1.0 / 5f64.log2());
         assert!(close(mean("ndcg@10"), 3.0 / 6f64.log2() / ideal));
+    }
+
+    /// Condensed lists, the cases of `test_metrics.py`'s `test_condensed`.
+    #[test]
+    fn condensed_metrics_by_hand() {
+        let ranked = ids(&["x", "b", "y", "a", "c", "d"]);
+        assert_eq!(condense(&ranked, &g()), ["b", "a", "c", "d"]);
+        let ideal = 7.0 + 3.0 / 3f64.log2() + 0.5;
+        let s = summarize(&[ranked], &[&g()]);
+        let mean = |s: &[Averaged], n: &str| s.iter().find(|a| a.name == n).unwrap().mean;
+        assert!(close(
+            mean(&s, "condensed_ndcg@10").unwrap(),
+            (3.0 + 7.0 / 3f64.log2() + 0.5) / ideal
+        ));
+        let raw = 3.0 / 3f64.log2() + 7.0 / 5f64.log2() + 1.0 / 6f64.log2();
+        assert!(close(mean(&s, "ndcg@10").unwrap(), raw / ideal));
+        // a behind ten unjudged: out of the raw top 10, first once condensed
+        let mut behind = vec!["x"; 10];
+        behind.push("a");
+        let s = summarize(&[ids(&behind)], &[&g()]);
+        assert_eq!(mean(&s, "recall@10"), Some(0.0));
+        assert_eq!(mean(&s, "condensed_recall@10"), Some(0.5));
+        assert!(close(mean(&s, "condensed_ndcg@10").unwrap(), 7.0 / ideal));
+        // nothing judged: condensed to nothing, 0 (not undefined)
+        let s = summarize(&[ids(&["x", "y"])], &[&g()]);
+        assert_eq!(mean(&s, "condensed_ndcg@10"), Some(0.0));
+        assert_eq!(mean(&s, "condensed_recall@100"), Some(0.0));
     }
 
     #[test]

@@ -395,6 +395,9 @@ fn eval_reports_metrics_on_judgements() {
     assert!(close(&m["judged@10"], 0.5), "{r}");
     // nDCG: "rug" has no positive grade; the refused query counts 0.
     assert_eq!(n["ndcg@10"], 3);
+    // Condensed lists (unjudged taken out first): defined where the plain ones are.
+    assert_eq!(n["condensed_ndcg@10"], 3);
+    assert_eq!(n["condensed_recall@10"], 2);
     let ndcg = m["ndcg@10"].as_f64().unwrap();
     assert!((0.0..=2.0 / 3.0).contains(&ndcg), "{r}");
     for key in ["p50", "p99", "mean"] {

@@ -177,8 +177,13 @@ def cold_start(model_dir, work, n=150, seed=0):
     return out
 
 
-def table(rows):
-    keys = ["ndcg@10", "recall@10", "recall@100", "recall@300", "relevance_rate@300", "judged@10"]
+TABLE = ["ndcg@10", "recall@10", "recall@100", "recall@300", "relevance_rate@300", "judged@10"]
+# Unjudged as unknown by condensed lists (metrics.py); recall@300 of a 300-deep ranking is the
+# same condensed or not.
+CONDENSED = ["condensed_ndcg@10", "condensed_recall@10", "condensed_recall@100"]
+
+
+def table(rows, keys=TABLE):
     lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, s in rows:
         lines.append(f"| {name} | " + " | ".join("—" if s[k] is None else f"{100 * s[k]:.2f}"
@@ -263,17 +268,25 @@ def main(argv=None):
                      "fused_recall@300": M.recall(fused[q], judged[q], 300),
                      "fused_ndcg@10": M.ndcg(fused[q], judged[q], 10),
                      "rrf_recall@300": M.recall(rrf[q], judged[q], 300),
-                     "rrf_ndcg@10": M.ndcg(rrf[q], judged[q], 10)} for q in queries}
+                     "rrf_ndcg@10": M.ndcg(rrf[q], judged[q], 10),
+                     "gram_condensed_ndcg@10": M.ndcg(M.condense(gram_runs[q], judged[q]),
+                                                      judged[q], 10),
+                     "bm25_condensed_ndcg@10": M.ndcg(M.condense(bm[q], judged[q]), judged[q], 10),
+                     "fused_condensed_ndcg@10": M.ndcg(M.condense(fused[q], judged[q]),
+                                                       judged[q], 10)} for q in queries}
     res = {"model": str(model), "judgements": str(args.judgements or work / "judged.jsonl"),
            "queries": len(queries), "k": args.k, "beam": args.beam,
            "gram_json": json.loads(((search_model or model) / "gram.json").read_text()),
            "summary": summary,
            "per_query": per_query}
     (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(table([("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),
-                 ("GRAM ∪ BM25 interleaved", summary["gram+bm25"]),
-                 (f"GRAM ∪ BM25 fused (weight {fusion['weight']})", summary["gram+bm25 fused"]),
-                 (f"GRAM ∪ BM25 RRF (k {M.RRF_K})", summary["gram+bm25 rrf"])]))
+    rows = [("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),
+            ("GRAM ∪ BM25 interleaved", summary["gram+bm25"]),
+            (f"GRAM ∪ BM25 fused (weight {fusion['weight']})", summary["gram+bm25 fused"]),
+            (f"GRAM ∪ BM25 RRF (k {M.RRF_K})", summary["gram+bm25 rrf"])]
+    print(table(rows))
+    print("unjudged left out of each ranking (condensed lists):")
+    print(table(rows, CONDENSED))
     print(json.dumps({k: v for k, v in summary["gram"].items() if not k.startswith("n_")}, indent=1))
     if "cold_start" in summary:
         print(json.dumps(summary["cold_start"]))

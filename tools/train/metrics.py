@@ -5,6 +5,13 @@ Relevant = grade >= REL (2). Unjudged products are *unknown*: they count as not 
 nDCG and recall (gain 0, never in the relevant set: the standard, pessimistic reading of a
 shallow pool), and are left out of the relevance rate, which is measured among the judged
 products of the top k only. `judged_at` says how much of a ranking the pool covers.
+
+The *condensed* metrics (Sakai, "Alternatives to Bpref", SIGIR 2007) read unjudged as unknown
+the other standard way: the unjudged products are taken out of the ranking first, and nDCG and
+recall are computed on what is left, so a system is neither punished nor rewarded for products
+the pool never saw. A ranking cut at k loses nothing relevant by condensing, so the condensed
+recall@k of a k-deep ranking is its recall@k: only the cut-offs above the ranking's shallower
+ones (nDCG@10, recall@10 and @100 of a 300-deep ranking) can move.
 """
 import csv
 import json
@@ -94,6 +101,11 @@ def rrf(runs, k, c=RRF_K):
     return [d for d, _ in order[:k]]
 
 
+def condense(ranked, grades):
+    """The ranking with its unjudged products taken out (order kept)."""
+    return [d for d in ranked if d in grades]
+
+
 def summarize(runs, judged):
     """{metric: mean over the queries where it is defined, n_<metric>: how many} for one
     system; `runs` {query: ranked ids}."""
@@ -102,7 +114,10 @@ def summarize(runs, judged):
            "recall@100": lambda r, g: recall(r, g, 100),
            "recall@300": lambda r, g: recall(r, g, 300),
            "relevance_rate@300": lambda r, g: relevance_rate(r, g, 300),
-           "judged@10": lambda r, g: judged_at(r, g, 10)}
+           "judged@10": lambda r, g: judged_at(r, g, 10),
+           "condensed_ndcg@10": lambda r, g: ndcg(condense(r, g), g, 10),
+           "condensed_recall@10": lambda r, g: recall(condense(r, g), g, 10),
+           "condensed_recall@100": lambda r, g: recall(condense(r, g), g, 100)}
     out = {}
     for name, f in fns.items():
         vals = [f(runs.get(q, []), g) for q, g in judged.items()]

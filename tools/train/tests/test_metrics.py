@@ -27,6 +27,25 @@ class Metrics(unittest.TestCase):
         self.assertIsNone(M.relevance_rate(["x", "y"], G))
         self.assertEqual(M.judged_at(["a", "x", "y", "d"], G, 4), 0.5)
 
+    def test_condensed(self):
+        # unjudged x, y out: b, a, c, d; nDCG@10 (3 + 7/log2(3) + 1/2 + 0) / ideal
+        ranked = ["x", "b", "y", "a", "c", "d"]
+        self.assertEqual(M.condense(ranked, G), ["b", "a", "c", "d"])
+        ideal = 7 + 3 / math.log2(3) + 1 / 2
+        s = M.summarize({"q": ranked}, {"q": G})
+        self.assertAlmostEqual(s["condensed_ndcg@10"], (3 + 7 / math.log2(3) + 1 / 2) / ideal)
+        self.assertAlmostEqual(s["ndcg@10"], (3 / math.log2(3) + 7 / math.log2(5)
+                                              + 1 / math.log2(6)) / ideal)
+        # a behind ten unjudged: out of the raw top 10, first once condensed
+        only_x = M.summarize({"q": ["x"] * 10 + ["a"]}, {"q": G})
+        self.assertEqual(only_x["recall@10"], 0.0)
+        self.assertEqual(only_x["condensed_recall@10"], 0.5)  # a of {a, b}
+        self.assertAlmostEqual(only_x["condensed_ndcg@10"], 7 / ideal)
+        # nothing judged: condensed to nothing, 0 (not undefined)
+        none = M.summarize({"q": ["x", "y"]}, {"q": G})
+        self.assertEqual(none["condensed_ndcg@10"], 0.0)
+        self.assertEqual(none["condensed_recall@100"], 0.0)
+
     def test_interleave(self):
         self.assertEqual(M.interleave(["a", "b", "c"], ["b", "x"], 10), ["a", "b", "x", "c"])
         self.assertEqual(M.interleave(["a"], ["x", "y", "z"], 3), ["a", "x", "y"])
