@@ -767,8 +767,8 @@ async fn bad_input_is_a_clear_4xx() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
+/// Eight requests of mixed `k`, beam and endpoint.
+fn mixed_requests() -> Vec<Request> {
     let queries = [
         "green velvet sofa",
         "oak desk",
@@ -779,7 +779,7 @@ async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
         "velvet oak lamp",
         "desk sofa",
     ];
-    let requests: Vec<Request> = queries
+    queries
         .iter()
         .enumerate()
         .map(|(i, q)| Request {
@@ -788,13 +788,16 @@ async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
             codes_only: i % 4 == 3,
             ..Request::new(*q)
         })
-        .collect();
-    // The in-process engine, one request at a time.
-    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
-    let alone = search_alone(&engine, &requests);
-    // The server holds them in its gathering window until all 8 are queued.
-    let server = start(&["--max-batch", "8", "--batch-wait-us", "30000000"]).await;
-    let addr = server.addr();
+        .collect()
+}
+
+/// Sends `requests` at once, each on a connection of its own, and checks every answer against
+/// the in-process engine's answer to it alone.
+async fn answers_as_single_ones(
+    addr: SocketAddr,
+    requests: &[Request],
+    alone: &[gram::search::Response],
+) {
     let sent = requests.iter().map(|r| {
         let (path, body) = if r.codes_only {
             ("/v1/codes", json!({"query": r.query, "beam": r.beam}))
@@ -807,7 +810,7 @@ async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
         tokio::spawn(post(addr, path, body))
     });
     let answers: Vec<Answer> = futures_join(sent.collect()).await;
-    for ((r, a), want) in requests.iter().zip(&answers).zip(&alone) {
+    for ((r, a), want) in requests.iter().zip(&answers).zip(alone) {
         assert_eq!(a.status, 200, "{}", a.text());
         let got = a.json();
         assert_eq!(got["query"], want.query);
@@ -828,11 +831,68 @@ async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
             assert!((g["score"].as_f64().unwrap() - w.score as f64).abs() < 1e-4);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_steps_and_answer_as_single_ones() {
+    let requests = mixed_requests();
+    // The in-process engine, one request at a time.
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let alone = search_alone(&engine, &requests);
+    // The server holds them in its gathering window until all 8 are queued.
+    let server = start(&["--max-batch", "8", "--batch-wait-us", "30000000"]).await;
+    let addr = server.addr();
+    answers_as_single_ones(addr, &requests, &alone).await;
     // They shared decoder steps: the first one ran all 8.
     let m = metrics(addr).await;
     let steps_over_4 =
         m["gram_step_requests_bucket{le=\"8\"}"] - m["gram_step_requests_bucket{le=\"4\"}"];
     assert!(steps_over_4 >= 1.0, "{m:?}");
+    assert_eq!(m["gram_stage_seconds_count{stage=\"queue\"}"], 8.0);
+    server.shutdown().await.unwrap();
+}
+
+/// `--max-batch-rows`: the same eight requests, gathered the same way, join in several steps
+/// so that no step runs more rows than the bound; they still share steps and answer the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_bound_splits_the_batch_and_keeps_the_answers() {
+    let requests = mixed_requests();
+    let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
+    let alone = search_alone(&engine, &requests);
+    let rows = |r: &Request| {
+        let p = engine.prepare(r.clone()).unwrap();
+        (p.prompt_tokens(), r.beam)
+    };
+    let sizes: Vec<(usize, usize)> = requests.iter().map(rows).collect();
+    // A bound that two of the largest requests fit under, on a bucket edge of the histogram.
+    let largest = sizes.iter().map(|&(p, b)| p.max(b)).max().unwrap();
+    let bound = (2 * largest).next_power_of_two();
+    let prompts: usize = sizes.iter().map(|&(p, _)| p).sum();
+    assert!(
+        prompts > bound,
+        "the fixture's prompts ({prompts} tokens) must overflow {bound} rows for this test"
+    );
+    let step_rows = |m: &HashMap<String, f64>| {
+        let over =
+            m["gram_step_rows_count"] - m[&format!("gram_step_rows_bucket{{le=\"{bound}\"}}")];
+        let shared = m["gram_step_requests_count"] - m["gram_step_requests_bucket{le=\"1\"}"];
+        (over, shared)
+    };
+    let gather = ["--max-batch", "8", "--batch-wait-us", "30000000"];
+    // Without the bound the first step prefills all 8 prompts: over `bound`.
+    let server = start(&gather).await;
+    answers_as_single_ones(server.addr(), &requests, &alone).await;
+    let (over, _) = step_rows(&metrics(server.addr()).await);
+    assert!(over >= 1.0, "no step over {bound} rows without the bound");
+    server.shutdown().await.unwrap();
+    // With it, none is, and steps are still shared.
+    let b = bound.to_string();
+    let server = start(&[&gather[..], &["--max-batch-rows", &b]].concat()).await;
+    answers_as_single_ones(server.addr(), &requests, &alone).await;
+    let m = metrics(server.addr()).await;
+    let (over, shared) = step_rows(&m);
+    assert_eq!(over, 0.0, "a step over {bound} rows: {m:?}");
+    assert!(shared >= 1.0, "no step shared: {m:?}");
     assert_eq!(m["gram_stage_seconds_count{stage=\"queue\"}"], 8.0);
     server.shutdown().await.unwrap();
 }
@@ -1357,6 +1417,7 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
     queue.set_max_batch(2);
     let config = BatcherConfig {
         max_batch: 2,
+        max_rows: 0,
         batch_wait: Duration::ZERO,
         arena_entries: batcher::arena_entries(&engine, 2, 10).unwrap(),
         score_threads: 2,

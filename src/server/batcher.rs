@@ -356,6 +356,8 @@ impl Queue {
 pub struct BatcherConfig {
     /// Most requests in flight at once.
     pub max_batch: usize,
+    /// Most decoder rows in a step (0: no bound), see [`fits`].
+    pub max_rows: usize,
     /// Gathering window of an idle batch.
     pub batch_wait: Duration,
     /// KV entries of the batch's arena.
@@ -407,6 +409,8 @@ pub fn arena_entries<B: Backend>(
 struct InFlight {
     ticket: Ticket,
     reply: oneshot::Sender<Reply>,
+    /// Its beam width: the most rows it runs in a step after its prefill.
+    beam: usize,
     /// Seconds it waited in the queue.
     queue_s: f64,
 }
@@ -634,10 +638,26 @@ fn admit<B: Backend>(
         }
         st.jobs.push_back(job);
     }
+    // Rows of the next step so far (the beams running, then the prompts joining) and of the
+    // steps after it (every beam).
+    let mut beams: usize = flying.iter().map(|f| f.beam).sum();
+    let mut next = beams;
     while flying.len() < config.max_batch {
         let Some(job) = st.jobs.pop_front() else {
             break;
         };
+        let (prompt, beam) = (job.prepared.prompt_tokens(), job.prepared.request().beam);
+        if !fits(
+            config.max_rows,
+            flying.is_empty(),
+            next,
+            beams,
+            prompt,
+            beam,
+        ) {
+            st.jobs.push_front(job);
+            break;
+        }
         let Job {
             prepared,
             reply,
@@ -648,9 +668,12 @@ fn admit<B: Backend>(
             Admission::Admitted(ticket) => {
                 let queue_s = now.duration_since(enqueued).as_secs_f64();
                 metrics.record_stage(Stage::Queue, queue_s);
+                next += prompt;
+                beams += beam;
                 flying.push(InFlight {
                     ticket,
                     reply,
+                    beam,
                     queue_s,
                 });
             }
@@ -668,6 +691,24 @@ fn admit<B: Backend>(
             }
         }
     }
+}
+
+/// Whether a request of `prompt` tokens and beam `beam` may join the batch under the row bound
+/// `max_rows` (0: none), the next step already holding `next` rows and the steps after it
+/// `beams`: it joins the next step with its prompt and runs at most `beam` rows in each later
+/// one. A request joins an empty batch whatever its size, so none waits for ever; the queue
+/// keeps its order (a large request at the head is not overtaken by small ones behind it).
+fn fits(
+    max_rows: usize,
+    empty: bool,
+    next: usize,
+    beams: usize,
+    prompt: usize,
+    beam: usize,
+) -> bool {
+    max_rows == 0
+        || empty
+        || (next.saturating_add(prompt) <= max_rows && beams.saturating_add(beam) <= max_rows)
 }
 
 /// Each stage of a finished search into its histogram.
@@ -701,8 +742,27 @@ pub fn fail_all(queue: &Queue) {
 
 #[cfg(test)]
 mod tests {
-    use super::{overloaded, wait_refusal, ArrivalRate, Metrics, Refusal, ServiceRate};
+    use super::{fits, overloaded, wait_refusal, ArrivalRate, Metrics, Refusal, ServiceRate};
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_row_bound() {
+        // No bound: anything fits.
+        assert!(fits(0, false, 1000, 1000, 64, 64));
+        // An empty batch takes a request larger than the bound.
+        assert!(fits(32, true, 0, 0, 40, 64));
+        // The next step: 20 running beams + a 12-token prompt = 32 fits, 13 does not.
+        assert!(fits(32, false, 20, 20, 12, 10));
+        assert!(!fits(32, false, 20, 20, 13, 10));
+        // The steps after: 20 beams + 12 more = 32 fits, 13 does not, whatever the prompt.
+        assert!(fits(32, false, 20, 20, 1, 12));
+        assert!(!fits(32, false, 20, 20, 1, 13));
+        // Prompts joining this step count against it, not against the later ones.
+        assert!(!fits(32, false, 30, 10, 3, 1));
+        assert!(fits(32, false, 29, 10, 3, 1));
+        // No overflow at the edges.
+        assert!(!fits(32, false, usize::MAX, 0, 1, 1));
+    }
 
     #[test]
     fn the_wait_bound_applies_only_when_jobs_come_faster_than_answers() {
@@ -850,6 +910,7 @@ mod tests {
         let queue = Queue::new(8, metrics.clone());
         let config = BatcherConfig {
             max_batch: 2,
+            max_rows: 0,
             batch_wait: Duration::ZERO,
             arena_entries: super::arena_entries(&engine, 2, 10).unwrap(),
             score_threads: 1,

@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// 16 does there).
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// Most decoder rows (tokens) in one step: the prompt tokens of the requests joining it
+    /// plus the beams of those running. A queued request waits (in order) until it fits; one
+    /// that does not fit even alone runs alone. 0: no bound but `--max-batch`.
+    #[arg(long, default_value_t = 0)]
+    pub max_batch_rows: usize,
     /// Most requests waiting for the batch; past it, 503 with Retry-After at once.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -153,6 +158,8 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// `None`: the backend's default ([`default_max_batch`]).
     pub max_batch: Option<usize>,
+    /// Zero: no bound on a step's rows.
+    pub max_batch_rows: usize,
     pub max_queue: usize,
     /// Zero: no wait bound.
     pub max_queue_wait: Duration,
@@ -240,6 +247,7 @@ impl ServeArgs {
             model: self.model.clone(),
             addr,
             max_batch: self.max_batch,
+            max_batch_rows: self.max_batch_rows,
             max_queue: self.max_queue,
             max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
             timeout: Duration::from_millis(self.timeout_ms),
@@ -529,6 +537,7 @@ fn serve_on<B: Backend>(
     );
     let config = BatcherConfig {
         max_batch,
+        max_rows: c.max_batch_rows,
         batch_wait: c.batch_wait,
         arena_entries,
         score_threads: c.score_threads,
