@@ -114,8 +114,8 @@ pub struct ProductHit {
     pub id: String,
     pub title: String,
     pub score: f32,
-    /// The query's codes that reached it.
-    pub codes: Vec<String>,
+    /// The query's codes that reached it (each text shared by every product it reached).
+    pub codes: Vec<std::sync::Arc<str>>,
 }
 
 /// Wall time of each stage, in milliseconds. Prefill and decode are the steps the request took
@@ -153,6 +153,11 @@ pub struct Engine<B: Backend = CpuBackend> {
     /// Score accumulators (8 bytes per product each), one taken per request being scored.
     rankers: std::sync::Mutex<Vec<score::Ranker>>,
 }
+
+/// How far ahead of building an answer's products their records and texts are prefetched
+/// (the records first, so that reading one to prefetch its text finds it in cache).
+const RECORDS_AHEAD: usize = 16;
+const TEXT_AHEAD: usize = 8;
 
 /// The index file of an index directory.
 pub fn index_file(dir: &Path) -> PathBuf {
@@ -529,17 +534,33 @@ impl<B: Backend> Engine<B> {
             let mut ranker = pool().pop().unwrap_or_default();
             let hits = ranker.rank(self.isa, &lists, self.aggregate, p.request.k, n);
             pool().push(ranker);
+            // Each product's record, then its text, a few products ahead of reading them.
+            let ahead = |j: usize| hits.get(j).map(|h| h.product);
+            let texts: Vec<std::sync::Arc<str>> = list_codes
+                .iter()
+                .map(|&code| index.code_text(code).unwrap_or_default().into())
+                .collect();
+            for i in (0..RECORDS_AHEAD).filter_map(ahead) {
+                index.prefetch_product_record(i);
+            }
+            for i in (0..TEXT_AHEAD).filter_map(ahead) {
+                index.prefetch_product_text(i);
+            }
             products = hits
                 .iter()
-                .filter_map(|h| {
+                .enumerate()
+                .filter_map(|(j, h)| {
+                    if let Some(i) = ahead(j + RECORDS_AHEAD) {
+                        index.prefetch_product_record(i);
+                    }
+                    if let Some(i) = ahead(j + TEXT_AHEAD) {
+                        index.prefetch_product_text(i);
+                    }
                     let (id, title) = index.product(h.product)?;
                     let matched = h
                         .codes
                         .iter()
-                        .map(|&c| {
-                            let code = list_codes[c as usize];
-                            index.code_text(code).unwrap_or_default().into_owned()
-                        })
+                        .filter_map(|&c| texts.get(c as usize).cloned())
                         .collect();
                     Some(ProductHit {
                         id: id.into_owned(),

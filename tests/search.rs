@@ -340,7 +340,7 @@ fn scores_follow_gram_json_against_an_f64_reference() {
                 if got.id == pid {
                     let mut c = codes.clone();
                     c.sort();
-                    let mut g = got.codes.clone();
+                    let mut g: Vec<String> = got.codes.iter().map(|c| c.to_string()).collect();
                     g.sort();
                     assert_eq!(g, c, "{at}: matched codes");
                 }

@@ -5,6 +5,7 @@
 
 use super::Ranker;
 use crate::backend::cpu::simd::Isa;
+use crate::index::prefetch;
 use crate::score::scorer::Scorer;
 use crate::score::{Hit, Postings};
 
@@ -26,19 +27,6 @@ fn list_bound(l: &Postings) -> f32 {
         mag += 1.5 * w.abs() as f64;
     }
     (up + 1e-3 * mag) as f32
-}
-
-/// Asks the CPU to bring `x`'s cache line in, without waiting for it.
-#[inline(always)]
-fn prefetch<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it cannot fault and changes nothing the program reads.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(x as *const T as *const i8);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
 }
 
 /// Calls `hit(j)` for each `j` with `scores[j] >= floor`, in order. Sixteen scores are
