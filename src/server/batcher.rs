@@ -228,6 +228,9 @@ struct QueueState {
     draining: bool,
     /// No more jobs are taken.
     closed: bool,
+    /// The job at the head waits for decoder rows (`--max-batch-rows`) although places are
+    /// free: until it joins, no place counts as free for the wait bound.
+    rows_blocked: bool,
 }
 
 impl Queue {
@@ -238,6 +241,7 @@ impl Queue {
                 arrivals: ArrivalRate::default(),
                 draining: false,
                 closed: false,
+                rows_blocked: false,
             }),
             changed: Condvar::new(),
             capacity,
@@ -312,7 +316,7 @@ impl Queue {
             let depth = st.jobs.len();
             let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
             let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-            let free = max_batch.saturating_sub(in_flight);
+            let free = free_places(max_batch, in_flight, st.rows_blocked);
             if depth + 1 > free {
                 let rate = self
                     .service
@@ -627,6 +631,7 @@ fn admit<B: Backend>(
     metrics: &Metrics,
 ) {
     let now = Instant::now();
+    st.rows_blocked = false;
     let jobs = std::mem::take(&mut st.jobs);
     for job in jobs {
         if job.reply.is_closed() {
@@ -656,6 +661,7 @@ fn admit<B: Backend>(
             beam,
         ) {
             st.jobs.push_front(job);
+            st.rows_blocked = true;
             break;
         }
         let Job {
@@ -690,6 +696,16 @@ fn admit<B: Backend>(
                 let _ = reply.send(Err(Failed::engine(&e)));
             }
         }
+    }
+}
+
+/// Places a job queued now may take at the next step: none while the head waits for decoder
+/// rows (`--max-batch-rows`), since nothing behind it joins first.
+fn free_places(max_batch: usize, in_flight: usize, rows_blocked: bool) -> usize {
+    if rows_blocked {
+        0
+    } else {
+        max_batch.saturating_sub(in_flight)
     }
 }
 
@@ -742,7 +758,9 @@ pub fn fail_all(queue: &Queue) {
 
 #[cfg(test)]
 mod tests {
-    use super::{fits, overloaded, wait_refusal, ArrivalRate, Metrics, Refusal, ServiceRate};
+    use super::{
+        fits, free_places, overloaded, wait_refusal, ArrivalRate, Metrics, Refusal, ServiceRate,
+    };
     use std::time::{Duration, Instant};
 
     #[test]
@@ -762,6 +780,10 @@ mod tests {
         assert!(fits(32, false, 29, 10, 3, 1));
         // No overflow at the edges.
         assert!(!fits(32, false, usize::MAX, 0, 1, 1));
+        // While the head waits for rows, no place is free for the wait bound's estimate.
+        assert_eq!(free_places(16, 5, false), 11);
+        assert_eq!(free_places(16, 5, true), 0);
+        assert_eq!(free_places(16, 20, false), 0);
     }
 
     #[test]

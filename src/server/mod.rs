@@ -533,6 +533,7 @@ fn serve_on<B: Backend>(
         arena_entries,
         arena_mib,
         max_batch,
+        max_batch_rows = c.max_batch_rows,
         "engine loaded"
     );
     let config = BatcherConfig {
