@@ -462,10 +462,14 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let mut done = Vec::with_capacity(tickets.len());
-        while batch.in_flight() > 0 {
-            done.extend(batch.step()?);
-        }
+        let model = &self.model;
+        let mut done = model.install(|| -> Result<Vec<_>> {
+            let mut done = Vec::with_capacity(tickets.len());
+            while batch.in_flight() > 0 {
+                done.extend(batch.step()?);
+            }
+            Ok(done)
+        })?;
         done.sort_by_key(|(t, _)| *t);
         Ok(done.into_iter().map(|(_, r)| r).collect())
     }

@@ -498,7 +498,11 @@ pub fn run<B: Backend>(
                 .map_err(|e| Error::io("spawning a scoring thread", e))?;
         }
         started();
-        step_loop(&mut batch, queue, &config, metrics, &to_score);
+        // On the model's thread pool, so that each step's forward runs there without a
+        // hand-off from this thread (see `Model::install`).
+        engine
+            .model()
+            .install(|| step_loop(&mut batch, queue, &config, metrics, &to_score));
         // Hanging up ends the scoring threads once they have answered every request handed to
         // them; the scope waits for them.
         drop(to_score);
