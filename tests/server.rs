@@ -895,6 +895,17 @@ async fn a_row_bound_splits_the_batch_and_keeps_the_answers() {
     assert!(shared >= 1.0, "no step shared: {m:?}");
     assert_eq!(m["gram_stage_seconds_count{stage=\"queue\"}"], 8.0);
     server.shutdown().await.unwrap();
+    // A bound below every request: each runs alone, in turn, and none waits for ever.
+    let server = start(&[&gather[..], &["--max-batch-rows", "1"]].concat()).await;
+    answers_as_single_ones(server.addr(), &requests, &alone).await;
+    let m = metrics(server.addr()).await;
+    let (_, shared) = step_rows(&m);
+    assert_eq!(
+        shared, 0.0,
+        "a step ran two requests under a bound of 1 row: {m:?}"
+    );
+    assert_eq!(m["gram_stage_seconds_count{stage=\"queue\"}"], 8.0);
+    server.shutdown().await.unwrap();
 }
 
 /// Awaits spawned tasks in order.

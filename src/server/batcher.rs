@@ -524,13 +524,19 @@ fn step_loop<B: Backend>(
         {
             let mut st = queue.lock();
             if flying.is_empty() {
+                // The gathering window opens only for a batch that found nothing to do: jobs
+                // already queued (held back by the rows bound or the arena while the batch was
+                // busy) have waited enough.
+                let idle = st.jobs.is_empty();
                 while st.jobs.is_empty() && !st.closed {
                     st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.jobs.is_empty() {
                     return; // closed, drained, idle
                 }
-                st = gather(queue, st, config);
+                if idle {
+                    st = gather(queue, st, config);
+                }
             }
             admit(&mut st, batch, &mut flying, config, metrics);
             metrics.set_queue_depth(st.jobs.len());
