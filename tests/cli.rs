@@ -395,10 +395,14 @@ fn eval_reports_metrics_on_judgements() {
     assert!(close(&m["judged@10"], 0.5), "{r}");
     // nDCG: "rug" has no positive grade; the refused query counts 0.
     assert_eq!(n["ndcg@10"], 3);
-    // Condensed lists (unjudged taken out first): defined where the plain ones are.
+    // Condensed lists (unjudged taken out first): defined where the plain ones are. Every
+    // ranking here is shorter than 10, and condensing drops nothing relevant, so recall@10
+    // keeps its value; the nDCG can only rise (judged products move up).
     assert_eq!(n["condensed_ndcg@10"], 3);
     assert_eq!(n["condensed_recall@10"], 2);
+    assert_eq!(m["condensed_recall@10"], m["recall@10"], "{r}");
     let ndcg = m["ndcg@10"].as_f64().unwrap();
+    assert!(m["condensed_ndcg@10"].as_f64().unwrap() >= ndcg, "{r}");
     assert!((0.0..=2.0 / 3.0).contains(&ndcg), "{r}");
     for key in ["p50", "p99", "mean"] {
         assert!(r["latency_ms"][key].as_f64().unwrap() > 0.0, "{r}");
