@@ -462,8 +462,7 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let model = &self.model;
-        let mut done = model.install(|| -> Result<Vec<_>> {
+        let mut done = self.model.install(|| -> Result<Vec<_>> {
             let mut done = Vec::with_capacity(tickets.len());
             while batch.in_flight() > 0 {
                 done.extend(batch.step()?);
