@@ -520,25 +520,26 @@ fn step_loop<B: Backend>(
     to_score: &std::sync::mpsc::Sender<ToScore>,
 ) {
     let mut flying: Vec<InFlight> = Vec::new();
+    // Whether the last admission left jobs queued.
+    let mut held_back = false;
     loop {
         {
             let mut st = queue.lock();
             if flying.is_empty() {
-                // The gathering window opens only for a batch that found nothing to do: jobs
-                // already queued (held back by the rows bound or the arena while the batch was
-                // busy) have waited enough.
-                let idle = st.jobs.is_empty();
                 while st.jobs.is_empty() && !st.closed {
                     st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.jobs.is_empty() {
                     return; // closed, drained, idle
                 }
-                if idle {
+                // Jobs the last admission held back (rows bound, arena) have waited enough:
+                // the gathering window is for a batch that had nothing left to take.
+                if !held_back {
                     st = gather(queue, st, config);
                 }
             }
             admit(&mut st, batch, &mut flying, config, metrics);
+            held_back = !st.jobs.is_empty();
             metrics.set_queue_depth(st.jobs.len());
             // Published under the lock: a push never sees the admitted jobs gone from the
             // queue and not yet in the batch (it would count their places as free).
