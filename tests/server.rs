@@ -878,7 +878,11 @@ async fn a_row_bound_splits_the_batch_and_keeps_the_answers() {
         let shared = m["gram_step_requests_count"] - m["gram_step_requests_bucket{le=\"1\"}"];
         (over, shared)
     };
-    let gather = ["--max-batch", "8", "--batch-wait-us", "30000000"];
+    // A window that gathers all 8 (sent at once) but ends well inside their 10 s deadline: under
+    // the bound the batch can empty before the last requests arrive (a loaded machine spreads
+    // them out), and the next one then opens a window of its own, which ends at 8 queued or at
+    // its length.
+    let gather = ["--max-batch", "8", "--batch-wait-us", "2000000"];
     // Without the bound the first step prefills all 8 prompts: over `bound`.
     let server = start(&gather).await;
     answers_as_single_ones(server.addr(), &requests, &alone).await;
