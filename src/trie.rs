@@ -474,6 +474,20 @@ impl Trie {
         )
     }
 
+    /// The CSR arrays, as mapped: `child_start [nodes + 1]`, `child_token [edges]` (ascending
+    /// within a node), `child_node [edges]`, `code [nodes]` ([`NONE`] where no code ends). What
+    /// the device beam step reads (kernels/beam_step.cu, `BeamTrie`).
+    pub fn csr(&self) -> (&[u32], &[u32], &[u32], &[u32]) {
+        let s = self.sections();
+        let w = self.as_words();
+        (
+            &w[s.child_start..s.child_token],
+            &w[s.child_token..s.child_node],
+            &w[s.child_node..s.code],
+            &w[s.code..s.end],
+        )
+    }
+
     /// The code ending at `node`, if one does.
     #[inline]
     pub fn code(&self, node: u32) -> Option<u32> {

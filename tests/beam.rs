@@ -841,3 +841,68 @@ fn trie_round_trips_through_a_mapped_file() {
     assert!(Trie::open(&path).is_err());
     std::fs::remove_file(&path).unwrap();
 }
+
+/// `search_logits` (the slow twin of the device beam step) fed with the model's own logits,
+/// recomputed from scratch for every beam's tokens, returns what `beam::search` returns: the
+/// same codes in the same order, scores and per-token log-probs within f32 rounding of the
+/// other summation order. Every model, both normalizations, beams 1, 4 and 16, length penalties
+/// 1 and 0.6, codes cut at 3 tokens too (the length limit).
+#[test]
+fn search_logits_matches_search_on_the_models_logits() {
+    for name in MODELS {
+        let f = fixture(name);
+        let prompt = f.tok.encode("Q: a green velvet sofa\n").unwrap();
+        for (beam_w, normalize, penalty, max_new) in [
+            (1, Normalize::Full, 1.0, 16),
+            (4, Normalize::Children, 1.0, 16),
+            (16, Normalize::Full, 0.6, 16),
+            (16, Normalize::Children, 1.0, 3),
+        ] {
+            let options = BeamOptions {
+                beam: beam_w,
+                normalize,
+                length_penalty: penalty,
+                max_new_tokens: max_new,
+                ..Default::default()
+            };
+            let want = search_one(&f, prompt.clone(), options);
+            let mut calls = 0;
+            let got = beam::search_logits(&f.trie, options, |_, _, tokens| {
+                calls += 1;
+                let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
+                let mut cache = f.model.new_cache(1, seq.len()).unwrap();
+                f.model
+                    .forward(&mut cache, &seq, &vec![0; seq.len()], &[seq.len() - 1])
+                    .unwrap()
+            })
+            .unwrap();
+            let what =
+                format!("{name} beam {beam_w} {normalize:?} penalty {penalty} max {max_new}");
+            assert!(!want.codes.is_empty(), "{what}: no codes");
+            assert_eq!(got.codes.len(), want.codes.len(), "{what}");
+            assert_eq!(got.truncated, want.truncated, "{what}");
+            assert_eq!(got.steps, want.steps, "{what}: steps");
+            assert_eq!(
+                calls, got.rows,
+                "{what}: one logits row per running beam and step"
+            );
+            for (g, w) in got.codes.iter().zip(&want.codes) {
+                assert_eq!((g.code, &g.tokens), (w.code, &w.tokens), "{what}");
+                assert!((g.score - w.score).abs() <= 1e-4, "{what}: {g:?} vs {w:?}");
+                assert_eq!(g.token_logprobs.len(), w.token_logprobs.len(), "{what}");
+                for (a, b) in g.token_logprobs.iter().zip(&w.token_logprobs) {
+                    assert!((a - b).abs() <= 1e-4, "{what}: {g:?} vs {w:?}");
+                }
+            }
+        }
+    }
+    // The twin refuses what the search refuses.
+    let f = fixture(MODELS[0]);
+    let bad = BeamOptions {
+        beam: 0,
+        ..Default::default()
+    };
+    assert!(beam::search_logits(&f.trie, bad, |_, _, _| unreachable!()).is_err());
+    let short = beam::search_logits(&f.trie, BeamOptions::default(), |_, _, _| vec![0.5; 3]);
+    assert!(short.unwrap_err().to_string().contains("vocabulary"));
+}

@@ -677,6 +677,78 @@ pub fn search<B: Backend>(model: &Model<B>, trie: &Trie, queries: &[Query]) -> R
     BeamSearch::new().run(model, trie, queries)
 }
 
+/// Constrained beam search over logits the caller supplies: `logits(step, j, tokens)` is the
+/// full `[V]` logits row of running beam `j` at `step`, whose generated tokens so far are
+/// `tokens` (step 0: the prompt's last row, beam 0, no tokens).
+/// The same normalization, candidates, top `2B`, finishing rules and stopping heuristic as
+/// [`search`], with no model: the slow twin of the device beam step (`kernels/beam_step.cu`,
+/// `backend::cuda::beam_step`), which selects from logits already on the GPU.
+pub fn search_logits(
+    trie: &Trie,
+    options: BeamOptions,
+    mut logits: impl FnMut(usize, usize, &[u32]) -> Vec<f32>,
+) -> Result<Output> {
+    options.check()?;
+    if !options.constrained {
+        return Err(Error::Input(
+            "search_logits is the constrained search's twin: the trie must be on".into(),
+        ));
+    }
+    let mut s = State {
+        options,
+        base: 0,
+        len: 0,
+        prompt: Vec::new(),
+        shared: 0,
+        prefilled: true,
+        beams: vec![Beam {
+            node: Trie::ROOT,
+            score: 0.0,
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            entries: Vec::new(),
+        }],
+        finished: Vec::new(),
+        open: true,
+        steps: 0,
+        rows: 0,
+        head_logits: 0,
+        prefill_s: 0.0,
+        decode_s: 0.0,
+    };
+    while s.active() {
+        let step = s.steps;
+        let mut lps = Vec::with_capacity(s.beams.len());
+        for (j, beam) in s.beams.iter().enumerate() {
+            let row = logits(step, j, &beam.tokens);
+            if row.len() != trie.vocab() {
+                return Err(Error::Input(format!(
+                    "logits row of {} values for a trie of vocabulary {}",
+                    row.len(),
+                    trie.vocab()
+                )));
+            }
+            let picked = allowed(trie, beam.node).map(|t| (t, row[t as usize]));
+            lps.push(match options.normalize {
+                Normalize::Full => {
+                    let lse = select::logsumexp(&row);
+                    picked.map(|(t, l)| (t, l - lse)).collect::<Vec<_>>()
+                }
+                Normalize::Children => {
+                    let list: Vec<(u32, f32)> = picked.collect();
+                    let lse = select::logsumexp(&list.iter().map(|p| p.1).collect::<Vec<_>>());
+                    list.into_iter().map(|(t, l)| (t, l - lse)).collect()
+                }
+            });
+        }
+        s.rows += s.beams.len();
+        let beams = std::mem::take(&mut s.beams);
+        let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
+        advance(trie, &mut s, &beams, select::candidates(&scores, &lps));
+    }
+    Ok(finish(trie, s))
+}
+
 /// A query's options, prompt tokens and length must suit the model.
 fn check_query<B: Backend>(model: &Model<B>, q: &Query) -> Result<()> {
     q.options.check()?;
