@@ -1254,3 +1254,200 @@ fn no_gpu_is_a_clear_error_not_a_panic() {
     // And the probe answers either way without panicking.
     let _ = cuda::probe();
 }
+
+/// Random logits of running beam `j` of query `q` at step `s` (uniform in ±6, never zero).
+fn step_logits(q: usize, s: usize, j: usize, vocab: usize) -> Vec<f32> {
+    let seed = ((q as u64) << 40 | (s as u64) << 20 | j as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15 | 1);
+    r.next();
+    r.vec(vocab, 6.0)
+}
+
+/// The device beam step (kernels/beam_step.cu: `beam_select_f32`, `beam_feed`,
+/// `row_logsumexp_f32`; `cuda::beam_step::DeviceBeams`) against its slow twin
+/// `beam::search_logits`, on random logits over the default model's trie (25,786 codes,
+/// vocabulary 4,096), in one mixed batch: widths 1 to 512 (a root of thousands of children:
+/// several top-K flushes), both normalizations, length penalties 0.6 to 2, limits of 3 to 16
+/// tokens (codes cut at the limit). Run 1 gives full normalization the host's log-sum-exp, so
+/// those queries must match bit for bit (codes, order, scores, per-token log-probs); over
+/// children the kernel's own `expf` sums differ from the CPU's in the last bits (1e-5). After
+/// every step, `beam_feed`'s rows must be the CPU's running beams: token, position, entry,
+/// span, and a link list of one entry per earlier step ending in its own. Run 2 lets the device
+/// compute the full normalizers: every row within 2e-6 of the host's, the same codes.
+#[test]
+fn device_beam_step_matches_search_logits() {
+    use gram::backend::cuda::beam_step::DeviceBeams;
+    let Some(g) = gpu() else { return };
+    let dir = model_dir("gram-icecat-2m");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let cpu = Model::load(&dir, &Default::default()).unwrap();
+    let (vocab, eos) = (cpu.config.vocab_size, cpu.config.eos_token_ids[0]);
+    let set = CodeSet::from_texts(default_codes(), &tok, eos).unwrap();
+    let trie = Trie::build(&set, vocab, eos).unwrap();
+    let cases: [(usize, Normalize, f32, usize); 6] = [
+        (10, Normalize::Full, 1.0, 16),
+        (64, Normalize::Children, 1.0, 16),
+        (1, Normalize::Full, 1.0, 16),
+        (512, Normalize::Full, 0.6, 16),
+        (16, Normalize::Children, 2.0, 3),
+        (7, Normalize::Full, 1.0, 5),
+    ];
+    let opts: Vec<BeamOptions> = cases
+        .iter()
+        .map(
+            |&(beam, normalize, length_penalty, max_new_tokens)| BeamOptions {
+                beam,
+                normalize,
+                length_penalty,
+                max_new_tokens,
+                ..Default::default()
+            },
+        )
+        .collect();
+    // The twin, recording every running beam's tokens at every step.
+    let mut seen: Vec<Vec<Vec<Vec<u32>>>> = vec![Vec::new(); opts.len()];
+    let want: Vec<beam::Output> = opts
+        .iter()
+        .enumerate()
+        .map(|(q, &o)| {
+            beam::search_logits(&trie, o, |s, j, tokens| {
+                if seen[q].len() <= s {
+                    seen[q].push(Vec::new());
+                }
+                seen[q][s].push(tokens.to_vec());
+                step_logits(q, s, j, vocab)
+            })
+            .unwrap()
+        })
+        .collect();
+    for (q, w) in want.iter().enumerate() {
+        eprintln!(
+            "query {q} {:?}: {} codes, {} cut, {} steps",
+            cases[q],
+            w.codes.len(),
+            w.truncated,
+            w.steps
+        );
+    }
+    let prompt_lens: Vec<u32> = (0..opts.len() as u32).map(|q| 5 + 3 * q).collect();
+    for host_lse in [true, false] {
+        let mut d = DeviceBeams::new(&g, &trie, &opts, &prompt_lens).unwrap();
+        let rows = d.logit_rows();
+        let layout = d.layout().to_vec();
+        for s in 0..16 {
+            if !d.states().unwrap().iter().any(|st| st.active()) {
+                break;
+            }
+            let mut host = Vec::with_capacity(rows * vocab);
+            for (q, o) in opts.iter().enumerate() {
+                for j in 0..o.beam {
+                    host.extend(step_logits(q, s, j, vocab));
+                }
+            }
+            let logits = d.upload(&host).unwrap();
+            let lse: Vec<f32> = host
+                .chunks_exact(vocab)
+                .map(beam::select::logsumexp)
+                .collect();
+            if host_lse {
+                d.step(&logits, Some(&d.upload(&lse).unwrap())).unwrap();
+            } else {
+                let dev_lse = d.row_logsumexp(&logits).unwrap();
+                for (r, (a, b)) in dev_lse.iter().zip(&lse).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-6 * b.abs().max(1.0),
+                        "step {s} row {r}: lse {a} vs {b}"
+                    );
+                }
+                d.step(&logits, None).unwrap();
+            }
+            // beam_feed's rows for step s + 1 against the twin's running beams there.
+            let (st, fed) = (d.states().unwrap(), d.fed().unwrap());
+            for (q, l) in layout.iter().enumerate() {
+                let running: &[Vec<u32>] = seen[q].get(s + 1).map_or(&[], |v| v.as_slice());
+                assert_eq!(st[q].error, 0, "query {q} step {s}: device error");
+                assert_eq!(
+                    st[q].gen_len as usize,
+                    (s + 1).min(want[q].steps),
+                    "query {q} step {s}"
+                );
+                if st[q].gen_len as usize != s + 1 {
+                    continue; // done before this step: nothing fed
+                }
+                assert_eq!(
+                    st[q].active(),
+                    !running.is_empty(),
+                    "query {q} after step {s}"
+                );
+                if !st[q].active() {
+                    continue;
+                }
+                assert_eq!(
+                    st[q].running as usize,
+                    running.len(),
+                    "query {q} after step {s}"
+                );
+                let b = opts[q].beam as u32;
+                for j in 0..b {
+                    let row = (l.slot0 + j) as usize;
+                    let r = fed.rows[row];
+                    assert_eq!(r.span, (l.base, l.base + l.prompt_len), "query {q} row {j}");
+                    let list = &fed.links[r.link.0 as usize..r.link.1 as usize];
+                    if let Some(tokens) = running.get(j as usize) {
+                        let what = format!("query {q} step {s} beam {j}");
+                        assert_eq!(fed.tokens[row], *tokens.last().unwrap(), "{what}");
+                        assert_eq!(r.pos, l.prompt_len + s as u32, "{what}");
+                        assert_eq!(r.entry, l.entry0 + s as u32 * b + j, "{what}");
+                        assert_eq!(list.len(), s + 1, "{what}: {list:?}");
+                        assert_eq!(*list.last().unwrap(), r.entry, "{what}");
+                        for (k, &e) in list.iter().enumerate() {
+                            let first = l.entry0 + k as u32 * b;
+                            assert!((first..first + b).contains(&e), "{what}: link {k} = {e}");
+                        }
+                    } else {
+                        assert_eq!((fed.tokens[row], r.pos), (0, 0), "query {q} dummy row {j}");
+                        assert!(list.is_empty(), "query {q} dummy row {j}");
+                    }
+                }
+            }
+        }
+        let got = d.outputs(&trie).unwrap();
+        for (q, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!(
+                "run {} query {q} {:?}",
+                if host_lse { 1 } else { 2 },
+                cases[q]
+            );
+            assert_eq!((g.steps, g.truncated), (w.steps, w.truncated), "{what}");
+            let codes = |o: &beam::Output| o.codes.iter().map(|c| c.code).collect::<Vec<_>>();
+            assert_eq!(codes(g), codes(w), "{what}");
+            let exact = host_lse && opts[q].normalize == Normalize::Full;
+            for (a, b) in g.codes.iter().zip(&w.codes) {
+                assert_eq!(a.tokens, b.tokens, "{what}");
+                if exact {
+                    assert_eq!(
+                        a.score.to_bits(),
+                        b.score.to_bits(),
+                        "{what}: {a:?} vs {b:?}"
+                    );
+                    assert_eq!(a.token_logprobs, b.token_logprobs, "{what}");
+                } else {
+                    assert!((a.score - b.score).abs() <= 1e-5, "{what}: {a:?} vs {b:?}");
+                    for (x, y) in a.token_logprobs.iter().zip(&b.token_logprobs) {
+                        assert!((x - y).abs() <= 1e-5, "{what}: {a:?} vs {b:?}");
+                    }
+                }
+            }
+        }
+        eprintln!("device beam step, run with host lse {host_lse}: every query as the twin");
+    }
+    // Bad input: an error value, before any launch.
+    assert!(DeviceBeams::new(&g, &trie, &opts, &prompt_lens[..2]).is_err());
+    let mut d = DeviceBeams::new(&g, &trie, &opts[..1], &prompt_lens[..1]).unwrap();
+    let short = d.upload(&[0.5; 7]).unwrap();
+    assert!(d
+        .step(&short, None)
+        .unwrap_err()
+        .to_string()
+        .contains("logits"));
+}

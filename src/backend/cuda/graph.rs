@@ -37,6 +37,8 @@ pub(super) enum KArg<'a> {
     F32(f32),
     Attn(&'a AttnParams),
     Rope(&'a RopeParams),
+    /// A `#[repr(C)]` parameter struct with no implicit padding, as its bytes (the beam step's).
+    Pod(&'a [u8]),
 }
 
 /// The bytes of `v` (a `#[repr(C)]` plain-data parameter struct).
@@ -206,6 +208,7 @@ impl CudaBackend {
                         KArg::F32(v) => p.mix(raw(&v.to_bits())),
                         KArg::Attn(v) => p.mix(raw(*v)),
                         KArg::Rope(v) => p.mix(raw(*v)),
+                        KArg::Pod(v) => p.mix(v),
                     }
                 }
             }
@@ -235,6 +238,7 @@ impl CudaBackend {
                 }
                 KArg::Attn(v) => *v as *const AttnParams as *mut _,
                 KArg::Rope(v) => *v as *const RopeParams as *mut _,
+                KArg::Pod(v) => v.as_ptr() as *mut _,
             };
             params.push(p);
         }

@@ -14,6 +14,7 @@
 //! a missing driver: [`probe`] checks for the libraries before cudarc touches them.
 
 mod attention;
+pub mod beam_step;
 mod gemm;
 use gemm::FusedQkv;
 mod graph;
