@@ -14,8 +14,11 @@
 #   cargo build --release && cargo test --release --test gpu --no-run
 #   mkdir -p .devbin && strip -o .devbin/gram target/release/gram &&
 #     strip -o .devbin/gpu-tests target/release/deps/gpu-<hash>
+# and for step 12: cargo bench --bench beam_step_gpu --no-run &&
+#     strip -o .devbin/beam-step-bench target/release/deps/beam_step_gpu-<hash>
 # Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7;
 # 10 = each op's cost inside a replayed pass, by knocking it out with GRAM_CUDA_SKIP_OPS, after 2;
+# 11 = the device beam step's test and compute-sanitizer; 12 = the device beam step's bench;
 # SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
 # ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=0), EXTRAS (0 skips
@@ -42,6 +45,7 @@ pack() {
     > "$OUT/gram-bench.jsonl" 2>/dev/null
   for f in gram-bench-base.jsonl gram-bench-alt.jsonl; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
   cat "$W"/hf_peer.jsonl > "$OUT/hf_peer.jsonl" 2>/dev/null
+  [ -f "$W/beam-step-bench.jsonl" ] && cp "$W/beam-step-bench.jsonl" "$OUT/"
   tar czf "$OUT/all.tgz" -C "$W" --exclude kernel-cache . 2>/dev/null
 }
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -260,6 +264,32 @@ if has 10; then
       log "step 10 $m skip $skip exit $?"
     done
   done
+fi
+
+# 11. The device beam step (kernels/beam_step.cu): its test against the CPU twin, then the
+# test and the attention test under compute-sanitizer's memcheck and racecheck.
+if has 11; then
+  log "step 11: device beam step test"
+  LD_LIBRARY_PATH="$GLD" timeout -k 5 120 "$TESTS" --test-threads=1 --nocapture device_beam_step \
+    > "$W/beam-step-test.log" 2>&1
+  log "step 11 exit $?: $(grep -E '^test result' "$W/beam-step-test.log")"
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  for tool in memcheck racecheck; do
+    for t in device_beam_step attention_matches_cpu; do
+      [ -n "$CS" ] || { log "step 11: no compute-sanitizer"; break 2; }
+      LD_LIBRARY_PATH="$GLD" timeout -k 5 100 "$CS" --tool $tool --error-exitcode 9 --print-limit 20 \
+        "$TESTS" --test-threads=1 $t > "$W/cs-$tool-$t.log" 2>&1
+      log "step 11 $tool $t exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/cs-$tool-$t.log")"
+    done
+  done
+fi
+
+# 12. The device beam step's GPU time per step (benches/beam_step_gpu.rs, binary in .devbin).
+if has 12; then
+  log "step 12: beam step bench"
+  chmod +x .devbin/beam-step-bench 2>/dev/null
+  LD_LIBRARY_PATH="$GLD" timeout -k 5 150 .devbin/beam-step-bench --reps 5 > "$W/beam-step-bench.jsonl" 2> "$W/beam-step-bench.log"
+  log "step 12 exit $?"
 fi
 
 log "done"
