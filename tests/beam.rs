@@ -492,13 +492,16 @@ fn shared_prefix_gives_the_same_codes() {
 /// Stable rows (every query's decode step runs a row per beam slot, fillers repeating a running
 /// beam where fewer run, as the CUDA backend asks for by default): the same codes, scores and
 /// per-token log-probabilities, bit for bit, as without them, on random batches whose narrow
-/// tries leave fewer running beams than slots; and fillers did run.
+/// tries leave fewer running beams than slots; and fillers did run. With finished queries'
+/// rows held as well (`Batcher::set_hold_finished`, what `BeamSearch::run` does): the same
+/// results again, every decode step runs every query's slots (one pass shape from the first
+/// decode step to the last), and every arena entry is free when the batch is done.
 #[test]
 fn stable_rows_give_the_same_results() {
     let words = [
         "sofa", "green", "oak", "table", "lamp", "rug", "cheap", "for", "kids",
     ];
-    let mut fillers = 0;
+    let (mut fillers, mut held_extra) = (0, 0);
     for name in MODELS {
         let f = fixture(name);
         let mut next = rng(4242 + name.len() as u64);
@@ -524,8 +527,8 @@ fn stable_rows_give_the_same_results() {
                     }
                 })
                 .collect();
-            // Rows the batch ran and rows its queries own, stepping a batcher by hand.
-            let run = |stable: bool| -> (Vec<beam::Output>, usize) {
+            // Rows the batch ran at each step, stepping a batcher by hand.
+            let run = |stable: bool, hold: bool| -> (Vec<beam::Output>, Vec<usize>) {
                 let mut search = BeamSearch::new();
                 search.set_stable_rows(Some(stable));
                 if round % 2 == 1 {
@@ -537,22 +540,37 @@ fn stable_rows_give_the_same_results() {
                     .sum();
                 let mut batch =
                     beam::Batcher::new(&mut search, &f.model, &f.trie, entries).unwrap();
+                batch.set_hold_finished(hold);
                 for q in &queries {
                     batch
                         .admit(q.clone())
                         .unwrap()
                         .expect("sized for the batch");
                 }
-                let (mut done, mut ran) = (Vec::new(), 0);
+                let (mut done, mut ran) = (Vec::new(), Vec::new());
                 while batch.in_flight() > 0 {
                     done.extend(batch.step().unwrap());
-                    ran += batch.last_step_rows();
+                    ran.push(batch.last_step_rows());
                 }
+                assert_eq!(batch.free_entries(), entries, "every entry free at the end");
                 done.sort_by_key(|d| d.0);
                 (done.into_iter().map(|d| d.1).collect(), ran)
             };
-            let (plain, plain_rows) = run(false);
-            let (stable, stable_rows) = run(true);
+            let (plain, plain_steps) = run(false, false);
+            let (stable, stable_steps) = run(true, false);
+            let (held, held_steps) = run(true, true);
+            // Held rows: every decode step runs every query's beam slots (no query here ends
+            // at its first selection: codes have at least one token, limits at least 3).
+            let slots: usize = queries.iter().map(|q| q.options.beam).sum();
+            assert!(
+                held_steps[1..].iter().all(|&r| r == slots),
+                "{name} round {round}: held rows {held_steps:?}, {slots} slots"
+            );
+            held_extra += held_steps.iter().sum::<usize>() - stable_steps.iter().sum::<usize>();
+            let (plain_rows, stable_rows) = (
+                plain_steps.iter().sum::<usize>(),
+                stable_steps.iter().sum::<usize>(),
+            );
             let own: usize = plain.iter().map(|o| o.rows).sum();
             assert_eq!(
                 plain_rows, own,
@@ -562,8 +580,9 @@ fn stable_rows_give_the_same_results() {
                 stable_rows >= own,
                 "{name} round {round}: {stable_rows} rows ran, {own} owned"
             );
-            for (qi, (a, b)) in plain.iter().zip(&stable).enumerate() {
-                let ctx = format!("{name} round {round} query {qi}");
+            let variants = plain.iter().zip(&stable).chain(plain.iter().zip(&held));
+            for (qi, (a, b)) in variants.enumerate() {
+                let ctx = format!("{name} round {round} query {}", qi % plain.len());
                 assert_eq!(a.rows, b.rows, "{ctx}: rows of its own");
                 assert_eq!(a.codes.len(), b.codes.len(), "{ctx}");
                 for (x, y) in a.codes.iter().zip(&b.codes) {
@@ -578,9 +597,11 @@ fn stable_rows_give_the_same_results() {
             fillers += stable_rows - own;
         }
     }
-    // Over the models and rounds, some steps had fewer running beams than slots.
-    eprintln!("{fillers} filler rows ran");
+    // Over the models and rounds, some steps had fewer running beams than slots, and some
+    // queries finished before others.
+    eprintln!("{fillers} filler rows ran, {held_extra} held rows");
     assert!(fillers > 0, "no filler row ever ran");
+    assert!(held_extra > 0, "no query finished before another");
 }
 
 /// One searcher serving models of different shapes in turn makes a new arena (and prefix KV)

@@ -355,6 +355,14 @@ pub trait Backend: Send + Sync {
         0
     }
 
+    /// A batch admitted at once, with stable rows on, also keeps running its finished queries'
+    /// last rows ([`crate::beam::Batcher::set_hold_finished`]: one pass shape for the whole
+    /// batch) while all its queries' beam slots come to at most this many rows. The default,
+    /// 0: never.
+    fn hold_finished_rows(&self) -> usize {
+        0
+    }
+
     /// Runs `f`, a whole forward pass (body and head), alone: the CUDA backend's passes share
     /// state (slots, graphs) that the head still reads after the body's pass. The default
     /// calls it.

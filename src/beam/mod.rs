@@ -177,6 +177,18 @@ struct State {
     /// Wall time of the steps it prefilled in, and of the others.
     prefill_s: f64,
     decode_s: f64,
+    /// Its rows of the last decode step, kept when the batch holds finished queries' rows
+    /// ([`Batcher::set_hold_finished`]).
+    last: Option<StepRows>,
+}
+
+/// One query's rows of a decode step, as the batch ran them: its tokens, rows (link ranges
+/// relative to `links`) and link entries.
+#[derive(Debug, Clone, Default)]
+struct StepRows {
+    tokens: Vec<u32>,
+    rows: Vec<RowKv>,
+    links: Vec<u32>,
 }
 
 impl State {
@@ -289,6 +301,8 @@ impl<B: Backend> BeamSearch<B> {
             .map(|q| State::entries(q, self.shared(&q.prompt)))
             .sum();
         let mut batch = Batcher::new(self, model, trie, entries)?;
+        let slots: usize = queries.iter().map(|q| q.options.beam).sum();
+        batch.set_hold_finished(slots <= model.backend.hold_finished_rows());
         let tickets = queries
             .iter()
             .map(|q| {
@@ -328,6 +342,10 @@ pub struct Batcher<'a, B: Backend> {
     next: Ticket,
     /// Decoder rows of the last step.
     last_rows: usize,
+    /// Keep running finished queries' last rows (see [`Batcher::set_hold_finished`]).
+    hold: bool,
+    /// Those rows, and the arena entries they write, freed when no query is left.
+    held: Vec<(StepRows, std::ops::Range<u32>)>,
 }
 
 impl<'a, B: Backend> Batcher<'a, B> {
@@ -377,7 +395,21 @@ impl<'a, B: Backend> Batcher<'a, B> {
             capacity: entries,
             next: 0,
             last_rows: 0,
+            hold: false,
+            held: Vec::new(),
         })
+    }
+
+    /// With stable rows on: a query that finishes keeps its last decode step's rows in every
+    /// later step (their KV written again into its own entries, held until the batch is empty;
+    /// nothing reads them), so a batch admitted at once keeps one pass shape from its first
+    /// decode step to its last, and the CUDA backend replays one graph instead of running each
+    /// new shape as plain launches or capturing it. Results are the same. For a batch that
+    /// admits no query while it runs: the held entries are not free for new queries until
+    /// every query has finished. `BeamSearch::run` turns it on where the backend asks
+    /// ([`Backend::hold_finished_rows`]: CUDA up to 256 beam slots in the batch).
+    pub fn set_hold_finished(&mut self, on: bool) {
+        self.hold = on;
     }
 
     /// Arena entries `query` would hold while it runs.
@@ -439,6 +471,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
             head_logits: 0,
             prefill_s: 0.0,
             decode_s: 0.0,
+            last: None,
         });
         Ok(Some(ticket))
     }
@@ -451,9 +484,9 @@ impl<'a, B: Backend> Batcher<'a, B> {
         if self.states.is_empty() {
             return Ok(Vec::new());
         }
-        let arena = self.search.arena.as_mut().expect("made by new");
         let prefill: Vec<bool> = self.states.iter().map(|s| !s.prefilled).collect();
         let t = std::time::Instant::now();
+        let held_rows: usize = self.held.iter().map(|h| h.0.rows.len()).sum();
         let pad = self.search.stable_rows.unwrap_or_else(|| {
             // Every started query's beam slots (the rows a padded step runs, prefills aside).
             let slots: usize = self
@@ -463,15 +496,30 @@ impl<'a, B: Backend> Batcher<'a, B> {
                 .map(|s| s.options.beam)
                 .sum();
             let limit = self.model.backend.stable_beam_rows();
-            limit > 0 && slots <= limit
+            limit > 0 && slots + held_rows <= limit
         });
-        match step(self.model, arena, self.trie, &mut self.states, pad) {
+        if !pad {
+            self.release_held();
+        }
+        let hold = self.hold && pad;
+        let held: Vec<&StepRows> = self.held.iter().map(|h| &h.0).collect();
+        let arena = self.search.arena.as_mut().expect("made by new");
+        match step(
+            self.model,
+            arena,
+            self.trie,
+            &mut self.states,
+            pad,
+            hold,
+            &held,
+        ) {
             Ok(rows) => self.last_rows = rows,
             Err(e) => {
                 let start = self.search.prefix.len() as u32;
                 self.free = vec![start..start + self.capacity as u32];
                 self.states.clear();
                 self.tickets.clear();
+                self.held.clear();
                 self.last_rows = 0;
                 return Err(e);
             }
@@ -491,12 +539,26 @@ impl<'a, B: Backend> Batcher<'a, B> {
                 i += 1;
                 continue;
             }
-            let s = self.states.remove(i);
+            let mut s = self.states.remove(i);
             let ticket = self.tickets.remove(i);
-            self.release(s.base..s.base + s.len);
+            let entries = s.base..s.base + s.len;
+            match s.last.take() {
+                Some(rows) if hold => self.held.push((rows, entries)),
+                _ => self.release(entries),
+            }
             done.push((ticket, finish(self.trie, s)));
         }
+        if self.states.is_empty() {
+            self.release_held();
+        }
         Ok(done)
+    }
+
+    /// Frees the held rows' entries.
+    fn release_held(&mut self) {
+        for (_, entries) in std::mem::take(&mut self.held) {
+            self.release(entries);
+        }
     }
 
     /// Decoder rows the last step ran (prompt rows of new queries, one per running beam of the
@@ -537,12 +599,15 @@ impl<'a, B: Backend> Batcher<'a, B> {
 /// (and with `pad`, a filler row for each beam slot no beam runs in, see
 /// [`BeamSearch::set_stable_rows`]). Then each query selects its next beams from its rows'
 /// log-probabilities.
+#[allow(clippy::too_many_arguments)]
 fn step<B: Backend>(
     model: &Model<B>,
     arena: &mut KvArena<B>,
     trie: &Trie,
     states: &mut [State],
     pad: bool,
+    record: bool,
+    held: &[&StepRows],
 ) -> Result<usize> {
     let (mut tokens, mut rows, mut links) = (Vec::new(), Vec::new(), Vec::new());
     // One head row per parent beam: `(query, beam)`, and the batch row it reads.
@@ -589,6 +654,7 @@ fn step<B: Backend>(
             continue;
         }
         // Beam j's token of step `fed` goes to entry `base + own + (fed - 1) * B + j`.
+        let (rows_at, links_at) = (rows.len(), links.len());
         let fed = s.beams[0].tokens.len(); // all running beams have the same length
         let slot0 = own_entries.end + (fed as u32 - 1) * s.options.beam as u32;
         for (j, beam) in s.beams.iter_mut().enumerate() {
@@ -635,8 +701,36 @@ fn step<B: Backend>(
                 filler_heads.push(rows.len() - 1);
             }
         }
+        if record {
+            let base = links_at as u32;
+            s.last = Some(StepRows {
+                tokens: tokens[rows_at..].to_vec(),
+                rows: rows[rows_at..]
+                    .iter()
+                    .map(|r| RowKv {
+                        link: (r.link.0 - base, r.link.1 - base),
+                        ..*r
+                    })
+                    .collect(),
+                links: links[links_at..].to_vec(),
+            });
+        }
     }
     head_rows.extend(filler_heads);
+    // Finished queries' held rows: run again, each with a head row as a filler has (nothing
+    // reads their logits; the pass's shape counts head rows).
+    for h in held {
+        let base = links.len() as u32;
+        links.extend_from_slice(&h.links);
+        tokens.extend_from_slice(&h.tokens);
+        for r in &h.rows {
+            rows.push(RowKv {
+                link: (r.link.0 + base, r.link.1 + base),
+                ..*r
+            });
+            head_rows.push(rows.len() - 1);
+        }
+    }
     let parent_beams: Vec<(usize, &Beam)> = parents
         .iter()
         .map(|&(qi, j)| (qi, &states[qi].beams[j]))
@@ -715,6 +809,7 @@ pub fn search_logits(
         head_logits: 0,
         prefill_s: 0.0,
         decode_s: 0.0,
+        last: None,
     };
     while s.active() {
         let step = s.steps;

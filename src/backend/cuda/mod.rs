@@ -305,6 +305,12 @@ pub struct CudaBackend {
     /// from 49.8 to 41.5 ms (beam 10) and 79 to 65 ms (beam 64), and cost 8–17 % at 64 queries
     /// of beam 64 (4,096 rows: a pass that is compute-bound, where fillers cost their FLOPs).
     stable_beam_rows: usize,
+    /// `Backend::hold_finished_rows`: 256 by default, `GRAM_CUDA_HOLD_FINISHED=N` sets it, 0
+    /// turns it off. On an H100 (twentieth session, docs/PERF.md), holding took batches of 16
+    /// queries at beam 10 (160 rows) from 41 to 26 ms (SmolLM2-shaped) and 56 to 32 ms
+    /// (Qwen2.5-0.5B-shaped), and made 64 queries at beam 10 (640 rows, where a row costs
+    /// its FLOPs) 17–19 % slower; 16 at beam 64 (1,024 rows) moved −8 / +6 %.
+    hold_finished_rows: usize,
     /// How decode attention splits a query's beam rows over blocks (`GRAM_CUDA_DECODE_ROWS`).
     decode_rows: attention::DecodeRows,
     /// Ops that launch nothing (`GRAM_CUDA_SKIP_OPS=attention,linear,...`, op names as in
@@ -482,6 +488,10 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1024),
+            hold_finished_rows: std::env::var("GRAM_CUDA_HOLD_FINISHED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256),
             decode_rows: attention::DecodeRows::from_env(),
             skip_ops: skip_ops_from(std::env::var("GRAM_CUDA_SKIP_OPS").ok().as_deref()),
             graphs_on: AtomicBool::new(

@@ -147,6 +147,10 @@ impl Backend for CudaBackend {
         self.stable_beam_rows
     }
 
+    fn hold_finished_rows(&self) -> usize {
+        self.hold_finished_rows
+    }
+
     fn run_forward<T>(&self, f: &mut dyn FnMut() -> T) -> T {
         let _one = lock(&self.forward_lock);
         f()
