@@ -407,7 +407,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
     /// new shape as plain launches or capturing it. Results are the same. For a batch that
     /// admits no query while it runs: the held entries are not free for new queries until
     /// every query has finished. `BeamSearch::run` turns it on where the backend asks
-    /// ([`Backend::hold_finished_rows`]: CUDA up to 256 beam slots in the batch).
+    /// ([`crate::backend::Backend::hold_finished_rows`]: CUDA up to 256 beam slots in the batch).
     pub fn set_hold_finished(&mut self, on: bool) {
         self.hold = on;
     }
