@@ -192,6 +192,34 @@ struct StepRows {
 }
 
 impl State {
+    /// A query not yet started: one beam at the trie's root; `len` arena entries from `base`,
+    /// the first `shared` prompt tokens in the shared prefix.
+    fn new(query: Query, base: u32, len: u32, shared: usize) -> State {
+        State {
+            options: query.options,
+            base,
+            len,
+            prompt: query.prompt,
+            shared,
+            prefilled: false,
+            beams: vec![Beam {
+                node: Trie::ROOT,
+                score: 0.0,
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                entries: Vec::new(),
+            }],
+            finished: Vec::new(),
+            open: true,
+            steps: 0,
+            rows: 0,
+            head_logits: 0,
+            prefill_s: 0.0,
+            decode_s: 0.0,
+            last: None,
+        }
+    }
+
     fn active(&self) -> bool {
         self.open && !self.beams.is_empty()
     }
@@ -450,29 +478,8 @@ impl<'a, B: Backend> Batcher<'a, B> {
         let ticket = self.next;
         self.next += 1;
         self.tickets.push(ticket);
-        self.states.push(State {
-            options: query.options,
-            base,
-            len: need as u32,
-            prompt: query.prompt,
-            shared,
-            prefilled: false,
-            beams: vec![Beam {
-                node: Trie::ROOT,
-                score: 0.0,
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                entries: Vec::new(),
-            }],
-            finished: Vec::new(),
-            open: true,
-            steps: 0,
-            rows: 0,
-            head_logits: 0,
-            prefill_s: 0.0,
-            decode_s: 0.0,
-            last: None,
-        });
+        self.states
+            .push(State::new(query, base, need as u32, shared));
         Ok(Some(ticket))
     }
 
@@ -788,29 +795,12 @@ pub fn search_logits(
             "search_logits is the constrained search's twin: the trie must be on".into(),
         ));
     }
-    let mut s = State {
-        options,
-        base: 0,
-        len: 0,
+    let query = Query {
         prompt: Vec::new(),
-        shared: 0,
-        prefilled: true,
-        beams: vec![Beam {
-            node: Trie::ROOT,
-            score: 0.0,
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            entries: Vec::new(),
-        }],
-        finished: Vec::new(),
-        open: true,
-        steps: 0,
-        rows: 0,
-        head_logits: 0,
-        prefill_s: 0.0,
-        decode_s: 0.0,
-        last: None,
+        options,
     };
+    let mut s = State::new(query, 0, 0, 0);
+    s.prefilled = true;
     while s.active() {
         let step = s.steps;
         let mut lps = Vec::with_capacity(s.beams.len());
