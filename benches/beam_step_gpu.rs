@@ -69,7 +69,7 @@ fn main() {
         let mut steps_run = 0;
         for rep in 0..reps + 1 {
             for given_lse in [false, true] {
-                let mut d = DeviceBeams::new(&gpu, &trie, &options, &prompts).unwrap();
+                let mut d = DeviceBeams::new(&gpu, &trie, VOCAB, &options, &prompts).unwrap();
                 let logits = d.upload(&host).unwrap();
                 let lse = d.row_logsumexp(&logits).unwrap();
                 let lse = d.upload(&lse).unwrap();

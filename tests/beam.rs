@@ -902,6 +902,9 @@ fn search_logits_matches_search_on_the_models_logits() {
             assert!(!want.codes.is_empty(), "{what}: no codes");
             assert_eq!(got.codes.len(), want.codes.len(), "{what}");
             assert_eq!(got.truncated, want.truncated, "{what}");
+            if max_new == 3 {
+                assert!(want.truncated > 0, "{what}: the limit cut no code");
+            }
             assert_eq!(got.steps, want.steps, "{what}: steps");
             assert_eq!(
                 calls, got.rows,
@@ -926,4 +929,57 @@ fn search_logits_matches_search_on_the_models_logits() {
     assert!(beam::search_logits(&f.trie, bad, |_, _, _| unreachable!()).is_err());
     let short = beam::search_logits(&f.trie, BeamOptions::default(), |_, _, _| vec![0.5; 3]);
     assert!(short.unwrap_err().to_string().contains("vocabulary"));
+}
+
+/// A batch holding finished queries' rows frees their entries when its last running query is
+/// cancelled, and when a new query joins (held rows only keep a batch's shape).
+#[test]
+fn held_rows_are_freed_by_a_cancel_and_by_a_new_query() {
+    let f = fixture(MODELS[0]);
+    let mut search = BeamSearch::new();
+    search.set_stable_rows(Some(true));
+    let query = |beam: usize, max_new_tokens: usize| Query {
+        prompt: f.tok.encode("Q: a green velvet sofa").unwrap(),
+        options: BeamOptions {
+            beam,
+            max_new_tokens,
+            ..Default::default()
+        },
+    };
+    let (short, long) = (query(4, 3), query(4, 16));
+    let mut batch = beam::Batcher::new(&mut search, &f.model, &f.trie, 400).unwrap();
+    batch.set_hold_finished(true);
+    let need = batch.entries_for(&short) + batch.entries_for(&long);
+    batch.admit(short.clone()).unwrap().unwrap();
+    let t_long = batch.admit(long.clone()).unwrap().unwrap();
+    let mut finished = 0;
+    while finished == 0 {
+        finished = batch.step().unwrap().len();
+    }
+    assert_eq!(batch.in_flight(), 1, "the short query finished first");
+    assert_eq!(batch.free_entries(), 400 - need, "its entries are held");
+    assert!(batch.cancel(t_long));
+    assert_eq!(
+        batch.free_entries(),
+        400,
+        "a cancel that empties the batch frees held rows"
+    );
+
+    batch.admit(short.clone()).unwrap().unwrap();
+    batch.admit(long.clone()).unwrap().unwrap();
+    let mut finished = 0;
+    while finished == 0 {
+        finished = batch.step().unwrap().len();
+    }
+    assert_eq!(batch.free_entries(), 400 - need);
+    batch.admit(short.clone()).unwrap().unwrap();
+    assert_eq!(
+        batch.free_entries(),
+        400 - batch.entries_for(&long) - batch.entries_for(&short),
+        "a new query frees held rows"
+    );
+    while batch.in_flight() > 0 {
+        batch.step().unwrap();
+    }
+    assert_eq!(batch.free_entries(), 400);
 }

@@ -1266,13 +1266,15 @@ fn step_logits(q: usize, s: usize, j: usize, vocab: usize) -> Vec<f32> {
 /// The device beam step (kernels/beam_step.cu: `beam_select_f32`, `beam_feed`,
 /// `row_logsumexp_f32`; `cuda::beam_step::DeviceBeams`) against its slow twin
 /// `beam::search_logits`, on random logits over the default model's trie (25,786 codes,
-/// vocabulary 4,096), in one mixed batch: widths 1 to 512 (a root of thousands of children:
-/// several top-K flushes), both normalizations, length penalties 0.6 to 2, limits of 3 to 16
-/// tokens (codes cut at the limit). Run 1 gives full normalization the host's log-sum-exp, so
+/// vocabulary 4,096; 344 children at the root), in one mixed batch: widths 1 to 512 (a top
+/// K of 1,024 over up to 512 beams' children), both normalizations, length penalties 0.6 to
+/// 2, limits of 3 to 16 tokens (codes cut at the limit). Run 1 gives full normalization the host's log-sum-exp, so
 /// those queries must match bit for bit (codes, order, scores, per-token log-probs); over
 /// children the kernel's own `expf` sums differ from the CPU's in the last bits (1e-5). After
 /// every step, `beam_feed`'s rows must be the CPU's running beams: token, position, entry,
-/// span, and a link list of one entry per earlier step ending in its own. Run 2 lets the device
+/// span, and a link list holding the entry of each of its ancestors (the twin's beam with its
+/// tokens' prefix, at that step's slot), its own last; a slot with no beam, a dummy row on its
+/// scratch entry. Run 2 lets the device
 /// compute the full normalizers: every row within 2e-6 of the host's, the same codes.
 #[test]
 fn device_beam_step_matches_search_logits() {
@@ -1331,7 +1333,7 @@ fn device_beam_step_matches_search_logits() {
     }
     let prompt_lens: Vec<u32> = (0..opts.len() as u32).map(|q| 5 + 3 * q).collect();
     for host_lse in [true, false] {
-        let mut d = DeviceBeams::new(&g, &trie, &opts, &prompt_lens).unwrap();
+        let mut d = DeviceBeams::new(&g, &trie, vocab, &opts, &prompt_lens).unwrap();
         let rows = d.logit_rows();
         let layout = d.layout().to_vec();
         for s in 0..16 {
@@ -1401,12 +1403,19 @@ fn device_beam_step_matches_search_logits() {
                         assert_eq!(list.len(), s + 1, "{what}: {list:?}");
                         assert_eq!(*list.last().unwrap(), r.entry, "{what}");
                         for (k, &e) in list.iter().enumerate() {
-                            let first = l.entry0 + k as u32 * b;
-                            assert!((first..first + b).contains(&e), "{what}: link {k} = {e}");
+                            // The ancestor fed after step k: the twin's beam at step k + 1
+                            // whose tokens are this beam's first k + 1.
+                            let i = seen[q][k + 1]
+                                .iter()
+                                .position(|t| t[..] == tokens[..k + 1])
+                                .unwrap();
+                            assert_eq!(e, l.entry0 + k as u32 * b + i as u32, "{what}: link {k}");
                         }
                     } else {
-                        assert_eq!((fed.tokens[row], r.pos), (0, 0), "query {q} dummy row {j}");
-                        assert!(list.is_empty(), "query {q} dummy row {j}");
+                        let what = format!("query {q} step {s} dummy row {j}");
+                        assert_eq!((fed.tokens[row], r.pos), (0, 0), "{what}");
+                        assert_eq!(r.entry, d.scratch0() + l.slot0 + j, "{what}");
+                        assert!(list.is_empty(), "{what}");
                     }
                 }
             }
@@ -1442,8 +1451,14 @@ fn device_beam_step_matches_search_logits() {
         eprintln!("device beam step, run with host lse {host_lse}: every query as the twin");
     }
     // Bad input: an error value, before any launch.
-    assert!(DeviceBeams::new(&g, &trie, &opts, &prompt_lens[..2]).is_err());
-    let mut d = DeviceBeams::new(&g, &trie, &opts[..1], &prompt_lens[..1]).unwrap();
+    assert!(DeviceBeams::new(&g, &trie, vocab, &opts, &prompt_lens[..2]).is_err());
+    assert!(DeviceBeams::new(&g, &trie, vocab - 1, &opts, &prompt_lens).is_err());
+    let mut d = DeviceBeams::new(&g, &trie, vocab, &opts[..1], &prompt_lens[..1]).unwrap();
+    assert!(d
+        .outputs(&trie)
+        .unwrap_err()
+        .to_string()
+        .contains("still running"));
     let short = d.upload(&[0.5; 7]).unwrap();
     assert!(d
         .step(&short, None)

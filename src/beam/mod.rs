@@ -77,7 +77,7 @@ pub fn check_width(beam: usize) -> Result<()> {
 }
 
 impl BeamOptions {
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         check_width(self.beam)?;
         if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
             return Err(Error::Input(format!(
@@ -438,6 +438,9 @@ impl<'a, B: Backend> Batcher<'a, B> {
     /// ([`crate::backend::Backend::hold_finished_rows`]: CUDA up to 256 beam slots in the batch).
     pub fn set_hold_finished(&mut self, on: bool) {
         self.hold = on;
+        if !on {
+            self.release_held();
+        }
     }
 
     /// Arena entries `query` would hold while it runs.
@@ -459,6 +462,8 @@ impl<'a, B: Backend> Batcher<'a, B> {
     /// flight finish. An error: the query is invalid, or could never fit this batcher.
     pub fn admit(&mut self, query: Query) -> Result<Option<Ticket>> {
         check_query(self.model, &query)?;
+        // A query joining changes the pass shape anyway: held rows have no purpose left.
+        self.release_held();
         let shared = self.search.shared(&query.prompt);
         let need = State::entries(&query, shared);
         if need > self.capacity {
@@ -489,6 +494,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
     #[allow(clippy::single_range_in_vec_init)] // one free range: all of it
     pub fn step(&mut self) -> Result<Vec<(Ticket, Output)>> {
         if self.states.is_empty() {
+            self.release_held();
             return Ok(Vec::new());
         }
         let prefill: Vec<bool> = self.states.iter().map(|s| !s.prefilled).collect();
@@ -568,8 +574,8 @@ impl<'a, B: Backend> Batcher<'a, B> {
         }
     }
 
-    /// Decoder rows the last step ran (prompt rows of new queries, one per running beam of the
-    /// others).
+    /// Decoder rows the last step ran: prompt rows of new queries, one per running beam of the
+    /// others, and the fillers and held rows of stable rows.
     pub fn last_step_rows(&self) -> usize {
         self.last_rows
     }
@@ -583,6 +589,9 @@ impl<'a, B: Backend> Batcher<'a, B> {
         self.tickets.remove(i);
         let s = self.states.remove(i);
         self.release(s.base..s.base + s.len);
+        if self.states.is_empty() {
+            self.release_held();
+        }
         true
     }
 
@@ -779,8 +788,10 @@ pub fn search<B: Backend>(model: &Model<B>, trie: &Trie, queries: &[Query]) -> R
 }
 
 /// Constrained beam search over logits the caller supplies: `logits(step, j, tokens)` is the
-/// full `[V]` logits row of running beam `j` at `step`, whose generated tokens so far are
-/// `tokens` (step 0: the prompt's last row, beam 0, no tokens).
+/// full `[V]` logits row of running beam `j` at `step` (the model's vocabulary, at least the
+/// trie's), whose generated tokens so far are `tokens` (step 0: the prompt's last row, beam 0,
+/// no tokens). `Output::rows` counts the rows asked for (1 for the first step), and no
+/// timings or head counts are kept.
 /// The same normalization, candidates, top `2B`, finishing rules and stopping heuristic as
 /// [`search`], with no model: the slow twin of the device beam step (`kernels/beam_step.cu`,
 /// `backend::cuda::beam_step`), which selects from logits already on the GPU.
@@ -806,9 +817,9 @@ pub fn search_logits(
         let mut lps = Vec::with_capacity(s.beams.len());
         for (j, beam) in s.beams.iter().enumerate() {
             let row = logits(step, j, &beam.tokens);
-            if row.len() != trie.vocab() {
+            if row.len() < trie.vocab() {
                 return Err(Error::Input(format!(
-                    "logits row of {} values for a trie of vocabulary {}",
+                    "a logits row of {} values for a trie of vocabulary {}",
                     row.len(),
                     trie.vocab()
                 )));

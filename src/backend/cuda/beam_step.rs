@@ -193,11 +193,13 @@ fn dev(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
 impl<'g> DeviceBeams<'g> {
     /// Uploads the trie and sets every query at its root: query `q` runs with `options[q]`
     /// after a prompt of `prompt_lens[q]` tokens. Its slots follow the queries before it, and
-    /// so do its logits rows: a step reads running beam `j`'s logits at row `slot0 + j`
-    /// (step 0: the prompt's last row, beam 0).
+    /// so do its logits rows, `vocab` wide (the model's vocabulary, at least the trie's): a
+    /// step reads running beam `j`'s logits at row `slot0 + j` (step 0: the prompt's last row,
+    /// beam 0).
     pub fn new(
         gpu: &'g CudaBackend,
         trie: &Trie,
+        vocab: usize,
         options: &[BeamOptions],
         prompt_lens: &[u32],
     ) -> Result<DeviceBeams<'g>> {
@@ -209,17 +211,20 @@ impl<'g> DeviceBeams<'g> {
             )));
         }
         for o in options {
-            crate::beam::check_width(o.beam)?;
-            if !o.constrained || o.max_new_tokens == 0 || !o.length_penalty.is_finite() {
+            o.check()?;
+            if !o.constrained {
                 return Err(Error::Input(
-                    "the device beam step runs constrained searches of 1.. new tokens".into(),
+                    "the device beam step runs constrained searches only".into(),
                 ));
             }
         }
-        let vocab = trie.vocab() as u32;
-        if vocab == 0 || vocab as u64 * MAX_BEAM as u64 > u32::MAX as u64 {
-            return Err(Error::Input(format!("a vocabulary of {vocab} tokens")));
+        if vocab < trie.vocab() || vocab as u64 * MAX_BEAM as u64 > u32::MAX as u64 {
+            return Err(Error::Input(format!(
+                "logits rows of {vocab} tokens for a trie of vocabulary {}",
+                trie.vocab()
+            )));
         }
+        let vocab = vocab as u32;
         let max_steps = options.iter().map(|o| o.max_new_tokens).max().unwrap_or(1) as u32;
         // The layout: slots one query after another, entries likewise (prompt, then one per
         // step and beam), then one scratch entry per slot for the dummy rows.
@@ -324,6 +329,11 @@ impl<'g> DeviceBeams<'g> {
         &self.layout
     }
 
+    /// The first of the scratch entries: a dummy row of slot `i` writes entry `scratch0 + i`.
+    pub fn scratch0(&self) -> u32 {
+        self.scratch0
+    }
+
     /// Copies host values to a new device buffer (logits, normalizers).
     pub fn upload(&self, values: &[f32]) -> Result<CudaSlice<f32>> {
         self.gpu
@@ -338,7 +348,7 @@ impl<'g> DeviceBeams<'g> {
 
     fn check_logits(&self, logits: &CudaSlice<f32>) -> Result<()> {
         let want = self.slots as usize * self.vocab as usize;
-        if logits.len() < want {
+        if logits.len() != want {
             return Err(Error::Input(format!(
                 "{} logits for {} rows of {} tokens",
                 logits.len(),
@@ -376,7 +386,7 @@ impl<'g> DeviceBeams<'g> {
     pub fn step(&mut self, logits: &CudaSlice<f32>, lse: Option<&CudaSlice<f32>>) -> Result<()> {
         self.check_logits(logits)?;
         let row_lse = match lse {
-            Some(l) if l.len() >= self.slots as usize => self.ptr(l),
+            Some(l) if l.len() == self.slots as usize => self.ptr(l),
             Some(l) => {
                 return Err(Error::Input(format!(
                     "{} normalizers for {} rows",
@@ -519,8 +529,9 @@ impl<'g> DeviceBeams<'g> {
     }
 
     /// Each query's codes, best first, as `beam::search` returns them: the finished slots that
-    /// end in EOS, their tokens spelled by walking the parent pointers. A query the device
-    /// stopped is an error naming why.
+    /// end in EOS, their tokens spelled by walking the parent pointers (and checked against
+    /// the trie: they must spell the code the slot names). An error while a query still runs,
+    /// for a query the device stopped (naming why), and for history that does not add up.
     pub fn outputs(&self, trie: &Trie) -> Result<Vec<Output>> {
         let states = self.states()?;
         let hist_parent = self.read_u32(&self.hist_parent, "the history")?;
@@ -541,6 +552,12 @@ impl<'g> DeviceBeams<'g> {
                     st.error
                 )));
             }
+            if st.active() {
+                return Err(Error::Input(format!(
+                    "query {q} is still running (step {})",
+                    st.gen_len
+                )));
+            }
             let beam = self.options[q].beam;
             let mut o = Output {
                 steps: st.gen_len as usize,
@@ -549,6 +566,12 @@ impl<'g> DeviceBeams<'g> {
             for i in 0..(st.finished as usize).min(beam) {
                 let slot = l.slot0 as usize + i;
                 let step = fin_step[slot] as usize;
+                if step >= st.gen_len as usize || step >= self.max_steps as usize {
+                    return Err(Error::Device(format!(
+                        "query {q}: finished slot {i} at step {step}, after {} steps",
+                        st.gen_len
+                    )));
+                }
                 let mut tokens = vec![fin_token[slot]];
                 let mut lps = vec![fin_lp[slot]];
                 let mut parent = fin_parent[slot] as usize;
@@ -574,10 +597,10 @@ impl<'g> DeviceBeams<'g> {
                 let code = (node < trie.num_nodes() as u32)
                     .then(|| trie.code(node))
                     .flatten();
-                let Some(code) = code else {
+                let Some(code) = code.filter(|_| trie.walk(&tokens) == Some(node)) else {
                     return Err(Error::Device(format!(
-                        "query {q}: a finished code at trie node {} where no code ends",
-                        fin_node[slot]
+                        "query {q}: finished slot {i} names trie node {node}, and its tokens \
+                         {tokens:?} do not spell a code there"
                     )));
                 };
                 o.codes.push(Code {
