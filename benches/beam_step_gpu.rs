@@ -28,6 +28,10 @@ fn main() {
     let gpu = match CudaBackend::new(0, false) {
         Ok(g) => g,
         Err(e) => {
+            if std::env::var("GRAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                eprintln!("beam_step_gpu: GRAM_REQUIRE_GPU=1 but no usable GPU ({e})");
+                std::process::exit(1);
+            }
             println!("beam_step_gpu: skipped, no usable GPU ({e})");
             return;
         }

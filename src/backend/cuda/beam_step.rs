@@ -97,9 +97,15 @@ const _: () = assert!(std::mem::size_of::<BeamSlots>() == 11 * 8 + 2 * 4);
 const _: () = assert!(std::mem::size_of::<BeamStepParams>() == 2 * 8 + 48 + 96 + 5 * 8 + 4 * 4);
 const _: () = assert!(std::mem::size_of::<BeamFeedParams>() == 7 * 8 + 6 * 4);
 
-/// The bytes of a parameter struct above.
-fn pod<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: the structs above are `#[repr(C)]` integers with no implicit padding (asserted).
+/// A kernel parameter struct above: `#[repr(C)]` integers with no implicit padding.
+trait Params: Copy {}
+impl Params for BeamStepParams {}
+impl Params for BeamFeedParams {}
+
+/// The bytes of a parameter struct.
+fn pod<T: Params>(v: &T) -> &[u8] {
+    // SAFETY: `Params` types are `#[repr(C)]` integers with no implicit padding (their sizes
+    // are asserted above), so every byte is initialized.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
 
@@ -151,7 +157,9 @@ pub struct QueryLayout {
     pub entry0: u32,
 }
 
-/// A batch of constrained beam searches whose selection runs on the GPU.
+/// A batch of constrained beam searches whose selection runs on the GPU. Its launches go to
+/// the backend's stream outside any decoder pass (not under `Backend::run_forward`): use it
+/// on a backend no other thread is running a forward on.
 pub struct DeviceBeams<'g> {
     gpu: &'g CudaBackend,
     options: Vec<BeamOptions>,
