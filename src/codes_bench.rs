@@ -211,6 +211,9 @@ fn bench<B: Backend>(
         "model": args.model.display().to_string(),
         "codes": set.len(),
         "prompt_tokens": prompts[0].len(),
+        // The batch-shape settings the backend asks of beam search (docs/PERF.md).
+        "stable_beam_rows": model.backend.stable_beam_rows(),
+        "hold_finished_rows": model.backend.hold_finished_rows(),
     });
     let started = Instant::now();
     let mut skipped = Vec::new();
