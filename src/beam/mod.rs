@@ -180,8 +180,8 @@ struct State {
     /// Wall time of the steps it prefilled in, and of the others.
     prefill_s: f64,
     decode_s: f64,
-    /// Its rows of the last decode step, kept when the batch holds finished queries' rows
-    /// ([`Batcher::set_hold_finished`]).
+    /// Its rows of the decode step it finished at, kept when the batch holds finished queries'
+    /// rows ([`Batcher::set_hold_finished`]).
     last: Option<StepRows>,
 }
 
@@ -372,6 +372,9 @@ fn step<B: Backend>(
     let (mut parents, mut head_rows) = (Vec::new(), Vec::new());
     // Head rows of filler rows: after every parent's, so that parent `i` is head row `i`.
     let mut filler_heads = Vec::new();
+    // With `record`: each decoding query's rows and links in this step's arrays.
+    type Span = std::ops::Range<usize>;
+    let mut decoded: Vec<Option<(Span, Span)>> = vec![None; states.len()];
     for (qi, s) in states.iter_mut().enumerate() {
         if !s.active() {
             continue;
@@ -460,18 +463,7 @@ fn step<B: Backend>(
             }
         }
         if record {
-            let base = links_at as u32;
-            s.last = Some(StepRows {
-                tokens: tokens[rows_at..].to_vec(),
-                rows: rows[rows_at..]
-                    .iter()
-                    .map(|r| RowKv {
-                        link: (r.link.0 - base, r.link.1 - base),
-                        ..*r
-                    })
-                    .collect(),
-                links: links[links_at..].to_vec(),
-            });
+            decoded[qi] = Some((rows_at..rows.len(), links_at..links.len()));
         }
     }
     head_rows.extend(filler_heads);
@@ -506,7 +498,7 @@ fn step<B: Backend>(
     )?;
     let vocab = model.config.vocab_size;
     let mut at = 0;
-    for s in states.iter_mut() {
+    for (s, decoded) in states.iter_mut().zip(decoded) {
         if !s.active() {
             continue;
         }
@@ -520,6 +512,21 @@ fn step<B: Backend>(
         let beams = std::mem::take(&mut s.beams);
         let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();
         advance(trie, s, &beams, select::candidates(&scores, lps));
+        // A query that finished at this step keeps this step's rows, to run again.
+        if let (false, Some((r, l))) = (s.active(), decoded) {
+            let base = l.start as u32;
+            s.last = Some(StepRows {
+                tokens: tokens[r.clone()].to_vec(),
+                rows: rows[r]
+                    .iter()
+                    .map(|x| RowKv {
+                        link: (x.link.0 - base, x.link.1 - base),
+                        ..*x
+                    })
+                    .collect(),
+                links: links[l].to_vec(),
+            });
+        }
     }
     Ok(rows.len())
 }
