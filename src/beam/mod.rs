@@ -573,18 +573,7 @@ pub fn search_logits(
                     trie.vocab()
                 )));
             }
-            let picked = allowed(trie, beam.node).map(|t| (t, row[t as usize]));
-            lps.push(match options.normalize {
-                Normalize::Full => {
-                    let lse = select::logsumexp(&row);
-                    picked.map(|(t, l)| (t, l - lse)).collect::<Vec<_>>()
-                }
-                Normalize::Children => {
-                    let list: Vec<(u32, f32)> = picked.collect();
-                    let lse = select::logsumexp(&list.iter().map(|p| p.1).collect::<Vec<_>>());
-                    list.into_iter().map(|(t, l)| (t, l - lse)).collect()
-                }
-            });
+            lps.push(allowed_logprobs(trie, beam.node, &row, options.normalize));
         }
         s.rows += s.beams.len();
         let beams = std::mem::take(&mut s.beams);
@@ -647,6 +636,23 @@ fn allowed(trie: &Trie, node: u32) -> impl Iterator<Item = u32> + '_ {
         .iter()
         .copied()
         .chain(trie.code(node).map(|_| trie.eos()))
+}
+
+/// The `(token, logprob)` of every token a beam at `node` may take, from its full logits `row`,
+/// normalized over the vocabulary or over those tokens.
+fn allowed_logprobs(trie: &Trie, node: u32, row: &[f32], normalize: Normalize) -> Allowed {
+    let picked = allowed(trie, node).map(|t| (t, row[t as usize]));
+    match normalize {
+        Normalize::Full => {
+            let lse = select::logsumexp(row);
+            picked.map(|(t, l)| (t, l - lse)).collect()
+        }
+        Normalize::Children => {
+            let list: Allowed = picked.collect();
+            let lse = select::logsumexp(&list.iter().map(|p| p.1).collect::<Vec<_>>());
+            list.into_iter().map(|(t, l)| (t, l - lse)).collect()
+        }
+    }
 }
 
 /// Runs the batch and returns, for each parent beam (one per row of `logits_rows`), the
@@ -728,15 +734,7 @@ fn logprob_rows<B: Backend>(
         .map(|(&(qi, beam), row)| {
             let o = opts(qi);
             match (o.constrained, o.normalize) {
-                (true, Normalize::Children) => {
-                    children_only(&mut allowed(trie, beam.node).map(|t| (t, row[t as usize])))
-                }
-                (true, Normalize::Full) => {
-                    let lse = select::logsumexp(row);
-                    allowed(trie, beam.node)
-                        .map(|t| (t, row[t as usize] - lse))
-                        .collect()
-                }
+                (true, normalize) => allowed_logprobs(trie, beam.node, row, normalize),
                 // Only a row's 2B best tokens can be among its query's 2B best candidates.
                 (false, _) => {
                     let lse = select::logsumexp(row);

@@ -170,10 +170,8 @@ pub struct DeviceBeams<'g> {
     max_steps: u32,
     link_stride: u32,
     scratch0: u32,
-    any_full: bool,
+    /// `child_start`, `child_token`, `child_node`, `code` (`Trie::csr`).
     trie: [CudaSlice<u32>; 4],
-    nodes: u32,
-    edges: u32,
     queries: CudaSlice<u32>,
     state: CudaSlice<u32>,
     run_node: CudaSlice<u32>,
@@ -290,7 +288,6 @@ impl<'g> DeviceBeams<'g> {
         let n_links = 2 * slots as usize * link_stride as usize;
         Ok(DeviceBeams {
             gpu,
-            any_full: options.iter().any(|o| o.normalize == Normalize::Full),
             options: options.to_vec(),
             layout,
             vocab,
@@ -305,8 +302,6 @@ impl<'g> DeviceBeams<'g> {
                 up(cn, "the trie")?,
                 up(code, "the trie")?,
             ],
-            nodes: code.len() as u32,
-            edges: ct.len() as u32,
             queries: up(&q_words, "the queries")?,
             state: up(&s_words, "the states")?,
             run_node: up(&run_node, "the running beams")?,
@@ -403,7 +398,7 @@ impl<'g> DeviceBeams<'g> {
                 )))
             }
             None => {
-                if self.any_full {
+                if self.options.iter().any(|o| o.normalize == Normalize::Full) {
                     self.launch_row_lse(logits)?;
                 }
                 self.ptr(&self.row_lse)
@@ -415,8 +410,8 @@ impl<'g> DeviceBeams<'g> {
             child_token: self.ptr(&self.trie[1]),
             child_node: self.ptr(&self.trie[2]),
             code: self.ptr(&self.trie[3]),
-            nodes: self.nodes,
-            edges: self.edges,
+            nodes: self.trie[3].len() as u32,
+            edges: self.trie[1].len() as u32,
             eos: self.eos,
             pad: 0,
         };
