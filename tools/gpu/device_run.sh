@@ -19,7 +19,9 @@
 # Env knobs: STEPS (default "0 1 2 3 4 5 6 7"; 8 = the profile run; 9 = serving under load, after 7;
 # 10 = each op's cost inside a replayed pass, by knocking it out with GRAM_CUDA_SKIP_OPS, after 2;
 # 11 = the device beam step's test and compute-sanitizer; 12 = the device beam step's bench;
-# SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
+# SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags;
+# SERVE_CLIENTS, default "1 8 32": step 9's closed-loop concurrencies; SERVE_MODEL2=DIR: step 9 also
+# serves an index of that model built on the GPU), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
 # ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=0), EXTRAS (0 skips
 # step 3's cuBLAS-only and eager comparison runs).
@@ -228,25 +230,35 @@ PY
 fi
 
 # 9. Serving on the GPU under load (needs step 7's index): closed loops of 1, 8 and 32 clients
-# against `gram serve --device cuda`, 15 s each (reports in $W/serve-v<i>-c*/report.json), once
+# against `gram serve --device cuda`, 15 s each (reports in $W/serve-i<index>-v<i>-c*/report.json), once
 # per entry of SERVE_VARIANTS ("|"-separated extra `gram serve` flags; default: one run, none).
 if has 9 && [ -f "$W/ix-cuda/index.gram" ]; then
   IFS='|' read -r -a variants <<< "${SERVE_VARIANTS:-}"
   [ ${#variants[@]} -eq 0 ] && variants=("")
+  indexes=("$W/ix-cuda")
+  # A second model's index (SERVE_MODEL2=DIR), built on the GPU from the same 3,000 products.
+  if [ -n "${SERVE_MODEL2:-}" ]; then
+    LD_LIBRARY_PATH="$GLD" timeout -k 5 120 "$GRAM" index build --device cuda --model "$SERVE_MODEL2" \
+      --catalog "$W/catalog-3k.jsonl" --out "$W/ix2-cuda" > "$W/index2-cuda.log" 2>&1
+    log "step 9 index build $SERVE_MODEL2 exit $?"
+    [ -f "$W/ix2-cuda/index.gram" ] && indexes+=("$W/ix2-cuda")
+  fi
+  for ii in "${!indexes[@]}"; do
   for vi in "${!variants[@]}"; do
     extra=${variants[$vi]}
     # shellcheck disable=SC2086 # the flags split on purpose
-    LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "$W/ix-cuda" --addr 127.0.0.1:8089 \
-      --timeout-ms 30000 $extra > "$W/serve-load-v$vi.log" 2>&1 &
+    LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "${indexes[$ii]}" --addr 127.0.0.1:8089 \
+      --timeout-ms 30000 $extra > "$W/serve-load-i$ii-v$vi.log" 2>&1 &
     spid=$!
     for _ in $(seq 150); do curl -sf 127.0.0.1:8089/ready > /dev/null 2>&1 && break; sleep 0.2; done
-    for c in 1 8 32; do
-      d="$W/serve-v$vi-c$c"
+    for c in ${SERVE_CLIENTS:-1 8 32}; do
+      d="$W/serve-i$ii-v$vi-c$c"
       timeout -k 5 40 "$GRAM" bench --url http://127.0.0.1:8089 --queries tools/queries/wands.txt \
         --concurrency $c --duration 15 --warmup 10 --out "$d" > "$d.log" 2>&1
-      log "step 9 [$extra] c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$d/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
+      log "step 9 [$(basename "${indexes[$ii]}") $extra] c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$d/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
     done
     kill $spid 2>/dev/null; wait $spid 2>/dev/null
+  done
   done
 fi
 
