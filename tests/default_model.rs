@@ -1,0 +1,230 @@
+//! The shipped default model (`models/gram-icecat-2m`, an export of tools/train's pipeline)
+//! through the engine against transformers, the way users run it: `gram lm`, then an index of
+//! its first 300 catalog products built with `gram index build`, searched with `gram search`
+//! and served by `gram serve` over HTTP, which SIGTERM then stops gracefully. The golden file
+//! `tests/golden/gram-icecat-2m.json` holds transformers' next-token log-probs and constrained
+//! beam search (beam 10, HF's stopping rule) over those 300 products' codes
+//! (`tools/train/golden.py`, command in tools/FIXTURES.md). This is the CI-sized end-to-end
+//! check of issue 6 that runs without torch: the training half (`python -m
+//! tools.train.pipeline --ci`) needs torch and runs outside CI.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const PRODUCTS: usize = 300;
+
+fn model() -> PathBuf {
+    model_dir("gram-icecat-2m")
+}
+
+/// Asserts the engine's codes for `query` are the golden ones: same codes in the same order,
+/// scores within 1e-3, one per-token log-prob per generated token summing to the score.
+fn assert_codes(what: &str, got: &Value, want: &Value) {
+    let got = got.as_array().unwrap_or_else(|| panic!("{what}: no codes"));
+    let want = want.as_array().unwrap();
+    assert!(!want.is_empty(), "{what}: an empty golden proves nothing");
+    let names = |v: &[Value]| {
+        v.iter()
+            .map(|c| c["code"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(got), names(want), "{what}: codes");
+    for (g, w) in got.iter().zip(want) {
+        let (gs, ws) = (g["score"].as_f64().unwrap(), w["score"].as_f64().unwrap());
+        assert!((gs - ws).abs() < 1e-3, "{what}: {}: {gs} against {ws}", w["code"]);
+        let lps = f32s(&g["token_logprobs"]);
+        assert!(!lps.is_empty(), "{what}: {} has no token log-probs", w["code"]);
+        let sum: f64 = lps.iter().map(|&x| x as f64).sum();
+        // Length penalty 1: the score is the mean log-prob of the generated tokens.
+        assert!(
+            (sum / lps.len() as f64 - gs).abs() < 1e-4,
+            "{what}: {}: token log-probs {lps:?} against score {gs}",
+            w["code"]
+        );
+    }
+}
+
+/// An index of the first [`PRODUCTS`] products of the model's catalog, built once.
+fn index() -> &'static PathBuf {
+    static INDEX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INDEX.get_or_init(|| {
+        let catalog = std::fs::read_to_string(model().join("catalog.jsonl")).unwrap();
+        let lines: Vec<String> = catalog.lines().take(PRODUCTS).map(String::from).collect();
+        let g = golden("gram-icecat-2m.json");
+        assert_eq!(g["catalog_lines"].as_u64(), Some(PRODUCTS as u64));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("gram-default-model-{}", std::process::id()));
+        build_index_with(&dir, &model(), &lines)
+    })
+}
+
+#[test]
+fn next_token_log_probs_match_transformers() {
+    let g = golden("gram-icecat-2m.json");
+    for q in g["queries"].as_array().unwrap() {
+        let prompt = q["prompt"].as_str().unwrap();
+        let out = gram(&[
+            "lm",
+            "--model",
+            model().to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--top",
+            "5",
+            "--threads",
+            "1",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(u32s(&v["tokens"]), u32s(&q["prompt_ids"]), "{prompt:?}: tokens");
+        let (got, want) = (v["top"].as_array().unwrap(), q["top"].as_array().unwrap());
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(want) {
+            assert_eq!(a["id"], b["id"], "{prompt:?}: top ids {got:?} against {want:?}");
+            let (x, y) = (a["logprob"].as_f64().unwrap(), b["logprob"].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-4, "{prompt:?}: {x} against {y}");
+        }
+    }
+}
+
+#[test]
+fn search_on_an_index_returns_the_codes_of_transformers() {
+    let g = golden("gram-icecat-2m.json");
+    let queries: Vec<&str> = g["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["query"].as_str().unwrap())
+        .collect();
+    let ix = index().to_str().unwrap().to_string();
+    let mut args = vec!["search", "--index", &ix, "--k", "5", "--threads", "1"];
+    args.extend(&queries);
+    let out = gram(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answers: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), queries.len(), "one answer a query");
+    for (a, q) in answers.iter().zip(g["queries"].as_array().unwrap()) {
+        assert_eq!(a["query"], q["query"]);
+        assert_codes(&format!("gram search {}", q["query"]), &a["codes"], &q["codes"]);
+        let products = a["products"].as_array().unwrap();
+        assert!(!products.is_empty(), "{}: no products", q["query"]);
+    }
+}
+
+/// One HTTP/1.1 request on a connection of its own; `(status, body)`.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {raw:?}"));
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// `gram serve` as users start it (the binary, port 0), sending its log to a file; returns
+/// the child and the address it printed once ready.
+fn serve(ix: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["serve", "--index"])
+        .arg(ix)
+        .args(["--addr", "127.0.0.1:0", "--threads", "1", "--device", "cpu"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut logged = std::fs::File::create(log).unwrap();
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let addr = loop {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gram serve ended before it was ready: {}", std::fs::read_to_string(log).unwrap());
+        }
+        logged.write_all(line.as_bytes()).unwrap();
+        if let Some((_, rest)) = line.split_once("ready addr=") {
+            let a: String = rest
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            break a;
+        }
+    };
+    // The rest of the log, until the process ends.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut err, &mut logged);
+    });
+    (child, addr)
+}
+
+#[test]
+fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
+    let g = golden("gram-icecat-2m.json");
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gram-default-model-serve-{}.log", std::process::id()));
+    // A gathering window of 2 s: the first request waits in it, in flight, when SIGTERM comes.
+    let (mut child, addr) = serve(index(), &log, &["--batch-wait-us", "2000000"]);
+    let (status, body) = http(&addr, "GET", "/ready", "");
+    assert_eq!(status, 200, "{body}");
+    let q0 = g["queries"][0].clone();
+    let held = {
+        let addr = addr.clone();
+        let body = json!({"query": q0["query"], "k": 5}).to_string();
+        std::thread::spawn(move || http(&addr, "POST", "/v1/search", &body))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (status, body) = held.join().unwrap();
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status, 200, "the request in flight at SIGTERM: {body}\n{}", logged());
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_codes("POST /v1/search in flight at SIGTERM", &v["codes"], &q0["codes"]);
+    assert!(!v["products"].as_array().unwrap().is_empty());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "gram serve exited with {exit} after SIGTERM\n{}", logged());
+    assert!(logged().contains("stopped"), "{}", logged());
+
+    // Every query, served without the window this time.
+    let (mut child, addr) = serve(index(), &log, &[]);
+    for q in g["queries"].as_array().unwrap() {
+        let body = json!({"query": q["query"], "k": 5}).to_string();
+        let (status, text) = http(&addr, "POST", "/v1/search", &body);
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_codes(&format!("POST /v1/search {}", q["query"]), &v["codes"], &q["codes"]);
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}
