@@ -14,6 +14,8 @@ with its codes: what `gram index build` indexes), NOTICE (data attribution). The
    codes in the same order, scores within 1e-3);
 3. `gram index build --model OUT --catalog OUT/catalog.jsonl --out IDX` and
    `gram search --index IDX QUERY`;
+4. `gram serve --index IDX` on a free port: `POST /v1/search` answers each query with the
+   codes `gram search` gave, and SIGINT stops the server with status 0;
 
 and writes the results to WORK/export-check.json. The engine binary is `--gram` (default
 target/release/gram; build it with `cargo build --release`).
@@ -125,9 +127,57 @@ def verify(out, gram, work):
                       "top": [p["title"] for p in r["products"]][:5]}
                      for r in map(json.loads, o.splitlines())]
     res["search_seconds"] = round(secs, 2)
-    res["ok"] = all(x["tokens_equal"] and x["top_ids_equal"] and x["max_abs_err"] < 1e-3 for x in lm) \
-        and all(x["codes_equal"] and x["max_score_err"] < 1e-3 for x in cmp)
+    # 4. the same index served over HTTP: the same codes as `gram search`
+    res["serve"] = serve_check(gram, idx, CHECK_PROMPTS, res["search"])
+    res["ok"] = len(lm) == len(CHECK_PROMPTS) and len(cmp) == len(prompts) \
+        and all(x["tokens_equal"] and x["top_ids_equal"] and x["max_abs_err"] < 1e-3 for x in lm) \
+        and all(x["codes_equal"] and x["engine"] and x["max_score_err"] < 1e-3 for x in cmp) \
+        and len(res["search"]) == len(CHECK_PROMPTS) and all(x["codes"] for x in res["search"]) \
+        and res["serve"]["ok"]
     return res
+
+
+def serve_check(gram, idx, queries, searched):
+    """`gram serve --index IDX` on a free loopback port: POST /v1/search for each query must
+    answer 200 with the codes `gram search` gave; then SIGINT must stop it with status 0."""
+    import signal
+    import urllib.request
+    proc = subprocess.Popen([str(gram), "serve", "--index", str(idx), "--addr", "127.0.0.1:0",
+                             "--threads", "2", "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = {"answers": [], "ok": False}
+    try:
+        addr = None
+        for line in proc.stderr:
+            if "ready addr=" in line:
+                addr = "".join(ch for ch in line.split("ready addr=")[1].split()[0]
+                               if ch.isdigit() or ch in ".:")
+                break
+        if addr is None:
+            out["error"] = "gram serve ended before it was ready"
+            return out
+        # Keep reading its log, so that a full pipe never blocks the server.
+        import threading
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        for q, want in zip(queries, searched):
+            req = urllib.request.Request(f"http://{addr}/v1/search",
+                                         data=json.dumps({"query": q, "k": 5}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                body = json.loads(r.read())
+                got = [c["code"] for c in body["codes"]][:5]
+                out["answers"].append({"query": q, "status": r.status, "codes_equal": got == want["codes"],
+                                       "products": len(body["products"])})
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out["exit"] = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out["exit"] = "killed after 30 s"
+    out["ok"] = len(out["answers"]) == len(queries) and out["exit"] == 0 and all(
+        a["status"] == 200 and a["codes_equal"] and a["products"] > 0 for a in out["answers"])
+    return out
 
 
 def main(argv=None):
