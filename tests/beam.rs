@@ -36,12 +36,31 @@ struct Fixture {
     trie: Trie,
 }
 
+/// A few hundred codes for the exactness test (issue 3: "a code set of a few hundred codes"):
+/// [`code_texts`] with a fourth, optional part, the size.
+fn code_texts_wide() -> Vec<String> {
+    let mut out = Vec::new();
+    for code in code_texts() {
+        for size in ["", "small", "large"] {
+            out.push(match size {
+                "" => code.clone(),
+                s => format!("{code} | {s}"),
+            });
+        }
+    }
+    out
+}
+
 fn fixture(name: &str) -> Fixture {
+    fixture_with(name, code_texts())
+}
+
+fn fixture_with(name: &str, codes: Vec<String>) -> Fixture {
     let dir = model_dir(name);
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let model = Model::load(&dir, &Default::default()).unwrap();
     let eos = model.config.eos_token_ids[0];
-    let set = CodeSet::from_texts(code_texts(), &tok, eos).unwrap();
+    let set = CodeSet::from_texts(codes, &tok, eos).unwrap();
     let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
     Fixture {
         tok,
@@ -119,8 +138,9 @@ fn teacher_forced(
 #[test]
 fn wide_beam_returns_every_code_in_teacher_forced_order() {
     for name in MODELS {
-        let f = fixture(name);
+        let f = fixture_with(name, code_texts_wide());
         let n = f.set.len();
+        assert_eq!(n, 420, "a few hundred codes");
         for (prompt, normalize, lp) in [
             (
                 "green velvet sofa for the living room",
@@ -820,7 +840,7 @@ fn bad_queries_are_clear_errors() {
         .to_string();
     assert!(e.contains("shared prefix token"), "{e}");
 
-    // Code sets: empty, blank line, a code of only whitespace, duplicates.
+    // Code sets: empty, blank line, a code of only whitespace, duplicates, EOS inside, no tokens.
     let eos = f.trie.eos();
     let set = |texts: &[&str]| {
         CodeSet::from_texts(texts.iter().map(|s| s.to_string()).collect(), &f.tok, eos)
@@ -831,9 +851,36 @@ fn bad_queries_are_clear_errors() {
     };
     assert!(set(&[]).contains("empty"));
     assert!(set(&["sofa", ""]).contains("line 2 is an empty code"));
+    assert!(set(&["sofa", " \t "]).contains("line 2 is an empty code"));
     assert!(set(&["sofa", "lamp", "sofa"]).contains("lines 1 and 3"));
     assert_eq!(f.tok.token_id("<|im_end|>"), Some(eos));
     assert!(set(&["sofa<|im_end|>"]).contains("contains the EOS"));
+
+    // A code that is not blank but that the tokenizer maps to no token at all: a word-level
+    // tokenizer whose normalizer deletes "~".
+    let dir = std::env::temp_dir().join(format!("gram-tok-nothing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tok_json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": {"type": "Replace", "pattern": {"String": "~"}, "content": ""},
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"sofa": 0, "[UNK]": 1, "</s>": 2},
+                  "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok_json.to_string()).unwrap();
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.encode_plain("sofa").unwrap(), vec![0]);
+    let e = CodeSet::from_texts(vec!["sofa".into(), "~~~".into()], &tok, 2)
+        .err()
+        .expect("a code of no tokens is refused")
+        .to_string();
+    assert!(
+        e.contains("line 2: code \"~~~\" tokenizes to nothing"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
