@@ -38,9 +38,17 @@ fn assert_codes(what: &str, got: &Value, want: &Value) {
     assert_eq!(names(got), names(want), "{what}: codes");
     for (g, w) in got.iter().zip(want) {
         let (gs, ws) = (g["score"].as_f64().unwrap(), w["score"].as_f64().unwrap());
-        assert!((gs - ws).abs() < 1e-3, "{what}: {}: {gs} against {ws}", w["code"]);
+        assert!(
+            (gs - ws).abs() < 1e-3,
+            "{what}: {}: {gs} against {ws}",
+            w["code"]
+        );
         let lps = f32s(&g["token_logprobs"]);
-        assert!(!lps.is_empty(), "{what}: {} has no token log-probs", w["code"]);
+        assert!(
+            !lps.is_empty(),
+            "{what}: {} has no token log-probs",
+            w["code"]
+        );
         let sum: f64 = lps.iter().map(|&x| x as f64).sum();
         // Length penalty 1: the score is the mean log-prob of the generated tokens.
         assert!(
@@ -81,14 +89,28 @@ fn next_token_log_probs_match_transformers() {
             "--threads",
             "1",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(u32s(&v["tokens"]), u32s(&q["prompt_ids"]), "{prompt:?}: tokens");
+        assert_eq!(
+            u32s(&v["tokens"]),
+            u32s(&q["prompt_ids"]),
+            "{prompt:?}: tokens"
+        );
         let (got, want) = (v["top"].as_array().unwrap(), q["top"].as_array().unwrap());
         assert_eq!(got.len(), want.len());
         for (a, b) in got.iter().zip(want) {
-            assert_eq!(a["id"], b["id"], "{prompt:?}: top ids {got:?} against {want:?}");
-            let (x, y) = (a["logprob"].as_f64().unwrap(), b["logprob"].as_f64().unwrap());
+            assert_eq!(
+                a["id"], b["id"],
+                "{prompt:?}: top ids {got:?} against {want:?}"
+            );
+            let (x, y) = (
+                a["logprob"].as_f64().unwrap(),
+                b["logprob"].as_f64().unwrap(),
+            );
             assert!((x - y).abs() < 1e-4, "{prompt:?}: {x} against {y}");
         }
     }
@@ -107,7 +129,11 @@ fn search_on_an_index_returns_the_codes_of_transformers() {
     let mut args = vec!["search", "--index", &ix, "--k", "5", "--threads", "1"];
     args.extend(&queries);
     let out = gram(&args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answers: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -116,7 +142,11 @@ fn search_on_an_index_returns_the_codes_of_transformers() {
     assert_eq!(answers.len(), queries.len(), "one answer a query");
     for (a, q) in answers.iter().zip(g["queries"].as_array().unwrap()) {
         assert_eq!(a["query"], q["query"]);
-        assert_codes(&format!("gram search {}", q["query"]), &a["codes"], &q["codes"]);
+        assert_codes(
+            &format!("gram search {}", q["query"]),
+            &a["codes"],
+            &q["codes"],
+        );
         let products = a["products"].as_array().unwrap();
         assert!(!products.is_empty(), "{}: no products", q["query"]);
     }
@@ -164,7 +194,10 @@ fn serve(ix: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String)
         line.clear();
         if err.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
             let _ = child.kill();
-            panic!("gram serve ended before it was ready: {}", std::fs::read_to_string(log).unwrap());
+            panic!(
+                "gram serve ended before it was ready: {}",
+                std::fs::read_to_string(log).unwrap()
+            );
         }
         logged.write_all(line.as_bytes()).unwrap();
         if let Some((_, rest)) = line.split_once("ready addr=") {
@@ -186,8 +219,10 @@ fn serve(ix: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String)
 #[test]
 fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
     let g = golden("gram-icecat-2m.json");
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("gram-default-model-serve-{}.log", std::process::id()));
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "gram-default-model-serve-{}.log",
+        std::process::id()
+    ));
     // A gathering window of 2 s: the first request waits in it, in flight, when SIGTERM comes.
     let (mut child, addr) = serve(index(), &log, &["--batch-wait-us", "2000000"]);
     let (status, body) = http(&addr, "GET", "/ready", "");
@@ -206,12 +241,25 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
     assert!(kill.success());
     let (status, body) = held.join().unwrap();
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(status, 200, "the request in flight at SIGTERM: {body}\n{}", logged());
+    assert_eq!(
+        status,
+        200,
+        "the request in flight at SIGTERM: {body}\n{}",
+        logged()
+    );
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_codes("POST /v1/search in flight at SIGTERM", &v["codes"], &q0["codes"]);
+    assert_codes(
+        "POST /v1/search in flight at SIGTERM",
+        &v["codes"],
+        &q0["codes"],
+    );
     assert!(!v["products"].as_array().unwrap().is_empty());
     let exit = child.wait().unwrap();
-    assert!(exit.success(), "gram serve exited with {exit} after SIGTERM\n{}", logged());
+    assert!(
+        exit.success(),
+        "gram serve exited with {exit} after SIGTERM\n{}",
+        logged()
+    );
     assert!(logged().contains("stopped"), "{}", logged());
 
     // Every query, served without the window this time.
@@ -221,7 +269,11 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
         let (status, text) = http(&addr, "POST", "/v1/search", &body);
         assert_eq!(status, 200, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
-        assert_codes(&format!("POST /v1/search {}", q["query"]), &v["codes"], &q["codes"]);
+        assert_codes(
+            &format!("POST /v1/search {}", q["query"]),
+            &v["codes"],
+            &q["codes"],
+        );
     }
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
