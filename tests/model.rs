@@ -142,6 +142,83 @@ fn converted_dtypes_stay_close() {
     }
 }
 
+/// A checkpoint stored in f16 (every tensor of tiny-llama rewritten as f16 safetensors, as HF
+/// saves a `torch_dtype: float16` model): its weights are mapped, not copied, and its logits
+/// are close to the f32 checkpoint's converted to f16 at load, and within f16's rounding of
+/// transformers' f32 golden.
+#[test]
+fn an_f16_checkpoint_is_mapped_and_matches_transformers_within_f16() {
+    use safetensors::tensor::{Dtype, TensorView};
+    use safetensors::SafeTensors;
+    let dir = copy_model(&model_dir("tiny-llama"), "f16-stored");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let items: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            assert_eq!(v.dtype(), Dtype::F32, "{name}");
+            let halves: Vec<u8> = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| {
+                    let x = f32::from_le_bytes(b.try_into().unwrap());
+                    half::f16::from_f32(x).to_le_bytes()
+                })
+                .collect();
+            (name, v.shape().to_vec(), halves)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = items
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F16, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let config = Model::load(&dir, &LoadOptions::default()).unwrap().config;
+    let map = gram::model::checkpoint::Source::find(&dir)
+        .unwrap()
+        .load(&config)
+        .unwrap();
+    let q = &map["model.layers.0.self_attn.q_proj.weight"];
+    assert!(q.is_mapped(), "{q:?}");
+    assert_eq!(q.dtype(), DType::F16);
+
+    let g = golden("tiny-llama.json");
+    let case = &g["cases"][3];
+    let ids = u32s(&case["ids"]);
+    let logits = |m: &Model| {
+        let mut cache = m.new_cache(1, ids.len()).unwrap();
+        m.forward(&mut cache, &ids, &vec![0; ids.len()], &[ids.len() - 1])
+            .unwrap()
+    };
+    let stored = logits(&Model::load(&dir, &LoadOptions::default()).unwrap());
+    let converted = logits(
+        &Model::load(
+            &model_dir("tiny-llama"),
+            &LoadOptions {
+                dtype: Some(DType::F16),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    // Not bit for bit: the stored checkpoint's norm weights are f16 too, where a conversion at
+    // load keeps the 1-D tensors in f32.
+    let err = max_rel_err(&stored, &converted);
+    assert!(err < 1e-2, "stored f16 against converted f16: {err:.2e}");
+    assert!(err > 0.0, "the norms differ, so the logits must");
+    let err = max_rel_err(&stored, &f32s(&case["logits"]));
+    assert!(err < 1e-2, "against transformers in f32: {err:.2e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn weights_are_read_in_place_when_the_dtype_allows() {
     // f32 and bf16 safetensors are mapped, not copied (no conversion asked for).
