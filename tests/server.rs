@@ -431,6 +431,12 @@ async fn every_endpoint_answers() {
     }
     assert!(count("gram_step_seconds_count") >= 4.0);
     assert!(count("gram_step_rows_sum") > 0.0);
+    // The queue's depth, sampled once a step.
+    assert_eq!(
+        count("gram_step_queue_depth_count"),
+        count("gram_step_seconds_count")
+    );
+    assert_eq!(count("gram_http_errors_total"), 0.0);
     assert_eq!(count(r#"gram_backend_info{backend="cpu",device=""}"#), 1.0);
     assert_eq!(count("gram_queue_depth"), 0.0);
     assert!(count("gram_kv_arena_entries") > 0.0);
@@ -1098,6 +1104,104 @@ async fn a_client_that_stalls_in_its_headers_or_body_is_cut_off() {
     let idle = raw(addr, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
     let answer = read_until_closed(idle, "idle after its request").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.shutdown().await.unwrap();
+}
+
+/// A declared body over `--max-body-bytes` is refused 413 at once, before any of it is sent (no
+/// `100 Continue`, no wait for the body); an answer given without reading the whole body says
+/// `Connection: close` and the server closes, while an answer whose body was read keeps the
+/// connection open for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_bodies_close_the_connection_and_oversize_ones_are_refused_at_once() {
+    let server = start(&["--max-body-bytes", "4096", "--body-timeout-ms", "30000"]).await;
+    let addr = server.addr();
+    // Declares 100 MB, sends 17 bytes, asks for 100 Continue: answered at once (the body timeout
+    // is 30 s), 413, closed.
+    let t = std::time::Instant::now();
+    let big = raw(
+        addr,
+        b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 100000000\r\nexpect: 100-continue\r\n\r\n{\"query\":\"mouse\"}",
+    );
+    let answer = read_until_closed(big, "a declared 100 MB body").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert!(answer.contains("\"payload_too_large\""), "{answer}");
+    assert!(answer.contains("Content-Length 100000000"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    server.shutdown().await.unwrap();
+    // A 404, a 405 and a route that takes no body, each with a 60 KB body (under the limit)
+    // that nothing reads, then a request on the same connection: the first answer closes the
+    // connection and says so.
+    let server = start(&["--max-body-bytes", "100000"]).await;
+    let addr = server.addr();
+    let body = "x".repeat(60_000);
+    for head in ["POST /nope", "PUT /v1/search", "GET /health"] {
+        let mut req = format!(
+            "{head} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+        let answer = read_until_closed(raw(addr, &req), "an unread body").await;
+        let first = answer
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(!first.contains(" 413 "), "{head}: {answer}");
+        assert!(first.contains("connection: close"), "{head}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{head}: {answer}");
+    }
+    // A body that was read (a search) keeps the connection: both requests are answered.
+    let search = r#"{"query":"oak desk","k":2}"#;
+    let req = format!(
+        "POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{search}GET /health HTTP/1.1\r\nhost: x\r\n\
+         connection: close\r\n\r\n",
+        search.len()
+    );
+    let answer = read_until_closed(raw(addr, req.as_bytes()), "two requests").await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    let first = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(!first.contains("connection: close"), "{answer}");
+    // Requests hyper refuses before any handler (a byte that no URI may hold, a URI over its
+    // limit): its own 400 / 414, counted in gram_http_errors_total.
+    let bad = read_until_closed(
+        raw(addr, b"GET /search?q=\xff HTTP/1.1\r\nhost: x\r\n\r\n"),
+        "a bad URI",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let long = format!(
+        "GET /search?q={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let long = read_until_closed(raw(addr, long.as_bytes()), "a long URI").await;
+    assert!(long.starts_with("HTTP/1.1 414"), "{long}");
+    let mut errors = 0.0;
+    for _ in 0..100 {
+        // Counted once the connection task has ended.
+        errors = metrics(addr).await["gram_http_errors_total"];
+        if errors == 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(errors, 2.0);
     server.shutdown().await.unwrap();
 }
 

@@ -203,6 +203,7 @@ pub async fn serve(
         );
         let mut closing = closing_rx.clone();
         let open = metrics.connection_opened();
+        let metrics = metrics.clone();
         connections.spawn(async move {
             let (_slot, _open) = (slot, open);
             let mut connection = std::pin::pin!(connection);
@@ -215,7 +216,15 @@ pub async fn serve(
                 }
             };
             if let Err(e) = result {
-                tracing::debug!(error = %e, "connection closed on an error");
+                // A malformed request (bad request line or headers, a URI or headers over
+                // hyper's limits) is answered by hyper itself, 400 / 414 / 431 with an empty
+                // body, before any handler or metric of ours sees it: counted and logged here.
+                if e.is_parse() || e.is_parse_too_large() {
+                    metrics.record_http_error();
+                    tracing::info!(error = %e, "malformed HTTP request refused");
+                } else {
+                    tracing::debug!(error = %e, "connection closed on an error");
+                }
             }
         });
     }
@@ -240,43 +249,79 @@ async fn accept_error(e: std::io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// The middleware that bounds the time a request's body takes to arrive: the body is read
-/// through a [`TimedBody`] whose deadline is `--body-timeout-ms` from now (the head has just been
-/// read); a handler whose body read failed on that deadline answers 408 `request_timeout`, with
-/// `Connection: close`.
+/// The middleware in front of every route for the request's body:
+///
+/// - a declared `Content-Length` over `--max-body-bytes` is answered 413 `payload_too_large` at
+///   once, before any of the body is read (so no `100 Continue` either);
+/// - the body is read through a [`TimedBody`] whose deadline is `--body-timeout-ms` from now
+///   (the head has just been read); a handler whose body read failed on that deadline answers
+///   408 `request_timeout`;
+/// - an answer given while the body was not read to its end (a 404, a 405, a 413, a route that
+///   takes no body) says `Connection: close`: hyper then closes the connection rather than
+///   read what is left, and a client must not send its next request on it.
 pub async fn body_deadline(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let max = state.config.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let mut response = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the body is too large: Content-Length {} over the limit of {max} bytes \
+                 (--max-body-bytes)",
+                declared.unwrap_or_default()
+            ),
+        )
+        .into_response();
+        close(&mut response);
+        return response;
+    }
     let limit = state.config.http.body_timeout;
     let expired = Arc::new(AtomicBool::new(false));
+    let ended = Arc::new(AtomicBool::new(false));
     let request = request.map(|body| {
+        // An empty body (no body, or Content-Length 0) has ended before it is read.
+        ended.store(hyper::body::Body::is_end_stream(&body), Ordering::Relaxed);
         Body::new(TimedBody {
             inner: body,
             deadline: Box::pin(tokio::time::sleep(limit)),
             limit,
             expired: expired.clone(),
+            ended: ended.clone(),
         })
     });
-    let response = next.run(request).await;
-    if !expired.load(Ordering::Relaxed) {
-        return response;
+    let mut response = next.run(request).await;
+    if expired.load(Ordering::Relaxed) {
+        response = ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            kind: "request_timeout",
+            message: format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+            retry_after: None,
+        }
+        .into_response();
+        close(&mut response);
+    } else if !ended.load(Ordering::Relaxed) {
+        close(&mut response);
     }
-    let mut response = ApiError {
-        status: StatusCode::REQUEST_TIMEOUT,
-        kind: "request_timeout",
-        message: format!(
-            "the request body did not arrive within {} ms",
-            limit.as_millis()
-        ),
-        retry_after: None,
-    }
-    .into_response();
+    response
+}
+
+/// Marks `response` as the connection's last.
+fn close(response: &mut Response) {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 /// A request body that fails once its deadline passes before its end.
@@ -286,6 +331,8 @@ struct TimedBody {
     limit: Duration,
     /// Set when the deadline failed the body.
     expired: Arc<AtomicBool>,
+    /// Set once the body has been read to its end.
+    ended: Arc<AtomicBool>,
 }
 
 /// The error of a [`TimedBody`] past its deadline.
@@ -303,6 +350,9 @@ impl hyper::body::Body for TimedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if frame.is_none() || this.inner.is_end_stream() {
+                this.ended.store(true, Ordering::Relaxed);
+            }
             return Poll::Ready(frame);
         }
         if this.deadline.as_mut().poll(cx).is_ready() {

@@ -185,8 +185,13 @@ pub struct Metrics {
     /// `gram_step_rows`: decoder rows (tokens) in a step, prefill tokens plus one per running
     /// beam.
     step_rows: Histogram,
+    /// `gram_step_queue_depth`: requests waiting to be admitted, at each step.
+    step_queue_depth: Histogram,
     /// `gram_queue_depth`: requests waiting to be admitted.
     queue_depth: AtomicU64,
+    /// `gram_http_errors_total`: requests hyper refused itself (malformed request line or
+    /// headers, a URI or headers over its limits: 400 / 414 / 431 with an empty body).
+    http_errors: AtomicU64,
     /// `gram_in_flight`: requests admitted to the batch and not finished.
     in_flight: AtomicU64,
     /// `gram_kv_arena_entries`: the batch arena's size.
@@ -212,7 +217,9 @@ impl Default for Metrics {
             step_seconds: Histogram::new(latency_buckets()),
             step_requests: Histogram::new(size_buckets(10)),
             step_rows: Histogram::new(size_buckets(14)),
+            step_queue_depth: Histogram::new(size_buckets(10)),
             queue_depth: AtomicU64::new(0),
+            http_errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             arena_entries: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
@@ -250,11 +257,18 @@ impl Metrics {
         self.stages[i].observe(seconds);
     }
 
-    /// One batched decoder step.
+    /// One batched decoder step (and the queue's depth at it).
     pub fn record_step(&self, seconds: f64, requests: usize, rows: usize) {
         self.step_seconds.observe(seconds);
         self.step_requests.observe(requests as f64);
         self.step_rows.observe(rows as f64);
+        self.step_queue_depth
+            .observe(self.queue_depth.load(Ordering::Relaxed) as f64);
+    }
+
+    /// One request hyper answered or dropped itself as malformed (no handler saw it).
+    pub fn record_http_error(&self) {
+        self.http_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One more open connection, until the guard is dropped.
@@ -333,7 +347,7 @@ impl Metrics {
             let labels = format!("stage=\"{}\"", s.label());
             h.render(&mut out, "gram_stage_seconds", &labels);
         }
-        let plain: [(&str, &str, &Histogram); 3] = [
+        let plain: [(&str, &str, &Histogram); 4] = [
             (
                 "gram_step_seconds",
                 "Wall time of one batched decoder step.",
@@ -349,6 +363,11 @@ impl Metrics {
                 "Decoder rows (tokens) in one step: prompt tokens of new requests plus one per \
                  running beam of the others.",
                 &self.step_rows,
+            ),
+            (
+                "gram_step_queue_depth",
+                "Requests waiting to be admitted to the batch, sampled at each decoder step.",
+                &self.step_queue_depth,
             ),
         ];
         for (name, help, h) in plain {
@@ -386,6 +405,18 @@ impl Metrics {
             head(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{name} {}", g.load(Ordering::Relaxed));
         }
+        head(
+            &mut out,
+            "gram_http_errors_total",
+            "counter",
+            "Requests refused by the HTTP layer before any handler (malformed request line or \
+             headers, URI or headers too long): 400, 414 or 431 with an empty body.",
+        );
+        let _ = writeln!(
+            out,
+            "gram_http_errors_total {}",
+            self.http_errors.load(Ordering::Relaxed)
+        );
         head(
             &mut out,
             "gram_backend_info",
