@@ -314,6 +314,19 @@ async fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
     parse_prometheus(&a.text())
 }
 
+/// Reads metric `name` until it is `want` (at most ~5 s), and returns its last value.
+async fn metric_reaches(addr: SocketAddr, name: &str, want: f64) -> f64 {
+    let mut got = f64::NAN;
+    for _ in 0..250 {
+        got = metrics(addr).await[name];
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_answers() {
     let server = start(&[]).await;
@@ -990,15 +1003,8 @@ async fn a_request_past_its_deadline_gets_504_and_leaves_the_queue() {
     let msg = error_of(&a, 504, "timeout", "deadline");
     assert!(msg.contains("100 ms"), "{msg}");
     // Once the window has passed, the batcher has dropped it unadmitted: no step ran.
-    let mut m = metrics(addr).await;
-    for _ in 0..200 {
-        if m["gram_queue_depth"] == 0.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        m = metrics(addr).await;
-    }
-    assert_eq!(m["gram_queue_depth"], 0.0);
+    assert_eq!(metric_reaches(addr, "gram_queue_depth", 0.0).await, 0.0);
+    let m = metrics(addr).await;
     assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 0.0);
     assert_eq!(m["gram_step_seconds_count"], 0.0);
     server.shutdown().await.unwrap();
@@ -1013,15 +1019,7 @@ async fn shutdown_answers_every_request_in_flight() {
         .iter()
         .map(|q| tokio::spawn(post(addr, "/v1/search", json!({"query": q, "k": 2}))))
         .collect();
-    let mut queued = 0.0;
-    for _ in 0..500 {
-        queued = metrics(addr).await["gram_queue_depth"];
-        if queued == 4.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(queued, 4.0);
+    assert_eq!(metric_reaches(addr, "gram_queue_depth", 4.0).await, 4.0);
     server.shutdown().await.unwrap();
     for a in futures_join(sent).await {
         assert_eq!(a.status, 200, "{}", a.text());
@@ -1192,16 +1190,11 @@ async fn unread_bodies_close_the_connection_and_oversize_ones_are_refused_at_onc
     );
     let long = read_until_closed(raw(addr, long.as_bytes()), "a long URI").await;
     assert!(long.starts_with("HTTP/1.1 414"), "{long}");
-    let mut errors = 0.0;
-    for _ in 0..100 {
-        // Counted once the connection task has ended.
-        errors = metrics(addr).await["gram_http_errors_total"];
-        if errors == 2.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(errors, 2.0);
+    // Counted once each connection's task has ended.
+    assert_eq!(
+        metric_reaches(addr, "gram_http_errors_total", 2.0).await,
+        2.0
+    );
     server.shutdown().await.unwrap();
 }
 
