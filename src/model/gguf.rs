@@ -163,6 +163,7 @@ struct Header {
     tensors: Vec<TensorInfo>,
     data_start: usize,
     arch: Option<String>,
+    alignment: u64,
 }
 
 #[derive(Debug)]
@@ -236,6 +237,7 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
         tensors: infos,
         data_start: start as usize,
         arch,
+        alignment,
     })
 }
 
@@ -369,9 +371,12 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
         tensors: infos,
         data_start,
         arch,
+        alignment,
     } = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
     let permuted = rotary_permuted(path, arch.as_deref(), config)?;
     let mut out = TensorMap::new();
+    // Each tensor's place in the data section, checked against the others after the loop.
+    let mut places: Vec<(usize, usize, String)> = Vec::with_capacity(infos.len());
     for info in infos {
         let name = hf_name(&info.name).ok_or_else(|| {
             Error::tensor(
@@ -406,6 +411,7 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
                     ),
                 )
             })?;
+        places.push((info.offset, range.len(), info.name.clone()));
         // GGUF dims are innermost first; HF shapes are outermost first.
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
         // `blk.N.attn_q.weight` / `.bias` (the name without its last part).
@@ -465,7 +471,39 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
             return Err(Error::tensor(name, "appears twice"));
         }
     }
+    check_layout(&mut places, alignment).map_err(|m| Error::checkpoint(path, m))?;
     Ok(out)
+}
+
+/// The tensors' places in the data section, `(offset, bytes, name)`, must tile it as GGUF
+/// writers lay it out (llama.cpp checks the same): in offset order, each starts at the previous
+/// one's end rounded up to `alignment`, the first at 0. A corrupt offset or type otherwise reads
+/// another tensor's bytes, or padding, as weights and runs on with wrong numbers.
+fn check_layout(
+    places: &mut [(usize, usize, String)],
+    alignment: u64,
+) -> std::result::Result<(), String> {
+    places.sort();
+    let mut expected = 0usize;
+    let mut prev: Option<&str> = None;
+    for (offset, bytes, name) in places.iter() {
+        if *offset != expected {
+            let after = prev.map_or("the data section's start".to_string(), |p| {
+                format!("the end of `{p}` (padded to {alignment} bytes)")
+            });
+            let what = if *offset < expected {
+                "overlaps the tensor before it"
+            } else {
+                "leaves a gap"
+            };
+            return Err(format!(
+                "tensor `{name}` at data offset {offset} {what}: expected {expected}, {after}"
+            ));
+        }
+        expected = (offset + bytes).next_multiple_of(alignment as usize);
+        prev = Some(name);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -550,6 +588,73 @@ mod tests {
         b.resize(b.len().div_ceil(32) * 32, 0);
         b.extend(data);
         b
+    }
+
+    /// A GGUF of f32 tensors `(name, dims, offset)` with `data` after the header.
+    fn f32_gguf(tensors: &[(&str, &[u64], u64)], data: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // metadata
+        for (name, dims, offset) in tensors {
+            b.extend((name.len() as u64).to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(0u32.to_le_bytes()); // F32
+            b.extend(offset.to_le_bytes());
+        }
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        b.extend(data);
+        b
+    }
+
+    /// Tensors must tile the data section in GGUF's layout: a corrupt offset that makes a
+    /// tensor overlap another, leave a gap (bytes read as weights that are not the tensor's)
+    /// or break the alignment is an error naming the tensor, never a load.
+    #[test]
+    fn tensor_offsets_must_tile_the_data_section() {
+        let config = crate::config::ModelConfig::from_json(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("gram-gguf-tile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.gguf");
+        // 4 × 4 and 3 × 1 f32: 64 bytes, then 12 bytes (padded to 32 after).
+        let (up, norm) = ("blk.0.ffn_up.weight", "blk.0.attn_norm.weight");
+        let load_with = |second: u64, first: u64| {
+            let file = f32_gguf(&[(up, &[4, 4], first), (norm, &[3], second)], &[7; 128]);
+            std::fs::write(&path, file).unwrap();
+            load(&path, &config)
+                .map(|m| m.len())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(load_with(64, 0), Ok(2));
+        // Listed in another order than their offsets: still the same layout.
+        assert_eq!(load_with(0, 32), Ok(2));
+        for (second, first, want) in [
+            (32, 0, "`blk.0.attn_norm.weight` at data offset 32 overlaps"),
+            (
+                96,
+                0,
+                "`blk.0.attn_norm.weight` at data offset 96 leaves a gap: expected 64",
+            ),
+            (68, 0, "at data offset 68 leaves a gap"),
+            (
+                64,
+                32,
+                "`blk.0.ffn_up.weight` at data offset 32 leaves a gap: expected 0",
+            ),
+            (0, 0, "overlaps"),
+        ] {
+            let err = load_with(second, first).expect_err(want);
+            assert!(err.contains(want), "{second} {first}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Dims whose byte count overflows (2^31 × 2^31 f32 values: 2^64 bytes; a Q8_0 tensor
