@@ -235,8 +235,11 @@ impl RawConfig {
         }
         let rope_theta = self.rope_theta()?;
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
-        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-            return Err(format!("rms_norm_eps ({rms_norm_eps}) must be positive"));
+        // Checked as the f32 the model computes with: 1e300 would be inf, 1e-300 zero.
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && f32_positive(rms_norm_eps)) {
+            return Err(format!(
+                "rms_norm_eps ({rms_norm_eps:?}) must be positive and finite in f32"
+            ));
         }
         let attention_bias = self.attention_bias.unwrap_or(false);
         let default_ctx = if arch == Arch::Llama { 2048 } else { 32768 };
@@ -275,8 +278,10 @@ impl RawConfig {
             ("rope_scaling", &self.rope_scaling),
             ("rope_parameters", &self.rope_parameters),
         ] {
-            let Some(Value::Object(obj)) = v else {
-                continue;
+            let obj = match v {
+                None | Some(Value::Null) => continue,
+                Some(Value::Object(obj)) => obj,
+                Some(other) => return Err(format!("{key} must be an object, not {other}")),
             };
             let kind = obj
                 .get("rope_type")
@@ -288,16 +293,30 @@ impl RawConfig {
                     "unsupported {key}.rope_type `{kind}` (only `default`)"
                 ));
             }
-            if let Some(t) = obj.get("rope_theta").and_then(Value::as_f64) {
-                theta = Some(t);
+            match obj.get("rope_theta") {
+                None | Some(Value::Null) => {}
+                Some(t) => {
+                    theta = Some(
+                        t.as_f64()
+                            .ok_or_else(|| format!("{key}.rope_theta must be a number, not {t}"))?,
+                    )
+                }
             }
         }
         let theta = theta.unwrap_or(10000.0);
-        if !(theta.is_finite() && theta > 0.0) {
-            return Err(format!("rope_theta ({theta}) must be positive"));
+        if !(theta.is_finite() && theta > 0.0 && f32_positive(theta)) {
+            return Err(format!(
+                "rope_theta ({theta:?}) must be positive and finite in f32"
+            ));
         }
         Ok(theta as f32)
     }
+}
+
+/// `x` is still a positive, finite number once rounded to the f32 the model computes with.
+fn f32_positive(x: f64) -> bool {
+    let y = x as f32;
+    y.is_finite() && y > 0.0
 }
 
 #[cfg(test)]
@@ -422,5 +441,49 @@ mod tests {
         assert!(ModelConfig::from_json("{")
             .unwrap_err()
             .contains("not valid JSON"));
+        // Floats out of f32's range, and wrongly typed rope settings.
+        for (from, to, want) in [
+            (
+                r#""rms_norm_eps":1e-5"#,
+                r#""rms_norm_eps":1e300"#,
+                "rms_norm_eps (1e300) must be positive and finite in f32",
+            ),
+            (
+                r#""rms_norm_eps":1e-5"#,
+                r#""rms_norm_eps":1e-300"#,
+                "rms_norm_eps",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":1e300"#,
+                "rope_theta (1e300)",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":1e-300"#,
+                "rope_theta",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_parameters":{"rope_theta":"x","rope_type":"default"}"#,
+                r#"rope_parameters.rope_theta must be a number, not "x""#,
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_parameters":5"#,
+                "rope_parameters must be an object, not 5",
+            ),
+        ] {
+            let text = LLAMA.replace(from, to);
+            assert_ne!(text, LLAMA, "{to}");
+            let err = ModelConfig::from_json(&text).unwrap_err();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+        // null is "not given".
+        let null = LLAMA.replace(
+            r#""rope_theta":100000.0"#,
+            r#""rope_theta":100000.0,"rope_scaling":null"#,
+        );
+        assert_eq!(ModelConfig::from_json(&null).unwrap().rope_theta, 100000.0);
     }
 }
