@@ -68,6 +68,10 @@ impl Default for Settings {
     }
 }
 
+/// The largest weight magnitude `gram.json` may give: a score sums weights times divergences
+/// and log-probs of up to ~100 (f32), which a weight of 1e38 takes to inf.
+pub const MAX_WEIGHT: f32 = 1e6;
+
 impl Settings {
     /// `dir/gram.json`, or the defaults when there is none.
     pub fn load(dir: &Path) -> Result<Settings> {
@@ -76,10 +80,17 @@ impl Settings {
             return Ok(Settings::default());
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let s: Settings = serde_json::from_str(&text).map_err(|e| Error::Config {
+        let bad = |msg: String| Error::Config {
             path: path.clone(),
-            msg: e.to_string(),
-        })?;
+            msg,
+        };
+        // An object: serde would also build the struct of defaults from `[]`.
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if !value.is_object() {
+            return Err(bad(format!("must be a JSON object, not {value}")));
+        }
+        let s: Settings = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         let ok = s.query_template.contains("{query}")
             && s.product_template.contains("{title}")
             && !s.delimiter.is_empty()
@@ -90,12 +101,13 @@ impl Settings {
                 s.code_logprob.weight,
             ]
             .iter()
-            .all(|w| w.is_finite());
+            .all(|w| w.is_finite() && w.abs() <= MAX_WEIGHT);
         if !ok || s.aggregate().is_none() {
-            return Err(Error::Config {
-                path,
-                msg: "templates need {query} / {title}, the delimiter text, weights finite (code_logprob's too), aggregation sum or max".into(),
-            });
+            return Err(bad(format!(
+                "templates need {{query}} / {{title}}, the delimiter text, weights finite and \
+                 within ±{MAX_WEIGHT:e} (code_logprob's too: larger ones overflow a score to \
+                 inf), aggregation sum or max"
+            )));
         }
         Ok(s)
     }
@@ -169,6 +181,10 @@ mod tests {
             r#"{"aggregation":"mean"}"#,
             r#"{"query_template":"no placeholder"}"#,
             r#"{"unknown_key":1}"#,
+            r#"{"weights":{"coarse":3e38,"medium":1,"fine":1}}"#,
+            r#"{"code_logprob":{"weight":-2e6}}"#,
+            "[]",
+            "null",
             "not json",
         ] {
             let e = write(bad).err().unwrap().to_string();
