@@ -214,7 +214,22 @@ pub fn write_columns(
             reserved: 0,
         });
         code_text.extend_from_slice(text);
-        pt_len += (tokens * list.len()) as u64;
+        let need = (tokens * list.len()) as u64;
+        // A NaN would quantize to 0 and the index would look sound (a checkpoint with non-finite
+        // weights gives NaN probabilities for every product).
+        let pts = postings
+            .pt
+            .get(pt_len as usize..(pt_len + need) as usize)
+            .unwrap_or(&[]);
+        if let Some(p) = pts.iter().find(|p| !p.is_finite()) {
+            return Err(Error::Input(format!(
+                "code `{}`: a product probability is {p} (of {} products): the model's \
+                 probabilities are not finite; is its checkpoint corrupt?",
+                set.texts[i],
+                list.len()
+            )));
+        }
+        pt_len += need;
     }
     if pt_len != postings.pt.len() as u64 {
         return Err(Error::Input(format!(

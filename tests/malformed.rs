@@ -106,6 +106,47 @@ fn tensor_of_the_wrong_shape_is_named() {
     );
 }
 
+/// A NaN or inf in a norm or bias (a corrupt file) is refused at load, naming the tensor; a NaN
+/// in a matrix (too big to scan at load) makes every probability NaN, which `gram index build`
+/// refuses rather than storing them as 0.
+#[test]
+fn non_finite_weights_are_errors() {
+    let set = |dir: &Path, name: &str, value: f32| {
+        rewrite(dir, |items| {
+            let t = items.iter_mut().find(|t| t.0 == name).unwrap();
+            assert_eq!(t.1, Dtype::F32, "{name}");
+            t.3[4..8].copy_from_slice(&value.to_le_bytes());
+        });
+    };
+    for (name, value) in [
+        ("model.norm.weight", f32::NAN),
+        ("model.layers.0.input_layernorm.weight", f32::INFINITY),
+    ] {
+        let dir = copy_model(&model_dir("tiny-llama"), "non-finite");
+        set(&dir, name, value);
+        let e = load_err(&dir);
+        assert!(
+            e.contains(&format!("`{name}`"))
+                && e.contains("element 1 is")
+                && e.contains("not finite"),
+            "{e}"
+        );
+    }
+    let dir = copy_model(&model_dir("tiny-llama"), "non-finite-matrix");
+    set(&dir, "model.layers.0.mlp.down_proj.weight", f32::NAN);
+    let catalog = dir.join("catalog.jsonl");
+    std::fs::write(
+        &catalog,
+        r#"{"id":"p1","title":"green velvet sofa","codes":["sofa","sofa | velvet"]}"#,
+    )
+    .unwrap();
+    let out = index_build(&dir, &catalog, &dir.join("ix"), &["--threads", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "built an index of NaN probabilities");
+    assert!(err.contains("not finite"), "{err}");
+    assert!(!dir.join("ix").join("index.gram").exists());
+}
+
 #[test]
 fn missing_unexpected_and_wrongly_typed_tensors_are_named() {
     let dir = copy_model(&model_dir("tiny-llama"), "names");

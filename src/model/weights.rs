@@ -106,6 +106,21 @@ pub fn load<B: Backend>(
     dtype: Option<DType>,
 ) -> Result<Weights<B::Weight>> {
     let c = config;
+    // The vectors (norms, biases) are small enough to check whole: a NaN or inf there (a
+    // corrupt file) would turn every logit into NaN, which beam search and the index would
+    // take as "no candidate" rather than fail. (Matrices are too big to scan at load; the index
+    // build refuses the non-finite probabilities they give.)
+    for (name, t) in &map {
+        if t.shape().len() == 1 {
+            let v = t.view();
+            if let Some(i) = (0..t.numel()).find(|&i| !v.get(i).is_finite()) {
+                return Err(Error::tensor(
+                    name,
+                    format!("element {i} is {} (not finite)", v.get(i)),
+                ));
+            }
+        }
+    }
     // Matrices in the dtype asked for, vectors (norms, biases) in f32; then everything that is
     // not read from the file goes into one huge-page arena.
     let mut map: TensorMap = map

@@ -49,7 +49,8 @@ use crate::backend::cpu::simd::Isa;
 /// `Pt = q as f32 * PT_SCALE`.
 pub const PT_SCALE: f32 = 1.0 / 65535.0;
 
-/// Quantizes a probability for the store (clamped to `0..=1`, rounded to nearest).
+/// Quantizes a probability for the store (clamped to `0..=1`, rounded to nearest). NaN gives 0:
+/// the index writer refuses non-finite probabilities before they get here.
 pub fn quantize_pt(p: f32) -> u16 {
     (p.clamp(0.0, 1.0) * 65535.0).round() as u16
 }
