@@ -447,10 +447,11 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
 fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     let index = Index::open(&gram::search::index_file(dir)).map_err(|e| e.to_string())?;
     let c = index.container();
-    let verified = c
-        .verify()
-        .map(|_| "ok".to_string())
-        .unwrap_or_else(|e| e.to_string());
+    let verify = c.verify();
+    let verified = match &verify {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
     let sections: Vec<_> = c
         .sections()
         .iter()
@@ -459,11 +460,42 @@ fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     let mut out = json!({"codes": index.num_codes(), "products": index.num_products(),
            "trie_nodes": index.trie().num_nodes(), "sections": sections,
            "checksums": verified, "meta": index.meta()});
-    if deep {
-        out["scan"] = json!(index.scan());
+    let mut problems = Vec::new();
+    if let Err(e) = verify {
+        problems.push(e.to_string());
     }
+    if deep {
+        let scan = index.scan();
+        let bad = scan.stray_postings
+            + scan.bad_records
+            + scan.unsorted_lists
+            + scan.non_finite_scores
+            + (scan.codes - scan.trie_codes.min(scan.codes));
+        if bad > 0 {
+            problems.push(format!(
+                "the deep scan found {} stray postings, {} bad records, {} unsorted lists, {} \
+                 non-finite scores and {} codes the trie does not end",
+                scan.stray_postings,
+                scan.bad_records,
+                scan.unsorted_lists,
+                scan.non_finite_scores,
+                scan.codes - scan.trie_codes.min(scan.codes)
+            ));
+        }
+        out["scan"] = json!(scan);
+    }
+    // The report first, then the verdict: a damaged index exits nonzero (searches read it
+    // without checking its payload; this is the command that does).
     println!("{out}");
-    Ok(())
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: damaged: {}",
+            dir.display(),
+            problems.join("; ")
+        ))
+    }
 }
 
 /// Opens the index and its model where `run` says (stderr names the backend), with room for

@@ -94,6 +94,24 @@ fn build_inspect_search_end_to_end() {
         serde_json::from_str(&ok(&gram(&["index", "inspect", ix]))).unwrap();
     assert_eq!(inspect["checksums"], "ok");
     assert_eq!(inspect["codes"], 7);
+    let deep: serde_json::Value =
+        serde_json::from_str(&ok(&gram(&["index", "inspect", "--deep", ix]))).unwrap();
+    assert_eq!(deep["scan"]["non_finite_scores"], 0);
+
+    // A copy with one payload byte flipped (searches do not check the payload): inspect still
+    // prints its report, and exits nonzero naming the damage.
+    let bad = tmp.join("ix-flipped");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut bytes = std::fs::read(std::path::Path::new(ix).join("index.gram")).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(bad.join("index.gram"), bytes).unwrap();
+    let out = gram(&["index", "inspect", bad.to_str().unwrap()]);
+    assert!(!out.status.success(), "a damaged index passed inspect");
+    let msg = err(&out);
+    assert!(msg.contains("damaged") && msg.contains("checksum"), "{msg}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(report["checksums"], "ok");
 
     let out = ok(&gram(&[
         "search",

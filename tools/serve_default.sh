@@ -7,7 +7,8 @@
 #
 #   tools/serve_default.sh [gram serve flags...]     # default --addr 127.0.0.1:8080
 #
-# Idempotent: an index newer than its inputs that this model opens and searches is not rebuilt (GRAM_DEFAULT_INDEX sets
+# Idempotent: an index newer than its inputs whose checksums hold and that this model opens and
+# searches is not rebuilt (GRAM_DEFAULT_INDEX sets
 # its directory; default target/default-index). Stop the server with Ctrl-C (SIGINT) or
 # SIGTERM: requests in flight are answered first.
 set -euo pipefail
@@ -22,6 +23,7 @@ gram=target/release/gram
 ix="$index/index.gram"
 if [ -f "$ix" ] && [ "$ix" -nt "$catalog" ] && [ "$ix" -nt "$model/model.safetensors" ] &&
   [ "$ix" -nt "$model/gram.json" ] &&
+  "$gram" index inspect "$index" >/dev/null 2>&1 &&
   "$gram" search --index "$index" --model "$model" --k 1 mouse >/dev/null 2>&1; then
   echo "default index: $index is up to date"
 else
