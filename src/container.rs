@@ -262,6 +262,7 @@ pub fn write_atomic_with(
     let name = path
         .file_name()
         .ok_or_else(|| Error::Input(format!("{} is not a file path", path.display())))?;
+    remove_stale_temps(&dir, &name.to_string_lossy());
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
         ".{}.tmp-{}-{}",
@@ -282,9 +283,56 @@ pub fn write_atomic_with(
     })
 }
 
+/// Removes the temp files that earlier writes of `name` into `dir` left when their process was
+/// killed mid-write (`.NAME.tmp-PID-N`, as large as what they were writing), where that process
+/// is gone. Where processes cannot be looked up (no `/proc`) nothing is removed.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let pid = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temp file left by a killed writer (its process gone) is removed by the next write of
+    /// the same file; one of a live process, or of another file, stays.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn stale_temp_files_of_dead_writers_are_removed() {
+        let dir = tmp("stale");
+        std::fs::create_dir_all(&dir).unwrap();
+        let dead = dir.join(format!(".index.gram.tmp-{}-0", u32::MAX - 7));
+        let live = dir.join(format!(".index.gram.tmp-{}-99", std::process::id()));
+        let other = dir.join(format!(".other.tmp-{}-0", u32::MAX - 7));
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        write_atomic(&dir.join("index.gram"), b"done").unwrap();
+        assert!(!dead.exists(), "the dead writer's temp file stays");
+        assert!(live.exists() && other.exists());
+        assert_eq!(std::fs::read(dir.join("index.gram")).unwrap(), b"done");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("gram-container-{}-{name}", std::process::id()))
