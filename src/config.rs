@@ -95,7 +95,8 @@ impl ModelConfig {
         };
         let v: Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        for id in token_ids(&v.get("eos_token_id").cloned(), "eos_token_id").map_err(bad)? {
+        let ids = token_ids(&v.get("eos_token_id").cloned(), "eos_token_id").map_err(bad)?;
+        for id in in_vocab(ids, self.vocab_size, "eos_token_id").map_err(bad)? {
             if !self.eos_token_ids.contains(&id) {
                 self.eos_token_ids.push(id);
             }
@@ -263,10 +264,18 @@ impl RawConfig {
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: self.mlp_bias.unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
-            bos_token_id: token_ids(&self.bos_token_id, "bos_token_id")?
-                .first()
-                .copied(),
-            eos_token_ids: token_ids(&self.eos_token_id, "eos_token_id")?,
+            bos_token_id: in_vocab(
+                token_ids(&self.bos_token_id, "bos_token_id")?,
+                vocab_size,
+                "bos_token_id",
+            )?
+            .first()
+            .copied(),
+            eos_token_ids: in_vocab(
+                token_ids(&self.eos_token_id, "eos_token_id")?,
+                vocab_size,
+                "eos_token_id",
+            )?,
         })
     }
 
@@ -310,6 +319,16 @@ impl RawConfig {
             ));
         }
         Ok(theta as f32)
+    }
+}
+
+/// `ids`, each a token of a vocabulary of `vocab` (an EOS past it would never be generated).
+fn in_vocab(ids: Vec<u32>, vocab: usize, what: &str) -> std::result::Result<Vec<u32>, String> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(format!(
+            "{what} {id} is not a token id (vocab_size {vocab})"
+        )),
+        None => Ok(ids),
     }
 }
 
@@ -479,6 +498,10 @@ mod tests {
             let err = ModelConfig::from_json(&text).unwrap_err();
             assert!(err.contains(want), "{to}: {err}");
         }
+        let eos = LLAMA.replace(r#""eos_token_id":2"#, r#""eos_token_id":49152"#);
+        assert!(ModelConfig::from_json(&eos)
+            .unwrap_err()
+            .contains("eos_token_id 49152 is not a token id (vocab_size 49152)"));
         // null is "not given".
         let null = LLAMA.replace(
             r#""rope_theta":100000.0"#,
