@@ -37,6 +37,10 @@ pub enum Error {
     /// that failed to compile or launch, device memory exhausted.
     #[error("device: {0}")]
     Device(String),
+    /// The model computed something that is not a number (NaN logits): its weights are corrupt
+    /// or overflow. Never a silent empty answer.
+    #[error("numeric: {0}")]
+    Numeric(String),
 }
 
 impl Error {
@@ -51,6 +55,7 @@ impl Error {
             Error::Tokenizer(_) => "tokenizer",
             Error::Input(_) => "input",
             Error::Device(_) => "device",
+            Error::Numeric(_) => "numeric",
         }
     }
 

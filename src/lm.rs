@@ -74,6 +74,11 @@ pub fn run<B: Backend>(model: &Model<B>, prompt: &[u32], greedy: usize) -> Resul
         &vec![0; prompt.len()],
         &[prompt.len() - 1],
     )?;
+    if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+        return Err(Error::Numeric(format!(
+            "the logit of token {i} is NaN: the model's weights or activations are not finite"
+        )));
+    }
     let logprobs = log_softmax(&logits);
     let mut out = Vec::with_capacity(greedy);
     let mut next = argmax(&logits);

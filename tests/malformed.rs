@@ -145,6 +145,34 @@ fn non_finite_weights_are_errors() {
     assert!(!out.status.success(), "built an index of NaN probabilities");
     assert!(err.contains("not finite"), "{err}");
     assert!(!dir.join("ix").join("index.gram").exists());
+    // The same model's logits are NaN: `gram lm` and `gram codes` say so rather than print
+    // null log-probs or no codes.
+    let d = dir.to_str().unwrap();
+    let codes = dir.join("codes.txt");
+    std::fs::write(&codes, "sofa\nsofa | velvet\n").unwrap();
+    for args in [
+        vec!["lm", "--model", d, "--prompt", "green sofa"],
+        vec![
+            "codes",
+            "--model",
+            d,
+            "--codes",
+            codes.to_str().unwrap(),
+            "green sofa",
+        ],
+    ] {
+        let out = gram(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            err.contains("numeric") && err.contains("NaN"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -496,6 +496,7 @@ fn step<B: Backend>(
         &head_rows,
         &parent_beams,
     )?;
+    not_nan(&lps)?;
     let vocab = model.config.vocab_size;
     let mut at = 0;
     for (s, decoded) in states.iter_mut().zip(decoded) {
@@ -748,6 +749,18 @@ fn logprob_rows<B: Backend>(
         .collect();
     model.recycle(logits);
     Ok((lps, false))
+}
+
+/// A NaN log-prob means the model itself is broken (a NaN weight, an overflow): an error, not
+/// a token that silently drops out (which would return fewer codes, or none, as if fine).
+fn not_nan(lps: &[Allowed]) -> Result<()> {
+    match lps.iter().flatten().find(|(_, l)| l.is_nan()) {
+        Some((t, _)) => Err(Error::Numeric(format!(
+            "the model's log-probability of token {t} is NaN: its weights or activations are \
+             not finite"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// HF's update of one query after a step: running beams, finished slots, stopping heuristic.
