@@ -98,13 +98,26 @@ fn build_inspect_search_end_to_end() {
         serde_json::from_str(&ok(&gram(&["index", "inspect", "--deep", ix]))).unwrap();
     assert_eq!(deep["scan"]["non_finite_scores"], 0);
 
-    // A copy with one payload byte flipped (searches do not check the payload): inspect still
-    // prints its report, and exits nonzero naming the damage.
+    // A copy with one payload byte flipped (a product probability: searches do not check the
+    // payload; docs/FORMAT.md): inspect still prints its report, and exits nonzero naming the
+    // damage.
     let bad = tmp.join("ix-flipped");
     std::fs::create_dir_all(&bad).unwrap();
     let mut bytes = std::fs::read(std::path::Path::new(ix).join("index.gram")).unwrap();
-    let at = bytes.len() - 100;
-    bytes[at] ^= 0x10;
+    let word = |at: usize, n: usize| {
+        bytes[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |a, &b| (a << 8) | b as u64) as usize
+    };
+    let sections = word(12, 4);
+    let (offset, len) = (0..sections)
+        .map(|i| 16 + 32 * i)
+        .find(|&e| word(e, 4) == 5)
+        .map(|e| (word(e + 8, 8), word(e + 16, 8)))
+        .expect("a product-probability section");
+    assert!(len > 0);
+    bytes[offset + len / 2] ^= 0x10;
     std::fs::write(bad.join("index.gram"), bytes).unwrap();
     let out = gram(&["index", "inspect", bad.to_str().unwrap()]);
     assert!(!out.status.success(), "a damaged index passed inspect");
