@@ -767,6 +767,15 @@ pub fn teacher_force_many<B: Backend>(
         .chunks_exact(vocab)
         .map(crate::beam::select::logsumexp)
         .collect();
+    // A finite row has a finite log-sum-exp; a NaN or +inf logit (a corrupt weight, an
+    // overflow) would give probabilities of NaN or 0 that look like data.
+    if let Some(h) = lse.iter().position(|l| !l.is_finite()) {
+        return Err(Error::Numeric(format!(
+            "teacher forcing: a logits row's log-sum-exp is {}: the model's weights or \
+             activations are not finite",
+            lse[h]
+        )));
+    }
     let prob = |h: usize, t: u32| (logits[h * vocab + t as usize] - lse[h]).exp();
     let out = jobs
         .iter()

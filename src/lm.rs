@@ -74,11 +74,7 @@ pub fn run<B: Backend>(model: &Model<B>, prompt: &[u32], greedy: usize) -> Resul
         &vec![0; prompt.len()],
         &[prompt.len() - 1],
     )?;
-    if let Some(i) = logits.iter().position(|v| v.is_nan()) {
-        return Err(Error::Numeric(format!(
-            "the logit of token {i} is NaN: the model's weights or activations are not finite"
-        )));
-    }
+    finite(&logits)?;
     let logprobs = log_softmax(&logits);
     let mut out = Vec::with_capacity(greedy);
     let mut next = argmax(&logits);
@@ -88,12 +84,25 @@ pub fn run<B: Backend>(model: &Model<B>, prompt: &[u32], greedy: usize) -> Resul
             break;
         }
         let logits = model.forward(&mut cache, &[next], &[0], &[0])?;
+        finite(&logits)?;
         next = argmax(&logits);
     }
     Ok(LmOutput {
         logprobs,
         greedy: out,
     })
+}
+
+/// Logits that are all finite: a NaN or an infinity (a corrupt weight, an overflow) would print
+/// as null log-probs or steer greedy decoding, as if the model were fine.
+fn finite(logits: &[f32]) -> Result<()> {
+    match logits.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::Numeric(format!(
+            "the logit of token {i} is {}: the model's weights or activations are not finite",
+            logits[i]
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Index of the largest value; the first one on ties (as `torch.argmax`); NaNs never win, and

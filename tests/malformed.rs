@@ -132,46 +132,61 @@ fn non_finite_weights_are_errors() {
             "{e}"
         );
     }
-    let dir = copy_model(&model_dir("tiny-llama"), "non-finite-matrix");
-    set(&dir, "model.layers.0.mlp.down_proj.weight", f32::NAN);
-    let catalog = dir.join("catalog.jsonl");
-    std::fs::write(
-        &catalog,
-        r#"{"id":"p1","title":"green velvet sofa","codes":["sofa","sofa | velvet"]}"#,
-    )
-    .unwrap();
-    let out = index_build(&dir, &catalog, &dir.join("ix"), &["--threads", "1"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "built an index of NaN probabilities");
-    assert!(err.contains("not finite"), "{err}");
-    assert!(!dir.join("ix").join("index.gram").exists());
-    // The same model's logits are NaN: `gram lm` and `gram codes` say so rather than print
-    // null log-probs or no codes.
-    let d = dir.to_str().unwrap();
-    let codes = dir.join("codes.txt");
-    std::fs::write(&codes, "sofa\nsofa | velvet\n").unwrap();
-    for args in [
-        vec!["lm", "--model", d, "--prompt", "green sofa"],
-        vec![
-            "codes",
-            "--model",
-            d,
-            "--codes",
-            codes.to_str().unwrap(),
-            "green sofa",
-        ],
-    ] {
-        let out = gram(&args);
+    // A NaN in a matrix, and finite LM-head rows so large that their logits overflow to ±inf:
+    // `gram index build`, `gram lm` and `gram codes` refuse what the model computes, rather
+    // than store probabilities of 0 or print null log-probs, null scores or no codes.
+    for (case, edit) in [("nan", 0), ("overflow", 1)] {
+        let dir = copy_model(&model_dir("tiny-llama"), &format!("non-finite-{case}"));
+        if edit == 0 {
+            set(&dir, "model.layers.0.mlp.down_proj.weight", f32::NAN);
+        } else {
+            rewrite(&dir, |items| {
+                let t = items.iter_mut().find(|t| t.0 == "lm_head.weight").unwrap();
+                let row = t.2[1] * 4;
+                for (r, sign) in [(5, 1.0f32), (6, -1.0)] {
+                    for v in t.3[r * row..(r + 1) * row].chunks_exact_mut(4) {
+                        v.copy_from_slice(&(sign * 3e38f32).to_le_bytes());
+                    }
+                }
+            });
+        }
+        let catalog = dir.join("catalog.jsonl");
+        std::fs::write(
+            &catalog,
+            r#"{"id":"p1","title":"green velvet sofa","codes":["sofa","sofa | velvet"]}"#,
+        )
+        .unwrap();
+        let out = index_build(&dir, &catalog, &dir.join("ix"), &["--threads", "1"]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            err.contains("numeric") && err.contains("NaN"),
-            "{args:?}: {err}"
-        );
+        assert!(!out.status.success(), "{case}: built an index");
+        assert!(err.contains("not finite"), "{case}: {err}");
+        assert!(!dir.join("ix").join("index.gram").exists());
+        let d = dir.to_str().unwrap();
+        let codes = dir.join("codes.txt");
+        std::fs::write(&codes, "sofa\nsofa | velvet\n").unwrap();
+        for args in [
+            vec!["lm", "--model", d, "--prompt", "green sofa"],
+            vec![
+                "codes",
+                "--model",
+                d,
+                "--codes",
+                codes.to_str().unwrap(),
+                "green sofa",
+            ],
+        ] {
+            let out = gram(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{case} {args:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(
+                err.contains("numeric") && err.contains("not finite"),
+                "{case} {args:?}: {err}"
+            );
+        }
     }
 }
 

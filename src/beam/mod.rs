@@ -496,7 +496,7 @@ fn step<B: Backend>(
         &head_rows,
         &parent_beams,
     )?;
-    not_nan(&lps)?;
+    finite_logprobs(&lps)?;
     let vocab = model.config.vocab_size;
     let mut at = 0;
     for (s, decoded) in states.iter_mut().zip(decoded) {
@@ -751,12 +751,14 @@ fn logprob_rows<B: Backend>(
     Ok((lps, false))
 }
 
-/// A NaN log-prob means the model itself is broken (a NaN weight, an overflow): an error, not
-/// a token that silently drops out (which would return fewer codes, or none, as if fine).
-fn not_nan(lps: &[Allowed]) -> Result<()> {
-    match lps.iter().flatten().find(|(_, l)| l.is_nan()) {
-        Some((t, _)) => Err(Error::Numeric(format!(
-            "the model's log-probability of token {t} is NaN: its weights or activations are \
+/// A log-prob that is not finite (NaN, or -inf from a logit that overflowed to +inf and took
+/// the row's log-sum-exp with it) means the model itself is broken: an error, not a token that
+/// silently drops out or scores -inf (fewer codes, or none, or null scores, as if fine). A finite
+/// model's log-probs are always finite: the log-sum-exp subtracts the row's maximum.
+fn finite_logprobs(lps: &[Allowed]) -> Result<()> {
+    match lps.iter().flatten().find(|(_, l)| !l.is_finite()) {
+        Some((t, l)) => Err(Error::Numeric(format!(
+            "the model's log-probability of token {t} is {l}: its weights or activations are \
              not finite"
         ))),
         None => Ok(()),
