@@ -283,9 +283,15 @@ pub fn write_atomic_with(
     })
 }
 
+/// How long a temp file must have been left unwritten before a writer whose process is not
+/// visible here counts as dead: a writer in another PID namespace (another container on a
+/// shared volume, another host over NFS) is not in our `/proc`, but a live one keeps writing.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Removes the temp files that earlier writes of `name` into `dir` left when their process was
-/// killed mid-write (`.NAME.tmp-PID-N`, as large as what they were writing), where that process
-/// is gone. Where processes cannot be looked up (no `/proc`) nothing is removed.
+/// killed mid-write (`.NAME.tmp-PID-N`, as large as what they were writing): those whose process
+/// is not in `/proc` and that nothing has written for [`STALE_TEMP`]. Where processes cannot be
+/// looked up (no `/proc`) nothing is removed.
 fn remove_stale_temps(dir: &Path, name: &str) {
     let prefix = format!(".{name}.tmp-");
     let proc = Path::new("/proc");
@@ -302,8 +308,16 @@ fn remove_stale_temps(dir: &Path, name: &str) {
             .strip_prefix(&prefix)
             .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if let (Some(pid), Some(idle)) = (pid, idle) {
+            if pid != std::process::id()
+                && !proc.join(pid.to_string()).exists()
+                && idle >= STALE_TEMP
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -314,8 +328,9 @@ fn remove_stale_temps(dir: &Path, name: &str) {
 mod tests {
     use super::*;
 
-    /// A temp file left by a killed writer (its process gone) is removed by the next write of
-    /// the same file; one of a live process, or of another file, stays.
+    /// A temp file left by a killed writer (its process gone, the file unwritten for an hour) is
+    /// removed by the next write of the same file; one of a live process, one written recently
+    /// (a writer this process cannot see may own it), or one of another file stays.
     #[cfg(target_os = "linux")]
     #[test]
     fn stale_temp_files_of_dead_writers_are_removed() {
@@ -324,12 +339,22 @@ mod tests {
         let dead = dir.join(format!(".index.gram.tmp-{}-0", u32::MAX - 7));
         let live = dir.join(format!(".index.gram.tmp-{}-99", std::process::id()));
         let other = dir.join(format!(".other.tmp-{}-0", u32::MAX - 7));
-        for f in [&dead, &live, &other] {
+        let recent = dir.join(format!(".index.gram.tmp-{}-1", u32::MAX - 7));
+        for f in [&dead, &live, &other, &recent] {
             std::fs::write(f, b"partial").unwrap();
+        }
+        let old = std::time::SystemTime::now() - STALE_TEMP - std::time::Duration::from_secs(60);
+        for f in [&dead, &live, &other] {
+            File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
         }
         write_atomic(&dir.join("index.gram"), b"done").unwrap();
         assert!(!dead.exists(), "the dead writer's temp file stays");
-        assert!(live.exists() && other.exists());
+        assert!(live.exists() && other.exists() && recent.exists());
         assert_eq!(std::fs::read(dir.join("index.gram")).unwrap(), b"done");
         std::fs::remove_dir_all(&dir).unwrap();
     }
