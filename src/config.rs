@@ -96,7 +96,17 @@ impl ModelConfig {
         let v: Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let ids = token_ids(&v.get("eos_token_id").cloned(), "eos_token_id").map_err(bad)?;
-        for id in in_vocab(ids, self.vocab_size, "eos_token_id").map_err(bad)? {
+        for id in ids {
+            // An extra stop token past the vocabulary can never be generated (transformers'
+            // `generate` just never meets it): dropped with a warning, not a refused model.
+            if id as usize >= self.vocab_size {
+                tracing::warn!(
+                    "{}: eos_token_id {id} is past the vocabulary ({}); ignored",
+                    path.display(),
+                    self.vocab_size
+                );
+                continue;
+            }
             if !self.eos_token_ids.contains(&id) {
                 self.eos_token_ids.push(id);
             }
@@ -384,6 +394,12 @@ mod tests {
         assert_eq!(
             c().with_generation_config(&path).unwrap().eos_token_ids,
             vec![2]
+        );
+        // A stop token past the vocabulary (49152) can never be generated: dropped.
+        std::fs::write(&path, r#"{"eos_token_id": [49152, 9]}"#).unwrap();
+        assert_eq!(
+            c().with_generation_config(&path).unwrap().eos_token_ids,
+            vec![2, 9]
         );
         std::fs::write(&path, r#"{"eos_token_id": "x"}"#).unwrap();
         let e = c().with_generation_config(&path).unwrap_err().to_string();

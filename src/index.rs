@@ -488,7 +488,12 @@ impl Index {
         }
         for node in 0..self.trie.num_nodes() as u32 {
             if let Some(code) = self.trie.code(node) {
-                scan.trie_codes += usize::from((code as usize) < self.num_codes());
+                if (code as usize) < self.num_codes() {
+                    scan.trie_codes += 1;
+                } else {
+                    // A trie node naming a code past the code table: a bad record too.
+                    scan.bad_records += 1;
+                }
             }
         }
         for i in 0..products {
