@@ -67,8 +67,22 @@ fn index() -> &'static PathBuf {
         let lines: Vec<String> = catalog.lines().take(PRODUCTS).map(String::from).collect();
         let g = golden("gram-icecat-2m.json");
         assert_eq!(g["catalog_lines"].as_u64(), Some(PRODUCTS as u64));
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gram-default-model-{}", std::process::id()));
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // Indexes and logs left by earlier runs whose process is gone.
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("gram-default-model-")
+                .map(|rest| rest.trim_start_matches("serve-").trim_end_matches(".log"));
+            if let Some(pid) = pid {
+                let proc = Path::new("/proc");
+                if proc.join("self").exists() && !proc.join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let dir = root.join(format!("gram-default-model-{}", std::process::id()));
         build_index_with(&dir, &model(), &lines)
     })
 }
@@ -174,9 +188,45 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// `gram serve` as users start it (the binary, port 0), sending its log to a file; returns
-/// the child and the address it printed once ready.
-fn serve(ix: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String) {
+/// A `gram serve` child, the address it printed once ready, and the thread copying the rest of
+/// its log to a file (joined by [`Served::stop`]).
+struct Served {
+    child: std::process::Child,
+    addr: String,
+    log: PathBuf,
+    copier: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Served {
+    /// Sends SIGTERM without waiting.
+    fn sigterm(&self) {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    }
+
+    /// Waits for the process to end, then for its whole log; returns its exit status and log.
+    fn wait(&mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        if let Some(copier) = self.copier.take() {
+            copier.join().unwrap();
+        }
+        (
+            status,
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+        )
+    }
+
+    fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `gram serve` as users start it (the binary, port 0), sending its log to a file, once it
+/// says it is ready (killed after 120 s if it never does).
+fn serve(ix: &Path, log: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gram"))
         .args(["serve", "--index"])
         .arg(ix)
@@ -189,13 +239,28 @@ fn serve(ix: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String)
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut logged = std::fs::File::create(log).unwrap();
     let mut line = String::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // A server that hangs before printing anything would block `read_line`: a watchdog kills
+    // it, which ends the read.
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (ready, pid) = (ready.clone(), child.id().to_string());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(120) {
+                if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        });
+    }
     let addr = loop {
         line.clear();
-        if err.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
+        if err.read_line(&mut line).unwrap_or(0) == 0 {
             let _ = child.kill();
             panic!(
-                "gram serve ended before it was ready: {}",
+                "gram serve ended (or hung 120 s) before it was ready: {}",
                 std::fs::read_to_string(log).unwrap()
             );
         }
@@ -209,11 +274,38 @@ fn serve(ix: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String)
             break a;
         }
     };
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     // The rest of the log, until the process ends.
-    std::thread::spawn(move || {
+    let copier = std::thread::spawn(move || {
         let _ = std::io::copy(&mut err, &mut logged);
     });
-    (child, addr)
+    Served {
+        child,
+        addr,
+        log: log.to_path_buf(),
+        copier: Some(copier),
+    }
+}
+
+/// Reads `/metrics` until `gauge` is at least 1 (at most ~60 s).
+fn wait_for_gauge(addr: &str, gauges: &[&str]) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let (_, text) = http(addr, "GET", "/metrics", "");
+        let up = text.lines().any(|l| {
+            gauges.iter().any(|g| {
+                l.strip_prefix(g)
+                    .and_then(|v| v.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .is_some_and(|v| v >= 1.0)
+            })
+        });
+        if up {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("none of {gauges:?} reached 1 in 60 s");
 }
 
 #[test]
@@ -224,7 +316,8 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
         std::process::id()
     ));
     // A gathering window of 2 s: the first request waits in it, in flight, when SIGTERM comes.
-    let (mut child, addr) = serve(index(), &log, &["--batch-wait-us", "2000000"]);
+    let mut server = serve(index(), &log, &["--batch-wait-us", "2000000"]);
+    let addr = server.addr.clone();
     let (status, body) = http(&addr, "GET", "/ready", "");
     assert_eq!(status, 200, "{body}");
     let q0 = g["queries"][0].clone();
@@ -233,19 +326,15 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
         let body = json!({"query": q0["query"], "k": 5}).to_string();
         std::thread::spawn(move || http(&addr, "POST", "/v1/search", &body))
     };
-    std::thread::sleep(Duration::from_millis(500));
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    // Taken by the server (queued, or in the batch) before the signal.
+    wait_for_gauge(&addr, &["gram_queue_depth", "gram_in_flight"]);
+    server.sigterm();
     let (status, body) = held.join().unwrap();
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         status,
         200,
         "the request in flight at SIGTERM: {body}\n{}",
-        logged()
+        server.logged()
     );
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_codes(
@@ -254,19 +343,18 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
         &q0["codes"],
     );
     assert!(!v["products"].as_array().unwrap().is_empty());
-    let exit = child.wait().unwrap();
+    let (exit, logged) = server.wait();
     assert!(
         exit.success(),
-        "gram serve exited with {exit} after SIGTERM\n{}",
-        logged()
+        "gram serve exited with {exit} after SIGTERM\n{logged}"
     );
-    assert!(logged().contains("stopped"), "{}", logged());
+    assert!(logged.contains("stopped"), "{logged}");
 
     // Every query, served without the window this time.
-    let (mut child, addr) = serve(index(), &log, &[]);
+    let mut server = serve(index(), &log, &[]);
     for q in g["queries"].as_array().unwrap() {
         let body = json!({"query": q["query"], "k": 5}).to_string();
-        let (status, text) = http(&addr, "POST", "/v1/search", &body);
+        let (status, text) = http(&server.addr, "POST", "/v1/search", &body);
         assert_eq!(status, 200, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_codes(
@@ -275,8 +363,8 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
             &q["codes"],
         );
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert!(child.wait().unwrap().success());
+    server.sigterm();
+    let (exit, logged) = server.wait();
+    assert!(exit.success(), "{logged}");
+    let _ = std::fs::remove_file(&log);
 }
