@@ -141,11 +141,17 @@ def serve_check(gram, idx, queries, searched):
     """`gram serve --index IDX` on a free loopback port: POST /v1/search for each query must
     answer 200 with the codes `gram search` gave; then SIGINT must stop it with status 0."""
     import signal
+    import threading
+    import urllib.error
     import urllib.request
     proc = subprocess.Popen([str(gram), "serve", "--index", str(idx), "--addr", "127.0.0.1:0",
                              "--threads", "2", "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = {"answers": [], "ok": False}
+    # A server that hangs before it says it is ready would block the read below: killed after
+    # 120 s, which ends it.
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
     try:
         addr = None
         for line in proc.stderr:
@@ -153,8 +159,9 @@ def serve_check(gram, idx, queries, searched):
                 addr = "".join(ch for ch in line.split("ready addr=")[1].split()[0]
                                if ch.isdigit() or ch in ".:")
                 break
+        watchdog.cancel()
         if addr is None:
-            out["error"] = "gram serve ended before it was ready"
+            out["error"] = "gram serve ended (or hung 120 s) before it was ready"
             return out
         # Keep reading its log, so that a full pipe never blocks the server.
         import threading
@@ -163,12 +170,20 @@ def serve_check(gram, idx, queries, searched):
             req = urllib.request.Request(f"http://{addr}/v1/search",
                                          data=json.dumps({"query": q, "k": 5}).encode(),
                                          headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as r:
-                body = json.loads(r.read())
-                got = [c["code"] for c in body["codes"]][:5]
-                out["answers"].append({"query": q, "status": r.status, "codes_equal": got == want["codes"],
-                                       "products": len(body["products"])})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    body = json.loads(r.read())
+                    got = [c["code"] for c in body["codes"]][:5]
+                    out["answers"].append({"query": q, "status": r.status, "codes_equal": got == want["codes"],
+                                           "products": len(body["products"])})
+            except urllib.error.HTTPError as e:
+                out["answers"].append({"query": q, "status": e.code, "error": e.read().decode(errors="replace"),
+                                       "codes_equal": False, "products": 0})
+            except (urllib.error.URLError, OSError) as e:
+                out["answers"].append({"query": q, "status": None, "error": str(e),
+                                       "codes_equal": False, "products": 0})
     finally:
+        watchdog.cancel()
         proc.send_signal(signal.SIGINT)
         try:
             out["exit"] = proc.wait(timeout=30)
