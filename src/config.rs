@@ -508,16 +508,17 @@ mod tests {
                 r#""rope_parameters":5"#,
                 "rope_parameters must be an object, not 5",
             ),
+            (
+                r#""eos_token_id":2"#,
+                r#""eos_token_id":49152"#,
+                "eos_token_id 49152 is not a token id (vocab_size 49152)",
+            ),
         ] {
             let text = LLAMA.replace(from, to);
             assert_ne!(text, LLAMA, "{to}");
             let err = ModelConfig::from_json(&text).unwrap_err();
             assert!(err.contains(want), "{to}: {err}");
         }
-        let eos = LLAMA.replace(r#""eos_token_id":2"#, r#""eos_token_id":49152"#);
-        assert!(ModelConfig::from_json(&eos)
-            .unwrap_err()
-            .contains("eos_token_id 49152 is not a token id (vocab_size 49152)"));
         // null is "not given".
         let null = LLAMA.replace(
             r#""rope_theta":100000.0"#,

@@ -573,37 +573,24 @@ mod tests {
 
     /// A GGUF of one tensor, `dims` (innermost first) of `ty`, with `data` after the header.
     fn one_tensor_gguf(name: &str, dims: &[u64], ty: u32, data: &[u8]) -> Vec<u8> {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(1u64.to_le_bytes()); // tensors
-        b.extend(0u64.to_le_bytes()); // metadata
-        b.extend((name.len() as u64).to_le_bytes());
-        b.extend(name.as_bytes());
-        b.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            b.extend(d.to_le_bytes());
-        }
-        b.extend(ty.to_le_bytes());
-        b.extend(0u64.to_le_bytes()); // offset
-        b.resize(b.len().div_ceil(32) * 32, 0);
-        b.extend(data);
-        b
+        gguf_of(&[(name, dims, ty, 0)], data)
     }
 
-    /// A GGUF of f32 tensors `(name, dims, offset)` with `data` after the header.
-    fn f32_gguf(tensors: &[(&str, &[u64], u64)], data: &[u8]) -> Vec<u8> {
+    /// A GGUF (version 3, no metadata) of tensors `(name, dims innermost first, ggml type,
+    /// offset)` with `data` after the header.
+    fn gguf_of(tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
         b.extend((tensors.len() as u64).to_le_bytes());
         b.extend(0u64.to_le_bytes()); // metadata
-        for (name, dims, offset) in tensors {
+        for (name, dims, ty, offset) in tensors {
             b.extend((name.len() as u64).to_le_bytes());
             b.extend(name.as_bytes());
             b.extend((dims.len() as u32).to_le_bytes());
             for d in *dims {
                 b.extend(d.to_le_bytes());
             }
-            b.extend(0u32.to_le_bytes()); // F32
+            b.extend(ty.to_le_bytes());
             b.extend(offset.to_le_bytes());
         }
         b.resize(b.len().div_ceil(32) * 32, 0);
@@ -611,23 +598,32 @@ mod tests {
         b
     }
 
-    /// Tensors must tile the data section in GGUF's layout: a corrupt offset that makes a
-    /// tensor overlap another, leave a gap (bytes read as weights that are not the tensor's)
-    /// or break the alignment is an error naming the tensor, never a load.
-    #[test]
-    fn tensor_offsets_must_tile_the_data_section() {
+    /// A one-layer Llama config for the synthetic files, and a scratch directory `name`.
+    fn tiny_config_and_dir(name: &str) -> (crate::config::ModelConfig, std::path::PathBuf) {
         let config = crate::config::ModelConfig::from_json(
             r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
         )
         .unwrap();
-        let dir = std::env::temp_dir().join(format!("gram-gguf-tile-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("gram-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        (config, dir)
+    }
+
+    /// Tensors must tile the data section in GGUF's layout: a corrupt offset that makes a
+    /// tensor overlap another, leave a gap (bytes read as weights that are not the tensor's)
+    /// or break the alignment is an error naming the tensor, never a load.
+    #[test]
+    fn tensor_offsets_must_tile_the_data_section() {
+        let (config, dir) = tiny_config_and_dir("gguf-tile");
         let path = dir.join("model.gguf");
         // 4 × 4 and 3 × 1 f32: 64 bytes, then 12 bytes (padded to 32 after).
         let (up, norm) = ("blk.0.ffn_up.weight", "blk.0.attn_norm.weight");
         let load_with = |second: u64, first: u64| {
-            let file = f32_gguf(&[(up, &[4, 4], first), (norm, &[3], second)], &[7; 128]);
+            let file = gguf_of(
+                &[(up, &[4, 4], 0, first), (norm, &[3], 0, second)],
+                &[7; 128],
+            );
             std::fs::write(&path, file).unwrap();
             load(&path, &config)
                 .map(|m| m.len())
@@ -661,13 +657,7 @@ mod tests {
     /// of 2^64 − 32 values) are refused as past the end of the file, never a wrapped size.
     #[test]
     fn tensor_sizes_that_overflow_are_errors() {
-        let config = crate::config::ModelConfig::from_json(
-            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
-        )
-        .unwrap();
-        let dir = std::env::temp_dir().join(format!("gram-gguf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let (config, dir) = tiny_config_and_dir("gguf");
         let path = dir.join("model.gguf");
         let cases: [(&[u64], u32); 3] = [
             (&[1 << 31, 1 << 31], 0),      // F32
