@@ -466,11 +466,12 @@ fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     }
     if deep {
         let scan = index.scan();
+        let unended = scan.codes.saturating_sub(scan.trie_codes);
         let bad = scan.stray_postings
             + scan.bad_records
             + scan.unsorted_lists
             + scan.non_finite_scores
-            + (scan.codes - scan.trie_codes.min(scan.codes));
+            + unended;
         if bad > 0 {
             problems.push(format!(
                 "the deep scan found {} stray postings, {} bad records, {} unsorted lists, {} \
@@ -479,7 +480,7 @@ fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
                 scan.bad_records,
                 scan.unsorted_lists,
                 scan.non_finite_scores,
-                scan.codes - scan.trie_codes.min(scan.codes)
+                unended
             ));
         }
         out["scan"] = json!(scan);
