@@ -215,8 +215,8 @@ pub fn write_columns(
         });
         code_text.extend_from_slice(text);
         let need = (tokens * list.len()) as u64;
-        // A NaN would quantize to 0 and the index would look sound (a checkpoint with non-finite
-        // weights gives NaN probabilities for every product).
+        // The writer's own guard (teacher forcing and beam search already refuse a model's
+        // non-finite output): a NaN would quantize to 0 and the index would look sound.
         let pts = postings
             .pt
             .get(pt_len as usize..(pt_len + need) as usize)
