@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="exported model dir (default WORK/model)")
     ap.add_argument("--from", dest="first", default="codes", choices=STAGES)
     ap.add_argument("--to", dest="last", default=None, choices=STAGES)
-    ap.add_argument("--sft-minutes", type=float, default=25)
+    ap.add_argument("--sft-minutes", type=float, default=45)
     ap.add_argument("--align-minutes", type=float, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gram", default=str(C.REPO / "target" / "release" / "gram"))
