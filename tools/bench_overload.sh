@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 5's overload target, measured so that the host's speed cannot decide it: closed loops
+# of 16 clients and open loops at RATE requests/s alternate, each run 60 s (SECONDS) against a
+# fresh `gram serve` on the default index with its defaults, PAIRS times, then one closed loop
+# more. The admitted requests' p99 of each open run is compared with the closed loops just
+# before and after it, and all open runs' admitted latencies pooled against all closed ones'.
+#
+#   tools/bench_overload.sh RATE [PAIRS] [SECONDS] [OUT_DIR]   # defaults: 3 60 bench-out/overload
+#
+# RATE: twice what the closed loop answers on this box (run it once, or read `closed1`'s qps).
+# The load generator runs under `nice -n 19` so the server has the cores first. Needs the
+# default index (tools/serve_default.sh builds it) and port 8080 free. docs/SERVER.md has the
+# results.
+set -euo pipefail
+trap '[ -n "${pid:-}" ] && kill -INT "$pid" 2>/dev/null || true' EXIT
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+rate=${1:?usage: tools/bench_overload.sh RATE [PAIRS] [SECONDS] [OUT_DIR]}
+pairs=${2:-3}
+secs=${3:-60}
+out=${4:-bench-out/overload}
+index=${GRAM_DEFAULT_INDEX:-target/default-index}
+gram=target/release/gram
+[ -f "$index/index.gram" ] || { echo "error: no index in $index: run tools/serve_default.sh once" >&2; exit 1; }
+cargo build --release --bin gram
+mkdir -p "$out"
+
+run() { # run NAME BENCH_FLAGS...
+  local name=$1
+  shift
+  "$gram" serve --index "$index" 2>"$out/$name.log" &
+  pid=$!
+  until curl -sf localhost:8080/ready >/dev/null; do sleep 0.5; done
+  echo "$name: $*" >&2
+  nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
+    --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1
+  kill -INT "$pid"
+  wait "$pid"
+  pid=
+}
+
+for i in $(seq "$pairs"); do
+  run "closed$i" --concurrency 16 --duration "$secs"
+  run "open$i" --rate "$rate" --duration "$secs"
+done
+run "closed$((pairs + 1))" --concurrency 16 --duration "$secs"
+
+python3 - "$out" "$pairs" <<'EOF' | tee "$out/summary.md"
+import csv, json, sys
+out, pairs = sys.argv[1], int(sys.argv[2])
+
+def admitted(name):
+    with open(f"{out}/{name}/latencies.csv") as f:
+        return [float(r["latency_ms"]) for r in csv.DictReader(f) if r["status"] == "200"]
+
+def p99(v):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(0.99 * len(v)))]
+
+def report(name):
+    return json.load(open(f"{out}/{name}/report.json"))
+
+print("| run | answered/s | 503s | admitted p99 ms | engine p99 ms | queue p99 ms | p99 / mean of the closed loops around it |")
+print("|---|---|---|---|---|---|---|")
+closed, opened = [], []
+for i in range(1, pairs + 2):
+    for name in [f"closed{i}"] + ([f"open{i}"] if i <= pairs else []):
+        r, lat = report(name), admitted(name)
+        ratio = ""
+        if name.startswith("open"):
+            opened += lat
+            around = (p99(admitted(f"closed{i}")) + p99(admitted(f"closed{i + 1}"))) / 2
+            ratio = f"{p99(lat) / around:.3f}"
+        else:
+            closed += lat
+        print(f"| {name} | {r['qps']:.0f} | {r['errors'].get('503', 0)} | {p99(lat):.1f} | "
+              f"{r['engine_ms']['p99']:.1f} | {r['queue_ms']['p99']:.1f} | {ratio} |")
+print(f"\npooled: {len(opened)} admitted under overload, p99 {p99(opened):.1f} ms; {len(closed)} "
+      f"in the closed loops, p99 {p99(closed):.1f} ms; **{p99(opened) / p99(closed):.3f}×**")
+EOF
