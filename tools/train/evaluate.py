@@ -191,6 +191,26 @@ def table(rows, keys=TABLE):
     return "\n".join(lines)
 
 
+# The issue's targets compare with BM25 on these (judged@10 is a diagnostic, not a target).
+VERSUS = ["ndcg@10", "recall@10", "recall@100", "recall@300", "relevance_rate@300",
+          "condensed_ndcg@10"]
+
+
+def versus_table(vs):
+    """Each system against BM25, query by query: mean difference in points, the bootstrap 95 %
+    interval, and how many queries went up / down."""
+    lines = ["| system − BM25 | " + " | ".join(VERSUS) + " |", "|---" * (len(VERSUS) + 1) + "|"]
+    for name, per in vs.items():
+        cells = []
+        for k in VERSUS:
+            p = per[k]
+            cells.append("—" if p["mean_diff"] is None else
+                         f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.1f}, "
+                         f"{100 * p['ci95'][1]:+.1f}] {p['up']}↑{p['down']}↓")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -246,6 +266,9 @@ def main(argv=None):
     summary = {"gram": M.summarize(gram_runs, judged), "bm25": M.summarize(bm, judged),
                "gram+bm25": M.summarize(union, judged), "gram+bm25 fused": M.summarize(fused, judged),
                "gram+bm25 rrf": M.summarize(rrf, judged), "fusion": fusion}
+    summary["vs_bm25"] = {name: {m: M.paired(runs, bm, judged, m) for m in VERSUS}
+                          for name, runs in (("gram", gram_runs), ("gram+bm25", union),
+                                             ("gram+bm25 fused", fused), ("gram+bm25 rrf", rrf))}
     codes_per_q = [len(g[q]["codes"]) for q in queries]
     index_codes = set((model / "codes.txt").read_text().splitlines()) if (model / "codes.txt").exists() else None
     invalid = (sum(c["code"] not in index_codes for q in queries for c in g[q]["codes"])
@@ -287,6 +310,9 @@ def main(argv=None):
     print(table(rows))
     print("unjudged left out of each ranking (condensed lists):")
     print(table(rows, CONDENSED))
+    print("against BM25, query by query (mean difference in points, bootstrap 95 % interval, "
+          "queries up / down):")
+    print(versus_table(summary["vs_bm25"]))
     print(json.dumps({k: v for k, v in summary["gram"].items() if not k.startswith("n_")}, indent=1))
     if "cold_start" in summary:
         print(json.dumps(summary["cold_start"]))

@@ -16,6 +16,7 @@ ones (nDCG@10, recall@10 and @100 of a 300-deep ranking) can move.
 import csv
 import json
 import math
+import random
 
 REL = 2
 
@@ -106,10 +107,7 @@ def condense(ranked, grades):
     return [d for d in ranked if d in grades]
 
 
-def summarize(runs, judged):
-    """{metric: mean over the queries where it is defined, n_<metric>: how many} for one
-    system; `runs` {query: ranked ids}."""
-    fns = {"ndcg@10": lambda r, g: ndcg(r, g, 10),
+METRICS = {"ndcg@10": lambda r, g: ndcg(r, g, 10),
            "recall@10": lambda r, g: recall(r, g, 10),
            "recall@100": lambda r, g: recall(r, g, 100),
            "recall@300": lambda r, g: recall(r, g, 300),
@@ -118,14 +116,41 @@ def summarize(runs, judged):
            "condensed_ndcg@10": lambda r, g: ndcg(condense(r, g), g, 10),
            "condensed_recall@10": lambda r, g: recall(condense(r, g), g, 10),
            "condensed_recall@100": lambda r, g: recall(condense(r, g), g, 100)}
+
+
+def summarize(runs, judged):
+    """{metric: mean over the queries where it is defined, n_<metric>: how many} for one
+    system; `runs` {query: ranked ids}."""
     out = {}
-    for name, f in fns.items():
+    for name, f in METRICS.items():
         vals = [f(runs.get(q, []), g) for q, g in judged.items()]
         vals = [v for v in vals if v is not None]
         out[name] = sum(vals) / len(vals) if vals else None
         out["n_" + name] = len(vals)
     out["mean_returned"] = sum(len(runs.get(q, [])) for q in judged) / max(len(judged), 1)
     return out
+
+
+def paired(runs, base, judged, metric, samples=10000, seed=0):
+    """System `runs` against system `base` on one metric, query by query (only the queries
+    where the metric is defined): the mean difference, how many queries went up and down, and
+    a percentile bootstrap 95 % interval of the mean difference (`samples` resamples of the
+    queries with replacement, a fixed seed, so a rerun gives the same interval). The interval
+    says whether a difference between two systems on this many queries is more than noise."""
+    f = METRICS[metric]
+    diffs = []
+    for q, g in judged.items():
+        a, b = f(runs.get(q, []), g), f(base.get(q, []), g)
+        if a is not None and b is not None:
+            diffs.append(a - b)
+    if not diffs:
+        return {"n": 0, "mean_diff": None, "up": 0, "down": 0, "ci95": None}
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(samples))
+    lo, hi = means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+    return {"n": n, "mean_diff": sum(diffs) / n, "up": sum(d > 1e-12 for d in diffs),
+            "down": sum(d < -1e-12 for d in diffs), "ci95": [lo, hi]}
 
 
 PRODUCT_COLUMNS = ("docid", "product_id", "id")

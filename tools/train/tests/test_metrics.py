@@ -131,5 +131,28 @@ class Metrics(unittest.TestCase):
         self.assertAlmostEqual(s["ndcg@10"], 3 / math.log2(6) / ideal)
 
 
+    def test_paired(self):
+        judged = {"q1": {"a": 3, "b": 0}, "q2": {"c": 2, "d": 0}, "q3": {"e": 3},
+                  "q4": {"f": 1}}  # q4: no relevant product, recall undefined there
+        runs = {"q1": ["a"], "q2": ["d", "c"], "q3": ["x"], "q4": ["f"]}
+        base = {"q1": ["b"], "q2": ["c"], "q3": ["x"], "q4": []}
+        p = M.paired(runs, base, judged, "recall@10")
+        # q1 1 - 0, q2 1 - 1, q3 0 - 0; q4 left out
+        self.assertEqual((p["n"], p["up"], p["down"]), (3, 1, 0))
+        self.assertAlmostEqual(p["mean_diff"], 1 / 3)
+        lo, hi = p["ci95"]
+        self.assertTrue(0.0 <= lo <= 1 / 3 <= hi <= 1.0)
+        self.assertEqual(M.paired(runs, base, judged, "recall@10"), p)  # fixed seed
+        # nDCG is defined wherever a grade is positive, q4 too: q1 a first (1.0) against b
+        # first (0.0); q2 c second against c first; q3 0 against 0; q4 f (1.0) against nothing
+        n = M.paired(runs, base, judged, "ndcg@10")
+        self.assertEqual((n["n"], n["up"], n["down"]), (4, 2, 1))
+        self.assertAlmostEqual(n["mean_diff"], (1.0 + (1 / math.log2(3) - 1.0) + 0.0 + 1.0) / 4)
+        # the same difference on every query: the interval is that point
+        same = M.paired({q: ["a", "c", "e"] for q in judged}, {q: [] for q in judged},
+                        {"q1": {"a": 3}, "q2": {"c": 3}}, "recall@300")
+        self.assertEqual((same["mean_diff"], same["ci95"]), (1.0, [1.0, 1.0]))
+        self.assertEqual(M.paired(runs, base, {"q4": {"f": 1}}, "recall@10")["n"], 0)
+
 if __name__ == "__main__":
     unittest.main()
