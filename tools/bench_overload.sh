@@ -30,7 +30,12 @@ run() { # run NAME BENCH_FLAGS...
   shift
   "$gram" serve --index "$index" 2>"$out/$name.log" &
   pid=$!
-  until curl -sf localhost:8080/ready >/dev/null; do sleep 0.5; done
+  for _ in $(seq 240); do
+    curl -sf localhost:8080/ready >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || { echo "error: gram serve exited: $out/$name.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  curl -sf localhost:8080/ready >/dev/null 2>&1 || { echo "error: not ready in 120 s: $out/$name.log" >&2; exit 1; }
   echo "$name: $*" >&2
   nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
     --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1
