@@ -257,7 +257,7 @@ pub fn build_with<B: Backend>(
                 .map_err(|e| Error::Input(e.to_string()))?
                 .as_bytes(),
         );
-        let part = match read_shard(&path, key) {
+        let part = match read_shard(&path, key, shard.len()) {
             Some(part) => {
                 reused += 1;
                 part
@@ -303,10 +303,12 @@ pub fn build_with<B: Backend>(
         .collect();
     for (pi, codes) in found.into_iter().enumerate() {
         for (text, pt) in codes {
-            let c = set
-                .texts
-                .binary_search(&text)
-                .expect("every code is in the set");
+            let Ok(c) = set.texts.binary_search(&text) else {
+                return Err(Error::Input(format!(
+                    "code {text:?} is not in the code set (a stale shard in {}?)",
+                    work.display()
+                )));
+            };
             if pt.len() != set.code_tokens(c).len() {
                 return Err(Error::Input(format!(
                     "code {text:?}: {} probabilities for {} tokens (a stale shard in {}?)",
@@ -568,8 +570,9 @@ fn write_shard(path: &Path, key: u64, found: &Found) -> Result<()> {
     crate::container::write_atomic(path, &bytes)
 }
 
-/// A saved shard with this key, if there is one intact; anything else is recomputed.
-fn read_shard(path: &Path, key: u64) -> Option<Found> {
+/// A saved shard with this key and `items` products, if there is one intact; anything else
+/// (cut short at any byte, another key, another count) is recomputed.
+fn read_shard(path: &Path, key: u64, items: usize) -> Option<Found> {
     let bytes = std::fs::read(path).ok()?;
     let word = |b: &[u8], at: usize| -> Option<u64> {
         Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
@@ -577,12 +580,16 @@ fn read_shard(path: &Path, key: u64) -> Option<Found> {
     if bytes.get(..8)? != SHARD_MAGIC || word(&bytes, 8)? != key {
         return None;
     }
-    let payload = &bytes[24..];
-    if word(&bytes, 16)? != crate::container::checksum(payload) {
+    let sum = word(&bytes, 16)?;
+    let payload = bytes.get(24..)?;
+    if sum != crate::container::checksum(payload) {
         return None;
     }
     let mut r = Reader { bytes: payload };
     let products = r.count()?;
+    if products != items {
+        return None;
+    }
     let mut found = Vec::with_capacity(products.min(payload.len()));
     for _ in 0..products {
         let n = r.count()?;

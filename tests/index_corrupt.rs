@@ -163,3 +163,47 @@ fn a_section_of_partial_records_is_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A trie whose header counts more codes than it has nodes (each code ends at a node of its
+/// own) is refused before the count sizes anything: the file is written anew by the container,
+/// so only the trie's own checks stand between the count and an allocation (its checksum is
+/// not checked at open).
+#[test]
+fn a_trie_counting_more_codes_than_nodes_is_refused_by_its_header() {
+    let dir = std::env::temp_dir().join(format!("gram-trie-codes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.gram");
+    valid_index(&good);
+    let c = gram::container::Container::open(&good).unwrap();
+    let mut sections: Vec<(u32, Vec<u8>)> = c
+        .sections()
+        .iter()
+        .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
+        .collect();
+    let t = sections
+        .iter()
+        .position(|(k, _)| *k == index::kind::TRIE)
+        .unwrap();
+    let word = |b: &[u8], i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+    let nodes = word(&sections[t].1, 5);
+    assert_eq!(
+        word(&sections[t].1, 7),
+        40,
+        "header word 7 is the code count"
+    );
+    for codes in [nodes + 1, 0x7FFF_FFFF] {
+        sections[t].1[28..32].copy_from_slice(&codes.to_le_bytes());
+        let bad = dir.join(format!("codes-{codes}.gram"));
+        let refs: Vec<(u32, &[u8])> = sections.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+        gram::container::Container::write(&bad, &refs).unwrap();
+        let err = match Index::open(&bad) {
+            Ok(_) => panic!("a trie of {nodes} nodes and {codes} codes opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!("trie holds {codes} codes (1..={nodes}")),
+            "{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -67,8 +67,13 @@ impl Trie {
             let n = first_malformed_node(start, token, vocab, eos).unwrap_or(0);
             return Err(format!("trie node {n} has malformed children"));
         }
-        if codes == 0 || codes > MAX_CODES {
-            return Err(format!("trie holds {codes} codes (1..={MAX_CODES})"));
+        // Each code ends at a node of its own, so there are at most `nodes` of them: checked
+        // before the count sizes anything.
+        if codes == 0 || codes > MAX_CODES || codes > nodes {
+            return Err(format!(
+                "trie holds {codes} codes (1..={}: at most one a node)",
+                MAX_CODES.min(nodes)
+            ));
         }
         // A bit per code id (2.5 M codes: 312 KB, in L2; the ids are in code order, not the
         // nodes' breadth-first one, so these reads are scattered).
