@@ -109,6 +109,21 @@ async fn call(
     content_type: Option<&str>,
     body: impl Into<Bytes>,
 ) -> Answer {
+    let headers: Vec<(&str, &str)> = content_type
+        .map(|ct| ("content-type", ct))
+        .into_iter()
+        .collect();
+    call_with(addr, method, path, &headers, body).await
+}
+
+/// A request with these headers (besides `host`).
+async fn call_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -118,8 +133,8 @@ async fn call(
         .method(method)
         .uri(path)
         .header("host", addr.to_string());
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let resp = send
         .send_request(req.body(Full::new(body.into())).unwrap())
@@ -531,7 +546,14 @@ async fn bad_input_is_a_clear_4xx() {
             post(addr, "/v1/search", json!(["sofa"])).await,
             400,
             "invalid_request",
-            "",
+            "not an array",
+        ),
+        (
+            "a JSON array of every field",
+            post(addr, "/v1/search", json!(["sofa", 10, 4])).await,
+            400,
+            "invalid_request",
+            "not an array",
         ),
         (
             "missing query",
@@ -609,6 +631,20 @@ async fn bad_input_is_a_clear_4xx() {
             "",
         ),
         (
+            "k given as null",
+            post(addr, "/v1/search", json!({"query": "sofa", "k": null})).await,
+            400,
+            "invalid_request",
+            "null",
+        ),
+        (
+            "beam given as null",
+            post(addr, "/v1/codes", json!({"query": "sofa", "beam": null})).await,
+            400,
+            "invalid_request",
+            "null",
+        ),
+        (
             "beam of 0",
             post(addr, "/v1/codes", json!({"query": "sofa", "beam": 0})).await,
             422,
@@ -670,6 +706,23 @@ async fn bad_input_is_a_clear_4xx() {
             415,
             "unsupported_media_type",
             "none",
+        ),
+        (
+            "a gzip-encoded body",
+            call_with(
+                addr,
+                "POST",
+                "/v1/search",
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                &b"\x1f\x8b\x08\x00\x00\x00\x00\x00"[..],
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+            "Content-Encoding gzip",
         ),
         (
             "body over the size limit",
@@ -735,6 +788,34 @@ async fn bad_input_is_a_clear_4xx() {
             "k: 1000",
         ),
         (
+            "GET with k too large to parse",
+            get(addr, "/search?q=sofa&k=99999999999999999999999").await,
+            422,
+            "input",
+            "k: 99999999999999999999999 is out of range (1..=50)",
+        ),
+        (
+            "GET with beam too large to parse",
+            get(addr, "/search?q=sofa&beam=99999999999999999999999").await,
+            422,
+            "input",
+            "beam: 99999999999999999999999 is out of range (1..=8)",
+        ),
+        (
+            "GET with an empty k",
+            get(addr, "/search?q=sofa&k=").await,
+            400,
+            "invalid_request",
+            "k: ``",
+        ),
+        (
+            "GET with a negative beam",
+            get(addr, "/search?q=sofa&beam=-3").await,
+            400,
+            "invalid_request",
+            "beam: `-3`",
+        ),
+        (
             "unknown endpoint",
             get(addr, "/v2/search").await,
             404,
@@ -746,14 +827,14 @@ async fn bad_input_is_a_clear_4xx() {
             get(addr, "/v1/search").await,
             405,
             "method_not_allowed",
-            "",
+            "POST",
         ),
         (
             "POST on a GET endpoint",
             post(addr, "/health", json!({})).await,
             405,
             "method_not_allowed",
-            "",
+            "GET",
         ),
     ];
     let n = cases.len();
@@ -761,6 +842,18 @@ async fn bad_input_is_a_clear_4xx() {
         let msg = error_of(answer, *status, kind, case);
         assert!(msg.contains(needle), "{case}: `{msg}` lacks `{needle}`");
     }
+    // A 405 says which methods the endpoint takes (RFC 9110).
+    let allow = |case: &str| {
+        let (_, a, ..) = cases.iter().find(|c| c.0 == case).unwrap();
+        a.headers
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(allow("GET on a POST endpoint").as_deref(), Some("POST"));
+    assert_eq!(
+        allow("POST on a GET endpoint").as_deref(),
+        Some("GET, HEAD")
+    );
     // The server is still well, and counted every failure by kind.
     let ok = post(
         addr,
@@ -776,7 +869,7 @@ async fn bad_input_is_a_clear_4xx() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(failures as usize, n);
-    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 10.0);
+    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 12.0);
     assert_eq!(
         m[r#"gram_requests_total{endpoint="other",status="404"}"#],
         1.0

@@ -8,14 +8,14 @@
 //! |---|---|---|
 //! | 400 | `invalid_json` | the body is not JSON |
 //! | 400 | `invalid_utf8` | the body or a query-string value is not UTF-8 |
-//! | 400 | `invalid_request` | a field is missing, unknown, or of the wrong type |
+//! | 400 | `invalid_request` | a field is missing, unknown, or of the wrong type (`null` included) |
 //! | 400 | `invalid_body` | the body could not be read |
 //! | 404 | `not_found` | no such endpoint |
-//! | 405 | `method_not_allowed` | wrong method for the endpoint |
+//! | 405 | `method_not_allowed` | wrong method for the endpoint (`Allow` set) |
 //! | 408 | `request_timeout` | the body did not arrive within `--body-timeout-ms` (see [`super::conn`]) |
 //! | 413 | `payload_too_large` | the body is over `--max-body-bytes` |
-//! | 415 | `unsupported_media_type` | a body that is not `application/json` |
-//! | 422 | `input` | the engine refuses a value: empty or oversize query (bytes, tokens), `k` or `beam` out of range |
+//! | 415 | `unsupported_media_type` | a body that is not `application/json`, or is compressed (`Content-Encoding`) |
+//! | 422 | `input` | the engine refuses a value: empty or oversize query (bytes, tokens), `k` or `beam` out of range (in a query string, also one too large to parse) |
 //! | 503 | `overloaded` | the queue is full, or too long to wait in (`Retry-After` set) |
 //! | 503 | `not_ready` | the engine is still loading (`Retry-After` set) |
 //! | 503 | `shutting_down` | the server is stopping |
@@ -114,7 +114,9 @@ impl IntoResponse for ApiError {
 #[serde(deny_unknown_fields)]
 struct SearchBody {
     query: String,
+    #[serde(default, deserialize_with = "given")]
     k: Option<usize>,
+    #[serde(default, deserialize_with = "given")]
     beam: Option<usize>,
 }
 
@@ -123,7 +125,14 @@ struct SearchBody {
 #[serde(deny_unknown_fields)]
 struct CodesBody {
     query: String,
+    #[serde(default, deserialize_with = "given")]
     beam: Option<usize>,
+}
+
+/// An optional field that, when present, must be a number: absent gives the default, `null`
+/// is a wrong type like any other (not a silent default).
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    usize::deserialize(d).map(Some)
 }
 
 impl AppState {
@@ -210,18 +219,29 @@ pub async fn search_get(
                 format!("parameter `{name}` given twice"),
             ));
         }
-        let number = |v: &str| {
+        // A number too large for `usize` is out of range, as the engine says of one over the
+        // limit (422), not malformed.
+        let number = |v: &str, max: usize| {
             v.parse::<usize>().map_err(|_| {
-                ApiError::bad(
-                    "invalid_request",
-                    format!("{name}: `{v}` is not a non-negative integer"),
-                )
+                if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "input",
+                        format!("{name}: {v} is out of range (1..={max})"),
+                    )
+                } else {
+                    ApiError::bad(
+                        "invalid_request",
+                        format!("{name}: `{v}` is not a non-negative integer"),
+                    )
+                }
             })
         };
+        let l = &state.config.limits;
         match name.as_str() {
             "q" => q = Some(value),
-            "k" => request.k = number(&value)?,
-            "beam" => request.beam = number(&value)?,
+            "k" => request.k = number(&value, l.max_k)?,
+            "beam" => request.beam = number(&value, l.max_beam)?,
             other => {
                 return Err(ApiError::bad(
                     "invalid_request",
@@ -266,12 +286,26 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(
+/// 405 for an endpoint that takes only POST, with the `Allow` header HTTP asks for.
+pub async fn post_only() -> HttpResponse {
+    not_allowed("POST")
+}
+
+/// 405 for an endpoint that takes only GET (and so HEAD).
+pub async fn get_only() -> HttpResponse {
+    not_allowed("GET, HEAD")
+}
+
+fn not_allowed(allow: &'static str) -> HttpResponse {
+    let mut r = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "this endpoint does not take that method",
+        format!("this endpoint takes {allow}"),
     )
+    .into_response();
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 /// Counts and times every request by endpoint and status, and error responses by kind.
@@ -431,6 +465,17 @@ fn json_body<T: serde::de::DeserializeOwned>(
             format!("expected Content-Type: application/json, got {got}"),
         ));
     }
+    // A compressed body would otherwise fail as "not UTF-8" or "not JSON".
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+        let enc = enc.to_str().unwrap_or("(not ASCII)").trim();
+        if !enc.eq_ignore_ascii_case("identity") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("Content-Encoding {enc} is not supported: send the body uncompressed"),
+            ));
+        }
+    }
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -444,6 +489,14 @@ fn json_body<T: serde::de::DeserializeOwned>(
     })?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::bad("invalid_utf8", format!("the body is not UTF-8: {e}")))?;
+    // serde also reads a struct from an array of its fields in order (`["sofa", 10]`), which
+    // is no form of this API.
+    if text.trim_start().starts_with('[') {
+        return Err(ApiError::bad(
+            "invalid_request",
+            "the body must be a JSON object, not an array",
+        ));
+    }
     serde_json::from_str(text).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {

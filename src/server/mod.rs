@@ -303,25 +303,13 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/v1/search",
-            post(api::search_post).fallback(api::method_not_allowed),
+            post(api::search_post).fallback(api::post_only),
         )
-        .route(
-            "/v1/codes",
-            post(api::codes_post).fallback(api::method_not_allowed),
-        )
-        .route(
-            "/search",
-            get(api::search_get).fallback(api::method_not_allowed),
-        )
-        .route(
-            "/health",
-            get(api::health).fallback(api::method_not_allowed),
-        )
-        .route("/ready", get(api::ready).fallback(api::method_not_allowed))
-        .route(
-            "/metrics",
-            get(api::metrics).fallback(api::method_not_allowed),
-        )
+        .route("/v1/codes", post(api::codes_post).fallback(api::post_only))
+        .route("/search", get(api::search_get).fallback(api::get_only))
+        .route("/health", get(api::health).fallback(api::get_only))
+        .route("/ready", get(api::ready).fallback(api::get_only))
+        .route("/metrics", get(api::metrics).fallback(api::get_only))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
