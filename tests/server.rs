@@ -500,6 +500,27 @@ async fn bad_input_is_a_clear_4xx() {
             "JSON",
         ),
         (
+            "an empty body",
+            call(addr, "POST", "/v1/search", json_ct, "").await,
+            400,
+            "invalid_json",
+            "EOF",
+        ),
+        (
+            "JSON with trailing data",
+            call(
+                addr,
+                "POST",
+                "/v1/codes",
+                json_ct,
+                r#"{"query": "sofa"} {}"#,
+            )
+            .await,
+            400,
+            "invalid_json",
+            "trailing",
+        ),
+        (
             "not JSON at all",
             call(addr, "POST", "/v1/search", json_ct, "query=sofa").await,
             400,
@@ -862,6 +883,14 @@ async fn bad_input_is_a_clear_4xx() {
     )
     .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
+    // Media types with parameters, and `+json` ones, are JSON.
+    for ct in [
+        "application/json; charset=utf-8",
+        "application/vnd.search+json",
+    ] {
+        let a = call(addr, "POST", "/v1/codes", Some(ct), r#"{"query":"sofa"}"#).await;
+        assert_eq!(a.status, 200, "{ct}: {}", a.text());
+    }
     let m = metrics(addr).await;
     let failures: f64 = m
         .iter()
@@ -874,8 +903,8 @@ async fn bad_input_is_a_clear_4xx() {
         m[r#"gram_requests_total{endpoint="other",status="404"}"#],
         1.0
     );
-    // No request but the good one reached the batch.
-    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 1.0);
+    // No request but the good ones (the search and the two codes requests) reached the batch.
+    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 3.0);
     server.shutdown().await.unwrap();
 }
 
@@ -1228,6 +1257,18 @@ async fn unread_bodies_close_the_connection_and_oversize_ones_are_refused_at_onc
         "{:?}",
         t.elapsed()
     );
+    // A chunked body declares no length: it is read up to the limit, then refused the same way
+    // (5 chunks of 1,000 bytes against 4,096).
+    let mut req = b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          transfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    for _ in 0..5 {
+        req.extend_from_slice(format!("3e8\r\n{}\r\n", " ".repeat(1000)).as_bytes());
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let answer = read_until_closed(raw(addr, &req), "a chunked 5,000-byte body").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"payload_too_large\""), "{answer}");
     server.shutdown().await.unwrap();
     // A 404, a 405 and a route that takes no body, each with a 60 KB body (under the limit)
     // that nothing reads, then a request on the same connection: the first answer closes the
