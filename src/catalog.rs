@@ -76,11 +76,18 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
                 )))
             }
             Err(e) => {
+                // serde_json ends its message with the position within the line ("at line 1
+                // column 10"): the column is what is left to say.
+                let msg = e.to_string();
+                let msg = msg
+                    .rsplit_once(" at line ")
+                    .map_or(msg.as_str(), |(m, _)| m);
                 return Err(Error::Input(format!(
-                    "{} line {}: {e}",
+                    "{} line {}, column {}: {msg}",
                     path.display(),
-                    i + 1
-                )))
+                    i + 1,
+                    e.column()
+                )));
             }
         }
     }

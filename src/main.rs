@@ -577,6 +577,13 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();
     let dropped = judged.retain_products(&gram::eval::index_product_ids(engine.index()));
+    if grades > 0 && dropped == grades {
+        return Err(format!(
+            "none of the {grades} judged products of {} is in the index (judgements of another \
+             catalog?)",
+            args.judgements.display()
+        ));
+    }
     if dropped > 0 {
         eprintln!(
             "warning: {dropped} of {grades} judged products are not in the index: dropped (as \
@@ -633,6 +640,9 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
 }
 
 fn run_lm(args: LmArgs) -> Result<(), String> {
+    if args.top == 0 {
+        return Err("--top must be at least 1".into());
+    }
     let (tokenizer, loaded) = load(
         &args.model,
         args.run.device,
@@ -643,6 +653,10 @@ fn run_lm(args: LmArgs) -> Result<(), String> {
     let greedy = args.greedy.unwrap_or(0);
     let out =
         on_model!(loaded, model => lm::run(&model, &tokens, greedy)).map_err(|e| e.to_string())?;
+    let vocab = out.logprobs.len();
+    if args.top == 0 || args.top > vocab {
+        return Err(format!("--top {}: expected 1..={vocab}", args.top));
+    }
     let mut obj = json!({
         "tokens": tokens,
         "top": lm::top_n(&out.logprobs, args.top),

@@ -34,6 +34,26 @@ fn a_repeated_product_id_is_refused_or_skipped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A line that lacks a field names its own line and column, not serde's "line 1" of the
+/// one-line document it parsed.
+#[test]
+fn a_malformed_line_is_named_by_its_line() {
+    let dir = fresh_dir("catalog-field");
+    let cat = dir.join("c.jsonl");
+    std::fs::write(
+        &cat,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\n{\"id\":\"p1\"}\n",
+    )
+    .unwrap();
+    let e = catalog::read(&cat, OnError::Stop).unwrap_err().to_string();
+    assert!(
+        e.contains("c.jsonl line 2, column ") && e.contains("missing field `title`"),
+        "{e}"
+    );
+    assert!(!e.contains("at line 1"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A UTF-8 byte-order mark (as Windows tools write) made line 1 unparseable, and under
 /// `--on-error skip` the first product vanished.
 #[test]

@@ -114,6 +114,28 @@ fn bad_arguments_are_clear_errors() {
         ),
         // tiny-qwen2 adds no BOS: an empty prompt has no tokens at all.
         (vec!["lm", "--model", d, "--prompt", ""], "no tokens"),
+        (
+            vec!["lm", "--model", d, "--prompt", "x", "--top", "0"],
+            "--top",
+        ),
+        (
+            vec!["lm", "--model", d, "--prompt", "x", "--top", "1000000000"],
+            "--top 1000000000: expected 1..=",
+        ),
+        (
+            vec![
+                "lm",
+                "--model",
+                d,
+                "--prompt",
+                "x",
+                "--device",
+                "cpu",
+                "--threads",
+                "5000",
+            ],
+            "5000 threads",
+        ),
     ] {
         let err = error_line(&args, &gram(&args));
         assert!(err.contains(says), "{args:?}: {err}");
@@ -429,7 +451,19 @@ fn eval_reports_metrics_on_judgements() {
     )
     .unwrap();
     let missing = tmp.join("missing.jsonl");
-    for (file, want) in [(&bad, "line 2: not JSON"), (&missing, "missing.jsonl")] {
+    // Judgements of another catalog: not one product in the index, an error rather than a
+    // report of zeros.
+    let other = tmp.join("other.jsonl");
+    std::fs::write(
+        &other,
+        "{\"query\": \"sofa\", \"grades\": {\"x1\": 3, \"x2\": 1}}\n",
+    )
+    .unwrap();
+    for (file, want) in [
+        (&bad, "line 2: not JSON"),
+        (&missing, "missing.jsonl"),
+        (&other, "none of the 2 judged products"),
+    ] {
         let args = [
             "eval",
             "--index",

@@ -33,6 +33,8 @@ use tokio::time::Instant;
 const MAX_SECONDS: f64 = 1e6;
 /// The highest `--rate` taken, requests per second.
 const MAX_RATE: f64 = 1e6;
+/// Clients of a closed loop at most (each is a task with its own connection).
+const MAX_CONCURRENCY: usize = 65_536;
 
 /// `gram bench` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -335,9 +337,15 @@ pub fn read_queries(path: &Path) -> Result<Vec<String>, String> {
 /// `gram bench`: runs the load, prints the report, writes the files.
 pub fn run(args: BenchArgs) -> Result<(), String> {
     let concurrency = args.concurrency.unwrap_or(1);
-    if concurrency == 0 {
-        return Err("--concurrency must be at least 1".into());
+    if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+        return Err(format!(
+            "--concurrency {concurrency}: expected 1..={MAX_CONCURRENCY}"
+        ));
     }
+    if args.k == 0 {
+        return Err("--k must be at least 1".into());
+    }
+    crate::beam::check_width(args.beam).map_err(|e| format!("--beam: {e}"))?;
     // Bounds that keep the schedule's arithmetic finite (an absurd value is an error, not a
     // panic or a run that never ends).
     if let Some(r) = args.rate {
@@ -423,6 +431,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         report(&args, concurrency, &samples, elapsed, window)
     });
     let (report, samples) = report;
+    let answered = report.ok;
     let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
     println!("{text}");
     if let Some(dir) = &args.out {
@@ -438,6 +447,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "wrote {0}/report.json, {0}/latencies.csv, {0}/latency.svg",
             dir.display()
         );
+    }
+    // A run in which nothing was answered measured nothing: say so in the exit status too.
+    if answered == 0 {
+        return Err(format!(
+            "no request was answered with 200 ({} sent; the report's `errors` says how each failed)",
+            samples.len()
+        ));
     }
     Ok(())
 }
@@ -485,10 +501,13 @@ async fn open_loop(
     let start = Instant::now();
     let mut sent = tokio::task::JoinSet::new();
     for i in 0.. {
-        let at = start + Duration::from_secs_f64(i as f64 / rate);
-        if count.is_some_and(|n| i >= n) || duration.is_some_and(|d| at >= start + d) {
+        // Compared as seconds before any `Duration` is made: at a tiny rate the second
+        // request's offset is past what an `Instant` can hold.
+        let offset = i as f64 / rate;
+        if count.is_some_and(|n| i >= n) || duration.is_some_and(|d| offset >= d.as_secs_f64()) {
             break;
         }
+        let at = start + Duration::from_secs_f64(offset);
         tokio::time::sleep_until(at).await;
         let target = target.clone();
         sent.spawn(async move { target.send(i, at, start).await });
@@ -571,11 +590,13 @@ fn replot(dir: &Path) -> Result<(), String> {
 /// One line of `latencies.csv` (see [`csv`]).
 fn parse_csv_line(line: &str) -> Option<Sample> {
     let f: Vec<&str> = line.split(',').collect();
+    // Finite numbers only: the plot's axes are built from them ("inf" parses as an f64).
+    let num = |s: &str| s.parse::<f64>().ok().filter(|x| x.is_finite());
     let opt = |s: &str| {
         if s.is_empty() {
             Some(None)
         } else {
-            s.parse().ok().map(Some)
+            num(s).map(Some)
         }
     };
     let status = match *f.get(2)? {
@@ -585,8 +606,8 @@ fn parse_csv_line(line: &str) -> Option<Sample> {
         s => Status::Http(s.parse().ok()?),
     };
     Some(Sample {
-        sent_s: f.first()?.parse().ok()?,
-        latency_s: f.get(1)?.parse::<f64>().ok()? / 1e3,
+        sent_s: num(f.first()?)?,
+        latency_s: num(f.get(1)?)? / 1e3,
         status,
         server_ms: opt(f.get(3)?)?,
         queue_ms: opt(f.get(4)?)?,
@@ -687,9 +708,48 @@ mod tests {
                 &["--rate", "1e-19", "--count", "2"][..],
                 "--count 2 at --rate",
             ),
+            (&["--concurrency", "100000"][..], "--concurrency 100000"),
+            (&["--k", "0"][..], "--k"),
+            (&["--beam", "0"][..], "--beam"),
+            (&["--beam", "513"][..], "--beam"),
         ] {
             let e = run(args(flags)).unwrap_err();
             assert!(e.contains(want), "{flags:?}: {e}");
+        }
+    }
+
+    /// Against a port nobody listens on, every request fails to connect: the run ends (at a
+    /// rate so low that the second request would be past what an `Instant` holds, too), and
+    /// it is an error, not a report of nothing with exit status 0.
+    #[test]
+    fn a_run_with_no_answer_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("gram-loadgen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let q = dir.join("q.txt");
+        std::fs::write(&q, "oak desk\n").unwrap();
+        for flags in [
+            &["--rate", "1e-19"][..],
+            &["--rate", "1e-20"][..],
+            &["--count", "3"][..],
+        ] {
+            let mut a = args(flags);
+            a.queries = Some(q.clone());
+            let e = run(a).unwrap_err();
+            assert!(e.contains("no request was answered"), "{flags:?}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_latency_file_with_a_non_finite_number_is_malformed() {
+        assert!(parse_csv_line("0.5,1.25,200,0.1,,0.9").is_some());
+        for line in [
+            "0.5,inf,200,,,",
+            "NaN,1.25,200,,,",
+            "0.5,1.25,200,inf,,",
+            "0.5,-inf,timeout,,,",
+        ] {
+            assert!(parse_csv_line(line).is_none(), "{line}");
         }
     }
 

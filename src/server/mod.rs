@@ -225,6 +225,15 @@ impl ServeArgs {
         if self.max_connections > most {
             return bad(format!("--max-connections must be at most {most}"));
         }
+        // Threads are made at start: an absurd count is an error, not an attempt.
+        for (flag, v) in [
+            ("--http-threads", self.http_threads),
+            ("--score-threads", self.score_threads),
+        ] {
+            if v > 1024 {
+                return bad(format!("{flag} {v} is out of range (1..=1024)"));
+            }
+        }
         for (flag, v) in [
             ("--timeout-ms", self.timeout_ms),
             ("--header-timeout-ms", self.header_timeout_ms),
