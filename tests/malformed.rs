@@ -251,6 +251,43 @@ fn missing_shard_and_empty_dir() {
     assert!(load_err(&empty).contains("no model.safetensors"));
 }
 
+/// The index of a sharded set is held to what the shards hold: a tensor named twice (JSON
+/// keeps both keys; a plain map kept the last), a tensor the index puts in the other shard, and
+/// one it names that no shard holds are each refused, by name.
+#[test]
+fn a_shard_index_that_does_not_fit_its_shards() {
+    let src = model_dir("tiny-qwen2");
+    let index = std::fs::read_to_string(src.join("model.safetensors.index.json")).unwrap();
+    let (one, two) = (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    );
+    let entry = format!("\"model.embed_tokens.weight\": \"{one}\"");
+    assert!(index.contains(&entry), "{index}");
+    for (name, edited, want) in [
+        (
+            "twice",
+            index.replacen(&entry, &format!("{entry}, {entry}"), 1),
+            "tensor `model.embed_tokens.weight` is named twice",
+        ),
+        (
+            "moved",
+            index.replacen(&entry, &format!("\"model.embed_tokens.weight\": \"{two}\""), 1),
+            "`model.embed_tokens.weight` is in model-00001-of-00002.safetensors, the index says model-00002",
+        ),
+        (
+            "ghost",
+            index.replacen(&entry, &format!("{entry}, \"model.ghost.weight\": \"{one}\""), 1),
+            "`model.ghost.weight` is in no shard",
+        ),
+    ] {
+        let dir = copy_model(&src, &format!("index-{name}"));
+        std::fs::write(dir.join("model.safetensors.index.json"), edited).unwrap();
+        let e = load_err(&dir);
+        assert!(e.contains(want), "{name}: {e}");
+    }
+}
+
 #[test]
 fn bad_batches_are_input_errors() {
     let model = Model::load(&model_dir("tiny-qwen2"), &LoadOptions::default()).unwrap();

@@ -1451,7 +1451,10 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         ),
         (&["--score-threads", "0"][..], "--score-threads"),
         (&["--score-threads", "100000"][..], "--score-threads 100000"),
-        (&["--http-threads", "1000000000"][..], "--http-threads 1000000000"),
+        (
+            &["--http-threads", "1000000000"][..],
+            "--http-threads 1000000000",
+        ),
         (&["--addr", "localhost"][..], "--addr"),
         (&["--max-beam", "100000"][..], "--max-beam"),
     ] {

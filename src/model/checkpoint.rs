@@ -23,6 +23,12 @@ pub type TensorMap = HashMap<String, HostTensor>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Safetensors(Vec<PathBuf>),
+    /// A set of shards and the index that says which holds each tensor.
+    Sharded {
+        index: PathBuf,
+        files: Vec<PathBuf>,
+        weight_map: HashMap<String, String>,
+    },
     Gguf(PathBuf),
 }
 
@@ -32,7 +38,12 @@ impl Source {
     pub fn find(dir: &Path) -> Result<Source> {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
-            return Ok(Source::Safetensors(shards_from_index(&index)?));
+            let (files, weight_map) = shards_from_index(&index)?;
+            return Ok(Source::Sharded {
+                index,
+                files,
+                weight_map,
+            });
         }
         let single = dir.join("model.safetensors");
         if single.exists() {
@@ -72,6 +83,40 @@ impl Source {
                 }
                 Ok(map)
             }
+            Source::Sharded {
+                index,
+                files,
+                weight_map,
+            } => {
+                let mut map = TensorMap::new();
+                for path in files {
+                    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+                    for name in load_safetensors(path, &mut map)? {
+                        match weight_map.get(&name) {
+                            Some(f) if f != file => {
+                                return Err(Error::checkpoint(
+                                    index,
+                                    format!("`{name}` is in {file}, the index says {f}"),
+                                ))
+                            }
+                            // Unlisted tensors meet the name check every tensor meets.
+                            _ => {}
+                        }
+                    }
+                }
+                let mut names: Vec<&String> = weight_map.keys().collect();
+                names.sort();
+                if let Some(name) = names.into_iter().find(|n| !map.contains_key(*n)) {
+                    return Err(Error::checkpoint(
+                        index,
+                        format!(
+                            "`{name}` is in no shard (the index says {})",
+                            weight_map[name]
+                        ),
+                    ));
+                }
+                Ok(map)
+            }
             Source::Gguf(path) => gguf::load(path, config),
         }
     }
@@ -79,15 +124,49 @@ impl Source {
 
 #[derive(Deserialize)]
 struct ShardIndex {
-    weight_map: HashMap<String, String>,
+    weight_map: WeightMap,
 }
 
-fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+/// `weight_map`, read entry by entry: JSON lets a key repeat and a plain map would keep the
+/// last one silently.
+struct WeightMap(HashMap<String, String>);
+
+impl<'de> Deserialize<'de> for WeightMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = WeightMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of tensor name → shard file")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<WeightMap, A::Error> {
+                let mut m = HashMap::new();
+                while let Some((name, file)) = a.next_entry::<String, String>()? {
+                    if m.contains_key(&name) {
+                        return Err(serde::de::Error::custom(format!(
+                            "tensor `{name}` is named twice"
+                        )));
+                    }
+                    m.insert(name, file);
+                }
+                Ok(WeightMap(m))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+/// The shard files an index names, and its map of tensor → shard.
+fn shards_from_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let parsed: ShardIndex = serde_json::from_str(&text)
         .map_err(|e| Error::checkpoint(index, format!("not a safetensors index: {e}")))?;
+    let weight_map = parsed.weight_map.0;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let files: BTreeSet<&String> = parsed.weight_map.values().collect();
+    let files: BTreeSet<&String> = weight_map.values().collect();
     if files.is_empty() {
         return Err(Error::checkpoint(index, "weight_map is empty"));
     }
@@ -101,7 +180,7 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         }
         out.push(dir.join(f));
     }
-    Ok(out)
+    Ok((out, weight_map))
 }
 
 /// Maps `path` read-only.
@@ -114,11 +193,13 @@ pub(crate) fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     Ok(Arc::new(map))
 }
 
-fn load_safetensors(path: &Path, out: &mut TensorMap) -> Result<()> {
+/// Adds the tensors of one safetensors file to `out`; returns their names.
+fn load_safetensors(path: &Path, out: &mut TensorMap) -> Result<Vec<String>> {
     let map = map_file(path)?;
     let st = SafeTensors::deserialize(&map)
         .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
     let base = map.as_ptr() as usize;
+    let mut names = Vec::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
             Dtype::F32 => DType::F32,
@@ -143,7 +224,8 @@ fn load_safetensors(path: &Path, out: &mut TensorMap) -> Result<()> {
             ));
         }
         let tensor = HostTensor::mapped(&map, range, dtype, view.shape().to_vec());
+        names.push(name.clone());
         out.insert(name, tensor);
     }
-    Ok(())
+    Ok(names)
 }

@@ -184,7 +184,8 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     if !(2..=3).contains(&version) {
         return Err(format!("GGUF version {version} is not supported (2 or 3)"));
     }
-    let n_tensors = c.len("tensor", 24)?;
+    // An entry is at least 32 bytes (name length, dims count, one dim, type, offset).
+    let n_tensors = c.len("tensor", 32)?;
     let n_kv = c.len("metadata", 12)?;
     let mut alignment = DEFAULT_ALIGNMENT;
     let mut arch = None;
@@ -204,7 +205,9 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
             _ => {}
         }
     }
-    let mut infos = Vec::with_capacity(n_tensors);
+    // Grown as entries are read: a count that fits the file can still ask for more memory
+    // than the file holds (an entry in memory is larger than on disk).
+    let mut infos = Vec::with_capacity(n_tensors.min(1024));
     for _ in 0..n_tensors {
         let name = c.string()?;
         let n_dims = c.u32()? as usize;
@@ -374,9 +377,12 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
         alignment,
     } = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
     let permuted = rotary_permuted(path, arch.as_deref(), config)?;
-    let mut out = TensorMap::new();
-    // Each tensor's place in the data section, checked against the others after the loop.
+    // First every tensor's name, shape and place, and the places against each other; only then
+    // is anything copied or dequantized, so a header whose tensors overlap (each of them the
+    // whole data section, say) is refused before it can ask for many times the file in memory.
     let mut places: Vec<(usize, usize, String)> = Vec::with_capacity(infos.len());
+    let mut planned = Vec::with_capacity(infos.len());
+    let mut names = std::collections::HashSet::new();
     for info in infos {
         let name = hf_name(&info.name).ok_or_else(|| {
             Error::tensor(
@@ -449,6 +455,14 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
                 ));
             }
         }
+        if !names.insert(name.clone()) {
+            return Err(Error::tensor(name, "appears twice"));
+        }
+        planned.push((name, info, shape, numel, range, direct, permute_heads));
+    }
+    check_layout(&mut places, alignment).map_err(|m| Error::checkpoint(path, m))?;
+    let mut out = TensorMap::new();
+    for (name, info, shape, numel, range, direct, permute_heads) in planned {
         let tensor = match (direct, permute_heads) {
             (Some(dtype), None) => HostTensor::mapped(&map, range, dtype, shape),
             (Some(dtype), Some(n_head)) if dtype.is_quantized() => {
@@ -467,11 +481,8 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
                 HostTensor::from_f32(values, shape)
             }
         };
-        if out.insert(name.clone(), tensor).is_some() {
-            return Err(Error::tensor(name, "appears twice"));
-        }
+        out.insert(name, tensor);
     }
-    check_layout(&mut places, alignment).map_err(|m| Error::checkpoint(path, m))?;
     Ok(out)
 }
 

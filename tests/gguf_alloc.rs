@@ -1,0 +1,95 @@
+//! What a hostile GGUF header can make the loader allocate: tensors that all claim the whole
+//! data section (each at offset 0) are refused by the layout check before any of them is
+//! copied or dequantized. Its own test binary, for its counting allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gram::model::checkpoint::Source;
+
+/// The system allocator, counting the bytes live and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(p, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, layout, new) };
+        if !q.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            let live = LIVE.fetch_add(new, Ordering::Relaxed) + new;
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// 64 Q4_0 tensors (each dequantized to f32 at load: 7.1 times its bytes), every one at data
+/// offset 0 over the same 1 MiB: were they converted before the layout check, the load would
+/// hold ~450 MB before refusing; it must refuse holding a few MB at most.
+#[test]
+fn overlapping_tensors_are_refused_before_they_are_converted() {
+    let config = gram::config::ModelConfig::from_json(
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("gram-gguf-alloc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Q4_0 (type 2): 32 values in 18 bytes; [32, 58254] is 58,254 blocks, 1,048,572 bytes.
+    let (cols, rows) = (32u64, 58_254u64);
+    let data = vec![0x11u8; (rows * 18) as usize];
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(64u64.to_le_bytes()); // tensors
+    b.extend(0u64.to_le_bytes()); // metadata
+    for i in 0..64 {
+        let name = format!("blk.{i}.ffn_up.weight");
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend(2u32.to_le_bytes());
+        b.extend(cols.to_le_bytes());
+        b.extend(rows.to_le_bytes());
+        b.extend(2u32.to_le_bytes()); // Q4_0
+        b.extend(0u64.to_le_bytes()); // offset: all the same
+    }
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    b.extend(&data);
+    std::fs::write(dir.join("model.gguf"), b).unwrap();
+    let source = Source::find(&dir).unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let err = match source.load(&config) {
+        Ok(_) => panic!("64 tensors on one another loaded"),
+        Err(e) => e.to_string(),
+    };
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert!(err.contains("overlaps"), "{err}");
+    assert!(peak < 16 << 20, "{peak} bytes held before the refusal");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
