@@ -97,6 +97,81 @@ impl<B: Backend> Take<'_, B> {
     }
 }
 
+/// Every tensor `c` takes, with its shape, in the order [`load`] takes them.
+fn expected(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+    )];
+    let linear = |out: &mut Vec<_>, prefix: String, n: usize, k: usize, bias: bool| {
+        out.push((format!("{prefix}.weight"), vec![n, k]));
+        if bias {
+            out.push((format!("{prefix}.bias"), vec![n]));
+        }
+    };
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        linear(&mut out, format!("{p}.self_attn.q_proj"), q, h, c.qkv_bias);
+        linear(&mut out, format!("{p}.self_attn.k_proj"), kv, h, c.qkv_bias);
+        linear(&mut out, format!("{p}.self_attn.v_proj"), kv, h, c.qkv_bias);
+        linear(&mut out, format!("{p}.self_attn.o_proj"), h, q, c.o_bias);
+        if c.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        linear(&mut out, format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias);
+        linear(&mut out, format!("{p}.mlp.up_proj"), i, h, c.mlp_bias);
+        linear(&mut out, format!("{p}.mlp.down_proj"), h, i, c.mlp_bias);
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    out
+}
+
+/// The checks of [`Take`] and of the leftovers in [`load`], made on the file's tensors before
+/// any is converted: each expected tensor present with its shape, no other one (rotary tables,
+/// and an `lm_head` that tied embeddings replace, are ignored).
+fn check_names_and_shapes(c: &ModelConfig, map: &TensorMap) -> Result<()> {
+    let want = expected(c);
+    for (name, shape) in &want {
+        let t = map
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))?;
+        if t.shape() != shape.as_slice() {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "shape {:?} does not fit the config (expected {shape:?})",
+                    t.shape()
+                ),
+            ));
+        }
+    }
+    let known: std::collections::HashSet<&str> = want.iter().map(|(n, _)| n.as_str()).collect();
+    let ignored = |n: &str| {
+        n.ends_with("rotary_emb.inv_freq") || n == "lm_head.weight" && c.tie_word_embeddings
+    };
+    if let Some(name) = map
+        .keys()
+        .filter(|n| !known.contains(n.as_str()) && !ignored(n))
+        .min()
+    {
+        return Err(Error::tensor(
+            name.clone(),
+            format!(
+                "not expected for {:?} with {} layers",
+                c.arch, c.num_hidden_layers
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the weights of `config` from `map`. `dtype` converts every matrix at load (None keeps
 /// the stored dtype, borrowed from the mapped file).
 pub fn load<B: Backend>(
@@ -121,6 +196,10 @@ pub fn load<B: Backend>(
             }
         }
     }
+    // Names and shapes first: converting or laying out panels for a tensor the config has no
+    // place for, or of another shape (a `[1, k]` matrix is padded to 32 rows of panels), would
+    // spend memory on a file about to be refused.
+    check_names_and_shapes(c, &map)?;
     // Matrices in the dtype asked for, vectors (norms, biases) in f32; then everything that is
     // not read from the file goes into one huge-page arena.
     let mut map: TensorMap = map

@@ -1,11 +1,13 @@
-//! What a hostile GGUF header can make the loader allocate: tensors that all claim the whole
-//! data section (each at offset 0) are refused by the layout check before any of them is
-//! copied or dequantized. Its own test binary, for its counting allocator.
+//! What a hostile checkpoint can make the loader allocate before it is refused: GGUF tensors
+//! that all claim the whole data section, a safetensors matrix of a shape the config has no
+//! place for. Its own test binary, for its counting allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gram::model::checkpoint::Source;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 
 /// The system allocator, counting the bytes live and their peak.
 struct Counting;
@@ -91,5 +93,51 @@ fn overlapping_tensors_are_refused_before_they_are_converted() {
     let peak = PEAK.load(Ordering::Relaxed) - before;
     assert!(err.contains("overlaps"), "{err}");
     assert!(peak < 16 << 20, "{peak} bytes held before the refusal");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// tiny-llama with its first `q_proj` (64 × 64 f32) replaced by a 1 × 2^20 one (4 MiB): laid out
+/// as panels it would take 32 rows (128 MiB); it is refused by name and shape first.
+#[test]
+fn a_matrix_of_the_wrong_shape_is_refused_before_it_is_laid_out() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
+    let dir = std::env::temp_dir().join(format!("gram-shape-alloc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let wide = vec![0u8; 4 << 20];
+    let views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let view = if n == name {
+                TensorView::new(Dtype::F32, vec![1, 1 << 20], &wide).unwrap()
+            } else {
+                v
+            };
+            (n, view)
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    drop(st);
+    drop(bytes);
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let err = match gram::Model::load(&dir, &gram::LoadOptions::default()) {
+        Ok(_) => panic!("a 1 × 2^20 q_proj loaded"),
+        Err(e) => e.to_string(),
+    };
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert!(
+        err.contains(name) && err.contains("does not fit the config"),
+        "{err}"
+    );
+    assert!(peak < 32 << 20, "{peak} bytes held before the refusal");
     std::fs::remove_dir_all(&dir).unwrap();
 }
