@@ -116,8 +116,23 @@ impl ModelConfig {
 
     /// Parses and validates the text of a `config.json`; the error is a message for the user.
     pub fn from_json(text: &str) -> std::result::Result<ModelConfig, String> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let raw: RawConfig = serde_json::from_value(v.clone()).map_err(|e| {
+            // serde says what it expected, not of which key: the key is the one that fails
+            // alone (every field is optional, so one key alone fails only by its type).
+            let key = v.as_object().and_then(|m| {
+                m.iter()
+                    .find(|(k, x)| {
+                        let one = [((*k).clone(), (*x).clone())].into_iter().collect();
+                        serde_json::from_value::<RawConfig>(Value::Object(one)).is_err()
+                    })
+                    .map(|(k, _)| k.clone())
+            });
+            match key {
+                Some(k) => format!("`{k}`: {e}"),
+                None => format!("not a config object: {e}"),
+            }
+        })?;
         raw.validate()
     }
 }

@@ -77,10 +77,43 @@ fn config_problems() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert!(load_err(&dir).contains("unsupported architecture `MistralForCausalLM`"));
 
-    let mut cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
-    cfg["hidden_size"] = serde_json::json!("sixty-four");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    // A value of the wrong type is named by its key, whichever key it is.
+    for (key, value, says) in [
+        (
+            "hidden_size",
+            serde_json::json!("sixty-four"),
+            "expected usize",
+        ),
+        (
+            "num_attention_heads",
+            serde_json::json!(4.5),
+            "expected usize",
+        ),
+        (
+            "architectures",
+            serde_json::json!("LlamaForCausalLM"),
+            "expected a sequence",
+        ),
+        ("rms_norm_eps", serde_json::json!("tiny"), "expected f64"),
+        (
+            "tie_word_embeddings",
+            serde_json::json!(1),
+            "expected a boolean",
+        ),
+    ] {
+        let mut cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
+        cfg[key] = value;
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let e = load_err(&dir);
+        assert!(
+            e.contains(&format!("`{key}`: invalid type")) && e.contains(says),
+            "{key}: {e}"
+        );
+    }
+    std::fs::write(&cfg_path, "{\"hidden_size\": 64,").unwrap();
     assert!(load_err(&dir).contains("not valid JSON"));
+    std::fs::write(&cfg_path, "[1, 2]").unwrap();
+    assert!(load_err(&dir).contains("not a config object"));
 
     std::fs::remove_file(&cfg_path).unwrap();
     assert!(load_err(&dir).contains("config.json"));
