@@ -286,8 +286,10 @@ fn load(
     if !dir.is_dir() {
         return Err(format!("--model {}: not a directory", dir.display()));
     }
-    if threads == Some(0) {
-        return Err("--threads must be at least 1".into());
+    // Checked whatever the device: on a GPU the CPU settings are replaced (one host thread,
+    // bf16 weights), and a bad value is still the user's mistake to hear about.
+    if let Some(t) = threads.filter(|&t| t == 0 || t > 1024) {
+        return Err(format!("--threads {t}: expected 1..=1024"));
     }
     let cpu = LoadOptions {
         dtype: parse_dtype(dtype)?,
@@ -296,6 +298,11 @@ fn load(
     let (gpu, info) = open_backend(device, dir).map_err(|e| e.to_string())?;
     eprintln!("backend: {info}");
     let options = gram::search::load_options(gpu.is_some(), &cpu);
+    if gpu.is_some() && (threads.is_some() || dtype.is_some()) {
+        eprintln!(
+            "note: on the GPU, --threads and --dtype do not apply (bf16 weights, one host thread)"
+        );
+    }
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
     let model = match gpu {
         Some(gpu) => Loaded::Cuda(Model::load_on(gpu, dir, &options).map_err(|e| e.to_string())?),
@@ -382,7 +389,6 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     }
     let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
     let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
-    gram::container::create_dir_durable(&args.out).map_err(|e| e.to_string())?;
     let meta = json!({
         "model": {
             "dir": std::fs::canonicalize(&args.model).map_err(|e| e.to_string())?,
@@ -416,7 +422,16 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
             beam::MAX_NEW_TOKENS
         ));
     }
-    let generate = (args.generate || args.codes.is_some()).then_some(catalog::Generate {
+    let generating = args.generate || args.codes.is_some();
+    if generating {
+        beam::check_width(args.beam).map_err(|e| format!("--beam: {e}"))?;
+    }
+    if args.shard_size == 0 {
+        return Err("--shard-size must be at least 1".into());
+    }
+    // Every flag checked: only now is anything written.
+    gram::container::create_dir_durable(&args.out).map_err(|e| e.to_string())?;
+    let generate = generating.then_some(catalog::Generate {
         codes: list,
         beam: args.beam,
         threshold: args.threshold,

@@ -134,7 +134,7 @@ fn bad_arguments_are_clear_errors() {
                 "--threads",
                 "5000",
             ],
-            "5000 threads",
+            "--threads 5000: expected 1..=1024",
         ),
     ] {
         let err = error_line(&args, &gram(&args));

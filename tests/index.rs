@@ -189,6 +189,31 @@ fn build_inspect_search_end_to_end() {
     assert!(e.contains("line 2"), "{e}");
     let out = ok(&build(&["--on-error", "skip"]));
     assert!(out.contains(r#""skipped_lines":1"#), "{out}");
+    // A refused flag is refused before anything is written: no output directory is left.
+    let fresh = tmp.join("never");
+    for (flags, says) in [
+        (&["--generate", "--beam", "0"][..], "--beam"),
+        (&["--generate", "--beam", "513"][..], "--beam"),
+        (&["--shard-size", "0"][..], "--shard-size"),
+        (&["--threshold", "2"][..], "--threshold"),
+        (&["--max-code-tokens", "0"][..], "--max-code-tokens"),
+    ] {
+        let mut args = vec![
+            "index",
+            "build",
+            "--model",
+            m,
+            "--catalog",
+            c,
+            "--on-error",
+            "skip",
+        ];
+        args.extend_from_slice(&["--out", fresh.to_str().unwrap()]);
+        args.extend_from_slice(flags);
+        let e = err(&gram(&args));
+        assert!(e.contains(says), "{flags:?}: {e}");
+        assert!(!fresh.exists(), "{flags:?} left {}", fresh.display());
+    }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
