@@ -324,6 +324,8 @@ fn run_codes(args: CodesArgs) -> Result<(), String> {
         normalize,
         constrained: !args.no_trie,
     };
+    // Checked before the model loads; the search would say the same of every prompt.
+    options.check().map_err(|e| e.to_string())?;
     let (tokenizer, loaded) = load(
         &args.model,
         args.run.device,

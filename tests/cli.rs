@@ -208,6 +208,15 @@ fn codes_prints_the_contract() {
     assert!(bad(&["--beam", "0", "x"], c).contains("beam width 0"));
     assert!(bad(&["--beam", "100000", "x"], c).contains("out of range"));
     assert!(bad(&["--normalize", "sideways", "x"], c).contains("--normalize"));
+    // Named by the option, not by the first prompt that meets it.
+    for n in ["0", "300"] {
+        let e = bad(&["--max-new-tokens", n, "x"], c);
+        assert!(
+            e.contains(&format!("max_new_tokens {n} is out of range")),
+            "{e}"
+        );
+        assert!(!e.contains("query 0"), "{e}");
+    }
     assert!(bad(&["x"], "/nonexistent/codes.txt").contains("/nonexistent/codes.txt"));
     let empty = std::env::temp_dir().join(format!("gram-cli-empty-{}.txt", std::process::id()));
     std::fs::write(&empty, "").unwrap();

@@ -80,7 +80,9 @@ pub fn check_width(beam: usize) -> Result<()> {
 }
 
 impl BeamOptions {
-    pub(crate) fn check(&self) -> Result<()> {
+    /// The options beam search takes, or the error saying which one it does not: for callers
+    /// that check them before any query is made.
+    pub fn check(&self) -> Result<()> {
         check_width(self.beam)?;
         if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
             return Err(Error::Input(format!(
