@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | 400 | `invalid_json` | the body is not JSON |
 //! | 400 | `invalid_utf8` | the body or a query-string value is not UTF-8 |
-//! | 400 | `invalid_request` | a field is missing, unknown, or of the wrong type (`null` included) |
+//! | 400 | `invalid_request` | a field is missing, unknown, or of the wrong type (`null` for `k` or `beam` means the default); the body is an array |
 //! | 400 | `invalid_body` | the body could not be read |
 //! | 404 | `not_found` | no such endpoint |
 //! | 405 | `method_not_allowed` | wrong method for the endpoint (`Allow` set) |
@@ -114,9 +114,7 @@ impl IntoResponse for ApiError {
 #[serde(deny_unknown_fields)]
 struct SearchBody {
     query: String,
-    #[serde(default, deserialize_with = "given")]
     k: Option<usize>,
-    #[serde(default, deserialize_with = "given")]
     beam: Option<usize>,
 }
 
@@ -125,14 +123,7 @@ struct SearchBody {
 #[serde(deny_unknown_fields)]
 struct CodesBody {
     query: String,
-    #[serde(default, deserialize_with = "given")]
     beam: Option<usize>,
-}
-
-/// An optional field that, when present, must be a number: absent gives the default, `null`
-/// is a wrong type like any other (not a silent default).
-fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    usize::deserialize(d).map(Some)
 }
 
 impl AppState {
