@@ -339,6 +339,8 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     batcher: std::thread::JoinHandle<Result<(), ServeError>>,
+    /// Resolves when the batcher thread ends, however it ends (its sender goes with it).
+    engine_gone: Option<oneshot::Receiver<()>>,
 }
 
 impl Server {
@@ -381,11 +383,16 @@ impl Server {
             },
         ));
         let (ready, loaded) = oneshot::channel();
+        let (gone, engine_gone) = oneshot::channel::<()>();
         let batcher = {
             let state = state.clone();
             std::thread::Builder::new()
                 .name("gram-batcher".into())
-                .spawn(move || batcher_thread(state, ready))?
+                .spawn(move || {
+                    // Dropped when the thread ends, returning or unwinding.
+                    let _gone = gone;
+                    batcher_thread(state, ready)
+                })?
         };
         let server = Server {
             addr,
@@ -393,6 +400,7 @@ impl Server {
             stop: Some(stop),
             http,
             batcher,
+            engine_gone: Some(engine_gone),
         };
         match loaded.await {
             Ok(Ok(())) => Ok(server),
@@ -412,9 +420,14 @@ impl Server {
         self.addr
     }
 
-    /// Serves until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
-        signal.await;
+    /// Serves until `signal` completes, then shuts down gracefully. If the engine stops first
+    /// (the batcher thread ended: a bug), it shuts down too and returns that error, so that the
+    /// process exits and a supervisor restarts it rather than answering 503 forever.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let gone = self.engine_gone.take();
+        if let Stop::EngineGone = until_stopped(signal, gone).await {
+            tracing::error!("the engine stopped: shutting down");
+        }
         self.shutdown().await
     }
 
@@ -448,6 +461,33 @@ impl Server {
             .map_err(|_| ServeError::Panicked)?;
         let batched = joined.map_err(|_| ServeError::Panicked)?;
         served.and(batched)
+    }
+}
+
+/// Why serving stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Signal,
+    EngineGone,
+}
+
+/// Waits for `signal`, or for the engine's thread to end (`gone` resolves when its sender,
+/// held by that thread, is dropped).
+async fn until_stopped(
+    signal: impl Future<Output = ()>,
+    gone: Option<oneshot::Receiver<()>>,
+) -> Stop {
+    let gone = async {
+        match gone {
+            Some(g) => {
+                let _ = g.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = signal => Stop::Signal,
+        _ = gone => Stop::EngineGone,
     }
 }
 
@@ -626,4 +666,31 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         tracing::info!("stopped");
         served
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{until_stopped, Stop};
+    use tokio::sync::oneshot;
+
+    /// Serving ends when the engine's thread ends, returning or panicking, as well as on the
+    /// signal.
+    #[tokio::test]
+    async fn serving_stops_when_the_engine_thread_ends() {
+        for panics in [false, true] {
+            let (gone, rx) = oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let _gone = gone;
+                if panics {
+                    panic!("a bug in the batcher (this test's own panic)");
+                }
+            });
+            let stop = until_stopped(std::future::pending(), Some(rx)).await;
+            assert_eq!(stop, Stop::EngineGone);
+            assert_eq!(thread.join().is_err(), panics);
+        }
+        let (_gone, rx) = oneshot::channel::<()>();
+        assert_eq!(until_stopped(async {}, Some(rx)).await, Stop::Signal);
+        assert_eq!(until_stopped(async {}, None).await, Stop::Signal);
+    }
 }
