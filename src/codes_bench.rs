@@ -78,10 +78,21 @@ pub struct BenchCodesArgs {
 }
 
 pub fn run(args: BenchCodesArgs) -> Result<(), String> {
-    let dtype = DType::parse(&args.dtype).ok_or_else(|| format!("--dtype `{}`", args.dtype))?;
+    let dtype = DType::parse(&args.dtype)
+        .ok_or_else(|| format!("--dtype `{}`: expected f32, f16 or bf16", args.dtype))?;
     // A batch of 0 would time nothing and report 0 queries/s.
     if args.batch.contains(&0) {
         return Err("--batch must be at least 1".into());
+    }
+    if args.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    for (flag, v) in [("--config-s", args.config_s), ("--budget-s", args.budget_s)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(format!(
+                "{flag} {v}: expected a finite number of seconds, 0 or more"
+            ));
+        }
     }
     for &b in &args.beam {
         crate::beam::check_width(b).map_err(|e| format!("--beam: {e}"))?;
@@ -250,7 +261,7 @@ fn bench<B: Backend>(
             let (mut lat, mut steps, mut rows, mut codes) =
                 (Vec::new(), Vec::new(), 0usize, 0usize);
             let t_config = Instant::now();
-            while lat.len() < args.reps.max(1)
+            while lat.len() < args.reps
                 && (lat.is_empty() || t_config.elapsed().as_secs_f64() < args.config_s)
             {
                 let qs = next_batch();
@@ -406,4 +417,46 @@ fn bench<B: Backend>(
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{run, BenchCodesArgs};
+
+    fn args(flags: &[&str]) -> BenchCodesArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchCodesArgs,
+        }
+        let mut argv = vec![
+            "bench-codes",
+            "--model",
+            "/nonexistent",
+            "--codes",
+            "c.txt",
+            "--prompts",
+            "p.txt",
+        ];
+        argv.extend_from_slice(flags);
+        <Cli as clap::Parser>::parse_from(argv).bench
+    }
+
+    /// Each bad number is refused by its flag before any model is opened (the model path does
+    /// not exist: reaching it would be another error).
+    #[test]
+    fn bad_numbers_are_refused_by_their_flag() {
+        for (flags, want) in [
+            (&["--reps", "0"][..], "--reps must be at least 1"),
+            (&["--config-s", "NaN"][..], "--config-s NaN"),
+            (&["--budget-s=-1"][..], "--budget-s -1"),
+            (&["--budget-s", "inf"][..], "--budget-s inf"),
+            (&["--dtype", "int3"][..], "expected f32, f16 or bf16"),
+            (&["--batch", "0"][..], "--batch"),
+            (&["--beam", "0"][..], "--beam"),
+        ] {
+            let e = run(args(flags)).unwrap_err();
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+    }
 }
