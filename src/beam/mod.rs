@@ -33,6 +33,10 @@ use crate::trie::NONE;
 pub const MAX_BEAM: usize = 512;
 /// Most new tokens a query may ask for.
 pub const MAX_NEW_TOKENS: usize = 256;
+/// The largest `|length_penalty|` taken: a score is a sum of log-probs times `len^-penalty`, in
+/// f32, and at 256 tokens a penalty of ±10 keeps both factor and score finite and nonzero
+/// (±20 would send them to inf or 0, every score tying at -0.0 or -inf).
+pub const MAX_LENGTH_PENALTY: f32 = 10.0;
 
 /// How a step's log-probabilities are normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +94,11 @@ impl BeamOptions {
                 self.max_new_tokens
             )));
         }
-        if !self.length_penalty.is_finite() {
-            return Err(Error::Input("length_penalty must be finite".into()));
+        let lp = self.length_penalty;
+        if !lp.is_finite() || lp.abs() > MAX_LENGTH_PENALTY {
+            return Err(Error::Input(format!(
+                "length_penalty {lp} is out of range (-{MAX_LENGTH_PENALTY}..={MAX_LENGTH_PENALTY})"
+            )));
         }
         if !self.constrained && self.normalize == Normalize::Children {
             return Err(Error::Input(
@@ -873,4 +880,50 @@ fn finish(trie: &Trie, s: State) -> Output {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+
+    #[test]
+    fn options_out_of_range_are_refused_by_name() {
+        let ok = BeamOptions::default();
+        assert!(ok.check().is_ok());
+        for lp in [MAX_LENGTH_PENALTY, -MAX_LENGTH_PENALTY, 0.0, 0.6] {
+            let o = BeamOptions {
+                length_penalty: lp,
+                ..ok
+            };
+            assert!(o.check().is_ok(), "{lp}");
+        }
+        for lp in [10.5, -20.0, -200.0, f32::NAN, f32::INFINITY] {
+            let o = BeamOptions {
+                length_penalty: lp,
+                ..ok
+            };
+            let e = o.check().unwrap_err().to_string();
+            assert!(
+                e.contains("length_penalty") && e.contains("out of range"),
+                "{lp}: {e}"
+            );
+        }
+        for (beam, max_new, normalize, constrained, says) in [
+            (0, 16, Normalize::Full, true, "beam width 0"),
+            (513, 16, Normalize::Full, true, "beam width 513"),
+            (4, 0, Normalize::Full, true, "max_new_tokens 0"),
+            (4, 257, Normalize::Full, true, "max_new_tokens 257"),
+            (4, 16, Normalize::Children, false, "needs the trie"),
+        ] {
+            let o = BeamOptions {
+                beam,
+                max_new_tokens: max_new,
+                normalize,
+                constrained,
+                ..ok
+            };
+            let e = o.check().unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 }
