@@ -409,6 +409,58 @@ mod tests {
         assert!(Container::write(&path, &[(1, &a), (1, &b)]).is_err());
     }
 
+    /// Section tables that a corrupt or hostile writer could make, each with its header
+    /// checksum recomputed so that only the table checks stand: every one refused with the
+    /// message that names the fault, none a panic or an overflow.
+    #[test]
+    fn hostile_section_tables_are_refused() {
+        let path = tmp("hostile");
+        let a = vec![5u8; 200];
+        Container::write(&path, &[(1, &a), (2, b"xyz")]).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let header = 16 + ENTRY * 2 + 8;
+        let second = Container::parse(&good).unwrap()[1];
+        // (entry, field offset in it, value, message)
+        let cases: [(usize, usize, u64, &str); 10] = [
+            (0, 8, u64::MAX, "ends past the end"),
+            (0, 16, u64::MAX, "ends past the end"),
+            (1, 8, u64::MAX - 2, "ends past the end"),
+            (0, 8, (good.len() + 64) as u64, "ends past the end"),
+            (0, 8, 0, "misplaced"),
+            (0, 8, header as u64 + 1, "misplaced"),
+            (0, 4, 1, "misplaced"),
+            (1, 0, 1, "repeats or overlaps"),
+            (1, 8, (second.offset - 64) as u64, "repeats or overlaps"),
+            (
+                1,
+                16,
+                (good.len() - second.offset + 1) as u64,
+                "ends past the end",
+            ),
+        ];
+        for (entry, field, value, want) in cases {
+            let mut bad = good.clone();
+            let at = 16 + ENTRY * entry + field;
+            if field == 0 || field == 4 {
+                bad[at..at + 4].copy_from_slice(&(value as u32).to_le_bytes());
+            } else {
+                bad[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            }
+            let sum = checksum(&bad[..header - 8]);
+            bad[header - 8..header].copy_from_slice(&sum.to_le_bytes());
+            match Container::parse(&bad) {
+                Ok(t) => panic!("entry {entry} field {field} = {value}: parsed {t:?}"),
+                Err(e) => assert!(e.contains(want), "entry {entry} field {field}: {e}"),
+            }
+        }
+        // A count of sections whose table would run past the file.
+        let mut bad = good.clone();
+        bad[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = Container::parse(&bad).unwrap_err();
+        assert!(e.contains("runs past the end"), "{e}");
+    }
+
     /// Whether byte `i` of a container lies in no header and no section.
     fn c_padding(file: &[u8], i: usize) -> bool {
         let sections = Container::parse(file).unwrap();
