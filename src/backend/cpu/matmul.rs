@@ -93,13 +93,23 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
     let total: usize = split.iter().map(|j| j.n).sum();
     let threads = rayon::current_num_threads().max(1);
     // About four tasks per thread for balance, in whole tiles (NR divides every tile height) or
-    // whole panels, never tiny.
+    // whole panels, never tiny. One a thread for block weights at one row: each thread then
+    // streams one run of panels, and the stored b1 decode gained 4-6 % (ten of ten alternated
+    // pairs, docs/PERF.md "One task a thread at one row"); f32 at one row and every many-row
+    // shape measured the same or slower that way.
     let unit = if jobs.iter().any(|j| j.panels.is_some()) {
         PANEL
     } else {
         NR
     };
-    let chunk = (total.div_ceil(threads * 4)).next_multiple_of(unit).max(16);
+    let per_thread = if rows == 1 && jobs.iter().all(|j| j.w.is_quantized()) {
+        1
+    } else {
+        4
+    };
+    let chunk = (total.div_ceil(threads * per_thread))
+        .next_multiple_of(unit)
+        .max(16);
     let mut tasks = Vec::new();
     for (ji, j) in split.iter().enumerate() {
         let mut n0 = 0;
