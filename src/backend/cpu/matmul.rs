@@ -94,9 +94,9 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
     let threads = rayon::current_num_threads().max(1);
     // About four tasks per thread for balance, in whole tiles (NR divides every tile height) or
     // whole panels, never tiny. One a thread for block weights at one row: each thread then
-    // streams one run of panels, and the stored b1 decode gained 4-6 % (ten of ten alternated
-    // pairs, docs/PERF.md "One task a thread at one row"); f32 at one row and every many-row
-    // shape measured the same or slower that way.
+    // streams one run of panels, and the stored b1 decode gained 2-11 % (17 of 17 alternated
+    // pairs, docs/PERF.md "One task a thread at one row"); f32 at one row and the many-row
+    // shapes measured the same or slower that way.
     let unit = if jobs.iter().any(|j| j.panels.is_some()) {
         PANEL
     } else {
