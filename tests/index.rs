@@ -400,21 +400,27 @@ fn unconstrained_generation_indexes_decoded_codes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A build stopped after some shards resumes from them: a second run reuses every intact shard
-/// with the same inputs, recomputes a corrupt one, and writes the same index as a clean build.
-#[test]
-fn a_stopped_build_resumes_from_its_shards() {
-    use gram::catalog::{build_with, BuildOptions, Generate};
+/// tiny-llama's tokenizer and model, and five products (no codes yet): the shard tests' catalog.
+fn five_products() -> (Tokenizer, Model, Vec<gram::catalog::Item>) {
     let dir = model_dir("tiny-llama");
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let model = Model::load(&dir, &Default::default()).unwrap();
-    let mut items = items(&[
+    let names = [
         "Green velvet sofa",
         "Oak desk",
         "Blue wool rug",
         "Brass lamp",
         "Red chair",
-    ]);
+    ];
+    (tok, model, items(&names))
+}
+
+/// A build stopped after some shards resumes from them: a second run reuses every intact shard
+/// with the same inputs, recomputes a corrupt one, and writes the same index as a clean build.
+#[test]
+fn a_stopped_build_resumes_from_its_shards() {
+    use gram::catalog::{build_with, BuildOptions, Generate};
+    let (tok, model, mut items) = five_products();
     items[1].codes = vec!["desk | oak".into()];
     let list = std::fs::read_to_string(repo().join("tests/golden/codes-tiny.txt")).unwrap();
     let generate = Generate {
@@ -498,16 +504,7 @@ fn a_stopped_build_resumes_from_its_shards() {
 #[test]
 fn a_shard_cut_short_anywhere_is_recomputed() {
     use gram::catalog::{build_with, BuildOptions};
-    let dir = model_dir("tiny-llama");
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let model = Model::load(&dir, &Default::default()).unwrap();
-    let mut items = items(&[
-        "Green velvet sofa",
-        "Oak desk",
-        "Blue wool rug",
-        "Brass lamp",
-        "Red chair",
-    ]);
+    let (tok, model, mut items) = five_products();
     let codes = [
         "sofa | green",
         "desk | oak",
