@@ -671,7 +671,7 @@ fn run_lm(args: LmArgs) -> Result<(), String> {
     let out =
         on_model!(loaded, model => lm::run(&model, &tokens, greedy)).map_err(|e| e.to_string())?;
     let vocab = out.logprobs.len();
-    if args.top == 0 || args.top > vocab {
+    if args.top > vocab {
         return Err(format!("--top {}: expected 1..={vocab}", args.top));
     }
     let mut obj = json!({

@@ -91,16 +91,13 @@ impl Source {
                 let mut map = TensorMap::new();
                 for path in files {
                     let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+                    // Unlisted tensors meet the name check every tensor meets.
                     for name in load_safetensors(path, &mut map)? {
-                        match weight_map.get(&name) {
-                            Some(f) if f != file => {
-                                return Err(Error::checkpoint(
-                                    index,
-                                    format!("`{name}` is in {file}, the index says {f}"),
-                                ))
-                            }
-                            // Unlisted tensors meet the name check every tensor meets.
-                            _ => {}
+                        if let Some(f) = weight_map.get(&name).filter(|f| *f != file) {
+                            return Err(Error::checkpoint(
+                                index,
+                                format!("`{name}` is in {file}, the index says {f}"),
+                            ));
                         }
                     }
                 }

@@ -133,10 +133,11 @@ fn expected(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// The checks of [`Take`] and of the leftovers in [`load`], made on the file's tensors before
-/// any is converted: each expected tensor present with its shape, no other one (rotary tables,
-/// and an `lm_head` that tied embeddings replace, are ignored).
-fn check_names_and_shapes(c: &ModelConfig, map: &TensorMap) -> Result<()> {
+/// The file's tensors checked against the config before any is converted: each expected one
+/// present with its shape, no other one. Returns them without the ones the engine ignores: rotary
+/// tables (old Llama checkpoints store them; they are recomputed) and a stored `lm_head` that
+/// tied embeddings replace (HF ignores it too).
+fn check_names_and_shapes(c: &ModelConfig, mut map: TensorMap) -> Result<TensorMap> {
     let want = expected(c);
     for (name, shape) in &want {
         let t = map
@@ -169,7 +170,8 @@ fn check_names_and_shapes(c: &ModelConfig, map: &TensorMap) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    map.retain(|n, _| !ignored(n));
+    Ok(map)
 }
 
 /// Builds the weights of `config` from `map`. `dtype` converts every matrix at load (None keeps
@@ -181,6 +183,10 @@ pub fn load<B: Backend>(
     dtype: Option<DType>,
 ) -> Result<Weights<B::Weight>> {
     let c = config;
+    // Names and shapes first: converting or laying out panels for a tensor the config has no
+    // place for, or of another shape (a `[1, k]` matrix is padded to 32 rows of panels), would
+    // spend memory on a file about to be refused.
+    let map = check_names_and_shapes(c, map)?;
     // The vectors (norms, biases) are small enough to check whole: a NaN or inf there (a
     // corrupt file) would turn every logit into NaN, which beam search and the index would
     // take as "no candidate" rather than fail. (Matrices are too big to scan at load; the index
@@ -196,10 +202,6 @@ pub fn load<B: Backend>(
             }
         }
     }
-    // Names and shapes first: converting or laying out panels for a tensor the config has no
-    // place for, or of another shape (a `[1, k]` matrix is padded to 32 rows of panels), would
-    // spend memory on a file about to be refused.
-    check_names_and_shapes(c, &map)?;
     // Matrices in the dtype asked for, vectors (norms, biases) in f32; then everything that is
     // not read from the file goes into one huge-page arena.
     let mut map: TensorMap = map
@@ -264,23 +266,16 @@ pub fn load<B: Backend>(
     }
     let norm = take.norm("model.norm.weight", h)?;
     let lm_head = if c.tie_word_embeddings {
-        // HF ties lm_head to the embedding and ignores a stored copy.
-        take.map.remove("lm_head.weight");
-        None
+        None // the embedding's (a stored copy was dropped by the check)
     } else {
         Some(take.linear("lm_head", c.vocab_size, h, false)?)
     };
     let embed_tokens = backend.upload(embed)?;
-    // Old Llama checkpoints store rotary tables; they are recomputed, so they are ignored.
-    take.map
-        .retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+    // `expected` and the takes above list the same tensors; a leftover means they drifted.
     if let Some(name) = take.map.keys().min() {
         return Err(Error::tensor(
             name.clone(),
-            format!(
-                "not expected for {:?} with {} layers",
-                c.arch, c.num_hidden_layers
-            ),
+            "checked but not loaded; this is a bug",
         ));
     }
     Ok(Weights {
