@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use self::checkpoint::Source;
 use self::rope::RopeTable;
 use self::weights::Weights;
+use crate::backend::cpu::team::Team;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, KvRows, RowKv};
 use crate::config::ModelConfig;
@@ -48,6 +49,9 @@ pub struct Model<B: Backend = CpuBackend> {
     /// from a worker thread (cheap) instead of each waking the pool from outside (two cross-thread
     /// wake-ups per region).
     pool: rayon::ThreadPool,
+    /// The forward pass's parallel regions: the pool thread that runs a pass and `threads - 1`
+    /// workers that spin between regions (`backend::cpu::team`).
+    team: Team,
     /// Unique in the process: tells caches built for one model from another's.
     id: u64,
 }
@@ -74,6 +78,8 @@ impl<B: Backend> Model<B> {
             .thread_name(|i| format!("gram-{i}"))
             .build()
             .map_err(|e| Error::Input(format!("cannot start {threads} worker threads: {e}")))?;
+        let team = Team::new(pool.current_num_threads(), "gram-team")
+            .map_err(|e| Error::Input(format!("cannot start {threads} worker threads: {e}")))?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?
             .with_generation_config(&dir.join("generation_config.json"))?;
         let source = Source::find(dir)?;
@@ -92,6 +98,7 @@ impl<B: Backend> Model<B> {
             weights,
             rope,
             pool,
+            team,
             id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -176,8 +183,10 @@ impl<B: Backend> Model<B> {
     ) -> Result<Vec<f32>> {
         self.check_batch(arena, tokens, batch, head)?;
         let out = self.pool.install(|| {
-            self.backend
-                .run_forward(&mut || forward::forward(self, &mut arena.kv, tokens, batch, head))
+            self.team.enter(|| {
+                self.backend
+                    .run_forward(&mut || forward::forward(self, &mut arena.kv, tokens, batch, head))
+            })
         });
         self.backend.check()?;
         Ok(out)

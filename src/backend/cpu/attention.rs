@@ -5,8 +5,6 @@
 //! then scattered links: see [`RowKv`]). Query head `h` reads KV head `h / (H / Hkv)`. Scores are
 //! scaled by `1/sqrt(D)`, the softmax is in f32 as HF's eager attention computes it.
 
-use rayon::prelude::*;
-
 use super::simd::{self, Isa};
 use crate::backend::{AttnShape, KvRows, RowKv};
 
@@ -85,7 +83,7 @@ pub fn attention(
     let scale = shape.scale();
     // Query heads per work item: a KV head's whole group, unless that leaves too few items to
     // keep every thread busy (decode of one row: Hkv items), then one head each.
-    let per = if rows.rows.len() * kv_heads >= 4 * rayon::current_num_threads() {
+    let per = if rows.rows.len() * kv_heads >= 4 * super::team::threads() {
         group
     } else {
         1
@@ -117,7 +115,7 @@ pub fn attention(
     let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
     let out = &mut out[..rows.rows.len() * heads * d];
     if work_units >= 1 << 16 {
-        out.par_chunks_mut(per * d).enumerate().for_each(work);
+        super::team::for_each_chunk(out, per * d, |i, o| work((i, o)));
     } else {
         out.chunks_mut(per * d).enumerate().for_each(work);
     }

@@ -2,8 +2,8 @@
 //! ggml blocks (Q4_1, Q8_0), dequantized in registers.
 //!
 //! Shapes: `x: [T, K]` f32, `W: [N, K]` (HF layout, one output per row), `out: [T, N]`.
-//! Work is split over the output dimension `N` (rayon); several weights that read the same `x`
-//! are split together so q/k/v or gate/up share one parallel region.
+//! Work is split over the output dimension `N` (`cpu::team`); several weights that read the
+//! same `x` are split together so q/k/v or gate/up share one parallel region.
 //!
 //! Two layouts of the weights, each kernel with a scalar twin that is the reference:
 //! - **Panels** (`cpu::panels`, what the model's matrices carry on the CPU): 32 output
@@ -19,9 +19,8 @@
 //!   ggml blocks are dequantized a few rows at a time into L1. bf16 weights are widened
 //!   without shuffles against an even/odd split of `x` made once per call (`simd::Rows`).
 
-use rayon::prelude::*;
-
 use super::simd::{self, Isa, Rows, GEMV_PANELS, PANEL, PANEL_TR, TILE_NR, TILE_TR};
+use super::team;
 use crate::tensor::View;
 
 /// One weight applied to the shared input.
@@ -91,7 +90,7 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
     // Under `glu`, tasks range over the gate's columns, each computing the up job's too.
     let split = if glu { &jobs[..1] } else { &jobs[..] };
     let total: usize = split.iter().map(|j| j.n).sum();
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team::threads().max(1);
     // About four tasks per thread for balance, in whole tiles (NR divides every tile height) or
     // whole panels, never tiny. One a thread for block weights at one row: each thread then
     // streams one run of panels, and the stored b1 decode gained 2-11 % (17 of 17 alternated
@@ -164,7 +163,7 @@ fn matmul_with(isa: Isa, x: &[f32], rows: usize, k: usize, jobs: &mut [MatJob], 
     if tasks.len() == 1 || work < 32 * 1024 {
         tasks.iter().for_each(run);
     } else {
-        tasks.par_iter().for_each(run);
+        team::for_each(tasks.len(), |i| run(&tasks[i]));
     }
 }
 
@@ -362,9 +361,11 @@ pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Ve
     let mut out = vec![0f32; picks.len()];
     // One pick reads k weights (a few KiB): worth both cores from a few dozen.
     if picks.len() >= 64 {
-        out.par_chunks_mut(32)
-            .zip(picks.par_chunks(32))
-            .for_each(|(o, p)| o.iter_mut().zip(p).for_each(|(o, p)| *o = one(p)));
+        team::for_each_chunk(&mut out, 32, |i, o| {
+            o.iter_mut()
+                .zip(&picks[32 * i..])
+                .for_each(|(o, p)| *o = one(p))
+        });
     } else {
         out.iter_mut().zip(picks).for_each(|(o, p)| *o = one(p));
     }

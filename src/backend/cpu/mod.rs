@@ -1,5 +1,5 @@
 //! `CpuBackend`: the reference implementation of [`Backend`]. Buffers are `Vec<f32>`, weights
-//! are host tensors (usually borrowed from the mapped checkpoint), work is split with rayon
+//! are host tensors (usually borrowed from the mapped checkpoint), work is split with `team`
 //! over the output dimension (matmul) or over (row, head) pairs (attention). Each op is a plain
 //! function a reader can check against the HF code line by line.
 
@@ -7,10 +7,9 @@ pub mod attention;
 pub mod matmul;
 pub mod panels;
 pub mod simd;
+pub mod team;
 
 use std::sync::{Mutex, OnceLock};
-
-use rayon::prelude::*;
 
 use self::matmul::MatJob;
 use self::simd::Isa;
@@ -242,9 +241,10 @@ impl Backend for CpuBackend {
         // One exp per element: worth both cores from a few thousand elements. The MLP takes
         // `gate_up_silu`, which does this inside the matmul's tasks.
         if gate.len() >= 1 << 12 {
-            gate.par_chunks_mut(1 << 10)
-                .zip(up.par_chunks(1 << 10))
-                .for_each(|(g, u)| simd::silu_mul(self.isa, g, u));
+            const CHUNK: usize = 1 << 10;
+            team::for_each_chunk(gate, CHUNK, |i, g| {
+                simd::silu_mul(self.isa, g, &up[i * CHUNK..i * CHUNK + g.len()])
+            });
         } else {
             simd::silu_mul(self.isa, gate, up);
         }

@@ -1,0 +1,374 @@
+//! Fork-join for the forward pass's parallel regions.
+//!
+//! A decode step forks about 150 times (a few matmuls and an attention per layer), each region
+//! tens of microseconds long. Under rayon a thread that runs out of work yields a few dozen
+//! times and then sleeps on a futex; on a virtual machine the next region's wake-up (an
+//! inter-processor interrupt through the hypervisor) then costs about as much as the region
+//! itself. A [`Team`] keeps its workers spinning on one counter for a while after each region
+//! ([`SPIN`]), so the next region starts on every core at once, and parks them only after that.
+//!
+//! The caller of [`Team::run`] works too: a team of `n` threads has `n - 1` workers. Tasks are
+//! claimed from one shared counter, so a region's tasks spread over whoever is there first.
+//! Regions nest nowhere and one caller runs at a time; a second caller, or a task that forks
+//! again, runs its tasks itself, in order.
+
+use std::any::Any;
+use std::cell::{Cell, UnsafeCell};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins for the next region before it parks: longer than the gap
+/// between a beam step's regions and between its steps, short enough that an idle server
+/// stops spinning at once.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// The job before the first region.
+static NOTHING: fn(usize) = |_| {};
+
+/// A region's tasks: `f(i)` for `i < n`. The pointer is only read while the region runs (its
+/// caller waits for every worker to leave it), so the borrow it erases outlives every use.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    n: usize,
+}
+
+struct Shared {
+    /// Moves once per region, and once more to stop the workers.
+    epoch: AtomicU64,
+    /// The current region; written by the caller before `epoch` moves, read by the workers
+    /// after they see it move.
+    job: UnsafeCell<Job>,
+    /// The next task to claim.
+    next: AtomicUsize,
+    /// Workers not yet out of the current region.
+    pending: AtomicUsize,
+    /// The first panic of the region's tasks, for the caller to resume.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+    stop: AtomicBool,
+    /// Workers parked (or about to park) on `wake`.
+    parked: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is written only by the one caller `Team::busy` admits, while no worker reads it
+// (all have left the previous region: `pending` is 0), and read by workers only between the
+// `epoch` store that publishes it (Release/Acquire) and their `pending` decrement; the closure
+// it points to is `Sync`.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// A caller and its `n - 1` spinning workers; see the module's note.
+pub struct Team {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Held by the caller of a region: one region at a time.
+    busy: Mutex<()>,
+}
+
+thread_local! {
+    /// The team [`Team::enter`] made current on this thread (null for none).
+    static CURRENT: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
+    /// Set while this thread runs a region's tasks: a fork inside one runs inline.
+    static IN_REGION: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Team {
+    /// A team of `threads` (the caller and `threads - 1` workers named `{name}-{i}`).
+    pub fn new(threads: usize, name: &str) -> std::io::Result<Team> {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(Job { f: &NOTHING, n: 0 }),
+            next: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut team = Team {
+            shared,
+            workers: Vec::new(),
+            busy: Mutex::new(()),
+        };
+        for i in 1..threads.max(1) {
+            let s = Arc::clone(&team.shared);
+            // On an error `team` drops here, which stops the workers already started.
+            let h = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker(&s))?;
+            team.workers.push(h);
+        }
+        Ok(team)
+    }
+
+    /// Threads that run a region's tasks (the caller included).
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `f` with this team current on this thread: [`for_each`] and [`threads`] inside it
+    /// use the team.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(*const Team);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT.with(|c| c.replace(self)));
+        f()
+    }
+
+    /// `f(i)` for every `i < n`, on the caller and the workers; returns when all have run. A
+    /// panic in a task is resumed here once the region is over.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        let busy = if n > 1 && !self.workers.is_empty() && !IN_REGION.with(Cell::get) {
+            self.busy.try_lock().ok()
+        } else {
+            None
+        };
+        let Some(_busy) = busy else {
+            (0..n).for_each(f);
+            return;
+        };
+        let s = &*self.shared;
+        // SAFETY: `busy` admits one caller, and every worker left the last region (its caller
+        // waited for `pending` to reach 0), so nothing reads `job` now; the erased borrow is
+        // read only until this call waits for `pending` again below.
+        unsafe {
+            let f: *const (dyn Fn(usize) + Sync + '_) = f;
+            *s.job.get() = Job {
+                f: std::mem::transmute::<
+                    *const (dyn Fn(usize) + Sync + '_),
+                    *const (dyn Fn(usize) + Sync + 'static),
+                >(f),
+                n,
+            };
+        }
+        s.next.store(0, Ordering::Relaxed);
+        s.pending.store(self.workers.len(), Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.parked.load(Ordering::SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        claim(s);
+        while s.pending.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = panic {
+            resume_unwind(p);
+        }
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        s.stop.store(true, Ordering::SeqCst);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Claims and runs the current region's tasks until none is left.
+fn claim(s: &Shared) {
+    // SAFETY: called between the region's publication and this thread's `pending` decrement
+    // (or, for the caller, before its wait): `job` is the region's and its closure alive.
+    let job = unsafe { *s.job.get() };
+    let f = unsafe { &*job.f };
+    IN_REGION.with(|r| r.set(true));
+    loop {
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        if i >= job.n {
+            break;
+        }
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+            let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(p);
+        }
+    }
+    IN_REGION.with(|r| r.set(false));
+}
+
+/// A worker: waits for each region (spinning, then parked), runs its share, checks out.
+fn worker(s: &Shared) {
+    // The epoch before any region (not a load: a region published before this thread starts
+    // is still this worker's to join, or its caller would wait for it forever).
+    let mut seen = 0;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if s.epoch.load(Ordering::Acquire) != seen {
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+                let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.parked.fetch_add(1, Ordering::SeqCst);
+                while s.epoch.load(Ordering::SeqCst) == seen {
+                    g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                s.parked.fetch_sub(1, Ordering::SeqCst);
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        seen = s.epoch.load(Ordering::Acquire);
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        claim(s);
+        s.pending.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// `f(i)` for every `i < n` in parallel: on the current team (see [`Team::enter`]), else on
+/// rayon's pool.
+pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
+    let team = CURRENT.with(Cell::get);
+    if IN_REGION.with(Cell::get) {
+        (0..n).for_each(f);
+    } else if team.is_null() {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().for_each(&f);
+    } else {
+        // SAFETY: `enter` keeps the team alive, and current, for as long as this thread runs
+        // inside it; it restores the previous pointer when it returns or unwinds.
+        unsafe { &*team }.run(n, &f);
+    }
+}
+
+/// `f(i, chunk)` for the `i`-th `len`-element chunk of `out` (the last one may be shorter), in
+/// parallel as [`for_each`].
+pub fn for_each_chunk<T: Send>(out: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    assert!(
+        len > 0,
+        "for_each_chunk: chunks of 0 elements; this is a bug"
+    );
+    let total = out.len();
+    let base = SendPtr(out.as_mut_ptr());
+    for_each(total.div_ceil(len), |i| {
+        let start = i * len;
+        let n = len.min(total - start);
+        // SAFETY: chunk `i` is `out[start..start + n]`, in bounds, and each index runs once
+        // (`for_each`), so no two calls share an element; `out` is borrowed mutably for the
+        // whole call.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(start), n) };
+        f(i, chunk)
+    });
+}
+
+/// A raw pointer the tasks of one region share (see [`for_each_chunk`]).
+struct SendPtr<T>(*mut T);
+// SAFETY: the tasks that share it write disjoint ranges (`for_each_chunk`).
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// `self + i` (a method, so closures capture the whole `Sync` wrapper).
+    fn at(&self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Threads a region gets: the current team's, else rayon's.
+pub fn threads() -> usize {
+    let team = CURRENT.with(Cell::get);
+    if team.is_null() {
+        rayon::current_num_threads()
+    } else {
+        // SAFETY: as in `for_each`.
+        unsafe { &*team }.threads()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every task runs exactly once, over many regions back to back and after the workers
+    /// have parked, from one team of each size.
+    #[test]
+    fn every_task_runs_once_in_every_region() {
+        for threads in [1, 2, 3, 8] {
+            let team = Team::new(threads, "test").unwrap();
+            assert_eq!(team.threads(), threads);
+            for round in 0..300 {
+                let n = round % 37;
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                team.run(n, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "{round}"
+                );
+                if round % 100 == 99 {
+                    std::thread::sleep(SPIN * 4);
+                }
+            }
+        }
+    }
+
+    /// A task's panic reaches the caller once the region is over, and the team keeps working.
+    #[test]
+    fn a_panic_reaches_the_caller_and_the_team_goes_on() {
+        let team = Team::new(2, "test").unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            team.run(8, &|i| assert!(i != 5, "task five"));
+        }));
+        let msg = r.expect_err("must panic");
+        let msg = (msg.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| msg.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(msg.contains("task five"), "{msg}");
+        let count = AtomicUsize::new(0);
+        team.run(8, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 8);
+    }
+
+    /// `for_each` and `threads` use the entered team, a fork inside a task runs inline, and
+    /// two callers at once each get all their tasks run.
+    #[test]
+    fn entered_team_nested_forks_and_concurrent_callers() {
+        let team = Team::new(3, "test").unwrap();
+        team.enter(|| {
+            assert_eq!(threads(), 3);
+            let count = AtomicUsize::new(0);
+            for_each(6, |_| {
+                for_each(4, |_| {
+                    count.fetch_add(1, Ordering::Relaxed);
+                });
+            });
+            assert_eq!(count.load(Ordering::Relaxed), 24);
+        });
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    for _ in 0..200 {
+                        team.run(5, &|_| {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 200 * 5);
+    }
+}
