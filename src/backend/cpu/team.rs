@@ -4,8 +4,11 @@
 //! tens of microseconds long. Under rayon a thread that runs out of work yields a few dozen
 //! times and then sleeps on a futex; on a virtual machine the next region's wake-up (an
 //! inter-processor interrupt through the hypervisor) then costs about as much as the region
-//! itself. A [`Team`] keeps its workers spinning on one counter for a while after each region
-//! ([`SPIN`]), so the next region starts on every core at once, and parks them only after that.
+//! itself. A [`Team`] keeps its workers spinning on one counter for a while after each region,
+//! so the next region starts on every core at once: first without giving up the core
+//! ([`SPIN_HOT`], the gaps inside a pass), then yielding it every few microseconds to any thread
+//! that waits for one (until [`SPIN`]: the gaps between a search's passes, where the server's
+//! HTTP threads and scorer run), and only then do they park.
 //!
 //! The caller of [`Team::run`] works too: a team of `n` threads has `n - 1` workers. Tasks are
 //! claimed from one shared counter, so a region's tasks spread over whoever is there first.
@@ -24,6 +27,10 @@ use std::time::{Duration, Instant};
 /// between a beam step's regions and between its steps, short enough that an idle server
 /// stops spinning at once.
 const SPIN: Duration = Duration::from_micros(300);
+
+/// How long of [`SPIN`] an idle worker keeps its core without yielding it: the gaps between
+/// one pass's regions (norms, RoPE, the residual) are a few microseconds.
+const SPIN_HOT: Duration = Duration::from_micros(20);
 
 /// The job before the first region.
 static NOTHING: fn(usize) = |_| {};
@@ -159,8 +166,15 @@ impl Team {
             s.wake.notify_all();
         }
         claim(s);
+        let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) {
+                // A worker that lost its core to another thread needs one to finish.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(p) = panic {
@@ -217,7 +231,21 @@ fn worker(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+            if !spins.is_multiple_of(256) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let idle = start.elapsed();
+            if idle <= SPIN_HOT {
+                continue;
+            }
+            if idle <= SPIN {
+                // A few microseconds between yields: where other threads wait for this core
+                // (an HTTP thread, the scorer), they get it at once.
+                std::thread::yield_now();
+                continue;
+            }
+            {
                 let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.parked.fetch_add(1, Ordering::SeqCst);
                 while s.epoch.load(Ordering::SeqCst) == seen {
@@ -226,7 +254,6 @@ fn worker(s: &Shared) {
                 s.parked.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
-            std::hint::spin_loop();
         }
         seen = s.epoch.load(Ordering::Acquire);
         if s.stop.load(Ordering::SeqCst) {
