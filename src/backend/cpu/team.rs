@@ -19,7 +19,7 @@ use std::any::Any;
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -136,11 +136,16 @@ impl Team {
     /// panic in a task is resumed here once the region is over.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         let busy = if n > 1 && !self.workers.is_empty() && !IN_REGION.with(Cell::get) {
-            self.busy.try_lock().ok()
+            match self.busy.try_lock() {
+                Ok(g) => Some(g),
+                // Poisoned only by a panic elsewhere while holding it: the lock is still good.
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
         } else {
             None
         };
-        let Some(_busy) = busy else {
+        let Some(busy) = busy else {
             (0..n).for_each(f);
             return;
         };
@@ -165,18 +170,13 @@ impl Team {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
+        // Waits for the workers even if this thread unwinds: `f` must outlive their reads.
+        let wait = WaitForWorkers(s);
         claim(s);
-        let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(256) {
-                // A worker that lost its core to another thread needs one to finish.
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        drop(wait);
         let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Released before a panic resumes, which would poison it.
+        drop(busy);
         if let Some(p) = panic {
             resume_unwind(p);
         }
@@ -198,7 +198,26 @@ impl Drop for Team {
     }
 }
 
-/// Claims and runs the current region's tasks until none is left.
+/// Spins (yielding now and then) until every worker has left the current region, when dropped.
+struct WaitForWorkers<'a>(&'a Shared);
+
+impl Drop for WaitForWorkers<'_> {
+    fn drop(&mut self) {
+        let mut spins = 0u32;
+        while self.0.pending.load(Ordering::Acquire) != 0 {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) {
+                // A worker that lost its core to another thread needs one to finish.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Claims and runs the current region's tasks until none is left. Never unwinds: a task's
+/// panic is kept for the caller.
 fn claim(s: &Shared) {
     // SAFETY: called between the region's publication and this thread's `pending` decrement
     // (or, for the caller, before its wait): `job` is the region's and its closure alive.
@@ -211,8 +230,18 @@ fn claim(s: &Shared) {
             break;
         }
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
-            let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
-            slot.get_or_insert(p);
+            let extra = {
+                let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+                match *slot {
+                    None => {
+                        *slot = Some(p);
+                        None
+                    }
+                    Some(_) => Some(p),
+                }
+            };
+            // A later panic's payload, dropped outside the lock; its drop may panic too.
+            let _ = catch_unwind(AssertUnwindSafe(|| drop(extra)));
         }
     }
     IN_REGION.with(|r| r.set(false));
@@ -362,11 +391,21 @@ mod tests {
             .or_else(|| msg.downcast_ref::<String>().cloned())
             .unwrap_or_default();
         assert!(msg.contains("task five"), "{msg}");
-        let count = AtomicUsize::new(0);
+        // The next region still runs on both threads: each task waits (up to 5 s) until two
+        // threads have been seen, so a team left serial fails here instead of passing slowly.
+        let seen = Mutex::new(std::collections::HashSet::new());
         team.run(8, &|_| {
-            count.fetch_add(1, Ordering::Relaxed);
+            seen.lock().unwrap().insert(std::thread::current().id());
+            let start = Instant::now();
+            while seen.lock().unwrap().len() < 2 && start.elapsed() < Duration::from_secs(5) {
+                std::thread::yield_now();
+            }
         });
-        assert_eq!(count.load(Ordering::Relaxed), 8);
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "the team went serial after a panic"
+        );
     }
 
     /// `for_each` and `threads` use the entered team, a fork inside a task runs inline, and
