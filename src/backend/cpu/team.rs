@@ -11,9 +11,11 @@
 //! HTTP threads and scorer run), and only then do they park.
 //!
 //! The caller of [`Team::run`] works too: a team of `n` threads has `n - 1` workers. Tasks are
-//! claimed from one shared counter, so a region's tasks spread over whoever is there first.
-//! Regions nest nowhere and one caller runs at a time; a second caller, or a task that forks
-//! again, runs its tasks itself, in order.
+//! claimed from one shared word (the region's number, its task count and the next task), so a
+//! region's tasks spread over whoever is there first, and the caller waits only for the tasks
+//! others claimed, never for a worker that has not shown up (one that lost its core to another
+//! thread). Regions nest nowhere and one caller runs at a time; a second caller, or a task that
+//! forks again, runs its tasks itself, in order.
 
 use std::any::Any;
 use std::cell::{Cell, UnsafeCell};
@@ -35,24 +37,43 @@ const SPIN_HOT: Duration = Duration::from_micros(20);
 /// The job before the first region.
 static NOTHING: fn(usize) = |_| {};
 
-/// A region's tasks: `f(i)` for `i < n`. The pointer is only read while the region runs (its
-/// caller waits for every worker to leave it), so the borrow it erases outlives every use.
+/// A region's tasks: `f(i)` for `i < n`. A thread reads it only after claiming one of its tasks
+/// (see [`claim`]), and the region's caller waits for every claimed task, so the borrow it erases
+/// outlives every use.
 #[derive(Clone, Copy)]
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
-    n: usize,
+}
+
+/// Bits of [`Shared::region`]: the next task (low), the task count, the region's number (high).
+const TASK_BITS: u32 = 20;
+/// Most tasks one region takes; [`Team::run`] groups more.
+const MAX_TASKS: usize = (1 << TASK_BITS) - 1;
+const EPOCH_MASK: u64 = (1 << (64 - 2 * TASK_BITS)) - 1;
+
+fn pack(epoch: u64, n: usize, next: usize) -> u64 {
+    ((epoch & EPOCH_MASK) << (2 * TASK_BITS)) | ((n as u64) << TASK_BITS) | next as u64
+}
+
+/// `(epoch, n, next)` of a region word.
+fn unpack(w: u64) -> (u64, usize, usize) {
+    let low = (1u64 << TASK_BITS) - 1;
+    (
+        w >> (2 * TASK_BITS),
+        ((w >> TASK_BITS) & low) as usize,
+        (w & low) as usize,
+    )
 }
 
 struct Shared {
-    /// Moves once per region, and once more to stop the workers.
-    epoch: AtomicU64,
-    /// The current region; written by the caller before `epoch` moves, read by the workers
-    /// after they see it move.
+    /// The current region: its number (moves once per region, and once more to stop the
+    /// workers), its task count and the next task to claim. A task is claimed by moving `next`
+    /// on with a compare-exchange, so no task of a region runs twice or after its region.
+    region: AtomicU64,
+    /// The current region's tasks; written by the caller before it publishes `region`.
     job: UnsafeCell<Job>,
-    /// The next task to claim.
-    next: AtomicUsize,
-    /// Workers not yet out of the current region.
-    pending: AtomicUsize,
+    /// Tasks of the current region finished (claimed by anyone).
+    done: AtomicUsize,
     /// The first panic of the region's tasks, for the caller to resume.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     stop: AtomicBool,
@@ -62,10 +83,11 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` is written only by the one caller `Team::busy` admits, while no worker reads it
-// (all have left the previous region: `pending` is 0), and read by workers only between the
-// `epoch` store that publishes it (Release/Acquire) and their `pending` decrement; the closure
-// it points to is `Sync`.
+// SAFETY: `job` is written only by the one caller `Team::busy` admits, once every task of the
+// previous region is done (`done` reached its count; no task is left to claim), so no thread
+// reads it then; a thread reads it only after claiming a task of the region that published it
+// (Release store, Acquire compare-exchange), before that task counts as done; the closure it
+// points to is `Sync`.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -88,10 +110,9 @@ impl Team {
     /// A team of `threads` (the caller and `threads - 1` workers named `{name}-{i}`).
     pub fn new(threads: usize, name: &str) -> std::io::Result<Team> {
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
-            job: UnsafeCell::new(Job { f: &NOTHING, n: 0 }),
-            next: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
+            region: AtomicU64::new(pack(0, 0, 0)),
+            job: UnsafeCell::new(Job { f: &NOTHING }),
+            done: AtomicUsize::new(0),
             panic: Mutex::new(None),
             stop: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
@@ -149,10 +170,17 @@ impl Team {
             (0..n).for_each(f);
             return;
         };
+        if n > MAX_TASKS {
+            drop(busy);
+            let per = n.div_ceil(MAX_TASKS);
+            return self.run(n.div_ceil(per), &|t| {
+                (t * per..n.min((t + 1) * per)).for_each(f)
+            });
+        }
         let s = &*self.shared;
-        // SAFETY: `busy` admits one caller, and every worker left the last region (its caller
-        // waited for `pending` to reach 0), so nothing reads `job` now; the erased borrow is
-        // read only until this call waits for `pending` again below.
+        // SAFETY: `busy` admits one caller, and every task of the last region is done (its
+        // caller waited for `done`), so nothing reads `job` now; the erased borrow is read only
+        // by threads that claim a task of this region, and this call waits for those below.
         unsafe {
             let f: *const (dyn Fn(usize) + Sync + '_) = f;
             *s.job.get() = Job {
@@ -160,18 +188,17 @@ impl Team {
                     *const (dyn Fn(usize) + Sync + '_),
                     *const (dyn Fn(usize) + Sync + 'static),
                 >(f),
-                n,
             };
         }
-        s.next.store(0, Ordering::Relaxed);
-        s.pending.store(self.workers.len(), Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.done.store(0, Ordering::Relaxed);
+        let (epoch, _, _) = unpack(s.region.load(Ordering::Relaxed));
+        s.region.store(pack(epoch + 1, n, 0), Ordering::SeqCst);
         if s.parked.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        // Waits for the workers even if this thread unwinds: `f` must outlive their reads.
-        let wait = WaitForWorkers(s);
+        // Waits for the claimed tasks even if this thread unwinds: `f` must outlive them.
+        let wait = WaitForTasks(s, n);
         claim(s);
         drop(wait);
         let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -187,7 +214,8 @@ impl Drop for Team {
     fn drop(&mut self) {
         let s = &*self.shared;
         s.stop.store(true, Ordering::SeqCst);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        let (epoch, _, _) = unpack(s.region.load(Ordering::SeqCst));
+        s.region.store(pack(epoch + 1, 0, 0), Ordering::SeqCst);
         {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
@@ -198,16 +226,17 @@ impl Drop for Team {
     }
 }
 
-/// Spins (yielding now and then) until every worker has left the current region, when dropped.
-struct WaitForWorkers<'a>(&'a Shared);
+/// Spins (yielding now and then) until all `.1` tasks of the current region are done, when
+/// dropped.
+struct WaitForTasks<'a>(&'a Shared, usize);
 
-impl Drop for WaitForWorkers<'_> {
+impl Drop for WaitForTasks<'_> {
     fn drop(&mut self) {
         let mut spins = 0u32;
-        while self.0.pending.load(Ordering::Acquire) != 0 {
+        while self.0.done.load(Ordering::Acquire) < self.1 {
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(256) {
-                // A worker that lost its core to another thread needs one to finish.
+                // A worker that lost its core mid-task needs one to finish it.
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -216,19 +245,33 @@ impl Drop for WaitForWorkers<'_> {
     }
 }
 
+/// The next task of the current region, claimed, or `None` when all are claimed.
+fn next_task(s: &Shared) -> Option<usize> {
+    let mut w = s.region.load(Ordering::Acquire);
+    loop {
+        let (_, n, next) = unpack(w);
+        if next >= n {
+            return None;
+        }
+        match s
+            .region
+            .compare_exchange_weak(w, w + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return Some(next),
+            Err(now) => w = now,
+        }
+    }
+}
+
 /// Claims and runs the current region's tasks until none is left. Never unwinds: a task's
 /// panic is kept for the caller.
 fn claim(s: &Shared) {
-    // SAFETY: called between the region's publication and this thread's `pending` decrement
-    // (or, for the caller, before its wait): `job` is the region's and its closure alive.
-    let job = unsafe { *s.job.get() };
-    let f = unsafe { &*job.f };
     IN_REGION.with(|r| r.set(true));
-    loop {
-        let i = s.next.fetch_add(1, Ordering::Relaxed);
-        if i >= job.n {
-            break;
-        }
+    while let Some(i) = next_task(s) {
+        // SAFETY: task `i` is claimed and not yet done, so its region's caller is still
+        // waiting: `job` is that region's (published before the word this claim moved) and its
+        // closure alive.
+        let f = unsafe { &*(*s.job.get()).f };
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
             let extra = {
                 let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
@@ -243,20 +286,22 @@ fn claim(s: &Shared) {
             // A later panic's payload, dropped outside the lock; its drop may panic too.
             let _ = catch_unwind(AssertUnwindSafe(|| drop(extra)));
         }
+        s.done.fetch_add(1, Ordering::Release);
     }
     IN_REGION.with(|r| r.set(false));
 }
 
 /// A worker: waits for each region (spinning, then parked), runs its share, checks out.
 fn worker(s: &Shared) {
-    // The epoch before any region (not a load: a region published before this thread starts
-    // is still this worker's to join, or its caller would wait for it forever).
+    // The region before any (not a load: a region published before this thread starts is
+    // still worth joining).
     let mut seen = 0;
+    let epoch = |order| unpack(s.region.load(order)).0;
     loop {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            if s.epoch.load(Ordering::Acquire) != seen {
+            if epoch(Ordering::Acquire) != seen {
                 break;
             }
             spins = spins.wrapping_add(1);
@@ -277,19 +322,18 @@ fn worker(s: &Shared) {
             {
                 let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.parked.fetch_add(1, Ordering::SeqCst);
-                while s.epoch.load(Ordering::SeqCst) == seen {
+                while epoch(Ordering::SeqCst) == seen {
                     g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
                 s.parked.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
         }
-        seen = s.epoch.load(Ordering::Acquire);
+        seen = epoch(Ordering::Acquire);
         if s.stop.load(Ordering::SeqCst) {
             return;
         }
         claim(s);
-        s.pending.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -377,6 +421,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A region of more tasks than one region word holds runs each exactly once (in groups).
+    #[test]
+    fn more_tasks_than_a_region_holds_run_once_each() {
+        let team = Team::new(2, "test").unwrap();
+        let n = MAX_TASKS + 5;
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        team.run(n, &|i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     /// A task's panic reaches the caller once the region is over, and the team keeps working.
