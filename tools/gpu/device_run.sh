@@ -20,7 +20,8 @@
 # 10 = each op's cost inside a replayed pass, by knocking it out with GRAM_CUDA_SKIP_OPS, after 2;
 # 11 = the device beam step's test and compute-sanitizer; 12 = the device beam step's bench;
 # SERVE_VARIANTS="--max-batch 16|--max-batch 64" runs step 9 once per set of `gram serve` flags;
-# SERVE_CLIENTS, default "1 8 32": step 9's closed-loop concurrencies; SERVE_MODEL2=DIR: step 9 also
+# SERVE_CLIENTS, default "1 8 32": step 9's closed-loop concurrencies; SERVE_BINS: step 9's server
+# binaries in order (default this build; ".devbin/gram OLD .devbin/gram OLD" alternates two); SERVE_MODEL2=DIR: step 9 also
 # serves an index of that model built on the GPU), BENCH_BUDGET_S (per model, 60), HF_BUDGET_S (per
 # model, 40), HF_CAP_S (per config, 10), BASE (an earlier build's binary: step 3 runs it too, same configs),
 # ALT_ENV (settings for a second run of the same build in step 3, e.g. GRAM_CUDA_ROWS_GEMM=0), EXTRAS (0 skips
@@ -243,21 +244,28 @@ if has 9 && [ -f "$W/ix-cuda/index.gram" ]; then
     log "step 9 index build $SERVE_MODEL2 exit $?"
     [ -f "$W/ix2-cuda/index.gram" ] && indexes+=("$W/ix2-cuda")
   fi
+  # SERVE_BINS: the server binaries, in this order (repeat them to alternate: "A B A B");
+  # the load generator is always this build's.
+  read -r -a sbins <<< "${SERVE_BINS:-$GRAM}"
+  for bi in "${!sbins[@]}"; do
+  sbin=${sbins[$bi]}
+  chmod +x "$sbin" 2>/dev/null
   for ii in "${!indexes[@]}"; do
   for vi in "${!variants[@]}"; do
     extra=${variants[$vi]}
     # shellcheck disable=SC2086 # the flags split on purpose
-    LD_LIBRARY_PATH="$GLD" "$GRAM" serve --device cuda --index "${indexes[$ii]}" --addr 127.0.0.1:8089 \
-      --timeout-ms 30000 $extra > "$W/serve-load-i$ii-v$vi.log" 2>&1 &
+    LD_LIBRARY_PATH="$GLD" "$sbin" serve --device cuda --index "${indexes[$ii]}" --addr 127.0.0.1:8089 \
+      --timeout-ms 30000 $extra > "$W/serve-load-b$bi-i$ii-v$vi.log" 2>&1 &
     spid=$!
     for _ in $(seq 150); do curl -sf 127.0.0.1:8089/ready > /dev/null 2>&1 && break; sleep 0.2; done
     for c in ${SERVE_CLIENTS:-1 8 32}; do
-      d="$W/serve-i$ii-v$vi-c$c"
+      d="$W/serve-b$bi-i$ii-v$vi-c$c"
       timeout -k 5 40 "$GRAM" bench --url http://127.0.0.1:8089 --queries tools/queries/wands.txt \
         --concurrency $c --duration 15 --warmup 10 --out "$d" > "$d.log" 2>&1
-      log "step 9 [$(basename "${indexes[$ii]}") $extra] c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$d/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
+      log "step 9 [$sbin $(basename "${indexes[$ii]}") $extra] c=$c exit $?: $(python3 -c "import json,sys; r=json.load(open('$d/report.json')); print('qps %.0f p50 %.1f p99 %.1f ms' % (r['qps'], r['latency_ms']['p50'], r['latency_ms']['p99']))" 2>&1)"
     done
     kill $spid 2>/dev/null; wait $spid 2>/dev/null
+  done
   done
   done
 fi
