@@ -847,3 +847,81 @@ unsafe fn attn_pv_v<const V: usize, const HC: usize>(
         h0 += hc;
     }
 }
+
+/// The Q4_1 panel × `tr <= 14` token rows quantized to i16 (`super::int16`): per block, `TR`
+/// × 2 exact i32 sums by `vpdpwssd`, then folded into the f32 outputs as
+/// [`super::int16::panel_q4_1_twin`] does, bit for bit. A panel row's byte holds input columns
+/// `2j` (low nibble) and `2j + 1` (high): widened to a lane, `(v << 12 | v) & 0x000f000f` puts
+/// them in the two 16-bit halves `vpdpwssd` pairs with the row's two values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn panel_q4_1_i16(
+    p: *const u8,
+    k: usize,
+    (xq, scale, sum): (&[i16], &[f32], &[f32]),
+    tr: usize,
+    acc: &mut PanelAcc,
+) {
+    macro_rules! by_tr {
+        ($($n:literal)*) => {
+            match tr {
+                $($n => q4_1_i16::<$n>(p, k, xq.as_ptr(), scale.as_ptr(), sum.as_ptr(), acc),)*
+                _ => {}
+            }
+        };
+    }
+    by_tr!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
+unsafe fn q4_1_i16<const TR: usize>(
+    p: *const u8,
+    k: usize,
+    xq: *const i16,
+    scale: *const f32,
+    sum: *const f32,
+    acc: &mut PanelAcc,
+) {
+    let nb = k / 32;
+    let nibbles = _mm512_set1_epi32(0x000f_000f);
+    let mut y = [[_mm512_setzero_ps(); 2]; TR];
+    for b in 0..nb {
+        let blk = p.add(b * 640);
+        for l in 0..10 {
+            prefetch(blk.wrapping_add(PANEL_AHEAD + 64 * l));
+        }
+        let mut a = [[_mm512_setzero_si512(); 2]; TR];
+        for j in 0..16 {
+            let row = blk.add(128 + 32 * j);
+            let v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row as *const __m128i));
+            let v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(16) as *const __m128i));
+            // (A | B) & C: truth table 0xa8.
+            let w0 = _mm512_ternarylogic_epi32::<0xa8>(_mm512_slli_epi32(v0, 12), v0, nibbles);
+            let w1 = _mm512_ternarylogic_epi32::<0xa8>(_mm512_slli_epi32(v1, 12), v1, nibbles);
+            for t in 0..TR {
+                // Input columns 2j and 2j + 1 of row t, as one i32 lane pattern.
+                let pair = (xq.add(t * k + 32 * b + 2 * j) as *const i32).read_unaligned();
+                let xb = _mm512_set1_epi32(pair);
+                a[t][0] = _mm512_dpwssd_epi32(a[t][0], w0, xb);
+                a[t][1] = _mm512_dpwssd_epi32(a[t][1], w1, xb);
+            }
+        }
+        let [d0, d1, m0, m1] = q4_1_scales(blk);
+        for t in 0..TR {
+            let s = _mm512_set1_ps(*scale.add(t * nb + b));
+            let su = _mm512_set1_ps(*sum.add(t * nb + b));
+            y[t][0] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(a[t][0]),
+                _mm512_mul_ps(d0, s),
+                _mm512_fmadd_ps(m0, su, y[t][0]),
+            );
+            y[t][1] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(a[t][1]),
+                _mm512_mul_ps(d1, s),
+                _mm512_fmadd_ps(m1, su, y[t][1]),
+            );
+        }
+    }
+    panel_store(&y, acc);
+}

@@ -20,6 +20,7 @@ use crate::tensor::View;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod int16;
 mod scalar;
 
 /// Instruction set the kernels use.
@@ -342,6 +343,54 @@ pub fn panel(
         return;
     }
     scalar::panel(p, k, x, tr, acc)
+}
+
+/// This CPU can run [`panel_q4_1_i16`]'s VNNI kernel (AVX-512 F/BW and VNNI). Detected once.
+pub fn has_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Isa::available().contains(&Isa::Avx512) && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// One Q4_1 panel × `tr <= PANEL_TR` token rows quantized to i16 (`int16::QuantRows::group`):
+/// the VNNI kernel under the AVX-512 ISA where [`has_vnni`], else its slow twin (the same
+/// bits).
+pub fn panel_q4_1_i16(
+    isa: Isa,
+    p: View,
+    k: usize,
+    x: (&[i16], &[f32], &[f32]),
+    tr: usize,
+    acc: &mut [[f32; PANEL]; PANEL_TR],
+) {
+    let isa = isa.runnable();
+    let nb = k / 32;
+    assert!(
+        matches!(p, View::Q4_1(_))
+            && tr <= PANEL_TR
+            && k.is_multiple_of(32)
+            && p.len() >= k * PANEL
+            && x.0.len() >= tr * k
+            && x.1.len() >= tr * nb
+            && x.2.len() >= tr * nb,
+        "int16 panel bounds; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && has_vnni() {
+        let View::Q4_1(b) = p else { unreachable!() };
+        // SAFETY: AVX-512 F/BW and VNNI detected; bounds and the element type checked above.
+        unsafe { avx512::panel_q4_1_i16(b.as_ptr(), k, x, tr, acc) };
+        return;
+    }
+    int16::panel_q4_1_twin(p, k, x, tr, acc)
 }
 
 /// Panels one [`gemv_panels`] call reads side by side.

@@ -582,3 +582,62 @@ fn dot_and_axpy_match_reference() {
         }
     }
 }
+
+/// The int16-activation Q4_1 panel (`int16`): the VNNI kernel gives its twin's bits for every
+/// token count, and the twin is within the quantization bound of an f64 sum over the exact
+/// weights and the unquantized rows: per block `Σ |w|·s/2` (each value off by at most half a
+/// step), plus f32 rounding. Rows of mixed magnitudes, one all-zero block (scale 0).
+#[test]
+fn int16_panel_matches_its_twin_and_the_quantization_bound() {
+    use super::int16::{panel_q4_1_twin, QuantRows};
+    for k in [32, 64, 576] {
+        let n = 3 * PANEL;
+        let q41 = blocks(n * k / 32, 20, 61 + k as u64);
+        let packed = crate::backend::cpu::panels::pack(Isa::Scalar, View::Q4_1(&q41), n, k);
+        let mut x = rand(PANEL_TR * k, 67 + k as u64);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= [1.0, 30.0, 1e-3][(i / 7) % 3];
+        }
+        x[k..k + 32].fill(0.0);
+        let q = QuantRows::new(&x, PANEL_TR, k);
+        assert!(q.scale[k / 32] == 0.0 && q.sum[k / 32] == 0.0);
+        for g in 0..n / PANEL {
+            let view = packed.view().slice(g * PANEL * k..(g + 1) * PANEL * k);
+            for tr in 1..=PANEL_TR {
+                for t0 in [0, PANEL_TR - tr] {
+                    let rows = q.group(t0, tr);
+                    let mut want = [[f32::NAN; PANEL]; PANEL_TR];
+                    panel_q4_1_twin(view, k, rows, tr, &mut want);
+                    for t in 0..tr {
+                        let xr = &x[(t0 + t) * k..(t0 + t + 1) * k];
+                        for c in 0..PANEL {
+                            let w: Vec<f32> = (0..k).map(|j| panel_weight(view, j, c)).collect();
+                            let exact = dot64(&w, xr);
+                            let mut bound = 0f64;
+                            let mut mag = 0f64;
+                            for b in 0..k / 32 {
+                                let s = q.scale[(t0 + t) * (k / 32) + b] as f64;
+                                for j in 32 * b..32 * b + 32 {
+                                    bound += w[j].abs() as f64 * s / 2.0;
+                                    mag += (w[j] as f64 * xr[j] as f64).abs();
+                                }
+                            }
+                            let got = want[t][c] as f64;
+                            assert!(
+                                (got - exact).abs() <= bound * 1.0001 + 1e-6 * mag + 1e-7,
+                                "k={k} tr={tr} t0={t0} ({t},{c}): {got} vs {exact}, bound {bound}"
+                            );
+                        }
+                    }
+                    for isa in Isa::available() {
+                        let mut got = [[f32::NAN; PANEL]; PANEL_TR];
+                        super::panel_q4_1_i16(isa, view, k, rows, tr, &mut got);
+                        assert_rows_bits(&got[..tr], &want[..tr], |t, c| {
+                            format!("{isa:?} vnni {} k={k} tr={tr} ({t},{c})", super::has_vnni())
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
