@@ -310,6 +310,20 @@ fn bench_gemv_panels(c: &mut Criterion) {
                             acc[0][0]
                         })
                     });
+                    // The same with the rows quantized to i16 (`simd::int16`), Q4_1 only.
+                    if dt == "q4_1" && isa == Isa::Avx512 && simd::has_vnni() {
+                        let q = simd::int16::QuantRows::new(&x10, 10, k);
+                        g.bench_function(id("panel_t10_int16"), |b| {
+                            let mut acc = [[0f32; PANEL]; PANEL_TR];
+                            b.iter(|| {
+                                for i in 0..np {
+                                    let p = panel(i, 1);
+                                    simd::panel_q4_1_i16(isa, p, k, q.group(0, 10), 10, &mut acc);
+                                }
+                                acc[0][0]
+                            })
+                        });
+                    }
                 }
             }
         }

@@ -31,10 +31,14 @@ const MAX_SPARE: usize = 48;
 /// The CPU backend. `isa` picks the SIMD kernels (detected, or forced for parity tests).
 /// `bf16_operands` rounds the activation operand of every GEMM to bf16 first, as the CUDA
 /// backend's cuBLAS GEMMs do: the GPU's numerics on the CPU, for parity tests.
+/// `activations`: how the many-row Q4_1 products read the token rows
+/// ([`matmul::Activations`]); `Exact` unless `GRAM_INT16_ACTIVATIONS=1` (and the CPU has
+/// AVX512-VNNI).
 #[derive(Debug, Clone, Copy)]
 pub struct CpuBackend {
     pub isa: Isa,
     pub bf16_operands: bool,
+    pub activations: matmul::Activations,
 }
 
 impl Default for CpuBackend {
@@ -42,8 +46,21 @@ impl Default for CpuBackend {
         CpuBackend {
             isa: Isa::detect(),
             bf16_operands: false,
+            activations: default_activations(),
         }
     }
+}
+
+/// `Int16` where `GRAM_INT16_ACTIVATIONS=1` and the CPU can run it, else `Exact`. Read once.
+fn default_activations() -> matmul::Activations {
+    static ACT: OnceLock<matmul::Activations> = OnceLock::new();
+    *ACT.get_or_init(|| {
+        if std::env::var("GRAM_INT16_ACTIVATIONS").is_ok_and(|v| v == "1") && simd::has_vnni() {
+            matmul::Activations::Int16
+        } else {
+            matmul::Activations::Exact
+        }
+    })
 }
 
 impl CpuBackend {
@@ -51,6 +68,7 @@ impl CpuBackend {
     pub fn gpu_numerics() -> Self {
         CpuBackend {
             bf16_operands: true,
+            activations: matmul::Activations::Exact,
             ..CpuBackend::default()
         }
     }
@@ -200,7 +218,7 @@ impl Backend for CpuBackend {
         let mut rounded = Vec::new();
         let x = self.operand(x, &mut rounded);
         let mut mj: Vec<MatJob> = jobs.iter_mut().map(|(l, out)| mat_job(*l, out)).collect();
-        matmul::matmul(self.isa, x, rows, k, &mut mj);
+        matmul::matmul_act(self.isa, x, rows, k, &mut mj, self.activations);
     }
 
     fn gate_up_silu(
@@ -216,7 +234,7 @@ impl Backend for CpuBackend {
         let mut rounded = Vec::new();
         let x = self.operand(x, &mut rounded);
         let mut mj = [mat_job(gate, gate_out), mat_job(up, up_out)];
-        matmul::matmul_silu_mul(self.isa, x, rows, k, &mut mj);
+        matmul::matmul_silu_mul_act(self.isa, x, rows, k, &mut mj, self.activations);
     }
 
     fn rope(&self, x: &mut Vec<f32>, heads: usize, rows: &[RowKv], table: &RopeTable) {

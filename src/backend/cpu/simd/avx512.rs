@@ -848,8 +848,9 @@ unsafe fn attn_pv_v<const V: usize, const HC: usize>(
     }
 }
 
-/// The Q4_1 panel × `tr <= 14` token rows quantized to i16 (`super::int16`): per block, `TR`
-/// × 2 exact i32 sums by `vpdpwssd`, then folded into the f32 outputs as
+/// The Q4_1 panel × `tr <= 10` token rows quantized to i16 (`super::int16`): per block, `TR`
+/// × 2 exact i32 sums by `vpdpwssd` (in registers: 20 at ten rows), then folded into the f32
+/// outputs, which stay in `acc` (read and written once a block), as
 /// [`super::int16::panel_q4_1_twin`] does, bit for bit. A panel row's byte holds input columns
 /// `2j` (low nibble) and `2j + 1` (high): widened to a lane, `(v << 12 | v) & 0x000f000f` puts
 /// them in the two 16-bit halves `vpdpwssd` pairs with the row's two values.
@@ -869,7 +870,7 @@ pub unsafe fn panel_q4_1_i16(
             }
         };
     }
-    by_tr!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+    by_tr!(1 2 3 4 5 6 7 8 9 10);
 }
 
 #[inline]
@@ -885,7 +886,9 @@ unsafe fn q4_1_i16<const TR: usize>(
 ) {
     let nb = k / 32;
     let nibbles = _mm512_set1_epi32(0x000f_000f);
-    let mut y = [[_mm512_setzero_ps(); 2]; TR];
+    for acc_t in acc.iter_mut().take(TR) {
+        *acc_t = [0.0; super::PANEL];
+    }
     for b in 0..nb {
         let blk = p.add(b * 640);
         for l in 0..10 {
@@ -900,28 +903,43 @@ unsafe fn q4_1_i16<const TR: usize>(
             let w0 = _mm512_ternarylogic_epi32::<0xa8>(_mm512_slli_epi32(v0, 12), v0, nibbles);
             let w1 = _mm512_ternarylogic_epi32::<0xa8>(_mm512_slli_epi32(v1, 12), v1, nibbles);
             for t in 0..TR {
-                // Input columns 2j and 2j + 1 of row t, as one i32 lane pattern.
-                let pair = (xq.add(t * k + 32 * b + 2 * j) as *const i32).read_unaligned();
-                let xb = _mm512_set1_epi32(pair);
-                a[t][0] = _mm512_dpwssd_epi32(a[t][0], w0, xb);
-                a[t][1] = _mm512_dpwssd_epi32(a[t][1], w1, xb);
+                // Input columns 2j and 2j + 1 of row t (one i32), broadcast from memory by
+                // the instruction itself. In asm: LLVM's generic tuning splits the
+                // intrinsic into `vpmaddwd` + `vpaddd`, two vector ops where one does.
+                let x2 = xq.add(t * k + 32 * b + 2 * j);
+                // SAFETY: `x2` and the next i16 lie in row t's block (bounds checked by the
+                // caller); the asm reads those 4 bytes and writes only the two accumulators.
+                std::arch::asm!(
+                    "vpdpwssd {a0}, {w0}, dword ptr [{p}]{{1to16}}",
+                    "vpdpwssd {a1}, {w1}, dword ptr [{p}]{{1to16}}",
+                    a0 = inout(zmm_reg) a[t][0],
+                    a1 = inout(zmm_reg) a[t][1],
+                    w0 = in(zmm_reg) w0,
+                    w1 = in(zmm_reg) w1,
+                    p = in(reg) x2,
+                    options(pure, readonly, nostack, preserves_flags),
+                );
             }
         }
         let [d0, d1, m0, m1] = q4_1_scales(blk);
         for t in 0..TR {
             let s = _mm512_set1_ps(*scale.add(t * nb + b));
             let su = _mm512_set1_ps(*sum.add(t * nb + b));
-            y[t][0] = _mm512_fmadd_ps(
+            let y = acc[t].as_mut_ptr();
+            let y0 = _mm512_loadu_ps(y);
+            let y1 = _mm512_loadu_ps(y.add(16));
+            let y0 = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(a[t][0]),
                 _mm512_mul_ps(d0, s),
-                _mm512_fmadd_ps(m0, su, y[t][0]),
+                _mm512_fmadd_ps(m0, su, y0),
             );
-            y[t][1] = _mm512_fmadd_ps(
+            let y1 = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(a[t][1]),
                 _mm512_mul_ps(d1, s),
-                _mm512_fmadd_ps(m1, su, y[t][1]),
+                _mm512_fmadd_ps(m1, su, y1),
             );
+            _mm512_storeu_ps(y, y0);
+            _mm512_storeu_ps(y.add(16), y1);
         }
     }
-    panel_store(&y, acc);
 }

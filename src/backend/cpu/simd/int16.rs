@@ -23,7 +23,9 @@ pub struct QuantRows {
 }
 
 impl QuantRows {
-    /// Quantizes `rows` rows of `k` values (`k` a multiple of 32).
+    /// Quantizes `rows` rows of `k` values (`k` a multiple of 32): per block, `s = max |x| /
+    /// 32767` and `xq = x · (1 / s)` rounded to nearest, ties to even (a block of zeros, or
+    /// one with an infinity, has `s = 0`; a NaN value becomes 0). The same values on every ISA.
     pub fn new(x: &[f32], rows: usize, k: usize) -> QuantRows {
         assert!(
             k.is_multiple_of(32) && x.len() >= rows * k,
@@ -37,23 +39,25 @@ impl QuantRows {
             sum: vec![0.0; rows * nb],
             k,
         };
-        for (i, blk) in x[..rows * k].chunks_exact(32).enumerate() {
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let s = amax / 32767.0;
-            let inv = if s > 0.0 && s.is_finite() {
-                1.0 / s
-            } else {
-                0.0
-            };
-            let mut tot = 0i32;
-            for (j, &v) in blk.iter().enumerate() {
-                // `as` saturates (and maps NaN to 0); |v · inv| <= 32767 up to rounding.
-                let qv = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
-                q.xq[i * 32 + j] = qv;
-                tot += qv as i32;
+        #[cfg(target_arch = "x86_64")]
+        let vector = super::has_vnni();
+        #[cfg(not(target_arch = "x86_64"))]
+        let vector = false;
+        for ((blk, xq), (scale, sum)) in x[..rows * k]
+            .chunks_exact(32)
+            .zip(q.xq.chunks_exact_mut(32))
+            .zip(q.scale.iter_mut().zip(q.sum.iter_mut()))
+        {
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: AVX-512 F/BW detected (`has_vnni` includes them); 32 values each.
+                let (s, total) = unsafe { quantize_block_avx512(blk, xq) };
+                (*scale, *sum) = (s, total as f32 * s);
+                continue;
             }
-            q.scale[i] = s;
-            q.sum[i] = tot as f32 * s;
+            let _ = vector;
+            let (s, total) = quantize_block(blk, xq);
+            (*scale, *sum) = (s, total as f32 * s);
         }
         q
     }
@@ -67,6 +71,69 @@ impl QuantRows {
             &self.sum[t0 * nb..(t0 + n) * nb],
         )
     }
+}
+
+/// A block's scale and reciprocal: `max |x| / 32767`, or 0 (and 0) for a block of zeros or
+/// with an infinity, whose values then all quantize to 0.
+fn block_scale(amax: f32) -> (f32, f32) {
+    let s = amax / 32767.0;
+    if s > 0.0 && s.is_finite() {
+        (s, 1.0 / s)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// One block of 32, scalar: `(scale, Σ xq)`.
+fn quantize_block(blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
+    // `f32::max` skips NaN, as `vmaxps` does with the running maximum first.
+    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let (s, inv) = block_scale(amax);
+    // Round to nearest, ties to even, by the 1.5 · 2^23 trick (|x · inv| <= 32767 + ε), as
+    // `vcvtps2dq` does; no libm call.
+    const MAGIC: f32 = 12_582_912.0;
+    let mut total = 0;
+    for (q, &v) in xq.iter_mut().zip(blk) {
+        let r = v * inv;
+        let n = if r.is_nan() { 0.0 } else { (r + MAGIC) - MAGIC };
+        *q = n as i16;
+        total += *q as i32;
+    }
+    (s, total)
+}
+
+/// [`quantize_block`] in AVX-512: the same values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let v0 = _mm512_loadu_ps(blk.as_ptr());
+    let v1 = _mm512_loadu_ps(blk.as_ptr().add(16));
+    // `vmaxps` returns its second operand when either is NaN: the running maximum goes
+    // second, so a NaN value is skipped, as `f32::max` does.
+    let m = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps());
+    let m = _mm512_max_ps(_mm512_abs_ps(v1), m);
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), m);
+    let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+    let (s, inv) = block_scale(amax);
+    let inv = _mm512_set1_ps(inv);
+    let (r0, r1) = (_mm512_mul_ps(v0, inv), _mm512_mul_ps(v1, inv));
+    // NaN lanes (unordered with themselves) become 0.
+    let (k0, k1) = (
+        _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r0, r0),
+        _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r1, r1),
+    );
+    let (i0, i1) = (
+        _mm512_maskz_cvtps_epi32(k0, r0),
+        _mm512_maskz_cvtps_epi32(k1, r1),
+    );
+    _mm256_storeu_si256(xq.as_mut_ptr() as *mut __m256i, _mm512_cvtsepi32_epi16(i0));
+    _mm256_storeu_si256(
+        xq.as_mut_ptr().add(16) as *mut __m256i,
+        _mm512_cvtsepi32_epi16(i1),
+    );
+    (s, _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)))
 }
 
 /// The slow twin of the VNNI kernel, bit for bit: per block the exact integer sum, then
@@ -99,6 +166,58 @@ pub fn panel_q4_1_twin(
                 v = (isum as f32).mul_add(d * s, m.mul_add(su, v));
             }
             *y = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 quantizer gives the scalar one's values, scales and sums on random blocks
+    /// and on the edge cases: zeros, exact ties, an infinity, a NaN, the largest value negative.
+    #[test]
+    fn quantizers_agree() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut blocks: Vec<[f32; 32]> = (0..200)
+            .map(|i| std::array::from_fn(|_| next() * [1.0, 1e-6, 3e4][i % 3]))
+            .collect();
+        blocks.push([0.0; 32]);
+        let mut ties = [0.0f32; 32];
+        for (j, v) in ties.iter_mut().enumerate() {
+            // 32767 at the top, so `x / s` lands on n + 0.5 for these.
+            *v = if j == 0 { 32767.0 } else { j as f32 + 0.5 };
+        }
+        blocks.push(ties);
+        let mut special = blocks[0];
+        special[3] = f32::INFINITY;
+        blocks.push(special);
+        let mut nan = blocks[1];
+        nan[5] = f32::NAN;
+        blocks.push(nan);
+        let mut neg = blocks[2];
+        neg[9] = -1e5;
+        blocks.push(neg);
+        for (i, blk) in blocks.iter().enumerate() {
+            let mut a = [0i16; 32];
+            let (sa, ta) = quantize_block(blk, &mut a);
+            assert_eq!(ta, a.iter().map(|&v| v as i32).sum::<i32>(), "block {i}");
+            if i == 201 {
+                assert_eq!(&a[1..4], &[2, 2, 4], "ties go to even");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if super::super::has_vnni() {
+                let mut b = [0i16; 32];
+                // SAFETY: AVX-512 F/BW detected.
+                let (sb, tb) = unsafe { quantize_block_avx512(blk, &mut b) };
+                assert_eq!((a, sa.to_bits(), ta), (b, sb.to_bits(), tb), "block {i}");
+            }
         }
     }
 }

@@ -360,7 +360,7 @@ pub fn has_vnni() -> bool {
     })
 }
 
-/// One Q4_1 panel × `tr <= PANEL_TR` token rows quantized to i16 (`int16::QuantRows::group`):
+/// One Q4_1 panel × `tr <= panel_tr(p)` (10) token rows quantized to i16 (`int16::QuantRows::group`):
 /// the VNNI kernel under the AVX-512 ISA where [`has_vnni`], else its slow twin (the same
 /// bits).
 pub fn panel_q4_1_i16(
@@ -375,7 +375,7 @@ pub fn panel_q4_1_i16(
     let nb = k / 32;
     assert!(
         matches!(p, View::Q4_1(_))
-            && tr <= PANEL_TR
+            && tr <= panel_tr(p)
             && k.is_multiple_of(32)
             && p.len() >= k * PANEL
             && x.0.len() >= tr * k

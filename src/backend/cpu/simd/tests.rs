@@ -594,17 +594,18 @@ fn int16_panel_matches_its_twin_and_the_quantization_bound() {
         let n = 3 * PANEL;
         let q41 = blocks(n * k / 32, 20, 61 + k as u64);
         let packed = crate::backend::cpu::panels::pack(Isa::Scalar, View::Q4_1(&q41), n, k);
-        let mut x = rand(PANEL_TR * k, 67 + k as u64);
+        let tr_max = panel_tr(View::Q4_1(&q41));
+        let mut x = rand(tr_max * k, 67 + k as u64);
         for (i, v) in x.iter_mut().enumerate() {
             *v *= [1.0, 30.0, 1e-3][(i / 7) % 3];
         }
         x[k..k + 32].fill(0.0);
-        let q = QuantRows::new(&x, PANEL_TR, k);
+        let q = QuantRows::new(&x, tr_max, k);
         assert!(q.scale[k / 32] == 0.0 && q.sum[k / 32] == 0.0);
         for g in 0..n / PANEL {
             let view = packed.view().slice(g * PANEL * k..(g + 1) * PANEL * k);
-            for tr in 1..=PANEL_TR {
-                for t0 in [0, PANEL_TR - tr] {
+            for tr in 1..=tr_max {
+                for t0 in [0, tr_max - tr] {
                     let rows = q.group(t0, tr);
                     let mut want = [[f32::NAN; PANEL]; PANEL_TR];
                     panel_q4_1_twin(view, k, rows, tr, &mut want);
