@@ -24,8 +24,9 @@ pub struct QuantRows {
 
 impl QuantRows {
     /// Quantizes `rows` rows of `k` values (`k` a multiple of 32): per block, `s = max |x| /
-    /// 32767` and `xq = x · (1 / s)` rounded to nearest, ties to even (a block of zeros, or
-    /// one with an infinity, has `s = 0`; a NaN value becomes 0). The same values on every ISA.
+    /// 32767` and `xq = x · (1 / s)` rounded to nearest, ties to even (a block of zeros or of
+    /// values below ~1e-34 has `s = 0`; one with a value that is not finite has `s` NaN, so
+    /// the outputs it feeds are NaN). The same values on every ISA.
     pub fn new(x: &[f32], rows: usize, k: usize) -> QuantRows {
         assert!(
             k.is_multiple_of(32) && x.len() >= rows * k,
@@ -73,12 +74,17 @@ impl QuantRows {
     }
 }
 
-/// A block's scale and reciprocal: `max |x| / 32767`, or 0 (and 0) for a block of zeros or
-/// with an infinity, whose values then all quantize to 0.
+/// A block with a value that is not finite gets this scale: NaN, so every output it feeds is
+/// NaN, as on the exact path (whose non-finite checks then refuse it), not a quiet 0.
+const NOT_FINITE: f32 = f32::NAN;
+
+/// A block's scale and reciprocal: `max |x| / 32767`, or 0 (and 0) for a block of zeros or one
+/// so small (< ~1e-34) that the reciprocal overflows: its values all quantize to 0.
 fn block_scale(amax: f32) -> (f32, f32) {
     let s = amax / 32767.0;
-    if s > 0.0 && s.is_finite() {
-        (s, 1.0 / s)
+    let inv = 1.0 / s;
+    if s > 0.0 && inv.is_finite() {
+        (s, inv)
     } else {
         (0.0, 0.0)
     }
@@ -86,7 +92,10 @@ fn block_scale(amax: f32) -> (f32, f32) {
 
 /// One block of 32, scalar: `(scale, Σ xq)`.
 fn quantize_block(blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
-    // `f32::max` skips NaN, as `vmaxps` does with the running maximum first.
+    if !blk.iter().all(|v| v.is_finite()) {
+        xq.fill(0);
+        return (NOT_FINITE, 0);
+    }
     let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
     let (s, inv) = block_scale(amax);
     // Round to nearest, ties to even, by the 1.5 · 2^23 trick (|x · inv| <= 32767 + ε), as
@@ -94,9 +103,7 @@ fn quantize_block(blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
     const MAGIC: f32 = 12_582_912.0;
     let mut total = 0;
     for (q, &v) in xq.iter_mut().zip(blk) {
-        let r = v * inv;
-        let n = if r.is_nan() { 0.0 } else { (r + MAGIC) - MAGIC };
-        *q = n as i16;
+        *q = ((v * inv + MAGIC) - MAGIC) as i16;
         total += *q as i32;
     }
     (s, total)
@@ -109,31 +116,27 @@ unsafe fn quantize_block_avx512(blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
     use std::arch::x86_64::*;
     let v0 = _mm512_loadu_ps(blk.as_ptr());
     let v1 = _mm512_loadu_ps(blk.as_ptr().add(16));
-    // `vmaxps` returns its second operand when either is NaN: the running maximum goes
-    // second, so a NaN value is skipped, as `f32::max` does.
-    let m = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps());
-    let m = _mm512_max_ps(_mm512_abs_ps(v1), m);
+    // `x · 0` is NaN exactly where `x` is not finite.
+    let zero = _mm512_setzero_ps();
+    let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(_mm512_mul_ps(v0, zero), _mm512_mul_ps(v1, zero));
+    if finite != 0xffff {
+        xq.fill(0);
+        return (NOT_FINITE, 0);
+    }
+    let m = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
     let mut lanes = [0f32; 16];
     _mm512_storeu_ps(lanes.as_mut_ptr(), m);
     let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
     let (s, inv) = block_scale(amax);
     let inv = _mm512_set1_ps(inv);
-    let (r0, r1) = (_mm512_mul_ps(v0, inv), _mm512_mul_ps(v1, inv));
-    // NaN lanes (unordered with themselves) become 0.
-    let (k0, k1) = (
-        _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r0, r0),
-        _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r1, r1),
-    );
-    let (i0, i1) = (
-        _mm512_maskz_cvtps_epi32(k0, r0),
-        _mm512_maskz_cvtps_epi32(k1, r1),
-    );
-    _mm256_storeu_si256(xq.as_mut_ptr() as *mut __m256i, _mm512_cvtsepi32_epi16(i0));
-    _mm256_storeu_si256(
-        xq.as_mut_ptr().add(16) as *mut __m256i,
-        _mm512_cvtsepi32_epi16(i1),
-    );
-    (s, _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)))
+    let h0 = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)));
+    let h1 = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+    _mm256_storeu_si256(xq.as_mut_ptr() as *mut __m256i, h0);
+    _mm256_storeu_si256(xq.as_mut_ptr().add(16) as *mut __m256i, h1);
+    // The sum of the values stored (after the saturating narrowing, which |x · inv| <= 32767
+    // never needs).
+    let total = _mm512_add_epi32(_mm512_cvtepi16_epi32(h0), _mm512_cvtepi16_epi32(h1));
+    (s, _mm512_reduce_add_epi32(total))
 }
 
 /// The slow twin of the VNNI kernel, bit for bit: per block the exact integer sum, then
@@ -204,10 +207,20 @@ mod tests {
         let mut neg = blocks[2];
         neg[9] = -1e5;
         blocks.push(neg);
+        blocks.push(std::array::from_fn(|j| (j as f32 - 15.5) * 1e-36));
         for (i, blk) in blocks.iter().enumerate() {
             let mut a = [0i16; 32];
             let (sa, ta) = quantize_block(blk, &mut a);
             assert_eq!(ta, a.iter().map(|&v| v as i32).sum::<i32>(), "block {i}");
+            let finite = blk.iter().all(|v| v.is_finite());
+            assert_eq!(
+                sa.is_nan(),
+                !finite,
+                "block {i}: NaN scale for a non-finite value"
+            );
+            if i == 205 {
+                assert_eq!((sa, ta), (0.0, 0), "a block too small to scale");
+            }
             if i == 201 {
                 assert_eq!(&a[1..4], &[2, 2, 4], "ties go to even");
             }
