@@ -456,6 +456,19 @@ mod tests {
 
     /// Q4_1 weights read in place (dequantized a panel at a time) give bit for bit the matmul of
     /// the same weights dequantized up front, for the GEMV, the tiles and the sparse head.
+    /// `count` random Q4_1 blocks (20 bytes: f16 `d`, f16 `m`, 16 bytes of nibbles).
+    fn q4_1_blocks(count: usize, next: &mut dyn FnMut() -> u64) -> Vec<u8> {
+        let mut blocks = vec![0u8; count * 20];
+        for b in blocks.chunks_exact_mut(20) {
+            let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
+            let m = f16::from_f32((next() % 2000) as f32 * 1e-4 - 0.1);
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            b[2..4].copy_from_slice(&m.to_le_bytes());
+            b[4..].iter_mut().for_each(|q| *q = next() as u8);
+        }
+        blocks
+    }
+
     /// `Activations::Int16` through `matmul_act` and `matmul_silu_mul_act` (Q4_1 panels, a
     /// bias, rows in one group, several and past the f32-copy threshold): one row stays the
     /// exact path bit for bit; more rows are within 1e-4 of the exact product's scale (the
@@ -471,14 +484,7 @@ mod tests {
             s ^= s << 17;
             s
         };
-        let mut blocks = vec![0u8; n * k / 32 * 20];
-        for b in blocks.chunks_exact_mut(20) {
-            let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
-            let m = f16::from_f32((next() % 2000) as f32 * 1e-4 - 0.1);
-            b[..2].copy_from_slice(&d.to_le_bytes());
-            b[2..4].copy_from_slice(&m.to_le_bytes());
-            b[4..].iter_mut().for_each(|q| *q = next() as u8);
-        }
+        let blocks = q4_1_blocks(n * k / 32, &mut next);
         let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.3).collect();
         let w = View::Q4_1(&blocks);
         for isa in Isa::available() {
@@ -548,14 +554,7 @@ mod tests {
             s ^= s << 17;
             s
         };
-        let mut blocks = vec![0u8; n * k / 32 * 20];
-        for b in blocks.chunks_exact_mut(20) {
-            let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
-            let m = f16::from_f32((next() % 2000) as f32 * 1e-4 - 0.1);
-            b[..2].copy_from_slice(&d.to_le_bytes());
-            b[2..4].copy_from_slice(&m.to_le_bytes());
-            b[4..].iter_mut().for_each(|q| *q = next() as u8);
-        }
+        let blocks = q4_1_blocks(n * k / 32, &mut next);
         let blocks8 = q8(&mut next);
         for quant in [View::Q4_1(&blocks), View::Q8_0(&blocks8)] {
             let mut dense = vec![0f32; n * k];
