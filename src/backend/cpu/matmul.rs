@@ -266,7 +266,8 @@ fn range(
         // of up to 40 rows; faster than the copy, docs/PERF.md "Prompts without the f32
         // copy"); for more, once into an f32 copy that every pass reads. The same values, so
         // the same bits either way.
-        let int16 = quant.filter(|_| rows > 1 && matches!(p, View::Q4_1(_)));
+        // `quant` is there only for two rows or more (`matmul_with`).
+        let int16 = quant.filter(|_| matches!(p, View::Q4_1(_)));
         let copy =
             int16.is_none() && p.is_quantized() && rows > COPY_AFTER_PASSES * simd::panel_tr(p);
         let mut f32_panel = if copy {
@@ -454,8 +455,6 @@ mod tests {
         }
     }
 
-    /// Q4_1 weights read in place (dequantized a panel at a time) give bit for bit the matmul of
-    /// the same weights dequantized up front, for the GEMV, the tiles and the sparse head.
     /// `count` random Q4_1 blocks (20 bytes: f16 `d`, f16 `m`, 16 bytes of nibbles).
     fn q4_1_blocks(count: usize, next: &mut dyn FnMut() -> u64) -> Vec<u8> {
         let mut blocks = vec![0u8; count * 20];
@@ -535,6 +534,8 @@ mod tests {
         }
     }
 
+    /// Q4_1 weights read in place (dequantized a panel at a time) give bit for bit the matmul of
+    /// the same weights dequantized up front, for the GEMV, the tiles and the sparse head.
     #[test]
     fn block_weights_equal_their_f32_values_bit_for_bit() {
         let (n, k) = (37, 96);

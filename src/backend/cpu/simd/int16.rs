@@ -11,7 +11,7 @@ use super::PANEL;
 use crate::tensor::View;
 
 /// Token rows quantized per row and block of 32 input columns.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct QuantRows {
     /// `[rows, k]`, `round(x / s)`.
     pub xq: Vec<i16>,
@@ -40,24 +40,13 @@ impl QuantRows {
             sum: vec![0.0; rows * nb],
             k,
         };
-        #[cfg(target_arch = "x86_64")]
         let vector = super::has_vnni();
-        #[cfg(not(target_arch = "x86_64"))]
-        let vector = false;
         for ((blk, xq), (scale, sum)) in x[..rows * k]
             .chunks_exact(32)
             .zip(q.xq.chunks_exact_mut(32))
             .zip(q.scale.iter_mut().zip(q.sum.iter_mut()))
         {
-            #[cfg(target_arch = "x86_64")]
-            if vector {
-                // SAFETY: AVX-512 F/BW detected (`has_vnni` includes them); 32 values each.
-                let (s, total) = unsafe { quantize_block_avx512(blk, xq) };
-                (*scale, *sum) = (s, total as f32 * s);
-                continue;
-            }
-            let _ = vector;
-            let (s, total) = quantize_block(blk, xq);
+            let (s, total) = quantize_block_best(vector, blk, xq);
             (*scale, *sum) = (s, total as f32 * s);
         }
         q
@@ -109,6 +98,18 @@ fn quantize_block(blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
     (s, total)
 }
 
+/// [`quantize_block_avx512`] where `vector` ([`super::has_vnni`], which includes AVX-512
+/// F/BW), else [`quantize_block`]: the same values either way.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn quantize_block_best(vector: bool, blk: &[f32], xq: &mut [i16]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: AVX-512 F/BW detected (`vector` is `has_vnni`); 32 values each.
+        return unsafe { quantize_block_avx512(blk, xq) };
+    }
+    quantize_block(blk, xq)
+}
+
 /// [`quantize_block`] in AVX-512: the same values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -151,20 +152,17 @@ pub fn panel_q4_1_twin(
     let View::Q4_1(b) = p else {
         panic!("int16 panel of a panel that is not Q4_1; this is a bug")
     };
-    let f16_at = |o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
     let nb = k / 32;
     for (t, acc_t) in acc.iter_mut().enumerate().take(tr) {
         for (c, y) in acc_t.iter_mut().enumerate() {
             let mut v = 0f32;
             for blk in 0..nb {
-                let o = blk * 640;
                 let mut isum = 0i32;
                 for r in 0..32 {
-                    let byte = b[o + 128 + (r / 2) * 32 + c];
-                    let q = if r % 2 == 0 { byte & 15 } else { byte >> 4 };
+                    let (q, _, _) = super::q4_1_panel_parts(b, blk * 32 + r, c);
                     isum += q as i32 * xq[t * k + blk * 32 + r] as i32;
                 }
-                let (d, m) = (f16_at(o + 2 * c), f16_at(o + 64 + 2 * c));
+                let (_, d, m) = super::q4_1_panel_parts(b, blk * 32, c);
                 let (s, su) = (scale[t * nb + blk], sum[t * nb + blk]);
                 v = (isum as f32).mul_add(d * s, m.mul_add(su, v));
             }

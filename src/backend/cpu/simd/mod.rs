@@ -280,16 +280,25 @@ pub fn bf16_panel_slot(c: usize) -> usize {
     }
 }
 
+/// Input column `j`, output column `c` of a Q4_1 panel (`cpu::panels` layout: per block of 32
+/// input columns, 32 f16 scales, 32 f16 minima, then 16 rows of 32 bytes, row `r` holding input
+/// columns `2r` and `2r + 1` in its low and high nibbles): `(q, d, m)`, the weight `q·d + m`.
+pub fn q4_1_panel_parts(b: &[u8], j: usize, c: usize) -> (u8, f32, f32) {
+    let f16_at = |o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
+    let (blk, r) = ((j / 32) * 640, j % 32);
+    let byte = b[blk + 128 + (r / 2) * 32 + c];
+    let q = if r % 2 == 0 { byte & 15 } else { byte >> 4 };
+    (q, f16_at(blk + 2 * c), f16_at(blk + 64 + 2 * c))
+}
+
 /// Weight `(j, c)` (input column `j`, panel column `c`) of one panel `p` in the layout of
 /// `cpu::panels`, widened to f32: the reference reader of that layout.
 pub fn panel_weight(p: View, j: usize, c: usize) -> f32 {
     let f16_at = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
     match p {
         View::Q4_1(b) => {
-            let (blk, r) = ((j / 32) * 640, j % 32);
-            let q = b[blk + 128 + (r / 2) * 32 + c];
-            let q = if r % 2 == 0 { q & 15 } else { q >> 4 };
-            q as f32 * f16_at(b, blk + 2 * c) + f16_at(b, blk + 64 + 2 * c)
+            let (q, d, m) = q4_1_panel_parts(b, j, c);
+            q as f32 * d + m
         }
         View::Q8_0(b) => {
             let blk = (j / 32) * 1088;
