@@ -141,3 +141,44 @@ fn a_matrix_of_the_wrong_shape_is_refused_before_it_is_laid_out() {
     assert!(peak < 32 << 20, "{peak} bytes held before the refusal");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One well-laid Q4_0 tensor (8 MiB, 59 MiB once widened to f32) that the config has no place
+/// for (`blk.999`): refused by name before it is dequantized.
+#[test]
+fn a_gguf_tensor_the_config_does_not_take_is_refused_before_it_is_dequantized() {
+    let config = gram::config::ModelConfig::from_json(
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("gram-gguf-unplanned-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Q4_0 (type 2): [32, 466,033] is 466,033 blocks of 18 bytes.
+    let (cols, rows) = (32u64, 466_033u64);
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(0u64.to_le_bytes()); // metadata
+    let name = "blk.999.ffn_up.weight";
+    b.extend((name.len() as u64).to_le_bytes());
+    b.extend(name.as_bytes());
+    b.extend(2u32.to_le_bytes());
+    b.extend(cols.to_le_bytes());
+    b.extend(rows.to_le_bytes());
+    b.extend(2u32.to_le_bytes()); // Q4_0
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    b.resize(b.len() + (rows * 18) as usize, 0x5a);
+    std::fs::write(dir.join("model.gguf"), b).unwrap();
+    let source = Source::find(&dir).unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let err = match source.load(&config) {
+        Ok(_) => panic!("a tensor the config has no place for loaded"),
+        Err(e) => e.to_string(),
+    };
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert!(err.contains("missing from the checkpoint"), "{err}");
+    assert!(peak < 8 << 20, "{peak} bytes held before the refusal");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -121,6 +121,7 @@ impl<'a> Cursor<'a> {
 #[derive(Debug, Clone)]
 enum Value {
     Int(i128),
+    Float(f64),
     Str(String),
     Other,
 }
@@ -131,10 +132,7 @@ fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Valu
         2 | 3 => Value::Int(u16::from_le_bytes(c.take(2)?.try_into().expect("2")) as i128),
         4 => Value::Int(c.u32()? as i128),
         5 => Value::Int(c.u32()? as i32 as i128),
-        6 => {
-            c.take(4)?;
-            Value::Other
-        }
+        6 => Value::Float(f32::from_le_bytes(c.take(4)?.try_into().expect("4")) as f64),
         8 => Value::Str(c.string()?),
         9 => {
             if depth > 2 {
@@ -149,10 +147,7 @@ fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Valu
         }
         10 => Value::Int(c.u64()? as i128),
         11 => Value::Int(c.u64()? as i64 as i128),
-        12 => {
-            c.take(8)?;
-            Value::Other
-        }
+        12 => Value::Float(f64::from_bits(c.u64()?)),
         t => return Err(format!("unknown metadata value type {t}")),
     })
 }
@@ -164,6 +159,8 @@ struct Header {
     data_start: usize,
     arch: Option<String>,
     alignment: u64,
+    /// The scalar numbers of the metadata (`llama.block_count`, ...), for [`check_hparams`].
+    numbers: Vec<(String, f64)>,
 }
 
 #[derive(Debug)]
@@ -189,6 +186,7 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     let n_kv = c.len("metadata", 12)?;
     let mut alignment = DEFAULT_ALIGNMENT;
     let mut arch = None;
+    let mut numbers = Vec::new();
     for _ in 0..n_kv {
         let key = c.string()?;
         let ty = c.u32()?;
@@ -202,7 +200,11 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
                 Value::Str(a) => arch = Some(a),
                 _ => return Err("general.architecture must be a string".into()),
             },
-            _ => {}
+            _ => match v {
+                Value::Int(i) => numbers.push((key, i as f64)),
+                Value::Float(f) => numbers.push((key, f)),
+                _ => {}
+            },
         }
     }
     // Grown as entries are read: a count that fits the file can still ask for more memory
@@ -241,7 +243,66 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
         data_start: start as usize,
         arch,
         alignment,
+        numbers,
     })
+}
+
+/// The file's own hyperparameters (`{arch}.block_count`, `.attention.head_count`, ...) against
+/// config.json's. A config with other head counts of the same total width passes every shape
+/// check, and the Q/K rows would be put back in the wrong order: wrong numbers, no error. Keys
+/// the file does not have are not checked (per-layer arrays are not numbers here).
+fn check_hparams(
+    path: &Path,
+    arch: Option<&str>,
+    numbers: &[(String, f64)],
+    config: &ModelConfig,
+) -> Result<()> {
+    let Some(arch) = arch else { return Ok(()) };
+    let c = config;
+    let want: [(&str, &str, f64); 8] = [
+        (
+            "block_count",
+            "num_hidden_layers",
+            c.num_hidden_layers as f64,
+        ),
+        ("embedding_length", "hidden_size", c.hidden_size as f64),
+        (
+            "feed_forward_length",
+            "intermediate_size",
+            c.intermediate_size as f64,
+        ),
+        (
+            "attention.head_count",
+            "num_attention_heads",
+            c.num_attention_heads as f64,
+        ),
+        (
+            "attention.head_count_kv",
+            "num_key_value_heads",
+            c.num_key_value_heads as f64,
+        ),
+        ("attention.key_length", "head_dim", c.head_dim as f64),
+        ("rope.freq_base", "rope_theta", c.rope_theta as f64),
+        (
+            "attention.layer_norm_rms_epsilon",
+            "rms_norm_eps",
+            c.rms_norm_eps as f64,
+        ),
+    ];
+    for (suffix, field, expected) in want {
+        let key = format!("{arch}.{suffix}");
+        let Some(&(_, got)) = numbers.iter().find(|(k, _)| *k == key) else {
+            continue;
+        };
+        // The floats are f32 in the file and in the config: equal up to their rounding.
+        if (got - expected).abs() > 1e-6 * expected.abs() {
+            return Err(Error::checkpoint(
+                path,
+                format!("{key} is {got} but config.json's {field} is {expected}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether llama.cpp stored this file's Q/K rows permuted for its rotary layout: its converter
@@ -367,16 +428,24 @@ fn unpermute_rows<T: Copy + Default>(w: &[T], n_head: usize, cols: usize) -> Vec
     out
 }
 
-/// Loads every tensor of the GGUF at `path` under HF names.
+/// Loads every tensor of the GGUF at `path` under HF names: those `config` expects, each of its
+/// shape, and no other.
 pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
+    load_checked(path, config, true)
+}
+
+/// [`load`]; `check_shapes: false` reads whatever tensors a (test's partial) file holds.
+fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result<TensorMap> {
     let map: Arc<Mmap> = map_file(path)?;
     let Header {
         tensors: infos,
         data_start,
         arch,
         alignment,
+        numbers,
     } = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
     let permuted = rotary_permuted(path, arch.as_deref(), config)?;
+    check_hparams(path, arch.as_deref(), &numbers, config)?;
     // First every tensor's name, shape and place, and the places against each other; only then
     // is anything copied or dequantized, so a header whose tensors overlap (each of them the
     // whole data section, say) is refused before it can ask for many times the file in memory.
@@ -461,6 +530,14 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
         planned.push((name, info, shape, numel, range, direct, permute_heads));
     }
     check_layout(&mut places, alignment).map_err(|m| Error::checkpoint(path, m))?;
+    // Names and shapes against the config before anything is widened to f32 (a Q4_0 tensor
+    // takes 7× its bytes): a file about to be refused must not first ask for that memory.
+    if check_shapes {
+        crate::model::weights::check_shapes(
+            config,
+            planned.iter().map(|p| (p.0.as_str(), p.2.as_slice())),
+        )?;
+    }
     let mut out = TensorMap::new();
     for (name, info, shape, numel, range, direct, permute_heads) in planned {
         let tensor = match (direct, permute_heads) {
@@ -636,7 +713,7 @@ mod tests {
                 &[7; 128],
             );
             std::fs::write(&path, file).unwrap();
-            load(&path, &config)
+            load_checked(&path, &config, false)
                 .map(|m| m.len())
                 .map_err(|e| e.to_string())
         };
@@ -681,7 +758,7 @@ mod tests {
                 one_tensor_gguf("blk.0.ffn_up.weight", dims, ty, &[0; 64]),
             )
             .unwrap();
-            let Err(err) = load(&path, &config) else {
+            let Err(err) = load_checked(&path, &config, false) else {
                 panic!("{dims:?}: loaded");
             };
             let err = err.to_string();
@@ -693,7 +770,7 @@ mod tests {
             one_tensor_gguf("blk.0.ffn_up.weight", &[4, 4], 0, &[0; 64]),
         )
         .unwrap();
-        assert_eq!(load(&path, &config).unwrap().len(), 1);
+        assert_eq!(load_checked(&path, &config, false).unwrap().len(), 1);
         // Random corruption of the header (dims, type, offset, counts, name length): an error
         // or a load, never a panic.
         let good = one_tensor_gguf("blk.0.ffn_up.weight", &[32, 2], 8, &[1; 68]);
@@ -716,7 +793,69 @@ mod tests {
                 };
             }
             std::fs::write(&path, &b).unwrap();
-            let _ = load(&path, &config);
+            let _ = load_checked(&path, &config, false);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A GGUF header with metadata `(key, value type, value bytes)` and no tensors.
+    fn gguf_with_metadata(meta: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // tensors
+        b.extend((meta.len() as u64).to_le_bytes());
+        for (key, ty, value) in meta {
+            b.extend((key.len() as u64).to_le_bytes());
+            b.extend(key.as_bytes());
+            b.extend(ty.to_le_bytes());
+            b.extend(value);
+        }
+        b
+    }
+
+    /// The file's hyperparameters must be config.json's: 3 heads where the config says 2 (the
+    /// same width, so every shape fits) or another rope base is refused, naming both; equal
+    /// values (an f32 in the file) and keys the file lacks pass.
+    #[test]
+    fn hyperparameters_must_match_the_config() {
+        let (config, dir) = tiny_config_and_dir("gguf-hparams");
+        let arch = |a: &str| {
+            let mut v = (a.len() as u64).to_le_bytes().to_vec();
+            v.extend(a.as_bytes());
+            ("general.architecture", 8u32, v)
+        };
+        let heads = |n: u32| ("llama.attention.head_count", 4u32, n.to_le_bytes().to_vec());
+        let base = |f: f32| ("llama.rope.freq_base", 6u32, f.to_le_bytes().to_vec());
+        let layers = |n: u64| ("llama.block_count", 10u32, n.to_le_bytes().to_vec());
+        let eps = |e: f32| {
+            let key = "llama.attention.layer_norm_rms_epsilon";
+            (key, 6u32, e.to_le_bytes().to_vec())
+        };
+        let check = |meta: &[(&str, u32, Vec<u8>)]| {
+            let h = parse_header(&gguf_with_metadata(meta)).unwrap();
+            check_hparams(&dir, h.arch.as_deref(), &h.numbers, &config).map_err(|e| e.to_string())
+        };
+        let same = [arch("llama"), heads(2), base(10000.0), layers(1), eps(1e-6)];
+        assert_eq!(check(&same), Ok(()));
+        assert_eq!(
+            check(&[heads(3)]),
+            Ok(()),
+            "no architecture, no keys to check"
+        );
+        for (meta, want) in [
+            (
+                vec![arch("llama"), heads(3)],
+                "llama.attention.head_count is 3 but config.json's num_attention_heads is 2",
+            ),
+            (
+                vec![arch("llama"), base(100000.0)],
+                "llama.rope.freq_base is 100000 but config.json's rope_theta is 10000",
+            ),
+            (vec![arch("llama"), layers(2)], "llama.block_count is 2"),
+            (vec![arch("llama"), eps(1e-5)], "layer_norm_rms_epsilon"),
+        ] {
+            let err = check(&meta).expect_err(want);
+            assert!(err.contains(want), "{err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -2,6 +2,8 @@
 //! Every expected tensor is checked for presence and shape against the config; an unexpected
 //! tensor is an error too, so a checkpoint that does not fit its config never loads silently.
 
+use std::collections::HashMap;
+
 use crate::backend::{Backend, Linear, LinearRef};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -138,40 +140,50 @@ fn expected(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// tables (old Llama checkpoints store them; they are recomputed) and a stored `lm_head` that
 /// tied embeddings replace (HF ignores it too).
 fn check_names_and_shapes(c: &ModelConfig, mut map: TensorMap) -> Result<TensorMap> {
+    check_shapes(c, map.iter().map(|(n, t)| (n.as_str(), t.shape())))?;
+    map.retain(|n, _| !ignored(c, n));
+    Ok(map)
+}
+
+/// Tensors a checkpoint may hold that the engine does not read.
+fn ignored(c: &ModelConfig, name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || name == "lm_head.weight" && c.tie_word_embeddings
+}
+
+/// The checks of [`check_names_and_shapes`] on names and shapes alone, for a reader that would
+/// otherwise spend memory before them (the GGUF reader widens some block types to f32).
+pub(crate) fn check_shapes<'a>(
+    c: &ModelConfig,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+) -> Result<()> {
+    let have: HashMap<&str, &[usize]> = tensors.into_iter().collect();
     let want = expected(c);
     for (name, shape) in &want {
-        let t = map
-            .get(name)
+        let got = have
+            .get(name.as_str())
             .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))?;
-        if t.shape() != shape.as_slice() {
+        if *got != shape.as_slice() {
             return Err(Error::tensor(
                 name,
-                format!(
-                    "shape {:?} does not fit the config (expected {shape:?})",
-                    t.shape()
-                ),
+                format!("shape {got:?} does not fit the config (expected {shape:?})"),
             ));
         }
     }
     let known: std::collections::HashSet<&str> = want.iter().map(|(n, _)| n.as_str()).collect();
-    let ignored = |n: &str| {
-        n.ends_with("rotary_emb.inv_freq") || n == "lm_head.weight" && c.tie_word_embeddings
-    };
-    if let Some(name) = map
+    if let Some(name) = have
         .keys()
-        .filter(|n| !known.contains(n.as_str()) && !ignored(n))
+        .filter(|n| !known.contains(*n) && !ignored(c, n))
         .min()
     {
         return Err(Error::tensor(
-            name.clone(),
+            *name,
             format!(
                 "not expected for {:?} with {} layers",
                 c.arch, c.num_hidden_layers
             ),
         ));
     }
-    map.retain(|n, _| !ignored(n));
-    Ok(map)
+    Ok(())
 }
 
 /// Builds the weights of `config` from `map`. `dtype` converts every matrix at load (None keeps
