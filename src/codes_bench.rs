@@ -189,6 +189,9 @@ fn bench<B: Backend>(
     };
     let tokenizer =
         Tokenizer::from_file(&args.model.join("tokenizer.json")).map_err(|e| e.to_string())?;
+    tokenizer
+        .check_fits(model.config.vocab_size)
+        .map_err(|e| e.to_string())?;
     let eos = *model
         .config
         .eos_token_ids

@@ -317,11 +317,28 @@ impl RawConfig {
                 Some(Value::Object(obj)) => obj,
                 Some(other) => return Err(format!("{key} must be an object, not {other}")),
             };
-            let kind = obj
+            let kind = match obj
                 .get("rope_type")
                 .or_else(|| obj.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
+                .filter(|k| !k.is_null())
+            {
+                Some(k) => k
+                    .as_str()
+                    .ok_or_else(|| format!("{key}.rope_type must be a string, not {k}"))?,
+                // No type and nothing but the base: plain rope. Scaling keys without a type
+                // (`{"factor": 8}`) are refused, as transformers refuses them, rather than
+                // run unscaled.
+                None => match obj.iter().find(|(k, v)| {
+                    !v.is_null() && !["rope_theta", "rope_type", "type"].contains(&k.as_str())
+                }) {
+                    Some((other, _)) => {
+                        return Err(format!(
+                            "{key} has `{other}` but no rope_type: which scaling is meant?"
+                        ))
+                    }
+                    None => "default",
+                },
+            };
             if kind != "default" {
                 return Err(format!(
                     "unsupported {key}.rope_type `{kind}` (only `default`)"
@@ -488,6 +505,25 @@ mod tests {
         assert!(ModelConfig::from_json(&scaled)
             .unwrap_err()
             .contains("yarn"));
+        // Scaling keys without a type are refused (transformers refuses them too), not run
+        // unscaled; a type-less object with nothing but the base, or null, is plain rope.
+        let untyped = LLAMA.replace(
+            r#""rope_theta":100000.0"#,
+            r#""rope_scaling":{"factor":8.0}"#,
+        );
+        let err = ModelConfig::from_json(&untyped).unwrap_err();
+        assert!(
+            err.contains("rope_scaling has `factor` but no rope_type"),
+            "{err}"
+        );
+        for plain in [
+            r#""rope_scaling":{"rope_theta":5e5}"#,
+            r#""rope_scaling":{"rope_type":null}"#,
+            r#""rope_scaling":{}"#,
+        ] {
+            let c = LLAMA.replace(r#""rope_theta":100000.0"#, plain);
+            assert!(ModelConfig::from_json(&c).is_ok(), "{plain}");
+        }
         assert!(ModelConfig::from_json("{")
             .unwrap_err()
             .contains("not valid JSON"));

@@ -59,7 +59,8 @@ pub fn run<B: Backend>(model: &Model<B>, prompt: &[u32], greedy: usize) -> Resul
     if prompt.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
     }
-    let need = prompt.len().saturating_add(greedy);
+    // The last greedy token is printed, never run: it takes no position.
+    let need = prompt.len().saturating_add(greedy.saturating_sub(1));
     if need > model.max_positions() {
         return Err(Error::Input(format!(
             "prompt ({} tokens) + {greedy} new tokens exceeds the model's {} positions",

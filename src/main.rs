@@ -308,6 +308,8 @@ fn load(
         Some(gpu) => Loaded::Cuda(Model::load_on(gpu, dir, &options).map_err(|e| e.to_string())?),
         None => Loaded::Cpu(Model::load(dir, &options).map_err(|e| e.to_string())?),
     };
+    let vocab = on_model!(&model, m => m.config.vocab_size);
+    tokenizer.check_fits(vocab).map_err(|e| e.to_string())?;
     Ok((tokenizer, model))
 }
 

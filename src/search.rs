@@ -303,8 +303,9 @@ impl Parts {
         })
     }
 
-    fn with_model<B: Backend>(self, model: Model<B>) -> Engine<B> {
-        Engine {
+    fn with_model<B: Backend>(self, model: Model<B>) -> Result<Engine<B>> {
+        self.tokenizer.check_fits(model.config.vocab_size)?;
+        Ok(Engine {
             index: self.index,
             model,
             tokenizer: self.tokenizer,
@@ -314,7 +315,7 @@ impl Parts {
             limits: Limits::default(),
             model_dir: self.model_dir,
             rankers: Default::default(),
-        }
+        })
     }
 }
 
@@ -338,7 +339,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Engine<B>> {
         let parts = Parts::open(index_dir, model_dir)?;
         let model = Model::load_on(backend, &parts.model_dir, load)?;
-        Ok(parts.with_model(model))
+        parts.with_model(model)
     }
 
     pub fn with_limits(mut self, limits: Limits) -> Engine<B> {
@@ -807,8 +808,8 @@ impl AnyEngine {
         let options = load_options(gpu.is_some(), load);
         let dir = parts.model_dir.clone();
         let engine = match gpu {
-            Some(gpu) => AnyEngine::Cuda(parts.with_model(Model::load_on(gpu, &dir, &options)?)),
-            None => AnyEngine::Cpu(parts.with_model(Model::load(&dir, &options)?)),
+            Some(gpu) => AnyEngine::Cuda(parts.with_model(Model::load_on(gpu, &dir, &options)?)?),
+            None => AnyEngine::Cpu(parts.with_model(Model::load(&dir, &options)?)?),
         };
         Ok((engine, info))
     }

@@ -153,6 +153,23 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Every id this tokenizer can give must be a row of the model's embedding (`vocab`): a
+    /// tokenizer of another model is refused at load, not on each query that meets a large id.
+    pub fn check_fits(&self, vocab: usize) -> Result<()> {
+        let top = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|(_, id)| *id);
+        match top {
+            Some((token, id)) if id as usize >= vocab => Err(Error::Tokenizer(format!(
+                "token `{token}` has id {id}, outside the model's vocabulary of {vocab} \
+                 (tokenizer.json is not this model's)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The id of a token string (e.g. `<|im_end|>`), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -313,6 +313,13 @@ fn a_shard_index_that_does_not_fit_its_shards() {
             index.replacen(&entry, &format!("{entry}, \"model.ghost.weight\": \"{one}\""), 1),
             "`model.ghost.weight` is in no shard",
         ),
+        (
+            // `dir.join("")` is the directory itself: named as the index's fault, not an
+            // IO error about a directory.
+            "empty",
+            index.replacen(&entry, "\"model.embed_tokens.weight\": \"\"", 1),
+            "shard name `` is not a plain file name",
+        ),
     ] {
         let dir = copy_model(&src, &format!("index-{name}"));
         std::fs::write(dir.join("model.safetensors.index.json"), edited).unwrap();
@@ -351,6 +358,29 @@ fn bad_batches_are_input_errors() {
         .unwrap()
         .to_string()
         .contains("exceeds the model's"));
+    // The last greedy token is never run, so a prompt of P tokens may ask for 1024 − P + 1
+    // (1,024 positions), not one more.
+    let max = model.max_positions();
+    let prompt = vec![5u32; max - 2];
+    assert!(gram::lm::run(&model, &prompt, 3).is_ok());
+    assert!(gram::lm::run(&model, &prompt, 4)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("exceeds the model's"));
+}
+
+/// A tokenizer whose ids go past the model's vocabulary (another model's tokenizer.json) is
+/// refused when the two are loaded together, naming the token, not on each query that meets it.
+#[test]
+fn a_tokenizer_larger_than_the_model_is_refused() {
+    let tok = gram::Tokenizer::from_file(&model_dir("tiny-llama").join("tokenizer.json")).unwrap();
+    assert!(tok.check_fits(512).is_ok());
+    let e = tok.check_fits(511).unwrap_err().to_string();
+    assert!(
+        e.contains("has id 511, outside the model's vocabulary of 511"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -169,7 +169,7 @@ fn shards_from_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, Stri
     }
     let mut out = Vec::new();
     for f in files {
-        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+        if f.is_empty() || f.contains('/') || f.contains('\\') || f.starts_with('.') {
             return Err(Error::checkpoint(
                 index,
                 format!("shard name `{f}` is not a plain file name"),
