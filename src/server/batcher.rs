@@ -181,7 +181,10 @@ impl ServiceRate {
 }
 
 /// The rate jobs are offered at (admitted or refused): the last [`ArrivalRate::KEEP`]
-/// arrival times, measured up to now (so the rate falls when traffic stops).
+/// arrival times, none older than [`ArrivalRate::MAX_AGE`], measured up to now (so the rate
+/// falls when traffic stops). The age bound keeps a quiet spell out of a burst's rate: with
+/// the arrivals before the spell still counted, the first hundred of a burst looked slow, the
+/// wait bound stood aside and the queue filled to `--max-queue`.
 #[derive(Default)]
 pub struct ArrivalRate {
     times: VecDeque<Instant>,
@@ -189,6 +192,7 @@ pub struct ArrivalRate {
 
 impl ArrivalRate {
     const KEEP: usize = 128;
+    const MAX_AGE: Duration = Duration::from_secs(1);
 
     /// A job was offered at `now`.
     pub fn arrived(&mut self, now: Instant) {
@@ -198,14 +202,25 @@ impl ArrivalRate {
         }
     }
 
-    /// Jobs offered per second at `now`, or `None` with fewer than 16 offered (too few to say).
-    pub fn per_second(&self, now: Instant) -> Option<f64> {
+    /// Jobs offered per second at `now`: from the first kept arrival to now, or, with fewer
+    /// than 16 in the last [`ArrivalRate::MAX_AGE`], their count over that window (a rate that
+    /// slow is not worth a finer estimate, and "unknown" would apply the wait bound to every
+    /// quiet server). `None` before any arrival.
+    pub fn per_second(&mut self, now: Instant) -> Option<f64> {
+        while self
+            .times
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) > Self::MAX_AGE)
+        {
+            self.times.pop_front();
+        }
         let first = *self.times.front()?;
-        if self.times.len() < 16 {
-            return None;
+        let n = self.times.len();
+        if n < 16 {
+            return Some(n as f64 / Self::MAX_AGE.as_secs_f64());
         }
         let span = now.saturating_duration_since(first).as_secs_f64().max(1e-6);
-        Some((self.times.len() - 1) as f64 / span)
+        Some((n - 1) as f64 / span)
     }
 }
 
@@ -228,9 +243,10 @@ struct QueueState {
     draining: bool,
     /// No more jobs are taken.
     closed: bool,
-    /// The job at the head waits for decoder rows (`--max-batch-rows`) although places are
-    /// free: until it joins, no place counts as free for the wait bound.
-    rows_blocked: bool,
+    /// The job at the head waits, although places are free, for decoder rows
+    /// (`--max-batch-rows`) or for KV entries of the arena (a wide beam): until it joins, no
+    /// place counts as free for the wait bound, since nothing behind it joins first.
+    head_blocked: bool,
 }
 
 impl Queue {
@@ -241,7 +257,7 @@ impl Queue {
                 arrivals: ArrivalRate::default(),
                 draining: false,
                 closed: false,
-                rows_blocked: false,
+                head_blocked: false,
             }),
             changed: Condvar::new(),
             capacity,
@@ -316,7 +332,7 @@ impl Queue {
             let depth = st.jobs.len();
             let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
             let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-            let free = free_places(max_batch, in_flight, st.rows_blocked);
+            let free = free_places(max_batch, in_flight, st.head_blocked);
             if depth + 1 > free {
                 let rate = self
                     .service
@@ -450,6 +466,7 @@ fn scorer(
         else {
             return; // the batcher stopped, every request scored
         };
+        metrics.scoring_backlog_add(false);
         if reply.is_closed() {
             continue;
         }
@@ -487,7 +504,11 @@ pub fn run<B: Backend>(
     let mut search = BeamSearch::new();
     let mut batch = engine.batch(&mut search, config.arena_entries)?;
     metrics.set_arena_entries(config.arena_entries);
-    let (to_score, jobs) = std::sync::mpsc::channel::<ToScore>();
+    // Bounded: when scoring is slower than decoding (a large `k`, few scoring threads, a GPU
+    // decoder), finished requests wait here, out of the queue's sight. At most one batch of
+    // them; past it the batcher waits to hand off, and that wait counts in the service rate
+    // the wait bound estimates from, so the queue refuses at once instead of answering late.
+    let (to_score, jobs) = std::sync::mpsc::sync_channel::<ToScore>(config.max_batch.max(1));
     let jobs = Mutex::new(jobs);
     std::thread::scope(|scope| {
         for i in 0..config.score_threads.max(1) {
@@ -517,7 +538,7 @@ fn step_loop<B: Backend>(
     queue: &Queue,
     config: &BatcherConfig,
     metrics: &Metrics,
-    to_score: &std::sync::mpsc::Sender<ToScore>,
+    to_score: &std::sync::mpsc::SyncSender<ToScore>,
 ) {
     let mut flying: Vec<InFlight> = Vec::new();
     // Whether the last admission left jobs queued.
@@ -565,7 +586,7 @@ fn step_loop<B: Backend>(
         let requests = flying.len();
         let step_s = t.elapsed().as_secs_f64();
         metrics.record_step(step_s, requests, batch.last_step_rows());
-        queue.stepped(result.as_ref().map_or(0, |done| done.len()), step_s);
+        let answered = result.as_ref().map_or(0, |done| done.len());
         match result {
             Ok(done) => {
                 let mut finished = Vec::with_capacity(done.len());
@@ -586,8 +607,10 @@ fn step_loop<B: Backend>(
                 // counted as waiting behind itself (the wait bound would refuse it).
                 in_flight(queue, metrics, flying.len());
                 for job in finished {
+                    metrics.scoring_backlog_add(true);
                     if let Err(std::sync::mpsc::SendError(job)) = to_score.send(job) {
                         // No scoring thread left (they never exit while the batcher runs).
+                        metrics.scoring_backlog_add(false);
                         let _ = job.reply.send(Err(Failed::Engine {
                             kind: "internal",
                             message: "no scoring thread".into(),
@@ -604,6 +627,9 @@ fn step_loop<B: Backend>(
                 }
             }
         }
+        // The step and the hand-off to scoring: a hand-off that waited for a scoring thread
+        // makes the batch's answers that much slower.
+        queue.stepped(answered, t.elapsed().as_secs_f64());
     }
 }
 
@@ -642,7 +668,7 @@ fn admit<B: Backend>(
     metrics: &Metrics,
 ) {
     let now = Instant::now();
-    st.rows_blocked = false;
+    st.head_blocked = false;
     let jobs = std::mem::take(&mut st.jobs);
     for job in jobs {
         if job.reply.is_closed() {
@@ -672,7 +698,7 @@ fn admit<B: Backend>(
             beam,
         ) {
             st.jobs.push_front(job);
-            st.rows_blocked = true;
+            st.head_blocked = true;
             break;
         }
         let Job {
@@ -695,12 +721,15 @@ fn admit<B: Backend>(
                 });
             }
             Admission::Wait(prepared) => {
+                // The arena cannot hold it until requests in flight finish (beam 64 takes
+                // ~4.4 times a beam-10 request's entries): the places it leaves are not free.
                 st.jobs.push_front(Job {
                     prepared,
                     reply,
                     enqueued,
                     deadline,
                 });
+                st.head_blocked = true;
                 break;
             }
             Admission::Refused(e) => {
@@ -711,9 +740,9 @@ fn admit<B: Backend>(
 }
 
 /// Places a job queued now may take at the next step: none while the head waits for decoder
-/// rows (`--max-batch-rows`), since nothing behind it joins first.
-fn free_places(max_batch: usize, in_flight: usize, rows_blocked: bool) -> usize {
-    if rows_blocked {
+/// rows (`--max-batch-rows`) or arena entries, since nothing behind it joins first.
+fn free_places(max_batch: usize, in_flight: usize, head_blocked: bool) -> usize {
+    if head_blocked {
         0
     } else {
         max_batch.saturating_sub(in_flight)
@@ -802,12 +831,13 @@ mod tests {
         let t0 = Instant::now();
         let ms = |m: u64| t0 + Duration::from_millis(m);
         let mut a = ArrivalRate::default();
-        // Too few to say: the bound applies (as before any estimate).
+        assert_eq!(a.per_second(ms(0)), None);
+        // Fewer than 16 in the last second: their count over that second.
         for i in 0..15 {
             a.arrived(ms(i * 10));
         }
-        assert_eq!(a.per_second(ms(150)), None);
-        assert!(overloaded(a.per_second(ms(150)), Some(50.0)));
+        assert_eq!(a.per_second(ms(150)), Some(15.0));
+        assert!(!overloaded(a.per_second(ms(150)), Some(50.0)));
         // One every 10 ms: 100/s, measured to now.
         a.arrived(ms(150));
         let r = a.per_second(ms(150)).unwrap();
@@ -815,9 +845,17 @@ mod tests {
         assert!(!overloaded(Some(r), Some(120.0)));
         assert!(overloaded(Some(r), Some(80.0)));
         assert!(overloaded(Some(r), None));
-        // Traffic stops: the rate falls with time.
-        let later = a.per_second(ms(1_500)).unwrap();
-        assert!((later - 10.0).abs() < 1e-6, "{later}");
+        // Traffic stops: the rate falls with time (at 1.1 s, the six of 100..150 ms are left).
+        assert_eq!(a.per_second(ms(1_100)), Some(6.0));
+        // A burst after a quiet spell is measured alone: 20 in 19 ms is 1,000/s, where the
+        // arrivals of ten seconds before, still counted, made it 3.5/s and the bound stood
+        // aside while the queue filled.
+        for i in 0..20 {
+            a.arrived(ms(10_000 + i));
+        }
+        let burst = a.per_second(ms(10_019)).unwrap();
+        assert!((burst - 1_000.0).abs() < 1e-6, "{burst}");
+        assert!(overloaded(Some(burst), Some(300.0)));
         // Only the newest 128 count: of a burst of 200 in 20 ms, they came in the last 12 ms.
         let mut b = ArrivalRate::default();
         for i in 0..200 {

@@ -194,6 +194,8 @@ pub struct Metrics {
     http_errors: AtomicU64,
     /// `gram_in_flight`: requests admitted to the batch and not finished.
     in_flight: AtomicU64,
+    /// `gram_scoring_backlog`: requests whose codes are done, waiting for a scoring thread.
+    scoring_backlog: AtomicU64,
     /// `gram_kv_arena_entries`: the batch arena's size.
     arena_entries: AtomicU64,
     /// `gram_connections_open`: HTTP connections accepted and not closed.
@@ -221,6 +223,7 @@ impl Default for Metrics {
             queue_depth: AtomicU64::new(0),
             http_errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            scoring_backlog: AtomicU64::new(0),
             arena_entries: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             connections_max: AtomicU64::new(0),
@@ -287,6 +290,16 @@ impl Metrics {
 
     pub fn set_in_flight(&self, n: usize) {
         self.in_flight.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// A request whose codes are done was handed to the scoring threads (`+1`) or taken by
+    /// one (`-1`).
+    pub fn scoring_backlog_add(&self, up: bool) {
+        if up {
+            self.scoring_backlog.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.scoring_backlog.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn set_arena_entries(&self, n: usize) {
@@ -384,6 +397,12 @@ impl Metrics {
                 "gram_in_flight",
                 "Requests admitted to the batch and not finished.",
                 &self.in_flight,
+            ),
+            (
+                "gram_scoring_backlog",
+                "Requests whose codes are done, waiting for a scoring thread (at most \
+                 --max-batch, plus one being handed over: past it the batcher waits).",
+                &self.scoring_backlog,
             ),
             (
                 "gram_kv_arena_entries",
