@@ -118,8 +118,9 @@ impl Container {
     /// Maps `path` and checks its header and section table.
     pub fn open(path: &Path) -> Result<Container> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only map of a file that gram writes atomically and never modifies in
-        // place.
+        // SAFETY: read-only map of a file that gram writes atomically (rename) and never
+        // modifies in place. Another program that rewrites it in place (`cp` over it) makes
+        // reads past its new end fault (SIGBUS): docs/FORMAT.md tells operators to rename.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let sections = Container::parse(&map).map_err(|msg| Error::Index {
             path: path.to_path_buf(),
