@@ -1834,6 +1834,69 @@ fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
     assert_eq!(backlog(&metrics), 0);
 }
 
+/// `gram bench`'s open loop against a real server: every scheduled request is sent and
+/// answered, each at its place in the schedule (`sent_s` is the scheduled time, i / rate; the
+/// schedule now sleeps on a thread of its own, not on tokio's millisecond timer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_open_loop_sends_its_schedule() {
+    let server = start(&[]).await;
+    let url = format!("http://{}", server.addr());
+    let dir = std::env::temp_dir().join(format!("gram-openloop-{}", std::process::id()));
+    let queries = dir.join("q.txt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&queries, "oak desk\ngreen velvet sofa\nhp toner\n").unwrap();
+    let out = dir.join("out");
+    let args = [
+        "bench",
+        "--url",
+        &url,
+        "--queries",
+        queries.to_str().unwrap(),
+        "--rate",
+        "100",
+        "--count",
+        "20",
+        "--k",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["mode"], "open");
+    assert_eq!(report["requests"], 20);
+    assert_eq!(report["ok"], 20, "{report}");
+    let csv = std::fs::read_to_string(out.join("latencies.csv")).unwrap();
+    let sent: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(sent.len(), 20);
+    for (i, s) in sent.iter().enumerate() {
+        assert!(
+            (s - i as f64 / 100.0).abs() < 1e-6,
+            "request {i} scheduled at {s}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.shutdown().await.unwrap();
+}
+
 /// A request whose headers came before the shutdown and whose body comes after it is still
 /// answered: the grace covers the body timeout, then the deadline, then the write (it used to be
 /// the deadline alone, and the connection was closed unanswered).
