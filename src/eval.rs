@@ -58,6 +58,23 @@ pub fn dcg(grades: &[f64]) -> f64 {
         .fold(0.0, |a, b| a + b)
 }
 
+/// Grades are truncated to whole numbers in 0..=[`MAX_GRADE`]: a negative grade (TREC's junk
+/// −2) has a negative gain, which the ideal ranking cut at k keeps when fewer than k products
+/// grade above it, so a perfect run scored above 1; from 1,024 up 2^g overflows and the
+/// query's nDCG (and the whole run's mean) came out NaN, written as null.
+pub const MAX_GRADE: f64 = 10.0;
+
+fn grade_in_range(g: f64) -> std::result::Result<f64, String> {
+    let g = g.trunc();
+    if (0.0..=MAX_GRADE).contains(&g) {
+        Ok(g)
+    } else {
+        Err(format!(
+            "grade {g} is outside 0..={MAX_GRADE} (map a scale with negative grades onto 0 and up)"
+        ))
+    }
+}
+
 /// nDCG@k with gain 2^grade − 1 (unjudged: 0); the ideal orders every judged product by grade.
 /// `None` when the ideal DCG is not positive (no product graded above 0).
 pub fn ndcg<S: AsRef<str>>(ranked: &[S], grades: &Grades, k: usize) -> Option<f64> {
@@ -304,7 +321,8 @@ pub fn parse_jsonl_judgements(text: &str) -> Result<Judgements, String> {
                 .as_f64()
                 .filter(|g| g.is_finite())
                 .ok_or_else(|| bad(format!("the grade of product {d:?} is not a number: {g}")))?;
-            grades.insert(d.clone(), g.trunc());
+            let g = grade_in_range(g).map_err(|e| bad(format!("product {d:?}: {e}")))?;
+            grades.insert(d.clone(), g);
         }
         add_query(&mut out, &mut at, query.to_string(), grades, true);
     }
@@ -355,11 +373,12 @@ pub fn parse_csv_judgements(text: &str) -> Result<Judgements, String> {
             .ok()
             .filter(|g: &f64| g.is_finite())
             .ok_or_else(|| bad(format!("grade {grade:?} is not a number")))?;
+        let g = grade_in_range(g).map_err(bad)?;
         let (q, d) = (row[qc].clone(), row[dc].trim().to_string());
         if d.is_empty() {
             return Err(bad("empty product id".into()));
         }
-        let grades = Grades::from([(d, g.trunc())]);
+        let grades = Grades::from([(d, g)]);
         add_query(&mut out, &mut at, q, grades, false);
     }
     Ok(out)
@@ -859,6 +878,15 @@ mod tests {
                 "{\"query\": \"x\", \"grades\": {\"p\": \"3\"}}",
                 "product \"p\" is not a number",
             ),
+            // A negative gain made a perfect run's nDCG 1.047; 2^1024 made it NaN.
+            (
+                "{\"query\": \"x\", \"grades\": {\"a\": 3, \"b\": -1}}",
+                "product \"b\": grade -1 is outside 0..=10",
+            ),
+            (
+                "{\"query\": \"x\", \"grades\": {\"a\": 1024}}",
+                "grade 1024 is outside",
+            ),
         ] {
             let e = parse_jsonl_judgements(bad).unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");
@@ -887,6 +915,11 @@ mod tests {
             ("query,rating\nx,1", "names no product"),
             ("query,docid,rating\nx,1", "line 2: 2 fields"),
             ("query,docid,rating\nx,1,good", "line 2: grade \"good\""),
+            (
+                "query,docid,rating\nx,1,-2",
+                "line 2: grade -2 is outside 0..=10",
+            ),
+            ("query,docid,rating\nx,1,11", "line 2: grade 11 is outside"),
             ("query,docid,rating\nx,\"1,3", "not closed"),
             ("", "empty file"),
         ] {

@@ -229,6 +229,20 @@ struct LmArgs {
     dtype: Option<String>,
 }
 
+/// `println!` for the commands' output, where a closed stdout (`gram search ... | head`) ends
+/// the process quietly, as a Unix tool does, rather than panicking at the next line.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(format!("writing to stdout: {e}"));
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -377,7 +391,7 @@ fn codes_on<B: Backend>(
         if args.no_trie {
             obj["invalid"] = json!(out.invalid);
         }
-        println!("{obj}");
+        out!("{obj}");
     }
     Ok(())
 }
@@ -456,7 +470,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         &model, &tokenizer, &settings, &items, &options, &out, &meta
     ))
     .map_err(|e| e.to_string())?;
-    println!(
+    out!(
         "{}",
         json!({"index": args.out, "report": report, "skipped_lines": skipped})
     );
@@ -506,7 +520,7 @@ fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     }
     // The report first, then the verdict: a damaged index exits nonzero (searches read it
     // without checking its payload; this is the command that does).
-    println!("{out}");
+    out!("{out}");
     if problems.is_empty() {
         Ok(())
     } else {
@@ -578,7 +592,7 @@ fn search_on<B: Backend>(
             .remove(0);
         let mut obj = serde_json::to_value(&response).map_err(|e| e.to_string())?;
         obj["timings_ms"]["open"] = json!(open_ms);
-        println!("{obj}");
+        out!("{obj}");
     }
     Ok(())
 }
@@ -586,6 +600,15 @@ fn search_on<B: Backend>(
 fn run_eval(args: EvalArgs) -> Result<(), String> {
     if args.run.threads == Some(0) {
         return Err("--threads must be at least 1".into());
+    }
+    // Recall@100/300 and the relevance rate@300 of a shorter list would be those of the list,
+    // under the deeper names.
+    if args.k < 300 {
+        return Err(format!(
+            "--k {}: the report's deepest cut-off is 300 (Recall@300, relevance rate@300); \
+             use --k 300 or more",
+            args.k
+        ));
     }
     if args.batch == 0 {
         return Err("--batch must be at least 1".into());
@@ -654,7 +677,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     if let (Some(o), Some(r)) = (out.as_object_mut(), report.as_object()) {
         o.extend(r.clone());
     }
-    println!("{out}");
+    out!("{out}");
     Ok(())
 }
 
@@ -684,6 +707,6 @@ fn run_lm(args: LmArgs) -> Result<(), String> {
         obj["text"] = json!(tokenizer.decode(&out.greedy).map_err(|e| e.to_string())?);
         obj["greedy_tokens"] = json!(out.greedy);
     }
-    println!("{obj}");
+    out!("{obj}");
     Ok(())
 }

@@ -483,5 +483,40 @@ fn eval_reports_metrics_on_judgements() {
         let e = error_line(&args, &gram(&args));
         assert!(e.contains(want), "{e}");
     }
+    // Below 300 the deeper cut-offs would be the short list's own, under their names.
+    let args = [
+        "eval",
+        "--index",
+        ix,
+        "--judgements",
+        jsonl.to_str().unwrap(),
+        "--k",
+        "10",
+    ];
+    let e = error_line(&args, &gram(&args));
+    assert!(
+        e.contains("--k 10: the report's deepest cut-off is 300"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A reader that closes the pipe (`gram lm ... | head -c0`, `gram search ... | head`) ends the
+/// command quietly, with status 0, not a panic at the next line written.
+#[test]
+fn a_closed_stdout_is_a_quiet_exit_not_a_panic() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["lm", "--device", "cpu", "--prompt", "hi", "--model"])
+        .arg(&model)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gram");
+    // The read end closes before anything is written: every write meets a broken pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }

@@ -232,6 +232,9 @@ def main(argv=None):
                     help="score with this gram.json instead of the model's (same index; "
                          "e.g. other weights); name it with --name")
     args = ap.parse_args(argv)
+    if args.k < 300:
+        # Recall@100/300 and the relevance rate@300 of a shorter list would be the list's own.
+        ap.error(f"--k {args.k}: the report's deepest cut-off is 300; use --k 300 or more")
     work, model = Path(args.work), Path(args.model)
     name = args.name or model.name + ("" if args.beam == 10 else f"-beam{args.beam}")
     search_model = (settings_model(model, Path(args.settings), work / f"settings-{name}")

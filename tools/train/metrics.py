@@ -19,6 +19,7 @@ import math
 import random
 
 REL = 2
+MAX_GRADE = 10  # as `gram eval` (src/eval.rs)
 
 
 def dcg(gains):
@@ -165,6 +166,15 @@ def read_judgements(path):
     (query, product) wins. A malformed line or a missing column is a ValueError naming the file
     and line."""
     out = {}
+
+    def grade(g):
+        # As `gram eval`: whole grades in 0..=MAX_GRADE (a negative gain made nDCG exceed 1; from
+        # 1,024 up 2**g overflows).
+        g = int(float(g))
+        if not 0 <= g <= MAX_GRADE:
+            raise ValueError(f"grade {g} is outside 0..={MAX_GRADE}")
+        return g
+
     with open(path, encoding="utf-8") as f:
         if str(path).endswith(".jsonl"):
             for n, line in enumerate(f, 1):
@@ -172,9 +182,9 @@ def read_judgements(path):
                     continue
                 try:
                     r = json.loads(line)
-                    grades = {str(d): int(g) for d, g in r["grades"].items()}
+                    grades = {str(d): grade(g) for d, g in r["grades"].items()}
                     out.setdefault(str(r["query"]), {}).update(grades)
-                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
                     raise ValueError(f"{path}:{n}: not a judgement line ({e})") from None
             return out
         rows = csv.DictReader(f)
@@ -189,7 +199,7 @@ def read_judgements(path):
             if not g:
                 continue
             try:
-                out.setdefault(r["query"], {})[r[pcol]] = int(float(g))
-            except (ValueError, TypeError) as e:
+                out.setdefault(r["query"], {})[r[pcol]] = grade(g)
+            except (ValueError, TypeError, OverflowError) as e:
                 raise ValueError(f"{path}:{n}: grade {g!r} ({e})") from None
     return out

@@ -100,6 +100,14 @@ class Metrics(unittest.TestCase):
             j.write_text('{"query": "q1", "grades": {"a": 3}}\n{"query": "q2"}\n')
             with self.assertRaisesRegex(ValueError, "j.jsonl:2"):
                 M.read_judgements(j)
+            # Grades outside 0..=10, as `gram eval` refuses them (a negative gain made nDCG
+            # exceed 1; 2**1024 overflowed).
+            c.write_text("query,docid,rating\nq,x,-1\n")
+            with self.assertRaisesRegex(ValueError, "j.csv:2: .*grade -1 is outside"):
+                M.read_judgements(c)
+            j.write_text('{"query": "q1", "grades": {"a": 1024}}\n')
+            with self.assertRaisesRegex(ValueError, "j.jsonl:1: .*grade 1024 is outside"):
+                M.read_judgements(j)
 
     def test_summarize(self):
         s = M.summarize({"q1": ["a", "b"], "q2": ["x"]}, {"q1": G, "q2": {"z": 3}, "q3": {"w": 0}})
