@@ -20,8 +20,11 @@ use crate::settings::Settings;
 use crate::tokenizer::Tokenizer;
 use crate::trie::{CodeSet, Trie};
 
-/// One catalog line.
+/// One catalog line. A field this type does not know is an error, not ignored: a misspelt
+/// `codes` (`"code": [...]`) would otherwise index the product with no codes, never retrievable,
+/// without a word.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Item {
     pub id: String,
     pub title: String,
@@ -111,9 +114,18 @@ pub struct Report {
     pub generated: usize,
     /// Shards a restarted build took from its earlier run.
     pub reused_shards: usize,
+    /// Products indexed under no code at all (neither the catalog's nor generated ones):
+    /// no search can return them.
+    pub products_without_codes: usize,
+    /// The first few of those products' ids, for a warning (not in the JSON report).
+    #[serde(skip)]
+    pub without_codes_sample: Vec<String>,
     pub seconds: f64,
     pub products_per_s: f64,
 }
+
+/// How many ids [`Report::without_codes_sample`] keeps.
+pub const SAMPLE_IDS: usize = 10;
 
 /// How product codes are generated with the model (besides those the catalog gives).
 #[derive(Debug, Clone)]
@@ -302,6 +314,9 @@ pub fn build_with<B: Backend>(
         }
     };
     let trie = Trie::build(&set, model.config.vocab_size, eos)?;
+    let without_codes: Vec<usize> = (0..found.len())
+        .filter(|&pi| found[pi].is_empty())
+        .collect();
     let mut postings: Vec<CodePostings> = (0..set.len())
         .map(|_| CodePostings {
             products: Vec::new(),
@@ -358,6 +373,12 @@ pub fn build_with<B: Backend>(
         postings: postings.iter().map(|p| p.products.len()).sum(),
         generated,
         reused_shards: reused,
+        products_without_codes: without_codes.len(),
+        without_codes_sample: without_codes
+            .iter()
+            .take(SAMPLE_IDS)
+            .map(|&pi| items[pi].id.clone())
+            .collect(),
         seconds,
         products_per_s: items.len() as f64 / seconds,
     })

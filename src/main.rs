@@ -470,6 +470,19 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         &model, &tokenizer, &settings, &items, &options, &out, &meta
     ))
     .map_err(|e| e.to_string())?;
+    if report.products_without_codes > 0 {
+        let more = report.products_without_codes - report.without_codes_sample.len();
+        eprintln!(
+            "warning: {} products have no codes, so no search can return them: {:?}{}",
+            report.products_without_codes,
+            report.without_codes_sample,
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     out!(
         "{}",
         json!({"index": args.out, "report": report, "skipped_lines": skipped})

@@ -193,3 +193,55 @@ fn jsonl_judgements_give_the_metrics_of_metrics_py() {
     let n = gram::eval::ndcg(&ranked, g, 10).unwrap();
     assert!((n - 0.8428282648809379).abs() < 1e-12, "{n}");
 }
+
+/// A misspelt field (`code` for `codes`) was ignored: the product was indexed with no codes,
+/// never retrievable, and the build said nothing. Now an unknown field is an error naming the
+/// line and the field (or a skipped line), and a product indexed under no code at all is
+/// counted in the build report and named in a warning.
+#[test]
+fn an_unknown_field_is_refused_and_a_product_without_codes_is_reported() {
+    let dir = fresh_dir("catalog-unknown");
+    let cat = dir.join("c.jsonl");
+    std::fs::write(
+        &cat,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\n\
+         {\"id\":\"a\",\"title\":\"wireless mouse\",\"code\":[\"mouse\"]}\n",
+    )
+    .unwrap();
+    let e = catalog::read(&cat, OnError::Stop).unwrap_err().to_string();
+    assert!(
+        e.contains("c.jsonl line 2") && e.contains("unknown field `code`"),
+        "{e}"
+    );
+    let (items, skipped) = catalog::read(&cat, OnError::Skip).unwrap();
+    assert_eq!((items.len(), skipped), (1, 1));
+
+    // Every field real catalogs use is still read.
+    std::fs::write(
+        &cat,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"attributes\":{\"material\":\"oak\"},\"codes\":[\"sofa\"]}\n\
+         {\"id\":\"p1\",\"title\":\"wireless mouse\",\"codes\":[]}\n\
+         {\"id\":\"p2\",\"title\":\"lamp\"}\n",
+    )
+    .unwrap();
+    let (items, skipped) = catalog::read(&cat, OnError::Stop).unwrap();
+    assert_eq!((items.len(), skipped), (3, 0));
+    let out = index_build(
+        &model_dir("tiny-llama"),
+        &cat,
+        &dir.join("ix"),
+        &["--threads", "1"],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["report"]["products_without_codes"], 2, "{stdout}");
+    assert!(
+        stderr.contains("2 products have no codes") && stderr.contains("[\"p1\", \"p2\"]"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
