@@ -42,14 +42,33 @@ pub enum OnError {
 }
 
 /// Reads a JSONL catalog (a UTF-8 byte-order mark is ignored). Blank lines are ignored; a
-/// malformed line, or a product id seen on an earlier line, stops the read with its line
-/// number, or is skipped and counted.
+/// malformed line (not UTF-8, not JSON, not a product), or a product id seen on an earlier
+/// line, stops the read with its line number, or is skipped and counted.
 pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let (mut items, mut skipped) = (Vec::new(), 0);
     let mut seen = std::collections::HashMap::new();
-    for (i, line) in text.lines().enumerate() {
+    // Split as bytes and decoded line by line (as `str::lines` cuts: at `\n`, a `\r` before it
+    // dropped): a stray non-UTF-8 byte is one bad line, named and skippable, not a whole
+    // catalog refused with no line to look at.
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let line = match std::str::from_utf8(raw) {
+            Ok(line) => line,
+            Err(_) if on_error == OnError::Skip => {
+                skipped += 1;
+                continue;
+            }
+            Err(e) => {
+                return Err(Error::Input(format!(
+                    "{} line {}: not valid UTF-8 (byte {} of the line)",
+                    path.display(),
+                    i + 1,
+                    e.valid_up_to() + 1
+                )))
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }

@@ -245,3 +245,30 @@ fn an_unknown_field_is_refused_and_a_product_without_codes_is_reported() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A non-UTF-8 byte on one line failed the whole read with "stream did not contain valid
+/// UTF-8", no line named, and `--on-error skip` could not skip it. Now the error names the
+/// line, and skip mode skips (and counts) that line alone.
+#[test]
+fn a_line_that_is_not_utf8_is_named_or_skipped() {
+    let dir = fresh_dir("catalog-utf8");
+    let cat = dir.join("c.jsonl");
+    let mut bytes = b"{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\r\n".to_vec();
+    bytes.extend(b"{\"id\":\"p1\",\"title\":\"caf\xe9 lamp\",\"codes\":[\"lamp\"]}\n");
+    bytes.extend(b"{\"id\":\"p2\",\"title\":\"rug\",\"codes\":[\"rug\"]}");
+    std::fs::write(&cat, &bytes).unwrap();
+    let e = catalog::read(&cat, OnError::Stop).unwrap_err().to_string();
+    assert!(
+        e.contains("c.jsonl line 2") && e.contains("not valid UTF-8"),
+        "{e}"
+    );
+    let (items, skipped) = catalog::read(&cat, OnError::Skip).unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!((ids, skipped), (vec!["p0", "p2"], 1));
+    assert_eq!(
+        items[0].codes,
+        ["sofa"],
+        "a CRLF line ending is not part of the line"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
