@@ -18,7 +18,7 @@ use crate::index::{self, CodePostings, Product};
 use crate::model::{Head, KvArena, Model};
 use crate::settings::Settings;
 use crate::tokenizer::Tokenizer;
-use crate::trie::{CodeSet, Trie};
+use crate::trie::{CodeName, CodeSet, Trie};
 
 /// One catalog line. A field this type does not know is an error, not ignored: a misspelt
 /// `codes` (`"code": [...]`) would otherwise index the product with no codes, never retrievable,
@@ -32,6 +32,57 @@ pub struct Item {
     pub attributes: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub codes: Vec<String>,
+    /// The catalog line the product was read from (1-based), for errors; 0 for a product made
+    /// in memory. Not a field of the line, nor of a shard's key (moving a product to another
+    /// line changes nothing it is encoded from).
+    #[serde(skip)]
+    pub line: usize,
+}
+
+impl Item {
+    /// The product as an error names it: `catalog line 7 (product "a")`, or `product "a"` when
+    /// it was not read from a catalog.
+    pub fn name(&self) -> String {
+        if self.line == 0 {
+            format!("product {:?}", self.id)
+        } else {
+            format!("catalog line {} (product {:?})", self.line, self.id)
+        }
+    }
+}
+
+/// Where a generation code list came from, for errors: its file and each code's line there
+/// (blank lines are not codes, so a code's line is not its position + 1).
+#[derive(Debug, Clone)]
+pub struct CodeFile {
+    pub path: std::path::PathBuf,
+    pub lines: Vec<usize>,
+}
+
+impl CodeFile {
+    /// Reads a code list (one code a line; blank lines are skipped): the codes, and where each
+    /// came from.
+    pub fn read(path: &Path) -> Result<(Vec<String>, CodeFile)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let (mut codes, mut lines) = (Vec::new(), Vec::new());
+        for (i, line) in text.lines().enumerate() {
+            if !line.trim().is_empty() {
+                codes.push(line.to_owned());
+                lines.push(i + 1);
+            }
+        }
+        let file = CodeFile {
+            path: path.to_path_buf(),
+            lines,
+        };
+        Ok((codes, file))
+    }
+
+    /// Code `i`'s name in errors: `codes.txt line 5`.
+    fn name(&self, i: usize) -> String {
+        let line = self.lines.get(i).copied().unwrap_or(i + 1);
+        format!("{} line {line}", self.path.display())
+    }
 }
 
 /// What to do with a malformed line.
@@ -73,9 +124,26 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
             continue;
         }
         match serde_json::from_str::<Item>(line) {
-            Ok(item) if !item.id.is_empty() => match seen.get(&item.id) {
+            // A blank code is no code: caught here, where the line and product are known (the
+            // build sees the catalog's codes as one sorted set).
+            Ok(item) if item.codes.iter().any(|c| c.trim().is_empty()) => {
+                if on_error == OnError::Skip {
+                    skipped += 1;
+                    continue;
+                }
+                let k = item.codes.iter().position(|c| c.trim().is_empty());
+                return Err(Error::Input(format!(
+                    "{} line {}: product {:?}: code {} of its `codes` is empty",
+                    path.display(),
+                    i + 1,
+                    item.id,
+                    k.expect("found above") + 1
+                )));
+            }
+            Ok(mut item) if !item.id.is_empty() => match seen.get(&item.id) {
                 None => {
                     seen.insert(item.id.clone(), i + 1);
+                    item.line = i + 1;
                     items.push(item);
                 }
                 Some(_) if on_error == OnError::Skip => skipped += 1,
@@ -174,6 +242,9 @@ pub struct BuildOptions<'a> {
     pub work_dir: Option<std::path::PathBuf>,
     /// Draw a progress bar (rate, ETA) on a terminal; plain lines otherwise.
     pub progress: bool,
+    /// Where the generation code list came from, so that errors name its lines (without one
+    /// they are numbered by position in the list).
+    pub code_file: Option<CodeFile>,
 }
 
 impl Default for BuildOptions<'_> {
@@ -183,6 +254,7 @@ impl Default for BuildOptions<'_> {
             shard_size: 1000,
             work_dir: None,
             progress: false,
+            code_file: None,
         }
     }
 }
@@ -232,14 +304,31 @@ pub fn build_with<B: Backend>(
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
     let generate = options.generate;
     let unconstrained = generate.is_some_and(|g| g.codes.is_empty());
+    // Errors name a code by where it came from: the list's by its file's line, the others (the
+    // catalog's and the list's, sorted into one set) by the first product that lists it, else
+    // by the list's line (searched only for an error's message).
+    let list_name = |i: usize, _: &str| match &options.code_file {
+        Some(f) => f.name(i),
+        None => format!("code list line {}", i + 1),
+    };
+    let source = |_: usize, text: &str| {
+        if let Some(item) = items.iter().find(|p| p.codes.iter().any(|c| c == text)) {
+            return item.name();
+        }
+        match generate.and_then(|g| g.codes.iter().position(|c| c == text)) {
+            Some(i) => list_name(i, text),
+            None => "a generated code".into(),
+        }
+    };
     // The codes known before generation: the catalog's and the list's, checked up front.
     let mut texts: Vec<String> = items.iter().flat_map(|p| p.codes.iter().cloned()).collect();
     let list = match generate {
         Some(g) if !g.codes.is_empty() => {
-            let list = CodeSet::from_texts(g.codes.clone(), tokenizer, eos)?;
-            check_code_lengths(&list)?;
+            let list = CodeSet::from_texts_named(g.codes.clone(), tokenizer, eos, &list_name)?;
+            check_code_lengths(&list, &list_name)?;
             texts.extend(g.codes.iter().cloned());
-            Some(Trie::build(&list, model.config.vocab_size, eos).map(|t| (list, t))?)
+            let trie = Trie::build_named(&list, model.config.vocab_size, eos, &list_name)?;
+            Some((list, trie))
         }
         _ => None,
     };
@@ -260,8 +349,8 @@ pub fn build_with<B: Backend>(
     let known = if texts.is_empty() {
         None
     } else {
-        let set = CodeSet::from_texts(texts, tokenizer, eos)?;
-        check_code_lengths(&set)?;
+        let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
+        check_code_lengths(&set, &source)?;
         Some(set)
     };
     let shard_size = options.shard_size.max(1);
@@ -327,12 +416,12 @@ pub fn build_with<B: Backend>(
                     generate.map_or(0, |g| g.max_new_tokens)
                 )));
             }
-            let set = CodeSet::from_texts(texts, tokenizer, eos)?;
-            check_code_lengths(&set)?;
+            let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
+            check_code_lengths(&set, &source)?;
             set
         }
     };
-    let trie = Trie::build(&set, model.config.vocab_size, eos)?;
+    let trie = Trie::build_named(&set, model.config.vocab_size, eos, &source)?;
     let without_codes: Vec<usize> = (0..found.len())
         .filter(|&pi| found[pi].is_empty())
         .collect();
@@ -404,10 +493,11 @@ pub fn build_with<B: Backend>(
 }
 
 /// Codes are generated as at most `MAX_NEW_TOKENS` tokens, their EOS included.
-fn check_code_lengths(set: &CodeSet) -> Result<()> {
+fn check_code_lengths(set: &CodeSet, name: CodeName) -> Result<()> {
     if let Some(i) = (0..set.len()).find(|&i| set.code_tokens(i).len() >= MAX_NEW_TOKENS) {
         return Err(Error::Input(format!(
-            "code {:?} is {} tokens; codes may have at most {}",
+            "{}: code {:?} is {} tokens; codes may have at most {}",
+            name(i, &set.texts[i]),
             set.texts[i],
             set.code_tokens(i).len(),
             MAX_NEW_TOKENS - 1

@@ -419,16 +419,12 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     if !(0.0..=1.0).contains(&args.threshold) {
         return Err(format!("--threshold {}: expected 0..=1", args.threshold));
     }
-    let list = match &args.codes {
+    let (list, code_file) = match &args.codes {
         Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_owned)
-                .collect()
+            let (list, file) = catalog::CodeFile::read(path).map_err(|e| e.to_string())?;
+            (list, Some(file))
         }
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
     if args.codes.is_some() && list.is_empty() {
         return Err("--codes: the code list is empty".into());
@@ -461,6 +457,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         shard_size: args.shard_size,
         work_dir: args.work_dir.clone(),
         progress: true,
+        code_file,
     };
     // Every input checked: now the model (the teacher forcing and generation run on its
     // backend).

@@ -48,6 +48,29 @@ const HEADER_WORDS: usize = 12;
 /// Most codes a trie holds (ids are `u32`, `NONE` reserved).
 pub const MAX_CODES: usize = (u32::MAX - 1) as usize;
 
+/// Where code `i` (text `text`) came from, as an error names it ("line 3", "catalog line 7
+/// (product \"a\")"): a code set's position is its line only when it was read straight from
+/// a file.
+pub type CodeName<'a> = &'a (dyn Fn(usize, &str) -> String + Sync);
+
+/// Names code `i` by its position: line `i + 1`.
+pub fn line_name(i: usize, _: &str) -> String {
+    format!("line {}", i + 1)
+}
+
+/// Two codes' names as one phrase: "lines 3 and 8" for two lines of one source, else "A and B".
+fn name_pair(a: &str, b: &str) -> String {
+    let numbered = |s: &str| {
+        s.rsplit_once("line ")
+            .filter(|(_, n)| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+            .map(|(head, n)| (head.to_owned(), n.to_owned()))
+    };
+    match (numbered(a), numbered(b)) {
+        (Some((ha, x)), Some((hb, y))) if ha == hb => format!("{ha}lines {x} and {y}"),
+        _ => format!("{a} and {b}"),
+    }
+}
+
 /// A code list, tokenized: code `i` is `texts[i]` and its tokens (without EOS)
 /// `tokens[offsets[i]..offsets[i + 1]]`.
 pub struct CodeSet {
@@ -73,7 +96,18 @@ impl CodeSet {
     /// once): the ids are exactly `encode_plain`'s, as [`CodeSet::from_texts_plain`], the
     /// reference twin, gives them. Of several bad codes the first is reported.
     pub fn from_texts(texts: Vec<String>, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, true)
+        CodeSet::tokenize(texts, tokenizer, eos, true, &line_name)
+    }
+
+    /// [`CodeSet::from_texts`] with errors naming each code as `name` says (where it came
+    /// from: a file's line, a catalog product), not by its position in `texts`.
+    pub fn from_texts_named(
+        texts: Vec<String>,
+        tokenizer: &Tokenizer,
+        eos: u32,
+        name: CodeName,
+    ) -> Result<CodeSet> {
+        CodeSet::tokenize(texts, tokenizer, eos, true, name)
     }
 
     /// [`CodeSet::from_texts`] with `encode_plain` code by code, no memo: the reference.
@@ -82,7 +116,7 @@ impl CodeSet {
         tokenizer: &Tokenizer,
         eos: u32,
     ) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, false)
+        CodeSet::tokenize(texts, tokenizer, eos, false, &line_name)
     }
 
     fn tokenize(
@@ -90,6 +124,7 @@ impl CodeSet {
         tokenizer: &Tokenizer,
         eos: u32,
         use_memo: bool,
+        name: CodeName,
     ) -> Result<CodeSet> {
         /// Codes per parallel job.
         const CHUNK: usize = 4096;
@@ -122,7 +157,7 @@ impl CodeSet {
                 let mut tokens = Vec::with_capacity(chunk.len() * 12);
                 let mut lens = Vec::with_capacity(chunk.len());
                 for (k, text) in chunk.iter().enumerate() {
-                    let line = c * CHUNK + k + 1;
+                    let line = name(c * CHUNK + k, text);
                     if text.trim().is_empty() {
                         return Err(Error::Input(format!("line {line} is an empty code")));
                     }
@@ -135,12 +170,12 @@ impl CodeSet {
                     let ids = &tokens[start..];
                     if ids.is_empty() {
                         return Err(Error::Input(format!(
-                            "line {line}: code {text:?} tokenizes to nothing"
+                            "{line}: code {text:?} tokenizes to nothing"
                         )));
                     }
                     if ids.contains(&eos) {
                         return Err(Error::Input(format!(
-                            "line {line}: code {text:?} contains the EOS token {eos}"
+                            "{line}: code {text:?} contains the EOS token {eos}"
                         )));
                     }
                     lens.push(ids.len());
@@ -255,7 +290,14 @@ impl Trie {
     /// Compiles a code set for a model with `vocab` tokens ending codes with `eos`. Two codes
     /// with the same tokens are an error naming both lines.
     pub fn build(set: &CodeSet, vocab: usize, eos: u32) -> Result<Trie> {
+        Trie::build_named(set, vocab, eos, &line_name)
+    }
+
+    /// [`Trie::build`] with errors naming each code as `name` says (see
+    /// [`CodeSet::from_texts_named`]).
+    pub fn build_named(set: &CodeSet, vocab: usize, eos: u32, name: CodeName) -> Result<Trie> {
         let n = set.len();
+        let text = |i: usize| set.texts.get(i).map_or("", String::as_str);
         if n == 0 || n > MAX_CODES {
             return Err(Error::Input(format!(
                 "a code set of {n} codes (1..={MAX_CODES})"
@@ -272,14 +314,17 @@ impl Trie {
         }
         if let Some(i) = (0..n).find(|&i| set.code_tokens(i).contains(&eos)) {
             return Err(Error::Input(format!(
-                "line {}: code {:?} contains the EOS token {eos}",
-                i + 1,
-                set.texts.get(i).map_or("", String::as_str)
+                "{}: code {:?} contains the EOS token {eos}",
+                name(i, text(i)),
+                text(i)
             )));
         }
-        if let Some(&t) = set.tokens.iter().find(|&&t| t as usize >= vocab) {
+        let outside = |i: usize| set.code_tokens(i).iter().find(|&&t| t as usize >= vocab);
+        if let Some((i, t)) = (0..n).find_map(|i| outside(i).map(|t| (i, t))) {
             return Err(Error::Input(format!(
-                "code token {t} is outside the model's vocabulary of {vocab}"
+                "{}: code {:?} has token {t}, outside the model's vocabulary of {vocab}",
+                name(i, text(i)),
+                text(i)
             )));
         }
         if eos as usize >= vocab {
@@ -297,12 +342,12 @@ impl Trie {
             .windows(2)
             .find(|w| set.code_tokens(w[0] as usize) == set.code_tokens(w[1] as usize))
         {
+            let (a, b) = (w[0] as usize, w[1] as usize);
             return Err(Error::Input(format!(
-                "lines {} and {} are the same code ({:?}, {:?} tokenize alike)",
-                w[0] + 1,
-                w[1] + 1,
-                set.texts.get(w[0] as usize).map_or("", String::as_str),
-                set.texts.get(w[1] as usize).map_or("", String::as_str)
+                "{} are the same code ({:?}, {:?} tokenize alike)",
+                name_pair(&name(a, text(a)), &name(b, text(b))),
+                text(a),
+                text(b)
             )));
         }
         let tok = |i: u32, depth: usize| set.code_tokens(order[i as usize] as usize).get(depth);
@@ -774,6 +819,49 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("outside the model's vocabulary"), "{e}");
+    }
+
+    /// The vocabulary error named a token but no code; and every error numbered codes by their
+    /// position in the set, which is not their line when blank lines were dropped or the set
+    /// was sorted. Now each names the code, as the caller's `name` says.
+    #[test]
+    fn errors_name_the_code_as_the_caller_says() {
+        let mut s = set(&[&[5, 6], &[5, 60]]);
+        s.texts = vec!["sofa".into(), "lamp".into()];
+        let e = Trie::build(&s, 16, 2).err().unwrap().to_string();
+        assert!(
+            e.contains("line 2: code \"lamp\" has token 60, outside the model's vocabulary"),
+            "{e}"
+        );
+        let lines = [1, 5];
+        let name = |i: usize, _: &str| format!("codes.txt line {}", lines[i]);
+        let e = Trie::build_named(&s, 16, 2, &name)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("codes.txt line 5: code \"lamp\" has token 60"),
+            "{e}"
+        );
+        let mut s = set(&[&[5, 6], &[5, 6]]);
+        s.texts = vec!["mouse".into(), "mouse".into()];
+        let e = Trie::build_named(&s, 16, 2, &name)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("codes.txt lines 1 and 5 are the same code"),
+            "{e}"
+        );
+        let other = |i: usize, _: &str| format!("catalog line {} (product \"p{i}\")", 3 * i + 2);
+        let e = Trie::build_named(&s, 16, 2, &other)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("catalog line 2 (product \"p0\") and catalog line 5 (product \"p1\")"),
+            "{e}"
+        );
     }
 
     #[test]

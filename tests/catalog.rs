@@ -272,3 +272,73 @@ fn a_line_that_is_not_utf8_is_named_or_skipped() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Code errors gave wrong line numbers: the `--codes` file's blank lines were dropped before
+/// its codes were numbered (`mouse`, two blank lines, `toner`, `mouse` said "lines 1 and 3"),
+/// and catalog codes were numbered by their place in the sorted set of all codes (a blank
+/// code on catalog line 2 said "line 1"). Now the file's own lines are named, a blank catalog
+/// code is refused (or its line skipped) where the catalog is read, naming the line and
+/// product, and a catalog code the tokenizer refuses names its product and catalog line.
+#[test]
+fn code_errors_name_their_own_lines_and_products() {
+    let dir = fresh_dir("catalog-code-lines");
+    let model = model_dir("tiny-llama");
+    let cat = dir.join("c.jsonl");
+    std::fs::write(
+        &cat,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\n",
+    )
+    .unwrap();
+    let codes = dir.join("codes.txt");
+    std::fs::write(&codes, "mouse\n\n\ntoner\nmouse\n").unwrap();
+    let (list, file) = catalog::CodeFile::read(&codes).unwrap();
+    assert_eq!((list.len(), file.lines.as_slice()), (3, &[1, 4, 5][..]));
+    let out = index_build(
+        &model,
+        &cat,
+        &dir.join("ix"),
+        &["--threads", "1", "--codes", codes.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("codes.txt lines 1 and 5 are the same code"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &cat,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\n\
+         {\"id\":\"a\",\"title\":\"wireless mouse\",\"codes\":[\"mouse\",\"  \"]}\n",
+    )
+    .unwrap();
+    let e = catalog::read(&cat, OnError::Stop).unwrap_err().to_string();
+    assert!(
+        e.contains("c.jsonl line 2: product \"a\": code 2 of its `codes` is empty"),
+        "{e}"
+    );
+    let (items, skipped) = catalog::read(&cat, OnError::Skip).unwrap();
+    assert_eq!((items.len(), skipped), (1, 1));
+
+    // A code holding the EOS token's text, on the third line: named by its product and line.
+    let eos = std::fs::read_to_string(model.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["eos_token"].as_str().map(str::to_owned))
+        .unwrap();
+    let lines = [
+        serde_json::json!({"id": "p0", "title": "oak sofa", "codes": ["sofa"]}),
+        serde_json::json!({"id": "p1", "title": "rug", "codes": ["rug"]}),
+        serde_json::json!({"id": "p2", "title": "lamp", "codes": [format!("lamp {eos}")]}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&cat, text.join("\n")).unwrap();
+    let out = index_build(&model, &cat, &dir.join("ix"), &["--threads", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("catalog line 3 (product \"p2\"): code") && err.contains("contains the EOS"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

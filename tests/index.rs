@@ -439,6 +439,7 @@ fn a_stopped_build_resumes_from_its_shards() {
         shard_size: 2,
         work_dir: Some(work.clone()),
         progress: false,
+        code_file: None,
     };
     let settings = gram::settings::Settings::default();
     let meta = serde_json::json!({"model": {"fingerprint": "x"}});
@@ -524,6 +525,7 @@ fn a_shard_cut_short_anywhere_is_recomputed() {
         shard_size: 2,
         work_dir: Some(work.clone()),
         progress: false,
+        code_file: None,
     };
     let settings = gram::settings::Settings::default();
     let meta = serde_json::json!({"model": {"fingerprint": "x"}});

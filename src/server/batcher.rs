@@ -950,6 +950,7 @@ mod tests {
                         code.into(),
                         format!("{code} | {}", &title[..title.find(' ').unwrap()]),
                     ],
+                    line: 0,
                 })
                 .collect();
         let settings = crate::settings::Settings::load(&model_dir).unwrap();

@@ -99,6 +99,7 @@ pub fn items(titles: &[&str]) -> Vec<gram::catalog::Item> {
             title: t.to_string(),
             attributes: Default::default(),
             codes: vec![],
+            line: 0,
         })
         .collect()
 }
