@@ -207,6 +207,12 @@ pub struct Report {
     /// The first few of those products' ids, for a warning (not in the JSON report).
     #[serde(skip)]
     pub without_codes_sample: Vec<String>,
+    /// Products left out of the index under `OnError::Skip` because their prompt and codes do
+    /// not fit the model's positions (not in `products`).
+    pub skipped_products: usize,
+    /// The first few of those products, named with their catalog lines, for a warning.
+    #[serde(skip)]
+    pub skipped_sample: Vec<String>,
     pub seconds: f64,
     pub products_per_s: f64,
 }
@@ -245,6 +251,10 @@ pub struct BuildOptions<'a> {
     /// Where the generation code list came from, so that errors name its lines (without one
     /// they are numbered by position in the list).
     pub code_file: Option<CodeFile>,
+    /// What a product that does not fit the model (its prompt plus its longest code, or plus
+    /// the tokens generation may add, past the model's positions) does: stop the build naming
+    /// it, or be left out of the index and counted.
+    pub on_error: OnError,
 }
 
 impl Default for BuildOptions<'_> {
@@ -255,6 +265,7 @@ impl Default for BuildOptions<'_> {
             work_dir: None,
             progress: false,
             code_file: None,
+            on_error: OnError::Stop,
         }
     }
 }
@@ -367,15 +378,20 @@ pub fn build_with<B: Backend>(
         list: list.as_ref(),
         known: known.as_ref(),
         eos,
+        on_error: options.on_error,
     };
+    // A shard made under `Skip` may leave products out, one made under `Stop` never: a build
+    // under `Stop` must not take the former's.
     let key_base = serde_json::json!({
         "model": meta["model"]["fingerprint"],
         "settings": meta["settings"],
         "generate": generate.map(|g| format!("{g:?}")),
         "version": SHARD_VERSION,
+        "skip": options.on_error == OnError::Skip,
     });
     let mut bar = Progress::new(items.len(), options.progress);
     let (mut found, mut generated, mut reused) = (Found::new(), 0, 0);
+    let mut skipped: Vec<bool> = Vec::with_capacity(items.len());
     let shard_path = |si: usize| work.join(format!("shard-{si:06}.bin"));
     for (si, shard) in items.chunks(shard_size).enumerate() {
         let path = shard_path(si);
@@ -384,19 +400,20 @@ pub fn build_with<B: Backend>(
                 .map_err(|e| Error::Input(e.to_string()))?
                 .as_bytes(),
         );
-        let part = match read_shard(&path, key, shard.len()) {
+        let (part, left_out) = match read_shard(&path, key, shard.len()) {
             Some(part) => {
                 reused += 1;
                 part
             }
             None => {
-                let (part, g) = encode_shard(&ctx, shard)?;
+                let (part, left_out, g) = encode_shard(&ctx, shard)?;
                 generated += g;
-                write_shard(&path, key, &part)?;
-                part
+                write_shard(&path, key, &part, &left_out)?;
+                (part, left_out)
             }
         };
         found.extend(part);
+        skipped.extend(left_out);
         bar.advance(shard.len());
     }
     bar.finish();
@@ -422,7 +439,19 @@ pub fn build_with<B: Backend>(
         }
     };
     let trie = Trie::build_named(&set, model.config.vocab_size, eos, &source)?;
-    let without_codes: Vec<usize> = (0..found.len())
+    // Products left out are not in the index: the others are numbered anew, in order.
+    let kept: Vec<usize> = (0..items.len()).filter(|&pi| !skipped[pi]).collect();
+    let left_out: Vec<usize> = (0..items.len()).filter(|&pi| skipped[pi]).collect();
+    if kept.is_empty() {
+        return Err(Error::Input(format!(
+            "no product fits the model: all {} were left out (the first: {})",
+            items.len(),
+            items[0].name()
+        )));
+    }
+    let without_codes: Vec<usize> = kept
+        .iter()
+        .copied()
         .filter(|&pi| found[pi].is_empty())
         .collect();
     let mut postings: Vec<CodePostings> = (0..set.len())
@@ -431,7 +460,12 @@ pub fn build_with<B: Backend>(
             pt: Vec::new(),
         })
         .collect();
-    for (pi, codes) in found.into_iter().enumerate() {
+    let kept_found = found
+        .into_iter()
+        .enumerate()
+        .filter(|&(pi, _)| !skipped[pi])
+        .map(|(_, codes)| codes);
+    for (pi, codes) in kept_found.enumerate() {
         for (text, pt) in codes {
             let Ok(c) = set.texts.binary_search(&text) else {
                 return Err(Error::Input(format!(
@@ -451,11 +485,11 @@ pub fn build_with<B: Backend>(
             postings[c].pt.push(pt);
         }
     }
-    let products: Vec<Product> = items
+    let products: Vec<Product> = kept
         .iter()
-        .map(|p| Product {
-            id: p.id.clone(),
-            title: p.title.clone(),
+        .map(|&pi| Product {
+            id: items[pi].id.clone(),
+            title: items[pi].title.clone(),
         })
         .collect();
     index::write(
@@ -476,7 +510,7 @@ pub fn build_with<B: Backend>(
     let _ = std::fs::remove_dir(&work);
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
-        products: items.len(),
+        products: products.len(),
         codes: set.len(),
         postings: postings.iter().map(|p| p.products.len()).sum(),
         generated,
@@ -486,6 +520,12 @@ pub fn build_with<B: Backend>(
             .iter()
             .take(SAMPLE_IDS)
             .map(|&pi| items[pi].id.clone())
+            .collect(),
+        skipped_products: left_out.len(),
+        skipped_sample: left_out
+            .iter()
+            .take(SAMPLE_IDS)
+            .map(|&pi| items[pi].name())
             .collect(),
         seconds,
         products_per_s: items.len() as f64 / seconds,
@@ -517,15 +557,17 @@ struct Ctx<'a, B: Backend> {
     /// Every code known before generation (catalog and list), sorted.
     known: Option<&'a CodeSet>,
     eos: u32,
+    on_error: OnError,
 }
 
 /// Head rows one teacher-forcing pass computes at most (each is a vocabulary of logits).
 const TF_HEAD_ROWS: usize = 256;
 
 /// One shard: generated codes (with the beams' probabilities) and the catalog's codes (teacher
-/// forced, many products per forward pass). Returns the shard's codes per product and how many
-/// were generated.
-fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usize)> {
+/// forced, many products per forward pass). Returns the shard's codes per product, which
+/// products were left out (they do not fit the model; only under `OnError::Skip`), and how many
+/// codes were generated.
+fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<bool>, usize)> {
     let prompts: Vec<Vec<u32>> = items
         .iter()
         .map(|item| {
@@ -533,6 +575,42 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
                 .encode(&ctx.settings.product_prompt(&item.title))
         })
         .collect::<Result<_>>()?;
+    let positions = ctx.model.max_positions();
+    // Each product's room is checked before any pass: else a product too long for the model
+    // failed a batch of beam searches as its slot ("query 5"), and no `--on-error skip` could
+    // leave it out. Beam search needs the prompt plus every token it may add; teacher forcing
+    // the prompt plus each catalog code but its last token.
+    let beam_new = ctx.generate.map_or(0, |g| match ctx.list {
+        Some((_, t)) => t.max_len() + 1,
+        None => g.max_new_tokens,
+    });
+    let mut left_out = vec![false; items.len()];
+    for (pi, item) in items.iter().enumerate() {
+        let longest = item
+            .codes
+            .iter()
+            .filter_map(|t| {
+                let known = ctx.known?;
+                let id = known.texts.binary_search(t).ok()?;
+                Some(known.code_tokens(id).len())
+            })
+            .max()
+            .unwrap_or(1);
+        let need = beam_new.max(longest - 1);
+        let prompt = prompts[pi].len();
+        if prompt > 0 && prompt + need <= positions {
+            continue;
+        }
+        if ctx.on_error == OnError::Skip {
+            left_out[pi] = true;
+            continue;
+        }
+        return Err(Error::Input(format!(
+            "{}: its prompt is {prompt} tokens and its codes need {need} more, past the \
+             model's {positions} positions (--on-error skip leaves such products out)",
+            item.name()
+        )));
+    }
     let mut found: Found = vec![Vec::new(); items.len()];
     // Codes still needing teacher forcing: (product, text, tokens).
     let mut force: Vec<(usize, String, Vec<u32>)> = Vec::new();
@@ -562,20 +640,16 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
             ..Default::default()
         };
         let mut search = BeamSearch::new();
-        for (b, chunk) in prompts.chunks(g.batch).enumerate() {
+        let fit: Vec<usize> = (0..items.len()).filter(|&pi| !left_out[pi]).collect();
+        for chunk in fit.chunks(g.batch) {
             let queries: Vec<Query> = chunk
                 .iter()
-                .map(|p| Query {
-                    prompt: p.clone(),
+                .map(|&pi| Query {
+                    prompt: prompts[pi].clone(),
                     options,
                 })
                 .collect();
-            for (i, out) in search
-                .run(ctx.model, trie, &queries)?
-                .into_iter()
-                .enumerate()
-            {
-                let pi = b * g.batch + i;
+            for (&pi, out) in chunk.iter().zip(search.run(ctx.model, trie, &queries)?) {
                 for c in out.codes {
                     let ended = c.token_logprobs.len() == c.tokens.len() + 1;
                     let p: f32 = c.token_logprobs.iter().sum::<f32>().exp();
@@ -609,9 +683,12 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
                     }
                     // A decoded code is indexed by its own tokenization: the beams' numbers
                     // serve only when that is the generated sequence.
+                    // (Its teacher forcing must fit the positions too: its own tokenization
+                    // can be longer than the beam's.)
                     let tokens = ctx.tokenizer.encode_plain(&text)?;
                     let fits = !tokens.is_empty()
                         && tokens.len() < MAX_NEW_TOKENS
+                        && prompts[pi].len() + tokens.len() - 1 <= positions
                         && !tokens.contains(&ctx.eos);
                     if !fits {
                         generated -= 1;
@@ -625,6 +702,9 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
         }
     }
     for (pi, item) in items.iter().enumerate() {
+        if left_out[pi] {
+            continue;
+        }
         for text in &item.codes {
             let already = found[pi].iter().any(|(t, _)| t == text)
                 || force.iter().any(|(p, t, _)| *p == pi && t == text);
@@ -657,7 +737,6 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
             // pass's first.
             let prompt = prompts[pi].as_slice();
             let longest = codes.iter().map(|c| c.len()).max().unwrap_or(1);
-            let positions = ctx.model.max_positions();
             if prompt.is_empty() || prompt.len() + longest - 1 > positions {
                 return Err(Error::Input(format!(
                     "product {:?}: its prompt has {} tokens and its longest code {longest}, \
@@ -678,20 +757,28 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, usiz
         }
         at = end;
     }
-    Ok((found, generated))
+    Ok((found, left_out, generated))
 }
 
-/// Bumped when what a shard holds changes meaning.
-const SHARD_VERSION: u32 = 1;
+/// Bumped when what a shard holds changes meaning (2: a product left out).
+const SHARD_VERSION: u32 = 2;
 const SHARD_MAGIC: &[u8; 8] = b"GRAMSHRD";
 
+/// A product's code count in a shard that says it was left out.
+const LEFT_OUT: u32 = u32::MAX;
+
 /// A saved shard: magic, key (the inputs' checksum), payload checksum, payload. Payload: per
-/// product `u32` code count, per code `u32` text length, the text, `u32` token count, `f32`s.
-fn write_shard(path: &Path, key: u64, found: &Found) -> Result<()> {
+/// product `u32` code count ([`LEFT_OUT`] for a product left out), per code `u32` text
+/// length, the text, `u32` token count, `f32`s.
+fn write_shard(path: &Path, key: u64, found: &Found, left_out: &[bool]) -> Result<()> {
     let mut payload = Vec::new();
     let u32 = |v: &mut Vec<u8>, x: usize| v.extend((x as u32).to_le_bytes());
     u32(&mut payload, found.len());
-    for codes in found {
+    for (codes, &out) in found.iter().zip(left_out) {
+        if out {
+            payload.extend(LEFT_OUT.to_le_bytes());
+            continue;
+        }
         u32(&mut payload, codes.len());
         for (text, pt) in codes {
             u32(&mut payload, text.len());
@@ -707,9 +794,10 @@ fn write_shard(path: &Path, key: u64, found: &Found) -> Result<()> {
     crate::container::write_atomic(path, &bytes)
 }
 
-/// A saved shard with this key and `items` products, if there is one intact; anything else
-/// (cut short at any byte, another key, another count) is recomputed.
-fn read_shard(path: &Path, key: u64, items: usize) -> Option<Found> {
+/// A saved shard with this key and `items` products, if there is one intact (its codes per
+/// product, and which were left out); anything else (cut short at any byte, another key,
+/// another count) is recomputed.
+fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, Vec<bool>)> {
     let bytes = std::fs::read(path).ok()?;
     let word = |b: &[u8], at: usize| -> Option<u64> {
         Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
@@ -728,8 +816,14 @@ fn read_shard(path: &Path, key: u64, items: usize) -> Option<Found> {
         return None;
     }
     let mut found = Vec::with_capacity(products.min(payload.len()));
+    let mut left_out = Vec::with_capacity(products.min(payload.len()));
     for _ in 0..products {
         let n = r.count()?;
+        left_out.push(n == LEFT_OUT as usize);
+        if n == LEFT_OUT as usize {
+            found.push(Vec::new());
+            continue;
+        }
         let mut codes = Vec::with_capacity(n.min(payload.len()));
         for _ in 0..n {
             let len = r.count()?;
@@ -744,7 +838,7 @@ fn read_shard(path: &Path, key: u64, items: usize) -> Option<Found> {
         }
         found.push(codes);
     }
-    r.bytes.is_empty().then_some(found)
+    r.bytes.is_empty().then_some((found, left_out))
 }
 
 /// Reads a shard's payload front to back; `None` past its end.

@@ -115,7 +115,9 @@ struct BuildArgs {
     /// Index directory to write (created if missing).
     #[arg(long)]
     out: PathBuf,
-    /// What a malformed catalog line does: stop the build, or skip it (and count it).
+    /// What a malformed catalog line does: stop the build, or skip it (and count it). A
+    /// product whose prompt and codes do not fit the model's positions likewise stops the
+    /// build, or is left out of the index (counted as the report's `skipped_products`).
     #[arg(long, default_value = "stop")]
     on_error: String,
     /// Also generate each product's codes with the model: beam search over this code list
@@ -458,6 +460,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         work_dir: args.work_dir.clone(),
         progress: true,
         code_file,
+        on_error,
     };
     // Every input checked: now the model (the teacher forcing and generation run on its
     // backend).
@@ -467,6 +470,19 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         &model, &tokenizer, &settings, &items, &options, &out, &meta
     ))
     .map_err(|e| e.to_string())?;
+    if report.skipped_products > 0 {
+        let more = report.skipped_products - report.skipped_sample.len();
+        eprintln!(
+            "warning: {} products do not fit the model and were left out: {}{}",
+            report.skipped_products,
+            report.skipped_sample.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     if report.products_without_codes > 0 {
         let more = report.products_without_codes - report.without_codes_sample.len();
         eprintln!(

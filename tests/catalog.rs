@@ -342,3 +342,73 @@ fn code_errors_name_their_own_lines_and_products() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// With product-code generation (`--codes`), a product whose prompt does not fit the model
+/// failed the build naming its beam-search slot ("query 5"), not the product, and it did so
+/// under `--on-error skip` too. Now each product's room is checked before any pass: under
+/// `stop` the error names the product and its catalog line; under `skip` the product is left
+/// out of the index, counted in the report and named in a warning, and the rest is indexed.
+#[test]
+fn a_product_too_long_to_generate_for_is_named_or_skipped() {
+    let dir = fresh_dir("catalog-long-gen");
+    let cat = dir.join("c.jsonl");
+    let long = vec!["sofa"; 3000].join(" ");
+    let lines: Vec<String> = [
+        serde_json::json!({"id": "p0", "title": "oak sofa"}),
+        serde_json::json!({"id": "p1", "title": "brass lamp"}),
+        serde_json::json!({"id": "p2-long", "title": long, "codes": ["sofa"]}),
+        serde_json::json!({"id": "p3", "title": "wool rug", "codes": ["rug"]}),
+    ]
+    .iter()
+    .map(|l| l.to_string())
+    .collect();
+    std::fs::write(&cat, lines.join("\n")).unwrap();
+    let model = model_dir("tiny-llama");
+    let codes = repo().join("tests/golden/codes-tiny.txt");
+    for generate in [
+        &["--codes", codes.to_str().unwrap(), "--beam", "3"][..],
+        &[],
+    ] {
+        let run = |mode: &str| {
+            let mut args = vec!["--threads", "1", "--batch", "8", "--on-error", mode];
+            args.extend(generate);
+            index_build(&model, &cat, &dir.join("ix"), &args)
+        };
+        let out = run("stop");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{generate:?}");
+        assert!(
+            err.contains("catalog line 3 (product \"p2-long\")") && !err.contains("query"),
+            "{generate:?}: {err}"
+        );
+        let out = run("skip");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{generate:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(v["report"]["skipped_products"], 1, "{stdout}");
+        assert_eq!(v["report"]["products"], 3, "{stdout}");
+        assert!(
+            stderr.contains("1 products do not fit the model")
+                && stderr.contains("catalog line 3 (product \"p2-long\")"),
+            "{stderr}"
+        );
+        let index = gram::index::Index::open(&dir.join("ix/index.gram")).unwrap();
+        let ids: Vec<String> = (0..index.num_products() as u32)
+            .map(|i| index.product(i).unwrap().0.into_owned())
+            .collect();
+        assert_eq!(ids, ["p0", "p1", "p3"], "{generate:?}");
+        let rug = (0..index.num_codes() as u32)
+            .find(|&c| index.code_text(c).unwrap() == "rug")
+            .unwrap();
+        let n = index.code(rug).unwrap().n_tokens as usize;
+        let (pq, w) = (vec![0.5; n], vec![1.0; n]);
+        assert!(
+            index.postings(rug, &pq, &w).unwrap().products.contains(&2),
+            "p3 is product 2 now"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -440,6 +440,7 @@ fn a_stopped_build_resumes_from_its_shards() {
         work_dir: Some(work.clone()),
         progress: false,
         code_file: None,
+        on_error: gram::catalog::OnError::Stop,
     };
     let settings = gram::settings::Settings::default();
     let meta = serde_json::json!({"model": {"fingerprint": "x"}});
@@ -526,6 +527,7 @@ fn a_shard_cut_short_anywhere_is_recomputed() {
         work_dir: Some(work.clone()),
         progress: false,
         code_file: None,
+        on_error: gram::catalog::OnError::Stop,
     };
     let settings = gram::settings::Settings::default();
     let meta = serde_json::json!({"model": {"fingerprint": "x"}});
