@@ -486,10 +486,23 @@ impl Index {
             crate::score::score_postings(isa, p.pq, p.w, p.pt, &mut scores);
             scan.non_finite_scores += scores.iter().filter(|s| !s.is_finite()).count();
         }
+        // Each node's depth (breadth first: a parent's is known before its children's). A code
+        // record whose token count is not the depth of its trie node is unsearchable: the
+        // query side has the trie path's length, `postings` then refuses the record.
+        let (start, _, child, _) = self.trie.csr();
+        let mut depth = vec![0u32; self.trie.num_nodes()];
+        for n in 0..depth.len() {
+            for e in start[n] as usize..start[n + 1] as usize {
+                depth[child[e] as usize] = depth[n] + 1;
+            }
+        }
         for node in 0..self.trie.num_nodes() as u32 {
             if let Some(code) = self.trie.code(node) {
-                if (code as usize) < self.num_codes() {
+                if let Some(c) = self.code(code) {
                     scan.trie_codes += 1;
+                    if c.n_tokens as u32 != depth[node as usize] {
+                        scan.bad_records += 1;
+                    }
                 } else {
                     // A trie node naming a code past the code table: a bad record too.
                     scan.bad_records += 1;
@@ -695,6 +708,24 @@ mod tests {
         assert!(ix.code_text(0).is_some(), "its text is still in range");
         assert_eq!(ix.scan().bad_records, 1);
         assert!(ix.container().verify().is_err());
+        drop(ix);
+
+        // A code record whose token count is not its trie path's depth passed the deep scan
+        // and could never be found (the query side has the path's length): a bad record.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[c.offset + 8..c.offset + 16].copy_from_slice(&0u64.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(Index::open(&path).unwrap().scan().bad_records, 0);
+        let n_tokens = c.offset + 2 * 40 + 32; // code 2 ("sofa", 2 tokens)
+        bytes[n_tokens..n_tokens + 2].copy_from_slice(&1u16.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let ix = Index::open(&path).unwrap();
+        assert_eq!(ix.code(2).unwrap().n_tokens, 1);
+        assert!(
+            ix.postings(2, &[0.5], &[1.0]).is_some(),
+            "it reads as 1 token"
+        );
+        assert_eq!(ix.scan().bad_records, 1);
         drop(ix);
         std::fs::remove_file(&path).unwrap();
 

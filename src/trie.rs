@@ -933,6 +933,29 @@ mod tests {
         Trie::check(&resum(good), Verify::Checksum).unwrap();
     }
 
+    /// A leaf that ends no code (a dead end: a walk there can neither go on nor end) passed
+    /// the checks when every code id was still accounted for. `9` (code 2, the last id) ends
+    /// at a leaf: erasing its code and counting one code fewer keeps every other rule.
+    #[test]
+    fn a_dead_end_leaf_is_refused() {
+        let s = set(&[&[5, 6], &[5, 7], &[9]]);
+        let trie = Trie::build(&s, 16, 2).unwrap();
+        let sec = Sections::new(16, trie.num_nodes(), trie.edges);
+        let leaf = trie.walk(&[9]).unwrap();
+        assert_eq!((trie.code(leaf), trie.children(leaf).0.len()), (Some(2), 0));
+        let mut w = trie.as_words().to_vec();
+        w[sec.code + leaf as usize] = NONE;
+        w[7] -= 1;
+        let sum = checksum(&w);
+        w[9] = sum as u32;
+        w[10] = (sum >> 32) as u32;
+        let e = Trie::check(&w, Verify::Checksum).err().unwrap();
+        assert!(
+            e.contains(&format!("trie node {leaf} is a dead end")),
+            "{e}"
+        );
+    }
+
     /// The branch-free scans of the child table accept exactly what the plain node-by-node
     /// walk accepts, on a random trie and thousands of corruptions of its `start` and token
     /// words; and `depth_of` gives every node's depth as a breadth-first walk counts it.

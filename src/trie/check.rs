@@ -90,6 +90,16 @@ impl Trie {
             }
             last = n;
         }
+        // A node with no children must end a code: `build` makes a node only on the way to a
+        // code, so a leaf that ends none is damage — a walk that reaches it can neither go on
+        // nor end (a dead end beam search would offer no token at all).
+        let dead_end = |(w, &c): (&[u32], &u32)| w[0] == w[1] && c == NONE;
+        if start.windows(2).zip(code).any(dead_end) {
+            let n = start.windows(2).zip(code).position(dead_end).unwrap_or(0);
+            return Err(format!(
+                "trie node {n} is a dead end: it has no children and ends no code"
+            ));
+        }
         // Breadth first, depths never fall with the node id: the deepest code ends at the
         // last terminal node.
         let deepest = depth_of(start, last);
