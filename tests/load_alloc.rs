@@ -51,11 +51,21 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// The counters are the process's: the tests take turns, or one test's allocations (and its
+/// reset of the peak) land in another's measurement, which then wraps below its start.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The turn of one test (a failed test's poison does not stop the others).
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// 64 Q4_0 tensors (each dequantized to f32 at load: 7.1 times its bytes), every one at data
 /// offset 0 over the same 1 MiB: were they converted before the layout check, the load would
 /// hold ~450 MB before refusing; it must refuse holding a few MB at most.
 #[test]
 fn overlapping_tensors_are_refused_before_they_are_converted() {
+    let _turn = turn();
     let config = gram::config::ModelConfig::from_json(
         r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
         "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
@@ -100,6 +110,7 @@ fn overlapping_tensors_are_refused_before_they_are_converted() {
 /// as panels it would take 32 rows (128 MiB); it is refused by name and shape first.
 #[test]
 fn a_matrix_of_the_wrong_shape_is_refused_before_it_is_laid_out() {
+    let _turn = turn();
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
     let dir = std::env::temp_dir().join(format!("gram-shape-alloc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -146,6 +157,7 @@ fn a_matrix_of_the_wrong_shape_is_refused_before_it_is_laid_out() {
 /// for (`blk.999`): refused by name before it is dequantized.
 #[test]
 fn a_gguf_tensor_the_config_does_not_take_is_refused_before_it_is_dequantized() {
+    let _turn = turn();
     let config = gram::config::ModelConfig::from_json(
         r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
         "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
