@@ -409,7 +409,8 @@ impl<B: Backend> Engine<B> {
             ..Default::default()
         };
         let query = beam::Query { prompt, options };
-        let need = query.prompt.len() + options.max_new_tokens;
+        // The last token of a code (its EOS) is never run: it takes no position.
+        let need = query.prompt.len() + options.max_new_tokens - 1;
         if need > self.model.max_positions() {
             return Err(Error::Input(format!(
                 "query: its prompt of {} tokens and codes of up to {} exceed the model's {} positions",

@@ -822,6 +822,12 @@ fn bad_queries_are_clear_errors() {
     assert!(run(vec![], with(4, 8)).contains("no tokens"));
     let long = vec![5u32; f.model.max_positions()];
     assert!(run(long, with(4, 8)).contains("exceeds the model's"));
+    // The last new token is never run: a prompt of max − 7 tokens may ask for 8 (the highest
+    // position run is max − 1), one more token may not.
+    let fits = vec![5u32; f.model.max_positions() - 7];
+    assert_eq!(run(fits.clone(), with(4, 8)), "");
+    let over = vec![5u32; f.model.max_positions() - 6];
+    assert!(run(over, with(4, 8)).contains("exceeds the model's"));
     let sparse_free = BeamOptions {
         constrained: false,
         normalize: Normalize::Children,

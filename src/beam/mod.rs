@@ -605,10 +605,11 @@ fn check_query<B: Backend>(model: &Model<B>, q: &Query) -> Result<()> {
             "prompt token {t} is outside the vocabulary of {vocab}"
         )));
     }
-    let need = q.prompt.len() + q.options.max_new_tokens;
+    // The last new token is returned, never run: it takes no position (as in transformers).
+    let need = q.prompt.len() + q.options.max_new_tokens.saturating_sub(1);
     if need > model.max_positions() {
         return Err(Error::Input(format!(
-            "a prompt of {} tokens plus {} new ones exceeds the model's {} positions",
+            "a prompt of {} tokens plus {} new ones (all but the last run) exceeds the model's {} positions",
             q.prompt.len(),
             q.options.max_new_tokens,
             model.max_positions()

@@ -409,7 +409,8 @@ pub fn arena_entries<B: Backend>(
         let longest = (p.prompt_tokens() - 1).saturating_add(limits.max_query_tokens);
         let positions = engine.model().max_positions();
         let new_tokens = engine.index().trie().max_len() + 1;
-        if longest.saturating_add(new_tokens) > positions {
+        // The last new token (a code's EOS) is never run: it takes no position.
+        if longest.saturating_add(new_tokens - 1) > positions {
             return Err(Error::Input(format!(
                 "a query of {} tokens fills the template to {longest} tokens, and codes of up to \
                  {new_tokens} exceed the model's {positions} positions: lower --max-query-tokens",
