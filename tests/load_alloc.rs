@@ -60,38 +60,51 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The one-layer Llama config of the synthetic GGUFs.
+fn tiny_config() -> gram::config::ModelConfig {
+    gram::config::ModelConfig::from_json(
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
+    )
+    .unwrap()
+}
+
+/// A GGUF (version 3, no metadata) of Q4_0 tensors `(name, data offset)`, each `[32, rows]`
+/// (`rows` blocks of 18 bytes), followed by `data`.
+fn q4_0_gguf(tensors: &[(String, u64)], rows: u64, data: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // metadata
+    for (name, offset) in tensors {
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend(2u32.to_le_bytes()); // dims
+        b.extend(32u64.to_le_bytes());
+        b.extend(rows.to_le_bytes());
+        b.extend(2u32.to_le_bytes()); // Q4_0
+        b.extend(offset.to_le_bytes());
+    }
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    b.extend(data);
+    b
+}
+
 /// 64 Q4_0 tensors (each dequantized to f32 at load: 7.1 times its bytes), every one at data
 /// offset 0 over the same 1 MiB: were they converted before the layout check, the load would
 /// hold ~450 MB before refusing; it must refuse holding a few MB at most.
 #[test]
 fn overlapping_tensors_are_refused_before_they_are_converted() {
     let _turn = turn();
-    let config = gram::config::ModelConfig::from_json(
-        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
-        "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
-    )
-    .unwrap();
+    let config = tiny_config();
     let dir = std::env::temp_dir().join(format!("gram-gguf-alloc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // Q4_0 (type 2): 32 values in 18 bytes; [32, 58254] is 58,254 blocks, 1,048,572 bytes.
-    let (cols, rows) = (32u64, 58_254u64);
-    let data = vec![0x11u8; (rows * 18) as usize];
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend(64u64.to_le_bytes()); // tensors
-    b.extend(0u64.to_le_bytes()); // metadata
-    for i in 0..64 {
-        let name = format!("blk.{i}.ffn_up.weight");
-        b.extend((name.len() as u64).to_le_bytes());
-        b.extend(name.as_bytes());
-        b.extend(2u32.to_le_bytes());
-        b.extend(cols.to_le_bytes());
-        b.extend(rows.to_le_bytes());
-        b.extend(2u32.to_le_bytes()); // Q4_0
-        b.extend(0u64.to_le_bytes()); // offset: all the same
-    }
-    b.resize(b.len().div_ceil(32) * 32, 0);
-    b.extend(&data);
+    // [32, 58254] Q4_0 is 58,254 blocks, 1,048,572 bytes; every tensor at offset 0.
+    let rows = 58_254u64;
+    let tensors: Vec<(String, u64)> = (0..64)
+        .map(|i| (format!("blk.{i}.ffn_up.weight"), 0))
+        .collect();
+    let b = q4_0_gguf(&tensors, rows, &vec![0x11u8; (rows * 18) as usize]);
     std::fs::write(dir.join("model.gguf"), b).unwrap();
     let source = Source::find(&dir).unwrap();
     let before = LIVE.load(Ordering::Relaxed);
@@ -158,29 +171,13 @@ fn a_matrix_of_the_wrong_shape_is_refused_before_it_is_laid_out() {
 #[test]
 fn a_gguf_tensor_the_config_does_not_take_is_refused_before_it_is_dequantized() {
     let _turn = turn();
-    let config = gram::config::ModelConfig::from_json(
-        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
-        "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256}"#,
-    )
-    .unwrap();
+    let config = tiny_config();
     let dir = std::env::temp_dir().join(format!("gram-gguf-unplanned-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // Q4_0 (type 2): [32, 466,033] is 466,033 blocks of 18 bytes.
-    let (cols, rows) = (32u64, 466_033u64);
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend(1u64.to_le_bytes()); // tensors
-    b.extend(0u64.to_le_bytes()); // metadata
-    let name = "blk.999.ffn_up.weight";
-    b.extend((name.len() as u64).to_le_bytes());
-    b.extend(name.as_bytes());
-    b.extend(2u32.to_le_bytes());
-    b.extend(cols.to_le_bytes());
-    b.extend(rows.to_le_bytes());
-    b.extend(2u32.to_le_bytes()); // Q4_0
-    b.extend(0u64.to_le_bytes());
-    b.resize(b.len().div_ceil(32) * 32, 0);
-    b.resize(b.len() + (rows * 18) as usize, 0x5a);
+    // [32, 466,033] Q4_0 is 466,033 blocks of 18 bytes.
+    let rows = 466_033u64;
+    let tensors = [("blk.999.ffn_up.weight".to_string(), 0)];
+    let b = q4_0_gguf(&tensors, rows, &vec![0x5au8; (rows * 18) as usize]);
     std::fs::write(dir.join("model.gguf"), b).unwrap();
     let source = Source::find(&dir).unwrap();
     let before = LIVE.load(Ordering::Relaxed);

@@ -1631,13 +1631,39 @@ fn abandoned_jobs_do_not_count_against_the_queue_cap() {
     assert!(metrics.render().contains("gram_queue_depth 1\n"));
 }
 
+/// The batcher tests' configuration: two places, no row bound or gathering window, an arena
+/// for two default-beam requests, `score_threads` scoring threads.
+fn two_places(engine: &Engine, score_threads: usize) -> gram::server::batcher::BatcherConfig {
+    gram::server::batcher::BatcherConfig {
+        max_batch: 2,
+        max_rows: 0,
+        batch_wait: std::time::Duration::ZERO,
+        arena_entries: gram::server::batcher::arena_entries(engine, 2, 10).unwrap(),
+        score_threads,
+    }
+}
+
+/// Should a batcher test fail, releases every held scoring and closes the queue, so that the
+/// batcher stops and the scope's join does not hang.
+struct Guard<'a>(
+    Option<std::sync::mpsc::Sender<()>>,
+    &'a gram::server::batcher::Queue,
+);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.0.take();
+        self.1.close();
+    }
+}
+
 /// Scoring does not hold up the decoder: with the scoring of a first request held (its scoring
 /// thread blocked), a second request admitted after it still gets every decoder step it needs
 /// (its codes are done and handed to the other scoring thread). Scoring inline on the batcher
 /// thread, the second would never step. Both answers are then the engine's own.
 #[test]
 fn the_batcher_steps_on_while_a_request_is_scored() {
-    use gram::server::batcher::{self, BatcherConfig, Job, Queue};
+    use gram::server::batcher::{self, Job, Queue};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -1657,13 +1683,7 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
     let metrics = Arc::new(gram::server::metrics::Metrics::default());
     let queue = Queue::new(8, metrics.clone());
     queue.set_max_batch(2);
-    let config = BatcherConfig {
-        max_batch: 2,
-        max_rows: 0,
-        batch_wait: Duration::ZERO,
-        arena_entries: batcher::arena_entries(&engine, 2, 10).unwrap(),
-        score_threads: 2,
-    };
+    let config = two_places(&engine, 2);
     // Each scoring waits for a release of its own.
     let (release, released) = std::sync::mpsc::channel::<()>();
     let released = Mutex::new(released);
@@ -1697,15 +1717,6 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
         queue.push(job).unwrap();
         answer
     };
-    /// Should the test fail, releases every scoring and closes the queue, so that the batcher
-    /// stops and the scope's join does not hang.
-    struct Guard<'a>(Option<std::sync::mpsc::Sender<()>>, &'a Queue);
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            self.0.take();
-            self.1.close();
-        }
-    }
     std::thread::scope(|s| {
         let batcher = s.spawn(|| batcher::run(&engine, &queue, config, &metrics, || {}, &score));
         let guard = Guard(Some(release), &queue);
@@ -1740,7 +1751,7 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
 /// engine's own.
 #[test]
 fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
-    use gram::server::batcher::{self, BatcherConfig, Job, Queue};
+    use gram::server::batcher::{self, Job, Queue};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
     let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
@@ -1763,13 +1774,7 @@ fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
     let metrics = Arc::new(gram::server::metrics::Metrics::default());
     let queue = Queue::new(8, metrics.clone());
     queue.set_max_batch(2);
-    let config = BatcherConfig {
-        max_batch: 2,
-        max_rows: 0,
-        batch_wait: Duration::ZERO,
-        arena_entries: batcher::arena_entries(&engine, 2, 10).unwrap(),
-        score_threads: 1,
-    };
+    let config = two_places(&engine, 1);
     let (release, released) = std::sync::mpsc::channel::<()>();
     let released = Mutex::new(released);
     let score = |done| {
@@ -1784,13 +1789,6 @@ fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
             .expect("gram_scoring_backlog in /metrics");
         line["gram_scoring_backlog ".len()..].parse().unwrap()
     };
-    struct Guard<'a>(Option<std::sync::mpsc::Sender<()>>, &'a Queue);
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            self.0.take();
-            self.1.close();
-        }
-    }
     std::thread::scope(|s| {
         let batcher = s.spawn(|| batcher::run(&engine, &queue, config, &metrics, || {}, &score));
         let guard = Guard(Some(release), &queue);
