@@ -188,7 +188,7 @@ struct CodesArgs {
     max_new_tokens: usize,
     /// HF length penalty: a finished code scores sum(logprobs) / length ^ penalty.
     #[arg(long, default_value_t = 1.0)]
-    length_penalty: f32,
+    length_penalty: f64,
     /// `full`: full-vocabulary log-softmax, then the trie mask (transformers' semantics);
     /// `children`: normalize over the allowed tokens only (sparse LM head).
     #[arg(long, default_value = "full")]

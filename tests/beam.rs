@@ -84,7 +84,7 @@ fn teacher_forced(
     f: &Fixture,
     prompt: &[u32],
     normalize: Normalize,
-    length_penalty: f32,
+    length_penalty: f64,
 ) -> Vec<(u32, f32, Vec<f32>)> {
     let (model, trie, set) = (&f.model, &f.trie, &f.set);
     let eos = trie.eos();
@@ -128,7 +128,7 @@ fn teacher_forced(
             lps.push(lp);
         }
         let sum: f32 = lps.iter().sum();
-        let score = sum / (lps.len() as f32).powf(length_penalty);
+        let score = sum / gram::beam::length_factor(lps.len(), length_penalty);
         out.push((i as u32, score, lps));
     }
     out.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -310,7 +310,7 @@ fn batched_queries_match_single_ones_and_return_only_codes() {
                     assert_eq!(c.token_logprobs.len(), c.tokens.len() + 1, "{ctx}");
                     let sum: f32 = c.token_logprobs.iter().sum();
                     let len = c.token_logprobs.len() as f32;
-                    let want = sum / len.powf(q.options.length_penalty);
+                    let want = sum / len.powf(q.options.length_penalty as f32);
                     assert!((c.score - want).abs() < 1e-4, "{ctx}: score {}", c.score);
                     assert!(c.tokens.len() < q.options.max_new_tokens, "{ctx}");
                 }

@@ -31,7 +31,7 @@ fn check(fixture: &str, dir: &std::path::Path) {
                 options: BeamOptions {
                     beam: c["beam"].as_u64().unwrap() as usize,
                     max_new_tokens: c["max_new_tokens"].as_u64().unwrap() as usize,
-                    length_penalty: c["length_penalty"].as_f64().unwrap() as f32,
+                    length_penalty: c["length_penalty"].as_f64().unwrap(),
                     normalize: Normalize::Full,
                     constrained: true,
                 },

@@ -1324,7 +1324,7 @@ fn device_beam_step_matches_search_logits() {
     let (vocab, eos) = (cpu.config.vocab_size, cpu.config.eos_token_ids[0]);
     let set = CodeSet::from_texts(default_codes(), &tok, eos).unwrap();
     let trie = Trie::build(&set, vocab, eos).unwrap();
-    let cases: [(usize, Normalize, f32, usize); 6] = [
+    let cases: [(usize, Normalize, f64, usize); 6] = [
         (10, Normalize::Full, 1.0, 16),
         (64, Normalize::Children, 1.0, 16),
         (1, Normalize::Full, 1.0, 16),

@@ -31,12 +31,19 @@ use crate::trie::NONE;
 
 /// Widest beam a query may ask for.
 pub const MAX_BEAM: usize = 512;
+/// `len ^ length_penalty` as transformers computes it (`len ** penalty` in Python doubles,
+/// the penalty never rounded to f32; with 0.6 rounded first, 246 of the lengths 1..=256 gave
+/// another f32 factor), then rounded to the f32 the scores are in.
+pub fn length_factor(len: usize, length_penalty: f64) -> f32 {
+    (len as f64).powf(length_penalty) as f32
+}
+
 /// Most new tokens a query may ask for.
 pub const MAX_NEW_TOKENS: usize = 256;
 /// The largest `|length_penalty|` taken: a score is a sum of log-probs times `len^-penalty`, in
 /// f32, and at 256 tokens a penalty of ±10 keeps both factor and score finite and nonzero
 /// (±20 would send them to inf or 0, every score tying at -0.0 or -inf).
-pub const MAX_LENGTH_PENALTY: f32 = 10.0;
+pub const MAX_LENGTH_PENALTY: f64 = 10.0;
 
 /// How a step's log-probabilities are normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +59,7 @@ pub enum Normalize {
 pub struct BeamOptions {
     pub beam: usize,
     pub max_new_tokens: usize,
-    pub length_penalty: f32,
+    pub length_penalty: f64,
     pub normalize: Normalize,
     /// Restrict beams to the trie (on by default; off only to measure what it prevents).
     /// Unconstrained beams end only at the trie's EOS (HF would also stop at a model's other
@@ -791,7 +798,7 @@ fn advance(trie: &Trie, s: &mut State, parents: &[Beam], cands: Vec<Candidate>) 
         }
     };
     // As Python's `len ** penalty`: in f64, rounded once.
-    let penalty = (gen_len as f64).powf(s.options.length_penalty as f64) as f32;
+    let penalty = length_factor(gen_len, s.options.length_penalty);
     let mut running = Vec::with_capacity(b);
     for (rank, c) in top.iter().enumerate() {
         let parent = &parents[c.beam as usize];
@@ -885,7 +892,21 @@ fn finish(trie: &Trie, s: State) -> Output {
 
 #[cfg(test)]
 mod tests {
-    use super::{BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+    use super::{length_factor, BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+
+    /// Python's `n ** 0.6` rounded to f32 (`struct.pack('f', n ** 0.6)`): 3, 7 and 100 are
+    /// lengths where rounding the penalty to f32 first gave the next f32 up.
+    #[test]
+    fn the_length_factor_is_pythons() {
+        for (n, bits) in [
+            (2, 0x3fc2_0300u32),
+            (3, 0x3ff7_7282),
+            (7, 0x404d_b3bf),
+            (100, 0x417d_953a),
+        ] {
+            assert_eq!(length_factor(n, 0.6).to_bits(), bits, "{n}");
+        }
+    }
 
     #[test]
     fn options_out_of_range_are_refused_by_name() {
@@ -898,7 +919,7 @@ mod tests {
             };
             assert!(o.check().is_ok(), "{lp}");
         }
-        for lp in [10.5, -20.0, -200.0, f32::NAN, f32::INFINITY] {
+        for lp in [10.5, -20.0, -200.0, f64::NAN, f64::INFINITY] {
             let o = BeamOptions {
                 length_penalty: lp,
                 ..ok

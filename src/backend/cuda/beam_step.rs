@@ -273,7 +273,8 @@ impl<'g> DeviceBeams<'g> {
             s_words.extend([1, 0, 0, 1, 0, l.slot0]);
             // As `beam::advance`: `len ** penalty` in f64, rounded once.
             penalty.extend(
-                (0..max_steps).map(|s| ((s + 1) as f64).powf(o.length_penalty as f64) as f32),
+                (0..max_steps)
+                    .map(|s| crate::beam::length_factor(s as usize + 1, o.length_penalty)),
             );
         }
         let mut run_node = vec![u32::MAX; slots as usize];
