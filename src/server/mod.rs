@@ -24,6 +24,7 @@ pub mod api;
 pub mod batcher;
 pub mod conn;
 pub mod metrics;
+pub mod queue;
 
 use std::future::Future;
 use std::net::SocketAddr;
