@@ -1643,6 +1643,24 @@ fn two_places(engine: &Engine, score_threads: usize) -> gram::server::batcher::B
     }
 }
 
+/// Queues `r` for a batcher test (a 600 s deadline: the test, not the clock, ends it); its
+/// answer arrives on the returned channel.
+fn push_for_batcher(
+    engine: &Engine,
+    queue: &gram::server::batcher::Queue,
+    r: &Request,
+) -> tokio::sync::oneshot::Receiver<gram::server::batcher::Reply> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = gram::server::batcher::Job {
+        prepared: engine.prepare(r.clone()).unwrap(),
+        reply,
+        enqueued: std::time::Instant::now(),
+        deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
+    };
+    queue.push(job).unwrap();
+    answer
+}
+
 /// Should a batcher test fail, releases every held scoring and closes the queue, so that the
 /// batcher stops and the scope's join does not hang.
 struct Guard<'a>(
@@ -1663,7 +1681,7 @@ impl Drop for Guard<'_> {
 /// thread, the second would never step. Both answers are then the engine's own.
 #[test]
 fn the_batcher_steps_on_while_a_request_is_scored() {
-    use gram::server::batcher::{self, Job, Queue};
+    use gram::server::batcher::{self, Queue};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -1706,17 +1724,7 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
             std::thread::sleep(Duration::from_millis(5));
         }
     };
-    let push = |r: &Request| {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job {
-            prepared: engine.prepare(r.clone()).unwrap(),
-            reply,
-            enqueued: Instant::now(),
-            deadline: Instant::now() + Duration::from_secs(600),
-        };
-        queue.push(job).unwrap();
-        answer
-    };
+    let push = |r: &Request| push_for_batcher(&engine, &queue, r);
     std::thread::scope(|s| {
         let batcher = s.spawn(|| batcher::run(&engine, &queue, config, &metrics, || {}, &score));
         let guard = Guard(Some(release), &queue);
@@ -1751,7 +1759,7 @@ fn the_batcher_steps_on_while_a_request_is_scored() {
 /// engine's own.
 #[test]
 fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
-    use gram::server::batcher::{self, Job, Queue};
+    use gram::server::batcher::{self, Queue};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
     let engine = Engine::open(index(), None, &gram::LoadOptions::default()).unwrap();
@@ -1794,17 +1802,7 @@ fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
         let guard = Guard(Some(release), &queue);
         let answers: Vec<_> = requests
             .iter()
-            .map(|r| {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                let job = Job {
-                    prepared: engine.prepare(r.clone()).unwrap(),
-                    reply,
-                    enqueued: Instant::now(),
-                    deadline: Instant::now() + Duration::from_secs(600),
-                };
-                queue.push(job).unwrap();
-                answer
-            })
+            .map(|r| push_for_batcher(&engine, &queue, r))
             .collect();
         let t = Instant::now();
         while backlog(&metrics) < 3 {
