@@ -69,6 +69,23 @@ pub fn svg(report: &Report, samples: &[Sample]) -> String {
             }
         ),
     );
+    let t = &report.latency_with_timeouts_ms;
+    if t.n > l.n {
+        text(
+            &mut out,
+            W / 2.0,
+            58.0,
+            "middle",
+            12,
+            &format!(
+                "with the {} timeouts counted at --timeout-s: p90 {:.2}  p99 {:.2}  p99.9 {:.2}",
+                t.n - l.n,
+                t.p90,
+                t.p99,
+                t.p999
+            ),
+        );
+    }
     if lat.is_empty() {
         text(
             &mut out,
