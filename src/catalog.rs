@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::backend::{Backend, KvRows, RowKv};
@@ -18,7 +19,7 @@ use crate::index::{self, CodePostings, Product};
 use crate::model::{Head, KvArena, Model};
 use crate::settings::Settings;
 use crate::tokenizer::Tokenizer;
-use crate::trie::{CodeName, CodeSet, Trie};
+use crate::trie::{refusal, CodeName, CodeSet, Trie};
 
 /// One catalog line. A field this type does not know is an error, not ignored: a misspelt
 /// `codes` (`"code": [...]`) would otherwise index the product with no codes, never retrievable,
@@ -208,9 +209,11 @@ pub struct Report {
     #[serde(skip)]
     pub without_codes_sample: Vec<String>,
     /// Products left out of the index under `OnError::Skip` because their prompt and codes do
-    /// not fit the model's positions (not in `products`).
+    /// not fit the model's positions, or a catalog code of theirs is one the model cannot emit
+    /// (not in `products`).
     pub skipped_products: usize,
-    /// The first few of those products, named with their catalog lines, for a warning.
+    /// The first few of those products, named with their catalog lines (and the code, for one
+    /// with a code the model cannot emit), for a warning.
     #[serde(skip)]
     pub skipped_sample: Vec<String>,
     pub seconds: f64,
@@ -313,6 +316,30 @@ pub fn build_with<B: Backend>(
         .eos_token_ids
         .first()
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
+    // Under `Skip`, a product with a catalog code this model cannot emit is left out before
+    // any work, and reported with the products that do not fit.
+    let unfit = match options.on_error {
+        OnError::Skip => unemittable(items, tokenizer, eos),
+        OnError::Stop => Vec::new(),
+    };
+    let fit: Vec<Item>;
+    let items: &[Item] = if unfit.is_empty() {
+        items
+    } else {
+        let mut out = unfit.iter().map(|&(pi, _)| pi).peekable();
+        fit = (0..items.len())
+            .filter(|&pi| out.next_if_eq(&pi).is_none())
+            .map(|pi| items[pi].clone())
+            .collect();
+        if fit.is_empty() {
+            return Err(Error::Input(format!(
+                "no product fits the model: all {} were left out (the first: {})",
+                items.len(),
+                unfit[0].1
+            )));
+        }
+        &fit
+    };
     let generate = options.generate;
     let unconstrained = generate.is_some_and(|g| g.codes.is_empty());
     // Errors name a code by where it came from: the list's by its file's line, the others (the
@@ -521,11 +548,12 @@ pub fn build_with<B: Backend>(
             .take(SAMPLE_IDS)
             .map(|&pi| items[pi].id.clone())
             .collect(),
-        skipped_products: left_out.len(),
-        skipped_sample: left_out
-            .iter()
+        skipped_products: unfit.len() + left_out.len(),
+        skipped_sample: unfit
+            .into_iter()
+            .map(|(_, why)| why)
+            .chain(left_out.iter().map(|&pi| items[pi].name()))
             .take(SAMPLE_IDS)
-            .map(|&pi| items[pi].name())
             .collect(),
         seconds,
         products_per_s: items.len() as f64 / seconds,
@@ -534,16 +562,59 @@ pub fn build_with<B: Backend>(
 
 /// Codes are generated as at most `MAX_NEW_TOKENS` tokens, their EOS included.
 fn check_code_lengths(set: &CodeSet, name: CodeName) -> Result<()> {
-    if let Some(i) = (0..set.len()).find(|&i| set.code_tokens(i).len() >= MAX_NEW_TOKENS) {
-        return Err(Error::Input(format!(
-            "{}: code {:?} is {} tokens; codes may have at most {}",
-            name(i, &set.texts[i]),
-            set.texts[i],
-            set.code_tokens(i).len(),
-            MAX_NEW_TOKENS - 1
-        )));
+    for i in 0..set.len() {
+        if let Some(why) = too_long(set.code_tokens(i).len()) {
+            let text = &set.texts[i];
+            return Err(Error::Input(format!(
+                "{}: code {text:?} {why}",
+                name(i, text)
+            )));
+        }
     }
     Ok(())
+}
+
+/// Why a code of `n` tokens (its EOS not counted) is too long to generate, if it is.
+fn too_long(n: usize) -> Option<String> {
+    (n >= MAX_NEW_TOKENS).then(|| {
+        format!(
+            "is {n} tokens; codes may have at most {}",
+            MAX_NEW_TOKENS - 1
+        )
+    })
+}
+
+/// The products with a catalog code this model cannot emit (the tokenizer refuses it, it is no
+/// tokens, it holds the EOS token or it is too long), each with why, in catalog order. Under
+/// `OnError::Skip` the build leaves them out; under `Stop` the code set's own checks name the
+/// first.
+fn unemittable(items: &[Item], tokenizer: &Tokenizer, eos: u32) -> Vec<(usize, String)> {
+    let mut codes: Vec<&str> = items
+        .iter()
+        .flat_map(|p| p.codes.iter().map(String::as_str))
+        .collect();
+    codes.sort_unstable();
+    codes.dedup();
+    let why: Vec<Option<String>> = codes
+        .par_iter()
+        .map(|code| match tokenizer.encode_plain(code) {
+            Err(e) => Some(e.to_string()),
+            Ok(ids) => refusal(&ids, eos).or_else(|| too_long(ids.len())),
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (pi, item) in items.iter().enumerate() {
+        let bad = item.codes.iter().find_map(|c| {
+            let at = codes
+                .binary_search(&c.as_str())
+                .expect("every code was listed");
+            why[at]
+                .as_ref()
+                .map(|w| format!("{}: code {c:?} {w}", item.name()))
+        });
+        out.extend(bad.map(|w| (pi, w)));
+    }
+    out
 }
 
 /// What every shard's encoding needs.

@@ -79,6 +79,18 @@ pub struct CodeSet {
     pub offsets: Vec<usize>,
 }
 
+/// Why a code whose own tokens are `ids` (its EOS not yet added) cannot be in a code set: it
+/// is no tokens at all, or it holds the EOS token, so the model could never emit it whole.
+pub fn refusal(ids: &[u32], eos: u32) -> Option<String> {
+    if ids.is_empty() {
+        Some("tokenizes to nothing".into())
+    } else if ids.contains(&eos) {
+        Some(format!("contains the EOS token {eos}"))
+    } else {
+        None
+    }
+}
+
 impl CodeSet {
     /// Reads a code file (one code per line, UTF-8) and tokenizes each code. Blank lines, codes
     /// that tokenize to nothing or contain `eos`, and an empty file are errors naming the line.
@@ -168,15 +180,8 @@ impl CodeSet {
                         tokens.extend_from_slice(&tokenizer.encode_plain(text)?);
                     }
                     let ids = &tokens[start..];
-                    if ids.is_empty() {
-                        return Err(Error::Input(format!(
-                            "{line}: code {text:?} tokenizes to nothing"
-                        )));
-                    }
-                    if ids.contains(&eos) {
-                        return Err(Error::Input(format!(
-                            "{line}: code {text:?} contains the EOS token {eos}"
-                        )));
+                    if let Some(why) = refusal(ids, eos) {
+                        return Err(Error::Input(format!("{line}: code {text:?} {why}")));
                     }
                     lens.push(ids.len());
                 }

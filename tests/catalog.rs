@@ -343,6 +343,77 @@ fn code_errors_name_their_own_lines_and_products() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Under `--on-error skip`, a catalog code the model cannot emit (it holds the EOS token, or is
+/// longer than a code may be) stopped the build all the same. Now its product is left out,
+/// counted with the products that do not fit and named with the code and why; the rest is
+/// indexed, numbered anew.
+#[test]
+fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
+    let dir = fresh_dir("catalog-skip-codes");
+    let cat = dir.join("c.jsonl");
+    let model = model_dir("tiny-llama");
+    let eos = std::fs::read_to_string(model.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["eos_token"].as_str().map(str::to_owned))
+        .unwrap();
+    let long = vec!["sofa"; 200].join(" ");
+    let lines: Vec<String> = [
+        serde_json::json!({"id": "p0", "title": "oak sofa", "codes": ["sofa"]}),
+        serde_json::json!({"id": "p1", "title": "lamp", "codes": ["lamp", format!("lamp {eos}")]}),
+        serde_json::json!({"id": "p2", "title": "rug", "codes": ["rug"]}),
+        serde_json::json!({"id": "p3", "title": "long", "codes": [long]}),
+        serde_json::json!({"id": "p4", "title": "lamp too", "codes": ["lamp"]}),
+    ]
+    .iter()
+    .map(|l| l.to_string())
+    .collect();
+    std::fs::write(&cat, lines.join("\n")).unwrap();
+    let run = |mode: &str| {
+        index_build(
+            &model,
+            &cat,
+            &dir.join("ix"),
+            &["--threads", "1", "--on-error", mode],
+        )
+    };
+    let out = run("stop");
+    assert!(!out.status.success());
+    let out = run("skip");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["report"]["skipped_products"], 2, "{stdout}");
+    assert_eq!(v["report"]["products"], 3, "{stdout}");
+    assert!(
+        stderr.contains("2 products do not fit the model")
+            && stderr.contains("catalog line 2 (product \"p1\"): code")
+            && stderr.contains("contains the EOS")
+            && stderr.contains("catalog line 4 (product \"p3\"): code")
+            && stderr.contains("codes may have at most"),
+        "{stderr}"
+    );
+    let index = gram::index::Index::open(&dir.join("ix/index.gram")).unwrap();
+    let ids: Vec<String> = (0..index.num_products() as u32)
+        .map(|i| index.product(i).unwrap().0.into_owned())
+        .collect();
+    assert_eq!(ids, ["p0", "p2", "p4"]);
+    let lamp = (0..index.num_codes() as u32)
+        .find(|&c| index.code_text(c).unwrap() == "lamp")
+        .unwrap();
+    let n = index.code(lamp).unwrap().n_tokens as usize;
+    let (pq, w) = (vec![0.5; n], vec![1.0; n]);
+    assert_eq!(
+        index.postings(lamp, &pq, &w).unwrap().products,
+        [2],
+        "p4 is product 2 now"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// With product-code generation (`--codes`), a product whose prompt does not fit the model
 /// failed the build naming its beam-search slot ("query 5"), not the product, and it did so
 /// under `--on-error skip` too. Now each product's room is checked before any pass: under
