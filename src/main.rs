@@ -116,8 +116,9 @@ struct BuildArgs {
     #[arg(long)]
     out: PathBuf,
     /// What a malformed catalog line does: stop the build, or skip it (and count it). A
-    /// product whose prompt and codes do not fit the model's positions likewise stops the
-    /// build, or is left out of the index (counted as the report's `skipped_products`).
+    /// product whose prompt and codes do not fit the model's positions, or with a catalog code
+    /// the model cannot emit, likewise stops the build, or is left out of the index (counted as
+    /// the report's `skipped_products`).
     #[arg(long, default_value = "stop")]
     on_error: String,
     /// Also generate each product's codes with the model: beam search over this code list
