@@ -14,6 +14,7 @@ recall@k of a k-deep ranking is its recall@k: only the cut-offs above the rankin
 ones (nDCG@10, recall@10 and @100 of a 300-deep ranking) can move.
 """
 import csv
+import io
 import json
 import math
 import random
@@ -161,10 +162,13 @@ GRADE_COLUMNS = ("rating", "grade", "final_rating")
 def read_judgements(path):
     """{query: {product id: grade}} from `judged.jsonl` (`{"query", "grades"}` a line, what
     pairs.py writes) or from a CSV whose header names `query`, a product column (docid /
-    product_id / id) and a grade column (rating / grade / final_rating), as `gram eval` reads
-    them: grades `int(float(x))`, rows with an empty grade skipped, a later row of the same
-    (query, product) wins. A malformed line or a missing column is a ValueError naming the file
-    and line."""
+    product_id / id) and a grade column (rating / grade / final_rating), read as `gram eval`
+    (src/eval.rs) reads them: a UTF-8 byte-order mark ignored; `.csv` is CSV, `.jsonl` / `.json`
+    JSONL, any other name JSONL when its text starts with `{`; header names trimmed and in any
+    case; grades `int(float(x))` in 0..=MAX_GRADE (JSONL grades must be numbers); CSV rows with
+    an empty grade skipped; a row with another number of fields than the header, or an empty
+    product id, refused; a later row of the same (query, product) wins. A malformed line or a
+    missing column is a ValueError naming the file and line."""
     out = {}
 
     def grade(g):
@@ -175,31 +179,54 @@ def read_judgements(path):
             raise ValueError(f"grade {g} is outside 0..={MAX_GRADE}")
         return g
 
-    with open(path, encoding="utf-8") as f:
-        if str(path).endswith(".jsonl"):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    grades = {str(d): grade(g) for d, g in r["grades"].items()}
-                    out.setdefault(str(r["query"]), {}).update(grades)
-                except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
-                    raise ValueError(f"{path}:{n}: not a judgement line ({e})") from None
-            return out
-        rows = csv.DictReader(f)
-        cols = rows.fieldnames or []
-        pcol = next((c for c in PRODUCT_COLUMNS if c in cols), None)
-        gcol = next((c for c in GRADE_COLUMNS if c in cols), None)
-        if "query" not in cols or pcol is None or gcol is None:
-            raise ValueError(f"{path}:1: the header needs query, one of {PRODUCT_COLUMNS} and "
-                             f"one of {GRADE_COLUMNS}; it has {cols}")
-        for n, r in enumerate(rows, 2):
-            g = (r.get(gcol) or "").strip()
-            if not g:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    suffix = str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else ""
+    if suffix == "csv":
+        is_csv = True
+    elif suffix in ("jsonl", "json"):
+        is_csv = False
+    else:
+        is_csv = not text.lstrip().startswith("{")
+    if not is_csv:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
                 continue
             try:
-                out.setdefault(r["query"], {})[r[pcol]] = grade(g)
-            except (ValueError, TypeError, OverflowError) as e:
-                raise ValueError(f"{path}:{n}: grade {g!r} ({e})") from None
+                r = json.loads(line)
+                grades = {}
+                for d, g in r["grades"].items():
+                    if isinstance(g, bool) or not isinstance(g, (int, float)):
+                        raise ValueError(f"the grade of product {d!r} is not a number: {g!r}")
+                    grades[str(d)] = grade(g)
+                if not isinstance(r["query"], str):
+                    raise ValueError("no string \"query\"")
+                out.setdefault(r["query"], {}).update(grades)
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+                raise ValueError(f"{path}:{n}: not a judgement line ({e})") from None
+        return out
+    rows = csv.reader(io.StringIO(text))
+    header = [h.strip().lower() for h in next(rows, [])]
+    pcol = next((header.index(c) for c in PRODUCT_COLUMNS if c in header), None)
+    gcol = next((header.index(c) for c in GRADE_COLUMNS if c in header), None)
+    if "query" not in header or pcol is None or gcol is None:
+        raise ValueError(f"{path}:1: the header needs query, one of {PRODUCT_COLUMNS} and "
+                         f"one of {GRADE_COLUMNS}; it has {header}")
+    qcol = header.index("query")
+    for r in rows:
+        n = rows.line_num
+        if not r or r == [""]:
+            continue
+        if len(r) != len(header):
+            raise ValueError(f"{path}:{n}: {len(r)} fields, the header has {len(header)}")
+        g = r[gcol].strip()
+        if not g:
+            continue
+        d = r[pcol].strip()
+        if not d:
+            raise ValueError(f"{path}:{n}: empty product id")
+        try:
+            out.setdefault(r[qcol], {})[d] = grade(g)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ValueError(f"{path}:{n}: grade {g!r} ({e})") from None
     return out

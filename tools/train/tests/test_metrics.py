@@ -109,6 +109,47 @@ class Metrics(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "j.jsonl:1: .*grade 1024 is outside"):
                 M.read_judgements(j)
 
+    def test_read_judgements_as_gram_eval(self):
+        # The edge cases where this reader was laxer or stricter than `gram eval`'s
+        # (src/eval.rs read_judgements): each now reads the same, or is refused by both.
+        import tempfile
+        from pathlib import Path
+        with tempfile.TemporaryDirectory() as d:
+            c = Path(d) / "j.csv"
+            # A byte-order mark and a header in other case, padded: read as `gram eval` does.
+            c.write_bytes("\ufeffQuery, DocId ,Rating\r\nq,a,2\r\n".encode())
+            self.assertEqual(M.read_judgements(c), {"q": {"a": 2}})
+            # A short row was read with its grade as missing and skipped without a word.
+            c.write_text("query,docid,rating\nq,a\n")
+            with self.assertRaisesRegex(ValueError, "j.csv:2: 2 fields, the header has 3"):
+                M.read_judgements(c)
+            c.write_text("query,docid,rating\nq,a,1,extra\n")
+            with self.assertRaisesRegex(ValueError, "j.csv:2: 4 fields"):
+                M.read_judgements(c)
+            # Product ids are trimmed; an empty one is refused.
+            c.write_text("query,docid,rating\nq, a ,1\nq,,2\n")
+            with self.assertRaisesRegex(ValueError, "j.csv:3: empty product id"):
+                M.read_judgements(c)
+            c.write_text('query,docid,rating\n"q, with comma", a ,1\n')
+            self.assertEqual(M.read_judgements(c), {"q, with comma": {"a": 1}})
+            # JSONL grades must be numbers (a string "2" was taken).
+            j = Path(d) / "j.jsonl"
+            j.write_text('{"query": "q", "grades": {"a": "2"}}\n')
+            with self.assertRaisesRegex(ValueError, "j.jsonl:1: .*not a number"):
+                M.read_judgements(j)
+            j.write_text('{"query": "q", "grades": {"a": true}}\n')
+            with self.assertRaisesRegex(ValueError, "j.jsonl:1: .*not a number"):
+                M.read_judgements(j)
+            # `.json` is JSONL, as is a file of another name whose text starts with `{`; a
+            # BOM before a JSONL line is ignored.
+            for name in ("j.json", "judged.txt"):
+                f = Path(d) / name
+                f.write_bytes('\ufeff{"query": "q", "grades": {"a": 2.5}}\n'.encode())
+                self.assertEqual(M.read_judgements(f), {"q": {"a": 2}}, name)
+            f = Path(d) / "judged.txt"
+            f.write_text("query,docid,rating\nq,a,3\n")
+            self.assertEqual(M.read_judgements(f), {"q": {"a": 3}})
+
     def test_summarize(self):
         s = M.summarize({"q1": ["a", "b"], "q2": ["x"]}, {"q1": G, "q2": {"z": 3}, "q3": {"w": 0}})
         self.assertEqual(s["n_recall@10"], 2)
