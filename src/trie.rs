@@ -25,16 +25,18 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::container::write_atomic;
 use crate::error::{Error, Result};
-use crate::tokenizer::{PlainMemo, Tokenizer};
 
 mod check;
+mod code_set;
+
+pub use code_set::{line_name, refusal, CodeName, CodeSet};
 
 /// A trie's `(vocab, eos, nodes, edges, codes, max_len)`.
 type Counts = (usize, u32, usize, usize, usize, usize);
@@ -48,16 +50,6 @@ const HEADER_WORDS: usize = 12;
 /// Most codes a trie holds (ids are `u32`, `NONE` reserved).
 pub const MAX_CODES: usize = (u32::MAX - 1) as usize;
 
-/// Where code `i` (text `text`) came from, as an error names it ("line 3", "catalog line 7
-/// (product \"a\")"): a code set's position is its line only when it was read straight from
-/// a file.
-pub type CodeName<'a> = &'a (dyn Fn(usize, &str) -> String + Sync);
-
-/// Names code `i` by its position: line `i + 1`.
-pub fn line_name(i: usize, _: &str) -> String {
-    format!("line {}", i + 1)
-}
-
 /// Two codes' names as one phrase: "lines 3 and 8" for two lines of one source, else "A and B".
 fn name_pair(a: &str, b: &str) -> String {
     let numbered = |s: &str| {
@@ -68,155 +60,6 @@ fn name_pair(a: &str, b: &str) -> String {
     match (numbered(a), numbered(b)) {
         (Some((ha, x)), Some((hb, y))) if ha == hb => format!("{ha}lines {x} and {y}"),
         _ => format!("{a} and {b}"),
-    }
-}
-
-/// A code list, tokenized: code `i` is `texts[i]` and its tokens (without EOS)
-/// `tokens[offsets[i]..offsets[i + 1]]`.
-pub struct CodeSet {
-    pub texts: Vec<String>,
-    pub tokens: Vec<u32>,
-    pub offsets: Vec<usize>,
-}
-
-/// Why a code whose own tokens are `ids` (its EOS not yet added) cannot be in a code set: it
-/// is no tokens at all, or it holds the EOS token, so the model could never emit it whole.
-pub fn refusal(ids: &[u32], eos: u32) -> Option<String> {
-    if ids.is_empty() {
-        Some("tokenizes to nothing".into())
-    } else if ids.contains(&eos) {
-        Some(format!("contains the EOS token {eos}"))
-    } else {
-        None
-    }
-}
-
-impl CodeSet {
-    /// Reads a code file (one code per line, UTF-8) and tokenizes each code. Blank lines, codes
-    /// that tokenize to nothing or contain `eos`, and an empty file are errors naming the line.
-    pub fn from_file(path: &Path, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        CodeSet::from_texts(lines, tokenizer, eos).map_err(|e| match e {
-            Error::Input(msg) => Error::Input(format!("{}: {msg}", path.display())),
-            e => e,
-        })
-    }
-
-    /// Tokenizes `texts` (code id = index; line numbers in errors are `index + 1`). Each worker
-    /// thread keeps a [`PlainMemo`] (the ids of each distinct word, asked of the tokenizer
-    /// once): the ids are exactly `encode_plain`'s, as [`CodeSet::from_texts_plain`], the
-    /// reference twin, gives them. Of several bad codes the first is reported.
-    pub fn from_texts(texts: Vec<String>, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, true, &line_name)
-    }
-
-    /// [`CodeSet::from_texts`] with errors naming each code as `name` says (where it came
-    /// from: a file's line, a catalog product), not by its position in `texts`.
-    pub fn from_texts_named(
-        texts: Vec<String>,
-        tokenizer: &Tokenizer,
-        eos: u32,
-        name: CodeName,
-    ) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, true, name)
-    }
-
-    /// [`CodeSet::from_texts`] with `encode_plain` code by code, no memo: the reference.
-    pub fn from_texts_plain(
-        texts: Vec<String>,
-        tokenizer: &Tokenizer,
-        eos: u32,
-    ) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, false, &line_name)
-    }
-
-    fn tokenize(
-        texts: Vec<String>,
-        tokenizer: &Tokenizer,
-        eos: u32,
-        use_memo: bool,
-        name: CodeName,
-    ) -> Result<CodeSet> {
-        /// Codes per parallel job.
-        const CHUNK: usize = 4096;
-        if texts.is_empty() {
-            return Err(Error::Input("the code set is empty".into()));
-        }
-        if texts.len() > MAX_CODES {
-            return Err(Error::Input(format!(
-                "{} codes; at most {MAX_CODES} fit",
-                texts.len()
-            )));
-        }
-        // One memo per worker thread, so that each word is tokenized about once per thread. A
-        // job takes its thread's; were it ever taken (nothing in a job runs other jobs), a
-        // fresh one.
-        let memos: Vec<Mutex<PlainMemo>> = (0..rayon::current_num_threads())
-            .map(|_| Mutex::new(tokenizer.plain_memo()))
-            .collect();
-        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = texts
-            .par_chunks(CHUNK)
-            .enumerate()
-            .map(|(c, chunk)| {
-                let mut guard: Option<MutexGuard<PlainMemo>> = None;
-                let mut own = None;
-                let mine = rayon::current_thread_index().and_then(|i| memos.get(i));
-                let memo: &mut PlainMemo = match mine.and_then(|m| m.try_lock().ok()) {
-                    Some(m) => guard.insert(m),
-                    None => own.insert(tokenizer.plain_memo()),
-                };
-                let mut tokens = Vec::with_capacity(chunk.len() * 12);
-                let mut lens = Vec::with_capacity(chunk.len());
-                for (k, text) in chunk.iter().enumerate() {
-                    let line = name(c * CHUNK + k, text);
-                    if text.trim().is_empty() {
-                        return Err(Error::Input(format!("line {line} is an empty code")));
-                    }
-                    let start = tokens.len();
-                    if use_memo {
-                        memo.encode_into(text, &mut tokens)?;
-                    } else {
-                        tokens.extend_from_slice(&tokenizer.encode_plain(text)?);
-                    }
-                    let ids = &tokens[start..];
-                    if let Some(why) = refusal(ids, eos) {
-                        return Err(Error::Input(format!("{line}: code {text:?} {why}")));
-                    }
-                    lens.push(ids.len());
-                }
-                Ok((tokens, lens))
-            })
-            .collect();
-        let mut offsets = Vec::with_capacity(texts.len() + 1);
-        offsets.push(0);
-        // In order: the first bad code's error.
-        let parts: Vec<(Vec<u32>, Vec<usize>)> = parts.into_iter().collect::<Result<_>>()?;
-        let mut tokens = Vec::with_capacity(parts.iter().map(|(t, _)| t.len()).sum());
-        for (part, lens) in &parts {
-            tokens.extend_from_slice(part);
-            for &n in lens {
-                offsets.push(offsets.last().unwrap() + n);
-            }
-        }
-        Ok(CodeSet {
-            texts,
-            tokens,
-            offsets,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.texts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.texts.is_empty()
-    }
-
-    /// Tokens of code `i` (without EOS).
-    pub fn code_tokens(&self, i: usize) -> &[u32] {
-        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
     }
 }
 
@@ -626,153 +469,6 @@ mod tests {
             let node = trie.walk(&prefix).unwrap();
             let (ct, _) = trie.children(node);
             assert_eq!(ct, toks.into_iter().collect::<Vec<_>>().as_slice());
-        }
-    }
-
-    /// The fixtures' tokenizers: the repository's models and SmolLM2's (49,152 tokens, from
-    /// `../shared/data`, as `tests/tokenizer.rs` reads it: never skipped).
-    fn fixture_tokenizers() -> Vec<(String, Tokenizer)> {
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let mut paths: Vec<(&str, std::path::PathBuf)> =
-            ["gram-icecat-2m", "tiny-llama", "tiny-qwen2", "tiny-qwen3"]
-                .into_iter()
-                .map(|name| (name, root.join("models").join(name).join("tokenizer.json")))
-                .collect();
-        paths.push((
-            "smollm2-135m-instruct",
-            root.join("../shared/data/smollm2-135m-instruct/tokenizer.json"),
-        ));
-        paths
-            .into_iter()
-            .map(|(name, path)| {
-                let tok = Tokenizer::from_file(&path)
-                    .unwrap_or_else(|e| panic!("{name}'s tokenizer {}: {e}", path.display()));
-                (name.to_string(), tok)
-            })
-            .collect()
-    }
-
-    /// Code sets through the per-thread memos are exactly the reference twin's (`encode_plain`
-    /// code by code): the golden code sets, the bundled catalog's codes, and random codes
-    /// (many chunks, mixed case, digits, punctuation, spaces, non-ASCII).
-    #[test]
-    fn memo_code_sets_match_the_plain_twin() {
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let mut sets: Vec<Vec<String>> = Vec::new();
-        for f in ["codes-tiny.txt", "codes-smollm2.txt"] {
-            let text = std::fs::read_to_string(root.join("tests/golden").join(f)).unwrap();
-            sets.push(text.lines().map(str::to_owned).collect());
-        }
-        let catalog =
-            std::fs::read_to_string(root.join("models/gram-icecat-2m/catalog.jsonl")).unwrap();
-        let mut codes = std::collections::BTreeSet::new();
-        for line in catalog.lines().take(3000) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            for c in v["codes"].as_array().unwrap() {
-                codes.insert(c.as_str().unwrap().to_owned());
-            }
-        }
-        sets.push(codes.into_iter().collect());
-        const WORDS: &[&str] = &[
-            "sofa", "Velvet", "GREEN", "hp", "usb", "3.0", "128gb", "it's", "don't", "x-ray",
-            "a/b", "café", "naïve", "日本", "😀", "(2)", "#1", "'ll", "<s>", "ﬁ",
-        ];
-        const SEPS: &[&str] = &[" | ", " ", "  ", "|", ", ", " - ", "'", " / "];
-        let mut rng = 0x1234_5678_9abc_def1u64;
-        let mut next = |m: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % m as u64) as usize
-        };
-        let mut random = Vec::new();
-        for i in 0..10_000 {
-            let mut code = String::new();
-            if i % 13 == 0 {
-                code.push(' ');
-            }
-            for w in 0..1 + next(4) {
-                if w > 0 {
-                    code.push_str(SEPS[next(SEPS.len())]);
-                }
-                code.push_str(WORDS[next(WORDS.len())]);
-                code.push_str(&next(50).to_string()[..next(2)]);
-            }
-            if i % 17 == 0 {
-                code.push_str("  ");
-            }
-            random.push(code);
-        }
-        sets.push(random);
-        for (name, tok) in fixture_tokenizers() {
-            // An EOS no code holds, so every set tokenizes.
-            let eos = tok.vocab_size() as u32;
-            for texts in &sets {
-                let fast = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
-                let plain = CodeSet::from_texts_plain(texts.clone(), &tok, eos).unwrap();
-                assert_eq!(fast.offsets, plain.offsets, "{name}");
-                assert_eq!(fast.tokens, plain.tokens, "{name}");
-                assert_eq!(fast.texts, *texts);
-            }
-        }
-    }
-
-    /// A large code file (`$GRAM_CODES`, default `bench-out/codes-100k.txt`, made by
-    /// `tools/make_codes.py`) through both twins for every fixture tokenizer, timed. Ignored
-    /// (the file is not committed): `GRAM_CODES=bench-out/codes-2.5m.txt cargo test --release
-    /// --lib trie::tests::large_code_file -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn large_code_file_memo_matches_the_plain_twin() {
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let path = std::env::var_os("GRAM_CODES")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| root.join("bench-out/codes-100k.txt"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (tools/make_codes.py makes it)", path.display()));
-        let texts: Vec<String> = text.lines().map(str::to_owned).collect();
-        for (name, tok) in fixture_tokenizers() {
-            let eos = tok.vocab_size() as u32;
-            let t = std::time::Instant::now();
-            let fast = CodeSet::from_texts(texts.clone(), &tok, eos).unwrap();
-            let t_fast = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            let plain = CodeSet::from_texts_plain(texts.clone(), &tok, eos).unwrap();
-            let t_plain = t.elapsed().as_secs_f64();
-            assert!(
-                fast.offsets == plain.offsets && fast.tokens == plain.tokens,
-                "{name}"
-            );
-            eprintln!(
-                "{name}: {} codes, {} tokens, identical; memo {t_fast:.3} s, plain {t_plain:.3} s",
-                fast.len(),
-                fast.tokens.len()
-            );
-        }
-    }
-
-    /// Of several bad codes, the first (by line) is the error, across parallel chunks.
-    #[test]
-    fn the_first_bad_code_is_reported() {
-        let (_, tok) = fixture_tokenizers().remove(1);
-        let eos = tok.token_id("<|endoftext|>").unwrap();
-        let texts = |bad: &[(usize, &str)]| {
-            let mut t: Vec<String> = (0..20_000).map(|i| format!("code {i}")).collect();
-            for &(line, text) in bad {
-                t[line - 1] = text.to_owned();
-            }
-            t
-        };
-        for bad in [
-            vec![(15_000, "  "), (19_000, "a <|endoftext|>")],
-            vec![(9_000, "a <|endoftext|>"), (15_000, "")],
-            vec![(3, " "), (5_000, "x")],
-        ] {
-            let want = format!("line {}", bad[0].0);
-            for twin in [CodeSet::from_texts, CodeSet::from_texts_plain] {
-                let e = twin(texts(&bad), &tok, eos).err().unwrap().to_string();
-                assert!(e.contains(&want), "{e}");
-            }
         }
     }
 
