@@ -525,23 +525,32 @@ pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
     super::scalar::silu_mul(&mut g[i..], &u[i..]);
 }
 
-/// The largest element, 32 at a time (`-inf` for none).
+/// The largest element, 32 at a time (`-inf` for none; NaN if any element is NaN, as the
+/// scalar twin). `vmaxps` alone would not do: it returns its second operand when either is
+/// NaN, so a NaN would either replace a lane's maximum or be dropped, depending on the order.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn max(x: &[f32]) -> f32 {
     let mut acc = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+    let mut nan = _mm256_setzero_ps();
     let mut chunks = x.chunks_exact(32);
     for c in &mut chunks {
         for (j, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_max_ps(*a, _mm256_loadu_ps(c.as_ptr().add(8 * j)));
+            let v = _mm256_loadu_ps(c.as_ptr().add(8 * j));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            *a = _mm256_max_ps(*a, v);
         }
+    }
+    if _mm256_movemask_ps(nan) != 0 {
+        return f32::NAN;
     }
     let m = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let tail = super::scalar::max(chunks.remainder());
     lanes
         .iter()
         .copied()
-        .fold(super::scalar::max(chunks.remainder()), f32::max)
+        .fold(tail, |a, b| if a.is_nan() { a } else { a.max(b) })
 }
 
 /// Dequantizes whole Q4_1 blocks (20 bytes → 32 f32 each): `x = q·d + m`, one rounding as in

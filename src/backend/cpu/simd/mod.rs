@@ -582,7 +582,7 @@ pub fn dequant_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, out: &m
     w.widen_into(start..end, out)
 }
 
-/// The largest element of `x` (`-inf` when empty).
+/// The largest element of `x` (`-inf` when empty, NaN when any element is NaN).
 pub fn max(isa: Isa, x: &[f32]) -> f32 {
     let isa = isa.runnable();
     #[cfg(target_arch = "x86_64")]

@@ -130,7 +130,15 @@ pub fn rmsnorm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// The largest element (`-inf` for none).
 pub fn max(x: &[f32]) -> f32 {
-    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    // NaN wins (`f32::max` would skip it): a NaN logit or attention score must poison the
+    // row's normalizer, so that the check for non-finite log-probs sees it.
+    x.iter().copied().fold(f32::NEG_INFINITY, |a, b| {
+        if a.is_nan() || b.is_nan() {
+            f32::NAN
+        } else {
+            a.max(b)
+        }
+    })
 }
 
 /// The panel kernels' twin: each output one `mul_add` chain over `k` from 0, in order, exactly

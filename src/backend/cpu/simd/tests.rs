@@ -218,6 +218,24 @@ fn max_and_sum_exp_match_f64_on_every_isa() {
                 assert_eq!(sum_exp(isa, &x, 0.0), 0.0);
                 continue;
             }
+            // A NaN anywhere (in a vector chunk, first or last, or in the tail) makes the
+            // maximum NaN; infinities are ordinary elements. (AVX2's `vmaxps` dropped the
+            // lane's maximum after a NaN: 100 at 0, NaN at 32 gave 0.)
+            for at in [0, n / 2, n - 1, n.saturating_sub(33)] {
+                let mut y = x.clone();
+                y[at] = f32::NAN;
+                assert!(max(isa, &y).is_nan(), "{isa:?} n={n} NaN at {at}");
+                y[at] = f32::INFINITY;
+                assert_eq!(max(isa, &y), f32::INFINITY, "{isa:?} n={n} inf at {at}");
+                y[at] = f32::NEG_INFINITY;
+                let want = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(max(isa, &y), want, "{isa:?} n={n} -inf at {at}");
+            }
+            if n >= 64 {
+                let mut y = vec![0.0f32; n];
+                (y[0], y[32]) = (100.0, f32::NAN);
+                assert!(max(isa, &y).is_nan(), "{isa:?} n={n}");
+            }
             let want: f64 = x.iter().map(|&v| (v as f64 - m as f64).exp()).sum();
             let got = sum_exp(isa, &x, m) as f64;
             assert!(
