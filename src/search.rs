@@ -249,6 +249,10 @@ impl Parts {
     /// names) and its `gram.json` against it; the weights are not loaded yet.
     fn open(index_dir: &Path, model_dir: Option<&Path>) -> Result<Parts> {
         let index = Index::open(&index_file(index_dir))?;
+        // Opening checks the structure only; a flipped payload byte (a posting, a
+        // probability, a title) would answer wrong without a word. Reading the whole file
+        // once (~1 GB/s) catches it before the first query; the pages are wanted anyway.
+        index.container().verify()?;
         let meta = index.meta();
         let built_by = &meta["model"];
         let bad = |msg: String| Error::Index {

@@ -98,9 +98,9 @@ fn build_inspect_search_end_to_end() {
         serde_json::from_str(&ok(&gram(&["index", "inspect", "--deep", ix]))).unwrap();
     assert_eq!(deep["scan"]["non_finite_scores"], 0);
 
-    // A copy with one payload byte flipped (a product probability: searches do not check the
-    // payload; docs/FORMAT.md): inspect still prints its report, and exits nonzero naming the
-    // damage.
+    // A copy with one payload byte flipped (a product probability, which the structure checks
+    // at open cannot see): inspect still prints its report, and exits nonzero naming the
+    // damage; a search refuses the index (it answered from it, a score off, before).
     let bad = tmp.join("ix-flipped");
     std::fs::create_dir_all(&bad).unwrap();
     let mut bytes = std::fs::read(std::path::Path::new(ix).join("index.gram")).unwrap();
@@ -125,6 +125,8 @@ fn build_inspect_search_end_to_end() {
     assert!(msg.contains("damaged") && msg.contains("checksum"), "{msg}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(report["checksums"], "ok");
+    let msg = err(&gram(&["search", "--index", bad.to_str().unwrap(), "oak"]));
+    assert!(msg.contains("checksum mismatch"), "{msg}");
 
     let out = ok(&gram(&[
         "search",
