@@ -1,5 +1,10 @@
 //! `tokenizer.json` through the `tokenizers` crate: text ↔ token ids exactly as transformers'
-//! `tokenizer(text)` gives them (the post-processor runs, so a model that adds BOS gets it).
+//! `tokenizer(text)` gives them (the post-processor runs, so a model that adds BOS gets it),
+//! with the tokenizer loaded as `tokenizer.json` says (`PreTrainedTokenizerFast`, as in
+//! transformers 4). transformers 5's `AutoTokenizer` rebuilds some classes from their own
+//! defaults and then differs: SmolLM2's `GPT2Tokenizer` drops the digit split ("size  42"),
+//! model type qwen2 adds NFC (huggingface/transformers#45920); `tests/golden/tokenize.json`
+//! holds such texts.
 //!
 //! Many short texts at once (a code set: millions of codes made of a few thousand distinct
 //! words) go through a [`PlainMemo`]: it splits printable-ASCII text into pre-tokens itself, the

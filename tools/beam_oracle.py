@@ -57,7 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ class Trie:
 
 
 def load(model_dir: Path, tokenizer_dir, gguf, attn):
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir or model_dir)
     kw = {}
     if gguf is None:
         ggufs = sorted(model_dir.glob("*.gguf"))

@@ -244,11 +244,11 @@ def _pkg_version(name):
 def run_torch(args, emit):
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.set_num_threads(args.threads)
     model_dir = os.path.abspath(args.model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     log(f"[torch] loading {model_dir} gguf_file={args.gguf_file}")
     t0 = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=args.gguf_file, dtype=torch.float32)

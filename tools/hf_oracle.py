@@ -13,6 +13,13 @@ models/smollm2-135m-instruct/model.gguf (tools/get_smollm2.sh). Writes:
       log_softmax vector (49152 little-endian float32) of prompt i
   tests/golden/tokenize.json
       tokenizer(text)["input_ids"] for SmolLM2's and each tiny tokenizer on varied texts
+Tokenizers load as PreTrainedTokenizerFast: tokenizer.json exactly as written (what the model
+was trained with, what transformers 4 and the tokenizers library give, what gram reads).
+transformers 5's AutoTokenizer rebuilds some tokenizer classes from their own defaults and
+drops parts of tokenizer.json: GPT2Tokenizer (SmolLM2) loses the digit split, so "size  42"
+or "a\n\n3" get other ids, and model type qwen2 gets an NFC normalizer and its own split
+(huggingface/transformers#45920). Every tool here that tokenizes for a comparison with gram
+loads the same way.
 Everything is computed in float32 with eager attention on 1 CPU thread; reruns are
 byte-identical.
 """
@@ -30,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +78,12 @@ TOKENIZE_TEXTS = [
     "don't stop—it's 3.5\" wide & 2,000mm long; 1/2-price!",
     "Ünïcödé ÀÉÎ ß ﬁ \u00a0nbsp\u200bzwsp",
     "Samsung Galaxy S21 Ultra 5G (128 GB, Phantom Black) $1,199.99",
+    # Where transformers 5's AutoTokenizer leaves tokenizer.json (see the module's docs).
+    "size  42",
+    "line\r\n2",
+    "a\n\n3",
+    "e\u0301 cafe\u0301 n\u0303",
+    "ﬁ ﬀ ① ½ ™ Ⅻ … ٣٤٥",
 ]
 
 
@@ -141,7 +154,7 @@ def main():
     for name in TINY:
         t0 = time.perf_counter()
         d = models_dir / name
-        tok = AutoTokenizer.from_pretrained(d)
+        tok = PreTrainedTokenizerFast.from_pretrained(d)
         toks[name] = tok
         model = load_model(d)
         cases = []
@@ -176,7 +189,7 @@ def main():
     # ------------------------------------------------------------------ SmolLM2 (GGUF)
     t0 = time.perf_counter()
     smol_dir = models_dir / "smollm2-135m-instruct"
-    stok = AutoTokenizer.from_pretrained(args.smollm2_tokenizer)
+    stok = PreTrainedTokenizerFast.from_pretrained(args.smollm2_tokenizer)
     model = load_model(smol_dir, gguf_file="model.gguf")
     t_load = time.perf_counter() - t0
     V = model.config.vocab_size

@@ -21,7 +21,7 @@ combination plus ~2.45M cartesian ones.
 
 Filters (applied before counting to N): --max-chars (whole code, in characters), and
 optionally --tokenizer DIR --max-tokens T: keep a code only if
-`AutoTokenizer.from_pretrained(DIR)(code, add_special_tokens=False)["input_ids"]` has at most
+`PreTrainedTokenizerFast.from_pretrained(DIR)(code, add_special_tokens=False)["input_ids"]` has at most
 T tokens (the EOS the beam search appends is NOT counted).
 
 Inputs (read-only, ../shared/data, override with --data): flipkart/*.csv.zst (decompressed with
@@ -342,10 +342,10 @@ def main():
     if args.tokenizer:
         import os
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
 
     seen = set()
     out = []

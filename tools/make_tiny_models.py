@@ -99,7 +99,9 @@ def tokenizer_json(base: Tokenizer, add_bos: bool) -> str:
 
 def tokenizer_config(add_bos: bool) -> dict:
     cfg = {
-        # PreTrainedTokenizerFast (= TokenizersBackend in transformers 5) uses tokenizer.json as-is.
+        # PreTrainedTokenizerFast (= TokenizersBackend in transformers 5) uses tokenizer.json as-is;
+        # transformers 5's AutoTokenizer overrides the class for model type qwen2 (Qwen2Tokenizer,
+        # with NFC), so the tools load tokenizers as PreTrainedTokenizerFast (tools/hf_oracle.py).
         # A named class such as GPT2Tokenizer/Qwen2Tokenizer makes transformers 5 rebuild the
         # pipeline from vocab+merges with that class's own pre-tokenizer (Digits would be dropped).
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -220,12 +222,12 @@ def main():
 
 def verify(out: Path):
     """Load every checkpoint back through the Auto* classes (offline) and check key facts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from safetensors import safe_open
 
     for name in SEEDS:
         d = out / name
-        tok = AutoTokenizer.from_pretrained(d)
+        tok = PreTrainedTokenizerFast.from_pretrained(d)
         ids = tok("hello world")["input_ids"]
         add_bos = name == "tiny-llama"
         assert (ids[0] == 1) == add_bos, (name, ids)

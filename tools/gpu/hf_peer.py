@@ -59,7 +59,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 T0 = time.perf_counter()
@@ -342,7 +342,7 @@ def main():
     device = torch.device(args.device)
 
     model_dir = Path(args.model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype],
                                                  attn_implementation=args.attn)
     model.to(device).eval()

@@ -216,8 +216,8 @@ def make_model(out, key, seed, device, init_device, do_verify):
 
 
 def make_prompts(out, n=64, length=32):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(SMOL)
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(SMOL)
     queries = [l.strip() for l in WANDS.read_text(encoding="utf-8").splitlines()
                if l.strip() and not l.startswith("#")]
     prompts, texts, used, qi, skipped = [], [], [], 0, 0
