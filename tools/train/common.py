@@ -25,7 +25,10 @@ MAX_PROMPT_TOKENS = 128  # the longest catalog title is 98 tokens; the engine ne
 
 
 def query_prompt(q):
-    return QUERY_TEMPLATE.replace("{query}", q)
+    # Stripped as the engine trims a query (`str::trim` in src/search.rs), so that a query with
+    # surrounding whitespace gets the same prompt in training, weight fitting and serving.
+    # (pairs.py's synthetic queries are words joined by single spaces: none had any.)
+    return QUERY_TEMPLATE.replace("{query}", q.strip())
 
 
 def product_prompt(t):
