@@ -147,26 +147,31 @@ __device__ __forceinline__ u32 trie_child(const BeamTrie& t, u32 node, u32 token
 
 // ---- log-sum-exp -------------------------------------------------------------------------------
 
-// Running (m, sum of exp(x - m)) of a log-sum-exp.
+// Running (m, sum of exp(x - m)) of a log-sum-exp. A NaN anywhere makes `s` NaN for good, and
+// the value NaN, as the CPU's `select::logsumexp` (its max lets NaN win): pushes and merges
+// never drop it, whatever the order, and a row that also holds +inf stays NaN. Without NaN: -inf
+// for nothing (or only -inf), +inf when +inf is there, else m + log(s).
 struct Lse {
     float m, s;
 };
 __device__ __forceinline__ Lse lse_empty() { return {gram_neg_inf(), 0.0f}; }
 __device__ __forceinline__ void lse_push(Lse& a, float x) {
-    if (x != x) {  // NaN poisons the sum, as on the CPU
+    if (a.s != a.s) return;
+    if (x != x) {
         a.s = gram_nan();
     } else if (x > a.m) {
         a.s = (a.m == gram_neg_inf() ? 0.0f : a.s * expf(a.m - x)) + 1.0f;
         a.m = x;
-    } else if (x != gram_neg_inf()) {
+    } else if (x != gram_neg_inf() && a.m != -gram_neg_inf()) {
         a.s += expf(x - a.m);
     }
 }
 __device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
     const float m = fmaxf(a.m, b.m);
-    if (m == gram_neg_inf()) return {m, a.s + b.s};  // keeps a NaN
-    const float sa = a.m == gram_neg_inf() ? (a.s != a.s ? a.s : 0.0f) : a.s * expf(a.m - m);
-    const float sb = b.m == gram_neg_inf() ? (b.s != b.s ? b.s : 0.0f) : b.s * expf(b.m - m);
+    if (a.s != a.s || b.s != b.s) return {m, gram_nan()};
+    if (m == gram_neg_inf() || m == -gram_neg_inf()) return {m, 1.0f};
+    const float sa = a.m == gram_neg_inf() ? 0.0f : a.s * expf(a.m - m);
+    const float sb = b.m == gram_neg_inf() ? 0.0f : b.s * expf(b.m - m);
     return {m, sa + sb};
 }
 __device__ __forceinline__ Lse lse_warp(Lse a) {
@@ -179,10 +184,11 @@ __device__ __forceinline__ Lse lse_warp(Lse a) {
     }
     return a;
 }
-// `select::logsumexp`: -inf for nothing, the max itself when it is +inf.
+// `select::logsumexp`: NaN when a NaN was pushed, -inf for nothing, the max itself when it is
+// +inf.
 __device__ __forceinline__ float lse_value(Lse a) {
-    if (a.m == gram_neg_inf()) return a.s != a.s ? a.s : a.m;
-    if (a.m == -gram_neg_inf()) return a.m;
+    if (a.s != a.s) return gram_nan();
+    if (a.m == gram_neg_inf() || a.m == -gram_neg_inf()) return a.m;
     return a.m + logf(a.s);
 }
 

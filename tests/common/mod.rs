@@ -41,11 +41,18 @@ pub fn f32s(v: &Value) -> Vec<f32> {
 }
 
 /// Largest `|got - want| / max(|want|, 1)` over all elements; panics on a length mismatch.
+/// Infinite where one side is NaN and the other is not (`f64::max` would skip the NaN, so an
+/// all-NaN output scored 0); the same infinity on both sides counts as equal.
 pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths differ");
     got.iter()
         .zip(want)
-        .map(|(&g, &w)| ((g as f64 - w as f64).abs()) / (w.abs() as f64).max(1.0))
+        .map(|(&g, &w)| match (g.is_nan(), w.is_nan()) {
+            (true, true) => 0.0,
+            (true, false) | (false, true) => f64::INFINITY,
+            _ if g == w => 0.0,
+            _ => ((g as f64 - w as f64).abs()) / (w.abs() as f64).max(1.0),
+        })
         .fold(0.0, f64::max)
 }
 

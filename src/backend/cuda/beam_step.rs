@@ -363,8 +363,19 @@ impl<'g> DeviceBeams<'g> {
         Ok(())
     }
 
+    /// Makes the backend's context current on the calling thread: the launches below are raw
+    /// driver calls, and a thread other than the one that made the beams has no context (the
+    /// launch would fail with CUDA_ERROR_INVALID_CONTEXT).
+    fn bind(&self) -> Result<()> {
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(dev("binding the context"))
+    }
+
     /// `row_logsumexp_f32` over the step's logits rows into the batch's normalizers.
     fn launch_row_lse(&self, logits: &CudaSlice<f32>) -> Result<()> {
+        self.bind()?;
         let args = [
             KArg::U64(self.ptr(logits)),
             KArg::U64(self.ptr(&self.row_lse)),
@@ -389,6 +400,7 @@ impl<'g> DeviceBeams<'g> {
     /// here (`row_logsumexp_f32`). Queued on the stream: nothing waits.
     pub fn step(&mut self, logits: &CudaSlice<f32>, lse: Option<&CudaSlice<f32>>) -> Result<()> {
         self.check_logits(logits)?;
+        self.bind()?;
         let row_lse = match lse {
             Some(l) if l.len() == self.slots as usize => self.ptr(l),
             Some(l) => {

@@ -457,7 +457,14 @@ impl CudaBackend {
             let ptx = nvrtc::compile(file, source, arch, &include)?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
-                .map_err(dev(&format!("loading kernels/{file}")))?;
+                .map_err(|e| {
+                    let mut driver = 0;
+                    // SAFETY: one out-parameter; the driver is loaded (the context exists).
+                    let _ = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+                    let hint =
+                        nvrtc::version().map_or(String::new(), |v| nvrtc::ptx_hint(v, driver));
+                    Error::Device(format!("loading kernels/{file}: {e:?}{hint}"))
+                })?;
             for name in entry_points(&ptx) {
                 let f = module
                     .load_function(name)

@@ -117,6 +117,34 @@ fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/gram/kernels"))
 }
 
+/// The NVRTC library's `(major, minor)` version (the library must have been found).
+pub fn version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters; the library was found by the caller.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| Error::Device(format!("NVRTC version: {e:?}")))?;
+    Ok((major, minor))
+}
+
+/// Why a driver may refuse the PTX, when that is the likely reason: each NVRTC writes its own
+/// toolkit's PTX version, and a driver loads PTX only up to its own CUDA version's (NVRTC 12.9's
+/// `.version 8.8` fails on a 12.8 driver; cudarc takes an NVRTC 13 before a 12 when both are on
+/// the library path). Empty when NVRTC is no newer than the driver.
+pub fn ptx_hint(nvrtc: (i32, i32), driver: i32) -> String {
+    let (major, minor) = nvrtc;
+    if major * 1000 + minor * 10 <= driver {
+        return String::new();
+    }
+    format!(
+        " (NVRTC {major}.{minor} writes PTX for CUDA {major}.{minor}, newer than this driver's \
+         CUDA {}.{}: put an NVRTC no newer than the driver first on the library path, or \
+         update the driver)",
+        driver / 1000,
+        driver % 1000 / 10
+    )
+}
+
 /// Compiles `file` for `arch` (`compute_90`: the driver finishes it for the exact device) to
 /// PTX, from the on-disk cache when it holds this exact input.
 pub fn compile(
@@ -128,11 +156,7 @@ pub fn compile(
     let t0 = std::time::Instant::now();
     let text = expand(source)?;
     let options = vec!["-std=c++17".to_string()];
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two out-parameters; the library was found by the caller.
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| Error::Device(format!("NVRTC version: {e:?}")))?;
+    let (major, minor) = version()?;
     // The cache key: everything NVRTC sees but the CUDA headers (their directory stands in).
     let key_input = [
         text.as_str(),
@@ -183,4 +207,40 @@ pub fn compile(
         t0.elapsed().as_secs_f64()
     );
     Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_newer_nvrtc_than_the_driver_is_named() {
+        assert_eq!(super::ptx_hint((12, 8), 12080), "");
+        assert_eq!(super::ptx_hint((12, 4), 13000), "");
+        let h = super::ptx_hint((12, 9), 12080);
+        assert!(h.contains("NVRTC 12.9") && h.contains("CUDA 12.8"), "{h}");
+        assert!(super::ptx_hint((13, 2), 12090).contains("CUDA 12.9"));
+    }
+
+    /// Every `kernels/*.cu` and `*.cuh` is embedded: a kernel file left out of [`super::SOURCES`]
+    /// would pass CI's compile checks and fail only on a GPU ("kernel … not loaded").
+    #[test]
+    fn the_embedded_sources_are_the_kernel_files() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu") || n.ends_with(".cuh"))
+            .collect();
+        files.sort();
+        let mut embedded: Vec<String> = super::SOURCES
+            .iter()
+            .chain(super::HEADERS)
+            .map(|(name, text)| {
+                let on_disk = std::fs::read_to_string(dir.join(name)).unwrap();
+                assert_eq!(*text, on_disk, "{name}");
+                name.to_string()
+            })
+            .collect();
+        embedded.sort();
+        assert_eq!(embedded, files);
+    }
 }
