@@ -178,6 +178,9 @@ def main(argv=None):
     policy.train()
     step, hist = 0, collections.deque(maxlen=20)
     order = list(range(len(prefs)))
+    # `--minutes` counts the training loop only, as sft.py's budget: not the model loading nor
+    # the preference generation before it (2 × pairs beam searches, minutes on their own).
+    t_train = time.time()
     while step < total:
         rng.shuffle(order)
         for i in range(0, len(order) - args.batch + 1, args.batch):
@@ -210,7 +213,7 @@ def main(argv=None):
                 log(stage="align", step=step, total_steps=total, dpo_loss=round(m[0], 4),
                     reward_acc=round(m[1], 3), reward_w=round(m[2], 4), reward_l=round(m[3], 4),
                     nll_w=round(m[4], 4), seconds=round(time.time() - t0, 1))
-            if args.minutes and time.time() - t0 > args.minutes * 60:
+            if args.minutes and time.time() - t_train > args.minutes * 60:
                 log(stage="align", event="time limit", step=step)
                 total = step
                 break

@@ -80,8 +80,14 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_mod
         build_s = None
     t = time.time()
     extra = ["--model", search_model] if search_model else []
+    # A blank query is refused by the engine (as `gram eval` counts it: no products); the rest
+    # go after `--`, so that one starting with `-` is a query, not an option.
+    blank = [q for q in queries if not q.strip()]
+    if blank:
+        print(f"evaluate: {len(blank)} blank queries get no products", file=sys.stderr)
+    asked = [q for q in queries if q.strip()]
     r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--beam", str(beam),
-                        "--threads", "2", *extra, *queries],
+                        "--threads", "2", *extra, "--", *asked],
                        capture_output=True, text=True)
     if r.returncode and not rebuild and "rebuild it" in r.stderr:
         # An index of another model (or of an older fingerprint): built again, once.
@@ -89,7 +95,7 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_mod
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     wall = time.time() - t
-    out = {}
+    out = {q: {"query": q, "products": [], "codes": []} for q in blank}
     for line in r.stdout.splitlines():
         if line.strip():
             x = json.loads(line)
@@ -129,13 +135,12 @@ FUSION_DEPTH = 1000
 def fit_fusion(gram, model, idx, work, items, bm25, k, beam, search_model):
     """The fusion weight of FUSION_GRID with the best mean nDCG@10 over the synthetic
     validation queries (ties: the smaller weight); their relevance: weights.py's rule."""
-    from tools.train.weights import relevant
+    from tools.train.pairs import relevant_to
     by_id = {it["id"]: it for it in items}
     rows = [r for r in read_jsonl(Path(work) / "queries-valid.jsonl") if r["pids"][0] in by_id]
     grades = {}
     for r in rows:
-        src = by_id[r["pids"][0]]
-        grades[r["query"]] = {i: M.REL for i, it in by_id.items() if relevant(it, r["attrs"], src)}
+        grades[r["query"]] = {i: M.REL for i, it in by_id.items() if relevant_to(it, r, by_id)}
     queries = sorted(grades)
     g, _, _ = gram_run(gram, model, model / "catalog.jsonl", idx, queries, k, False, beam,
                        search_model)
@@ -166,13 +171,24 @@ def cold_start(model_dir, work, n=150, seed=0):
     cold = [r for r in read_jsonl(Path(work) / "cold.jsonl") if r["kind"] == "product"]
     cold_titles = {r["title"] for r in cold}
     rng = random.Random(seed)
-    warm = rng.sample([it for it in items if it["title"] not in cold_titles], n)
+    warm = [it for it in items if it["title"] not in cold_titles]
+    warm = rng.sample(warm, min(n, len(warm)))
     cold = rng.sample(cold, min(n, len(cold)))
+    # Both sides against the codes the model's trie holds (the model's catalog keeps codes of at
+    # most 16 tokens; cold.jsonl's are unfiltered, and a code no beam can emit would count as a
+    # miss on the cold side only).
+    emittable = set(trie.codes)
     out = {}
     for name, rows in (("cold", cold), ("train", warm)):
+        rows = [r for r in rows if any(c in emittable for c in r["codes"])]
+        if not rows:
+            out[name] = {"products": 0, "catalog_code_recall@10": None}
+            continue
         beams = G.generate(model, tok, [K.product_prompt(r["title"]) for r in rows], trie, beam=10)
-        cov = [len({c for c, _ in b} & set(r["codes"])) / len(r["codes"]) for r, b in zip(rows, beams)
-               if r["codes"]]
+        cov = []
+        for r, b in zip(rows, beams):
+            want = {c for c in r["codes"] if c in emittable}
+            cov.append(len({c for c, _ in b} & want) / len(want))
         out[name] = {"products": len(cov), "catalog_code_recall@10": round(statistics.mean(cov), 4)}
     return out
 

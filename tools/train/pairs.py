@@ -202,14 +202,19 @@ def title_query(item, rng):
 
 
 def spec_query(item, rng):
-    """(spec words, spec words + a category surface form) from the title, or None."""
+    """(spec words, spec words + a category surface form) from the title, or None. Spec words
+    are title words that name no attribute (the query is labelled as naming the category only,
+    so a word of any attribute's value — a model number, a colour, a type — would make its
+    targets and its relevance wrong), no stopword and no measurement."""
     a = item["attributes"]
     skip = set(STOPWORDS)
-    for k in ("brand", "category", "series"):
-        skip.update((a.get(k) or "").split())
-    words = [w.strip("(),;:\"'") for w in C.norm(item["title"]).split()]
-    ok = [i for i, w in enumerate(words) if w and w not in skip and C._LETTER.search(w)
-          and not C._MEASURE.match(w) and len(w) >= 2]
+    for k in C.ORDER:
+        skip.update(str(a.get(k) or "").split())
+    raw = C.norm(item["title"]).split()
+    words = [w.strip("(),;:\"'") for w in raw]
+    # A stopword is checked before stripping too: "pc(s)" stripped is "pc(s", no stopword.
+    ok = [i for i, (r, w) in enumerate(zip(raw, words)) if w and w not in skip and r not in skip
+          and C._LETTER.search(w) and not C._MEASURE.match(w) and len(w) >= 2]
     if not ok:
         return None
     i = rng.choice(ok)
@@ -292,14 +297,35 @@ def read_judged(data):
     return dict(grades)
 
 
+def relevant(item, named, src):
+    """`item` has `src`'s value of every attribute in `named` (a missing value matching a
+    missing one)."""
+    return all(item["attributes"].get(a) == src["attributes"].get(a) for a in named)
+
+
+def relevant_to(item, row, by_id):
+    """Whether `item` is relevant to the synthetic query `row` (queries-*.jsonl): it has the
+    values of one of the products the query was made from, on the attributes that product's
+    query named (`sources`). A query two products made ("apc power supply" from a power supply
+    and from an adapter) was judged on the union of their attributes against the first only,
+    so the second source was not relevant to its own query. Rows without `sources` (older
+    work directories): that old rule."""
+    sources = row.get("sources")
+    if sources is None:
+        return relevant(item, row["attrs"], by_id[row["pids"][0]])
+    return any(relevant(item, s["attrs"], by_id[s["pid"]]) for s in sources if s["pid"] in by_id)
+
+
 def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=5.0):
     """Everything stage 2 writes, as Python objects (see the module doc)."""
     rng = random.Random(seed)
     judged_norm = {qnorm(q) for q in judged}
     train_pairs = collections.Counter()
     valid_pairs = collections.Counter()
-    qsrc = {"train": collections.defaultdict(lambda: [set(), set()]),
-            "valid": collections.defaultdict(lambda: [set(), set()])}
+    # Per query: the union of the attributes named, its source products, and what each source's
+    # own query named (relevance is judged against each source on its own attributes).
+    qsrc = {"train": collections.defaultdict(lambda: [set(), set(), {}]),
+            "valid": collections.defaultdict(lambda: [set(), set(), {}])}
     cold, cold_queries = [], collections.defaultdict(set)
     dropped_judged = 0
     for it in items:
@@ -320,14 +346,17 @@ def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=
                 pairs[("query", q, c)] += 1
             qsrc[split][q][0].update(named)
             qsrc[split][q][1].add(it["id"])
+            qsrc[split][q][2].setdefault(it["id"], set()).update(named)
     train_q = set(qsrc["train"])
     # A cold product's query that some training product also produced is not cold.
     cold_q = [{"query": q, "pids": sorted(p)} for q, p in sorted(cold_queries.items())
               if q not in train_q and q not in judged_norm and q not in qsrc["valid"]]
 
     def qlist(d):
-        return [{"query": q, "attrs": sorted(a, key=C.ORDER.index), "pids": sorted(p)}
-                for q, (a, p) in sorted(d.items())]
+        return [{"query": q, "attrs": sorted(a, key=C.ORDER.index), "pids": sorted(p),
+                 "sources": [{"pid": i, "attrs": sorted(src[i], key=C.ORDER.index)}
+                             for i in sorted(src)]}
+                for q, (a, p, src) in sorted(d.items())]
 
     def plist(c):
         return [{"kind": k, "text": t, "code": code, "n": n} for (k, t, code), n in sorted(c.items())]

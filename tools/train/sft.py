@@ -131,8 +131,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--f32", action="store_true",
                     help="train in f32 (default: bf16 autocast for the matmuls, f32 weights)")
-    ap.add_argument("--no-query", action="store_true", help="ablation: product pairs only")
-    ap.add_argument("--no-product", action="store_true", help="ablation: query pairs only")
+    side = ap.add_mutually_exclusive_group()
+    side.add_argument("--no-query", action="store_true", help="ablation: product pairs only")
+    side.add_argument("--no-product", action="store_true", help="ablation: query pairs only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     K.seed_all(args.seed)
@@ -163,9 +164,14 @@ def main(argv=None):
     evals = {"valid_query": rng.sample(vrows, min(600, len(vrows))),
              "cold_product": rng.sample(crows, min(300, len(crows))),
              "train_product": rng.sample(prows, min(300, len(prows)))}
+    if not rows:
+        # Nothing to train on (`--no-query --no-product`, or empty pairs): the loop below would
+        # never advance.
+        raise SystemExit("sft: no training rows (both sides left out, or the pairs are empty)")
     tokens_epoch = sum(len(p) + sum(map(len, cs)) for p, cs in rows)
     steps_epoch = len(K.batches(rows, cfg["batch_tokens"], random.Random(0)))
-    total = int(steps_epoch * cfg["epochs"])
+    # At least one step: a small set or a fraction of an epoch rounded to 0 divided by zero.
+    total = max(1, int(steps_epoch * cfg["epochs"]))
 
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM(model_config(cfg, tok))

@@ -3,10 +3,11 @@
     python -m tools.train.synth_judgements [--work WORK] [--out FILE]
 
 A synthetic query (WORK/queries-valid.jsonl: query, the attributes it names, the products it
-was made from) judges relevant, grade 3, every catalog product that has the same value of every
-named attribute as its first source product, a missing value matching a missing one
-(`weights.relevant` with `pids[0]`: the rule the weights stage trains and validates on); every
-other product is unjudged. These are the queries the
+was made from, and what each source's query named) judges relevant, grade 3, every catalog
+product that has the same value as one of its source products on every attribute that source's
+query named, a missing value matching a missing one (`pairs.relevant_to`: the rule the weights
+stage trains and validates on; a work directory from before `sources` judges by the first
+source on the union of the attributes); every other product is unjudged. These are the queries the
 model and its settings are chosen on; the judged queries of ../shared/data only report.
 """
 import argparse
@@ -27,9 +28,14 @@ def judgements(items, queries):
             index[(a, it["attributes"].get(a))].add(it["id"])
     out = []
     for q in queries:
-        src = by_id[q["pids"][0]]
-        sets = [index[(a, src["attributes"].get(a))] for a in q["attrs"]]
-        rel = set.intersection(*sets) if sets else set()
+        sources = q.get("sources") or [{"pid": q["pids"][0], "attrs": q["attrs"]}]
+        rel = set()
+        for s in sources:
+            if s["pid"] not in by_id:
+                continue
+            src = by_id[s["pid"]]
+            sets = [index[(a, src["attributes"].get(a))] for a in s["attrs"]]
+            rel |= set.intersection(*sets) if sets else set()
         out.append({"query": q["query"], "grades": {pid: 3 for pid in sorted(rel)}})
     return out
 

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from tools.train.pairs import relevant, relevant_to  # noqa: F401 (relevant: the old rule, imported by others)
+
 from tools.train import codes as C
 from tools.train import common as K
 from tools.train import gen as G
@@ -66,10 +68,6 @@ def bracket(pq, pt):
         if b > 0:
             s += b * math.log(2 * b / m)
     return s
-
-
-def relevant(item, named, src):
-    return all(item["attributes"].get(a) == src["attributes"].get(a) for a in named)
 
 
 FORMS = ("none", "sum", "mean")
@@ -98,11 +96,10 @@ def features(model, tok, items, queries, per_code, rng, log, beam=10):
     cand = []
     jobs = collections.defaultdict(set)
     for r, cs in zip(queries, qcodes):
-        src = by_id[r["pids"][0]]
         per = {}
         for c in cs:
             ids = posting[c]
-            rel = [i for i in ids if relevant(by_id[i], r["attrs"], src)]
+            rel = [i for i in ids if relevant_to(by_id[i], r, by_id)]
             rest = [i for i in ids if i not in set(rel)]
             pick = rel[:per_code] + rng.sample(rest, min(len(rest), max(0, per_code - len(rel[:per_code]))))
             per[c] = pick
@@ -117,7 +114,6 @@ def features(model, tok, items, queries, per_code, rng, log, beam=10):
           for c, p in zip(cs, ps)}
     out = []
     for r, cs, pqs, per in zip(queries, qcodes, pq, cand):
-        src = by_id[r["pids"][0]]
         prods = sorted({i for c in cs for i in per[c]})
         if not prods:
             continue
@@ -129,7 +125,7 @@ def features(model, tok, items, queries, per_code, rng, log, beam=10):
                     D[j, k] = bracket(p[:-1], pt[(i, c)][:-1])
         g = torch.tensor([GRAN[C.gran(c)] for c in cs])
         L = torch.tensor([[code_loglik(p, f) for f in FORMS] for p in pqs], dtype=torch.float32)
-        rel = torch.tensor([relevant(by_id[i], r["attrs"], src) for i in prods])
+        rel = torch.tensor([relevant_to(by_id[i], r, by_id) for i in prods])
         if rel.any() and (~rel).any():
             out.append((D, g, rel, L))
     log(stage="weights", event="features", queries=len(queries), usable=len(out),
