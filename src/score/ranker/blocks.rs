@@ -70,6 +70,7 @@ impl Ranker {
         k: usize,
         products: u32,
     ) -> Vec<Hit> {
+        self.merged = true;
         if k == 0 {
             return Vec::new();
         }
