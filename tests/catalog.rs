@@ -379,15 +379,9 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     };
     let out = run("stop");
     assert!(!out.status.success());
-    let out = run("skip");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(v["report"]["skipped_products"], 2, "{stdout}");
-    assert_eq!(v["report"]["products"], 3, "{stdout}");
+    let (v, stderr) = built(&run("skip"));
+    assert_eq!(v["report"]["skipped_products"], 2, "{v}");
+    assert_eq!(v["report"]["products"], 3, "{v}");
     assert!(
         stderr.contains("2 products do not fit the model")
             && stderr.contains("catalog line 2 (product \"p1\"): code")
@@ -396,21 +390,9 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
             && stderr.contains("codes may have at most"),
         "{stderr}"
     );
-    let index = gram::index::Index::open(&dir.join("ix/index.gram")).unwrap();
-    let ids: Vec<String> = (0..index.num_products() as u32)
-        .map(|i| index.product(i).unwrap().0.into_owned())
-        .collect();
+    let (ids, lamp) = ids_and_carriers(&dir.join("ix"), "lamp");
     assert_eq!(ids, ["p0", "p2", "p4"]);
-    let lamp = (0..index.num_codes() as u32)
-        .find(|&c| index.code_text(c).unwrap() == "lamp")
-        .unwrap();
-    let n = index.code(lamp).unwrap().n_tokens as usize;
-    let (pq, w) = (vec![0.5; n], vec![1.0; n]);
-    assert_eq!(
-        index.postings(lamp, &pq, &w).unwrap().products,
-        [2],
-        "p4 is product 2 now"
-    );
+    assert_eq!(lamp, [2], "p4 is product 2 now");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -452,34 +434,41 @@ fn a_product_too_long_to_generate_for_is_named_or_skipped() {
             err.contains("catalog line 3 (product \"p2-long\")") && !err.contains("query"),
             "{generate:?}: {err}"
         );
-        let out = run("skip");
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert!(out.status.success(), "{generate:?}: {stderr}");
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert_eq!(v["report"]["skipped_products"], 1, "{stdout}");
-        assert_eq!(v["report"]["products"], 3, "{stdout}");
+        let (v, stderr) = built(&run("skip"));
+        assert_eq!(v["report"]["skipped_products"], 1, "{generate:?}: {v}");
+        assert_eq!(v["report"]["products"], 3, "{generate:?}: {v}");
         assert!(
             stderr.contains("1 products do not fit the model")
                 && stderr.contains("catalog line 3 (product \"p2-long\")"),
             "{stderr}"
         );
-        let index = gram::index::Index::open(&dir.join("ix/index.gram")).unwrap();
-        let ids: Vec<String> = (0..index.num_products() as u32)
-            .map(|i| index.product(i).unwrap().0.into_owned())
-            .collect();
+        let (ids, rug) = ids_and_carriers(&dir.join("ix"), "rug");
         assert_eq!(ids, ["p0", "p1", "p3"], "{generate:?}");
-        let rug = (0..index.num_codes() as u32)
-            .find(|&c| index.code_text(c).unwrap() == "rug")
-            .unwrap();
-        let n = index.code(rug).unwrap().n_tokens as usize;
-        let (pq, w) = (vec![0.5; n], vec![1.0; n]);
-        assert!(
-            index.postings(rug, &pq, &w).unwrap().products.contains(&2),
-            "p3 is product 2 now"
-        );
+        assert!(rug.contains(&2), "p3 is product 2 now");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A `gram index build` that succeeded: its JSON report and its stderr.
+fn built(out: &std::process::Output) -> (serde_json::Value, String) {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_str(stdout.trim()).unwrap(), stderr)
+}
+
+/// The product ids of the index in `dir`, in index order, and the products carrying `code`.
+fn ids_and_carriers(dir: &std::path::Path, code: &str) -> (Vec<String>, Vec<u32>) {
+    let index = gram::index::Index::open(&dir.join("index.gram")).unwrap();
+    let ids = (0..index.num_products() as u32)
+        .map(|i| index.product(i).unwrap().0.into_owned())
+        .collect();
+    let c = (0..index.num_codes() as u32)
+        .find(|&c| index.code_text(c).unwrap() == code)
+        .unwrap();
+    let n = index.code(c).unwrap().n_tokens as usize;
+    let (pq, w) = (vec![0.5; n], vec![1.0; n]);
+    (ids, index.postings(c, &pq, &w).unwrap().products.to_vec())
 }
