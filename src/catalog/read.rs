@@ -1,0 +1,178 @@
+//! Reading a catalog: the JSONL products (`Item`), malformed lines stopped at or skipped
+//! (`OnError`), and a code list file (`CodeFile`) whose codes keep their own line numbers.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// One catalog line. A field this type does not know is an error, not ignored: a misspelt
+/// `codes` (`"code": [...]`) would otherwise index the product with no codes, never retrievable,
+/// without a word.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub id: String,
+    pub title: String,
+    #[serde(default)]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub codes: Vec<String>,
+    /// The catalog line the product was read from (1-based), for errors; 0 for a product made
+    /// in memory. Not a field of the line, nor of a shard's key (moving a product to another
+    /// line changes nothing it is encoded from).
+    #[serde(skip)]
+    pub line: usize,
+}
+
+impl Item {
+    /// The product as an error names it: `catalog line 7 (product "a")`, or `product "a"` when
+    /// it was not read from a catalog.
+    pub fn name(&self) -> String {
+        if self.line == 0 {
+            format!("product {:?}", self.id)
+        } else {
+            format!("catalog line {} (product {:?})", self.line, self.id)
+        }
+    }
+}
+
+/// Where a generation code list came from, for errors: its file and each code's line there
+/// (blank lines are not codes, so a code's line is not its position + 1).
+#[derive(Debug, Clone)]
+pub struct CodeFile {
+    pub path: std::path::PathBuf,
+    pub lines: Vec<usize>,
+}
+
+impl CodeFile {
+    /// Reads a code list (one code a line; blank lines are skipped): the codes, and where each
+    /// came from.
+    pub fn read(path: &Path) -> Result<(Vec<String>, CodeFile)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let (mut codes, mut lines) = (Vec::new(), Vec::new());
+        for (i, line) in text.lines().enumerate() {
+            if !line.trim().is_empty() {
+                codes.push(line.to_owned());
+                lines.push(i + 1);
+            }
+        }
+        let file = CodeFile {
+            path: path.to_path_buf(),
+            lines,
+        };
+        Ok((codes, file))
+    }
+
+    /// Code `i`'s name in errors: `codes.txt line 5`.
+    pub(super) fn name(&self, i: usize) -> String {
+        let line = self.lines.get(i).copied().unwrap_or(i + 1);
+        format!("{} line {line}", self.path.display())
+    }
+}
+
+/// What to do with a malformed line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    Stop,
+    Skip,
+}
+
+/// Reads a JSONL catalog (a UTF-8 byte-order mark is ignored). Blank lines are ignored; a
+/// malformed line (not UTF-8, not JSON, not a product), or a product id seen on an earlier
+/// line, stops the read with its line number, or is skipped and counted.
+pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    let (mut items, mut skipped) = (Vec::new(), 0);
+    let mut seen = std::collections::HashMap::new();
+    // Split as bytes and decoded line by line (as `str::lines` cuts: at `\n`, a `\r` before it
+    // dropped): a stray non-UTF-8 byte is one bad line, named and skippable, not a whole
+    // catalog refused with no line to look at.
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let line = match std::str::from_utf8(raw) {
+            Ok(line) => line,
+            Err(_) if on_error == OnError::Skip => {
+                skipped += 1;
+                continue;
+            }
+            Err(e) => {
+                return Err(Error::Input(format!(
+                    "{} line {}: not valid UTF-8 (byte {} of the line)",
+                    path.display(),
+                    i + 1,
+                    e.valid_up_to() + 1
+                )))
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Item>(line) {
+            // A blank code is no code: caught here, where the line and product are known (the
+            // build sees the catalog's codes as one sorted set).
+            Ok(item) if item.codes.iter().any(|c| c.trim().is_empty()) => {
+                if on_error == OnError::Skip {
+                    skipped += 1;
+                    continue;
+                }
+                let k = item.codes.iter().position(|c| c.trim().is_empty());
+                return Err(Error::Input(format!(
+                    "{} line {}: product {:?}: code {} of its `codes` is empty",
+                    path.display(),
+                    i + 1,
+                    item.id,
+                    k.expect("found above") + 1
+                )));
+            }
+            Ok(mut item) if !item.id.is_empty() => match seen.get(&item.id) {
+                None => {
+                    seen.insert(item.id.clone(), i + 1);
+                    item.line = i + 1;
+                    items.push(item);
+                }
+                Some(_) if on_error == OnError::Skip => skipped += 1,
+                Some(first) => {
+                    return Err(Error::Input(format!(
+                        "{} line {}: product id {:?} repeats line {first}",
+                        path.display(),
+                        i + 1,
+                        item.id
+                    )))
+                }
+            },
+            Ok(_) if on_error == OnError::Skip => skipped += 1,
+            Err(_) if on_error == OnError::Skip => skipped += 1,
+            Ok(_) => {
+                return Err(Error::Input(format!(
+                    "{} line {}: empty product id",
+                    path.display(),
+                    i + 1
+                )))
+            }
+            Err(e) => {
+                // serde_json ends its message with the position within the line ("at line 1
+                // column 10"): the column is what is left to say.
+                let msg = e.to_string();
+                let msg = msg
+                    .rsplit_once(" at line ")
+                    .map_or(msg.as_str(), |(m, _)| m);
+                return Err(Error::Input(format!(
+                    "{} line {}, column {}: {msg}",
+                    path.display(),
+                    i + 1,
+                    e.column()
+                )));
+            }
+        }
+    }
+    if items.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no products ({skipped} lines skipped)",
+            path.display()
+        )));
+    }
+    Ok((items, skipped))
+}
