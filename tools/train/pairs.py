@@ -131,8 +131,18 @@ def is_cold(title, percent):
     return stable_hash("cold:" + C.norm(title)) % 1000 < percent * 10
 
 
+def split_key(q):
+    """What decides a query's side of the validation split: its letter and digit runs, sorted,
+    with `gray` as `grey` and `.com` dropped. Variants a user types for one query — `tn-2110`,
+    `tn2110`, `tn 2110`; `backpack thule`, `thule backpack`; `startech.com`, `startech` — then
+    land on one side (split by the exact string, 7.6 % of the validation queries had such a
+    twin in training)."""
+    q = qnorm(q).replace("gray", "grey").replace(".com", "")
+    return " ".join(sorted(re.findall(r"[^\W\d_]+|\d+", q)))
+
+
 def is_valid_query(q, percent):
-    return stable_hash("valid:" + qnorm(q)) % 1000 < percent * 10
+    return stable_hash("valid:" + split_key(q)) % 1000 < percent * 10
 
 
 def surface(attr, value, rng):

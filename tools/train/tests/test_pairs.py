@@ -93,6 +93,14 @@ class Leakage(unittest.TestCase):
         for q in va:
             self.assertTrue(P.is_valid_query(q, 10))
 
+    def test_variants_of_a_query_share_a_side(self):
+        for group in [["tn-2110 toner", "tn2110 toner", "TN 2110 toner", "toner tn 2110"],
+                      ["startech.com hdmi cable", "startech hdmi cable", "hdmi cable startech"],
+                      ["grey mouse", "gray mouse", "mouse gray"]]:
+            self.assertEqual(len({P.split_key(q) for q in group}), 1, group)
+            self.assertEqual(len({P.is_valid_query(q, 50) for q in group}), 1, group)
+        self.assertNotEqual(P.split_key("tn 2110"), P.split_key("tn 2120"))
+
     def test_cold_products_unseen(self):
         cold = self.out["cold"]["products"]
         self.assertTrue(cold)
