@@ -19,8 +19,7 @@ searched, less ids and EANs). Union, two ways: the two rankings interleaved (GRA
 by score fusion (metrics.fuse: BM25's score over the query's best, plus a weight when GRAM's top
 k holds the product). The fusion weight is fitted here, never on the judged queries: the weight
 of a fixed grid with the best nDCG@10 on the synthetic validation queries (stage 2's
-queries-valid.jsonl; relevant = a product with every attribute value the query names, the rule
-of weights.py), GRAM through the same index, BM25 as below (`--fusion-weight W` skips the fit).
+queries-valid.jsonl; relevant by `pairs.relevant_to`, the rule of weights.py), GRAM through the same index, BM25 as below (`--fusion-weight W` skips the fit).
 
 A cold-start check rides along: for the held-out products of stage 2 and as many training
 products, the share of each product's catalog codes that the model's product-side beam (10)

@@ -10,8 +10,8 @@ of each code token), every product carrying one of those codes in the catalog is
 (at most K per code: all the relevant ones, then a random sample; a candidate is scored through
 every query code it carries, as the engine's posting lists reach it), and its Pt comes from
 teacher forcing the code after the product template — exactly what `gram index build` stores. A
-product is relevant to a synthetic query when it has every attribute value the query names (the
-values of the product the query was made from). For each candidate and code the divergence
+product is relevant to a synthetic query when it has the values of one of the products the query
+was made from, on the attributes that product's query named (`pairs.relevant_to`). For each candidate and code the divergence
 bracket of S_rele (paper Eq. 7, src/score/) over the code's tokens (not its EOS: the engine's
 Pq and Pt have none)
 
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from tools.train.pairs import relevant, relevant_to  # noqa: F401 (relevant: the old rule, imported by others)
+from tools.train.pairs import relevant_to
 
 from tools.train import codes as C
 from tools.train import common as K
