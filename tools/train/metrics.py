@@ -18,6 +18,7 @@ import io
 import json
 import math
 import random
+from pathlib import Path
 
 REL = 2
 MAX_GRADE = 10  # as `gram eval` (src/eval.rs)
@@ -181,10 +182,10 @@ def read_judgements(path):
 
     with open(path, encoding="utf-8-sig", newline="") as f:
         text = f.read()
-    suffix = str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else ""
-    if suffix == "csv":
+    suffix = Path(path).suffix.lower()  # a dot in a folder's name is no extension
+    if suffix == ".csv":
         is_csv = True
-    elif suffix in ("jsonl", "json"):
+    elif suffix in (".jsonl", ".json"):
         is_csv = False
     else:
         is_csv = not text.lstrip().startswith("{")
