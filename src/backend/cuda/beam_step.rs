@@ -375,7 +375,6 @@ impl<'g> DeviceBeams<'g> {
 
     /// `row_logsumexp_f32` over the step's logits rows into the batch's normalizers.
     fn launch_row_lse(&self, logits: &CudaSlice<f32>) -> Result<()> {
-        self.bind()?;
         let args = [
             KArg::U64(self.ptr(logits)),
             KArg::U64(self.ptr(&self.row_lse)),
@@ -389,6 +388,7 @@ impl<'g> DeviceBeams<'g> {
     /// The log-sum-exp of each logits row, as the step computes it for full normalization.
     pub fn row_logsumexp(&self, logits: &CudaSlice<f32>) -> Result<Vec<f32>> {
         self.check_logits(logits)?;
+        self.bind()?;
         self.launch_row_lse(logits)?;
         let out = self.gpu.stream().clone_dtoh(&self.row_lse);
         out.map_err(dev("reading the normalizers"))
