@@ -42,6 +42,12 @@ pub struct Report {
     /// The first few of those products' ids, for a warning (not in the JSON report).
     #[serde(skip)]
     pub without_codes_sample: Vec<String>,
+    /// Codes merged into another that tokenizes alike (the model cannot tell them apart, so
+    /// they share one posting list, under the text more products list).
+    pub merged_codes: usize,
+    /// The first few of those, as `"text" → "the text kept"`, for a warning.
+    #[serde(skip)]
+    pub merged_sample: Vec<String>,
     /// Products left out of the index under `OnError::Skip` because their prompt and codes do
     /// not fit the model's positions, or a catalog code of theirs is one the model cannot emit
     /// (not in `products`).
@@ -299,7 +305,6 @@ pub fn build_with<B: Backend>(
             set
         }
     };
-    let trie = Trie::build_named(&set, model.config.vocab_size, eos, &source)?;
     // Products left out are not in the index: the others are numbered anew, in order.
     let kept: Vec<usize> = (0..items.len()).filter(|&pi| !skipped[pi]).collect();
     let left_out: Vec<usize> = (0..items.len()).filter(|&pi| skipped[pi]).collect();
@@ -315,18 +320,17 @@ pub fn build_with<B: Backend>(
         .copied()
         .filter(|&pi| found[pi].is_empty())
         .collect();
-    let mut postings: Vec<CodePostings> = (0..set.len())
-        .map(|_| CodePostings {
-            products: Vec::new(),
-            pt: Vec::new(),
-        })
-        .collect();
-    let kept_found = found
+    // Each kept product's codes as ids of `set`, checked against it; how many products list
+    // each code.
+    let mut listed = vec![0usize; set.len()];
+    let mut coded: Vec<Vec<(usize, Vec<f32>)>> = Vec::with_capacity(kept.len());
+    for codes in found
         .into_iter()
         .enumerate()
         .filter(|&(pi, _)| !skipped[pi])
-        .map(|(_, codes)| codes);
-    for (pi, codes) in kept_found.enumerate() {
+        .map(|(_, codes)| codes)
+    {
+        let mut ids = Vec::with_capacity(codes.len());
         for (text, pt) in codes {
             let Ok(c) = set.texts.binary_search(&text) else {
                 return Err(Error::Input(format!(
@@ -342,8 +346,30 @@ pub fn build_with<B: Backend>(
                     work.display()
                 )));
             }
-            postings[c].products.push(pi as u32);
-            postings[c].pt.push(pt);
+            listed[c] += 1;
+            ids.push((c, pt));
+        }
+        coded.push(ids);
+    }
+    // Codes that tokenize alike are one code to the model (a lowercasing tokenizer and "HP",
+    // "hp"): one posting list, under the text most products list.
+    let (set, id_of, merged) = set.merge_alike(&listed);
+    let trie = Trie::build_named(&set, model.config.vocab_size, eos, &source)?;
+    let mut postings: Vec<CodePostings> = (0..set.len())
+        .map(|_| CodePostings {
+            products: Vec::new(),
+            pt: Vec::new(),
+        })
+        .collect();
+    for (pi, codes) in coded.into_iter().enumerate() {
+        for (c, pt) in codes {
+            let list = &mut postings[id_of[c] as usize];
+            // A product listing two codes that merged is posted once (the same tokens after
+            // the same prompt: the same probabilities).
+            if list.products.last() != Some(&(pi as u32)) {
+                list.products.push(pi as u32);
+                list.pt.push(pt);
+            }
         }
     }
     let products: Vec<Product> = kept
@@ -381,6 +407,12 @@ pub fn build_with<B: Backend>(
             .iter()
             .take(SAMPLE_IDS)
             .map(|&pi| items[pi].id.clone())
+            .collect(),
+        merged_codes: merged.len(),
+        merged_sample: merged
+            .iter()
+            .take(SAMPLE_IDS)
+            .map(|(a, b)| format!("{a:?} → {b:?}"))
             .collect(),
         skipped_products: unfit.len() + left_out.len(),
         skipped_sample: unfit

@@ -484,6 +484,20 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
             }
         );
     }
+    if report.merged_codes > 0 {
+        let more = report.merged_codes - report.merged_sample.len();
+        eprintln!(
+            "note: {} codes tokenize like another code, so the model cannot tell them apart; \
+             each shares one posting list under the text more products list: {}{}",
+            report.merged_codes,
+            report.merged_sample.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     if report.products_without_codes > 0 {
         let more = report.products_without_codes - report.without_codes_sample.len();
         eprintln!(

@@ -450,6 +450,85 @@ fn a_product_too_long_to_generate_for_is_named_or_skipped() {
 }
 
 /// A `gram index build` that succeeded: its JSON report and its stderr.
+/// The default model's tokenizer lowercases, so "HP" and "hp" are one token sequence: a
+/// catalog with both failed the build at its very end, after every product was encoded, in
+/// either `--on-error` mode. Now they are one code: one posting list under the text more
+/// products list, a product listing both posted once, and the index equals the one built
+/// from the catalog written in that text.
+#[test]
+fn codes_that_tokenize_alike_share_one_posting_list() {
+    let dir = fresh_dir("catalog-alike");
+    let model = model_dir("gram-icecat-2m");
+    let (hp, hp_lower) = ("toner cartridge | HP", "toner cartridge | hp");
+    let catalog = |codes: [&[&str]; 5]| -> String {
+        let titles = [
+            "hp toner",
+            "HP toner",
+            "toner pair",
+            "hp 305",
+            "wireless mouse",
+        ];
+        (0..5)
+            .map(|i| {
+                serde_json::json!({"id": format!("p{i}"), "title": titles[i], "codes": codes[i]})
+                    .to_string()
+                    + "\n"
+            })
+            .collect()
+    };
+    let mixed = catalog([
+        &[hp, "toner cartridge"],
+        &[hp_lower],
+        &[hp_lower, hp],
+        &["toner cartridge", hp_lower],
+        &["mouse | logitech"],
+    ]);
+    let lower = mixed.replace("| HP", "| hp");
+    std::fs::write(dir.join("mixed.jsonl"), &mixed).unwrap();
+    std::fs::write(dir.join("lower.jsonl"), &lower).unwrap();
+    let run = |cat: &str, out: &str, mode: &str| {
+        index_build(
+            &model,
+            &dir.join(cat),
+            &dir.join(out),
+            &["--threads", "1", "--on-error", mode],
+        )
+    };
+    let (reference, _) = built(&run("lower.jsonl", "lower", "stop"));
+    for mode in ["stop", "skip"] {
+        let (v, stderr) = built(&run("mixed.jsonl", mode, mode));
+        assert_eq!(v["report"]["merged_codes"], 1, "{v}");
+        assert_eq!(v["report"]["codes"], reference["report"]["codes"], "{v}");
+        assert_eq!(
+            v["report"]["postings"], reference["report"]["postings"],
+            "{v}"
+        );
+        assert!(
+            stderr.contains("1 codes tokenize like another code")
+                && stderr.contains(&format!("{hp:?} → {hp_lower:?}")),
+            "{stderr}"
+        );
+        let (ids, carriers) = ids_and_carriers(&dir.join(mode), hp_lower);
+        assert_eq!(ids, ["p0", "p1", "p2", "p3", "p4"]);
+        assert_eq!(carriers, [0, 1, 2, 3], "p2 lists both texts: posted once");
+        // Every code's postings, probabilities included, are those of the lowercase build.
+        let a = gram::index::Index::open(&dir.join(mode).join("index.gram")).unwrap();
+        let b = gram::index::Index::open(&dir.join("lower").join("index.gram")).unwrap();
+        assert_eq!(a.num_codes(), b.num_codes());
+        for c in 0..a.num_codes() as u32 {
+            assert_eq!(a.code_text(c).unwrap(), b.code_text(c).unwrap());
+            let n = a.code(c).unwrap().n_tokens as usize;
+            let (pq, w) = (vec![0.5; n], vec![1.0; n]);
+            let (pa, pb) = (
+                a.postings(c, &pq, &w).unwrap(),
+                b.postings(c, &pq, &w).unwrap(),
+            );
+            assert_eq!((pa.products, pa.pt), (pb.products, pb.pt), "code {c}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn built(out: &std::process::Output) -> (serde_json::Value, String) {
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),

@@ -167,6 +167,54 @@ impl CodeSet {
     pub fn code_tokens(&self, i: usize) -> &[u32] {
         &self.tokens[self.offsets[i]..self.offsets[i + 1]]
     }
+
+    /// Merges codes that tokenize alike (with a normalizing tokenizer, "HP" and "hp"): the
+    /// model cannot tell them apart, so they are one code. Of each such group the code with
+    /// the largest `weight` (how many products list it; ties: the first) stays, under its
+    /// text, and the others become it. Returns the merged set (the kept codes in their order
+    /// here), each code's id in it, and the merged codes as (text, the text kept), in order.
+    pub fn merge_alike(self, weight: &[usize]) -> (CodeSet, Vec<u32>, Vec<(String, String)>) {
+        let n = self.len();
+        assert_eq!(weight.len(), n, "one weight a code");
+        let mut order: Vec<usize> = (0..n).collect();
+        order.par_sort_unstable_by(|&a, &b| {
+            self.code_tokens(a).cmp(self.code_tokens(b)).then(a.cmp(&b))
+        });
+        // Each code's representative: the heaviest of its group, the first on ties.
+        let mut rep: Vec<usize> = (0..n).collect();
+        for group in order.chunk_by(|&a, &b| self.code_tokens(a) == self.code_tokens(b)) {
+            if let [first, rest @ ..] = group {
+                let best = rest
+                    .iter()
+                    .fold(*first, |b, &i| if weight[i] > weight[b] { i } else { b });
+                for &i in group {
+                    rep[i] = best;
+                }
+            }
+        }
+        if rep.iter().enumerate().all(|(i, &r)| r == i) {
+            let ids = (0..n as u32).collect();
+            return (self, ids, Vec::new());
+        }
+        let mut new_id = vec![u32::MAX; n];
+        let mut kept = CodeSet {
+            texts: Vec::new(),
+            tokens: Vec::new(),
+            offsets: vec![0],
+        };
+        for i in (0..n).filter(|&i| rep[i] == i) {
+            new_id[i] = kept.texts.len() as u32;
+            kept.tokens.extend_from_slice(self.code_tokens(i));
+            kept.offsets.push(kept.tokens.len());
+            kept.texts.push(self.texts[i].clone());
+        }
+        let merged = (0..n)
+            .filter(|&i| rep[i] != i)
+            .map(|i| (self.texts[i].clone(), self.texts[rep[i]].clone()))
+            .collect();
+        let ids = rep.iter().map(|&r| new_id[r]).collect();
+        (kept, ids, merged)
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +340,72 @@ mod tests {
                 fast.len(),
                 fast.tokens.len()
             );
+        }
+    }
+
+    /// `merge_alike` against a quadratic twin, on random sets where many codes share tokens:
+    /// each code's group is every code with its tokens, the heaviest (first on ties) stays,
+    /// and ids, kept tokens and the merged list follow.
+    #[test]
+    fn merge_alike_matches_its_quadratic_twin() {
+        let mut s = 17u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for round in 0..200 {
+            let n = 1 + (next() % 60) as usize;
+            let alphabet = 1 + next() % 4;
+            let mut set = CodeSet {
+                texts: Vec::new(),
+                tokens: Vec::new(),
+                offsets: vec![0],
+            };
+            for i in 0..n {
+                for _ in 0..1 + next() % 3 {
+                    set.tokens.push((next() % alphabet) as u32);
+                }
+                set.offsets.push(set.tokens.len());
+                set.texts.push(format!("code {i:03}"));
+            }
+            let weight: Vec<usize> = (0..n).map(|_| (next() % 4) as usize).collect();
+            let rep: Vec<usize> = (0..n)
+                .map(|i| {
+                    let group = (0..n).filter(|&j| set.code_tokens(j) == set.code_tokens(i));
+                    // The heaviest, the first of those on ties.
+                    group.fold(usize::MAX, |b, j| {
+                        if b == usize::MAX || weight[j] > weight[b] {
+                            j
+                        } else {
+                            b
+                        }
+                    })
+                })
+                .collect();
+            let kept: Vec<usize> = (0..n).filter(|&i| rep[i] == i).collect();
+            let want_merged: Vec<(String, String)> = (0..n)
+                .filter(|&i| rep[i] != i)
+                .map(|i| (set.texts[i].clone(), set.texts[rep[i]].clone()))
+                .collect();
+            let old_tokens: Vec<Vec<u32>> = (0..n).map(|i| set.code_tokens(i).to_vec()).collect();
+            let old_texts = set.texts.clone();
+            let (merged, ids, pairs) = set.merge_alike(&weight);
+            assert_eq!(pairs, want_merged, "round {round}");
+            assert_eq!(merged.len(), kept.len(), "round {round}");
+            for (k, &i) in kept.iter().enumerate() {
+                assert_eq!(merged.texts[k], old_texts[i]);
+                assert_eq!(merged.code_tokens(k), old_tokens[i].as_slice());
+            }
+            for i in 0..n {
+                let id = ids[i] as usize;
+                assert_eq!(
+                    merged.texts[id], old_texts[rep[i]],
+                    "round {round} code {i}"
+                );
+                assert_eq!(merged.code_tokens(id), old_tokens[i].as_slice());
+            }
         }
     }
 
