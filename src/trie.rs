@@ -44,7 +44,7 @@ type Counts = (usize, u32, usize, usize, usize, usize);
 /// "No node" / "no code".
 pub const NONE: u32 = u32::MAX;
 const MAGIC: [u32; 2] = [u32::from_le_bytes(*b"GRAM"), u32::from_le_bytes(*b"TRIE")];
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_WORDS: usize = 12;
 
 /// Most codes a trie holds (ids are `u32`, `NONE` reserved).
@@ -113,15 +113,21 @@ impl Sections {
     }
 }
 
-/// A 64-bit checksum (FNV-1a over 32-bit words) of the header's counts and the payload:
-/// catches truncation and corruption.
-fn checksum(words: &[u32]) -> u64 {
-    words[2..9]
-        .iter()
-        .chain(&words[HEADER_WORDS..])
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
-            (h ^ w as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+/// A 64-bit checksum (XXH3-64 over the little-endian bytes) of the header's counts and the
+/// payload of a serialized trie's `words`: catches truncation and corruption. The header holds
+/// it in words 9 (low half) and 10.
+pub fn checksum(words: &[u32]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [&words[2..9], &words[HEADER_WORDS..]] {
+        if cfg!(target_endian = "little") {
+            h.update(bytemuck::cast_slice(part));
+        } else {
+            for w in part {
+                h.update(&w.to_le_bytes());
+            }
+        }
+    }
+    h.digest()
 }
 
 /// What opening a mapped trie proves beyond its structure.

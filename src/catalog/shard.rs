@@ -9,7 +9,7 @@ use super::Found;
 use crate::error::Result;
 
 /// Bumped when what a shard holds changes meaning (2: a product left out).
-pub(super) const SHARD_VERSION: u32 = 2;
+pub(super) const SHARD_VERSION: u32 = 3;
 const SHARD_MAGIC: &[u8; 8] = b"GRAMSHRD";
 
 /// A product's code count in a shard that says it was left out.

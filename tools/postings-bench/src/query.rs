@@ -110,12 +110,7 @@ fn open_breakdown(path: &Path) -> Result<serde_json::Value> {
     // checksums cover it, verified on demand).
     let words: &[u32] = bytemuck::cast_slice(trie.as_words());
     let t = Instant::now();
-    let sum = words[2..9]
-        .iter()
-        .chain(&words[12..])
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
-            (h ^ w as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let sum = gram::trie::checksum(words);
     let trie_sum = t.elapsed();
     let sum_ok = (sum as u32, (sum >> 32) as u32) == (words[9], words[10]);
     let t = Instant::now();
