@@ -110,6 +110,19 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
         if line.trim().is_empty() {
             continue;
         }
+        // serde's derived reader takes a JSON array as the fields in order: `["a","t",{},
+        // ["c"]]` was product "a" with code "c". A product is an object.
+        if !line.trim_start().starts_with('{') {
+            if on_error == OnError::Skip {
+                skipped += 1;
+                continue;
+            }
+            return Err(Error::Input(format!(
+                "{} line {}: not a JSON object (a product is {{\"id\": ..., \"title\": ..., ...}})",
+                path.display(),
+                i + 1
+            )));
+        }
         match serde_json::from_str::<Item>(line) {
             // A blank code is no code: caught here, where the line and product are known (the
             // build sees the catalog's codes as one sorted set).
