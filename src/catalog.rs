@@ -224,11 +224,18 @@ pub fn build_with<B: Backend>(
             "no codes: the catalog's `codes` lists are empty and no code list was given".into(),
         ));
     }
+    // The set is sorted: of several bad codes it finds the first in byte order, so the error
+    // names the first product in catalog order instead.
+    let catalog_first = |e: Error| match unemittable(items, tokenizer, eos).into_iter().next() {
+        Some((_, why)) => Error::Input(why),
+        None => e,
+    };
     let known = if texts.is_empty() {
         None
     } else {
-        let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
-        check_code_lengths(&set, &source)?;
+        let set =
+            CodeSet::from_texts_named(texts, tokenizer, eos, &source).map_err(catalog_first)?;
+        check_code_lengths(&set, &source).map_err(catalog_first)?;
         Some(set)
     };
     let shard_size = options.shard_size.max(1);
@@ -255,6 +262,9 @@ pub fn build_with<B: Backend>(
         "generate": generate.map(|g| format!("{g:?}")),
         "version": SHARD_VERSION,
         "skip": options.on_error == OnError::Skip,
+        // The probabilities a shard holds are the backend's (bf16 on a GPU): a build on
+        // another takes none of its shards.
+        "backend": model.backend.numerics(),
     });
     let mut bar = Progress::new(items.len(), options.progress);
     let (mut found, mut generated, mut reused) = (Found::new(), 0, 0);
@@ -268,14 +278,15 @@ pub fn build_with<B: Backend>(
                 .as_bytes(),
         );
         let (part, left_out) = match read_shard(&path, key, shard.len()) {
-            Some(part) => {
+            Some((part, left_out, g)) => {
                 reused += 1;
-                part
+                generated += g;
+                (part, left_out)
             }
             None => {
                 let (part, left_out, g) = encode_shard(&ctx, shard)?;
                 generated += g;
-                write_shard(&path, key, &part, &left_out)?;
+                write_shard(&path, key, &part, &left_out, g)?;
                 (part, left_out)
             }
         };
@@ -351,9 +362,29 @@ pub fn build_with<B: Backend>(
         }
         coded.push(ids);
     }
+    // A code that only products left out list (and not the generation list) is not indexed:
+    // a search could spend a beam on it and find nothing.
+    let in_list: std::collections::HashSet<&str> = list
+        .iter()
+        .flat_map(|(l, _)| l.texts.iter().map(String::as_str))
+        .collect();
+    let keep: Vec<bool> = (0..set.len())
+        .map(|c| listed[c] > 0 || in_list.contains(set.texts[c].as_str()))
+        .collect();
+    let (set, kept_id) = set.retain(&keep);
+    if set.is_empty() {
+        return Err(Error::Input(
+            "no codes: the products indexed list none, and no code list was given".into(),
+        ));
+    }
+    let listed: Vec<usize> = (0..keep.len())
+        .filter(|&c| keep[c])
+        .map(|c| listed[c])
+        .collect();
     // Codes that tokenize alike are one code to the model (a lowercasing tokenizer and "HP",
     // "hp"): one posting list, under the text most products list.
-    let (set, id_of, merged) = set.merge_alike(&listed);
+    let (set, merged_id, merged) = set.merge_alike(&listed);
+    let id_of = |c: usize| merged_id[kept_id[c].expect("a listed code is kept") as usize];
     let trie = Trie::build_named(&set, model.config.vocab_size, eos, &source)?;
     let mut postings: Vec<CodePostings> = (0..set.len())
         .map(|_| CodePostings {
@@ -363,7 +394,7 @@ pub fn build_with<B: Backend>(
         .collect();
     for (pi, codes) in coded.into_iter().enumerate() {
         for (c, pt) in codes {
-            let list = &mut postings[id_of[c] as usize];
+            let list = &mut postings[id_of(c) as usize];
             // A product listing two codes that merged is posted once (the same tokens after
             // the same prompt: the same probabilities).
             if list.products.last() != Some(&(pi as u32)) {
@@ -388,11 +419,23 @@ pub fn build_with<B: Backend>(
         &settings.delimiter,
         meta,
     )?;
-    // The index is safely written: the shards have served. Only this build's shard files go
-    // (the directory is the user's: it may hold anything else), then the directory if that
-    // left it empty.
+    // The index is safely written: the shards have served. Only shard files go (this build's
+    // and those of earlier builds with more shards; the directory is the user's: it may hold
+    // anything else), then the directory if that left it empty.
     for si in 0..items.len().div_ceil(shard_size) {
         let _ = std::fs::remove_file(shard_path(si));
+    }
+    if let Ok(entries) = std::fs::read_dir(&work) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let digits = name
+                .strip_prefix("shard-")
+                .and_then(|n| n.strip_suffix(".bin"));
+            if digits.is_some_and(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit())) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
     let _ = std::fs::remove_dir(&work);
     let seconds = t0.elapsed().as_secs_f64();

@@ -442,6 +442,9 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     let generating = args.generate || args.codes.is_some();
     if generating {
         beam::check_width(args.beam).map_err(|e| format!("--beam: {e}"))?;
+        if args.batch == 0 {
+            return Err("--batch must be at least 1".into());
+        }
     }
     if args.shard_size == 0 {
         return Err("--shard-size must be at least 1".into());

@@ -54,6 +54,25 @@ fn a_malformed_line_is_named_by_its_line() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A JSON array was read as the fields in order (serde's derived reader takes sequences):
+/// `["p1","lamp",{},["lamp"]]` became product p1. Now it is a malformed line.
+#[test]
+fn a_json_array_is_not_a_product() {
+    let dir = fresh_dir("catalog-array");
+    let cat = dir.join("c.jsonl");
+    std::fs::write(
+        &cat,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\n  [\"p1\",\"lamp\",{},[\"lamp\"]]\n",
+    )
+    .unwrap();
+    let e = catalog::read(&cat, OnError::Stop).unwrap_err().to_string();
+    assert!(e.contains("c.jsonl line 2: not a JSON object"), "{e}");
+    let (items, skipped) = catalog::read(&cat, OnError::Skip).unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!((ids, skipped), (vec!["p0"], 1));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A UTF-8 byte-order mark (as Windows tools write) made line 1 unparseable, and under
 /// `--on-error skip` the first product vanished.
 #[test]
@@ -379,6 +398,8 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     };
     let out = run("stop");
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("catalog line 2 (product \"p1\")"), "{err}");
     let (v, stderr) = built(&run("skip"));
     assert_eq!(v["report"]["skipped_products"], 2, "{v}");
     assert_eq!(v["report"]["products"], 3, "{v}");
@@ -393,6 +414,17 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     let (ids, lamp) = ids_and_carriers(&dir.join("ix"), "lamp");
     assert_eq!(ids, ["p0", "p2", "p4"]);
     assert_eq!(lamp, [2], "p4 is product 2 now");
+    // Under `stop` the error names the first bad product in catalog order, not the bad code
+    // first in byte order ("lamp …" sorts before "sofa …").
+    let (first, second) = (lines[1].clone(), lines[3].clone());
+    let swapped = [&lines[0], &second, &lines[2], &first, &lines[4]];
+    std::fs::write(&cat, swapped.map(String::as_str).join("\n")).unwrap();
+    let out = run("stop");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("catalog line 2 (product \"p3\")"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -445,11 +477,14 @@ fn a_product_too_long_to_generate_for_is_named_or_skipped() {
         let (ids, rug) = ids_and_carriers(&dir.join("ix"), "rug");
         assert_eq!(ids, ["p0", "p1", "p3"], "{generate:?}");
         assert!(rug.contains(&2), "p3 is product 2 now");
+        if generate.is_empty() {
+            // "sofa" was listed by p2-long alone: it stayed in the trie with no postings.
+            assert_eq!(v["report"]["codes"], 1, "{v}");
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A `gram index build` that succeeded: its JSON report and its stderr.
 /// The default model's tokenizer lowercases, so "HP" and "hp" are one token sequence: a
 /// catalog with both failed the build at its very end, after every product was encoded, in
 /// either `--on-error` mode. Now they are one code: one posting list under the text more
@@ -529,6 +564,7 @@ fn codes_that_tokenize_alike_share_one_posting_list() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A `gram index build` that succeeded: its JSON report and its stderr.
 fn built(out: &std::process::Output) -> (serde_json::Value, String) {
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),

@@ -197,6 +197,7 @@ fn build_inspect_search_end_to_end() {
         (&["--generate", "--beam", "0"][..], "--beam"),
         (&["--generate", "--beam", "513"][..], "--beam"),
         (&["--shard-size", "0"][..], "--shard-size"),
+        (&["--generate", "--batch", "0"][..], "--batch"),
         (&["--threshold", "2"][..], "--threshold"),
         (&["--max-code-tokens", "0"][..], "--max-code-tokens"),
     ] {
@@ -463,10 +464,15 @@ fn a_stopped_build_resumes_from_its_shards() {
     assert!(!work.exists(), "the shards go once the index is written");
     // The work directory is the user's: a file of theirs there (or the index itself) stays,
     // only the build's shards go, and the directory with them.
+    // A shard of an earlier, longer catalog goes too.
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(work.join("keep.txt"), b"theirs").unwrap();
+    std::fs::write(work.join("shard-000009.bin"), b"GRAMSHRD").unwrap();
     let clean = run(&tmp.join("clean.gram")).unwrap();
     assert_eq!(clean.reused_shards, 0);
+    // A resumed build counts the codes its reused shards' generation found.
+    assert!(clean.generated > 0);
+    assert_eq!(resumed.generated, clean.generated);
     let left: Vec<_> = std::fs::read_dir(&work)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -496,6 +502,29 @@ fn a_stopped_build_resumes_from_its_shards() {
         &items,
         &options,
         &tmp.join("o.gram"),
+        &meta,
+    )
+    .unwrap();
+    assert_eq!(other.reused_shards, 0);
+    // Nor does a backend with other numerics (the GPU's bf16 GEMM operands, on the CPU).
+    assert!(run(&tmp.join("missing/index.gram")).is_err());
+    let rounded = Model::load_on(
+        gram::backend::cpu::CpuBackend::gpu_numerics(),
+        &model_dir("tiny-llama"),
+        &Default::default(),
+    )
+    .unwrap();
+    let options = BuildOptions {
+        generate: Some(&generate),
+        ..options.clone()
+    };
+    let other = build_with(
+        &rounded,
+        &tok,
+        &settings,
+        &items,
+        &options,
+        &tmp.join("r.gram"),
         &meta,
     )
     .unwrap();

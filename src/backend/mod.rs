@@ -144,6 +144,12 @@ pub trait Backend: Send + Sync {
     type Kv: Send;
 
     fn name(&self) -> &'static str;
+    /// What decides this backend's numbers beyond its name (the CPU's optional bf16 operands
+    /// and int16 activations), so that a saved build shard made with other numerics is not
+    /// taken.
+    fn numerics(&self) -> String {
+        self.name().to_string()
+    }
     /// Takes a host weight (mapped or owned) into the backend's storage.
     fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
     /// A host-side re-layout of matrix `tensor` that this backend's kernels read, made at load

@@ -8,20 +8,29 @@ use std::path::Path;
 use super::Found;
 use crate::error::Result;
 
-/// Bumped when what a shard holds changes meaning (2: a product left out).
+/// Bumped when what a shard holds changes meaning (2: a product left out; 3: XXH3 sums and
+/// the generated count).
 pub(super) const SHARD_VERSION: u32 = 3;
 const SHARD_MAGIC: &[u8; 8] = b"GRAMSHRD";
 
 /// A product's code count in a shard that says it was left out.
 const LEFT_OUT: u32 = u32::MAX;
 
-/// A saved shard: magic, key (the inputs' checksum), payload checksum, payload. Payload: per
-/// product `u32` code count ([`LEFT_OUT`] for a product left out), per code `u32` text
-/// length, the text, `u32` token count, `f32`s.
-pub(super) fn write_shard(path: &Path, key: u64, found: &Found, left_out: &[bool]) -> Result<()> {
+/// A saved shard: magic, key (the inputs' checksum), payload checksum, payload. Payload: `u32`
+/// product count, `u32` count of the codes generation found (the build report's
+/// `generated`), per product `u32` code count ([`LEFT_OUT`] for a product left out), per code
+/// `u32` text length, the text, `u32` token count, `f32`s.
+pub(super) fn write_shard(
+    path: &Path,
+    key: u64,
+    found: &Found,
+    left_out: &[bool],
+    generated: usize,
+) -> Result<()> {
     let mut payload = Vec::new();
     let u32 = |v: &mut Vec<u8>, x: usize| v.extend((x as u32).to_le_bytes());
     u32(&mut payload, found.len());
+    u32(&mut payload, generated);
     for (codes, &out) in found.iter().zip(left_out) {
         if out {
             payload.extend(LEFT_OUT.to_le_bytes());
@@ -43,9 +52,9 @@ pub(super) fn write_shard(path: &Path, key: u64, found: &Found, left_out: &[bool
 }
 
 /// A saved shard with this key and `items` products, if there is one intact (its codes per
-/// product, and which were left out); anything else (cut short at any byte, another key,
-/// another count) is recomputed.
-pub(super) fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, Vec<bool>)> {
+/// product, which were left out, and how many codes generation found); anything else (cut
+/// short at any byte, another key, another count) is recomputed.
+pub(super) fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, Vec<bool>, usize)> {
     let bytes = std::fs::read(path).ok()?;
     let word = |b: &[u8], at: usize| -> Option<u64> {
         Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
@@ -63,6 +72,7 @@ pub(super) fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, 
     if products != items {
         return None;
     }
+    let generated = r.count()?;
     let mut found = Vec::with_capacity(products.min(payload.len()));
     let mut left_out = Vec::with_capacity(products.min(payload.len()));
     for _ in 0..products {
@@ -86,7 +96,7 @@ pub(super) fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, 
         }
         found.push(codes);
     }
-    r.bytes.is_empty().then_some((found, left_out))
+    r.bytes.is_empty().then_some((found, left_out, generated))
 }
 
 /// Reads a shard's payload front to back; `None` past its end.

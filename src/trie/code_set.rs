@@ -168,6 +168,28 @@ impl CodeSet {
         &self.tokens[self.offsets[i]..self.offsets[i + 1]]
     }
 
+    /// The codes whose `keep` is set, in their order, and each code's id among them.
+    pub fn retain(self, keep: &[bool]) -> (CodeSet, Vec<Option<u32>>) {
+        assert_eq!(keep.len(), self.len(), "one flag a code");
+        if keep.iter().all(|&k| k) {
+            let ids = (0..self.len() as u32).map(Some).collect();
+            return (self, ids);
+        }
+        let mut kept = CodeSet {
+            texts: Vec::new(),
+            tokens: Vec::new(),
+            offsets: vec![0],
+        };
+        let mut ids = vec![None; self.len()];
+        for i in (0..self.len()).filter(|&i| keep[i]) {
+            ids[i] = Some(kept.texts.len() as u32);
+            kept.tokens.extend_from_slice(self.code_tokens(i));
+            kept.offsets.push(kept.tokens.len());
+            kept.texts.push(self.texts[i].clone());
+        }
+        (kept, ids)
+    }
+
     /// Merges codes that tokenize alike (with a normalizing tokenizer, "HP" and "hp"): the
     /// model cannot tell them apart, so they are one code. Of each such group the code with
     /// the largest `weight` (how many products list it; ties: the first) stays, under its
@@ -196,23 +218,16 @@ impl CodeSet {
             let ids = (0..n as u32).collect();
             return (self, ids, Vec::new());
         }
-        let mut new_id = vec![u32::MAX; n];
-        let mut kept = CodeSet {
-            texts: Vec::new(),
-            tokens: Vec::new(),
-            offsets: vec![0],
-        };
-        for i in (0..n).filter(|&i| rep[i] == i) {
-            new_id[i] = kept.texts.len() as u32;
-            kept.tokens.extend_from_slice(self.code_tokens(i));
-            kept.offsets.push(kept.tokens.len());
-            kept.texts.push(self.texts[i].clone());
-        }
         let merged = (0..n)
             .filter(|&i| rep[i] != i)
             .map(|i| (self.texts[i].clone(), self.texts[rep[i]].clone()))
             .collect();
-        let ids = rep.iter().map(|&r| new_id[r]).collect();
+        let keep: Vec<bool> = (0..n).map(|i| rep[i] == i).collect();
+        let (kept, new_id) = self.retain(&keep);
+        let ids = rep
+            .iter()
+            .map(|&r| new_id[r].expect("a representative is kept"))
+            .collect();
         (kept, ids, merged)
     }
 }

@@ -113,6 +113,22 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn numerics(&self) -> String {
+        format!(
+            "{}{}{}",
+            self.name(),
+            if self.bf16_operands {
+                "-bf16-operands"
+            } else {
+                ""
+            },
+            match self.activations {
+                matmul::Activations::Exact => "",
+                matmul::Activations::Int16 => "-int16-activations",
+            }
+        )
+    }
+
     fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
         Ok(tensor)
     }
