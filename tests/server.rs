@@ -1893,6 +1893,58 @@ async fn the_load_generator_open_loop_sends_its_schedule() {
     server.shutdown().await.unwrap();
 }
 
+/// An open loop shorter than one interval sends one request and reports it over its interval
+/// (it reported 100/s for one request at `--rate 1 --duration 0.01`), and a reader that left
+/// its standard output costs the printed copy only: the report was printed first, the
+/// broken pipe panicked, and `--out` was never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_reports_short_windows_and_survives_a_closed_stdout() {
+    let server = start(&[]).await;
+    let url = format!("http://{}", server.addr());
+    let dir = std::env::temp_dir().join(format!("gram-benchpipe-{}", std::process::id()));
+    let queries = dir.join("q.txt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&queries, "oak desk\n").unwrap();
+    let out = dir.join("out");
+    let args = [
+        "bench",
+        "--url",
+        &url,
+        "--queries",
+        queries.to_str().unwrap(),
+        "--rate",
+        "5",
+        "--duration",
+        "0.01",
+        "--warmup",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["requests"], 1, "{report}");
+    assert_eq!(report["window_s"], 0.2, "{report}");
+    assert_eq!(report["sent_qps"], 5.0, "{report}");
+    assert!(out.join("latencies.csv").exists() && out.join("latency.svg").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.shutdown().await.unwrap();
+}
+
 /// A request whose headers came before the shutdown and whose body comes after it is still
 /// answered: the grace covers the body timeout, then the deadline, then the write (it used to be
 /// the deadline alone, and the connection was closed unanswered).

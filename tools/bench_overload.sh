@@ -28,6 +28,11 @@ mkdir -p "$out"
 run() { # run NAME BENCH_FLAGS...
   local name=$1
   shift
+  # A server already on the port would answer /ready for ours, which then fails to bind.
+  if curl -s -o /dev/null localhost:8080/health; then
+    echo "error: port 8080 is taken (another server?)" >&2
+    exit 1
+  fi
   "$gram" serve --index "$index" 2>"$out/$name.log" &
   pid=$!
   for _ in $(seq 240); do
@@ -51,18 +56,25 @@ done
 run "closed$((pairs + 1))" --concurrency 16 --duration "$secs"
 
 python3 - "$out" "$pairs" <<'EOF' | tee "$out/summary.md"
-import csv, json, sys
+import csv, json, math, sys
 out, pairs = sys.argv[1], int(sys.argv[2])
 
 def admitted(name):
-    # Every request not refused at the door: a 504 (deadline) or a client timeout is an admitted
-    # request's latency too, at least the time it was given up.
+    # Every request the server took: answered, or given up at its deadline (504) or by the client
+    # (timeout), which is an admitted request's latency too, at least. Refused at the door (503)
+    # is not; nor are failures that never reached an answer (connect, body, client), counted
+    # under "other errors".
     with open(f"{out}/{name}/latencies.csv") as f:
-        return [float(r["latency_ms"]) for r in csv.DictReader(f) if r["status"] != "503"]
+        return [float(r["latency_ms"]) for r in csv.DictReader(f)
+                if r["status"] in ("200", "504", "timeout")]
 
 def p99(v):
+    # Nearest rank, as `gram bench` reports it; None for no samples.
     v = sorted(v)
-    return v[min(len(v) - 1, int(0.99 * len(v)))]
+    return v[max(math.ceil(0.99 * len(v)), 1) - 1] if v else None
+
+def fmt(x, spec=".1f"):
+    return "n/a" if x is None else format(x, spec)
 
 def report(name):
     return json.load(open(f"{out}/{name}/report.json"))
@@ -76,13 +88,15 @@ for i in range(1, pairs + 2):
         ratio = ""
         if name.startswith("open"):
             opened += lat
-            around = (p99(admitted(f"closed{i}")) + p99(admitted(f"closed{i + 1}"))) / 2
-            ratio = f"{p99(lat) / around:.3f}"
+            around = [p99(admitted(f"closed{i}")), p99(admitted(f"closed{i + 1}"))]
+            if p99(lat) is not None and None not in around:
+                ratio = f"{p99(lat) / (sum(around) / 2):.3f}"
         else:
             closed += lat
         other = sum(v for k, v in r["errors"].items() if k != "503")
-        print(f"| {name} | {r['qps']:.0f} | {r['errors'].get('503', 0)} | {other} | {p99(lat):.1f} | "
-              f"{r['engine_ms']['p99']:.1f} | {r['queue_ms']['p99']:.1f} | {ratio} |")
-print(f"\npooled: {len(opened)} admitted under overload, p99 {p99(opened):.1f} ms; {len(closed)} "
-      f"in the closed loops, p99 {p99(closed):.1f} ms; **{p99(opened) / p99(closed):.3f}×**")
+        print(f"| {name} | {r['qps']:.0f} | {r['errors'].get('503', 0)} | {other} | {fmt(p99(lat))} | "
+              f"{fmt(r['engine_ms']['p99'])} | {fmt(r['queue_ms']['p99'])} | {ratio} |")
+ratio = (f"{p99(opened) / p99(closed):.3f}" if opened and closed else "n/a")
+print(f"\npooled: {len(opened)} admitted under overload, p99 {fmt(p99(opened))} ms; {len(closed)} "
+      f"in the closed loops, p99 {fmt(p99(closed))} ms; **{ratio}×**")
 EOF

@@ -24,6 +24,11 @@ cargo build --release --bin gram
 mkdir -p "$out"
 
 serve() {
+  # A server already on the port would answer /ready for ours, which then fails to bind.
+  if curl -s -o /dev/null "http://127.0.0.1:$port/health"; then
+    echo "error: port $port is taken (another server?): set GRAM_BENCH_PORT" >&2
+    exit 1
+  fi
   "$gram" serve --index "$index" --addr "127.0.0.1:$port" "$@" 2>>"$out/serve.log" &
   pid=$!
   for _ in $(seq 300); do

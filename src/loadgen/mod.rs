@@ -15,6 +15,7 @@
 pub mod plot;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -88,7 +89,7 @@ pub struct Sample {
     pub sent_s: f64,
     /// From the (scheduled) send to the whole answer read, seconds.
     pub latency_s: f64,
-    /// HTTP status, or the failure (`timeout`, `connect`, `body`).
+    /// HTTP status, or the failure (`timeout`, `connect`, `body`, `client`).
     pub status: Status,
     /// The server's own timings of a 200: in the server (the `Server-Timing` header's `server`,
     /// which includes writing the answer, else `timings_ms.server`), queued, in the engine.
@@ -103,6 +104,9 @@ pub enum Status {
     Timeout,
     Connect,
     Body,
+    /// The load generator itself could not open a connection: out of file descriptors (an
+    /// open loop past what the server answers keeps opening them; raise `ulimit -n`).
+    Client,
 }
 
 impl Status {
@@ -112,8 +116,24 @@ impl Status {
             Status::Timeout => "timeout".into(),
             Status::Connect => "connect".into(),
             Status::Body => "body".into(),
+            Status::Client => "client".into(),
         }
     }
+}
+
+/// What a failed request's error says: the client out of file descriptors (EMFILE, ENFILE:
+/// its own limit, not the server refusing), else a connection failure.
+fn request_failure(e: &(dyn std::error::Error + 'static)) -> Status {
+    let mut at = Some(e);
+    while let Some(err) = at {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if cfg!(unix) && matches!(io.raw_os_error(), Some(23 | 24)) {
+                return Status::Client;
+            }
+        }
+        at = err.source();
+    }
+    Status::Connect
 }
 
 /// Latency summary, milliseconds.
@@ -166,9 +186,9 @@ pub struct Report {
     pub rate: Option<f64>,
     /// Wall time from the first send to the last answer.
     pub elapsed_s: f64,
-    /// The sending window the rates divide by: `--duration`, or with `--count` the open loop's
-    /// `count / rate` and the closed loop's whole run (the answers still coming in after the
-    /// window do not dilute the rates). Absent from older reports (they divided by
+    /// The sending window the rates divide by: the open loop's requests / rate (`--duration`
+    /// rounded up to whole intervals), the closed loop's `--duration`, or with `--count` its
+    /// whole run (the answers still coming in after the window do not dilute the rates). Absent from older reports (they divided by
     /// `elapsed_s`).
     #[serde(default)]
     pub window_s: f64,
@@ -231,7 +251,7 @@ impl Target {
                 .client
                 .request(request)
                 .await
-                .map_err(|_| Status::Connect)?;
+                .map_err(|e| request_failure(&e))?;
             let status = response.status().as_u16();
             let server_timing = response
                 .headers()
@@ -429,17 +449,21 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(rate) => open_loop(&target, rate, duration, args.count).await,
             None => closed_loop(&target, concurrency, duration, args.count).await,
         };
-        let window = match (duration, args.rate, args.count) {
-            (Some(d), _, _) => d.as_secs_f64(),
-            (None, Some(rate), Some(n)) => n as f64 / rate,
-            (None, _, _) => elapsed,
+        // The sending window: an open loop sends request i at i / rate, so n requests span
+        // n / rate (a duration shorter than 1 / rate still sends one); a closed loop its
+        // duration, or with a count its whole run.
+        let window = match (duration, args.rate) {
+            (_, Some(rate)) => samples.len().max(1) as f64 / rate,
+            (Some(d), None) => d.as_secs_f64(),
+            (None, None) => elapsed,
         };
         report(&args, concurrency, &samples, elapsed, window)
     });
     let (report, samples) = report;
     let answered = report.ok;
     let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
-    println!("{text}");
+    // The files first: a closed standard output (a pipe whose reader left) loses only the
+    // printed copy.
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let write = |name: &str, bytes: &[u8]| {
@@ -453,6 +477,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "wrote {0}/report.json, {0}/latencies.csv, {0}/latency.svg",
             dir.display()
         );
+    }
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|_| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(format!("writing the report to standard output: {e}"))
+        }
+        _ => {}
     }
     // A run in which nothing was answered measured nothing: say so in the exit status too.
     if answered == 0 {
@@ -666,6 +697,32 @@ fn csv(samples: &[Sample]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure wrapping the client's own EMFILE / ENFILE is `client`, anything else
+    /// `connect` (the client's descriptor limit looked like the server refusing connections).
+    #[test]
+    fn the_clients_own_descriptor_limit_is_not_a_connect_error() {
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "client error (Connect)")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let os = |n| Wrap(std::io::Error::from_raw_os_error(n));
+        let refused = Wrap(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        if cfg!(unix) {
+            assert_eq!(request_failure(&os(24)), Status::Client);
+            assert_eq!(request_failure(&os(23)), Status::Client);
+        }
+        assert_eq!(request_failure(&refused), Status::Connect);
+        assert_eq!(request_failure(&os(111)), Status::Connect);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
