@@ -412,13 +412,7 @@ mod tests {
     #[test]
     fn paired_top_bit_changes_are_caught() {
         let path = tmp("pairs");
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut next = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
         let a: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
         Container::write(&path, &[(1, &a)]).unwrap();
         let good = std::fs::read(&path).unwrap();

@@ -739,13 +739,7 @@ mod tests {
     /// product) give byte-identical files; `write_columns` refuses a bad cut or a short `pt`.
     #[test]
     fn write_and_write_columns_give_the_same_bytes() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
         let n_products = 50usize;
         let mut codes: Vec<(String, Vec<u32>)> = Vec::new();
         for i in 0..40u32 {

@@ -42,6 +42,8 @@ pub mod search;
 pub mod server;
 pub mod settings;
 pub mod tensor;
+#[cfg(test)]
+mod test_rng;
 pub mod tokenizer;
 pub mod trie;
 

@@ -171,13 +171,8 @@ mod tests {
     /// and on the edge cases: ties, ±0, infinities, NaNs first, last and everywhere, empty.
     #[test]
     fn argmax_matches_its_twin() {
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut bits = crate::test_rng::xorshift(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || crate::test_rng::signed_unit(bits());
         let mut rows: Vec<Vec<f32>> = [1, 15, 16, 17, 31, 33, 1000, 49152]
             .iter()
             .map(|&n| (0..n).map(|_| next()).collect())

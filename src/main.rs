@@ -474,46 +474,43 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         &model, &tokenizer, &settings, &items, &options, &out, &meta
     ))
     .map_err(|e| e.to_string())?;
-    if report.skipped_products > 0 {
-        let more = report.skipped_products - report.skipped_sample.len();
-        eprintln!(
-            "warning: {} products do not fit the model and were left out: {}{}",
-            report.skipped_products,
-            report.skipped_sample.join(", "),
-            if more > 0 {
+    // Each list of products or codes the build set apart, its first few named.
+    let tell = |count: usize, sample: &[String], says: &str| {
+        if count > 0 {
+            let more = count - sample.len();
+            let more = if more > 0 {
                 format!(" and {more} more")
             } else {
                 String::new()
-            }
-        );
-    }
-    if report.merged_codes > 0 {
-        let more = report.merged_codes - report.merged_sample.len();
-        eprintln!(
-            "note: {} codes tokenize like another code, so the model cannot tell them apart; \
-             each shares one posting list under the text more products list: {}{}",
-            report.merged_codes,
-            report.merged_sample.join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
-        );
-    }
-    if report.products_without_codes > 0 {
-        let more = report.products_without_codes - report.without_codes_sample.len();
-        eprintln!(
-            "warning: {} products have no codes, so no search can return them: {:?}{}",
-            report.products_without_codes,
-            report.without_codes_sample,
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
-        );
-    }
+            };
+            eprintln!(
+                "{}: {}{more}",
+                says.replace("{n}", &count.to_string()),
+                sample.join(", ")
+            );
+        }
+    };
+    tell(
+        report.skipped_products,
+        &report.skipped_sample,
+        "warning: {n} products do not fit the model and were left out",
+    );
+    tell(
+        report.merged_codes,
+        &report.merged_sample,
+        "note: {n} codes tokenize like another code, so the model cannot tell them apart; \
+         each shares one posting list under the text more products list",
+    );
+    let without: Vec<String> = report
+        .without_codes_sample
+        .iter()
+        .map(|id| format!("{id:?}"))
+        .collect();
+    tell(
+        report.products_without_codes,
+        &without,
+        "warning: {n} products have no codes, so no search can return them",
+    );
     out!(
         "{}",
         json!({"index": args.out, "report": report, "skipped_lines": skipped})

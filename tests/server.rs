@@ -1830,34 +1830,40 @@ fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
     assert_eq!(backlog(&metrics), 0);
 }
 
+/// A server and what a `gram bench` against it needs: a scratch directory `gram-NAME-PID`
+/// holding a query file of `queries`, the `--out` directory in it, and the arguments
+/// (`bench --url … --queries … FLAGS --out …`).
+async fn bench_fixture(
+    name: &str,
+    queries: &str,
+    flags: &[&str],
+) -> (Server, PathBuf, PathBuf, Vec<String>) {
+    let server = start(&[]).await;
+    let url = format!("http://{}", server.addr());
+    let dir = std::env::temp_dir().join(format!("gram-{name}-{}", std::process::id()));
+    let file = dir.join("q.txt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&file, queries).unwrap();
+    let out = dir.join("out");
+    let mut args: Vec<String> = ["bench", "--url", &url, "--queries", file.to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+    (server, dir, out, args)
+}
+
 /// `gram bench`'s open loop against a real server: every scheduled request is sent and
 /// answered, each at its place in the schedule (`sent_s` is the scheduled time, i / rate; the
 /// schedule now sleeps on a thread of its own, not on tokio's millisecond timer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_open_loop_sends_its_schedule() {
-    let server = start(&[]).await;
-    let url = format!("http://{}", server.addr());
-    let dir = std::env::temp_dir().join(format!("gram-openloop-{}", std::process::id()));
-    let queries = dir.join("q.txt");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(&queries, "oak desk\ngreen velvet sofa\nhp toner\n").unwrap();
-    let out = dir.join("out");
-    let args = [
-        "bench",
-        "--url",
-        &url,
-        "--queries",
-        queries.to_str().unwrap(),
-        "--rate",
-        "100",
-        "--count",
-        "20",
-        "--k",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .map(String::from);
+    let (server, dir, out, args) = bench_fixture(
+        "openloop",
+        "oak desk\ngreen velvet sofa\nhp toner\n",
+        &["--rate", "100", "--count", "20", "--k", "3"],
+    )
+    .await;
     let run = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
             .args(&args)
@@ -1899,29 +1905,12 @@ async fn the_load_generator_open_loop_sends_its_schedule() {
 /// broken pipe panicked, and `--out` was never written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_reports_short_windows_and_survives_a_closed_stdout() {
-    let server = start(&[]).await;
-    let url = format!("http://{}", server.addr());
-    let dir = std::env::temp_dir().join(format!("gram-benchpipe-{}", std::process::id()));
-    let queries = dir.join("q.txt");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(&queries, "oak desk\n").unwrap();
-    let out = dir.join("out");
-    let args = [
-        "bench",
-        "--url",
-        &url,
-        "--queries",
-        queries.to_str().unwrap(),
-        "--rate",
-        "5",
-        "--duration",
-        "0.01",
-        "--warmup",
-        "0",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .map(String::from);
+    let (server, dir, out, args) = bench_fixture(
+        "benchpipe",
+        "oak desk\n",
+        &["--rate", "5", "--duration", "0.01", "--warmup", "0"],
+    )
+    .await;
     let status = tokio::task::spawn_blocking(move || {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
             .args(&args)

@@ -130,15 +130,7 @@ pub fn offer(finished: &mut Vec<Finished>, b: usize, f: Finished) {
 mod tests {
     use super::*;
 
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        }
-    }
+    use crate::test_rng::xorshift as rng;
 
     #[test]
     fn sparse_top_k_matches_the_dense_mask() {

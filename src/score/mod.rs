@@ -185,13 +185,7 @@ mod tests {
     use super::*;
 
     pub(super) fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        }
+        crate::test_rng::xorshift(seed | 1)
     }
 
     /// The code prior, every element: random posting lists with random priors, each product's

@@ -363,13 +363,7 @@ mod tests {
     /// and ids, kept tokens and the merged list follow.
     #[test]
     fn merge_alike_matches_its_quadratic_twin() {
-        let mut s = 17u64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut next = crate::test_rng::xorshift(17);
         for round in 0..200 {
             let n = 1 + (next() % 60) as usize;
             let alphabet = 1 + next() % 4;

@@ -442,15 +442,11 @@ mod tests {
     use half::f16;
 
     /// Vectors of `n` values uniform in [-1, 1), from a xorshift seeded with `seed`.
-    fn uniform(mut s: u64) -> impl FnMut(usize) -> Vec<f32> {
+    fn uniform(s: u64) -> impl FnMut(usize) -> Vec<f32> {
+        let mut bits = crate::test_rng::xorshift(s);
         move |n| {
             (0..n)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
+                .map(|_| crate::test_rng::signed_unit(bits()))
                 .collect()
         }
     }
@@ -476,13 +472,7 @@ mod tests {
     #[test]
     fn int16_activations_through_matmul() {
         let (n, k) = (70, 96);
-        let mut s = 0x853c_49e6_748f_ea9bu64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut next = crate::test_rng::xorshift(0x853c_49e6_748f_ea9b);
         let blocks = q4_1_blocks(n * k / 32, &mut next);
         let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.3).collect();
         let w = View::Q4_1(&blocks);
@@ -548,13 +538,7 @@ mod tests {
             }
             blocks
         };
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
         let blocks = q4_1_blocks(n * k / 32, &mut next);
         let blocks8 = q8(&mut next);
         for quant in [View::Q4_1(&blocks), View::Q8_0(&blocks8)] {

@@ -179,13 +179,8 @@ mod tests {
     /// and on the edge cases: zeros, exact ties, an infinity, a NaN, the largest value negative.
     #[test]
     fn quantizers_agree() {
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut bits = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || crate::test_rng::signed_unit(bits());
         let mut blocks: Vec<[f32; 32]> = (0..200)
             .map(|i| std::array::from_fn(|_| next() * [1.0, 1e-6, 3e4][i % 3]))
             .collect();

@@ -7,14 +7,9 @@ use half::{bf16, f16};
 
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), never all zeros.
 fn rand(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut bits = crate::test_rng::xorshift(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
+        .map(|_| crate::test_rng::signed_unit(bits()))
         .collect()
 }
 
