@@ -9,8 +9,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use rayon::prelude::*;
-
 use crate::backend::{Backend, KvRows, RowKv};
 use crate::beam::{BeamOptions, BeamSearch, Query, MAX_NEW_TOKENS};
 use crate::error::{Error, Result};
@@ -18,7 +16,7 @@ use crate::index::{self, CodePostings, Product};
 use crate::model::{Head, KvArena, Model};
 use crate::settings::Settings;
 use crate::tokenizer::Tokenizer;
-use crate::trie::{refusal, CodeName, CodeSet, Trie};
+use crate::trie::{CodeName, CodeSet, Trie};
 
 mod read;
 mod shard;
@@ -156,30 +154,6 @@ pub fn build_with<B: Backend>(
         .eos_token_ids
         .first()
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
-    // Under `Skip`, a product with a catalog code this model cannot emit is left out before
-    // any work, and reported with the products that do not fit.
-    let unfit = match options.on_error {
-        OnError::Skip => unemittable(items, tokenizer, eos),
-        OnError::Stop => Vec::new(),
-    };
-    let fit: Vec<Item>;
-    let items: &[Item] = if unfit.is_empty() {
-        items
-    } else {
-        let mut out = unfit.iter().map(|&(pi, _)| pi).peekable();
-        fit = (0..items.len())
-            .filter(|&pi| out.next_if_eq(&pi).is_none())
-            .map(|pi| items[pi].clone())
-            .collect();
-        if fit.is_empty() {
-            return Err(Error::Input(format!(
-                "no product fits the model: all {} were left out (the first: {})",
-                items.len(),
-                unfit[0].1
-            )));
-        }
-        &fit
-    };
     let generate = options.generate;
     let unconstrained = generate.is_some_and(|g| g.codes.is_empty());
     // Errors name a code by where it came from: the list's by its file's line, the others (the
@@ -188,15 +162,6 @@ pub fn build_with<B: Backend>(
     let list_name = |i: usize, _: &str| match &options.code_file {
         Some(f) => f.name(i),
         None => format!("code list line {}", i + 1),
-    };
-    let source = |_: usize, text: &str| {
-        if let Some(item) = items.iter().find(|p| p.codes.iter().any(|c| c == text)) {
-            return item.name();
-        }
-        match generate.and_then(|g| g.codes.iter().position(|c| c == text)) {
-            Some(i) => list_name(i, text),
-            None => "a generated code".into(),
-        }
     };
     // The codes known before generation: the catalog's and the list's, checked up front.
     let mut texts: Vec<String> = items.iter().flat_map(|p| p.codes.iter().cloned()).collect();
@@ -224,19 +189,74 @@ pub fn build_with<B: Backend>(
             "no codes: the catalog's `codes` lists are empty and no code list was given".into(),
         ));
     }
-    // The set is sorted: of several bad codes it finds the first in byte order, so the error
-    // names the first product in catalog order instead.
-    let catalog_first = |e: Error| match unemittable(items, tokenizer, eos).into_iter().next() {
-        Some((_, why)) => Error::Input(why),
-        None => e,
-    };
-    let known = if texts.is_empty() {
-        None
+    // Tokenized once; a catalog code this model cannot emit (the tokenizer refuses it, it is
+    // no tokens, it holds the EOS token, it is too long) is set aside with why. (The list's
+    // codes were checked above: none is.)
+    let (known, bad) = if texts.is_empty() {
+        (None, Vec::new())
     } else {
-        let set =
-            CodeSet::from_texts_named(texts, tokenizer, eos, &source).map_err(catalog_first)?;
-        check_code_lengths(&set, &source).map_err(catalog_first)?;
-        Some(set)
+        let (set, mut bad) = CodeSet::from_texts_lenient(texts, tokenizer, eos)?;
+        let long: Vec<Option<String>> = (0..set.len())
+            .map(|i| too_long(set.code_tokens(i).len()))
+            .collect();
+        let set = if long.iter().any(Option::is_some) {
+            let keep: Vec<bool> = long.iter().map(Option::is_none).collect();
+            for (i, why) in long.into_iter().enumerate() {
+                bad.extend(why.map(|w| (set.texts[i].clone(), w)));
+            }
+            bad.sort_unstable();
+            set.retain(&keep).0
+        } else {
+            set
+        };
+        (Some(set).filter(|s| !s.is_empty()), bad)
+    };
+    // The products with such a code, in catalog order: under `Stop` the first is the error,
+    // under `Skip` they are left out before any work, and reported with the products that do
+    // not fit.
+    let unfit: Vec<(usize, String)> = if bad.is_empty() {
+        Vec::new()
+    } else {
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(pi, item)| {
+                item.codes.iter().find_map(|c| {
+                    let at = bad.binary_search_by(|(t, _)| t.as_str().cmp(c)).ok()?;
+                    Some((pi, format!("{}: code {c:?} {}", item.name(), bad[at].1)))
+                })
+            })
+            .collect()
+    };
+    if let (OnError::Stop, Some((_, why))) = (options.on_error, unfit.first()) {
+        return Err(Error::Input(why.clone()));
+    }
+    let fit: Vec<Item>;
+    let items: &[Item] = if unfit.is_empty() {
+        items
+    } else {
+        let mut out = unfit.iter().map(|&(pi, _)| pi).peekable();
+        fit = (0..items.len())
+            .filter(|&pi| out.next_if_eq(&pi).is_none())
+            .map(|pi| items[pi].clone())
+            .collect();
+        if fit.is_empty() {
+            return Err(Error::Input(format!(
+                "no product fits the model: all {} were left out (the first: {})",
+                items.len(),
+                unfit[0].1
+            )));
+        }
+        &fit
+    };
+    let source = |_: usize, text: &str| {
+        if let Some(item) = items.iter().find(|p| p.codes.iter().any(|c| c == text)) {
+            return item.name();
+        }
+        match generate.and_then(|g| g.codes.iter().position(|c| c == text)) {
+            Some(i) => list_name(i, text),
+            None => "a generated code".into(),
+        }
     };
     let shard_size = options.shard_size.max(1);
     let work = options
@@ -491,39 +511,6 @@ fn too_long(n: usize) -> Option<String> {
             MAX_NEW_TOKENS - 1
         )
     })
-}
-
-/// The products with a catalog code this model cannot emit (the tokenizer refuses it, it is no
-/// tokens, it holds the EOS token or it is too long), each with why, in catalog order. Under
-/// `OnError::Skip` the build leaves them out; under `Stop` the code set's own checks name the
-/// first.
-fn unemittable(items: &[Item], tokenizer: &Tokenizer, eos: u32) -> Vec<(usize, String)> {
-    let mut codes: Vec<&str> = items
-        .iter()
-        .flat_map(|p| p.codes.iter().map(String::as_str))
-        .collect();
-    codes.sort_unstable();
-    codes.dedup();
-    let why: Vec<Option<String>> = codes
-        .par_iter()
-        .map(|code| match tokenizer.encode_plain(code) {
-            Err(e) => Some(e.to_string()),
-            Ok(ids) => refusal(&ids, eos).or_else(|| too_long(ids.len())),
-        })
-        .collect();
-    let mut out = Vec::new();
-    for (pi, item) in items.iter().enumerate() {
-        let bad = item.codes.iter().find_map(|c| {
-            let at = codes
-                .binary_search(&c.as_str())
-                .expect("every code was listed");
-            why[at]
-                .as_ref()
-                .map(|w| format!("{}: code {c:?} {w}", item.name()))
-        });
-        out.extend(bad.map(|w| (pi, w)));
-    }
-    out
 }
 
 /// What every shard's encoding needs.

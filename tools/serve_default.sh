@@ -27,7 +27,7 @@ if [ -f "$ix" ] && [ "$ix" -nt "$catalog" ] && [ "$ix" -nt "$model/model.safeten
   "$gram" search --index "$index" --model "$model" --k 1 mouse >/dev/null 2>&1; then
   echo "default index: $index is up to date"
 else
-  echo "default index: building $index (19,406 Icecat products; about 15 s on 2 cores)"
+  echo "default index: building $index (19,406 Icecat products; 15–40 s on 2 cores)"
   "$gram" index build --model "$model" --catalog "$catalog" --out "$index"
 fi
 echo "serving $index; try (default --addr): curl -s 'localhost:8080/search?q=wireless+mouse&k=3'"

@@ -57,7 +57,18 @@ impl CodeSet {
     /// once): the ids are exactly `encode_plain`'s, as [`CodeSet::from_texts_plain`], the
     /// reference twin, gives them. Of several bad codes the first is reported.
     pub fn from_texts(texts: Vec<String>, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, true, &line_name)
+        CodeSet::tokenize(texts, tokenizer, eos, true, &line_name, false).map(|(set, _)| set)
+    }
+
+    /// [`CodeSet::from_texts`] that sets bad codes aside instead of failing: the set of the
+    /// others (in their order), and each bad code's text with why (blank, refused by the
+    /// tokenizer, no tokens, the EOS inside), in order. Fails only on no codes or too many.
+    pub fn from_texts_lenient(
+        texts: Vec<String>,
+        tokenizer: &Tokenizer,
+        eos: u32,
+    ) -> Result<(CodeSet, Vec<(String, String)>)> {
+        CodeSet::tokenize(texts, tokenizer, eos, true, &line_name, true)
     }
 
     /// [`CodeSet::from_texts`] with errors naming each code as `name` says (where it came
@@ -68,7 +79,7 @@ impl CodeSet {
         eos: u32,
         name: CodeName,
     ) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, true, name)
+        CodeSet::tokenize(texts, tokenizer, eos, true, name, false).map(|(set, _)| set)
     }
 
     /// [`CodeSet::from_texts`] with `encode_plain` code by code, no memo: the reference.
@@ -77,16 +88,19 @@ impl CodeSet {
         tokenizer: &Tokenizer,
         eos: u32,
     ) -> Result<CodeSet> {
-        CodeSet::tokenize(texts, tokenizer, eos, false, &line_name)
+        CodeSet::tokenize(texts, tokenizer, eos, false, &line_name, false).map(|(set, _)| set)
     }
 
+    /// Tokenizes `texts`; a bad code is an error naming it, or with `lenient` set aside (with
+    /// why, by its index in `texts`).
     fn tokenize(
         texts: Vec<String>,
         tokenizer: &Tokenizer,
         eos: u32,
         use_memo: bool,
         name: CodeName,
-    ) -> Result<CodeSet> {
+        lenient: bool,
+    ) -> Result<(CodeSet, Vec<(String, String)>)> {
         /// Codes per parallel job.
         const CHUNK: usize = 4096;
         if texts.is_empty() {
@@ -104,7 +118,8 @@ impl CodeSet {
         let memos: Vec<Mutex<PlainMemo>> = (0..rayon::current_num_threads())
             .map(|_| Mutex::new(tokenizer.plain_memo()))
             .collect();
-        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = texts
+        type Part = (Vec<u32>, Vec<usize>, Vec<(usize, String)>);
+        let parts: Vec<Result<Part>> = texts
             .par_chunks(CHUNK)
             .enumerate()
             .map(|(c, chunk)| {
@@ -117,42 +132,85 @@ impl CodeSet {
                 };
                 let mut tokens = Vec::with_capacity(chunk.len() * 12);
                 let mut lens = Vec::with_capacity(chunk.len());
+                let mut bad = Vec::new();
                 for (k, text) in chunk.iter().enumerate() {
-                    let line = name(c * CHUNK + k, text);
+                    let i = c * CHUNK + k;
                     if text.trim().is_empty() {
-                        return Err(Error::Input(format!("line {line} is an empty code")));
+                        if lenient {
+                            bad.push((i, "is an empty code".to_string()));
+                            continue;
+                        }
+                        return Err(Error::Input(format!(
+                            "line {} is an empty code",
+                            name(i, text)
+                        )));
                     }
                     let start = tokens.len();
-                    if use_memo {
-                        memo.encode_into(text, &mut tokens)?;
+                    let encoded = if use_memo {
+                        memo.encode_into(text, &mut tokens)
                     } else {
-                        tokens.extend_from_slice(&tokenizer.encode_plain(text)?);
+                        tokenizer
+                            .encode_plain(text)
+                            .map(|ids| tokens.extend_from_slice(&ids))
+                    };
+                    let why = match encoded {
+                        Err(e) if lenient => Some(e.to_string()),
+                        Err(e) => return Err(e),
+                        Ok(()) => refusal(&tokens[start..], eos),
+                    };
+                    match why {
+                        None => lens.push(tokens.len() - start),
+                        Some(why) if lenient => {
+                            tokens.truncate(start);
+                            bad.push((i, why));
+                        }
+                        Some(why) => {
+                            return Err(Error::Input(format!(
+                                "{}: code {text:?} {why}",
+                                name(i, text)
+                            )))
+                        }
                     }
-                    let ids = &tokens[start..];
-                    if let Some(why) = refusal(ids, eos) {
-                        return Err(Error::Input(format!("{line}: code {text:?} {why}")));
-                    }
-                    lens.push(ids.len());
                 }
-                Ok((tokens, lens))
+                Ok((tokens, lens, bad))
             })
             .collect();
         let mut offsets = Vec::with_capacity(texts.len() + 1);
         offsets.push(0);
         // In order: the first bad code's error.
-        let parts: Vec<(Vec<u32>, Vec<usize>)> = parts.into_iter().collect::<Result<_>>()?;
-        let mut tokens = Vec::with_capacity(parts.iter().map(|(t, _)| t.len()).sum());
-        for (part, lens) in &parts {
-            tokens.extend_from_slice(part);
-            for &n in lens {
+        let parts: Vec<Part> = parts.into_iter().collect::<Result<_>>()?;
+        let mut tokens = Vec::with_capacity(parts.iter().map(|(t, ..)| t.len()).sum());
+        let mut bad: Vec<(usize, String)> = Vec::new();
+        for (part, lens, part_bad) in parts {
+            tokens.extend_from_slice(&part);
+            for n in lens {
                 offsets.push(offsets.last().unwrap() + n);
             }
+            bad.extend(part_bad);
         }
-        Ok(CodeSet {
+        let (texts, bad) = if bad.is_empty() {
+            (texts, Vec::new())
+        } else {
+            let mut why: Vec<Option<String>> = vec![None; texts.len()];
+            for (i, w) in bad {
+                why[i] = Some(w);
+            }
+            let mut kept = Vec::with_capacity(texts.len());
+            let mut set_aside = Vec::new();
+            for (text, w) in texts.into_iter().zip(why) {
+                match w {
+                    None => kept.push(text),
+                    Some(w) => set_aside.push((text, w)),
+                }
+            }
+            (kept, set_aside)
+        };
+        let set = CodeSet {
             texts,
             tokens,
             offsets,
-        })
+        };
+        Ok((set, bad))
     }
 
     pub fn len(&self) -> usize {
@@ -416,6 +474,48 @@ mod tests {
                 assert_eq!(merged.code_tokens(id), old_tokens[i].as_slice());
             }
         }
+    }
+
+    /// The lenient read sets every bad code aside with why, across parallel chunks, and its set
+    /// is exactly the strict read of the good codes.
+    #[test]
+    fn the_lenient_read_sets_every_bad_code_aside() {
+        let (_, tok) = fixture_tokenizers().remove(1);
+        let eos = tok.token_id("<|endoftext|>").unwrap();
+        let mut texts: Vec<String> = (0..20_000).map(|i| format!("code {i}")).collect();
+        let bad = [
+            (2, " "),
+            (4_100, "a <|endoftext|>"),
+            (9_000, ""),
+            (19_999, "b <|endoftext|>"),
+        ];
+        for &(i, text) in &bad {
+            texts[i] = text.to_owned();
+        }
+        let (set, aside) = CodeSet::from_texts_lenient(texts.clone(), &tok, eos).unwrap();
+        let want: Vec<(String, bool)> = bad
+            .iter()
+            .map(|&(_, t)| (t.to_owned(), t.trim().is_empty()))
+            .collect();
+        let got: Vec<(String, bool)> = aside
+            .iter()
+            .map(|(t, why)| (t.clone(), why.contains("empty code")))
+            .collect();
+        assert_eq!(got, want);
+        assert!(
+            aside[1].1.contains("EOS") && aside[3].1.contains("EOS"),
+            "{aside:?}"
+        );
+        let good: Vec<String> = texts
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !bad.iter().any(|&(b, _)| b == *i))
+            .map(|(_, t)| t)
+            .collect();
+        let strict = CodeSet::from_texts_plain(good, &tok, eos).unwrap();
+        assert_eq!(set.texts, strict.texts);
+        assert_eq!(set.tokens, strict.tokens);
+        assert_eq!(set.offsets, strict.offsets);
     }
 
     /// Of several bad codes, the first (by line) is the error, across parallel chunks.
