@@ -1081,7 +1081,17 @@ async fn a_full_queue_answers_503_at_once_with_retry_after() {
             ))
         })
         .collect();
+    // A query over the token limit, sent while the queue is full: refused before it is
+    // tokenized (so 503, not the 422 it gets from an idle server).
+    let long = "sofa ".repeat(100);
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        post(addr, "/v1/search", json!({ "query": long })).await
+    });
     let answers = futures_join(sent).await;
+    let late = late.await.unwrap();
+    error_of(&late, 503, "overloaded", "full queue");
+    let answers: Vec<Answer> = answers.into_iter().chain([late]).collect();
     let ok = answers.iter().filter(|a| a.status == 200).count();
     let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == 503).collect();
     assert_eq!(ok + refused.len(), answers.len());

@@ -320,9 +320,44 @@ pub async fn track(
     response
 }
 
+/// The 503 a queue's refusal answers.
+fn refused(state: &AppState, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Full => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "the queue is full ({} requests waiting): retry later",
+                state.config.max_queue
+            ),
+        )
+        .retry(state.config.retry_after_s),
+        Refusal::TooLong { wait_ms } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "the queue is too long: a request now would wait about {wait_ms} ms (over \
+                 --max-queue-wait-ms {}): retry later",
+                state.config.max_queue_wait.as_millis()
+            ),
+        )
+        .retry(state.config.retry_after_s),
+        Refusal::Closed => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is stopping",
+        ),
+    }
+}
+
 /// Prepares `request`, queues it, and awaits its answer until the deadline.
 async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResponse, ApiError> {
     let engine = state.engine()?;
+    // Under overload most requests are refused: before tokenizing them, so that the refusals
+    // take as little of the cores the batch runs on as they can.
+    if let Some(refusal) = state.queue.refuses_now() {
+        return Err(refused(state, refusal));
+    }
     let codes_only = request.codes_only;
     // Tokenization runs here, on the handler's thread: a bug there answers 500 `internal`
     // (with a body) instead of dropping the connection.
@@ -344,38 +379,8 @@ async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResp
         enqueued: Instant::now(),
         deadline,
     };
-    match state.queue.push(job) {
-        Ok(_) => {}
-        Err(Refusal::Full) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                format!(
-                    "the queue is full ({} requests waiting): retry later",
-                    state.config.max_queue
-                ),
-            )
-            .retry(state.config.retry_after_s))
-        }
-        Err(Refusal::TooLong { wait_ms }) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                format!(
-                    "the queue is too long: a request now would wait about {wait_ms} ms (over \
-                     --max-queue-wait-ms {}): retry later",
-                    state.config.max_queue_wait.as_millis()
-                ),
-            )
-            .retry(state.config.retry_after_s))
-        }
-        Err(Refusal::Closed) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is stopping",
-            ))
-        }
+    if let Err(refusal) = state.queue.push(job) {
+        return Err(refused(state, refusal));
     }
     let timeout = || {
         ApiError::new(

@@ -298,34 +298,12 @@ impl Queue {
         if st.closed {
             return Err(Refusal::Closed);
         }
-        let before = st.jobs.len();
-        st.jobs.retain(|j| !j.reply.is_closed());
-        if st.jobs.len() != before {
-            self.metrics.set_queue_depth(st.jobs.len());
-        }
+        self.drop_gone(&mut st);
         // Every job offered counts toward the arrival rate, a full queue's refusals too.
         let now = Instant::now();
         st.arrivals.arrived(now);
-        if st.jobs.len() >= self.capacity {
-            return Err(Refusal::Full);
-        }
-        if let Some(max_wait) = self.wait_bound {
-            let depth = st.jobs.len();
-            let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
-            let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-            let free = free_places(max_batch, in_flight, st.head_blocked);
-            if depth + 1 > free {
-                let rate = self
-                    .service
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .per_second(now);
-                if overloaded(st.arrivals.per_second(now), rate) {
-                    if let Some(refusal) = wait_refusal(depth, free, rate, max_wait) {
-                        return Err(refusal);
-                    }
-                }
-            }
+        if let Some(refusal) = self.refusal(&mut st, now) {
+            return Err(refusal);
         }
         st.jobs.push_back(job);
         let depth = st.jobs.len();
@@ -333,6 +311,60 @@ impl Queue {
         drop(st);
         self.changed.notify_one();
         Ok(depth)
+    }
+
+    /// Whether a job offered now would be refused, and why: checked before a request is
+    /// prepared, so that under overload a refused request costs no tokenization. A refusal
+    /// counts as an offer (an arrival); an admission counts nothing, since [`Queue::push`]
+    /// offers the job and checks again. Counting the arrival only then, this check sees a
+    /// rate no higher than `push` does, so it refuses nothing `push` would take.
+    pub fn refuses_now(&self) -> Option<Refusal> {
+        let mut st = self.lock();
+        if st.closed {
+            return Some(Refusal::Closed);
+        }
+        self.drop_gone(&mut st);
+        let now = Instant::now();
+        let refusal = self.refusal(&mut st, now);
+        if refusal.is_some() {
+            st.arrivals.arrived(now);
+        }
+        refusal
+    }
+
+    /// Drops the jobs whose handler has gone (see [`Queue::push`]).
+    fn drop_gone(&self, st: &mut QueueState) {
+        let before = st.jobs.len();
+        st.jobs.retain(|j| !j.reply.is_closed());
+        if st.jobs.len() != before {
+            self.metrics.set_queue_depth(st.jobs.len());
+        }
+    }
+
+    /// Why a job offered at `now` is refused, if it is: the queue is full, or (under the wait
+    /// bound, while jobs come faster than the batch answers them) the wait would be too long.
+    fn refusal(&self, st: &mut QueueState, now: Instant) -> Option<Refusal> {
+        if st.jobs.len() >= self.capacity {
+            return Some(Refusal::Full);
+        }
+        let max_wait = self.wait_bound?;
+        let depth = st.jobs.len();
+        let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
+        let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let free = free_places(max_batch, in_flight, st.head_blocked);
+        if depth < free {
+            return None;
+        }
+        let rate = self
+            .service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .per_second(now);
+        if overloaded(st.arrivals.per_second(now), rate) {
+            wait_refusal(depth, free, rate, max_wait)
+        } else {
+            None
+        }
     }
 
     /// Ends the gathering window for good (shutdown has begun); jobs are still taken.
