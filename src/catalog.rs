@@ -54,8 +54,40 @@ pub struct Report {
     /// with a code the model cannot emit), for a warning.
     #[serde(skip)]
     pub skipped_sample: Vec<String>,
+    /// The index's codes by granularity (attributes between `gram.json`'s delimiters), which
+    /// picks each one's scoring weight.
+    pub granularity: Granularity,
     pub seconds: f64,
     pub products_per_s: f64,
+}
+
+/// Codes by granularity: coarse (1–2 attributes), medium (3), fine (4 or more).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Granularity {
+    /// Of the coarse, those of one attribute (no delimiter in them).
+    pub single: usize,
+    pub coarse: usize,
+    pub medium: usize,
+    pub fine: usize,
+}
+
+impl Granularity {
+    /// Counts `texts`, each cut at `delimiter`.
+    pub fn of<'a>(texts: impl IntoIterator<Item = &'a String>, delimiter: &str) -> Granularity {
+        let mut g = Granularity::default();
+        for t in texts {
+            match t.split(delimiter).count() {
+                0..=1 => {
+                    g.single += 1;
+                    g.coarse += 1
+                }
+                2 => g.coarse += 1,
+                3 => g.medium += 1,
+                _ => g.fine += 1,
+            }
+        }
+        g
+    }
 }
 
 /// How many ids [`Report::without_codes_sample`] keeps.
@@ -471,6 +503,7 @@ pub fn build_with<B: Backend>(
             .take(SAMPLE_IDS)
             .map(|&pi| items[pi].id.clone())
             .collect(),
+        granularity: Granularity::of(&set.texts, &settings.delimiter),
         merged_codes: merged.len(),
         merged_sample: merged
             .iter()

@@ -1,7 +1,7 @@
 //! The `gram` command line: raw flags → validated options → library calls. Output is JSON on
 //! stdout; errors go to stderr with a non-zero exit status.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -80,7 +80,7 @@ struct EvalArgs {
     /// Beam width: codes generated per query at most.
     #[arg(long, default_value_t = 10)]
     beam: usize,
-    /// Queries sharing decoder steps (1: one at a time, as `gram search`).
+    /// Queries sharing decoder steps (1: one at a time, as `gram search`; at most 256).
     #[arg(long, default_value_t = 16)]
     batch: usize,
     #[command(flatten)]
@@ -495,6 +495,15 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         &report.skipped_sample,
         "warning: {n} products do not fit the model and were left out",
     );
+    let g = report.granularity;
+    if report.codes > 1 && g.single == report.codes {
+        eprintln!(
+            "warning: none of the {} codes contains the delimiter {:?} (the model's gram.json, \
+             or the default without one): each is one attribute, and every one scores with the \
+             coarse weight (do the catalog's codes use another delimiter?)",
+            report.codes, settings.delimiter
+        );
+    }
     tell(
         report.merged_codes,
         &report.merged_sample,
@@ -638,6 +647,10 @@ fn search_on<B: Backend>(
     Ok(())
 }
 
+/// Most queries `gram eval --batch` puts in one batch of shared decoder steps (each holds its
+/// beam's rows and KV entries: past this the arena is the memory of a server, not a run).
+const MAX_EVAL_BATCH: usize = 256;
+
 fn run_eval(args: EvalArgs) -> Result<(), String> {
     if args.run.threads == Some(0) {
         return Err("--threads must be at least 1".into());
@@ -656,7 +669,33 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     }
     // Checked here: the engine would refuse every query, and the report would read as zeros.
     beam::check_width(args.beam).map_err(|e| format!("--beam: {e}"))?;
+    if args.batch > MAX_EVAL_BATCH {
+        return Err(format!(
+            "--batch {}: at most {MAX_EVAL_BATCH} queries share decoder steps",
+            args.batch
+        ));
+    }
+    // Its directory is checked before the run, not after it.
+    if let Some(path) = &args.per_query {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(format!(
+                "--per-query {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            ));
+        }
+    }
     let mut judged = gram::eval::read_judgements(&args.judgements)?;
+    if judged.num_grades() == 0 {
+        return Err(format!(
+            "{}: no grades (every query's judgements are empty): nothing to evaluate",
+            args.judgements.display()
+        ));
+    }
     let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();
     let dropped = judged.retain_products(&gram::eval::index_product_ids(engine.index()));
@@ -696,15 +735,6 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         AnyEngine::Cuda(e) => gram::eval::evaluate(e, &judged.queries, &opts),
     }
     .map_err(|e| e.to_string())?;
-    if let Some(path) = &args.per_query {
-        let mut text = String::new();
-        for r in &results {
-            text += &serde_json::to_string(r).map_err(|e| e.to_string())?;
-            text.push('\n');
-        }
-        gram::container::write_atomic(path, text.as_bytes())
-            .map_err(|e| format!("--per-query {}: {e}", path.display()))?;
-    }
     let mut out = json!({
         "index": args.index,
         "judgements": args.judgements,
@@ -719,6 +749,24 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         o.extend(r.clone());
     }
     out!("{out}");
+    if let Some(path) = &args.per_query {
+        let mut text = String::new();
+        for r in &results {
+            text += &serde_json::to_string(r).map_err(|e| e.to_string())?;
+            text.push('\n');
+        }
+        gram::container::write_atomic(path, text.as_bytes())
+            .map_err(|e| format!("--per-query {}: {e}", path.display()))?;
+    }
+    // Every query refused: the report's zeros measure nothing.
+    if let Some(first) = results.iter().find_map(|r| r.error.as_ref()) {
+        if results.iter().all(|r| r.error.is_some()) {
+            return Err(format!(
+                "the engine refused every query ({}; the first: {first})",
+                results.len()
+            ));
+        }
+    }
     Ok(())
 }
 

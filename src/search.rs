@@ -309,6 +309,24 @@ impl Parts {
 
     fn with_model<B: Backend>(self, model: Model<B>) -> Result<Engine<B>> {
         self.tokenizer.check_fits(model.config.vocab_size)?;
+        // A query template so long that not even a one-token query leaves room for the
+        // index's longest code: every query would be refused, each blamed on the query.
+        let shortest = self
+            .tokenizer
+            .encode(&self.settings.query_prompt("a"))?
+            .len();
+        let longest_code = self.index.trie().max_len();
+        if shortest + longest_code > model.max_positions() {
+            return Err(Error::Config {
+                path: self.model_dir.join("gram.json"),
+                msg: format!(
+                    "query_template takes {shortest} tokens with a one-token query; with the \
+                     index's longest code ({longest_code} tokens) no query fits the model's {} \
+                     positions",
+                    model.max_positions()
+                ),
+            });
+        }
         Ok(Engine {
             index: self.index,
             model,

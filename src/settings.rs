@@ -73,40 +73,67 @@ impl Default for Settings {
 pub const MAX_WEIGHT: f32 = 1e6;
 
 impl Settings {
-    /// `dir/gram.json`, or the defaults when there is none.
+    /// `dir/gram.json`, or the defaults when there is none (no file and no link: a link to a
+    /// missing file, or a file that cannot be read, is an error naming it).
     pub fn load(dir: &Path) -> Result<Settings> {
         let path = dir.join("gram.json");
-        if !path.exists() {
-            return Ok(Settings::default());
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::symlink_metadata(&path).is_err() =>
+            {
+                return Ok(Settings::default())
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         let bad = |msg: String| Error::Config {
             path: path.clone(),
             msg,
         };
+        // A byte-order mark (as Windows editors write) is not JSON; the catalog and judgement
+        // readers skip it too.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         // An object: serde would also build the struct of defaults from `[]`.
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if !value.is_object() {
             return Err(bad(format!("must be a JSON object, not {value}")));
         }
         let s: Settings = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        let ok = s.query_template.contains("{query}")
-            && s.product_template.contains("{title}")
-            && !s.delimiter.is_empty()
-            && [
-                s.weights.coarse,
-                s.weights.medium,
-                s.weights.fine,
-                s.code_logprob.weight,
-            ]
-            .iter()
-            .all(|w| w.is_finite() && w.abs() <= MAX_WEIGHT);
-        if !ok || s.aggregate().is_none() {
+        if !s.query_template.contains("{query}") {
             return Err(bad(format!(
-                "templates need {{query}} / {{title}}, the delimiter text, weights finite and \
-                 within ±{MAX_WEIGHT:e} (code_logprob's too: larger ones overflow a score to \
-                 inf), aggregation sum or max"
+                "query_template {:?} has no {{query}}",
+                s.query_template
+            )));
+        }
+        if !s.product_template.contains("{title}") {
+            return Err(bad(format!(
+                "product_template {:?} has no {{title}}",
+                s.product_template
+            )));
+        }
+        if s.delimiter.is_empty() {
+            return Err(bad("delimiter is empty".into()));
+        }
+        let weights = [
+            ("weights.coarse", s.weights.coarse),
+            ("weights.medium", s.weights.medium),
+            ("weights.fine", s.weights.fine),
+            ("code_logprob.weight", s.code_logprob.weight),
+        ];
+        for (name, w) in weights {
+            if !(w.is_finite() && w.abs() <= MAX_WEIGHT) {
+                return Err(bad(format!(
+                    "{name} {w} must be finite and within ±{MAX_WEIGHT:e} (larger ones \
+                     overflow a score to inf)"
+                )));
+            }
+        }
+        if s.aggregate().is_none() {
+            return Err(bad(format!(
+                "aggregation {:?}: expected \"sum\" or \"max\"",
+                s.aggregation
             )));
         }
         Ok(s)
@@ -175,20 +202,40 @@ mod tests {
         let s = write(r#"{"code_logprob":{"weight":0.5,"per_token":true}}"#).unwrap();
         assert_eq!(s.code_prior(&[-1.0, -2.0]), -0.75);
         assert_eq!((s.weight(1), s.aggregate()), (-1.0, Some(Aggregate::Max)));
-        for bad in [
-            r#"{"code_logprob":{"weight":1e40}}"#,
-            r#"{"code_logprob":{"alpha":1}}"#,
-            r#"{"aggregation":"mean"}"#,
-            r#"{"query_template":"no placeholder"}"#,
-            r#"{"unknown_key":1}"#,
-            r#"{"weights":{"coarse":3e38,"medium":1,"fine":1}}"#,
-            r#"{"code_logprob":{"weight":-2e6}}"#,
-            "[]",
-            "null",
-            "not json",
+        // Each refusal names the file and what is wrong in it.
+        for (bad, says) in [
+            (r#"{"code_logprob":{"weight":1e40}}"#, "code_logprob.weight"),
+            (r#"{"code_logprob":{"alpha":1}}"#, "alpha"),
+            (r#"{"aggregation":"MAX"}"#, "aggregation \"MAX\""),
+            (r#"{"query_template":"no placeholder"}"#, "query_template"),
+            (
+                r#"{"product_template":"no placeholder"}"#,
+                "product_template",
+            ),
+            (r#"{"delimiter":""}"#, "delimiter is empty"),
+            (r#"{"unknown_key":1}"#, "unknown_key"),
+            (
+                r#"{"weights":{"coarse":3e38,"medium":1,"fine":1}}"#,
+                "weights.coarse",
+            ),
+            (r#"{"code_logprob":{"weight":-2e6}}"#, "code_logprob.weight"),
+            ("[]", "JSON object"),
+            ("null", "JSON object"),
+            ("not json", "expected"),
         ] {
             let e = write(bad).err().unwrap().to_string();
-            assert!(e.contains("gram.json"), "{bad}: {e}");
+            assert!(e.contains("gram.json") && e.contains(says), "{bad}: {e}");
+        }
+        // A byte-order mark is skipped.
+        let s = write("\u{feff}{\"aggregation\":\"sum\"}").unwrap();
+        assert_eq!(s.aggregate(), Some(Aggregate::Sum));
+        // A link to a missing file is an error, not the defaults.
+        std::fs::remove_file(dir.join("gram.json")).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(dir.join("gone.json"), dir.join("gram.json")).unwrap();
+            let e = Settings::load(&dir).err().unwrap().to_string();
+            assert!(e.contains("gram.json"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -198,6 +198,80 @@ fn eval_refuses_an_out_of_range_beam() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `gram eval` refuses before the run what would make its report measure nothing: a batch
+/// past the bound, a `--per-query` file in a missing directory (it used to fail after the
+/// whole run, the report lost), judgements without a grade, a query template that leaves no
+/// query room for the index's codes (every query was refused, each blamed on the query, and
+/// the zeros exited 0).
+#[test]
+fn eval_refuses_what_would_measure_nothing() {
+    let dir = fresh_dir("catalog-evalnothing");
+    let model = dir.join("m");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(model_dir("tiny-llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let lines: Vec<String> = [("p0", "oak sofa", "sofa"), ("p1", "oak lamp", "lamp")]
+        .into_iter()
+        .map(|(id, title, code)| {
+            serde_json::json!({"id": id, "title": title, "codes": [code]}).to_string()
+        })
+        .collect();
+    let ix = build_index_with(&dir.join("b"), &model, &lines);
+    let j = dir.join("j.jsonl");
+    std::fs::write(&j, "{\"query\": \"sofa\", \"grades\": {\"p0\": 3}}\n").unwrap();
+    let none = dir.join("none.jsonl");
+    std::fs::write(&none, "{\"query\": \"sofa\", \"grades\": {}}\n").unwrap();
+    let eval = |judgements: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--index",
+            ix.to_str().unwrap(),
+            "--judgements",
+            judgements.to_str().unwrap(),
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let out = gram(&args);
+        assert!(!out.status.success(), "{extra:?} exited 0");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = eval(&j, &["--batch", "257"]);
+    assert!(e.contains("--batch 257"), "{e}");
+    let missing = dir.join("no-such-dir/per-query.jsonl");
+    let e = eval(&j, &["--per-query", missing.to_str().unwrap()]);
+    assert!(
+        e.contains("--per-query") && e.contains("not a directory"),
+        "{e}"
+    );
+    let e = eval(&none, &[]);
+    assert!(e.contains("no grades"), "{e}");
+    // Every query refused (each over the token limit): the report prints, the run fails.
+    let long_query = dir.join("long.jsonl");
+    let q = "sofa ".repeat(100);
+    std::fs::write(
+        &long_query,
+        serde_json::json!({"query": q, "grades": {"p0": 3}}).to_string(),
+    )
+    .unwrap();
+    let e = eval(&long_query, &[]);
+    assert!(e.contains("refused every query"), "{e}");
+    let long = format!("{}{{query}}", "z ".repeat(1100));
+    std::fs::write(
+        model.join("gram.json"),
+        serde_json::json!({ "query_template": long }).to_string(),
+    )
+    .unwrap();
+    let e = eval(&j, &[]);
+    assert!(
+        e.contains("gram.json") && e.contains("no query fits"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Repeated JSONL judgement lines merge and grades truncate, as `tools/train/metrics.py` reads
 /// them: the same nDCG@10 as Python's (0.8428282648809379 for this file and ranking b, a, c).
 #[test]
@@ -403,6 +477,12 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     let (v, stderr) = built(&run("skip"));
     assert_eq!(v["report"]["skipped_products"], 2, "{v}");
     assert_eq!(v["report"]["products"], 3, "{v}");
+    // One-word codes: a delimiter that none holds is worth a word (a catalog written with
+    // another delimiter would score every code as coarse).
+    assert!(
+        stderr.contains("none of the 3 codes contains the delimiter"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("2 products do not fit the model")
             && stderr.contains("catalog line 2 (product \"p1\"): code")
@@ -533,6 +613,13 @@ fn codes_that_tokenize_alike_share_one_posting_list() {
     for mode in ["stop", "skip"] {
         let (v, stderr) = built(&run("mixed.jsonl", mode, mode));
         assert_eq!(v["report"]["merged_codes"], 1, "{v}");
+        let g = &v["report"]["granularity"];
+        assert_eq!(
+            (&g["single"], &g["coarse"], &g["medium"], &g["fine"]),
+            (&1.into(), &3.into(), &0.into(), &0.into()),
+            "{v}"
+        );
+        assert!(!stderr.contains("contains the delimiter"), "{stderr}");
         assert_eq!(v["report"]["codes"], reference["report"]["codes"], "{v}");
         assert_eq!(
             v["report"]["postings"], reference["report"]["postings"],
