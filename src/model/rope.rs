@@ -35,3 +35,39 @@ impl RopeTable {
         self.cos.len() / self.half.max(1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables equal transformers' (`tools/rope_golden.py`: `LlamaRotaryEmbedding`, f32)
+    /// to an f32 rounding at positions up to 32,767, where an angle computed in f64 instead of
+    /// HF's f32 product is off by up to ~2e-3 rad: the logits goldens' prompts (≤ 62 tokens)
+    /// cannot tell the two apart.
+    #[test]
+    fn tables_match_transformers_far_out() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/rope.json");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for case in golden["cases"].as_array().unwrap() {
+            let head_dim = case["head_dim"].as_u64().unwrap() as usize;
+            let theta = case["theta"].as_f64().unwrap() as f32;
+            let table = RopeTable::new(head_dim, theta, 32768);
+            let half = head_dim / 2;
+            let positions = case["positions"].as_array().unwrap();
+            for (k, pos) in positions.iter().enumerate() {
+                let pos = pos.as_u64().unwrap() as usize;
+                for (name, ours) in [("cos", &table.cos), ("sin", &table.sin)] {
+                    let want = case[name][k].as_array().unwrap();
+                    for i in 0..half {
+                        let (got, want) = (ours[pos * half + i], want[i].as_f64().unwrap() as f32);
+                        assert!(
+                            (got - want).abs() <= 2e-7,
+                            "head_dim {head_dim} theta {theta} pos {pos} {name}[{i}]: {got} against {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
