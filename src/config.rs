@@ -399,6 +399,10 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![2]);
         assert_eq!(c.rope_theta, 100000.0);
         assert!(c.tie_word_embeddings && !c.qkv_bias && !c.qk_norm);
+        // The file's eps, not the default (every fixture model has the default's 1e-6).
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        let without = LLAMA.replace(r#""rms_norm_eps":1e-5,"#, "");
+        assert_eq!(ModelConfig::from_json(&without).unwrap().rms_norm_eps, 1e-6);
     }
 
     #[test]

@@ -60,6 +60,44 @@ fn logits_and_greedy_match_transformers() {
 
 /// Many sequences in one call (a mixed prefill batch, then one decode row per sequence) give
 /// the same logits as each sequence alone: rows never see another slot's KV.
+/// The config's `rms_norm_eps` reaches every norm of the forward pass: every fixture model has
+/// the default's 1e-6, so a forward that used its own constant would match every golden. With
+/// eps 0.5 the logits move, and back at 1e-6 written out they are the default's bits.
+#[test]
+fn the_configs_rms_norm_eps_reaches_the_forward_pass() {
+    let src = model_dir("tiny-qwen3");
+    let tok = Tokenizer::from_file(&src.join("tokenizer.json")).unwrap();
+    let ids = tok.encode("green velvet sofa").unwrap();
+    let logits = |dir: &std::path::Path| {
+        let model = Model::load(dir, &LoadOptions::default()).unwrap();
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        model
+            .forward(&mut cache, &ids, &vec![0; ids.len()], &[ids.len() - 1])
+            .unwrap()
+    };
+    let base = logits(&src);
+    let dir = std::env::temp_dir().join(format!("gram-eps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for (eps, moved) in [(0.5, true), (1e-6, false)] {
+        config["rms_norm_eps"] = eps.into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let other = logits(&dir);
+        let diff = base
+            .iter()
+            .zip(&other)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(diff > 1e-3, moved, "eps {eps}: largest logit change {diff}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn batched_rows_equal_single_rows() {
     for name in MODELS {

@@ -841,9 +841,16 @@ fn advance(trie: &Trie, s: &mut State, parents: &[Beam], cands: Vec<Candidate>) 
     if let Some(best) = s.beams.first() {
         if s.finished.len() == b {
             let worst = s.finished.last().expect("full").score;
-            s.open &= best.score / penalty > worst;
+            s.open &= may_improve(best.score, penalty, worst);
         }
     }
+}
+
+/// Whether a running beam of `score` (its length's `penalty` dividing it) can still beat the
+/// worst finished score: HF's `BeamHypotheses.is_done` is `worst_score >= highest attainable`,
+/// so a tie is done.
+fn may_improve(score: f32, penalty: f32, worst: f32) -> bool {
+    score / penalty > worst
 }
 
 /// The query's result, best first. Constrained: the finished slots that end in EOS (all codes
@@ -892,7 +899,16 @@ fn finish(trie: &Trie, s: State) -> Output {
 
 #[cfg(test)]
 mod tests {
-    use super::{length_factor, BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+    use super::{length_factor, may_improve, BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+
+    /// HF stops on a tie (`worst_score >= highest attainable`): equal is not an improvement.
+    #[test]
+    fn a_tie_with_the_worst_finished_score_stops() {
+        assert!(!may_improve(-2.0, 2.0, -1.0));
+        assert!(may_improve(-1.9, 2.0, -1.0));
+        assert!(!may_improve(-2.1, 2.0, -1.0));
+        assert!(!may_improve(-1.0, 1.0, -1.0));
+    }
 
     /// Python's `n ** 0.6` rounded to f32 (`struct.pack('f', n ** 0.6)`): 3, 7 and 100 are
     /// lengths where rounding the penalty to f32 first gave the next f32 up.

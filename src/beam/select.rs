@@ -164,6 +164,18 @@ mod tests {
         }
     }
 
+    /// Equal scores: the lower beam first, then the lower token (the dense-mask twin shares
+    /// `better`, so only fixed cases pin the order down).
+    #[test]
+    fn ties_go_to_the_lower_beam_then_the_lower_token() {
+        let c = candidates(&[0.0, 0.0], &[vec![(7, -1.0)], vec![(3, -1.0)]]);
+        let top = top_k(c, 1);
+        assert_eq!((top[0].beam, top[0].token), (0, 7));
+        let c = candidates(&[0.0], &[vec![(9, -1.0), (4, -1.0), (6, -2.0)]]);
+        let order: Vec<u32> = top_k(c, 3).iter().map(|c| c.token).collect();
+        assert_eq!(order, [4, 9, 6]);
+    }
+
     #[test]
     fn nan_logprobs_are_no_candidates() {
         let c = candidates(&[0.0], &[vec![(3, -1.0), (4, f32::NAN), (5, -2.0)]]);
