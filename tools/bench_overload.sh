@@ -21,6 +21,8 @@ secs=${3:-60}
 out=${4:-bench-out/overload}
 index=${GRAM_DEFAULT_INDEX:-target/default-index}
 gram=target/release/gram
+# GRAM_SERVER_BIN: another build's server to compare (with an index of its format: GRAM_DEFAULT_INDEX)
+server=${GRAM_SERVER_BIN:-$gram}
 [ -f "$index/index.gram" ] || { echo "error: no index in $index: run tools/serve_default.sh once" >&2; exit 1; }
 cargo build --release --bin gram
 mkdir -p "$out"
@@ -33,7 +35,7 @@ run() { # run NAME BENCH_FLAGS...
     echo "error: port 8080 is taken (another server?)" >&2
     exit 1
   fi
-  "$gram" serve --index "$index" 2>"$out/$name.log" &
+  "$server" serve --index "$index" 2>"$out/$name.log" &
   pid=$!
   for _ in $(seq 240); do
     curl -sf localhost:8080/ready >/dev/null 2>&1 && break
