@@ -76,14 +76,12 @@ impl Granularity {
     pub fn of<'a>(texts: impl IntoIterator<Item = &'a String>, delimiter: &str) -> Granularity {
         let mut g = Granularity::default();
         for t in texts {
-            match t.split(delimiter).count() {
-                0..=1 => {
-                    g.single += 1;
-                    g.coarse += 1
-                }
-                2 => g.coarse += 1,
-                3 => g.medium += 1,
-                _ => g.fine += 1,
+            let parts = t.split(delimiter).count();
+            g.single += (parts <= 1) as usize;
+            match crate::settings::Grain::of(parts) {
+                crate::settings::Grain::Coarse => g.coarse += 1,
+                crate::settings::Grain::Medium => g.medium += 1,
+                crate::settings::Grain::Fine => g.fine += 1,
             }
         }
         g

@@ -166,10 +166,29 @@ impl Settings {
 
     /// The weight of a code with `granularity` attributes.
     pub fn weight(&self, granularity: usize) -> f32 {
+        match Grain::of(granularity) {
+            Grain::Coarse => self.weights.coarse,
+            Grain::Medium => self.weights.medium,
+            Grain::Fine => self.weights.fine,
+        }
+    }
+}
+
+/// A code's granularity class, which picks its weight: coarse (1–2 attributes), medium (3),
+/// fine (4 or more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    Coarse,
+    Medium,
+    Fine,
+}
+
+impl Grain {
+    pub fn of(granularity: usize) -> Grain {
         match granularity {
-            0..=2 => self.weights.coarse,
-            3 => self.weights.medium,
-            _ => self.weights.fine,
+            0..=2 => Grain::Coarse,
+            3 => Grain::Medium,
+            _ => Grain::Fine,
         }
     }
 }

@@ -140,10 +140,7 @@ impl CodeSet {
                             bad.push((i, "is an empty code".to_string()));
                             continue;
                         }
-                        return Err(Error::Input(format!(
-                            "line {} is an empty code",
-                            name(i, text)
-                        )));
+                        return Err(Error::Input(format!("{} is an empty code", name(i, text))));
                     }
                     let start = tokens.len();
                     let encoded = if use_memo {
