@@ -173,7 +173,8 @@ const FINGERPRINT_BLOCK: u64 = 4096;
 /// What identifies a model to its indexes: a checksum of its config and tokenizer, and of each
 /// weight file's name, size, head (its tensor table) and 64 blocks of 4 KiB spread over it —
 /// so a model retrained in the same shape is another model, at the cost of a few reads, not
-/// of hashing gigabytes (not its directory: a copied model still serves).
+/// of hashing gigabytes (not its directory: a copied model, or a directory of links to its
+/// files, still serves).
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut bytes = Vec::new();
     for f in ["config.json", "tokenizer.json"] {
@@ -186,7 +187,10 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let weight = name.ends_with(".safetensors") || name.ends_with(".gguf");
-            Some((name, e.metadata().ok()?.len())).filter(|_| weight)
+            // The file's own size, through a symbolic link too (a model directory of links
+            // to the weights is the same model).
+            let meta = std::fs::metadata(e.path()).ok()?;
+            Some((name, meta.len())).filter(|_| weight && meta.is_file())
         })
         .collect();
     weights.sort();

@@ -97,6 +97,19 @@ fn bad_requests_are_clear_errors() {
     }
     Engine::open(&ix, Some(&copy), &Default::default()).unwrap();
     let fingerprint = gram::search::model_fingerprint(&copy).unwrap();
+    // A directory of symbolic links to the model's files is the same model (the sizes are
+    // the files', not the links').
+    #[cfg(unix)]
+    {
+        let links = ix.parent().unwrap().join("model-links");
+        std::fs::create_dir_all(&links).unwrap();
+        for f in std::fs::read_dir(model_dir("tiny-llama")).unwrap() {
+            let f = f.unwrap().path();
+            std::os::unix::fs::symlink(&f, links.join(f.file_name().unwrap())).unwrap();
+        }
+        assert_eq!(gram::search::model_fingerprint(&links).unwrap(), fingerprint);
+        Engine::open(&ix, Some(&links), &Default::default()).unwrap();
+    }
     let weights = copy.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     // A byte of the tensor table, and the first byte after the 64 KiB head (the first sampled
