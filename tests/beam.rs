@@ -284,6 +284,7 @@ fn batched_queries_match_single_ones_and_return_only_codes() {
                 last.options.constrained = false;
             }
             let together = search.run(&f.model, &f.trie, &queries).unwrap();
+            assert_eq!(together.len(), queries.len(), "{name} round {round}");
             for (qi, (q, got)) in queries.iter().zip(&together).enumerate() {
                 let ctx = format!("{name} round {round} query {qi} {:?}", q.options);
                 let alone = beam::search(&f.model, &f.trie, std::slice::from_ref(q)).unwrap();
@@ -492,6 +493,11 @@ fn shared_prefix_gives_the_same_codes() {
             let qs = queries(beam);
             let plain = beam::search(&f.model, &f.trie, &qs).unwrap();
             let shared = with.run(&f.model, &f.trie, &qs).unwrap();
+            assert_eq!(
+                (plain.len(), shared.len()),
+                (qs.len(), qs.len()),
+                "{name} beam {beam}"
+            );
             for (i, (a, b)) in plain.iter().zip(&shared).enumerate() {
                 let ctx = format!("{name} beam {beam} prompt {i}");
                 assert_eq!(
@@ -600,6 +606,12 @@ fn stable_rows_give_the_same_results() {
                 stable_rows >= own,
                 "{name} round {round}: {stable_rows} rows ran, {own} owned"
             );
+            assert_eq!(
+                (stable.len(), held.len()),
+                (queries.len(), queries.len()),
+                "{name} round {round}"
+            );
+            assert_eq!(plain.len(), queries.len(), "{name} round {round}");
             let variants = plain.iter().zip(&stable).chain(plain.iter().zip(&held));
             for (qi, (a, b)) in variants.enumerate() {
                 let ctx = format!("{name} round {round} query {}", qi % plain.len());
@@ -776,6 +788,7 @@ fn unconstrained_search_recognizes_the_codes_it_spells() {
     };
     let trie = Trie::build(&set, vocab, eos).unwrap();
     let again = beam::search(&model, &trie, &queries).unwrap();
+    assert_eq!((first.len(), again.len()), (queries.len(), queries.len()));
     let (mut codes, mut others) = (0, 0);
     for (a, b) in first.iter().zip(&again) {
         // The trie does not steer an unconstrained search: the same sequences come back.

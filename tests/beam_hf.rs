@@ -39,6 +39,7 @@ fn check(fixture: &str, dir: &std::path::Path) {
         })
         .collect();
     let outs = beam::search(&model, &trie, &queries).unwrap();
+    assert_eq!(outs.len(), cases.len(), "{fixture}: one answer per query");
     for (case, out) in cases.iter().zip(&outs) {
         let ctx = format!(
             "{fixture} {:?} beam {}",

@@ -158,6 +158,27 @@ fn beams_that_decode_to_one_text_are_indexed_once() {
             &serde_json::json!({}),
         );
         assert!(report.is_ok(), "eos {eos}: {}", report.err().unwrap());
+        // The case arose: some generated code decodes to U+FFFD (the beams that collided), and
+        // every posting list holds a product at most once.
+        let index = gram::index::Index::open(&dir.join("free.gram")).unwrap();
+        let texts: Vec<String> = (0..index.num_codes() as u32)
+            .map(|c| index.code_text(c).unwrap().into_owned())
+            .collect();
+        assert!(
+            texts.iter().any(|t| t.contains('\u{FFFD}')),
+            "eos {eos}: no code decodes to U+FFFD: {texts:?}"
+        );
+        for c in 0..index.num_codes() as u32 {
+            let n = index.code(c).unwrap().n_tokens as usize;
+            let pq = vec![0.5f32; n];
+            let w = vec![1.0f32; n];
+            let products = index.postings(c, &pq, &w).unwrap().products.to_vec();
+            assert!(
+                products.windows(2).all(|p| p[0] < p[1]),
+                "eos {eos}: code {:?} lists {products:?}",
+                texts[c as usize]
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

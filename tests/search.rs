@@ -107,7 +107,10 @@ fn bad_requests_are_clear_errors() {
             let f = f.unwrap().path();
             std::os::unix::fs::symlink(&f, links.join(f.file_name().unwrap())).unwrap();
         }
-        assert_eq!(gram::search::model_fingerprint(&links).unwrap(), fingerprint);
+        assert_eq!(
+            gram::search::model_fingerprint(&links).unwrap(),
+            fingerprint
+        );
         Engine::open(&ix, Some(&links), &Default::default()).unwrap();
     }
     let weights = copy.join("model.safetensors");
@@ -285,6 +288,7 @@ fn scores_follow_gram_json_against_an_f64_reference() {
     }
     // Coarse (1–2 parts) / medium (3) / fine (4+): the small index has 1-, 2- and 3-part codes.
     let (coarse, medium, fine, alpha) = (-0.3f64, -1.7f64, -0.9f64, 0.25f64);
+    let mut codes_checked = 0;
     for (aggregation, per_token) in [("max", false), ("sum", true)] {
         let settings = serde_json::json!({
             "query_template": "{query}", "product_template": "{title}", "delimiter": " | ",
@@ -351,6 +355,7 @@ fn scores_follow_gram_json_against_an_f64_reference() {
                     got.score
                 );
                 if got.id == pid {
+                    codes_checked += 1;
                     let mut c = codes.clone();
                     c.sort();
                     let mut g: Vec<String> = got.codes.iter().map(|c| c.to_string()).collect();
@@ -358,17 +363,25 @@ fn scores_follow_gram_json_against_an_f64_reference() {
                     assert_eq!(g, c, "{at}: matched codes");
                 }
             }
+            // Every product of the reference's top 5 whose score is clearly above the first
+            // left out (not a near-tie at the cut) is returned.
             let ids: Vec<&str> = r.products.iter().map(|p| p.id.as_str()).collect();
-            let exact = want
-                .iter()
-                .take(5)
-                .filter(|(p, _, _)| ids.contains(&index.product(*p).unwrap().0.as_ref()))
-                .count();
-            assert!(
-                exact >= want.len().min(5) - 1,
-                "{aggregation} {query}: top k {ids:?}"
-            );
+            let cut = want.get(5).map_or(f64::NEG_INFINITY, |w| w.1);
+            for (p, score, _) in want.iter().take(5) {
+                if score - cut > 1e-4 * (1.0 + score.abs()) {
+                    let pid = index.product(*p).unwrap().0;
+                    assert!(
+                        ids.contains(&pid.as_ref()),
+                        "{aggregation} {query}: {pid} ({score}) missing from {ids:?}"
+                    );
+                }
+            }
         }
     }
+    // The matched codes were compared for most of the returned products.
+    assert!(
+        codes_checked >= 20,
+        "{codes_checked} products' codes compared"
+    );
     std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
 }

@@ -37,7 +37,9 @@ fn smollm2_matches_transformers() {
 
         // The top 20, in order, with their log-probabilities.
         let top = lm::top_n(&out.logprobs, 20);
-        for (got, want) in top.iter().zip(case["top"].as_array().unwrap()) {
+        let top_want = case["top"].as_array().unwrap();
+        assert_eq!((top.len(), top_want.len()), (20, 20), "{prompt:?}: top 20");
+        for (got, want) in top.iter().zip(top_want) {
             assert_eq!(
                 got.id,
                 want["id"].as_u64().unwrap() as u32,

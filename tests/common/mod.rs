@@ -40,6 +40,19 @@ pub fn f32s(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// Largest relative error of probabilities, `|g - w| / w` (no floor on the denominator: a
+/// probability of 1e-3 must be right to its own digits, not to 1e-4 absolute).
+pub fn max_prob_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            assert!(w > 0.0 && w.is_finite(), "reference probability {w}");
+            (g as f64 - w as f64).abs() / w as f64
+        })
+        .fold(0.0, f64::max)
+}
+
 /// Largest `|got - want| / max(|want|, 1)` over all elements; panics on a length mismatch.
 /// Infinite where one side is NaN and the other is not (`f64::max` would skip the NaN, so an
 /// all-NaN output scored 0); the same infinity on both sides counts as equal.
