@@ -1187,6 +1187,7 @@ fn graph_replay_matches_eager_launches() {
             gpu_search_setup(&dir, g, &texts, &["laptop bag", "usb hub", "black ink"]);
         model.backend.set_graphs(false);
         let eager = beam::search(&model, &trie, &queries).unwrap();
+        assert_eq!(eager.len(), queries.len());
         model.backend.set_graphs(true);
         let mut search = beam::BeamSearch::new();
         // A shape's pass is planned (captured) at its `capture_after`-th sighting: the rounds
@@ -1198,6 +1199,7 @@ fn graph_replay_matches_eager_launches() {
             if round + 2 == rounds {
                 after_first = model.backend.graph_stats();
             }
+            assert_eq!(graphed.len(), eager.len(), "round {round}");
             for (qi, (e, gr)) in eager.iter().zip(&graphed).enumerate() {
                 assert_eq!(
                     e.codes,
@@ -1407,6 +1409,7 @@ fn device_beam_step_matches_search_logits() {
                         .map(beam::select::logsumexp)
                         .collect();
                     let got = d.row_logsumexp(&d.upload(&bad).unwrap()).unwrap();
+                    assert_eq!(got.len(), want.len());
                     for (r, (a, b)) in got.iter().zip(&want).enumerate() {
                         let same = (a.is_nan() && b.is_nan())
                             || a == b
@@ -1416,6 +1419,7 @@ fn device_beam_step_matches_search_logits() {
                     assert!(want[0].is_nan() && want[1] == f32::INFINITY);
                 }
                 let dev_lse = d.row_logsumexp(&logits).unwrap();
+                assert_eq!(dev_lse.len(), lse.len(), "step {s}");
                 for (r, (a, b)) in dev_lse.iter().zip(&lse).enumerate() {
                     assert!(
                         (a - b).abs() <= 2e-6 * b.abs().max(1.0),
@@ -1482,6 +1486,7 @@ fn device_beam_step_matches_search_logits() {
             }
         }
         let got = d.outputs(&trie).unwrap();
+        assert_eq!(got.len(), want.len(), "one output per query");
         for (q, (g, w)) in got.iter().zip(&want).enumerate() {
             let what = format!(
                 "run {} query {q} {:?}",

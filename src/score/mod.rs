@@ -343,8 +343,8 @@ mod tests {
     }
 
     /// With the default (negative) weights, the product whose probabilities equal the query's
-    /// ranks first; postings past the product table are dropped; NaN query sides score 0 on
-    /// every ISA.
+    /// ranks first; postings past the product table are dropped; a NaN query side counts as
+    /// probability 0 and an infinite weight as 0, alike on every ISA.
     #[test]
     fn closest_product_ranks_first_and_bad_inputs_are_contained() {
         let pq = [0.9f32, 0.5];
@@ -370,9 +370,34 @@ mod tests {
                 vec![1, 2, 0],
                 "{isa:?}"
             );
+            // A NaN query side is probability 0 and a non-finite weight 0 (`Token::new`):
+            // each product's score is then `1 · S_rele(0, Pt0)`, the same bits on every ISA.
             let mut out = vec![0f32; 4];
             score_postings(isa, &[f32::NAN, 0.5], &[1.0, f32::INFINITY], &pt, &mut out);
-            assert!(out.iter().all(|v| v.is_finite()), "{isa:?}: {out:?}");
+            let mut scalar = vec![0f32; 4];
+            score_postings(
+                Isa::Scalar,
+                &[f32::NAN, 0.5],
+                &[1.0, f32::INFINITY],
+                &pt,
+                &mut scalar,
+            );
+            assert_eq!(
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{isa:?}"
+            );
+            for (j, &got) in out.iter().enumerate() {
+                let pt = [
+                    pt[j] as f64 * PT_SCALE as f64,
+                    pt[4 + j] as f64 * PT_SCALE as f64,
+                ];
+                let want = s_rele_f64(&[0.0, 0.5], &pt, &[1.0, 0.0]);
+                assert!(
+                    (got as f64 - want).abs() < 1e-6,
+                    "{isa:?} {j}: {got} vs {want}"
+                );
+            }
         }
     }
 
