@@ -179,6 +179,9 @@ mod tests {
     /// and on the edge cases: zeros, exact ties, an infinity, a NaN, the largest value negative.
     #[test]
     fn quantizers_agree() {
+        if !super::super::has_vnni() {
+            eprintln!("no AVX-512 VNNI: the AVX-512 quantizer is not compared here");
+        }
         let mut bits = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
         let mut next = move || crate::test_rng::signed_unit(bits());
         let mut blocks: Vec<[f32; 32]> = (0..200)
