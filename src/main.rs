@@ -55,10 +55,11 @@ enum Command {
     Serve(gram::server::ServeArgs),
     /// Load-test a `gram serve` server: closed or open loop, latency report and plot.
     Bench(gram::loadgen::BenchArgs),
-    /// Time the query → codes stage (beam search) on fixed token prompts, CPU or GPU.
+    /// Time the query → codes stage (beam search) on fixed prompts, CPU or GPU.
     BenchCodes(gram::codes_bench::BenchCodesArgs),
     /// Retrieval quality on graded judgements through the engine: nDCG@10, Recall@10/100/300,
-    /// relevance rate, judged@10, invalid codes, candidates, latency (one JSON object).
+    /// relevance rate, judged@10, their condensed nDCG@10 and Recall@10/100 (unjudged products
+    /// left out), invalid codes, candidates, latency (one JSON object).
     Eval(EvalArgs),
 }
 
@@ -74,7 +75,8 @@ struct EvalArgs {
     /// Model directory (default: the one that built the index; another one is refused).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Products retrieved per query.
+    /// Products retrieved per query (at least 300: the report's deepest cut-off is
+    /// Recall@300).
     #[arg(long, default_value_t = 300)]
     k: usize,
     /// Beam width: codes generated per query at most.
@@ -220,7 +222,8 @@ struct LmArgs {
     /// How many of the most likely next tokens to print.
     #[arg(long, default_value_t = 10)]
     top: usize,
-    /// Also print the greedy continuation of this many tokens (stops at EOS).
+    /// Also print the greedy continuation of this many tokens (stops at the model's end
+    /// tokens: EOS and those of `generation_config.json`).
     #[arg(long)]
     greedy: Option<usize>,
     #[command(flatten)]

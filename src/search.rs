@@ -255,7 +255,7 @@ impl Parts {
         let index = Index::open(&index_file(index_dir))?;
         // Opening checks the structure only; a flipped payload byte (a posting, a
         // probability, a title) would answer wrong without a word. Reading the whole file
-        // once (~1 GB/s) catches it before the first query; the pages are wanted anyway.
+        // once (XXH3: several GB/s) catches it before the first query; the pages are wanted anyway.
         index.container().verify()?;
         let meta = index.meta();
         let built_by = &meta["model"];

@@ -8,7 +8,8 @@
 #
 # Each run writes OUT_DIR/mb<B>-c<C>/{report.json,latencies.csv,latency.svg}; a summary table
 # goes to stdout and OUT_DIR/summary.md. Loopback only; every run is bounded by its duration.
-# GRAM_BENCH_BATCHES sets the --max-batch values (default "16 4 1").
+# GRAM_BENCH_BATCHES sets the --max-batch values (default "16 4 1"). The server listens on port
+# 18090 (GRAM_BENCH_PORT); the script stops if that port is taken.
 set -euo pipefail
 trap '[ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null || true' EXIT
 here=$(cd "$(dirname "$0")/.." && pwd)
