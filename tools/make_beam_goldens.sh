@@ -29,3 +29,15 @@ $PY tools/beam_oracle.py --model models/smollm2-135m-instruct \
     --prompt "smart coffee table" --prompt "turquoise pillows" \
     --prompt "nespresso vertuo next premium by breville with aeroccino" \
     --case "4,16,1.0,bathroom wastebasket"
+
+# Codes that are prefixes of codes (tests/golden/codes-prefix.txt, written by hand: the ten codes
+# of four families, FIXTURES.md): 28 cases per tiny model, two prompts each.
+prefix_cases=()
+for c in 1,16,1.0 2,16,1.0 4,16,1.0 16,16,1.0 32,16,0.5 10,16,2.0 10,16,0.0 10,16,-1.0 \
+         5,3,1.0 3,4,2.0 8,2,1.0 1,2,1.0 12,5,0.5 7,16,3.0; do
+  prefix_cases+=("--case=$c,red caps" "--case=$c,network gear")
+done
+for m in tiny-llama tiny-qwen2 tiny-qwen3; do
+  $PY tools/beam_oracle.py --model models/$m --codes tests/golden/codes-prefix.txt \
+      --out tests/golden/beam-prefix-$m.json "${prefix_cases[@]}"
+done

@@ -32,5 +32,6 @@ for head_dim, theta in [(64, 100000.0), (64, 1000000.0), (128, 10000.0)]:
         "cos": cos[0, :, :half].tolist(),
         "sin": sin[0, :, :half].tolist(),
     })
-print(json.dumps({"transformers": __import__("transformers").__version__,
+print(json.dumps({"made_by": ".venv/bin/python tools/rope_golden.py > tests/golden/rope.json",
+                  "transformers": __import__("transformers").__version__,
                   "torch": torch.__version__, "cases": cases}))

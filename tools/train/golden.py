@@ -32,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    # One thread, as the other oracles: the f32 sums' order (and so the last bits) does not
+    # depend on the machine's core count.
+    torch.set_num_threads(1)
     model_dir = Path(args.model)
     tok = K.Tok(model_dir / "tokenizer.json")
     model = K.load_model(model_dir).eval()
@@ -55,7 +58,7 @@ def main(argv=None):
             "codes": [{"code": c, "score": s} for c, s in found],
         })
     out = {
-        "made_by": f"python -m tools.train.golden --model {args.model} --limit {args.limit} "
+        "made_by": f".venv/bin/python -m tools.train.golden --model {args.model} --limit {args.limit} "
                    f"--beam {args.beam} --out {args.out}",
         "transformers": transformers.__version__,
         "torch": torch.__version__,
