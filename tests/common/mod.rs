@@ -48,7 +48,13 @@ pub fn max_prob_err(got: &[f32], want: &[f32]) -> f64 {
         .zip(want)
         .map(|(&g, &w)| {
             assert!(w > 0.0 && w.is_finite(), "reference probability {w}");
-            (g as f64 - w as f64).abs() / w as f64
+            let e = (g as f64 - w as f64).abs() / w as f64;
+            // A NaN would vanish in `f64::max`: it is infinitely wrong.
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                e
+            }
         })
         .fold(0.0, f64::max)
 }
