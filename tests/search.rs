@@ -81,6 +81,31 @@ fn bad_requests_are_clear_errors() {
         assert_eq!(e.kind(), "input", "{req:?}");
         assert!(e.to_string().contains(want), "{req:?}: {e}");
     }
+    // The limits are inclusive: a query of exactly the most bytes or tokens allowed is taken,
+    // one more is refused.
+    let query = "green velvet sofa oak";
+    let tok = gram::Tokenizer::from_file(&model_dir("tiny-llama").join("tokenizer.json")).unwrap();
+    let tokens = tok.encode_plain(query).unwrap().len();
+    for (bytes, toks, ok) in [
+        (query.len(), 1000, true),
+        (query.len() - 1, 1000, false),
+        (1024, tokens, true),
+        (1024, tokens - 1, false),
+    ] {
+        let limits = gram::search::Limits {
+            max_query_bytes: bytes,
+            max_query_tokens: toks,
+            ..Default::default()
+        };
+        let engine = open(&ix).with_limits(limits);
+        let got = engine.prepare(Request::new(query));
+        assert_eq!(
+            got.is_ok(),
+            ok,
+            "{bytes} bytes, {toks} tokens: {:?}",
+            got.err()
+        );
+    }
     // Another model directory is refused.
     let e = Engine::open(&ix, Some(&model_dir("tiny-qwen2")), &Default::default())
         .err()

@@ -733,6 +733,9 @@ mod tests {
             (500.0, 900.0, 990.0, 999.0, 1000.0)
         );
         assert_eq!(Percentiles::of(&[7.0]).p999, 7.0);
+        // Where q·n is not whole the rank rounds up (1.5 → the 2nd), never down.
+        let p = Percentiles::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((p.p50, p.p90), (2.0, 3.0));
     }
 
     #[test]
