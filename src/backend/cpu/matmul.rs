@@ -116,13 +116,13 @@ fn matmul_with(
     act: Activations,
 ) {
     assert!(
-        x.len() >= rows * k,
+        simd::holds(x.len(), rows, k),
         "matmul: x holds {} values, needs {rows}×{k}; this is a bug",
         x.len()
     );
     for j in jobs.iter() {
         assert!(
-            j.w.len() == j.n * k && j.out.len() >= rows * j.n,
+            j.n.checked_mul(k) == Some(j.w.len()) && simd::holds(j.out.len(), rows, j.n),
             "matmul: job shape mismatch; this is a bug"
         );
     }
@@ -527,6 +527,27 @@ mod tests {
                     assert!(int16[0].iter().all(|v| v.is_finite()), "{ctx}");
                 }
             }
+        }
+    }
+
+    /// A row count whose product with `n` wraps around `usize` is refused by the shape checks
+    /// (in release builds the product wrapped to 0 and the store wrote through an empty
+    /// buffer's dangling pointer).
+    #[test]
+    fn a_wrapping_row_count_is_refused() {
+        for isa in Isa::available() {
+            let r = std::panic::catch_unwind(|| {
+                let mut out: Vec<f32> = Vec::new();
+                let mut jobs = [MatJob {
+                    w: View::F32(&[]),
+                    panels: None,
+                    bias: None,
+                    n: 2,
+                    out: &mut out,
+                }];
+                matmul(isa, &[], 1 << (usize::BITS - 1), 0, &mut jobs);
+            });
+            assert!(r.is_err(), "{isa:?}: a wrapping shape ran");
         }
     }
 

@@ -169,11 +169,18 @@ fn check_pairs(isa: Isa, w: View, x: &Rows, len: usize) {
     }
 }
 
+/// Whether a slice of `len` elements holds `a × b` of them, the product computed without
+/// wrapping: the bounds checks of these safe entry points guard unsafe kernels, and a product
+/// that wrapped (huge shapes, release builds) would pass them.
+pub(crate) fn holds(len: usize, a: usize, b: usize) -> bool {
+    a.checked_mul(b).is_some_and(|n| len >= n)
+}
+
 /// `acc[r] = W[row0 + r] · x` for `r < nr` (`nr <= 4`), `W: [*, k]`.
 pub fn dot_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, x: Rows, acc: &mut [f32; 4]) {
     let isa = isa.runnable();
     assert!(
-        nr <= 4 && x.x.len() >= k && w.len() >= (row0 + nr) * k,
+        nr <= 4 && x.x.len() >= k && row0.checked_add(nr).is_some_and(|r| holds(w.len(), r, k)),
         "dot_rows bounds; this is a bug"
     );
     check_pairs(isa, w, &x, k);
@@ -220,7 +227,10 @@ pub fn tile(
 ) {
     let isa = isa.runnable();
     assert!(
-        nr <= tile_nr(isa) && tr <= TILE_TR && w.len() >= (row0 + nr) * k && x.x.len() >= tr * k,
+        nr <= tile_nr(isa)
+            && tr <= TILE_TR
+            && row0.checked_add(nr).is_some_and(|r| holds(w.len(), r, k))
+            && holds(x.x.len(), tr, k),
         "tile bounds; this is a bug"
     );
     check_pairs(isa, w, &x, tr * k);
@@ -334,8 +344,8 @@ pub fn panel(
     let isa = isa.runnable();
     assert!(
         tr <= panel_tr(p)
-            && p.len() >= k * PANEL
-            && x.len() >= tr * k
+            && holds(p.len(), k, PANEL)
+            && holds(x.len(), tr, k)
             && (!p.is_quantized() || k.is_multiple_of(32)),
         "panel bounds; this is a bug"
     );
@@ -386,10 +396,10 @@ pub fn panel_q4_1_i16(
         matches!(p, View::Q4_1(_))
             && tr <= panel_tr(p)
             && k.is_multiple_of(32)
-            && p.len() >= k * PANEL
-            && x.0.len() >= tr * k
-            && x.1.len() >= tr * nb
-            && x.2.len() >= tr * nb,
+            && holds(p.len(), k, PANEL)
+            && holds(x.0.len(), tr, k)
+            && holds(x.1.len(), tr, nb)
+            && holds(x.2.len(), tr, nb),
         "int16 panel bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]
@@ -422,7 +432,9 @@ pub fn gemv_panels(
     let isa = isa.runnable();
     assert!(
         np <= GEMV_PANELS
-            && p.len() >= np * k * PANEL
+            && np
+                .checked_mul(k)
+                .is_some_and(|nk| holds(p.len(), nk, PANEL))
             && x.len() >= k
             && (!p.is_quantized() || k.is_multiple_of(32)),
         "gemv_panels bounds; this is a bug"
@@ -472,8 +484,10 @@ pub fn attn_scores(
     assert!(
         d > 0
             && q.len() == per * d
-            && scores.len() >= per * n
-            && offs.iter().all(|&o| o + d <= kv.len()),
+            && holds(scores.len(), per, n)
+            && offs
+                .iter()
+                .all(|&o| o.checked_add(d).is_some_and(|e| e <= kv.len())),
         "attn_scores bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]
@@ -508,9 +522,11 @@ pub fn attn_pv(
     let (per, n) = (sums.len(), offs.len());
     assert!(
         d > 0
-            && p.len() >= per * n
-            && out.len() == per * d
-            && offs.iter().all(|&o| o + d <= kv.len()),
+            && holds(p.len(), per, n)
+            && per.checked_mul(d) == Some(out.len())
+            && offs
+                .iter()
+                .all(|&o| o.checked_add(d).is_some_and(|e| e <= kv.len())),
         "attn_pv bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]

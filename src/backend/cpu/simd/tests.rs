@@ -658,3 +658,45 @@ fn int16_panel_matches_its_twin_and_the_quantization_bound() {
         }
     }
 }
+
+/// Shapes whose bounds products wrap around `usize` are refused by the safe entry points'
+/// checks (a panic), never passed to the unsafe kernels (which read before the slices or
+/// wrote through a dangling pointer in release builds, where the product wrapped to 0).
+#[test]
+fn wrapping_shapes_are_refused_not_run() {
+    let refused = |what: &str, f: &mut dyn FnMut()| {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        assert!(r.is_err(), "{what}: a wrapping shape ran");
+    };
+    let w = rand(64, 1);
+    let x = rand(8, 2);
+    for isa in Isa::available() {
+        refused("dot_rows", &mut || {
+            let mut acc = [0f32; 4];
+            dot_rows(
+                isa,
+                View::F32(&w),
+                (1 << 61) - 1,
+                1,
+                8,
+                Rows::plain(&x),
+                &mut acc,
+            );
+        });
+        refused("attn_scores", &mut || {
+            let mut scores = [0f32; 1];
+            attn_scores(isa, &w[..16], &w, &[usize::MAX - 15], 16, 1.0, &mut scores);
+        });
+        refused("panel", &mut || {
+            let mut acc = [[0f32; PANEL]; PANEL_TR];
+            panel(
+                isa,
+                View::F32(&[]),
+                1 << (usize::BITS - 1),
+                &[],
+                2,
+                &mut acc,
+            );
+        });
+    }
+}
