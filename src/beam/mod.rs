@@ -901,6 +901,56 @@ fn finish(trie: &Trie, s: State) -> Output {
 mod tests {
     use super::{length_factor, may_improve, BeamOptions, Normalize, MAX_LENGTH_PENALTY};
 
+    /// HF keeps the best 2B candidates of a step, so that B may finish with EOS and B still
+    /// run: beam 2, both best candidates EOS, and both beams' children run on.
+    #[test]
+    fn a_step_keeps_twice_the_beam_of_candidates() {
+        use super::{advance, Beam, Query, State};
+        use crate::beam::select::Candidate;
+        use crate::trie::{CodeSet, Trie};
+        let set = CodeSet {
+            texts: ["a", "ab", "c", "cd"].map(String::from).to_vec(),
+            tokens: vec![1, 1, 2, 3, 3, 4],
+            offsets: vec![0, 1, 3, 4, 6],
+        };
+        let (vocab, eos) = (10, 9);
+        let trie = Trie::build(&set, vocab, eos).unwrap();
+        let options = BeamOptions {
+            beam: 2,
+            ..Default::default()
+        };
+        let query = Query {
+            prompt: vec![5],
+            options,
+        };
+        let mut s = State::new(query, 0, 0, 0);
+        let beam = |t: u32| Beam {
+            node: trie.walk(&[t]).unwrap(),
+            score: 0.0,
+            tokens: vec![t],
+            logprobs: vec![0.0],
+            entries: vec![],
+        };
+        let parents = vec![beam(1), beam(3)];
+        s.beams = parents.clone();
+        let c = |beam: u32, token: u32, logprob: f32| Candidate {
+            score: logprob,
+            beam,
+            token,
+            logprob,
+        };
+        let cands = vec![
+            c(0, eos, -0.1),
+            c(0, 2, -3.0),
+            c(1, eos, -0.2),
+            c(1, 4, -2.5),
+        ];
+        advance(&trie, &mut s, &parents, cands);
+        assert_eq!(s.finished.len(), 2, "{:?}", s.finished);
+        let running: Vec<Vec<u32>> = s.beams.iter().map(|b| b.tokens.clone()).collect();
+        assert_eq!(running, [vec![3, 4], vec![1, 2]]);
+    }
+
     /// HF stops on a tie (`worst_score >= highest attainable`): equal is not an improvement.
     #[test]
     fn a_tie_with_the_worst_finished_score_stops() {
