@@ -765,19 +765,17 @@ mod tests {
                 continue;
             };
             passed += 1;
-            {
-                let t = Trie::with_counts(Words::Owned(w), counts);
-                for n in 0..t.num_nodes() as u32 {
-                    let (tokens, _) = t.children(n);
-                    let _ = t.code(n);
-                    for &tok in tokens {
-                        let _ = t.child(n, tok);
-                    }
-                    let _ = t.child(n, 15);
+            let t = Trie::with_counts(Words::Owned(w), counts);
+            for n in 0..t.num_nodes() as u32 {
+                let (tokens, _) = t.children(n);
+                let _ = t.code(n);
+                for &tok in tokens {
+                    let _ = t.child(n, tok);
                 }
-                for i in 0..s.len() {
-                    let _ = t.walk(s.code_tokens(i));
-                }
+                let _ = t.child(n, 15);
+            }
+            for i in 0..s.len() {
+                let _ = t.walk(s.code_tokens(i));
             }
         }
         // Both halves ran: corruptions the check refuses, and ones it passes that are walked.
