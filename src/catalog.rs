@@ -43,6 +43,9 @@ pub struct Report {
     /// Codes merged into another that tokenizes alike (the model cannot tell them apart, so
     /// they share one posting list, under the text more products list).
     pub merged_codes: usize,
+    /// Codes known to the build (the catalog's, the generation list's) that no indexed
+    /// product carries: left out of the index, as a search could only spend a beam on them.
+    pub unused_codes: usize,
     /// The first few of those, as `"text" → "the text kept"`, for a warning.
     #[serde(skip)]
     pub merged_sample: Vec<String>,
@@ -94,9 +97,9 @@ pub const SAMPLE_IDS: usize = 10;
 /// How product codes are generated with the model (besides those the catalog gives).
 #[derive(Debug, Clone)]
 pub struct Generate {
-    /// The code list generation is constrained to (its codes join the index's). Empty:
-    /// unconstrained generation — any token sequence the model ends with EOS, decoded to text,
-    /// becomes a code.
+    /// The code list generation is constrained to (the codes found for some product join the
+    /// index's). Empty: unconstrained generation — any token sequence the model ends with EOS,
+    /// decoded to text, becomes a code.
     pub codes: Vec<String>,
     /// Beam width per product.
     pub beam: usize,
@@ -412,19 +415,15 @@ pub fn build_with<B: Backend>(
         }
         coded.push(ids);
     }
-    // A code that only products left out list (and not the generation list) is not indexed:
-    // a search could spend a beam on it and find nothing.
-    let in_list: std::collections::HashSet<&str> = list
-        .iter()
-        .flat_map(|(l, _)| l.texts.iter().map(String::as_str))
-        .collect();
-    let keep: Vec<bool> = (0..set.len())
-        .map(|c| listed[c] > 0 || in_list.contains(set.texts[c].as_str()))
-        .collect();
+    // A code no indexed product carries (a generation-list code no product was found to
+    // have, or a catalog code of products left out) is not indexed: a search could spend a
+    // beam on it and find nothing.
+    let keep: Vec<bool> = listed.iter().map(|&n| n > 0).collect();
+    let unused_codes = keep.iter().filter(|&&k| !k).count();
     let (set, kept_id) = set.retain(&keep);
     if set.is_empty() {
         return Err(Error::Input(
-            "no codes: the products indexed list none, and no code list was given".into(),
+            "no codes: no product indexed carries a code (the catalog's or a generated one)".into(),
         ));
     }
     let listed: Vec<usize> = (0..keep.len())
@@ -503,6 +502,7 @@ pub fn build_with<B: Backend>(
             .collect(),
         granularity: Granularity::of(&set.texts, &settings.delimiter),
         merged_codes: merged.len(),
+        unused_codes,
         merged_sample: merged
             .iter()
             .take(SAMPLE_IDS)

@@ -695,3 +695,68 @@ fn ids_and_carriers(dir: &std::path::Path, code: &str) -> (Vec<String>, Vec<u32>
     let (pq, w) = (vec![0.5; n], vec![1.0; n]);
     (ids, index.postings(c, &pq, &w).unwrap().products.to_vec())
 }
+
+/// A code of the generation list that no product was found to carry was indexed with an empty
+/// posting list (a search could spend a beam on it and find nothing); now only codes some
+/// indexed product carries are indexed, and the report counts the others.
+#[test]
+fn a_list_code_no_product_carries_is_not_indexed() {
+    let dir = fresh_dir("catalog-unused-list");
+    let model = model_dir("tiny-llama");
+    let cat = dir.join("c.jsonl");
+    let list = dir.join("list.txt");
+    let catalog: String = [("p0", "oak sofa", "sofa"), ("p1", "brass lamp", "lamp")]
+        .iter()
+        .map(|(id, title, code)| {
+            serde_json::json!({"id": id, "title": title, "codes": [code]}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(&cat, catalog).unwrap();
+    std::fs::write(&list, "sofa\nrug\nvelvet chair\nside table\n").unwrap();
+    let build = |out: &str, threshold: &str| {
+        let args = [
+            "--threads",
+            "1",
+            "--codes",
+            list.to_str().unwrap(),
+            "--beam",
+            "4",
+            "--threshold",
+            threshold,
+        ];
+        let (v, _) = built(&index_build(&model, &cat, &dir.join(out), &args));
+        let index = gram::index::Index::open(&dir.join(out).join("index.gram")).unwrap();
+        let mut texts = Vec::new();
+        for c in 0..index.num_codes() as u32 {
+            let n = index.code(c).unwrap().n_tokens as usize;
+            let (pq, w) = (vec![0.5; n], vec![1.0; n]);
+            let carriers = index.postings(c, &pq, &w).unwrap().products.len();
+            let text = index.code_text(c).unwrap().to_string();
+            assert!(carriers > 0, "{text:?} is indexed with no product");
+            texts.push(text);
+        }
+        (v, texts)
+    };
+    // Nothing is generated at probability 1: only the catalog's codes are indexed.
+    let (v, texts) = build("none", "1.0");
+    assert_eq!(texts, ["lamp", "sofa"], "{v}");
+    assert_eq!(v["report"]["codes"], 2, "{v}");
+    assert_eq!(
+        v["report"]["unused_codes"], 3,
+        "rug, velvet chair, side table: {v}"
+    );
+    // Everything the beams find is kept: every indexed code has products, and the list's
+    // codes are either indexed or counted.
+    let (v, texts) = build("all", "0.0");
+    let known = 5;
+    assert_eq!(
+        texts.len() + v["report"]["unused_codes"].as_u64().unwrap() as usize,
+        known,
+        "{v}"
+    );
+    assert!(
+        texts.len() > 2,
+        "four beams a product find list codes: {texts:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
