@@ -394,13 +394,34 @@ fn tile_matches_f64_for_every_shape_and_dtype() {
 /// an f64 reference, for every token count and dtype, on random panels.
 #[test]
 fn panel_is_bit_identical_across_isas_and_matches_f64() {
-    for k in [1, 5, 16, 47, 576] {
+    for k in [1, 5, 16, 47, 64, 576] {
         let wf = rand(PANEL * k, 21 + k as u64);
         let w16: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
         let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
         let x = rand(PANEL_TR * k, 23 + k as u64);
-        for view in [View::F32(&wf), View::F16(&w16), View::BF16(&wb16)] {
-            for tr in 1..=PANEL_TR {
+        let mut views = vec![
+            ("f32", View::F32(&wf)),
+            ("f16", View::F16(&w16)),
+            ("bf16", View::BF16(&wb16)),
+        ];
+        // The ggml block panels (the many-row kernels beam search runs), where `k` is a
+        // multiple of 32, up to their own `panel_tr` rows.
+        let packed: Vec<(&str, crate::tensor::HostTensor)> = if k % 32 == 0 {
+            let (q41, q80) = (
+                blocks(PANEL * k / 32, 20, 25),
+                blocks(PANEL * k / 32, 34, 27),
+            );
+            let pack = |v| crate::backend::cpu::panels::pack(Isa::Scalar, v, PANEL, k);
+            vec![
+                ("q4_1", pack(View::Q4_1(&q41))),
+                ("q8_0", pack(View::Q8_0(&q80))),
+            ]
+        } else {
+            Vec::new()
+        };
+        views.extend(packed.iter().map(|(dt, t)| (*dt, t.view())));
+        for (dt, view) in views {
+            for tr in 1..=panel_tr(view) {
                 let mut want = [[f32::NAN; PANEL]; PANEL_TR];
                 scalar::panel(view, k, &x, tr, &mut want);
                 for t in 0..tr {
@@ -413,7 +434,7 @@ fn panel_is_bit_identical_across_isas_and_matches_f64() {
                     let mut got = [[f32::NAN; PANEL]; PANEL_TR];
                     panel(isa, view, k, &x, tr, &mut got);
                     assert_rows_bits(&got[..tr], &want[..tr], |t, c| {
-                        format!("{isa:?} k={k} tr={tr} ({t},{c})")
+                        format!("{isa:?} {dt} k={k} tr={tr} ({t},{c})")
                     });
                 }
             }
