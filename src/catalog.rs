@@ -2,9 +2,11 @@
 //! → the code → posting index, with every (code, product) pair's product-side token
 //! probabilities `Pt` obtained by teacher forcing the code after the product prompt.
 //!
-//! Product codes come from the catalog (`codes`) and, given a code list, from the model: beam
-//! search over the list's trie from the product template, keeping codes above a probability
-//! threshold (the beams' token log-probabilities are the product-side `Pt` then).
+//! Product codes come from the catalog (`codes`) and, with [`Generate`], from the model: beam
+//! search from the product template over a code list's trie, or unconstrained (any token
+//! sequence the model ends with its EOS), keeping codes above a probability threshold (the
+//! beams' token log-probabilities are the product-side `Pt` then). Codes no indexed product
+//! carries are not indexed.
 
 use std::path::Path;
 use std::time::Instant;
@@ -43,12 +45,12 @@ pub struct Report {
     /// Codes merged into another that tokenizes alike (the model cannot tell them apart, so
     /// they share one posting list, under the text more products list).
     pub merged_codes: usize,
-    /// Codes known to the build (the catalog's, the generation list's) that no indexed
-    /// product carries: left out of the index, as a search could only spend a beam on them.
-    pub unused_codes: usize,
     /// The first few of those, as `"text" → "the text kept"`, for a warning.
     #[serde(skip)]
     pub merged_sample: Vec<String>,
+    /// Codes known to the build (the catalog's, the generation list's) that no indexed
+    /// product carries: left out of the index, as a search could only spend a beam on them.
+    pub unused_codes: usize,
     /// Products left out of the index under `OnError::Skip` because their prompt and codes do
     /// not fit the model's positions, or a catalog code of theirs is one the model cannot emit
     /// (not in `products`).
@@ -79,7 +81,7 @@ impl Granularity {
     pub fn of<'a>(texts: impl IntoIterator<Item = &'a String>, delimiter: &str) -> Granularity {
         let mut g = Granularity::default();
         for t in texts {
-            let parts = t.split(delimiter).count();
+            let parts = crate::settings::granularity(t, delimiter);
             g.single += (parts <= 1) as usize;
             match crate::settings::Grain::of(parts) {
                 crate::settings::Grain::Coarse => g.coarse += 1,
@@ -126,8 +128,9 @@ pub struct BuildOptions<'a> {
     /// they are numbered by position in the list).
     pub code_file: Option<CodeFile>,
     /// What a product that does not fit the model (its prompt plus its longest code, or plus
-    /// the tokens generation may add, past the model's positions) does: stop the build naming
-    /// it, or be left out of the index and counted.
+    /// the tokens generation may add, past the model's positions), or that lists a catalog code
+    /// the model cannot emit, does: stop the build naming it, or be left out of the index and
+    /// counted.
     pub on_error: OnError,
 }
 
@@ -188,6 +191,20 @@ pub fn build_with<B: Backend>(
         .first()
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
     let generate = options.generate;
+    if let Some(g) = generate {
+        crate::beam::check_width(g.beam)?;
+        if g.batch == 0 {
+            return Err(Error::Input(
+                "generation needs a batch of at least 1 product".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&g.threshold) {
+            return Err(Error::Input(format!(
+                "generation threshold {} is out of range (0..=1)",
+                g.threshold
+            )));
+        }
+    }
     let unconstrained = generate.is_some_and(|g| g.codes.is_empty());
     // Errors name a code by where it came from: the list's by its file's line, the others (the
     // catalog's and the list's, sorted into one set) by the first product that lists it, else
@@ -208,13 +225,6 @@ pub fn build_with<B: Backend>(
         }
         _ => None,
     };
-    if let Some(g) = generate {
-        if g.beam == 0 || g.batch == 0 || !(0.0..=1.0).contains(&g.threshold) {
-            return Err(Error::Input(
-                "generation needs beam ≥ 1, batch ≥ 1 and a threshold in 0..=1".into(),
-            ));
-        }
-    }
     texts.sort_unstable();
     texts.dedup();
     if texts.is_empty() && !unconstrained {
@@ -737,17 +747,23 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
             let longest = codes.iter().map(|c| c.len()).max().unwrap_or(1);
             if prompt.is_empty() || prompt.len() + longest - 1 > positions {
                 return Err(Error::Input(format!(
-                    "product {:?}: its prompt has {} tokens and its longest code {longest}, \
-                     the model has {positions} positions",
-                    items[pi].id,
+                    "{}: its prompt has {} tokens and its longest code {longest}, the model has \
+                     {positions} positions",
+                    items[pi].name(),
                     prompt.len()
                 )));
             }
             jobs.push((prompt, codes));
             end += group;
         }
+        // Each product was checked above: an error of the pass is the pass's, named by the
+        // products it held.
         let pts = teacher_force_many(ctx.model, &mut arena, &jobs).map_err(|e| match e {
-            Error::Input(m) => Error::Input(format!("product {:?}: {m}", items[force[at].0].id)),
+            Error::Input(m) => Error::Input(format!(
+                "teacher forcing the codes of {} to {}: {m}",
+                items[force[at].0].name(),
+                items[force[end - 1].0].name()
+            )),
             e => e,
         })?;
         for (f, pt) in force[at..end].iter().zip(pts.into_iter().flatten()) {

@@ -103,15 +103,8 @@ pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     match gpu {
         Some(gpu) => {
             gpu.set_graphs(!args.eager);
-            let model = Model::load_on(
-                gpu,
-                &args.model,
-                &LoadOptions {
-                    dtype: Some(DType::BF16),
-                    threads: Some(1),
-                },
-            )
-            .map_err(|e| e.to_string())?;
+            let options = crate::search::load_options(true, &LoadOptions::default());
+            let model = Model::load_on(gpu, &args.model, &options).map_err(|e| e.to_string())?;
             bench(&args, &model, Some(&model.backend))
         }
         None => {

@@ -14,7 +14,7 @@
 //! Opening checks the header (magic, version, its checksum), every section's bounds and
 //! alignment, and that no two sections overlap — cheap, so opening a large index costs a map and
 //! a few hundred bytes of reads. Section checksums cover the payload; [`Container::verify`]
-//! checks them all (`gram index inspect` runs it). Readers validate a section's structure when
+//! checks them all (every engine open runs it, and `gram index inspect`). Readers validate a section's structure when
 //! they open it, so corrupt payload can never make a read go out of bounds or panic; payload
 //! bytes corrupted within a valid structure are caught by `verify` only.
 

@@ -41,6 +41,10 @@ pub enum Error {
     /// or overflow. Never a silent empty answer.
     #[error("numeric: {0}")]
     Numeric(String),
+    /// Something the engine itself guarantees did not hold: a bug in gram, not the caller's
+    /// input (a 500 from the server, never a 4xx).
+    #[error("internal error (a bug in gram): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -56,6 +60,7 @@ impl Error {
             Error::Input(_) => "input",
             Error::Device(_) => "device",
             Error::Numeric(_) => "numeric",
+            Error::Internal(_) => "internal",
         }
     }
 

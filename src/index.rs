@@ -8,8 +8,9 @@
 //! texts; and a JSON metadata blob (which model built the index). Opening checks the trie's
 //! structure and the sections' shapes, not the 12 million records of a paper-scale index:
 //! each record is bounds-checked where it is read (a bad one reads as missing), and a product
-//! id inside a posting list where it is used. Checksums are verified on demand (`scan`,
-//! `Container::verify`).
+//! id inside a posting list where it is used. The section checksums are verified by
+//! `Container::verify`, which every engine open runs (`search::Engine::open`) and `gram index
+//! inspect` too; [`Index::scan`] reads every record (`inspect --deep`).
 
 use std::path::Path;
 
@@ -30,6 +31,22 @@ pub mod kind {
     pub const PRODUCTS: u32 = 6;
     pub const PRODUCT_TEXT: u32 = 7;
     pub const META: u32 = 8;
+
+    /// A section kind as errors name it: `the postings section (kind 4)`.
+    pub fn name(kind: u32) -> String {
+        let what = match kind {
+            TRIE => "trie",
+            CODES => "code records",
+            CODE_TEXT => "code texts",
+            POSTINGS => "postings",
+            PT => "product probabilities",
+            PRODUCTS => "product records",
+            PRODUCT_TEXT => "product texts",
+            META => "metadata",
+            _ => return format!("section kind {kind}"),
+        };
+        format!("the {what} section (kind {kind})")
+    }
 }
 
 /// One code's record (40 bytes).
@@ -210,7 +227,8 @@ pub fn write_columns(
             text_len: text.len() as u32,
             post_len: list.len() as u32,
             n_tokens: tokens as u16,
-            granularity: set.texts[i].split(delimiter).count().min(u16::MAX as usize) as u16,
+            granularity: crate::settings::granularity(&set.texts[i], delimiter)
+                .min(u16::MAX as usize) as u16,
             reserved: 0,
         });
         code_text.extend_from_slice(text);
@@ -304,23 +322,24 @@ impl Index {
     }
 
     fn records<T: Pod>(&self, kind: u32) -> std::result::Result<&[T], String> {
+        let section = kind::name(kind);
         let bytes = self
             .file
             .section(kind)
             .map(|(_, b)| b)
-            .ok_or_else(|| format!("section {kind} is missing"))?;
+            .ok_or_else(|| format!("{section} is missing"))?;
         bytemuck::try_cast_slice(bytes).map_err(|e| {
             let size = std::mem::size_of::<T>();
             match e {
                 bytemuck::PodCastError::OutputSliceWouldHaveSlop => format!(
-                    "section {kind}: {} bytes is not a whole number of {size}-byte records",
+                    "{section}: {} bytes is not a whole number of {size}-byte records",
                     bytes.len()
                 ),
                 bytemuck::PodCastError::TargetAlignmentGreaterAndInputNotAligned => format!(
-                    "section {kind} is not {}-byte aligned",
+                    "{section} is not {}-byte aligned",
                     std::mem::align_of::<T>()
                 ),
-                e => format!("section {kind}: {e}"),
+                e => format!("{section}: {e}"),
             }
         })
     }
@@ -565,7 +584,9 @@ pub struct Scan {
     pub longest_list: usize,
     /// Postings naming a product past the product table (ignored by search).
     pub stray_postings: usize,
-    /// Code or product records pointing outside their sections (read as missing).
+    /// Code or product records pointing outside their sections (read as missing), code
+    /// records whose `n_tokens` is not the depth of their trie node (never scored), and trie
+    /// nodes naming a code past the code table.
     pub bad_records: usize,
     /// Posting lists not strictly ascending.
     pub unsorted_lists: usize,

@@ -1,15 +1,19 @@
 //! gram: a native engine for GRAM generative retrieval (JD.com, arXiv 2504.01403).
 //!
 //! The retrieval path is text → tokens → codes → postings → scores → results. This crate holds
-//! its engine core so far: a decoder (HF Llama / Qwen2 / Qwen3) that computes what transformers
-//! computes, on a narrow backend interface whose CPU implementation is the reference.
+//! all of it: a decoder (HF Llama / Qwen2 / Qwen3) that computes what transformers computes, on
+//! a narrow backend interface whose CPU implementation is the reference (CUDA beside it),
+//! trie-constrained beam search, the index, GRAM's scoring, the HTTP server, evaluation and a
+//! load generator.
 //!
 //! Modules, in the order data flows through them:
 //! - [`config`]: HF `config.json` → validated [`config::ModelConfig`].
 //! - [`tokenizer`]: `tokenizer.json` → ids, as transformers' `tokenizer(text)`.
 //! - [`tensor`]: host tensors (f32/f16/bf16), memory-mapped or owned.
 //! - [`model`]: checkpoint loading (safetensors, sharded, GGUF), weights, KV cache, forward.
-//! - [`backend`]: the `Backend` trait and the CPU backend (SIMD kernels with scalar twins).
+//! - [`backend`]: the `Backend` trait, the CPU backend (SIMD kernels with scalar twins) and the
+//!   CUDA one (cudarc, loaded at run time, so every build has it; `kernels/` compiled by
+//!   NVRTC on first use).
 //! - [`trie`]: a code list → the compact, mappable trie of valid codes.
 //! - [`beam`]: trie-constrained batched beam search: prompts → codes with log-probabilities.
 //! - [`container`]: the index's on-disk container: typed, aligned, checksummed sections, mapped.
@@ -21,6 +25,7 @@
 //! - [`server`]: `gram serve`: the search over HTTP (axum), continuous batching on one engine
 //!   thread, bounded queue, deadlines, Prometheus metrics.
 //! - [`loadgen`]: `gram bench`: an open- or closed-loop HTTP load generator with latency reports.
+//! - [`codes_bench`]: `gram bench-codes`: query-side code generation timed on a backend.
 //! - [`eval`]: `gram eval`: nDCG, recall and relevance rate of an index on graded judgements.
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.

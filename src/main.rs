@@ -295,6 +295,14 @@ macro_rules! on_model {
     };
 }
 
+/// `--threads`, checked the same way by every command that runs the model.
+fn check_threads(threads: Option<usize>) -> Result<(), String> {
+    match threads {
+        Some(t) if t == 0 || t > 1024 => Err(format!("--threads {t}: expected 1..=1024")),
+        _ => Ok(()),
+    }
+}
+
 /// Loads the model directory's tokenizer and weights on the backend `device` picks, and says
 /// which on stderr (`backend: cpu`, `backend: cuda on <GPU>`).
 fn load(
@@ -308,9 +316,7 @@ fn load(
     }
     // Checked whatever the device: on a GPU the CPU settings are replaced (one host thread,
     // bf16 weights), and a bad value is still the user's mistake to hear about.
-    if let Some(t) = threads.filter(|&t| t == 0 || t > 1024) {
-        return Err(format!("--threads {t}: expected 1..=1024"));
-    }
+    check_threads(threads)?;
     let cpu = LoadOptions {
         dtype: parse_dtype(dtype)?,
         threads,
@@ -411,6 +417,9 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     if !args.model.is_dir() {
         return Err(format!("--model {}: not a directory", args.model.display()));
     }
+    if !(0.0..=1.0).contains(&args.threshold) {
+        return Err(format!("--threshold {}: expected 0..=1", args.threshold));
+    }
     let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
     let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
     let meta = json!({
@@ -422,9 +431,6 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         "catalog": args.catalog,
         "skipped_lines": skipped,
     });
-    if !(0.0..=1.0).contains(&args.threshold) {
-        return Err(format!("--threshold {}: expected 0..=1", args.threshold));
-    }
     let (list, code_file) = match &args.codes {
         Some(path) => {
             let (list, file) = catalog::CodeFile::read(path).map_err(|e| e.to_string())?;
@@ -571,8 +577,8 @@ fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
         }
         out["scan"] = json!(scan);
     }
-    // The report first, then the verdict: a damaged index exits nonzero (searches read it
-    // without checking its payload; this is the command that does).
+    // The report first, then the verdict: a damaged index exits nonzero (an engine refuses
+    // to open it; this command says what is damaged, and with `--deep` reads every record).
     out!("{out}");
     if problems.is_empty() {
         Ok(())
@@ -593,9 +599,7 @@ fn open_engine(
     model: Option<&std::path::Path>,
     k: usize,
 ) -> Result<(AnyEngine, gram::search::BackendInfo), String> {
-    if run.threads == Some(0) {
-        return Err("--threads must be at least 1".into());
-    }
+    check_threads(run.threads)?;
     // The engine's limit on `k` is `--k` itself here, so 0 would read "out of range (1..=1)".
     if k == 0 {
         return Err("--k must be at least 1".into());
@@ -608,7 +612,7 @@ fn open_engine(
         AnyEngine::open(run.device, index, model, &load).map_err(|e| e.to_string())?;
     eprintln!("backend: {info}");
     let engine = engine.with_limits(Limits {
-        max_k: k.max(1),
+        max_k: k,
         max_beam: beam::MAX_BEAM,
         ..Limits::default()
     });
@@ -655,9 +659,7 @@ fn search_on<B: Backend>(
 const MAX_EVAL_BATCH: usize = 256;
 
 fn run_eval(args: EvalArgs) -> Result<(), String> {
-    if args.run.threads == Some(0) {
-        return Err("--threads must be at least 1".into());
-    }
+    check_threads(args.run.threads)?;
     // Recall@100/300 and the relevance rate@300 of a shorter list would be those of the list,
     // under the deeper names.
     if args.k < 300 {
@@ -702,7 +704,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();
     let dropped = judged.retain_products(&gram::eval::index_product_ids(engine.index()));
-    if grades > 0 && dropped == grades {
+    if dropped == grades {
         return Err(format!(
             "none of the {grades} judged products of {} is in the index (judgements of another \
              catalog?)",
@@ -783,14 +785,15 @@ fn run_lm(args: LmArgs) -> Result<(), String> {
         args.run.threads,
         args.dtype.as_deref(),
     )?;
+    // Checked before the forward pass, against the logits it will give.
+    let vocab = on_model!(&loaded, model => model.config.vocab_size);
+    if args.top > vocab {
+        return Err(format!("--top {}: expected 1..={vocab}", args.top));
+    }
     let tokens = tokenizer.encode(&args.prompt).map_err(|e| e.to_string())?;
     let greedy = args.greedy.unwrap_or(0);
     let out =
         on_model!(loaded, model => lm::run(&model, &tokens, greedy)).map_err(|e| e.to_string())?;
-    let vocab = out.logprobs.len();
-    if args.top > vocab {
-        return Err(format!("--top {}: expected 1..={vocab}", args.top));
-    }
     let mut obj = json!({
         "tokens": tokens,
         "top": lm::top_n(&out.logprobs, args.top),

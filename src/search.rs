@@ -468,7 +468,7 @@ impl<B: Backend> Engine<B> {
 
     /// Arena entries a prepared request holds while its codes are generated.
     pub fn entries_for(&self, p: &Prepared) -> usize {
-        p.query.prompt.len() + p.query.options.beam * (p.query.options.max_new_tokens - 1)
+        crate::beam::arena_entries(&p.query)
     }
 
     /// Searches all `requests` together (shared decoder steps) and returns one response each,
@@ -486,7 +486,9 @@ impl<B: Backend> Engine<B> {
                 Admission::Admitted(t) => tickets.push(t),
                 Admission::Refused(e) => return Err(e),
                 Admission::Wait(_) => {
-                    return Err(Error::Input("the batch was sized for its requests".into()))
+                    return Err(Error::Internal(
+                        "a request waited for room in a batch sized for all of them".into(),
+                    ))
                 }
             }
         }

@@ -174,6 +174,12 @@ impl Settings {
     }
 }
 
+/// A code's granularity: how many attributes it joins, `delimiter` between them (what the index
+/// stores for each code and the build report counts).
+pub fn granularity(code: &str, delimiter: &str) -> usize {
+    code.split(delimiter).count()
+}
+
 /// A code's granularity class, which picks its weight: coarse (1–2 attributes), medium (3),
 /// fine (4 or more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

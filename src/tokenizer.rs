@@ -182,7 +182,7 @@ impl Tokenizer {
 }
 
 /// The first 40 characters of `text`, for an error message.
-fn clip(text: &str) -> String {
+pub(crate) fn clip(text: &str) -> String {
     match text.char_indices().nth(40) {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_string(),

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 mod check;
 mod code_set;
 
-pub use code_set::{line_name, refusal, CodeName, CodeSet};
+pub use code_set::{line_name, refusal, without_bom, CodeName, CodeSet};
 
 /// A trie's `(vocab, eos, nodes, edges, codes, max_len)`.
 type Counts = (usize, u32, usize, usize, usize, usize);

@@ -760,3 +760,46 @@ fn a_list_code_no_product_carries_is_not_indexed() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A code list saved with a byte-order mark (as some editors write UTF-8) made `"\u{feff}sofa"`
+/// a code of its own beside the catalog's `"sofa"`, with no word; both code-list readers now
+/// ignore the mark.
+#[test]
+fn a_byte_order_mark_is_not_part_of_the_first_code() {
+    let dir = fresh_dir("catalog-bom-list");
+    let model = model_dir("tiny-llama");
+    let (plain, bom) = (dir.join("plain.txt"), dir.join("bom.txt"));
+    std::fs::write(&plain, "sofa\nlamp\n").unwrap();
+    std::fs::write(&bom, "\u{feff}sofa\nlamp\n").unwrap();
+    // `gram codes --codes`: the same code set, token for token.
+    let tok = Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let eos = Model::load(&model, &Default::default())
+        .unwrap()
+        .config
+        .eos_token_ids[0];
+    let a = gram::trie::CodeSet::from_file(&plain, &tok, eos).unwrap();
+    let b = gram::trie::CodeSet::from_file(&bom, &tok, eos).unwrap();
+    assert_eq!(a.texts, b.texts);
+    assert_eq!(b.texts, ["sofa", "lamp"]);
+    for i in 0..a.len() {
+        assert_eq!(a.code_tokens(i), b.code_tokens(i), "code {i}");
+    }
+    // `gram index build --codes`: the list's "sofa" is the catalog's.
+    let cat = dir.join("c.jsonl");
+    let line = serde_json::json!({"id": "p0", "title": "oak sofa", "codes": ["sofa"]});
+    std::fs::write(&cat, line.to_string() + "\n").unwrap();
+    let args = [
+        "--threads",
+        "1",
+        "--codes",
+        bom.to_str().unwrap(),
+        "--threshold",
+        "1.0",
+    ];
+    let (v, _) = built(&index_build(&model, &cat, &dir.join("ix"), &args));
+    assert_eq!(v["report"]["codes"], 1, "{v}");
+    assert_eq!(v["report"]["unused_codes"], 1, "lamp alone: {v}");
+    let index = gram::index::Index::open(&dir.join("ix").join("index.gram")).unwrap();
+    assert_eq!(index.code_text(0).unwrap(), "sofa");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -156,7 +156,8 @@ fn a_section_of_partial_records_is_named() {
         };
         assert!(
             err.contains(&format!(
-                "section {kind}: {len} bytes is not a whole number of"
+                "{}: {len} bytes is not a whole number of",
+                gram::index::kind::name(kind)
             )),
             "{err}"
         );

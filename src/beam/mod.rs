@@ -251,6 +251,12 @@ impl State {
     }
 }
 
+/// Arena entries `q` holds while it runs when no prompt prefix is shared: the most it can
+/// need (what a batch's arena is sized by).
+pub fn arena_entries(q: &Query) -> usize {
+    State::entries(q, 0)
+}
+
 /// Runs beam search; reuses its KV arena across calls (grown as needed, and made anew when a
 /// call brings another model).
 pub struct BeamSearch<B: Backend> {
@@ -353,9 +359,11 @@ impl<B: Backend> BeamSearch<B> {
         let tickets = queries
             .iter()
             .map(|q| {
-                batch
-                    .admit(q.clone())?
-                    .ok_or_else(|| Error::Input("the arena was sized for the batch".into()))
+                batch.admit(q.clone())?.ok_or_else(|| {
+                    Error::Internal(
+                        "a query found no room in an arena sized for the whole batch".into(),
+                    )
+                })
             })
             .collect::<Result<Vec<Ticket>>>()?;
         let mut done = Vec::with_capacity(queries.len());

@@ -47,12 +47,12 @@ pub struct CodeFile {
 }
 
 impl CodeFile {
-    /// Reads a code list (one code a line; blank lines are skipped): the codes, and where each
-    /// came from.
+    /// Reads a code list (one code a line; blank lines are skipped, a byte-order mark is
+    /// ignored): the codes, and where each came from.
     pub fn read(path: &Path) -> Result<(Vec<String>, CodeFile)> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let (mut codes, mut lines) = (Vec::new(), Vec::new());
-        for (i, line) in text.lines().enumerate() {
+        for (i, line) in crate::trie::without_bom(&text).lines().enumerate() {
             if !line.trim().is_empty() {
                 codes.push(line.to_owned());
                 lines.push(i + 1);

@@ -31,7 +31,8 @@ static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Convert every weight matrix to this dtype at load. `None` keeps the stored dtype (read
-    /// in place from the mapped file); a quantized GGUF is dequantized to f32.
+    /// in place from the mapped file; a GGUF's Q4_1 and Q8_0 matrices stay blocks that the
+    /// matmul dequantizes in registers, its Q4_0 ones are widened to f32 at load).
     pub dtype: Option<DType>,
     /// Worker threads of the model's pool (default: one per core).
     pub threads: Option<usize>,

@@ -34,8 +34,9 @@
 //! The stages, one module each: this file holds what every path shares (the quantization, the
 //! f64 reference [`s_rele_f64`], [`code_prior`], the types) and [`rank`], the reference
 //! ranking; `kernel` the S_rele kernel, [`score_postings`] (the `ln` approximation, the term
-//! tables, the AVX2 kernel and its scalar twin); `ranker` [`Ranker`], `rank`'s fast twin for
-//! serving (the threshold passes and the block merge).
+//! tables, the AVX2 kernel and its scalar twin); `scorer` one posting list a chunk at a time
+//! against a rising floor, for the threshold passes; `ranker` [`Ranker`], `rank`'s fast twin
+//! for serving (the threshold passes and the block merge).
 
 mod kernel;
 mod ranker;

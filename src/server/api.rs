@@ -520,7 +520,10 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or_else(|| {
-                        ApiError::bad("invalid_request", format!("bad percent-escape in `{s}`"))
+                        ApiError::bad(
+                            "invalid_request",
+                            format!("bad percent-escape in `{}`", crate::tokenizer::clip(s)),
+                        )
                     })?;
                 out.push(hex);
                 i += 2;
@@ -529,8 +532,10 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
         }
         i += 1;
     }
-    String::from_utf8(out)
-        .map_err(|_| ApiError::bad("invalid_utf8", format!("`{s}` does not decode to UTF-8")))
+    String::from_utf8(out).map_err(|_| {
+        let s = crate::tokenizer::clip(s);
+        ApiError::bad("invalid_utf8", format!("`{s}` does not decode to UTF-8"))
+    })
 }
 
 #[cfg(test)]

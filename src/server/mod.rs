@@ -1,13 +1,15 @@
 //! `gram serve`: the whole GRAM path over HTTP (axum on tokio), batched, observable, and safe
-//! under load. Three actors and one metrics file:
+//! under load. Three actors, their queue and one metrics file:
 //!
 //! - [`api`]: the handlers. They parse and validate, prepare the request with the engine
 //!   (tokenization; bad input ends here as a 4xx) and queue it; a full queue answers 503 with
 //!   `Retry-After` at once; each awaits its answer until its deadline (504 past it).
-//! - [`batcher`]: the bounded queue, and one dedicated thread that owns the engine's continuous
-//!   batch and admits queued requests between decoder steps; the requests whose codes are done
-//!   go to a few scoring threads (postings, S_rele, top K), which send each answer back while
-//!   the batch steps on.
+//! - [`queue`]: the bounded queue in front of the batch (by depth, and by how long a job would
+//!   wait for a place at the batch's recent service rate).
+//! - [`batcher`]: one dedicated thread that owns the engine's continuous batch and admits
+//!   queued requests between decoder steps; the requests whose codes are done go to a few
+//!   scoring threads (postings, S_rele, top K), which send each answer back while the batch
+//!   steps on.
 //! - [`conn`]: the tokio side's accept loop: hyper's HTTP/1 connections with a header-read
 //!   (and idle) timeout, a deadline on the request body, and a cap on open connections. On
 //!   SIGINT/SIGTERM it stops accepting and lets every request in flight finish; then the batcher

@@ -28,6 +28,12 @@ pub struct CodeSet {
     pub offsets: Vec<usize>,
 }
 
+/// `text` without a leading UTF-8 byte-order mark (an editor's, not part of the first code:
+/// kept, it would be a code of its own beside the catalog's spelling).
+pub fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Why a code whose own tokens are `ids` (its EOS not yet added) cannot be in a code set: it
 /// is no tokens at all, or it holds the EOS token, so the model could never emit it whole.
 pub fn refusal(ids: &[u32], eos: u32) -> Option<String> {
@@ -41,11 +47,12 @@ pub fn refusal(ids: &[u32], eos: u32) -> Option<String> {
 }
 
 impl CodeSet {
-    /// Reads a code file (one code per line, UTF-8) and tokenizes each code. Blank lines, codes
-    /// that tokenize to nothing or contain `eos`, and an empty file are errors naming the line.
+    /// Reads a code file (one code per line, UTF-8; a byte-order mark is ignored) and tokenizes
+    /// each code. Blank lines, codes that tokenize to nothing or contain `eos`, and an empty
+    /// file are errors naming the line.
     pub fn from_file(path: &Path, tokenizer: &Tokenizer, eos: u32) -> Result<CodeSet> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let lines: Vec<String> = without_bom(&text).lines().map(str::to_owned).collect();
         CodeSet::from_texts(lines, tokenizer, eos).map_err(|e| match e {
             Error::Input(msg) => Error::Input(format!("{}: {msg}", path.display())),
             e => e,
