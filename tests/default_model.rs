@@ -368,3 +368,47 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
     assert!(exit.success(), "{logged}");
     let _ = std::fs::remove_file(&log);
 }
+
+/// A shutdown held up by a client (here one that sent half a body and stalls, which the
+/// server waits for up to its body timeout) ends at once on a second SIGTERM: the usual way out
+/// of a stop that takes too long was ignored (the signal handlers stayed those of the first).
+#[test]
+fn a_second_sigterm_ends_a_shutdown_at_once() {
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "gram-default-model-second-signal-{}.log",
+        std::process::id()
+    ));
+    let mut server = serve(index(), &log, &["--body-timeout-ms", "120000"]);
+    let mut stalled = std::net::TcpStream::connect(&server.addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{",
+        )
+        .unwrap();
+    // The server takes the connection and awaits the body (checked below: the first signal
+    // does not end the process).
+    std::thread::sleep(Duration::from_millis(500));
+    server.sigterm();
+    let t = Instant::now();
+    while !server.logged().contains("shutting down") {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", server.logged());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the stalled body holds the first shutdown: {}",
+        server.logged()
+    );
+    server.sigterm();
+    let (exit, logged) = server.wait();
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "the second signal did not end it"
+    );
+    assert_eq!(exit.code(), Some(130), "{logged}");
+    assert!(logged.contains("second signal"), "{logged}");
+    drop(stalled);
+    let _ = std::fs::remove_file(&log);
+}

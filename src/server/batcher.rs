@@ -155,8 +155,8 @@ fn scorer(
 
 /// Runs the batcher over `engine` until the queue is closed, empty and nothing is in flight or
 /// being scored; requests whose codes are done are scored with `score` (`Engine::score`) on
-/// `config.score_threads` threads of their own. Errors only when the batch cannot be made (its
-/// arena).
+/// `config.score_threads` threads of their own. Errors when the batch cannot be made (its
+/// arena), or when [`FAILED_STEPS_FATAL`] decoder steps in a row fail on the device.
 pub fn run<B: Backend>(
     engine: &Engine<B>,
     queue: &Queue,
@@ -185,28 +185,34 @@ pub fn run<B: Backend>(
         started();
         // On the model's thread pool, so that each step's forward runs there without a
         // hand-off from this thread (see `Model::install`).
-        engine
+        let stepped = engine
             .model()
             .install(|| step_loop(&mut batch, queue, &config, metrics, &to_score));
         // Hanging up ends the scoring threads once they have answered every request handed to
         // them; the scope waits for them.
         drop(to_score);
-        Ok(())
+        stepped
     })
 }
 
+/// Decoder steps failing in a row with a device error that stop the engine (see `step_loop`).
+pub const FAILED_STEPS_FATAL: u32 = 3;
+
 /// The batcher's loop (see the module's documentation), until the queue is closed, empty and
-/// nothing is in flight.
+/// nothing is in flight; or until [`FAILED_STEPS_FATAL`] steps in a row fail with a device
+/// error (that error).
 fn step_loop<B: Backend>(
     batch: &mut Batch<'_, B>,
     queue: &Queue,
     config: &BatcherConfig,
     metrics: &Metrics,
     to_score: &std::sync::mpsc::SyncSender<ToScore>,
-) {
+) -> Result<()> {
     let mut flying: Vec<InFlight> = Vec::new();
     // Whether the last admission left jobs queued.
     let mut held_back = false;
+    // Decoder steps failed in a row.
+    let mut failures = 0;
     loop {
         {
             let mut st = queue.lock();
@@ -215,7 +221,7 @@ fn step_loop<B: Backend>(
                     st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.jobs.is_empty() {
-                    return; // closed, drained, idle
+                    return Ok(()); // closed, drained, idle
                 }
                 // Jobs the last admission held back (rows bound, arena) have waited enough:
                 // the gathering window is for a batch that had nothing left to take.
@@ -246,7 +252,16 @@ fn step_loop<B: Backend>(
             continue;
         }
         let t = Instant::now();
-        let result = batch.step_codes();
+        let result = match queue.step_fault() {
+            // A test's fault: the requests in flight leave the batch as a failed step's do.
+            Some(e) => {
+                for f in &flying {
+                    batch.cancel(f.ticket);
+                }
+                Err(e)
+            }
+            None => batch.step_codes(),
+        };
         let requests = flying.len();
         let step_s = t.elapsed().as_secs_f64();
         metrics.record_step(step_s, requests, batch.last_step_rows());
@@ -287,10 +302,26 @@ fn step_loop<B: Backend>(
                 let failed = std::mem::take(&mut flying);
                 in_flight(queue, metrics, 0);
                 for f in failed {
-                    let _ = f.reply.send(Err(Failed::engine(&e)));
+                    let _ = f.reply.send(Err(Failed::step(&e)));
                 }
+                // A device fault that does not go away (a lost or wedged GPU) would answer 500
+                // to every request for ever while `/ready` says ready: after a few such steps in
+                // a row the engine stops, and the server with it, for a supervisor to restart.
+                // Other errors (a numeric one some input may provoke) never stop it: a client
+                // must not be able to take the server down by repeating a request.
+                failures = if e.kind() == "device" {
+                    failures + 1
+                } else {
+                    0
+                };
+                if failures >= FAILED_STEPS_FATAL {
+                    return Err(e);
+                }
+                queue.stepped(0, t.elapsed().as_secs_f64());
+                continue;
             }
         }
+        failures = 0;
         // The step and the hand-off to scoring: a hand-off that waited for a scoring thread
         // makes the batch's answers that much slower.
         queue.stepped(answered, t.elapsed().as_secs_f64());
@@ -474,20 +505,12 @@ mod tests {
         assert!(!fits(32, false, usize::MAX, 0, 1, 1));
     }
 
-    /// A panic while scoring (a bug) answers that request `internal` and the scoring thread goes
-    /// on: with one scoring thread, a request after the one that panicked is still scored (on
-    /// that same thread) and answered the engine's own answer, and the batcher stops cleanly
-    /// once its queue closes.
-    #[test]
-    fn a_panic_while_scoring_fails_that_request_and_scoring_goes_on() {
-        use super::{run, BatcherConfig, Failed, Job, Queue};
-        use crate::search::{build_settings, index_file, model_fingerprint, Engine, Request};
-        use std::sync::{Arc, Mutex};
-
-        // A tiny index over the repository's tiny-llama, built in-process.
+    /// An engine over a two-product index of the repository's tiny-llama, built in-process.
+    fn tiny_engine(tag: &str) -> crate::search::Engine {
+        use crate::search::{build_settings, index_file, model_fingerprint, Engine};
         let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let model_dir = root.join("models/tiny-llama");
-        let dir = std::env::temp_dir().join(format!("gram-batcher-panic-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("gram-batcher-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let items: Vec<crate::catalog::Item> =
@@ -528,17 +551,82 @@ mod tests {
         }
         let engine = Engine::open(&dir, None, &Default::default()).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+        engine
+    }
 
-        let metrics = Arc::new(Metrics::default());
-        let queue = Queue::new(8, metrics.clone());
-        let config = BatcherConfig {
+    /// A batcher of two places and one scoring thread over `engine`, and its queue.
+    fn batcher_of(
+        engine: &crate::search::Engine,
+        metrics: &std::sync::Arc<Metrics>,
+    ) -> (super::Queue, super::BatcherConfig) {
+        let queue = super::Queue::new(8, metrics.clone());
+        let config = super::BatcherConfig {
             max_batch: 2,
             max_rows: 0,
             batch_wait: Duration::ZERO,
-            arena_entries: super::arena_entries(&engine, 2, 10).unwrap(),
+            arena_entries: super::arena_entries(engine, 2, 10).unwrap(),
             score_threads: 1,
         };
         queue.set_max_batch(config.max_batch);
+        (queue, config)
+    }
+
+    /// Queues `query` and returns where its answer will come.
+    fn push(
+        engine: &crate::search::Engine,
+        queue: &super::Queue,
+        query: &str,
+    ) -> tokio::sync::oneshot::Receiver<super::Reply> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = super::Job {
+            prepared: engine.prepare(crate::search::Request::new(query)).unwrap(),
+            reply,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(600),
+        };
+        queue.push(job).unwrap();
+        answer
+    }
+
+    /// The answer, or `None` if its sender was dropped unanswered; panics after 60 s (no thread
+    /// left to answer it).
+    fn answer(mut rx: tokio::sync::oneshot::Receiver<super::Reply>) -> Option<super::Reply> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let t = Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(reply) => return Some(reply),
+                Err(TryRecvError::Closed) => return None,
+                Err(TryRecvError::Empty) => {
+                    assert!(t.elapsed() < Duration::from_secs(60), "no answer in 60 s");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    /// Closes the queue however a test ends, so that the batcher stops and the scope's join
+    /// does not hang.
+    struct Close<'a>(&'a super::Queue);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+
+    /// A panic while scoring (a bug) answers that request `internal` and the scoring thread goes
+    /// on: with one scoring thread, a request after the one that panicked is still scored (on
+    /// that same thread) and answered the engine's own answer, and the batcher stops cleanly
+    /// once its queue closes.
+    #[test]
+    fn a_panic_while_scoring_fails_that_request_and_scoring_goes_on() {
+        use super::{run, Failed};
+        use crate::search::Request;
+        use std::sync::{Arc, Mutex};
+
+        let engine = tiny_engine("panic");
+        let metrics = Arc::new(Metrics::default());
+        let (queue, config) = batcher_of(&engine, &metrics);
         // Scores with the engine, then panics for the one query; every call's thread is kept.
         let threads = Mutex::new(Vec::new());
         let score = |done| {
@@ -549,41 +637,6 @@ mod tests {
             }
             response
         };
-        let push = |query: &str| {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let job = Job {
-                prepared: engine.prepare(Request::new(query)).unwrap(),
-                reply,
-                enqueued: Instant::now(),
-                deadline: Instant::now() + Duration::from_secs(600),
-            };
-            queue.push(job).unwrap();
-            answer
-        };
-        // The answer, or `None` if its sender was dropped unanswered; panics after 60 s (no
-        // thread left to answer it).
-        let answer = |mut rx: tokio::sync::oneshot::Receiver<super::Reply>| {
-            use tokio::sync::oneshot::error::TryRecvError;
-            let t = Instant::now();
-            loop {
-                match rx.try_recv() {
-                    Ok(reply) => return Some(reply),
-                    Err(TryRecvError::Closed) => return None,
-                    Err(TryRecvError::Empty) => {
-                        assert!(t.elapsed() < Duration::from_secs(60), "no answer in 60 s");
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
-        };
-        /// Closes the queue however the test ends, so that the batcher stops and the scope's
-        /// join does not hang.
-        struct Close<'a>(&'a Queue);
-        impl Drop for Close<'_> {
-            fn drop(&mut self) {
-                self.0.close();
-            }
-        }
         let alone = {
             let mut beams = crate::beam::BeamSearch::new();
             let p = engine.prepare(Request::new("oak desk")).unwrap();
@@ -593,14 +646,14 @@ mod tests {
             let batcher = s.spawn(|| run(&engine, &queue, config, &metrics, || {}, &score));
             let close = Close(&queue);
             // A scoring thread that died with the panic would drop the reply unanswered.
-            match answer(push("wool rug")) {
+            match answer(push(&engine, &queue, "wool rug")) {
                 Some(Err(Failed::Engine { kind, .. })) => assert_eq!(kind, "internal"),
                 Some(Err(other)) => panic!("the panicking request got {other:?}"),
                 Some(Ok(done)) => panic!("the panicking request got {:?}", done.response.query),
                 None => panic!("the panicking request got no answer"),
             }
             // The next request is scored on the same (only) scoring thread, and answered.
-            let done = answer(push("oak desk"))
+            let done = answer(push(&engine, &queue, "oak desk"))
                 .expect("a request after the panic is answered")
                 .expect("and scored");
             assert_eq!(done.response.codes, alone.codes);
@@ -620,5 +673,77 @@ mod tests {
             text.contains("gram_stage_seconds_count{stage=\"scoring\"} 1\n"),
             "{text}"
         );
+    }
+
+    /// A failed decoder step answers the requests in it with the error, an `input` one as
+    /// `internal` (a step's failure is never the caller's: each request was checked when it was
+    /// prepared), and the batcher goes on; a numeric error, which some input might provoke,
+    /// never stops it however often it repeats. Device errors in `FAILED_STEPS_FATAL` steps in
+    /// a row (a lost GPU) stop the batcher with that error; one success in between starts the
+    /// count again.
+    #[test]
+    fn failed_steps_answer_their_requests_and_only_a_device_fault_stops_the_batcher() {
+        use super::{run, Failed, FAILED_STEPS_FATAL};
+        use crate::Error;
+        use std::sync::Arc;
+
+        let engine = tiny_engine("faults");
+        let metrics = Arc::new(Metrics::default());
+        let (queue, config) = batcher_of(&engine, &metrics);
+        let score = |done| engine.score(done);
+        let fault = |e: Error| queue.step_faults.lock().unwrap().push_back(e);
+        let failed = |query: &str| match answer(push(&engine, &queue, query)) {
+            Some(Err(Failed::Engine { kind, message })) => (kind, message),
+            Some(Err(other)) => panic!("{query:?} got {other:?}"),
+            Some(Ok(done)) => panic!("{query:?} was answered {:?}", done.response.codes),
+            None => panic!("{query:?} got no answer"),
+        };
+        let answered = |query: &str| {
+            let done = answer(push(&engine, &queue, query))
+                .expect("answered")
+                .expect("a search");
+            assert!(!done.response.codes.is_empty(), "{query:?}");
+        };
+        std::thread::scope(|s| {
+            let batcher = s.spawn(|| run(&engine, &queue, config, &metrics, || {}, &score));
+            let close = Close(&queue);
+            fault(Error::Input("a shape check".into()));
+            assert_eq!(
+                failed("oak desk"),
+                ("internal", "invalid input: a shape check".into())
+            );
+            for _ in 0..2 * FAILED_STEPS_FATAL {
+                fault(Error::Numeric("NaN logits".into()));
+                assert_eq!(failed("oak desk").0, "numeric");
+            }
+            answered("oak desk");
+            for _ in 1..FAILED_STEPS_FATAL {
+                fault(Error::Device("lost".into()));
+                assert_eq!(failed("wool rug").0, "device");
+            }
+            answered("wool rug");
+            for _ in 1..FAILED_STEPS_FATAL {
+                fault(Error::Device("lost".into()));
+                assert_eq!(failed("wool rug").0, "device");
+            }
+            assert!(
+                !batcher.is_finished(),
+                "{} device faults in a row",
+                FAILED_STEPS_FATAL - 1
+            );
+            fault(Error::Device("lost for good".into()));
+            assert_eq!(failed("wool rug").0, "device");
+            let t = Instant::now();
+            while !batcher.is_finished() {
+                assert!(t.elapsed() < Duration::from_secs(60), "the batcher runs on");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let stopped = batcher.join().expect("the batcher does not panic");
+            match stopped {
+                Err(Error::Device(m)) => assert_eq!(m, "lost for good"),
+                other => panic!("the batcher ended with {other:?}"),
+            }
+            drop(close);
+        });
     }
 }

@@ -196,6 +196,8 @@ pub enum ServeError {
     Engine(#[from] crate::Error),
     #[error("the batcher thread panicked")]
     Panicked,
+    #[error("the engine did not stop within {0:?} of shutdown")]
+    Stuck(Duration),
 }
 
 impl ServeArgs {
@@ -458,11 +460,24 @@ impl Server {
             }
         };
         self.state.queue.close();
+        // The batcher ends once the requests it holds are answered, each within its deadline.
+        // One that does not (a wedged device call) must not hold the process: past the bound
+        // it is left behind (joined on a thread of its own, which the exit ends) and shutdown
+        // fails.
+        let bound = c.timeout + Duration::from_secs(10);
         let batcher = self.batcher;
-        let joined = tokio::task::spawn_blocking(move || batcher.join())
-            .await
-            .map_err(|_| ServeError::Panicked)?;
-        let batched = joined.map_err(|_| ServeError::Panicked)?;
+        let (tx, joined) = oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(batcher.join());
+        });
+        let batched = match tokio::time::timeout(bound, joined).await {
+            Ok(Ok(joined)) => joined.map_err(|_| ServeError::Panicked)?,
+            Ok(Err(_)) => return Err(ServeError::Panicked),
+            Err(_) => {
+                tracing::error!(?bound, "the engine did not stop: leaving it behind");
+                return Err(ServeError::Stuck(bound));
+            }
+        };
         served.and(batched)
     }
 }
@@ -602,12 +617,24 @@ fn serve_on<B: Backend>(
     match run {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "the batch could not be made");
             batcher::fail_all(&state.queue);
-            if let Some(r) = ready.take() {
-                let _ = r.send(Err(e.into()));
+            match ready.take() {
+                Some(r) => {
+                    tracing::error!(error = %e, "the batch could not be made");
+                    let _ = r.send(Err(e.into()));
+                    Ok(())
+                }
+                // It was serving: decoder steps kept failing on the device. The server stops
+                // (the thread's end is `engine_gone`) and the process exits with the error.
+                None => {
+                    tracing::error!(
+                        error = %e,
+                        "{} decoder steps failed in a row on the device: the engine stops",
+                        batcher::FAILED_STEPS_FATAL
+                    );
+                    Err(e.into())
+                }
             }
-            Ok(())
         }
         Err(_) => {
             tracing::error!("the batcher panicked: this is a bug");
@@ -663,7 +690,16 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         let served = server
             .run_until(async {
                 signal().await;
-                tracing::info!("shutting down: finishing requests in flight");
+                tracing::info!(
+                    "shutting down: finishing requests in flight (a second SIGINT or SIGTERM \
+                     stops at once)"
+                );
+                // The usual way out of a shutdown that takes too long.
+                tokio::spawn(async {
+                    signal().await;
+                    tracing::warn!("second signal: exiting without finishing requests");
+                    std::process::exit(130);
+                });
             })
             .await;
         tracing::info!("stopped");

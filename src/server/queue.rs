@@ -49,6 +49,19 @@ impl Failed {
             message: e.to_string(),
         }
     }
+
+    /// A decoder step's failure, answered to every request in the step: never the caller's
+    /// fault (each request was checked when it was prepared and admitted), so an `input`
+    /// error from inside the step is answered as `internal` (a 500, not a 422).
+    pub(super) fn step(e: &Error) -> Failed {
+        match e.kind() {
+            "input" => Failed::Engine {
+                kind: "internal",
+                message: e.to_string(),
+            },
+            _ => Failed::engine(e),
+        }
+    }
 }
 
 /// Why the queue refused a job.
@@ -80,6 +93,9 @@ pub struct Queue {
     service: Mutex<ServiceRate>,
     /// Its depth gauge, set under the lock.
     pub(super) metrics: Arc<Metrics>,
+    /// Errors the batcher's next steps give instead of stepping (tests of its failure paths).
+    #[cfg(test)]
+    pub(super) step_faults: Mutex<VecDeque<crate::Error>>,
 }
 
 /// The wait bound's decision for a job that finds `depth` jobs queued and `free` places in the
@@ -247,7 +263,22 @@ impl Queue {
             in_flight: Default::default(),
             service: Mutex::new(ServiceRate::default()),
             metrics,
+            #[cfg(test)]
+            step_faults: Default::default(),
         }
+    }
+
+    /// The error the batcher's next step gives instead of stepping: one a test queued, never
+    /// one outside tests.
+    #[cfg(test)]
+    pub(super) fn step_fault(&self) -> Option<crate::Error> {
+        self.step_faults.lock().unwrap().pop_front()
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(super) fn step_fault(&self) -> Option<crate::Error> {
+        None
     }
 
     /// Also refuses a job that, at the batch's recent service rate, would wait longer than
