@@ -1136,6 +1136,37 @@ async fn a_request_past_its_deadline_gets_504_and_leaves_the_queue() {
     server.shutdown().await.unwrap();
 }
 
+/// A client that leaves before its answer is counted, as status 499 and failure kind
+/// `client_closed` with its time so far: hyper drops the handler, and the request was in no
+/// counter or latency histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_is_counted() {
+    // The request waits in a long gathering window (the batch holds 4) while its client leaves.
+    let server = start(&["--max-batch", "4", "--batch-wait-us", "30000000"]).await;
+    let addr = server.addr();
+    let body = r#"{"query": "oak desk"}"#;
+    let leaving = raw(
+        addr,
+        format!(
+            "POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(metric_reaches(addr, "gram_queue_depth", 1.0).await, 1.0);
+    drop(leaving);
+    let left = r#"gram_requests_total{endpoint="/v1/search",status="499"}"#;
+    assert_eq!(metric_reaches(addr, left, 1.0).await, 1.0);
+    let m = metrics(addr).await;
+    assert_eq!(m[r#"gram_request_failures_total{kind="client_closed"}"#], 1.0);
+    assert_eq!(
+        m[r#"gram_request_duration_seconds_count{endpoint="/v1/search"}"#],
+        1.0
+    );
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_every_request_in_flight() {
     // The 4 requests wait in a long gathering window (the batch holds 8) until shutdown ends it.
@@ -1228,6 +1259,11 @@ async fn a_client_that_stalls_in_its_headers_or_body_is_cut_off() {
     let idle = raw(addr, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
     let answer = read_until_closed(idle, "idle after its request").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Both closes by the header timeout are counted (the 408 is a request failure instead).
+    assert_eq!(
+        metric_reaches(addr, "gram_connections_timed_out_total", 2.0).await,
+        2.0
+    );
     server.shutdown().await.unwrap();
 }
 

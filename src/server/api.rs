@@ -299,7 +299,32 @@ fn not_allowed(allow: &'static str) -> HttpResponse {
     r
 }
 
-/// Counts and times every request by endpoint and status, and error responses by kind.
+/// The status a request whose client left before its answer is counted under (nginx's
+/// "client closed request"; never sent).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Counts a request whose handler is dropped unfinished (hyper drops it when its client closes
+/// the connection) as [`CLIENT_CLOSED`], with its time so far: under overload the clients that
+/// gave up are the slow tail, and the latency histograms would otherwise leave them out.
+struct Abandoned<'a> {
+    state: &'a AppState,
+    endpoint: Endpoint,
+    t: Instant,
+    answered: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let m = &self.state.metrics;
+            m.record_request(self.endpoint, CLIENT_CLOSED, self.t.elapsed().as_secs_f64());
+            m.record_failure("client_closed");
+        }
+    }
+}
+
+/// Counts and times every request by endpoint and status (those whose client left first as
+/// [`CLIENT_CLOSED`]), and error responses by kind.
 pub async fn track(
     State(state): State<Arc<AppState>>,
     request: HttpRequest,
@@ -308,7 +333,14 @@ pub async fn track(
     let t = Instant::now();
     let route = request.extensions().get::<MatchedPath>();
     let endpoint = Endpoint::of_route(route.map(|m| m.as_str()));
+    let mut abandoned = Abandoned {
+        state: &state,
+        endpoint,
+        t,
+        answered: false,
+    };
     let response = next.run(request).await;
+    abandoned.answered = true;
     let status = response.status().as_u16();
     state
         .metrics

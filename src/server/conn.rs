@@ -223,6 +223,9 @@ pub async fn serve(
                 if e.is_parse() || e.is_parse_too_large() {
                     metrics.record_http_error();
                     tracing::info!(error = %e, "malformed HTTP request refused");
+                } else if e.is_timeout() {
+                    metrics.record_timed_out_connection();
+                    tracing::debug!(error = %e, "connection closed by the header timeout");
                 } else {
                     tracing::debug!(error = %e, "connection closed on an error");
                 }

@@ -192,6 +192,8 @@ pub struct Metrics {
     /// `gram_http_errors_total`: requests hyper refused itself (malformed request line or
     /// headers, a URI or headers over its limits: 400 / 414 / 431 with an empty body).
     http_errors: AtomicU64,
+    /// `gram_connections_timed_out_total`: connections closed by the header (and idle) timeout.
+    timed_out: AtomicU64,
     /// `gram_in_flight`: requests admitted to the batch and not finished.
     in_flight: AtomicU64,
     /// `gram_scoring_backlog`: requests whose codes are done, waiting for a scoring thread.
@@ -222,6 +224,7 @@ impl Default for Metrics {
             step_queue_depth: Histogram::new(size_buckets(10)),
             queue_depth: AtomicU64::new(0),
             http_errors: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             scoring_backlog: AtomicU64::new(0),
             arena_entries: AtomicU64::new(0),
@@ -272,6 +275,11 @@ impl Metrics {
     /// One request hyper answered or dropped itself as malformed (no handler saw it).
     pub fn record_http_error(&self) {
         self.http_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One connection closed because no request line and headers came in time.
+    pub fn record_timed_out_connection(&self) {
+        self.timed_out.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One more open connection, until the guard is dropped.
@@ -435,6 +443,19 @@ impl Metrics {
             out,
             "gram_http_errors_total {}",
             self.http_errors.load(Ordering::Relaxed)
+        );
+        head(
+            &mut out,
+            "gram_connections_timed_out_total",
+            "counter",
+            "Connections closed because a request line and headers did not arrive within \
+             --header-timeout-ms: a client stalled in its headers, or a kept-alive connection \
+             left idle.",
+        );
+        let _ = writeln!(
+            out,
+            "gram_connections_timed_out_total {}",
+            self.timed_out.load(Ordering::Relaxed)
         );
         head(
             &mut out,
