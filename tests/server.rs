@@ -1159,7 +1159,10 @@ async fn a_client_that_leaves_is_counted() {
     let left = r#"gram_requests_total{endpoint="/v1/search",status="499"}"#;
     assert_eq!(metric_reaches(addr, left, 1.0).await, 1.0);
     let m = metrics(addr).await;
-    assert_eq!(m[r#"gram_request_failures_total{kind="client_closed"}"#], 1.0);
+    assert_eq!(
+        m[r#"gram_request_failures_total{kind="client_closed"}"#],
+        1.0
+    );
     assert_eq!(
         m[r#"gram_request_duration_seconds_count{endpoint="/v1/search"}"#],
         1.0
@@ -1264,6 +1267,52 @@ async fn a_client_that_stalls_in_its_headers_or_body_is_cut_off() {
         metric_reaches(addr, "gram_connections_timed_out_total", 2.0).await,
         2.0
     );
+    server.shutdown().await.unwrap();
+}
+
+/// A JSON endpoint's body of another type or encoding is refused 415 before it is read: at
+/// once (it waited for the whole body, up to the body timeout), with no `100 Continue`, and the
+/// connection closed (the body is unread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_the_wrong_type_is_refused_before_it_is_read() {
+    let server = start(&["--body-timeout-ms", "60000"]).await;
+    let addr = server.addr();
+    for (path, headers) in [
+        ("/v1/codes", "content-type: text/plain\r\n"),
+        (
+            "/v1/search",
+            "content-type: text/plain\r\nexpect: 100-continue\r\n",
+        ),
+        (
+            "/v1/search",
+            "content-type: application/json\r\ncontent-encoding: gzip\r\n",
+        ),
+    ] {
+        let t = std::time::Instant::now();
+        let stream = raw(
+            addr,
+            format!("POST {path} HTTP/1.1\r\nhost: x\r\n{headers}content-length: 100\r\n\r\n")
+                .as_bytes(),
+        );
+        let answer = read_until_closed(stream, "a body of the wrong type").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 415"),
+            "{path} {headers:?}: {answer}"
+        );
+        assert!(answer.contains("unsupported_media_type"), "{answer}");
+        assert!(!answer.contains("100 Continue"), "{answer}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "{path} {headers:?}: waited for the body"
+        );
+    }
+    // Another route's body is not judged by the JSON endpoints' rule.
+    let stream = raw(
+        addr,
+        b"POST /nowhere HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi",
+    );
+    let answer = read_until_closed(stream, "an unknown route").await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     server.shutdown().await.unwrap();
 }
 

@@ -470,10 +470,14 @@ async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResp
 
 /// A JSON body of type `T`: content type, size, UTF-8, syntax and fields checked, each with its
 /// own error.
-fn json_body<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
+/// The POST endpoints whose bodies are JSON (their headers are checked before the body is read:
+/// [`json_headers`]).
+pub const JSON_ROUTES: [&str; 2] = ["/v1/search", "/v1/codes"];
+
+/// A JSON body's headers: `Content-Type` JSON, no `Content-Encoding` but `identity` (415
+/// otherwise). Checked before the body is read (`conn::body_deadline`), so that a wrong type is
+/// refused at once, with no `100 Continue` and no wait for a body that will be refused anyway.
+pub fn json_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -504,6 +508,14 @@ fn json_body<T: serde::de::DeserializeOwned>(
             ));
         }
     }
+    Ok(())
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    json_headers(headers)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(

@@ -288,6 +288,17 @@ pub async fn body_deadline(
         close(&mut response);
         return response;
     }
+    // A JSON endpoint's body of the wrong type or encoding is refused before it is read.
+    let route = request.extensions().get::<axum::extract::MatchedPath>();
+    if request.method() == axum::http::Method::POST
+        && route.is_some_and(|r| super::api::JSON_ROUTES.contains(&r.as_str()))
+    {
+        if let Err(e) = super::api::json_headers(request.headers()) {
+            let mut response = e.into_response();
+            close(&mut response);
+            return response;
+        }
+    }
     let limit = state.config.http.body_timeout;
     let expired = Arc::new(AtomicBool::new(false));
     let ended = Arc::new(AtomicBool::new(false));
