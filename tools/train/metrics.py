@@ -151,7 +151,9 @@ def paired(runs, base, judged, metric, samples=10000, seed=0):
     rng = random.Random(seed)
     n = len(diffs)
     means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(samples))
-    lo, hi = means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+    # As many resamples below the interval as above it (2.5 % each side).
+    tail = int(0.025 * samples)
+    lo, hi = means[tail], means[samples - 1 - tail]
     return {"n": n, "mean_diff": sum(diffs) / n, "up": sum(d > 1e-12 for d in diffs),
             "down": sum(d < -1e-12 for d in diffs), "ci95": [lo, hi]}
 

@@ -1,5 +1,6 @@
 """Metrics on hand-computed cases (standard library only)."""
 import math
+import random
 import unittest
 
 from tools.train import metrics as M
@@ -202,6 +203,21 @@ class Metrics(unittest.TestCase):
                         {"q1": {"a": 3}, "q2": {"c": 3}}, "recall@300")
         self.assertEqual((same["mean_diff"], same["ci95"]), (1.0, [1.0, 1.0]))
         self.assertEqual(M.paired(runs, base, {"q4": {"f": 1}}, "recall@10")["n"], 0)
+
+    def test_paired_interval_leaves_equal_tails(self):
+        # 40 resamples of 10 distinct differences: 2.5 % is one resample on each side, so the
+        # interval is the 2nd lowest and the 2nd highest resampled mean (the upper end was the
+        # highest, leaving one resample below the interval and none above it).
+        judged = {f"q{i}": {"r": 3} for i in range(10)}
+        runs = {f"q{i}": (["x"] * i + ["r"]) for i in range(10)}  # nDCG@10 of rank i + 1
+        base = {q: [] for q in judged}
+        p = M.paired(runs, base, judged, "ndcg@10", samples=40, seed=7)
+        diffs = [M.METRICS["ndcg@10"](runs[q], judged[q]) for q in judged]
+        self.assertEqual(len(set(diffs)), 10)
+        rng = random.Random(7)
+        means = sorted(sum(rng.choice(diffs) for _ in range(10)) / 10 for _ in range(40))
+        self.assertLess(means[38], means[39])
+        self.assertEqual(p["ci95"], [means[1], means[38]])
 
 if __name__ == "__main__":
     unittest.main()
