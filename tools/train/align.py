@@ -217,8 +217,9 @@ def main(argv=None):
                 log(stage="align", event="time limit", step=step)
                 total = step
                 break
-    # after: how many codes the two sides now share, on other (query, product) pairs, before
-    # (reference) and after (policy)
+    # after: how many codes the two sides now share, before (reference) and after (policy), on a
+    # second sample of (query, product) pairs (another seed, drawn from the same training
+    # queries: a few, ~7 %, are queries the preferences were made from)
     preference_data(ref, tok, items, queries, gold, trie, min(200, args.pairs), args.beam,
                     args.per_pair, random.Random(args.seed + 1), log)
     check = preference_data(policy, tok, items, queries, gold, trie, min(200, args.pairs), args.beam,

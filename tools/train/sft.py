@@ -18,8 +18,10 @@ training query is a row with all its target codes. An epoch is every product row
 row, shuffled; the learning rate warms up then follows a cosine to a tenth over the training's
 progress, the larger of (steps done / planned steps) and (time in the training loop / `--minutes`):
 on this shared machine the speed varies several-fold, so the schedule ends when the time budget
-does. A run is deterministic (seeds fixed) only while the steps lead: the log's closing event
-says which ended it (`planned steps done` or `time budget used`). `--no-query` / `--no-product` drop one side
+does. A run is deterministic (seeds fixed) only while the steps lead all the way: the log's
+closing events say which ended it (`planned steps done` or `time budget used`) and for how
+many steps the time was ahead and set the learning rate (`time_led_steps`: 0 for a run that
+depends on the seeds alone; a run can end on its planned steps after time led for a while). `--no-query` / `--no-product` drop one side
 (the "without co-training" ablation).
 """
 import argparse
@@ -189,6 +191,9 @@ def main(argv=None):
     model.train()
     step, ema = 0, None
     frac = 0.0
+    # Steps whose learning rate the time budget set (time ahead of the steps): while any did,
+    # the run depends on the machine's speed.
+    time_led = 0
     # The time budget counts training only (not the tokenizer, the data, the model's set-up).
     t0 = time.time()
     while frac < 1.0:
@@ -197,10 +202,12 @@ def main(argv=None):
             # ends when either the planned epochs or the time budget do
             frac = step / total
             if args.minutes:
-                frac = max(frac, (time.time() - t0) / (args.minutes * 60 * 0.97))
+                by_time = (time.time() - t0) / (args.minutes * 60 * 0.97)
+                time_led += by_time > frac
+                frac = max(frac, by_time)
             if frac >= 1.0:
                 log(stage="sft", event="time budget used" if step < total else "planned steps done",
-                    step=step)
+                    step=step, time_led_steps=time_led)
                 break
             lr = K.lr_at(int(frac * total), total, cfg["lr"], cfg["warmup"])
             for g in opt.param_groups:
@@ -230,7 +237,7 @@ def main(argv=None):
         if src.exists():
             (out / f).write_bytes(src.read_bytes())
     log(stage="sft", event="done", step=step, eval=final, seconds=round(time.time() - t0, 1),
-        out=str(out))
+        time_led_steps=time_led, out=str(out))
 
 
 if __name__ == "__main__":

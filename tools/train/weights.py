@@ -7,7 +7,8 @@ with the pairwise hinge loss, and the aggregation; written into gram.json.
 For synthetic training queries (never the judged ones) the model generates the query's codes as
 the engine does (beam 10 over the catalog's codes from the query template; Pq = the probability
 of each code token), every product carrying one of those codes in the catalog is a candidate
-(at most K per code: all the relevant ones, then a random sample; a candidate is scored through
+(at most K per code: the relevant ones first, the first K of them in catalog order, then a
+random sample of the others up to K; a candidate is scored through
 every query code it carries, as the engine's posting lists reach it), and its Pt comes from
 teacher forcing the code after the product template — exactly what `gram index build` stores. A
 product is relevant to a synthetic query when it has the values of one of the products the query
