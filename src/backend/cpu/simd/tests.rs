@@ -390,6 +390,23 @@ fn tile_matches_f64_for_every_shape_and_dtype() {
     }
 }
 
+/// Random Q4_1 and Q8_0 matrices `[n, k]` (seeds `seed`, `seed + 2`) packed into panels, named
+/// by dtype; none where `k` is not a multiple of the 32-weight block.
+fn block_panels(n: usize, k: usize, seed: u64) -> Vec<(&'static str, crate::tensor::HostTensor)> {
+    if !k.is_multiple_of(32) {
+        return Vec::new();
+    }
+    let (q41, q80) = (
+        blocks(n * k / 32, 20, seed),
+        blocks(n * k / 32, 34, seed + 2),
+    );
+    let pack = |v| crate::backend::cpu::panels::pack(Isa::Scalar, v, n, k);
+    vec![
+        ("q4_1", pack(View::Q4_1(&q41))),
+        ("q8_0", pack(View::Q8_0(&q80))),
+    ]
+}
+
 /// The panel kernels: bit for bit the scalar twin on every ISA, and within f32 rounding of
 /// an f64 reference, for every token count and dtype, on random panels.
 #[test]
@@ -406,19 +423,7 @@ fn panel_is_bit_identical_across_isas_and_matches_f64() {
         ];
         // The ggml block panels (the many-row kernels beam search runs), where `k` is a
         // multiple of 32, up to their own `panel_tr` rows.
-        let packed: Vec<(&str, crate::tensor::HostTensor)> = if k % 32 == 0 {
-            let (q41, q80) = (
-                blocks(PANEL * k / 32, 20, 25),
-                blocks(PANEL * k / 32, 34, 27),
-            );
-            let pack = |v| crate::backend::cpu::panels::pack(Isa::Scalar, v, PANEL, k);
-            vec![
-                ("q4_1", pack(View::Q4_1(&q41))),
-                ("q8_0", pack(View::Q8_0(&q80))),
-            ]
-        } else {
-            Vec::new()
-        };
+        let packed = block_panels(PANEL, k, 25);
         views.extend(packed.iter().map(|(dt, t)| (*dt, t.view())));
         for (dt, view) in views {
             for tr in 1..=panel_tr(view) {
@@ -496,16 +501,7 @@ fn gemv_panels_is_bit_identical_to_the_scalar_twin_and_matches_f64() {
             ("f16", View::F16(&w16)),
             ("bf16", View::BF16(&wb16)),
         ];
-        let packed: Vec<(&str, crate::tensor::HostTensor)> = if k % 32 == 0 {
-            let (q41, q80) = (blocks(n * k / 32, 20, 41), blocks(n * k / 32, 34, 43));
-            let pack = |v| crate::backend::cpu::panels::pack(Isa::Scalar, v, n, k);
-            vec![
-                ("q4_1", pack(View::Q4_1(&q41))),
-                ("q8_0", pack(View::Q8_0(&q80))),
-            ]
-        } else {
-            Vec::new()
-        };
+        let packed = block_panels(n, k, 41);
         views.extend(packed.iter().map(|(dt, t)| (*dt, t.view())));
         for (dt, view) in views {
             for np in 1..=GEMV_PANELS {
