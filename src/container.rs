@@ -209,11 +209,17 @@ impl Container {
 
     /// Checks every section's checksum (reads the whole file).
     pub fn verify(&self) -> Result<()> {
+        self.verify_named(&|kind| format!("section {kind}"))
+    }
+
+    /// [`Container::verify`], naming a damaged section as `name` says (the file format's own
+    /// names for its kinds).
+    pub fn verify_named(&self, name: &dyn Fn(u32) -> String) -> Result<()> {
         for s in &self.sections {
             if checksum(&self.map[s.offset..s.offset + s.len]) != s.checksum {
                 return Err(Error::Index {
                     path: self.path.clone(),
-                    msg: format!("section {} checksum mismatch (corrupt file)", s.kind),
+                    msg: format!("{} checksum mismatch (corrupt file)", name(s.kind)),
                 });
             }
         }

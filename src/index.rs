@@ -378,6 +378,12 @@ impl Index {
         &self.file
     }
 
+    /// Checks every section's checksum (reads the whole file); a mismatch names the section
+    /// (`the postings section (kind 4) checksum mismatch`).
+    pub fn verify(&self) -> Result<()> {
+        self.file.verify_named(&kind::name)
+    }
+
     fn codes(&self) -> &[CodeRecord] {
         self.records(kind::CODES).expect("checked at open")
     }

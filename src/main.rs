@@ -539,7 +539,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
 fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
     let index = Index::open(&gram::search::index_file(dir)).map_err(|e| e.to_string())?;
     let c = index.container();
-    let verify = c.verify();
+    let verify = index.verify();
     let verified = match &verify {
         Ok(()) => "ok".to_string(),
         Err(e) => e.to_string(),

@@ -256,7 +256,7 @@ impl Parts {
         // Opening checks the structure only; a flipped payload byte (a posting, a
         // probability, a title) would answer wrong without a word. Reading the whole file
         // once (XXH3: several GB/s) catches it before the first query; the pages are wanted anyway.
-        index.container().verify()?;
+        index.verify()?;
         let meta = index.meta();
         let built_by = &meta["model"];
         let bad = |msg: String| Error::Index {
