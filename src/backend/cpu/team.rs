@@ -7,8 +7,9 @@
 //! itself. A [`Team`] keeps its workers spinning on one counter for a while after each region,
 //! so the next region starts on every core at once: first without giving up the core
 //! ([`SPIN_HOT`], the gaps inside a pass), then yielding it every few microseconds to any thread
-//! that waits for one (until [`SPIN`]: the gaps between a search's passes, where the server's
-//! HTTP threads and scorer run), and only then do they park.
+//! that waits for one (until [`SPIN`]: the gaps between a search's passes and between one
+//! request and the next, where the server's HTTP threads and scorer run on a core kept awake),
+//! and only then do they park.
 //!
 //! The caller of [`Team::run`] works too: a team of `n` threads has `n - 1` workers. Tasks are
 //! claimed from one shared word (the region's number, its task count and the next task), so a
@@ -26,9 +27,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins for the next region before it parks: longer than the gap
-/// between a beam step's regions and between its steps, short enough that an idle server
-/// stops spinning at once.
-const SPIN: Duration = Duration::from_micros(300);
+/// between a beam step's regions and between its steps, and than the server's gap between one
+/// request's last step and the next one's first at one client (scoring, writing the answer, the
+/// client's turn: about 1 ms on a 2-vCPU Intel VM). A parked worker leaves its core idle, and
+/// on a virtual machine an idle vCPU halts: waking any thread onto it (the HTTP thread that
+/// answers, the batcher at the next request) then costs 50–80 µs through the hypervisor. 300 µs
+/// here gave 0.28–0.33 ms of the server's own time a request at one client on that VM, 1.5 ms
+/// 0.18–0.19 ms (docs/PERF.md, "Serving at one client: idle cores"). Still short enough that an
+/// idle server stops spinning at once.
+const SPIN: Duration = Duration::from_micros(1500);
 
 /// How long of [`SPIN`] an idle worker keeps its core without yielding it: the gaps between
 /// one pass's regions (norms, RoPE, the residual) are a few microseconds.
