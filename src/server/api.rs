@@ -19,6 +19,7 @@
 //! | 503 | `overloaded` | the queue is full, or too long to wait in (`Retry-After` set) |
 //! | 503 | `not_ready` | the engine is still loading (`Retry-After` set) |
 //! | 503 | `shutting_down` | the server is stopping |
+//! | 503 | `stalled` | `/ready` only: requests have waited longer than `--timeout-ms` with no progress of the engine (a step or scoring that does not return) |
 //! | 504 | `timeout` | the deadline (`--timeout-ms`) passed |
 //! | 500 | the engine's `Error::kind` (`tokenizer`, `io`, ...) or `internal` | the engine failed |
 
@@ -265,6 +266,25 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<HttpResponse, A
         ));
     }
     state.engine()?;
+    // A wedged engine (a step that never returns, a device that hangs instead of failing)
+    // answers nothing, but the process is up: a load balancer must stop sending it traffic.
+    // Past the request deadline (and the gathering window) every request waiting has timed out.
+    let limit = state.config.timeout + state.config.batch_wait;
+    if let Some(since) = state.queue.stalled(limit) {
+        tracing::warn!(
+            no_progress_ms = since.as_millis() as u64,
+            "the engine has made no progress with requests waiting"
+        );
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stalled",
+            format!(
+                "requests have waited {} ms with no progress of the engine (a decoder step or \
+                 scoring that does not return)",
+                since.as_millis()
+            ),
+        ));
+    }
     Ok(axum::Json(serde_json::json!({"status": "ready"})).into_response())
 }
 

@@ -118,6 +118,7 @@ struct ToScore {
 fn scorer(
     jobs: &Mutex<std::sync::mpsc::Receiver<ToScore>>,
     score: &(dyn Fn(CodesDone) -> Response + Sync),
+    queue: &Queue,
     metrics: &Metrics,
 ) {
     loop {
@@ -132,6 +133,7 @@ fn scorer(
         };
         metrics.scoring_backlog_add(false);
         if reply.is_closed() {
+            queue.scoring(false);
             continue;
         }
         let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(done)));
@@ -150,6 +152,7 @@ fn scorer(
         };
         // The handler may be gone (deadline, client left): nothing to do then.
         let _ = reply.send(answer);
+        queue.scoring(false);
     }
 }
 
@@ -179,7 +182,7 @@ pub fn run<B: Backend>(
             let jobs = &jobs;
             std::thread::Builder::new()
                 .name(format!("gram-score-{i}"))
-                .spawn_scoped(scope, move || scorer(jobs, score, metrics))
+                .spawn_scoped(scope, move || scorer(jobs, score, queue, metrics))
                 .map_err(|e| Error::io("spawning a scoring thread", e))?;
         }
         started();
@@ -214,6 +217,7 @@ fn step_loop<B: Backend>(
     // Decoder steps failed in a row.
     let mut failures = 0;
     loop {
+        queue.progressed();
         {
             let mut st = queue.lock();
             if flying.is_empty() {
@@ -287,9 +291,11 @@ fn step_loop<B: Backend>(
                 in_flight(queue, metrics, flying.len());
                 for job in finished {
                     metrics.scoring_backlog_add(true);
+                    queue.scoring(true);
                     if let Err(std::sync::mpsc::SendError(job)) = to_score.send(job) {
                         // No scoring thread left (they never exit while the batcher runs).
                         metrics.scoring_backlog_add(false);
+                        queue.scoring(false);
                         let _ = job.reply.send(Err(Failed::Engine {
                             kind: "internal",
                             message: "no scoring thread".into(),
@@ -744,6 +750,80 @@ mod tests {
                 other => panic!("the batcher ended with {other:?}"),
             }
             drop(close);
+        });
+    }
+
+    /// A decoder step that does not return, and scoring that does not return, show as stalled
+    /// (what `/ready` reports) once requests have waited longer than the limit with no progress,
+    /// and no longer once they are answered; an idle batcher never is, nor is one that has just
+    /// been handed work after a quiet spell longer than the limit.
+    #[test]
+    fn a_step_or_scoring_that_does_not_return_is_stalled() {
+        use super::run;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        let engine = tiny_engine("stalled");
+        let metrics = Arc::new(Metrics::default());
+        let (queue, config) = batcher_of(&engine, &metrics);
+        // Scoring "wool rug" waits until the test lets it go.
+        let hold = AtomicBool::new(true);
+        let score = |done: crate::search::CodesDone| {
+            let response = engine.score(done);
+            while response.query == "wool rug" && hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            response
+        };
+        let limit = Duration::from_millis(150);
+        // Waits (at most 30 s) until `queue.stalled(limit)` is `want`; false if it never was.
+        let until = |want: bool| {
+            let t = Instant::now();
+            while queue.stalled(limit).is_some() != want {
+                if t.elapsed() > Duration::from_secs(30) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            true
+        };
+        std::thread::scope(|s| {
+            let batcher = s.spawn(|| run(&engine, &queue, config, &metrics, || {}, &score));
+            let close = Close(&queue);
+            std::thread::sleep(2 * limit);
+            assert_eq!(queue.stalled(limit), None, "an idle batcher");
+
+            // A step that takes 3 s: stalled while it runs, its request not yet answered.
+            queue
+                .step_sleeps
+                .lock()
+                .unwrap()
+                .push_back(Duration::from_secs(3));
+            let mut rx = push(&engine, &queue, "oak desk");
+            assert!(until(true), "a hung step is never stalled");
+            let since = queue.stalled(limit).unwrap_or_default();
+            assert!(since > limit, "{since:?}");
+            assert!(rx.try_recv().is_err(), "answered while stalled");
+            answer(rx).expect("answered").expect("a search");
+            assert_eq!(queue.stalled(limit), None, "answered, nothing waits");
+
+            // Scoring that hangs.
+            let rx = push(&engine, &queue, "wool rug");
+            assert!(until(true), "hung scoring is never stalled");
+            hold.store(false, Ordering::SeqCst);
+            answer(rx).expect("answered").expect("a search");
+            assert_eq!(queue.stalled(limit), None, "scored, nothing waits");
+
+            // A quiet spell longer than the limit, then work: not stalled at once.
+            std::thread::sleep(2 * limit);
+            let rx = push(&engine, &queue, "oak desk");
+            assert_eq!(queue.stalled(limit), None, "work just arrived");
+            answer(rx).expect("answered").expect("a search");
+            drop(close);
+            batcher
+                .join()
+                .expect("the batcher does not panic")
+                .expect("and stops cleanly");
         });
     }
 }

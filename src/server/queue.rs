@@ -93,9 +93,30 @@ pub struct Queue {
     service: Mutex<ServiceRate>,
     /// Its depth gauge, set under the lock.
     pub(super) metrics: Arc<Metrics>,
+    /// Progress of the batcher and the scoring threads, for [`Queue::stalled`].
+    progress: Progress,
     /// Errors the batcher's next steps give instead of stepping (tests of its failure paths).
     #[cfg(test)]
     pub(super) step_faults: Mutex<VecDeque<crate::Error>>,
+    /// How long the batcher's next steps sleep before stepping (tests of a step that hangs).
+    #[cfg(test)]
+    pub(super) step_sleeps: Mutex<VecDeque<Duration>>,
+}
+
+/// When the batcher or a scoring thread last moved on, and how many requests are being scored:
+/// what [`Queue::stalled`] reads.
+struct Progress {
+    born: Instant,
+    /// Microseconds from `born` to the last progress.
+    last_us: std::sync::atomic::AtomicU64,
+    /// Requests handed to the scoring threads and not yet answered.
+    scoring: std::sync::atomic::AtomicUsize,
+}
+
+impl Progress {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 /// The wait bound's decision for a job that finds `depth` jobs queued and `free` places in the
@@ -263,15 +284,26 @@ impl Queue {
             in_flight: Default::default(),
             service: Mutex::new(ServiceRate::default()),
             metrics,
+            progress: Progress {
+                born: Instant::now(),
+                last_us: 0.into(),
+                scoring: 0.into(),
+            },
             #[cfg(test)]
             step_faults: Default::default(),
+            #[cfg(test)]
+            step_sleeps: Default::default(),
         }
     }
 
-    /// The error the batcher's next step gives instead of stepping: one a test queued, never
-    /// one outside tests.
+    /// The error the batcher's next step gives instead of stepping, after a sleep: each one a
+    /// test queued, never one outside tests.
     #[cfg(test)]
     pub(super) fn step_fault(&self) -> Option<crate::Error> {
+        let sleep = self.step_sleeps.lock().unwrap().pop_front();
+        if let Some(d) = sleep {
+            std::thread::sleep(d);
+        }
         self.step_faults.lock().unwrap().pop_front()
     }
 
@@ -308,10 +340,46 @@ impl Queue {
     /// The batcher ran a step of `seconds` that answered `n` requests (the service rate the
     /// wait bound estimates from).
     pub fn stepped(&self, n: usize, seconds: f64) {
+        self.progressed();
         self.service
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .stepped(n, seconds, Instant::now());
+    }
+
+    /// The batcher or a scoring thread moved on: a turn of the batcher's loop, a step, an
+    /// answer.
+    pub fn progressed(&self) {
+        let p = &self.progress;
+        p.last_us
+            .store(p.now_us(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A request goes to the scoring threads (`true`), or has been answered by one (`false`,
+    /// which is progress).
+    pub fn scoring(&self, handed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if handed {
+            self.progress.scoring.fetch_add(1, Relaxed);
+        } else {
+            self.progress.scoring.fetch_sub(1, Relaxed);
+            self.progressed();
+        }
+    }
+
+    /// How long requests have waited with no progress, where that is longer than `limit`:
+    /// requests are queued, in the batch or being scored, and neither the batcher nor a
+    /// scoring thread has moved on for that long (a decoder step that does not return, a device
+    /// that hangs instead of failing, scoring stuck). `/ready` reports it, so that a load
+    /// balancer sends traffic elsewhere. The clock starts again when work arrives at an idle
+    /// batcher ([`Queue::push`]), so a long quiet spell does not count.
+    pub fn stalled(&self, limit: Duration) -> Option<Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let queued = !self.lock().jobs.is_empty();
+        let p = &self.progress;
+        let busy = queued || self.in_flight.load(Relaxed) > 0 || p.scoring.load(Relaxed) > 0;
+        let since = Duration::from_micros(p.now_us().saturating_sub(p.last_us.load(Relaxed)));
+        (busy && since > limit).then_some(since)
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -335,6 +403,17 @@ impl Queue {
         st.arrivals.arrived(now);
         if let Some(refusal) = self.refusal(&mut st, now) {
             return Err(refusal);
+        }
+        // Work arriving at an idle batcher: the stall clock starts now, not at its last step.
+        let idle = st.jobs.is_empty()
+            && self.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && self
+                .progress
+                .scoring
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0;
+        if idle {
+            self.progressed();
         }
         st.jobs.push_back(job);
         let depth = st.jobs.len();
