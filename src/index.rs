@@ -321,14 +321,16 @@ impl Index {
         Ok(index)
     }
 
+    /// Section `kind` as records of `T`. On every product and code lookup: the error's text is
+    /// made only for an error.
     fn records<T: Pod>(&self, kind: u32) -> std::result::Result<&[T], String> {
-        let section = kind::name(kind);
         let bytes = self
             .file
             .section(kind)
             .map(|(_, b)| b)
-            .ok_or_else(|| format!("{section} is missing"))?;
+            .ok_or_else(|| format!("{} is missing", kind::name(kind)))?;
         bytemuck::try_cast_slice(bytes).map_err(|e| {
+            let section = kind::name(kind);
             let size = std::mem::size_of::<T>();
             match e {
                 bytemuck::PodCastError::OutputSliceWouldHaveSlop => format!(
