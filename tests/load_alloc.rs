@@ -1,6 +1,9 @@
 //! What a hostile checkpoint can make the loader allocate before it is refused: GGUF tensors
 //! that all claim the whole data section, a safetensors matrix of a shape the config has no
-//! place for. Its own test binary, for its counting allocator.
+//! place for. And what the index's lookups on the scoring path allocate: nothing. Its own test
+//! binary, for its counting allocator.
+
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,15 +12,17 @@ use gram::model::checkpoint::Source;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-/// The system allocator, counting the bytes live and their peak.
+/// The system allocator, counting the bytes live and their peak, and the allocations.
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        CALLS.fetch_add(1, Ordering::Relaxed);
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
@@ -26,6 +31,7 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        CALLS.fetch_add(1, Ordering::Relaxed);
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
@@ -38,6 +44,7 @@ unsafe impl GlobalAlloc for Counting {
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        CALLS.fetch_add(1, Ordering::Relaxed);
         let q = unsafe { System.realloc(p, layout, new) };
         if !q.is_null() {
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
@@ -190,4 +197,49 @@ fn a_gguf_tensor_the_config_does_not_take_is_refused_before_it_is_dequantized() 
     assert!(err.contains("missing from the checkpoint"), "{err}");
     assert!(peak < 8 << 20, "{peak} bytes held before the refusal");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The lookups scoring makes for every code and every product of an answer (code records and
+/// texts, postings, product records and texts, their prefetches) allocate nothing: a section
+/// name formatted on each of them (for an error that never came) once took a third of the
+/// scoring stage.
+#[test]
+fn index_lookups_allocate_nothing() {
+    let dir = common::fresh_dir("lookup-alloc");
+    let lines: Vec<String> = [("p0", "oak sofa", "sofa"), ("p1", "wool rug", "rug")]
+        .into_iter()
+        .map(|(id, title, code)| {
+            serde_json::json!({"id": id, "title": title, "codes": [code, format!("{code} | x")]})
+                .to_string()
+        })
+        .collect();
+    let ix = common::build_index(&dir, "tiny-llama", &lines);
+    let index = gram::index::Index::open(&gram::search::index_file(&ix)).unwrap();
+    let pq = [0.5f32; 8];
+    let _turn = turn();
+    let before = CALLS.load(Ordering::SeqCst);
+    let mut seen = 0usize;
+    for id in 0..index.num_codes() as u32 {
+        let n = index.code(id).unwrap().n_tokens as usize;
+        let text = index.code_text(id).unwrap();
+        let list = index.postings(id, &pq[..n], &pq[..n]).unwrap();
+        seen += text.len() + list.products.len();
+    }
+    for i in 0..index.num_products() as u32 {
+        index.prefetch_product_record(i);
+        index.prefetch_product_text(i);
+        let (id, title) = index.product(i).unwrap();
+        seen += id.len() + title.len();
+    }
+    let calls = CALLS.load(Ordering::SeqCst) - before;
+    drop(_turn);
+    assert!(seen > 0);
+    assert_eq!(
+        calls,
+        0,
+        "allocations in {} code and {} product lookups",
+        index.num_codes(),
+        index.num_products()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
