@@ -189,17 +189,16 @@ pub fn summarize(runs: &[Vec<String>], grades: &[&Grades]) -> Vec<Averaged> {
         .collect()
 }
 
-/// The value at quantile `q` (0..=1) of `xs`, interpolated linearly between order statistics
-/// (the median of an even count is the mean of the middle two); `None` for no values.
+/// The nearest-rank value at quantile `q` (0..=1) of `xs`, as `gram bench` reports its
+/// percentiles ([`crate::loadgen::rank`]): always one of the values (the median of an even
+/// count is the lower middle one); `None` for no values.
 pub fn quantile(xs: &[f64], q: f64) -> Option<f64> {
     if xs.is_empty() {
         return None;
     }
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
+    Some(crate::loadgen::rank(&v, q.clamp(0.0, 1.0)))
 }
 
 /// One judged query.
@@ -844,10 +843,14 @@ mod tests {
     #[test]
     fn quantiles() {
         assert_eq!(quantile(&[], 0.5), None);
-        assert_eq!(quantile(&[3.0, 1.0, 2.0, 4.0], 0.5), Some(2.5));
+        // Nearest rank: the value at ceil(q n), as `gram bench` reports.
+        assert_eq!(quantile(&[3.0, 1.0, 2.0, 4.0], 0.5), Some(2.0));
+        assert_eq!(quantile(&[3.0, 1.0, 2.0, 4.0], 0.51), Some(3.0));
         assert_eq!(quantile(&[5.0], 0.99), Some(5.0));
-        let xs: Vec<f64> = (0..=100).map(f64::from).collect();
-        assert!(close(quantile(&xs, 0.99).unwrap(), 99.0));
+        let xs: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(quantile(&xs, 0.99), Some(99.0));
+        assert_eq!(quantile(&xs, 0.999), Some(100.0));
+        assert_eq!(quantile(&xs, 0.0), Some(1.0));
         assert_eq!(quantile(&xs, 1.0), Some(100.0));
     }
 
