@@ -308,6 +308,50 @@ fn wait_for_gauge(addr: &str, gauges: &[&str]) {
     panic!("none of {gauges:?} reached 1 in 60 s");
 }
 
+/// Linux: the server's HTTP and scoring threads run under `SCHED_BATCH` (they give way to the
+/// decoder's, `gram::server::priority`) and the decoder's threads keep the default policy.
+fn check_thread_policies(pid: u32) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    const SCHED_OTHER: i32 = 0;
+    const SCHED_BATCH: i32 = 3;
+    let mut seen = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // a thread that ended meanwhile
+        };
+        // Field 41, counted after the command name's closing parenthesis (field 2).
+        let policy: i32 = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(41 - 3)
+            .unwrap()
+            .parse()
+            .unwrap();
+        seen.push((name.trim().to_string(), policy));
+    }
+    let want = |name: &str| {
+        if name == "gram-http" || name.starts_with("gram-score-") {
+            SCHED_BATCH
+        } else {
+            SCHED_OTHER
+        }
+    };
+    assert!(
+        seen.iter().any(|(n, _)| n == "gram-http")
+            && seen.iter().any(|(n, _)| n.starts_with("gram-score-"))
+            && seen.iter().any(|(n, _)| n == "gram-batcher"),
+        "{seen:?}"
+    );
+    for (name, policy) in &seen {
+        assert_eq!(*policy, want(name), "thread {name}: {seen:?}");
+    }
+}
+
 #[test]
 fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
     let g = golden("gram-icecat-2m.json");
@@ -352,6 +396,7 @@ fn served_over_http_with_the_codes_of_transformers_and_stopped_by_sigterm() {
 
     // Every query, served without the window this time.
     let mut server = serve(index(), &log, &[]);
+    check_thread_policies(server.child.id());
     for q in g["queries"].as_array().unwrap() {
         let body = json!({"query": q["query"], "k": 5}).to_string();
         let (status, text) = http(&server.addr, "POST", "/v1/search", &body);

@@ -182,7 +182,10 @@ pub fn run<B: Backend>(
             let jobs = &jobs;
             std::thread::Builder::new()
                 .name(format!("gram-score-{i}"))
-                .spawn_scoped(scope, move || scorer(jobs, score, queue, metrics))
+                .spawn_scoped(scope, move || {
+                    super::priority::give_way_to_decoder();
+                    scorer(jobs, score, queue, metrics)
+                })
                 .map_err(|e| Error::io("spawning a scoring thread", e))?;
         }
         started();

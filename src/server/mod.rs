@@ -26,6 +26,7 @@ pub mod api;
 pub mod batcher;
 pub mod conn;
 pub mod metrics;
+pub mod priority;
 pub mod queue;
 
 use std::future::Future;
@@ -681,6 +682,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.http_threads)
         .thread_name("gram-http")
+        .on_thread_start(priority::give_way_to_decoder)
         .enable_all()
         .build()?;
     runtime.block_on(async {
