@@ -19,10 +19,22 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
+std::thread_local! {
+    /// Allocations made by this thread (the harness's own threads allocate meanwhile).
+    static THREAD_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one allocation, in all and on the calling thread.
+fn count_call() {
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    // `try_with`: a thread's last allocations may come after its locals are gone.
+    let _ = THREAD_CALLS.try_with(|c| c.set(c.get() + 1));
+}
+
 // SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        CALLS.fetch_add(1, Ordering::Relaxed);
+        count_call();
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
@@ -31,7 +43,7 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        CALLS.fetch_add(1, Ordering::Relaxed);
+        count_call();
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
@@ -44,7 +56,7 @@ unsafe impl GlobalAlloc for Counting {
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        CALLS.fetch_add(1, Ordering::Relaxed);
+        count_call();
         let q = unsafe { System.realloc(p, layout, new) };
         if !q.is_null() {
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
@@ -217,7 +229,8 @@ fn index_lookups_allocate_nothing() {
     let index = gram::index::Index::open(&gram::search::index_file(&ix)).unwrap();
     let pq = [0.5f32; 8];
     let _turn = turn();
-    let before = CALLS.load(Ordering::SeqCst);
+    // This thread's allocations only: the test harness's threads allocate while it runs.
+    let before = THREAD_CALLS.with(|c| c.get());
     let mut seen = 0usize;
     for id in 0..index.num_codes() as u32 {
         let n = index.code(id).unwrap().n_tokens as usize;
@@ -231,7 +244,7 @@ fn index_lookups_allocate_nothing() {
         let (id, title) = index.product(i).unwrap();
         seen += id.len() + title.len();
     }
-    let calls = CALLS.load(Ordering::SeqCst) - before;
+    let calls = THREAD_CALLS.with(|c| c.get()) - before;
     drop(_turn);
     assert!(seen > 0);
     assert_eq!(

@@ -19,7 +19,7 @@
 //! | 503 | `overloaded` | the queue is full, or too long to wait in (`Retry-After` set) |
 //! | 503 | `not_ready` | the engine is still loading (`Retry-After` set) |
 //! | 503 | `shutting_down` | the server is stopping |
-//! | 503 | `stalled` | `/ready` only: requests have waited longer than `--timeout-ms` with no progress of the engine (a step or scoring that does not return) |
+//! | 503 | `stalled` | `/ready` only: requests are waiting and the engine has made no progress for longer than `--timeout-ms` plus the gathering window (a step or scoring that does not return) |
 //! | 504 | `timeout` | the deadline (`--timeout-ms`) passed |
 //! | 500 | the engine's `Error::kind` (`tokenizer`, `io`, ...) or `internal` | the engine failed |
 
@@ -271,19 +271,25 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<HttpResponse, A
     // Past the request deadline (and the gathering window) every request waiting has timed out.
     let limit = state.config.timeout + state.config.batch_wait;
     if let Some(since) = state.queue.stalled(limit) {
-        tracing::warn!(
-            no_progress_ms = since.as_millis() as u64,
-            "the engine has made no progress with requests waiting"
-        );
+        // Once a stall, not at every probe.
+        if !state.stall_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                no_progress_ms = since.as_millis() as u64,
+                "the engine has made no progress with requests waiting"
+            );
+        }
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stalled",
             format!(
-                "requests have waited {} ms with no progress of the engine (a decoder step or \
+                "no progress of the engine for {} ms with requests waiting (a decoder step or \
                  scoring that does not return)",
                 since.as_millis()
             ),
         ));
+    }
+    if state.stall_logged.swap(false, Ordering::Relaxed) {
+        tracing::info!("the engine moves on again: ready");
     }
     Ok(axum::Json(serde_json::json!({"status": "ready"})).into_response())
 }

@@ -132,8 +132,10 @@ fn scorer(
             return; // the batcher stopped, every request scored
         };
         metrics.scoring_backlog_add(false);
+        // Counted out of the scoring when it ends, however it ends (a panic outside the
+        // scoring's own guard too): a count left behind would make an idle server `stalled`.
+        let _answered = Answered(queue);
         if reply.is_closed() {
-            queue.scoring(false);
             continue;
         }
         let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(done)));
@@ -152,7 +154,15 @@ fn scorer(
         };
         // The handler may be gone (deadline, client left): nothing to do then.
         let _ = reply.send(answer);
-        queue.scoring(false);
+    }
+}
+
+/// A request handed to a scoring thread, answered (or dropped) when this drops.
+struct Answered<'a>(&'a Queue);
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        self.0.scoring(false);
     }
 }
 
@@ -816,6 +826,34 @@ mod tests {
             hold.store(false, Ordering::SeqCst);
             answer(rx).expect("answered").expect("a search");
             assert_eq!(queue.stalled(limit), None, "scored, nothing waits");
+
+            // A batch that keeps stepping is never stalled, though its work takes longer than
+            // the limit: eight steps of 60 ms each (150 ms the limit).
+            queue
+                .step_sleeps
+                .lock()
+                .unwrap()
+                .extend([Duration::from_millis(60); 8]);
+            let t = Instant::now();
+            // A request after another until the slow steps are spent (a request of this tiny
+            // model takes a few steps).
+            while !queue.step_sleeps.lock().unwrap().is_empty() {
+                let mut rx = push(&engine, &queue, "oak desk");
+                loop {
+                    assert_eq!(queue.stalled(limit), None, "stepping, at {:?}", t.elapsed());
+                    match rx.try_recv() {
+                        Ok(answered) => {
+                            answered.expect("a search");
+                            break;
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                            std::thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(e) => panic!("no answer: {e}"),
+                    }
+                }
+            }
+            assert!(t.elapsed() > 3 * limit, "{:?}", t.elapsed());
 
             // A quiet spell longer than the limit, then work: not stalled at once.
             std::thread::sleep(2 * limit);

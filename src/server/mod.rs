@@ -300,6 +300,8 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     config: ServeConfig,
     shutting_down: AtomicBool,
+    /// `/ready` has logged the stall it reports (a warning once a stall, not once a probe).
+    stall_logged: AtomicBool,
 }
 
 impl AppState {
@@ -376,6 +378,7 @@ impl Server {
             metrics,
             config: config.clone(),
             shutting_down: AtomicBool::new(false),
+            stall_logged: AtomicBool::new(false),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let app = router(state.clone());

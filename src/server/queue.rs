@@ -351,8 +351,10 @@ impl Queue {
     /// answer.
     pub fn progressed(&self) {
         let p = &self.progress;
+        // The latest wins: a thread paused between reading the clock and storing it must not
+        // put an older time over a newer one.
         p.last_us
-            .store(p.now_us(), std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(p.now_us(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A request goes to the scoring threads (`true`), or has been answered by one (`false`,

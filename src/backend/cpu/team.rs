@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 /// on a virtual machine an idle vCPU halts: waking any thread onto it (the HTTP thread that
 /// answers, the batcher at the next request) then costs 50–80 µs through the hypervisor. 300 µs
 /// here gave 0.28–0.33 ms of the server's own time a request at one client on that VM, 1.5 ms
-/// 0.18–0.19 ms (docs/PERF.md, "Serving at one client: idle cores"). Still short enough that an
+/// 0.17–0.19 ms (docs/PERF.md, "Serving at one client: idle cores"). Still short enough that an
 /// idle server stops spinning at once.
 const SPIN: Duration = Duration::from_micros(1500);
 
