@@ -1546,11 +1546,19 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         ),
         (&["--addr", "localhost"][..], "--addr"),
         (&["--max-beam", "100000"][..], "--max-beam"),
+        (&["--idle-spin-us", "1000001"][..], "--idle-spin-us 1000001"),
     ] {
         let e = parse(flags).err().unwrap().to_string();
         assert!(e.contains(want), "{flags:?}: {e}");
     }
     let config = parse(&["--addr", "127.0.0.1:0"]).unwrap();
+    assert_eq!(
+        config.idle_spin,
+        gram::backend::cpu::team::DEFAULT_SPIN,
+        "the default idle spin"
+    );
+    let spin = parse(&["--idle-spin-us", "0"]).unwrap().idle_spin;
+    assert_eq!(spin, std::time::Duration::ZERO);
     let e = Server::start(config).await.err().unwrap().to_string();
     assert!(e.contains("/nonexistent"), "{e}");
     // An arena over --max-kv-mib is refused before it is allocated.

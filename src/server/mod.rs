@@ -113,6 +113,12 @@ pub struct ServeArgs {
     /// the decoder steps.
     #[arg(long, default_value_t = 2)]
     pub score_threads: usize,
+    /// Microseconds the model's idle worker threads keep spinning for the next step before
+    /// they sleep (CPU). Longer keeps cores awake for the next request (a sleeping core of a
+    /// virtual machine takes 50–80 us to wake); while requests come closer together than this,
+    /// the workers never sleep and keep `--threads` - 1 cores busy. 0: sleep at once.
+    #[arg(long, default_value_t = crate::backend::cpu::team::DEFAULT_SPIN.as_micros() as u64)]
+    pub idle_spin_us: u64,
     /// Longest query, in bytes.
     #[arg(long, default_value_t = Limits::default().max_query_bytes)]
     pub max_query_bytes: usize,
@@ -173,6 +179,9 @@ pub struct ServeConfig {
     pub threads: Option<usize>,
     pub http_threads: usize,
     pub score_threads: usize,
+    /// How long the model's idle workers spin before they park: process-wide, set by [`run`]
+    /// before the model loads (`backend::cpu::team::set_idle_spin`; an embedder calls it).
+    pub idle_spin: Duration,
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub retry_after_s: u64,
@@ -250,6 +259,12 @@ impl ServeArgs {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
+        if self.idle_spin_us > 1_000_000 {
+            return bad(format!(
+                "--idle-spin-us {} is out of range (0..=1000000)",
+                self.idle_spin_us
+            ));
+        }
         if self.max_beam > crate::beam::MAX_BEAM {
             return bad(format!(
                 "--max-beam {} is over the engine's {}",
@@ -271,6 +286,7 @@ impl ServeArgs {
             threads: self.threads,
             http_threads: self.http_threads,
             score_threads: self.score_threads,
+            idle_spin: Duration::from_micros(self.idle_spin_us),
             limits: Limits {
                 max_query_bytes: self.max_query_bytes,
                 max_query_tokens: self.max_query_tokens,
@@ -682,6 +698,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+    crate::backend::cpu::team::set_idle_spin(config.idle_spin);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.http_threads)
         .thread_name("gram-http")

@@ -7,7 +7,7 @@
 //! itself. A [`Team`] keeps its workers spinning on one counter for a while after each region,
 //! so the next region starts on every core at once: first without giving up the core
 //! ([`SPIN_HOT`], the gaps inside a pass), then yielding it every few microseconds to any thread
-//! that waits for one (until [`SPIN`]: the gaps between a search's passes and between one
+//! that waits for one (until the team's idle spin, [`DEFAULT_SPIN`] unless [`set_idle_spin`]: the gaps between a search's passes and between one
 //! request and the next, where the server's HTTP threads and scorer run on a core kept awake),
 //! and only then do they park.
 //!
@@ -34,10 +34,28 @@ use std::time::{Duration, Instant};
 /// answers, the batcher at the next request) then costs 50–80 µs through the hypervisor. 300 µs
 /// here gave 0.28–0.33 ms of the server's own time a request at one client on that VM, 1.5 ms
 /// 0.17–0.19 ms (docs/PERF.md, "Serving at one client: idle cores"). Still short enough that an
-/// idle server stops spinning at once.
-const SPIN: Duration = Duration::from_micros(1500);
+/// idle server stops spinning at once. The cost: while requests come less than this apart, the
+/// `threads - 1` workers never park and keep their cores busy yielding (on a host of many cores
+/// at light but steady load, most of its cores); [`set_idle_spin`] trades it back.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(1500);
 
-/// How long of [`SPIN`] an idle worker keeps its core without yielding it: the gaps between
+/// The idle spin of teams made from now on, in microseconds ([`set_idle_spin`]).
+static IDLE_SPIN_US: AtomicU64 = AtomicU64::new(DEFAULT_SPIN.as_micros() as u64);
+
+/// How long the workers of teams made from now on spin, idle, before they park (process-wide;
+/// `gram serve --idle-spin-us`). Zero parks them as soon as their core has been kept
+/// [`SPIN_HOT`] (the gaps inside a pass still spin).
+pub fn set_idle_spin(spin: Duration) {
+    let us = u64::try_from(spin.as_micros()).unwrap_or(u64::MAX);
+    IDLE_SPIN_US.store(us, Ordering::Relaxed);
+}
+
+/// The idle spin new teams get ([`set_idle_spin`]).
+pub fn idle_spin() -> Duration {
+    Duration::from_micros(IDLE_SPIN_US.load(Ordering::Relaxed))
+}
+
+/// How long of the idle spin an idle worker keeps its core without yielding it: the gaps between
 /// one pass's regions (norms, RoPE, the residual) are a few microseconds.
 const SPIN_HOT: Duration = Duration::from_micros(20);
 
@@ -86,6 +104,8 @@ struct Shared {
     stop: AtomicBool,
     /// Workers parked (or about to park) on `wake`.
     parked: AtomicUsize,
+    /// How long an idle worker spins before it parks.
+    spin: Duration,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -114,9 +134,16 @@ thread_local! {
 }
 
 impl Team {
-    /// A team of `threads` (the caller and `threads - 1` workers named `{name}-{i}`).
+    /// A team of `threads` (the caller and `threads - 1` workers named `{name}-{i}`), its
+    /// workers spinning [`idle_spin`] when idle before they park.
     pub fn new(threads: usize, name: &str) -> std::io::Result<Team> {
+        Team::with_spin(threads, name, idle_spin())
+    }
+
+    /// [`Team::new`] with workers that spin `spin` when idle before they park.
+    pub fn with_spin(threads: usize, name: &str, spin: Duration) -> std::io::Result<Team> {
         let shared = Arc::new(Shared {
+            spin,
             region: AtomicU64::new(pack(0, 0, 0)),
             job: UnsafeCell::new(Job { f: &NOTHING }),
             done: AtomicUsize::new(0),
@@ -320,7 +347,7 @@ fn worker(s: &Shared) {
             if idle <= SPIN_HOT {
                 continue;
             }
-            if idle <= SPIN {
+            if idle <= s.spin {
                 // A few microseconds between yields: where other threads wait for this core
                 // (an HTTP thread, the scorer), they get it at once.
                 std::thread::yield_now();
@@ -424,10 +451,34 @@ mod tests {
                     "{round}"
                 );
                 if round % 100 == 99 {
-                    std::thread::sleep(SPIN * 4);
+                    std::thread::sleep(DEFAULT_SPIN * 4);
                 }
             }
         }
+    }
+
+    /// An idle worker parks once its team's idle spin is over, not before.
+    #[test]
+    fn a_worker_parks_once_its_idle_spin_is_over() {
+        let parked_after_a_region = |spin: Duration, wait: Duration| {
+            let team = Team::with_spin(2, "test-spin", spin).unwrap();
+            team.run(4, &|_| {});
+            let t = Instant::now();
+            while t.elapsed() < wait && team.shared.parked.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            team.shared.parked.load(Ordering::SeqCst)
+        };
+        assert_eq!(
+            parked_after_a_region(Duration::ZERO, Duration::from_secs(10)),
+            1,
+            "no spin: parked at once"
+        );
+        assert_eq!(
+            parked_after_a_region(Duration::from_secs(30), Duration::from_millis(50)),
+            0,
+            "parked during its spin"
+        );
     }
 
     /// A region of more tasks than one region word holds runs each exactly once (in groups).
