@@ -501,7 +501,7 @@ pub fn fail_all(queue: &Queue) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::{fits, Metrics};
     use std::time::{Duration, Instant};
 
@@ -526,7 +526,16 @@ mod tests {
 
     /// An engine over a two-product index of the repository's tiny-llama, built in-process.
     fn tiny_engine(tag: &str) -> crate::search::Engine {
-        use crate::search::{build_settings, index_file, model_fingerprint, Engine};
+        let dir = tiny_index(tag);
+        let engine = crate::search::Engine::open(&dir, None, &Default::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        engine
+    }
+
+    /// An index of two products over `models/tiny-llama`, in a fresh temporary directory (the
+    /// caller removes it).
+    pub(in crate::server) fn tiny_index(tag: &str) -> std::path::PathBuf {
+        use crate::search::{build_settings, index_file, model_fingerprint};
         let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let model_dir = root.join("models/tiny-llama");
         let dir = std::env::temp_dir().join(format!("gram-batcher-{tag}-{}", std::process::id()));
@@ -568,9 +577,7 @@ mod tests {
             )
             .unwrap();
         }
-        let engine = Engine::open(&dir, None, &Default::default()).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        engine
+        dir
     }
 
     /// A batcher of two places and one scoring thread over `engine`, and its queue.

@@ -754,4 +754,110 @@ mod tests {
         assert_eq!(until_stopped(async {}, Some(rx)).await, Stop::Signal);
         assert_eq!(until_stopped(async {}, None).await, Stop::Signal);
     }
+
+    /// The whole answer to `request` sent on a new connection (blocking: on a blocking
+    /// thread).
+    async fn exchange(addr: std::net::SocketAddr, request: String) -> String {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(request.as_bytes()).unwrap();
+            let mut text = String::new();
+            c.read_to_string(&mut text).unwrap();
+            text
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Status and whole answer of `GET path`.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let text = exchange(addr, head).await;
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+        (status, text)
+    }
+
+    /// `/ready` over HTTP: 503 `stalled` while a decoder step hangs with a request waiting for
+    /// longer than `--timeout-ms` (the gathering window is 0), 200 again once the step returns;
+    /// `/health` stays 200 throughout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ready_is_503_stalled_while_a_step_hangs() {
+        use clap::Parser;
+        use std::time::{Duration, Instant};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: super::ServeArgs,
+        }
+        let dir = super::batcher::tests::tiny_index("ready-stalled");
+        let argv = [
+            "serve",
+            "--index",
+            dir.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--timeout-ms",
+            "200",
+        ];
+        let config = Cli::parse_from(argv).serve.config().unwrap();
+        let server = super::Server::start(config).await.unwrap();
+        let addr = server.addr();
+        assert_eq!(get(addr, "/ready").await.0, 200);
+        // The next step sleeps 3 s; a search waits in it (and gets its 504 at 200 ms).
+        server
+            .state
+            .queue
+            .step_sleeps
+            .lock()
+            .unwrap()
+            .push_back(Duration::from_secs(3));
+        let body = r#"{"query": "oak desk"}"#;
+        let post = format!(
+            "POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let search = tokio::spawn(exchange(addr, post));
+        let t = Instant::now();
+        let stalled = loop {
+            let (status, text) = get(addr, "/ready").await;
+            if status == 503 {
+                break text;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "never stalled: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(stalled.contains("\"stalled\""), "{stalled}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(get(addr, "/health").await.0, 200, "the process is up");
+        let answer = search.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        // Once the step returns the engine moves on: ready again.
+        let t = Instant::now();
+        loop {
+            let (status, text) = get(addr, "/ready").await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "stalled for good: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.shutdown().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
