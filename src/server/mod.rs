@@ -791,19 +791,10 @@ mod tests {
             serve: super::ServeArgs,
         }
         let dir = super::batcher::tests::tiny_index("ready-stalled");
-        let argv = [
-            "serve",
-            "--index",
-            dir.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--timeout-ms",
-            "200",
-        ];
+        let flags = "--addr 127.0.0.1:0 --threads 1 --device cpu --timeout-ms 200";
+        let argv = ["serve", "--index", dir.to_str().unwrap()]
+            .into_iter()
+            .chain(flags.split(' '));
         let config = Cli::parse_from(argv).serve.config().unwrap();
         let server = super::Server::start(config).await.unwrap();
         let addr = server.addr();

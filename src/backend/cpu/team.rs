@@ -7,9 +7,9 @@
 //! itself. A [`Team`] keeps its workers spinning on one counter for a while after each region,
 //! so the next region starts on every core at once: first without giving up the core
 //! ([`SPIN_HOT`], the gaps inside a pass), then yielding it every few microseconds to any thread
-//! that waits for one (until the team's idle spin, [`DEFAULT_SPIN`] unless [`set_idle_spin`]: the gaps between a search's passes and between one
-//! request and the next, where the server's HTTP threads and scorer run on a core kept awake),
-//! and only then do they park.
+//! that waits for one (until the team's idle spin, [`DEFAULT_SPIN`] unless [`set_idle_spin`]:
+//! the gaps between a search's passes and between one request and the next, where the server's
+//! HTTP threads and scorer run on a core kept awake), and only then do they park.
 //!
 //! The caller of [`Team::run`] works too: a team of `n` threads has `n - 1` workers. Tasks are
 //! claimed from one shared word (the region's number, its task count and the next task), so a
@@ -43,8 +43,8 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(1500);
 static IDLE_SPIN_US: AtomicU64 = AtomicU64::new(DEFAULT_SPIN.as_micros() as u64);
 
 /// How long the workers of teams made from now on spin, idle, before they park (process-wide;
-/// `gram serve --idle-spin-us`). Zero parks them as soon as their core has been kept
-/// [`SPIN_HOT`] (the gaps inside a pass still spin).
+/// `gram serve --idle-spin-us`). Zero parks them once they have kept their core 20 µs (the
+/// gaps inside a pass still spin).
 pub fn set_idle_spin(spin: Duration) {
     let us = u64::try_from(spin.as_micros()).unwrap_or(u64::MAX);
     IDLE_SPIN_US.store(us, Ordering::Relaxed);
