@@ -472,8 +472,24 @@ impl Queue {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .per_second(now);
-        if overloaded(st.arrivals.per_second(now), rate) {
-            wait_refusal(depth, free, rate, max_wait)
+        let arrivals = st.arrivals.per_second(now);
+        if overloaded(arrivals, rate) {
+            let refusal = wait_refusal(depth, free, rate, max_wait);
+            if refusal.is_some() {
+                // Why, for an operator who sees 503s below the rate they expect
+                // (`RUST_LOG=gram::server::queue=debug`).
+                tracing::debug!(
+                    depth,
+                    free,
+                    in_flight,
+                    max_batch,
+                    head_blocked = st.head_blocked,
+                    arrivals = ?arrivals,
+                    rate = ?rate,
+                    "refused: the wait would be too long"
+                );
+            }
+            refusal
         } else {
             None
         }
