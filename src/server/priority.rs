@@ -40,18 +40,18 @@ fn set_batch() -> std::io::Result<()> {
     Ok(())
 }
 
-/// The scheduling policy of thread `tid` of this process (Linux): field 41 of its `stat`.
-#[cfg(all(test, target_os = "linux"))]
-pub(crate) fn policy_of(tid: &str) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count after its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(41 - 3)?.parse().ok()
-}
-
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    /// The scheduling policy of thread `tid` of this process: field 41 of its `stat`, read as
+    /// `tests/default_model.rs` reads it from a `gram serve` child.
+    fn policy_of(tid: &str) -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count after its last ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().nth(41 - 3)?.parse().ok()
+    }
 
     fn this_thread_policy() -> i32 {
         // SAFETY: no arguments but the calling thread.
@@ -71,7 +71,7 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(policy, libc::SCHED_BATCH);
-        // The /proc reader the server test uses agrees with the kernel's answer.
+        // Reading /proc as the server's test does agrees with the kernel's answer.
         assert_eq!(tid, Some(libc::SCHED_BATCH));
         // The caller's own thread is untouched.
         assert_eq!(this_thread_policy(), libc::SCHED_OTHER);
