@@ -57,10 +57,11 @@ pub enum Activations {
     /// As f32: every path gives the bits of the weights' f32 values.
     #[default]
     Exact,
-    /// Q4_1 panels at two rows or more, under the AVX-512 ISA on CPUs with VNNI: the rows
-    /// quantized to i16 per block of 32 (`simd::int16`), the kernel about 1.75× as fast,
-    /// within ~2e-5 of the output's scale. Everything else (one row, other formats, other
-    /// ISAs and CPUs) stays exact.
+    /// Q4_1 panels under the AVX-512 ISA on CPUs with VNNI: the rows quantized to i16 per
+    /// block of 32 (`simd::int16`), the ten-row kernel about 1.75× as fast, within ~2e-5 of
+    /// the output's scale. One row takes the same kernel (not the exact GEMV), so a row gives
+    /// the same bits alone as in any batch. Everything else (other formats, other ISAs and
+    /// CPUs) stays exact.
     Int16,
 }
 
@@ -182,7 +183,6 @@ fn matmul_with(
     // Int16 rows for the Q4_1 panels: made once, shared by all jobs. Only where the VNNI
     // kernel runs (elsewhere its twin would: the same bits, far slower).
     let quant = (act == Activations::Int16
-        && rows > 1
         && isa.runnable() == Isa::Avx512
         && simd::has_vnni()
         && jobs.iter().any(|j| matches!(j.panels, Some(View::Q4_1(_)))))
@@ -223,7 +223,7 @@ fn matmul_with(
 }
 
 /// Output columns `n0..n1` of one job, for all rows. `quant`: the rows as i16, for Q4_1
-/// panels at two rows or more (`Activations::Int16`).
+/// panels (`Activations::Int16`).
 #[allow(clippy::too_many_arguments)]
 fn range(
     isa: Isa,
@@ -266,7 +266,6 @@ fn range(
         // of up to 40 rows; faster than the copy, docs/PERF.md "Prompts without the f32
         // copy"); for more, once into an f32 copy that every pass reads. The same values, so
         // the same bits either way.
-        // `quant` is there only for two rows or more (`matmul_with`).
         let int16 = quant.filter(|_| matches!(p, View::Q4_1(_)));
         let copy =
             int16.is_none() && p.is_quantized() && rows > COPY_AFTER_PASSES * simd::panel_tr(p);
@@ -292,7 +291,9 @@ fn range(
                 None => dst.copy_from_slice(acc_t),
             }
         };
-        if rows == 1 {
+        // Under int16 one row takes the many-row kernel below: its per-row sums do not depend
+        // on the rows beside it, so a row alone and in a batch give the same bits.
+        if rows == 1 && int16.is_none() {
             // One row: several panels side by side, for more FMA chains in flight.
             let mut acc = [[0f32; PANEL]; GEMV_PANELS];
             let (p0, p1) = (n0 / PANEL, n1.div_ceil(PANEL));
@@ -465,10 +466,10 @@ mod tests {
     }
 
     /// `Activations::Int16` through `matmul_act` and `matmul_silu_mul_act` (Q4_1 panels, a
-    /// bias, rows in one group, several and past the f32-copy threshold): one row stays the
-    /// exact path bit for bit; more rows are within 1e-4 of the exact product's scale (the
-    /// kernel's own bound is tested in `simd::tests`); other ISAs and CPUs without VNNI keep
-    /// the exact bits.
+    /// bias, one row, rows in one group, several and past the f32-copy threshold): within
+    /// 1e-4 of the exact product's scale (the kernel's own bound is tested in `simd::tests`),
+    /// and each row computed alone gives the bits it has among the others; other ISAs and
+    /// CPUs without VNNI keep the exact bits.
     #[test]
     fn int16_activations_through_matmul() {
         let (n, k) = (70, 96);
@@ -482,7 +483,7 @@ mod tests {
                 let x: Vec<f32> = (0..rows * k)
                     .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
                     .collect();
-                let run = |act: Activations, glu: bool| {
+                let run_rows = |x: &[f32], rows: usize, act: Activations, glu: bool| {
                     let mut outs = [vec![0f32; rows * n], vec![0f32; rows * n]];
                     let [o0, o1] = &mut outs;
                     let job = |out| MatJob {
@@ -494,12 +495,13 @@ mod tests {
                     };
                     let mut jobs = [job(o0.as_mut_slice()), job(o1.as_mut_slice())];
                     if glu {
-                        matmul_silu_mul_act(isa, &x, rows, k, &mut jobs, act);
+                        matmul_silu_mul_act(isa, x, rows, k, &mut jobs, act);
                     } else {
-                        matmul_act(isa, &x, rows, k, &mut jobs, act);
+                        matmul_act(isa, x, rows, k, &mut jobs, act);
                     }
                     outs
                 };
+                let run = |act: Activations, glu: bool| run_rows(&x, rows, act, glu);
                 for glu in [false, true] {
                     let exact = run(Activations::Exact, glu);
                     let int16 = run(Activations::Int16, glu);
@@ -511,9 +513,18 @@ mod tests {
                         assert_eq!(bits(&exact[1]), bits(&exact[0]), "{ctx}: job 1");
                         assert_eq!(bits(&int16[1]), bits(&int16[0]), "{ctx}: job 1");
                     }
-                    if rows == 1 || isa.runnable() != Isa::Avx512 || !simd::has_vnni() {
+                    if isa.runnable() != Isa::Avx512 || !simd::has_vnni() {
                         assert_eq!(bits(&exact[0]), bits(&int16[0]), "{ctx}");
                         continue;
+                    }
+                    // A row alone (the one-row path) gives the bits it has in the batch.
+                    for t in [0, rows / 2, rows - 1] {
+                        let alone = run_rows(&x[t * k..(t + 1) * k], 1, Activations::Int16, glu);
+                        assert_eq!(
+                            bits(&alone[0]),
+                            bits(&int16[0][t * n..(t + 1) * n]),
+                            "{ctx}: row {t} alone"
+                        );
                     }
                     let scale = exact[0].iter().fold(0f32, |a, v| a.max(v.abs()));
                     let worst = exact[0]

@@ -31,7 +31,7 @@ const MAX_SPARE: usize = 48;
 /// The CPU backend. `isa` picks the SIMD kernels (detected, or forced for parity tests).
 /// `bf16_operands` rounds the activation operand of every GEMM to bf16 first, as the CUDA
 /// backend's cuBLAS GEMMs do: the GPU's numerics on the CPU, for parity tests.
-/// `activations`: how the many-row Q4_1 products read the token rows
+/// `activations`: how the Q4_1 products read the token rows
 /// ([`matmul::Activations`]); `Exact` unless `GRAM_INT16_ACTIVATIONS=1` (and the CPU has
 /// AVX512-VNNI).
 #[derive(Debug, Clone, Copy)]

@@ -1,4 +1,4 @@
-//! The many-row Q4_1 product with the token rows quantized to i16 (`GRAM_INT16_ACTIVATIONS=1`,
+//! The Q4_1 product (any number of rows, one included) with the token rows quantized to i16 (`GRAM_INT16_ACTIVATIONS=1`,
 //! AVX512-VNNI only): each row, per block of 32 input columns, becomes `x ≈ s·xq` (`xq` in
 //! ±32,767), and a Q4_1 block's product `Σ (q·d + m)·x` becomes `d·s·Σ q·xq + m·s·Σ xq`, the
 //! inner sums exact in i32 (`vpdpwssd`, two products a lane), so the nibbles are never
