@@ -248,7 +248,7 @@ fn step_loop<B: Backend>(
             }
             admit(&mut st, batch, &mut flying, config, metrics);
             held_back = !st.jobs.is_empty();
-            metrics.set_queue_depth(st.jobs.len());
+            queue.publish_depth(st.jobs.len());
             // Published under the lock: a push never sees the admitted jobs gone from the
             // queue and not yet in the batch (it would count their places as free).
             in_flight(queue, metrics, flying.len());
@@ -496,7 +496,7 @@ pub fn fail_all(queue: &Queue) {
             message: "the batcher stopped".into(),
         }));
     }
-    queue.metrics.set_queue_depth(0);
+    queue.publish_depth(0);
     in_flight(queue, &queue.metrics, 0);
 }
 
@@ -771,6 +771,30 @@ pub(super) mod tests {
             }
             drop(close);
         });
+    }
+
+    /// Jobs queued with no batcher taking them are stalled once they have waited past the
+    /// limit (`stalled` reads the depth the queue publishes, not its lock), and no longer once
+    /// the queue is empty.
+    #[test]
+    fn queued_jobs_that_no_batcher_takes_are_stalled() {
+        use std::sync::Arc;
+
+        let engine = tiny_engine("queued");
+        let metrics = Arc::new(Metrics::default());
+        let (queue, _) = batcher_of(&engine, &metrics);
+        let limit = Duration::from_millis(50);
+        assert_eq!(queue.stalled(limit), None, "an empty queue");
+        let rx = push(&engine, &queue, "oak desk");
+        std::thread::sleep(2 * limit);
+        let since = queue.stalled(limit).expect("a job waits and nothing moves");
+        assert!(since > limit, "{since:?}");
+        super::fail_all(&queue);
+        assert!(
+            answer(rx).expect("answered").is_err(),
+            "failed, not searched"
+        );
+        assert_eq!(queue.stalled(limit), None, "nothing waits");
     }
 
     /// A decoder step that does not return, and scoring that does not return, show as stalled

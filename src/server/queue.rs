@@ -91,6 +91,9 @@ pub struct Queue {
     in_flight: std::sync::atomic::AtomicUsize,
     /// The batch's recent service rate (the batcher reports every step).
     service: Mutex<ServiceRate>,
+    /// Jobs queued, published under the lock at every change ([`Queue::publish_depth`]): what
+    /// [`Queue::stalled`] reads without taking the lock.
+    depth: std::sync::atomic::AtomicUsize,
     /// Its depth gauge, set under the lock.
     pub(super) metrics: Arc<Metrics>,
     /// Progress of the batcher and the scoring threads, for [`Queue::stalled`].
@@ -283,6 +286,7 @@ impl Queue {
             max_batch: 1.into(),
             in_flight: Default::default(),
             service: Mutex::new(ServiceRate::default()),
+            depth: 0.into(),
             metrics,
             progress: Progress {
                 born: Instant::now(),
@@ -377,11 +381,19 @@ impl Queue {
     /// batcher ([`Queue::push`]), so a long quiet spell does not count.
     pub fn stalled(&self, limit: Duration) -> Option<Duration> {
         use std::sync::atomic::Ordering::Relaxed;
-        let queued = !self.lock().jobs.is_empty();
+        // Not the lock: a `/ready` probe must not wait behind pushes and the batcher.
+        let queued = self.depth.load(Relaxed) > 0;
         let p = &self.progress;
         let busy = queued || self.in_flight.load(Relaxed) > 0 || p.scoring.load(Relaxed) > 0;
         let since = Duration::from_micros(p.now_us().saturating_sub(p.last_us.load(Relaxed)));
         (busy && since > limit).then_some(since)
+    }
+
+    /// The queue now holds `n` jobs: the depth gauge and [`Queue::stalled`]'s count. Called
+    /// under the lock, after every change to the jobs.
+    pub(super) fn publish_depth(&self, n: usize) {
+        self.depth.store(n, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_queue_depth(n);
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -419,7 +431,7 @@ impl Queue {
         }
         st.jobs.push_back(job);
         let depth = st.jobs.len();
-        self.metrics.set_queue_depth(depth);
+        self.publish_depth(depth);
         drop(st);
         self.changed.notify_one();
         Ok(depth)
@@ -449,7 +461,7 @@ impl Queue {
         let before = st.jobs.len();
         st.jobs.retain(|j| !j.reply.is_closed());
         if st.jobs.len() != before {
-            self.metrics.set_queue_depth(st.jobs.len());
+            self.publish_depth(st.jobs.len());
         }
     }
 
