@@ -34,8 +34,9 @@ use tokio::time::Instant;
 const MAX_SECONDS: f64 = 1e6;
 /// The highest `--rate` taken, requests per second.
 const MAX_RATE: f64 = 1e6;
-/// How long the load generator keeps an idle connection: under any server's keep-alive (see
-/// where the client is built).
+/// How long the load generator keeps an idle connection: under `gram serve`'s default keep-alive
+/// (5 s) and most servers' (see where the client is built); a server that closes idle
+/// connections sooner can still race with it.
 const POOL_IDLE: Duration = Duration::from_secs(2);
 
 /// Clients of a closed loop at most (each is a task with its own connection).
@@ -436,7 +437,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let report = runtime.block_on(async {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        // An idle connection is dropped well before a server's keep-alive ends (`gram serve`
+        // An idle connection is dropped before the server's keep-alive ends (`gram serve`
         // closes one idle for `--header-timeout-ms`, 5 s): a request sent on a connection just
         // as the server closes it fails, and an open loop, which opens connections in bursts
         // and leaves most idle afterwards, hit that race (7 `connect` failures in one 15 s run

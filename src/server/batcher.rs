@@ -774,8 +774,9 @@ pub(super) mod tests {
     }
 
     /// Jobs queued with no batcher taking them are stalled once they have waited past the
-    /// limit (`stalled` reads the depth the queue publishes, not its lock), and no longer once
-    /// the queue is empty.
+    /// limit, also while another thread holds the queue's lock (`stalled` reads the depth the
+    /// queue publishes, so a `/ready` probe never waits for the lock), and no longer once the
+    /// queue is empty.
     #[test]
     fn queued_jobs_that_no_batcher_takes_are_stalled() {
         use std::sync::Arc;
@@ -787,7 +788,15 @@ pub(super) mod tests {
         assert_eq!(queue.stalled(limit), None, "an empty queue");
         let rx = push(&engine, &queue, "oak desk");
         std::thread::sleep(2 * limit);
-        let since = queue.stalled(limit).expect("a job waits and nothing moves");
+        let (tx, probed) = std::sync::mpsc::channel();
+        let since = std::thread::scope(|s| {
+            let held = queue.lock();
+            s.spawn(|| tx.send(queue.stalled(limit)).unwrap());
+            let probe = probed.recv_timeout(Duration::from_secs(10));
+            drop(held);
+            probe.expect("`stalled` waited for the queue's lock")
+        });
+        let since = since.expect("a job waits and nothing moves");
         assert!(since > limit, "{since:?}");
         super::fail_all(&queue);
         assert!(

@@ -381,8 +381,9 @@ impl Queue {
     /// batcher ([`Queue::push`]), so a long quiet spell does not count.
     pub fn stalled(&self, limit: Duration) -> Option<Duration> {
         use std::sync::atomic::Ordering::Relaxed;
-        // Not the lock: a `/ready` probe must not wait behind pushes and the batcher.
-        let queued = self.depth.load(Relaxed) > 0;
+        // Not the lock: a `/ready` probe must not wait behind pushes and the batcher. Acquire:
+        // a push's `progressed` (before its `publish_depth`) is seen with its job.
+        let queued = self.depth.load(std::sync::atomic::Ordering::Acquire) > 0;
         let p = &self.progress;
         let busy = queued || self.in_flight.load(Relaxed) > 0 || p.scoring.load(Relaxed) > 0;
         let since = Duration::from_micros(p.now_us().saturating_sub(p.last_us.load(Relaxed)));
@@ -392,7 +393,7 @@ impl Queue {
     /// The queue now holds `n` jobs: the depth gauge and [`Queue::stalled`]'s count. Called
     /// under the lock, after every change to the jobs.
     pub(super) fn publish_depth(&self, n: usize) {
-        self.depth.store(n, std::sync::atomic::Ordering::Relaxed);
+        self.depth.store(n, std::sync::atomic::Ordering::Release);
         self.metrics.set_queue_depth(n);
     }
 

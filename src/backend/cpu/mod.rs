@@ -124,7 +124,9 @@ impl Backend for CpuBackend {
             },
             match self.activations {
                 matmul::Activations::Exact => "",
-                matmul::Activations::Int16 => "-int16-activations",
+                // "2": one-row products int16 too (thirty-third session), other numbers than
+                // the first kind's, whose index shards a build must not take.
+                matmul::Activations::Int16 => "-int16-activations-2",
             }
         )
     }

@@ -1,11 +1,10 @@
-//! The Q4_1 product (any number of rows, one included) with the token rows quantized to i16 (`GRAM_INT16_ACTIVATIONS=1`,
-//! AVX512-VNNI only): each row, per block of 32 input columns, becomes `x ≈ s·xq` (`xq` in
-//! ±32,767), and a Q4_1 block's product `Σ (q·d + m)·x` becomes `d·s·Σ q·xq + m·s·Σ xq`, the
-//! inner sums exact in i32 (`vpdpwssd`, two products a lane), so the nibbles are never
-//! converted to f32. About twice the exact kernel's speed at ten rows on an Intel core, at an
-//! error of ~2e-5 of the output's scale (docs/PERF.md, "Q4_1 against integer dot products").
-//! Not bit-identical to the exact path; [`panel_q4_1_twin`] is this path's slow twin, bit for
-//! bit.
+//! The Q4_1 product (any number of rows, one included) with the token rows quantized to i16
+//! (`GRAM_INT16_ACTIVATIONS=1`, AVX512-VNNI only): each row, per block of 32 input columns, becomes
+//! `x ≈ s·xq` (`xq` in ±32,767), and a Q4_1 block's product `Σ (q·d + m)·x` becomes `d·s·Σ q·xq +
+//! m·s·Σ xq`, the inner sums exact in i32 (`vpdpwssd`, two products a lane), so the nibbles are
+//! never converted to f32. About twice the exact kernel's speed at ten rows on an Intel core, at an
+//! error of ~2e-5 of the output's scale (docs/PERF.md, "Q4_1 against integer dot products"). Not
+//! bit-identical to the exact path; [`panel_q4_1_twin`] is this path's slow twin, bit for bit.
 
 use super::PANEL;
 use crate::tensor::View;
