@@ -57,48 +57,4 @@ for i in $(seq "$pairs"); do
 done
 run "closed$((pairs + 1))" --concurrency 16 --duration "$secs"
 
-python3 - "$out" "$pairs" <<'EOF' | tee "$out/summary.md"
-import csv, json, math, sys
-out, pairs = sys.argv[1], int(sys.argv[2])
-
-def admitted(name):
-    # Every request the server took: answered, or given up at its deadline (504) or by the client
-    # (timeout), which is an admitted request's latency too, at least. Refused at the door (503)
-    # is not; nor are failures that never reached an answer (connect, body, client), counted
-    # under "other errors".
-    with open(f"{out}/{name}/latencies.csv") as f:
-        return [float(r["latency_ms"]) for r in csv.DictReader(f)
-                if r["status"] in ("200", "504", "timeout")]
-
-def p99(v):
-    # Nearest rank, as `gram bench` reports it; None for no samples.
-    v = sorted(v)
-    return v[max(math.ceil(0.99 * len(v)), 1) - 1] if v else None
-
-def fmt(x, spec=".1f"):
-    return "n/a" if x is None else format(x, spec)
-
-def report(name):
-    return json.load(open(f"{out}/{name}/report.json"))
-
-print("| run | answered/s | 503s | other errors | admitted p99 ms | engine p99 ms | queue p99 ms | p99 / mean of the closed loops around it |")
-print("|---|---|---|---|---|---|---|---|")
-closed, opened = [], []
-for i in range(1, pairs + 2):
-    for name in [f"closed{i}"] + ([f"open{i}"] if i <= pairs else []):
-        r, lat = report(name), admitted(name)
-        ratio = ""
-        if name.startswith("open"):
-            opened += lat
-            around = [p99(admitted(f"closed{i}")), p99(admitted(f"closed{i + 1}"))]
-            if p99(lat) is not None and None not in around:
-                ratio = f"{p99(lat) / (sum(around) / 2):.3f}"
-        else:
-            closed += lat
-        other = sum(v for k, v in r["errors"].items() if k != "503")
-        print(f"| {name} | {r['qps']:.0f} | {r['errors'].get('503', 0)} | {other} | {fmt(p99(lat))} | "
-              f"{fmt(r['engine_ms']['p99'])} | {fmt(r['queue_ms']['p99'])} | {ratio} |")
-ratio = (f"{p99(opened) / p99(closed):.3f}" if opened and closed else "n/a")
-print(f"\npooled: {len(opened)} admitted under overload, p99 {fmt(p99(opened))} ms; {len(closed)} "
-      f"in the closed loops, p99 {fmt(p99(closed))} ms; **{ratio}×**")
-EOF
+python3 tools/latency_summary.py overload "$out" "$pairs" | tee "$out/summary.md"

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 5's ten-minute run at twice the saturating rate, rerunnable: ONE `gram serve` on the
+# default index (its defaults) lives through a closed loop of 16 clients (CLOSED seconds), an
+# open loop at RATE requests/s (OPEN seconds), and the closed loop again; its RSS is sampled
+# every 10 s throughout; then SIGINT, and its exit status is kept. The summary compares the
+# admitted requests' p99 under overload with the closed loops around it, counts 503s and other
+# errors, and says how the RSS moved after the overload's first minute.
+#
+#   tools/bench_soak.sh RATE [OPEN_SECONDS] [CLOSED_SECONDS] [OUT_DIR]
+#   # defaults: 600 120 bench-out/soak; about OPEN + 2 × CLOSED seconds
+#
+# RATE: twice what the closed loop answers on this box (`tools/bench_overload.sh` prints it as
+# closed1's answered/s). The load generator runs under `nice -n 19` so the server has the cores
+# first. Needs the default index (tools/serve_default.sh builds it) and port 8080 free.
+# docs/SERVER.md has the results. tools/bench_overload.sh alternates fresh servers instead,
+# which makes the host's drift visible; this one is for growth and crashes over time.
+set -euo pipefail
+trap '[ -n "${pid:-}" ] && kill -INT "$pid" 2>/dev/null || true; [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null || true' EXIT
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+rate=${1:?usage: tools/bench_soak.sh RATE [OPEN_SECONDS] [CLOSED_SECONDS] [OUT_DIR]}
+open_s=${2:-600}
+closed_s=${3:-120}
+out=${4:-bench-out/soak}
+for n in "$rate" "$open_s" "$closed_s"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "error: RATE and the durations are positive integers, not '$n'" >&2; exit 2; }
+done
+index=${GRAM_DEFAULT_INDEX:-target/default-index}
+gram=target/release/gram
+[ -f "$index/index.gram" ] || { echo "error: no index in $index: run tools/serve_default.sh once" >&2; exit 1; }
+if curl -s -o /dev/null localhost:8080/health; then
+  echo "error: port 8080 is taken (another server?)" >&2
+  exit 1
+fi
+cargo build --release --bin gram
+mkdir -p "$out"
+rm -f "$out/rss.tsv" "$out/server.exit" "$out/phase"
+
+"$gram" serve --index "$index" 2>"$out/server.log" &
+pid=$!
+for _ in $(seq 240); do
+  curl -sf localhost:8080/ready >/dev/null 2>&1 && break
+  kill -0 "$pid" 2>/dev/null || { echo "error: gram serve exited: $out/server.log" >&2; exit 1; }
+  sleep 0.5
+done
+curl -sf localhost:8080/ready >/dev/null 2>&1 || { echo "error: not ready in 120 s: $out/server.log" >&2; exit 1; }
+
+# RSS every 10 s: seconds since ready, the phase running, kB.
+echo ready >"$out/phase"
+start=$(date +%s)
+(
+  while kb=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null) && [ -n "$kb" ]; do
+    echo "$(($(date +%s) - start)) $(cat "$out/phase") $kb" >>"$out/rss.tsv"
+    sleep 10
+  done
+) &
+sampler=$!
+
+load() { # load NAME BENCH_FLAGS...
+  local name=$1
+  shift
+  echo "$name" >"$out/phase"
+  echo "$name: $*" >&2
+  nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
+    --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1
+  kill -0 "$pid" 2>/dev/null || { echo "error: gram serve died during $name: $out/server.log" >&2; exit 1; }
+}
+load closed1 --concurrency 16 --duration "$closed_s"
+load open --rate "$rate" --duration "$open_s"
+load closed2 --concurrency 16 --duration "$closed_s"
+echo stop >"$out/phase"
+curl -s localhost:8080/metrics >"$out/metrics.txt"
+sleep 1 # one more RSS sample after the load
+kill -INT "$pid"
+status=0
+wait "$pid" || status=$?
+pid=
+echo "exit status $status after SIGINT" >"$out/server.exit"
+kill "$sampler" 2>/dev/null || true
+sampler=
+
+python3 tools/latency_summary.py soak "$out" | tee "$out/summary.md"
