@@ -12,7 +12,9 @@
 # default index (tools/serve_default.sh builds it) and port 8080 free. docs/SERVER.md has the
 # results.
 set -euo pipefail
-trap '[ -n "${pid:-}" ] && kill -INT "$pid" 2>/dev/null || true' EXIT
+# SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored, and the server
+# installs its own handler only once it is up. It stops on either the same way.
+trap '[ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null || true' EXIT
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 rate=${1:?usage: tools/bench_overload.sh RATE [PAIRS] [SECONDS] [OUT_DIR]}

@@ -15,7 +15,9 @@
 # docs/SERVER.md has the results. tools/bench_overload.sh alternates fresh servers instead,
 # which makes the host's drift visible; this one is for growth and crashes over time.
 set -euo pipefail
-trap '[ -n "${pid:-}" ] && kill -INT "$pid" 2>/dev/null || true; [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null || true' EXIT
+# SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored, and the server
+# installs its own handler only once it is up. It stops on either the same way.
+trap '[ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null || true; [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null || true' EXIT
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 rate=${1:?usage: tools/bench_soak.sh RATE [OPEN_SECONDS] [CLOSED_SECONDS] [OUT_DIR]}
@@ -45,38 +47,67 @@ for _ in $(seq 240); do
 done
 curl -sf localhost:8080/ready >/dev/null 2>&1 || { echo "error: not ready in 120 s: $out/server.log" >&2; exit 1; }
 
-# RSS every 10 s: seconds since ready, the phase running, kB.
-echo ready >"$out/phase"
+# RSS every 10 s: seconds since ready, the phase running, kB. The phase file is replaced, never
+# rewritten in place, so the sampler never reads it empty.
+phase() { echo "$1" >"$out/phase.tmp" && mv "$out/phase.tmp" "$out/phase"; }
+sample() { # one line of rss.tsv; fails once the server is gone
+  local kb
+  kb=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null) && [ -n "$kb" ] &&
+    echo "$(($(date +%s) - start)) $(cat "$out/phase") $kb" >>"$out/rss.tsv"
+}
+phase ready
 start=$(date +%s)
 (
-  while kb=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null) && [ -n "$kb" ]; do
-    echo "$(($(date +%s) - start)) $(cat "$out/phase") $kb" >>"$out/rss.tsv"
-    sleep 10
+  while sample; do
+    # In the background with no inherited output, so that killing this loop leaves no sleep
+    # holding a pipe the script's output goes to.
+    sleep 10 </dev/null >/dev/null 2>&1 &
+    wait $!
   done
 ) &
 sampler=$!
 
+died() { # the server is gone during $1: keep its exit status and stop
+  local status=0
+  wait "$pid" || status=$?
+  pid=
+  echo "exit status $status: died during $1" >"$out/server.exit"
+  echo "error: gram serve died during $1 (exit status $status): $out/server.log" >&2
+  exit 1
+}
+
 load() { # load NAME BENCH_FLAGS...
   local name=$1
   shift
-  echo "$name" >"$out/phase"
+  phase "$name"
   echo "$name: $*" >&2
+  # `gram bench` fails only when nothing was answered; the server's state says why.
   nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
-    --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1
-  kill -0 "$pid" 2>/dev/null || { echo "error: gram serve died during $name: $out/server.log" >&2; exit 1; }
+    --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1 ||
+    echo "warning: gram bench failed in $name: $out/$name.out" >&2
+  kill -0 "$pid" 2>/dev/null || died "$name"
 }
 load closed1 --concurrency 16 --duration "$closed_s"
 load open --rate "$rate" --duration "$open_s"
 load closed2 --concurrency 16 --duration "$closed_s"
-echo stop >"$out/phase"
-curl -s localhost:8080/metrics >"$out/metrics.txt"
-sleep 1 # one more RSS sample after the load
+phase stop
+kill "$sampler" 2>/dev/null || true
+sampler=
+sample || died "the last RSS sample" # the RSS after the load
+curl -s localhost:8080/metrics >"$out/metrics.txt" || died "the read of /metrics"
+# A graceful stop finishes the requests in flight: seconds at most. A second signal after a
+# minute makes it quit at once (exit status 130).
 kill -INT "$pid"
+for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+how="after SIGINT"
+if kill -0 "$pid" 2>/dev/null; then
+  echo "warning: gram serve still running a minute after SIGINT; signalling again" >&2
+  kill -INT "$pid"
+  how="after a second SIGINT (the first did not stop it within a minute)"
+fi
 status=0
 wait "$pid" || status=$?
 pid=
-echo "exit status $status after SIGINT" >"$out/server.exit"
-kill "$sampler" 2>/dev/null || true
-sampler=
+echo "exit status $status $how" >"$out/server.exit"
 
 python3 tools/latency_summary.py soak "$out" | tee "$out/summary.md"

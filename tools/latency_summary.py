@@ -86,9 +86,11 @@ def soak(out):
     r = report(out, "open")
     print(f"\nopen loop: {r['requests']} sent, {r['ok']} answered, "
           f"{r['errors'].get('503', 0)} refused (503), {other_errors(r)} other errors")
-    # rss.tsv: seconds since the server was ready, phase, RSS in kB.
+    # rss.tsv: seconds since the server was ready, phase, RSS in kB (MiB below); a line cut
+    # short (the script stopped while writing it) is skipped.
     with open(f"{out}/rss.tsv") as f:
-        rss = [(float(t), phase, int(kb)) for t, phase, kb in (line.split() for line in f)]
+        rss = [(float(t), phase, int(kb)) for t, phase, kb in
+               (fields for fields in (line.split() for line in f) if len(fields) == 3)]
     opened = [(t, kb) for t, phase, kb in rss if phase == "open"]
     if opened:
         t0 = opened[0][0]
@@ -97,11 +99,12 @@ def soak(out):
         when = "after its first minute" if settled else "at its start (under a minute long)"
         settled = settled or opened
         last = opened[-max(len(opened) // 4, 1):]
-        print(f"RSS under overload: {settled[0][1] / 1024:.1f} MB {when}, "
-              f"max {max(kb for _, kb in opened) / 1024:.1f} MB, "
-              f"{min(kb for _, kb in last) / 1024:.1f}–{max(kb for _, kb in last) / 1024:.1f} MB "
-              f"over its last quarter: {(opened[-1][1] - settled[0][1]) / 1024:+.1f} MB")
-    print(f"RSS at the end: {rss[-1][2] / 1024:.1f} MB ({len(rss)} samples)")
+        print(f"RSS under overload: {settled[0][1] / 1024:.1f} MiB {when}, "
+              f"{min(kb for _, kb in last) / 1024:.1f}–{max(kb for _, kb in last) / 1024:.1f} MiB "
+              f"over its last quarter (max {max(kb for _, kb in opened) / 1024:.1f}): "
+              f"{(opened[-1][1] - settled[0][1]) / 1024:+.1f} MiB from the first of these "
+              f"to its end")
+    print(f"RSS at the end ({rss[-1][1]}): {rss[-1][2] / 1024:.1f} MiB ({len(rss)} samples)")
     try:
         with open(f"{out}/server.exit") as f:
             print(f"server: {f.read().strip()}")
