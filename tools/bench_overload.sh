@@ -25,26 +25,15 @@ index=${GRAM_DEFAULT_INDEX:-target/default-index}
 gram=target/release/gram
 # GRAM_SERVER_BIN: another build's server to compare (with an index of its format: GRAM_DEFAULT_INDEX)
 server=${GRAM_SERVER_BIN:-$gram}
-[ -f "$index/index.gram" ] || { echo "error: no index in $index: run tools/serve_default.sh once" >&2; exit 1; }
+. tools/serve_lib.sh
+check_index
 cargo build --release --bin gram
 mkdir -p "$out"
 
 run() { # run NAME BENCH_FLAGS...
   local name=$1
   shift
-  # A server already on the port would answer /ready for ours, which then fails to bind.
-  if curl -s -o /dev/null localhost:8080/health; then
-    echo "error: port 8080 is taken (another server?)" >&2
-    exit 1
-  fi
-  "$server" serve --index "$index" 2>"$out/$name.log" &
-  pid=$!
-  for _ in $(seq 240); do
-    curl -sf localhost:8080/ready >/dev/null 2>&1 && break
-    kill -0 "$pid" 2>/dev/null || { echo "error: gram serve exited: $out/$name.log" >&2; exit 1; }
-    sleep 0.5
-  done
-  curl -sf localhost:8080/ready >/dev/null 2>&1 || { echo "error: not ready in 120 s: $out/$name.log" >&2; exit 1; }
+  start_server "$out/$name.log"
   echo "$name: $*" >&2
   nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
     --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1

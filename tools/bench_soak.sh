@@ -29,23 +29,14 @@ for n in "$rate" "$open_s" "$closed_s"; do
 done
 index=${GRAM_DEFAULT_INDEX:-target/default-index}
 gram=target/release/gram
-[ -f "$index/index.gram" ] || { echo "error: no index in $index: run tools/serve_default.sh once" >&2; exit 1; }
-if curl -s -o /dev/null localhost:8080/health; then
-  echo "error: port 8080 is taken (another server?)" >&2
-  exit 1
-fi
+server=$gram
+. tools/serve_lib.sh
+check_index
 cargo build --release --bin gram
 mkdir -p "$out"
 rm -f "$out/rss.tsv" "$out/server.exit" "$out/phase"
 
-"$gram" serve --index "$index" 2>"$out/server.log" &
-pid=$!
-for _ in $(seq 240); do
-  curl -sf localhost:8080/ready >/dev/null 2>&1 && break
-  kill -0 "$pid" 2>/dev/null || { echo "error: gram serve exited: $out/server.log" >&2; exit 1; }
-  sleep 0.5
-done
-curl -sf localhost:8080/ready >/dev/null 2>&1 || { echo "error: not ready in 120 s: $out/server.log" >&2; exit 1; }
+start_server "$out/server.log"
 
 # RSS every 10 s: seconds since ready, the phase running, kB. The phase file is replaced, never
 # rewritten in place, so the sampler never reads it empty.
