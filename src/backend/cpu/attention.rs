@@ -1,8 +1,11 @@
 //! The CPU KV cache and GQA attention over it.
 //!
-//! Cache layout: `k`, `v: [layers, entries, Hkv * D]` f32 — an arena of token entries. A batch
-//! row writes its K/V at its entry and attends to the entries of its context (a contiguous span,
-//! then scattered links: see [`RowKv`]). Query head `h` reads KV head `h / (H / Hkv)`. Scores are
+//! Cache layout: `k`, `v: [layers, Hkv, entries, D]` f32 — an arena of token entries, each KV
+//! head's rows side by side. A batch row writes its K/V at its entry and attends to the entries
+//! of its context (a contiguous span, then scattered links: see [`RowKv`]), so a work item (one
+//! row, one KV head) streams a span's keys as one run of memory; with the entry's heads side by
+//! side instead (`[layers, entries, Hkv * D]`) it read a third of every 768-byte entry
+//! (SmolLM2) and skipped the rest. Query head `h` reads KV head `h / (H / Hkv)`. Scores are
 //! scaled by `1/sqrt(D)`, the softmax is in f32 as HF's eager attention computes it.
 
 use super::simd::{self, Isa};
@@ -10,19 +13,21 @@ use crate::backend::{AttnShape, KvRows, RowKv};
 
 pub struct CpuKv {
     layers: usize,
+    kv_heads: usize,
     entries: usize,
-    kv_dim: usize,
+    head_dim: usize,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl CpuKv {
-    pub fn new(layers: usize, entries: usize, kv_dim: usize) -> CpuKv {
-        let n = layers * entries * kv_dim;
+    pub fn new(layers: usize, entries: usize, kv_heads: usize, head_dim: usize) -> CpuKv {
+        let n = layers * kv_heads * entries * head_dim;
         CpuKv {
             layers,
+            kv_heads,
             entries,
-            kv_dim,
+            head_dim,
             k: vec![0.0; n],
             v: vec![0.0; n],
         }
@@ -32,19 +37,24 @@ impl CpuKv {
         self.entries
     }
 
-    /// Offset of `(layer, entry)`.
+    /// Offset of `(layer, KV head, entry)`.
     #[inline]
-    fn at(&self, layer: usize, entry: usize) -> usize {
-        debug_assert!(layer < self.layers && entry < self.entries);
-        (layer * self.entries + entry) * self.kv_dim
+    fn at(&self, layer: usize, head: usize, entry: usize) -> usize {
+        debug_assert!(layer < self.layers && head < self.kv_heads && entry < self.entries);
+        ((layer * self.kv_heads + head) * self.entries + entry) * self.head_dim
     }
 
+    /// Writes `k`, `v: [T, Hkv * D]` (row `t` at `rows[t]`'s entry) into the cache.
     pub(super) fn store(&mut self, layer: usize, k: &[f32], v: &[f32], rows: &[RowKv]) {
-        let d = self.kv_dim;
+        let d = self.head_dim;
+        let kv_dim = self.kv_heads * d;
         for (t, row) in rows.iter().enumerate() {
-            let o = self.at(layer, row.entry as usize);
-            self.k[o..o + d].copy_from_slice(&k[t * d..(t + 1) * d]);
-            self.v[o..o + d].copy_from_slice(&v[t * d..(t + 1) * d]);
+            for g in 0..self.kv_heads {
+                let o = self.at(layer, g, row.entry as usize);
+                let i = t * kv_dim + g * d;
+                self.k[o..o + d].copy_from_slice(&k[i..i + d]);
+                self.v[o..o + d].copy_from_slice(&v[i..i + d]);
+            }
         }
     }
 }
@@ -98,9 +108,9 @@ pub fn attention(
         let qg = &q[(t * heads + h0) * d..(t * heads + h0 + per) * d];
         SCRATCH.with_borrow_mut(|Scratch { offs, scores, sums }| {
             // The context's K/V rows of this layer and KV head, read by both kernels.
-            let base = kv.at(layer, 0) + g * d;
+            let base = kv.at(layer, g, 0);
             offs.clear();
-            offs.extend(rows.context(row).map(|e| base + e * kv.kv_dim));
+            offs.extend(rows.context(row).map(|e| base + e * d));
             scores.clear();
             scores.resize(per * n, 0.0);
             simd::attn_scores(isa, qg, &kv.k, offs, d, scale, scores);

@@ -190,7 +190,8 @@ impl Backend for CpuBackend {
         Ok(CpuKv::new(
             config.num_hidden_layers,
             entries,
-            config.kv_dim(),
+            config.num_key_value_heads,
+            config.head_dim,
         ))
     }
 
