@@ -188,15 +188,27 @@ pub fn run<B: Backend>(
     let (to_score, jobs) = std::sync::mpsc::sync_channel::<ToScore>(config.max_batch.max(1));
     let jobs = Mutex::new(jobs);
     std::thread::scope(|scope| {
-        for i in 0..config.score_threads.max(1) {
-            let jobs = &jobs;
+        // Each scoring thread says when it runs, under its policy: the server is ready only
+        // then (a thread spawned may not have started yet on a busy host, and a test that
+        // read the threads' policies at `/ready` saw one still under the default).
+        let (up, running) = std::sync::mpsc::channel::<()>();
+        let threads = config.score_threads.max(1);
+        for i in 0..threads {
+            let (jobs, up) = (&jobs, up.clone());
             std::thread::Builder::new()
                 .name(format!("gram-score-{i}"))
                 .spawn_scoped(scope, move || {
                     super::priority::give_way_to_decoder();
+                    let _ = up.send(());
                     scorer(jobs, score, queue, metrics)
                 })
                 .map_err(|e| Error::io("spawning a scoring thread", e))?;
+        }
+        drop(up);
+        for _ in 0..threads {
+            if running.recv().is_err() {
+                break; // a scoring thread panicked before it ran: the scope's join reports it
+            }
         }
         started();
         // On the model's thread pool, so that each step's forward runs there without a
