@@ -533,9 +533,12 @@ impl<B: Backend> Engine<B> {
         let mut products = Vec::new();
         if !p.request.codes_only {
             // Query side: each code token's probability (the EOS is not a code token), and the
-            // code-likelihood term: the code's query-side log-probability (its tokens and the
-            // EOS), +0.0 without a `code_logprob` weight in gram.json.
-            let sides: Vec<(u32, Vec<f32>, Vec<f32>, f32)> = out
+            // code's prior: its query-side log-probability (its tokens and the EOS) and its
+            // specificity (its number of products), +0.0 without `code_logprob` and
+            // `code_size` weights in gram.json.
+            // (code, Pq of its tokens, their weights, its log-probabilities with the EOS)
+            type Side<'c> = (u32, Vec<f32>, Vec<f32>, &'c [f32]);
+            let sides: Vec<Side> = out
                 .codes
                 .iter()
                 .filter_map(|c| {
@@ -543,21 +546,20 @@ impl<B: Backend> Engine<B> {
                     let n = c.tokens.len();
                     let pq = c.token_logprobs[..n].iter().map(|l| l.exp()).collect();
                     let g = index.code(id)?.granularity as usize;
-                    let prior = self.settings.code_prior(&c.token_logprobs);
-                    Some((id, pq, vec![self.settings.weight(g); n], prior))
+                    Some((
+                        id,
+                        pq,
+                        vec![self.settings.weight(g); n],
+                        &c.token_logprobs[..],
+                    ))
                 })
                 .collect();
             let (lists, list_codes): (Vec<_>, Vec<u32>) = sides
                 .iter()
-                .filter_map(|(id, pq, w, prior)| {
+                .filter_map(|(id, pq, w, logprobs)| {
                     let list = index.postings(*id, pq, w)?;
-                    Some((
-                        score::Postings {
-                            prior: *prior,
-                            ..list
-                        },
-                        *id,
-                    ))
+                    let prior = self.settings.prior(logprobs, list.products.len());
+                    Some((score::Postings { prior, ..list }, *id))
                 })
                 .unzip();
             timings.postings = t.elapsed().as_secs_f64() * 1e3;

@@ -9,6 +9,10 @@
 //! S_rele before the aggregation (`score::code_prior`): `{"weight": α, "per_token": bool}`.
 //! Without it (every `gram.json` written before the term) the weight is 0 and products score
 //! exactly as by S_rele alone.
+//!
+//! `code_size` (optional) adds each matched code's specificity, `-β · ln(its number of
+//! products)`, to the same prior (`score::size_prior`): `{"weight": β}`. Absent: β 0, the
+//! scores of before.
 
 use std::path::Path;
 
@@ -32,6 +36,15 @@ pub struct Settings {
     pub aggregation: String,
     /// The code-likelihood term; absent = weight 0 (S_rele alone).
     pub code_logprob: CodeLogprob,
+    /// The code-specificity term; absent = weight 0.
+    pub code_size: CodeSize,
+}
+
+/// `prior(c) += -weight · ln |products of c|` (see `score::size_prior`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodeSize {
+    pub weight: f32,
 }
 
 /// `prior(c) = weight · log P(c | q)`, `log P` summed over the code's tokens and its EOS, or
@@ -64,6 +77,7 @@ impl Default for Settings {
             },
             aggregation: "max".into(),
             code_logprob: CodeLogprob::default(),
+            code_size: CodeSize::default(),
         }
     }
 }
@@ -121,6 +135,7 @@ impl Settings {
             ("weights.medium", s.weights.medium),
             ("weights.fine", s.weights.fine),
             ("code_logprob.weight", s.code_logprob.weight),
+            ("code_size.weight", s.code_size.weight),
         ];
         for (name, w) in weights {
             if !(w.is_finite() && w.abs() <= MAX_WEIGHT) {
@@ -162,6 +177,18 @@ impl Settings {
             logprobs,
             self.code_logprob.per_token,
         )
+    }
+
+    /// The prior of a query code: its likelihood term ([`Settings::code_prior`], from
+    /// `logprobs`) plus its specificity term over its `products` (`score::size_prior`).
+    pub fn prior(&self, logprobs: &[f32], products: usize) -> f32 {
+        let size = crate::score::size_prior(self.code_size.weight, products);
+        let prior = self.code_prior(logprobs) + size;
+        if prior.is_finite() {
+            prior
+        } else {
+            0.0
+        }
     }
 
     /// The weight of a code with `granularity` attributes.
@@ -227,6 +254,19 @@ mod tests {
         let s = write(r#"{"code_logprob":{"weight":0.5,"per_token":true}}"#).unwrap();
         assert_eq!(s.code_prior(&[-1.0, -2.0]), -0.75);
         assert_eq!((s.weight(1), s.aggregate()), (-1.0, Some(Aggregate::Max)));
+        // No code_size: the prior is the likelihood term's, bit for bit, at any list length.
+        assert_eq!(s.code_size, CodeSize::default());
+        assert_eq!(s.prior(&[-1.0, -2.0], 500).to_bits(), (-0.75f32).to_bits());
+        let s = write(r#"{"code_logprob":{"weight":0.5},"code_size":{"weight":0.25}}"#).unwrap();
+        let want = -1.5 - 0.25 * 40f64.ln();
+        assert!(
+            (s.prior(&[-1.0, -2.0], 40) as f64 - want).abs() < 1e-6,
+            "{want}"
+        );
+        // One product: ln 1 = 0, the likelihood term alone.
+        assert_eq!(s.prior(&[-1.0, -2.0], 1), -1.5);
+        let s = write(r#"{"code_size":{"weight":0.25}}"#).unwrap();
+        assert_eq!(s.prior(&[-1.0, -2.0], 1).to_bits(), 0f32.to_bits());
         // Each refusal names the file and what is wrong in it.
         for (bad, says) in [
             (r#"{"code_logprob":{"weight":1e40}}"#, "code_logprob.weight"),
@@ -244,6 +284,8 @@ mod tests {
                 "weights.coarse",
             ),
             (r#"{"code_logprob":{"weight":-2e6}}"#, "code_logprob.weight"),
+            (r#"{"code_size":{"weight":1e7}}"#, "code_size.weight"),
+            (r#"{"code_size":{"beta":1}}"#, "beta"),
             ("[]", "JSON object"),
             ("null", "JSON object"),
             ("not json", "expected"),

@@ -291,9 +291,10 @@ fn any_engine_opens_on_the_device_asked_for() {
     std::fs::remove_dir_all(ix.parent().unwrap()).unwrap();
 }
 
-/// The engine's product scores, with a `gram.json` of distinct granularity weights and the
-/// code-likelihood term, against an f64 recomputation from what the response says (each
-/// code's token log-probabilities) and what the index stores (each posting's quantized Pt):
+/// The engine's product scores, with a `gram.json` of distinct granularity weights, the
+/// code-likelihood term and the code-size term, against an f64 recomputation from what the
+/// response says (each code's token log-probabilities) and what the index stores (each
+/// posting's quantized Pt and its number of products):
 /// every product of the catalog scored, under `max` and `sum`; the engine's top k is the
 /// reference's, each score within f32 rounding, each product's matched codes exactly those
 /// of the reference.
@@ -314,12 +315,13 @@ fn scores_follow_gram_json_against_an_f64_reference() {
     // Coarse (1–2 parts) / medium (3) / fine (4+): the small index has 1-, 2- and 3-part codes.
     let (coarse, medium, fine, alpha) = (-0.3f64, -1.7f64, -0.9f64, 0.25f64);
     let mut codes_checked = 0;
-    for (aggregation, per_token) in [("max", false), ("sum", true)] {
+    for (aggregation, per_token, beta) in [("max", false, 0.35f64), ("sum", true, 0.6)] {
         let settings = serde_json::json!({
             "query_template": "{query}", "product_template": "{title}", "delimiter": " | ",
             "weights": {"coarse": coarse, "medium": medium, "fine": fine},
             "aggregation": aggregation,
             "code_logprob": {"weight": alpha, "per_token": per_token},
+            "code_size": {"weight": beta},
         });
         std::fs::write(dir.join("gram.json"), settings.to_string()).unwrap();
         let engine = Engine::open(&ix, Some(&dir), &Default::default()).unwrap();
@@ -349,6 +351,7 @@ fn scores_follow_gram_json_against_an_f64_reference() {
                 let pq: Vec<f64> = pq32.iter().map(|&p| p as f64).collect();
                 let w32 = vec![w as f32; n];
                 let list = index.postings(id, &pq32, &w32).unwrap();
+                let prior = prior - beta * (list.products.len() as f64).ln();
                 for (j, &product) in list.products.iter().enumerate() {
                     let pt: Vec<f64> = (0..n)
                         .map(|t| list.pt[t * list.products.len() + j] as f64 / 65535.0)

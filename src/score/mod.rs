@@ -90,6 +90,24 @@ pub fn code_prior(alpha: f32, logprobs: &[f32], per_token: bool) -> f32 {
     }
 }
 
+/// The specificity term of a query code with `len` products ([`Postings::prior`] adds it to
+/// [`code_prior`]): `-beta * ln len`, the log-probability of one product among the code's if
+/// each were as likely as the others, so that a product reached through a code of a few
+/// products outranks one among thousands of the same code likelihood. `0.0` (never `-0.0`)
+/// when `beta` is 0, `len` is 0 or 1, or the product is not finite: an engine without the term
+/// scores exactly as without it.
+pub fn size_prior(beta: f32, len: usize) -> f32 {
+    if beta == 0.0 || len <= 1 {
+        return 0.0;
+    }
+    let prior = -beta * (len as f32).ln();
+    if prior.is_finite() && prior != 0.0 {
+        prior
+    } else {
+        0.0
+    }
+}
+
 /// How a product's scores from several codes combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregate {
@@ -108,7 +126,7 @@ pub struct Postings<'a> {
     /// Granularity weight of each token position.
     pub w: &'a [f32],
     /// What every product reached through this code starts from before its S_rele terms
-    /// ([`code_prior`]; `0.0` for S_rele alone).
+    /// ([`code_prior`] plus [`size_prior`]; `0.0` for S_rele alone).
     pub prior: f32,
 }
 
@@ -287,6 +305,25 @@ mod tests {
     /// A hand-computed case: one product at S_rele 0 through an unlikely code, one at
     /// −0.0424750 through a likely one. S_rele alone ranks the unlikely one first; the prior
     /// turns them round.
+    /// The code-size term by hand: `-β ln n`, and `+0.0` where it must not move a score.
+    #[test]
+    fn size_prior_by_hand() {
+        let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-6 * b.abs();
+        assert!(close(size_prior(0.25, 100), -0.25 * 100f64.ln()));
+        assert!(close(size_prior(0.5, 3), -0.5 * 3f64.ln()));
+        // A negative weight rewards large codes (a fit may choose it).
+        assert!(close(size_prior(-0.1, 1000), 0.1 * 1000f64.ln()));
+        for (beta, n) in [
+            (0.0, 100),
+            (0.25, 1),
+            (0.25, 0),
+            (f32::NAN, 100),
+            (f32::INFINITY, 5),
+        ] {
+            assert_eq!(size_prior(beta, n).to_bits(), 0f32.to_bits(), "{beta} {n}");
+        }
+    }
+
     #[test]
     fn prior_ranks_the_likely_code_first_by_hand() {
         // Code 0 (likely): product 1, Pt 0.25 against Pq 0.5, weight −1:
