@@ -3,8 +3,8 @@
     python -m tools.train.pipeline [--ci] [--work WORK] [--out DIR] [--from STAGE] [--to STAGE]
                                    [--sft-minutes M] [--seed S] [--gram PATH]
 
-Stages: codes → pairs → sft → align → weights → export (→ eval, when the BM25/eval script and
-`gram` are there). Every stage runs as `python -m tools.train.<stage>` with fixed seeds and
+Stages: codes → pairs → sft → align → weights → export → size (the code-size weight, chosen
+through the engine) (→ eval, when the BM25/eval script and `gram` are there). Every stage runs as `python -m tools.train.<stage>` with fixed seeds and
 appends its losses and events to WORK/train-log.jsonl; a stage's wall time is logged too.
 
 `--ci`: the CI-sized check — 300 products (a fixed sha1 sample), a 135k-parameter model, about a
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tools.train import codes as C
 
-STAGES = ["codes", "pairs", "sft", "align", "weights", "export", "eval"]
+STAGES = ["codes", "pairs", "sft", "align", "weights", "export", "size", "eval"]
 
 
 def commands(args, work):
@@ -43,6 +43,8 @@ def commands(args, work):
         "weights": py + ["tools.train.weights"] + w + s + (["--queries", "40", "--valid-queries", "20"]
                                                            if ci else []),
         "export": py + ["tools.train.export"] + w + ["--out", out, "--gram", args.gram],
+        "size": py + ["tools.train.code_size"] + w + ["--model", out, "--gram", args.gram]
+        + (["--grid", "0,0.25"] if ci else []),
         "eval": py + ["tools.train.evaluate"] + w + ["--model", out, "--gram", args.gram],
     }
 
