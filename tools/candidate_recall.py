@@ -45,7 +45,7 @@ def main():
         sys.exit("error: no query with a product graded 2 or more in " + a.judgements)
     for beam in a.beam:
         cmd = [a.gram, "search", "--index", a.index, "--k", "10000", "--beam", str(beam),
-               "--threads", str(a.threads)] + queries
+               "--threads", str(a.threads), "--"] + queries
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"error: {' '.join(cmd[:9])} ... failed:\n{out.stderr.strip()}")
@@ -53,7 +53,9 @@ def main():
         for line in out.stdout.splitlines():
             d = json.loads(line)
             ids = [p["id"] for p in d["products"]]
-            r = rel[d["query"]]
+            r = rel.get(d["query"])
+            if not r:
+                sys.exit(f"error: gram answered a query that was not asked: {d['query']!r}")
             got = len(r & set(ids)) / len(r)
             ceiling.append(got)
             top.append(len(r & set(ids[: a.k])) / len(r))

@@ -21,15 +21,18 @@
 //! posting list starts from before the code's S_rele terms are added,
 //!
 //! ```text
-//! score(q, t, c) = prior(c) + S_rele(q, t, c),   prior(c) = α · log P(c | q) [/ (|c| + 1)]
+//! score(q, t, c) = prior(c) + S_rele(q, t, c),   prior(c) = α · log P(c | q) [/ (L + 1)] − β · ln n(c)
 //! ```
 //!
-//! ([`code_prior`]; `log P(c | q)` = the sum of the query-side log-probabilities of the code's
-//! tokens and its EOS, divided by their count when length-normalized). S_rele alone is near 0
-//! — its best value — when both sides give a code's tokens a small probability, so it ranks
-//! products reached only through the query's *unlikely* codes first; the prior makes a
-//! product reached through a likely code win. With `α = 0` the prior is `+0.0` and every score
-//! is bit for bit what S_rele alone gives (the accumulators start from `0.0` either way).
+//! ([`code_prior`]: `log P(c | q)` = the sum of the query-side log-probabilities of the code's
+//! `L` tokens and its EOS, divided by their count when length-normalized; [`size_prior`]:
+//! `n(c)` = the number of products of the code's posting list). S_rele alone is near 0 — its
+//! best value — when both sides give a code's tokens a small probability, so it ranks
+//! products reached only through the query's *unlikely* codes first; the likelihood term
+//! makes a product reached through a likely code win, and the size term one reached through a
+//! specific code (few products) over one among the thousands of a coarse code. With `α = 0`
+//! and `β = 0` the prior is `+0.0` and every score is bit for bit what S_rele alone gives (the
+//! accumulators start from `0.0` either way).
 //!
 //! The stages, one module each: this file holds what every path shares (the quantization, the
 //! f64 reference [`s_rele_f64`], [`code_prior`], the types) and [`rank`], the reference
@@ -302,9 +305,6 @@ mod tests {
         }
     }
 
-    /// A hand-computed case: one product at S_rele 0 through an unlikely code, one at
-    /// −0.0424750 through a likely one. S_rele alone ranks the unlikely one first; the prior
-    /// turns them round.
     /// The code-size term by hand: `-β ln n`, and `+0.0` where it must not move a score.
     #[test]
     fn size_prior_by_hand() {
@@ -324,6 +324,9 @@ mod tests {
         }
     }
 
+    /// A hand-computed case: one product at S_rele 0 through an unlikely code, one at
+    /// −0.0424750 through a likely one. S_rele alone ranks the unlikely one first; the prior
+    /// turns them round.
     #[test]
     fn prior_ranks_the_likely_code_first_by_hand() {
         // Code 0 (likely): product 1, Pt 0.25 against Pq 0.5, weight −1:

@@ -200,6 +200,9 @@ pub fn run<B: Backend>(
                 .spawn_scoped(scope, move || {
                     super::priority::give_way_to_decoder();
                     let _ = up.send(());
+                    // Not held while scoring: a thread that dies before its send must end the
+                    // wait below, not leave it waiting on the others' senders.
+                    drop(up);
                     scorer(jobs, score, queue, metrics)
                 })
                 .map_err(|e| Error::io("spawning a scoring thread", e))?;
@@ -207,7 +210,12 @@ pub fn run<B: Backend>(
         drop(up);
         for _ in 0..threads {
             if running.recv().is_err() {
-                break; // a scoring thread panicked before it ran: the scope's join reports it
+                // A scoring thread died before it ran (a bug): never ready without it. The
+                // others end once `to_score` is dropped with this closure; the scope's join
+                // then reports the panic.
+                return Err(Error::Internal(
+                    "a scoring thread ended before it started".into(),
+                ));
             }
         }
         started();

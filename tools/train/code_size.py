@@ -9,17 +9,20 @@ were equally likely, so that a product reached through a specific code outranks 
 thousands of a coarse code of the same likelihood. The weights stage (5) fits S_rele and the
 likelihood term; beta is chosen after it, by a grid, through `gram eval` on the exported model
 and its index (export.py's WORK/export-index): for each beta the model dir's gram.json gets
-`code_size` (a hard-linked copy of the dir, as evaluate.py's `--settings`), and the beta with
-the best nDCG@10 on the synthetic validation queries (WORK/queries-valid.jsonl, judged by
-synth_judgements.py: never the judged queries of ../shared/data) wins; ties go to the higher
-Recall@300, then to the smaller beta. 0 in the grid keeps the gram.json of before. Writes
-MODEL/gram.json (unless --dry-run) and WORK/code-size.json (the grid and its metrics).
+`code_size` (a copy of the dir in WORK, hard-linked where the file system allows, as
+evaluate.py's `--settings`), and the beta with the best nDCG@10 on the synthetic validation
+queries (WORK/queries-valid.jsonl, judged by synth_judgements.py: never the judged queries of
+../shared/data) wins; ties go to the higher Recall@300, then to the smaller beta. A winning 0
+writes gram.json without `code_size` (the scores of before the term). Writes MODEL/gram.json
+(unless --dry-run; a temporary file renamed over it) and WORK/code-size.json (the grid and its
+metrics).
 
 On the 16-epoch default (docs/QUALITY.md, "The code-size term") the grid chose 0.25: nDCG@10
 75.48 -> 84.44 and Recall@300 82.38 -> 84.56 on these queries.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,8 +60,9 @@ def grid_values(text):
 
 
 def measure(gram, index, model, settings, beta, judged, scratch):
+    # One copy of the model dir, its gram.json rewritten for each beta.
     copy = settings_model(model, _write(scratch / f"gram-{beta}.json", with_code_size(settings, beta)),
-                          scratch / f"model-{beta}")
+                          scratch / "model")
     r = subprocess.run([str(gram), "eval", "--index", str(index), "--model", str(copy),
                         "--judgements", str(judged), "--threads", "2"],
                        capture_output=True, text=True)
@@ -70,7 +74,14 @@ def measure(gram, index, model, settings, beta, judged, scratch):
 
 
 def _write(path, obj):
-    path.write_text(json.dumps(obj, indent=1) + "\n")
+    """`obj` as JSON at `path`, through a temporary file renamed over it: an interrupted run
+    leaves the old file or the new one, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path
 
 
@@ -94,19 +105,22 @@ def main(argv=None):
             raise SystemExit(f"error: {what} is missing: {p}")
     settings = json.loads((model / "gram.json").read_text())
     items = read_jsonl(work / "catalog.jsonl")
-    judged = work / "synth-valid.jsonl"
-    with open(judged, "w") as f:
-        for j in judgements(items, read_jsonl(work / "queries-valid.jsonl")):
-            f.write(json.dumps(j) + "\n")
-    with tempfile.TemporaryDirectory(prefix="gram-code-size-") as scratch:
+    # In WORK, so that the model dir's copies can be hard links (a tmpfs /tmp would take full
+    # copies of the weights).
+    with tempfile.TemporaryDirectory(prefix="code-size-", dir=work) as scratch:
+        scratch = Path(scratch)
+        judged = scratch / "synth-valid.jsonl"
+        with open(judged, "w", encoding="utf-8") as f:
+            for j in judgements(items, read_jsonl(work / "queries-valid.jsonl")):
+                f.write(json.dumps(j) + "\n")
         results = []
         for beta in args.grid:
-            r = measure(args.gram, index, model, settings, beta, judged, Path(scratch))
+            r = measure(args.gram, index, model, settings, beta, judged, scratch)
             print(json.dumps(r), flush=True)
             results.append(r)
     best = choose(results)
-    report = {"model": str(model), "judgements": str(judged), "grid": results, "chosen": best["beta"],
-              "written": not args.dry_run}
+    report = {"model": str(model), "judgements": "synth_judgements over " + str(work / "queries-valid.jsonl"),
+              "grid": results, "chosen": best["beta"], "written": not args.dry_run}
     _write(work / "code-size.json", report)
     if not args.dry_run:
         _write(model / "gram.json", with_code_size(settings, best["beta"]))
