@@ -10,36 +10,36 @@ return, counted), the share in the top K, and the queries with no relevant candi
   tools/candidate_recall.py --index target/default-index \
       --judgements ../shared/data/chorus-icecat/Broad_Query_Set_rated.csv --beam 10 20 50
 
-Judgements: Chorus's CSV (`query,docid,rating`). Standard library only (docs/QUALITY.md, "A
-wider query beam").
+Judgements: Chorus's CSV (`query,docid,rating`) or a judged.jsonl, as `gram eval` reads them.
+Standard library only (docs/QUALITY.md, "A wider query beam").
 """
 import argparse
-import collections
-import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tools.train
+from tools.train import metrics as M  # noqa: E402
 
 
 def relevant(path):
-    rel = collections.defaultdict(set)
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if float(row["rating"]) >= 2:
-                rel[row["query"]].add(row["docid"])
-    return rel
+    """{query: the product ids graded 2 or more}, read as `gram eval` reads judgements
+    (`tools.train.metrics.read_judgements`: Chorus's CSV or a judged.jsonl)."""
+    return {q: {p for p, g in grades.items() if g >= 2}
+            for q, grades in M.read_judgements(path).items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", required=True)
-    ap.add_argument("--judgements", required=True, help="Chorus CSV: query,docid,rating")
+    ap.add_argument("--judgements", required=True, help="Chorus CSV (query,docid,rating) or judged.jsonl")
     ap.add_argument("--beam", type=int, nargs="+", default=[10])
     ap.add_argument("--k", type=int, default=300, help="the top K compared with the ceiling")
     ap.add_argument("--gram", default="target/release/gram")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    rel = relevant(a.judgements)
+    rel = {q: r for q, r in relevant(a.judgements).items() if r}
     queries = sorted(rel)
     if not queries:
         sys.exit("error: no query with a product graded 2 or more in " + a.judgements)
