@@ -181,14 +181,10 @@ impl Settings {
 
     /// The prior of a query code: its likelihood term ([`Settings::code_prior`], from
     /// `logprobs`) plus its specificity term over its `products` (`score::size_prior`).
+    /// Both terms are finite (each is `0.0` where it would not be), and weights within
+    /// `MAX_WEIGHT` keep their sum so.
     pub fn prior(&self, logprobs: &[f32], products: usize) -> f32 {
-        let size = crate::score::size_prior(self.code_size.weight, products);
-        let prior = self.code_prior(logprobs) + size;
-        if prior.is_finite() {
-            prior
-        } else {
-            0.0
-        }
+        self.code_prior(logprobs) + crate::score::size_prior(self.code_size.weight, products)
     }
 
     /// The weight of a code with `granularity` attributes.

@@ -59,10 +59,9 @@ def grid_values(text):
     return sorted(set(values))
 
 
-def measure(gram, index, model, settings, beta, judged, scratch):
-    # One copy of the model dir, its gram.json rewritten for each beta.
-    copy = settings_model(model, _write(scratch / f"gram-{beta}.json", with_code_size(settings, beta)),
-                          scratch / "model")
+def measure(gram, index, copy, settings, beta, judged):
+    """`gram eval` of `copy` (the model dir's copy) with `code_size` beta in its gram.json."""
+    _write(copy / "gram.json", with_code_size(settings, beta))
     r = subprocess.run([str(gram), "eval", "--index", str(index), "--model", str(copy),
                         "--judgements", str(judged), "--threads", "2"],
                        capture_output=True, text=True)
@@ -113,9 +112,12 @@ def main(argv=None):
         with open(judged, "w", encoding="utf-8") as f:
             for j in judgements(items, read_jsonl(work / "queries-valid.jsonl")):
                 f.write(json.dumps(j) + "\n")
+        # One copy of the model dir; its own gram.json (a copy, not a link) is rewritten for
+        # each beta.
+        copy = settings_model(model, model / "gram.json", scratch / "model")
         results = []
         for beta in args.grid:
-            r = measure(args.gram, index, model, settings, beta, judged, scratch)
+            r = measure(args.gram, index, copy, settings, beta, judged)
             print(json.dumps(r), flush=True)
             results.append(r)
     best = choose(results)
