@@ -4,6 +4,7 @@ p99"), shared by tools/bench_overload.sh and tools/bench_soak.sh.
 
     python3 tools/latency_summary.py overload OUT PAIRS   # closed1 open1 ... closed{PAIRS+1}
     python3 tools/latency_summary.py soak OUT             # closed1 open closed2 + rss.tsv
+    python3 tools/latency_summary.py minutes OUT NAME     # one run, minute by minute
 
 Admitted = every request the server took: answered, or given up at its deadline (504) or by
 the client (timeout), which is an admitted request's latency too, at least. Refused at the door
@@ -20,6 +21,52 @@ def admitted(out, name):
     with open(f"{out}/{name}/latencies.csv") as f:
         return [float(r["latency_ms"]) for r in csv.DictReader(f)
                 if r["status"] in ("200", "504", "timeout")]
+
+
+def by_minute(out, name):
+    """The run's admitted requests by the minute they were sent in: [(answered, admitted
+    latencies, queue ms, engine ms)], queue and engine of the answered ones."""
+    minutes = []
+    with open(f"{out}/{name}/latencies.csv") as f:
+        for r in csv.DictReader(f):
+            m = int(float(r["sent_s"]) // 60)
+            while len(minutes) <= m:
+                minutes.append((0, [], [], []))
+            if r["status"] not in ("200", "504", "timeout"):
+                continue
+            answered, lat, queue, engine = minutes[m]
+            lat.append(float(r["latency_ms"]))
+            if r["status"] == "200":
+                minutes[m] = (answered + 1, lat, queue, engine)
+                queue.append(float(r["queue_ms"]))
+                engine.append(float(r["engine_ms"]))
+    return minutes
+
+
+def minutes_table(out, name, closed=()):
+    """`name` minute by minute. Under overload the server is saturated throughout, so the rate
+    it answers at in a minute is what the host gave it then (this host's speed swings by a
+    third from one stretch to the next, docs/SERVER.md). Each minute is set against the closed
+    loop of `closed` (saturated too) whose rate is nearest its own: the one that ran on a host
+    as fast. The last minute is left out when it is under half full."""
+    refs = [(c, report(out, c)["qps"], p99(admitted(out, c))) for c in closed]
+    window = report(out, name).get("window_s")
+    print(f"| minute of {name} | answered/s | closed loop at the nearest rate | rate / its | "
+          f"admitted p99 ms | p99 / its | queue p99 ms | engine p99 ms |\n"
+          f"|---|---|---|---|---|---|---|---|")
+    for m, (answered, lat, queue, engine) in enumerate(by_minute(out, name)):
+        span = 60.0
+        if window is not None and window - 60 * m < 60:
+            span = window - 60 * m
+            if span < 30:
+                continue
+        rate = answered / span
+        mine = p99(lat)
+        near = min(refs, key=lambda r: abs(r[1] - rate)) if refs else None
+        ref = f"{near[0]} ({near[1]:.0f}/s, p99 {fmt(near[2])})" if near else "n/a"
+        print(f"| {m} | {rate:.0f} | {ref} | {fmt(rate / near[1] if near else None, '.2f')} | "
+              f"{fmt(mine)} | {fmt(mine / near[2] if near and near[2] and mine else None, '.3f')} | "
+              f"{fmt(p99(queue))} | {fmt(p99(engine))} |")
 
 
 def p99(v):
@@ -77,20 +124,45 @@ def overload(out, pairs):
           f"{len(closed)} in the closed loops, p99 {fmt(p99(closed))} ms; **{ratio}×**")
 
 
+def cpu_by_minute(ticks, hz=100):
+    """Cores busy in each minute of the overload, from the CPU ticks sampled every 10 s
+    (server, every process, steal; minutes counted from the first sample of the overload, so
+    up to 10 s after the load's own minutes). A minute that answers fewer requests while the
+    server keeps as many cores busy ran on a slower host, not on a server that got less of it."""
+    opened = [(t, n) for t, phase, n in ticks if phase == "open"]
+    if len(opened) < 2:
+        return
+    t0 = opened[0][0]
+    by = {}
+    for (ta, na), (tb, nb) in zip(opened, opened[1:]):
+        if tb > ta:
+            by.setdefault(int((ta - t0) // 60), []).append(
+                [(b - a) / hz / (tb - ta) for a, b in zip(na, nb)])
+    print("\n| minute of the overload (RSS samples) | server cores | all processes' cores | "
+          "steal |\n|---|---|---|---|")
+    for m, v in sorted(by.items()):
+        mean = [sum(x[i] for x in v) / len(v) for i in range(3)]
+        print(f"| {m} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.3f} |")
+
+
 def soak(out):
     """One server through closed1, open, closed2, its RSS sampled (tools/bench_soak.sh)."""
     print(HEADER)
     print(row(out, "closed1"))
     print(row(out, "open", ratio_around(out, "open", "closed1", "closed2")))
     print(row(out, "closed2"))
+    print()
+    minutes_table(out, "open", ("closed1", "closed2"))
     r = report(out, "open")
     print(f"\nopen loop: {r['requests']} sent, {r['ok']} answered, "
           f"{r['errors'].get('503', 0)} refused (503), {other_errors(r)} other errors")
-    # rss.tsv: seconds since the server was ready, phase, RSS in kB (MiB below); a line cut
-    # short (the script stopped while writing it) is skipped.
+    # rss.tsv: seconds since the server was ready, phase, RSS in kB (MiB below), and (since
+    # the thirty-sixth session) the server's CPU clock ticks so far; a line cut short (the
+    # script stopped while writing it) is skipped.
     with open(f"{out}/rss.tsv") as f:
-        rss = [(float(t), phase, int(kb)) for t, phase, kb in
-               (fields for fields in (line.split() for line in f) if len(fields) == 3)]
+        lines = [fields for fields in (line.split() for line in f) if len(fields) in (3, 6)]
+    rss = [(float(f[0]), f[1], int(f[2])) for f in lines]
+    cpu_by_minute([(float(f[0]), f[1], [int(n) for n in f[3:]]) for f in lines if len(f) == 6])
     opened = [(t, kb) for t, phase, kb in rss if phase == "open"]
     if opened:
         t0 = opened[0][0]
@@ -117,6 +189,8 @@ def main(argv):
         overload(argv[2], int(argv[3]))
     elif len(argv) == 3 and argv[1] == "soak":
         soak(argv[2])
+    elif len(argv) == 4 and argv[1] == "minutes":
+        minutes_table(argv[2], argv[3])
     else:
         sys.exit(__doc__)
 
