@@ -41,7 +41,7 @@ start_server "$out/server.log"
 # RSS every 10 s: seconds since ready, the phase running, kB. The phase file is replaced, never
 # rewritten in place, so the sampler never reads it empty.
 phase() { echo "$1" >"$out/phase.tmp" && mv "$out/phase.tmp" "$out/phase"; }
-# Each line: seconds since ready, the phase, RSS in kB, then clock ticks so far: the server's
+# Each line: seconds since ready (from /proc/uptime, to the hundredth), the phase, RSS in kB, then clock ticks so far: the server's
 # CPU time (user + system, `/proc/PID/stat` fields 14 and 15), every process's (`/proc/stat`,
 # all CPUs: user, nice, system, irq, softirq, steal) and the hypervisor's steal alone. The
 # summary turns them into cores busy, minute by minute.
@@ -51,10 +51,10 @@ sample() { # one line of rss.tsv; fails once the server is gone
     ticks=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') &&
     [ -n "$ticks" ] &&
     host=$(awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8 + $9, $9}' /proc/stat) &&
-    echo "$(($(date +%s) - start)) $(cat "$out/phase") $kb $ticks $host" >>"$out/rss.tsv"
+    echo "$(awk -v s="$start" '{printf "%.2f", $1 - s}' /proc/uptime) $(cat "$out/phase") $kb $ticks $host" >>"$out/rss.tsv"
 }
 phase ready
-start=$(date +%s)
+start=$(awk '{print $1}' /proc/uptime)
 (
   while sample; do
     # In the background with no inherited output, so that killing this loop leaves no sleep

@@ -4,7 +4,7 @@ p99"), shared by tools/bench_overload.sh and tools/bench_soak.sh.
 
     python3 tools/latency_summary.py overload OUT PAIRS   # closed1 open1 ... closed{PAIRS+1}
     python3 tools/latency_summary.py soak OUT             # closed1 open closed2 + rss.tsv
-    python3 tools/latency_summary.py minutes OUT NAME     # one run, minute by minute
+    python3 tools/latency_summary.py minutes OUT NAME [CLOSED...]  # one run by the minute
 
 Admitted = every request the server took: answered, or given up at its deadline (504) or by
 the client (timeout), which is an admitted request's latency too, at least. Refused at the door
@@ -14,6 +14,7 @@ under "other errors". p99 is nearest rank, as `gram bench` reports it. Standard 
 import csv
 import json
 import math
+import os
 import sys
 
 
@@ -45,24 +46,28 @@ def by_minute(out, name):
 
 def minutes_table(out, name, closed=()):
     """`name` minute by minute. Under overload the server is saturated throughout, so the rate
-    it answers at in a minute is what the host gave it then (this host's speed swings by a
-    third from one stretch to the next, docs/SERVER.md). Each minute is set against the closed
-    loop of `closed` (saturated too) whose rate is nearest its own: the one that ran on a host
-    as fast. The last minute is left out when it is under half full."""
+    it answers at in a minute is the speed it had then (this host's speed swings by a third
+    from one stretch to the next, docs/SERVER.md). Each minute is set against the closed loop
+    of `closed` (saturated too) whose rate is nearest its own. That reading takes a slowdown
+    the overload itself causes for the host's, so it is a second reading beside the whole
+    run's, not a replacement. The last minute is scaled by its length, and left out when it is
+    under half a minute."""
     refs = [(c, report(out, c)["qps"], p99(admitted(out, c))) for c in closed]
-    window = report(out, name).get("window_s")
+    r = report(out, name)
+    minutes = by_minute(out, name)
+    # The run's sending time: `window_s` (gram bench), else `elapsed_s`, else the last send.
+    window = r.get("window_s") or r.get("elapsed_s") or 60.0 * len(minutes)
     print(f"| minute of {name} | answered/s | closed loop at the nearest rate | rate / its | "
           f"admitted p99 ms | p99 / its | queue p99 ms | engine p99 ms |\n"
           f"|---|---|---|---|---|---|---|---|")
-    for m, (answered, lat, queue, engine) in enumerate(by_minute(out, name)):
-        span = 60.0
-        if window is not None and window - 60 * m < 60:
-            span = window - 60 * m
-            if span < 30:
-                continue
+    for m, (answered, lat, queue, engine) in enumerate(minutes):
+        span = min(60.0, window - 60 * m)
+        if span < 30:
+            continue
         rate = answered / span
         mine = p99(lat)
-        near = min(refs, key=lambda r: abs(r[1] - rate)) if refs else None
+        # A minute that answered nothing has no speed to match a closed loop by.
+        near = min(refs, key=lambda x: abs(x[1] - rate)) if refs and answered else None
         ref = f"{near[0]} ({near[1]:.0f}/s, p99 {fmt(near[2])})" if near else "n/a"
         print(f"| {m} | {rate:.0f} | {ref} | {fmt(rate / near[1] if near else None, '.2f')} | "
               f"{fmt(mine)} | {fmt(mine / near[2] if near and near[2] and mine else None, '.3f')} | "
@@ -125,10 +130,11 @@ def overload(out, pairs):
 
 
 def cpu_by_minute(ticks, hz=100):
-    """Cores busy in each minute of the overload, from the CPU ticks sampled every 10 s
-    (server, every process, steal; minutes counted from the first sample of the overload, so
-    up to 10 s after the load's own minutes). A minute that answers fewer requests while the
-    server keeps as many cores busy ran on a slower host, not on a server that got less of it."""
+    """Cores busy in each minute of the overload, from the CPU ticks sampled about every 10 s
+    (server, every process and the steal, which counts in the second too; minutes counted from
+    the first sample of the overload, so up to 10 s after the load's own minutes): each
+    minute's ticks over its seconds. A minute that answers fewer requests while the server
+    keeps as many cores busy ran slower per CPU second."""
     opened = [(t, n) for t, phase, n in ticks if phase == "open"]
     if len(opened) < 2:
         return
@@ -136,13 +142,27 @@ def cpu_by_minute(ticks, hz=100):
     by = {}
     for (ta, na), (tb, nb) in zip(opened, opened[1:]):
         if tb > ta:
-            by.setdefault(int((ta - t0) // 60), []).append(
-                [(b - a) / hz / (tb - ta) for a, b in zip(na, nb)])
-    print("\n| minute of the overload (RSS samples) | server cores | all processes' cores | "
-          "steal |\n|---|---|---|---|")
-    for m, v in sorted(by.items()):
-        mean = [sum(x[i] for x in v) / len(v) for i in range(3)]
-        print(f"| {m} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.3f} |")
+            secs, total = by.setdefault(int((ta - t0) // 60), [0.0, [0, 0, 0]])
+            by[int((ta - t0) // 60)] = [secs + tb - ta, [x + b - a for x, a, b in zip(total, na, nb)]]
+    print("\n| minute of the overload (CPU samples) | server cores | all processes' cores, "
+          "steal included | steal |\n|---|---|---|---|")
+    for m, (secs, total) in sorted(by.items()):
+        c = [x / hz / secs for x in total]
+        print(f"| {m} | {c[0]:.2f} | {c[1]:.2f} | {c[2]:.3f} |")
+
+
+def read_samples(path):
+    """rss.tsv: (seconds, phase, kB) and, since the thirty-sixth session, the ticks (server,
+    every process, steal). A line cut short (the script stopped while writing it) is
+    skipped; None when the run has no rss.tsv (runs before the thirty-fourth session)."""
+    try:
+        with open(path) as f:
+            lines = [x for x in (line.split() for line in f) if len(x) in (3, 6)]
+    except FileNotFoundError:
+        return None
+    rss = [(float(x[0]), x[1], int(x[2])) for x in lines]
+    ticks = [(float(x[0]), x[1], [int(n) for n in x[3:]]) for x in lines if len(x) == 6]
+    return rss, ticks
 
 
 def soak(out):
@@ -156,13 +176,12 @@ def soak(out):
     r = report(out, "open")
     print(f"\nopen loop: {r['requests']} sent, {r['ok']} answered, "
           f"{r['errors'].get('503', 0)} refused (503), {other_errors(r)} other errors")
-    # rss.tsv: seconds since the server was ready, phase, RSS in kB (MiB below), and (since
-    # the thirty-sixth session) the server's CPU clock ticks so far; a line cut short (the
-    # script stopped while writing it) is skipped.
-    with open(f"{out}/rss.tsv") as f:
-        lines = [fields for fields in (line.split() for line in f) if len(fields) in (3, 6)]
-    rss = [(float(f[0]), f[1], int(f[2])) for f in lines]
-    cpu_by_minute([(float(f[0]), f[1], [int(n) for n in f[3:]]) for f in lines if len(f) == 6])
+    samples = read_samples(f"{out}/rss.tsv")
+    if samples is None:
+        print("no rss.tsv: no memory or CPU samples in this run")
+        return
+    rss, ticks = samples
+    cpu_by_minute(ticks, os.sysconf("SC_CLK_TCK"))
     opened = [(t, kb) for t, phase, kb in rss if phase == "open"]
     if opened:
         t0 = opened[0][0]
@@ -189,8 +208,8 @@ def main(argv):
         overload(argv[2], int(argv[3]))
     elif len(argv) == 3 and argv[1] == "soak":
         soak(argv[2])
-    elif len(argv) == 4 and argv[1] == "minutes":
-        minutes_table(argv[2], argv[3])
+    elif len(argv) >= 4 and argv[1] == "minutes":
+        minutes_table(argv[2], argv[3], tuple(argv[4:]))
     else:
         sys.exit(__doc__)
 
