@@ -325,12 +325,25 @@ fn range(
                 panel = View::F32(&f32_panel);
             }
             let cols = pi * PANEL..((pi + 1) * PANEL).min(n1);
+            // A whole panel with no bias: the kernel writes the output rows itself.
+            let direct = int16.is_none() && bias.is_none() && cols.len() == PANEL;
             let mut t = 0;
             for g in 0..groups {
                 let tr = (rows - t) / (groups - g);
+                let xs = &x.x[t * k..(t + tr) * k];
+                if direct {
+                    // SAFETY: rows `t..t + tr` and columns `cols` (32 of them) lie in this
+                    // task's range `n0..n1`, and `out` has `rows * n` elements (checked in
+                    // `matmul`): in bounds, and written by this task only.
+                    unsafe {
+                        simd::panel_into(isa, panel, k, xs, tr, out.0.add(t * n + cols.start), n)
+                    };
+                    t += tr;
+                    continue;
+                }
                 match int16 {
                     Some(q) => simd::panel_q4_1_i16(isa, panel, k, q.group(t, tr), tr, &mut acc),
-                    None => simd::panel(isa, panel, k, &x.x[t * k..(t + tr) * k], tr, &mut acc),
+                    None => simd::panel(isa, panel, k, xs, tr, &mut acc),
                 }
                 for (i, acc_t) in acc.iter().take(tr).enumerate() {
                     write(t + i, cols.clone(), acc_t);

@@ -314,11 +314,21 @@ unsafe fn tile_bf16<const NR: usize, const TR: usize>(
 
 type PanelAcc = [[f32; super::PANEL]; super::PANEL_TR];
 
+/// Where a panel kernel stores token row `t`'s 32 sums: `ptr + t · stride`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    stride: usize,
+}
+
 /// One weight panel (`p: [k, 32]` in the layout of `cpu::panels`) × `tr <= 14` token rows
 /// `x: [tr, k]`: 2 × `tr` accumulators (up to 28 of the 32 zmm registers), 2 weight vectors,
 /// the input broadcast from memory. No horizontal sums: each output is one FMA chain over `k`.
+/// Token row `t`'s 32 sums go to `out + t · stride` (a `PanelAcc`'s rows at stride 32, or
+/// straight into a matmul's output rows).
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, acc: &mut PanelAcc) {
+pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, out: *mut f32, stride: usize) {
+    let acc = Out { ptr: out, stride };
     macro_rules! by_tr {
         ($f:ident, $p:expr) => {
             match tr {
@@ -386,10 +396,11 @@ unsafe fn panel_row<const TR: usize>(
 /// Stores the accumulators (columns 0..16, 16..32 of each token row).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn panel_store<const TR: usize>(a: &[[__m512; 2]; TR], acc: &mut PanelAcc) {
+unsafe fn panel_store<const TR: usize>(a: &[[__m512; 2]; TR], out: Out) {
     for t in 0..TR {
-        _mm512_storeu_ps(acc[t].as_mut_ptr(), a[t][0]);
-        _mm512_storeu_ps(acc[t].as_mut_ptr().add(16), a[t][1]);
+        let row = out.ptr.add(t * out.stride);
+        _mm512_storeu_ps(row, a[t][0]);
+        _mm512_storeu_ps(row.add(16), a[t][1]);
     }
 }
 
@@ -400,7 +411,7 @@ unsafe fn panel_store<const TR: usize>(a: &[[__m512; 2]; TR], acc: &mut PanelAcc
 /// panels. See [`q4_1_pair`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn panel_q4_1<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut PanelAcc) {
+unsafe fn panel_q4_1<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: Out) {
     let mut a = [[_mm512_setzero_ps(); 2]; TR];
     for b in 0..k / 32 {
         let blk = p.add(b * 640);
@@ -451,7 +462,7 @@ unsafe fn q4_1_pair(row: *const u8, dm: &[__m512; 4]) -> [__m512; 4] {
 /// rows of 32 signed bytes. `q·d` (exact), the values of `View::get`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn panel_q8_0<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: &mut PanelAcc) {
+unsafe fn panel_q8_0<const TR: usize>(p: *const u8, k: usize, x: *const f32, acc: Out) {
     let mut a = [[_mm512_setzero_ps(); 2]; TR];
     for b in 0..k / 32 {
         let blk = p.add(b * 1088);
@@ -478,12 +489,7 @@ macro_rules! panel32 {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
         #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
-        unsafe fn $name<const TR: usize>(
-            p: *const $elem,
-            k: usize,
-            x: *const f32,
-            acc: &mut PanelAcc,
-        ) {
+        unsafe fn $name<const TR: usize>(p: *const $elem, k: usize, x: *const f32, acc: Out) {
             let mut a = [[_mm512_setzero_ps(); 2]; TR];
             for kk in 0..k {
                 let row = p.add(kk * super::PANEL);
@@ -497,10 +503,7 @@ macro_rules! panel32 {
                     a[t][1] = _mm512_fmadd_ps(w1, xb, a[t][1]);
                 }
             }
-            for t in 0..TR {
-                _mm512_storeu_ps(acc[t].as_mut_ptr(), a[t][0]);
-                _mm512_storeu_ps(acc[t].as_mut_ptr().add(16), a[t][1]);
-            }
+            panel_store(&a, acc);
         }
     };
 }
