@@ -332,9 +332,11 @@ fn range(
                 let tr = (rows - t) / (groups - g);
                 let xs = &x.x[t * k..(t + tr) * k];
                 if direct {
-                    // SAFETY: rows `t..t + tr` and columns `cols` (32 of them) lie in this
-                    // task's range `n0..n1`, and `out` has `rows * n` elements (checked in
-                    // `matmul`): in bounds, and written by this task only.
+                    // SAFETY: token rows `t..t + tr` are below `rows` (the groups' `tr` add
+                    // up to `rows`), the 32 columns `cols` lie in this task's `n0..n1`, within
+                    // `0..n`, and `out` has `rows * n` elements (checked in `matmul`), a buffer
+                    // apart from `x` and the weights: every write is in bounds, and these
+                    // values are this task's alone.
                     unsafe {
                         simd::panel_into(isa, panel, k, xs, tr, out.0.add(t * n + cols.start), n)
                     };

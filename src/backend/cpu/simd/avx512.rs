@@ -326,6 +326,12 @@ struct Out {
 /// the input broadcast from memory. No horizontal sums: each output is one FMA chain over `k`.
 /// Token row `t`'s 32 sums go to `out + t · stride` (a `PanelAcc`'s rows at stride 32, or
 /// straight into a matmul's output rows).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW, AVX2, FMA and F16C; `p` holds a whole panel of `k` input columns
+/// in its layout and `x` points at `tr × k` values; `1 <= tr <= 14` (any other `tr` writes
+/// nothing); for every `t < tr`, `out + t · stride .. + 32` is valid for writes, apart from
+/// `p` and `x`, and no one else's while this runs.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 pub unsafe fn panel(p: View, k: usize, x: *const f32, tr: usize, out: *mut f32, stride: usize) {
     let acc = Out { ptr: out, stride };

@@ -371,9 +371,9 @@ pub fn panel(
 /// array. The same sums, so the same bits.
 ///
 /// # Safety
-/// For every `t < tr`, `out + t · stride .. + 32` must be valid for writes and written by no
-/// one else while this runs.
-#[allow(clippy::too_many_arguments)]
+/// For every `t < tr`, `out + t · stride .. + 32` must be valid for writes of `f32` (aligned
+/// to one), overlap neither `p` nor `x`, and be read or written by no one else while this
+/// runs.
 pub unsafe fn panel_into(
     isa: Isa,
     p: View,

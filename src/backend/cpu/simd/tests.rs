@@ -447,6 +447,48 @@ fn panel_is_bit_identical_across_isas_and_matches_f64() {
     }
 }
 
+/// `panel_into` writes each token row's 32 sums at its stride, bit for bit `panel`'s, on every
+/// ISA and panel type, and nothing around them: the output is a NaN-filled matrix of 45
+/// columns, the panel's at columns 7..39, and every other value must stay NaN.
+#[test]
+fn panel_into_writes_its_rows_at_the_stride_and_nothing_else() {
+    const STRIDE: usize = 45;
+    const AT: usize = 7;
+    for k in [5, 64] {
+        let wf = rand(PANEL * k, 31 + k as u64);
+        let wb16: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = rand(PANEL_TR * k, 33 + k as u64);
+        let mut views = vec![("f32", View::F32(&wf)), ("bf16", View::BF16(&wb16))];
+        let packed = block_panels(PANEL, k, 35);
+        views.extend(packed.iter().map(|(dt, t)| (*dt, t.view())));
+        for (dt, view) in views {
+            for tr in 1..=panel_tr(view) {
+                let mut want = [[f32::NAN; PANEL]; PANEL_TR];
+                panel(Isa::Scalar, view, k, &x, tr, &mut want);
+                for isa in Isa::available() {
+                    // One row more than the panel's, so a store past the last row shows.
+                    let mut out = vec![f32::NAN; (tr + 1) * STRIDE];
+                    // SAFETY: rows `t < tr` at `AT + t · STRIDE` hold 32 values of `out`,
+                    // which nothing else touches.
+                    unsafe { panel_into(isa, view, k, &x, tr, out[AT..].as_mut_ptr(), STRIDE) };
+                    for (i, v) in out.iter().enumerate() {
+                        let (t, c) = (i / STRIDE, i % STRIDE);
+                        if t < tr && (AT..AT + PANEL).contains(&c) {
+                            assert_eq!(
+                                v.to_bits(),
+                                want[t][c - AT].to_bits(),
+                                "{isa:?} {dt} k={k} tr={tr} ({t},{c})"
+                            );
+                        } else {
+                            assert!(v.is_nan(), "{isa:?} {dt} k={k} tr={tr}: wrote ({t},{c})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Every value of `got` bit for bit `want`'s (rows of one panel's columns); `at(row, col)`
 /// names a mismatch.
 fn assert_rows_bits(
