@@ -180,7 +180,8 @@ pub struct ServeConfig {
     pub http_threads: usize,
     pub score_threads: usize,
     /// How long the model's idle workers spin before they park: process-wide, set by [`run`]
-    /// before the model loads (`backend::cpu::team::set_idle_spin`; an embedder calls it).
+    /// before the model loads (`backend::cpu::team::set_idle_spin`; an embedder calls it, and
+    /// `set_yield_after_region(true)`, as `run` does).
     pub idle_spin: Duration,
     pub limits: Limits,
     pub max_body_bytes: usize,
@@ -699,6 +700,8 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         .with_writer(std::io::stderr)
         .try_init();
     crate::backend::cpu::team::set_idle_spin(config.idle_spin);
+    // The decoder's workers hand their cores to the HTTP and scoring threads between regions.
+    crate::backend::cpu::team::set_yield_after_region(true);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.http_threads)
         .thread_name("gram-http")

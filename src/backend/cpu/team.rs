@@ -15,9 +15,9 @@
 //! claimed from one shared word (the region's number, its task count and the next task), so a
 //! region's tasks spread over whoever is there first, and the caller waits only for the tasks
 //! others claimed, never for a worker that has not shown up (one that lost its core to another
-//! thread); a worker yields its core once after its share of each region, so a thread that
-//! waits for a core takes it between regions, not in the middle of one. Regions nest nowhere
-//! and one caller runs at a time; a second caller, or a task that
+//! thread). In a server ([`set_yield_after_region`]) a worker also yields its core after its
+//! share of each region, so that the server's other threads take it between regions, not in
+//! the middle of one. Regions nest nowhere and one caller runs at a time; a second caller, or a task that
 //! forks again, runs its tasks itself, in order.
 
 use std::any::Any;
@@ -55,6 +55,23 @@ pub fn set_idle_spin(spin: Duration) {
 /// The idle spin new teams get ([`set_idle_spin`]).
 pub fn idle_spin() -> Duration {
     Duration::from_micros(IDLE_SPIN_US.load(Ordering::Relaxed))
+}
+
+/// Whether the workers of teams made from now on yield their core once after their share of
+/// each region ([`set_yield_after_region`]; off unless set).
+static YIELD_AFTER_REGION: AtomicBool = AtomicBool::new(false);
+
+/// Makes the workers of teams made from now on yield their core once after their share of each
+/// region (process-wide; `gram serve` turns it on). A thread of the same process that waits
+/// for a core (an HTTP thread under `SCHED_BATCH`, a scorer) then takes it between regions,
+/// instead of at the scheduler's next tick in the middle of one, where the worker would hold
+/// up the region's end with a task half done; a worker off its core when the next region starts
+/// costs that region its share of the work, never a wait (tasks go to whoever claims them).
+/// Measured in the server on 2 vCPUs: +3 % answered and −6 % admitted p99 under twice the
+/// saturating rate (docs/SERVER.md, "A yield after each region"). Off elsewhere: on a host
+/// shared with other busy processes a worker would hand them its core ~150 times a step.
+pub fn set_yield_after_region(on: bool) {
+    YIELD_AFTER_REGION.store(on, Ordering::Relaxed);
 }
 
 /// How long of the idle spin an idle worker keeps its core without yielding it: the gaps between
@@ -108,6 +125,8 @@ struct Shared {
     parked: AtomicUsize,
     /// How long an idle worker spins before it parks.
     spin: Duration,
+    /// Whether a worker yields its core after its share of each region ([`set_yield_after_region`]).
+    yield_after: bool,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -146,6 +165,7 @@ impl Team {
     pub fn with_spin(threads: usize, name: &str, spin: Duration) -> std::io::Result<Team> {
         let shared = Arc::new(Shared {
             spin,
+            yield_after: YIELD_AFTER_REGION.load(Ordering::Relaxed),
             region: AtomicU64::new(pack(0, 0, 0)),
             job: UnsafeCell::new(Job { f: &NOTHING }),
             done: AtomicUsize::new(0),
@@ -370,14 +390,11 @@ fn worker(s: &Shared) {
             return;
         }
         claim(s);
-        // Its share is done: a thread waiting for a core (an HTTP thread under `SCHED_BATCH`,
-        // the scorer) gets this one now, between regions, rather than at the scheduler's next
-        // tick in the middle of one, where the worker would hold up the region's end with a
-        // task half done. The next region's tasks go to whoever claims them, so a worker off
-        // its core at a region's start costs nothing. Free without contention (stored b10
-        // 1.008× with it); under twice the saturating rate the server answered 3 % more and
-        // its admitted p99 fell 6 % (docs/SERVER.md, "A yield after each region").
-        std::thread::yield_now();
+        if s.yield_after {
+            // Its share is done: a thread waiting for a core gets this one now, between
+            // regions ([`set_yield_after_region`]).
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -464,6 +481,30 @@ mod tests {
                     std::thread::sleep(DEFAULT_SPIN * 4);
                 }
             }
+        }
+    }
+
+    /// Teams made after `set_yield_after_region(true)` yield after each region's share, those
+    /// made before (or after it is turned off again) do not, and every task still runs once.
+    #[test]
+    fn yielding_after_regions_is_taken_at_team_creation_and_changes_no_result() {
+        let before = Team::new(2, "test").unwrap();
+        set_yield_after_region(true);
+        let yielding = Team::new(3, "test").unwrap();
+        set_yield_after_region(false);
+        let after = Team::new(2, "test").unwrap();
+        assert!(!before.shared.yield_after && yielding.shared.yield_after);
+        assert!(!after.shared.yield_after);
+        for round in 0..200 {
+            let n = round % 29;
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            yielding.run(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "{round}"
+            );
         }
     }
 
