@@ -467,19 +467,25 @@ mod tests {
         for threads in [1, 2, 3, 8] {
             let team = Team::new(threads, "test").unwrap();
             assert_eq!(team.threads(), threads);
-            for round in 0..300 {
-                let n = round % 37;
-                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                team.run(n, &|i| {
-                    hits[i].fetch_add(1, Ordering::Relaxed);
-                });
-                assert!(
-                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
-                    "{round}"
-                );
-                if round % 100 == 99 {
-                    std::thread::sleep(DEFAULT_SPIN * 4);
-                }
+            each_task_once(&team, 300, 37, true);
+        }
+    }
+
+    /// `rounds` regions of `round % modulus` tasks on `team`, each task run exactly once;
+    /// with `rest`, a pause long enough for the workers to park every 100 rounds.
+    fn each_task_once(team: &Team, rounds: usize, modulus: usize, rest: bool) {
+        for round in 0..rounds {
+            let n = round % modulus;
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            team.run(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "{round}"
+            );
+            if rest && round % 100 == 99 {
+                std::thread::sleep(DEFAULT_SPIN * 4);
             }
         }
     }
@@ -495,17 +501,7 @@ mod tests {
         let after = Team::new(2, "test").unwrap();
         assert!(!before.shared.yield_after && yielding.shared.yield_after);
         assert!(!after.shared.yield_after);
-        for round in 0..200 {
-            let n = round % 29;
-            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            yielding.run(n, &|i| {
-                hits[i].fetch_add(1, Ordering::Relaxed);
-            });
-            assert!(
-                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
-                "{round}"
-            );
-        }
+        each_task_once(&yielding, 200, 29, false);
     }
 
     /// An idle worker parks once its team's idle spin is over, not before.

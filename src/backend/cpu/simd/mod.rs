@@ -342,13 +342,7 @@ pub fn panel(
     acc: &mut [[f32; PANEL]; PANEL_TR],
 ) {
     let isa = isa.runnable();
-    assert!(
-        tr <= panel_tr(p)
-            && holds(p.len(), k, PANEL)
-            && holds(x.len(), tr, k)
-            && (!p.is_quantized() || k.is_multiple_of(32)),
-        "panel bounds; this is a bug"
-    );
+    check_panel(p, k, x, tr);
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
         // SAFETY: CPU features as in `dot_rows`; bounds and the element type checked above;
@@ -363,6 +357,17 @@ pub fn panel(
         return;
     }
     scalar::panel(p, k, x, tr, acc)
+}
+
+/// The bounds [`panel`]'s kernels rely on: `tr` rows of `x` and a whole panel of `k` inputs.
+fn check_panel(p: View, k: usize, x: &[f32], tr: usize) {
+    assert!(
+        tr <= panel_tr(p)
+            && holds(p.len(), k, PANEL)
+            && holds(x.len(), tr, k)
+            && (!p.is_quantized() || k.is_multiple_of(32)),
+        "panel bounds; this is a bug"
+    );
 }
 
 /// [`panel`] with token row `t`'s 32 sums written to `out + t · stride` instead of an
@@ -386,13 +391,7 @@ pub unsafe fn panel_into(
     let isa = isa.runnable();
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        assert!(
-            tr <= panel_tr(p)
-                && holds(p.len(), k, PANEL)
-                && holds(x.len(), tr, k)
-                && (!p.is_quantized() || k.is_multiple_of(32)),
-            "panel bounds; this is a bug"
-        );
+        check_panel(p, k, x, tr);
         // SAFETY: CPU features as in `dot_rows`; bounds and the element type checked above;
         // the output rows are the caller's (this function's contract).
         unsafe { avx512::panel(p, k, x.as_ptr(), tr, out, stride) };
