@@ -428,7 +428,9 @@ def markdown(paths, model_dir):
             if o.get("kind") == "result":
                 results.append(o)
             elif o.get("kind") == "machine":
-                machine = machine or o
+                # gram's record has its ISA and core count only; the Python peers' add the CPU
+                # model and flags (lscpu). Merged, the first record's values first.
+                machine = {**o, **(machine or {})}
             elif "read_bw_gbps" in o:  # of several floor files, the highest bandwidth
                 if floor is None or _best(o["read_bw_gbps"]["2"]) > _best(floor["read_bw_gbps"]["2"]):
                     floor = o
