@@ -41,10 +41,10 @@ start_server "$out/server.log"
 # RSS every 10 s: seconds since ready, the phase running, kB. The phase file is replaced, never
 # rewritten in place, so the sampler never reads it empty.
 phase() { echo "$1" >"$out/phase.tmp" && mv "$out/phase.tmp" "$out/phase"; }
-# Each line: seconds since ready (from /proc/uptime, to the hundredth), the phase, RSS in kB, then clock ticks so far: the server's
-# CPU time (user + system, `/proc/PID/stat` fields 14 and 15), every process's (`/proc/stat`,
-# all CPUs: user, nice, system, irq, softirq, steal) and the hypervisor's steal alone. The
-# summary turns them into cores busy, minute by minute.
+# Each line: seconds since ready (from /proc/uptime, to the hundredth), the phase, RSS in kB,
+# then clock ticks so far: the server's CPU time (user + system, `/proc/PID/stat` fields 14 and
+# 15), every process's (`/proc/stat`, all CPUs: user, nice, system, irq, softirq, steal) and the
+# hypervisor's steal alone. The summary turns them into cores busy, minute by minute.
 sample() { # one line of rss.tsv; fails once the server is gone
   local kb ticks host
   kb=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null) && [ -n "$kb" ] &&

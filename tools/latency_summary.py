@@ -32,15 +32,15 @@ def by_minute(out, name):
         for r in csv.DictReader(f):
             m = int(float(r["sent_s"]) // 60)
             while len(minutes) <= m:
-                minutes.append((0, [], [], []))
+                minutes.append([0, [], [], []])
             if r["status"] not in ("200", "504", "timeout"):
                 continue
-            answered, lat, queue, engine = minutes[m]
-            lat.append(float(r["latency_ms"]))
+            minute = minutes[m]
+            minute[1].append(float(r["latency_ms"]))
             if r["status"] == "200":
-                minutes[m] = (answered + 1, lat, queue, engine)
-                queue.append(float(r["queue_ms"]))
-                engine.append(float(r["engine_ms"]))
+                minute[0] += 1
+                minute[2].append(float(r["queue_ms"]))
+                minute[3].append(float(r["engine_ms"]))
     return minutes
 
 
@@ -69,9 +69,10 @@ def minutes_table(out, name, closed=()):
         # A minute that answered nothing has no speed to match a closed loop by.
         near = min(refs, key=lambda x: abs(x[1] - rate)) if refs and answered else None
         ref = f"{near[0]} ({near[1]:.0f}/s, p99 {fmt(near[2])})" if near else "n/a"
-        print(f"| {m} | {rate:.0f} | {ref} | {fmt(rate / near[1] if near else None, '.2f')} | "
-              f"{fmt(mine)} | {fmt(mine / near[2] if near and near[2] and mine else None, '.3f')} | "
-              f"{fmt(p99(queue))} | {fmt(p99(engine))} |")
+        rate_ratio = rate / near[1] if near else None
+        p99_ratio = mine / near[2] if near and near[2] and mine else None
+        print(f"| {m} | {rate:.0f} | {ref} | {fmt(rate_ratio, '.2f')} | {fmt(mine)} | "
+              f"{fmt(p99_ratio, '.3f')} | {fmt(p99(queue))} | {fmt(p99(engine))} |")
 
 
 def p99(v):
@@ -139,11 +140,12 @@ def cpu_by_minute(ticks, hz=100):
     if len(opened) < 2:
         return
     t0 = opened[0][0]
-    by = {}
+    by = {}  # minute: [seconds, [ticks of the server, every process, steal]]
     for (ta, na), (tb, nb) in zip(opened, opened[1:]):
         if tb > ta:
-            secs, total = by.setdefault(int((ta - t0) // 60), [0.0, [0, 0, 0]])
-            by[int((ta - t0) // 60)] = [secs + tb - ta, [x + b - a for x, a, b in zip(total, na, nb)]]
+            minute = by.setdefault(int((ta - t0) // 60), [0.0, [0, 0, 0]])
+            minute[0] += tb - ta
+            minute[1] = [x + b - a for x, a, b in zip(minute[1], na, nb)]
     print("\n| minute of the overload (CPU samples) | server cores | all processes' cores, "
           "steal included | steal |\n|---|---|---|---|")
     for m, (secs, total) in sorted(by.items()):

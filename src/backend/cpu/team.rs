@@ -17,8 +17,8 @@
 //! others claimed, never for a worker that has not shown up (one that lost its core to another
 //! thread). In a server ([`set_yield_after_region`]) a worker also yields its core after its
 //! share of each region, so that the server's other threads take it between regions, not in
-//! the middle of one. Regions nest nowhere and one caller runs at a time; a second caller, or a task that
-//! forks again, runs its tasks itself, in order.
+//! the middle of one. Regions nest nowhere and one caller runs at a time; a second caller, or
+//! a task that forks again, runs its tasks itself, in order.
 
 use std::any::Any;
 use std::cell::{Cell, UnsafeCell};
@@ -125,7 +125,8 @@ struct Shared {
     parked: AtomicUsize,
     /// How long an idle worker spins before it parks.
     spin: Duration,
-    /// Whether a worker yields its core after its share of each region ([`set_yield_after_region`]).
+    /// Whether a worker yields its core after its share of each region
+    /// ([`set_yield_after_region`]).
     yield_after: bool,
     lock: Mutex<()>,
     wake: Condvar,
