@@ -32,6 +32,10 @@ const MAGIC: &[u8; 8] = b"GRAMIDX\0";
 pub const FORMAT_VERSION: u32 = 2;
 const ENTRY: usize = 32;
 const ALIGN: usize = 64;
+/// Most sections a container holds. The index uses eight kinds; the cap keeps the open's
+/// pairwise repeat-and-overlap check (quadratic in the count) cheap on a hostile table, which a
+/// file of a few MB could otherwise fill with tens of thousands of empty sections.
+pub const MAX_SECTIONS: usize = 256;
 
 /// XXH3-64 (seed 0) of `bytes`: the checksum of every section, header and shard, the key of a
 /// shard's inputs and the model fingerprint. Every input bit reaches every output bit, so no
@@ -62,6 +66,11 @@ impl Container {
     /// Writes `sections` (`(kind, bytes)`, kinds distinct) to `path` atomically.
     pub fn write(path: &Path, sections: &[(u32, &[u8])]) -> Result<()> {
         let n = sections.len();
+        if n > MAX_SECTIONS {
+            return Err(Error::Input(format!(
+                "{n} sections; a container holds at most {MAX_SECTIONS}"
+            )));
+        }
         let header = 16 + ENTRY * n + 8;
         let mut offset = header.next_multiple_of(ALIGN);
         let mut table = Vec::with_capacity(n);
@@ -139,6 +148,11 @@ impl Container {
             ));
         }
         let n = u32_at(12) as usize;
+        if n > MAX_SECTIONS {
+            return Err(format!(
+                "the section table counts {n} sections; a container holds at most {MAX_SECTIONS} (corrupt file)"
+            ));
+        }
         let header = n
             .checked_mul(ENTRY)
             .and_then(|t| t.checked_add(16 + 8))
@@ -494,9 +508,35 @@ mod tests {
         }
         // A count of sections whose table would run past the file.
         let mut bad = good.clone();
-        bad[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        bad[12..16].copy_from_slice(&(MAX_SECTIONS as u32).to_le_bytes());
         let e = Container::parse(&bad).unwrap_err();
         assert!(e.contains("runs past the end"), "{e}");
+        // Past the cap, refused before the table is read: here a whole, checksummed table of
+        // tens of thousands of empty sections (one kind each, all at the same offset) that the
+        // pairwise check would otherwise take seconds over.
+        for count in [MAX_SECTIONS + 1, 40_000, u32::MAX as usize] {
+            let mut bad = good[..16].to_vec();
+            bad[12..16].copy_from_slice(&(count as u32).to_le_bytes());
+            if count < 100_000 {
+                let at = (16 + ENTRY * count + 8).next_multiple_of(ALIGN);
+                for i in 0..count {
+                    let mut e = [0u8; ENTRY];
+                    e[..4].copy_from_slice(&(i as u32).to_le_bytes());
+                    e[8..16].copy_from_slice(&(at as u64).to_le_bytes());
+                    e[24..].copy_from_slice(&checksum(&[]).to_le_bytes());
+                    bad.extend_from_slice(&e);
+                }
+                let sum = checksum(&bad);
+                bad.extend_from_slice(&sum.to_le_bytes());
+                bad.resize(at, 0);
+            }
+            let e = Container::parse(&bad).unwrap_err();
+            assert!(e.contains("at most 256"), "{count} sections: {e}");
+        }
+        // And the writer refuses to make one.
+        let many: Vec<(u32, &[u8])> = (0..=MAX_SECTIONS as u32).map(|k| (k, &b"x"[..])).collect();
+        let e = Container::write(&path, &many).unwrap_err().to_string();
+        assert!(e.contains("at most 256") && !path.exists(), "{e}");
     }
 
     /// Whether byte `i` of a container lies in no header and no section.

@@ -415,11 +415,13 @@ impl Index {
     }
 
     /// Code `id`'s postings, ready to score with the query side `pq` and weights `w` (one per
-    /// code token; `None` when their length is not the code's token count, or the record
-    /// points outside its sections), with no code prior (set [`Postings::prior`] for one).
+    /// code token; `None` when their length is not the code's token count, the record counts
+    /// no token (no code is empty: such a record is damage, and would score every product of
+    /// its list by the prior alone), or it points outside its sections), with no code prior
+    /// (set [`Postings::prior`] for one).
     pub fn postings<'a>(&'a self, id: u32, pq: &'a [f32], w: &'a [f32]) -> Option<Postings<'a>> {
         let c = self.code(id)?;
-        if pq.len() != c.n_tokens as usize || w.len() != pq.len() {
+        if c.n_tokens == 0 || pq.len() != c.n_tokens as usize || w.len() != pq.len() {
             return None;
         }
         let ids: &[u32] = self.records(kind::POSTINGS).ok()?;
@@ -755,6 +757,15 @@ mod tests {
             "it reads as 1 token"
         );
         assert_eq!(ix.scan().bad_records, 1);
+        drop(ix);
+        // One that counts no token is refused outright: an empty query side would score every
+        // product of its list by the prior alone. The deep scan counts it twice (no postings,
+        // and not its node's depth).
+        bytes[n_tokens..n_tokens + 2].copy_from_slice(&0u16.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let ix = Index::open(&path).unwrap();
+        assert!(ix.postings(2, &[], &[]).is_none());
+        assert_eq!(ix.scan().bad_records, 2);
         drop(ix);
         std::fs::remove_file(&path).unwrap();
 

@@ -663,6 +663,26 @@ mod tests {
         );
     }
 
+    /// A root that ends a code (an empty code: every walk could end before its first token)
+    /// passed every check before: the code of a node that has children moved onto the root,
+    /// the checksum made anew.
+    #[test]
+    fn a_root_that_ends_a_code_is_refused() {
+        let s = set(&[&[5], &[5, 6], &[9]]);
+        let trie = Trie::build(&s, 16, 2).unwrap();
+        let sec = Sections::new(16, trie.num_nodes(), trie.edges);
+        let inner = trie.walk(&[5]).unwrap();
+        assert!(trie.code(inner).is_some() && !trie.children(inner).0.is_empty());
+        let mut w = trie.as_words().to_vec();
+        w[sec.code] = w[sec.code + inner as usize];
+        w[sec.code + inner as usize] = NONE;
+        let sum = checksum(&w);
+        w[9] = sum as u32;
+        w[10] = (sum >> 32) as u32;
+        let e = Trie::check(&w, Verify::Checksum).err().unwrap();
+        assert!(e.contains("root ends a code"), "{e}");
+    }
+
     /// The branch-free scans of the child table accept exactly what the plain node-by-node
     /// walk accepts, on a random trie and thousands of corruptions of its `start` and token
     /// words; and `depth_of` gives every node's depth as a breadth-first walk counts it.

@@ -82,7 +82,8 @@ pub(super) fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, 
             found.push(Vec::new());
             continue;
         }
-        let mut codes = Vec::with_capacity(n.min(payload.len()));
+        // Each code takes at least 8 bytes (its two counts): no more room than the rest holds.
+        let mut codes = Vec::with_capacity(n.min(r.bytes.len() / 8));
         for _ in 0..n {
             let len = r.count()?;
             let text = String::from_utf8(r.take(len)?.to_vec()).ok()?;

@@ -75,6 +75,11 @@ impl Trie {
                 MAX_CODES.min(nodes)
             ));
         }
+        // The root ends no code: a code has at least one token (`build` refuses an empty
+        // one), and an empty code would let beam search end every query at its first step.
+        if code[0] != NONE {
+            return Err("the trie's root ends a code (an empty code)".into());
+        }
         // A bit per code id (2.5 M codes: 312 KB, in L2; the ids are in code order, not the
         // nodes' breadth-first one, so these reads are scattered).
         let mut seen = vec![0u64; codes.div_ceil(64)];
