@@ -715,6 +715,20 @@ async fn bad_input_is_a_clear_4xx() {
             "none",
         ),
         (
+            "a content type that is not ASCII",
+            call_with(
+                addr,
+                "POST",
+                "/v1/codes",
+                &[("content-type", "application/json\u{ff}")],
+                r#"{"query":"sofa"}"#,
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+            "got (not ASCII)",
+        ),
+        (
             "a gzip-encoded body",
             call_with(
                 addr,

@@ -494,8 +494,6 @@ async fn run(state: &AppState, request: Request, t0: Instant) -> Result<HttpResp
         .into_response())
 }
 
-/// A JSON body of type `T`: content type, size, UTF-8, syntax and fields checked, each with its
-/// own error.
 /// The POST endpoints whose bodies are JSON (their headers are checked before the body is read:
 /// [`json_headers`]).
 pub const JSON_ROUTES: [&str; 2] = ["/v1/search", "/v1/codes"];
@@ -504,10 +502,10 @@ pub const JSON_ROUTES: [&str; 2] = ["/v1/search", "/v1/codes"];
 /// otherwise). Checked before the body is read (`conn::body_deadline`), so that a wrong type is
 /// refused at once, with no `100 Continue` and no wait for a body that will be refused anyway.
 pub fn json_headers(headers: &HeaderMap) -> Result<(), ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ct = match headers.get(header::CONTENT_TYPE) {
+        None => "",
+        Some(v) => v.to_str().unwrap_or("(not ASCII)"),
+    };
     let mime = ct
         .split(';')
         .next()
@@ -537,6 +535,8 @@ pub fn json_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A JSON body of type `T`: content type, size, UTF-8, syntax and fields checked, each with its
+/// own error.
 fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,

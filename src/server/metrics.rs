@@ -464,7 +464,11 @@ impl Metrics {
             "The backend the model runs on (cpu or cuda) and the GPU's name: 1 once chosen.",
         );
         if let Some((backend, device)) = &*lock(&self.backend) {
-            let device = device.replace('\\', "\\\\").replace('"', "\\\"");
+            // The text format's label escapes: backslash, double quote, line feed.
+            let device = device
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             let _ = writeln!(
                 out,
                 "gram_backend_info{{backend=\"{backend}\",device=\"{device}\"}} 1"
@@ -477,6 +481,21 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GPU's name goes into a label value with the text format's three escapes, so the
+    /// line stays one line of valid exposition whatever the driver reports.
+    #[test]
+    fn the_device_label_is_escaped() {
+        let m = Metrics::default();
+        m.set_backend(&crate::search::BackendInfo {
+            backend: "cuda",
+            device: Some("H\\1 \"x\"\nnext".into()),
+            fallback: None,
+        });
+        let text = m.render();
+        let want = "gram_backend_info{backend=\"cuda\",device=\"H\\\\1 \\\"x\\\"\\nnext\"} 1\n";
+        assert!(text.contains(want), "{text}");
+    }
 
     #[test]
     fn histogram_is_cumulative_with_sum_and_count() {

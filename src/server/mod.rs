@@ -465,12 +465,18 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // A request whose headers are in is answered: its body may take up to the body timeout,
-        // then its deadline runs (from the end of the body), then its answer is written (each
-        // stall at most the write timeout). A connection still open past all of that (a client
-        // stalled mid-request) does not hold the shutdown.
+        // A connection that has sent nothing yet may still send a request within the header
+        // timeout (hyper switches keep-alive off only on an idle connection), and a request
+        // whose headers are in is answered: its body may take up to the body timeout, then its
+        // deadline runs (from the end of the body), then its answer is written (each stall at
+        // most the write timeout). A connection still open past all of that (a client stalled
+        // mid-request) does not hold the shutdown.
         let c = &self.state.config;
-        let grace = c.http.body_timeout + c.timeout + c.http.write_timeout + Duration::from_secs(1);
+        let grace = c.http.header_timeout
+            + c.http.body_timeout
+            + c.timeout
+            + c.http.write_timeout
+            + Duration::from_secs(1);
         let served = match tokio::time::timeout(grace, &mut self.http).await {
             Ok(Ok(r)) => r.map_err(ServeError::from),
             Ok(Err(_)) => Err(ServeError::Panicked),

@@ -94,6 +94,9 @@ pub struct Queue {
     /// Jobs queued, published under the lock at every change ([`Queue::publish_depth`]): what
     /// [`Queue::stalled`] reads without taking the lock.
     depth: std::sync::atomic::AtomicUsize,
+    /// Whether the queue is closed, set under the lock with `closed`: what [`Queue::is_closed`]
+    /// reads without taking the lock (a `/ready` probe must not wait behind pushes).
+    closed: std::sync::atomic::AtomicBool,
     /// Its depth gauge, set under the lock.
     pub(super) metrics: Arc<Metrics>,
     /// Progress of the batcher and the scoring threads, for [`Queue::stalled`].
@@ -287,6 +290,7 @@ impl Queue {
             in_flight: Default::default(),
             service: Mutex::new(ServiceRate::default()),
             depth: 0.into(),
+            closed: false.into(),
             metrics,
             progress: Progress {
                 born: Instant::now(),
@@ -516,12 +520,17 @@ impl Queue {
 
     /// Refuses new jobs; the batcher finishes those queued and in flight, then stops.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut st = self.lock();
+        st.closed = true;
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        drop(st);
         self.changed.notify_all();
     }
 
+    /// Whether [`Queue::close`] has run; lock-free, for `/ready`.
     pub fn is_closed(&self) -> bool {
-        self.lock().closed
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
