@@ -468,7 +468,7 @@ impl<B: Backend> Engine<B> {
 
     /// Arena entries a prepared request holds while its codes are generated.
     pub fn entries_for(&self, p: &Prepared) -> usize {
-        crate::beam::arena_entries(&p.query)
+        crate::beam::arena_entries(&p.query, self.index.trie())
     }
 
     /// Searches all `requests` together (shared decoder steps) and returns one response each,

@@ -902,6 +902,51 @@ fn bad_queries_are_clear_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A constrained query reserves KV entries for the longest code, not for `max_new_tokens`: beam
+/// 512 with 256 new tokens over a few prompts asked for tens of GB (an abort in the allocator)
+/// where no step could write past the trie's depth. The answer is the same bits at any
+/// `max_new_tokens` past the longest code; an unconstrained query still reserves them all.
+#[test]
+fn max_new_tokens_past_the_longest_code_reserves_nothing_more() {
+    let f = fixture("tiny-qwen2");
+    let prompt = f.tok.encode("green velvet").unwrap();
+    let deepest = f.trie.max_len();
+    let query = |beam, max_new_tokens, constrained| Query {
+        prompt: prompt.clone(),
+        options: BeamOptions {
+            beam,
+            max_new_tokens,
+            constrained,
+            ..Default::default()
+        },
+    };
+    for (beam, max_new) in [(512, 256), (8, 256), (8, deepest + 1), (8, deepest), (3, 2)] {
+        let fed = (max_new - 1).min(deepest);
+        assert_eq!(
+            beam::arena_entries(&query(beam, max_new, true), &f.trie),
+            prompt.len() + beam * fed,
+            "beam {beam}, {max_new} new tokens"
+        );
+        assert_eq!(
+            beam::arena_entries(&query(beam, max_new, false), &f.trie),
+            prompt.len() + beam * (max_new - 1),
+            "unconstrained, beam {beam}, {max_new} new tokens"
+        );
+    }
+    let fits = search_one(&f, prompt.clone(), query(8, deepest + 1, true).options);
+    let long = search_one(&f, prompt.clone(), query(8, 256, true).options);
+    assert!(!fits.codes.is_empty());
+    assert_eq!(fits.codes.len(), long.codes.len());
+    for (a, b) in fits.codes.iter().zip(&long.codes) {
+        assert_eq!((a.code, &a.tokens), (b.code, &b.tokens));
+        assert_eq!(a.score.to_bits(), b.score.to_bits());
+    }
+    // Beam 512 with 256 new tokens over eight prompts runs in a few MB.
+    let wide: Vec<Query> = (0..8).map(|_| query(512, 256, true)).collect();
+    let out = beam::search(&f.model, &f.trie, &wide).unwrap();
+    assert!(out.iter().all(|o| o.codes.len() == f.set.len().min(512)));
+}
+
 #[test]
 fn trie_round_trips_through_a_mapped_file() {
     let f = fixture("tiny-qwen2");

@@ -104,7 +104,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
 
     /// Arena entries `query` would hold while it runs.
     pub fn entries_for(&self, query: &Query) -> usize {
-        State::entries(query, self.search.shared(&query.prompt))
+        State::entries(query, self.search.shared(&query.prompt), self.trie)
     }
 
     /// Queries admitted and not yet returned.
@@ -124,7 +124,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
         // A query joining changes the pass shape anyway: held rows have no purpose left.
         self.release_held();
         let shared = self.search.shared(&query.prompt);
-        let need = State::entries(&query, shared);
+        let need = State::entries(&query, shared, self.trie);
         if need > self.capacity {
             return Err(Error::Input(format!(
                 "the query needs {need} KV entries, the batch holds {}",

@@ -13,8 +13,16 @@
 //! length limit) compete for the `B` finished slots with score `sum(logprobs) / len ^ penalty`;
 //! the query stops when no running beam can beat its worst finished one (HF's heuristic) or at
 //! `max_new_tokens`. Beam 1 (transformers runs greedy search then) comes out the same: when the
-//! best candidate ends a code, the heuristic stops, as the running one scores lower at that length. [`Normalize::Children`] instead normalizes over a node's allowed tokens only,
-//! so the LM head is evaluated for those rows alone (the sparse head).
+//! best candidate ends a code, the heuristic stops, as the running one scores lower at that
+//! length. One difference is left: greedy search takes the argmax of the step's logits, and
+//! [`select`] ranks `score + logprob` in f32, so two allowed tokens whose sums round to the same
+//! f32 (log-probs within a rounding step of the running score, ~2e-6 near −20) go to the lower
+//! token id where greedy takes the larger logit. Breaking such ties on the log-prob would part
+//! the CPU's order from the device beam step's (`kernels/beam_step.cu` sorts one 64-bit key of
+//! score, beam and token), so it is left as it is.
+//!
+//! [`Normalize::Children`] instead normalizes over a node's allowed tokens only, so the LM head
+//! is evaluated for those rows alone (the sparse head).
 
 mod batcher;
 pub mod select;
@@ -244,17 +252,24 @@ impl State {
     }
 
     /// Arena entries the query needs: its prompt past the shared prefix and one per beam for
-    /// every fed code token (the last generated token is never fed).
-    fn entries(q: &Query, shared: usize) -> usize {
+    /// every fed code token (the last generated token is never fed). A constrained beam feeds at
+    /// most `trie.max_len()` tokens (the code's EOS is its last), so a `max_new_tokens` past
+    /// that reserves nothing more: beam 512 with 256 new tokens would otherwise ask for tens of
+    /// GB that no step can touch.
+    fn entries(q: &Query, shared: usize, trie: &Trie) -> usize {
         // Saturating: callers may ask before the query is checked (`max_new_tokens` 0).
-        q.prompt.len() - shared + q.options.beam * q.options.max_new_tokens.saturating_sub(1)
+        let mut fed = q.options.max_new_tokens.saturating_sub(1);
+        if q.options.constrained {
+            fed = fed.min(trie.max_len());
+        }
+        (q.prompt.len() - shared).saturating_add(q.options.beam.saturating_mul(fed))
     }
 }
 
-/// Arena entries `q` holds while it runs when no prompt prefix is shared: the most it can
-/// need (what a batch's arena is sized by).
-pub fn arena_entries(q: &Query) -> usize {
-    State::entries(q, 0)
+/// Arena entries `q` holds while it runs over `trie` when no prompt prefix is shared: the most
+/// it can need (what a batch's arena is sized by).
+pub fn arena_entries(q: &Query, trie: &Trie) -> usize {
+    State::entries(q, 0, trie)
 }
 
 /// Runs beam search; reuses its KV arena across calls (grown as needed, and made anew when a
@@ -351,7 +366,7 @@ impl<B: Backend> BeamSearch<B> {
         }
         let entries: usize = queries
             .iter()
-            .map(|q| State::entries(q, self.shared(&q.prompt)))
+            .map(|q| State::entries(q, self.shared(&q.prompt), trie))
             .sum();
         let mut batch = Batcher::new(self, model, trie, entries)?;
         let slots: usize = queries.iter().map(|q| q.options.beam).sum();

@@ -21,16 +21,21 @@ pub struct CpuKv {
 }
 
 impl CpuKv {
-    pub fn new(layers: usize, entries: usize, kv_heads: usize, head_dim: usize) -> CpuKv {
-        let n = layers * kv_heads * entries * head_dim;
-        CpuKv {
+    /// A zeroed cache; `None` when the allocator refuses its memory (a cache too large for the
+    /// machine must be an error, not an abort).
+    pub fn new(layers: usize, entries: usize, kv_heads: usize, head_dim: usize) -> Option<CpuKv> {
+        let n = layers
+            .checked_mul(kv_heads)?
+            .checked_mul(entries)?
+            .checked_mul(head_dim)?;
+        Some(CpuKv {
             layers,
             kv_heads,
             entries,
             head_dim,
-            k: vec![0.0; n],
-            v: vec![0.0; n],
-        }
+            k: zeroed(n)?,
+            v: zeroed(n)?,
+        })
     }
 
     pub fn entries(&self) -> usize {
@@ -57,6 +62,24 @@ impl CpuKv {
             }
         }
     }
+}
+
+/// `n` zeros, or `None` when the allocator refuses. Zeroed by the allocator, as `vec![0.0; n]`
+/// is (pages are touched only when written), where `try_reserve` and a fill would write every
+/// byte of a cache that a batch may use only a corner of.
+fn zeroed(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // SAFETY: the layout's size is not zero (n > 0).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `n` f32 (a `Vec<f32>`'s
+    // of capacity `n`), and its `n` elements are initialized (zero bits are 0.0).
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
 }
 
 /// One work item's buffers, kept per thread: a decode step has rows × KV heads × layers items
@@ -158,7 +181,7 @@ mod tests {
         let mut next = xorshift(0x5eed_a77e);
         let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| signed_unit(next())).collect() };
         // Every entry of both layers written, one token a call (as decode does) or several.
-        let mut kv = CpuKv::new(layers, entries, kv_heads, d);
+        let mut kv = CpuKv::new(layers, entries, kv_heads, d).unwrap();
         let mut truth =
             vec![vec![(vec![0f32; kv_heads * d], vec![0f32; kv_heads * d]); entries]; layers];
         for (layer, truth) in truth.iter_mut().enumerate() {

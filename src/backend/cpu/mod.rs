@@ -187,12 +187,18 @@ impl Backend for CpuBackend {
                 "a KV cache of {entries} entries is empty or over 64 GiB"
             )));
         }
-        Ok(CpuKv::new(
+        CpuKv::new(
             config.num_hidden_layers,
             entries,
             config.num_key_value_heads,
             config.head_dim,
-        ))
+        )
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "a KV cache of {entries} entries ({:.1} GiB) does not fit in this machine's memory",
+                bytes as f64 / (1u64 << 30) as f64
+            ))
+        })
     }
 
     fn to_host(&self, x: Vec<f32>) -> Vec<f32> {
