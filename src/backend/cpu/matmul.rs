@@ -660,6 +660,65 @@ mod tests {
         }
     }
 
+    /// The same bits whatever the team's size: the split into tasks changes which thread runs
+    /// a column, never the FMA chain of an output. f32, bf16 and Q4_1 weights, with and without
+    /// panels and a bias, `n` not a multiple of 32, rows at one (the GEMV), in one group, over
+    /// several and past the f32 copy, on teams of 1, 2 and 3 threads.
+    #[test]
+    fn outputs_do_not_depend_on_the_team_size() {
+        let (n, k) = (203, 96);
+        let mut rnd = uniform(0x510e_527f_ade6_82d1);
+        let mut next = crate::test_rng::xorshift(0x9b05_688c_2b3e_6c1f);
+        let dense = rnd(n * k);
+        let bias = rnd(n);
+        let bf = HostTensor::from_f32(dense.clone(), vec![n, k]).into_dtype(DType::BF16);
+        let blocks = q4_1_blocks(n * k / 32, &mut next);
+        let teams: Vec<team::Team> = [1, 2, 3]
+            .iter()
+            .map(|&t| team::Team::new(t, "size-test").unwrap())
+            .collect();
+        for isa in Isa::available() {
+            for (name, w) in [
+                ("f32", View::F32(&dense)),
+                ("bf16", bf.view()),
+                ("q4_1", View::Q4_1(&blocks)),
+            ] {
+                let packed = super::super::panels::pack(isa, w, n, k);
+                for rows in [1, 3, 10, 41] {
+                    let x = rnd(rows * k);
+                    for (panels, with_bias) in [(true, false), (true, true), (false, true)] {
+                        let outs: Vec<Vec<u32>> = teams
+                            .iter()
+                            .map(|t| {
+                                let mut out = vec![0f32; rows * n];
+                                let mut jobs = [MatJob {
+                                    w,
+                                    panels: panels.then(|| packed.view()),
+                                    bias: with_bias.then_some(View::F32(&bias)),
+                                    n,
+                                    out: &mut out,
+                                }];
+                                t.enter(|| {
+                                    assert_eq!(team::threads(), t.threads(), "the team in use");
+                                    matmul(isa, &x, rows, k, &mut jobs)
+                                });
+                                out.iter().map(|v| v.to_bits()).collect()
+                            })
+                            .collect();
+                        for (t, o) in outs.iter().enumerate().skip(1) {
+                            assert!(
+                                *o == outs[0],
+                                "{isa:?} {name} rows {rows} panels {panels} bias {with_bias}: \
+                                 {} threads differ from 1",
+                                t + 1
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// One token row through panels (several panels per kernel call, tasks ending in a
     /// partial group and a partial panel): every output bit for bit the scalar twin's and the
     /// first row of a two-row call's (the many-row kernel), and within f32 rounding of an f64

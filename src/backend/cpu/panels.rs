@@ -99,6 +99,11 @@ fn blocks(w: &[u8], n: usize, k: usize, bytes: usize) -> Vec<u8> {
 /// which then sweep this copy (in L2) instead of dequantizing the panel once per pass. The
 /// values of `simd::panel_weight`, bit for bit (`q·d` is exact, so `q·d + m` rounds once).
 pub fn dequantize(isa: Isa, p: View, k: usize, out: &mut [f32]) {
+    // Whole blocks only: a partial one would be left out, its inputs read as zero weights.
+    assert!(
+        !p.is_quantized() || k.is_multiple_of(32),
+        "dequantize: a block panel of whole blocks; this is a bug"
+    );
     #[cfg(target_arch = "x86_64")]
     if isa.runnable() != Isa::Scalar {
         // SAFETY: a runnable AVX2 or AVX-512 ISA means the CPU has avx2, fma and f16c.

@@ -2,7 +2,6 @@
 //! that rate the work is bound by instructions per byte, not by DRAM: 64-byte loads halve the
 //! instruction count of the AVX2 GEMV. Every function is `unsafe` and requires avx512f,
 //! avx512bw, avx2, fma and f16c; `simd::Isa::detect` guarantees them before any is called.
-//! Tiles (T > 1) stay on the AVX2 kernels.
 
 use std::arch::x86_64::*;
 

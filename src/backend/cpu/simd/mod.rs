@@ -615,11 +615,13 @@ pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
 /// Bit-identical to [`View::widen_into`], its scalar twin.
 pub fn dequant_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, out: &mut [f32]) {
     let isa = isa.runnable();
-    let (start, end) = (row0 * k, (row0 + nr) * k);
+    // Checked products, as every bound here: a wrapping `row0 · k` would read row 0 instead.
+    let rows = row0.checked_add(nr);
     assert!(
-        end <= w.len() && out.len() >= nr * k,
+        rows.is_some_and(|r| holds(w.len(), r, k)) && holds(out.len(), nr, k),
         "dequant_rows bounds; this is a bug"
     );
+    let (start, end) = (row0 * k, (row0 + nr) * k);
     let out = &mut out[..nr * k];
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() && k.is_multiple_of(32) {

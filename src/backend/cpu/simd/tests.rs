@@ -757,5 +757,10 @@ fn wrapping_shapes_are_refused_not_run() {
                 &mut acc,
             );
         });
+        // `row0 · k` wraps to 0 here: it read row 0's values before.
+        refused("dequant_rows", &mut || {
+            let mut out = [0f32; 32];
+            dequant_rows(isa, View::F32(&w), 1 << 59, 1, 32, &mut out);
+        });
     }
 }
