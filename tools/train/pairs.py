@@ -259,7 +259,9 @@ def targets(item, named):
 
 
 def synth_queries(item, n, rng, typo_rate=0.06):
-    """Up to n (query, named attributes) for one product, distinct queries."""
+    """Up to n (query, named attributes, base) for one product, distinct queries; `base` is the
+    query before its misspelling (the query itself when it has none), which decides its side
+    of the split and whether it is a judged query's twin."""
     attrs = item["attributes"]
     usable = [(w, p) for w, p in PATTERNS
               if p == "title" or all(attrs.get(a) for a in p.replace("spec", "category").split())]
@@ -280,13 +282,14 @@ def synth_queries(item, n, rng, typo_rate=0.06):
             names = pat.split()
             q = " ".join(surface(a, attrs[a], rng) for a in names)
             named = tuple(names)
+        base = qnorm(q)
         if rng.random() < typo_rate:
             q = typo(q, rng)
         q = qnorm(q)
         if not q or q in seen or not targets(item, named):
             continue
         seen.add(q)
-        out.append((q, named))
+        out.append((q, named, base))
     return out
 
 
@@ -329,44 +332,62 @@ def relevant_to(item, row, by_id):
 def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=5.0):
     """Everything stage 2 writes, as Python objects (see the module doc)."""
     rng = random.Random(seed)
-    judged_norm = {qnorm(q) for q in judged}
+    # A synthetic query is a judged one's twin when it, or the query it misspells, has a judged
+    # query's split key (its words in any order, `tn-2110` as `tn 2110`): a misspelling of
+    # "printer" trained on the codes of printers is "printer" learnt with one typo.
+    judged_keys = {split_key(q) for q in judged}
+
+    def judged_twin(q, base):
+        return split_key(q) in judged_keys or split_key(base) in judged_keys
     train_pairs = collections.Counter()
     valid_pairs = collections.Counter()
     # Per query: the union of the attributes named, its source products, and what each source's
     # own query named (relevance is judged against each source on its own attributes).
-    qsrc = {"train": collections.defaultdict(lambda: [set(), set(), {}]),
-            "valid": collections.defaultdict(lambda: [set(), set(), {}])}
+    # And the query it misspells, when it is a misspelling (the first one's, for its side).
+    qsrc = {"train": collections.defaultdict(lambda: [set(), set(), {}, None]),
+            "valid": collections.defaultdict(lambda: [set(), set(), {}, None])}
     cold, cold_queries = [], collections.defaultdict(set)
     dropped_judged = 0
+    side = {}
     for it in items:
         if is_cold(it["title"], cold_percent):
             cold.append({"id": it["id"], "title": it["title"], "codes": it["codes"]})
-            for q, named in synth_queries(it, per_product, rng):
-                cold_queries[q].add(it["id"])
+            for q, named, base in synth_queries(it, per_product, rng):
+                if not judged_twin(q, base):
+                    cold_queries[q].add(it["id"])
             continue
         for c in it["codes"]:
             train_pairs[("product", it["title"], c)] += 1
-        for q, named in synth_queries(it, per_product, rng):
-            if q in judged_norm:
+        for q, named, base in synth_queries(it, per_product, rng):
+            if judged_twin(q, base):
                 dropped_judged += 1
                 continue
-            split = "valid" if is_valid_query(q, valid_percent) else "train"
+            # By the query it misspells: a query and its misspellings land on one side (and a
+            # query string keeps the side it first got, whatever query it came from).
+            split = side.setdefault(q, "valid" if is_valid_query(base, valid_percent) else "train")
             pairs = valid_pairs if split == "valid" else train_pairs
             for c in targets(it, named):
                 pairs[("query", q, c)] += 1
             qsrc[split][q][0].update(named)
             qsrc[split][q][1].add(it["id"])
             qsrc[split][q][2].setdefault(it["id"], set()).update(named)
+            if qsrc[split][q][3] is None:
+                qsrc[split][q][3] = base
     train_q = set(qsrc["train"])
     # A cold product's query that some training product also produced is not cold.
     cold_q = [{"query": q, "pids": sorted(p)} for q, p in sorted(cold_queries.items())
-              if q not in train_q and q not in judged_norm and q not in qsrc["valid"]]
+              if q not in train_q and q not in qsrc["valid"]]
 
     def qlist(d):
-        return [{"query": q, "attrs": sorted(a, key=C.ORDER.index), "pids": sorted(p),
-                 "sources": [{"pid": i, "attrs": sorted(src[i], key=C.ORDER.index)}
-                             for i in sorted(src)]}
-                for q, (a, p, src) in sorted(d.items())]
+        rows = []
+        for q, (a, p, src, base) in sorted(d.items()):
+            row = {"query": q, "attrs": sorted(a, key=C.ORDER.index), "pids": sorted(p),
+                   "sources": [{"pid": i, "attrs": sorted(src[i], key=C.ORDER.index)}
+                               for i in sorted(src)]}
+            if base != q:
+                row["misspells"] = base
+            rows.append(row)
+        return rows
 
     def plist(c):
         return [{"kind": k, "text": t, "code": code, "n": n} for (k, t, code), n in sorted(c.items())]
@@ -384,7 +405,7 @@ def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=
             "train_query_pairs": sum(1 for k in train_pairs if k[0] == "query"),
             "train_queries": len(qsrc["train"]), "valid_queries": len(qsrc["valid"]),
             "valid_query_pairs": len(valid_pairs), "cold_queries": len(cold_q),
-            "judged_queries": len(judged), "synthetic_queries_equal_to_judged_dropped": dropped_judged,
+            "judged_queries": len(judged), "synthetic_queries_judged_twins_dropped": dropped_judged,
             "seed": seed, "per_product": per_product,
         },
     }

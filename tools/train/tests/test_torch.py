@@ -50,12 +50,16 @@ class Packing(unittest.TestCase):
 
     def test_dpo_loss(self):
         from tools.train import align as A
-        pol = torch.tensor([[-1.0, -2.0]])
+        # Unequal rewards (winner +0.5, loser -0.75), so that swapping the two betas changes
+        # the loss: 0.5·0.5 + 0.25·0.75 = 0.4375 here, 0.25·0.5 + 0.5·0.75 = 0.5 swapped.
+        pol = torch.tensor([[-1.0, -2.25]])
         ref = torch.tensor([[-1.5, -1.5]])
         loss, rw, rl = A.dpo_loss(pol, ref, torch.tensor([1.0]), torch.tensor([1.0]), 0.5, 0.25)
         self.assertAlmostEqual(rw.item(), 0.5)
-        self.assertAlmostEqual(rl.item(), -0.5)
-        self.assertAlmostEqual(loss.item(), -math.log(1 / (1 + math.exp(-(0.25 + 0.125)))), places=6)
+        self.assertAlmostEqual(rl.item(), -0.75)
+        self.assertAlmostEqual(loss.item(), -math.log(1 / (1 + math.exp(-(0.25 + 0.1875)))), places=6)
+        swapped, _, _ = A.dpo_loss(pol, ref, torch.tensor([1.0]), torch.tensor([1.0]), 0.25, 0.5)
+        self.assertGreater(abs(swapped.item() - loss.item()), 0.01)
         f = A.length_factor(["a | b | c | d", "a | b"], [12, 12], 6.0, 1.0)
         self.assertEqual(f.tolist(), [0.5, 1.0])
 
