@@ -676,6 +676,7 @@ fn parse_csv_line(line: &str) -> Option<Sample> {
         "timeout" => Status::Timeout,
         "connect" => Status::Connect,
         "body" => Status::Body,
+        "client" => Status::Client,
         s => Status::Http(s.parse().ok()?),
     };
     Some(Sample {
@@ -874,6 +875,39 @@ mod tests {
             assert!(e.contains("no request was answered"), "{flags:?}: {e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every status `csv` writes reads back (`--replot`): a run whose load generator ran out of
+    /// file descriptors (`client`) was refused as malformed.
+    #[test]
+    fn every_status_round_trips_through_the_csv() {
+        let statuses = [
+            Status::Http(200),
+            Status::Http(503),
+            Status::Timeout,
+            Status::Connect,
+            Status::Body,
+            Status::Client,
+        ];
+        let samples: Vec<Sample> = statuses
+            .iter()
+            .enumerate()
+            .map(|(i, &status)| Sample {
+                sent_s: 0.25 * i as f64,
+                latency_s: 0.0015,
+                status,
+                server_ms: (status == Status::Http(200)).then_some(0.125),
+                queue_ms: None,
+                engine_ms: None,
+            })
+            .collect();
+        let text = csv(&samples);
+        let back: Vec<Status> = text
+            .lines()
+            .skip(1)
+            .map(|l| parse_csv_line(l).expect(l).status)
+            .collect();
+        assert_eq!(back, statuses);
     }
 
     #[test]

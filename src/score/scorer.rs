@@ -231,7 +231,7 @@ fn sample_level(k: usize) -> usize {
 /// Why a range, and why the samples suffice. In exact arithmetic the term `w · bracket` has
 /// its largest value (0) where `Pt = Pq`, and falls on either side: the bracket, a
 /// divergence, grows as `Pt` moves away from `Pq`. The kernel's rounding makes the computed
-/// terms wiggle around that shape by at most ~1.6e-7 |w| (`levels_are_unimodal_within_slack`
+/// terms wiggle around that shape by at most ~2.2e-7 |w| (20,000 query sides; `levels_are_unimodal_within_slack`
 /// checks every level for hundreds of query sides, with [`Levels::slack`] = 2e-6 |w|): below
 /// the peak's levels (`p_lo`), a level's term is never more than `slack` above any later
 /// level's up to `p_lo`, and above them (`p_hi`) never more than `slack` above any earlier
