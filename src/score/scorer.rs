@@ -231,8 +231,9 @@ fn sample_level(k: usize) -> usize {
 /// Why a range, and why the samples suffice. In exact arithmetic the term `w · bracket` has
 /// its largest value (0) where `Pt = Pq`, and falls on either side: the bracket, a
 /// divergence, grows as `Pt` moves away from `Pq`. The kernel's rounding makes the computed
-/// terms wiggle around that shape by at most ~2.2e-7 |w| (20,000 query sides; `levels_are_unimodal_within_slack`
-/// checks every level for hundreds of query sides, with [`Levels::slack`] = 2e-6 |w|): below
+/// terms wiggle around that shape by at most ~2.2e-7 |w| (measured over 20,000 query sides;
+/// `levels_are_unimodal_within_slack` checks every level for hundreds of them, with
+/// [`Levels::slack`] = 2e-6 |w|): below
 /// the peak's levels (`p_lo`), a level's term is never more than `slack` above any later
 /// level's up to `p_lo`, and above them (`p_hi`) never more than `slack` above any earlier
 /// one's. So once a sample `s ≤ p_lo` has `term(s) + slack < thr`, every level up to `s` is
