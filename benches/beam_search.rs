@@ -33,7 +33,8 @@ struct Args {
     print_prompts: bool,
     /// Build the trie, print its record, stop (for the 2.5M-code build timing).
     trie_only: bool,
-    /// Convert weights at load (default: as stored; the GGUF dequantizes to f32).
+    /// Convert weights at load (default: as stored, a GGUF's Q4_1 / Q8_0 blocks read in place
+    /// and computed on in f32; `--dtype f32` dequantizes them at load, as transformers does).
     dtype: Option<DType>,
     /// Which of `full`, `children`, `full+prefix` to run (default: all three).
     modes: Vec<String>,

@@ -381,8 +381,12 @@ def gguf_matrix_bytes(path):
         return out
 
 
-def smollm2_floors(floor, cfg_path):
-    """Per-token weight bytes and matmul FLOPs for the model in config.json, vs measured floors."""
+def smollm2_floors(floor, cfg_path, prompt_len=32, threads=2):
+    """Per-token weight bytes and matmul FLOPs for the model in config.json, vs measured floors
+    at `threads` threads. A decoded token runs every matrix, the LM head included; a prompt's
+    token runs the layers, and the LM head runs once for the prompt's last token, so the prefill
+    floor charges each token a `1 / prompt_len` share of it."""
+    t = str(threads)
     cfg = json.load(open(cfg_path))
     h, L_, ff, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -391,10 +395,11 @@ def smollm2_floors(floor, cfg_path):
     linear = L_ * per_layer
     lm_head = V * h  # tied embedding used as LM head
     params = linear + lm_head
-    bw = _best(floor["read_bw_gbps"]["2"]) * 1e9 if floor else None
+    bw = _best(floor["read_bw_gbps"][t]) * 1e9 if floor else None
     pk = None
     if floor:
-        pk = max(_best(v.get("2", 0)) for k, v in floor.items() if k.startswith("fp32_fma_gflops")) * 1e9
+        pk = max(_best(v.get(t, 0)) for k, v in floor.items() if k.startswith("fp32_fma_gflops")) * 1e9
+    prefill_flops = 2 * linear + 2 * lm_head / prompt_len
     rows = []
     dtypes = [("f32", params * 4), ("bf16", params * 2)]
     gguf = os.path.join(os.path.dirname(cfg_path), "model.gguf")
@@ -402,13 +407,15 @@ def smollm2_floors(floor, cfg_path):
         kinds = gguf_matrix_bytes(gguf)
         dtypes.append(("stored (" + " + ".join(sorted(kinds)) + ")", sum(kinds.values())))
     for name, wb in dtypes:
-        r = {"dtype": name, "weight_bytes": wb, "matmul_params": params, "flops_per_token": 2 * params}
+        r = {"dtype": name, "weight_bytes": wb, "matmul_params": params, "flops_per_token": 2 * params,
+             "prefill_flops_per_token": prefill_flops, "prompt_len": prompt_len}
         if bw:
             r["bw_floor_ms_per_step"] = wb / bw * 1e3
             r["bw_ceiling_steps_s"] = bw / wb
         if pk:
             r["flop_floor_us_per_token"] = 2 * params / pk * 1e6
             r["flop_ceiling_tok_s"] = pk / (2 * params)
+            r["prefill_flop_ceiling_tok_s"] = pk / prefill_flops
         rows.append(r)
     return rows
 
@@ -460,15 +467,24 @@ def markdown(paths, model_dir):
         cfg = os.path.join(model_dir, "config.json")
         if os.path.exists(cfg):
             out.append("")
-            out.append("Model floors use the best 2-thread bandwidth and best 2-thread fp32 FMA peak above.")
+            threads = next((r["threads"] for r in results if r.get("threads")), 2)
+            prompt_len = next((r["prompt_len"] for r in results if r.get("prompt_len")), 32)
+            out.append(f"Model floors use the best {threads}-thread bandwidth and best {threads}-thread "
+                       "fp32 FMA peak above.")
             out.append("")
             out.append("| model floor | weight MB/step | ms/step @2T BW | max steps/s (BW) | GFLOP/token | us/token @2T peak | max tok/s (FLOP) |")
             out.append("|---|---|---|---|---|---|---|")
-            floors = smollm2_floors(floor, cfg)  # reads the GGUF header once
+            floors = smollm2_floors(floor, cfg, prompt_len, threads)  # reads the GGUF header once
             for r in floors:
                 out.append(f"| {r['dtype']} ({r['matmul_params']/1e6:.1f}M matmul params) | {r['weight_bytes']/1e6:.1f} | "
                            f"{r['bw_floor_ms_per_step']:.2f} | {r['bw_ceiling_steps_s']:.1f} | {r['flops_per_token']/1e9:.3f} | "
                            f"{r['flop_floor_us_per_token']:.0f} | {r['flop_ceiling_tok_s']:.0f} |")
+            f0 = floors[0]
+            out.append("")
+            out.append(f"Prefill of {prompt_len} tokens (logits for the last one only): "
+                       f"{f0['prefill_flops_per_token'] / 1e9:.3f} GFLOP a token, at most "
+                       f"{f0['prefill_flop_ceiling_tok_s']:.0f} tok/s at the fp32 FMA peak (the decode "
+                       "ceiling above charges every token a whole LM head).")
             out.extend(b1_against_bandwidth(results, floor, floors))
     print("\n".join(out))
 
@@ -484,7 +500,8 @@ def b1_against_bandwidth(results, floor, floors):
     rows = [(r, wb[r["dtype"]]) for r in results if r.get("decode_b1") and r["dtype"] in wb]
     if not rows:
         return []
-    measured = _best(floor["read_bw_gbps"]["2"]) * 1e9
+    t = str(next((r["threads"] for r, _ in rows if r.get("threads")), 2))
+    measured = _best(floor["read_bw_gbps"][t]) * 1e9
     reached = max(r["decode_b1"]["tok_s_best"] * b for r, b in rows)
     bw = max(measured, reached)
     out = ["", f"Decode b1 against the bandwidth floor: measured {measured / 1e9:.1f} GB/s, best "
