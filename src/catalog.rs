@@ -328,6 +328,10 @@ pub fn build_with<B: Backend>(
         // The probabilities a shard holds are the backend's (bf16 on a GPU): a build on
         // another takes none of its shards.
         "backend": model.backend.numerics(),
+        // The fingerprint hashes config.json, not generation_config.json, which may give the
+        // EOS: the codes a shard generated end at it.
+        "eos": eos,
+        "positions": model.max_positions(),
     });
     let mut bar = Progress::new(items.len(), options.progress);
     let (mut found, mut generated, mut reused) = (Found::new(), 0, 0);
@@ -586,8 +590,9 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
     let positions = ctx.model.max_positions();
     // Each product's room is checked before any pass: else a product too long for the model
     // failed a batch of beam searches as its slot ("query 5"), and no `--on-error skip` could
-    // leave it out. Beam search needs the prompt plus every token it may add; teacher forcing
-    // the prompt plus each catalog code but its last token.
+    // leave it out. Beam search needs the prompt plus every token it may add but the last
+    // (which is returned, never run); teacher forcing the prompt plus each catalog code but
+    // its last token.
     let beam_new = ctx.generate.map_or(0, |g| match ctx.list {
         Some((_, t)) => t.max_len() + 1,
         None => g.max_new_tokens,
@@ -604,7 +609,7 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
             })
             .max()
             .unwrap_or(1);
-        let need = beam_new.max(longest - 1);
+        let need = beam_new.saturating_sub(1).max(longest.saturating_sub(1));
         let prompt = prompts[pi].len();
         if prompt > 0 && prompt + need <= positions {
             continue;
@@ -612,6 +617,13 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
         if ctx.on_error == OnError::Skip {
             left_out[pi] = true;
             continue;
+        }
+        if prompt == 0 {
+            return Err(Error::Input(format!(
+                "{}: its product prompt has no tokens (an empty title?) (--on-error skip \
+                 leaves such products out)",
+                item.name()
+            )));
         }
         return Err(Error::Input(format!(
             "{}: its prompt is {prompt} tokens and its codes need {need} more, past the \
@@ -729,49 +741,92 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
     }
     // Teacher forcing, products packed into passes of up to TF_HEAD_ROWS head rows.
     force.sort_by_key(|f| f.0);
-    let mut arena = None;
-    let mut at = 0;
-    while at < force.len() {
-        let (mut end, mut heads, mut jobs) = (at, 0, Vec::new());
-        while end < force.len() && (end == at || heads < TF_HEAD_ROWS) {
-            let pi = force[end].0;
-            let group = force[end..].iter().take_while(|f| f.0 == pi).count();
-            let codes: Vec<&[u32]> = force[end..end + group]
-                .iter()
-                .map(|f| f.2.as_slice())
-                .collect();
-            heads += 1 + codes.iter().map(|c| c.len() - 1).sum::<usize>();
-            // Checked per product, so that the error names the product at fault, not the
-            // pass's first.
-            let prompt = prompts[pi].as_slice();
-            let longest = codes.iter().map(|c| c.len()).max().unwrap_or(1);
-            if prompt.is_empty() || prompt.len() + longest - 1 > positions {
-                return Err(Error::Input(format!(
-                    "{}: its prompt has {} tokens and its longest code {longest}, the model has \
-                     {positions} positions",
-                    items[pi].name(),
-                    prompt.len()
-                )));
-            }
-            jobs.push((prompt, codes));
-            end += group;
+    for (pi, group) in force.chunk_by(|a, b| a.0 == b.0).scan(0, |at, g| {
+        let r = *at..*at + g.len();
+        *at = r.end;
+        Some((g[0].0, r))
+    }) {
+        // Checked per product, so that the error names the product at fault, not the pass's.
+        let prompt = prompts[pi].as_slice();
+        let longest = force[group].iter().map(|f| f.2.len()).max().unwrap_or(1);
+        if prompt.is_empty() || prompt.len() + longest - 1 > positions {
+            return Err(Error::Input(format!(
+                "{}: its prompt has {} tokens and its longest code {longest}, the model has \
+                 {positions} positions",
+                items[pi].name(),
+                prompt.len()
+            )));
         }
+    }
+    let mut arena = None;
+    let lens: Vec<(usize, usize)> = force.iter().map(|f| (f.0, f.2.len())).collect();
+    for pass in tf_passes(&lens, TF_HEAD_ROWS) {
+        let jobs: Vec<(&[u32], Vec<&[u32]>)> = pass
+            .iter()
+            .map(|r| {
+                let codes = force[r.clone()].iter().map(|f| f.2.as_slice()).collect();
+                (prompts[force[r.start].0].as_slice(), codes)
+            })
+            .collect();
+        let (first, last) = (pass[0].start, pass[pass.len() - 1].end - 1);
         // Each product was checked above: an error of the pass is the pass's, named by the
         // products it held.
         let pts = teacher_force_many(ctx.model, &mut arena, &jobs).map_err(|e| match e {
             Error::Input(m) => Error::Input(format!(
                 "teacher forcing the codes of {} to {}: {m}",
-                items[force[at].0].name(),
-                items[force[end - 1].0].name()
+                items[force[first].0].name(),
+                items[force[last].0].name()
             )),
             e => e,
         })?;
-        for (f, pt) in force[at..end].iter().zip(pts.into_iter().flatten()) {
+        for (f, pt) in force[first..=last].iter().zip(pts.into_iter().flatten()) {
             found[f.0].push((f.1.clone(), pt));
         }
-        at = end;
     }
     Ok((found, left_out, generated))
+}
+
+/// Teacher-forcing passes over codes sorted by product (`(product, tokens)` each), in order: each
+/// pass a list of jobs, a job one product's consecutive codes (a range of `codes`). A pass takes
+/// up to `limit` head rows (a job's prompt row, and each code's tokens but its first), so its
+/// logits stay bounded: a product with more codes than one pass holds is split over passes,
+/// each repeating its prompt (before, one catalog line of 3,000 codes took one pass of 800 MB
+/// of logits with the default model, ~10 GB with SmolLM2's vocabulary). Only a job of one code
+/// longer than `limit` goes past it.
+fn tf_passes(codes: &[(usize, usize)], limit: usize) -> Vec<Vec<std::ops::Range<usize>>> {
+    let mut passes = Vec::new();
+    let (mut pass, mut heads, mut at): (Vec<std::ops::Range<usize>>, usize, usize) =
+        (Vec::new(), 0, 0);
+    while at < codes.len() {
+        let product = codes[at].0;
+        let mut job = at..at;
+        let mut rows = 1;
+        while job.end < codes.len() && codes[job.end].0 == product {
+            let more = codes[job.end].1.saturating_sub(1);
+            if heads + rows + more > limit && !(pass.is_empty() && job.is_empty()) {
+                break;
+            }
+            rows += more;
+            job.end += 1;
+        }
+        if job.is_empty() {
+            // No room left in this pass for even one of the product's codes.
+            passes.push(std::mem::take(&mut pass));
+            heads = 0;
+            continue;
+        }
+        heads += rows;
+        at = job.end;
+        pass.push(job);
+        if heads >= limit || (at < codes.len() && codes[at].0 == product) {
+            passes.push(std::mem::take(&mut pass));
+            heads = 0;
+        }
+    }
+    if !pass.is_empty() {
+        passes.push(pass);
+    }
+    passes
 }
 
 /// Progress of a build on stderr: a bar with rate and ETA on a terminal, a line every few
@@ -946,4 +1001,60 @@ pub fn teacher_force_many<B: Backend>(
         .collect();
     model.recycle(logits);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tf_passes;
+
+    /// Every code in exactly one job, in order; a job one product's; no pass over the limit
+    /// but for a single code longer than it; a product of many codes split over passes.
+    #[test]
+    fn teacher_forcing_passes_stay_within_their_head_rows() {
+        let mut next = crate::test_rng::xorshift(0x7f4a_7c15_9e37_79b9);
+        for case in 0..200 {
+            let mut codes = Vec::new();
+            let products = 1 + next() as usize % 12;
+            for p in 0..products {
+                // Now and then a product with hundreds of codes, or one very long code.
+                let n = match next() % 10 {
+                    0 => 300 + next() as usize % 300,
+                    _ => 1 + next() as usize % 8,
+                };
+                for _ in 0..n {
+                    let len = if next().is_multiple_of(50) {
+                        400
+                    } else {
+                        1 + next() as usize % 6
+                    };
+                    codes.push((p, len));
+                }
+            }
+            let limit = 64 + next() as usize % 200;
+            let passes = tf_passes(&codes, limit);
+            let mut at = 0;
+            for pass in &passes {
+                assert!(!pass.is_empty(), "case {case}: an empty pass");
+                let mut heads = 0;
+                for job in pass {
+                    assert_eq!(job.start, at, "case {case}: codes in order, each once");
+                    assert!(!job.is_empty(), "case {case}");
+                    assert!(codes[job.clone()].iter().all(|c| c.0 == codes[job.start].0));
+                    heads += 1 + codes[job.clone()].iter().map(|c| c.1 - 1).sum::<usize>();
+                    at = job.end;
+                }
+                let one_long = pass.len() == 1 && pass[0].len() == 1;
+                assert!(
+                    heads <= limit || one_long,
+                    "case {case}: {heads} rows > {limit}"
+                );
+            }
+            assert_eq!(at, codes.len(), "case {case}: every code");
+        }
+        // 600 codes of 3 tokens of one product: 3 rows each, 64 a pass at most.
+        let one: Vec<(usize, usize)> = vec![(0, 3); 600];
+        let passes = tf_passes(&one, 64);
+        assert!(passes.len() >= 600 * 2 / 64);
+        assert!(passes.iter().all(|p| p.len() == 1));
+    }
 }

@@ -110,6 +110,23 @@ fn a_product_that_does_not_fit_is_named() {
         err.contains("\"p1-long\"") && !err.contains("\"p0\""),
         "{err}"
     );
+    // An empty title gives an empty prompt (this model adds no BOS): said as such, where the
+    // message was "its prompt is 0 tokens and its codes need 0 more, past the model's 1024
+    // positions".
+    let empty = serde_json::json!({"id": "p2-empty", "title": "", "codes": ["sofa"]});
+    std::fs::write(&cat, format!("{}\n{empty}", lines[0])).unwrap();
+    let out = index_build(
+        &model_dir("tiny-qwen2"),
+        &cat,
+        &dir.join("ix"),
+        &["--threads", "1"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("(product \"p2-empty\"): its product prompt has no tokens (an empty title?)"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
