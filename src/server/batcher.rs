@@ -254,7 +254,7 @@ fn step_loop<B: Backend>(
         {
             let mut st = queue.lock();
             if flying.is_empty() {
-                while st.jobs.is_empty() && !st.closed {
+                while st.jobs.is_empty() && !queue.is_closed() {
                     st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.jobs.is_empty() {
@@ -378,7 +378,7 @@ fn gather<'q>(
         return st;
     }
     let until = Instant::now() + config.batch_wait;
-    while st.jobs.len() < config.max_batch && !st.closed && !st.draining {
+    while st.jobs.len() < config.max_batch && !queue.is_closed() && !st.draining {
         let now = Instant::now();
         if now >= until {
             break;
@@ -509,7 +509,7 @@ fn record_stages(metrics: &Metrics, r: &Response) {
 /// it held in flight went with it, so the gauges read zero).
 pub fn fail_all(queue: &Queue) {
     let mut st = queue.lock();
-    st.closed = true;
+    queue.set_closed(&st);
     for job in st.jobs.drain(..) {
         let _ = job.reply.send(Err(Failed::Engine {
             kind: "internal",
@@ -811,14 +811,20 @@ pub(super) mod tests {
         let (tx, probed) = std::sync::mpsc::channel();
         let since = std::thread::scope(|s| {
             let held = queue.lock();
-            s.spawn(|| tx.send(queue.stalled(limit)).unwrap());
+            s.spawn(|| tx.send((queue.stalled(limit), queue.is_closed())).unwrap());
             let probe = probed.recv_timeout(Duration::from_secs(10));
             drop(held);
-            probe.expect("`stalled` waited for the queue's lock")
+            probe.expect("`stalled` or `is_closed` waited for the queue's lock")
         });
+        let (since, closed) = since;
+        assert!(!closed);
         let since = since.expect("a job waits and nothing moves");
         assert!(since > limit, "{since:?}");
         super::fail_all(&queue);
+        assert!(
+            queue.is_closed(),
+            "a failed batcher closes the queue (`/ready` reads it)"
+        );
         assert!(
             answer(rx).expect("answered").is_err(),
             "failed, not searched"

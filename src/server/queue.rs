@@ -94,8 +94,9 @@ pub struct Queue {
     /// Jobs queued, published under the lock at every change ([`Queue::publish_depth`]): what
     /// [`Queue::stalled`] reads without taking the lock.
     depth: std::sync::atomic::AtomicUsize,
-    /// Whether the queue is closed, set under the lock with `closed`: what [`Queue::is_closed`]
-    /// reads without taking the lock (a `/ready` probe must not wait behind pushes).
+    /// No more jobs are taken. Set with the lock held ([`Queue::close`], `fail_all`), so that a
+    /// thread that checks it under the lock and waits on `changed` cannot miss it; read without
+    /// the lock by [`Queue::is_closed`] (a `/ready` probe must not wait behind pushes).
     closed: std::sync::atomic::AtomicBool,
     /// Its depth gauge, set under the lock.
     pub(super) metrics: Arc<Metrics>,
@@ -265,8 +266,6 @@ pub(super) struct QueueState {
     pub(super) arrivals: ArrivalRate,
     /// Shutting down: no gathering window (jobs are still taken).
     pub(super) draining: bool,
-    /// No more jobs are taken.
-    pub(super) closed: bool,
     /// The job at the head waits, although places are free, for decoder rows
     /// (`--max-batch-rows`) or for KV entries of the arena (a wide beam): until it joins, no
     /// place counts as free for the wait bound, since nothing behind it joins first.
@@ -280,7 +279,6 @@ impl Queue {
                 jobs: VecDeque::new(),
                 arrivals: ArrivalRate::default(),
                 draining: false,
-                closed: false,
                 head_blocked: false,
             }),
             changed: Condvar::new(),
@@ -413,7 +411,7 @@ impl Queue {
     /// queue and turn live requests away.
     pub fn push(&self, job: Job) -> std::result::Result<usize, Refusal> {
         let mut st = self.lock();
-        if st.closed {
+        if self.is_closed() {
             return Err(Refusal::Closed);
         }
         self.drop_gone(&mut st);
@@ -449,7 +447,7 @@ impl Queue {
     /// rate no higher than `push` does, so it refuses nothing `push` would take.
     pub fn refuses_now(&self) -> Option<Refusal> {
         let mut st = self.lock();
-        if st.closed {
+        if self.is_closed() {
             return Some(Refusal::Closed);
         }
         self.drop_gone(&mut st);
@@ -520,12 +518,16 @@ impl Queue {
 
     /// Refuses new jobs; the batcher finishes those queued and in flight, then stops.
     pub fn close(&self) {
-        let mut st = self.lock();
-        st.closed = true;
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        let st = self.lock();
+        self.set_closed(&st);
         drop(st);
         self.changed.notify_all();
+    }
+
+    /// Closes the queue; `_held`: its lock, held by the caller (see `closed`).
+    pub(super) fn set_closed(&self, _held: &MutexGuard<'_, QueueState>) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether [`Queue::close`] has run; lock-free, for `/ready`.
