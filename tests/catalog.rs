@@ -603,6 +603,58 @@ fn a_product_too_long_to_generate_for_is_named_or_skipped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A product fits generation when its prompt and all the generated tokens but the last (which
+/// is returned, never run) fit the model's positions, as beam search itself counts: the build
+/// refused a prompt one token shorter than that, which `gram codes` runs.
+#[test]
+fn a_prompt_that_leaves_room_for_all_but_the_last_new_token_fits() {
+    let dir = fresh_dir("catalog-fit");
+    let cat = dir.join("c.jsonl");
+    let model = model_dir("tiny-qwen2");
+    let tok = Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let positions = Model::load(&model, &Default::default())
+        .unwrap()
+        .max_positions();
+    let new_tokens = 8;
+    // A title of exactly `positions - (new_tokens - 1)` prompt tokens, then one more.
+    let count = |t: &str| tok.encode(t).unwrap().len();
+    let title = |n: usize| -> String {
+        let mut t = vec!["sofa"; n].join(" ");
+        while count(&t) > n {
+            t.truncate(t.rfind(' ').unwrap());
+        }
+        for filler in [" oak", " a", "s", "x"] {
+            while count(&format!("{t}{filler}")) <= n {
+                t.push_str(filler);
+            }
+        }
+        assert_eq!(count(&t), n, "a title of {n} tokens");
+        t
+    };
+    let fits = positions - (new_tokens - 1);
+    for (n, ok) in [(fits, true), (fits + 1, false)] {
+        let line = serde_json::json!({"id": "p", "title": title(n), "codes": ["sofa"]});
+        std::fs::write(&cat, line.to_string()).unwrap();
+        let max = new_tokens.to_string();
+        let args = [
+            "--threads",
+            "1",
+            "--generate",
+            "--max-code-tokens",
+            &max,
+            "--beam",
+            "2",
+        ];
+        let out = index_build(&model, &cat, &dir.join("ix"), &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "a prompt of {n} tokens: {err}");
+        if !ok {
+            assert!(err.contains("past the model's"), "{err}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The default model's tokenizer lowercases, so "HP" and "hp" are one token sequence: a
 /// catalog with both failed the build at its very end, after every product was encoded, in
 /// either `--on-error` mode. Now they are one code: one posting list under the text more
