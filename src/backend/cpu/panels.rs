@@ -200,6 +200,20 @@ fn lay<T: Copy + Send + Sync>(
 mod tests {
     use super::*;
 
+    /// A block panel's f32 copy takes whole blocks only: `k` = 48 (a block and a half) was
+    /// copied as one block, the last 16 inputs read as zero weights.
+    #[test]
+    fn a_block_panel_of_a_partial_block_is_refused() {
+        let blocks = vec![0x11u8; 2 * PANEL * 20];
+        let mut out = vec![0f32; 48 * PANEL];
+        for isa in Isa::available() {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dequantize(isa, View::Q4_1(&blocks), 48, &mut out)
+            }));
+            assert!(r.is_err(), "{isa:?}: a partial block was copied");
+        }
+    }
+
     /// Every weight of every dtype reads back (through `simd::panel_weight`, the layout's
     /// reference reader) as the row-major matrix's value, bit for bit; padding is zero.
     #[test]
