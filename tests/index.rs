@@ -538,6 +538,22 @@ fn a_stopped_build_resumes_from_its_shards() {
     )
     .unwrap();
     assert_eq!(other.reused_shards, 0);
+    // Nor a model whose EOS is another (`generation_config.json` may give it, and the model's
+    // fingerprint does not hash that file): the codes a shard generated end at its EOS.
+    assert!(run(&tmp.join("missing/index.gram")).is_err());
+    let mut other_eos = Model::load(&model_dir("tiny-llama"), &Default::default()).unwrap();
+    other_eos.config.eos_token_ids = vec![model.config.eos_token_ids[0] + 1];
+    let other = build_with(
+        &other_eos,
+        &tok,
+        &settings,
+        &items,
+        &options,
+        &tmp.join("e.gram"),
+        &meta,
+    )
+    .unwrap();
+    assert_eq!(other.reused_shards, 0);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
