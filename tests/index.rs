@@ -494,66 +494,37 @@ fn a_stopped_build_resumes_from_its_shards() {
         std::fs::read(tmp.join("resumed.gram")).unwrap(),
         std::fs::read(tmp.join("clean.gram")).unwrap()
     );
-    // Other inputs (another beam) reuse nothing.
-    assert!(run(&tmp.join("missing/index.gram")).is_err());
+    // Other inputs reuse nothing: each build below starts from the shards of a stopped one.
+    let reused_by = |model: &Model, options: &BuildOptions, name: &str| {
+        assert!(run(&tmp.join("missing/index.gram")).is_err());
+        let out = tmp.join(name);
+        build_with(model, &tok, &settings, &items, options, &out, &meta)
+            .unwrap()
+            .reused_shards
+    };
+    // Another beam.
     let wider = Generate {
         beam: 4,
         ..generate.clone()
     };
-    let options = BuildOptions {
+    let wider = BuildOptions {
         generate: Some(&wider),
         ..options.clone()
     };
-    let other = build_with(
-        &model,
-        &tok,
-        &settings,
-        &items,
-        &options,
-        &tmp.join("o.gram"),
-        &meta,
-    )
-    .unwrap();
-    assert_eq!(other.reused_shards, 0);
-    // Nor does a backend with other numerics (the GPU's bf16 GEMM operands, on the CPU).
-    assert!(run(&tmp.join("missing/index.gram")).is_err());
+    assert_eq!(reused_by(&model, &wider, "o.gram"), 0);
+    // A backend with other numerics (the GPU's bf16 GEMM operands, on the CPU).
     let rounded = Model::load_on(
         gram::backend::cpu::CpuBackend::gpu_numerics(),
         &model_dir("tiny-llama"),
         &Default::default(),
     )
     .unwrap();
-    let options = BuildOptions {
-        generate: Some(&generate),
-        ..options.clone()
-    };
-    let other = build_with(
-        &rounded,
-        &tok,
-        &settings,
-        &items,
-        &options,
-        &tmp.join("r.gram"),
-        &meta,
-    )
-    .unwrap();
-    assert_eq!(other.reused_shards, 0);
-    // Nor a model whose EOS is another (`generation_config.json` may give it, and the model's
+    assert_eq!(reused_by(&rounded, &options, "r.gram"), 0);
+    // A model whose EOS is another (`generation_config.json` may give it, and the model's
     // fingerprint does not hash that file): the codes a shard generated end at its EOS.
-    assert!(run(&tmp.join("missing/index.gram")).is_err());
     let mut other_eos = Model::load(&model_dir("tiny-llama"), &Default::default()).unwrap();
     other_eos.config.eos_token_ids = vec![model.config.eos_token_ids[0] + 1];
-    let other = build_with(
-        &other_eos,
-        &tok,
-        &settings,
-        &items,
-        &options,
-        &tmp.join("e.gram"),
-        &meta,
-    )
-    .unwrap();
-    assert_eq!(other.reused_shards, 0);
+    assert_eq!(reused_by(&other_eos, &options, "e.gram"), 0);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
