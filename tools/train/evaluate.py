@@ -116,12 +116,15 @@ class Bm25:
                              show_progress=False)
 
     def run(self, queries, k):
-        """{query: [(id, score)] best first}, at most k (fewer when the catalog is smaller)."""
+        """{query: [(id, score)] best first}, at most k: the products that match a query term.
+        bm25s fills its top k with products of score 0, in an arbitrary order, when fewer
+        match; those are not hits and are left out (before the thirty-eighth session they
+        padded BM25's top 300 and broke the fusion's ties)."""
         k = min(k, len(self.ids))
         res, scores = self.retriever.retrieve(
             self.bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k,
             show_progress=False)
-        return {q: [(self.ids[i], float(s)) for i, s in zip(row.tolist(), srow.tolist())]
+        return {q: [(self.ids[i], float(s)) for i, s in zip(row.tolist(), srow.tolist()) if s > 0]
                 for q, row, srow in zip(queries, res, scores)}
 
 

@@ -74,18 +74,24 @@ def fuse(lexical, gram, weight, k):
     """A ∪ B by score fusion: each product scores its lexical score over the query's best
     lexical score (0 when `lexical` does not hold it) plus `weight` when GRAM's top k holds
     it; the top k by that score. `lexical` is [(id, score)] best first (deeper than k, so the
-    products GRAM brings keep their lexical score), `gram` the GRAM ranking (ids). Ties keep
-    the lexical order, then GRAM's. weight = 0 is the lexical ranking; a weight above 1 puts
-    every GRAM product first, in lexical order."""
-    best = lexical[0][1] if lexical and lexical[0][1] > 0 else 1.0
-    score = {}
-    for d, s in lexical:
+    products GRAM brings keep their lexical score; an entry of score 0 or less was not
+    retrieved and counts as absent), `gram` the GRAM ranking (ids). Ties go by lexical rank,
+    then by GRAM rank: products only GRAM holds keep GRAM's order. weight = 0 is the lexical
+    ranking; a weight above 1 puts every GRAM product first, in lexical order."""
+    lexical = [(d, s) for d, s in lexical if s > 0]
+    best = lexical[0][1] if lexical else 1.0
+    score, lex_rank, gram_rank = {}, {}, {}
+    for r, (d, s) in enumerate(lexical):
         if d not in score:
             score[d] = s / best
-    for d in gram[:k]:
-        score[d] = score.get(d, 0.0) + weight
-    order = sorted(score.items(), key=lambda x: -x[1])  # stable: ties keep insertion order
-    return [d for d, _ in order[:k]]
+            lex_rank[d] = r
+    for r, d in enumerate(gram[:k]):
+        if d not in gram_rank:
+            gram_rank[d] = r
+            score[d] = score.get(d, 0.0) + weight
+    far = len(lexical) + len(gram)
+    order = sorted(score, key=lambda d: (-score[d], lex_rank.get(d, far), gram_rank.get(d, far)))
+    return order[:k]
 
 
 # Reciprocal rank fusion's constant (Cormack, Clarke and Büttcher, SIGIR 2009): the value of the

@@ -66,7 +66,24 @@ class Metrics(unittest.TestCase):
         # GRAM beyond its top k counts nothing; no lexical scores at all: GRAM's order
         self.assertEqual(M.fuse(lex, ["x", "d"], 2.0, 1), ["x"])
         self.assertEqual(M.fuse([], ["y", "x"], 0.3, 5), ["y", "x"])
-        self.assertEqual(M.fuse([("a", 0.0), ("b", 0.0)], ["b"], 0.1, 5), ["b", "a"])
+        # a lexical score of 0 is no hit (bm25s pads its top k with them): GRAM's order rules
+        # the products only GRAM holds, whatever order the padding had
+        self.assertEqual(M.fuse([("a", 0.0), ("b", 0.0)], ["b"], 0.1, 5), ["b"])
+        self.assertEqual(M.fuse([("a", 1.0), ("z", 0.0), ("y", 0.0)], ["x", "y", "z"], 0.5, 3),
+                         ["a", "x", "y"])
+        # a product twice in GRAM's list counts its weight once
+        self.assertEqual(M.fuse([("a", 1.0)], ["b", "b"], 0.6, 5), ["a", "b"])
+
+    def test_bm25_returns_only_products_that_match(self):
+        # bm25s pads its top k with score-0 products when fewer match; those are not hits
+        from tools.train.evaluate import Bm25
+        products = [{"id": i, "title": t} for i, t in enumerate(
+            ["green velvet sofa", "oak table", "steel lamp", "wool rug", "glass vase"])]
+        run = Bm25(products).run(["sofa", "lamp table", "piano"], 5)
+        self.assertEqual([d for d, _ in run["sofa"]], ["0"])
+        self.assertEqual(sorted(d for d, _ in run["lamp table"]), ["1", "2"])
+        self.assertEqual(run["piano"], [])
+        self.assertTrue(all(s > 0 for r in run.values() for _, s in r))
 
     def test_rrf(self):
         # c = 1: a 1/2 + 1/3, b 1/3 + 1/2 (a first: it appeared first), x 1/4, y 1/4
