@@ -119,7 +119,7 @@ impl Container {
 
     /// Maps `path` and checks its header and section table.
     pub fn open(path: &Path) -> Result<Container> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path)?;
         // SAFETY: read-only map of a file that gram writes atomically (rename) and never
         // modifies in place. Another program that rewrites it in place (`cp` over it) makes
         // reads past its new end fault (SIGBUS): docs/FORMAT.md tells operators to rename.
@@ -258,6 +258,25 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Opens the regular file at `path` for reading (to map it). Anything else is an error naming
+/// it, checked before the open: a FIFO would block the open until a writer came, a directory
+/// fails the map with "No such device".
+pub fn open_regular(path: &Path) -> Result<File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::Input(format!(
+            "{}: {kind} (expected a file)",
+            path.display()
+        )));
+    }
+    File::open(path).map_err(|e| Error::io(path, e))
+}
+
 /// Writes `bytes` to `path` so that a reader sees the old file or the whole new one: a temp file
 /// beside it, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -269,23 +288,9 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{} is not a file path", path.display())))?;
-    remove_stale_temps(&dir, &name.to_string_lossy());
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let (dir, stem) = temp_beside(path)?;
+    let (mut f, tmp) = create_temp(&dir, &stem).map_err(|e| Error::io(path, e))?;
     let result = (|| {
-        let mut f = File::create(&tmp)?;
         fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -295,6 +300,79 @@ pub fn write_atomic_with(
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// Whether [`write_atomic`] could write `path` now: its temp file is created and removed.
+/// For a command that writes a file at the end of a long run, to fail before it.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let (dir, stem) = temp_beside(path)?;
+    let (_, tmp) = create_temp(&dir, &stem).map_err(|e| Error::io(path, e))?;
+    std::fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))
+}
+
+/// The most bytes of the target's name a temp name repeats: with the dot and the
+/// `.tmp-PID-N` suffix it stays under the usual 255-byte limit of a name.
+const TEMP_STEM_BYTES: usize = 200;
+
+/// The part of `name` a temp file's name repeats: all of it, or its first
+/// [`TEMP_STEM_BYTES`] bytes (at a character boundary) when it is longer.
+fn temp_stem(name: &str) -> &str {
+    let mut end = name.len().min(TEMP_STEM_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// Temp files this process has named: the `N` of `.NAME.tmp-PID-N`.
+static TEMP_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The directory of `path` and the stem of its temp files' names (`.STEM.tmp-PID-N`), after
+/// the stale temps of earlier writes of that name are removed.
+fn temp_beside(path: &Path) -> Result<(PathBuf, String)> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{} is not a file path", path.display())))?
+        .to_string_lossy();
+    let stem = temp_stem(&name).to_string();
+    remove_stale_temps(&dir, &stem);
+    Ok((dir, stem))
+}
+
+/// `.STEM.tmp-PID-N` in `dir`, `N` this process's next number.
+fn temp_name(dir: &Path, stem: &str) -> PathBuf {
+    dir.join(format!(
+        ".{stem}.tmp-{}-{}",
+        std::process::id(),
+        TEMP_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
+}
+
+/// How many names [`create_temp`] tries before it gives up.
+const TEMP_TRIES: usize = 64;
+
+/// Creates a temp file new, named `.STEM.tmp-PID-N` in `dir` with this process's next `N`,
+/// and the next where a name is taken: never through a link planted at a name, never over
+/// what another writer has there (one in another PID namespace on a shared volume can have
+/// this process's number). Returns the file and its name.
+fn create_temp(dir: &Path, stem: &str) -> std::io::Result<(File, PathBuf)> {
+    let mut tries = 0;
+    loop {
+        let path = temp_name(dir, stem);
+        tries += 1;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < TEMP_TRIES => {}
+            other => return other.map(|f| (f, path)),
+        }
+    }
 }
 
 /// How long a temp file must have been left unwritten before a writer whose process is not
@@ -375,6 +453,72 @@ mod tests {
 
     fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("gram-container-{}-{name}", std::process::id()))
+    }
+
+    /// A name of 250 bytes (under the 255 limit, with multi-byte characters at the cut) is
+    /// written; its temp name is shortened, and a check before a long run says the same.
+    #[test]
+    fn a_long_file_name_is_written() {
+        let dir = tmp("long");
+        std::fs::create_dir_all(&dir).unwrap();
+        // One ASCII byte first: byte 200 falls inside an "é", so the cut must move back.
+        let name = format!("a{}{}.jsonl", "é".repeat(100), "x".repeat(43));
+        assert_eq!(name.len(), 250);
+        assert!(!name.is_char_boundary(TEMP_STEM_BYTES));
+        let path = dir.join(&name);
+        check_writable(&path).unwrap();
+        assert!(!path.exists(), "the check leaves nothing behind");
+        write_atomic(&path, b"ok").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"ok");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "a temp file stayed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory or a FIFO where a file is expected is an error naming it, at once (the
+    /// FIFO's open would block until a writer came).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_a_regular_file_is_opened() {
+        let dir = tmp("notfile");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let e = Container::open(&dir.join("sub")).err().unwrap().to_string();
+        assert!(e.contains("sub: a directory"), "{e}");
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let e = Container::open(&fifo).err().unwrap().to_string();
+        assert!(e.contains("fifo: not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A link planted at the temp file's name is not written through: the file it points
+    /// to keeps its bytes.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_the_temp_name_is_not_followed() {
+        let dir = tmp("planted");
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        // The temp name this process uses next: the counter is shared by the tests of this
+        // process, so plant links for the next few numbers (fewer than the names a write
+        // tries, so that it gets past them).
+        let base = TEMP_WRITES.load(std::sync::atomic::Ordering::Relaxed);
+        for n in base..base + 16 {
+            let link = dir.join(format!(".out.tmp-{}-{n}", std::process::id()));
+            std::os::unix::fs::symlink(&victim, link).unwrap();
+        }
+        write_atomic(&dir.join("out"), b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(dir.join("out")).unwrap(), b"new");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

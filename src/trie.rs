@@ -23,7 +23,6 @@
 //! Loading checks the checksum and every structural invariant, so a corrupt file is an error,
 //! never a panic or a wrong walk.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -300,7 +299,7 @@ impl Trie {
 
     /// Maps a trie file written by [`Trie::write`] and checks it.
     pub fn open(path: &Path) -> Result<Trie> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::container::open_regular(path)?;
         // SAFETY: the map is read-only; a trie file is written atomically and never modified
         // in place, so no other writer changes it under the map.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

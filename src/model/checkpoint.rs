@@ -3,7 +3,6 @@
 //! named by `model.safetensors.index.json`, or one `*.gguf` (see `gguf.rs`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -182,7 +181,7 @@ fn shards_from_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, Stri
 
 /// Maps `path` read-only.
 pub(crate) fn map_file(path: &Path) -> Result<Arc<Mmap>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::container::open_regular(path)?;
     // SAFETY: the map is read-only and private to this process. If another process truncates or
     // rewrites the file while it is mapped, reads may fault or see new bytes; like every mmap
     // user we accept that model files are not modified while a model is loaded.
