@@ -95,6 +95,9 @@ impl ModelConfig {
         };
         let v: Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(bad(format!("must be a JSON object, not {}", json_kind(&v))));
+        }
         let ids = token_ids(&v.get("eos_token_id").cloned(), "eos_token_id").map_err(bad)?;
         for id in ids {
             // An extra stop token past the vocabulary can never be generated (transformers'
@@ -117,24 +120,41 @@ impl ModelConfig {
     /// Parses and validates the text of a `config.json`; the error is a message for the user.
     pub fn from_json(text: &str) -> std::result::Result<ModelConfig, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        let raw: RawConfig = serde_json::from_value(v.clone()).map_err(|e| {
-            // serde says what it expected, not of which key: the key is the one that fails
-            // alone (every field is optional, so one key alone fails only by its type).
-            let key = v.as_object().and_then(|m| {
-                m.iter()
-                    .find(|(k, x)| {
-                        let one = [((*k).clone(), (*x).clone())].into_iter().collect();
-                        serde_json::from_value::<RawConfig>(Value::Object(one)).is_err()
-                    })
-                    .map(|(k, _)| k.clone())
-            });
-            match key {
+        if !v.is_object() {
+            return Err(format!("must be a JSON object, not {}", json_kind(&v)));
+        }
+        let raw: RawConfig =
+            serde_json::from_value(v.clone()).map_err(|e| match failing_key::<RawConfig>(&v) {
                 Some(k) => format!("`{k}`: {e}"),
-                None => format!("not a config object: {e}"),
-            }
-        })?;
+                None => e.to_string(),
+            })?;
         raw.validate()
     }
+}
+
+/// What kind of JSON value `v` is, for a message.
+pub(crate) fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The key of the object `v` that `T` refuses on its own: serde says what it expected, not of
+/// which key. For structs whose every field has a default, so that one key alone fails only
+/// by its own value.
+pub(crate) fn failing_key<T: serde::de::DeserializeOwned>(v: &Value) -> Option<String> {
+    v.as_object()?
+        .iter()
+        .find(|(k, x)| {
+            let one = [((*k).clone(), (*x).clone())].into_iter().collect();
+            serde_json::from_value::<T>(Value::Object(one)).is_err()
+        })
+        .map(|(k, _)| k.clone())
 }
 
 /// `config.json` as HF writes it: every key optional so that a missing one gets a clear message.

@@ -112,9 +112,17 @@ impl Settings {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if !value.is_object() {
-            return Err(bad(format!("must be a JSON object, not {value}")));
+            return Err(bad(format!(
+                "must be a JSON object, not {}",
+                crate::config::json_kind(&value)
+            )));
         }
-        let s: Settings = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let s: Settings = serde_json::from_value(value.clone()).map_err(|e| {
+            bad(match crate::config::failing_key::<Settings>(&value) {
+                Some(k) => format!("`{k}`: {e}"),
+                None => e.to_string(),
+            })
+        })?;
         if !s.query_template.contains("{query}") {
             return Err(bad(format!(
                 "query_template {:?} has no {{query}}",
@@ -282,7 +290,19 @@ mod tests {
             (r#"{"code_logprob":{"weight":-2e6}}"#, "code_logprob.weight"),
             (r#"{"code_size":{"weight":1e7}}"#, "code_size.weight"),
             (r#"{"code_size":{"beta":1}}"#, "beta"),
-            ("[]", "JSON object"),
+            (
+                r#"{"weights":{"coarse":"x","medium":1,"fine":1}}"#,
+                "`weights`: invalid type: string",
+            ),
+            (
+                r#"{"weights":{"coarse":1}}"#,
+                "`weights`: missing field `medium`",
+            ),
+            (
+                r#"{"aggregation":null}"#,
+                "`aggregation`: invalid type: null",
+            ),
+            ("[]", "JSON object, not an array"),
             ("null", "JSON object"),
             ("not json", "expected"),
         ] {

@@ -113,7 +113,7 @@ fn config_problems() {
     std::fs::write(&cfg_path, "{\"hidden_size\": 64,").unwrap();
     assert!(load_err(&dir).contains("not valid JSON"));
     std::fs::write(&cfg_path, "[1, 2]").unwrap();
-    assert!(load_err(&dir).contains("not a config object"));
+    assert!(load_err(&dir).contains("must be a JSON object, not an array"));
 
     std::fs::remove_file(&cfg_path).unwrap();
     assert!(load_err(&dir).contains("config.json"));
