@@ -84,6 +84,16 @@ impl Tokenizer {
         }
         let name = || path.display().to_string();
         let mut inner = guarded(name, || tokenizers::Tokenizer::from_file(path))?;
+        // Dropout skips merges at random (a training device): the codes' trie, the index and
+        // each query would get other ids on every run.
+        if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
+            if let Some(p) = bpe.dropout.filter(|p| *p > 0.0 && *p < 1.0) {
+                return Err(Error::Tokenizer(format!(
+                    "{}: BPE dropout {p} makes tokenization random (set model.dropout to null)",
+                    path.display()
+                )));
+            }
+        }
         inner.with_truncation(None).map_err(|e| {
             Error::Tokenizer(format!("{}: clearing truncation: {e}", path.display()))
         })?;
@@ -160,18 +170,33 @@ impl Tokenizer {
 
     /// Every id this tokenizer can give must be a row of the model's embedding (`vocab`): a
     /// tokenizer of another model is refused at load, not on each query that meets a large id.
+    /// The vocabulary's ids, and those the post-processor adds (its template names its special
+    /// tokens' ids itself, which `tokenizers` never checks against the vocabulary).
     pub fn check_fits(&self, vocab: usize) -> Result<()> {
         let top = self
             .inner
             .get_vocab(true)
             .into_iter()
             .max_by_key(|(_, id)| *id);
-        match top {
-            Some((token, id)) if id as usize >= vocab => Err(Error::Tokenizer(format!(
+        if let Some((token, id)) = top.filter(|(_, id)| *id as usize >= vocab) {
+            return Err(Error::Tokenizer(format!(
                 "token `{token}` has id {id}, outside the model's vocabulary of {vocab} \
                  (tokenizer.json is not this model's)"
+            )));
+        }
+        // As the load's probe: an error of this input is not the tokenizer's to answer for.
+        let Ok(added) = guarded(
+            || "encoding the empty text".to_string(),
+            || self.inner.encode_fast("", true),
+        ) else {
+            return Ok(());
+        };
+        match added.get_ids().iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(Error::Tokenizer(format!(
+                "the post-processor adds id {id}, outside the model's vocabulary of {vocab} \
+                 (tokenizer.json is not this model's)"
             ))),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -903,7 +928,8 @@ mod tests {
         j["pre_tokenizer"] = json!({"type": "Whitespace"});
         unknown.push(j);
         let mut j = json.clone();
-        j["model"]["dropout"] = json!(0.5);
+        // Dropout 1 (every merge dropped) loads, deterministic, but is no plain split.
+        j["model"]["dropout"] = json!(1.0);
         unknown.push(j);
         let mut j = json.clone();
         j["post_processor"] = json!({"type": "BertProcessing", "sep": ["<|endoftext|>", 0],

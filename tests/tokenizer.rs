@@ -165,3 +165,42 @@ fn a_tokenizer_that_errs_on_unknown_words_still_loads() {
     assert_eq!(tok.encode("green sofa").unwrap(), vec![0, 1]);
     assert!(tok.encode("a red sofa").is_err());
 }
+
+/// A tokenizer whose post-processor adds an id past the model's vocabulary is not this
+/// model's: refused at load like one whose vocabulary is too large, not on every query.
+#[test]
+fn a_post_processor_id_past_the_vocabulary_is_refused() {
+    use serde_json::json;
+    let fits = Tokenizer::from_file(&edited("template-ok", |_| {})).unwrap();
+    fits.check_fits(512).unwrap();
+    let path = edited("template-id", |j| {
+        j["post_processor"]["special_tokens"]["<|im_start|>"]["ids"] = json!([100000]);
+    });
+    let e = Tokenizer::from_file(&path)
+        .unwrap()
+        .check_fits(512)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("post-processor adds id 100000"), "{e}");
+}
+
+/// BPE dropout makes every encoding random: refused, naming the setting; 0 and 1 (no merge
+/// dropped, every merge dropped) are deterministic and load.
+#[test]
+fn bpe_dropout_is_refused() {
+    use serde_json::json;
+    let e = Tokenizer::from_file(&edited("dropout", |j| j["model"]["dropout"] = json!(0.5)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("dropout 0.5") && e.contains("tokenizer.json"),
+        "{e}"
+    );
+    for p in [0.0, 1.0] {
+        let path = edited(&format!("dropout-{p}"), |j| {
+            j["model"]["dropout"] = json!(p)
+        });
+        Tokenizer::from_file(&path).unwrap();
+    }
+}

@@ -12,7 +12,9 @@ models/smollm2-135m-instruct/model.gguf (tools/get_smollm2.sh). Writes:
       ids, top-20 log-probs, greedy 16 new tokens; the .f32 files hold the full last-position
       log_softmax vector (49152 little-endian float32) of prompt i
   tests/golden/tokenize.json
-      tokenizer(text)["input_ids"] for SmolLM2's and each tiny tokenizer on varied texts
+      tokenizer(text)["input_ids"] for SmolLM2's, each tiny tokenizer and the default model's
+      (models/gram-icecat-2m: NFKC + lowercase) on varied texts; `--only-tokenize` writes it
+      alone in seconds
 Tokenizers load as PreTrainedTokenizerFast: tokenizer.json exactly as written (what the model
 was trained with, what transformers 4 and the tokenizers library give, what gram reads).
 transformers 5's AutoTokenizer rebuilds some tokenizer classes from their own defaults and
@@ -137,6 +139,8 @@ def main():
     ap.add_argument("--out", default=str(REPO / "tests" / "golden"))
     ap.add_argument("--smollm2-tokenizer",
                     default=str(REPO.parent / "shared" / "data" / "smollm2-135m-instruct"))
+    ap.add_argument("--only-tokenize", action="store_true",
+                    help="write tokenize.json alone (no model is run; seconds)")
     args = ap.parse_args()
     made_by = ".venv/bin/python tools/hf_oracle.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     models_dir, out = Path(args.models), Path(args.out)
@@ -148,6 +152,12 @@ def main():
     hf_logging.set_verbosity_error()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     t_all = time.perf_counter()
+
+    if args.only_tokenize:
+        toks = {name: PreTrainedTokenizerFast.from_pretrained(models_dir / name) for name in TINY}
+        stok = PreTrainedTokenizerFast.from_pretrained(args.smollm2_tokenizer)
+        write_tokenize(out, made_by, versions, stok, toks, models_dir)
+        return
 
     # ------------------------------------------------------------------ tiny models
     toks = {}
@@ -228,14 +238,24 @@ def main():
         print(f"  {c['prompt']!r:40.40} n_ids={len(c['ids'])} top1={c['top'][0]} "
               f"greedy={c['greedy_text']!r} min_margin={c['greedy_min_margin']:.4f}")
 
-    # ------------------------------------------------------------------ tokenizers
+    write_tokenize(out, made_by, versions, stok, toks, models_dir)
+    print(f"oracle total: {time.perf_counter() - t_all:.1f}s")
+
+
+# Shipped models whose tokenizers are checked beside the fixtures': the default model's
+# (trained on the catalog: NFKC and lowercase normalizers, which no fixture has).
+TOKENIZE_SHIPPED = ["gram-icecat-2m"]
+
+
+def write_tokenize(out, made_by, versions, stok, toks, models_dir):
+    """tokenize.json: tokenizer(text)["input_ids"] of every tokenizer on TOKENIZE_TEXTS."""
     tcases = []
-    for tname, tok in [("smollm2-135m-instruct", stok)] + list(toks.items()):
+    shipped = [(n, PreTrainedTokenizerFast.from_pretrained(models_dir / n)) for n in TOKENIZE_SHIPPED]
+    for tname, tok in [("smollm2-135m-instruct", stok)] + list(toks.items()) + shipped:
         for text in TOKENIZE_TEXTS:
             tcases.append({"tokenizer": tname, "text": text, "ids": tok(text)["input_ids"]})
     dump(out / "tokenize.json", {"made_by": made_by, "versions": versions, "cases": tcases})
-
-    print(f"oracle total: {time.perf_counter() - t_all:.1f}s")
+    print(f"tokenize.json: {len(tcases)} cases")
 
 
 if __name__ == "__main__":
