@@ -11,7 +11,9 @@
 //                    code[node] != NONE (src/trie.rs CSR layout; the order does not matter)
 //   Full:     lp(t) = logit(t) - logsumexp(logits row)           (HF: log-softmax, then mask)
 //   Children: lp(t) = logit(t) - logsumexp(logit(a) for a in allowed(node))   (sparse head)
-//   candidate      = (score = beam score + lp, beam j, token t, lp); NaN lp is no candidate
+//   candidate      = (score = beam score + lp, beam j, token t, lp); an lp that is not finite
+//                    (NaN, or -inf beside a +inf logit) stops the query with BEAM_ERR_NUMERIC,
+//                    as the CPU's `finite_logprobs` fails the search
 //   order          = score descending (f32 total order), then beam, then token ascending
 //   top K = 2B; a candidate of rank < B that hits (t == EOS, or the length limit) is offered to
 //   the B finished slots with score / len^penalty (len^penalty in f64, as Python); the first B
@@ -57,6 +59,7 @@
 #define BEAM_ERR_SOURCE 3  // no logits for its normalization (Full needs logits + row_lse)
 #define BEAM_ERR_ROW 4     // a logits row past logit_rows
 #define BEAM_ERR_LINKS 5   // beam_feed: a link list longer than link_stride, or a row past n_rows
+#define BEAM_ERR_NUMERIC 6 // an allowed token's log-prob is not finite (the model's failure)
 
 struct BeamQuery {
     u32 beam;            // B, 1..=BEAM_MAX
@@ -387,7 +390,7 @@ struct BeamStepParams {
     const float* pick_logits;  // [picks], or null
     const u32* pick_off;       // [S + 1] (with pick_logits)
     const float* penalty;      // [n_queries, max_steps]: len^length_penalty for len = s + 1,
-                               //   the host's `((s + 1) as f64).powf(length_penalty as f64) as f32`
+                               //   the host's `beam::length_factor(s + 1, length_penalty)`
     u32 n_queries;
     u32 logit_rows;
     u32 vocab;                 // V, the model's (j * V + t must fit u32: V <= 8M)
@@ -579,7 +582,8 @@ __device__ __forceinline__ void select_impl(const BeamStepParams<T>& p) {
             const u32 j = lo, kk = c - s_off[j], node = s_node[j];
             const u32 token = allowed_token(p.trie, node, kk);
             lp = beam_logit(p, Q.slot0 + j, st.logit_row0 + j, kk, token) - s_lse[j];
-            if (lp == lp) {  // NaN log-probs are no candidates (`select::candidates`)
+            if (!(fabsf(lp) <= 3.402823466e+38f)) atomicOr(&s_err, 1u);  // NaN or +-inf
+            if (lp == lp) {  // a NaN stops the query below; it is never a candidate
                 valid = true;
                 k = candidate_key(s_score[j] + lp, j * p.vocab + token);
             }
@@ -591,6 +595,14 @@ __device__ __forceinline__ void select_impl(const BeamStepParams<T>& p) {
             klp[K2 + at] = lp;
         }
         __syncthreads();
+    }
+    if (s_err) {  // uniform (read after the loop's last barrier; 0 when it did not run)
+        if (tid == 0) {
+            stp->error = BEAM_ERR_NUMERIC;
+            stp->open = 0;
+            stp->running = 0;
+        }
+        return;
     }
     if (s_staged > 0) flush();  // uniform
     const u32 nk = min(K, n_valid);  // the top nk are key[0..nk), best first

@@ -1040,6 +1040,20 @@ fn search_logits_matches_search_on_the_models_logits() {
     assert!(beam::search_logits(&f.trie, bad, |_, _, _| unreachable!()).is_err());
     let short = beam::search_logits(&f.trie, BeamOptions::default(), |_, _, _| vec![0.5; 3]);
     assert!(short.unwrap_err().to_string().contains("vocabulary"));
+    // A NaN or an infinite logit among a step's allowed tokens is a numeric error, as in
+    // `search` (before, the twin ranked such a token last or dropped it).
+    let vocab = f.trie.vocab();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let got = beam::search_logits(&f.trie, BeamOptions::default(), |step, _, _| {
+            let mut row: Vec<f32> = (0..vocab).map(|t| ((t * 37 % 101) as f32) * 0.01).collect();
+            if step == 1 {
+                row.fill(bad);
+            }
+            row
+        });
+        let e = got.unwrap_err();
+        assert!(matches!(e, gram::Error::Numeric(_)), "{bad}: {e}");
+    }
 }
 
 /// A batch holding finished queries' rows frees their entries when its last running query is

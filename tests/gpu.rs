@@ -293,6 +293,9 @@ fn linear_and_heads_match_cpu_within_the_bf16_operand_bound() {
         // k not a multiple of the rows kernel's 32-value blocks, n not of its 8-column tiles.
         (5, 200, 75, true),
         (67, 192, 4096, false),
+        // An odd vocabulary (not a multiple of 8) without bias: the head picks' log-sum-exp
+        // runs its scalar tail (`row_logsumexp`), which no other case reaches.
+        (3, 64, 1001, false),
     ] {
         let x = rng.vec(rows * k, 2.0);
         let w = rng.vec(n * k, 0.1);
@@ -1315,6 +1318,47 @@ fn step_logits(q: usize, s: usize, j: usize, vocab: usize) -> Vec<f32> {
     let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15 | 1);
     r.next();
     r.vec(vocab, 6.0)
+}
+
+/// A log-prob that is not finite stops the device beam step's query with a numeric error,
+/// as `beam::search` and its twin `search_logits` fail (tests/beam.rs): one NaN among the
+/// root's allowed tokens, and a +inf logit (every other allowed token then gets -inf).
+#[test]
+fn device_beam_step_refuses_log_probs_that_are_not_finite() {
+    use gram::backend::cuda::beam_step::DeviceBeams;
+    let Some(g) = gpu() else { return };
+    let dir = model_dir("gram-icecat-2m");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let cpu = Model::load(&dir, &Default::default()).unwrap();
+    let (vocab, eos) = (cpu.config.vocab_size, cpu.config.eos_token_ids[0]);
+    let set = CodeSet::from_texts(default_codes(), &tok, eos).unwrap();
+    let trie = Trie::build(&set, vocab, eos).unwrap();
+    let root_child = *trie
+        .children(Trie::ROOT)
+        .0
+        .first()
+        .expect("the root has children");
+    for (bad, host_lse) in [(f32::NAN, true), (f32::NAN, false), (f32::INFINITY, false)] {
+        let opts = [BeamOptions {
+            beam: 1,
+            ..Default::default()
+        }];
+        let mut logits = step_logits(0, 0, 0, vocab);
+        logits[root_child as usize] = bad;
+        let twin = beam::search_logits(&trie, opts[0], |_, _, _| logits.clone());
+        assert!(
+            matches!(twin, Err(gram::Error::Numeric(_))),
+            "{bad}: {twin:?}"
+        );
+        let mut d = DeviceBeams::new(&g, &trie, vocab, &opts, &[5]).unwrap();
+        let dev = d.upload(&logits).unwrap();
+        let lse = [beam::select::logsumexp(&logits)];
+        let lse = d.upload(&lse).unwrap();
+        d.step(&dev, host_lse.then_some(&lse)).unwrap();
+        assert_eq!(d.states().unwrap()[0].error, 6, "{bad}: BEAM_ERR_NUMERIC");
+        let e = d.outputs(&trie).unwrap_err();
+        assert!(matches!(e, gram::Error::Numeric(_)), "{bad}: {e}");
+    }
 }
 
 /// The device beam step (kernels/beam_step.cu: `beam_select_f32`, `beam_feed`,

@@ -615,6 +615,9 @@ pub fn search_logits(
             }
             lps.push(allowed_logprobs(trie, beam.node, &row, options.normalize));
         }
+        // As `search`: a log-probability that is not finite is the model's failure, not a
+        // candidate to drop or to rank last.
+        finite_logprobs(&lps)?;
         s.rows += s.beams.len();
         let beams = std::mem::take(&mut s.beams);
         let scores: Vec<f32> = beams.iter().map(|b| b.score).collect();

@@ -19,6 +19,9 @@ use crate::beam::{BeamOptions, Code, Normalize, Output, MAX_BEAM};
 use crate::error::{Error, Result};
 use crate::trie::Trie;
 
+/// `BEAM_ERR_NUMERIC` of kernels/beam_step.cu: an allowed token's log-prob is not finite.
+const BEAM_ERR_NUMERIC: u32 = 6;
+
 /// `BeamTrie` (kernels/beam_step.cu): the trie's CSR arrays on the device.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -562,6 +565,13 @@ impl<'g> DeviceBeams<'g> {
         let s_total = self.slots as usize;
         let mut out = Vec::with_capacity(states.len());
         for (q, (st, l)) in states.iter().zip(&self.layout).enumerate() {
+            if st.error == BEAM_ERR_NUMERIC {
+                // As the CPU search's `finite_logprobs`: the model's failure, not the input's.
+                return Err(Error::Numeric(format!(
+                    "query {q}: a log-probability the device beam step met is not finite: the \
+                     model's weights or activations are not finite"
+                )));
+            }
             if st.error != 0 {
                 return Err(Error::Device(format!(
                     "the device beam step stopped query {q}: error {} (kernels/beam_step.cu, BEAM_ERR_*)",
