@@ -77,12 +77,30 @@ pub struct BenchCodesArgs {
     pub dump_codes: Option<PathBuf>,
 }
 
+/// Prints `rec` as a line on stdout while its reader is there: a closed stdout (`| head`) is
+/// no panic, and the run goes on for its `--out` file.
+fn print_line(rec: &Value, open: &mut bool) -> Result<(), String> {
+    if *open {
+        if let Err(e) = writeln!(std::io::stdout().lock(), "{rec}") {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(format!("writing to stdout: {e}"));
+            }
+            *open = false;
+        }
+    }
+    Ok(())
+}
+
+/// Most queries one timed batch shares decoder steps with (as `gram eval --batch`).
+pub const MAX_BENCH_BATCH: usize = 256;
+
 pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     let dtype = DType::parse(&args.dtype)
         .ok_or_else(|| format!("--dtype `{}`: expected f32, f16 or bf16", args.dtype))?;
-    // A batch of 0 would time nothing and report 0 queries/s.
-    if args.batch.contains(&0) {
-        return Err("--batch must be at least 1".into());
+    // A batch of 0 would time nothing and report 0 queries/s; one past the limit would be
+    // the memory of a server, not a bench (and `usize::MAX` an overflow).
+    if let Some(&b) = args.batch.iter().find(|&&b| b == 0 || b > MAX_BENCH_BATCH) {
+        return Err(format!("--batch {b}: expected 1..={MAX_BENCH_BATCH}"));
     }
     if args.reps == 0 {
         return Err("--reps must be at least 1".into());
@@ -193,6 +211,7 @@ fn bench<B: Backend>(
     let set = CodeSet::from_file(&args.codes, &tokenizer, eos).map_err(|e| e.to_string())?;
     let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
     let prompts = read_prompts(&args.prompts, model.config.vocab_size, &tokenizer)?;
+    let mut stdout_open = true;
     let mut out_file = match &args.out {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -360,7 +379,7 @@ fn bench<B: Backend>(
                 "profiled_graphs_wall_ms": profiled_graphs_wall,
                 "profile_graphs": profile_graphs,
             });
-            println!("{rec}");
+            print_line(&rec, &mut stdout_open)?;
             if let Some(f) = out_file.as_mut() {
                 writeln!(f, "{rec}").map_err(|e| e.to_string())?;
             }
@@ -369,7 +388,7 @@ fn bench<B: Backend>(
     if !skipped.is_empty() {
         let rec =
             json!({"kind": "bench-codes-skipped", "budget_s": args.budget_s, "skipped": skipped});
-        println!("{rec}");
+        print_line(&rec, &mut stdout_open)?;
         if let Some(f) = out_file.as_mut() {
             writeln!(f, "{rec}").map_err(|e| e.to_string())?;
         }
@@ -410,7 +429,8 @@ fn bench<B: Backend>(
         let text =
             serde_json::to_string_pretty(&json!({"backend": model.backend.name(), "cases": dump}))
                 .map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::container::write_atomic(path, text.as_bytes())
+            .map_err(|e| format!("--dump-codes {}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -448,7 +468,12 @@ mod tests {
             (&["--budget-s=-1"][..], "--budget-s -1"),
             (&["--budget-s", "inf"][..], "--budget-s inf"),
             (&["--dtype", "int3"][..], "expected f32, f16 or bf16"),
-            (&["--batch", "0"][..], "--batch"),
+            (&["--batch", "0"][..], "--batch 0: expected 1..=256"),
+            (
+                &["--batch", "1000000000000000000"][..],
+                "--batch 1000000000000000000",
+            ),
+            (&["--batch", "1", "--batch", "257"][..], "--batch 257"),
             (&["--beam", "0"][..], "--beam"),
         ] {
             let e = run(args(flags)).unwrap_err();

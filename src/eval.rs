@@ -660,8 +660,9 @@ pub fn report(judged: &[Judged], results: &[QueryResult], wall_s: f64) -> Value 
             "refused_by_engine": n - answered.len(),
             "no_relevant_product (left out of recall)": undefined("recall@10"),
             "no_positive_grade (left out of ndcg)": undefined("ndcg@10"),
+            // Of the answered queries: a refused one is counted above, not again here.
             "no_judged_product_in_top_300 (left out of relevance_rate)":
-                undefined("relevance_rate@300"),
+                undefined("relevance_rate@300").saturating_sub(n - answered.len()),
         },
         "unjudged": "not relevant (gain 0) for ndcg and recall; left out of relevance_rate \
                      and of the ranking for the condensed_ metrics",

@@ -235,22 +235,83 @@ struct LmArgs {
     dtype: Option<String>,
 }
 
-/// `println!` for the commands' output, where a closed stdout (`gram search ... | head`) ends
-/// the process quietly, as a Unix tool does, rather than panicking at the next line.
+/// Set when stdout's reader has gone (`gram search ... | head`): later output is dropped.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `println!` for the commands' output. A closed stdout is no error and no panic, as for a Unix
+/// tool: the output is dropped from then on, and the command still finishes what it writes
+/// elsewhere (`eval --per-query`) and still exits nonzero when it fails (`index inspect` of a
+/// damaged index).
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write;
-        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
+        if !stdout_closed() {
+            if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(format!("writing to stdout: {e}"));
+                }
+                STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            return Err(format!("writing to stdout: {e}"));
         }
     }};
 }
 
+/// A path as JSON output and index metadata hold it: UTF-8, or an error naming the flag (a
+/// name the report could not spell would be a report about another path).
+fn utf8_path<'a>(flag: &str, path: &'a Path) -> Result<&'a str, String> {
+    path.to_str().ok_or_else(|| {
+        format!(
+            "{flag} {}: the path is not valid UTF-8 (gram records paths in JSON)",
+            path.display()
+        )
+    })
+}
+
+/// The library's warnings (`tracing`) on stderr for every command, as `warning: ...` lines
+/// like the commands' own; `gram serve` installs its own subscriber (`RUST_LOG`, default
+/// `info`). Nothing below warnings: a command's stderr stays what its users' scripts read.
+fn log_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .event_format(WarningLine)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A tracing event as one `warning: MESSAGE key=value...` (or `error: ...`) line.
+struct WarningLine;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for WarningLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = if *event.metadata().level() == tracing::Level::ERROR {
+            "error"
+        } else {
+            "warning"
+        };
+        write!(writer, "{level}: ")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        log_warnings();
+    }
     let result = match cli.command {
         Command::Lm(args) => run_lm(args),
         Command::Codes(args) => run_codes(args),
@@ -420,15 +481,20 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     if !(0.0..=1.0).contains(&args.threshold) {
         return Err(format!("--threshold {}: expected 0..=1", args.threshold));
     }
+    let out_text = utf8_path("--out", &args.out)?.to_owned();
+    let catalog_text = utf8_path("--catalog", &args.catalog)?;
+    let model_dir = std::fs::canonicalize(&args.model).map_err(|e| e.to_string())?;
+    let model_text = utf8_path("--model", &model_dir)?;
+    check_threads(args.run.threads)?;
     let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
     let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
     let meta = json!({
         "model": {
-            "dir": std::fs::canonicalize(&args.model).map_err(|e| e.to_string())?,
+            "dir": model_text,
             "fingerprint": model_fingerprint(&args.model).map_err(|e| e.to_string())?,
         },
         "settings": build_settings(&settings),
-        "catalog": args.catalog,
+        "catalog": catalog_text,
         "skipped_lines": skipped,
     });
     let (list, code_file) = match &args.codes {
@@ -458,7 +524,9 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     if args.shard_size == 0 {
         return Err("--shard-size must be at least 1".into());
     }
-    // Every flag checked: only now is anything written.
+    // Every input checked, and the model loaded on its backend (a missing GPU is an error
+    // here): only now is anything written.
+    let (tokenizer, loaded) = load(&args.model, args.run.device, args.run.threads, None)?;
     gram::container::create_dir_durable(&args.out).map_err(|e| e.to_string())?;
     let generate = generating.then_some(catalog::Generate {
         codes: list,
@@ -475,9 +543,6 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         code_file,
         on_error,
     };
-    // Every input checked: now the model (the teacher forcing and generation run on its
-    // backend).
-    let (tokenizer, loaded) = load(&args.model, args.run.device, args.run.threads, None)?;
     let out = gram::search::index_file(&args.out);
     let report = on_model!(loaded, model => catalog::build_with(
         &model, &tokenizer, &settings, &items, &options, &out, &meta
@@ -531,7 +596,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     );
     out!(
         "{}",
-        json!({"index": args.out, "report": report, "skipped_lines": skipped})
+        json!({"index": out_text, "report": report, "skipped_lines": skipped})
     );
     Ok(())
 }
@@ -637,6 +702,9 @@ fn search_on<B: Backend>(
 ) -> Result<(), String> {
     let mut beams = BeamSearch::new();
     for q in &args.queries {
+        if stdout_closed() {
+            break;
+        }
         let request = Request {
             k: args.k,
             beam: args.beam,
@@ -680,7 +748,10 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
             args.batch
         ));
     }
-    // Its directory is checked before the run, not after it.
+    let index_text = utf8_path("--index", &args.index)?;
+    let judgements_text = utf8_path("--judgements", &args.judgements)?;
+    // Checked before the run, not after it: its directory, and that a file can be written
+    // there under its name.
     if let Some(path) = &args.per_query {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -693,6 +764,11 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
                 dir.display()
             ));
         }
+        if path.is_dir() {
+            return Err(format!("--per-query {}: is a directory", path.display()));
+        }
+        gram::container::check_writable(path)
+            .map_err(|e| format!("--per-query {}: {e}", path.display()))?;
     }
     let mut judged = gram::eval::read_judgements(&args.judgements)?;
     if judged.num_grades() == 0 {
@@ -741,8 +817,8 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     let mut out = json!({
-        "index": args.index,
-        "judgements": args.judgements,
+        "index": index_text,
+        "judgements": judgements_text,
         "backend": info.backend,
         "k": args.k,
         "beam": args.beam,
@@ -753,7 +829,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     if let (Some(o), Some(r)) = (out.as_object_mut(), report.as_object()) {
         o.extend(r.clone());
     }
-    out!("{out}");
+    // The file first: a closed stdout must not cost it.
     if let Some(path) = &args.per_query {
         let mut text = String::new();
         for r in &results {
@@ -763,6 +839,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         gram::container::write_atomic(path, text.as_bytes())
             .map_err(|e| format!("--per-query {}: {e}", path.display()))?;
     }
+    out!("{out}");
     // Every query refused: the report's zeros measure nothing.
     if let Some(first) = results.iter().find_map(|r| r.error.as_ref()) {
         if results.iter().all(|r| r.error.is_some()) {

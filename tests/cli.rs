@@ -408,6 +408,11 @@ fn eval_reports_metrics_on_judgements() {
     assert_eq!(r["judged_products"], 7);
     assert_eq!(r["judged_products_not_in_index"], 1);
     assert_eq!(r["skipped"]["refused_by_engine"], 1);
+    // Every answered query returned a judged product; the refused one is not counted twice.
+    assert_eq!(
+        r["skipped"]["no_judged_product_in_top_300 (left out of relevance_rate)"], 0,
+        "{r}"
+    );
     assert_eq!(r["mean_candidates"], 4.0);
     assert_eq!(r["codes_per_query"], 3.0);
     assert_eq!(r["invalid_code_rate"], 0.0);
@@ -498,6 +503,119 @@ fn eval_reports_metrics_on_judgements() {
         e.contains("--k 10: the report's deepest cut-off is 300"),
         "{e}"
     );
+    // --per-query is checked before the run: a directory is refused at once (no backend
+    // chosen), and a long name that fits the file system is written (its temp name is
+    // shortened).
+    let dir_arg = tmp.to_str().unwrap();
+    let args = [
+        "eval",
+        "--index",
+        ix,
+        "--judgements",
+        jsonl.to_str().unwrap(),
+        "--per-query",
+        dir_arg,
+    ];
+    let out = gram(&args);
+    let e = error_line(&args, &out);
+    assert!(
+        e.contains("--per-query") && e.contains("is a directory"),
+        "{e}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("backend:"),
+        "refused after the engine opened: {stderr}"
+    );
+    let long = tmp.join(format!("{}.jsonl", "q".repeat(244)));
+    let args = [
+        "eval",
+        "--index",
+        ix,
+        "--judgements",
+        jsonl.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--per-query",
+        long.to_str().unwrap(),
+    ];
+    let out = gram(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&long).unwrap().lines().count(), 4);
+    // A closed stdout costs neither the --per-query file nor the exit status.
+    let quiet = tmp.join("quiet.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["eval", "--index", ix, "--threads", "1", "--judgements"])
+        .arg(&jsonl)
+        .arg("--per-query")
+        .arg(&quiet)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gram");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&quiet).unwrap().lines().count(), 4);
+    // A damaged index (a byte of the product-probability section flipped: the structure
+    // checks at open cannot see it, the checksums can), its report unread: still a failure.
+    let damaged = tmp.join("flipped");
+    std::fs::create_dir_all(&damaged).unwrap();
+    let mut bytes = std::fs::read(std::path::Path::new(ix).join("index.gram")).unwrap();
+    let word = |at: usize, n: usize| {
+        bytes[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |a, &b| (a << 8) | b as u64) as usize
+    };
+    let (offset, len) = (0..word(12, 4))
+        .map(|i| 16 + 32 * i)
+        .find(|&e| word(e, 4) == 5)
+        .map(|e| (word(e + 8, 8), word(e + 16, 8)))
+        .expect("a product-probability section");
+    assert!(len > 0);
+    bytes[offset + len / 2] ^= 0x10;
+    std::fs::write(damaged.join("index.gram"), bytes).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["index", "inspect"])
+        .arg(&damaged)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gram");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged index passed: {stderr}");
+    assert!(
+        stderr.contains("checksum") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    // A path that is not UTF-8 is an error naming its flag, not a panic after the run.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = std::ffi::OsStr::from_bytes(b"judged-\xff.jsonl");
+        std::fs::copy(&jsonl, tmp.join(odd)).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+            .args(["eval", "--index", ix, "--judgements"])
+            .arg(tmp.join(odd))
+            .output()
+            .unwrap();
+        let e = error_line(&["eval"], &out);
+        assert!(
+            e.contains("--judgements") && e.contains("not valid UTF-8"),
+            "{e}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -519,4 +637,60 @@ fn a_closed_stdout_is_a_quiet_exit_not_a_panic() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}
+
+/// The library's warnings reach stderr in every command, not only in `gram serve`: an extra
+/// stop token of `generation_config.json` past the vocabulary is dropped with a warning that
+/// names it, and the command still succeeds.
+#[test]
+fn warnings_reach_stderr() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gram-cli-warn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 99999]}"#,
+    )
+    .unwrap();
+    let out = gram(&[
+        "lm",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--prompt",
+        "hi",
+        "--model",
+        dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("warning: ") && l.contains("eos_token_id 99999 is past")),
+        "{stderr}"
+    );
+    // A generation_config.json that is not an object is refused, naming the file.
+    std::fs::write(dir.join("generation_config.json"), "[]").unwrap();
+    let args = [
+        "lm",
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+        "--model",
+        dir.to_str().unwrap(),
+    ];
+    let e = error_line(&args, &gram(&args));
+    assert!(
+        e.contains("generation_config.json") && e.contains("must be a JSON object"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -205,6 +205,8 @@ fn build_inspect_search_end_to_end() {
         (&["--generate", "--batch", "0"][..], "--batch"),
         (&["--threshold", "2"][..], "--threshold"),
         (&["--max-code-tokens", "0"][..], "--max-code-tokens"),
+        (&["--threads", "0"][..], "--threads"),
+        (&["--device", "cuda", "--threads", "0"][..], "--threads"),
     ] {
         let mut args = vec![
             "index",
@@ -221,6 +223,57 @@ fn build_inspect_search_end_to_end() {
         let e = err(&gram(&args));
         assert!(e.contains(says), "{flags:?}: {e}");
         assert!(!fresh.exists(), "{flags:?} left {}", fresh.display());
+    }
+    // A model that fails to load (its weights cut short) fails before --out is made.
+    let broken = tmp.join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(std::path::Path::new(m).join(f), broken.join(f)).unwrap();
+    }
+    let weights = std::fs::read(std::path::Path::new(m).join("model.safetensors")).unwrap();
+    std::fs::write(
+        broken.join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .unwrap();
+    let out = gram(&[
+        "index",
+        "build",
+        "--model",
+        broken.to_str().unwrap(),
+        "--catalog",
+        c,
+        "--on-error",
+        "skip",
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    // After the backend's line (the model was being loaded), the error.
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.lines().last().unwrap().starts_with("error: ") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    assert!(
+        !fresh.exists(),
+        "a failed model load left {}",
+        fresh.display()
+    );
+    // An --out that is not UTF-8 cannot be recorded in the report: refused before the build,
+    // not a panic after it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = tmp.join(std::ffi::OsStr::from_bytes(b"ix-\xff"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+            .args(["index", "build", "--model", m, "--catalog", c, "--out"])
+            .arg(&odd)
+            .output()
+            .unwrap();
+        let e = err(&out);
+        assert!(e.contains("--out") && e.contains("not valid UTF-8"), "{e}");
+        assert!(!odd.exists());
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
