@@ -77,7 +77,8 @@ def fuse(lexical, gram, weight, k):
     products GRAM brings keep their lexical score; an entry of score 0 or less was not
     retrieved and counts as absent), `gram` the GRAM ranking (ids). Ties go by lexical rank,
     then by GRAM rank: products only GRAM holds keep GRAM's order. weight = 0 is the lexical
-    ranking; a weight above 1 puts every GRAM product first, in lexical order."""
+    ranking alone (no GRAM product fills it up); a weight above 1 puts every GRAM product
+    first, in lexical order."""
     lexical = [(d, s) for d, s in lexical if s > 0]
     best = lexical[0][1] if lexical else 1.0
     score, lex_rank, gram_rank = {}, {}, {}
@@ -85,7 +86,7 @@ def fuse(lexical, gram, weight, k):
         if d not in score:
             score[d] = s / best
             lex_rank[d] = r
-    for r, d in enumerate(gram[:k]):
+    for r, d in enumerate(gram[:k] if weight > 0 else []):
         if d not in gram_rank:
             gram_rank[d] = r
             score[d] = score.get(d, 0.0) + weight

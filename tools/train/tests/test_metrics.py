@@ -55,6 +55,8 @@ class Metrics(unittest.TestCase):
         lex = [("a", 10.0), ("b", 8.0), ("c", 5.0), ("d", 1.0)]  # normalized 1, .8, .5, .1
         # weight 0: the lexical ranking, cut at k
         self.assertEqual(M.fuse(lex, ["d", "x"], 0.0, 3), ["a", "b", "c"])
+        # ... and no GRAM product fills a short lexical list
+        self.assertEqual(M.fuse(lex, ["x", "d"], 0.0, 10), ["a", "b", "c", "d"])
         # 0.3: d 0.1 + 0.3 = 0.4 stays below c 0.5; x (GRAM only) 0.3 below d
         self.assertEqual(M.fuse(lex, ["d", "x"], 0.3, 10), ["a", "b", "c", "d", "x"])
         # 0.45: d 0.55 passes c 0.5; x (0.45) stays below c
