@@ -1,5 +1,7 @@
 """Metrics on hand-computed cases (standard library only)."""
+import importlib.util
 import math
+import os
 import random
 import unittest
 
@@ -76,6 +78,9 @@ class Metrics(unittest.TestCase):
         # a product twice in GRAM's list counts its weight once
         self.assertEqual(M.fuse([("a", 1.0)], ["b", "b"], 0.6, 5), ["a", "b"])
 
+    @unittest.skipIf(importlib.util.find_spec("bm25s") is None
+                     and os.environ.get("GRAM_REQUIRE_TORCH") != "1",
+                     "bm25s not installed (it is in the .venv of tools/train-requirements.txt)")
     def test_bm25_returns_only_products_that_match(self):
         # bm25s pads its top k with score-0 products when fewer match; those are not hits
         from tools.train.evaluate import Bm25
