@@ -548,17 +548,18 @@ fn eval_reports_metrics_on_judgements() {
     assert_eq!(std::fs::read_to_string(&long).unwrap().lines().count(), 4);
     // A closed stdout costs neither the --per-query file nor the exit status.
     let quiet = tmp.join("quiet.jsonl");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(["eval", "--index", ix, "--threads", "1", "--judgements"])
-        .arg(&jsonl)
-        .arg("--per-query")
-        .arg(&quiet)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run gram");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let (q, j) = (quiet.to_str().unwrap(), jsonl.to_str().unwrap());
+    let out = gram_stdout_closed(&[
+        "eval",
+        "--index",
+        ix,
+        "--threads",
+        "1",
+        "--judgements",
+        j,
+        "--per-query",
+        q,
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && !stderr.contains("panicked"),
@@ -570,29 +571,9 @@ fn eval_reports_metrics_on_judgements() {
     let damaged = tmp.join("flipped");
     std::fs::create_dir_all(&damaged).unwrap();
     let mut bytes = std::fs::read(std::path::Path::new(ix).join("index.gram")).unwrap();
-    let word = |at: usize, n: usize| {
-        bytes[at..at + n]
-            .iter()
-            .rev()
-            .fold(0u64, |a, &b| (a << 8) | b as u64) as usize
-    };
-    let (offset, len) = (0..word(12, 4))
-        .map(|i| 16 + 32 * i)
-        .find(|&e| word(e, 4) == 5)
-        .map(|e| (word(e + 8, 8), word(e + 16, 8)))
-        .expect("a product-probability section");
-    assert!(len > 0);
-    bytes[offset + len / 2] ^= 0x10;
+    flip_in_section(&mut bytes, 5);
     std::fs::write(damaged.join("index.gram"), bytes).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(["index", "inspect"])
-        .arg(&damaged)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run gram");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = gram_stdout_closed(&["index", "inspect", damaged.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a damaged index passed: {stderr}");
     assert!(
@@ -619,21 +600,26 @@ fn eval_reports_metrics_on_judgements() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// `gram ARGS` whose stdout's reader is gone before anything is written: every write meets a
+/// broken pipe.
+fn gram_stdout_closed(args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gram");
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
 /// A reader that closes the pipe (`gram lm ... | head -c0`, `gram search ... | head`) ends the
 /// command quietly, with status 0, not a panic at the next line written.
 #[test]
 fn a_closed_stdout_is_a_quiet_exit_not_a_panic() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
-        .args(["lm", "--device", "cpu", "--prompt", "hi", "--model"])
-        .arg(&model)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run gram");
-    // The read end closes before anything is written: every write meets a broken pipe.
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let m = model.to_str().unwrap();
+    let out = gram_stdout_closed(&["lm", "--device", "cpu", "--prompt", "hi", "--model", m]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);

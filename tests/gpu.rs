@@ -1320,6 +1320,16 @@ fn step_logits(q: usize, s: usize, j: usize, vocab: usize) -> Vec<f32> {
     r.vec(vocab, 6.0)
 }
 
+/// The default model's code trie (its vocabulary, its EOS) and its vocabulary size.
+fn default_trie() -> (Trie, usize) {
+    let dir = model_dir("gram-icecat-2m");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let cpu = Model::load(&dir, &Default::default()).unwrap();
+    let (vocab, eos) = (cpu.config.vocab_size, cpu.config.eos_token_ids[0]);
+    let set = CodeSet::from_texts(default_codes(), &tok, eos).unwrap();
+    (Trie::build(&set, vocab, eos).unwrap(), vocab)
+}
+
 /// A log-prob that is not finite stops the device beam step's query with a numeric error,
 /// as `beam::search` and its twin `search_logits` fail (tests/beam.rs): one NaN among the
 /// root's allowed tokens, and a +inf logit (every other allowed token then gets -inf).
@@ -1327,12 +1337,7 @@ fn step_logits(q: usize, s: usize, j: usize, vocab: usize) -> Vec<f32> {
 fn device_beam_step_refuses_log_probs_that_are_not_finite() {
     use gram::backend::cuda::beam_step::DeviceBeams;
     let Some(g) = gpu() else { return };
-    let dir = model_dir("gram-icecat-2m");
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let cpu = Model::load(&dir, &Default::default()).unwrap();
-    let (vocab, eos) = (cpu.config.vocab_size, cpu.config.eos_token_ids[0]);
-    let set = CodeSet::from_texts(default_codes(), &tok, eos).unwrap();
-    let trie = Trie::build(&set, vocab, eos).unwrap();
+    let (trie, vocab) = default_trie();
     let root_child = *trie
         .children(Trie::ROOT)
         .0
@@ -1378,12 +1383,7 @@ fn device_beam_step_refuses_log_probs_that_are_not_finite() {
 fn device_beam_step_matches_search_logits() {
     use gram::backend::cuda::beam_step::DeviceBeams;
     let Some(g) = gpu() else { return };
-    let dir = model_dir("gram-icecat-2m");
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let cpu = Model::load(&dir, &Default::default()).unwrap();
-    let (vocab, eos) = (cpu.config.vocab_size, cpu.config.eos_token_ids[0]);
-    let set = CodeSet::from_texts(default_codes(), &tok, eos).unwrap();
-    let trie = Trie::build(&set, vocab, eos).unwrap();
+    let (trie, vocab) = default_trie();
     let cases: [(usize, Normalize, f64, usize); 6] = [
         (10, Normalize::Full, 1.0, 16),
         (64, Normalize::Children, 1.0, 16),

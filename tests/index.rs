@@ -105,20 +105,7 @@ fn build_inspect_search_end_to_end() {
     let bad = tmp.join("ix-flipped");
     std::fs::create_dir_all(&bad).unwrap();
     let mut bytes = std::fs::read(std::path::Path::new(ix).join("index.gram")).unwrap();
-    let word = |at: usize, n: usize| {
-        bytes[at..at + n]
-            .iter()
-            .rev()
-            .fold(0u64, |a, &b| (a << 8) | b as u64) as usize
-    };
-    let sections = word(12, 4);
-    let (offset, len) = (0..sections)
-        .map(|i| 16 + 32 * i)
-        .find(|&e| word(e, 4) == 5)
-        .map(|e| (word(e + 8, 8), word(e + 16, 8)))
-        .expect("a product-probability section");
-    assert!(len > 0);
-    bytes[offset + len / 2] ^= 0x10;
+    flip_in_section(&mut bytes, 5);
     std::fs::write(bad.join("index.gram"), bytes).unwrap();
     let out = gram(&["index", "inspect", bad.to_str().unwrap()]);
     assert!(!out.status.success(), "a damaged index passed inspect");

@@ -193,3 +193,23 @@ pub fn search_alone(
         })
         .collect()
 }
+
+/// Flips one bit in the middle of the section of `kind` of an index file's bytes
+/// (docs/FORMAT.md: the section table after the 16-byte header, 32 bytes an entry: kind u32,
+/// offset u64 at +8, length u64 at +16): the structure checks at open cannot see it, the
+/// checksums can.
+pub fn flip_in_section(bytes: &mut [u8], kind: usize) {
+    let word = |bytes: &[u8], at: usize, n: usize| {
+        bytes[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |a, &b| (a << 8) | b as u64) as usize
+    };
+    let (offset, len) = (0..word(bytes, 12, 4))
+        .map(|i| 16 + 32 * i)
+        .find(|&e| word(bytes, e, 4) == kind)
+        .map(|e| (word(bytes, e + 8, 8), word(bytes, e + 16, 8)))
+        .unwrap_or_else(|| panic!("no section of kind {kind}"));
+    assert!(len > 0, "section {kind} is empty");
+    bytes[offset + len / 2] ^= 0x10;
+}
