@@ -489,15 +489,8 @@ fn eval_reports_metrics_on_judgements() {
         assert!(e.contains(want), "{e}");
     }
     // Below 300 the deeper cut-offs would be the short list's own, under their names.
-    let args = [
-        "eval",
-        "--index",
-        ix,
-        "--judgements",
-        jsonl.to_str().unwrap(),
-        "--k",
-        "10",
-    ];
+    let j = jsonl.to_str().unwrap();
+    let args = eval_args(ix, j, &["--k", "10"]);
     let e = error_line(&args, &gram(&args));
     assert!(
         e.contains("--k 10: the report's deepest cut-off is 300"),
@@ -506,16 +499,7 @@ fn eval_reports_metrics_on_judgements() {
     // --per-query is checked before the run: a directory is refused at once (no backend
     // chosen), and a long name that fits the file system is written (its temp name is
     // shortened).
-    let dir_arg = tmp.to_str().unwrap();
-    let args = [
-        "eval",
-        "--index",
-        ix,
-        "--judgements",
-        jsonl.to_str().unwrap(),
-        "--per-query",
-        dir_arg,
-    ];
+    let args = eval_args(ix, j, &["--per-query", tmp.to_str().unwrap()]);
     let out = gram(&args);
     let e = error_line(&args, &out);
     assert!(
@@ -528,17 +512,11 @@ fn eval_reports_metrics_on_judgements() {
         "refused after the engine opened: {stderr}"
     );
     let long = tmp.join(format!("{}.jsonl", "q".repeat(244)));
-    let args = [
-        "eval",
-        "--index",
+    let args = eval_args(
         ix,
-        "--judgements",
-        jsonl.to_str().unwrap(),
-        "--threads",
-        "1",
-        "--per-query",
-        long.to_str().unwrap(),
-    ];
+        j,
+        &["--threads", "1", "--per-query", long.to_str().unwrap()],
+    );
     let out = gram(&args);
     assert!(
         out.status.success(),
@@ -548,18 +526,8 @@ fn eval_reports_metrics_on_judgements() {
     assert_eq!(std::fs::read_to_string(&long).unwrap().lines().count(), 4);
     // A closed stdout costs neither the --per-query file nor the exit status.
     let quiet = tmp.join("quiet.jsonl");
-    let (q, j) = (quiet.to_str().unwrap(), jsonl.to_str().unwrap());
-    let out = gram_stdout_closed(&[
-        "eval",
-        "--index",
-        ix,
-        "--threads",
-        "1",
-        "--judgements",
-        j,
-        "--per-query",
-        q,
-    ]);
+    let q = quiet.to_str().unwrap();
+    let out = gram_stdout_closed(&eval_args(ix, j, &["--threads", "1", "--per-query", q]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && !stderr.contains("panicked"),
@@ -598,6 +566,13 @@ fn eval_reports_metrics_on_judgements() {
         );
     }
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// `gram eval --index IX --judgements JUDGED EXTRA...`.
+fn eval_args<'a>(ix: &'a str, judged: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["eval", "--index", ix, "--judgements", judged];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// `gram ARGS` whose stdout's reader is gone before anything is written: every write meets a
