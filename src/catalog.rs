@@ -278,6 +278,9 @@ pub fn build_with<B: Backend>(
     if let (OnError::Stop, Some((_, why))) = (options.on_error, unfit.first()) {
         return Err(Error::Input(why.clone()));
     }
+    // Every product the build leaves out, by id: recorded in the index, so that `gram eval`
+    // counts a judged product among them as a miss rather than dropping it.
+    let mut left_out_ids: Vec<String> = unfit.iter().map(|&(pi, _)| items[pi].id.clone()).collect();
     let fit: Vec<Item>;
     let items: &[Item] = if unfit.is_empty() {
         items
@@ -477,6 +480,14 @@ pub fn build_with<B: Backend>(
             title: items[pi].title.clone(),
         })
         .collect();
+    left_out_ids.extend(left_out.iter().map(|&pi| items[pi].id.clone()));
+    let mut meta = meta.clone();
+    if let Some(m) = meta.as_object_mut() {
+        m.insert(
+            index::LEFT_OUT_PRODUCTS.into(),
+            serde_json::json!(left_out_ids),
+        );
+    }
     index::write(
         out,
         &set,
@@ -484,7 +495,7 @@ pub fn build_with<B: Backend>(
         &postings,
         &products,
         &settings.delimiter,
-        meta,
+        &meta,
     )?;
     // The index is safely written: the shards have served. Only shard files go (this build's
     // and those of earlier builds with more shards; the directory is the user's: it may hold

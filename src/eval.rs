@@ -23,7 +23,9 @@
 //!   count of those queries beside it.
 //!
 //! Judged products missing from the index are dropped before scoring (as `evaluate.py` drops
-//! those missing from the catalog), and counted. A query the engine refuses (empty, too long)
+//! those missing from the catalog), and counted; but a product the index's build left out
+//! (`--on-error skip`: it is in the catalog, the index records its id) is kept and counted
+//! apart: relevant, it is a miss. A query the engine refuses (empty, too long)
 //! is kept with an empty ranking (every defined metric 0 for it) and counted.
 //!
 //! Judgements are JSONL (`{"query": Q, "grades": {product_id: grade}}` a line, what
@@ -222,6 +224,14 @@ pub struct Judgements {
 impl Judgements {
     pub fn num_grades(&self) -> usize {
         self.queries.iter().map(|j| j.grades.len()).sum()
+    }
+
+    /// How many grades name a product of `ids`.
+    pub fn count_products(&self, ids: &HashSet<String>) -> usize {
+        self.queries
+            .iter()
+            .map(|j| j.grades.keys().filter(|d| ids.contains(*d)).count())
+            .sum()
     }
 
     /// Drops the grades of products outside `known` (not in the index); returns how many.
@@ -487,11 +497,19 @@ fn code_ids(engine_index: &crate::index::Index) -> HashMap<String, u32> {
         .collect()
 }
 
-/// Every product id of the index.
-pub fn index_product_ids(index: &crate::index::Index) -> HashSet<String> {
-    (0..index.num_products() as u32)
+/// Every product id of the index's catalog, in two sets: the index's products, and those its
+/// build left out (`--on-error skip`), which a judgement may name too: relevant and never
+/// retrieved, they count as misses.
+pub fn catalog_product_ids(index: &crate::index::Index) -> (HashSet<String>, HashSet<String>) {
+    let indexed: HashSet<String> = (0..index.num_products() as u32)
         .filter_map(|i| Some(index.product(i)?.0.into_owned()))
-        .collect()
+        .collect();
+    let left_out = index
+        .left_out_products()
+        .filter(|id| !indexed.contains(*id))
+        .map(str::to_owned)
+        .collect();
+    (indexed, left_out)
 }
 
 /// Runs every judged query through `engine` in batches of `opts.batch` and scores it. A query

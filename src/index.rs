@@ -289,6 +289,9 @@ pub fn write_columns(
     )
 }
 
+/// The metadata key under which a build lists the ids of the products it left out.
+pub const LEFT_OUT_PRODUCTS: &str = "left_out_products";
+
 /// An opened index.
 pub struct Index {
     file: Container,
@@ -370,6 +373,17 @@ impl Index {
 
     pub fn trie(&self) -> &Trie {
         &self.trie
+    }
+
+    /// The ids of the catalog's products that the build left out (`--on-error skip`: they do
+    /// not fit the model, or list a code it cannot emit): in the catalog, never retrievable.
+    /// Empty for an index written before the build recorded them.
+    pub fn left_out_products(&self) -> impl Iterator<Item = &str> {
+        self.meta[LEFT_OUT_PRODUCTS]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
     }
 
     pub fn meta(&self) -> &serde_json::Value {

@@ -779,7 +779,10 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     }
     let (engine, info) = open_engine(args.run, &args.index, args.model.as_deref(), args.k)?;
     let grades = judged.num_grades();
-    let dropped = judged.retain_products(&gram::eval::index_product_ids(engine.index()));
+    let (mut known, left_out) = gram::eval::catalog_product_ids(engine.index());
+    known.extend(left_out.iter().cloned());
+    let dropped = judged.retain_products(&known);
+    let judged_left_out = judged.count_products(&left_out);
     if dropped == grades {
         return Err(format!(
             "none of the {grades} judged products of {} is in the index (judgements of another \
@@ -791,6 +794,21 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         eprintln!(
             "warning: {dropped} of {grades} judged products are not in the index: dropped (as \
              evaluate.py drops those missing from the catalog)"
+        );
+    }
+    if judged_left_out > 0 {
+        eprintln!(
+            "warning: {judged_left_out} judged products were left out of the index by its build \
+             (--on-error skip): counted, never retrieved"
+        );
+    }
+    if let Some(lines) = engine.index().meta()["skipped_lines"]
+        .as_u64()
+        .filter(|&n| n > 0)
+    {
+        eprintln!(
+            "warning: the index's build skipped {lines} catalog lines it could not read: a \
+             judged product on one of them is dropped with those not in the index"
         );
     }
     if judged.duplicate_queries > 0 {
@@ -825,6 +843,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         "batch": args.batch,
         "judged_products": grades - dropped,
         "judged_products_not_in_index": dropped,
+        "judged_products_left_out_by_build": judged_left_out,
     });
     if let (Some(o), Some(r)) = (out.as_object_mut(), report.as_object()) {
         o.extend(r.clone());

@@ -477,7 +477,8 @@ fn code_errors_name_their_own_lines_and_products() {
 /// Under `--on-error skip`, a catalog code the model cannot emit (it holds the EOS token, or is
 /// longer than a code may be) stopped the build all the same. Now its product is left out,
 /// counted with the products that do not fit and named with the code and why; the rest is
-/// indexed, numbered anew.
+/// indexed, numbered anew. `gram eval` dropped such a product's grades as if it were not in
+/// the catalog, which raised recall; now the index lists it and it counts as a miss.
 #[test]
 fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     let dir = fresh_dir("catalog-skip-codes");
@@ -532,6 +533,37 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     let (ids, lamp) = ids_and_carriers(&dir.join("ix"), "lamp");
     assert_eq!(ids, ["p0", "p2", "p4"]);
     assert_eq!(lamp, [2], "p4 is product 2 now");
+    // `gram eval` on that index: a judged product the build left out is in the catalog and
+    // can never be retrieved, so it is a miss (Recall@300 0.5, not 1.0); an id the catalog
+    // lacks is dropped. Every product comes back (three codes, beam 10).
+    let j = dir.join("j.jsonl");
+    std::fs::write(
+        &j,
+        "{\"query\": \"lamp\", \"grades\": {\"p1\": 3, \"p4\": 3, \"ghost\": 2}}\n",
+    )
+    .unwrap();
+    let ix = dir.join("ix");
+    let out = gram(&[
+        "eval",
+        "--index",
+        ix.to_str().unwrap(),
+        "--judgements",
+        j.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("1 judged products were left out of the index by its build"),
+        "{err}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["judged_products"], 2, "{r}");
+    assert_eq!(r["judged_products_not_in_index"], 1, "{r}");
+    assert_eq!(r["judged_products_left_out_by_build"], 1, "{r}");
+    assert_eq!(r["mean_returned"], 3.0, "{r}");
+    assert_eq!(r["metrics"]["recall@300"], 0.5, "{r}");
     // Under `stop` the error names the first bad product in catalog order, not the bad code
     // first in byte order ("lamp …" sorts before "sofa …").
     let (first, second) = (lines[1].clone(), lines[3].clone());
