@@ -14,19 +14,21 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::beam::{BeamOptions, BeamSearch, Query, MAX_NEW_TOKENS};
 use crate::error::{Error, Result};
-use crate::index::{self, CodePostings, Product};
+use crate::index::{self, Product};
 use crate::model::Model;
 use crate::settings::Settings;
 use crate::tokenizer::Tokenizer;
 use crate::trie::{CodeName, CodeSet, Trie};
 
+mod collect;
 mod read;
 mod shard;
 mod teacher;
 
 use self::teacher::tf_passes;
 pub use self::teacher::{teacher_force, teacher_force_many};
-pub use read::{read, CodeFile, Item, OnError};
+use collect::Collected;
+pub use read::{read, Attributes, CodeFile, Item, OnError};
 use shard::{read_shard, write_shard, SHARD_VERSION};
 
 /// What a build did.
@@ -218,7 +220,14 @@ pub fn build_with<B: Backend>(
         None => format!("code list line {}", i + 1),
     };
     // The codes known before generation: the catalog's and the list's, checked up front.
-    let mut texts: Vec<String> = items.iter().flat_map(|p| p.codes.iter().cloned()).collect();
+    // Distinct first: a catalog lists each code on many products.
+    let mut texts: Vec<String> = items
+        .iter()
+        .flat_map(|p| p.codes.iter().map(String::as_str))
+        .collect::<std::collections::HashSet<&str>>()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     let list = match generate {
         Some(g) if !g.codes.is_empty() => {
             let list = CodeSet::from_texts_named(g.codes.clone(), tokenizer, eos, &list_name)?;
@@ -341,7 +350,7 @@ pub fn build_with<B: Backend>(
         "positions": model.max_positions(),
     });
     let mut bar = Progress::new(items.len(), options.progress);
-    let (mut found, mut generated, mut reused) = (Found::new(), 0, 0);
+    let (mut found, mut generated, mut reused) = (Collected::new(), 0, 0);
     let mut skipped: Vec<bool> = Vec::with_capacity(items.len());
     let shard_path = |si: usize| work.join(format!("shard-{si:06}.bin"));
     for (si, shard) in items.chunks(shard_size).enumerate() {
@@ -364,7 +373,7 @@ pub fn build_with<B: Backend>(
                 (part, left_out)
             }
         };
-        found.extend(part);
+        found.push(part);
         skipped.extend(left_out);
         bar.advance(shard.len());
     }
@@ -376,7 +385,7 @@ pub fn build_with<B: Backend>(
         Some(set) if !unconstrained => set,
         known => {
             let mut texts: Vec<String> = known.map(|s| s.texts).unwrap_or_default();
-            texts.extend(found.iter().flatten().map(|(t, _)| t.clone()));
+            texts.extend(found.names().iter().cloned());
             texts.sort_unstable();
             texts.dedup();
             if texts.is_empty() {
@@ -403,39 +412,11 @@ pub fn build_with<B: Backend>(
     let without_codes: Vec<usize> = kept
         .iter()
         .copied()
-        .filter(|&pi| found[pi].is_empty())
+        .filter(|&pi| found.product(pi).next().is_none())
         .collect();
     // Each kept product's codes as ids of `set`, checked against it; how many products list
     // each code.
-    let mut listed = vec![0usize; set.len()];
-    let mut coded: Vec<Vec<(usize, Vec<f32>)>> = Vec::with_capacity(kept.len());
-    for codes in found
-        .into_iter()
-        .enumerate()
-        .filter(|&(pi, _)| !skipped[pi])
-        .map(|(_, codes)| codes)
-    {
-        let mut ids = Vec::with_capacity(codes.len());
-        for (text, pt) in codes {
-            let Ok(c) = set.texts.binary_search(&text) else {
-                return Err(Error::Input(format!(
-                    "code {text:?} is not in the code set (a stale shard in {}?)",
-                    work.display()
-                )));
-            };
-            if pt.len() != set.code_tokens(c).len() {
-                return Err(Error::Input(format!(
-                    "code {text:?}: {} probabilities for {} tokens (a stale shard in {}?)",
-                    pt.len(),
-                    set.code_tokens(c).len(),
-                    work.display()
-                )));
-            }
-            listed[c] += 1;
-            ids.push((c, pt));
-        }
-        coded.push(ids);
-    }
+    let (set_id, listed) = found.resolve(&set, &kept, &work)?;
     // A code no indexed product carries (a generation-list code no product was found to
     // have, or a catalog code of products left out) is not indexed: a search could spend a
     // beam on it and find nothing.
@@ -456,23 +437,10 @@ pub fn build_with<B: Backend>(
     let (set, merged_id, merged) = set.merge_alike(&listed);
     let id_of = |c: usize| merged_id[kept_id[c].expect("a listed code is kept") as usize];
     let trie = Trie::build_named(&set, model.config.vocab_size, eos, &source)?;
-    let mut postings: Vec<CodePostings> = (0..set.len())
-        .map(|_| CodePostings {
-            products: Vec::new(),
-            pt: Vec::new(),
-        })
-        .collect();
-    for (pi, codes) in coded.into_iter().enumerate() {
-        for (c, pt) in codes {
-            let list = &mut postings[id_of(c) as usize];
-            // A product listing two codes that merged is posted once (the same tokens after
-            // the same prompt: the same probabilities).
-            if list.products.last() != Some(&(pi as u32)) {
-                list.products.push(pi as u32);
-                list.pt.push(pt);
-            }
-        }
-    }
+    let postings = found.columns(&kept, set.len(), |code| {
+        id_of(set_id[code as usize] as usize) as usize
+    });
+    drop(found);
     let products: Vec<Product> = kept
         .iter()
         .map(|&pi| Product {
@@ -488,7 +456,7 @@ pub fn build_with<B: Backend>(
             serde_json::json!(left_out_ids),
         );
     }
-    index::write(
+    index::write_columns(
         out,
         &set,
         &trie,
@@ -520,7 +488,7 @@ pub fn build_with<B: Backend>(
     Ok(Report {
         products: products.len(),
         codes: set.len(),
-        postings: postings.iter().map(|p| p.products.len()).sum(),
+        postings: postings.products.len(),
         generated,
         reused_shards: reused,
         products_without_codes: without_codes.len(),

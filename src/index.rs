@@ -112,7 +112,7 @@ pub struct PostingColumns {
 impl PostingColumns {
     /// Columns from one [`CodePostings`] per code (rows of probabilities transposed; the caller
     /// has checked every row holds the code's token count).
-    fn from_lists(postings: &[CodePostings]) -> PostingColumns {
+    pub(crate) fn from_lists(postings: &[CodePostings]) -> PostingColumns {
         let total: usize = postings.iter().map(|p| p.products.len()).sum();
         let values: usize = postings
             .iter()

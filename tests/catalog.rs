@@ -357,6 +357,18 @@ fn an_unknown_field_is_refused_and_a_product_without_codes_is_reported() {
     .unwrap();
     let (items, skipped) = catalog::read(&cat, OnError::Stop).unwrap();
     assert_eq!((items.len(), skipped), (3, 0));
+    // Attributes are read through, not kept, but they must still be an object.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\":\"p0\",\"title\":\"oak sofa\",\"attributes\":[\"oak\"],\"codes\":[\"sofa\"]}\n",
+    )
+    .unwrap();
+    let e = catalog::read(&bad, OnError::Stop).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.jsonl line 1") && e.contains("a JSON object of attributes"),
+        "{e}"
+    );
     let out = index_build(
         &model_dir("tiny-llama"),
         &cat,

@@ -15,8 +15,11 @@ use crate::error::{Error, Result};
 pub struct Item {
     pub id: String,
     pub title: String,
-    #[serde(default)]
-    pub attributes: serde_json::Map<String, serde_json::Value>,
+    /// Checked to be a JSON object and not kept: the engine reads a product's title and codes
+    /// (the codes are what its attributes become, `tools/train/codes.py`), and a catalog of
+    /// millions of lines would hold them all in memory for nothing.
+    #[serde(default, skip_serializing)]
+    pub attributes: Attributes,
     #[serde(default)]
     pub codes: Vec<String>,
     /// The catalog line the product was read from (1-based), for errors; 0 for a product made
@@ -24,6 +27,33 @@ pub struct Item {
     /// line changes nothing it is encoded from).
     #[serde(skip)]
     pub line: usize,
+}
+
+/// A catalog line's `attributes`: a JSON object, read through and dropped (see [`Item`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attributes;
+
+impl<'de> Deserialize<'de> for Attributes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Attributes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of attributes")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Attributes, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Attributes)
+            }
+        }
+        d.deserialize_map(Object)
+    }
 }
 
 impl Item {
