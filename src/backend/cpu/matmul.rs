@@ -414,7 +414,10 @@ fn rows_of<'a>(
 }
 
 /// The sparse head: `out[i] = x[r_i] · w[v_i]` for each pick `(r_i, v_i)`; `x: [R, k]`,
-/// `w: [V, k]`. One weight row per pick, read whole: a GEMV over gathered rows.
+/// `w: [V, k]`. Each pick is one FMA chain over `k` in order (`simd::dot_chains`) on the
+/// weights' f32 values: the bits the panel kernels give the same output whatever the rows
+/// beside it, so that a logit is the same whether the step took the dense head or these picks
+/// (a query's answer must not depend on the queries that share its steps).
 pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Vec<f32> {
     let rows_in = x.len() / k.max(1);
     let vocab = w.len() / k.max(1);
@@ -424,35 +427,49 @@ pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Ve
             .all(|&(r, v)| (r as usize) < rows_in && (v as usize) < vocab),
         "picks outside x or w; this is a bug"
     );
-    let block = simd::pairs_block(isa, w).unwrap_or(0);
-    let pairs = if block > 0 {
-        simd::bf16_pairs(x, k, block)
-    } else {
-        Vec::new()
+    // Up to `CHAINS` picks at a time: their weight rows as f32 (in place, or widened into
+    // `rows`), their chains side by side.
+    let group = |picks: &[(u32, u32)], out: &mut [f32], rows: &mut Vec<f32>| {
+        if let View::F32(wf) = w {
+            let ws: Vec<&[f32]> = picks
+                .iter()
+                .map(|&(_, v)| &wf[v as usize * k..(v as usize + 1) * k])
+                .collect();
+            let xs: Vec<&[f32]> = picks
+                .iter()
+                .map(|&(r, _)| &x[r as usize * k..(r as usize + 1) * k])
+                .collect();
+            simd::dot_chains(isa, &ws, &xs, out);
+            return;
+        }
+        rows.resize(picks.len() * k, 0.0);
+        for (i, &(_, v)) in picks.iter().enumerate() {
+            simd::dequant_rows(isa, w, v as usize, 1, k, &mut rows[i * k..(i + 1) * k]);
+        }
+        let ws: Vec<&[f32]> = rows.chunks_exact(k.max(1)).take(picks.len()).collect();
+        let xs: Vec<&[f32]> = picks
+            .iter()
+            .map(|&(r, _)| &x[r as usize * k..(r as usize + 1) * k])
+            .collect();
+        simd::dot_chains(isa, &ws, &xs, out);
     };
-    let xr = Rows {
-        x,
-        pairs: &pairs,
-        block,
-    };
-    let one = |&(r, v): &(u32, u32)| {
-        let r = r as usize;
-        let mut acc = [0f32; 4];
-        let mut panel = Vec::new();
-        let (w, row0) = rows_of(isa, w, v as usize, 1, k, &mut panel);
-        simd::dot_rows(isa, w, row0, 1, k, xr.slice(r, r + 1, k), &mut acc);
-        acc[0]
+    let run = |picks: &[(u32, u32)], out: &mut [f32]| {
+        let mut rows = Vec::new();
+        for (p, o) in picks.chunks(simd::CHAINS).zip(out.chunks_mut(simd::CHAINS)) {
+            group(p, o, &mut rows);
+        }
     };
     let mut out = vec![0f32; picks.len()];
+    if k == 0 {
+        return out;
+    }
     // One pick reads k weights (a few KiB): worth both cores from a few dozen.
     if picks.len() >= 64 {
         team::for_each_chunk(&mut out, 32, |i, o| {
-            o.iter_mut()
-                .zip(&picks[32 * i..])
-                .for_each(|(o, p)| *o = one(p))
+            run(&picks[32 * i..32 * i + o.len()], o)
         });
     } else {
-        out.iter_mut().zip(picks).for_each(|(o, p)| *o = one(p));
+        run(picks, &mut out);
     }
     out
 }
@@ -655,6 +672,71 @@ mod tests {
                         picks(isa, &x, View::F32(&dense), k, &sel),
                     );
                     assert_eq!(bits(&pa), bits(&pb), "{isa:?} picks");
+                }
+            }
+        }
+    }
+
+    /// The sparse head's picks against the dense head: every pick equals the panel matmul's
+    /// output for its row and column bit for bit, for every dtype (f32, f16, bf16, Q4_1,
+    /// Q8_0), rows at one (the GEMV), in a group, over several and past the f32 copy, picks in
+    /// groups of up to 8 and over the team's threshold, on every ISA. (Each weight row read
+    /// through the old four-accumulator dot product gave other bits: a query normalized over
+    /// its children scored differently alone and beside a fully normalized one.)
+    #[test]
+    fn picks_equal_the_dense_panels_bit_for_bit() {
+        let (n, k) = (75, 96);
+        let mut next = crate::test_rng::xorshift(0x9b05_688c_2b3e_6c1f);
+        let mut rnd = uniform(0x1f83_d9ab_fb41_bd6b);
+        let wf = rnd(n * k);
+        let q4 = q4_1_blocks(n * k / 32, &mut next);
+        let mut q8 = vec![0u8; n * k / 32 * 34];
+        for b in q8.chunks_exact_mut(34) {
+            let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            b[2..].iter_mut().for_each(|q| *q = next() as u8);
+        }
+        let dense: Vec<HostTensor> = [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .map(|dt| HostTensor::from_f32(wf.clone(), vec![n, k]).into_dtype(dt))
+            .collect();
+        let mut views: Vec<(&str, View)> = ["f32", "f16", "bf16"]
+            .into_iter()
+            .zip(dense.iter().map(|t| t.view()))
+            .collect();
+        views.extend([("q4_1", View::Q4_1(&q4)), ("q8_0", View::Q8_0(&q8))]);
+        for (name, w) in views {
+            for isa in Isa::available() {
+                let p = super::super::panels::pack(isa, w, n, k);
+                for rows in [1, 3, 10, 41] {
+                    let x = rnd(rows * k);
+                    let mut out = vec![f32::NAN; rows * n];
+                    let mut jobs = [MatJob {
+                        w,
+                        panels: Some(p.view()),
+                        bias: None,
+                        n,
+                        out: &mut out,
+                    }];
+                    matmul(isa, &x, rows, k, &mut jobs);
+                    // Every (row, column) once, shuffled, then a short run of a few.
+                    let mut sel: Vec<(u32, u32)> = (0..rows as u32)
+                        .flat_map(|r| (0..n as u32).map(move |v| (r, v)))
+                        .collect();
+                    for i in (1..sel.len()).rev() {
+                        sel.swap(i, (next() % (i as u64 + 1)) as usize);
+                    }
+                    for sel in [&sel[..], &sel[..5]] {
+                        let got = picks(isa, &x, w, k, sel);
+                        for (&(r, v), g) in sel.iter().zip(&got) {
+                            let want = out[r as usize * n + v as usize];
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "{isa:?} {name} rows {rows} pick ({r}, {v}): {g} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -316,6 +316,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear_picks(&self, x: &Vec<f32>, w: &HostTensor, picks: &[(u32, u32)]) -> Vec<f32> {
+        // The operand `linear` takes, so that a pick is the dense head's logit bit for bit.
+        let mut rounded = Vec::new();
+        let x = self.operand(x, &mut rounded);
         matmul::picks(self.isa, x, w.view(), w.shape()[1], picks)
     }
 }

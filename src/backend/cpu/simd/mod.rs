@@ -641,6 +641,52 @@ pub fn dequant_rows(isa: Isa, w: View, row0: usize, nr: usize, k: usize, out: &m
     w.widen_into(start..end, out)
 }
 
+/// Most pairs one [`dot_chains`] call takes.
+pub const CHAINS: usize = 8;
+
+/// `out[i] = ws[i] · xs[i]` for up to [`CHAINS`] pairs of f32 rows of one length, each one
+/// `mul_add` chain over the row from 0, in order: the bits the panel kernels give that output
+/// (each of their outputs is such a chain), so that the sparse head's picks equal the dense
+/// head's logits bit for bit. The pairs' chains run side by side (one alone is bound by the
+/// FMA's latency).
+pub fn dot_chains(isa: Isa, ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
+    let n = ws.len();
+    let k = ws.first().map_or(0, |w| w.len());
+    assert!(
+        n <= CHAINS
+            && xs.len() == n
+            && out.len() == n
+            && ws.iter().zip(xs).all(|(w, x)| w.len() == k && x.len() == k),
+        "dot_chains shapes; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa.runnable().has_avx2() {
+        // SAFETY: the AVX2 and AVX-512 ISAs are only chosen on CPUs with FMA (`Isa::detect`).
+        return unsafe { dot_chains_fma(ws, xs, out) };
+    }
+    let _ = isa;
+    dot_chains_in_order(ws, xs, out)
+}
+
+/// [`dot_chains`] compiled with FMA instructions (`mul_add` is one `vfmadd`, not a call).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn dot_chains_fma(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
+    dot_chains_in_order(ws, xs, out)
+}
+
+#[inline(always)]
+fn dot_chains_in_order(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
+    let mut acc = [0f32; CHAINS];
+    let k = ws.first().map_or(0, |w| w.len());
+    for j in 0..k {
+        for ((a, w), x) in acc.iter_mut().zip(ws).zip(xs) {
+            *a = w[j].mul_add(x[j], *a);
+        }
+    }
+    out.copy_from_slice(&acc[..out.len()]);
+}
+
 /// The largest element of `x` (`-inf` when empty, NaN when any element is NaN).
 pub fn max(isa: Isa, x: &[f32]) -> f32 {
     let isa = isa.runnable();
