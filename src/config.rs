@@ -72,7 +72,8 @@ impl ModelConfig {
 
     /// Reads and validates `path` (a `config.json`).
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::container::read_capped(path, crate::container::JSON_CAP)
+            .map_err(|e| Error::io(path, e))?;
         ModelConfig::from_json(&text).map_err(|msg| Error::Config {
             path: path.to_path_buf(),
             msg,
@@ -84,7 +85,7 @@ impl ModelConfig {
     /// `generate` stops on that file's list, which for instruct models often names more end
     /// tokens than config.json (Qwen2.5: `<|im_end|>` and `<|endoftext|>`).
     pub fn with_generation_config(mut self, path: &Path) -> Result<ModelConfig> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::container::read_capped(path, crate::container::JSON_CAP) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(self),
             Err(e) => return Err(Error::io(path, e)),
@@ -173,6 +174,7 @@ struct RawConfig {
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
+    partial_rotary_factor: Option<Value>,
     rms_norm_eps: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -201,10 +203,18 @@ fn token_ids(v: &Option<Value>, key: &str) -> std::result::Result<Vec<u32>, Stri
     };
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
+        // Real models name a handful; a list of millions would be merged id by id.
+        Some(Value::Array(items)) if items.len() > MAX_TOKEN_IDS => Err(format!(
+            "`{key}` lists {} token ids; at most {MAX_TOKEN_IDS} are accepted",
+            items.len()
+        )),
         Some(Value::Array(items)) => items.iter().map(one).collect(),
         Some(v) => Ok(vec![one(v)?]),
     }
 }
+
+/// Most ids a `*_token_id` list may hold.
+const MAX_TOKEN_IDS: usize = 1024;
 
 impl RawConfig {
     fn validate(self) -> std::result::Result<ModelConfig, String> {
@@ -289,6 +299,22 @@ impl RawConfig {
         }
         let attention_bias = self.attention_bias.unwrap_or(false);
         let default_ctx = if arch == Arch::Llama { 2048 } else { 32768 };
+        let max_position_embeddings = required(
+            self.max_position_embeddings.or(Some(default_ctx)),
+            "max_position_embeddings",
+        )?;
+        // The rotary frequencies as the model computes them (`model::rope`): a base below 1
+        // makes them grow along the head, and a tiny one overflows them (1e-40: inf, then
+        // every angle and every logit NaN, which beam search would read as no candidates).
+        let top = (0..head_dim / 2)
+            .map(|i| 1.0f32 / rope_theta.powf((2 * i) as f32 / head_dim as f32))
+            .fold(0f32, f32::max);
+        if !(top.is_finite() && (top * max_position_embeddings as f32).is_finite()) {
+            return Err(format!(
+                "rope_theta ({rope_theta:?}) gives rotary angles that overflow f32 at head_dim \
+                 {head_dim} and {max_position_embeddings} positions"
+            ));
+        }
         Ok(ModelConfig {
             arch,
             hidden_size,
@@ -298,10 +324,7 @@ impl RawConfig {
             num_key_value_heads,
             head_dim,
             vocab_size,
-            max_position_embeddings: required(
-                self.max_position_embeddings.or(Some(default_ctx)),
-                "max_position_embeddings",
-            )?,
+            max_position_embeddings,
             rope_theta,
             rms_norm_eps: rms_norm_eps as f32,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
@@ -327,6 +350,7 @@ impl RawConfig {
     /// `rope_theta` from either spelling; any rope scaling other than the default is refused
     /// rather than silently computed wrong.
     fn rope_theta(&self) -> std::result::Result<f32, String> {
+        full_rotary(self.partial_rotary_factor.as_ref(), "partial_rotary_factor")?;
         let mut theta = self.rope_theta;
         for (key, v) in [
             ("rope_scaling", &self.rope_scaling),
@@ -364,6 +388,10 @@ impl RawConfig {
                     "unsupported {key}.rope_type `{kind}` (only `default`)"
                 ));
             }
+            full_rotary(
+                obj.get("partial_rotary_factor"),
+                &format!("{key}.partial_rotary_factor"),
+            )?;
             match obj.get("rope_theta") {
                 None | Some(Value::Null) => {}
                 Some(t) => {
@@ -381,6 +409,18 @@ impl RawConfig {
             ));
         }
         Ok(theta as f32)
+    }
+}
+
+/// A `partial_rotary_factor` (transformers rotates that share of each head) other than 1 is
+/// refused: the engine rotates whole heads, and would compute other logits without a word.
+fn full_rotary(v: Option<&Value>, key: &str) -> std::result::Result<(), String> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(f) if f.as_f64() == Some(1.0) => Ok(()),
+        Some(f) => Err(format!(
+            "unsupported {key} {f} (the engine rotates whole heads: only 1)"
+        )),
     }
 }
 
@@ -552,6 +592,7 @@ mod tests {
             .unwrap_err()
             .contains("not valid JSON"));
         // Floats out of f32's range, and wrongly typed rope settings.
+        let many_eos = format!(r#""eos_token_id":[{}]"#, vec!["2"; 1025].join(","));
         for (from, to, want) in [
             (
                 r#""rms_norm_eps":1e-5"#,
@@ -587,6 +628,34 @@ mod tests {
                 r#""eos_token_id":2"#,
                 r#""eos_token_id":49152"#,
                 "eos_token_id 49152 is not a token id (vocab_size 49152)",
+            ),
+            // A base that is a positive f32 but overflows the rotary frequencies (every logit
+            // was NaN), or that overflows only the angles of the last positions.
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":1e-40"#,
+                "rope_theta (1e-40) gives rotary angles that overflow f32",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":1e-37"#,
+                "gives rotary angles that overflow f32 at head_dim 64 and 2048 positions",
+            ),
+            // Rotating part of each head: refused at either place transformers reads it.
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":100000.0,"partial_rotary_factor":0.5"#,
+                "unsupported partial_rotary_factor 0.5",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_parameters":{"rope_theta":5e5,"rope_type":"default","partial_rotary_factor":0.25}"#,
+                "unsupported rope_parameters.partial_rotary_factor 0.25",
+            ),
+            (
+                r#""eos_token_id":2"#,
+                many_eos.as_str(),
+                "`eos_token_id` lists 1025 token ids; at most 1024",
             ),
         ] {
             let text = LLAMA.replace(from, to);

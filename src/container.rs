@@ -277,6 +277,48 @@ pub fn open_regular(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::io(path, e))
 }
 
+/// Most bytes of a JSON file beside a model or an index (`config.json`,
+/// `generation_config.json`, `gram.json`, a shard index); `tokenizer.json` may hold
+/// [`TOKENIZER_CAP`].
+pub const JSON_CAP: u64 = 16 << 20;
+/// Most bytes of a `tokenizer.json` (the largest vocabularies' are tens of MB).
+pub const TOKENIZER_CAP: u64 = 256 << 20;
+
+/// The text of `path`: a regular file of at most `cap` bytes, UTF-8. A device, FIFO or
+/// directory in its place, or a file past the cap, is an error (`/dev/zero` linked as a
+/// `config.json` was read until memory ran out; a FIFO hung the load). Errors keep their io
+/// kind (`NotFound` for a missing file), for callers to tell an optional file's absence.
+pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::{Error as IoError, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(IoError::new(
+            ErrorKind::InvalidInput,
+            format!("{kind} (expected a file)"),
+        ));
+    }
+    let too_big = |len: u64| {
+        IoError::new(
+            ErrorKind::InvalidData,
+            format!("{len} bytes, more than the {cap} this file may hold"),
+        )
+    };
+    if meta.len() > cap {
+        return Err(too_big(meta.len()));
+    }
+    let mut text = String::new();
+    File::open(path)?.take(cap + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > cap {
+        return Err(too_big(text.len() as u64));
+    }
+    Ok(text)
+}
+
 /// Writes `bytes` to `path` so that a reader sees the old file or the whole new one: a temp file
 /// beside it, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

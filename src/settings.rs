@@ -91,7 +91,7 @@ impl Settings {
     /// missing file, or a file that cannot be read, is an error naming it).
     pub fn load(dir: &Path) -> Result<Settings> {
         let path = dir.join("gram.json");
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::container::read_capped(&path, crate::container::JSON_CAP) {
             Ok(text) => text,
             Err(e)
                 if e.kind() == std::io::ErrorKind::NotFound

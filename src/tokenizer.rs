@@ -83,7 +83,9 @@ impl Tokenizer {
             return Err(Error::Tokenizer(format!("{} not found", path.display())));
         }
         let name = || path.display().to_string();
-        let mut inner = guarded(name, || tokenizers::Tokenizer::from_file(path))?;
+        let text = crate::container::read_capped(path, crate::container::TOKENIZER_CAP)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut inner = guarded(name, || text.parse::<tokenizers::Tokenizer>())?;
         // Dropout skips merges at random (a training device): the codes' trie, the index and
         // each query would get other ids on every run.
         if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {

@@ -119,6 +119,73 @@ fn config_problems() {
     assert!(load_err(&dir).contains("config.json"));
 }
 
+/// The JSON files beside the weights were read whole, whatever they were: `/dev/zero` linked
+/// as `config.json` (or `generation_config.json`, `gram.json`, `tokenizer.json`) read until
+/// memory ran out, and a FIFO hung the load. Each is now a regular file of a bounded size, or
+/// an error naming it.
+#[test]
+fn side_files_that_are_not_small_regular_files_are_refused() {
+    let dir = copy_model(&model_dir("tiny-llama"), "side-files");
+    let link_to_zero = |name: &str| {
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        p
+    };
+    let cfg = dir.join("config.json");
+    let original = std::fs::read(&cfg).unwrap();
+    link_to_zero("config.json");
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    std::fs::remove_file(&cfg).unwrap();
+    std::fs::create_dir(&cfg).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("a directory"),
+        "{e}"
+    );
+    std::fs::remove_dir(&cfg).unwrap();
+    // One byte past the cap: refused by its size, before it is read.
+    let f = std::fs::File::create(&cfg).unwrap();
+    f.set_len(gram::container::JSON_CAP + 1).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json")
+            && e.contains(&format!("{} bytes", gram::container::JSON_CAP + 1)),
+        "{e}"
+    );
+    std::fs::write(&cfg, &original).unwrap();
+    assert!(Model::load(&dir, &LoadOptions::default()).is_ok());
+
+    link_to_zero("generation_config.json");
+    let e = load_err(&dir);
+    assert!(
+        e.contains("generation_config.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.join("generation_config.json")).unwrap();
+
+    let tok = link_to_zero("tokenizer.json");
+    let e = gram::Tokenizer::from_file(&tok).err().unwrap().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    link_to_zero("gram.json");
+    let e = gram::settings::Settings::load(&dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("gram.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn tensor_of_the_wrong_shape_is_named() {
     let dir = copy_model(&model_dir("tiny-llama"), "shape");

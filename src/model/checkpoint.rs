@@ -157,7 +157,8 @@ impl<'de> Deserialize<'de> for WeightMap {
 
 /// The shard files an index names, and its map of tensor → shard.
 fn shards_from_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::container::read_capped(index, crate::container::JSON_CAP)
+        .map_err(|e| Error::io(index, e))?;
     let parsed: ShardIndex = serde_json::from_str(&text)
         .map_err(|e| Error::checkpoint(index, format!("not a safetensors index: {e}")))?;
     let weight_map = parsed.weight_map.0;
