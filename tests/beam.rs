@@ -848,6 +848,27 @@ fn bad_queries_are_clear_errors() {
     assert_eq!(run(fits.clone(), with(4, 8)), "");
     let over = vec![5u32; f.model.max_positions() - 6];
     assert!(run(over, with(4, 8)).contains("exceeds the model's"));
+    // A constrained beam runs at most the longest code's tokens, whatever `max_new_tokens`
+    // asks: a prompt that leaves room for those fits (it was refused for the 199 positions
+    // `max_new_tokens` 200 would take); unconstrained, the 199 count.
+    let deepest = f.trie.max_len();
+    assert!(
+        deepest < 199,
+        "the fixture's codes are shorter than max_new_tokens"
+    );
+    let fits = vec![5u32; f.model.max_positions() - deepest];
+    assert_eq!(run(fits.clone(), with(4, 200)), "");
+    let over = vec![5u32; f.model.max_positions() - deepest + 1];
+    let e = run(over, with(4, 200));
+    assert!(
+        e.contains("exceeds the model's") && e.contains("the longest code is"),
+        "{e}"
+    );
+    let free = BeamOptions {
+        constrained: false,
+        ..with(4, 200)
+    };
+    assert!(run(fits, free).contains("exceeds the model's"));
     let sparse_free = BeamOptions {
         constrained: false,
         normalize: Normalize::Children,

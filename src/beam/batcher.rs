@@ -120,7 +120,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
     /// Admits `query` to the next step. `Ok(None)`: its KV does not fit until some queries in
     /// flight finish. An error: the query is invalid, or could never fit this batcher.
     pub fn admit(&mut self, query: Query) -> Result<Option<Ticket>> {
-        check_query(self.model, &query)?;
+        check_query(self.model, &query, self.trie)?;
         // A query joining changes the pass shape anyway: held rows have no purpose left.
         self.release_held();
         let shared = self.search.shared(&query.prompt);

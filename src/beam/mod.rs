@@ -359,7 +359,7 @@ impl<B: Backend> BeamSearch<B> {
         }
         check_trie(model, trie)?;
         for (i, q) in queries.iter().enumerate() {
-            check_query(model, q).map_err(|e| match e {
+            check_query(model, q, trie).map_err(|e| match e {
                 Error::Input(msg) => Error::Input(format!("query {i}: {msg}")),
                 e => e,
             })?;
@@ -627,7 +627,7 @@ pub fn search_logits(
 }
 
 /// A query's options, prompt tokens and length must suit the model.
-fn check_query<B: Backend>(model: &Model<B>, q: &Query) -> Result<()> {
+fn check_query<B: Backend>(model: &Model<B>, q: &Query, trie: &Trie) -> Result<()> {
     q.options.check()?;
     if q.prompt.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
@@ -639,12 +639,23 @@ fn check_query<B: Backend>(model: &Model<B>, q: &Query) -> Result<()> {
         )));
     }
     // The last new token is returned, never run: it takes no position (as in transformers).
-    let need = q.prompt.len() + q.options.max_new_tokens.saturating_sub(1);
-    if need > model.max_positions() {
+    // A constrained beam runs at most the trie's longest code: `max_new_tokens` past it
+    // reserves nothing more (as the arena's entries, [`State::entries`]).
+    let mut run = q.options.max_new_tokens.saturating_sub(1);
+    if q.options.constrained {
+        run = run.min(trie.max_len());
+    }
+    if q.prompt.len() + run > model.max_positions() {
         return Err(Error::Input(format!(
-            "a prompt of {} tokens plus {} new ones (all but the last run) exceeds the model's {} positions",
+            "a prompt of {} tokens plus {run} new ones run (of {} new, the last never run{}) \
+             exceeds the model's {} positions",
             q.prompt.len(),
             q.options.max_new_tokens,
+            if q.options.constrained {
+                format!("; the longest code is {} tokens", trie.max_len())
+            } else {
+                String::new()
+            },
             model.max_positions()
         )));
     }
