@@ -21,6 +21,16 @@
 //! the CPU's order from the device beam step's (`kernels/beam_step.cu` sorts one 64-bit key of
 //! score, beam and token), so it is left as it is.
 //!
+//! Which transformers: the `_beam_search` of 4.50 and later (the goldens of `tests/beam_hf.rs`
+//! come from 5.x). The `BeamSearchScorer` before it compared the worst finished score with the
+//! best of the step's 2B candidates, EOS ones included, not the best running beam: at length
+//! penalties above 1 the two can stop at different steps (B 2, penalty 2, codes `a`, `b`,
+//! `a x`: the newer rule stops with {a, b}, the older one goes on to {a x, a}). Length penalties
+//! far below 0 (−8 and under, at 8 tokens) give scores under the −1e9 transformers 5 puts in its
+//! empty finished slots; there its stopping test misreads them, and parity is claimed only over
+//! the goldens' range (−1 to 3). When a new code ties the worst of B full finished slots, the
+//! newest of the tied is dropped (transformers 5's `topk` leaves that order unspecified).
+//!
 //! [`Normalize::Children`] instead normalizes over a node's allowed tokens only, so the LM head
 //! is evaluated for those rows alone (the sparse head).
 

@@ -69,18 +69,25 @@ pub fn s_rele_f64(pq: &[f64], pt: &[f64], w: &[f64]) -> f64 {
         .sum()
 }
 
+/// The floor of each log-probability [`code_prior`] sums: `ln 1e-30`, as the fit reads them
+/// (`tools/train/weights.py`, `code_loglik`: `log(max(p, 1e-30))`), so that the engine scores
+/// the code-likelihood term as its weight was fitted. A `-inf` or NaN log-probability counts
+/// as the floor: the least likely a token can be, not "no evidence".
+pub const MIN_CODE_LOGPROB: f32 = -69.077_55;
+
 /// The prior of a query code ([`Postings::prior`]): `alpha * Σ logprobs`, divided by
 /// `logprobs.len()` when `per_token` (`logprobs`: the code's tokens and its EOS, from the
-/// query). `0.0` (never `-0.0`) when `alpha` is 0 or the product is not finite (a `-inf`
-/// log-probability, NaN), so that an engine without the term scores exactly as without it and
-/// a bad input contributes no evidence — the same containment as S_rele's query side.
+/// query), each log-probability no lower than [`MIN_CODE_LOGPROB`]. `0.0` (never `-0.0`) when
+/// `alpha` is 0 or the product is not finite, so that an engine without the term scores
+/// exactly as without it.
 pub fn code_prior(alpha: f32, logprobs: &[f32], per_token: bool) -> f32 {
     if alpha == 0.0 || logprobs.is_empty() {
         return 0.0;
     }
     let mut lp = 0f32;
     for &l in logprobs {
-        lp += l;
+        // `max` takes the floor for NaN as well.
+        lp += l.max(MIN_CODE_LOGPROB);
     }
     if per_token {
         lp /= logprobs.len() as f32;
@@ -204,6 +211,27 @@ pub fn rank(
 
 #[cfg(test)]
 mod tests {
+    /// The floor is `ln 1e-30` in f32, as the fit's `log(max(p, 1e-30))`; a token below it,
+    /// `-inf` or NaN counts as the floor (the prior was 0.0, the best there is, for `-inf`);
+    /// above it nothing changes.
+    #[test]
+    fn code_prior_floors_each_token_as_the_fit_does() {
+        use super::{code_prior, MIN_CODE_LOGPROB};
+        assert_eq!(MIN_CODE_LOGPROB, (1e-30f64).ln() as f32);
+        let floor = MIN_CODE_LOGPROB;
+        assert_eq!(code_prior(1.0, &[-80.0, -0.5], false), floor - 0.5);
+        assert_eq!(
+            code_prior(1.0, &[f32::NEG_INFINITY, -0.5], false),
+            floor - 0.5
+        );
+        assert_eq!(
+            code_prior(0.5, &[f32::NAN, -1.0], true),
+            0.5 * (floor - 1.0) / 2.0
+        );
+        assert_eq!(code_prior(2.0, &[-1.0, -2.0], false), -6.0);
+        assert_eq!(code_prior(0.0, &[f32::NEG_INFINITY], false).to_bits(), 0);
+    }
+
     use super::*;
 
     pub(super) fn rng(seed: u64) -> impl FnMut() -> u64 {
@@ -341,11 +369,11 @@ mod tests {
         assert_eq!(code_prior(2.0, &unlikely, true), -3.0);
         assert_eq!(code_prior(1.0, &likely, false), -0.1);
         assert_eq!(code_prior(1.0, &unlikely, false), -3.0);
-        // No term, or nothing finite: +0.0 exactly.
+        // No term, no tokens, or a weight that is not finite: +0.0 exactly (a `-inf`
+        // log-prob is the floor, `code_prior_floors_each_token_as_the_fit_does`).
         for p in [
             code_prior(0.0, &unlikely, false),
             code_prior(1.0, &[], true),
-            code_prior(1.0, &[f32::NEG_INFINITY], false),
             code_prior(f32::NAN, &likely, false),
         ] {
             assert_eq!(p.to_bits(), 0f32.to_bits());
