@@ -109,9 +109,10 @@ fn q4_0_gguf(tensors: &[(String, u64)], rows: u64, data: &[u8]) -> Vec<u8> {
     b
 }
 
-/// 64 Q4_0 tensors (each dequantized to f32 at load: 7.1 times its bytes), every one at data
-/// offset 0 over the same 1 MiB: were they converted before the layout check, the load would
-/// hold ~450 MB before refusing; it must refuse holding a few MB at most.
+/// 12 Q4_0 tensors (each dequantized to f32 at load: 7.1 times its bytes; the config takes 13
+/// tensors), every one at data offset 0 over the same 1 MiB: were they converted before the
+/// layout check, the load would hold ~85 MB before refusing; it must refuse holding a few MB at
+/// most. 64 such tensors, more than the config takes, are refused by their count.
 #[test]
 fn overlapping_tensors_are_refused_before_they_are_converted() {
     let _turn = turn();
@@ -120,21 +121,26 @@ fn overlapping_tensors_are_refused_before_they_are_converted() {
     std::fs::create_dir_all(&dir).unwrap();
     // [32, 58254] Q4_0 is 58,254 blocks, 1,048,572 bytes; every tensor at offset 0.
     let rows = 58_254u64;
-    let tensors: Vec<(String, u64)> = (0..64)
-        .map(|i| (format!("blk.{i}.ffn_up.weight"), 0))
-        .collect();
-    let b = q4_0_gguf(&tensors, rows, &vec![0x11u8; (rows * 18) as usize]);
-    std::fs::write(dir.join("model.gguf"), b).unwrap();
-    let source = Source::find(&dir).unwrap();
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    let err = match source.load(&config) {
-        Ok(_) => panic!("64 tensors on one another loaded"),
-        Err(e) => e.to_string(),
-    };
-    let peak = PEAK.load(Ordering::Relaxed) - before;
-    assert!(err.contains("overlaps"), "{err}");
-    assert!(peak < 16 << 20, "{peak} bytes held before the refusal");
+    for (count, says) in [(12, "overlaps"), (64, "lists 64 tensors")] {
+        let tensors: Vec<(String, u64)> = (0..count)
+            .map(|i| (format!("blk.{i}.ffn_up.weight"), 0))
+            .collect();
+        let b = q4_0_gguf(&tensors, rows, &vec![0x11u8; (rows * 18) as usize]);
+        std::fs::write(dir.join("model.gguf"), b).unwrap();
+        let source = Source::find(&dir).unwrap();
+        let before = LIVE.load(Ordering::Relaxed);
+        PEAK.store(before, Ordering::Relaxed);
+        let err = match source.load(&config) {
+            Ok(_) => panic!("{count} tensors on one another loaded"),
+            Err(e) => e.to_string(),
+        };
+        let peak = PEAK.load(Ordering::Relaxed) - before;
+        assert!(err.contains(says), "{count}: {err}");
+        assert!(
+            peak < 16 << 20,
+            "{count}: {peak} bytes held before the refusal"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -172,7 +172,10 @@ struct TensorInfo {
 }
 
 /// Parses the header.
-fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
+/// `max_tensors`: the most tensor entries the header may list (a table of millions of entries
+/// that fit the file would cost several times the file in memory before the names are
+/// checked).
+fn parse_header(bytes: &[u8], max_tensors: usize) -> std::result::Result<Header, String> {
     let mut c = Cursor { bytes, pos: 0 };
     if c.take(4)? != MAGIC {
         return Err("not a GGUF file (bad magic)".into());
@@ -183,6 +186,11 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     }
     // An entry is at least 32 bytes (name length, dims count, one dim, type, offset).
     let n_tensors = c.len("tensor", 32)?;
+    if n_tensors > max_tensors {
+        return Err(format!(
+            "the header lists {n_tensors} tensors; the model's config takes at most {max_tensors}"
+        ));
+    }
     let n_kv = c.len("metadata", 12)?;
     let mut alignment = DEFAULT_ALIGNMENT;
     let mut arch = None;
@@ -437,13 +445,19 @@ pub fn load(path: &Path, config: &ModelConfig) -> Result<TensorMap> {
 /// [`load`]; `check_shapes: false` reads whatever tensors a (test's partial) file holds.
 fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result<TensorMap> {
     let map: Arc<Mmap> = map_file(path)?;
+    // Every tensor the config takes, and a separate `output.weight` beside tied embeddings.
+    let max_tensors = if check_shapes {
+        super::weights::expected_count(config) + 1
+    } else {
+        usize::MAX
+    };
     let Header {
         tensors: infos,
         data_start,
         arch,
         alignment,
         numbers,
-    } = parse_header(&map).map_err(|m| Error::checkpoint(path, m))?;
+    } = parse_header(&map, max_tensors).map_err(|m| Error::checkpoint(path, m))?;
     let permuted = rotary_permuted(path, arch.as_deref(), config)?;
     check_hparams(path, arch.as_deref(), &numbers, config)?;
     // First every tensor's name, shape and place, and the places against each other; only then
@@ -832,7 +846,7 @@ mod tests {
             (key, 6u32, e.to_le_bytes().to_vec())
         };
         let check = |meta: &[(&str, u32, Vec<u8>)]| {
-            let h = parse_header(&gguf_with_metadata(meta)).unwrap();
+            let h = parse_header(&gguf_with_metadata(meta), usize::MAX).unwrap();
             check_hparams(&dir, h.arch.as_deref(), &h.numbers, &config).map_err(|e| e.to_string())
         };
         let same = [arch("llama"), heads(2), base(10000.0), layers(1), eps(1e-6)];
@@ -862,19 +876,34 @@ mod tests {
 
     #[test]
     fn corrupt_headers_are_errors() {
-        assert!(parse_header(b"GGU").unwrap_err().contains("truncated"));
-        assert!(parse_header(b"NOPE\x03\0\0\0")
+        assert!(parse_header(b"GGU", usize::MAX)
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(parse_header(b"NOPE\x03\0\0\0", usize::MAX)
             .unwrap_err()
             .contains("bad magic"));
         let mut v9 = b"GGUF".to_vec();
         v9.extend(9u32.to_le_bytes());
-        assert!(parse_header(&v9).unwrap_err().contains("version 9"));
+        assert!(parse_header(&v9, usize::MAX)
+            .unwrap_err()
+            .contains("version 9"));
         let mut huge = b"GGUF".to_vec();
         huge.extend(3u32.to_le_bytes());
         huge.extend(u64::MAX.to_le_bytes());
         huge.extend(0u64.to_le_bytes());
-        assert!(parse_header(&huge)
+        assert!(parse_header(&huge, usize::MAX)
             .unwrap_err()
             .contains("exceeds the file"));
+        // A count the file could hold, past what the model takes: refused by the count.
+        let mut many = b"GGUF".to_vec();
+        many.extend(3u32.to_le_bytes());
+        many.extend(1000u64.to_le_bytes());
+        many.extend(0u64.to_le_bytes());
+        many.resize(1000 * 32 + 24, 0);
+        let e = parse_header(&many, 999).unwrap_err();
+        assert!(
+            e.contains("lists 1000 tensors") && e.contains("at most 999"),
+            "{e}"
+        );
     }
 }

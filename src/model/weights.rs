@@ -99,6 +99,12 @@ impl<B: Backend> Take<'_, B> {
     }
 }
 
+/// How many tensors `c` takes (a checkpoint with many more is refused before its table is read
+/// into memory: `model::gguf`).
+pub(crate) fn expected_count(c: &ModelConfig) -> usize {
+    expected(c).len()
+}
+
 /// Every tensor `c` takes, with its shape, in the order [`load`] takes them.
 fn expected(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
