@@ -177,9 +177,17 @@ const FINGERPRINT_BLOCK: u64 = 4096;
 /// files, still serves).
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut bytes = Vec::new();
-    for f in ["config.json", "tokenizer.json"] {
+    // Capped and regular, as the loaders read them: this runs before any model is loaded.
+    for (f, cap) in [
+        ("config.json", crate::container::JSON_CAP),
+        ("tokenizer.json", crate::container::TOKENIZER_CAP),
+    ] {
         let p = dir.join(f);
-        bytes.extend(std::fs::read(&p).map_err(|e| Error::io(&p, e))?);
+        bytes.extend(
+            crate::container::read_capped(&p, cap)
+                .map_err(|e| Error::io(&p, e))?
+                .into_bytes(),
+        );
     }
     let mut weights: Vec<(String, u64)> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?

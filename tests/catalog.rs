@@ -576,6 +576,10 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     assert_eq!(r["judged_products_left_out_by_build"], 1, "{r}");
     assert_eq!(r["mean_returned"], 3.0, "{r}");
     assert_eq!(r["metrics"]["recall@300"], 0.5, "{r}");
+    // `gram index inspect` counts them rather than listing every id.
+    let out = gram(&["index", "inspect", ix.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["meta"]["left_out_products"], 2, "{v}");
     // Under `stop` the error names the first bad product in catalog order, not the bad code
     // first in byte order ("lamp …" sorts before "sofa …").
     let (first, second) = (lines[1].clone(), lines[3].clone());

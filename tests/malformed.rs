@@ -121,7 +121,8 @@ fn config_problems() {
 
 /// The JSON files beside the weights were read whole, whatever they were: `/dev/zero` linked
 /// as `config.json` (or `generation_config.json`, `gram.json`, `tokenizer.json`) read until
-/// memory ran out, and a FIFO hung the load. Each is now a regular file of a bounded size, or
+/// memory ran out, by the loaders and by the model fingerprint every CLI command takes first,
+/// and a FIFO hung the load. Each is now a regular file of a bounded size, or
 /// an error naming it.
 #[test]
 fn side_files_that_are_not_small_regular_files_are_refused() {
@@ -136,6 +137,14 @@ fn side_files_that_are_not_small_regular_files_are_refused() {
     let original = std::fs::read(&cfg).unwrap();
     link_to_zero("config.json");
     let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    // The model's fingerprint reads it before any load (`gram index build`, `gram serve`).
+    let e = gram::search::model_fingerprint(&dir)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("config.json") && e.contains("not a regular file"),
         "{e}"
@@ -170,6 +179,13 @@ fn side_files_that_are_not_small_regular_files_are_refused() {
 
     let tok = link_to_zero("tokenizer.json");
     let e = gram::Tokenizer::from_file(&tok).err().unwrap().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let e = gram::search::model_fingerprint(&dir)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("tokenizer.json") && e.contains("not a regular file"),
         "{e}"

@@ -13,11 +13,15 @@
 //!   of f32's); at T = 10 it is compute bound. Token rows go in near-equal groups of at most
 //!   `simd::panel_tr`. One token row reads up to 4 panels side by side (`simd::gemv_panels`),
 //!   for more independent chains; each output's chain, and so its bits, is the same.
-//! - **Rows** (any `W` without panels: tests, tools, the sparse head's gathered rows): a GEMV
+//! - **Rows** (any `W` without panels: tests, tools, `GRAM_CPU_PANELS=0`): a GEMV
 //!   for T = 1 that streams four weight rows at a time, and for T > 1 a register tile of
 //!   `simd::tile_nr(isa)` weight rows × up to 6 token rows, summed across lanes at the end;
 //!   ggml blocks are dequantized a few rows at a time into L1. bf16 weights are widened
 //!   without shuffles against an even/odd split of `x` made once per call (`simd::Rows`).
+//!
+//! The sparse head ([`picks`]) computes single outputs as the panels do: one FMA chain each, so
+//! its logits are the dense head's bits (without panels, where the row kernels sum across
+//! lanes, they are not).
 
 use super::simd::int16::QuantRows;
 use super::simd::{self, Isa, Rows, GEMV_PANELS, PANEL, PANEL_TR, TILE_NR, TILE_TR};

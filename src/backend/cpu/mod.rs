@@ -316,9 +316,90 @@ impl Backend for CpuBackend {
     }
 
     fn linear_picks(&self, x: &Vec<f32>, w: &HostTensor, picks: &[(u32, u32)]) -> Vec<f32> {
+        let (n, k) = (w.shape()[0], w.shape()[1]);
+        // Under the opt-in int16 activations a Q4_1 matrix's dense product is the integer one
+        // (`matmul::Activations::Int16`): the picks are read from it, so that they are its bits.
+        let int16 = self.activations == matmul::Activations::Int16
+            && w.panels_view().is_some()
+            && matches!(w.view(), crate::tensor::View::Q4_1(_));
+        if int16 && k > 0 {
+            let rows = x.len() / k;
+            let mut dense = vec![0f32; rows * n];
+            let head = LinearRef {
+                weight: w,
+                bias: None,
+            };
+            self.linear(x, rows, &mut [(head, &mut dense)]);
+            return picks
+                .iter()
+                .map(|&(r, v)| dense[r as usize * n + v as usize])
+                .collect();
+        }
         // The operand `linear` takes, so that a pick is the dense head's logit bit for bit.
         let mut rounded = Vec::new();
         let x = self.operand(x, &mut rounded);
-        matmul::picks(self.isa, x, w.view(), w.shape()[1], picks)
+        matmul::picks(self.isa, x, w.view(), k, picks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    /// The backend's sparse head against its dense head, through `Backend` as the model calls
+    /// them: every pick is its dense logit's bits with exact activations, with bf16 operands,
+    /// and under the opt-in int16 activations (a Q4_1 head, whose dense rows are integer
+    /// products there), at one row and at ten.
+    #[test]
+    fn linear_picks_equal_linear_bit_for_bit() {
+        let (n, k) = (70, 96);
+        let mut next = crate::test_rng::xorshift(0x6c62_272e_07bb_0142);
+        let mut blocks = vec![0u8; n * k / 32 * 20];
+        for b in blocks.chunks_exact_mut(20) {
+            let d = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-4);
+            let m = half::f16::from_f32((next() % 2000) as f32 * 1e-4 - 0.1);
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            b[2..4].copy_from_slice(&m.to_le_bytes());
+            b[4..].iter_mut().for_each(|q| *q = next() as u8);
+        }
+        let isa = Isa::detect();
+        let plain = HostTensor::from_blocks(blocks, DType::Q4_1, vec![n, k]);
+        let panels = panels::pack(isa, plain.view(), n, k);
+        let w = plain.with_panels(Some(panels));
+        for (bf16_operands, activations) in [
+            (false, matmul::Activations::Exact),
+            (true, matmul::Activations::Exact),
+            (false, matmul::Activations::Int16),
+        ] {
+            let b = CpuBackend {
+                isa,
+                bf16_operands,
+                activations,
+            };
+            for rows in [1, 10] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|_| crate::test_rng::signed_unit(next()))
+                    .collect();
+                let mut dense = vec![0f32; rows * n];
+                let head = LinearRef {
+                    weight: &w,
+                    bias: None,
+                };
+                b.linear(&x, rows, &mut [(head, &mut dense)]);
+                let all: Vec<(u32, u32)> = (0..rows as u32)
+                    .flat_map(|r| (0..n as u32).map(move |v| (r, v)))
+                    .collect();
+                let got = b.linear_picks(&x, &w, &all);
+                for (&(r, v), g) in all.iter().zip(&got) {
+                    let want = dense[r as usize * n + v as usize];
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{activations:?} bf16 operands {bf16_operands} rows {rows} ({r}, {v})"
+                    );
+                }
+            }
+        }
     }
 }
