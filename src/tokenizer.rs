@@ -4,7 +4,13 @@
 //! transformers 4). transformers 5's `AutoTokenizer` rebuilds some classes from their own
 //! defaults and then differs: SmolLM2's `GPT2Tokenizer` drops the digit split ("size  42"),
 //! model type qwen2 adds NFC (huggingface/transformers#45920); `tests/golden/tokenize.json`
-//! holds such texts.
+//! holds such texts. `tokenizer_config.json`'s `add_bos_token` / `add_eos_token` are not read:
+//! `PreTrainedTokenizerFast` leaves the post-processor as it is, and so does transformers 5.24
+//! for every class tried (LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast,
+//! GPT2Tokenizer, Qwen2Tokenizer; ByteLevel and Metaspace tokenizers, each flag on and off:
+//! the same ids, 2026-11-29). transformers 4's `LlamaTokenizerFast` rebuilt its post-processor
+//! from the flags, so a Llama checkpoint whose flags disagree with its `tokenizer.json` gets
+//! other ids there.
 //!
 //! Many short texts at once (a code set: millions of codes made of a few thousand distinct
 //! words) go through a [`PlainMemo`]: it splits printable-ASCII text into pre-tokens itself, the
