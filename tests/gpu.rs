@@ -1366,6 +1366,36 @@ fn device_beam_step_refuses_log_probs_that_are_not_finite() {
     }
 }
 
+/// While the backend's stream captures a graph (as a decoder pass does on the thread that runs
+/// it), the device beam step refuses to launch or read back: its launches would join the graph
+/// and not run. After the capture ends, the same step runs.
+#[test]
+fn device_beam_step_refuses_to_run_inside_a_capture() {
+    use gram::backend::cuda::beam_step::DeviceBeams;
+    let Some(g) = gpu() else { return };
+    let (trie, vocab) = default_trie();
+    let opts = [BeamOptions {
+        beam: 4,
+        ..Default::default()
+    }];
+    let mut d = DeviceBeams::new(&g, &trie, vocab, &opts, &[5]).unwrap();
+    let logits = d.upload(&step_logits(0, 0, 0, vocab)).unwrap();
+    g.stream()
+        .begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .unwrap();
+    let e = d.step(&logits, None).unwrap_err().to_string();
+    assert!(e.contains("capturing a graph"), "{e}");
+    let e = d.states().unwrap_err().to_string();
+    assert!(e.contains("capturing a graph"), "{e}");
+    let _ = g
+        .stream()
+        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+    d.step(&logits, None).unwrap();
+    assert_eq!(d.states().unwrap()[0].error, 0);
+}
+
 /// The device beam step (kernels/beam_step.cu: `beam_select_f32`, `beam_feed`,
 /// `row_logsumexp_f32`; `cuda::beam_step::DeviceBeams`) against its slow twin
 /// `beam::search_logits`, on random logits over the default model's trie (25,786 codes,

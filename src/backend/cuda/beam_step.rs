@@ -343,6 +343,7 @@ impl<'g> DeviceBeams<'g> {
 
     /// Copies host values to a new device buffer (logits, normalizers).
     pub fn upload(&self, values: &[f32]) -> Result<CudaSlice<f32>> {
+        self.bind()?;
         self.gpu
             .stream()
             .clone_htod(values)
@@ -369,11 +370,27 @@ impl<'g> DeviceBeams<'g> {
     /// Makes the backend's context current on the calling thread: the launches below are raw
     /// driver calls, and a thread other than the one that made the beams has no context (the
     /// launch would fail with CUDA_ERROR_INVALID_CONTEXT).
+    ///
+    /// Then checks that the stream is not capturing: while another thread captures a decoder
+    /// pass into a CUDA graph there, a launch would join that graph instead of running now (the
+    /// step's selection would silently never happen), and a read back would fail. Refused.
     fn bind(&self) -> Result<()> {
         self.gpu
             .ctx
             .bind_to_thread()
-            .map_err(dev("binding the context"))
+            .map_err(dev("binding the context"))?;
+        let status = self
+            .gpu
+            .stream()
+            .capture_status()
+            .map_err(dev("reading the stream's capture status"))?;
+        if status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Err(Error::Input(format!(
+                "the device beam step cannot launch while its stream is capturing a graph \
+                 ({status:?}): run it between decoder passes, on the thread that runs them"
+            )));
+        }
+        Ok(())
     }
 
     /// `row_logsumexp_f32` over the step's logits rows into the batch's normalizers.
@@ -540,10 +557,12 @@ impl<'g> DeviceBeams<'g> {
     }
 
     fn read_u32(&self, s: &CudaSlice<u32>, what: &'static str) -> Result<Vec<u32>> {
+        self.bind()?;
         self.gpu.stream().clone_dtoh(s).map_err(dev(what))
     }
 
     fn read_f32(&self, s: &CudaSlice<f32>, what: &'static str) -> Result<Vec<f32>> {
+        self.bind()?;
         self.gpu.stream().clone_dtoh(s).map_err(dev(what))
     }
 
