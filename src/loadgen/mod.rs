@@ -96,6 +96,10 @@ pub struct Sample {
     pub latency_s: f64,
     /// HTTP status, or the failure (`timeout`, `connect`, `body`, `client`).
     pub status: Status,
+    /// How late the generator itself sent it: from the scheduled time to the moment its task
+    /// began sending, seconds (open loop; 0 in a closed loop, which sends at once). The open
+    /// loop's latency counts from the scheduled time, so this lateness is inside it.
+    pub lag_s: f64,
     /// The server's own timings of a 200: in the server (the `Server-Timing` header's `server`,
     /// which includes writing the answer, else `timings_ms.server`), queued, in the engine.
     pub server_ms: Option<f64>,
@@ -140,6 +144,9 @@ fn request_failure(e: &(dyn std::error::Error + 'static)) -> Status {
     }
     Status::Connect
 }
+
+/// An open loop's p99 lateness (ms) past which `gram bench` warns.
+const LATE_MS: f64 = 0.5;
 
 /// Latency summary, milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -207,12 +214,20 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// End to end in the client, 200s only.
     pub latency_ms: Percentiles,
-    /// End to end over the 200s and the timeouts, a timeout counted at the time it was given up
-    /// (`--timeout-s`, a lower bound of its latency): the 200s alone leave out the slowest
-    /// requests, so where this differs from `latency_ms` the run has a tail it did not see.
-    /// Absent from older reports.
+    /// End to end over every admitted request: the 200s, the server's deadline answers (504)
+    /// and the client's timeouts, each of the last counted at the time it was given up (a
+    /// lower bound of its latency): the 200s alone leave out the slowest requests, so where
+    /// this differs from `latency_ms` the run has a tail it did not see. The same set as
+    /// `tools/latency_summary.py`'s "admitted". Absent from older reports (which left the 504s
+    /// out).
     #[serde(default)]
     pub latency_with_timeouts_ms: Percentiles,
+    /// The generator's own lateness ([`Sample::lag_s`]) over every request sent: in an open
+    /// loop, what of each latency is the client's and not the server's. A p99 of more than a
+    /// few tenths of a millisecond means the generator could not keep its schedule (a slow
+    /// or busy client host). Absent from older reports.
+    #[serde(default)]
+    pub send_lag_ms: Percentiles,
     /// In the server, arrival to answer written (the `Server-Timing` header's `server`; from a
     /// server without it, `timings_ms.server`, which stops before the body is written), 200s only.
     pub server_ms: Percentiles,
@@ -221,7 +236,9 @@ pub struct Report {
     /// The engine's stages (tokenize + prefill + decode + postings + scoring).
     pub engine_ms: Percentiles,
     /// What serving adds to the engine, per request: client latency minus the engine's stages
-    /// (HTTP, JSON, queue handoff, validation).
+    /// (HTTP, JSON, validation, and the time queued: at concurrency 1 the handoff to the
+    /// batcher, which is serving's cost; with more clients than a batch takes, mostly the wait
+    /// for other requests' steps, which `queue_ms` shows apart).
     pub overhead_ms: Percentiles,
     /// The server's own part of it: `server_ms` minus the engine's stages (parsing, validation,
     /// queue handoff, answer building and writing; no client, no loopback). Absent from older
@@ -244,6 +261,7 @@ struct Target {
 impl Target {
     /// Sends body `i % n` and reads the whole answer; latency from `since`.
     async fn send(&self, i: usize, since: Instant, start: Instant) -> Sample {
+        let lag_s = since.elapsed().as_secs_f64();
         let body = self.bodies[i % self.bodies.len()].clone();
         let request = hyper::Request::builder()
             .method(Method::POST)
@@ -278,6 +296,7 @@ impl Target {
             sent_s: since.duration_since(start).as_secs_f64(),
             latency_s,
             status: Status::Timeout,
+            lag_s,
             server_ms: None,
             queue_ms: None,
             engine_ms: None,
@@ -473,6 +492,15 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     });
     let (report, samples) = report;
     let answered = report.ok;
+    // An open loop's latencies count from the schedule: the generator's own lateness is in
+    // them. Worth a word when it is more than a few tenths of a millisecond.
+    if report.mode == "open" && report.send_lag_ms.p99 > LATE_MS {
+        eprintln!(
+            "warning: the load generator sent late (p99 {:.2} ms, max {:.2} ms behind its \
+             schedule): the open-loop latencies include that much of the client's own time",
+            report.send_lag_ms.p99, report.send_lag_ms.max
+        );
+    }
     let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
     // The files first: a closed standard output (a pipe whose reader left) loses only the
     // printed copy.
@@ -625,10 +653,16 @@ fn report(
         latency_with_timeouts_ms: Percentiles::of(
             &samples
                 .iter()
-                .filter(|s| matches!(s.status, Status::Http(200) | Status::Timeout))
+                .filter(|s| {
+                    matches!(
+                        s.status,
+                        Status::Http(200) | Status::Http(504) | Status::Timeout
+                    )
+                })
                 .map(|s| s.latency_s * 1e3)
                 .collect::<Vec<_>>(),
         ),
+        send_lag_ms: Percentiles::of(&samples.iter().map(|s| s.lag_s * 1e3).collect::<Vec<_>>()),
         server_ms: ms(&|s| s.server_ms),
         queue_ms: ms(&|s| s.queue_ms),
         engine_ms: ms(&|s| s.engine_ms),
@@ -686,22 +720,28 @@ fn parse_csv_line(line: &str) -> Option<Sample> {
         server_ms: opt(f.get(3)?)?,
         queue_ms: opt(f.get(4)?)?,
         engine_ms: opt(f.get(5)?)?,
+        // Files written before the column: no lateness measured.
+        lag_s: match f.get(6) {
+            None => 0.0,
+            Some(s) => num(s)? / 1e3,
+        },
     })
 }
 
 /// The raw samples, one line each.
 fn csv(samples: &[Sample]) -> String {
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_default();
-    let mut out = String::from("sent_s,latency_ms,status,server_ms,queue_ms,engine_ms\n");
+    let mut out = String::from("sent_s,latency_ms,status,server_ms,queue_ms,engine_ms,lag_ms\n");
     for s in samples {
         out.push_str(&format!(
-            "{:.6},{:.4},{},{},{},{}\n",
+            "{:.6},{:.4},{},{},{},{},{:.4}\n",
             s.sent_s,
             s.latency_s * 1e3,
             s.status.label(),
             opt(s.server_ms),
             opt(s.queue_ms),
-            opt(s.engine_ms)
+            opt(s.engine_ms),
+            s.lag_s * 1e3
         ));
     }
     out
@@ -791,6 +831,7 @@ mod tests {
                 } else {
                     Status::Http(200)
                 },
+                lag_s: 0.0,
                 server_ms: None,
                 queue_ms: None,
                 engine_ms: None,
@@ -801,24 +842,107 @@ mod tests {
         assert_eq!((r.sent_qps, r.qps), (100.0, 99.9));
     }
 
-    /// The timeouts are the slowest requests: the 200s' percentiles leave them out, the
-    /// `latency_with_timeouts_ms` ones count each at the time it was given up; a 503 is in
-    /// neither.
+    /// The plot of runs at the edges: one answer, all alike, sub-microsecond, a wide spread with
+    /// timeouts and 504s. Every number drawn is finite (an SVG with NaN in it draws nothing),
+    /// the histogram has its 40 bars, and the tallest is the full height.
+    #[test]
+    fn the_plot_draws_finite_numbers_at_the_edges() {
+        let run = |lat: &[(f64, Status)]| {
+            let samples: Vec<Sample> = lat
+                .iter()
+                .enumerate()
+                .map(|(i, &(l, status))| Sample {
+                    sent_s: i as f64 * 0.01,
+                    latency_s: l,
+                    status,
+                    lag_s: 0.0,
+                    server_ms: None,
+                    queue_ms: None,
+                    engine_ms: None,
+                })
+                .collect();
+            let (r, _) = report(&args(&["--rate", "100"]), 1, &samples, 1.0, 1.0);
+            plot::svg(&r, &samples)
+        };
+        let ok = Status::Http(200);
+        let wide: Vec<(f64, Status)> = (0..500)
+            .map(|i| match i {
+                0..=489 => (1e-4 * 1.02f64.powi(i), ok),
+                490..=494 => (10.0, Status::Http(504)),
+                _ => (30.0, Status::Timeout),
+            })
+            .collect();
+        for (name, lat) in [
+            ("one", vec![(0.004, ok)]),
+            ("alike", vec![(0.002, ok); 50]),
+            ("sub-microsecond", vec![(2e-7, ok), (5e-7, ok), (9e-7, ok)]),
+            ("wide", wide),
+        ] {
+            let svg = run(&lat);
+            for bad in ["NaN", "inf"] {
+                assert!(!svg.contains(bad), "{name}: {bad} in the plot");
+            }
+            let bars: Vec<&str> = svg.lines().filter(|l| l.contains("#4c78a8")).collect();
+            assert_eq!(bars.len(), 40, "{name}");
+            assert!(svg.contains("latency histogram"), "{name}");
+        }
+    }
+
+    /// The serving overhead is latency less the engine's stages (the queue stays in it, and is
+    /// reported apart); the generator's lateness is reported over every request sent.
+    #[test]
+    fn overhead_and_lateness_are_reported() {
+        let samples: Vec<Sample> = (0..10)
+            .map(|i| Sample {
+                sent_s: i as f64,
+                latency_s: 0.010,
+                status: if i < 8 {
+                    Status::Http(200)
+                } else {
+                    Status::Http(503)
+                },
+                lag_s: 0.001 * i as f64,
+                server_ms: Some(9.5),
+                queue_ms: Some(3.0),
+                engine_ms: Some(6.0),
+            })
+            .collect();
+        let (r, _) = report(&args(&["--rate", "1"]), 1, &samples, 10.0, 10.0);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(r.overhead_ms.p50, 4.0), "{:?}", r.overhead_ms);
+        assert!(close(r.queue_ms.p50, 3.0), "{:?}", r.queue_ms);
+        assert!(
+            close(r.server_overhead_ms.p50, 3.5),
+            "{:?}",
+            r.server_overhead_ms
+        );
+        assert_eq!(r.send_lag_ms.n, 10);
+        assert!(close(r.send_lag_ms.max, 9.0), "{:?}", r.send_lag_ms);
+        assert!(close(r.send_lag_ms.p50, 4.0), "{:?}", r.send_lag_ms);
+    }
+
+    /// The timeouts and the server's deadline answers (504) are the slowest requests: the
+    /// 200s' percentiles leave them out, the `latency_with_timeouts_ms` ones count each at the
+    /// time it was given up (the 504s were left out, and the tail read as the 200s'); a 503 is
+    /// in neither.
     #[test]
     fn timeouts_count_in_the_tail_they_belong_to() {
         let samples: Vec<Sample> = (0..200)
             .map(|i| Sample {
                 sent_s: i as f64 / 100.0,
                 latency_s: match i {
-                    0..=97 => 0.001 * (i + 1) as f64,
+                    0..=95 => 0.001 * (i + 1) as f64,
+                    96 | 97 => 10.0,
                     98 | 99 => 30.0,
                     _ => 0.0001,
                 },
                 status: match i {
-                    0..=97 => Status::Http(200),
+                    0..=95 => Status::Http(200),
+                    96 | 97 => Status::Http(504),
                     98 | 99 => Status::Timeout,
                     _ => Status::Http(503),
                 },
+                lag_s: 0.0,
                 server_ms: None,
                 queue_ms: None,
                 engine_ms: None,
@@ -827,10 +951,11 @@ mod tests {
         let (r, _) = report(&args(&["--rate", "100"]), 1, &samples, 32.0, 2.0);
         assert_eq!(
             (r.latency_ms.n, r.latency_ms.p99, r.latency_ms.max),
-            (98, 98.0, 98.0)
+            (96, 96.0, 96.0)
         );
         let t = &r.latency_with_timeouts_ms;
         assert_eq!((t.n, t.p50, t.p90, t.p99), (100, 50.0, 90.0, 30_000.0));
+        assert_eq!(r.errors["504"], 2);
         assert_eq!(r.errors["timeout"], 2);
         assert_eq!(r.errors["503"], 100);
     }
@@ -896,18 +1021,25 @@ mod tests {
                 sent_s: 0.25 * i as f64,
                 latency_s: 0.0015,
                 status,
+                lag_s: 0.000125 * i as f64,
                 server_ms: (status == Status::Http(200)).then_some(0.125),
                 queue_ms: None,
                 engine_ms: None,
             })
             .collect();
         let text = csv(&samples);
-        let back: Vec<Status> = text
+        let back: Vec<Sample> = text
             .lines()
             .skip(1)
-            .map(|l| parse_csv_line(l).expect(l).status)
+            .map(|l| parse_csv_line(l).expect(l))
             .collect();
-        assert_eq!(back, statuses);
+        assert_eq!(back.iter().map(|s| s.status).collect::<Vec<_>>(), statuses);
+        for (b, s) in back.iter().zip(&samples) {
+            assert!((b.lag_s - s.lag_s).abs() < 1e-9, "{b:?}");
+        }
+        // A file from before the lateness column reads with none.
+        let old = parse_csv_line("0.5,1.25,200,0.1,,0.9").unwrap();
+        assert_eq!(old.lag_s, 0.0);
     }
 
     #[test]
