@@ -641,6 +641,13 @@ pub struct CodesDone {
     output: beam::Output,
 }
 
+impl CodesDone {
+    /// The request it answers.
+    pub fn request(&self) -> &Request {
+        self.prepared.request()
+    }
+}
+
 /// What [`Batch::admit`] did with a request.
 #[derive(Debug)]
 pub enum Admission {

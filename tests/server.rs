@@ -448,12 +448,19 @@ async fn every_endpoint_answers() {
         count(r#"gram_request_duration_seconds_count{endpoint="/v1/search"}"#),
         1.0
     );
-    for stage in [
-        "queue", "tokenize", "prefill", "decode", "postings", "scoring",
+    // Four requests, one of them codes only (`/v1/codes`: no postings, no scoring, and no
+    // zeros in their histograms).
+    for (stage, n) in [
+        ("queue", 4.0),
+        ("tokenize", 4.0),
+        ("prefill", 4.0),
+        ("decode", 4.0),
+        ("postings", 3.0),
+        ("scoring", 3.0),
     ] {
         assert_eq!(
             count(&format!("gram_stage_seconds_count{{stage=\"{stage}\"}}")),
-            4.0,
+            n,
             "{stage}"
         );
     }
@@ -540,6 +547,48 @@ async fn bad_input_is_a_clear_4xx() {
             400,
             "invalid_request",
             "invalid type",
+        ),
+        (
+            "k in exponent notation",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                json_ct,
+                r#"{"query":"sofa","k":1e2}"#,
+            )
+            .await,
+            400,
+            "invalid_request",
+            "invalid type",
+        ),
+        (
+            "k with a fraction part",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                json_ct,
+                r#"{"query":"sofa","k":300.0}"#,
+            )
+            .await,
+            400,
+            "invalid_request",
+            "invalid type",
+        ),
+        (
+            "a repeated key",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                json_ct,
+                r#"{"query":"a","query":"b"}"#,
+            )
+            .await,
+            400,
+            "invalid_request",
+            "duplicate field",
         ),
         (
             "negative k",
@@ -1142,10 +1191,17 @@ async fn a_request_past_its_deadline_gets_504_and_leaves_the_queue() {
     let a = post(addr, "/v1/search", json!({"query": "oak desk"})).await;
     let msg = error_of(&a, 504, "timeout", "deadline");
     assert!(msg.contains("100 ms"), "{msg}");
-    // Once the window has passed, the batcher has dropped it unadmitted: no step ran.
+    // Once the window has passed, the batcher has dropped it unadmitted: no step ran. Its
+    // wait is in the queue histogram (it was left out: the waits that end in a 504 are the
+    // longest).
     assert_eq!(metric_reaches(addr, "gram_queue_depth", 0.0).await, 0.0);
+    let queued = r#"gram_stage_seconds_count{stage="queue"}"#;
+    assert_eq!(metric_reaches(addr, queued, 1.0).await, 1.0);
     let m = metrics(addr).await;
-    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 0.0);
+    assert!(
+        m[r#"gram_stage_seconds_sum{stage="queue"}"#] >= 0.1,
+        "it waited past its 100 ms deadline"
+    );
     assert_eq!(m["gram_step_seconds_count"], 0.0);
     server.shutdown().await.unwrap();
 }
@@ -1206,10 +1262,14 @@ async fn shutdown_answers_every_request_in_flight() {
 async fn a_stalled_client_does_not_hold_the_shutdown() {
     use std::io::Write;
     let server = start(&["--timeout-ms", "300"]).await;
-    // A request whose body never comes.
+    // A request whose body never comes (with its content type: without one it was refused
+    // with 415 before any body was read, and the test proved nothing about a stalled body).
     let mut stalled = std::net::TcpStream::connect(server.addr()).unwrap();
     stalled
-        .write_all(b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"qu")
+        .write_all(
+            b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"qu",
+        )
         .unwrap();
     server.shutdown().await.unwrap();
 }
@@ -1548,6 +1608,10 @@ async fn bad_flags_and_a_missing_index_are_refused_at_startup() {
         (&["--body-timeout-ms", "0"][..], "--body-timeout-ms"),
         (&["--write-timeout-ms", "0"][..], "--write-timeout-ms"),
         (&["--max-connections", "0"][..], "--max-connections"),
+        (
+            &["--retry-after-s", "0"][..],
+            "--retry-after-s must be at least 1",
+        ),
         (
             &["--max-connections", "18446744073709551615"][..],
             "--max-connections must be at most",

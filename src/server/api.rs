@@ -399,7 +399,8 @@ fn refused(state: &AppState, refusal: Refusal) -> ApiError {
                 state.config.max_queue_wait.as_millis()
             ),
         )
-        .retry(state.config.retry_after_s),
+        // The wait it saw, in whole seconds, when that is longer than the configured retry.
+        .retry(state.config.retry_after_s.max(wait_ms.div_ceil(1000))),
         Refusal::Closed => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",

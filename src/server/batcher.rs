@@ -138,10 +138,11 @@ fn scorer(
         if reply.is_closed() {
             continue;
         }
+        let codes_only = done.request().codes_only;
         let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(done)));
         let answer = match scored {
             Ok(response) => {
-                record_stages(metrics, &response);
+                record_stages(metrics, &response, codes_only);
                 Ok(Done { response, queue_s })
             }
             Err(_) => {
@@ -405,10 +406,16 @@ fn admit<B: Backend>(
     st.head_blocked = false;
     let jobs = std::mem::take(&mut st.jobs);
     for job in jobs {
+        // A request that leaves the queue unserved waited too: its wait goes into the queue
+        // histogram (left out, the histogram showed short waits just when they were long).
+        let waited = || now.duration_since(job.enqueued).as_secs_f64();
         if job.reply.is_closed() {
-            continue; // the handler answered already (deadline) or the client left
+            // The handler answered already (deadline) or the client left.
+            metrics.record_stage(Stage::Queue, waited());
+            continue;
         }
         if now >= job.deadline {
+            metrics.record_stage(Stage::Queue, waited());
             let _ = job.reply.send(Err(Failed::Timeout));
             continue;
         }
@@ -491,8 +498,9 @@ fn fits(
         || (next.saturating_add(prompt) <= max_rows && beams.saturating_add(beam) <= max_rows)
 }
 
-/// Each stage of a finished search into its histogram.
-fn record_stages(metrics: &Metrics, r: &Response) {
+/// Each stage of a finished search into its histogram; a codes-only request (`/v1/codes`) ran
+/// no postings or scoring, and puts no zeros into theirs.
+fn record_stages(metrics: &Metrics, r: &Response, codes_only: bool) {
     let t = &r.timings_ms;
     for (stage, ms) in [
         (Stage::Tokenize, t.tokenize),
@@ -501,6 +509,9 @@ fn record_stages(metrics: &Metrics, r: &Response) {
         (Stage::Postings, t.postings),
         (Stage::Scoring, t.scoring),
     ] {
+        if codes_only && matches!(stage, Stage::Postings | Stage::Scoring) {
+            continue;
+        }
         metrics.record_stage(stage, ms / 1e3);
     }
 }

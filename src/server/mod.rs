@@ -232,6 +232,8 @@ impl ServeArgs {
             ("--max-kv-mib", self.max_kv_mib),
             ("--threads", self.threads.unwrap_or(1)),
             ("--max-connections", self.max_connections),
+            // 0 would tell refused clients to come back at once, into the same overload.
+            ("--retry-after-s", self.retry_after_s as usize),
         ] {
             if v == 0 {
                 return bad(format!("{flag} must be at least 1"));

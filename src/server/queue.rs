@@ -459,10 +459,20 @@ impl Queue {
         refusal
     }
 
-    /// Drops the jobs whose handler has gone (see [`Queue::push`]).
+    /// Drops the jobs whose handler has gone (see [`Queue::push`]); the wait of each goes into
+    /// the queue histogram (a request that left unserved waited too).
     fn drop_gone(&self, st: &mut QueueState) {
         let before = st.jobs.len();
-        st.jobs.retain(|j| !j.reply.is_closed());
+        let now = Instant::now();
+        st.jobs.retain(|j| {
+            let gone = j.reply.is_closed();
+            if gone {
+                let waited = now.duration_since(j.enqueued).as_secs_f64();
+                self.metrics
+                    .record_stage(super::metrics::Stage::Queue, waited);
+            }
+            !gone
+        });
         if st.jobs.len() != before {
             self.publish_depth(st.jobs.len());
         }
