@@ -818,7 +818,11 @@ fn logprob_rows<B: Backend>(
 /// A log-prob that is not finite (NaN, or -inf from a logit that overflowed to +inf and took
 /// the row's log-sum-exp with it) means the model itself is broken: an error, not a token that
 /// silently drops out or scores -inf (fewer codes, or none, or null scores, as if fine). A finite
-/// model's log-probs are always finite: the log-sum-exp subtracts the row's maximum.
+/// model's log-probs are always finite: the log-sum-exp subtracts the row's maximum. (A head
+/// that masks tokens with -inf logits, or such logits handed to [`search_logits`], is refused
+/// too, where transformers would rank the token last: the device step refuses the same, and a
+/// -inf that is the mask cannot be told from one that is an overflow without the row's
+/// normalizer, which this check does not see.)
 fn finite_logprobs(lps: &[Allowed]) -> Result<()> {
     match lps.iter().flatten().find(|(_, l)| !l.is_finite()) {
         Some((t, l)) => Err(Error::Numeric(format!(
