@@ -1198,10 +1198,10 @@ async fn a_request_past_its_deadline_gets_504_and_leaves_the_queue() {
     let queued = r#"gram_stage_seconds_count{stage="queue"}"#;
     assert_eq!(metric_reaches(addr, queued, 1.0).await, 1.0);
     let m = metrics(addr).await;
-    assert!(
-        m[r#"gram_stage_seconds_sum{stage="queue"}"#] >= 0.1,
-        "it waited past its 100 ms deadline"
-    );
+    // Timed to its deadline (100 ms from arrival), not to when the batcher noticed (the 1 s
+    // window's end).
+    let waited = m[r#"gram_stage_seconds_sum{stage="queue"}"#];
+    assert!((0.05..=0.1).contains(&waited), "waited {waited} s");
     assert_eq!(m["gram_step_seconds_count"], 0.0);
     server.shutdown().await.unwrap();
 }

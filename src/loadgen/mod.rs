@@ -97,7 +97,7 @@ pub struct Sample {
     /// HTTP status, or the failure (`timeout`, `connect`, `body`, `client`).
     pub status: Status,
     /// How late the generator itself sent it: from the scheduled time to the moment its task
-    /// began sending, seconds (open loop; 0 in a closed loop, which sends at once). The open
+    /// began sending, seconds (open loop; about 0 in a closed loop, which sends at once). The open
     /// loop's latency counts from the scheduled time, so this lateness is inside it.
     pub lag_s: f64,
     /// The server's own timings of a 200: in the server (the `Server-Timing` header's `server`,

@@ -378,6 +378,17 @@ pub async fn track(
     response
 }
 
+/// Most seconds a refused client is told to stay away for a wait the queue estimated: the
+/// estimate divides by the measured rate, which one stalled step can make tiny.
+const MAX_RETRY_AFTER_S: u64 = 60;
+
+/// `Retry-After` of a refusal for a wait of `wait_ms`: that wait in whole seconds when it is
+/// longer than the configured `retry_after_s`, at most [`MAX_RETRY_AFTER_S`] (never below the
+/// configured value).
+fn retry_after(retry_after_s: u64, wait_ms: u64) -> u64 {
+    retry_after_s.max(wait_ms.div_ceil(1000).min(MAX_RETRY_AFTER_S))
+}
+
 /// The 503 a queue's refusal answers.
 fn refused(state: &AppState, refusal: Refusal) -> ApiError {
     match refusal {
@@ -399,8 +410,7 @@ fn refused(state: &AppState, refusal: Refusal) -> ApiError {
                 state.config.max_queue_wait.as_millis()
             ),
         )
-        // The wait it saw, in whole seconds, when that is longer than the configured retry.
-        .retry(state.config.retry_after_s.max(wait_ms.div_ceil(1000))),
+        .retry(retry_after(state.config.retry_after_s, wait_ms)),
         Refusal::Closed => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
@@ -612,6 +622,18 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::percent_decode;
+
+    /// The estimated wait in whole seconds, between the configured value and the cap (the
+    /// estimate divides by a measured rate that one stalled step can make tiny: 33,000 s).
+    #[test]
+    fn retry_after_follows_the_estimated_wait_within_bounds() {
+        use super::{retry_after, MAX_RETRY_AFTER_S};
+        assert_eq!(retry_after(1, 200), 1);
+        assert_eq!(retry_after(1, 2_300), 3);
+        assert_eq!(retry_after(5, 2_300), 5);
+        assert_eq!(retry_after(1, 33_000_000), MAX_RETRY_AFTER_S);
+        assert_eq!(retry_after(120, 33_000_000), 120);
+    }
 
     #[test]
     fn percent_decoding() {

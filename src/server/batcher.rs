@@ -408,7 +408,13 @@ fn admit<B: Backend>(
     for job in jobs {
         // A request that leaves the queue unserved waited too: its wait goes into the queue
         // histogram (left out, the histogram showed short waits just when they were long).
-        let waited = || now.duration_since(job.enqueued).as_secs_f64();
+        // (To its deadline at most: a job the handler answered with a 504 is only noticed
+        // here, up to a step later.)
+        let waited = || {
+            now.min(job.deadline)
+                .saturating_duration_since(job.enqueued)
+                .as_secs_f64()
+        };
         if job.reply.is_closed() {
             // The handler answered already (deadline) or the client left.
             metrics.record_stage(Stage::Queue, waited());

@@ -467,7 +467,11 @@ impl Queue {
         st.jobs.retain(|j| {
             let gone = j.reply.is_closed();
             if gone {
-                let waited = now.duration_since(j.enqueued).as_secs_f64();
+                // To its deadline at most (its handler may have answered a 504 a while ago).
+                let waited = now
+                    .min(j.deadline)
+                    .saturating_duration_since(j.enqueued)
+                    .as_secs_f64();
                 self.metrics
                     .record_stage(super::metrics::Stage::Queue, waited);
             }

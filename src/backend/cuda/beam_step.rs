@@ -373,7 +373,9 @@ impl<'g> DeviceBeams<'g> {
     ///
     /// Then checks that the stream is not capturing: while another thread captures a decoder
     /// pass into a CUDA graph there, a launch would join that graph instead of running now (the
-    /// step's selection would silently never happen), and a read back would fail. Refused.
+    /// step's selection would silently never happen), and a read back would fail. Refused. The
+    /// check is best effort (a capture could begin between it and the launch): the beams are
+    /// meant to run between passes, on the thread that runs them.
     fn bind(&self) -> Result<()> {
         self.gpu
             .ctx
@@ -385,7 +387,7 @@ impl<'g> DeviceBeams<'g> {
             .capture_status()
             .map_err(dev("reading the stream's capture status"))?;
         if status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
-            return Err(Error::Input(format!(
+            return Err(Error::Device(format!(
                 "the device beam step cannot launch while its stream is capturing a graph \
                  ({status:?}): run it between decoder passes, on the thread that runs them"
             )));
