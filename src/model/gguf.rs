@@ -554,6 +554,11 @@ fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result
     }
     let mut out = TensorMap::new();
     for (name, info, shape, numel, range, direct, permute_heads) in planned {
+        // What the engine drops anyway (an `output.weight` beside tied embeddings) is not
+        // widened first: a Q4_0 one would take 7× its bytes for nothing.
+        if check_shapes && crate::model::weights::ignored(config, &name) {
+            continue;
+        }
         let tensor = match (direct, permute_heads) {
             (Some(dtype), None) => HostTensor::mapped(&map, range, dtype, shape),
             (Some(dtype), Some(n_head)) if dtype.is_quantized() => {
@@ -710,6 +715,55 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gram-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         (config, dir)
+    }
+
+    /// A stored `output.weight` beside tied embeddings is dropped before it is converted (the
+    /// engine reads the embeddings; a Q4_0 one was widened to f32 first, 7× its bytes, and
+    /// dropped after): the load returns every other tensor and not it.
+    #[test]
+    fn an_output_weight_beside_tied_embeddings_is_not_converted() {
+        let config = crate::config::ModelConfig::from_json(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":256,
+            "tie_word_embeddings":true}"#,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("gram-gguf-tied-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Every tensor of the config in f32 (dims innermost first), then a Q4_0 output.weight.
+        let f32s: [(&str, &[u64]); 11] = [
+            ("token_embd.weight", &[64, 256]),
+            ("blk.0.attn_q.weight", &[64, 64]),
+            ("blk.0.attn_k.weight", &[64, 64]),
+            ("blk.0.attn_v.weight", &[64, 64]),
+            ("blk.0.attn_output.weight", &[64, 64]),
+            ("blk.0.ffn_gate.weight", &[64, 128]),
+            ("blk.0.ffn_up.weight", &[64, 128]),
+            ("blk.0.ffn_down.weight", &[128, 64]),
+            ("blk.0.attn_norm.weight", &[64]),
+            ("blk.0.ffn_norm.weight", &[64]),
+            ("output_norm.weight", &[64]),
+        ];
+        let mut tensors: Vec<(&str, &[u64], u32, u64)> = Vec::new();
+        let mut data = Vec::new();
+        for (name, dims) in f32s {
+            let n: u64 = dims.iter().product();
+            tensors.push((name, dims, 0, data.len() as u64));
+            for i in 0..n {
+                data.extend((0.01 * (i % 7) as f32 + 0.5).to_le_bytes());
+            }
+        }
+        // [64, 256] Q4_0: 2 blocks of 18 bytes a row.
+        tensors.push(("output.weight", &[64, 256], 2, data.len() as u64));
+        data.extend(vec![0x11u8; 256 * 2 * 18]);
+        data.resize(data.len().div_ceil(32) * 32, 0);
+        let path = dir.join("model.gguf");
+        std::fs::write(&path, gguf_of(&tensors, &data)).unwrap();
+        let map = load_checked(&path, &config, true).unwrap();
+        assert!(!map.contains_key("lm_head.weight"));
+        assert!(map.contains_key("model.embed_tokens.weight"));
+        assert_eq!(map.len(), 11);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Tensors must tile the data section in GGUF's layout: a corrupt offset that makes a

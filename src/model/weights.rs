@@ -151,8 +151,9 @@ fn check_names_and_shapes(c: &ModelConfig, mut map: TensorMap) -> Result<TensorM
     Ok(map)
 }
 
-/// Tensors a checkpoint may hold that the engine does not read.
-fn ignored(c: &ModelConfig, name: &str) -> bool {
+/// Tensors a checkpoint may hold that the engine does not read (the GGUF reader skips them
+/// before converting anything).
+pub(crate) fn ignored(c: &ModelConfig, name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq") || name == "lm_head.weight" && c.tie_word_embeddings
 }
 
