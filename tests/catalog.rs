@@ -9,6 +9,13 @@ use common::*;
 use gram::catalog::{self, Generate, OnError};
 use gram::{Model, Tokenizer};
 
+/// `text` written to `dir/name` and read under `OnError::Stop`: its error.
+fn read_stops(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    catalog::read(&path, OnError::Stop).unwrap_err().to_string()
+}
+
 /// Two lines with one id were two products: a search returned the id twice and nDCG@10 came
 /// out at 1.13. Now the read stops at the repeat, or skips and counts it.
 #[test]
@@ -39,13 +46,11 @@ fn a_repeated_product_id_is_refused_or_skipped() {
 #[test]
 fn a_malformed_line_is_named_by_its_line() {
     let dir = fresh_dir("catalog-field");
-    let cat = dir.join("c.jsonl");
-    std::fs::write(
-        &cat,
+    let e = read_stops(
+        &dir,
+        "c.jsonl",
         "{\"id\":\"p0\",\"title\":\"oak sofa\",\"codes\":[\"sofa\"]}\n{\"id\":\"p1\"}\n",
-    )
-    .unwrap();
-    let e = catalog::read(&cat, OnError::Stop).unwrap_err().to_string();
+    );
     assert!(
         e.contains("c.jsonl line 2, column ") && e.contains("missing field `title`"),
         "{e}"
@@ -358,13 +363,11 @@ fn an_unknown_field_is_refused_and_a_product_without_codes_is_reported() {
     let (items, skipped) = catalog::read(&cat, OnError::Stop).unwrap();
     assert_eq!((items.len(), skipped), (3, 0));
     // Attributes are read through, not kept, but they must still be an object.
-    let bad = dir.join("bad.jsonl");
-    std::fs::write(
-        &bad,
+    let e = read_stops(
+        &dir,
+        "bad.jsonl",
         "{\"id\":\"p0\",\"title\":\"oak sofa\",\"attributes\":[\"oak\"],\"codes\":[\"sofa\"]}\n",
-    )
-    .unwrap();
-    let e = catalog::read(&bad, OnError::Stop).unwrap_err().to_string();
+    );
     assert!(
         e.contains("bad.jsonl line 1") && e.contains("a JSON object of attributes"),
         "{e}"

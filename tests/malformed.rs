@@ -127,6 +127,12 @@ fn config_problems() {
 #[test]
 fn side_files_that_are_not_small_regular_files_are_refused() {
     let dir = copy_model(&model_dir("tiny-llama"), "side-files");
+    let not_regular = |e: &str, file: &str| {
+        assert!(
+            e.contains(file) && e.contains("not a regular file"),
+            "{file}: {e}"
+        )
+    };
     let link_to_zero = |name: &str| {
         let p = dir.join(name);
         let _ = std::fs::remove_file(&p);
@@ -137,18 +143,12 @@ fn side_files_that_are_not_small_regular_files_are_refused() {
     let original = std::fs::read(&cfg).unwrap();
     link_to_zero("config.json");
     let e = load_err(&dir);
-    assert!(
-        e.contains("config.json") && e.contains("not a regular file"),
-        "{e}"
-    );
+    not_regular(&e, "config.json");
     // The model's fingerprint reads it before any load (`gram index build`, `gram serve`).
     let e = gram::search::model_fingerprint(&dir)
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("config.json") && e.contains("not a regular file"),
-        "{e}"
-    );
+    not_regular(&e, "config.json");
     std::fs::remove_file(&cfg).unwrap();
     std::fs::create_dir(&cfg).unwrap();
     let e = load_err(&dir);
@@ -171,34 +171,22 @@ fn side_files_that_are_not_small_regular_files_are_refused() {
 
     link_to_zero("generation_config.json");
     let e = load_err(&dir);
-    assert!(
-        e.contains("generation_config.json") && e.contains("not a regular file"),
-        "{e}"
-    );
+    not_regular(&e, "generation_config.json");
     std::fs::remove_file(dir.join("generation_config.json")).unwrap();
 
     let tok = link_to_zero("tokenizer.json");
     let e = gram::Tokenizer::from_file(&tok).err().unwrap().to_string();
-    assert!(
-        e.contains("tokenizer.json") && e.contains("not a regular file"),
-        "{e}"
-    );
+    not_regular(&e, "tokenizer.json");
     let e = gram::search::model_fingerprint(&dir)
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("tokenizer.json") && e.contains("not a regular file"),
-        "{e}"
-    );
+    not_regular(&e, "tokenizer.json");
     link_to_zero("gram.json");
     let e = gram::settings::Settings::load(&dir)
         .err()
         .unwrap()
         .to_string();
-    assert!(
-        e.contains("gram.json") && e.contains("not a regular file"),
-        "{e}"
-    );
+    not_regular(&e, "gram.json");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
