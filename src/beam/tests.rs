@@ -1,0 +1,115 @@
+use super::{length_factor, may_improve, BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+
+/// HF keeps the best 2B candidates of a step, so that B may finish with EOS and B still
+/// run: beam 2, both best candidates EOS, and both beams' children run on.
+#[test]
+fn a_step_keeps_twice_the_beam_of_candidates() {
+    use super::{advance, Beam, Query, State};
+    use crate::beam::select::Candidate;
+    use crate::trie::{CodeSet, Trie};
+    let set = CodeSet {
+        texts: ["a", "ab", "c", "cd"].map(String::from).to_vec(),
+        tokens: vec![1, 1, 2, 3, 3, 4],
+        offsets: vec![0, 1, 3, 4, 6],
+    };
+    let (vocab, eos) = (10, 9);
+    let trie = Trie::build(&set, vocab, eos).unwrap();
+    let options = BeamOptions {
+        beam: 2,
+        ..Default::default()
+    };
+    let query = Query {
+        prompt: vec![5],
+        options,
+    };
+    let mut s = State::new(query, 0, 0, 0);
+    let beam = |t: u32| Beam {
+        node: trie.walk(&[t]).unwrap(),
+        score: 0.0,
+        tokens: vec![t],
+        logprobs: vec![0.0],
+        entries: vec![],
+    };
+    let parents = vec![beam(1), beam(3)];
+    s.beams = parents.clone();
+    let c = |beam: u32, token: u32, logprob: f32| Candidate {
+        score: logprob,
+        beam,
+        token,
+        logprob,
+    };
+    let cands = vec![
+        c(0, eos, -0.1),
+        c(0, 2, -3.0),
+        c(1, eos, -0.2),
+        c(1, 4, -2.5),
+    ];
+    advance(&trie, &mut s, &parents, cands);
+    assert_eq!(s.finished.len(), 2, "{:?}", s.finished);
+    let running: Vec<Vec<u32>> = s.beams.iter().map(|b| b.tokens.clone()).collect();
+    assert_eq!(running, [vec![3, 4], vec![1, 2]]);
+}
+
+/// HF stops on a tie (`worst_score >= highest attainable`): equal is not an improvement.
+#[test]
+fn a_tie_with_the_worst_finished_score_stops() {
+    assert!(!may_improve(-2.0, 2.0, -1.0));
+    assert!(may_improve(-1.9, 2.0, -1.0));
+    assert!(!may_improve(-2.1, 2.0, -1.0));
+    assert!(!may_improve(-1.0, 1.0, -1.0));
+}
+
+/// Python's `n ** 0.6` rounded to f32 (`struct.pack('f', n ** 0.6)`): 3, 7 and 100 are
+/// lengths where rounding the penalty to f32 first gave the next f32 up.
+#[test]
+fn the_length_factor_is_pythons() {
+    for (n, bits) in [
+        (2, 0x3fc2_0300u32),
+        (3, 0x3ff7_7282),
+        (7, 0x404d_b3bf),
+        (100, 0x417d_953a),
+    ] {
+        assert_eq!(length_factor(n, 0.6).to_bits(), bits, "{n}");
+    }
+}
+
+#[test]
+fn options_out_of_range_are_refused_by_name() {
+    let ok = BeamOptions::default();
+    assert!(ok.check().is_ok());
+    for lp in [MAX_LENGTH_PENALTY, -MAX_LENGTH_PENALTY, 0.0, 0.6] {
+        let o = BeamOptions {
+            length_penalty: lp,
+            ..ok
+        };
+        assert!(o.check().is_ok(), "{lp}");
+    }
+    for lp in [10.5, -20.0, -200.0, f64::NAN, f64::INFINITY] {
+        let o = BeamOptions {
+            length_penalty: lp,
+            ..ok
+        };
+        let e = o.check().unwrap_err().to_string();
+        assert!(
+            e.contains("length_penalty") && e.contains("out of range"),
+            "{lp}: {e}"
+        );
+    }
+    for (beam, max_new, normalize, constrained, says) in [
+        (0, 16, Normalize::Full, true, "beam width 0"),
+        (513, 16, Normalize::Full, true, "beam width 513"),
+        (4, 0, Normalize::Full, true, "max_new_tokens 0"),
+        (4, 257, Normalize::Full, true, "max_new_tokens 257"),
+        (4, 16, Normalize::Children, false, "needs the trie"),
+    ] {
+        let o = BeamOptions {
+            beam,
+            max_new_tokens: max_new,
+            normalize,
+            constrained,
+            ..ok
+        };
+        let e = o.check().unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    }
+}
