@@ -33,6 +33,12 @@
 //!
 //! [`Normalize::Children`] instead normalizes over a node's allowed tokens only, so the LM head
 //! is evaluated for those rows alone (the sparse head).
+//!
+//! On the CPU a query's codes, scores and token log-probs are the same bits alone and in any
+//! batch (`tests/beam.rs`). On the CUDA backend they are not yet: its `linear` takes a bf16
+//! GEMM above 16 rows and an f32 kernel below, and the head's path is chosen per step (the
+//! picks kernel when every query of the step normalizes over children, the GEMM otherwise), so
+//! near-tied codes can swap with the batch (found in review, 2026-11-29; not measured: no GPU).
 
 mod batcher;
 pub mod select;
