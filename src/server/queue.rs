@@ -463,12 +463,13 @@ impl Queue {
     /// the queue histogram (a request that left unserved waited too).
     fn drop_gone(&self, st: &mut QueueState) {
         let before = st.jobs.len();
-        let now = Instant::now();
+        // Read only when a job has gone (this runs on every push).
+        let mut now = None;
         st.jobs.retain(|j| {
             let gone = j.reply.is_closed();
             if gone {
                 // To its deadline at most (its handler may have answered a 504 a while ago).
-                let waited = now
+                let waited = (*now.get_or_insert_with(Instant::now))
                     .min(j.deadline)
                     .saturating_duration_since(j.enqueued)
                     .as_secs_f64();
