@@ -830,6 +830,13 @@ async fn bad_input_is_a_clear_4xx() {
             "k: `ten`",
         ),
         (
+            "GET with a signed k (`+5` decoded: Rust's integer parser takes it)",
+            get(addr, "/search?q=sofa&k=%2B5").await,
+            400,
+            "invalid_request",
+            "k: `+5`",
+        ),
+        (
             "GET with an unknown parameter",
             get(addr, "/search?q=sofa&colour=red").await,
             400,

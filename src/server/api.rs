@@ -213,21 +213,26 @@ pub async fn search_get(
         }
         // A number too large for `usize` is out of range, as the engine says of one over the
         // limit (422), not malformed.
+        // Digits only: Rust's parser also takes a sign (`k=%2B5` read as 5), which JSON does not.
         let number = |v: &str, max: usize| {
-            v.parse::<usize>().map_err(|_| {
-                if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "input",
-                        format!("{name}: {v} is out of range (1..={max})"),
-                    )
-                } else {
-                    ApiError::bad(
-                        "invalid_request",
-                        format!("{name}: `{v}` is not a non-negative integer"),
-                    )
-                }
-            })
+            v.parse::<usize>()
+                .ok()
+                .filter(|_| !v.starts_with('+'))
+                .ok_or(())
+                .map_err(|_| {
+                    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                        ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "input",
+                            format!("{name}: {v} is out of range (1..={max})"),
+                        )
+                    } else {
+                        ApiError::bad(
+                            "invalid_request",
+                            format!("{name}: `{v}` is not a non-negative integer"),
+                        )
+                    }
+                })
         };
         let l = &state.config.limits;
         match name.as_str() {
