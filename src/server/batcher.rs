@@ -431,11 +431,24 @@ fn admit<B: Backend>(
     // steps after it (every beam).
     let mut beams: usize = flying.iter().map(|f| f.beam).sum();
     let mut next = beams;
-    while flying.len() < config.max_batch {
-        let Some(job) = st.jobs.pop_front() else {
-            break;
-        };
+    // In arrival order. A job that cannot join yet (rows, or the arena's entries) keeps its
+    // place, and the jobs behind it that can join do, while it is younger than [`HEAD_PASS`]:
+    // the first such job is the oldest waiting, and once it is older nothing passes it, so the
+    // batch drains until it fits.
+    let mut at = 0;
+    while flying.len() < config.max_batch && at < st.jobs.len() {
+        let job = st
+            .jobs
+            .remove(at)
+            .expect("a job at an index below the length");
         let (prompt, beam) = (job.prepared.prompt_tokens(), job.prepared.request().beam);
+        // Puts a job that cannot join back in its place: true when the jobs behind may pass.
+        let hold = |st: &mut QueueState, job: Job| {
+            let young = now.duration_since(job.enqueued) < HEAD_PASS;
+            st.jobs.insert(at, job);
+            st.head_blocked |= at == 0;
+            young
+        };
         if !fits(
             config.max_rows,
             flying.is_empty(),
@@ -444,9 +457,11 @@ fn admit<B: Backend>(
             prompt,
             beam,
         ) {
-            st.jobs.push_front(job);
-            st.head_blocked = true;
-            break;
+            if !hold(st, job) {
+                break;
+            }
+            at += 1;
+            continue;
         }
         let Job {
             prepared,
@@ -469,15 +484,17 @@ fn admit<B: Backend>(
             }
             Admission::Wait(prepared) => {
                 // The arena cannot hold it until requests in flight finish (beam 64 takes
-                // ~4.4 times a beam-10 request's entries): the places it leaves are not free.
-                st.jobs.push_front(Job {
+                // ~4.4 times a beam-10 request's entries).
+                let job = Job {
                     prepared,
                     reply,
                     enqueued,
                     deadline,
-                });
-                st.head_blocked = true;
-                break;
+                };
+                if !hold(st, job) {
+                    break;
+                }
+                at += 1;
             }
             Admission::Refused(e) => {
                 let _ = reply.send(Err(Failed::engine(&e)));
@@ -486,11 +503,18 @@ fn admit<B: Backend>(
     }
 }
 
+/// How long a queued job that cannot join yet (the row bound, or the arena's free entries: a
+/// wide beam) may be passed by later jobs that can. Without passing, one wide request held
+/// every request behind it until the batch had drained enough for it; with no bound on it, a
+/// stream of small requests could keep the wide one waiting for ever. Past it, nothing passes
+/// the job, and the batch drains until it joins.
+pub const HEAD_PASS: Duration = Duration::from_millis(50);
+
 /// Whether a request of `prompt` tokens and beam `beam` may join the batch under the row bound
 /// `max_rows` (0: none), the next step already holding `next` rows and the steps after it
 /// `beams`: it joins the next step with its prompt and runs at most `beam` rows in each later
-/// one. A request joins an empty batch whatever its size, so none waits for ever; the queue
-/// keeps its order (a large request at the head is not overtaken by small ones behind it).
+/// one. A request joins an empty batch whatever its size, so none waits for ever (and one that
+/// does not fit is passed by smaller ones only for [`HEAD_PASS`]).
 fn fits(
     max_rows: usize,
     empty: bool,
@@ -615,6 +639,96 @@ pub(super) mod tests {
             .unwrap();
         }
         dir
+    }
+
+    /// A job that cannot join yet (here the row bound: a wide beam) keeps its place and is
+    /// passed by a later job that can join while it is younger than `HEAD_PASS`; once it is
+    /// older, nothing passes it. (Before, nothing ever passed it: one wide request held every
+    /// request behind it until the batch had drained for it.)
+    #[test]
+    fn a_job_that_cannot_join_is_passed_only_while_it_is_young() {
+        use super::{admit, BatcherConfig, Job, Queue, HEAD_PASS};
+        use crate::search::Request;
+        let engine = tiny_engine("pass");
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let queue = Queue::new(8, metrics.clone());
+        let config = BatcherConfig {
+            max_batch: 4,
+            max_rows: 32,
+            batch_wait: Duration::ZERO,
+            arena_entries: super::arena_entries(&engine, 4, 25).unwrap(),
+            score_threads: 1,
+        };
+        let mut search = crate::beam::BeamSearch::new();
+        let mut batch = engine.batch(&mut search, config.arena_entries).unwrap();
+        let mut flying = Vec::new();
+        let mut answers = Vec::new();
+        let mut job = |beam: usize, age: Duration| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            answers.push(answer);
+            let request = Request {
+                beam,
+                ..Request::new("oak desk")
+            };
+            Job {
+                prepared: engine.prepare(request).unwrap(),
+                reply,
+                enqueued: Instant::now() - age,
+                deadline: Instant::now() + Duration::from_secs(600),
+            }
+        };
+        let beams =
+            |flying: &Vec<super::InFlight>| flying.iter().map(|f| f.beam).collect::<Vec<_>>();
+        // A beam of 10 runs; a beam of 25 would make 35 rows (over 32); a beam of 4 fits.
+        queue.lock().jobs.push_back(job(10, Duration::ZERO));
+        admit(
+            &mut queue.lock(),
+            &mut batch,
+            &mut flying,
+            &config,
+            &metrics,
+        );
+        assert_eq!(beams(&flying), [10]);
+        {
+            let mut st = queue.lock();
+            st.jobs.push_back(job(25, Duration::ZERO));
+            st.jobs.push_back(job(4, Duration::ZERO));
+        }
+        admit(
+            &mut queue.lock(),
+            &mut batch,
+            &mut flying,
+            &config,
+            &metrics,
+        );
+        assert_eq!(beams(&flying), [10, 4], "the young wide job is passed");
+        {
+            let st = queue.lock();
+            assert_eq!(st.jobs.len(), 1);
+            assert_eq!(
+                st.jobs[0].prepared.request().beam,
+                25,
+                "and keeps its place"
+            );
+            assert!(st.head_blocked);
+        }
+        // The wide job, now older than HEAD_PASS: the small one behind it waits.
+        {
+            let mut st = queue.lock();
+            st.jobs[0].enqueued = Instant::now() - HEAD_PASS;
+            st.jobs.push_back(job(3, Duration::ZERO));
+        }
+        admit(
+            &mut queue.lock(),
+            &mut batch,
+            &mut flying,
+            &config,
+            &metrics,
+        );
+        assert_eq!(beams(&flying), [10, 4], "nothing passes an old job");
+        let st = queue.lock();
+        let waiting: Vec<usize> = st.jobs.iter().map(|j| j.prepared.request().beam).collect();
+        assert_eq!(waiting, [25, 3]);
     }
 
     /// A batcher of two places and one scoring thread over `engine`, and its queue.

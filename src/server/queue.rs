@@ -268,7 +268,8 @@ pub(super) struct QueueState {
     pub(super) draining: bool,
     /// The job at the head waits, although places are free, for decoder rows
     /// (`--max-batch-rows`) or for KV entries of the arena (a wide beam): until it joins, no
-    /// place counts as free for the wait bound, since nothing behind it joins first.
+    /// place counts as free for the wait bound (jobs behind it may pass it for a while,
+    /// `batcher::HEAD_PASS`, but the bound does not count on that).
     pub(super) head_blocked: bool,
 }
 
