@@ -403,7 +403,7 @@ fn admit<B: Backend>(
     metrics: &Metrics,
 ) {
     let now = Instant::now();
-    st.head_blocked = false;
+    st.head_blocked = None;
     let jobs = std::mem::take(&mut st.jobs);
     for job in jobs {
         // A request that leaves the queue unserved waited too: its wait goes into the queue
@@ -444,9 +444,11 @@ fn admit<B: Backend>(
         let (prompt, beam) = (job.prepared.prompt_tokens(), job.prepared.request().beam);
         // Puts a job that cannot join back in its place: true when the jobs behind may pass.
         let hold = |st: &mut QueueState, job: Job| {
-            let young = now.duration_since(job.enqueued) < HEAD_PASS;
+            let young = now.saturating_duration_since(job.enqueued) < HEAD_PASS;
+            if at == 0 {
+                st.head_blocked = Some(job.enqueued);
+            }
             st.jobs.insert(at, job);
-            st.head_blocked |= at == 0;
             young
         };
         if !fits(
@@ -507,7 +509,8 @@ fn admit<B: Backend>(
 /// wide beam) may be passed by later jobs that can. Without passing, one wide request held
 /// every request behind it until the batch had drained enough for it; with no bound on it, a
 /// stream of small requests could keep the wide one waiting for ever. Past it, nothing passes
-/// the job, and the batch drains until it joins.
+/// the job, and the batch drains until it joins: its extra wait is about this plus the run of
+/// the requests that passed it last.
 pub const HEAD_PASS: Duration = Duration::from_millis(50);
 
 /// Whether a request of `prompt` tokens and beam `beam` may join the batch under the row bound
@@ -663,7 +666,9 @@ pub(super) mod tests {
         let mut batch = engine.batch(&mut search, config.arena_entries).unwrap();
         let mut flying = Vec::new();
         let mut answers = Vec::new();
-        let mut job = |beam: usize, age: Duration| {
+        // An age: how long before now a job was queued (`YOUNG`: a minute after now).
+        const YOUNG: Option<Duration> = None;
+        let mut job = |beam: usize, age: Option<Duration>| {
             let (reply, answer) = tokio::sync::oneshot::channel();
             answers.push(answer);
             let request = Request {
@@ -673,14 +678,17 @@ pub(super) mod tests {
             Job {
                 prepared: engine.prepare(request).unwrap(),
                 reply,
-                enqueued: Instant::now() - age,
+                enqueued: match age {
+                    Some(age) => Instant::now() - age,
+                    None => Instant::now() + Duration::from_secs(60),
+                },
                 deadline: Instant::now() + Duration::from_secs(600),
             }
         };
         let beams =
             |flying: &Vec<super::InFlight>| flying.iter().map(|f| f.beam).collect::<Vec<_>>();
         // A beam of 10 runs; a beam of 25 would make 35 rows (over 32); a beam of 4 fits.
-        queue.lock().jobs.push_back(job(10, Duration::ZERO));
+        queue.lock().jobs.push_back(job(10, Some(Duration::ZERO)));
         admit(
             &mut queue.lock(),
             &mut batch,
@@ -690,9 +698,10 @@ pub(super) mod tests {
         );
         assert_eq!(beams(&flying), [10]);
         {
+            // Queued a minute "from now": young however slow this test runs.
             let mut st = queue.lock();
-            st.jobs.push_back(job(25, Duration::ZERO));
-            st.jobs.push_back(job(4, Duration::ZERO));
+            st.jobs.push_back(job(25, YOUNG));
+            st.jobs.push_back(job(4, YOUNG));
         }
         admit(
             &mut queue.lock(),
@@ -710,13 +719,13 @@ pub(super) mod tests {
                 25,
                 "and keeps its place"
             );
-            assert!(st.head_blocked);
+            assert!(st.head_blocked.is_some());
         }
         // The wide job, now older than HEAD_PASS: the small one behind it waits.
         {
             let mut st = queue.lock();
             st.jobs[0].enqueued = Instant::now() - HEAD_PASS;
-            st.jobs.push_back(job(3, Duration::ZERO));
+            st.jobs.push_back(job(3, YOUNG));
         }
         admit(
             &mut queue.lock(),

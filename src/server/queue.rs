@@ -266,11 +266,11 @@ pub(super) struct QueueState {
     pub(super) arrivals: ArrivalRate,
     /// Shutting down: no gathering window (jobs are still taken).
     pub(super) draining: bool,
-    /// The job at the head waits, although places are free, for decoder rows
-    /// (`--max-batch-rows`) or for KV entries of the arena (a wide beam): until it joins, no
-    /// place counts as free for the wait bound (jobs behind it may pass it for a while,
-    /// `batcher::HEAD_PASS`, but the bound does not count on that).
-    pub(super) head_blocked: bool,
+    /// When the job at the head, waiting although places are free for decoder rows
+    /// (`--max-batch-rows`) or for KV entries of the arena (a wide beam), was queued. Jobs
+    /// behind it pass it while it is younger than `batcher::HEAD_PASS`; after that nothing
+    /// does, and no place counts as free for the wait bound until it joins.
+    pub(super) head_blocked: Option<Instant>,
 }
 
 impl Queue {
@@ -280,7 +280,7 @@ impl Queue {
                 jobs: VecDeque::new(),
                 arrivals: ArrivalRate::default(),
                 draining: false,
-                head_blocked: false,
+                head_blocked: None,
             }),
             changed: Condvar::new(),
             capacity,
@@ -494,7 +494,8 @@ impl Queue {
         let depth = st.jobs.len();
         let max_batch = self.max_batch.load(std::sync::atomic::Ordering::Relaxed);
         let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        let free = free_places(max_batch, in_flight, st.head_blocked);
+        let held = holds_places(st.head_blocked, now);
+        let free = free_places(max_batch, in_flight, held);
         if depth < free {
             return None;
         }
@@ -514,7 +515,7 @@ impl Queue {
                     free,
                     in_flight,
                     max_batch,
-                    head_blocked = st.head_blocked,
+                    head_blocked = held,
                     arrivals = ?arrivals,
                     rate = ?rate,
                     "refused: the wait would be too long"
@@ -552,8 +553,16 @@ impl Queue {
     }
 }
 
+/// Whether a blocked head (queued at `since`) holds every place at `now`: once nothing may pass
+/// it any more (`batcher::HEAD_PASS`); before that, jobs that fit join past it.
+fn holds_places(head_blocked: Option<Instant>, now: Instant) -> bool {
+    head_blocked
+        .is_some_and(|since| now.saturating_duration_since(since) >= super::batcher::HEAD_PASS)
+}
+
 /// Places a job queued now may take at the next step: none while the head waits for decoder
-/// rows (`--max-batch-rows`) or arena entries, since nothing behind it joins first.
+/// rows (`--max-batch-rows`) or arena entries and nothing may pass it any more
+/// (`batcher::HEAD_PASS`).
 fn free_places(max_batch: usize, in_flight: usize, head_blocked: bool) -> usize {
     if head_blocked {
         0
@@ -564,8 +573,24 @@ fn free_places(max_batch: usize, in_flight: usize, head_blocked: bool) -> usize 
 
 #[cfg(test)]
 mod tests {
-    use super::{free_places, overloaded, wait_refusal, ArrivalRate, Refusal, ServiceRate};
+    use super::{
+        free_places, holds_places, overloaded, wait_refusal, ArrivalRate, Refusal, ServiceRate,
+    };
     use std::time::{Duration, Instant};
+
+    /// A blocked head holds the places only once nothing may pass it: while it is younger than
+    /// `HEAD_PASS`, jobs that fit join past it, and the wait bound counts their places (it
+    /// refused every arrival in that window before).
+    #[test]
+    fn a_blocked_head_holds_the_places_only_once_it_may_not_be_passed() {
+        let now = Instant::now();
+        let pass = crate::server::batcher::HEAD_PASS;
+        assert!(!holds_places(None, now));
+        assert!(!holds_places(Some(now), now));
+        assert!(!holds_places(Some(now - pass / 2), now));
+        assert!(holds_places(Some(now - pass), now));
+        assert!(holds_places(Some(now - 3 * pass), now));
+    }
 
     #[test]
     fn no_place_is_free_while_the_head_waits() {
