@@ -685,17 +685,14 @@ pub(super) mod tests {
                 deadline: Instant::now() + Duration::from_secs(600),
             }
         };
+        let mut run = |flying: &mut Vec<super::InFlight>| {
+            admit(&mut queue.lock(), &mut batch, flying, &config, &metrics)
+        };
         let beams =
             |flying: &Vec<super::InFlight>| flying.iter().map(|f| f.beam).collect::<Vec<_>>();
         // A beam of 10 runs; a beam of 25 would make 35 rows (over 32); a beam of 4 fits.
         queue.lock().jobs.push_back(job(10, Some(Duration::ZERO)));
-        admit(
-            &mut queue.lock(),
-            &mut batch,
-            &mut flying,
-            &config,
-            &metrics,
-        );
+        run(&mut flying);
         assert_eq!(beams(&flying), [10]);
         {
             // Queued a minute "from now": young however slow this test runs.
@@ -703,13 +700,7 @@ pub(super) mod tests {
             st.jobs.push_back(job(25, YOUNG));
             st.jobs.push_back(job(4, YOUNG));
         }
-        admit(
-            &mut queue.lock(),
-            &mut batch,
-            &mut flying,
-            &config,
-            &metrics,
-        );
+        run(&mut flying);
         assert_eq!(beams(&flying), [10, 4], "the young wide job is passed");
         {
             let st = queue.lock();
@@ -727,13 +718,7 @@ pub(super) mod tests {
             st.jobs[0].enqueued = Instant::now() - HEAD_PASS;
             st.jobs.push_back(job(3, YOUNG));
         }
-        admit(
-            &mut queue.lock(),
-            &mut batch,
-            &mut flying,
-            &config,
-            &metrics,
-        );
+        run(&mut flying);
         assert_eq!(beams(&flying), [10, 4], "nothing passes an old job");
         let st = queue.lock();
         let waiting: Vec<usize> = st.jobs.iter().map(|j| j.prepared.request().beam).collect();
