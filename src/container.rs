@@ -263,18 +263,24 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
 /// fails the map with "No such device".
 pub fn open_regular(path: &Path) -> Result<File> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        let kind = if meta.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        };
+    if let Some(kind) = not_a_file(&meta) {
         return Err(Error::Input(format!(
             "{}: {kind} (expected a file)",
             path.display()
         )));
     }
     File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// What a path that is not a regular file is instead (through links), if it is not one.
+fn not_a_file(meta: &std::fs::Metadata) -> Option<&'static str> {
+    if meta.is_file() {
+        None
+    } else if meta.is_dir() {
+        Some("a directory")
+    } else {
+        Some("not a regular file")
+    }
 }
 
 /// Most bytes of a JSON file beside a model or an index (`config.json`,
@@ -291,12 +297,7 @@ pub const TOKENIZER_CAP: u64 = 256 << 20;
 pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
     use std::io::{Error as IoError, ErrorKind, Read};
     let meta = std::fs::metadata(path)?;
-    if !meta.is_file() {
-        let kind = if meta.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        };
+    if let Some(kind) = not_a_file(&meta) {
         return Err(IoError::new(
             ErrorKind::InvalidInput,
             format!("{kind} (expected a file)"),
