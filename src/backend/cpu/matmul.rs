@@ -434,27 +434,18 @@ pub fn picks(isa: Isa, x: &[f32], w: View, k: usize, picks: &[(u32, u32)]) -> Ve
     // Up to `CHAINS` picks at a time: their weight rows as f32 (in place, or widened into
     // `rows`), their chains side by side.
     let group = |picks: &[(u32, u32)], out: &mut [f32], rows: &mut Vec<f32>| {
-        if let View::F32(wf) = w {
-            let ws: Vec<&[f32]> = picks
-                .iter()
-                .map(|&(_, v)| &wf[v as usize * k..(v as usize + 1) * k])
-                .collect();
-            let xs: Vec<&[f32]> = picks
-                .iter()
-                .map(|&(r, _)| &x[r as usize * k..(r as usize + 1) * k])
-                .collect();
-            simd::dot_chains(isa, &ws, &xs, out);
-            return;
-        }
-        rows.resize(picks.len() * k, 0.0);
-        for (i, &(_, v)) in picks.iter().enumerate() {
-            simd::dequant_rows(isa, w, v as usize, 1, k, &mut rows[i * k..(i + 1) * k]);
-        }
-        let ws: Vec<&[f32]> = rows.chunks_exact(k.max(1)).take(picks.len()).collect();
-        let xs: Vec<&[f32]> = picks
-            .iter()
-            .map(|&(r, _)| &x[r as usize * k..(r as usize + 1) * k])
-            .collect();
+        let row = |i: usize| i * k..(i + 1) * k;
+        let ws: Vec<&[f32]> = match w {
+            View::F32(wf) => picks.iter().map(|&(_, v)| &wf[row(v as usize)]).collect(),
+            _ => {
+                rows.resize(picks.len() * k, 0.0);
+                for (i, &(_, v)) in picks.iter().enumerate() {
+                    simd::dequant_rows(isa, w, v as usize, 1, k, &mut rows[row(i)]);
+                }
+                rows.chunks_exact(k).take(picks.len()).collect()
+            }
+        };
+        let xs: Vec<&[f32]> = picks.iter().map(|&(r, _)| &x[row(r as usize)]).collect();
         simd::dot_chains(isa, &ws, &xs, out);
     };
     let run = |picks: &[(u32, u32)], out: &mut [f32]| {
