@@ -71,14 +71,16 @@ python3 - "$out" $batches <<'PY' | tee "$out/summary.md"
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 batches = [int(b) for b in sys.argv[2:]]
+def f(x, spec=".0f"):  # a summary of no answered requests holds nulls
+    return "n/a" if x is None else format(x, spec)
 print("| max-batch | concurrency | answered/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | engine p50 ms | overhead p50 ms |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for mb in batches:
     for c in (1, 8, 32):
         r = json.loads((out / f"mb{mb}-c{c}" / "report.json").read_text())
         l = r["latency_ms"]
-        print(f"| {mb} | {c} | {r['qps']:.2f} | {l['p50']:.0f} | {l['p90']:.0f} | {l['p99']:.0f} | {l['p999']:.0f} | "
-              f"{sum(r['errors'].values())} | {r['engine_ms']['p50']:.0f} | {r['overhead_ms']['p50']:.3f} |")
+        print(f"| {mb} | {c} | {r['qps']:.2f} | {f(l['p50'])} | {f(l['p90'])} | {f(l['p99'])} | {f(l['p999'])} | "
+              f"{sum(r['errors'].values())} | {f(r['engine_ms']['p50'])} | {f(r['overhead_ms']['p50'], '.3f')} |")
 stages = ("tokenize", "prefill", "decode", "postings", "scoring")
 inproc = [sum(json.loads(l)["timings_ms"][s] for s in stages) for l in (out / "inprocess.jsonl").read_text().splitlines()]
 http = json.loads((out / "http-20" / "report.json").read_text())

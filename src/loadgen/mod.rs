@@ -148,8 +148,10 @@ fn request_failure(e: &(dyn std::error::Error + 'static)) -> Status {
 /// An open loop's p99 lateness (ms) past which `gram bench` warns.
 const LATE_MS: f64 = 0.5;
 
-/// Latency summary, milliseconds.
+/// Latency summary, milliseconds. With no values (`n` 0) the report writes every other field
+/// as `null`, not a latency of 0 that no request had.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(into = "PercentilesJson", from = "PercentilesJson")]
 pub struct Percentiles {
     pub n: usize,
     pub mean: f64,
@@ -176,6 +178,48 @@ impl Percentiles {
             p99: rank(&v, 0.99),
             p999: rank(&v, 0.999),
             max: v[v.len() - 1],
+        }
+    }
+}
+
+/// [`Percentiles`] as a report holds it: `null`s when there were no values.
+#[derive(Serialize, Deserialize)]
+struct PercentilesJson {
+    n: usize,
+    mean: Option<f64>,
+    p50: Option<f64>,
+    p90: Option<f64>,
+    p99: Option<f64>,
+    p999: Option<f64>,
+    max: Option<f64>,
+}
+
+impl From<Percentiles> for PercentilesJson {
+    fn from(p: Percentiles) -> Self {
+        let v = |x: f64| (p.n > 0).then_some(x);
+        PercentilesJson {
+            n: p.n,
+            mean: v(p.mean),
+            p50: v(p.p50),
+            p90: v(p.p90),
+            p99: v(p.p99),
+            p999: v(p.p999),
+            max: v(p.max),
+        }
+    }
+}
+
+impl From<PercentilesJson> for Percentiles {
+    fn from(p: PercentilesJson) -> Self {
+        let v = |x: Option<f64>| x.unwrap_or(0.0);
+        Percentiles {
+            n: p.n,
+            mean: v(p.mean),
+            p50: v(p.p50),
+            p90: v(p.p90),
+            p99: v(p.p99),
+            p999: v(p.p999),
+            max: v(p.max),
         }
     }
 }

@@ -40,6 +40,27 @@ fn nearest_rank_percentiles() {
     assert_eq!((p.p50, p.p90), (2.0, 3.0));
 }
 
+/// A summary of no values reports `null`s, not latencies of 0, and reads back; one of values
+/// keeps its numbers through the report.
+#[test]
+fn empty_percentiles_report_nulls() {
+    let json = serde_json::to_value(Percentiles::of(&[])).unwrap();
+    assert_eq!(json["n"], 0);
+    for f in ["mean", "p50", "p90", "p99", "p999", "max"] {
+        assert!(json[f].is_null(), "{f}: {json}");
+    }
+    let back: Percentiles = serde_json::from_value(json).unwrap();
+    assert_eq!(back.n, 0);
+    let p = Percentiles::of(&[2.5, 4.0]);
+    let json = serde_json::to_value(p.clone()).unwrap();
+    assert_eq!(
+        (json["p50"].as_f64(), json["max"].as_f64()),
+        (Some(2.5), Some(4.0))
+    );
+    let back: Percentiles = serde_json::from_value(json).unwrap();
+    assert_eq!((back.n, back.mean, back.p99), (2, 3.25, 4.0));
+}
+
 #[test]
 fn server_timing_header() {
     let h = "queue;dur=0.027, engine;dur=1.503, server;dur=1.621";

@@ -155,6 +155,109 @@ fn a_job_that_cannot_join_is_passed_only_while_it_is_young() {
     assert_eq!(waiting, [25, 3]);
 }
 
+/// The same rule when what a job waits for is the arena's free entries (`Admission::Wait`), not
+/// the row bound: a wide job the arena cannot hold until a request in flight finishes keeps its
+/// place and is passed by a narrower job that fits while it is young, and by nothing once it
+/// is older than `HEAD_PASS`.
+#[test]
+fn a_job_the_arena_cannot_hold_yet_is_passed_only_while_it_is_young() {
+    use super::{admit, BatcherConfig, Job, Queue, HEAD_PASS};
+    use crate::search::Request;
+    let engine = tiny_engine("arena-pass");
+    let prepare = |beam: usize| {
+        engine
+            .prepare(Request {
+                beam,
+                ..Request::new("oak desk")
+            })
+            .unwrap()
+    };
+    let entries = |beam: usize| engine.entries_for(&prepare(beam));
+    let (e10, e4, e12) = (entries(10), entries(4), entries(12));
+    // Room for a beam of 10 and one of 4; a beam of 12 fits the arena alone, not beside the 10.
+    assert!(e12 > e4 && e12 <= e10 + e4, "entries {e10} {e4} {e12}");
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let queue = Queue::new(8, metrics.clone());
+    let config = BatcherConfig {
+        max_batch: 4,
+        max_rows: 0, // no row bound: only the arena holds jobs back
+        batch_wait: Duration::ZERO,
+        arena_entries: e10 + e4,
+        score_threads: 1,
+    };
+    let mut search = crate::beam::BeamSearch::new();
+    let mut batch = engine.batch(&mut search, config.arena_entries).unwrap();
+    let mut flying = Vec::new();
+    let mut answers = Vec::new();
+    let mut job = |beam: usize, enqueued: Instant| {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        answers.push(answer);
+        Job {
+            prepared: prepare(beam),
+            reply,
+            enqueued,
+            deadline: Instant::now() + Duration::from_secs(600),
+        }
+    };
+    // Queued a minute "from now": young however slow this test runs.
+    let young = Instant::now() + Duration::from_secs(60);
+    let beams = |flying: &Vec<super::InFlight>| flying.iter().map(|f| f.beam).collect::<Vec<_>>();
+    queue.lock().jobs.push_back(job(10, Instant::now()));
+    admit(
+        &mut queue.lock(),
+        &mut batch,
+        &mut flying,
+        &config,
+        &metrics,
+    );
+    assert_eq!(beams(&flying), [10]);
+    {
+        let mut st = queue.lock();
+        st.jobs.push_back(job(12, young));
+        st.jobs.push_back(job(4, young));
+    }
+    admit(
+        &mut queue.lock(),
+        &mut batch,
+        &mut flying,
+        &config,
+        &metrics,
+    );
+    assert_eq!(
+        beams(&flying),
+        [10, 4],
+        "the young job the arena cannot hold is passed"
+    );
+    {
+        let st = queue.lock();
+        let waiting: Vec<usize> = st.jobs.iter().map(|j| j.prepared.request().beam).collect();
+        assert_eq!(waiting, [12], "and keeps its place");
+        assert!(st.head_blocked.is_some());
+    }
+    // The beam of 4 leaves (its client gone): its entries are free again, so another beam of 4
+    // fits beside the 10, and the beam of 12 still does not. Now older than HEAD_PASS, the wide
+    // job is passed by nothing.
+    let four = flying.pop().unwrap();
+    assert!(batch.cancel(four.ticket));
+    assert_eq!(batch.free_entries(), e4);
+    {
+        let mut st = queue.lock();
+        st.jobs[0].enqueued = Instant::now() - HEAD_PASS;
+        st.jobs.push_back(job(4, young));
+    }
+    admit(
+        &mut queue.lock(),
+        &mut batch,
+        &mut flying,
+        &config,
+        &metrics,
+    );
+    assert_eq!(beams(&flying), [10], "nothing passes an old job");
+    let st = queue.lock();
+    let waiting: Vec<usize> = st.jobs.iter().map(|j| j.prepared.request().beam).collect();
+    assert_eq!(waiting, [12, 4]);
+}
+
 /// A batcher of two places and one scoring thread over `engine`, and its queue.
 fn batcher_of(
     engine: &crate::search::Engine,
