@@ -248,7 +248,15 @@ pub fn build_with<B: Backend>(
     // Tokenized once; a catalog code this model cannot emit (the tokenizer refuses it, it is
     // no tokens, it holds the EOS token, it is too long) is set aside with why. (The list's
     // codes were checked above: none is.)
-    let (known, bad) = if texts.is_empty() {
+    // A blank code is no code (`read` refuses one under `Stop`; under `Skip` its product is
+    // left out here, with the others that list a code this model cannot emit).
+    let blank: Vec<(String, String)> = texts
+        .iter()
+        .filter(|t| t.trim().is_empty())
+        .map(|t| (t.clone(), "is blank".to_string()))
+        .collect();
+    texts.retain(|t| !t.trim().is_empty());
+    let (known, mut bad) = if texts.is_empty() {
         (None, Vec::new())
     } else {
         let (set, mut bad) = CodeSet::from_texts_lenient(texts, tokenizer, eos)?;
@@ -267,6 +275,10 @@ pub fn build_with<B: Backend>(
         };
         (Some(set).filter(|s| !s.is_empty()), bad)
     };
+    if !blank.is_empty() {
+        bad.extend(blank);
+        bad.sort_unstable();
+    }
     // The products with such a code, in catalog order: under `Stop` the first is the error,
     // under `Skip` they are left out before any work, and reported with the products that do
     // not fit.
@@ -389,10 +401,19 @@ pub fn build_with<B: Backend>(
             texts.sort_unstable();
             texts.dedup();
             if texts.is_empty() {
-                return Err(Error::Input(format!(
-                    "unconstrained generation found no codes: no beam ended with EOS within {} tokens above the threshold",
-                    generate.map_or(0, |g| g.max_new_tokens)
-                )));
+                return Err(Error::Input(match (unconstrained, unfit.first()) {
+                    (true, _) => format!(
+                        "unconstrained generation found no codes: no beam ended with EOS within \
+                         {} tokens above the threshold",
+                        generate.map_or(0, |g| g.max_new_tokens)
+                    ),
+                    (false, Some((_, why))) => format!(
+                        "no codes: every code of the catalog was refused ({} products left out; \
+                         the first: {why})",
+                        unfit.len()
+                    ),
+                    (false, None) => "no codes: the catalog lists none".into(),
+                }));
             }
             let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
             check_code_lengths(&set, &source)?;

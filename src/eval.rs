@@ -148,6 +148,16 @@ pub fn condense<'a, S: AsRef<str>>(ranked: &'a [S], grades: &Grades) -> Vec<&'a 
 /// A metric of one ranking against one query's grades.
 pub type Metric = fn(&[String], &Grades) -> Option<f64>;
 
+/// How deep a ranking the condensed metrics read: the systems `evaluate.py` compares return
+/// 300 products each, so its condensed lists are condensed top 300s. A deeper `--k` must not
+/// bring judged products from below rank 300 into them.
+pub const CONDENSE_DEPTH: usize = 300;
+
+/// The top [`CONDENSE_DEPTH`] of `ranked`, condensed.
+fn condensed<'a>(ranked: &'a [String], grades: &Grades) -> Vec<&'a str> {
+    condense(&ranked[..ranked.len().min(CONDENSE_DEPTH)], grades)
+}
+
 /// The metrics reported, by name, in the order `evaluate.py` prints them.
 pub const METRICS: [(&str, Metric); 9] = [
     ("ndcg@10", |r, g| ndcg(r, g, 10)),
@@ -156,10 +166,12 @@ pub const METRICS: [(&str, Metric); 9] = [
     ("recall@300", |r, g| recall(r, g, 300)),
     ("relevance_rate@300", |r, g| relevance_rate(r, g, 300)),
     ("judged@10", |r, g| judged_at(r, g, 10)),
-    ("condensed_ndcg@10", |r, g| ndcg(&condense(r, g), g, 10)),
-    ("condensed_recall@10", |r, g| recall(&condense(r, g), g, 10)),
+    ("condensed_ndcg@10", |r, g| ndcg(&condensed(r, g), g, 10)),
+    ("condensed_recall@10", |r, g| {
+        recall(&condensed(r, g), g, 10)
+    }),
     ("condensed_recall@100", |r, g| {
-        recall(&condense(r, g), g, 100)
+        recall(&condensed(r, g), g, 100)
     }),
 ];
 
@@ -857,6 +869,15 @@ mod tests {
         let s = summarize(&[ids(&["x", "y"])], &[&g()]);
         assert_eq!(mean(&s, "condensed_ndcg@10"), Some(0.0));
         assert_eq!(mean(&s, "condensed_recall@100"), Some(0.0));
+        // a at rank 301 of a deeper --k: outside the condensed top 300, as evaluate.py's
+        // 300-deep lists would have it; at rank 300 inside
+        for (unjudged, found) in [(CONDENSE_DEPTH, 0.0), (CONDENSE_DEPTH - 1, 0.5)] {
+            let mut deep = vec!["x"; unjudged];
+            deep.extend(["a", "y"]);
+            let s = summarize(&[ids(&deep)], &[&g()]);
+            assert_eq!(mean(&s, "condensed_recall@10"), Some(found), "{unjudged}");
+            assert_eq!(mean(&s, "recall@300"), Some(found), "{unjudged}");
+        }
     }
 
     #[test]

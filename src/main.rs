@@ -727,6 +727,21 @@ fn search_on<B: Backend>(
     Ok(())
 }
 
+/// Whether `a` and `b` name one existing file (the same inode: links and other spellings of a
+/// path included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        #[cfg(unix)]
+        (Ok(x), Ok(y)) => {
+            use std::os::unix::fs::MetadataExt;
+            x.dev() == y.dev() && x.ino() == y.ino()
+        }
+        #[cfg(not(unix))]
+        (Ok(_), Ok(_)) => std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok(),
+        _ => false,
+    }
+}
+
 /// Most queries `gram eval --batch` puts in one batch of shared decoder steps (each holds its
 /// beam's rows and KV entries: past this the arena is the memory of a server, not a run).
 const MAX_EVAL_BATCH: usize = 256;
@@ -771,6 +786,20 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         }
         if path.is_dir() {
             return Err(format!("--per-query {}: is a directory", path.display()));
+        }
+        // Written by a rename at the end of the run: over an input, that input is lost.
+        if same_file(path, &args.judgements) {
+            return Err(format!(
+                "--per-query {}: is the --judgements file",
+                path.display()
+            ));
+        }
+        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+        if canonical(dir).is_some() && canonical(dir) == canonical(&args.index) {
+            return Err(format!(
+                "--per-query {}: inside the --index directory (its files are the index's)",
+                path.display()
+            ));
         }
         gram::container::check_writable(path)
             .map_err(|e| format!("--per-query {}: {e}", path.display()))?;
@@ -834,6 +863,14 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         beam: args.beam,
         batch: args.batch,
     };
+    // The CUDA backend's products take another kernel past 16 rows (docs/PERF.md), so a
+    // query's codes there can depend on the queries it shares steps with; the CPU's never do.
+    let batch_invariant = matches!(engine, AnyEngine::Cpu(_)) || args.batch == 1;
+    if !batch_invariant {
+        eprintln!(
+            "warning: on the GPU a query's codes may depend on the queries batched with it              (near-ties can swap); --batch 1 or --device cpu for figures that do not"
+        );
+    }
     let (report, results) = match &engine {
         AnyEngine::Cpu(e) => gram::eval::evaluate(e, &judged.queries, &opts),
         AnyEngine::Cuda(e) => gram::eval::evaluate(e, &judged.queries, &opts),
@@ -846,6 +883,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         "k": args.k,
         "beam": args.beam,
         "batch": args.batch,
+        "batch_invariant": batch_invariant,
         "judged_products": grades - dropped,
         "judged_products_not_in_index": dropped,
         "judged_products_left_out_by_build": judged_left_out,

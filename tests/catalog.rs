@@ -289,6 +289,18 @@ fn eval_refuses_what_would_measure_nothing() {
         e.contains("--per-query") && e.contains("not a directory"),
         "{e}"
     );
+    // A --per-query file that is an input: the judgements (by another spelling of the path
+    // too), or a file of the index directory. Neither is touched.
+    let before = std::fs::read(&j).unwrap();
+    let other_spelling = dir.join("b/../j.jsonl");
+    let e = eval(&j, &["--per-query", other_spelling.to_str().unwrap()]);
+    assert!(e.contains("is the --judgements file"), "{e}");
+    assert_eq!(std::fs::read(&j).unwrap(), before);
+    let index_file = ix.join("index.gram");
+    let index_before = std::fs::read(&index_file).unwrap();
+    let e = eval(&j, &["--per-query", index_file.to_str().unwrap()]);
+    assert!(e.contains("inside the --index directory"), "{e}");
+    assert_eq!(std::fs::read(&index_file).unwrap(), index_before);
     let e = eval(&none, &[]);
     assert!(e.contains("no grades"), "{e}");
     // Every query refused (each over the token limit): the report prints, the run fails.
@@ -463,8 +475,9 @@ fn code_errors_name_their_own_lines_and_products() {
         e.contains("c.jsonl line 2: product \"a\": code 2 of its `codes` is empty"),
         "{e}"
     );
+    // Under `Skip` the product is read: the build leaves it out by id (next test).
     let (items, skipped) = catalog::read(&cat, OnError::Skip).unwrap();
-    assert_eq!((items.len(), skipped), (1, 1));
+    assert_eq!((items.len(), skipped), (2, 0));
 
     // A code holding the EOS token's text, on the third line: named by its product and line.
     let eos = std::fs::read_to_string(model.join("tokenizer_config.json"))
@@ -511,6 +524,7 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
         serde_json::json!({"id": "p2", "title": "rug", "codes": ["rug"]}),
         serde_json::json!({"id": "p3", "title": "long", "codes": [long]}),
         serde_json::json!({"id": "p4", "title": "lamp too", "codes": ["lamp"]}),
+        serde_json::json!({"id": "p5", "title": "rug too", "codes": ["rug", " "]}),
     ]
     .iter()
     .map(|l| l.to_string())
@@ -524,12 +538,15 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
             &["--threads", "1", "--on-error", mode],
         )
     };
+    // Under `stop` without p5 (whose blank code the read refuses first, naming line 6).
+    std::fs::write(&cat, lines[..5].join("\n")).unwrap();
     let out = run("stop");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("catalog line 2 (product \"p1\")"), "{err}");
+    std::fs::write(&cat, lines.join("\n")).unwrap();
     let (v, stderr) = built(&run("skip"));
-    assert_eq!(v["report"]["skipped_products"], 2, "{v}");
+    assert_eq!(v["report"]["skipped_products"], 3, "{v}");
     assert_eq!(v["report"]["products"], 3, "{v}");
     // One-word codes: a delimiter that none holds is worth a word (a catalog written with
     // another delimiter would score every code as coarse).
@@ -538,23 +555,26 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("2 products do not fit the model")
+        stderr.contains("3 products do not fit the model")
             && stderr.contains("catalog line 2 (product \"p1\"): code")
             && stderr.contains("contains the EOS")
             && stderr.contains("catalog line 4 (product \"p3\"): code")
-            && stderr.contains("codes may have at most"),
+            && stderr.contains("codes may have at most")
+            && stderr.contains("catalog line 6 (product \"p5\"): code \" \" is blank"),
         "{stderr}"
     );
     let (ids, lamp) = ids_and_carriers(&dir.join("ix"), "lamp");
     assert_eq!(ids, ["p0", "p2", "p4"]);
     assert_eq!(lamp, [2], "p4 is product 2 now");
-    // `gram eval` on that index: a judged product the build left out is in the catalog and
-    // can never be retrieved, so it is a miss (Recall@300 0.5, not 1.0); an id the catalog
-    // lacks is dropped. Every product comes back (three codes, beam 10).
+    // `gram eval` on that index: a judged product the build left out (for a code the model
+    // cannot emit, or a blank code: that one's line used to be skipped as unreadable and its
+    // id lost) is in the catalog and can never be retrieved, so it is a miss (Recall@300 1/3,
+    // not 1.0); an id the catalog lacks is dropped. Every product comes back (three codes,
+    // beam 10).
     let j = dir.join("j.jsonl");
     std::fs::write(
         &j,
-        "{\"query\": \"lamp\", \"grades\": {\"p1\": 3, \"p4\": 3, \"ghost\": 2}}\n",
+        "{\"query\": \"lamp\", \"grades\": {\"p1\": 3, \"p4\": 3, \"p5\": 2, \"ghost\": 2}}\n",
     )
     .unwrap();
     let ix = dir.join("ix");
@@ -570,19 +590,19 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("1 judged products were left out of the index by its build"),
+        err.contains("2 judged products were left out of the index by its build"),
         "{err}"
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(r["judged_products"], 2, "{r}");
+    assert_eq!(r["judged_products"], 3, "{r}");
     assert_eq!(r["judged_products_not_in_index"], 1, "{r}");
-    assert_eq!(r["judged_products_left_out_by_build"], 1, "{r}");
+    assert_eq!(r["judged_products_left_out_by_build"], 2, "{r}");
     assert_eq!(r["mean_returned"], 3.0, "{r}");
-    assert_eq!(r["metrics"]["recall@300"], 0.5, "{r}");
+    assert_eq!(r["metrics"]["recall@300"], 1.0 / 3.0, "{r}");
     // `gram index inspect` counts them rather than listing every id.
     let out = gram(&["index", "inspect", ix.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["meta"]["left_out_products"], 2, "{v}");
+    assert_eq!(v["meta"]["left_out_products"], 3, "{v}");
     // Under `stop` the error names the first bad product in catalog order, not the bad code
     // first in byte order ("lamp …" sorts before "sofa …").
     let (first, second) = (lines[1].clone(), lines[3].clone());
@@ -592,6 +612,21 @@ fn a_product_with_a_code_the_model_cannot_emit_is_skipped() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("catalog line 2 (product \"p3\")"),
+        "{err}"
+    );
+    // Every code refused and nothing to generate: said so, not "unconstrained generation
+    // found no codes … within 0 tokens", a mode that was never run.
+    // (A product without codes keeps the build going past "no product fits".)
+    let bare = serde_json::json!({"id": "p9", "title": "chair"}).to_string();
+    let blank = serde_json::json!({"id": "p6", "title": "stool", "codes": [" "]}).to_string();
+    let only_bad = [&lines[3], &blank, &bare];
+    std::fs::write(&cat, only_bad.map(String::as_str).join("\n")).unwrap();
+    let out = run("skip");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("no codes: every code of the catalog was refused (2 products left out")
+            && err.contains("product \"p3\""),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -407,6 +407,10 @@ fn eval_reports_metrics_on_judgements() {
     assert_eq!(r["queries_with_relevant"], 2);
     assert_eq!(r["judged_products"], 7);
     assert_eq!(r["judged_products_not_in_index"], 1);
+    assert_eq!(
+        r["batch_invariant"], true,
+        "the CPU's codes never depend on the batch"
+    );
     assert_eq!(r["skipped"]["refused_by_engine"], 1);
     // Every answered query returned a judged product; the refused one is not counted twice.
     assert_eq!(

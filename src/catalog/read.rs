@@ -154,13 +154,14 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
             )));
         }
         match serde_json::from_str::<Item>(line) {
-            // A blank code is no code: caught here, where the line and product are known (the
-            // build sees the catalog's codes as one sorted set).
-            Ok(item) if item.codes.iter().any(|c| c.trim().is_empty()) => {
-                if on_error == OnError::Skip {
-                    skipped += 1;
-                    continue;
-                }
+            // A blank code is no code: refused here under `Stop`, where the line and product are
+            // known (the build sees the catalog's codes as one sorted set). Under `Skip` the
+            // product is read, and the build leaves it out by id, as it does a product with a
+            // code the model cannot emit, so that `gram eval` counts it (skipped here, its id
+            // was lost and a judged product on it was dropped from the judgements).
+            Ok(item)
+                if on_error == OnError::Stop && item.codes.iter().any(|c| c.trim().is_empty()) =>
+            {
                 let k = item.codes.iter().position(|c| c.trim().is_empty());
                 return Err(Error::Input(format!(
                     "{} line {}: product {:?}: code {} of its `codes` is empty",
