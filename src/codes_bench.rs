@@ -222,6 +222,11 @@ fn bench<B: Backend>(
         ),
         None => None,
     };
+    // Found before the bench, not after it.
+    if let Some(path) = &args.dump_codes {
+        crate::container::check_writable(path)
+            .map_err(|e| format!("--dump-codes {}: {e}", path.display()))?;
+    }
     let (bandwidth, weight_bytes) = match gpu {
         Some(g) => (
             Some(g.copy_bandwidth().map_err(|e| e.to_string())?),
@@ -243,10 +248,14 @@ fn bench<B: Backend>(
     });
     let started = Instant::now();
     let mut skipped = Vec::new();
+    let mut ran_one = false;
     let mut cursor = 0usize;
     for &beam in &args.beam {
         for &batch in &args.batch {
-            if started.elapsed().as_secs_f64() > args.budget_s {
+            // The first configuration always runs: a budget skips later ones only.
+            let first = skipped.is_empty() && !ran_one;
+            ran_one = true;
+            if !first && started.elapsed().as_secs_f64() > args.budget_s {
                 skipped.push(json!({"beam": beam, "batch": batch}));
                 continue;
             }
@@ -479,5 +488,73 @@ mod tests {
             let e = run(args(flags)).unwrap_err();
             assert!(e.contains(want), "{flags:?}: {e}");
         }
+    }
+
+    /// A budget of 0 s runs the first configuration and skips (and lists) the later ones: it
+    /// used to skip every one and exit 0 having measured nothing. An unwritable `--dump-codes`
+    /// is refused before the bench, not after it.
+    #[test]
+    fn a_spent_budget_still_runs_the_first_configuration() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!("gram-bench-codes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (codes, prompts, out) = (
+            dir.join("codes.txt"),
+            dir.join("prompts.txt"),
+            dir.join("out.jsonl"),
+        );
+        std::fs::write(&codes, "desk\nwool rug\noak desk\n").unwrap();
+        std::fs::write(&prompts, "oak\nrug\n").unwrap();
+        let model = root.join("models/tiny-llama");
+        let mut argv = vec![
+            "bench-codes".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--codes".into(),
+            codes.to_str().unwrap().into(),
+            "--prompts".into(),
+            prompts.to_str().unwrap().into(),
+            "--device".into(),
+            "cpu".into(),
+            "--dtype".into(),
+            "f32".into(),
+            "--threads".into(),
+            "1".into(),
+            "--reps".into(),
+            "1".into(),
+            "--warmup".into(),
+            "0".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        for flag in ["--beam", "2", "--beam", "3", "--budget-s", "0"] {
+            argv.push(flag.into());
+        }
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchCodesArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut a = argv.clone();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            <Cli as clap::Parser>::parse_from(a).bench
+        };
+        let no_dir = dir.join("no-such-dir/codes.json");
+        let e = run(parse(&["--dump-codes", no_dir.to_str().unwrap()])).unwrap_err();
+        assert!(e.contains("--dump-codes"), "{e}");
+        assert!(!out.exists() || std::fs::read_to_string(&out).unwrap().is_empty());
+        run(parse(&[])).unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["bench-codes", "bench-codes-skipped"], "{lines:?}");
+        assert_eq!(lines[0]["beam"], 2);
+        assert_eq!(lines[1]["skipped"][0]["beam"], 3);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
