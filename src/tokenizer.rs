@@ -10,7 +10,8 @@
 //! GPT2Tokenizer, Qwen2Tokenizer; ByteLevel and Metaspace tokenizers, each flag on and off:
 //! the same ids, 2026-11-29). transformers 4's `LlamaTokenizerFast` rebuilt its post-processor
 //! from the flags, so a Llama checkpoint whose flags disagree with its `tokenizer.json` gets
-//! other ids there.
+//! other ids there. Its `clean_up_tokenization_spaces` is read, for [`Tokenizer::decode`] (as
+//! transformers 5.24 applies it: never to a BPE model).
 //!
 //! Many short texts at once (a code set: millions of codes made of a few thousand distinct
 //! words) go through a [`PlainMemo`]: it splits printable-ASCII text into pre-tokens itself, the
@@ -32,6 +33,9 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// How `encode_plain` cuts printable-ASCII text into pre-tokens, where reproduced exactly.
     plain: Option<PlainSplit>,
+    /// Whether [`Tokenizer::decode`] takes the spaces out before punctuation and English
+    /// contractions, as transformers' `decode` does ([`clean_up_spaces`]).
+    clean_up: bool,
 }
 
 /// A call into the `tokenizers` crate, its error and its panic both an [`Error::Tokenizer`]
@@ -106,7 +110,8 @@ impl Tokenizer {
             Error::Tokenizer(format!("{}: clearing truncation: {e}", path.display()))
         })?;
         inner.with_padding(None);
-        let tok = Tokenizer::new(inner);
+        let mut tok = Tokenizer::new(inner);
+        tok.read_clean_up(path)?;
         // Only a panic fails the probe: an error (a word-level model without an unk token
         // meeting an unknown word) belongs to that input, and `encode` reports it per query.
         for special in [true, false] {
@@ -125,7 +130,33 @@ impl Tokenizer {
 
     fn new(inner: tokenizers::Tokenizer) -> Tokenizer {
         let plain = PlainSplit::of(&inner);
-        Tokenizer { inner, plain }
+        Tokenizer {
+            inner,
+            plain,
+            clean_up: false,
+        }
+    }
+
+    /// Reads `clean_up_tokenization_spaces` from the `tokenizer_config.json` beside
+    /// `tokenizer.json` (absent: false, transformers' default). transformers 5.24 applies it in
+    /// `decode` to every model but BPE (ignored there, with a warning, unless
+    /// `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is also set),
+    /// so a Llama, Qwen2 or Qwen3 BPE tokenizer decodes the same either way.
+    fn read_clean_up(&mut self, tokenizer_json: &Path) -> Result<()> {
+        let config = tokenizer_json.with_file_name("tokenizer_config.json");
+        if !config.exists() {
+            return Ok(());
+        }
+        let text = crate::container::read_capped(&config, crate::container::JSON_CAP)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", config.display())))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", config.display())))?;
+        let flag = |name: &str| v[name].as_bool().unwrap_or(false);
+        let bpe = matches!(self.inner.get_model(), tokenizers::ModelWrapper::BPE(_));
+        self.clean_up = flag("clean_up_tokenization_spaces")
+            && (!bpe
+                || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"));
+        Ok(())
     }
 
     /// Ids of `text` with special tokens added by the post-processor, as `tokenizer(text)`.
@@ -164,12 +195,18 @@ impl Tokenizer {
         self.plain.is_some()
     }
 
-    /// Text of `ids`, special tokens skipped (as `decode(ids, skip_special_tokens=True)`).
+    /// Text of `ids`, special tokens skipped (as `decode(ids, skip_special_tokens=True)`,
+    /// `clean_up_tokenization_spaces` applied where transformers applies it).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        guarded(
+        let text = guarded(
             || format!("decoding {} ids", ids.len()),
             || self.inner.decode(ids, true),
-        )
+        )?;
+        Ok(if self.clean_up {
+            clean_up_spaces(&text)
+        } else {
+            text
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -610,10 +647,77 @@ impl PlainMemo<'_> {
     }
 }
 
+/// transformers' `clean_up_tokenization`: the space before `.`, `?`, `!`, `,` and English
+/// contractions taken out, in its order (each replacement over the whole text in turn).
+fn clean_up_spaces(text: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    /// `clean_up_tokenization_spaces` from `tokenizer_config.json`: applied by `decode` to a
+    /// word-level model, as transformers 5.24's `PreTrainedTokenizerFast.decode` gives ("a, b's?
+    /// donn't" with it, "a , b 's ? don n't" without), and not to a BPE model, where
+    /// transformers ignores it (every fixture tokenizer is BPE: unchanged).
+    #[test]
+    fn decode_cleans_up_spaces_where_transformers_does() {
+        let dir = std::env::temp_dir().join(format!("gram-tok-cleanup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": {
+                "a": 0, "b": 1, ",": 2, "[UNK]": 3, "'s": 4, "?": 5, "n't": 6, "don": 7}},
+        });
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let ids = [0, 2, 1, 4, 5, 7, 6];
+        let config = dir.join("tokenizer_config.json");
+        let decode = |config_text: Option<&str>| {
+            match config_text {
+                Some(t) => std::fs::write(&config, t).unwrap(),
+                None => {
+                    let _ = std::fs::remove_file(&config);
+                }
+            }
+            Tokenizer::from_file(&path).unwrap().decode(&ids).unwrap()
+        };
+        let on = r#"{"clean_up_tokenization_spaces": true}"#;
+        assert_eq!(decode(Some(on)), "a, b's? donn't");
+        assert_eq!(
+            decode(Some(r#"{"clean_up_tokenization_spaces": false}"#)),
+            "a , b 's ? don n't"
+        );
+        assert_eq!(decode(None), "a , b 's ? don n't");
+        // A BPE model: the flag is ignored.
+        let bpe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
+        std::fs::copy(bpe.join("tokenizer.json"), &path).unwrap();
+        let plain = Tokenizer::from_file(&bpe.join("tokenizer.json")).unwrap();
+        let text = "it 's a sofa , is n't it ?";
+        let ids = plain.encode_plain(text).unwrap();
+        std::fs::write(&config, on).unwrap();
+        let flagged = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(flagged.decode(&ids).unwrap(), plain.decode(&ids).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Every tokenizer of the fixtures (SmolLM2's where fetched).
     fn fixtures() -> Vec<(String, Value)> {
