@@ -6,9 +6,10 @@ J: judgements JSONL (`{"query", "grades"}`, as `synth_judgements` writes them). 
 `queries-train.jsonl` of one model's run. A query of J is kept when its split key
 (`pairs.split_key`: letter and digit runs sorted, so word order, `tn-2110` / `tn2110` and
 `gray` / `grey` fold) is not within one edit of the split key of any training query: not equal,
-and sharing no one-character deletion. One shared deletion covers what `pairs.typo` does to a
-word (drop, double, swap two letters) and a substituted letter; a query two edits away from
-every training query is kept.
+and sharing no one-character deletion (of the key, or of one of its words with the words sorted
+again: a typo that changes its word's place in the sorted key is still one edit). One shared
+deletion covers what `pairs.typo` does to a word (drop, double, swap two letters) and a
+substituted letter; a query two edits away from every training query is kept.
 
 Why: two models trained on different splits are compared on queries neither saw. Filtering by
 exact string (as a first comparison did) left typo twins and reordered variants of one model's
@@ -22,8 +23,16 @@ from tools.train.pairs import read_jsonl, split_key
 
 
 def deletions(key):
-    """The key and each string one character shorter: two keys within one edit share one."""
-    return {key} | {key[:i] + key[i + 1:] for i in range(len(key))}
+    """The key and each string one character shorter: two keys within one edit share one. Also
+    with the character taken from one word and the words sorted again, as the split key sorts
+    them: a typo can move its word (`canon cartridge`, `caetridge canon`)."""
+    out = {key} | {key[:i] + key[i + 1:] for i in range(len(key))}
+    words = key.split(" ")
+    for j, w in enumerate(words):
+        for i in range(len(w)):
+            shorter = words[:j] + [w[:i] + w[i + 1:]] + words[j + 1:]
+            out.add(" ".join(sorted(x for x in shorter if x)))
+    return out
 
 
 def clean(judged, trained_queries):

@@ -34,8 +34,10 @@ it carry that notice; they are not committed (tools/train/work/ is ignored).
 """
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -547,14 +549,33 @@ def build_catalog(products):
     return out
 
 
+@contextlib.contextmanager
+def replacing(path):
+    """A text file (UTF-8) to write in place of `path`: written as PATH.tmp and renamed over
+    `path` when the block ends, removed if the block fails, so a later stage reads the old file
+    or the new one, never a part of one (as code_size.py's `_write`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_catalog(items, work):
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    with open(work / "catalog.jsonl", "w", encoding="utf-8") as f:
+    with replacing(work / "catalog.jsonl") as f:
         for it in items:
             f.write(json.dumps(it, ensure_ascii=False) + "\n")
     codes = sorted({c for it in items for c in it["codes"]})
-    (work / "codes.txt").write_text("\n".join(codes) + "\n", encoding="utf-8")
+    with replacing(work / "codes.txt") as f:
+        f.write("\n".join(codes) + "\n")
     attr = collections.Counter(k for it in items for k in it["attributes"])
     per = [len(it["codes"]) for it in items]
     g = collections.Counter(gran(c) for c in codes)
@@ -562,7 +583,8 @@ def write_catalog(items, work):
              "codes_per_product_mean": sum(per) / max(len(per), 1),
              "products_without_codes": sum(1 for n in per if n == 0),
              "attribute_coverage": dict(attr.most_common()), "notice": NOTICE}
-    (work / "codes-stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    with replacing(work / "codes-stats.json") as f:
+        f.write(json.dumps(stats, indent=1) + "\n")
     return stats
 
 

@@ -181,6 +181,22 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
+def trained_model(work):
+    """The model the later stages read by default: WORK/align, else WORK/sft. An align older
+    than sft (its weights written before sft's: an alignment of an earlier SFT run, when `sft`
+    ran again alone) is refused, not silently used."""
+    work = Path(work)
+    align, sft = work / "align", work / "sft"
+    if not align.exists():
+        return sft
+    a, s = align / "model.safetensors", sft / "model.safetensors"
+    if s.exists() and (not a.exists() or a.stat().st_mtime < s.stat().st_mtime):
+        raise SystemExit(f"error: {align} is older than {sft} (it aligned an earlier SFT run): "
+                         f"run the align stage again, remove {align}, or name the model with "
+                         "--model")
+    return align
+
+
 def load_model(path):
     from transformers import LlamaForCausalLM
     m = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)

@@ -9,7 +9,8 @@ The catalog is DIR/catalog.jsonl (what the model was trained on, every product i
 catalog codes). Queries: the 90 visible judged queries (WORK/judged.jsonl, stage 2), or those of
 `--judgements FILE` (a judged.jsonl, or a CSV such as Chorus's `Broad_Query_Set_rated.csv`: the
 held-out 45 when they are given; judged products missing from the catalog are left out, said on
-stderr). Metrics (metrics.py): nDCG@10, Recall@10/100/300 (relevant =
+stderr; a query the engine refuses, blank or too long, gets no products, said on stderr, as
+`gram eval` counts it). Metrics (metrics.py): nDCG@10, Recall@10/100/300 (relevant =
 grade >= 2, unjudged = not relevant), relevance rate of the top 300 among its judged products,
 judged@10; for GRAM also the codes per query, the invalid-code rate (codes not in the index:
 0 by construction of the trie), the candidates scored per query where the engine reports them,
@@ -85,20 +86,30 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_mod
     if blank:
         print(f"evaluate: {len(blank)} blank queries get no products", file=sys.stderr)
     asked = [q for q in queries if q.strip()]
-    r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--beam", str(beam),
-                        "--threads", "2", *extra, "--", *asked],
-                       capture_output=True, text=True)
-    if r.returncode and not rebuild and "rebuild it" in r.stderr:
-        # An index of another model (or of an older fingerprint): built again, once.
-        return gram_run(gram, model, catalog, idx, queries, k, True, beam, search_model)
-    if r.returncode:
-        raise SystemExit(r.stderr[-3000:])
-    wall = time.time() - t
     out = {q: {"query": q, "products": [], "codes": []} for q in blank}
-    for line in r.stdout.splitlines():
-        if line.strip():
-            x = json.loads(line)
+    while asked:
+        r = subprocess.run([gram, "search", "--index", idx, "--k", str(k), "--beam", str(beam),
+                            "--threads", "2", *extra, "--", *asked],
+                           capture_output=True, text=True)
+        if r.returncode and not rebuild and "rebuild it" in r.stderr:
+            # An index of another model (or of an older fingerprint): built again, once.
+            return gram_run(gram, model, catalog, idx, queries, k, True, beam, search_model)
+        done = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+        for x in done:
             out[x["query"]] = x
+        if not r.returncode:
+            break
+        # `gram search` answers its queries in order and stops at one the engine refuses (too
+        # long: `error: invalid input: query: ...`): that one gets no products, as `gram eval`
+        # counts it, and the rest are asked again.
+        if "invalid input: query:" not in r.stderr or len(done) >= len(asked):
+            raise SystemExit(r.stderr[-3000:])
+        refused = asked[len(done)]
+        print(f"evaluate: query {refused[:80]!r} refused by the engine, no products: "
+              f"{r.stderr.strip().splitlines()[-1][-300:]}", file=sys.stderr)
+        out[refused] = {"query": refused, "products": [], "codes": []}
+        asked = asked[len(done) + 1:]
+    wall = time.time() - t
     return out, build_s, wall
 
 
@@ -192,6 +203,25 @@ def cold_start(model_dir, work, n=150, seed=0):
             want = {c for c in r["codes"] if c in emittable}
             cov.append(len({c for c, _ in b} & want) / len(want))
         out[name] = {"products": len(cov), "catalog_code_recall@10": round(statistics.mean(cov), 4)}
+    return out
+
+
+def gram_stats(g, queries, index_codes):
+    """Codes per query, the invalid-code rate (None without the index's codes), the median
+    engine timings and the mean candidates scored, of `gram_run`'s answers `g`. Timings and
+    candidates are those of the queries the engine answered (a blank or refused one has none;
+    it made the summary fail with a KeyError before the fortieth session); the codes count all."""
+    codes_per_q = [len(g[q]["codes"]) for q in queries]
+    invalid = (sum(c["code"] not in index_codes for q in queries for c in g[q]["codes"])
+               / max(1, sum(codes_per_q))) if index_codes else None
+    timed = [g[q]["timings_ms"] for q in queries if "timings_ms" in g[q]]
+    timings = ({k: statistics.median(t[k] for t in timed if k in t) for k in timed[0]}
+               if timed else None)
+    out = {"codes_per_query": statistics.mean(codes_per_q),
+           "invalid_code_rate": invalid, "median_timings_ms": timings}
+    candidates = [g[q]["candidates"] for q in queries if "candidates" in g[q]]
+    if candidates:
+        out["mean_candidates"] = statistics.mean(candidates)
     return out
 
 
@@ -290,17 +320,10 @@ def main(argv=None):
     summary["vs_bm25"] = {name: {m: M.paired(runs, bm, judged, m) for m in VERSUS}
                           for name, runs in (("gram", gram_runs), ("gram+bm25", union),
                                              ("gram+bm25 fused", fused), ("gram+bm25 rrf", rrf))}
-    codes_per_q = [len(g[q]["codes"]) for q in queries]
     index_codes = set((model / "codes.txt").read_text().splitlines()) if (model / "codes.txt").exists() else None
-    invalid = (sum(c["code"] not in index_codes for q in queries for c in g[q]["codes"])
-               / max(1, sum(codes_per_q))) if index_codes else None
-    timings = {k: statistics.median(g[q]["timings_ms"][k] for q in queries)
-               for k in g[queries[0]]["timings_ms"]}
-    summary["gram"].update({"codes_per_query": statistics.mean(codes_per_q), "invalid_code_rate": invalid,
-                            "median_timings_ms": timings, "search_wall_seconds": round(wall, 2),
+    summary["gram"].update(gram_stats(g, queries, index_codes))
+    summary["gram"].update({"search_wall_seconds": round(wall, 2),
                             "index_build_seconds": None if build_s is None else round(build_s, 1)})
-    if "candidates" in g[queries[0]]:
-        summary["gram"]["mean_candidates"] = statistics.mean(g[q]["candidates"] for q in queries)
     if not args.no_cold:
         summary["cold_start"] = cold_start(model, work)
     per_query = {q: {"relevant": sum(v >= M.REL for v in judged[q].values()),
@@ -323,7 +346,8 @@ def main(argv=None):
            "gram_json": json.loads(((search_model or model) / "gram.json").read_text()),
            "summary": summary,
            "per_query": per_query}
-    (work / f"eval-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    with C.replacing(work / f"eval-{name}.json") as f:
+        f.write(json.dumps(res, indent=1) + "\n")
     rows = [("GRAM (" + name + ")", summary["gram"]), ("BM25", summary["bm25"]),
             ("GRAM ∪ BM25 interleaved", summary["gram+bm25"]),
             (f"GRAM ∪ BM25 fused (weight {fusion['weight']})", summary["gram+bm25 fused"]),

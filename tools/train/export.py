@@ -19,9 +19,18 @@ with its codes: what `gram index build` indexes), NOTICE (data attribution). The
 
 and writes the results to WORK/export-check.json. The engine binary is `--gram` (default
 target/release/gram; build it with `cargo build --release`).
+
+The export is written to OUT.new beside OUT and checked there; only a model that passed (or
+with `--no-verify`) replaces OUT, by renaming directories (OUT to OUT.old, OUT.new to OUT, then
+OUT.old removed), so a failed check or an interrupted export leaves OUT as it was (the failed
+export stays in OUT.new). Files of the old OUT that the export does not write (a model card,
+eval.json; with `--no-catalog` its catalog.jsonl and codes.txt) are copied into the new one, as
+an export in place left them. WORK/export-index is built from OUT.new and names it as its
+model: use it with `--model OUT` (code_size.py does).
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,6 +86,35 @@ def export(src, out, catalog, with_catalog=True):
         codes = sorted({c for it in items for c in it["codes"]})
         (out / "codes.txt").write_text("\n".join(codes) + "\n", encoding="utf-8")
     (out / "NOTICE").write_text(NOTICE)
+
+
+def carry_over(out, new):
+    """Copies into `new` what the directory `out` holds that the export did not write (nothing
+    when `out` does not exist)."""
+    if not out.is_dir():
+        return
+    for f in sorted(out.iterdir()):
+        if f.name != "generation_config.json" and not (new / f.name).exists():
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
+
+
+def replace_dir(new, out):
+    """Directory `new` renamed to `out`; an existing `out` renamed away first (OUT.old) and
+    removed after, or put back if the rename fails."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    had = out.exists()
+    if had:
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if had:
+            os.replace(old, out)
+        raise
+    if had:
+        shutil.rmtree(old)
 
 
 def verify(out, gram, work):
@@ -198,7 +236,8 @@ def serve_check(gram, idx, queries, searched):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(C.WORK))
-    ap.add_argument("--model", default=None, help="default WORK/align, else WORK/sft")
+    ap.add_argument("--model", default=None,
+                    help="default WORK/align, else WORK/sft (an align older than sft refused)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--gram", default=str(C.REPO / "target" / "release" / "gram"))
     ap.add_argument("--no-verify", action="store_true")
@@ -207,21 +246,31 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(args.work)
-    src = Path(args.model) if args.model else (work / "align" if (work / "align").exists() else work / "sft")
     out = Path(args.out)
     log = K.Log(work / "train-log.jsonl")
+    # Exported and checked beside OUT, then swapped in: OUT keeps the model it had until a new
+    # one passed.
+    new = out if args.verify_only else out.with_name(out.name + ".new")
     if not args.verify_only:
-        export(src, out, work / "catalog.jsonl", not args.no_catalog)
+        src = Path(args.model) if args.model else K.trained_model(work)
+        if new.exists():
+            shutil.rmtree(new)
+        export(src, new, work / "catalog.jsonl", not args.no_catalog)
+        carry_over(out, new)
         log(stage="export", src=str(src), out=str(out),
-            files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()})
+            files={f.name: f.stat().st_size for f in sorted(new.iterdir()) if f.is_file()})
     if not args.no_verify:
-        res = verify(out, args.gram, work)
+        res = verify(new, args.gram, work)
         (work / "export-check.json").write_text(json.dumps(res, indent=1) + "\n")
         log(stage="export", verify_ok=res["ok"], index_build_seconds=res["index_build_seconds"],
             search_seconds=res["search_seconds"])
         if not res["ok"]:
             print(json.dumps(res, indent=1), file=sys.stderr)
-            raise SystemExit("engine and transformers disagree on the exported model")
+            raise SystemExit("engine and transformers disagree on the exported model"
+                             + ("" if args.verify_only else
+                                f": {out} left as it was, the export is in {new}"))
+    if not args.verify_only:
+        replace_dir(new, out)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,29 @@ def split_key(q):
     return " ".join(sorted(re.findall(r"[^\W\d_]+|\d+", q)))
 
 
+def plural_fold(word):
+    """`word` without a plural ending, for words of four characters or more: `-ies` -> `-y`
+    (`batteries`), `-sses` / `-xes` / `-ches` / `-shes` lose `-es` (`boxes`), else a final `-s`
+    goes unless it ends `-ss`, `-us` or `-is` (`glass`, `status`, `chassis`). Both sides of a
+    comparison fold the same way, so an odd stem (`series` -> `sery`) still matches itself."""
+    if len(word) < 4 or not word.endswith("s"):
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes", "ches", "shes")):
+        return word[:-2]
+    if word.endswith(("ss", "us", "is")):
+        return word
+    return word[:-1]
+
+
+def judged_key(q):
+    """What makes a synthetic query a visible judged query's twin: the split key with each word
+    singular (`plural_fold`), so `keyboards` matches the judged `keyboard` and `extension cord`
+    the judged `extension cords` (since the fortieth session; before, the split key alone)."""
+    return " ".join(sorted(plural_fold(w) for w in split_key(q).split()))
+
+
 def is_valid_query(q, percent):
     return stable_hash("valid:" + split_key(q)) % 1000 < percent * 10
 
@@ -333,12 +356,13 @@ def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=
     """Everything stage 2 writes, as Python objects (see the module doc)."""
     rng = random.Random(seed)
     # A synthetic query is a judged one's twin when it, or the query it misspells, has a judged
-    # query's split key (its words in any order, `tn-2110` as `tn 2110`): a misspelling of
-    # "printer" trained on the codes of printers is "printer" learnt with one typo.
-    judged_keys = {split_key(q) for q in judged}
+    # query's key (its words in any order, `tn-2110` as `tn 2110`, singular or plural): a
+    # misspelling of "printer" trained on the codes of printers is "printer" learnt with one
+    # typo, and "keyboards" is "keyboard".
+    judged_keys = {judged_key(q) for q in judged}
 
     def judged_twin(q, base):
-        return split_key(q) in judged_keys or split_key(base) in judged_keys
+        return judged_key(q) in judged_keys or judged_key(base) in judged_keys
     train_pairs = collections.Counter()
     valid_pairs = collections.Counter()
     # Per query: the union of the attributes named, its source products, and what each source's
@@ -413,16 +437,19 @@ def build(items, judged, per_product=4, seed=0, cold_percent=5.0, valid_percent=
 
 def write(out, work):
     work = Path(work)
+    # Each file through a temporary one renamed over it (`codes.replacing`): an interrupted run
+    # leaves whole files.
     for name in ("pairs-train", "pairs-valid", "queries-train", "queries-valid", "judged"):
-        with open(work / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        with C.replacing(work / f"{name}.jsonl") as f:
             for r in out[name]:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    with open(work / "cold.jsonl", "w", encoding="utf-8") as f:
+    with C.replacing(work / "cold.jsonl") as f:
         for r in out["cold"]["products"]:
             f.write(json.dumps(dict(r, kind="product"), ensure_ascii=False) + "\n")
         for r in out["cold"]["queries"]:
             f.write(json.dumps(dict(r, kind="query"), ensure_ascii=False) + "\n")
-    (work / "pairs-stats.json").write_text(json.dumps(out["stats"], indent=1) + "\n")
+    with C.replacing(work / "pairs-stats.json") as f:
+        f.write(json.dumps(out["stats"], indent=1) + "\n")
 
 
 def read_jsonl(path):

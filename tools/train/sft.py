@@ -8,7 +8,8 @@ autocast (about 1.6x faster matmuls on this CPU), evaluations in f32.
 Reads WORK/pairs-train.jsonl, pairs-valid.jsonl, cold.jsonl (stage 2). Writes
 
     WORK/tokenizer/tokenizer.json  byte-level BPE trained on the catalog titles, codes and
-                                   training queries (NFKC + lower-case normalizer)
+                                   training queries (NFKC + lower-case normalizer); one
+                                   already there is reused unless those files are newer
     WORK/sft/                      the HF checkpoint (LlamaForCausalLM, f32)
     WORK/train-log.jsonl           one JSON line per logged step / evaluation
 
@@ -81,6 +82,21 @@ def train_tokenizer(work, vocab):
     return out / "tokenizer.json"
 
 
+# What train_tokenizer reads.
+TOKENIZER_INPUTS = ("catalog.jsonl", "cold.jsonl", "queries-train.jsonl")
+
+
+def tokenizer_stale(work):
+    """The files of TOKENIZER_INPUTS written after WORK/tokenizer was (stages 1-2 ran again since
+    it was trained: it is of another split, and is trained again); [] when there is none."""
+    tok = Path(work) / "tokenizer" / "tokenizer.json"
+    if not tok.exists():
+        return []
+    t = tok.stat().st_mtime
+    return [f for f in TOKENIZER_INPUTS
+            if (Path(work) / f).exists() and (Path(work) / f).stat().st_mtime > t]
+
+
 def model_config(cfg, tok):
     from transformers import LlamaConfig
     return LlamaConfig(
@@ -147,7 +163,10 @@ def main(argv=None):
     log = K.Log(work / "train-log.jsonl")
 
     tok_path = work / "tokenizer" / "tokenizer.json"
-    if not tok_path.exists():
+    stale = tokenizer_stale(work)
+    if stale:
+        log(stage="sft", event="tokenizer retrained", newer_than_it=stale)
+    if stale or not tok_path.exists():
         train_tokenizer(work, cfg["vocab"])
     tok = K.Tok(tok_path)
     train = read_jsonl(work / "pairs-train.jsonl")

@@ -49,7 +49,7 @@ def main(argv=None):
     items = read_jsonl(work / "catalog.jsonl")
     out = Path(args.out or work / "synth-valid.jsonl")
     js = judgements(items, read_jsonl(work / "queries-valid.jsonl"))
-    with open(out, "w", encoding="utf-8") as f:
+    with C.replacing(out) as f:
         for j in js:
             f.write(json.dumps(j, ensure_ascii=False) + "\n")
     print(f"{len(js)} queries, {sum(len(j['grades']) for j in js)} relevant pairs -> {out}")

@@ -236,7 +236,9 @@ def settings_of(theta, agg, form):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(C.WORK))
-    ap.add_argument("--model", default=None, help="model dir (default WORK/align, else WORK/sft)")
+    ap.add_argument("--model", default=None,
+                    help="model dir (default WORK/align, else WORK/sft; an align older than sft "
+                         "refused)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--valid-queries", type=int, default=100)
     ap.add_argument("--per-code", type=int, default=16)
@@ -254,7 +256,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     K.seed_all(args.seed)
     work = Path(args.work)
-    mdir = Path(args.model) if args.model else (work / "align" if (work / "align").exists() else work / "sft")
+    mdir = Path(args.model) if args.model else K.trained_model(work)
     log = K.Log(work / "train-log.jsonl")
     tok = K.Tok(mdir / "tokenizer.json")
     model = K.load_model(mdir)
@@ -290,7 +292,8 @@ def main(argv=None):
     best = max(res, key=lambda a: res[a]["valid_pair_acc"])
     r = res[best]
     settings = settings_of(torch.tensor(r["weights"] + [r["alpha"]]), r["aggregation"], r["form"])
-    (mdir / "gram.json").write_text(json.dumps(settings, indent=1) + "\n")
+    with C.replacing(mdir / "gram.json") as f:
+        f.write(json.dumps(settings, indent=1) + "\n")
     (work / "weights.json").write_text(json.dumps({"model": str(mdir), "chosen": best, "fits": res,
                                                    "args": vars(args)}, indent=1) + "\n")
     log(stage="weights", event="done", chosen=best, gram_json=settings)

@@ -24,6 +24,15 @@ class CleanQueries(unittest.TestCase):
         kept = [j["query"] for j in clean(judged, trained)]
         self.assertEqual(kept, ["laser printer", "pirnters", "mouse"])
 
+    def test_a_typo_that_moves_its_word_is_a_twin(self):
+        # The split key sorts the words, so a typo can change their order: `canon caetridge`
+        # keys as `caetridge canon`, and the key's own one-character deletions shared none with
+        # `canon cartridge`'s (before the fortieth session it was kept).
+        judged = [{"query": q, "grades": {}} for q in
+                  ["canon caetridge", "canon acrtridge", "toner brothr", "zebra label", "canon"]]
+        kept = [j["query"] for j in clean(judged, ["canon cartridge", "brother toner"])]
+        self.assertEqual(kept, ["zebra label", "canon"])
+
     def test_nothing_trained_keeps_everything(self):
         judged = [{"query": "usb hub", "grades": {}}, {"query": "hub", "grades": {"2": 3}}]
         self.assertEqual(clean(judged, []), judged)

@@ -120,6 +120,53 @@ class Leakage(unittest.TestCase):
         self.assertGreater(twins, 10)
         self.assertGreater(out["stats"]["synthetic_queries_judged_twins_dropped"], 0)
 
+    def test_plural_twins_of_judged_queries_dropped(self):
+        # A judged query is trained in no spelling, singular or plural: before the fortieth
+        # session "keyboards" (and its typos) was trained while "keyboard" is a visible judged
+        # query, "extension cord" beside the judged "extension cords", "aa batteries" beside
+        # "aa battery".
+        rng = random.Random(2)
+        items = []
+        for i in range(300):
+            a = {"category": rng.choice(["keyboard", "power extension", "household battery"]),
+                 "brand": rng.choice(["hp", "apc", "duracell"]), "model": f"k{i}z"}
+            items.append({"id": str(5000 + i), "title": f"{a['brand']} K{i}Z {a['category']}",
+                          "attributes": a, "codes": C.product_codes(a)})
+        forms = {"keyboard", "keyboards", "extension cord", "extension cords", "aa battery",
+                 "aa batteries"}
+        synth = P.synth_queries
+        P.synth_queries = lambda it, n, rng: synth(it, n, rng, typo_rate=0.5)
+        try:
+            def made(judged):
+                out = P.build(items, judged, per_product=8, seed=0, cold_percent=10,
+                              valid_percent=30)
+                rows = out["queries-train"] + out["queries-valid"]
+                return ({r["query"] for r in rows} | {r.get("misspells") for r in rows}
+                        | {r["query"] for r in out["cold"]["queries"]}), out
+            free, _ = made({})
+            # Without judged queries the synthesizer makes them (so the check below means
+            # something).
+            self.assertLessEqual({"keyboard", "keyboards", "extension cord", "aa batteries"},
+                                 free)
+            got, out = made({"keyboard": {}, "Extension Cords": {}, "aa battery": {}})
+        finally:
+            P.synth_queries = synth
+        self.assertEqual(got & forms, set())
+        self.assertIn("computer keyboard", got)  # another query: kept
+        self.assertGreater(out["stats"]["synthetic_queries_judged_twins_dropped"], 0)
+
+    def test_judged_key_folds_plurals(self):
+        same = [("keyboards", "keyboard"), ("Extension Cords", "extension cord"),
+                ("aa batteries", "AA battery"), ("boxes", "box"), ("cords usb", "usb cord"),
+                ("ps4 games", "ps4 game")]
+        for a, b in same:
+            self.assertEqual(P.judged_key(a), P.judged_key(b), (a, b))
+        for a, b in [("glass", "glas"), ("bus", "bu"), ("status", "statu"), ("canon", "canons x")]:
+            self.assertNotEqual(P.judged_key(a), P.judged_key(b), (a, b))
+        self.assertEqual(P.judged_key("glasses"), P.judged_key("glass"))
+        # The split itself is unchanged: singular and plural may land on either side.
+        self.assertNotEqual(P.split_key("keyboards"), P.split_key("keyboard"))
+
     def test_split_by_query(self):
         tr = {p["text"] for p in self.out["pairs-train"] if p["kind"] == "query"}
         va = {p["text"] for p in self.out["pairs-valid"]}
