@@ -229,6 +229,45 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn add_rmsnorm(
+        &self,
+        x: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        weight: &HostTensor,
+        eps: f32,
+        dim: usize,
+        out: &mut Vec<f32>,
+    ) {
+        // One thread writes `out` after the team read it (simd::prefetch_write); the norm's
+        // weights come back from memory. Both asked for before the residual add.
+        simd::prefetch_write(out);
+        if let crate::tensor::View::F32(w) = weight.view() {
+            simd::prefetch_read(w);
+        }
+        self.add(x, delta);
+        self.rmsnorm(x, weight, eps, dim, out);
+    }
+
+    fn rope_store(
+        &self,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        v: &Vec<f32>,
+        kv: &mut CpuKv,
+        layer: usize,
+        shape: AttnShape,
+        rows: &[RowKv],
+        table: &RopeTable,
+    ) {
+        // q and k, written by the team's threads, turned in place by this one
+        // (simd::prefetch_write).
+        simd::prefetch_write(q);
+        simd::prefetch_write(k);
+        self.rope(q, shape.heads, rows, table);
+        self.rope(k, shape.kv_heads, rows, table);
+        self.kv_store(kv, layer, k, v, rows);
+    }
+
     fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) {
         acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
     }

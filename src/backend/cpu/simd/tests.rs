@@ -31,6 +31,34 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
 /// On these inputs the SIMD kernels match the twin bit for bit (the f64 sum's order differs,
 /// and another input could move `inv` by an ulp; then this test needs a new seed, not a
 /// tolerance).
+/// The prefetch hints read and write nothing: every length (none, a part of a line, many
+/// lines), every start within a line, and a buffer that is then written and read as usual.
+#[test]
+fn prefetch_hints_leave_buffers_as_they_were() {
+    let data = rand(300, 0x9e37_79b9);
+    for start in 0..17 {
+        for len in [0, 1, 15, 16, 17, 100, 300 - start] {
+            let view = &data[start..start + len];
+            let before = view.to_vec();
+            super::prefetch_write(view);
+            super::prefetch_read(view);
+            assert_eq!(view, &before[..], "start {start} len {len}");
+        }
+    }
+    let mut out = vec![0f32; 576];
+    super::prefetch_write(&out);
+    let w = rand(576, 7);
+    super::prefetch_read(&w);
+    rmsnorm_row(
+        Isa::detect(),
+        &data[..276].repeat(3)[..576],
+        &w,
+        1e-5,
+        &mut out,
+    );
+    assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|&v| v != 0.0));
+}
+
 #[test]
 fn rmsnorm_rows_match_the_scalar_twin_and_f64() {
     let mut rows: Vec<Vec<f32>> = [1, 7, 8, 15, 16, 17, 64, 128, 576, 1000]
