@@ -144,7 +144,17 @@ pub fn attention(
             sums.clear();
             sums.resize(per, 0.0);
             for (sh, sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter_mut()) {
-                *sum = simd::exp_shift(isa, sh, simd::max(isa, sh));
+                let m = simd::max(isa, sh);
+                // A NaN score, or an infinite one (q·k past f32), makes the row NaN, as HF's
+                // softmax does: `exp_shift` clamps `x - m` from below, which would turn the
+                // NaNs of `x - NaN` (or `inf - inf`) into equal weights and a plain average of
+                // V, finite and wrong, that no later check could see.
+                *sum = if m.is_finite() {
+                    simd::exp_shift(isa, sh, m)
+                } else {
+                    sh.fill(f32::NAN);
+                    f32::NAN
+                };
             }
             simd::attn_pv(isa, scores, sums, &kv.v, offs, d, o);
         });
@@ -162,6 +172,60 @@ pub fn attention(
 mod tests {
     use super::*;
     use crate::test_rng::{signed_unit, xorshift};
+
+    /// A NaN in a cached key (a corrupt projection) or a score past f32 makes NaN the output
+    /// of exactly the heads whose context holds it, on every ISA, as HF's softmax gives: it
+    /// used to be a plain average of V, finite, so no check downstream saw the fault.
+    #[test]
+    fn a_nan_or_infinite_score_makes_its_heads_nan() {
+        let (entries, kv_heads, heads, d) = (8, 2, 4, 32);
+        let shape = AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+        };
+        let mut next = xorshift(0xa77e_0bad);
+        let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| signed_unit(next())).collect() };
+        let rows: Vec<RowKv> = (0..entries as u32)
+            .map(|e| RowKv::contiguous(0, e))
+            .collect();
+        let batch = KvRows {
+            rows: &rows,
+            links: &[],
+        };
+        for poison in [f32::NAN, f32::MAX] {
+            let mut kv = CpuKv::new(1, entries, kv_heads, d).unwrap();
+            let mut k = rand(entries * kv_heads * d);
+            let v = rand(entries * kv_heads * d);
+            // Entry 5, KV head 1: a NaN, or a key whose dot with q overflows.
+            let at = 5 * kv_heads * d + d;
+            k[at..at + d].iter_mut().for_each(|x| *x = poison);
+            kv.store(0, &k, &v, &rows);
+            // Positive queries: the poisoned key's score is NaN, or +inf (f32::MAX · q past
+            // f32; a -inf score is a weight of 0, as in HF, and stays finite).
+            let q: Vec<f32> = rand(entries * heads * d).iter().map(|x| x.abs()).collect();
+            for isa in Isa::available() {
+                let mut out = vec![0f32; entries * heads * d];
+                attention(isa, &q, &kv, 0, batch, shape, &mut out);
+                for (t, row) in rows.iter().enumerate() {
+                    for h in 0..heads {
+                        let o = &out[(t * heads + h) * d..][..d];
+                        // Row t attends to entries 0..=t (causal): entry 5 from row 5 on.
+                        let hit = h / (heads / kv_heads) == 1 && row.pos >= 5;
+                        assert!(
+                            if hit {
+                                o.iter().all(|x| x.is_nan())
+                            } else {
+                                o.iter().all(|x| x.is_finite())
+                            },
+                            "{isa:?} {poison} row {t} head {h}: {:?}",
+                            &o[..4]
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Store then attention on the CPU cache against an f64 reference that reads K and V from
     /// what was stored, by (layer, KV head, entry): two layers, 2 KV heads of 3 query heads
