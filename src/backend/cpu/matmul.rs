@@ -18,6 +18,10 @@
 //!   `simd::tile_nr(isa)` weight rows × up to 6 token rows, summed across lanes at the end;
 //!   ggml blocks are dequantized a few rows at a time into L1. bf16 weights are widened
 //!   without shuffles against an even/odd split of `x` made once per call (`simd::Rows`).
+//!   Here, unlike panels, bf16 outputs at T = 1 and T > 1 may differ in their last bits (the
+//!   GEMV sums the even and odd halves in two chains, the tile in one): a row's bits depend on
+//!   its batch only on this path, which the model's matrices take only under
+//!   `GRAM_CPU_PANELS=0`.
 //!
 //! The sparse head ([`picks`]) computes single outputs as the panels do: one FMA chain each, so
 //! its logits are the dense head's bits (without panels, where the row kernels sum across
