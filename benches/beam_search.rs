@@ -96,8 +96,11 @@ fn parse_args() -> Args {
 
 /// The first `n` WANDS queries (every 7th, for variety) in the template.
 fn prompts(n: usize) -> Vec<String> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wands-queries/query.csv");
+    // `GRAM_SHARED_DATA`, as tools/get_smollm2.sh reads it, else `../shared/data`.
+    let shared = std::env::var_os("GRAM_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let path = shared.join("wands-queries/query.csv");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .skip(1)
@@ -108,9 +111,17 @@ fn prompts(n: usize) -> Vec<String> {
         .collect()
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+/// The median as `statistics.median` takes it (the mean of the two middle values of an even
+/// count), which is what `tools/beam_oracle.py` reports for transformers beside it.
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    (sorted[(n - 1) / 2] + sorted[n / 2]) / 2.0
+}
+
+/// The nearest-rank `q` quantile, as `tools/beam_oracle.py` and `gram bench` take it.
+fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let n = sorted.len();
+    sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1]
 }
 
 /// FLOPs of one decoder row without the LM head (matmuls + attention over `ctx` entries).
@@ -169,7 +180,10 @@ fn main() {
     }
 
     let queries: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
-    let mean_prompt = queries.iter().map(Vec::len).sum::<usize>() as f64 / queries.len() as f64;
+    // Over the queries the batch-1 runs time (the floor stands beside them), not the extra
+    // prompts the batches take.
+    let timed = &queries[..args.queries.min(queries.len())];
+    let mean_prompt = timed.iter().map(Vec::len).sum::<usize>() as f64 / timed.len() as f64;
     let options = |normalize| BeamOptions {
         beam: args.beam,
         max_new_tokens: args.max_new_tokens,
@@ -234,8 +248,8 @@ fn main() {
                    "beam": args.beam, "max_new_tokens": args.max_new_tokens,
                    "threads": args.threads, "queries": args.queries,
                    "prompt_tokens_mean": mean_prompt,
-                   "ms_median": percentile(&sorted, 0.5) * 1e3,
-                   "ms_p99": percentile(&sorted, 0.99) * 1e3,
+                   "ms_median": median(&sorted) * 1e3,
+                   "ms_p99": nearest_rank(&sorted, 0.99) * 1e3,
                    "ms_mean": times.iter().sum::<f64>() / n * 1e3,
                    "rows_mean": rows, "head_logits_mean": head, "steps_mean": steps,
                    "codes_mean": codes, "gflop_mean": flops / 1e9})

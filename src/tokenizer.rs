@@ -726,7 +726,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().join("tokenizer.json"))
             .collect();
-        let smollm2 = root.join("../shared/data/smollm2-135m-instruct/tokenizer.json");
+        let smollm2 = crate::test_rng::shared_data().join("smollm2-135m-instruct/tokenizer.json");
         assert!(
             smollm2.exists(),
             "SmolLM2's tokenizer: {} is missing",

@@ -13,7 +13,7 @@ fn ids_match_transformers() {
     for case in g["cases"].as_array().unwrap() {
         let name = case["tokenizer"].as_str().unwrap();
         let path = if name == "smollm2-135m-instruct" {
-            repo().join("../shared/data/smollm2-135m-instruct/tokenizer.json")
+            shared_data().join("smollm2-135m-instruct/tokenizer.json")
         } else {
             model_dir(name).join("tokenizer.json")
         };

@@ -8,16 +8,19 @@
 # An A B A B series that always runs B second then reads as "B is slower".
 #
 #   A="/tmp/old --model M --threads 2 ..." B="/tmp/new --model M --threads 2 ..." \
-#   METRIC='"ms_median":[0-9.]+' ROUNDS=3 tools/ab.sh
+#   ROUNDS=3 tools/ab.sh
 #
 # A, B     the two commands (run with `bash -c`; build each binary first and copy it aside,
 #          e.g. from target/release/deps/, so that a rebuild does not replace it)
 # METRIC   an extended regex; the last match in a run's stdout+stderr is its number (the last
-#          number inside the match). Default: "ms_median":NUMBER, what the beam bench prints.
+#          number inside the match). Default: the beam bench's batch-1 `full` median (the bench
+#          prints a record per mode; a bare "ms_median" matched the last, `full+prefix`). For
+#          lm_throughput, METRIC='"tok_s_median":[0-9.]+' (the last dtype's b10: one dtype and
+#          one measurement a command).
 # ROUNDS   how many A B B A blocks (default 3: six runs of each)
 set -euo pipefail
 : "${A:?set A to command A}" "${B:?set B to command B}"
-metric=${METRIC:-'"ms_median":[0-9.]+'}
+metric=${METRIC:-'"normalize":"full","batch":1,[^}]*"ms_median":[0-9.]+'}
 rounds=${ROUNDS:-3}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "error: ROUNDS must be a positive integer" >&2; exit 2; }
 

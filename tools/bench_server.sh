@@ -53,7 +53,9 @@ for mb in $batches; do
       --duration "$secs" --warmup 2 --out "$out/mb$mb-c$c" >/dev/null
   done
   kill -TERM "$pid"
-  wait "$pid" || true
+  # SIGTERM is a graceful stop: any other exit is the server failing, not to be read past.
+  wait "$pid" || { echo "error: gram serve exited $? (see $out/serve.log)" >&2; exit 1; }
+  pid=
 done
 
 # The in-process engine on the first 20 queries (one process, one query at a time).
@@ -65,7 +67,8 @@ serve
 "$gram" bench --url "http://127.0.0.1:$port" --queries "$out/queries-20.txt" --concurrency 1 \
   --count 20 --warmup 2 --out "$out/http-20" >/dev/null
 kill -TERM "$pid"
-wait "$pid" || true
+wait "$pid" || { echo "error: gram serve exited $? (see $out/serve.log)" >&2; exit 1; }
+pid=
 
 python3 - "$out" $batches <<'PY' | tee "$out/summary.md"
 import json, statistics, sys, pathlib

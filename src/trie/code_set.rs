@@ -309,7 +309,7 @@ mod tests {
                 .collect();
         paths.push((
             "smollm2-135m-instruct",
-            root.join("../shared/data/smollm2-135m-instruct/tokenizer.json"),
+            crate::test_rng::shared_data().join("smollm2-135m-instruct/tokenizer.json"),
         ));
         paths
             .into_iter()

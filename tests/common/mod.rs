@@ -14,6 +14,14 @@ pub fn repo() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// The shared data directory: `GRAM_SHARED_DATA` (as `tools/get_smollm2.sh` reads it), else
+/// `../shared/data` beside the repository.
+pub fn shared_data() -> PathBuf {
+    std::env::var_os("GRAM_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/data"))
+}
+
 pub fn model_dir(name: &str) -> PathBuf {
     repo().join("models").join(name)
 }
