@@ -202,38 +202,22 @@ fn a_job_the_arena_cannot_hold_yet_is_passed_only_while_it_is_young() {
     // Queued a minute "from now": young however slow this test runs.
     let young = Instant::now() + Duration::from_secs(60);
     let beams = |flying: &Vec<super::InFlight>| flying.iter().map(|f| f.beam).collect::<Vec<_>>();
-    queue.lock().jobs.push_back(job(10, Instant::now()));
-    admit(
-        &mut queue.lock(),
-        &mut batch,
-        &mut flying,
-        &config,
-        &metrics,
-    );
-    assert_eq!(beams(&flying), [10]);
-    {
-        let mut st = queue.lock();
-        st.jobs.push_back(job(12, young));
-        st.jobs.push_back(job(4, young));
-    }
-    admit(
-        &mut queue.lock(),
-        &mut batch,
-        &mut flying,
-        &config,
-        &metrics,
-    );
-    assert_eq!(
-        beams(&flying),
-        [10, 4],
-        "the young job the arena cannot hold is passed"
-    );
-    {
+    let run = |batch: &mut crate::search::Batch<'_>, flying: &mut Vec<super::InFlight>| {
+        admit(&mut queue.lock(), batch, flying, &config, &metrics)
+    };
+    let waiting = || -> Vec<usize> {
         let st = queue.lock();
-        let waiting: Vec<usize> = st.jobs.iter().map(|j| j.prepared.request().beam).collect();
-        assert_eq!(waiting, [12], "and keeps its place");
-        assert!(st.head_blocked.is_some());
-    }
+        st.jobs.iter().map(|j| j.prepared.request().beam).collect()
+    };
+    queue.lock().jobs.push_back(job(10, Instant::now()));
+    run(&mut batch, &mut flying);
+    assert_eq!(beams(&flying), [10]);
+    queue.lock().jobs.extend([job(12, young), job(4, young)]);
+    run(&mut batch, &mut flying);
+    let passed = "the young job the arena cannot hold is passed";
+    assert_eq!(beams(&flying), [10, 4], "{passed}");
+    assert_eq!(waiting(), [12], "and keeps its place");
+    assert!(queue.lock().head_blocked.is_some());
     // The beam of 4 leaves (its client gone): its entries are free again, so another beam of 4
     // fits beside the 10, and the beam of 12 still does not. Now older than HEAD_PASS, the wide
     // job is passed by nothing.
@@ -245,17 +229,9 @@ fn a_job_the_arena_cannot_hold_yet_is_passed_only_while_it_is_young() {
         st.jobs[0].enqueued = Instant::now() - HEAD_PASS;
         st.jobs.push_back(job(4, young));
     }
-    admit(
-        &mut queue.lock(),
-        &mut batch,
-        &mut flying,
-        &config,
-        &metrics,
-    );
+    run(&mut batch, &mut flying);
     assert_eq!(beams(&flying), [10], "nothing passes an old job");
-    let st = queue.lock();
-    let waiting: Vec<usize> = st.jobs.iter().map(|j| j.prepared.request().beam).collect();
-    assert_eq!(waiting, [12, 4]);
+    assert_eq!(waiting(), [12, 4]);
 }
 
 /// A batcher of two places and one scoring thread over `engine`, and its queue.
