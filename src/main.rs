@@ -12,7 +12,7 @@ use gram::catalog::{self, OnError};
 use gram::index::Index;
 use gram::lm;
 use gram::search::{
-    build_settings, model_fingerprint, open_backend, AnyEngine, Engine, Limits, Request,
+    build_settings, model_fingerprint, open_backend, AnyEngine, AnyModel, Engine, Limits, Request,
 };
 use gram::settings::Settings;
 use gram::tensor::DType;
@@ -383,17 +383,21 @@ fn load(
         threads,
     };
     let (gpu, info) = open_backend(device, dir).map_err(|e| e.to_string())?;
-    eprintln!("backend: {info}");
-    let options = gram::search::load_options(gpu.is_some(), &cpu);
-    if gpu.is_some() && (threads.is_some() || dtype.is_some()) {
-        eprintln!(
-            "note: on the GPU, --threads and --dtype do not apply (bf16 weights, one host thread)"
-        );
-    }
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
-    let model = match gpu {
-        Some(gpu) => Loaded::Cuda(Model::load_on(gpu, dir, &options).map_err(|e| e.to_string())?),
-        None => Loaded::Cpu(Model::load(dir, &options).map_err(|e| e.to_string())?),
+    let (model, info) =
+        gram::search::load_model(device, gpu, info, dir, &cpu).map_err(|e| e.to_string())?;
+    eprintln!("backend: {info}");
+    let model = match model {
+        AnyModel::Cuda(m) => {
+            if threads.is_some() || dtype.is_some() {
+                eprintln!(
+                    "note: on the GPU, --threads and --dtype do not apply (bf16 weights, one host \
+                     thread)"
+                );
+            }
+            Loaded::Cuda(m)
+        }
+        AnyModel::Cpu(m) => Loaded::Cpu(m),
     };
     let vocab = on_model!(&model, m => m.config.vocab_size);
     tokenizer.check_fits(vocab).map_err(|e| e.to_string())?;

@@ -830,6 +830,47 @@ pub fn load_options(gpu: bool, cpu: &LoadOptions) -> LoadOptions {
     }
 }
 
+/// A model on the backend chosen at run time ([`load_model`]).
+// One per process, loaded once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum AnyModel {
+    Cpu(Model<CpuBackend>),
+    Cuda(Model<CudaBackend>),
+}
+
+/// The model in `dir` on the backend [`open_backend`] chose (`gpu`, `info`), loaded as
+/// [`load_options`] says. Under `--device auto` a GPU that opened but could not take the model
+/// (its memory, most often) is given up for the CPU, with why in the returned info's
+/// `fallback`, as when no GPU opens; under `--device cuda` that is the error.
+pub fn load_model(
+    device: Device,
+    gpu: Option<CudaBackend>,
+    info: BackendInfo,
+    dir: &Path,
+    cpu: &LoadOptions,
+) -> Result<(AnyModel, BackendInfo)> {
+    let mut info = info;
+    if let Some(gpu) = gpu {
+        match Model::load_on(gpu, dir, &load_options(true, cpu)) {
+            Ok(m) => return Ok((AnyModel::Cuda(m), info)),
+            Err(Error::Device(why)) if device == Device::Auto => {
+                let why = format!("the model did not load on the GPU: {why}");
+                tracing::info!("backend: cpu (--device auto: {why})");
+                info = BackendInfo {
+                    backend: "cpu",
+                    device: None,
+                    fallback: Some(why),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((
+        AnyModel::Cpu(Model::load(dir, &load_options(false, cpu))?),
+        info,
+    ))
+}
+
 /// An [`Engine`] on the backend chosen at run time. Requests are prepared on it directly;
 /// batches run on the typed engine (match on it: the search code is generic).
 // One per process, opened once: the variants' sizes do not matter.
@@ -851,11 +892,11 @@ impl AnyEngine {
     ) -> Result<(AnyEngine, BackendInfo)> {
         let parts = Parts::open(index_dir, model_dir)?;
         let (gpu, info) = open_backend(device, &parts.model_dir)?;
-        let options = load_options(gpu.is_some(), load);
         let dir = parts.model_dir.clone();
-        let engine = match gpu {
-            Some(gpu) => AnyEngine::Cuda(parts.with_model(Model::load_on(gpu, &dir, &options)?)?),
-            None => AnyEngine::Cpu(parts.with_model(Model::load(&dir, &options)?)?),
+        let (model, info) = load_model(device, gpu, info, &dir, load)?;
+        let engine = match model {
+            AnyModel::Cuda(m) => AnyEngine::Cuda(parts.with_model(m)?),
+            AnyModel::Cpu(m) => AnyEngine::Cpu(parts.with_model(m)?),
         };
         Ok((engine, info))
     }

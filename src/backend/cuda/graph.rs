@@ -323,9 +323,17 @@ impl CudaBackend {
                 Err(e) => {
                     p.broken
                         .get_or_insert_with(|| format!("allocating {cap} floats: {e:?}"));
+                    // The index back: slots stay one per index below `next`, so the next
+                    // buffer of this walk that does allocate lands at its index (skipped, it
+                    // was pushed one place short and the lookup below panicked).
+                    p.next = i;
                     return None;
                 }
             };
+            debug_assert!(
+                i <= p.slots.len(),
+                "pass slots skipped an index; this is a bug"
+            );
             if i < p.slots.len() {
                 p.slots[i] = fresh;
             } else {
