@@ -448,7 +448,10 @@ fn bench_attention(c: &mut Criterion) {
                     for (sh, s) in scores.chunks_exact_mut(n).zip(sums.iter_mut()) {
                         *s = exp_shift(isa, sh, max(isa, sh));
                     }
-                    attn_pv(isa, &scores, &sums, &slab, &offs, d, &mut out);
+                    for (sh, &s) in scores.chunks_exact_mut(n).zip(&sums) {
+                        sh.iter_mut().for_each(|p| *p /= s);
+                    }
+                    attn_pv(isa, &scores, &slab, &offs, d, &mut out);
                 })
             });
         }

@@ -156,7 +156,12 @@ pub fn attention(
                     f32::NAN
                 };
             }
-            simd::attn_pv(isa, scores, sums, &kv.v, offs, d, o);
+            // Each row's numerators divided by their sum at once (the quotients `p / sum` are
+            // the same one at a time or vectorized), then the weighted values.
+            for (sh, &sum) in scores.chunks_exact_mut(n.max(1)).zip(sums.iter()) {
+                sh.iter_mut().for_each(|p| *p /= sum);
+            }
+            simd::attn_pv(isa, scores, &kv.v, offs, d, o);
         });
     };
     let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;

@@ -798,29 +798,21 @@ unsafe fn attn_scores_v<const V: usize, const HC: usize>(
 
 /// `simd::attn_pv` for `d = 16 V`, `V <= 8`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-pub unsafe fn attn_pv(
-    p: &[f32],
-    sums: &[f32],
-    kv: &[f32],
-    offs: &[usize],
-    d: usize,
-    out: &mut [f32],
-) {
-    by_v!(d, attn_pv_v, (p, sums, kv, offs, out))
+pub unsafe fn attn_pv(w: &[f32], kv: &[f32], offs: &[usize], d: usize, out: &mut [f32]) {
+    by_v!(d, attn_pv_v, (w, kv, offs, out))
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // index loops keep the accumulators in registers
 unsafe fn attn_pv_v<const V: usize, const HC: usize>(
-    p: &[f32],
-    sums: &[f32],
+    w: &[f32],
     kv: &[f32],
     offs: &[usize],
     out: &mut [f32],
 ) {
     let d = 16 * V;
-    let (per, n) = (sums.len(), offs.len());
+    let (per, n) = (out.len() / d, offs.len());
     for j in 0..ATTN_AHEAD.min(n) {
         prefetch_row::<V>(kv, offs, j);
     }
@@ -837,10 +829,8 @@ unsafe fn attn_pv_v<const V: usize, const HC: usize>(
             }
             for h in 0..HC {
                 if h < hc {
-                    // `axpy`'s weight and FMA: `a * v + o`, a = p / sum in f32.
-                    let a = _mm512_set1_ps(
-                        *p.get_unchecked((h0 + h) * n + j) / *sums.get_unchecked(h0 + h),
-                    );
+                    // `axpy`'s FMA: `a * v + o`, `a` the key's weight.
+                    let a = _mm512_set1_ps(*w.get_unchecked((h0 + h) * n + j));
                     for b in 0..V {
                         acc[h][b] = _mm512_fmadd_ps(a, vr[b], acc[h][b]);
                     }

@@ -606,25 +606,19 @@ pub fn attn_scores(
 }
 
 /// The attention output of `per` query heads over the values of one KV head:
-/// `out[h] = Σ_j (p[h * n + j] / sums[h]) · kv[offs[j]..offs[j] + d]`, summed in key order from
-/// zero, `out: [per, d]`. The bits of [`axpy`] key after key on every ISA: on AVX-512 (`d` a
-/// multiple of 16, at most 128) the output rows stay in registers across the keys (the same
-/// FMA per element, in the same order) instead of being loaded and stored for each key.
-pub fn attn_pv(
-    isa: Isa,
-    p: &[f32],
-    sums: &[f32],
-    kv: &[f32],
-    offs: &[usize],
-    d: usize,
-    out: &mut [f32],
-) {
+/// `out[h] = Σ_j w[h * n + j] · kv[offs[j]..offs[j] + d]`, summed in key order from zero,
+/// `out: [per, d]`, `w: [per, n]` the softmax's weights (its numerators already divided by
+/// their sum: one vector division a row, the same IEEE quotients as one a key). The bits of
+/// [`axpy`] key after key on every ISA: on AVX-512 (`d` a multiple of 16, at most 128) the
+/// output rows stay in registers across the keys (the same FMA per element, in the same order)
+/// instead of being loaded and stored for each key.
+pub fn attn_pv(isa: Isa, w: &[f32], kv: &[f32], offs: &[usize], d: usize, out: &mut [f32]) {
     let isa = isa.runnable();
-    let (per, n) = (sums.len(), offs.len());
+    assert!(d > 0, "attn_pv with d = 0; this is a bug");
+    let (per, n) = (out.len() / d, offs.len());
     assert!(
-        d > 0
-            && holds(p.len(), per, n)
-            && per.checked_mul(d) == Some(out.len())
+        per * d == out.len()
+            && holds(w.len(), per, n)
             && offs
                 .iter()
                 .all(|&o| o.checked_add(d).is_some_and(|e| e <= kv.len())),
@@ -632,15 +626,15 @@ pub fn attn_pv(
     );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && d.is_multiple_of(16) && d <= 128 {
-        // SAFETY: as in `attn_scores`; `p` holds `per * n` weights and `out` `per * d` values.
-        unsafe { avx512::attn_pv(p, sums, kv, offs, d, out) };
+        // SAFETY: as in `attn_scores`; `w` holds `per * n` weights and `out` `per * d` values.
+        unsafe { avx512::attn_pv(w, kv, offs, d, out) };
         return;
     }
     out.fill(0.0);
     for (j, &o) in offs.iter().enumerate() {
         let vr = &kv[o..o + d];
         for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-            axpy(isa, p[h * n + j] / sums[h], vr, oh);
+            axpy(isa, w[h * n + j], vr, oh);
         }
     }
 }

@@ -147,7 +147,11 @@ fn attention_kernels_match_per_key_dots_and_axpys() {
                         .map(|h| p[h * n..(h + 1) * n].iter().sum::<f32>() + 0.5)
                         .collect();
                     let mut out = rand(per * d, seed + 2); // overwritten, not added to
-                    attn_pv(isa, &p, &sums, &slab, &offs, d, &mut out);
+                    let mut w = p.clone();
+                    for (wh, &sum) in w.chunks_exact_mut(n.max(1)).zip(&sums) {
+                        wh.iter_mut().for_each(|x| *x /= sum);
+                    }
+                    attn_pv(isa, &w, &slab, &offs, d, &mut out);
                     let mut want = vec![0f32; per * d];
                     for (j, &o) in offs.iter().enumerate() {
                         for h in 0..per {
