@@ -148,9 +148,9 @@ pub fn condense<'a, S: AsRef<str>>(ranked: &'a [S], grades: &Grades) -> Vec<&'a 
 /// A metric of one ranking against one query's grades.
 pub type Metric = fn(&[String], &Grades) -> Option<f64>;
 
-/// How deep a ranking the condensed metrics read: the systems `evaluate.py` compares return
-/// 300 products each, so its condensed lists are condensed top 300s. A deeper `--k` must not
-/// bring judged products from below rank 300 into them.
+/// How deep a ranking the condensed metrics read: the top 300 whatever `--k`, as
+/// `metrics.py`'s `CONDENSE_DEPTH` (the systems `evaluate.py` compares return 300 products by
+/// default): a deeper `--k` must not bring judged products from below rank 300 into them.
 pub const CONDENSE_DEPTH: usize = 300;
 
 /// The top [`CONDENSE_DEPTH`] of `ranked`, condensed.

@@ -798,11 +798,18 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
                 path.display()
             ));
         }
+        // The index file, or its shard directory's name beside it (`<index>.shards`).
+        let index = gram::search::index_file(&args.index);
         let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-        if canonical(dir).is_some() && canonical(dir) == canonical(&args.index) {
+        let in_index_dir = canonical(dir).is_some() && canonical(dir) == canonical(&args.index);
+        let index_name = path.file_name().is_some_and(|n| {
+            index.file_name() == Some(n) || Some(n) == index.with_extension("shards").file_name()
+        });
+        if same_file(path, &index) || (in_index_dir && index_name) {
             return Err(format!(
-                "--per-query {}: inside the --index directory (its files are the index's)",
-                path.display()
+                "--per-query {}: is the index's own file (--index {})",
+                path.display(),
+                args.index.display()
             ));
         }
         gram::container::check_writable(path)
@@ -869,10 +876,13 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     };
     // The CUDA backend's products take another kernel past 16 rows (docs/PERF.md), so a
     // query's codes there can depend on the queries it shares steps with; the CPU's never do.
-    let batch_invariant = matches!(engine, AnyEngine::Cpu(_)) || args.batch == 1;
+    // (On the CPU, the bf16 row kernels without panels differ at one row: `matmul.rs`.)
+    let panels_off = std::env::var("GRAM_CPU_PANELS").as_deref() == Ok("0");
+    let batch_invariant = (matches!(engine, AnyEngine::Cpu(_)) && !panels_off) || args.batch == 1;
     if !batch_invariant {
         eprintln!(
-            "warning: on the GPU a query's codes may depend on the queries batched with it              (near-ties can swap); --batch 1 or --device cpu for figures that do not"
+            "warning: on the GPU a query's codes may depend on the queries batched with it \
+             (near-ties can swap); --batch 1 or --device cpu for figures that do not"
         );
     }
     let (report, results) = match &engine {

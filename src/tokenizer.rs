@@ -111,7 +111,7 @@ impl Tokenizer {
         })?;
         inner.with_padding(None);
         let mut tok = Tokenizer::new(inner);
-        tok.read_clean_up(path)?;
+        tok.read_clean_up(path);
         // Only a panic fails the probe: an error (a word-level model without an unk token
         // meeting an unknown word) belongs to that input, and `encode` reports it per query.
         for special in [true, false] {
@@ -142,21 +142,32 @@ impl Tokenizer {
     /// `decode` to every model but BPE (ignored there, with a warning, unless
     /// `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is also set),
     /// so a Llama, Qwen2 or Qwen3 BPE tokenizer decodes the same either way.
-    fn read_clean_up(&mut self, tokenizer_json: &Path) -> Result<()> {
+    /// A file that cannot be read or parsed (Python reads `NaN` literals that JSON has not)
+    /// only costs the flag, with a warning: nothing else of it is read, and models loaded
+    /// without it before.
+    fn read_clean_up(&mut self, tokenizer_json: &Path) {
         let config = tokenizer_json.with_file_name("tokenizer_config.json");
         if !config.exists() {
-            return Ok(());
+            return;
         }
-        let text = crate::container::read_capped(&config, crate::container::JSON_CAP)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", config.display())))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", config.display())))?;
+        let read = crate::container::read_capped(&config, crate::container::JSON_CAP)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()));
+        let v = match read {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(
+                    "{}: {e}: clean_up_tokenization_spaces taken as false",
+                    config.display()
+                );
+                return;
+            }
+        };
         let flag = |name: &str| v[name].as_bool().unwrap_or(false);
         let bpe = matches!(self.inner.get_model(), tokenizers::ModelWrapper::BPE(_));
         self.clean_up = flag("clean_up_tokenization_spaces")
             && (!bpe
                 || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"));
-        Ok(())
     }
 
     /// Ids of `text` with special tokens added by the post-processor, as `tokenizer(text)`.

@@ -299,7 +299,27 @@ fn eval_refuses_what_would_measure_nothing() {
     let index_file = ix.join("index.gram");
     let index_before = std::fs::read(&index_file).unwrap();
     let e = eval(&j, &["--per-query", index_file.to_str().unwrap()]);
-    assert!(e.contains("inside the --index directory"), "{e}");
+    assert!(e.contains("is the index's own file"), "{e}");
+    assert_eq!(std::fs::read(&index_file).unwrap(), index_before);
+    // Another name in the index directory is the user's to write.
+    let beside = ix.join("per-query.jsonl");
+    let out = gram(&[
+        "eval",
+        "--index",
+        ix.to_str().unwrap(),
+        "--judgements",
+        j.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--per-query",
+        beside.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(beside.exists());
     assert_eq!(std::fs::read(&index_file).unwrap(), index_before);
     let e = eval(&none, &[]);
     assert!(e.contains("no grades"), "{e}");

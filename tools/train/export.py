@@ -246,7 +246,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(args.work)
-    out = Path(args.out)
+    # A link to the model dir: the export goes where it points (renaming the link itself away
+    # would leave its target as it was).
+    out = Path(args.out).resolve() if Path(args.out).is_symlink() else Path(args.out)
     log = K.Log(work / "train-log.jsonl")
     # Exported and checked beside OUT, then swapped in: OUT keeps the model it had until a new
     # one passed.

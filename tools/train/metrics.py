@@ -117,15 +117,20 @@ def condense(ranked, grades):
     return [d for d in ranked if d in grades]
 
 
+# How deep a ranking the condensed metrics read: the top 300 whatever `--k`, as `gram eval`
+# (`eval::CONDENSE_DEPTH`): a deeper list would bring judged products from below rank 300 in.
+CONDENSE_DEPTH = 300
+
+
 METRICS = {"ndcg@10": lambda r, g: ndcg(r, g, 10),
            "recall@10": lambda r, g: recall(r, g, 10),
            "recall@100": lambda r, g: recall(r, g, 100),
            "recall@300": lambda r, g: recall(r, g, 300),
            "relevance_rate@300": lambda r, g: relevance_rate(r, g, 300),
            "judged@10": lambda r, g: judged_at(r, g, 10),
-           "condensed_ndcg@10": lambda r, g: ndcg(condense(r, g), g, 10),
-           "condensed_recall@10": lambda r, g: recall(condense(r, g), g, 10),
-           "condensed_recall@100": lambda r, g: recall(condense(r, g), g, 100)}
+           "condensed_ndcg@10": lambda r, g: ndcg(condense(r[:CONDENSE_DEPTH], g), g, 10),
+           "condensed_recall@10": lambda r, g: recall(condense(r[:CONDENSE_DEPTH], g), g, 10),
+           "condensed_recall@100": lambda r, g: recall(condense(r[:CONDENSE_DEPTH], g), g, 100)}
 
 
 def summarize(runs, judged):

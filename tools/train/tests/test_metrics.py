@@ -48,6 +48,11 @@ class Metrics(unittest.TestCase):
         none = M.summarize({"q": ["x", "y"]}, {"q": G})
         self.assertEqual(none["condensed_ndcg@10"], 0.0)
         self.assertEqual(none["condensed_recall@100"], 0.0)
+        # a at rank 301 of a deeper list: outside the condensed top 300 (as `gram eval`); at
+        # rank 300 inside
+        for unjudged, found in ((M.CONDENSE_DEPTH, 0.0), (M.CONDENSE_DEPTH - 1, 0.5)):
+            deep = M.summarize({"q": ["x"] * unjudged + ["a", "y"]}, {"q": G})
+            self.assertEqual(deep["condensed_recall@10"], found)
 
     def test_interleave(self):
         self.assertEqual(M.interleave(["a", "b", "c"], ["b", "x"], 10), ["a", "b", "x", "c"])
