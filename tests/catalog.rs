@@ -266,7 +266,7 @@ fn eval_refuses_what_would_measure_nothing() {
     std::fs::write(&j, "{\"query\": \"sofa\", \"grades\": {\"p0\": 3}}\n").unwrap();
     let none = dir.join("none.jsonl");
     std::fs::write(&none, "{\"query\": \"sofa\", \"grades\": {}}\n").unwrap();
-    let eval = |judgements: &std::path::Path, extra: &[&str]| {
+    let run = |judgements: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
             "eval",
             "--index",
@@ -277,7 +277,10 @@ fn eval_refuses_what_would_measure_nothing() {
             "1",
         ];
         args.extend_from_slice(extra);
-        let out = gram(&args);
+        gram(&args)
+    };
+    let eval = |judgements: &std::path::Path, extra: &[&str]| {
+        let out = run(judgements, extra);
         assert!(!out.status.success(), "{extra:?} exited 0");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
@@ -303,17 +306,7 @@ fn eval_refuses_what_would_measure_nothing() {
     assert_eq!(std::fs::read(&index_file).unwrap(), index_before);
     // Another name in the index directory is the user's to write.
     let beside = ix.join("per-query.jsonl");
-    let out = gram(&[
-        "eval",
-        "--index",
-        ix.to_str().unwrap(),
-        "--judgements",
-        j.to_str().unwrap(),
-        "--threads",
-        "1",
-        "--per-query",
-        beside.to_str().unwrap(),
-    ]);
+    let out = run(&j, &["--per-query", beside.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
