@@ -876,9 +876,8 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     };
     // The CUDA backend's products take another kernel past 16 rows (docs/PERF.md), so a
     // query's codes there can depend on the queries it shares steps with; the CPU's never do.
-    // (On the CPU, the bf16 row kernels without panels differ at one row: `matmul.rs`.)
-    let panels_off = std::env::var("GRAM_CPU_PANELS").as_deref() == Ok("0");
-    let batch_invariant = (matches!(engine, AnyEngine::Cpu(_)) && !panels_off) || args.batch == 1;
+    let batch_invariant =
+        (matches!(engine, AnyEngine::Cpu(_)) && gram::backend::cpu::panels_on()) || args.batch == 1;
     if !batch_invariant {
         eprintln!(
             "warning: on the GPU a query's codes may depend on the queries batched with it \

@@ -51,6 +51,14 @@ impl Default for CpuBackend {
     }
 }
 
+/// Whether the model's matrices get panels: yes unless `GRAM_CPU_PANELS=0` (then the many-row
+/// matmul reads the rows, to compare; a bf16 row's bits then depend on its batch, `matmul.rs`).
+/// Read once.
+pub fn panels_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GRAM_CPU_PANELS").as_deref() != Ok("0"))
+}
+
 /// `Int16` where `GRAM_INT16_ACTIVATIONS=1` and the CPU can run it, else `Exact`. Read once.
 fn default_activations() -> matmul::Activations {
     static ACT: OnceLock<matmul::Activations> = OnceLock::new();
@@ -136,9 +144,7 @@ impl Backend for CpuBackend {
     }
 
     fn host_panels(&self, t: &HostTensor) -> Option<HostTensor> {
-        // `GRAM_CPU_PANELS=0`: no panels, the many-row matmul reads the rows (to compare).
-        static OFF: OnceLock<bool> = OnceLock::new();
-        if *OFF.get_or_init(|| std::env::var("GRAM_CPU_PANELS").as_deref() == Ok("0")) {
+        if !panels_on() {
             return None;
         }
         match *t.shape() {
