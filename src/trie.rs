@@ -491,13 +491,8 @@ mod tests {
 
     #[test]
     fn random_sets_match_their_codes() {
-        let mut rng = 0x1234_5678u64;
-        let mut next = |m: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % m
-        };
+        let mut rng = crate::test_rng::xorshift(0x1234_5678);
+        let mut next = |m: u64| rng() % m;
         for _ in 0..20 {
             let mut codes = std::collections::BTreeSet::new();
             for _ in 0..next(300) + 1 {

@@ -310,13 +310,8 @@ fn memo_matches_encode_plain_on_random_text() {
         "<|endoftext|>",
         "<pad>",
     ];
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = |m: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % m as u64) as usize
-    };
+    let mut rng = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1du64);
+    let mut next = |m: usize| (rng() % m as u64) as usize;
     let texts: Vec<String> = (0..3000)
         .map(|i| {
             let atoms = 1 + next(12);
@@ -338,13 +333,8 @@ fn memo_matches_encode_plain_on_random_text() {
 /// Random printable ASCII, every byte equally likely.
 #[test]
 fn memo_matches_encode_plain_on_random_ascii() {
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = |m: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % m as u64) as usize
-    };
+    let mut rng = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15u64);
+    let mut next = |m: usize| (rng() % m as u64) as usize;
     let texts: Vec<String> = (0..2000)
         .map(|_| {
             let len = 1 + next(24);

@@ -347,13 +347,8 @@ mod tests {
             "a/b", "café", "naïve", "日本", "😀", "(2)", "#1", "'ll", "<s>", "ﬁ",
         ];
         const SEPS: &[&str] = &[" | ", " ", "  ", "|", ", ", " - ", "'", " / "];
-        let mut rng = 0x1234_5678_9abc_def1u64;
-        let mut next = |m: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % m as u64) as usize
-        };
+        let mut rng = crate::test_rng::xorshift(0x1234_5678_9abc_def1u64);
+        let mut next = |m: usize| (rng() % m as u64) as usize;
         let mut random = Vec::new();
         for i in 0..10_000 {
             let mut code = String::new();
