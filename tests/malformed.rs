@@ -500,3 +500,83 @@ fn bad_kv_rows_are_input_errors() {
     let mut foreign = other.new_arena(8).unwrap();
     assert!(run(&mut foreign, ok, &[]).contains("another model"));
 }
+
+/// Damaged safetensors headers: seeded edits of the JSON header that keep it JSON (a digit of a
+/// shape or an offset changed, a dtype swapped) or break it (a byte flipped, the file cut), and
+/// flips in the data; each refused with an error or loaded and run, never a panic.
+#[test]
+fn damaged_safetensors_are_refused_or_load_and_run() {
+    let dir = copy_model(&model_dir("tiny-llama"), "damaged-st");
+    let path = dir.join("model.safetensors");
+    let good = std::fs::read(&path).unwrap();
+    let header = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let digits: Vec<usize> = (8..header).filter(|&i| good[i].is_ascii_digit()).collect();
+    let dtype_at: Vec<usize> = (8..header)
+        .filter(|&i| good[i..].starts_with(b"\"F32\""))
+        .collect();
+    assert!(digits.len() > 100 && !dtype_at.is_empty());
+    let mut next = xorshift_below(0x2545_F491_4F6C_DD1D);
+    let (mut refused, mut loaded) = (0, 0);
+    for case in 0..400 {
+        let mut bytes = good.clone();
+        match case % 5 {
+            0 | 1 => {
+                let at = digits[next(digits.len())];
+                bytes[at] = b'0' + next(10) as u8;
+            }
+            2 => {
+                let at = dtype_at[next(dtype_at.len())];
+                let ty: &[u8] = [&b"F16"[..], b"I64", b"BF16", b"U8", b"F64"][next(5)];
+                bytes.splice(at + 1..at + 4, ty.iter().copied());
+                let grown = (header - 8 + ty.len() - 3) as u64;
+                bytes[..8].copy_from_slice(&grown.to_le_bytes());
+            }
+            3 => {
+                let at = next(header);
+                bytes[at] ^= 1 << next(8);
+            }
+            _ => {
+                if next(2) == 0 {
+                    bytes.truncate(next(bytes.len()));
+                } else {
+                    let at = header + next(bytes.len() - header);
+                    bytes[at] = 0xff; // a NaN or infinite weight, most of the time
+                }
+            }
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let run = std::panic::catch_unwind(|| match Model::load(&dir, &LoadOptions::default()) {
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                false
+            }
+            Ok(model) => {
+                let ids = [5u32, 17, 42];
+                let mut cache = model.new_cache(1, ids.len()).unwrap();
+                let _ = model.forward(&mut cache, &ids, &[0; 3], &[2]);
+                true
+            }
+        });
+        match run {
+            Ok(true) => loaded += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!("case {case}: a damaged safetensors file panicked the loader"),
+        }
+    }
+    eprintln!("refused {refused}, loaded {loaded}");
+    assert!(
+        refused > 100 && loaded > 10,
+        "refused {refused}, loaded {loaded}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Seeded xorshift64 values below `m`.
+fn xorshift_below(mut s: u64) -> impl FnMut(usize) -> usize {
+    move |m| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s % m.max(1) as u64) as usize
+    }
+}
