@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::backend::Backend;
-use crate::beam::{BeamOptions, BeamSearch, Query, MAX_NEW_TOKENS};
+use crate::beam::{BeamOptions, BeamSearch, Query};
 use crate::error::{Error, Result};
 use crate::index::{self, Product};
 use crate::model::Model;
@@ -197,6 +197,8 @@ pub fn build_with<B: Backend>(
         .first()
         .ok_or_else(|| Error::Input("the model's config names no eos_token_id".into()))?;
     let generate = options.generate;
+    // Most tokens a code may take, its EOS included.
+    let limit = settings.code_token_limit();
     if let Some(g) = generate {
         crate::beam::check_width(g.beam)?;
         if g.batch == 0 {
@@ -208,6 +210,13 @@ pub fn build_with<B: Backend>(
             return Err(Error::Input(format!(
                 "generation threshold {} is out of range (0..=1)",
                 g.threshold
+            )));
+        }
+        if g.max_new_tokens == 0 || g.max_new_tokens > limit {
+            return Err(Error::Input(format!(
+                "generation of up to {} tokens a code: expected 1..={limit} (gram.json's \
+                 max_code_tokens, else beam search's limit)",
+                g.max_new_tokens
             )));
         }
     }
@@ -231,7 +240,7 @@ pub fn build_with<B: Backend>(
     let list = match generate {
         Some(g) if !g.codes.is_empty() => {
             let list = CodeSet::from_texts_named(g.codes.clone(), tokenizer, eos, &list_name)?;
-            check_code_lengths(&list, &list_name)?;
+            check_code_lengths(&list, limit, &list_name)?;
             texts.extend(g.codes.iter().cloned());
             let trie = Trie::build_named(&list, model.config.vocab_size, eos, &list_name)?;
             Some((list, trie))
@@ -261,7 +270,7 @@ pub fn build_with<B: Backend>(
     } else {
         let (set, mut bad) = CodeSet::from_texts_lenient(texts, tokenizer, eos)?;
         let long: Vec<Option<String>> = (0..set.len())
-            .map(|i| too_long(set.code_tokens(i).len()))
+            .map(|i| too_long(set.code_tokens(i).len(), limit))
             .collect();
         let set = if long.iter().any(Option::is_some) {
             let keep: Vec<bool> = long.iter().map(Option::is_none).collect();
@@ -416,7 +425,7 @@ pub fn build_with<B: Backend>(
                 }));
             }
             let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
-            check_code_lengths(&set, &source)?;
+            check_code_lengths(&set, limit, &source)?;
             set
         }
     };
@@ -538,10 +547,10 @@ pub fn build_with<B: Backend>(
     })
 }
 
-/// Codes are generated as at most `MAX_NEW_TOKENS` tokens, their EOS included.
-fn check_code_lengths(set: &CodeSet, name: CodeName) -> Result<()> {
+/// Codes are generated as at most `limit` tokens, their EOS included.
+fn check_code_lengths(set: &CodeSet, limit: usize, name: CodeName) -> Result<()> {
     for i in 0..set.len() {
-        if let Some(why) = too_long(set.code_tokens(i).len()) {
+        if let Some(why) = too_long(set.code_tokens(i).len(), limit) {
             let text = &set.texts[i];
             return Err(Error::Input(format!(
                 "{}: code {text:?} {why}",
@@ -552,14 +561,10 @@ fn check_code_lengths(set: &CodeSet, name: CodeName) -> Result<()> {
     Ok(())
 }
 
-/// Why a code of `n` tokens (its EOS not counted) is too long to generate, if it is.
-fn too_long(n: usize) -> Option<String> {
-    (n >= MAX_NEW_TOKENS).then(|| {
-        format!(
-            "is {n} tokens; codes may have at most {}",
-            MAX_NEW_TOKENS - 1
-        )
-    })
+/// Why a code of `n` tokens (its EOS not counted) is too long to generate within `limit`
+/// tokens, its EOS included (`Settings::code_token_limit`), if it is.
+fn too_long(n: usize, limit: usize) -> Option<String> {
+    (n >= limit).then(|| format!("is {n} tokens; codes may have at most {}", limit - 1))
 }
 
 /// What every shard's encoding needs.
@@ -711,7 +716,7 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
                     // can be longer than the beam's.)
                     let tokens = ctx.tokenizer.encode_plain(&text)?;
                     let fits = !tokens.is_empty()
-                        && tokens.len() < MAX_NEW_TOKENS
+                        && tokens.len() < ctx.settings.code_token_limit()
                         && prompts[pi].len() + tokens.len() - 1 <= positions
                         && !tokens.contains(&ctx.eos);
                     if !fits {

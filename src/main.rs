@@ -131,9 +131,10 @@ struct BuildArgs {
     /// given (any sequence the model ends with EOS, decoded, becomes a code).
     #[arg(long)]
     generate: bool,
-    /// Unconstrained generation: most tokens a code may take, its EOS included.
-    #[arg(long, default_value_t = 16)]
-    max_code_tokens: usize,
+    /// Unconstrained generation: most tokens a code may take, its EOS included (default:
+    /// gram.json's `max_code_tokens`, else 16; at most that).
+    #[arg(long)]
+    max_code_tokens: Option<usize>,
     /// Products per shard: a restarted build reuses the shards it finished.
     #[arg(long, default_value_t = 1000)]
     shard_size: usize,
@@ -511,11 +512,18 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     if args.codes.is_some() && list.is_empty() {
         return Err("--codes: the code list is empty".into());
     }
-    if args.max_code_tokens == 0 || args.max_code_tokens > beam::MAX_NEW_TOKENS {
+    let limit = settings.code_token_limit();
+    let max_code_tokens = args
+        .max_code_tokens
+        .unwrap_or(settings.max_code_tokens.unwrap_or(16));
+    if max_code_tokens == 0 || max_code_tokens > limit {
         return Err(format!(
-            "--max-code-tokens {}: expected 1..={}",
-            args.max_code_tokens,
-            beam::MAX_NEW_TOKENS
+            "--max-code-tokens {max_code_tokens}: expected 1..={limit}{}",
+            if settings.max_code_tokens.is_some() {
+                " (gram.json's max_code_tokens)"
+            } else {
+                ""
+            }
         ));
     }
     let generating = args.generate || args.codes.is_some();
@@ -537,7 +545,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
         beam: args.beam,
         threshold: args.threshold,
         batch: args.batch,
-        max_new_tokens: args.max_code_tokens,
+        max_new_tokens: max_code_tokens,
     });
     let options = catalog::BuildOptions {
         generate: generate.as_ref(),

@@ -439,7 +439,9 @@ impl<B: Backend> Engine<B> {
         let prompt = self.tokenizer.encode(&self.settings.query_prompt(query))?;
         let options = BeamOptions {
             beam: request.beam,
-            max_new_tokens: self.index.trie().max_len() + 1,
+            // The index's longest code, within gram.json's `max_code_tokens` (an index built
+            // under another gram.json may hold longer codes: they are not generated).
+            max_new_tokens: (self.index.trie().max_len() + 1).min(self.settings.code_token_limit()),
             ..Default::default()
         };
         let query = beam::Query { prompt, options };

@@ -18,6 +18,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::beam::MAX_NEW_TOKENS;
 use crate::error::{Error, Result};
 use crate::score::Aggregate;
 
@@ -38,6 +39,11 @@ pub struct Settings {
     pub code_logprob: CodeLogprob,
     /// The code-specificity term; absent = weight 0.
     pub code_size: CodeSize,
+    /// The spec's "max code tokens": most tokens a code may take, its EOS included. A catalog
+    /// code longer than this is not indexed, generation (of the query's codes and, at index
+    /// build, of the products') stops there. Absent: `beam::MAX_NEW_TOKENS`, what beam search
+    /// allows ([`Settings::code_token_limit`]).
+    pub max_code_tokens: Option<usize>,
 }
 
 /// `prior(c) += -weight · ln |products of c|` (see `score::size_prior`).
@@ -78,6 +84,7 @@ impl Default for Settings {
             aggregation: "max".into(),
             code_logprob: CodeLogprob::default(),
             code_size: CodeSize::default(),
+            max_code_tokens: None,
         }
     }
 }
@@ -159,7 +166,21 @@ impl Settings {
                 s.aggregation
             )));
         }
+        if let Some(n) = s.max_code_tokens {
+            if !(2..=MAX_NEW_TOKENS).contains(&n) {
+                return Err(bad(format!(
+                    "max_code_tokens {n}: expected 2..={MAX_NEW_TOKENS} (a code's tokens and \
+                     its EOS)"
+                )));
+            }
+        }
         Ok(s)
+    }
+
+    /// Most tokens a code may take, its EOS included: `max_code_tokens`, else what beam search
+    /// allows.
+    pub fn code_token_limit(&self) -> usize {
+        self.max_code_tokens.unwrap_or(MAX_NEW_TOKENS)
     }
 
     pub fn query_prompt(&self, query: &str) -> String {
@@ -242,6 +263,7 @@ mod tests {
         assert_eq!(s.query_prompt("sofa"), "sofa");
         assert_eq!((s.weight(1), s.weight(3), s.weight(6)), (-1.0, -1.0, -1.0));
         assert_eq!(s.aggregate(), Some(Aggregate::Max));
+        assert_eq!(s.code_token_limit(), crate::beam::MAX_NEW_TOKENS);
         let write = |text: &str| {
             std::fs::write(dir.join("gram.json"), text).unwrap();
             Settings::load(&dir)
@@ -269,6 +291,8 @@ mod tests {
         );
         // One product: ln 1 = 0, the likelihood term alone.
         assert_eq!(s.prior(&[-1.0, -2.0], 1), -1.5);
+        let s = write(r#"{"max_code_tokens":16}"#).unwrap();
+        assert_eq!((s.max_code_tokens, s.code_token_limit()), (Some(16), 16));
         let s = write(r#"{"code_size":{"weight":0.25}}"#).unwrap();
         assert_eq!(s.prior(&[-1.0, -2.0], 1).to_bits(), 0f32.to_bits());
         // Each refusal names the file and what is wrong in it.
@@ -290,6 +314,15 @@ mod tests {
             (r#"{"code_logprob":{"weight":-2e6}}"#, "code_logprob.weight"),
             (r#"{"code_size":{"weight":1e7}}"#, "code_size.weight"),
             (r#"{"code_size":{"beta":1}}"#, "beta"),
+            (
+                r#"{"max_code_tokens":1}"#,
+                "max_code_tokens 1: expected 2..=256",
+            ),
+            (r#"{"max_code_tokens":257}"#, "max_code_tokens 257"),
+            (
+                r#"{"max_code_tokens":-3}"#,
+                "`max_code_tokens`: invalid value",
+            ),
             (
                 r#"{"weights":{"coarse":"x","medium":1,"fine":1}}"#,
                 "`weights`: invalid type: string",

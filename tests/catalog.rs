@@ -971,3 +971,94 @@ fn a_byte_order_mark_is_not_part_of_the_first_code() {
     assert_eq!(index.code_text(0).unwrap(), "sofa");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// gram.json's `max_code_tokens` (the spec's "max code tokens", EOS included): a catalog code
+/// longer than it is refused under `stop` and its product left out under `skip`; an index built
+/// without it and searched with it never returns a longer code; a value out of range, or an
+/// unconstrained generation asked for more, is refused.
+#[test]
+fn max_code_tokens_bounds_the_codes_indexed_and_generated() {
+    let dir = fresh_dir("catalog-max-code-tokens");
+    let model = copy_model(&model_dir("tiny-llama"), "catalog-max-code-tokens-model");
+    let cat = dir.join("c.jsonl");
+    let tok = gram::tokenizer::Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let long = "green velvet sofa with oak legs";
+    let n_long = tok.encode_plain(long).unwrap().len();
+    assert!(n_long >= 4, "{n_long}");
+    let lines = [
+        serde_json::json!({"id": "p0", "title": "sofa", "codes": ["sofa"]}),
+        serde_json::json!({"id": "p1", "title": "velvet sofa", "codes": ["sofa", long]}),
+        serde_json::json!({"id": "p2", "title": "rug", "codes": ["rug"]}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&cat, text.join("\n")).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let mut args = vec!["--threads", "1"];
+        args.extend_from_slice(extra);
+        index_build(&model, &cat, &dir.join(out), &args)
+    };
+    // Without the key: every code is indexed.
+    let (v, _) = built(&run(&[], "all"));
+    assert_eq!(v["report"]["products"], 3, "{v}");
+    // With it (the long code's tokens and its EOS do not fit): refused, or its product left out.
+    let limit = n_long; // n_long + 1 tokens with the EOS
+    std::fs::write(
+        model.join("gram.json"),
+        format!("{{\"max_code_tokens\": {limit}}}"),
+    )
+    .unwrap();
+    let out = run(&["--on-error", "stop"], "stop");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("product \"p1\"")
+            && err.contains(&format!("codes may have at most {}", limit - 1)),
+        "{err}"
+    );
+    let (v, _) = built(&run(&["--on-error", "skip"], "skip"));
+    assert_eq!(v["report"]["products"], 2, "{v}");
+    assert_eq!(v["report"]["skipped_products"], 1, "{v}");
+    // The index of every code, searched under the limit: the long code is never generated,
+    // though the beam is wide enough for every code; without the limit it is.
+    let codes_of = |with_limit: bool| {
+        if !with_limit {
+            std::fs::remove_file(model.join("gram.json")).unwrap();
+        }
+        let engine =
+            gram::search::Engine::open(&dir.join("all"), Some(&model), &Default::default())
+                .unwrap();
+        let req = gram::search::Request {
+            query: "velvet sofa".into(),
+            k: 10,
+            beam: 10,
+            codes_only: true,
+        };
+        let got = search_alone(&engine, &[req]).remove(0);
+        got.codes.iter().map(|c| c.code.clone()).collect::<Vec<_>>()
+    };
+    let limited = codes_of(true);
+    assert!(
+        !limited.is_empty() && !limited.iter().any(|c| c == long),
+        "{limited:?}"
+    );
+    let free = codes_of(false);
+    assert!(free.iter().any(|c| c == long), "{free:?}");
+    // Out of range, and a generation longer than the limit.
+    for (json, says) in [
+        (
+            "{\"max_code_tokens\": 1}",
+            "max_code_tokens 1: expected 2..=",
+        ),
+        (
+            "{\"max_code_tokens\": 4}",
+            "--max-code-tokens 6: expected 1..=4",
+        ),
+    ] {
+        std::fs::write(model.join("gram.json"), json).unwrap();
+        let out = run(&["--generate", "--max-code-tokens", "6"], "gen");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&model).unwrap();
+}

@@ -227,7 +227,7 @@ def settings_of(theta, agg, form):
     w = [round(x, 4) for x in theta.tolist()]
     out = {"query_template": K.QUERY_TEMPLATE, "product_template": K.PRODUCT_TEMPLATE,
            "delimiter": C.DELIM, "weights": {"coarse": w[0], "medium": w[1], "fine": w[2]},
-           "aggregation": agg}
+           "aggregation": agg, "max_code_tokens": K.MAX_CODE_TOKENS}
     if form != "none":
         out["code_logprob"] = {"weight": w[3], "per_token": form == "mean"}
     return out

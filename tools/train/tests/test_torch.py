@@ -138,6 +138,8 @@ class CodePrior(unittest.TestCase):
         s = settings_of(th, "max", "mean")
         self.assertEqual(s["weights"], {"coarse": -0.5, "medium": -0.25, "fine": -1.0})
         self.assertEqual(s["code_logprob"], {"weight": 0.75, "per_token": True})
+        # The spec's "max code tokens" (EOS included): what SFT trained and export keeps.
+        self.assertEqual(s["max_code_tokens"], 16)
         self.assertEqual(settings_of(th, "sum", "sum")["code_logprob"]["per_token"], False)
         # Without the term: the gram.json of before, no code_logprob key (engine weight 0).
         self.assertNotIn("code_logprob", settings_of(th, "max", "none"))
