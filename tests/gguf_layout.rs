@@ -91,13 +91,35 @@ fn write_gguf(src: &Path, dir: &Path, arch: &str, llama_permute: bool) {
         }
         tensors.push((gguf_name(name), shape, v));
     }
+    // The hyperparameters llama.cpp's converter writes (u32 counts, f32 floats).
+    let counts = [
+        ("block_count", cfg.num_hidden_layers),
+        ("embedding_length", cfg.hidden_size),
+        ("feed_forward_length", cfg.intermediate_size),
+        ("attention.head_count", cfg.num_attention_heads),
+        ("attention.head_count_kv", cfg.num_key_value_heads),
+    ];
+    let floats = [
+        ("rope.freq_base", cfg.rope_theta),
+        ("attention.layer_norm_rms_epsilon", cfg.rms_norm_eps),
+    ];
     let mut b = b"GGUF".to_vec();
     b.extend(3u32.to_le_bytes());
     b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend(1u64.to_le_bytes());
+    b.extend((1 + counts.len() as u64 + floats.len() as u64).to_le_bytes());
     gstr(&mut b, "general.architecture");
     b.extend(8u32.to_le_bytes());
     gstr(&mut b, arch);
+    for (key, n) in counts {
+        gstr(&mut b, &format!("{arch}.{key}"));
+        b.extend(4u32.to_le_bytes());
+        b.extend((n as u32).to_le_bytes());
+    }
+    for (key, f) in floats {
+        gstr(&mut b, &format!("{arch}.{key}"));
+        b.extend(6u32.to_le_bytes());
+        b.extend(f.to_le_bytes());
+    }
     let mut offset = 0u64;
     let mut offsets = Vec::new();
     for (name, shape, v) in &tensors {
@@ -312,14 +334,23 @@ fn damaged_ggufs_are_refused_or_load_and_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Where the data section of a GGUF written by [`write_gguf`] starts (one key/value).
+/// Where the data section of a GGUF written by [`write_gguf`] starts (its metadata values are
+/// strings, u32s and f32s).
 fn header_len(b: &[u8]) -> usize {
     let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize;
-    let n_tensors = u64_at(8);
+    let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let (n_tensors, n_kv) = (u64_at(8), u64_at(16));
     let mut at = 24;
-    at += 8 + u64_at(at); // key
-    at += 4; // value type (string)
-    at += 8 + u64_at(at); // value
+    for _ in 0..n_kv {
+        at += 8 + u64_at(at); // key
+        let ty = u32_at(at);
+        at += 4;
+        at += match ty {
+            8 => 8 + u64_at(at),
+            4 | 6 => 4,
+            t => panic!("value type {t}"),
+        };
+    }
     for _ in 0..n_tensors {
         at += 8 + u64_at(at); // name
         let n_dims = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;

@@ -133,6 +133,13 @@ fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Valu
         4 => Value::Int(c.u32()? as i128),
         5 => Value::Int(c.u32()? as i32 as i128),
         6 => Value::Float(f32::from_le_bytes(c.take(4)?.try_into().expect("4")) as f64),
+        // An array's strings (a tokenizer's vocabulary) are skipped unread: llama.cpp takes
+        // ones that are not UTF-8, and gram reads none of them.
+        8 if depth > 0 => {
+            let n = c.len("string byte", 1)?;
+            c.take(n)?;
+            Value::Other
+        }
         8 => Value::Str(c.string()?),
         9 => {
             if depth > 2 {
@@ -159,8 +166,16 @@ struct Header {
     data_start: usize,
     arch: Option<String>,
     alignment: u64,
-    /// The scalar numbers of the metadata (`llama.block_count`, ...), for [`check_hparams`].
+    meta: Metadata,
+}
+
+/// The scalar metadata values, for [`check_hparams`].
+#[derive(Debug, Default)]
+struct Metadata {
+    /// `llama.block_count`, ...
     numbers: Vec<(String, f64)>,
+    /// `llama.rope.scaling.type`, ...
+    strings: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -194,9 +209,15 @@ fn parse_header(bytes: &[u8], max_tensors: usize) -> std::result::Result<Header,
     let n_kv = c.len("metadata", 12)?;
     let mut alignment = DEFAULT_ALIGNMENT;
     let mut arch = None;
-    let mut numbers = Vec::new();
+    let mut meta = Metadata::default();
+    // A key given twice would be read one way here and another by llama.cpp (which refuses
+    // such a file).
+    let mut keys = std::collections::HashSet::new();
     for _ in 0..n_kv {
         let key = c.string()?;
+        if !keys.insert(key.clone()) {
+            return Err(format!("metadata key `{key}` is given twice"));
+        }
         let ty = c.u32()?;
         let v = read_value(&mut c, ty, 0)?;
         match key.as_str() {
@@ -209,9 +230,10 @@ fn parse_header(bytes: &[u8], max_tensors: usize) -> std::result::Result<Header,
                 _ => return Err("general.architecture must be a string".into()),
             },
             _ => match v {
-                Value::Int(i) => numbers.push((key, i as f64)),
-                Value::Float(f) => numbers.push((key, f)),
-                _ => {}
+                Value::Int(i) => meta.numbers.push((key, i as f64)),
+                Value::Float(f) => meta.numbers.push((key, f)),
+                Value::Str(s) => meta.strings.push((key, s)),
+                Value::Other => {}
             },
         }
     }
@@ -251,63 +273,98 @@ fn parse_header(bytes: &[u8], max_tensors: usize) -> std::result::Result<Header,
         data_start: start as usize,
         arch,
         alignment,
-        numbers,
+        meta,
     })
 }
 
 /// The file's own hyperparameters (`{arch}.block_count`, `.attention.head_count`, ...) against
 /// config.json's. A config with other head counts of the same total width passes every shape
-/// check, and the Q/K rows would be put back in the wrong order: wrong numbers, no error. Keys
-/// the file does not have are not checked (per-layer arrays are not numbers here).
+/// check, and the Q/K rows would be put back in the wrong order: wrong numbers, no error. So
+/// the head counts must be in a file whose rows are to be put back (`permuted`); other keys the
+/// file does not have are not checked (per-layer arrays are not numbers here). Rope metadata
+/// that changes the rotation (a scaling, a partial rotary dimension) is refused: gram rotates
+/// every dimension of a head at `rope_theta`, as config.json says.
 fn check_hparams(
     path: &Path,
-    arch: Option<&str>,
-    numbers: &[(String, f64)],
+    arch: &str,
+    permuted: bool,
+    meta: &Metadata,
     config: &ModelConfig,
 ) -> Result<()> {
-    let Some(arch) = arch else { return Ok(()) };
+    let (numbers, strings) = (&meta.numbers, &meta.strings);
     let c = config;
-    let want: [(&str, &str, f64); 8] = [
+    let want: [(&str, &str, f64, bool); 9] = [
         (
             "block_count",
             "num_hidden_layers",
             c.num_hidden_layers as f64,
+            false,
         ),
-        ("embedding_length", "hidden_size", c.hidden_size as f64),
+        (
+            "embedding_length",
+            "hidden_size",
+            c.hidden_size as f64,
+            false,
+        ),
         (
             "feed_forward_length",
             "intermediate_size",
             c.intermediate_size as f64,
+            false,
         ),
         (
             "attention.head_count",
             "num_attention_heads",
             c.num_attention_heads as f64,
+            permuted,
         ),
         (
             "attention.head_count_kv",
             "num_key_value_heads",
             c.num_key_value_heads as f64,
+            permuted,
         ),
-        ("attention.key_length", "head_dim", c.head_dim as f64),
-        ("rope.freq_base", "rope_theta", c.rope_theta as f64),
+        ("attention.key_length", "head_dim", c.head_dim as f64, false),
+        ("rope.dimension_count", "head_dim", c.head_dim as f64, false),
+        ("rope.freq_base", "rope_theta", c.rope_theta as f64, false),
         (
             "attention.layer_norm_rms_epsilon",
             "rms_norm_eps",
             c.rms_norm_eps as f64,
+            false,
         ),
     ];
-    for (suffix, field, expected) in want {
+    let bad = |msg: String| Err(Error::checkpoint(path, msg));
+    for (suffix, field, expected, required) in want {
         let key = format!("{arch}.{suffix}");
         let Some(&(_, got)) = numbers.iter().find(|(k, _)| *k == key) else {
+            if required {
+                return bad(format!(
+                    "{key} is missing: the Q/K rows of a `{arch}` GGUF are put back in HF's \
+                     order by head, so the file must say how many heads it has"
+                ));
+            }
             continue;
         };
-        // The floats are f32 in the file and in the config: equal up to their rounding.
-        if (got - expected).abs() > 1e-6 * expected.abs() {
-            return Err(Error::checkpoint(
-                path,
-                format!("{key} is {got} but config.json's {field} is {expected}"),
+        // The floats are f32 in the file and in the config: equal up to their rounding (and a
+        // NaN is equal to nothing).
+        let equal = (got - expected).abs() <= 1e-6 * expected.abs();
+        if !equal {
+            return bad(format!(
+                "{key} is {got} but config.json's {field} is {expected}"
             ));
+        }
+    }
+    let scaling = format!("{arch}.rope.scaling.type");
+    if let Some((_, t)) = strings.iter().find(|(k, _)| *k == scaling) {
+        if t != "none" {
+            return bad(format!("{scaling} is `{t}`: rope scaling is not supported"));
+        }
+    }
+    let factor = format!("{arch}.rope.scaling.factor");
+    if let Some(&(_, f)) = numbers.iter().find(|(k, _)| *k == factor) {
+        if f != 1.0 && f != 0.0 {
+            return bad(format!("{factor} is {f}: rope scaling is not supported"));
         }
     }
     Ok(())
@@ -315,8 +372,9 @@ fn check_hparams(
 
 /// Whether llama.cpp stored this file's Q/K rows permuted for its rotary layout: its converter
 /// permutes the `llama` architecture's (NORM rope; weights and biases), not `qwen2`'s or
-/// `qwen3`'s (NEOX rope, HF row order). The file's `general.architecture` must be the config's
-/// (a file without one is taken to be the config's).
+/// `qwen3`'s (NEOX rope, HF row order). The file's `general.architecture` must be the config's;
+/// a file without one is refused (the GGUF format requires it, and without it neither the
+/// layout nor the hyperparameters' keys are known).
 fn rotary_permuted(path: &Path, gguf_arch: Option<&str>, config: &ModelConfig) -> Result<bool> {
     let expected = match config.arch {
         Arch::Llama => "llama",
@@ -324,6 +382,10 @@ fn rotary_permuted(path: &Path, gguf_arch: Option<&str>, config: &ModelConfig) -
         Arch::Qwen3 => "qwen3",
     };
     match gguf_arch {
+        None => Err(Error::checkpoint(
+            path,
+            format!("general.architecture is missing (config.json says `{expected}`)"),
+        )),
         Some(a) if a != expected => Err(Error::checkpoint(
             path,
             format!(
@@ -456,10 +518,12 @@ fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result
         data_start,
         arch,
         alignment,
-        numbers,
+        meta,
     } = parse_header(&map, max_tensors).map_err(|m| Error::checkpoint(path, m))?;
     let permuted = rotary_permuted(path, arch.as_deref(), config)?;
-    check_hparams(path, arch.as_deref(), &numbers, config)?;
+    // `rotary_permuted` refused a file without an architecture.
+    let arch = arch.as_deref().unwrap_or_default();
+    check_hparams(path, arch, permuted, &meta, config)?;
     // First every tensor's name, shape and place, and the places against each other; only then
     // is anything copied or dequantized, so a header whose tensors overlap (each of them the
     // whole data section, say) is refused before it can ask for many times the file in memory.
@@ -473,9 +537,18 @@ fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result
                 format!("unknown GGUF tensor name in {}", path.display()),
             )
         })?;
-        let numel = info.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let numel = info
+            .dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                Error::tensor(
+                    &name,
+                    format!("shape {:?}: its element count overflows", info.dims),
+                )
+            })?;
         let (block_elems, block_bytes) = info.ty.block();
-        let numel = numel
+        let numel = Some(numel)
             .filter(|n| n % block_elems == 0 && info.dims[0] % block_elems == 0)
             .ok_or_else(|| {
                 Error::tensor(
@@ -683,13 +756,29 @@ mod tests {
         gguf_of(&[(name, dims, ty, 0)], data)
     }
 
-    /// A GGUF (version 3, no metadata) of tensors `(name, dims innermost first, ggml type,
-    /// offset)` with `data` after the header.
+    /// A GGUF (version 3) of tensors `(name, dims innermost first, ggml type, offset)` with
+    /// `data` after the header; its metadata the architecture and head counts of
+    /// [`tiny_config_and_dir`]'s config.
     fn gguf_of(tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
         b.extend((tensors.len() as u64).to_le_bytes());
-        b.extend(0u64.to_le_bytes()); // metadata
+        b.extend(3u64.to_le_bytes()); // metadata
+        let key = |b: &mut Vec<u8>, k: &str, ty: u32| {
+            b.extend((k.len() as u64).to_le_bytes());
+            b.extend(k.as_bytes());
+            b.extend(ty.to_le_bytes());
+        };
+        key(&mut b, "general.architecture", 8);
+        b.extend(5u64.to_le_bytes());
+        b.extend(b"llama");
+        for k in [
+            "llama.attention.head_count",
+            "llama.attention.head_count_kv",
+        ] {
+            key(&mut b, k, 4);
+            b.extend(2u32.to_le_bytes());
+        }
         for (name, dims, ty, offset) in tensors {
             b.extend((name.len() as u64).to_le_bytes());
             b.extend(name.as_bytes());
@@ -832,6 +921,14 @@ mod tests {
             let err = err.to_string();
             assert!(err.contains("past the end of the file"), "{dims:?}: {err}");
         }
+        // An element count that overflows itself, named as such.
+        std::fs::write(
+            &path,
+            one_tensor_gguf("blk.0.ffn_up.weight", &[1 << 32, 1 << 32, 2], 0, &[0; 64]),
+        )
+        .unwrap();
+        let err = load_checked(&path, &config, false).unwrap_err().to_string();
+        assert!(err.contains("element count overflows"), "{err}");
         // The same file with a shape that fits is read.
         std::fs::write(
             &path,
@@ -899,33 +996,117 @@ mod tests {
             let key = "llama.attention.layer_norm_rms_epsilon";
             (key, 6u32, e.to_le_bytes().to_vec())
         };
-        let check = |meta: &[(&str, u32, Vec<u8>)]| {
-            let h = parse_header(&gguf_with_metadata(meta), usize::MAX).unwrap();
-            check_hparams(&dir, h.arch.as_deref(), &h.numbers, &config).map_err(|e| e.to_string())
+        let kv_heads = |n: u32| {
+            (
+                "llama.attention.head_count_kv",
+                4u32,
+                n.to_le_bytes().to_vec(),
+            )
         };
-        let same = [arch("llama"), heads(2), base(10000.0), layers(1), eps(1e-6)];
+        let rope_dims = |n: u32| ("llama.rope.dimension_count", 4u32, n.to_le_bytes().to_vec());
+        let scaling = |t: &str| {
+            let mut v = (t.len() as u64).to_le_bytes().to_vec();
+            v.extend(t.as_bytes());
+            ("llama.rope.scaling.type", 8u32, v)
+        };
+        let factor = |f: f32| ("llama.rope.scaling.factor", 6u32, f.to_le_bytes().to_vec());
+        // As the load runs them.
+        let check = |meta: &[(&str, u32, Vec<u8>)]| {
+            let h = parse_header(&gguf_with_metadata(meta), usize::MAX)?;
+            let permuted =
+                rotary_permuted(&dir, h.arch.as_deref(), &config).map_err(|e| e.to_string())?;
+            let a = h.arch.as_deref().unwrap_or_default();
+            check_hparams(&dir, a, permuted, &h.meta, &config).map_err(|e| e.to_string())
+        };
+        let same = [
+            arch("llama"),
+            heads(2),
+            kv_heads(2),
+            base(10000.0),
+            layers(1),
+            eps(1e-6),
+            rope_dims(32),
+            scaling("none"),
+            factor(1.0),
+        ];
         assert_eq!(check(&same), Ok(()));
         assert_eq!(
-            check(&[heads(3)]),
+            check(&same[..3]),
             Ok(()),
-            "no architecture, no keys to check"
+            "only the head counts are required"
         );
         for (meta, want) in [
             (
-                vec![arch("llama"), heads(3)],
+                vec![heads(2), kv_heads(2)],
+                "general.architecture is missing",
+            ),
+            (
+                vec![arch("llama"), heads(2)],
+                "llama.attention.head_count_kv is missing",
+            ),
+            (
+                vec![arch("llama"), heads(3), kv_heads(2)],
                 "llama.attention.head_count is 3 but config.json's num_attention_heads is 2",
             ),
             (
-                vec![arch("llama"), base(100000.0)],
+                vec![arch("llama"), heads(2), kv_heads(2), base(f32::NAN)],
+                "llama.rope.freq_base is NaN",
+            ),
+            (
+                vec![arch("llama"), heads(2), kv_heads(2), rope_dims(16)],
+                "llama.rope.dimension_count is 16 but config.json's head_dim is 32",
+            ),
+            (
+                vec![arch("llama"), heads(2), kv_heads(2), scaling("linear")],
+                "llama.rope.scaling.type is `linear`",
+            ),
+            (
+                vec![arch("llama"), heads(2), kv_heads(2), factor(4.0)],
+                "llama.rope.scaling.factor is 4",
+            ),
+            (
+                vec![arch("llama"), heads(2), heads(2)],
+                "metadata key `llama.attention.head_count` is given twice",
+            ),
+            (
+                vec![arch("llama"), heads(2), kv_heads(2), base(100000.0)],
                 "llama.rope.freq_base is 100000 but config.json's rope_theta is 10000",
             ),
-            (vec![arch("llama"), layers(2)], "llama.block_count is 2"),
-            (vec![arch("llama"), eps(1e-5)], "layer_norm_rms_epsilon"),
+            (
+                vec![arch("llama"), heads(2), kv_heads(2), layers(2)],
+                "llama.block_count is 2",
+            ),
+            (
+                vec![arch("llama"), heads(2), kv_heads(2), eps(1e-5)],
+                "layer_norm_rms_epsilon",
+            ),
         ] {
             let err = check(&meta).expect_err(want);
             assert!(err.contains(want), "{err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An array of strings that are not UTF-8 (a tokenizer's vocabulary, which llama.cpp
+    /// takes) is skipped; a top-level string that is not UTF-8 is refused.
+    #[test]
+    fn array_strings_are_skipped_unread() {
+        let mut tokens = 8u32.to_le_bytes().to_vec(); // item type: string
+        tokens.extend(2u64.to_le_bytes());
+        for t in [&b"ok"[..], b"\xff\xfe"] {
+            tokens.extend((t.len() as u64).to_le_bytes());
+            tokens.extend(t);
+        }
+        let h = parse_header(
+            &gguf_with_metadata(&[("tokenizer.ggml.tokens", 9, tokens)]),
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(h.meta.strings.is_empty() && h.meta.numbers.is_empty());
+        let mut bad = 2u64.to_le_bytes().to_vec();
+        bad.extend(b"\xff\xfe");
+        let e = parse_header(&gguf_with_metadata(&[("general.name", 8, bad)]), usize::MAX);
+        assert!(e.unwrap_err().contains("not UTF-8"));
     }
 
     #[test]
