@@ -330,7 +330,8 @@ impl RawConfig {
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
-            mlp_bias: self.mlp_bias.unwrap_or(false),
+            // Qwen2's and Qwen3's MLPs have no bias in transformers, whatever the config says.
+            mlp_bias: arch == Arch::Llama && self.mlp_bias.unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
             bos_token_id: in_vocab(
                 token_ids(&self.bos_token_id, "bos_token_id")?,
@@ -348,10 +349,12 @@ impl RawConfig {
     }
 
     /// `rope_theta` from either spelling; any rope scaling other than the default is refused
-    /// rather than silently computed wrong.
+    /// rather than silently computed wrong, and so are two spellings that disagree (which one
+    /// transformers reads depends on its version).
     fn rope_theta(&self) -> std::result::Result<f32, String> {
         full_rotary(self.partial_rotary_factor.as_ref(), "partial_rotary_factor")?;
         let mut theta = self.rope_theta;
+        let mut theta_key = String::from("rope_theta");
         for (key, v) in [
             ("rope_scaling", &self.rope_scaling),
             ("rope_parameters", &self.rope_parameters),
@@ -395,10 +398,16 @@ impl RawConfig {
             match obj.get("rope_theta") {
                 None | Some(Value::Null) => {}
                 Some(t) => {
-                    theta = Some(
-                        t.as_f64()
-                            .ok_or_else(|| format!("{key}.rope_theta must be a number, not {t}"))?,
-                    )
+                    let t = t
+                        .as_f64()
+                        .ok_or_else(|| format!("{key}.rope_theta must be a number, not {t}"))?;
+                    if let Some(before) = theta.filter(|&b| b != t) {
+                        return Err(format!(
+                            "{theta_key} is {before} but {key}.rope_theta is {t}: which one?"
+                        ));
+                    }
+                    theta = Some(t);
+                    theta_key = format!("{key}.rope_theta");
                 }
             }
         }
@@ -516,6 +525,41 @@ mod tests {
             r#""rope_parameters":{"rope_theta":5e5,"rope_type":"default"}"#,
         );
         assert_eq!(ModelConfig::from_json(&text).unwrap().rope_theta, 5e5);
+        // Two spellings of one base agree; two that differ are refused (transformers 4 reads
+        // the top-level one, 5 the object's), naming both.
+        let both = |inner: &str| {
+            LLAMA.replace(
+                r#""rope_theta":100000.0"#,
+                &format!(r#""rope_theta":100000.0,"rope_parameters":{{"rope_theta":{inner}}}"#),
+            )
+        };
+        assert_eq!(
+            ModelConfig::from_json(&both("1e5")).unwrap().rope_theta,
+            1e5
+        );
+        let e = ModelConfig::from_json(&both("5e5")).unwrap_err();
+        assert!(
+            e.contains("rope_theta is 100000 but rope_parameters.rope_theta is 500000"),
+            "{e}"
+        );
+    }
+
+    /// transformers builds Qwen2's and Qwen3's MLPs without biases whatever `mlp_bias` says;
+    /// Llama's follow it.
+    #[test]
+    fn mlp_bias_is_read_for_llama_only() {
+        let with = |c: &str| {
+            c.replace(
+                r#""hidden_size":576,"#,
+                r#""hidden_size":576,"mlp_bias":true,"#,
+            )
+        };
+        assert!(ModelConfig::from_json(&with(LLAMA)).unwrap().mlp_bias);
+        for arch in ["Qwen2ForCausalLM", "Qwen3ForCausalLM"] {
+            let c =
+                ModelConfig::from_json(&with(&LLAMA.replace("LlamaForCausalLM", arch))).unwrap();
+            assert!(!c.mlp_bias, "{arch}");
+        }
     }
 
     #[test]
