@@ -18,7 +18,7 @@ use crate::index::{self, Product};
 use crate::model::Model;
 use crate::settings::Settings;
 use crate::tokenizer::Tokenizer;
-use crate::trie::{CodeName, CodeSet, Trie};
+use crate::trie::{stopped_inside, CodeName, CodeSet, Trie};
 
 mod collect;
 mod read;
@@ -199,6 +199,8 @@ pub fn build_with<B: Backend>(
     let generate = options.generate;
     // Most tokens a code may take, its EOS included.
     let limit = settings.code_token_limit();
+    // The model's other EOS tokens: a code holding one could not be emitted whole.
+    let stops: Vec<u32> = model.config.eos_token_ids[1..].to_vec();
     if let Some(g) = generate {
         crate::beam::check_width(g.beam)?;
         if g.batch == 0 {
@@ -240,7 +242,7 @@ pub fn build_with<B: Backend>(
     let list = match generate {
         Some(g) if !g.codes.is_empty() => {
             let list = CodeSet::from_texts_named(g.codes.clone(), tokenizer, eos, &list_name)?;
-            check_code_lengths(&list, limit, &list_name)?;
+            check_codes(&list, limit, &stops, &list_name)?;
             texts.extend(g.codes.iter().cloned());
             let trie = Trie::build_named(&list, model.config.vocab_size, eos, &list_name)?;
             Some((list, trie))
@@ -270,7 +272,10 @@ pub fn build_with<B: Backend>(
     } else {
         let (set, mut bad) = CodeSet::from_texts_lenient(texts, tokenizer, eos)?;
         let long: Vec<Option<String>> = (0..set.len())
-            .map(|i| too_long(set.code_tokens(i).len(), limit))
+            .map(|i| {
+                too_long(set.code_tokens(i).len(), limit)
+                    .or_else(|| stopped_inside(set.code_tokens(i), &stops))
+            })
             .collect();
         let set = if long.iter().any(Option::is_some) {
             let keep: Vec<bool> = long.iter().map(Option::is_none).collect();
@@ -425,7 +430,7 @@ pub fn build_with<B: Backend>(
                 }));
             }
             let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
-            check_code_lengths(&set, limit, &source)?;
+            check_codes(&set, limit, &stops, &source)?;
             set
         }
     };
@@ -547,8 +552,10 @@ pub fn build_with<B: Backend>(
     })
 }
 
-/// Codes are generated as at most `limit` tokens, their EOS included.
-fn check_code_lengths(set: &CodeSet, limit: usize, name: CodeName) -> Result<()> {
+/// Codes are generated as at most `limit` tokens, their EOS included, and hold none of the
+/// model's other EOS tokens (`stops`).
+fn check_codes(set: &CodeSet, limit: usize, stops: &[u32], name: CodeName) -> Result<()> {
+    set.check_stops(stops, name)?;
     for i in 0..set.len() {
         if let Some(why) = too_long(set.code_tokens(i).len(), limit) {
             let text = &set.texts[i];
@@ -718,7 +725,9 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
                     let fits = !tokens.is_empty()
                         && tokens.len() < ctx.settings.code_token_limit()
                         && prompts[pi].len() + tokens.len() - 1 <= positions
-                        && !tokens.contains(&ctx.eos);
+                        && !tokens
+                            .iter()
+                            .any(|t| ctx.model.config.eos_token_ids.contains(t));
                     if !fits {
                         generated -= 1;
                     } else if tokens == c.tokens {

@@ -441,6 +441,10 @@ fn codes_on<B: Backend>(
         .first()
         .ok_or("the model's config names no eos_token_id: codes cannot end")?;
     let set = CodeSet::from_file(&args.codes, tokenizer, eos).map_err(|e| e.to_string())?;
+    set.check_stops(&model.config.eos_token_ids[1..], &|i, _| {
+        format!("{}: line {}", args.codes.display(), i + 1)
+    })
+    .map_err(|e| e.to_string())?;
     let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
     let queries = args
         .prompts

@@ -339,6 +339,21 @@ impl Parts {
                 ),
             });
         }
+        // An index built for a model with one EOS, opened with a model that has more: a code
+        // holding one of the others could never be emitted whole (a beam stops there).
+        let stops: Vec<u32> = model.config.eos_token_ids.clone();
+        let trie = self.index.trie();
+        if let Some(t) = trie
+            .csr()
+            .1
+            .iter()
+            .find(|&&t| t != trie.eos() && stops.contains(&t))
+        {
+            return Err(Error::Input(format!(
+                "the index's codes hold token {t}, an EOS of the model ({stops:?}): a beam \
+                 would stop inside them; rebuild the index with this model"
+            )));
+        }
         Ok(Engine {
             index: self.index,
             model,

@@ -1062,3 +1062,73 @@ fn max_code_tokens_bounds_the_codes_indexed_and_generated() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&model).unwrap();
 }
+
+/// A model with a second EOS token (Qwen2.5's `[151645, 151643]`): transformers ends a beam at
+/// either, so a code holding the second could never be emitted whole. The build refuses it
+/// under `stop` and leaves its product out under `skip`; an index built before the second EOS
+/// was declared (generation_config.json, outside the model's fingerprint) is refused at open.
+#[test]
+fn a_code_holding_another_eos_token_is_refused() {
+    let dir = fresh_dir("catalog-other-eos");
+    let model = copy_model(&model_dir("tiny-llama"), "catalog-other-eos-model");
+    let tok = gram::tokenizer::Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let stop = tok.encode_plain("velvet").unwrap()[0];
+    let rug = tok.encode_plain("rug").unwrap();
+    assert!(!rug.contains(&stop) && stop != 2, "{stop} {rug:?}");
+    let cat = dir.join("c.jsonl");
+    let lines = [
+        serde_json::json!({"id": "p0", "title": "sofa", "codes": ["velvet sofa"]}),
+        serde_json::json!({"id": "p1", "title": "rug", "codes": ["rug"]}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&cat, text.join("\n")).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let mut args = vec!["--threads", "1"];
+        args.extend_from_slice(extra);
+        index_build(&model, &cat, &dir.join(out), &args)
+    };
+    let (v, _) = built(&run(&[], "before"));
+    assert_eq!(v["report"]["products"], 2, "{v}");
+    let gen = model.join("generation_config.json");
+    std::fs::write(&gen, format!("{{\"eos_token_id\": [2, {stop}]}}")).unwrap();
+    let out = run(&["--on-error", "stop"], "stop");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("product \"p0\"")
+            && err.contains(&format!("contains token {stop}, an EOS of the model")),
+        "{err}"
+    );
+    let (v, _) = built(&run(&["--on-error", "skip"], "skip"));
+    assert_eq!(
+        (&v["report"]["products"], &v["report"]["skipped_products"]),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "{v}"
+    );
+    let e = gram::search::Engine::open(&dir.join("before"), Some(&model), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&format!("hold token {stop}, an EOS of the model")),
+        "{e}"
+    );
+    // `gram codes` refuses such a code list too, naming its line.
+    let codes = dir.join("codes.txt");
+    std::fs::write(&codes, "rug\nvelvet sofa\n").unwrap();
+    let out = gram(&[
+        "codes",
+        "--model",
+        model.to_str().unwrap(),
+        "--codes",
+        codes.to_str().unwrap(),
+        "rug",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("codes.txt: line 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&model).unwrap();
+}

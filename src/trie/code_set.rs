@@ -46,7 +46,33 @@ pub fn refusal(ids: &[u32], eos: u32) -> Option<String> {
     }
 }
 
+/// Why a code whose own tokens are `ids` cannot be emitted whole by a model that also stops at
+/// `stops` (its EOS tokens other than the one codes end with), if it cannot: transformers ends a
+/// beam at any of them, so a beam would stop inside the code.
+pub fn stopped_inside(ids: &[u32], stops: &[u32]) -> Option<String> {
+    ids.iter()
+        .find(|t| stops.contains(t))
+        .map(|t| format!("contains token {t}, an EOS of the model: a beam would stop there"))
+}
+
 impl CodeSet {
+    /// The first code holding one of `stops` (see [`stopped_inside`]), as an error naming it.
+    pub fn check_stops(&self, stops: &[u32], name: CodeName) -> Result<()> {
+        if stops.is_empty() {
+            return Ok(());
+        }
+        for i in 0..self.len() {
+            if let Some(why) = stopped_inside(self.code_tokens(i), stops) {
+                let text = &self.texts[i];
+                return Err(Error::Input(format!(
+                    "{}: code {text:?} {why}",
+                    name(i, text)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a code file (one code per line, UTF-8; a byte-order mark is ignored) and tokenizes
     /// each code. Blank lines, codes that tokenize to nothing or contain `eos`, and an empty
     /// file are errors naming the line.
