@@ -25,10 +25,13 @@
 //! come from 5.x). The `BeamSearchScorer` before it compared the worst finished score with the
 //! best of the step's 2B candidates, EOS ones included, not the best running beam: at length
 //! penalties above 1 the two can stop at different steps (B 2, penalty 2, codes `a`, `b`,
-//! `a x`: the newer rule stops with {a, b}, the older one goes on to {a x, a}). Length penalties
-//! far below 0 (−8 and under, at 8 tokens) give scores under the −1e9 transformers 5 puts in its
-//! empty finished slots; there its stopping test misreads them, and parity is claimed only over
-//! the goldens' range (−1 to 3). When a new code ties the worst of B full finished slots, the
+//! `a x`: the newer rule stops with {a, b}, the older one goes on to {a x, a}). A negative length
+//! penalty multiplies a sum of log-probs by `len^-penalty`, and past −1e9 (the score transformers
+//! 5 puts in its empty finished slots) its ranking and stopping test misread real scores: so a
+//! negative penalty is refused where `M^(1 - penalty)` reaches 1e6 for `M` new tokens (a score
+//! of `M` log-probs of −1,000 at most stays above −1e9): below −3.98 at 16 tokens, −1.49 at
+//! 256 ([`BeamOptions::check`]). Parity is tested over the goldens' range (−1 to 3). When a new
+//! code ties the worst of B full finished slots, the
 //! newest of the tied is dropped (transformers 5's `topk` leaves that order unspecified).
 //!
 //! [`Normalize::Children`] instead normalizes over a node's allowed tokens only, so the LM head
@@ -129,6 +132,17 @@ impl BeamOptions {
         if !lp.is_finite() || lp.abs() > MAX_LENGTH_PENALTY {
             return Err(Error::Input(format!(
                 "length_penalty {lp} is out of range (-{MAX_LENGTH_PENALTY}..={MAX_LENGTH_PENALTY})"
+            )));
+        }
+        // See the module docs: scores of -1e9 and below are where transformers' own ranking
+        // breaks, so no promise of its codes could be kept there.
+        if lp < 0.0 && (self.max_new_tokens as f64).powf(1.0 - lp) >= 1e6 {
+            return Err(Error::Input(format!(
+                "length_penalty {lp} with up to {} new tokens: scores could pass -1e9, where \
+                 transformers' beam search ranks them against its empty slots; a penalty of \
+                 {:.2} or more is taken at this length",
+                self.max_new_tokens,
+                1.0 - 6.0 / (self.max_new_tokens as f64).log10()
             )));
         }
         if !self.constrained && self.normalize == Normalize::Children {

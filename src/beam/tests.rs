@@ -77,12 +77,33 @@ fn the_length_factor_is_pythons() {
 fn options_out_of_range_are_refused_by_name() {
     let ok = BeamOptions::default();
     assert!(ok.check().is_ok());
-    for lp in [MAX_LENGTH_PENALTY, -MAX_LENGTH_PENALTY, 0.0, 0.6] {
+    for (lp, max_new) in [
+        (MAX_LENGTH_PENALTY, 256),
+        (-MAX_LENGTH_PENALTY, 1),
+        (-3.9, 16),
+        (-1.4, 256),
+        (0.0, 16),
+        (0.6, 16),
+    ] {
         let o = BeamOptions {
             length_penalty: lp,
+            max_new_tokens: max_new,
             ..ok
         };
-        assert!(o.check().is_ok(), "{lp}");
+        assert!(o.check().is_ok(), "{lp} {max_new}");
+    }
+    // Negative penalties whose scores could pass transformers' -1e9 placeholders.
+    for (lp, max_new, says) in [(-4.0, 16, "-3.98 or more"), (-1.5, 256, "-1.49 or more")] {
+        let o = BeamOptions {
+            length_penalty: lp,
+            max_new_tokens: max_new,
+            ..ok
+        };
+        let e = o.check().unwrap_err().to_string();
+        assert!(
+            e.contains("could pass -1e9") && e.contains(says),
+            "{lp}: {e}"
+        );
     }
     for lp in [10.5, -20.0, -200.0, f64::NAN, f64::INFINITY] {
         let o = BeamOptions {
