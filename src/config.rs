@@ -115,6 +115,16 @@ impl ModelConfig {
                 self.eos_token_ids.push(id);
             }
         }
+        let ignored = beam_search_settings(&v);
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "{}: {} would change transformers' beam search (its `generate` applies them \
+                 with do_sample=False too); gram's beam search does not, so its codes and \
+                 scores follow `generate` called with them unset",
+                path.display(),
+                ignored.join(", ")
+            );
+        }
         Ok(self)
     }
 
@@ -421,6 +431,53 @@ impl RawConfig {
     }
 }
 
+/// The settings of a `generation_config.json` that transformers' `generate` applies in a
+/// greedy beam search (do_sample=False) and gram's beam search does not, each as `key = value`:
+/// logits processors (a repetition penalty, banned or suppressed tokens, a minimum length,
+/// forced tokens, sequence biases), another stopping rule, another length penalty, grouped
+/// beams. Keys at their no-op values are left out.
+fn beam_search_settings(v: &Value) -> Vec<String> {
+    let num = |k: &str| v.get(k).and_then(Value::as_f64);
+    let set = |k: &str| {
+        v.get(k)
+            .is_some_and(|x| !(x.is_null() || x.as_array().is_some_and(Vec::is_empty)))
+    };
+    let mut out = Vec::new();
+    for (key, noop) in [
+        ("repetition_penalty", 1.0),
+        ("length_penalty", 1.0),
+        ("no_repeat_ngram_size", 0.0),
+        ("min_new_tokens", 0.0),
+        ("min_length", 0.0),
+        ("num_beam_groups", 1.0),
+        ("diversity_penalty", 0.0),
+        ("guidance_scale", 1.0),
+    ] {
+        if num(key).is_some_and(|x| x != noop) {
+            out.push(format!("{key} = {}", v[key]));
+        }
+    }
+    for key in [
+        "bad_words_ids",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "sequence_bias",
+        "exponential_decay_length_penalty",
+    ] {
+        if set(key) {
+            out.push(format!("{key} = {}", v[key]));
+        }
+    }
+    if v.get("early_stopping")
+        .is_some_and(|e| *e != Value::Bool(false) && !e.is_null())
+    {
+        out.push(format!("early_stopping = {}", v["early_stopping"]));
+    }
+    out
+}
+
 /// A `partial_rotary_factor` (transformers rotates that share of each head) other than 1 is
 /// refused: the engine rotates whole heads, and would compute other logits without a word.
 fn full_rotary(v: Option<&Value>, key: &str) -> std::result::Result<(), String> {
@@ -516,6 +573,32 @@ mod tests {
         let e = c().with_generation_config(&path).unwrap_err().to_string();
         assert!(e.contains("not valid JSON"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What transformers' beam search would apply from a generation_config.json and gram's
+    /// does not: named with their values; no-op values and sampling-only keys are left out.
+    #[test]
+    fn generation_settings_beam_search_ignores_are_named() {
+        let v: Value = serde_json::from_str(
+            r#"{"repetition_penalty": 1.05, "length_penalty": 1.0, "temperature": 0.7,
+            "top_p": 0.8, "do_sample": true, "no_repeat_ngram_size": 0, "suppress_tokens": [],
+            "bad_words_ids": [[5]], "early_stopping": false, "forced_eos_token_id": null,
+            "min_new_tokens": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            beam_search_settings(&v),
+            [
+                "repetition_penalty = 1.05",
+                "min_new_tokens = 2",
+                "bad_words_ids = [[5]]"
+            ]
+        );
+        let v: Value = serde_json::from_str(r#"{"early_stopping": "never"}"#).unwrap();
+        assert_eq!(beam_search_settings(&v), ["early_stopping = \"never\""]);
+        let plain: Value =
+            serde_json::from_str(r#"{"eos_token_id": 2, "bos_token_id": 1}"#).unwrap();
+        assert!(beam_search_settings(&plain).is_empty());
     }
 
     #[test]
