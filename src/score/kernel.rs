@@ -374,7 +374,8 @@ pub(super) mod tests {
     }
 
     /// The term table's levels kernel (consecutive `ln(2 Pt)` loads) gives what the column
-    /// kernel (a gather) gives over the same levels, bit for bit, every level.
+    /// kernel (a gather) gives over the same levels, bit for bit, every level; and the column
+    /// kernel what its scalar twin gives.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn term_table_levels_equal_the_column_kernel() {
@@ -399,6 +400,20 @@ pub(super) mod tests {
             }
             for l in 0..1 << 16 {
                 assert_eq!(a[l].to_bits(), b[l].to_bits(), "pq {pq} w {w} level {l}");
+            }
+        }
+        // The column kernel against its scalar twin (`Token::term`), every level, at the edges
+        // of the query side (0, denormal, tiny, 1 − ε, 1, on a level) and weights of both signs.
+        for pq in query_sides(11, 4, 4) {
+            for w in [-1.0f32, -0.3, 0.7] {
+                let q = Token::new(pq, w);
+                let mut got = vec![0.25f32; 1 << 16];
+                // SAFETY: as above.
+                unsafe { avx2::column(q, &levels, &mut got) };
+                for (l, g) in got.iter().enumerate() {
+                    let want = 0.25 + q.term(l as u16);
+                    assert_eq!(g.to_bits(), want.to_bits(), "pq {pq:e} w {w} level {l}");
+                }
             }
         }
     }
