@@ -76,22 +76,22 @@ impl Source {
     pub fn load(&self, config: &ModelConfig) -> Result<TensorMap> {
         match self {
             Source::Safetensors(paths) => {
-                let mut map = TensorMap::new();
+                let mut found = Found::default();
                 for path in paths {
-                    load_safetensors(path, &mut map)?;
+                    load_safetensors(path, &mut found)?;
                 }
-                Ok(map)
+                found.into_map(config)
             }
             Source::Sharded {
                 index,
                 files,
                 weight_map,
             } => {
-                let mut map = TensorMap::new();
+                let mut found = Found::default();
                 for path in files {
                     let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
                     // Unlisted tensors meet the name check every tensor meets.
-                    for name in load_safetensors(path, &mut map)? {
+                    for name in load_safetensors(path, &mut found)? {
                         if let Some(f) = weight_map.get(&name).filter(|f| *f != file) {
                             return Err(Error::checkpoint(
                                 index,
@@ -102,7 +102,7 @@ impl Source {
                 }
                 let mut names: Vec<&String> = weight_map.keys().collect();
                 names.sort();
-                if let Some(name) = names.into_iter().find(|n| !map.contains_key(*n)) {
+                if let Some(name) = names.into_iter().find(|n| !found.names.contains(*n)) {
                     return Err(Error::checkpoint(
                         index,
                         format!(
@@ -111,7 +111,7 @@ impl Source {
                         ),
                     ));
                 }
-                Ok(map)
+                found.into_map(config)
             }
             Source::Gguf(path) => gguf::load(path, config),
         }
@@ -190,8 +190,50 @@ pub(crate) fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     Ok(Arc::new(map))
 }
 
+/// The tensors of a set of safetensors files, found but not yet taken: where each lies, its
+/// dtype and shape.
+#[derive(Default)]
+struct Found {
+    names: std::collections::HashSet<String>,
+    tensors: Vec<FoundTensor>,
+}
+
+/// One tensor of [`Found`].
+struct FoundTensor {
+    name: String,
+    map: Arc<Mmap>,
+    range: std::ops::Range<usize>,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl Found {
+    /// The tensors, once their names and shapes fit `config` (`weights::check_shapes`), less
+    /// those the engine ignores. Only then is a tensor that lies misaligned in its file copied
+    /// (`HostTensor::mapped`): a wrong model's file costs no memory before it is refused.
+    fn into_map(self, config: &ModelConfig) -> Result<TensorMap> {
+        super::weights::check_shapes(
+            config,
+            self.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice())),
+        )?;
+        Ok(self
+            .tensors
+            .into_iter()
+            .filter(|t| !super::weights::ignored(config, &t.name))
+            .map(|t| {
+                (
+                    t.name,
+                    HostTensor::mapped(&t.map, t.range, t.dtype, t.shape),
+                )
+            })
+            .collect())
+    }
+}
+
 /// Adds the tensors of one safetensors file to `out`; returns their names.
-fn load_safetensors(path: &Path, out: &mut TensorMap) -> Result<Vec<String>> {
+fn load_safetensors(path: &Path, out: &mut Found) -> Result<Vec<String>> {
     let map = map_file(path)?;
     let st = SafeTensors::deserialize(&map)
         .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
@@ -214,15 +256,20 @@ fn load_safetensors(path: &Path, out: &mut TensorMap) -> Result<Vec<String>> {
         };
         let start = view.data().as_ptr() as usize - base;
         let range = start..start + view.data().len();
-        if out.contains_key(&name) {
+        if !out.names.insert(name.clone()) {
             return Err(Error::tensor(
                 name,
                 format!("appears twice (again in {})", path.display()),
             ));
         }
-        let tensor = HostTensor::mapped(&map, range, dtype, view.shape().to_vec());
         names.push(name.clone());
-        out.insert(name, tensor);
+        out.tensors.push(FoundTensor {
+            name,
+            map: Arc::clone(&map),
+            range,
+            dtype,
+            shape: view.shape().to_vec(),
+        });
     }
     Ok(names)
 }
