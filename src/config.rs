@@ -601,6 +601,60 @@ mod tests {
         assert!(beam_search_settings(&plain).is_empty());
     }
 
+    /// Each config that would give wrong numbers, or none, is refused by name.
+    #[test]
+    fn absurd_fields_are_refused_by_name() {
+        for (from, to, says) in [
+            (r#""hidden_size":576"#, r#""hidden_size":0"#, "hidden_size"),
+            (r#""vocab_size":49152"#, r#""vocab_size":0"#, "vocab_size"),
+            (
+                r#""num_key_value_heads":3"#,
+                r#""num_key_value_heads":0"#,
+                "num_key_value_heads",
+            ),
+            (
+                r#""hidden_size":576"#,
+                r#""hidden_size":577"#,
+                "not a multiple of num_attention_heads",
+            ),
+            (
+                r#""hidden_size":576"#,
+                r#""hidden_size":576,"head_dim":63"#,
+                "head_dim",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":-1.0"#,
+                "rope_theta",
+            ),
+            (
+                r#""rms_norm_eps":1e-5"#,
+                r#""rms_norm_eps":-1e-5"#,
+                "rms_norm_eps",
+            ),
+            (
+                r#""vocab_size":49152"#,
+                r#""vocab_size":49152,"hidden_act":"gelu""#,
+                "gelu",
+            ),
+            (
+                r#""vocab_size":49152"#,
+                r#""vocab_size":49152,"max_position_embeddings":0"#,
+                "max_position_embeddings",
+            ),
+            (
+                r#""vocab_size":49152"#,
+                r#""vocab_size":49152,"use_sliding_window":true"#,
+                "sliding",
+            ),
+        ] {
+            assert!(LLAMA.contains(from), "{from}");
+            let text = LLAMA.replace(from, to);
+            let e = ModelConfig::from_json(&text).expect_err(to);
+            assert!(e.contains(says), "{to}: {e}");
+        }
+    }
+
     #[test]
     fn transformers5_rope_parameters() {
         let text = LLAMA.replace(
