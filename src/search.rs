@@ -525,7 +525,8 @@ impl<B: Backend> Engine<B> {
             Ok(done)
         })?;
         done.sort_by_key(|(t, _)| *t);
-        Ok(done.into_iter().map(|(_, r)| r).collect())
+        // A request that failed fails the call (the others ran to their end).
+        done.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Postings, scores and top K of a request whose codes are done ([`Batch::step_codes`]). It
@@ -712,20 +713,22 @@ impl<B: Backend> Batch<'_, B> {
     }
 
     /// One decoder step over every request in flight; the requests whose codes finished come
-    /// back with their products scored. On an error every request in flight is dropped.
-    pub fn step(&mut self) -> Result<Vec<(Ticket, Response)>> {
+    /// back with their products scored, or with the error that stopped them alone (a
+    /// log-probability of their rows that is not finite). On an error of the step every request
+    /// in flight is dropped.
+    pub fn step(&mut self) -> Result<Vec<(Ticket, Result<Response>)>> {
         let engine = self.engine;
         Ok(self
             .step_codes()?
             .into_iter()
-            .map(|(t, done)| (t, engine.score(done)))
+            .map(|(t, done)| (t, done.map(|d| engine.score(d))))
             .collect())
     }
 
     /// [`Batch::step`] without the scoring: the requests whose codes finished come back as
     /// [`CodesDone`], for [`Engine::score`] to finish (on another thread, say, while the batch
     /// steps on).
-    pub fn step_codes(&mut self) -> Result<Vec<(Ticket, CodesDone)>> {
+    pub fn step_codes(&mut self) -> Result<Vec<(Ticket, Result<CodesDone>)>> {
         let done = match self.beams.step() {
             Ok(done) => done,
             Err(e) => {
@@ -742,13 +745,7 @@ impl<B: Backend> Batch<'_, B> {
                     .position(|(pt, _)| *pt == t)
                     .expect("every ticket was admitted here");
                 let (_, prepared) = self.prepared.swap_remove(at);
-                (
-                    t,
-                    CodesDone {
-                        prepared,
-                        output: out,
-                    },
-                )
+                (t, out.map(|output| CodesDone { prepared, output }))
             })
             .collect())
     }

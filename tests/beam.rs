@@ -375,7 +375,7 @@ fn continuous_batching_matches_single_queries() {
                     }
                 }
             }
-            got.extend(batch.step().unwrap());
+            got.extend(step_ok(&mut batch));
         }
         assert_eq!(
             batch.free_entries(),
@@ -431,7 +431,7 @@ fn a_cancelled_query_leaves_the_batch() {
         .iter()
         .map(|q| batch.admit(q.clone()).unwrap().unwrap())
         .collect();
-    let mut got = batch.step().unwrap();
+    let mut got = step_ok(&mut batch);
     let prompts: usize = queries.iter().map(|q| q.prompt.len()).sum();
     assert_eq!(
         batch.last_step_rows(),
@@ -441,7 +441,7 @@ fn a_cancelled_query_leaves_the_batch() {
     assert!(batch.cancel(t[1]));
     assert!(!batch.cancel(t[1]), "already gone");
     while batch.in_flight() > 0 {
-        got.extend(batch.step().unwrap());
+        got.extend(step_ok(&mut batch));
         assert!(
             batch.last_step_rows() <= 2 * 4,
             "one row per running beam of two queries"
@@ -582,7 +582,7 @@ fn stable_rows_give_the_same_results() {
                 }
                 let (mut done, mut ran) = (Vec::new(), Vec::new());
                 while batch.in_flight() > 0 {
-                    done.extend(batch.step().unwrap());
+                    done.extend(step_ok(&mut batch));
                     ran.push(batch.last_step_rows());
                 }
                 assert_eq!(batch.free_entries(), entries, "every entry free at the end");
@@ -1135,4 +1135,109 @@ fn held_rows_are_freed_by_a_cancel_and_by_a_new_query() {
         batch.step().unwrap();
     }
     assert_eq!(batch.free_entries(), 400);
+}
+
+/// One step of `batch`: the queries that finished, each with its codes (none may fail here).
+fn step_ok(
+    batch: &mut beam::Batcher<'_, gram::backend::cpu::CpuBackend>,
+) -> Vec<(beam::Ticket, beam::Output)> {
+    batch
+        .step()
+        .unwrap()
+        .into_iter()
+        .map(|(t, out)| (t, out.unwrap()))
+        .collect()
+}
+
+/// One query whose rows go non-finite (its prompt holds a token whose embedding is infinite)
+/// fails alone: the queries batched with it get the codes, scores and log-probs they get
+/// alone, bit for bit, and `beam::search` over them all names the failed query.
+#[test]
+fn a_query_whose_rows_go_non_finite_fails_alone() {
+    use safetensors::tensor::TensorView;
+    let f = fixture("tiny-llama");
+    let dir = copy_model(&model_dir("tiny-llama"), "beam-inf-row");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let poisoned: u32 = 7;
+    let items: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let mut data = v.data().to_vec();
+            if n == "model.embed_tokens.weight" {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32);
+                let c = v.shape()[1];
+                let row = poisoned as usize * c * 4;
+                for x in data[row..row + c * 4].chunks_exact_mut(4) {
+                    x.copy_from_slice(&f32::INFINITY.to_le_bytes());
+                }
+            }
+            (n, v.dtype(), v.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = items
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let model = Model::load(&dir, &Default::default()).unwrap();
+    let options = BeamOptions {
+        beam: 4,
+        max_new_tokens: f.trie.max_len() + 1,
+        ..Default::default()
+    };
+    let clean = |text: &str| {
+        let ids = f.tok.encode(text).unwrap();
+        assert!(!ids.contains(&poisoned), "{text}: {ids:?}");
+        Query {
+            prompt: ids,
+            options,
+        }
+    };
+    let mut bad = f.tok.encode("a green sofa").unwrap();
+    bad.insert(1, poisoned);
+    let queries = [
+        clean("a green sofa"),
+        Query {
+            prompt: bad,
+            options,
+        },
+        clean("oak desk"),
+    ];
+    let mut search = BeamSearch::new();
+    let mut batch = beam::Batcher::new(&mut search, &model, &f.trie, 4096).unwrap();
+    let tickets: Vec<_> = queries
+        .iter()
+        .map(|q| batch.admit(q.clone()).unwrap().unwrap())
+        .collect();
+    let mut done = Vec::new();
+    while batch.in_flight() > 0 {
+        done.extend(batch.step().unwrap());
+    }
+    done.sort_by_key(|d| d.0);
+    assert_eq!(done.len(), 3);
+    for ((t, out), (q, want_t)) in done.into_iter().zip(queries.iter().zip(&tickets)) {
+        assert_eq!(t, *want_t);
+        if q.prompt.contains(&poisoned) {
+            let e = out.unwrap_err();
+            assert_eq!(e.kind(), "numeric", "{e}");
+            continue;
+        }
+        let got = out.unwrap();
+        let alone = beam::search(&model, &f.trie, std::slice::from_ref(q))
+            .unwrap()
+            .remove(0);
+        assert!(!got.codes.is_empty());
+        assert_eq!(
+            got.codes, alone.codes,
+            "the same codes, scores and log-probs, bit for bit"
+        );
+    }
+    let e = beam::search(&model, &f.trie, &queries)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("query 1:") && e.contains("not finite"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

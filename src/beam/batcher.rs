@@ -148,10 +148,12 @@ impl<'a, B: Backend> Batcher<'a, B> {
     }
 
     /// One decoder pass over every query in flight; returns those that finished, with their
-    /// outputs, and frees their entries. On an error every query in flight is dropped (their
-    /// arena entries may hold partial KV) and the batcher is empty.
+    /// outputs, and frees their entries. A query whose rows gave a log-probability that is not
+    /// finite finishes with that [`Error::Numeric`] and the others go on. On an error of the
+    /// step itself every query in flight is dropped (their arena entries may hold partial KV)
+    /// and the batcher is empty.
     #[allow(clippy::single_range_in_vec_init)] // one free range: all of it
-    pub fn step(&mut self) -> Result<Vec<(Ticket, Output)>> {
+    pub fn step(&mut self) -> Result<Vec<(Ticket, Result<Output>)>> {
         if self.states.is_empty() {
             self.release_held();
             return Ok(Vec::new());
@@ -218,7 +220,11 @@ impl<'a, B: Backend> Batcher<'a, B> {
                 Some(rows) if hold => self.held.push((rows, entries)),
                 _ => self.release(entries),
             }
-            done.push((ticket, finish(self.trie, s)));
+            let out = match s.failed.take() {
+                Some(msg) => Err(Error::Numeric(msg)),
+                None => Ok(finish(self.trie, s)),
+            };
+            done.push((ticket, out));
         }
         if self.states.is_empty() {
             self.release_held();

@@ -237,6 +237,9 @@ struct State {
     /// Its rows of the decode step it finished at, kept when the batch holds finished queries'
     /// rows ([`Batcher::set_hold_finished`]).
     last: Option<StepRows>,
+    /// Why it stopped without codes: a log-probability of its rows was not finite. The other
+    /// queries of the step go on.
+    failed: Option<String>,
 }
 
 /// One query's rows of a decode step, as the batch ran them: its tokens, rows (link ranges
@@ -274,11 +277,12 @@ impl State {
             prefill_s: 0.0,
             decode_s: 0.0,
             last: None,
+            failed: None,
         }
     }
 
     fn active(&self) -> bool {
-        self.open && !self.beams.is_empty()
+        self.open && !self.beams.is_empty() && self.failed.is_none()
     }
 
     /// Arena entries the query needs: its prompt past the shared prefix and one per beam for
@@ -417,7 +421,16 @@ impl<B: Backend> BeamSearch<B> {
         }
         done.sort_by_key(|(t, _)| *t);
         debug_assert!(done.iter().map(|d| d.0).eq(tickets.iter().copied()));
-        Ok(done.into_iter().map(|(_, out)| out).collect())
+        // A query that failed fails the call (the others ran to their end).
+        done.into_iter()
+            .enumerate()
+            .map(|(i, (_, out))| {
+                out.map_err(|e| match e {
+                    Error::Numeric(msg) => Error::Numeric(format!("query {i}: {msg}")),
+                    e => e,
+                })
+            })
+            .collect()
     }
 }
 
@@ -565,7 +578,6 @@ fn step<B: Backend>(
         &head_rows,
         &parent_beams,
     )?;
-    finite_logprobs(&lps)?;
     let vocab = model.config.vocab_size;
     let mut at = 0;
     for (s, decoded) in states.iter_mut().zip(decoded) {
@@ -575,6 +587,19 @@ fn step<B: Backend>(
         let n = s.beams.len();
         let lps = &lps[at..at + n];
         at += n;
+        // A log-probability that is not finite is the model's failure on this query's rows,
+        // not a candidate to drop or rank last: the query stops with the error; the others'
+        // rows are their own (each row's logits depend on its own sequence alone), so they go
+        // on.
+        if let Err(e) = finite_logprobs(lps) {
+            s.failed = Some(match e {
+                Error::Numeric(msg) => msg,
+                e => e.to_string(),
+            });
+            s.beams.clear();
+            s.last = None;
+            continue;
+        }
         s.head_logits += lps
             .iter()
             .map(|l| if sparse { l.len() } else { vocab })

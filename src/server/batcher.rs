@@ -307,17 +307,27 @@ fn step_loop<B: Backend>(
         match result {
             Ok(done) => {
                 let mut finished = Vec::with_capacity(done.len());
+                let mut failed = Vec::new();
                 for (ticket, done) in done {
                     let at = flying
                         .iter()
                         .position(|f| f.ticket == ticket)
                         .expect("every finished ticket is in flight; this is a bug");
                     let f = flying.swap_remove(at);
-                    finished.push(ToScore {
-                        done,
-                        reply: f.reply,
-                        queue_s: f.queue_s,
-                    });
+                    match done {
+                        Ok(done) => finished.push(ToScore {
+                            done,
+                            reply: f.reply,
+                            queue_s: f.queue_s,
+                        }),
+                        // This request's own rows failed (a log-probability that is not
+                        // finite); the others of the step go on.
+                        Err(e) => failed.push((f.reply, e)),
+                    }
+                }
+                for (reply, e) in failed {
+                    tracing::error!(error = %e, "a request's decoder rows failed");
+                    let _ = reply.send(Err(Failed::step(&e)));
                 }
                 // Their places are free before any is answered: a client that sends its next
                 // request as soon as it has an answer must find its place free, not be
