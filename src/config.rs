@@ -245,8 +245,14 @@ impl RawConfig {
         let num_hidden_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
         let num_attention_heads = required(self.num_attention_heads, "num_attention_heads")?;
         let vocab_size = required(self.vocab_size, "vocab_size")?;
+        // transformers' defaults when the key is absent: Llama's is the head count, Qwen2's
+        // and Qwen3's 32 (their class default, whatever the head count).
+        let kv_default = match arch {
+            Arch::Llama => num_attention_heads,
+            Arch::Qwen2 | Arch::Qwen3 => 32,
+        };
         let num_key_value_heads = required(
-            self.num_key_value_heads.or(Some(num_attention_heads)),
+            self.num_key_value_heads.or(Some(kv_default)),
             "num_key_value_heads",
         )?;
         if num_attention_heads % num_key_value_heads != 0 {
@@ -678,6 +684,27 @@ mod tests {
         assert!(
             e.contains("rope_theta is 100000 but rope_parameters.rope_theta is 500000"),
             "{e}"
+        );
+    }
+
+    /// An absent `num_key_value_heads` is transformers' default: the head count for Llama, 32
+    /// for Qwen2 and Qwen3 (so 9 heads without the key is refused there, as HF cannot load it).
+    #[test]
+    fn absent_kv_heads_default_as_in_transformers() {
+        let no_kv = LLAMA.replace(r#""num_key_value_heads":3,"#, "");
+        assert_eq!(
+            ModelConfig::from_json(&no_kv).unwrap().num_key_value_heads,
+            9
+        );
+        let qwen = no_kv.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
+        let e = ModelConfig::from_json(&qwen).unwrap_err();
+        assert!(e.contains("num_key_value_heads (32)"), "{e}");
+        let qwen64 = qwen
+            .replace(r#""num_attention_heads":9"#, r#""num_attention_heads":64"#)
+            .replace(r#""hidden_size":576"#, r#""hidden_size":4096"#);
+        assert_eq!(
+            ModelConfig::from_json(&qwen64).unwrap().num_key_value_heads,
+            32
         );
     }
 
