@@ -255,17 +255,10 @@ fn step_loop<B: Backend>(
         {
             let mut st = queue.lock();
             if flying.is_empty() {
-                while st.jobs.is_empty() && !queue.is_closed() {
-                    st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-                }
-                if st.jobs.is_empty() {
-                    return Ok(()); // closed, drained, idle
-                }
-                // Jobs the last admission held back (rows bound, arena) have waited enough:
-                // the gathering window is for a batch that had nothing left to take.
-                if !held_back {
-                    st = gather(queue, st, config);
-                }
+                st = match wait_for_work(queue, st, config, held_back) {
+                    Some(st) => st,
+                    None => return Ok(()), // closed, drained, idle
+                };
             }
             admit(&mut st, batch, &mut flying, config, metrics);
             held_back = !st.jobs.is_empty();
@@ -380,6 +373,30 @@ fn step_loop<B: Backend>(
 
 /// The gathering window of an idle batch: waits until `max_batch` jobs are queued, shutdown
 /// begins, or the window ends.
+/// An idle batch's wait for work: until a job is queued (`None` once the queue is closed with
+/// none). The gathering window then runs only for a job that came to an idle server, with
+/// nothing queued before: jobs that came while the last steps ran, or that the last admission
+/// held back (rows bound, arena), have waited enough and join the next step at once.
+fn wait_for_work<'q>(
+    queue: &'q Queue,
+    mut st: MutexGuard<'q, QueueState>,
+    config: &BatcherConfig,
+    held_back: bool,
+) -> Option<MutexGuard<'q, QueueState>> {
+    let slept = st.jobs.is_empty();
+    while st.jobs.is_empty() && !queue.is_closed() {
+        st = queue.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    if st.jobs.is_empty() {
+        return None;
+    }
+    Some(if slept && !held_back {
+        gather(queue, st, config)
+    } else {
+        st
+    })
+}
+
 fn gather<'q>(
     queue: &'q Queue,
     mut st: MutexGuard<'q, QueueState>,
