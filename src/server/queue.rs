@@ -481,6 +481,13 @@ impl Queue {
         });
         if st.jobs.len() != before {
             self.publish_depth(st.jobs.len());
+            // The job that held places may be one of those gone: then nothing holds them (it
+            // held the wait bound's free places at 0, refusing arrivals, until the batcher's
+            // next admission).
+            let blocked = st.head_blocked;
+            if blocked.is_some() && !st.jobs.iter().any(|j| Some(j.enqueued) == blocked) {
+                st.head_blocked = None;
+            }
         }
     }
 

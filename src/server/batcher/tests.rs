@@ -620,3 +620,22 @@ fn a_job_that_came_during_the_last_step_skips_the_window() {
         batcher.join().expect("no panic").expect("stops cleanly");
     });
 }
+
+/// A blocked head whose client left takes its hold on the places with it: the next push, which
+/// drops it from the queue, forgets it (it kept the wait bound's free places at 0, refusing
+/// arrivals, until the batcher's next admission).
+#[test]
+fn a_blocked_head_that_left_holds_no_places() {
+    use std::sync::Arc;
+    let engine = tiny_engine("gone-head");
+    let metrics = Arc::new(Metrics::default());
+    let (queue, _) = batcher_of(&engine, &metrics);
+    let gone = push(&engine, &queue, "oak desk");
+    let blocked = queue.lock().jobs.front().unwrap().enqueued;
+    queue.lock().head_blocked = Some(blocked);
+    drop(gone);
+    let _next = push(&engine, &queue, "wool rug");
+    let st = queue.lock();
+    assert_eq!(st.jobs.len(), 1, "the gone job is dropped");
+    assert_eq!(st.head_blocked, None);
+}
