@@ -88,13 +88,25 @@ fn tiny_config() -> gram::config::ModelConfig {
     .unwrap()
 }
 
-/// A GGUF (version 3, no metadata) of Q4_0 tensors `(name, data offset)`, each `[32, rows]`
-/// (`rows` blocks of 18 bytes), followed by `data`.
+/// A GGUF (version 3) of Q4_0 tensors `(name, data offset)`, each `[32, rows]` (`rows` blocks
+/// of 18 bytes), followed by `data`; its metadata [`tiny_config`]'s architecture and head counts.
 fn q4_0_gguf(tensors: &[(String, u64)], rows: u64, data: &[u8]) -> Vec<u8> {
     let mut b = b"GGUF".to_vec();
     b.extend(3u32.to_le_bytes());
     b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend(0u64.to_le_bytes()); // metadata
+    b.extend(3u64.to_le_bytes()); // metadata
+    let key = |b: &mut Vec<u8>, k: &str, ty: u32| {
+        b.extend((k.len() as u64).to_le_bytes());
+        b.extend(k.as_bytes());
+        b.extend(ty.to_le_bytes());
+    };
+    key(&mut b, "general.architecture", 8);
+    b.extend(5u64.to_le_bytes());
+    b.extend(b"llama");
+    for k in ["llama.attention.head_count", "llama.attention.head_count_kv"] {
+        key(&mut b, k, 4);
+        b.extend(2u32.to_le_bytes());
+    }
     for (name, offset) in tensors {
         b.extend((name.len() as u64).to_le_bytes());
         b.extend(name.as_bytes());
