@@ -103,7 +103,10 @@ fn q4_0_gguf(tensors: &[(String, u64)], rows: u64, data: &[u8]) -> Vec<u8> {
     key(&mut b, "general.architecture", 8);
     b.extend(5u64.to_le_bytes());
     b.extend(b"llama");
-    for k in ["llama.attention.head_count", "llama.attention.head_count_kv"] {
+    for k in [
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+    ] {
         key(&mut b, k, 4);
         b.extend(2u32.to_le_bytes());
     }

@@ -574,7 +574,7 @@ async fn bad_input_is_a_clear_4xx() {
             .await,
             400,
             "invalid_request",
-            "invalid type",
+            "expected a non-negative integer, not 300.0",
         ),
         (
             "a repeated key",
@@ -603,6 +603,27 @@ async fn bad_input_is_a_clear_4xx() {
             400,
             "invalid_request",
             "2.5",
+        ),
+        (
+            "k too large for an integer (JSON)",
+            call(
+                addr,
+                "POST",
+                "/v1/search",
+                json_ct,
+                r#"{"query":"sofa","k":18446744073709551616}"#,
+            )
+            .await,
+            422,
+            "input",
+            "k: 18446744073709551616 is out of range (1..=50)",
+        ),
+        (
+            "beam as a huge float (JSON)",
+            post(addr, "/v1/codes", json!({"query": "sofa", "beam": 1e30})).await,
+            422,
+            "input",
+            "beam: 1e30 is out of range (1..=8)",
         ),
         (
             "null query",

@@ -115,8 +115,8 @@ impl IntoResponse for ApiError {
 #[serde(deny_unknown_fields)]
 struct SearchBody {
     query: String,
-    k: Option<usize>,
-    beam: Option<usize>,
+    k: Option<Count>,
+    beam: Option<Count>,
 }
 
 /// `POST /v1/codes`.
@@ -124,7 +124,52 @@ struct SearchBody {
 #[serde(deny_unknown_fields)]
 struct CodesBody {
     query: String,
-    beam: Option<usize>,
+    beam: Option<Count>,
+}
+
+/// A JSON count (`k`, `beam`): a non-negative integer, or one too large for `usize` (kept as
+/// written), which is out of range (422, as `GET /search` and the engine say of one over the
+/// limit), not malformed. A negative or fractional number is malformed (400).
+#[derive(Debug)]
+enum Count {
+    Is(usize),
+    TooLarge(String),
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        let n = serde_json::Number::deserialize(d)?;
+        if let Some(u) = n.as_u64() {
+            return Ok(
+                usize::try_from(u).map_or_else(|_| Count::TooLarge(n.to_string()), Count::Is)
+            );
+        }
+        // serde_json reads an integer past u64 as a float: 2^64 and up, written without a
+        // fraction or sign, is such an integer.
+        let text = n.to_string();
+        if n.as_f64()
+            .is_some_and(|f| f >= 18_446_744_073_709_551_616.0)
+        {
+            return Ok(Count::TooLarge(text));
+        }
+        Err(serde::de::Error::custom(format!(
+            "expected a non-negative integer, not {text}"
+        )))
+    }
+}
+
+impl Count {
+    /// The count, or the 422 of one too large for the limit `max` of field `name`.
+    fn value(self, name: &str, max: usize) -> Result<usize, ApiError> {
+        match self {
+            Count::Is(n) => Ok(n),
+            Count::TooLarge(text) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "input",
+                format!("{name}: {text} is out of range (1..={max})"),
+            )),
+        }
+    }
 }
 
 impl AppState {
@@ -170,9 +215,14 @@ pub async fn search_post(
 ) -> Result<HttpResponse, ApiError> {
     let t0 = Instant::now();
     let b: SearchBody = json_body(&headers, body)?;
+    let l = &state.config.limits;
     let mut request = state.request(b.query);
-    request.k = b.k.unwrap_or(request.k);
-    request.beam = b.beam.unwrap_or(request.beam);
+    if let Some(k) = b.k {
+        request.k = k.value("k", l.max_k)?;
+    }
+    if let Some(beam) = b.beam {
+        request.beam = beam.value("beam", l.max_beam)?;
+    }
     run(&state, request, t0).await
 }
 
@@ -184,7 +234,9 @@ pub async fn codes_post(
     let t0 = Instant::now();
     let b: CodesBody = json_body(&headers, body)?;
     let mut request = state.request(b.query);
-    request.beam = b.beam.unwrap_or(request.beam);
+    if let Some(beam) = b.beam {
+        request.beam = beam.value("beam", state.config.limits.max_beam)?;
+    }
     request.codes_only = true;
     run(&state, request, t0).await
 }
