@@ -295,7 +295,8 @@ fn step_loop<B: Backend>(
         };
         let requests = flying.len();
         let step_s = t.elapsed().as_secs_f64();
-        metrics.record_step(step_s, requests, batch.last_step_rows());
+        let rows = result.as_ref().ok().map(|_| batch.last_step_rows());
+        metrics.record_step(step_s, requests, rows);
         let answered = result.as_ref().map_or(0, |done| done.len());
         match result {
             Ok(done) => {

@@ -264,10 +264,13 @@ impl Metrics {
     }
 
     /// One batched decoder step (and the queue's depth at it).
-    pub fn record_step(&self, seconds: f64, requests: usize, rows: usize) {
+    /// `rows`: `None` for a step that failed (its rows are not known; it is no step of 0 rows).
+    pub fn record_step(&self, seconds: f64, requests: usize, rows: Option<usize>) {
         self.step_seconds.observe(seconds);
         self.step_requests.observe(requests as f64);
-        self.step_rows.observe(rows as f64);
+        if let Some(rows) = rows {
+            self.step_rows.observe(rows as f64);
+        }
         self.step_queue_depth
             .observe(self.queue_depth.load(Ordering::Relaxed) as f64);
     }
@@ -500,8 +503,9 @@ mod tests {
     #[test]
     fn histogram_is_cumulative_with_sum_and_count() {
         let m = Metrics::default();
-        m.record_step(0.01, 3, 40);
-        m.record_step(0.5, 1, 1);
+        m.record_step(0.01, 3, Some(40));
+        m.record_step(0.5, 1, Some(1));
+        m.record_step(0.2, 2, None);
         m.record_request(Endpoint::Search, 200, 0.002);
         let text = m.render();
         assert!(
@@ -509,11 +513,14 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("gram_step_requests_bucket{le=\"4\"} 2\n"),
+            text.contains("gram_step_requests_bucket{le=\"4\"} 3\n"),
             "{text}"
         );
-        assert!(text.contains("gram_step_requests_bucket{le=\"+Inf\"} 2\n"));
-        assert!(text.contains("gram_step_requests_sum 4\n"));
+        assert!(text.contains("gram_step_requests_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("gram_step_requests_sum 6\n"));
+        // The failed step (rows unknown) is no observation of 0 rows.
+        assert!(text.contains("gram_step_rows_count 2\n"), "{text}");
+        assert!(text.contains("gram_step_rows_sum 41\n"), "{text}");
         assert!(text.contains("gram_requests_total{endpoint=\"/v1/search\",status=\"200\"} 1\n"));
     }
 }

@@ -70,8 +70,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub max_batch: Option<usize>,
     /// Most decoder rows (tokens) in one step: the prompt tokens of the requests joining it
-    /// plus the beams of those running. A queued request waits (in order) until it fits; one
-    /// that does not fit even alone runs alone. 0: no bound but `--max-batch`.
+    /// plus the beams of those running. A queued request waits until it fits (passed by later
+    /// ones that fit for its first 50 ms, then by none); one that does not fit even alone runs
+    /// alone. 0: no bound but `--max-batch`.
     #[arg(long, default_value_t = 0)]
     pub max_batch_rows: usize,
     /// Most requests waiting for the batch; past it, 503 with Retry-After at once.
