@@ -560,7 +560,7 @@ async fn bad_input_is_a_clear_4xx() {
             .await,
             400,
             "invalid_request",
-            "invalid type",
+            "expected a non-negative integer, not 100.0",
         ),
         (
             "k with a fraction part",
@@ -717,9 +717,9 @@ async fn bad_input_is_a_clear_4xx() {
         (
             "k beyond u64",
             post(addr, "/v1/search", json!({"query": "sofa", "k": 1e30})).await,
-            400,
-            "invalid_request",
-            "",
+            422,
+            "input",
+            "k: 1e30 is out of range (1..=50)",
         ),
         (
             "beam of 0",
@@ -983,7 +983,7 @@ async fn bad_input_is_a_clear_4xx() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(failures as usize, n);
-    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 12.0);
+    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 15.0);
     assert_eq!(
         m[r#"gram_requests_total{endpoint="other",status="404"}"#],
         1.0

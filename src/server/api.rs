@@ -144,17 +144,18 @@ impl<'de> Deserialize<'de> for Count {
                 usize::try_from(u).map_or_else(|_| Count::TooLarge(n.to_string()), Count::Is)
             );
         }
-        // serde_json reads an integer past u64 as a float: 2^64 and up, written without a
-        // fraction or sign, is such an integer.
-        let text = n.to_string();
-        if n.as_f64()
-            .is_some_and(|f| f >= 18_446_744_073_709_551_616.0)
-        {
-            return Ok(Count::TooLarge(text));
+        // serde_json reads an integer past u64 as a float (to the nearest f64): 2^64 and up
+        // is such an integer, named in digits (in powers of ten past 1e21).
+        match n.as_f64() {
+            Some(f) if f >= 18_446_744_073_709_551_616.0 => Ok(Count::TooLarge(if f < 1e21 {
+                format!("{f:.0}")
+            } else {
+                format!("{f:e}")
+            })),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected a non-negative integer, not {n}"
+            ))),
         }
-        Err(serde::de::Error::custom(format!(
-            "expected a non-negative integer, not {text}"
-        )))
     }
 }
 

@@ -250,12 +250,18 @@ fn step_loop<B: Backend>(
     let mut held_back = false;
     // Decoder steps failed in a row.
     let mut failures = 0;
+    // Whether the last turn of the loop ran a step.
+    let mut stepped = false;
     loop {
         queue.progressed();
+        let after_step = std::mem::take(&mut stepped);
         {
             let mut st = queue.lock();
             if flying.is_empty() {
-                st = match wait_for_work(queue, st, config, held_back) {
+                // Jobs the last admission held back, or that came while the last step ran,
+                // have waited enough.
+                let waited = held_back || after_step;
+                st = match wait_for_work(queue, st, config, waited) {
                     Some(st) => st,
                     None => return Ok(()), // closed, drained, idle
                 };
@@ -282,6 +288,7 @@ fn step_loop<B: Backend>(
         if flying.is_empty() {
             continue;
         }
+        stepped = true;
         let t = Instant::now();
         let result = match queue.step_fault() {
             // A test's fault: the requests in flight leave the batch as a failed step's do.
@@ -375,14 +382,14 @@ fn step_loop<B: Backend>(
 /// The gathering window of an idle batch: waits until `max_batch` jobs are queued, shutdown
 /// begins, or the window ends.
 /// An idle batch's wait for work: until a job is queued (`None` once the queue is closed with
-/// none). The gathering window then runs only for a job that came to an idle server, with
-/// nothing queued before: jobs that came while the last steps ran, or that the last admission
-/// held back (rows bound, arena), have waited enough and join the next step at once.
+/// none). The gathering window then runs for jobs that came to an idle batch: not for those
+/// queued before it went idle that have `waited` already (held back by the last admission, or
+/// come while the last step ran), which join the next step at once.
 fn wait_for_work<'q>(
     queue: &'q Queue,
     mut st: MutexGuard<'q, QueueState>,
     config: &BatcherConfig,
-    held_back: bool,
+    waited: bool,
 ) -> Option<MutexGuard<'q, QueueState>> {
     let slept = st.jobs.is_empty();
     while st.jobs.is_empty() && !queue.is_closed() {
@@ -391,7 +398,7 @@ fn wait_for_work<'q>(
     if st.jobs.is_empty() {
         return None;
     }
-    Some(if slept && !held_back {
+    Some(if slept || !waited {
         gather(queue, st, config)
     } else {
         st
