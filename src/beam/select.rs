@@ -161,6 +161,33 @@ mod tests {
             let dense = dense_top_k(&scores, &lp, vocab, &allowed, k);
             assert_eq!(sparse, dense, "beams {beams} vocab {vocab} k {k}");
             assert!(sparse.len() <= k);
+            // Both share `top_k`: against a full sort of every allowed (beam, token) too, so
+            // a wrong selection in `top_k` cannot pass.
+            let mut all: Vec<Candidate> = allowed
+                .iter()
+                .enumerate()
+                .flat_map(|(j, l)| l.iter().map(move |&t| (j, t)))
+                .map(|(j, t)| {
+                    let l = lp[j * vocab + t as usize];
+                    Candidate {
+                        score: scores[j] + l,
+                        beam: j as u32,
+                        token: t,
+                        logprob: l,
+                    }
+                })
+                .collect();
+            all.sort_by(|a, b| {
+                b.score
+                    .total_cmp(&a.score)
+                    .then(a.beam.cmp(&b.beam))
+                    .then(a.token.cmp(&b.token))
+            });
+            all.truncate(k);
+            assert_eq!(
+                sparse, all,
+                "beams {beams} vocab {vocab} k {k}: a full sort"
+            );
         }
     }
 

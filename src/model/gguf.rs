@@ -947,6 +947,7 @@ mod tests {
             r ^= r << 17;
             r
         };
+        let (mut refused, mut loaded) = (0, 0);
         for _ in 0..3000 {
             let mut b = good.clone();
             for _ in 0..1 + next() % 3 {
@@ -958,8 +959,16 @@ mod tests {
                 };
             }
             std::fs::write(&path, &b).unwrap();
-            let _ = load_checked(&path, &config, false);
+            match load_checked(&path, &config, false) {
+                Ok(_) => loaded += 1,
+                Err(_) => refused += 1,
+            }
         }
+        // Both happen: the mutations reach the parser's checks and pass some of them.
+        assert!(
+            refused > 100 && loaded > 10,
+            "refused {refused}, loaded {loaded}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

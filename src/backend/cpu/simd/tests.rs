@@ -25,12 +25,6 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
-/// RMSNorm rows against the scalar twin and an f64 reference, on every ISA: lengths below,
-/// at and past a vector, SmolLM2's head and hidden size, a Qwen3 head (128), values spread over
-/// 2^±8; and a row whose small squares an f32 running sum would drop (16 ones, then 2^-12s).
-/// On these inputs the SIMD kernels match the twin bit for bit (the f64 sum's order differs,
-/// and another input could move `inv` by an ulp; then this test needs a new seed, not a
-/// tolerance).
 /// The prefetch hints read and write nothing: every length (none, a part of a line, many
 /// lines), every start within a line, and a buffer that is then written and read as usual.
 #[test]
@@ -59,6 +53,12 @@ fn prefetch_hints_leave_buffers_as_they_were() {
     assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|&v| v != 0.0));
 }
 
+/// RMSNorm rows against the scalar twin and an f64 reference, on every ISA: lengths below,
+/// at and past a vector, SmolLM2's head and hidden size, a Qwen3 head (128), values spread over
+/// 2^±8; and a row whose small squares an f32 running sum would drop (16 ones, then 2^-12s).
+/// On these inputs the SIMD kernels match the twin bit for bit (the f64 sum's order differs,
+/// and another input could move `inv` by an ulp; then this test needs a new seed, not a
+/// tolerance).
 #[test]
 fn rmsnorm_rows_match_the_scalar_twin_and_f64() {
     let mut rows: Vec<Vec<f32>> = [1, 7, 8, 15, 16, 17, 64, 128, 576, 1000]
@@ -270,10 +270,11 @@ fn max_and_sum_exp_match_f64_on_every_isa() {
                 "{isa:?} n={n}: {got} vs {want}"
             );
         }
-        // Every term on its own, across the whole range the polynomial covers.
+        // Every term, across the whole range the polynomial covers: 32 copies, so that the
+        // vector `exp` computes them (a lone value is the scalar remainder's).
         for i in 0..=2000 {
             let v = -87.0 * i as f32 / 2000.0;
-            let got = sum_exp(isa, &[v], 0.0) as f64;
+            let got = sum_exp(isa, &[v; 32], 0.0) as f64 / 32.0;
             let want = (v as f64).exp();
             assert!(
                 ((got - want) / want).abs() < 1e-6,
