@@ -1,8 +1,10 @@
 //! Beam search against transformers: `generate(num_beams=B, num_return_sequences=B,
 //! length_penalty=P, max_new_tokens=M, prefix_allowed_tokens_fn=trie)` golden outputs from
 //! `tools/beam_oracle.py` (see tools/FIXTURES.md) on the three tiny models and SmolLM2-135M.
-//! Same codes in the same order, scores and per-token log-probs within 1e-3. All cases of a model
-//! run as one batch (different beams, lengths and penalties sharing decoder steps).
+//! Same codes in the same order, scores and per-token log-probs within 1e-3 (issue 3's bound) for
+//! SmolLM2 and 1e-4 for the tiny f32 models (reruns of the oracle move them by ~1e-6), scores
+//! also within a few f32 ulps of their size. All cases
+//! of a model run as one batch (different beams, lengths and penalties sharing decoder steps).
 
 mod common;
 
@@ -11,7 +13,7 @@ use gram::beam::{self, BeamOptions, Normalize, Query};
 use gram::trie::{CodeSet, Trie};
 use gram::{Model, Tokenizer};
 
-fn check(fixture: &str, dir: &std::path::Path) {
+fn check(fixture: &str, dir: &std::path::Path, tol: f64) {
     let g = golden(fixture);
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let model = Model::load(dir, &Default::default()).unwrap();
@@ -57,7 +59,9 @@ fn check(fixture: &str, dir: &std::path::Path) {
         for (c, w) in out.codes.iter().zip(want) {
             let ws = w["score"].as_f64().unwrap();
             assert!(
-                (c.score as f64 - ws).abs() < 1e-3,
+                // And a few f32 ulps of the score: a length penalty below 0 multiplies a
+                // score (to -1,449 here, where an ulp is 1.2e-4).
+                (c.score as f64 - ws).abs() < tol + 4e-7 * ws.abs(),
                 "{ctx} {:?}: score {} vs {ws}",
                 w["code"],
                 c.score
@@ -65,7 +69,11 @@ fn check(fixture: &str, dir: &std::path::Path) {
             let wl = f32s(&w["token_logprobs"]);
             assert_eq!(c.token_logprobs.len(), wl.len(), "{ctx}");
             for (a, b) in c.token_logprobs.iter().zip(&wl) {
-                assert!((a - b).abs() < 1e-3, "{ctx} {:?}: {a} vs {b}", w["code"]);
+                assert!(
+                    ((a - b).abs() as f64) < tol,
+                    "{ctx} {:?}: {a} vs {b}",
+                    w["code"]
+                );
             }
         }
     }
@@ -74,7 +82,7 @@ fn check(fixture: &str, dir: &std::path::Path) {
 #[test]
 fn tiny_models_match_transformers_beam_search() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
-        check(&format!("beam-{name}.json"), &model_dir(name));
+        check(&format!("beam-{name}.json"), &model_dir(name), 1e-4);
     }
 }
 
@@ -84,11 +92,11 @@ fn tiny_models_match_transformers_beam_search() {
 #[test]
 fn prefix_codes_match_transformers_beam_search() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
-        check(&format!("beam-prefix-{name}.json"), &model_dir(name));
+        check(&format!("beam-prefix-{name}.json"), &model_dir(name), 1e-4);
     }
 }
 
 #[test]
 fn smollm2_matches_transformers_beam_search() {
-    check("beam-smollm2.json", &smollm2_dir());
+    check("beam-smollm2.json", &smollm2_dir(), 1e-3);
 }

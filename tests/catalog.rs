@@ -352,7 +352,17 @@ fn jsonl_judgements_give_the_metrics_of_metrics_py() {
     let ranked = ["b", "a", "c"];
     assert_eq!(gram::eval::recall(&ranked, g, 10), Some(1.0));
     let n = gram::eval::ndcg(&ranked, g, 10).unwrap();
-    assert!((n - 0.8428282648809379).abs() < 1e-12, "{n}");
+    // Gains 2^grade - 1 over log2(rank + 1): b (2), a (3), c (1) against the ideal a, b, c.
+    let dcg = |grades: [f64; 3]| -> f64 {
+        grades
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (2f64.powf(*g) - 1.0) / (i as f64 + 2.0).log2())
+            .sum()
+    };
+    let want = dcg([2.0, 3.0, 1.0]) / dcg([3.0, 2.0, 1.0]);
+    assert!((want - 0.8428282648809379).abs() < 1e-12, "{want}");
+    assert!((n - want).abs() < 1e-12, "{n}");
 }
 
 /// A misspelt field (`code` for `codes`) was ignored: the product was indexed with no codes,

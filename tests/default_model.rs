@@ -25,7 +25,8 @@ fn model() -> PathBuf {
 }
 
 /// Asserts the engine's codes for `query` are the golden ones: same codes in the same order,
-/// scores within 1e-3, one per-token log-prob per generated token summing to the score.
+/// scores within 1e-4 (reruns of the oracle move them by ~7e-6), one per-token log-prob per
+/// generated token summing to the score.
 fn assert_codes(what: &str, got: &Value, want: &Value) {
     let got = got.as_array().unwrap_or_else(|| panic!("{what}: no codes"));
     let want = want.as_array().unwrap();
@@ -39,7 +40,7 @@ fn assert_codes(what: &str, got: &Value, want: &Value) {
     for (g, w) in got.iter().zip(want) {
         let (gs, ws) = (g["score"].as_f64().unwrap(), w["score"].as_f64().unwrap());
         assert!(
-            (gs - ws).abs() < 1e-3,
+            (gs - ws).abs() < 1e-4,
             "{what}: {}: {gs} against {ws}",
             w["code"]
         );

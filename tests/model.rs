@@ -58,8 +58,6 @@ fn logits_and_greedy_match_transformers() {
     }
 }
 
-/// Many sequences in one call (a mixed prefill batch, then one decode row per sequence) give
-/// the same logits as each sequence alone: rows never see another slot's KV.
 /// The config's `rms_norm_eps` reaches every norm of the forward pass: every fixture model has
 /// the default's 1e-6, so a forward that used its own constant would match every golden. With
 /// eps 0.5 the logits move, and back at 1e-6 written out they are the default's bits.
@@ -98,6 +96,8 @@ fn the_configs_rms_norm_eps_reaches_the_forward_pass() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Many sequences in one call (a mixed prefill batch, then one decode row per sequence) give
+/// the same logits as each sequence alone: rows never see another slot's KV.
 #[test]
 fn batched_rows_equal_single_rows() {
     for name in MODELS {
