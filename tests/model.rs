@@ -180,6 +180,81 @@ fn converted_dtypes_stay_close() {
     }
 }
 
+/// What converting at load computes, exactly: the f16 and bf16 kernels on tiny-llama converted
+/// at load give the logits of the f32 kernels on the same checkpoint with every matrix rounded
+/// to that dtype beforehand (and kept in f32), every logit of every golden prompt within 1e-5
+/// (the f32 path itself is transformers' to 1e-4, above): the conversion rounds once, to
+/// nearest, and the kernels widen exactly.
+#[test]
+fn converted_dtypes_compute_the_rounded_model() {
+    use safetensors::tensor::TensorView;
+    let g = golden("tiny-llama.json");
+    let src = model_dir("tiny-llama");
+    let logits = |model: &Model, ids: &[u32]| {
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        model
+            .forward(&mut cache, ids, &vec![0; ids.len()], &[ids.len() - 1])
+            .unwrap()
+    };
+    for (dtype, round) in [
+        (
+            DType::F16,
+            (|x: f32| half::f16::from_f32(x).to_f32()) as fn(f32) -> f32,
+        ),
+        (DType::BF16, |x: f32| half::bf16::from_f32(x).to_f32()),
+    ] {
+        let dir = copy_model(&src, &format!("rounded-{dtype:?}"));
+        let path = dir.join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let items: Vec<(String, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{n}");
+                let data = if v.shape().len() == 2 {
+                    v.data()
+                        .chunks_exact(4)
+                        .flat_map(|b| {
+                            round(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()
+                        })
+                        .collect()
+                } else {
+                    v.data().to_vec()
+                };
+                (n, v.shape().to_vec(), data)
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = items
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        let rounded = Model::load(&dir, &LoadOptions::default()).unwrap();
+        let converted = Model::load(
+            &src,
+            &LoadOptions {
+                dtype: Some(dtype),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for case in g["cases"].as_array().unwrap() {
+            let ids = u32s(&case["ids"]);
+            let (want, got) = (logits(&rounded, &ids), logits(&converted, &ids));
+            assert_eq!(want.len(), got.len());
+            let err = max_rel_err(&got, &want);
+            assert!(err < 1e-5, "{dtype:?} {ids:?}: {err:.2e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// A checkpoint stored in f16 (every tensor of tiny-llama rewritten as f16 safetensors, as HF
 /// saves a `torch_dtype: float16` model): its weights are mapped, not copied, and its logits
 /// are close to the f32 checkpoint's converted to f16 at load, and within f16's rounding of
