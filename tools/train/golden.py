@@ -6,6 +6,9 @@ shipped default model (tests/default_model.rs).
 
 For each check query (export.CHECK_PROMPTS), with the model's query template applied:
 - the prompt's token ids and transformers' 5 most likely next tokens with their log-probs;
+- every next-token log-prob (f64 log-softmax, stored as f32) in OUT's sibling `*-logprobs.f32`
+  (little-endian, one row of the vocabulary per query, in order), for the engine's check of
+  every element;
 - transformers' constrained beam search (gen.generate: beam 10, HF's stopping rule, length
   penalty 1, `prefix_allowed_tokens_fn` over a trie) over the codes of the first `--limit`
   products of the model's catalog.jsonl: the codes an index of those products offers, so the
@@ -45,10 +48,12 @@ def main(argv=None):
     prompts = [settings["query_template"].replace("{query}", q) for q in CHECK_PROMPTS]
     beams = G.generate(model, tok, prompts, trie, beam=args.beam)
     queries = []
+    rows = []
     for q, p, found in zip(CHECK_PROMPTS, prompts, beams):
         ids = tok.prompt(p)
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+        rows.append(lp.float())
         top = torch.topk(lp, 5)
         queries.append({
             "query": q,
@@ -69,7 +74,12 @@ def main(argv=None):
         "max_new_tokens": K.MAX_CODE_TOKENS,
         "queries": queries,
     }
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    out_path = Path(args.out)
+    rows_path = out_path.with_name(out_path.stem + "-logprobs.f32")
+    out["logprobs_file"] = rows_path.name
+    out["vocab"] = int(rows[0].numel())
+    rows_path.write_bytes(torch.stack(rows).numpy().astype("<f4").tobytes())
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{args.out}: {len(queries)} queries, {len(codes)} codes from {len(lines)} products")
 
 
