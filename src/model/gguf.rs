@@ -280,7 +280,8 @@ fn parse_header(bytes: &[u8], max_tensors: usize) -> std::result::Result<Header,
 /// The file's own hyperparameters (`{arch}.block_count`, `.attention.head_count`, ...) against
 /// config.json's. A config with other head counts of the same total width passes every shape
 /// check, and the Q/K rows would be put back in the wrong order: wrong numbers, no error. So
-/// the head counts must be in a file whose rows are to be put back (`permuted`); other keys the
+/// the head count must be in a file whose rows are to be put back (`permuted`; the KV head
+/// count, when absent, is the head count, as llama.cpp reads it); other keys the
 /// file does not have are not checked (per-layer arrays are not numbers here). Rope metadata
 /// that changes the rotation (a scaling, a partial rotary dimension) is refused: gram rotates
 /// every dimension of a head at `rope_theta`, as config.json says.
@@ -322,7 +323,7 @@ fn check_hparams(
             "attention.head_count_kv",
             "num_key_value_heads",
             c.num_key_value_heads as f64,
-            permuted,
+            false,
         ),
         ("attention.key_length", "head_dim", c.head_dim as f64, false),
         ("rope.dimension_count", "head_dim", c.head_dim as f64, false),
@@ -335,6 +336,22 @@ fn check_hparams(
         ),
     ];
     let bad = |msg: String| Err(Error::checkpoint(path, msg));
+    // llama.cpp's converter writes `head_count_kv` only when the HF config has
+    // `num_key_value_heads`, and llama.cpp reads its absence as `head_count`: so must the
+    // config's KV heads be then.
+    let kv_key = format!("{arch}.attention.head_count_kv");
+    let heads_key = format!("{arch}.attention.head_count");
+    if !numbers.iter().any(|(k, _)| *k == kv_key) {
+        if let Some(&(_, heads)) = numbers.iter().find(|(k, _)| *k == heads_key) {
+            if heads != c.num_key_value_heads as f64 {
+                return bad(format!(
+                    "{heads_key} is {heads} and {kv_key} is absent (so {heads} too, as \
+                     llama.cpp reads it) but config.json's num_key_value_heads is {}",
+                    c.num_key_value_heads
+                ));
+            }
+        }
+    }
     for (suffix, field, expected, required) in want {
         let key = format!("{arch}.{suffix}");
         let Some(&(_, got)) = numbers.iter().find(|(k, _)| *k == key) else {
@@ -1039,19 +1056,20 @@ mod tests {
             factor(1.0),
         ];
         assert_eq!(check(&same), Ok(()));
-        assert_eq!(
-            check(&same[..3]),
-            Ok(()),
-            "only the head counts are required"
-        );
+        assert_eq!(check(&same[..2]), Ok(()), "only the head count is required");
         for (meta, want) in [
             (
                 vec![heads(2), kv_heads(2)],
                 "general.architecture is missing",
             ),
             (
-                vec![arch("llama"), heads(2)],
-                "llama.attention.head_count_kv is missing",
+                vec![arch("llama"), kv_heads(2)],
+                "llama.attention.head_count is missing",
+            ),
+            (
+                vec![arch("llama"), heads(3)],
+                "llama.attention.head_count is 3 and llama.attention.head_count_kv is absent \
+                 (so 3 too, as llama.cpp reads it) but config.json's num_key_value_heads is 2",
             ),
             (
                 vec![arch("llama"), heads(3), kv_heads(2)],
