@@ -326,14 +326,14 @@ fn step_loop<B: Backend>(
                         Err(e) => failed.push((f.reply, e)),
                     }
                 }
-                for (reply, e) in failed {
-                    tracing::error!(error = %e, "a request's decoder rows failed");
-                    let _ = reply.send(Err(Failed::step(&e)));
-                }
                 // Their places are free before any is answered: a client that sends its next
                 // request as soon as it has an answer must find its place free, not be
                 // counted as waiting behind itself (the wait bound would refuse it).
                 in_flight(queue, metrics, flying.len());
+                for (reply, e) in failed {
+                    tracing::error!(error = %e, "a request's decoder rows failed");
+                    let _ = reply.send(Err(Failed::step(&e)));
+                }
                 for job in finished {
                     metrics.scoring_backlog_add(true);
                     queue.scoring(true);
@@ -379,8 +379,6 @@ fn step_loop<B: Backend>(
     }
 }
 
-/// The gathering window of an idle batch: waits until `max_batch` jobs are queued, shutdown
-/// begins, or the window ends.
 /// An idle batch's wait for work: until a job is queued (`None` once the queue is closed with
 /// none). The gathering window then runs for jobs that came to an idle batch: not for those
 /// queued before it went idle that have `waited` already (held back by the last admission, or
@@ -405,6 +403,8 @@ fn wait_for_work<'q>(
     })
 }
 
+/// The gathering window of an idle batch: waits until `max_batch` jobs are queued, shutdown
+/// begins, or the window ends.
 fn gather<'q>(
     queue: &'q Queue,
     mut st: MutexGuard<'q, QueueState>,
