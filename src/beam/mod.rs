@@ -28,11 +28,12 @@
 //! `a x`: the newer rule stops with {a, b}, the older one goes on to {a x, a}). A negative length
 //! penalty multiplies a sum of log-probs by `len^-penalty`, and past −1e9 (the score transformers
 //! 5 puts in its empty finished slots) its ranking and stopping test misread real scores: so a
-//! negative penalty is refused where `M^(1 - penalty)` reaches 1e6 for `M` new tokens (a score
-//! of `M` log-probs of −1,000 at most stays above −1e9): below −3.98 at 16 tokens, −1.49 at
-//! 256 ([`BeamOptions::check`]). Parity is tested over the goldens' range (−1 to 3). When a new
-//! code ties the worst of B full finished slots, the
-//! newest of the tied is dropped (transformers 5's `topk` leaves that order unspecified).
+//! negative penalty is refused where `M^(1 - penalty)` reaches 1e6 for sequences of up to `M`
+//! tokens (a constrained search's longest code and its EOS, else `max_new_tokens`; a score of
+//! `M` log-probs of −1,000 at most stays above −1e9): below −3.98 at 16 tokens, −1.49 at 256
+//! ([`check_length_penalty`]). Parity is tested over the goldens' range (−1 to 3). When a new
+//! code ties the worst of B full finished slots, the newest of the tied is dropped
+//! (transformers 5's `topk` leaves that order unspecified).
 //!
 //! [`Normalize::Children`] instead normalizes over a node's allowed tokens only, so the LM head
 //! is evaluated for those rows alone (the sparse head).
@@ -132,17 +133,6 @@ impl BeamOptions {
         if !lp.is_finite() || lp.abs() > MAX_LENGTH_PENALTY {
             return Err(Error::Input(format!(
                 "length_penalty {lp} is out of range (-{MAX_LENGTH_PENALTY}..={MAX_LENGTH_PENALTY})"
-            )));
-        }
-        // See the module docs: scores of -1e9 and below are where transformers' own ranking
-        // breaks, so no promise of its codes could be kept there.
-        if lp < 0.0 && (self.max_new_tokens as f64).powf(1.0 - lp) >= 1e6 {
-            return Err(Error::Input(format!(
-                "length_penalty {lp} with up to {} new tokens: scores could pass -1e9, where \
-                 transformers' beam search ranks them against its empty slots; a penalty of \
-                 {:.2} or more is taken at this length",
-                self.max_new_tokens,
-                1.0 - 6.0 / (self.max_new_tokens as f64).log10()
             )));
         }
         if !self.constrained && self.normalize == Normalize::Children {
@@ -684,6 +674,12 @@ pub fn search_logits(
 /// A query's options, prompt tokens and length must suit the model.
 fn check_query<B: Backend>(model: &Model<B>, q: &Query, trie: &Trie) -> Result<()> {
     q.options.check()?;
+    // The longest sequence a score can be of: a constrained one is a code and its EOS.
+    let mut longest = q.options.max_new_tokens;
+    if q.options.constrained {
+        longest = longest.min(trie.max_len() + 1);
+    }
+    check_length_penalty(q.options.length_penalty, longest)?;
     if q.prompt.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
     }
@@ -715,6 +711,28 @@ fn check_query<B: Backend>(model: &Model<B>, q: &Query, trie: &Trie) -> Result<(
         )));
     }
     Ok(())
+}
+
+/// A negative length penalty multiplies a sum of log-probs by `len^-penalty`; for sequences of
+/// up to `longest` tokens it is refused where `longest^(1 - penalty)` reaches 1e6 (a score of
+/// `longest` log-probs of −1,000 at most stays above −1e9, the score transformers 5 gives its
+/// empty finished slots, past which its ranking and stopping test misread real scores and its
+/// codes stop being a reference; module docs). The error names the smallest penalty taken, to
+/// 0.01.
+pub fn check_length_penalty(penalty: f64, longest: usize) -> Result<()> {
+    let fits = |p: f64| p >= 0.0 || (longest as f64).powf(1.0 - p) < 1e6;
+    if fits(penalty) {
+        return Ok(());
+    }
+    let mut taken = ((1.0 - 6.0 / (longest as f64).log10()) * 100.0).ceil() / 100.0;
+    while !fits(taken) {
+        taken += 0.01;
+    }
+    Err(Error::Input(format!(
+        "length_penalty {penalty} with sequences of up to {longest} tokens: scores could pass \
+         -1e9, where transformers' beam search ranks them against its empty slots; a penalty \
+         of {taken:.2} or more is taken at this length"
+    )))
 }
 
 /// The trie must have been built for this model's vocabulary and EOS.

@@ -1,4 +1,6 @@
-use super::{length_factor, may_improve, BeamOptions, Normalize, MAX_LENGTH_PENALTY};
+use super::{
+    check_length_penalty, length_factor, may_improve, BeamOptions, Normalize, MAX_LENGTH_PENALTY,
+};
 
 /// HF keeps the best 2B candidates of a step, so that B may finish with EOS and B still
 /// run: beam 2, both best candidates EOS, and both beams' children run on.
@@ -92,17 +94,29 @@ fn options_out_of_range_are_refused_by_name() {
         };
         assert!(o.check().is_ok(), "{lp} {max_new}");
     }
-    // Negative penalties whose scores could pass transformers' -1e9 placeholders.
-    for (lp, max_new, says) in [(-4.0, 16, "-3.98 or more"), (-1.5, 256, "-1.49 or more")] {
-        let o = BeamOptions {
-            length_penalty: lp,
-            max_new_tokens: max_new,
-            ..ok
-        };
-        let e = o.check().unwrap_err().to_string();
+    // Negative penalties whose scores could pass transformers' -1e9 placeholders, by the
+    // longest sequence: refused, naming the smallest penalty taken (which is taken).
+    for (lp, longest, says, taken) in [
+        (-4.0, 16, "-3.98 or more", -3.98),
+        (-1.5, 256, "-1.49 or more", -1.49),
+        (-3.0, 32, "-2.98 or more", -2.98),
+        (-5.0, 10, "-4.99 or more", -4.99),
+        (-6.8, 6, "-6.71 or more", -6.71),
+    ] {
+        let e = check_length_penalty(lp, longest).unwrap_err().to_string();
         assert!(
             e.contains("could pass -1e9") && e.contains(says),
             "{lp}: {e}"
+        );
+        assert!(
+            check_length_penalty(taken, longest).is_ok(),
+            "{taken} at {longest}"
+        );
+    }
+    for (lp, longest) in [(-10.0, 1), (-3.9, 16), (0.5, 256), (-1.4, 256)] {
+        assert!(
+            check_length_penalty(lp, longest).is_ok(),
+            "{lp} at {longest}"
         );
     }
     for lp in [10.5, -20.0, -200.0, f64::NAN, f64::INFINITY] {
