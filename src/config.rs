@@ -168,6 +168,16 @@ pub(crate) fn failing_key<T: serde::de::DeserializeOwned>(v: &Value) -> Option<S
         .map(|(k, _)| k.clone())
 }
 
+/// A key that is there, `null` or not (`Some(None)` for `null`); with `#[serde(default)]`, an
+/// absent key is `None`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 /// `config.json` as HF writes it: every key optional so that a missing one gets a clear message.
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -177,7 +187,9 @@ struct RawConfig {
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
     num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
+    /// `Some(None)`: given as `null` (transformers then takes the head count), not absent.
+    #[serde(default, deserialize_with = "present")]
+    num_key_value_heads: Option<Option<usize>>,
     head_dim: Option<usize>,
     vocab_size: Option<usize>,
     max_position_embeddings: Option<usize>,
@@ -245,14 +257,19 @@ impl RawConfig {
         let num_hidden_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
         let num_attention_heads = required(self.num_attention_heads, "num_attention_heads")?;
         let vocab_size = required(self.vocab_size, "vocab_size")?;
-        // transformers' defaults when the key is absent: Llama's is the head count, Qwen2's
-        // and Qwen3's 32 (their class default, whatever the head count).
+        // transformers' defaults: `null` is the head count; an absent key is the class
+        // default, the head count for Llama and 32 for Qwen2 and Qwen3 (whatever the head
+        // count).
         let kv_default = match arch {
             Arch::Llama => num_attention_heads,
             Arch::Qwen2 | Arch::Qwen3 => 32,
         };
         let num_key_value_heads = required(
-            self.num_key_value_heads.or(Some(kv_default)),
+            Some(match self.num_key_value_heads {
+                Some(Some(n)) => n,
+                Some(None) => num_attention_heads,
+                None => kv_default,
+            }),
             "num_key_value_heads",
         )?;
         if num_attention_heads % num_key_value_heads != 0 {
@@ -705,6 +722,15 @@ mod tests {
         assert_eq!(
             ModelConfig::from_json(&qwen64).unwrap().num_key_value_heads,
             32
+        );
+        // `null` is the head count, for every architecture.
+        let null = qwen.replace(
+            r#""vocab_size""#,
+            r#""num_key_value_heads":null,"vocab_size""#,
+        );
+        assert_eq!(
+            ModelConfig::from_json(&null).unwrap().num_key_value_heads,
+            9
         );
     }
 
