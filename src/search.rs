@@ -327,7 +327,12 @@ impl Parts {
             .tokenizer
             .encode(&self.settings.query_prompt("a"))?
             .len();
-        let longest_code = self.index.trie().max_len();
+        // The longest code a query may generate: the index's, within gram.json's limit.
+        let longest_code = self
+            .index
+            .trie()
+            .max_len()
+            .min(self.settings.code_token_limit() - 1);
         if shortest + longest_code > model.max_positions() {
             return Err(Error::Config {
                 path: self.model_dir.join("gram.json"),
