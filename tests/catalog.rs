@@ -990,23 +990,19 @@ fn a_byte_order_mark_is_not_part_of_the_first_code() {
 fn max_code_tokens_bounds_the_codes_indexed_and_generated() {
     let dir = fresh_dir("catalog-max-code-tokens");
     let model = copy_model(&model_dir("tiny-llama"), "catalog-max-code-tokens-model");
-    let cat = dir.join("c.jsonl");
     let tok = gram::tokenizer::Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
     let long = "green velvet sofa with oak legs";
     let n_long = tok.encode_plain(long).unwrap().len();
     assert!(n_long >= 4, "{n_long}");
-    let lines = [
-        serde_json::json!({"id": "p0", "title": "sofa", "codes": ["sofa"]}),
-        serde_json::json!({"id": "p1", "title": "velvet sofa", "codes": ["sofa", long]}),
-        serde_json::json!({"id": "p2", "title": "rug", "codes": ["rug"]}),
-    ];
-    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-    std::fs::write(&cat, text.join("\n")).unwrap();
-    let run = |extra: &[&str], out: &str| {
-        let mut args = vec!["--threads", "1"];
-        args.extend_from_slice(extra);
-        index_build(&model, &cat, &dir.join(out), &args)
-    };
+    let run = builder(
+        &model,
+        &dir,
+        &[
+            serde_json::json!({"id": "p0", "title": "sofa", "codes": ["sofa"]}),
+            serde_json::json!({"id": "p1", "title": "velvet sofa", "codes": ["sofa", long]}),
+            serde_json::json!({"id": "p2", "title": "rug", "codes": ["rug"]}),
+        ],
+    );
     // Without the key: every code is indexed.
     let (v, _) = built(&run(&[], "all"));
     assert_eq!(v["report"]["products"], 3, "{v}");
@@ -1085,18 +1081,14 @@ fn a_code_holding_another_eos_token_is_refused() {
     let stop = tok.encode_plain("velvet").unwrap()[0];
     let rug = tok.encode_plain("rug").unwrap();
     assert!(!rug.contains(&stop) && stop != 2, "{stop} {rug:?}");
-    let cat = dir.join("c.jsonl");
-    let lines = [
-        serde_json::json!({"id": "p0", "title": "sofa", "codes": ["velvet sofa"]}),
-        serde_json::json!({"id": "p1", "title": "rug", "codes": ["rug"]}),
-    ];
-    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-    std::fs::write(&cat, text.join("\n")).unwrap();
-    let run = |extra: &[&str], out: &str| {
-        let mut args = vec!["--threads", "1"];
-        args.extend_from_slice(extra);
-        index_build(&model, &cat, &dir.join(out), &args)
-    };
+    let run = builder(
+        &model,
+        &dir,
+        &[
+            serde_json::json!({"id": "p0", "title": "sofa", "codes": ["velvet sofa"]}),
+            serde_json::json!({"id": "p1", "title": "rug", "codes": ["rug"]}),
+        ],
+    );
     let (v, _) = built(&run(&[], "before"));
     assert_eq!(v["report"]["products"], 2, "{v}");
     let gen = model.join("generation_config.json");
@@ -1141,4 +1133,21 @@ fn a_code_holding_another_eos_token_is_refused() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&model).unwrap();
+}
+
+/// Writes `lines` as the catalog `dir/c.jsonl` and returns what runs `gram index build
+/// --threads 1 EXTRA...` over `model` and it into `dir/OUT`.
+fn builder<'a>(
+    model: &'a std::path::Path,
+    dir: &'a std::path::Path,
+    lines: &[serde_json::Value],
+) -> impl Fn(&[&str], &str) -> std::process::Output + 'a {
+    let cat = dir.join("c.jsonl");
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&cat, text.join("\n")).unwrap();
+    move |extra: &[&str], out: &str| {
+        let mut args = vec!["--threads", "1"];
+        args.extend_from_slice(extra);
+        index_build(model, &cat, &dir.join(out), &args)
+    }
 }

@@ -545,29 +545,13 @@ fn damaged_safetensors_are_refused_or_load_and_run() {
             }
         }
         std::fs::write(&path, &bytes).unwrap();
-        let run = std::panic::catch_unwind(|| match Model::load(&dir, &LoadOptions::default()) {
-            Err(e) => {
-                assert!(!e.to_string().is_empty());
-                false
-            }
-            Ok(model) => {
-                let ids = [5u32, 17, 42];
-                let mut cache = model.new_cache(1, ids.len()).unwrap();
-                let _ = model.forward(&mut cache, &ids, &[0; 3], &[2]);
-                true
-            }
-        });
-        match run {
-            Ok(true) => loaded += 1,
-            Ok(false) => refused += 1,
-            Err(_) => panic!("case {case}: a damaged safetensors file panicked the loader"),
+        match load_and_run(&dir) {
+            Some(true) => loaded += 1,
+            Some(false) => refused += 1,
+            None => panic!("case {case}: a damaged safetensors file panicked the loader"),
         }
     }
-    eprintln!("refused {refused}, loaded {loaded}");
-    assert!(
-        refused > 100 && loaded > 10,
-        "refused {refused}, loaded {loaded}"
-    );
+    both_outcomes(refused, loaded);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -111,6 +111,36 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     d
 }
 
+/// Loads the model in `dir` and runs a 3-token prompt through it, catching a panic: `Some(true)`
+/// it loaded and ran (an error at run time counts: damaged weights may be refused then),
+/// `Some(false)` the load refused it with an error, `None` something panicked.
+pub fn load_and_run(dir: &Path) -> Option<bool> {
+    use gram::{LoadOptions, Model};
+    std::panic::catch_unwind(|| match Model::load(dir, &LoadOptions::default()) {
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            false
+        }
+        Ok(model) => {
+            let ids = [5u32, 17, 42];
+            let mut cache = model.new_cache(1, ids.len()).unwrap();
+            let _ = model.forward(&mut cache, &ids, &[0; 3], &[2]);
+            true
+        }
+    })
+    .ok()
+}
+
+/// A damage test saw both outcomes: its mutations reach the loader's checks and pass some of
+/// them (a test whose every case is refused, or loaded, proves less).
+pub fn both_outcomes(refused: usize, loaded: usize) {
+    eprintln!("refused {refused}, loaded {loaded}");
+    assert!(
+        refused > 100 && loaded > 10,
+        "refused {refused}, loaded {loaded}"
+    );
+}
+
 /// Copies a model directory (files only) into a fresh temp dir for corruption tests.
 pub fn copy_model(src: &Path, name: &str) -> PathBuf {
     let dst = fresh_dir(name);
