@@ -391,12 +391,38 @@ fn a_shard_index_that_does_not_fit_its_shards() {
             index.replacen(&entry, "\"model.embed_tokens.weight\": \"\"", 1),
             "shard name `` is not a plain file name",
         ),
+        (
+            "a path",
+            index.replacen(&entry, "\"model.embed_tokens.weight\": \"sub/x.safetensors\"", 1),
+            "shard name `sub/x.safetensors` is not a plain file name",
+        ),
+        (
+            "the parent",
+            index.replacen(&entry, "\"model.embed_tokens.weight\": \"../x.safetensors\"", 1),
+            "shard name `../x.safetensors` is not a plain file name",
+        ),
     ] {
         let dir = copy_model(&src, &format!("index-{name}"));
         std::fs::write(dir.join("model.safetensors.index.json"), edited).unwrap();
         let e = load_err(&dir);
         assert!(e.contains(want), "{name}: {e}");
     }
+    // A tensor in two shards (the index names one of them): refused by name.
+    let dir = copy_model(&src, "index-in-two");
+    let two_path = dir.join(two);
+    let bytes = std::fs::read(dir.join(one)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let embed = st.tensor("model.embed_tokens.weight").unwrap();
+    let bytes2 = std::fs::read(&two_path).unwrap();
+    let st2 = SafeTensors::deserialize(&bytes2).unwrap();
+    let mut views: Vec<(String, TensorView)> = st2.tensors();
+    views.push(("model.embed_tokens.weight".into(), embed));
+    std::fs::write(&two_path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("appears twice"),
+        "{e}"
+    );
 }
 
 #[test]

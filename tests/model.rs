@@ -256,7 +256,8 @@ fn converted_dtypes_compute_the_rounded_model() {
 }
 
 /// A checkpoint stored in f16 (every tensor of tiny-llama rewritten as f16 safetensors, as HF
-/// saves a `torch_dtype: float16` model): its weights are mapped, not copied, and its logits
+/// saves a `torch_dtype: float16` model): the checkpoint's tensors are mapped, not copied
+/// (`Source::load`'s map; the CPU backend then lays the matrices out in panels), and its logits
 /// are close to the f32 checkpoint's converted to f16 at load, and within f16's rounding of
 /// transformers' f32 golden.
 #[test]
