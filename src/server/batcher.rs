@@ -534,6 +534,8 @@ fn admit<B: Backend>(
                 at += 1;
             }
             Admission::Refused(e) => {
+                // It leaves the queue unserved, having waited like the others.
+                metrics.record_stage(Stage::Queue, now.duration_since(enqueued).as_secs_f64());
                 let _ = reply.send(Err(Failed::engine(&e)));
             }
         }
@@ -589,7 +591,15 @@ fn record_stages(metrics: &Metrics, r: &Response, codes_only: bool) {
 pub fn fail_all(queue: &Queue) {
     let mut st = queue.lock();
     queue.set_closed(&st);
+    let now = Instant::now();
     for job in st.jobs.drain(..) {
+        // Its wait, as every job that leaves the queue unserved (to its deadline at most).
+        let waited = now
+            .min(job.deadline)
+            .saturating_duration_since(job.enqueued);
+        queue
+            .metrics
+            .record_stage(Stage::Queue, waited.as_secs_f64());
         let _ = job.reply.send(Err(Failed::Engine {
             kind: "internal",
             message: "the batcher stopped".into(),

@@ -639,3 +639,26 @@ fn a_blocked_head_that_left_holds_no_places() {
     assert_eq!(st.jobs.len(), 1, "the gone job is dropped");
     assert_eq!(st.head_blocked, None);
 }
+
+/// Jobs failed by `fail_all` (the batcher stopping) leave the queue with their wait recorded,
+/// as every job that leaves it unserved (the queue histogram showed nothing of them).
+#[test]
+fn jobs_failed_when_the_batcher_stops_record_their_wait() {
+    use std::sync::Arc;
+    let engine = tiny_engine("fail-all");
+    let metrics = Arc::new(Metrics::default());
+    let (queue, _) = batcher_of(&engine, &metrics);
+    let answers = [push(&engine, &queue, "oak desk"), push(&engine, &queue, "wool rug")];
+    super::fail_all(&queue);
+    for rx in answers {
+        match answer(rx) {
+            Some(Err(super::Failed::Engine { kind, .. })) => assert_eq!(kind, "internal"),
+            other => panic!("{:?}", other.map(|r| r.is_ok())),
+        }
+    }
+    let text = metrics.render();
+    assert!(
+        text.contains("gram_stage_seconds_count{stage=\"queue\"} 2\n"),
+        "{text}"
+    );
+}
