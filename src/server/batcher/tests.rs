@@ -648,7 +648,10 @@ fn jobs_failed_when_the_batcher_stops_record_their_wait() {
     let engine = tiny_engine("fail-all");
     let metrics = Arc::new(Metrics::default());
     let (queue, _) = batcher_of(&engine, &metrics);
-    let answers = [push(&engine, &queue, "oak desk"), push(&engine, &queue, "wool rug")];
+    let answers = [
+        push(&engine, &queue, "oak desk"),
+        push(&engine, &queue, "wool rug"),
+    ];
     super::fail_all(&queue);
     for rx in answers {
         match answer(rx) {
