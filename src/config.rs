@@ -118,9 +118,9 @@ impl ModelConfig {
         let ignored = beam_search_settings(&v);
         if !ignored.is_empty() {
             tracing::warn!(
-                "{}: {} would change transformers' beam search (its `generate` applies them \
-                 with do_sample=False too); gram's beam search does not, so its codes and \
-                 scores follow `generate` called with them unset",
+                "{}: {} would change transformers' greedy and beam search (its `generate` \
+                 applies them with do_sample=False too); gram's do not, so its codes, scores \
+                 and greedy text follow `generate` called with them unset",
                 path.display(),
                 ignored.join(", ")
             );
@@ -455,7 +455,7 @@ impl RawConfig {
 }
 
 /// The settings of a `generation_config.json` that transformers' `generate` applies in a
-/// greedy beam search (do_sample=False) and gram's beam search does not, each as `key = value`:
+/// greedy or beam search (do_sample=False) and gram's do not, each as `key = value`:
 /// logits processors (a repetition penalty, banned or suppressed tokens, a minimum length,
 /// forced tokens, sequence biases), another stopping rule, another length penalty, grouped
 /// beams. Keys at their no-op values are left out.

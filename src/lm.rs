@@ -14,21 +14,30 @@ pub struct TokenLogprob {
     pub logprob: f32,
 }
 
-/// `log_softmax(logits)`, computed with an f64 sum.
+/// `log_softmax(logits)`, computed with an f64 sum. (Finite logits far apart, ±3e38, would
+/// give a log-prob past f32: it is kept at `f32::MIN`, never `-inf`, which JSON cannot hold.)
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
     let lse = max as f64 + sum.ln();
-    logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
+    logits
+        .iter()
+        .map(|&l| (l as f64 - lse).max(f32::MIN as f64) as f32)
+        .collect()
 }
 
 /// The `n` most likely entries of `logprobs`, most likely first (ties: lower id first).
 pub fn top_n(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    top_by(logprobs, logprobs, n)
+}
+
+/// The `n` entries of `values` whose `keys` are largest, largest first (ties: lower id first).
+fn top_by(keys: &[f32], values: &[f32], n: usize) -> Vec<TokenLogprob> {
+    let mut idx: Vec<u32> = (0..keys.len() as u32).collect();
     let n = n.min(idx.len());
     let cmp = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
+        keys[*b as usize]
+            .total_cmp(&keys[*a as usize])
             .then(a.cmp(b))
     };
     if n < idx.len() && n > 0 {
@@ -39,7 +48,7 @@ pub fn top_n(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
     idx.into_iter()
         .map(|id| TokenLogprob {
             id,
-            logprob: logprobs[id as usize],
+            logprob: values[id as usize],
         })
         .collect()
 }
@@ -47,7 +56,9 @@ pub fn top_n(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
 /// What a prompt leads to: the next-token distribution and, if asked, a greedy continuation.
 #[derive(Debug, Clone)]
 pub struct LmOutput {
-    /// Log-probabilities of the next token after the prompt, `[V]`.
+    /// The next token's logits after the prompt, `[V]`.
+    pub logits: Vec<f32>,
+    /// Their log-probabilities, `[V]`.
     pub logprobs: Vec<f32>,
     /// Greedy continuation ids (stops after an EOS id, which is included).
     pub greedy: Vec<u32>,
@@ -89,9 +100,19 @@ pub fn run<B: Backend>(model: &Model<B>, prompt: &[u32], greedy: usize) -> Resul
         next = argmax(&logits);
     }
     Ok(LmOutput {
+        logits,
         logprobs,
         greedy: out,
     })
+}
+
+impl LmOutput {
+    /// The `n` most likely next tokens with their log-probs, ranked by logit (ties: lower id
+    /// first), so that the first is the greedy token: two logits whose log-probs round to one
+    /// f32 (a flat distribution) keep their order.
+    pub fn top(&self, n: usize) -> Vec<TokenLogprob> {
+        top_by(&self.logits, &self.logprobs, n)
+    }
 }
 
 /// Logits that are all finite: a NaN or an infinity (a corrupt weight, an overflow) would print
@@ -177,6 +198,34 @@ mod tests {
         }
         let total: f64 = lp.iter().map(|&l| (l as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5, "{total}");
+    }
+
+    /// Two logits a float apart whose log-probs round to one f32 (near −ln V the f32 step is
+    /// ~1e-6): `top` ranks them as argmax does, the larger first, where ranking the log-probs
+    /// put the lower id first.
+    #[test]
+    fn top_follows_the_logits_where_log_probs_tie() {
+        let mut bits = crate::test_rng::xorshift(0x7071);
+        let mut logits: Vec<f32> = (0..49152)
+            .map(|_| crate::test_rng::signed_unit(bits()) * 0.05)
+            .collect();
+        logits[50] = 0.1;
+        logits[100] = f32::from_bits(0.1f32.to_bits() + 1);
+        let logprobs = log_softmax(&logits);
+        assert_eq!(logprobs[50], logprobs[100], "the log-probs tie");
+        assert_eq!(top_n(&logprobs, 1)[0].id, 50);
+        let out = LmOutput {
+            logits: logits.clone(),
+            logprobs,
+            greedy: Vec::new(),
+        };
+        let top = out.top(3);
+        assert_eq!((top[0].id, top[1].id), (100, 50));
+        assert_eq!(top[0].id, argmax(&logits));
+        assert_eq!(top[0].logprob, out.logprobs[100]);
+        // Far-apart finite logits: a log-prob past f32 is f32::MIN, not -inf.
+        let lp = log_softmax(&[3e38, -3e38]);
+        assert_eq!(lp, [0.0, f32::MIN]);
     }
 
     #[test]

@@ -960,7 +960,7 @@ fn run_lm(args: LmArgs) -> Result<(), String> {
         on_model!(loaded, model => lm::run(&model, &tokens, greedy)).map_err(|e| e.to_string())?;
     let mut obj = json!({
         "tokens": tokens,
-        "top": lm::top_n(&out.logprobs, args.top),
+        "top": out.top(args.top),
     });
     if args.greedy.is_some() {
         obj["text"] = json!(tokenizer.decode(&out.greedy).map_err(|e| e.to_string())?);
