@@ -371,9 +371,11 @@ pub fn build_with<B: Backend>(
         // another takes none of its shards.
         "backend": model.backend.numerics(),
         // The fingerprint hashes config.json, not generation_config.json, which may give the
-        // EOS: the codes a shard generated end at it.
-        "eos": eos,
+        // EOS ids: the codes a shard generated end at the first, and hold none of them.
+        "eos": model.config.eos_token_ids,
         "positions": model.max_positions(),
+        // gram.json's `max_code_tokens`: the generated codes a shard kept are those within it.
+        "code_tokens": settings.code_token_limit(),
     });
     let mut bar = Progress::new(items.len(), options.progress);
     let (mut found, mut generated, mut reused) = (Collected::new(), 0, 0);

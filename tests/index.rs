@@ -565,6 +565,26 @@ fn a_stopped_build_resumes_from_its_shards() {
     let mut other_eos = Model::load(&model_dir("tiny-llama"), &Default::default()).unwrap();
     other_eos.config.eos_token_ids = vec![model.config.eos_token_ids[0] + 1];
     assert_eq!(reused_by(&other_eos, &options, "e.gram"), 0);
+    // A second EOS (a code holding it is refused).
+    let mut second_eos = Model::load(&model_dir("tiny-llama"), &Default::default()).unwrap();
+    second_eos.config.eos_token_ids = vec![model.config.eos_token_ids[0], 1];
+    assert_eq!(reused_by(&second_eos, &options, "s.gram"), 0);
+    // gram.json's `max_code_tokens` (the generated codes a shard kept are within it).
+    let capped = gram::settings::Settings {
+        max_code_tokens: Some(20),
+        ..settings.clone()
+    };
+    assert!(run(&tmp.join("missing/index.gram")).is_err());
+    let capped = build_with(
+        &model,
+        &tok,
+        &capped,
+        &items,
+        &options,
+        &tmp.join("c.gram"),
+        &meta,
+    );
+    assert_eq!(capped.unwrap().reused_shards, 0);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
