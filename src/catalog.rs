@@ -592,6 +592,8 @@ struct Ctx<'a, B: Backend> {
 
 /// Head rows one teacher-forcing pass computes at most (each is a vocabulary of logits).
 const TF_HEAD_ROWS: usize = 256;
+/// Tokens one teacher-forcing pass runs at most, in model contexts (its KV arena's size).
+const TF_CONTEXTS: usize = 4;
 
 /// One shard: generated codes (with the beams' probabilities) and the catalog's codes (teacher
 /// forced, many products per forward pass). Returns the shard's codes per product, which
@@ -780,7 +782,9 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
     }
     let mut arena = None;
     let lens: Vec<(usize, usize)> = force.iter().map(|f| (f.0, f.2.len())).collect();
-    for pass in tf_passes(&lens, TF_HEAD_ROWS) {
+    // Tokens a pass runs at most: its KV (the arena it sizes) stays within a few contexts.
+    let max_tokens = TF_CONTEXTS * positions;
+    for pass in tf_passes(&lens, TF_HEAD_ROWS, |p| prompts[p].len(), max_tokens) {
         let jobs: Vec<(&[u32], Vec<&[u32]>)> = pass
             .iter()
             .map(|r| {

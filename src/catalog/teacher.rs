@@ -127,39 +127,51 @@ pub fn teacher_force_many<B: Backend>(
 /// up to `limit` head rows (a job's prompt row, and each code's tokens but its first), so its
 /// logits stay bounded: a product with more codes than one pass holds is split over passes,
 /// each repeating its prompt (before, one catalog line of 3,000 codes took one pass of 800 MB
-/// of logits with the default model, ~10 GB with SmolLM2's vocabulary). Only a job of one code
-/// longer than `limit` goes past it.
+/// of logits with the default model, ~10 GB with SmolLM2's vocabulary). A pass also takes up
+/// to `max_tokens` tokens run (each job's prompt, `prompt(product)` tokens, and its codes'
+/// tokens), so that long prompts cannot make one pass's KV unbounded (128 products of 8,000
+/// title tokens were one pass). Only a job of one code past either limit goes past it.
 pub(super) fn tf_passes(
     codes: &[(usize, usize)],
     limit: usize,
+    prompt: impl Fn(usize) -> usize,
+    max_tokens: usize,
 ) -> Vec<Vec<std::ops::Range<usize>>> {
     let mut passes = Vec::new();
-    let (mut pass, mut heads, mut at): (Vec<std::ops::Range<usize>>, usize, usize) =
-        (Vec::new(), 0, 0);
+    let (mut pass, mut heads, mut tokens, mut at): (
+        Vec<std::ops::Range<usize>>,
+        usize,
+        usize,
+        usize,
+    ) = (Vec::new(), 0, 0, 0);
     while at < codes.len() {
         let product = codes[at].0;
         let mut job = at..at;
-        let mut rows = 1;
+        let (mut rows, mut run) = (1, prompt(product));
         while job.end < codes.len() && codes[job.end].0 == product {
-            let more = codes[job.end].1.saturating_sub(1);
-            if heads + rows + more > limit && !(pass.is_empty() && job.is_empty()) {
+            let len = codes[job.end].1;
+            let more = len.saturating_sub(1);
+            let over = heads + rows + more > limit || tokens + run + len > max_tokens;
+            if over && !(pass.is_empty() && job.is_empty()) {
                 break;
             }
             rows += more;
+            run += len;
             job.end += 1;
         }
         if job.is_empty() {
             // No room left in this pass for even one of the product's codes.
             passes.push(std::mem::take(&mut pass));
-            heads = 0;
+            (heads, tokens) = (0, 0);
             continue;
         }
         heads += rows;
+        tokens += run;
         at = job.end;
         pass.push(job);
-        if heads >= limit || (at < codes.len() && codes[at].0 == product) {
+        if heads >= limit || tokens >= max_tokens || (at < codes.len() && codes[at].0 == product) {
             passes.push(std::mem::take(&mut pass));
-            heads = 0;
+            (heads, tokens) = (0, 0);
         }
     }
     if !pass.is_empty() {
@@ -196,16 +208,27 @@ mod tests {
                 }
             }
             let limit = 64 + next() as usize % 200;
-            let passes = tf_passes(&codes, limit);
+            // Prompts of a few tokens, now and then of thousands.
+            let prompts: Vec<usize> = (0..products)
+                .map(|_| match next() % 6 {
+                    0 => 1000 + next() as usize % 3000,
+                    _ => 1 + next() as usize % 40,
+                })
+                .collect();
+            let max_tokens = 2000 + next() as usize % 6000;
+            let passes = tf_passes(&codes, limit, |p| prompts[p], max_tokens);
             let mut at = 0;
             for pass in &passes {
                 assert!(!pass.is_empty(), "case {case}: an empty pass");
-                let mut heads = 0;
+                let (mut heads, mut tokens) = (0, 0);
                 for job in pass {
                     assert_eq!(job.start, at, "case {case}: codes in order, each once");
                     assert!(!job.is_empty(), "case {case}");
-                    assert!(codes[job.clone()].iter().all(|c| c.0 == codes[job.start].0));
+                    let product = codes[job.start].0;
+                    assert!(codes[job.clone()].iter().all(|c| c.0 == product));
                     heads += 1 + codes[job.clone()].iter().map(|c| c.1 - 1).sum::<usize>();
+                    tokens +=
+                        prompts[product] + codes[job.clone()].iter().map(|c| c.1).sum::<usize>();
                     at = job.end;
                 }
                 let one_long = pass.len() == 1 && pass[0].len() == 1;
@@ -213,12 +236,16 @@ mod tests {
                     heads <= limit || one_long,
                     "case {case}: {heads} rows > {limit}"
                 );
+                assert!(
+                    tokens <= max_tokens || one_long,
+                    "case {case}: {tokens} tokens > {max_tokens}"
+                );
             }
             assert_eq!(at, codes.len(), "case {case}: every code");
         }
         // 600 codes of 3 tokens of one product: 3 rows each, 64 a pass at most.
         let one: Vec<(usize, usize)> = vec![(0, 3); 600];
-        let passes = tf_passes(&one, 64);
+        let passes = tf_passes(&one, 64, |_| 5, usize::MAX);
         assert!(passes.len() >= 600 * 2 / 64);
         assert!(passes.iter().all(|p| p.len() == 1));
     }
