@@ -200,7 +200,7 @@ pub fn build_with<B: Backend>(
     // Most tokens a code may take, its EOS included.
     let limit = settings.code_token_limit();
     // The model's other EOS tokens: a code holding one could not be emitted whole.
-    let stops: Vec<u32> = model.config.eos_token_ids[1..].to_vec();
+    let stops = &model.config.eos_token_ids[1..];
     if let Some(g) = generate {
         crate::beam::check_width(g.beam)?;
         if g.batch == 0 {
@@ -242,7 +242,7 @@ pub fn build_with<B: Backend>(
     let list = match generate {
         Some(g) if !g.codes.is_empty() => {
             let list = CodeSet::from_texts_named(g.codes.clone(), tokenizer, eos, &list_name)?;
-            check_codes(&list, limit, &stops, &list_name)?;
+            check_codes(&list, limit, stops, &list_name)?;
             texts.extend(g.codes.iter().cloned());
             let trie = Trie::build_named(&list, model.config.vocab_size, eos, &list_name)?;
             Some((list, trie))
@@ -274,7 +274,7 @@ pub fn build_with<B: Backend>(
         let long: Vec<Option<String>> = (0..set.len())
             .map(|i| {
                 too_long(set.code_tokens(i).len(), limit)
-                    .or_else(|| stopped_inside(set.code_tokens(i), &stops))
+                    .or_else(|| stopped_inside(set.code_tokens(i), stops))
             })
             .collect();
         let set = if long.iter().any(Option::is_some) {
@@ -432,7 +432,7 @@ pub fn build_with<B: Backend>(
                 }));
             }
             let set = CodeSet::from_texts_named(texts, tokenizer, eos, &source)?;
-            check_codes(&set, limit, &stops, &source)?;
+            check_codes(&set, limit, stops, &source)?;
             set
         }
     };

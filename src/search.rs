@@ -346,7 +346,7 @@ impl Parts {
         }
         // An index built for a model with one EOS, opened with a model that has more: a code
         // holding one of the others could never be emitted whole (a beam stops there).
-        let stops: Vec<u32> = model.config.eos_token_ids.clone();
+        let stops = &model.config.eos_token_ids;
         let trie = self.index.trie();
         if let Some(t) = trie
             .csr()
