@@ -181,6 +181,10 @@ type Found = Vec<Vec<(String, Vec<f32>)>>;
 /// own tokenization is the generated one), by teacher forcing otherwise, batched across
 /// products. The work goes shard by shard; each finished shard is saved, so a build that is
 /// stopped and run again with the same inputs picks up where it was.
+///
+/// `meta` is stored in the index as it is; it must name the model's fingerprint
+/// (`{"model": {"fingerprint": ...}}`, [`crate::search::model_fingerprint`]), which keys the
+/// saved shards.
 pub fn build_with<B: Backend>(
     model: &Model<B>,
     tokenizer: &Tokenizer,
@@ -191,6 +195,16 @@ pub fn build_with<B: Backend>(
     meta: &serde_json::Value,
 ) -> Result<Report> {
     let t0 = Instant::now();
+    // A saved shard is taken only by a build of the same model: without the model's
+    // fingerprint in `meta`, a build in the same work directory with another model would
+    // take this one's probabilities.
+    let fingerprint = meta["model"]["fingerprint"].as_str().ok_or_else(|| {
+        Error::Input(
+            "the index's metadata names no model.fingerprint (search::model_fingerprint of \
+             the model directory): a build's saved shards are keyed by it"
+                .into(),
+        )
+    })?;
     let eos = *model
         .config
         .eos_token_ids
@@ -362,8 +376,10 @@ pub fn build_with<B: Backend>(
     // A shard made under `Skip` may leave products out, one made under `Stop` never: a build
     // under `Stop` must not take the former's.
     let key_base = serde_json::json!({
-        "model": meta["model"]["fingerprint"],
-        "settings": meta["settings"],
+        "model": fingerprint,
+        // The settings the build runs with (the product template makes every shard's
+        // probabilities), not those `meta` records.
+        "settings": crate::search::build_settings(settings),
         "generate": generate.map(|g| format!("{g:?}")),
         "version": SHARD_VERSION,
         "skip": options.on_error == OnError::Skip,

@@ -177,7 +177,7 @@ fn beams_that_decode_to_one_text_are_indexed_once() {
             &items,
             Some(&generate),
             &dir.join("free.gram"),
-            &serde_json::json!({}),
+            &serde_json::json!({"model": {"fingerprint": format!("eos {eos}")}}),
         );
         assert!(report.is_ok(), "eos {eos}: {}", report.err().unwrap());
         // The case arose: some generated code decodes to U+FFFD (the beams that collided), and

@@ -295,7 +295,7 @@ fn generated_product_codes_carry_teacher_forced_probabilities() {
         &items,
         Some(&generate),
         &path,
-        &serde_json::json!({}),
+        &serde_json::json!({"model": {"fingerprint": "generated"}}),
     )
     .unwrap();
     assert_eq!(report.generated, 12, "beam 4 × 3 products");
@@ -417,7 +417,20 @@ fn unconstrained_generation_indexes_decoded_codes() {
     };
     let path = dir.join("free.gram");
     let settings = gram::settings::Settings::default();
-    let meta = serde_json::json!({});
+    // Metadata without the model's fingerprint is refused: the saved shards are keyed by it.
+    let e = build(
+        &model,
+        &tok,
+        &settings,
+        &items,
+        Some(&generate),
+        &path,
+        &serde_json::json!({}),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("model.fingerprint"), "{e}");
+    assert!(!path.exists() && !path.with_extension("shards").exists());
+    let meta = serde_json::json!({"model": {"fingerprint": "free"}});
     let report = build(
         &model,
         &tok,
