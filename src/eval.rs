@@ -226,8 +226,8 @@ pub struct Judged {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Judgements {
     pub queries: Vec<Judged>,
-    /// JSONL lines repeating an earlier query (the later line replaces it, as a Python dict
-    /// would).
+    /// JSONL lines repeating an earlier query (merged into the earlier entry, a later grade of
+    /// the same product winning, as `metrics.py` does).
     pub duplicate_queries: usize,
     /// CSV rows with an empty grade (skipped, as `pairs.py` skips them).
     pub empty_grades: usize,

@@ -697,10 +697,14 @@ fn open_engine(
     let (engine, info) =
         AnyEngine::open(run.device, index, model, &load).map_err(|e| e.to_string())?;
     eprintln!("backend: {info}");
+    // The server's query limits guard it against its clients; a query given here (or a
+    // judged query of `gram eval`, which `evaluate.py` scores whatever its length) is the
+    // user's own, and only the model's context bounds it.
     let engine = engine.with_limits(Limits {
         max_k: k,
         max_beam: beam::MAX_BEAM,
-        ..Limits::default()
+        max_query_bytes: usize::MAX,
+        max_query_tokens: usize::MAX,
     });
     Ok((engine, info))
 }

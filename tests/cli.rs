@@ -338,6 +338,49 @@ fn device_is_chosen_and_reported_by_every_model_command() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// A query of the user's own (`gram search`, a judged query of `gram eval`) is bound by the
+/// model's context only, not by the server's 64-token guard against its clients: `gram
+/// eval` refused a 100-word judged query and scored it 0, which `evaluate.py` ranks.
+#[test]
+fn a_long_query_is_searched_and_evaluated() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gram-cli-long-{}", std::process::id()));
+    let lines: Vec<String> = [("p0", "oak sofa", "sofa"), ("p1", "oak lamp", "lamp")]
+        .into_iter()
+        .map(|(id, title, code)| {
+            serde_json::json!({"id": id, "title": title, "codes": [code]}).to_string()
+        })
+        .collect();
+    let ix = build_index(&tmp, "tiny-llama", &lines);
+    let ix = ix.to_str().unwrap();
+    let long = ["green oak sofa with a lamp"; 20].join(" ");
+    let out = gram(&["search", "--index", ix, "--k", "2", "--threads", "1", &long]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v["products"].as_array().unwrap().is_empty(), "{v}");
+    let judged = tmp.join("judged.jsonl");
+    std::fs::write(
+        &judged,
+        serde_json::json!({"query": long, "grades": {"p0": 3}}).to_string(),
+    )
+    .unwrap();
+    let args = [
+        "eval",
+        "--index",
+        ix,
+        "--judgements",
+        judged.to_str().unwrap(),
+    ];
+    let out = gram(&[&args[..], &["--threads", "1"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("refused"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["skipped"]["refused_by_engine"], 0, "{r}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 /// `gram eval` on a tiny index and hand-made grades: one JSON object with the metrics and
 /// counts. Every query's beam (10) reaches all 3 codes, so all 4 products come back and the
 /// ranking-free metrics are hand-checkable: recall, relevance rate, judged@10, what is

@@ -2108,6 +2108,108 @@ async fn the_load_generator_open_loop_sends_its_schedule() {
     server.shutdown().await.unwrap();
 }
 
+/// An open loop against a server that answers one connection at a time, each after 50 ms:
+/// request i (scheduled at 10·i ms) cannot be answered before 50·(i + 1) ms, so its latency,
+/// counted from its scheduled time, is at least 50 + 40·i ms. A generator that waited for an
+/// answer before sending the next request, timing each from its actual send, measured a flat
+/// ~50 ms: the queue it built would be missing from its latencies (coordinated omission).
+/// The bound is a floor the server's sleeps make, whatever the machine's load.
+#[test]
+fn the_load_generator_open_loop_counts_the_queue_it_meets() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let n = 10;
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            let (mut conn, _) = listener.accept().unwrap();
+            // The request: its head, then as many body bytes as it says.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let body_len = loop {
+                let k = conn.read(&mut buf).unwrap();
+                assert!(k > 0, "the client closed mid-request");
+                got.extend_from_slice(&buf[..k]);
+                if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    break end + 4 + len;
+                }
+            };
+            while got.len() < body_len {
+                let k = conn.read(&mut buf).unwrap();
+                assert!(k > 0, "the client closed mid-body");
+                got.extend_from_slice(&buf[..k]);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let body = "{}";
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("gram-stub-openloop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let queries = dir.join("q.txt");
+    std::fs::write(&queries, "oak desk\n").unwrap();
+    let out = dir.join("out");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["bench", "--url", &format!("http://{addr}"), "--queries"])
+        .arg(&queries)
+        .args([
+            "--rate",
+            "100",
+            "--count",
+            &n.to_string(),
+            "--timeout-s",
+            "30",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    server.join().unwrap();
+    let csv = std::fs::read_to_string(out.join("latencies.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), n);
+    for (i, row) in rows.iter().enumerate() {
+        let (sent_s, latency_ms, lag_ms): (f64, f64, f64) = (
+            row[0].parse().unwrap(),
+            row[1].parse().unwrap(),
+            row[6].parse().unwrap(),
+        );
+        assert_eq!(row[2], "200", "request {i}: {row:?}");
+        assert!(
+            (sent_s - i as f64 / 100.0).abs() < 1e-6,
+            "request {i}: {row:?}"
+        );
+        assert!(lag_ms.is_finite() && lag_ms >= 0.0, "request {i}: {row:?}");
+        // 0.5 ms of slack for the printed rounding and the timers' granularity.
+        let floor = 50.0 + 40.0 * i as f64 - 0.5;
+        assert!(
+            latency_ms >= floor,
+            "request {i}: {latency_ms} ms, under the {floor} ms its place in the queue takes"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An open loop shorter than one interval sends one request and reports it over its interval
 /// (it reported 100/s for one request at `--rate 1 --duration 0.01`), and a reader that left
 /// its standard output costs the printed copy only: the report was printed first, the

@@ -39,6 +39,9 @@ const MAX_RATE: f64 = 1e6;
 /// connections sooner can still race with it.
 const POOL_IDLE: Duration = Duration::from_secs(2);
 
+/// The files `--out` gets: the report, the raw latencies, the plot.
+const OUT_FILES: [&str; 3] = ["report.json", "latencies.csv", "latency.svg"];
+
 /// Clients of a closed loop at most (each is a task with its own connection).
 const MAX_CONCURRENCY: usize = 65_536;
 
@@ -250,9 +253,11 @@ pub struct Report {
     pub window_s: f64,
     pub requests: usize,
     pub ok: usize,
-    /// Answered with 200 per second of the window (requests sent in it, answered whenever).
+    /// Answered with 200 per second of the window: an open loop's requests sent in it (answered
+    /// whenever), a closed loop's answered within it.
     pub qps: f64,
-    /// Sent per second of the window (the open loop's `--rate`).
+    /// Sent per second of the window (the open loop's `--rate`; a closed loop's requests
+    /// finished within it).
     pub sent_qps: f64,
     /// Failures by status (`503`, `timeout`, ...).
     pub errors: BTreeMap<String, usize>,
@@ -448,6 +453,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "--rate {r}: expected a positive number of at most {MAX_RATE}"
             ));
         }
+        // One interval longer than a run may be: 1 / r would overflow the schedule (a
+        // subnormal rate's interval is infinite).
+        if 1.0 / r > MAX_SECONDS {
+            return Err(format!(
+                "--rate {r}: one request every {} seconds is over {MAX_SECONDS}",
+                1.0 / r
+            ));
+        }
         if let Some(n) = args.count {
             if n as f64 / r > MAX_SECONDS {
                 return Err(format!(
@@ -481,6 +494,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     };
     let (uri, takes_k) = endpoint(url)?;
     let queries = read_queries(queries)?;
+    // The output directory is checked before the load: a run of minutes is not lost to a
+    // directory it cannot write in.
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for name in OUT_FILES {
+            crate::container::check_writable(&dir.join(name)).map_err(|e| e.to_string())?;
+        }
+    }
     let bodies = queries
         .iter()
         .map(|q| {
@@ -547,20 +568,24 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
     // The files first: a closed standard output (a pipe whose reader left) loses only the
-    // printed copy.
+    // printed copy. A file that fails to write (the disk filled during the run) still leaves
+    // the report printed, then the error.
+    let mut written = Ok(());
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let [report_json, latencies_csv, latency_svg] = OUT_FILES;
         let write = |name: &str, bytes: &[u8]| {
             let p = dir.join(name);
             crate::container::write_atomic(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
         };
-        write("report.json", text.as_bytes())?;
-        write("latencies.csv", csv(&samples).as_bytes())?;
-        write("latency.svg", plot::svg(&report, &samples).as_bytes())?;
-        eprintln!(
-            "wrote {0}/report.json, {0}/latencies.csv, {0}/latency.svg",
-            dir.display()
-        );
+        written = write(report_json, text.as_bytes())
+            .and_then(|_| write(latencies_csv, csv(&samples).as_bytes()))
+            .and_then(|_| write(latency_svg, plot::svg(&report, &samples).as_bytes()));
+        if written.is_ok() {
+            eprintln!(
+                "wrote {0}/report.json, {0}/latencies.csv, {0}/latency.svg",
+                dir.display()
+            );
+        }
     }
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{text}").and_then(|_| stdout.flush()) {
@@ -569,6 +594,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         }
         _ => {}
     }
+    written?;
     // A run in which nothing was answered measured nothing: say so in the exit status too.
     if answered == 0 {
         return Err(format!(
@@ -669,6 +695,12 @@ fn report(
         .iter()
         .filter(|s| s.status == Status::Http(200))
         .collect();
+    // What the rates count: an open loop's requests sent in the window (its offered load,
+    // answered whenever); a closed loop's requests answered within it (its clients send until
+    // the window ends, and the last of each were answered after it: counting those by their
+    // sending overstated a short run's rate by up to the concurrency over the window).
+    let in_window = |s: &Sample| args.rate.is_some() || s.sent_s + s.latency_s <= window_s;
+    let rate = |n: usize| n as f64 / window_s;
     let mut errors = BTreeMap::new();
     for s in samples.iter().filter(|s| s.status != Status::Http(200)) {
         *errors.entry(s.status.label()).or_insert(0) += 1;
@@ -690,8 +722,8 @@ fn report(
         window_s,
         requests: samples.len(),
         ok: ok.len(),
-        qps: ok.len() as f64 / window_s,
-        sent_qps: samples.len() as f64 / window_s,
+        qps: rate(ok.iter().filter(|s| in_window(s)).count()),
+        sent_qps: rate(samples.iter().filter(|s| in_window(s)).count()),
         errors,
         latency_ms: ms(&|s| Some(s.latency_s * 1e3)),
         latency_with_timeouts_ms: Percentiles::of(

@@ -78,7 +78,8 @@ pub fn svg(report: &Report, samples: &[Sample]) -> String {
             "middle",
             12,
             &format!(
-                "with the {} timeouts counted at --timeout-s: p90 {:.2}  p99 {:.2}  p99.9 {:.2}",
+                "with the {} deadline answers (504) and client timeouts, each at the time it ended: \
+                 p90 {:.2}  p99 {:.2}  p99.9 {:.2}",
                 t.n - l.n,
                 t.p90,
                 t.p99,

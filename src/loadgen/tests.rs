@@ -112,6 +112,30 @@ fn rates_are_per_second_of_the_window() {
     assert_eq!((r.sent_qps, r.qps), (100.0, 99.9));
 }
 
+/// A closed loop's rates count the requests answered within its window: 16 clients, each
+/// answered 0.3 s after it sends, for 1 s, send at 0, 0.3, 0.6 and 0.9 s; the last 16 are
+/// answered at 1.2 s, after the window. Counting them by their sending read 64 a second.
+#[test]
+fn a_closed_loop_counts_what_it_finished_within_the_window() {
+    let samples: Vec<Sample> = (0..64)
+        .map(|i| Sample {
+            sent_s: 0.3 * (i / 16) as f64,
+            latency_s: 0.3,
+            status: Status::Http(200),
+            lag_s: 0.0,
+            server_ms: None,
+            queue_ms: None,
+            engine_ms: None,
+        })
+        .collect();
+    let (r, _) = report(&args(&["--concurrency", "16"]), 16, &samples, 1.2, 1.0);
+    assert_eq!((r.requests, r.ok), (64, 64));
+    assert_eq!((r.sent_qps, r.qps), (48.0, 48.0));
+    // The open loop counts what it sent in the window, answered whenever.
+    let (r, _) = report(&args(&["--rate", "64"]), 1, &samples, 1.2, 1.0);
+    assert_eq!((r.sent_qps, r.qps), (64.0, 64.0));
+}
+
 /// The plot of runs at the edges: one answer, all alike, sub-microsecond, a wide spread with
 /// timeouts and 504s. Every number drawn is finite (an SVG with NaN in it draws nothing),
 /// the histogram has its 40 bars, and the tallest is the full height.
@@ -237,9 +261,13 @@ fn absurd_numbers_are_refused_not_a_panic() {
         (&["--timeout-s", "1e20"][..], "--timeout-s"),
         (&["--rate", "1e300"][..], "--rate"),
         (
-            &["--rate", "1e-19", "--count", "2"][..],
-            "--count 2 at --rate",
+            &["--rate", "0.5", "--count", "2000000"][..],
+            "--count 2000000 at --rate",
         ),
+        // A subnormal rate's interval is infinite: its report's window read `null`, and
+        // `--replot` refused it.
+        (&["--rate", "1e-7"][..], "one request every"),
+        (&["--rate", "1e-310"][..], "one request every"),
         (&["--concurrency", "100000"][..], "--concurrency 100000"),
         (&["--k", "0"][..], "--k"),
         (&["--beam", "0"][..], "--beam"),
@@ -250,25 +278,38 @@ fn absurd_numbers_are_refused_not_a_panic() {
     }
 }
 
-/// Against a port nobody listens on, every request fails to connect: the run ends (at a
-/// rate so low that the second request would be past what an `Instant` holds, too), and
-/// it is an error, not a report of nothing with exit status 0.
+/// Against a port nobody listens on, every request fails to connect: the run ends (at the
+/// lowest rate taken, too, one request in its ten seconds), and it is an error, not a report
+/// of nothing with exit status 0.
 #[test]
 fn a_run_with_no_answer_is_an_error() {
     let dir = std::env::temp_dir().join(format!("gram-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let q = dir.join("q.txt");
     std::fs::write(&q, "oak desk\n").unwrap();
-    for flags in [
-        &["--rate", "1e-19"][..],
-        &["--rate", "1e-20"][..],
-        &["--count", "3"][..],
-    ] {
+    for flags in [&["--rate", "1e-6"][..], &["--count", "3"][..]] {
         let mut a = args(flags);
         a.queries = Some(q.clone());
         let e = run(a).unwrap_err();
         assert!(e.contains("no request was answered"), "{flags:?}: {e}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An `--out` that cannot be written is refused before the load (a path under a regular
+/// file): the run's report was lost at its end.
+#[test]
+fn an_unwritable_out_is_refused_before_the_run() {
+    let dir = std::env::temp_dir().join(format!("gram-loadgen-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let q = dir.join("q.txt");
+    std::fs::write(&q, "oak desk\n").unwrap();
+    let mut a = args(&["--count", "3"]);
+    a.queries = Some(q.clone());
+    a.out = Some(q.join("out"));
+    let e = run(a).unwrap_err();
+    assert!(e.contains("q.txt/out"), "{e}");
+    assert!(!e.contains("no request was answered"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
