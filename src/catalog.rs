@@ -393,17 +393,26 @@ pub fn build_with<B: Backend>(
         // gram.json's `max_code_tokens`: the generated codes a shard kept are those within it.
         "code_tokens": settings.code_token_limit(),
     });
+    // Hashed once: with a code list it is the list's whole text (tens of MB for millions of
+    // codes), which each shard's key re-serialized.
+    let base_key = crate::container::checksum(
+        serde_json::to_string(&key_base)
+            .map_err(|e| Error::Input(e.to_string()))?
+            .as_bytes(),
+    );
     let mut bar = Progress::new(items.len(), options.progress);
     let (mut found, mut generated, mut reused) = (Collected::new(), 0, 0);
     let mut skipped: Vec<bool> = Vec::with_capacity(items.len());
     let shard_path = |si: usize| work.join(format!("shard-{si:06}.bin"));
     for (si, shard) in items.chunks(shard_size).enumerate() {
         let path = shard_path(si);
-        let key = crate::container::checksum(
-            serde_json::to_string(&(&key_base, shard))
+        let mut keyed = base_key.to_le_bytes().to_vec();
+        keyed.extend(
+            serde_json::to_string(shard)
                 .map_err(|e| Error::Input(e.to_string()))?
                 .as_bytes(),
         );
+        let key = crate::container::checksum(&keyed);
         let (part, left_out) = match read_shard(&path, key, shard.len()) {
             Some((part, left_out, g)) => {
                 reused += 1;

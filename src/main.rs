@@ -357,11 +357,20 @@ macro_rules! on_model {
     };
 }
 
-/// `--threads`, checked the same way by every command that runs the model.
+/// `--threads`, checked the same way by every command that runs the model. Given, it also
+/// sizes rayon's global pool, which builds the code set and the trie and packs the weights
+/// at load: the model's own pool had T threads while those took every core.
 fn check_threads(threads: Option<usize>) -> Result<(), String> {
     match threads {
         Some(t) if t == 0 || t > 1024 => Err(format!("--threads {t}: expected 1..=1024")),
-        _ => Ok(()),
+        Some(t) => {
+            // Only the first call sizes it (one command, one `--threads`).
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global();
+            Ok(())
+        }
+        None => Ok(()),
     }
 }
 
@@ -446,6 +455,23 @@ fn codes_on<B: Backend>(
     })
     .map_err(|e| e.to_string())?;
     let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
+    // A code longer than `--max-new-tokens` (its EOS counted) can never be returned: said, as
+    // a constrained search leaves such cut beams out of its answer without a word.
+    if !args.no_trie && trie.max_len() + 1 > args.max_new_tokens {
+        let long: Vec<usize> = (0..set.len())
+            .filter(|&i| set.code_tokens(i).len() + 1 > args.max_new_tokens)
+            .collect();
+        eprintln!(
+            "warning: {} of {} codes take more than --max-new-tokens {} tokens with their EOS \
+             and can never be returned (the first: {}: line {}, {} tokens)",
+            long.len(),
+            set.len(),
+            args.max_new_tokens,
+            args.codes.display(),
+            long[0] + 1,
+            set.code_tokens(long[0]).len() + 1
+        );
+    }
     let queries = args
         .prompts
         .iter()

@@ -316,9 +316,10 @@ fn eval_refuses_what_would_measure_nothing() {
     assert_eq!(std::fs::read(&index_file).unwrap(), index_before);
     let e = eval(&none, &[]);
     assert!(e.contains("no grades"), "{e}");
-    // Every query refused (each over the token limit): the report prints, the run fails.
+    // Every query refused (each past the model's context; the server's 64-token guard does
+    // not apply to judged queries): the report prints, the run fails.
     let long_query = dir.join("long.jsonl");
-    let q = "sofa ".repeat(100);
+    let q = "sofa ".repeat(2000);
     std::fs::write(
         &long_query,
         serde_json::json!({"query": q, "grades": {"p0": 3}}).to_string(),

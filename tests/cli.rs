@@ -21,9 +21,11 @@ fn error_line(args: &[&str], out: &std::process::Output) -> String {
         .unwrap_or_else(|| panic!("{args:?}: no stderr"));
     assert!(last.starts_with("error: "), "{args:?}: {err}");
     if args.first() != Some(&"serve") {
-        // The server logs; the other commands say only which backend.
+        // The server logs; the other commands say only which backend, and warnings.
         assert!(
-            before.iter().all(|l| l.starts_with("backend: ")),
+            before
+                .iter()
+                .all(|l| l.starts_with("backend: ") || l.starts_with("warning: ")),
             "{args:?}: {err}"
         );
     }
@@ -191,6 +193,26 @@ fn codes_prints_the_contract() {
             assert!((mean as f64 - c["score"].as_f64().unwrap()).abs() < 1e-4);
         }
     }
+
+    // Codes longer than --max-new-tokens can never be returned: a warning names them (the
+    // answer held fewer codes without a word).
+    let args = [
+        "codes",
+        "--model",
+        dir.to_str().unwrap(),
+        "--codes",
+        codes.to_str().unwrap(),
+        "--max-new-tokens",
+        "2",
+        "--threads",
+        "1",
+        "green sofa",
+    ];
+    let out = gram(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("take more than --max-new-tokens 2"), "{err}");
+    assert!(err.contains("line 1, "), "{err}");
 
     // Bad input: an error line and a failing status, never a panic.
     let bad = |extra: &[&str], code_file: &str| {
