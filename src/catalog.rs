@@ -153,6 +153,9 @@ impl Default for BuildOptions<'_> {
     }
 }
 
+/// The lock file of a build's work directory.
+const WORK_LOCK: &str = ".lock";
+
 /// Builds the index at `out` from `items` (see [`build_with`]).
 pub fn build<B: Backend>(
     model: &Model<B>,
@@ -363,6 +366,28 @@ pub fn build_with<B: Backend>(
         .clone()
         .unwrap_or_else(|| out.with_extension("shards"));
     crate::container::create_dir_durable(&work)?;
+    // One build a work directory: two at once overwrote each other's shards, and the first to
+    // finish removed the other's. Released when the build returns (the lock is the open file's).
+    let lock_path = work.join(WORK_LOCK);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::Input(format!(
+                "{}: another build is using this work directory (its shards); wait for it, or \
+                 give this one another --work-dir",
+                work.display()
+            )))
+        }
+        // A file system without locks (some network and FUSE ones) builds unguarded.
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+    }
     let ctx = Ctx {
         model,
         tokenizer,
@@ -545,6 +570,9 @@ pub fn build_with<B: Backend>(
             }
         }
     }
+    // The lock last: a build waiting for this directory starts after the shards are gone.
+    let _ = std::fs::remove_file(&lock_path);
+    drop(lock);
     let _ = std::fs::remove_dir(&work);
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {

@@ -335,6 +335,13 @@ pub fn write_atomic_with(
     let (mut f, tmp) = create_temp(&dir, &stem).map_err(|e| Error::io(path, e))?;
     let result = (|| {
         fill(&mut f)?;
+        // The file it replaces keeps its mode (a `chmod 600` index stayed private only until
+        // its next build).
+        if let Ok(old) = std::fs::metadata(path) {
+            if old.is_file() {
+                f.set_permissions(old.permissions())?;
+            }
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         File::open(&dir)?.sync_all()
@@ -443,18 +450,21 @@ fn remove_stale_temps(dir: &Path, name: &str) {
             .strip_prefix(&prefix)
             .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<u32>().ok());
+        // The name first: a directory of many files (a build's shards, `/tmp`) is not
+        // stat'ed entry by entry on every write.
+        let Some(pid) = pid.filter(|&p| p != std::process::id()) else {
+            continue;
+        };
+        if proc.join(pid.to_string()).exists() {
+            continue;
+        }
         let idle = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
-        if let (Some(pid), Some(idle)) = (pid, idle) {
-            if pid != std::process::id()
-                && !proc.join(pid.to_string()).exists()
-                && idle >= STALE_TEMP
-            {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        if idle.is_some_and(|idle| idle >= STALE_TEMP) {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -518,6 +528,26 @@ mod tests {
             1,
             "a temp file stayed"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file written over keeps its mode: a private index stays private through a rebuild
+    /// (the temp file's default mode replaced it).
+    #[cfg(unix)]
+    #[test]
+    fn a_rewrite_keeps_the_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tmp("mode");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("index.gram");
+        write_atomic(&path, b"one").unwrap();
+        for mode in [0o600, 0o640, 0o444] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            write_atomic(&path, b"two").unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"two");
+            let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(got, mode, "{mode:o}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -35,7 +35,9 @@ use crate::error::{Error, Result};
 mod check;
 mod code_set;
 
-pub use code_set::{line_name, refusal, stopped_inside, without_bom, CodeName, CodeSet};
+pub use code_set::{
+    line_name, read_lines_file, refusal, stopped_inside, without_bom, CodeName, CodeSet,
+};
 
 /// A trie's `(vocab, eos, nodes, edges, codes, max_len)`.
 type Counts = (usize, u32, usize, usize, usize, usize);

@@ -428,6 +428,30 @@ fn an_unknown_field_is_refused_and_a_product_without_codes_is_reported() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A code list (`gram codes --codes`, `gram index build --codes`) that is not UTF-8 is refused
+/// naming the line and the byte, not only "stream did not contain valid UTF-8".
+#[test]
+fn a_code_list_that_is_not_utf8_names_the_line() {
+    let dir = fresh_dir("codes-utf8");
+    let codes = dir.join("codes.txt");
+    std::fs::write(&codes, b"sofa\nrug | wool\ncaf\xe9 | table\n").unwrap();
+    let e = catalog::CodeFile::read(&codes).unwrap_err().to_string();
+    assert!(
+        e.contains("codes.txt: line 3: not valid UTF-8 (byte 4 of the line)"),
+        "{e}"
+    );
+    let tok = gram::tokenizer::Tokenizer::from_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama/tokenizer.json"),
+    )
+    .unwrap();
+    let e = gram::trie::CodeSet::from_file(&codes, &tok, 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("codes.txt: line 3: not valid UTF-8"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A non-UTF-8 byte on one line failed the whole read with "stream did not contain valid
 /// UTF-8", no line named, and `--on-error skip` could not skip it. Now the error names the
 /// line, and skip mode skips (and counts) that line alone.

@@ -513,8 +513,23 @@ fn a_stopped_build_resumes_from_its_shards() {
         |out: &std::path::Path| build_with(&model, &tok, &settings, &items, &options, out, &meta);
     // "Stopped": the index cannot be written (its directory is missing); the shards stay.
     assert!(run(&tmp.join("missing/index.gram")).is_err());
-    let shards = std::fs::read_dir(&work).unwrap().count();
+    let shards = std::fs::read_dir(&work)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != ".lock")
+        .count();
     assert_eq!(shards, 3, "5 products in shards of 2");
+    // Another build holding the work directory: refused, its shards untouched (two builds at
+    // once overwrote each other's shards, and the first to finish removed the other's).
+    {
+        let held = std::fs::File::open(work.join(".lock")).unwrap();
+        held.lock().unwrap();
+        let e = run(&tmp.join("second.gram")).unwrap_err().to_string();
+        assert!(
+            e.contains("another build is using this work directory"),
+            "{e}"
+        );
+        assert!(!tmp.join("second.gram").exists());
+    }
     // Corrupt one shard: it is recomputed, the others reused.
     let one = work.join("shard-000001.bin");
     let mut bytes = std::fs::read(&one).unwrap();

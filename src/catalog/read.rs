@@ -80,7 +80,7 @@ impl CodeFile {
     /// Reads a code list (one code a line; blank lines are skipped, a byte-order mark is
     /// ignored): the codes, and where each came from.
     pub fn read(path: &Path) -> Result<(Vec<String>, CodeFile)> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::trie::read_lines_file(path)?;
         let (mut codes, mut lines) = (Vec::new(), Vec::new());
         for (i, line) in crate::trie::without_bom(&text).lines().enumerate() {
             if !line.trim().is_empty() {
