@@ -225,6 +225,8 @@ def main(argv=None):
     check = preference_data(policy, tok, items, queries, gold, trie, min(200, args.pairs), args.beam,
                             args.per_pair, random.Random(args.seed + 1), log)
     out.mkdir(parents=True, exist_ok=True)
+    # A gram.json fitted to an earlier policy does not stay beside this one (see sft.py).
+    (out / "gram.json").unlink(missing_ok=True)
     policy.save_pretrained(str(out), safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         if (init / f).exists():

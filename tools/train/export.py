@@ -23,9 +23,13 @@ target/release/gram; build it with `cargo build --release`).
 The export is written to OUT.new beside OUT and checked there; only a model that passed (or
 with `--no-verify`) replaces OUT, by renaming directories (OUT to OUT.old, OUT.new to OUT, then
 OUT.old removed), so a failed check or an interrupted export leaves OUT as it was (the failed
-export stays in OUT.new). Files of the old OUT that the export does not write (a model card,
-eval.json; with `--no-catalog` its catalog.jsonl and codes.txt) are copied into the new one, as
-an export in place left them. WORK/export-index is built from OUT.new and names it as its
+export stays in OUT.new; an export killed between the renames is put back from OUT.old by the
+next run). Files of the old OUT that the export does not write (with `--no-catalog` its
+catalog.jsonl and codes.txt) are copied into the new one, as an export in place left them; its
+model card (README.md) and eval.json only when the weights are the same, and then also the keys
+of its gram.json that the export's lacks (`code_size`, written by the size stage into OUT
+only). A model directory whose gram.json is older than its weights (sft or align ran again
+after the weights stage) is refused. WORK/export-index is built from OUT.new and names it as its
 model: use it with `--model OUT` (code_size.py does).
 """
 import argparse
@@ -60,7 +64,20 @@ def run(cmd, **kw):
     return r.stdout, time.time() - t
 
 
+def check_settings_fresh(src):
+    """Refuses a model directory whose gram.json is missing or older than its weights: the
+    scoring weights were fitted to an earlier model (sft or align ran again after the weights
+    stage), and shipping them with these weights would score with another model's fit."""
+    g, w = src / "gram.json", src / "model.safetensors"
+    if not g.exists():
+        raise SystemExit(f"error: {src} has no gram.json: run the weights stage first")
+    if w.exists() and g.stat().st_mtime < w.stat().st_mtime:
+        raise SystemExit(f"error: {g} is older than {w} (fitted to an earlier model): run the "
+                         "weights stage again")
+
+
 def export(src, out, catalog, with_catalog=True):
+    check_settings_fresh(src)
     out.mkdir(parents=True, exist_ok=True)
     model = K.load_model(src)
     # RoPE has no learned positions: room for the engine's longest prompt + code (the catalog's
@@ -88,14 +105,40 @@ def export(src, out, catalog, with_catalog=True):
     (out / "NOTICE").write_text(NOTICE)
 
 
+# What `out` holds about its own model (its card, its measured quality): carried into an export
+# of the same weights only.
+MODEL_NOTES = ("README.md", "eval.json")
+
+
 def carry_over(out, new):
     """Copies into `new` what the directory `out` holds that the export did not write (nothing
-    when `out` does not exist)."""
+    when `out` does not exist). When the weights are the same, the keys of out's gram.json that
+    the export's lacks (`code_size`, which the size stage writes into the exported model only)
+    are kept; when they differ, out's model card and eval.json describe another model and are
+    left behind, said on stderr."""
     if not out.is_dir():
         return
+    same = ((out / "model.safetensors").is_file()
+            and (out / "model.safetensors").read_bytes() == (new / "model.safetensors").read_bytes())
+    if same and (out / "gram.json").is_file():
+        old, fresh = (json.loads((d / "gram.json").read_text()) for d in (out, new))
+        kept = {k: v for k, v in old.items() if k not in fresh}
+        if kept:
+            with C.replacing(new / "gram.json") as f:
+                f.write(json.dumps({**fresh, **kept}, indent=1) + "\n")
+    left = []
     for f in sorted(out.iterdir()):
-        if f.name != "generation_config.json" and not (new / f.name).exists():
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
+        if f.name == "generation_config.json" or (new / f.name).exists():
+            continue
+        if not same and f.name in MODEL_NOTES:
+            left.append(f.name)
+            continue
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
+    if not same:
+        print(f"export: {out} held other weights: its " + (", ".join(left) or "files")
+              + " not carried over" + (" (they describe that model)" if left else "")
+              + "; its gram.json's own keys (code_size) dropped: run the size stage again",
+              file=sys.stderr)
 
 
 def replace_dir(new, out):
@@ -253,6 +296,13 @@ def main(argv=None):
     # Exported and checked beside OUT, then swapped in: OUT keeps the model it had until a new
     # one passed.
     new = out if args.verify_only else out.with_name(out.name + ".new")
+    old = out.with_name(out.name + ".old")
+    if not out.exists() and old.is_dir():
+        # An export killed between its two renames left the last model in OUT.old: put back
+        # before anything reads OUT (the carry-over) or removes OUT.old.
+        os.replace(old, out)
+        print(f"export: {out} restored from {old} (an earlier export stopped mid-swap)",
+              file=sys.stderr)
     if not args.verify_only:
         src = Path(args.model) if args.model else K.trained_model(work)
         if new.exists():
@@ -263,7 +313,8 @@ def main(argv=None):
             files={f.name: f.stat().st_size for f in sorted(new.iterdir()) if f.is_file()})
     if not args.no_verify:
         res = verify(new, args.gram, work)
-        (work / "export-check.json").write_text(json.dumps(res, indent=1) + "\n")
+        with C.replacing(work / "export-check.json") as f:
+            f.write(json.dumps(res, indent=1) + "\n")
         log(stage="export", verify_ok=res["ok"], index_build_seconds=res["index_build_seconds"],
             search_seconds=res["search_seconds"])
         if not res["ok"]:

@@ -250,6 +250,9 @@ def main(argv=None):
                     seconds=round(time.time() - t0, 1))
     final = {k: round(evaluate(model, v, cfg["batch_tokens"]), 4) for k, v in evals.items()}
     out.mkdir(parents=True, exist_ok=True)
+    # A gram.json of an earlier run's weights stage (fitted to other weights) does not stay
+    # beside these: export refuses a model without one, so the weights stage runs again.
+    (out / "gram.json").unlink(missing_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         src = work / "tokenizer" / f

@@ -294,8 +294,9 @@ def main(argv=None):
     settings = settings_of(torch.tensor(r["weights"] + [r["alpha"]]), r["aggregation"], r["form"])
     with C.replacing(mdir / "gram.json") as f:
         f.write(json.dumps(settings, indent=1) + "\n")
-    (work / "weights.json").write_text(json.dumps({"model": str(mdir), "chosen": best, "fits": res,
-                                                   "args": vars(args)}, indent=1) + "\n")
+    with C.replacing(work / "weights.json") as f:
+        f.write(json.dumps({"model": str(mdir), "chosen": best, "fits": res, "args": vars(args)},
+                           indent=1) + "\n")
     log(stage="weights", event="done", chosen=best, gram_json=settings)
 
 

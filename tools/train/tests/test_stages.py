@@ -39,7 +39,10 @@ class Export(unittest.TestCase):
         write(self.work / "catalog.jsonl", "{}\n")
         write(self.work / "sft" / "model.safetensors", "sft")
         self.old = {"model.safetensors": "old", "catalog.jsonl": "old catalog",
-                    "codes.txt": "old codes", "README.md": "card", "NOTICE": "old notice"}
+                    "codes.txt": "old codes", "README.md": "card", "NOTICE": "old notice",
+                    "eval.json": "{}",
+                    "gram.json": json.dumps({"delimiter": " | ", "code_size": {"weight": 0.25}})}
+        self.weights = "new"
         for k, v in self.old.items():
             write(self.out / k, v)
         self.checked = []
@@ -48,8 +51,9 @@ class Export(unittest.TestCase):
 
         def fake_export(src, out, catalog, with_catalog=True):
             out.mkdir(parents=True, exist_ok=True)
-            (out / "model.safetensors").write_text("new")
+            (out / "model.safetensors").write_text(self.weights)
             (out / "NOTICE").write_text("notice")
+            (out / "gram.json").write_text(json.dumps({"delimiter": " | "}))
             if with_catalog:
                 (out / "catalog.jsonl").write_text("new catalog")
                 (out / "codes.txt").write_text("new codes")
@@ -83,13 +87,36 @@ class Export(unittest.TestCase):
         self.assertFalse(self.out.with_name("m.old").exists())
 
     def test_a_checked_export_replaces_out(self):
+        # Other weights: the old model card and eval.json describe the old model and stay
+        # behind, and so does gram.json's code_size (fitted to the old weights).
         self.main()
         got = files(self.out)
         self.assertEqual(got, {"model.safetensors": "new", "catalog.jsonl": "new catalog",
-                               "codes.txt": "new codes", "README.md": "card",
-                               "NOTICE": "notice"})
+                               "codes.txt": "new codes", "NOTICE": "notice",
+                               "gram.json": json.dumps({"delimiter": " | "})})
         self.assertEqual(sorted(p.name for p in self.out.parent.iterdir()), ["m"])
         self.assertTrue(json.loads((self.work / "export-check.json").read_text())["ok"])
+
+    def test_the_same_weights_keep_their_card_and_code_size(self):
+        # A re-export of the same weights (the catalog again, say) dropped the size stage's
+        # code_size from gram.json while keeping the card that reported its figures.
+        self.weights = "old"
+        self.main()
+        got = files(self.out)
+        self.assertEqual(got["README.md"], "card")
+        self.assertEqual(got["eval.json"], "{}")
+        self.assertEqual(json.loads(got["gram.json"]),
+                         {"delimiter": " | ", "code_size": {"weight": 0.25}})
+
+    def test_an_export_killed_mid_swap_is_put_back(self):
+        # Killed between its renames: OUT gone, the last model in OUT.old. The next export
+        # carried nothing over and removed OUT.old.
+        old = self.out.with_name("m.old")
+        os.replace(self.out, old)
+        self.weights = "old"
+        self.main()
+        self.assertEqual(files(self.out)["README.md"], "card")
+        self.assertFalse(old.exists())
 
     def test_no_catalog_keeps_the_dirs_catalog(self):
         self.main("--no-catalog")
@@ -106,7 +133,8 @@ class Export(unittest.TestCase):
         self.main("--no-verify")
         self.assertEqual(files(self.out), {"model.safetensors": "new", "NOTICE": "notice",
                                            "catalog.jsonl": "new catalog",
-                                           "codes.txt": "new codes"})
+                                           "codes.txt": "new codes",
+                                           "gram.json": json.dumps({"delimiter": " | "})})
         self.assertEqual(self.checked, [])
         self.assertEqual(sorted(p.name for p in self.out.parent.iterdir()), ["m"])
 
@@ -145,6 +173,23 @@ class StaleOutputs(unittest.TestCase):
         self.assertFalse((w / "out").exists())
         # Named with --model, it is used.
         self.assertEqual(K.trained_model(w / "nothing"), w / "nothing" / "sft")
+
+    def test_a_gram_json_older_than_the_weights_is_not_exported(self):
+        # sft or align run again after the weights stage: export shipped the new weights with
+        # the scoring weights fitted to the old ones.
+        from tools.train import export as E
+        m = self.work / "align"
+        write(m / "model.safetensors", "w")
+        with self.assertRaisesRegex(SystemExit, "no gram.json"):
+            E.check_settings_fresh(m)
+        write(m / "gram.json", "{}")
+        self.age(m / "gram.json", 1_000_000)
+        self.age(m / "model.safetensors", 1_000_100)
+        with self.assertRaisesRegex(SystemExit, "older than"):
+            E.export(m, self.work / "out", self.work / "catalog.jsonl")
+        self.assertFalse((self.work / "out").exists())
+        self.age(m / "gram.json", 1_000_200)
+        E.check_settings_fresh(m)
 
     def test_tokenizer_of_older_data_is_trained_again(self):
         from tools.train import sft as S
