@@ -47,7 +47,14 @@ class Tok:
         self._cache = {}
 
     def prompt(self, text):
-        return self.tk.encode(text).ids[:MAX_PROMPT_TOKENS] if len(text) else []
+        """The prompt's ids, whole: the engine never truncates a prompt, so a model trained on a
+        cut one would be indexed and queried on another (a longer prompt is an error; raise
+        MAX_PROMPT_TOKENS, which the export's positions must cover)."""
+        ids = self.tk.encode(text).ids if len(text) else []
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"a prompt of {len(ids)} tokens, over MAX_PROMPT_TOKENS "
+                             f"({MAX_PROMPT_TOKENS}; it was cut silently): {text[:80]!r}...")
+        return ids
 
     def code(self, code):
         """Code tokens + EOS."""

@@ -191,6 +191,17 @@ class StaleOutputs(unittest.TestCase):
         self.age(m / "gram.json", 1_000_200)
         E.check_settings_fresh(m)
 
+    def test_a_prompt_is_never_cut(self):
+        # Tok.prompt cut a prompt at MAX_PROMPT_TOKENS without a word, where the engine reads
+        # it whole: trained on one prompt, indexed and queried on another.
+        from tools.train import codes as C
+        from tools.train import common as K
+        tok = K.Tok(C.REPO / "models" / "gram-icecat-2m" / "tokenizer.json")
+        short = tok.prompt("hp toner cartridge")
+        self.assertTrue(0 < len(short) <= K.MAX_PROMPT_TOKENS)
+        with self.assertRaisesRegex(ValueError, "over MAX_PROMPT_TOKENS"):
+            tok.prompt("wireless mouse " * K.MAX_PROMPT_TOKENS)
+
     def test_tokenizer_of_older_data_is_trained_again(self):
         from tools.train import sft as S
         w = self.work
