@@ -373,16 +373,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The virtual architecture the kernels are compiled for. A GPU newer than the table gets
 /// compute_90's PTX (JIT-compiled forward by the driver), not compute_80's: the programmatic
 /// launches' waits (`gram_pdl_wait`) exist only from compute_90 on, and those launches are
-/// switched on for every GPU of capability 9 or more ([`pdl_compiled`]).
-fn arch_of(cc: (i32, i32)) -> Result<&'static str> {
+/// switched on for every GPU of capability 9 or more ([`pdl_compiled`]). `nvrtc` is the NVRTC
+/// library's version: compute_100 and compute_120 need 12.8 or newer, and an older one gets
+/// compute_90's PTX for them too (it failed to compile, and `--device auto` fell back to the CPU).
+fn arch_of(cc: (i32, i32), nvrtc: (i32, i32)) -> Result<&'static str> {
+    let blackwell = nvrtc >= (12, 8);
     Ok(match cc {
         (8, 0) => "compute_80",
         (8, 6) => "compute_86",
         (8, 7) => "compute_87",
         (8, 9) => "compute_89",
         (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
+        (10, 0) if blackwell => "compute_100",
+        (12, 0) if blackwell => "compute_120",
         (m, _) if m >= 9 => "compute_90",
         (m, _) if m >= 8 => "compute_80",
         (m, n) => {
@@ -444,7 +447,7 @@ impl CudaBackend {
         let cc = ctx
             .compute_capability()
             .map_err(dev("reading the compute capability"))?;
-        let arch = arch_of(cc)?;
+        let arch = arch_of(cc, nvrtc::version()?)?;
         let device_name = ctx.name().map_err(dev("reading the device name"))?;
         let sms = ctx
             .attribute(
@@ -907,10 +910,18 @@ mod tests {
             ((11, 0), "compute_90", true),
             ((12, 1), "compute_90", true),
         ] {
-            let a = arch_of(cc).unwrap();
+            let a = arch_of(cc, (12, 8)).unwrap();
             assert_eq!((a, pdl_compiled(a)), (arch, pdl), "{cc:?}");
         }
-        assert!(arch_of((7, 5)).is_err());
+        assert!(arch_of((7, 5), (12, 8)).is_err());
+        // An NVRTC older than 12.8 cannot compile for compute_100 / compute_120: those GPUs
+        // get compute_90's PTX, which the driver JIT-compiles forward.
+        for nvrtc in [(12, 4), (12, 7)] {
+            assert_eq!(arch_of((10, 0), nvrtc).unwrap(), "compute_90");
+            assert_eq!(arch_of((12, 0), nvrtc).unwrap(), "compute_90");
+            assert_eq!(arch_of((8, 9), nvrtc).unwrap(), "compute_89");
+        }
+        assert_eq!(arch_of((12, 0), (13, 0)).unwrap(), "compute_120");
     }
 
     #[test]
