@@ -7,8 +7,8 @@ with the pairwise hinge loss, and the aggregation; written into gram.json.
 For synthetic training queries (never the judged ones) the model generates the query's codes as
 the engine does (beam 10 over the catalog's codes from the query template; Pq = the probability
 of each code token), every product carrying one of those codes in the catalog is a candidate
-(at most K per code: the relevant ones first, the first K of them in catalog order, then a
-random sample of the others up to K; a candidate is scored through
+(at most K per code: a random sample of K/2 relevant ones and one of K/2 others, the other side
+filling in where one has fewer; a candidate is scored through
 every query code it carries, as the engine's posting lists reach it), and its Pt comes from
 teacher forcing the code after the product template — exactly what `gram index build` stores. A
 product is relevant to a synthetic query when it has the values of one of the products the query
@@ -44,6 +44,7 @@ import collections
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,8 @@ from tools.train import gen as G
 from tools.train.pairs import read_jsonl
 
 GRAN = {"coarse": 0, "medium": 1, "fine": 2}
+# How `features` samples a code's candidates (a cache made by another rule is not reused).
+SAMPLING = "half-relevant-random"
 
 
 def bracket(pq, pt):
@@ -96,14 +99,26 @@ def features(model, tok, items, queries, per_code, rng, log, beam=10):
                                          for r, cs in zip(queries, qcodes)])
     cand = []
     jobs = collections.defaultdict(set)
+    # Code columns by granularity, and those whose sample holds both a relevant and an
+    # irrelevant product (a column without a negative teaches its weight nothing).
+    columns, mixed = collections.Counter(), collections.Counter()
     for r, cs in zip(queries, qcodes):
         per = {}
         for c in cs:
             ids = posting[c]
             rel = [i for i in ids if relevant_to(by_id[i], r, by_id)]
-            rest = [i for i in ids if i not in set(rel)]
-            pick = rel[:per_code] + rng.sample(rest, min(len(rest), max(0, per_code - len(rel[:per_code]))))
+            rel_set = set(rel)
+            rest = [i for i in ids if i not in rel_set]
+            # Half relevant, half not, each a random sample, the other side filling in where
+            # one is short (since the forty-second session: the relevant ones first, in catalog
+            # order, left 36 of 42 fine-code columns without a negative, and the fine weight at
+            # its start).
+            n_rel = min(len(rel), max(per_code // 2, per_code - len(rest)))
+            n_rest = min(len(rest), per_code - n_rel)
+            pick = rng.sample(rel, n_rel) + rng.sample(rest, n_rest)
             per[c] = pick
+            columns[C.gran(c)] += 1
+            mixed[C.gran(c)] += bool(n_rel and n_rest)
         # A candidate is scored through every query code it carries, as the engine reaches it.
         for i in {i for c in cs for i in per[c]}:
             jobs[i].update(c for c in cs if c in by_id[i]["codes"])
@@ -131,6 +146,7 @@ def features(model, tok, items, queries, per_code, rng, log, beam=10):
             out.append((D, g, rel, L))
     log(stage="weights", event="features", queries=len(queries), usable=len(out),
         candidates=sum(len(x[2]) for x in out), product_code_pairs=len(pt),
+        code_columns=dict(sorted(columns.items())), columns_with_both=dict(sorted(mixed.items())),
         seconds=round(time.time() - t0, 1))
     return out
 
@@ -265,13 +281,24 @@ def main(argv=None):
     tq = read_jsonl(work / "queries-train.jsonl")
     vq = read_jsonl(work / "queries-valid.jsonl")
     cache = work / "weights-features.pt"
-    if args.reuse_features and cache.exists():
-        train, valid = torch.load(cache)
+    # What the features were computed from: reused only for the same model weights and sample.
+    weights_file = mdir / "model.safetensors"
+    made_from = {"model": str(mdir.resolve()), "weights_bytes": weights_file.stat().st_size,
+                 "weights_mtime_ns": weights_file.stat().st_mtime_ns, "queries": args.queries,
+                 "valid_queries": args.valid_queries, "per_code": args.per_code, "seed": args.seed,
+                 "sampling": SAMPLING}
+    cached = torch.load(cache) if args.reuse_features and cache.exists() else None
+    if cached is not None and (len(cached) != 3 or cached[2] != made_from):
+        print("weights: the cached features were made from another model or sample: computing "
+              "them again", file=sys.stderr)
+        cached = None
+    if cached is not None:
+        train, valid, _ = cached
     else:
         train = features(model, tok, items, rng.sample(tq, min(args.queries, len(tq))), args.per_code, rng, log)
         valid = features(model, tok, items, rng.sample(vq, min(args.valid_queries, len(vq))), args.per_code, rng,
                          log)
-        torch.save((train, valid), cache)
+        torch.save((train, valid, made_from), cache)
     forms = args.forms.split(",")
     assert all(f in FORMS for f in forms), forms
     res = {}
