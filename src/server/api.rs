@@ -401,8 +401,15 @@ impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if !self.answered {
             let m = &self.state.metrics;
-            m.record_request(self.endpoint, CLIENT_CLOSED, self.t.elapsed().as_secs_f64());
-            m.record_failure("client_closed");
+            // Dropped by a shutdown that closed the connections past its grace: the server
+            // gave up on it, not its client.
+            let (status, kind) = if self.state.closing_connections.load(Ordering::SeqCst) {
+                (503, "shutdown_closed")
+            } else {
+                (CLIENT_CLOSED, "client_closed")
+            };
+            m.record_request(self.endpoint, status, self.t.elapsed().as_secs_f64());
+            m.record_failure(kind);
         }
     }
 }

@@ -320,6 +320,9 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     config: ServeConfig,
     shutting_down: AtomicBool,
+    /// Shutdown's grace ran out and it closed the connections still open: a request dropped
+    /// then is the server's doing, not its client's (counted 503 `shutdown_closed`, not 499).
+    closing_connections: AtomicBool,
     /// `/ready` has logged the stall it reports (a warning once a stall, not once a probe).
     stall_logged: AtomicBool,
 }
@@ -398,6 +401,7 @@ impl Server {
             metrics,
             config: config.clone(),
             shutting_down: AtomicBool::new(false),
+            closing_connections: AtomicBool::new(false),
             stall_logged: AtomicBool::new(false),
         });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -485,6 +489,7 @@ impl Server {
             Ok(Err(_)) => Err(ServeError::Panicked),
             Err(_) => {
                 tracing::warn!("connections still open after the deadline: closing them");
+                self.state.closing_connections.store(true, Ordering::SeqCst);
                 self.http.abort();
                 Ok(())
             }
