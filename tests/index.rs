@@ -417,30 +417,15 @@ fn unconstrained_generation_indexes_decoded_codes() {
     };
     let path = dir.join("free.gram");
     let settings = gram::settings::Settings::default();
+    let run = |generate: &Generate, meta: &serde_json::Value| {
+        build(&model, &tok, &settings, &items, Some(generate), &path, meta)
+    };
     // Metadata without the model's fingerprint is refused: the saved shards are keyed by it.
-    let e = build(
-        &model,
-        &tok,
-        &settings,
-        &items,
-        Some(&generate),
-        &path,
-        &serde_json::json!({}),
-    )
-    .unwrap_err();
+    let e = run(&generate, &serde_json::json!({})).unwrap_err();
     assert!(e.to_string().contains("model.fingerprint"), "{e}");
     assert!(!path.exists() && !path.with_extension("shards").exists());
     let meta = serde_json::json!({"model": {"fingerprint": "free"}});
-    let report = build(
-        &model,
-        &tok,
-        &settings,
-        &items,
-        Some(&generate),
-        &path,
-        &meta,
-    )
-    .unwrap();
+    let report = run(&generate, &meta).unwrap();
     assert!(report.generated > 0 && report.codes > 0, "{report:?}");
     let ix = gram::index::Index::open(&path).unwrap();
     assert_eq!(
@@ -449,18 +434,7 @@ fn unconstrained_generation_indexes_decoded_codes() {
     );
     // A threshold nothing reaches: a clear error, not an empty index.
     generate.threshold = 1.0;
-    let e = build(
-        &model,
-        &tok,
-        &settings,
-        &items,
-        Some(&generate),
-        &path,
-        &meta,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = run(&generate, &meta).err().unwrap().to_string();
     assert!(e.contains("found no codes"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
