@@ -245,6 +245,7 @@ fn main() {
         println!(
             "{}",
             json!({"kind": "beam", "peer": "gram", "normalize": name, "batch": 1,
+                   "dtype": args.dtype.map_or("stored", |d| d.name()),
                    "beam": args.beam, "max_new_tokens": args.max_new_tokens,
                    "threads": args.threads, "queries": args.queries,
                    "prompt_tokens_mean": mean_prompt,

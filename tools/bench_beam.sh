@@ -2,7 +2,8 @@
 # Beam search side by side, one machine, one run: the hardware floor, gram, and transformers +
 # prefix_allowed_tokens_fn on SmolLM2-135M-Instruct, 2 threads (gram on the GGUF's stored Q4_1 /
 # Q8_0 blocks, computing in f32 on their exact values; transformers on the same values
-# dequantized to f32 at load: the same numbers, 96 MB of weights a step against 538 MB),
+# dequantized to f32 at load: the same numbers, 96 MB of weights a step against 538 MB; and gram
+# once more on f32 weights, transformers' precision),
 # beam 10, max 16 new tokens, the same ~20-token prompts (real WANDS queries in a template), a trie
 # of 100k codes. gram runs first and last, so drift on a noisy machine shows. Also times the
 # trie build for 2.5M codes. Writes bench-out/beam-*.json* and bench-out/results-beam.md (the
@@ -33,6 +34,10 @@ echo "floor..." >&2
 tools/floor/run.sh > "$out/floor.json"
 echo "gram (first)..." >&2
 bench --codes "$codes" --queries "$queries" > "$out/beam-gram.jsonl"
+# The same precision as transformers: f32 weights on both sides (gram's default above streams
+# the stored Q4_1 / Q8_0 blocks, 96 MB a step where f32 reads 538 MB).
+echo "gram, f32 weights..." >&2
+bench --codes "$codes" --queries "$queries" --dtype f32 --modes full > "$out/beam-gram-f32.jsonl"
 echo "transformers + prefix_allowed_tokens_fn..." >&2
 prompts=()
 while IFS= read -r p; do prompts+=(--prompt "$p"); done < <(bench --print-prompts --queries "$queries")
@@ -54,18 +59,19 @@ peak = max(v[threads]["best"] for k, v in floor.items() if k.startswith("fp32_fm
 bw = floor["read_bw_gbps"][threads]["best"]
 hf = json.load(open(f"{out}/beam-hf.json"))
 first, last = rows("beam-gram.jsonl"), rows("beam-gram-last.jsonl")
+f32 = rows("beam-gram-f32.jsonl")
 trie = rows("trie-2.5m.jsonl")[0]
 print(f"Floor: {peak:.0f} GFLOP/s f32 FMA, {bw:.1f} GB/s read ({threads} threads).\n")
 print(f"transformers {hf['transformers']} + prefix_allowed_tokens_fn, {hf['threads']} threads, "
       f"{hf['runs']} queries: median {hf['median_s']*1e3:.0f} ms, p99 {hf['p99_s']*1e3:.0f} ms.\n")
-print("| gram run | normalize | median ms | p99 ms | HF / gram (median) | rows | GFLOP | compute floor ms | gram / floor |")
-print("|---|---|---|---|---|---|---|---|---|")
-for name, rs in (("first", first), ("last", last)):
+print("| gram run | weights | normalize | median ms | p99 ms | HF / gram (median) | rows | GFLOP | compute floor ms | gram / floor |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name, rs in (("first", first), ("f32", f32), ("last", last)):
     for r in rs:
         if r["kind"] != "beam":
             continue
         fl = r["gflop_mean"] / peak * 1e3
-        print(f"| {name} | {r['normalize']} | {r['ms_median']:.0f} | {r['ms_p99']:.0f} | "
+        print(f"| {name} | {r.get('dtype', 'stored')} | {r['normalize']} | {r['ms_median']:.0f} | {r['ms_p99']:.0f} | "
               f"{hf['median_s']*1e3/r['ms_median']:.1f}x | {r['rows_mean']:.0f} | "
               f"{r['gflop_mean']:.1f} | {fl:.0f} | {r['ms_median']/fl:.2f} |")
 print("\n| gram run | normalize | queries sharing steps | QPS | rows |")

@@ -381,11 +381,21 @@ def gguf_matrix_bytes(path):
         return out
 
 
-def smollm2_floors(floor, cfg_path, prompt_len=32, threads=2):
-    """Per-token weight bytes and matmul FLOPs for the model in config.json, vs measured floors
-    at `threads` threads. A decoded token runs every matrix, the LM head included; a prompt's
-    token runs the layers, and the LM head runs once for the prompt's last token, so the prefill
-    floor charges each token a `1 / prompt_len` share of it."""
+# Bytes a cached key or value element takes at the least: f16, llama.cpp's KV cache (gram keeps
+# f32). The bandwidth floor charges the smallest any engine here reads.
+KV_BYTES = 2
+
+
+def smollm2_floors(floor, cfg_path, prompt_len=32, threads=2, steps=64):
+    """Per-token bytes and FLOPs for the model in config.json, vs measured floors at `threads`
+    threads. A decoded token runs every matrix, the LM head included; a prompt's token runs the
+    layers, and the LM head runs once for the prompt's last token, so the prefill floor charges
+    each token a `1 / prompt_len` share of it. Attention counts too (since the forty-second
+    session; it was left out, 1.7 % of a decoded token's FLOPs here): a token attending to `c`
+    keys takes 4 · c · q_dim FLOPs a layer (scores and the weighted sum), a decode of `steps`
+    tokens after the prompt attends to `prompt_len + (steps + 1) / 2` keys on average, a prompt
+    token to `(prompt_len + 1) / 2`. A decode step also reads the cached keys and values of its
+    context (at KV_BYTES an element) besides the weights."""
     t = str(threads)
     cfg = json.load(open(cfg_path))
     h, L_, ff, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -399,7 +409,13 @@ def smollm2_floors(floor, cfg_path, prompt_len=32, threads=2):
     pk = None
     if floor:
         pk = max(_best(v.get(t, 0)) for k, v in floor.items() if k.startswith("fp32_fma_gflops")) * 1e9
-    prefill_flops = 2 * linear + 2 * lm_head / prompt_len
+    q_dim = nh * hd
+    decode_ctx = prompt_len + (steps + 1) / 2
+    attn_decode = 4 * decode_ctx * q_dim * L_
+    attn_prefill = 4 * (prompt_len + 1) / 2 * q_dim * L_
+    kv_bytes = 2 * nkv * hd * L_ * decode_ctx * KV_BYTES
+    decode_flops = 2 * params + attn_decode
+    prefill_flops = 2 * linear + 2 * lm_head / prompt_len + attn_prefill
     rows = []
     dtypes = [("f32", params * 4), ("bf16", params * 2)]
     gguf = os.path.join(os.path.dirname(cfg_path), "model.gguf")
@@ -407,22 +423,27 @@ def smollm2_floors(floor, cfg_path, prompt_len=32, threads=2):
         kinds = gguf_matrix_bytes(gguf)
         dtypes.append(("stored (" + " + ".join(sorted(kinds)) + ")", sum(kinds.values())))
     for name, wb in dtypes:
-        r = {"dtype": name, "weight_bytes": wb, "matmul_params": params, "flops_per_token": 2 * params,
-             "prefill_flops_per_token": prefill_flops, "prompt_len": prompt_len}
+        r = {"dtype": name, "weight_bytes": wb, "kv_bytes": kv_bytes, "step_bytes": wb + kv_bytes,
+             "matmul_params": params, "flops_per_token": decode_flops,
+             "attention_flops_per_token": attn_decode, "prefill_flops_per_token": prefill_flops,
+             "prompt_len": prompt_len, "steps": steps}
         if bw:
-            r["bw_floor_ms_per_step"] = wb / bw * 1e3
-            r["bw_ceiling_steps_s"] = bw / wb
+            r["bw_floor_ms_per_step"] = (wb + kv_bytes) / bw * 1e3
+            r["bw_ceiling_steps_s"] = bw / (wb + kv_bytes)
         if pk:
-            r["flop_floor_us_per_token"] = 2 * params / pk * 1e6
-            r["flop_ceiling_tok_s"] = pk / (2 * params)
+            r["flop_floor_us_per_token"] = decode_flops / pk * 1e6
+            r["flop_ceiling_tok_s"] = pk / decode_flops
             r["prefill_flop_ceiling_tok_s"] = pk / prefill_flops
         rows.append(r)
     return rows
 
 
 def markdown(paths, model_dir):
-    results, machine, floor = [], None, None
-    for p in paths:
+    """The summary of result and floor files. Files come in the order they were made: a result
+    is judged against the floors measured just before and just after its file (the host's speed
+    drifts within a run), the tables of floors show the one of the highest bandwidth."""
+    results, machine, floor, floors_at = [], None, None, []
+    for pos, p in enumerate(paths):
         text = open(p).read()
         for line in text.splitlines():
             line = line.strip()
@@ -433,12 +454,13 @@ def markdown(paths, model_dir):
             except json.JSONDecodeError:
                 continue
             if o.get("kind") == "result":
-                results.append(o)
+                results.append(dict(o, _file=pos))
             elif o.get("kind") == "machine":
                 # gram's record has its ISA and core count only; the Python peers' add the CPU
                 # model and flags (lscpu). Merged, the first record's values first.
                 machine = {**o, **(machine or {})}
             elif "read_bw_gbps" in o:  # of several floor files, the highest bandwidth
+                floors_at.append((pos, o))
                 if floor is None or _best(o["read_bw_gbps"]["2"]) > _best(floor["read_bw_gbps"]["2"]):
                     floor = o
     out = []
@@ -469,15 +491,17 @@ def markdown(paths, model_dir):
             out.append("")
             threads = next((r["threads"] for r in results if r.get("threads")), 2)
             prompt_len = next((r["prompt_len"] for r in results if r.get("prompt_len")), 32)
+            steps = next((r["steps"] for r in results if r.get("steps")), 64)
             out.append(f"Model floors use the best {threads}-thread bandwidth and best {threads}-thread "
                        "fp32 FMA peak above.")
             out.append("")
-            out.append("| model floor | weight MB/step | ms/step @2T BW | max steps/s (BW) | GFLOP/token | us/token @2T peak | max tok/s (FLOP) |")
-            out.append("|---|---|---|---|---|---|---|")
-            floors = smollm2_floors(floor, cfg, prompt_len, threads)  # reads the GGUF header once
+            out.append("| model floor | weight MB/step | KV MB/step | ms/step @2T BW | max steps/s (BW) | GFLOP/token (attention) | us/token @2T peak | max tok/s (FLOP) |")
+            out.append("|---|---|---|---|---|---|---|---|")
+            floors = smollm2_floors(floor, cfg, prompt_len, threads, steps)  # reads the GGUF header once
             for r in floors:
                 out.append(f"| {r['dtype']} ({r['matmul_params']/1e6:.1f}M matmul params) | {r['weight_bytes']/1e6:.1f} | "
-                           f"{r['bw_floor_ms_per_step']:.2f} | {r['bw_ceiling_steps_s']:.1f} | {r['flops_per_token']/1e9:.3f} | "
+                           f"{r['kv_bytes']/1e6:.2f} | {r['bw_floor_ms_per_step']:.2f} | {r['bw_ceiling_steps_s']:.1f} | "
+                           f"{r['flops_per_token']/1e9:.3f} ({r['attention_flops_per_token']/1e9:.4f}) | "
                            f"{r['flop_floor_us_per_token']:.0f} | {r['flop_ceiling_tok_s']:.0f} |")
             f0 = floors[0]
             out.append("")
@@ -485,34 +509,46 @@ def markdown(paths, model_dir):
                        f"{f0['prefill_flops_per_token'] / 1e9:.3f} GFLOP a token, at most "
                        f"{f0['prefill_flop_ceiling_tok_s']:.0f} tok/s at the fp32 FMA peak (the decode "
                        "ceiling above charges every token a whole LM head).")
-            out.extend(b1_against_bandwidth(results, floor, floors))
+            out.extend(b1_against_bandwidth(results, floors_at, floors))
     print("\n".join(out))
 
 
-def b1_against_bandwidth(results, floor, floors):
-    """Decode b1 of every result against the bandwidth floor of its dtype. A floor must not be
-    beaten: the bandwidth is the larger of the measured one and the best effective read rate
-    (weight bytes × steps/s) any engine reached in this run."""
-    wb = {"f32": floors[0]["weight_bytes"], "bf16": floors[1]["weight_bytes"],
-          "f16": floors[1]["weight_bytes"]}
+def b1_against_bandwidth(results, floors_at, floors):
+    """Decode b1 of every result against the bandwidth floor of its dtype, step bytes (weights
+    and the context's KV) over a bandwidth of its own phase: the larger of the floors measured
+    just before and just after its file, and of the median effective read rate (step bytes ×
+    steps/s) any engine of that file reached, which no floor may be under. (Until the forty-second
+    session one bandwidth for the whole run: the floor measured at its start, raised to the best
+    rate of any single repetition, so rows of a slow phase were judged against a fast one.)"""
+    sb = {"f32": floors[0]["step_bytes"], "bf16": floors[1]["step_bytes"],
+          "f16": floors[1]["step_bytes"]}
     if len(floors) > 2:
-        wb["stored"] = wb["q4_1"] = floors[2]["weight_bytes"]
-    rows = [(r, wb[r["dtype"]]) for r in results if r.get("decode_b1") and r["dtype"] in wb]
-    if not rows:
+        sb["stored"] = sb["q4_1"] = floors[2]["step_bytes"]
+    rows = [(r, sb[r["dtype"]]) for r in results if r.get("decode_b1") and r["dtype"] in sb]
+    if not rows or not floors_at:
         return []
     t = str(next((r["threads"] for r, _ in rows if r.get("threads")), 2))
-    measured = _best(floor["read_bw_gbps"][t]) * 1e9
-    reached = max(r["decode_b1"]["tok_s_best"] * b for r, b in rows)
-    bw = max(measured, reached)
-    out = ["", f"Decode b1 against the bandwidth floor: measured {measured / 1e9:.1f} GB/s, best "
-               f"effective read rate of any engine here {reached / 1e9:.1f} GB/s; floor at "
-               f"{bw / 1e9:.1f} GB/s.", "",
-           "| peer | dtype | weight MB/step | b1 tok/s (median) | effective GB/s | floor tok/s | median / floor time |",
-           "|---|---|---|---|---|---|---|"]
+
+    def measured(pos):
+        before = [o for p, o in floors_at if p < pos][-1:]
+        after = [o for p, o in floors_at if p > pos][:1]
+        return max(_best(o["read_bw_gbps"][t]) for o in before + after) * 1e9
+
+    reached = {}
+    for r, b in rows:
+        rate = r["decode_b1"]["tok_s_median"] * b
+        reached[r["_file"]] = max(reached.get(r["_file"], 0.0), rate)
+    out = ["", "Decode b1 against the bandwidth floor: each file's rows against the larger of the "
+               "floors measured just before and after it and the best median effective read rate "
+               "of its rows.", "",
+           "| peer | dtype | MB/step (weights + KV) | b1 tok/s (median) | effective GB/s | floor GB/s (measured / phase) | floor tok/s | median / floor time |",
+           "|---|---|---|---|---|---|---|---|"]
     for r, b in rows:
         med = r["decode_b1"]["tok_s_median"]
+        m = measured(r["_file"])
+        bw = max(m, reached[r["_file"]])
         out.append(f"| {r['peer']} | {r['dtype']} | {b / 1e6:.1f} | {med:.1f} | {med * b / 1e9:.1f} | "
-                   f"{bw / b:.1f} | {bw / b / med:.2f}× |")
+                   f"{m / 1e9:.1f} / {bw / 1e9:.1f} | {bw / b:.1f} | {bw / b / med:.2f}× |")
     return out
 
 
