@@ -114,7 +114,9 @@ impl Backend for CpuBackend {
     type Kv = CpuKv;
 
     fn name(&self) -> &'static str {
-        match self.isa {
+        // What runs: an ISA this CPU lacks falls back (a backend made for AVX-512 on an AVX2
+        // CPU was labelled `cpu-avx512`).
+        match self.isa.runnable() {
             Isa::Avx2 => "cpu-avx2",
             Isa::Avx512 => "cpu-avx512",
             Isa::Scalar => "cpu-scalar",
@@ -123,7 +125,7 @@ impl Backend for CpuBackend {
 
     fn numerics(&self) -> String {
         format!(
-            "{}{}{}",
+            "{}{}{}{}",
             self.name(),
             if self.bf16_operands {
                 "-bf16-operands"
@@ -131,11 +133,19 @@ impl Backend for CpuBackend {
                 ""
             },
             match self.activations {
-                matmul::Activations::Exact => "",
-                // "2": one-row products int16 too (thirty-third session), other numbers than
-                // the first kind's, whose index shards a build must not take.
-                matmul::Activations::Int16 => "-int16-activations-2",
-            }
+                // The int16 kernels run on AVX-512 (with VNNI, which `activations` checked)
+                // only; elsewhere the products are exact.
+                matmul::Activations::Int16 if self.isa.runnable() == Isa::Avx512 => {
+                    // "2": one-row products int16 too (thirty-third session), other numbers
+                    // than the first kind's, whose index shards a build must not take.
+                    "-int16-activations-2"
+                }
+                _ => "",
+            },
+            // Without panels (`GRAM_CPU_PANELS=0`) the many-row products read the rows and sum
+            // their lanes in another order: other last bits, which a build resumed under the
+            // other setting took from its saved shards.
+            if panels_on() { "" } else { "-rows" }
         )
     }
 
@@ -391,6 +401,40 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
     use crate::tensor::DType;
+
+    /// The label an index build keys its saved shards by names what runs: the ISA the CPU
+    /// runs (not the one asked for), the int16 products only where they run (AVX-512), and
+    /// the row path when panels are off. Two backends computing other bits never share one.
+    #[test]
+    fn numerics_name_what_runs() {
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            let b = CpuBackend {
+                isa,
+                bf16_operands: false,
+                activations: matmul::Activations::Int16,
+            };
+            let label = b.numerics();
+            let ran = isa.runnable();
+            assert!(
+                label.starts_with(match ran {
+                    Isa::Avx512 => "cpu-avx512",
+                    Isa::Avx2 => "cpu-avx2",
+                    Isa::Scalar => "cpu-scalar",
+                }),
+                "{isa:?} runs as {ran:?}: {label}"
+            );
+            assert_eq!(
+                label.contains("-int16-activations"),
+                ran == Isa::Avx512,
+                "{isa:?}: {label}"
+            );
+            assert_eq!(label.ends_with("-rows"), !panels_on(), "{label}");
+            // An ISA the CPU lacks is labelled as the one it falls back to.
+            if ran != isa {
+                assert_eq!(label, CpuBackend { isa: ran, ..b }.numerics());
+            }
+        }
+    }
 
     /// The backend's sparse head against its dense head, through `Backend` as the model calls
     /// them: every pick is its dense logit's bits with exact activations, with bf16 operands,
