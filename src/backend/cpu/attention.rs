@@ -117,7 +117,6 @@ pub fn attention(
         "attention shape against the cache's; this is a bug"
     );
     let group = heads / kv_heads;
-    let scale = shape.scale();
     // Query heads per work item: a KV head's whole group, unless that leaves too few items to
     // keep every thread busy (decode of one row: Hkv items), then one head each.
     let per = if rows.rows.len() * kv_heads >= 4 * super::team::threads() {
@@ -125,6 +124,46 @@ pub fn attention(
     } else {
         1
     };
+    let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
+    let split = Split {
+        per,
+        parallel: work_units >= 1 << 16,
+    };
+    attention_split(isa, q, kv, layer, rows, shape, out, split);
+}
+
+/// How [`attention`] splits its work: `per` query heads (1, or a KV head's whole group) a work
+/// item, the items on the team's threads or in order. Every split gives the same bits.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    per: usize,
+    parallel: bool,
+}
+
+/// [`attention`] with its split given (the tests run every split, whatever the machine's
+/// thread count would pick).
+#[allow(clippy::too_many_arguments)]
+fn attention_split(
+    isa: Isa,
+    q: &[f32],
+    kv: &CpuKv,
+    layer: usize,
+    rows: KvRows,
+    shape: AttnShape,
+    out: &mut [f32],
+    Split { per, parallel }: Split,
+) {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = shape;
+    let group = heads / kv_heads;
+    debug_assert!(
+        per == 1 || per == group,
+        "a split of {per} heads; this is a bug"
+    );
+    let scale = shape.scale();
     let items = heads / per;
     let work = |(i, o): (usize, &mut [f32])| {
         let (t, h0) = (i / items, (i % items) * per);
@@ -164,9 +203,8 @@ pub fn attention(
             simd::attn_pv(isa, scores, &kv.v, offs, d, o);
         });
     };
-    let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
     let out = &mut out[..rows.rows.len() * heads * d];
-    if work_units >= 1 << 16 {
+    if parallel {
         super::team::for_each_chunk(out, per * d, |i, o| work((i, o)));
     } else {
         out.chunks_mut(per * d).enumerate().for_each(work);
@@ -177,6 +215,35 @@ pub fn attention(
 mod tests {
     use super::*;
     use crate::test_rng::{signed_unit, xorshift};
+
+    /// `attention` under every split, inside a team of 3 threads: one head or a KV head's whole
+    /// group a work item, in order or on the team (the split `attention` picks depends on the
+    /// machine's thread count and the batch, so a test of it alone covers one or two of the
+    /// four). Each split's output is checked to have the bits of the first, and of
+    /// `attention` itself; returns it.
+    fn every_split(
+        isa: Isa,
+        q: &[f32],
+        kv: &CpuKv,
+        layer: usize,
+        rows: KvRows,
+        shape: AttnShape,
+    ) -> Vec<f32> {
+        let team = crate::backend::cpu::team::Team::new(3, "attn-test").unwrap();
+        let n = rows.rows.len() * shape.heads * shape.head_dim;
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut plain = vec![0f32; n];
+        team.enter(|| attention(isa, q, kv, layer, rows, shape, &mut plain));
+        for per in [1, shape.heads / shape.kv_heads] {
+            for parallel in [false, true] {
+                let mut out = vec![0f32; n];
+                let split = Split { per, parallel };
+                team.enter(|| attention_split(isa, q, kv, layer, rows, shape, &mut out, split));
+                assert!(bits(&out) == bits(&plain), "{isa:?} {split:?}: other bits");
+            }
+        }
+        plain
+    }
 
     /// A NaN in a cached key (a corrupt projection) or a score past f32 makes NaN the output
     /// of exactly the heads whose context holds it, on every ISA, as HF's softmax gives: it
@@ -210,8 +277,7 @@ mod tests {
             // f32; a -inf score is a weight of 0, as in HF, and stays finite).
             let q: Vec<f32> = rand(entries * heads * d).iter().map(|x| x.abs()).collect();
             for isa in Isa::available() {
-                let mut out = vec![0f32; entries * heads * d];
-                attention(isa, &q, &kv, 0, batch, shape, &mut out);
+                let out = every_split(isa, &q, &kv, 0, batch, shape);
                 for (t, row) in rows.iter().enumerate() {
                     for h in 0..heads {
                         let o = &out[(t * heads + h) * d..][..d];
@@ -296,8 +362,7 @@ mod tests {
         let mut bits: Option<Vec<u32>> = None;
         for isa in Isa::available() {
             for layer in 0..layers {
-                let mut out = vec![0f32; rows.len() * heads * d];
-                attention(isa, &q, &kv, layer, batch, shape, &mut out);
+                let out = every_split(isa, &q, &kv, layer, batch, shape);
                 for (t, row) in rows.iter().enumerate() {
                     let ctx: Vec<usize> = batch.context(row).collect();
                     for h in 0..heads {
