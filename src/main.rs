@@ -454,7 +454,9 @@ fn codes_on<B: Backend>(
         format!("{}: line {}", args.codes.display(), i + 1)
     })
     .map_err(|e| e.to_string())?;
-    let trie = Trie::build(&set, model.config.vocab_size, eos).map_err(|e| e.to_string())?;
+    // Its errors (a code listed twice) name lines of the file: the file too.
+    let trie = Trie::build(&set, model.config.vocab_size, eos)
+        .map_err(|e| format!("{}: {e}", args.codes.display()))?;
     // A code longer than `--max-new-tokens` (its EOS counted) can never be returned: said, as
     // a constrained search leaves such cut beams out of its answer without a word.
     if !args.no_trie && trie.max_len() + 1 > args.max_new_tokens {
@@ -482,6 +484,15 @@ fn codes_on<B: Backend>(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
+    // Each prompt checked first, named by its place on the command line and its text (the
+    // search would call the one past the context "query 0").
+    for (i, (q, p)) in queries.iter().zip(&args.prompts).enumerate() {
+        beam::check_query(model, q, &trie).map_err(|e| {
+            let preview: String = p.chars().take(40).collect();
+            let more = if preview.len() < p.len() { "…" } else { "" };
+            format!("prompt {} ({preview:?}{more}): {e}", i + 1)
+        })?;
+    }
     let outputs = beam::search(model, &trie, &queries).map_err(|e| e.to_string())?;
     for (prompt, out) in args.prompts.iter().zip(outputs) {
         let codes = out

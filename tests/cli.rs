@@ -243,8 +243,16 @@ fn codes_prints_the_contract() {
     let empty = std::env::temp_dir().join(format!("gram-cli-empty-{}.txt", std::process::id()));
     std::fs::write(&empty, "").unwrap();
     assert!(bad(&["x"], empty.to_str().unwrap()).contains("empty"));
+    // A code listed twice: named by the file and its lines.
+    std::fs::write(&empty, "sofa\nrug\nsofa\n").unwrap();
+    let e = bad(&["x"], empty.to_str().unwrap());
+    assert!(e.contains(&format!("{}: ", empty.display())), "{e}");
     let long = "sofa ".repeat(2000);
-    assert!(bad(&[&long], c).contains("exceeds the model's"));
+    // Named by its place and text, not "query 0".
+    let e = bad(&["sofa", &long], c);
+    assert!(e.contains("exceeds the model's"), "{e}");
+    assert!(e.contains("prompt 2 (\"sofa sofa "), "{e}");
+    assert!(!e.contains("query 0"), "{e}");
     std::fs::remove_file(&codes).unwrap();
     std::fs::remove_file(&empty).unwrap();
 }

@@ -45,7 +45,7 @@ impl BeamOptions {
 }
 
 /// A query's options, prompt tokens and length must suit the model.
-pub(super) fn check_query<B: Backend>(model: &Model<B>, q: &Query, trie: &Trie) -> Result<()> {
+pub fn check_query<B: Backend>(model: &Model<B>, q: &Query, trie: &Trie) -> Result<()> {
     q.options.check()?;
     // The longest sequence a score can be of: a constrained one is a code and its EOS.
     let mut longest = q.options.max_new_tokens;

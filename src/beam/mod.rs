@@ -49,8 +49,8 @@ mod check;
 pub mod select;
 
 pub use self::batcher::{Batcher, Ticket};
-pub use self::check::{check_length_penalty, check_width};
-use self::check::{check_query, check_trie, finite_logprobs};
+pub use self::check::{check_length_penalty, check_query, check_width};
+use self::check::{check_trie, finite_logprobs};
 
 use crate::backend::{Backend, KvRows, RowKv};
 use crate::error::{Error, Result};
