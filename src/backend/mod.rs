@@ -79,7 +79,8 @@ impl RowKv {
 
     /// Number of entries the row attends to.
     pub fn context_len(&self) -> usize {
-        (self.span.1 - self.span.0 + self.link.1 - self.link.0) as usize
+        // Each length in `u32`, their sum in `usize` (the sum alone can pass `u32::MAX`).
+        (self.span.1 - self.span.0) as usize + (self.link.1 - self.link.0) as usize
     }
 
     /// This row is the position after `prev` in the same sequence: same span start and link

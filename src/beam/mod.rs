@@ -519,6 +519,14 @@ fn step<B: Backend>(
             head_rows.push(rows.len() - 1);
         }
     }
+    // Link offsets are `u32`: a step of more links would have wrapped them (unreachable
+    // under the arena's cap, about 7 M links at the widest batch; refused, not wrapped).
+    if u32::try_from(links.len()).is_err() {
+        return Err(Error::Input(format!(
+            "a step of {} KV links, over u32: fewer queries or narrower beams a step",
+            links.len()
+        )));
+    }
     let parent_beams: Vec<(usize, &Beam)> = parents
         .iter()
         .map(|&(qi, j)| (qi, &states[qi].beams[j]))
