@@ -523,6 +523,33 @@ fn bad_kv_rows_are_input_errors() {
     ] {
         assert!(run(&mut arena, row, links).contains("outside"), "{row:?}");
     }
+    // A context that does not end at the row's own entry: it would read an entry no one
+    // wrote (here 3, past the span) or miss its own.
+    for (row, links) in [
+        (RowKv { entry: 3, ..ok }, &[][..]),
+        (RowKv { link: (0, 1), ..ok }, &[4u32][..]),
+    ] {
+        let e = run(&mut arena, row, links);
+        assert!(
+            e.contains("does not end at the entry it writes"),
+            "{row:?}: {e}"
+        );
+    }
+    // Two rows writing one entry.
+    let rows = [ok, RowKv { pos: 1, ..ok }];
+    let e = model
+        .forward_rows(
+            &mut arena,
+            &[5, 6],
+            KvRows {
+                rows: &rows,
+                links: &[],
+            },
+            Head::Full(&[0]),
+        )
+        .expect_err("must fail")
+        .to_string();
+    assert!(e.contains("two rows of the batch write KV entry 0"), "{e}");
     let mut foreign = other.new_arena(8).unwrap();
     assert!(run(&mut foreign, ok, &[]).contains("another model"));
 }

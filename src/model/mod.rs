@@ -250,6 +250,31 @@ impl<B: Backend> Model<B> {
                     self.max_positions()
                 )));
             }
+            // A row attends to what comes before it and to itself: its context ends at the
+            // entry it writes (else it reads an entry no one wrote, or misses its own).
+            let last = match links {
+                Some(&[.., e]) => Some(e),
+                _ => row
+                    .span
+                    .1
+                    .checked_sub(1)
+                    .filter(|_| row.span.1 > row.span.0),
+            };
+            if last != Some(row.entry) {
+                return Err(Error::Input(format!(
+                    "batch row {row:?}: its context does not end at the entry it writes"
+                )));
+            }
+        }
+        // Two rows writing one entry would leave it to whichever came last (a device backend
+        // would race on it).
+        let mut written: Vec<u32> = batch.rows.iter().map(|r| r.entry).collect();
+        written.sort_unstable();
+        if let Some(w) = written.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::Input(format!(
+                "two rows of the batch write KV entry {}",
+                w[0]
+            )));
         }
         let (picked, picks) = match head {
             Head::Full(r) => (r, &[][..]),
