@@ -156,6 +156,49 @@ impl Default for BuildOptions<'_> {
 /// The lock file of a build's work directory.
 const WORK_LOCK: &str = ".lock";
 
+/// Takes the exclusive lock of a build's work directory (its `.lock` file, made if missing), or
+/// says another build holds it. A file system without locks (some network and FUSE ones)
+/// builds unguarded.
+fn lock_work_dir(work: &Path, lock_path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        // (Again on a retry: the build that finished may have removed the directory too.)
+        crate::container::create_dir_durable(work)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_path)
+            .map_err(|e| Error::io(lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Input(format!(
+                    "{}: another build is using this work directory (its shards); wait for it, \
+                     or give this one another --work-dir",
+                    work.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e))
+                if e.kind() == std::io::ErrorKind::Unsupported
+                    || matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP)) =>
+            {
+                return Ok(lock)
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
+        }
+        // A build that finished between our open and our lock removed the file we hold: a
+        // lock on it guards nothing. Open the one now at the path (or a new one) again.
+        let held = lock.metadata().map_err(|e| Error::io(lock_path, e))?;
+        match std::fs::metadata(lock_path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(lock),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(lock_path, e)),
+        }
+    }
+}
+
 /// Builds the index at `out` from `items` (see [`build_with`]).
 pub fn build<B: Backend>(
     model: &Model<B>,
@@ -369,25 +412,7 @@ pub fn build_with<B: Backend>(
     // One build a work directory: two at once overwrote each other's shards, and the first to
     // finish removed the other's. Released when the build returns (the lock is the open file's).
     let lock_path = work.join(WORK_LOCK);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| Error::io(&lock_path, e))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(Error::Input(format!(
-                "{}: another build is using this work directory (its shards); wait for it, or \
-                 give this one another --work-dir",
-                work.display()
-            )))
-        }
-        // A file system without locks (some network and FUSE ones) builds unguarded.
-        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {}
-        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
-    }
+    let lock = lock_work_dir(&work, &lock_path)?;
     let ctx = Ctx {
         model,
         tokenizer,

@@ -336,10 +336,11 @@ pub fn write_atomic_with(
     let result = (|| {
         fill(&mut f)?;
         // The file it replaces keeps its mode (a `chmod 600` index stayed private only until
-        // its next build).
+        // its next build), where the file system lets it (some FUSE, CIFS and vfat mounts
+        // refuse a mode: the write goes on with the default one).
         if let Ok(old) = std::fs::metadata(path) {
             if old.is_file() {
-                f.set_permissions(old.permissions())?;
+                let _ = f.set_permissions(old.permissions());
             }
         }
         f.sync_all()?;

@@ -231,7 +231,7 @@ int main(void) {
     }
     printf("}, \"read_bw_gbps\": {");
     for (int t = 1; t <= maxt; t++)
-        printf("%s\"%d\": {\"best\": %.2f, \"median\": %.2f, \"variant\": \"%s\"}", t > 1 ? ", " : "", t,
+        printf("%s\"%d\": {\"best\": %.2f, \"median\": %.2f, \"median_variant\": \"%s\"}", t > 1 ? ", " : "", t,
                best_b[t], best_m[t], variant_name[best_v[t]]);
     printf("}");
     free(buf);

@@ -26,7 +26,7 @@ OUT.old removed), so a failed check or an interrupted export leaves OUT as it wa
 export stays in OUT.new; an export killed between the renames is put back from OUT.old by the
 next run). Files of the old OUT that the export does not write (with `--no-catalog` its
 catalog.jsonl and codes.txt) are copied into the new one, as an export in place left them; its
-model card (README.md) and eval.json only when the weights are the same, and then also the keys
+model card (README.md), eval.json and train-log.jsonl only when the weights are the same, and then also the keys
 of its gram.json that the export's lacks (`code_size`, written by the size stage into OUT
 only). A model directory whose gram.json is older than its weights (sft or align ran again
 after the weights stage) is refused. WORK/export-index is built from OUT.new and names it as its
@@ -64,20 +64,22 @@ def run(cmd, **kw):
     return r.stdout, time.time() - t
 
 
-def check_settings_fresh(src):
-    """Refuses a model directory whose gram.json is missing or older than its weights: the
-    scoring weights were fitted to an earlier model (sft or align ran again after the weights
-    stage), and shipping them with these weights would score with another model's fit."""
+def check_settings_fresh(src, trained=True):
+    """Refuses a model directory without a gram.json, and a training output (WORK/align or
+    WORK/sft, `trained`) whose gram.json is older than its weights: the scoring weights were
+    fitted to an earlier model (sft or align ran again after the weights stage), and shipping
+    them with these weights would score with another model's fit. A directory named with
+    --model is not judged by its files' times (a checkout or a copy sets them in any order)."""
     g, w = src / "gram.json", src / "model.safetensors"
     if not g.exists():
         raise SystemExit(f"error: {src} has no gram.json: run the weights stage first")
-    if w.exists() and g.stat().st_mtime < w.stat().st_mtime:
+    if trained and w.exists() and g.stat().st_mtime < w.stat().st_mtime:
         raise SystemExit(f"error: {g} is older than {w} (fitted to an earlier model): run the "
                          "weights stage again")
 
 
-def export(src, out, catalog, with_catalog=True):
-    check_settings_fresh(src)
+def export(src, out, catalog, with_catalog=True, trained=True):
+    check_settings_fresh(src, trained)
     out.mkdir(parents=True, exist_ok=True)
     model = K.load_model(src)
     # RoPE has no learned positions: room for the engine's longest prompt + code (the catalog's
@@ -107,7 +109,7 @@ def export(src, out, catalog, with_catalog=True):
 
 # What `out` holds about its own model (its card, its measured quality): carried into an export
 # of the same weights only.
-MODEL_NOTES = ("README.md", "eval.json")
+MODEL_NOTES = ("README.md", "eval.json", "train-log.jsonl")
 
 
 def carry_over(out, new):
@@ -307,7 +309,7 @@ def main(argv=None):
         src = Path(args.model) if args.model else K.trained_model(work)
         if new.exists():
             shutil.rmtree(new)
-        export(src, new, work / "catalog.jsonl", not args.no_catalog)
+        export(src, new, work / "catalog.jsonl", not args.no_catalog, trained=not args.model)
         carry_over(out, new)
         log(stage="export", src=str(src), out=str(out),
             files={f.name: f.stat().st_size for f in sorted(new.iterdir()) if f.is_file()})

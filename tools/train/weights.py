@@ -281,12 +281,16 @@ def main(argv=None):
     tq = read_jsonl(work / "queries-train.jsonl")
     vq = read_jsonl(work / "queries-valid.jsonl")
     cache = work / "weights-features.pt"
-    # What the features were computed from: reused only for the same model weights and sample.
-    weights_file = mdir / "model.safetensors"
-    made_from = {"model": str(mdir.resolve()), "weights_bytes": weights_file.stat().st_size,
-                 "weights_mtime_ns": weights_file.stat().st_mtime_ns, "queries": args.queries,
-                 "valid_queries": args.valid_queries, "per_code": args.per_code, "seed": args.seed,
-                 "sampling": SAMPLING}
+    # What the features were computed from: reused only for the same model weights (every
+    # safetensors file of the directory, sharded too), the same queries and catalog, and the
+    # same sample.
+    def stamp(paths):
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(paths)]
+    made_from = {"model": str(mdir.resolve()), "weights": stamp(mdir.glob("*.safetensors")),
+                 "inputs": stamp(work / f for f in ("catalog.jsonl", "queries-train.jsonl",
+                                                    "queries-valid.jsonl")),
+                 "queries": args.queries, "valid_queries": args.valid_queries,
+                 "per_code": args.per_code, "seed": args.seed, "sampling": SAMPLING}
     cached = torch.load(cache) if args.reuse_features and cache.exists() else None
     if cached is not None and (len(cached) != 3 or cached[2] != made_from):
         print("weights: the cached features were made from another model or sample: computing "

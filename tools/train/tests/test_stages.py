@@ -40,7 +40,7 @@ class Export(unittest.TestCase):
         write(self.work / "sft" / "model.safetensors", "sft")
         self.old = {"model.safetensors": "old", "catalog.jsonl": "old catalog",
                     "codes.txt": "old codes", "README.md": "card", "NOTICE": "old notice",
-                    "eval.json": "{}",
+                    "eval.json": "{}", "train-log.jsonl": "{}\n",
                     "gram.json": json.dumps({"delimiter": " | ", "code_size": {"weight": 0.25}})}
         self.weights = "new"
         for k, v in self.old.items():
@@ -49,7 +49,7 @@ class Export(unittest.TestCase):
         self.ok = True
         self.saved = E.export, E.verify
 
-        def fake_export(src, out, catalog, with_catalog=True):
+        def fake_export(src, out, catalog, with_catalog=True, trained=True):
             out.mkdir(parents=True, exist_ok=True)
             (out / "model.safetensors").write_text(self.weights)
             (out / "NOTICE").write_text("notice")
@@ -105,6 +105,7 @@ class Export(unittest.TestCase):
         got = files(self.out)
         self.assertEqual(got["README.md"], "card")
         self.assertEqual(got["eval.json"], "{}")
+        self.assertEqual(got["train-log.jsonl"], "{}\n")
         self.assertEqual(json.loads(got["gram.json"]),
                          {"delimiter": " | ", "code_size": {"weight": 0.25}})
 
@@ -188,6 +189,8 @@ class StaleOutputs(unittest.TestCase):
         with self.assertRaisesRegex(SystemExit, "older than"):
             E.export(m, self.work / "out", self.work / "catalog.jsonl")
         self.assertFalse((self.work / "out").exists())
+        # Named with --model (a checkout or a copy sets the times in any order): not judged by them.
+        E.check_settings_fresh(m, trained=False)
         self.age(m / "gram.json", 1_000_200)
         E.check_settings_fresh(m)
 
