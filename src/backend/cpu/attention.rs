@@ -107,24 +107,19 @@ pub fn attention(
     shape: AttnShape,
     out: &mut [f32],
 ) {
-    let AttnShape {
-        heads,
-        kv_heads,
-        head_dim: d,
-    } = shape;
     debug_assert!(
-        kv_heads == kv.kv_heads && d == kv.head_dim,
+        shape.kv_heads == kv.kv_heads && shape.head_dim == kv.head_dim,
         "attention shape against the cache's; this is a bug"
     );
-    let group = heads / kv_heads;
     // Query heads per work item: a KV head's whole group, unless that leaves too few items to
     // keep every thread busy (decode of one row: Hkv items), then one head each.
-    let per = if rows.rows.len() * kv_heads >= 4 * super::team::threads() {
-        group
+    let per = if rows.rows.len() * shape.kv_heads >= 4 * super::team::threads() {
+        shape.heads / shape.kv_heads
     } else {
         1
     };
-    let work_units: usize = rows.rows.iter().map(|r| r.context_len()).sum::<usize>() * heads * d;
+    let context: usize = rows.rows.iter().map(|r| r.context_len()).sum();
+    let work_units = context * shape.heads * shape.head_dim;
     let split = Split {
         per,
         parallel: work_units >= 1 << 16,
