@@ -91,37 +91,12 @@ fn tiny_config() -> gram::config::ModelConfig {
 /// A GGUF (version 3) of Q4_0 tensors `(name, data offset)`, each `[32, rows]` (`rows` blocks
 /// of 18 bytes), followed by `data`; its metadata [`tiny_config`]'s architecture and head counts.
 fn q4_0_gguf(tensors: &[(String, u64)], rows: u64, data: &[u8]) -> Vec<u8> {
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend(3u64.to_le_bytes()); // metadata
-    let key = |b: &mut Vec<u8>, k: &str, ty: u32| {
-        b.extend((k.len() as u64).to_le_bytes());
-        b.extend(k.as_bytes());
-        b.extend(ty.to_le_bytes());
-    };
-    key(&mut b, "general.architecture", 8);
-    b.extend(5u64.to_le_bytes());
-    b.extend(b"llama");
-    for k in [
-        "llama.attention.head_count",
-        "llama.attention.head_count_kv",
-    ] {
-        key(&mut b, k, 4);
-        b.extend(2u32.to_le_bytes());
-    }
-    for (name, offset) in tensors {
-        b.extend((name.len() as u64).to_le_bytes());
-        b.extend(name.as_bytes());
-        b.extend(2u32.to_le_bytes()); // dims
-        b.extend(32u64.to_le_bytes());
-        b.extend(rows.to_le_bytes());
-        b.extend(2u32.to_le_bytes()); // Q4_0
-        b.extend(offset.to_le_bytes());
-    }
-    b.resize(b.len().div_ceil(32) * 32, 0);
-    b.extend(data);
-    b
+    let dims = [32u64, rows];
+    let tensors: Vec<(&str, &[u64], u32, u64)> = tensors
+        .iter()
+        .map(|(name, offset)| (name.as_str(), &dims[..], 2, *offset)) // 2: Q4_0
+        .collect();
+    common::gguf::gguf_of(&tensors, data)
 }
 
 /// 12 Q4_0 tensors (each dequantized to f32 at load: 7.1 times its bytes; the config takes 13

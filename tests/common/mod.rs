@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths, golden files, tolerance checks.
 #![allow(dead_code)]
 
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 

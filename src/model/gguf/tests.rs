@@ -66,43 +66,9 @@ fn one_tensor_gguf(name: &str, dims: &[u64], ty: u32, data: &[u8]) -> Vec<u8> {
     gguf_of(&[(name, dims, ty, 0)], data)
 }
 
-/// A GGUF (version 3) of tensors `(name, dims innermost first, ggml type, offset)` with
-/// `data` after the header; its metadata the architecture and head counts of
-/// [`tiny_config_and_dir`]'s config.
-fn gguf_of(tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend(3u64.to_le_bytes()); // metadata
-    let key = |b: &mut Vec<u8>, k: &str, ty: u32| {
-        b.extend((k.len() as u64).to_le_bytes());
-        b.extend(k.as_bytes());
-        b.extend(ty.to_le_bytes());
-    };
-    key(&mut b, "general.architecture", 8);
-    b.extend(5u64.to_le_bytes());
-    b.extend(b"llama");
-    for k in [
-        "llama.attention.head_count",
-        "llama.attention.head_count_kv",
-    ] {
-        key(&mut b, k, 4);
-        b.extend(2u32.to_le_bytes());
-    }
-    for (name, dims, ty, offset) in tensors {
-        b.extend((name.len() as u64).to_le_bytes());
-        b.extend(name.as_bytes());
-        b.extend((dims.len() as u32).to_le_bytes());
-        for d in *dims {
-            b.extend(d.to_le_bytes());
-        }
-        b.extend(ty.to_le_bytes());
-        b.extend(offset.to_le_bytes());
-    }
-    b.resize(b.len().div_ceil(32) * 32, 0);
-    b.extend(data);
-    b
-}
+#[path = "../../../tests/common/gguf.rs"]
+mod writer;
+use writer::gguf_of;
 
 /// A one-layer Llama config for the synthetic files, and a scratch directory `name`.
 fn tiny_config_and_dir(name: &str) -> (crate::config::ModelConfig, std::path::PathBuf) {
