@@ -189,6 +189,39 @@ fn converted_dtypes_stay_close() {
     }
 }
 
+/// Rewrites `dir`'s f32 `model.safetensors` as tensors of `dtype`, each f32 value through
+/// `convert(shape, value)` into its bytes.
+fn rewrite_f32_checkpoint(
+    dir: &std::path::Path,
+    dtype: safetensors::Dtype,
+    convert: impl Fn(&[usize], f32) -> Vec<u8>,
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let items: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{n}");
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| convert(v.shape(), f32::from_le_bytes(b.try_into().unwrap())))
+                .collect();
+            (n, v.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = items
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
 /// What converting at load computes, exactly: the f16 and bf16 kernels on tiny-llama converted
 /// at load give the logits of the f32 kernels on the same checkpoint with every matrix rounded
 /// to that dtype beforehand (and kept in f32), every logit of every golden prompt within 1e-5
@@ -196,7 +229,6 @@ fn converted_dtypes_stay_close() {
 /// nearest, and the kernels widen exactly.
 #[test]
 fn converted_dtypes_compute_the_rounded_model() {
-    use safetensors::tensor::TensorView;
     let g = golden("tiny-llama.json");
     let src = model_dir("tiny-llama");
     let logits = |model: &Model, ids: &[u32]| {
@@ -213,37 +245,11 @@ fn converted_dtypes_compute_the_rounded_model() {
         (DType::BF16, |x: f32| half::bf16::from_f32(x).to_f32()),
     ] {
         let dir = copy_model(&src, &format!("rounded-{dtype:?}"));
-        let path = dir.join("model.safetensors");
-        let bytes = std::fs::read(&path).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let items: Vec<(String, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, v)| {
-                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{n}");
-                let data = if v.shape().len() == 2 {
-                    v.data()
-                        .chunks_exact(4)
-                        .flat_map(|b| {
-                            round(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()
-                        })
-                        .collect()
-                } else {
-                    v.data().to_vec()
-                };
-                (n, v.shape().to_vec(), data)
-            })
-            .collect();
-        let views: Vec<(String, TensorView)> = items
-            .iter()
-            .map(|(n, s, b)| {
-                (
-                    n.clone(),
-                    TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        // The matrices rounded, still stored as f32; the 1-D tensors as they are.
+        rewrite_f32_checkpoint(&dir, safetensors::Dtype::F32, |shape, x| {
+            let x = if shape.len() == 2 { round(x) } else { x };
+            x.to_le_bytes().to_vec()
+        });
         let rounded = Model::load(&dir, &LoadOptions::default()).unwrap();
         let converted = Model::load(
             &src,
@@ -271,38 +277,11 @@ fn converted_dtypes_compute_the_rounded_model() {
 /// transformers' f32 golden.
 #[test]
 fn an_f16_checkpoint_is_mapped_and_matches_transformers_within_f16() {
-    use safetensors::tensor::{Dtype, TensorView};
-    use safetensors::SafeTensors;
+    use safetensors::tensor::Dtype;
     let dir = copy_model(&model_dir("tiny-llama"), "f16-stored");
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let items: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            assert_eq!(v.dtype(), Dtype::F32, "{name}");
-            let halves: Vec<u8> = v
-                .data()
-                .chunks_exact(4)
-                .flat_map(|b| {
-                    let x = f32::from_le_bytes(b.try_into().unwrap());
-                    half::f16::from_f32(x).to_le_bytes()
-                })
-                .collect();
-            (name, v.shape().to_vec(), halves)
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = items
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F16, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    rewrite_f32_checkpoint(&dir, Dtype::F16, |_, x| {
+        half::f16::from_f32(x).to_le_bytes().to_vec()
+    });
 
     let config = Model::load(&dir, &LoadOptions::default()).unwrap().config;
     let map = gram::model::checkpoint::Source::find(&dir)
