@@ -156,11 +156,33 @@ impl Default for BuildOptions<'_> {
 /// The lock file of a build's work directory.
 const WORK_LOCK: &str = ".lock";
 
-/// Takes the exclusive lock of a build's work directory (its `.lock` file, made if missing), or
-/// says another build holds it. A file system without locks (some network and FUSE ones)
+/// The lock a build holds on its work directory: the open `.lock` file.
+struct WorkLock {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl WorkLock {
+    /// Removes the lock file, then lets the lock go: a build waiting for the directory starts
+    /// after this one's shards are gone.
+    fn release(self) {
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
+
+/// Makes the work directory and takes the exclusive lock of its `.lock` file (made if missing),
+/// or says another build holds it. A file system without locks (some network and FUSE ones)
 /// builds unguarded.
-fn lock_work_dir(work: &Path, lock_path: &Path) -> Result<std::fs::File> {
+fn lock_work_dir(work: &Path) -> Result<WorkLock> {
     use std::os::unix::fs::MetadataExt;
+    let lock_path = &work.join(WORK_LOCK);
+    let held = |file| {
+        Ok(WorkLock {
+            file,
+            path: lock_path.clone(),
+        })
+    };
     loop {
         // (Again on a retry: the build that finished may have removed the directory too.)
         crate::container::create_dir_durable(work)?;
@@ -183,15 +205,15 @@ fn lock_work_dir(work: &Path, lock_path: &Path) -> Result<std::fs::File> {
                 if e.kind() == std::io::ErrorKind::Unsupported
                     || matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP)) =>
             {
-                return Ok(lock)
+                return held(lock)
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
         }
         // A build that finished between our open and our lock removed the file we hold: a
         // lock on it guards nothing. Open the one now at the path (or a new one) again.
-        let held = lock.metadata().map_err(|e| Error::io(lock_path, e))?;
+        let ours = lock.metadata().map_err(|e| Error::io(lock_path, e))?;
         match std::fs::metadata(lock_path) {
-            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(lock),
+            Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => return held(lock),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(lock_path, e)),
@@ -408,11 +430,9 @@ pub fn build_with<B: Backend>(
         .work_dir
         .clone()
         .unwrap_or_else(|| out.with_extension("shards"));
-    crate::container::create_dir_durable(&work)?;
     // One build a work directory: two at once overwrote each other's shards, and the first to
     // finish removed the other's. Released when the build returns (the lock is the open file's).
-    let lock_path = work.join(WORK_LOCK);
-    let lock = lock_work_dir(&work, &lock_path)?;
+    let lock = lock_work_dir(&work)?;
     let ctx = Ctx {
         model,
         tokenizer,
@@ -596,8 +616,7 @@ pub fn build_with<B: Backend>(
         }
     }
     // The lock last: a build waiting for this directory starts after the shards are gone.
-    let _ = std::fs::remove_file(&lock_path);
-    drop(lock);
+    lock.release();
     let _ = std::fs::remove_dir(&work);
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
