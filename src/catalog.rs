@@ -183,15 +183,23 @@ fn lock_work_dir(work: &Path) -> Result<WorkLock> {
             path: lock_path.clone(),
         })
     };
+    let mut attempt = 0;
     loop {
+        attempt += 1;
         // (Again on a retry: the build that finished may have removed the directory too.)
         crate::container::create_dir_durable(work)?;
-        let lock = std::fs::OpenOptions::new()
+        let lock = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(lock_path)
-            .map_err(|e| Error::io(lock_path, e))?;
+        {
+            Ok(lock) => lock,
+            // A build that finished removed the directory between its making and our open:
+            // make it again (a bounded number of times: something else keeps removing it).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 100 => continue,
+            Err(e) => return Err(Error::io(lock_path, e)),
+        };
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -962,5 +970,48 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build that finishes removes its lock file and then the emptied work directory; another
+    /// build taking the lock meanwhile must make the directory again, not fail on the `.lock`
+    /// it could not open (it did when the directory went between its making and the open).
+    /// Two builds take the lock and finish over and over: each may find the other holding it
+    /// (the one error a build may give), never anything else.
+    #[test]
+    fn a_work_directory_removed_under_the_lock_is_made_again() {
+        let tmp = std::env::temp_dir().join(format!("gram-worklock-{}", std::process::id()));
+        let work = tmp.join("work");
+        let build = || {
+            let mut other = Vec::new();
+            for _ in 0..2_000 {
+                match lock_work_dir(&work) {
+                    Ok(lock) => {
+                        lock.release();
+                        let _ = std::fs::remove_dir(&work);
+                    }
+                    Err(e) if e.to_string().contains("another build is using") => {}
+                    Err(e) => other.push(e.to_string()),
+                }
+            }
+            other
+        };
+        let failures = std::thread::scope(|s| {
+            let a = s.spawn(build);
+            let mut f = build();
+            f.extend(a.join().unwrap());
+            f
+        });
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert!(
+            failures.is_empty(),
+            "{} failures: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
     }
 }
