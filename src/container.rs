@@ -245,7 +245,16 @@ impl Container {
 /// file written atomically into it later survives a power loss with the directory itself.
 pub fn create_dir_durable(dir: &Path) -> Result<()> {
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // `create_dir_all` says "exists" when another process made the directory and removed it
+    // again between its attempt and its check: try again (a build finishing in the same work
+    // directory does that).
+    let mut tries = 0;
+    while let Err(e) = std::fs::create_dir_all(dir) {
+        tries += 1;
+        if e.kind() != std::io::ErrorKind::AlreadyExists || tries >= 100 {
+            return Err(Error::io(dir, e));
+        }
+    }
     for d in missing.iter().rev() {
         let parent = match d.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
