@@ -305,6 +305,17 @@ impl Parts {
                 build_settings(&settings)
             )));
         }
+        // Beam search stops at gram.json's limit: if the index holds longer codes, their
+        // prefixes, cut there, would take the places of codes that did finish (HF's rule
+        // finishes every candidate at the limit) and then be dropped, so answers would
+        // silently shrink.
+        if longest + 1 > settings.code_token_limit() {
+            return Err(bad(format!(
+                "its longest code has {longest} tokens and its EOS; the model's gram.json allows \
+                 {} (max_code_tokens): rebuild it, or raise the limit",
+                settings.code_token_limit()
+            )));
+        }
         let aggregate = settings.aggregate().ok_or_else(|| Error::Config {
             path: model_dir.join("gram.json"),
             msg: "aggregation must be sum or max".into(),
@@ -327,12 +338,8 @@ impl Parts {
             .tokenizer
             .encode(&self.settings.query_prompt("a"))?
             .len();
-        // The longest code a query may generate: the index's, within gram.json's limit.
-        let longest_code = self
-            .index
-            .trie()
-            .max_len()
-            .min(self.settings.code_token_limit() - 1);
+        // The longest code a query may generate: the index's (within gram.json's limit).
+        let longest_code = self.index.trie().max_len();
         if shortest + longest_code > model.max_positions() {
             return Err(Error::Config {
                 path: self.model_dir.join("gram.json"),
@@ -459,9 +466,9 @@ impl<B: Backend> Engine<B> {
         let prompt = self.tokenizer.encode(&self.settings.query_prompt(query))?;
         let options = BeamOptions {
             beam: request.beam,
-            // The index's longest code, within gram.json's `max_code_tokens` (an index built
-            // under another gram.json may hold longer codes: they are not generated).
-            max_new_tokens: (self.index.trie().max_len() + 1).min(self.settings.code_token_limit()),
+            // The index's longest code and its EOS (within gram.json's `max_code_tokens`:
+            // checked at open).
+            max_new_tokens: self.index.trie().max_len() + 1,
             ..Default::default()
         };
         let query = beam::Query { prompt, options };

@@ -1066,6 +1066,17 @@ fn search_logits_matches_search_on_the_models_logits() {
         ..Default::default()
     };
     assert!(beam::search_logits(&f.trie, bad, |_, _, _| unreachable!()).is_err());
+    // A negative length penalty too strong for the trie's longest code (in range for
+    // `BeamOptions::check` alone, which the twin used to ask only).
+    let lp = -9.9;
+    assert!(beam::check_length_penalty(lp, f.trie.max_len() + 1).is_err());
+    let strong = BeamOptions {
+        length_penalty: lp,
+        ..Default::default()
+    };
+    assert!(strong.check().is_ok());
+    let e = beam::search_logits(&f.trie, strong, |_, _, _| unreachable!()).unwrap_err();
+    assert!(e.to_string().contains("length_penalty -9.9"), "{e}");
     let short = beam::search_logits(&f.trie, BeamOptions::default(), |_, _, _| vec![0.5; 3]);
     assert!(short.unwrap_err().to_string().contains("vocabulary"));
     // A NaN or an infinite logit among a step's allowed tokens is a numeric error, as in

@@ -3,10 +3,12 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/hf_oracle.py --models models --out tests/golden
 
-Needs models/tiny-{llama,qwen2,qwen3} (tools/make_tiny_models.py) and
+Needs models/tiny-{llama,llama-bias,qwen2,qwen3} (tools/make_tiny_models.py) and
 models/smollm2-135m-instruct/model.gguf (tools/get_smollm2.sh). Writes:
-  tests/golden/tiny-llama.json, tiny-qwen2.json, tiny-qwen3.json
-      per prompt: ids, last-position logits (float32, exact), greedy 12 new tokens + text
+  tests/golden/tiny-llama.json, tiny-llama-bias.json, tiny-qwen2.json, tiny-qwen3.json
+      per prompt: ids, last-position logits (float32, exact), greedy 12 new tokens + text;
+      `--only-tiny NAME` (repeatable) writes just that model's file (no SmolLM2, no
+      tokenize.json), the same values as a full run (only `made_by` differs)
   tests/golden/smollm2.json + smollm2_logprobs_<i>.f32
       SmolLM2-135M-Instruct loaded from the Q4_1 GGUF by transformers (dequantized to f32):
       ids, top-20 log-probs, greedy 16 new tokens; the .f32 files hold the full last-position
@@ -43,7 +45,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
+TINY = ["tiny-llama", "tiny-llama-bias", "tiny-qwen2", "tiny-qwen3"]
+# The tokenizers tokenize.json covers: tiny-llama-bias's tokenizer files are tiny-llama's.
+TINY_TOKENIZERS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 
 TINY_PROMPTS = [
     "TV",
@@ -141,6 +145,9 @@ def main():
                     default=str(REPO.parent / "shared" / "data" / "smollm2-135m-instruct"))
     ap.add_argument("--only-tokenize", action="store_true",
                     help="write tokenize.json alone (no model is run; seconds)")
+    ap.add_argument("--only-tiny", action="append", choices=TINY, metavar="NAME",
+                    help="write only this tiny model's golden (repeatable); no SmolLM2 and no "
+                         "tokenize.json")
     args = ap.parse_args()
     made_by = ".venv/bin/python tools/hf_oracle.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     models_dir, out = Path(args.models), Path(args.out)
@@ -154,7 +161,8 @@ def main():
     t_all = time.perf_counter()
 
     if args.only_tokenize:
-        toks = {name: PreTrainedTokenizerFast.from_pretrained(models_dir / name) for name in TINY}
+        toks = {name: PreTrainedTokenizerFast.from_pretrained(models_dir / name)
+                for name in TINY_TOKENIZERS}
         stok = PreTrainedTokenizerFast.from_pretrained(args.smollm2_tokenizer)
         write_tokenize(out, made_by, versions, stok, toks, models_dir)
         return
@@ -162,10 +170,13 @@ def main():
     # ------------------------------------------------------------------ tiny models
     toks = {}
     for name in TINY:
+        if args.only_tiny and name not in args.only_tiny:
+            continue
         t0 = time.perf_counter()
         d = models_dir / name
         tok = PreTrainedTokenizerFast.from_pretrained(d)
-        toks[name] = tok
+        if name in TINY_TOKENIZERS:
+            toks[name] = tok
         model = load_model(d)
         cases = []
         for p in TINY_PROMPTS:
@@ -195,6 +206,9 @@ def main():
         for c in cases:
             print(f"  {c['prompt']!r:40.40} n_ids={len(c['ids'])} greedy={c['greedy_ids']} "
                   f"{c['greedy_text']!r} min_margin={c['greedy_min_margin']:.4f}")
+    if args.only_tiny:
+        print(f"oracle total: {time.perf_counter() - t_all:.1f}s")
+        return
 
     # ------------------------------------------------------------------ SmolLM2 (GGUF)
     t0 = time.perf_counter()

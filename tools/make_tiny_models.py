@@ -2,16 +2,21 @@
 """Make the tiny random-weight HF checkpoints gram's tests compare against.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/make_tiny_models.py --out models
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/make_tiny_models.py --out models --only tiny-llama-bias
 
-Writes (each directory is recreated from scratch):
-  models/tiny-llama/  LlamaForCausalLM, float32, one model.safetensors, BOS <|im_start|> added
-  models/tiny-qwen2/  Qwen2ForCausalLM, float32, 2 safetensors shards + index, qkv bias, tied
-  models/tiny-qwen3/  Qwen3ForCausalLM, bfloat16, head_dim 32 != hidden/heads, q_norm/k_norm
+Writes (each directory is recreated from scratch; `--only NAME`, repeatable, makes just those
+and leaves the other directories alone):
+  models/tiny-llama/       LlamaForCausalLM, float32, one model.safetensors, BOS <|im_start|> added
+  models/tiny-llama-bias/  tiny-llama's shape with attention_bias (q/k/v/o) and mlp_bias
+                           (gate/up/down) on, own seed; tokenizer files identical to tiny-llama's
+  models/tiny-qwen2/       Qwen2ForCausalLM, float32, 2 safetensors shards + index, qkv bias, tied
+  models/tiny-qwen3/       Qwen3ForCausalLM, bfloat16, head_dim 32 != hidden/heads, q_norm/k_norm
 
-All three share one byte-level BPE tokenizer (512 tokens) trained here with the `tokenizers`
+All of them share one byte-level BPE tokenizer (512 tokens) trained here with the `tokenizers`
 library on a fixed subset of real product titles (chorus-icecat) and queries (wands). The run
 is deterministic: same inputs + same package versions -> byte-identical files (see
-tools/FIXTURES.md).
+tools/FIXTURES.md); a model's files depend only on its own entry and seed, so `--only` writes
+the same bytes as a full run.
 """
 import argparse
 import csv
@@ -37,7 +42,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 N_ICECAT_TITLES = 4000  # first N titles of icecat-products-1.json (file order)
 
 # Fixed seeds, one per model (numpy PCG64 via np.random.default_rng).
-SEEDS = {"tiny-llama": 1001, "tiny-qwen2": 1002, "tiny-qwen3": 1003}
+SEEDS = {"tiny-llama": 1001, "tiny-qwen2": 1002, "tiny-qwen3": 1003, "tiny-llama-bias": 1004}
 W_STD = 0.15  # linear / embedding weights ~ N(0, W_STD)
 NORM_STD = 0.2  # norm weights ~ 1 + NORM_STD * N(0, 1)
 B_STD = 0.1  # biases ~ N(0, B_STD)
@@ -175,6 +180,11 @@ def build_models():
                       tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
                       bos_token_id=1)
     out["tiny-llama"] = (LlamaForCausalLM, cfg, False, True)
+    # tiny-llama with every Llama bias: q/k/v/o (attention_bias) and gate/up/down (mlp_bias).
+    cfg = LlamaConfig(**common, intermediate_size=160, rope_theta=10000.0,
+                      tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                      bos_token_id=1)
+    out["tiny-llama-bias"] = (LlamaForCausalLM, cfg, False, True)
     # Like real Qwen2/Qwen3 configs: bos_token_id names <|endoftext|>, but the tokenizer adds none.
     cfg = Qwen2Config(**common, intermediate_size=128, rope_theta=1000000.0,
                       tie_word_embeddings=True, use_sliding_window=False, bos_token_id=0)
@@ -190,13 +200,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "models"))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--only", action="append", choices=sorted(SEEDS), metavar="NAME",
+                    help="make only this model (repeatable); other directories are not touched")
     args = ap.parse_args()
     out = Path(args.out)
     torch.manual_seed(0)  # not used for the weights (numpy draws them); keeps init quiet/stable
 
     base = train_tokenizer(Path(args.data))
 
-    for name, (cls, cfg, bf16, add_bos) in build_models().items():
+    models = build_models()
+    if args.only:
+        models = {k: v for k, v in models.items() if k in args.only}
+    for name, (cls, cfg, bf16, add_bos) in models.items():
         d = out / name
         if d.exists():
             shutil.rmtree(d)
@@ -217,19 +232,19 @@ def main():
         (d / "README.md").write_text(NOTICE.format(name=name, seed=SEEDS[name]), encoding="utf-8")
         print(f"{name}: {sorted(p.name for p in d.iterdir())}")
 
-    verify(out)
+    verify(out, {name: spec[3] for name, spec in models.items()})
 
 
-def verify(out: Path):
-    """Load every checkpoint back through the Auto* classes (offline) and check key facts."""
+def verify(out: Path, made: dict):
+    """Load every checkpoint made (name -> add_bos) back through the Auto* classes (offline) and
+    check key facts."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from safetensors import safe_open
 
-    for name in SEEDS:
+    for name, add_bos in made.items():
         d = out / name
         tok = PreTrainedTokenizerFast.from_pretrained(d)
         ids = tok("hello world")["input_ids"]
-        add_bos = name == "tiny-llama"
         assert (ids[0] == 1) == add_bos, (name, ids)
         assert tok.eos_token_id == 2, name
         raw = Tokenizer.from_file(str(d / "tokenizer.json"))
@@ -248,6 +263,16 @@ def verify(out: Path):
         for k, v in model.state_dict().items():
             if "norm" in k or "bias" in k or "weight" in k:
                 assert not torch.all(v == 0) and not torch.all(v == 1), k
+        if name == "tiny-llama-bias":
+            # Every Llama bias is stored (and read back by transformers, non-zero: above), and
+            # the tokenizer files are tiny-llama's, byte for byte.
+            for layer in range(model.config.num_hidden_layers):
+                for proj in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
+                    assert f"model.layers.{layer}.{proj}.bias" in names, (name, layer, proj)
+            if (out / "tiny-llama").is_dir():
+                for f in ["tokenizer.json", "tokenizer_config.json"]:
+                    assert (d / f).read_bytes() == (out / "tiny-llama" / f).read_bytes(), f
         print(f"verify {name}: params={n} files={files} dtypes={sorted(dtypes)} "
               f"lm_head_stored={'lm_head.weight' in names} bos_added={add_bos} ids={ids}")
 

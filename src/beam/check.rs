@@ -42,17 +42,23 @@ impl BeamOptions {
         }
         Ok(())
     }
+
+    /// [`BeamOptions::check`], and the length penalty against the longest sequence a score
+    /// can be of here ([`check_length_penalty`]): a constrained one is a code of `trie` and its
+    /// EOS.
+    pub fn check_for(&self, trie: &Trie) -> Result<()> {
+        self.check()?;
+        let mut longest = self.max_new_tokens;
+        if self.constrained {
+            longest = longest.min(trie.max_len() + 1);
+        }
+        check_length_penalty(self.length_penalty, longest)
+    }
 }
 
 /// A query's options, prompt tokens and length must suit the model.
 pub fn check_query<B: Backend>(model: &Model<B>, q: &Query, trie: &Trie) -> Result<()> {
-    q.options.check()?;
-    // The longest sequence a score can be of: a constrained one is a code and its EOS.
-    let mut longest = q.options.max_new_tokens;
-    if q.options.constrained {
-        longest = longest.min(trie.max_len() + 1);
-    }
-    check_length_penalty(q.options.length_penalty, longest)?;
+    q.options.check_for(trie)?;
     if q.prompt.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
     }

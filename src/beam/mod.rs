@@ -31,7 +31,11 @@
 //! negative penalty is refused where `M^(1 - penalty)` reaches 1e6 for sequences of up to `M`
 //! tokens (a constrained search's longest code and its EOS, else `max_new_tokens`; a score of
 //! `M` log-probs of −1,000 at most stays above −1e9): below −3.98 at 16 tokens, −1.49 at 256
-//! ([`check_length_penalty`]). Parity is tested over the goldens' range (−1 to 3). When a new
+//! ([`check_length_penalty`]). At large positive penalties the same placeholders, divided by
+//! `len^penalty`, can outrank a short real code (at 16 tokens and penalty 10, −1e9 / 16^10 ≈
+//! −9e-4): transformers then returns placeholders where gram returns codes, so parity is
+//! claimed only while `M^penalty` stays under ~5e4 (what `tools/beam_oracle.py` asserts:
+//! penalty ≤ 3.9 at 16 tokens). Parity is tested over the goldens' range (−1 to 3). When a new
 //! code ties the worst of B full finished slots, the newest of the tied is dropped
 //! (transformers 5's `topk` leaves that order unspecified).
 //!
@@ -608,7 +612,7 @@ pub fn search_logits(
     options: BeamOptions,
     mut logits: impl FnMut(usize, usize, &[u32]) -> Vec<f32>,
 ) -> Result<Output> {
-    options.check()?;
+    options.check_for(trie)?;
     if !options.constrained {
         return Err(Error::Input(
             "search_logits is the constrained search's twin: the trie must be on".into(),

@@ -93,6 +93,8 @@ fn options_out_of_range_are_refused_by_name() {
             ..ok
         };
         assert!(o.check().is_ok(), "{lp} {max_new}");
+        // And the length rule at that many tokens (what `check_for` adds for a search).
+        assert!(check_length_penalty(lp, max_new).is_ok(), "{lp} {max_new}");
     }
     // Negative penalties whose scores could pass transformers' -1e9 placeholders, by the
     // longest sequence: refused, naming the smallest penalty taken (which is taken).
@@ -147,4 +149,65 @@ fn options_out_of_range_are_refused_by_name() {
         let e = o.check().unwrap_err().to_string();
         assert!(e.contains(says), "{e}");
     }
+}
+
+/// The module docs' example of transformers' stopping rule (4.50 and later): beam 2, length
+/// penalty 2, codes `a`, `b`, `a x`. After the second step `a` and `b` fill the finished slots
+/// (−1.9 / 2² = −0.475, −2.0 / 2² = −0.5) and the running `a x` (sum −2.2) can reach at best
+/// −2.2 / 2² = −0.55 at the current length: done, with {a, b}. (The older rule, which compared
+/// against the best of the step's candidates, went on and returned {a x, a}: `a x` ends at
+/// −2.21 / 3² ≈ −0.246.)
+#[test]
+fn the_stopping_rule_of_the_module_docs_example() {
+    use crate::trie::{CodeSet, Trie};
+    let (vocab, eos, filler) = (10usize, 9u32, 5usize);
+    let set = CodeSet {
+        texts: ["a", "b", "a x"].map(String::from).to_vec(),
+        tokens: vec![1, 2, 1, 3],
+        offsets: vec![0, 1, 2, 4],
+    };
+    let trie = Trie::build(&set, vocab, eos).unwrap();
+    // A logits row whose log-softmax is `lps` at its tokens: the rest of the mass on a token no
+    // code takes.
+    let row = |lps: &[(u32, f32)]| {
+        let mut r = vec![f32::NEG_INFINITY; vocab];
+        let rest: f64 = 1.0 - lps.iter().map(|&(_, l)| (l as f64).exp()).sum::<f64>();
+        assert!(rest > 0.0);
+        r[filler] = rest.ln() as f32;
+        for &(t, l) in lps {
+            r[t as usize] = l;
+        }
+        r
+    };
+    let options = BeamOptions {
+        beam: 2,
+        length_penalty: 2.0,
+        ..Default::default()
+    };
+    let out = super::search_logits(&trie, options, |_, _, tokens| match tokens {
+        [] => row(&[(1, -1.0), (2, -1.1)]),
+        [1] => row(&[(eos, -0.9), (3, -1.2)]),
+        [2] => row(&[(eos, -0.9)]),
+        [1, 3] => row(&[(eos, -0.01)]),
+        t => panic!("no logits for {t:?}"),
+    })
+    .unwrap();
+    let got: Vec<Option<u32>> = out.codes.iter().map(|c| c.code).collect();
+    assert_eq!(got, [Some(0), Some(1)], "{:?}", out.codes);
+    for (c, want) in out.codes.iter().zip([-0.475f32, -0.5]) {
+        assert!((c.score - want).abs() < 1e-5, "{:?}", out.codes);
+    }
+    // With `a x` (−1.95) between the two EOS candidates, `b`'s EOS ranks third of the step's
+    // candidates: only the top B may finish, so `b` is dropped, `a x` runs on and ends at
+    // −1.96 / 3² ≈ −0.218, first.
+    let out = super::search_logits(&trie, options, |_, _, tokens| match tokens {
+        [] => row(&[(1, -1.0), (2, -1.1)]),
+        [1] => row(&[(eos, -0.9), (3, -0.95)]),
+        [2] => row(&[(eos, -0.9)]),
+        [1, 3] => row(&[(eos, -0.01)]),
+        t => panic!("no logits for {t:?}"),
+    })
+    .unwrap();
+    let got: Vec<Option<u32>> = out.codes.iter().map(|c| c.code).collect();
+    assert_eq!(got, [Some(2), Some(0)], "{:?}", out.codes);
 }

@@ -220,7 +220,7 @@ impl<'g> DeviceBeams<'g> {
             )));
         }
         for o in options {
-            o.check()?;
+            o.check_for(trie)?;
             if !o.constrained {
                 return Err(Error::Input(
                     "the device beam step runs constrained searches only".into(),
