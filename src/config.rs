@@ -100,6 +100,19 @@ impl ModelConfig {
             return Err(bad(format!("must be a JSON object, not {}", json_kind(&v))));
         }
         let ids = token_ids(&v.get("eos_token_id").cloned(), "eos_token_id").map_err(bad)?;
+        // transformers' `generate` stops on this file's list alone; gram stops on config.json's
+        // ids too (the first ends codes). Where they part, say so.
+        let only_config: Vec<u32> = (self.eos_token_ids.iter())
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        if !only_config.is_empty() {
+            tracing::warn!(
+                "{}: its eos_token_id leaves out config.json's {only_config:?}; transformers' \
+                 generate would not stop there, gram does (its codes end with config.json's first)",
+                path.display()
+            );
+        }
         for id in ids {
             // An extra stop token past the vocabulary can never be generated (transformers'
             // `generate` just never meets it): dropped with a warning, not a refused model.
@@ -252,6 +265,16 @@ impl RawConfig {
                  Qwen2ForCausalLM, Qwen3ForCausalLM)"
             )
         })?;
+        // transformers' Auto classes choose the model by `model_type`: a Mistral config that
+        // names LlamaForCausalLM runs as Mistral there (sliding-window attention and all).
+        if let Some(mt) = &self.model_type {
+            if Arch::from_hf(mt) != Some(arch) {
+                return Err(format!(
+                    "`architectures` names `{arch_name}` but `model_type` is `{mt}`, which \
+                     transformers loads by (supported: llama, qwen2, qwen3)"
+                ));
+            }
+        }
         let hidden_size = required(self.hidden_size, "hidden_size")?;
         let intermediate_size = required(self.intermediate_size, "intermediate_size")?;
         let num_hidden_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
@@ -676,6 +699,34 @@ mod tests {
             let e = ModelConfig::from_json(&text).expect_err(to);
             assert!(e.contains(says), "{to}: {e}");
         }
+    }
+
+    /// transformers loads by `model_type`: one that disagrees with `architectures` (a Mistral
+    /// config naming the Llama class) is refused; one that agrees, or none, is taken.
+    #[test]
+    fn a_model_type_other_than_the_architecture_is_refused() {
+        let with = |mt: &str| {
+            LLAMA.replace(
+                r#""architectures":["LlamaForCausalLM"],"#,
+                &format!(r#""architectures":["LlamaForCausalLM"],"model_type":"{mt}","#),
+            )
+        };
+        assert_eq!(
+            ModelConfig::from_json(&with("llama")).unwrap().arch,
+            Arch::Llama
+        );
+        for mt in ["mistral", "qwen2"] {
+            let e = ModelConfig::from_json(&with(mt)).unwrap_err();
+            assert!(e.contains(&format!("`model_type` is `{mt}`")), "{e}");
+        }
+        let only_type = LLAMA.replace(
+            r#""architectures":["LlamaForCausalLM"],"#,
+            r#""model_type":"qwen3","#,
+        );
+        assert_eq!(
+            ModelConfig::from_json(&only_type).unwrap().arch,
+            Arch::Qwen3
+        );
     }
 
     #[test]

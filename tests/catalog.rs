@@ -1053,9 +1053,12 @@ fn max_code_tokens_bounds_the_codes_indexed_and_generated() {
     // code's prefixes at the limit, and they would crowd out codes that finished); without the
     // limit the long code is generated.
     let open = || gram::search::Engine::open(&dir.join("all"), Some(&model), &Default::default());
-    let err = open().err().expect("an index with longer codes than max_code_tokens opened");
+    let err = open()
+        .err()
+        .expect("an index with longer codes than max_code_tokens opened");
     assert!(
-        err.to_string().contains(&format!("allows {limit} (max_code_tokens)")),
+        err.to_string()
+            .contains(&format!("allows {limit} (max_code_tokens)")),
         "{err}"
     );
     std::fs::remove_file(model.join("gram.json")).unwrap();
@@ -1066,7 +1069,11 @@ fn max_code_tokens_bounds_the_codes_indexed_and_generated() {
         codes_only: true,
     };
     let free = search_alone(&open().unwrap(), &[req]).remove(0);
-    assert!(free.codes.iter().any(|c| c.code == long), "{:?}", free.codes);
+    assert!(
+        free.codes.iter().any(|c| c.code == long),
+        "{:?}",
+        free.codes
+    );
     // Out of range, and a generation longer than the limit.
     for (json, says) in [
         (

@@ -355,6 +355,25 @@ fn missing_shard_and_empty_dir() {
     assert!(load_err(&empty).contains("no model.safetensors"));
 }
 
+/// A directory with both `model.safetensors` and a shard index loads `model.safetensors`, as
+/// transformers' `from_pretrained` does (an unsharded save written over an older sharded one):
+/// here a truncated one, so the load fails naming it, where the shards alone load.
+#[test]
+fn model_safetensors_comes_before_a_shard_index() {
+    let dir = copy_model(&model_dir("tiny-qwen2"), "both-layouts");
+    let shard = std::fs::read(dir.join("model-00001-of-00002.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &shard[..shard.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.safetensors") && !e.contains("model-0000"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    // The shards alone load.
+    Model::load(&dir, &LoadOptions::default()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The index of a sharded set is held to what the shards hold: a tensor named twice (JSON
 /// keeps both keys; a plain map kept the last), a tensor the index puts in the other shard, and
 /// one it names that no shard holds are each refused, by name.

@@ -32,9 +32,15 @@ pub enum Source {
 }
 
 impl Source {
-    /// Looks in `dir` for, in order: `model.safetensors.index.json`, `model.safetensors`,
-    /// a single `*.safetensors`, a single `*.gguf`.
+    /// Looks in `dir` for, in order: `model.safetensors`, `model.safetensors.index.json`, a
+    /// single `*.safetensors`, a single `*.gguf`. (transformers' `from_pretrained` takes the
+    /// unsharded file first too: a directory an unsharded save wrote into over an older sharded
+    /// one loads the new weights, not the stale shards.)
     pub fn find(dir: &Path) -> Result<Source> {
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Ok(Source::Safetensors(vec![single]));
+        }
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
             let (files, weight_map) = shards_from_index(&index)?;
@@ -43,10 +49,6 @@ impl Source {
                 files,
                 weight_map,
             });
-        }
-        let single = dir.join("model.safetensors");
-        if single.exists() {
-            return Ok(Source::Safetensors(vec![single]));
         }
         let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
         let mut st = Vec::new();

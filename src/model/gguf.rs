@@ -128,8 +128,11 @@ enum Value {
 
 fn read_value(c: &mut Cursor, ty: u32, depth: usize) -> std::result::Result<Value, String> {
     Ok(match ty {
-        0 | 1 | 7 => Value::Int(c.take(1)?[0] as i128),
-        2 | 3 => Value::Int(u16::from_le_bytes(c.take(2)?.try_into().expect("2")) as i128),
+        // UINT8, BOOL; INT8 (signed: -1 is not 255).
+        0 | 7 => Value::Int(c.take(1)?[0] as i128),
+        1 => Value::Int(c.take(1)?[0] as i8 as i128),
+        2 => Value::Int(u16::from_le_bytes(c.take(2)?.try_into().expect("2")) as i128),
+        3 => Value::Int(i16::from_le_bytes(c.take(2)?.try_into().expect("2")) as i128),
         4 => Value::Int(c.u32()? as i128),
         5 => Value::Int(c.u32()? as i32 as i128),
         6 => Value::Float(f32::from_le_bytes(c.take(4)?.try_into().expect("4")) as f64),

@@ -395,6 +395,36 @@ fn array_strings_are_skipped_unread() {
     assert!(e.unwrap_err().contains("not UTF-8"));
 }
 
+/// Integer metadata by its type: INT8 and INT16 are signed, UINT8, UINT16 and BOOL not.
+#[test]
+fn small_integers_keep_their_sign() {
+    let h = parse_header(
+        &gguf_with_metadata(&[
+            ("u8", 0, vec![0xff]),
+            ("i8", 1, vec![0xff]),
+            ("u16", 2, vec![0xfe, 0xff]),
+            ("i16", 3, vec![0xfe, 0xff]),
+            ("bool", 7, vec![1]),
+        ]),
+        usize::MAX,
+    )
+    .unwrap();
+    let want = [
+        ("u8", 255.0),
+        ("i8", -1.0),
+        ("u16", 65534.0),
+        ("i16", -2.0),
+        ("bool", 1.0),
+    ];
+    let got: Vec<(&str, f64)> = h
+        .meta
+        .numbers
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn corrupt_headers_are_errors() {
     assert!(parse_header(b"GGU", usize::MAX)
