@@ -400,6 +400,22 @@ impl Index {
         self.file.verify_named(&kind::name)
     }
 
+    /// Checks that every product record can be read (its id and title inside their section,
+    /// as [`Index::product`] reads them), naming the first that cannot. Opening does not (it
+    /// is O(products)); an engine does it with [`Index::verify`], which reads the whole file
+    /// anyway: a top-K product whose record cannot be read would otherwise drop out of an
+    /// answer, leaving fewer than K where lower-ranked products could fill in.
+    pub fn check_products(&self) -> Result<()> {
+        let bad = (0..self.num_products() as u32).find(|&i| self.product(i).is_none());
+        match bad {
+            None => Ok(()),
+            Some(i) => Err(Error::Index {
+                path: self.file.path().to_path_buf(),
+                msg: format!("product record {i} points outside the product text section"),
+            }),
+        }
+    }
+
     fn codes(&self) -> &[CodeRecord] {
         self.records(kind::CODES).expect("checked at open")
     }

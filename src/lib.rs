@@ -30,6 +30,12 @@
 //! - [`lm`]: next-token log-probabilities and greedy continuation (`gram lm`).
 //! - [`error`]: `gram::Error`, one variant per boundary.
 
+// The index, trie and GGUF readers cast mapped little-endian files in native order.
+#[cfg(target_endian = "big")]
+compile_error!(
+    "gram reads its little-endian files in native byte order: big-endian targets are not supported"
+);
+
 pub mod backend;
 pub mod beam;
 pub mod catalog;
