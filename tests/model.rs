@@ -1,7 +1,8 @@
-//! The forward pass against HF transformers' golden outputs (tools/hf_oracle.py) for the three
-//! tiny random-weight checkpoints: Llama (f32, one file, BOS added), Qwen2 (f32, sharded, qkv
-//! bias, tied embeddings) and Qwen3 (bf16, q/k norm, explicit head_dim). Every logit is checked,
-//! on every SIMD path this machine has.
+//! The forward pass against HF transformers' golden outputs (tools/hf_oracle.py) for the four
+//! tiny random-weight checkpoints: Llama (f32, one file, BOS added), Llama with every bias
+//! (`attention_bias`: q/k/v/o; `mlp_bias`: gate/up/down), Qwen2 (f32, sharded, qkv bias, tied
+//! embeddings) and Qwen3 (bf16, q/k norm, explicit head_dim). Every logit is checked, on every
+//! SIMD path this machine has.
 
 mod common;
 
@@ -11,7 +12,7 @@ use gram::backend::cpu::CpuBackend;
 use gram::tensor::DType;
 use gram::{lm, LoadOptions, Model, Tokenizer};
 
-const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
+const MODELS: [&str; 4] = ["tiny-llama", "tiny-llama-bias", "tiny-qwen2", "tiny-qwen3"];
 
 #[test]
 fn logits_and_greedy_match_transformers() {
@@ -19,6 +20,9 @@ fn logits_and_greedy_match_transformers() {
         let g = golden(&format!("{name}.json"));
         let dir = model_dir(name);
         let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        // The budget transformers generated with, not the golden's length: a continuation that
+        // stopped at EOS early is only matched by an engine that stops there too.
+        let budget = g["greedy_max_new_tokens"].as_u64().unwrap() as usize;
         for isa in Isa::available() {
             let model = Model::load_on(
                 CpuBackend {
@@ -44,7 +48,7 @@ fn logits_and_greedy_match_transformers() {
                     "{name} {isa:?} {prompt:?}: max rel err {err:.2e}"
                 );
                 let greedy_want = u32s(&case["greedy_ids"]);
-                let out = lm::run(&model, &ids, greedy_want.len()).unwrap();
+                let out = lm::run(&model, &ids, budget).unwrap();
                 assert_eq!(
                     out.greedy, greedy_want,
                     "{name} {isa:?} {prompt:?}: greedy ids"
