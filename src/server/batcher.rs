@@ -338,7 +338,9 @@ fn step_loop<B: Backend>(
                     metrics.scoring_backlog_add(true);
                     queue.scoring(true);
                     if let Err(std::sync::mpsc::SendError(job)) = to_score.send(job) {
-                        // No scoring thread left (they never exit while the batcher runs).
+                        // Not reached while this function holds the receiver (`jobs`, shared
+                        // by the scorers under a lock): a guard, not a fallback. Scorers never
+                        // exit while the batcher runs; a scorer's panic is caught per job.
                         metrics.scoring_backlog_add(false);
                         queue.scoring(false);
                         let _ = job.reply.send(Err(Failed::Engine {

@@ -193,8 +193,13 @@ pub async fn serve(
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
             Err(e) => {
-                accept_error(e).await;
-                continue;
+                // The pause after an error watches the stop too: a shutdown waits for no
+                // pause (it did, up to 1 s an error, at the descriptor limit).
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    _ = accept_error(e) => continue,
+                }
             }
         };
         let _ = stream.set_nodelay(true);

@@ -82,7 +82,8 @@ pub struct ServeArgs {
     /// that would wait longer (the queued requests that cannot enter at the next step / the
     /// batch's service rate: answers per second of stepping over the last 64 answers) gets 503
     /// with Retry-After at once, so that under overload admitted requests keep their latency;
-    /// one that finds a free place in the batch is always taken, and while requests come
+    /// one that finds a free place in the batch is always taken (unless the queue's head has
+    /// waited 50 ms for rows or arena: then no place counts as free), and while requests come
     /// slower than the batch answers them (the last 128) none is refused this way: a queue
     /// that builds up then drains by itself. 0: only --max-queue bounds the queue. The default,
     /// 1, admits no request past the free places on a model answering fewer than 1,000 a
@@ -369,9 +370,20 @@ pub struct Server {
     state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
-    batcher: std::thread::JoinHandle<Result<(), ServeError>>,
+    /// Taken by [`Server::shutdown`].
+    batcher: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
     /// Resolves when the batcher thread ends, however it ends (its sender goes with it).
     engine_gone: Option<oneshot::Receiver<()>>,
+}
+
+/// A server dropped without [`Server::shutdown`] (a test that failed half way, an embedder)
+/// stops its engine too: dropping `stop` ends the HTTP side, and closing the queue lets the
+/// batcher thread, its scorers, the model and the KV arena go once the queued work is done
+/// (they waited on the queue for the rest of the process).
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.state.queue.close();
+    }
 }
 
 impl Server {
@@ -432,7 +444,7 @@ impl Server {
             state,
             stop: Some(stop),
             http,
-            batcher,
+            batcher: Some(batcher),
             engine_gone: Some(engine_gone),
         };
         match loaded.await {
@@ -500,10 +512,12 @@ impl Server {
         // it is left behind (joined on a thread of its own, which the exit ends) and shutdown
         // fails.
         let bound = c.timeout + Duration::from_secs(10);
-        let batcher = self.batcher;
+        let batcher = self.batcher.take();
         let (tx, joined) = oneshot::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(batcher.join());
+            if let Some(batcher) = batcher {
+                let _ = tx.send(batcher.join());
+            }
         });
         let batched = match tokio::time::timeout(bound, joined).await {
             Ok(Ok(joined)) => joined.map_err(|_| ServeError::Panicked)?,
@@ -866,6 +880,34 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         server.shutdown().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A server dropped without `shutdown` stops its engine: the batcher thread ends (it
+    /// waited on the queue for the rest of the process).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_server_stops_its_engine() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: super::ServeArgs,
+        }
+        let dir = super::batcher::tests::tiny_index("dropped");
+        let flags = "--addr 127.0.0.1:0 --threads 1 --device cpu";
+        let argv = ["serve", "--index", dir.to_str().unwrap()]
+            .into_iter()
+            .chain(flags.split(' '));
+        let config = Cli::parse_from(argv).serve.config().unwrap();
+        let mut server = super::Server::start(config).await.unwrap();
+        assert_eq!(get(server.addr(), "/ready").await.0, 200);
+        let gone = server.engine_gone.take().unwrap();
+        drop(server);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), gone).await;
+        assert!(
+            ended.is_ok(),
+            "the batcher thread still runs 10 s after the drop"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
