@@ -667,3 +667,68 @@ fn a_misaligned_safetensors_file_gives_the_same_logits() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Logits after a fixed prompt, for comparing loads of the same model.
+fn logits_of(dir: &Path) -> Vec<f32> {
+    let model = Model::load(dir, &LoadOptions::default()).unwrap();
+    gram::lm::run(&model, &[1, 17, 42, 99, 7], 0)
+        .unwrap()
+        .logits
+}
+
+/// `tie_word_embeddings` with an `lm_head.weight` stored anyway (some exports keep it):
+/// transformers ties the head to the embeddings and the stored one is not used, so gram's
+/// logits are those of a model whose head is a copy of the embeddings, bit for bit, and not
+/// the stored head's. And old Llama checkpoints' `rotary_emb.inv_freq` buffers are skipped
+/// (recomputed), changing nothing.
+#[test]
+fn a_stored_head_of_a_tied_model_and_inv_freq_buffers_are_not_used() {
+    let src = model_dir("tiny-llama");
+    let untied = logits_of(&src);
+    // The same files, the config tied: the stored (random, untied) head is ignored.
+    let tied = copy_model(&src, "tied-stored-head");
+    let config = std::fs::read_to_string(tied.join("config.json")).unwrap();
+    let config = config.replace(
+        "\"tie_word_embeddings\": false",
+        "\"tie_word_embeddings\": true",
+    );
+    assert!(config.contains("\"tie_word_embeddings\": true"), "{config}");
+    std::fs::write(tied.join("config.json"), config).unwrap();
+    // The reference: untied, its head a copy of the embeddings.
+    let copied = copy_model(&src, "head-copied");
+    rewrite(&copied, |items| {
+        let embed = items
+            .iter()
+            .find(|t| t.0 == "model.embed_tokens.weight")
+            .unwrap()
+            .3
+            .clone();
+        let head = items.iter_mut().find(|t| t.0 == "lm_head.weight").unwrap();
+        head.3 = embed;
+    });
+    let (got, want) = (logits_of(&tied), logits_of(&copied));
+    assert_eq!(
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    assert_ne!(got, untied, "the stored head was used");
+    // inv_freq buffers in every layer: skipped.
+    let buffers = copy_model(&src, "inv-freq");
+    rewrite(&buffers, |items| {
+        for l in 0..2 {
+            let junk: Vec<u8> = (0..16u32)
+                .flat_map(|i| (i as f32 * 3.5).to_le_bytes())
+                .collect();
+            items.push((
+                format!("model.layers.{l}.self_attn.rotary_emb.inv_freq"),
+                Dtype::F32,
+                vec![16],
+                junk,
+            ));
+        }
+    });
+    assert_eq!(logits_of(&buffers), untied);
+    for d in [tied, copied, buffers] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
