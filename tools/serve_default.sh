@@ -31,4 +31,6 @@ else
   "$gram" index build --model "$model" --catalog "$catalog" --out "$index"
 fi
 echo "serving $index; try (default --addr): curl -s 'localhost:8080/search?q=wireless+mouse&k=3'"
-exec "$gram" serve --index "$index" "$@"
+# --model: this checkout's model, which the check above searched with (the index names the
+# path it was built from, which may be another clone's, or gone once the repository moved).
+exec "$gram" serve --index "$index" --model "$model" "$@"
