@@ -571,11 +571,10 @@ mod tests {
         let e = Container::open(&dir.join("sub")).err().unwrap().to_string();
         assert!(e.contains("sub: a directory"), "{e}");
         let fifo = dir.join("fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .expect("mkfifo runs");
-        assert!(made.success());
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that lives across the call.
+        let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
         let e = Container::open(&fifo).err().unwrap().to_string();
         assert!(e.contains("fifo: not a regular file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -39,8 +39,12 @@ bench --codes "$codes" --queries "$queries" > "$out/beam-gram.jsonl"
 echo "gram, f32 weights..." >&2
 bench --codes "$codes" --queries "$queries" --dtype f32 --modes full > "$out/beam-gram-f32.jsonl"
 echo "transformers + prefix_allowed_tokens_fn..." >&2
+# Through a file: a failure in a process substitution escapes `set -e`, and the oracle would
+# run with no prompts.
+bench --print-prompts --queries "$queries" > "$out/prompts.txt"
+[ -s "$out/prompts.txt" ] || { echo "error: no prompts from the bench" >&2; exit 1; }
 prompts=()
-while IFS= read -r p; do prompts+=(--prompt "$p"); done < <(bench --print-prompts --queries "$queries")
+while IFS= read -r p; do prompts+=(--prompt "$p"); done < "$out/prompts.txt"
 .venv/bin/python tools/beam_oracle.py --model "$model" --codes "$codes" --beam 10 \
   --max-new-tokens 16 --time 1 --threads "$threads" --attn sdpa "${prompts[@]}" > "$out/beam-hf.json"
 echo "gram (last)..." >&2

@@ -9,7 +9,7 @@
 #
 # RATE: twice what the closed loop answers on this box (run it once, or read `closed1`'s qps).
 # The load generator runs under `nice -n 19` so the server has the cores first. Needs the
-# default index (tools/serve_default.sh builds it) and port 8080 free. docs/SERVER.md has the
+# default index (tools/serve_default.sh builds it) and port $GRAM_BENCH_PORT (default 18090) free. docs/SERVER.md has the
 # results.
 set -euo pipefail
 # SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored, and the server
@@ -35,7 +35,7 @@ run() { # run NAME BENCH_FLAGS...
   shift
   start_server "$out/$name.log"
   echo "$name: $*" >&2
-  nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
+  nice -n 19 "$gram" bench --url "$url" --queries tools/queries/wands.txt \
     --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1
   kill -INT "$pid"
   wait "$pid"

@@ -11,7 +11,7 @@
 #
 # RATE: twice what the closed loop answers on this box (`tools/bench_overload.sh` prints it as
 # closed1's answered/s). The load generator runs under `nice -n 19` so the server has the cores
-# first. Needs the default index (tools/serve_default.sh builds it) and port 8080 free.
+# first. Needs the default index (tools/serve_default.sh builds it) and port $GRAM_BENCH_PORT (default 18090) free.
 # docs/SERVER.md has the results. tools/bench_overload.sh alternates fresh servers instead,
 # which makes the host's drift visible; this one is for growth and crashes over time.
 set -euo pipefail
@@ -80,7 +80,7 @@ load() { # load NAME BENCH_FLAGS...
   phase "$name"
   echo "$name: $*" >&2
   # `gram bench` fails only when nothing was answered; the server's state says why.
-  nice -n 19 "$gram" bench --url http://127.0.0.1:8080 --queries tools/queries/wands.txt \
+  nice -n 19 "$gram" bench --url "$url" --queries tools/queries/wands.txt \
     --warmup 20 --timeout-s 30 --out "$out/$name" "$@" >"$out/$name.out" 2>&1 ||
     echo "warning: gram bench failed in $name: $out/$name.out" >&2
   kill -0 "$pid" 2>/dev/null || died "$name"
@@ -92,7 +92,7 @@ phase stop
 kill "$sampler" 2>/dev/null || true
 sampler=
 sample || died "the last RSS sample" # the RSS after the load
-curl -s localhost:8080/metrics >"$out/metrics.txt" || died "the read of /metrics"
+curl -s "$url/metrics" >"$out/metrics.txt" || died "the read of /metrics"
 # A graceful stop finishes the requests in flight: seconds at most. A second signal after a
 # minute makes it quit at once (exit status 130).
 kill -INT "$pid"

@@ -68,6 +68,10 @@ def main(argv=None):
     if "sft" in todo:
         for d in ("tokenizer", "sft", "align"):
             shutil.rmtree(work / d, ignore_errors=True)
+    # The stages from export on run the engine: say so before an hour of training, not after.
+    if {"export", "size", "eval"} & set(todo) and not Path(args.gram).is_file():
+        raise SystemExit(f"{args.gram}: no gram binary, which the export, size and eval stages run; "
+                         f"build it first (cargo build --release --bin gram) or pass --gram PATH")
     cmds = commands(args, work)
     log = work / "train-log.jsonl"
     for stage in todo:
