@@ -957,7 +957,7 @@ impl Progress {
         } else if self.on && (self.last.elapsed().as_secs_f64() >= 5.0 || self.done == self.total) {
             self.last = Instant::now();
             let rate = self.done as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
-            eprintln!(
+            crate::note!(
                 "[index] {}/{} products, {rate:.1}/s, ETA {:.0} s",
                 self.done,
                 self.total,

@@ -117,7 +117,7 @@ pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     }
     let (gpu, info) =
         crate::search::open_backend(args.device, &args.model).map_err(|e| e.to_string())?;
-    eprintln!("bench-codes: backend {info}");
+    crate::note!("bench-codes: backend {info}");
     match gpu {
         Some(gpu) => {
             gpu.set_graphs(!args.eager);

@@ -549,7 +549,7 @@ pub fn run<B: Backend>(
             match engine.prepare(request) {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
-                    eprintln!("warning: query {:?} refused: {e}", j.query);
+                    crate::note!("warning: query {:?} refused: {e}", j.query);
                     refused.insert(i, e.to_string());
                 }
             }

@@ -36,6 +36,17 @@ compile_error!(
     "gram reads its little-endian files in native byte order: big-endian targets are not supported"
 );
 
+/// `eprintln!` that cannot panic: a note for stderr, dropped when stderr cannot take it (a
+/// closed pipe, a full disk). `eprintln!` panics then, and a command whose stdout report was
+/// complete would die with exit 101 on a warning.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod backend;
 pub mod beam;
 pub mod catalog;

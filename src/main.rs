@@ -327,7 +327,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            gram::note!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -396,11 +396,11 @@ fn load(
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
     let (model, info) =
         gram::search::load_model(device, gpu, info, dir, &cpu).map_err(|e| e.to_string())?;
-    eprintln!("backend: {info}");
+    gram::note!("backend: {info}");
     let model = match model {
         AnyModel::Cuda(m) => {
             if threads.is_some() || dtype.is_some() {
-                eprintln!(
+                gram::note!(
                     "note: on the GPU, --threads and --dtype do not apply (bf16 weights, one host \
                      thread)"
                 );
@@ -463,7 +463,7 @@ fn codes_on<B: Backend>(
         let long: Vec<usize> = (0..set.len())
             .filter(|&i| set.code_tokens(i).len() + 1 > args.max_new_tokens)
             .collect();
-        eprintln!(
+        gram::note!(
             "warning: {} of {} codes take more than --max-new-tokens {} tokens with their EOS \
              and can never be returned (the first: {}: line {}, {} tokens)",
             long.len(),
@@ -610,7 +610,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
             } else {
                 String::new()
             };
-            eprintln!(
+            gram::note!(
                 "{}: {}{more}",
                 says.replace("{n}", &count.to_string()),
                 sample.join(", ")
@@ -624,11 +624,12 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     );
     let g = report.granularity;
     if report.codes > 1 && g.single == report.codes {
-        eprintln!(
+        gram::note!(
             "warning: none of the {} codes contains the delimiter {:?} (the model's gram.json, \
              or the default without one): each is one attribute, and every one scores with the \
              coarse weight (do the catalog's codes use another delimiter?)",
-            report.codes, settings.delimiter
+            report.codes,
+            settings.delimiter
         );
     }
     tell(
@@ -733,7 +734,7 @@ fn open_engine(
     };
     let (engine, info) =
         AnyEngine::open(run.device, index, model, &load).map_err(|e| e.to_string())?;
-    eprintln!("backend: {info}");
+    gram::note!("backend: {info}");
     // The server's query limits guard it against its clients; a query given here (or a
     // judged query of `gram eval`, which `evaluate.py` scores whatever its length) is the
     // user's own, and only the model's context bounds it.
@@ -889,13 +890,13 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         ));
     }
     if dropped > 0 {
-        eprintln!(
+        gram::note!(
             "warning: {dropped} of {grades} judged products are not in the index: dropped (as \
              evaluate.py drops those missing from the catalog)"
         );
     }
     if judged_left_out > 0 {
-        eprintln!(
+        gram::note!(
             "warning: {judged_left_out} judged products were left out of the index by its build \
              (--on-error skip): counted, never retrieved"
         );
@@ -904,20 +905,20 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         .as_u64()
         .filter(|&n| n > 0)
     {
-        eprintln!(
+        gram::note!(
             "warning: the index's build skipped {lines} catalog lines it could not read: a \
              judged product on one of them is dropped with those not in the index"
         );
     }
     if judged.duplicate_queries > 0 {
-        eprintln!(
+        gram::note!(
             "warning: {} judgement lines repeat an earlier query: merged with it (a later grade \
              of the same product wins)",
             judged.duplicate_queries
         );
     }
     if judged.empty_grades > 0 {
-        eprintln!(
+        gram::note!(
             "warning: {} rows with an empty grade skipped",
             judged.empty_grades
         );
@@ -932,7 +933,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     let batch_invariant =
         (matches!(engine, AnyEngine::Cpu(_)) && gram::backend::cpu::panels_on()) || args.batch == 1;
     if !batch_invariant {
-        eprintln!(
+        gram::note!(
             "warning: on the GPU a query's codes may depend on the queries batched with it \
              (near-ties can swap); --batch 1 or --device cpu for figures that do not"
         );

@@ -677,6 +677,27 @@ fn a_closed_stdout_is_a_quiet_exit_not_a_panic() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
 
+/// A stderr that cannot be written (`2>/dev/full`, a closed pipe) loses the notes, not the
+/// report: `gram lm` prints its `backend:` line there, and `eprintln!` panicked (exit 101,
+/// stdout empty).
+#[test]
+fn a_full_stderr_loses_the_notes_not_the_report() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args(["lm", "--device", "cpu", "--prompt", "hi", "--model"])
+        .arg(&model)
+        .stderr(full)
+        .output()
+        .expect("run gram");
+    assert!(out.status.success(), "{:?}", out.status);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["top"].as_array().is_some_and(|t| !t.is_empty()), "{v}");
+}
+
 /// The library's warnings reach stderr in every command, not only in `gram serve`: an extra
 /// stop token of `generation_config.json` past the vocabulary is dropped with a warning that
 /// names it, and the command still succeeds.

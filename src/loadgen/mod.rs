@@ -560,10 +560,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // An open loop's latencies count from the schedule: the generator's own lateness is in
     // them. Worth a word when it is more than a few tenths of a millisecond.
     if report.mode == "open" && report.send_lag_ms.p99 > LATE_MS {
-        eprintln!(
+        crate::note!(
             "warning: the load generator sent late (p99 {:.2} ms, max {:.2} ms behind its \
              schedule): the open-loop latencies include that much of the client's own time",
-            report.send_lag_ms.p99, report.send_lag_ms.max
+            report.send_lag_ms.p99,
+            report.send_lag_ms.max
         );
     }
     let text = serde_json::to_string_pretty(&report).expect("a report serializes; this is a bug");
@@ -581,7 +582,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             .and_then(|_| write(latencies_csv, csv(&samples).as_bytes()))
             .and_then(|_| write(latency_svg, plot::svg(&report, &samples).as_bytes()));
         if written.is_ok() {
-            eprintln!(
+            crate::note!(
                 "wrote {0}/report.json, {0}/latencies.csv, {0}/latency.svg",
                 dir.display()
             );
@@ -766,7 +767,7 @@ fn replot(dir: &Path) -> Result<(), String> {
     let p = dir.join("latency.svg");
     crate::container::write_atomic(&p, plot::svg(&report, &samples).as_bytes())
         .map_err(|e| format!("{}: {e}", p.display()))?;
-    eprintln!("wrote {}", p.display());
+    crate::note!("wrote {}", p.display());
     Ok(())
 }
 

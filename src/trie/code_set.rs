@@ -454,7 +454,7 @@ mod tests {
                 fast.offsets == plain.offsets && fast.tokens == plain.tokens,
                 "{name}"
             );
-            eprintln!(
+            crate::note!(
                 "{name}: {} codes, {} tokens, identical; memo {t_fast:.3} s, plain {t_plain:.3} s",
                 fast.len(),
                 fast.tokens.len()
