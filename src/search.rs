@@ -439,10 +439,12 @@ impl<B: Backend> Engine<B> {
         if query.is_empty() {
             return Err(Error::Input("query: empty".into()));
         }
-        if request.query.len() > l.max_query_bytes {
+        // The query searched is the trimmed one: whitespace around it counts against no limit
+        // (the request body's own limit bounds it).
+        if query.len() > l.max_query_bytes {
             return Err(Error::Input(format!(
                 "query: {} bytes, at most {} allowed",
-                request.query.len(),
+                query.len(),
                 l.max_query_bytes
             )));
         }

@@ -130,17 +130,24 @@ impl Settings {
                 None => e.to_string(),
             })
         })?;
-        if !s.query_template.contains("{query}") {
-            return Err(bad(format!(
-                "query_template {:?} has no {{query}}",
-                s.query_template
-            )));
-        }
-        if !s.product_template.contains("{title}") {
-            return Err(bad(format!(
-                "product_template {:?} has no {{title}}",
-                s.product_template
-            )));
+        // Each template holds its own placeholder once, and not the other's (left in as text,
+        // it would be a literal `{title}` in every query): the server sizes a query's KV
+        // entries by one copy of the query.
+        for (key, template, own, other) in [
+            ("query_template", &s.query_template, "{query}", "{title}"),
+            (
+                "product_template",
+                &s.product_template,
+                "{title}",
+                "{query}",
+            ),
+        ] {
+            let n = template.matches(own).count();
+            if n != 1 || template.contains(other) {
+                return Err(bad(format!(
+                    "{key} {template:?} must hold {own} once (it holds it {n} times) and no {other}"
+                )));
+            }
         }
         if s.delimiter.is_empty() {
             return Err(bad("delimiter is empty".into()));
@@ -301,6 +308,15 @@ mod tests {
             (r#"{"code_logprob":{"alpha":1}}"#, "alpha"),
             (r#"{"aggregation":"MAX"}"#, "aggregation \"MAX\""),
             (r#"{"query_template":"no placeholder"}"#, "query_template"),
+            (
+                r#"{"query_template":"{query} and {query}"}"#,
+                "holds it 2 times",
+            ),
+            (
+                r#"{"query_template":"{query} like {title}"}"#,
+                "and no {title}",
+            ),
+            (r#"{"product_template":"P: {query}"}"#, "product_template"),
             (
                 r#"{"product_template":"no placeholder"}"#,
                 "product_template",

@@ -971,6 +971,10 @@ async fn bad_input_is_a_clear_4xx() {
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.text());
+    // The byte limit is the trimmed query's: 4 bytes inside 300 of spaces is taken.
+    let padded = format!("{0}sofa{0}", " ".repeat(150));
+    let a = post(addr, "/v1/codes", json!({ "query": padded })).await;
+    assert_eq!(a.status, 200, "{}", a.text());
     // Media types with parameters, and `+json` ones, are JSON.
     for ct in [
         "application/json; charset=utf-8",
@@ -991,8 +995,8 @@ async fn bad_input_is_a_clear_4xx() {
         m[r#"gram_requests_total{endpoint="other",status="404"}"#],
         1.0
     );
-    // No request but the good ones (two searches, two codes requests) reached the batch.
-    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 4.0);
+    // No request but the good ones (two searches, three codes requests) reached the batch.
+    assert_eq!(m[r#"gram_stage_seconds_count{stage="queue"}"#], 5.0);
     server.shutdown().await.unwrap();
 }
 
