@@ -115,6 +115,18 @@ pub fn run(args: BenchCodesArgs) -> Result<(), String> {
     for &b in &args.beam {
         crate::beam::check_width(b).map_err(|e| format!("--beam: {e}"))?;
     }
+    // The other flags too, before a model loads (or a device opens) to say so.
+    let options = BeamOptions {
+        max_new_tokens: args.max_new_tokens,
+        normalize: normalize(&args.normalize)?,
+        ..Default::default()
+    };
+    options
+        .check()
+        .map_err(|e| format!("--max-new-tokens: {e}"))?;
+    if let Some(t) = args.threads.filter(|&t| t == 0 || t > 1024) {
+        return Err(format!("--threads {t}: expected 1..=1024"));
+    }
     let (gpu, info) =
         crate::search::open_backend(args.device, &args.model).map_err(|e| e.to_string())?;
     crate::note!("bench-codes: backend {info}");
@@ -188,16 +200,21 @@ fn read_prompts(
     Ok(out)
 }
 
+/// `--normalize`'s value.
+fn normalize(flag: &str) -> Result<Normalize, String> {
+    match flag {
+        "full" => Ok(Normalize::Full),
+        "children" => Ok(Normalize::Children),
+        o => Err(format!("--normalize `{o}`: expected full or children")),
+    }
+}
+
 fn bench<B: Backend>(
     args: &BenchCodesArgs,
     model: &Model<B>,
     gpu: Option<&CudaBackend>,
 ) -> Result<(), String> {
-    let normalize = match args.normalize.as_str() {
-        "full" => Normalize::Full,
-        "children" => Normalize::Children,
-        o => return Err(format!("--normalize `{o}`: expected full or children")),
-    };
+    let normalize = normalize(&args.normalize)?;
     let tokenizer =
         Tokenizer::from_file(&args.model.join("tokenizer.json")).map_err(|e| e.to_string())?;
     tokenizer
@@ -484,6 +501,14 @@ mod tests {
             ),
             (&["--batch", "1", "--batch", "257"][..], "--batch 257"),
             (&["--beam", "0"][..], "--beam"),
+            // Checked before the model (here: a directory that does not exist) loads.
+            (
+                &["--max-new-tokens", "0"][..],
+                "max_new_tokens 0 is out of range",
+            ),
+            (&["--max-new-tokens", "257"][..], "max_new_tokens 257"),
+            (&["--normalize", "x"][..], "--normalize `x`"),
+            (&["--threads", "0"][..], "--threads 0: expected 1..=1024"),
         ] {
             let e = run(args(flags)).unwrap_err();
             assert!(e.contains(want), "{flags:?}: {e}");
