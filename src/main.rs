@@ -487,11 +487,7 @@ fn codes_on<B: Backend>(
     // Each prompt checked first, named by its place on the command line and its text (the
     // search would call the one past the context "query 0").
     for (i, (q, p)) in queries.iter().zip(&args.prompts).enumerate() {
-        beam::check_query(model, q, &trie).map_err(|e| {
-            let preview: String = p.chars().take(40).collect();
-            let more = if preview.len() < p.len() { "…" } else { "" };
-            format!("prompt {} ({preview:?}{more}): {e}", i + 1)
-        })?;
+        beam::check_query(model, q, &trie).map_err(|e| format!("prompt {}: {e}", named(i, p)))?;
     }
     let outputs = beam::search(model, &trie, &queries).map_err(|e| e.to_string())?;
     for (prompt, out) in args.prompts.iter().zip(outputs) {
@@ -757,23 +753,39 @@ fn run_search(args: SearchArgs) -> Result<(), String> {
     }
 }
 
-/// Searches `args.queries` one at a time, one JSON line each.
+/// An argument's place on the command line (from 1) and the start of its text, for errors.
+fn named(i: usize, text: &str) -> String {
+    let preview: String = text.chars().take(40).collect();
+    let more = if preview.len() < text.len() {
+        "…"
+    } else {
+        ""
+    };
+    format!("{} ({preview:?}{more})", i + 1)
+}
+
+/// Searches `args.queries` one at a time, one JSON line each, once every query is found good
+/// (a bad one is named, and nothing is printed: not the queries before it alone).
 fn search_on<B: Backend>(
     engine: &Engine<B>,
     args: &SearchArgs,
     open_ms: f64,
 ) -> Result<(), String> {
     let mut beams = BeamSearch::new();
-    for q in &args.queries {
+    let prepared = (args.queries.iter().enumerate())
+        .map(|(i, q)| {
+            let request = Request {
+                k: args.k,
+                beam: args.beam,
+                ..Request::new(q.as_str())
+            };
+            (engine.prepare(request)).map_err(|e| format!("query {}: {e}", named(i, q)))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    for prepared in prepared {
         if stdout_closed() {
             break;
         }
-        let request = Request {
-            k: args.k,
-            beam: args.beam,
-            ..Request::new(q.as_str())
-        };
-        let prepared = engine.prepare(request).map_err(|e| e.to_string())?;
         let response = engine
             .search(&mut beams, vec![prepared])
             .map_err(|e| e.to_string())?

@@ -408,6 +408,24 @@ fn a_long_query_is_searched_and_evaluated() {
     assert!(!err.contains("refused"), "{err}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["skipped"]["refused_by_engine"], 0, "{r}");
+    // A bad query among good ones: named by its place and text, before anything is printed
+    // (the queries before it were printed and those after never run).
+    let out = gram(&[
+        "search",
+        "--index",
+        ix,
+        "--threads",
+        "1",
+        "oak",
+        "   ",
+        "lamp",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+    assert!(
+        err.contains("query 2 (\"   \"): ") && err.contains("empty"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
