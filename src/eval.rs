@@ -554,21 +554,29 @@ pub fn run<B: Backend>(
                 }
             }
         }
+        // One query's failure (a numeric error of its own rows) is that query's, kept and
+        // counted as refused like one `prepare` refused: the others' answers stand.
         let mut responses = if prepared.is_empty() {
             Vec::new()
         } else {
-            engine.search(&mut beams, prepared)?
+            engine.search_each(&mut beams, prepared)?
         }
         .into_iter();
         for (i, j) in chunk.iter().enumerate() {
             let r = match refused.remove(&i) {
-                Some(e) => {
-                    out.push(score_query(j, None, Some(e), &ids, index, &mut seen));
-                    continue;
-                }
-                None => responses.next().expect("one response per prepared query"),
+                Some(e) => Err(e),
+                None => match responses.next().expect("one response per prepared query") {
+                    Ok(r) => Ok(r),
+                    Err(e) => {
+                        crate::note!("warning: query {:?} failed: {e}", j.query);
+                        Err(e.to_string())
+                    }
+                },
             };
-            out.push(score_query(j, Some(r), None, &ids, index, &mut seen));
+            out.push(match r {
+                Ok(r) => score_query(j, Some(r), None, &ids, index, &mut seen),
+                Err(e) => score_query(j, None, Some(e), &ids, index, &mut seen),
+            });
         }
     }
     Ok(out)

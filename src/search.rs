@@ -513,12 +513,23 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Searches all `requests` together (shared decoder steps) and returns one response each,
-    /// in order.
+    /// in order; a request that failed (a numeric error of its own rows) fails the call, after
+    /// the others ran to their end.
     pub fn search(
         &self,
         search: &mut BeamSearch<B>,
         requests: Vec<Prepared>,
     ) -> Result<Vec<Response>> {
+        self.search_each(search, requests)?.into_iter().collect()
+    }
+
+    /// [`Engine::search`] with each request's own outcome: the outer error is the batch's (it
+    /// could not be made, or a step failed as a whole), an inner one a request's alone.
+    pub fn search_each(
+        &self,
+        search: &mut BeamSearch<B>,
+        requests: Vec<Prepared>,
+    ) -> Result<Vec<Result<Response>>> {
         let entries = requests.iter().map(|p| self.entries_for(p)).sum();
         let mut batch = self.batch(search, entries)?;
         let mut tickets = Vec::with_capacity(requests.len());
@@ -541,8 +552,7 @@ impl<B: Backend> Engine<B> {
             Ok(done)
         })?;
         done.sort_by_key(|(t, _)| *t);
-        // A request that failed fails the call (the others ran to their end).
-        done.into_iter().map(|(_, r)| r).collect()
+        Ok(done.into_iter().map(|(_, r)| r).collect())
     }
 
     /// Postings, scores and top K of a request whose codes are done ([`Batch::step_codes`]). It

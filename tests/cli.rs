@@ -771,3 +771,80 @@ fn warnings_reach_stderr() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One judged query whose own rows go non-finite (its token's embedding row is NaN in this
+/// copy of the model; no title or code uses that token, so the index builds) fails alone:
+/// `gram eval` keeps it, counted as refused with a warning, and reports the others. It used
+/// to abort the whole evaluation, its report and per-query file lost.
+#[test]
+fn a_query_that_fails_alone_does_not_end_the_evaluation() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gram-cli-nan-{}", std::process::id()));
+    let model = copy_model(&model_dir("tiny-llama"), "cli-nan-model");
+    let tok = gram::tokenizer::Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let used: std::collections::HashSet<u32> = ["oak sofa", "oak lamp", "sofa", "lamp", "oak"]
+        .iter()
+        .flat_map(|t| tok.encode_plain(t).unwrap())
+        .chain(tok.encode("oak").unwrap())
+        .collect();
+    let poisoned = tok
+        .encode_plain("zebra")
+        .unwrap()
+        .into_iter()
+        .find(|t| !used.contains(t))
+        .expect("a token of `zebra` no title, code or other query uses");
+    // The embedding row of that token, NaN, in place in the f32 safetensors file.
+    let path = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header["model.embed_tokens.weight"];
+    assert_eq!(t["dtype"], "F32");
+    let hidden = t["shape"][1].as_u64().unwrap() as usize;
+    let start = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize;
+    let row = start + poisoned as usize * hidden * 4;
+    for c in bytes[row..row + hidden * 4].chunks_exact_mut(4) {
+        c.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let lines: Vec<String> = [("p0", "oak sofa", "sofa"), ("p1", "oak lamp", "lamp")]
+        .into_iter()
+        .map(|(id, title, code)| {
+            serde_json::json!({"id": id, "title": title, "codes": [code]}).to_string()
+        })
+        .collect();
+    let ix = build_index_with(&tmp, &model, &lines);
+    let judged = tmp.join("judged.jsonl");
+    std::fs::write(
+        &judged,
+        [
+            serde_json::json!({"query": "oak", "grades": {"p0": 3}}).to_string(),
+            serde_json::json!({"query": "zebra", "grades": {"p1": 3}}).to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = gram(&[
+        "eval",
+        "--index",
+        ix.to_str().unwrap(),
+        "--judgements",
+        judged.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("query \"zebra\" failed"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            r["queries"].as_u64(),
+            r["skipped"]["refused_by_engine"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{r}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&model);
+}
