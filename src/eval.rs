@@ -231,6 +231,9 @@ pub struct Judgements {
     pub duplicate_queries: usize,
     /// CSV rows with an empty grade (skipped, as `pairs.py` skips them).
     pub empty_grades: usize,
+    /// Grades of a (query, product) already graded (a per-rater CSV, a repeated JSONL line):
+    /// the later one kept, as `metrics.py` keeps it.
+    pub replaced_grades: usize,
 }
 
 impl Judgements {
@@ -246,15 +249,19 @@ impl Judgements {
             .sum()
     }
 
-    /// Drops the grades of products outside `known` (not in the index); returns how many.
-    pub fn retain_products(&mut self, known: &HashSet<String>) -> usize {
-        let mut dropped = 0;
-        for j in &mut self.queries {
+    /// Drops the grades of products outside `known` (not in the index), and the queries that
+    /// had grades and none of them is left (nothing of theirs can be judged: kept, they would
+    /// count in `queries`, latency and judged@10 as zeros); returns how many grades and how
+    /// many queries (as `evaluate.py` drops them).
+    pub fn retain_products(&mut self, known: &HashSet<String>) -> (usize, usize) {
+        let (mut dropped, before_queries) = (0, self.queries.len());
+        self.queries.retain_mut(|j| {
             let before = j.grades.len();
             j.grades.retain(|d, _| known.contains(d));
             dropped += before - j.grades.len();
-        }
-        dropped
+            before == 0 || !j.grades.is_empty()
+        });
+        (dropped, before_queries - self.queries.len())
     }
 }
 
@@ -299,7 +306,11 @@ fn add_query(
             if count {
                 out.duplicate_queries += 1;
             }
-            out.queries[i].grades.extend(grades);
+            for (d, g) in grades {
+                if out.queries[i].grades.insert(d, g).is_some() {
+                    out.replaced_grades += 1;
+                }
+            }
         }
         None => {
             at.insert(query.clone(), out.queries.len());
@@ -910,6 +921,8 @@ mod tests {
         let j = parse_jsonl_judgements(text).unwrap();
         assert_eq!(j.queries.len(), 2);
         assert_eq!(j.duplicate_queries, 1);
+        // The repeated line grades another product: nothing replaced.
+        assert_eq!(j.replaced_grades, 0);
         assert_eq!(j.queries[0].query, "aa battery");
         // merged as metrics.py merges them; grades truncate as int(g)
         assert_eq!(
@@ -957,6 +970,8 @@ mod tests {
         // a later row for the same product wins; grades truncate as int(float(x))
         assert_eq!(j.queries[0].grades, Grades::from([("1".to_string(), 1.0)]));
         assert_eq!(j.queries[1].grades["7"], 2.0);
+        // and is counted (a per-rater file's repeats were replaced without a word)
+        assert_eq!(j.replaced_grades, 1);
         let rows = csv_rows("a,\"b,c\",\"d\"\"e\"\nx,\"y\nz\",w").unwrap();
         assert_eq!(rows[0], (1, ids(&["a", "b,c", "d\"e"])));
         assert_eq!(rows[1], (2, ids(&["x", "y\nz", "w"])));
@@ -982,11 +997,17 @@ mod tests {
     #[test]
     fn unknown_products_are_dropped_and_counted() {
         let mut j = parse_jsonl_judgements(
-            "{\"query\": \"q\", \"grades\": {\"1\": 3, \"2\": 0, \"9\": 2}}",
+            "{\"query\": \"q\", \"grades\": {\"1\": 3, \"2\": 0, \"9\": 2}}\n\
+             {\"query\": \"gone\", \"grades\": {\"8\": 3, \"9\": 1}}\n\
+             {\"query\": \"none\", \"grades\": {}}",
         )
         .unwrap();
         let known: HashSet<String> = ["1", "2"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(j.retain_products(&known), 1);
+        // 3 grades of products outside the index; "gone" has none left and goes, "none"
+        // never had any and stays (as read).
+        assert_eq!(j.retain_products(&known), (3, 1));
         assert_eq!(j.num_grades(), 2);
+        let left: Vec<&str> = j.queries.iter().map(|q| q.query.as_str()).collect();
+        assert_eq!(left, ["q", "none"]);
     }
 }

@@ -892,7 +892,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
     let grades = judged.num_grades();
     let (mut known, left_out) = gram::eval::catalog_product_ids(engine.index());
     known.extend(left_out.iter().cloned());
-    let dropped = judged.retain_products(&known);
+    let (dropped, emptied) = judged.retain_products(&known);
     let judged_left_out = judged.count_products(&left_out);
     if dropped == grades {
         return Err(format!(
@@ -905,6 +905,12 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         gram::note!(
             "warning: {dropped} of {grades} judged products are not in the index: dropped (as \
              evaluate.py drops those missing from the catalog)"
+        );
+    }
+    if emptied > 0 {
+        gram::note!(
+            "warning: {emptied} queries have none of their judged products in the index: left \
+             out (counted as queries_without_judged_products_in_index)"
         );
     }
     if judged_left_out > 0 {
@@ -927,6 +933,13 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
             "warning: {} judgement lines repeat an earlier query: merged with it (a later grade \
              of the same product wins)",
             judged.duplicate_queries
+        );
+    }
+    if judged.replaced_grades > 0 {
+        gram::note!(
+            "warning: {} grades repeat an earlier grade of the same query and product: the \
+             later one kept",
+            judged.replaced_grades
         );
     }
     if judged.empty_grades > 0 {
@@ -966,6 +979,7 @@ fn run_eval(args: EvalArgs) -> Result<(), String> {
         "judged_products": grades - dropped,
         "judged_products_not_in_index": dropped,
         "judged_products_left_out_by_build": judged_left_out,
+        "queries_without_judged_products_in_index": emptied,
     });
     if let (Some(o), Some(r)) = (out.as_object_mut(), report.as_object()) {
         o.extend(r.clone());

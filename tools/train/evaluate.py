@@ -295,7 +295,14 @@ def main(argv=None):
     if missing:
         print(f"evaluate: {missing} judged products are not in the catalog: left out",
               file=sys.stderr)
-    judged = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
+    kept = {q: {d: g for d, g in gr.items() if d in catalog_ids} for q, gr in judged.items()}
+    # A query that had grades and has none left cannot be judged: left out (as `gram eval`).
+    emptied = sorted(q for q in judged if judged[q] and not kept[q])
+    if emptied:
+        print(f"evaluate: {len(emptied)} queries have none of their judged products in the "
+              f"catalog: left out", file=sys.stderr)
+    judged = {q: gr for q, gr in kept.items() if q not in emptied}
+    queries = sorted(judged)
     idx = work / f"eval-index-{model.name}"
     g, build_s, wall = gram_run(args.gram, model, model / "catalog.jsonl", idx,
                                 queries, args.k, args.rebuild, args.beam, search_model)
