@@ -1,9 +1,10 @@
 //! Beam search against transformers: `generate(num_beams=B, num_return_sequences=B,
 //! length_penalty=P, max_new_tokens=M, prefix_allowed_tokens_fn=trie)` golden outputs from
 //! `tools/beam_oracle.py` (see tools/FIXTURES.md) on the three tiny models and SmolLM2-135M.
-//! Same codes in the same order, scores and per-token log-probs within 1e-3 (issue 3's bound) for
-//! SmolLM2 and 1e-4 for the tiny f32 models (reruns of the oracle move them by ~1e-6), scores
-//! also within a few f32 ulps of their size. All cases
+//! Same codes in the same order, scores and per-token log-probs within 2e-4 for SmolLM2 (issue
+//! 3 asks 1e-3; the largest difference measured across hosts and ISAs was 6.7e-5, so a bug
+//! of a few 1e-4 in the decode steps still fails) and 2e-5 for the tiny f32 models (reruns of
+//! the oracle move them by ~2e-6), scores also within a few f32 ulps of their size. All cases
 //! of a model run as one batch (different beams, lengths and penalties sharing decoder steps).
 
 mod common;
@@ -82,7 +83,7 @@ fn check(fixture: &str, dir: &std::path::Path, tol: f64) {
 #[test]
 fn tiny_models_match_transformers_beam_search() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
-        check(&format!("beam-{name}.json"), &model_dir(name), 1e-4);
+        check(&format!("beam-{name}.json"), &model_dir(name), 2e-5);
     }
 }
 
@@ -92,11 +93,11 @@ fn tiny_models_match_transformers_beam_search() {
 #[test]
 fn prefix_codes_match_transformers_beam_search() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
-        check(&format!("beam-prefix-{name}.json"), &model_dir(name), 1e-4);
+        check(&format!("beam-prefix-{name}.json"), &model_dir(name), 2e-5);
     }
 }
 
 #[test]
 fn smollm2_matches_transformers_beam_search() {
-    check("beam-smollm2.json", &smollm2_dir(), 1e-3);
+    check("beam-smollm2.json", &smollm2_dir(), 2e-4);
 }
