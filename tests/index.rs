@@ -287,7 +287,12 @@ fn generated_product_codes_carry_teacher_forced_probabilities() {
         max_new_tokens: 16,
     };
     let path = std::env::temp_dir().join(format!("gram-gen-{}.gram", std::process::id()));
-    let settings = Settings::default();
+    // A product template as the shipped models have (the default is the bare title): every
+    // probability is teacher-forced after the templated prompt, generation starts from it.
+    let settings = Settings {
+        product_template: "P: {title}\n".into(),
+        ..Settings::default()
+    };
     let report = build(
         &model,
         &tok,
@@ -301,7 +306,10 @@ fn generated_product_codes_carry_teacher_forced_probabilities() {
     assert_eq!(report.generated, 12, "beam 4 × 3 products");
     assert_eq!(report.postings, 13, "plus the catalog's own code");
     let ix = Index::open(&path).unwrap();
-    assert_eq!(pt_matches_teacher_forcing(&ix, &items, &model, &tok), 13);
+    assert_eq!(
+        pt_matches_teacher_forcing(&ix, &items, &model, &tok, &settings),
+        13
+    );
     std::fs::remove_file(&path).unwrap();
 }
 
@@ -312,6 +320,7 @@ fn pt_matches_teacher_forcing(
     items: &[gram::catalog::Item],
     model: &Model,
     tok: &Tokenizer,
+    settings: &gram::settings::Settings,
 ) -> usize {
     let mut arena = None;
     let mut seen = 0;
@@ -323,7 +332,9 @@ fn pt_matches_teacher_forcing(
         let code = tok.encode_plain(&text).unwrap();
         assert_eq!(code.len(), n, "{text:?}");
         for (j, &prod) in p.products.iter().enumerate() {
-            let prompt = tok.encode(&items[prod as usize].title).unwrap();
+            let prompt = tok
+                .encode(&settings.product_prompt(&items[prod as usize].title))
+                .unwrap();
             let want = teacher_force(model, &mut arena, &prompt, &[&code])
                 .unwrap()
                 .remove(0);
@@ -429,7 +440,7 @@ fn unconstrained_generation_indexes_decoded_codes() {
     assert!(report.generated > 0 && report.codes > 0, "{report:?}");
     let ix = gram::index::Index::open(&path).unwrap();
     assert_eq!(
-        pt_matches_teacher_forcing(&ix, &items, &model, &tok),
+        pt_matches_teacher_forcing(&ix, &items, &model, &tok, &settings),
         report.postings
     );
     // A threshold nothing reaches: a clear error, not an empty index.
