@@ -737,3 +737,100 @@ fn an_index_with_a_code_past_the_generation_limit_is_refused_at_open() {
     assert!(e.contains(&format!("longest code has {n} tokens")), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The generation threshold keeps a generated code whose sequence probability (its EOS
+/// included) is at least the threshold: at one between two of a product's beams, exactly the
+/// beams at or above it are indexed for each product. (The other tests use 0 and 1, where the
+/// comparison cannot show: `>` for `>=`, or a length-normalized probability, passed them.)
+#[test]
+fn the_generation_threshold_keeps_the_codes_at_or_above_it() {
+    use gram::beam::{self, BeamOptions, Query};
+    use gram::catalog::{build, Generate};
+    use gram::index::Index;
+    use gram::settings::Settings;
+    use gram::trie::{CodeSet, Trie};
+    use std::collections::BTreeSet;
+    let dir = model_dir("tiny-qwen2");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = Model::load(&dir, &Default::default()).unwrap();
+    let items = items(&["Green velvet sofa", "Oak desk", "Blue wool rug"]);
+    let list: Vec<String> = std::fs::read_to_string(repo().join("tests/golden/codes-tiny.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let eos = model.config.eos_token_ids[0];
+    let set = CodeSet::from_texts(list.clone(), &tok, eos).unwrap();
+    let trie = Trie::build(&set, model.config.vocab_size, eos).unwrap();
+    let settings = Settings::default();
+    // Each product's beams as the build runs them (beam 4), with their probabilities.
+    let beams: Vec<Vec<(String, f32)>> = items
+        .iter()
+        .map(|it| {
+            let q = Query {
+                prompt: tok.encode(&settings.product_prompt(&it.title)).unwrap(),
+                options: BeamOptions {
+                    beam: 4,
+                    max_new_tokens: trie.max_len() + 1,
+                    ..Default::default()
+                },
+            };
+            let out = beam::search(&model, &trie, &[q]).unwrap().remove(0);
+            (out.codes.iter())
+                .map(|c| {
+                    let p = c.token_logprobs.iter().sum::<f32>().exp();
+                    (set.texts[c.code.unwrap() as usize].clone(), p)
+                })
+                .collect()
+        })
+        .collect();
+    // Exactly product 0's second beam's probability (the build computes the same bits: its
+    // batches give each product's beams as alone): that beam is kept, the third is not.
+    let mut p0: Vec<f32> = beams[0].iter().map(|b| b.1).collect();
+    p0.sort_by(|a, b| b.total_cmp(a));
+    assert!(p0.len() == 4 && p0[1] > p0[2], "{p0:?}");
+    let threshold = p0[1];
+    let generate = Generate {
+        codes: list,
+        beam: 4,
+        threshold,
+        batch: 2,
+        max_new_tokens: 16,
+    };
+    let path = std::env::temp_dir().join(format!("gram-threshold-{}.gram", std::process::id()));
+    let meta = serde_json::json!({"model": {"fingerprint": "threshold"}});
+    build(
+        &model,
+        &tok,
+        &settings,
+        &items,
+        Some(&generate),
+        &path,
+        &meta,
+    )
+    .unwrap();
+    let ix = Index::open(&path).unwrap();
+    let mut kept = 0;
+    for (pi, b) in beams.iter().enumerate() {
+        let want: BTreeSet<String> = (b.iter())
+            .filter(|(_, p)| *p >= threshold)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let got: BTreeSet<String> = (0..ix.num_codes() as u32)
+            .filter(|&c| {
+                let n = ix.code(c).unwrap().n_tokens as usize;
+                let (pq, w) = (vec![0.5; n], vec![-1.0; n]);
+                let list = ix.postings(c, &pq, &w).unwrap();
+                list.products.contains(&(pi as u32))
+            })
+            .map(|c| ix.code_text(c).unwrap().into_owned())
+            .collect();
+        assert_eq!(got, want, "product {pi} at threshold {threshold}: {b:?}");
+        kept += want.len();
+    }
+    assert!(
+        kept >= 2 && kept < 12,
+        "{kept} of 12 beams kept: {beams:?} at {threshold}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
