@@ -829,7 +829,7 @@ fn the_generation_threshold_keeps_the_codes_at_or_above_it() {
         kept += want.len();
     }
     assert!(
-        kept >= 2 && kept < 12,
+        (2..12).contains(&kept),
         "{kept} of 12 beams kept: {beams:?} at {threshold}"
     );
     std::fs::remove_file(&path).unwrap();
