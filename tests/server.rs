@@ -1260,6 +1260,8 @@ async fn a_client_that_leaves_is_counted() {
         .as_bytes(),
     );
     assert_eq!(metric_reaches(addr, "gram_queue_depth", 1.0).await, 1.0);
+    // In flight over HTTP: it and the scrape reading the gauge.
+    assert_eq!(metrics(addr).await["gram_http_requests_in_flight"], 2.0);
     drop(leaving);
     let left = r#"gram_requests_total{endpoint="/v1/search",status="499"}"#;
     assert_eq!(metric_reaches(addr, left, 1.0).await, 1.0);
@@ -1268,6 +1270,8 @@ async fn a_client_that_leaves_is_counted() {
         m[r#"gram_request_failures_total{kind="client_closed"}"#],
         1.0
     );
+    // The handler dropped with its client: out of flight, the scrape alone left.
+    assert_eq!(m["gram_http_requests_in_flight"], 1.0);
     assert_eq!(
         m[r#"gram_request_duration_seconds_count{endpoint="/v1/search"}"#],
         1.0

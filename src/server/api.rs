@@ -430,7 +430,9 @@ pub async fn track(
         t,
         answered: false,
     };
+    let in_flight = state.metrics.http_request_started();
     let response = next.run(request).await;
+    drop(in_flight);
     abandoned.answered = true;
     let status = response.status().as_u16();
     state

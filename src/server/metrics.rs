@@ -168,6 +168,15 @@ impl Drop for OpenConnection {
     }
 }
 
+/// A request in `gram_http_requests_in_flight` until dropped.
+pub struct InFlightRequest<'a>(&'a Metrics);
+
+impl Drop for InFlightRequest<'_> {
+    fn drop(&mut self) {
+        self.0.http_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Every metric of the server.
 pub struct Metrics {
     /// `gram_requests_total{endpoint,status}`.
@@ -202,6 +211,9 @@ pub struct Metrics {
     arena_entries: AtomicU64,
     /// `gram_connections_open`: HTTP connections accepted and not closed.
     connections_open: AtomicU64,
+    /// `gram_http_requests_in_flight`: requests whose headers are read and whose handler has
+    /// not finished (or been dropped), any endpoint, the scrape that reads it included.
+    http_in_flight: AtomicU64,
     /// `gram_connections_max`: `--max-connections`; at it, new clients wait in the backlog.
     connections_max: AtomicU64,
     /// `gram_backend_info{backend,device}`: the backend the model runs on, once chosen.
@@ -229,6 +241,7 @@ impl Default for Metrics {
             scoring_backlog: AtomicU64::new(0),
             arena_entries: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
+            http_in_flight: AtomicU64::new(0),
             connections_max: AtomicU64::new(0),
             backend: Mutex::default(),
         }
@@ -289,6 +302,13 @@ impl Metrics {
     pub fn connection_opened(self: &std::sync::Arc<Self>) -> OpenConnection {
         self.connections_open.fetch_add(1, Ordering::Relaxed);
         OpenConnection(self.clone())
+    }
+
+    /// A request's handler starts (its headers are read): counted in
+    /// `gram_http_requests_in_flight` until the returned guard drops.
+    pub fn http_request_started(&self) -> InFlightRequest<'_> {
+        self.http_in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightRequest(self)
     }
 
     pub fn set_connections_max(&self, n: usize) {
@@ -429,6 +449,11 @@ impl Metrics {
                 "gram_connections_max",
                 "--max-connections: at it, new clients wait in the listen backlog.",
                 &self.connections_max,
+            ),
+            (
+                "gram_http_requests_in_flight",
+                "Requests whose headers are read and whose handler has not finished, this scrape included.",
+                &self.http_in_flight,
             ),
         ];
         for (name, help, g) in gauges {
