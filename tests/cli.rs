@@ -257,6 +257,103 @@ fn codes_prints_the_contract() {
     std::fs::remove_file(&empty).unwrap();
 }
 
+/// `gram codes`' options through the binary: `--length-penalty`, `--normalize children` and
+/// `--no-trie` each give what `beam::search` gives in process with the same options (codes,
+/// scores and token log-probs; the unconstrained run's decoded texts and its `invalid` count).
+#[test]
+fn codes_options_reach_the_search() {
+    use gram::beam::{self, BeamOptions, Normalize, Query};
+    let dir = model_dir("tiny-qwen2");
+    let codes = std::env::temp_dir().join(format!("gram-cli-opts-{}.txt", std::process::id()));
+    let texts = [
+        "sofa | velvet | green",
+        "sofa",
+        "lamp | brass",
+        "rug | wool",
+        "chair",
+    ];
+    std::fs::write(&codes, texts.join("\n") + "\n").unwrap();
+    let tok = gram::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = gram::Model::load(&dir, &Default::default()).unwrap();
+    let eos = model.config.eos_token_ids[0];
+    let set = gram::trie::CodeSet::from_texts(texts.map(String::from).to_vec(), &tok, eos).unwrap();
+    let trie = gram::trie::Trie::build(&set, model.config.vocab_size, eos).unwrap();
+    let base = BeamOptions {
+        beam: 4,
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let cases: [(&[&str], BeamOptions); 3] = [
+        (
+            &["--length-penalty", "0.5"],
+            BeamOptions {
+                length_penalty: 0.5,
+                ..base
+            },
+        ),
+        (
+            &["--normalize", "children"],
+            BeamOptions {
+                normalize: Normalize::Children,
+                ..base
+            },
+        ),
+        (
+            &["--no-trie"],
+            BeamOptions {
+                constrained: false,
+                ..base
+            },
+        ),
+    ];
+    for (flags, options) in cases {
+        let mut args = vec![
+            "codes",
+            "--model",
+            dir.to_str().unwrap(),
+            "--codes",
+            codes.to_str().unwrap(),
+            "--beam",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(flags);
+        args.push("green sofa");
+        let out = gram(&args);
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let q = Query {
+            prompt: tok.encode("green sofa").unwrap(),
+            options,
+        };
+        let want = beam::search(&model, &trie, &[q]).unwrap().remove(0);
+        let got = v["codes"].as_array().unwrap();
+        assert_eq!(got.len(), want.codes.len(), "{flags:?}: {v}");
+        for (g, w) in got.iter().zip(&want.codes) {
+            let text = match w.code {
+                Some(id) => set.texts[id as usize].clone(),
+                None => tok.decode(&w.tokens).unwrap(),
+            };
+            assert_eq!(g["code"], text.as_str(), "{flags:?}");
+            assert_eq!(g["score"].as_f64().unwrap() as f32, w.score, "{flags:?}");
+            assert_eq!(f32s(&g["token_logprobs"]), w.token_logprobs, "{flags:?}");
+        }
+        if options.constrained {
+            assert!(v.get("invalid").is_none(), "{flags:?}: {v}");
+        } else {
+            assert_eq!(v["invalid"].as_u64(), Some(want.invalid as u64), "{v}");
+        }
+    }
+    std::fs::remove_file(&codes).unwrap();
+}
+
 /// Every command that runs the model takes `--device` and says on stderr which backend it
 /// chose; `--device cuda` where no GPU can run the model (no GPU here; on a GPU box, the tiny
 /// models' head dims are not ones the CUDA kernels are built for) is a `device:` error with a
