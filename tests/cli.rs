@@ -93,7 +93,10 @@ fn lm_without_greedy_has_no_text() {
     ]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v.get("text").is_none() && v.get("greedy_tokens").is_none(), "{v}");
+    assert!(
+        v.get("text").is_none() && v.get("greedy_tokens").is_none(),
+        "{v}"
+    );
     assert_eq!(v["top"].as_array().unwrap().len(), 3);
 }
 

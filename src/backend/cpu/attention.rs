@@ -358,8 +358,16 @@ mod tests {
         for isa in Isa::available() {
             for layer in 0..layers {
                 let out = every_split(isa, &q, &kv, layer, batch, shape);
+                // Each row's context written out (not `batch.context`, the code under test):
+                // its span's entries, then its links'.
+                let contexts: [Vec<usize>; 3] = [
+                    (0..10).collect(),
+                    (0..10).chain([30, 17, 39]).collect(),
+                    (11..14).chain([5, 22, 23]).collect(),
+                ];
                 for (t, row) in rows.iter().enumerate() {
-                    let ctx: Vec<usize> = batch.context(row).collect();
+                    let ctx = &contexts[t];
+                    assert_eq!(batch.context(row).collect::<Vec<_>>(), *ctx, "row {t}");
                     for h in 0..heads {
                         let g = h / (heads / kv_heads);
                         let qh = &q[(t * heads + h) * d..][..d];
