@@ -149,10 +149,8 @@ fn bad_arguments_are_clear_errors() {
 
 /// `gram codes`: one JSON line per prompt, codes best first, each a line of the code file, with
 /// one log-prob per generated token (EOS included).
-#[test]
-fn codes_prints_the_contract() {
-    let dir = model_dir("tiny-qwen2");
-    let codes = std::env::temp_dir().join(format!("gram-cli-codes-{}.txt", std::process::id()));
+/// A code list of five codes, written to a temporary file named by `tag`: its path and texts.
+fn code_list(tag: &str) -> (PathBuf, [&'static str; 5]) {
     let texts = [
         "sofa | velvet | green",
         "sofa",
@@ -160,7 +158,15 @@ fn codes_prints_the_contract() {
         "rug | wool",
         "chair",
     ];
-    std::fs::write(&codes, texts.join("\n") + "\n").unwrap();
+    let path = std::env::temp_dir().join(format!("gram-cli-{tag}-{}.txt", std::process::id()));
+    std::fs::write(&path, texts.join("\n") + "\n").unwrap();
+    (path, texts)
+}
+
+#[test]
+fn codes_prints_the_contract() {
+    let dir = model_dir("tiny-qwen2");
+    let (codes, texts) = code_list("codes");
     let out = gram(&[
         "codes",
         "--model",
@@ -267,15 +273,7 @@ fn codes_prints_the_contract() {
 fn codes_options_reach_the_search() {
     use gram::beam::{self, BeamOptions, Normalize, Query};
     let dir = model_dir("tiny-qwen2");
-    let codes = std::env::temp_dir().join(format!("gram-cli-opts-{}.txt", std::process::id()));
-    let texts = [
-        "sofa | velvet | green",
-        "sofa",
-        "lamp | brass",
-        "rug | wool",
-        "chair",
-    ];
-    std::fs::write(&codes, texts.join("\n") + "\n").unwrap();
+    let (codes, texts) = code_list("opts");
     let tok = gram::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let model = gram::Model::load(&dir, &Default::default()).unwrap();
     let eos = model.config.eos_token_ids[0];

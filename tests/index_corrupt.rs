@@ -46,6 +46,21 @@ fn valid_index(path: &std::path::Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// The sections of the container at `path`, as (kind, bytes), in file order.
+fn sections_of(path: &std::path::Path) -> Vec<(u32, Vec<u8>)> {
+    let c = gram::container::Container::open(path).unwrap();
+    c.sections()
+        .iter()
+        .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
+        .collect()
+}
+
+/// Writes `sections` as a new container at `path`: every checksum holds whatever they hold.
+fn write_sections(path: &std::path::Path, sections: &[(u32, Vec<u8>)]) {
+    let refs: Vec<(u32, &[u8])> = sections.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+    gram::container::Container::write(path, &refs).unwrap();
+}
+
 fn seeded(seed: u64) -> impl FnMut(u64) -> u64 {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     move |m| {
@@ -137,19 +152,13 @@ fn a_section_of_partial_records_is_named() {
     std::fs::create_dir_all(&dir).unwrap();
     let good = dir.join("good.gram");
     valid_index(&good);
-    let c = gram::container::Container::open(&good).unwrap();
     for kind in [index::kind::CODES, index::kind::PRODUCTS] {
-        let mut sections: Vec<(u32, Vec<u8>)> = c
-            .sections()
-            .iter()
-            .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
-            .collect();
+        let mut sections = sections_of(&good);
         let (_, bytes) = sections.iter_mut().find(|(k, _)| *k == kind).unwrap();
         bytes.extend([0u8; 3]);
         let len = bytes.len();
         let bad = dir.join(format!("slop-{kind}.gram"));
-        let refs: Vec<(u32, &[u8])> = sections.iter().map(|(k, b)| (*k, b.as_slice())).collect();
-        gram::container::Container::write(&bad, &refs).unwrap();
+        write_sections(&bad, &sections);
         let err = match Index::open(&bad) {
             Ok(_) => panic!("section {kind} with 3 bytes over opened"),
             Err(e) => e.to_string(),
@@ -175,12 +184,7 @@ fn a_trie_counting_more_codes_than_nodes_is_refused_by_its_header() {
     std::fs::create_dir_all(&dir).unwrap();
     let good = dir.join("good.gram");
     valid_index(&good);
-    let c = gram::container::Container::open(&good).unwrap();
-    let mut sections: Vec<(u32, Vec<u8>)> = c
-        .sections()
-        .iter()
-        .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
-        .collect();
+    let mut sections = sections_of(&good);
     let t = sections
         .iter()
         .position(|(k, _)| *k == index::kind::TRIE)
@@ -195,8 +199,7 @@ fn a_trie_counting_more_codes_than_nodes_is_refused_by_its_header() {
     for codes in [nodes + 1, 0x7FFF_FFFF] {
         sections[t].1[28..32].copy_from_slice(&codes.to_le_bytes());
         let bad = dir.join(format!("codes-{codes}.gram"));
-        let refs: Vec<(u32, &[u8])> = sections.iter().map(|(k, b)| (*k, b.as_slice())).collect();
-        gram::container::Container::write(&bad, &refs).unwrap();
+        write_sections(&bad, &sections);
         let err = match Index::open(&bad) {
             Ok(_) => panic!("a trie of {nodes} nodes and {codes} codes opened"),
             Err(e) => e.to_string(),
@@ -219,13 +222,8 @@ fn an_unreadable_product_record_is_named_by_check_products() {
     let good = dir.join("good.gram");
     valid_index(&good);
     Index::open(&good).unwrap().check_products().unwrap();
-    let c = gram::container::Container::open(&good).unwrap();
     for (record, field) in [(0usize, 0usize), (24, 8)] {
-        let mut sections: Vec<(u32, Vec<u8>)> = c
-            .sections()
-            .iter()
-            .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
-            .collect();
+        let mut sections = sections_of(&good);
         let (_, bytes) = sections
             .iter_mut()
             .find(|(k, _)| *k == index::kind::PRODUCTS)
@@ -234,8 +232,7 @@ fn an_unreadable_product_record_is_named_by_check_products() {
         let at = 24 * record + field;
         bytes[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         let bad = dir.join(format!("bad-product-{record}.gram"));
-        let refs: Vec<(u32, &[u8])> = sections.iter().map(|(k, b)| (*k, b.as_slice())).collect();
-        gram::container::Container::write(&bad, &refs).unwrap();
+        write_sections(&bad, &sections);
         let ix = Index::open(&bad).unwrap();
         assert!(ix.product(record as u32).is_none());
         let err = ix.check_products().unwrap_err().to_string();
@@ -258,12 +255,7 @@ fn damaged_sections_behind_valid_checksums_are_refused_or_read_safely() {
     std::fs::create_dir_all(&dir).unwrap();
     let good = dir.join("good.gram");
     valid_index(&good);
-    let c = gram::container::Container::open(&good).unwrap();
-    let sections: Vec<(u32, Vec<u8>)> = c
-        .sections()
-        .iter()
-        .map(|s| (s.kind, c.section(s.kind).unwrap().1.to_vec()))
-        .collect();
+    let sections = sections_of(&good);
     let mut next = seeded(77);
     let path = dir.join("bad.gram");
     let (mut refused, mut opened, mut short_products) = (0, 0, 0);
@@ -303,8 +295,7 @@ fn damaged_sections_behind_valid_checksums_are_refused_or_read_safely() {
                 bytes.extend(add);
             }
         }
-        let refs: Vec<(u32, &[u8])> = s.iter().map(|(k, b)| (*k, b.as_slice())).collect();
-        gram::container::Container::write(&path, &refs).unwrap();
+        write_sections(&path, &s);
         match Index::open(&path) {
             Err(e) => {
                 assert!(!e.to_string().is_empty());

@@ -184,30 +184,28 @@ fn the_stopping_rule_of_the_module_docs_example() {
         length_penalty: 2.0,
         ..Default::default()
     };
-    let out = super::search_logits(&trie, options, |_, _, tokens| match tokens {
-        [] => row(&[(1, -1.0), (2, -1.1)]),
-        [1] => row(&[(eos, -0.9), (3, -1.2)]),
-        [2] => row(&[(eos, -0.9)]),
-        [1, 3] => row(&[(eos, -0.01)]),
-        t => panic!("no logits for {t:?}"),
-    })
-    .unwrap();
-    let got: Vec<Option<u32>> = out.codes.iter().map(|c| c.code).collect();
-    assert_eq!(got, [Some(0), Some(1)], "{:?}", out.codes);
-    for (c, want) in out.codes.iter().zip([-0.475f32, -0.5]) {
-        assert!((c.score - want).abs() < 1e-5, "{:?}", out.codes);
+    // The codes returned when `a x` takes log-prob `ax` after `a` (the rest as above).
+    let run = |ax: f32| {
+        let out = super::search_logits(&trie, options, |_, _, tokens| match tokens {
+            [] => row(&[(1, -1.0), (2, -1.1)]),
+            [1] => row(&[(eos, -0.9), (3, ax)]),
+            [2] => row(&[(eos, -0.9)]),
+            [1, 3] => row(&[(eos, -0.01)]),
+            t => panic!("no logits for {t:?}"),
+        })
+        .unwrap();
+        out.codes
+    };
+    let codes = run(-1.2);
+    let got: Vec<Option<u32>> = codes.iter().map(|c| c.code).collect();
+    assert_eq!(got, [Some(0), Some(1)], "{codes:?}");
+    for (c, want) in codes.iter().zip([-0.475f32, -0.5]) {
+        assert!((c.score - want).abs() < 1e-5, "{codes:?}");
     }
     // With `a x` (−1.95) between the two EOS candidates, `b`'s EOS ranks third of the step's
     // candidates: only the top B may finish, so `b` is dropped, `a x` runs on and ends at
     // −1.96 / 3² ≈ −0.218, first.
-    let out = super::search_logits(&trie, options, |_, _, tokens| match tokens {
-        [] => row(&[(1, -1.0), (2, -1.1)]),
-        [1] => row(&[(eos, -0.9), (3, -0.95)]),
-        [2] => row(&[(eos, -0.9)]),
-        [1, 3] => row(&[(eos, -0.01)]),
-        t => panic!("no logits for {t:?}"),
-    })
-    .unwrap();
-    let got: Vec<Option<u32>> = out.codes.iter().map(|c| c.code).collect();
-    assert_eq!(got, [Some(2), Some(0)], "{:?}", out.codes);
+    let codes = run(-0.95);
+    let got: Vec<Option<u32>> = codes.iter().map(|c| c.code).collect();
+    assert_eq!(got, [Some(2), Some(0)], "{codes:?}");
 }

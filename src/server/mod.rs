@@ -786,6 +786,24 @@ mod tests {
         assert_eq!(until_stopped(async {}, None).await, Stop::Signal);
     }
 
+    /// A tiny index (its directory) and the configuration `gram serve` makes of it with
+    /// `flags` (on the CPU, one thread, any free port).
+    fn tiny_server(tag: &str, flags: &str) -> (std::path::PathBuf, super::ServeConfig) {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: super::ServeArgs,
+        }
+        let dir = super::batcher::tests::tiny_index(tag);
+        let argv = ["serve", "--index", dir.to_str().unwrap()]
+            .into_iter()
+            .chain("--addr 127.0.0.1:0 --threads 1 --device cpu".split(' '))
+            .chain(flags.split_whitespace());
+        let config = Cli::parse_from(argv).serve.config().unwrap();
+        (dir, config)
+    }
+
     /// The whole answer to `request` sent on a new connection (blocking: on a blocking
     /// thread).
     async fn exchange(addr: std::net::SocketAddr, request: String) -> String {
@@ -814,19 +832,8 @@ mod tests {
     /// `/health` stays 200 throughout.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ready_is_503_stalled_while_a_step_hangs() {
-        use clap::Parser;
         use std::time::{Duration, Instant};
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            serve: super::ServeArgs,
-        }
-        let dir = super::batcher::tests::tiny_index("ready-stalled");
-        let flags = "--addr 127.0.0.1:0 --threads 1 --device cpu --timeout-ms 200";
-        let argv = ["serve", "--index", dir.to_str().unwrap()]
-            .into_iter()
-            .chain(flags.split(' '));
-        let config = Cli::parse_from(argv).serve.config().unwrap();
+        let (dir, config) = tiny_server("ready-stalled", "--timeout-ms 200");
         let server = super::Server::start(config).await.unwrap();
         let addr = server.addr();
         assert_eq!(get(addr, "/ready").await.0, 200);
@@ -887,18 +894,7 @@ mod tests {
     /// waited on the queue for the rest of the process).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_server_stops_its_engine() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            serve: super::ServeArgs,
-        }
-        let dir = super::batcher::tests::tiny_index("dropped");
-        let flags = "--addr 127.0.0.1:0 --threads 1 --device cpu";
-        let argv = ["serve", "--index", dir.to_str().unwrap()]
-            .into_iter()
-            .chain(flags.split(' '));
-        let config = Cli::parse_from(argv).serve.config().unwrap();
+        let (dir, config) = tiny_server("dropped", "");
         let mut server = super::Server::start(config).await.unwrap();
         assert_eq!(get(server.addr(), "/ready").await.0, 200);
         let gone = server.engine_gone.take().unwrap();
