@@ -771,6 +771,9 @@ fn search_on<B: Backend>(
     args: &SearchArgs,
     open_ms: f64,
 ) -> Result<(), String> {
+    // The command's own option first (`--k` is checked at open): named as a flag, not as the
+    // first query's.
+    beam::check_width(args.beam).map_err(|e| format!("--beam: {e}"))?;
     let mut beams = BeamSearch::new();
     let prepared = (args.queries.iter().enumerate())
         .map(|(i, q)| {

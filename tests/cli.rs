@@ -524,6 +524,13 @@ fn a_long_query_is_searched_and_evaluated() {
         err.contains("query 2 (\"   \"): ") && err.contains("empty"),
         "{err}"
     );
+    // The command's own option is named as such, not as the first query's fault.
+    let out = gram(&["search", "--index", ix, "--beam", "0", "oak", "lamp"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--beam: ") && !err.contains("query 1"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

@@ -1338,7 +1338,7 @@ async fn a_stalled_client_does_not_hold_the_shutdown() {
         "--header-timeout-ms",
         "300",
         "--body-timeout-ms",
-        "300",
+        "1000",
         "--write-timeout-ms",
         "300",
     ])
@@ -1352,14 +1352,19 @@ async fn a_stalled_client_does_not_hold_the_shutdown() {
               content-length: 100\r\n\r\n{\"qu",
         )
         .unwrap();
-    // Within the grace (the four timeouts and 1 s: 2.2 s), not held by the client; the body
+    // Within the grace (the four timeouts and 1 s: 2.9 s; a second more for the batcher), not held by the client; the body
     // timeout closes its connection first (408). (Shut down once the server has read the
-    // headers: a connection it has not read from yet is closed unanswered.)
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // headers, the request in flight beside the scrape: a connection it has not read from yet
+    // is closed unanswered.)
+    let addr = server.addr();
+    assert_eq!(
+        metric_reaches(addr, "gram_http_requests_in_flight", 2.0).await,
+        2.0
+    );
     let t = std::time::Instant::now();
     server.shutdown().await.unwrap();
     assert!(
-        t.elapsed() < std::time::Duration::from_millis(2_200),
+        t.elapsed() < std::time::Duration::from_millis(3_900),
         "{:?}",
         t.elapsed()
     );

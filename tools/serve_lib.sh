@@ -8,6 +8,8 @@
 #                                # sets pid, returns once /ready answers; exits on failure
 
 port=${GRAM_BENCH_PORT:-18090}
+# The default index's model, from this checkout (the index names the path it was built from).
+model=${model:-models/gram-icecat-2m}
 url=http://127.0.0.1:$port
 
 check_index() {
@@ -21,7 +23,7 @@ start_server() {
     echo "error: port $port is taken (another server? GRAM_BENCH_PORT sets it)" >&2
     exit 1
   fi
-  "$server" serve --index "$index" --addr "127.0.0.1:$port" 2>"$log" &
+  "$server" serve --index "$index" --model "$model" --addr "127.0.0.1:$port" 2>"$log" &
   pid=$!
   for _ in $(seq 240); do
     curl -sf "$url/ready" >/dev/null 2>&1 && return 0

@@ -99,16 +99,23 @@ def gram_run(gram, model, catalog, idx, queries, k, rebuild, beam=10, search_mod
             out[x["query"]] = x
         if not r.returncode:
             break
-        # `gram search` answers its queries in order and stops at one the engine refuses (too
-        # long: `error: invalid input: query: ...`): that one gets no products, as `gram eval`
-        # counts it, and the rest are asked again.
-        if "invalid input: query:" not in r.stderr or len(done) >= len(asked):
+        # A query the engine refuses (too long) or that fails alone (non-finite log-probs of its
+        # own rows) gets no products, as `gram eval` counts it, and the rest are asked again.
+        # `gram search` checks every query before searching any and names a refused one by its
+        # place (`error: query N ("..."): invalid input: query: ...`, nothing printed); a failure
+        # comes as the query is searched, after the answers of those before it (`numeric: ...`).
+        named = re.search(r"error: query (\d+) \(.*\): invalid input: query:", r.stderr)
+        if named and not done and 1 <= int(named.group(1)) <= len(asked):
+            at = int(named.group(1)) - 1
+        elif "error: numeric:" in r.stderr and len(done) < len(asked):
+            at = len(done)
+        else:
             raise SystemExit(r.stderr[-3000:])
-        refused = asked[len(done)]
+        refused = asked[at]
         print(f"evaluate: query {refused[:80]!r} refused by the engine, no products: "
               f"{r.stderr.strip().splitlines()[-1][-300:]}", file=sys.stderr)
         out[refused] = {"query": refused, "products": [], "codes": []}
-        asked = asked[len(done) + 1:]
+        asked = [q for q in asked if q not in out]
     wall = time.time() - t
     return out, build_s, wall
 

@@ -65,13 +65,16 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     last = args.last or ("eval" if (Path(__file__).parent / "evaluate.py").exists() else "export")
     todo = STAGES[STAGES.index(args.first):STAGES.index(last) + 1]
+    # The stages from export on run the engine (from the repository's root): say so before an
+    # hour of training, and before an earlier run's checkpoints are cleared below, not after.
+    gram = Path(args.gram) if Path(args.gram).is_absolute() else C.REPO / args.gram
+    if {"export", "size", "eval"} & set(todo) and not gram.is_file():
+        raise SystemExit(f"{gram}: no gram binary, which the export, size and eval stages run; "
+                         f"build it first (cargo build --release --bin gram) or pass --gram PATH")
+    args.gram = str(gram)
     if "sft" in todo:
         for d in ("tokenizer", "sft", "align"):
             shutil.rmtree(work / d, ignore_errors=True)
-    # The stages from export on run the engine: say so before an hour of training, not after.
-    if {"export", "size", "eval"} & set(todo) and not Path(args.gram).is_file():
-        raise SystemExit(f"{args.gram}: no gram binary, which the export, size and eval stages run; "
-                         f"build it first (cargo build --release --bin gram) or pass --gram PATH")
     cmds = commands(args, work)
     log = work / "train-log.jsonl"
     for stage in todo:
