@@ -142,3 +142,79 @@ fn quantized_weights_in_place_equal_dequantized_f32() {
         assert_eq!(bits(&a.1), bits(&b.1), "decode logits");
     }
 }
+
+/// The opt-in int16 activations (`GRAM_INT16_ACTIVATIONS=1`, README "Activations are f32, with
+/// one opt-in exception"), through the binary on a CPU that runs them (AVX-512 with VNNI;
+/// elsewhere the test says so and returns): `gram lm`'s next-token log-probs move (the variable
+/// took effect) but stay within 5e-3 of transformers' with the same most likely token, and
+/// `gram codes` gives each prompt the same bits alone and in a batch.
+#[test]
+fn int16_activations_keep_their_promises() {
+    use gram::backend::cpu::simd::{has_vnni, Isa};
+    if !(has_vnni() && Isa::detect() == Isa::Avx512) {
+        eprintln!("skipping: this CPU has no AVX-512 VNNI, so GRAM_INT16_ACTIVATIONS=1 runs exact");
+        return;
+    }
+    let dir = smollm2_dir();
+    let d = dir.to_str().unwrap();
+    let run = |int16: bool, args: &[&str]| -> String {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_gram"));
+        c.args(args).env_remove("GRAM_INT16_ACTIVATIONS");
+        if int16 {
+            c.env("GRAM_INT16_ACTIVATIONS", "1");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let g = golden("smollm2.json");
+    let (mut moved, mut worst) = (false, 0f64);
+    for case in g["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let args = [
+            "lm", "--model", d, "--device", "cpu", "--prompt", prompt, "--top", "20",
+        ];
+        let top = |text: &str| -> Vec<(u64, f64)> {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            (v["top"].as_array().unwrap().iter())
+                .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+                .collect()
+        };
+        let (exact, int16) = (top(&run(false, &args)), top(&run(true, &args)));
+        moved |= exact != int16;
+        let want: Vec<(u64, f64)> = (case["top"].as_array().unwrap().iter())
+            .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+            .collect();
+        assert_eq!(int16[0].0, want[0].0, "{prompt:?}: the most likely token");
+        for (id, lp) in &int16 {
+            if let Some((_, w)) = want.iter().find(|(i, _)| i == id) {
+                worst = worst.max((lp - w).abs());
+            }
+        }
+    }
+    assert!(
+        moved,
+        "GRAM_INT16_ACTIVATIONS=1 changed no log-prob: the path did not run"
+    );
+    assert!(
+        worst < 5e-3,
+        "int16 log-probs {worst:.2e} from transformers'"
+    );
+    // Alone and in a batch: the same lines, bit for bit.
+    let codes = repo().join("tests/golden/codes-smollm2.txt");
+    let c = codes.to_str().unwrap();
+    let base = [
+        "codes", "--model", d, "--device", "cpu", "--codes", c, "--beam", "4",
+    ];
+    let prompts = ["green velvet sofa", "oak desk with drawers", "usb c cable"];
+    let batch = run(true, &[&base[..], &prompts[..]].concat());
+    let alone: String = prompts
+        .iter()
+        .map(|p| run(true, &[&base[..], &[*p][..]].concat()))
+        .collect();
+    assert_eq!(batch, alone);
+}
