@@ -216,8 +216,14 @@ struct RawConfig {
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
+    /// Qwen2 / Qwen3: the attention kind of each layer (transformers 5).
+    layer_types: Option<Value>,
+    /// transformers 5.24's per-layer overrides of any attribute.
+    per_layer_config: Option<Value>,
     bos_token_id: Option<Value>,
-    eos_token_id: Option<Value>,
+    /// `Some(None)`: given as `null` (no end token), not absent (Llama's default, 2).
+    #[serde(default, deserialize_with = "present")]
+    eos_token_id: Option<Option<Value>>,
 }
 
 fn required(v: Option<usize>, key: &str) -> std::result::Result<usize, String> {
@@ -345,6 +351,25 @@ impl RawConfig {
         if self.use_sliding_window == Some(true) {
             return Err("use_sliding_window = true is not supported".into());
         }
+        // Each layer's kind, where transformers reads it: any but full attention is refused
+        // (with `use_sliding_window` false transformers' own attention refuses it too).
+        if let (Arch::Qwen2 | Arch::Qwen3, Some(types)) = (arch, &self.layer_types) {
+            let kinds = match types {
+                Value::Null => &Vec::new(),
+                Value::Array(kinds) => kinds,
+                other => return Err(format!("layer_types must be a list, not {other}")),
+            };
+            if let Some(kind) = kinds.iter().find(|k| k.as_str() != Some("full_attention")) {
+                return Err(format!(
+                    "layer_types has {kind}: only `full_attention` layers are supported"
+                ));
+            }
+        }
+        // Per-layer overrides of any attribute (a layer with other sizes, another rope...):
+        // not read, so refused rather than ignored.
+        if !matches!(&self.per_layer_config, None | Some(Value::Null)) {
+            return Err("per_layer_config is not supported".into());
+        }
         let rope_theta = self.rope_theta()?;
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         // Checked as the f32 the model computes with: 1e300 would be inf, 1e-300 zero.
@@ -396,11 +421,17 @@ impl RawConfig {
             )?
             .first()
             .copied(),
-            eos_token_ids: in_vocab(
-                token_ids(&self.eos_token_id, "eos_token_id")?,
-                vocab_size,
-                "eos_token_id",
-            )?,
+            eos_token_ids: match &self.eos_token_id {
+                Some(given) => in_vocab(
+                    token_ids(given, "eos_token_id")?,
+                    vocab_size,
+                    "eos_token_id",
+                )?,
+                // transformers' LlamaConfig defaults an absent key to 2 (and generate stops
+                // there); Qwen2's and Qwen3's to none.
+                None if arch == Arch::Llama && vocab_size > 2 => vec![2],
+                None => Vec::new(),
+            },
         })
     }
 
@@ -411,10 +442,17 @@ impl RawConfig {
         full_rotary(self.partial_rotary_factor.as_ref(), "partial_rotary_factor")?;
         let mut theta = self.rope_theta;
         let mut theta_key = String::from("rope_theta");
+        // transformers 5 takes `rope_scaling` over `rope_parameters` whole when it is a
+        // non-empty object (`rope_scaling or rope_parameters`), and transformers 4 never reads
+        // `rope_parameters`: then only the first counts.
+        let scaling_wins = matches!(&self.rope_scaling, Some(Value::Object(o)) if !o.is_empty());
         for (key, v) in [
             ("rope_scaling", &self.rope_scaling),
             ("rope_parameters", &self.rope_parameters),
         ] {
+            if scaling_wins && key == "rope_parameters" {
+                continue;
+            }
             let obj = match v {
                 None | Some(Value::Null) => continue,
                 Some(Value::Object(obj)) => obj,
@@ -753,6 +791,78 @@ mod tests {
             e.contains("rope_theta is 100000 but rope_parameters.rope_theta is 500000"),
             "{e}"
         );
+    }
+
+    /// A non-empty `rope_scaling` is taken over `rope_parameters` whole, as transformers 5 takes
+    /// it (`rope_scaling or rope_parameters`; transformers 4 never reads the second): the
+    /// second's base is not read then, and without a top-level one the base is the default.
+    #[test]
+    fn rope_scaling_is_taken_over_rope_parameters() {
+        let both = LLAMA.replace(
+            r#""rope_theta":100000.0"#,
+            r#""rope_scaling":{"rope_type":"default"},"rope_parameters":{"rope_type":"default","rope_theta":5e5}"#,
+        );
+        assert_eq!(ModelConfig::from_json(&both).unwrap().rope_theta, 10000.0);
+        // rope_parameters' own scaling kind is not read either.
+        let linear = both.replace(
+            r#""rope_parameters":{"rope_type":"default""#,
+            r#""rope_parameters":{"rope_type":"linear""#,
+        );
+        assert_eq!(ModelConfig::from_json(&linear).unwrap().rope_theta, 10000.0);
+        // An empty rope_scaling gives way to rope_parameters.
+        let empty = both.replace(
+            r#""rope_scaling":{"rope_type":"default"}"#,
+            r#""rope_scaling":{}"#,
+        );
+        assert_eq!(ModelConfig::from_json(&empty).unwrap().rope_theta, 5e5);
+    }
+
+    /// transformers' LlamaConfig defaults an absent `eos_token_id` to 2; `null` is none, and
+    /// Qwen2's and Qwen3's configs default to none.
+    #[test]
+    fn absent_eos_defaults_as_in_transformers() {
+        let absent = LLAMA.replace(r#","eos_token_id":2"#, "");
+        assert_eq!(
+            ModelConfig::from_json(&absent).unwrap().eos_token_ids,
+            vec![2]
+        );
+        let null = LLAMA.replace(r#""eos_token_id":2"#, r#""eos_token_id":null"#);
+        assert!(ModelConfig::from_json(&null)
+            .unwrap()
+            .eos_token_ids
+            .is_empty());
+        let qwen = absent.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
+        assert!(ModelConfig::from_json(&qwen)
+            .unwrap()
+            .eos_token_ids
+            .is_empty());
+    }
+
+    /// Layers that are not plain full attention, and per-layer overrides, are refused rather
+    /// than run as plain layers.
+    #[test]
+    fn other_layer_kinds_are_refused() {
+        let qwen = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
+        let with =
+            |extra: &str| qwen.replace(r#""vocab_size""#, &format!(r#"{extra},"vocab_size""#));
+        let full = format!(
+            r#""layer_types":[{}]"#,
+            vec![r#""full_attention""#; 30].join(",")
+        );
+        assert!(ModelConfig::from_json(&with(&full)).is_ok());
+        assert!(ModelConfig::from_json(&with(r#""layer_types":null"#)).is_ok());
+        let sliding = full.replacen("full_attention", "sliding_attention", 1);
+        let e = ModelConfig::from_json(&with(&sliding)).unwrap_err();
+        assert!(
+            e.contains("sliding_attention") && e.contains("layer_types"),
+            "{e}"
+        );
+        let e = ModelConfig::from_json(&with(r#""layer_types":"full_attention""#)).unwrap_err();
+        assert!(e.contains("must be a list"), "{e}");
+        let e = ModelConfig::from_json(&with(r#""per_layer_config":{"0":{"head_dim":32}}"#))
+            .unwrap_err();
+        assert!(e.contains("per_layer_config"), "{e}");
+        assert!(ModelConfig::from_json(&with(r#""per_layer_config":null"#)).is_ok());
     }
 
     /// An absent `num_key_value_heads` is transformers' default: the head count for Llama, 32
