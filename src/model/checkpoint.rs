@@ -185,9 +185,11 @@ fn shards_from_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, Stri
 /// Maps `path` read-only.
 pub(crate) fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let file = crate::container::open_regular(path)?;
-    // SAFETY: the map is read-only and private to this process. If another process truncates or
-    // rewrites the file while it is mapped, reads may fault or see new bytes; like every mmap
-    // user we accept that model files are not modified while a model is loaded.
+    // SAFETY: the map is read-only but shared (memmap2 maps with MAP_SHARED): another process
+    // that truncates the file while it is mapped makes reads fault (SIGBUS), and one that
+    // rewrites it in place changes bytes under a `&[u8]` (undefined behaviour, and it undoes
+    // the checks made at load). Like every mmap user we require that model files are not
+    // modified while a model is loaded (replace them by rename instead).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     Ok(Arc::new(map))
 }

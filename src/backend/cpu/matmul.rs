@@ -54,8 +54,10 @@ const COPY_AFTER_PASSES: usize = 4;
 /// A raw pointer to an output buffer that tasks write in disjoint column ranges.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: every task writes only columns `n0..n1` of its own job's output, and the task ranges
-// are disjoint, so no element is written by two threads.
+// SAFETY: every task writes only columns `n0..n1` of its own job's output (under `glu` also
+// columns `n0..n1` of the up job's, which it reads back: the two jobs have one width, and the
+// tasks cover the gate job's columns), and the task ranges are disjoint, so no element is
+// written by two threads.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 

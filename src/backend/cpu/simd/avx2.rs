@@ -1,5 +1,7 @@
 //! AVX2 + FMA + F16C kernels. Every function is `unsafe` and requires those CPU features;
-//! `simd::Isa::detect` guarantees them before any is called.
+//! every safe entry point of `simd` calls them only through `Isa::runnable()`, which falls
+//! back to the scalar twins on a CPU without them (the `Isa` variants are public, so a
+//! caller may name one its CPU lacks).
 
 use std::arch::x86_64::*;
 

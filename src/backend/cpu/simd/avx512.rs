@@ -1,7 +1,8 @@
 //! AVX-512 (F + BW) GEMV kernels: the decode of one row streams every weight byte once, and at
 //! that rate the work is bound by instructions per byte, not by DRAM: 64-byte loads halve the
 //! instruction count of the AVX2 GEMV. Every function is `unsafe` and requires avx512f,
-//! avx512bw, avx2, fma and f16c; `simd::Isa::detect` guarantees them before any is called.
+//! avx512bw, avx2, fma and f16c; every safe entry point of `simd` calls them only through
+//! `Isa::runnable()`, which falls back on a CPU without them.
 
 use std::arch::x86_64::*;
 

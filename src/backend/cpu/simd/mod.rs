@@ -376,8 +376,8 @@ fn check_panel(p: View, k: usize, x: &[f32], tr: usize) {
 /// array. The same sums, so the same bits.
 ///
 /// # Safety
-/// For every `t < tr`, `out + t · stride .. + 32` must be valid for writes of `f32` (aligned
-/// to one), overlap neither `p` nor `x`, and be read or written by no one else while this
+/// For every `t < tr`, `out + t · stride .. + 32` must be valid for writes of `f32` (and
+/// aligned for `f32`: the non-AVX-512 path copies `f32`s), overlap neither `p` nor `x`, and be read or written by no one else while this
 /// runs.
 pub unsafe fn panel_into(
     isa: Isa,
@@ -715,7 +715,7 @@ pub fn dot_chains(isa: Isa, ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
     );
     #[cfg(target_arch = "x86_64")]
     if isa.runnable().has_avx2() {
-        // SAFETY: the AVX2 and AVX-512 ISAs are only chosen on CPUs with FMA (`Isa::detect`).
+        // SAFETY: `runnable` keeps the AVX2 and AVX-512 ISAs only on CPUs with FMA.
         return unsafe { dot_chains_fma(ws, xs, out) };
     }
     let _ = isa;
