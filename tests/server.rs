@@ -1154,6 +1154,70 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
     out
 }
 
+/// Every answer names its request: the client's `x-request-id` echoed when it is 1–128 bytes of
+/// visible ASCII, else one the server makes (unique, process start and a sequence number).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_its_request_id() {
+    let server = start(&[]).await;
+    let addr = server.addr();
+    let body = json!({"query": "velvet sofa", "k": 3}).to_string();
+    let with = |id: &'static str| {
+        let body = body.clone();
+        async move {
+            call_with(
+                addr,
+                "POST",
+                "/v1/search",
+                &[("content-type", "application/json"), ("x-request-id", id)],
+                body,
+            )
+            .await
+        }
+    };
+    let a = with("client-7f3a.9").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["x-request-id"], "client-7f3a.9");
+    let longest: &'static str = Box::leak("x".repeat(128).into_boxed_str());
+    assert_eq!(with(longest).await.headers["x-request-id"], longest);
+    // Errors too, the same way.
+    let e = call_with(
+        addr,
+        "POST",
+        "/v1/search",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "bad-json-1"),
+        ],
+        "{",
+    )
+    .await;
+    error_of(&e, 400, "invalid_json", "request id");
+    assert_eq!(e.headers["x-request-id"], "bad-json-1");
+    assert!(get(addr, "/nope")
+        .await
+        .headers
+        .contains_key("x-request-id"));
+    // None, too long, a space or a byte past ASCII: the server's own, all different.
+    let too_long: &'static str = Box::leak("x".repeat(129).into_boxed_str());
+    let mut made = std::collections::HashSet::new();
+    for a in [
+        get(addr, "/health").await,
+        get(addr, "/health").await,
+        with(too_long).await,
+        with("a b").await,
+        with("caf\u{e9}").await,
+    ] {
+        let id = a.headers["x-request-id"].to_str().unwrap().to_string();
+        let (start, seq) = id.split_once('-').expect("start-seq");
+        assert!(
+            u128::from_str_radix(start, 16).is_ok() && seq.parse::<u64>().is_ok(),
+            "{id}"
+        );
+        assert!(made.insert(id.clone()), "{id} given twice");
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_at_once_with_retry_after() {
     // Queue of 1; the batch (of up to 2) waits 2 s for a second request that the queue can
@@ -1198,10 +1262,16 @@ async fn a_full_queue_answers_503_at_once_with_retry_after() {
         "{ok} answered, {} refused",
         refused.len()
     );
-    for a in refused {
+    for a in &refused {
         error_of(a, 503, "overloaded", "full queue");
         assert_eq!(a.headers["retry-after"], "3");
     }
+    // Refusals carry request ids too, each its own.
+    let ids: std::collections::HashSet<_> = refused
+        .iter()
+        .map(|a| a.headers["x-request-id"].clone())
+        .collect();
+    assert_eq!(ids.len(), refused.len());
     let m = metrics(addr).await;
     assert_eq!(
         m[r#"gram_requests_total{endpoint="/v1/search",status="503"}"#] as usize,

@@ -394,6 +394,7 @@ struct Abandoned<'a> {
     state: &'a AppState,
     endpoint: Endpoint,
     t: Instant,
+    id: &'a HeaderValue,
     answered: bool,
 }
 
@@ -408,40 +409,97 @@ impl Drop for Abandoned<'_> {
             } else {
                 (CLIENT_CLOSED, "client_closed")
             };
-            m.record_request(self.endpoint, status, self.t.elapsed().as_secs_f64());
+            let seconds = self.t.elapsed().as_secs_f64();
+            m.record_request(self.endpoint, status, seconds);
             m.record_failure(kind);
+            tracing::debug!(
+                target: "gram::server::access",
+                id = self.id.to_str().unwrap_or_default(),
+                endpoint = self.endpoint.label(),
+                status,
+                kind,
+                ms = seconds * 1e3,
+            );
         }
     }
 }
 
+/// The header that names a request in logs, echoed on its answer.
+pub const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// Longest client-given request id kept.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The request's id: the client's `x-request-id` when it is 1–[`MAX_REQUEST_ID_BYTES`] bytes
+/// of visible ASCII (no spaces or controls, so it logs and echoes as given), else one of ours:
+/// this process's start (microseconds since the epoch, hex) and a sequence number, unique
+/// across restarts.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+    static START: OnceLock<String> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let given = headers.get(&REQUEST_ID).filter(|v| {
+        let b = v.as_bytes();
+        (1..=MAX_REQUEST_ID_BYTES).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic())
+    });
+    if let Some(v) = given {
+        return v.clone();
+    }
+    let start = START.get_or_init(|| {
+        let us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        format!("{us:x}")
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("{start}-{n}"))
+        .expect("hex digits and a dash are a header value")
+}
+
 /// Counts and times every request by endpoint and status (those whose client left first as
-/// [`CLIENT_CLOSED`]), and error responses by kind.
+/// [`CLIENT_CLOSED`]), and error responses by kind; gives every answer its request's id
+/// ([`request_id`]) and logs one line a request at debug level (`RUST_LOG=info,
+/// gram::server::access=debug`).
 pub async fn track(
     State(state): State<Arc<AppState>>,
     request: HttpRequest,
     next: Next,
 ) -> HttpResponse {
     let t = Instant::now();
+    let id = request_id(request.headers());
+    let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>();
     let endpoint = Endpoint::of_route(route.map(|m| m.as_str()));
     let mut abandoned = Abandoned {
         state: &state,
         endpoint,
         t,
+        id: &id,
         answered: false,
     };
     let in_flight = state.metrics.http_request_started();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     drop(in_flight);
     abandoned.answered = true;
+    drop(abandoned);
     let status = response.status().as_u16();
-    state
-        .metrics
-        .record_request(endpoint, status, t.elapsed().as_secs_f64());
-    if let Some(ErrorKind(kind)) = response.extensions().get::<ErrorKind>() {
+    let seconds = t.elapsed().as_secs_f64();
+    state.metrics.record_request(endpoint, status, seconds);
+    let kind = response.extensions().get::<ErrorKind>().map(|k| k.0);
+    if let Some(kind) = kind {
         state.metrics.record_failure(kind);
-        tracing::debug!(endpoint = endpoint.label(), status, kind, "request failed");
     }
+    tracing::debug!(
+        target: "gram::server::access",
+        id = id.to_str().unwrap_or_default(),
+        %method,
+        endpoint = endpoint.label(),
+        status,
+        kind = kind.unwrap_or(""),
+        ms = seconds * 1e3,
+    );
+    response.headers_mut().insert(REQUEST_ID, id);
     response
 }
 
