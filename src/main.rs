@@ -171,7 +171,8 @@ struct SearchArgs {
     beam: usize,
     #[command(flatten)]
     run: RunOn,
-    /// Queries (each filled into the query template of gram.json).
+    /// Queries (each filled into the query template of gram.json). One that starts with `-`
+    /// goes after `--` (`gram search ... -- "-5 volts"`).
     #[arg(required = true)]
     queries: Vec<String>,
 }
@@ -207,7 +208,8 @@ struct CodesArgs {
     /// bf16 weights.
     #[arg(long)]
     dtype: Option<String>,
-    /// Prompts, used as given (tokenized as `tokenizer(text)`); all share decoder steps.
+    /// Prompts, used as given (tokenized as `tokenizer(text)`); all share decoder steps. One
+    /// that starts with `-` goes after `--` (`gram codes ... -- "-5 volts"`).
     #[arg(required = true)]
     prompts: Vec<String>,
 }
@@ -217,8 +219,9 @@ struct LmArgs {
     /// Model directory: config.json, tokenizer.json, *.safetensors or one *.gguf.
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text, tokenized as transformers' `tokenizer(text)` (special tokens added).
-    #[arg(long)]
+    /// Prompt text, tokenized as transformers' `tokenizer(text)` (special tokens added). It may
+    /// start with `-` (`--prompt "-5 volts"`).
+    #[arg(long, allow_hyphen_values = true)]
     prompt: String,
     /// How many of the most likely next tokens to print.
     #[arg(long, default_value_t = 10)]

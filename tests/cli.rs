@@ -79,6 +79,29 @@ fn lm_prints_the_contract() {
     assert_eq!(u32s(&v["greedy_tokens"]), greedy);
 }
 
+/// A prompt may start with `-` (a user's text, "-5 volts"): it is the prompt, tokenized as
+/// given, not a flag; and one that spells a flag is text too.
+#[test]
+fn lm_takes_a_prompt_that_starts_with_a_hyphen() {
+    let dir = model_dir("tiny-qwen2");
+    let d = dir.to_str().unwrap();
+    for prompt in ["-5 volts", "--help"] {
+        let out = gram(&["lm", "--model", d, "--prompt", prompt, "--top", "1"]);
+        assert!(
+            out.status.success(),
+            "{prompt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tokenizer = gram::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        assert_eq!(
+            u32s(&v["tokens"]),
+            tokenizer.encode(prompt).unwrap(),
+            "{prompt}"
+        );
+    }
+}
+
 #[test]
 fn lm_without_greedy_has_no_text() {
     let dir = model_dir("tiny-qwen2");
