@@ -45,6 +45,8 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub max_position_embeddings: usize,
     pub rope_theta: f32,
+    /// How the rotary frequencies are scaled (`rope_scaling` / `rope_parameters`).
+    pub rope_scaling: RopeScaling,
     pub rms_norm_eps: f32,
     pub tie_word_embeddings: bool,
     /// q/k/v projections have a bias (Qwen2 always; Llama/Qwen3 when `attention_bias`).
@@ -57,6 +59,28 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+/// The rotary scalings transformers computes once, at load, from the config alone (its
+/// `ROPE_INIT_FUNCTIONS` for Llama, Qwen2 and Qwen3), with their values as the config gives
+/// them (f64, as Python holds them); `model::rope` applies them in transformers' f32 steps.
+/// The others (`dynamic`, whose frequencies change with each call's length, `yarn`,
+/// `longrope`, ...) are refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// `default`: `inv_freq[i] = 1 / theta^(2i/D)`.
+    None,
+    /// `linear`: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// `llama3` (Llama 3.1 and later): frequencies whose wavelength is longer than
+    /// `original_max_position_embeddings / low_freq_factor` divided by `factor`, those shorter
+    /// than `.. / high_freq_factor` kept, the ones between interpolated.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 impl ModelConfig {
@@ -370,7 +394,7 @@ impl RawConfig {
         if !matches!(&self.per_layer_config, None | Some(Value::Null)) {
             return Err("per_layer_config is not supported".into());
         }
-        let rope_theta = self.rope_theta()?;
+        let (rope_theta, rope_scaling) = self.rope()?;
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         // Checked as the f32 the model computes with: 1e300 would be inf, 1e-300 zero.
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && f32_positive(rms_norm_eps)) {
@@ -407,6 +431,7 @@ impl RawConfig {
             vocab_size,
             max_position_embeddings,
             rope_theta,
+            rope_scaling,
             rms_norm_eps: rms_norm_eps as f32,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
@@ -435,13 +460,14 @@ impl RawConfig {
         })
     }
 
-    /// `rope_theta` from either spelling; any rope scaling other than the default is refused
-    /// rather than silently computed wrong, and so are two spellings that disagree (which one
-    /// transformers reads depends on its version).
-    fn rope_theta(&self) -> std::result::Result<f32, String> {
+    /// `rope_theta` from either spelling, and the scaling: `linear` and `llama3` are read, any
+    /// other is refused rather than silently computed wrong, and so are two spellings of the
+    /// base that disagree (which one transformers reads depends on its version).
+    fn rope(&self) -> std::result::Result<(f32, RopeScaling), String> {
         full_rotary(self.partial_rotary_factor.as_ref(), "partial_rotary_factor")?;
         let mut theta = self.rope_theta;
         let mut theta_key = String::from("rope_theta");
+        let mut scaling = RopeScaling::None;
         // transformers 5 takes `rope_scaling` over `rope_parameters` whole when it is a
         // non-empty object (`rope_scaling or rope_parameters`), and transformers 4 never reads
         // `rope_parameters`: then only the first counts.
@@ -480,11 +506,50 @@ impl RawConfig {
                     None => "default",
                 },
             };
-            if kind != "default" {
-                return Err(format!(
-                    "unsupported {key}.rope_type `{kind}` (only `default`)"
-                ));
-            }
+            let number = |name: &str| -> std::result::Result<f64, String> {
+                let v = obj
+                    .get(name)
+                    .filter(|v| !v.is_null())
+                    .ok_or_else(|| format!("{key}.rope_type `{kind}` needs `{name}`"))?;
+                v.as_f64()
+                    .filter(|x| x.is_finite() && f32_positive(*x))
+                    .ok_or_else(|| format!("{key}.{name} must be a positive number, not {v}"))
+            };
+            let at_least_one = |name: &str| {
+                let factor = number(name)?;
+                if factor < 1.0 {
+                    return Err(format!("{key}.{name} ({factor}) must be at least 1"));
+                }
+                Ok(factor)
+            };
+            scaling = match kind {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear {
+                    factor: at_least_one("factor")?,
+                },
+                "llama3" => {
+                    let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                    if low >= high {
+                        return Err(format!(
+                            "{key}.low_freq_factor ({low}) must be below high_freq_factor ({high})"
+                        ));
+                    }
+                    RopeScaling::Llama3 {
+                        factor: at_least_one("factor")?,
+                        low_freq_factor: low,
+                        high_freq_factor: high,
+                        original_max_position_embeddings: number(
+                            "original_max_position_embeddings",
+                        )?,
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unsupported {key}.rope_type `{kind}` (`default`, `linear` and `llama3` \
+                         are)"
+                    ))
+                }
+            };
             full_rotary(
                 obj.get("partial_rotary_factor"),
                 &format!("{key}.partial_rotary_factor"),
@@ -511,7 +576,7 @@ impl RawConfig {
                 "rope_theta ({theta:?}) must be positive and finite in f32"
             ));
         }
-        Ok(theta as f32)
+        Ok((theta as f32, scaling))
     }
 }
 
@@ -815,6 +880,72 @@ mod tests {
             r#""rope_scaling":{}"#,
         );
         assert_eq!(ModelConfig::from_json(&empty).unwrap().rope_theta, 5e5);
+    }
+
+    /// `linear` and `llama3` scaling are read from either spelling (transformers 4's
+    /// `rope_scaling` with the old `type` key too) with their values; one missing a key, with a
+    /// factor below 1 or its bands the wrong way round is refused by name, as are the kinds
+    /// transformers computes per call (`dynamic`) or with an attention factor (`yarn`).
+    #[test]
+    fn rope_scalings_read_and_refused() {
+        let llama3 = r#"{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}"#;
+        let want = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let with = |key: &str, obj: &str| {
+            LLAMA.replace(
+                r#""rope_theta":100000.0"#,
+                &format!(r#""rope_theta":500000.0,"{key}":{obj}"#),
+            )
+        };
+        for key in ["rope_scaling", "rope_parameters"] {
+            let c = ModelConfig::from_json(&with(key, llama3)).unwrap();
+            assert_eq!((c.rope_scaling, c.rope_theta), (want, 5e5), "{key}");
+        }
+        let old_spelling = with("rope_scaling", r#"{"type":"linear","factor":2}"#);
+        assert_eq!(
+            ModelConfig::from_json(&old_spelling).unwrap().rope_scaling,
+            RopeScaling::Linear { factor: 2.0 }
+        );
+        assert_eq!(
+            ModelConfig::from_json(LLAMA).unwrap().rope_scaling,
+            RopeScaling::None
+        );
+        for (obj, says) in [
+            (
+                llama3.replace(r#""low_freq_factor":1.0,"#, ""),
+                "needs `low_freq_factor`",
+            ),
+            (
+                llama3.replace("32.0", "0.5"),
+                "factor (0.5) must be at least 1",
+            ),
+            (
+                llama3.replace(r#""high_freq_factor":4.0"#, r#""high_freq_factor":1.0"#),
+                "must be below high_freq_factor",
+            ),
+            (
+                llama3.replace("8192", r#""8192""#),
+                "original_max_position_embeddings must be a positive number",
+            ),
+            (r#"{"rope_type":"linear"}"#.into(), "needs `factor`"),
+            (
+                r#"{"rope_type":"dynamic","factor":2.0}"#.into(),
+                "unsupported rope_scaling.rope_type `dynamic`",
+            ),
+            (
+                r#"{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":4096}"#
+                    .into(),
+                "unsupported rope_scaling.rope_type `yarn`",
+            ),
+        ] {
+            let e = ModelConfig::from_json(&with("rope_scaling", &obj)).unwrap_err();
+            assert!(e.contains(says), "{obj}: {e}");
+        }
     }
 
     /// transformers' LlamaConfig defaults an absent `eos_token_id` to 2; `null` is none, and

@@ -30,7 +30,7 @@ use gram::backend::cpu::CpuBackend;
 use gram::backend::cuda::{self, CudaBackend};
 use gram::backend::{AttnShape, Backend, KvRows, Linear, RowKv};
 use gram::beam::{self, BeamOptions, Normalize, Query};
-use gram::config::ModelConfig;
+use gram::config::{ModelConfig, RopeScaling};
 use gram::model::rope::RopeTable;
 use gram::tensor::{DType, HostTensor};
 use gram::trie::{CodeSet, Trie};
@@ -197,7 +197,7 @@ fn rope_matches_cpu() {
         return;
     };
     for (heads, d, theta) in [(9, 64, 100_000.0f32), (14, 64, 1e6), (8, 128, 10_000.0)] {
-        let table = RopeTable::new(d, theta, 4096);
+        let table = RopeTable::new(d, theta, RopeScaling::None, 4096);
         let t = 41;
         let rows: Vec<RowKv> = (0..t)
             .map(|i| RowKv {
@@ -228,7 +228,7 @@ fn rope_matches_cpu() {
     // through attention (one row attending to exactly the stored entries).
     let (heads, kv_heads, d) = (9, 3, 64);
     let cfg = config(heads, kv_heads, d);
-    let table = RopeTable::new(d, 100_000.0, 4096);
+    let table = RopeTable::new(d, 100_000.0, RopeScaling::None, 4096);
     let t = 23;
     let rows: Vec<RowKv> = (0..t as u32).map(|i| RowKv::contiguous(0, i)).collect();
     let (q, k, v) = (
@@ -537,7 +537,7 @@ fn fused_qkv_rope_store_matches_unfused_and_cpu() {
     let (q_dim, kv_dim) = (heads * d, kv_heads * d);
     let kdim = 896;
     let cfg = config(heads, kv_heads, d);
-    let table = RopeTable::new(d, 1_000_000.0, 4096);
+    let table = RopeTable::new(d, 1_000_000.0, RopeScaling::None, 4096);
     let shape = AttnShape {
         heads,
         kv_heads,

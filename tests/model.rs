@@ -1,7 +1,8 @@
-//! The forward pass against HF transformers' golden outputs (tools/hf_oracle.py) for the four
+//! The forward pass against HF transformers' golden outputs (tools/hf_oracle.py) for the five
 //! tiny random-weight checkpoints: Llama (f32, one file, BOS added), Llama with every bias
-//! (`attention_bias`: q/k/v/o; `mlp_bias`: gate/up/down), Qwen2 (f32, sharded, qkv bias, tied
-//! embeddings) and Qwen3 (bf16, q/k norm, explicit head_dim). Every logit is checked, on every
+//! (`attention_bias`: q/k/v/o; `mlp_bias`: gate/up/down), Llama with `llama3` rope scaling,
+//! Qwen2 (f32, sharded, qkv bias, tied embeddings) and Qwen3 (bf16, q/k norm, explicit
+//! head_dim). Every logit is checked, on every
 //! SIMD path this machine has.
 
 mod common;
@@ -12,7 +13,13 @@ use gram::backend::cpu::CpuBackend;
 use gram::tensor::DType;
 use gram::{lm, LoadOptions, Model, Tokenizer};
 
-const MODELS: [&str; 4] = ["tiny-llama", "tiny-llama-bias", "tiny-qwen2", "tiny-qwen3"];
+const MODELS: [&str; 5] = [
+    "tiny-llama",
+    "tiny-llama-bias",
+    "tiny-llama-rope",
+    "tiny-qwen2",
+    "tiny-qwen3",
+];
 
 #[test]
 fn logits_and_greedy_match_transformers() {

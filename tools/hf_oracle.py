@@ -3,9 +3,10 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/hf_oracle.py --models models --out tests/golden
 
-Needs models/tiny-{llama,llama-bias,qwen2,qwen3} (tools/make_tiny_models.py) and
+Needs models/tiny-{llama,llama-bias,llama-rope,qwen2,qwen3} (tools/make_tiny_models.py) and
 models/smollm2-135m-instruct/model.gguf (tools/get_smollm2.sh). Writes:
-  tests/golden/tiny-llama.json, tiny-llama-bias.json, tiny-qwen2.json, tiny-qwen3.json
+  tests/golden/tiny-llama.json, tiny-llama-bias.json, tiny-llama-rope.json, tiny-qwen2.json,
+  tiny-qwen3.json
       per prompt: ids, last-position logits (float32, exact), greedy 12 new tokens + text;
       `--only-tiny NAME` (repeatable) writes just that model's file (no SmolLM2, no
       tokenize.json), the same values as a full run (only `made_by` differs)
@@ -45,8 +46,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["tiny-llama", "tiny-llama-bias", "tiny-qwen2", "tiny-qwen3"]
-# The tokenizers tokenize.json covers: tiny-llama-bias's tokenizer files are tiny-llama's.
+TINY = ["tiny-llama", "tiny-llama-bias", "tiny-llama-rope", "tiny-qwen2", "tiny-qwen3"]
+# The tokenizers tokenize.json covers: tiny-llama-bias's and tiny-llama-rope's tokenizer files
+# are tiny-llama's.
 TINY_TOKENIZERS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 
 TINY_PROMPTS = [

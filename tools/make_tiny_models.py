@@ -3,12 +3,17 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/make_tiny_models.py --out models
     HF_HUB_OFFLINE=1 .venv/bin/python tools/make_tiny_models.py --out models --only tiny-llama-bias
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/make_tiny_models.py --out models --only tiny-llama-rope
 
 Writes (each directory is recreated from scratch; `--only NAME`, repeatable, makes just those
 and leaves the other directories alone):
   models/tiny-llama/       LlamaForCausalLM, float32, one model.safetensors, BOS <|im_start|> added
   models/tiny-llama-bias/  tiny-llama's shape with attention_bias (q/k/v/o) and mlp_bias
                            (gate/up/down) on, own seed; tokenizer files identical to tiny-llama's
+  models/tiny-llama-rope/  tiny-llama's shape with Llama 3.1's `llama3` rope scaling, its bands
+                           set so that the head's 8 frequencies fall in all three (kept,
+                           interpolated, divided) at the goldens' prompt lengths; own seed;
+                           tokenizer files identical to tiny-llama's
   models/tiny-qwen2/       Qwen2ForCausalLM, float32, 2 safetensors shards + index, qkv bias, tied
   models/tiny-qwen3/       Qwen3ForCausalLM, bfloat16, head_dim 32 != hidden/heads, q_norm/k_norm
 
@@ -42,7 +47,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 N_ICECAT_TITLES = 4000  # first N titles of icecat-products-1.json (file order)
 
 # Fixed seeds, one per model (numpy PCG64 via np.random.default_rng).
-SEEDS = {"tiny-llama": 1001, "tiny-qwen2": 1002, "tiny-qwen3": 1003, "tiny-llama-bias": 1004}
+SEEDS = {"tiny-llama": 1001, "tiny-qwen2": 1002, "tiny-qwen3": 1003, "tiny-llama-bias": 1004,
+         "tiny-llama-rope": 1005}
 W_STD = 0.15  # linear / embedding weights ~ N(0, W_STD)
 NORM_STD = 0.2  # norm weights ~ 1 + NORM_STD * N(0, 1)
 B_STD = 0.1  # biases ~ N(0, B_STD)
@@ -185,6 +191,17 @@ def build_models():
                       tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                       bos_token_id=1)
     out["tiny-llama-bias"] = (LlamaForCausalLM, cfg, False, True)
+    # tiny-llama with `llama3` rope scaling (Llama 3.1+). Head dim 16 at base 1e4: wavelengths
+    # 6.3, 19.9, 62.8, ... against bands at 16 / 1 and 16 / 4 positions: the first frequency is
+    # interpolated, the others divided by 4; prompts of 2-40 tokens see both.
+    cfg = LlamaConfig(**common, intermediate_size=160,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                       "factor": 4.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 16},
+                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                      bos_token_id=1)
+    out["tiny-llama-rope"] = (LlamaForCausalLM, cfg, False, True)
     # Like real Qwen2/Qwen3 configs: bos_token_id names <|endoftext|>, but the tokenizer adds none.
     cfg = Qwen2Config(**common, intermediate_size=128, rope_theta=1000000.0,
                       tie_word_embeddings=True, use_sliding_window=False, bos_token_id=0)
@@ -270,6 +287,13 @@ def verify(out: Path, made: dict):
                 for proj in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
                     assert f"model.layers.{layer}.{proj}.bias" in names, (name, layer, proj)
+            if (out / "tiny-llama").is_dir():
+                for f in ["tokenizer.json", "tokenizer_config.json"]:
+                    assert (d / f).read_bytes() == (out / "tiny-llama" / f).read_bytes(), f
+        if name == "tiny-llama-rope":
+            saved = json.loads((d / "config.json").read_text())
+            rope = saved.get("rope_parameters") or saved.get("rope_scaling")
+            assert rope["rope_type"] == "llama3" and rope["factor"] == 4.0, saved
             if (out / "tiny-llama").is_dir():
                 for f in ["tokenizer.json", "tokenizer_config.json"]:
                     assert (d / f).read_bytes() == (out / "tiny-llama" / f).read_bytes(), f

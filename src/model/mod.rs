@@ -89,6 +89,7 @@ impl<B: Backend> Model<B> {
         let rope = RopeTable::new(
             config.head_dim,
             config.rope_theta,
+            config.rope_scaling,
             config.max_position_embeddings.min(MAX_ROPE_POSITIONS),
         );
         Ok(Model {
