@@ -158,7 +158,10 @@ fn read_prompts(
     vocab: usize,
     tok: &Tokenizer,
 ) -> Result<Vec<Vec<u32>>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes =
+        crate::container::read_input(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| format!("{}: not UTF-8 ({e})", path.display()))?;
     if !text.trim_start().starts_with('{') {
         let out: Vec<Vec<u32>> = text
             .lines()

@@ -281,6 +281,48 @@ pub fn open_regular(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::io(path, e))
 }
 
+/// The bytes of an input the user names (a code list, a catalog, judgements, a query file):
+/// a regular file or a pipe (`<(grep ... codes.txt)`, `/dev/stdin` piped), read whole. A
+/// directory or a device is an error, not a read (`/dev/zero` as a catalog was read until
+/// memory ran out; a terminal as one waited for typing). Errors keep their io kind.
+pub fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error as IoError, ErrorKind};
+    let meta = std::fs::metadata(path)?;
+    let kind = meta.file_type();
+    #[cfg(unix)]
+    let pipe = std::os::unix::fs::FileTypeExt::is_fifo(&kind);
+    #[cfg(not(unix))]
+    let pipe = false;
+    if !(kind.is_file() || pipe) {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else {
+            "a device or socket"
+        };
+        return Err(IoError::new(
+            ErrorKind::InvalidInput,
+            format!("{what} (expected a file or a pipe)"),
+        ));
+    }
+    std::fs::read(path)
+}
+
+/// The bytes of a regular file (through links); anything else in its place (a device, a FIFO,
+/// a directory) is an error rather than a read that may never end.
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error as IoError, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if let Some(kind) = not_a_file(&meta) {
+        return Err(IoError::new(
+            ErrorKind::InvalidInput,
+            format!("{kind} (expected a file)"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    File::open(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// What a path that is not a regular file is instead (through links), if it is not one.
 fn not_a_file(meta: &std::fs::Metadata) -> Option<&'static str> {
     if meta.is_file() {
@@ -577,6 +619,50 @@ mod tests {
         assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
         let e = Container::open(&fifo).err().unwrap().to_string();
         assert!(e.contains("fifo: not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A user's input (code list, catalog, judgements, queries) is read from a file or a pipe
+    /// (a writer on the other end, as `<(...)` gives), never from a device or a directory;
+    /// a shard of the work directory only from a regular file.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn inputs_come_from_files_or_pipes_not_devices() {
+        let dir = tmp("inputs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("codes.txt");
+        std::fs::write(&file, b"a\nb\n").unwrap();
+        assert_eq!(read_input(&file).unwrap(), b"a\nb\n");
+        assert_eq!(read_regular(&file).unwrap(), b"a\nb\n");
+        for (path, says) in [
+            (
+                Path::new("/dev/zero"),
+                "a device or socket (expected a file or a pipe)",
+            ),
+            (dir.as_path(), "a directory (expected a file or a pipe)"),
+        ] {
+            let e = read_input(path).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+            assert_eq!(e.to_string(), says);
+        }
+        assert_eq!(
+            read_input(&dir.join("missing")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that lives across the call.
+        let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+        // Refused at once where only a file will do (no writer: a read would block).
+        let e = read_regular(&fifo).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, b"piped\n").unwrap())
+        };
+        assert_eq!(read_input(&fifo).unwrap(), b"piped\n");
+        writer.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -268,8 +268,10 @@ impl Judgements {
 /// Reads judgements from `path`: CSV when it ends in `.csv` or does not start with `{`, else
 /// JSONL. Errors name the file and line.
 pub fn read_judgements(path: &Path) -> Result<Judgements, String> {
-    let text = std::fs::read_to_string(path)
+    let bytes = crate::container::read_input(path)
         .map_err(|e| format!("--judgements {}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| format!("--judgements {}: not UTF-8 ({e})", path.display()))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let is_csv = match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("csv") => true,

@@ -164,6 +164,31 @@ fn bad_arguments_are_clear_errors() {
             ],
             "--threads 5000: expected 1..=1024",
         ),
+        // A device or a directory as an input file: refused at once, not read until memory
+        // runs out (`/dev/zero`) or typing comes.
+        #[cfg(target_os = "linux")]
+        (
+            vec!["codes", "--model", d, "--codes", "/dev/zero", "x"],
+            "/dev/zero: a device or socket (expected a file or a pipe)",
+        ),
+        #[cfg(target_os = "linux")]
+        (
+            vec![
+                "index",
+                "build",
+                "--model",
+                d,
+                "--catalog",
+                "/dev/zero",
+                "--out",
+                "/nonexistent/gram-never-made",
+            ],
+            "/dev/zero: a device or socket (expected a file or a pipe)",
+        ),
+        (
+            vec!["codes", "--model", d, "--codes", "/", "x"],
+            "a directory (expected a file or a pipe)",
+        ),
     ] {
         let err = error_line(&args, &gram(&args));
         assert!(err.contains(says), "{args:?}: {err}");

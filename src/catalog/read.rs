@@ -113,7 +113,7 @@ pub enum OnError {
 /// malformed line (not UTF-8, not JSON, not a product), or a product id seen on an earlier
 /// line, stops the read with its line number, or is skipped and counted.
 pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::container::read_input(path).map_err(|e| Error::io(path, e))?;
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let (mut items, mut skipped) = (Vec::new(), 0);
     let mut seen = std::collections::HashMap::new();

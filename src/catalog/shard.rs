@@ -55,7 +55,7 @@ pub(super) fn write_shard(
 /// product, which were left out, and how many codes generation found); anything else (cut
 /// short at any byte, another key, another count) is recomputed.
 pub(super) fn read_shard(path: &Path, key: u64, items: usize) -> Option<(Found, Vec<bool>, usize)> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = crate::container::read_regular(path).ok()?;
     let word = |b: &[u8], at: usize| -> Option<u64> {
         Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
     };

@@ -420,7 +420,10 @@ fn endpoint(url: &str) -> Result<(Uri, bool), String> {
 
 /// The queries of a query file.
 pub fn read_queries(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes =
+        crate::container::read_input(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| format!("{}: not UTF-8 ({e})", path.display()))?;
     let queries: Vec<String> = text
         .lines()
         .map(str::trim)

@@ -32,7 +32,7 @@ pub struct CodeSet {
 /// and byte where it stops being so (a Latin-1 `café` on line 90,000 of a code list was
 /// refused without a place).
 pub fn read_lines_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::container::read_input(path).map_err(|e| Error::io(path, e))?;
     String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
         let at = e.utf8_error().valid_up_to();
