@@ -636,7 +636,20 @@ fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result
         }
         planned.push((name, info, shape, numel, range, direct, permute_heads));
     }
-    check_layout(&mut places, alignment).map_err(|m| Error::checkpoint(path, m))?;
+    let (end, padded_end) =
+        check_layout(&mut places, alignment).map_err(|m| Error::checkpoint(path, m))?;
+    // The last tensor ends the file (writers pad it to the alignment, or not): a type or
+    // dims that shrink it, which the tiling above cannot see, leave bytes after it.
+    let data_len = map.len().saturating_sub(data_start);
+    if data_len != end && data_len != padded_end {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "the tensors end at data offset {end} but the data section holds {data_len} \
+                 bytes: a tensor's type or shape is not the one written"
+            ),
+        ));
+    }
     // Names and shapes against the config before anything is widened to f32 (a Q4_0 tensor
     // takes 7× its bytes): a file about to be refused must not first ask for that memory.
     if check_shapes {
@@ -682,9 +695,10 @@ fn load_checked(path: &Path, config: &ModelConfig, check_shapes: bool) -> Result
 fn check_layout(
     places: &mut [(usize, usize, String)],
     alignment: u64,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(usize, usize), String> {
     places.sort();
     let mut expected = 0usize;
+    let mut end = 0usize;
     let mut prev: Option<&str> = None;
     for (offset, bytes, name) in places.iter() {
         if *offset != expected {
@@ -700,10 +714,11 @@ fn check_layout(
                 "tensor `{name}` at data offset {offset} {what}: expected {expected}, {after}"
             ));
         }
-        expected = (offset + bytes).next_multiple_of(alignment as usize);
+        end = offset + bytes;
+        expected = end.next_multiple_of(alignment as usize);
         prev = Some(name);
     }
-    Ok(())
+    Ok((end, expected))
 }
 
 #[cfg(test)]

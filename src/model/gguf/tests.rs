@@ -140,10 +140,13 @@ fn tensor_offsets_must_tile_the_data_section() {
     let path = dir.join("model.gguf");
     // 4 × 4 and 3 × 1 f32: 64 bytes, then 12 bytes (padded to 32 after).
     let (up, norm) = ("blk.0.ffn_up.weight", "blk.0.attn_norm.weight");
+    // The data section: the layouts that tile end at 96 (the last tensor padded); the others
+    // get room for every tensor, so that the tiling is what refuses them.
     let load_with = |second: u64, first: u64| {
+        let len = if second.max(first) == 96 { 128 } else { 96 };
         let file = gguf_of(
             &[(up, &[4, 4], 0, first), (norm, &[3], 0, second)],
-            &[7; 128],
+            &vec![7; len],
         );
         std::fs::write(&path, file).unwrap();
         load_checked(&path, &config, false)
@@ -170,6 +173,43 @@ fn tensor_offsets_must_tile_the_data_section() {
     ] {
         let err = load_with(second, first).expect_err(want);
         assert!(err.contains(want), "{second} {first}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The last tensor ends the file, padded to the alignment or not: a type or shape that makes
+/// it shorter than what was written (F32 read as F16: the tiling cannot see it, nothing comes
+/// after) leaves bytes past it, and the file is refused rather than loaded as other weights;
+/// so are bytes appended after the padding.
+#[test]
+fn the_last_tensor_ends_the_data_section() {
+    let (config, dir) = tiny_config_and_dir("gguf-end");
+    let path = dir.join("model.gguf");
+    let (up, norm) = ("blk.0.ffn_up.weight", "blk.0.attn_norm.weight");
+    let load_with = |norm_dims: &[u64], norm_type: u32, len: usize| {
+        let file = gguf_of(
+            &[(up, &[4, 4], 0, 0), (norm, norm_dims, norm_type, 64)],
+            &vec![7; len],
+        );
+        std::fs::write(&path, file).unwrap();
+        load_checked(&path, &config, false)
+            .map(|m| m.len())
+            .map_err(|e| e.to_string())
+    };
+    // 64 + 64 bytes, ending aligned; 64 + 12: the padded end (96) and the exact end (76) are
+    // both writers' layouts.
+    assert_eq!(load_with(&[16], 0, 128), Ok(2));
+    assert_eq!(load_with(&[3], 0, 96), Ok(2));
+    assert_eq!(load_with(&[3], 0, 76), Ok(2));
+    for (dims, norm_type, len, end) in [
+        (&[16u64][..], 1, 128, 96), // F32 written, F16 in the header
+        (&[3][..], 0, 128, 76),     // a block appended past the padding
+        (&[3][..], 0, 80, 76),      // bytes past the end, short of the padding
+    ] {
+        let err = load_with(dims, norm_type, len).unwrap_err();
+        let want =
+            format!("the tensors end at data offset {end} but the data section holds {len} bytes");
+        assert!(err.contains(&want), "type {norm_type}, {len} bytes: {err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
