@@ -676,9 +676,14 @@ fn encode_shard<B: Backend>(ctx: &Ctx<B>, items: &[Item]) -> Result<(Found, Vec<
                 item.name()
             )));
         }
+        let codes = if need == 0 {
+            String::from("already")
+        } else {
+            format!("with the {need} its codes need,")
+        };
         return Err(Error::Input(format!(
-            "{}: its prompt is {prompt} tokens and its codes need {need} more, past the \
-             model's {positions} positions (--on-error skip leaves such products out)",
+            "{}: its prompt is {prompt} tokens, {codes} past the model's {positions} positions \
+             (--on-error skip leaves such products out)",
             item.name()
         )));
     }

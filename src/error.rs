@@ -49,6 +49,15 @@ pub enum Error {
 
 impl Error {
     /// Stable, low-cardinality label for this error (HTTP status mapping, metrics).
+    /// The error as a client reads it beside its [`kind`](Self::kind): the caller's input
+    /// without the `invalid input: ` the kind already says, every other error whole.
+    pub fn client_message(&self) -> String {
+        match self {
+            Error::Input(message) => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Io { .. } => "io",

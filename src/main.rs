@@ -191,8 +191,9 @@ struct CodesArgs {
     /// Most tokens a code may take, its EOS included.
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
-    /// HF length penalty: a finished code scores sum(logprobs) / length ^ penalty.
-    #[arg(long, default_value_t = 1.0)]
+    /// HF length penalty: a finished code scores sum(logprobs) / length ^ penalty (negative
+    /// values too: `--length-penalty -1`).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     length_penalty: f64,
     /// `full`: full-vocabulary log-softmax, then the trie mask (transformers' semantics);
     /// `children`: normalize over the allowed tokens only (sparse LM head).
@@ -655,7 +656,9 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
 }
 
 fn run_index_inspect(dir: &std::path::Path, deep: bool) -> Result<(), String> {
-    let index = Index::open(&gram::search::index_file(dir)).map_err(|e| e.to_string())?;
+    let index = gram::search::existing_index_file(dir)
+        .and_then(|file| Index::open(&file))
+        .map_err(|e| e.to_string())?;
     let c = index.container();
     let verify = index.verify();
     let verified = match &verify {

@@ -164,6 +164,38 @@ pub fn index_file(dir: &Path) -> PathBuf {
     dir.join("index.gram")
 }
 
+/// The index file of `dir` when there is one; else an error that says what `dir` is instead:
+/// the index file itself (its directory is wanted), a build that did not finish, a model
+/// directory, or another directory.
+pub fn existing_index_file(dir: &Path) -> Result<PathBuf> {
+    let file = index_file(dir);
+    if file.exists() || !dir.exists() {
+        // A missing directory: the open names it.
+        return Ok(file);
+    }
+    let shown = dir.display();
+    let why = if dir.is_file() {
+        format!(
+            "{shown} is a file: pass the index's directory (the one `gram index build --out` made)"
+        )
+    } else if dir.join("index.shards").is_dir() {
+        format!(
+            "{shown} holds a build that did not finish (index.shards, no index.gram): run the \
+             same `gram index build --out {shown}` again to resume it"
+        )
+    } else if dir.join("config.json").is_file() {
+        format!(
+            "{shown} is a model directory, not an index: `gram index build --model {shown} \
+             --catalog FILE --out DIR` makes one"
+        )
+    } else {
+        format!(
+            "{shown} is not an index (no index.gram): `gram index build --out {shown}` makes one"
+        )
+    };
+    Err(Error::Input(why))
+}
+
 /// Bytes of each weight file that the fingerprint reads: its head (the tensor table) and
 /// blocks spread evenly over the rest.
 const FINGERPRINT_HEAD: u64 = 1 << 16;
@@ -260,7 +292,7 @@ impl Parts {
     /// Opens the index in `index_dir` and checks the model (`model_dir`, or the one the index
     /// names) and its `gram.json` against it; the weights are not loaded yet.
     fn open(index_dir: &Path, model_dir: Option<&Path>) -> Result<Parts> {
-        let index = Index::open(&index_file(index_dir))?;
+        let index = Index::open(&existing_index_file(index_dir)?)?;
         // Opening checks the structure only; a flipped payload byte (a posting, a
         // probability, a title) would answer wrong without a word. Reading the whole file
         // once (XXH3: several GB/s) catches it before the first query; the pages are wanted anyway.
@@ -285,11 +317,21 @@ impl Parts {
         }
         let model_dir = match model_dir {
             Some(d) => d.to_path_buf(),
-            None => PathBuf::from(
-                built_by["dir"]
-                    .as_str()
-                    .ok_or_else(|| bad("the index names no model".into()))?,
-            ),
+            None => {
+                let named = PathBuf::from(
+                    built_by["dir"]
+                        .as_str()
+                        .ok_or_else(|| bad("the index names no model".into()))?,
+                );
+                if !named.join("config.json").exists() {
+                    return Err(bad(format!(
+                        "it was built by the model in {}, which is not there any more (moved \
+                         or deleted?): pass its directory with --model",
+                        named.display()
+                    )));
+                }
+                named
+            }
         };
         let fingerprint = model_fingerprint(&model_dir)?;
         if built_by["fingerprint"].as_str() != Some(fingerprint.as_str()) {

@@ -195,6 +195,34 @@ fn bad_arguments_are_clear_errors() {
     }
 }
 
+/// `--index` naming something other than an index directory says what it names instead.
+#[test]
+fn an_index_flag_that_names_no_index_says_what_it_names() {
+    let model = model_dir("tiny-qwen2");
+    let tmp = std::env::temp_dir().join(format!("gram-cli-noindex-{}", std::process::id()));
+    let (empty, unfinished) = (tmp.join("empty"), tmp.join("unfinished"));
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::create_dir_all(unfinished.join("index.shards")).unwrap();
+    let file = tmp.join("index.gram");
+    std::fs::write(&file, b"not read").unwrap();
+    for (dir, says) in [
+        (&model, "is a model directory, not an index"),
+        (&empty, "is not an index (no index.gram)"),
+        (&unfinished, "holds a build that did not finish"),
+        (&file, "is a file: pass the index's directory"),
+    ] {
+        let d = dir.to_str().unwrap();
+        for args in [
+            vec!["search", "--index", d, "mouse"],
+            vec!["index", "inspect", d],
+        ] {
+            let err = error_line(&args, &gram(&args));
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 /// `gram codes`: one JSON line per prompt, codes best first, each a line of the code file, with
 /// one log-prob per generated token (EOS included).
 /// A code list of five codes, written to a temporary file named by `tag`: its path and texts.
@@ -209,6 +237,41 @@ fn code_list(tag: &str) -> (PathBuf, [&'static str; 5]) {
     let path = std::env::temp_dir().join(format!("gram-cli-{tag}-{}.txt", std::process::id()));
     std::fs::write(&path, texts.join("\n") + "\n").unwrap();
     (path, texts)
+}
+
+/// A negative length penalty is a number, not a flag: `--length-penalty -1` scores a code
+/// `sum(logprobs) / length^-1`.
+#[test]
+fn codes_takes_a_negative_length_penalty() {
+    let dir = model_dir("tiny-qwen2");
+    let (codes, _) = code_list("negative-penalty");
+    let out = gram(&[
+        "codes",
+        "--model",
+        dir.to_str().unwrap(),
+        "--codes",
+        codes.to_str().unwrap(),
+        "--beam",
+        "2",
+        "--length-penalty",
+        "-1",
+        "green sofa",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for c in v["codes"].as_array().unwrap() {
+        let lps = f32s(&c["token_logprobs"]);
+        let want = lps.iter().map(|&x| x as f64).sum::<f64>() * lps.len() as f64;
+        let got = c["score"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-3 * want.abs().max(1.0),
+            "{got} against {want}"
+        );
+    }
 }
 
 #[test]

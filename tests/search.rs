@@ -45,6 +45,30 @@ fn open(ix: &Path) -> Engine {
     Engine::open(ix, None, &Default::default()).unwrap()
 }
 
+/// An index whose model directory has gone (moved with its checkout, deleted) says so and
+/// what to pass, rather than "config.json: No such file"; `--model` opens it again.
+#[test]
+fn an_index_whose_model_has_gone_names_it() {
+    let tmp = std::env::temp_dir().join(format!("gram-search-gone-{}", std::process::id()));
+    let model = copy_model(&model_dir("tiny-llama"), "search-gone-model");
+    let line = serde_json::json!({"id": "p0", "title": "green sofa", "codes": ["sofa"]});
+    let ix = build_index_with(&tmp, &model, &[line.to_string()]);
+    let moved = model.with_file_name("search-gone-model-moved");
+    let _ = std::fs::remove_dir_all(&moved);
+    std::fs::rename(&model, &moved).unwrap();
+    let e = Engine::open(&ix, None, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("which is not there any more") && e.contains("--model"),
+        "{e}"
+    );
+    assert!(Engine::open(&ix, Some(&moved), &Default::default()).is_ok());
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&moved);
+}
+
 #[test]
 fn bad_requests_are_clear_errors() {
     let ix = small_index("bad");

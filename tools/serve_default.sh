@@ -30,7 +30,17 @@ else
   echo "default index: building $index (19,406 Icecat products; 15–40 s on 2 cores)"
   "$gram" index build --model "$model" --catalog "$catalog" --out "$index"
 fi
-echo "serving $index; try (default --addr): curl -s 'localhost:8080/search?q=wireless+mouse&k=3'"
+# The address the server will take: the last --addr given, else the default.
+addr=127.0.0.1:8080
+prev=
+for a in "$@"; do
+  case $a in
+  --addr=*) addr=${a#--addr=} ;;
+  *) [ "$prev" = --addr ] && addr=$a ;;
+  esac
+  prev=$a
+done
+echo "serving $index; try: curl -s 'http://$addr/search?q=wireless+mouse&k=3'"
 # --model: this checkout's model, which the check above searched with (the index names the
 # path it was built from, which may be another clone's, or gone once the repository moved).
 exec "$gram" serve --index "$index" --model "$model" "$@"

@@ -93,7 +93,7 @@ impl ApiError {
 
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> ApiError {
-        ApiError::engine(e.kind(), e.to_string())
+        ApiError::engine(e.kind(), e.client_message())
     }
 }
 

@@ -46,7 +46,7 @@ impl Failed {
     pub(super) fn engine(e: &Error) -> Failed {
         Failed::Engine {
             kind: e.kind(),
-            message: e.to_string(),
+            message: e.client_message(),
         }
     }
 
