@@ -416,6 +416,65 @@ impl Index {
         }
     }
 
+    /// Every code record readable as a search reads it (at least one token; its text and its
+    /// postings inside their sections, every posting a product of the table) and every code the
+    /// trie ends naming a record whose token count is the node's depth. `open`'s checks are
+    /// O(1) and the checksums only say the bytes are the ones written: a record that fails
+    /// here would drop its code, or a product, from every answer without a word (a forged or
+    /// mis-written file; `gram index inspect --deep` counts them all).
+    pub fn check_codes(&self) -> Result<()> {
+        let bad = |msg: String| Error::Index {
+            path: self.file.path().to_path_buf(),
+            msg,
+        };
+        let text = self.records::<u8>(kind::CODE_TEXT).map_err(&bad)?;
+        let ids: &[u32] = self.records(kind::POSTINGS).map_err(&bad)?;
+        let pt: &[u16] = self.records(kind::PT).map_err(&bad)?;
+        let products = self.num_products() as u32;
+        if let Some(at) = ids.iter().position(|&p| p >= products) {
+            return Err(bad(format!(
+                "posting {at} names product {}, past the {products} of the table",
+                ids[at]
+            )));
+        }
+        for (id, c) in self.codes().iter().enumerate() {
+            let inside =
+                |start: u64, len: u64, of: usize| range(start, len).is_some_and(|r| r.end <= of);
+            let n_pt = (c.n_tokens as u64).checked_mul(c.post_len as u64);
+            if c.n_tokens == 0
+                || !inside(c.text_off, c.text_len as u64, text.len())
+                || !inside(c.post_start, c.post_len as u64, ids.len())
+                || !n_pt.is_some_and(|n| inside(c.pt_start, n, pt.len()))
+            {
+                return Err(bad(format!(
+                    "code record {id} has no token or points outside its sections"
+                )));
+            }
+        }
+        let (start, _, child, _) = self.trie.csr();
+        let mut depth = vec![0u32; self.trie.num_nodes()];
+        for n in 0..depth.len() {
+            for e in start[n] as usize..start[n + 1] as usize {
+                depth[child[e] as usize] = depth[n] + 1;
+            }
+        }
+        for (node, &d) in depth.iter().enumerate() {
+            if let Some(code) = self.trie.code(node as u32) {
+                match self.code(code) {
+                    Some(c) if c.n_tokens as u32 == d => {}
+                    Some(c) => {
+                        return Err(bad(format!(
+                            "code {code} has {} tokens where the trie spells {d}",
+                            c.n_tokens
+                        )))
+                    }
+                    None => return Err(bad(format!("the trie ends code {code}, past the table"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn codes(&self) -> &[CodeRecord] {
         self.records(kind::CODES).expect("checked at open")
     }

@@ -297,8 +297,10 @@ impl Parts {
         // probability, a title) would answer wrong without a word. Reading the whole file
         // once (XXH3: several GB/s) catches it before the first query; the pages are wanted anyway.
         index.verify()?;
-        // And every product record readable: one that is not would drop out of an answer.
+        // And every product and code record readable: one that is not would drop out of an
+        // answer.
         index.check_products()?;
+        index.check_codes()?;
         let meta = index.meta();
         let built_by = &meta["model"];
         let bad = |msg: String| Error::Index {
