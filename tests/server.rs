@@ -2182,6 +2182,50 @@ fn finished_requests_wait_for_scoring_in_a_bounded_hand_off() {
     assert_eq!(backlog(&metrics), 0);
 }
 
+/// `gram bench`'s closed loop against a port nobody listens on (a server stopped mid-run):
+/// every request is a `connect` failure, each client pausing 10 ms after one instead of
+/// spinning (~90,000 attempts a second filled the report), and the run ends in an error.
+#[test]
+fn a_closed_loop_against_no_server_pauses_between_connects() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("gram-bench-noserver-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let queries = dir.join("q.txt");
+    std::fs::write(&queries, "oak desk\n").unwrap();
+    let out = dir.join("out");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_gram"))
+        .args([
+            "bench",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--queries",
+        ])
+        .arg(&queries)
+        .args(["--concurrency", "2", "--duration", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let csv = std::fs::read_to_string(out.join("latencies.csv")).unwrap();
+    let statuses: Vec<String> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap().to_string())
+        .collect();
+    // 2 clients × (1 s / 10 ms) at most, with room for a slow host; thousands without a pause.
+    assert!(
+        !statuses.is_empty() && statuses.len() <= 250,
+        "{} attempts",
+        statuses.len()
+    );
+    assert!(statuses.iter().all(|s| s == "connect"), "{statuses:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A server and what a `gram bench` against it needs: a scratch directory `gram-NAME-PID`
 /// holding a query file of `queries`, the `--out` directory in it, and the arguments
 /// (`bench --url … --queries … FLAGS --out …`).

@@ -42,6 +42,9 @@ const POOL_IDLE: Duration = Duration::from_secs(2);
 /// The files `--out` gets: the report, the raw latencies, the plot.
 const OUT_FILES: [&str; 3] = ["report.json", "latencies.csv", "latency.svg"];
 
+/// A closed-loop client's pause after a request that could not connect.
+const CONNECT_BACKOFF: Duration = Duration::from_millis(10);
+
 /// Clients of a closed loop at most (each is a task with its own connection).
 const MAX_CONCURRENCY: usize = 65_536;
 
@@ -630,7 +633,15 @@ async fn closed_loop(
                 if count.is_some_and(|n| i >= n) || end.is_some_and(|e| now >= e) {
                     return samples;
                 }
-                samples.push(target.send(i, now, start).await);
+                let sample = target.send(i, now, start).await;
+                let unreachable = sample.status == Status::Connect;
+                samples.push(sample);
+                // A server that is gone (stopped mid-run, a wrong port) refuses each connect
+                // at once: without a pause every client spun, ~90,000 attempts a second that
+                // filled the report and a core. Counted as before, one a client per pause.
+                if unreachable {
+                    tokio::time::sleep(CONNECT_BACKOFF).await;
+                }
             }
         });
     }
