@@ -107,6 +107,7 @@ enum IndexCommand {
 }
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("generation").args(["codes", "generate"]).multiple(true))]
 struct BuildArgs {
     /// Model directory (its gram.json, if any, gives templates, delimiter and weights).
     #[arg(long)]
@@ -133,7 +134,7 @@ struct BuildArgs {
     generate: bool,
     /// Unconstrained generation: most tokens a code may take, its EOS included (default:
     /// gram.json's `max_code_tokens`, else 16; at most that).
-    #[arg(long)]
+    #[arg(long, requires = "generation")]
     max_code_tokens: Option<usize>,
     /// Products per shard: a restarted build reuses the shards it finished.
     #[arg(long, default_value_t = 1000)]
@@ -142,14 +143,15 @@ struct BuildArgs {
     /// afterwards only the shard files are removed, and the directory if that empties it.
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Beam width of that generation.
-    #[arg(long, default_value_t = 10)]
+    /// Beam width of that generation (with --codes or --generate).
+    #[arg(long, default_value_t = 10, requires = "generation")]
     beam: usize,
-    /// Keep a generated code when its probability (EOS included) is at least this.
-    #[arg(long, default_value_t = 0.0)]
+    /// Keep a generated code when its probability (EOS included) is at least this (with
+    /// --codes or --generate).
+    #[arg(long, default_value_t = 0.0, requires = "generation")]
     threshold: f32,
-    /// Products whose generation shares decoder steps.
-    #[arg(long, default_value_t = 16)]
+    /// Products whose generation shares decoder steps (with --codes or --generate).
+    #[arg(long, default_value_t = 16, requires = "generation")]
     batch: usize,
     #[command(flatten)]
     run: RunOn,

@@ -703,11 +703,18 @@ fn a_product_too_long_to_generate_for_is_named_or_skipped() {
     let model = model_dir("tiny-llama");
     let codes = repo().join("tests/golden/codes-tiny.txt");
     for generate in [
-        &["--codes", codes.to_str().unwrap(), "--beam", "3"][..],
+        &[
+            "--codes",
+            codes.to_str().unwrap(),
+            "--beam",
+            "3",
+            "--batch",
+            "8",
+        ][..],
         &[],
     ] {
         let run = |mode: &str| {
-            let mut args = vec!["--threads", "1", "--batch", "8", "--on-error", mode];
+            let mut args = vec!["--threads", "1", "--on-error", mode];
             args.extend(generate);
             index_build(&model, &cat, &dir.join("ix"), &args)
         };

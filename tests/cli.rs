@@ -193,6 +193,30 @@ fn bad_arguments_are_clear_errors() {
         let err = error_line(&args, &gram(&args));
         assert!(err.contains(says), "{args:?}: {err}");
     }
+    // The generation's settings without a generation: refused (clap's usage), not ignored.
+    for flag in [["--beam", "5"], ["--threshold", "0.5"], ["--batch", "4"]] {
+        let mut args = vec![
+            "index",
+            "build",
+            "--model",
+            d,
+            "--catalog",
+            "c.jsonl",
+            "--out",
+            "ix",
+        ];
+        args.extend(flag);
+        let out = gram(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !err.contains("panicked"),
+            "{args:?}"
+        );
+        assert!(
+            err.contains("<--codes <CODES>|--generate>"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// `--index` naming something other than an index directory says what it names instead.
