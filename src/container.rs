@@ -603,6 +603,15 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Makes a FIFO at `path`.
+    #[cfg(target_os = "linux")]
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that lives across the call.
+        let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+    }
+
     /// A directory or a FIFO where a file is expected is an error naming it, at once (the
     /// FIFO's open would block until a writer came).
     #[cfg(target_os = "linux")]
@@ -613,10 +622,7 @@ mod tests {
         let e = Container::open(&dir.join("sub")).err().unwrap().to_string();
         assert!(e.contains("sub: a directory"), "{e}");
         let fifo = dir.join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path that lives across the call.
-        let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+        mkfifo(&fifo);
         let e = Container::open(&fifo).err().unwrap().to_string();
         assert!(e.contains("fifo: not a regular file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -650,10 +656,7 @@ mod tests {
             std::io::ErrorKind::NotFound
         );
         let fifo = dir.join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path that lives across the call.
-        let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+        mkfifo(&fifo);
         // Refused at once where only a file will do (no writer: a read would block).
         let e = read_regular(&fifo).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
