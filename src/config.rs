@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// The decoder families gram runs. Their differences are flags on [`ModelConfig`], not code paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// `LlamaForCausalLM` (SmolLM2, Llama 2/3 without rope scaling).
+    /// `LlamaForCausalLM` (SmolLM2, Llama 2/3, Llama 3.1/3.2 with `llama3` rope scaling).
     Llama,
     /// `Qwen2ForCausalLM`: q/k/v projections carry a bias.
     Qwen2,
@@ -231,6 +231,8 @@ struct RawConfig {
     vocab_size: Option<usize>,
     max_position_embeddings: Option<usize>,
     rope_theta: Option<f64>,
+    /// transformers 5 puts a top-level one into the rope parameters over theirs.
+    original_max_position_embeddings: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
     partial_rotary_factor: Option<Value>,
@@ -245,9 +247,10 @@ struct RawConfig {
     /// transformers 5.24's per-layer overrides of any attribute.
     per_layer_config: Option<Value>,
     bos_token_id: Option<Value>,
-    /// `Some(None)`: given as `null` (no end token), not absent (Llama's default, 2).
-    #[serde(default, deserialize_with = "present")]
-    eos_token_id: Option<Option<Value>>,
+    /// Absent means none, for Llama too: transformers' LlamaConfig defaults the attribute to
+    /// 2, but transformers 5's `generate` builds its settings from the file's own keys (or
+    /// `generation_config.json`), so without the key it never stops.
+    eos_token_id: Option<Value>,
 }
 
 fn required(v: Option<usize>, key: &str) -> std::result::Result<usize, String> {
@@ -383,7 +386,9 @@ impl RawConfig {
                 Value::Array(kinds) => kinds,
                 other => return Err(format!("layer_types must be a list, not {other}")),
             };
-            if let Some(kind) = kinds.iter().find(|k| k.as_str() != Some("full_attention")) {
+            // `attention` is transformers' older name for `full_attention` (it renames it).
+            let full = |k: &Value| matches!(k.as_str(), Some("full_attention" | "attention"));
+            if let Some(kind) = kinds.iter().find(|k| !full(k)) {
                 return Err(format!(
                     "layer_types has {kind}: only `full_attention` layers are supported"
                 ));
@@ -391,7 +396,8 @@ impl RawConfig {
         }
         // Per-layer overrides of any attribute (a layer with other sizes, another rope...):
         // not read, so refused rather than ignored.
-        if !matches!(&self.per_layer_config, None | Some(Value::Null)) {
+        let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|o| o.is_empty());
+        if self.per_layer_config.as_ref().is_some_and(|v| !empty(v)) {
             return Err("per_layer_config is not supported".into());
         }
         let (rope_theta, rope_scaling) = self.rope()?;
@@ -446,17 +452,11 @@ impl RawConfig {
             )?
             .first()
             .copied(),
-            eos_token_ids: match &self.eos_token_id {
-                Some(given) => in_vocab(
-                    token_ids(given, "eos_token_id")?,
-                    vocab_size,
-                    "eos_token_id",
-                )?,
-                // transformers' LlamaConfig defaults an absent key to 2 (and generate stops
-                // there); Qwen2's and Qwen3's to none.
-                None if arch == Arch::Llama && vocab_size > 2 => vec![2],
-                None => Vec::new(),
-            },
+            eos_token_ids: in_vocab(
+                token_ids(&self.eos_token_id, "eos_token_id")?,
+                vocab_size,
+                "eos_token_id",
+            )?,
         })
     }
 
@@ -498,6 +498,12 @@ impl RawConfig {
                 None => match obj.iter().find(|(k, v)| {
                     !v.is_null() && !["rope_theta", "rope_type", "type"].contains(&k.as_str())
                 }) {
+                    Some((other, v)) if v.is_object() => {
+                        return Err(format!(
+                            "{key} is nested by layer type (`{other}`): per-layer rope \
+                             parameters are not supported"
+                        ))
+                    }
                     Some((other, _)) => {
                         return Err(format!(
                             "{key} has `{other}` but no rope_type: which scaling is meant?"
@@ -529,6 +535,33 @@ impl RawConfig {
                 },
                 "llama3" => {
                     let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                    // transformers 5 sets a top-level key over the nested one: two that
+                    // disagree are refused, as two bases are.
+                    let original = match (
+                        self.original_max_position_embeddings,
+                        obj.get("original_max_position_embeddings")
+                            .filter(|v| !v.is_null()),
+                    ) {
+                        (Some(top), Some(_)) => {
+                            let nested = number("original_max_position_embeddings")?;
+                            if nested != top {
+                                return Err(format!(
+                                    "original_max_position_embeddings is {top} but \
+                                     {key}.original_max_position_embeddings is {nested}: which \
+                                     one?"
+                                ));
+                            }
+                            nested
+                        }
+                        (Some(top), None) if top.is_finite() && f32_positive(top) => top,
+                        (Some(top), None) => {
+                            return Err(format!(
+                                "original_max_position_embeddings must be a positive number, \
+                                 not {top}"
+                            ))
+                        }
+                        (None, _) => number("original_max_position_embeddings")?,
+                    };
                     if low >= high {
                         return Err(format!(
                             "{key}.low_freq_factor ({low}) must be below high_freq_factor ({high})"
@@ -538,9 +571,7 @@ impl RawConfig {
                         factor: at_least_one("factor")?,
                         low_freq_factor: low,
                         high_freq_factor: high,
-                        original_max_position_embeddings: number(
-                            "original_max_position_embeddings",
-                        )?,
+                        original_max_position_embeddings: original,
                     }
                 }
                 _ => {
@@ -942,35 +973,51 @@ mod tests {
                     .into(),
                 "unsupported rope_scaling.rope_type `yarn`",
             ),
+            (
+                r#"{"full_attention":{"rope_type":"default","rope_theta":1e4}}"#.into(),
+                "nested by layer type (`full_attention`)",
+            ),
         ] {
             let e = ModelConfig::from_json(&with("rope_scaling", &obj)).unwrap_err();
             assert!(e.contains(says), "{obj}: {e}");
         }
-    }
-
-    /// transformers' LlamaConfig defaults an absent `eos_token_id` to 2; `null` is none, and
-    /// Qwen2's and Qwen3's configs default to none.
-    #[test]
-    fn absent_eos_defaults_as_in_transformers() {
-        let absent = LLAMA.replace(r#","eos_token_id":2"#, "");
-        assert_eq!(
-            ModelConfig::from_json(&absent).unwrap().eos_token_ids,
-            vec![2]
+        // A top-level original_max_position_embeddings (which transformers 5 sets over the
+        // nested one): taken when the nested one is absent, refused when they disagree.
+        let top = |n: &str, obj: &str| {
+            with("rope_scaling", obj).replace(
+                r#""hidden_size":576,"#,
+                &format!(r#""hidden_size":576,"original_max_position_embeddings":{n},"#),
+            )
+        };
+        let c = ModelConfig::from_json(&top("8192", llama3)).unwrap();
+        assert_eq!(c.rope_scaling, want);
+        let without = llama3.replace(r#","original_max_position_embeddings":8192"#, "");
+        assert_ne!(without, llama3);
+        let c = ModelConfig::from_json(&top("8192", &without)).unwrap();
+        assert_eq!(c.rope_scaling, want);
+        let e = ModelConfig::from_json(&top("100", llama3)).unwrap_err();
+        assert!(
+            e.contains("original_max_position_embeddings is 100 but"),
+            "{e}"
         );
-        let null = LLAMA.replace(r#""eos_token_id":2"#, r#""eos_token_id":null"#);
-        assert!(ModelConfig::from_json(&null)
-            .unwrap()
-            .eos_token_ids
-            .is_empty());
-        let qwen = absent.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
-        assert!(ModelConfig::from_json(&qwen)
-            .unwrap()
-            .eos_token_ids
-            .is_empty());
     }
 
-    /// Layers that are not plain full attention, and per-layer overrides, are refused rather
-    /// than run as plain layers.
+    /// An absent `eos_token_id` is no end token, for Llama too (whose config class defaults
+    /// the attribute to 2): transformers 5's `generate` reads the file's keys, and does not
+    /// stop there.
+    #[test]
+    fn an_absent_eos_is_none() {
+        for arch in ["LlamaForCausalLM", "Qwen2ForCausalLM"] {
+            let absent = LLAMA
+                .replace(r#","eos_token_id":2"#, "")
+                .replace("LlamaForCausalLM", arch);
+            assert!(ModelConfig::from_json(&absent)
+                .unwrap()
+                .eos_token_ids
+                .is_empty());
+        }
+    }
+
     #[test]
     fn other_layer_kinds_are_refused() {
         let qwen = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
@@ -982,6 +1029,9 @@ mod tests {
         );
         assert!(ModelConfig::from_json(&with(&full)).is_ok());
         assert!(ModelConfig::from_json(&with(r#""layer_types":null"#)).is_ok());
+        // transformers' older name for a full layer.
+        let old_name = full.replacen("full_attention", "attention", 1);
+        assert!(ModelConfig::from_json(&with(&old_name)).is_ok());
         let sliding = full.replacen("full_attention", "sliding_attention", 1);
         let e = ModelConfig::from_json(&with(&sliding)).unwrap_err();
         assert!(
@@ -994,6 +1044,8 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("per_layer_config"), "{e}");
         assert!(ModelConfig::from_json(&with(r#""per_layer_config":null"#)).is_ok());
+        // What transformers writes for a per-layer config without overrides.
+        assert!(ModelConfig::from_json(&with(r#""per_layer_config":{}"#)).is_ok());
     }
 
     /// An absent `num_key_value_heads` is transformers' default: the head count for Llama, 32

@@ -307,19 +307,14 @@ pub fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
 
-/// The bytes of a regular file (through links); anything else in its place (a device, a FIFO,
-/// a directory) is an error rather than a read that may never end.
-pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error as IoError, ErrorKind, Read};
-    let meta = std::fs::metadata(path)?;
-    if let Some(kind) = not_a_file(&meta) {
-        return Err(IoError::new(
-            ErrorKind::InvalidInput,
-            format!("{kind} (expected a file)"),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    File::open(path)?.read_to_end(&mut bytes)?;
+/// The bytes of a regular file (through links, [`open_regular`]); anything else in its place
+/// (a device, a FIFO, a directory) is an error rather than a read that may never end.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(path)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
     Ok(bytes)
 }
 

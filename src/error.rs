@@ -48,7 +48,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// Stable, low-cardinality label for this error (HTTP status mapping, metrics).
     /// The error as a client reads it beside its [`kind`](Self::kind): the caller's input
     /// without the `invalid input: ` the kind already says, every other error whole.
     pub fn client_message(&self) -> String {
@@ -58,6 +57,7 @@ impl Error {
         }
     }
 
+    /// Stable, low-cardinality label for this error (HTTP status mapping, metrics).
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Io { .. } => "io",

@@ -178,7 +178,7 @@ pub fn existing_index_file(dir: &Path) -> Result<PathBuf> {
         format!(
             "{shown} is a file: pass the index's directory (the one `gram index build --out` made)"
         )
-    } else if dir.join("index.shards").is_dir() {
+    } else if file.with_extension("shards").is_dir() {
         format!(
             "{shown} holds a build that did not finish (index.shards, no index.gram): run the \
              same `gram index build --out {shown}` again to resume it"

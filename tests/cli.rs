@@ -296,6 +296,7 @@ fn codes_takes_a_negative_length_penalty() {
             "{got} against {want}"
         );
     }
+    let _ = std::fs::remove_file(&codes);
 }
 
 #[test]

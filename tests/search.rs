@@ -53,7 +53,7 @@ fn an_index_whose_model_has_gone_names_it() {
     let model = copy_model(&model_dir("tiny-llama"), "search-gone-model");
     let line = serde_json::json!({"id": "p0", "title": "green sofa", "codes": ["sofa"]});
     let ix = build_index_with(&tmp, &model, &[line.to_string()]);
-    let moved = model.with_file_name("search-gone-model-moved");
+    let moved = model.with_file_name(format!("search-gone-model-moved-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&moved);
     std::fs::rename(&model, &moved).unwrap();
     let e = Engine::open(&ix, None, &Default::default())

@@ -11,9 +11,10 @@ and leaves the other directories alone):
   models/tiny-llama-bias/  tiny-llama's shape with attention_bias (q/k/v/o) and mlp_bias
                            (gate/up/down) on, own seed; tokenizer files identical to tiny-llama's
   models/tiny-llama-rope/  tiny-llama's shape with Llama 3.1's `llama3` rope scaling, its bands
-                           set so that the head's 8 frequencies fall in all three (kept,
-                           interpolated, divided) at the goldens' prompt lengths; own seed;
-                           tokenizer files identical to tiny-llama's
+                           set so that of the head's 8 frequencies the first is interpolated and
+                           the other 7 divided (none kept: tests/golden/rope.json has that
+                           band), all felt at the goldens' prompt lengths; own seed; tokenizer
+                           files identical to tiny-llama's
   models/tiny-qwen2/       Qwen2ForCausalLM, float32, 2 safetensors shards + index, qkv bias, tied
   models/tiny-qwen3/       Qwen3ForCausalLM, bfloat16, head_dim 32 != hidden/heads, q_norm/k_norm
 

@@ -42,7 +42,7 @@ const POOL_IDLE: Duration = Duration::from_secs(2);
 /// The files `--out` gets: the report, the raw latencies, the plot.
 const OUT_FILES: [&str; 3] = ["report.json", "latencies.csv", "latency.svg"];
 
-/// A closed-loop client's pause after a request that could not connect.
+/// A closed-loop client's pause after a request that could not connect (or find a descriptor).
 const CONNECT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Clients of a closed loop at most (each is a task with its own connection).
@@ -634,7 +634,8 @@ async fn closed_loop(
                     return samples;
                 }
                 let sample = target.send(i, now, start).await;
-                let unreachable = sample.status == Status::Connect;
+                // Out of descriptors (`client`) spins the same way until one frees.
+                let unreachable = matches!(sample.status, Status::Connect | Status::Client);
                 samples.push(sample);
                 // A server that is gone (stopped mid-run, a wrong port) refuses each connect
                 // at once: without a pause every client spun, ~90,000 attempts a second that

@@ -395,6 +395,7 @@ struct Abandoned<'a> {
     endpoint: Endpoint,
     t: Instant,
     id: &'a HeaderValue,
+    method: &'a axum::http::Method,
     answered: bool,
 }
 
@@ -415,6 +416,7 @@ impl Drop for Abandoned<'_> {
             tracing::debug!(
                 target: "gram::server::access",
                 id = self.id.to_str().unwrap_or_default(),
+                method = %self.method,
                 endpoint = self.endpoint.label(),
                 status,
                 kind,
@@ -476,6 +478,7 @@ pub async fn track(
         endpoint,
         t,
         id: &id,
+        method: &method,
         answered: false,
     };
     let in_flight = state.metrics.http_request_started();
