@@ -535,26 +535,7 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     let model_text = utf8_path("--model", &model_dir)?;
     check_threads(args.run.threads)?;
     let settings = Settings::load(&args.model).map_err(|e| e.to_string())?;
-    let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
-    let meta = json!({
-        "model": {
-            "dir": model_text,
-            "fingerprint": model_fingerprint(&args.model).map_err(|e| e.to_string())?,
-        },
-        "settings": build_settings(&settings),
-        "catalog": catalog_text,
-        "skipped_lines": skipped,
-    });
-    let (list, code_file) = match &args.codes {
-        Some(path) => {
-            let (list, file) = catalog::CodeFile::read(path).map_err(|e| e.to_string())?;
-            (list, Some(file))
-        }
-        None => (Vec::new(), None),
-    };
-    if args.codes.is_some() && list.is_empty() {
-        return Err("--codes: the code list is empty".into());
-    }
+    // The flags before the catalog: a refusal comes before a large read and its warnings.
     let limit = settings.code_token_limit();
     let max_code_tokens = args
         .max_code_tokens
@@ -578,6 +559,26 @@ fn run_index_build(args: BuildArgs) -> Result<(), String> {
     }
     if args.shard_size == 0 {
         return Err("--shard-size must be at least 1".into());
+    }
+    let (items, skipped) = catalog::read(&args.catalog, on_error).map_err(|e| e.to_string())?;
+    let meta = json!({
+        "model": {
+            "dir": model_text,
+            "fingerprint": model_fingerprint(&args.model).map_err(|e| e.to_string())?,
+        },
+        "settings": build_settings(&settings),
+        "catalog": catalog_text,
+        "skipped_lines": skipped,
+    });
+    let (list, code_file) = match &args.codes {
+        Some(path) => {
+            let (list, file) = catalog::CodeFile::read(path).map_err(|e| e.to_string())?;
+            (list, Some(file))
+        }
+        None => (Vec::new(), None),
+    };
+    if args.codes.is_some() && list.is_empty() {
+        return Err("--codes: the code list is empty".into());
     }
     // Every input checked, and the model loaded on its backend (a missing GPU is an error
     // here): only now is anything written.

@@ -181,8 +181,15 @@ fn build_inspect_search_end_to_end() {
     .unwrap();
     let e = err(&build(&[]));
     assert!(e.contains("line 2"), "{e}");
-    let out = ok(&build(&["--on-error", "skip"]));
+    let skipping = build(&["--on-error", "skip"]);
+    let out = ok(&skipping);
     assert!(out.contains(r#""skipped_lines":1"#), "{out}");
+    // The skipped line is named, with what is wrong with it (a count alone said nothing).
+    let said = String::from_utf8_lossy(&skipping.stderr);
+    assert!(
+        said.contains("warning: skipped") && said.contains("catalog.jsonl line 2, column"),
+        "{said}"
+    );
     // A refused flag is refused before anything is written: no output directory is left.
     let fresh = tmp.join("never");
     for (flags, says) in [
@@ -190,8 +197,14 @@ fn build_inspect_search_end_to_end() {
         (&["--generate", "--beam", "513"][..], "--beam"),
         (&["--shard-size", "0"][..], "--shard-size"),
         (&["--generate", "--batch", "0"][..], "--batch"),
-        (&["--threshold", "2"][..], "--threshold"),
-        (&["--max-code-tokens", "0"][..], "--max-code-tokens"),
+        (
+            &["--generate", "--threshold", "2"][..],
+            "--threshold 2: expected 0..=1",
+        ),
+        (
+            &["--generate", "--max-code-tokens", "0"][..],
+            "--max-code-tokens 0: expected",
+        ),
         (&["--threads", "0"][..], "--threads"),
         (&["--device", "cuda", "--threads", "0"][..], "--threads"),
     ] {

@@ -102,6 +102,9 @@ impl CodeFile {
     }
 }
 
+/// Skipped lines named on stderr, at most (the report counts them all).
+const SKIPPED_NAMED: usize = 10;
+
 /// What to do with a malformed line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnError {
@@ -117,6 +120,21 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let (mut items, mut skipped) = (Vec::new(), 0);
     let mut seen = std::collections::HashMap::new();
+    // A malformed line: the build's error under `Stop`; under `Skip` counted, and the first
+    // few named on stderr (a count alone left nothing to look at).
+    let mut malformed = |line: usize, what: String| -> Result<()> {
+        let msg = format!("{} line {line}{what}", path.display());
+        if on_error == OnError::Stop {
+            return Err(Error::Input(msg));
+        }
+        skipped += 1;
+        if skipped <= SKIPPED_NAMED {
+            crate::note!("warning: skipped {msg}");
+        } else if skipped == SKIPPED_NAMED + 1 {
+            crate::note!("warning: more lines skipped; the report's skipped_lines counts them all");
+        }
+        Ok(())
+    };
     // Split as bytes and decoded line by line (as `str::lines` cuts: at `\n`, a `\r` before it
     // dropped): a stray non-UTF-8 byte is one bad line, named and skippable, not a whole
     // catalog refused with no line to look at.
@@ -124,17 +142,13 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let line = match std::str::from_utf8(raw) {
             Ok(line) => line,
-            Err(_) if on_error == OnError::Skip => {
-                skipped += 1;
-                continue;
-            }
             Err(e) => {
-                return Err(Error::Input(format!(
-                    "{} line {}: not valid UTF-8 (byte {} of the line)",
-                    path.display(),
+                let byte = e.valid_up_to() + 1;
+                malformed(
                     i + 1,
-                    e.valid_up_to() + 1
-                )))
+                    format!(": not valid UTF-8 (byte {byte} of the line)"),
+                )?;
+                continue;
             }
         };
         if line.trim().is_empty() {
@@ -143,15 +157,11 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
         // serde's derived reader takes a JSON array as the fields in order: `["a","t",{},
         // ["c"]]` was product "a" with code "c". A product is an object.
         if !line.trim_start().starts_with('{') {
-            if on_error == OnError::Skip {
-                skipped += 1;
-                continue;
-            }
-            return Err(Error::Input(format!(
-                "{} line {}: not a JSON object (a product is {{\"id\": ..., \"title\": ..., ...}})",
-                path.display(),
-                i + 1
-            )));
+            malformed(
+                i + 1,
+                ": not a JSON object (a product is {\"id\": ..., \"title\": ..., ...})".into(),
+            )?;
+            continue;
         }
         match serde_json::from_str::<Item>(line) {
             // A blank code is no code: refused here under `Stop`, where the line and product are
@@ -163,13 +173,14 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
                 if on_error == OnError::Stop && item.codes.iter().any(|c| c.trim().is_empty()) =>
             {
                 let k = item.codes.iter().position(|c| c.trim().is_empty());
-                return Err(Error::Input(format!(
-                    "{} line {}: product {:?}: code {} of its `codes` is empty",
-                    path.display(),
+                malformed(
                     i + 1,
-                    item.id,
-                    k.expect("found above") + 1
-                )));
+                    format!(
+                        ": product {:?}: code {} of its `codes` is empty",
+                        item.id,
+                        k.expect("found above") + 1
+                    ),
+                )?;
             }
             Ok(mut item) if !item.id.is_empty() => match seen.get(&item.id) {
                 None => {
@@ -177,25 +188,15 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
                     item.line = i + 1;
                     items.push(item);
                 }
-                Some(_) if on_error == OnError::Skip => skipped += 1,
                 Some(first) => {
-                    return Err(Error::Input(format!(
-                        "{} line {}: product id {:?} repeats line {first}",
-                        path.display(),
+                    let first = *first;
+                    malformed(
                         i + 1,
-                        item.id
-                    )))
+                        format!(": product id {:?} repeats line {first}", item.id),
+                    )?;
                 }
             },
-            Ok(_) if on_error == OnError::Skip => skipped += 1,
-            Err(_) if on_error == OnError::Skip => skipped += 1,
-            Ok(_) => {
-                return Err(Error::Input(format!(
-                    "{} line {}: empty product id",
-                    path.display(),
-                    i + 1
-                )))
-            }
+            Ok(_) => malformed(i + 1, ": empty product id".into())?,
             Err(e) => {
                 // serde_json ends its message with the position within the line ("at line 1
                 // column 10"): the column is what is left to say.
@@ -203,12 +204,7 @@ pub fn read(path: &Path, on_error: OnError) -> Result<(Vec<Item>, usize)> {
                 let msg = msg
                     .rsplit_once(" at line ")
                     .map_or(msg.as_str(), |(m, _)| m);
-                return Err(Error::Input(format!(
-                    "{} line {}, column {}: {msg}",
-                    path.display(),
-                    i + 1,
-                    e.column()
-                )));
+                malformed(i + 1, format!(", column {}: {msg}", e.column()))?;
             }
         }
     }
