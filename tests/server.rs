@@ -1551,6 +1551,35 @@ async fn a_body_of_the_wrong_type_is_refused_before_it_is_read() {
             "{path} {headers:?}: waited for the body"
         );
     }
+    // A transfer coding before `chunked` (hyper passes it through, the body as if plain): 501
+    // from the headers, whether in one header or two; `chunked` alone is read.
+    let body = r#"{"query":"mouse","k":2}"#;
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    for (te, status) in [
+        ("transfer-encoding: gzip, chunked\r\n", "501"),
+        (
+            "transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n",
+            "501",
+        ),
+        ("transfer-encoding: chunked\r\n", "200"),
+    ] {
+        let stream = raw(
+            addr,
+            format!(
+                "POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                 connection: close\r\n{te}\r\n{chunked}"
+            )
+            .as_bytes(),
+        );
+        let answer = read_until_closed(stream, "a transfer coding").await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{te:?}: {answer}"
+        );
+        if status == "501" {
+            assert!(answer.contains("unsupported_transfer_encoding"), "{answer}");
+        }
+    }
     // Another route's body is not judged by the JSON endpoints' rule.
     let stream = raw(
         addr,

@@ -15,6 +15,7 @@
 //! | 408 | `request_timeout` | the body did not arrive within `--body-timeout-ms` (see [`super::conn`]) |
 //! | 413 | `payload_too_large` | the body is over `--max-body-bytes` |
 //! | 415 | `unsupported_media_type` | a body that is not `application/json`, or is compressed (`Content-Encoding`) |
+//! | 501 | `unsupported_transfer_encoding` | a `Transfer-Encoding` coding other than `chunked` (`gzip, chunked`) |
 //! | 422 | `input` | the engine refuses a value: empty or oversize query (bytes, tokens), `k` or `beam` out of range (in a query string, also one too large to parse) |
 //! | 503 | `overloaded` | the queue is full, or too long to wait in (`Retry-After` set) |
 //! | 503 | `not_ready` | the engine is still loading (`Retry-After` set) |
@@ -659,6 +660,23 @@ pub fn json_headers(headers: &HeaderMap) -> Result<(), ApiError> {
             "unsupported_media_type",
             format!("expected Content-Type: application/json, got {got}"),
         ));
+    }
+    // A transfer coding before `chunked` (hyper reads `chunked` and refuses one after it, but
+    // passes `gzip, chunked` through as if it were plain): RFC 9112's 501 for a coding the
+    // server does not implement, not a body misread.
+    for te in headers.get_all(header::TRANSFER_ENCODING) {
+        let te = te.to_str().unwrap_or("(not ASCII)");
+        if let Some(coding) = te
+            .split(',')
+            .map(str::trim)
+            .find(|c| !c.eq_ignore_ascii_case("chunked"))
+        {
+            return Err(ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported_transfer_encoding",
+                format!("Transfer-Encoding {coding} is not supported: send the body chunked or with a Content-Length"),
+            ));
+        }
     }
     // A compressed body would otherwise fail as "not UTF-8" or "not JSON".
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {

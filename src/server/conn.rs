@@ -20,8 +20,8 @@
 //!   client that sends nothing frees within the header timeout.
 //!
 //! Shutdown: the listener closes at once, each connection finishes the request it is serving and
-//! closes (an idle one at once, once it has served a request: one that has sent nothing yet only
-//! loses its keep-alive, hyper's rule), and [`serve`] returns when every connection has closed.
+//! closes (an idle one at once, one that has sent nothing yet included: a request it sends
+//! after the signal is not read), and [`serve`] returns when every connection has closed.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -484,12 +484,12 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // A connection that has sent nothing yet may still send a request within the header
-        // timeout (hyper switches keep-alive off only on an idle connection), and a request
-        // whose headers are in is answered: its body may take up to the body timeout, then its
-        // deadline runs (from the end of the body), then its answer is written (each stall at
-        // most the write timeout). A connection still open past all of that (a client stalled
-        // mid-request) does not hold the shutdown.
+        // An idle connection closes at once (one that has sent nothing yet too). One in the
+        // middle of its request's headers may take the header timeout to finish them, and a
+        // request whose headers are in is answered: its body may take up to the body timeout,
+        // then its deadline runs (from the end of the body), then its answer is written (each
+        // stall at most the write timeout). A connection still open past all of that (a client
+        // stalled mid-request) does not hold the shutdown.
         let c = &self.state.config;
         let grace = c.http.header_timeout
             + c.http.body_timeout
