@@ -489,6 +489,7 @@ async fn every_endpoint_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_a_clear_4xx() {
+    let long_k_says = format!("k: {}… is out of range (1..=50)", "9".repeat(40));
     let server = start(&[
         "--max-query-bytes",
         "200",
@@ -906,6 +907,13 @@ async fn bad_input_is_a_clear_4xx() {
             "beam: 99999999999999999999999 is out of range (1..=8)",
         ),
         (
+            "GET with a k of 5,000 digits: named by its first 40",
+            get(addr, &format!("/search?q=sofa&k={}", "9".repeat(5000))).await,
+            422,
+            "input",
+            &long_k_says,
+        ),
+        (
             "GET with an empty k",
             get(addr, "/search?q=sofa&k=").await,
             400,
@@ -993,7 +1001,7 @@ async fn bad_input_is_a_clear_4xx() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(failures as usize, n);
-    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 15.0);
+    assert_eq!(m[r#"gram_request_failures_total{kind="input"}"#], 16.0);
     assert_eq!(
         m[r#"gram_requests_total{endpoint="other",status="404"}"#],
         1.0

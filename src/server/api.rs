@@ -274,16 +274,18 @@ pub async fn search_get(
                 .filter(|_| !v.starts_with('+'))
                 .ok_or(())
                 .map_err(|_| {
+                    // Named clipped: a 5,000-digit value was echoed whole.
+                    let shown = crate::tokenizer::clip(v);
                     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
                         ApiError::new(
                             StatusCode::UNPROCESSABLE_ENTITY,
                             "input",
-                            format!("{name}: {v} is out of range (1..={max})"),
+                            format!("{name}: {shown} is out of range (1..={max})"),
                         )
                     } else {
                         ApiError::bad(
                             "invalid_request",
-                            format!("{name}: `{v}` is not a non-negative integer"),
+                            format!("{name}: `{shown}` is not a non-negative integer"),
                         )
                     }
                 })
